@@ -1,0 +1,190 @@
+//! Client commands: find a running instance and talk to its gateway.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use stateful_faas_core::config::admin_token_path;
+use stateful_faas_core::function::FunctionDeployment;
+
+/// How a client command finds the gateway and its credentials.
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// Data directory of a local instance (its addresses.json and admin.token).
+    #[arg(long, env = "SFAAS_DATA_DIR", default_value = "./sfaas-data")]
+    data_dir: PathBuf,
+    /// Gateway URL (default: from DATA_DIR/addresses.json, else http://127.0.0.1:8080).
+    #[arg(long, env = "SFAAS_GATEWAY_URL")]
+    gateway_url: Option<String>,
+    /// Token (default: SFAAS_ADMIN_TOKEN, else DATA_DIR/admin.token).
+    #[arg(long, env = "SFAAS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+struct Gateway {
+    url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl ClientArgs {
+    fn gateway(&self) -> anyhow::Result<Gateway> {
+        let url = match &self.gateway_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => read_gateway_address(&self.data_dir).unwrap_or_else(|| "http://127.0.0.1:8080".to_string()),
+        };
+        let token = match (&self.token, std::env::var("SFAAS_ADMIN_TOKEN")) {
+            (Some(token), _) => token.clone(),
+            (None, Ok(token)) if !token.is_empty() => token,
+            _ => {
+                let path = admin_token_path(&self.data_dir);
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("no token: pass --token or SFAAS_TOKEN, or run next to {}", path.display()))?
+                    .trim()
+                    .to_string()
+            }
+        };
+        Ok(Gateway { url, token, http: reqwest::Client::builder().no_proxy().build()? })
+    }
+}
+
+fn read_gateway_address(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join("addresses.json")).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(format!("http://{}", value.get("gateway")?.as_str()?))
+}
+
+impl Gateway {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token)
+    }
+}
+
+/// Sends a request and fails with the gateway's own message on an error status.
+async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+    let response = request.send().await.context("cannot reach the gateway (is `sfaas up` running?)")?;
+    if response.status().is_client_error() || response.status().is_server_error() {
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        bail!("gateway answered {status}: {}", body.trim());
+    }
+    Ok(response)
+}
+
+fn qualified(name: &str, namespace: Option<&str>) -> String {
+    match namespace {
+        Some(ns) => format!("{name}.{ns}"),
+        None => name.to_string(),
+    }
+}
+
+pub async fn tenant_create(args: &ClientArgs, name: &str, plan: Option<String>) -> anyhow::Result<()> {
+    let gateway = args.gateway()?;
+    let body = serde_json::json!({ "name": name, "plan": plan });
+    let response = send(gateway.request(reqwest::Method::POST, "/system/tenants").json(&body)).await?;
+    let credentials: serde_json::Value = response.json().await?;
+    println!("{credentials}");
+    Ok(())
+}
+
+pub async fn tenant_list(args: &ClientArgs) -> anyhow::Result<()> {
+    let gateway = args.gateway()?;
+    let tenants: Vec<serde_json::Value> = send(gateway.request(reqwest::Method::GET, "/system/tenants")).await?.json().await?;
+    for tenant in tenants {
+        println!("{}\t{}", tenant["name"].as_str().unwrap_or(""), tenant["plan"].as_str().unwrap_or("-"));
+    }
+    Ok(())
+}
+
+pub async fn deploy(args: &ClientArgs, file: &Path, namespace: Option<String>) -> anyhow::Result<()> {
+    let stack = stateful_faas_core::stack::load(file)?;
+    let mut args = args.clone();
+    if args.gateway_url.is_none() && !args.data_dir.join("addresses.json").exists() {
+        args.gateway_url = stack.gateway.clone();
+    }
+    let gateway = args.gateway()?;
+    for mut function in stack.functions {
+        if function.namespace.is_none() {
+            function.namespace = namespace.clone();
+        }
+        deploy_one(&gateway, &function).await.with_context(|| format!("deploying {}", function.service))?;
+        eprintln!("deployed {}", qualified(&function.service, function.namespace.as_deref()));
+    }
+    Ok(())
+}
+
+async fn deploy_one(gateway: &Gateway, function: &FunctionDeployment) -> anyhow::Result<()> {
+    let created = gateway.request(reqwest::Method::POST, "/system/functions").json(function).send().await?;
+    if created.status() == reqwest::StatusCode::CONFLICT {
+        send(gateway.request(reqwest::Method::PUT, "/system/functions").json(function)).await?;
+        return Ok(());
+    }
+    if !created.status().is_success() {
+        bail!("gateway answered {}: {}", created.status(), created.text().await.unwrap_or_default().trim());
+    }
+    Ok(())
+}
+
+pub async fn invoke(
+    args: &ClientArgs,
+    name: &str,
+    namespace: Option<String>,
+    is_async: bool,
+    callback_url: Option<String>,
+    data: Option<String>,
+) -> anyhow::Result<()> {
+    let gateway = args.gateway()?;
+    let body = match data {
+        Some(data) => data.into_bytes(),
+        None => {
+            let mut body = Vec::new();
+            std::io::stdin().read_to_end(&mut body).context("reading the request body from stdin")?;
+            body
+        }
+    };
+    let route = if is_async { "async-function" } else { "function" };
+    let mut request =
+        gateway.request(reqwest::Method::POST, &format!("/{route}/{}", qualified(name, namespace.as_deref()))).body(body);
+    if let Some(url) = callback_url {
+        request = request.header("X-Callback-Url", url);
+    }
+    let response = send(request).await?;
+    if is_async {
+        let call_id = response.headers().get("x-call-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        println!("{}", serde_json::json!({ "call_id": call_id, "status": response.status().as_u16() }));
+    } else {
+        use std::io::Write;
+        std::io::stdout().write_all(&response.bytes().await?)?;
+    }
+    Ok(())
+}
+
+pub async fn list(args: &ClientArgs, namespace: Option<String>) -> anyhow::Result<()> {
+    let gateway = args.gateway()?;
+    let path = match namespace {
+        Some(ns) => format!("/system/functions?namespace={ns}"),
+        None => "/system/functions".to_string(),
+    };
+    let functions: Vec<serde_json::Value> = send(gateway.request(reqwest::Method::GET, &path)).await?.json().await?;
+    println!("{:<24} {:<20} {:<8} {:>12} {:>9}", "Function", "Namespace", "Kind", "Invocations", "Replicas");
+    for f in functions {
+        println!(
+            "{:<24} {:<20} {:<8} {:>12} {:>9}",
+            f["name"].as_str().unwrap_or(""),
+            f["namespace"].as_str().unwrap_or(""),
+            f["kind"].as_str().unwrap_or(""),
+            f["invocationCount"].as_u64().unwrap_or(0),
+            f["replicas"].as_u64().unwrap_or(0)
+        );
+    }
+    Ok(())
+}
+
+pub async fn remove(args: &ClientArgs, name: &str, namespace: Option<String>) -> anyhow::Result<()> {
+    let gateway = args.gateway()?;
+    let body = serde_json::json!({ "functionName": name, "namespace": namespace });
+    send(gateway.request(reqwest::Method::DELETE, "/system/functions").json(&body)).await?;
+    eprintln!("removed {}", qualified(name, namespace.as_deref()));
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! `sfaas`: the command line of stateful-faas. It wires the crates together; nothing else.
+
+mod client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use stateful_faas_core::telemetry::OtlpProtocol;
+use stateful_faas_core::{Core, CoreConfig};
+
+#[derive(Parser)]
+#[command(name = "sfaas", version, about = "stateful serverless platform with built-in observability and billing")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every component in one process (the main job).
+    Up(ServeArgs),
+    /// Run only the core: the gateway, functions and the async queue.
+    Core(ServeArgs),
+    /// Manage tenants (admin).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Deploy the functions of a stack file.
+    Deploy {
+        #[arg(short = 'f', long = "file", default_value = "stack.yml")]
+        file: PathBuf,
+        /// Namespace for functions that name none (default: the token's tenant).
+        #[arg(long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Invoke a function; the request body is read from --data or stdin.
+    Invoke {
+        name: String,
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Queue the call durably and return its call id at once.
+        #[arg(long = "async")]
+        is_async: bool,
+        #[arg(long)]
+        callback_url: Option<String>,
+        /// Request body (default: stdin).
+        #[arg(short = 'd', long)]
+        data: Option<String>,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// List functions.
+    List {
+        #[arg(long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Remove a function.
+    Remove {
+        name: String,
+        #[arg(long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Benchmarks (figures go to BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant; prints {"tenant","ingest_token","read_token"} once.
+    Create {
+        name: String,
+        #[arg(long)]
+        plan: Option<String>,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// List tenants.
+    List {
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Gateway overhead per invocation and throughput, instrumentation on vs off.
+    Gateway {
+        /// Invocations per scenario.
+        #[arg(long, default_value_t = 4000)]
+        requests: usize,
+        /// Concurrent callers.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Data directory: database, admin.token, addresses.json.
+    #[arg(long, env = "SFAAS_DATA_DIR", default_value = "./sfaas-data")]
+    data_dir: PathBuf,
+    /// sqlite://PATH (default DATA_DIR/sfaas.db).
+    #[arg(long, env = "SFAAS_DATABASE_URL")]
+    database_url: Option<String>,
+    #[arg(long, env = "SFAAS_GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
+    gateway_addr: SocketAddr,
+    /// OTLP endpoint for the platform's spans (off when unset).
+    #[arg(long, env = "SFAAS_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// grpc or http.
+    #[arg(long, env = "SFAAS_OTLP_PROTOCOL", default_value = "grpc")]
+    otlp_protocol: OtlpProtocol,
+    /// Token sent with the spans (the platform's meter token).
+    #[arg(long, env = "SFAAS_OTLP_TOKEN")]
+    otlp_token: Option<String>,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "SFAAS_MAX_BODY_BYTES", default_value_t = 16 << 20)]
+    max_body_bytes: usize,
+    /// Concurrent deliveries of async calls.
+    #[arg(long, env = "SFAAS_ASYNC_WORKERS", default_value_t = 4)]
+    async_workers: usize,
+}
+
+impl ServeArgs {
+    fn config(&self) -> CoreConfig {
+        let mut config = CoreConfig::new(&self.data_dir);
+        config.database_url = self.database_url.clone();
+        config.gateway_addr = self.gateway_addr;
+        config.admin_token = std::env::var("SFAAS_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+        config.telemetry.endpoint = self.otlp_endpoint.clone();
+        config.telemetry.protocol = self.otlp_protocol;
+        config.telemetry.token = self.otlp_token.clone();
+        config.max_body_bytes = self.max_body_bytes;
+        config.async_queue.workers = self.async_workers;
+        config
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SFAAS_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up(args) | Command::Core(args) => serve(args).await,
+        Command::Tenant(TenantCommand::Create { name, plan, client }) => client::tenant_create(&client, &name, plan).await,
+        Command::Tenant(TenantCommand::List { client }) => client::tenant_list(&client).await,
+        Command::Deploy { file, namespace, client } => client::deploy(&client, &file, namespace).await,
+        Command::Invoke { name, namespace, is_async, callback_url, data, client } => {
+            client::invoke(&client, &name, namespace, is_async, callback_url, data).await
+        }
+        Command::List { namespace, client } => client::list(&client, namespace).await,
+        Command::Remove { name, namespace, client } => client::remove(&client, &name, namespace).await,
+        Command::Bench(BenchCommand::Gateway { requests, concurrency }) => {
+            let report = stateful_faas_core::bench::gateway(requests, concurrency).await?;
+            println!("{report}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.config();
+    let data_dir = config.data_dir.clone();
+    let core = Core::open(config).await.context("starting the core")?;
+    let running = core.start().await?;
+    let addresses = serde_json::json!({ "gateway": running.gateway_addr.to_string() });
+    // One JSON line on stdout with the bound addresses (DESIGN.md §2), and the same in a file.
+    println!("{addresses}");
+    std::fs::write(data_dir.join("addresses.json"), format!("{addresses}\n")).context("writing addresses.json")?;
+    eprintln!(
+        "sfaas is up: gateway http://{} (admin token in {}); Ctrl-C stops",
+        running.gateway_addr,
+        stateful_faas_core::config::admin_token_path(&data_dir).display()
+    );
+    shutdown_signal().await;
+    eprintln!("sfaas: shutting down (finishing in-flight calls, flushing spans)");
+    running.shutdown().await;
+    eprintln!("sfaas: stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,319 @@
+//! The durable queue behind `/async-function/*`.
+//!
+//! A call is acknowledged (202) only after its row is committed, so a crash loses nothing
+//! accepted. Delivery is at-least-once: a call that was running when the process stopped runs
+//! again at the next start. Calls are de-duplicated by `(tenant, X-Call-Id)`. A 429 or 5xx
+//! answer is retried with exponential backoff; after `max_attempts` the call is dead-lettered
+//! and listed by `GET /system/async-dead-letters`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::SqlitePool;
+use tokio::sync::{Notify, watch};
+
+use crate::config::AsyncQueueConfig;
+use crate::database::now_ms;
+use crate::function::{Invocation, Outcome};
+use crate::gateway::Core;
+use crate::gateway::invoke::dispatch;
+use crate::semconv;
+use crate::tenant::TenantId;
+
+/// How often idle workers look for calls whose backoff has passed.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// One queued call, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AsyncCall {
+    pub tenant: String,
+    pub call_id: String,
+    pub function: String,
+    pub state: String,
+    pub attempts: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub callback_url: Option<String>,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for AsyncCall {
+    fn from_row(row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            tenant: row.try_get("tenant")?,
+            call_id: row.try_get("call_id")?,
+            function: row.try_get("function")?,
+            state: row.try_get("state")?,
+            attempts: row.try_get("attempts")?,
+            last_status: row.try_get("last_status")?,
+            last_error: row.try_get("last_error")?,
+            callback_url: row.try_get("callback_url")?,
+            created_ms: row.try_get("created_ms")?,
+            finished_ms: row.try_get("finished_ms")?,
+        })
+    }
+}
+
+/// The columns of [`AsyncCall`], then the rest of the query.
+macro_rules! select_calls {
+    ($rest:literal) => {
+        concat!(
+            "SELECT tenant, call_id, function, state, attempts, last_status, last_error, callback_url, ",
+            "created_ms, finished_ms FROM async_calls ",
+            $rest
+        )
+    };
+}
+
+struct Claimed {
+    tenant: String,
+    call_id: String,
+    function: String,
+    method: String,
+    path: String,
+    query: String,
+    headers: String,
+    body: Vec<u8>,
+    callback_url: Option<String>,
+    traceparent: Option<String>,
+    attempts: i64,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for Claimed {
+    fn from_row(row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            tenant: row.try_get("tenant")?,
+            call_id: row.try_get("call_id")?,
+            function: row.try_get("function")?,
+            method: row.try_get("method")?,
+            path: row.try_get("path")?,
+            query: row.try_get("query")?,
+            headers: row.try_get("headers")?,
+            body: row.try_get("body")?,
+            callback_url: row.try_get("callback_url")?,
+            traceparent: row.try_get("traceparent")?,
+            attempts: row.try_get("attempts")?,
+        })
+    }
+}
+
+/// The queue's state in the database, and the bell that wakes its workers.
+pub struct AsyncQueue {
+    pool: SqlitePool,
+    config: AsyncQueueConfig,
+    bell: Notify,
+}
+
+impl AsyncQueue {
+    /// Opens the queue, re-queuing calls that were running when the process last stopped.
+    pub async fn open(pool: SqlitePool, config: AsyncQueueConfig) -> Result<Self, sqlx::Error> {
+        let recovered = sqlx::query("UPDATE async_calls SET state = 'queued' WHERE state = 'running'").execute(&pool).await?;
+        if recovered.rows_affected() > 0 {
+            tracing::info!(calls = recovered.rows_affected(), "re-queued async calls interrupted by the last stop");
+        }
+        Ok(Self { pool, config, bell: Notify::new() })
+    }
+
+    /// Stores a call durably. Returns false when the same `(tenant, call id)` was already
+    /// accepted (the duplicate is not queued again).
+    pub async fn enqueue(
+        &self,
+        tenant: &TenantId,
+        function: &str,
+        invocation: &Invocation,
+        callback_url: Option<&str>,
+    ) -> Result<bool, sqlx::Error> {
+        let now = now_ms();
+        let headers = serde_json::to_string(&invocation.headers).expect("headers serialize");
+        let result = sqlx::query(
+            "INSERT INTO async_calls (tenant, call_id, function, method, path, query, headers, body, callback_url, \
+             traceparent, state, attempts, next_attempt_ms, created_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(&invocation.call_id)
+        .bind(function)
+        .bind(&invocation.method)
+        .bind(&invocation.path)
+        .bind(&invocation.query)
+        .bind(headers)
+        .bind(invocation.body.as_ref())
+        .bind(callback_url)
+        .bind(&invocation.traceparent)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        self.bell.notify_one();
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// One call's state, for its tenant.
+    pub async fn get(&self, tenant: &TenantId, call_id: &str) -> Result<Option<AsyncCall>, sqlx::Error> {
+        sqlx::query_as(select_calls!("WHERE tenant = ? AND call_id = ?"))
+            .bind(tenant.as_str())
+            .bind(call_id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// Dead-lettered calls of one tenant, or of all.
+    pub async fn dead_letters(&self, tenant: Option<&TenantId>) -> Result<Vec<AsyncCall>, sqlx::Error> {
+        sqlx::query_as(select_calls!(
+            "WHERE state = 'dead' AND (?1 IS NULL OR tenant = ?1) ORDER BY finished_ms LIMIT 1000"
+        ))
+        .bind(tenant.map(TenantId::as_str))
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Calls waiting or running, and dead-lettered calls.
+    pub async fn counts(&self) -> Result<(i64, i64), sqlx::Error> {
+        sqlx::query_as(
+            "SELECT COALESCE(SUM(state IN ('queued', 'running')), 0), COALESCE(SUM(state = 'dead'), 0) FROM async_calls",
+        )
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    async fn claim(&self) -> Result<Option<Claimed>, sqlx::Error> {
+        sqlx::query_as(
+            "UPDATE async_calls SET state = 'running', attempts = attempts + 1 \
+             WHERE rowid = (SELECT rowid FROM async_calls WHERE state = 'queued' AND next_attempt_ms <= ? \
+                            ORDER BY next_attempt_ms LIMIT 1) \
+             RETURNING tenant, call_id, function, method, path, query, headers, body, callback_url, traceparent, attempts",
+        )
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    async fn finish(&self, call: &Claimed, outcome: &Outcome) -> Result<(), sqlx::Error> {
+        let retriable = outcome.status == 429 || outcome.status >= 500;
+        let error = retriable.then(|| String::from_utf8_lossy(&outcome.body[..outcome.body.len().min(512)]).into_owned());
+        let now = now_ms();
+        if retriable && (call.attempts as u32) < self.config.max_attempts {
+            let backoff = self.backoff(call.attempts as u32);
+            sqlx::query(
+                "UPDATE async_calls SET state = 'queued', next_attempt_ms = ?, last_status = ?, last_error = ? \
+                 WHERE tenant = ? AND call_id = ?",
+            )
+            .bind(now + backoff.as_millis() as i64)
+            .bind(outcome.status as i64)
+            .bind(error)
+            .bind(&call.tenant)
+            .bind(&call.call_id)
+            .execute(&self.pool)
+            .await?;
+            return Ok(());
+        }
+        let state = if retriable { "dead" } else { "done" };
+        sqlx::query(
+            "UPDATE async_calls SET state = ?, last_status = ?, last_error = ?, finished_ms = ?, body = x'' \
+             WHERE tenant = ? AND call_id = ?",
+        )
+        .bind(state)
+        .bind(outcome.status as i64)
+        .bind(error)
+        .bind(now)
+        .bind(&call.tenant)
+        .bind(&call.call_id)
+        .execute(&self.pool)
+        .await?;
+        if retriable {
+            tracing::warn!(tenant = %call.tenant, call_id = %call.call_id, function = %call.function,
+                attempts = call.attempts, status = outcome.status, "async call dead-lettered");
+        }
+        Ok(())
+    }
+
+    /// Backoff before attempt `attempt + 1`: initial × 2^(attempt-1), capped.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+        self.config.initial_backoff.saturating_mul(factor).min(self.config.max_backoff)
+    }
+}
+
+
+/// Starts the delivery workers; they stop when `shutdown` turns true, after their current call.
+pub fn spawn_workers(core: Arc<Core>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..core.queue.config.workers.max(1))
+        .map(|_| {
+            let core = core.clone();
+            let mut shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                while !*shutdown.borrow() {
+                    match core.queue.claim().await {
+                        Ok(Some(call)) => deliver(&core, call).await,
+                        Ok(None) => {
+                            tokio::select! {
+                                _ = core.queue.bell.notified() => {}
+                                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                                _ = shutdown.changed() => {}
+                            }
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "async queue: cannot claim a call");
+                            tokio::time::sleep(POLL_INTERVAL).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn deliver(core: &Core, call: Claimed) {
+    let outcome = match TenantId::new(&call.tenant) {
+        Ok(tenant) => {
+            let invocation = Invocation {
+                call_id: call.call_id.clone(),
+                method: call.method.clone(),
+                path: call.path.clone(),
+                query: call.query.clone(),
+                headers: serde_json::from_str(&call.headers).unwrap_or_default(),
+                body: call.body.clone().into(),
+                traceparent: call.traceparent.clone(),
+            };
+            dispatch(core, &tenant, &call.function, invocation, semconv::TRIGGER_PUBSUB).await
+        }
+        Err(error) => Outcome::text(400, error.to_string(), Default::default()),
+    };
+    let retriable = outcome.status == 429 || outcome.status >= 500;
+    let last_attempt = call.attempts as u32 >= core.queue.config.max_attempts;
+    if let Err(error) = core.queue.finish(&call, &outcome).await {
+        // The call stays `running` and is delivered again at the next start.
+        tracing::error!(%error, call_id = %call.call_id, "async queue: cannot record the result");
+        return;
+    }
+    if let Some(url) = &call.callback_url
+        && (!retriable || last_attempt)
+    {
+        post_callback(&core.client, url, &call.call_id, &outcome).await;
+    }
+}
+
+/// POSTs the result to the caller's `X-Callback-Url`, retrying briefly on failure.
+async fn post_callback(client: &reqwest::Client, url: &str, call_id: &str, outcome: &Outcome) {
+    for attempt in 0..3u32 {
+        let mut request = client
+            .post(url)
+            .timeout(Duration::from_secs(10))
+            .header(semconv::HEADER_FUNCTION_STATUS, outcome.status.to_string())
+            .header(semconv::HEADER_CALL_ID, call_id)
+            .body(outcome.body.clone());
+        if let Some((_, content_type)) = outcome.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+            request = request.header("content-type", content_type);
+        }
+        match request.send().await {
+            Ok(response) if response.status().is_success() => return,
+            Ok(response) => tracing::warn!(url, call_id, status = %response.status(), "callback refused"),
+            Err(error) => tracing::warn!(url, call_id, %error, "callback failed"),
+        }
+        tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+    }
+}

@@ -1,0 +1,166 @@
+//! `sfaas bench gateway`: the gateway's overhead per invocation and its throughput, with span
+//! export on and off. Each scenario runs a fresh core on loopback in this process.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::CoreConfig;
+use crate::function::FunctionDeployment;
+use crate::gateway::Core;
+use crate::telemetry::OtlpProtocol;
+
+/// Figures of one scenario.
+pub struct Scenario {
+    pub name: String,
+    pub requests: usize,
+    pub errors: usize,
+    pub throughput: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+/// All scenarios of a run.
+pub struct Report {
+    pub scenarios: Vec<Scenario>,
+    pub spans_exported_bytes: u64,
+    pub concurrency: usize,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "| scenario | requests | errors | invocations/s | p50 | p99 |")?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|")?;
+        for s in &self.scenarios {
+            writeln!(
+                f,
+                "| {} | {} | {} | {:.0} | {:.3} ms | {:.3} ms |",
+                s.name,
+                s.requests,
+                s.errors,
+                s.throughput,
+                s.p50.as_secs_f64() * 1e3,
+                s.p99.as_secs_f64() * 1e3
+            )?;
+        }
+        let ratio = |function: &str| {
+            let find = |suffix: &str| self.scenarios.iter().find(|s| s.name == format!("{function}, spans {suffix}"));
+            match (find("on"), find("off")) {
+                (Some(on), Some(off)) => on.throughput / off.throughput * 100.0,
+                _ => f64::NAN,
+            }
+        };
+        writeln!(f)?;
+        writeln!(f, "concurrency {}; OTLP bytes received by the sink: {}", self.concurrency, self.spans_exported_bytes)?;
+        writeln!(f, "throughput with spans on / off: builtin noop {:.1}%, exec /bin/true {:.1}%", ratio("builtin noop"), ratio("exec /bin/true"))
+    }
+}
+
+/// Runs every scenario: builtin no-op and exec of `/bin/true`, each with span export on and off.
+pub async fn gateway(requests: usize, concurrency: usize) -> anyhow::Result<Report> {
+    let sink_bytes = Arc::new(AtomicU64::new(0));
+    let sink = start_otlp_sink(sink_bytes.clone()).await?;
+    let mut scenarios = Vec::new();
+    for (function, body) in [("builtin noop", "noop"), ("exec /bin/true", "true")] {
+        for spans in [false, true] {
+            let name = format!("{function}, spans {}", if spans { "on" } else { "off" });
+            eprintln!("bench: {name} ({requests} requests, concurrency {concurrency})");
+            let endpoint = spans.then(|| format!("http://{sink}"));
+            scenarios.push(run_scenario(&name, body, endpoint, requests, concurrency).await?);
+        }
+    }
+    Ok(Report { scenarios, spans_exported_bytes: sink_bytes.load(Ordering::Relaxed), concurrency })
+}
+
+async fn run_scenario(
+    name: &str,
+    function: &str,
+    otlp_endpoint: Option<String>,
+    requests: usize,
+    concurrency: usize,
+) -> anyhow::Result<Scenario> {
+    let data_dir = std::env::temp_dir().join(format!("sfaas-bench-{}", uuid::Uuid::new_v4()));
+    let mut config = CoreConfig::new(&data_dir);
+    config.gateway_addr = "127.0.0.1:0".parse()?;
+    config.admin_token = Some("bench-admin".into());
+    config.telemetry.endpoint = otlp_endpoint;
+    config.telemetry.protocol = OtlpProtocol::Http;
+    let running = Core::open(config).await?.start().await?;
+    let credentials = running.core.tenants.create("bench", None).await?;
+    let deployment: FunctionDeployment = match function {
+        "noop" => serde_json::from_value(serde_json::json!({"service": "f", "builtin": "noop", "envVars": {"max_inflight": "1024"}}))?,
+        _ => serde_json::from_value(serde_json::json!({"service": "f", "envProcess": "/bin/true", "envVars": {"max_inflight": "1024"}}))?,
+    };
+    let tenant = crate::tenant::TenantId::new("bench")?;
+    running.core.functions.deploy(&tenant, deployment, false).await?;
+
+    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(concurrency).build()?;
+    let url = format!("http://{}/function/f", running.gateway_addr);
+    // Warm up connections and code paths.
+    for _ in 0..concurrency.min(requests) {
+        client.post(&url).bearer_auth(&credentials.ingest_token).send().await?;
+    }
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..concurrency {
+        let (client, url, token) = (client.clone(), url.clone(), credentials.ingest_token.clone());
+        let count = requests / concurrency + usize::from(worker < requests % concurrency);
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(count);
+            let mut errors = 0;
+            for _ in 0..count {
+                let start = Instant::now();
+                match client.post(&url).bearer_auth(&token).send().await {
+                    Ok(response) if response.status().is_success() => {
+                        let _ = response.bytes().await;
+                    }
+                    _ => errors += 1,
+                }
+                latencies.push(start.elapsed());
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(requests);
+    let mut errors = 0;
+    for worker in workers {
+        let (mut worker_latencies, worker_errors) = worker.await?;
+        latencies.append(&mut worker_latencies);
+        errors += worker_errors;
+    }
+    let elapsed = started.elapsed();
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    latencies.sort();
+    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    Ok(Scenario {
+        name: name.to_string(),
+        requests,
+        errors,
+        throughput: requests as f64 / elapsed.as_secs_f64(),
+        p50: percentile(0.50),
+        p99: percentile(0.99),
+    })
+}
+
+/// A minimal OTLP/HTTP endpoint that accepts and counts export requests, so that span export
+/// costs what it costs against a real receiver on loopback.
+async fn start_otlp_sink(bytes: Arc<AtomicU64>) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let router = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let bytes = bytes.clone();
+            async move {
+                bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok(addr)
+}

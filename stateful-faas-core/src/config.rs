@@ -1,0 +1,78 @@
+//! Configuration of the core (flags and environment variables are mapped onto it by the binary).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::telemetry::TelemetryConfig;
+
+/// Everything the core needs to run.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Holds the database, `admin.token` and `addresses.json`.
+    pub data_dir: PathBuf,
+    /// `sqlite://...`; default `DATA_DIR/sfaas.db`.
+    pub database_url: Option<String>,
+    pub gateway_addr: SocketAddr,
+    /// The operator's token; default: read or created at `DATA_DIR/admin.token`.
+    pub admin_token: Option<String>,
+    pub telemetry: TelemetryConfig,
+    /// Largest request body accepted by `/function/*` and `/async-function/*` (413 beyond).
+    pub max_body_bytes: usize,
+    pub async_queue: AsyncQueueConfig,
+}
+
+/// Delivery of async calls.
+#[derive(Debug, Clone)]
+pub struct AsyncQueueConfig {
+    /// Calls delivered concurrently.
+    pub workers: usize,
+    /// Attempts before a call goes to the dead-letter list.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for AsyncQueueConfig {
+    fn default() -> Self {
+        Self { workers: 4, max_attempts: 5, initial_backoff: Duration::from_millis(500), max_backoff: Duration::from_secs(60) }
+    }
+}
+
+impl CoreConfig {
+    /// Defaults for a data directory, as `sfaas up` uses them.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            database_url: None,
+            gateway_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_token: None,
+            telemetry: TelemetryConfig { max_queue_size: 4096, ..Default::default() },
+            max_body_bytes: 16 << 20,
+            async_queue: AsyncQueueConfig::default(),
+        }
+    }
+}
+
+/// The admin token file of a data directory.
+pub fn admin_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.token")
+}
+
+/// Reads `DATA_DIR/admin.token`, creating it (mode 0600) with a fresh token on first start.
+pub fn load_or_create_admin_token(data_dir: &Path) -> std::io::Result<String> {
+    let path = admin_token_path(data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let token = crate::tenant::generate_token();
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    file.write_all(token.as_bytes())?;
+    file.sync_all()?;
+    Ok(token)
+}

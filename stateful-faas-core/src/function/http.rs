@@ -1,0 +1,249 @@
+//! `http` functions, proxied like of-watchdog's http mode.
+//!
+//! A managed function is a server the core starts (`sh -c COMMAND` with `PORT` set) and
+//! considers ready once its port accepts connections. Each instance serves one request at a
+//! time, so the CPU time it used during a request (from `/proc/PID/task/*/schedstat`) is that
+//! request's alone: the measurement is exact. Up to `max_instances` run at once; a request that
+//! finds none idle starts one (a cold start) or waits for one; idle instances above
+//! `min_instances` stop after `idle_timeout` (scale to zero).
+//!
+//! An upstream function is any HTTP server the core does not manage (for example a function
+//! behind a real OpenFaaS gateway); its CPU time is not visible to the core and is reported 0.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::process;
+use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, Usage};
+
+/// How long a managed instance may take to accept connections.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Request headers that belong to one hop and are not forwarded.
+const HOP_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "host",
+    "content-length",
+];
+
+/// Proxies one request to `base_url` and returns the function's response.
+async fn forward(
+    client: &reqwest::Client,
+    spec: &FunctionSpec,
+    base_url: &str,
+    invocation: &Invocation,
+) -> Result<(u16, Vec<(String, String)>, Bytes), FunctionError> {
+    let unreachable = |message: String| FunctionError::Upstream { name: spec.name.clone(), message };
+    let mut url = format!("{base_url}{}", invocation.path);
+    if !invocation.query.is_empty() {
+        url = format!("{url}?{}", invocation.query);
+    }
+    let method = reqwest::Method::from_bytes(invocation.method.as_bytes()).map_err(|e| unreachable(e.to_string()))?;
+    let mut request = client.request(method, &url).timeout(spec.limits.timeout).body(invocation.body.clone());
+    for (name, value) in &invocation.headers {
+        if !HOP_HEADERS.contains(&name.as_str()) && name != "traceparent" {
+            request = request.header(name, value);
+        }
+    }
+    if let Some(traceparent) = &invocation.traceparent {
+        request = request.header("traceparent", traceparent);
+    }
+    let response = request.send().await.map_err(|error| {
+        if error.is_timeout() {
+            FunctionError::Timeout { name: spec.name.clone(), timeout: spec.limits.timeout, usage: Usage::default() }
+        } else {
+            unreachable(error.to_string())
+        }
+    })?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .filter(|(name, _)| !HOP_HEADERS.contains(&name.as_str()))
+        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+        .collect();
+    if response.content_length().is_some_and(|len| len as usize > MAX_RESPONSE_BYTES) {
+        return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
+    }
+    let body = response.bytes().await.map_err(|e| unreachable(e.to_string()))?;
+    if body.len() > MAX_RESPONSE_BYTES {
+        return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
+    }
+    Ok((status, headers, body))
+}
+
+/// Calls an external upstream.
+pub async fn run_upstream(
+    client: &reqwest::Client,
+    spec: &FunctionSpec,
+    url: &str,
+    invocation: &Invocation,
+) -> Result<Outcome, FunctionError> {
+    let (status, headers, body) = forward(client, spec, url, invocation).await?;
+    Ok(Outcome { status, headers, body, usage: Usage::default() })
+}
+
+/// One running server process of a managed function.
+struct Instance {
+    child: tokio::process::Child,
+    pid: u32,
+    port: u16,
+    last_used: Instant,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        process::kill_group(self.pid as i32);
+        let _ = self.child.start_kill();
+    }
+}
+
+/// The instances of one managed function.
+pub struct ManagedPool {
+    command: String,
+    idle: Mutex<Vec<Instance>>,
+    /// One permit per instance that may exist; a request holds one while it runs.
+    capacity: Arc<Semaphore>,
+    /// Instances to keep even when idle (`min_instances`, or `/system/scale-function`).
+    min_instances: Mutex<usize>,
+    running: std::sync::atomic::AtomicUsize,
+}
+
+impl ManagedPool {
+    pub fn new(spec: &FunctionSpec, command: &str) -> Arc<Self> {
+        Arc::new(Self {
+            command: command.to_string(),
+            idle: Mutex::new(Vec::new()),
+            capacity: Arc::new(Semaphore::new(spec.limits.max_instances)),
+            min_instances: Mutex::new(spec.limits.min_instances),
+            running: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// Instances running now.
+    pub fn running(&self) -> usize {
+        self.running.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the number of instances kept warm and starts them.
+    pub async fn scale(self: &Arc<Self>, spec: &FunctionSpec, replicas: usize) -> Result<(), FunctionError> {
+        let replicas = replicas.min(spec.limits.max_instances);
+        *self.min_instances.lock().unwrap() = replicas;
+        while self.running() < replicas {
+            let instance = self.start(spec).await?;
+            self.idle.lock().unwrap().push(instance);
+        }
+        Ok(())
+    }
+
+    /// Runs one invocation on an idle instance, starting one if none is idle.
+    pub async fn run(
+        self: &Arc<Self>,
+        client: &reqwest::Client,
+        spec: &FunctionSpec,
+        invocation: &Invocation,
+    ) -> Result<Outcome, FunctionError> {
+        let permit: OwnedSemaphorePermit =
+            match tokio::time::timeout(spec.limits.timeout, self.capacity.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    return Err(FunctionError::Timeout {
+                        name: spec.name.clone(),
+                        timeout: spec.limits.timeout,
+                        usage: Usage::default(),
+                    });
+                }
+            };
+        let reused = self.idle.lock().unwrap().pop();
+        let cold_start = reused.is_none();
+        let mut instance = match reused {
+            Some(instance) => instance,
+            None => self.start(spec).await?,
+        };
+        let cpu_before = process::process_cpu_ns(instance.pid);
+        let result = forward(client, spec, &format!("http://127.0.0.1:{}", instance.port), invocation).await;
+        let usage = Usage {
+            cpu_ns: process::process_cpu_ns(instance.pid).saturating_sub(cpu_before),
+            peak_memory_bytes: process::process_peak_rss(instance.pid),
+            cold_start,
+        };
+        let alive = matches!(instance.child.try_wait(), Ok(None));
+        match &result {
+            // A server that timed out or died is not trusted with the next request.
+            Err(_) if !alive || matches!(result, Err(FunctionError::Timeout { .. })) => self.discard(instance),
+            _ if !alive => self.discard(instance),
+            _ => {
+                instance.last_used = Instant::now();
+                self.idle.lock().unwrap().push(instance);
+            }
+        }
+        drop(permit);
+        let (status, headers, body) = result.map_err(|error| match error {
+            FunctionError::Timeout { name, timeout, .. } => FunctionError::Timeout { name, timeout, usage },
+            other => other,
+        })?;
+        Ok(Outcome { status, headers, body, usage })
+    }
+
+    fn discard(&self, instance: Instance) {
+        drop(instance);
+        self.running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops idle instances unused for `idle_timeout`, keeping `min_instances`.
+    pub fn reap_idle(&self, idle_timeout: Duration) {
+        let keep = *self.min_instances.lock().unwrap();
+        let mut idle = self.idle.lock().unwrap();
+        // Oldest first: idle is a stack, so the front holds the least recently used.
+        while self.running() > keep
+            && idle.first().is_some_and(|instance| instance.last_used.elapsed() >= idle_timeout)
+        {
+            let instance = idle.remove(0);
+            self.discard(instance);
+        }
+    }
+
+    async fn start(&self, spec: &FunctionSpec) -> Result<Instance, FunctionError> {
+        let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
+        let port = free_port().map_err(|e| start_error(format!("no free port: {e}")))?;
+        let env = vec![("PORT".to_string(), port.to_string())];
+        let command = format!("exec {}", self.command);
+        let mut std_command = process::command(&command, &spec.env, &env, spec.workdir.as_deref(), spec.limits.memory_bytes);
+        std_command.stdin(std::process::Stdio::null());
+        let mut command = tokio::process::Command::from(std_command);
+        command.kill_on_drop(true);
+        let mut child = command.spawn().map_err(|e| start_error(e.to_string()))?;
+        let pid = child.id().ok_or_else(|| start_error("exited at once".into()))?;
+        let deadline = Instant::now() + STARTUP_TIMEOUT.min(spec.limits.timeout.max(Duration::from_secs(1)) * 10);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(start_error(format!("server exited before listening on port {port}: {status}")));
+            }
+            if Instant::now() >= deadline {
+                process::kill_group(pid as i32);
+                return Err(start_error(format!("server did not listen on port {port} within {STARTUP_TIMEOUT:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(function = %spec.name, pid, port, "started function instance");
+        Ok(Instance { child, pid, port, last_used: Instant::now() })
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+

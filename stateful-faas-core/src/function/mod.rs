@@ -1,0 +1,114 @@
+//! Functions: what a deployed function is and how each kind runs one invocation.
+//!
+//! Every runner returns an [`Outcome`] with the usage it measured; the gateway turns it into
+//! the response, the span and the metrics (`gateway::invoke`).
+
+pub mod builtin;
+pub mod deployment;
+pub mod exec;
+pub mod http;
+mod process;
+pub mod registry;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub use deployment::{FunctionDeployment, FunctionKind, FunctionSpec, Limits, Target};
+pub use registry::{DeployedFunction, Registry};
+
+/// One request to a function, as the gateway received it.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub call_id: String,
+    pub method: String,
+    /// Path after the function name (`/function/f/a/b` → `/a/b`), at least `/`.
+    pub path: String,
+    pub query: String,
+    /// Request headers, lowercase names; the caller's credentials are already removed.
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    /// W3C `traceparent` of the invocation span, handed to the function.
+    pub traceparent: Option<String>,
+}
+
+impl Invocation {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+}
+
+/// What an invocation produced and used.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub usage: Usage,
+}
+
+/// Resources one invocation used, measured by the runtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time in nanoseconds (user + system), as the kernel accounted it.
+    pub cpu_ns: u64,
+    /// Peak resident memory, in bytes, where the kind can measure it.
+    pub peak_memory_bytes: u64,
+    /// The invocation had to start an instance first.
+    pub cold_start: bool,
+}
+
+impl Usage {
+    /// CPU-ms as billed: rounded up to a whole millisecond, at least 1 (DESIGN.md §4).
+    pub fn cpu_ms(&self) -> u64 {
+        self.cpu_ns.div_ceil(1_000_000).max(1)
+    }
+}
+
+impl Outcome {
+    /// An outcome that carries a plain-text message.
+    pub fn text(status: u16, message: impl Into<String>, usage: Usage) -> Self {
+        Self {
+            status,
+            headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+            body: Bytes::from(message.into()),
+            usage,
+        }
+    }
+}
+
+/// Why an invocation could not produce an outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionError {
+    #[error("function {name} timed out after {timeout:?}")]
+    Timeout { name: String, timeout: Duration, usage: Usage },
+    #[error("cannot start function {name}: {message}")]
+    Start { name: String, message: String },
+    #[error("function {name} is unreachable: {message}")]
+    Upstream { name: String, message: String },
+    #[error("function {name} response is larger than {limit} bytes")]
+    ResponseTooLarge { name: String, limit: usize },
+}
+
+impl FunctionError {
+    /// HTTP status that the caller sees.
+    pub fn status(&self) -> u16 {
+        match self {
+            FunctionError::Timeout { .. } => 504,
+            FunctionError::Start { .. } | FunctionError::Upstream { .. } | FunctionError::ResponseTooLarge { .. } => {
+                502
+            }
+        }
+    }
+
+    /// What the failed invocation still used (a timed-out process burned CPU).
+    pub fn usage(&self) -> Usage {
+        match self {
+            FunctionError::Timeout { usage, .. } => *usage,
+            _ => Usage::default(),
+        }
+    }
+}
+
+/// Largest response body a function may return.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;

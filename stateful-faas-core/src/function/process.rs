@@ -1,0 +1,164 @@
+//! Process plumbing shared by `exec` and managed `http` functions.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+
+/// Builds `sh -c COMMAND` in its own process group, with a clean environment (the gateway's own
+/// secrets never reach a function) and an optional address-space limit.
+pub fn command(
+    command: &str,
+    env: &BTreeMap<String, String>,
+    extra_env: &[(String, String)],
+    workdir: Option<&Path>,
+    memory_bytes: Option<u64>,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c").arg(command).env_clear();
+    for key in ["PATH", "LANG", "LC_ALL", "TZ", "HOME"] {
+        if let Ok(value) = std::env::var(key) {
+            cmd.env(key, value);
+        }
+    }
+    cmd.envs(env).envs(extra_env.iter().map(|(k, v)| (k, v)));
+    if let Some(dir) = workdir {
+        cmd.current_dir(dir);
+    }
+    // SAFETY: only async-signal-safe calls (setpgid, setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(limit) = memory_bytes {
+                let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                if libc::setrlimit(libc::RLIMIT_AS, &rlimit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Kills a whole process group (the function and anything it started).
+pub fn kill_group(pgid: i32) {
+    // SAFETY: plain syscall; a group that is already gone gives ESRCH, which is fine.
+    unsafe {
+        libc::killpg(pgid, libc::SIGKILL);
+    }
+}
+
+/// How a reaped child ended, with its resource usage.
+pub struct Reaped {
+    pub status: i32,
+    pub cpu_ns: u64,
+    pub max_rss_bytes: u64,
+}
+
+impl Reaped {
+    pub fn exit_code(&self) -> Option<i32> {
+        libc::WIFEXITED(self.status).then(|| libc::WEXITSTATUS(self.status))
+    }
+
+    pub fn signal(&self) -> Option<i32> {
+        libc::WIFSIGNALED(self.status).then(|| libc::WTERMSIG(self.status))
+    }
+}
+
+/// Waits for `pid` with wait4, which returns the kernel's own CPU and memory accounting of the
+/// child (including the children it waited for). Blocking: call from a blocking thread.
+pub fn wait4(pid: i32) -> std::io::Result<Reaped> {
+    let mut status = 0;
+    // SAFETY: rusage is plain old data, fully written by wait4 on success.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        let result = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if result == pid {
+            break;
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+    let micros = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000 + tv.tv_usec as u64;
+    Ok(Reaped {
+        status,
+        cpu_ns: (micros(usage.ru_utime) + micros(usage.ru_stime)) * 1000,
+        max_rss_bytes: usage.ru_maxrss as u64 * 1024,
+    })
+}
+
+/// CPU time consumed so far by every thread of a running process, in nanoseconds, from
+/// `/proc/PID/task/*/schedstat` (nanosecond resolution, unlike the tick counts of `stat`).
+pub fn process_cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Peak resident set size of a running process (`VmHWM`), in bytes.
+pub fn process_peak_rss(pid: u32) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// The CPU time of the calling thread, in nanoseconds (CLOCK_THREAD_CPUTIME_ID).
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: plain syscall writing into a local timespec.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Watchdog-style environment name of a request header: `x-call-id` → `Http_X_Call_Id`.
+pub fn header_env_name(header: &str) -> String {
+    let words: Vec<String> = header
+        .split('-')
+        .map(|word| {
+            let mut chars = word.chars();
+            match chars.next() {
+                Some(first) => first.to_ascii_uppercase().to_string() + &chars.as_str().to_ascii_lowercase(),
+                None => String::new(),
+            }
+        })
+        .collect();
+    format!("Http_{}", words.join("_"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_follow_the_watchdog() {
+        assert_eq!(header_env_name("x-call-id"), "Http_X_Call_Id");
+        assert_eq!(header_env_name("content-type"), "Http_Content_Type");
+    }
+
+    #[test]
+    fn thread_clock_advances_with_work() {
+        let before = thread_cpu_ns();
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_add(i * i);
+        }
+        std::hint::black_box(x);
+        assert!(thread_cpu_ns() > before);
+    }
+}

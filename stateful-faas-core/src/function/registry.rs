@@ -1,0 +1,224 @@
+//! The deployed functions of every tenant: persisted in the database, live in memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::deployment::{DeploymentError, FunctionDeployment, FunctionSpec, Target};
+use super::http::ManagedPool;
+use super::{FunctionError, Invocation, Outcome, builtin, exec, http};
+use crate::database::now_ms;
+use crate::tenant::TenantId;
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("function {name} not found in namespace {tenant}")]
+    NotFound { tenant: String, name: String },
+    #[error("function {name} already exists in namespace {tenant}; update it with PUT")]
+    Exists { tenant: String, name: String },
+    #[error(transparent)]
+    Invalid(#[from] DeploymentError),
+    #[error("cannot scale function {0}: {1}")]
+    Scale(String, FunctionError),
+    #[error("function store: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// A function as it runs now.
+pub struct DeployedFunction {
+    pub tenant: TenantId,
+    pub deployment: FunctionDeployment,
+    pub spec: FunctionSpec,
+    pub created_ms: i64,
+    inflight: Arc<Semaphore>,
+    managed: Option<Arc<ManagedPool>>,
+    invocations: AtomicU64,
+}
+
+impl DeployedFunction {
+    fn new(tenant: TenantId, deployment: FunctionDeployment, spec: FunctionSpec, created_ms: i64) -> Self {
+        let managed = match &spec.target {
+            Target::Managed { command } => Some(ManagedPool::new(&spec, command)),
+            _ => None,
+        };
+        Self {
+            inflight: Arc::new(Semaphore::new(spec.limits.max_inflight)),
+            tenant,
+            deployment,
+            spec,
+            created_ms,
+            managed,
+            invocations: AtomicU64::new(0),
+        }
+    }
+
+    /// A slot for one more invocation, or `None` when `max_inflight` are running (429).
+    pub fn try_begin(&self) -> Option<OwnedSemaphorePermit> {
+        self.inflight.clone().try_acquire_owned().ok()
+    }
+
+    /// Invocations started since the function was deployed (in this process).
+    pub fn invocation_count(&self) -> u64 {
+        self.invocations.load(Ordering::Relaxed)
+    }
+
+    /// Instances able to serve now: running servers of a managed function, else 1.
+    pub fn replicas(&self) -> usize {
+        self.managed.as_ref().map_or(1, |pool| pool.running())
+    }
+
+    /// Runs one invocation with the function's kind-specific runner.
+    pub async fn run(
+        &self,
+        client: &reqwest::Client,
+        invocation: &Invocation,
+        extra_env: &[(String, String)],
+    ) -> Result<Outcome, FunctionError> {
+        self.invocations.fetch_add(1, Ordering::Relaxed);
+        match &self.spec.target {
+            Target::Exec { command } => exec::run(&self.spec, command, invocation, extra_env).await,
+            Target::Builtin { name } => builtin::run(&self.spec, name, invocation).await,
+            Target::Upstream { url } => http::run_upstream(client, &self.spec, url, invocation).await,
+            Target::Managed { .. } => {
+                let pool = self.managed.as_ref().expect("managed functions have a pool");
+                pool.run(client, &self.spec, invocation).await
+            }
+        }
+    }
+
+    fn reap_idle(&self) {
+        if let Some(pool) = &self.managed {
+            pool.reap_idle(self.spec.limits.idle_timeout);
+        }
+    }
+}
+
+type Key = (TenantId, String);
+
+/// Every tenant's functions.
+pub struct Registry {
+    pool: sqlx::SqlitePool,
+    functions: RwLock<HashMap<Key, Arc<DeployedFunction>>>,
+}
+
+impl Registry {
+    /// Loads the functions deployed before the last stop.
+    pub async fn load(pool: sqlx::SqlitePool) -> Result<Self, RegistryError> {
+        let rows: Vec<(String, String, String, i64)> =
+            sqlx::query_as("SELECT tenant, name, spec, created_ms FROM functions").fetch_all(&pool).await?;
+        let mut functions = HashMap::new();
+        for (tenant, name, json, created_ms) in rows {
+            let loaded = TenantId::new(&tenant).ok().and_then(|tenant| {
+                let deployment: FunctionDeployment = serde_json::from_str(&json).ok()?;
+                let spec = deployment.resolve().ok()?;
+                Some(DeployedFunction::new(tenant, deployment, spec, created_ms))
+            });
+            match loaded {
+                Some(function) => {
+                    functions.insert((function.tenant.clone(), name), Arc::new(function));
+                }
+                None => tracing::error!(%tenant, %name, "stored function no longer validates; not loaded"),
+            }
+        }
+        Ok(Self { pool, functions: RwLock::new(functions) })
+    }
+
+    pub fn get(&self, tenant: &TenantId, name: &str) -> Option<Arc<DeployedFunction>> {
+        self.functions.read().unwrap().get(&(tenant.clone(), name.to_string())).cloned()
+    }
+
+    /// Functions of one tenant, or of all when `tenant` is `None`, sorted by namespace and name.
+    pub fn list(&self, tenant: Option<&TenantId>) -> Vec<Arc<DeployedFunction>> {
+        let mut list: Vec<_> = self
+            .functions
+            .read()
+            .unwrap()
+            .values()
+            .filter(|function| tenant.is_none_or(|t| &function.tenant == t))
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| (&a.tenant, &a.spec.name).cmp(&(&b.tenant, &b.spec.name)));
+        list
+    }
+
+    /// Deploys a new function (`replace = false`) or updates an existing one.
+    pub async fn deploy(
+        &self,
+        tenant: &TenantId,
+        mut deployment: FunctionDeployment,
+        replace: bool,
+    ) -> Result<Arc<DeployedFunction>, RegistryError> {
+        deployment.namespace = Some(tenant.to_string());
+        let spec = deployment.resolve()?;
+        let name = spec.name.clone();
+        let json = serde_json::to_string(&deployment).expect("deployment serializes");
+        let now = now_ms();
+        let result = if replace {
+            sqlx::query("UPDATE functions SET spec = ?, updated_ms = ? WHERE tenant = ? AND name = ?")
+                .bind(&json)
+                .bind(now)
+                .bind(tenant.as_str())
+                .bind(&name)
+                .execute(&self.pool)
+                .await?
+        } else {
+            sqlx::query(
+                "INSERT INTO functions (tenant, name, spec, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(tenant.as_str())
+            .bind(&name)
+            .bind(&json)
+            .bind(now)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+        };
+        if result.rows_affected() == 0 {
+            let (tenant, name) = (tenant.to_string(), name);
+            return Err(if replace { RegistryError::NotFound { tenant, name } } else { RegistryError::Exists { tenant, name } });
+        }
+        let created_ms = self.get(tenant, &name).map_or(now, |old| old.created_ms);
+        let function = Arc::new(DeployedFunction::new(tenant.clone(), deployment, spec, created_ms));
+        // The replaced function's instances stop when its last in-flight call drops it.
+        self.functions.write().unwrap().insert((tenant.clone(), name), function.clone());
+        if function.spec.limits.min_instances > 0 {
+            self.scale(tenant, &function.spec.name, function.spec.limits.min_instances).await?;
+        }
+        Ok(function)
+    }
+
+    /// Removes a function.
+    pub async fn remove(&self, tenant: &TenantId, name: &str) -> Result<(), RegistryError> {
+        let result = sqlx::query("DELETE FROM functions WHERE tenant = ? AND name = ?")
+            .bind(tenant.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        self.functions.write().unwrap().remove(&(tenant.clone(), name.to_string()));
+        if result.rows_affected() == 0 {
+            return Err(RegistryError::NotFound { tenant: tenant.to_string(), name: name.to_string() });
+        }
+        Ok(())
+    }
+
+    /// Keeps `replicas` instances of a managed http function warm; other kinds always have one.
+    pub async fn scale(&self, tenant: &TenantId, name: &str, replicas: usize) -> Result<(), RegistryError> {
+        let function = self
+            .get(tenant, name)
+            .ok_or_else(|| RegistryError::NotFound { tenant: tenant.to_string(), name: name.to_string() })?;
+        if let Some(pool) = &function.managed {
+            pool.scale(&function.spec, replicas).await.map_err(|e| RegistryError::Scale(name.to_string(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Stops idle instances past their functions' idle timeouts (scale to zero).
+    pub fn reap_idle(&self) {
+        for function in self.list(None) {
+            function.reap_idle();
+        }
+    }
+}

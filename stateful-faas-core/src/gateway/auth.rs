@@ -1,0 +1,131 @@
+//! Who is calling, and which namespace a call may touch (DESIGN.md §3).
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use base64::Engine;
+
+use super::Core;
+use super::error::ApiError;
+use crate::semconv;
+use crate::tenant::{Principal, Scope, TenantId};
+
+/// An authenticated caller, with the `X-Scope-OrgID` it named.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub org_id: Option<String>,
+}
+
+/// The token of an `Authorization` header: `Bearer TOKEN`, or `Basic` with the token as password
+/// (what Prometheus remote_write and Jaeger exporters can send).
+pub fn bearer_or_basic_token(header: &str) -> Option<String> {
+    let (scheme, value) = header.trim().split_once(' ')?;
+    match scheme.to_ascii_lowercase().as_str() {
+        "bearer" => Some(value.trim().to_string()),
+        "basic" => {
+            let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?;
+            let text = String::from_utf8(decoded).ok()?;
+            let (_user, password) = text.split_once(':')?;
+            Some(password.to_string())
+        }
+        _ => None,
+    }
+}
+
+impl FromRequestParts<Arc<Core>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, core: &Arc<Core>) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::Unauthorized("missing Authorization header: send `Authorization: Bearer TOKEN`".into()))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(bearer_or_basic_token)
+            .ok_or_else(|| ApiError::Unauthorized("malformed Authorization header: expected `Bearer TOKEN` or Basic".into()))?;
+        let principal = core
+            .tenants
+            .authenticate(&token)
+            .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
+        let org_id = parts.headers.get(semconv::HEADER_SCOPE_ORG_ID).and_then(|v| v.to_str().ok()).map(str::to_string);
+        if let (Principal::Tenant { tenant, .. }, Some(org)) = (&principal, &org_id)
+            && org != tenant.as_str()
+        {
+            return Err(ApiError::Forbidden(format!(
+                "X-Scope-OrgID {org:?} does not match the token's tenant {tenant:?}"
+            )));
+        }
+        Ok(Caller { principal, org_id })
+    }
+}
+
+impl Caller {
+    /// The namespace a call acts on: a tenant's own (naming another is refused), or, for the
+    /// admin, the one it names through the URL, the body or `X-Scope-OrgID`.
+    pub fn namespace(&self, requested: Option<&str>) -> Result<TenantId, ApiError> {
+        let requested = requested.filter(|ns| !ns.is_empty());
+        match &self.principal {
+            Principal::Tenant { tenant, .. } => match requested {
+                Some(ns) if ns != tenant.as_str() => Err(ApiError::Forbidden(format!(
+                    "a token of tenant {tenant:?} cannot access namespace {ns:?}"
+                ))),
+                _ => Ok(tenant.clone()),
+            },
+            Principal::Admin => {
+                let ns = requested.or(self.org_id.as_deref()).ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "name the namespace: NAME.NAMESPACE, ?namespace=, a `namespace` field or X-Scope-OrgID".into(),
+                    )
+                })?;
+                Ok(TenantId::new(ns)?)
+            }
+            Principal::Meter => Err(ApiError::Forbidden("a meter token may only send telemetry".into())),
+        }
+    }
+
+    /// The tenant to list for: `None` means every tenant (an admin naming none).
+    pub fn list_scope(&self, requested: Option<&str>) -> Result<Option<TenantId>, ApiError> {
+        match (&self.principal, requested.filter(|ns| !ns.is_empty()).or(self.org_id.as_deref())) {
+            (Principal::Admin, None) => Ok(None),
+            _ => self.namespace(requested).map(Some),
+        }
+    }
+
+    /// Refuses read-only tokens for calls that change or run something.
+    pub fn require_write(&self) -> Result<(), ApiError> {
+        match &self.principal {
+            Principal::Admin | Principal::Tenant { scope: Scope::Ingest, .. } => Ok(()),
+            Principal::Tenant { scope, .. } => Err(ApiError::Forbidden(format!(
+                "a {} token cannot deploy or invoke functions; use the tenant's ingest token",
+                scope.as_str()
+            ))),
+            Principal::Meter => Err(ApiError::Forbidden("a meter token may only send telemetry".into())),
+        }
+    }
+
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        match self.principal {
+            Principal::Admin => Ok(()),
+            _ => Err(ApiError::Forbidden("this needs the admin token".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_come_from_bearer_or_basic() {
+        assert_eq!(bearer_or_basic_token("Bearer abc").as_deref(), Some("abc"));
+        assert_eq!(bearer_or_basic_token("bearer  abc ").as_deref(), Some("abc"));
+        let basic = base64::engine::general_purpose::STANDARD.encode("acme:secret");
+        assert_eq!(bearer_or_basic_token(&format!("Basic {basic}")).as_deref(), Some("secret"));
+        assert_eq!(bearer_or_basic_token("Digest x"), None);
+        assert_eq!(bearer_or_basic_token("Bearer"), None);
+    }
+}

@@ -1,0 +1,89 @@
+//! The one place where errors become HTTP status codes.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::function::registry::RegistryError;
+use crate::tenant::{NameError, TenantError};
+
+/// An error answered to an API caller, as plain text (as OpenFaaS does).
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    TooManyRequests(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(message) = &self {
+            tracing::error!(%message, "internal error");
+        }
+        let mut response = (self.status(), format!("{self}\n")).into_response();
+        if matches!(self, ApiError::Unauthorized(_)) {
+            response
+                .headers_mut()
+                .insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer realm=\"sfaas\""));
+        }
+        response
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(error: RegistryError) -> Self {
+        match error {
+            RegistryError::NotFound { .. } => ApiError::NotFound(error.to_string()),
+            RegistryError::Exists { .. } => ApiError::Conflict(error.to_string()),
+            RegistryError::Invalid(_) => ApiError::BadRequest(error.to_string()),
+            RegistryError::Scale(..) => ApiError::Internal(error.to_string()),
+            RegistryError::Database(_) => ApiError::Internal(error.to_string()),
+        }
+    }
+}
+
+impl From<TenantError> for ApiError {
+    fn from(error: TenantError) -> Self {
+        match error {
+            TenantError::Name(_) => ApiError::BadRequest(error.to_string()),
+            TenantError::Exists(_) => ApiError::Conflict(error.to_string()),
+            TenantError::Database(_) => ApiError::Internal(error.to_string()),
+        }
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(error: NameError) -> Self {
+        ApiError::BadRequest(error.to_string())
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        ApiError::Internal(format!("database: {error}"))
+    }
+}

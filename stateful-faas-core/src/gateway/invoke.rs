@@ -1,0 +1,219 @@
+//! Function invocation: `/function/*` (sync), `/async-function/*` (queued), and the one
+//! `dispatch` path that both use, which enforces limits, runs the function and records the
+//! span and the metrics.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span, SpanKind, Status, Tracer};
+
+use super::Core;
+use super::auth::Caller;
+use super::error::ApiError;
+use crate::function::{Invocation, Outcome, Usage};
+use crate::semconv;
+use crate::telemetry;
+use crate::tenant::{TenantId, validate_name};
+
+/// Longest accepted `X-Call-Id`.
+const MAX_CALL_ID_LEN: usize = 128;
+
+/// Runs one invocation of `function` for `tenant`: the path every trigger takes.
+pub async fn dispatch(core: &Core, tenant: &TenantId, function_name: &str, mut invocation: Invocation, trigger: &'static str) -> Outcome {
+    let Some(function) = core.functions.get(tenant, function_name) else {
+        return Outcome::text(404, format!("function {function_name} not found in namespace {tenant}\n"), Usage::default());
+    };
+    let started = Instant::now();
+    let Some(_permit) = function.try_begin() else {
+        core.metrics.record_invocation(tenant, function_name, 429, started.elapsed().as_secs_f64(), &Usage::default());
+        return Outcome::text(
+            429,
+            format!("function {function_name} already has {} calls in flight (max_inflight)\n", function.spec.limits.max_inflight),
+            Usage::default(),
+        );
+    };
+    let _inflight = core.metrics.begin_inflight(tenant, function_name);
+    let bytes_in = invocation.body.len();
+
+    let parent = telemetry::extract_parent(invocation.traceparent.as_deref());
+    let mut span = core.telemetry.tracer(tenant).map(|tracer| {
+        tracer
+            .span_builder(semconv::invoke_span_name(function_name))
+            .with_kind(SpanKind::Server)
+            .with_start_time(SystemTime::now())
+            .with_attributes([
+                KeyValue::new(semconv::FAAS_NAME, function_name.to_string()),
+                KeyValue::new(semconv::FAAS_INVOCATION_ID, invocation.call_id.clone()),
+                KeyValue::new(semconv::FAAS_TRIGGER, trigger),
+                KeyValue::new(semconv::SFAAS_FUNCTION_KIND, function.spec.kind.as_str()),
+            ])
+            .start_with_context(&tracer, &parent)
+    });
+    if let Some(span) = &span {
+        invocation.traceparent = Some(telemetry::traceparent(span.span_context()));
+    }
+
+    let outcome = match function.run(&core.client, &invocation, &[]).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            tracing::warn!(%tenant, function = function_name, call_id = %invocation.call_id, %error, "invocation failed");
+            Outcome::text(error.status(), format!("{error}\n"), error.usage())
+        }
+    };
+    let wall = started.elapsed();
+    core.metrics.record_invocation(tenant, function_name, outcome.status, wall.as_secs_f64(), &outcome.usage);
+
+    if let Some(span) = &mut span {
+        span.set_attributes([
+            KeyValue::new(semconv::FAAS_COLDSTART, outcome.usage.cold_start),
+            KeyValue::new(semconv::SFAAS_CPU_MS, outcome.usage.cpu_ms() as i64),
+            KeyValue::new(semconv::SFAAS_WALL_MS, wall.as_millis() as i64),
+            KeyValue::new(semconv::SFAAS_MEMORY_PEAK_BYTES, outcome.usage.peak_memory_bytes as i64),
+            KeyValue::new(semconv::SFAAS_BYTES_IN, bytes_in as i64),
+            KeyValue::new(semconv::SFAAS_BYTES_OUT, outcome.body.len() as i64),
+            KeyValue::new(semconv::HTTP_RESPONSE_STATUS_CODE, outcome.status as i64),
+            KeyValue::new(semconv::SFAAS_BILLABLE, true),
+        ]);
+        if outcome.status >= 500 {
+            span.set_status(Status::error(format!("function answered {}", outcome.status)));
+        }
+        span.end();
+    }
+    outcome
+}
+
+/// Splits `NAME` or `NAME.NAMESPACE`.
+fn split_name(qualified: &str) -> Result<(&str, Option<&str>), ApiError> {
+    let (name, namespace) = match qualified.split_once('.') {
+        Some((name, namespace)) => (name, Some(namespace)),
+        None => (qualified, None),
+    };
+    validate_name("function", name)?;
+    if let Some(namespace) = namespace {
+        validate_name("namespace", namespace)?;
+    }
+    Ok((name, namespace))
+}
+
+/// The caller's `X-Call-Id`, or a new one.
+fn call_id(headers: &HeaderMap) -> Result<String, ApiError> {
+    match headers.get(semconv::HEADER_CALL_ID) {
+        None => Ok(uuid::Uuid::new_v4().to_string()),
+        Some(value) => {
+            let id = value.to_str().map_err(|_| ApiError::BadRequest("X-Call-Id is not visible ASCII".into()))?;
+            if id.is_empty() || id.len() > MAX_CALL_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ApiError::BadRequest(format!(
+                    "X-Call-Id must be 1 to {MAX_CALL_ID_LEN} visible ASCII characters"
+                )));
+            }
+            Ok(id.to_string())
+        }
+    }
+}
+
+/// Builds the invocation handed to a function: the caller's credentials are not forwarded.
+fn invocation(method: &Method, uri: &Uri, headers: &HeaderMap, rest: Option<String>, body: Bytes) -> Result<Invocation, ApiError> {
+    let call_id = call_id(headers)?;
+    let forwarded = headers
+        .iter()
+        .filter(|(name, _)| *name != axum::http::header::AUTHORIZATION && *name != axum::http::header::COOKIE)
+        .filter_map(|(name, value)| Some((name.as_str().to_string(), value.to_str().ok()?.to_string())))
+        .filter(|(name, _)| name != semconv::HEADER_CALL_ID)
+        .chain(std::iter::once((semconv::HEADER_CALL_ID.to_string(), call_id.clone())))
+        .collect();
+    Ok(Invocation {
+        call_id,
+        method: method.as_str().to_string(),
+        path: format!("/{}", rest.unwrap_or_default()),
+        query: uri.query().unwrap_or_default().to_string(),
+        headers: forwarded,
+        body,
+        traceparent: headers.get(semconv::HEADER_TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_string),
+    })
+}
+
+/// `ANY /function/{name}[/{*rest}]`: a synchronous call.
+pub async fn call(
+    State(core): State<Arc<Core>>,
+    caller: Caller,
+    Path(params): Path<Vec<(String, String)>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (qualified, rest) = path_params(params);
+    caller.require_write()?;
+    let (name, namespace) = split_name(&qualified)?;
+    let tenant = caller.namespace(namespace)?;
+    let invocation = invocation(&method, &uri, &headers, rest, body)?;
+    let call_id = invocation.call_id.clone();
+    let started = Instant::now();
+    let outcome = dispatch(&core, &tenant, name, invocation, semconv::TRIGGER_HTTP).await;
+    let mut response = (StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::BAD_GATEWAY), outcome.body).into_response();
+    let response_headers = response.headers_mut();
+    for (key, value) in outcome.headers {
+        if let (Ok(key), Ok(value)) = (key.parse::<axum::http::HeaderName>(), value.parse()) {
+            response_headers.insert(key, value);
+        }
+    }
+    response_headers.insert(semconv::HEADER_CALL_ID, call_id.parse().expect("validated call id"));
+    response_headers.insert(
+        semconv::HEADER_DURATION_SECONDS,
+        format!("{:.6}", started.elapsed().as_secs_f64()).parse().expect("number"),
+    );
+    Ok(response)
+}
+
+/// `POST /async-function/{name}[/{*rest}]`: queued durably, answered 202 with `X-Call-Id`.
+pub async fn call_async(
+    State(core): State<Arc<Core>>,
+    caller: Caller,
+    Path(params): Path<Vec<(String, String)>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (qualified, rest) = path_params(params);
+    caller.require_write()?;
+    let (name, namespace) = split_name(&qualified)?;
+    let tenant = caller.namespace(namespace)?;
+    if core.functions.get(&tenant, name).is_none() {
+        return Err(ApiError::NotFound(format!("function {name} not found in namespace {tenant}")));
+    }
+    let callback = match headers.get(semconv::HEADER_CALLBACK_URL) {
+        None => None,
+        Some(value) => {
+            let url = value.to_str().map_err(|_| ApiError::BadRequest("X-Callback-Url is not ASCII".into()))?;
+            if reqwest::Url::parse(url).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+                return Err(ApiError::BadRequest(format!("X-Callback-Url {url:?} is not an http(s) URL")));
+            }
+            Some(url.to_string())
+        }
+    };
+    let invocation = invocation(&method, &uri, &headers, rest, body)?;
+    let call_id = invocation.call_id.clone();
+    core.queue.enqueue(&tenant, name, &invocation, callback.as_deref()).await?;
+    let mut response = StatusCode::ACCEPTED.into_response();
+    response.headers_mut().insert(semconv::HEADER_CALL_ID, call_id.parse().expect("validated call id"));
+    Ok(response)
+}
+
+fn path_params(params: Vec<(String, String)>) -> (String, Option<String>) {
+    let mut name = String::new();
+    let mut rest = None;
+    for (key, value) in params {
+        match key.as_str() {
+            "name" => name = value,
+            "rest" => rest = Some(value),
+            _ => {}
+        }
+    }
+    (name, rest)
+}

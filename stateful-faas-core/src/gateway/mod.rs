@@ -1,0 +1,177 @@
+//! The OpenFaaS-compatible gateway (axum) and the [`Core`] it serves.
+
+pub mod auth;
+pub mod error;
+pub mod invoke;
+pub mod system;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{any, get, post};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::async_queue::{self, AsyncQueue};
+use crate::config::{CoreConfig, load_or_create_admin_token};
+use crate::database::{self, DatabaseError};
+use crate::function::Registry;
+use crate::function::registry::RegistryError;
+use crate::metrics::Metrics;
+use crate::telemetry::Telemetry;
+use crate::tenant::{TenantError, TenantStore};
+
+/// Why the core could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    #[error("cannot read or create the admin token in {0}: {1}")]
+    AdminToken(String, std::io::Error),
+    #[error("cannot create data directory {0}: {1}")]
+    DataDir(String, std::io::Error),
+    #[error(transparent)]
+    Tenants(#[from] TenantError),
+    #[error(transparent)]
+    Functions(#[from] RegistryError),
+    #[error("async queue: {0}")]
+    Queue(#[from] sqlx::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+}
+
+/// Everything the gateway's handlers share.
+pub struct Core {
+    pub config: CoreConfig,
+    pub pool: sqlx::SqlitePool,
+    pub tenants: TenantStore,
+    pub functions: Registry,
+    pub metrics: Metrics,
+    pub telemetry: Telemetry,
+    pub queue: AsyncQueue,
+    /// Client for `http` functions and callbacks (no proxy, pooled connections).
+    pub client: reqwest::Client,
+    pub admin_token: String,
+}
+
+impl Core {
+    /// Opens the data directory and the database, and loads tenants and functions.
+    pub async fn open(config: CoreConfig) -> Result<Arc<Self>, CoreError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| CoreError::DataDir(config.data_dir.display().to_string(), e))?;
+        let admin_token = match &config.admin_token {
+            Some(token) => token.clone(),
+            None => load_or_create_admin_token(&config.data_dir)
+                .map_err(|e| CoreError::AdminToken(config.data_dir.display().to_string(), e))?,
+        };
+        let url = config.database_url.clone().unwrap_or_else(|| database::default_url(&config.data_dir));
+        let pool = database::open(&url).await?;
+        let tenants = TenantStore::load(pool.clone(), &admin_token).await?;
+        let functions = Registry::load(pool.clone()).await?;
+        let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone()).await?;
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .expect("a plain HTTP client builds");
+        Ok(Arc::new(Self {
+            telemetry: Telemetry::new(config.telemetry.clone()),
+            config,
+            pool,
+            tenants,
+            functions,
+            metrics: Metrics::new(),
+            queue,
+            client,
+            admin_token,
+        }))
+    }
+
+    /// The gateway's routes.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { "OK\n" }))
+            .route("/metrics", get(system::metrics))
+            .route("/system/info", get(system::info))
+            .route(
+                "/system/functions",
+                get(system::list_functions)
+                    .post(system::create_function)
+                    .put(system::update_function)
+                    .delete(system::delete_function),
+            )
+            .route("/system/function/{name}", get(system::get_function))
+            .route("/system/scale-function/{name}", post(system::scale_function))
+            .route("/system/namespaces", get(system::list_namespaces))
+            .route("/system/tenants", get(system::list_tenants).post(system::create_tenant))
+            .route("/system/async-calls/{call_id}", get(system::get_async_call))
+            .route("/system/async-dead-letters", get(system::dead_letters))
+            .route("/function/{name}", any(invoke::call))
+            .route("/function/{name}/", any(invoke::call))
+            .route("/function/{name}/{*rest}", any(invoke::call))
+            .route("/async-function/{name}", post(invoke::call_async))
+            .route("/async-function/{name}/{*rest}", post(invoke::call_async))
+            .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
+            .with_state(self.clone())
+    }
+
+    /// Binds the gateway address and starts serving, with the async workers and the idle
+    /// reaper beside it.
+    pub async fn start(self: Arc<Self>) -> Result<RunningCore, CoreError> {
+        let addr = self.config.gateway_addr;
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoreError::Listen(addr, e))?;
+        let local_addr = listener.local_addr().map_err(|e| CoreError::Listen(addr, e))?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut tasks = async_queue::spawn_workers(self.clone(), shutdown_rx.clone());
+        tasks.push(tokio::spawn(reap_idle(self.clone(), shutdown_rx.clone())));
+        let router = self.router();
+        let mut server_shutdown = shutdown_rx;
+        let server = tokio::spawn(async move {
+            let result = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = server_shutdown.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "gateway stopped with an error");
+            }
+        });
+        Ok(RunningCore { core: self, gateway_addr: local_addr, shutdown: shutdown_tx, server, tasks })
+    }
+}
+
+async fn reap_idle(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => core.functions.reap_idle(),
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// A started core: its bound address and the handle that stops it.
+pub struct RunningCore {
+    pub core: Arc<Core>,
+    pub gateway_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningCore {
+    /// Stops accepting requests, lets in-flight requests and async deliveries finish, and
+    /// flushes the spans.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let core = self.core.clone();
+        let _ = tokio::task::spawn_blocking(move || core.telemetry.shutdown()).await;
+        self.core.pool.close().await;
+    }
+}

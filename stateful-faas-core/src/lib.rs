@@ -1,0 +1,17 @@
+//! stateful-faas core: the function runtime, the OpenFaaS-compatible gateway, tenants and
+//! the platform's own instrumentation (OpenTelemetry spans and Prometheus metrics).
+
+pub mod async_queue;
+pub mod bench;
+pub mod config;
+pub mod database;
+pub mod function;
+pub mod gateway;
+pub mod metrics;
+pub mod semconv;
+pub mod stack;
+pub mod telemetry;
+pub mod tenant;
+
+pub use config::CoreConfig;
+pub use gateway::{Core, RunningCore};

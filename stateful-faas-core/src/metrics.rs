@@ -1,0 +1,144 @@
+//! The gateway's Prometheus metrics: OpenFaaS names, with a `namespace` label added.
+//!
+//! As in OpenFaaS, `function_name` is `NAME.NAMESPACE`, so dashboards written for OpenFaaS keep
+//! working; `namespace` repeats the tenant for per-tenant queries.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::function::Usage;
+use crate::semconv;
+use crate::tenant::TenantId;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    function_name: String,
+    namespace: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionLabels {
+    function_name: String,
+    namespace: String,
+}
+
+impl FunctionLabels {
+    fn new(tenant: &TenantId, function: &str) -> Self {
+        Self { function_name: format!("{function}.{tenant}"), namespace: tenant.to_string() }
+    }
+}
+
+/// Every metric the gateway exposes on `/metrics`.
+pub struct Metrics {
+    registry: Registry,
+    invocations: Family<CodeLabels, Counter>,
+    seconds: Family<FunctionLabels, Histogram>,
+    service_count: Family<FunctionLabels, Gauge>,
+    cpu_seconds: Family<FunctionLabels, Counter<f64, AtomicU64>>,
+    cold_starts: Family<FunctionLabels, Counter>,
+    inflight: Family<FunctionLabels, Gauge>,
+    async_queue_depth: Gauge,
+    async_dead_letters: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let invocations = Family::<CodeLabels, Counter>::default();
+        let seconds = Family::<FunctionLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.001, 2.5, 14))) as fn() -> Histogram,
+        );
+        let service_count = Family::<FunctionLabels, Gauge>::default();
+        let cpu_seconds = Family::<FunctionLabels, Counter<f64, AtomicU64>>::default();
+        let cold_starts = Family::<FunctionLabels, Counter>::default();
+        let inflight = Family::<FunctionLabels, Gauge>::default();
+        let async_queue_depth = Gauge::default();
+        let async_dead_letters = Gauge::default();
+        registry.register(semconv::METRIC_INVOCATIONS, "Function invocations by status code", invocations.clone());
+        registry.register(semconv::METRIC_FUNCTION_SECONDS, "Function call duration in seconds", seconds.clone());
+        registry.register(semconv::METRIC_SERVICE_COUNT, "Instances ready to serve each function", service_count.clone());
+        registry.register(semconv::METRIC_CPU_SECONDS, "CPU time used by functions, as the kernel measured it", cpu_seconds.clone());
+        registry.register(semconv::METRIC_COLD_STARTS, "Invocations that had to start an instance", cold_starts.clone());
+        registry.register(semconv::METRIC_INFLIGHT, "Invocations running now", inflight.clone());
+        registry.register(semconv::METRIC_ASYNC_QUEUE_DEPTH, "Async calls waiting or running", async_queue_depth.clone());
+        registry.register(semconv::METRIC_ASYNC_DEAD_LETTERS, "Async calls that exhausted their retries", async_dead_letters.clone());
+        Self {
+            registry,
+            invocations,
+            seconds,
+            service_count,
+            cpu_seconds,
+            cold_starts,
+            inflight,
+            async_queue_depth,
+            async_dead_letters,
+        }
+    }
+
+    /// Records one finished invocation (including refused ones: `code` 429 and so on).
+    pub fn record_invocation(&self, tenant: &TenantId, function: &str, code: u16, seconds: f64, usage: &Usage) {
+        let labels = FunctionLabels::new(tenant, function);
+        self.invocations
+            .get_or_create(&CodeLabels {
+                function_name: labels.function_name.clone(),
+                namespace: labels.namespace.clone(),
+                code: code.to_string(),
+            })
+            .inc();
+        self.seconds.get_or_create(&labels).observe(seconds);
+        if usage.cpu_ns > 0 {
+            self.cpu_seconds.get_or_create(&labels).inc_by(usage.cpu_ns as f64 / 1e9);
+        }
+        if usage.cold_start {
+            self.cold_starts.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Tracks a running invocation; the returned guard decrements on drop.
+    pub fn begin_inflight(&self, tenant: &TenantId, function: &str) -> InflightGuard {
+        let gauge = self.inflight.get_or_create_owned(&FunctionLabels::new(tenant, function));
+        gauge.inc();
+        InflightGuard(gauge)
+    }
+
+    /// Sets the instance count of every function (called before each exposition).
+    pub fn set_service_counts<'a>(&self, functions: impl IntoIterator<Item = (&'a TenantId, &'a str, usize)>) {
+        self.service_count.clear();
+        for (tenant, function, replicas) in functions {
+            self.service_count.get_or_create(&FunctionLabels::new(tenant, function)).set(replicas as i64);
+        }
+    }
+
+    pub fn set_async_queue(&self, depth: i64, dead_letters: i64) {
+        self.async_queue_depth.set(depth);
+        self.async_dead_letters.set(dead_letters);
+    }
+
+    /// The Prometheus text exposition (format 0.0.4 compatible OpenMetrics text).
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// Decrements the in-flight gauge when the invocation ends.
+pub struct InflightGuard(Gauge);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

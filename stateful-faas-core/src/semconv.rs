@@ -1,0 +1,47 @@
+//! Names of span attributes, span names and metric names, defined once (DESIGN.md §4).
+
+/// `service.name` of every span the platform emits.
+pub const SERVICE_NAME: &str = "sfaas-core";
+
+pub const ATTR_SERVICE_NAME: &str = "service.name";
+pub const ATTR_SERVICE_NAMESPACE: &str = "service.namespace";
+
+pub const FAAS_NAME: &str = "faas.name";
+pub const FAAS_INVOCATION_ID: &str = "faas.invocation_id";
+pub const FAAS_TRIGGER: &str = "faas.trigger";
+pub const FAAS_COLDSTART: &str = "faas.coldstart";
+pub const SFAAS_CPU_MS: &str = "sfaas.cpu_ms";
+pub const SFAAS_WALL_MS: &str = "sfaas.wall_ms";
+pub const SFAAS_MEMORY_PEAK_BYTES: &str = "sfaas.memory.peak_bytes";
+pub const SFAAS_BYTES_IN: &str = "sfaas.bytes_in";
+pub const SFAAS_BYTES_OUT: &str = "sfaas.bytes_out";
+pub const SFAAS_BILLABLE: &str = "sfaas.billable";
+pub const SFAAS_FUNCTION_KIND: &str = "sfaas.function.kind";
+pub const HTTP_RESPONSE_STATUS_CODE: &str = "http.response.status_code";
+
+/// `faas.trigger` of a synchronous call through the gateway.
+pub const TRIGGER_HTTP: &str = "http";
+/// `faas.trigger` of a call delivered from the durable async queue.
+pub const TRIGGER_PUBSUB: &str = "pubsub";
+
+/// Span name of one function invocation.
+pub fn invoke_span_name(function: &str) -> String {
+    format!("invoke {function}")
+}
+
+pub const METRIC_INVOCATIONS: &str = "gateway_function_invocation";
+pub const METRIC_FUNCTION_SECONDS: &str = "gateway_functions_seconds";
+pub const METRIC_SERVICE_COUNT: &str = "gateway_service_count";
+pub const METRIC_CPU_SECONDS: &str = "sfaas_function_cpu_seconds";
+pub const METRIC_INFLIGHT: &str = "sfaas_function_inflight";
+pub const METRIC_COLD_STARTS: &str = "sfaas_function_cold_starts";
+pub const METRIC_ASYNC_QUEUE_DEPTH: &str = "sfaas_async_queue_depth";
+pub const METRIC_ASYNC_DEAD_LETTERS: &str = "sfaas_async_dead_letters";
+
+/// Header carrying the invocation id (OpenFaaS).
+pub const HEADER_CALL_ID: &str = "x-call-id";
+pub const HEADER_CALLBACK_URL: &str = "x-callback-url";
+pub const HEADER_FUNCTION_STATUS: &str = "x-function-status";
+pub const HEADER_SCOPE_ORG_ID: &str = "x-scope-orgid";
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+pub const HEADER_DURATION_SECONDS: &str = "x-duration-seconds";

@@ -1,0 +1,163 @@
+//! The platform's OpenTelemetry spans, exported over OTLP (DESIGN.md §4).
+//!
+//! The resource of a span names its tenant (`service.namespace`), and one SDK tracer provider
+//! has one resource, so the core keeps one provider per tenant, created on first use. Each has
+//! a batch span processor with a bounded queue: when the collector is slow or down, spans are
+//! dropped (and counted by the SDK), requests are never blocked and memory never grows.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider};
+
+use crate::semconv;
+use crate::tenant::TenantId;
+
+/// OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OtlpProtocol {
+    #[default]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies; the endpoint is the base URL (`/v1/traces` is added).
+    Http,
+}
+
+impl std::str::FromStr for OtlpProtocol {
+    type Err = String;
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "grpc" => Ok(Self::Grpc),
+            "http" | "http/protobuf" => Ok(Self::Http),
+            other => Err(format!("unknown OTLP protocol {other:?} (use grpc or http)")),
+        }
+    }
+}
+
+/// Where the core's spans go.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    /// OTLP endpoint, for example `http://127.0.0.1:4317`; `None` turns span export off.
+    pub endpoint: Option<String>,
+    pub protocol: OtlpProtocol,
+    /// Sent as `Authorization: Bearer` (the platform's meter token).
+    pub token: Option<String>,
+    /// Spans buffered per tenant before new ones are dropped.
+    pub max_queue_size: usize,
+}
+
+/// The core's span pipeline.
+pub struct Telemetry {
+    config: TelemetryConfig,
+    providers: Mutex<HashMap<TenantId, SdkTracerProvider>>,
+}
+
+impl Telemetry {
+    pub fn new(config: TelemetryConfig) -> Self {
+        Self { config, providers: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.config.endpoint.is_some()
+    }
+
+    /// The tracer for a tenant's platform spans, or `None` when export is off.
+    pub fn tracer(&self, tenant: &TenantId) -> Option<SdkTracer> {
+        let endpoint = self.config.endpoint.as_ref()?;
+        let mut providers = self.providers.lock().unwrap();
+        if let Some(provider) = providers.get(tenant) {
+            return Some(provider.tracer(semconv::SERVICE_NAME));
+        }
+        let exporter = match self.build_exporter(endpoint) {
+            Ok(exporter) => exporter,
+            Err(error) => {
+                tracing::error!(%error, endpoint, "cannot build the OTLP exporter; spans are not exported");
+                return None;
+            }
+        };
+        let batch_config = BatchConfigBuilder::default()
+            .with_max_queue_size(self.config.max_queue_size.max(64))
+            .with_scheduled_delay(Duration::from_millis(500))
+            .build();
+        let processor = BatchSpanProcessor::builder(exporter).with_batch_config(batch_config).build();
+        let resource = Resource::builder_empty()
+            .with_attributes([
+                KeyValue::new(semconv::ATTR_SERVICE_NAME, semconv::SERVICE_NAME),
+                KeyValue::new(semconv::ATTR_SERVICE_NAMESPACE, tenant.to_string()),
+            ])
+            .build();
+        let provider = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build();
+        let tracer = provider.tracer(semconv::SERVICE_NAME);
+        providers.insert(tenant.clone(), provider);
+        Some(tracer)
+    }
+
+    fn build_exporter(&self, endpoint: &str) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
+        let timeout = Duration::from_secs(5);
+        match self.config.protocol {
+            OtlpProtocol::Grpc => {
+                let mut metadata = opentelemetry_otlp::tonic_types::metadata::MetadataMap::new();
+                if let Some(token) = &self.config.token
+                    && let Ok(value) = format!("Bearer {token}").parse()
+                {
+                    metadata.insert("authorization", value);
+                }
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint)
+                    .with_timeout(timeout)
+                    .with_metadata(metadata)
+                    .build()
+            }
+            OtlpProtocol::Http => {
+                let mut headers = HashMap::new();
+                if let Some(token) = &self.config.token {
+                    headers.insert("authorization".to_string(), format!("Bearer {token}"));
+                }
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                    .with_timeout(timeout)
+                    .with_headers(headers)
+                    .build()
+            }
+        }
+    }
+
+    /// Flushes and stops every provider. Blocking: call from a blocking thread (DEPENDENCIES.md,
+    /// gotcha 6).
+    pub fn shutdown(&self) {
+        let providers: Vec<_> = self.providers.lock().unwrap().drain().map(|(_, provider)| provider).collect();
+        for provider in providers {
+            if let Err(error) = provider.shutdown() {
+                tracing::warn!(%error, "span export did not shut down cleanly");
+            }
+        }
+    }
+}
+
+/// The parent context named by a caller's W3C `traceparent` header, if valid.
+pub fn extract_parent(traceparent: Option<&str>) -> Context {
+    let Some(value) = traceparent else {
+        return Context::new();
+    };
+    let carrier = HashMap::from([(semconv::HEADER_TRACEPARENT.to_string(), value.to_string())]);
+    TraceContextPropagator::new().extract(&carrier)
+}
+
+/// W3C `traceparent` naming a span as parent.
+pub fn traceparent(context: &SpanContext) -> String {
+    format!("00-{}-{}-{:02x}", context.trace_id(), context.span_id(), context.trace_flags().to_u8())
+}
+
+/// Whether a context holds a valid remote parent.
+pub fn has_parent(context: &Context) -> bool {
+    context.span().span_context().is_valid()
+}

@@ -1,0 +1,286 @@
+//! Tenants (namespaces), tokens and their scopes (DESIGN.md §3).
+
+use std::fmt;
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Longest tenant or function name (a Kubernetes DNS label).
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Why a tenant or function name was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("{kind} name is empty")]
+    Empty { kind: &'static str },
+    #[error("{kind} name {name:?} is longer than {MAX_NAME_LEN} characters")]
+    TooLong { kind: &'static str, name: String },
+    #[error(
+        "{kind} name {name:?} is invalid: use lowercase letters, digits and '-', starting and ending with a letter or digit"
+    )]
+    Invalid { kind: &'static str, name: String },
+}
+
+/// Checks a DNS-label name (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters).
+pub fn validate_name(kind: &'static str, name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty { kind });
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong { kind, name: name.to_string() });
+    }
+    let bytes = name.as_bytes();
+    let allowed = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
+    let edge_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if !bytes.iter().all(allowed) || !edge_ok(bytes[0]) || !edge_ok(bytes[bytes.len() - 1]) {
+        return Err(NameError::Invalid { kind, name: name.to_string() });
+    }
+    Ok(())
+}
+
+/// A tenant: a namespace in the OpenFaaS / Kubernetes sense.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TenantId(String);
+
+impl TenantId {
+    /// Validates and wraps a tenant name.
+    pub fn new(name: &str) -> Result<Self, NameError> {
+        validate_name("tenant", name)?;
+        Ok(Self(name.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TenantId {
+    type Error = NameError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::new(&value)
+    }
+}
+
+impl From<TenantId> for String {
+    fn from(value: TenantId) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// The operator: everything, every tenant.
+    Admin,
+    /// A tenant's write credential: send its telemetry, deploy and invoke its functions.
+    Ingest,
+    /// A tenant's read credential: list its functions, query its data and bills.
+    Read,
+    /// The platform itself: may send telemetry for any tenant; only its data is billed.
+    Meter,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::Ingest => "ingest",
+            Scope::Read => "read",
+            Scope::Meter => "meter",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "admin" => Some(Scope::Admin),
+            "ingest" => Some(Scope::Ingest),
+            "read" => Some(Scope::Read),
+            "meter" => Some(Scope::Meter),
+            _ => None,
+        }
+    }
+}
+
+/// Who presented a valid token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Admin,
+    Meter,
+    Tenant { tenant: TenantId, scope: Scope },
+}
+
+/// A fresh random 256-bit token, hex encoded.
+pub fn generate_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// The stored form of a token: tokens are never kept in clear.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Credentials of a new tenant, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TenantCredentials {
+    pub tenant: String,
+    pub ingest_token: String,
+    pub read_token: String,
+}
+
+/// A tenant as listed by the API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TenantInfo {
+    pub name: String,
+    pub plan: Option<String>,
+    pub created_ms: i64,
+}
+
+/// Why a tenant operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("tenant {0} already exists")]
+    Exists(String),
+    #[error("tenant store: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Tenants and their tokens: persisted in the database, with token hashes cached in memory so
+/// that authenticating a request costs one hash and one map lookup.
+pub struct TenantStore {
+    pool: sqlx::SqlitePool,
+    admin_hash: String,
+    tokens: std::sync::RwLock<std::collections::HashMap<String, Principal>>,
+}
+
+impl TenantStore {
+    /// Loads the token hashes; `admin_token` is the operator's token.
+    pub async fn load(pool: sqlx::SqlitePool, admin_token: &str) -> Result<Self, TenantError> {
+        let rows: Vec<(String, Option<String>, String)> =
+            sqlx::query_as("SELECT hash, tenant, scope FROM tokens").fetch_all(&pool).await?;
+        let mut tokens = std::collections::HashMap::new();
+        for (hash, tenant, scope) in rows {
+            let principal = match (Scope::parse(&scope), tenant) {
+                (Some(Scope::Meter), _) => Principal::Meter,
+                (Some(scope), Some(tenant)) => match TenantId::new(&tenant) {
+                    Ok(tenant) => Principal::Tenant { tenant, scope },
+                    Err(_) => continue,
+                },
+                _ => continue,
+            };
+            tokens.insert(hash, principal);
+        }
+        Ok(Self { pool, admin_hash: hash_token(admin_token), tokens: std::sync::RwLock::new(tokens) })
+    }
+
+    /// Who a presented token belongs to, if anyone.
+    pub fn authenticate(&self, token: &str) -> Option<Principal> {
+        let hash = hash_token(token);
+        if hash == self.admin_hash {
+            return Some(Principal::Admin);
+        }
+        self.tokens.read().unwrap().get(&hash).cloned()
+    }
+
+    /// Creates a tenant with fresh ingest and read tokens.
+    pub async fn create(&self, name: &str, plan: Option<&str>) -> Result<TenantCredentials, TenantError> {
+        let tenant = TenantId::new(name)?;
+        let ingest_token = generate_token();
+        let read_token = generate_token();
+        let now = crate::database::now_ms();
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query("INSERT INTO tenants (name, plan, created_ms) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+            .bind(tenant.as_str())
+            .bind(plan)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(TenantError::Exists(name.to_string()));
+        }
+        for (token, scope) in [(&ingest_token, Scope::Ingest), (&read_token, Scope::Read)] {
+            sqlx::query("INSERT INTO tokens (hash, tenant, scope, created_ms) VALUES (?, ?, ?, ?)")
+                .bind(hash_token(token))
+                .bind(tenant.as_str())
+                .bind(scope.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let mut tokens = self.tokens.write().unwrap();
+        tokens.insert(hash_token(&ingest_token), Principal::Tenant { tenant: tenant.clone(), scope: Scope::Ingest });
+        tokens.insert(hash_token(&read_token), Principal::Tenant { tenant: tenant.clone(), scope: Scope::Read });
+        Ok(TenantCredentials { tenant: tenant.to_string(), ingest_token, read_token })
+    }
+
+    /// Creates a platform `meter` token (the core uses one to send its billable telemetry).
+    pub async fn create_meter_token(&self) -> Result<String, TenantError> {
+        let token = generate_token();
+        sqlx::query("INSERT INTO tokens (hash, tenant, scope, created_ms) VALUES (?, NULL, 'meter', ?)")
+            .bind(hash_token(&token))
+            .bind(crate::database::now_ms())
+            .execute(&self.pool)
+            .await?;
+        self.tokens.write().unwrap().insert(hash_token(&token), Principal::Meter);
+        Ok(token)
+    }
+
+    /// All tenants, by name.
+    pub async fn list(&self) -> Result<Vec<TenantInfo>, TenantError> {
+        let rows: Vec<(String, Option<String>, i64)> =
+            sqlx::query_as("SELECT name, plan, created_ms FROM tenants ORDER BY name").fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(|(name, plan, created_ms)| TenantInfo { name, plan, created_ms }).collect())
+    }
+
+    /// Whether a tenant exists.
+    pub async fn exists(&self, tenant: &TenantId) -> Result<bool, TenantError> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT 1 FROM tenants WHERE name = ?").bind(tenant.as_str()).fetch_optional(&self.pool).await?;
+        Ok(row.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_dns_labels() {
+        assert!(validate_name("tenant", "acme").is_ok());
+        assert!(validate_name("tenant", "a-1").is_ok());
+        assert!(validate_name("tenant", "0").is_ok());
+        assert_eq!(validate_name("tenant", ""), Err(NameError::Empty { kind: "tenant" }));
+        assert!(matches!(validate_name("tenant", "-a"), Err(NameError::Invalid { .. })));
+        assert!(matches!(validate_name("tenant", "a-"), Err(NameError::Invalid { .. })));
+        assert!(matches!(validate_name("tenant", "Acme"), Err(NameError::Invalid { .. })));
+        assert!(matches!(validate_name("tenant", "a.b"), Err(NameError::Invalid { .. })));
+        assert!(matches!(
+            validate_name("tenant", &"a".repeat(64)),
+            Err(NameError::TooLong { .. })
+        ));
+        assert!(validate_name("tenant", &"a".repeat(63)).is_ok());
+    }
+
+    #[test]
+    fn tokens_are_random_and_hashed() {
+        let first = generate_token();
+        let second = generate_token();
+        assert_eq!(first.len(), 64);
+        assert_ne!(first, second);
+        assert_eq!(hash_token(&first), hash_token(&first));
+        assert_ne!(hash_token(&first), first);
+    }
+}
