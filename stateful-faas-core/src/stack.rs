@@ -109,7 +109,8 @@ pub struct Stack {
 pub fn load(path: &Path) -> Result<Stack, StackError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| StackError::Read(file.clone(), e))?;
-    let base = path.parent().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let base = std::path::absolute(parent).ok();
     parse(&file, &text, base.as_deref())
 }
 

@@ -153,6 +153,12 @@ impl Registry {
     ) -> Result<Arc<DeployedFunction>, RegistryError> {
         deployment.namespace = Some(tenant.to_string());
         let spec = deployment.resolve()?;
+        if let Some(dir) = &spec.workdir
+            && !dir.is_dir()
+        {
+            let message = format!("workdir {} is not a directory on the gateway's host", dir.display());
+            return Err(DeploymentError::Invalid(spec.name, message).into());
+        }
         let name = spec.name.clone();
         let json = serde_json::to_string(&deployment).expect("deployment serializes");
         let now = now_ms();

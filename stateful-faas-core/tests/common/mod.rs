@@ -1,0 +1,121 @@
+//! Shared helpers of the core's integration tests: a real core on loopback in a temp dir.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use stateful_faas_core::telemetry::TelemetryConfig;
+use stateful_faas_core::{Core, CoreConfig, RunningCore};
+
+pub const ADMIN: &str = "test-admin-token";
+
+pub struct TestCore {
+    pub running: Option<RunningCore>,
+    pub url: String,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Tenant {
+    pub name: String,
+    pub ingest: String,
+    pub read: String,
+}
+
+/// Starts a core on a free port; `configure` may adjust the configuration.
+pub async fn start(configure: impl FnOnce(&mut CoreConfig)) -> TestCore {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CoreConfig::new(dir.path());
+    config.gateway_addr = "127.0.0.1:0".parse().unwrap();
+    config.admin_token = Some(ADMIN.to_string());
+    config.telemetry = TelemetryConfig { max_queue_size: 1024, ..Default::default() };
+    config.async_queue.initial_backoff = Duration::from_millis(50);
+    configure(&mut config);
+    let running = Core::open(config).await.unwrap().start().await.unwrap();
+    let url = format!("http://{}", running.gateway_addr);
+    TestCore { running: Some(running), url, http: reqwest::Client::builder().no_proxy().build().unwrap(), dir }
+}
+
+impl TestCore {
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+
+    pub async fn tenant(&self, name: &str) -> Tenant {
+        let response = self
+            .http
+            .post(format!("{}/system/tenants", self.url))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": name}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "creating tenant {name}");
+        let body: Value = response.json().await.unwrap();
+        Tenant {
+            name: name.to_string(),
+            ingest: body["ingest_token"].as_str().unwrap().to_string(),
+            read: body["read_token"].as_str().unwrap().to_string(),
+        }
+    }
+
+    /// Deploys a function with the tenant's ingest token and asserts it was accepted.
+    pub async fn deploy(&self, tenant: &Tenant, deployment: Value) {
+        let response = self
+            .http
+            .post(format!("{}/system/functions", self.url))
+            .bearer_auth(&tenant.ingest)
+            .json(&deployment)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert_eq!(status, 202, "deploy answered {status}: {}", response.text().await.unwrap());
+    }
+
+    pub async fn invoke(&self, token: &str, function: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http.post(format!("{}/function/{function}", self.url)).bearer_auth(token).body(body).send().await.unwrap()
+    }
+
+    pub async fn get_json(&self, token: &str, path: &str) -> (u16, Value) {
+        let response = self.http.get(format!("{}{path}", self.url)).bearer_auth(token).send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+}
+
+/// Finds an outside program; when missing, the test is skipped with the reason, unless
+/// `SFAAS_TEST_REQUIRE_ALL=1` (as in CI), where a missing program fails the test.
+pub fn require_program(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|path| path.is_file()));
+    if found.is_none() {
+        if std::env::var("SFAAS_TEST_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!("{name} is required (SFAAS_TEST_REQUIRE_ALL=1) but not on PATH");
+        }
+        eprintln!("SKIPPED: {name} is not on PATH");
+    }
+    found
+}
+
+/// Polls `check` until it returns Some, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,229 @@
+//! Each function kind and each limit, through the real gateway.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, require_program, start};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_functions_follow_the_watchdog_model() {
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "wc", "envProcess": "wc -c"})).await;
+    core.deploy(&acme, json!({"service": "env", "envProcess": "env", "envVars": {"GREETING": "hi"}})).await;
+    core.deploy(&acme, json!({"service": "fails", "envProcess": "echo secret-detail >&2; exit 3"})).await;
+
+    let response = core.invoke(&acme.ingest, "wc", "hello world\n").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap().trim(), "12");
+
+    let response = core
+        .http
+        .post(format!("{}/function/env/some/path?x=1", core.url))
+        .bearer_auth(&acme.ingest)
+        .header("X-Call-Id", "call-123")
+        .header("X-Custom-Thing", "abc")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-call-id"], "call-123");
+    let env = response.text().await.unwrap();
+    for expected in ["Http_X_Call_Id=call-123", "Http_Method=POST", "Http_Path=/some/path", "Http_Query=x=1", "Http_X_Custom_Thing=abc", "GREETING=hi"] {
+        assert!(env.lines().any(|line| line == expected), "{expected} missing in:\n{env}");
+    }
+    // The caller's credentials and the gateway's own secrets never reach a function.
+    assert!(!env.contains(&acme.ingest), "token leaked into the function's environment");
+    assert!(!env.contains("Http_Authorization"));
+
+    let response = core.invoke(&acme.ingest, "fails", "").await;
+    assert_eq!(response.status(), 500);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("exited with status 3"), "{body}");
+    assert!(!body.contains("secret-detail"), "stderr must stay in the log: {body}");
+
+    // A call id is created when the caller sends none.
+    let response = core.invoke(&acme.ingest, "wc", "").await;
+    assert!(!response.headers()["x-call-id"].is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_timeout_kills_the_whole_process_group() {
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    let pid_file = core.dir.path().join("child.pid");
+    let command = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
+    core.deploy(&acme, json!({"service": "slow", "envProcess": command, "envVars": {"exec_timeout": "300ms"}})).await;
+
+    let response = core.invoke(&acme.ingest, "slow", "").await;
+    assert_eq!(response.status(), 504);
+    assert!(response.text().await.unwrap().contains("timed out"));
+    let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
+    let gone = eventually(Duration::from_secs(5), || {
+        let pid = pid.clone();
+        async move {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Gone, or a zombie waiting for init to reap it.
+            (state.is_empty() || state.split_whitespace().nth(2) == Some("Z")).then_some(())
+        }
+    })
+    .await;
+    assert!(gone.is_some(), "the background child {pid} of a timed-out function is still running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_inflight_answers_429_beyond_the_limit() {
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "nap", "builtin": "sleep", "envVars": {"max_inflight": "1"}})).await;
+    let first = core.invoke(&acme.ingest, "nap", "1000");
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        core.invoke(&acme.ingest, "nap", "1").await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first.status(), 200);
+    assert_eq!(second.status(), 429);
+    assert!(second.text().await.unwrap().contains("max_inflight"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limit_stops_a_greedy_process() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    let greedy = "python3 -c 'x = bytearray(300 * 1024 * 1024); print(len(x))'";
+    core.deploy(&acme, json!({"service": "limited", "envProcess": greedy, "limits": {"memory": "128Mi"}})).await;
+    core.deploy(&acme, json!({"service": "unlimited", "envProcess": greedy})).await;
+    assert_eq!(core.invoke(&acme.ingest, "limited", "").await.status(), 500);
+    let response = core.invoke(&acme.ingest, "unlimited", "").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap().trim(), (300 * 1024 * 1024).to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_functions_run_in_process() {
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "up", "builtin": "uppercase"})).await;
+    core.deploy(&acme, json!({"service": "bad", "builtin": "fail"})).await;
+    let response = core.invoke(&acme.ingest, "up", "shout").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "SHOUT");
+    assert_eq!(core.invoke(&acme.ingest, "bad", "").await.status(), 500);
+}
+
+const PYTHON_SERVER: &str = r#"
+import http.server, os, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        reply = ("pid=%d path=%s tp=%s body=%s" % (os.getpid(), self.path, self.headers.get("traceparent"), body.decode())).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_http_functions_cold_start_and_scale_to_zero() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    std::fs::write(core.dir.path().join("server.py"), PYTHON_SERVER).unwrap();
+    core.deploy(
+        &acme,
+        json!({
+            "service": "srv", "kind": "http", "envProcess": "python3 server.py",
+            "workdir": core.dir.path().display().to_string(),
+            "labels": {"com.openfaas.scale.zero-duration": "1s", "com.openfaas.scale.max": "1"},
+        }),
+    )
+    .await;
+    let (_, status) = core.get_json(&acme.read, "/system/function/srv").await;
+    assert_eq!(status["replicas"], 0, "scaled to zero before the first call");
+
+    let first = core.invoke(&acme.ingest, "srv/a/b?q=1", "one").await;
+    assert_eq!(first.status(), 200);
+    let first = first.text().await.unwrap();
+    assert!(first.contains("path=/a/b?q=1") && first.contains("body=one"), "{first}");
+    assert!(first.contains("tp=None"), "no traceparent invented when tracing is off: {first}");
+    let second = core.invoke(&acme.ingest, "srv", "two").await.text().await.unwrap();
+    let pid = |text: &str| text.split_whitespace().next().unwrap().to_string();
+    assert_eq!(pid(&first), pid(&second), "the warm instance serves the next call");
+    let (_, status) = core.get_json(&acme.read, "/system/function/srv").await;
+    assert_eq!(status["replicas"], 1);
+
+    let scaled_down = eventually(Duration::from_secs(10), || async {
+        let (_, status) = core.get_json(&acme.read, "/system/function/srv").await;
+        (status["replicas"] == 0).then_some(())
+    })
+    .await;
+    assert!(scaled_down.is_some(), "idle instance was not stopped after its idle timeout");
+    let third = core.invoke(&acme.ingest, "srv", "three").await.text().await.unwrap();
+    assert_ne!(pid(&first), pid(&third), "a new instance starts after scale to zero");
+
+    // Explicit scaling keeps instances warm.
+    let response = core
+        .http
+        .post(format!("{}/system/scale-function/srv", core.url))
+        .bearer_auth(&acme.ingest)
+        .json(&json!({"serviceName": "srv", "replicas": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_functions_proxy_to_an_external_upstream() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| async move {
+        let auth = headers.get("authorization").is_some();
+        (axum::http::StatusCode::CREATED, format!("{uri} {body} auth={auth}"))
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "ext", "kind": "http", "upstream": format!("http://{upstream}")})).await;
+    let response = core.invoke(&acme.ingest, "ext/x?y=2", "payload").await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.text().await.unwrap(), "/x?y=2 payload auth=false");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors() {
+    let core = start(|config| config.max_body_bytes = 1024).await;
+    let acme = core.tenant("acme").await;
+    let deploy = |body: serde_json::Value| {
+        core.http.post(format!("{}/system/functions", core.url)).bearer_auth(&acme.ingest).json(&body).send()
+    };
+    let response = deploy(json!({"service": "Bad_Name", "builtin": "echo"})).await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("Bad_Name"));
+    let response = deploy(json!({"service": "x", "builtin": "no-such"})).await.unwrap();
+    assert_eq!(response.status(), 400);
+    let response = deploy(json!({"service": "x", "envProcess": "true", "envVars": {"exec_timeout": "soon"}})).await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("exec_timeout"));
+
+    core.deploy(&acme, json!({"service": "echo", "builtin": "echo"})).await;
+    let conflict = deploy(json!({"service": "echo", "builtin": "echo"})).await.unwrap();
+    assert_eq!(conflict.status(), 409);
+    assert_eq!(core.invoke(&acme.ingest, "echo", vec![b'x'; 2048]).await.status(), 413);
+    assert_eq!(core.invoke(&acme.ingest, "echo", vec![b'x'; 512]).await.status(), 200);
+    assert_eq!(core.invoke(&acme.ingest, "Nope!", "").await.status(), 400);
+    assert_eq!(core.invoke(&acme.ingest, "missing", "").await.status(), 404);
+}
