@@ -1,0 +1,130 @@
+//! The durable async queue: callbacks, de-duplication, retries with backoff, dead letters.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{eventually, start};
+use serde_json::json;
+
+/// A callback receiver: records (X-Call-Id, X-Function-Status, body).
+async fn callback_server() -> (String, Arc<Mutex<Vec<(String, String, String)>>>) {
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/done",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let sink = sink.clone();
+            async move {
+                let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+                sink.lock().unwrap().push((header("x-call-id"), header("x-function-status"), body));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/done", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_calls_are_delivered_once_per_call_id_with_callbacks() {
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    let log = core.dir.path().join("runs.log");
+    core.deploy(&acme, json!({"service": "count", "envProcess": format!("cat >> {}; echo >> {0}; echo done", log.display())})).await;
+    let (callback, received) = callback_server().await;
+
+    let send = |call_id: &'static str, body: &'static str| {
+        core.http
+            .post(format!("{}/async-function/count", core.url))
+            .bearer_auth(&acme.ingest)
+            .header("X-Call-Id", call_id)
+            .header("X-Callback-Url", &callback)
+            .body(body)
+            .send()
+    };
+    let first = send("job-1", "a").await.unwrap();
+    assert_eq!(first.status(), 202);
+    assert_eq!(first.headers()["x-call-id"], "job-1");
+    assert_eq!(send("job-1", "a").await.unwrap().status(), 202, "a duplicate is accepted but not queued again");
+    assert_eq!(send("job-2", "b").await.unwrap().status(), 202);
+
+    let both = eventually(Duration::from_secs(10), || async {
+        let got = received.lock().unwrap().clone();
+        (got.len() >= 2).then_some(got)
+    })
+    .await
+    .expect("both callbacks arrive");
+    let mut ids: Vec<_> = both.iter().map(|(id, status, body)| (id.clone(), status.clone(), body.trim().to_string())).collect();
+    ids.sort();
+    assert_eq!(ids, vec![("job-1".into(), "200".into(), "done".into()), ("job-2".into(), "200".into(), "done".into())]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let runs = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(runs.lines().count(), 2, "job-1 ran once despite being sent twice: {runs:?}");
+
+    let (status, call) = core.get_json(&acme.read, "/system/async-calls/job-1").await;
+    assert_eq!(status, 200);
+    assert_eq!(call["state"], "done");
+    assert_eq!(call["attempts"], 1);
+
+    // Bad callback URLs and unknown functions are refused before anything is queued.
+    let r = core
+        .http
+        .post(format!("{}/async-function/count", core.url))
+        .bearer_auth(&acme.ingest)
+        .header("X-Callback-Url", "file:///etc/passwd")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = core.http.post(format!("{}/async-function/ghost", core.url)).bearer_auth(&acme.ingest).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_calls_are_retried_then_dead_lettered() {
+    let core = start(|config| config.async_queue.max_attempts = 3).await;
+    let acme = core.tenant("acme").await;
+    let counter = core.dir.path().join("attempts");
+    // Fails twice, then succeeds.
+    let flaky = format!("echo x >> {0}; test $(wc -l < {0}) -ge 3 && echo recovered || exit 1", counter.display());
+    core.deploy(&acme, json!({"service": "flaky", "envProcess": flaky})).await;
+    core.deploy(&acme, json!({"service": "broken", "builtin": "fail"})).await;
+    let (callback, received) = callback_server().await;
+    for (function, id) in [("flaky", "f-1"), ("broken", "b-1")] {
+        let r = core
+            .http
+            .post(format!("{}/async-function/{function}", core.url))
+            .bearer_auth(&acme.ingest)
+            .header("X-Call-Id", id)
+            .header("X-Callback-Url", &callback)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let done = eventually(Duration::from_secs(15), || async {
+        let got = received.lock().unwrap().clone();
+        (got.len() >= 2).then_some(got)
+    })
+    .await
+    .expect("both calls end with a callback");
+    let status_of = |id: &str| done.iter().find(|(call, _, _)| call == id).map(|(_, status, _)| status.clone());
+    assert_eq!(status_of("f-1").as_deref(), Some("200"));
+    assert_eq!(status_of("b-1").as_deref(), Some("500"));
+
+    let (_, flaky_call) = core.get_json(&acme.read, "/system/async-calls/f-1").await;
+    assert_eq!(flaky_call["state"], "done");
+    assert_eq!(flaky_call["attempts"], 3);
+    let (status, dead) = core.get_json(&acme.read, "/system/async-dead-letters").await;
+    assert_eq!(status, 200);
+    let dead = dead.as_array().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["call_id"], "b-1");
+    assert_eq!(dead[0]["attempts"], 3);
+    assert_eq!(dead[0]["last_status"], 500);
+    assert!(dead[0]["last_error"].as_str().unwrap().contains("failing on purpose"));
+}
