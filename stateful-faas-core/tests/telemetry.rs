@@ -1,0 +1,241 @@
+//! Spans reach a real OTLP receiver (the generated OTLP gRPC service, and OTLP/HTTP protobuf)
+//! with the contract's attributes and CPU-ms as the kernel measured it.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::{require_program, start};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use serde_json::json;
+use stateful_faas_core::telemetry::OtlpProtocol;
+
+#[derive(Default, Clone)]
+struct Received {
+    requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    authorization: Arc<Mutex<Vec<String>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Received {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if let Some(auth) = request.metadata().get("authorization") {
+            self.authorization.lock().unwrap().push(auth.to_str().unwrap().to_string());
+        }
+        self.requests.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+async fn grpc_receiver() -> (String, Received) {
+    let received = Received::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = TraceServiceServer::new(received.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    (format!("http://{addr}"), received)
+}
+
+/// Spans with their resource's namespace.
+fn spans(requests: &[ExportTraceServiceRequest]) -> Vec<(String, String, Span)> {
+    let mut out = Vec::new();
+    for request in requests {
+        for resource_spans in &request.resource_spans {
+            let resource = resource_spans.resource.clone().unwrap_or_default();
+            let namespace = string_attr(&resource.attributes, "service.namespace").unwrap_or_default();
+            let service = string_attr(&resource.attributes, "service.name").unwrap_or_default();
+            for scope in &resource_spans.scope_spans {
+                for span in &scope.spans {
+                    out.push((service.clone(), namespace.clone(), span.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
+    attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?.value.as_ref()
+}
+
+fn string_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
+    match attr(attributes, key)? {
+        AnyValue::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn int_attr(attributes: &[KeyValue], key: &str) -> Option<i64> {
+    match attr(attributes, key)? {
+        AnyValue::IntValue(v) => Some(*v),
+        _ => None,
+    }
+}
+
+fn bool_attr(attributes: &[KeyValue], key: &str) -> Option<bool> {
+    match attr(attributes, key)? {
+        AnyValue::BoolValue(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// Burns ~300 ms of CPU, then prints the CPU time the kernel accounted to this process (ms).
+/// `PYTHON` is replaced by the interpreter's real path: a version-manager shim (pyenv) would
+/// add CPU time of its own that the function cannot see.
+const BURN: &str = "PYTHON -c 'import resource\nr = lambda: (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(resource.RUSAGE_SELF))\nx = 0\nwhile r() < 0.3:\n    x += 1\nprint(r() * 1000)'";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invocation_spans_reach_an_otlp_grpc_receiver_with_kernel_cpu_time() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let (endpoint, received) = grpc_receiver().await;
+    let mut core = start(|config| {
+        config.telemetry.endpoint = Some(endpoint);
+        config.telemetry.protocol = OtlpProtocol::Grpc;
+        config.telemetry.token = Some("meter-token-for-test".into());
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    let python = std::process::Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().unwrap();
+    let python = String::from_utf8(python.stdout).unwrap().trim().to_string();
+    core.deploy(&acme, json!({"service": "burn", "envProcess": BURN.replace("PYTHON", &python)})).await;
+    core.deploy(&acme, json!({"service": "spin", "builtin": "cpu-burn"})).await;
+    core.deploy(&acme, json!({"service": "trace", "envProcess": "echo $TRACEPARENT"})).await;
+
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let response = core
+        .http
+        .post(format!("{}/function/burn", core.url))
+        .bearer_auth(&acme.ingest)
+        .header("X-Call-Id", "burn-1")
+        .header("traceparent", format!("00-{caller_trace}-{caller_span}-01"))
+        .body("in")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let kernel_ms: f64 = response.text().await.unwrap().trim().parse().unwrap();
+    let spin = core.invoke(&acme.ingest, "spin", "200").await;
+    assert_eq!(spin.status(), 200);
+    let spin_id = spin.headers()["x-call-id"].to_str().unwrap().to_string();
+    let traced = core.invoke(&acme.ingest, "trace", "").await;
+    let traceparent = traced.text().await.unwrap().trim().to_string();
+    core.stop().await; // flushes the batch processors
+
+    let requests = received.requests.lock().unwrap().clone();
+    let spans = spans(&requests);
+    assert!(received.authorization.lock().unwrap().iter().all(|a| a == "Bearer meter-token-for-test"));
+    assert!(!received.authorization.lock().unwrap().is_empty(), "the meter token is sent");
+
+    let (service, namespace, burn) = spans.iter().find(|(_, _, s)| s.name == "invoke burn").expect("invoke burn span").clone();
+    assert_eq!((service.as_str(), namespace.as_str()), ("sfaas-core", "acme"));
+    assert_eq!(burn.kind, 2, "SERVER");
+    assert_eq!(hex(&burn.trace_id), caller_trace, "joins the caller's trace");
+    assert_eq!(hex(&burn.parent_span_id), caller_span);
+    let a = &burn.attributes;
+    assert_eq!(string_attr(a, "faas.name").as_deref(), Some("burn"));
+    assert_eq!(string_attr(a, "faas.invocation_id").as_deref(), Some("burn-1"));
+    assert_eq!(string_attr(a, "faas.trigger").as_deref(), Some("http"));
+    assert_eq!(bool_attr(a, "faas.coldstart"), Some(false));
+    assert_eq!(bool_attr(a, "sfaas.billable"), Some(true));
+    assert_eq!(int_attr(a, "http.response.status_code"), Some(200));
+    assert_eq!(int_attr(a, "sfaas.bytes_in"), Some(2));
+    assert!(int_attr(a, "sfaas.bytes_out").unwrap() > 0);
+    assert!(int_attr(a, "sfaas.memory.peak_bytes").unwrap() > 1 << 20);
+    assert!(int_attr(a, "sfaas.wall_ms").unwrap() >= 300);
+    let cpu_ms = int_attr(a, "sfaas.cpu_ms").unwrap() as f64;
+    assert!(
+        (cpu_ms - kernel_ms).abs() <= kernel_ms * 0.10,
+        "span cpu_ms {cpu_ms} vs the process's own kernel accounting {kernel_ms} ms"
+    );
+
+    let (_, _, spin) = spans.iter().find(|(_, _, s)| s.name == "invoke spin").expect("invoke spin span").clone();
+    assert_eq!(string_attr(&spin.attributes, "faas.invocation_id"), Some(spin_id));
+    let spin_ms = int_attr(&spin.attributes, "sfaas.cpu_ms").unwrap() as f64;
+    assert!((spin_ms - 200.0).abs() <= 20.0, "builtin cpu-burn of 200 ms measured {spin_ms} ms");
+
+    // The function got a traceparent naming its own invocation span.
+    let (_, _, trace) = spans.iter().find(|(_, _, s)| s.name == "invoke trace").expect("invoke trace span").clone();
+    assert_eq!(traceparent, format!("00-{}-{}-01", hex(&trace.trace_id), hex(&trace.span_id)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_http_protobuf_too() {
+    use prost::Message;
+    let received: Arc<Mutex<Vec<(String, ExportTraceServiceRequest)>>> = Arc::default();
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let content_type = headers["content-type"].to_str().unwrap().to_string();
+                sink.lock().unwrap().push((content_type, ExportTraceServiceRequest::decode(body).unwrap()));
+                ([("content-type", "application/x-protobuf")], ExportTraceServiceResponse::default().encode_to_vec())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let mut core = start(|config| {
+        config.telemetry.endpoint = Some(endpoint);
+        config.telemetry.protocol = OtlpProtocol::Http;
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    let globex = core.tenant("globex").await;
+    core.deploy(&acme, json!({"service": "echo", "builtin": "echo"})).await;
+    core.deploy(&globex, json!({"service": "echo", "builtin": "echo"})).await;
+    assert_eq!(core.invoke(&acme.ingest, "echo", "a").await.status(), 200);
+    assert_eq!(core.invoke(&globex.ingest, "echo", "b").await.status(), 200);
+    let r = core
+        .http
+        .post(format!("{}/async-function/echo", core.url))
+        .bearer_auth(&acme.ingest)
+        .header("X-Call-Id", "async-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    common::eventually(std::time::Duration::from_secs(5), || async {
+        let (_, call) = core.get_json(&acme.read, "/system/async-calls/async-1").await;
+        (call["state"] == "done").then_some(())
+    })
+    .await
+    .expect("async call delivered");
+    core.stop().await;
+
+    let received = received.lock().unwrap().clone();
+    assert!(received.iter().all(|(content_type, _)| content_type == "application/x-protobuf"));
+    let requests: Vec<_> = received.into_iter().map(|(_, request)| request).collect();
+    let spans = spans(&requests);
+    let namespaces: std::collections::BTreeSet<_> = spans.iter().map(|(_, ns, _)| ns.as_str()).collect();
+    assert_eq!(namespaces, ["acme", "globex"].into_iter().collect(), "one resource per tenant");
+    let async_span = spans
+        .iter()
+        .find(|(_, _, s)| string_attr(&s.attributes, "faas.invocation_id").as_deref() == Some("async-1"))
+        .expect("the async invocation has a span");
+    assert_eq!(async_span.1, "acme");
+    assert_eq!(string_attr(&async_span.2.attributes, "faas.trigger").as_deref(), Some("pubsub"));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
