@@ -15,6 +15,11 @@ use crate::function::Usage;
 use crate::semconv;
 use crate::tenant::TenantId;
 
+/// Content type of [`Metrics::encode_openmetrics`].
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of [`Metrics::encode_text`].
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     function_name: String,
@@ -126,12 +131,40 @@ impl Metrics {
         self.async_dead_letters.set(dead_letters);
     }
 
-    /// The Prometheus text exposition (format 0.0.4 compatible OpenMetrics text).
-    pub fn encode(&self) -> String {
+    /// The OpenMetrics 1.0 text exposition.
+    pub fn encode_openmetrics(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
     }
+
+    /// The Prometheus text format 0.0.4, for scrapers that do not ask for OpenMetrics.
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode_openmetrics())
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4: a counter's family is named after its
+/// `_total` samples there, and `# EOF` / `# UNIT` do not exist.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        text.push_str(renamed.as_deref().unwrap_or(line));
+        text.push('\n');
+    }
+    text
 }
 
 /// Decrements the in-flight gauge when the invocation ends.
@@ -140,5 +173,19 @@ pub struct InflightGuard(Gauge);
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_format_names_counter_families_after_their_samples() {
+        let openmetrics = "# HELP c Calls.\n# TYPE c counter\nc_total{a=\"1\"} 2\n# HELP g G.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(openmetrics),
+            "# HELP c_total Calls.\n# TYPE c_total counter\nc_total{a=\"1\"} 2\n# HELP g G.\n# TYPE g gauge\ng 1\n"
+        );
     }
 }

@@ -223,7 +223,8 @@ pub async fn info(_caller: Caller) -> Json<serde_json::Value> {
 }
 
 /// `GET /metrics`: the admin or the platform's meter token (it names every tenant's functions).
-pub async fn metrics(State(core): State<Arc<Core>>, caller: Caller) -> Result<Response, ApiError> {
+/// OpenMetrics when the scraper asks for it (as Prometheus does), else text 0.0.4.
+pub async fn metrics(State(core): State<Arc<Core>>, caller: Caller, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
     if !matches!(caller.principal, crate::tenant::Principal::Admin | crate::tenant::Principal::Meter) {
         return Err(ApiError::Forbidden("/metrics needs the admin or a meter token".into()));
     }
@@ -231,5 +232,10 @@ pub async fn metrics(State(core): State<Arc<Core>>, caller: Caller) -> Result<Re
     core.metrics.set_service_counts(functions.iter().map(|f| (&f.tenant, f.spec.name.as_str(), f.replicas())));
     let (depth, dead) = core.queue.counts().await?;
     core.metrics.set_async_queue(depth, dead);
-    Ok(([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], core.metrics.encode()).into_response())
+    let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    Ok(if accept.contains("application/openmetrics-text") {
+        ([("content-type", crate::metrics::OPENMETRICS_CONTENT_TYPE)], core.metrics.encode_openmetrics()).into_response()
+    } else {
+        ([("content-type", crate::metrics::TEXT_CONTENT_TYPE)], core.metrics.encode_text()).into_response()
+    })
 }
