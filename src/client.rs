@@ -40,7 +40,9 @@ impl ClientArgs {
             _ => {
                 let path = admin_token_path(&self.data_dir);
                 std::fs::read_to_string(&path)
-                    .with_context(|| format!("no token: pass --token or SFAAS_TOKEN, or run next to {}", path.display()))?
+                    .with_context(|| {
+                        format!("no token: pass --token or SFAAS_TOKEN, or run next to {}", path.display())
+                    })?
                     .trim()
                     .to_string()
             }
@@ -90,7 +92,8 @@ pub async fn tenant_create(args: &ClientArgs, name: &str, plan: Option<String>) 
 
 pub async fn tenant_list(args: &ClientArgs) -> anyhow::Result<()> {
     let gateway = args.gateway()?;
-    let tenants: Vec<serde_json::Value> = send(gateway.request(reqwest::Method::GET, "/system/tenants")).await?.json().await?;
+    let tenants: Vec<serde_json::Value> =
+        send(gateway.request(reqwest::Method::GET, "/system/tenants")).await?.json().await?;
     for tenant in tenants {
         println!("{}\t{}", tenant["name"].as_str().unwrap_or(""), tenant["plan"].as_str().unwrap_or("-"));
     }
@@ -144,8 +147,9 @@ pub async fn invoke(
         }
     };
     let route = if is_async { "async-function" } else { "function" };
-    let mut request =
-        gateway.request(reqwest::Method::POST, &format!("/{route}/{}", qualified(name, namespace.as_deref()))).body(body);
+    let mut request = gateway
+        .request(reqwest::Method::POST, &format!("/{route}/{}", qualified(name, namespace.as_deref())))
+        .body(body);
     if let Some(url) = callback_url {
         request = request.header("X-Callback-Url", url);
     }

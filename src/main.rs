@@ -165,7 +165,9 @@ async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Up(args) | Command::Core(args) => serve(args).await,
-        Command::Tenant(TenantCommand::Create { name, plan, client }) => client::tenant_create(&client, &name, plan).await,
+        Command::Tenant(TenantCommand::Create { name, plan, client }) => {
+            client::tenant_create(&client, &name, plan).await
+        }
         Command::Tenant(TenantCommand::List { client }) => client::tenant_list(&client).await,
         Command::Deploy { file, namespace, client } => client::deploy(&client, &file, namespace).await,
         Command::Invoke { name, namespace, is_async, callback_url, data, client } => {
@@ -203,7 +205,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}

@@ -111,7 +111,8 @@ pub struct AsyncQueue {
 impl AsyncQueue {
     /// Opens the queue, re-queuing calls that were running when the process last stopped.
     pub async fn open(pool: SqlitePool, config: AsyncQueueConfig) -> Result<Self, sqlx::Error> {
-        let recovered = sqlx::query("UPDATE async_calls SET state = 'queued' WHERE state = 'running'").execute(&pool).await?;
+        let recovered =
+            sqlx::query("UPDATE async_calls SET state = 'queued' WHERE state = 'running'").execute(&pool).await?;
         if recovered.rows_affected() > 0 {
             tracing::info!(calls = recovered.rows_affected(), "re-queued async calls interrupted by the last stop");
         }
@@ -194,7 +195,8 @@ impl AsyncQueue {
 
     async fn finish(&self, call: &Claimed, outcome: &Outcome) -> Result<(), sqlx::Error> {
         let retriable = outcome.status == 429 || outcome.status >= 500;
-        let error = retriable.then(|| String::from_utf8_lossy(&outcome.body[..outcome.body.len().min(512)]).into_owned());
+        let error =
+            retriable.then(|| String::from_utf8_lossy(&outcome.body[..outcome.body.len().min(512)]).into_owned());
         let now = now_ms();
         if retriable && (call.attempts as u32) < self.config.max_attempts {
             let backoff = self.backoff(call.attempts as u32);
@@ -237,7 +239,6 @@ impl AsyncQueue {
         self.config.initial_backoff.saturating_mul(factor).min(self.config.max_backoff)
     }
 }
-
 
 /// Starts the delivery workers; they stop when `shutdown` turns true, after their current call.
 pub fn spawn_workers(core: Arc<Core>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {

@@ -52,8 +52,17 @@ impl fmt::Display for Report {
             }
         };
         writeln!(f)?;
-        writeln!(f, "concurrency {}; OTLP bytes received by the sink: {}", self.concurrency, self.spans_exported_bytes)?;
-        writeln!(f, "throughput with spans on / off: builtin noop {:.1}%, exec /bin/true {:.1}%", ratio("builtin noop"), ratio("exec /bin/true"))
+        writeln!(
+            f,
+            "concurrency {}; OTLP bytes received by the sink: {}",
+            self.concurrency, self.spans_exported_bytes
+        )?;
+        writeln!(
+            f,
+            "throughput with spans on / off: builtin noop {:.1}%, exec /bin/true {:.1}%",
+            ratio("builtin noop"),
+            ratio("exec /bin/true")
+        )
     }
 }
 
@@ -89,8 +98,12 @@ async fn run_scenario(
     let running = Core::open(config).await?.start().await?;
     let credentials = running.core.tenants.create("bench", None).await?;
     let deployment: FunctionDeployment = match function {
-        "noop" => serde_json::from_value(serde_json::json!({"service": "f", "builtin": "noop", "envVars": {"max_inflight": "1024"}}))?,
-        _ => serde_json::from_value(serde_json::json!({"service": "f", "envProcess": "/bin/true", "envVars": {"max_inflight": "1024"}}))?,
+        "noop" => serde_json::from_value(
+            serde_json::json!({"service": "f", "builtin": "noop", "envVars": {"max_inflight": "1024"}}),
+        )?,
+        _ => serde_json::from_value(
+            serde_json::json!({"service": "f", "envProcess": "/bin/true", "envVars": {"max_inflight": "1024"}}),
+        )?,
     };
     let tenant = crate::tenant::TenantId::new("bench")?;
     running.core.functions.deploy(&tenant, deployment, false).await?;

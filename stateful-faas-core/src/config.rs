@@ -37,7 +37,12 @@ pub struct AsyncQueueConfig {
 
 impl Default for AsyncQueueConfig {
     fn default() -> Self {
-        Self { workers: 4, max_attempts: 5, initial_backoff: Duration::from_millis(500), max_backoff: Duration::from_secs(60) }
+        Self {
+            workers: 4,
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+        }
     }
 }
 

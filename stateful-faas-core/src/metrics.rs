@@ -73,12 +73,32 @@ impl Metrics {
         let async_dead_letters = Gauge::default();
         registry.register(semconv::METRIC_INVOCATIONS, "Function invocations by status code", invocations.clone());
         registry.register(semconv::METRIC_FUNCTION_SECONDS, "Function call duration in seconds", seconds.clone());
-        registry.register(semconv::METRIC_SERVICE_COUNT, "Instances ready to serve each function", service_count.clone());
-        registry.register(semconv::METRIC_CPU_SECONDS, "CPU time used by functions, as the kernel measured it", cpu_seconds.clone());
-        registry.register(semconv::METRIC_COLD_STARTS, "Invocations that had to start an instance", cold_starts.clone());
+        registry.register(
+            semconv::METRIC_SERVICE_COUNT,
+            "Instances ready to serve each function",
+            service_count.clone(),
+        );
+        registry.register(
+            semconv::METRIC_CPU_SECONDS,
+            "CPU time used by functions, as the kernel measured it",
+            cpu_seconds.clone(),
+        );
+        registry.register(
+            semconv::METRIC_COLD_STARTS,
+            "Invocations that had to start an instance",
+            cold_starts.clone(),
+        );
         registry.register(semconv::METRIC_INFLIGHT, "Invocations running now", inflight.clone());
-        registry.register(semconv::METRIC_ASYNC_QUEUE_DEPTH, "Async calls waiting or running", async_queue_depth.clone());
-        registry.register(semconv::METRIC_ASYNC_DEAD_LETTERS, "Async calls that exhausted their retries", async_dead_letters.clone());
+        registry.register(
+            semconv::METRIC_ASYNC_QUEUE_DEPTH,
+            "Async calls waiting or running",
+            async_queue_depth.clone(),
+        );
+        registry.register(
+            semconv::METRIC_ASYNC_DEAD_LETTERS,
+            "Async calls that exhausted their retries",
+            async_dead_letters.clone(),
+        );
         Self {
             registry,
             invocations,
@@ -147,10 +167,8 @@ impl Metrics {
 /// Rewrites OpenMetrics text as Prometheus text 0.0.4: a counter's family is named after its
 /// `_total` samples there, and `# EOF` / `# UNIT` do not exist.
 pub fn openmetrics_to_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
+    let counters: std::collections::HashSet<&str> =
+        openmetrics.lines().filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
     let mut text = String::with_capacity(openmetrics.len());
     for line in openmetrics.lines() {
         if line == "# EOF" || line.starts_with("# UNIT ") {
@@ -182,7 +200,8 @@ mod tests {
 
     #[test]
     fn text_format_names_counter_families_after_their_samples() {
-        let openmetrics = "# HELP c Calls.\n# TYPE c counter\nc_total{a=\"1\"} 2\n# HELP g G.\n# TYPE g gauge\ng 1\n# EOF\n";
+        let openmetrics =
+            "# HELP c Calls.\n# TYPE c counter\nc_total{a=\"1\"} 2\n# HELP g G.\n# TYPE g gauge\ng 1\n# EOF\n";
         assert_eq!(
             openmetrics_to_text(openmetrics),
             "# HELP c_total Calls.\n# TYPE c_total counter\nc_total{a=\"1\"} 2\n# HELP g G.\n# TYPE g gauge\ng 1\n"

@@ -116,7 +116,8 @@ pub fn load(path: &Path) -> Result<Stack, StackError> {
 
 /// Parses stack YAML; `base` is the folder process functions run in unless they say otherwise.
 pub fn parse(file: &str, text: &str, base: Option<&Path>) -> Result<Stack, StackError> {
-    let stack: StackFile = serde_norway::from_str(text).map_err(|e| StackError::Parse(file.to_string(), e.to_string()))?;
+    let stack: StackFile =
+        serde_norway::from_str(text).map_err(|e| StackError::Parse(file.to_string(), e.to_string()))?;
     let mut functions = Vec::new();
     for (name, function) in stack.functions {
         let fail = |message: String| StackError::Function { file: file.to_string(), function: name.clone(), message };
@@ -170,7 +171,9 @@ pub fn parse(file: &str, text: &str, base: Option<&Path>) -> Result<Stack, Stack
         match kind {
             FunctionKind::Builtin => deployment.builtin = function.handler,
             FunctionKind::Http => match command {
-                Some(url) if url.starts_with("http://") || url.starts_with("https://") => deployment.upstream = Some(url),
+                Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                    deployment.upstream = Some(url)
+                }
                 other => deployment.env_process = other,
             },
             FunctionKind::Exec => deployment.env_process = command,

@@ -98,7 +98,10 @@ impl Telemetry {
         Some(tracer)
     }
 
-    fn build_exporter(&self, endpoint: &str) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
+    fn build_exporter(
+        &self,
+        endpoint: &str,
+    ) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
         let timeout = Duration::from_secs(5);
         match self.config.protocol {
             OtlpProtocol::Grpc => {

@@ -201,12 +201,13 @@ impl TenantStore {
         let read_token = generate_token();
         let now = crate::database::now_ms();
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query("INSERT INTO tenants (name, plan, created_ms) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
-            .bind(tenant.as_str())
-            .bind(plan)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        let inserted =
+            sqlx::query("INSERT INTO tenants (name, plan, created_ms) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+                .bind(tenant.as_str())
+                .bind(plan)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
         if inserted.rows_affected() == 0 {
             return Err(TenantError::Exists(name.to_string()));
         }
@@ -247,8 +248,10 @@ impl TenantStore {
 
     /// Whether a tenant exists.
     pub async fn exists(&self, tenant: &TenantId) -> Result<bool, TenantError> {
-        let row: Option<(i64,)> =
-            sqlx::query_as("SELECT 1 FROM tenants WHERE name = ?").bind(tenant.as_str()).fetch_optional(&self.pool).await?;
+        let row: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM tenants WHERE name = ?")
+            .bind(tenant.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.is_some())
     }
 }
@@ -267,10 +270,7 @@ mod tests {
         assert!(matches!(validate_name("tenant", "a-"), Err(NameError::Invalid { .. })));
         assert!(matches!(validate_name("tenant", "Acme"), Err(NameError::Invalid { .. })));
         assert!(matches!(validate_name("tenant", "a.b"), Err(NameError::Invalid { .. })));
-        assert!(matches!(
-            validate_name("tenant", &"a".repeat(64)),
-            Err(NameError::TooLong { .. })
-        ));
+        assert!(matches!(validate_name("tenant", &"a".repeat(64)), Err(NameError::TooLong { .. })));
         assert!(validate_name("tenant", &"a".repeat(63)).is_ok());
     }
 

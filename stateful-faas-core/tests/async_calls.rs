@@ -17,7 +17,8 @@ async fn callback_server() -> (String, Arc<Mutex<Vec<(String, String, String)>>>
         axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
             let sink = sink.clone();
             async move {
-                let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+                let header =
+                    |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
                 sink.lock().unwrap().push((header("x-call-id"), header("x-function-status"), body));
                 "ok"
             }
@@ -34,7 +35,11 @@ async fn async_calls_are_delivered_once_per_call_id_with_callbacks() {
     let core = start(|_| {}).await;
     let acme = core.tenant("acme").await;
     let log = core.dir.path().join("runs.log");
-    core.deploy(&acme, json!({"service": "count", "envProcess": format!("cat >> {}; echo >> {0}; echo done", log.display())})).await;
+    core.deploy(
+        &acme,
+        json!({"service": "count", "envProcess": format!("cat >> {}; echo >> {0}; echo done", log.display())}),
+    )
+    .await;
     let (callback, received) = callback_server().await;
 
     let send = |call_id: &'static str, body: &'static str| {
@@ -58,7 +63,8 @@ async fn async_calls_are_delivered_once_per_call_id_with_callbacks() {
     })
     .await
     .expect("both callbacks arrive");
-    let mut ids: Vec<_> = both.iter().map(|(id, status, body)| (id.clone(), status.clone(), body.trim().to_string())).collect();
+    let mut ids: Vec<_> =
+        both.iter().map(|(id, status, body)| (id.clone(), status.clone(), body.trim().to_string())).collect();
     ids.sort();
     assert_eq!(ids, vec![("job-1".into(), "200".into(), "done".into()), ("job-2".into(), "200".into(), "done".into())]);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -80,7 +86,8 @@ async fn async_calls_are_delivered_once_per_call_id_with_callbacks() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let r = core.http.post(format!("{}/async-function/ghost", core.url)).bearer_auth(&acme.ingest).send().await.unwrap();
+    let r =
+        core.http.post(format!("{}/async-function/ghost", core.url)).bearer_auth(&acme.ingest).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
 

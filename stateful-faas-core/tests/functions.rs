@@ -32,7 +32,14 @@ async fn exec_functions_follow_the_watchdog_model() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-call-id"], "call-123");
     let env = response.text().await.unwrap();
-    for expected in ["Http_X_Call_Id=call-123", "Http_Method=POST", "Http_Path=/some/path", "Http_Query=x=1", "Http_X_Custom_Thing=abc", "GREETING=hi"] {
+    for expected in [
+        "Http_X_Call_Id=call-123",
+        "Http_Method=POST",
+        "Http_Path=/some/path",
+        "Http_Query=x=1",
+        "Http_X_Custom_Thing=abc",
+        "GREETING=hi",
+    ] {
         assert!(env.lines().any(|line| line == expected), "{expected} missing in:\n{env}");
     }
     // The caller's credentials and the gateway's own secrets never reach a function.
@@ -190,10 +197,11 @@ async fn managed_http_functions_cold_start_and_scale_to_zero() {
 async fn http_functions_proxy_to_an_external_upstream() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(|uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| async move {
-        let auth = headers.get("authorization").is_some();
-        (axum::http::StatusCode::CREATED, format!("{uri} {body} auth={auth}"))
-    });
+    let app =
+        axum::Router::new().fallback(|uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| async move {
+            let auth = headers.get("authorization").is_some();
+            (axum::http::StatusCode::CREATED, format!("{uri} {body} auth={auth}"))
+        });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let core = start(|_| {}).await;
     let acme = core.tenant("acme").await;
@@ -215,7 +223,8 @@ async fn bad_input_gets_clear_errors() {
     assert!(response.text().await.unwrap().contains("Bad_Name"));
     let response = deploy(json!({"service": "x", "builtin": "no-such"})).await.unwrap();
     assert_eq!(response.status(), 400);
-    let response = deploy(json!({"service": "x", "envProcess": "true", "envVars": {"exec_timeout": "soon"}})).await.unwrap();
+    let response =
+        deploy(json!({"service": "x", "envProcess": "true", "envVars": {"exec_timeout": "soon"}})).await.unwrap();
     assert_eq!(response.status(), 400);
     assert!(response.text().await.unwrap().contains("exec_timeout"));
 

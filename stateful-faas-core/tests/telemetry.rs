@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use common::{require_program, start};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::json;
 use stateful_faas_core::telemetry::OtlpProtocol;
@@ -110,7 +110,8 @@ async fn invocation_spans_reach_an_otlp_grpc_receiver_with_kernel_cpu_time() {
     })
     .await;
     let acme = core.tenant("acme").await;
-    let python = std::process::Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().unwrap();
+    let python =
+        std::process::Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().unwrap();
     let python = String::from_utf8(python.stdout).unwrap().trim().to_string();
     core.deploy(&acme, json!({"service": "burn", "envProcess": BURN.replace("PYTHON", &python)})).await;
     core.deploy(&acme, json!({"service": "spin", "builtin": "cpu-burn"})).await;
@@ -142,7 +143,8 @@ async fn invocation_spans_reach_an_otlp_grpc_receiver_with_kernel_cpu_time() {
     assert!(received.authorization.lock().unwrap().iter().all(|a| a == "Bearer meter-token-for-test"));
     assert!(!received.authorization.lock().unwrap().is_empty(), "the meter token is sent");
 
-    let (service, namespace, burn) = spans.iter().find(|(_, _, s)| s.name == "invoke burn").expect("invoke burn span").clone();
+    let (service, namespace, burn) =
+        spans.iter().find(|(_, _, s)| s.name == "invoke burn").expect("invoke burn span").clone();
     assert_eq!((service.as_str(), namespace.as_str()), ("sfaas-core", "acme"));
     assert_eq!(burn.kind, 2, "SERVER");
     assert_eq!(hex(&burn.trace_id), caller_trace, "joins the caller's trace");

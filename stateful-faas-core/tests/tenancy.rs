@@ -69,9 +69,21 @@ async fn tenants_never_see_or_touch_each_other() {
     assert_eq!(core.invoke(&acme.ingest, "secret", "still mine").await.text().await.unwrap(), "still mine");
 
     // X-Scope-OrgID must agree with the token.
-    let r = http.get(url("/system/functions")).bearer_auth(&globex.read).header("X-Scope-OrgID", "acme").send().await.unwrap();
+    let r = http
+        .get(url("/system/functions"))
+        .bearer_auth(&globex.read)
+        .header("X-Scope-OrgID", "acme")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
-    let r = http.get(url("/system/functions")).bearer_auth(&globex.read).header("X-Scope-OrgID", "globex").send().await.unwrap();
+    let r = http
+        .get(url("/system/functions"))
+        .bearer_auth(&globex.read)
+        .header("X-Scope-OrgID", "globex")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     // Read tokens read; they do not run or change anything.
@@ -86,7 +98,13 @@ async fn tenants_never_see_or_touch_each_other() {
     assert_eq!(r.status(), 403);
 
     // Tenants cannot create tenants, list them, or read the metrics of all tenants.
-    let r = http.post(url("/system/tenants")).bearer_auth(&acme.ingest).json(&json!({"name": "evil"})).send().await.unwrap();
+    let r = http
+        .post(url("/system/tenants"))
+        .bearer_auth(&acme.ingest)
+        .json(&json!({"name": "evil"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
     assert_eq!(core.get_json(&acme.read, "/system/tenants").await.0, 403);
     assert_eq!(core.get_json(&acme.read, "/metrics").await.0, 403);

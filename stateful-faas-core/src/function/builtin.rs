@@ -38,8 +38,8 @@ fn lookup(name: &str) -> Option<BuiltinFn> {
 
 /// Runs one invocation of a builtin function.
 pub async fn run(spec: &FunctionSpec, name: &str, invocation: &Invocation) -> Result<Outcome, FunctionError> {
-    let function =
-        lookup(name).ok_or_else(|| FunctionError::Start { name: spec.name.clone(), message: format!("no builtin {name}") })?;
+    let function = lookup(name)
+        .ok_or_else(|| FunctionError::Start { name: spec.name.clone(), message: format!("no builtin {name}") })?;
     let invocation = invocation.clone();
     let task = tokio::task::spawn_blocking(move || {
         let before = process::thread_cpu_ns();
@@ -50,7 +50,11 @@ pub async fn run(spec: &FunctionSpec, name: &str, invocation: &Invocation) -> Re
         Ok(Ok(done)) => done,
         Ok(Err(join)) => (Err(format!("builtin panicked: {join}")), 0),
         Err(_) => {
-            return Err(FunctionError::Timeout { name: spec.name.clone(), timeout: spec.limits.timeout, usage: Usage::default() });
+            return Err(FunctionError::Timeout {
+                name: spec.name.clone(),
+                timeout: spec.limits.timeout,
+                usage: Usage::default(),
+            });
         }
     };
     let usage = Usage { cpu_ns, peak_memory_bytes: 0, cold_start: false };
@@ -111,7 +115,8 @@ fn fail(invocation: &Invocation) -> Result<Bytes, String> {
 
 fn parse_millis(invocation: &Invocation) -> Result<u64, String> {
     let text = String::from_utf8_lossy(&invocation.body);
-    let millis: u64 = text.trim().parse().map_err(|_| format!("body {:?} is not a number of milliseconds", text.trim()))?;
+    let millis: u64 =
+        text.trim().parse().map_err(|_| format!("body {:?} is not a number of milliseconds", text.trim()))?;
     if millis > 60_000 {
         return Err(format!("{millis} ms is more than the 60000 ms this builtin allows"));
     }

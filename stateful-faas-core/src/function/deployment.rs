@@ -200,8 +200,7 @@ impl FunctionDeployment {
             }
         }
         if let Some(memory) = self.limits.as_ref().and_then(|l| l.memory.as_deref()) {
-            limits.memory_bytes =
-                Some(parse_memory(memory).map_err(|e| invalid(format!("limits.memory: {e}")))?);
+            limits.memory_bytes = Some(parse_memory(memory).map_err(|e| invalid(format!("limits.memory: {e}")))?);
         }
         if let Some(value) = self.labels.get(LABEL_SCALE_MIN) {
             limits.min_instances = parse_count(LABEL_SCALE_MIN, value).map_err(invalid)?;
@@ -327,11 +326,7 @@ mod tests {
         assert!(missing.resolve().unwrap_err().to_string().contains("set `kind`"));
         let bad_name = FunctionDeployment { service: "Bad_Name".into(), ..Default::default() };
         assert!(matches!(bad_name.resolve(), Err(DeploymentError::Name(_))));
-        let unknown = FunctionDeployment {
-            service: "x".into(),
-            builtin: Some("nope".into()),
-            ..Default::default()
-        };
+        let unknown = FunctionDeployment { service: "x".into(), builtin: Some("nope".into()), ..Default::default() };
         assert!(unknown.resolve().unwrap_err().to_string().contains("no builtin named"));
         let both = FunctionDeployment {
             service: "x".into(),

@@ -6,7 +6,6 @@
 //! peak RSS come from the kernel (`wait4`). stderr goes to the gateway's log, never to the
 //! caller.
 
-
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
@@ -25,17 +24,17 @@ pub async fn run(
 ) -> Result<Outcome, FunctionError> {
     let env = invocation_env(invocation, extra_env);
     let mut cmd = process::command(command, &spec.env, &env, spec.workdir.as_deref(), spec.limits.memory_bytes);
-    cmd.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|error| FunctionError::Start { name: spec.name.clone(), message: error.to_string() })?;
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child =
+        cmd.spawn().map_err(|error| FunctionError::Start { name: spec.name.clone(), message: error.to_string() })?;
     let pid = child.id() as i32;
-    let start_error = |error: std::io::Error| FunctionError::Start { name: spec.name.clone(), message: error.to_string() };
+    let start_error =
+        |error: std::io::Error| FunctionError::Start { name: spec.name.clone(), message: error.to_string() };
     let stdin = tokio::process::ChildStdin::from_std(child.stdin.take().expect("piped stdin")).map_err(start_error)?;
-    let stdout = tokio::process::ChildStdout::from_std(child.stdout.take().expect("piped stdout")).map_err(start_error)?;
-    let stderr = tokio::process::ChildStderr::from_std(child.stderr.take().expect("piped stderr")).map_err(start_error)?;
+    let stdout =
+        tokio::process::ChildStdout::from_std(child.stdout.take().expect("piped stdout")).map_err(start_error)?;
+    let stderr =
+        tokio::process::ChildStderr::from_std(child.stderr.take().expect("piped stderr")).map_err(start_error)?;
     // `child` is reaped by wait4 below, never by std; dropping it does not wait.
     drop(child);
     let mut reaper = tokio::task::spawn_blocking(move || process::wait4(pid));
@@ -90,7 +89,12 @@ pub async fn run(
         (Some(0), _) => {
             let content_type =
                 spec.env.get("content_type").cloned().unwrap_or_else(|| "text/plain; charset=utf-8".to_string());
-            Ok(Outcome { status: 200, headers: vec![("content-type".into(), content_type)], body: Bytes::from(stdout), usage })
+            Ok(Outcome {
+                status: 200,
+                headers: vec![("content-type".into(), content_type)],
+                body: Bytes::from(stdout),
+                usage,
+            })
         }
         (Some(code), _) => {
             tracing::warn!(function = %spec.name, call_id = %invocation.call_id, code, "function exited with an error");
@@ -140,4 +144,3 @@ async fn read_limited(mut reader: impl AsyncRead + Unpin, limit: usize) -> Vec<u
         }
     }
 }
-

@@ -204,8 +204,7 @@ impl ManagedPool {
         let keep = *self.min_instances.lock().unwrap();
         let mut idle = self.idle.lock().unwrap();
         // Oldest first: idle is a stack, so the front holds the least recently used.
-        while self.running() > keep
-            && idle.first().is_some_and(|instance| instance.last_used.elapsed() >= idle_timeout)
+        while self.running() > keep && idle.first().is_some_and(|instance| instance.last_used.elapsed() >= idle_timeout)
         {
             let instance = idle.remove(0);
             self.discard(instance);
@@ -217,7 +216,8 @@ impl ManagedPool {
         let port = free_port().map_err(|e| start_error(format!("no free port: {e}")))?;
         let env = vec![("PORT".to_string(), port.to_string())];
         let command = format!("exec {}", self.command);
-        let mut std_command = process::command(&command, &spec.env, &env, spec.workdir.as_deref(), spec.limits.memory_bytes);
+        let mut std_command =
+            process::command(&command, &spec.env, &env, spec.workdir.as_deref(), spec.limits.memory_bytes);
         std_command.stdin(std::process::Stdio::null());
         let mut command = tokio::process::Command::from(std_command);
         command.kill_on_drop(true);
@@ -246,4 +246,3 @@ impl ManagedPool {
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
-

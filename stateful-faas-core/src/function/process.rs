@@ -24,12 +24,15 @@ pub fn command(
     if let Some(dir) = workdir {
         cmd.current_dir(dir);
     }
-    // SAFETY: only async-signal-safe calls (setpgid, setrlimit) between fork and exec.
+    // SAFETY: only async-signal-safe calls (setpgid, prctl, setrlimit) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // If the gateway dies (even by SIGKILL), its functions die with it instead of
+            // lingering as orphans. Spawns happen on the runtime's long-lived worker threads.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             if let Some(limit) = memory_bytes {
                 let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
                 if libc::setrlimit(libc::RLIMIT_AS, &rlimit) != 0 {

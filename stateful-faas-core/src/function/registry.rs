@@ -184,7 +184,11 @@ impl Registry {
         };
         if result.rows_affected() == 0 {
             let (tenant, name) = (tenant.to_string(), name);
-            return Err(if replace { RegistryError::NotFound { tenant, name } } else { RegistryError::Exists { tenant, name } });
+            return Err(if replace {
+                RegistryError::NotFound { tenant, name }
+            } else {
+                RegistryError::Exists { tenant, name }
+            });
         }
         let created_ms = self.get(tenant, &name).map_or(now, |old| old.created_ms);
         let function = Arc::new(DeployedFunction::new(tenant.clone(), deployment, spec, created_ms));

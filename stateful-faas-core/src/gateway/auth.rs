@@ -38,19 +38,14 @@ impl FromRequestParts<Arc<Core>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, core: &Arc<Core>) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::Unauthorized("missing Authorization header: send `Authorization: Bearer TOKEN`".into()))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(bearer_or_basic_token)
-            .ok_or_else(|| ApiError::Unauthorized("malformed Authorization header: expected `Bearer TOKEN` or Basic".into()))?;
-        let principal = core
-            .tenants
-            .authenticate(&token)
-            .ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or_else(|| {
+            ApiError::Unauthorized("missing Authorization header: send `Authorization: Bearer TOKEN`".into())
+        })?;
+        let token = header.to_str().ok().and_then(bearer_or_basic_token).ok_or_else(|| {
+            ApiError::Unauthorized("malformed Authorization header: expected `Bearer TOKEN` or Basic".into())
+        })?;
+        let principal =
+            core.tenants.authenticate(&token).ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
         let org_id = parts.headers.get(semconv::HEADER_SCOPE_ORG_ID).and_then(|v| v.to_str().ok()).map(str::to_string);
         if let (Principal::Tenant { tenant, .. }, Some(org)) = (&principal, &org_id)
             && org != tenant.as_str()
@@ -70,9 +65,9 @@ impl Caller {
         let requested = requested.filter(|ns| !ns.is_empty());
         match &self.principal {
             Principal::Tenant { tenant, .. } => match requested {
-                Some(ns) if ns != tenant.as_str() => Err(ApiError::Forbidden(format!(
-                    "a token of tenant {tenant:?} cannot access namespace {ns:?}"
-                ))),
+                Some(ns) if ns != tenant.as_str() => {
+                    Err(ApiError::Forbidden(format!("a token of tenant {tenant:?} cannot access namespace {ns:?}")))
+                }
                 _ => Ok(tenant.clone()),
             },
             Principal::Admin => {

@@ -24,16 +24,29 @@ use crate::tenant::{TenantId, validate_name};
 const MAX_CALL_ID_LEN: usize = 128;
 
 /// Runs one invocation of `function` for `tenant`: the path every trigger takes.
-pub async fn dispatch(core: &Core, tenant: &TenantId, function_name: &str, mut invocation: Invocation, trigger: &'static str) -> Outcome {
+pub async fn dispatch(
+    core: &Core,
+    tenant: &TenantId,
+    function_name: &str,
+    mut invocation: Invocation,
+    trigger: &'static str,
+) -> Outcome {
     let Some(function) = core.functions.get(tenant, function_name) else {
-        return Outcome::text(404, format!("function {function_name} not found in namespace {tenant}\n"), Usage::default());
+        return Outcome::text(
+            404,
+            format!("function {function_name} not found in namespace {tenant}\n"),
+            Usage::default(),
+        );
     };
     let started = Instant::now();
     let Some(_permit) = function.try_begin() else {
         core.metrics.record_invocation(tenant, function_name, 429, started.elapsed().as_secs_f64(), &Usage::default());
         return Outcome::text(
             429,
-            format!("function {function_name} already has {} calls in flight (max_inflight)\n", function.spec.limits.max_inflight),
+            format!(
+                "function {function_name} already has {} calls in flight (max_inflight)\n",
+                function.spec.limits.max_inflight
+            ),
             Usage::default(),
         );
     };
@@ -117,7 +130,13 @@ fn call_id(headers: &HeaderMap) -> Result<String, ApiError> {
 }
 
 /// Builds the invocation handed to a function: the caller's credentials are not forwarded.
-fn invocation(method: &Method, uri: &Uri, headers: &HeaderMap, rest: Option<String>, body: Bytes) -> Result<Invocation, ApiError> {
+fn invocation(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    rest: Option<String>,
+    body: Bytes,
+) -> Result<Invocation, ApiError> {
     let call_id = call_id(headers)?;
     let forwarded = headers
         .iter()
@@ -155,7 +174,8 @@ pub async fn call(
     let call_id = invocation.call_id.clone();
     let started = Instant::now();
     let outcome = dispatch(&core, &tenant, name, invocation, semconv::TRIGGER_HTTP).await;
-    let mut response = (StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::BAD_GATEWAY), outcome.body).into_response();
+    let mut response =
+        (StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::BAD_GATEWAY), outcome.body).into_response();
     let response_headers = response.headers_mut();
     for (key, value) in outcome.headers {
         if let (Ok(key), Ok(value)) = (key.parse::<axum::http::HeaderName>(), value.parse()) {

@@ -101,12 +101,20 @@ async fn deploy(core: &Core, caller: &Caller, body: &[u8], replace: bool) -> Res
 }
 
 /// `POST /system/functions`: deploys a new function (409 if it exists).
-pub async fn create_function(State(core): State<Arc<Core>>, caller: Caller, body: axum::body::Bytes) -> Result<Response, ApiError> {
+pub async fn create_function(
+    State(core): State<Arc<Core>>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
     deploy(&core, &caller, &body, false).await
 }
 
 /// `PUT /system/functions`: updates an existing function (404 if it does not).
-pub async fn update_function(State(core): State<Arc<Core>>, caller: Caller, body: axum::body::Bytes) -> Result<Response, ApiError> {
+pub async fn update_function(
+    State(core): State<Arc<Core>>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
     deploy(&core, &caller, &body, true).await
 }
 
@@ -119,7 +127,11 @@ pub struct DeleteRequest {
 }
 
 /// `DELETE /system/functions` with `{"functionName": ...}`.
-pub async fn delete_function(State(core): State<Arc<Core>>, caller: Caller, body: axum::body::Bytes) -> Result<StatusCode, ApiError> {
+pub async fn delete_function(
+    State(core): State<Arc<Core>>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
     caller.require_write()?;
     let request: DeleteRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"functionName\": \"...\"}}: {e}")))?;
@@ -224,7 +236,11 @@ pub async fn info(_caller: Caller) -> Json<serde_json::Value> {
 
 /// `GET /metrics`: the admin or the platform's meter token (it names every tenant's functions).
 /// OpenMetrics when the scraper asks for it (as Prometheus does), else text 0.0.4.
-pub async fn metrics(State(core): State<Arc<Core>>, caller: Caller, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
+pub async fn metrics(
+    State(core): State<Arc<Core>>,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     if !matches!(caller.principal, crate::tenant::Principal::Admin | crate::tenant::Principal::Meter) {
         return Err(ApiError::Forbidden("/metrics needs the admin or a meter token".into()));
     }
@@ -234,7 +250,8 @@ pub async fn metrics(State(core): State<Arc<Core>>, caller: Caller, headers: axu
     core.metrics.set_async_queue(depth, dead);
     let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
     Ok(if accept.contains("application/openmetrics-text") {
-        ([("content-type", crate::metrics::OPENMETRICS_CONTENT_TYPE)], core.metrics.encode_openmetrics()).into_response()
+        ([("content-type", crate::metrics::OPENMETRICS_CONTENT_TYPE)], core.metrics.encode_openmetrics())
+            .into_response()
     } else {
         ([("content-type", crate::metrics::TEXT_CONTENT_TYPE)], core.metrics.encode_text()).into_response()
     })
