@@ -6,7 +6,7 @@
 //! dropped (and counted by the SDK), requests are never blocked and memory never grows.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
@@ -55,12 +55,13 @@ pub struct TelemetryConfig {
 /// The core's span pipeline.
 pub struct Telemetry {
     config: TelemetryConfig,
-    providers: Mutex<HashMap<TenantId, SdkTracerProvider>>,
+    /// Per tenant: the provider (kept for shutdown) and its tracer (cloned per span).
+    providers: RwLock<HashMap<TenantId, (SdkTracerProvider, SdkTracer)>>,
 }
 
 impl Telemetry {
     pub fn new(config: TelemetryConfig) -> Self {
-        Self { config, providers: Mutex::new(HashMap::new()) }
+        Self { config, providers: RwLock::new(HashMap::new()) }
     }
 
     pub fn enabled(&self) -> bool {
@@ -70,9 +71,12 @@ impl Telemetry {
     /// The tracer for a tenant's platform spans, or `None` when export is off.
     pub fn tracer(&self, tenant: &TenantId) -> Option<SdkTracer> {
         let endpoint = self.config.endpoint.as_ref()?;
-        let mut providers = self.providers.lock().unwrap();
-        if let Some(provider) = providers.get(tenant) {
-            return Some(provider.tracer(semconv::SERVICE_NAME));
+        if let Some((_, tracer)) = self.providers.read().unwrap().get(tenant) {
+            return Some(tracer.clone());
+        }
+        let mut providers = self.providers.write().unwrap();
+        if let Some((_, tracer)) = providers.get(tenant) {
+            return Some(tracer.clone());
         }
         let exporter = match self.build_exporter(endpoint) {
             Ok(exporter) => exporter,
@@ -94,7 +98,7 @@ impl Telemetry {
             .build();
         let provider = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build();
         let tracer = provider.tracer(semconv::SERVICE_NAME);
-        providers.insert(tenant.clone(), provider);
+        providers.insert(tenant.clone(), (provider, tracer.clone()));
         Some(tracer)
     }
 
@@ -137,7 +141,7 @@ impl Telemetry {
     /// Flushes and stops every provider. Blocking: call from a blocking thread (DEPENDENCIES.md,
     /// gotcha 6).
     pub fn shutdown(&self) {
-        let providers: Vec<_> = self.providers.lock().unwrap().drain().map(|(_, provider)| provider).collect();
+        let providers: Vec<_> = self.providers.write().unwrap().drain().map(|(_, (provider, _))| provider).collect();
         for provider in providers {
             if let Err(error) = provider.shutdown() {
                 tracing::warn!(%error, "span export did not shut down cleanly");

@@ -181,6 +181,21 @@ async fn managed_http_functions_cold_start_and_scale_to_zero() {
     let third = core.invoke(&acme.ingest, "srv", "three").await.text().await.unwrap();
     assert_ne!(pid(&first), pid(&third), "a new instance starts after scale to zero");
 
+    // Both starts were counted as cold starts, and the servers' CPU time was measured.
+    let metrics = core.http.get(format!("{}/metrics", core.url)).bearer_auth(common::ADMIN).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"sfaas_function_cold_starts_total{function_name="srv.acme",namespace="acme"} 2"#),
+        "{metrics}"
+    );
+    let cpu_line = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"sfaas_function_cpu_seconds_total{function_name="srv.acme""#))
+        .unwrap();
+    assert!(cpu_line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() > 0.0, "{cpu_line}");
+
     // Explicit scaling keeps instances warm.
     let response = core
         .http
