@@ -189,9 +189,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let core = Core::open(config).await.context("starting the core")?;
     let running = core.start().await?;
     let addresses = serde_json::json!({ "gateway": running.gateway_addr.to_string() });
-    // One JSON line on stdout with the bound addresses (DESIGN.md §2), and the same in a file.
+    // The bound addresses (DESIGN.md §2): first the file (replaced atomically), then one JSON
+    // line on stdout, so that whoever reads the line finds the file up to date.
+    let addresses_file = data_dir.join("addresses.json");
+    let temporary = data_dir.join("addresses.json.tmp");
+    std::fs::write(&temporary, format!("{addresses}\n")).context("writing addresses.json")?;
+    std::fs::rename(&temporary, &addresses_file).context("writing addresses.json")?;
     println!("{addresses}");
-    std::fs::write(data_dir.join("addresses.json"), format!("{addresses}\n")).context("writing addresses.json")?;
     eprintln!(
         "sfaas is up: gateway http://{} (admin token in {}); Ctrl-C stops",
         running.gateway_addr,
