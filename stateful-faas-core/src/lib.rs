@@ -9,6 +9,7 @@ pub mod function;
 pub mod gateway;
 pub mod metrics;
 pub mod semconv;
+pub mod state;
 pub mod stack;
 pub mod telemetry;
 pub mod tenant;

@@ -1,0 +1,417 @@
+//! The ephemeral state store: Pocket's model, per tenant, in memory.
+//!
+//! A tenant's objects are addressed by `(job, bucket, key)`; `job` is `None` for objects that
+//! belong to the tenant rather than to a job (lookup tables, say). Jobs are registered before
+//! use; deregistering a job drops its objects except those put with `persist`, which stay
+//! addressable and from then on count as the tenant's standing storage. Buckets exist while
+//! they hold objects. Objects may carry a TTL; an expired object is gone at its expiry
+//! instant, whenever the sweeper runs.
+//!
+//! Capacity is a total budget and a quota per tenant, counted in value bytes. A put over
+//! either fails (507) and never evicts anything.
+//!
+//! Metering is exact (see [`metering`]): each job's and each tenant's byte-seconds are
+//! integrated at every change; objects that outlive their job move to the tenant's standing
+//! account at the job's end.
+
+pub mod metering;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::tenant::TenantId;
+use metering::{Account, ByteSeconds, Clock};
+
+/// Limits of the store.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// Largest value of one object.
+    pub max_value_bytes: u64,
+    /// Value bytes held by all tenants together.
+    pub total_budget_bytes: u64,
+    /// Value bytes one tenant may hold.
+    pub tenant_quota_bytes: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self { max_value_bytes: 256 << 20, total_budget_bytes: 4 << 30, tenant_quota_bytes: 1 << 30 }
+    }
+}
+
+/// Why a state operation failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("job {0:?} is not registered")]
+    JobNotRegistered(String),
+    #[error("job {0:?} is already registered")]
+    JobExists(String),
+    #[error("no object {key:?} in bucket {bucket:?}{}", job_suffix(.job))]
+    NotFound { job: Option<String>, bucket: String, key: String },
+    #[error("value of {size} bytes is larger than the {max} bytes allowed")]
+    ValueTooLarge { size: u64, max: u64 },
+    #[error("tenant {tenant} state quota exceeded: {used} of {quota} bytes held, {needed} more needed")]
+    QuotaExceeded { tenant: String, used: u64, quota: u64, needed: u64 },
+    #[error("state store budget exhausted: {used} of {budget} bytes held, {needed} more needed")]
+    BudgetExceeded { used: u64, budget: u64, needed: u64 },
+    #[error("invalid {what} {value:?}: use 1 to 255 characters without '/' or control characters")]
+    InvalidName { what: &'static str, value: String },
+}
+
+fn job_suffix(job: &Option<String>) -> String {
+    job.as_ref().map(|j| format!(" of job {j:?}")).unwrap_or_default()
+}
+
+/// Where an object lives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub job: Option<String>,
+    pub bucket: String,
+    pub key: String,
+}
+
+impl ObjectKey {
+    pub fn new(job: Option<&str>, bucket: &str, key: &str) -> Result<Self, StateError> {
+        if let Some(job) = job {
+            check_part("job", job)?;
+        }
+        check_part("bucket", bucket)?;
+        check_part("key", key)?;
+        Ok(Self { job: job.map(str::to_string), bucket: bucket.to_string(), key: key.to_string() })
+    }
+}
+
+fn check_part(what: &'static str, value: &str) -> Result<(), StateError> {
+    if value.is_empty() || value.len() > 255 || value.contains('/') || value.chars().any(char::is_control) {
+        return Err(StateError::InvalidName { what, value: value.to_string() });
+    }
+    Ok(())
+}
+
+/// Options of a put.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PutOptions {
+    /// Keep the object after its job is deregistered.
+    pub persist: bool,
+    /// Drop the object this long after the put.
+    pub ttl: Option<Duration>,
+}
+
+/// What `lookup` and `enumerate` tell about an object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub persist: bool,
+    /// Expiry instant, ns since the epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at_ns: Option<u64>,
+}
+
+/// Byte-seconds of a tenant, split by owner.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TenantUsage {
+    pub bytes: u64,
+    /// All of the tenant's storage, from its first byte.
+    pub total: ByteSeconds,
+    /// Storage outside any registered job (persisted after their job, or job-less).
+    pub standing: ByteSeconds,
+    /// Registered jobs, by name.
+    pub jobs: Vec<(String, ByteSeconds)>,
+    /// Jobs deregistered so far, all together.
+    pub ended_jobs: ByteSeconds,
+}
+
+struct Object {
+    value: Bytes,
+    persist: bool,
+    expires_at: Option<u64>,
+    /// Counted in its job's account (true) or in the standing account (false).
+    in_job: bool,
+    /// When the current account started counting it.
+    counted_since: u64,
+}
+
+#[derive(Default)]
+struct TenantState {
+    objects: HashMap<ObjectKey, Object>,
+    expiries: BTreeSet<(u64, ObjectKey)>,
+    jobs: HashMap<String, Account>,
+    standing: Account,
+    /// Byte-seconds of jobs already deregistered.
+    ended_jobs: ByteSeconds,
+    bytes: u64,
+}
+
+impl TenantState {
+    fn account(&mut self, job: &Option<String>, in_job: bool) -> &mut Account {
+        match job {
+            Some(job) if in_job => self.jobs.get_mut(job).expect("objects counted in a job belong to a registered job"),
+            _ => &mut self.standing,
+        }
+    }
+
+    /// Removes an object, counting it up to `at`.
+    fn remove(&mut self, key: &ObjectKey, at: u64, used: &AtomicU64) -> Option<Object> {
+        let object = self.objects.remove(key)?;
+        if let Some(expires_at) = object.expires_at {
+            self.expiries.remove(&(expires_at, key.clone()));
+        }
+        let size = object.value.len() as u64;
+        let since = object.counted_since;
+        self.account(&key.job, object.in_job).close(size, since, at);
+        self.bytes -= size;
+        used.fetch_sub(size, Ordering::SeqCst);
+        Some(object)
+    }
+
+    /// Drops every object whose expiry is at or before `now`, each counted to its own expiry.
+    fn sweep(&mut self, now: u64, used: &AtomicU64) {
+        while let Some((expires_at, key)) = self.expiries.first().cloned() {
+            if expires_at > now {
+                break;
+            }
+            self.remove(&key, expires_at, used);
+        }
+    }
+
+    fn live(&self, key: &ObjectKey) -> Option<&Object> {
+        self.objects.get(key)
+    }
+}
+
+/// The store of every tenant.
+pub struct StateStore {
+    config: StateConfig,
+    clock: Arc<dyn Clock>,
+    tenants: RwLock<HashMap<TenantId, Arc<Mutex<TenantState>>>>,
+    used: AtomicU64,
+}
+
+impl StateStore {
+    pub fn new(config: StateConfig, clock: Arc<dyn Clock>) -> Self {
+        Self { config, clock, tenants: RwLock::new(HashMap::new()), used: AtomicU64::new(0) }
+    }
+
+    pub fn config(&self) -> &StateConfig {
+        &self.config
+    }
+
+    fn tenant(&self, tenant: &TenantId) -> Arc<Mutex<TenantState>> {
+        if let Some(state) = self.tenants.read().unwrap().get(tenant) {
+            return state.clone();
+        }
+        self.tenants.write().unwrap().entry(tenant.clone()).or_default().clone()
+    }
+
+    /// Runs `f` on a tenant's state after dropping what expired.
+    fn with_tenant<T>(&self, tenant: &TenantId, f: impl FnOnce(&mut TenantState, u64) -> T) -> T {
+        let state = self.tenant(tenant);
+        let mut state = state.lock().unwrap();
+        let now = self.clock.now_ns();
+        state.sweep(now, &self.used);
+        f(&mut state, now)
+    }
+
+    /// Registers a job.
+    pub fn register(&self, tenant: &TenantId, job: &str) -> Result<(), StateError> {
+        check_part("job", job)?;
+        self.with_tenant(tenant, |state, _| {
+            if state.jobs.contains_key(job) {
+                return Err(StateError::JobExists(job.to_string()));
+            }
+            state.jobs.insert(job.to_string(), Account::default());
+            Ok(())
+        })
+    }
+
+    /// Whether a job is registered.
+    pub fn is_registered(&self, tenant: &TenantId, job: &str) -> bool {
+        self.with_tenant(tenant, |state, _| state.jobs.contains_key(job))
+    }
+
+    /// Deregisters a job: drops its objects except persistent ones, which move to the tenant's
+    /// standing storage. Returns the job's byte-seconds.
+    pub fn deregister(&self, tenant: &TenantId, job: &str) -> Result<ByteSeconds, StateError> {
+        self.with_tenant(tenant, |state, now| {
+            if !state.jobs.contains_key(job) {
+                return Err(StateError::JobNotRegistered(job.to_string()));
+            }
+            let keys: Vec<ObjectKey> = state
+                .objects
+                .iter()
+                .filter(|(key, object)| object.in_job && key.job.as_deref() == Some(job))
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in keys {
+                let object = state.objects.get(&key).expect("listed above");
+                if !object.persist {
+                    state.remove(&key, now, &self.used);
+                    continue;
+                }
+                let (size, since) = (object.value.len() as u64, object.counted_since);
+                state.jobs.get_mut(job).expect("checked").close(size, since, now);
+                state.standing.open(size, now);
+                let object = state.objects.get_mut(&key).expect("listed above");
+                object.in_job = false;
+                object.counted_since = now;
+            }
+            let account = state.jobs.remove(job).expect("checked");
+            let total = account.integral(now);
+            state.ended_jobs = state.ended_jobs + total;
+            Ok(total)
+        })
+    }
+
+    /// Stores a value, replacing any object at the same address.
+    pub fn put(&self, tenant: &TenantId, key: ObjectKey, value: Bytes, options: PutOptions) -> Result<(), StateError> {
+        let size = value.len() as u64;
+        if size > self.config.max_value_bytes {
+            return Err(StateError::ValueTooLarge { size, max: self.config.max_value_bytes });
+        }
+        self.with_tenant(tenant, |state, now| {
+            if let Some(job) = &key.job
+                && !state.jobs.contains_key(job)
+            {
+                return Err(StateError::JobNotRegistered(job.clone()));
+            }
+            let replaced = state.live(&key).map_or(0, |object| object.value.len() as u64);
+            let needed = size.saturating_sub(replaced);
+            if state.bytes - replaced + size > self.config.tenant_quota_bytes {
+                return Err(StateError::QuotaExceeded {
+                    tenant: tenant.to_string(),
+                    used: state.bytes,
+                    quota: self.config.tenant_quota_bytes,
+                    needed,
+                });
+            }
+            // Reserve the new value's bytes in the shared budget in one atomic step, before
+            // anything changes, so that concurrent tenants cannot overshoot it together.
+            let budget = self.config.total_budget_bytes;
+            self.used
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                    (used + size - replaced <= budget).then_some(used + size)
+                })
+                .map_err(|used| StateError::BudgetExceeded { used, budget, needed })?;
+            state.remove(&key, now, &self.used);
+            let in_job = key.job.is_some();
+            state.account(&key.job, in_job).open(size, now);
+            state.bytes += size;
+            let expires_at = options.ttl.map(|ttl| now.saturating_add(ttl.as_nanos() as u64));
+            if let Some(expires_at) = expires_at {
+                state.expiries.insert((expires_at, key.clone()));
+            }
+            state.objects.insert(key, Object { value, persist: options.persist, expires_at, in_job, counted_since: now });
+            Ok(())
+        })
+    }
+
+    /// Reads a value (zero-copy); with `delete_after_read`, removes it in the same step.
+    pub fn get(&self, tenant: &TenantId, key: &ObjectKey, delete_after_read: bool) -> Result<Bytes, StateError> {
+        self.with_tenant(tenant, |state, now| {
+            let not_found =
+                || StateError::NotFound { job: key.job.clone(), bucket: key.bucket.clone(), key: key.key.clone() };
+            if delete_after_read {
+                return state.remove(key, now, &self.used).map(|object| object.value).ok_or_else(not_found);
+            }
+            state.live(key).map(|object| object.value.clone()).ok_or_else(not_found)
+        })
+    }
+
+    /// Size and flags of an object, without its value.
+    pub fn lookup(&self, tenant: &TenantId, key: &ObjectKey) -> Result<ObjectInfo, StateError> {
+        self.with_tenant(tenant, |state, _| {
+            state.live(key).map(|object| info(&key.key, object)).ok_or_else(|| StateError::NotFound {
+                job: key.job.clone(),
+                bucket: key.bucket.clone(),
+                key: key.key.clone(),
+            })
+        })
+    }
+
+    /// Removes an object.
+    pub fn delete(&self, tenant: &TenantId, key: &ObjectKey) -> Result<(), StateError> {
+        self.with_tenant(tenant, |state, now| {
+            state.remove(key, now, &self.used).map(|_| ()).ok_or_else(|| StateError::NotFound {
+                job: key.job.clone(),
+                bucket: key.bucket.clone(),
+                key: key.key.clone(),
+            })
+        })
+    }
+
+    /// The objects of a bucket, sorted by key.
+    pub fn enumerate(&self, tenant: &TenantId, job: Option<&str>, bucket: &str) -> Vec<ObjectInfo> {
+        self.with_tenant(tenant, |state, _| {
+            let mut list: Vec<ObjectInfo> = state
+                .objects
+                .iter()
+                .filter(|(key, _)| key.job.as_deref() == job && key.bucket == bucket)
+                .map(|(key, object)| info(&key.key, object))
+                .collect();
+            list.sort_by(|a, b| a.key.cmp(&b.key));
+            list
+        })
+    }
+
+    /// A tenant's usage now.
+    pub fn usage(&self, tenant: &TenantId) -> TenantUsage {
+        self.with_tenant(tenant, |state, now| usage_of(state, now))
+    }
+
+    /// Byte-seconds of one registered job so far.
+    pub fn job_usage(&self, tenant: &TenantId, job: &str) -> Option<ByteSeconds> {
+        self.with_tenant(tenant, |state, now| state.jobs.get(job).map(|account| account.integral(now)))
+    }
+
+    /// Every tenant's usage (for metrics), after dropping what expired.
+    pub fn usage_by_tenant(&self) -> Vec<(TenantId, TenantUsage)> {
+        let tenants: Vec<_> = self.tenants.read().unwrap().iter().map(|(t, s)| (t.clone(), s.clone())).collect();
+        let mut out: Vec<_> = tenants
+            .into_iter()
+            .map(|(tenant, state)| {
+                let mut state = state.lock().unwrap();
+                let now = self.clock.now_ns();
+                state.sweep(now, &self.used);
+                (tenant, usage_of(&state, now))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Value bytes held by all tenants.
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    /// Drops expired objects of every tenant (the background sweeper calls this).
+    pub fn sweep_expired(&self) {
+        let _ = self.usage_by_tenant();
+    }
+}
+
+fn info(key: &str, object: &Object) -> ObjectInfo {
+    ObjectInfo {
+        key: key.to_string(),
+        size: object.value.len() as u64,
+        persist: object.persist,
+        expires_at_ns: object.expires_at,
+    }
+}
+
+fn usage_of(state: &TenantState, now: u64) -> TenantUsage {
+    let mut jobs: Vec<_> = state.jobs.iter().map(|(job, account)| (job.clone(), account.integral(now))).collect();
+    jobs.sort();
+    let standing = state.standing.integral(now);
+    let total = standing + state.ended_jobs + jobs.iter().map(|(_, b)| *b).sum();
+    TenantUsage { bytes: state.bytes, total, standing, jobs, ended_jobs: state.ended_jobs }
+}
+
+#[cfg(test)]
+mod tests;
