@@ -279,6 +279,7 @@ async fn deliver(core: &Core, call: Claimed) {
                 headers: serde_json::from_str(&call.headers).unwrap_or_default(),
                 body: call.body.clone().into(),
                 traceparent: call.traceparent.clone(),
+                job: None,
             };
             dispatch(core, &tenant, &call.function, invocation, semconv::TRIGGER_PUBSUB).await
         }

@@ -6,6 +6,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::state::StateConfig;
 use crate::telemetry::TelemetryConfig;
 
 /// Everything the core needs to run.
@@ -22,6 +23,7 @@ pub struct CoreConfig {
     /// Largest request body accepted by `/function/*` and `/async-function/*` (413 beyond).
     pub max_body_bytes: usize,
     pub async_queue: AsyncQueueConfig,
+    pub state: StateConfig,
 }
 
 /// Delivery of async calls.
@@ -57,6 +59,7 @@ impl CoreConfig {
             telemetry: TelemetryConfig { max_queue_size: 4096, ..Default::default() },
             max_body_bytes: 16 << 20,
             async_queue: AsyncQueueConfig::default(),
+            state: StateConfig::default(),
         }
     }
 }

@@ -9,8 +9,8 @@ pub mod function;
 pub mod gateway;
 pub mod metrics;
 pub mod semconv;
-pub mod state;
 pub mod stack;
+pub mod state;
 pub mod telemetry;
 pub mod tenant;
 

@@ -11,8 +11,16 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
 use crate::function::Usage;
 use crate::semconv;
+use crate::state::StateStore;
 use crate::tenant::TenantId;
 
 /// Content type of [`Metrics::encode_openmetrics`].
@@ -52,15 +60,10 @@ pub struct Metrics {
     async_dead_letters: Gauge,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
+    pub fn new(state: Arc<StateStore>) -> Self {
         let mut registry = Registry::default();
+        registry.register_collector(Box::new(StateCollector(state)));
         let invocations = Family::<CodeLabels, Counter>::default();
         let seconds = Family::<FunctionLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(0.001, 2.5, 14))) as fn() -> Histogram,
@@ -183,6 +186,44 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
         text.push('\n');
     }
     text
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespaceLabels {
+    namespace: String,
+}
+
+/// Reads the state store's exact per-tenant figures at each scrape.
+#[derive(Debug)]
+struct StateCollector(Arc<StateStore>);
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let usage = self.0.usage_by_tenant();
+        let gauge = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            semconv::METRIC_STATE_BYTES,
+            "Value bytes held in the state store",
+            None,
+            gauge.metric_type(),
+        )?;
+        for (tenant, usage) in &usage {
+            let labels = NamespaceLabels { namespace: tenant.to_string() };
+            ConstGauge::new(usage.bytes as i64).encode(family.encode_family(&labels)?)?;
+        }
+        let counter = ConstCounter::new(0.0f64);
+        let mut family = encoder.encode_descriptor(
+            semconv::METRIC_STATE_BYTE_SECONDS,
+            "Byte-seconds held in the state store, integrated exactly at every change",
+            None,
+            counter.metric_type(),
+        )?;
+        for (tenant, usage) in &usage {
+            let labels = NamespaceLabels { namespace: tenant.to_string() };
+            ConstCounter::new(usage.total.as_f64()).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Decrements the in-flight gauge when the invocation ends.

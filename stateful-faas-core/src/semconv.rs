@@ -35,8 +35,19 @@ pub const METRIC_SERVICE_COUNT: &str = "gateway_service_count";
 pub const METRIC_CPU_SECONDS: &str = "sfaas_function_cpu_seconds";
 pub const METRIC_INFLIGHT: &str = "sfaas_function_inflight";
 pub const METRIC_COLD_STARTS: &str = "sfaas_function_cold_starts";
+pub const METRIC_STATE_BYTES: &str = "sfaas_state_bytes";
+pub const METRIC_STATE_BYTE_SECONDS: &str = "sfaas_state_byte_seconds";
 pub const METRIC_ASYNC_QUEUE_DEPTH: &str = "sfaas_async_queue_depth";
 pub const METRIC_ASYNC_DEAD_LETTERS: &str = "sfaas_async_dead_letters";
+
+/// Environment of process functions: where and how to reach the state store.
+pub const ENV_STATE_URL: &str = "SFAAS_STATE_URL";
+pub const ENV_STATE_TOKEN: &str = "SFAAS_STATE_TOKEN";
+pub const ENV_JOB: &str = "SFAAS_JOB";
+
+/// Headers carrying the state token and job to managed http functions.
+pub const HEADER_STATE_TOKEN: &str = "x-sfaas-state-token";
+pub const HEADER_JOB: &str = "x-sfaas-job";
 
 /// Header carrying the invocation id (OpenFaaS).
 pub const HEADER_CALL_ID: &str = "x-call-id";

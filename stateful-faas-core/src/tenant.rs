@@ -115,7 +115,16 @@ impl Scope {
 pub enum Principal {
     Admin,
     Meter,
-    Tenant { tenant: TenantId, scope: Scope },
+    Tenant {
+        tenant: TenantId,
+        scope: Scope,
+    },
+    /// A running function: may use its tenant's state store, for its job and the tenant's
+    /// job-less objects, while the invocation lasts.
+    Function {
+        tenant: TenantId,
+        job: Option<String>,
+    },
 }
 
 /// A fresh random 256-bit token, hex encoded.
@@ -163,6 +172,21 @@ pub struct TenantStore {
     pool: sqlx::SqlitePool,
     admin_hash: String,
     tokens: std::sync::RwLock<std::collections::HashMap<String, Principal>>,
+    /// Tokens of running invocations: in memory only, revoked when the invocation ends.
+    function_tokens: std::sync::RwLock<std::collections::HashMap<String, Principal>>,
+}
+
+/// A running invocation's token; revoked on drop.
+pub struct FunctionToken {
+    pub token: String,
+    hash: String,
+    store: std::sync::Arc<TenantStore>,
+}
+
+impl Drop for FunctionToken {
+    fn drop(&mut self) {
+        self.store.function_tokens.write().unwrap().remove(&self.hash);
+    }
 }
 
 impl TenantStore {
@@ -182,7 +206,12 @@ impl TenantStore {
             };
             tokens.insert(hash, principal);
         }
-        Ok(Self { pool, admin_hash: hash_token(admin_token), tokens: std::sync::RwLock::new(tokens) })
+        Ok(Self {
+            pool,
+            admin_hash: hash_token(admin_token),
+            tokens: std::sync::RwLock::new(tokens),
+            function_tokens: Default::default(),
+        })
     }
 
     /// Who a presented token belongs to, if anyone.
@@ -191,7 +220,19 @@ impl TenantStore {
         if hash == self.admin_hash {
             return Some(Principal::Admin);
         }
-        self.tokens.read().unwrap().get(&hash).cloned()
+        if let Some(principal) = self.tokens.read().unwrap().get(&hash) {
+            return Some(principal.clone());
+        }
+        self.function_tokens.read().unwrap().get(&hash).cloned()
+    }
+
+    /// A token for one running invocation, valid until the returned guard is dropped.
+    pub fn issue_function_token(self: &std::sync::Arc<Self>, tenant: &TenantId, job: Option<&str>) -> FunctionToken {
+        let token = generate_token();
+        let hash = hash_token(&token);
+        let principal = Principal::Function { tenant: tenant.clone(), job: job.map(str::to_string) };
+        self.function_tokens.write().unwrap().insert(hash.clone(), principal);
+        FunctionToken { token, hash, store: self.clone() }
     }
 
     /// Creates a tenant with fresh ingest and read tokens.

@@ -7,10 +7,19 @@
 use bytes::Bytes;
 
 use super::process;
-use super::{FunctionError, FunctionSpec, Invocation, Outcome, Usage};
+use super::{FunctionError, FunctionSpec, Invocation, Outcome, RunContext, Usage};
+use crate::state::StateStore;
+use crate::tenant::TenantId;
+
+/// What a builtin sees: the request, and its tenant's state store in process (zero-copy).
+pub struct BuiltinContext<'a> {
+    pub invocation: &'a Invocation,
+    pub tenant: &'a TenantId,
+    pub state: &'a StateStore,
+}
 
 /// A builtin: request body in, response body out, or an error message (500).
-type BuiltinFn = fn(&Invocation) -> Result<Bytes, String>;
+type BuiltinFn = fn(&BuiltinContext<'_>) -> Result<Bytes, String>;
 
 const BUILTINS: &[(&str, BuiltinFn)] = &[
     ("noop", noop),
@@ -37,13 +46,20 @@ fn lookup(name: &str) -> Option<BuiltinFn> {
 }
 
 /// Runs one invocation of a builtin function.
-pub async fn run(spec: &FunctionSpec, name: &str, invocation: &Invocation) -> Result<Outcome, FunctionError> {
+pub async fn run(
+    spec: &FunctionSpec,
+    name: &str,
+    context: &RunContext<'_>,
+    invocation: &Invocation,
+) -> Result<Outcome, FunctionError> {
     let function = lookup(name)
         .ok_or_else(|| FunctionError::Start { name: spec.name.clone(), message: format!("no builtin {name}") })?;
     let invocation = invocation.clone();
+    let tenant = context.tenant.clone();
+    let state = context.state.clone();
     let task = tokio::task::spawn_blocking(move || {
         let before = process::thread_cpu_ns();
-        let result = function(&invocation);
+        let result = function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state });
         (result, process::thread_cpu_ns() - before)
     });
     let (result, cpu_ns) = match tokio::time::timeout(spec.limits.timeout, task).await {
@@ -69,27 +85,27 @@ pub async fn run(spec: &FunctionSpec, name: &str, invocation: &Invocation) -> Re
     })
 }
 
-fn noop(_: &Invocation) -> Result<Bytes, String> {
+fn noop(_: &BuiltinContext<'_>) -> Result<Bytes, String> {
     Ok(Bytes::new())
 }
 
-fn echo(invocation: &Invocation) -> Result<Bytes, String> {
-    Ok(invocation.body.clone())
+fn echo(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+    Ok(context.invocation.body.clone())
 }
 
-fn uppercase(invocation: &Invocation) -> Result<Bytes, String> {
-    Ok(Bytes::from(invocation.body.to_ascii_uppercase()))
+fn uppercase(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+    Ok(Bytes::from(context.invocation.body.to_ascii_uppercase()))
 }
 
-fn wordcount(invocation: &Invocation) -> Result<Bytes, String> {
-    let text = String::from_utf8_lossy(&invocation.body);
+fn wordcount(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+    let text = String::from_utf8_lossy(&context.invocation.body);
     let words = text.split_whitespace().count();
-    Ok(Bytes::from(format!("{{\"words\":{words},\"bytes\":{}}}", invocation.body.len())))
+    Ok(Bytes::from(format!("{{\"words\":{words},\"bytes\":{}}}", context.invocation.body.len())))
 }
 
 /// Burns the thread's CPU for the number of milliseconds in the body (at most 60000).
-fn cpu_burn(invocation: &Invocation) -> Result<Bytes, String> {
-    let millis = parse_millis(invocation)?;
+fn cpu_burn(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+    let millis = parse_millis(context.invocation)?;
     let target = millis * 1_000_000;
     let start = process::thread_cpu_ns();
     let mut spins = 0u64;
@@ -103,14 +119,14 @@ fn cpu_burn(invocation: &Invocation) -> Result<Bytes, String> {
 }
 
 /// Sleeps for the number of milliseconds in the body (at most 60000), using no CPU.
-fn sleep(invocation: &Invocation) -> Result<Bytes, String> {
-    let millis = parse_millis(invocation)?;
+fn sleep(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+    let millis = parse_millis(context.invocation)?;
     std::thread::sleep(std::time::Duration::from_millis(millis));
     Ok(Bytes::from(format!("{{\"slept_ms\":{millis}}}")))
 }
 
-fn fail(invocation: &Invocation) -> Result<Bytes, String> {
-    Err(format!("failing on purpose ({} bytes in)", invocation.body.len()))
+fn fail(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+    Err(format!("failing on purpose ({} bytes in)", context.invocation.body.len()))
 }
 
 fn parse_millis(invocation: &Invocation) -> Result<u64, String> {

@@ -17,7 +17,8 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::process;
-use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, Usage};
+use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, RunContext, Usage};
+use crate::semconv::{HEADER_JOB, HEADER_STATE_TOKEN};
 
 /// How long a managed instance may take to accept connections.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -41,6 +42,7 @@ async fn forward(
     spec: &FunctionSpec,
     base_url: &str,
     invocation: &Invocation,
+    extra_headers: &[(String, String)],
 ) -> Result<(u16, Vec<(String, String)>, Bytes), FunctionError> {
     let unreachable = |message: String| FunctionError::Upstream { name: spec.name.clone(), message };
     let mut url = format!("{base_url}{}", invocation.path);
@@ -56,6 +58,9 @@ async fn forward(
     }
     if let Some(traceparent) = &invocation.traceparent {
         request = request.header("traceparent", traceparent);
+    }
+    for (name, value) in extra_headers {
+        request = request.header(name, value);
     }
     let response = request.send().await.map_err(|error| {
         if error.is_timeout() {
@@ -87,8 +92,9 @@ pub async fn run_upstream(
     spec: &FunctionSpec,
     url: &str,
     invocation: &Invocation,
+    extra_headers: &[(String, String)],
 ) -> Result<Outcome, FunctionError> {
-    let (status, headers, body) = forward(client, spec, url, invocation).await?;
+    let (status, headers, body) = forward(client, spec, url, invocation, extra_headers).await?;
     Ok(Outcome { status, headers, body, usage: Usage::default() })
 }
 
@@ -135,11 +141,16 @@ impl ManagedPool {
     }
 
     /// Sets the number of instances kept warm and starts them.
-    pub async fn scale(self: &Arc<Self>, spec: &FunctionSpec, replicas: usize) -> Result<(), FunctionError> {
+    pub async fn scale(
+        self: &Arc<Self>,
+        spec: &FunctionSpec,
+        replicas: usize,
+        state_url: Option<&str>,
+    ) -> Result<(), FunctionError> {
         let replicas = replicas.min(spec.limits.max_instances);
         *self.min_instances.lock().unwrap() = replicas;
         while self.running() < replicas {
-            let instance = self.start(spec).await?;
+            let instance = self.start(spec, state_url).await?;
             self.idle.lock().unwrap().push(instance);
         }
         Ok(())
@@ -148,7 +159,7 @@ impl ManagedPool {
     /// Runs one invocation on an idle instance, starting one if none is idle.
     pub async fn run(
         self: &Arc<Self>,
-        client: &reqwest::Client,
+        context: &RunContext<'_>,
         spec: &FunctionSpec,
         invocation: &Invocation,
     ) -> Result<Outcome, FunctionError> {
@@ -167,10 +178,16 @@ impl ManagedPool {
         let cold_start = reused.is_none();
         let mut instance = match reused {
             Some(instance) => instance,
-            None => self.start(spec).await?,
+            None => self.start(spec, context.state_url.as_deref()).await?,
         };
+        // A server lives across calls, so the per-call token and job travel as headers.
+        let mut headers = vec![(HEADER_STATE_TOKEN.to_string(), context.state_token.to_string())];
+        if let Some(job) = &invocation.job {
+            headers.push((HEADER_JOB.to_string(), job.clone()));
+        }
         let cpu_before = process::process_cpu_ns(instance.pid);
-        let result = forward(client, spec, &format!("http://127.0.0.1:{}", instance.port), invocation).await;
+        let url = format!("http://127.0.0.1:{}", instance.port);
+        let result = forward(context.client, spec, &url, invocation, &headers).await;
         let usage = Usage {
             cpu_ns: process::process_cpu_ns(instance.pid).saturating_sub(cpu_before),
             peak_memory_bytes: process::process_peak_rss(instance.pid),
@@ -211,10 +228,13 @@ impl ManagedPool {
         }
     }
 
-    async fn start(&self, spec: &FunctionSpec) -> Result<Instance, FunctionError> {
+    async fn start(&self, spec: &FunctionSpec, state_url: Option<&str>) -> Result<Instance, FunctionError> {
         let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
         let port = free_port().map_err(|e| start_error(format!("no free port: {e}")))?;
-        let env = vec![("PORT".to_string(), port.to_string())];
+        let mut env = vec![("PORT".to_string(), port.to_string())];
+        if let Some(url) = state_url {
+            env.push((crate::semconv::ENV_STATE_URL.to_string(), url.to_string()));
+        }
         let command = format!("exec {}", self.command);
         let mut std_command =
             process::command(&command, &spec.env, &env, spec.workdir.as_deref(), spec.limits.memory_bytes);

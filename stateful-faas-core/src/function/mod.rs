@@ -30,6 +30,35 @@ pub struct Invocation {
     pub body: Bytes,
     /// W3C `traceparent` of the invocation span, handed to the function.
     pub traceparent: Option<String>,
+    /// The state-store job the call belongs to (a flow run), if any.
+    pub job: Option<String>,
+}
+
+/// What a runner may use besides the request: the shared HTTP client, and the tenant's state
+/// store (in process for builtins, over HTTP with a per-invocation token for processes).
+pub struct RunContext<'a> {
+    pub client: &'a reqwest::Client,
+    pub tenant: &'a crate::tenant::TenantId,
+    pub state: &'a std::sync::Arc<crate::state::StateStore>,
+    /// `http://ADDR/state`, once the gateway listens.
+    pub state_url: Option<String>,
+    /// Valid while the invocation runs; reaches the tenant's job-less objects and `job`'s.
+    pub state_token: &'a str,
+}
+
+impl RunContext<'_> {
+    /// Environment of a process function for one invocation.
+    fn state_env(&self, job: Option<&str>) -> Vec<(String, String)> {
+        use crate::semconv::{ENV_JOB, ENV_STATE_TOKEN, ENV_STATE_URL};
+        let mut env = vec![(ENV_STATE_TOKEN.to_string(), self.state_token.to_string())];
+        if let Some(url) = &self.state_url {
+            env.push((ENV_STATE_URL.to_string(), url.clone()));
+        }
+        if let Some(job) = job {
+            env.push((ENV_JOB.to_string(), job.to_string()));
+        }
+        env
+    }
 }
 
 impl Invocation {

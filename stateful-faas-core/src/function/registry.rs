@@ -8,7 +8,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::deployment::{DeploymentError, FunctionDeployment, FunctionSpec, Target};
 use super::http::ManagedPool;
-use super::{FunctionError, Invocation, Outcome, builtin, exec, http};
+use super::{FunctionError, Invocation, Outcome, RunContext, builtin, exec, http};
 use crate::database::now_ms;
 use crate::tenant::TenantId;
 
@@ -71,20 +71,18 @@ impl DeployedFunction {
     }
 
     /// Runs one invocation with the function's kind-specific runner.
-    pub async fn run(
-        &self,
-        client: &reqwest::Client,
-        invocation: &Invocation,
-        extra_env: &[(String, String)],
-    ) -> Result<Outcome, FunctionError> {
+    pub async fn run(&self, context: &RunContext<'_>, invocation: &Invocation) -> Result<Outcome, FunctionError> {
         self.invocations.fetch_add(1, Ordering::Relaxed);
         match &self.spec.target {
-            Target::Exec { command } => exec::run(&self.spec, command, invocation, extra_env).await,
-            Target::Builtin { name } => builtin::run(&self.spec, name, invocation).await,
-            Target::Upstream { url } => http::run_upstream(client, &self.spec, url, invocation).await,
+            Target::Exec { command } => {
+                exec::run(&self.spec, command, invocation, &context.state_env(invocation.job.as_deref())).await
+            }
+            Target::Builtin { name } => builtin::run(&self.spec, name, context, invocation).await,
+            // An external server is not given a state token: it is not run by the platform.
+            Target::Upstream { url } => http::run_upstream(context.client, &self.spec, url, invocation, &[]).await,
             Target::Managed { .. } => {
                 let pool = self.managed.as_ref().expect("managed functions have a pool");
-                pool.run(client, &self.spec, invocation).await
+                pool.run(context, &self.spec, invocation).await
             }
         }
     }
@@ -102,6 +100,8 @@ type Key = (TenantId, String);
 pub struct Registry {
     pool: sqlx::SqlitePool,
     functions: RwLock<HashMap<Key, Arc<DeployedFunction>>>,
+    /// The state store's URL, handed to managed servers when they start.
+    pub state_url: std::sync::OnceLock<String>,
 }
 
 impl Registry {
@@ -123,7 +123,7 @@ impl Registry {
                 None => tracing::error!(%tenant, %name, "stored function no longer validates; not loaded"),
             }
         }
-        Ok(Self { pool, functions: RwLock::new(functions) })
+        Ok(Self { pool, functions: RwLock::new(functions), state_url: std::sync::OnceLock::new() })
     }
 
     pub fn get(&self, tenant: &TenantId, name: &str) -> Option<Arc<DeployedFunction>> {
@@ -220,7 +220,9 @@ impl Registry {
             .get(tenant, name)
             .ok_or_else(|| RegistryError::NotFound { tenant: tenant.to_string(), name: name.to_string() })?;
         if let Some(pool) = &function.managed {
-            pool.scale(&function.spec, replicas).await.map_err(|e| RegistryError::Scale(name.to_string(), e))?;
+            pool.scale(&function.spec, replicas, self.state_url.get().map(String::as_str))
+                .await
+                .map_err(|e| RegistryError::Scale(name.to_string(), e))?;
         }
         Ok(())
     }

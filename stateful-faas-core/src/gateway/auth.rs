@@ -79,6 +79,34 @@ impl Caller {
                 Ok(TenantId::new(ns)?)
             }
             Principal::Meter => Err(ApiError::Forbidden("a meter token may only send telemetry".into())),
+            Principal::Function { .. } => {
+                Err(ApiError::Forbidden("a function's token may only use the state store".into()))
+            }
+        }
+    }
+
+    /// The tenant whose state a call may use, for `job` (`None`: the tenant's job-less objects).
+    /// A function's token reaches its own job and the job-less objects; a read token only reads;
+    /// `manage_jobs` (register, deregister) needs a tenant's ingest token or the admin's.
+    pub fn state_tenant(&self, job: Option<&str>, write: bool, manage_jobs: bool) -> Result<TenantId, ApiError> {
+        match &self.principal {
+            Principal::Function { tenant, job: own } => {
+                if manage_jobs {
+                    return Err(ApiError::Forbidden("a function's token cannot register or deregister jobs".into()));
+                }
+                if job.is_some() && job != own.as_deref() {
+                    return Err(ApiError::Forbidden(format!(
+                        "this function's token is for job {:?}, not {:?}",
+                        own.as_deref().unwrap_or("(none)"),
+                        job.unwrap_or_default()
+                    )));
+                }
+                Ok(tenant.clone())
+            }
+            Principal::Tenant { scope: Scope::Read, .. } if write || manage_jobs => {
+                Err(ApiError::Forbidden("a read token cannot change state; use the ingest token".into()))
+            }
+            _ => self.namespace(None),
         }
     }
 
@@ -99,6 +127,9 @@ impl Caller {
                 scope.as_str()
             ))),
             Principal::Meter => Err(ApiError::Forbidden("a meter token may only send telemetry".into())),
+            Principal::Function { .. } => {
+                Err(ApiError::Forbidden("a function's token may only use the state store".into()))
+            }
         }
     }
 

@@ -4,6 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use crate::function::registry::RegistryError;
+use crate::state::StateError;
 use crate::tenant::{NameError, TenantError};
 
 /// An error answered to an API caller, as plain text (as OpenFaaS does).
@@ -20,7 +21,11 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
     TooManyRequests(String),
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -33,7 +38,9 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,6 +79,21 @@ impl From<TenantError> for ApiError {
             TenantError::Name(_) => ApiError::BadRequest(error.to_string()),
             TenantError::Exists(_) => ApiError::Conflict(error.to_string()),
             TenantError::Database(_) => ApiError::Internal(error.to_string()),
+        }
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(error: StateError) -> Self {
+        let message = error.to_string();
+        match error {
+            StateError::JobNotRegistered(_) | StateError::NotFound { .. } => ApiError::NotFound(message),
+            StateError::JobExists(_) => ApiError::Conflict(message),
+            StateError::ValueTooLarge { .. } => ApiError::PayloadTooLarge(message),
+            StateError::QuotaExceeded { .. } | StateError::BudgetExceeded { .. } => {
+                ApiError::InsufficientStorage(message)
+            }
+            StateError::InvalidName { .. } => ApiError::BadRequest(message),
         }
     }
 }

@@ -15,7 +15,7 @@ use opentelemetry::trace::{Span, SpanKind, Status, Tracer};
 use super::Core;
 use super::auth::Caller;
 use super::error::ApiError;
-use crate::function::{Invocation, Outcome, Usage};
+use crate::function::{Invocation, Outcome, RunContext, Usage};
 use crate::semconv;
 use crate::telemetry;
 use crate::tenant::{TenantId, validate_name};
@@ -71,7 +71,15 @@ pub async fn dispatch(
         invocation.traceparent = Some(telemetry::traceparent(span.span_context()));
     }
 
-    let outcome = match function.run(&core.client, &invocation, &[]).await {
+    let state_token = core.tenants.issue_function_token(tenant, invocation.job.as_deref());
+    let context = RunContext {
+        client: &core.client,
+        tenant,
+        state: &core.state,
+        state_url: core.gateway_url.get().map(|url| format!("{url}/state")),
+        state_token: &state_token.token,
+    };
+    let outcome = match function.run(&context, &invocation).await {
         Ok(outcome) => outcome,
         Err(error) => {
             tracing::warn!(%tenant, function = function_name, call_id = %invocation.call_id, %error, "invocation failed");
@@ -153,6 +161,7 @@ fn invocation(
         headers: forwarded,
         body,
         traceparent: headers.get(semconv::HEADER_TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_string),
+        job: None,
     })
 }
 

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod error;
 pub mod invoke;
+pub mod state;
 pub mod system;
 
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, get, post};
+use axum::routing::{any, delete, get, post};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -21,6 +22,8 @@ use crate::database::{self, DatabaseError};
 use crate::function::Registry;
 use crate::function::registry::RegistryError;
 use crate::metrics::Metrics;
+use crate::state::StateStore;
+use crate::state::metering::SystemClock;
 use crate::telemetry::Telemetry;
 use crate::tenant::{TenantError, TenantStore};
 
@@ -47,11 +50,14 @@ pub enum CoreError {
 pub struct Core {
     pub config: CoreConfig,
     pub pool: sqlx::SqlitePool,
-    pub tenants: TenantStore,
+    pub tenants: Arc<TenantStore>,
     pub functions: Registry,
     pub metrics: Metrics,
     pub telemetry: Telemetry,
     pub queue: AsyncQueue,
+    pub state: Arc<StateStore>,
+    /// `http://ADDR` of the gateway once it listens; functions reach the state store there.
+    pub gateway_url: std::sync::OnceLock<String>,
     /// Client for `http` functions and callbacks (no proxy, pooled connections).
     pub client: reqwest::Client,
     pub admin_token: String,
@@ -69,7 +75,8 @@ impl Core {
         };
         let url = config.database_url.clone().unwrap_or_else(|| database::default_url(&config.data_dir));
         let pool = database::open(&url).await?;
-        let tenants = TenantStore::load(pool.clone(), &admin_token).await?;
+        let tenants = Arc::new(TenantStore::load(pool.clone(), &admin_token).await?);
+        let state = Arc::new(StateStore::new(config.state.clone(), Arc::new(SystemClock)));
         let functions = Registry::load(pool.clone()).await?;
         let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone()).await?;
         let client = reqwest::Client::builder()
@@ -83,8 +90,10 @@ impl Core {
             pool,
             tenants,
             functions,
-            metrics: Metrics::new(),
+            metrics: Metrics::new(state.clone()),
             queue,
+            state,
+            gateway_url: std::sync::OnceLock::new(),
             client,
             admin_token,
         }))
@@ -115,7 +124,23 @@ impl Core {
             .route("/async-function/{name}", post(invoke::call_async))
             .route("/async-function/{name}/{*rest}", post(invoke::call_async))
             .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
+            .merge(self.state_router())
             .with_state(self.clone())
+    }
+
+    /// `/state/*`, whose bodies may be as large as the store's largest value.
+    fn state_router(self: &Arc<Self>) -> Router<Arc<Self>> {
+        let object =
+            get(state::get_object).put(state::put_object).head(state::lookup_object).delete(state::delete_object);
+        Router::new()
+            .route("/state/usage", get(state::usage))
+            .route("/state/jobs", post(state::register_job))
+            .route("/state/jobs/{job}", delete(state::deregister_job))
+            .route("/state/jobs/{job}/buckets/{bucket}", get(state::enumerate))
+            .route("/state/jobs/{job}/buckets/{bucket}/objects/{key}", object.clone())
+            .route("/state/buckets/{bucket}", get(state::enumerate))
+            .route("/state/buckets/{bucket}/objects/{key}", object)
+            .layer(DefaultBodyLimit::max(self.config.state.max_value_bytes as usize))
     }
 
     /// Binds the gateway address and starts serving, with the async workers and the idle
@@ -124,9 +149,11 @@ impl Core {
         let addr = self.config.gateway_addr;
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoreError::Listen(addr, e))?;
         let local_addr = listener.local_addr().map_err(|e| CoreError::Listen(addr, e))?;
+        let _ = self.gateway_url.set(format!("http://{local_addr}"));
+        let _ = self.functions.state_url.set(format!("http://{local_addr}/state"));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = async_queue::spawn_workers(self.clone(), shutdown_rx.clone());
-        tasks.push(tokio::spawn(reap_idle(self.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(housekeeping(self.clone(), shutdown_rx.clone())));
         let router = self.router();
         let mut server_shutdown = shutdown_rx;
         let server = tokio::spawn(async move {
@@ -143,10 +170,14 @@ impl Core {
     }
 }
 
-async fn reap_idle(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
+/// Once a second: stop idle function instances, drop expired state objects.
+async fn housekeeping(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => core.functions.reap_idle(),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                core.functions.reap_idle();
+                core.state.sweep_expired();
+            }
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }

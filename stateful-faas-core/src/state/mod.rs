@@ -193,6 +193,12 @@ pub struct StateStore {
     used: AtomicU64,
 }
 
+impl std::fmt::Debug for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateStore").field("used_bytes", &self.used_bytes()).finish_non_exhaustive()
+    }
+}
+
 impl StateStore {
     pub fn new(config: StateConfig, clock: Arc<dyn Clock>) -> Self {
         Self { config, clock, tenants: RwLock::new(HashMap::new()), used: AtomicU64::new(0) }
@@ -306,7 +312,9 @@ impl StateStore {
             if let Some(expires_at) = expires_at {
                 state.expiries.insert((expires_at, key.clone()));
             }
-            state.objects.insert(key, Object { value, persist: options.persist, expires_at, in_job, counted_since: now });
+            state
+                .objects
+                .insert(key, Object { value, persist: options.persist, expires_at, in_job, counted_since: now });
             Ok(())
         })
     }

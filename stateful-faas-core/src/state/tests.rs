@@ -42,7 +42,9 @@ fn objects_follow_pocket_semantics() {
     store.register(&t, "j").unwrap();
     assert_eq!(store.register(&t, "j"), Err(StateError::JobExists("j".into())));
     store.put(&t, key(Some("j"), "b", "k1"), Bytes::from_static(b"one"), PutOptions::default()).unwrap();
-    store.put(&t, key(Some("j"), "b", "k2"), Bytes::from_static(b"two!"), PutOptions { persist: true, ttl: None }).unwrap();
+    store
+        .put(&t, key(Some("j"), "b", "k2"), Bytes::from_static(b"two!"), PutOptions { persist: true, ttl: None })
+        .unwrap();
     store.put(&t, key(Some("j"), "other", "k3"), bytes(1), PutOptions::default()).unwrap();
     assert_eq!(store.get(&t, &key(Some("j"), "b", "k1"), false).unwrap(), Bytes::from_static(b"one"));
     let info = store.lookup(&t, &key(Some("j"), "b", "k2")).unwrap();
@@ -118,7 +120,9 @@ fn quotas_and_budget_refuse_puts_and_never_evict() {
 fn ttl_expires_objects_at_their_instant() {
     let (store, clock) = store(StateConfig::default());
     let t = acme();
-    store.put(&t, key(None, "b", "k"), bytes(100), PutOptions { persist: false, ttl: Some(Duration::from_secs(3)) }).unwrap();
+    store
+        .put(&t, key(None, "b", "k"), bytes(100), PutOptions { persist: false, ttl: Some(Duration::from_secs(3)) })
+        .unwrap();
     clock.set(3 * S - 1);
     assert!(store.get(&t, &key(None, "b", "k"), false).is_ok());
     clock.set(3 * S);
@@ -151,7 +155,13 @@ fn byte_seconds_match_a_hand_computed_integral() {
     store.put(&t, key(Some("j"), "b", "a"), bytes(100), PutOptions::default()).unwrap();
     store.put(&t, key(Some("j"), "b", "p"), bytes(10), PutOptions { persist: true, ttl: None }).unwrap();
     clock.set(2 * S);
-    store.put(&t, key(None, "tables", "t"), bytes(1000), PutOptions { persist: false, ttl: Some(Duration::from_secs(3)) })
+    store
+        .put(
+            &t,
+            key(None, "tables", "t"),
+            bytes(1000),
+            PutOptions { persist: false, ttl: Some(Duration::from_secs(3)) },
+        )
         .unwrap();
     clock.set(4 * S);
     assert_eq!(store.job_usage(&t, "j"), Some(bs(440))); // 100×4 + 10×4
