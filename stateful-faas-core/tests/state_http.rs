@@ -1,0 +1,155 @@
+//! The state store over HTTP: the API, isolation, quotas, and functions using it (the
+//! examples in examples/state, in Python and shell).
+
+mod common;
+
+use common::{require_program, start};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_api_follows_pocket_over_http() {
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    let url = |path: &str| format!("{}/state{path}", core.url);
+    let http = &core.http;
+
+    let r = http.post(url("/jobs")).bearer_auth(&acme.ingest).json(&json!({"job": "run-1"})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http.post(url("/jobs")).bearer_auth(&acme.ingest).json(&json!({"job": "run-1"})).send().await.unwrap();
+    assert_eq!(r.status(), 409);
+    let object = url("/jobs/run-1/buckets/b/objects/k");
+    let r = http.put(format!("{object}?persist=true")).bearer_auth(&acme.ingest).body("hello").send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r =
+        http.put(url("/jobs/run-1/buckets/b/objects/tmp")).bearer_auth(&acme.ingest).body("x").send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http.put(url("/jobs/nope/buckets/b/objects/k")).bearer_auth(&acme.ingest).body("x").send().await.unwrap();
+    assert_eq!(r.status(), 404, "puts need a registered job");
+
+    let r = http.get(&object).bearer_auth(&acme.read).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "hello");
+    let r = http.head(&object).bearer_auth(&acme.read).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.headers()["content-length"].to_str().unwrap()), (200, "5"));
+    assert_eq!(r.headers()["x-sfaas-persist"], "true");
+    let (status, listed) = core.get_json(&acme.read, "/state/jobs/run-1/buckets/b").await;
+    assert_eq!(status, 200);
+    assert_eq!(listed.as_array().unwrap().iter().map(|o| o["key"].as_str().unwrap()).collect::<Vec<_>>(), ["k", "tmp"]);
+
+    // Read tokens read only.
+    assert_eq!(http.put(&object).bearer_auth(&acme.read).body("x").send().await.unwrap().status(), 403);
+    assert_eq!(http.delete(&object).bearer_auth(&acme.read).send().await.unwrap().status(), 403);
+    let r = http.get(format!("{object}?delete_after_read=true")).bearer_auth(&acme.read).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+
+    // delete_after_read, deregistration (persistent objects survive), job-less objects, TTL syntax.
+    let r = http.get(url("/jobs/run-1/buckets/b/objects/tmp?delete_after_read=true")).bearer_auth(&acme.ingest).send();
+    assert_eq!(r.await.unwrap().text().await.unwrap(), "x");
+    assert_eq!(core.get_json(&acme.read, "/state/jobs/run-1/buckets/b/objects/tmp").await.0, 404);
+    let r = http.delete(url("/jobs/run-1")).bearer_auth(&acme.ingest).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let ended: serde_json::Value = r.json().await.unwrap();
+    assert!(ended["byte_seconds"].as_str().unwrap().contains('.'), "exact decimal byte-seconds: {ended}");
+    assert_eq!(http.get(&object).bearer_auth(&acme.read).send().await.unwrap().text().await.unwrap(), "hello");
+    let r =
+        http.put(url("/buckets/tables/objects/t?ttl=1h")).bearer_auth(&acme.ingest).body("table").send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r =
+        http.put(url("/buckets/tables/objects/t?ttl=soon")).bearer_auth(&acme.ingest).body("x").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let (_, usage) = core.get_json(&acme.read, "/state/usage").await;
+    assert_eq!(usage["bytes"], 10);
+
+    // Another tenant sees none of it, at the same paths.
+    let globex = core.tenant("globex").await;
+    assert_eq!(http.get(&object).bearer_auth(&globex.ingest).send().await.unwrap().status(), 404);
+    assert_eq!(
+        http.head(url("/buckets/tables/objects/t")).bearer_auth(&globex.read).send().await.unwrap().status(),
+        404
+    );
+    let (_, listed) = core.get_json(&globex.read, "/state/buckets/tables").await;
+    assert_eq!(listed, json!([]));
+    let (_, usage) = core.get_json(&globex.read, "/state/usage").await;
+    assert_eq!(usage["bytes"], 0);
+    assert_eq!(http.get(url("/usage")).send().await.unwrap().status(), 401);
+
+    // The state gauges and byte-second counters, per namespace.
+    let metrics = http.get(format!("{}/metrics", core.url)).bearer_auth(common::ADMIN).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == r#"sfaas_state_bytes{namespace="acme"} 10"#), "{metrics}");
+    assert!(metrics.contains(r#"sfaas_state_byte_seconds_total{namespace="acme"}"#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_answer_507_and_keep_what_is_stored() {
+    let core = start(|config| {
+        config.state.tenant_quota_bytes = 1000;
+        config.state.max_value_bytes = 600;
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    let put = |key: &str, size: usize| {
+        core.http
+            .put(format!("{}/state/buckets/b/objects/{key}", core.url))
+            .bearer_auth(&acme.ingest)
+            .body(vec![b'x'; size])
+            .send()
+    };
+    assert_eq!(put("a", 600).await.unwrap().status(), 201);
+    let over = put("b", 500).await.unwrap();
+    assert_eq!(over.status(), 507);
+    assert!(over.text().await.unwrap().contains("quota"));
+    assert_eq!(put("c", 601).await.unwrap().status(), 413);
+    let (_, usage) = core.get_json(&acme.read, "/state/usage").await;
+    assert_eq!(usage["bytes"], 600, "the refused puts evicted nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_use_the_state_store_with_their_own_short_lived_token() {
+    let (Some(_), Some(_)) = (require_program("python3"), require_program("curl")) else {
+        return;
+    };
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/state");
+    let workdir = examples.canonicalize().unwrap().display().to_string();
+    core.deploy(&acme, json!({"service": "counter", "envProcess": "python3 counter.py", "workdir": workdir})).await;
+    core.deploy(&acme, json!({"service": "stash", "envProcess": "sh stash.sh", "workdir": workdir})).await;
+    core.deploy(&acme, json!({"service": "leak", "envProcess": "printf %s \"$SFAAS_STATE_TOKEN\""})).await;
+
+    for expected in 1..=3 {
+        let response = core.invoke(&acme.ingest, "counter", "visits").await;
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["count"], expected);
+    }
+    let r = core.http.get(format!("{}/state/buckets/counters/objects/visits", core.url)).bearer_auth(&acme.read).send();
+    assert_eq!(r.await.unwrap().text().await.unwrap(), "3");
+
+    let response = core
+        .http
+        .post(format!("{}/function/stash", core.url))
+        .bearer_auth(&acme.ingest)
+        .header("X-Call-Id", "stash-1")
+        .body(vec![b'z'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body, json!({"key": "stash-1", "stored_bytes": 4096}));
+
+    // A function's token is revoked when its invocation ends, and never reaches beyond state.
+    let token = core.invoke(&acme.ingest, "leak", "").await.text().await.unwrap();
+    assert_eq!(token.len(), 64);
+    let r = core.http.get(format!("{}/state/usage", core.url)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 401, "the token outlived its invocation");
+
+    // While it runs, a function's token cannot manage jobs, reach other jobs, or leave /state.
+    let probe = "for p in 'POST /state/jobs' 'GET /state/jobs/other/buckets/b' 'GET /system/functions'; do \
+                 set -- $p; curl -s -o /dev/null -w '%{http_code} ' -X $1 -H \"Authorization: Bearer $SFAAS_STATE_TOKEN\" \
+                 -H 'Content-Type: application/json' -d '{\"job\":\"x\"}' \"${SFAAS_STATE_URL%/state}$2\"; done";
+    core.deploy(&acme, json!({"service": "probe", "envProcess": probe})).await;
+    let codes = core.invoke(&acme.ingest, "probe", "").await.text().await.unwrap();
+    assert_eq!(codes.trim(), "403 403 403");
+}
