@@ -31,7 +31,14 @@ fn migrator() -> Migrator {
         include_str!("../../migrations/sqlite/core_0001_init.sql").into_sql_str(),
         false,
     );
-    let mut migrator = Migrator::with_migrations(vec![init]);
+    let flows = Migration::new(
+        2,
+        "core flows".into(),
+        MigrationType::Simple,
+        include_str!("../../migrations/sqlite/core_0002_flows.sql").into_sql_str(),
+        false,
+    );
+    let mut migrator = Migrator::with_migrations(vec![init, flows]);
     migrator.dangerous_set_table_name("_sfaas_core_migrations");
     migrator
 }

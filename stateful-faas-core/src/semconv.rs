@@ -21,6 +21,8 @@ pub const HTTP_RESPONSE_STATUS_CODE: &str = "http.response.status_code";
 
 /// `faas.trigger` of a synchronous call through the gateway.
 pub const TRIGGER_HTTP: &str = "http";
+/// `faas.trigger` of a call made by a flow node.
+pub const TRIGGER_OTHER: &str = "other";
 /// `faas.trigger` of a call delivered from the durable async queue.
 pub const TRIGGER_PUBSUB: &str = "pubsub";
 
@@ -28,6 +30,14 @@ pub const TRIGGER_PUBSUB: &str = "pubsub";
 pub fn invoke_span_name(function: &str) -> String {
     format!("invoke {function}")
 }
+
+pub const SFAAS_FLOW_NAME: &str = "sfaas.flow.name";
+pub const SFAAS_FLOW_RUN_ID: &str = "sfaas.flow.run_id";
+pub const SFAAS_FLOW_NODE: &str = "sfaas.flow.node";
+pub const SFAAS_FLOW_ATTEMPT: &str = "sfaas.flow.attempt";
+pub const SFAAS_FLOW_STATUS: &str = "sfaas.flow.status";
+/// Exact decimal text: the run's job's byte-seconds.
+pub const SFAAS_STATE_BYTE_SECONDS: &str = "sfaas.state.byte_seconds";
 
 pub const METRIC_INVOCATIONS: &str = "gateway_function_invocation";
 pub const METRIC_FUNCTION_SECONDS: &str = "gateway_functions_seconds";
@@ -48,6 +58,10 @@ pub const ENV_JOB: &str = "SFAAS_JOB";
 /// Headers carrying the state token and job to managed http functions.
 pub const HEADER_STATE_TOKEN: &str = "x-sfaas-state-token";
 pub const HEADER_JOB: &str = "x-sfaas-job";
+
+/// Headers of flow runs.
+pub const HEADER_RUN_ID: &str = "x-run-id";
+pub const HEADER_FLOW_STATUS: &str = "x-flow-status";
 
 /// Header carrying the invocation id (OpenFaaS).
 pub const HEADER_CALL_ID: &str = "x-call-id";

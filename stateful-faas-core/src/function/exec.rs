@@ -37,6 +37,8 @@ pub async fn run(
         tokio::process::ChildStderr::from_std(child.stderr.take().expect("piped stderr")).map_err(start_error)?;
     // `child` is reaped by wait4 below, never by std; dropping it does not wait.
     drop(child);
+    // If this call is abandoned (a cancelled flow run), the process group dies with it.
+    let kill_guard = KillOnDrop(pid);
     let mut reaper = tokio::task::spawn_blocking(move || process::wait4(pid));
 
     let body = invocation.body.clone();
@@ -70,9 +72,11 @@ pub async fn run(
                 Ok(Ok(reaped)) => usage_of(&reaped),
                 _ => Usage::default(),
             };
+            std::mem::forget(kill_guard);
             return Err(FunctionError::Timeout { name: spec.name.clone(), timeout: spec.limits.timeout, usage });
         }
     };
+    std::mem::forget(kill_guard);
     let reaped = match reaped {
         Ok(Ok(reaped)) => reaped,
         Ok(Err(error)) => return Err(start_error(error)),
@@ -105,6 +109,15 @@ pub async fn run(
             tracing::warn!(function = %spec.name, call_id = %invocation.call_id, signal, "function was killed");
             Ok(Outcome::text(500, format!("function {} was killed by signal {signal}\n", spec.name), usage))
         }
+    }
+}
+
+/// Kills a process group when dropped; forgotten once the process is reaped.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        process::kill_group(self.0);
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod flows;
 pub mod invoke;
 pub mod state;
 pub mod system;
@@ -40,6 +41,8 @@ pub enum CoreError {
     Tenants(#[from] TenantError),
     #[error(transparent)]
     Functions(#[from] RegistryError),
+    #[error(transparent)]
+    Flows(#[from] crate::flow::FlowError),
     #[error("async queue: {0}")]
     Queue(#[from] sqlx::Error),
     #[error("cannot listen on {0}: {1}")]
@@ -56,6 +59,8 @@ pub struct Core {
     pub telemetry: Telemetry,
     pub queue: AsyncQueue,
     pub state: Arc<StateStore>,
+    pub flows: crate::flow::FlowStore,
+    pub flow_journal: crate::flow::journal::Journal,
     /// `http://ADDR` of the gateway once it listens; functions reach the state store there.
     pub gateway_url: std::sync::OnceLock<String>,
     /// Client for `http` functions and callbacks (no proxy, pooled connections).
@@ -79,6 +84,8 @@ impl Core {
         let state = Arc::new(StateStore::new(config.state.clone(), Arc::new(SystemClock)));
         let functions = Registry::load(pool.clone()).await?;
         let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone()).await?;
+        let flows = crate::flow::FlowStore::load(pool.clone()).await?;
+        let flow_journal = crate::flow::journal::Journal::start(pool.clone());
         let client = reqwest::Client::builder()
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(30))
@@ -93,6 +100,8 @@ impl Core {
             metrics: Metrics::new(state.clone()),
             queue,
             state,
+            flows,
+            flow_journal,
             gateway_url: std::sync::OnceLock::new(),
             client,
             admin_token,
@@ -121,6 +130,12 @@ impl Core {
             .route("/function/{name}", any(invoke::call))
             .route("/function/{name}/", any(invoke::call))
             .route("/function/{name}/{*rest}", any(invoke::call))
+            .route("/system/flows", get(flows::list).post(flows::deploy))
+            .route("/system/flows/{name}", get(flows::get).delete(flows::remove))
+            .route("/flow/{name}", post(flows::run_sync))
+            .route("/async-flow/{name}", post(flows::run_async))
+            .route("/flow-runs", get(flows::runs))
+            .route("/flow-runs/{run_id}", get(flows::run).delete(flows::cancel))
             .route("/async-function/{name}", post(invoke::call_async))
             .route("/async-function/{name}/{*rest}", post(invoke::call_async))
             .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
@@ -155,6 +170,11 @@ impl Core {
         let mut tasks = async_queue::spawn_workers(self.clone(), shutdown_rx.clone());
         tasks.push(tokio::spawn(housekeeping(self.clone(), shutdown_rx.clone())));
         let router = self.router();
+        match crate::flow::executor::resume_interrupted(&self).await {
+            Ok(0) => {}
+            Ok(runs) => tracing::info!(runs, "resumed interrupted flow runs"),
+            Err(error) => tracing::error!(%error, "cannot resume interrupted flow runs"),
+        }
         let mut server_shutdown = shutdown_rx;
         let server = tokio::spawn(async move {
             let result = axum::serve(listener, router)

@@ -1,0 +1,546 @@
+//! Flow definitions (YAML or JSON) and their validation into a runnable graph.
+//!
+//! ```yaml
+//! name: etl
+//! nodes:
+//!   extract:   {function: parse}
+//!   clean:     {function: validate, needs: [extract], when: "$.count > 0"}
+//!   enrich:    {foreach: "$.records", function: enrich, concurrency: 4, needs: [clean]}
+//!   load:      {function: load, needs: [enrich], retry: {attempts: 3, initial_interval: 200ms}}
+//!   report:    {flow: summary, needs: [load], timeout: 30s, catch: fallback}
+//!   fallback:  {function: report-error}
+//! output: report            # default: the only sink, or an object keyed by all sinks
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::expr::{Condition, Path};
+use crate::function::deployment::parse_duration;
+use crate::tenant::validate_name;
+
+/// A flow as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowDefinition {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub nodes: BTreeMap<String, NodeDefinition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+/// One node as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeDefinition {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    /// Runs another flow of the tenant as this node (a sub-flow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+    /// A path to an array in the input: the node runs once per element (fan-out), and its output
+    /// is the array of their outputs (fan-in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub foreach: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryDefinition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// A node that runs instead when this one fails; its output stands in for this node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch: Option<String>,
+}
+
+/// Retry policy as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryDefinition {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<String>,
+}
+
+/// What a node runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeTarget {
+    Function(String),
+    Flow(String),
+}
+
+/// Retry policy, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    pub attempts: u32,
+    pub initial_interval: Duration,
+    pub backoff_rate: f64,
+    pub max_delay: Duration,
+}
+
+impl Retry {
+    /// The pause before attempt `attempt + 1` (attempts count from 1).
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let factor = self.backoff_rate.powi(attempt.saturating_sub(1) as i32);
+        self.initial_interval.mul_f64(factor).min(self.max_delay)
+    }
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            attempts: 1,
+            initial_interval: Duration::from_millis(100),
+            backoff_rate: 2.0,
+            max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A validated node.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub id: String,
+    pub target: NodeTarget,
+    pub needs: Vec<usize>,
+    pub when: Option<Condition>,
+    pub foreach: Option<Path>,
+    pub concurrency: usize,
+    pub retry: Retry,
+    pub timeout: Option<Duration>,
+    pub catch: Option<usize>,
+    /// Named by another node's `catch`: runs only when that node fails.
+    pub is_catch: bool,
+}
+
+/// What the flow answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlowOutput {
+    Node(usize),
+    /// Several sinks: a JSON object keyed by their ids.
+    Sinks(Vec<usize>),
+}
+
+/// A validated flow, ready to run.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    pub definition: FlowDefinition,
+    pub nodes: Vec<Node>,
+    pub output: FlowOutput,
+}
+
+impl Flow {
+    pub fn name(&self) -> &str {
+        &self.definition.name
+    }
+
+    pub fn index(&self, id: &str) -> Option<usize> {
+        self.nodes.iter().position(|node| node.id == id)
+    }
+}
+
+/// Why a flow was refused: every problem found, each located.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct FlowErrors(pub Vec<String>);
+
+impl fmt::Display for FlowErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid flow: {}", self.0.join("; "))
+    }
+}
+
+/// Most fan-out concurrency a node may ask for.
+pub const MAX_CONCURRENCY: usize = 256;
+
+/// Parses YAML (JSON is YAML too).
+pub fn parse(text: &str) -> Result<FlowDefinition, FlowErrors> {
+    serde_norway::from_str(text).map_err(|e| FlowErrors(vec![e.to_string()]))
+}
+
+impl FlowDefinition {
+    /// Validates the flow; `function_exists` and `flow_exists` answer for the tenant.
+    pub fn validate(
+        &self,
+        function_exists: impl Fn(&str) -> bool,
+        flow_exists: impl Fn(&str) -> bool,
+    ) -> Result<Flow, FlowErrors> {
+        let mut errors = Vec::new();
+        if let Err(e) = validate_name("flow", &self.name) {
+            errors.push(e.to_string());
+        }
+        if self.nodes.is_empty() {
+            errors.push("a flow needs at least one node".into());
+        }
+        let ids: Vec<&String> = self.nodes.keys().collect();
+        let index_of: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+        let catch_targets: BTreeSet<&str> = self.nodes.values().filter_map(|n| n.catch.as_deref()).collect();
+        let mut nodes = Vec::new();
+        for (id, node) in &self.nodes {
+            let mut fail = |message: String| errors.push(format!("node {id}: {message}"));
+            if id.is_empty() || id.len() > 63 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                fail("ids use letters, digits, '-' and '_' (at most 63)".into());
+            }
+            let target = match (&node.function, &node.flow) {
+                (Some(function), None) => {
+                    if !function_exists(function) {
+                        fail(format!("function {function:?} is not deployed"));
+                    }
+                    NodeTarget::Function(function.clone())
+                }
+                (None, Some(flow)) => {
+                    if flow == &self.name {
+                        fail("a flow cannot run itself as a sub-flow".into());
+                    } else if !flow_exists(flow) {
+                        fail(format!("sub-flow {flow:?} is not deployed"));
+                    }
+                    NodeTarget::Flow(flow.clone())
+                }
+                _ => {
+                    fail("set exactly one of `function` or `flow`".into());
+                    NodeTarget::Function(String::new())
+                }
+            };
+            let mut needs = Vec::new();
+            for need in &node.needs {
+                match index_of.get(need.as_str()) {
+                    Some(_) if need == id => fail("needs itself".into()),
+                    Some(&i) => needs.push(i),
+                    None => fail(format!("needs unknown node {need:?}")),
+                }
+            }
+            let when = node
+                .when
+                .as_deref()
+                .and_then(|text| Condition::parse(text).map_err(|e| fail(format!("when {text:?}: {e}"))).ok());
+            let foreach = node
+                .foreach
+                .as_deref()
+                .and_then(|text| Path::parse(text).map_err(|e| fail(format!("foreach {text:?}: {e}"))).ok());
+            let concurrency = node.concurrency.unwrap_or(8);
+            if node.concurrency.is_some() && node.foreach.is_none() {
+                fail("`concurrency` applies to `foreach` nodes only".into());
+            }
+            if concurrency == 0 || concurrency > MAX_CONCURRENCY {
+                fail(format!("concurrency must be 1 to {MAX_CONCURRENCY}"));
+            }
+            let retry = match &node.retry {
+                None => Retry::default(),
+                Some(spec) => {
+                    let mut retry = Retry { attempts: spec.attempts, ..Retry::default() };
+                    if spec.attempts == 0 || spec.attempts > 100 {
+                        fail("retry.attempts must be 1 to 100".into());
+                    }
+                    if let Some(text) = &spec.initial_interval {
+                        match parse_duration(text) {
+                            Ok(d) => retry.initial_interval = d,
+                            Err(e) => fail(format!("retry.initial_interval: {e}")),
+                        }
+                    }
+                    if let Some(text) = &spec.max_delay {
+                        match parse_duration(text) {
+                            Ok(d) => retry.max_delay = d,
+                            Err(e) => fail(format!("retry.max_delay: {e}")),
+                        }
+                    }
+                    if let Some(rate) = spec.backoff_rate {
+                        if !(1.0..=10.0).contains(&rate) {
+                            fail("retry.backoff_rate must be between 1 and 10".into());
+                        }
+                        retry.backoff_rate = rate;
+                    }
+                    retry
+                }
+            };
+            let timeout = node
+                .timeout
+                .as_deref()
+                .and_then(|text| parse_duration(text).map_err(|e| fail(format!("timeout: {e}"))).ok());
+            let catch = node.catch.as_deref().and_then(|target| match index_of.get(target) {
+                Some(_) if target == id => {
+                    fail("cannot catch into itself".into());
+                    None
+                }
+                Some(&i) => Some(i),
+                None => {
+                    fail(format!("catch names unknown node {target:?}"));
+                    None
+                }
+            });
+            let is_catch = catch_targets.contains(id.as_str());
+            if is_catch && !node.needs.is_empty() {
+                fail("a catch node receives the failure as its input and cannot have `needs`".into());
+            }
+            nodes.push(Node {
+                id: id.clone(),
+                target,
+                needs,
+                when,
+                foreach,
+                concurrency,
+                retry,
+                timeout,
+                catch,
+                is_catch,
+            });
+        }
+        if let Some(cycle) = find_cycle(&nodes) {
+            errors.push(format!("cycle: {}", cycle.join(" -> ")));
+        }
+        let output = match &self.output {
+            Some(id) => match index_of.get(id.as_str()) {
+                Some(&i) => FlowOutput::Node(i),
+                None => {
+                    errors.push(format!("output names unknown node {id:?}"));
+                    FlowOutput::Sinks(vec![])
+                }
+            },
+            None => {
+                let sinks: Vec<usize> = (0..nodes.len())
+                    .filter(|&i| !nodes[i].is_catch || nodes.iter().any(|n| n.needs.contains(&i)))
+                    .filter(|&i| !nodes.iter().any(|n| n.needs.contains(&i)))
+                    .collect();
+                match sinks.as_slice() {
+                    [single] => FlowOutput::Node(*single),
+                    _ => FlowOutput::Sinks(sinks),
+                }
+            }
+        };
+        if errors.is_empty() {
+            for unreachable in unreachable(&nodes, &output) {
+                errors.push(format!(
+                    "node {} is unreachable: it feeds neither the output nor a catch",
+                    nodes[unreachable].id
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(FlowErrors(errors));
+        }
+        Ok(Flow { definition: self.clone(), nodes, output })
+    }
+}
+
+/// A cycle of node ids, if the graph has one.
+fn find_cycle(nodes: &[Node]) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Active,
+        Done,
+    }
+    fn visit(i: usize, nodes: &[Node], marks: &mut [Mark], stack: &mut Vec<usize>) -> Option<Vec<String>> {
+        marks[i] = Mark::Active;
+        stack.push(i);
+        for &need in &nodes[i].needs {
+            match marks[need] {
+                Mark::Active => {
+                    let start = stack.iter().position(|&s| s == need).expect("active nodes are on the stack");
+                    let mut cycle: Vec<String> = stack[start..].iter().rev().map(|&s| nodes[s].id.clone()).collect();
+                    cycle.push(nodes[need].id.clone());
+                    return Some(cycle);
+                }
+                Mark::New => {
+                    if let Some(cycle) = visit(need, nodes, marks, stack) {
+                        return Some(cycle);
+                    }
+                }
+                Mark::Done => {}
+            }
+        }
+        stack.pop();
+        marks[i] = Mark::Done;
+        None
+    }
+    let mut marks = vec![Mark::New; nodes.len()];
+    for i in 0..nodes.len() {
+        if marks[i] == Mark::New
+            && let Some(cycle) = visit(i, nodes, &mut marks, &mut Vec::new())
+        {
+            return Some(cycle);
+        }
+    }
+    None
+}
+
+/// Nodes whose work can reach neither the output nor a catch.
+fn unreachable(nodes: &[Node], output: &FlowOutput) -> Vec<usize> {
+    let mut reached = vec![false; nodes.len()];
+    let mut stack: Vec<usize> = match output {
+        FlowOutput::Node(i) => vec![*i],
+        FlowOutput::Sinks(sinks) => sinks.clone(),
+    };
+    stack.extend(nodes.iter().filter_map(|n| n.catch));
+    while let Some(i) = stack.pop() {
+        if !reached[i] {
+            reached[i] = true;
+            stack.extend(&nodes[i].needs);
+        }
+    }
+    (0..nodes.len()).filter(|&i| !reached[i]).collect()
+}
+
+/// The flow as text: one line per node, in an order where needs come first.
+pub fn render_text(flow: &Flow) -> String {
+    let mut out = format!("flow {}\n", flow.name());
+    for i in topological_order(flow) {
+        let node = &flow.nodes[i];
+        let target = match &node.target {
+            NodeTarget::Function(f) => format!("function {f}"),
+            NodeTarget::Flow(f) => format!("flow {f}"),
+        };
+        let needs: Vec<&str> = node.needs.iter().map(|&n| flow.nodes[n].id.as_str()).collect();
+        out.push_str(&format!("  {} <- [{}] {target}", node.id, needs.join(", ")));
+        if let Some(when) = &flow.definition.nodes[&node.id].when {
+            out.push_str(&format!(" when {when}"));
+        }
+        if let Some(foreach) = &flow.definition.nodes[&node.id].foreach {
+            out.push_str(&format!(" foreach {foreach} (concurrency {})", node.concurrency));
+        }
+        if node.retry.attempts > 1 {
+            out.push_str(&format!(" retry {}", node.retry.attempts));
+        }
+        if let Some(catch) = node.catch {
+            out.push_str(&format!(" catch -> {}", flow.nodes[catch].id));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The flow in Graphviz DOT.
+pub fn render_dot(flow: &Flow) -> String {
+    let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n", flow.name());
+    for node in &flow.nodes {
+        let target = match &node.target {
+            NodeTarget::Function(f) => f.clone(),
+            NodeTarget::Flow(f) => format!("flow {f}"),
+        };
+        let shape = if node.foreach.is_some() { "box3d" } else { "box" };
+        out.push_str(&format!("  \"{}\" [shape={shape}, label=\"{}\\n{}\"];\n", node.id, node.id, target));
+        for &need in &node.needs {
+            out.push_str(&format!("  \"{}\" -> \"{}\";\n", flow.nodes[need].id, node.id));
+        }
+        if let Some(catch) = node.catch {
+            out.push_str(&format!(
+                "  \"{}\" -> \"{}\" [style=dashed, label=\"catch\"];\n",
+                node.id, flow.nodes[catch].id
+            ));
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// Node indices with every node after its needs.
+pub fn topological_order(flow: &Flow) -> Vec<usize> {
+    let mut order = Vec::new();
+    let mut placed = vec![false; flow.nodes.len()];
+    while order.len() < flow.nodes.len() {
+        let before = order.len();
+        for (i, node) in flow.nodes.iter().enumerate() {
+            if !placed[i] && node.needs.iter().all(|&n| placed[n]) {
+                placed[i] = true;
+                order.push(i);
+            }
+        }
+        if order.len() == before {
+            break; // a cycle; validation refuses those
+        }
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(yaml: &str) -> Result<Flow, FlowErrors> {
+        parse(yaml)?.validate(|f| f != "ghost", |f| f == "sub")
+    }
+
+    #[test]
+    fn a_complete_flow_validates() {
+        let flow = validate(
+            r#"
+name: etl
+nodes:
+  extract: {function: parse}
+  clean: {function: validate, needs: [extract], when: "$.count > 0"}
+  enrich: {foreach: "$.records", function: enrich, concurrency: 4, needs: [clean]}
+  report: {flow: sub, needs: [enrich], timeout: 30s, catch: fallback, retry: {attempts: 3, initial_interval: 200ms}}
+  fallback: {function: report-error}
+"#,
+        )
+        .unwrap();
+        assert_eq!(flow.output, FlowOutput::Node(flow.index("report").unwrap()));
+        let report = &flow.nodes[flow.index("report").unwrap()];
+        assert_eq!(report.retry.attempts, 3);
+        assert_eq!(report.retry.delay_after(1), Duration::from_millis(200));
+        assert_eq!(report.retry.delay_after(2), Duration::from_millis(400));
+        assert!(flow.nodes[flow.index("fallback").unwrap()].is_catch);
+        let text = render_text(&flow);
+        assert!(text.contains("enrich <- [clean] function enrich foreach $.records (concurrency 4)"), "{text}");
+        assert!(render_dot(&flow).contains("\"report\" -> \"fallback\" [style=dashed"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_node() {
+        let errors = validate(
+            r#"
+name: bad
+nodes:
+  a: {function: ghost, needs: [nowhere]}
+  b: {function: f, when: "$.x >", foreach: "items"}
+  c: {function: f, flow: sub}
+  d: {function: f, retry: {attempts: 0}, timeout: soon, catch: e}
+  e: {function: f, needs: [a]}
+"#,
+        )
+        .unwrap_err()
+        .0;
+        let all = errors.join("\n");
+        for expected in [
+            "node a: function \"ghost\" is not deployed",
+            "node a: needs unknown node \"nowhere\"",
+            "node b: when \"$.x >\": expected a path",
+            "node b: foreach \"items\": a path starts with '$'",
+            "node c: set exactly one of `function` or `flow`",
+            "node d: retry.attempts must be 1 to 100",
+            "node d: timeout: bad duration",
+            "node e: a catch node receives the failure as its input and cannot have `needs`",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn cycles_and_unreachable_nodes_are_refused() {
+        let cycle = validate("name: c\nnodes:\n  a: {function: f, needs: [c]}\n  b: {function: f, needs: [a]}\n  c: {function: f, needs: [b]}\n")
+            .unwrap_err();
+        assert!(cycle.to_string().contains("cycle: "), "{cycle}");
+        let unreachable = validate(
+            "name: u\noutput: b\nnodes:\n  a: {function: f}\n  b: {function: f}\n  c: {function: f, needs: [a]}\n",
+        )
+        .unwrap_err();
+        assert!(unreachable.to_string().contains("node a is unreachable"), "{unreachable}");
+        assert!(unreachable.to_string().contains("node c is unreachable"), "{unreachable}");
+        let self_sub = validate("name: sub\nnodes:\n  a: {flow: sub}\n").unwrap_err();
+        assert!(self_sub.to_string().contains("cannot run itself"));
+        assert!(validate("name: x\nnodes:\n  a: {function: f, bogus: 1}\n").unwrap_err().to_string().contains("bogus"));
+    }
+}

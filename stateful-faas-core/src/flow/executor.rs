@@ -1,0 +1,686 @@
+//! Runs flows: schedules nodes as their needs finish, passes data through the state store,
+//! retries, times out, catches, fans out and in, runs sub-flows, journals every step, and
+//! traces the run as `flow` / `node` / `invoke` spans.
+//!
+//! Data: each node's output is stored in the run's job (`bucket "nodes"`, key = node id), so
+//! it is metered as the run's state byte-seconds; dependents get the same buffer (zero-copy).
+//! A node with one need receives that output as-is; with several, a JSON object keyed by node
+//! id, each value the output parsed as JSON (or a string when it is not JSON). A node without
+//! needs receives the run's input. The run's job is deregistered when the run ends.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span, SpanContext, SpanKind, Status, TraceContextExt, Tracer};
+use serde_json::Value;
+use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::task::JoinSet;
+
+use super::FlowError;
+use super::definition::{Flow, FlowOutput, Node, NodeTarget};
+use super::journal::{Entry, INLINE_OUTPUT_BYTES, NodeRecord, RunEnd};
+use crate::function::Invocation;
+use crate::gateway::Core;
+use crate::gateway::invoke::dispatch;
+use crate::semconv;
+use crate::state::metering::ByteSeconds;
+use crate::state::{ObjectKey, PutOptions};
+use crate::telemetry;
+use crate::tenant::TenantId;
+
+/// How deep sub-flows may nest.
+pub const MAX_DEPTH: usize = 8;
+/// Bucket of node outputs within a run's job.
+pub const OUTPUT_BUCKET: &str = "nodes";
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A finished run.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub run_id: String,
+    pub status: RunStatus,
+    pub output: Option<Bytes>,
+    pub error: Option<String>,
+    pub state_byte_seconds: ByteSeconds,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub tenant: TenantId,
+    pub flow: String,
+    pub input: Bytes,
+    pub callback_url: Option<String>,
+    pub traceparent: Option<String>,
+    pub parent_run: Option<String>,
+    pub depth: usize,
+}
+
+struct Run {
+    tenant: TenantId,
+    run_id: String,
+    flow: Arc<Flow>,
+    input: Bytes,
+    callback_url: Option<String>,
+    traceparent: Option<String>,
+    depth: usize,
+}
+
+/// Nodes already finished when a run resumes: id → output (`None` = skipped).
+pub type Finished = HashMap<String, Option<Bytes>>;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Starts a run: it is committed to the journal, then executed in the background. The
+/// receiver yields the result when the run ends.
+pub async fn start(core: &Arc<Core>, request: RunRequest) -> Result<(String, oneshot::Receiver<RunResult>), FlowError> {
+    if request.depth > MAX_DEPTH {
+        return Err(FlowError::TooDeep(MAX_DEPTH));
+    }
+    let flow = core
+        .flows
+        .get(&request.tenant, &request.flow)
+        .ok_or_else(|| FlowError::NotFound { tenant: request.tenant.to_string(), name: request.flow.clone() })?;
+    let run_id = uuid::Uuid::now_v7().to_string();
+    let definition = serde_json::to_string(&flow.definition).expect("flow definitions serialize");
+    core.state.register(&request.tenant, &run_id)?;
+    core.flow_journal
+        .create_run(
+            &request.tenant,
+            &run_id,
+            flow.name(),
+            &definition,
+            &request.input,
+            request.callback_url.as_deref(),
+            request.parent_run.as_deref(),
+            request.traceparent.as_deref(),
+        )
+        .await?;
+    let run = Run {
+        tenant: request.tenant,
+        run_id: run_id.clone(),
+        flow,
+        input: request.input,
+        callback_url: request.callback_url,
+        traceparent: request.traceparent,
+        depth: request.depth,
+    };
+    Ok((run_id, spawn(core.clone(), run, Finished::new())))
+}
+
+/// Resumes the runs a stop interrupted; nodes committed as finished are not run again.
+pub async fn resume_interrupted(core: &Arc<Core>) -> Result<usize, FlowError> {
+    let interrupted = core.flow_journal.interrupted().await?;
+    let count = interrupted.len();
+    for run in interrupted {
+        let Ok(tenant) = TenantId::new(&run.tenant) else { continue };
+        let definition: super::FlowDefinition = match serde_json::from_str(&run.definition) {
+            Ok(definition) => definition,
+            Err(error) => {
+                tracing::error!(run_id = %run.run_id, %error, "cannot resume: stored definition does not parse");
+                continue;
+            }
+        };
+        let flow = match definition.validate(|_| true, |_| true) {
+            Ok(flow) => Arc::new(flow),
+            Err(error) => {
+                tracing::error!(run_id = %run.run_id, %error, "cannot resume: stored definition does not validate");
+                continue;
+            }
+        };
+        if run.parent_run.is_some() {
+            // A sub-flow run: its parent resumes and runs the sub-flow node again.
+            finish_abandoned(core, &tenant, &run.run_id, "interrupted; the parent run runs this sub-flow again").await;
+            continue;
+        }
+        let mut finished = Finished::new();
+        for (node, state, output) in run.finished {
+            match (state.as_str(), output) {
+                ("skipped", _) => {
+                    finished.insert(node, None);
+                }
+                ("succeeded", Some(output)) => {
+                    finished.insert(node, Some(Bytes::from(output)));
+                }
+                // Too large to keep in the journal, and the ephemeral store did not survive.
+                _ => tracing::info!(run_id = %run.run_id, %node, "output lost with the restart; the node runs again"),
+            }
+        }
+        if core.state.register(&tenant, &run.run_id).is_err() {
+            tracing::warn!(run_id = %run.run_id, "state job already registered");
+        }
+        tracing::info!(run_id = %run.run_id, flow = flow.name(), finished = finished.len(), "resuming flow run");
+        let resumed = Run {
+            tenant,
+            run_id: run.run_id,
+            flow,
+            input: Bytes::from(run.input),
+            callback_url: run.callback_url,
+            traceparent: run.traceparent,
+            depth: 0,
+        };
+        drop(spawn(core.clone(), resumed, finished));
+    }
+    Ok(count)
+}
+
+async fn finish_abandoned(core: &Arc<Core>, tenant: &TenantId, run_id: &str, reason: &str) {
+    core.flow_journal
+        .finish_run(RunEnd {
+            tenant: tenant.clone(),
+            run_id: run_id.to_string(),
+            status: RunStatus::Failed.as_str(),
+            output: None,
+            error: Some(reason.to_string()),
+            state_byte_seconds: ByteSeconds::ZERO.to_decimal_string(),
+        })
+        .await;
+}
+
+fn spawn(core: Arc<Core>, run: Run, finished: Finished) -> oneshot::Receiver<RunResult> {
+    let (sender, receiver) = oneshot::channel();
+    let cancel = core.flows.track(&run.tenant, &run.run_id);
+    tokio::spawn(async move {
+        let result = execute(&core, &run, finished, cancel).await;
+        core.flows.untrack(&run.tenant, &run.run_id);
+        if let Some(url) = &run.callback_url {
+            post_callback(&core.client, url, &result).await;
+        }
+        let _ = sender.send(result);
+    });
+    receiver
+}
+
+#[derive(Debug, Clone)]
+enum NodeState {
+    Pending,
+    Running,
+    Done(Bytes),
+    Skipped,
+    Failed,
+}
+
+/// A failed attempt: retried when `retriable` and attempts remain.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    retriable: bool,
+}
+
+struct NodeResult {
+    index: usize,
+    result: Result<Bytes, String>,
+    attempts: u32,
+}
+
+async fn execute(core: &Arc<Core>, run: &Run, finished: Finished, mut cancel: watch::Receiver<bool>) -> RunResult {
+    let tracer = core.telemetry.tracer(&run.tenant);
+    let parent = telemetry::extract_parent(run.traceparent.as_deref());
+    let mut flow_span = tracer.as_ref().map(|tracer| {
+        tracer
+            .span_builder(format!("flow {}", run.flow.name()))
+            .with_kind(SpanKind::Server)
+            .with_attributes([
+                KeyValue::new(semconv::SFAAS_FLOW_NAME, run.flow.name().to_string()),
+                KeyValue::new(semconv::SFAAS_FLOW_RUN_ID, run.run_id.clone()),
+            ])
+            .start_with_context(tracer, &parent)
+    });
+    let flow_context = flow_span.as_ref().map(|span| span.span_context().clone());
+
+    let nodes = &run.flow.nodes;
+    let mut states: Vec<NodeState> = vec![NodeState::Pending; nodes.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        match finished.get(&node.id) {
+            Some(Some(output)) => {
+                store_output(core, run, node, output.clone()).ok();
+                states[i] = NodeState::Done(output.clone());
+            }
+            Some(None) => states[i] = NodeState::Skipped,
+            None => {}
+        }
+    }
+    // Which failed node a running catch node stands in for.
+    let mut catching: HashMap<usize, usize> = HashMap::new();
+    let mut tasks: JoinSet<NodeResult> = JoinSet::new();
+    let mut failure: Option<String> = None;
+    let mut cancelled = false;
+
+    loop {
+        for (i, node) in nodes.iter().enumerate() {
+            if !matches!(states[i], NodeState::Pending) || node.is_catch {
+                continue;
+            }
+            if !node.needs.iter().all(|&n| matches!(states[n], NodeState::Done(_) | NodeState::Skipped)) {
+                continue;
+            }
+            let live: Vec<usize> =
+                node.needs.iter().copied().filter(|&n| matches!(states[n], NodeState::Done(_))).collect();
+            if !node.needs.is_empty() && live.is_empty() {
+                skip(core, run, i, &mut states).await;
+                continue;
+            }
+            let input = node_input(run, node, &live, &states);
+            if let Some(condition) = &node.when {
+                let value = as_json(&input);
+                if !condition.eval(&value) {
+                    skip(core, run, i, &mut states).await;
+                    continue;
+                }
+            }
+            states[i] = NodeState::Running;
+            launch(core, run, i, input, flow_context.clone(), &mut tasks).await;
+        }
+        if tasks.is_empty() {
+            break;
+        }
+        let joined = tokio::select! {
+            joined = tasks.join_next() => joined,
+            _ = cancel.wait_for(|stop| *stop) => {
+                cancelled = true;
+                tasks.abort_all();
+                break;
+            }
+        };
+        let Some(Ok(NodeResult { index, result, attempts })) = joined else { continue };
+        let node = &nodes[index];
+        match result {
+            Ok(output) => {
+                let stored = store_output(core, run, node, output.clone());
+                journal_node(core, run, node, "succeeded", attempts, Some(&output), stored.err()).await;
+                states[index] = NodeState::Done(output.clone());
+                if let Some(caught) = catching.remove(&index) {
+                    states[caught] = NodeState::Done(output);
+                }
+            }
+            Err(message) => {
+                journal_node(core, run, node, "failed", attempts, None, Some(message.clone())).await;
+                states[index] = NodeState::Failed;
+                match node.catch {
+                    Some(catch) if matches!(states[catch], NodeState::Pending) => {
+                        let input = serde_json::json!({
+                            "error": message,
+                            "node": node.id,
+                        });
+                        states[catch] = NodeState::Running;
+                        catching.insert(catch, index);
+                        let input = Bytes::from(serde_json::to_vec(&input).expect("json"));
+                        launch(core, run, catch, input, flow_context.clone(), &mut tasks).await;
+                    }
+                    _ => {
+                        failure = Some(format!("node {}: {message}", node.id));
+                        tasks.abort_all();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if cancelled || failure.is_some() {
+        for (i, state) in states.iter().enumerate() {
+            if matches!(state, NodeState::Running) {
+                let reason = if cancelled { "run cancelled" } else { "run failed elsewhere" };
+                journal_node(core, run, &nodes[i], "cancelled", 0, None, Some(reason.to_string())).await;
+            }
+        }
+    }
+
+    let (status, output, error) = if cancelled {
+        (RunStatus::Cancelled, None, Some("cancelled".to_string()))
+    } else if let Some(failure) = failure {
+        (RunStatus::Failed, None, Some(failure))
+    } else {
+        (RunStatus::Succeeded, Some(flow_output(&run.flow, &states)), None)
+    };
+    let state_byte_seconds = core.state.deregister(&run.tenant, &run.run_id).unwrap_or_default();
+    core.flow_journal
+        .finish_run(RunEnd {
+            tenant: run.tenant.clone(),
+            run_id: run.run_id.clone(),
+            status: status.as_str(),
+            output: output.clone(),
+            error: error.clone(),
+            state_byte_seconds: state_byte_seconds.to_decimal_string(),
+        })
+        .await;
+    if let Some(span) = &mut flow_span {
+        span.set_attribute(KeyValue::new(semconv::SFAAS_STATE_BYTE_SECONDS, state_byte_seconds.to_decimal_string()));
+        span.set_attribute(KeyValue::new(semconv::SFAAS_FLOW_STATUS, status.as_str()));
+        if status != RunStatus::Succeeded {
+            span.set_status(Status::error(error.clone().unwrap_or_default()));
+        }
+        span.end();
+    }
+    RunResult { run_id: run.run_id.clone(), status, output, error, state_byte_seconds }
+}
+
+async fn skip(core: &Arc<Core>, run: &Run, index: usize, states: &mut [NodeState]) {
+    states[index] = NodeState::Skipped;
+    journal_node(core, run, &run.flow.nodes[index], "skipped", 0, None, None).await;
+}
+
+async fn launch(
+    core: &Arc<Core>,
+    run: &Run,
+    index: usize,
+    input: Bytes,
+    parent: Option<SpanContext>,
+    tasks: &mut JoinSet<NodeResult>,
+) {
+    let node = &run.flow.nodes[index];
+    core.flow_journal
+        .record(Entry::NodeStarted { tenant: run.tenant.clone(), run_id: run.run_id.clone(), node: node.id.clone() })
+        .await;
+    let context = NodeContext {
+        core: core.clone(),
+        tenant: run.tenant.clone(),
+        run_id: run.run_id.clone(),
+        flow: run.flow.clone(),
+        index,
+        depth: run.depth,
+    };
+    tasks.spawn(async move {
+        let (result, attempts) = run_node(&context, input, parent).await;
+        NodeResult { index, result, attempts }
+    });
+}
+
+/// What a node's task needs (owned: it runs on its own task).
+#[derive(Clone)]
+struct NodeContext {
+    core: Arc<Core>,
+    tenant: TenantId,
+    run_id: String,
+    flow: Arc<Flow>,
+    index: usize,
+    depth: usize,
+}
+
+impl NodeContext {
+    fn node(&self) -> &Node {
+        &self.flow.nodes[self.index]
+    }
+}
+
+/// Runs one node with its retries, inside its `node` span.
+async fn run_node(context: &NodeContext, input: Bytes, parent: Option<SpanContext>) -> (Result<Bytes, String>, u32) {
+    let node = context.node();
+    let tracer = context.core.telemetry.tracer(&context.tenant);
+    let mut span = tracer.as_ref().map(|tracer| {
+        let parent = parent
+            .map_or_else(opentelemetry::Context::new, |p| opentelemetry::Context::new().with_remote_span_context(p));
+        tracer
+            .span_builder(format!("node {}", node.id))
+            .with_kind(SpanKind::Internal)
+            .with_attributes([
+                KeyValue::new(semconv::SFAAS_FLOW_RUN_ID, context.run_id.clone()),
+                KeyValue::new(semconv::SFAAS_FLOW_NODE, node.id.clone()),
+            ])
+            .start_with_context(tracer, &parent)
+    });
+    let traceparent = span.as_ref().map(|span| telemetry::traceparent(span.span_context()));
+    let (result, attempts) = match &node.foreach {
+        Some(_) => fan_out(context, input, traceparent).await,
+        None => with_retries(context, input, None, traceparent).await,
+    };
+    if let Some(span) = &mut span {
+        span.set_attribute(KeyValue::new(semconv::SFAAS_FLOW_ATTEMPT, attempts as i64));
+        if let Err(message) = &result {
+            span.set_status(Status::error(message.clone()));
+        }
+        span.end();
+    }
+    (result, attempts)
+}
+
+/// One call with the node's retry policy; `element` numbers a fan-out element.
+async fn with_retries(
+    context: &NodeContext,
+    input: Bytes,
+    element: Option<usize>,
+    traceparent: Option<String>,
+) -> (Result<Bytes, String>, u32) {
+    let node = context.node();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let call_id = match element {
+            Some(i) => format!("{}.{}.{i}.{attempt}", context.run_id, node.id),
+            None => format!("{}.{}.{attempt}", context.run_id, node.id),
+        };
+        match call(context, input.clone(), call_id, traceparent.clone()).await {
+            Ok(output) => return (Ok(output), attempt),
+            Err(failure) if failure.retriable && attempt < node.retry.attempts => {
+                tokio::time::sleep(node.retry.delay_after(attempt)).await;
+            }
+            Err(failure) => return (Err(failure.message), attempt),
+        }
+    }
+}
+
+/// Runs a `foreach` node: once per element, `concurrency` at a time; the output is the array of
+/// the elements' outputs, in order.
+async fn fan_out(context: &NodeContext, input: Bytes, traceparent: Option<String>) -> (Result<Bytes, String>, u32) {
+    let node = context.node();
+    let path = node.foreach.as_ref().expect("fan_out runs foreach nodes");
+    let value: Value = match serde_json::from_slice(&input) {
+        Ok(value) => value,
+        Err(error) => return (Err(format!("foreach needs a JSON input: {error}")), 1),
+    };
+    let Some(items) = path.select(&value).and_then(Value::as_array) else {
+        let text = &context.flow.definition.nodes[&node.id].foreach;
+        return (Err(format!("foreach {}: the input has no array there", text.as_deref().unwrap_or(""))), 1);
+    };
+    let permits = Arc::new(Semaphore::new(node.concurrency));
+    let mut tasks = JoinSet::new();
+    for (i, item) in items.iter().enumerate() {
+        let permit = permits.clone().acquire_owned().await.expect("never closed");
+        let (context, traceparent) = (context.clone(), traceparent.clone());
+        let element = Bytes::from(serde_json::to_vec(item).expect("json"));
+        tasks.spawn(async move {
+            let (result, attempts) = with_retries(&context, element, Some(i), traceparent).await;
+            drop(permit);
+            (i, result, attempts)
+        });
+    }
+    let mut outputs = vec![Value::Null; items.len()];
+    let mut max_attempts = 1;
+    while let Some(joined) = tasks.join_next().await {
+        let Ok((i, result, attempts)) = joined else { continue };
+        max_attempts = max_attempts.max(attempts);
+        match result {
+            Ok(output) => outputs[i] = as_json(&output),
+            Err(message) => {
+                tasks.abort_all();
+                return (Err(format!("element {i}: {message}")), max_attempts);
+            }
+        }
+    }
+    (Ok(Bytes::from(serde_json::to_vec(&outputs).expect("json"))), max_attempts)
+}
+
+/// One call of the node's function or sub-flow, within the node's timeout.
+fn call(
+    context: &NodeContext,
+    input: Bytes,
+    call_id: String,
+    traceparent: Option<String>,
+) -> BoxFuture<Result<Bytes, Failure>> {
+    let context = context.clone();
+    Box::pin(async move {
+        let node = context.node();
+        let attempt = async {
+            match &node.target {
+                NodeTarget::Function(function) => {
+                    let invocation = Invocation {
+                        call_id,
+                        method: "POST".into(),
+                        path: "/".into(),
+                        query: String::new(),
+                        headers: vec![("content-type".into(), "application/octet-stream".into())],
+                        body: input,
+                        traceparent,
+                        job: Some(context.run_id.clone()),
+                    };
+                    let outcome =
+                        dispatch(&context.core, &context.tenant, function, invocation, semconv::TRIGGER_OTHER).await;
+                    if outcome.status < 400 {
+                        return Ok(outcome.body);
+                    }
+                    let detail =
+                        String::from_utf8_lossy(&outcome.body[..outcome.body.len().min(300)]).trim().to_string();
+                    Err(Failure {
+                        message: format!("function {function} answered {}: {detail}", outcome.status),
+                        retriable: outcome.status == 429 || outcome.status >= 500,
+                    })
+                }
+                NodeTarget::Flow(flow) => {
+                    let request = RunRequest {
+                        tenant: context.tenant.clone(),
+                        flow: flow.clone(),
+                        input,
+                        callback_url: None,
+                        traceparent,
+                        parent_run: Some(context.run_id.clone()),
+                        depth: context.depth + 1,
+                    };
+                    let (run_id, done) = start(&context.core, request)
+                        .await
+                        .map_err(|e| Failure { message: format!("sub-flow {flow}: {e}"), retriable: false })?;
+                    let result = done.await.map_err(|_| Failure {
+                        message: format!("sub-flow {flow} run {run_id} was lost"),
+                        retriable: false,
+                    })?;
+                    match result.status {
+                        RunStatus::Succeeded => Ok(result.output.unwrap_or_default()),
+                        status => Err(Failure {
+                            message: format!(
+                                "sub-flow {flow} run {run_id} {}: {}",
+                                status.as_str(),
+                                result.error.unwrap_or_default()
+                            ),
+                            retriable: false,
+                        }),
+                    }
+                }
+            }
+        };
+        match node.timeout {
+            None => attempt.await,
+            Some(limit) => tokio::time::timeout(limit, attempt).await.unwrap_or_else(|_| {
+                Err(Failure { message: format!("node {} timed out after {limit:?}", node.id), retriable: true })
+            }),
+        }
+    })
+}
+
+/// The input of a node from its finished needs.
+fn node_input(run: &Run, node: &Node, live: &[usize], states: &[NodeState]) -> Bytes {
+    let output = |i: usize| match &states[i] {
+        NodeState::Done(bytes) => bytes.clone(),
+        _ => Bytes::new(),
+    };
+    match (node.needs.len(), live) {
+        (0, _) => run.input.clone(),
+        (1, [single]) => output(*single),
+        _ => {
+            let object: serde_json::Map<String, Value> =
+                live.iter().map(|&i| (run.flow.nodes[i].id.clone(), as_json(&output(i)))).collect();
+            Bytes::from(serde_json::to_vec(&object).expect("json"))
+        }
+    }
+}
+
+fn flow_output(flow: &Flow, states: &[NodeState]) -> Bytes {
+    let output = |i: usize| match &states[i] {
+        NodeState::Done(bytes) => Some(bytes.clone()),
+        _ => None,
+    };
+    match &flow.output {
+        FlowOutput::Node(i) => output(*i).unwrap_or_else(|| Bytes::from_static(b"null")),
+        FlowOutput::Sinks(sinks) => {
+            let object: serde_json::Map<String, Value> =
+                sinks.iter().filter_map(|&i| Some((flow.nodes[i].id.clone(), as_json(&output(i)?)))).collect();
+            Bytes::from(serde_json::to_vec(&object).expect("json"))
+        }
+    }
+}
+
+/// Bytes as JSON: parsed when they are JSON, else a string.
+pub fn as_json(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// Puts a node's output in the run's job; an error (quota) is recorded, not fatal: the output
+/// still flows to dependents in memory.
+fn store_output(core: &Core, run: &Run, node: &Node, output: Bytes) -> Result<(), String> {
+    let key = ObjectKey::new(Some(&run.run_id), OUTPUT_BUCKET, &node.id).map_err(|e| e.to_string())?;
+    core.state.put(&run.tenant, key, output, PutOptions::default()).map_err(|e| format!("output not stored: {e}"))
+}
+
+async fn journal_node(
+    core: &Core,
+    run: &Run,
+    node: &Node,
+    state: &'static str,
+    attempts: u32,
+    output: Option<&Bytes>,
+    error: Option<String>,
+) {
+    let inline = output.filter(|o| o.len() <= INLINE_OUTPUT_BYTES).cloned();
+    core.flow_journal
+        .record(Entry::NodeFinished(NodeRecord {
+            tenant: run.tenant.clone(),
+            run_id: run.run_id.clone(),
+            node: node.id.clone(),
+            state,
+            attempts,
+            output: inline,
+            output_ref: output.map(|_| format!("{OUTPUT_BUCKET}/{}", node.id)),
+            output_bytes: output.map(|o| o.len() as u64),
+            error,
+        }))
+        .await;
+}
+
+async fn post_callback(client: &reqwest::Client, url: &str, result: &RunResult) {
+    let body = result.output.clone().unwrap_or_else(|| Bytes::from(result.error.clone().unwrap_or_default()));
+    for attempt in 0..3u32 {
+        let request = client
+            .post(url)
+            .timeout(Duration::from_secs(10))
+            .header(semconv::HEADER_RUN_ID, &result.run_id)
+            .header(semconv::HEADER_FLOW_STATUS, result.status.as_str())
+            .body(body.clone());
+        match request.send().await {
+            Ok(response) if response.status().is_success() => return,
+            Ok(response) => {
+                tracing::warn!(url, run_id = %result.run_id, status = %response.status(), "flow callback refused")
+            }
+            Err(error) => tracing::warn!(url, run_id = %result.run_id, %error, "flow callback failed"),
+        }
+        tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+    }
+}
