@@ -192,3 +192,69 @@ pub async fn remove(args: &ClientArgs, name: &str, namespace: Option<String>) ->
     eprintln!("removed {}", qualified(name, namespace.as_deref()));
     Ok(())
 }
+
+pub async fn flow_deploy(args: &ClientArgs, file: &Path) -> anyhow::Result<()> {
+    let gateway = args.gateway()?;
+    let definition = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let response = send(gateway.request(reqwest::Method::POST, "/system/flows").body(definition)).await?;
+    let created = response.status() == reqwest::StatusCode::CREATED;
+    let body: serde_json::Value = response.json().await?;
+    eprintln!("{} flow {} ({} nodes)", if created { "deployed" } else { "updated" }, body["name"], body["nodes"]);
+    Ok(())
+}
+
+pub async fn flow_run(args: &ClientArgs, name: &str, input: Option<PathBuf>, is_async: bool) -> anyhow::Result<()> {
+    let gateway = args.gateway()?;
+    let body = match input.as_deref() {
+        Some(path) if path != Path::new("-") => {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        _ => {
+            let mut body = Vec::new();
+            std::io::stdin().read_to_end(&mut body).context("reading the input from stdin")?;
+            body
+        }
+    };
+    let route = if is_async { "async-flow" } else { "flow" };
+    let response = gateway.request(reqwest::Method::POST, &format!("/{route}/{name}")).body(body).send().await;
+    let response = response.context("cannot reach the gateway (is `sfaas up` running?)")?;
+    let status = response.status();
+    let run_id = response.headers().get("x-run-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let body = response.bytes().await?;
+    if is_async && status.is_success() {
+        println!("{}", serde_json::json!({ "run_id": run_id }));
+        return Ok(());
+    }
+    if !status.is_success() {
+        bail!("run {run_id} answered {status}: {}", String::from_utf8_lossy(&body).trim());
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(&body)?;
+    eprintln!("\nrun {run_id} succeeded");
+    Ok(())
+}
+
+pub async fn flow_status(args: &ClientArgs, run_id: &str) -> anyhow::Result<()> {
+    let gateway = args.gateway()?;
+    let run: serde_json::Value =
+        send(gateway.request(reqwest::Method::GET, &format!("/flow-runs/{run_id}"))).await?.json().await?;
+    println!("{}", serde_json::to_string_pretty(&run)?);
+    Ok(())
+}
+
+pub async fn flow_cancel(args: &ClientArgs, run_id: &str) -> anyhow::Result<()> {
+    let gateway = args.gateway()?;
+    send(gateway.request(reqwest::Method::DELETE, &format!("/flow-runs/{run_id}"))).await?;
+    eprintln!("cancelling run {run_id}");
+    Ok(())
+}
+
+pub async fn flow_graph(args: &ClientArgs, name: &str, format: &str) -> anyhow::Result<()> {
+    let gateway = args.gateway()?;
+    let text = send(gateway.request(reqwest::Method::GET, &format!("/system/flows/{name}?format={format}")))
+        .await?
+        .text()
+        .await?;
+    print!("{text}");
+    Ok(())
+}

@@ -67,6 +67,9 @@ enum Command {
         #[command(flatten)]
         client: client::ClientArgs,
     },
+    /// Deploy, run and inspect flows (DAGs of functions).
+    #[command(subcommand)]
+    Flow(FlowCommand),
     /// Benchmarks (figures go to BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -84,6 +87,49 @@ enum TenantCommand {
     },
     /// List tenants.
     List {
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum FlowCommand {
+    /// Deploy (create or replace) a flow from a YAML or JSON file.
+    Deploy {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Run a flow; prints its output (or, with --async, the run id).
+    Run {
+        name: String,
+        /// Input file (default: stdin; `-` is stdin too).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        #[arg(long = "async")]
+        is_async: bool,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Show a run: status, nodes, output.
+    Status {
+        run_id: String,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Cancel a running run.
+    Cancel {
+        run_id: String,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Draw a flow's DAG.
+    Graph {
+        name: String,
+        /// text or dot.
+        #[arg(long, default_value = "text")]
+        format: String,
         #[command(flatten)]
         client: client::ClientArgs,
     },
@@ -175,6 +221,13 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::List { namespace, client } => client::list(&client, namespace).await,
         Command::Remove { name, namespace, client } => client::remove(&client, &name, namespace).await,
+        Command::Flow(FlowCommand::Deploy { file, client }) => client::flow_deploy(&client, &file).await,
+        Command::Flow(FlowCommand::Run { name, input, is_async, client }) => {
+            client::flow_run(&client, &name, input, is_async).await
+        }
+        Command::Flow(FlowCommand::Status { run_id, client }) => client::flow_status(&client, &run_id).await,
+        Command::Flow(FlowCommand::Cancel { run_id, client }) => client::flow_cancel(&client, &run_id).await,
+        Command::Flow(FlowCommand::Graph { name, format, client }) => client::flow_graph(&client, &name, &format).await,
         Command::Bench(BenchCommand::Gateway { requests, concurrency }) => {
             let report = stateful_faas_core::bench::gateway(requests, concurrency).await?;
             println!("{report}");

@@ -176,10 +176,12 @@ async fn invocation_spans_reach_an_otlp_grpc_receiver_with_kernel_cpu_time() {
     assert_eq!(traceparent, format!("00-{}-{}-01", hex(&trace.trace_id), hex(&trace.span_id)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_are_exported_over_otlp_http_protobuf_too() {
+type HttpReceived = Arc<Mutex<Vec<(String, ExportTraceServiceRequest)>>>;
+
+/// An OTLP/HTTP protobuf receiver: records the content type and the decoded request.
+async fn http_receiver() -> (String, HttpReceived) {
     use prost::Message;
-    let received: Arc<Mutex<Vec<(String, ExportTraceServiceRequest)>>> = Arc::default();
+    let received: HttpReceived = Arc::default();
     let sink = received.clone();
     let app = axum::Router::new().route(
         "/v1/traces",
@@ -195,7 +197,12 @@ async fn spans_are_exported_over_otlp_http_protobuf_too() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (endpoint, received)
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_http_protobuf_too() {
+    let (endpoint, received) = http_receiver().await;
     let mut core = start(|config| {
         config.telemetry.endpoint = Some(endpoint);
         config.telemetry.protocol = OtlpProtocol::Http;
@@ -240,4 +247,56 @@ async fn spans_are_exported_over_otlp_http_protobuf_too() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_run_is_one_trace_of_flow_node_and_invoke_spans() {
+    let (endpoint, received) = http_receiver().await;
+    let mut core = start(|config| {
+        config.telemetry.endpoint = Some(endpoint);
+        config.telemetry.protocol = OtlpProtocol::Http;
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "echo", "builtin": "echo"})).await;
+    core.deploy(&acme, json!({"service": "upper", "builtin": "uppercase"})).await;
+    let yaml = "name: pipe\nnodes:\n  a: {function: echo}\n  b: {function: upper, needs: [a]}\n";
+    let r =
+        core.http.post(format!("{}/system/flows", core.url)).bearer_auth(&acme.ingest).body(yaml).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = core
+        .http
+        .post(format!("{}/flow/pipe", core.url))
+        .bearer_auth(&acme.ingest)
+        .body("x".repeat(1000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let run_id = r.headers()["x-run-id"].to_str().unwrap().to_string();
+    core.stop().await;
+
+    let requests: Vec<_> = received.lock().unwrap().iter().map(|(_, request)| request.clone()).collect();
+    let spans: Vec<Span> = spans(&requests).into_iter().map(|(_, _, span)| span).collect();
+    let find = |name: &str| spans.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no span {name}")).clone();
+    let flow = find("flow pipe");
+    assert_eq!(flow.kind, 2, "SERVER");
+    assert_eq!(string_attr(&flow.attributes, "sfaas.flow.run_id"), Some(run_id.clone()));
+    assert_eq!(string_attr(&flow.attributes, "sfaas.flow.name").as_deref(), Some("pipe"));
+    let byte_seconds: f64 = string_attr(&flow.attributes, "sfaas.state.byte_seconds").unwrap().parse().unwrap();
+    assert!(byte_seconds > 0.0, "two outputs of 1000 bytes were held during the run");
+    for (node, function) in [("a", "echo"), ("b", "upper")] {
+        let node_span = find(&format!("node {node}"));
+        assert_eq!(node_span.kind, 1, "INTERNAL");
+        assert_eq!(node_span.parent_span_id, flow.span_id, "node {node} is a child of the flow span");
+        assert_eq!(node_span.trace_id, flow.trace_id);
+        assert_eq!(string_attr(&node_span.attributes, "sfaas.flow.node").as_deref(), Some(node));
+        assert_eq!(string_attr(&node_span.attributes, "sfaas.flow.run_id"), Some(run_id.clone()));
+        assert_eq!(int_attr(&node_span.attributes, "sfaas.flow.attempt"), Some(1));
+        let invoke = find(&format!("invoke {function}"));
+        assert_eq!(invoke.parent_span_id, node_span.span_id, "invoke {function} is a child of node {node}");
+        assert_eq!(invoke.trace_id, flow.trace_id);
+        assert_eq!(string_attr(&invoke.attributes, "faas.trigger").as_deref(), Some("other"));
+        assert_eq!(bool_attr(&invoke.attributes, "sfaas.billable"), Some(true));
+    }
 }
