@@ -146,6 +146,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// State store put/get, in process and over HTTP, beside Redis (redis-benchmark).
+    State {
+        /// Operations per series (1 MiB series use a twentieth).
+        #[arg(long, default_value_t = 20000)]
+        operations: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+    /// Engine overhead per node, and data passing through the state store vs files.
+    Flow {
+        /// Runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
 }
 
 #[derive(Args)]
@@ -231,6 +245,14 @@ async fn run() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Gateway { requests, concurrency }) => {
             let report = stateful_faas_core::bench::gateway(requests, concurrency).await?;
             println!("{report}");
+            Ok(())
+        }
+        Command::Bench(BenchCommand::State { operations, concurrency }) => {
+            println!("{}", stateful_faas_core::bench::state::run(operations, concurrency).await?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Flow { runs }) => {
+            println!("{}", stateful_faas_core::bench::flow::run(runs).await?);
             Ok(())
         }
     }

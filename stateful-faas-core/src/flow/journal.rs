@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use serde::Serialize;
-use sqlx::{Row, SqlitePool};
+use sqlx::{AssertSqlSafe, Row, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::database::now_ms;
@@ -288,30 +288,61 @@ async fn write(
     batch: &mut Vec<Entry>,
     acks: &mut Vec<oneshot::Sender<()>>,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let now = now_ms();
+    // A node that started and finished within one batch is written once, finished.
+    let finished: std::collections::HashSet<(String, String)> = batch
+        .iter()
+        .filter_map(|entry| match entry {
+            Entry::NodeFinished(record) => Some((record.run_id.clone(), record.node.clone())),
+            _ => None,
+        })
+        .collect();
+    let mut started = Vec::new();
+    let mut records = Vec::new();
+    let mut ends = Vec::new();
     for entry in batch.drain(..) {
         match entry {
             Entry::NodeStarted { tenant, run_id, node } => {
-                sqlx::query(
-                    "INSERT INTO flow_nodes (tenant, run_id, node, state, attempts, started_ms) VALUES (?, ?, ?, 'running', 0, ?) \
-                     ON CONFLICT (tenant, run_id, node) DO UPDATE SET state = 'running', started_ms = excluded.started_ms",
-                )
-                .bind(tenant.as_str())
-                .bind(&run_id)
-                .bind(&node)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                if !finished.contains(&(run_id.clone(), node.clone())) {
+                    started.push((tenant, run_id, node));
+                }
             }
-            Entry::NodeFinished(record) => {
-                sqlx::query(
-                    "INSERT INTO flow_nodes (tenant, run_id, node, state, attempts, output, output_ref, output_bytes, error, finished_ms) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                     ON CONFLICT (tenant, run_id, node) DO UPDATE SET state = excluded.state, attempts = excluded.attempts, \
-                     output = excluded.output, output_ref = excluded.output_ref, output_bytes = excluded.output_bytes, \
-                     error = excluded.error, finished_ms = excluded.finished_ms",
-                )
+            Entry::NodeFinished(record) => records.push(record),
+            Entry::RunFinished { record, ack } => {
+                ends.push(record);
+                acks.push(ack);
+            }
+        }
+    }
+    let now = now_ms();
+    let mut tx = pool.begin().await?;
+    // Multi-row statements: one round trip to SQLite's thread per kind of change, not per row.
+    for chunk in started.chunks(ROWS_PER_STATEMENT) {
+        let mut sql =
+            String::from("INSERT INTO flow_nodes (tenant, run_id, node, state, attempts, started_ms) VALUES ");
+        sql.push_str(&vec!["(?, ?, ?, 'running', 0, ?)"; chunk.len()].join(", "));
+        sql.push_str(
+            " ON CONFLICT (tenant, run_id, node) DO UPDATE SET state = 'running', started_ms = excluded.started_ms",
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (tenant, run_id, node) in chunk {
+            query = query.bind(tenant.as_str()).bind(run_id).bind(node).bind(now);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = String::from(
+            "INSERT INTO flow_nodes (tenant, run_id, node, state, attempts, output, output_ref, output_bytes, error, \
+             started_ms, finished_ms) VALUES ",
+        );
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        sql.push_str(
+            " ON CONFLICT (tenant, run_id, node) DO UPDATE SET state = excluded.state, attempts = excluded.attempts, \
+             output = excluded.output, output_ref = excluded.output_ref, output_bytes = excluded.output_bytes, \
+             error = excluded.error, finished_ms = excluded.finished_ms",
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for record in chunk {
+            query = query
                 .bind(record.tenant.as_str())
                 .bind(&record.run_id)
                 .bind(&record.node)
@@ -322,26 +353,27 @@ async fn write(
                 .bind(record.output_bytes.map(|b| b as i64))
                 .bind(&record.error)
                 .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Entry::RunFinished { record, ack } => {
-                sqlx::query(
-                    "UPDATE flow_runs SET status = ?, output = ?, error = ?, state_byte_seconds = ?, finished_ms = ? \
-                     WHERE tenant = ? AND run_id = ?",
-                )
-                .bind(record.status)
-                .bind(record.output.as_deref())
-                .bind(&record.error)
-                .bind(&record.state_byte_seconds)
-                .bind(now)
-                .bind(record.tenant.as_str())
-                .bind(&record.run_id)
-                .execute(&mut *tx)
-                .await?;
-                acks.push(ack);
-            }
+                .bind(now);
         }
+        query.execute(&mut *tx).await?;
+    }
+    for record in ends {
+        sqlx::query(
+            "UPDATE flow_runs SET status = ?, output = ?, error = ?, state_byte_seconds = ?, finished_ms = ? \
+             WHERE tenant = ? AND run_id = ?",
+        )
+        .bind(record.status)
+        .bind(record.output.as_deref())
+        .bind(&record.error)
+        .bind(&record.state_byte_seconds)
+        .bind(now)
+        .bind(record.tenant.as_str())
+        .bind(&record.run_id)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await
 }
+
+/// Rows per multi-row statement (11 parameters each, well under SQLite's limit).
+const ROWS_PER_STATEMENT: usize = 256;

@@ -1,8 +1,9 @@
 //! `builtin` functions: Rust functions compiled into the binary (examples and benchmarks).
 //!
-//! Each runs on a blocking thread; its CPU time is that thread's CPU clock. A builtin that
-//! overruns its timeout is answered 504 but cannot be killed: its thread finishes on its own,
-//! so builtins must be bounded (all of these are).
+//! Quick builtins with small inputs run on the calling task; the others on a blocking thread.
+//! Either way, CPU time is the running thread's CPU clock. A builtin that overruns its timeout
+//! is answered 504 but cannot be killed: its thread finishes on its own, so builtins must be
+//! bounded (all of these are).
 
 use bytes::Bytes;
 
@@ -21,15 +22,33 @@ pub struct BuiltinContext<'a> {
 /// A builtin: request body in, response body out, or an error message (500).
 type BuiltinFn = fn(&BuiltinContext<'_>) -> Result<Bytes, String>;
 
-const BUILTINS: &[(&str, BuiltinFn)] = &[
-    ("noop", noop),
-    ("echo", echo),
-    ("uppercase", uppercase),
-    ("wordcount", wordcount),
-    ("cpu-burn", cpu_burn),
-    ("sleep", sleep),
-    ("fail", fail),
+/// How long a builtin may run: `Quick` ones do bounded work proportional to their input and run
+/// on the calling task when the input is small; the others always get a blocking thread.
+#[derive(Clone, Copy, PartialEq)]
+enum Cost {
+    Quick,
+    Blocking,
+}
+
+const BUILTINS: &[(&str, BuiltinFn, Cost)] = &[
+    ("noop", noop, Cost::Quick),
+    ("echo", echo, Cost::Quick),
+    ("uppercase", uppercase, Cost::Quick),
+    ("wordcount", wordcount, Cost::Quick),
+    ("cpu-burn", cpu_burn, Cost::Blocking),
+    ("sleep", sleep, Cost::Blocking),
+    ("fail", fail, Cost::Quick),
+    ("blob-make", blob_make, Cost::Blocking),
+    ("blob-sum", blob_sum, Cost::Quick),
+    ("spill-make", spill_make, Cost::Blocking),
+    ("spill-sum", spill_sum, Cost::Blocking),
 ];
+
+/// Inputs up to this size let a `Quick` builtin run inline (a thread hand-off costs more).
+const INLINE_INPUT_BYTES: usize = 64 << 10;
+
+/// Largest blob `blob-make` and `spill-make` produce.
+const MAX_BLOB_BYTES: u64 = 256 << 20;
 
 /// Whether a builtin of this name exists.
 pub fn exists(name: &str) -> bool {
@@ -38,11 +57,11 @@ pub fn exists(name: &str) -> bool {
 
 /// Names of all builtins.
 pub fn names() -> Vec<&'static str> {
-    BUILTINS.iter().map(|(name, _)| *name).collect()
+    BUILTINS.iter().map(|(name, _, _)| *name).collect()
 }
 
-fn lookup(name: &str) -> Option<BuiltinFn> {
-    BUILTINS.iter().find(|(known, _)| *known == name).map(|(_, function)| *function)
+fn lookup(name: &str) -> Option<(BuiltinFn, Cost)> {
+    BUILTINS.iter().find(|(known, _, _)| *known == name).map(|(_, function, cost)| (*function, *cost))
 }
 
 /// Runs one invocation of a builtin function.
@@ -52,8 +71,14 @@ pub async fn run(
     context: &RunContext<'_>,
     invocation: &Invocation,
 ) -> Result<Outcome, FunctionError> {
-    let function = lookup(name)
+    let (function, cost) = lookup(name)
         .ok_or_else(|| FunctionError::Start { name: spec.name.clone(), message: format!("no builtin {name}") })?;
+    if cost == Cost::Quick && invocation.body.len() <= INLINE_INPUT_BYTES {
+        let before = process::thread_cpu_ns();
+        let result = function(&BuiltinContext { invocation, tenant: context.tenant, state: context.state });
+        let usage = Usage { cpu_ns: process::thread_cpu_ns() - before, peak_memory_bytes: 0, cold_start: false };
+        return Ok(outcome(result, usage));
+    }
     let invocation = invocation.clone();
     let tenant = context.tenant.clone();
     let state = context.state.clone();
@@ -73,8 +98,11 @@ pub async fn run(
             });
         }
     };
-    let usage = Usage { cpu_ns, peak_memory_bytes: 0, cold_start: false };
-    Ok(match result {
+    Ok(outcome(result, Usage { cpu_ns, peak_memory_bytes: 0, cold_start: false }))
+}
+
+fn outcome(result: Result<Bytes, String>, usage: Usage) -> Outcome {
+    match result {
         Ok(body) => Outcome {
             status: 200,
             headers: vec![("content-type".into(), "application/octet-stream".into())],
@@ -82,7 +110,7 @@ pub async fn run(
             usage,
         },
         Err(message) => Outcome::text(500, message + "\n", usage),
-    })
+    }
 }
 
 fn noop(_: &BuiltinContext<'_>) -> Result<Bytes, String> {
@@ -129,6 +157,59 @@ fn fail(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
     Err(format!("failing on purpose ({} bytes in)", context.invocation.body.len()))
 }
 
+/// Answers as many bytes as the body asks for (the producer of data-passing benchmarks).
+fn blob_make(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+    let size = parse_size(context.invocation)?;
+    Ok(Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>()))
+}
+
+/// Answers the size and a checksum of the body (the consumer of data-passing benchmarks).
+fn blob_sum(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+    Ok(Bytes::from(checksum_json(&context.invocation.body)))
+}
+
+/// The block-storage baseline of `blob-make`: writes the blob to a file (fsync) in the
+/// tenant's spool folder and answers the file's name.
+fn spill_make(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+    use std::io::Write;
+    let blob = blob_make(context)?;
+    let name = uuid::Uuid::new_v4().to_string();
+    let dir = spool_dir(context)?;
+    let mut file = std::fs::File::create(dir.join(&name)).map_err(|e| format!("spool: {e}"))?;
+    file.write_all(&blob).and_then(|_| file.sync_all()).map_err(|e| format!("spool: {e}"))?;
+    Ok(Bytes::from(name))
+}
+
+/// The block-storage baseline of `blob-sum`: reads (and removes) a file `spill-make` wrote.
+fn spill_sum(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+    let text = String::from_utf8_lossy(&context.invocation.body);
+    let name = uuid::Uuid::parse_str(text.trim()).map_err(|_| format!("{:?} is not a spool file name", text.trim()))?;
+    let path = spool_dir(context)?.join(name.to_string());
+    let blob = std::fs::read(&path).map_err(|e| format!("spool: {e}"))?;
+    let _ = std::fs::remove_file(&path);
+    Ok(Bytes::from(checksum_json(&blob)))
+}
+
+fn spool_dir(context: &BuiltinContext<'_>) -> Result<std::path::PathBuf, String> {
+    let dir = std::env::temp_dir().join("sfaas-spool").join(context.tenant.as_str());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("spool: {e}"))?;
+    Ok(dir)
+}
+
+fn checksum_json(data: &[u8]) -> String {
+    let sum = data.iter().fold(0u64, |sum, &b| sum.wrapping_mul(31).wrapping_add(b as u64));
+    format!("{{\"bytes\":{},\"checksum\":{sum}}}", data.len())
+}
+
+fn parse_size(invocation: &Invocation) -> Result<u64, String> {
+    let text = String::from_utf8_lossy(&invocation.body);
+    let size: u64 = text.trim().parse().map_err(|_| format!("body {:?} is not a number of bytes", text.trim()))?;
+    if size > MAX_BLOB_BYTES {
+        return Err(format!("{size} bytes is more than the {MAX_BLOB_BYTES} this builtin makes"));
+    }
+    Ok(size)
+}
+
 fn parse_millis(invocation: &Invocation) -> Result<u64, String> {
     let text = String::from_utf8_lossy(&invocation.body);
     let millis: u64 =
@@ -137,4 +218,46 @@ fn parse_millis(invocation: &Invocation) -> Result<u64, String> {
         return Err(format!("{millis} ms is more than the 60000 ms this builtin allows"));
     }
     Ok(millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StateConfig;
+    use crate::state::metering::SystemClock;
+
+    fn call(function: BuiltinFn, tenant: &str, body: &str) -> Result<Bytes, String> {
+        let invocation = Invocation {
+            call_id: "t".into(),
+            method: "POST".into(),
+            path: "/".into(),
+            query: String::new(),
+            headers: vec![],
+            body: Bytes::from(body.to_string()),
+            traceparent: None,
+            job: None,
+        };
+        let state = StateStore::new(StateConfig::default(), std::sync::Arc::new(SystemClock));
+        let tenant = TenantId::new(tenant).unwrap();
+        function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state })
+    }
+
+    #[test]
+    fn blobs_pass_through_memory_or_the_spool_with_the_same_checksum() {
+        let in_memory = call(blob_make, "spool-test", "5000").unwrap();
+        let expected = checksum_json(&in_memory);
+        let name = call(spill_make, "spool-test", "5000").unwrap();
+        let from_file = call(spill_sum, "spool-test", std::str::from_utf8(&name).unwrap()).unwrap();
+        assert_eq!(std::str::from_utf8(&from_file).unwrap(), expected);
+        assert!(expected.starts_with("{\"bytes\":5000,"));
+    }
+
+    #[test]
+    fn the_spool_reads_only_its_own_file_names_of_its_own_tenant() {
+        assert!(call(spill_sum, "spool-test", "../../etc/passwd").unwrap_err().contains("not a spool file name"));
+        let name = call(spill_make, "spool-a", "10").unwrap();
+        let other = call(spill_sum, "spool-b", std::str::from_utf8(&name).unwrap());
+        assert!(other.unwrap_err().contains("spool"), "another tenant's spool file was read");
+        assert!(call(blob_make, "spool-test", &(MAX_BLOB_BYTES + 1).to_string()).is_err());
+    }
 }

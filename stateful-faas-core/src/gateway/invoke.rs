@@ -15,7 +15,7 @@ use opentelemetry::trace::{Span, SpanKind, Status, Tracer};
 use super::Core;
 use super::auth::Caller;
 use super::error::ApiError;
-use crate::function::{Invocation, Outcome, RunContext, Usage};
+use crate::function::{Invocation, Outcome, RunContext, Target, Usage};
 use crate::semconv;
 use crate::telemetry;
 use crate::tenant::{TenantId, validate_name};
@@ -71,13 +71,15 @@ pub async fn dispatch(
         invocation.traceparent = Some(telemetry::traceparent(span.span_context()));
     }
 
-    let state_token = core.tenants.issue_function_token(tenant, invocation.job.as_deref());
+    // Only processes the platform runs get a state token; builtins use the store in process.
+    let state_token = matches!(function.spec.target, Target::Exec { .. } | Target::Managed { .. })
+        .then(|| core.tenants.issue_function_token(tenant, invocation.job.as_deref()));
     let context = RunContext {
         client: &core.client,
         tenant,
         state: &core.state,
         state_url: core.gateway_url.get().map(|url| format!("{url}/state")),
-        state_token: &state_token.token,
+        state_token: state_token.as_ref().map_or("", |t| t.token.as_str()),
     };
     let outcome = match function.run(&context, &invocation).await {
         Ok(outcome) => outcome,

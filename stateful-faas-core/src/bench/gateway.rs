@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::CoreConfig;
-use crate::function::FunctionDeployment;
-use crate::gateway::Core;
+use super::{BenchCore, percentiles};
 use crate::telemetry::OtlpProtocol;
 
 /// Figures of one scenario.
@@ -103,27 +101,20 @@ async fn run_scenario(
     requests: usize,
     concurrency: usize,
 ) -> anyhow::Result<Scenario> {
-    let data_dir = std::env::temp_dir().join(format!("sfaas-bench-{}", uuid::Uuid::new_v4()));
-    let mut config = CoreConfig::new(&data_dir);
-    config.gateway_addr = "127.0.0.1:0".parse()?;
-    config.admin_token = Some("bench-admin".into());
-    config.telemetry.endpoint = otlp_endpoint;
-    config.telemetry.protocol = OtlpProtocol::Http;
-    let running = Core::open(config).await?.start().await?;
-    let credentials = running.core.tenants.create("bench", None).await?;
-    let deployment: FunctionDeployment = match function {
-        "noop" => serde_json::from_value(
-            serde_json::json!({"service": "f", "builtin": "noop", "envVars": {"max_inflight": "1024"}}),
-        )?,
-        _ => serde_json::from_value(
-            serde_json::json!({"service": "f", "envProcess": "/bin/true", "envVars": {"max_inflight": "1024"}}),
-        )?,
-    };
-    let tenant = crate::tenant::TenantId::new("bench")?;
-    running.core.functions.deploy(&tenant, deployment, false).await?;
+    let core = BenchCore::start(|config| {
+        config.telemetry.endpoint = otlp_endpoint;
+        config.telemetry.protocol = OtlpProtocol::Http;
+    })
+    .await?;
+    let credentials = core.credentials.clone();
+    core.deploy(match function {
+        "noop" => serde_json::json!({"service": "f", "builtin": "noop", "envVars": {"max_inflight": "1024"}}),
+        _ => serde_json::json!({"service": "f", "envProcess": "/bin/true", "envVars": {"max_inflight": "1024"}}),
+    })
+    .await?;
 
     let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(concurrency).build()?;
-    let url = format!("http://{}/function/f", running.gateway_addr);
+    let url = format!("{}/function/f", core.url);
     // Warm up connections and code paths.
     for _ in 0..concurrency.min(requests) {
         client.post(&url).bearer_auth(&credentials.ingest_token).send().await?;
@@ -157,17 +148,15 @@ async fn run_scenario(
         errors += worker_errors;
     }
     let elapsed = started.elapsed();
-    running.shutdown().await;
-    let _ = std::fs::remove_dir_all(&data_dir);
-    latencies.sort();
-    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    core.stop().await;
+    let (p50, p99) = percentiles(&mut latencies);
     Ok(Scenario {
         name: name.to_string(),
         requests,
         errors,
         throughput: requests as f64 / elapsed.as_secs_f64(),
-        p50: percentile(0.50),
-        p99: percentile(0.99),
+        p50,
+        p99,
     })
 }
 
