@@ -145,6 +145,9 @@ enum BenchCommand {
         /// Concurrent callers.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// Only the `noop` or the `exec` scenarios.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// State store put/get, in process and over HTTP, beside Redis (redis-benchmark).
     State {
@@ -242,8 +245,8 @@ async fn run() -> anyhow::Result<()> {
         Command::Flow(FlowCommand::Status { run_id, client }) => client::flow_status(&client, &run_id).await,
         Command::Flow(FlowCommand::Cancel { run_id, client }) => client::flow_cancel(&client, &run_id).await,
         Command::Flow(FlowCommand::Graph { name, format, client }) => client::flow_graph(&client, &name, &format).await,
-        Command::Bench(BenchCommand::Gateway { requests, concurrency }) => {
-            let report = stateful_faas_core::bench::gateway(requests, concurrency).await?;
+        Command::Bench(BenchCommand::Gateway { requests, concurrency, only }) => {
+            let report = stateful_faas_core::bench::gateway(requests, concurrency, only.as_deref()).await?;
             println!("{report}");
             Ok(())
         }

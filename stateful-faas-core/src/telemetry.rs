@@ -87,6 +87,7 @@ impl Telemetry {
         };
         let batch_config = BatchConfigBuilder::default()
             .with_max_queue_size(self.config.max_queue_size.max(64))
+            .with_max_export_batch_size(2048)
             .with_scheduled_delay(Duration::from_millis(500))
             .build();
         let processor = BatchSpanProcessor::builder(exporter).with_batch_config(batch_config).build();

@@ -69,11 +69,17 @@ impl fmt::Display for Report {
 const ROUNDS: usize = 3;
 
 /// Runs every scenario: builtin no-op and exec of `/bin/true`, each with span export on and off.
-pub async fn gateway(requests: usize, concurrency: usize) -> anyhow::Result<Report> {
+/// `only` limits the run to the scenarios whose function is `noop` or `exec`.
+pub async fn gateway(requests: usize, concurrency: usize, only: Option<&str>) -> anyhow::Result<Report> {
     let sink_bytes = Arc::new(AtomicU64::new(0));
     let sink = start_otlp_sink(sink_bytes.clone()).await?;
     let mut scenarios = Vec::new();
-    for (function, body) in [("builtin noop", "noop"), ("exec /bin/true", "true")] {
+    let functions = [("builtin noop", "noop"), ("exec /bin/true", "true")];
+    for (function, body) in functions.into_iter().filter(|(_, body)| match only {
+        Some("noop") => *body == "noop",
+        Some("exec") => *body == "true",
+        _ => true,
+    }) {
         let mut rounds: [Vec<Scenario>; 2] = [Vec::new(), Vec::new()];
         for round in 0..ROUNDS {
             for spans in [false, true] {
