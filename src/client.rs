@@ -199,7 +199,8 @@ pub async fn flow_deploy(args: &ClientArgs, file: &Path) -> anyhow::Result<()> {
     let response = send(gateway.request(reqwest::Method::POST, "/system/flows").body(definition)).await?;
     let created = response.status() == reqwest::StatusCode::CREATED;
     let body: serde_json::Value = response.json().await?;
-    eprintln!("{} flow {} ({} nodes)", if created { "deployed" } else { "updated" }, body["name"], body["nodes"]);
+    let name = body["name"].as_str().unwrap_or_default();
+    eprintln!("{} flow {name} ({} nodes)", if created { "deployed" } else { "updated" }, body["nodes"]);
     Ok(())
 }
 

@@ -190,6 +190,15 @@ struct ServeArgs {
     /// Concurrent deliveries of async calls.
     #[arg(long, env = "SFAAS_ASYNC_WORKERS", default_value_t = 4)]
     async_workers: usize,
+    /// State store: value bytes all tenants may hold together.
+    #[arg(long, env = "SFAAS_STATE_BUDGET_BYTES", default_value_t = 4 << 30)]
+    state_budget_bytes: u64,
+    /// State store: value bytes one tenant may hold.
+    #[arg(long, env = "SFAAS_STATE_TENANT_QUOTA_BYTES", default_value_t = 1 << 30)]
+    state_tenant_quota_bytes: u64,
+    /// State store: largest value.
+    #[arg(long, env = "SFAAS_STATE_MAX_VALUE_BYTES", default_value_t = 256 << 20)]
+    state_max_value_bytes: u64,
 }
 
 impl ServeArgs {
@@ -203,6 +212,9 @@ impl ServeArgs {
         config.telemetry.token = self.otlp_token.clone();
         config.max_body_bytes = self.max_body_bytes;
         config.async_queue.workers = self.async_workers;
+        config.state.total_budget_bytes = self.state_budget_bytes;
+        config.state.tenant_quota_bytes = self.state_tenant_quota_bytes;
+        config.state.max_value_bytes = self.state_max_value_bytes;
         config
     }
 }

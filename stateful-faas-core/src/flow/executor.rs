@@ -535,11 +535,14 @@ fn call(
             match &node.target {
                 NodeTarget::Function(function) => {
                     let invocation = Invocation {
+                        headers: vec![
+                            ("content-type".into(), "application/octet-stream".into()),
+                            (semconv::HEADER_CALL_ID.into(), call_id.clone()),
+                        ],
                         call_id,
                         method: "POST".into(),
                         path: "/".into(),
                         query: String::new(),
-                        headers: vec![("content-type".into(), "application/octet-stream".into())],
                         body: input,
                         traceparent,
                         job: Some(context.run_id.clone()),
