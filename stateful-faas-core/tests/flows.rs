@@ -32,6 +32,29 @@ async fn run(core: &TestCore, tenant: &Tenant, flow: &str, input: &str) -> (u16,
     (status, response.text().await.unwrap(), run_id)
 }
 
+type Calls = std::sync::Arc<std::sync::Mutex<Vec<((String, String), String)>>>;
+
+/// Receives flow callbacks: ((X-Run-Id, X-Flow-Status), body).
+async fn callback_server() -> (String, Calls) {
+    let calls: Calls = Default::default();
+    let sink = calls.clone();
+    let app = axum::Router::new().route(
+        "/done",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let sink = sink.clone();
+            async move {
+                let get = |name: &str| headers[name].to_str().unwrap().to_string();
+                sink.lock().unwrap().push(((get("x-run-id"), get("x-flow-status")), body));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/done", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, calls)
+}
+
 async fn setup() -> (TestCore, Tenant) {
     let core = start(|_| {}).await;
     let acme = core.tenant("acme").await;
