@@ -215,7 +215,23 @@ async fn timeouts_subflows_async_runs_and_cancellation() {
     assert_eq!(status, 500);
     assert!(output.contains("timed out after 100ms"), "{output}");
 
-    // Async: 202 at once, status and output at /flow-runs/{id}.
+    // Async: 202 at once, status and output at /flow-runs/{id}, and a callback at the end.
+    let (callback, called) = callback_server().await;
+    let response = core
+        .http
+        .post(format!("{}/async-flow/outer", core.url))
+        .bearer_auth(&acme.ingest)
+        .header("X-Callback-Url", &callback)
+        .body("call me")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let called_run = response.headers()["x-run-id"].to_str().unwrap().to_string();
+    let (headers, body) = eventually(Duration::from_secs(5), || async { called.lock().unwrap().first().cloned() })
+        .await
+        .expect("the callback arrives");
+    assert_eq!((headers.0.as_str(), headers.1.as_str(), body.as_str()), (called_run.as_str(), "succeeded", "CALL ME"));
     core.deploy(&acme, json!({"service": "hang", "envProcess": "echo $$ > hang.pid; exec sleep 30", "workdir": core.dir.path().display().to_string()})).await;
     let long = "name: long\nnodes:\n  wait: {function: hang}\n";
     assert_eq!(deploy_flow(&core, &acme, long).await.status(), 201);
