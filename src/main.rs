@@ -170,12 +170,19 @@ struct ServeArgs {
     /// Data directory: database, admin.token, addresses.json.
     #[arg(long, env = "SFAAS_DATA_DIR", default_value = "./sfaas-data")]
     data_dir: PathBuf,
-    /// sqlite://PATH (default DATA_DIR/sfaas.db).
+    /// Telemetry store: sqlite://PATH (default DATA_DIR/telemetry.db) or postgres://...
     #[arg(long, env = "SFAAS_DATABASE_URL")]
     database_url: Option<String>,
     #[arg(long, env = "SFAAS_GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
     gateway_addr: SocketAddr,
-    /// OTLP endpoint for the platform's spans (off when unset).
+    /// Collector: OTLP/gRPC address.
+    #[arg(long, env = "SFAAS_OTLP_GRPC_ADDR", default_value = "127.0.0.1:4317")]
+    otlp_grpc_addr: SocketAddr,
+    /// Collector: OTLP/HTTP address.
+    #[arg(long, env = "SFAAS_OTLP_HTTP_ADDR", default_value = "127.0.0.1:4318")]
+    otlp_http_addr: SocketAddr,
+    /// OTLP endpoint for the platform's spans (default with `up`: its own collector; with
+    /// `core`: off unless set).
     #[arg(long, env = "SFAAS_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     /// grpc or http.
@@ -204,7 +211,6 @@ struct ServeArgs {
 impl ServeArgs {
     fn config(&self) -> CoreConfig {
         let mut config = CoreConfig::new(&self.data_dir);
-        config.database_url = self.database_url.clone();
         config.gateway_addr = self.gateway_addr;
         config.admin_token = std::env::var("SFAAS_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
         config.telemetry.endpoint = self.otlp_endpoint.clone();
@@ -239,7 +245,8 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Up(args) | Command::Core(args) => serve(args).await,
+        Command::Up(args) => serve(args, true).await,
+        Command::Core(args) => serve(args, false).await,
         Command::Tenant(TenantCommand::Create { name, plan, client }) => {
             client::tenant_create(&client, &name, plan).await
         }
@@ -273,12 +280,43 @@ async fn run() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// Runs the core, and with `with_collector` the collector too, its spans going to it with the
+/// platform's meter token.
+async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     let config = args.config();
     let data_dir = config.data_dir.clone();
     let core = Core::open(config).await.context("starting the core")?;
+    let mut addresses = serde_json::Map::new();
+    let collector = if with_collector {
+        let meter_token =
+            stateful_faas_core::config::load_or_create_token(&stateful_faas_core::config::meter_token_path(&data_dir))
+                .context("creating the meter token")?;
+        core.tenants.ensure_meter_token(&meter_token).await?;
+        let database_url = args
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("telemetry.db").display()));
+        let mut config = collector::CollectorConfig::new(database_url);
+        config.otlp_grpc_addr = args.otlp_grpc_addr;
+        config.otlp_http_addr = args.otlp_http_addr;
+        let resolver = std::sync::Arc::new(CoreTokens(core.tenants.clone()));
+        let running = collector::Collector::start(config, resolver).await.context("starting the collector")?;
+        if args.otlp_endpoint.is_none() {
+            core.telemetry.set_export(
+                format!("http://{}", running.otlp_grpc_addr),
+                OtlpProtocol::Grpc,
+                Some(meter_token),
+            );
+        }
+        addresses.insert("otlp_grpc".into(), running.otlp_grpc_addr.to_string().into());
+        addresses.insert("otlp_http".into(), running.otlp_http_addr.to_string().into());
+        Some(running)
+    } else {
+        None
+    };
     let running = core.start().await?;
-    let addresses = serde_json::json!({ "gateway": running.gateway_addr.to_string() });
+    addresses.insert("gateway".into(), running.gateway_addr.to_string().into());
+    let addresses = serde_json::Value::Object(addresses);
     // The bound addresses (DESIGN.md §2): first the file (replaced atomically), then one JSON
     // line on stdout, so that whoever reads the line finds the file up to date.
     let addresses_file = data_dir.join("addresses.json");
@@ -287,15 +325,39 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::rename(&temporary, &addresses_file).context("writing addresses.json")?;
     println!("{addresses}");
     eprintln!(
-        "sfaas is up: gateway http://{} (admin token in {}); Ctrl-C stops",
+        "sfaas is up: gateway http://{}{} (admin token in {}); Ctrl-C stops",
         running.gateway_addr,
+        collector.as_ref().map_or(String::new(), |c| format!(
+            ", OTLP gRPC {} and HTTP http://{}",
+            c.otlp_grpc_addr, c.otlp_http_addr
+        )),
         stateful_faas_core::config::admin_token_path(&data_dir).display()
     );
     shutdown_signal().await;
-    eprintln!("sfaas: shutting down (finishing in-flight calls, flushing spans)");
+    eprintln!("sfaas: shutting down (finishing in-flight calls, flushing spans, committing telemetry)");
     running.shutdown().await;
+    if let Some(collector) = collector {
+        collector.shutdown().await;
+    }
     eprintln!("sfaas: stopped");
     Ok(())
+}
+
+/// The collector checks tokens against the core's tenant store.
+struct CoreTokens(std::sync::Arc<stateful_faas_core::tenant::TenantStore>);
+
+impl collector::auth::TokenResolver for CoreTokens {
+    fn resolve(&self, authorization: &str) -> Option<collector::auth::Credential> {
+        use stateful_faas_core::tenant::{Principal, Scope};
+        let token = stateful_faas_core::gateway::auth::bearer_or_basic_token(authorization)?;
+        match self.0.authenticate(&token)? {
+            Principal::Tenant { tenant, scope: Scope::Ingest } => {
+                Some(collector::auth::Credential::Ingest { tenant: tenant.to_string() })
+            }
+            Principal::Meter => Some(collector::auth::Credential::Meter),
+            _ => None,
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,6 +1,178 @@
-//! The collector: receivers for OTLP (HTTP and gRPC), Jaeger thrift and Prometheus
-//! (remote_write and scrape), tenant resolution and token checks, and the telemetry store
-//! (SQLite and PostgreSQL through sqlx). It owns the telemetry schema.
-//!
-//! Not built yet (issue 4). Until it lands, the core exports its spans to any OTLP endpoint
-//! (`--otlp-endpoint`), for example an OpenTelemetry Collector.
+//! The collector: receivers for OTLP (HTTP and gRPC), tenant resolution and token checks, a
+//! bounded ingest pipeline, and the telemetry store (SQLite and PostgreSQL through sqlx). It
+//! owns the telemetry schema.
+
+pub mod auth;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod receivers;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::{get, post};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use auth::TokenResolver;
+use metrics::CollectorMetrics;
+use pipeline::{Pipeline, PipelineConfig};
+use store::{StoreError, TelemetryStore};
+
+/// Configuration of the collector.
+#[derive(Debug, Clone)]
+pub struct CollectorConfig {
+    /// `sqlite://PATH` or `postgres://...`.
+    pub database_url: String,
+    pub otlp_grpc_addr: SocketAddr,
+    pub otlp_http_addr: SocketAddr,
+    /// Largest request (after decompression), in bytes (413 / RESOURCE_EXHAUSTED beyond).
+    pub max_body_bytes: usize,
+    pub pipeline: PipelineConfig,
+    /// How long telemetry is kept (spans, samples, logs), for every tenant.
+    pub retention: Duration,
+}
+
+impl CollectorConfig {
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            otlp_grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
+            otlp_http_addr: SocketAddr::from(([127, 0, 0, 1], 4318)),
+            max_body_bytes: 16 << 20,
+            pipeline: PipelineConfig::default(),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Why the collector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+}
+
+/// What the receivers share.
+pub struct Collector {
+    pub config: CollectorConfig,
+    pub store: TelemetryStore,
+    pub pipeline: Pipeline,
+    pub resolver: Arc<dyn TokenResolver>,
+    pub metrics: Arc<CollectorMetrics>,
+}
+
+/// A running collector: its bound addresses and the switch that stops it.
+pub struct RunningCollector {
+    pub collector: Arc<Collector>,
+    pub otlp_grpc_addr: SocketAddr,
+    pub otlp_http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Collector {
+    /// Opens the store, binds the receivers and starts serving.
+    pub async fn start(
+        config: CollectorConfig,
+        resolver: Arc<dyn TokenResolver>,
+    ) -> Result<RunningCollector, CollectorError> {
+        let store = TelemetryStore::open(&config.database_url).await?;
+        let metrics = Arc::new(CollectorMetrics::default());
+        let pipeline = Pipeline::start(store.clone(), config.pipeline.clone(), metrics.clone());
+        let collector = Arc::new(Collector { config: config.clone(), store, pipeline, resolver, metrics });
+        let (shutdown, stop) = watch::channel(false);
+
+        let http = tokio::net::TcpListener::bind(config.otlp_http_addr)
+            .await
+            .map_err(|e| CollectorError::Listen(config.otlp_http_addr, e))?;
+        let otlp_http_addr = http.local_addr().map_err(|e| CollectorError::Listen(config.otlp_http_addr, e))?;
+        let grpc = tokio::net::TcpListener::bind(config.otlp_grpc_addr)
+            .await
+            .map_err(|e| CollectorError::Listen(config.otlp_grpc_addr, e))?;
+        let otlp_grpc_addr = grpc.local_addr().map_err(|e| CollectorError::Listen(config.otlp_grpc_addr, e))?;
+
+        let router = Router::new()
+            .route("/v1/traces", post(receivers::otlp_http::traces))
+            .route("/v1/metrics", post(receivers::otlp_http::metrics))
+            .route("/v1/logs", post(receivers::otlp_http::logs))
+            .route("/healthz", get(|| async { "OK\n" }))
+            .route("/metrics", get(own_metrics))
+            .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            .with_state(collector.clone());
+        let mut http_stop = stop.clone();
+        let mut tasks = vec![tokio::spawn(async move {
+            let serve = axum::serve(http, router).with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            });
+            if let Err(error) = serve.await {
+                tracing::error!(%error, "OTLP/HTTP receiver stopped");
+            }
+        })];
+
+        let (traces, metrics_service, logs) =
+            receivers::otlp_grpc::Services(collector.clone()).servers(config.max_body_bytes);
+        let mut grpc_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let serve = tonic::transport::Server::builder()
+                .add_service(traces)
+                .add_service(metrics_service)
+                .add_service(logs)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
+                    let _ = grpc_stop.wait_for(|s| *s).await;
+                });
+            if let Err(error) = serve.await {
+                tracing::error!(%error, "OTLP/gRPC receiver stopped");
+            }
+        }));
+        tasks.push(tokio::spawn(retention(collector.clone(), stop)));
+        Ok(RunningCollector { collector, otlp_grpc_addr, otlp_http_addr, shutdown, tasks })
+    }
+}
+
+impl RunningCollector {
+    /// Stops accepting; requests in flight finish (and are committed) first.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn own_metrics(State(collector): State<Arc<Collector>>) -> String {
+    collector.metrics.queue_depth.set(collector.pipeline.depth() as i64);
+    collector.metrics.encode()
+}
+
+/// Deletes telemetry older than the retention period, every minute.
+async fn retention(collector: Arc<Collector>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let now_ns =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        let before = now_ns - collector.config.retention.as_nanos() as i64;
+        match collector.store.tenants().await {
+            Ok(tenants) => {
+                for tenant in tenants {
+                    match collector.store.delete_before(&tenant, before).await {
+                        Ok(0) => {}
+                        Ok(deleted) => tracing::info!(%tenant, deleted, "retention: deleted old telemetry"),
+                        Err(error) => tracing::warn!(%tenant, %error, "retention failed"),
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "retention: cannot list tenants"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

@@ -69,17 +69,26 @@ pub fn admin_token_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.token")
 }
 
+/// The platform's meter token file of a data directory.
+pub fn meter_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("meter.token")
+}
+
 /// Reads `DATA_DIR/admin.token`, creating it (mode 0600) with a fresh token on first start.
 pub fn load_or_create_admin_token(data_dir: &Path) -> std::io::Result<String> {
-    let path = admin_token_path(data_dir);
-    match std::fs::read_to_string(&path) {
+    load_or_create_token(&admin_token_path(data_dir))
+}
+
+/// Reads a token file, creating it (mode 0600) with a fresh token if missing or empty.
+pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
         Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
         Ok(_) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(error),
     }
     let token = crate::tenant::generate_token();
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     file.write_all(token.as_bytes())?;
     file.sync_all()?;
     Ok(token)

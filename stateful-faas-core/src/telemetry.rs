@@ -54,23 +54,33 @@ pub struct TelemetryConfig {
 
 /// The core's span pipeline.
 pub struct Telemetry {
-    config: TelemetryConfig,
+    config: RwLock<TelemetryConfig>,
     /// Per tenant: the provider (kept for shutdown) and its tracer (cloned per span).
     providers: RwLock<HashMap<TenantId, (SdkTracerProvider, SdkTracer)>>,
 }
 
 impl Telemetry {
     pub fn new(config: TelemetryConfig) -> Self {
-        Self { config, providers: RwLock::new(HashMap::new()) }
+        Self { config: RwLock::new(config), providers: RwLock::new(HashMap::new()) }
     }
 
     pub fn enabled(&self) -> bool {
-        self.config.endpoint.is_some()
+        self.config.read().unwrap().endpoint.is_some()
+    }
+
+    /// Points span export somewhere else (`sfaas up` does, once its collector listens);
+    /// tenants whose tracer exists already keep theirs.
+    pub fn set_export(&self, endpoint: String, protocol: OtlpProtocol, token: Option<String>) {
+        let mut config = self.config.write().unwrap();
+        config.endpoint = Some(endpoint);
+        config.protocol = protocol;
+        config.token = token;
     }
 
     /// The tracer for a tenant's platform spans, or `None` when export is off.
     pub fn tracer(&self, tenant: &TenantId) -> Option<SdkTracer> {
-        let endpoint = self.config.endpoint.as_ref()?;
+        let config = self.config.read().unwrap().clone();
+        let endpoint = config.endpoint.as_ref()?;
         if let Some((_, tracer)) = self.providers.read().unwrap().get(tenant) {
             return Some(tracer.clone());
         }
@@ -78,7 +88,7 @@ impl Telemetry {
         if let Some((_, tracer)) = providers.get(tenant) {
             return Some(tracer.clone());
         }
-        let exporter = match self.build_exporter(endpoint) {
+        let exporter = match build_exporter(&config, endpoint) {
             Ok(exporter) => exporter,
             Err(error) => {
                 tracing::error!(%error, endpoint, "cannot build the OTLP exporter; spans are not exported");
@@ -86,7 +96,7 @@ impl Telemetry {
             }
         };
         let batch_config = BatchConfigBuilder::default()
-            .with_max_queue_size(self.config.max_queue_size.max(64))
+            .with_max_queue_size(config.max_queue_size.max(64))
             .with_max_export_batch_size(2048)
             .with_scheduled_delay(Duration::from_millis(500))
             .build();
@@ -103,42 +113,6 @@ impl Telemetry {
         Some(tracer)
     }
 
-    fn build_exporter(
-        &self,
-        endpoint: &str,
-    ) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
-        let timeout = Duration::from_secs(5);
-        match self.config.protocol {
-            OtlpProtocol::Grpc => {
-                let mut metadata = opentelemetry_otlp::tonic_types::metadata::MetadataMap::new();
-                if let Some(token) = &self.config.token
-                    && let Ok(value) = format!("Bearer {token}").parse()
-                {
-                    metadata.insert("authorization", value);
-                }
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(endpoint)
-                    .with_timeout(timeout)
-                    .with_metadata(metadata)
-                    .build()
-            }
-            OtlpProtocol::Http => {
-                let mut headers = HashMap::new();
-                if let Some(token) = &self.config.token {
-                    headers.insert("authorization".to_string(), format!("Bearer {token}"));
-                }
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
-                    .with_timeout(timeout)
-                    .with_headers(headers)
-                    .build()
-            }
-        }
-    }
-
     /// Flushes and stops every provider. Blocking: call from a blocking thread (DEPENDENCIES.md,
     /// gotcha 6).
     pub fn shutdown(&self) {
@@ -147,6 +121,42 @@ impl Telemetry {
             if let Err(error) = provider.shutdown() {
                 tracing::warn!(%error, "span export did not shut down cleanly");
             }
+        }
+    }
+}
+
+fn build_exporter(
+    config: &TelemetryConfig,
+    endpoint: &str,
+) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
+    let timeout = Duration::from_secs(5);
+    match config.protocol {
+        OtlpProtocol::Grpc => {
+            let mut metadata = opentelemetry_otlp::tonic_types::metadata::MetadataMap::new();
+            if let Some(token) = &config.token
+                && let Ok(value) = format!("Bearer {token}").parse()
+            {
+                metadata.insert("authorization", value);
+            }
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .with_timeout(timeout)
+                .with_metadata(metadata)
+                .build()
+        }
+        OtlpProtocol::Http => {
+            let mut headers = HashMap::new();
+            if let Some(token) = &config.token {
+                headers.insert("authorization".to_string(), format!("Bearer {token}"));
+            }
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .with_timeout(timeout)
+                .with_headers(headers)
+                .build()
         }
     }
 }

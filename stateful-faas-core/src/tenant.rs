@@ -280,6 +280,20 @@ impl TenantStore {
         Ok(token)
     }
 
+    /// Makes sure a given token is a valid `meter` token (for a token kept in a file).
+    pub async fn ensure_meter_token(&self, token: &str) -> Result<(), TenantError> {
+        let hash = hash_token(token);
+        sqlx::query(
+            "INSERT INTO tokens (hash, tenant, scope, created_ms) VALUES (?, NULL, 'meter', ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(&hash)
+        .bind(crate::database::now_ms())
+        .execute(&self.pool)
+        .await?;
+        self.tokens.write().unwrap().insert(hash, Principal::Meter);
+        Ok(())
+    }
+
     /// All tenants, by name.
     pub async fn list(&self) -> Result<Vec<TenantInfo>, TenantError> {
         let rows: Vec<(String, Option<String>, i64)> =

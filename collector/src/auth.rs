@@ -1,0 +1,125 @@
+//! Who sends telemetry, and for which tenant (DESIGN.md §3).
+//!
+//! The collector does not own tokens: the binary hands it a [`TokenResolver`] backed by the
+//! core's tenant store, so both check the same tokens.
+
+use axum::http::HeaderMap;
+
+/// A valid telemetry credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A tenant's ingest token: its telemetry only, never billed.
+    Ingest { tenant: String },
+    /// The platform's meter token: any tenant's telemetry, named by `service.namespace`; billed.
+    Meter,
+}
+
+/// Resolves an `Authorization` header value (Bearer, or Basic with the token as password).
+pub trait TokenResolver: Send + Sync + 'static {
+    fn resolve(&self, authorization: &str) -> Option<Credential>;
+}
+
+/// Why a sender was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing Authorization header: send `Authorization: Bearer TOKEN` (or Basic with the token as password)")]
+    Missing,
+    #[error("invalid token: not an ingest or meter token")]
+    Invalid,
+    #[error("X-Scope-OrgID {org:?} does not match the token's tenant {tenant:?}")]
+    OrgMismatch { org: String, tenant: String },
+}
+
+/// A checked sender: its credential and the tenant it named in `X-Scope-OrgID`, if any.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    pub credential: Credential,
+    pub org_id: Option<String>,
+}
+
+/// Checks the credentials of a request.
+pub fn authenticate(
+    resolver: &dyn TokenResolver,
+    authorization: Option<&str>,
+    org_id: Option<&str>,
+) -> Result<Sender, AuthError> {
+    let authorization = authorization.ok_or(AuthError::Missing)?;
+    let credential = resolver.resolve(authorization).ok_or(AuthError::Invalid)?;
+    if let (Credential::Ingest { tenant }, Some(org)) = (&credential, org_id)
+        && org != tenant
+    {
+        return Err(AuthError::OrgMismatch { org: org.to_string(), tenant: tenant.clone() });
+    }
+    Ok(Sender { credential, org_id: org_id.map(str::to_string) })
+}
+
+/// [`authenticate`] for HTTP headers.
+pub fn authenticate_http(resolver: &dyn TokenResolver, headers: &HeaderMap) -> Result<Sender, AuthError> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    authenticate(resolver, get("authorization"), get("x-scope-orgid"))
+}
+
+impl Sender {
+    /// The tenant of a resource whose `service.namespace` is `namespace`, and whether its data is
+    /// metered; or why its items are rejected (never re-attributed).
+    pub fn tenant_for(&self, namespace: Option<&str>) -> Result<(String, bool), String> {
+        match (&self.credential, namespace) {
+            (Credential::Ingest { tenant }, None) => Ok((tenant.clone(), false)),
+            (Credential::Ingest { tenant }, Some(ns)) if ns == tenant => Ok((tenant.clone(), false)),
+            (Credential::Ingest { tenant }, Some(ns)) => {
+                Err(format!("service.namespace {ns:?} does not match the token's tenant {tenant:?}"))
+            }
+            (Credential::Meter, Some(ns)) if valid_tenant(ns) => Ok((ns.to_string(), true)),
+            (Credential::Meter, Some(ns)) => Err(format!("service.namespace {ns:?} is not a valid tenant name")),
+            (Credential::Meter, None) => match &self.org_id {
+                Some(org) if valid_tenant(org) => Ok((org.clone(), true)),
+                _ => Err("metered telemetry must name its tenant in service.namespace (or X-Scope-OrgID)".into()),
+            },
+        }
+    }
+}
+
+/// DNS-label tenant names, as DESIGN.md §3 defines them.
+pub fn valid_tenant(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let edge = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(|&b| edge(b) || b == b'-')
+        && edge(bytes[0])
+        && edge(bytes[bytes.len() - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed;
+    impl TokenResolver for Fixed {
+        fn resolve(&self, authorization: &str) -> Option<Credential> {
+            match authorization {
+                "Bearer acme" => Some(Credential::Ingest { tenant: "acme".into() }),
+                "Bearer meter" => Some(Credential::Meter),
+                _ => None,
+            }
+        }
+    }
+
+    #[test]
+    fn tenants_come_from_tokens_and_namespaces_are_never_reattributed() {
+        assert_eq!(authenticate(&Fixed, None, None).unwrap_err(), AuthError::Missing);
+        assert_eq!(authenticate(&Fixed, Some("Bearer x"), None).unwrap_err(), AuthError::Invalid);
+        assert!(matches!(
+            authenticate(&Fixed, Some("Bearer acme"), Some("globex")),
+            Err(AuthError::OrgMismatch { .. })
+        ));
+        let acme = authenticate(&Fixed, Some("Bearer acme"), None).unwrap();
+        assert_eq!(acme.tenant_for(None), Ok(("acme".into(), false)));
+        assert_eq!(acme.tenant_for(Some("acme")), Ok(("acme".into(), false)));
+        assert!(acme.tenant_for(Some("globex")).unwrap_err().contains("does not match"));
+        let meter = authenticate(&Fixed, Some("Bearer meter"), None).unwrap();
+        assert_eq!(meter.tenant_for(Some("globex")), Ok(("globex".into(), true)));
+        assert!(meter.tenant_for(None).is_err());
+        assert!(meter.tenant_for(Some("Not_Valid")).is_err());
+    }
+}

@@ -1,0 +1,325 @@
+//! OTLP requests → rows, per resource: resolve the tenant, validate, convert. Shared by the
+//! HTTP and gRPC receivers.
+
+use std::collections::BTreeMap;
+
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::auth::Sender;
+use crate::model::{Batch, LogRow, SampleRow, SpanRow};
+
+/// What a request yields: the accepted rows, and how many items were rejected and why.
+#[derive(Debug, Default)]
+pub struct Converted {
+    pub batch: Batch,
+    pub rejected: u64,
+    /// Distinct reasons, for `partial_success.error_message`.
+    pub reasons: Vec<String>,
+}
+
+impl Converted {
+    fn reject(&mut self, count: usize, reason: String) {
+        if count == 0 {
+            return;
+        }
+        self.rejected += count as u64;
+        if !self.reasons.contains(&reason) && self.reasons.len() < 10 {
+            self.reasons.push(reason);
+        }
+    }
+
+    /// The partial-success message, when something was rejected.
+    pub fn message(&self) -> String {
+        self.reasons.join("; ")
+    }
+}
+
+/// An attribute value as JSON (integers stay integers; bytes become hex).
+pub fn any_value_json(value: &AnyValue) -> Value {
+    match &value.value {
+        Some(any_value::Value::StringValue(s)) => Value::String(s.clone()),
+        Some(any_value::Value::BoolValue(b)) => Value::Bool(*b),
+        Some(any_value::Value::IntValue(i)) => json!(i),
+        Some(any_value::Value::DoubleValue(d)) => json!(d),
+        Some(any_value::Value::ArrayValue(array)) => Value::Array(array.values.iter().map(any_value_json).collect()),
+        Some(any_value::Value::KvlistValue(list)) => attributes_json(&list.values),
+        Some(any_value::Value::BytesValue(bytes)) => Value::String(hex::encode(bytes)),
+        Some(any_value::Value::StringValueStrindex(index)) => json!(index),
+        None => Value::Null,
+    }
+}
+
+/// Attributes as a JSON object, keys sorted.
+pub fn attributes_json(attributes: &[KeyValue]) -> Value {
+    let map: BTreeMap<&str, Value> =
+        attributes.iter().map(|kv| (kv.key.as_str(), kv.value.as_ref().map_or(Value::Null, any_value_json))).collect();
+    serde_json::to_value(map).expect("json")
+}
+
+fn string_attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.as_str()),
+        _ => None,
+    })
+}
+
+/// A non-zero id of `len` bytes, as lowercase hex.
+fn id_hex(bytes: &[u8], len: usize) -> Option<String> {
+    (bytes.len() == len && bytes.iter().any(|&b| b != 0)).then(|| hex::encode(bytes))
+}
+
+pub fn traces(request: ExportTraceServiceRequest, sender: &Sender) -> Converted {
+    let mut out = Converted::default();
+    for resource_spans in request.resource_spans {
+        let resource_attributes = resource_spans.resource.map(|r| r.attributes).unwrap_or_default();
+        let count: usize = resource_spans.scope_spans.iter().map(|s| s.spans.len()).sum();
+        let (tenant, metered) = match sender.tenant_for(string_attribute(&resource_attributes, "service.namespace")) {
+            Ok(attribution) => attribution,
+            Err(reason) => {
+                out.reject(count, reason);
+                continue;
+            }
+        };
+        let service = string_attribute(&resource_attributes, "service.name").unwrap_or("unknown_service").to_string();
+        let resource = attributes_json(&resource_attributes).to_string();
+        for scope_spans in resource_spans.scope_spans {
+            let scope =
+                scope_spans.scope.map_or(json!({}), |s| json!({"name": s.name, "version": s.version})).to_string();
+            for span in scope_spans.spans {
+                let (Some(trace_id), Some(span_id)) = (id_hex(&span.trace_id, 16), id_hex(&span.span_id, 8)) else {
+                    out.reject(1, "invalid trace or span id (need 16 and 8 non-zero bytes)".into());
+                    continue;
+                };
+                let parent_span_id = match span.parent_span_id.len() {
+                    0 => None,
+                    _ => match id_hex(&span.parent_span_id, 8) {
+                        Some(parent) => Some(parent),
+                        None => {
+                            out.reject(1, "invalid parent span id (need 8 bytes)".into());
+                            continue;
+                        }
+                    },
+                };
+                let events: Vec<Value> = span
+                    .events
+                    .iter()
+                    .map(|e| json!({"name": e.name, "time_ns": e.time_unix_nano, "attributes": attributes_json(&e.attributes)}))
+                    .collect();
+                let links: Vec<Value> = span
+                    .links
+                    .iter()
+                    .map(|l| json!({"trace_id": hex::encode(&l.trace_id), "span_id": hex::encode(&l.span_id), "attributes": attributes_json(&l.attributes)}))
+                    .collect();
+                let status = span.status.unwrap_or_default();
+                out.batch.spans.push(SpanRow {
+                    tenant: tenant.clone(),
+                    trace_id,
+                    span_id,
+                    parent_span_id,
+                    name: span.name,
+                    kind: span.kind as i64,
+                    start_ns: span.start_time_unix_nano as i64,
+                    end_ns: span.end_time_unix_nano as i64,
+                    status_code: status.code as i64,
+                    status_message: status.message,
+                    service_name: service.clone(),
+                    attributes: attributes_json(&span.attributes).to_string(),
+                    events: Value::Array(events).to_string(),
+                    links: Value::Array(links).to_string(),
+                    resource: resource.clone(),
+                    scope: scope.clone(),
+                    metered,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Label values as Prometheus has them: strings.
+fn labels(point_attributes: &[KeyValue], service: Option<&str>) -> String {
+    let mut labels: BTreeMap<String, String> = point_attributes
+        .iter()
+        .map(|kv| {
+            let value = kv.value.as_ref().map_or(Value::Null, any_value_json);
+            let text = match value {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            (kv.key.clone(), text)
+        })
+        .collect();
+    if let Some(service) = service {
+        labels.entry("service_name".into()).or_insert_with(|| service.to_string());
+    }
+    serde_json::to_string(&labels).expect("json")
+}
+
+pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Converted {
+    let mut out = Converted::default();
+    for resource_metrics in request.resource_metrics {
+        let resource_attributes = resource_metrics.resource.map(|r| r.attributes).unwrap_or_default();
+        let points: usize = resource_metrics.scope_metrics.iter().flat_map(|s| &s.metrics).map(point_count).sum();
+        let (tenant, metered) = match sender.tenant_for(string_attribute(&resource_attributes, "service.namespace")) {
+            Ok(attribution) => attribution,
+            Err(reason) => {
+                out.reject(points, reason);
+                continue;
+            }
+        };
+        let service = string_attribute(&resource_attributes, "service.name");
+        for metric in resource_metrics.scope_metrics.into_iter().flat_map(|s| s.metrics) {
+            let row = |labels: String, kind: &'static str, ts: u64, value: f64, histogram: Option<String>| SampleRow {
+                tenant: tenant.clone(),
+                metric: metric.name.clone(),
+                labels,
+                kind,
+                ts_ns: ts as i64,
+                value,
+                histogram,
+                metered,
+            };
+            let number = |value: &Option<number_data_point::Value>| match value {
+                Some(number_data_point::Value::AsDouble(d)) => *d,
+                Some(number_data_point::Value::AsInt(i)) => *i as f64,
+                None => 0.0,
+            };
+            match &metric.data {
+                Some(metric::Data::Gauge(gauge)) => {
+                    for p in &gauge.data_points {
+                        out.batch.samples.push(row(
+                            labels(&p.attributes, service),
+                            "gauge",
+                            p.time_unix_nano,
+                            number(&p.value),
+                            None,
+                        ));
+                    }
+                }
+                Some(metric::Data::Sum(sum)) => {
+                    let kind = if sum.is_monotonic { "counter" } else { "gauge" };
+                    for p in &sum.data_points {
+                        out.batch.samples.push(row(
+                            labels(&p.attributes, service),
+                            kind,
+                            p.time_unix_nano,
+                            number(&p.value),
+                            None,
+                        ));
+                    }
+                }
+                Some(metric::Data::Histogram(histogram)) => {
+                    for p in &histogram.data_points {
+                        let mut cumulative = 0u64;
+                        let mut buckets: Vec<(Value, u64)> = Vec::new();
+                        for (i, count) in p.bucket_counts.iter().enumerate() {
+                            cumulative += count;
+                            let le = p.explicit_bounds.get(i).map_or(json!("+Inf"), |b| json!(b));
+                            buckets.push((le, cumulative));
+                        }
+                        let sum = p.sum.unwrap_or(0.0);
+                        let detail = json!({"count": p.count, "sum": sum, "buckets": buckets}).to_string();
+                        out.batch.samples.push(row(
+                            labels(&p.attributes, service),
+                            "histogram",
+                            p.time_unix_nano,
+                            sum,
+                            Some(detail),
+                        ));
+                    }
+                }
+                Some(metric::Data::Summary(summary)) => {
+                    for p in &summary.data_points {
+                        let quantiles: Vec<(f64, f64)> =
+                            p.quantile_values.iter().map(|q| (q.quantile, q.value)).collect();
+                        let detail = json!({"count": p.count, "sum": p.sum, "quantiles": quantiles}).to_string();
+                        out.batch.samples.push(row(
+                            labels(&p.attributes, service),
+                            "summary",
+                            p.time_unix_nano,
+                            p.sum,
+                            Some(detail),
+                        ));
+                    }
+                }
+                Some(metric::Data::ExponentialHistogram(h)) => {
+                    out.reject(h.data_points.len(), "exponential histograms are not supported".into());
+                }
+                None => {}
+            }
+        }
+    }
+    out
+}
+
+fn point_count(metric: &opentelemetry_proto::tonic::metrics::v1::Metric) -> usize {
+    match &metric.data {
+        Some(metric::Data::Gauge(g)) => g.data_points.len(),
+        Some(metric::Data::Sum(s)) => s.data_points.len(),
+        Some(metric::Data::Histogram(h)) => h.data_points.len(),
+        Some(metric::Data::ExponentialHistogram(h)) => h.data_points.len(),
+        Some(metric::Data::Summary(s)) => s.data_points.len(),
+        None => 0,
+    }
+}
+
+pub fn logs(request: ExportLogsServiceRequest, sender: &Sender) -> Converted {
+    let mut out = Converted::default();
+    for resource_logs in request.resource_logs {
+        let resource_attributes = resource_logs.resource.map(|r| r.attributes).unwrap_or_default();
+        let count: usize = resource_logs.scope_logs.iter().map(|s| s.log_records.len()).sum();
+        let (tenant, metered) = match sender.tenant_for(string_attribute(&resource_attributes, "service.namespace")) {
+            Ok(attribution) => attribution,
+            Err(reason) => {
+                out.reject(count, reason);
+                continue;
+            }
+        };
+        let resource = attributes_json(&resource_attributes).to_string();
+        for record in resource_logs.scope_logs.into_iter().flat_map(|s| s.log_records) {
+            let ts = if record.time_unix_nano != 0 { record.time_unix_nano } else { record.observed_time_unix_nano };
+            let body = record.body.as_ref().map_or(Value::Null, any_value_json);
+            let body = match body {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            let attributes = attributes_json(&record.attributes).to_string();
+            let trace_id = id_hex(&record.trace_id, 16);
+            let span_id = id_hex(&record.span_id, 8);
+            let mut hash = Sha256::new();
+            for part in [
+                &ts.to_string(),
+                &record.severity_number.to_string(),
+                &record.severity_text,
+                &body,
+                &attributes,
+                &resource,
+            ] {
+                hash.update(part.as_bytes());
+                hash.update([0]);
+            }
+            hash.update(trace_id.as_deref().unwrap_or_default());
+            hash.update(span_id.as_deref().unwrap_or_default());
+            out.batch.logs.push(LogRow {
+                tenant: tenant.clone(),
+                record_hash: hex::encode(hash.finalize()),
+                ts_ns: ts as i64,
+                severity_number: record.severity_number as i64,
+                severity_text: record.severity_text,
+                body,
+                attributes,
+                resource: resource.clone(),
+                trace_id,
+                span_id,
+                metered,
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,340 @@
+//! The telemetry store: one interface, two backends through sqlx (SQLite, the embedded
+//! default, in WAL mode; PostgreSQL). Schemas are `migrations/{sqlite,postgres}/collector_*`,
+//! compiled in and applied at start. Writes are idempotent: a span is keyed by
+//! (tenant, trace id, span id), a sample by (tenant, metric, labels, time), a log record by
+//! (tenant, hash of its content); storing one twice stores it once.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, QueryBuilder, SqlSafeStr};
+
+use crate::model::{Batch, LogRow, SampleRow, SpanRow};
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported database url {0:?}: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl(String),
+    #[error("cannot open the telemetry store: {0}")]
+    Open(sqlx::Error),
+    #[error("cannot apply the telemetry schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("telemetry store: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// The database behind the collector.
+#[derive(Clone, Debug)]
+pub enum TelemetryStore {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Rows written by one commit (duplicates are not counted).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub spans: u64,
+    pub samples: u64,
+    pub logs: u64,
+}
+
+fn migrator(sql: &'static str) -> Migrator {
+    let migration = Migration::new(1, "collector telemetry".into(), MigrationType::Simple, sql.into_sql_str(), false);
+    let mut migrator = Migrator::with_migrations(vec![migration]);
+    migrator.dangerous_set_table_name("_sfaas_collector_migrations");
+    migrator
+}
+
+/// Rows per multi-row insert: well under SQLite's and PostgreSQL's parameter limits.
+const ROWS_PER_STATEMENT: usize = 500;
+
+impl TelemetryStore {
+    /// Opens the store at `url` and applies its schema.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(StoreError::Open)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10));
+            let pool =
+                SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(StoreError::Open)?;
+            migrator(include_str!("../../migrations/sqlite/collector_0001_telemetry.sql")).run(&pool).await?;
+            Ok(Self::Sqlite(pool))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = PgPoolOptions::new().max_connections(8).connect(url).await.map_err(StoreError::Open)?;
+            migrator(include_str!("../../migrations/postgres/collector_0001_telemetry.sql")).run(&pool).await?;
+            Ok(Self::Postgres(pool))
+        } else {
+            Err(StoreError::UnsupportedUrl(url.to_string()))
+        }
+    }
+
+    /// Writes a batch in one transaction; returns once it is committed.
+    pub async fn write(&self, batch: &Batch) -> Result<Written, StoreError> {
+        let received_ms = now_ms();
+        match self {
+            Self::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                let written = write_rows::<sqlx::Sqlite>(&mut tx, batch, received_ms, |r| r.rows_affected()).await?;
+                tx.commit().await?;
+                Ok(written)
+            }
+            Self::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let written = write_rows::<sqlx::Postgres>(&mut tx, batch, received_ms, |r| r.rows_affected()).await?;
+                tx.commit().await?;
+                Ok(written)
+            }
+        }
+    }
+
+    /// Deletes a tenant's spans, samples and logs older than `before_ns`; returns rows deleted.
+    pub async fn delete_before(&self, tenant: &str, before_ns: i64) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for (table, column) in [("spans", "start_ns"), ("metric_samples", "ts_ns"), ("logs", "ts_ns")] {
+            let sql = format!("DELETE FROM {table} WHERE tenant = {} AND {column} < {}", self.param(1), self.param(2));
+            deleted += match self {
+                Self::Sqlite(pool) => {
+                    sqlx::query(AssertSqlSafe(sql)).bind(tenant).bind(before_ns).execute(pool).await?.rows_affected()
+                }
+                Self::Postgres(pool) => {
+                    sqlx::query(AssertSqlSafe(sql)).bind(tenant).bind(before_ns).execute(pool).await?.rows_affected()
+                }
+            };
+        }
+        Ok(deleted)
+    }
+
+    /// Tenants that have telemetry.
+    pub async fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        let sql = "SELECT DISTINCT tenant FROM spans UNION SELECT DISTINCT tenant FROM metric_samples \
+                   UNION SELECT DISTINCT tenant FROM logs";
+        Ok(match self {
+            Self::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await?,
+            Self::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await?,
+        })
+    }
+
+    /// The spans of one trace of a tenant, by start time.
+    pub async fn trace(&self, tenant: &str, trace_id: &str) -> Result<Vec<SpanRow>, StoreError> {
+        let sql = format!(
+            "SELECT {SPAN_COLUMNS} FROM spans WHERE tenant = {} AND trace_id = {} ORDER BY start_ns, span_id",
+            self.param(1),
+            self.param(2)
+        );
+        self.spans_query(sql, &[tenant, trace_id]).await
+    }
+
+    /// Counts a tenant's stored spans, samples and logs.
+    pub async fn counts(&self, tenant: &str) -> Result<Written, StoreError> {
+        let mut counts = [0u64; 3];
+        for (i, table) in ["spans", "metric_samples", "logs"].iter().enumerate() {
+            let sql = format!("SELECT COUNT(*) FROM {table} WHERE tenant = {}", self.param(1));
+            let count: i64 = match self {
+                Self::Sqlite(pool) => sqlx::query_scalar(AssertSqlSafe(sql)).bind(tenant).fetch_one(pool).await?,
+                Self::Postgres(pool) => sqlx::query_scalar(AssertSqlSafe(sql)).bind(tenant).fetch_one(pool).await?,
+            };
+            counts[i] = count as u64;
+        }
+        Ok(Written { spans: counts[0], samples: counts[1], logs: counts[2] })
+    }
+
+    /// A tenant's samples of one metric, by time.
+    pub async fn samples(&self, tenant: &str, metric: &str) -> Result<Vec<SampleRow>, StoreError> {
+        let sql = format!(
+            "SELECT tenant, metric, labels, kind, ts_ns, value, histogram, metered FROM metric_samples \
+             WHERE tenant = {} AND metric = {} ORDER BY labels, ts_ns",
+            self.param(1),
+            self.param(2)
+        );
+        macro_rules! fetch {
+            ($pool:expr) => {{
+                let rows: Vec<(String, String, String, String, i64, f64, Option<String>, i64)> =
+                    sqlx::query_as(AssertSqlSafe(sql)).bind(tenant).bind(metric).fetch_all($pool).await?;
+                rows
+            }};
+        }
+        let rows = match self {
+            Self::Sqlite(pool) => fetch!(pool),
+            Self::Postgres(pool) => fetch!(pool),
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(tenant, metric, labels, kind, ts_ns, value, histogram, metered)| SampleRow {
+                tenant,
+                metric,
+                labels,
+                kind: kind_name(&kind),
+                ts_ns,
+                value,
+                histogram,
+                metered: metered != 0,
+            })
+            .collect())
+    }
+
+    fn param(&self, n: usize) -> String {
+        match self {
+            Self::Sqlite(_) => format!("?{n}"),
+            Self::Postgres(_) => format!("${n}"),
+        }
+    }
+
+    async fn spans_query(&self, sql: String, binds: &[&str]) -> Result<Vec<SpanRow>, StoreError> {
+        macro_rules! fetch {
+            ($pool:expr) => {{
+                let mut query = sqlx::query(AssertSqlSafe(sql));
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                query
+                    .fetch_all($pool)
+                    .await?
+                    .iter()
+                    .map(|row| span_from_row!(row))
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+            }};
+        }
+        Ok(match self {
+            Self::Sqlite(pool) => fetch!(pool),
+            Self::Postgres(pool) => fetch!(pool),
+        })
+    }
+}
+
+/// Reads a [`SpanRow`] from a row selected with [`SPAN_COLUMNS`], on either backend.
+macro_rules! span_from_row {
+    ($row:expr) => {{
+        use sqlx::Row;
+        let row = $row;
+        Ok::<_, sqlx::Error>(SpanRow {
+            tenant: row.try_get(0)?,
+            trace_id: row.try_get(1)?,
+            span_id: row.try_get(2)?,
+            parent_span_id: row.try_get(3)?,
+            name: row.try_get(4)?,
+            kind: row.try_get(5)?,
+            start_ns: row.try_get(6)?,
+            end_ns: row.try_get(7)?,
+            status_code: row.try_get(8)?,
+            status_message: row.try_get(9)?,
+            service_name: row.try_get(10)?,
+            attributes: row.try_get(11)?,
+            events: row.try_get(12)?,
+            links: row.try_get(13)?,
+            resource: row.try_get(14)?,
+            scope: row.try_get(15)?,
+            metered: row.try_get::<i64, _>(16)? != 0,
+        })
+    }};
+}
+use span_from_row;
+
+const SPAN_COLUMNS: &str = "tenant, trace_id, span_id, parent_span_id, name, kind, start_ns, end_ns, status_code, \
+                            status_message, service_name, attributes, events, links, resource, scope, metered";
+
+fn kind_name(kind: &str) -> &'static str {
+    match kind {
+        "counter" => "counter",
+        "histogram" => "histogram",
+        "summary" => "summary",
+        _ => "gauge",
+    }
+}
+
+/// Writes every row of a batch with multi-row `INSERT ... ON CONFLICT DO NOTHING`.
+async fn write_rows<DB>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    batch: &Batch,
+    received_ms: i64,
+    affected: fn(&DB::QueryResult) -> u64,
+) -> Result<Written, StoreError>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> f64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+{
+    let mut written = Written::default();
+    for chunk in batch.spans.chunks(ROWS_PER_STATEMENT) {
+        let mut builder: QueryBuilder<DB> =
+            QueryBuilder::new(format!("INSERT INTO spans ({SPAN_COLUMNS}, received_ms) "));
+        builder.push_values(chunk, |mut row, span: &SpanRow| {
+            row.push_bind(span.tenant.clone())
+                .push_bind(span.trace_id.clone())
+                .push_bind(span.span_id.clone())
+                .push_bind(span.parent_span_id.clone())
+                .push_bind(span.name.clone())
+                .push_bind(span.kind)
+                .push_bind(span.start_ns)
+                .push_bind(span.end_ns)
+                .push_bind(span.status_code)
+                .push_bind(span.status_message.clone())
+                .push_bind(span.service_name.clone())
+                .push_bind(span.attributes.clone())
+                .push_bind(span.events.clone())
+                .push_bind(span.links.clone())
+                .push_bind(span.resource.clone())
+                .push_bind(span.scope.clone())
+                .push_bind(i64::from(span.metered))
+                .push_bind(received_ms);
+        });
+        builder.push(" ON CONFLICT (tenant, trace_id, span_id) DO NOTHING");
+        written.spans += affected(&builder.build().execute(&mut **tx).await?);
+    }
+    for chunk in batch.samples.chunks(ROWS_PER_STATEMENT) {
+        let mut builder: QueryBuilder<DB> = QueryBuilder::new(
+            "INSERT INTO metric_samples (tenant, metric, labels, kind, ts_ns, value, histogram, metered, received_ms) ",
+        );
+        builder.push_values(chunk, |mut row, sample: &SampleRow| {
+            row.push_bind(sample.tenant.clone())
+                .push_bind(sample.metric.clone())
+                .push_bind(sample.labels.clone())
+                .push_bind(sample.kind)
+                .push_bind(sample.ts_ns)
+                .push_bind(sample.value)
+                .push_bind(sample.histogram.clone())
+                .push_bind(i64::from(sample.metered))
+                .push_bind(received_ms);
+        });
+        builder.push(" ON CONFLICT (tenant, metric, labels, ts_ns) DO NOTHING");
+        written.samples += affected(&builder.build().execute(&mut **tx).await?);
+    }
+    for chunk in batch.logs.chunks(ROWS_PER_STATEMENT) {
+        let mut builder: QueryBuilder<DB> = QueryBuilder::new(
+            "INSERT INTO logs (tenant, record_hash, ts_ns, severity_number, severity_text, body, attributes, resource, \
+             trace_id, span_id, metered, received_ms) ",
+        );
+        builder.push_values(chunk, |mut row, log: &LogRow| {
+            row.push_bind(log.tenant.clone())
+                .push_bind(log.record_hash.clone())
+                .push_bind(log.ts_ns)
+                .push_bind(log.severity_number)
+                .push_bind(log.severity_text.clone())
+                .push_bind(log.body.clone())
+                .push_bind(log.attributes.clone())
+                .push_bind(log.resource.clone())
+                .push_bind(log.trace_id.clone())
+                .push_bind(log.span_id.clone())
+                .push_bind(i64::from(log.metered))
+                .push_bind(received_ms);
+        });
+        builder.push(" ON CONFLICT (tenant, record_hash) DO NOTHING");
+        written.logs += affected(&builder.build().execute(&mut **tx).await?);
+    }
+    Ok(written)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
