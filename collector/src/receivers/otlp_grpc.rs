@@ -39,7 +39,10 @@ impl Services {
         let get = |key: &str| metadata.get(key).and_then(|v| v.to_str().ok());
         authenticate(self.0.resolver.as_ref(), get("authorization"), get("x-scope-orgid")).map_err(|e| {
             self.0.metrics.rejected.get_or_create(&RejectLabels { signal, reason: "unauthenticated" }).inc();
-            Status::unauthenticated(e.to_string())
+            match e {
+                crate::auth::AuthError::OrgMismatch { .. } => Status::permission_denied(e.to_string()),
+                _ => Status::unauthenticated(e.to_string()),
+            }
         })
     }
 

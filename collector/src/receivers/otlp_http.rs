@@ -134,7 +134,11 @@ where
         Ok(sender) => sender,
         Err(e) => {
             reject("unauthenticated");
-            return error(encoding, StatusCode::UNAUTHORIZED, 16, e.to_string());
+            let (status, code) = match e {
+                crate::auth::AuthError::OrgMismatch { .. } => (StatusCode::FORBIDDEN, 7),
+                _ => (StatusCode::UNAUTHORIZED, 16),
+            };
+            return error(encoding, status, code, e.to_string());
         }
     };
     let bytes = match body(headers, raw, collector.config.max_body_bytes) {
