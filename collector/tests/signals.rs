@@ -1,0 +1,122 @@
+//! Metrics (from the Rust SDK's OTLP metric exporter) and logs (OTLP JSON), and backpressure.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{Backend, backends, start};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::MeterProvider;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_metrics_and_json_logs_are_stored_per_tenant() {
+    for backend in backends() {
+        let running = start(&backend, |_| {}).await;
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(format!("http://{}/v1/metrics", running.otlp_http_addr))
+            .with_headers(HashMap::from([("authorization".to_string(), "Bearer acme-token".to_string())]))
+            .build()
+            .unwrap();
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+            .with_periodic_exporter(exporter)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder_empty()
+                    .with_attributes([KeyValue::new("service.name", "shop"), KeyValue::new("service.namespace", "acme")])
+                    .build(),
+            )
+            .build();
+        let meter = provider.meter("collector-test");
+        let orders = meter.u64_counter("orders").build();
+        orders.add(3, &[KeyValue::new("region", "eu")]);
+        orders.add(4, &[KeyValue::new("region", "eu")]);
+        let latency = meter.f64_histogram("latency").with_boundaries(vec![0.1, 1.0]).build();
+        for value in [0.05, 0.5, 2.0] {
+            latency.record(value, &[]);
+        }
+        tokio::task::spawn_blocking(move || provider.shutdown()).await.unwrap().unwrap();
+
+        let store = &running.collector.store;
+        let counter = store.samples("acme", "orders").await.unwrap();
+        assert_eq!(counter.len(), 1, "{}: {counter:?}", backend.name());
+        assert_eq!((counter[0].kind, counter[0].value), ("counter", 7.0));
+        let labels: serde_json::Value = serde_json::from_str(&counter[0].labels).unwrap();
+        assert_eq!(labels, serde_json::json!({"region": "eu", "service_name": "shop"}));
+        let histogram = store.samples("acme", "latency").await.unwrap();
+        let detail: serde_json::Value = serde_json::from_str(histogram[0].histogram.as_deref().unwrap()).unwrap();
+        assert_eq!(detail["count"], 3);
+        assert_eq!(detail["buckets"], serde_json::json!([[0.1, 1], [1.0, 2], ["+Inf", 3]]));
+        assert!(store.samples("globex", "orders").await.unwrap().is_empty());
+
+        let logs = serde_json::json!({"resourceLogs": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "shop"}}]},
+            "scopeLogs": [{"logRecords": [{"timeUnixNano": "1700000000000000000", "severityNumber": 9, "severityText": "INFO",
+            "body": {"stringValue": "order placed"}, "traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174"}]}]}]});
+        for _ in 0..2 {
+            let r = reqwest::Client::new()
+                .post(format!("http://{}/v1/logs", running.otlp_http_addr))
+                .bearer_auth("acme-token")
+                .json(&logs)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        assert_eq!(store.counts("acme").await.unwrap().logs, 1, "the same record twice is stored once");
+        running.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_with_retry_after_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::Sqlite(dir);
+    let running = start(&backend, |config| config.pipeline.capacity = 3).await;
+    let Backend::Sqlite(dir) = &backend else { unreachable!() };
+    // Hold the database's write lock so the first batch cannot commit yet.
+    let mut blocker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.path().join("telemetry.db").display())).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut blocker).await.unwrap();
+    let url = format!("http://{}/v1/traces", running.otlp_http_addr);
+    let body = |seed: u8| {
+        use prost::Message;
+        opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+            resource_spans: vec![opentelemetry_proto::tonic::trace::v1::ResourceSpans {
+                scope_spans: vec![opentelemetry_proto::tonic::trace::v1::ScopeSpans {
+                    spans: (0..2u8)
+                        .map(|i| opentelemetry_proto::tonic::trace::v1::Span {
+                            trace_id: vec![seed; 16],
+                            span_id: vec![seed, i + 1, 0, 0, 0, 0, 0, 1],
+                            name: "op".into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec()
+    };
+    let send = |seed: u8| {
+        reqwest::Client::new()
+            .post(&url)
+            .bearer_auth("acme-token")
+            .header("content-type", "application/x-protobuf")
+            .body(body(seed))
+            .send()
+    };
+    let first = tokio::spawn(send(1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = send(2).await.unwrap();
+    assert_eq!(second.status(), 503, "two spans wait; two more would pass the capacity of three");
+    assert_eq!(second.headers()["retry-after"], "1");
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(running.collector.store.counts("acme").await.unwrap().spans, 2);
+    assert_eq!(send(2).await.unwrap().status(), 200, "accepted again once the queue drained");
+    running.shutdown().await;
+}
+
+use sqlx::Connection;
