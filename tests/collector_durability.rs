@@ -1,0 +1,93 @@
+//! Nothing the collector acknowledged is lost to a kill -9: spans are acknowledged only after
+//! their batch is committed. Drives the `sfaas up` binary.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use prost::Message;
+
+const SFAAS: &str = env!("CARGO_BIN_EXE_sfaas");
+
+fn request(batch: u32) -> Vec<u8> {
+    let spans = (0..50u32)
+        .map(|i| {
+            let mut trace_id = [7u8; 16];
+            trace_id[..4].copy_from_slice(&batch.to_be_bytes());
+            let mut span_id = [1u8; 8];
+            span_id[..4].copy_from_slice(&i.to_be_bytes());
+            Span { trace_id: trace_id.to_vec(), span_id: span_id.to_vec(), name: format!("op-{i}"), ..Default::default() }
+        })
+        .collect();
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans { scope_spans: vec![ScopeSpans { spans, ..Default::default() }], ..Default::default() }],
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_spans_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut up = Command::new(SFAAS)
+        .args(["up", "--gateway-addr", "127.0.0.1:0", "--otlp-grpc-addr", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&data)
+        .env_remove("SFAAS_ADMIN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(up.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addresses: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let otlp_http = addresses["otlp_http"].as_str().expect("up runs the collector").to_string();
+    assert!(addresses["otlp_grpc"].is_string() && addresses["gateway"].is_string());
+    let created = Command::new(SFAAS).args(["tenant", "create", "acme", "--data-dir"]).arg(&data).output().unwrap();
+    let credentials: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let token = credentials["ingest_token"].as_str().unwrap().to_string();
+
+    // Four senders post batches of 50 spans as fast as they can; count what was acknowledged.
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut senders = Vec::new();
+    for sender in 0..4u32 {
+        let (client, token, acknowledged, url) =
+            (client.clone(), token.clone(), acknowledged.clone(), format!("http://{otlp_http}/v1/traces"));
+        senders.push(tokio::spawn(async move {
+            for batch in 0..10_000u32 {
+                let response = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/x-protobuf")
+                    .body(request(sender * 100_000 + batch))
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status() == 200 => {
+                        acknowledged.fetch_add(50, Ordering::SeqCst);
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    while acknowledged.load(Ordering::SeqCst) < 20_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    up.kill().unwrap(); // SIGKILL, with requests in flight
+    up.wait().unwrap();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let acknowledged = acknowledged.load(Ordering::SeqCst);
+
+    let store = collector::store::TelemetryStore::open(&format!("sqlite://{}", data.join("telemetry.db").display()))
+        .await
+        .unwrap();
+    let stored = store.counts("acme").await.unwrap().spans;
+    assert!(stored >= acknowledged, "{acknowledged} spans were acknowledged but only {stored} survived the crash");
+}
