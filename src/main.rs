@@ -157,6 +157,14 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// Collector ingest (OTLP/HTTP, 512-span batches) vs raw inserts, SQLite and PostgreSQL.
+    Ingest {
+        /// Requests of 512 spans.
+        #[arg(long, default_value_t = 400)]
+        requests: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
     /// Engine overhead per node, and data passing through the state store vs files.
     Flow {
         /// Runs per measurement (the median is reported).
@@ -271,6 +279,10 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::State { operations, concurrency }) => {
             println!("{}", stateful_faas_core::bench::state::run(operations, concurrency).await?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Ingest { requests, concurrency }) => {
+            println!("{}", collector::bench::run(requests, concurrency).await?);
             Ok(())
         }
         Command::Bench(BenchCommand::Flow { runs }) => {

@@ -19,11 +19,19 @@ fn request(batch: u32) -> Vec<u8> {
             trace_id[..4].copy_from_slice(&batch.to_be_bytes());
             let mut span_id = [1u8; 8];
             span_id[..4].copy_from_slice(&i.to_be_bytes());
-            Span { trace_id: trace_id.to_vec(), span_id: span_id.to_vec(), name: format!("op-{i}"), ..Default::default() }
+            Span {
+                trace_id: trace_id.to_vec(),
+                span_id: span_id.to_vec(),
+                name: format!("op-{i}"),
+                ..Default::default()
+            }
         })
         .collect();
     ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans { scope_spans: vec![ScopeSpans { spans, ..Default::default() }], ..Default::default() }],
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
+            ..Default::default()
+        }],
     }
     .encode_to_vec()
 }
@@ -33,7 +41,15 @@ async fn acknowledged_spans_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut up = Command::new(SFAAS)
-        .args(["up", "--gateway-addr", "127.0.0.1:0", "--otlp-grpc-addr", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0"])
+        .args([
+            "up",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(&data)
         .env_remove("SFAAS_ADMIN_TOKEN")

@@ -3,6 +3,7 @@
 //! owns the telemetry schema.
 
 pub mod auth;
+pub mod bench;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

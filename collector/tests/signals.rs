@@ -25,7 +25,10 @@ async fn sdk_metrics_and_json_logs_are_stored_per_tenant() {
             .with_periodic_exporter(exporter)
             .with_resource(
                 opentelemetry_sdk::Resource::builder_empty()
-                    .with_attributes([KeyValue::new("service.name", "shop"), KeyValue::new("service.namespace", "acme")])
+                    .with_attributes([
+                        KeyValue::new("service.name", "shop"),
+                        KeyValue::new("service.namespace", "acme"),
+                    ])
                     .build(),
             )
             .build();
@@ -76,7 +79,10 @@ async fn a_full_queue_answers_503_with_retry_after_and_loses_nothing_acknowledge
     let running = start(&backend, |config| config.pipeline.capacity = 3).await;
     let Backend::Sqlite(dir) = &backend else { unreachable!() };
     // Hold the database's write lock so the first batch cannot commit yet.
-    let mut blocker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.path().join("telemetry.db").display())).await.unwrap();
+    let mut blocker =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.path().join("telemetry.db").display()))
+            .await
+            .unwrap();
     sqlx::query("BEGIN EXCLUSIVE").execute(&mut blocker).await.unwrap();
     let url = format!("http://{}/v1/traces", running.otlp_http_addr);
     let body = |seed: u8| {

@@ -1,0 +1,365 @@
+//! `sfaas bench ingest`: OTLP/HTTP ingest throughput end to end (HTTP → decode → attribute →
+//! commit → acknowledge) beside the raw insert rate of the same rows into the same database,
+//! on SQLite and on PostgreSQL; and memory under overload.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+use prost::Message;
+
+use crate::auth::{Credential, Sender, TokenResolver};
+use crate::store::TelemetryStore;
+use crate::{Collector, CollectorConfig};
+
+/// Spans per request, as the issue and the OpenTelemetry SDKs' default batch size have it.
+pub const SPANS_PER_REQUEST: usize = 512;
+
+struct BenchTokens;
+
+impl TokenResolver for BenchTokens {
+    fn resolve(&self, authorization: &str) -> Option<Credential> {
+        (authorization == "Bearer bench").then(|| Credential::Ingest { tenant: "bench".into() })
+    }
+}
+
+fn string(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }),
+        ..Default::default()
+    }
+}
+
+fn int(key: &str, value: i64) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(any_value::Value::IntValue(value)) }),
+        ..Default::default()
+    }
+}
+
+/// One request of 512 spans of a web service, with attributes as HTTP instrumentation sets them.
+pub fn realistic_request(seed: u64) -> ExportTraceServiceRequest {
+    let seed = seed + 1; // all-zero ids are invalid
+    let start = 1_764_000_000_000_000_000u64 + seed * 1_000_000;
+    let spans = (0..SPANS_PER_REQUEST as u64)
+        .map(|i| {
+            let mut trace_id = [0u8; 16];
+            trace_id[..8].copy_from_slice(&seed.to_be_bytes());
+            trace_id[8..].copy_from_slice(&(i / 8).to_be_bytes());
+            let mut span_id = [0u8; 8];
+            span_id.copy_from_slice(&(seed << 20 | i).to_be_bytes());
+            // Every eighth span is a server span; the seven after it are its children.
+            let parent = if i % 8 != 0 { (seed << 20 | (i - i % 8)).to_be_bytes().to_vec() } else { Vec::new() };
+            Span {
+                trace_id: trace_id.to_vec(),
+                span_id: span_id.to_vec(),
+                parent_span_id: parent,
+                name: if i % 8 == 0 { "GET /api/orders/{id}".into() } else { "SELECT orders".into() },
+                kind: if i % 8 == 0 { 2 } else { 3 },
+                start_time_unix_nano: start + i * 1000,
+                end_time_unix_nano: start + i * 1000 + 250_000,
+                attributes: vec![
+                    string("http.request.method", "GET"),
+                    string("http.route", "/api/orders/{id}"),
+                    int("http.response.status_code", 200),
+                    string("url.path", &format!("/api/orders/{}", i * 7919 % 100_000)),
+                    string("server.address", "shop.example.internal"),
+                    string("client.address", &format!("10.0.{}.{}", i % 255, seed % 255)),
+                    string("user_agent.original", "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0"),
+                    string("db.system", "postgresql"),
+                    string("db.statement", "SELECT * FROM orders WHERE id = $1"),
+                    int("enduser.id", (i * 31 % 5000) as i64),
+                ],
+                status: Some(Status { code: 1, message: String::new() }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![
+                    string("service.name", "shop-api"),
+                    string("service.version", "1.4.2"),
+                    string("host.name", "node-7"),
+                ],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
+            ..Default::default()
+        }],
+    }
+}
+
+/// One backend's figures.
+struct Figures {
+    backend: &'static str,
+    raw: f64,
+    ingest: f64,
+}
+
+/// Runs the benchmark on SQLite and, when its binaries are here, PostgreSQL.
+pub async fn run(requests: usize, concurrency: usize) -> anyhow::Result<String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let bodies: Arc<Vec<Vec<u8>>> =
+        Arc::new((0..requests as u64).map(|seed| realistic_request(seed).encode_to_vec()).collect());
+    let dir = std::env::temp_dir().join(format!("sfaas-bench-ingest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut figures = Vec::new();
+    let mut urls = vec![("SQLite", format!("sqlite://{}", dir.join("ingest.db").display()))];
+    let postgres = PgServer::start();
+    match &postgres {
+        Some(server) => urls.push(("PostgreSQL", server.url())),
+        None => eprintln!("bench ingest: PostgreSQL skipped (no server binaries: pg_config --bindir)"),
+    }
+    let mut memory = String::new();
+    for (backend, url) in urls {
+        // Raw: the same rows, converted beforehand, written by the store's multi-row inserts.
+        let raw_store =
+            TelemetryStore::open(&format!("{url}{}", if backend == "SQLite" { "-raw" } else { "" })).await?;
+        let sender = Sender { credential: Credential::Ingest { tenant: "raw".into() }, org_id: None };
+        let batches: Vec<_> = (0..requests as u64)
+            .map(|seed| crate::receivers::otlp::traces(realistic_request(seed + 1_000_000), &sender).batch)
+            .collect();
+        eprintln!("bench ingest: {backend}, raw inserts of {requests} × {SPANS_PER_REQUEST} spans");
+        let started = Instant::now();
+        for batch in &batches {
+            raw_store.write(batch).await?;
+        }
+        let raw = (requests * SPANS_PER_REQUEST) as f64 / started.elapsed().as_secs_f64();
+
+        let mut config = CollectorConfig::new(url.clone());
+        config.otlp_grpc_addr = "127.0.0.1:0".parse()?;
+        config.otlp_http_addr = "127.0.0.1:0".parse()?;
+        let running = Collector::start(config, Arc::new(BenchTokens)).await?;
+        let endpoint = format!("http://{}/v1/traces", running.otlp_http_addr);
+        eprintln!(
+            "bench ingest: {backend}, OTLP/HTTP, {requests} requests of {SPANS_PER_REQUEST} spans, {concurrency} clients"
+        );
+        let (elapsed, refused) = drive(&endpoint, bodies.clone(), concurrency).await?;
+        anyhow::ensure!(refused == 0, "{refused} requests were refused at the sustainable load");
+        let ingest = (requests * SPANS_PER_REQUEST) as f64 / elapsed.as_secs_f64();
+        let stored = running.collector.store.counts("bench").await?.spans;
+        anyhow::ensure!(stored == (requests * SPANS_PER_REQUEST) as u64, "stored {stored} spans");
+        if backend == "SQLite" {
+            // Overload: 4× the clients over fresh ids; memory must stay bounded (503s, not buffering).
+            let overload: Arc<Vec<Vec<u8>>> = Arc::new(
+                (0..requests as u64).map(|seed| realistic_request(seed + 2_000_000).encode_to_vec()).collect(),
+            );
+            let peak = Arc::new(AtomicU64::new(0));
+            let stop = Arc::new(AtomicBool::new(false));
+            let sampler = {
+                let (peak, stop) = (peak.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        peak.fetch_max(rss_bytes(), Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+            };
+            let before = rss_bytes();
+            eprintln!("bench ingest: overload, {} clients", concurrency * 4);
+            let (_, refused) = drive(&endpoint, overload, concurrency * 4).await?;
+            stop.store(true, Ordering::Relaxed);
+            sampler.await?;
+            let _ = writeln!(
+                memory,
+                "Overload (SQLite, {} clients, {requests} requests): {refused} answered 503 + Retry-After; resident memory {} MiB before, {} MiB at peak (queue bound: {} spans).",
+                concurrency * 4,
+                before >> 20,
+                peak.load(Ordering::Relaxed) >> 20,
+                running.collector.config.pipeline.capacity
+            );
+        }
+        running.shutdown().await;
+        figures.push(Figures { backend, raw, ingest });
+    }
+    drop(postgres);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| store | raw inserts, spans/s | OTLP/HTTP ingest, spans/s | per core ({cores} cores) | ingest / raw |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    for f in &figures {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} % |",
+            f.backend,
+            f.raw,
+            f.ingest,
+            f.ingest / cores,
+            f.ingest / f.raw * 100.0
+        );
+    }
+    let _ = writeln!(out, "\n{memory}");
+    Ok(out)
+}
+
+/// Posts every body once from `concurrency` clients; returns the time taken and the refusals.
+async fn drive(endpoint: &str, bodies: Arc<Vec<Vec<u8>>>, concurrency: usize) -> anyhow::Result<(Duration, u64)> {
+    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(concurrency).build()?;
+    let next = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (client, bodies, next, refused, endpoint) =
+            (client.clone(), bodies.clone(), next.clone(), refused.clone(), endpoint.to_string());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(body) = bodies.get(i) else { return Ok::<_, anyhow::Error>(()) };
+                loop {
+                    let response = client
+                        .post(&endpoint)
+                        .bearer_auth("bench")
+                        .header("content-type", "application/x-protobuf")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    match response.status().as_u16() {
+                        200 => break,
+                        503 => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        status => anyhow::bail!("ingest answered {status}"),
+                    }
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    Ok((started.elapsed(), refused.load(Ordering::Relaxed)))
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+        })
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// A PostgreSQL server of its own in a temp dir (tests and benchmarks), stopped on drop. As
+/// root, `initdb` and `postgres` run as the `postgres` system user.
+pub struct PgServer {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+}
+
+fn as_postgres_user(program: &std::path::Path, args: &[&std::ffi::OsStr]) -> Command {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program).args(args);
+        return command;
+    }
+    let mut command = Command::new(program);
+    command.args(args);
+    command
+}
+
+impl PgServer {
+    /// Starts a server, or `None` when PostgreSQL's server binaries are not installed.
+    pub fn start() -> Option<Self> {
+        let output = Command::new("pg_config").arg("--bindir").output().ok()?;
+        let bin = PathBuf::from(String::from_utf8(output.stdout).ok()?.trim());
+        if !bin.join("initdb").exists() {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "sfaas-pg-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).ok()?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let id = |flag: &str| -> Option<u32> {
+                String::from_utf8(Command::new("id").args([flag, "postgres"]).output().ok()?.stdout)
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            std::os::unix::fs::chown(&dir, Some(id("-u")?), Some(id("-g")?)).ok()?;
+        }
+        let data = dir.join("data");
+        let status = as_postgres_user(
+            &bin.join("initdb"),
+            &[
+                "-A".as_ref(),
+                "trust".as_ref(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "--no-sync".as_ref(),
+                "-D".as_ref(),
+                data.as_os_str(),
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?;
+        if !status.success() {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let options = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.display());
+        let log = dir.join("server.log");
+        let status = as_postgres_user(
+            &bin.join("pg_ctl"),
+            &[
+                "-w".as_ref(),
+                "-o".as_ref(),
+                options.as_ref(),
+                "-l".as_ref(),
+                log.as_os_str(),
+                "-D".as_ref(),
+                data.as_os_str(),
+                "start".as_ref(),
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .status()
+        .ok()?;
+        status.success().then_some(Self { dir, bin, port })
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = as_postgres_user(
+            &self.bin.join("pg_ctl"),
+            &["-m".as_ref(), "immediate".as_ref(), "-D".as_ref(), data.as_os_str(), "stop".as_ref()],
+        )
+        .stdout(std::process::Stdio::null())
+        .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
