@@ -104,6 +104,7 @@ impl Collector {
             .route("/v1/traces", post(receivers::otlp_http::traces))
             .route("/v1/metrics", post(receivers::otlp_http::metrics))
             .route("/v1/logs", post(receivers::otlp_http::logs))
+            .route("/api/v1/write", post(receivers::remote_write::write))
             .route("/healthz", get(|| async { "OK\n" }))
             .route("/metrics", get(own_metrics))
             .layer(DefaultBodyLimit::max(config.max_body_bytes))

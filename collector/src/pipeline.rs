@@ -108,19 +108,39 @@ async fn write_loop(
                 _ => break,
             }
         }
+        // Move every job's rows into one batch, remembering where each job's rows are.
         let mut combined = Batch::default();
+        let mut ranges = Vec::with_capacity(jobs.len());
         for job in &mut jobs {
+            let start = (combined.spans.len(), combined.samples.len(), combined.logs.len());
             combined.append(std::mem::take(&mut job.batch));
+            ranges.push((start, (combined.spans.len(), combined.samples.len(), combined.logs.len())));
         }
         let started = Instant::now();
         let result = store.write(&combined).await.map_err(|e| SubmitError::Store(e.to_string()));
         metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        if result.is_ok() || jobs.len() == 1 {
+            if let Err(error) = &result {
+                tracing::error!(%error, items, "telemetry commit failed");
+            }
+            for job in jobs {
+                let _ = job.done.send(result.clone());
+            }
+        } else {
+            // One request's bad rows must not fail the others grouped with it: commit each alone.
+            for (job, (start, end)) in jobs.into_iter().zip(ranges) {
+                let alone = Batch {
+                    spans: combined.spans[start.0..end.0].to_vec(),
+                    samples: combined.samples[start.1..end.1].to_vec(),
+                    logs: combined.logs[start.2..end.2].to_vec(),
+                };
+                let result = store.write(&alone).await.map_err(|e| SubmitError::Store(e.to_string()));
+                if let Err(error) = &result {
+                    tracing::error!(%error, items = alone.len(), "telemetry commit failed");
+                }
+                let _ = job.done.send(result);
+            }
+        }
         queued.fetch_sub(items, Ordering::SeqCst);
-        if let Err(error) = &result {
-            tracing::error!(%error, items, "telemetry commit failed");
-        }
-        for job in jobs {
-            let _ = job.done.send(result.clone());
-        }
     }
 }

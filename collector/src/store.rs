@@ -155,7 +155,7 @@ impl TelemetryStore {
         );
         macro_rules! fetch {
             ($pool:expr) => {{
-                let rows: Vec<(String, String, String, String, i64, f64, Option<String>, i64)> =
+                let rows: Vec<(String, String, String, String, i64, Option<f64>, Option<String>, i64)> =
                     sqlx::query_as(AssertSqlSafe(sql)).bind(tenant).bind(metric).fetch_all($pool).await?;
                 rows
             }};
@@ -172,7 +172,7 @@ impl TelemetryStore {
                 labels,
                 kind: kind_name(&kind),
                 ts_ns,
-                value,
+                value: value.unwrap_or(f64::NAN),
                 histogram,
                 metered: metered != 0,
             })
@@ -259,7 +259,7 @@ where
     DB: sqlx::Database,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
     for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> f64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<f64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
@@ -302,7 +302,8 @@ where
                 .push_bind(sample.labels.clone())
                 .push_bind(sample.kind)
                 .push_bind(sample.ts_ns)
-                .push_bind(sample.value)
+                // SQLite has no NaN: NaN is stored as NULL (and read back as NaN).
+                .push_bind((!sample.value.is_nan()).then_some(sample.value))
                 .push_bind(sample.histogram.clone())
                 .push_bind(i64::from(sample.metered))
                 .push_bind(received_ms);

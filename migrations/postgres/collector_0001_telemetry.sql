@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS metric_samples (
     labels       TEXT NOT NULL,          -- canonical JSON object, keys sorted
     kind         TEXT NOT NULL,          -- gauge | counter | histogram | summary
     ts_ns        BIGINT NOT NULL,
-    value        DOUBLE PRECISION NOT NULL,          -- gauge/counter value; histogram/summary: the sum
+    value        DOUBLE PRECISION,       -- gauge/counter value; histogram/summary: the sum; NULL = NaN
     histogram    TEXT,                   -- {"count","sum","buckets":[[le, cumulative count], ...]}
     metered      BIGINT NOT NULL,
     received_ms  BIGINT NOT NULL,

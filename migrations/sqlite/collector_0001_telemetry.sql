@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS metric_samples (
     labels       TEXT NOT NULL,          -- canonical JSON object, keys sorted
     kind         TEXT NOT NULL,          -- gauge | counter | histogram | summary
     ts_ns        INTEGER NOT NULL,
-    value        REAL NOT NULL,          -- gauge/counter value; histogram/summary: the sum
+    value        REAL,                   -- gauge/counter value; histogram/summary: the sum; NULL = NaN
     histogram    TEXT,                   -- {"count","sum","buckets":[[le, cumulative count], ...]}
     metered      INTEGER NOT NULL,
     received_ms  INTEGER NOT NULL,

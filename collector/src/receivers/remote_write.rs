@@ -1,0 +1,167 @@
+//! Prometheus remote_write 1.0: `POST /api/v1/write`, a snappy-compressed (block format)
+//! protobuf `WriteRequest`.
+//!
+//! Prometheus sends no custom headers on remote_write: the tenant comes from its credentials
+//! (`basic_auth` with the tenant as user and the token as password, or `authorization`). 204 on
+//! success; 400 for data Prometheus must not retry; 401/403; 413; 503 + `Retry-After` when the
+//! queue is full (Prometheus retries).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use prost::Message;
+
+use crate::Collector;
+use crate::auth::{AuthError, authenticate};
+use crate::metrics::{RejectLabels, SignalLabels};
+use crate::model::{Batch, SampleRow};
+use crate::pipeline::SubmitError;
+
+/// `prometheus.WriteRequest` (the fields remote_write 1.0 uses).
+#[derive(Clone, PartialEq, Message)]
+pub struct WriteRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub timeseries: Vec<TimeSeries>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TimeSeries {
+    #[prost(message, repeated, tag = "1")]
+    pub labels: Vec<Label>,
+    #[prost(message, repeated, tag = "2")]
+    pub samples: Vec<Sample>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Label {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Sample {
+    #[prost(double, tag = "1")]
+    pub value: f64,
+    /// Milliseconds since the epoch.
+    #[prost(int64, tag = "2")]
+    pub timestamp: i64,
+}
+
+/// The NaN Prometheus writes as a staleness marker.
+const STALE_NAN: u64 = 0x7ff0_0000_0000_0002;
+
+fn text(status: StatusCode, message: String) -> Response {
+    let mut response = (status, format!("{message}\n")).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(header::RETRY_AFTER, "1".parse().expect("ascii"));
+    }
+    response
+}
+
+/// The Basic-auth user, which remote_write uses to name the tenant.
+fn basic_user(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?;
+    Some(String::from_utf8(decoded).ok()?.split_once(':')?.0.to_string())
+}
+
+/// Decodes a remote_write body: snappy block, then protobuf.
+pub fn decode(body: &[u8], limit: usize) -> Result<WriteRequest, (StatusCode, String)> {
+    let length =
+        snap::raw::decompress_len(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid snappy body: {e}")))?;
+    if length > limit {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("decompressed body of {length} bytes is larger than {limit}"),
+        ));
+    }
+    let raw = snap::raw::Decoder::new()
+        .decompress_vec(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid snappy body: {e}")))?;
+    WriteRequest::decode(raw.as_slice())
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid WriteRequest protobuf: {e}")))
+}
+
+/// `POST /api/v1/write`.
+pub async fn write(State(collector): State<Arc<Collector>>, headers: HeaderMap, body: Bytes) -> Response {
+    let reject = |reason: &'static str| {
+        collector.metrics.rejected.get_or_create(&RejectLabels { signal: "metrics", reason }).inc()
+    };
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    // The Basic user names the tenant, like X-Scope-OrgID, and must agree with the token.
+    let org = get("x-scope-orgid").map(str::to_string).or_else(|| basic_user(&headers));
+    let sender = match authenticate(collector.resolver.as_ref(), get("authorization"), org.as_deref()) {
+        Ok(sender) => sender,
+        Err(e) => {
+            reject("unauthenticated");
+            let status = if matches!(e, AuthError::OrgMismatch { .. }) {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            return text(status, e.to_string());
+        }
+    };
+    let (tenant, metered) = match sender.tenant_for(None) {
+        Ok(attribution) => attribution,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    let request = match decode(&body, collector.config.max_body_bytes) {
+        Ok(request) => request,
+        Err((status, message)) => {
+            reject("invalid");
+            return text(status, message);
+        }
+    };
+    let mut batch = Batch::default();
+    let mut unnamed = 0;
+    for series in request.timeseries {
+        let mut labels: BTreeMap<String, String> = series.labels.into_iter().map(|l| (l.name, l.value)).collect();
+        let Some(name) = labels.remove("__name__") else {
+            unnamed += series.samples.len();
+            continue;
+        };
+        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+        let labels = serde_json::to_string(&labels).expect("json");
+        // Staleness markers are Prometheus's own bookkeeping, not samples.
+        for sample in series.samples.into_iter().filter(|s| s.value.to_bits() != STALE_NAN) {
+            batch.samples.push(SampleRow {
+                tenant: tenant.clone(),
+                metric: name.clone(),
+                labels: labels.clone(),
+                kind,
+                ts_ns: sample.timestamp.saturating_mul(1_000_000),
+                value: sample.value,
+                histogram: None,
+                metered,
+            });
+        }
+    }
+    if unnamed > 0 {
+        reject("invalid");
+        return text(StatusCode::BAD_REQUEST, format!("{unnamed} samples belong to series without __name__"));
+    }
+    let items = batch.len() as u64;
+    match collector.pipeline.submit(batch).await {
+        Ok(_) => {
+            collector
+                .metrics
+                .accepted
+                .get_or_create(&SignalLabels { signal: "metrics", protocol: "remote_write" })
+                .inc_by(items);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(SubmitError::Overloaded(queued)) => {
+            reject("overloaded");
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("ingest queue is full ({queued} items waiting); retry later"))
+        }
+        Err(SubmitError::Store(message)) => text(StatusCode::SERVICE_UNAVAILABLE, message),
+    }
+}
