@@ -189,6 +189,9 @@ struct ServeArgs {
     /// Collector: OTLP/HTTP address.
     #[arg(long, env = "SFAAS_OTLP_HTTP_ADDR", default_value = "127.0.0.1:4318")]
     otlp_http_addr: SocketAddr,
+    /// Collector: Jaeger thrift over HTTP address.
+    #[arg(long, env = "SFAAS_JAEGER_ADDR", default_value = "127.0.0.1:14268")]
+    jaeger_addr: SocketAddr,
     /// OTLP endpoint for the platform's spans (default with `up`: its own collector; with
     /// `core`: off unless set).
     #[arg(long, env = "SFAAS_OTLP_ENDPOINT")]
@@ -311,6 +314,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         let mut config = collector::CollectorConfig::new(database_url);
         config.otlp_grpc_addr = args.otlp_grpc_addr;
         config.otlp_http_addr = args.otlp_http_addr;
+        config.jaeger_addr = args.jaeger_addr;
         let resolver = std::sync::Arc::new(CoreTokens(core.tenants.clone()));
         let running = collector::Collector::start(config, resolver).await.context("starting the collector")?;
         if args.otlp_endpoint.is_none() {
@@ -322,6 +326,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         }
         addresses.insert("otlp_grpc".into(), running.otlp_grpc_addr.to_string().into());
         addresses.insert("otlp_http".into(), running.otlp_http_addr.to_string().into());
+        addresses.insert("jaeger".into(), running.jaeger_addr.to_string().into());
         Some(running)
     } else {
         None

@@ -49,6 +49,8 @@ async fn acknowledged_spans_survive_kill_9() {
             "127.0.0.1:0",
             "--otlp-http-addr",
             "127.0.0.1:0",
+            "--jaeger-addr",
+            "127.0.0.1:0",
         ])
         .arg("--data-dir")
         .arg(&data)
@@ -61,7 +63,9 @@ async fn acknowledged_spans_survive_kill_9() {
     BufReader::new(up.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addresses: serde_json::Value = serde_json::from_str(&line).unwrap();
     let otlp_http = addresses["otlp_http"].as_str().expect("up runs the collector").to_string();
-    assert!(addresses["otlp_grpc"].is_string() && addresses["gateway"].is_string());
+    for key in ["gateway", "otlp_grpc", "otlp_http", "jaeger"] {
+        assert!(addresses[key].is_string(), "{key} missing from {addresses}");
+    }
     let created = Command::new(SFAAS).args(["tenant", "create", "acme", "--data-dir"]).arg(&data).output().unwrap();
     let credentials: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
     let token = credentials["ingest_token"].as_str().unwrap().to_string();

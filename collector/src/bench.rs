@@ -140,6 +140,7 @@ pub async fn run(requests: usize, concurrency: usize) -> anyhow::Result<String> 
         let mut config = CollectorConfig::new(url.clone());
         config.otlp_grpc_addr = "127.0.0.1:0".parse()?;
         config.otlp_http_addr = "127.0.0.1:0".parse()?;
+        config.jaeger_addr = "127.0.0.1:0".parse()?;
         let running = Collector::start(config, Arc::new(BenchTokens)).await?;
         let endpoint = format!("http://{}/v1/traces", running.otlp_http_addr);
         eprintln!(

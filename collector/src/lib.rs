@@ -32,6 +32,8 @@ pub struct CollectorConfig {
     pub database_url: String,
     pub otlp_grpc_addr: SocketAddr,
     pub otlp_http_addr: SocketAddr,
+    /// Jaeger thrift over HTTP (`POST /api/traces`).
+    pub jaeger_addr: SocketAddr,
     /// Largest request (after decompression), in bytes (413 / RESOURCE_EXHAUSTED beyond).
     pub max_body_bytes: usize,
     pub pipeline: PipelineConfig,
@@ -45,6 +47,7 @@ impl CollectorConfig {
             database_url: database_url.into(),
             otlp_grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
             otlp_http_addr: SocketAddr::from(([127, 0, 0, 1], 4318)),
+            jaeger_addr: SocketAddr::from(([127, 0, 0, 1], 14268)),
             max_body_bytes: 16 << 20,
             pipeline: PipelineConfig::default(),
             retention: Duration::from_secs(7 * 24 * 3600),
@@ -75,6 +78,7 @@ pub struct RunningCollector {
     pub collector: Arc<Collector>,
     pub otlp_grpc_addr: SocketAddr,
     pub otlp_http_addr: SocketAddr,
+    pub jaeger_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -99,6 +103,10 @@ impl Collector {
             .await
             .map_err(|e| CollectorError::Listen(config.otlp_grpc_addr, e))?;
         let otlp_grpc_addr = grpc.local_addr().map_err(|e| CollectorError::Listen(config.otlp_grpc_addr, e))?;
+        let jaeger = tokio::net::TcpListener::bind(config.jaeger_addr)
+            .await
+            .map_err(|e| CollectorError::Listen(config.jaeger_addr, e))?;
+        let jaeger_addr = jaeger.local_addr().map_err(|e| CollectorError::Listen(config.jaeger_addr, e))?;
 
         let router = Router::new()
             .route("/v1/traces", post(receivers::otlp_http::traces))
@@ -109,15 +117,14 @@ impl Collector {
             .route("/metrics", get(own_metrics))
             .layer(DefaultBodyLimit::max(config.max_body_bytes))
             .with_state(collector.clone());
-        let mut http_stop = stop.clone();
-        let mut tasks = vec![tokio::spawn(async move {
-            let serve = axum::serve(http, router).with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            });
-            if let Err(error) = serve.await {
-                tracing::error!(%error, "OTLP/HTTP receiver stopped");
-            }
-        })];
+        let jaeger_router = Router::new()
+            .route("/api/traces", post(receivers::jaeger_thrift::traces))
+            .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            .with_state(collector.clone());
+        let mut tasks = vec![
+            serve_http(http, router, stop.clone(), "OTLP/HTTP"),
+            serve_http(jaeger, jaeger_router, stop.clone(), "Jaeger"),
+        ];
 
         let (traces, metrics_service, logs) =
             receivers::otlp_grpc::Services(collector.clone()).servers(config.max_body_bytes);
@@ -135,8 +142,24 @@ impl Collector {
             }
         }));
         tasks.push(tokio::spawn(retention(collector.clone(), stop)));
-        Ok(RunningCollector { collector, otlp_grpc_addr, otlp_http_addr, shutdown, tasks })
+        Ok(RunningCollector { collector, otlp_grpc_addr, otlp_http_addr, jaeger_addr, shutdown, tasks })
     }
+}
+
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    mut stop: watch::Receiver<bool>,
+    what: &'static str,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        if let Err(error) = serve.await {
+            tracing::error!(%error, "{what} receiver stopped");
+        }
+    })
 }
 
 impl RunningCollector {

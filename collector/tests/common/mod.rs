@@ -71,6 +71,7 @@ pub async fn start(backend: &Backend, configure: impl FnOnce(&mut CollectorConfi
     let mut config = CollectorConfig::new(backend.url());
     config.otlp_grpc_addr = "127.0.0.1:0".parse().unwrap();
     config.otlp_http_addr = "127.0.0.1:0".parse().unwrap();
+    config.jaeger_addr = "127.0.0.1:0".parse().unwrap();
     configure(&mut config);
     Collector::start(config, Arc::new(FixedTokens)).await.unwrap()
 }
