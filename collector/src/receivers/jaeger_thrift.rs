@@ -167,7 +167,7 @@ fn tags(reader: &mut Reader<'_>, kind: u8, depth: usize) -> Result<BTreeMap<Stri
     (0..count).map(|_| tag(reader, depth + 1)).collect()
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct JaegerSpan {
     trace_low: i64,
     trace_high: i64,
@@ -237,6 +237,7 @@ fn span(reader: &mut Reader<'_>, depth: usize) -> Result<JaegerSpan, ThriftError
 }
 
 /// A decoded `Batch`: the process (service name, tags) and its spans.
+#[derive(Debug)]
 struct JaegerBatch {
     service: String,
     process_tags: BTreeMap<String, Value>,
