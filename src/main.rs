@@ -189,6 +189,12 @@ struct ServeArgs {
     /// Collector: OTLP/HTTP address.
     #[arg(long, env = "SFAAS_OTLP_HTTP_ADDR", default_value = "127.0.0.1:4318")]
     otlp_http_addr: SocketAddr,
+    /// Collector: targets to scrape, per tenant (YAML; see the README).
+    #[arg(long, env = "SFAAS_SCRAPE_CONFIG")]
+    scrape_config: Option<PathBuf>,
+    /// Collector: hours of telemetry kept (older spans, samples and logs are deleted).
+    #[arg(long, env = "SFAAS_RETENTION_HOURS", default_value_t = 168)]
+    retention_hours: u64,
     /// Collector: Jaeger thrift over HTTP address.
     #[arg(long, env = "SFAAS_JAEGER_ADDR", default_value = "127.0.0.1:14268")]
     jaeger_addr: SocketAddr,
@@ -315,6 +321,10 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         config.otlp_grpc_addr = args.otlp_grpc_addr;
         config.otlp_http_addr = args.otlp_http_addr;
         config.jaeger_addr = args.jaeger_addr;
+        config.retention = std::time::Duration::from_secs(args.retention_hours * 3600);
+        if let Some(path) = &args.scrape_config {
+            config.scrape = collector::receivers::scrape::load(path).map_err(anyhow::Error::msg)?;
+        }
         let resolver = std::sync::Arc::new(CoreTokens(core.tenants.clone()));
         let running = collector::Collector::start(config, resolver).await.context("starting the collector")?;
         if args.otlp_endpoint.is_none() {

@@ -39,6 +39,8 @@ pub struct CollectorConfig {
     pub pipeline: PipelineConfig,
     /// How long telemetry is kept (spans, samples, logs), for every tenant.
     pub retention: Duration,
+    /// Targets to scrape (see [`receivers::scrape`]).
+    pub scrape: Vec<receivers::scrape::ScrapeTarget>,
 }
 
 impl CollectorConfig {
@@ -51,6 +53,7 @@ impl CollectorConfig {
             max_body_bytes: 16 << 20,
             pipeline: PipelineConfig::default(),
             retention: Duration::from_secs(7 * 24 * 3600),
+            scrape: Vec::new(),
         }
     }
 }
@@ -141,6 +144,7 @@ impl Collector {
                 tracing::error!(%error, "OTLP/gRPC receiver stopped");
             }
         }));
+        tasks.extend(receivers::scrape::spawn(collector.clone(), config.scrape.clone(), stop.clone()));
         tasks.push(tokio::spawn(retention(collector.clone(), stop)));
         Ok(RunningCollector { collector, otlp_grpc_addr, otlp_http_addr, jaeger_addr, shutdown, tasks })
     }

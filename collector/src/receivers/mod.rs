@@ -6,3 +6,4 @@ pub mod otlp;
 pub mod otlp_grpc;
 pub mod otlp_http;
 pub mod remote_write;
+pub mod scrape;
