@@ -195,6 +195,9 @@ struct ServeArgs {
     /// Collector: hours of telemetry kept (older spans, samples and logs are deleted).
     #[arg(long, env = "SFAAS_RETENTION_HOURS", default_value_t = 168)]
     retention_hours: u64,
+    /// Collector: a tenant's own retention, as TENANT=HOURS (repeatable).
+    #[arg(long = "tenant-retention", value_parser = parse_tenant_hours)]
+    tenant_retention: Vec<(String, u64)>,
     /// Collector: Jaeger thrift over HTTP address.
     #[arg(long, env = "SFAAS_JAEGER_ADDR", default_value = "127.0.0.1:14268")]
     jaeger_addr: SocketAddr,
@@ -322,6 +325,11 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         config.otlp_http_addr = args.otlp_http_addr;
         config.jaeger_addr = args.jaeger_addr;
         config.retention = std::time::Duration::from_secs(args.retention_hours * 3600);
+        config.tenant_retention = args
+            .tenant_retention
+            .iter()
+            .map(|(tenant, hours)| (tenant.clone(), std::time::Duration::from_secs(hours * 3600)))
+            .collect();
         if let Some(path) = &args.scrape_config {
             config.scrape = collector::receivers::scrape::load(path).map_err(anyhow::Error::msg)?;
         }
@@ -331,17 +339,24 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
             core.telemetry.set_export(
                 format!("http://{}", running.otlp_grpc_addr),
                 OtlpProtocol::Grpc,
-                Some(meter_token),
+                Some(meter_token.clone()),
             );
         }
         addresses.insert("otlp_grpc".into(), running.otlp_grpc_addr.to_string().into());
         addresses.insert("otlp_http".into(), running.otlp_http_addr.to_string().into());
         addresses.insert("jaeger".into(), running.jaeger_addr.to_string().into());
-        Some(running)
+        Some((running, meter_token))
     } else {
         None
     };
     let running = core.start().await?;
+    // The gateway's metrics reach the collector too: scraped with the meter token, each series
+    // under the tenant its `namespace` label names.
+    let collector = collector.map(|(mut collector, meter_token)| {
+        let url = format!("http://{}/metrics", running.gateway_addr);
+        collector.scrape(collector::receivers::scrape::platform_target(url, meter_token));
+        collector
+    });
     addresses.insert("gateway".into(), running.gateway_addr.to_string().into());
     let addresses = serde_json::Value::Object(addresses);
     // The bound addresses (DESIGN.md §2): first the file (replaced atomically), then one JSON
@@ -368,6 +383,12 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     }
     eprintln!("sfaas: stopped");
     Ok(())
+}
+
+fn parse_tenant_hours(text: &str) -> Result<(String, u64), String> {
+    let (tenant, hours) = text.split_once('=').ok_or_else(|| format!("{text:?}: use TENANT=HOURS"))?;
+    let hours = hours.parse().map_err(|_| format!("{text:?}: {hours:?} is not a number of hours"))?;
+    Ok((tenant.to_string(), hours))
 }
 
 /// The collector checks tokens against the core's tenant store.

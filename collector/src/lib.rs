@@ -37,8 +37,10 @@ pub struct CollectorConfig {
     /// Largest request (after decompression), in bytes (413 / RESOURCE_EXHAUSTED beyond).
     pub max_body_bytes: usize,
     pub pipeline: PipelineConfig,
-    /// How long telemetry is kept (spans, samples, logs), for every tenant.
+    /// How long telemetry is kept (spans, samples, logs), unless the tenant has its own period.
     pub retention: Duration,
+    /// Tenants' own retention periods.
+    pub tenant_retention: std::collections::BTreeMap<String, Duration>,
     /// Targets to scrape (see [`receivers::scrape`]).
     pub scrape: Vec<receivers::scrape::ScrapeTarget>,
 }
@@ -53,6 +55,7 @@ impl CollectorConfig {
             max_body_bytes: 16 << 20,
             pipeline: PipelineConfig::default(),
             retention: Duration::from_secs(7 * 24 * 3600),
+            tenant_retention: Default::default(),
             scrape: Vec::new(),
         }
     }
@@ -84,6 +87,14 @@ pub struct RunningCollector {
     pub jaeger_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningCollector {
+    /// Starts scraping one more target (for targets known only once the collector runs).
+    pub fn scrape(&mut self, target: receivers::scrape::ScrapeTarget) {
+        let tasks = receivers::scrape::spawn(self.collector.clone(), vec![target], self.shutdown.subscribe());
+        self.tasks.extend(tasks);
+    }
 }
 
 impl Collector {
@@ -186,22 +197,26 @@ async fn retention(collector: Arc<Collector>, mut stop: watch::Receiver<bool>) {
     loop {
         let now_ns =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
-        let before = now_ns - collector.config.retention.as_nanos() as i64;
-        match collector.store.tenants().await {
-            Ok(tenants) => {
-                for tenant in tenants {
-                    match collector.store.delete_before(&tenant, before).await {
-                        Ok(0) => {}
-                        Ok(deleted) => tracing::info!(%tenant, deleted, "retention: deleted old telemetry"),
-                        Err(error) => tracing::warn!(%tenant, %error, "retention failed"),
-                    }
-                }
-            }
-            Err(error) => tracing::warn!(%error, "retention: cannot list tenants"),
+        if let Err(error) = retention_pass(&collector, now_ns).await {
+            tracing::warn!(%error, "retention failed");
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }
+}
+
+/// One retention pass as of `now_ns`: every tenant's telemetry older than its period goes.
+pub async fn retention_pass(collector: &Collector, now_ns: i64) -> Result<u64, StoreError> {
+    let mut deleted = 0;
+    for tenant in collector.store.tenants().await? {
+        let period = collector.config.tenant_retention.get(&tenant).unwrap_or(&collector.config.retention);
+        let count = collector.store.delete_before(&tenant, now_ns - period.as_nanos() as i64).await?;
+        if count > 0 {
+            tracing::info!(%tenant, deleted = count, "retention: deleted old telemetry");
+        }
+        deleted += count;
+    }
+    Ok(deleted)
 }

@@ -33,6 +33,8 @@ fn target(tenant: &str, url: &str, job: &str, token: Option<&str>) -> ScrapeTarg
         interval: Some(Duration::from_millis(300)),
         timeout: Some(Duration::from_millis(250)),
         bearer_token: token.map(str::to_string),
+        tenant_label: None,
+        metered: false,
     }
 }
 
@@ -109,4 +111,38 @@ fn scrape_files_are_checked() {
     assert!(collector::receivers::scrape::load(&path).unwrap_err().contains("Bad_Tenant"));
     std::fs::write(&path, "targets:\n  - {tenant: acme, url: 'ftp://x/metrics'}\n").unwrap();
     assert!(collector::receivers::scrape::load(&path).unwrap_err().contains("not http"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platform_target_splits_series_by_namespace_and_meters_them() {
+    let gateway = serve(
+        "text/plain; version=0.0.4",
+        "# TYPE gateway_function_invocation counter\n\
+         gateway_function_invocation_total{function_name=\"f.acme\",namespace=\"acme\",code=\"200\"} 3\n\
+         gateway_function_invocation_total{function_name=\"g.globex\",namespace=\"globex\",code=\"200\"} 5\n\
+         sfaas_async_queue_depth 0\n",
+    )
+    .await;
+    let mut target = collector::receivers::scrape::platform_target(gateway, "scrape-secret".into());
+    target.interval = Some(Duration::from_millis(300));
+    let backend = Backend::Sqlite(tempfile::tempdir().unwrap());
+    let mut running = start(&backend, |_| {}).await;
+    running.scrape(target);
+    let store = running.collector.store.clone();
+    let mut acme = Vec::new();
+    for _ in 0..50 {
+        acme = store.samples("acme", "gateway_function_invocation_total").await.unwrap();
+        if !acme.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!((acme[0].value, acme[0].metered), (3.0, true), "the platform's series are billable");
+    let globex = store.samples("globex", "gateway_function_invocation_total").await.unwrap();
+    assert_eq!(globex[0].value, 5.0);
+    assert!(
+        store.tenants().await.unwrap().iter().all(|t| t == "acme" || t == "globex"),
+        "series of no tenant are dropped"
+    );
+    running.shutdown().await;
 }

@@ -126,3 +126,45 @@ async fn a_full_queue_answers_503_with_retry_after_and_loses_nothing_acknowledge
 }
 
 use sqlx::Connection;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_each_tenant_for_its_own_period() {
+    use collector::model::{Batch, SpanRow};
+    for backend in backends() {
+        let running = start(&backend, |config| {
+            config.retention = Duration::from_secs(3600);
+            config.tenant_retention.insert("globex".into(), Duration::from_secs(10 * 3600));
+        })
+        .await;
+        const HOUR: i64 = 3600 * 1_000_000_000;
+        let now = 1_800_000_000_000_000_000i64;
+        let span = |tenant: &str, id: u8, age_hours: i64| SpanRow {
+            tenant: tenant.into(),
+            trace_id: format!("{id:032x}"),
+            span_id: format!("{id:016x}"),
+            parent_span_id: None,
+            name: "op".into(),
+            kind: 1,
+            start_ns: now - age_hours * HOUR,
+            end_ns: now - age_hours * HOUR + 1,
+            status_code: 0,
+            status_message: String::new(),
+            service_name: "s".into(),
+            attributes: "{}".into(),
+            events: "[]".into(),
+            links: "[]".into(),
+            resource: "{}".into(),
+            scope: "{}".into(),
+            metered: false,
+        };
+        let batch = Batch {
+            spans: vec![span("acme", 1, 0), span("acme", 2, 2), span("globex", 3, 2), span("globex", 4, 11)],
+            ..Default::default()
+        };
+        running.collector.store.write(&batch).await.unwrap();
+        assert_eq!(collector::retention_pass(&running.collector, now).await.unwrap(), 2, "{}", backend.name());
+        assert_eq!(running.collector.store.counts("acme").await.unwrap().spans, 1, "acme keeps 1 hour");
+        assert_eq!(running.collector.store.counts("globex").await.unwrap().spans, 1, "globex keeps 10 hours");
+        running.shutdown().await;
+    }
+}

@@ -36,6 +36,13 @@ pub struct ScrapeTarget {
     pub timeout: Option<Duration>,
     #[serde(default)]
     pub bearer_token: Option<String>,
+    /// Attribute each sample to the tenant its label of this name holds (samples without it
+    /// are dropped), instead of to `tenant`: for a target that serves many tenants' series.
+    #[serde(default)]
+    pub tenant_label: Option<String>,
+    /// The platform's own target (billable data); never set from a file.
+    #[serde(skip)]
+    pub metered: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +68,21 @@ mod duration_text {
             _ => return Err(serde::de::Error::custom(format!("bad duration {text:?} (use ms, s, m or h)"))),
         };
         Ok(Some(Duration::from_secs(seconds)))
+    }
+}
+
+/// The platform's own target for `sfaas up`: the gateway's `/metrics`, read with the meter
+/// token, every series attributed to the tenant its `namespace` label names, billable.
+pub fn platform_target(gateway_metrics_url: String, meter_token: String) -> ScrapeTarget {
+    ScrapeTarget {
+        tenant: String::new(),
+        url: gateway_metrics_url,
+        job: Some("sfaas-gateway".into()),
+        interval: Some(Duration::from_secs(15)),
+        timeout: Some(Duration::from_secs(5)),
+        bearer_token: Some(meter_token),
+        tenant_label: Some("namespace".into()),
+        metered: true,
     }
 }
 
@@ -146,17 +168,30 @@ pub async fn scrape_once(client: &reqwest::Client, target: &ScrapeTarget) -> Bat
     let duration = started.elapsed().as_secs_f64();
     let mut batch = Batch::default();
     let mut row = |metric: &str, kind: &'static str, mut labels: BTreeMap<String, String>, ts_ns: i64, value: f64| {
+        let tenant = match &target.tenant_label {
+            None => target.tenant.clone(),
+            Some(label) => match labels.get(label) {
+                Some(tenant) if crate::auth::valid_tenant(tenant) => tenant.clone(),
+                // The scrape's own series (`up`, `scrape_*`) belong to `tenant`; others of no
+                // tenant are dropped.
+                _ if metric == "up" || metric.starts_with("scrape_") => target.tenant.clone(),
+                _ => return,
+            },
+        };
+        if tenant.is_empty() {
+            return;
+        }
         labels.insert("job".into(), job.clone());
         labels.insert("instance".into(), instance.clone());
         batch.samples.push(SampleRow {
-            tenant: target.tenant.clone(),
+            tenant,
             metric: metric.to_string(),
             labels: serde_json::to_string(&labels).expect("json"),
             kind,
             ts_ns,
             value,
             histogram: None,
-            metered: false,
+            metered: target.metered,
         });
     };
     let up = match scraped {
