@@ -176,93 +176,94 @@ fn hex(bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_right_status_and_a_clear_message() {
-    let backend = common::Backend::Sqlite(tempfile::tempdir().unwrap());
-    let running = start(&backend, |config| config.max_body_bytes = 1 << 20).await;
-    let url = format!("http://{}/v1/traces", running.otlp_http_addr);
-    let valid = ExportTraceServiceRequest { resource_spans: vec![resource_spans(None, 2, 9)] }.encode_to_vec();
-    let status_message = |bytes: &[u8]| collector::receivers::otlp_http::RpcStatus::decode(bytes).unwrap().message;
+    for backend in backends() {
+        let running = start(&backend, |config| config.max_body_bytes = 1 << 20).await;
+        let url = format!("http://{}/v1/traces", running.otlp_http_addr);
+        let valid = ExportTraceServiceRequest { resource_spans: vec![resource_spans(None, 2, 9)] }.encode_to_vec();
+        let status_message = |bytes: &[u8]| collector::receivers::otlp_http::RpcStatus::decode(bytes).unwrap().message;
 
-    let r = post(&url, None, "application/x-protobuf", valid.clone()).await;
-    assert_eq!(r.status(), 401);
-    assert!(status_message(&r.bytes().await.unwrap()).contains("missing Authorization"));
-    assert_eq!(post(&url, Some("wrong"), "application/x-protobuf", valid.clone()).await.status(), 401);
-    let r = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth("acme-token")
-        .header("x-scope-orgid", "globex")
-        .header("content-type", "application/x-protobuf")
-        .body(valid.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
-    let r = post(&url, Some("acme-token"), "text/plain", valid.clone()).await;
-    assert_eq!(r.status(), 415);
-    assert!(status_message(&r.bytes().await.unwrap()).contains("unsupported content type"));
-    let r = post(&url, Some("acme-token"), "application/x-protobuf", valid[..valid.len() / 2].to_vec()).await;
-    assert_eq!(r.status(), 400);
-    assert!(status_message(&r.bytes().await.unwrap()).contains("invalid protobuf"));
-    let r = post(&url, Some("acme-token"), "application/json", b"{\"resourceSpans\": [".to_vec()).await;
-    assert_eq!(r.status(), 400);
-    let error: serde_json::Value = r.json().await.unwrap();
-    assert!(error["message"].as_str().unwrap().contains("invalid OTLP JSON"));
-    assert_eq!(post(&url, Some("acme-token"), "application/x-protobuf", vec![0u8; 2 << 20]).await.status(), 413);
+        let r = post(&url, None, "application/x-protobuf", valid.clone()).await;
+        assert_eq!(r.status(), 401);
+        assert!(status_message(&r.bytes().await.unwrap()).contains("missing Authorization"));
+        assert_eq!(post(&url, Some("wrong"), "application/x-protobuf", valid.clone()).await.status(), 401);
+        let r = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth("acme-token")
+            .header("x-scope-orgid", "globex")
+            .header("content-type", "application/x-protobuf")
+            .body(valid.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+        let r = post(&url, Some("acme-token"), "text/plain", valid.clone()).await;
+        assert_eq!(r.status(), 415);
+        assert!(status_message(&r.bytes().await.unwrap()).contains("unsupported content type"));
+        let r = post(&url, Some("acme-token"), "application/x-protobuf", valid[..valid.len() / 2].to_vec()).await;
+        assert_eq!(r.status(), 400);
+        assert!(status_message(&r.bytes().await.unwrap()).contains("invalid protobuf"));
+        let r = post(&url, Some("acme-token"), "application/json", b"{\"resourceSpans\": [".to_vec()).await;
+        assert_eq!(r.status(), 400);
+        let error: serde_json::Value = r.json().await.unwrap();
+        assert!(error["message"].as_str().unwrap().contains("invalid OTLP JSON"));
+        assert_eq!(post(&url, Some("acme-token"), "application/x-protobuf", vec![0u8; 2 << 20]).await.status(), 413);
 
-    // A gzip bomb: 30 MiB of zeros in a few KiB.
-    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gzip.write_all(&vec![0u8; 30 << 20]).unwrap();
-    let bomb = gzip.finish().unwrap();
-    let r = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth("acme-token")
-        .header("content-type", "application/x-protobuf")
-        .header("content-encoding", "gzip")
-        .body(bomb)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 413);
+        // A gzip bomb: 30 MiB of zeros in a few KiB.
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gzip.write_all(&vec![0u8; 30 << 20]).unwrap();
+        let bomb = gzip.finish().unwrap();
+        let r = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth("acme-token")
+            .header("content-type", "application/x-protobuf")
+            .header("content-encoding", "gzip")
+            .body(bomb)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413);
 
-    // Invalid ids are refused item by item; the rest of the request is stored.
-    let mut request = ExportTraceServiceRequest { resource_spans: vec![resource_spans(None, 3, 7)] };
-    request.resource_spans[0].scope_spans[0].spans[0].span_id = vec![0; 8];
-    request.resource_spans[0].scope_spans[0].spans[1].trace_id = vec![1, 2, 3];
-    let r = post(&url, Some("acme-token"), "application/x-protobuf", request.encode_to_vec()).await;
-    let answer = ExportTraceServiceResponse::decode(r.bytes().await.unwrap()).unwrap();
-    assert_eq!(answer.partial_success.unwrap().rejected_spans, 2);
+        // Invalid ids are refused item by item; the rest of the request is stored.
+        let mut request = ExportTraceServiceRequest { resource_spans: vec![resource_spans(None, 3, 7)] };
+        request.resource_spans[0].scope_spans[0].spans[0].span_id = vec![0; 8];
+        request.resource_spans[0].scope_spans[0].spans[1].trace_id = vec![1, 2, 3];
+        let r = post(&url, Some("acme-token"), "application/x-protobuf", request.encode_to_vec()).await;
+        let answer = ExportTraceServiceResponse::decode(r.bytes().await.unwrap()).unwrap();
+        assert_eq!(answer.partial_success.unwrap().rejected_spans, 2);
 
-    // OTLP JSON (hex ids), gzip-compressed protobuf: accepted; and the collector kept serving.
-    let json = serde_json::json!({"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "web"}}]},
+        // OTLP JSON (hex ids), gzip-compressed protobuf: accepted; and the collector kept serving.
+        let json = serde_json::json!({"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "web"}}]},
         "scopeSpans": [{"spans": [{"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174",
         "parentSpanId": "eee19b7ec3c1b173", "name": "json-span", "kind": 2, "startTimeUnixNano": "1544712660000000000",
         "endTimeUnixNano": "1544712661000000000", "attributes": [{"key": "http.status", "value": {"intValue": "200"}}]}]}]}]});
-    let r = post(&url, Some("acme-token"), "application/json", serde_json::to_vec(&json).unwrap()).await;
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["content-type"], "application/json");
-    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gzip.write_all(&valid).unwrap();
-    let r = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth("acme-token")
-        .header("content-type", "application/x-protobuf")
-        .header("content-encoding", "gzip")
-        .body(gzip.finish().unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let stored = running.collector.store.trace("acme", "5b8efff798038103d269b633813fc60c").await.unwrap();
-    assert_eq!(stored[0].parent_span_id.as_deref(), Some("eee19b7ec3c1b173"));
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&stored[0].attributes).unwrap()["http.status"], 200);
-    assert_eq!(running.collector.store.counts("acme").await.unwrap().spans, 1 + 2 + 1);
+        let r = post(&url, Some("acme-token"), "application/json", serde_json::to_vec(&json).unwrap()).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gzip.write_all(&valid).unwrap();
+        let r = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth("acme-token")
+            .header("content-type", "application/x-protobuf")
+            .header("content-encoding", "gzip")
+            .body(gzip.finish().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let stored = running.collector.store.trace("acme", "5b8efff798038103d269b633813fc60c").await.unwrap();
+        assert_eq!(stored[0].parent_span_id.as_deref(), Some("eee19b7ec3c1b173"));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&stored[0].attributes).unwrap()["http.status"], 200);
+        assert_eq!(running.collector.store.counts("acme").await.unwrap().spans, 1 + 2 + 1);
 
-    // The collector's own metrics count what it refused.
-    let metrics =
-        reqwest::get(format!("http://{}/metrics", running.otlp_http_addr)).await.unwrap().text().await.unwrap();
-    assert!(
-        metrics.contains(r#"sfaas_collector_rejected_total{signal="traces",reason="unauthenticated"} 3"#),
-        "{metrics}"
-    );
-    assert!(metrics.contains(r#"sfaas_collector_accepted_total{signal="traces",protocol="otlp_http"}"#));
-    running.shutdown().await;
+        // The collector's own metrics count what it refused.
+        let metrics =
+            reqwest::get(format!("http://{}/metrics", running.otlp_http_addr)).await.unwrap().text().await.unwrap();
+        assert!(
+            metrics.contains(r#"sfaas_collector_rejected_total{signal="traces",reason="unauthenticated"} 3"#),
+            "{metrics}"
+        );
+        assert!(metrics.contains(r#"sfaas_collector_accepted_total{signal="traces",protocol="otlp_http"}"#));
+        running.shutdown().await;
+    }
 }
