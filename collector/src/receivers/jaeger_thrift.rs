@@ -17,11 +17,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use serde_json::{Value, json};
 
+use super::{basic_or_bearer_sender, text};
 use crate::Collector;
-use crate::auth::{AuthError, Sender, authenticate};
+use crate::auth::Sender;
 use crate::metrics::{RejectLabels, SignalLabels};
 use crate::model::{Batch, SpanRow};
 use crate::pipeline::SubmitError;
@@ -369,14 +369,6 @@ fn rows(decoded: JaegerBatch, sender: &Sender) -> (Batch, u64, Vec<String>) {
     (out, rejected, reasons)
 }
 
-fn text(status: StatusCode, message: String) -> Response {
-    let mut response = (status, format!("{message}\n")).into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, "1".parse().expect("ascii"));
-    }
-    response
-}
-
 /// `POST /api/traces`.
 pub async fn traces(State(collector): State<Arc<Collector>>, headers: HeaderMap, body: Bytes) -> Response {
     let reject = |reason: &'static str| {
@@ -390,24 +382,9 @@ pub async fn traces(State(collector): State<Arc<Collector>>, headers: HeaderMap,
             format!("unsupported content type {mime:?}: use application/x-thrift"),
         );
     }
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let basic_user = get("authorization").and_then(|value| {
-        let encoded = value.strip_prefix("Basic ")?;
-        let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
-        Some(String::from_utf8(decoded).ok()?.split_once(':')?.0.to_string())
-    });
-    let org = get("x-scope-orgid").map(str::to_string).or(basic_user);
-    let sender = match authenticate(collector.resolver.as_ref(), get("authorization"), org.as_deref()) {
+    let sender = match basic_or_bearer_sender(&collector, &headers, "traces") {
         Ok(sender) => sender,
-        Err(e) => {
-            reject("unauthenticated");
-            let status = if matches!(e, AuthError::OrgMismatch { .. }) {
-                StatusCode::FORBIDDEN
-            } else {
-                StatusCode::UNAUTHORIZED
-            };
-            return text(status, e.to_string());
-        }
+        Err((status, message)) => return text(status, message),
     };
     let decoded = match batch(&body) {
         Ok(decoded) => decoded,

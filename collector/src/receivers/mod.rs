@@ -7,3 +7,42 @@ pub mod otlp_grpc;
 pub mod otlp_http;
 pub mod remote_write;
 pub mod scrape;
+
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+
+use crate::Collector;
+use crate::auth::{AuthError, Sender, authenticate};
+use crate::metrics::RejectLabels;
+
+/// A plain-text answer; 503 carries `Retry-After`.
+pub(crate) fn text(status: StatusCode, message: String) -> Response {
+    let mut response = (status, format!("{message}\n")).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(header::RETRY_AFTER, "1".parse().expect("ascii"));
+    }
+    response
+}
+
+/// Checks the credentials of a receiver whose clients can send only Basic auth (Jaeger
+/// exporters, Prometheus remote_write): the Basic user names the tenant, like `X-Scope-OrgID`,
+/// and must agree with the token's tenant.
+pub(crate) fn basic_or_bearer_sender(
+    collector: &Collector,
+    headers: &HeaderMap,
+    signal: &'static str,
+) -> Result<Sender, (StatusCode, String)> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let basic_user = get("authorization").and_then(|value| {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(value.strip_prefix("Basic ")?.trim()).ok()?;
+        Some(String::from_utf8(decoded).ok()?.split_once(':')?.0.to_string())
+    });
+    let org = get("x-scope-orgid").map(str::to_string).or(basic_user);
+    authenticate(collector.resolver.as_ref(), get("authorization"), org.as_deref()).map_err(|e| {
+        collector.metrics.rejected.get_or_create(&RejectLabels { signal, reason: "unauthenticated" }).inc();
+        let status =
+            if matches!(e, AuthError::OrgMismatch { .. }) { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
+        (status, e.to_string())
+    })
+}

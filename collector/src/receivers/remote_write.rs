@@ -11,13 +11,12 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use prost::Message;
 
+use super::{basic_or_bearer_sender, text};
 use crate::Collector;
-use crate::auth::{AuthError, authenticate};
 use crate::metrics::{RejectLabels, SignalLabels};
 use crate::model::{Batch, SampleRow};
 use crate::pipeline::SubmitError;
@@ -57,21 +56,6 @@ pub struct Sample {
 /// The NaN Prometheus writes as a staleness marker.
 const STALE_NAN: u64 = 0x7ff0_0000_0000_0002;
 
-fn text(status: StatusCode, message: String) -> Response {
-    let mut response = (status, format!("{message}\n")).into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, "1".parse().expect("ascii"));
-    }
-    response
-}
-
-/// The Basic-auth user, which remote_write uses to name the tenant.
-fn basic_user(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Basic ")?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?;
-    Some(String::from_utf8(decoded).ok()?.split_once(':')?.0.to_string())
-}
-
 /// Decodes a remote_write body: snappy block, then protobuf.
 pub fn decode(body: &[u8], limit: usize) -> Result<WriteRequest, (StatusCode, String)> {
     let length =
@@ -94,20 +78,9 @@ pub async fn write(State(collector): State<Arc<Collector>>, headers: HeaderMap, 
     let reject = |reason: &'static str| {
         collector.metrics.rejected.get_or_create(&RejectLabels { signal: "metrics", reason }).inc()
     };
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    // The Basic user names the tenant, like X-Scope-OrgID, and must agree with the token.
-    let org = get("x-scope-orgid").map(str::to_string).or_else(|| basic_user(&headers));
-    let sender = match authenticate(collector.resolver.as_ref(), get("authorization"), org.as_deref()) {
+    let sender = match basic_or_bearer_sender(&collector, &headers, "metrics") {
         Ok(sender) => sender,
-        Err(e) => {
-            reject("unauthenticated");
-            let status = if matches!(e, AuthError::OrgMismatch { .. }) {
-                StatusCode::FORBIDDEN
-            } else {
-                StatusCode::UNAUTHORIZED
-            };
-            return text(status, e.to_string());
-        }
+        Err((status, message)) => return text(status, message),
     };
     let (tenant, metered) = match sender.tenant_for(None) {
         Ok(attribution) => attribution,

@@ -177,10 +177,8 @@ pub async fn call(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (qualified, rest) = path_params(params);
-    caller.require_write()?;
-    let (name, namespace) = split_name(&qualified)?;
-    let tenant = caller.namespace(namespace)?;
+    let (name, tenant, rest) = target(&caller, params)?;
+    let name = name.as_str();
     let invocation = invocation(&method, &uri, &headers, rest, body)?;
     let call_id = invocation.call_id.clone();
     let started = Instant::now();
@@ -211,10 +209,8 @@ pub async fn call_async(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (qualified, rest) = path_params(params);
-    caller.require_write()?;
-    let (name, namespace) = split_name(&qualified)?;
-    let tenant = caller.namespace(namespace)?;
+    let (name, tenant, rest) = target(&caller, params)?;
+    let name = name.as_str();
     if core.functions.get(&tenant, name).is_none() {
         return Err(ApiError::NotFound(format!("function {name} not found in namespace {tenant}")));
     }
@@ -234,6 +230,15 @@ pub async fn call_async(
     let mut response = StatusCode::ACCEPTED.into_response();
     response.headers_mut().insert(semconv::HEADER_CALL_ID, call_id.parse().expect("validated call id"));
     Ok(response)
+}
+
+/// The function a call names (`NAME` or `NAME.NAMESPACE`), its tenant, and the rest of the path.
+fn target(caller: &Caller, params: Vec<(String, String)>) -> Result<(String, TenantId, Option<String>), ApiError> {
+    let (qualified, rest) = path_params(params);
+    caller.require_write()?;
+    let (name, namespace) = split_name(&qualified)?;
+    let tenant = caller.namespace(namespace)?;
+    Ok((name.to_string(), tenant, rest))
 }
 
 fn path_params(params: Vec<(String, String)>) -> (String, Option<String>) {
