@@ -79,11 +79,12 @@ impl Telemetry {
 
     /// The tracer for a tenant's platform spans, or `None` when export is off.
     pub fn tracer(&self, tenant: &TenantId) -> Option<SdkTracer> {
-        let config = self.config.read().unwrap().clone();
-        let endpoint = config.endpoint.as_ref()?;
+        // The hot path: a tenant that has its tracer already.
         if let Some((_, tracer)) = self.providers.read().unwrap().get(tenant) {
             return Some(tracer.clone());
         }
+        let config = self.config.read().unwrap().clone();
+        let endpoint = config.endpoint.as_ref()?;
         let mut providers = self.providers.write().unwrap();
         if let Some((_, tracer)) = providers.get(tenant) {
             return Some(tracer.clone());
