@@ -21,8 +21,10 @@ struct Cli {
 enum Command {
     /// Run every component in one process (the main job).
     Up(ServeArgs),
-    /// Run only the core: the gateway, functions and the async queue.
+    /// Run only the core: the gateway, functions, flows, state and the async queue.
     Core(ServeArgs),
+    /// Run only the collector (it checks tokens against the core's database in DATA_DIR).
+    Collector(ServeArgs),
     /// Manage tenants (admin).
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -267,6 +269,7 @@ async fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => serve(args, true).await,
         Command::Core(args) => serve(args, false).await,
+        Command::Collector(args) => serve_collector(args).await,
         Command::Tenant(TenantCommand::Create { name, plan, client }) => {
             client::tenant_create(&client, &name, plan).await
         }
@@ -316,23 +319,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
             stateful_faas_core::config::load_or_create_token(&stateful_faas_core::config::meter_token_path(&data_dir))
                 .context("creating the meter token")?;
         core.tenants.ensure_meter_token(&meter_token).await?;
-        let database_url = args
-            .database_url
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("telemetry.db").display()));
-        let mut config = collector::CollectorConfig::new(database_url);
-        config.otlp_grpc_addr = args.otlp_grpc_addr;
-        config.otlp_http_addr = args.otlp_http_addr;
-        config.jaeger_addr = args.jaeger_addr;
-        config.retention = std::time::Duration::from_secs(args.retention_hours * 3600);
-        config.tenant_retention = args
-            .tenant_retention
-            .iter()
-            .map(|(tenant, hours)| (tenant.clone(), std::time::Duration::from_secs(hours * 3600)))
-            .collect();
-        if let Some(path) = &args.scrape_config {
-            config.scrape = collector::receivers::scrape::load(path).map_err(anyhow::Error::msg)?;
-        }
+        let config = collector_config(&args)?;
         let resolver = std::sync::Arc::new(CoreTokens(core.tenants.clone()));
         let running = collector::Collector::start(config, resolver).await.context("starting the collector")?;
         if args.otlp_endpoint.is_none() {
@@ -358,14 +345,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         collector
     });
     addresses.insert("gateway".into(), running.gateway_addr.to_string().into());
-    let addresses = serde_json::Value::Object(addresses);
-    // The bound addresses (DESIGN.md §2): first the file (replaced atomically), then one JSON
-    // line on stdout, so that whoever reads the line finds the file up to date.
-    let addresses_file = data_dir.join("addresses.json");
-    let temporary = data_dir.join("addresses.json.tmp");
-    std::fs::write(&temporary, format!("{addresses}\n")).context("writing addresses.json")?;
-    std::fs::rename(&temporary, &addresses_file).context("writing addresses.json")?;
-    println!("{addresses}");
+    announce(&data_dir, addresses, with_collector)?;
     eprintln!(
         "sfaas is up: gateway http://{}{} (admin token in {}); Ctrl-C stops",
         running.gateway_addr,
@@ -389,6 +369,88 @@ fn parse_tenant_hours(text: &str) -> Result<(String, u64), String> {
     let (tenant, hours) = text.split_once('=').ok_or_else(|| format!("{text:?}: use TENANT=HOURS"))?;
     let hours = hours.parse().map_err(|_| format!("{text:?}: {hours:?} is not a number of hours"))?;
     Ok((tenant.to_string(), hours))
+}
+
+/// Prints the bound addresses as one JSON line (DESIGN.md §2) after writing them to
+/// `DATA_DIR/addresses.json` (replaced atomically), so that whoever reads the line finds the
+/// file up to date. Unless `replace`, the file keeps the addresses of components that run in
+/// other processes on the same data directory.
+fn announce(
+    data_dir: &std::path::Path,
+    ours: serde_json::Map<String, serde_json::Value>,
+    replace: bool,
+) -> anyhow::Result<()> {
+    let file = data_dir.join("addresses.json");
+    let mut all = if replace {
+        serde_json::Map::new()
+    } else {
+        std::fs::read_to_string(&file).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+    };
+    all.extend(ours.clone());
+    let temporary = data_dir.join("addresses.json.tmp");
+    std::fs::write(&temporary, format!("{}\n", serde_json::Value::Object(all))).context("writing addresses.json")?;
+    std::fs::rename(&temporary, &file).context("writing addresses.json")?;
+    println!("{}", serde_json::Value::Object(ours));
+    Ok(())
+}
+
+/// `sfaas collector`: the collector alone, checking tokens in the core's database (re-read
+/// every two seconds, so tenants created by a running core are known).
+async fn serve_collector(args: ServeArgs) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let pool = stateful_faas_core::database::open(&stateful_faas_core::database::default_url(&data_dir)).await?;
+    let admin_token = match std::env::var("SFAAS_ADMIN_TOKEN") {
+        Ok(token) if !token.is_empty() => token,
+        _ => stateful_faas_core::config::load_or_create_admin_token(&data_dir)?,
+    };
+    let tenants = std::sync::Arc::new(stateful_faas_core::tenant::TenantStore::load(pool, &admin_token).await?);
+    let refresher = tenants.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            if let Err(error) = refresher.reload().await {
+                tracing::warn!(%error, "cannot re-read tokens");
+            }
+        }
+    });
+    let running = collector::Collector::start(collector_config(&args)?, std::sync::Arc::new(CoreTokens(tenants)))
+        .await
+        .context("starting the collector")?;
+    let mut addresses = serde_json::Map::new();
+    addresses.insert("otlp_grpc".into(), running.otlp_grpc_addr.to_string().into());
+    addresses.insert("otlp_http".into(), running.otlp_http_addr.to_string().into());
+    addresses.insert("jaeger".into(), running.jaeger_addr.to_string().into());
+    announce(&data_dir, addresses, false)?;
+    eprintln!(
+        "sfaas collector is up: OTLP gRPC {}, HTTP http://{}; Ctrl-C stops",
+        running.otlp_grpc_addr, running.otlp_http_addr
+    );
+    shutdown_signal().await;
+    running.shutdown().await;
+    Ok(())
+}
+
+/// The collector's configuration from the command line.
+fn collector_config(args: &ServeArgs) -> anyhow::Result<collector::CollectorConfig> {
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("telemetry.db").display()));
+    let mut config = collector::CollectorConfig::new(database_url);
+    config.otlp_grpc_addr = args.otlp_grpc_addr;
+    config.otlp_http_addr = args.otlp_http_addr;
+    config.jaeger_addr = args.jaeger_addr;
+    config.retention = std::time::Duration::from_secs(args.retention_hours * 3600);
+    config.tenant_retention = args
+        .tenant_retention
+        .iter()
+        .map(|(tenant, hours)| (tenant.clone(), std::time::Duration::from_secs(hours * 3600)))
+        .collect();
+    if let Some(path) = &args.scrape_config {
+        config.scrape = collector::receivers::scrape::load(path).map_err(anyhow::Error::msg)?;
+    }
+    Ok(config)
 }
 
 /// The collector checks tokens against the core's tenant store.

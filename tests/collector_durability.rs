@@ -111,3 +111,62 @@ async fn acknowledged_spans_survive_kill_9() {
     let stored = store.counts("acme").await.unwrap().spans;
     assert!(stored >= acknowledged, "{acknowledged} spans were acknowledged but only {stored} survived the crash");
 }
+
+/// `sfaas core` and `sfaas collector` as two processes on one data directory: the collector
+/// learns the tenants the core creates, and both addresses end up in addresses.json.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_collector_knows_the_cores_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let start = |component: &str, args: &[&str]| {
+        let mut child = Command::new(SFAAS)
+            .arg(component)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .env_remove("SFAAS_ADMIN_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        (child, serde_json::from_str::<serde_json::Value>(&line).unwrap())
+    };
+    let (mut core, _) = start("core", &["--gateway-addr", "127.0.0.1:0"]);
+    let (mut collector, addresses) = start(
+        "collector",
+        &["--otlp-grpc-addr", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--jaeger-addr", "127.0.0.1:0"],
+    );
+    assert!(addresses.get("gateway").is_none(), "the collector lists only its own addresses: {addresses}");
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("addresses.json")).unwrap()).unwrap();
+    assert!(file["gateway"].is_string() && file["otlp_http"].is_string(), "{file}");
+
+    let created = Command::new(SFAAS).args(["tenant", "create", "acme", "--data-dir"]).arg(&data).output().unwrap();
+    let credentials: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let token = credentials["ingest_token"].as_str().unwrap().to_string();
+    let url = format!("http://{}/v1/traces", addresses["otlp_http"].as_str().unwrap());
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut status = 0;
+    for _ in 0..50 {
+        let response = client
+            .post(&url)
+            .bearer_auth(&token)
+            .header("content-type", "application/x-protobuf")
+            .body(request(1))
+            .send()
+            .await
+            .unwrap();
+        status = response.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(status, 200, "the collector never learned the new tenant's token");
+    for child in [&mut core, &mut collector] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

@@ -192,26 +192,21 @@ impl Drop for FunctionToken {
 impl TenantStore {
     /// Loads the token hashes; `admin_token` is the operator's token.
     pub async fn load(pool: sqlx::SqlitePool, admin_token: &str) -> Result<Self, TenantError> {
-        let rows: Vec<(String, Option<String>, String)> =
-            sqlx::query_as("SELECT hash, tenant, scope FROM tokens").fetch_all(&pool).await?;
-        let mut tokens = std::collections::HashMap::new();
-        for (hash, tenant, scope) in rows {
-            let principal = match (Scope::parse(&scope), tenant) {
-                (Some(Scope::Meter), _) => Principal::Meter,
-                (Some(scope), Some(tenant)) => match TenantId::new(&tenant) {
-                    Ok(tenant) => Principal::Tenant { tenant, scope },
-                    Err(_) => continue,
-                },
-                _ => continue,
-            };
-            tokens.insert(hash, principal);
-        }
+        let tokens = read_tokens(&pool).await?;
         Ok(Self {
             pool,
             admin_hash: hash_token(admin_token),
             tokens: std::sync::RwLock::new(tokens),
             function_tokens: Default::default(),
         })
+    }
+
+    /// Re-reads the tokens, for a process that shares the database with the core that creates
+    /// them (`sfaas collector`).
+    pub async fn reload(&self) -> Result<(), TenantError> {
+        let tokens = read_tokens(&self.pool).await?;
+        *self.tokens.write().unwrap() = tokens;
+        Ok(())
     }
 
     /// Who a presented token belongs to, if anyone.
@@ -309,6 +304,25 @@ impl TenantStore {
             .await?;
         Ok(row.is_some())
     }
+}
+
+/// Every stored token's hash and principal.
+async fn read_tokens(pool: &sqlx::SqlitePool) -> Result<std::collections::HashMap<String, Principal>, TenantError> {
+    let rows: Vec<(String, Option<String>, String)> =
+        sqlx::query_as("SELECT hash, tenant, scope FROM tokens").fetch_all(pool).await?;
+    let mut tokens = std::collections::HashMap::new();
+    for (hash, tenant, scope) in rows {
+        let principal = match (Scope::parse(&scope), tenant) {
+            (Some(Scope::Meter), _) => Principal::Meter,
+            (Some(scope), Some(tenant)) => match TenantId::new(&tenant) {
+                Ok(tenant) => Principal::Tenant { tenant, scope },
+                Err(_) => continue,
+            },
+            _ => continue,
+        };
+        tokens.insert(hash, principal);
+    }
+    Ok(tokens)
 }
 
 #[cfg(test)]
