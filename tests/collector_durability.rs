@@ -51,6 +51,9 @@ async fn acknowledged_spans_survive_kill_9() {
             "127.0.0.1:0",
             "--jaeger-addr",
             "127.0.0.1:0",
+            // The spans sent have no timestamps (1970): keep them from the retention pass.
+            "--retention-hours",
+            "1000000",
         ])
         .arg("--data-dir")
         .arg(&data)
