@@ -262,7 +262,8 @@ async fn timeouts_subflows_async_runs_and_cancellation() {
         .await
         .unwrap();
     let run_id = response.headers()["x-run-id"].to_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid_file = core.dir.path().join("hang.pid");
+    eventually(Duration::from_secs(5), || async { pid_file.exists().then_some(()) }).await.expect("the node runs");
     let cancel =
         core.http.delete(format!("{}/flow-runs/{run_id}", core.url)).bearer_auth(&acme.ingest).send().await.unwrap();
     assert_eq!(cancel.status(), 202);
