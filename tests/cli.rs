@@ -4,15 +4,17 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const SFAAS: &str = env!("CARGO_BIN_EXE_sfaas");
+mod common;
+
+use common::sfaas as sfaas_command;
 
 /// Starts `sfaas core` and returns it with the gateway address from its first stdout line.
 fn start_core(data_dir: &Path) -> (Child, String) {
-    let mut child = Command::new(SFAAS)
+    let mut child = sfaas_command()
         .args(["core", "--gateway-addr", "127.0.0.1:0", "--async-workers", "1", "--data-dir"])
         .arg(data_dir)
         .env_remove("SFAAS_ADMIN_TOKEN")
@@ -32,7 +34,7 @@ fn start_core(data_dir: &Path) -> (Child, String) {
 }
 
 fn sfaas(data_dir: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let mut child = Command::new(SFAAS)
+    let mut child = sfaas_command()
         .args(args)
         .arg("--data-dir")
         .arg(data_dir)

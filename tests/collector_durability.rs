@@ -2,7 +2,7 @@
 //! their batch is committed. Drives the `sfaas up` binary.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -10,7 +10,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
-const SFAAS: &str = env!("CARGO_BIN_EXE_sfaas");
+mod common;
+
+use common::sfaas as sfaas_command;
 
 fn request(batch: u32) -> Vec<u8> {
     let spans = (0..50u32)
@@ -40,7 +42,7 @@ fn request(batch: u32) -> Vec<u8> {
 async fn acknowledged_spans_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut up = Command::new(SFAAS)
+    let mut up = sfaas_command()
         .args([
             "up",
             "--gateway-addr",
@@ -69,7 +71,7 @@ async fn acknowledged_spans_survive_kill_9() {
     for key in ["gateway", "otlp_grpc", "otlp_http", "jaeger"] {
         assert!(addresses[key].is_string(), "{key} missing from {addresses}");
     }
-    let created = Command::new(SFAAS).args(["tenant", "create", "acme", "--data-dir"]).arg(&data).output().unwrap();
+    let created = sfaas_command().args(["tenant", "create", "acme", "--data-dir"]).arg(&data).output().unwrap();
     let credentials: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
     let token = credentials["ingest_token"].as_str().unwrap().to_string();
 
@@ -122,7 +124,7 @@ async fn a_separate_collector_knows_the_cores_tenants() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let start = |component: &str, args: &[&str]| {
-        let mut child = Command::new(SFAAS)
+        let mut child = sfaas_command()
             .arg(component)
             .args(args)
             .arg("--data-dir")
@@ -146,7 +148,7 @@ async fn a_separate_collector_knows_the_cores_tenants() {
         serde_json::from_str(&std::fs::read_to_string(data.join("addresses.json")).unwrap()).unwrap();
     assert!(file["gateway"].is_string() && file["otlp_http"].is_string(), "{file}");
 
-    let created = Command::new(SFAAS).args(["tenant", "create", "acme", "--data-dir"]).arg(&data).output().unwrap();
+    let created = sfaas_command().args(["tenant", "create", "acme", "--data-dir"]).arg(&data).output().unwrap();
     let credentials: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
     let token = credentials["ingest_token"].as_str().unwrap().to_string();
     let url = format!("http://{}/v1/traces", addresses["otlp_http"].as_str().unwrap());

@@ -6,10 +6,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-const SFAAS: &str = env!("CARGO_BIN_EXE_sfaas");
+mod common;
+
+use common::sfaas as sfaas_command;
 
 fn start_core(data_dir: &Path) -> Child {
-    let mut child = Command::new(SFAAS)
+    let mut child = sfaas_command()
         .args(["core", "--gateway-addr", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env_remove("SFAAS_ADMIN_TOKEN")
@@ -24,7 +26,7 @@ fn start_core(data_dir: &Path) -> Child {
 }
 
 fn sfaas(data_dir: &Path, args: &[&str]) -> String {
-    let output = Command::new(SFAAS)
+    let output = sfaas_command()
         .args(args)
         .arg("--data-dir")
         .arg(data_dir)

@@ -59,6 +59,22 @@ pub struct Telemetry {
     providers: RwLock<HashMap<TenantId, (SdkTracerProvider, SdkTracer)>>,
 }
 
+/// The exporters' network I/O (gRPC connection tasks) runs on a thread of its own, so that
+/// framing and sending a batch never holds up a request on the gateway's workers. One per
+/// process, never dropped (a runtime cannot be dropped from async code).
+static EXPORT_IO: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+
+fn export_io() -> &'static tokio::runtime::Runtime {
+    EXPORT_IO.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sfaas-otlp-io")
+            .enable_all()
+            .build()
+            .expect("the span export runtime starts")
+    })
+}
+
 impl Telemetry {
     pub fn new(config: TelemetryConfig) -> Self {
         Self { config: RwLock::new(config), providers: RwLock::new(HashMap::new()) }
@@ -89,7 +105,10 @@ impl Telemetry {
         if let Some((_, tracer)) = providers.get(tenant) {
             return Some(tracer.clone());
         }
-        let exporter = match build_exporter(&config, endpoint) {
+        let exporter = match {
+            let _io = export_io().enter();
+            build_exporter(&config, endpoint)
+        } {
             Ok(exporter) => exporter,
             Err(error) => {
                 tracing::error!(%error, endpoint, "cannot build the OTLP exporter; spans are not exported");

@@ -22,7 +22,7 @@ pub struct Scenario {
 /// All scenarios of a run.
 pub struct Report {
     pub scenarios: Vec<Scenario>,
-    pub spans_exported_bytes: u64,
+    pub spans_received: u64,
     pub concurrency: usize,
 }
 
@@ -52,8 +52,8 @@ impl fmt::Display for Report {
         writeln!(f)?;
         writeln!(
             f,
-            "concurrency {}; OTLP bytes received by the sink: {}",
-            self.concurrency, self.spans_exported_bytes
+            "concurrency {}; median of {ROUNDS} alternating rounds; spans received by the OTLP/gRPC sink: {}",
+            self.concurrency, self.spans_received
         )?;
         writeln!(
             f,
@@ -97,7 +97,7 @@ pub async fn gateway(requests: usize, concurrency: usize, only: Option<&str>) ->
             scenarios.push(runs.swap_remove(runs.len() / 2));
         }
     }
-    Ok(Report { scenarios, spans_exported_bytes: sink_bytes.load(Ordering::Relaxed), concurrency })
+    Ok(Report { scenarios, spans_received: sink_bytes.load(Ordering::Relaxed), concurrency })
 }
 
 async fn run_scenario(
@@ -109,7 +109,7 @@ async fn run_scenario(
 ) -> anyhow::Result<Scenario> {
     let core = BenchCore::start(|config| {
         config.telemetry.endpoint = otlp_endpoint;
-        config.telemetry.protocol = OtlpProtocol::Http;
+        config.telemetry.protocol = OtlpProtocol::Grpc;
     })
     .await?;
     let credentials = core.credentials.clone();
@@ -166,23 +166,35 @@ async fn run_scenario(
     })
 }
 
-/// A minimal OTLP/HTTP endpoint that accepts and counts export requests, so that span export
-/// costs what it costs against a real receiver on loopback.
+/// A minimal OTLP/gRPC receiver (the generated TraceService) that accepts and counts export
+/// requests, so that span export costs what it costs against a real receiver on loopback,
+/// over the protocol `sfaas up` uses.
 async fn start_otlp_sink(bytes: Arc<AtomicU64>) -> anyhow::Result<std::net::SocketAddr> {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+
+    struct Sink(Arc<AtomicU64>);
+
+    #[tonic::async_trait]
+    impl TraceService for Sink {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let spans: usize =
+                request.get_ref().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+            self.0.fetch_add(spans as u64, Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        }
+    }
+
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let router = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let bytes = bytes.clone();
-            async move {
-                bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-                ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
-            }
-        }),
-    );
     tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        let _ = tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Sink(bytes)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
     });
     Ok(addr)
 }
