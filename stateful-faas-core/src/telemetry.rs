@@ -105,10 +105,11 @@ impl Telemetry {
         if let Some((_, tracer)) = providers.get(tenant) {
             return Some(tracer.clone());
         }
-        let exporter = match {
+        let built = {
             let _io = export_io().enter();
             build_exporter(&config, endpoint)
-        } {
+        };
+        let exporter = match built {
             Ok(exporter) => exporter,
             Err(error) => {
                 tracing::error!(%error, endpoint, "cannot build the OTLP exporter; spans are not exported");
