@@ -1,7 +1,6 @@
 //! End-to-end tests of the `sfaas` binary: the CLI, the JSON contracts of DESIGN.md §2, and
 //! async durability across a crash (kill -9) and restart.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -14,17 +13,8 @@ use common::sfaas as sfaas_command;
 
 /// Starts `sfaas core` and returns it with the gateway address from its first stdout line.
 fn start_core(data_dir: &Path) -> (Child, String) {
-    let mut child = sfaas_command()
-        .args(["core", "--gateway-addr", "127.0.0.1:0", "--async-workers", "1", "--data-dir"])
-        .arg(data_dir)
-        .env_remove("SFAAS_ADMIN_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addresses: serde_json::Value = serde_json::from_str(&line).expect("first stdout line is the addresses JSON");
+    let (child, addresses) =
+        common::serve("core", &["--gateway-addr", "127.0.0.1:0", "--async-workers", "1"], data_dir);
     let keys: Vec<_> = addresses.as_object().unwrap().keys().cloned().collect();
     assert_eq!(keys, vec!["gateway"], "only running components are listed");
     let written: serde_json::Value =

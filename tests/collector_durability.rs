@@ -1,8 +1,6 @@
 //! Nothing the collector acknowledged is lost to a kill -9: spans are acknowledged only after
 //! their batch is committed. Drives the `sfaas up` binary.
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -42,9 +40,9 @@ fn request(batch: u32) -> Vec<u8> {
 async fn acknowledged_spans_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut up = sfaas_command()
-        .args([
-            "up",
+    let (mut up, addresses) = common::serve(
+        "up",
+        &[
             "--gateway-addr",
             "127.0.0.1:0",
             "--otlp-grpc-addr",
@@ -56,17 +54,9 @@ async fn acknowledged_spans_survive_kill_9() {
             // The spans sent have no timestamps (1970): keep them from the retention pass.
             "--retention-hours",
             "1000000",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .env_remove("SFAAS_ADMIN_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(up.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addresses: serde_json::Value = serde_json::from_str(&line).unwrap();
+        ],
+        &data,
+    );
     let otlp_http = addresses["otlp_http"].as_str().expect("up runs the collector").to_string();
     for key in ["gateway", "otlp_grpc", "otlp_http", "jaeger"] {
         assert!(addresses[key].is_string(), "{key} missing from {addresses}");
@@ -123,21 +113,7 @@ async fn acknowledged_spans_survive_kill_9() {
 async fn a_separate_collector_knows_the_cores_tenants() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let start = |component: &str, args: &[&str]| {
-        let mut child = sfaas_command()
-            .arg(component)
-            .args(args)
-            .arg("--data-dir")
-            .arg(&data)
-            .env_remove("SFAAS_ADMIN_TOKEN")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        (child, serde_json::from_str::<serde_json::Value>(&line).unwrap())
-    };
+    let start = |component: &str, args: &[&str]| common::serve(component, args, &data);
     let (mut core, _) = start("core", &["--gateway-addr", "127.0.0.1:0"]);
     let (mut collector, addresses) = start(
         "collector",

@@ -1,7 +1,6 @@
 //! A flow run survives a crash: kill -9 in the middle of a run, restart, and the run resumes
 //! without executing its completed nodes again. Driven through the `sfaas` CLI.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -11,17 +10,8 @@ mod common;
 use common::sfaas as sfaas_command;
 
 fn start_core(data_dir: &Path) -> Child {
-    let mut child = sfaas_command()
-        .args(["core", "--gateway-addr", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env_remove("SFAAS_ADMIN_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.contains("gateway"), "{line}");
+    let (child, addresses) = common::serve("core", &["--gateway-addr", "127.0.0.1:0"], data_dir);
+    assert!(addresses["gateway"].is_string(), "{addresses}");
     child
 }
 

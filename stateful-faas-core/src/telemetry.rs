@@ -10,7 +10,7 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider};
+use opentelemetry::trace::{SpanContext, TracerProvider};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
@@ -78,10 +78,6 @@ fn export_io() -> &'static tokio::runtime::Runtime {
 impl Telemetry {
     pub fn new(config: TelemetryConfig) -> Self {
         Self { config: RwLock::new(config), providers: RwLock::new(HashMap::new()) }
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.config.read().unwrap().endpoint.is_some()
     }
 
     /// Points span export somewhere else (`sfaas up` does, once its collector listens);
@@ -194,9 +190,4 @@ pub fn extract_parent(traceparent: Option<&str>) -> Context {
 /// W3C `traceparent` naming a span as parent.
 pub fn traceparent(context: &SpanContext) -> String {
     format!("00-{}-{}-{:02x}", context.trace_id(), context.span_id(), context.trace_flags().to_u8())
-}
-
-/// Whether a context holds a valid remote parent.
-pub fn has_parent(context: &Context) -> bool {
-    context.span().span_context().is_valid()
 }

@@ -263,18 +263,6 @@ impl TenantStore {
         Ok(TenantCredentials { tenant: tenant.to_string(), ingest_token, read_token })
     }
 
-    /// Creates a platform `meter` token (the core uses one to send its billable telemetry).
-    pub async fn create_meter_token(&self) -> Result<String, TenantError> {
-        let token = generate_token();
-        sqlx::query("INSERT INTO tokens (hash, tenant, scope, created_ms) VALUES (?, NULL, 'meter', ?)")
-            .bind(hash_token(&token))
-            .bind(crate::database::now_ms())
-            .execute(&self.pool)
-            .await?;
-        self.tokens.write().unwrap().insert(hash_token(&token), Principal::Meter);
-        Ok(token)
-    }
-
     /// Makes sure a given token is a valid `meter` token (for a token kept in a file).
     pub async fn ensure_meter_token(&self, token: &str) -> Result<(), TenantError> {
         let hash = hash_token(token);

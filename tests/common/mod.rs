@@ -19,3 +19,23 @@ pub fn sfaas() -> Command {
     }
     command
 }
+
+/// Starts a server (`sfaas core`, `up` or `collector`) on `data_dir`; returns the process and
+/// the addresses JSON it prints as its first line on stdout.
+pub fn serve(component: &str, args: &[&str], data_dir: &std::path::Path) -> (std::process::Child, serde_json::Value) {
+    use std::io::BufRead;
+    let mut child = sfaas()
+        .arg(component)
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("SFAAS_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addresses = serde_json::from_str(&line).expect("the first stdout line is the addresses JSON");
+    (child, addresses)
+}

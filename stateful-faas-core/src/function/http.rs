@@ -178,7 +178,7 @@ impl ManagedPool {
         let cold_start = reused.is_none();
         let mut instance = match reused {
             Some(instance) => instance,
-            None => self.start(spec, context.state_url.as_deref()).await?,
+            None => self.start(spec, context.state_url).await?,
         };
         // A server lives across calls, so the per-call token and job travel as headers.
         let mut headers = vec![(HEADER_STATE_TOKEN.to_string(), context.state_token.to_string())];

@@ -41,7 +41,7 @@ pub struct RunContext<'a> {
     pub tenant: &'a crate::tenant::TenantId,
     pub state: &'a std::sync::Arc<crate::state::StateStore>,
     /// `http://ADDR/state`, once the gateway listens.
-    pub state_url: Option<String>,
+    pub state_url: Option<&'a str>,
     /// Valid while the invocation runs; reaches the tenant's job-less objects and `job`'s.
     pub state_token: &'a str,
 }
@@ -51,19 +51,13 @@ impl RunContext<'_> {
     fn state_env(&self, job: Option<&str>) -> Vec<(String, String)> {
         use crate::semconv::{ENV_JOB, ENV_STATE_TOKEN, ENV_STATE_URL};
         let mut env = vec![(ENV_STATE_TOKEN.to_string(), self.state_token.to_string())];
-        if let Some(url) = &self.state_url {
-            env.push((ENV_STATE_URL.to_string(), url.clone()));
+        if let Some(url) = self.state_url {
+            env.push((ENV_STATE_URL.to_string(), url.to_string()));
         }
         if let Some(job) = job {
             env.push((ENV_JOB.to_string(), job.to_string()));
         }
         env
-    }
-}
-
-impl Invocation {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
     }
 }
 

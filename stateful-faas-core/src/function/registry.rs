@@ -100,7 +100,7 @@ type Key = (TenantId, String);
 pub struct Registry {
     pool: sqlx::SqlitePool,
     functions: RwLock<HashMap<Key, Arc<DeployedFunction>>>,
-    /// The state store's URL, handed to managed servers when they start.
+    /// The state store's URL (`http://ADDR/state`) once the gateway listens, handed to process functions.
     pub state_url: std::sync::OnceLock<String>,
 }
 

@@ -78,7 +78,7 @@ pub async fn dispatch(
         client: &core.client,
         tenant,
         state: &core.state,
-        state_url: core.gateway_url.get().map(|url| format!("{url}/state")),
+        state_url: core.functions.state_url.get().map(String::as_str),
         state_token: state_token.as_ref().map_or("", |t| t.token.as_str()),
     };
     let outcome = match function.run(&context, &invocation).await {

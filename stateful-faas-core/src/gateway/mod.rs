@@ -61,8 +61,6 @@ pub struct Core {
     pub state: Arc<StateStore>,
     pub flows: crate::flow::FlowStore,
     pub flow_journal: crate::flow::journal::Journal,
-    /// `http://ADDR` of the gateway once it listens; functions reach the state store there.
-    pub gateway_url: std::sync::OnceLock<String>,
     /// Client for `http` functions and callbacks (no proxy, pooled connections).
     pub client: reqwest::Client,
     pub admin_token: String,
@@ -102,7 +100,6 @@ impl Core {
             state,
             flows,
             flow_journal,
-            gateway_url: std::sync::OnceLock::new(),
             client,
             admin_token,
         }))
@@ -164,7 +161,6 @@ impl Core {
         let addr = self.config.gateway_addr;
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoreError::Listen(addr, e))?;
         let local_addr = listener.local_addr().map_err(|e| CoreError::Listen(addr, e))?;
-        let _ = self.gateway_url.set(format!("http://{local_addr}"));
         let _ = self.functions.state_url.set(format!("http://{local_addr}/state"));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = async_queue::spawn_workers(self.clone(), shutdown_rx.clone());

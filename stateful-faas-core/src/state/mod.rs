@@ -204,10 +204,6 @@ impl StateStore {
         Self { config, clock, tenants: RwLock::new(HashMap::new()), used: AtomicU64::new(0) }
     }
 
-    pub fn config(&self) -> &StateConfig {
-        &self.config
-    }
-
     fn tenant(&self, tenant: &TenantId) -> Arc<Mutex<TenantState>> {
         if let Some(state) = self.tenants.read().unwrap().get(tenant) {
             return state.clone();
