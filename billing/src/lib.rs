@@ -1,4 +1,870 @@
-//! Billing: usage extraction from metered telemetry, rate cards, exact decimal rating,
-//! invoices per period, and exports. It reads the collector's telemetry store.
+//! Billing: usage extraction, rate cards, rating, invoices, periods and exports
+//! (DESIGN.md §3, §4, §6).
 //!
-//! Not built yet (issue 5).
+//! The data path: the collector stores metered spans → [`Billing::run`] turns the spans that
+//! arrived since its watermark into usage records (one per invocation or state interval, never
+//! two) and adds them to running totals → invoices are priced from the totals (graduated tiers
+//! depend only on a total, so the cost of a run grows with new usage, not with history) → once
+//! a period and its grace window are over, its invoices become final and immutable; usage that
+//! arrives later is billed on the next invoice as an adjustment line naming its period.
+//!
+//! Money is [`Decimal`]; per-invocation costs keep full precision ([`Billing::invocation_costs`]);
+//! each invoice line is rounded once, half to even, and the total is the sum of the lines.
+
+pub mod api;
+pub mod db;
+pub mod events;
+pub mod invoice;
+pub mod period;
+pub mod plans;
+pub mod reconcile;
+pub mod usage;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::Row;
+
+use collector::store::TelemetryStore;
+use db::{Db, on_pool, value_groups};
+use invoice::{Group, Invoice, Status};
+use period::{Period, PeriodKind};
+use plans::{Metric, RateCard};
+use usage::{SpanFields, Totals, TotalsKey, UsageRecord};
+
+/// The rate card installed when none was applied: `examples/billing/plans.yml`.
+pub const DEFAULT_RATE_CARD: &str = include_str!("../../examples/billing/plans.yml");
+
+/// Spans read per extraction chunk (each chunk commits with its watermark).
+const CHUNK: i64 = 20_000;
+/// Rows per multi-row statement.
+const ROWS_PER_STATEMENT: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("billing database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("billing schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+type Result<T, E = BillingError> = std::result::Result<T, E>;
+
+/// What one billing run did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct RunReport {
+    /// Metered spans read since the last run.
+    pub spans_read: u64,
+    /// New usage records.
+    pub records: u64,
+    /// Of which billed on a later invoice because their period was already final.
+    pub late_records: u64,
+    /// Spans that named usage already recorded (duplicate deliveries).
+    pub duplicates: u64,
+    /// Metered spans that could not be read as usage (logged, skipped).
+    pub malformed: u64,
+    pub invoices_updated: u64,
+    pub invoices_finalized: u64,
+    /// Spans that arrived up to this time (ms since the epoch) are billed.
+    pub watermark_ms: i64,
+}
+
+/// A stored invoice.
+#[derive(Debug, Clone, Serialize)]
+pub struct InvoiceSummary {
+    pub tenant: String,
+    pub period: String,
+    pub status: String,
+    pub currency: String,
+    pub total: Decimal,
+}
+
+/// The cost of one usage record, at full precision.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RecordCost {
+    pub usage_id: String,
+    pub kind: usage::Kind,
+    pub function: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow_run: Option<String>,
+    pub trace_id: String,
+    pub span_id: String,
+    pub start_ns: i64,
+    pub usage_period: String,
+    pub plan: String,
+    pub cpu_ms: i64,
+    pub bytes_out: i64,
+    pub state_byte_seconds: Decimal,
+    pub cost: Decimal,
+}
+
+/// The billing engine over one database.
+pub struct Billing {
+    db: Db,
+    /// Spans that arrived less than this long ago are left for the next run (their commit may
+    /// still be under way).
+    settle: Duration,
+    run_lock: tokio::sync::Mutex<()>,
+}
+
+fn now_ns() -> i64 {
+    chrono::Utc::now().timestamp_nanos_opt().expect("in range")
+}
+
+impl Billing {
+    /// Billing over the telemetry store's database (its tables are created if missing).
+    pub async fn open(store: &TelemetryStore) -> Result<Self> {
+        let db = Db::open(store).await?;
+        let billing = Self { db, settle: Duration::from_secs(5), run_lock: tokio::sync::Mutex::new(()) };
+        if billing.setting("rate_card").await?.is_none() {
+            billing.apply_rate_card(DEFAULT_RATE_CARD).await?;
+        }
+        Ok(billing)
+    }
+
+    /// How long after arrival a span is billed (default 5 s; tests use less).
+    pub fn set_settle(&mut self, settle: Duration) {
+        self.settle = settle;
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>> {
+        let sql = self.db.sql("SELECT value FROM billing_settings WHERE key = ?");
+        Ok(on_pool!(&self.db, pool => sqlx::query_scalar(sql).bind(key).fetch_optional(pool).await?))
+    }
+
+    async fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        let sql = self.db.sql(
+            "INSERT INTO billing_settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        );
+        on_pool!(&self.db, pool => sqlx::query(sql).bind(key).bind(value).execute(pool).await?.rows_affected());
+        Ok(())
+    }
+
+    /// The rate card in force.
+    pub async fn rate_card(&self) -> Result<RateCard> {
+        let text = self.setting("rate_card").await?.ok_or_else(|| BillingError::NotFound("rate card".into()))?;
+        serde_json::from_str(&text).map_err(|e| BillingError::Invalid(format!("stored rate card: {e}")))
+    }
+
+    /// Replaces the rate card (YAML or JSON). Plans that tenants use must stay; the period
+    /// length cannot change once usage exists.
+    pub async fn apply_rate_card(&self, text: &str) -> Result<RateCard> {
+        let card = RateCard::parse(text).map_err(BillingError::Invalid)?;
+        if let Some(old) = self.setting("rate_card").await? {
+            let old: RateCard = serde_json::from_str(&old).map_err(|e| BillingError::Invalid(e.to_string()))?;
+            let sql = self.db.sql("SELECT COUNT(*) FROM usage_records");
+            let records: i64 = on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?);
+            if records > 0 && old.period != card.period {
+                return Err(BillingError::Invalid(format!(
+                    "the billing period cannot change from {:?} to {:?} once usage is recorded",
+                    old.period, card.period
+                )));
+            }
+            if records > 0 && old.currency() != card.currency() {
+                return Err(BillingError::Invalid(format!(
+                    "the currency cannot change from {} to {} once usage is recorded",
+                    old.currency(),
+                    card.currency()
+                )));
+            }
+            let sql = self.db.sql("SELECT DISTINCT plan FROM tenant_plans");
+            let used: Vec<String> = on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_all(pool).await?);
+            let missing: Vec<_> = used.iter().filter(|p| !card.plans.contains_key(*p)).collect();
+            if !missing.is_empty() {
+                return Err(BillingError::Invalid(format!("plans {missing:?} are assigned to tenants and must stay")));
+            }
+        }
+        self.set_setting("rate_card", &serde_json::to_string(&card).expect("json")).await?;
+        Ok(card)
+    }
+
+    /// Every plan assignment: tenant → [(effective from, ns; plan)].
+    pub async fn plan_assignments(&self) -> Result<BTreeMap<String, Vec<(i64, String)>>> {
+        let sql =
+            self.db.sql("SELECT tenant, effective_from_ns, plan FROM tenant_plans ORDER BY tenant, effective_from_ns");
+        let rows: Vec<(String, i64, String)> = on_pool!(&self.db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
+        let mut out: BTreeMap<String, Vec<(i64, String)>> = BTreeMap::new();
+        for (tenant, from, plan) in rows {
+            out.entry(tenant).or_default().push((from, plan));
+        }
+        Ok(out)
+    }
+
+    /// Puts a tenant on a plan from `from_ns` (default now). Usage already rated is never
+    /// re-rated: the change cannot take effect before usage the tenant already has.
+    pub async fn assign_plan(&self, tenant: &str, plan: &str, from_ns: Option<i64>) -> Result<i64> {
+        let card = self.rate_card().await?;
+        if !card.plans.contains_key(plan) {
+            let known: Vec<_> = card.plans.keys().collect();
+            return Err(BillingError::Invalid(format!("no plan {plan:?} in the rate card (plans: {known:?})")));
+        }
+        let from = from_ns.unwrap_or_else(now_ns);
+        let sql = self.db.sql("SELECT MAX(start_ns) FROM usage_records WHERE tenant = ?");
+        let latest: Option<i64> =
+            on_pool!(&self.db, pool => sqlx::query_scalar(sql).bind(tenant).fetch_one(pool).await?);
+        if let Some(latest) = latest
+            && latest >= from
+        {
+            return Err(BillingError::Invalid(format!(
+                "tenant {tenant:?} has usage rated up to {}; a plan change takes effect after it (now or later)",
+                period::rfc3339(latest)
+            )));
+        }
+        let sql = self.db.sql(
+            "INSERT INTO tenant_plans (tenant, effective_from_ns, plan) VALUES (?, ?, ?) \
+             ON CONFLICT (tenant, effective_from_ns) DO UPDATE SET plan = excluded.plan",
+        );
+        on_pool!(&self.db, pool => sqlx::query(sql).bind(tenant).bind(from).bind(plan).execute(pool).await?.rows_affected());
+        Ok(from)
+    }
+
+    /// The last period that is final (periods up to it are immutable).
+    async fn finalized_through(&self, kind: PeriodKind) -> Result<Option<Period>> {
+        match self.setting("finalized_through").await? {
+            Some(key) => Ok(Some(Period::parse(kind, &key).map_err(BillingError::Invalid)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Bills what arrived since the last run, refreshes the draft invoices it touched, and
+    /// finalizes periods whose grace window is over as of `now_ns` (default: now).
+    pub async fn run(&self, now: Option<i64>) -> Result<RunReport> {
+        let _running = self.run_lock.lock().await;
+        let card = self.rate_card().await?;
+        let real_now = now_ns();
+        let now = now.unwrap_or(real_now);
+        let upto_ms = (now.min(real_now) / 1_000_000) - self.settle.as_millis() as i64 - 1;
+        let mut report = RunReport::default();
+        let mut touched: HashSet<(String, String)> = HashSet::new();
+        let mut watermark: i64 = self.setting("watermark_ms").await?.and_then(|w| w.parse().ok()).unwrap_or(i64::MIN);
+        let final_through = self.finalized_through(card.period).await?;
+        let mut assignments = self.plan_assignments().await?;
+        while watermark < upto_ms {
+            let chunk_end = self.chunk_end(watermark, upto_ms).await?;
+            let spans = self.metered_spans(watermark, chunk_end).await?;
+            report.spans_read += spans.len() as u64;
+            let mut records: HashMap<(String, String), UsageRecord> = HashMap::new();
+            for span in &spans {
+                match usage::from_span(span) {
+                    Ok(Some(mut record)) => {
+                        let plans = assignments.entry(record.tenant.clone()).or_default();
+                        if plans.is_empty() {
+                            plans.push((0, card.default_plan.clone()));
+                            self.pin_default_plan(&record.tenant, &card.default_plan).await?;
+                        }
+                        place(&mut record, card.period, plans, final_through);
+                        let key = (record.tenant.clone(), record.usage_id.clone());
+                        match records.entry(key) {
+                            std::collections::hash_map::Entry::Occupied(_) => report.duplicates += 1,
+                            std::collections::hash_map::Entry::Vacant(slot) => {
+                                slot.insert(record);
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        report.malformed += 1;
+                        tracing::warn!(%error, "metered span skipped");
+                    }
+                }
+            }
+            let mut records: Vec<UsageRecord> = records.into_values().collect();
+            records.sort_by(|a, b| (&a.tenant, &a.usage_id).cmp(&(&b.tenant, &b.usage_id)));
+            let inserted = self.store_records(&records, chunk_end).await?;
+            report.duplicates += (records.len() - inserted.len()) as u64;
+            report.records += inserted.len() as u64;
+            report.late_records += inserted.iter().filter(|r| r.period != r.billed_period).count() as u64;
+            touched.extend(inserted.iter().map(|r| (r.tenant.clone(), r.billed_period.clone())));
+            watermark = chunk_end;
+        }
+        report.watermark_ms = watermark;
+        // Finalize every period whose grace window is over.
+        let grace = i64::from(card.grace_hours) * 3_600_000_000_000;
+        let mut due = final_through;
+        let mut candidate = match final_through {
+            Some(p) => p.next(),
+            None => self.first_period(card.period).await?.unwrap_or(Period::containing(card.period, now)),
+        };
+        while candidate.end_ns() + grace <= now {
+            due = Some(candidate);
+            candidate = candidate.next();
+        }
+        for (tenant, period) in touched {
+            let period = Period::parse(card.period, &period).map_err(BillingError::Invalid)?;
+            self.price_invoice(&card, &tenant, period, Status::Draft).await?;
+            report.invoices_updated += 1;
+        }
+        if let Some(due) = due
+            && Some(due) != final_through
+        {
+            report.invoices_finalized = self.finalize_through(&card, due).await?;
+        }
+        Ok(report)
+    }
+
+    /// Makes every invoice up to and including `period` final (an operator closing a period
+    /// before its grace window ends). The period must be over.
+    pub async fn finalize(&self, period: &str) -> Result<u64> {
+        let _running = self.run_lock.lock().await;
+        let card = self.rate_card().await?;
+        let period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
+        if period.end_ns() > now_ns() {
+            return Err(BillingError::Invalid(format!("period {period} is not over yet (it ends {})", period.end())));
+        }
+        if self.finalized_through(card.period).await?.is_some_and(|f| f >= period) {
+            return Ok(0);
+        }
+        self.finalize_through(&card, period).await
+    }
+
+    async fn finalize_through(&self, card: &RateCard, through: Period) -> Result<u64> {
+        let sql = self.db.sql("SELECT tenant, period FROM invoices WHERE status = 'draft' AND period <= ?");
+        let drafts: Vec<(String, String)> =
+            on_pool!(&self.db, pool => sqlx::query_as(sql).bind(through.key()).fetch_all(pool).await?);
+        for (tenant, period) in &drafts {
+            let period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
+            self.price_invoice(card, tenant, period, Status::Final).await?;
+        }
+        self.set_setting("finalized_through", &through.key()).await?;
+        tracing::info!(through = %through, invoices = drafts.len(), "billing periods finalized");
+        Ok(drafts.len() as u64)
+    }
+
+    async fn first_period(&self, kind: PeriodKind) -> Result<Option<Period>> {
+        let sql = self.db.sql("SELECT MIN(period) FROM usage_records");
+        let first: Option<String> = on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?);
+        first.map(|p| Period::parse(kind, &p).map_err(BillingError::Invalid)).transpose()
+    }
+
+    async fn pin_default_plan(&self, tenant: &str, plan: &str) -> Result<()> {
+        let sql = self
+            .db
+            .sql("INSERT INTO tenant_plans (tenant, effective_from_ns, plan) VALUES (?, 0, ?) ON CONFLICT DO NOTHING");
+        on_pool!(&self.db, pool => sqlx::query(sql).bind(tenant).bind(plan).execute(pool).await?.rows_affected());
+        Ok(())
+    }
+
+    /// The end of the next extraction chunk: about [`CHUNK`] spans after `watermark`, never
+    /// splitting one millisecond.
+    async fn chunk_end(&self, watermark: i64, upto: i64) -> Result<i64> {
+        let sql = self.db.sql(
+            "SELECT received_ms FROM spans WHERE metered = 1 AND received_ms > ? AND received_ms <= ? \
+             ORDER BY received_ms LIMIT 1 OFFSET ?",
+        );
+        let next: Option<i64> = on_pool!(&self.db, pool => sqlx::query_scalar(sql)
+            .bind(watermark).bind(upto).bind(CHUNK).fetch_optional(pool).await?);
+        Ok(next.unwrap_or(upto))
+    }
+
+    async fn metered_spans(&self, after_ms: i64, upto_ms: i64) -> Result<Vec<SpanFields>> {
+        let sql = self.db.sql(
+            "SELECT tenant, trace_id, span_id, name, start_ns, end_ns, attributes, received_ms FROM spans \
+             WHERE metered = 1 AND received_ms > ? AND received_ms <= ? AND (name LIKE 'invoke %' OR name = 'state.usage')",
+        );
+        Ok(on_pool!(&self.db, pool => {
+            let rows = sqlx::query(sql).bind(after_ms).bind(upto_ms).fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(SpanFields {
+                        tenant: row.try_get("tenant")?,
+                        trace_id: row.try_get("trace_id")?,
+                        span_id: row.try_get("span_id")?,
+                        name: row.try_get("name")?,
+                        start_ns: row.try_get("start_ns")?,
+                        end_ns: row.try_get("end_ns")?,
+                        attributes: row.try_get("attributes")?,
+                        received_ms: row.try_get("received_ms")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()?
+        }))
+    }
+
+    /// Inserts records (once each), adds the new ones to the totals and moves the watermark,
+    /// in one transaction. Returns the records that were new.
+    async fn store_records(&self, records: &[UsageRecord], watermark_ms: i64) -> Result<Vec<UsageRecord>> {
+        let insert_head = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, span_id, \
+             start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, \
+             period, billed_period, plan, received_ms) VALUES ";
+        let mut new_keys: HashSet<(String, String)> = HashSet::new();
+        let watermark_sql = self.db.sql(
+            "INSERT INTO billing_settings (key, value) VALUES ('watermark_ms', ?) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        );
+        on_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            for chunk in records.chunks(ROWS_PER_STATEMENT) {
+                let sql = self.db.sql(&format!(
+                    "{insert_head}{} ON CONFLICT (tenant, usage_id) DO NOTHING RETURNING tenant, usage_id",
+                    value_groups(chunk.len(), 20)
+                ));
+                let mut query = sqlx::query_as::<_, (String, String)>(sql);
+                for r in chunk {
+                    query = query
+                        .bind(&r.tenant).bind(&r.usage_id).bind(r.kind.as_str()).bind(&r.function).bind(&r.flow_run)
+                        .bind(&r.trace_id).bind(&r.span_id).bind(r.start_ns).bind(r.end_ns).bind(r.cpu_ms)
+                        .bind(r.wall_ms).bind(r.memory_peak_bytes).bind(r.bytes_in).bind(r.bytes_out)
+                        .bind(r.status_code).bind(r.state_byte_seconds.to_string()).bind(&r.period)
+                        .bind(&r.billed_period).bind(&r.plan).bind(r.received_ms);
+                }
+                new_keys.extend(query.fetch_all(&mut *tx).await?);
+            }
+            let inserted: Vec<&UsageRecord> =
+                records.iter().filter(|r| new_keys.contains(&(r.tenant.clone(), r.usage_id.clone()))).collect();
+            let delta = usage::aggregate(inserted.iter().copied());
+            add_totals(&self.db, &mut tx, delta).await?;
+            sqlx::query(watermark_sql).bind(watermark_ms.to_string()).execute(&mut *tx).await?;
+            tx.commit().await?;
+        });
+        Ok(records.iter().filter(|r| new_keys.contains(&(r.tenant.clone(), r.usage_id.clone()))).cloned().collect())
+    }
+
+    /// Totals of one tenant's invoice, by (usage period, plan, function).
+    pub async fn totals(&self, tenant: &str, billed_period: &str) -> Result<BTreeMap<TotalsKey, Totals>> {
+        self.totals_where("tenant = ? AND billed_period = ?", &[tenant, billed_period]).await
+    }
+
+    async fn totals_where(&self, condition: &str, binds: &[&str]) -> Result<BTreeMap<TotalsKey, Totals>> {
+        let sql = self.db.sql(&format!(
+            "SELECT tenant, billed_period, period, plan, function, records, invocations, errors, cpu_ms, wall_ms, \
+             bytes_out, state_byte_seconds FROM usage_totals WHERE {condition}"
+        ));
+        on_pool!(&self.db, pool => {
+            let mut query = sqlx::query(sql);
+            for bind in binds {
+                query = query.bind(*bind);
+            }
+            let rows = query.fetch_all(pool).await?;
+            rows.iter().map(|row| Ok((
+                TotalsKey {
+                    tenant: row.try_get("tenant")?,
+                    billed_period: row.try_get("billed_period")?,
+                    period: row.try_get("period")?,
+                    plan: row.try_get("plan")?,
+                    function: row.try_get("function")?,
+                },
+                Totals {
+                    records: row.try_get("records")?,
+                    invocations: row.try_get("invocations")?,
+                    errors: row.try_get("errors")?,
+                    cpu_ms: row.try_get("cpu_ms")?,
+                    wall_ms: row.try_get("wall_ms")?,
+                    bytes_out: row.try_get("bytes_out")?,
+                    state_byte_seconds: decimal(&row.try_get::<String, _>("state_byte_seconds")?)?,
+                },
+            ))).collect()
+        })
+    }
+
+    /// Prices one invoice from the totals and stores it (a final invoice is never rewritten).
+    async fn price_invoice(&self, card: &RateCard, tenant: &str, period: Period, status: Status) -> Result<Invoice> {
+        let invoice = self.rate_invoice_with(card, tenant, period, status).await?;
+        let sql = self.db.sql(
+            "INSERT INTO invoices (tenant, period, status, currency, total, document, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant, period) DO UPDATE SET status = excluded.status, currency = excluded.currency, \
+             total = excluded.total, document = excluded.document, updated_ms = excluded.updated_ms \
+             WHERE invoices.status = 'draft'",
+        );
+        on_pool!(&self.db, pool => sqlx::query(sql)
+            .bind(tenant).bind(period.key()).bind(invoice.status.as_str()).bind(&invoice.currency)
+            .bind(invoice.total.to_string()).bind(invoice.to_json()).bind(now_ns() / 1_000_000)
+            .execute(pool).await?.rows_affected());
+        Ok(invoice)
+    }
+
+    /// Prices a tenant's invoice for a period from the usage records as they stand, without
+    /// storing it: for a final period this reproduces the stored invoice byte for byte.
+    pub async fn rate_invoice(&self, tenant: &str, period: &str) -> Result<Invoice> {
+        let card = self.rate_card().await?;
+        let period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
+        let status = if self.finalized_through(card.period).await?.is_some_and(|f| period <= f) {
+            Status::Final
+        } else {
+            Status::Draft
+        };
+        self.rate_invoice_with(&card, tenant, period, status).await
+    }
+
+    async fn rate_invoice_with(
+        &self,
+        card: &RateCard,
+        tenant: &str,
+        period: Period,
+        status: Status,
+    ) -> Result<Invoice> {
+        let groups = self.groups(card, tenant, period).await?;
+        Ok(invoice::build(tenant, &period, status, card, &groups))
+    }
+
+    /// The (usage period, plan) groups of an invoice, with what earlier invoices billed of the
+    /// same groups (where late usage sits in the tiers) and the plan's share of the period.
+    async fn groups(&self, card: &RateCard, tenant: &str, period: Period) -> Result<BTreeMap<(String, String), Group>> {
+        let key = period.key();
+        let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
+        for (k, totals) in self.totals(tenant, &key).await? {
+            groups.entry((k.period, k.plan)).or_default().totals.add(&totals);
+        }
+        let assignments = self.plan_assignments().await?.remove(tenant).unwrap_or_default();
+        let usage_periods: BTreeMap<String, ()> = groups.keys().map(|(p, _)| (p.clone(), ())).collect();
+        for usage_period in usage_periods.keys() {
+            if *usage_period != key {
+                for (k, totals) in self
+                    .totals_where("tenant = ? AND period = ? AND billed_period < ?", &[tenant, usage_period, &key])
+                    .await?
+                {
+                    if let Some(group) = groups.get_mut(&(k.period, k.plan)) {
+                        group.billed_before.add(&totals);
+                    }
+                }
+            }
+        }
+        for ((usage_period, plan), group) in groups.iter_mut() {
+            let usage_period = Period::parse(card.period, usage_period).map_err(BillingError::Invalid)?;
+            group.share = share(&assignments, &card.default_plan, plan, usage_period);
+        }
+        Ok(groups)
+    }
+
+    /// A stored invoice: its JSON document and status.
+    pub async fn invoice(&self, tenant: &str, period: &str) -> Result<Invoice> {
+        let sql = self.db.sql("SELECT document FROM invoices WHERE tenant = ? AND period = ?");
+        let document: Option<String> =
+            on_pool!(&self.db, pool => sqlx::query_scalar(sql).bind(tenant).bind(period).fetch_optional(pool).await?);
+        let document = document.ok_or_else(|| BillingError::NotFound(format!("invoice of {tenant} for {period}")))?;
+        serde_json::from_str(&document).map_err(|e| BillingError::Invalid(format!("stored invoice: {e}")))
+    }
+
+    /// The stored JSON of an invoice, byte for byte.
+    pub async fn invoice_document(&self, tenant: &str, period: &str) -> Result<String> {
+        let sql = self.db.sql("SELECT document FROM invoices WHERE tenant = ? AND period = ?");
+        let document: Option<String> =
+            on_pool!(&self.db, pool => sqlx::query_scalar(sql).bind(tenant).bind(period).fetch_optional(pool).await?);
+        document.ok_or_else(|| BillingError::NotFound(format!("invoice of {tenant} for {period}")))
+    }
+
+    /// Invoices, of one tenant or all.
+    pub async fn invoices(&self, tenant: Option<&str>) -> Result<Vec<InvoiceSummary>> {
+        let sql = self.db.sql(
+            "SELECT tenant, period, status, currency, total FROM invoices WHERE (? IS NULL OR tenant = ?) \
+             ORDER BY period DESC, tenant",
+        );
+        let rows: Vec<(String, String, String, String, String)> =
+            on_pool!(&self.db, pool => sqlx::query_as(sql).bind(tenant).bind(tenant).fetch_all(pool).await?);
+        rows.into_iter()
+            .map(|(tenant, period, status, currency, total)| {
+                Ok(InvoiceSummary { tenant, period, status, currency, total: decimal(&total)? })
+            })
+            .collect()
+    }
+
+    /// The cost of every usage record billed on a tenant's invoice for `period`, at full
+    /// precision. Within a (usage period, plan) group, records are priced in time order
+    /// (start, then id): record i costs `charge(before + q₁…qᵢ) − charge(before + q₁…qᵢ₋₁)`
+    /// per metric, so the costs of a line's records add up to its exact amount, and free
+    /// allowances and cheaper tiers go to the period's first usage.
+    pub async fn invocation_costs(&self, tenant: &str, period: &str) -> Result<Vec<RecordCost>> {
+        let card = self.rate_card().await?;
+        let invoice_period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
+        let groups = self.groups(&card, tenant, invoice_period).await?;
+        let mut out = Vec::new();
+        for ((usage_period, plan_name), group) in &groups {
+            let Some(plan) = card.plans.get(plan_name) else { continue };
+            let sql = self.db.sql(
+                "SELECT usage_id, kind, function, flow_run, trace_id, span_id, start_ns, cpu_ms, bytes_out, status_code, \
+                 state_byte_seconds FROM usage_records WHERE tenant = ? AND billed_period = ? AND period = ? AND plan = ? \
+                 ORDER BY start_ns, usage_id",
+            );
+            let rows = on_pool!(&self.db, pool => {
+                let rows = sqlx::query(sql).bind(tenant).bind(period).bind(usage_period).bind(plan_name).fetch_all(pool).await?;
+                rows.iter().map(|row| {
+                    let kind: String = row.try_get("kind")?;
+                    Ok(RecordCost {
+                        usage_id: row.try_get("usage_id")?,
+                        kind: if kind == "state" { usage::Kind::State } else { usage::Kind::Invocation },
+                        function: row.try_get("function")?,
+                        flow_run: row.try_get("flow_run")?,
+                        trace_id: row.try_get("trace_id")?,
+                        span_id: row.try_get("span_id")?,
+                        start_ns: row.try_get("start_ns")?,
+                        usage_period: usage_period.clone(),
+                        plan: plan_name.clone(),
+                        cpu_ms: row.try_get("cpu_ms")?,
+                        bytes_out: row.try_get("bytes_out")?,
+                        state_byte_seconds: decimal(&row.try_get::<String, _>("state_byte_seconds")?)?,
+                        cost: Decimal::ZERO,
+                    })
+                }).collect::<Result<Vec<_>, sqlx::Error>>()?
+            });
+            let mut cumulative: HashMap<Metric, Decimal> = HashMap::new();
+            for mut record in rows {
+                let mut totals = Totals::default();
+                if record.kind == usage::Kind::Invocation {
+                    totals.invocations = 1;
+                }
+                totals.cpu_ms = record.cpu_ms;
+                totals.bytes_out = record.bytes_out;
+                totals.state_byte_seconds = record.state_byte_seconds;
+                for (metric, price) in &plan.prices {
+                    let quantity = price.in_unit(*metric, totals.quantity(*metric));
+                    if quantity.is_zero() {
+                        continue;
+                    }
+                    let so_far = cumulative
+                        .entry(*metric)
+                        .or_insert_with(|| price.in_unit(*metric, group.billed_before.quantity(*metric)));
+                    record.cost += price.charge(*so_far + quantity, group.share) - price.charge(*so_far, group.share);
+                    *so_far += quantity;
+                }
+                record.cost = record.cost.normalize();
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Usage records of a tenant's period (for exports), in time order.
+    pub async fn records(&self, tenant: &str, period: &str) -> Result<Vec<UsageRecord>> {
+        let sql = self.db.sql(
+            "SELECT tenant, usage_id, kind, function, flow_run, trace_id, span_id, start_ns, end_ns, cpu_ms, wall_ms, \
+             memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, period, billed_period, plan, \
+             received_ms FROM usage_records WHERE tenant = ? AND period = ? ORDER BY start_ns, usage_id",
+        );
+        on_pool!(&self.db, pool => {
+            let rows = sqlx::query(sql).bind(tenant).bind(period).fetch_all(pool).await?;
+            rows.iter().map(|row| {
+                let kind: String = row.try_get("kind")?;
+                Ok(UsageRecord {
+                    tenant: row.try_get("tenant")?,
+                    usage_id: row.try_get("usage_id")?,
+                    kind: if kind == "state" { usage::Kind::State } else { usage::Kind::Invocation },
+                    function: row.try_get("function")?,
+                    flow_run: row.try_get("flow_run")?,
+                    trace_id: row.try_get("trace_id")?,
+                    span_id: row.try_get("span_id")?,
+                    start_ns: row.try_get("start_ns")?,
+                    end_ns: row.try_get("end_ns")?,
+                    cpu_ms: row.try_get("cpu_ms")?,
+                    wall_ms: row.try_get("wall_ms")?,
+                    memory_peak_bytes: row.try_get("memory_peak_bytes")?,
+                    bytes_in: row.try_get("bytes_in")?,
+                    bytes_out: row.try_get("bytes_out")?,
+                    status_code: row.try_get("status_code")?,
+                    state_byte_seconds: decimal(&row.try_get::<String, _>("state_byte_seconds")?)?,
+                    period: row.try_get("period")?,
+                    billed_period: row.try_get("billed_period")?,
+                    plan: row.try_get("plan")?,
+                    received_ms: row.try_get("received_ms")?,
+                })
+            }).collect::<Result<Vec<_>>>()
+        })
+    }
+
+    /// Usage of a tenant's period (whatever invoice it is billed on), by function.
+    pub async fn usage_by_function(&self, tenant: &str, period: &str) -> Result<BTreeMap<String, Totals>> {
+        let mut out: BTreeMap<String, Totals> = BTreeMap::new();
+        for (key, totals) in self.totals_where("tenant = ? AND period = ?", &[tenant, period]).await? {
+            out.entry(key.function).or_default().add(&totals);
+        }
+        Ok(out)
+    }
+
+    /// Tenants with usage or a plan.
+    pub async fn tenants(&self) -> Result<Vec<String>> {
+        let sql = "SELECT tenant FROM tenant_plans UNION SELECT tenant FROM usage_totals ORDER BY 1";
+        Ok(on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_all(pool).await?))
+    }
+
+    /// Rebuilds every running total from the usage records (a full rating run; the normal
+    /// path is incremental) and re-prices the draft invoices.
+    pub async fn rebuild(&self) -> Result<u64> {
+        let _running = self.run_lock.lock().await;
+        let card = self.rate_card().await?;
+        let sql = "SELECT tenant, billed_period, period, plan, function, COUNT(*) AS records, \
+             CAST(SUM(CASE WHEN kind = 'invocation' THEN 1 ELSE 0 END) AS BIGINT) AS invocations, \
+             CAST(SUM(CASE WHEN kind = 'invocation' AND status_code >= 500 THEN 1 ELSE 0 END) AS BIGINT) AS errors, \
+             CAST(SUM(cpu_ms) AS BIGINT) AS cpu_ms, CAST(SUM(wall_ms) AS BIGINT) AS wall_ms, \
+             CAST(SUM(bytes_out) AS BIGINT) AS bytes_out FROM usage_records \
+             GROUP BY tenant, billed_period, period, plan, function";
+        let state_sql = "SELECT tenant, billed_period, period, plan, function, state_byte_seconds FROM usage_records \
+             WHERE kind = 'state'";
+        let mut totals: HashMap<TotalsKey, Totals> = HashMap::new();
+        on_pool!(&self.db, pool => {
+            for row in sqlx::query(sql).fetch_all(pool).await? {
+                let key = totals_key(&row)?;
+                totals.insert(key, Totals {
+                    records: row.try_get("records")?,
+                    invocations: row.try_get("invocations")?,
+                    errors: row.try_get("errors")?,
+                    cpu_ms: row.try_get("cpu_ms")?,
+                    wall_ms: row.try_get("wall_ms")?,
+                    bytes_out: row.try_get("bytes_out")?,
+                    state_byte_seconds: Decimal::ZERO,
+                });
+            }
+            for row in sqlx::query(state_sql).fetch_all(pool).await? {
+                let key = totals_key(&row)?;
+                let value = decimal(&row.try_get::<String, _>("state_byte_seconds")?)?;
+                totals.entry(key).or_default().state_byte_seconds += value;
+            }
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM usage_totals").execute(&mut *tx).await?;
+            add_totals(&self.db, &mut tx, totals).await?;
+            tx.commit().await?;
+        });
+        let sql = self.db.sql("SELECT tenant, period FROM invoices WHERE status = 'draft'");
+        let drafts: Vec<(String, String)> = on_pool!(&self.db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
+        for (tenant, period) in &drafts {
+            let period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
+            self.price_invoice(&card, tenant, period, Status::Draft).await?;
+        }
+        Ok(drafts.len() as u64)
+    }
+}
+
+fn totals_key<R: Row>(row: &R) -> Result<TotalsKey, sqlx::Error>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    Ok(TotalsKey {
+        tenant: row.try_get("tenant")?,
+        billed_period: row.try_get("billed_period")?,
+        period: row.try_get("period")?,
+        plan: row.try_get("plan")?,
+        function: row.try_get("function")?,
+    })
+}
+
+/// Adds sums to the totals rows (read, add, write back), inside the caller's transaction.
+async fn add_totals<DB>(db: &Db, tx: &mut sqlx::Transaction<'_, DB>, delta: HashMap<TotalsKey, Totals>) -> Result<()>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q str: sqlx::ColumnIndex<DB::Row>,
+{
+    if delta.is_empty() {
+        return Ok(());
+    }
+    let mut merged: BTreeMap<TotalsKey, Totals> = BTreeMap::new();
+    let invoices: HashSet<(String, String)> =
+        delta.keys().map(|k| (k.tenant.clone(), k.billed_period.clone())).collect();
+    for (tenant, billed_period) in invoices {
+        let sql = db.sql(
+            "SELECT period, plan, function, records, invocations, errors, cpu_ms, wall_ms, bytes_out, state_byte_seconds \
+             FROM usage_totals WHERE tenant = ? AND billed_period = ?",
+        );
+        let rows = sqlx::query(sql).bind(tenant.clone()).bind(billed_period.clone()).fetch_all(&mut **tx).await?;
+        for row in rows {
+            let key = TotalsKey {
+                tenant: tenant.clone(),
+                billed_period: billed_period.clone(),
+                period: row.try_get("period")?,
+                plan: row.try_get("plan")?,
+                function: row.try_get("function")?,
+            };
+            if delta.contains_key(&key) {
+                let existing = Totals {
+                    records: row.try_get("records")?,
+                    invocations: row.try_get("invocations")?,
+                    errors: row.try_get("errors")?,
+                    cpu_ms: row.try_get("cpu_ms")?,
+                    wall_ms: row.try_get("wall_ms")?,
+                    bytes_out: row.try_get("bytes_out")?,
+                    state_byte_seconds: decimal(&row.try_get::<String, _>("state_byte_seconds")?)?,
+                };
+                merged.insert(key, existing);
+            }
+        }
+    }
+    for (key, totals) in delta {
+        merged.entry(key).or_default().add(&totals);
+    }
+    let rows: Vec<_> = merged.into_iter().collect();
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let sql = db.sql(&format!(
+            "INSERT INTO usage_totals (tenant, billed_period, period, plan, function, records, invocations, errors, \
+             cpu_ms, wall_ms, bytes_out, state_byte_seconds) VALUES {} \
+             ON CONFLICT (tenant, billed_period, period, plan, function) DO UPDATE SET records = excluded.records, \
+             invocations = excluded.invocations, errors = excluded.errors, cpu_ms = excluded.cpu_ms, \
+             wall_ms = excluded.wall_ms, bytes_out = excluded.bytes_out, state_byte_seconds = excluded.state_byte_seconds",
+            value_groups(chunk.len(), 12)
+        ));
+        let mut query = sqlx::query(sql);
+        for (k, t) in chunk {
+            query = query
+                .bind(k.tenant.clone())
+                .bind(k.billed_period.clone())
+                .bind(k.period.clone())
+                .bind(k.plan.clone())
+                .bind(k.function.clone())
+                .bind(t.records)
+                .bind(t.invocations)
+                .bind(t.errors)
+                .bind(t.cpu_ms)
+                .bind(t.wall_ms)
+                .bind(t.bytes_out)
+                .bind(t.state_byte_seconds.to_string());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+fn decimal(text: &str) -> Result<Decimal, sqlx::Error> {
+    text.parse().map_err(|e| sqlx::Error::Decode(format!("{text:?} is not a decimal: {e}").into()))
+}
+
+/// Sets a record's period, plan (the tenant's at its start) and the invoice it is billed on
+/// (its own period's, or the first period after the last final one when it arrived late).
+fn place(record: &mut UsageRecord, kind: PeriodKind, plans: &[(i64, String)], final_through: Option<Period>) {
+    let period = Period::containing(kind, record.start_ns);
+    record.period = period.key();
+    record.plan = plans
+        .iter()
+        .rev()
+        .find(|(from, _)| *from <= record.start_ns)
+        .map_or_else(|| plans.first().map(|(_, p)| p.clone()).unwrap_or_default(), |(_, plan)| plan.clone());
+    record.billed_period = match final_through {
+        Some(last) if period <= last => last.next().key(),
+        _ => period.key(),
+    };
+}
+
+/// The share of `period` during which `plan` was the tenant's plan (1 for all of it).
+fn share(assignments: &[(i64, String)], default_plan: &str, plan: &str, period: Period) -> Decimal {
+    let (start, end) = (period.start_ns(), period.end_ns());
+    let mut covered: i128 = 0;
+    let mut segments: Vec<(i64, &str)> = Vec::new();
+    if assignments.first().is_none_or(|(from, _)| *from > i64::MIN) {
+        segments.push((i64::MIN, assignments.first().map_or(default_plan, |(_, p)| p.as_str())));
+    }
+    segments.extend(assignments.iter().map(|(from, p)| (*from, p.as_str())));
+    for (i, (from, name)) in segments.iter().enumerate() {
+        let until = segments.get(i + 1).map_or(i64::MAX, |(next, _)| *next);
+        if *name == plan {
+            let (a, b) = ((*from).max(start), until.min(end));
+            if b > a {
+                covered += i128::from(b - a);
+            }
+        }
+    }
+    let length = i128::from(end - start);
+    if covered >= length {
+        Decimal::ONE
+    } else {
+        Decimal::from_i128_with_scale(covered, 0) / Decimal::from_i128_with_scale(length, 0)
+    }
+}

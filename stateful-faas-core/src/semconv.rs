@@ -36,8 +36,22 @@ pub const SFAAS_FLOW_RUN_ID: &str = "sfaas.flow.run_id";
 pub const SFAAS_FLOW_NODE: &str = "sfaas.flow.node";
 pub const SFAAS_FLOW_ATTEMPT: &str = "sfaas.flow.attempt";
 pub const SFAAS_FLOW_STATUS: &str = "sfaas.flow.status";
-/// Exact decimal text: the run's job's byte-seconds.
+/// Exact decimal text: the run's job's byte-seconds (on `flow` spans), or one owner's
+/// byte-seconds in one usage interval (on `state.usage` spans).
 pub const SFAAS_STATE_BYTE_SECONDS: &str = "sfaas.state.byte_seconds";
+
+/// Span name of one state usage record: an owner's byte-seconds in one usage interval, the
+/// span's start and end being the interval's.
+pub const SPAN_STATE_USAGE: &str = "state.usage";
+/// Who a `state.usage` record bills: [`STATE_OWNER_STANDING`] or [`STATE_OWNER_JOB`].
+pub const SFAAS_STATE_OWNER: &str = "sfaas.state.owner";
+pub const STATE_OWNER_STANDING: &str = "standing";
+pub const STATE_OWNER_JOB: &str = "job";
+/// The job of a `state.usage` record owned by a job (a flow run's job is its run id).
+pub const SFAAS_STATE_JOB: &str = "sfaas.state.job";
+/// Unique id of a usage record within its tenant, for de-duplication:
+/// `state/standing/<start_ns>` or `state/job/<job>/<start_ns>`.
+pub const SFAAS_USAGE_ID: &str = "sfaas.usage_id";
 
 pub const METRIC_INVOCATIONS: &str = "gateway_function_invocation";
 pub const METRIC_FUNCTION_SECONDS: &str = "gateway_functions_seconds";

@@ -10,7 +10,7 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{SpanContext, TracerProvider};
+use opentelemetry::trace::{Span, SpanContext, SpanKind, Tracer, TracerProvider};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
@@ -18,6 +18,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider};
 
 use crate::semconv;
+use crate::state::{Owner, UsageInterval};
 use crate::tenant::TenantId;
 
 /// OTLP transport.
@@ -128,6 +129,40 @@ impl Telemetry {
         let tracer = provider.tracer(semconv::SERVICE_NAME);
         providers.insert(tenant.clone(), (provider, tracer.clone()));
         Some(tracer)
+    }
+
+    /// Emits one `state.usage` span per record (DESIGN.md §4, docs/decisions.md): an INTERNAL
+    /// root span whose start and end are the record's interval. Records of tenants without a
+    /// tracer (export off) are dropped.
+    pub fn emit_state_usage(&self, records: Vec<(TenantId, UsageInterval)>) {
+        let mut current: Option<(TenantId, Option<SdkTracer>)> = None;
+        for (tenant, record) in records {
+            if current.as_ref().is_none_or(|(t, _)| *t != tenant) {
+                current = Some((tenant.clone(), self.tracer(&tenant)));
+            }
+            let Some((_, Some(tracer))) = &current else { continue };
+            let mut attributes = Vec::with_capacity(5);
+            match &record.owner {
+                Owner::Standing => {
+                    attributes.push(KeyValue::new(semconv::SFAAS_STATE_OWNER, semconv::STATE_OWNER_STANDING));
+                }
+                Owner::Job(job) => {
+                    attributes.push(KeyValue::new(semconv::SFAAS_STATE_OWNER, semconv::STATE_OWNER_JOB));
+                    attributes.push(KeyValue::new(semconv::SFAAS_STATE_JOB, job.clone()));
+                }
+            }
+            attributes.push(KeyValue::new(semconv::SFAAS_STATE_BYTE_SECONDS, record.byte_seconds.to_decimal_string()));
+            attributes.push(KeyValue::new(semconv::SFAAS_USAGE_ID, record.usage_id()));
+            attributes.push(KeyValue::new(semconv::SFAAS_BILLABLE, true));
+            let at = |ns: u64| std::time::UNIX_EPOCH + Duration::from_nanos(ns);
+            let mut span = tracer
+                .span_builder(semconv::SPAN_STATE_USAGE)
+                .with_kind(SpanKind::Internal)
+                .with_start_time(at(record.start_ns))
+                .with_attributes(attributes)
+                .start_with_context(tracer, &Context::new());
+            span.end_with_timestamp(at(record.end_ns));
+        }
     }
 
     /// Flushes and stops every provider. Blocking: call from a blocking thread (DEPENDENCIES.md,

@@ -300,3 +300,90 @@ async fn a_flow_run_is_one_trace_of_flow_node_and_invoke_spans() {
         assert_eq!(bool_attr(&invoke.attributes, "sfaas.billable"), Some(true));
     }
 }
+
+/// The state store's usage reaches billing as `state.usage` spans, one per owner and interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_usage_is_reported_per_interval_as_billable_spans() {
+    let (endpoint, received) = http_receiver().await;
+    let mut core = start(|config| {
+        config.telemetry.endpoint = Some(endpoint);
+        config.telemetry.protocol = OtlpProtocol::Http;
+        config.state.usage_interval = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    let state = |path: &str| format!("{}/state{path}", core.url);
+    let r = core.http.put(state("/buckets/b/objects/k")).bearer_auth(&acme.ingest).body("x".repeat(1000)).send();
+    assert_eq!(r.await.unwrap().status(), 201);
+    let r = core.http.post(state("/jobs")).bearer_auth(&acme.ingest).json(&json!({"job": "run-1"})).send();
+    assert_eq!(r.await.unwrap().status(), 201);
+    let r = core.http.put(state("/jobs/run-1/buckets/b/objects/k")).bearer_auth(&acme.ingest).body("y").send();
+    assert_eq!(r.await.unwrap().status(), 201);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let r = core.http.delete(state("/jobs/run-1")).bearer_auth(&acme.ingest).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let usage_spans = || {
+        let requests: Vec<_> = received.lock().unwrap().iter().map(|(_, request)| request.clone()).collect();
+        spans(&requests).into_iter().filter(|(_, _, span)| span.name == "state.usage").collect::<Vec<_>>()
+    };
+    let has = |owner: &'static str| {
+        let found = usage_spans()
+            .into_iter()
+            .any(|(_, _, s)| string_attr(&s.attributes, "sfaas.state.owner").as_deref() == Some(owner));
+        async move { found.then_some(()) }
+    };
+    common::eventually(std::time::Duration::from_secs(10), || has("standing")).await.expect("a standing usage span");
+    common::eventually(std::time::Duration::from_secs(10), || has("job")).await.expect("a job usage span");
+    core.stop().await;
+
+    let spans = usage_spans();
+    let mut ids = std::collections::BTreeSet::new();
+    for (service, namespace, span) in &spans {
+        assert_eq!((service.as_str(), namespace.as_str()), ("sfaas-core", "acme"));
+        assert_eq!(span.kind, 1, "INTERNAL");
+        assert!(span.parent_span_id.is_empty(), "a root span");
+        let (start, end) = (span.start_time_unix_nano, span.end_time_unix_nano);
+        assert!(start < end && start / 1_000_000_000 == (end - 1) / 1_000_000_000, "within one interval: {span:?}");
+        let a = &span.attributes;
+        assert_eq!(bool_attr(a, "sfaas.billable"), Some(true));
+        let byte_seconds = string_attr(a, "sfaas.state.byte_seconds").unwrap();
+        let (whole, fraction) = byte_seconds.split_once('.').expect("exact decimal text");
+        assert!(whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit()) && fraction.len() == 9);
+        assert!(byte_seconds.parse::<f64>().unwrap() > 0.0, "{byte_seconds}");
+        let id = string_attr(a, "sfaas.usage_id").unwrap();
+        match string_attr(a, "sfaas.state.owner").as_deref() {
+            Some("standing") => {
+                assert_eq!(string_attr(a, "sfaas.state.job"), None);
+                assert_eq!(id, format!("state/standing/{start}"));
+            }
+            Some("job") => {
+                assert_eq!(string_attr(a, "sfaas.state.job").as_deref(), Some("run-1"));
+                assert_eq!(id, format!("state/job/run-1/{start}"));
+            }
+            other => panic!("owner {other:?}"),
+        }
+        assert!(ids.insert(id.clone()), "usage id {id} repeated");
+    }
+    // The standing object was held from its put to the shutdown, without gaps or overlaps:
+    // 1000 B over the time its records cover.
+    let mut standing: Vec<_> = spans
+        .iter()
+        .filter(|(_, _, s)| string_attr(&s.attributes, "sfaas.state.owner").as_deref() == Some("standing"))
+        .map(|(_, _, s)| {
+            (
+                s.start_time_unix_nano,
+                s.end_time_unix_nano,
+                string_attr(&s.attributes, "sfaas.state.byte_seconds").unwrap(),
+            )
+        })
+        .collect();
+    standing.sort();
+    for pair in standing.windows(2) {
+        assert_eq!(pair[0].1, pair[1].0, "contiguous records");
+    }
+    for (start, end, byte_seconds) in &standing {
+        let byte_nanos = 1000 * u128::from(end - start);
+        assert_eq!(byte_seconds, &format!("{}.{:09}", byte_nanos / 1_000_000_000, byte_nanos % 1_000_000_000));
+    }
+}

@@ -44,7 +44,12 @@ pub async fn run(operations: usize, concurrency: usize) -> anyhow::Result<String
 
 fn in_process(size: usize, count: usize) -> Vec<Row> {
     let store = StateStore::new(
-        StateConfig { max_value_bytes: 1 << 30, total_budget_bytes: 64 << 30, tenant_quota_bytes: 64 << 30 },
+        StateConfig {
+            max_value_bytes: 1 << 30,
+            total_budget_bytes: 64 << 30,
+            tenant_quota_bytes: 64 << 30,
+            ..StateConfig::default()
+        },
         Arc::new(SystemClock),
     );
     let tenant = TenantId::new("bench").expect("valid");

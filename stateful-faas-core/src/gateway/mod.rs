@@ -47,6 +47,8 @@ pub enum CoreError {
     Queue(#[from] sqlx::Error),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    StateConfig(#[from] crate::state::InvalidUsageInterval),
 }
 
 /// Everything the gateway's handlers share.
@@ -69,6 +71,7 @@ pub struct Core {
 impl Core {
     /// Opens the data directory and the database, and loads tenants and functions.
     pub async fn open(config: CoreConfig) -> Result<Arc<Self>, CoreError> {
+        config.state.validate()?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| CoreError::DataDir(config.data_dir.display().to_string(), e))?;
         let admin_token = match &config.admin_token {
@@ -186,13 +189,15 @@ impl Core {
     }
 }
 
-/// Once a second: stop idle function instances, drop expired state objects.
+/// Once a second: stop idle function instances, drop expired state objects, and report the
+/// state usage intervals closed since (one `state.usage` span each).
 async fn housekeeping(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
                 core.functions.reap_idle();
-                core.state.sweep_expired();
+                // Closing the boundaries sweeps what expired, too.
+                core.telemetry.emit_state_usage(core.state.take_usage());
             }
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
@@ -209,14 +214,15 @@ pub struct RunningCore {
 }
 
 impl RunningCore {
-    /// Stops accepting requests, lets in-flight requests and async deliveries finish, and
-    /// flushes the spans.
+    /// Stops accepting requests, lets in-flight requests and async deliveries finish, reports
+    /// the state usage up to now (the current partial interval included), and flushes the spans.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
         for task in self.tasks {
             let _ = task.await;
         }
+        self.core.telemetry.emit_state_usage(self.core.state.take_usage_final());
         let core = self.core.clone();
         let _ = tokio::task::spawn_blocking(move || core.telemetry.shutdown()).await;
         self.core.pool.close().await;

@@ -13,6 +13,29 @@
 //! Metering is exact (see [`metering`]): each job's and each tenant's byte-seconds are
 //! integrated at every change; objects that outlive their job move to the tenant's standing
 //! account at the job's end.
+//!
+//! # Usage in intervals
+//!
+//! For billing, each tenant's byte-seconds are also split into records of fixed intervals
+//! ([`StateConfig::usage_interval`], 60 s by default; boundaries are multiples of it in ns since
+//! the Unix epoch, so every UTC day and month is a whole number of intervals). Before any change
+//! to a tenant's state at `now` (every operation, and the sweeper), each boundary `b` passed
+//! since the last one is closed in order: objects expired at or before `b` are dropped (counted
+//! to their expiry), then every account (the standing account and each registered job) reports
+//! `integral(b) − already reported` as a [`UsageInterval`] ending at `b`. This is exact because
+//! nothing changed between the tenant's last change and `b`. A job's final partial interval is
+//! reported when it is deregistered, so each job's records sum to what `deregister` returned.
+//! Records never straddle a boundary, and the records of a period `[P0, P1)` sum to exactly
+//! `total(P1) − total(P0)`: a billing period gets the store's integral over that period, and
+//! nothing is counted twice. A record starts where its account last reported: the previous
+//! boundary, the tenant's first use, the job's registration, or a final report; so its
+//! [`UsageInterval::usage_id`] (owner and start) is unique per tenant, even for a job name
+//! reused within an interval or a tenant used again after a restart.
+//!
+//! Records wait in the tenant's state until drained by [`StateStore::take_usage`] (the core's
+//! housekeeping drains them every second and emits one `state.usage` span each); their number is
+//! bounded by (accounts × intervals elapsed between two drains). At shutdown,
+//! [`StateStore::take_usage_final`] also reports the current partial interval up to `now`.
 
 pub mod metering;
 
@@ -36,11 +59,42 @@ pub struct StateConfig {
     pub total_budget_bytes: u64,
     /// Value bytes one tenant may hold.
     pub tenant_quota_bytes: u64,
+    /// Length of the usage records' intervals; must be > 0 and divide a day (see
+    /// [`StateConfig::validate`]).
+    pub usage_interval: Duration,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
-        Self { max_value_bytes: 256 << 20, total_budget_bytes: 4 << 30, tenant_quota_bytes: 1 << 30 }
+        Self {
+            max_value_bytes: 256 << 20,
+            total_budget_bytes: 4 << 30,
+            tenant_quota_bytes: 1 << 30,
+            usage_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+const NANOS_PER_DAY: u128 = 86_400 * 1_000_000_000;
+
+/// A [`StateConfig`] the store cannot run with.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("state usage interval {0:?} must be longer than zero and divide a day (86400 s) exactly")]
+pub struct InvalidUsageInterval(pub Duration);
+
+impl StateConfig {
+    /// Checks that the usage interval is positive and divides a day, so that every UTC day (and
+    /// so every month) is a whole number of intervals.
+    pub fn validate(&self) -> Result<(), InvalidUsageInterval> {
+        let ns = self.usage_interval.as_nanos();
+        if ns == 0 || !NANOS_PER_DAY.is_multiple_of(ns) {
+            return Err(InvalidUsageInterval(self.usage_interval));
+        }
+        Ok(())
+    }
+
+    fn usage_interval_ns(&self) -> u64 {
+        self.usage_interval.as_nanos() as u64
     }
 }
 
@@ -127,6 +181,69 @@ pub struct TenantUsage {
     pub ended_jobs: ByteSeconds,
 }
 
+/// Who a usage record bills.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Owner {
+    /// The tenant's storage outside any registered job.
+    Standing,
+    /// A registered job (a flow run's job is named by its run id).
+    Job(String),
+}
+
+/// The byte-seconds one owner accrued in `[start_ns, end_ns)`, which lies within one usage
+/// interval: `end_ns` is the interval's end, or the instant the job was deregistered, or the
+/// final report at shutdown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageInterval {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub owner: Owner,
+    pub byte_seconds: ByteSeconds,
+}
+
+impl UsageInterval {
+    /// Unique per tenant: `state/standing/<start_ns>` or `state/job/<job>/<start_ns>` (billing
+    /// de-duplicates on it). A job name reused later starts its records later still.
+    pub fn usage_id(&self) -> String {
+        match &self.owner {
+            Owner::Standing => format!("state/standing/{}", self.start_ns),
+            Owner::Job(job) => format!("state/job/{job}/{}", self.start_ns),
+        }
+    }
+}
+
+/// What an account has reported so far: its integral up to `since`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Reported {
+    since: u64,
+    byte_nanos: u128,
+}
+
+impl Reported {
+    /// The record of `account` from `since` to `at` (None when nothing accrued); from then on,
+    /// reported up to `at`.
+    fn report(&mut self, account: &Account, at: u64, owner: impl FnOnce() -> Owner) -> Option<UsageInterval> {
+        let integral = account.integral(at).byte_nanos();
+        debug_assert!(integral >= self.byte_nanos && at >= self.since);
+        let accrued = integral - self.byte_nanos;
+        let record = (accrued > 0).then(|| UsageInterval {
+            start_ns: self.since,
+            end_ns: at,
+            owner: owner(),
+            byte_seconds: ByteSeconds::from_byte_nanos(accrued),
+        });
+        *self = Reported { since: at, byte_nanos: integral };
+        record
+    }
+}
+
+/// A registered job's account and what it has reported.
+struct Job {
+    account: Account,
+    reported: Reported,
+}
+
 struct Object {
     value: Bytes,
     persist: bool,
@@ -141,19 +258,78 @@ struct Object {
 struct TenantState {
     objects: HashMap<ObjectKey, Object>,
     expiries: BTreeSet<(u64, ObjectKey)>,
-    jobs: HashMap<String, Account>,
+    jobs: HashMap<String, Job>,
     standing: Account,
     /// Byte-seconds of jobs already deregistered.
     ended_jobs: ByteSeconds,
     bytes: u64,
+    /// What the standing account has reported.
+    standing_reported: Reported,
+    /// The instant up to which every account has reported: the last closed interval boundary,
+    /// or the time of the tenant's first use or of the last final report. `None` before first use.
+    reported_until: Option<u64>,
+    /// The latest time seen, so that a clock stepping back never runs an integral backwards.
+    latest: u64,
+    /// Records not yet drained.
+    pending: Vec<UsageInterval>,
 }
 
 impl TenantState {
     fn account(&mut self, job: &Option<String>, in_job: bool) -> &mut Account {
         match job {
-            Some(job) if in_job => self.jobs.get_mut(job).expect("objects counted in a job belong to a registered job"),
+            Some(job) if in_job => {
+                &mut self.jobs.get_mut(job).expect("objects counted in a job belong to a registered job").account
+            }
             _ => &mut self.standing,
         }
+    }
+
+    /// Brings the tenant to `now`: closes every usage interval boundary passed since the last
+    /// report (dropping what expired up to each boundary first), then drops what expired up to
+    /// `now`. Returns `now`, never earlier than a time already seen.
+    fn advance(&mut self, now: u64, interval: u64, used: &AtomicU64) -> u64 {
+        let now = now.max(self.latest);
+        self.latest = now;
+        let mut until = *self.reported_until.get_or_insert_with(|| {
+            // First use: nothing was held before, so reporting starts here (not at the
+            // interval's start, whose id a record of a previous process may already carry).
+            self.standing_reported.since = now;
+            now
+        });
+        loop {
+            let boundary = (until / interval).saturating_add(1).saturating_mul(interval);
+            if boundary > now {
+                break;
+            }
+            self.sweep(boundary, used);
+            self.report_all(boundary);
+            until = boundary;
+            if self.bytes == 0 {
+                // Nothing held: no account accrues until the next change, which is at `now` or
+                // later, so skip to the last boundary before it.
+                let last = now / interval * interval;
+                if last > until {
+                    self.report_all(last);
+                    until = last;
+                }
+            }
+        }
+        self.reported_until = Some(until);
+        self.sweep(now, used);
+        now
+    }
+
+    /// Reports every account up to `at` (no change may have happened after `at`).
+    fn report_all(&mut self, at: u64) {
+        if let Some(record) = self.standing_reported.report(&self.standing, at, || Owner::Standing) {
+            self.pending.push(record);
+        }
+        for (name, job) in &mut self.jobs {
+            if let Some(record) = job.reported.report(&job.account, at, || Owner::Job(name.clone())) {
+                self.pending.push(record);
+            }
+        }
+        self.reported_until = Some(at);
     }
 
     /// Removes an object, counting it up to `at`.
@@ -188,6 +364,7 @@ impl TenantState {
 /// The store of every tenant.
 pub struct StateStore {
     config: StateConfig,
+    interval_ns: u64,
     clock: Arc<dyn Clock>,
     tenants: RwLock<HashMap<TenantId, Arc<Mutex<TenantState>>>>,
     used: AtomicU64,
@@ -200,8 +377,17 @@ impl std::fmt::Debug for StateStore {
 }
 
 impl StateStore {
+    /// A store with no tenant yet.
+    ///
+    /// # Panics
+    ///
+    /// If the configuration is invalid ([`StateConfig::validate`]); `Core::open` checks it first.
     pub fn new(config: StateConfig, clock: Arc<dyn Clock>) -> Self {
-        Self { config, clock, tenants: RwLock::new(HashMap::new()), used: AtomicU64::new(0) }
+        if let Err(error) = config.validate() {
+            panic!("{error}");
+        }
+        let interval_ns = config.usage_interval_ns();
+        Self { config, interval_ns, clock, tenants: RwLock::new(HashMap::new()), used: AtomicU64::new(0) }
     }
 
     fn tenant(&self, tenant: &TenantId) -> Arc<Mutex<TenantState>> {
@@ -215,19 +401,36 @@ impl StateStore {
     fn with_tenant<T>(&self, tenant: &TenantId, f: impl FnOnce(&mut TenantState, u64) -> T) -> T {
         let state = self.tenant(tenant);
         let mut state = state.lock().unwrap();
-        let now = self.clock.now_ns();
-        state.sweep(now, &self.used);
+        let now = state.advance(self.clock.now_ns(), self.interval_ns, &self.used);
         f(&mut state, now)
+    }
+
+    /// Runs `f` on every tenant's state (sorted by tenant) after bringing it to now.
+    fn each_tenant<T>(&self, mut f: impl FnMut(&mut TenantState, u64) -> T) -> Vec<(TenantId, T)> {
+        let tenants: Vec<_> = self.tenants.read().unwrap().iter().map(|(t, s)| (t.clone(), s.clone())).collect();
+        let mut out: Vec<_> = tenants
+            .into_iter()
+            .map(|(tenant, state)| {
+                let mut state = state.lock().unwrap();
+                let now = state.advance(self.clock.now_ns(), self.interval_ns, &self.used);
+                (tenant, f(&mut state, now))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Registers a job.
     pub fn register(&self, tenant: &TenantId, job: &str) -> Result<(), StateError> {
         check_part("job", job)?;
-        self.with_tenant(tenant, |state, _| {
+        self.with_tenant(tenant, |state, now| {
             if state.jobs.contains_key(job) {
                 return Err(StateError::JobExists(job.to_string()));
             }
-            state.jobs.insert(job.to_string(), Account::default());
+            // Its first record starts at its registration, so that a job name reused within
+            // an interval never repeats a usage id.
+            let job_state = Job { account: Account::default(), reported: Reported { since: now, byte_nanos: 0 } };
+            state.jobs.insert(job.to_string(), job_state);
             Ok(())
         })
     }
@@ -238,7 +441,9 @@ impl StateStore {
     }
 
     /// Deregisters a job: drops its objects except persistent ones, which move to the tenant's
-    /// standing storage. Returns the job's byte-seconds.
+    /// standing storage. Returns the job's byte-seconds; its last usage record (from its last
+    /// report, a boundary or its registration, up to now) is added to the pending records, so
+    /// that its records sum to the returned figure.
     pub fn deregister(&self, tenant: &TenantId, job: &str) -> Result<ByteSeconds, StateError> {
         self.with_tenant(tenant, |state, now| {
             if !state.jobs.contains_key(job) {
@@ -257,15 +462,18 @@ impl StateStore {
                     continue;
                 }
                 let (size, since) = (object.value.len() as u64, object.counted_since);
-                state.jobs.get_mut(job).expect("checked").close(size, since, now);
+                state.jobs.get_mut(job).expect("checked").account.close(size, since, now);
                 state.standing.open(size, now);
                 let object = state.objects.get_mut(&key).expect("listed above");
                 object.in_job = false;
                 object.counted_since = now;
             }
-            let account = state.jobs.remove(job).expect("checked");
-            let total = account.integral(now);
+            let mut ended = state.jobs.remove(job).expect("checked");
+            let total = ended.account.integral(now);
             state.ended_jobs = state.ended_jobs + total;
+            if let Some(record) = ended.reported.report(&ended.account, now, || Owner::Job(job.to_string())) {
+                state.pending.push(record);
+            }
             Ok(total)
         })
     }
@@ -370,23 +578,28 @@ impl StateStore {
 
     /// Byte-seconds of one registered job so far.
     pub fn job_usage(&self, tenant: &TenantId, job: &str) -> Option<ByteSeconds> {
-        self.with_tenant(tenant, |state, now| state.jobs.get(job).map(|account| account.integral(now)))
+        self.with_tenant(tenant, |state, now| state.jobs.get(job).map(|job| job.account.integral(now)))
     }
 
     /// Every tenant's usage (for metrics), after dropping what expired.
     pub fn usage_by_tenant(&self) -> Vec<(TenantId, TenantUsage)> {
-        let tenants: Vec<_> = self.tenants.read().unwrap().iter().map(|(t, s)| (t.clone(), s.clone())).collect();
-        let mut out: Vec<_> = tenants
-            .into_iter()
-            .map(|(tenant, state)| {
-                let mut state = state.lock().unwrap();
-                let now = self.clock.now_ns();
-                state.sweep(now, &self.used);
-                (tenant, usage_of(&state, now))
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        self.each_tenant(|state, now| usage_of(state, now))
+    }
+
+    /// Drains every tenant's pending usage records, after closing the interval boundaries passed
+    /// up to now. Records come per tenant in the order they were closed.
+    pub fn take_usage(&self) -> Vec<(TenantId, UsageInterval)> {
+        flatten(self.each_tenant(|state, _| std::mem::take(&mut state.pending)))
+    }
+
+    /// Like [`StateStore::take_usage`], and also reports the current partial interval of every
+    /// account up to now (at shutdown, so that nothing held is left unreported). Reporting
+    /// resumes from now: the rest of the interval is reported at its end, never twice.
+    pub fn take_usage_final(&self) -> Vec<(TenantId, UsageInterval)> {
+        flatten(self.each_tenant(|state, now| {
+            state.report_all(now);
+            std::mem::take(&mut state.pending)
+        }))
     }
 
     /// Value bytes held by all tenants.
@@ -409,8 +622,15 @@ fn info(key: &str, object: &Object) -> ObjectInfo {
     }
 }
 
+fn flatten(per_tenant: Vec<(TenantId, Vec<UsageInterval>)>) -> Vec<(TenantId, UsageInterval)> {
+    per_tenant
+        .into_iter()
+        .flat_map(|(tenant, records)| records.into_iter().map(move |record| (tenant.clone(), record)))
+        .collect()
+}
+
 fn usage_of(state: &TenantState, now: u64) -> TenantUsage {
-    let mut jobs: Vec<_> = state.jobs.iter().map(|(job, account)| (job.clone(), account.integral(now))).collect();
+    let mut jobs: Vec<_> = state.jobs.iter().map(|(job, j)| (job.clone(), j.account.integral(now))).collect();
     jobs.sort();
     let standing = state.standing.integral(now);
     let total = standing + state.ended_jobs + jobs.iter().map(|(_, b)| *b).sum();

@@ -91,7 +91,12 @@ fn tenants_are_isolated() {
 
 #[test]
 fn quotas_and_budget_refuse_puts_and_never_evict() {
-    let config = StateConfig { max_value_bytes: 800, total_budget_bytes: 1500, tenant_quota_bytes: 1000 };
+    let config = StateConfig {
+        max_value_bytes: 800,
+        total_budget_bytes: 1500,
+        tenant_quota_bytes: 1000,
+        ..StateConfig::default()
+    };
     let (store, _) = store(config);
     let (a, b) = (acme(), TenantId::new("globex").unwrap());
     assert_eq!(
@@ -181,4 +186,244 @@ fn byte_seconds_match_a_hand_computed_integral() {
     store.put(&t, key(None, "x", "y"), bytes(10), PutOptions::default()).unwrap();
     clock.set(10 * S + 1);
     assert_eq!(store.usage(&t).total.byte_nanos(), 3900 * S as u128 + 20);
+}
+
+const I: u64 = 10 * S;
+
+fn interval_store() -> (StateStore, Arc<ManualClock>) {
+    store(StateConfig { usage_interval: Duration::from_secs(10), ..StateConfig::default() })
+}
+
+fn ttl(seconds: u64, persist: bool) -> PutOptions {
+    PutOptions { persist, ttl: Some(Duration::from_secs(seconds)) }
+}
+
+fn job_record(start: u64, end: u64, job: &str, byte_seconds: u64) -> UsageInterval {
+    UsageInterval {
+        start_ns: start * S,
+        end_ns: end * S,
+        owner: Owner::Job(job.into()),
+        byte_seconds: bs(byte_seconds),
+    }
+}
+
+fn standing_record(start: u64, end: u64, byte_seconds: u64) -> UsageInterval {
+    UsageInterval { start_ns: start * S, end_ns: end * S, owner: Owner::Standing, byte_seconds: bs(byte_seconds) }
+}
+
+/// What one run of the partition timeline produced.
+struct Timeline {
+    records: Vec<UsageInterval>,
+    /// `usage().total` read exactly at each boundary (probing runs only).
+    totals: std::collections::BTreeMap<u64, ByteSeconds>,
+    /// (job, registered at, deregistered at, what `deregister` returned).
+    jobs: Vec<(String, u64, u64, ByteSeconds)>,
+    /// `usage().total` at the end (95 s), and the records of the final report there.
+    end_total: ByteSeconds,
+    final_records: Vec<UsageInterval>,
+}
+
+/// The timeline of `usage_is_partitioned_exactly_by_interval` (I = 10 s; seconds; B = bytes).
+/// With `probe`, the usage is also read at every boundary (which closes it right there);
+/// without, boundaries are closed lazily by the next operation, several at once at the end.
+///
+/// | t  | event                                                                           |
+/// |----|---------------------------------------------------------------------------------|
+/// | 3  | first use; register a; put a/x 100 B; put a/p 10 B PERSIST; put t 1000 B TTL 14 s |
+/// | 12 | put s 50 B; register b; put b/y 20 B PERSIST                                      |
+/// | 17 | (t expires)                                                                       |
+/// | 25 | delete s                                                                          |
+/// | 27 | final report (as at a shutdown): every account reports [last, 27)                 |
+/// | 33 | deregister a (x dropped, p moves to standing); put w 3 B TTL 7 s (expires at 40)  |
+/// | 41 | put b/z 5 B PERSIST TTL 4 s (expires at 45, still in b)                           |
+/// | 47 | register a again; put a/q 7 B                                                     |
+/// | 52 | deregister a                                                                      |
+/// | 58 | deregister b (y moves to standing)                                                |
+/// | 60 | put v 2 B                                                                         |
+/// | 95 | drain (closes 70, 80 and 90), then a final report                                 |
+fn partition_timeline(probe: bool) -> Timeline {
+    let (store, clock) = interval_store();
+    let t = acme();
+    let mut out = Timeline {
+        records: Vec::new(),
+        totals: std::collections::BTreeMap::from([(0, ByteSeconds::ZERO)]),
+        jobs: Vec::new(),
+        end_total: ByteSeconds::ZERO,
+        final_records: Vec::new(),
+    };
+    let goto = |seconds: u64, out: &mut Timeline| {
+        let target = seconds * S;
+        let mut boundary = (clock.now_ns() / I + 1) * I;
+        while probe && boundary <= target {
+            clock.set(boundary);
+            out.totals.insert(boundary, store.usage(&t).total);
+            boundary += I;
+        }
+        clock.set(target);
+    };
+    let drain = |store: &StateStore, out: &mut Timeline| {
+        out.records.extend(store.take_usage().into_iter().map(|(tenant, record)| {
+            assert_eq!(tenant, acme());
+            record
+        }));
+    };
+
+    goto(3, &mut out);
+    store.register(&t, "a").unwrap();
+    store.put(&t, key(Some("a"), "b", "x"), bytes(100), PutOptions::default()).unwrap();
+    store.put(&t, key(Some("a"), "b", "p"), bytes(10), PutOptions { persist: true, ttl: None }).unwrap();
+    store.put(&t, key(None, "b", "t"), bytes(1000), ttl(14, false)).unwrap();
+    goto(12, &mut out);
+    store.put(&t, key(None, "b", "s"), bytes(50), PutOptions::default()).unwrap();
+    store.register(&t, "b").unwrap();
+    store.put(&t, key(Some("b"), "o", "y"), bytes(20), PutOptions { persist: true, ttl: None }).unwrap();
+    goto(25, &mut out);
+    store.delete(&t, &key(None, "b", "s")).unwrap();
+    goto(27, &mut out);
+    out.records.extend(store.take_usage_final().into_iter().map(|(_, record)| record));
+    goto(33, &mut out);
+    out.jobs.push(("a".into(), 3, 33, store.deregister(&t, "a").unwrap()));
+    store.put(&t, key(None, "b", "w"), bytes(3), ttl(7, false)).unwrap();
+    drain(&store, &mut out);
+    goto(41, &mut out);
+    store.put(&t, key(Some("b"), "o", "z"), bytes(5), ttl(4, true)).unwrap();
+    goto(47, &mut out);
+    store.register(&t, "a").unwrap();
+    store.put(&t, key(Some("a"), "b", "q"), bytes(7), PutOptions::default()).unwrap();
+    goto(52, &mut out);
+    out.jobs.push(("a".into(), 47, 52, store.deregister(&t, "a").unwrap()));
+    goto(58, &mut out);
+    out.jobs.push(("b".into(), 12, 58, store.deregister(&t, "b").unwrap()));
+    goto(60, &mut out);
+    store.put(&t, key(None, "b", "v"), bytes(2), PutOptions::default()).unwrap();
+    goto(95, &mut out);
+    drain(&store, &mut out);
+    out.end_total = store.usage(&t).total;
+    out.final_records = store.take_usage_final().into_iter().map(|(_, record)| record).collect();
+    assert!(store.take_usage().is_empty(), "nothing is reported twice");
+    out
+}
+
+/// Records sum, per period of whole intervals, to the store's exact integral over the period.
+///
+/// Hand-computed, the interval [10 s, 20 s): standing t 1000 B × 7 s (to its expiry at 17) +
+/// s 50 B × 8 s (from 12) = 7400; job a: (100 + 10) B × 10 s = 1100; job b: y 20 B × 8 s (from
+/// its registration at 12) = 160; together 8660 = total(20) − total(10).
+/// Job a's first run: 100 B × 30 s + 10 B × 30 s = 3300, in records [3,10) 770, [10,20) 1100,
+/// [20,27) 770, [27,30) 330 (split by the final report at 27) and [30,33) 330.
+#[test]
+fn usage_is_partitioned_exactly_by_interval() {
+    let probed = partition_timeline(true);
+    let lazy = partition_timeline(false);
+    let sorted = |records: &[UsageInterval]| {
+        let mut records = records.to_vec();
+        records.sort_by(|a, b| (a.start_ns, &a.owner).cmp(&(b.start_ns, &b.owner)));
+        records
+    };
+    // Closing a boundary late (several at once) gives the same records as closing it on time.
+    assert_eq!(sorted(&probed.records), sorted(&lazy.records));
+    assert_eq!(sorted(&probed.final_records), sorted(&lazy.final_records));
+    let records = &probed.records;
+
+    // Hand-computed records.
+    for expected in [
+        standing_record(3, 10, 7000),
+        standing_record(10, 20, 7400),
+        standing_record(20, 27, 250),
+        standing_record(30, 40, 91), // p 10 B × 7 s (from 33) + w 3 B × 7 s (expires at 40)
+        standing_record(60, 70, 320),
+        job_record(3, 10, "a", 770),
+        job_record(10, 20, "a", 1100),
+        job_record(20, 27, "a", 770),
+        job_record(27, 30, "a", 330),
+        job_record(30, 33, "a", 330),
+        job_record(12, 20, "b", 160),
+        job_record(40, 50, "b", 220), // y 20 B × 10 s + z 5 B × 4 s (expired at 45)
+        job_record(50, 58, "b", 160),
+        job_record(47, 50, "a", 21),
+        job_record(50, 52, "a", 14),
+    ] {
+        assert!(records.contains(&expected), "missing {expected:?} in {records:#?}");
+    }
+    assert!(!records.iter().any(|r| r.start_ns == 27 * S && r.owner == Owner::Standing), "nothing held then");
+    let total_of = |from: u64, to: u64| -> u128 {
+        records.iter().filter(|r| r.start_ns >= from && r.end_ns <= to).map(|r| r.byte_seconds.byte_nanos()).sum()
+    };
+    assert_eq!(total_of(10 * S, 20 * S), bs(8660).byte_nanos());
+
+    // No record straddles a boundary; each ends at a boundary, its job's end, or a final report.
+    let ends: Vec<u64> = probed.jobs.iter().map(|(_, _, end, _)| end * S).chain([27 * S]).collect();
+    for record in records {
+        assert!(record.start_ns < record.end_ns, "{record:?}");
+        assert_eq!(record.start_ns / I, (record.end_ns - 1) / I, "within one interval: {record:?}");
+        assert!(record.end_ns % I == 0 || ends.contains(&record.end_ns), "{record:?}");
+        assert!(record.byte_seconds > ByteSeconds::ZERO);
+    }
+    let mut ids: Vec<String> = records.iter().map(UsageInterval::usage_id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), records.len(), "usage ids are unique, the reused job name included");
+
+    // Every period of whole intervals gets exactly the store's integral over it.
+    let boundaries: Vec<u64> = probed.totals.keys().copied().collect();
+    assert_eq!(boundaries.len(), 10, "0 to 90 s");
+    for (i, &p0) in boundaries.iter().enumerate() {
+        for &p1 in &boundaries[i + 1..] {
+            let expected = probed.totals[&p1].byte_nanos() - probed.totals[&p0].byte_nanos();
+            assert_eq!(total_of(p0, p1), expected, "period [{p0}, {p1})");
+        }
+    }
+    assert_eq!(
+        ByteSeconds::from_byte_nanos(total_of(0, u64::MAX)),
+        probed.totals[&(90 * S)],
+        "every byte-second up to the last boundary"
+    );
+
+    // Each job's records sum to what its deregistration returned, once.
+    assert_eq!(probed.jobs.iter().map(|j| j.3).collect::<Vec<_>>(), [bs(3300), bs(35), bs(940)]);
+    for (job, registered, deregistered, returned) in &probed.jobs {
+        let sum: ByteSeconds = records
+            .iter()
+            .filter(|r| r.owner == Owner::Job(job.clone()))
+            .filter(|r| r.start_ns >= registered * S && r.end_ns <= deregistered * S)
+            .map(|r| r.byte_seconds)
+            .sum();
+        assert_eq!(sum, *returned, "job {job} from {registered} s");
+    }
+    assert!(records.iter().all(|r| r.owner != Owner::Job("b".into()) || r.end_ns <= 58 * S));
+
+    // The final report covers [90, 95): p 10 + y 20 + v 2 = 32 B × 5 s, to the exact total.
+    assert_eq!(probed.final_records, [standing_record(90, 95, 160)]);
+    assert_eq!(probed.end_total, probed.totals[&(90 * S)] + bs(160));
+}
+
+#[test]
+fn idle_tenants_skip_empty_intervals_and_report_nothing() {
+    let (store, clock) = interval_store();
+    let t = acme();
+    clock.set(5 * S);
+    store.put(&t, key(None, "b", "k"), bytes(4), PutOptions::default()).unwrap();
+    clock.set(12 * S);
+    store.delete(&t, &key(None, "b", "k")).unwrap();
+    // A year later: one record per interval that held something, none for the empty ones.
+    clock.set(365 * 86_400 * S + 3 * S);
+    store.put(&t, key(None, "b", "k"), bytes(1), PutOptions::default()).unwrap();
+    clock.set(365 * 86_400 * S + 10 * S);
+    let records: Vec<_> = store.take_usage().into_iter().map(|(_, r)| r).collect();
+    assert_eq!(
+        records,
+        [standing_record(5, 10, 20), standing_record(10, 20, 8), standing_record(365 * 86_400, 365 * 86_400 + 10, 7)]
+    );
+    assert_eq!(store.usage(&t).total, bs(35));
+}
+
+#[test]
+fn the_usage_interval_must_divide_a_day() {
+    let with = |interval: Duration| StateConfig { usage_interval: interval, ..StateConfig::default() }.validate();
+    assert!(with(Duration::from_secs(60)).is_ok());
+    assert!(with(Duration::from_millis(500)).is_ok());
+    assert!(with(Duration::from_secs(86_400)).is_ok());
+    assert_eq!(with(Duration::ZERO), Err(InvalidUsageInterval(Duration::ZERO)));
+    assert!(with(Duration::from_secs(7)).is_err());
+    assert!(with(Duration::from_secs(2 * 86_400)).is_err());
 }

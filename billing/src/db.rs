@@ -1,0 +1,77 @@
+//! The billing tables, beside the collector's telemetry in the same database (SQLite or
+//! PostgreSQL). SQL is written once with `?` placeholders; PostgreSQL gets `$n`.
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
+use sqlx::{AssertSqlSafe, SqlSafeStr};
+
+use collector::store::TelemetryStore;
+
+#[derive(Clone, Debug)]
+pub enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool `$db` holds (the body is compiled once per
+/// backend).
+macro_rules! on_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Db::Sqlite($pool) => $body,
+            $crate::db::Db::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+fn migrator(sql: &'static str) -> Migrator {
+    let migration = Migration::new(1, "billing".into(), MigrationType::Simple, sql.into_sql_str(), false);
+    let mut migrator = Migrator::with_migrations(vec![migration]);
+    migrator.dangerous_set_table_name("_sfaas_billing_migrations");
+    migrator
+}
+
+impl Db {
+    /// The billing tables in the telemetry store's database, created if missing.
+    pub async fn open(store: &TelemetryStore) -> Result<Self, sqlx::migrate::MigrateError> {
+        Ok(match store {
+            TelemetryStore::Sqlite(pool) => {
+                migrator(include_str!("../../migrations/sqlite/billing_0001_billing.sql")).run(pool).await?;
+                Db::Sqlite(pool.clone())
+            }
+            TelemetryStore::Postgres(pool) => {
+                migrator(include_str!("../../migrations/postgres/billing_0001_billing.sql")).run(pool).await?;
+                Db::Postgres(pool.clone())
+            }
+        })
+    }
+
+    /// `sql` with `?` placeholders in this backend's syntax.
+    pub fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
+        match self {
+            Db::Sqlite(_) => AssertSqlSafe(sql.to_string()),
+            Db::Postgres(_) => {
+                let mut out = String::with_capacity(sql.len() + 16);
+                let mut n = 0;
+                for c in sql.chars() {
+                    if c == '?' {
+                        n += 1;
+                        out.push('$');
+                        out.push_str(&n.to_string());
+                    } else {
+                        out.push(c);
+                    }
+                }
+                AssertSqlSafe(out)
+            }
+        }
+    }
+}
+
+/// `(?, ?, ...)` groups for a multi-row insert of `rows` rows of `columns` values.
+pub fn value_groups(rows: usize, columns: usize) -> String {
+    let group = format!("({})", vec!["?"; columns].join(", "));
+    vec![group; rows].join(", ")
+}

@@ -1,0 +1,329 @@
+//! Rate cards: plans with a currency and a decimal unit price per metric, graduated tiers,
+//! free allowances per period and an optional minimum charge (DESIGN.md §6).
+//!
+//! Prices are written as strings (`"0.0000002"`): a YAML float is inexact and is refused.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::period::PeriodKind;
+
+/// What is billed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    Invocations,
+    CpuMs,
+    StateByteSeconds,
+    BytesOut,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 4] = [Metric::Invocations, Metric::CpuMs, Metric::StateByteSeconds, Metric::BytesOut];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Invocations => "invocations",
+            Metric::CpuMs => "cpu_ms",
+            Metric::StateByteSeconds => "state_byte_seconds",
+            Metric::BytesOut => "bytes_out",
+        }
+    }
+
+    /// Units a price may be stated in, with how many raw units each holds (powers of ten
+    /// only, so that converting stays exact).
+    fn units(self) -> &'static [(&'static str, u32)] {
+        match self {
+            Metric::Invocations => &[("invocation", 0), ("1M invocations", 6)],
+            Metric::CpuMs => &[("ms", 0), ("s", 3)],
+            Metric::StateByteSeconds => &[("byte-s", 0), ("GB-s", 9)],
+            Metric::BytesOut => &[("byte", 0), ("GB", 9)],
+        }
+    }
+}
+
+/// The whole rate card, as `sfaas plan apply -f plans.yml` takes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateCard {
+    /// `month` (calendar months, UTC; the default) or `day`.
+    #[serde(default)]
+    pub period: PeriodKind,
+    /// How long an ended period's invoices stay `draft` before they become `final`.
+    #[serde(default = "default_grace_hours")]
+    pub grace_hours: u32,
+    /// The plan of tenants that were assigned none.
+    pub default_plan: String,
+    pub plans: BTreeMap<String, Plan>,
+}
+
+fn default_grace_hours() -> u32 {
+    72
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// ISO 4217 code; the minor unit (cents) decides the rounding of invoice lines.
+    pub currency: String,
+    /// Charged when the period's usage lines come to less (prorated for partial periods).
+    #[serde(default, deserialize_with = "exact_option", skip_serializing_if = "Option::is_none")]
+    pub minimum_charge: Option<Decimal>,
+    pub prices: BTreeMap<Metric, Price>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// The unit quantities, allowances and tier bounds are stated in (default: the raw unit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// Price of one unit when there are no tiers.
+    #[serde(default, deserialize_with = "exact_option", skip_serializing_if = "Option::is_none")]
+    pub unit_price: Option<Decimal>,
+    /// Graduated tiers: each unit is priced by the tier it falls in; the last has no `up_to`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<Tier>,
+    /// Units free per period, consumed first.
+    #[serde(default, deserialize_with = "exact", skip_serializing_if = "Decimal::is_zero")]
+    pub free: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    #[serde(default, deserialize_with = "exact_option", skip_serializing_if = "Option::is_none")]
+    pub up_to: Option<Decimal>,
+    #[serde(deserialize_with = "exact")]
+    pub unit_price: Decimal,
+}
+
+/// A decimal written as a string or an integer; floats are refused (they are inexact).
+fn exact<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(i64),
+        Text(String),
+        Float(f64),
+    }
+    match Raw::deserialize(deserializer)? {
+        Raw::Int(i) => Ok(Decimal::from(i)),
+        Raw::Text(text) => text
+            .trim()
+            .parse::<Decimal>()
+            .or_else(|_| Decimal::from_scientific(text.trim()))
+            .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a decimal number"))),
+        Raw::Float(f) => Err(serde::de::Error::custom(format!(
+            "{f} is a floating-point number; write money and quantities as strings, for example \"{f}\""
+        ))),
+    }
+}
+
+fn exact_option<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Decimal>, D::Error> {
+    exact(deserializer).map(Some)
+}
+
+/// Digits after the decimal point of a currency's minor unit (ISO 4217).
+pub fn minor_unit_digits(currency: &str) -> u32 {
+    match currency {
+        "BIF" | "CLP" | "DJF" | "GNF" | "ISK" | "JPY" | "KMF" | "KRW" | "PYG" | "RWF" | "UGX" | "UYI" | "VND"
+        | "VUV" | "XAF" | "XOF" | "XPF" => 0,
+        "BHD" | "IQD" | "JOD" | "KWD" | "LYD" | "OMR" | "TND" => 3,
+        _ => 2,
+    }
+}
+
+/// Rounds money to the currency's minor unit, half to even.
+pub fn round_money(amount: Decimal, currency: &str) -> Decimal {
+    amount.round_dp_with_strategy(minor_unit_digits(currency), RoundingStrategy::MidpointNearestEven)
+}
+
+/// Digits kept when prorating allowances, tier bounds and minimum charges.
+pub const PRORATE_DIGITS: u32 = 9;
+
+impl RateCard {
+    /// Parses and checks a rate card (YAML or JSON).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let card: RateCard = serde_norway::from_str(text).map_err(|e| format!("rate card: {e}"))?;
+        card.validate()?;
+        Ok(card)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.plans.is_empty() {
+            return Err("rate card: no plans".into());
+        }
+        if !self.plans.contains_key(&self.default_plan) {
+            return Err(format!("rate card: default_plan {:?} is not one of the plans", self.default_plan));
+        }
+        for (name, plan) in &self.plans {
+            let at = |what: String| format!("rate card: plan {name:?}: {what}");
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(at("plan names use letters, digits, - and _".into()));
+            }
+            if plan.currency.len() != 3 || !plan.currency.chars().all(|c| c.is_ascii_uppercase()) {
+                return Err(at(format!("currency {:?} is not an ISO 4217 code like EUR", plan.currency)));
+            }
+            if plan.minimum_charge.is_some_and(|m| m.is_sign_negative()) {
+                return Err(at("minimum_charge is negative".into()));
+            }
+            for (metric, price) in &plan.prices {
+                let at = |what: String| at(format!("{}: {what}", metric.name()));
+                if let Some(unit) = &price.unit
+                    && !metric.units().iter().any(|(name, _)| name == unit)
+                {
+                    let known: Vec<_> = metric.units().iter().map(|(name, _)| *name).collect();
+                    return Err(at(format!("unit {unit:?} is not one of {known:?}")));
+                }
+                match (&price.unit_price, price.tiers.is_empty()) {
+                    (Some(_), false) => return Err(at("give unit_price or tiers, not both".into())),
+                    (None, true) => return Err(at("give unit_price or tiers".into())),
+                    _ => {}
+                }
+                if price.unit_price.is_some_and(|p| p.is_sign_negative()) || price.free.is_sign_negative() {
+                    return Err(at("prices and allowances cannot be negative".into()));
+                }
+                let mut previous = Decimal::ZERO;
+                for (i, tier) in price.tiers.iter().enumerate() {
+                    let last = i + 1 == price.tiers.len();
+                    match tier.up_to {
+                        None if !last => return Err(at(format!("tier {}: only the last tier may omit up_to", i + 1))),
+                        Some(_) if last => return Err(at("the last tier must omit up_to (it has no end)".into())),
+                        Some(up_to) if up_to <= previous => {
+                            return Err(at(format!("tier {}: up_to {up_to} must exceed {previous}", i + 1)));
+                        }
+                        Some(up_to) => previous = up_to,
+                        None => {}
+                    }
+                    if tier.unit_price.is_sign_negative() {
+                        return Err(at(format!("tier {}: negative unit_price", i + 1)));
+                    }
+                }
+            }
+        }
+        let currencies: std::collections::BTreeSet<_> = self.plans.values().map(|p| p.currency.as_str()).collect();
+        if currencies.len() > 1 {
+            return Err(format!("rate card: all plans must use one currency, found {currencies:?}"));
+        }
+        if self.grace_hours > 24 * 90 {
+            return Err("rate card: grace_hours must be at most 2160 (90 days)".into());
+        }
+        Ok(())
+    }
+
+    pub fn currency(&self) -> &str {
+        &self.plans.values().next().expect("validated: at least one plan").currency
+    }
+}
+
+impl Price {
+    /// The unit's name and its size in raw units (10^digits).
+    pub fn unit(&self, metric: Metric) -> (&'static str, u32) {
+        let units = metric.units();
+        self.unit.as_ref().and_then(|u| units.iter().find(|(name, _)| name == u)).copied().unwrap_or(units[0])
+    }
+
+    /// A raw quantity (ms, bytes, byte-seconds, invocations) in this price's unit, exactly.
+    pub fn in_unit(&self, metric: Metric, raw: Decimal) -> Decimal {
+        let (_, digits) = self.unit(metric);
+        let mut quantity = raw;
+        quantity.set_scale(raw.scale() + digits).expect("scale within 28 digits");
+        quantity.normalize()
+    }
+
+    /// The charge for `quantity` units used in a period, the allowance and tier bounds scaled
+    /// by `share` (the part of the period this plan covered; 1 for a whole period).
+    /// Graduated: so the charge of a period depends only on its total, and the cost of one
+    /// invocation is `charge(before + it) − charge(before)`.
+    pub fn charge(&self, quantity: Decimal, share: Decimal) -> Decimal {
+        let scale = |d: Decimal| if share == Decimal::ONE { d } else { (d * share).round_dp(PRORATE_DIGITS) };
+        let billable = (quantity - scale(self.free)).max(Decimal::ZERO);
+        if let Some(price) = self.unit_price {
+            return billable * price;
+        }
+        let mut amount = Decimal::ZERO;
+        let mut lower = Decimal::ZERO;
+        for tier in &self.tiers {
+            let upper = tier.up_to.map(scale);
+            let top = upper.map_or(billable, |u| billable.min(u));
+            if top > lower {
+                amount += (top - lower) * tier.unit_price;
+            }
+            match upper {
+                Some(u) if billable > u => lower = u,
+                _ => break,
+            }
+        }
+        amount
+    }
+
+    /// The free units applied to `quantity`.
+    pub fn free_applied(&self, quantity: Decimal, share: Decimal) -> Decimal {
+        let free = if share == Decimal::ONE { self.free } else { (self.free * share).round_dp(PRORATE_DIGITS) };
+        quantity.min(free)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    const CARD: &str = r#"
+default_plan: starter
+plans:
+  starter:
+    currency: EUR
+    minimum_charge: "5"
+    prices:
+      invocations: { unit_price: "0.0000002", free: 1000 }
+      cpu_ms:
+        free: 100
+        tiers:
+          - { up_to: 1000, unit_price: "0.001" }
+          - { up_to: 5000, unit_price: "0.0005" }
+          - { unit_price: "0.0001" }
+      state_byte_seconds: { unit: GB-s, unit_price: "0.0000166667" }
+"#;
+
+    #[test]
+    fn graduated_tiers_after_the_allowance() {
+        let card = RateCard::parse(CARD).unwrap();
+        let cpu = &card.plans["starter"].prices[&Metric::CpuMs];
+        assert_eq!(cpu.charge(d("100"), Decimal::ONE), d("0"));
+        // 1100 ms: 100 free, then 1000 in tier 1
+        assert_eq!(cpu.charge(d("1100"), Decimal::ONE), d("1.000"));
+        // 7100 ms: 100 free, 1000 × 0.001 + 4000 × 0.0005 + 2000 × 0.0001 = 1 + 2 + 0.2
+        assert_eq!(cpu.charge(d("7100"), Decimal::ONE), d("3.2"));
+        // half a period: 50 free, bounds 500 and 2500
+        assert_eq!(cpu.charge(d("1050"), d("0.5")), d("0.5") + d("500") * d("0.0005"));
+        let state = &card.plans["starter"].prices[&Metric::StateByteSeconds];
+        assert_eq!(state.in_unit(Metric::StateByteSeconds, d("1500000000.5")), d("1.5000000005"));
+    }
+
+    #[test]
+    fn refuses_floats_and_bad_cards() {
+        let error = RateCard::parse(&CARD.replace("\"0.0000002\"", "0.0000002")).unwrap_err();
+        assert!(error.contains("floating-point"), "{error}");
+        let error = RateCard::parse(&CARD.replace("GB-s", "GiB-s")).unwrap_err();
+        assert!(error.contains("unit \"GiB-s\""), "{error}");
+        let error = RateCard::parse(&CARD.replace("default_plan: starter", "default_plan: pro")).unwrap_err();
+        assert!(error.contains("default_plan"), "{error}");
+        let error = RateCard::parse(&CARD.replace("up_to: 5000", "up_to: 500")).unwrap_err();
+        assert!(error.contains("must exceed"), "{error}");
+    }
+
+    #[test]
+    fn money_rounds_half_to_even_at_the_minor_unit() {
+        assert_eq!(round_money(d("0.125"), "EUR"), d("0.12"));
+        assert_eq!(round_money(d("0.135"), "EUR"), d("0.14"));
+        assert_eq!(round_money(d("12.5"), "JPY"), d("12"));
+        assert_eq!(round_money(d("0.0005"), "KWD"), d("0.000"));
+    }
+}

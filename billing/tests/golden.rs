@@ -1,0 +1,102 @@
+//! Golden invoices: a small fixed usage set and rate card (tests/golden/plans.yml) whose
+//! invoices were computed by hand and committed as JSON and CSV, on SQLite and PostgreSQL.
+//!
+//! acme, October 2026, plan basic: 4 invocations (one delivered twice), CPU 300 + 900 + 50 +
+//! 1300 = 2550 ms, 1 + 2.5 + 0.5 + 0 MB out, state 1.5000000005 GB-s standing + 0.25 GB-s of a
+//! flow run's job.
+//! - invocations: 4 − 2 free = 2 × 0.001 = 0.002 → 0.00
+//! - cpu_ms: 2550 − 100 free = 2450: 1000 × 0.0004 + 1450 × 0.0001 = 0.545 → 0.54 (half to even)
+//! - state: 1.7500000005 GB-s × 0.5 = 0.87500000025 → 0.88
+//! - bytes_out: 0.004 GB × 0.09 = 0.00036 → 0.00
+//! - total 1.42 (above the 1.00 minimum).
+//!
+//! globex: one invocation of 10 ms, all within the allowances → 0; the minimum charge tops the
+//! invoice up to 1.00.
+
+mod common;
+
+use common::{backends, invoke, ns, open, state};
+
+const CARD: &str = include_str!("golden/plans.yml");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoices_match_the_hand_computed_ones() {
+    for backend in backends() {
+        let fixture = open(&backend, CARD).await;
+        let c2 = invoke("acme", "c2", "resize", ns("2026-10-04T10:00:00Z"), 900, 2_500_000, 200);
+        // The same invocation in another span too (an export retried by another exporter).
+        let mut c2_again = c2.clone();
+        c2_again.span_id = "00000000000000c2".into();
+        fixture
+            .deliver(vec![
+                invoke("acme", "c1", "resize", ns("2026-10-03T10:00:00Z"), 300, 1_000_000, 200),
+                c2.clone(),
+                c2_again,
+                invoke("acme", "c3", "thumb", ns("2026-10-05T10:00:00Z"), 50, 500_000, 500),
+                invoke("acme", "c4", "thumb", ns("2026-10-20T10:00:00Z"), 1300, 0, 200),
+                state("acme", None, ns("2026-10-10T00:00:00Z"), ns("2026-10-10T00:01:00Z"), "1500000000.5"),
+                state("acme", Some("run1"), ns("2026-10-10T00:00:00Z"), ns("2026-10-10T00:00:30Z"), "250000000"),
+                invoke("globex", "c9", "hello", ns("2026-10-07T08:00:00Z"), 10, 0, 200),
+            ])
+            .await;
+        // October ended more than its 72 h grace ago: this run bills it and makes it final.
+        let report = fixture.billing.run(None).await.unwrap();
+        assert_eq!((report.records, report.duplicates, report.invoices_finalized), (7, 1, 2), "{}", backend.name());
+
+        for tenant in ["acme", "globex"] {
+            let stored = fixture.billing.invoice_document(tenant, "2026-10").await.unwrap();
+            let expected = std::fs::read_to_string(format!("tests/golden/invoice-{tenant}-2026-10.json")).unwrap();
+            assert_eq!(stored, expected, "{tenant} on {}", backend.name());
+            // Re-rating the final period from its usage records gives the same bytes.
+            let again = fixture.billing.rate_invoice(tenant, "2026-10").await.unwrap();
+            assert_eq!(again.to_json(), expected, "{tenant} re-rated on {}", backend.name());
+            // The lines' exact amounts are the sum of the per-invocation costs.
+            let invoice = fixture.billing.invoice(tenant, "2026-10").await.unwrap();
+            let costs: rust_decimal::Decimal =
+                fixture.billing.invocation_costs(tenant, "2026-10").await.unwrap().iter().map(|c| c.cost).sum();
+            let lines: rust_decimal::Decimal = invoice
+                .lines
+                .iter()
+                .filter(|l| l.kind != billing::invoice::LineKind::Minimum)
+                .map(|l| l.amount_exact)
+                .sum();
+            assert_eq!(costs, lines, "{tenant} on {}", backend.name());
+        }
+        let csv = fixture.billing.invoice("acme", "2026-10").await.unwrap().to_csv();
+        assert_eq!(csv, std::fs::read_to_string("tests/golden/invoice-acme-2026-10.csv").unwrap());
+
+        // After finalization: a re-sent span bills nothing; late October usage (1 invocation of
+        // 200 ms) goes on the next open invoice as adjustment lines naming October, priced
+        // where October's usage left the tiers (past the allowances, in the second CPU tier).
+        fixture.deliver(vec![c2, invoke("acme", "c5", "resize", ns("2026-10-30T10:00:00Z"), 200, 0, 200)]).await;
+        let report = fixture.billing.run(None).await.unwrap();
+        // (The re-sent span is stored once by the collector, so billing never sees it again.)
+        assert_eq!((report.records, report.late_records, report.duplicates), (1, 1, 0), "{}", backend.name());
+        let october = fixture.billing.invoice_document("acme", "2026-10").await.unwrap();
+        assert_eq!(october, std::fs::read_to_string("tests/golden/invoice-acme-2026-10.json").unwrap());
+        let next = fixture.billing.invoices(Some("acme")).await.unwrap();
+        let next = next.iter().find(|i| i.period != "2026-10").expect("an open invoice for the late usage");
+        assert_eq!(next.status, "draft");
+        let next = fixture.billing.invoice("acme", &next.period).await.unwrap();
+        let adjustments: Vec<_> = next
+            .lines
+            .iter()
+            .filter(|l| l.kind == billing::invoice::LineKind::Adjustment)
+            .map(|l| {
+                (l.usage_period.as_str(), l.metric.unwrap().name(), l.amount_exact.to_string(), l.amount.to_string())
+            })
+            .collect();
+        assert_eq!(
+            adjustments,
+            [
+                ("2026-10", "invocations", "0.001".to_string(), "0.00".to_string()),
+                ("2026-10", "cpu_ms", "0.02".to_string(), "0.02".to_string())
+            ],
+            "{}",
+            backend.name()
+        );
+        let costs: rust_decimal::Decimal =
+            fixture.billing.invocation_costs("acme", &next.period).await.unwrap().iter().map(|c| c.cost).sum();
+        assert_eq!(costs.to_string(), "0.021");
+    }
+}
