@@ -17,11 +17,15 @@ pub struct ClientArgs {
     /// Gateway URL (default: from DATA_DIR/addresses.json, else http://127.0.0.1:8080).
     #[arg(long, env = "SFAAS_GATEWAY_URL")]
     gateway_url: Option<String>,
+    /// Dashboard URL, for billing (default: from DATA_DIR/addresses.json, else http://127.0.0.1:16686).
+    #[arg(long, env = "SFAAS_UI_URL")]
+    ui_url: Option<String>,
     /// Token (default: SFAAS_ADMIN_TOKEN, else DATA_DIR/admin.token).
     #[arg(long, env = "SFAAS_TOKEN", hide_env_values = true)]
     token: Option<String>,
 }
 
+/// A server a client command talks to (the gateway, or the dashboard for billing).
 struct Gateway {
     url: String,
     token: String,
@@ -30,9 +34,17 @@ struct Gateway {
 
 impl ClientArgs {
     fn gateway(&self) -> anyhow::Result<Gateway> {
-        let url = match &self.gateway_url {
+        self.server(&self.gateway_url, "gateway", "127.0.0.1:8080")
+    }
+
+    fn dashboard(&self) -> anyhow::Result<Gateway> {
+        self.server(&self.ui_url, "ui", "127.0.0.1:16686")
+    }
+
+    fn server(&self, explicit: &Option<String>, key: &str, default: &str) -> anyhow::Result<Gateway> {
+        let url = match explicit {
             Some(url) => url.trim_end_matches('/').to_string(),
-            None => read_gateway_address(&self.data_dir).unwrap_or_else(|| "http://127.0.0.1:8080".to_string()),
+            None => format!("http://{}", read_address(&self.data_dir, key).unwrap_or_else(|| default.to_string())),
         };
         let token = match (&self.token, std::env::var("SFAAS_ADMIN_TOKEN")) {
             (Some(token), _) => token.clone(),
@@ -51,10 +63,10 @@ impl ClientArgs {
     }
 }
 
-fn read_gateway_address(data_dir: &Path) -> Option<String> {
+fn read_address(data_dir: &Path, key: &str) -> Option<String> {
     let text = std::fs::read_to_string(data_dir.join("addresses.json")).ok()?;
     let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-    Some(format!("http://{}", value.get("gateway")?.as_str()?))
+    Some(value.get(key)?.as_str()?.to_string())
 }
 
 impl Gateway {
@@ -65,11 +77,11 @@ impl Gateway {
 
 /// Sends a request and fails with the gateway's own message on an error status.
 async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
-    let response = request.send().await.context("cannot reach the gateway (is `sfaas up` running?)")?;
+    let response = request.send().await.context("cannot reach the server (is `sfaas up` running?)")?;
     if response.status().is_client_error() || response.status().is_server_error() {
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
-        bail!("gateway answered {status}: {}", body.trim());
+        bail!("server answered {status}: {}", body.trim());
     }
     Ok(response)
 }
@@ -83,9 +95,12 @@ fn qualified(name: &str, namespace: Option<&str>) -> String {
 
 pub async fn tenant_create(args: &ClientArgs, name: &str, plan: Option<String>) -> anyhow::Result<()> {
     let gateway = args.gateway()?;
-    let body = serde_json::json!({ "name": name, "plan": plan });
+    let body = serde_json::json!({ "name": name, "plan": &plan });
     let response = send(gateway.request(reqwest::Method::POST, "/system/tenants").json(&body)).await?;
     let credentials: serde_json::Value = response.json().await?;
+    if let Some(plan) = plan {
+        plan_assign(args, name, &plan, None).await.context("the tenant exists, but its billing plan is not set")?;
+    }
     println!("{credentials}");
     Ok(())
 }
@@ -257,5 +272,90 @@ pub async fn flow_graph(args: &ClientArgs, name: &str, format: &str) -> anyhow::
         .text()
         .await?;
     print!("{text}");
+    Ok(())
+}
+
+pub async fn bill_run(args: &ClientArgs, until: Option<String>) -> anyhow::Result<()> {
+    let dashboard = args.dashboard()?;
+    let body = serde_json::json!({ "until": until });
+    let report: serde_json::Value =
+        send(dashboard.request(reqwest::Method::POST, "/billing/run").json(&body)).await?.json().await?;
+    println!("{report}");
+    Ok(())
+}
+
+pub async fn bill_show(args: &ClientArgs, tenant: &str, period: Option<String>, format: &str) -> anyhow::Result<()> {
+    let dashboard = args.dashboard()?;
+    let period = match period {
+        Some(period) => period,
+        None => {
+            // The tenant's latest invoice.
+            let path = format!("/billing/invoices?tenant={tenant}");
+            let list: Vec<serde_json::Value> =
+                send(dashboard.request(reqwest::Method::GET, &path)).await?.json().await?;
+            let Some(latest) = list.first() else { bail!("tenant {tenant:?} has no invoice yet") };
+            latest["period"].as_str().unwrap_or_default().to_string()
+        }
+    };
+    let path = format!("/billing/invoices/{tenant}/{period}?format={format}");
+    print!("{}", send(dashboard.request(reqwest::Method::GET, &path)).await?.text().await?);
+    Ok(())
+}
+
+pub async fn bill_list(args: &ClientArgs, tenant: Option<String>) -> anyhow::Result<()> {
+    let dashboard = args.dashboard()?;
+    let path = match tenant {
+        Some(tenant) => format!("/billing/invoices?tenant={tenant}"),
+        None => "/billing/invoices".to_string(),
+    };
+    let list: Vec<serde_json::Value> = send(dashboard.request(reqwest::Method::GET, &path)).await?.json().await?;
+    for invoice in list {
+        let field = |key: &str| invoice[key].as_str().unwrap_or_default().to_string();
+        println!(
+            "{}\t{}\t{}\t{} {}",
+            field("tenant"),
+            field("period"),
+            field("status"),
+            field("total"),
+            field("currency")
+        );
+    }
+    Ok(())
+}
+
+pub async fn bill_finalize(args: &ClientArgs, period: &str) -> anyhow::Result<()> {
+    let dashboard = args.dashboard()?;
+    let body = serde_json::json!({ "period": period });
+    let result: serde_json::Value =
+        send(dashboard.request(reqwest::Method::POST, "/billing/finalize").json(&body)).await?.json().await?;
+    println!("{result}");
+    Ok(())
+}
+
+pub async fn plan_apply(args: &ClientArgs, file: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let dashboard = args.dashboard()?;
+    let card: serde_json::Value =
+        send(dashboard.request(reqwest::Method::PUT, "/billing/plans").body(text)).await?.json().await?;
+    let plans: Vec<&str> =
+        card["plans"].as_object().map(|p| p.keys().map(String::as_str).collect()).unwrap_or_default();
+    println!("rate card applied: plans {plans:?}, default {}", card["default_plan"]);
+    Ok(())
+}
+
+pub async fn plan_assign(args: &ClientArgs, tenant: &str, plan: &str, from: Option<String>) -> anyhow::Result<()> {
+    let dashboard = args.dashboard()?;
+    let body = serde_json::json!({ "plan": plan, "from": from });
+    let path = format!("/billing/tenants/{tenant}/plan");
+    let result: serde_json::Value =
+        send(dashboard.request(reqwest::Method::PUT, &path).json(&body)).await?.json().await?;
+    eprintln!("tenant {tenant} is on plan {plan} from {}", result["from"].as_str().unwrap_or("now"));
+    Ok(())
+}
+
+pub async fn plan_show(args: &ClientArgs) -> anyhow::Result<()> {
+    let dashboard = args.dashboard()?;
+    let card: serde_json::Value = send(dashboard.request(reqwest::Method::GET, "/billing/plans")).await?.json().await?;
+    println!("{}", serde_json::to_string_pretty(&card)?);
     Ok(())
 }

@@ -25,6 +25,8 @@ enum Command {
     Core(ServeArgs),
     /// Run only the collector (it checks tokens against the core's database in DATA_DIR).
     Collector(ServeArgs),
+    /// Run only the dashboard: the billing API (and billing runs), over the telemetry store.
+    Dashboard(ServeArgs),
     /// Manage tenants (admin).
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -72,9 +74,82 @@ enum Command {
     /// Deploy, run and inspect flows (DAGs of functions).
     #[command(subcommand)]
     Flow(FlowCommand),
+    /// Billing: run it, show and finalize invoices (admin).
+    #[command(subcommand)]
+    Bill(BillCommand),
+    /// Rate cards and tenants' plans (admin).
+    #[command(subcommand)]
+    Plan(PlanCommand),
     /// Benchmarks (figures go to BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BillCommand {
+    /// Bill the usage that arrived since the last run; finalize periods whose grace is over.
+    Run {
+        /// Finalize as of this RFC 3339 time instead of now (not in the future).
+        #[arg(long)]
+        until: Option<String>,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Show a tenant's invoice (default: the current period).
+    Show {
+        #[arg(long)]
+        tenant: String,
+        /// YYYY-MM (or YYYY-MM-DD with daily periods).
+        #[arg(long)]
+        period: Option<String>,
+        /// json or csv.
+        #[arg(long, default_value = "json")]
+        format: String,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// List invoices (of one tenant, or all).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Make a period's invoices (and all earlier ones) final now, before the grace window ends.
+    Finalize {
+        #[arg(long)]
+        period: String,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlanCommand {
+    /// Replace the rate card (YAML; see examples/billing/plans.yml).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Put a tenant on a plan from a time (default now).
+    Assign {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        plan: String,
+        /// RFC 3339 time the plan takes effect (now or later).
+        #[arg(long)]
+        from: Option<String>,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Show the rate card in force.
+    Show {
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -200,6 +275,18 @@ struct ServeArgs {
     /// Collector: a tenant's own retention, as TENANT=HOURS (repeatable).
     #[arg(long = "tenant-retention", value_parser = parse_tenant_hours)]
     tenant_retention: Vec<(String, u64)>,
+    /// Dashboard: web UI, billing API and Grafana datasource APIs.
+    #[arg(long, env = "SFAAS_UI_ADDR", default_value = "127.0.0.1:16686")]
+    ui_addr: SocketAddr,
+    /// Dashboard: seconds between background billing runs (0: only `sfaas bill run`).
+    #[arg(long, env = "SFAAS_BILLING_INTERVAL_SECS", default_value_t = 10)]
+    billing_interval_secs: u64,
+    /// State store: seconds per reported state usage interval (must divide a day).
+    #[arg(long, env = "SFAAS_STATE_USAGE_INTERVAL_SECS", default_value_t = 60)]
+    state_usage_interval_secs: u64,
+    /// Collector (with `up`): seconds between scrapes of the gateway's own /metrics.
+    #[arg(long, env = "SFAAS_PLATFORM_SCRAPE_SECS", default_value_t = 15)]
+    platform_scrape_secs: u64,
     /// Collector: Jaeger thrift over HTTP address.
     #[arg(long, env = "SFAAS_JAEGER_ADDR", default_value = "127.0.0.1:14268")]
     jaeger_addr: SocketAddr,
@@ -243,6 +330,7 @@ impl ServeArgs {
         config.state.total_budget_bytes = self.state_budget_bytes;
         config.state.tenant_quota_bytes = self.state_tenant_quota_bytes;
         config.state.max_value_bytes = self.state_max_value_bytes;
+        config.state.usage_interval = std::time::Duration::from_secs(self.state_usage_interval_secs);
         config
     }
 }
@@ -270,6 +358,18 @@ async fn run() -> anyhow::Result<()> {
         Command::Up(args) => serve(args, true).await,
         Command::Core(args) => serve(args, false).await,
         Command::Collector(args) => serve_collector(args).await,
+        Command::Dashboard(args) => serve_dashboard(args).await,
+        Command::Bill(BillCommand::Run { until, client }) => client::bill_run(&client, until).await,
+        Command::Bill(BillCommand::Show { tenant, period, format, client }) => {
+            client::bill_show(&client, &tenant, period, &format).await
+        }
+        Command::Bill(BillCommand::List { tenant, client }) => client::bill_list(&client, tenant).await,
+        Command::Bill(BillCommand::Finalize { period, client }) => client::bill_finalize(&client, &period).await,
+        Command::Plan(PlanCommand::Apply { file, client }) => client::plan_apply(&client, &file).await,
+        Command::Plan(PlanCommand::Assign { tenant, plan, from, client }) => {
+            client::plan_assign(&client, &tenant, &plan, from).await
+        }
+        Command::Plan(PlanCommand::Show { client }) => client::plan_show(&client).await,
         Command::Tenant(TenantCommand::Create { name, plan, client }) => {
             client::tenant_create(&client, &name, plan).await
         }
@@ -336,23 +436,38 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     } else {
         None
     };
+    let dashboard = match &collector {
+        Some((running, _)) => {
+            let billing = billing::Billing::open(&running.collector.store).await.context("opening billing")?;
+            let viewers = std::sync::Arc::new(CoreTokens(core.tenants.clone()));
+            let dashboard = dashboard::start(dashboard_config(&args), std::sync::Arc::new(billing), viewers).await?;
+            addresses.insert("ui".into(), dashboard.addr.to_string().into());
+            Some(dashboard)
+        }
+        None => None,
+    };
     let running = core.start().await?;
     // The gateway's metrics reach the collector too: scraped with the meter token, each series
     // under the tenant its `namespace` label names.
     let collector = collector.map(|(mut collector, meter_token)| {
         let url = format!("http://{}/metrics", running.gateway_addr);
-        collector.scrape(collector::receivers::scrape::platform_target(url, meter_token));
+        let mut target = collector::receivers::scrape::platform_target(url, meter_token);
+        let interval = std::time::Duration::from_secs(args.platform_scrape_secs.max(1));
+        target.interval = Some(interval);
+        target.timeout = target.timeout.map(|timeout| timeout.min(interval));
+        collector.scrape(target);
         collector
     });
     addresses.insert("gateway".into(), running.gateway_addr.to_string().into());
     announce(&data_dir, addresses, with_collector)?;
     eprintln!(
-        "sfaas is up: gateway http://{}{} (admin token in {}); Ctrl-C stops",
+        "sfaas is up: gateway http://{}{}{} (admin token in {}); Ctrl-C stops",
         running.gateway_addr,
         collector.as_ref().map_or(String::new(), |c| format!(
             ", OTLP gRPC {} and HTTP http://{}",
             c.otlp_grpc_addr, c.otlp_http_addr
         )),
+        dashboard.as_ref().map_or(String::new(), |d| format!(", dashboard http://{}", d.addr)),
         stateful_faas_core::config::admin_token_path(&data_dir).display()
     );
     shutdown_signal().await;
@@ -360,6 +475,9 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     running.shutdown().await;
     if let Some(collector) = collector {
         collector.shutdown().await;
+    }
+    if let Some(dashboard) = dashboard {
+        dashboard.shutdown().await;
     }
     eprintln!("sfaas: stopped");
     Ok(())
@@ -398,22 +516,7 @@ fn announce(
 /// every two seconds, so tenants created by a running core are known).
 async fn serve_collector(args: ServeArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let pool = stateful_faas_core::database::open(&stateful_faas_core::database::default_url(&data_dir)).await?;
-    let admin_token = match std::env::var("SFAAS_ADMIN_TOKEN") {
-        Ok(token) if !token.is_empty() => token,
-        _ => stateful_faas_core::config::load_or_create_admin_token(&data_dir)?,
-    };
-    let tenants = std::sync::Arc::new(stateful_faas_core::tenant::TenantStore::load(pool, &admin_token).await?);
-    let refresher = tenants.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            if let Err(error) = refresher.reload().await {
-                tracing::warn!(%error, "cannot re-read tokens");
-            }
-        }
-    });
+    let tenants = shared_tenants(&data_dir).await?;
     let running = collector::Collector::start(collector_config(&args)?, std::sync::Arc::new(CoreTokens(tenants)))
         .await
         .context("starting the collector")?;
@@ -431,13 +534,66 @@ async fn serve_collector(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The core's tenant store in DATA_DIR, for a component running beside a core in another
+/// process (re-read every two seconds, so tenants created by the core are known).
+async fn shared_tenants(
+    data_dir: &std::path::Path,
+) -> anyhow::Result<std::sync::Arc<stateful_faas_core::tenant::TenantStore>> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let pool = stateful_faas_core::database::open(&stateful_faas_core::database::default_url(data_dir)).await?;
+    let admin_token = match std::env::var("SFAAS_ADMIN_TOKEN") {
+        Ok(token) if !token.is_empty() => token,
+        _ => stateful_faas_core::config::load_or_create_admin_token(data_dir)?,
+    };
+    let tenants = std::sync::Arc::new(stateful_faas_core::tenant::TenantStore::load(pool, &admin_token).await?);
+    let refresher = tenants.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            if let Err(error) = refresher.reload().await {
+                tracing::warn!(%error, "cannot re-read tokens");
+            }
+        }
+    });
+    Ok(tenants)
+}
+
+/// `sfaas dashboard`: the billing API over the telemetry store, tokens from the core's database.
+async fn serve_dashboard(args: ServeArgs) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.clone();
+    let tenants = shared_tenants(&data_dir).await?;
+    let store = collector::store::TelemetryStore::open(&telemetry_url(&args)).await?;
+    let billing = billing::Billing::open(&store).await.context("opening billing")?;
+    let running = dashboard::start(
+        dashboard_config(&args),
+        std::sync::Arc::new(billing),
+        std::sync::Arc::new(CoreTokens(tenants)),
+    )
+    .await?;
+    let mut addresses = serde_json::Map::new();
+    addresses.insert("ui".into(), running.addr.to_string().into());
+    announce(&data_dir, addresses, false)?;
+    eprintln!("sfaas dashboard is up: http://{}; Ctrl-C stops", running.addr);
+    shutdown_signal().await;
+    running.shutdown().await;
+    Ok(())
+}
+
+fn dashboard_config(args: &ServeArgs) -> dashboard::DashboardConfig {
+    dashboard::DashboardConfig {
+        addr: args.ui_addr,
+        billing_every: (args.billing_interval_secs > 0)
+            .then(|| std::time::Duration::from_secs(args.billing_interval_secs)),
+    }
+}
+
+fn telemetry_url(args: &ServeArgs) -> String {
+    args.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("telemetry.db").display()))
+}
+
 /// The collector's configuration from the command line.
 fn collector_config(args: &ServeArgs) -> anyhow::Result<collector::CollectorConfig> {
-    let database_url = args
-        .database_url
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("telemetry.db").display()));
-    let mut config = collector::CollectorConfig::new(database_url);
+    let mut config = collector::CollectorConfig::new(telemetry_url(args));
     config.otlp_grpc_addr = args.otlp_grpc_addr;
     config.otlp_http_addr = args.otlp_http_addr;
     config.jaeger_addr = args.jaeger_addr;
@@ -451,6 +607,19 @@ fn collector_config(args: &ServeArgs) -> anyhow::Result<collector::CollectorConf
         config.scrape = collector::receivers::scrape::load(path).map_err(anyhow::Error::msg)?;
     }
     Ok(config)
+}
+
+/// The dashboard's viewers: the admin token, and tenants' read tokens.
+impl billing::api::ViewerResolver for CoreTokens {
+    fn resolve(&self, authorization: &str) -> Option<billing::api::Viewer> {
+        use stateful_faas_core::tenant::{Principal, Scope};
+        let token = stateful_faas_core::gateway::auth::bearer_or_basic_token(authorization)?;
+        match self.0.authenticate(&token)? {
+            Principal::Admin => Some(billing::api::Viewer::Admin),
+            Principal::Tenant { tenant, scope: Scope::Read } => Some(billing::api::Viewer::Tenant(tenant.to_string())),
+            _ => None,
+        }
+    }
 }
 
 /// The collector checks tokens against the core's tenant store.

@@ -242,6 +242,9 @@ impl Billing {
         let _running = self.run_lock.lock().await;
         let card = self.rate_card().await?;
         let real_now = now_ns();
+        if now.is_some_and(|t| t > real_now) {
+            return Err(BillingError::Invalid("billing cannot run as of a time in the future".into()));
+        }
         let now = now.unwrap_or(real_now);
         let upto_ms = (now.min(real_now) / 1_000_000) - self.settle.as_millis() as i64 - 1;
         let mut report = RunReport::default();
@@ -403,6 +406,10 @@ impl Billing {
         );
         on_pool!(&self.db, pool => {
             let mut tx = pool.begin().await?;
+            if matches!(self.db, Db::Postgres(_)) {
+                // One writer of the totals at a time, across processes (the read-add-write below).
+                sqlx::query("SELECT pg_advisory_xact_lock(7305011)").execute(&mut *tx).await?;
+            }
             for chunk in records.chunks(ROWS_PER_STATEMENT) {
                 let sql = self.db.sql(&format!(
                     "{insert_head}{} ON CONFLICT (tenant, usage_id) DO NOTHING RETURNING tenant, usage_id",

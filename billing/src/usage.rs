@@ -83,7 +83,8 @@ pub fn from_span(span: &SpanFields) -> Result<Option<UsageRecord>, String> {
         usage_id: String::new(),
         kind: Kind::Invocation,
         function: String::new(),
-        flow_run: text("sfaas.flow.run_id"),
+        // Flow nodes run in their run's state job, named by the run id.
+        flow_run: text("sfaas.flow.run_id").or_else(|| text("sfaas.state.job")),
         trace_id: span.trace_id.clone(),
         span_id: span.span_id.clone(),
         start_ns: span.start_ns,

@@ -1,4 +1,88 @@
-//! The dashboard: server-rendered web UI (bills for operators, DAG traces for developers) and
-//! the Grafana datasource APIs (Jaeger query API, Prometheus HTTP API).
-//!
-//! Not built yet (issue 6).
+//! The dashboard address (`--ui-addr`): the billing API under `/billing` and, as issue 6 adds
+//! them, the web UI and the Grafana datasource APIs. It also runs billing periodically, so
+//! that invoices follow usage without anyone calling `sfaas bill run`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use billing::Billing;
+use billing::api::{ApiState, ViewerResolver};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DashboardError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+pub struct DashboardConfig {
+    pub addr: SocketAddr,
+    /// How often billing runs in the background (`None`: never; `sfaas bill run` only).
+    pub billing_every: Option<Duration>,
+}
+
+/// A started dashboard.
+pub struct RunningDashboard {
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub async fn start(
+    config: DashboardConfig,
+    billing: Arc<Billing>,
+    resolver: Arc<dyn ViewerResolver>,
+) -> Result<RunningDashboard, DashboardError> {
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .map_err(|source| DashboardError::Bind { addr: config.addr, source })?;
+    let addr = listener.local_addr().map_err(|source| DashboardError::Bind { addr: config.addr, source })?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(billing::api::router(ApiState { billing: billing.clone(), resolver }));
+    let (shutdown, mut stop) = watch::channel(false);
+    let mut server_stop = shutdown.subscribe();
+    let mut tasks = vec![tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "dashboard stopped with an error");
+        }
+    })];
+    if let Some(every) = config.billing_every {
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+                match billing.run(None).await {
+                    Ok(report) if report.records > 0 || report.invoices_finalized > 0 => {
+                        tracing::info!(?report, "billing run");
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "billing run failed; retrying at the next interval"),
+                }
+            }
+        }));
+    }
+    Ok(RunningDashboard { addr, shutdown, tasks })
+}
+
+impl RunningDashboard {
+    /// Stops serving; a billing run under way finishes first (its work is one transaction per
+    /// chunk, so stopping between chunks loses nothing either).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}

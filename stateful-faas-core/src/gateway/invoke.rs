@@ -67,6 +67,10 @@ pub async fn dispatch(
             ])
             .start_with_context(&tracer, &parent)
     });
+    if let (Some(span), Some(job)) = (&mut span, &invocation.job) {
+        // The state job the call runs in: a flow run's id for flow nodes (billing links them).
+        span.set_attribute(KeyValue::new(semconv::SFAAS_STATE_JOB, job.clone()));
+    }
     if let Some(span) = &span {
         invocation.traceparent = Some(telemetry::traceparent(span.span_context()));
     }

@@ -1,0 +1,197 @@
+//! End to end through the `sfaas` binary: flows and calls run → their spans reach the
+//! collector with the meter token → billing → the CLI and the billing API show the same
+//! invocation counts, state and charges; invoice totals are the sum of their lines, and the
+//! lines the sum of the per-invocation costs; a tenant's read token sees only its own bills.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+mod common;
+
+fn sfaas(data_dir: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = common::sfaas()
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("SFAAS_ADMIN_TOKEN")
+        .env_remove("SFAAS_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    (output.status.success(), String::from_utf8(output.stdout).unwrap(), String::from_utf8(output.stderr).unwrap())
+}
+
+fn ok(data_dir: &Path, args: &[&str], stdin: &str) -> String {
+    let (success, stdout, stderr) = sfaas(data_dir, args, stdin);
+    assert!(success, "sfaas {args:?} failed: {stderr}");
+    stdout
+}
+
+fn decimal(value: &Value) -> Decimal {
+    value.as_str().unwrap_or_else(|| panic!("{value} is a decimal string")).parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reaches_invoices_and_every_view_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let any = "127.0.0.1:0";
+    let (mut up, addresses) = common::serve(
+        "up",
+        &[
+            "--gateway-addr",
+            any,
+            "--otlp-grpc-addr",
+            any,
+            "--otlp-http-addr",
+            any,
+            "--jaeger-addr",
+            any,
+            "--ui-addr",
+            any,
+            "--billing-interval-secs",
+            "0",
+            "--state-usage-interval-secs",
+            "1",
+            "--platform-scrape-secs",
+            "1",
+        ],
+        data,
+    );
+    let ui = format!("http://{}", addresses["ui"].as_str().expect("up serves the dashboard"));
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
+
+    let acme: Value = serde_json::from_str(&ok(data, &["tenant", "create", "acme", "--plan", "pro"], "")).unwrap();
+    let globex: Value = serde_json::from_str(&ok(data, &["tenant", "create", "globex"], "")).unwrap();
+    let acme_ingest = acme["ingest_token"].as_str().unwrap();
+    let globex_read = globex["read_token"].as_str().unwrap();
+    let stack = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/flows/stack.yml");
+    let flow = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/flows/text-report.yml");
+    ok(data, &["deploy", "-f", stack, "--token", acme_ingest], "");
+    ok(data, &["flow", "deploy", "-f", flow, "--token", acme_ingest], "");
+    ok(data, &["deploy", "-f", stack, "--namespace", "globex"], "");
+    // 3 runs × 4 nodes (the `loud` branch runs: 9 words ≥ 5) = 12 invocations for acme,
+    // each run's intermediate data held in its state job; 5 direct calls for globex.
+    for _ in 0..3 {
+        ok(
+            data,
+            &["flow", "run", "text-report", "--token", acme_ingest],
+            "the quick brown fox jumps over the lazy dog",
+        );
+    }
+    for i in 0..5 {
+        ok(data, &["invoke", "shout", "--namespace", "globex", "-d", &format!("call {i}")], "");
+    }
+
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |path: String, token: String| {
+        let http = http.clone();
+        let url = format!("{ui}{path}");
+        async move {
+            let response = http.get(url).bearer_auth(token).send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    // Billing runs on demand here; spans, state intervals and scrapes arrive within seconds.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (acme_usage, globex_usage, reconciliation) = loop {
+        ok(data, &["bill", "run"], "");
+        let acme_usage: Value =
+            serde_json::from_str(&get("/billing/usage/acme?by=function".into(), admin.clone()).await.1).unwrap();
+        let globex_usage: Value =
+            serde_json::from_str(&get("/billing/usage/globex?by=function".into(), admin.clone()).await.1).unwrap();
+        let reconciliation: Value =
+            serde_json::from_str(&get("/billing/reconciliation".into(), admin.clone()).await.1).unwrap();
+        let invocations = |usage: &Value| -> i64 {
+            usage["rows"].as_object().map_or(0, |rows| rows.values().map(|r| r["invocations"].as_i64().unwrap()).sum())
+        };
+        let state = acme_usage["rows"]["(state)"]["state_byte_seconds"].as_str().map(|s| s.parse::<Decimal>().unwrap());
+        let agreed = reconciliation.as_array().is_some_and(|rows| {
+            rows.len() == 5 && rows.iter().all(|r| r["difference"] == 0 && r["metered"].as_i64() > Some(0))
+        });
+        if invocations(&acme_usage) == 12 && invocations(&globex_usage) == 5 && state > Some(Decimal::ZERO) && agreed {
+            break (acme_usage, globex_usage, reconciliation);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage did not arrive: acme {acme_usage}\nglobex {globex_usage}\nreconciliation {reconciliation}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // Reconciliation: per function, metered invocations = the gateway counter's increase.
+    let functions: Vec<_> =
+        reconciliation.as_array().unwrap().iter().map(|r| r["function"].as_str().unwrap()).collect();
+    assert_eq!(functions, ["count", "echo", "shout", "word-stats", "shout"]);
+    assert_eq!(globex_usage["rows"]["shout"]["invocations"], 5);
+
+    for (tenant, usage) in [("acme", &acme_usage), ("globex", &globex_usage)] {
+        let invoice: Value = serde_json::from_str(&ok(data, &["bill", "show", "--tenant", tenant], "")).unwrap();
+        assert_eq!(invoice["status"], "draft");
+        let lines = invoice["lines"].as_array().unwrap();
+        let total: Decimal = lines.iter().map(|l| decimal(&l["amount"])).sum();
+        assert_eq!(decimal(&invoice["total"]), total, "{tenant}: the total is the sum of the lines");
+        let exact: Decimal = lines.iter().filter(|l| l["kind"] != "minimum").map(|l| decimal(&l["amount_exact"])).sum();
+        let per_function: Decimal = usage["rows"].as_object().unwrap().values().map(|r| decimal(&r["cost"])).sum();
+        assert_eq!(exact, per_function, "{tenant}: lines = the sum of per-invocation costs");
+        let records: Value = serde_json::from_str(
+            &get(
+                format!("/billing/usage/{tenant}?by=invocation&period={}", invoice["period"].as_str().unwrap()),
+                admin.clone(),
+            )
+            .await
+            .1,
+        )
+        .unwrap();
+        let records = records["records"].as_array().unwrap();
+        let per_record: Decimal = records.iter().map(|r| decimal(&r["cost"])).sum();
+        assert_eq!(per_record, exact, "{tenant}");
+        let invocations = records.iter().filter(|r| r["kind"] == "invocation").count();
+        let quantity = lines.iter().find(|l| l["metric"] == "invocations").map(|l| decimal(&l["quantity"]));
+        assert_eq!(quantity, Some(Decimal::from(invocations as i64) / Decimal::from(1_000_000)), "{tenant}");
+        if tenant == "acme" {
+            assert_eq!(invoice["lines"][0]["plan"], "pro");
+            assert!(
+                records.iter().filter(|r| r["kind"] == "invocation").all(|r| r["flow_run"].is_string()),
+                "flow nodes' invocations name their run"
+            );
+            let csv = ok(data, &["bill", "show", "--tenant", tenant, "--format", "csv"], "");
+            assert!(csv.starts_with("tenant,period,status,kind,"), "{csv}");
+            assert_eq!(csv.lines().count(), lines.len() + 2, "{csv}");
+            let (status, events) = get(format!("/billing/usage/{tenant}/events"), admin.clone()).await;
+            let events: Vec<Value> = serde_json::from_str(&events).unwrap();
+            assert_eq!((status, events.len()), (200, records.len()));
+            assert!(events.iter().all(|e| e["specversion"] == "1.0" && e["subject"] == "acme"));
+        } else {
+            assert_eq!(invoice["lines"][0]["plan"], "free", "no plan given: the rate card's default");
+        }
+    }
+
+    // A tenant's read token sees its own bills only; billing work needs the admin token.
+    let period = acme_usage["period"].as_str().unwrap().to_string();
+    let (status, _) = get(format!("/billing/invoices/acme/{period}"), globex_read.to_string()).await;
+    assert_eq!(status, 403);
+    let (status, list) = get("/billing/invoices".into(), globex_read.to_string()).await;
+    let list: Vec<Value> = serde_json::from_str(&list).unwrap();
+    assert_eq!(status, 200);
+    assert!(list.iter().all(|i| i["tenant"] == "globex") && !list.is_empty(), "{list:?}");
+    let (status, _) = get("/billing/usage/acme".into(), acme_ingest.to_string()).await;
+    assert_eq!(status, 401, "an ingest token is not a read token");
+    let (success, _, stderr) = sfaas(data, &["bill", "run", "--token", globex_read], "");
+    assert!(!success && stderr.contains("admin"), "{stderr}");
+    // Usage already rated is never re-rated: a plan change cannot reach back before it.
+    let (success, _, stderr) =
+        sfaas(data, &["plan", "assign", "--tenant", "acme", "--plan", "free", "--from", "2020-01-01T00:00:00Z"], "");
+    assert!(!success && stderr.contains("takes effect after it"), "{stderr}");
+
+    up.kill().unwrap();
+    up.wait().unwrap();
+}
