@@ -242,6 +242,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// Billing: a full rating run over a month of usage, and an incremental run.
+    Billing {
+        /// Usage records of the month.
+        #[arg(long, default_value_t = 10_000_000)]
+        invocations: usize,
+        /// New invocations for the incremental run.
+        #[arg(long, default_value_t = 100_000)]
+        new: usize,
+        /// Database (default: SQLite in a temp dir), e.g. postgres://...
+        #[arg(long)]
+        database_url: Option<String>,
+    },
     /// Engine overhead per node, and data passing through the state store vs files.
     Flow {
         /// Runs per measurement (the median is reported).
@@ -398,6 +410,10 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Ingest { requests, concurrency }) => {
             println!("{}", collector::bench::run(requests, concurrency).await?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Billing { invocations, new, database_url }) => {
+            println!("{}", billing::bench::run(invocations, new, database_url).await?);
             Ok(())
         }
         Command::Bench(BenchCommand::Flow { runs }) => {

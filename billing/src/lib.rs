@@ -12,8 +12,10 @@
 //! each invoice line is rounded once, half to even, and the total is the sum of the lines.
 
 pub mod api;
+pub mod bench;
 pub mod db;
 pub mod events;
+mod extract;
 pub mod invoice;
 pub mod period;
 pub mod plans;
@@ -32,7 +34,7 @@ use db::{Db, on_pool, value_groups};
 use invoice::{Group, Invoice, Status};
 use period::{Period, PeriodKind};
 use plans::{Metric, RateCard};
-use usage::{SpanFields, Totals, TotalsKey, UsageRecord};
+use usage::{Totals, TotalsKey, UsageRecord};
 
 /// The rate card installed when none was applied: `examples/billing/plans.yml`.
 pub const DEFAULT_RATE_CARD: &str = include_str!("../../examples/billing/plans.yml");
@@ -40,7 +42,7 @@ pub const DEFAULT_RATE_CARD: &str = include_str!("../../examples/billing/plans.y
 /// Spans read per extraction chunk (each chunk commits with its watermark).
 const CHUNK: i64 = 20_000;
 /// Rows per multi-row statement.
-const ROWS_PER_STATEMENT: usize = 500;
+pub(crate) const ROWS_PER_STATEMENT: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {
@@ -251,43 +253,19 @@ impl Billing {
         let mut touched: HashSet<(String, String)> = HashSet::new();
         let mut watermark: i64 = self.setting("watermark_ms").await?.and_then(|w| w.parse().ok()).unwrap_or(i64::MIN);
         let final_through = self.finalized_through(card.period).await?;
-        let mut assignments = self.plan_assignments().await?;
         while watermark < upto_ms {
             let chunk_end = self.chunk_end(watermark, upto_ms).await?;
-            let spans = self.metered_spans(watermark, chunk_end).await?;
-            report.spans_read += spans.len() as u64;
-            let mut records: HashMap<(String, String), UsageRecord> = HashMap::new();
-            for span in &spans {
-                match usage::from_span(span) {
-                    Ok(Some(mut record)) => {
-                        let plans = assignments.entry(record.tenant.clone()).or_default();
-                        if plans.is_empty() {
-                            plans.push((0, card.default_plan.clone()));
-                            self.pin_default_plan(&record.tenant, &card.default_plan).await?;
-                        }
-                        place(&mut record, card.period, plans, final_through);
-                        let key = (record.tenant.clone(), record.usage_id.clone());
-                        match records.entry(key) {
-                            std::collections::hash_map::Entry::Occupied(_) => report.duplicates += 1,
-                            std::collections::hash_map::Entry::Vacant(slot) => {
-                                slot.insert(record);
-                            }
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(error) => {
-                        report.malformed += 1;
-                        tracing::warn!(%error, "metered span skipped");
-                    }
-                }
+            let chunk =
+                extract::chunk(&self.db, card.period, &card.default_plan, final_through, watermark, chunk_end).await?;
+            if chunk.malformed > 0 {
+                tracing::warn!(spans = chunk.malformed, "metered spans that cannot be billed were skipped");
             }
-            let mut records: Vec<UsageRecord> = records.into_values().collect();
-            records.sort_by(|a, b| (&a.tenant, &a.usage_id).cmp(&(&b.tenant, &b.usage_id)));
-            let inserted = self.store_records(&records, chunk_end).await?;
-            report.duplicates += (records.len() - inserted.len()) as u64;
-            report.records += inserted.len() as u64;
-            report.late_records += inserted.iter().filter(|r| r.period != r.billed_period).count() as u64;
-            touched.extend(inserted.iter().map(|r| (r.tenant.clone(), r.billed_period.clone())));
+            report.spans_read += chunk.candidates;
+            report.malformed += chunk.malformed;
+            report.records += chunk.records;
+            report.late_records += chunk.late_records;
+            report.duplicates += chunk.candidates - chunk.malformed - chunk.records;
+            touched.extend(chunk.totals.keys().map(|k| (k.tenant.clone(), k.billed_period.clone())));
             watermark = chunk_end;
         }
         report.watermark_ms = watermark;
@@ -344,17 +322,9 @@ impl Billing {
     }
 
     async fn first_period(&self, kind: PeriodKind) -> Result<Option<Period>> {
-        let sql = self.db.sql("SELECT MIN(period) FROM usage_records");
+        let sql = self.db.sql("SELECT MIN(period) FROM usage_totals");
         let first: Option<String> = on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?);
         first.map(|p| Period::parse(kind, &p).map_err(BillingError::Invalid)).transpose()
-    }
-
-    async fn pin_default_plan(&self, tenant: &str, plan: &str) -> Result<()> {
-        let sql = self
-            .db
-            .sql("INSERT INTO tenant_plans (tenant, effective_from_ns, plan) VALUES (?, 0, ?) ON CONFLICT DO NOTHING");
-        on_pool!(&self.db, pool => sqlx::query(sql).bind(tenant).bind(plan).execute(pool).await?.rows_affected());
-        Ok(())
     }
 
     /// The end of the next extraction chunk: about [`CHUNK`] spans after `watermark`, never
@@ -367,73 +337,6 @@ impl Billing {
         let next: Option<i64> = on_pool!(&self.db, pool => sqlx::query_scalar(sql)
             .bind(watermark).bind(upto).bind(CHUNK).fetch_optional(pool).await?);
         Ok(next.unwrap_or(upto))
-    }
-
-    async fn metered_spans(&self, after_ms: i64, upto_ms: i64) -> Result<Vec<SpanFields>> {
-        let sql = self.db.sql(
-            "SELECT tenant, trace_id, span_id, name, start_ns, end_ns, attributes, received_ms FROM spans \
-             WHERE metered = 1 AND received_ms > ? AND received_ms <= ? AND (name LIKE 'invoke %' OR name = 'state.usage')",
-        );
-        Ok(on_pool!(&self.db, pool => {
-            let rows = sqlx::query(sql).bind(after_ms).bind(upto_ms).fetch_all(pool).await?;
-            rows.iter()
-                .map(|row| {
-                    Ok(SpanFields {
-                        tenant: row.try_get("tenant")?,
-                        trace_id: row.try_get("trace_id")?,
-                        span_id: row.try_get("span_id")?,
-                        name: row.try_get("name")?,
-                        start_ns: row.try_get("start_ns")?,
-                        end_ns: row.try_get("end_ns")?,
-                        attributes: row.try_get("attributes")?,
-                        received_ms: row.try_get("received_ms")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()?
-        }))
-    }
-
-    /// Inserts records (once each), adds the new ones to the totals and moves the watermark,
-    /// in one transaction. Returns the records that were new.
-    async fn store_records(&self, records: &[UsageRecord], watermark_ms: i64) -> Result<Vec<UsageRecord>> {
-        let insert_head = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, span_id, \
-             start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, \
-             period, billed_period, plan, received_ms) VALUES ";
-        let mut new_keys: HashSet<(String, String)> = HashSet::new();
-        let watermark_sql = self.db.sql(
-            "INSERT INTO billing_settings (key, value) VALUES ('watermark_ms', ?) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        );
-        on_pool!(&self.db, pool => {
-            let mut tx = pool.begin().await?;
-            if matches!(self.db, Db::Postgres(_)) {
-                // One writer of the totals at a time, across processes (the read-add-write below).
-                sqlx::query("SELECT pg_advisory_xact_lock(7305011)").execute(&mut *tx).await?;
-            }
-            for chunk in records.chunks(ROWS_PER_STATEMENT) {
-                let sql = self.db.sql(&format!(
-                    "{insert_head}{} ON CONFLICT (tenant, usage_id) DO NOTHING RETURNING tenant, usage_id",
-                    value_groups(chunk.len(), 20)
-                ));
-                let mut query = sqlx::query_as::<_, (String, String)>(sql);
-                for r in chunk {
-                    query = query
-                        .bind(&r.tenant).bind(&r.usage_id).bind(r.kind.as_str()).bind(&r.function).bind(&r.flow_run)
-                        .bind(&r.trace_id).bind(&r.span_id).bind(r.start_ns).bind(r.end_ns).bind(r.cpu_ms)
-                        .bind(r.wall_ms).bind(r.memory_peak_bytes).bind(r.bytes_in).bind(r.bytes_out)
-                        .bind(r.status_code).bind(r.state_byte_seconds.to_string()).bind(&r.period)
-                        .bind(&r.billed_period).bind(&r.plan).bind(r.received_ms);
-                }
-                new_keys.extend(query.fetch_all(&mut *tx).await?);
-            }
-            let inserted: Vec<&UsageRecord> =
-                records.iter().filter(|r| new_keys.contains(&(r.tenant.clone(), r.usage_id.clone()))).collect();
-            let delta = usage::aggregate(inserted.iter().copied());
-            add_totals(&self.db, &mut tx, delta).await?;
-            sqlx::query(watermark_sql).bind(watermark_ms.to_string()).execute(&mut *tx).await?;
-            tx.commit().await?;
-        });
-        Ok(records.iter().filter(|r| new_keys.contains(&(r.tenant.clone(), r.usage_id.clone()))).cloned().collect())
     }
 
     /// Totals of one tenant's invoice, by (usage period, plan, function).
@@ -692,7 +595,7 @@ impl Billing {
     }
 
     /// Rebuilds every running total from the usage records (a full rating run; the normal
-    /// path is incremental) and re-prices the draft invoices.
+    /// path is incremental) and re-prices the invoices that are not final.
     pub async fn rebuild(&self) -> Result<u64> {
         let _running = self.run_lock.lock().await;
         let card = self.rate_card().await?;
@@ -728,13 +631,19 @@ impl Billing {
             add_totals(&self.db, &mut tx, totals).await?;
             tx.commit().await?;
         });
-        let sql = self.db.sql("SELECT tenant, period FROM invoices WHERE status = 'draft'");
-        let drafts: Vec<(String, String)> = on_pool!(&self.db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
-        for (tenant, period) in &drafts {
+        // Every invoice the totals name, except final ones (never rewritten).
+        let final_through = self.finalized_through(card.period).await?;
+        let sql = "SELECT DISTINCT tenant, billed_period FROM usage_totals";
+        let invoices: Vec<(String, String)> = on_pool!(&self.db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
+        let mut priced = 0;
+        for (tenant, period) in &invoices {
             let period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
-            self.price_invoice(&card, tenant, period, Status::Draft).await?;
+            if final_through.is_none_or(|f| period > f) {
+                self.price_invoice(&card, tenant, period, Status::Draft).await?;
+                priced += 1;
+            }
         }
-        Ok(drafts.len() as u64)
+        Ok(priced)
     }
 }
 
@@ -753,7 +662,11 @@ where
 }
 
 /// Adds sums to the totals rows (read, add, write back), inside the caller's transaction.
-async fn add_totals<DB>(db: &Db, tx: &mut sqlx::Transaction<'_, DB>, delta: HashMap<TotalsKey, Totals>) -> Result<()>
+pub(crate) async fn add_totals<DB>(
+    db: &Db,
+    tx: &mut sqlx::Transaction<'_, DB>,
+    delta: HashMap<TotalsKey, Totals>,
+) -> Result<()>
 where
     DB: sqlx::Database,
     for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
@@ -832,22 +745,6 @@ where
 
 fn decimal(text: &str) -> Result<Decimal, sqlx::Error> {
     text.parse().map_err(|e| sqlx::Error::Decode(format!("{text:?} is not a decimal: {e}").into()))
-}
-
-/// Sets a record's period, plan (the tenant's at its start) and the invoice it is billed on
-/// (its own period's, or the first period after the last final one when it arrived late).
-fn place(record: &mut UsageRecord, kind: PeriodKind, plans: &[(i64, String)], final_through: Option<Period>) {
-    let period = Period::containing(kind, record.start_ns);
-    record.period = period.key();
-    record.plan = plans
-        .iter()
-        .rev()
-        .find(|(from, _)| *from <= record.start_ns)
-        .map_or_else(|| plans.first().map(|(_, p)| p.clone()).unwrap_or_default(), |(_, plan)| plan.clone());
-    record.billed_period = match final_through {
-        Some(last) if period <= last => last.next().key(),
-        _ => period.key(),
-    };
 }
 
 /// The share of `period` during which `plan` was the tenant's plan (1 for all of it).

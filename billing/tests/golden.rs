@@ -100,3 +100,28 @@ async fn invoices_match_the_hand_computed_ones() {
         assert_eq!(costs.to_string(), "0.021");
     }
 }
+
+/// Metered spans that claim to be billable but cannot be read as usage are skipped and
+/// counted; the good ones around them are billed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_usage_is_skipped_and_counted() {
+    let backend = common::Backend::Sqlite(tempfile::tempdir().unwrap());
+    let fixture = open(&backend, CARD).await;
+    let at = ns("2026-10-03T10:00:00Z");
+    let mut no_id = invoke("acme", "x1", "resize", at, 1, 0, 200);
+    no_id.attributes = no_id.attributes.replace("faas.invocation_id", "other");
+    let float_state = state("acme", None, at, at + 60_000_000_000, "1.5");
+    let mut float_state_bad = float_state.clone();
+    float_state_bad.attributes = float_state_bad.attributes.replace("\"1.5\"", "1.5");
+    let mut not_decimal = state("acme", Some("r"), at, at + 1, "12.5e3");
+    not_decimal.span_id = "00000000000000aa".into();
+    let mut unbilled = invoke("acme", "x2", "resize", at, 1, 0, 200);
+    unbilled.attributes = unbilled.attributes.replace("\"sfaas.billable\":true", "\"sfaas.billable\":false");
+    fixture
+        .deliver(vec![no_id, float_state_bad, not_decimal, unbilled, invoke("acme", "ok", "resize", at, 7, 0, 200)])
+        .await;
+    let report = fixture.billing.run(None).await.unwrap();
+    assert_eq!((report.records, report.malformed, report.duplicates), (1, 3, 0), "{report:?}");
+    let records = fixture.billing.records("acme", "2026-10").await.unwrap();
+    assert_eq!(records.iter().map(|r| (r.usage_id.as_str(), r.cpu_ms)).collect::<Vec<_>>(), [("ok", 7)]);
+}

@@ -41,7 +41,6 @@ CREATE TABLE IF NOT EXISTS usage_records (
     received_ms         BIGINT NOT NULL,
     PRIMARY KEY (tenant, usage_id)
 );
-CREATE INDEX IF NOT EXISTS usage_by_invoice ON usage_records (tenant, billed_period, period, plan, start_ns);
 
 -- Running sums of usage_records, maintained incrementally.
 CREATE TABLE IF NOT EXISTS usage_totals (

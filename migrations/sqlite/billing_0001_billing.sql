@@ -40,8 +40,7 @@ CREATE TABLE IF NOT EXISTS usage_records (
     plan                TEXT NOT NULL,       -- the tenant's plan at start_ns
     received_ms         BIGINT NOT NULL,
     PRIMARY KEY (tenant, usage_id)
-);
-CREATE INDEX IF NOT EXISTS usage_by_invoice ON usage_records (tenant, billed_period, period, plan, start_ns);
+) WITHOUT ROWID;  -- one B-tree: inserts and the per-tenant walks follow the key
 
 -- Running sums of usage_records, maintained incrementally.
 CREATE TABLE IF NOT EXISTS usage_totals (
