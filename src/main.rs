@@ -456,7 +456,9 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         Some((running, _)) => {
             let billing = billing::Billing::open(&running.collector.store).await.context("opening billing")?;
             let viewers = std::sync::Arc::new(CoreTokens(core.tenants.clone()));
-            let dashboard = dashboard::start(dashboard_config(&args), std::sync::Arc::new(billing), viewers).await?;
+            let store = running.collector.store.clone();
+            let dashboard =
+                dashboard::start(dashboard_config(&args), store, std::sync::Arc::new(billing), viewers).await?;
             addresses.insert("ui".into(), dashboard.addr.to_string().into());
             Some(dashboard)
         }
@@ -582,6 +584,7 @@ async fn serve_dashboard(args: ServeArgs) -> anyhow::Result<()> {
     let billing = billing::Billing::open(&store).await.context("opening billing")?;
     let running = dashboard::start(
         dashboard_config(&args),
+        store,
         std::sync::Arc::new(billing),
         std::sync::Arc::new(CoreTokens(tenants)),
     )

@@ -84,6 +84,19 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
     let started = Instant::now();
     billing.run(None).await?;
     writeln!(out, "  idle run (nothing new): {:.1} ms", started.elapsed().as_secs_f64() * 1000.0)?;
+    // The floor: the same number of records written straight into the table.
+    let step = (end - start) / invocations.max(1) as i64;
+    let started = Instant::now();
+    insert_invocations(&billing, invocations + new..invocations + 2 * new, start, step).await?;
+    let raw = started.elapsed();
+    writeln!(
+        out,
+        "  raw inserts of {new} usage records (multi-row INSERT, no extraction): {:.3} s ({:.0} records/s); \
+         incremental / raw: {:.1}×",
+        raw.as_secs_f64(),
+        new as f64 / raw.as_secs_f64(),
+        incremental.as_secs_f64() / raw.as_secs_f64()
+    )?;
     writeln!(out, "  full / incremental: {:.1}×", full.as_secs_f64() / incremental.as_secs_f64())?;
     on_pool!(billing.db(), pool => pool.close().await);
     let _ = std::fs::remove_dir_all(&dir);
@@ -93,13 +106,22 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
 /// Usage records written straight into the table (as extraction would have), in big
 /// transactions; state intervals hourly per tenant too.
 async fn seed(billing: &Billing, invocations: usize, start: i64, end: i64) -> anyhow::Result<()> {
-    const ROWS: usize = 1000; // per statement (20 000 parameters)
-    let head = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, span_id, start_ns, \
-         end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, period, \
-         billed_period, plan, received_ms) VALUES ";
-    let period = Period::containing(PeriodKind::Month, start).key();
     let step = (end - start) / invocations.max(1) as i64;
-    let mut done = 0;
+    insert_invocations(billing, 0..invocations, start, step).await?;
+    state_and_plans(billing, start, end).await
+}
+
+const INSERT_RECORDS: &str = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, span_id, \
+     start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, period, \
+     billed_period, plan, received_ms) VALUES ";
+
+/// Invocation records `ids`, written with multi-row inserts (1000 rows per statement, 50
+/// statements per transaction).
+async fn insert_invocations(billing: &Billing, ids: std::ops::Range<usize>, start: i64, step: i64) -> anyhow::Result<()> {
+    const ROWS: usize = 1000;
+    let head = INSERT_RECORDS;
+    let period = Period::containing(PeriodKind::Month, start).key();
+    let (mut done, invocations) = (ids.start, ids.end);
     let mut last_report = Instant::now();
     while done < invocations {
         // 50 statements per transaction.
@@ -128,11 +150,17 @@ async fn seed(billing: &Billing, invocations: usize, start: i64, end: i64) -> an
             tx.commit().await?;
         });
         if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!("  seeding: {done} of {invocations} records");
+            eprintln!("  seeding: {done} of {} records", invocations - ids.start);
             last_report = Instant::now();
         }
     }
-    // State: each tenant's standing storage, one interval per hour.
+    Ok(())
+}
+
+/// State records (each tenant's standing storage, one interval per hour) and plans.
+async fn state_and_plans(billing: &Billing, start: i64, end: i64) -> anyhow::Result<()> {
+    let head = INSERT_RECORDS;
+    let period = Period::containing(PeriodKind::Month, start).key();
     let hours = ((end - start) / 3_600_000_000_000).max(1);
     let state_sql = format!("{head}{}", value_groups(TENANTS, 20));
     on_pool!(billing.db(), pool => {

@@ -148,10 +148,12 @@ pub async fn chunk(
          FROM s WHERE {candidate}",
         spans = d.spans()
     );
+    let in_range = "FROM spans sp WHERE sp.metered = 1 AND sp.received_ms > ? AND sp.received_ms <= ? \
+         AND (sp.name LIKE 'invoke %' OR sp.name = 'state.usage')";
+    let total = format!("SELECT COUNT(*) {in_range}");
     let pin = format!(
-        "{spans}INSERT INTO tenant_plans (tenant, effective_from_ns, plan) SELECT DISTINCT s.tenant, 0, ? FROM s \
-         WHERE NOT EXISTS (SELECT 1 FROM tenant_plans p WHERE p.tenant = s.tenant) ON CONFLICT DO NOTHING",
-        spans = d.spans()
+        "INSERT INTO tenant_plans (tenant, effective_from_ns, plan) SELECT DISTINCT sp.tenant, 0, ? {in_range} \
+         AND NOT EXISTS (SELECT 1 FROM tenant_plans p WHERE p.tenant = sp.tenant) ON CONFLICT DO NOTHING"
     );
     let insert = format!(
         "{spans}INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, span_id, start_ns, end_ns, \
@@ -201,11 +203,9 @@ pub async fn chunk(
             // One writer of the totals at a time, across processes (read-add-write below).
             sqlx::query("SELECT pg_advisory_xact_lock(7305011)").execute(&mut *tx).await?;
         }
-        let row = sqlx::query(db.sql(&counts)).bind(after_ms).bind(upto_ms).fetch_one(&mut *tx).await?;
-        out.candidates = row.try_get::<i64, _>("candidates")? as u64;
-        out.malformed = row.try_get::<i64, _>("malformed")? as u64;
-        if out.candidates > 0 {
-            sqlx::query(db.sql(&pin)).bind(after_ms).bind(upto_ms).bind(default_plan).execute(&mut *tx).await?;
+        let total: i64 = sqlx::query_scalar(db.sql(&total)).bind(after_ms).bind(upto_ms).fetch_one(&mut *tx).await?;
+        if total > 0 {
+            sqlx::query(db.sql(&pin)).bind(default_plan).bind(after_ms).bind(upto_ms).execute(&mut *tx).await?;
             let rows = sqlx::query(db.sql(&insert))
                 .bind(after_ms)
                 .bind(upto_ms)
@@ -240,6 +240,13 @@ pub async fn chunk(
                 out.late_records += u64::from(key.period != key.billed_period);
             }
             crate::add_totals(db, &mut tx, out.totals.clone()).await?;
+            out.candidates = total as u64;
+            if out.records < out.candidates {
+                // Some spans billed nothing: duplicates, malformed, or not billable. Tell them apart.
+                let row = sqlx::query(db.sql(&counts)).bind(after_ms).bind(upto_ms).fetch_one(&mut *tx).await?;
+                out.candidates = row.try_get::<i64, _>("candidates")? as u64;
+                out.malformed = row.try_get::<i64, _>("malformed")? as u64;
+            }
         }
         sqlx::query(watermark).bind(upto_ms.to_string()).execute(&mut *tx).await?;
         tx.commit().await?;

@@ -125,3 +125,59 @@ async fn malformed_usage_is_skipped_and_counted() {
     let records = fixture.billing.records("acme", "2026-10").await.unwrap();
     assert_eq!(records.iter().map(|r| (r.usage_id.as_str(), r.cpu_ms)).collect::<Vec<_>>(), [("ok", 7)]);
 }
+
+/// A plan change in mid-period prorates each plan's allowance and minimum by the share of the
+/// period it covered: acme is on `basic` from October 1 and on `flat` from October 16 00:00,
+/// so basic covers 15 of October's 31 days and flat 16.
+/// - basic: 1 invocation, allowance 2 × 15/31 = 0.967741935 (9 decimals) → 0.032258065
+///   billable × 0.001 = 0.000032258065 → 0.00; 50 ms against an allowance of 100 × 15/31 =
+///   48.387096774 → 1.612903226 × 0.0004 = 0.0006451612904 → 0.00; minimum 1.00 × 15/31 →
+///   0.483870968 → 0.48, so a minimum line of 0.48.
+/// - flat: 1 invocation of 2000 ms: 2000 × 0.0005 = 1.00; minimum 3.10 × 16/31 = 1.60 → a
+///   minimum line of 0.60.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_change_prorates_allowances_and_minimums() {
+    let card = format!(
+        "{CARD}  flat:\n    currency: EUR\n    minimum_charge: \"3.10\"\n    prices:\n      cpu_ms: {{ unit_price: \"0.0005\" }}\n"
+    );
+    for backend in backends() {
+        let fixture = open(&backend, &card).await;
+        fixture.billing.assign_plan("acme", "basic", Some(ns("2026-10-01T00:00:00Z"))).await.unwrap();
+        fixture.billing.assign_plan("acme", "flat", Some(ns("2026-10-16T00:00:00Z"))).await.unwrap();
+        fixture
+            .deliver(vec![
+                invoke("acme", "early", "resize", ns("2026-10-05T10:00:00Z"), 50, 0, 200),
+                invoke("acme", "late", "resize", ns("2026-10-20T10:00:00Z"), 2000, 0, 200),
+            ])
+            .await;
+        fixture.billing.run(None).await.unwrap();
+        let invoice = fixture.billing.invoice("acme", "2026-10").await.unwrap();
+        let lines: Vec<_> = invoice
+            .lines
+            .iter()
+            .map(|l| {
+                let kind = serde_json::to_value(l.kind).unwrap().as_str().unwrap().to_string();
+                (kind, l.plan.clone(), l.metric.map(|m| m.name()), l.amount_exact.to_string(), l.amount.to_string())
+            })
+            .collect();
+        let line = |kind: &str, plan: &str, metric: Option<&'static str>, exact: &str, amount: &str| {
+            (kind.to_string(), plan.to_string(), metric, exact.to_string(), amount.to_string())
+        };
+        assert_eq!(
+            lines,
+            [
+                line("usage", "basic", Some("invocations"), "0.000032258065", "0.00"),
+                line("usage", "basic", Some("cpu_ms"), "0.0006451612904", "0.00"),
+                line("usage", "flat", Some("cpu_ms"), "1", "1.00"),
+                line("minimum", "basic", None, "0.48", "0.48"),
+                line("minimum", "flat", None, "0.60", "0.60"),
+            ],
+            "{}",
+            backend.name()
+        );
+        assert_eq!(invoice.total.to_string(), "2.08");
+        // Rated usage is never re-rated: the plan cannot change before it.
+        let error = fixture.billing.assign_plan("acme", "basic", Some(ns("2026-10-19T00:00:00Z"))).await.unwrap_err();
+        assert!(error.to_string().contains("takes effect after it"), "{error}");
+    }
+}

@@ -1,6 +1,11 @@
-//! The dashboard address (`--ui-addr`): the billing API under `/billing` and, as issue 6 adds
-//! them, the web UI and the Grafana datasource APIs. It also runs billing periodically, so
-//! that invoices follow usage without anyone calling `sfaas bill run`.
+//! The dashboard address (`--ui-addr`): the web UI, the billing API under `/billing`, and the
+//! Grafana datasource APIs (the Jaeger v1 query API under `/api`, the Prometheus HTTP API under
+//! `/prometheus`). It also runs billing periodically, so that invoices follow usage without
+//! anyone calling `sfaas bill run`.
+
+pub mod jaeger;
+pub mod prometheus;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +14,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use billing::Billing;
-use billing::api::{ApiState, ViewerResolver};
+use billing::api::{ApiError, ApiState, Viewer, ViewerResolver};
+use collector::store::TelemetryStore;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -32,8 +38,35 @@ pub struct RunningDashboard {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// What every handler of the dashboard address reads.
+#[derive(Clone)]
+pub struct DashboardState {
+    pub store: TelemetryStore,
+    pub billing: Arc<Billing>,
+    pub resolver: Arc<dyn ViewerResolver>,
+}
+
+impl DashboardState {
+    /// The caller, from `Authorization` (Bearer, or Basic with the token as password), with
+    /// `X-Scope-OrgID` honoured when it agrees with the token's tenant.
+    pub fn viewer(&self, headers: &axum::http::HeaderMap) -> Result<Viewer, ApiError> {
+        billing::api::authenticate(self.resolver.as_ref(), headers)
+    }
+}
+
+/// Every route of the dashboard address.
+pub fn app(state: DashboardState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(billing::api::router(ApiState { billing: state.billing.clone(), resolver: state.resolver.clone() }))
+        .merge(jaeger::router(state.clone()))
+        .merge(prometheus::router(state.clone()))
+        .merge(ui::router(state))
+}
+
 pub async fn start(
     config: DashboardConfig,
+    store: TelemetryStore,
     billing: Arc<Billing>,
     resolver: Arc<dyn ViewerResolver>,
 ) -> Result<RunningDashboard, DashboardError> {
@@ -41,9 +74,7 @@ pub async fn start(
         .await
         .map_err(|source| DashboardError::Bind { addr: config.addr, source })?;
     let addr = listener.local_addr().map_err(|source| DashboardError::Bind { addr: config.addr, source })?;
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .merge(billing::api::router(ApiState { billing: billing.clone(), resolver }));
+    let app = app(DashboardState { store, billing: billing.clone(), resolver });
     let (shutdown, mut stop) = watch::channel(false);
     let mut server_stop = shutdown.subscribe();
     let mut tasks = vec![tokio::spawn(async move {
