@@ -457,8 +457,9 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
             let billing = billing::Billing::open(&running.collector.store).await.context("opening billing")?;
             let viewers = std::sync::Arc::new(CoreTokens(core.tenants.clone()));
             let store = running.collector.store.clone();
-            let dashboard =
-                dashboard::start(dashboard_config(&args), store, std::sync::Arc::new(billing), viewers).await?;
+            let mut config = dashboard_config(&args);
+            config.collector_metrics_url = Some(format!("http://{}/metrics", running.otlp_http_addr));
+            let dashboard = dashboard::start(config, store, std::sync::Arc::new(billing), viewers).await?;
             addresses.insert("ui".into(), dashboard.addr.to_string().into());
             Some(dashboard)
         }
@@ -582,13 +583,14 @@ async fn serve_dashboard(args: ServeArgs) -> anyhow::Result<()> {
     let tenants = shared_tenants(&data_dir).await?;
     let store = collector::store::TelemetryStore::open(&telemetry_url(&args)).await?;
     let billing = billing::Billing::open(&store).await.context("opening billing")?;
-    let running = dashboard::start(
-        dashboard_config(&args),
-        store,
-        std::sync::Arc::new(billing),
-        std::sync::Arc::new(CoreTokens(tenants)),
-    )
-    .await?;
+    let mut config = dashboard_config(&args);
+    // A collector running beside it on the same data directory, if any.
+    config.collector_metrics_url = std::fs::read_to_string(data_dir.join("addresses.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|addresses| addresses["otlp_http"].as_str().map(|a| format!("http://{a}/metrics")));
+    let viewers = std::sync::Arc::new(CoreTokens(tenants));
+    let running = dashboard::start(config, store, std::sync::Arc::new(billing), viewers).await?;
     let mut addresses = serde_json::Map::new();
     addresses.insert("ui".into(), running.addr.to_string().into());
     announce(&data_dir, addresses, false)?;
@@ -603,6 +605,7 @@ fn dashboard_config(args: &ServeArgs) -> dashboard::DashboardConfig {
         addr: args.ui_addr,
         billing_every: (args.billing_interval_secs > 0)
             .then(|| std::time::Duration::from_secs(args.billing_interval_secs)),
+        collector_metrics_url: None,
     }
 }
 

@@ -117,7 +117,12 @@ const INSERT_RECORDS: &str = "INSERT INTO usage_records (tenant, usage_id, kind,
 
 /// Invocation records `ids`, written with multi-row inserts (1000 rows per statement, 50
 /// statements per transaction).
-async fn insert_invocations(billing: &Billing, ids: std::ops::Range<usize>, start: i64, step: i64) -> anyhow::Result<()> {
+async fn insert_invocations(
+    billing: &Billing,
+    ids: std::ops::Range<usize>,
+    start: i64,
+    step: i64,
+) -> anyhow::Result<()> {
     const ROWS: usize = 1000;
     let head = INSERT_RECORDS;
     let period = Period::containing(PeriodKind::Month, start).key();

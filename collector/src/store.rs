@@ -131,6 +131,50 @@ impl TelemetryStore {
         self.spans_query(sql, &[tenant, trace_id]).await
     }
 
+    /// A tenant's spans whose name starts with `prefix`, started in `[since_ns, until_ns)`,
+    /// newest first, at most `limit`.
+    pub async fn spans_named(
+        &self,
+        tenant: &str,
+        prefix: &str,
+        since_ns: i64,
+        until_ns: i64,
+        limit: i64,
+    ) -> Result<Vec<SpanRow>, StoreError> {
+        let sql = format!(
+            "SELECT {SPAN_COLUMNS} FROM spans WHERE tenant = {} AND start_ns >= {} AND start_ns < {} \
+             AND substr(name, 1, {}) = {} ORDER BY start_ns DESC LIMIT {}",
+            self.param(1),
+            self.param(2),
+            self.param(3),
+            prefix.chars().count(),
+            self.param(4),
+            limit.max(0)
+        );
+        match self {
+            Self::Sqlite(pool) => {
+                let rows = sqlx::query(AssertSqlSafe(sql))
+                    .bind(tenant)
+                    .bind(since_ns)
+                    .bind(until_ns)
+                    .bind(prefix)
+                    .fetch_all(pool)
+                    .await?;
+                Ok(rows.iter().map(|row| span_from_row!(row)).collect::<Result<Vec<_>, sqlx::Error>>()?)
+            }
+            Self::Postgres(pool) => {
+                let rows = sqlx::query(AssertSqlSafe(sql))
+                    .bind(tenant)
+                    .bind(since_ns)
+                    .bind(until_ns)
+                    .bind(prefix)
+                    .fetch_all(pool)
+                    .await?;
+                Ok(rows.iter().map(|row| span_from_row!(row)).collect::<Result<Vec<_>, sqlx::Error>>()?)
+            }
+        }
+    }
+
     /// Counts a tenant's stored spans, samples and logs.
     pub async fn counts(&self, tenant: &str) -> Result<Written, StoreError> {
         let mut counts = [0u64; 3];

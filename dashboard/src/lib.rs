@@ -3,6 +3,7 @@
 //! `/prometheus`). It also runs billing periodically, so that invoices follow usage without
 //! anyone calling `sfaas bill run`.
 
+mod charts;
 pub mod jaeger;
 pub mod prometheus;
 pub mod ui;
@@ -29,6 +30,8 @@ pub struct DashboardConfig {
     pub addr: SocketAddr,
     /// How often billing runs in the background (`None`: never; `sfaas bill run` only).
     pub billing_every: Option<Duration>,
+    /// The collector's own `/metrics`, for the health page.
+    pub collector_metrics_url: Option<String>,
 }
 
 /// A started dashboard.
@@ -55,13 +58,13 @@ impl DashboardState {
 }
 
 /// Every route of the dashboard address.
-pub fn app(state: DashboardState) -> Router {
+pub fn app(state: DashboardState, ui: ui::UiConfig) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(billing::api::router(ApiState { billing: state.billing.clone(), resolver: state.resolver.clone() }))
         .merge(jaeger::router(state.clone()))
         .merge(prometheus::router(state.clone()))
-        .merge(ui::router(state))
+        .merge(ui::router(state, ui))
 }
 
 pub async fn start(
@@ -74,7 +77,8 @@ pub async fn start(
         .await
         .map_err(|source| DashboardError::Bind { addr: config.addr, source })?;
     let addr = listener.local_addr().map_err(|source| DashboardError::Bind { addr: config.addr, source })?;
-    let app = app(DashboardState { store, billing: billing.clone(), resolver });
+    let ui = ui::UiConfig { collector_metrics_url: config.collector_metrics_url.clone() };
+    let app = app(DashboardState { store, billing: billing.clone(), resolver }, ui);
     let (shutdown, mut stop) = watch::channel(false);
     let mut server_stop = shutdown.subscribe();
     let mut tasks = vec![tokio::spawn(async move {

@@ -36,6 +36,10 @@ pub const SFAAS_FLOW_RUN_ID: &str = "sfaas.flow.run_id";
 pub const SFAAS_FLOW_NODE: &str = "sfaas.flow.node";
 pub const SFAAS_FLOW_ATTEMPT: &str = "sfaas.flow.attempt";
 pub const SFAAS_FLOW_STATUS: &str = "sfaas.flow.status";
+/// Node spans: the ids of the nodes this one needs (the DAG's edges).
+pub const SFAAS_FLOW_NEEDS: &str = "sfaas.flow.needs";
+/// Bytes of a value written to the state store (a node's output).
+pub const SFAAS_STATE_VALUE_BYTES: &str = "sfaas.state.value_bytes";
 /// Exact decimal text: the run's job's byte-seconds (on `flow` spans), or one owner's
 /// byte-seconds in one usage interval (on `state.usage` spans).
 pub const SFAAS_STATE_BYTE_SECONDS: &str = "sfaas.state.byte_seconds";

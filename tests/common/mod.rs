@@ -39,3 +39,16 @@ pub fn serve(component: &str, args: &[&str], data_dir: &std::path::Path) -> (std
     let addresses = serde_json::from_str(&line).expect("the first stdout line is the addresses JSON");
     (child, addresses)
 }
+
+/// Another program, dying with the test like [`sfaas`].
+pub fn sfaas_like(program: &str) -> Command {
+    let mut command = Command::new(program);
+    // SAFETY: prctl is async-signal-safe; the child gets SIGKILL when the test thread ends.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    command
+}

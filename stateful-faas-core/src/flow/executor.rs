@@ -437,6 +437,17 @@ async fn run_node(context: &NodeContext, input: Bytes, parent: Option<SpanContex
             .with_attributes([
                 KeyValue::new(semconv::SFAAS_FLOW_RUN_ID, context.run_id.clone()),
                 KeyValue::new(semconv::SFAAS_FLOW_NODE, node.id.clone()),
+                // The DAG's edges, so that a trace alone can be drawn as the DAG.
+                KeyValue::new(
+                    semconv::SFAAS_FLOW_NEEDS,
+                    opentelemetry::Value::Array(
+                        node.needs
+                            .iter()
+                            .map(|&i| opentelemetry::StringValue::from(context.flow.nodes[i].id.clone()))
+                            .collect::<Vec<_>>()
+                            .into(),
+                    ),
+                ),
             ])
             .start_with_context(tracer, &parent)
     });
@@ -447,6 +458,10 @@ async fn run_node(context: &NodeContext, input: Bytes, parent: Option<SpanContex
     };
     if let Some(span) = &mut span {
         span.set_attribute(KeyValue::new(semconv::SFAAS_FLOW_ATTEMPT, attempts as i64));
+        if let Ok(output) = &result {
+            // The node's output, held in the run's state job for the nodes that need it.
+            span.set_attribute(KeyValue::new(semconv::SFAAS_STATE_VALUE_BYTES, output.len() as i64));
+        }
         if let Err(message) = &result {
             span.set_status(Status::error(message.clone()));
         }
