@@ -254,6 +254,15 @@ enum BenchCommand {
         #[arg(long)]
         database_url: Option<String>,
     },
+    /// Dashboard: server time of pages and query APIs over a large store.
+    Dashboard {
+        /// Spans stored.
+        #[arg(long, default_value_t = 1_000_000)]
+        spans: usize,
+        /// Of which billed invocations.
+        #[arg(long, default_value_t = 100_000)]
+        invocations: usize,
+    },
     /// Engine overhead per node, and data passing through the state store vs files.
     Flow {
         /// Runs per measurement (the median is reported).
@@ -414,6 +423,10 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Billing { invocations, new, database_url }) => {
             println!("{}", billing::bench::run(invocations, new, database_url).await?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Dashboard { spans, invocations }) => {
+            println!("{}", dashboard::bench::run(spans, invocations).await.map_err(|e| anyhow::anyhow!("{e}"))?);
             Ok(())
         }
         Command::Bench(BenchCommand::Flow { runs }) => {

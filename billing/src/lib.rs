@@ -113,6 +113,9 @@ pub struct Billing {
     /// still be under way).
     settle: Duration,
     run_lock: tokio::sync::Mutex<()>,
+    /// Bumped by every change of what billing computes (new usage, plans, finalization), so
+    /// readers can cache derived figures such as per-invocation costs.
+    version: std::sync::atomic::AtomicU64,
 }
 
 fn now_ns() -> i64 {
@@ -123,7 +126,12 @@ impl Billing {
     /// Billing over the telemetry store's database (its tables are created if missing).
     pub async fn open(store: &TelemetryStore) -> Result<Self> {
         let db = Db::open(store).await?;
-        let billing = Self { db, settle: Duration::from_secs(5), run_lock: tokio::sync::Mutex::new(()) };
+        let billing = Self {
+            db,
+            settle: Duration::from_secs(5),
+            run_lock: tokio::sync::Mutex::new(()),
+            version: std::sync::atomic::AtomicU64::new(0),
+        };
         if billing.setting("rate_card").await?.is_none() {
             billing.apply_rate_card(DEFAULT_RATE_CARD).await?;
         }
@@ -137,6 +145,15 @@ impl Billing {
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// Changes with every change this process made to usage, plans or invoices.
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn changed(&self) {
+        self.version.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     async fn setting(&self, key: &str) -> Result<Option<String>> {
@@ -187,6 +204,7 @@ impl Billing {
             }
         }
         self.set_setting("rate_card", &serde_json::to_string(&card).expect("json")).await?;
+        self.changed();
         Ok(card)
     }
 
@@ -227,6 +245,7 @@ impl Billing {
              ON CONFLICT (tenant, effective_from_ns) DO UPDATE SET plan = excluded.plan",
         );
         on_pool!(&self.db, pool => sqlx::query(sql).bind(tenant).bind(from).bind(plan).execute(pool).await?.rows_affected());
+        self.changed();
         Ok(from)
     }
 
@@ -269,6 +288,9 @@ impl Billing {
             watermark = chunk_end;
         }
         report.watermark_ms = watermark;
+        if report.records > 0 {
+            self.changed();
+        }
         // Finalize every period whose grace window is over.
         let grace = i64::from(card.grace_hours) * 3_600_000_000_000;
         let mut due = final_through;
@@ -317,6 +339,7 @@ impl Billing {
             self.price_invoice(card, tenant, period, Status::Final).await?;
         }
         self.set_setting("finalized_through", &through.key()).await?;
+        self.changed();
         tracing::info!(through = %through, invoices = drafts.len(), "billing periods finalized");
         Ok(drafts.len() as u64)
     }
@@ -631,6 +654,7 @@ impl Billing {
             add_totals(&self.db, &mut tx, totals).await?;
             tx.commit().await?;
         });
+        self.changed();
         // Every invoice the totals name, except final ones (never rewritten).
         let final_through = self.finalized_through(card.period).await?;
         let sql = "SELECT DISTINCT tenant, billed_period FROM usage_totals";

@@ -3,6 +3,7 @@
 //! `/prometheus`). It also runs billing periodically, so that invoices follow usage without
 //! anyone calling `sfaas bill run`.
 
+pub mod bench;
 mod charts;
 pub mod jaeger;
 pub mod prometheus;
@@ -120,4 +121,23 @@ impl RunningDashboard {
             let _ = task.await;
         }
     }
+}
+
+/// A plain HTTP/1.1 GET over loopback, without a client library (the collector's metrics; the
+/// benchmark): the status and the raw body.
+pub(crate) async fn http_get(target: &str, authorization: Option<&str>) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = target.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let connect = tokio::net::TcpStream::connect(host);
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), connect).await.ok()?.ok()?;
+    let authorization = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{authorization}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
 }

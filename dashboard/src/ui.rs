@@ -21,7 +21,9 @@ use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
+use billing::RecordCost;
 use billing::api::Viewer;
+use billing::usage::UsageRecord;
 use billing::period::{Period, rfc3339};
 use collector::model::SpanRow;
 use rust_decimal::Decimal;
@@ -46,7 +48,14 @@ struct Ui {
     sessions: Mutex<HashMap<String, (Viewer, Instant)>>,
     /// The collector's counters, sampled every 10 s for the last hour.
     health: Mutex<VecDeque<HealthSample>>,
+    /// Per-invocation costs and records of recently viewed (tenant, period)s, valid while
+    /// billing's version stays the same.
+    costs: Mutex<HashMap<(String, String), (u64, Arc<Vec<RecordCost>>)>>,
+    records: Mutex<HashMap<(String, String), (u64, Arc<Vec<UsageRecord>>)>>,
 }
+
+/// (tenant, period)s kept in each cache.
+const CACHED: usize = 8;
 
 #[derive(Debug, Clone, Default)]
 struct HealthSample {
@@ -59,7 +68,14 @@ struct HealthSample {
 }
 
 pub fn router(state: DashboardState, config: UiConfig) -> Router {
-    let ui = Arc::new(Ui { state, config, sessions: Mutex::default(), health: Mutex::default() });
+    let ui = Arc::new(Ui {
+        state,
+        config,
+        sessions: Mutex::default(),
+        health: Mutex::default(),
+        costs: Mutex::default(),
+        records: Mutex::default(),
+    });
     if ui.config.collector_metrics_url.is_some() {
         tokio::spawn(sample_health(Arc::downgrade(&ui)));
     }
@@ -198,6 +214,42 @@ impl Ui {
         }
     }
 
+    /// Per-invocation costs of a tenant's invoice for `period`, computed once per billing change.
+    async fn costs(&self, tenant: &str, period: &str) -> Arc<Vec<RecordCost>> {
+        let version = self.state.billing.version();
+        let key = (tenant.to_string(), period.to_string());
+        if let Some((v, costs)) = self.costs.lock().unwrap().get(&key)
+            && *v == version
+        {
+            return costs.clone();
+        }
+        let costs = Arc::new(self.state.billing.invocation_costs(tenant, period).await.unwrap_or_default());
+        let mut cache = self.costs.lock().unwrap();
+        if cache.len() >= CACHED {
+            cache.clear();
+        }
+        cache.insert(key, (version, costs.clone()));
+        costs
+    }
+
+    /// Usage records of a tenant's period, read once per billing change.
+    async fn records(&self, tenant: &str, period: &str) -> Arc<Vec<UsageRecord>> {
+        let version = self.state.billing.version();
+        let key = (tenant.to_string(), period.to_string());
+        if let Some((v, records)) = self.records.lock().unwrap().get(&key)
+            && *v == version
+        {
+            return records.clone();
+        }
+        let records = Arc::new(self.state.billing.records(tenant, period).await.unwrap_or_default());
+        let mut cache = self.records.lock().unwrap();
+        if cache.len() >= CACHED {
+            cache.clear();
+        }
+        cache.insert(key, (version, records.clone()));
+        records
+    }
+
     async fn current_period(&self, viewer: &Viewer) -> Result<String, Response> {
         let card = self.state.billing.rate_card().await.map_err(|e| internal(viewer, e))?;
         Ok(Period::containing(card.period, chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()).key())
@@ -302,6 +354,7 @@ struct Params {
     max_ms: Option<String>,
     attr: Option<String>,
     hours: Option<String>,
+    trace: Option<String>,
 }
 
 /// Operators: this period's usage and charges per tenant.
@@ -404,11 +457,11 @@ async fn tenant(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(tenant): Pat
         Ok(c) => c,
         Err(e) => return billing_error(&viewer, e),
     };
-    let costs = billing.invocation_costs(&tenant, &period).await.unwrap_or_default();
+    let costs = ui.costs(&tenant, &period).await;
     // Per hour: invocations, and cumulative cost.
     let mut hours: BTreeMap<i64, (f64, Decimal)> = BTreeMap::new();
     let mut by_function: BTreeMap<String, (i64, i64, Decimal)> = BTreeMap::new();
-    for record in &costs {
+    for record in costs.iter() {
         let hour = record.start_ns / 3_600_000_000_000 * 3600;
         let entry = hours.entry(hour).or_default();
         if record.kind == billing::usage::Kind::Invocation {
@@ -613,7 +666,10 @@ async fn reconciliation(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(par
 
 /// Scrapes the collector's counters every 10 s (the last hour is kept).
 async fn sample_health(ui: std::sync::Weak<Ui>) {
-    let http = reqwest_free_get;
+    let http = |url: &str| {
+        let url = url.to_string();
+        async move { crate::http_get(&url, None).await.filter(|r| r.0 == 200).map(|r| r.1) }
+    };
     loop {
         let Some(strong) = ui.upgrade() else { return };
         let url = strong.config.collector_metrics_url.clone().unwrap_or_default();
@@ -628,22 +684,6 @@ async fn sample_health(ui: std::sync::Weak<Ui>) {
         }
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
-}
-
-/// A plain HTTP/1.1 GET over loopback (the collector's metrics), without a client library.
-async fn reqwest_free_get(target: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = target.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host)).await.ok()?.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await.ok()?.ok()?;
-    let text = String::from_utf8(response).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
 fn parse_health(text: &str) -> HealthSample {
@@ -678,7 +718,7 @@ async fn health(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
         return page("Collector", Some(&viewer), "<p>No collector is known to this dashboard.</p>").into_response();
     };
     // A fresh reading now, beside the last hour's.
-    let now = reqwest_free_get(url).await.map(|t| parse_health(&t));
+    let now = crate::http_get(url, None).await.filter(|r| r.0 == 200).map(|r| parse_health(&r.1));
     let samples: Vec<HealthSample> = ui.health.lock().unwrap().iter().cloned().chain(now.clone()).collect();
     let rate: Vec<(i64, f64)> = samples
         .windows(2)
@@ -736,15 +776,9 @@ async fn functions(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params):
         Ok(p) => params.period.clone().unwrap_or(p),
         Err(r) => return r,
     };
-    let billing = &ui.state.billing;
-    let records = billing.records(&tenant, &period).await.unwrap_or_default();
-    let costs: HashMap<String, Decimal> = billing
-        .invocation_costs(&tenant, &period)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| (c.usage_id, c.cost))
-        .collect();
+    let records = ui.records(&tenant, &period).await;
+    let all_costs = ui.costs(&tenant, &period).await;
+    let costs: HashMap<&str, Decimal> = all_costs.iter().map(|c| (c.usage_id.as_str(), c.cost)).collect();
     struct Row {
         latencies: Vec<f64>,
         errors: i64,
@@ -764,7 +798,7 @@ async fn functions(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params):
         all.push(r.wall_ms as f64);
         row.errors += i64::from(r.status_code >= 500);
         row.cpu += r.cpu_ms;
-        row.cost += costs.get(&r.usage_id).copied().unwrap_or_default();
+        row.cost += costs.get(r.usage_id.as_str()).copied().unwrap_or_default();
     }
     let mut body = tenant_form(&viewer, &tenant, "");
     let _ = write!(
@@ -834,9 +868,9 @@ async fn runs(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Quer
     };
     let period = ui.current_period(&viewer).await.unwrap_or_default();
     let mut run_costs: HashMap<String, Decimal> = HashMap::new();
-    for cost in ui.state.billing.invocation_costs(&tenant, &period).await.unwrap_or_default() {
-        if let Some(run) = cost.flow_run {
-            *run_costs.entry(run).or_default() += cost.cost;
+    for cost in ui.costs(&tenant, &period).await.iter() {
+        if let Some(run) = &cost.flow_run {
+            *run_costs.entry(run.clone()).or_default() += cost.cost;
         }
     }
     let flow_filter = params.flow.clone().unwrap_or_default();
@@ -871,10 +905,11 @@ async fn runs(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Quer
         shown += 1;
         let _ = write!(
             body,
-            "<tr><td><a href=\"/ui/runs/{}/{}\">{}</a></td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td class=\"n\">{:.1}</td>\
+            "<tr><td><a href=\"/ui/runs/{}/{}?trace={}\">{}</a></td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td class=\"n\">{:.1}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
             url(&tenant),
             url(&run_id),
+            url(&span.trace_id),
             esc(&run_id),
             esc(&flow),
             if status == "failed" { "bad" } else { "" },
@@ -911,6 +946,7 @@ async fn run(
     State(ui): State<Arc<Ui>>,
     headers: HeaderMap,
     Path((tenant, run_id)): Path<(String, String)>,
+    Query(params): Query<Params>,
 ) -> Response {
     let viewer = match ui.viewer(&headers) {
         Ok(v) => v,
@@ -921,33 +957,46 @@ async fn run(
         Err(r) => return r,
     };
     let store = &ui.state.store;
-    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
-    let flows = match store.spans_named(&tenant, "flow ", 0, now + 60_000_000_000, 100_000).await {
-        Ok(s) => s,
-        Err(e) => return internal(&viewer, e),
+    // The runs list links with the trace id; otherwise look the run's flow span up.
+    let flow_of = |spans: &[SpanRow]| {
+        spans.iter().find(|s| s.name.starts_with("flow ") && text_attr(&attributes(s), "sfaas.flow.run_id") == run_id).cloned()
     };
-    let Some(flow) = flows.iter().find(|s| text_attr(&attributes(s), "sfaas.flow.run_id") == run_id) else {
-        return error_page(
-            StatusCode::NOT_FOUND,
-            Some(&viewer),
-            &format!("no flow run {run_id:?} in tenant {tenant:?}"),
-        );
+    let known = match params.trace.as_deref() {
+        Some(trace) => store.trace(&tenant, trace).await.ok().and_then(|spans| flow_of(&spans)),
+        None => None,
     };
+    let flow = match known {
+        Some(flow) => flow,
+        None => {
+            let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+            let flows = match store.spans_named(&tenant, "flow ", 0, now + 60_000_000_000, 100_000).await {
+                Ok(s) => s,
+                Err(e) => return internal(&viewer, e),
+            };
+            match flow_of(&flows) {
+                Some(flow) => flow,
+                None => {
+                    return error_page(
+                        StatusCode::NOT_FOUND,
+                        Some(&viewer),
+                        &format!("no flow run {run_id:?} in tenant {tenant:?}"),
+                    );
+                }
+            }
+        }
+    };
+    let flow = &flow;
     let spans = match store.trace(&tenant, &flow.trace_id).await {
         Ok(s) => s,
         Err(e) => return internal(&viewer, e),
     };
-    let period = ui.current_period(&viewer).await.unwrap_or_default();
+    let period = Period::containing(billing_kind(&ui).await, flow.start_ns).key();
     let costs: HashMap<String, Decimal> = ui
-        .state
-        .billing
-        .invocation_costs(&tenant, &Period::containing(billing_kind(&ui).await, flow.start_ns).key())
+        .costs(&tenant, &period)
         .await
-        .or(ui.state.billing.invocation_costs(&tenant, &period).await)
-        .unwrap_or_default()
-        .into_iter()
+        .iter()
         .filter(|c| c.flow_run.as_deref() == Some(run_id.as_str()))
-        .map(|c| (c.usage_id, c.cost))
+        .map(|c| (c.usage_id.clone(), c.cost))
         .collect();
     // Nodes: `node <id>` spans of the run; their `invoke` children carry CPU and cost.
     let mut nodes: Vec<DagNode> = Vec::new();
