@@ -23,8 +23,8 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use billing::RecordCost;
 use billing::api::Viewer;
-use billing::usage::UsageRecord;
 use billing::period::{Period, rfc3339};
+use billing::usage::UsageRecord;
 use collector::model::SpanRow;
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -959,37 +959,37 @@ async fn run(
     let store = &ui.state.store;
     // The runs list links with the trace id; otherwise look the run's flow span up.
     let flow_of = |spans: &[SpanRow]| {
-        spans.iter().find(|s| s.name.starts_with("flow ") && text_attr(&attributes(s), "sfaas.flow.run_id") == run_id).cloned()
+        spans
+            .iter()
+            .find(|s| s.name.starts_with("flow ") && text_attr(&attributes(s), "sfaas.flow.run_id") == run_id)
+            .cloned()
     };
     let known = match params.trace.as_deref() {
-        Some(trace) => store.trace(&tenant, trace).await.ok().and_then(|spans| flow_of(&spans)),
+        Some(trace) => store.trace(&tenant, trace).await.ok().and_then(|spans| flow_of(&spans).map(|f| (f, spans))),
         None => None,
     };
-    let flow = match known {
-        Some(flow) => flow,
+    let (flow, spans) = match known {
+        Some(found) => found,
         None => {
             let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
             let flows = match store.spans_named(&tenant, "flow ", 0, now + 60_000_000_000, 100_000).await {
                 Ok(s) => s,
                 Err(e) => return internal(&viewer, e),
             };
-            match flow_of(&flows) {
-                Some(flow) => flow,
-                None => {
-                    return error_page(
-                        StatusCode::NOT_FOUND,
-                        Some(&viewer),
-                        &format!("no flow run {run_id:?} in tenant {tenant:?}"),
-                    );
-                }
+            let Some(flow) = flow_of(&flows) else {
+                return error_page(
+                    StatusCode::NOT_FOUND,
+                    Some(&viewer),
+                    &format!("no flow run {run_id:?} in tenant {tenant:?}"),
+                );
+            };
+            match store.trace(&tenant, &flow.trace_id).await {
+                Ok(spans) => (flow, spans),
+                Err(e) => return internal(&viewer, e),
             }
         }
     };
     let flow = &flow;
-    let spans = match store.trace(&tenant, &flow.trace_id).await {
-        Ok(s) => s,
-        Err(e) => return internal(&viewer, e),
-    };
     let period = Period::containing(billing_kind(&ui).await, flow.start_ns).key();
     let costs: HashMap<String, Decimal> = ui
         .costs(&tenant, &period)
