@@ -1,6 +1,7 @@
 //! `sfaas`: the command line of stateful-faas. It wires the crates together; nothing else.
 
 mod client;
+mod demo;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -296,6 +297,10 @@ struct ServeArgs {
     /// Collector: a tenant's own retention, as TENANT=HOURS (repeatable).
     #[arg(long = "tenant-retention", value_parser = parse_tenant_hours)]
     tenant_retention: Vec<(String, u64)>,
+    /// `up` only: also create two demo tenants, deploy the demo functions and flow for both,
+    /// and keep a small workload running.
+    #[arg(long)]
+    demo: bool,
     /// Dashboard: web UI, billing API and Grafana datasource APIs.
     #[arg(long, env = "SFAAS_UI_ADDR", default_value = "127.0.0.1:16686")]
     ui_addr: SocketAddr,
@@ -502,8 +507,34 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         dashboard.as_ref().map_or(String::new(), |d| format!(", dashboard http://{}", d.addr)),
         stateful_faas_core::config::admin_token_path(&data_dir).display()
     );
+    let demo = match (&dashboard, args.demo) {
+        (Some(dashboard), true) => {
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let admin = match std::env::var("SFAAS_ADMIN_TOKEN") {
+                Ok(token) if !token.is_empty() => token,
+                _ => std::fs::read_to_string(stateful_faas_core::config::admin_token_path(&data_dir))
+                    .context("the admin token for the demo")?
+                    .trim()
+                    .to_string(),
+            };
+            let (gateway, ui) = (format!("http://{}", running.gateway_addr), format!("http://{}", dashboard.addr));
+            let dir = data_dir.clone();
+            let task = tokio::spawn(async move {
+                if let Err(error) = demo::run(gateway, ui, admin, &dir, stopped).await {
+                    eprintln!("sfaas demo: stopped: {error:#}");
+                }
+            });
+            Some((stop, task))
+        }
+        (None, true) => anyhow::bail!("--demo needs the whole platform: use `sfaas up --demo`"),
+        _ => None,
+    };
     shutdown_signal().await;
     eprintln!("sfaas: shutting down (finishing in-flight calls, flushing spans, committing telemetry)");
+    if let Some((stop, task)) = demo {
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
     running.shutdown().await;
     if let Some(collector) = collector {
         collector.shutdown().await;

@@ -195,3 +195,72 @@ async fn usage_reaches_invoices_and_every_view_agrees() {
     up.kill().unwrap();
     up.wait().unwrap();
 }
+
+/// `sfaas up --demo`: within a minute, both demo tenants have usage and a draft invoice, on
+/// their own plans; SIGTERM stops everything cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_shows_usage_and_draft_invoices() {
+    let dir = tempfile::tempdir().unwrap();
+    let any = "127.0.0.1:0";
+    let (mut up, addresses) = common::serve(
+        "up",
+        &[
+            "--demo",
+            "--gateway-addr",
+            any,
+            "--otlp-grpc-addr",
+            any,
+            "--otlp-http-addr",
+            any,
+            "--jaeger-addr",
+            any,
+            "--ui-addr",
+            any,
+            "--billing-interval-secs",
+            "2",
+            "--state-usage-interval-secs",
+            "2",
+        ],
+        dir.path(),
+    );
+    let ui = format!("http://{}", addresses["ui"].as_str().unwrap());
+    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let invoices: Value =
+            http.get(format!("{ui}/billing/invoices")).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+        let mut plans = Vec::new();
+        for tenant in ["demo-lab", "demo-shop"] {
+            let invoice = invoices.as_array().unwrap().iter().find(|i| i["tenant"] == tenant);
+            if let Some(invoice) = invoice {
+                let period = invoice["period"].as_str().unwrap();
+                let document: Value = http
+                    .get(format!("{ui}/billing/invoices/{tenant}/{period}"))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let invocations = document["lines"].as_array().unwrap().iter().any(|l| l["metric"] == "invocations");
+                if document["status"] == "draft" && invocations {
+                    plans.push(document["lines"][0]["plan"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        if plans == ["free", "pro"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no draft invoices with usage for both demo tenants: {invoices}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let tokens: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("demo-tokens.json")).unwrap()).unwrap();
+    assert!(tokens["demo-shop"]["read_token"].is_string(), "{tokens}");
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
+    let status = up.wait().unwrap();
+    assert!(status.success(), "a clean shutdown: {status}");
+}
