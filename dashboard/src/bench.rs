@@ -90,7 +90,7 @@ pub async fn run(spans: usize, invocations: usize) -> Result<String, Box<dyn std
                 now / NS
             ),
         ),
-        ("billing API: invoice (t0)", format!("/billing/invoices?tenant=t0")),
+        ("billing API: invoice (t0)", "/billing/invoices?tenant=t0".to_string()),
     ];
     writeln!(out, "\n| request | first ms | median ms | status |\n|---|---:|---:|---:|")?;
     for (name, path) in &queries {
@@ -146,7 +146,12 @@ fn span(tenant: String, trace: u128, id: u64, parent: Option<u64>, name: String,
 }
 
 /// Invocation spans of the platform (metered, billable) and a tenant's own web traces.
-async fn seed_spans(store: &TelemetryStore, spans: usize, invocations: usize, now: i64) -> Result<(), Box<dyn std::error::Error>> {
+async fn seed_spans(
+    store: &TelemetryStore,
+    spans: usize,
+    invocations: usize,
+    now: i64,
+) -> Result<(), Box<dyn std::error::Error>> {
     let mut batch = Vec::with_capacity(5000);
     let span_of_day = 20 * 86_400 * NS / spans.max(1) as i64;
     for i in 0..spans {
@@ -154,7 +159,8 @@ async fn seed_spans(store: &TelemetryStore, spans: usize, invocations: usize, no
         let tenant = format!("t{}", i % TENANTS);
         let mut row = if i < invocations {
             let function = format!("f{}", (i / TENANTS) % FUNCTIONS);
-            let mut row = span(tenant.clone(), 1 << 64 | i as u128, i as u64 + 1, None, format!("invoke {function}"), start, 5);
+            let mut row =
+                span(tenant.clone(), 1 << 64 | i as u128, i as u64 + 1, None, format!("invoke {function}"), start, 5);
             row.service_name = "sfaas-core".into();
             row.resource = serde_json::json!({"service.name": "sfaas-core", "service.namespace": tenant}).to_string();
             row.metered = true;
