@@ -1,9 +1,1254 @@
-//! The Jaeger v1 query JSON API for Grafana's Jaeger datasource (issue 6).
+//! The Jaeger v1 query JSON API (the Jaeger UI's `/api`), as Grafana's Jaeger datasource calls it
+//! (issue 6). Every route is `GET` at the dashboard address:
+//!
+//! | route | data |
+//! |---|---|
+//! | `/api/services` | service names (Grafana's health check: success needs at least one) |
+//! | `/api/services/{service}/operations` | operation names (what Grafana's search form lists) |
+//! | `/api/operations?service=&spanKind=` | `[{name, spanKind}]` (Jaeger's newer form; the Jaeger UI uses it) |
+//! | `/api/traces?service&operation&tags&tag&minDuration&maxDuration&limit&start&end&traceID` | traces |
+//! | `/api/traces/{traceID}` | one trace (404 when unknown) |
+//! | `/api/dependencies?endTs&lookback&service` | `[{parent, child, callCount}]` |
+//!
+//! Shapes are jaeger-query's (`model/json`, `structuredResponse`): the envelope
+//! `{data, total, limit, offset, errors}` (`total` is the count for services and operations and 0
+//! for traces and dependencies, `limit`/`offset` 0, as jaeger-query sends them; `errors` is `null`
+//! on success, never `[]`, which Grafana's dependency graph would take for a failure, and
+//! `[{code, msg}]` with the HTTP status on failure, 401/403 included); a trace is
+//! `{traceID, spans, processes: {p1: {serviceName, tags}}, warnings}`, a span
+//! `{traceID, spanID, flags, operationName, references, startTime, duration, tags, logs,
+//! processID, warnings}` with times in microseconds (truncated, duration from the nanosecond
+//! difference), `flags` 1 (sampled), and `references`, `tags` and `logs` always arrays (Grafana
+//! maps `span.logs` unconditionally). Tags are typed `{key, type, value}` with
+//! `type` one of `string`, `bool`, `int64`, `float64` (integers beyond JavaScript's safe range
+//! are sent as strings, as jaeger-query does). Stored spans are translated the way the
+//! OpenTelemetry Collector's OTLP→Jaeger translator does: scope → `otel.scope.name` /
+//! `otel.scope.version`, kind → `span.kind` (`internal`, `server`, `client`, `producer`,
+//! `consumer`), status → `otel.status_code` (`OK`/`ERROR`), `error=true` and
+//! `otel.status_description`; events → logs whose first field is `event` = the event name; the
+//! parent → the first `CHILD_OF` reference, links → `FOLLOWS_FROM` (or `CHILD_OF` when the link
+//! says `opentracing.ref_type=child_of`); the resource → the process (`service.name` is its
+//! `serviceName`, every other attribute a process tag). A synthetic tag is left out when the
+//! span already has an attribute of that name (spans from Jaeger clients keep their own `error`).
+//!
+//! Decisions:
+//! - Tenancy. Every query runs per tenant. A read token sees its tenant only, so another
+//!   tenant's trace id is a plain 404 and its services, operations, traces and dependencies are
+//!   absent. The admin token sees every tenant, or only the tenant named by `X-Scope-OrgID`
+//!   when it sends one (so that an operator can point one Grafana datasource per tenant at the
+//!   dashboard with the admin token). No or a bad token is 401, a read token with another
+//!   tenant's `X-Scope-OrgID` is 403, both in the error envelope above.
+//! - A trace id is unique within a tenant only. For the admin, `/api/traces/{id}` returns one
+//!   trace per tenant that has it (ordered by tenant; Grafana shows `data[0]`), each with a
+//!   `warnings` entry naming its tenant when there is more than one; a search lists each
+//!   (tenant, trace id) separately. The admin's dependency counts add up over tenants.
+//! - Trace ids are written as jaeger-query writes them: 32 hex digits, or 16 when the high 64
+//!   bits are zero (traces of 64-bit Jaeger clients). Any 1..=32 hex digits are accepted
+//!   (left-padded with zeros, case-insensitive), so both forms, and OTLP's, find the trace.
+//!   Span ids are 16 hex digits.
+//! - `start`/`end` on `/api/traces/{id}` are checked to be integers and otherwise ignored: the
+//!   lookup is by id through the primary key anyway, and Grafana's backend sends milliseconds
+//!   there where the Jaeger API means microseconds.
+//! - Search follows jaeger-query's semantics: a trace is found when one of its spans is of the
+//!   service and matches every given condition (operation; start within `start`..`end`, default
+//!   the last two days; duration within `minDuration`..`maxDuration`, Go duration strings such
+//!   as `1.2s`, `100ms`, `500us`; every tag, which may be a span tag, a synthetic tag above, a
+//!   process tag or a log field, compared as text). The found traces come whole, most recently
+//!   matched first, at most `limit` of them (default 20, at most 1500). `tags` is a JSON object
+//!   (what Grafana sends) or logfmt (`http.status_code=500 error=true`, what users type into
+//!   Grafana's tags field before Grafana turns it into JSON); `tag=key:value` may repeat; `lookback` and `prettyPrint` are ignored;
+//!   `traceID` (repeatable) fetches those traces instead, with `errors` naming the missing ones.
+//! - `/api/dependencies` counts, for spans that started in `endTs - lookback`..`endTs`
+//!   (milliseconds; lookback defaults to 24 h), each parent→child pair of different services,
+//!   as jaeger-query's in-memory store does.
+//! - Speed. A trace is read through the primary key (tenant, trace id, span id), without the
+//!   `ORDER BY start_ns` that makes SQLite walk `spans_by_time` instead; a search walks
+//!   `spans_by_service` (tenant, service, start) backwards in pages, lets the database drop
+//!   spans whose JSON lacks a tag's value text, and stops at `limit` traces (a search that finds
+//!   fewer reads the service's whole window); services and tenants are listed with a skip scan
+//!   (one index probe per distinct value). Listing a service's operations reads every span of
+//!   the service (no index has the span name), and dependencies every span of the window.
 
-use axum::Router;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use billing::api::Viewer;
+use collector::model::SpanRow;
+use collector::store::TelemetryStore;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sqlx::{AssertSqlSafe, Row};
 
 use crate::DashboardState;
 
-pub fn router(_state: DashboardState) -> Router {
+pub fn router(state: DashboardState) -> Router {
     Router::new()
+        .route("/api/services", get(services))
+        .route("/api/services/{service}/operations", get(service_operations))
+        .route("/api/operations", get(operations))
+        .route("/api/traces", get(search))
+        .route("/api/traces/{trace_id}", get(trace))
+        .route("/api/dependencies", get(dependencies))
+        .with_state(state)
+}
+
+/// Search `limit` when none is given (the Jaeger UI's and Grafana's default).
+const DEFAULT_LIMIT: usize = 20;
+/// The largest search `limit` honoured (the Jaeger UI's own maximum).
+const MAX_LIMIT: usize = 1500;
+/// Search window when `start` is not given (jaeger-query's default lookback).
+const DEFAULT_SEARCH_LOOKBACK_NS: i64 = 2 * 24 * 3600 * 1_000_000_000;
+/// Dependencies window when `lookback` is not given (jaeger-query's default).
+const DEFAULT_DEPENDENCIES_LOOKBACK_MS: i64 = 24 * 3600 * 1000;
+/// Rows per page of a search's backwards walk: the first page is small, as the rows of one
+/// trace come together and the database filters by tags before the limit; later pages double.
+const FIRST_PAGE: usize = 100;
+const MAX_PAGE: usize = 20_000;
+const JS_MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
+
+// ---------------------------------------------------------------------------------------------
+// Envelope and errors
+
+#[derive(Serialize)]
+struct Envelope<T> {
+    data: T,
+    total: usize,
+    limit: usize,
+    offset: usize,
+    errors: Option<Vec<StructuredError>>,
+}
+
+#[derive(Serialize)]
+struct StructuredError {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<u16>,
+    msg: String,
+    #[serde(rename = "traceID", skip_serializing_if = "Option::is_none")]
+    trace_id: Option<String>,
+}
+
+fn respond<T: Serialize>(data: T, total: usize, errors: Option<Vec<StructuredError>>) -> Response {
+    Json(Envelope { data, total, limit: 0, offset: 0, errors }).into_response()
+}
+
+/// A failed request, answered in jaeger-query's error envelope.
+#[derive(Debug)]
+pub struct JaegerError(StatusCode, String);
+
+impl IntoResponse for JaegerError {
+    fn into_response(self) -> Response {
+        let error = StructuredError { code: Some(self.0.as_u16()), msg: self.1, trace_id: None };
+        let body = Envelope { data: Value::Null, total: 0, limit: 0, offset: 0, errors: Some(vec![error]) };
+        (self.0, Json(body)).into_response()
+    }
+}
+
+impl From<sqlx::Error> for JaegerError {
+    fn from(error: sqlx::Error) -> Self {
+        tracing::error!(%error, "jaeger query failed");
+        JaegerError(StatusCode::INTERNAL_SERVER_ERROR, format!("telemetry store: {error}"))
+    }
+}
+
+type Result<T> = std::result::Result<T, JaegerError>;
+
+fn bad_request(msg: impl Into<String>) -> JaegerError {
+    JaegerError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+type Params = std::result::Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+/// The query string as (name, value) pairs, repeats kept.
+fn params(query: Params) -> Result<Vec<(String, String)>> {
+    query.map(|Query(pairs)| pairs).map_err(|rejection| bad_request(rejection.body_text()))
+}
+
+/// The first non-empty value of `name` (Go's `FormValue`, with empty meaning absent).
+fn first<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params.iter().find(|(k, v)| k == name && !v.is_empty()).map(|(_, v)| v.as_str())
+}
+
+fn int_param(params: &[(String, String)], name: &str) -> Result<Option<i64>> {
+    first(params, name)
+        .map(|v| v.trim().parse::<i64>().map_err(|e| bad_request(format!("unable to parse param '{name}': {e}"))))
+        .transpose()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tenancy
+
+/// The tenants the caller may read and asked for (checked before anything else is looked at).
+async fn scope(state: &DashboardState, headers: &HeaderMap) -> Result<Vec<String>> {
+    let viewer = state.viewer(headers).map_err(|error| JaegerError(error.0, error.1))?;
+    match viewer {
+        Viewer::Tenant(tenant) => Ok(vec![tenant]),
+        Viewer::Admin => {
+            let org = headers.get("x-scope-orgid").and_then(|v| v.to_str().ok()).map(str::trim);
+            match org.filter(|org| !org.is_empty()) {
+                Some(org) => Ok(vec![org.to_string()]),
+                None => Ok(all_tenants(&state.store).await?),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQL on either backend: SQL is written once with `?` placeholders; PostgreSQL gets `$n`.
+
+fn sql(store: &TelemetryStore, text: &str) -> AssertSqlSafe<String> {
+    match store {
+        TelemetryStore::Sqlite(_) => AssertSqlSafe(text.to_string()),
+        TelemetryStore::Postgres(_) => {
+            let mut out = String::with_capacity(text.len() + 16);
+            let mut n = 0;
+            for c in text.chars() {
+                if c == '?' {
+                    n += 1;
+                    out.push('$');
+                    out.push_str(&n.to_string());
+                } else {
+                    out.push(c);
+                }
+            }
+            AssertSqlSafe(out)
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Bind<'a> {
+    Str(&'a str),
+    Int(i64),
+}
+
+/// Runs `$sql` with `$binds` on whichever pool `$store` holds and decodes every row with
+/// `$decode` (compiled once per backend).
+macro_rules! rows {
+    ($store:expr, $sql:expr, $binds:expr, |$row:ident| $decode:expr) => {{
+        let store: &TelemetryStore = $store;
+        let text = sql(store, $sql);
+        let binds: &[Bind<'_>] = $binds;
+        macro_rules! run {
+            ($pool:expr) => {{
+                let mut query = sqlx::query(text);
+                for bind in binds {
+                    query = match bind {
+                        Bind::Str(s) => query.bind(*s),
+                        Bind::Int(i) => query.bind(*i),
+                    };
+                }
+                query
+                    .fetch_all($pool)
+                    .await?
+                    .iter()
+                    .map(|$row| -> std::result::Result<_, sqlx::Error> { Ok($decode) })
+                    .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?
+            }};
+        }
+        match store {
+            TelemetryStore::Sqlite(pool) => run!(pool),
+            TelemetryStore::Postgres(pool) => run!(pool),
+        }
+    }};
+}
+
+/// Every tenant with spans: a skip scan over an index led by `tenant`.
+async fn all_tenants(store: &TelemetryStore) -> std::result::Result<Vec<String>, sqlx::Error> {
+    let text = "WITH RECURSIVE t(name) AS ( \
+                  SELECT (SELECT tenant FROM spans ORDER BY tenant LIMIT 1) \
+                  UNION ALL \
+                  SELECT (SELECT tenant FROM spans WHERE tenant > t.name ORDER BY tenant LIMIT 1) \
+                  FROM t WHERE t.name IS NOT NULL) \
+                SELECT name FROM t WHERE name IS NOT NULL";
+    Ok(rows!(store, text, &[], |row| row.try_get::<String, _>(0)?))
+}
+
+/// A tenant's service names: a skip scan over `spans_by_service`.
+async fn tenant_services(store: &TelemetryStore, tenant: &str) -> std::result::Result<Vec<String>, sqlx::Error> {
+    let text = "WITH RECURSIVE s(name) AS ( \
+                  SELECT (SELECT service_name FROM spans WHERE tenant = ? ORDER BY service_name LIMIT 1) \
+                  UNION ALL \
+                  SELECT (SELECT service_name FROM spans WHERE tenant = ? AND service_name > s.name \
+                          ORDER BY service_name LIMIT 1) \
+                  FROM s WHERE s.name IS NOT NULL) \
+                SELECT name FROM s WHERE name IS NOT NULL";
+    Ok(rows!(store, text, &[Bind::Str(tenant), Bind::Str(tenant)], |row| row.try_get::<String, _>(0)?))
+}
+
+/// A tenant's (operation, span kind) pairs of one service.
+async fn tenant_operations(
+    store: &TelemetryStore,
+    tenant: &str,
+    service: &str,
+) -> std::result::Result<Vec<(String, i64)>, sqlx::Error> {
+    let text = "SELECT name, kind FROM spans WHERE tenant = ? AND service_name = ? GROUP BY name, kind";
+    Ok(rows!(store, text, &[Bind::Str(tenant), Bind::Str(service)], |row| (
+        row.try_get::<String, _>(0)?,
+        row.try_get::<i64, _>(1)?
+    )))
+}
+
+/// Traces read at once by a search (bind parameters per statement stay far below the limits).
+const TRACES_PER_STATEMENT: usize = 100;
+
+/// The spans of some traces of one tenant, by trace id, each trace's spans by start time.
+///
+/// Through the primary key (tenant, trace_id, span_id). The statement has no `ORDER BY` on
+/// purpose: given `ORDER BY start_ns`, as in `TelemetryStore::trace`, SQLite plans
+/// `spans_by_time` (tenant, start_ns) for the order and reads every span of the tenant; sorting
+/// one trace's spans here costs nothing.
+async fn trace_rows(
+    store: &TelemetryStore,
+    tenant: &str,
+    trace_ids: &[&str],
+) -> std::result::Result<HashMap<String, Vec<SpanRow>>, sqlx::Error> {
+    let mut traces: HashMap<String, Vec<SpanRow>> = HashMap::new();
+    for chunk in trace_ids.chunks(TRACES_PER_STATEMENT) {
+        let text = format!(
+            "SELECT trace_id, span_id, parent_span_id, name, kind, start_ns, end_ns, status_code, status_message, \
+             service_name, attributes, events, links, resource, scope \
+             FROM spans WHERE tenant = ? AND trace_id IN ({})",
+            vec!["?"; chunk.len()].join(", ")
+        );
+        let mut binds = vec![Bind::Str(tenant)];
+        binds.extend(chunk.iter().map(|id| Bind::Str(id)));
+        let rows = rows!(store, &text, &binds, |row| SpanRow {
+            tenant: tenant.to_string(),
+            trace_id: row.try_get(0)?,
+            span_id: row.try_get(1)?,
+            parent_span_id: row.try_get(2)?,
+            name: row.try_get(3)?,
+            kind: row.try_get(4)?,
+            start_ns: row.try_get(5)?,
+            end_ns: row.try_get(6)?,
+            status_code: row.try_get(7)?,
+            status_message: row.try_get(8)?,
+            service_name: row.try_get(9)?,
+            attributes: row.try_get(10)?,
+            events: row.try_get(11)?,
+            links: row.try_get(12)?,
+            resource: row.try_get(13)?,
+            scope: row.try_get(14)?,
+            metered: false, // not read: nothing here shows it
+        });
+        for row in rows {
+            traces.entry(row.trace_id.clone()).or_default().push(row);
+        }
+    }
+    for spans in traces.values_mut() {
+        spans.sort_by(|a, b| a.start_ns.cmp(&b.start_ns).then_with(|| a.span_id.cmp(&b.span_id)));
+    }
+    Ok(traces)
+}
+
+// ---------------------------------------------------------------------------------------------
+// /api/services, /api/services/{service}/operations, /api/operations
+
+async fn services(State(state): State<DashboardState>, headers: HeaderMap) -> Result<Response> {
+    let tenants = scope(&state, &headers).await?;
+    let mut names = BTreeSet::new();
+    for tenant in &tenants {
+        names.extend(tenant_services(&state.store, tenant).await?);
+    }
+    let names: Vec<String> = names.into_iter().collect();
+    let total = names.len();
+    Ok(respond(names, total, None))
+}
+
+/// (operation, span kind name) pairs of a service over the caller's tenants.
+async fn operation_pairs(
+    state: &DashboardState,
+    tenants: &[String],
+    service: &str,
+) -> Result<BTreeSet<(String, &'static str)>> {
+    let mut pairs = BTreeSet::new();
+    for tenant in tenants {
+        for (name, kind) in tenant_operations(&state.store, tenant, service).await? {
+            pairs.insert((name, kind_name(kind).unwrap_or("")));
+        }
+    }
+    Ok(pairs)
+}
+
+async fn service_operations(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+) -> Result<Response> {
+    let tenants = scope(&state, &headers).await?;
+    let pairs = operation_pairs(&state, &tenants, service.trim()).await?;
+    let names: Vec<String> = pairs.into_iter().map(|(name, _)| name).collect::<BTreeSet<_>>().into_iter().collect();
+    let total = names.len();
+    Ok(respond(names, total, None))
+}
+
+#[derive(Serialize)]
+struct Operation {
+    name: String,
+    #[serde(rename = "spanKind")]
+    span_kind: &'static str,
+}
+
+async fn operations(State(state): State<DashboardState>, headers: HeaderMap, query: Params) -> Result<Response> {
+    let tenants = scope(&state, &headers).await?;
+    let params = params(query)?;
+    let service = first(&params, "service").ok_or_else(|| bad_request("parameter 'service' is required"))?;
+    let kind = first(&params, "spanKind").map(|k| {
+        let k = k.to_ascii_lowercase();
+        k.strip_prefix("span_kind_").map(str::to_string).unwrap_or(k)
+    });
+    let data: Vec<Operation> = operation_pairs(&state, &tenants, service.trim())
+        .await?
+        .into_iter()
+        .filter(|(_, span_kind)| kind.as_deref().is_none_or(|k| k == *span_kind))
+        .map(|(name, span_kind)| Operation { name, span_kind })
+        .collect();
+    let total = data.len();
+    Ok(respond(data, total, None))
+}
+
+// ---------------------------------------------------------------------------------------------
+// /api/traces/{traceID}
+
+/// A trace id as stored: 32 lowercase hex digits, from 1..=32 hex digits (jaeger-query's
+/// `TraceIDFromString` accepts as many).
+fn parse_trace_id(raw: &str) -> Result<String> {
+    let raw = raw.trim();
+    if raw.is_empty() || raw.len() > 32 || !raw.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad_request(format!("cannot parse traceID {raw:?}: want 1 to 32 hexadecimal digits")));
+    }
+    Ok(format!("{:0>32}", raw.to_ascii_lowercase()))
+}
+
+/// A stored trace id as jaeger-query writes it: without the high half when that is zero.
+fn jaeger_trace_id(stored: &str) -> String {
+    match stored.strip_prefix("0000000000000000") {
+        Some(low) if stored.len() == 32 => low.to_string(),
+        _ => stored.to_string(),
+    }
+}
+
+/// The traces with this id among `tenants` (one per tenant that has it).
+async fn traces_by_id(store: &TelemetryStore, tenants: &[String], trace_id: &str) -> Result<Vec<JaegerTrace>> {
+    let mut found = Vec::new();
+    for tenant in tenants {
+        if let Some(rows) = trace_rows(store, tenant, &[trace_id]).await?.remove(trace_id) {
+            found.push((tenant.as_str(), rows));
+        }
+    }
+    let several = found.len() > 1;
+    let names: Vec<&str> = found.iter().map(|(tenant, _)| *tenant).collect();
+    Ok(found
+        .iter()
+        .map(|(tenant, rows)| {
+            let mut trace = jaeger_trace(rows);
+            if several {
+                trace.warnings = Some(vec![format!(
+                    "this trace id is in {} tenants ({}); these are the spans of tenant {tenant}",
+                    names.len(),
+                    names.join(", ")
+                )]);
+            }
+            trace
+        })
+        .collect())
+}
+
+async fn trace(
+    State(state): State<DashboardState>,
+    headers: HeaderMap,
+    Path(raw_id): Path<String>,
+    query: Params,
+) -> Result<Response> {
+    let tenants = scope(&state, &headers).await?;
+    let params = params(query)?;
+    int_param(&params, "start")?;
+    int_param(&params, "end")?;
+    let trace_id = parse_trace_id(&raw_id)?;
+    let traces = traces_by_id(&state.store, &tenants, &trace_id).await?;
+    if traces.is_empty() {
+        return Err(JaegerError(StatusCode::NOT_FOUND, "trace not found".into()));
+    }
+    Ok(respond(traces, 0, None))
+}
+
+// ---------------------------------------------------------------------------------------------
+// /api/traces (search)
+
+struct Search {
+    service: String,
+    operation: Option<String>,
+    tags: Vec<(String, String)>,
+    min_ns: i64,
+    max_ns: i64,
+    limit: usize,
+    start_ns: i64,
+    end_ns: i64,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Go's `time.ParseDuration` (what jaeger-query uses for `minDuration`/`maxDuration`), in ns.
+fn parse_go_duration(text: &str) -> Option<i64> {
+    let (negative, mut rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    if rest == "0" {
+        return Some(0);
+    }
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total: f64 = 0.0;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let (whole, after) = rest.split_at(digits);
+        let (fraction, after) = match after.strip_prefix('.') {
+            Some(after) => {
+                let digits = after.find(|c: char| !c.is_ascii_digit()).unwrap_or(after.len());
+                after.split_at(digits)
+            }
+            None => ("", after),
+        };
+        if whole.is_empty() && fraction.is_empty() {
+            return None;
+        }
+        let unit_len = after.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_len);
+        let scale: f64 = match unit {
+            "ns" => 1.0,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        let value: f64 = format!("{}.{}", if whole.is_empty() { "0" } else { whole }, fraction).parse().ok()?;
+        total += value * scale;
+        rest = after;
+    }
+    if total > i64::MAX as f64 {
+        return None;
+    }
+    let total = total.round() as i64;
+    Some(if negative { -total } else { total })
+}
+
+/// logfmt (`key=value key2="quoted value" flag`), as Grafana's search form takes tags.
+fn parse_logfmt(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut pairs = Vec::new();
+    let mut i = 0;
+    loop {
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if i == chars.len() {
+            return Ok(pairs);
+        }
+        let start = i;
+        while i < chars.len() && !chars[i].is_whitespace() && chars[i] != '=' {
+            i += 1;
+        }
+        let key: String = chars[start..i].iter().collect();
+        if key.is_empty() {
+            return Err(format!(
+                "malformed 'tags' parameter: expected a key at {:?}",
+                chars[i..].iter().collect::<String>()
+            ));
+        }
+        if i < chars.len() && chars[i] == '=' {
+            i += 1;
+            let mut value = String::new();
+            if i < chars.len() && chars[i] == '"' {
+                i += 1;
+                loop {
+                    match chars.get(i) {
+                        None => return Err(format!("malformed 'tags' parameter: unterminated quote after {key}=")),
+                        Some('"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some('\\') => {
+                            match chars.get(i + 1) {
+                                Some('n') => value.push('\n'),
+                                Some('t') => value.push('\t'),
+                                Some('r') => value.push('\r'),
+                                Some(&c) => value.push(c),
+                                None => {
+                                    return Err(format!("malformed 'tags' parameter: unterminated quote after {key}="));
+                                }
+                            }
+                            i += 2;
+                        }
+                        Some(&c) => {
+                            value.push(c);
+                            i += 1;
+                        }
+                    }
+                }
+            } else {
+                while i < chars.len() && !chars[i].is_whitespace() {
+                    value.push(chars[i]);
+                    i += 1;
+                }
+            }
+            pairs.push((key, value));
+        } else {
+            pairs.push((key, "true".into()));
+        }
+    }
+}
+
+/// `tags` as Grafana sends it (a JSON object of strings), or logfmt.
+fn parse_tags(text: &str) -> Result<Vec<(String, String)>> {
+    let text = text.trim();
+    if text.starts_with('{') {
+        let object: Map<String, Value> = serde_json::from_str(text)
+            .map_err(|e| bad_request(format!("malformed 'tags' parameter, cannot unmarshal JSON: {e}")))?;
+        Ok(object
+            .into_iter()
+            .map(|(key, value)| {
+                let value = match value {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (key, value)
+            })
+            .collect())
+    } else {
+        parse_logfmt(text).map_err(bad_request)
+    }
+}
+
+fn parse_search(params: &[(String, String)]) -> Result<Search> {
+    let service = first(params, "service").map(|s| s.trim().to_string());
+    let operation = first(params, "operation").map(str::to_string);
+    let mut tags = Vec::new();
+    for (key, value) in params {
+        match key.as_str() {
+            "tag" if !value.is_empty() => match value.split_once(':') {
+                Some((k, v)) => tags.push((k.to_string(), v.to_string())),
+                None => {
+                    return Err(bad_request(format!(
+                        "malformed 'tag' parameter, expecting key:value, received: {value}"
+                    )));
+                }
+            },
+            "tags" if !value.is_empty() => tags.extend(parse_tags(value)?),
+            _ => {}
+        }
+    }
+    let duration = |name: &str| -> Result<i64> {
+        first(params, name)
+            .map(|v| {
+                parse_go_duration(v.trim()).ok_or_else(|| {
+                    bad_request(format!(
+                        "unable to parse param '{name}': invalid duration {v:?} (use e.g. 1.2s, 100ms, 500us)"
+                    ))
+                })
+            })
+            .transpose()
+            .map(|d| d.unwrap_or(0))
+    };
+    let min_ns = duration("minDuration")?;
+    let max_ns = duration("maxDuration")?;
+    if min_ns != 0 && max_ns != 0 && max_ns < min_ns {
+        return Err(bad_request("'maxDuration' should be greater than 'minDuration'"));
+    }
+    let limit = match int_param(params, "limit")? {
+        Some(limit) if limit > 0 => (limit as usize).min(MAX_LIMIT),
+        _ => DEFAULT_LIMIT,
+    };
+    let end_ns = int_param(params, "end")?.map_or_else(now_ns, |us| us.saturating_mul(1000));
+    let start_ns = int_param(params, "start")?
+        .map_or_else(|| end_ns.saturating_sub(DEFAULT_SEARCH_LOOKBACK_NS), |us| us.saturating_mul(1000));
+    let service = service.ok_or_else(|| bad_request("parameter 'service' is required"))?;
+    Ok(Search { service, operation, tags, min_ns, max_ns, limit, start_ns, end_ns })
+}
+
+/// One span considered by a search.
+struct Candidate {
+    trace_id: String,
+    start_ns: i64,
+    /// Only read when the search has tags.
+    details: Option<Details>,
+}
+
+struct Details {
+    kind: i64,
+    status_code: i64,
+    status_message: String,
+    attributes: String,
+    resource: String,
+    events: String,
+    scope: String,
+}
+
+/// The text a tag value is compared as (jaeger-query compares `AsString()`).
+fn value_matches(value: &Value, want: &str) -> bool {
+    match value {
+        Value::String(s) => s == want,
+        Value::Bool(b) => want == if *b { "true" } else { "false" },
+        Value::Number(n) => n.to_string() == want || (want.parse::<f64>().ok().is_some_and(|w| n.as_f64() == Some(w))),
+        Value::Null => want.is_empty(),
+        // Arrays and maps, as their JSON text.
+        other => serde_json::to_string(other).is_ok_and(|text| text == want),
+    }
+}
+
+fn parse_map(text: &str) -> Map<String, Value> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+impl Details {
+    /// Whether every tag matches a tag, process tag or log field of this span.
+    fn matches(&self, tags: &[(String, String)]) -> bool {
+        let attributes = parse_map(&self.attributes);
+        let mut resource: Option<Map<String, Value>> = None;
+        let mut events: Option<Vec<Value>> = None;
+        let mut scope: Option<Map<String, Value>> = None;
+        tags.iter().all(|(key, want)| {
+            if let Some(value) = attributes.get(key) {
+                if value_matches(value, want) {
+                    return true;
+                }
+            } else {
+                let synthetic = match key.as_str() {
+                    "span.kind" => kind_name(self.kind) == Some(want.as_str()),
+                    "otel.status_code" => status_name(self.status_code) == Some(want.as_str()),
+                    "error" => self.status_code == 2 && want == "true",
+                    "otel.status_description" => !self.status_message.is_empty() && &self.status_message == want,
+                    "otel.scope.name" | "otel.scope.version" => {
+                        let scope = scope.get_or_insert_with(|| parse_map(&self.scope));
+                        let field = if key == "otel.scope.name" { "name" } else { "version" };
+                        scope.get(field).and_then(Value::as_str).is_some_and(|v| !v.is_empty() && v == want)
+                    }
+                    _ => false,
+                };
+                if synthetic {
+                    return true;
+                }
+            }
+            if key != "service.name" {
+                let resource = resource.get_or_insert_with(|| parse_map(&self.resource));
+                if resource.get(key).is_some_and(|v| value_matches(v, want)) {
+                    return true;
+                }
+            }
+            let events = events.get_or_insert_with(|| serde_json::from_str(&self.events).unwrap_or_default());
+            events.iter().any(|event| {
+                (key == "event" && event.get("name").and_then(Value::as_str) == Some(want.as_str()))
+                    || event.get("attributes").and_then(|a| a.get(key)).is_some_and(|v| value_matches(v, want))
+            })
+        })
+    }
+}
+
+/// Text that a span's attributes, resource or events JSON must contain for the tag `key=want` to
+/// match (`None` when no such text is certain: tags made from the span's kind, status or scope,
+/// and values compared otherwise than as JSON text, such as `500.0` with `500`).
+fn needle(key: &str, want: &str) -> Option<String> {
+    let synthetic = matches!(
+        key,
+        "span.kind"
+            | "otel.status_code"
+            | "error"
+            | "otel.status_description"
+            | "otel.scope.name"
+            | "otel.scope.version"
+    );
+    let numeric = want.parse::<f64>().is_ok();
+    let canonical_integer = want.parse::<i64>().is_ok_and(|i| i.to_string() == want);
+    if synthetic || want.is_empty() || want.starts_with(['[', '{']) || (numeric && !canonical_integer) {
+        return None;
+    }
+    let quoted = serde_json::to_string(want).ok()?;
+    Some(quoted[1..quoted.len() - 1].to_string())
+}
+
+/// Up to `limit` traces of `tenant` matching the search, most recently matched first, with the
+/// start of their latest matching span: walks `spans_by_service` backwards page by page.
+async fn find_traces(
+    store: &TelemetryStore,
+    tenant: &str,
+    search: &Search,
+) -> std::result::Result<Vec<(String, i64)>, sqlx::Error> {
+    let with_tags = !search.tags.is_empty();
+    let columns = if with_tags {
+        "trace_id, start_ns, kind, status_code, status_message, attributes, resource, events, scope"
+    } else {
+        "trace_id, start_ns"
+    };
+    let mut conditions = String::new();
+    if search.operation.is_some() {
+        conditions.push_str(" AND name = ?");
+    }
+    if search.min_ns > 0 {
+        conditions.push_str(" AND end_ns - start_ns >= ?");
+    }
+    if search.max_ns > 0 {
+        conditions.push_str(" AND end_ns - start_ns <= ?");
+    }
+    // A cheap necessary condition per tag, checked by the database: the value's JSON text is in
+    // the span's attributes, resource or events. The exact match is made here afterwards.
+    let needles: Vec<String> = search.tags.iter().filter_map(|(key, want)| needle(key, want)).collect();
+    let instr = match store {
+        TelemetryStore::Sqlite(_) => "instr",
+        TelemetryStore::Postgres(_) => "strpos",
+    };
+    for _ in &needles {
+        conditions.push_str(&format!(
+            " AND ({instr}(attributes, ?) > 0 OR {instr}(resource, ?) > 0 OR {instr}(events, ?) > 0)"
+        ));
+    }
+    let page_sql = |page: usize| {
+        format!(
+            "SELECT {columns} FROM spans WHERE tenant = ? AND service_name = ? AND start_ns >= ? AND start_ns <= ?\
+             {conditions} ORDER BY start_ns DESC LIMIT {page}"
+        )
+    };
+    let ties_sql =
+        format!("SELECT {columns} FROM spans WHERE tenant = ? AND service_name = ? AND start_ns = ?{conditions}");
+    let extra_binds = {
+        let mut binds = Vec::new();
+        if let Some(operation) = &search.operation {
+            binds.push(Bind::Str(operation));
+        }
+        if search.min_ns > 0 {
+            binds.push(Bind::Int(search.min_ns));
+        }
+        if search.max_ns > 0 {
+            binds.push(Bind::Int(search.max_ns));
+        }
+        for needle in &needles {
+            binds.extend([Bind::Str(needle), Bind::Str(needle), Bind::Str(needle)]);
+        }
+        binds
+    };
+
+    let mut found: Vec<(String, i64)> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut consider = |candidates: Vec<Candidate>, found: &mut Vec<(String, i64)>| {
+        for candidate in candidates {
+            if found.len() >= search.limit {
+                return;
+            }
+            if seen.contains(&candidate.trace_id) {
+                continue;
+            }
+            if candidate.details.as_ref().is_none_or(|details| details.matches(&search.tags)) {
+                seen.insert(candidate.trace_id.clone());
+                found.push((candidate.trace_id, candidate.start_ns));
+            }
+        }
+    };
+
+    let mut high = search.end_ns;
+    let mut page = FIRST_PAGE;
+    while high >= search.start_ns && found.len() < search.limit {
+        let mut binds =
+            vec![Bind::Str(tenant), Bind::Str(&search.service), Bind::Int(search.start_ns), Bind::Int(high)];
+        binds.extend(extra_binds.iter().copied());
+        let candidates = fetch_candidates(store, &page_sql(page), &binds, with_tags).await?;
+        let full = candidates.len() == page;
+        let last = candidates.last().map(|c| c.start_ns);
+        consider(candidates, &mut found);
+        let (true, Some(last)) = (full, last) else { break };
+        if found.len() >= search.limit {
+            break;
+        }
+        // The page ended inside a run of equal start times: take the whole run, then go on below it.
+        let mut binds = vec![Bind::Str(tenant), Bind::Str(&search.service), Bind::Int(last)];
+        binds.extend(extra_binds.iter().copied());
+        let ties = fetch_candidates(store, &ties_sql, &binds, with_tags).await?;
+        consider(ties, &mut found);
+        if last == i64::MIN {
+            break;
+        }
+        high = last - 1;
+        page = (page * 2).min(MAX_PAGE);
+    }
+    Ok(found)
+}
+
+async fn fetch_candidates(
+    store: &TelemetryStore,
+    text: &str,
+    binds: &[Bind<'_>],
+    with_tags: bool,
+) -> std::result::Result<Vec<Candidate>, sqlx::Error> {
+    Ok(rows!(store, text, binds, |row| Candidate {
+        trace_id: row.try_get(0)?,
+        start_ns: row.try_get(1)?,
+        details: if with_tags {
+            Some(Details {
+                kind: row.try_get(2)?,
+                status_code: row.try_get(3)?,
+                status_message: row.try_get(4)?,
+                attributes: row.try_get(5)?,
+                resource: row.try_get(6)?,
+                events: row.try_get(7)?,
+                scope: row.try_get(8)?,
+            })
+        } else {
+            None
+        },
+    }))
+}
+
+async fn search(State(state): State<DashboardState>, headers: HeaderMap, query: Params) -> Result<Response> {
+    let tenants = scope(&state, &headers).await?;
+    let params = params(query)?;
+    let trace_ids: Vec<&str> =
+        params.iter().filter(|(k, v)| k == "traceID" && !v.is_empty()).map(|(_, v)| v.as_str()).collect();
+    if !trace_ids.is_empty() {
+        let mut traces = Vec::new();
+        let mut errors = Vec::new();
+        for raw in trace_ids {
+            let trace_id = parse_trace_id(raw)?;
+            let found = traces_by_id(&state.store, &tenants, &trace_id).await?;
+            if found.is_empty() {
+                errors.push(StructuredError {
+                    code: None,
+                    msg: "trace not found".into(),
+                    trace_id: Some(jaeger_trace_id(&trace_id)),
+                });
+            }
+            traces.extend(found);
+        }
+        return Ok(respond(traces, 0, (!errors.is_empty()).then_some(errors)));
+    }
+    let search = parse_search(&params)?;
+    let mut found: Vec<(i64, &str, String)> = Vec::new();
+    for tenant in &tenants {
+        for (trace_id, start_ns) in find_traces(&state.store, tenant, &search).await? {
+            found.push((start_ns, tenant.as_str(), trace_id));
+        }
+    }
+    found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)).then_with(|| a.2.cmp(&b.2)));
+    found.truncate(search.limit);
+    let mut by_tenant: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (_, tenant, trace_id) in &found {
+        by_tenant.entry(tenant).or_default().push(trace_id);
+    }
+    let mut spans: HashMap<(&str, String), Vec<SpanRow>> = HashMap::new();
+    for (tenant, trace_ids) in by_tenant {
+        for (trace_id, rows) in trace_rows(&state.store, tenant, &trace_ids).await? {
+            spans.insert((tenant, trace_id), rows);
+        }
+    }
+    let traces: Vec<JaegerTrace> = found
+        .iter()
+        .filter_map(|(_, tenant, trace_id)| spans.get(&(*tenant, trace_id.clone())).map(|rows| jaeger_trace(rows)))
+        .collect();
+    Ok(respond(traces, 0, None))
+}
+
+// ---------------------------------------------------------------------------------------------
+// /api/dependencies
+
+#[derive(Serialize)]
+struct DependencyLink {
+    parent: String,
+    child: String,
+    #[serde(rename = "callCount")]
+    call_count: i64,
+}
+
+async fn dependencies(State(state): State<DashboardState>, headers: HeaderMap, query: Params) -> Result<Response> {
+    let tenants = scope(&state, &headers).await?;
+    let params = params(query)?;
+    let end_ms = int_param(&params, "endTs")?.unwrap_or_else(|| now_ns() / 1_000_000);
+    let lookback_ms = int_param(&params, "lookback")?.unwrap_or(DEFAULT_DEPENDENCIES_LOOKBACK_MS);
+    let service = first(&params, "service");
+    let end_ns = end_ms.saturating_mul(1_000_000);
+    let start_ns = end_ms.saturating_sub(lookback_ms).saturating_mul(1_000_000);
+    let text = "SELECT p.service_name, c.service_name, COUNT(*) FROM spans c \
+                JOIN spans p ON p.tenant = c.tenant AND p.trace_id = c.trace_id AND p.span_id = c.parent_span_id \
+                WHERE c.tenant = ? AND c.start_ns >= ? AND c.start_ns <= ? AND c.parent_span_id IS NOT NULL \
+                AND p.service_name <> c.service_name \
+                GROUP BY p.service_name, c.service_name";
+    let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for tenant in &tenants {
+        let links = rows!(&state.store, text, &[Bind::Str(tenant), Bind::Int(start_ns), Bind::Int(end_ns)], |row| (
+            row.try_get::<String, _>(0)?,
+            row.try_get::<String, _>(1)?,
+            row.try_get::<i64, _>(2)?
+        ));
+        for (parent, child, count) in links {
+            *counts.entry((parent, child)).or_default() += count;
+        }
+    }
+    let data: Vec<DependencyLink> = counts
+        .into_iter()
+        .filter(|((parent, child), _)| service.is_none_or(|s| s == parent || s == child))
+        .map(|((parent, child), call_count)| DependencyLink { parent, child, call_count })
+        .collect();
+    Ok(respond(data, 0, None))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stored spans → Jaeger's JSON model
+
+#[derive(Serialize)]
+struct JaegerTrace {
+    #[serde(rename = "traceID")]
+    trace_id: String,
+    spans: Vec<JaegerSpan>,
+    processes: BTreeMap<String, JaegerProcess>,
+    warnings: Option<Vec<String>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JaegerSpan {
+    #[serde(rename = "traceID")]
+    trace_id: String,
+    #[serde(rename = "spanID")]
+    span_id: String,
+    flags: u32,
+    operation_name: String,
+    references: Vec<Reference>,
+    start_time: i64,
+    duration: i64,
+    tags: Vec<KeyValue>,
+    logs: Vec<Log>,
+    #[serde(rename = "processID")]
+    process_id: String,
+    warnings: Option<Vec<String>>,
+}
+
+#[derive(Serialize)]
+struct Reference {
+    #[serde(rename = "refType")]
+    ref_type: &'static str,
+    #[serde(rename = "traceID")]
+    trace_id: String,
+    #[serde(rename = "spanID")]
+    span_id: String,
+}
+
+#[derive(Serialize)]
+struct JaegerProcess {
+    #[serde(rename = "serviceName")]
+    service_name: String,
+    tags: Vec<KeyValue>,
+}
+
+#[derive(Serialize)]
+struct Log {
+    timestamp: i64,
+    fields: Vec<KeyValue>,
+}
+
+#[derive(Serialize)]
+struct KeyValue {
+    key: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    value: Value,
+}
+
+fn kind_name(kind: i64) -> Option<&'static str> {
+    match kind {
+        1 => Some("internal"),
+        2 => Some("server"),
+        3 => Some("client"),
+        4 => Some("producer"),
+        5 => Some("consumer"),
+        _ => None,
+    }
+}
+
+fn status_name(code: i64) -> Option<&'static str> {
+    match code {
+        1 => Some("OK"),
+        2 => Some("ERROR"),
+        _ => None,
+    }
+}
+
+fn string_tag(key: &str, value: &str) -> KeyValue {
+    KeyValue { key: key.to_string(), kind: "string", value: Value::String(value.to_string()) }
+}
+
+/// A typed tag from a stored attribute value (jaeger-query's `convertKeyValues`).
+fn tag(key: &str, value: &Value) -> KeyValue {
+    let (kind, value) = match value {
+        Value::String(_) => ("string", value.clone()),
+        Value::Bool(_) => ("bool", value.clone()),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) if (-JS_MAX_SAFE_INTEGER..=JS_MAX_SAFE_INTEGER).contains(&i) => ("int64", value.clone()),
+            Some(i) => ("int64", Value::String(i.to_string())),
+            None if n.is_u64() => ("int64", Value::String(n.to_string())),
+            None => ("float64", value.clone()),
+        },
+        Value::Null => ("string", Value::String(String::new())),
+        other => ("string", Value::String(other.to_string())),
+    };
+    KeyValue { key: key.to_string(), kind, value }
+}
+
+fn object(text: &str, what: &str, warnings: &mut Vec<String>) -> Map<String, Value> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => map,
+        _ => {
+            warnings.push(format!("stored {what} are not a JSON object"));
+            Map::new()
+        }
+    }
+}
+
+fn hex_id_ok(id: &str, len: usize) -> bool {
+    id.len() == len && id.bytes().all(|b| b.is_ascii_hexdigit()) && id.bytes().any(|b| b != b'0')
+}
+
+fn jaeger_span(row: &SpanRow, trace_id: &str, process_id: String) -> JaegerSpan {
+    let mut warnings = Vec::new();
+    let attributes = object(&row.attributes, "attributes", &mut warnings);
+    let mut tags = Vec::with_capacity(attributes.len() + 4);
+    if row.scope != "{}" {
+        let scope = object(&row.scope, "scope", &mut warnings);
+        for (field, key) in [("name", "otel.scope.name"), ("version", "otel.scope.version")] {
+            if let Some(value) = scope.get(field).and_then(Value::as_str).filter(|v| !v.is_empty()) {
+                tags.push(string_tag(key, value));
+            }
+        }
+    }
+    for (key, value) in &attributes {
+        tags.push(tag(key, value));
+    }
+    let mut synthetic = |key: &str, value: Value| {
+        if !attributes.contains_key(key) {
+            tags.push(tag(key, &value));
+        }
+    };
+    if let Some(kind) = kind_name(row.kind) {
+        synthetic("span.kind", Value::String(kind.into()));
+    }
+    if let Some(status) = status_name(row.status_code) {
+        synthetic("otel.status_code", Value::String(status.into()));
+    }
+    if row.status_code == 2 {
+        synthetic("error", Value::Bool(true));
+    }
+    if !row.status_message.is_empty() {
+        synthetic("otel.status_description", Value::String(row.status_message.clone()));
+    }
+
+    let mut references = Vec::new();
+    if let Some(parent) = row.parent_span_id.as_deref().filter(|p| !p.is_empty()) {
+        references.push(Reference {
+            ref_type: "CHILD_OF",
+            trace_id: trace_id.to_string(),
+            span_id: parent.to_string(),
+        });
+    }
+    if row.links != "[]" {
+        let links: Vec<Value> = serde_json::from_str(&row.links).unwrap_or_else(|_| {
+            warnings.push("stored links are not a JSON array".into());
+            Vec::new()
+        });
+        for link in links {
+            let (Some(link_trace), Some(link_span)) =
+                (link.get("trace_id").and_then(Value::as_str), link.get("span_id").and_then(Value::as_str))
+            else {
+                continue;
+            };
+            if !hex_id_ok(link_trace, 32) || !hex_id_ok(link_span, 16) {
+                continue;
+            }
+            let child_of = link.get("attributes").and_then(|a| a.get("opentracing.ref_type")).and_then(Value::as_str)
+                == Some("child_of");
+            let ref_type = if child_of { "CHILD_OF" } else { "FOLLOWS_FROM" };
+            let link_trace = jaeger_trace_id(link_trace);
+            if row.parent_span_id.as_deref() == Some(link_span) && link_trace == trace_id && !references.is_empty() {
+                references[0].ref_type = ref_type;
+                continue;
+            }
+            references.push(Reference { ref_type, trace_id: link_trace, span_id: link_span.to_string() });
+        }
+    }
+
+    let mut logs = Vec::new();
+    if row.events != "[]" {
+        let events: Vec<Value> = serde_json::from_str(&row.events).unwrap_or_else(|_| {
+            warnings.push("stored events are not a JSON array".into());
+            Vec::new()
+        });
+        for event in events {
+            let time_ns =
+                event.get("time_ns").and_then(|t| t.as_i64().or_else(|| t.as_f64().map(|f| f as i64))).unwrap_or(0);
+            let attributes = event.get("attributes").and_then(Value::as_object);
+            let mut fields = Vec::with_capacity(attributes.map_or(0, Map::len) + 1);
+            if let Some(name) = event.get("name").and_then(Value::as_str).filter(|n| !n.is_empty())
+                && !attributes.is_some_and(|a| a.contains_key("event"))
+            {
+                fields.push(string_tag("event", name));
+            }
+            for (key, value) in attributes.into_iter().flatten() {
+                fields.push(tag(key, value));
+            }
+            logs.push(Log { timestamp: time_ns / 1000, fields });
+        }
+    }
+
+    let duration_ns = row.end_ns.saturating_sub(row.start_ns);
+    if duration_ns < 0 {
+        warnings.push(format!("the span ends {} ns before it starts; duration shown as 0", -duration_ns));
+    }
+    JaegerSpan {
+        trace_id: trace_id.to_string(),
+        span_id: row.span_id.clone(),
+        // The span was recorded and exported: sampled.
+        flags: 1,
+        operation_name: row.name.clone(),
+        references,
+        start_time: row.start_ns / 1000,
+        duration: duration_ns.max(0) / 1000,
+        tags,
+        logs,
+        process_id,
+        warnings: (!warnings.is_empty()).then_some(warnings),
+    }
+}
+
+/// One tenant's spans of one trace (non-empty) in Jaeger's JSON model.
+fn jaeger_trace(rows: &[SpanRow]) -> JaegerTrace {
+    let trace_id = jaeger_trace_id(&rows[0].trace_id);
+    let mut ids: HashMap<(&str, &str), String> = HashMap::new();
+    let mut processes = BTreeMap::new();
+    let spans = rows
+        .iter()
+        .map(|row| {
+            let key = (row.service_name.as_str(), row.resource.as_str());
+            let process_id = match ids.get(&key) {
+                Some(id) => id.clone(),
+                None => {
+                    let id = format!("p{}", ids.len() + 1);
+                    let mut ignored = Vec::new();
+                    let resource = object(&row.resource, "resource", &mut ignored);
+                    let tags =
+                        resource.iter().filter(|(key, _)| *key != "service.name").map(|(k, v)| tag(k, v)).collect();
+                    processes.insert(id.clone(), JaegerProcess { service_name: row.service_name.clone(), tags });
+                    ids.insert(key, id.clone());
+                    id
+                }
+            };
+            jaeger_span(row, &trace_id, process_id)
+        })
+        .collect();
+    JaegerTrace { trace_id, spans, processes, warnings: None }
 }

@@ -50,9 +50,12 @@ struct Ui {
     health: Mutex<VecDeque<HealthSample>>,
     /// Per-invocation costs and records of recently viewed (tenant, period)s, valid while
     /// billing's version stays the same.
-    costs: Mutex<HashMap<(String, String), (u64, Arc<Vec<RecordCost>>)>>,
-    records: Mutex<HashMap<(String, String), (u64, Arc<Vec<UsageRecord>>)>>,
+    costs: Cache<RecordCost>,
+    records: Cache<UsageRecord>,
 }
+
+/// Per (tenant, period): the billing version it was computed at, and the rows.
+type Cache<T> = Mutex<HashMap<(String, String), (u64, Arc<Vec<T>>)>>;
 
 /// (tenant, period)s kept in each cache.
 const CACHED: usize = 8;
