@@ -120,6 +120,20 @@ impl Browser {
         text.as_str().unwrap_or_else(|| panic!("no element {css} on the page")).to_string()
     }
 
+    /// The text of `css` once it is `expected` (a navigation may still be under way), else
+    /// what it was after 10 s.
+    async fn text_becomes(&self, css: &str, expected: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let script = format!("const e = document.querySelector({css:?}); return e ? e.textContent.trim() : null;");
+            let text = self.eval(&script).await.as_str().unwrap_or_default().to_string();
+            if text == expected || Instant::now() > deadline {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn screenshot(&self, name: &str) {
         use base64::Engine;
         let png = self.call(reqwest::Method::GET, "/screenshot", None).await;
@@ -221,7 +235,7 @@ async fn a_user_reads_bills_and_dag_traces_in_a_browser() {
     assert_eq!(browser.text("h1").await, "Sign in", "pages need a sign-in");
     browser.type_into("input[name=token]", &admin).await;
     browser.click("button[type=submit]").await;
-    assert_eq!(browser.text("h1").await, "Tenants");
+    assert_eq!(browser.text_becomes("h1", "Tenants").await, "Tenants");
     let row = browser.text("#tenants tbody tr:first-child").await;
     assert!(row.contains("acme") && row.contains("pro"), "{row}");
     let charge = browser.text("#tenants tbody tr:first-child td:last-child").await;
@@ -229,6 +243,7 @@ async fn a_user_reads_bills_and_dag_traces_in_a_browser() {
     browser.screenshot("tenants").await;
 
     browser.click("#tenants a[href='/ui/tenants/acme']").await;
+    assert_eq!(browser.text_becomes("h1", "Tenant acme").await, "Tenant acme");
     assert_eq!(browser.text("#invocations").await, "8");
     let charts = browser
         .eval("return [...document.querySelectorAll('svg.chart')].map(s => s.querySelectorAll('circle').length)")
@@ -238,6 +253,7 @@ async fn a_user_reads_bills_and_dag_traces_in_a_browser() {
     browser.screenshot("tenant").await;
 
     browser.click(&format!("#invoices a[href='/ui/invoices/acme/{period}']")).await;
+    assert_eq!(browser.text_becomes("h1", &format!("Invoice acme {period}")).await, format!("Invoice acme {period}"));
     assert_eq!(browser.text("#total").await, format!("{} EUR", invoice["total"].as_str().unwrap()));
     let lines = browser.eval("return document.querySelectorAll('#lines tbody tr').length").await;
     assert_eq!(lines.as_u64(), invoice["lines"].as_array().map(|l| l.len() as u64));
@@ -247,6 +263,11 @@ async fn a_user_reads_bills_and_dag_traces_in_a_browser() {
     let runs = browser.eval("return document.querySelectorAll('#runs tbody tr').length").await;
     assert_eq!(runs, 2, "both runs are listed");
     browser.click("#runs tbody tr:first-child a").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while browser.eval("return document.querySelector('svg.dag') !== null").await != true {
+        assert!(Instant::now() < deadline, "the run page did not open");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let nodes =
         browser.eval("return [...document.querySelectorAll('svg.dag g.node')].map(g => g.dataset.node).sort()").await;
     assert_eq!(nodes, json!(["loud", "measure", "report", "stats"]), "a box per DAG node");
@@ -259,10 +280,11 @@ async fn a_user_reads_bills_and_dag_traces_in_a_browser() {
 
     // A tenant's read token: its own pages only.
     browser.click("header form button").await;
+    assert_eq!(browser.text_becomes("h1", "Sign in").await, "Sign in", "signed out");
     browser.go(&format!("{ui}/login")).await;
     browser.type_into("input[name=token]", globex["read_token"].as_str().unwrap()).await;
     browser.click("button[type=submit]").await;
-    assert_eq!(browser.text("h1").await, "Tenant globex");
+    assert_eq!(browser.text_becomes("h1", "Tenant globex").await, "Tenant globex");
     browser.go(&format!("{ui}/ui/tenants/acme")).await;
     assert_eq!(browser.text("h1").await, "Forbidden");
     browser.go(&format!("{ui}/ui/invoices/acme/{period}")).await;
