@@ -21,15 +21,6 @@ pub enum Kind {
     State,
 }
 
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Invocation => "invocation",
-            Kind::State => "state",
-        }
-    }
-}
-
 /// One billable item.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UsageRecord {
