@@ -3,8 +3,6 @@
 //! invocation counts, state and charges; invoice totals are the sum of their lines, and the
 //! lines the sum of the per-invocation costs; a tenant's read token sees only its own bills.
 
-use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
@@ -12,29 +10,7 @@ use serde_json::Value;
 
 mod common;
 
-fn sfaas(data_dir: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
-    use std::io::Write;
-    let mut child = common::sfaas()
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env_remove("SFAAS_ADMIN_TOKEN")
-        .env_remove("SFAAS_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    (output.status.success(), String::from_utf8(output.stdout).unwrap(), String::from_utf8(output.stderr).unwrap())
-}
-
-fn ok(data_dir: &Path, args: &[&str], stdin: &str) -> String {
-    let (success, stdout, stderr) = sfaas(data_dir, args, stdin);
-    assert!(success, "sfaas {args:?} failed: {stderr}");
-    stdout
-}
+use common::{cli as sfaas, cli_ok as ok};
 
 fn decimal(value: &Value) -> Decimal {
     value.as_str().unwrap_or_else(|| panic!("{value} is a decimal string")).parse().unwrap()

@@ -12,24 +12,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-fn sfaas(data_dir: &Path, args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    let mut child = common::sfaas()
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env_remove("SFAAS_ADMIN_TOKEN")
-        .env_remove("SFAAS_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "sfaas {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap()
-}
+use common::cli_ok as sfaas;
 
 /// A WebDriver session on headless Chromium.
 struct Browser {

@@ -468,12 +468,9 @@ impl Billing {
         Ok(groups)
     }
 
-    /// A stored invoice: its JSON document and status.
+    /// A stored invoice.
     pub async fn invoice(&self, tenant: &str, period: &str) -> Result<Invoice> {
-        let sql = self.db.sql("SELECT document FROM invoices WHERE tenant = ? AND period = ?");
-        let document: Option<String> =
-            on_pool!(&self.db, pool => sqlx::query_scalar(sql).bind(tenant).bind(period).fetch_optional(pool).await?);
-        let document = document.ok_or_else(|| BillingError::NotFound(format!("invoice of {tenant} for {period}")))?;
+        let document = self.invoice_document(tenant, period).await?;
         serde_json::from_str(&document).map_err(|e| BillingError::Invalid(format!("stored invoice: {e}")))
     }
 
@@ -771,8 +768,10 @@ fn decimal(text: &str) -> Result<Decimal, sqlx::Error> {
     text.parse().map_err(|e| sqlx::Error::Decode(format!("{text:?} is not a decimal: {e}").into()))
 }
 
-/// The share of `period` during which `plan` was the tenant's plan (1 for all of it).
-fn share(assignments: &[(i64, String)], default_plan: &str, plan: &str, period: Period) -> Decimal {
+/// The share of `period` during which `plan` was the tenant's plan (1 for all of it): how
+/// allowances, tier bounds and minimums are prorated. Before its first assignment a tenant
+/// counts as on its first plan.
+pub fn share(assignments: &[(i64, String)], default_plan: &str, plan: &str, period: Period) -> Decimal {
     let (start, end) = (period.start_ns(), period.end_ns());
     let mut covered: i128 = 0;
     let mut segments: Vec<(i64, &str)> = Vec::new();

@@ -145,38 +145,16 @@ impl TelemetryStore {
         until_ns: i64,
         limit: i64,
     ) -> Result<Vec<SpanRow>, StoreError> {
+        // The times and the limit are integers, written into the statement.
         let sql = format!(
-            "SELECT {SPAN_COLUMNS} FROM spans WHERE tenant = {} AND start_ns >= {} AND start_ns < {} \
+            "SELECT {SPAN_COLUMNS} FROM spans WHERE tenant = {} AND start_ns >= {since_ns} AND start_ns < {until_ns} \
              AND substr(name, 1, {}) = {} ORDER BY start_ns DESC LIMIT {}",
             self.param(1),
-            self.param(2),
-            self.param(3),
             prefix.chars().count(),
-            self.param(4),
+            self.param(2),
             limit.max(0)
         );
-        match self {
-            Self::Sqlite(pool) => {
-                let rows = sqlx::query(AssertSqlSafe(sql))
-                    .bind(tenant)
-                    .bind(since_ns)
-                    .bind(until_ns)
-                    .bind(prefix)
-                    .fetch_all(pool)
-                    .await?;
-                Ok(rows.iter().map(|row| span_from_row!(row)).collect::<Result<Vec<_>, sqlx::Error>>()?)
-            }
-            Self::Postgres(pool) => {
-                let rows = sqlx::query(AssertSqlSafe(sql))
-                    .bind(tenant)
-                    .bind(since_ns)
-                    .bind(until_ns)
-                    .bind(prefix)
-                    .fetch_all(pool)
-                    .await?;
-                Ok(rows.iter().map(|row| span_from_row!(row)).collect::<Result<Vec<_>, sqlx::Error>>()?)
-            }
-        }
+        self.spans_query(sql, &[tenant, prefix]).await
     }
 
     /// Counts a tenant's stored spans, samples and logs.

@@ -78,7 +78,7 @@ pub async fn run(spans: usize, invocations: usize) -> Result<String, Box<dyn std
             "Prometheus: 30-day query_range, 1 h step (counter)",
             format!(
                 "/prometheus/api/v1/query_range?query={}&start={month_ago}&end={}&step=3600",
-                url("sum by (function_name) (rate(gateway_function_invocation_total[1h]))"),
+                crate::ui::url("sum by (function_name) (rate(gateway_function_invocation_total[1h]))"),
                 now / NS
             ),
         ),
@@ -86,7 +86,7 @@ pub async fn run(spans: usize, invocations: usize) -> Result<String, Box<dyn std
             "Prometheus: 30-day query_range, 1 h step (billing)",
             format!(
                 "/prometheus/api/v1/query_range?query={}&start={month_ago}&end={}&step=3600",
-                url("sum by (tenant) (increase(sfaas_billing_cost_total[1h]))"),
+                crate::ui::url("sum by (tenant) (increase(sfaas_billing_cost_total[1h]))"),
                 now / NS
             ),
         ),
@@ -112,15 +112,6 @@ pub async fn run(spans: usize, invocations: usize) -> Result<String, Box<dyn std
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
-}
-
-fn url(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn span(tenant: String, trace: u128, id: u64, parent: Option<u64>, name: String, start: i64, ms: i64) -> SpanRow {

@@ -117,7 +117,7 @@ pub fn esc(text: &str) -> String {
 }
 
 /// A query-string component.
-fn url(text: &str) -> String {
+pub(crate) fn url(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
@@ -196,6 +196,13 @@ impl Ui {
             return self.state.viewer(headers).map_err(|e| error_page(e.0, None, &e.1));
         }
         Err(Redirect::to("/login").into_response())
+    }
+
+    /// The viewer and the tenant a page is about, or the response that refuses the page.
+    async fn signed_in(&self, headers: &HeaderMap, asked: Option<&str>) -> Result<(Viewer, String), Response> {
+        let viewer = self.viewer(headers)?;
+        let tenant = self.tenant(&viewer, asked).await?;
+        Ok((viewer, tenant))
     }
 
     /// The tenant a page is about: a tenant viewer's own (asking for another is 403); for the
@@ -443,12 +450,8 @@ async fn tenants(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Q
 
 /// One tenant: usage and cost over time, top functions by cost, invoices.
 async fn tenant(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(tenant): Path<String>) -> Response {
-    let viewer = match ui.viewer(&headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let tenant = match ui.tenant(&viewer, Some(&tenant)).await {
-        Ok(t) => t,
+    let (viewer, tenant) = match ui.signed_in(&headers, Some(&tenant)).await {
+        Ok(signed_in) => signed_in,
         Err(r) => return r,
     };
     let billing = &ui.state.billing;
@@ -537,12 +540,8 @@ async fn invoice(
     headers: HeaderMap,
     Path((tenant, period)): Path<(String, String)>,
 ) -> Response {
-    let viewer = match ui.viewer(&headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let tenant = match ui.tenant(&viewer, Some(&tenant)).await {
-        Ok(t) => t,
+    let (viewer, tenant) = match ui.signed_in(&headers, Some(&tenant)).await {
+        Ok(signed_in) => signed_in,
         Err(r) => return r,
     };
     let (period, download) = match period.rsplit_once('.') {
@@ -767,12 +766,8 @@ fn tenant_form(viewer: &Viewer, tenant: &str, extra: &str) -> String {
 
 /// Developers: per function, this period.
 async fn functions(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Query<Params>) -> Response {
-    let viewer = match ui.viewer(&headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let tenant = match ui.tenant(&viewer, params.tenant.as_deref()).await {
-        Ok(t) => t,
+    let (viewer, tenant) = match ui.signed_in(&headers, params.tenant.as_deref()).await {
+        Ok(signed_in) => signed_in,
         Err(r) => return r,
     };
     let period = match ui.current_period(&viewer).await {
@@ -856,12 +851,8 @@ fn lookback(params: &Params) -> (i64, i64) {
 
 /// Developers: flow runs, filtered by flow, status and time.
 async fn runs(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Query<Params>) -> Response {
-    let viewer = match ui.viewer(&headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let tenant = match ui.tenant(&viewer, params.tenant.as_deref()).await {
-        Ok(t) => t,
+    let (viewer, tenant) = match ui.signed_in(&headers, params.tenant.as_deref()).await {
+        Ok(signed_in) => signed_in,
         Err(r) => return r,
     };
     let (since, until) = lookback(&params);
@@ -951,12 +942,8 @@ async fn run(
     Path((tenant, run_id)): Path<(String, String)>,
     Query(params): Query<Params>,
 ) -> Response {
-    let viewer = match ui.viewer(&headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let tenant = match ui.tenant(&viewer, Some(&tenant)).await {
-        Ok(t) => t,
+    let (viewer, tenant) = match ui.signed_in(&headers, Some(&tenant)).await {
+        Ok(signed_in) => signed_in,
         Err(r) => return r,
     };
     let store = &ui.state.store;
@@ -1241,12 +1228,8 @@ fn waterfall(spans: &[SpanRow]) -> String {
 
 /// Developers: invocation spans by function, status, duration and attribute.
 async fn traces(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Query<Params>) -> Response {
-    let viewer = match ui.viewer(&headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let tenant = match ui.tenant(&viewer, params.tenant.as_deref()).await {
-        Ok(t) => t,
+    let (viewer, tenant) = match ui.signed_in(&headers, params.tenant.as_deref()).await {
+        Ok(signed_in) => signed_in,
         Err(r) => return r,
     };
     let function = params.function.clone().unwrap_or_default();
@@ -1328,12 +1311,8 @@ async fn trace(
     headers: HeaderMap,
     Path((tenant, trace_id)): Path<(String, String)>,
 ) -> Response {
-    let viewer = match ui.viewer(&headers) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let tenant = match ui.tenant(&viewer, Some(&tenant)).await {
-        Ok(t) => t,
+    let (viewer, tenant) = match ui.signed_in(&headers, Some(&tenant)).await {
+        Ok(signed_in) => signed_in,
         Err(r) => return r,
     };
     let spans = match ui.state.store.trace(&tenant, &trace_id).await {

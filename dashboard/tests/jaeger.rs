@@ -7,7 +7,7 @@
 //! trace fetches among a million stored spans (`SFAAS_BENCH_SPANS` to change the count).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use billing::Billing;
 use billing::api::{Viewer, ViewerResolver};
@@ -84,33 +84,14 @@ struct Server {
 async fn start(backend: Backend) -> Server {
     let store = TelemetryStore::open(&backend.url()).await.unwrap();
     let billing = Arc::new(Billing::open(&store).await.unwrap());
-    let app = dashboard::jaeger::router(DashboardState { store: store.clone(), billing, resolver: Arc::new(Tokens) })
-        .layer(axum::middleware::from_fn(server_time));
+    let app = dashboard::jaeger::router(DashboardState { store: store.clone(), billing, resolver: Arc::new(Tokens) });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server { base: format!("http://{addr}"), client: reqwest::Client::new(), store, backend }
 }
 
-/// Adds `x-server-time-us`: the time the handler took, its JSON body built included.
-async fn server_time(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    let started = Instant::now();
-    let mut response = next.run(request).await;
-    response.headers_mut().insert("x-server-time-us", started.elapsed().as_micros().to_string().parse().unwrap());
-    response
-}
-
 impl Server {
-    /// A 200 response's server time, its time at the client (body received, not parsed) and size.
-    async fn timed(&self, token: &str, path: &str) -> (Duration, Duration, usize) {
-        let started = Instant::now();
-        let response = self.client.get(format!("{}{path}", self.base)).bearer_auth(token).send().await.unwrap();
-        assert_eq!(response.status().as_u16(), 200, "GET {path}");
-        let server: u64 = response.headers()["x-server-time-us"].to_str().unwrap().parse().unwrap();
-        let body = response.bytes().await.unwrap();
-        (Duration::from_micros(server), started.elapsed(), body.len())
-    }
-
     async fn request(&self, token: Option<&str>, org: Option<&str>, path: &str) -> (u16, Value) {
         let mut request = self.client.get(format!("{}{path}", self.base));
         if let Some(token) = token {
@@ -940,176 +921,4 @@ async fn errors() {
             assert!(message.contains(needle), "{path}: {message}");
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Benchmark (ignored by default)
-
-fn bench_trace_id(i: usize) -> String {
-    format!("{:016x}{:016x}", 0x5eed_0000_0000_0000u64 | i as u64, i as u64 + 1)
-}
-
-/// 1,000-span traces among `SFAAS_BENCH_SPANS` (default 1,000,000) stored spans of one tenant:
-/// times trace fetches and the other routes through HTTP on 127.0.0.1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: cargo test --release -p dashboard --test jaeger -- --ignored --nocapture bench"]
-async fn bench_trace_fetch() {
-    let total: usize = std::env::var("SFAAS_BENCH_SPANS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    const PER_TRACE: usize = 1000;
-    let traces = total / PER_TRACE;
-    let backends: Vec<Backend> = if std::env::var("SFAAS_BENCH_PG").as_deref() == Ok("1") {
-        backends()
-    } else {
-        vec![Backend::Sqlite(tempfile::tempdir().unwrap())]
-    };
-    // SFAAS_BENCH_KEEP=1 leaves the SQLite database behind (its path is printed).
-    let backends: Vec<Backend> = backends
-        .into_iter()
-        .map(|mut backend| {
-            if let Backend::Sqlite(dir) = &mut backend
-                && std::env::var("SFAAS_BENCH_KEEP").as_deref() == Ok("1")
-            {
-                dir.disable_cleanup(true);
-                eprintln!("sqlite: database kept in {}", dir.path().display());
-            }
-            backend
-        })
-        .collect();
-    for backend in backends {
-        let server = start(backend).await;
-        let now = now_ns();
-        let day = 24 * 3600 * 1_000_000_000i64;
-        let started = Instant::now();
-        let mut batch = Vec::with_capacity(10 * PER_TRACE);
-        for t in 0..traces {
-            let trace_id = bench_trace_id(t);
-            let trace_start = now - day + (t as i64) * (day / traces as i64);
-            let tenant = if t % 10 == 9 { "globex" } else { "acme" };
-            for s in 0..PER_TRACE {
-                let id = format!("{:016x}", ((t as u64) << 20) | (s as u64 + 1));
-                let parent = (s > 0).then(|| format!("{:016x}", ((t as u64) << 20) | ((s as u64 - 1) / 2 + 1)));
-                let service = format!("svc-{}", s % 5);
-                let mut row = span(
-                    tenant,
-                    &trace_id,
-                    &id,
-                    parent.as_deref(),
-                    &service,
-                    &format!("op-{}", s % 20),
-                    (s % 5) as i64 + 1,
-                    trace_start + (s as i64) * 1_000_000,
-                    (500 + (s % 7) * 100) as i64 * 1000,
-                    json!({"faas.name": format!("fn-{}", s % 13), "faas.invocation_id": format!("{t}-{s}"),
-                           "faas.trigger": "http", "faas.coldstart": s % 50 == 0, "sfaas.cpu_ms": s % 37,
-                           "sfaas.wall_ms": 1.5, "http.response.status_code": if s % 97 == 0 { 500 } else { 200 }}),
-                );
-                row.resource = json!({"service.name": service, "service.namespace": tenant, "host.name": "node-1",
-                                      "telemetry.sdk.name": "opentelemetry", "telemetry.sdk.language": "rust"})
-                .to_string();
-                row.scope = json!({"name": "sfaas", "version": "0.1.0"}).to_string();
-                batch.push(row);
-            }
-            if batch.len() >= 10 * PER_TRACE {
-                server.write(std::mem::take(&mut batch)).await;
-            }
-        }
-        if !batch.is_empty() {
-            server.write(batch).await;
-        }
-        let name = server.backend.name();
-        eprintln!(
-            "{name}: stored {} spans ({traces} traces of {PER_TRACE}) in {:.1?}",
-            traces * PER_TRACE,
-            started.elapsed()
-        );
-
-        let mut runs = Vec::new();
-        for k in 0..40 {
-            let t = (k * 7919) % traces;
-            let t = if t % 10 == 9 { t - 1 } else { t };
-            runs.push(server.timed(ACME, &format!("/api/traces/{}", bench_trace_id(t))).await);
-        }
-        let data = server.ok(ACME, &format!("/api/traces/{}", bench_trace_id(0))).await;
-        assert_eq!(data[0]["spans"].as_array().unwrap().len(), PER_TRACE);
-        report(name, "GET /api/traces/{id} (1,000 spans, read token)", &mut runs);
-        let mut runs = Vec::new();
-        for k in 0..10 {
-            let t = (k * 104_729 + 3) % traces;
-            runs.push(server.timed(ADMIN, &format!("/api/traces/{}", bench_trace_id(t))).await);
-        }
-        report(name, "GET /api/traces/{id} (1,000 spans, admin: every tenant)", &mut runs);
-        // For comparison: the collector's TelemetryStore::trace (ORDER BY start_ns in SQL).
-        let mut runs = Vec::new();
-        for k in 0..5 {
-            let started = Instant::now();
-            let rows = server.store.trace("acme", &bench_trace_id(k * 10)).await.unwrap();
-            runs.push((started.elapsed(), started.elapsed(), 0));
-            assert_eq!(rows.len(), PER_TRACE);
-        }
-        report(name, "TelemetryStore::trace (for comparison, no HTTP)", &mut runs);
-        if let TelemetryStore::Sqlite(pool) = &server.store {
-            for text in [
-                "SELECT * FROM spans WHERE tenant = ?1 AND trace_id = ?2 ORDER BY start_ns, span_id",
-                "SELECT * FROM spans WHERE tenant = ? AND trace_id IN (?)",
-            ] {
-                let plan: Vec<(i64, i64, i64, String)> =
-                    sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {text}")))
-                        .bind("acme")
-                        .bind("x")
-                        .fetch_all(pool)
-                        .await
-                        .unwrap();
-                eprintln!("{name}: plan of {text}: {:?}", plan.iter().map(|r| &r.3).collect::<Vec<_>>());
-            }
-        }
-        for (label, path) in [
-            ("GET /api/services", "/api/services".to_string()),
-            ("GET /api/services/svc-1/operations", "/api/services/svc-1/operations".to_string()),
-            ("GET /api/operations?service=svc-1", "/api/operations?service=svc-1".to_string()),
-            (
-                "GET /api/traces?service=svc-1&limit=20 (20 x 1,000 spans)",
-                "/api/traces?service=svc-1&limit=20".to_string(),
-            ),
-            ("GET /api/traces?service=svc-1&limit=1", "/api/traces?service=svc-1&limit=1".to_string()),
-            (
-                "GET /api/traces?service=svc-1&operation=op-6&minDuration=1ms&limit=20",
-                "/api/traces?service=svc-1&operation=op-6&minDuration=1ms&limit=20".to_string(),
-            ),
-            (
-                "GET /api/traces?service=svc-1&tags={http.response.status_code:500}&limit=20",
-                "/api/traces?service=svc-1&limit=20&tags=%7B%22http.response.status_code%22%3A%22500%22%7D".to_string(),
-            ),
-            (
-                "GET /api/traces?service=svc-1&tags={no match} (scans 2 days)",
-                "/api/traces?service=svc-1&limit=20&tags=%7B%22http.response.status_code%22%3A%22404%22%7D".to_string(),
-            ),
-            (
-                "GET /api/dependencies (last hour)",
-                format!("/api/dependencies?endTs={}&lookback=3600000", now / 1_000_000),
-            ),
-            ("GET /api/dependencies (24 h)", "/api/dependencies".to_string()),
-        ] {
-            let mut runs = Vec::new();
-            for _ in 0..3 {
-                runs.push(server.timed(ACME, &path).await);
-            }
-            report(name, label, &mut runs);
-        }
-    }
-}
-
-/// Server time (handler and JSON body) and time at the client, of several runs.
-fn report(backend: &str, label: &str, runs: &mut [(Duration, Duration, usize)]) {
-    runs.sort();
-    let n = runs.len();
-    let mut client: Vec<Duration> = runs.iter().map(|r| r.1).collect();
-    client.sort();
-    eprintln!(
-        "{backend}: {label}: server min {:.1?} median {:.1?} max {:.1?}; client median {:.1?}; {} KiB (n={n})",
-        runs[0].0,
-        runs[n / 2].0,
-        runs[n - 1].0,
-        client[n / 2],
-        runs[n / 2].2 / 1024,
-    );
 }

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use billing::Billing;
 use billing::api::{ApiState, Viewer, ViewerResolver};
@@ -1372,96 +1372,5 @@ async fn promtool_queries_it_like_a_prometheus() {
             String::from_utf8_lossy(&output.stdout).split_whitespace().collect::<Vec<_>>(),
             ["etl", "resize", "thumb"]
         );
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Speed (run with --ignored, release build)
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "timing: cargo test --release -p dashboard --test prometheus -- --ignored --nocapture"]
-async fn thirty_days_hourly_over_100k_invocations() {
-    for backend in backends() {
-        let env = env(backend).await;
-        let seeding = Instant::now();
-        // 100 000 invocations over 30 days (one every 25.92 s), 10 functions.
-        big_month(&env, "perf", 100_000, "2026-10-01T00:00:00Z", 26).await;
-        env.billing.rebuild().await.unwrap();
-        eprintln!("{}: seeded 100000 invocations in {:.1} s", env.name(), seeding.elapsed().as_secs_f64());
-        let (start, end) = (secs("2026-10-01T00:00:00Z"), secs("2026-10-31T00:00:00Z"));
-        for q in [
-            "sum by (function) (increase(sfaas_usage_invocations_total[1h]))",
-            "sum by (function) (rate(sfaas_usage_cpu_ms_total[5m]))",
-            "sum by (function) (increase(sfaas_billing_cost_total[1h]))",
-            "sfaas_billing_cost_total - sfaas_billing_cost_total offset 1h",
-            "sum(increase(sfaas_billing_cost_total[1d]))",
-        ] {
-            for (mode, base) in [("per query", &env.uncached), ("default options", &env.default)] {
-                let time = |base: String| {
-                    let (env, q, start, end) = (&env, q, start.clone(), end.clone());
-                    async move {
-                        let response = env
-                            .http
-                            .post(format!("{base}/prometheus/api/v1/query_range"))
-                            .header("Authorization", format!("Bearer {ADMIN}"))
-                            .header("Content-Type", "application/x-www-form-urlencoded")
-                            .body(form(&[("query", q), ("start", &start), ("end", &end), ("step", "3600")]))
-                            .send()
-                            .await
-                            .unwrap();
-                        let timing = response.headers()["server-timing"].to_str().unwrap().to_string();
-                        let body = response.bytes().await.unwrap();
-                        // "load;dur=12.3, total;dur=45.6"
-                        let durations: Vec<f64> = timing
-                            .split(',')
-                            .map(|part| part.split("dur=").nth(1).unwrap().trim().parse().unwrap())
-                            .collect();
-                        let data: Value = serde_json::from_slice(&body).unwrap();
-                        (durations[1], durations[0], matrix(&data["data"]).values().map(Vec::len).sum::<usize>())
-                    }
-                };
-                // The first request of the default API starts loading its per-minute sums in
-                // the background and is answered per query; the load takes under a second.
-                let (first, _, _) = time(base.clone()).await;
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                let (mut server, mut load) = (Vec::new(), Vec::new());
-                let mut points = 0;
-                for _ in 0..7 {
-                    let (total, reading, n) = time(base.clone()).await;
-                    server.push(total);
-                    load.push(reading);
-                    points = n;
-                }
-                for list in [&mut server, &mut load] {
-                    list.sort_by(f64::total_cmp);
-                }
-                eprintln!(
-                    "{} {mode}: {q}: 721 steps, {points} points: server median {:.1} ms (min {:.1}, max {:.1}; \
-                     reading data {:.1}); first request {first:.1} ms",
-                    env.name(),
-                    server[3],
-                    server[0],
-                    server[6],
-                    load[3],
-                );
-            }
-        }
-        // The hourly costs add up to the month's per-record costs (`or … * 0`: a function's
-        // series starts at the minute of its first invocation, so it has no sample an hour
-        // before its first hour ends).
-        let q = "sum(sfaas_billing_cost_total - (sfaas_billing_cost_total offset 1h or sfaas_billing_cost_total * 0))";
-        let data = env.range(ADMIN, q, &start, &end, "3600").await;
-        let total: f64 = matrix(&data).values().flatten().map(|p| p.1).sum();
-        let until = ns("2026-10-31T00:00:00Z");
-        let expected: f64 = env
-            .billing
-            .invocation_costs("perf", "2026-10")
-            .await
-            .unwrap()
-            .iter()
-            .filter(|c| c.start_ns < until)
-            .map(|c| c.cost.to_string().parse::<f64>().unwrap())
-            .sum();
-        assert!((total - expected).abs() < 1e-6 * expected.max(1.0), "{total} vs {expected}");
     }
 }

@@ -52,3 +52,30 @@ pub fn sfaas_like(program: &str) -> Command {
     }
     command
 }
+
+/// `sfaas ARGS --data-dir DATA_DIR` with `stdin`, the environment's tokens removed: success,
+/// stdout, stderr.
+pub fn cli(data_dir: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = sfaas()
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("SFAAS_ADMIN_TOKEN")
+        .env_remove("SFAAS_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    (output.status.success(), String::from_utf8(output.stdout).unwrap(), String::from_utf8(output.stderr).unwrap())
+}
+
+/// [`cli`] that must succeed: its stdout.
+pub fn cli_ok(data_dir: &std::path::Path, args: &[&str], stdin: &str) -> String {
+    let (success, stdout, stderr) = cli(data_dir, args, stdin);
+    assert!(success, "sfaas {args:?} failed: {stderr}");
+    stdout
+}

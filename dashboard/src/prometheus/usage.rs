@@ -817,32 +817,6 @@ fn usage_counters(rows: &[Row], lattice: &Lattice, last: i64) -> Vec<(Labels, Ar
     out
 }
 
-/// The share of `period` during which `plan` was the tenant's plan (billing's proration rule).
-fn share(assignments: &[(i64, String)], default_plan: &str, plan: &str, period: Period) -> Decimal {
-    let (start, end) = (period.start_ns(), period.end_ns());
-    let mut covered: i128 = 0;
-    let mut segments: Vec<(i64, &str)> = Vec::new();
-    if assignments.first().is_none_or(|(from, _)| *from > i64::MIN) {
-        segments.push((i64::MIN, assignments.first().map_or(default_plan, |(_, p)| p.as_str())));
-    }
-    segments.extend(assignments.iter().map(|(from, p)| (*from, p.as_str())));
-    for (i, (from, name)) in segments.iter().enumerate() {
-        let until = segments.get(i + 1).map_or(i64::MAX, |(next, _)| *next);
-        if *name == plan {
-            let (a, b) = ((*from).max(start), until.min(end));
-            if b > a {
-                covered += i128::from(b - a);
-            }
-        }
-    }
-    let length = i128::from(end - start);
-    if covered >= length {
-        Decimal::ONE
-    } else {
-        Decimal::from_i128_with_scale(covered, 0) / Decimal::from_i128_with_scale(length, 0)
-    }
-}
-
 /// Where a price's charge changes slope, in its unit: the end of the free allowance and the
 /// tier bounds after it (scaled by the plan's share of the period, as `Price::charge` does).
 fn breakpoints(price: &Price, share: Decimal) -> Vec<Decimal> {
@@ -1028,8 +1002,12 @@ async fn cost_counters(
     for (group, (group_first_ns, buckets)) in groups {
         let Some(plan) = card.plans.get(&group.plan) else { continue };
         let period = Period::parse(card.period, &group.period).map_err(QueryError::Internal)?;
-        let share =
-            share(assignments.get(&group.tenant).unwrap_or(&no_assignments), &card.default_plan, &group.plan, period);
+        let share = billing::share(
+            assignments.get(&group.tenant).unwrap_or(&no_assignments),
+            &card.default_plan,
+            &group.plan,
+            period,
+        );
         // What earlier invoices billed of the same usage period and plan: late usage is priced
         // after it.
         let mut before = Sums::default();
