@@ -359,3 +359,61 @@ pub async fn plan_show(args: &ClientArgs) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&card)?);
     Ok(())
 }
+
+impl ClientArgs {
+    fn etl_api(&self) -> anyhow::Result<crate::etl::Api> {
+        let gateway = self.gateway()?;
+        crate::etl::Api::new(&gateway.url, &gateway.token)
+    }
+}
+
+pub async fn etl_setup(
+    args: &ClientArgs,
+    namespace: &str,
+    transport: &str,
+    s3_url: Option<&str>,
+    load_url: Option<String>,
+) -> anyhow::Result<()> {
+    let database_url = match load_url {
+        Some(url) => url,
+        None => {
+            std::fs::create_dir_all(&args.data_dir)?;
+            format!("sqlite://{}", std::fs::canonicalize(&args.data_dir)?.join("etl.db").display())
+        }
+    };
+    let script_dir = args.data_dir.join("etl");
+    let setup = crate::etl::Setup { transport, s3_url, database_url: &database_url, script_dir: &script_dir };
+    crate::etl::setup(&args.etl_api()?, namespace, &setup).await?;
+    eprintln!(
+        "etl: functions etl-extract, etl-clean, etl-aggregate, etl-load and flow etl deployed in {namespace} \
+         (transport {transport}, loading into {database_url}); stream records to POST /stream/etl.{namespace}"
+    );
+    Ok(())
+}
+
+pub async fn etl_stream(
+    args: &ClientArgs,
+    namespace: &str,
+    records: usize,
+    rate: u64,
+    seed: u64,
+    bad_per_mille: u32,
+) -> anyhow::Result<()> {
+    let api = args.etl_api()?;
+    let lines = crate::etl::generate(seed, stateful_faas_core::database::now_ms(), bad_per_mille, false).take(records);
+    let mut last = std::time::Instant::now();
+    let streamed = crate::etl::stream(&api, namespace, lines, 200, 8, rate, |s| {
+        if last.elapsed() >= std::time::Duration::from_secs(5) {
+            eprintln!("etl: {} records sent in {} runs ({} requests throttled)", s.records, s.runs.len(), s.throttled);
+            last = std::time::Instant::now();
+        }
+    })
+    .await?;
+    eprintln!(
+        "etl: {} records streamed into etl.{namespace}: {} runs, {} requests throttled (429)",
+        streamed.records,
+        streamed.runs.len(),
+        streamed.throttled
+    );
+    Ok(())
+}

@@ -2,6 +2,7 @@
 
 mod client;
 mod demo;
+mod etl;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,9 +82,63 @@ enum Command {
     /// Rate cards and tenants' plans (admin).
     #[command(subcommand)]
     Plan(PlanCommand),
+    /// The streaming ETL example (examples/etl/): set it up, generate and stream records.
+    #[command(subcommand)]
+    Etl(EtlCommand),
     /// Benchmarks (figures go to BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum EtlCommand {
+    /// Deploy the ETL functions, the `etl` flow and the zone lookup table into a namespace.
+    Setup {
+        #[arg(long)]
+        namespace: String,
+        /// How stages hand data on: state (the state store), inline, or s3 (needs --s3-url).
+        #[arg(long, default_value = "state")]
+        transport: String,
+        /// An S3 bucket URL, for --transport s3.
+        #[arg(long)]
+        s3_url: Option<String>,
+        /// Where etl-load loads: sqlite://PATH or postgres://... (default: sqlite in DATA_DIR/etl.db).
+        #[arg(long)]
+        load_url: Option<String>,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Print generated trip records: JSON lines, or CSV with --csv.
+    Generate {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 1000)]
+        records: usize,
+        #[arg(long)]
+        csv: bool,
+        /// Bad records per thousand (malformed, missing fare, negative distance, unknown zone, no passengers).
+        #[arg(long, default_value_t = 50)]
+        bad_per_mille: u32,
+        /// Time of the first trip, ms since the epoch (default: now).
+        #[arg(long)]
+        start_ms: Option<i64>,
+    },
+    /// Stream generated records into a namespace's etl flow (POST /stream/etl.NAMESPACE).
+    Stream {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long, default_value_t = 10_000)]
+        records: usize,
+        /// Records per second (0: as fast as the pipeline accepts them).
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 50)]
+        bad_per_mille: u32,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -413,6 +468,16 @@ async fn run() -> anyhow::Result<()> {
         Command::Flow(FlowCommand::Status { run_id, client }) => client::flow_status(&client, &run_id).await,
         Command::Flow(FlowCommand::Cancel { run_id, client }) => client::flow_cancel(&client, &run_id).await,
         Command::Flow(FlowCommand::Graph { name, format, client }) => client::flow_graph(&client, &name, &format).await,
+        Command::Etl(EtlCommand::Setup { namespace, transport, s3_url, load_url, client }) => {
+            client::etl_setup(&client, &namespace, &transport, s3_url.as_deref(), load_url).await
+        }
+        Command::Etl(EtlCommand::Generate { seed, records, csv, bad_per_mille, start_ms }) => {
+            etl::print_generated(seed, records, bad_per_mille, csv, start_ms);
+            Ok(())
+        }
+        Command::Etl(EtlCommand::Stream { namespace, records, rate, seed, bad_per_mille, client }) => {
+            client::etl_stream(&client, &namespace, records, rate, seed, bad_per_mille).await
+        }
         Command::Bench(BenchCommand::Gateway { requests, concurrency, only }) => {
             let report = stateful_faas_core::bench::gateway(requests, concurrency, only.as_deref()).await?;
             println!("{report}");

@@ -5,6 +5,7 @@ pub mod async_queue;
 pub mod bench;
 pub mod config;
 pub mod database;
+pub mod etl;
 pub mod flow;
 pub mod function;
 pub mod gateway;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::expr::{Condition, Path};
-use crate::function::deployment::parse_duration;
+use crate::function::deployment::{parse_duration, parse_memory};
 use crate::tenant::validate_name;
 
 /// A flow as written.
@@ -32,6 +32,98 @@ pub struct FlowDefinition {
     pub nodes: BTreeMap<String, NodeDefinition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// How `POST /stream/{flow}` cuts arriving records into micro-batches, one run each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamDefinition>,
+}
+
+/// Micro-batching of a streamed flow, as written (sizes as memory quantities: `1Mi`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamDefinition {
+    /// A batch is cut at this many records …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_records: Option<usize>,
+    /// … or this many bytes …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<String>,
+    /// … or this long after its first record arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<String>,
+    /// Runs of the flow in flight at once; further batches wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_runs: Option<usize>,
+    /// Bytes accepted but not yet in a run; beyond it, senders get 429 (backpressure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_bytes: Option<String>,
+}
+
+/// Micro-batching of a streamed flow, resolved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Batching {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    pub max_delay: Duration,
+    pub max_runs: usize,
+    pub max_pending_bytes: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            max_records: 1000,
+            max_bytes: 1 << 20,
+            max_delay: Duration::from_secs(1),
+            max_runs: 2,
+            max_pending_bytes: 16 << 20,
+        }
+    }
+}
+
+impl StreamDefinition {
+    fn resolve(&self, errors: &mut Vec<String>) -> Batching {
+        let mut batching = Batching::default();
+        let mut fail = |message: String| errors.push(format!("stream: {message}"));
+        let size = |text: &Option<String>, default: usize, fail: &mut dyn FnMut(String)| match text {
+            None => default,
+            Some(text) => match parse_memory(text) {
+                Ok(bytes) if (1..=1 << 30).contains(&bytes) => bytes as usize,
+                Ok(_) => {
+                    fail(format!("{text:?} must be between 1 byte and 1Gi"));
+                    default
+                }
+                Err(e) => {
+                    fail(e);
+                    default
+                }
+            },
+        };
+        batching.max_bytes = size(&self.max_bytes, batching.max_bytes, &mut fail);
+        batching.max_pending_bytes = size(&self.max_pending_bytes, batching.max_pending_bytes, &mut fail);
+        if batching.max_pending_bytes < batching.max_bytes {
+            fail("max_pending_bytes must be at least max_bytes".into());
+        }
+        if let Some(records) = self.max_records {
+            if records == 0 {
+                fail("max_records must be at least 1".into());
+            }
+            batching.max_records = records.max(1);
+        }
+        if let Some(runs) = self.max_runs {
+            if runs == 0 || runs > MAX_CONCURRENCY {
+                fail(format!("max_runs must be 1 to {MAX_CONCURRENCY}"));
+            }
+            batching.max_runs = runs.clamp(1, MAX_CONCURRENCY);
+        }
+        if let Some(text) = &self.max_delay {
+            match parse_duration(text) {
+                Ok(delay) if delay > Duration::ZERO && delay <= Duration::from_secs(3600) => batching.max_delay = delay,
+                Ok(_) => fail("max_delay must be more than 0 and at most 1h".into()),
+                Err(e) => fail(format!("max_delay: {e}")),
+            }
+        }
+        batching
+    }
 }
 
 /// One node as written.
@@ -141,6 +233,7 @@ pub struct Flow {
     pub definition: FlowDefinition,
     pub nodes: Vec<Node>,
     pub output: FlowOutput,
+    pub batching: Batching,
 }
 
 impl Flow {
@@ -328,10 +421,11 @@ impl FlowDefinition {
                 ));
             }
         }
+        let batching = self.stream.as_ref().map(|stream| stream.resolve(&mut errors)).unwrap_or_default();
         if !errors.is_empty() {
             return Err(FlowErrors(errors));
         }
-        Ok(Flow { definition: self.clone(), nodes, output })
+        Ok(Flow { definition: self.clone(), nodes, output, batching })
     }
 }
 

@@ -5,6 +5,7 @@ pub mod definition;
 pub mod executor;
 pub mod expr;
 pub mod journal;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};

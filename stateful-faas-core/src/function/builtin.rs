@@ -17,6 +17,8 @@ pub struct BuiltinContext<'a> {
     pub invocation: &'a Invocation,
     pub tenant: &'a TenantId,
     pub state: &'a StateStore,
+    /// The deployment's environment (`envVars`).
+    pub env: &'a std::collections::BTreeMap<String, String>,
 }
 
 /// A builtin: request body in, response body out, or an error message (500).
@@ -42,6 +44,9 @@ const BUILTINS: &[(&str, BuiltinFn, Cost)] = &[
     ("blob-sum", blob_sum, Cost::Quick),
     ("spill-make", spill_make, Cost::Blocking),
     ("spill-sum", spill_sum, Cost::Blocking),
+    ("etl-extract", crate::etl::functions::extract, Cost::Blocking),
+    ("etl-aggregate", crate::etl::functions::aggregate, Cost::Blocking),
+    ("etl-load", crate::etl::functions::load, Cost::Blocking),
 ];
 
 /// Inputs up to this size let a `Quick` builtin run inline (a thread hand-off costs more).
@@ -75,16 +80,18 @@ pub async fn run(
         .ok_or_else(|| FunctionError::Start { name: spec.name.clone(), message: format!("no builtin {name}") })?;
     if cost == Cost::Quick && invocation.body.len() <= INLINE_INPUT_BYTES {
         let before = process::thread_cpu_ns();
-        let result = function(&BuiltinContext { invocation, tenant: context.tenant, state: context.state });
+        let result =
+            function(&BuiltinContext { invocation, tenant: context.tenant, state: context.state, env: &spec.env });
         let usage = Usage { cpu_ns: process::thread_cpu_ns() - before, peak_memory_bytes: 0, cold_start: false };
         return Ok(outcome(result, usage));
     }
     let invocation = invocation.clone();
     let tenant = context.tenant.clone();
     let state = context.state.clone();
+    let env = spec.env.clone();
     let task = tokio::task::spawn_blocking(move || {
         let before = process::thread_cpu_ns();
-        let result = function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state });
+        let result = function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &env });
         (result, process::thread_cpu_ns() - before)
     });
     let (result, cpu_ns) = match tokio::time::timeout(spec.limits.timeout, task).await {
@@ -239,7 +246,7 @@ mod tests {
         };
         let state = StateStore::new(StateConfig::default(), std::sync::Arc::new(SystemClock));
         let tenant = TenantId::new(tenant).unwrap();
-        function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state })
+        function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &Default::default() })
     }
 
     #[test]

@@ -57,6 +57,9 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer realm=\"sfaas\""));
         }
+        if matches!(self, ApiError::TooManyRequests(_)) {
+            response.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
         response
     }
 }

@@ -97,6 +97,36 @@ pub async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /stream/{name}`: records into the flow's stream (`flow::stream`); 202 with the runs
+/// they went into, once those are committed.
+pub async fn stream(
+    State(core): State<Arc<Core>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    use crate::flow::stream::{Format, StreamError};
+    caller.require_write()?;
+    let (flow, namespace) = match name.split_once('.') {
+        Some((flow, namespace)) => (flow, Some(namespace)),
+        None => (name.as_str(), None),
+    };
+    let tenant = caller.namespace(namespace)?;
+    let csv = headers.get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/csv"));
+    let format = if csv { Format::Csv { header: Bytes::new() } } else { Format::JsonLines };
+    match core.streams.send(&core, &tenant, flow, format, body).await {
+        Ok(accepted) => Ok((StatusCode::ACCEPTED, Json(accepted)).into_response()),
+        Err(error) => Err(match error {
+            StreamError::Flow(flow) => flow.into(),
+            StreamError::BadRequest(m) => ApiError::BadRequest(m),
+            e @ StreamError::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
+            e @ StreamError::Busy(_) => ApiError::TooManyRequests(e.to_string()),
+            e @ StreamError::Stopped(_) => ApiError::Internal(e.to_string()),
+        }),
+    }
+}
+
 fn request(caller: &Caller, name: &str, headers: &HeaderMap, body: Bytes) -> Result<RunRequest, ApiError> {
     caller.require_write()?;
     let (flow, namespace) = match name.split_once('.') {

@@ -63,6 +63,7 @@ pub struct Core {
     pub state: Arc<StateStore>,
     pub flows: crate::flow::FlowStore,
     pub flow_journal: crate::flow::journal::Journal,
+    pub streams: crate::flow::stream::Streams,
     /// Client for `http` functions and callbacks (no proxy, pooled connections).
     pub client: reqwest::Client,
     pub admin_token: String,
@@ -103,6 +104,7 @@ impl Core {
             state,
             flows,
             flow_journal,
+            streams: Default::default(),
             client,
             admin_token,
         }))
@@ -134,6 +136,7 @@ impl Core {
             .route("/system/flows/{name}", get(flows::get).delete(flows::remove))
             .route("/flow/{name}", post(flows::run_sync))
             .route("/async-flow/{name}", post(flows::run_async))
+            .route("/stream/{name}", post(flows::stream))
             .route("/flow-runs", get(flows::runs))
             .route("/flow-runs/{run_id}", get(flows::run).delete(flows::cancel))
             .route("/async-function/{name}", post(invoke::call_async))

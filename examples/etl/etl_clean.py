@@ -1,0 +1,105 @@
+"""etl-clean: validates trip records and enriches them with their borough.
+
+The ETL pipeline's Python stage (an `exec` function: the batch on stdin, the result on stdout).
+It reads the zone lookup table from the tenant's state store over HTTP (persistent object
+`etl-lookup/zones`), rejects bad records into the `etl-rejects` bucket with the reason, and
+hands the clean ones on the way ETL_TRANSPORT says: `inline` (in its answer), `state` (in the
+flow run's job in the state store; it answers a reference) or `s3` (in an S3-compatible
+bucket at ETL_S3_URL). Only the standard library is used.
+
+The gateway gives each invocation SFAAS_STATE_URL, SFAAS_STATE_TOKEN and, within a flow run,
+SFAAS_JOB. The rules (first failing one wins) match stateful_faas_core::etl::expected.
+"""
+import json
+import os
+import re
+import sys
+import urllib.request
+
+DECIMAL = re.compile(r"^-?[0-9]+\.[0-9]{2}$")
+REQUIRED = ("trip_id", "ts", "zone", "distance_km", "fare", "passengers")
+INTEGERS = ("trip_id", "ts", "zone", "passengers")
+
+STATE = os.environ["SFAAS_STATE_URL"]
+TOKEN = os.environ["SFAAS_STATE_TOKEN"]
+JOB = os.environ.get("SFAAS_JOB")
+TRANSPORT = os.environ.get("ETL_TRANSPORT", "inline")
+
+
+def http(method, url, data=None, auth=True):
+    headers = {"Authorization": f"Bearer {TOKEN}"} if auth else {}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read()
+
+
+def job_object(key):
+    if not JOB:
+        raise SystemExit("ETL_TRANSPORT=state needs a flow run (SFAAS_JOB)")
+    return f"{STATE}/jobs/{JOB}/buckets/etl/objects/{key}"
+
+
+def receive(body):
+    """The input data, fetched if the previous stage passed a reference."""
+    ref = json.loads(body) if len(body) < 4096 else None
+    if not isinstance(ref, dict) or "ref" not in ref:
+        return body
+    if ref["ref"] == "state":
+        return http("GET", job_object(ref["key"]) + "?delete_after_read=true")
+    data = http("GET", ref["url"], auth=False)
+    http("DELETE", ref["url"], auth=False)
+    return data
+
+
+def send(stage, data, batch):
+    if TRANSPORT == "inline":
+        return data
+    if TRANSPORT == "state":
+        http("PUT", job_object(stage), data)
+        return json.dumps({"ref": "state", "key": stage}).encode()
+    if TRANSPORT == "s3":
+        url = f"{os.environ['ETL_S3_URL'].rstrip('/')}/{batch}/{stage}"
+        http("PUT", url, data, auth=False)
+        return json.dumps({"ref": "s3", "url": url}).encode()
+    raise SystemExit(f"ETL_TRANSPORT {TRANSPORT!r}: use inline, state or s3")
+
+
+def judge(record, zones):
+    """The reason to reject a record, or None."""
+    if any(field not in record for field in REQUIRED):
+        return "missing_field"
+    if any(not isinstance(record[f], int) or isinstance(record[f], bool) for f in INTEGERS):
+        return "bad_value"
+    if any(not isinstance(record[f], str) or not DECIMAL.match(record[f]) for f in ("distance_km", "fare")):
+        return "bad_value"
+    if record["distance_km"].startswith("-"):
+        return "negative_distance"
+    if record["fare"].startswith("-"):
+        return "negative_fare"
+    if record["passengers"] < 1:
+        return "no_passengers"
+    if str(record["zone"]) not in zones:
+        return "unknown_zone"
+    return None
+
+
+def main():
+    batch = json.loads(receive(sys.stdin.buffer.read()))
+    zones = json.loads(http("GET", f"{STATE}/buckets/etl-lookup/objects/zones"))
+    clean, rejects = [], []
+    for record in batch["records"]:
+        reason = judge(record, zones)
+        if reason:
+            rejects.append({"stage": "clean", "reason": reason, "record": json.dumps(record)})
+            batch["rejected"][reason] = batch["rejected"].get(reason, 0) + 1
+        else:
+            record["borough"] = zones[str(record["zone"])]
+            clean.append(record)
+    if rejects:
+        lines = "".join(json.dumps(r) + "\n" for r in rejects).encode()
+        http("PUT", f"{STATE}/buckets/etl-rejects/objects/{batch['batch']}.clean?persist=true", lines)
+    batch["records"] = clean
+    sys.stdout.buffer.write(send("clean", json.dumps(batch).encode(), batch["batch"]))
+
+
+main()

@@ -1,0 +1,214 @@
+//! `sfaas etl`: the streaming ETL example (examples/etl/) — set up in a namespace, its records
+//! generated, and streamed into the gateway. The demo and `sfaas bench etl` use the same steps.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use stateful_faas_core::etl::{self, Generator};
+
+pub const FLOW: &str = include_str!("../examples/etl/flow.yml");
+const CLEAN_PY: &str = include_str!("../examples/etl/etl_clean.py");
+const ZONES: &str = include_str!("../examples/etl/zones.json");
+
+/// A gateway and a token to call it with.
+#[derive(Clone)]
+pub struct Api {
+    pub http: reqwest::Client,
+    pub gateway: String,
+    pub token: String,
+}
+
+impl Api {
+    pub fn new(gateway: &str, token: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            http: reqwest::Client::builder().no_proxy().build()?,
+            gateway: gateway.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        })
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.gateway)).bearer_auth(&self.token)
+    }
+
+    /// Sends; an error status fails with the server's message.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<String> {
+        let response = request.send().await.context("cannot reach the gateway")?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("gateway answered {status}: {}", body.trim());
+        }
+        Ok(body)
+    }
+}
+
+/// How a namespace's pipeline is deployed.
+pub struct Setup<'a> {
+    /// inline, state or s3.
+    pub transport: &'a str,
+    pub s3_url: Option<&'a str>,
+    /// Where `etl-load` loads: sqlite://PATH or postgres://...
+    pub database_url: &'a str,
+    /// A folder on the gateway's machine for the Python function (written there).
+    pub script_dir: &'a Path,
+}
+
+/// Deploys the four functions, the `etl` flow and the zone lookup table into `namespace`.
+pub async fn setup(api: &Api, namespace: &str, setup: &Setup<'_>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(setup.script_dir).with_context(|| format!("creating {}", setup.script_dir.display()))?;
+    let script = setup.script_dir.join("etl_clean.py");
+    std::fs::write(&script, CLEAN_PY).with_context(|| format!("writing {}", script.display()))?;
+    let script_dir = std::fs::canonicalize(setup.script_dir)?;
+    let mut transport = json!({"ETL_TRANSPORT": setup.transport});
+    if let Some(url) = setup.s3_url {
+        transport["ETL_S3_URL"] = json!(url);
+    }
+    let functions = [
+        json!({"service": "etl-extract", "kind": "builtin", "builtin": "etl-extract", "envVars": transport}),
+        json!({"service": "etl-clean", "kind": "exec", "envProcess": "python3 etl_clean.py",
+               "workdir": script_dir.to_string_lossy(), "limits": {"memory": "512Mi"},
+               "envVars": {"ETL_TRANSPORT": setup.transport, "ETL_S3_URL": setup.s3_url.unwrap_or_default(),
+                           "exec_timeout": "60s", "max_inflight": "16"}}),
+        json!({"service": "etl-aggregate", "kind": "builtin", "builtin": "etl-aggregate", "envVars": transport}),
+        json!({"service": "etl-load", "kind": "builtin", "builtin": "etl-load",
+               "envVars": {"ETL_DATABASE_URL": setup.database_url}}),
+    ];
+    for mut function in functions {
+        function["namespace"] = json!(namespace);
+        let created = api.request(reqwest::Method::POST, "/system/functions").json(&function).send().await?;
+        if created.status() == reqwest::StatusCode::CONFLICT {
+            api.send(api.request(reqwest::Method::PUT, "/system/functions").json(&function)).await?;
+        } else if !created.status().is_success() {
+            bail!("deploying {}: {} {}", function["service"], created.status(), created.text().await?.trim());
+        }
+    }
+    api.send(api.request(reqwest::Method::POST, "/system/flows").header("x-scope-orgid", namespace).body(FLOW))
+        .await
+        .context("deploying the etl flow")?;
+    api.send(
+        api.request(reqwest::Method::PUT, "/state/buckets/etl-lookup/objects/zones?persist=true")
+            .header("x-scope-orgid", namespace)
+            .body(ZONES),
+    )
+    .await
+    .context("storing the zone lookup table")?;
+    Ok(())
+}
+
+/// What a stream sent.
+#[derive(Debug, Default, Clone)]
+pub struct Streamed {
+    pub records: u64,
+    pub requests: u64,
+    /// 429 answers (the pipeline was behind), each retried after its Retry-After.
+    pub throttled: u64,
+    pub runs: Vec<String>,
+}
+
+/// Streams records into `namespace`'s `etl` flow, `per_request` lines a request and up to
+/// `in_flight` requests at once (an answer waits for its batch to be cut, as a producer's
+/// linger), at most `rate` records a second (0: as fast as accepted); a 429 is retried after
+/// its Retry-After.
+pub async fn stream(
+    api: &Api,
+    namespace: &str,
+    lines: impl IntoIterator<Item = String>,
+    per_request: usize,
+    in_flight: usize,
+    rate: u64,
+    mut progress: impl FnMut(&Streamed),
+) -> anyhow::Result<Streamed> {
+    let started = Instant::now();
+    let mut streamed = Streamed::default();
+    let mut sent = 0u64;
+    let mut lines = lines.into_iter().peekable();
+    let mut requests = tokio::task::JoinSet::new();
+    loop {
+        while requests.len() < in_flight.max(1) && lines.peek().is_some() {
+            let chunk: Vec<String> = lines.by_ref().take(per_request.max(1)).collect();
+            sent += chunk.len() as u64;
+            let body = chunk.join("\n") + "\n";
+            requests.spawn(send_records(api.clone(), namespace.to_string(), body, chunk.len() as u64));
+            if rate > 0 {
+                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(ahead).await;
+                }
+            }
+        }
+        let Some(done) = requests.join_next().await else { break };
+        let (records, runs, requests_made, throttled) = done??;
+        streamed.records += records;
+        streamed.requests += requests_made;
+        streamed.throttled += throttled;
+        for run in runs {
+            if !streamed.runs.contains(&run) {
+                streamed.runs.push(run);
+            }
+        }
+        progress(&streamed);
+    }
+    Ok(streamed)
+}
+
+/// One request of records, retried while the stream answers 429: (records, runs, requests, 429s).
+async fn send_records(
+    api: Api,
+    namespace: String,
+    body: String,
+    records: u64,
+) -> anyhow::Result<(u64, Vec<String>, u64, u64)> {
+    let (mut requests, mut throttled) = (0, 0);
+    loop {
+        let response = api
+            .request(reqwest::Method::POST, &format!("/stream/etl.{namespace}"))
+            .header("content-type", "application/x-ndjson")
+            .body(body.clone())
+            .send()
+            .await
+            .context("cannot reach the gateway")?;
+        requests += 1;
+        if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            throttled += 1;
+            let wait =
+                response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1u64);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            continue;
+        }
+        let status = response.status();
+        let text = response.text().await?;
+        if status != reqwest::StatusCode::ACCEPTED {
+            bail!("streaming into etl.{namespace}: {status} {}", text.trim());
+        }
+        let accepted: Value = serde_json::from_str(&text)?;
+        let runs = accepted["runs"].as_array().into_iter().flatten().filter_map(|r| Some(r.as_str()?.to_string()));
+        return Ok((records, runs.collect(), requests, throttled));
+    }
+}
+
+/// Generated records as lines (JSON, or CSV without the header).
+pub fn generate(seed: u64, start_ms: i64, bad_per_mille: u32, csv: bool) -> impl Iterator<Item = String> {
+    let mut generator = Generator::new(seed, start_ms, bad_per_mille);
+    std::iter::from_fn(move || {
+        let trip = generator.trip();
+        Some(if csv { trip.csv_line() } else { trip.json_line() })
+    })
+}
+
+/// `sfaas etl generate`: records to stdout.
+pub fn print_generated(seed: u64, records: usize, bad_per_mille: u32, csv: bool, start_ms: Option<i64>) {
+    use std::io::Write;
+    let start_ms = start_ms.unwrap_or_else(|| stateful_faas_core::database::now_ms());
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if csv {
+        let _ = writeln!(out, "{}", etl::CSV_HEADER);
+    }
+    for line in generate(seed, start_ms, bad_per_mille, csv).take(records) {
+        if writeln!(out, "{line}").is_err() {
+            return;
+        }
+    }
+}
