@@ -185,7 +185,7 @@ impl Generator {
         };
         match flaw {
             Some(Flaw::NegativeDistance) => trip.distance_hundredths = -trip.distance_hundredths,
-            Some(Flaw::UnknownZone) => trip.zone = 900 + trip.zone,
+            Some(Flaw::UnknownZone) => trip.zone += 900,
             Some(Flaw::NoPassengers) => trip.passengers = 0,
             _ => {}
         }

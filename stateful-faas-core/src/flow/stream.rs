@@ -196,10 +196,10 @@ async fn batch(core: Weak<Core>, tenant: TenantId, flow: Arc<Flow>, mut chunks: 
         let mut accepted = Accepted { records: records.len(), runs: vec![] };
         let mut failed = None;
         for record in records {
-            if open.as_ref().is_some_and(|b| b.format != format) {
-                if let Err(e) = cut(&core, &tenant, &flow, &runs, open.take()).await {
-                    failed = Some(e);
-                }
+            if open.as_ref().is_some_and(|b| b.format != format)
+                && let Err(e) = cut(&core, &tenant, &flow, &runs, open.take()).await
+            {
+                failed = Some(e);
             }
             let batch = open.get_or_insert_with(|| new_batch(&format, &policy));
             batch.body.extend_from_slice(&record);
