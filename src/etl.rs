@@ -201,7 +201,7 @@ pub fn generate(seed: u64, start_ms: i64, bad_per_mille: u32, csv: bool) -> impl
 /// `sfaas etl generate`: records to stdout.
 pub fn print_generated(seed: u64, records: usize, bad_per_mille: u32, csv: bool, start_ms: Option<i64>) {
     use std::io::Write;
-    let start_ms = start_ms.unwrap_or_else(|| stateful_faas_core::database::now_ms());
+    let start_ms = start_ms.unwrap_or_else(stateful_faas_core::database::now_ms);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if csv {
         let _ = writeln!(out, "{}", etl::CSV_HEADER);
