@@ -36,7 +36,8 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Starts s3rver on a free port with an `etl` bucket; its bucket URL.
+/// Starts s3rver on a free port with an `etl` bucket; its bucket URL. The caller stops it.
+#[allow(clippy::zombie_processes)]
 async fn start_s3(dir: &std::path::Path, http: &reqwest::Client) -> Option<(std::process::Child, String)> {
     let Some(program) = s3rver() else {
         assert!(!require_all(), "s3rver is not installed (npm install s3rver; or set SFAAS_S3RVER)");
