@@ -1,5 +1,6 @@
 //! `sfaas`: the command line of stateful-faas. It wires the crates together; nothing else.
 
+mod bench_etl;
 mod client;
 mod demo;
 mod etl;
@@ -319,6 +320,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 100_000)]
         invocations: usize,
     },
+    /// The ETL flow with data passed through the state store, an S3 store (s3rver) or inline.
+    Etl {
+        /// Batches of about 1 KiB per transport.
+        #[arg(long, default_value_t = 300)]
+        small_batches: usize,
+        /// Batches of about 1 MiB per transport.
+        #[arg(long, default_value_t = 12)]
+        large_batches: usize,
+        /// Write plotters SVG charts of the results into this folder (e.g. docs).
+        #[arg(long)]
+        charts_dir: Option<PathBuf>,
+    },
     /// Engine overhead per node, and data passing through the state store vs files.
     Flow {
         /// Runs per measurement (the median is reported).
@@ -497,6 +510,10 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Dashboard { spans, invocations }) => {
             println!("{}", dashboard::bench::run(spans, invocations).await.map_err(|e| anyhow::anyhow!("{e}"))?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Etl { small_batches, large_batches, charts_dir }) => {
+            println!("{}", bench_etl::run(small_batches.max(1), large_batches.max(1), charts_dir).await?);
             Ok(())
         }
         Command::Bench(BenchCommand::Flow { runs }) => {

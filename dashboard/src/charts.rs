@@ -94,6 +94,66 @@ pub fn histogram(title: &str, unit: &str, values: &[f64], buckets: usize) -> Str
     themed(svg)
 }
 
+/// Bars in groups: `groups` are (group label, values, one per series); `series` names them.
+/// Drawn for documents (BENCHMARKS.md): a standalone SVG with a legend.
+pub fn grouped_bars(title: &str, unit: &str, series: &[&str], groups: &[(String, Vec<f64>)]) -> String {
+    const COLOURS: [RGBColor; 4] = [ACCENT, RGBColor(0xe0, 0x7b, 0x20), RGBColor(0x4c, 0xa3, 0x5a), RGBColor(0x99, 0x66, 0xcc)];
+    if groups.is_empty() || series.is_empty() {
+        return empty(title);
+    }
+    let top = groups.iter().flat_map(|(_, values)| values.iter().copied()).fold(0.0f64, f64::max).max(1e-9) * 1.15;
+    let slots = series.len() as f64 + 1.0;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT + 40)).into_drawing_area();
+        let drawn = (|| -> Result<(), Box<dyn std::error::Error + '_>> {
+            let mut chart = ChartBuilder::on(&root)
+                .caption(title, ("sans-serif", 15))
+                .margin(8)
+                .x_label_area_size(28)
+                .y_label_area_size(64)
+                .build_cartesian_2d(0.0..groups.len() as f64, 0.0..top)?;
+            chart
+                .configure_mesh()
+                .light_line_style(TRANSPARENT)
+                .bold_line_style(BLACK.mix(0.12))
+                .disable_x_mesh()
+                .y_desc(unit)
+                .y_label_formatter(&|v| label(*v))
+                .x_labels(groups.len() * 2 + 1)
+                .x_label_formatter(&|x| {
+                    let i = x.floor() as usize;
+                    if (x - x.floor() - 0.5).abs() < 1e-6 && i < groups.len() { groups[i].0.clone() } else { String::new() }
+                })
+                .draw()?;
+            for (s, name) in series.iter().enumerate() {
+                let colour = COLOURS[s % COLOURS.len()];
+                let bars = groups.iter().enumerate().map(move |(g, (_, values))| {
+                    let x = g as f64 + (s as f64 + 0.5) / slots;
+                    let value = values.get(s).copied().unwrap_or(0.0);
+                    Rectangle::new([(x, 0.0), (x + 0.9 / slots, value)], colour.filled())
+                });
+                chart
+                    .draw_series(bars)?
+                    .label(*name)
+                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.0))
+                .border_style(BLACK.mix(0.3))
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()?;
+            root.present()?;
+            Ok(())
+        })();
+        if let Err(error) = drawn {
+            tracing::warn!(%error, title, "chart not drawn");
+        }
+    }
+    themed(svg)
+}
+
 /// An axis label with the digits that matter at its scale.
 fn label(value: f64) -> String {
     let magnitude = value.abs();

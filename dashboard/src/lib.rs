@@ -4,7 +4,7 @@
 //! anyone calling `sfaas bill run`.
 
 pub mod bench;
-mod charts;
+pub mod charts;
 pub mod jaeger;
 pub mod prometheus;
 pub mod ui;
