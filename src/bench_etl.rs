@@ -55,7 +55,9 @@ fn s3rver_program() -> anyhow::Result<String> {
     if found.status.success() {
         return Ok(String::from_utf8_lossy(&found.stdout).trim().to_string());
     }
-    bail!("the S3 baseline needs s3rver: `npm install s3rver@3`, then put node_modules/.bin on PATH or set SFAAS_S3RVER")
+    bail!(
+        "the S3 baseline needs s3rver: `npm install s3rver@3`, then put node_modules/.bin on PATH or set SFAAS_S3RVER"
+    )
 }
 
 /// A child process killed when dropped.
@@ -140,8 +142,7 @@ pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<
     for (size_label, batches) in &sizes {
         for transport in TRANSPORTS {
             let tenant = format!("bench-{transport}-{}", if size_label.contains('K') { "kib" } else { "mib" });
-            api.send(api.request(reqwest::Method::POST, "/system/tenants").json(&json!({"name": tenant})))
-                .await?;
+            api.send(api.request(reqwest::Method::POST, "/system/tenants").json(&json!({"name": tenant}))).await?;
             billing
                 .send(
                     billing
@@ -209,7 +210,9 @@ pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<
         let mut complete = true;
         for case in &mut cases {
             let usage: Value = serde_json::from_str(
-                &billing.send(billing.request(reqwest::Method::GET, &format!("/billing/usage/{}", case.tenant))).await?,
+                &billing
+                    .send(billing.request(reqwest::Method::GET, &format!("/billing/usage/{}", case.tenant)))
+                    .await?,
             )?;
             let rows = usage["rows"].as_object().cloned().unwrap_or_default();
             case.invocations = rows.values().map(|r| r["invocations"].as_i64().unwrap_or(0)).sum();
@@ -320,12 +323,8 @@ fn write_charts(dir: &Path, cases: &[Case]) -> anyhow::Result<()> {
         ("etl-latency-p99", "ETL batch latency p99", "ms", &p99),
     ] {
         for size in ["1 KiB", "1 MiB"] {
-            let svg = dashboard::charts::grouped_bars(
-                &format!("{title}, {size} batches"),
-                unit,
-                &series,
-                &[metric(f, size)],
-            );
+            let svg =
+                dashboard::charts::grouped_bars(&format!("{title}, {size} batches"), unit, &series, &[metric(f, size)]);
             let name = format!("{file}-{}.svg", if size.contains('K') { "1kib" } else { "1mib" });
             std::fs::write(dir.join(&name), svg).with_context(|| format!("writing {name}"))?;
         }

@@ -1,6 +1,7 @@
-//! `sfaas up --demo`: two demo tenants on different plans, the demo functions and flow
-//! deployed for both, and a steady workload through the gateway (as a client would send it),
-//! so that the dashboard shows traces, usage and draft invoices within a minute.
+//! `sfaas up --demo`: two demo tenants on different plans, the ETL pipeline (examples/etl/)
+//! deployed for both, and a steady stream of trips into it through the gateway (as a client
+//! would send them), so that the dashboard shows traces, usage and draft invoices within a
+//! minute.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -9,61 +10,21 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-/// The demo tenants and their plans (from the default rate card).
-const TENANTS: [(&str, &str); 2] = [("demo-shop", "pro"), ("demo-lab", "free")];
+use crate::etl::{self, Api};
 
-/// Built-in functions only, so that the demo runs wherever the binary does.
-const FUNCTIONS: [(&str, &str); 3] = [("shout", "uppercase"), ("count", "wordcount"), ("echo", "echo")];
+/// The demo tenants, their plans (from the default rate card) and records streamed per second.
+const TENANTS: [(&str, &str, usize); 2] = [("demo-shop", "pro", 160), ("demo-lab", "free", 40)];
 
-const FLOW: &str = "\
-name: text-report
-description: counts words, shouts long texts, and joins both (the demo's flow)
-nodes:
-  measure: {function: count}
-  loud:
-    function: shout
-    needs: [measure]
-    when: \"$.words >= 5\"
-  report:
-    function: echo
-    needs: [measure, loud]
-output: report
-";
-
-const WORDS: [&str; 16] = [
-    "stateful",
-    "functions",
-    "compose",
-    "into",
-    "flows",
-    "that",
-    "pass",
-    "data",
-    "through",
-    "an",
-    "ephemeral",
-    "store",
-    "and",
-    "are",
-    "billed",
-    "exactly",
-];
-
-struct Client {
-    http: reqwest::Client,
-    gateway: String,
-    ui: String,
-    admin: String,
+/// What the demo streamed into one tenant.
+#[derive(Clone, Default)]
+struct Totals {
+    records: u64,
+    runs: u64,
+    throttled: u64,
+    failed: u64,
 }
 
-impl Client {
-    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<(u16, String)> {
-        let response = request.bearer_auth(&self.admin).send().await?;
-        Ok((response.status().as_u16(), response.text().await?))
-    }
-}
-
-/// Sets the demo up, then drives the workload until `stop`.
+/// Sets the demo up, then streams trips into both tenants' ETL flows until `stop`.
 pub async fn run(
     gateway: String,
     ui: String,
@@ -71,102 +32,102 @@ pub async fn run(
     data_dir: &Path,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let client = Client { http: reqwest::Client::builder().no_proxy().build()?, gateway, ui, admin };
+    let api = Api::new(&gateway, &admin)?;
     let tokens_file = data_dir.join("demo-tokens.json");
     let mut tokens: serde_json::Map<String, Value> =
         std::fs::read_to_string(&tokens_file).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-    for (tenant, plan) in TENANTS {
-        let (status, body) = client
-            .send(
-                client
-                    .http
-                    .post(format!("{}/system/tenants", client.gateway))
-                    .json(&json!({"name": tenant, "plan": plan})),
-            )
+    let database_url = format!("sqlite://{}", std::fs::canonicalize(data_dir)?.join("etl.db").display());
+    for (tenant, plan, _) in TENANTS {
+        let created = api
+            .request(reqwest::Method::POST, "/system/tenants")
+            .json(&json!({"name": tenant, "plan": plan}))
+            .send()
             .await?;
-        if status == 201 {
-            tokens.insert(tenant.to_string(), serde_json::from_str(&body)?);
-            let path = format!("{}/billing/tenants/{tenant}/plan", client.ui);
-            let (status, body) = client.send(client.http.put(path).json(&json!({ "plan": plan }))).await?;
-            anyhow::ensure!(status == 200, "putting {tenant} on plan {plan}: {status} {body}");
+        if created.status() == reqwest::StatusCode::CREATED {
+            tokens.insert(tenant.to_string(), created.json().await?);
+            let billing = Api::new(&ui, &admin)?;
+            let path = format!("/billing/tenants/{tenant}/plan");
+            billing
+                .send(billing.request(reqwest::Method::PUT, &path).json(&json!({ "plan": plan })))
+                .await
+                .with_context(|| format!("putting {tenant} on plan {plan}"))?;
         }
-        for (name, builtin) in FUNCTIONS {
-            let deployment = json!({"service": name, "namespace": tenant, "kind": "builtin", "builtin": builtin});
-            let (status, body) =
-                client.send(client.http.post(format!("{}/system/functions", client.gateway)).json(&deployment)).await?;
-            anyhow::ensure!(
-                status == 202 || status == 200 || status == 201 || status == 409,
-                "deploying {name}: {status} {body}"
-            );
-        }
-        let (status, body) = client
-            .send(
-                client.http.post(format!("{}/system/flows", client.gateway)).header("x-scope-orgid", tenant).body(FLOW),
-            )
-            .await?;
-        anyhow::ensure!(status < 300, "deploying the demo flow for {tenant}: {status} {body}");
+        let setup = etl::Setup {
+            transport: "state",
+            s3_url: None,
+            database_url: &database_url,
+            script_dir: &data_dir.join("etl"),
+        };
+        etl::setup(&api, tenant, &setup).await.with_context(|| format!("setting up the ETL pipeline for {tenant}"))?;
     }
     write_private(&tokens_file, &serde_json::to_string_pretty(&tokens)?)
         .with_context(|| format!("writing {}", tokens_file.display()))?;
     eprintln!(
-        "sfaas demo: tenants {} (plan pro) and {} (plan free), each with functions shout, count, echo and flow text-report",
-        TENANTS[0].0, TENANTS[1].0
+        "sfaas demo: tenants {} (plan pro) and {} (plan free), each with the ETL pipeline (functions etl-extract, \
+         etl-clean in Python, etl-aggregate, etl-load; flow etl), streaming {} and {} trips a second into it",
+        TENANTS[0].0, TENANTS[1].0, TENANTS[0].2, TENANTS[1].2
     );
-    for (tenant, _) in TENANTS {
+    for (tenant, _, _) in TENANTS {
         if let Some(read) = tokens.get(tenant).and_then(|t| t["read_token"].as_str()) {
             eprintln!("sfaas demo: {tenant}'s read token (sign in to the dashboard as {tenant}): {read}");
         }
     }
     eprintln!(
-        "sfaas demo: dashboard {} — sign in with the admin token in {} (tenants' tokens in {})",
-        client.ui,
+        "sfaas demo: dashboard {ui} — sign in with the admin token in {} (tenants' tokens in {}); loaded aggregates in {}",
         stateful_faas_core::config::admin_token_path(data_dir).display(),
-        tokens_file.display()
+        tokens_file.display(),
+        data_dir.join("etl.db").display()
     );
 
-    let (mut runs, mut calls, mut errors) = (0u64, 0u64, 0u64);
-    let mut seed = 0x5eed_u64;
+    let now = stateful_faas_core::database::now_ms();
+    let mut sources: Vec<_> = TENANTS
+        .iter()
+        .enumerate()
+        .map(|(i, (tenant, _, per_second))| (*tenant, *per_second / 2, etl::generate(i as u64 + 1, now, 50, false)))
+        .collect();
+    let mut totals = vec![Totals::default(); TENANTS.len()];
     let mut last_status = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    for step in 0u64.. {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait_for(|stop| *stop) => break,
         }
-        let (tenant, _) = TENANTS[(step % 2) as usize];
-        let text = sentence(&mut seed);
-        let result = if step % 4 < 2 {
-            runs += 1;
-            client.send(client.http.post(format!("{}/flow/text-report.{tenant}", client.gateway)).body(text)).await
-        } else {
-            calls += 1;
-            client.send(client.http.post(format!("{}/function/shout.{tenant}", client.gateway)).body(text)).await
-        };
-        if !matches!(result, Ok((200, _))) {
-            errors += 1;
+        // Half a second of records for each tenant, sent together.
+        let mut sends = tokio::task::JoinSet::new();
+        for (i, (tenant, per_tick, source)) in sources.iter_mut().enumerate() {
+            let lines: Vec<String> = source.by_ref().take(*per_tick).collect();
+            let (api, tenant, per_tick) = (api.clone(), tenant.to_string(), *per_tick);
+            sends.spawn(async move { (i, etl::stream(&api, &tenant, lines, per_tick, 1, 0, |_| {}).await) });
+        }
+        for (i, sent) in sends.join_all().await {
+            match sent {
+                Ok(sent) => {
+                    totals[i].records += sent.records;
+                    totals[i].throttled += sent.throttled;
+                    totals[i].runs += sent.runs.len() as u64;
+                }
+                Err(error) => {
+                    totals[i].failed += 1;
+                    tracing::warn!(%error, "demo stream");
+                }
+            }
         }
         if last_status.elapsed() >= Duration::from_secs(15) {
-            eprintln!(
-                "sfaas demo: {runs} flow runs and {calls} calls so far ({errors} failed); dashboard {}",
-                client.ui
-            );
+            for ((tenant, _, _), total) in TENANTS.iter().zip(&totals) {
+                eprintln!(
+                    "sfaas demo: {tenant}: {} trips streamed in {} flow runs ({} throttled, {} failed requests)",
+                    total.records, total.runs, total.throttled, total.failed
+                );
+            }
+            eprintln!("sfaas demo: dashboard {ui}");
             last_status = Instant::now();
         }
     }
-    eprintln!("sfaas demo: stopped after {runs} flow runs and {calls} calls");
+    let records: u64 = totals.iter().map(|t| t.records).sum();
+    eprintln!("sfaas demo: stopped after streaming {records} trips");
     Ok(())
-}
-
-/// 3 to 10 words, from a small deterministic generator.
-fn sentence(seed: &mut u64) -> String {
-    let mut next = || {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        *seed
-    };
-    let length = 3 + next() % 8;
-    (0..length).map(|_| WORDS[(next() % WORDS.len() as u64) as usize]).collect::<Vec<_>>().join(" ")
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {

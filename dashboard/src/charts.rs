@@ -97,7 +97,8 @@ pub fn histogram(title: &str, unit: &str, values: &[f64], buckets: usize) -> Str
 /// Bars in groups: `groups` are (group label, values, one per series); `series` names them.
 /// Drawn for documents (BENCHMARKS.md): a standalone SVG with a legend.
 pub fn grouped_bars(title: &str, unit: &str, series: &[&str], groups: &[(String, Vec<f64>)]) -> String {
-    const COLOURS: [RGBColor; 4] = [ACCENT, RGBColor(0xe0, 0x7b, 0x20), RGBColor(0x4c, 0xa3, 0x5a), RGBColor(0x99, 0x66, 0xcc)];
+    const COLOURS: [RGBColor; 4] =
+        [ACCENT, RGBColor(0xe0, 0x7b, 0x20), RGBColor(0x4c, 0xa3, 0x5a), RGBColor(0x99, 0x66, 0xcc)];
     if groups.is_empty() || series.is_empty() {
         return empty(title);
     }
@@ -123,7 +124,11 @@ pub fn grouped_bars(title: &str, unit: &str, series: &[&str], groups: &[(String,
                 .x_labels(groups.len() * 2 + 1)
                 .x_label_formatter(&|x| {
                     let i = x.floor() as usize;
-                    if (x - x.floor() - 0.5).abs() < 1e-6 && i < groups.len() { groups[i].0.clone() } else { String::new() }
+                    if (x - x.floor() - 0.5).abs() < 1e-6 && i < groups.len() {
+                        groups[i].0.clone()
+                    } else {
+                        String::new()
+                    }
                 })
                 .draw()?;
             for (s, name) in series.iter().enumerate() {
