@@ -253,6 +253,11 @@ mod tests {
     }
 
     #[test]
+    fn the_committed_lookup_table_is_the_generators() {
+        assert_eq!(include_str!("../../../examples/etl/zones.json"), lookup_table());
+    }
+
+    #[test]
     fn records_render_as_json_and_csv() {
         let mut generator = Generator::new(1, 0, 0);
         let trip = generator.trip();
