@@ -68,7 +68,7 @@ pub async fn setup(api: &Api, namespace: &str, setup: &Setup<'_>) -> anyhow::Res
     }
     let functions = [
         json!({"service": "etl-extract", "kind": "builtin", "builtin": "etl-extract", "envVars": transport}),
-        json!({"service": "etl-clean", "kind": "exec", "envProcess": "python3 etl_clean.py",
+        json!({"service": "etl-clean", "kind": "exec", "envProcess": format!("{} -S etl_clean.py", python()),
                "workdir": script_dir.to_string_lossy(), "limits": {"memory": "512Mi"},
                "envVars": {"ETL_TRANSPORT": setup.transport, "ETL_S3_URL": setup.s3_url.unwrap_or_default(),
                            "exec_timeout": "60s", "max_inflight": "16"}}),
@@ -96,6 +96,19 @@ pub async fn setup(api: &Api, namespace: &str, setup: &Setup<'_>) -> anyhow::Res
     .await
     .context("storing the zone lookup table")?;
     Ok(())
+}
+
+/// The Python interpreter itself, not a version manager's shim in front of it (a pyenv shim
+/// costs about 100 ms per process start, and the watchdog model starts one per batch).
+fn python() -> String {
+    std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .filter(|path| !path.is_empty() && !path.contains(char::is_whitespace))
+        .unwrap_or_else(|| "python3".into())
 }
 
 /// What a stream sent.

@@ -198,7 +198,10 @@ pub async fn chunk(
     // With no final period, `period <= ''` is never true.
     let mut out = Chunk::default();
     on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        // SQLite: take the write lock first; a read that later upgrades to a write fails with
+        // SQLITE_BUSY_SNAPSHOT when the collector committed in between (busy_timeout cannot wait
+        // that out).
+        let mut tx = if d.sqlite { pool.begin_with("BEGIN IMMEDIATE").await? } else { pool.begin().await? };
         if !d.sqlite {
             // One writer of the totals at a time, across processes (read-add-write below).
             sqlx::query("SELECT pg_advisory_xact_lock(7305011)").execute(&mut *tx).await?;

@@ -102,7 +102,7 @@ pub fn grouped_bars(title: &str, unit: &str, series: &[&str], groups: &[(String,
     if groups.is_empty() || series.is_empty() {
         return empty(title);
     }
-    let top = groups.iter().flat_map(|(_, values)| values.iter().copied()).fold(0.0f64, f64::max).max(1e-9) * 1.15;
+    let top = groups.iter().flat_map(|(_, values)| values.iter().copied()).fold(0.0f64, f64::max).max(1e-9) * 1.4;
     let slots = series.len() as f64 + 1.0;
     let mut svg = String::new();
     {
