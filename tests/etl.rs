@@ -3,7 +3,7 @@
 //! micro-batched, extracted, cleaned and enriched by the Python function, aggregated per minute
 //! and borough, and loaded into SQLite. The loaded table equals the aggregates computed from the
 //! generator's own truth, for each way of handing data between stages (state store, inline, and
-//! an S3 object store when s3rver is installed); bad records land in the reject bucket with their
+//! an S3 object store when s3rver is installed), and in PostgreSQL as in SQLite; bad records land in the reject bucket with their
 //! reason; the summary object adds up. And a stream that falls behind answers 429, losing
 //! nothing it acknowledged.
 
@@ -85,19 +85,31 @@ async fn stream(http: &reqwest::Client, gateway: &str, token: &str, target: &str
 
 type Windows = BTreeMap<(i64, String), Totals>;
 
-async fn loaded(pool: &sqlx::SqlitePool, tenant: &str) -> (i64, Windows) {
-    let received: Option<i64> = sqlx::query_scalar("SELECT SUM(received) FROM etl_batches WHERE tenant = ?")
-        .bind(tenant)
-        .fetch_one(pool)
-        .await
-        .unwrap_or(None);
-    let rows: Vec<(i64, String, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT window_start_ms, borough, trips, fare_cents, distance_m, passengers FROM etl_windows WHERE tenant = ?",
-    )
-    .bind(tenant)
-    .fetch_all(pool)
-    .await
-    .unwrap_or_default();
+/// The load target: the tables `etl-load` writes, in SQLite or PostgreSQL.
+#[derive(Clone)]
+enum Target {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+const RECEIVED: &str = "SELECT CAST(SUM(received) AS BIGINT) FROM etl_batches WHERE tenant = $1";
+const WINDOWS: &str =
+    "SELECT window_start_ms, borough, trips, fare_cents, distance_m, passengers FROM etl_windows WHERE tenant = $1";
+
+macro_rules! read_target {
+    ($pool:expr, $tenant:expr) => {{
+        let received: Option<i64> = sqlx::query_scalar(RECEIVED).bind($tenant).fetch_one($pool).await.unwrap_or(None);
+        let rows: Vec<(i64, String, i64, i64, i64, i64)> =
+            sqlx::query_as(WINDOWS).bind($tenant).fetch_all($pool).await.unwrap_or_default();
+        (received, rows)
+    }};
+}
+
+async fn loaded(target: &Target, tenant: &str) -> (i64, Windows) {
+    let (received, rows) = match target {
+        Target::Sqlite(pool) => read_target!(pool, tenant),
+        Target::Postgres(pool) => read_target!(pool, tenant),
+    };
     let windows = rows
         .into_iter()
         .map(|(w, b, trips, fare_cents, distance_m, passengers)| {
@@ -125,9 +137,22 @@ async fn streamed_records_load_exactly_the_generators_aggregates() {
         tenants.push(("via-s3", "s3"));
     }
     let db = data.join("etl.db");
-    let load_url = format!("sqlite://{}", db.display());
+    let sqlite_url = format!("sqlite://{}", db.display());
+    // One more tenant loads into PostgreSQL (a server of the test's own).
+    let postgres = collector::bench::PgServer::start();
+    match &postgres {
+        Some(_) => tenants.push(("into-postgres", "state")),
+        None => {
+            assert!(!require_all(), "PostgreSQL's server binaries are not installed");
+            eprintln!("skipping the PostgreSQL load target: PostgreSQL's server binaries are not installed");
+        }
+    }
     for (tenant, transport) in &tenants {
         ok(data, &["tenant", "create", tenant], "");
+        let load_url = match &postgres {
+            Some(server) if *tenant == "into-postgres" => server.url(),
+            _ => sqlite_url.clone(),
+        };
         let mut args = vec!["etl", "setup", "--namespace", tenant, "--transport", transport, "--load-url", &load_url];
         if let Some((_, bucket)) = &s3 {
             args.extend(["--s3-url", bucket]);
@@ -161,8 +186,14 @@ async fn streamed_records_load_exactly_the_generators_aggregates() {
         }
     }
 
-    let pool = sqlx::sqlite::SqlitePoolOptions::new().connect(&format!("sqlite://{}", db.display())).await.unwrap();
+    let sqlite = Target::Sqlite(sqlx::SqlitePool::connect(&sqlite_url).await.unwrap());
     for (tenant, transport) in &tenants {
+        let pool = match &postgres {
+            Some(server) if *tenant == "into-postgres" => {
+                Target::Postgres(sqlx::PgPool::connect(&server.url()).await.unwrap())
+            }
+            _ => sqlite.clone(),
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         let (received, windows) = loop {
             let (received, windows) = loaded(&pool, tenant).await;
