@@ -172,8 +172,8 @@ async fn usage_reaches_invoices_and_every_view_agrees() {
     up.wait().unwrap();
 }
 
-/// `sfaas up --demo`: within a minute, both demo tenants have usage and a draft invoice, on
-/// their own plans; SIGTERM stops everything cleanly.
+/// `sfaas up --demo`: within a minute, both demo tenants have usage, a draft invoice on their
+/// own plans, and traces of their ETL runs; SIGTERM stops everything cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_shows_usage_and_draft_invoices() {
     let dir = tempfile::tempdir().unwrap();
@@ -235,6 +235,14 @@ async fn the_demo_shows_usage_and_draft_invoices() {
     let tokens: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("demo-tokens.json")).unwrap()).unwrap();
     assert!(tokens["demo-shop"]["read_token"].is_string(), "{tokens}");
+    // … and traces of the ETL flow's runs, for each tenant with its own read token.
+    for tenant in ["demo-shop", "demo-lab"] {
+        let read = tokens[tenant]["read_token"].as_str().unwrap();
+        let url = format!("{ui}/api/traces?service=sfaas-core&operation=flow%20etl&limit=5");
+        let traces: Value = http.get(url).bearer_auth(read).send().await.unwrap().json().await.unwrap();
+        let spans = traces["data"][0]["spans"].as_array().map_or(0, Vec::len);
+        assert!(spans >= 9, "{tenant}: a flow run's trace (flow, 4 nodes, 4 invocations): {traces}");
+    }
     // SAFETY: kill sends a signal to our own child.
     unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
     let status = up.wait().unwrap();
