@@ -650,7 +650,9 @@ fn announce(
         std::fs::read_to_string(&file).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
     };
     all.extend(ours.clone());
-    let temporary = data_dir.join("addresses.json.tmp");
+    // A name of our own: components starting together on one data directory must not rename
+    // each other's half-written file.
+    let temporary = data_dir.join(format!("addresses.json.{}.tmp", std::process::id()));
     std::fs::write(&temporary, format!("{}\n", serde_json::Value::Object(all))).context("writing addresses.json")?;
     std::fs::rename(&temporary, &file).context("writing addresses.json")?;
     println!("{}", serde_json::Value::Object(ours));

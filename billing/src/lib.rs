@@ -147,13 +147,23 @@ impl Billing {
         &self.db
     }
 
-    /// Changes with every change this process made to usage, plans or invoices.
-    pub fn version(&self) -> u64 {
-        self.version.load(std::sync::atomic::Ordering::SeqCst)
+    /// Changes with every change to usage, plans or invoices, made by this process or by any
+    /// other billing the same database (a dashboard that does not bill itself still sees them):
+    /// the stored generation, or this process's count if the database cannot be read.
+    pub async fn version(&self) -> u64 {
+        match self.setting("generation").await {
+            Ok(stored) => stored.and_then(|g| g.parse().ok()).unwrap_or(0),
+            Err(_) => self.version.load(std::sync::atomic::Ordering::SeqCst) | (1 << 63),
+        }
     }
 
-    fn changed(&self) {
+    /// Counts a change, here and in the database (for other processes' caches).
+    async fn changed(&self) -> Result<()> {
         self.version.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let sql = "INSERT INTO billing_settings (key, value) VALUES ('generation', '1') ON CONFLICT (key) \
+                   DO UPDATE SET value = CAST(CAST(billing_settings.value AS BIGINT) + 1 AS TEXT)";
+        on_pool!(&self.db, pool => sqlx::query(sql).execute(pool).await?.rows_affected());
+        Ok(())
     }
 
     async fn setting(&self, key: &str) -> Result<Option<String>> {
@@ -204,7 +214,7 @@ impl Billing {
             }
         }
         self.set_setting("rate_card", &serde_json::to_string(&card).expect("json")).await?;
-        self.changed();
+        self.changed().await?;
         Ok(card)
     }
 
@@ -245,7 +255,7 @@ impl Billing {
              ON CONFLICT (tenant, effective_from_ns) DO UPDATE SET plan = excluded.plan",
         );
         on_pool!(&self.db, pool => sqlx::query(sql).bind(tenant).bind(from).bind(plan).execute(pool).await?.rows_affected());
-        self.changed();
+        self.changed().await?;
         Ok(from)
     }
 
@@ -289,7 +299,7 @@ impl Billing {
         }
         report.watermark_ms = watermark;
         if report.records > 0 {
-            self.changed();
+            self.changed().await?;
         }
         // Finalize every period whose grace window is over.
         let grace = i64::from(card.grace_hours) * 3_600_000_000_000;
@@ -339,7 +349,7 @@ impl Billing {
             self.price_invoice(card, tenant, period, Status::Final).await?;
         }
         self.set_setting("finalized_through", &through.key()).await?;
-        self.changed();
+        self.changed().await?;
         tracing::info!(through = %through, invoices = drafts.len(), "billing periods finalized");
         Ok(drafts.len() as u64)
     }
@@ -651,7 +661,7 @@ impl Billing {
             add_totals(&self.db, &mut tx, totals).await?;
             tx.commit().await?;
         });
-        self.changed();
+        self.changed().await?;
         // Every invoice the totals name, except final ones (never rewritten).
         let final_through = self.finalized_through(card.period).await?;
         let sql = "SELECT DISTINCT tenant, billed_period FROM usage_totals";

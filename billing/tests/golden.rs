@@ -181,3 +181,22 @@ async fn a_plan_change_prorates_allowances_and_minimums() {
         assert!(error.to_string().contains("takes effect after it"), "{error}");
     }
 }
+
+/// A second billing over the same database (another dashboard process) sees every change the
+/// first one makes, so its caches of costs never go stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_sees_every_billing_change() {
+    for backend in backends() {
+        let fixture = open(&backend, CARD).await;
+        let other = billing::Billing::open(&collector::store::TelemetryStore::open(&backend.url()).await.unwrap())
+            .await
+            .unwrap();
+        let before = other.version().await;
+        fixture.deliver(vec![invoke("acme", "g1", "resize", ns("2026-10-03T10:00:00Z"), 5, 0, 200)]).await;
+        fixture.billing.run(None).await.unwrap();
+        let after_run = other.version().await;
+        assert_ne!(before, after_run, "{}: a billing run elsewhere changes the version", backend.name());
+        fixture.billing.assign_plan("acme", "basic", None).await.unwrap();
+        assert_ne!(after_run, other.version().await, "{}: a plan assignment elsewhere too", backend.name());
+    }
+}

@@ -226,7 +226,7 @@ impl Ui {
 
     /// Per-invocation costs of a tenant's invoice for `period`, computed once per billing change.
     async fn costs(&self, tenant: &str, period: &str) -> Arc<Vec<RecordCost>> {
-        let version = self.state.billing.version();
+        let version = self.state.billing.version().await;
         let key = (tenant.to_string(), period.to_string());
         if let Some((v, costs)) = self.costs.lock().unwrap().get(&key)
             && *v == version
@@ -244,7 +244,7 @@ impl Ui {
 
     /// Usage records of a tenant's period, read once per billing change.
     async fn records(&self, tenant: &str, period: &str) -> Arc<Vec<UsageRecord>> {
-        let version = self.state.billing.version();
+        let version = self.state.billing.version().await;
         let key = (tenant.to_string(), period.to_string());
         if let Some((v, records)) = self.records.lock().unwrap().get(&key)
             && *v == version
