@@ -44,6 +44,10 @@ pub enum StreamError {
     Flow(#[from] FlowError),
     #[error("the stream of flow {0} stopped")]
     Stopped(String),
+    /// A batch's run could not start (the flow was removed, the journal failed); records of the
+    /// request that went into earlier runs are processed, the others are not.
+    #[error("a batch's run could not start: {0}")]
+    Run(String),
 }
 
 /// What an accepted request became.
@@ -120,7 +124,7 @@ impl Streams {
             .map_err(|_| StreamError::Stopped(flow_name.to_string()))?;
         match answer.await {
             Ok(Ok(accepted)) => Ok(accepted),
-            Ok(Err(message)) => Err(StreamError::BadRequest(message)),
+            Ok(Err(message)) => Err(StreamError::Run(message)),
             Err(_) => Err(StreamError::Stopped(flow_name.to_string())),
         }
     }

@@ -122,7 +122,7 @@ pub async fn stream(
             StreamError::BadRequest(m) => ApiError::BadRequest(m),
             e @ StreamError::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
             e @ StreamError::Busy(_) => ApiError::TooManyRequests(e.to_string()),
-            e @ StreamError::Stopped(_) => ApiError::Internal(e.to_string()),
+            e @ (StreamError::Stopped(_) | StreamError::Run(_)) => ApiError::Internal(e.to_string()),
         }),
     }
 }
