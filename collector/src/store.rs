@@ -42,9 +42,17 @@ pub struct Written {
     pub logs: u64,
 }
 
-fn migrator(sql: &'static str) -> Migrator {
-    let migration = Migration::new(1, "collector telemetry".into(), MigrationType::Simple, sql.into_sql_str(), false);
-    let mut migrator = Migrator::with_migrations(vec![migration]);
+/// The schema's migrations, in order: version N is `sqls[N - 1]`.
+fn migrator(sqls: &[&'static str]) -> Migrator {
+    let migrations = sqls
+        .iter()
+        .zip(1..)
+        .map(|(sql, version)| {
+            let description = if version == 1 { "collector telemetry" } else { "collector telemetry update" };
+            Migration::new(version, description.into(), MigrationType::Simple, sql.into_sql_str(), false)
+        })
+        .collect();
+    let mut migrator = Migrator::with_migrations(migrations);
     migrator.dangerous_set_table_name("_sfaas_collector_migrations");
     migrator
 }
@@ -64,11 +72,16 @@ impl TelemetryStore {
                 .busy_timeout(Duration::from_secs(10));
             let pool =
                 SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(StoreError::Open)?;
-            migrator(include_str!("../../migrations/sqlite/collector_0001_telemetry.sql")).run(&pool).await?;
+            migrator(&[
+                include_str!("../../migrations/sqlite/collector_0001_telemetry.sql"),
+                include_str!("../../migrations/sqlite/collector_0002_samples_by_series.sql"),
+            ])
+            .run(&pool)
+            .await?;
             Ok(Self::Sqlite(pool))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new().max_connections(8).connect(url).await.map_err(StoreError::Open)?;
-            migrator(include_str!("../../migrations/postgres/collector_0001_telemetry.sql")).run(&pool).await?;
+            migrator(&[include_str!("../../migrations/postgres/collector_0001_telemetry.sql")]).run(&pool).await?;
             Ok(Self::Postgres(pool))
         } else {
             Err(StoreError::UnsupportedUrl(url.to_string()))
@@ -364,4 +377,42 @@ where
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store made before migration 2 keeps its samples when migration 2 clusters them by
+    /// series (WITHOUT ROWID).
+    #[tokio::test]
+    async fn samples_survive_the_move_to_series_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
+        let options = SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
+        let pool = SqlitePoolOptions::new().connect_with(options).await.unwrap();
+        migrator(&[include_str!("../../migrations/sqlite/collector_0001_telemetry.sql")]).run(&pool).await.unwrap();
+        sqlx::query(
+            "INSERT INTO metric_samples (tenant, metric, labels, kind, ts_ns, value, histogram, metered, received_ms) \
+             VALUES ('acme', 'up', '{\"job\":\"a\"}', 'gauge', 5, 1.5, NULL, 0, 7)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = TelemetryStore::open(&url).await.unwrap();
+        let TelemetryStore::Sqlite(pool) = &store else { unreachable!() };
+        let row: (String, i64, f64, i64) =
+            sqlx::query_as("SELECT labels, ts_ns, value, received_ms FROM metric_samples WHERE tenant = 'acme'")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        assert_eq!(row, ("{\"job\":\"a\"}".to_string(), 5, 1.5, 7));
+        let sql: String = sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE name = 'metric_samples'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert!(sql.contains("WITHOUT ROWID"), "{sql}");
+    }
 }

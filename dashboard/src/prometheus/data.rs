@@ -224,41 +224,64 @@ async fn stored_series(
             names
         }
     };
-    let mut series: BTreeMap<Labels, Vec<(i64, f64)>> = BTreeMap::new();
+    // Rows come ordered by series, so the work on labels (parsing, matching, finding the
+    // series) is done once per series and plain rows only append their point.
+    let mut series: Vec<(Labels, Vec<(i64, f64)>)> = Vec::new();
+    let mut slots: HashMap<Labels, usize> = HashMap::new();
     let mut cache = HashMap::new();
     let wanted = |name: &str| selector.may_select_name(name);
+    let mut slot = |labels: Labels, series: &mut Vec<(Labels, Vec<(i64, f64)>)>| -> Option<usize> {
+        if !selector.matches(&labels) {
+            return None;
+        }
+        Some(*slots.entry(labels.clone()).or_insert_with(|| {
+            series.push((labels, Vec::new()));
+            series.len() - 1
+        }))
+    };
+    fn push(points: &mut Vec<(i64, f64)>, t: i64, v: f64) {
+        match points.last_mut() {
+            Some(last) if last.0 == t => last.1 = v,
+            _ => points.push((t, v)),
+        }
+    }
     for metric in metrics {
-        let text = format!(
-            "SELECT tenant, labels, ts_ns, value, histogram FROM metric_samples \
-             WHERE {} AND metric = ? AND ts_ns > {} AND ts_ns <= {} ORDER BY tenant, labels, ts_ns",
-            tenants_in(tenants),
+        let groups = super::db::series_rows(
+            &state.store,
+            tenants,
+            &metric,
             lo.saturating_mul(NS_PER_MS),
             hi.saturating_mul(NS_PER_MS),
-        );
-        let mut binds: Vec<&str> = tenants.iter().map(String::as_str).collect();
-        binds.push(&metric);
-        let rows = fetch!(&state.store, &text, &binds, |row| (
-            row.try_get::<String, _>(0)?,
-            row.try_get::<String, _>(1)?,
-            row.try_get::<i64, _>(2)?,
-            row.try_get::<Option<f64>, _>(3)?,
-            row.try_get::<Option<String>, _>(4)?,
-        ));
-        for (row_tenant, labels_json, ts_ns, value, histogram) in rows {
-            let t = ts_ns.div_euclid(NS_PER_MS);
-            for (name, extra, v) in expand(&metric, value, histogram.as_deref(), &wanted) {
-                let labels = stored_labels(&mut cache, &row_tenant, &name, &labels_json, extra);
-                if !selector.matches(&labels) {
-                    continue;
+        )
+        .await?;
+        for group in groups {
+            let plain = group.samples.iter().all(|(_, _, histogram)| histogram.is_none());
+            if plain {
+                // One labels computation for the series, then only its points.
+                let target = wanted(&metric)
+                    .then(|| stored_labels(&mut cache, &group.tenant, &metric, &group.labels, None))
+                    .and_then(|labels| slot(labels, &mut series));
+                if let Some(i) = target {
+                    let points = &mut series[i].1;
+                    points.reserve(group.samples.len());
+                    for (ts_ns, value, _) in &group.samples {
+                        push(points, ts_ns.div_euclid(NS_PER_MS), value.unwrap_or(f64::NAN));
+                    }
                 }
-                let points = series.entry(labels).or_default();
-                match points.last_mut() {
-                    Some(last) if last.0 == t => last.1 = v,
-                    _ => points.push((t, v)),
+                continue;
+            }
+            for (ts_ns, value, histogram) in &group.samples {
+                let t = ts_ns.div_euclid(NS_PER_MS);
+                for (name, extra, v) in expand(&metric, *value, histogram.as_deref(), &wanted) {
+                    let labels = stored_labels(&mut cache, &group.tenant, &name, &group.labels, extra);
+                    if let Some(i) = slot(labels, &mut series) {
+                        push(&mut series[i].1, t, v);
+                    }
                 }
             }
         }
     }
+    series.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(series
         .into_iter()
         .map(|(labels, mut points)| {
