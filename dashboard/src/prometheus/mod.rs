@@ -193,6 +193,12 @@ pub fn router(state: DashboardState) -> Router {
 pub fn router_with(state: DashboardState, options: Options) -> Router {
     let api =
         Api { state, usage: std::sync::Arc::new(usage::Cache::new(options.cache_max_records, options.cache_wait)) };
+    // Warm the operator's scope (every tenant) now, so that the first dashboards do not read
+    // usage per query while its sums load (a few seconds for 100 000 records).
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let (cache, state) = (api.usage.clone(), api.state.clone());
+        runtime.spawn(async move { cache.warm(&state, None).await });
+    }
     Router::new()
         .route("/prometheus/api/v1/query", get(query).post(query))
         .route("/prometheus/api/v1/query_range", get(query_range).post(query_range))

@@ -581,6 +581,13 @@ impl Cache {
         Self { scopes: std::sync::Mutex::new(HashMap::new()), max_records, wait }
     }
 
+    /// Starts loading a scope's sums, as its first query would.
+    pub async fn warm(&self, state: &DashboardState, tenant: Option<&str>) {
+        if let Err(error) = self.snapshot(state, tenant).await {
+            tracing::warn!(%error, "warming the usage cache failed; queries read per query");
+        }
+    }
+
     /// The scope's sums, up to date, or else (read per query) perhaps a full load to start
     /// once the query is answered.
     async fn snapshot(
