@@ -69,7 +69,8 @@ impl TelemetryStore {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(Duration::from_secs(10));
+                .busy_timeout(Duration::from_secs(10))
+                .pragma("cache_size", "-65536");
             let pool =
                 SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(StoreError::Open)?;
             migrator(&[
