@@ -20,27 +20,8 @@ fn decimal(value: &Value) -> Decimal {
 async fn usage_reaches_invoices_and_every_view_agrees() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let any = "127.0.0.1:0";
-    let (mut up, addresses) = common::serve(
-        "up",
-        &[
-            "--gateway-addr",
-            any,
-            "--otlp-grpc-addr",
-            any,
-            "--otlp-http-addr",
-            any,
-            "--jaeger-addr",
-            any,
-            "--ui-addr",
-            any,
-            "--billing-interval-secs",
-            "0",
-            "--state-usage-interval-secs",
-            "1",
-            "--platform-scrape-secs",
-            "1",
-        ],
+    let (mut up, addresses) = common::up(
+        &["--billing-interval-secs", "0", "--state-usage-interval-secs", "1", "--platform-scrape-secs", "1"],
         data,
     );
     let ui = format!("http://{}", addresses["ui"].as_str().expect("up serves the dashboard"));
@@ -177,28 +158,8 @@ async fn usage_reaches_invoices_and_every_view_agrees() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_shows_usage_and_draft_invoices() {
     let dir = tempfile::tempdir().unwrap();
-    let any = "127.0.0.1:0";
-    let (mut up, addresses) = common::serve(
-        "up",
-        &[
-            "--demo",
-            "--gateway-addr",
-            any,
-            "--otlp-grpc-addr",
-            any,
-            "--otlp-http-addr",
-            any,
-            "--jaeger-addr",
-            any,
-            "--ui-addr",
-            any,
-            "--billing-interval-secs",
-            "2",
-            "--state-usage-interval-secs",
-            "2",
-        ],
-        dir.path(),
-    );
+    let (mut up, addresses) =
+        common::up(&["--demo", "--billing-interval-secs", "2", "--state-usage-interval-secs", "2"], dir.path());
     let ui = format!("http://{}", addresses["ui"].as_str().unwrap());
     let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();

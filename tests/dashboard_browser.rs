@@ -158,27 +158,7 @@ async fn a_user_reads_bills_and_dag_traces_in_a_browser() {
     let Some(browser) = Browser::start().await else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let any = "127.0.0.1:0";
-    let (mut up, addresses) = common::serve(
-        "up",
-        &[
-            "--gateway-addr",
-            any,
-            "--otlp-grpc-addr",
-            any,
-            "--otlp-http-addr",
-            any,
-            "--jaeger-addr",
-            any,
-            "--ui-addr",
-            any,
-            "--billing-interval-secs",
-            "0",
-            "--state-usage-interval-secs",
-            "1",
-        ],
-        data,
-    );
+    let (mut up, addresses) = common::up(&["--billing-interval-secs", "0", "--state-usage-interval-secs", "1"], data);
     let ui = format!("http://{}", addresses["ui"].as_str().unwrap());
     let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
     let acme: Value = serde_json::from_str(&sfaas(data, &["tenant", "create", "acme", "--plan", "pro"], "")).unwrap();

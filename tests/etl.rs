@@ -123,8 +123,7 @@ async fn loaded(target: &Target, tenant: &str) -> (i64, Windows) {
 async fn streamed_records_load_exactly_the_generators_aggregates() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let any = "127.0.0.1:0";
-    let (mut core, addresses) = common::serve("core", &["--gateway-addr", any], data);
+    let (mut core, addresses) = common::serve("core", &["--gateway-addr", "127.0.0.1:0"], data);
     let gateway = format!("http://{}", addresses["gateway"].as_str().unwrap());
     let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();

@@ -28,27 +28,7 @@ async fn streamed_records_show_the_same_numbers_in_every_view() {
     let started_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let any = "127.0.0.1:0";
-    let (mut up, addresses) = common::serve(
-        "up",
-        &[
-            "--gateway-addr",
-            any,
-            "--otlp-grpc-addr",
-            any,
-            "--otlp-http-addr",
-            any,
-            "--jaeger-addr",
-            any,
-            "--ui-addr",
-            any,
-            "--billing-interval-secs",
-            "0",
-            "--state-usage-interval-secs",
-            "1",
-        ],
-        data,
-    );
+    let (mut up, addresses) = common::up(&["--billing-interval-secs", "0", "--state-usage-interval-secs", "1"], data);
     let gateway = format!("http://{}", addresses["gateway"].as_str().unwrap());
     let ui = format!("http://{}", addresses["ui"].as_str().unwrap());
     let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();

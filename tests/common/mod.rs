@@ -40,6 +40,25 @@ pub fn serve(component: &str, args: &[&str], data_dir: &std::path::Path) -> (std
     (child, addresses)
 }
 
+/// `sfaas up` with every listener on a free port, plus `args`.
+pub fn up(args: &[&str], data_dir: &std::path::Path) -> (std::process::Child, serde_json::Value) {
+    let any = "127.0.0.1:0";
+    let mut all = vec![
+        "--gateway-addr",
+        any,
+        "--otlp-grpc-addr",
+        any,
+        "--otlp-http-addr",
+        any,
+        "--jaeger-addr",
+        any,
+        "--ui-addr",
+        any,
+    ];
+    all.extend_from_slice(args);
+    serve("up", &all, data_dir)
+}
+
 /// Another program, dying with the test like [`sfaas`].
 pub fn sfaas_like(program: &str) -> Command {
     let mut command = Command::new(program);

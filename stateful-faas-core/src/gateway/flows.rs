@@ -108,10 +108,7 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     use crate::flow::stream::{Format, StreamError};
     caller.require_write()?;
-    let (flow, namespace) = match name.split_once('.') {
-        Some((flow, namespace)) => (flow, Some(namespace)),
-        None => (name.as_str(), None),
-    };
+    let (flow, namespace) = qualified(&name);
     let tenant = caller.namespace(namespace)?;
     let csv = headers.get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/csv"));
     let format = if csv { Format::Csv { header: Bytes::new() } } else { Format::JsonLines };
@@ -127,12 +124,17 @@ pub async fn stream(
     }
 }
 
-fn request(caller: &Caller, name: &str, headers: &HeaderMap, body: Bytes) -> Result<RunRequest, ApiError> {
-    caller.require_write()?;
-    let (flow, namespace) = match name.split_once('.') {
+/// `NAME` or `NAME.NAMESPACE` of a flow route.
+fn qualified(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('.') {
         Some((flow, namespace)) => (flow, Some(namespace)),
         None => (name, None),
-    };
+    }
+}
+
+fn request(caller: &Caller, name: &str, headers: &HeaderMap, body: Bytes) -> Result<RunRequest, ApiError> {
+    caller.require_write()?;
+    let (flow, namespace) = qualified(name);
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let callback_url = header(semconv::HEADER_CALLBACK_URL);
     if let Some(url) = &callback_url
