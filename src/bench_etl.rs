@@ -17,7 +17,8 @@ use anyhow::{Context, bail};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
-use crate::etl::{self, Api};
+use crate::client::Gateway;
+use crate::etl;
 
 const TRANSPORTS: [&str; 3] = ["state", "s3", "inline"];
 const START_MS: i64 = 1_764_151_200_000;
@@ -105,8 +106,8 @@ pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<
     let gateway = format!("http://{}", addresses["gateway"].as_str().context("no gateway address")?);
     let ui = format!("http://{}", addresses["ui"].as_str().context("no dashboard address")?);
     let admin = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_string();
-    let api = Api::new(&gateway, &admin)?;
-    let billing = Api::new(&ui, &admin)?;
+    let api = Gateway::new(&gateway, &admin)?;
+    let billing = Gateway::new(&ui, &admin)?;
 
     let s3_port = free_port()?;
     let s3_dir = dir.path().join("s3");
@@ -142,9 +143,9 @@ pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<
     for (size_label, batches) in &sizes {
         for transport in TRANSPORTS {
             let tenant = format!("bench-{transport}-{}", if size_label.contains('K') { "kib" } else { "mib" });
-            api.send(api.request(reqwest::Method::POST, "/system/tenants").json(&json!({"name": tenant}))).await?;
+            api.text(api.request(reqwest::Method::POST, "/system/tenants").json(&json!({"name": tenant}))).await?;
             billing
-                .send(
+                .text(
                     billing
                         .request(reqwest::Method::PUT, &format!("/billing/tenants/{tenant}/plan"))
                         .json(&json!({"plan": "pro"})),
@@ -206,12 +207,12 @@ pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<
     // Bill: wait until every invocation (4 per batch, warm-up included) is rated.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        billing.send(billing.request(reqwest::Method::POST, "/billing/run")).await?;
+        billing.text(billing.request(reqwest::Method::POST, "/billing/run")).await?;
         let mut complete = true;
         for case in &mut cases {
             let usage: Value = serde_json::from_str(
                 &billing
-                    .send(billing.request(reqwest::Method::GET, &format!("/billing/usage/{}", case.tenant)))
+                    .text(billing.request(reqwest::Method::GET, &format!("/billing/usage/{}", case.tenant)))
                     .await?,
             )?;
             let rows = usage["rows"].as_object().cloned().unwrap_or_default();
@@ -236,9 +237,9 @@ pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<
     Ok(report)
 }
 
-async fn run_batch(api: &Api, tenant: &str, batch: String) -> anyhow::Result<Duration> {
+async fn run_batch(api: &Gateway, tenant: &str, batch: String) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let answer = api.send(api.request(reqwest::Method::POST, &format!("/flow/etl.{tenant}")).body(batch)).await?;
+    let answer = api.text(api.request(reqwest::Method::POST, &format!("/flow/etl.{tenant}")).body(batch)).await?;
     let elapsed = started.elapsed();
     let answer: Value = serde_json::from_str(&answer).with_context(|| format!("the etl flow answered {answer}"))?;
     anyhow::ensure!(answer["loaded"].as_u64().is_some(), "the etl flow answered {answer}");

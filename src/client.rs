@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use stateful_faas_core::config::admin_token_path;
-use stateful_faas_core::function::FunctionDeployment;
 
 /// How a client command finds the gateway and its credentials.
 #[derive(Args, Clone)]
@@ -26,10 +25,11 @@ pub struct ClientArgs {
 }
 
 /// A server a client command talks to (the gateway, or the dashboard for billing).
-struct Gateway {
-    url: String,
-    token: String,
-    http: reqwest::Client,
+#[derive(Clone)]
+pub struct Gateway {
+    pub url: String,
+    pub token: String,
+    pub http: reqwest::Client,
 }
 
 impl ClientArgs {
@@ -59,7 +59,7 @@ impl ClientArgs {
                     .to_string()
             }
         };
-        Ok(Gateway { url, token, http: reqwest::Client::builder().no_proxy().build()? })
+        Gateway::new(&url, &token)
     }
 }
 
@@ -70,13 +70,39 @@ fn read_address(data_dir: &Path, key: &str) -> Option<String> {
 }
 
 impl Gateway {
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub fn new(url: &str, token: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            url: url.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::builder().no_proxy().build()?,
+        })
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token)
+    }
+
+    /// Sends; the answer's body, or the server's own message on an error status.
+    pub async fn text(&self, request: reqwest::RequestBuilder) -> anyhow::Result<String> {
+        Ok(send(request).await?.text().await?)
+    }
+
+    /// Deploys a function (`FunctionDeployment` JSON), replacing one of the same name.
+    pub async fn deploy(&self, function: &impl serde::Serialize) -> anyhow::Result<()> {
+        let created = self.request(reqwest::Method::POST, "/system/functions").json(function).send().await?;
+        if created.status() == reqwest::StatusCode::CONFLICT {
+            send(self.request(reqwest::Method::PUT, "/system/functions").json(function)).await?;
+            return Ok(());
+        }
+        if !created.status().is_success() {
+            bail!("gateway answered {}: {}", created.status(), created.text().await.unwrap_or_default().trim());
+        }
+        Ok(())
     }
 }
 
 /// Sends a request and fails with the gateway's own message on an error status.
-async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+pub async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
     let response = request.send().await.context("cannot reach the server (is `sfaas up` running?)")?;
     if response.status().is_client_error() || response.status().is_server_error() {
         let status = response.status();
@@ -126,20 +152,8 @@ pub async fn deploy(args: &ClientArgs, file: &Path, namespace: Option<String>) -
         if function.namespace.is_none() {
             function.namespace = namespace.clone();
         }
-        deploy_one(&gateway, &function).await.with_context(|| format!("deploying {}", function.service))?;
+        gateway.deploy(&function).await.with_context(|| format!("deploying {}", function.service))?;
         eprintln!("deployed {}", qualified(&function.service, function.namespace.as_deref()));
-    }
-    Ok(())
-}
-
-async fn deploy_one(gateway: &Gateway, function: &FunctionDeployment) -> anyhow::Result<()> {
-    let created = gateway.request(reqwest::Method::POST, "/system/functions").json(function).send().await?;
-    if created.status() == reqwest::StatusCode::CONFLICT {
-        send(gateway.request(reqwest::Method::PUT, "/system/functions").json(function)).await?;
-        return Ok(());
-    }
-    if !created.status().is_success() {
-        bail!("gateway answered {}: {}", created.status(), created.text().await.unwrap_or_default().trim());
     }
     Ok(())
 }
@@ -360,13 +374,6 @@ pub async fn plan_show(args: &ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-impl ClientArgs {
-    fn etl_api(&self) -> anyhow::Result<crate::etl::Api> {
-        let gateway = self.gateway()?;
-        crate::etl::Api::new(&gateway.url, &gateway.token)
-    }
-}
-
 pub async fn etl_setup(
     args: &ClientArgs,
     namespace: &str,
@@ -383,7 +390,7 @@ pub async fn etl_setup(
     };
     let script_dir = args.data_dir.join("etl");
     let setup = crate::etl::Setup { transport, s3_url, database_url: &database_url, script_dir: &script_dir };
-    crate::etl::setup(&args.etl_api()?, namespace, &setup).await?;
+    crate::etl::setup(&args.gateway()?, namespace, &setup).await?;
     eprintln!(
         "etl: functions etl-extract, etl-clean, etl-aggregate, etl-load and flow etl deployed in {namespace} \
          (transport {transport}, loading into {database_url}); stream records to POST /stream/etl.{namespace}"
@@ -399,7 +406,7 @@ pub async fn etl_stream(
     seed: u64,
     bad_per_mille: u32,
 ) -> anyhow::Result<()> {
-    let api = args.etl_api()?;
+    let api = args.gateway()?;
     let lines = crate::etl::generate(seed, stateful_faas_core::database::now_ms(), bad_per_mille, false).take(records);
     let mut last = std::time::Instant::now();
     let streamed = crate::etl::stream(&api, namespace, lines, 200, 8, rate, |s| {

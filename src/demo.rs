@@ -10,7 +10,8 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::etl::{self, Api};
+use crate::client::Gateway;
+use crate::etl;
 
 /// The demo tenants, their plans (from the default rate card) and records streamed per second.
 const TENANTS: [(&str, &str, usize); 2] = [("demo-shop", "pro", 160), ("demo-lab", "free", 40)];
@@ -32,7 +33,8 @@ pub async fn run(
     data_dir: &Path,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let api = Api::new(&gateway, &admin)?;
+    let api = Gateway::new(&gateway, &admin)?;
+    let billing = Gateway::new(&ui, &admin)?;
     let tokens_file = data_dir.join("demo-tokens.json");
     let mut tokens: serde_json::Map<String, Value> =
         std::fs::read_to_string(&tokens_file).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
@@ -45,10 +47,9 @@ pub async fn run(
             .await?;
         if created.status() == reqwest::StatusCode::CREATED {
             tokens.insert(tenant.to_string(), created.json().await?);
-            let billing = Api::new(&ui, &admin)?;
             let path = format!("/billing/tenants/{tenant}/plan");
             billing
-                .send(billing.request(reqwest::Method::PUT, &path).json(&json!({ "plan": plan })))
+                .text(billing.request(reqwest::Method::PUT, &path).json(&json!({ "plan": plan })))
                 .await
                 .with_context(|| format!("putting {tenant} on plan {plan}"))?;
         }

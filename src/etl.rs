@@ -8,42 +8,11 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use stateful_faas_core::etl::{self, Generator};
 
+use crate::client::Gateway;
+
 pub const FLOW: &str = include_str!("../examples/etl/flow.yml");
 const CLEAN_PY: &str = include_str!("../examples/etl/etl_clean.py");
 const ZONES: &str = include_str!("../examples/etl/zones.json");
-
-/// A gateway and a token to call it with.
-#[derive(Clone)]
-pub struct Api {
-    pub http: reqwest::Client,
-    pub gateway: String,
-    pub token: String,
-}
-
-impl Api {
-    pub fn new(gateway: &str, token: &str) -> anyhow::Result<Self> {
-        Ok(Self {
-            http: reqwest::Client::builder().no_proxy().build()?,
-            gateway: gateway.trim_end_matches('/').to_string(),
-            token: token.to_string(),
-        })
-    }
-
-    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.gateway)).bearer_auth(&self.token)
-    }
-
-    /// Sends; an error status fails with the server's message.
-    pub async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<String> {
-        let response = request.send().await.context("cannot reach the gateway")?;
-        let status = response.status();
-        let body = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            bail!("gateway answered {status}: {}", body.trim());
-        }
-        Ok(body)
-    }
-}
 
 /// How a namespace's pipeline is deployed.
 pub struct Setup<'a> {
@@ -57,7 +26,7 @@ pub struct Setup<'a> {
 }
 
 /// Deploys the four functions, the `etl` flow and the zone lookup table into `namespace`.
-pub async fn setup(api: &Api, namespace: &str, setup: &Setup<'_>) -> anyhow::Result<()> {
+pub async fn setup(api: &Gateway, namespace: &str, setup: &Setup<'_>) -> anyhow::Result<()> {
     std::fs::create_dir_all(setup.script_dir).with_context(|| format!("creating {}", setup.script_dir.display()))?;
     let script = setup.script_dir.join("etl_clean.py");
     std::fs::write(&script, CLEAN_PY).with_context(|| format!("writing {}", script.display()))?;
@@ -78,17 +47,12 @@ pub async fn setup(api: &Api, namespace: &str, setup: &Setup<'_>) -> anyhow::Res
     ];
     for mut function in functions {
         function["namespace"] = json!(namespace);
-        let created = api.request(reqwest::Method::POST, "/system/functions").json(&function).send().await?;
-        if created.status() == reqwest::StatusCode::CONFLICT {
-            api.send(api.request(reqwest::Method::PUT, "/system/functions").json(&function)).await?;
-        } else if !created.status().is_success() {
-            bail!("deploying {}: {} {}", function["service"], created.status(), created.text().await?.trim());
-        }
+        api.deploy(&function).await.with_context(|| format!("deploying {}", function["service"]))?;
     }
-    api.send(api.request(reqwest::Method::POST, "/system/flows").header("x-scope-orgid", namespace).body(FLOW))
+    api.text(api.request(reqwest::Method::POST, "/system/flows").header("x-scope-orgid", namespace).body(FLOW))
         .await
         .context("deploying the etl flow")?;
-    api.send(
+    api.text(
         api.request(reqwest::Method::PUT, "/state/buckets/etl-lookup/objects/zones?persist=true")
             .header("x-scope-orgid", namespace)
             .body(ZONES),
@@ -126,7 +90,7 @@ pub struct Streamed {
 /// linger), at most `rate` records a second (0: as fast as accepted); a 429 is retried after
 /// its Retry-After.
 pub async fn stream(
-    api: &Api,
+    api: &Gateway,
     namespace: &str,
     lines: impl IntoIterator<Item = String>,
     per_request: usize,
@@ -169,7 +133,7 @@ pub async fn stream(
 
 /// One request of records, retried while the stream answers 429: (records, runs, requests, 429s).
 async fn send_records(
-    api: Api,
+    api: Gateway,
     namespace: String,
     body: String,
     records: u64,

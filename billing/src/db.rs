@@ -52,20 +52,7 @@ impl Db {
     pub fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
         match self {
             Db::Sqlite(_) => AssertSqlSafe(sql.to_string()),
-            Db::Postgres(_) => {
-                let mut out = String::with_capacity(sql.len() + 16);
-                let mut n = 0;
-                for c in sql.chars() {
-                    if c == '?' {
-                        n += 1;
-                        out.push('$');
-                        out.push_str(&n.to_string());
-                    } else {
-                        out.push(c);
-                    }
-                }
-                AssertSqlSafe(out)
-            }
+            Db::Postgres(_) => AssertSqlSafe(collector::store::numbered_placeholders(sql)),
         }
     }
 }

@@ -60,7 +60,32 @@ fn migrator(sqls: &[&'static str]) -> Migrator {
 /// Rows per multi-row insert: well under SQLite's and PostgreSQL's parameter limits.
 const ROWS_PER_STATEMENT: usize = 500;
 
+/// SQL written once with `?` placeholders, numbered (`$1`, `$2`, …) for PostgreSQL; no `?`
+/// may appear in the text otherwise.
+pub fn numbered_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl TelemetryStore {
+    /// `sql` (with `?` placeholders) in this backend's syntax.
+    pub fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
+        match self {
+            TelemetryStore::Sqlite(_) => AssertSqlSafe(sql.to_string()),
+            TelemetryStore::Postgres(_) => AssertSqlSafe(numbered_placeholders(sql)),
+        }
+    }
+
     /// Opens the store at `url` and applies its schema.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         if url.starts_with("sqlite:") {

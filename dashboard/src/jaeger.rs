@@ -83,7 +83,7 @@ use collector::model::SpanRow;
 use collector::store::TelemetryStore;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::Row;
 
 use crate::DashboardState;
 
@@ -199,27 +199,7 @@ async fn scope(state: &DashboardState, headers: &HeaderMap) -> Result<Vec<String
 }
 
 // ---------------------------------------------------------------------------------------------
-// SQL on either backend: SQL is written once with `?` placeholders; PostgreSQL gets `$n`.
-
-fn sql(store: &TelemetryStore, text: &str) -> AssertSqlSafe<String> {
-    match store {
-        TelemetryStore::Sqlite(_) => AssertSqlSafe(text.to_string()),
-        TelemetryStore::Postgres(_) => {
-            let mut out = String::with_capacity(text.len() + 16);
-            let mut n = 0;
-            for c in text.chars() {
-                if c == '?' {
-                    n += 1;
-                    out.push('$');
-                    out.push_str(&n.to_string());
-                } else {
-                    out.push(c);
-                }
-            }
-            AssertSqlSafe(out)
-        }
-    }
-}
+// SQL on either backend: SQL is written once with `?` placeholders (`TelemetryStore::sql`).
 
 #[derive(Clone, Copy)]
 enum Bind<'a> {
@@ -232,7 +212,7 @@ enum Bind<'a> {
 macro_rules! rows {
     ($store:expr, $sql:expr, $binds:expr, |$row:ident| $decode:expr) => {{
         let store: &TelemetryStore = $store;
-        let text = sql(store, $sql);
+        let text = store.sql($sql);
         let binds: &[Bind<'_>] = $binds;
         macro_rules! run {
             ($pool:expr) => {{

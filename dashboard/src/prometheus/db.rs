@@ -1,31 +1,10 @@
 //! SQL on either backend for the Prometheus API: SQL is written once with `?` placeholders
-//! (PostgreSQL gets `$n`; no `?` may appear in SQL text otherwise) and computed integers are
-//! written into the text; only strings are bound.
+//! (`TelemetryStore::sql` numbers them for PostgreSQL) and computed integers are written into
+//! the text; only strings are bound.
 
 use collector::store::TelemetryStore;
-use sqlx::AssertSqlSafe;
 
 use super::eval::QueryError;
-
-pub fn sql(store: &TelemetryStore, text: &str) -> AssertSqlSafe<String> {
-    match store {
-        TelemetryStore::Sqlite(_) => AssertSqlSafe(text.to_string()),
-        TelemetryStore::Postgres(_) => {
-            let mut out = String::with_capacity(text.len() + 16);
-            let mut n = 0;
-            for c in text.chars() {
-                if c == '?' {
-                    n += 1;
-                    out.push('$');
-                    out.push_str(&n.to_string());
-                } else {
-                    out.push(c);
-                }
-            }
-            AssertSqlSafe(out)
-        }
-    }
-}
 
 pub fn is_sqlite(store: &TelemetryStore) -> bool {
     matches!(store, TelemetryStore::Sqlite(_))
@@ -55,7 +34,7 @@ macro_rules! fetch {
     ($store:expr, $sql:expr, $binds:expr, pg_setup = $setup:expr, |$row:ident| $decode:expr) => {{
         let setup: Option<&'static str> = $setup;
         let store: &collector::store::TelemetryStore = $store;
-        let text = $crate::prometheus::db::sql(store, $sql);
+        let text = store.sql($sql);
         let binds: &[&str] = $binds;
         macro_rules! run {
             ($pool:expr) => {{

@@ -286,30 +286,24 @@ fn labels(name: &str, pairs: &[(&str, &str)]) -> Labels {
     Arc::new(out)
 }
 
-/// The usage records of the caller's scope (`tenant`) that started at or after
-/// `lattice.base`, summed by (group, function, bucket), for the records of `part` (k of n,
-/// split by the last character of the usage id, so that the parts can be summed on as many
-/// connections at once); with `totals`, also the running totals of every (group, function)
-/// (rows of bucket [`TOTALS`]): what started before `base` is their difference, without
-/// reading those records. The same statement reports billing's watermark, by which the parts'
-/// snapshots are checked to agree (billing commits records and watermark together).
-async fn aggregate(
+/// One row of [`grouped`]: the group, the function, the bucket ([`TOTALS`], [`WATERMARK`] or a
+/// bucket number), the sums as read, and the first start (the watermark on its row).
+type GroupedRow = (Group, String, i64, (i64, i64, i64, i64, String), i64);
+
+/// The scope's usage records matching `filter` (SQL over `r.`), summed per (group, function,
+/// `bucket`), with — when `totals` — the running totals of every (group, function), and
+/// billing's watermark, in one statement (one snapshot).
+async fn grouped(
     state: &DashboardState,
     tenant: Option<&str>,
-    lattice: &Lattice,
-    part: (u32, u32),
+    bucket: &str,
+    filter: &str,
     totals: bool,
-) -> Result<(Vec<Row>, i64), QueryError> {
+) -> Result<Vec<GroupedRow>, QueryError> {
     let sqlite = is_sqlite(&state.store);
-    let mut filter = if tenant.is_some() { " AND r.tenant = ?".to_string() } else { String::new() };
-    let (k, n) = part;
-    if n > 1 {
-        let last_char =
-            if sqlite { "COALESCE(unicode(substr(r.usage_id, -1)), 0)" } else { "ascii(right(r.usage_id, 1))" };
-        filter.push_str(&format!(" AND {last_char} % {n} = {k}"));
-    }
-    let (base, bucket, sums) = (lattice.base * NS_PER_MS, lattice.sql("r."), sums_sql(sqlite, "r."));
-    let records = if sqlite {
+    let scope = if tenant.is_some() { " AND r.tenant = ?" } else { "" };
+    let sums = sums_sql(sqlite, "r.");
+    let mut text = if sqlite {
         // SQLite sorts to group: on the row id of the records' `usage_totals` row (every
         // record has one, written in the same transaction) rather than on five text columns,
         // which takes a third of the time.
@@ -319,17 +313,16 @@ async fn aggregate(
                SELECT t.rowid AS id, {bucket} AS bucket, {sums}, CAST(MIN(r.start_ns) AS BIGINT) AS first_ns \
                FROM usage_records r JOIN usage_totals t ON t.tenant = r.tenant AND t.billed_period = r.billed_period \
                AND t.period = r.period AND t.plan = r.plan AND t.function = r.function \
-               WHERE r.start_ns >= {base}{filter} GROUP BY t.rowid, bucket\
+               WHERE 1 = 1{scope}{filter} GROUP BY t.rowid, bucket\
              ) g JOIN usage_totals t ON t.rowid = g.id"
         )
     } else {
         format!(
             "SELECT r.tenant, r.billed_period, r.period, r.plan, r.function, {bucket} AS bucket, {sums}, \
-             CAST(MIN(r.start_ns) AS BIGINT) AS first_ns FROM usage_records r WHERE r.start_ns >= {base}{filter} \
+             CAST(MIN(r.start_ns) AS BIGINT) AS first_ns FROM usage_records r WHERE 1 = 1{scope}{filter} \
              GROUP BY r.tenant, r.billed_period, r.period, r.plan, r.function, bucket"
         )
     };
-    let mut text = records;
     let mut binds: Vec<&str> = tenant.into_iter().collect();
     if totals {
         text.push_str(&format!(
@@ -345,7 +338,7 @@ async fn aggregate(
     ));
     // PostgreSQL estimates one group per record (it cannot know the buckets) and would sort
     // on disk with the default 4 MB; with room it hashes, in memory.
-    let raw = fetch!(&state.store, &text, &binds, pg_setup = Some("SET LOCAL work_mem = '64MB'"), |row| (
+    Ok(fetch!(&state.store, &text, &binds, pg_setup = Some("SET LOCAL work_mem = '64MB'"), |row| (
         Group {
             tenant: row.try_get(0)?,
             billed_period: row.try_get(1)?,
@@ -356,7 +349,32 @@ async fn aggregate(
         row.try_get::<i64, _>(5)?,
         sums_at!(row, 6, sqlite),
         row.try_get::<i64, _>(11)?,
-    ));
+    )))
+}
+
+/// The usage records of the caller's scope (`tenant`) that started at or after
+/// `lattice.base`, summed by (group, function, bucket), for the records of `part` (k of n,
+/// split by the last character of the usage id, so that the parts can be summed on as many
+/// connections at once); with `totals`, also the running totals of every (group, function)
+/// (rows of bucket [`TOTALS`]): what started before `base` is their difference, without
+/// reading those records. The same statement reports billing's watermark, by which the parts'
+/// snapshots are checked to agree (billing commits records and watermark together).
+async fn aggregate(
+    state: &DashboardState,
+    tenant: Option<&str>,
+    lattice: &Lattice,
+    part: (u32, u32),
+    totals: bool,
+) -> Result<(Vec<Row>, i64), QueryError> {
+    let sqlite = is_sqlite(&state.store);
+    let mut filter = format!(" AND r.start_ns >= {}", lattice.base * NS_PER_MS);
+    let (k, n) = part;
+    if n > 1 {
+        let last_char =
+            if sqlite { "COALESCE(unicode(substr(r.usage_id, -1)), 0)" } else { "ascii(right(r.usage_id, 1))" };
+        filter.push_str(&format!(" AND {last_char} % {n} = {k}"));
+    }
+    let raw = grouped(state, tenant, &lattice.sql("r."), &filter, totals).await?;
     let mut rows = Vec::with_capacity(raw.len());
     let mut watermark = 0;
     for (group, function, bucket, sums, first_ns) in raw {
@@ -699,56 +717,14 @@ async fn minutes(
     tenant: Option<&str>,
     after: Option<i64>,
 ) -> Result<(Vec<Row>, HashMap<(Group, String), Sums>, i64), QueryError> {
-    let sqlite = is_sqlite(&state.store);
-    let mut filter = if tenant.is_some() { " AND r.tenant = ?".to_string() } else { String::new() };
-    if let Some(after) = after {
-        filter.push_str(&format!(
+    let filter = match after {
+        Some(after) => format!(
             " AND r.received_ms > {after} AND r.received_ms <= \
              CAST(COALESCE((SELECT value FROM billing_settings WHERE key = 'watermark_ms'), '0') AS BIGINT)"
-        ));
-    }
-    let sums = sums_sql(sqlite, "r.");
-    let minute = format!("CAST(r.start_ns / {MINUTE_NS} AS BIGINT)");
-    let mut text = if sqlite {
-        format!(
-            "SELECT t.tenant, t.billed_period, t.period, t.plan, t.function, g.minute, g.records, g.invocations, \
-             g.cpu, g.bytes, g.state, g.first_ns FROM (\
-               SELECT t.rowid AS id, {minute} AS minute, {sums}, CAST(MIN(r.start_ns) AS BIGINT) AS first_ns \
-               FROM usage_records r JOIN usage_totals t ON t.tenant = r.tenant AND t.billed_period = r.billed_period \
-               AND t.period = r.period AND t.plan = r.plan AND t.function = r.function \
-               WHERE 1 = 1{filter} GROUP BY t.rowid, minute\
-             ) g JOIN usage_totals t ON t.rowid = g.id"
-        )
-    } else {
-        format!(
-            "SELECT r.tenant, r.billed_period, r.period, r.plan, r.function, {minute} AS minute, {sums}, \
-             CAST(MIN(r.start_ns) AS BIGINT) AS first_ns FROM usage_records r WHERE 1 = 1{filter} \
-             GROUP BY r.tenant, r.billed_period, r.period, r.plan, r.function, minute"
-        )
+        ),
+        None => String::new(),
     };
-    let mut binds: Vec<&str> = tenant.into_iter().collect();
-    text.push_str(&format!(
-        " UNION ALL SELECT tenant, billed_period, period, plan, function, {TOTALS}, records, invocations, cpu_ms, \
-         bytes_out, state_byte_seconds, 0 FROM usage_totals{}",
-        if tenant.is_some() { " WHERE tenant = ?" } else { "" }
-    ));
-    binds.extend(tenant);
-    text.push_str(&format!(
-        " UNION ALL SELECT '', '', '', '', '', {WATERMARK}, 0, 0, 0, 0, '0', \
-         CAST(COALESCE((SELECT value FROM billing_settings WHERE key = 'watermark_ms'), '0') AS BIGINT)"
-    ));
-    let raw = fetch!(&state.store, &text, &binds, pg_setup = Some("SET LOCAL work_mem = '64MB'"), |row| (
-        Group {
-            tenant: row.try_get(0)?,
-            billed_period: row.try_get(1)?,
-            period: row.try_get(2)?,
-            plan: row.try_get(3)?,
-        },
-        row.try_get::<String, _>(4)?,
-        row.try_get::<i64, _>(5)?,
-        sums_at!(row, 6, sqlite),
-        row.try_get::<i64, _>(11)?,
-    ));
+    let raw = grouped(state, tenant, &format!("CAST(r.start_ns / {MINUTE_NS} AS BIGINT)"), &filter, true).await?;
     let (mut rows, mut totals, mut watermark) = (Vec::with_capacity(raw.len()), HashMap::new(), 0);
     for (group, function, bucket, sums, first_ns) in raw {
         match bucket {
