@@ -279,6 +279,9 @@ enum BenchCommand {
         /// Concurrent callers.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// Rounds of spans off then on; the ratio reported is the median of the rounds' ratios.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
         /// Only the `noop` or the `exec` scenarios.
         #[arg(long)]
         only: Option<String>,
@@ -491,8 +494,8 @@ async fn run() -> anyhow::Result<()> {
         Command::Etl(EtlCommand::Stream { namespace, records, rate, seed, bad_per_mille, client }) => {
             client::etl_stream(&client, &namespace, records, rate, seed, bad_per_mille).await
         }
-        Command::Bench(BenchCommand::Gateway { requests, concurrency, only }) => {
-            let report = stateful_faas_core::bench::gateway(requests, concurrency, only.as_deref()).await?;
+        Command::Bench(BenchCommand::Gateway { requests, concurrency, rounds, only }) => {
+            let report = stateful_faas_core::bench::gateway(requests, concurrency, rounds, only.as_deref()).await?;
             println!("{report}");
             Ok(())
         }

@@ -17,87 +17,91 @@ pub struct Scenario {
     pub throughput: f64,
     pub p50: Duration,
     pub p99: Duration,
+    /// The whole process's CPU time (user + system) per invocation: gateway, clients, span
+    /// export and its final flush at shutdown.
+    pub cpu: Duration,
 }
 
 /// All scenarios of a run.
 pub struct Report {
     pub scenarios: Vec<Scenario>,
+    /// Per function: throughput with spans on / off, the median over the rounds of the ratio
+    /// within each round (off and on run back to back, under the same machine conditions).
+    pub ratios: Vec<(&'static str, f64)>,
+    pub rounds: usize,
     pub spans_received: u64,
     pub concurrency: usize,
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "| scenario | requests | errors | invocations/s | p50 | p99 |")?;
-        writeln!(f, "|---|---:|---:|---:|---:|---:|")?;
+        writeln!(f, "| scenario | requests | errors | invocations/s | p50 | p99 | CPU per invocation |")?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|")?;
         for s in &self.scenarios {
             writeln!(
                 f,
-                "| {} | {} | {} | {:.0} | {:.3} ms | {:.3} ms |",
+                "| {} | {} | {} | {:.0} | {:.3} ms | {:.3} ms | {:.1} µs |",
                 s.name,
                 s.requests,
                 s.errors,
                 s.throughput,
                 s.p50.as_secs_f64() * 1e3,
-                s.p99.as_secs_f64() * 1e3
+                s.p99.as_secs_f64() * 1e3,
+                s.cpu.as_secs_f64() * 1e6
             )?;
         }
-        let ratio = |function: &str| {
-            let find = |suffix: &str| self.scenarios.iter().find(|s| s.name == format!("{function}, spans {suffix}"));
-            match (find("on"), find("off")) {
-                (Some(on), Some(off)) => on.throughput / off.throughput * 100.0,
-                _ => f64::NAN,
-            }
-        };
         writeln!(f)?;
         writeln!(
             f,
-            "concurrency {}; median of {ROUNDS} alternating rounds; spans received by the OTLP/gRPC sink: {}",
-            self.concurrency, self.spans_received
+            "concurrency {}; {} rounds of off then on, the median round shown; spans received by the OTLP/gRPC sink: {}",
+            self.concurrency, self.rounds, self.spans_received
         )?;
-        writeln!(
-            f,
-            "throughput with spans on / off: builtin noop {:.1}%, exec /bin/true {:.1}%",
-            ratio("builtin noop"),
-            ratio("exec /bin/true")
-        )
+        let ratios: Vec<String> =
+            self.ratios.iter().map(|(function, ratio)| format!("{function} {:.1}%", ratio * 100.0)).collect();
+        writeln!(f, "throughput with spans on / off (median of the rounds' ratios): {}", ratios.join(", "))
     }
 }
 
-/// Rounds per scenario; spans off and on alternate so that drift on a shared machine hits
-/// both alike, and the round with the median throughput is reported.
-const ROUNDS: usize = 3;
-
-/// Runs every scenario: builtin no-op and exec of `/bin/true`, each with span export on and off.
-/// `only` limits the run to the scenarios whose function is `noop` or `exec`.
-pub async fn gateway(requests: usize, concurrency: usize, only: Option<&str>) -> anyhow::Result<Report> {
-    let sink_bytes = Arc::new(AtomicU64::new(0));
-    let sink = start_otlp_sink(sink_bytes.clone()).await?;
+/// Runs every scenario: builtin no-op and exec of `/bin/true`, each with span export off and
+/// then on, `rounds` times, so that drift on a shared machine hits both alike. `only` limits
+/// the run to the scenarios whose function is `noop` or `exec`.
+pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: Option<&str>) -> anyhow::Result<Report> {
+    let rounds = rounds.max(1);
+    let sink_spans = Arc::new(AtomicU64::new(0));
+    let sink = start_otlp_sink(sink_spans.clone()).await?;
     let mut scenarios = Vec::new();
+    let mut ratios = Vec::new();
     let functions = [("builtin noop", "noop"), ("exec /bin/true", "true")];
     for (function, body) in functions.into_iter().filter(|(_, body)| match only {
         Some("noop") => *body == "noop",
         Some("exec") => *body == "true",
         _ => true,
     }) {
-        let mut rounds: [Vec<Scenario>; 2] = [Vec::new(), Vec::new()];
-        for round in 0..ROUNDS {
+        let mut runs: [Vec<Scenario>; 2] = [Vec::new(), Vec::new()];
+        let mut round_ratios = Vec::new();
+        for round in 1..=rounds {
             for spans in [false, true] {
                 let name = format!("{function}, spans {}", if spans { "on" } else { "off" });
-                eprintln!(
-                    "bench: {name}, round {} of {ROUNDS} ({requests} requests, concurrency {concurrency})",
-                    round + 1
-                );
                 let endpoint = spans.then(|| format!("http://{sink}"));
-                rounds[usize::from(spans)].push(run_scenario(&name, body, endpoint, requests, concurrency).await?);
+                let scenario = run_scenario(&name, body, endpoint, requests, concurrency).await?;
+                eprintln!(
+                    "bench: {name}, round {round} of {rounds}: {:.0} invocations/s, p99 {}, {:.1} µs CPU each",
+                    scenario.throughput,
+                    super::ms(scenario.p99),
+                    scenario.cpu.as_secs_f64() * 1e6
+                );
+                runs[usize::from(spans)].push(scenario);
             }
+            round_ratios.push(runs[1][round - 1].throughput / runs[0][round - 1].throughput);
         }
-        for mut runs in rounds {
+        round_ratios.sort_by(f64::total_cmp);
+        ratios.push((function, round_ratios[round_ratios.len() / 2]));
+        for mut runs in runs {
             runs.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
             scenarios.push(runs.swap_remove(runs.len() / 2));
         }
     }
-    Ok(Report { scenarios, spans_received: sink_bytes.load(Ordering::Relaxed), concurrency })
+    Ok(Report { scenarios, ratios, rounds, spans_received: sink_spans.load(Ordering::Relaxed), concurrency })
 }
 
 async fn run_scenario(
@@ -125,6 +129,7 @@ async fn run_scenario(
     for _ in 0..concurrency.min(requests) {
         client.post(&url).bearer_auth(&credentials.ingest_token).send().await?;
     }
+    let cpu_before = process_cpu();
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..concurrency {
@@ -155,6 +160,7 @@ async fn run_scenario(
     }
     let elapsed = started.elapsed();
     core.stop().await;
+    let cpu = process_cpu().saturating_sub(cpu_before);
     let (p50, p99) = percentiles(&mut latencies);
     Ok(Scenario {
         name: name.to_string(),
@@ -163,38 +169,101 @@ async fn run_scenario(
         throughput: requests as f64 / elapsed.as_secs_f64(),
         p50,
         p99,
+        cpu: cpu / requests as u32,
     })
 }
 
-/// A minimal OTLP/gRPC receiver (the generated TraceService) that accepts and counts export
-/// requests, so that span export costs what it costs against a real receiver on loopback,
-/// over the protocol `sfaas up` uses.
-async fn start_otlp_sink(bytes: Arc<AtomicU64>) -> anyhow::Result<std::net::SocketAddr> {
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+/// CPU time (user + system) this process has used so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
 
-    struct Sink(Arc<AtomicU64>);
-
-    #[tonic::async_trait]
-    impl TraceService for Sink {
-        async fn export(
-            &self,
-            request: tonic::Request<ExportTraceServiceRequest>,
-        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-            let spans: usize =
-                request.get_ref().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
-            self.0.fetch_add(spans as u64, Ordering::Relaxed);
-            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-        }
-    }
-
+/// A minimal OTLP/gRPC `TraceService` on loopback that accepts export requests over the protocol
+/// `sfaas up` uses and counts their spans. It stands in for a collector on another machine: it
+/// walks each request down to its spans' encoded bytes (zero-copy) instead of building every
+/// attribute, so the receiver's own decoding (measured by `sfaas bench ingest`) is not charged
+/// to the gateway under test; everything on the exporting side runs in full.
+async fn start_otlp_sink(spans: Arc<AtomicU64>) -> anyhow::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Sink(bytes)))
+            .add_service(sink::CountingTraceService(spans))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await;
     });
     Ok(addr)
+}
+
+mod sink {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+    use tonic::codegen::{BoxFuture, Context, Poll, Service, StdError, http};
+
+    /// `ExportTraceServiceRequest` read only as deep as its spans (same field numbers).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Export {
+        #[prost(message, repeated, tag = "1")]
+        resource_spans: Vec<ResourceSpans>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct ResourceSpans {
+        #[prost(message, repeated, tag = "2")]
+        scope_spans: Vec<ScopeSpans>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct ScopeSpans {
+        #[prost(bytes = "bytes", repeated, tag = "2")]
+        spans: Vec<bytes::Bytes>,
+    }
+
+    #[derive(Clone)]
+    pub struct CountingTraceService(pub Arc<AtomicU64>);
+
+    impl tonic::server::NamedService for CountingTraceService {
+        const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+    }
+
+    impl tonic::server::UnaryService<Export> for CountingTraceService {
+        type Response = ExportTraceServiceResponse;
+        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+        fn call(&mut self, request: tonic::Request<Export>) -> Self::Future {
+            let spans: usize =
+                request.get_ref().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+            self.0.fetch_add(spans as u64, Ordering::Relaxed);
+            Box::pin(async { Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None })) })
+        }
+    }
+
+    impl<B> Service<http::Request<B>> for CountingTraceService
+    where
+        B: tonic::codegen::Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, request: http::Request<B>) -> Self::Future {
+            let service = self.clone();
+            Box::pin(async move {
+                if request.uri().path() != "/opentelemetry.proto.collector.trace.v1.TraceService/Export" {
+                    return Ok(tonic::Status::unimplemented("only TraceService/Export").into_http());
+                }
+                let codec = tonic_prost::ProstCodec::<ExportTraceServiceResponse, Export>::default();
+                Ok(tonic::server::Grpc::new(codec).unary(service, request).await)
+            })
+        }
+    }
 }

@@ -12,10 +12,13 @@ use std::time::Duration;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{Span, SpanContext, SpanKind, Tracer, TracerProvider};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider};
+
+mod otlp;
+
+pub use otlp::OtlpExporter;
 
 use crate::semconv;
 use crate::state::{Owner, UsageInterval};
@@ -60,22 +63,6 @@ pub struct Telemetry {
     providers: RwLock<HashMap<TenantId, (SdkTracerProvider, SdkTracer)>>,
 }
 
-/// The exporters' network I/O (gRPC connection tasks) runs on a thread of its own, so that
-/// framing and sending a batch never holds up a request on the gateway's workers. One per
-/// process, never dropped (a runtime cannot be dropped from async code).
-static EXPORT_IO: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-
-fn export_io() -> &'static tokio::runtime::Runtime {
-    EXPORT_IO.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("sfaas-otlp-io")
-            .enable_all()
-            .build()
-            .expect("the span export runtime starts")
-    })
-}
-
 impl Telemetry {
     pub fn new(config: TelemetryConfig) -> Self {
         Self { config: RwLock::new(config), providers: RwLock::new(HashMap::new()) }
@@ -102,11 +89,7 @@ impl Telemetry {
         if let Some((_, tracer)) = providers.get(tenant) {
             return Some(tracer.clone());
         }
-        let built = {
-            let _io = export_io().enter();
-            build_exporter(&config, endpoint)
-        };
-        let exporter = match built {
+        let exporter = match OtlpExporter::new(&config, endpoint) {
             Ok(exporter) => exporter,
             Err(error) => {
                 tracing::error!(%error, endpoint, "cannot build the OTLP exporter; spans are not exported");
@@ -173,42 +156,6 @@ impl Telemetry {
             if let Err(error) = provider.shutdown() {
                 tracing::warn!(%error, "span export did not shut down cleanly");
             }
-        }
-    }
-}
-
-fn build_exporter(
-    config: &TelemetryConfig,
-    endpoint: &str,
-) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
-    let timeout = Duration::from_secs(5);
-    match config.protocol {
-        OtlpProtocol::Grpc => {
-            let mut metadata = opentelemetry_otlp::tonic_types::metadata::MetadataMap::new();
-            if let Some(token) = &config.token
-                && let Ok(value) = format!("Bearer {token}").parse()
-            {
-                metadata.insert("authorization", value);
-            }
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .with_timeout(timeout)
-                .with_metadata(metadata)
-                .build()
-        }
-        OtlpProtocol::Http => {
-            let mut headers = HashMap::new();
-            if let Some(token) = &config.token {
-                headers.insert("authorization".to_string(), format!("Bearer {token}"));
-            }
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
-                .with_timeout(timeout)
-                .with_headers(headers)
-                .build()
         }
     }
 }
