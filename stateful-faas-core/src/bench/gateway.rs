@@ -22,8 +22,17 @@ pub struct Scenario {
     pub cpu: Duration,
 }
 
+/// CPU per span of exporting invocation spans through the SDK's batch processor, with this
+/// project's exporter and with opentelemetry-otlp's, to the same sink.
+pub struct ExportCost {
+    pub spans: usize,
+    pub ours: Duration,
+    pub opentelemetry_otlp: Duration,
+}
+
 /// All scenarios of a run.
 pub struct Report {
+    pub export: ExportCost,
     pub scenarios: Vec<Scenario>,
     /// Per function: throughput with spans on / off, the median over the rounds of the ratio
     /// within each round (off and on run back to back, under the same machine conditions).
@@ -58,7 +67,17 @@ impl fmt::Display for Report {
         )?;
         let ratios: Vec<String> =
             self.ratios.iter().map(|(function, ratio)| format!("{function} {:.1}%", ratio * 100.0)).collect();
-        writeln!(f, "throughput with spans on / off (median of the rounds' ratios): {}", ratios.join(", "))
+        writeln!(f, "throughput with spans on / off (median of the rounds' ratios): {}", ratios.join(", "))?;
+        let e = &self.export;
+        writeln!(
+            f,
+            "span export, {} invocation spans over OTLP/gRPC, CPU per span (creating, ending, encoding, sending): \
+             sfaas exporter {:.2} µs, opentelemetry-otlp {:.2} µs ({:.1}×)",
+            e.spans,
+            e.ours.as_secs_f64() * 1e6,
+            e.opentelemetry_otlp.as_secs_f64() * 1e6,
+            e.opentelemetry_otlp.as_secs_f64() / e.ours.as_secs_f64()
+        )
     }
 }
 
@@ -101,7 +120,8 @@ pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: O
             scenarios.push(runs.swap_remove(runs.len() / 2));
         }
     }
-    Ok(Report { scenarios, ratios, rounds, spans_received: sink_spans.load(Ordering::Relaxed), concurrency })
+    let export = export_cost(sink, &sink_spans).await?;
+    Ok(Report { scenarios, ratios, rounds, export, spans_received: sink_spans.load(Ordering::Relaxed), concurrency })
 }
 
 async fn run_scenario(
@@ -171,6 +191,81 @@ async fn run_scenario(
         p99,
         cpu: cpu / requests as u32,
     })
+}
+
+/// Spans per exporter in [`export_cost`].
+const EXPORT_SPANS: usize = 200_000;
+
+/// Exports [`EXPORT_SPANS`] spans shaped like the gateway's invocation spans (the same name,
+/// kind and twelve attributes, set in the same two steps) through the SDK's batch processor to
+/// the sink, once with each exporter, and returns the process's CPU per span, flush included.
+async fn export_cost(sink: std::net::SocketAddr, received: &AtomicU64) -> anyhow::Result<ExportCost> {
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{Span, SpanKind, Tracer, TracerProvider};
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanExporter};
+
+    async fn run(exporter: impl SpanExporter + 'static, received: &AtomicU64) -> anyhow::Result<Duration> {
+        let config = BatchConfigBuilder::default()
+            .with_max_queue_size(EXPORT_SPANS)
+            .with_max_export_batch_size(2048)
+            .with_scheduled_delay(Duration::from_millis(500))
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(BatchSpanProcessor::builder(exporter).with_batch_config(config).build())
+            .build();
+        let tracer = provider.tracer(crate::semconv::SERVICE_NAME);
+        let before_received = received.load(Ordering::Relaxed);
+        let cpu_before = process_cpu();
+        for i in 0..EXPORT_SPANS {
+            let mut span = tracer
+                .span_builder(crate::semconv::invoke_span_name("f"))
+                .with_kind(SpanKind::Server)
+                .with_start_time(std::time::SystemTime::now())
+                .with_attributes([
+                    KeyValue::new(crate::semconv::FAAS_NAME, "f".to_string()),
+                    KeyValue::new(crate::semconv::FAAS_INVOCATION_ID, format!("call-{i}")),
+                    KeyValue::new(crate::semconv::FAAS_TRIGGER, crate::semconv::TRIGGER_HTTP),
+                    KeyValue::new(crate::semconv::SFAAS_FUNCTION_KIND, "builtin"),
+                ])
+                .start(&tracer);
+            std::hint::black_box(crate::telemetry::traceparent(span.span_context()));
+            span.set_attributes([
+                KeyValue::new(crate::semconv::FAAS_COLDSTART, false),
+                KeyValue::new(crate::semconv::SFAAS_CPU_MS, 0i64),
+                KeyValue::new(crate::semconv::SFAAS_WALL_MS, 0i64),
+                KeyValue::new(crate::semconv::SFAAS_MEMORY_PEAK_BYTES, 0i64),
+                KeyValue::new(crate::semconv::SFAAS_BYTES_IN, 0i64),
+                KeyValue::new(crate::semconv::SFAAS_BYTES_OUT, 4i64),
+                KeyValue::new(crate::semconv::HTTP_RESPONSE_STATUS_CODE, 200i64),
+                KeyValue::new(crate::semconv::SFAAS_BILLABLE, true),
+            ]);
+            span.end();
+            if i % 4096 == 0 {
+                // Let the sink (on this runtime) read.
+                tokio::task::yield_now().await;
+            }
+        }
+        tokio::task::spawn_blocking(move || provider.shutdown()).await??;
+        let cpu = process_cpu().saturating_sub(cpu_before);
+        let arrived = received.load(Ordering::Relaxed) - before_received;
+        anyhow::ensure!(arrived == EXPORT_SPANS as u64, "the sink received {arrived} of {EXPORT_SPANS} spans");
+        Ok(cpu / EXPORT_SPANS as u32)
+    }
+
+    let endpoint = format!("http://{sink}");
+    eprintln!("bench: span export, {EXPORT_SPANS} spans with each exporter");
+    let config = crate::telemetry::TelemetryConfig {
+        endpoint: Some(endpoint.clone()),
+        protocol: OtlpProtocol::Grpc,
+        token: None,
+        max_queue_size: EXPORT_SPANS,
+    };
+    let ours = crate::telemetry::OtlpExporter::new(&config, &endpoint).map_err(anyhow::Error::msg)?;
+    let ours = run(ours, received).await?;
+    let theirs = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(&endpoint).build()?;
+    let opentelemetry_otlp = run(theirs, received).await?;
+    Ok(ExportCost { spans: EXPORT_SPANS, ours, opentelemetry_otlp })
 }
 
 /// CPU time (user + system) this process has used so far.

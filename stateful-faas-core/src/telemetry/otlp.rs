@@ -428,7 +428,11 @@ mod tests {
             SpanId::from(0x1112_1314_1516_1718 + index),
             if index.is_multiple_of(2) { TraceFlags::SAMPLED } else { TraceFlags::default() },
             false,
-            if index.is_multiple_of(3) { TraceState::from_key_value([("vendor", "x1")]).unwrap() } else { TraceState::NONE },
+            if index.is_multiple_of(3) {
+                TraceState::from_key_value([("vendor", "x1")]).unwrap()
+            } else {
+                TraceState::NONE
+            },
         );
         let long = "é".repeat(200);
         let mut events = SpanEvents::default();
