@@ -2,8 +2,8 @@
 //!
 //! The resource of a span names its tenant (`service.namespace`), and one SDK tracer provider
 //! has one resource, so the core keeps one provider per tenant, created on first use. Each has
-//! a batch span processor with a bounded queue: when the collector is slow or down, spans are
-//! dropped (and counted by the SDK), requests are never blocked and memory never grows.
+//! an [`OtlpProcessor`] with a bounded queue: when the collector is slow or down, spans are
+//! dropped (and counted in a warning), requests are never blocked and memory never grows.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -14,11 +14,11 @@ use opentelemetry::trace::{Span, SpanContext, SpanKind, Tracer, TracerProvider};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 mod otlp;
 
-pub use otlp::OtlpExporter;
+pub use otlp::OtlpProcessor;
 
 use crate::semconv;
 use crate::state::{Owner, UsageInterval};
@@ -89,19 +89,13 @@ impl Telemetry {
         if let Some((_, tracer)) = providers.get(tenant) {
             return Some(tracer.clone());
         }
-        let exporter = match OtlpExporter::new(&config, endpoint) {
-            Ok(exporter) => exporter,
+        let processor = match OtlpProcessor::new(&config, endpoint, config.max_queue_size) {
+            Ok(processor) => processor,
             Err(error) => {
-                tracing::error!(%error, endpoint, "cannot build the OTLP exporter; spans are not exported");
+                tracing::error!(%error, endpoint, "cannot set up OTLP span export; spans are not exported");
                 return None;
             }
         };
-        let batch_config = BatchConfigBuilder::default()
-            .with_max_queue_size(config.max_queue_size.max(64))
-            .with_max_export_batch_size(2048)
-            .with_scheduled_delay(Duration::from_millis(500))
-            .build();
-        let processor = BatchSpanProcessor::builder(exporter).with_batch_config(batch_config).build();
         let resource = Resource::builder_empty()
             .with_attributes([
                 KeyValue::new(semconv::ATTR_SERVICE_NAME, semconv::SERVICE_NAME),

@@ -1,22 +1,26 @@
-//! OTLP export of the SDK's finished spans: the protobuf wire format written straight from
-//! `SpanData` into one buffer per batch, sent over gRPC or HTTP.
+//! OTLP export of the platform's spans: a span processor that writes the protobuf wire format
+//! straight from the SDK's `SpanData` on the thread that ends the span, queues the bytes, and
+//! sends batches over gRPC or HTTP from a thread of its own.
 //!
-//! opentelemetry-otlp's exporter first converts every span into opentelemetry-proto's message
-//! structs (an allocation per attribute, on the batch thread) and then measures and encodes
-//! them (on the I/O thread): about 4 µs of CPU per invocation span on the development machine,
-//! a twentieth of a whole no-op invocation through the gateway (BENCHMARKS.md, issue 2). Writing
-//! the bytes directly takes about 1 µs. The tests decode what this writes and compare it with
+//! The SDK's batch processor with opentelemetry-otlp's exporter moves every `SpanData` to its
+//! batch thread, converts it there into opentelemetry-proto's message structs (an allocation per
+//! attribute) and then measures and encodes them on the I/O thread: the span's memory is
+//! allocated on one core and freed on another, twice. Here a span is encoded where it ends and
+//! freed there; only batches of bytes cross threads. `sfaas bench gateway` measures both in the
+//! same run (BENCHMARKS.md, issue 2). The tests decode what this writes and compare it with
 //! opentelemetry-proto's own conversion of the same spans, so the two cannot drift.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::cell::RefCell;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes};
 use opentelemetry::trace::{SpanId, SpanKind, Status};
-use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
+use opentelemetry::{Array, Context, InstrumentationScope, KeyValue, Value};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
 
@@ -53,27 +57,212 @@ fn background_priority() {
     }
 }
 
-/// A span exporter for the SDK's batch processor, speaking OTLP/gRPC or OTLP/HTTP (protobuf).
+/// Exports every span a tenant's tracer provider ends (one processor per provider).
 #[derive(Debug)]
-pub struct OtlpExporter {
-    /// `ResourceSpans.resource`, encoded once (the SDK hands the resource over at start).
-    resource: Vec<u8>,
-    resource_schema_url: String,
-    transport: Transport,
+pub struct OtlpProcessor {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// The export thread waits on it for a full batch, a flush or shutdown.
+    wake: Condvar,
+    /// Flushes wait on it for their batch to be sent.
+    sent: Condvar,
+    /// Spans queued at most; more are dropped (and counted) until the thread catches up.
+    max_queue: usize,
+    batch: usize,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// `ResourceSpans.resource` (field 1), encoded once (the SDK hands the resource over at start).
+    resource: Vec<u8>,
+    resource_schema_url: String,
+    /// Batches ready to send, and the one filling.
+    full: std::collections::VecDeque<Batch>,
+    open: Batch,
+    /// Spans in `full` and `open`.
+    spans: usize,
+    dropped: u64,
+    /// Flush generations asked for and done.
+    flush_asked: u64,
+    flush_done: u64,
+    shutdown: bool,
+}
+
+/// One export request's worth of encoded spans (`ScopeSpans.spans` fields) per
+/// instrumentation scope, in order of arrival.
+#[derive(Debug, Default)]
+struct Batch {
+    scopes: Vec<(InstrumentationScope, Vec<u8>)>,
+    spans: usize,
+    bytes: usize,
+}
+
+/// Spans and bytes per export request at most (receivers refuse gRPC messages over 4 MiB by
+/// default), and the longest a span waits for its batch.
+const BATCH_SPANS: usize = 2048;
+const BATCH_BYTES: usize = 1 << 20;
+const BATCH_DELAY: Duration = Duration::from_millis(500);
+
+impl OtlpProcessor {
+    /// A processor exporting to `endpoint` (gRPC: `http://host:4317`; HTTP: the base URL,
+    /// `/v1/traces` is added) with the configured token as `Authorization: Bearer`, queueing
+    /// at most `max_queue` spans.
+    pub fn new(config: &TelemetryConfig, endpoint: &str, max_queue: usize) -> Result<Self, String> {
+        let transport = Transport::new(config, endpoint)?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            sent: Condvar::new(),
+            max_queue: max_queue.max(BATCH_SPANS),
+            batch: BATCH_SPANS,
+        });
+        let thread = std::thread::Builder::new()
+            .name("sfaas-span-export".into())
+            .spawn({
+                let shared = shared.clone();
+                move || export_loop(&shared, &transport)
+            })
+            .map_err(|error| format!("cannot start the span export thread: {error}"))?;
+        Ok(Self { shared, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Asks the export thread to send what is queued and waits until it has (or `timeout`).
+    fn flush(&self, timeout: Duration) -> OTelSdkResult {
+        let deadline = Instant::now() + timeout;
+        let mut queue = self.shared.queue.lock().unwrap();
+        queue.flush_asked += 1;
+        let generation = queue.flush_asked;
+        self.shared.wake.notify_one();
+        while queue.flush_done < generation {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(OTelSdkError::Timeout(timeout));
+            }
+            queue = self.shared.sent.wait_timeout(queue, left).unwrap().0;
+        }
+        Ok(())
+    }
+}
+
+impl SpanProcessor for OtlpProcessor {
+    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        thread_local!(static ENCODED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) });
+        ENCODED.with_borrow_mut(|encoded| {
+            encoded.clear();
+            message(encoded, 2, |buf| encode_span(buf, &span));
+            let mut queue = self.shared.queue.lock().unwrap();
+            if queue.spans >= self.shared.max_queue || queue.shutdown {
+                queue.dropped += 1;
+                return;
+            }
+            queue_span(&mut queue.open.scopes, &span.instrumentation_scope, encoded);
+            queue.open.spans += 1;
+            queue.open.bytes += encoded.len();
+            queue.spans += 1;
+            if queue.open.spans >= self.shared.batch || queue.open.bytes >= BATCH_BYTES {
+                let batch = std::mem::take(&mut queue.open);
+                queue.full.push_back(batch);
+                self.shared.wake.notify_one();
+            }
+        });
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.flush(EXPORT_TIMEOUT * 2)
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let Some(thread) = self.thread.lock().unwrap().take() else {
+            return Err(OTelSdkError::AlreadyShutdown);
+        };
+        let flushed = self.flush(timeout);
+        self.shared.queue.lock().unwrap().shutdown = true;
+        self.shared.wake.notify_one();
+        let _ = thread.join();
+        flushed
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        let mut queue = self.shared.queue.lock().unwrap();
+        queue.resource = encode_resource(resource);
+        queue.resource_schema_url = resource.schema_url().unwrap_or_default().to_string();
+    }
+}
+
+/// Appends an encoded span to its scope's bytes.
+fn queue_span(scopes: &mut Vec<(InstrumentationScope, Vec<u8>)>, scope: &InstrumentationScope, encoded: &[u8]) {
+    match scopes.iter_mut().find(|(queued, _)| queued == scope) {
+        Some((_, bytes)) => bytes.extend_from_slice(encoded),
+        None => scopes.push((scope.clone(), encoded.to_vec())),
+    }
+}
+
+/// The export thread: sends each full batch, and the filling one when the batch delay is over,
+/// on a flush and at shutdown.
+fn export_loop(shared: &Shared, transport: &Transport) {
+    background_priority();
+    let mut due = Instant::now() + BATCH_DELAY;
+    loop {
+        let (batch, resource, schema_url, finished, stop, dropped) = {
+            let mut queue = shared.queue.lock().unwrap();
+            loop {
+                let now = Instant::now();
+                if !queue.full.is_empty() || queue.shutdown || queue.flush_asked > queue.flush_done || now >= due {
+                    break;
+                }
+                queue = shared.wake.wait_timeout(queue, due - now).unwrap().0;
+            }
+            let draining = queue.shutdown || queue.flush_asked > queue.flush_done || Instant::now() >= due;
+            let batch = match queue.full.pop_front() {
+                Some(batch) => batch,
+                None => {
+                    due = Instant::now() + BATCH_DELAY;
+                    std::mem::take(&mut queue.open)
+                }
+            };
+            queue.spans -= batch.spans;
+            // A flush (or shutdown) is done once nothing queued before it is left.
+            let finished = (draining && queue.full.is_empty() && queue.open.spans == 0).then_some(queue.flush_asked);
+            let dropped = std::mem::take(&mut queue.dropped);
+            (batch, queue.resource.clone(), queue.resource_schema_url.clone(), finished, queue.shutdown, dropped)
+        };
+        if dropped > 0 {
+            tracing::warn!(dropped, "the span export queue was full: spans dropped");
+        }
+        if batch.spans > 0 {
+            let body = frame(&resource, &schema_url, &batch.scopes);
+            if let Err(error) = export_io().block_on(send(transport.clone(), body)) {
+                tracing::warn!(%error, spans = batch.spans, "span export failed; these spans are lost");
+            }
+        }
+        if let Some(generation) = finished {
+            shared.queue.lock().unwrap().flush_done = generation;
+            shared.sent.notify_all();
+            if stop {
+                return;
+            }
+        }
+    }
+}
+
+/// Where and how batches go.
 #[derive(Debug, Clone)]
 enum Transport {
     Grpc { channel: tonic::transport::Channel, authorization: Option<tonic::metadata::AsciiMetadataValue> },
     Http { client: reqwest::Client, url: String, authorization: Option<String> },
 }
 
-impl OtlpExporter {
-    /// An exporter to `endpoint` (gRPC: `http://host:4317`; HTTP: the base URL, `/v1/traces`
-    /// is added) that sends the configured token as `Authorization: Bearer`.
-    pub fn new(config: &TelemetryConfig, endpoint: &str) -> Result<Self, String> {
+impl Transport {
+    fn new(config: &TelemetryConfig, endpoint: &str) -> Result<Self, String> {
         let bearer = config.token.as_ref().map(|token| format!("Bearer {token}"));
-        let transport = match config.protocol {
+        Ok(match config.protocol {
             OtlpProtocol::Grpc => {
                 let authorization = bearer
                     .map(|value| value.parse().map_err(|_| "the OTLP token is not visible ASCII".to_string()))
@@ -96,30 +285,7 @@ impl OtlpExporter {
                     .map_err(|error| format!("invalid OTLP/HTTP endpoint {endpoint:?}: {error}"))?;
                 Transport::Http { client, url, authorization: bearer }
             }
-        };
-        Ok(Self { resource: Vec::new(), resource_schema_url: String::new(), transport })
-    }
-}
-
-impl SpanExporter for OtlpExporter {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        // The SDK's batch thread calls this; it yields to request handling from the first export.
-        thread_local!(static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
-        if !LOWERED.replace(true) {
-            background_priority();
-        }
-        let body = encode_request(&self.resource, &self.resource_schema_url, &batch);
-        drop(batch);
-        match export_io().spawn(send(self.transport.clone(), body)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(OTelSdkError::InternalFailure(message)),
-            Err(error) => Err(OTelSdkError::InternalFailure(format!("span export task failed: {error}"))),
-        }
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.resource = encode_resource(resource);
-        self.resource_schema_url = resource.schema_url().unwrap_or_default().to_string();
+        })
     }
 }
 
@@ -196,18 +362,13 @@ impl tonic::codec::Encoder for EncodedRequest {
 // left out, while present messages and the members of a `oneof` are always written.
 
 /// An `ExportTraceServiceRequest` of one `ResourceSpans` with one `ScopeSpans` per
-/// instrumentation scope, in the order the scopes first appear in the batch.
-pub fn encode_request(resource: &[u8], resource_schema_url: &str, batch: &[SpanData]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(64 + batch.len() * 512);
-    let mut scopes: Vec<&InstrumentationScope> = Vec::new();
-    for span in batch {
-        if !scopes.contains(&&span.instrumentation_scope) {
-            scopes.push(&span.instrumentation_scope);
-        }
-    }
+/// instrumentation scope, around spans already encoded.
+fn frame(resource: &[u8], resource_schema_url: &str, scopes: &[(InstrumentationScope, Vec<u8>)]) -> Vec<u8> {
+    let mut buf =
+        Vec::with_capacity(64 + resource.len() + scopes.iter().map(|(_, spans)| spans.len() + 64).sum::<usize>());
     message(&mut buf, 1, |buf| {
         buf.extend_from_slice(resource);
-        for scope in scopes {
+        for (scope, spans) in scopes {
             message(buf, 2, |buf| {
                 message(buf, 1, |buf| {
                     string(buf, 1, scope.name());
@@ -216,9 +377,7 @@ pub fn encode_request(resource: &[u8], resource_schema_url: &str, batch: &[SpanD
                         key_value(buf, 3, attribute);
                     }
                 });
-                for span in batch.iter().filter(|span| span.instrumentation_scope == *scope) {
-                    message(buf, 2, |buf| encode_span(buf, span));
-                }
+                buf.extend_from_slice(spans);
                 string(buf, 3, scope.schema_url().unwrap_or_default());
             });
         }
@@ -419,7 +578,18 @@ mod tests {
     use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
     use prost::Message;
 
-    use super::{encode_request, encode_resource};
+    use super::{encode_resource, encode_span, frame, message, queue_span};
+
+    /// What the processor sends for `batch`: each span encoded as `on_end` does, then framed.
+    fn encode_request(resource: &[u8], schema_url: &str, batch: &[SpanData]) -> Vec<u8> {
+        let mut scopes = Vec::new();
+        for span in batch {
+            let mut encoded = Vec::new();
+            message(&mut encoded, 2, |buf| encode_span(buf, span));
+            queue_span(&mut scopes, &span.instrumentation_scope, &encoded);
+        }
+        frame(resource, schema_url, &scopes)
+    }
 
     fn span(index: u64, scope: &InstrumentationScope) -> SpanData {
         let at = |ns: u64| std::time::UNIX_EPOCH + Duration::from_nanos(ns);
