@@ -73,7 +73,6 @@ struct Shared {
     sent: Condvar,
     /// Spans queued at most; more are dropped (and counted) until the thread catches up.
     max_queue: usize,
-    batch: usize,
 }
 
 #[derive(Debug, Default)]
@@ -119,7 +118,6 @@ impl OtlpProcessor {
             wake: Condvar::new(),
             sent: Condvar::new(),
             max_queue: max_queue.max(BATCH_SPANS),
-            batch: BATCH_SPANS,
         });
         let thread = std::thread::Builder::new()
             .name("sfaas-span-export".into())
@@ -166,7 +164,7 @@ impl SpanProcessor for OtlpProcessor {
             queue.open.spans += 1;
             queue.open.bytes += encoded.len();
             queue.spans += 1;
-            if queue.open.spans >= self.shared.batch || queue.open.bytes >= BATCH_BYTES {
+            if queue.open.spans >= BATCH_SPANS || queue.open.bytes >= BATCH_BYTES {
                 let batch = std::mem::take(&mut queue.open);
                 queue.full.push_back(batch);
                 self.shared.wake.notify_one();
