@@ -387,3 +387,44 @@ async fn state_usage_is_reported_per_interval_as_billable_spans() {
         assert_eq!(byte_seconds, &format!("{}.{:09}", byte_nanos / 1_000_000_000, byte_nanos % 1_000_000_000));
     }
 }
+
+/// Many spans at once reach the receiver complete, in requests small enough for any receiver
+/// (at most 2,048 spans each: gRPC servers refuse messages over 4 MiB by default), with the
+/// token, and a flush sends what is still queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_spans_arrives_whole_in_bounded_requests() {
+    use opentelemetry::KeyValue as Attribute;
+    use opentelemetry::trace::{Span as _, Tracer, TracerProvider};
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use stateful_faas_core::telemetry::{OtlpProcessor, TelemetryConfig};
+
+    let (endpoint, received) = grpc_receiver().await;
+    let config = TelemetryConfig {
+        endpoint: Some(endpoint.clone()),
+        protocol: OtlpProtocol::Grpc,
+        token: Some("meter-token".into()),
+        max_queue_size: 20_000,
+    };
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(OtlpProcessor::new(&config, &endpoint, 20_000).unwrap())
+        .build();
+    let tracer = provider.tracer("burst");
+    for i in 0..10_000 {
+        let mut span = tracer.start(format!("invoke f{i}"));
+        span.set_attribute(Attribute::new("faas.invocation_id", format!("call-{i}")));
+        span.end();
+    }
+    tokio::task::spawn_blocking(move || provider.force_flush().unwrap()).await.unwrap();
+
+    let requests = received.requests.lock().unwrap().clone();
+    let per_request: Vec<usize> = requests.iter().map(|r| spans(std::slice::from_ref(r)).len()).collect();
+    assert!(per_request.iter().all(|&n| n <= 2048), "spans per request: {per_request:?}");
+    let mut ids: Vec<String> = spans(&requests)
+        .iter()
+        .map(|(_, _, span)| string_attr(&span.attributes, "faas.invocation_id").unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 10_000, "every span arrived once");
+    assert!(received.authorization.lock().unwrap().iter().all(|a| a == "Bearer meter-token"));
+}
