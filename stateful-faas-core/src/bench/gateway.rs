@@ -196,13 +196,11 @@ async fn run_scenario(
 /// Spans per exporter in [`export_cost`].
 const EXPORT_SPANS: usize = 200_000;
 
-/// Exports [`EXPORT_SPANS`] spans shaped like the gateway's invocation spans (the same name,
-/// kind and twelve attributes, set in the same two steps) to the sink, once through this
+/// Exports [`EXPORT_SPANS`] invocation spans, made by the gateway's own functions, to the sink, once through this
 /// project's processor and once through the SDK's batch processor with opentelemetry-otlp's
 /// exporter, and returns the process's CPU per span, flush included.
 async fn export_cost(sink: std::net::SocketAddr, received: &AtomicU64) -> anyhow::Result<ExportCost> {
-    use opentelemetry::KeyValue;
-    use opentelemetry::trace::{Span, SpanKind, Tracer, TracerProvider};
+    use opentelemetry::trace::{Span, TracerProvider};
     use opentelemetry_otlp::WithExportConfig;
     use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanProcessor};
 
@@ -211,30 +209,19 @@ async fn export_cost(sink: std::net::SocketAddr, received: &AtomicU64) -> anyhow
         let tracer = provider.tracer(crate::semconv::SERVICE_NAME);
         let before_received = received.load(Ordering::Relaxed);
         let cpu_before = process_cpu();
+        let (usage, parent) = (crate::function::Usage::default(), opentelemetry::Context::new());
         for i in 0..EXPORT_SPANS {
-            let mut span = tracer
-                .span_builder(crate::semconv::invoke_span_name("f"))
-                .with_kind(SpanKind::Server)
-                .with_start_time(std::time::SystemTime::now())
-                .with_attributes([
-                    KeyValue::new(crate::semconv::FAAS_NAME, "f".to_string()),
-                    KeyValue::new(crate::semconv::FAAS_INVOCATION_ID, format!("call-{i}")),
-                    KeyValue::new(crate::semconv::FAAS_TRIGGER, crate::semconv::TRIGGER_HTTP),
-                    KeyValue::new(crate::semconv::SFAAS_FUNCTION_KIND, "builtin"),
-                ])
-                .start(&tracer);
+            let call_id = format!("call-{i}");
+            let mut span = crate::telemetry::start_invocation_span(
+                &tracer,
+                "f",
+                "builtin",
+                &call_id,
+                crate::semconv::TRIGGER_HTTP,
+                &parent,
+            );
             std::hint::black_box(crate::telemetry::traceparent(span.span_context()));
-            span.set_attributes([
-                KeyValue::new(crate::semconv::FAAS_COLDSTART, false),
-                KeyValue::new(crate::semconv::SFAAS_CPU_MS, 0i64),
-                KeyValue::new(crate::semconv::SFAAS_WALL_MS, 0i64),
-                KeyValue::new(crate::semconv::SFAAS_MEMORY_PEAK_BYTES, 0i64),
-                KeyValue::new(crate::semconv::SFAAS_BYTES_IN, 0i64),
-                KeyValue::new(crate::semconv::SFAAS_BYTES_OUT, 4i64),
-                KeyValue::new(crate::semconv::HTTP_RESPONSE_STATUS_CODE, 200i64),
-                KeyValue::new(crate::semconv::SFAAS_BILLABLE, true),
-            ]);
-            span.end();
+            crate::telemetry::end_invocation_span(&mut span, &usage, Duration::ZERO, 0, 4, 200);
             if i % 4096 == 0 {
                 // Let the sink (on this runtime) read.
                 tokio::task::yield_now().await;

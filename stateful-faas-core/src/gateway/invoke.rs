@@ -3,14 +3,14 @@
 //! span and the metrics.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use opentelemetry::KeyValue;
-use opentelemetry::trace::{Span, SpanKind, Status, Tracer};
+use opentelemetry::trace::Span;
 
 use super::Core;
 use super::auth::Caller;
@@ -55,17 +55,14 @@ pub async fn dispatch(
 
     let parent = telemetry::extract_parent(invocation.traceparent.as_deref());
     let mut span = core.telemetry.tracer(tenant).map(|tracer| {
-        tracer
-            .span_builder(semconv::invoke_span_name(function_name))
-            .with_kind(SpanKind::Server)
-            .with_start_time(SystemTime::now())
-            .with_attributes([
-                KeyValue::new(semconv::FAAS_NAME, function_name.to_string()),
-                KeyValue::new(semconv::FAAS_INVOCATION_ID, invocation.call_id.clone()),
-                KeyValue::new(semconv::FAAS_TRIGGER, trigger),
-                KeyValue::new(semconv::SFAAS_FUNCTION_KIND, function.spec.kind.as_str()),
-            ])
-            .start_with_context(&tracer, &parent)
+        telemetry::start_invocation_span(
+            &tracer,
+            function_name,
+            function.spec.kind.as_str(),
+            &invocation.call_id,
+            trigger,
+            &parent,
+        )
     });
     if let (Some(span), Some(job)) = (&mut span, &invocation.job) {
         // The state job the call runs in: a flow run's id for flow nodes (billing links them).
@@ -96,20 +93,7 @@ pub async fn dispatch(
     core.metrics.record_invocation(tenant, function_name, outcome.status, wall.as_secs_f64(), &outcome.usage);
 
     if let Some(span) = &mut span {
-        span.set_attributes([
-            KeyValue::new(semconv::FAAS_COLDSTART, outcome.usage.cold_start),
-            KeyValue::new(semconv::SFAAS_CPU_MS, outcome.usage.cpu_ms() as i64),
-            KeyValue::new(semconv::SFAAS_WALL_MS, wall.as_millis() as i64),
-            KeyValue::new(semconv::SFAAS_MEMORY_PEAK_BYTES, outcome.usage.peak_memory_bytes as i64),
-            KeyValue::new(semconv::SFAAS_BYTES_IN, bytes_in as i64),
-            KeyValue::new(semconv::SFAAS_BYTES_OUT, outcome.body.len() as i64),
-            KeyValue::new(semconv::HTTP_RESPONSE_STATUS_CODE, outcome.status as i64),
-            KeyValue::new(semconv::SFAAS_BILLABLE, true),
-        ]);
-        if outcome.status >= 500 {
-            span.set_status(Status::error(format!("function answered {}", outcome.status)));
-        }
-        span.end();
+        telemetry::end_invocation_span(span, &outcome.usage, wall, bytes_in, outcome.body.len(), outcome.status);
     }
     outcome
 }

@@ -10,7 +10,7 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{Span, SpanContext, SpanKind, Tracer, TracerProvider};
+use opentelemetry::trace::{Span, SpanContext, SpanKind, Status, Tracer, TracerProvider};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -20,6 +20,7 @@ mod otlp;
 
 pub use otlp::OtlpProcessor;
 
+use crate::function::Usage;
 use crate::semconv;
 use crate::state::{Owner, UsageInterval};
 use crate::tenant::TenantId;
@@ -152,6 +153,54 @@ impl Telemetry {
             }
         }
     }
+}
+
+/// Starts the span of one invocation (DESIGN.md §4): `invoke NAME`, SERVER, with what is known
+/// before the function runs.
+pub fn start_invocation_span(
+    tracer: &SdkTracer,
+    function: &str,
+    kind: &'static str,
+    call_id: &str,
+    trigger: &'static str,
+    parent: &Context,
+) -> opentelemetry_sdk::trace::Span {
+    tracer
+        .span_builder(semconv::invoke_span_name(function))
+        .with_kind(SpanKind::Server)
+        .with_start_time(std::time::SystemTime::now())
+        .with_attributes([
+            KeyValue::new(semconv::FAAS_NAME, function.to_string()),
+            KeyValue::new(semconv::FAAS_INVOCATION_ID, call_id.to_string()),
+            KeyValue::new(semconv::FAAS_TRIGGER, trigger),
+            KeyValue::new(semconv::SFAAS_FUNCTION_KIND, kind),
+        ])
+        .start_with_context(tracer, parent)
+}
+
+/// Ends an invocation's span with its outcome: the measured usage, sizes and status.
+pub fn end_invocation_span(
+    span: &mut opentelemetry_sdk::trace::Span,
+    usage: &Usage,
+    wall: Duration,
+    bytes_in: usize,
+    bytes_out: usize,
+    status: u16,
+) {
+    span.set_attributes([
+        KeyValue::new(semconv::FAAS_COLDSTART, usage.cold_start),
+        KeyValue::new(semconv::SFAAS_CPU_MS, usage.cpu_ms() as i64),
+        KeyValue::new(semconv::SFAAS_WALL_MS, wall.as_millis() as i64),
+        KeyValue::new(semconv::SFAAS_MEMORY_PEAK_BYTES, usage.peak_memory_bytes as i64),
+        KeyValue::new(semconv::SFAAS_BYTES_IN, bytes_in as i64),
+        KeyValue::new(semconv::SFAAS_BYTES_OUT, bytes_out as i64),
+        KeyValue::new(semconv::HTTP_RESPONSE_STATUS_CODE, i64::from(status)),
+        KeyValue::new(semconv::SFAAS_BILLABLE, true),
+    ]);
+    if status >= 500 {
+        span.set_status(Status::error(format!("function answered {status}")));
+    }
+    span.end();
 }
 
 /// The parent context named by a caller's W3C `traceparent` header, if valid.

@@ -236,7 +236,7 @@ fn export_loop(shared: &Shared, transport: &Transport) {
         }
         if batch.spans > 0 {
             let body = frame(&resource, &schema_url, &batch.scopes);
-            if let Err(error) = export_io().block_on(send(transport.clone(), body)) {
+            if let Err(error) = export_io().block_on(send(transport, body)) {
                 tracing::warn!(%error, spans = batch.spans, "span export failed; these spans are lost");
             }
         }
@@ -251,7 +251,7 @@ fn export_loop(shared: &Shared, transport: &Transport) {
 }
 
 /// Where and how batches go.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Transport {
     Grpc { channel: tonic::transport::Channel, authorization: Option<tonic::metadata::AsciiMetadataValue> },
     Http { client: reqwest::Client, url: String, authorization: Option<String> },
@@ -287,14 +287,14 @@ impl Transport {
     }
 }
 
-async fn send(transport: Transport, body: Vec<u8>) -> Result<(), String> {
+async fn send(transport: &Transport, body: Vec<u8>) -> Result<(), String> {
     let response = match transport {
         Transport::Grpc { channel, authorization } => {
-            let mut grpc = tonic::client::Grpc::new(channel);
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
             grpc.ready().await.map_err(|error| format!("OTLP/gRPC endpoint unavailable: {error}"))?;
             let mut request = tonic::Request::new(Bytes::from(body));
             if let Some(value) = authorization {
-                request.metadata_mut().insert("authorization", value);
+                request.metadata_mut().insert("authorization", value.clone());
             }
             let path = tonic::codegen::http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH);
             grpc.unary(request, path, EncodedRequest)
@@ -304,7 +304,7 @@ async fn send(transport: Transport, body: Vec<u8>) -> Result<(), String> {
         }
         Transport::Http { client, url, authorization } => {
             let mut request =
-                client.post(&url).header(reqwest::header::CONTENT_TYPE, "application/x-protobuf").body(body);
+                client.post(url).header(reqwest::header::CONTENT_TYPE, "application/x-protobuf").body(body);
             if let Some(value) = authorization {
                 request = request.header(reqwest::header::AUTHORIZATION, value);
             }
