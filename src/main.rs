@@ -279,7 +279,8 @@ enum BenchCommand {
         /// Concurrent callers.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
-        /// Rounds of spans off then on; the ratio reported is the median of the rounds' ratios.
+        /// Rounds of spans off and on (alternately first); the ratio reported is the median of the
+        /// rounds' ratios.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Only the `noop` or the `exec` scenarios.

@@ -62,7 +62,7 @@ impl fmt::Display for Report {
         writeln!(f)?;
         writeln!(
             f,
-            "concurrency {}; {} rounds of off then on, the median round shown; spans received by the OTLP/gRPC sink: {}",
+            "concurrency {}; {} rounds of off and on (alternately first), the median round shown; spans received by the OTLP/gRPC sink: {}",
             self.concurrency, self.rounds, self.spans_received
         )?;
         let ratios: Vec<String> =
@@ -82,7 +82,7 @@ impl fmt::Display for Report {
 }
 
 /// Runs every scenario: builtin no-op and exec of `/bin/true`, each with span export off and
-/// then on, `rounds` times, so that drift on a shared machine hits both alike. `only` limits
+/// on, `rounds` times, alternately first, so that drift on a shared machine hits both alike. `only` limits
 /// the run to the scenarios whose function is `noop` or `exec`.
 pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: Option<&str>) -> anyhow::Result<Report> {
     let rounds = rounds.max(1);
@@ -99,7 +99,9 @@ pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: O
         let mut runs: [Vec<Scenario>; 2] = [Vec::new(), Vec::new()];
         let mut round_ratios = Vec::new();
         for round in 1..=rounds {
-            for spans in [false, true] {
+            // Which goes first alternates, so that drift during a pair favours neither.
+            let order = if round % 2 == 1 { [false, true] } else { [true, false] };
+            for spans in order {
                 let name = format!("{function}, spans {}", if spans { "on" } else { "off" });
                 let endpoint = spans.then(|| format!("http://{sink}"));
                 let scenario = run_scenario(&name, body, endpoint, requests, concurrency).await?;

@@ -214,5 +214,37 @@ pub fn extract_parent(traceparent: Option<&str>) -> Context {
 
 /// W3C `traceparent` naming a span as parent.
 pub fn traceparent(context: &SpanContext) -> String {
-    format!("00-{}-{}-{:02x}", context.trace_id(), context.span_id(), context.trace_flags().to_u8())
+    // Written in place: `format!` of the ids' hex costs as much as encoding the whole span.
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    let hex = |bytes: &[u8], at: std::ops::Range<usize>, out: &mut [u8; 55]| {
+        hex::encode_to_slice(bytes, &mut out[at]).expect("the slot fits the id");
+    };
+    hex(&context.trace_id().to_bytes(), 3..35, &mut out);
+    hex(&context.span_id().to_bytes(), 36..52, &mut out);
+    hex(&[context.trace_flags().to_u8()], 53..55, &mut out);
+    String::from_utf8(out.to_vec()).expect("hex digits are ASCII")
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+
+    use super::*;
+
+    #[test]
+    fn traceparent_is_w3c_and_round_trips() {
+        let context = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            SpanId::from_hex("b7ad6b7169203331").unwrap(),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        let header = traceparent(&context);
+        assert_eq!(header, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        let parent = extract_parent(Some(&header));
+        let extracted = parent.span().span_context().clone();
+        assert_eq!((extracted.trace_id(), extracted.span_id()), (context.trace_id(), context.span_id()));
+        assert!(extracted.is_sampled() && extracted.is_remote());
+    }
 }

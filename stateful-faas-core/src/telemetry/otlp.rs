@@ -90,7 +90,13 @@ struct Queue {
     flush_asked: u64,
     flush_done: u64,
     shutdown: bool,
+    /// Span buffers of sent batches, emptied, kept for the next ones (at most [`SPARE_BUFFERS`]):
+    /// a batch then fills memory already mapped instead of growing a fresh buffer page by page,
+    /// each page faulted and zeroed by the kernel on the gateway's worker that ends the span.
+    spare: Vec<Vec<u8>>,
 }
+
+const SPARE_BUFFERS: usize = 4;
 
 /// One export request's worth of encoded spans (`ScopeSpans.spans` fields) per
 /// instrumentation scope, in order of arrival.
@@ -160,7 +166,8 @@ impl SpanProcessor for OtlpProcessor {
                 queue.dropped += 1;
                 return;
             }
-            queue_span(&mut queue.open.scopes, &span.instrumentation_scope, encoded);
+            let queue = &mut *queue;
+            queue_span(&mut queue.open.scopes, &mut queue.spare, &span.instrumentation_scope, encoded);
             queue.open.spans += 1;
             queue.open.bytes += encoded.len();
             queue.spans += 1;
@@ -195,10 +202,19 @@ impl SpanProcessor for OtlpProcessor {
 }
 
 /// Appends an encoded span to its scope's bytes.
-fn queue_span(scopes: &mut Vec<(InstrumentationScope, Vec<u8>)>, scope: &InstrumentationScope, encoded: &[u8]) {
+fn queue_span(
+    scopes: &mut Vec<(InstrumentationScope, Vec<u8>)>,
+    spare: &mut Vec<Vec<u8>>,
+    scope: &InstrumentationScope,
+    encoded: &[u8],
+) {
     match scopes.iter_mut().find(|(queued, _)| queued == scope) {
         Some((_, bytes)) => bytes.extend_from_slice(encoded),
-        None => scopes.push((scope.clone(), encoded.to_vec())),
+        None => {
+            let mut bytes = spare.pop().unwrap_or_default();
+            bytes.extend_from_slice(encoded);
+            scopes.push((scope.clone(), bytes));
+        }
     }
 }
 
@@ -236,6 +252,14 @@ fn export_loop(shared: &Shared, transport: &Transport) {
         }
         if batch.spans > 0 {
             let body = frame(&resource, &schema_url, &batch.scopes);
+            let mut queue = shared.queue.lock().unwrap();
+            for (_, mut bytes) in batch.scopes {
+                if queue.spare.len() < SPARE_BUFFERS && bytes.capacity() <= 2 * BATCH_BYTES {
+                    bytes.clear();
+                    queue.spare.push(bytes);
+                }
+            }
+            drop(queue);
             if let Err(error) = export_io().block_on(send(transport, body)) {
                 tracing::warn!(%error, spans = batch.spans, "span export failed; these spans are lost");
             }
@@ -581,10 +605,12 @@ mod tests {
     /// What the processor sends for `batch`: each span encoded as `on_end` does, then framed.
     fn encode_request(resource: &[u8], schema_url: &str, batch: &[SpanData]) -> Vec<u8> {
         let mut scopes = Vec::new();
+        // One spare buffer (as a sent batch leaves): the first scope reuses it, a second gets its own.
+        let mut spare = vec![Vec::with_capacity(64)];
         for span in batch {
             let mut encoded = Vec::new();
             message(&mut encoded, 2, |buf| encode_span(buf, span));
-            queue_span(&mut scopes, &span.instrumentation_scope, &encoded);
+            queue_span(&mut scopes, &mut spare, &span.instrumentation_scope, &encoded);
         }
         frame(resource, schema_url, &scopes)
     }
