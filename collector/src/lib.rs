@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod receivers;
+pub mod sqlite;
 pub mod store;
 
 use std::net::SocketAddr;

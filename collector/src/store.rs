@@ -13,6 +13,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{AssertSqlSafe, QueryBuilder, SqlSafeStr};
 
 use crate::model::{Batch, LogRow, SampleRow, SpanRow};
+use crate::sqlite;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("telemetry store: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("telemetry store (SQLite): {0}")]
+    Sqlite(String),
 }
 
 /// The database behind the collector.
@@ -119,14 +122,14 @@ impl TelemetryStore {
         let received_ms = now_ms();
         match self {
             Self::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                let written = write_rows::<sqlx::Sqlite>(&mut tx, batch, received_ms, |r| r.rows_affected()).await?;
-                tx.commit().await?;
-                Ok(written)
+                let mut connection = pool.acquire().await?;
+                let mut handle = connection.lock_handle().await?;
+                let db = sqlite::Connection::new(&mut handle);
+                sqlite::blocking(|| write_sqlite(&db, batch, received_ms)).map_err(StoreError::Sqlite)
             }
             Self::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                let written = write_rows::<sqlx::Postgres>(&mut tx, batch, received_ms, |r| r.rows_affected()).await?;
+                let written = write_postgres(&mut tx, batch, received_ms).await?;
                 tx.commit().await?;
                 Ok(written)
             }
@@ -313,26 +316,103 @@ fn kind_name(kind: &str) -> &'static str {
     }
 }
 
-/// Writes every row of a batch with multi-row `INSERT ... ON CONFLICT DO NOTHING`.
-async fn write_rows<DB>(
-    tx: &mut sqlx::Transaction<'_, DB>,
+/// Writes every row of a batch on SQLite in one transaction: one prepared single-row
+/// `INSERT ... ON CONFLICT DO NOTHING` per table, each value bound in place.
+fn write_sqlite(db: &sqlite::Connection<'_>, batch: &Batch, received_ms: i64) -> Result<Written, String> {
+    use sqlite::Value::{Int, Null, Real, Text};
+    fn text(v: &Option<String>) -> sqlite::Value<'_> {
+        v.as_deref().map_or(sqlite::Value::Null, sqlite::Value::Text)
+    }
+    let placeholders = |n: usize| (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let tx = db.begin()?;
+    let mut written = Written::default();
+    if !batch.spans.is_empty() {
+        let mut insert = db.prepare(&format!(
+            "INSERT INTO spans ({SPAN_COLUMNS}, received_ms) VALUES ({}) \
+             ON CONFLICT (tenant, trace_id, span_id) DO NOTHING",
+            placeholders(18)
+        ))?;
+        for span in &batch.spans {
+            written.spans += insert.execute(&[
+                Text(&span.tenant),
+                Text(&span.trace_id),
+                Text(&span.span_id),
+                text(&span.parent_span_id),
+                Text(&span.name),
+                Int(span.kind),
+                Int(span.start_ns),
+                Int(span.end_ns),
+                Int(span.status_code),
+                Text(&span.status_message),
+                Text(&span.service_name),
+                Text(&span.attributes),
+                Text(&span.events),
+                Text(&span.links),
+                Text(&span.resource),
+                Text(&span.scope),
+                Int(i64::from(span.metered)),
+                Int(received_ms),
+            ])?;
+        }
+    }
+    if !batch.samples.is_empty() {
+        let mut insert = db.prepare(&format!(
+            "INSERT INTO metric_samples (tenant, metric, labels, kind, ts_ns, value, histogram, metered, received_ms) \
+             VALUES ({}) ON CONFLICT (tenant, metric, labels, ts_ns) DO NOTHING",
+            placeholders(9)
+        ))?;
+        for sample in &batch.samples {
+            written.samples += insert.execute(&[
+                Text(&sample.tenant),
+                Text(&sample.metric),
+                Text(&sample.labels),
+                Text(sample.kind),
+                Int(sample.ts_ns),
+                // SQLite has no NaN: NaN is stored as NULL (and read back as NaN).
+                if sample.value.is_nan() { Null } else { Real(sample.value) },
+                text(&sample.histogram),
+                Int(i64::from(sample.metered)),
+                Int(received_ms),
+            ])?;
+        }
+    }
+    if !batch.logs.is_empty() {
+        let mut insert = db.prepare(&format!(
+            "INSERT INTO logs (tenant, record_hash, ts_ns, severity_number, severity_text, body, attributes, resource, \
+             trace_id, span_id, metered, received_ms) VALUES ({}) ON CONFLICT (tenant, record_hash) DO NOTHING",
+            placeholders(12)
+        ))?;
+        for log in &batch.logs {
+            written.logs += insert.execute(&[
+                Text(&log.tenant),
+                Text(&log.record_hash),
+                Int(log.ts_ns),
+                Int(log.severity_number),
+                Text(&log.severity_text),
+                Text(&log.body),
+                Text(&log.attributes),
+                Text(&log.resource),
+                text(&log.trace_id),
+                text(&log.span_id),
+                Int(i64::from(log.metered)),
+                Int(received_ms),
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(written)
+}
+
+/// Writes every row of a batch on PostgreSQL with multi-row `INSERT ... ON CONFLICT DO NOTHING`.
+async fn write_postgres(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     batch: &Batch,
     received_ms: i64,
-    affected: fn(&DB::QueryResult) -> u64,
-) -> Result<Written, StoreError>
-where
-    DB: sqlx::Database,
-    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> Option<f64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
-{
+) -> Result<Written, StoreError> {
+    let affected = |r: sqlx::postgres::PgQueryResult| r.rows_affected();
     let mut written = Written::default();
     for chunk in batch.spans.chunks(ROWS_PER_STATEMENT) {
-        let mut builder: QueryBuilder<DB> =
+        let mut builder: QueryBuilder<sqlx::Postgres> =
             QueryBuilder::new(format!("INSERT INTO spans ({SPAN_COLUMNS}, received_ms) "));
         builder.push_values(chunk, |mut row, span: &SpanRow| {
             row.push_bind(span.tenant.clone())
@@ -355,10 +435,10 @@ where
                 .push_bind(received_ms);
         });
         builder.push(" ON CONFLICT (tenant, trace_id, span_id) DO NOTHING");
-        written.spans += affected(&builder.build().execute(&mut **tx).await?);
+        written.spans += affected(builder.build().execute(&mut **tx).await?);
     }
     for chunk in batch.samples.chunks(ROWS_PER_STATEMENT) {
-        let mut builder: QueryBuilder<DB> = QueryBuilder::new(
+        let mut builder: QueryBuilder<sqlx::Postgres> = QueryBuilder::new(
             "INSERT INTO metric_samples (tenant, metric, labels, kind, ts_ns, value, histogram, metered, received_ms) ",
         );
         builder.push_values(chunk, |mut row, sample: &SampleRow| {
@@ -374,10 +454,10 @@ where
                 .push_bind(received_ms);
         });
         builder.push(" ON CONFLICT (tenant, metric, labels, ts_ns) DO NOTHING");
-        written.samples += affected(&builder.build().execute(&mut **tx).await?);
+        written.samples += affected(builder.build().execute(&mut **tx).await?);
     }
     for chunk in batch.logs.chunks(ROWS_PER_STATEMENT) {
-        let mut builder: QueryBuilder<DB> = QueryBuilder::new(
+        let mut builder: QueryBuilder<sqlx::Postgres> = QueryBuilder::new(
             "INSERT INTO logs (tenant, record_hash, ts_ns, severity_number, severity_text, body, attributes, resource, \
              trace_id, span_id, metered, received_ms) ",
         );
@@ -396,7 +476,7 @@ where
                 .push_bind(received_ms);
         });
         builder.push(" ON CONFLICT (tenant, record_hash) DO NOTHING");
-        written.logs += affected(&builder.build().execute(&mut **tx).await?);
+        written.logs += affected(builder.build().execute(&mut **tx).await?);
     }
     Ok(written)
 }

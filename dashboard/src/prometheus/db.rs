@@ -117,7 +117,7 @@ pub async fn series_rows(
     };
     let mut connection = pool.acquire().await?;
     let mut handle = connection.lock_handle().await?;
-    let db = Connection(handle.as_raw_handle().as_ptr());
+    let db = collector::sqlite::Connection::new(&mut handle);
     let read = || -> Result<Vec<SeriesRows>, String> {
         let mut tenants: Vec<&String> = tenants.iter().collect();
         tenants.sort();
@@ -160,101 +160,9 @@ pub async fn series_rows(
         Ok(out)
     };
     // Tens of milliseconds of CPU: off the async workers where the runtime allows.
-    let rows = match tokio::runtime::Handle::current().runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(read),
-        _ => read(),
-    };
+    let rows = collector::sqlite::blocking(read);
     rows.map_err(|error| {
         tracing::error!(%error, "prometheus query failed");
         QueryError::Internal(format!("telemetry store: {error}"))
     })
-}
-
-/// A SQLite connection locked for this task (sqlx's `LockedSqliteHandle`).
-struct Connection(*mut libsqlite3_sys::sqlite3);
-
-/// A prepared statement, finalized when dropped.
-struct Statement<'c> {
-    db: &'c Connection,
-    raw: *mut libsqlite3_sys::sqlite3_stmt,
-}
-
-impl Connection {
-    fn error(&self) -> String {
-        // SAFETY: sqlite3_errmsg returns a NUL-terminated string owned by the live connection.
-        unsafe { std::ffi::CStr::from_ptr(libsqlite3_sys::sqlite3_errmsg(self.0)).to_string_lossy().into_owned() }
-    }
-
-    fn prepare(&self, sql: &str) -> Result<Statement<'_>, String> {
-        let sql = std::ffi::CString::new(sql).map_err(|e| e.to_string())?;
-        let mut raw = std::ptr::null_mut();
-        // SAFETY: a live connection, locked for this task; `sql` outlives the call.
-        let rc =
-            unsafe { libsqlite3_sys::sqlite3_prepare_v2(self.0, sql.as_ptr(), -1, &mut raw, std::ptr::null_mut()) };
-        if rc != libsqlite3_sys::SQLITE_OK {
-            return Err(self.error());
-        }
-        Ok(Statement { db: self, raw })
-    }
-}
-
-impl Statement<'_> {
-    fn reset(&mut self) {
-        // SAFETY: a prepared statement.
-        unsafe { libsqlite3_sys::sqlite3_reset(self.raw) };
-    }
-
-    fn bind(&mut self, index: i32, text: &str) -> Result<(), String> {
-        // SAFETY: SQLITE_TRANSIENT makes SQLite copy the text before the call returns.
-        let rc = unsafe {
-            libsqlite3_sys::sqlite3_bind_text(
-                self.raw,
-                index,
-                text.as_ptr().cast(),
-                text.len() as i32,
-                libsqlite3_sys::SQLITE_TRANSIENT(),
-            )
-        };
-        if rc != libsqlite3_sys::SQLITE_OK { Err(self.db.error()) } else { Ok(()) }
-    }
-
-    /// Steps to the next row: true on a row, false when done.
-    fn step(&mut self) -> Result<bool, String> {
-        // SAFETY: a prepared, bound statement.
-        match unsafe { libsqlite3_sys::sqlite3_step(self.raw) } {
-            libsqlite3_sys::SQLITE_ROW => Ok(true),
-            libsqlite3_sys::SQLITE_DONE => Ok(false),
-            _ => Err(self.db.error()),
-        }
-    }
-
-    /// A text column of the current row (None for NULL), valid until the next step.
-    fn text(&self, column: i32) -> Option<&[u8]> {
-        // SAFETY: the statement is on a row; the pointer and length describe one value.
-        unsafe {
-            let pointer = libsqlite3_sys::sqlite3_column_text(self.raw, column);
-            let length = libsqlite3_sys::sqlite3_column_bytes(self.raw, column) as usize;
-            (!pointer.is_null()).then(|| std::slice::from_raw_parts(pointer, length))
-        }
-    }
-
-    fn int(&self, column: i32) -> i64 {
-        // SAFETY: the statement is on a row.
-        unsafe { libsqlite3_sys::sqlite3_column_int64(self.raw, column) }
-    }
-
-    fn double(&self, column: i32) -> Option<f64> {
-        // SAFETY: the statement is on a row.
-        unsafe {
-            (libsqlite3_sys::sqlite3_column_type(self.raw, column) != libsqlite3_sys::SQLITE_NULL)
-                .then(|| libsqlite3_sys::sqlite3_column_double(self.raw, column))
-        }
-    }
-}
-
-impl Drop for Statement<'_> {
-    fn drop(&mut self) {
-        // SAFETY: prepared once, finalized once.
-        unsafe { libsqlite3_sys::sqlite3_finalize(self.raw) };
-    }
 }
