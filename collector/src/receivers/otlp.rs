@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use serde::ser::{Serialize, SerializeMap, Serializer};
+
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -40,26 +42,61 @@ impl Converted {
     }
 }
 
-/// An attribute value as JSON (integers stay integers; bytes become hex).
-pub fn any_value_json(value: &AnyValue) -> Value {
-    match &value.value {
-        Some(any_value::Value::StringValue(s)) => Value::String(s.clone()),
-        Some(any_value::Value::BoolValue(b)) => Value::Bool(*b),
-        Some(any_value::Value::IntValue(i)) => json!(i),
-        Some(any_value::Value::DoubleValue(d)) => json!(d),
-        Some(any_value::Value::ArrayValue(array)) => Value::Array(array.values.iter().map(any_value_json).collect()),
-        Some(any_value::Value::KvlistValue(list)) => attributes_json(&list.values),
-        Some(any_value::Value::BytesValue(bytes)) => Value::String(hex::encode(bytes)),
-        Some(any_value::Value::StringValueStrindex(index)) => json!(index),
-        None => Value::Null,
+/// An attribute value as JSON (integers stay integers; bytes become hex), written straight to
+/// text by serde_json without building a `Value` tree first.
+pub struct Any<'a>(pub &'a AnyValue);
+
+impl Serialize for Any<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.0.value {
+            Some(any_value::Value::StringValue(s)) => serializer.serialize_str(s),
+            Some(any_value::Value::BoolValue(b)) => serializer.serialize_bool(*b),
+            Some(any_value::Value::IntValue(i)) => serializer.serialize_i64(*i),
+            // Not finite: null, as serde_json writes it.
+            Some(any_value::Value::DoubleValue(d)) => serializer.serialize_f64(*d),
+            Some(any_value::Value::ArrayValue(array)) => serializer.collect_seq(array.values.iter().map(Any)),
+            Some(any_value::Value::KvlistValue(list)) => Attributes(&list.values).serialize(serializer),
+            Some(any_value::Value::BytesValue(bytes)) => serializer.serialize_str(&lower_hex(bytes)),
+            Some(any_value::Value::StringValueStrindex(index)) => serializer.serialize_i32(*index),
+            None => serializer.serialize_unit(),
+        }
     }
 }
 
-/// Attributes as a JSON object, keys sorted.
-pub fn attributes_json(attributes: &[KeyValue]) -> Value {
-    let map: BTreeMap<&str, Value> =
-        attributes.iter().map(|kv| (kv.key.as_str(), kv.value.as_ref().map_or(Value::Null, any_value_json))).collect();
-    serde_json::to_value(map).expect("json")
+/// Attributes as a JSON object, keys sorted; of repeated keys, the last value is kept.
+pub struct Attributes<'a>(pub &'a [KeyValue]);
+
+impl Serialize for Attributes<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut sorted: Vec<&KeyValue> = self.0.iter().collect();
+        // Stable: among equal keys the last one given stays last, and is the one written.
+        sorted.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut map = serializer.serialize_map(None)?;
+        for (i, kv) in sorted.iter().enumerate() {
+            if sorted.get(i + 1).is_some_and(|next| next.key == kv.key) {
+                continue;
+            }
+            match &kv.value {
+                Some(value) => map.serialize_entry(&kv.key, &Any(value))?,
+                None => map.serialize_entry(&kv.key, &())?,
+            }
+        }
+        map.end()
+    }
+}
+
+/// JSON text of a value that always serializes.
+fn json_text(value: &impl Serialize) -> String {
+    serde_json::to_string(value).expect("attributes serialize to JSON")
+}
+
+/// An attribute value as JSON text, or the string itself for a string (label values, log bodies).
+fn plain_text(value: Option<&AnyValue>) -> String {
+    match value.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(_) => json_text(&Any(value.expect("a value"))),
+        None => "null".into(),
+    }
 }
 
 fn string_attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
@@ -69,9 +106,16 @@ fn string_attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str
     })
 }
 
+/// Bytes as lowercase hex (`hex::encode` builds its string a `char` at a time: slower, per id).
+pub fn lower_hex(bytes: &[u8]) -> String {
+    let mut text = vec![0; bytes.len() * 2];
+    hex::encode_to_slice(bytes, &mut text).expect("twice as long");
+    String::from_utf8(text).expect("hex digits are ASCII")
+}
+
 /// A non-zero id of `len` bytes, as lowercase hex.
 fn id_hex(bytes: &[u8], len: usize) -> Option<String> {
-    (bytes.len() == len && bytes.iter().any(|&b| b != 0)).then(|| hex::encode(bytes))
+    (bytes.len() == len && bytes.iter().any(|&b| b != 0)).then(|| lower_hex(bytes))
 }
 
 pub fn traces(request: ExportTraceServiceRequest, sender: &Sender) -> Converted {
@@ -87,7 +131,7 @@ pub fn traces(request: ExportTraceServiceRequest, sender: &Sender) -> Converted 
             }
         };
         let service = string_attribute(&resource_attributes, "service.name").unwrap_or("unknown_service").to_string();
-        let resource = attributes_json(&resource_attributes).to_string();
+        let resource = json_text(&Attributes(&resource_attributes));
         for scope_spans in resource_spans.scope_spans {
             let scope =
                 scope_spans.scope.map_or(json!({}), |s| json!({"name": s.name, "version": s.version})).to_string();
@@ -109,12 +153,12 @@ pub fn traces(request: ExportTraceServiceRequest, sender: &Sender) -> Converted 
                 let events: Vec<Value> = span
                     .events
                     .iter()
-                    .map(|e| json!({"name": e.name, "time_ns": e.time_unix_nano, "attributes": attributes_json(&e.attributes)}))
+                    .map(|e| json!({"name": e.name, "time_ns": e.time_unix_nano, "attributes": Attributes(&e.attributes)}))
                     .collect();
                 let links: Vec<Value> = span
                     .links
                     .iter()
-                    .map(|l| json!({"trace_id": hex::encode(&l.trace_id), "span_id": hex::encode(&l.span_id), "attributes": attributes_json(&l.attributes)}))
+                    .map(|l| json!({"trace_id": lower_hex(&l.trace_id), "span_id": lower_hex(&l.span_id), "attributes": Attributes(&l.attributes)}))
                     .collect();
                 let status = span.status.unwrap_or_default();
                 out.batch.spans.push(SpanRow {
@@ -129,7 +173,7 @@ pub fn traces(request: ExportTraceServiceRequest, sender: &Sender) -> Converted 
                     status_code: status.code as i64,
                     status_message: status.message,
                     service_name: service.clone(),
-                    attributes: attributes_json(&span.attributes).to_string(),
+                    attributes: json_text(&Attributes(&span.attributes)),
                     events: Value::Array(events).to_string(),
                     links: Value::Array(links).to_string(),
                     resource: resource.clone(),
@@ -144,17 +188,8 @@ pub fn traces(request: ExportTraceServiceRequest, sender: &Sender) -> Converted 
 
 /// Label values as Prometheus has them: strings.
 fn labels(point_attributes: &[KeyValue], service: Option<&str>) -> String {
-    let mut labels: BTreeMap<String, String> = point_attributes
-        .iter()
-        .map(|kv| {
-            let value = kv.value.as_ref().map_or(Value::Null, any_value_json);
-            let text = match value {
-                Value::String(s) => s,
-                other => other.to_string(),
-            };
-            (kv.key.clone(), text)
-        })
-        .collect();
+    let mut labels: BTreeMap<String, String> =
+        point_attributes.iter().map(|kv| (kv.key.clone(), plain_text(kv.value.as_ref()))).collect();
     if let Some(service) = service {
         labels.entry("service_name".into()).or_insert_with(|| service.to_string());
     }
@@ -281,15 +316,11 @@ pub fn logs(request: ExportLogsServiceRequest, sender: &Sender) -> Converted {
                 continue;
             }
         };
-        let resource = attributes_json(&resource_attributes).to_string();
+        let resource = json_text(&Attributes(&resource_attributes));
         for record in resource_logs.scope_logs.into_iter().flat_map(|s| s.log_records) {
             let ts = if record.time_unix_nano != 0 { record.time_unix_nano } else { record.observed_time_unix_nano };
-            let body = record.body.as_ref().map_or(Value::Null, any_value_json);
-            let body = match body {
-                Value::String(s) => s,
-                other => other.to_string(),
-            };
-            let attributes = attributes_json(&record.attributes).to_string();
+            let body = plain_text(record.body.as_ref());
+            let attributes = json_text(&Attributes(&record.attributes));
             let trace_id = id_hex(&record.trace_id, 16);
             let span_id = id_hex(&record.span_id, 8);
             let mut hash = Sha256::new();
@@ -322,4 +353,46 @@ pub fn logs(request: ExportLogsServiceRequest, sender: &Sender) -> Converted {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::common::v1::{ArrayValue as Array, KeyValueList};
+
+    use super::*;
+
+    fn kv(key: &str, value: any_value::Value) -> KeyValue {
+        KeyValue { key: key.into(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+    }
+
+    #[test]
+    fn attributes_are_json_with_sorted_keys_and_the_last_of_repeated_ones() {
+        use any_value::Value::*;
+        let attributes = [
+            kv("z", StringValue("quote \" and \u{e9}".into())),
+            kv("a", IntValue(-7)),
+            kv("dup", IntValue(1)),
+            kv("d", DoubleValue(0.5)),
+            kv("nan", DoubleValue(f64::NAN)),
+            kv("b", BoolValue(true)),
+            kv("bytes", BytesValue(vec![0xde, 0xad])),
+            kv(
+                "list",
+                ArrayValue(Array { values: vec![AnyValue { value: Some(IntValue(1)) }, AnyValue { value: None }] }),
+            ),
+            kv(
+                "map",
+                KvlistValue(KeyValueList { values: vec![kv("y", IntValue(2)), kv("x", StringValue("s".into()))] }),
+            ),
+            kv("dup", IntValue(2)),
+            KeyValue { key: "none".into(), value: None, ..Default::default() },
+        ];
+        assert_eq!(
+            json_text(&Attributes(&attributes)),
+            r#"{"a":-7,"b":true,"bytes":"dead","d":0.5,"dup":2,"list":[1,null],"map":{"x":"s","y":2},"nan":null,"none":null,"z":"quote \" and é"}"#
+        );
+        assert_eq!(plain_text(Some(&AnyValue { value: Some(StringValue("GET".into())) })), "GET");
+        assert_eq!(plain_text(Some(&AnyValue { value: Some(IntValue(200)) })), "200");
+        assert_eq!(plain_text(None), "null");
+    }
 }
