@@ -106,6 +106,81 @@ impl Dialect {
     }
 }
 
+/// A record the extraction inserted: a row of its `RETURNING` (tenant, billed_period, period,
+/// plan, function, kind, status_code, cpu_ms, wall_ms, bytes_out, state_byte_seconds).
+struct Inserted {
+    key: TotalsKey,
+    invocation: bool,
+    status_code: i64,
+    cpu_ms: i64,
+    wall_ms: i64,
+    bytes_out: i64,
+    state: String,
+}
+
+impl Inserted {
+    fn from_row<R: Row>(row: &R) -> Result<Self, sqlx::Error>
+    where
+        usize: sqlx::ColumnIndex<R>,
+        for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        Ok(Self {
+            key: TotalsKey {
+                tenant: row.try_get(0)?,
+                billed_period: row.try_get(1)?,
+                period: row.try_get(2)?,
+                plan: row.try_get(3)?,
+                function: row.try_get(4)?,
+            },
+            invocation: row.try_get::<String, _>(5)? == "invocation",
+            status_code: row.try_get(6)?,
+            cpu_ms: row.try_get(7)?,
+            wall_ms: row.try_get(8)?,
+            bytes_out: row.try_get(9)?,
+            state: row.try_get(10)?,
+        })
+    }
+}
+
+/// Runs the extracting statement on SQLite through its C API and reads the records it returns.
+async fn inserted_sqlite(
+    connection: &mut sqlx::SqliteConnection,
+    sql: &str,
+    (after_ms, upto_ms, final_key, next_key): (i64, i64, &str, &str),
+) -> Result<Vec<Inserted>> {
+    use collector::sqlite::Value::{Int, Text};
+    let mut handle = connection.lock_handle().await?;
+    let db = collector::sqlite::Connection::new(&mut handle);
+    collector::sqlite::blocking(|| {
+        let mut statement = db.prepare(sql)?;
+        for (index, value) in (1..).zip([Int(after_ms), Int(upto_ms), Text(final_key), Text(next_key)]) {
+            statement.bind(index, value)?;
+        }
+        let mut out = Vec::new();
+        while statement.step()? {
+            let text = |column| String::from_utf8_lossy(statement.text(column).unwrap_or_default()).into_owned();
+            out.push(Inserted {
+                key: TotalsKey {
+                    tenant: text(0),
+                    billed_period: text(1),
+                    period: text(2),
+                    plan: text(3),
+                    function: text(4),
+                },
+                invocation: statement.text(5) == Some(b"invocation".as_slice()),
+                status_code: statement.int(6),
+                cpu_ms: statement.int(7),
+                wall_ms: statement.int(8),
+                bytes_out: statement.int(9),
+                state: text(10),
+            });
+        }
+        Ok(out)
+    })
+    .map_err(BillingError::Sqlite)
+}
+
 /// `(candidate, valid)` conditions.
 fn conditions(d: &Dialect) -> (String, String) {
     let state = "s.name = 'state.usage'";
@@ -209,31 +284,34 @@ pub async fn chunk(
         let total: i64 = sqlx::query_scalar(db.sql(&total)).bind(after_ms).bind(upto_ms).fetch_one(&mut *tx).await?;
         if total > 0 {
             sqlx::query(db.sql(&pin)).bind(default_plan).bind(after_ms).bind(upto_ms).execute(&mut *tx).await?;
-            let rows = sqlx::query(db.sql(&insert))
-                .bind(after_ms)
-                .bind(upto_ms)
-                .bind(&final_key)
-                .bind(&next_key)
-                .fetch_all(&mut *tx)
-                .await?;
-            for row in rows {
-                let key = TotalsKey {
-                    tenant: row.try_get("tenant")?,
-                    billed_period: row.try_get("billed_period")?,
-                    period: row.try_get("period")?,
-                    plan: row.try_get("plan")?,
-                    function: row.try_get("function")?,
-                };
+            let binds = (after_ms, upto_ms, final_key.as_str(), next_key.as_str());
+            // SQLite: the returned rows come through the C API (sqlx hands each row over from its
+            // worker thread, a quarter of the run); the same statement either way.
+            let sqlite = (&mut *tx as &mut dyn std::any::Any).downcast_mut::<sqlx::SqliteConnection>();
+            let inserted = match sqlite {
+                Some(connection) => inserted_sqlite(connection, &insert, binds).await?,
+                None => {
+                    let (after, upto, final_key, next_key) = binds;
+                    let rows = sqlx::query(db.sql(&insert))
+                        .bind(after)
+                        .bind(upto)
+                        .bind(final_key)
+                        .bind(next_key)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    rows.iter().map(Inserted::from_row).collect::<Result<Vec<_>, sqlx::Error>>()?
+                }
+            };
+            for Inserted { key, invocation, status_code, cpu_ms, wall_ms, bytes_out, state } in inserted {
                 let totals = out.totals.entry(key.clone()).or_default();
                 totals.records += 1;
-                if row.try_get::<String, _>("kind")? == "invocation" {
+                if invocation {
                     totals.invocations += 1;
-                    totals.errors += i64::from(row.try_get::<i64, _>("status_code")? >= 500);
+                    totals.errors += i64::from(status_code >= 500);
                 }
-                totals.cpu_ms += row.try_get::<i64, _>("cpu_ms")?;
-                totals.wall_ms += row.try_get::<i64, _>("wall_ms")?;
-                totals.bytes_out += row.try_get::<i64, _>("bytes_out")?;
-                let state: String = row.try_get("state_byte_seconds")?;
+                totals.cpu_ms += cpu_ms;
+                totals.wall_ms += wall_ms;
+                totals.bytes_out += bytes_out;
                 if state != "0" {
                     totals.state_byte_seconds += state
                         .parse::<Decimal>()

@@ -52,6 +52,9 @@ pub enum BillingError {
     NotFound(String),
     #[error("billing database: {0}")]
     Database(#[from] sqlx::Error),
+    /// A failure reported by SQLite's C API (the paths that bypass sqlx).
+    #[error("billing database (SQLite): {0}")]
+    Sqlite(String),
     #[error("billing schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }

@@ -100,18 +100,24 @@ impl Statement<'_> {
         unsafe { ffi::sqlite3_reset(self.raw) };
     }
 
-    /// Binds text for the next steps (SQLite copies it).
-    pub fn bind(&mut self, index: i32, text: &str) -> Result<(), String> {
-        // SAFETY: SQLITE_TRANSIENT makes SQLite copy the text before the call returns.
+    /// Binds a value for the next steps (SQLite copies text).
+    pub fn bind(&mut self, index: i32, value: Value<'_>) -> Result<(), String> {
+        // SAFETY: a prepared statement; SQLITE_TRANSIENT makes SQLite copy text before the call
+        // returns.
         let rc = unsafe {
-            ffi::sqlite3_bind_text64(
-                self.raw,
-                index,
-                text.as_ptr().cast(),
-                text.len() as u64,
-                ffi::SQLITE_TRANSIENT(),
-                ffi::SQLITE_UTF8 as u8,
-            )
+            match value {
+                Value::Null => ffi::sqlite3_bind_null(self.raw, index),
+                Value::Int(v) => ffi::sqlite3_bind_int64(self.raw, index, v),
+                Value::Real(v) => ffi::sqlite3_bind_double(self.raw, index, v),
+                Value::Text(v) => ffi::sqlite3_bind_text64(
+                    self.raw,
+                    index,
+                    v.as_ptr().cast(),
+                    v.len() as u64,
+                    ffi::SQLITE_TRANSIENT(),
+                    ffi::SQLITE_UTF8 as u8,
+                ),
+            }
         };
         if rc != ffi::SQLITE_OK { Err(self.db.error()) } else { Ok(()) }
     }

@@ -119,6 +119,7 @@ pub async fn series_rows(
     let mut handle = connection.lock_handle().await?;
     let db = collector::sqlite::Connection::new(&mut handle);
     let read = || -> Result<Vec<SeriesRows>, String> {
+        use collector::sqlite::Value::Text;
         let mut tenants: Vec<&String> = tenants.iter().collect();
         tenants.sort();
         let mut series = db.prepare(
@@ -136,17 +137,17 @@ pub async fn series_rows(
         let mut out = Vec::new();
         for tenant in tenants {
             series.reset();
-            series.bind(1, tenant)?;
-            series.bind(2, metric)?;
+            series.bind(1, Text(tenant))?;
+            series.bind(2, Text(metric))?;
             let mut labels_of_tenant = Vec::new();
             while series.step()? {
                 labels_of_tenant.push(String::from_utf8_lossy(series.text(0).unwrap_or_default()).into_owned());
             }
             for labels in labels_of_tenant {
                 samples.reset();
-                samples.bind(1, tenant)?;
-                samples.bind(2, metric)?;
-                samples.bind(3, &labels)?;
+                samples.bind(1, Text(tenant))?;
+                samples.bind(2, Text(metric))?;
+                samples.bind(3, Text(&labels))?;
                 let mut rows = Vec::new();
                 while samples.step()? {
                     let histogram = samples.text(2).map(|h| String::from_utf8_lossy(h).into_owned());
