@@ -102,8 +102,19 @@ impl Statement<'_> {
 
     /// Binds a value for the next steps (SQLite copies text).
     pub fn bind(&mut self, index: i32, value: Value<'_>) -> Result<(), String> {
-        // SAFETY: a prepared statement; SQLITE_TRANSIENT makes SQLite copy text before the call
-        // returns.
+        // SAFETY: SQLITE_TRANSIENT makes SQLite copy text before the call returns.
+        unsafe { self.bind_with(index, value, ffi::SQLITE_TRANSIENT()) }
+    }
+
+    /// # Safety
+    /// With `SQLITE_STATIC`, text must stay valid until the statement is reset or rebound.
+    unsafe fn bind_with(
+        &mut self,
+        index: i32,
+        value: Value<'_>,
+        destructor: ffi::sqlite3_destructor_type,
+    ) -> Result<(), String> {
+        // SAFETY: a prepared statement; the text's lifetime is the caller's contract.
         let rc = unsafe {
             match value {
                 Value::Null => ffi::sqlite3_bind_null(self.raw, index),
@@ -114,7 +125,7 @@ impl Statement<'_> {
                     index,
                     v.as_ptr().cast(),
                     v.len() as u64,
-                    ffi::SQLITE_TRANSIENT(),
+                    destructor,
                     ffi::SQLITE_UTF8 as u8,
                 ),
             }
@@ -144,26 +155,9 @@ impl Statement<'_> {
 
     fn bind_in_place(&mut self, values: &[Value<'_>]) -> Result<(), String> {
         for (index, value) in (1..).zip(values) {
-            // SAFETY: SQLITE_STATIC: the text must stay valid until the statement is reset or
-            // rebound, which `execute` does before `values` goes out of its borrow.
-            let rc = unsafe {
-                match *value {
-                    Value::Null => ffi::sqlite3_bind_null(self.raw, index),
-                    Value::Int(v) => ffi::sqlite3_bind_int64(self.raw, index, v),
-                    Value::Real(v) => ffi::sqlite3_bind_double(self.raw, index, v),
-                    Value::Text(v) => ffi::sqlite3_bind_text64(
-                        self.raw,
-                        index,
-                        v.as_ptr().cast(),
-                        v.len() as u64,
-                        ffi::SQLITE_STATIC(),
-                        ffi::SQLITE_UTF8 as u8,
-                    ),
-                }
-            };
-            if rc != ffi::SQLITE_OK {
-                return Err(self.db.error());
-            }
+            // SAFETY: SQLITE_STATIC: `execute` resets the statement and clears its bindings
+            // before `values` goes out of its borrow.
+            unsafe { self.bind_with(index, *value, ffi::SQLITE_STATIC())? };
         }
         Ok(())
     }
