@@ -92,9 +92,9 @@ fn json_text(value: &impl Serialize) -> String {
 
 /// An attribute value as JSON text, or the string itself for a string (label values, log bodies).
 fn plain_text(value: Option<&AnyValue>) -> String {
-    match value.and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        Some(_) => json_text(&Any(value.expect("a value"))),
+    match value {
+        Some(AnyValue { value: Some(any_value::Value::StringValue(s)) }) => s.clone(),
+        Some(value) => json_text(&Any(value)),
         None => "null".into(),
     }
 }

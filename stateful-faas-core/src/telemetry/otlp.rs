@@ -90,13 +90,12 @@ struct Queue {
     flush_asked: u64,
     flush_done: u64,
     shutdown: bool,
-    /// Span buffers of sent batches, emptied, kept for the next ones (at most [`SPARE_BUFFERS`]):
-    /// a batch then fills memory already mapped instead of growing a fresh buffer page by page,
+    /// The span buffer of the last batch sent, emptied, for the next batch: a busy tenant's
+    /// batches then fill memory already mapped instead of growing a fresh buffer page by page,
     /// each page faulted and zeroed by the kernel on the gateway's worker that ends the span.
-    spare: Vec<Vec<u8>>,
+    /// Dropped once a batch delay passes with nothing to send, so an idle tenant holds none.
+    spare: Option<Vec<u8>>,
 }
-
-const SPARE_BUFFERS: usize = 4;
 
 /// One export request's worth of encoded spans (`ScopeSpans.spans` fields) per
 /// instrumentation scope, in order of arrival.
@@ -204,14 +203,14 @@ impl SpanProcessor for OtlpProcessor {
 /// Appends an encoded span to its scope's bytes.
 fn queue_span(
     scopes: &mut Vec<(InstrumentationScope, Vec<u8>)>,
-    spare: &mut Vec<Vec<u8>>,
+    spare: &mut Option<Vec<u8>>,
     scope: &InstrumentationScope,
     encoded: &[u8],
 ) {
     match scopes.iter_mut().find(|(queued, _)| queued == scope) {
         Some((_, bytes)) => bytes.extend_from_slice(encoded),
         None => {
-            let mut bytes = spare.pop().unwrap_or_default();
+            let mut bytes = spare.take().unwrap_or_default();
             bytes.extend_from_slice(encoded);
             scopes.push((scope.clone(), bytes));
         }
@@ -250,16 +249,17 @@ fn export_loop(shared: &Shared, transport: &Transport) {
         if dropped > 0 {
             tracing::warn!(dropped, "the span export queue was full: spans dropped");
         }
-        if batch.spans > 0 {
+        if batch.spans == 0 {
+            shared.queue.lock().unwrap().spare = None;
+        } else {
             let body = frame(&resource, &schema_url, &batch.scopes);
-            let mut queue = shared.queue.lock().unwrap();
-            for (_, mut bytes) in batch.scopes {
-                if queue.spare.len() < SPARE_BUFFERS && bytes.capacity() <= 2 * BATCH_BYTES {
-                    bytes.clear();
-                    queue.spare.push(bytes);
-                }
+            // Batches have one scope but for the rare span of another tracer: keep the first.
+            if let Some((_, mut bytes)) = batch.scopes.into_iter().next()
+                && bytes.capacity() <= 2 * BATCH_BYTES
+            {
+                bytes.clear();
+                shared.queue.lock().unwrap().spare = Some(bytes);
             }
-            drop(queue);
             if let Err(error) = export_io().block_on(send(transport, body)) {
                 tracing::warn!(%error, spans = batch.spans, "span export failed; these spans are lost");
             }
@@ -605,8 +605,8 @@ mod tests {
     /// What the processor sends for `batch`: each span encoded as `on_end` does, then framed.
     fn encode_request(resource: &[u8], schema_url: &str, batch: &[SpanData]) -> Vec<u8> {
         let mut scopes = Vec::new();
-        // One spare buffer (as a sent batch leaves): the first scope reuses it, a second gets its own.
-        let mut spare = vec![Vec::with_capacity(64)];
+        // A spare buffer (as a sent batch leaves): the first scope reuses it, a second gets its own.
+        let mut spare = Some(Vec::with_capacity(64));
         for span in batch {
             let mut encoded = Vec::new();
             message(&mut encoded, 2, |buf| encode_span(buf, span));
