@@ -150,9 +150,7 @@ async fn inserted_sqlite(
     (after_ms, upto_ms, final_key, next_key): (i64, i64, &str, &str),
 ) -> Result<Vec<Inserted>> {
     use collector::sqlite::Value::{Int, Text};
-    let mut handle = connection.lock_handle().await?;
-    let db = collector::sqlite::Connection::new(&mut handle);
-    collector::sqlite::blocking(|| {
+    collector::sqlite::run(connection, |db| {
         let mut statement = db.prepare(sql)?;
         for (index, value) in (1..).zip([Int(after_ms), Int(upto_ms), Text(final_key), Text(next_key)]) {
             statement.bind(index, value)?;
@@ -178,6 +176,7 @@ async fn inserted_sqlite(
         }
         Ok(out)
     })
+    .await
     .map_err(BillingError::Sqlite)
 }
 

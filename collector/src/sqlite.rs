@@ -1,9 +1,10 @@
 //! SQLite's C API on a connection of sqlx's pool, for the paths where sqlx's binding (a copy and
-//! an allocation per value, a statement of thousands of parameters per multi-row insert) costs
-//! more than SQLite's own work: the telemetry store's inserts and the Prometheus API's series
-//! reads. A [`Connection`] borrows a connection locked for the caller (sqlx's
-//! `LockedSqliteHandle`), so nothing else uses it meanwhile; statements are finalized when
-//! dropped, and a [`Transaction`] not committed is rolled back when dropped.
+//! an allocation per value, a statement of thousands of parameters per multi-row insert) or its
+//! per-row handoff from its worker thread costs more than SQLite's own work: the telemetry
+//! store's inserts, billing's extraction and the Prometheus API's series reads. [`run`] locks a
+//! connection (sqlx's `LockedSqliteHandle`, so nothing else uses it meanwhile) and hands it to
+//! synchronous work as a [`Connection`]; statements are finalized when dropped, and a
+//! [`Transaction`] not committed is rolled back when dropped.
 
 use std::ffi::{CStr, CString};
 use std::marker::PhantomData;
@@ -32,8 +33,23 @@ pub enum Value<'a> {
     Text(&'a str),
 }
 
+/// Locks `connection` and runs `work` on its raw handle, off the async workers' queue where the
+/// runtime allows it (multi-threaded: `block_in_place`; on a current-thread runtime, inline):
+/// the work is milliseconds of CPU without an await.
+pub async fn run<T>(
+    connection: &mut sqlx::SqliteConnection,
+    work: impl FnOnce(&Connection<'_>) -> Result<T, String>,
+) -> Result<T, String> {
+    let mut handle = connection.lock_handle().await.map_err(|error| error.to_string())?;
+    let db = Connection::new(&mut handle);
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| work(&db)),
+        _ => work(&db),
+    }
+}
+
 impl<'h> Connection<'h> {
-    pub fn new(handle: &'h mut LockedSqliteHandle<'_>) -> Self {
+    fn new(handle: &'h mut LockedSqliteHandle<'_>) -> Self {
         Self { raw: handle.as_raw_handle().as_ptr(), _locked: PhantomData }
     }
 
@@ -203,15 +219,6 @@ impl Drop for Statement<'_> {
     }
 }
 
-/// Runs `work` (milliseconds of CPU on a locked connection) off the async workers' queue where
-/// the runtime allows it (multi-threaded: `block_in_place`); on a current-thread runtime, inline.
-pub fn blocking<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::current().runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
-        _ => work(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use sqlx::sqlite::SqlitePoolOptions;
@@ -225,8 +232,14 @@ mod tests {
         let pool = SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await.unwrap();
         sqlx::query("CREATE TABLE t (k TEXT PRIMARY KEY, n INTEGER NOT NULL, x REAL)").execute(&pool).await.unwrap();
         let mut connection = pool.acquire().await.unwrap();
-        let mut handle = connection.lock_handle().await.unwrap();
-        let db = Connection::new(&mut handle);
+        let seen = run(&mut connection, |db| Ok(inserts_and_a_rollback(db))).await.unwrap();
+        assert_eq!(seen, [("a".to_string(), 1, Some(0.5)), ("b".to_string(), 3, None)]);
+        drop(connection);
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&pool).await.unwrap();
+        assert_eq!(count, 2, "the pool's connection is usable and not left inside a transaction");
+    }
+
+    fn inserts_and_a_rollback(db: &Connection<'_>) -> Vec<(String, i64, Option<f64>)> {
         let insert = "INSERT INTO t (k, n, x) VALUES (?1, ?2, ?3) ON CONFLICT (k) DO NOTHING";
 
         let tx = db.begin().unwrap();
@@ -251,11 +264,6 @@ mod tests {
         while rows.step().unwrap() {
             seen.push((String::from_utf8(rows.text(0).unwrap().to_vec()).unwrap(), rows.int(1), rows.double(2)));
         }
-        drop(rows);
-        assert_eq!(seen, [("a".to_string(), 1, Some(0.5)), ("b".to_string(), 3, None)]);
-        drop(handle);
-        drop(connection);
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&pool).await.unwrap();
-        assert_eq!(count, 2, "the pool's connection is usable and not left inside a transaction");
+        seen
     }
 }

@@ -123,9 +123,9 @@ impl TelemetryStore {
         match self {
             Self::Sqlite(pool) => {
                 let mut connection = pool.acquire().await?;
-                let mut handle = connection.lock_handle().await?;
-                let db = sqlite::Connection::new(&mut handle);
-                sqlite::blocking(|| write_sqlite(&db, batch, received_ms)).map_err(StoreError::Sqlite)
+                sqlite::run(&mut connection, |db| write_sqlite(db, batch, received_ms))
+                    .await
+                    .map_err(StoreError::Sqlite)
             }
             Self::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
@@ -321,86 +321,101 @@ fn kind_name(kind: &str) -> &'static str {
 fn write_sqlite(db: &sqlite::Connection<'_>, batch: &Batch, received_ms: i64) -> Result<Written, String> {
     use sqlite::Value::{Int, Null, Real, Text};
     fn text(v: &Option<String>) -> sqlite::Value<'_> {
-        v.as_deref().map_or(sqlite::Value::Null, sqlite::Value::Text)
+        v.as_deref().map_or(Null, Text)
     }
-    let placeholders = |n: usize| (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
     let tx = db.begin()?;
-    let mut written = Written::default();
-    if !batch.spans.is_empty() {
-        let mut insert = db.prepare(&format!(
-            "INSERT INTO spans ({SPAN_COLUMNS}, received_ms) VALUES ({}) \
-             ON CONFLICT (tenant, trace_id, span_id) DO NOTHING",
-            placeholders(18)
-        ))?;
-        for span in &batch.spans {
-            written.spans += insert.execute(&[
-                Text(&span.tenant),
-                Text(&span.trace_id),
-                Text(&span.span_id),
-                text(&span.parent_span_id),
-                Text(&span.name),
-                Int(span.kind),
-                Int(span.start_ns),
-                Int(span.end_ns),
-                Int(span.status_code),
-                Text(&span.status_message),
-                Text(&span.service_name),
-                Text(&span.attributes),
-                Text(&span.events),
-                Text(&span.links),
-                Text(&span.resource),
-                Text(&span.scope),
-                Int(i64::from(span.metered)),
-                Int(received_ms),
-            ])?;
-        }
-    }
-    if !batch.samples.is_empty() {
-        let mut insert = db.prepare(&format!(
-            "INSERT INTO metric_samples (tenant, metric, labels, kind, ts_ns, value, histogram, metered, received_ms) \
-             VALUES ({}) ON CONFLICT (tenant, metric, labels, ts_ns) DO NOTHING",
-            placeholders(9)
-        ))?;
-        for sample in &batch.samples {
-            written.samples += insert.execute(&[
-                Text(&sample.tenant),
-                Text(&sample.metric),
-                Text(&sample.labels),
-                Text(sample.kind),
-                Int(sample.ts_ns),
-                // SQLite has no NaN: NaN is stored as NULL (and read back as NaN).
-                if sample.value.is_nan() { Null } else { Real(sample.value) },
-                text(&sample.histogram),
-                Int(i64::from(sample.metered)),
-                Int(received_ms),
-            ])?;
-        }
-    }
-    if !batch.logs.is_empty() {
-        let mut insert = db.prepare(&format!(
-            "INSERT INTO logs (tenant, record_hash, ts_ns, severity_number, severity_text, body, attributes, resource, \
-             trace_id, span_id, metered, received_ms) VALUES ({}) ON CONFLICT (tenant, record_hash) DO NOTHING",
-            placeholders(12)
-        ))?;
-        for log in &batch.logs {
-            written.logs += insert.execute(&[
-                Text(&log.tenant),
-                Text(&log.record_hash),
-                Int(log.ts_ns),
-                Int(log.severity_number),
-                Text(&log.severity_text),
-                Text(&log.body),
-                Text(&log.attributes),
-                Text(&log.resource),
-                text(&log.trace_id),
-                text(&log.span_id),
-                Int(i64::from(log.metered)),
-                Int(received_ms),
-            ])?;
-        }
-    }
+    let written = Written {
+        spans: insert_each(
+            db,
+            &format!("spans ({SPAN_COLUMNS}, received_ms)"),
+            "(tenant, trace_id, span_id)",
+            &batch.spans,
+            |span| {
+                [
+                    Text(&span.tenant),
+                    Text(&span.trace_id),
+                    Text(&span.span_id),
+                    text(&span.parent_span_id),
+                    Text(&span.name),
+                    Int(span.kind),
+                    Int(span.start_ns),
+                    Int(span.end_ns),
+                    Int(span.status_code),
+                    Text(&span.status_message),
+                    Text(&span.service_name),
+                    Text(&span.attributes),
+                    Text(&span.events),
+                    Text(&span.links),
+                    Text(&span.resource),
+                    Text(&span.scope),
+                    Int(i64::from(span.metered)),
+                    Int(received_ms),
+                ]
+            },
+        )?,
+        samples: insert_each(
+            db,
+            "metric_samples (tenant, metric, labels, kind, ts_ns, value, histogram, metered, received_ms)",
+            "(tenant, metric, labels, ts_ns)",
+            &batch.samples,
+            |sample| {
+                [
+                    Text(&sample.tenant),
+                    Text(&sample.metric),
+                    Text(&sample.labels),
+                    Text(sample.kind),
+                    Int(sample.ts_ns),
+                    // SQLite has no NaN: NaN is stored as NULL (and read back as NaN).
+                    if sample.value.is_nan() { Null } else { Real(sample.value) },
+                    text(&sample.histogram),
+                    Int(i64::from(sample.metered)),
+                    Int(received_ms),
+                ]
+            },
+        )?,
+        logs: insert_each(
+            db,
+            "logs (tenant, record_hash, ts_ns, severity_number, severity_text, body, attributes, resource, trace_id, \
+             span_id, metered, received_ms)",
+            "(tenant, record_hash)",
+            &batch.logs,
+            |log| {
+                [
+                    Text(&log.tenant),
+                    Text(&log.record_hash),
+                    Int(log.ts_ns),
+                    Int(log.severity_number),
+                    Text(&log.severity_text),
+                    Text(&log.body),
+                    Text(&log.attributes),
+                    Text(&log.resource),
+                    text(&log.trace_id),
+                    text(&log.span_id),
+                    Int(i64::from(log.metered)),
+                    Int(received_ms),
+                ]
+            },
+        )?,
+    };
     tx.commit()?;
     Ok(written)
+}
+
+/// Inserts each row `INTO table (columns)` unless its `key` exists; returns the rows inserted.
+fn insert_each<'r, T, const N: usize>(
+    db: &sqlite::Connection<'_>,
+    into: &str,
+    key: &str,
+    rows: &'r [T],
+    values: impl Fn(&'r T) -> [sqlite::Value<'r>; N],
+) -> Result<u64, String> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let placeholders: Vec<String> = (1..=N).map(|i| format!("?{i}")).collect();
+    let mut insert =
+        db.prepare(&format!("INSERT INTO {into} VALUES ({}) ON CONFLICT {key} DO NOTHING", placeholders.join(", ")))?;
+    rows.iter().map(|row| insert.execute(&values(row))).sum()
 }
 
 /// Writes every row of a batch on PostgreSQL with multi-row `INSERT ... ON CONFLICT DO NOTHING`.

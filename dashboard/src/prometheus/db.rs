@@ -116,9 +116,8 @@ pub async fn series_rows(
         return Ok(out);
     };
     let mut connection = pool.acquire().await?;
-    let mut handle = connection.lock_handle().await?;
-    let db = collector::sqlite::Connection::new(&mut handle);
-    let read = || -> Result<Vec<SeriesRows>, String> {
+    // Tens of milliseconds of CPU: off the async workers where the runtime allows.
+    let read = |db: &collector::sqlite::Connection<'_>| -> Result<Vec<SeriesRows>, String> {
         use collector::sqlite::Value::Text;
         let mut tenants: Vec<&String> = tenants.iter().collect();
         tenants.sort();
@@ -160,9 +159,7 @@ pub async fn series_rows(
         }
         Ok(out)
     };
-    // Tens of milliseconds of CPU: off the async workers where the runtime allows.
-    let rows = collector::sqlite::blocking(read);
-    rows.map_err(|error| {
+    collector::sqlite::run(&mut connection, read).await.map_err(|error| {
         tracing::error!(%error, "prometheus query failed");
         QueryError::Internal(format!("telemetry store: {error}"))
     })
