@@ -1,21 +1,27 @@
-//! Extraction, inside the database: one `INSERT … SELECT … ON CONFLICT DO NOTHING RETURNING`
-//! per chunk turns metered spans into usage records (the JSON attributes are read by the
-//! database's own JSON functions; nothing is shipped to Rust and back), and the rows it returns
-//! — the records that were new — are added to the running totals in the same transaction as the
-//! watermark.
+//! Extraction: metered spans become usage records, one chunk of arrivals per transaction with
+//! the watermark.
+//!
+//! The chunk's metered `invoke`/`state.usage` spans are read as stored; the rules below are
+//! applied in Rust, once for both databases; the records are inserted in key order with
+//! `ON CONFLICT DO NOTHING`, and those that were new are added to the running totals.
 //!
 //! What makes a span billable (DESIGN.md §4): an `invoke <function>` span with
 //! `sfaas.billable = true` and a `faas.invocation_id`, or a `state.usage` span with a
-//! `sfaas.usage_id` and decimal `sfaas.state.byte_seconds`. Anything else named like them is
-//! counted as malformed and skipped. Among copies of one usage id, the first to arrive is kept
-//! (ordered by arrival, then trace and span id).
+//! `sfaas.usage_id` and decimal `sfaas.state.byte_seconds` (a JSON string of digits with an
+//! optional fraction). Anything else named like them is counted as malformed and skipped.
+//! Ids are JSON strings or numbers (written as their JSON text); usage figures are JSON numbers
+//! (a fraction is dropped; anything else counts 0). Among copies of one usage id, the first to
+//! arrive is kept (ordered by arrival, then trace and span id).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 
 use rust_decimal::Decimal;
-use sqlx::Row;
+use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::db::{Db, on_pool};
+use crate::db::{Db, on_pool, value_groups};
 use crate::period::{Period, PeriodKind};
 use crate::usage::{Totals, TotalsKey};
 use crate::{BillingError, Result};
@@ -33,166 +39,343 @@ pub struct Chunk {
     pub late_records: u64,
 }
 
-struct Dialect {
-    sqlite: bool,
+/// A metered span as stored.
+struct Span {
+    tenant: String,
+    trace_id: String,
+    span_id: String,
+    name: String,
+    start_ns: i64,
+    end_ns: i64,
+    received_ms: i64,
+    attributes: String,
 }
 
-impl Dialect {
-    fn text(&self, key: &str) -> String {
-        if self.sqlite { format!("json_extract(s.a, '$.\"{key}\"')") } else { format!("(s.a ->> '{key}')") }
-    }
+const READ_SPANS: &str = "SELECT tenant, trace_id, span_id, name, start_ns, end_ns, received_ms, attributes \
+     FROM spans WHERE metered = 1 AND received_ms > ? AND received_ms <= ? \
+     AND (name LIKE 'invoke %' OR name = 'state.usage')";
 
-    fn int(&self, key: &str) -> String {
-        if self.sqlite {
-            format!("COALESCE(CAST(json_extract(s.a, '$.\"{key}\"') AS INTEGER), 0)")
-        } else {
-            format!(
-                "COALESCE(CASE WHEN jsonb_typeof(s.a -> '{key}') = 'number' THEN floor((s.a ->> '{key}')::numeric)::bigint END, 0)"
-            )
+const INSERT_RECORDS: &str = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, \
+     span_id, start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, \
+     state_byte_seconds, period, billed_period, plan, received_ms) VALUES ";
+
+/// One attribute value, as far as extraction reads it.
+#[derive(Debug, Default)]
+enum Attr<'a> {
+    #[default]
+    Absent,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(Cow<'a, str>),
+    /// `null`, an array or an object.
+    Other,
+}
+
+impl<'a> Attr<'a> {
+    /// An id: a string, or a number's JSON text.
+    fn id(&self) -> Option<Cow<'a, str>> {
+        match self {
+            Attr::Text(text) => Some(text.clone()),
+            Attr::Int(n) => Some(n.to_string().into()),
+            Attr::Float(x) => Some(serde_json::Number::from_f64(*x)?.to_string().into()),
+            _ => None,
         }
     }
 
-    fn is_true(&self, key: &str) -> String {
-        if self.sqlite {
-            format!("json_type(s.a, '$.\"{key}\"') = 'true'")
-        } else {
-            format!("(s.a -> '{key}') = 'true'::jsonb")
-        }
-    }
-
-    fn is_string(&self, key: &str) -> String {
-        if self.sqlite {
-            format!("json_type(s.a, '$.\"{key}\"') = 'text'")
-        } else {
-            format!("jsonb_typeof(s.a -> '{key}') = 'string'")
-        }
-    }
-
-    fn is_decimal(&self, expression: &str) -> String {
-        if self.sqlite {
-            format!(
-                "({expression} GLOB '[0-9]*' AND {expression} NOT GLOB '*[^0-9.]*' AND {expression} NOT GLOB '*.*.*')"
-            )
-        } else {
-            // (No question mark: `Db::sql` turns those into placeholders.)
-            format!("({expression} ~ '^[0-9]+(\\.[0-9]+){{0,1}}$')")
-        }
-    }
-
-    fn period(&self, kind: PeriodKind) -> &'static str {
-        match (self.sqlite, kind) {
-            (true, PeriodKind::Month) => "strftime('%Y-%m', s.start_ns / 1000000000, 'unixepoch')",
-            (true, PeriodKind::Day) => "strftime('%Y-%m-%d', s.start_ns / 1000000000, 'unixepoch')",
-            (false, PeriodKind::Month) => {
-                "to_char(to_timestamp(s.start_ns / 1000000000) AT TIME ZONE 'UTC', 'YYYY-MM')"
-            }
-            (false, PeriodKind::Day) => {
-                "to_char(to_timestamp(s.start_ns / 1000000000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-            }
-        }
-    }
-
-    /// The chunk's metered spans with their attributes parsed once (`s.a`), as a CTE.
-    fn spans(&self) -> &'static str {
-        if self.sqlite {
-            "WITH s AS MATERIALIZED (SELECT sp.tenant, sp.trace_id, sp.span_id, sp.name, sp.start_ns, sp.end_ns, \
-             sp.received_ms, jsonb(sp.attributes) AS a FROM spans sp WHERE sp.metered = 1 AND sp.received_ms > ? \
-             AND sp.received_ms <= ? AND (sp.name LIKE 'invoke %' OR sp.name = 'state.usage')) "
-        } else {
-            "WITH s AS MATERIALIZED (SELECT sp.tenant, sp.trace_id, sp.span_id, sp.name, sp.start_ns, sp.end_ns, \
-             sp.received_ms, sp.attributes::jsonb AS a FROM spans sp WHERE sp.metered = 1 AND sp.received_ms > ? \
-             AND sp.received_ms <= ? AND (sp.name LIKE 'invoke %' OR sp.name = 'state.usage')) "
+    /// A usage figure: a whole JSON number (a fraction dropped), else 0.
+    fn int(&self) -> i64 {
+        match self {
+            Attr::Int(n) => *n,
+            Attr::Float(x) if x.is_finite() => x.floor() as i64,
+            _ => 0,
         }
     }
 }
 
-/// A record the extraction inserted: a row of its `RETURNING` (tenant, billed_period, period,
-/// plan, function, kind, status_code, cpu_ms, wall_ms, bytes_out, state_byte_seconds).
-struct Inserted {
-    key: TotalsKey,
+impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Values<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Values<'a> {
+            type Value = Attr<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Attr<'a>, E> {
+                Ok(Attr::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Attr<'a>, E> {
+                Ok(Attr::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Attr<'a>, E> {
+                Ok(i64::try_from(v).map_or(Attr::Float(v as f64), Attr::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Attr<'a>, E> {
+                Ok(Attr::Float(v))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Attr<'a>, E> {
+                Ok(Attr::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Attr<'a>, E> {
+                Ok(Attr::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_unit<E>(self) -> Result<Attr<'a>, E> {
+                Ok(Attr::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Attr<'a>, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Attr::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Attr<'a>, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Attr::Other)
+            }
+        }
+        deserializer.deserialize_any(Values(std::marker::PhantomData))
+    }
+}
+
+/// The attributes extraction reads (DESIGN.md §4); the others are skipped unparsed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Attributes<'a> {
+    #[serde(rename = "sfaas.billable", borrow)]
+    billable: Attr<'a>,
+    #[serde(rename = "faas.invocation_id", borrow)]
+    invocation_id: Attr<'a>,
+    #[serde(rename = "faas.name", borrow)]
+    function: Attr<'a>,
+    #[serde(rename = "sfaas.flow.run_id", borrow)]
+    run_id: Attr<'a>,
+    #[serde(rename = "sfaas.state.job", borrow)]
+    job: Attr<'a>,
+    #[serde(rename = "sfaas.state.owner", borrow)]
+    owner: Attr<'a>,
+    #[serde(rename = "sfaas.usage_id", borrow)]
+    usage_id: Attr<'a>,
+    #[serde(rename = "sfaas.state.byte_seconds", borrow)]
+    byte_seconds: Attr<'a>,
+    #[serde(rename = "sfaas.cpu_ms", borrow)]
+    cpu_ms: Attr<'a>,
+    #[serde(rename = "sfaas.wall_ms", borrow)]
+    wall_ms: Attr<'a>,
+    #[serde(rename = "sfaas.memory.peak_bytes", borrow)]
+    memory: Attr<'a>,
+    #[serde(rename = "sfaas.bytes_in", borrow)]
+    bytes_in: Attr<'a>,
+    #[serde(rename = "sfaas.bytes_out", borrow)]
+    bytes_out: Attr<'a>,
+    #[serde(rename = "http.response.status_code", borrow)]
+    status: Attr<'a>,
+}
+
+/// A usage record about to be inserted (the columns of `usage_records`, in order).
+struct Record<'a> {
+    span: &'a Span,
+    usage_id: Cow<'a, str>,
     invocation: bool,
-    status_code: i64,
-    cpu_ms: i64,
-    wall_ms: i64,
-    bytes_out: i64,
-    state: String,
+    function: Cow<'a, str>,
+    flow_run: Option<Cow<'a, str>>,
+    figures: [i64; 6],
+    state: (Cow<'a, str>, Decimal),
+    period: &'a str,
+    billed_period: &'a str,
+    plan: &'a str,
 }
 
-impl Inserted {
-    fn from_row<R: Row>(row: &R) -> Result<Self, sqlx::Error>
-    where
-        usize: sqlx::ColumnIndex<R>,
-        for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-        for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    {
-        Ok(Self {
-            key: TotalsKey {
-                tenant: row.try_get(0)?,
-                billed_period: row.try_get(1)?,
-                period: row.try_get(2)?,
-                plan: row.try_get(3)?,
-                function: row.try_get(4)?,
-            },
-            invocation: row.try_get::<String, _>(5)? == "invocation",
-            status_code: row.try_get(6)?,
-            cpu_ms: row.try_get(7)?,
-            wall_ms: row.try_get(8)?,
-            bytes_out: row.try_get(9)?,
-            state: row.try_get(10)?,
-        })
+impl Record<'_> {
+    fn key(&self) -> (&str, &str) {
+        (&self.span.tenant, &self.usage_id)
+    }
+
+    fn arrival(&self) -> (i64, &str, &str) {
+        (self.span.received_ms, &self.span.trace_id, &self.span.span_id)
+    }
+
+    fn values(&self) -> [collector::sqlite::Value<'_>; 20] {
+        use collector::sqlite::Value::{Int, Null, Text};
+        let s = self.span;
+        let [cpu, wall, memory, bytes_in, bytes_out, status] = self.figures;
+        [
+            Text(&s.tenant),
+            Text(&self.usage_id),
+            Text(if self.invocation { "invocation" } else { "state" }),
+            Text(&self.function),
+            self.flow_run.as_deref().map_or(Null, Text),
+            Text(&s.trace_id),
+            Text(&s.span_id),
+            Int(s.start_ns),
+            Int(s.end_ns),
+            Int(cpu),
+            Int(wall),
+            Int(memory),
+            Int(bytes_in),
+            Int(bytes_out),
+            Int(status),
+            Text(&self.state.0),
+            Text(self.period),
+            Text(self.billed_period),
+            Text(self.plan),
+            Int(s.received_ms),
+        ]
     }
 }
 
-/// Runs the extracting statement on SQLite through its C API and reads the records it returns.
-async fn inserted_sqlite(
-    connection: &mut sqlx::SqliteConnection,
-    sql: &str,
-    (after_ms, upto_ms, final_key, next_key): (i64, i64, &str, &str),
-) -> Result<Vec<Inserted>> {
-    use collector::sqlite::Value::{Int, Text};
-    collector::sqlite::run(connection, |db| {
-        let mut statement = db.prepare(sql)?;
-        for (index, value) in (1..).zip([Int(after_ms), Int(upto_ms), Text(final_key), Text(next_key)]) {
-            statement.bind(index, value)?;
-        }
-        let mut out = Vec::new();
-        while statement.step()? {
-            let text = |column| String::from_utf8_lossy(statement.text(column).unwrap_or_default()).into_owned();
-            out.push(Inserted {
-                key: TotalsKey {
-                    tenant: text(0),
-                    billed_period: text(1),
-                    period: text(2),
-                    plan: text(3),
-                    function: text(4),
-                },
-                invocation: statement.text(5) == Some(b"invocation".as_slice()),
-                status_code: statement.int(6),
-                cpu_ms: statement.int(7),
-                wall_ms: statement.int(8),
-                bytes_out: statement.int(9),
-                state: text(10),
+/// Digits with an optional fraction: `^[0-9]+(\.[0-9]+)?$`.
+fn is_decimal(text: &str) -> bool {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, "1"));
+    [whole, fraction].iter().all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Each tenant's plans, ordered by the time they take effect.
+struct Plans(HashMap<String, Vec<(i64, String)>>);
+
+impl Plans {
+    /// The plan in effect at `ns`, or the tenant's first plan for usage before it.
+    fn at(&self, tenant: &str, ns: i64) -> Option<&str> {
+        let plans = self.0.get(tenant)?;
+        let index = plans.partition_point(|(from, _)| *from <= ns).saturating_sub(1);
+        plans.get(index).map(|(_, plan)| plan.as_str())
+    }
+}
+
+/// The key of each period a chunk's spans fall in, and of the invoice its usage is billed on:
+/// usage of a final period is late and billed on the period after the last final one.
+struct PeriodKeys(HashMap<Period, (String, String)>);
+
+impl PeriodKeys {
+    fn new(kind: PeriodKind, final_through: Option<Period>, spans: &[Span]) -> Self {
+        let mut keys = HashMap::new();
+        for span in spans {
+            keys.entry(Period::containing(kind, span.start_ns)).or_insert_with_key(|period: &Period| {
+                let billed = match final_through {
+                    Some(last) if *period <= last => last.next(),
+                    _ => *period,
+                };
+                (period.key(), billed.key())
             });
         }
-        Ok(out)
-    })
-    .await
-    .map_err(BillingError::Sqlite)
+        Self(keys)
+    }
 }
 
-/// `(candidate, valid)` conditions.
-fn conditions(d: &Dialect) -> (String, String) {
-    let state = "s.name = 'state.usage'";
-    let candidate = format!("({state} OR {})", d.is_true("sfaas.billable"));
-    let valid = format!(
-        "(CASE WHEN {state} THEN {usage_id} IS NOT NULL AND {bs_is_text} AND {is_decimal} \
-         ELSE {invocation_id} IS NOT NULL END)",
-        usage_id = d.text("sfaas.usage_id"),
-        bs_is_text = d.is_string("sfaas.state.byte_seconds"),
-        is_decimal = d.is_decimal(&d.text("sfaas.state.byte_seconds")),
-        invocation_id = d.text("faas.invocation_id"),
-    );
-    (candidate, valid)
+/// The chunk's spans as records, in key order, the first arrival of each usage id only; with
+/// the number of candidates and of malformed ones.
+fn records<'a>(
+    spans: &'a [Span],
+    kind: PeriodKind,
+    periods: &'a PeriodKeys,
+    plans: &'a Plans,
+    default_plan: &'a str,
+) -> (Vec<Record<'a>>, u64, u64) {
+    let (mut candidates, mut malformed) = (0, 0);
+    let mut out = Vec::with_capacity(spans.len());
+    for span in spans {
+        let state = span.name == "state.usage";
+        let Ok(a) = serde_json::from_str::<Attributes>(&span.attributes) else {
+            // Not a JSON object of distinct keys (the collector never stores one).
+            candidates += 1;
+            malformed += 1;
+            continue;
+        };
+        if !state && !matches!(a.billable, Attr::Bool(true)) {
+            continue;
+        }
+        candidates += 1;
+        let usage = if state {
+            let byte_seconds = match &a.byte_seconds {
+                Attr::Text(text) if is_decimal(text) => text.parse::<Decimal>().ok().map(|d| (text.clone(), d)),
+                _ => None,
+            };
+            a.usage_id.id().zip(byte_seconds)
+        } else {
+            a.invocation_id.id().map(|id| (id, (Cow::Borrowed("0"), Decimal::ZERO)))
+        };
+        let Some((usage_id, state_usage)) = usage else {
+            malformed += 1;
+            continue;
+        };
+        let (period, billed_period) = &periods.0[&Period::containing(kind, span.start_ns)];
+        out.push(Record {
+            span,
+            usage_id,
+            invocation: !state,
+            function: match state {
+                true => Cow::Borrowed(""),
+                false => a.function.id().unwrap_or(Cow::Borrowed(span.name.strip_prefix("invoke ").unwrap_or(""))),
+            },
+            flow_run: match state {
+                true => matches!(&a.owner, Attr::Text(owner) if owner == "job").then(|| a.job.id()).flatten(),
+                false => a.run_id.id().or_else(|| a.job.id()),
+            },
+            figures: [a.cpu_ms, a.wall_ms, a.memory, a.bytes_in, a.bytes_out, a.status].map(|figure| figure.int()),
+            state: state_usage,
+            period,
+            billed_period,
+            plan: plans.at(&span.tenant, span.start_ns).unwrap_or(default_plan),
+        });
+    }
+    // Key order (inserts walk the B-tree once); within a key, arrival order: the first is kept.
+    out.sort_by(|a, b| a.key().cmp(&b.key()).then_with(|| a.arrival().cmp(&b.arrival())));
+    out.dedup_by(|later, first| later.key() == first.key());
+    (out, candidates, malformed)
+}
+
+/// Reads the chunk's metered spans on SQLite through its C API.
+fn read_spans_sqlite(db: &collector::sqlite::Connection, after_ms: i64, upto_ms: i64) -> Result<Vec<Span>, String> {
+    use collector::sqlite::Value::Int;
+    let mut statement = db.prepare(READ_SPANS)?;
+    statement.bind(1, Int(after_ms))?;
+    statement.bind(2, Int(upto_ms))?;
+    let mut spans = Vec::new();
+    while statement.step()? {
+        let text = |column| String::from_utf8_lossy(statement.text(column).unwrap_or_default()).into_owned();
+        spans.push(Span {
+            tenant: text(0),
+            trace_id: text(1),
+            span_id: text(2),
+            name: text(3),
+            start_ns: statement.int(4),
+            end_ns: statement.int(5),
+            received_ms: statement.int(6),
+            attributes: text(7),
+        });
+    }
+    Ok(spans)
+}
+
+/// Inserts the records on SQLite through its C API; true for each one that was new.
+fn insert_sqlite(db: &collector::sqlite::Connection, records: &[Record]) -> Result<Vec<bool>, String> {
+    let mut statement = db.prepare(&format!("{INSERT_RECORDS}{} ON CONFLICT DO NOTHING", value_groups(1, 20)))?;
+    records.iter().map(|record| Ok(statement.execute(&record.values())? == 1)).collect()
+}
+
+/// Inserts the records on PostgreSQL, a statement per [`crate::ROWS_PER_STATEMENT`]; true for
+/// each one that was new.
+async fn insert_postgres(connection: &mut sqlx::PgConnection, db: &Db, records: &[Record<'_>]) -> Result<Vec<bool>> {
+    use collector::sqlite::Value;
+    let mut new = Vec::with_capacity(records.len());
+    for part in records.chunks(crate::ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "{INSERT_RECORDS}{} ON CONFLICT DO NOTHING RETURNING tenant, usage_id",
+            value_groups(part.len(), 20)
+        );
+        let mut query = sqlx::query_as::<_, (String, String)>(db.sql(&sql));
+        for record in part {
+            for value in record.values() {
+                query = match value {
+                    Value::Null => query.bind(None::<String>),
+                    Value::Int(n) => query.bind(n),
+                    Value::Real(x) => query.bind(x),
+                    Value::Text(text) => query.bind(text.to_string()),
+                };
+            }
+        }
+        let inserted: std::collections::HashSet<(String, String)> =
+            query.fetch_all(&mut *connection).await?.into_iter().collect();
+        new.extend(part.iter().map(|r| inserted.contains(&(r.span.tenant.clone(), r.usage_id.to_string()))));
+    }
+    Ok(new)
 }
 
 /// Extracts the spans that arrived in `(after_ms, upto_ms]` and moves the watermark to
@@ -205,131 +388,255 @@ pub async fn chunk(
     after_ms: i64,
     upto_ms: i64,
 ) -> Result<Chunk> {
-    let d = Dialect { sqlite: matches!(db, Db::Sqlite(_)) };
-    let (candidate, valid) = conditions(&d);
-    let period = d.period(kind);
-    // Late usage (its period is final) is billed on the first open period.
-    let (final_key, next_key) = match final_through {
-        Some(f) => (f.key(), f.next().key()),
-        None => (String::new(), String::new()),
-    };
-    let plan_at = "COALESCE(\
-        (SELECT p.plan FROM tenant_plans p WHERE p.tenant = s.tenant AND p.effective_from_ns <= s.start_ns \
-         ORDER BY p.effective_from_ns DESC LIMIT 1), \
-        (SELECT p.plan FROM tenant_plans p WHERE p.tenant = s.tenant ORDER BY p.effective_from_ns LIMIT 1))";
-    let counts = format!(
-        "{spans}SELECT COUNT(*) AS candidates, COALESCE(SUM(CASE WHEN {valid} THEN 0 ELSE 1 END), 0) AS malformed \
-         FROM s WHERE {candidate}",
-        spans = d.spans()
-    );
-    let in_range = "FROM spans sp WHERE sp.metered = 1 AND sp.received_ms > ? AND sp.received_ms <= ? \
-         AND (sp.name LIKE 'invoke %' OR sp.name = 'state.usage')";
-    let total = format!("SELECT COUNT(*) {in_range}");
-    let pin = format!(
-        "INSERT INTO tenant_plans (tenant, effective_from_ns, plan) SELECT DISTINCT sp.tenant, 0, ? {in_range} \
-         AND NOT EXISTS (SELECT 1 FROM tenant_plans p WHERE p.tenant = sp.tenant) ON CONFLICT DO NOTHING"
-    );
-    let insert = format!(
-        "{spans}INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, span_id, start_ns, end_ns, \
-         cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, period, \
-         billed_period, plan, received_ms) \
-         SELECT s.tenant, \
-           CASE WHEN s.name = 'state.usage' THEN {usage_id} ELSE {invocation_id} END, \
-           CASE WHEN s.name = 'state.usage' THEN 'state' ELSE 'invocation' END, \
-           CASE WHEN s.name = 'state.usage' THEN '' ELSE COALESCE({faas_name}, substr(s.name, 8)) END, \
-           CASE WHEN s.name = 'state.usage' THEN (CASE WHEN {owner} = 'job' THEN {job} END) \
-                ELSE COALESCE({run_id}, {job}) END, \
-           s.trace_id, s.span_id, s.start_ns, s.end_ns, \
-           {cpu}, {wall}, {memory}, {bytes_in}, {bytes_out}, {status}, \
-           CASE WHEN s.name = 'state.usage' THEN {byte_seconds} ELSE '0' END, \
-           {period}, \
-           CASE WHEN {period} <= ? THEN ? ELSE {period} END, \
-           {plan_at}, s.received_ms \
-         FROM s WHERE {candidate} AND {valid} \
-         ORDER BY s.received_ms, s.trace_id, s.span_id \
-         ON CONFLICT (tenant, usage_id) DO NOTHING \
-         RETURNING tenant, billed_period, period, plan, function, kind, status_code, cpu_ms, wall_ms, bytes_out, \
-           state_byte_seconds",
-        usage_id = d.text("sfaas.usage_id"),
-        invocation_id = d.text("faas.invocation_id"),
-        faas_name = d.text("faas.name"),
-        owner = d.text("sfaas.state.owner"),
-        job = d.text("sfaas.state.job"),
-        run_id = d.text("sfaas.flow.run_id"),
-        cpu = d.int("sfaas.cpu_ms"),
-        wall = d.int("sfaas.wall_ms"),
-        memory = d.int("sfaas.memory.peak_bytes"),
-        bytes_in = d.int("sfaas.bytes_in"),
-        bytes_out = d.int("sfaas.bytes_out"),
-        status = d.int("http.response.status_code"),
-        byte_seconds = d.text("sfaas.state.byte_seconds"),
-        spans = d.spans(),
-    );
+    let sqlite = matches!(db, Db::Sqlite(_));
     let watermark = db.sql(
         "INSERT INTO billing_settings (key, value) VALUES ('watermark_ms', ?) \
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     );
-    // With no final period, `period <= ''` is never true.
     let mut out = Chunk::default();
     on_pool!(db, pool => {
         // SQLite: take the write lock first; a read that later upgrades to a write fails with
         // SQLITE_BUSY_SNAPSHOT when the collector committed in between (busy_timeout cannot wait
         // that out).
-        let mut tx = if d.sqlite { pool.begin_with("BEGIN IMMEDIATE").await? } else { pool.begin().await? };
-        if !d.sqlite {
+        let mut tx = if sqlite { pool.begin_with("BEGIN IMMEDIATE").await? } else { pool.begin().await? };
+        if !sqlite {
             // One writer of the totals at a time, across processes (read-add-write below).
             sqlx::query("SELECT pg_advisory_xact_lock(7305011)").execute(&mut *tx).await?;
         }
-        let total: i64 = sqlx::query_scalar(db.sql(&total)).bind(after_ms).bind(upto_ms).fetch_one(&mut *tx).await?;
-        if total > 0 {
-            sqlx::query(db.sql(&pin)).bind(default_plan).bind(after_ms).bind(upto_ms).execute(&mut *tx).await?;
-            let binds = (after_ms, upto_ms, final_key.as_str(), next_key.as_str());
-            // SQLite: the returned rows come through the C API (sqlx hands each row over from its
-            // worker thread, a quarter of the run); the same statement either way.
-            let sqlite = (&mut *tx as &mut dyn std::any::Any).downcast_mut::<sqlx::SqliteConnection>();
-            let inserted = match sqlite {
-                Some(connection) => inserted_sqlite(connection, &insert, binds).await?,
+        // SQLite goes through its C API (sqlx hands each row over from its worker thread and
+        // copies each bound value); PostgreSQL through sqlx. The rules are the same Rust.
+        let connection = &mut *tx as &mut dyn std::any::Any;
+        let spans = match connection.downcast_mut::<sqlx::SqliteConnection>() {
+            Some(connection) => collector::sqlite::run(connection, |db| read_spans_sqlite(db, after_ms, upto_ms))
+                .await
+                .map_err(BillingError::Sqlite)?,
+            None => sqlx::query_as(db.sql(READ_SPANS))
+                .bind(after_ms)
+                .bind(upto_ms)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(|(tenant, trace_id, span_id, name, start_ns, end_ns, received_ms, attributes)| Span {
+                    tenant, trace_id, span_id, name, start_ns, end_ns, received_ms, attributes,
+                })
+                .collect(),
+        };
+        if !spans.is_empty() {
+            let rows: Vec<(String, i64, String)> = sqlx::query_as(
+                "SELECT tenant, effective_from_ns, plan FROM tenant_plans ORDER BY tenant, effective_from_ns",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut plans = Plans(HashMap::new());
+            for (tenant, from, plan) in rows {
+                plans.0.entry(tenant).or_default().push((from, plan));
+            }
+            // A tenant billed for the first time is pinned to the default plan.
+            let pin = "INSERT INTO tenant_plans (tenant, effective_from_ns, plan) VALUES (?, 0, ?) ON CONFLICT DO NOTHING";
+            for span in &spans {
+                if !plans.0.contains_key(&span.tenant) {
+                    sqlx::query(db.sql(pin)).bind(&span.tenant).bind(default_plan).execute(&mut *tx).await?;
+                    plans.0.insert(span.tenant.clone(), vec![(0, default_plan.to_string())]);
+                }
+            }
+            let periods = PeriodKeys::new(kind, final_through, &spans);
+            let (records, candidates, malformed) = records(&spans, kind, &periods, &plans, default_plan);
+            let connection = &mut *tx as &mut dyn std::any::Any;
+            let new = match connection.downcast_mut::<sqlx::SqliteConnection>() {
+                Some(connection) => collector::sqlite::run(connection, |db| insert_sqlite(db, &records))
+                    .await
+                    .map_err(BillingError::Sqlite)?,
                 None => {
-                    let (after, upto, final_key, next_key) = binds;
-                    let rows = sqlx::query(db.sql(&insert))
-                        .bind(after)
-                        .bind(upto)
-                        .bind(final_key)
-                        .bind(next_key)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    rows.iter().map(Inserted::from_row).collect::<Result<Vec<_>, sqlx::Error>>()?
+                    let connection = connection.downcast_mut::<sqlx::PgConnection>().expect("SQLite or PostgreSQL");
+                    insert_postgres(connection, db, &records).await?
                 }
             };
-            for Inserted { key, invocation, status_code, cpu_ms, wall_ms, bytes_out, state } in inserted {
-                let totals = out.totals.entry(key.clone()).or_default();
+            // Summed under borrowed keys; one owned key per group.
+            let mut sums: HashMap<[&str; 5], Totals> = HashMap::new();
+            for record in records.iter().zip(new).filter_map(|(record, new)| new.then_some(record)) {
+                let key = [&*record.span.tenant, record.billed_period, record.period, record.plan, &record.function];
+                let totals = sums.entry(key).or_default();
+                let [cpu_ms, wall_ms, _, _, bytes_out, status_code] = record.figures;
                 totals.records += 1;
-                if invocation {
+                if record.invocation {
                     totals.invocations += 1;
                     totals.errors += i64::from(status_code >= 500);
                 }
                 totals.cpu_ms += cpu_ms;
                 totals.wall_ms += wall_ms;
                 totals.bytes_out += bytes_out;
-                if state != "0" {
-                    totals.state_byte_seconds += state
-                        .parse::<Decimal>()
-                        .map_err(|e| BillingError::Invalid(format!("state byte-seconds {state:?}: {e}")))?;
-                }
+                totals.state_byte_seconds += record.state.1;
                 out.records += 1;
-                out.late_records += u64::from(key.period != key.billed_period);
+                out.late_records += u64::from(record.period != record.billed_period);
             }
+            out.totals = sums
+                .into_iter()
+                .map(|([tenant, billed_period, period, plan, function], totals)| {
+                    let key = TotalsKey {
+                        tenant: tenant.into(),
+                        billed_period: billed_period.into(),
+                        period: period.into(),
+                        plan: plan.into(),
+                        function: function.into(),
+                    };
+                    (key, totals)
+                })
+                .collect();
             crate::add_totals(db, &mut tx, out.totals.clone()).await?;
-            out.candidates = total as u64;
-            if out.records < out.candidates {
-                // Some spans billed nothing: duplicates, malformed, or not billable. Tell them apart.
-                let row = sqlx::query(db.sql(&counts)).bind(after_ms).bind(upto_ms).fetch_one(&mut *tx).await?;
-                out.candidates = row.try_get::<i64, _>("candidates")? as u64;
-                out.malformed = row.try_get::<i64, _>("malformed")? as u64;
-            }
+            out.candidates = candidates;
+            out.malformed = malformed;
         }
         sqlx::query(watermark).bind(upto_ms.to_string()).execute(&mut *tx).await?;
         tx.commit().await?;
     });
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(rfc3339: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().timestamp_nanos_opt().unwrap()
+    }
+
+    fn span(tenant: &str, name: &str, trace: &str, received_ms: i64, start: &str, attributes: &str) -> Span {
+        let start_ns = ns(start);
+        Span {
+            tenant: tenant.into(),
+            trace_id: trace.into(),
+            span_id: "00000000000000aa".into(),
+            name: name.into(),
+            start_ns,
+            end_ns: start_ns + 1_000_000,
+            received_ms,
+            attributes: attributes.into(),
+        }
+    }
+
+    #[test]
+    fn spans_become_records_by_the_rules() {
+        let billable = r#""sfaas.billable":true"#;
+        let spans = [
+            // The second copy of `a` arrived first: it is the one kept.
+            span(
+                "acme",
+                "invoke resize",
+                "t2",
+                20,
+                "2026-10-03T10:00:00Z",
+                &format!(
+                    r#"{{{billable},"faas.invocation_id":"a","sfaas.cpu_ms":12.9,"http.response.status_code":"500","other":[1,{{"x":2}}]}}"#
+                ),
+            ),
+            span(
+                "acme",
+                "invoke resize",
+                "t1",
+                10,
+                "2026-10-03T10:00:00Z",
+                &format!(
+                    r#"{{{billable},"faas.invocation_id":"a","sfaas.cpu_ms":3,"faas.name":"thumb","sfaas.flow.run_id":"run-1"}}"#
+                ),
+            ),
+            // Not billable: not a candidate. Billable without an id: malformed.
+            span("acme", "invoke resize", "t3", 10, "2026-10-03T10:00:00Z", r#"{"faas.invocation_id":"b"}"#),
+            span("acme", "invoke resize", "t4", 10, "2026-10-03T10:00:00Z", &format!("{{{billable}}}")),
+            // State: a numeric usage id, a job's interval; then bad byte-seconds and bad JSON.
+            span(
+                "beta",
+                "state.usage",
+                "t5",
+                10,
+                "2026-10-20T00:00:00Z",
+                r#"{"sfaas.usage_id":7,"sfaas.state.byte_seconds":"1.50","sfaas.state.owner":"job","sfaas.state.job":"j"}"#,
+            ),
+            span(
+                "beta",
+                "state.usage",
+                "t6",
+                10,
+                "2026-10-20T00:00:00Z",
+                r#"{"sfaas.usage_id":"s","sfaas.state.byte_seconds":"1."}"#,
+            ),
+            span(
+                "beta",
+                "state.usage",
+                "t7",
+                10,
+                "2026-10-20T00:00:00Z",
+                r#"{"sfaas.usage_id":"s","sfaas.state.byte_seconds":1.5}"#,
+            ),
+            span("beta", "state.usage", "t8", 10, "2026-10-20T00:00:00Z", "{"),
+            // September is final: late usage goes on October's invoice; no plan: the default.
+            span(
+                "gamma",
+                "invoke f",
+                "t9",
+                10,
+                "2026-09-30T23:59:59Z",
+                &format!(r#"{{{billable},"faas.invocation_id":9}}"#),
+            ),
+        ];
+        let plans = Plans(HashMap::from([
+            ("acme".to_string(), vec![(0, "free".to_string()), (ns("2026-10-03T10:00:00Z"), "pro".to_string())]),
+            ("beta".to_string(), vec![(ns("2026-10-25T00:00:00Z"), "pro".to_string())]),
+        ]));
+        let september = Period::parse(PeriodKind::Month, "2026-09").unwrap();
+        let periods = PeriodKeys::new(PeriodKind::Month, Some(september), &spans);
+        let (records, candidates, malformed) = records(&spans, PeriodKind::Month, &periods, &plans, "basic");
+        assert_eq!((candidates, malformed), (8, 4));
+        let seen: Vec<_> = records
+            .iter()
+            .map(|r| {
+                let kind = if r.invocation { "invocation" } else { "state" };
+                let where_ = [r.period, r.billed_period, r.plan].join(" ");
+                (
+                    r.key(),
+                    kind,
+                    &r.span.trace_id[..],
+                    &*r.function,
+                    r.flow_run.as_deref(),
+                    r.figures,
+                    &*r.state.0,
+                    where_,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    ("acme", "a"),
+                    "invocation",
+                    "t1",
+                    "thumb",
+                    Some("run-1"),
+                    [3, 0, 0, 0, 0, 0],
+                    "0",
+                    "2026-10 2026-10 pro".into()
+                ),
+                (("beta", "7"), "state", "t5", "", Some("j"), [0; 6], "1.50", "2026-10 2026-10 pro".into()),
+                (("gamma", "9"), "invocation", "t9", "f", None, [0; 6], "0", "2026-09 2026-10 basic".into()),
+            ]
+        );
+        assert_eq!(records[1].state.1, Decimal::new(150, 2));
+        // A fraction is dropped from usage figures; anything but a number counts 0.
+        let t2 = span("acme", "invoke resize", "t2", 1, "2026-10-03T10:00:00Z", &spans[0].attributes);
+        let (records, ..) = self::records(std::slice::from_ref(&t2), PeriodKind::Month, &periods, &plans, "basic");
+        assert_eq!((records[0].figures, &*records[0].function), ([12, 0, 0, 0, 0, 0], "resize"));
+        for (text, decimal) in [
+            ("0", true),
+            ("12", true),
+            ("1.50", true),
+            ("1.", false),
+            (".5", false),
+            ("1.2.3", false),
+            ("-1", false),
+            ("1e3", false),
+            ("", false),
+        ] {
+            assert_eq!(is_decimal(text), decimal, "{text:?}");
+        }
+    }
 }
