@@ -316,7 +316,7 @@ fn records<'a>(
         });
     }
     // Key order (inserts walk the B-tree once); within a key, arrival order: the first is kept.
-    out.sort_by(|a, b| a.key().cmp(&b.key()).then_with(|| a.arrival().cmp(&b.arrival())));
+    out.sort_unstable_by(|a, b| a.key().cmp(&b.key()).then_with(|| a.arrival().cmp(&b.arrival())));
     out.dedup_by(|later, first| later.key() == first.key());
     (out, candidates, malformed)
 }
