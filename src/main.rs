@@ -281,7 +281,7 @@ enum BenchCommand {
         concurrency: usize,
         /// Rounds of spans off and on (alternately first); the ratio reported is the median of the
         /// rounds' ratios.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 16)]
         rounds: usize,
         /// Only the `noop` or the `exec` scenarios.
         #[arg(long)]
