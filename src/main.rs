@@ -303,9 +303,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
-    /// Billing: a full rating run over a month of usage, and an incremental run.
+    /// Billing: a month of usage billed from its spans, re-rated from its records, then an incremental run.
     Billing {
-        /// Usage records of the month.
+        /// Invocations of the month (metered spans written through the collector's store first).
         #[arg(long, default_value_t = 10_000_000)]
         invocations: usize,
         /// New invocations for the incremental run.

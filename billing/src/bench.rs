@@ -1,11 +1,13 @@
-//! `sfaas bench billing`: rate a month of usage (10 million invocations across 100 tenants and
+//! `sfaas bench billing`: bill a month of usage (10 million invocations across 100 tenants and
 //! 1,000 functions by default), then bill 100k new invocations incrementally.
 //!
-//! - full run: every running total rebuilt from the usage records, every draft invoice priced
-//!   ([`Billing::rebuild`]);
-//! - incremental run: [`Billing::run`] on 100k new metered spans written through the
-//!   collector's store: extraction (JSON attributes → records), de-duplication, totals, the
-//!   invoices they touch.
+//! - first run: the month's usage arrives as metered spans (`invoke` spans and hourly
+//!   `state.usage` spans per tenant) through the collector's store, then one [`Billing::run`]
+//!   bills all of it from scratch: extraction, de-duplication, totals, every invoice;
+//! - re-rating: every running total rebuilt from the stored usage records and every draft
+//!   invoice priced again ([`Billing::rebuild`]), no extraction;
+//! - incremental run: [`Billing::run`] on 100k new metered spans: extraction of those only,
+//!   de-duplication, totals, the invoices they touch.
 //!
 //! Peak memory is the process's resident high-water mark during each phase (reset through
 //! `/proc/self/clear_refs` before it).
@@ -41,9 +43,27 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
     let period = Period::containing(PeriodKind::Month, now_ns());
     let (start, end) = (period.start_ns(), now_ns() - 60_000_000_000);
     let started = Instant::now();
-    seed(&billing, invocations, start, end).await?;
-    let seeding = started.elapsed();
-    writeln!(out, "  seeding usage records (not timed below): {:.1} s", seeding.as_secs_f64())?;
+    let spans = seed(&billing, &store, invocations, start, end).await?;
+    writeln!(
+        out,
+        "  writing {spans} metered spans through the collector's store (not timed below): {:.1} s",
+        started.elapsed().as_secs_f64()
+    )?;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    reset_peak_rss();
+    let started = Instant::now();
+    let report = billing.run(None).await?;
+    let first = started.elapsed();
+    let first_rss = peak_rss_mib();
+    anyhow::ensure!(report.spans_read == spans, "the first run read {} of {spans} spans", report.spans_read);
+    writeln!(
+        out,
+        "  first run (the month from its spans): {:.2} s ({:.0} records/s), {} invoices, peak RSS {first_rss:.0} MiB",
+        first.as_secs_f64(),
+        report.records as f64 / first.as_secs_f64(),
+        report.invoices_updated
+    )?;
 
     reset_peak_rss();
     let started = Instant::now();
@@ -52,22 +72,22 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
     let full_rss = peak_rss_mib();
     writeln!(
         out,
-        "  full run: {:.2} s ({:.0} records/s), {invoices} invoices, peak RSS {full_rss:.0} MiB",
+        "  re-rating (totals rebuilt from the {} records): {:.2} s ({:.0} records/s), {invoices} invoices, peak RSS {full_rss:.0} MiB",
+        report.records,
         full.as_secs_f64(),
-        invocations as f64 / full.as_secs_f64()
+        report.records as f64 / full.as_secs_f64()
     )?;
 
     // New usage arrives as spans.
-    let mut spans = Vec::with_capacity(5000);
+    let mut spans = Vec::with_capacity(BATCH);
     for i in 0..new {
         spans.push(span(invocations + i, start + (i as i64 % 1000) * 1_000_000, "bench-new"));
-        if spans.len() == 5000 {
+        if spans.len() == BATCH {
             store.write(&Batch { spans: std::mem::take(&mut spans), ..Batch::default() }).await?;
         }
     }
     store.write(&Batch { spans, ..Batch::default() }).await?;
     tokio::time::sleep(Duration::from_millis(5)).await;
-    // A run that finds nothing new: the cost of an idle run.
     reset_peak_rss();
     let started = Instant::now();
     let report = billing.run(None).await?;
@@ -81,6 +101,7 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
         new as f64 / incremental.as_secs_f64(),
         report.invoices_updated
     )?;
+    // A run that finds nothing new: the cost of an idle run.
     let started = Instant::now();
     billing.run(None).await?;
     writeln!(out, "  idle run (nothing new): {:.1} ms", started.elapsed().as_secs_f64() * 1000.0)?;
@@ -97,26 +118,65 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
         new as f64 / raw.as_secs_f64(),
         incremental.as_secs_f64() / raw.as_secs_f64()
     )?;
-    writeln!(out, "  full / incremental: {:.1}×", full.as_secs_f64() / incremental.as_secs_f64())?;
+    writeln!(
+        out,
+        "  first run / incremental: {:.1}×; re-rating / incremental: {:.1}×",
+        first.as_secs_f64() / incremental.as_secs_f64(),
+        full.as_secs_f64() / incremental.as_secs_f64()
+    )?;
     on_pool!(billing.db(), pool => pool.close().await);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
 }
 
-/// Usage records written straight into the table (as extraction would have), in big
-/// transactions; state intervals hourly per tenant too.
-async fn seed(billing: &Billing, invocations: usize, start: i64, end: i64) -> anyhow::Result<()> {
+/// The month's usage as metered spans through the collector's store: `invocations` invoke
+/// spans evenly over `[start, end)`, and each tenant's standing state as one `state.usage`
+/// span per hour; plans assigned first. Returns the number of spans.
+async fn seed(
+    billing: &Billing,
+    store: &TelemetryStore,
+    invocations: usize,
+    start: i64,
+    end: i64,
+) -> anyhow::Result<u64> {
+    for t in 0..TENANTS {
+        billing.assign_plan(&format!("t{t:03}"), if t < TENANTS / 2 { "free" } else { "pro" }, Some(0)).await?;
+    }
     let step = (end - start) / invocations.max(1) as i64;
-    insert_invocations(billing, 0..invocations, start, step).await?;
-    state_and_plans(billing, start, end).await
+    let hours = ((end - start) / HOUR_NS).max(1);
+    let mut spans = Vec::with_capacity(BATCH);
+    let mut last_report = Instant::now();
+    for i in 0..invocations {
+        spans.push(span(i, start + i as i64 * step, "bench"));
+        if spans.len() == BATCH {
+            store.write(&Batch { spans: std::mem::take(&mut spans), ..Batch::default() }).await?;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!("  seeding: {i} of {invocations} invocation spans");
+            last_report = Instant::now();
+        }
+    }
+    for hour in 0..hours {
+        for t in 0..TENANTS {
+            spans.push(standing_state(t, start + hour * HOUR_NS, hour));
+            if spans.len() == BATCH {
+                store.write(&Batch { spans: std::mem::take(&mut spans), ..Batch::default() }).await?;
+            }
+        }
+    }
+    store.write(&Batch { spans, ..Batch::default() }).await?;
+    Ok(invocations as u64 + (hours as usize * TENANTS) as u64)
 }
+
+const BATCH: usize = 5000;
+const HOUR_NS: i64 = 3_600_000_000_000;
 
 const INSERT_RECORDS: &str = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, span_id, \
      start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, period, \
      billed_period, plan, received_ms) VALUES ";
 
-/// Invocation records `ids`, written with multi-row inserts (1000 rows per statement, 50
-/// statements per transaction).
+/// The floor: invocation records `ids` written straight into the table with multi-row inserts
+/// (1000 rows per statement, 50 statements per transaction).
 async fn insert_invocations(
     billing: &Billing,
     ids: std::ops::Range<usize>,
@@ -127,7 +187,6 @@ async fn insert_invocations(
     let head = INSERT_RECORDS;
     let period = Period::containing(PeriodKind::Month, start).key();
     let (mut done, invocations) = (ids.start, ids.end);
-    let mut last_report = Instant::now();
     while done < invocations {
         // 50 statements per transaction.
         on_pool!(billing.db(), pool => {
@@ -143,7 +202,7 @@ async fn insert_invocations(
                     let function = format!("f{}", (i / TENANTS) % FUNCTIONS_PER_TENANT);
                     let plan = if i % TENANTS < TENANTS / 2 { "free" } else { "pro" };
                     query = query
-                        .bind(tenant).bind(format!("inv-{i}")).bind("invocation").bind(function).bind(None::<String>)
+                        .bind(tenant).bind(format!("raw-{i:010}")).bind("invocation").bind(function).bind(None::<String>)
                         .bind(format!("{i:032x}")).bind(format!("{i:016x}")).bind(start + i as i64 * step)
                         .bind(start + i as i64 * step + 5_000_000).bind((i % 97) as i64).bind(5i64).bind(1i64 << 20)
                         .bind(200i64).bind((i % 4096) as i64).bind(if i % 50 == 0 { 500i64 } else { 200 }).bind("0")
@@ -154,41 +213,37 @@ async fn insert_invocations(
             }
             tx.commit().await?;
         });
-        if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!("  seeding: {done} of {} records", invocations - ids.start);
-            last_report = Instant::now();
-        }
     }
     Ok(())
 }
 
-/// State records (each tenant's standing storage, one interval per hour) and plans.
-async fn state_and_plans(billing: &Billing, start: i64, end: i64) -> anyhow::Result<()> {
-    let head = INSERT_RECORDS;
-    let period = Period::containing(PeriodKind::Month, start).key();
-    let hours = ((end - start) / 3_600_000_000_000).max(1);
-    let state_sql = format!("{head}{}", value_groups(TENANTS, 20));
-    on_pool!(billing.db(), pool => {
-        let mut tx = pool.begin().await?;
-        for hour in 0..hours {
-            let mut query = sqlx::query(billing.db().sql(&state_sql));
-            for t in 0..TENANTS {
-                let at = start + hour * 3_600_000_000_000;
-                query = query
-                    .bind(format!("t{t:03}")).bind(format!("state/standing/{at}")).bind("state").bind("")
-                    .bind(None::<String>).bind(format!("{:032x}", at + t as i64)).bind(format!("{t:016x}"))
-                    .bind(at).bind(at + 3_600_000_000_000).bind(0i64).bind(0i64).bind(0i64).bind(0i64).bind(0i64)
-                    .bind(0i64).bind(format!("{}.{:09}", 3_600 * (1 << 20) * (t + 1), hour * 7 % 1_000_000_000))
-                    .bind(period.clone()).bind(period.clone()).bind(if t < TENANTS / 2 { "free" } else { "pro" }).bind(0i64);
-            }
-            query.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-    });
-    for t in 0..TENANTS {
-        billing.assign_plan(&format!("t{t:03}"), if t < TENANTS / 2 { "free" } else { "pro" }, Some(0)).await.ok();
+/// A tenant's standing storage over one hour: a `state.usage` span as the core emits it.
+fn standing_state(t: usize, at: i64, hour: i64) -> SpanRow {
+    let tenant = format!("t{t:03}");
+    SpanRow {
+        tenant: tenant.clone(),
+        trace_id: format!("{:032x}", at + t as i64),
+        span_id: format!("{t:016x}"),
+        parent_span_id: None,
+        name: "state.usage".into(),
+        kind: 1,
+        start_ns: at,
+        end_ns: at + HOUR_NS,
+        status_code: 0,
+        status_message: String::new(),
+        service_name: "sfaas-core".into(),
+        attributes: serde_json::json!({
+            "sfaas.state.owner": "standing", "sfaas.usage_id": format!("state/standing/{at}"),
+            "sfaas.state.byte_seconds": format!("{}.{:09}", 3_600 * (1 << 20) * (t + 1), hour * 7 % 1_000_000_000),
+            "sfaas.billable": true,
+        })
+        .to_string(),
+        events: "[]".into(),
+        links: "[]".into(),
+        resource: serde_json::json!({"service.name": "sfaas-core", "service.namespace": tenant}).to_string(),
+        scope: "{}".into(),
+        metered: true,
     }
-    Ok(())
 }
 
 fn span(i: usize, start_ns: i64, prefix: &str) -> SpanRow {
@@ -207,7 +262,7 @@ fn span(i: usize, start_ns: i64, prefix: &str) -> SpanRow {
         status_message: String::new(),
         service_name: "sfaas-core".into(),
         attributes: serde_json::json!({
-            "faas.name": function, "faas.invocation_id": format!("{prefix}-{i}"), "faas.trigger": "http",
+            "faas.name": function, "faas.invocation_id": format!("{prefix}-{i:010}"), "faas.trigger": "http",
             "faas.coldstart": false, "sfaas.cpu_ms": (i % 97) as i64, "sfaas.wall_ms": 5,
             "sfaas.memory.peak_bytes": 1 << 20, "sfaas.bytes_in": 200, "sfaas.bytes_out": (i % 4096) as i64,
             "http.response.status_code": 200, "sfaas.billable": true,
