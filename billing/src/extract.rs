@@ -9,8 +9,9 @@
 //! `sfaas.billable = true` and a `faas.invocation_id`, or a `state.usage` span with a
 //! `sfaas.usage_id` and decimal `sfaas.state.byte_seconds` (a JSON string of digits with an
 //! optional fraction). Anything else named like them is counted as malformed and skipped.
-//! Ids are JSON strings or numbers (written as their JSON text); usage figures are JSON numbers
-//! (a fraction is dropped; anything else counts 0). Among copies of one usage id, the first to
+//! Attributes must be a JSON object; ids and names are JSON strings or numbers (written as their
+//! JSON text; anything else counts as absent); usage figures are JSON numbers (the fraction
+//! truncated; anything else counts 0). Among copies of one usage id, the first to
 //! arrive is kept (ordered by arrival, then trace and span id).
 
 use std::borrow::Cow;
@@ -53,7 +54,7 @@ struct Span {
 
 const READ_SPANS: &str = "SELECT tenant, trace_id, span_id, name, start_ns, end_ns, received_ms, attributes \
      FROM spans WHERE metered = 1 AND received_ms > ? AND received_ms <= ? \
-     AND (name LIKE 'invoke %' OR name = 'state.usage')";
+     AND (substr(name, 1, 7) = 'invoke ' OR name = 'state.usage')";
 
 const INSERT_RECORDS: &str = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, \
      span_id, start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, \
@@ -83,11 +84,12 @@ impl<'a> Attr<'a> {
         }
     }
 
-    /// A usage figure: a whole JSON number (a fraction dropped), else 0.
+    /// A usage figure: a JSON number, its fraction truncated (and beyond `i64`, saturated),
+    /// else 0.
     fn int(&self) -> i64 {
         match self {
             Attr::Int(n) => *n,
-            Attr::Float(x) if x.is_finite() => x.floor() as i64,
+            Attr::Float(x) => *x as i64,
             _ => 0,
         }
     }
@@ -169,6 +171,17 @@ struct Attributes<'a> {
     status: Attr<'a>,
 }
 
+/// A record's usage figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Figures {
+    cpu_ms: i64,
+    wall_ms: i64,
+    memory_peak_bytes: i64,
+    bytes_in: i64,
+    bytes_out: i64,
+    status_code: i64,
+}
+
 /// A usage record about to be inserted (the columns of `usage_records`, in order).
 struct Record<'a> {
     span: &'a Span,
@@ -176,7 +189,7 @@ struct Record<'a> {
     invocation: bool,
     function: Cow<'a, str>,
     flow_run: Option<Cow<'a, str>>,
-    figures: [i64; 6],
+    figures: Figures,
     state: (Cow<'a, str>, Decimal),
     period: &'a str,
     billed_period: &'a str,
@@ -195,7 +208,7 @@ impl Record<'_> {
     fn values(&self) -> [collector::sqlite::Value<'_>; 20] {
         use collector::sqlite::Value::{Int, Null, Text};
         let s = self.span;
-        let [cpu, wall, memory, bytes_in, bytes_out, status] = self.figures;
+        let f = self.figures;
         [
             Text(&s.tenant),
             Text(&self.usage_id),
@@ -206,12 +219,12 @@ impl Record<'_> {
             Text(&s.span_id),
             Int(s.start_ns),
             Int(s.end_ns),
-            Int(cpu),
-            Int(wall),
-            Int(memory),
-            Int(bytes_in),
-            Int(bytes_out),
-            Int(status),
+            Int(f.cpu_ms),
+            Int(f.wall_ms),
+            Int(f.memory_peak_bytes),
+            Int(f.bytes_in),
+            Int(f.bytes_out),
+            Int(f.status_code),
             Text(&self.state.0),
             Text(self.period),
             Text(self.billed_period),
@@ -272,7 +285,8 @@ fn records<'a>(
     let mut out = Vec::with_capacity(spans.len());
     for span in spans {
         let state = span.name == "state.usage";
-        let Ok(a) = serde_json::from_str::<Attributes>(&span.attributes) else {
+        let parsed = span.attributes.starts_with('{').then(|| serde_json::from_str::<Attributes>(&span.attributes));
+        let Some(Ok(a)) = parsed else {
             // Not a JSON object of distinct keys (the collector never stores one).
             candidates += 1;
             malformed += 1;
@@ -308,7 +322,14 @@ fn records<'a>(
                 true => matches!(&a.owner, Attr::Text(owner) if owner == "job").then(|| a.job.id()).flatten(),
                 false => a.run_id.id().or_else(|| a.job.id()),
             },
-            figures: [a.cpu_ms, a.wall_ms, a.memory, a.bytes_in, a.bytes_out, a.status].map(|figure| figure.int()),
+            figures: Figures {
+                cpu_ms: a.cpu_ms.int(),
+                wall_ms: a.wall_ms.int(),
+                memory_peak_bytes: a.memory.int(),
+                bytes_in: a.bytes_in.int(),
+                bytes_out: a.bytes_out.int(),
+                status_code: a.status.int(),
+            },
             state: state_usage,
             period,
             billed_period,
@@ -455,17 +476,16 @@ pub async fn chunk(
             let mut sums: HashMap<[&str; 5], Totals> = HashMap::new();
             for record in records.iter().zip(new).filter_map(|(record, new)| new.then_some(record)) {
                 let key = [&*record.span.tenant, record.billed_period, record.period, record.plan, &record.function];
-                let totals = sums.entry(key).or_default();
-                let [cpu_ms, wall_ms, _, _, bytes_out, status_code] = record.figures;
-                totals.records += 1;
-                if record.invocation {
-                    totals.invocations += 1;
-                    totals.errors += i64::from(status_code >= 500);
-                }
-                totals.cpu_ms += cpu_ms;
-                totals.wall_ms += wall_ms;
-                totals.bytes_out += bytes_out;
-                totals.state_byte_seconds += record.state.1;
+                let f = record.figures;
+                sums.entry(key).or_default().add(&Totals {
+                    records: 1,
+                    invocations: i64::from(record.invocation),
+                    errors: i64::from(record.invocation && f.status_code >= 500),
+                    cpu_ms: f.cpu_ms,
+                    wall_ms: f.wall_ms,
+                    bytes_out: f.bytes_out,
+                    state_byte_seconds: record.state.1,
+                });
                 out.records += 1;
                 out.late_records += u64::from(record.period != record.billed_period);
             }
@@ -512,6 +532,11 @@ mod tests {
             received_ms,
             attributes: attributes.into(),
         }
+    }
+
+    fn figures(r: &Record) -> [i64; 6] {
+        let f = r.figures;
+        [f.cpu_ms, f.wall_ms, f.memory_peak_bytes, f.bytes_in, f.bytes_out, f.status_code]
     }
 
     #[test]
@@ -597,7 +622,7 @@ mod tests {
                     &r.span.trace_id[..],
                     &*r.function,
                     r.flow_run.as_deref(),
-                    r.figures,
+                    figures(r),
                     &*r.state.0,
                     where_,
                 )
@@ -621,10 +646,16 @@ mod tests {
             ]
         );
         assert_eq!(records[1].state.1, Decimal::new(150, 2));
-        // A fraction is dropped from usage figures; anything but a number counts 0.
-        let t2 = span("acme", "invoke resize", "t2", 1, "2026-10-03T10:00:00Z", &spans[0].attributes);
-        let (records, ..) = self::records(std::slice::from_ref(&t2), PeriodKind::Month, &periods, &plans, "basic");
-        assert_eq!((records[0].figures, &*records[0].function), ([12, 0, 0, 0, 0, 0], "resize"));
+        // A figure's fraction is truncated; anything but a number counts 0. Attributes that are
+        // not a JSON object are malformed.
+        let attributes = spans[0].attributes.replace("12.9", "12.9,\"sfaas.wall_ms\":-0.5");
+        let more = [
+            span("acme", "invoke resize", "t2", 1, "2026-10-03T10:00:00Z", &attributes),
+            span("acme", "invoke resize", "t3", 1, "2026-10-03T10:00:00Z", r#"[true,"x"]"#),
+        ];
+        let (records, candidates, malformed) = self::records(&more, PeriodKind::Month, &periods, &plans, "basic");
+        assert_eq!((figures(&records[0]), &*records[0].function), ([12, 0, 0, 0, 0, 0], "resize"));
+        assert_eq!((records.len(), candidates, malformed), (1, 2, 1));
         for (text, decimal) in [
             ("0", true),
             ("12", true),

@@ -62,14 +62,16 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Adds `other`, saturating: absurd figures in spans pin a sum at its limit rather than
+    /// wrap it or stop billing with a panic.
     pub fn add(&mut self, other: &Totals) {
-        self.records += other.records;
-        self.invocations += other.invocations;
-        self.errors += other.errors;
-        self.cpu_ms += other.cpu_ms;
-        self.wall_ms += other.wall_ms;
-        self.bytes_out += other.bytes_out;
-        self.state_byte_seconds += other.state_byte_seconds;
+        self.records = self.records.saturating_add(other.records);
+        self.invocations = self.invocations.saturating_add(other.invocations);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.cpu_ms = self.cpu_ms.saturating_add(other.cpu_ms);
+        self.wall_ms = self.wall_ms.saturating_add(other.wall_ms);
+        self.bytes_out = self.bytes_out.saturating_add(other.bytes_out);
+        self.state_byte_seconds = self.state_byte_seconds.saturating_add(other.state_byte_seconds);
     }
 
     /// The raw quantity of a billed metric (invocations, ms, byte-seconds, bytes).
