@@ -399,6 +399,42 @@ async fn insert_postgres(connection: &mut sqlx::PgConnection, db: &Db, records: 
     Ok(new)
 }
 
+/// The new records' sums by totals key, with how many were new and how many of them late.
+fn sum_new(records: &[Record], new: Vec<bool>) -> (HashMap<TotalsKey, Totals>, u64, u64) {
+    // Summed under borrowed keys; one owned key per group.
+    let mut sums: HashMap<[&str; 5], Totals> = HashMap::new();
+    let (mut count, mut late) = (0, 0);
+    for record in records.iter().zip(new).filter_map(|(record, new)| new.then_some(record)) {
+        let key = [&*record.span.tenant, record.billed_period, record.period, record.plan, &record.function];
+        let f = record.figures;
+        sums.entry(key).or_default().add(&Totals {
+            records: 1,
+            invocations: i64::from(record.invocation),
+            errors: i64::from(record.invocation && f.status_code >= 500),
+            cpu_ms: f.cpu_ms,
+            wall_ms: f.wall_ms,
+            bytes_out: f.bytes_out,
+            state_byte_seconds: record.state.1,
+        });
+        count += 1;
+        late += u64::from(record.period != record.billed_period);
+    }
+    let totals = sums
+        .into_iter()
+        .map(|([tenant, billed_period, period, plan, function], totals)| {
+            let key = TotalsKey {
+                tenant: tenant.into(),
+                billed_period: billed_period.into(),
+                period: period.into(),
+                plan: plan.into(),
+                function: function.into(),
+            };
+            (key, totals)
+        })
+        .collect();
+    (totals, count, late)
+}
+
 /// Extracts the spans that arrived in `(after_ms, upto_ms]` and moves the watermark to
 /// `upto_ms`, in one transaction.
 pub async fn chunk(
@@ -472,36 +508,7 @@ pub async fn chunk(
                     insert_postgres(connection, db, &records).await?
                 }
             };
-            // Summed under borrowed keys; one owned key per group.
-            let mut sums: HashMap<[&str; 5], Totals> = HashMap::new();
-            for record in records.iter().zip(new).filter_map(|(record, new)| new.then_some(record)) {
-                let key = [&*record.span.tenant, record.billed_period, record.period, record.plan, &record.function];
-                let f = record.figures;
-                sums.entry(key).or_default().add(&Totals {
-                    records: 1,
-                    invocations: i64::from(record.invocation),
-                    errors: i64::from(record.invocation && f.status_code >= 500),
-                    cpu_ms: f.cpu_ms,
-                    wall_ms: f.wall_ms,
-                    bytes_out: f.bytes_out,
-                    state_byte_seconds: record.state.1,
-                });
-                out.records += 1;
-                out.late_records += u64::from(record.period != record.billed_period);
-            }
-            out.totals = sums
-                .into_iter()
-                .map(|([tenant, billed_period, period, plan, function], totals)| {
-                    let key = TotalsKey {
-                        tenant: tenant.into(),
-                        billed_period: billed_period.into(),
-                        period: period.into(),
-                        plan: plan.into(),
-                        function: function.into(),
-                    };
-                    (key, totals)
-                })
-                .collect();
+            (out.totals, out.records, out.late_records) = sum_new(&records, new);
             crate::add_totals(db, &mut tx, out.totals.clone()).await?;
             out.candidates = candidates;
             out.malformed = malformed;
