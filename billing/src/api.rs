@@ -313,12 +313,13 @@ async fn usage(
                     crate::period::rfc3339(record.start_ns)[..10].to_string()
                 };
                 let row = rows.entry(key).or_default();
+                // Saturating, like the running totals (docs/decisions.md, Billing).
                 row.records += 1;
                 row.invocations += i64::from(record.kind == crate::usage::Kind::Invocation);
-                row.cpu_ms += record.cpu_ms;
-                row.bytes_out += record.bytes_out;
-                row.state_byte_seconds += record.state_byte_seconds;
-                row.cost += record.cost;
+                row.cpu_ms = row.cpu_ms.saturating_add(record.cpu_ms);
+                row.bytes_out = row.bytes_out.saturating_add(record.bytes_out);
+                row.state_byte_seconds = row.state_byte_seconds.saturating_add(record.state_byte_seconds);
+                row.cost = row.cost.saturating_add(record.cost);
             }
             json!({"tenant": tenant, "period": period, "by": by, "rows": rows})
         }

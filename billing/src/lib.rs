@@ -657,7 +657,8 @@ impl Billing {
             for row in sqlx::query(state_sql).fetch_all(pool).await? {
                 let key = totals_key(&row)?;
                 let value = decimal(&row.try_get::<String, _>("state_byte_seconds")?)?;
-                totals.entry(key).or_default().state_byte_seconds += value;
+                let sum = &mut totals.entry(key).or_default().state_byte_seconds;
+                *sum = sum.saturating_add(value);
             }
             let mut tx = pool.begin().await?;
             sqlx::query("DELETE FROM usage_totals").execute(&mut *tx).await?;

@@ -95,3 +95,15 @@ pub struct TotalsKey {
     pub plan: String,
     pub function: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_saturate_instead_of_wrapping() {
+        let mut sum = Totals { cpu_ms: i64::MAX - 1, state_byte_seconds: Decimal::MAX, ..Totals::default() };
+        sum.add(&Totals { records: 1, cpu_ms: 5, state_byte_seconds: Decimal::ONE, ..Totals::default() });
+        assert_eq!((sum.records, sum.cpu_ms, sum.state_byte_seconds), (1, i64::MAX, Decimal::MAX));
+    }
+}
