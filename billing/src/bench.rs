@@ -19,6 +19,7 @@ use collector::model::{Batch, SpanRow};
 use collector::store::TelemetryStore;
 
 use crate::db::{on_pool, value_groups};
+use crate::extract::INSERT_RECORDS;
 use crate::period::{Period, PeriodKind};
 use crate::{Billing, now_ns};
 
@@ -51,11 +52,7 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
     )?;
     tokio::time::sleep(Duration::from_millis(5)).await;
 
-    reset_peak_rss();
-    let started = Instant::now();
-    let report = billing.run(None).await?;
-    let first = started.elapsed();
-    let first_rss = peak_rss_mib();
+    let (report, first, first_rss) = measured(billing.run(None)).await?;
     anyhow::ensure!(report.spans_read == spans, "the first run read {} of {spans} spans", report.spans_read);
     writeln!(
         out,
@@ -65,11 +62,7 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
         report.invoices_updated
     )?;
 
-    reset_peak_rss();
-    let started = Instant::now();
-    let invoices = billing.rebuild().await?;
-    let full = started.elapsed();
-    let full_rss = peak_rss_mib();
+    let (invoices, full, full_rss) = measured(billing.rebuild()).await?;
     writeln!(
         out,
         "  re-rating (totals rebuilt from the {} records): {:.2} s ({:.0} records/s), {invoices} invoices, peak RSS {full_rss:.0} MiB",
@@ -79,20 +72,10 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
     )?;
 
     // New usage arrives as spans.
-    let mut spans = Vec::with_capacity(BATCH);
-    for i in 0..new {
-        spans.push(span(invocations + i, start + (i as i64 % 1000) * 1_000_000, "bench-new"));
-        if spans.len() == BATCH {
-            store.write(&Batch { spans: std::mem::take(&mut spans), ..Batch::default() }).await?;
-        }
-    }
-    store.write(&Batch { spans, ..Batch::default() }).await?;
+    let fresh = (0..new).map(|i| span(invocations + i, start + (i as i64 % 1000) * 1_000_000, "bench-new"));
+    write_spans(&store, fresh).await?;
     tokio::time::sleep(Duration::from_millis(5)).await;
-    reset_peak_rss();
-    let started = Instant::now();
-    let report = billing.run(None).await?;
-    let incremental = started.elapsed();
-    let incremental_rss = peak_rss_mib();
+    let (report, incremental, incremental_rss) = measured(billing.run(None)).await?;
     anyhow::ensure!(report.records == new as u64, "incremental run billed {} of {new} records", report.records);
     writeln!(
         out,
@@ -144,36 +127,41 @@ async fn seed(
     }
     let step = (end - start) / invocations.max(1) as i64;
     let hours = ((end - start) / HOUR_NS).max(1);
-    let mut spans = Vec::with_capacity(BATCH);
-    let mut last_report = Instant::now();
-    for i in 0..invocations {
-        spans.push(span(i, start + i as i64 * step, "bench"));
-        if spans.len() == BATCH {
-            store.write(&Batch { spans: std::mem::take(&mut spans), ..Batch::default() }).await?;
-        }
-        if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!("  seeding: {i} of {invocations} invocation spans");
-            last_report = Instant::now();
-        }
-    }
-    for hour in 0..hours {
-        for t in 0..TENANTS {
-            spans.push(standing_state(t, start + hour * HOUR_NS, hour));
-            if spans.len() == BATCH {
-                store.write(&Batch { spans: std::mem::take(&mut spans), ..Batch::default() }).await?;
+    let invoke = (0..invocations).map(|i| span(i, start + i as i64 * step, "bench"));
+    let state = (0..hours).flat_map(|hour| (0..TENANTS).map(move |t| standing_state(t, start + hour * HOUR_NS, hour)));
+    write_spans(store, invoke.chain(state)).await
+}
+
+/// Writes spans through the collector's store, [`BATCH`] at a time, with a progress line every
+/// 10 s; returns how many.
+async fn write_spans(store: &TelemetryStore, spans: impl Iterator<Item = SpanRow>) -> anyhow::Result<u64> {
+    let (mut batch, mut written, mut last_report) = (Vec::with_capacity(BATCH), 0, Instant::now());
+    for span in spans {
+        batch.push(span);
+        if batch.len() == BATCH {
+            store.write(&Batch { spans: std::mem::take(&mut batch), ..Batch::default() }).await?;
+            written += BATCH as u64;
+            if last_report.elapsed() > Duration::from_secs(10) {
+                eprintln!("  seeding: {written} spans written");
+                last_report = Instant::now();
             }
         }
     }
-    store.write(&Batch { spans, ..Batch::default() }).await?;
-    Ok(invocations as u64 + (hours as usize * TENANTS) as u64)
+    written += batch.len() as u64;
+    store.write(&Batch { spans: batch, ..Batch::default() }).await?;
+    Ok(written)
+}
+
+/// Runs one phase: its result, its time, and the process's peak RSS (MiB) while it ran.
+async fn measured<T>(phase: impl Future<Output = crate::Result<T>>) -> anyhow::Result<(T, Duration, f64)> {
+    reset_peak_rss();
+    let started = Instant::now();
+    let out = phase.await?;
+    Ok((out, started.elapsed(), peak_rss_mib()))
 }
 
 const BATCH: usize = 5000;
 const HOUR_NS: i64 = 3_600_000_000_000;
-
-const INSERT_RECORDS: &str = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, span_id, \
-     start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, period, \
-     billed_period, plan, received_ms) VALUES ";
 
 /// The floor: invocation records `ids` written straight into the table with multi-row inserts
 /// (1000 rows per statement, 50 statements per transaction).
@@ -184,7 +172,6 @@ async fn insert_invocations(
     step: i64,
 ) -> anyhow::Result<()> {
     const ROWS: usize = 1000;
-    let head = INSERT_RECORDS;
     let period = Period::containing(PeriodKind::Month, start).key();
     let (mut done, invocations) = (ids.start, ids.end);
     while done < invocations {
@@ -196,7 +183,7 @@ async fn insert_invocations(
                     break;
                 }
                 let rows = ROWS.min(invocations - done);
-                let mut query = sqlx::query(billing.db().sql(&format!("{head}{}", value_groups(rows, 20))));
+                let mut query = sqlx::query(billing.db().sql(&format!("{INSERT_RECORDS}{}", value_groups(rows, 20))));
                 for i in done..done + rows {
                     let tenant = format!("t{:03}", i % TENANTS);
                     let function = format!("f{}", (i / TENANTS) % FUNCTIONS_PER_TENANT);

@@ -56,7 +56,7 @@ const READ_SPANS: &str = "SELECT tenant, trace_id, span_id, name, start_ns, end_
      FROM spans WHERE metered = 1 AND received_ms > ? AND received_ms <= ? \
      AND (substr(name, 1, 7) = 'invoke ' OR name = 'state.usage')";
 
-const INSERT_RECORDS: &str = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, \
+pub(crate) const INSERT_RECORDS: &str = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, \
      span_id, start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, \
      state_byte_seconds, period, billed_period, plan, received_ms) VALUES ";
 
@@ -241,7 +241,7 @@ fn is_decimal(text: &str) -> bool {
 }
 
 /// Each tenant's plans, ordered by the time they take effect.
-struct Plans(HashMap<String, Vec<(i64, String)>>);
+struct Plans(crate::Assignments);
 
 impl Plans {
     /// The plan in effect at `ns`, or the tenant's first plan for usage before it.
@@ -479,15 +479,8 @@ pub async fn chunk(
                 .collect(),
         };
         if !spans.is_empty() {
-            let rows: Vec<(String, i64, String)> = sqlx::query_as(
-                "SELECT tenant, effective_from_ns, plan FROM tenant_plans ORDER BY tenant, effective_from_ns",
-            )
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut plans = Plans(HashMap::new());
-            for (tenant, from, plan) in rows {
-                plans.0.entry(tenant).or_default().push((from, plan));
-            }
+            // Read in the transaction: the plans the records are pinned to.
+            let mut plans = Plans(crate::assignments(sqlx::query_as(crate::PLAN_ASSIGNMENTS).fetch_all(&mut *tx).await?));
             // A tenant billed for the first time is pinned to the default plan.
             let pin = "INSERT INTO tenant_plans (tenant, effective_from_ns, plan) VALUES (?, 0, ?) ON CONFLICT DO NOTHING";
             for span in &spans {
@@ -610,7 +603,7 @@ mod tests {
                 &format!(r#"{{{billable},"faas.invocation_id":9}}"#),
             ),
         ];
-        let plans = Plans(HashMap::from([
+        let plans = Plans(crate::Assignments::from([
             ("acme".to_string(), vec![(0, "free".to_string()), (ns("2026-10-03T10:00:00Z"), "pro".to_string())]),
             ("beta".to_string(), vec![(ns("2026-10-25T00:00:00Z"), "pro".to_string())]),
         ]));

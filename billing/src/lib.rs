@@ -222,15 +222,9 @@ impl Billing {
     }
 
     /// Every plan assignment: tenant → [(effective from, ns; plan)].
-    pub async fn plan_assignments(&self) -> Result<BTreeMap<String, Vec<(i64, String)>>> {
-        let sql =
-            self.db.sql("SELECT tenant, effective_from_ns, plan FROM tenant_plans ORDER BY tenant, effective_from_ns");
-        let rows: Vec<(String, i64, String)> = on_pool!(&self.db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
-        let mut out: BTreeMap<String, Vec<(i64, String)>> = BTreeMap::new();
-        for (tenant, from, plan) in rows {
-            out.entry(tenant).or_default().push((from, plan));
-        }
-        Ok(out)
+    pub async fn plan_assignments(&self) -> Result<Assignments> {
+        let rows = on_pool!(&self.db, pool => sqlx::query_as(PLAN_ASSIGNMENTS).fetch_all(pool).await?);
+        Ok(assignments(rows))
     }
 
     /// Puts a tenant on a plan from `from_ns` (default now). Usage already rated is never
@@ -694,6 +688,21 @@ where
         plan: row.try_get("plan")?,
         function: row.try_get("function")?,
     })
+}
+
+/// Plan assignments: tenant → [(effective from, ns; plan)], in time order.
+pub type Assignments = BTreeMap<String, Vec<(i64, String)>>;
+
+/// The rows of every plan assignment, for [`assignments`].
+pub(crate) const PLAN_ASSIGNMENTS: &str =
+    "SELECT tenant, effective_from_ns, plan FROM tenant_plans ORDER BY tenant, effective_from_ns";
+
+pub(crate) fn assignments(rows: Vec<(String, i64, String)>) -> Assignments {
+    let mut out = Assignments::new();
+    for (tenant, from, plan) in rows {
+        out.entry(tenant).or_default().push((from, plan));
+    }
+    out
 }
 
 /// Adds sums to the totals rows (read, add, write back), inside the caller's transaction.
