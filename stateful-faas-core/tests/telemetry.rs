@@ -134,7 +134,16 @@ async fn invocation_spans_reach_an_otlp_grpc_receiver_with_kernel_cpu_time() {
     let spin = core.invoke(&acme.ingest, "spin", "200").await;
     assert_eq!(spin.status(), 200);
     let spin_id = spin.headers()["x-call-id"].to_str().unwrap().to_string();
-    let traced = core.invoke(&acme.ingest, "trace", "").await;
+    // A caller that does not sample its trace: the invocation is metered all the same.
+    let unsampled_trace = "0af7651916cd43dd8448eb211c80319c";
+    let traced = core
+        .http
+        .post(format!("{}/function/trace", core.url))
+        .bearer_auth(&acme.ingest)
+        .header("traceparent", format!("00-{unsampled_trace}-b7ad6b7169203331-00"))
+        .send()
+        .await
+        .unwrap();
     let traceparent = traced.text().await.unwrap().trim().to_string();
     core.stop().await; // flushes the batch processors
 
@@ -171,8 +180,16 @@ async fn invocation_spans_reach_an_otlp_grpc_receiver_with_kernel_cpu_time() {
     let spin_ms = int_attr(&spin.attributes, "sfaas.cpu_ms").unwrap() as f64;
     assert!((spin_ms - 200.0).abs() <= 20.0, "builtin cpu-burn of 200 ms measured {spin_ms} ms");
 
-    // The function got a traceparent naming its own invocation span.
-    let (_, _, trace) = spans.iter().find(|(_, _, s)| s.name == "invoke trace").expect("invoke trace span").clone();
+    // The function got a traceparent naming its own invocation span, which is recorded (and so
+    // sampled) though its caller's trace was not: billing meters it.
+    let (_, _, trace) = spans
+        .iter()
+        .find(|(_, _, s)| s.name == "invoke trace")
+        .expect("an unsampled caller's invocation is recorded")
+        .clone();
+    assert_eq!(hex(&trace.trace_id), unsampled_trace, "joins the caller's trace");
+    assert_eq!(hex(&trace.parent_span_id), "b7ad6b7169203331");
+    assert_eq!(bool_attr(&trace.attributes, "sfaas.billable"), Some(true));
     assert_eq!(traceparent, format!("00-{}-{}-01", hex(&trace.trace_id), hex(&trace.span_id)));
 }
 

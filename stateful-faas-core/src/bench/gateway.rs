@@ -202,28 +202,37 @@ const EXPORT_SPANS: usize = 200_000;
 /// project's processor and once through the SDK's batch processor with opentelemetry-otlp's
 /// exporter, and returns the process's CPU per span, flush included.
 async fn export_cost(sink: std::net::SocketAddr, received: &AtomicU64) -> anyhow::Result<ExportCost> {
-    use opentelemetry::trace::{Span, TracerProvider};
+    use opentelemetry::trace::TracerProvider;
     use opentelemetry_otlp::WithExportConfig;
     use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanProcessor};
 
-    async fn run(processor: impl SpanProcessor + 'static, received: &AtomicU64) -> anyhow::Result<Duration> {
+    /// The process's CPU per span for `EXPORT_SPANS` spans, made by `span` and exported by
+    /// `processor`, the provider's shutdown (its final flush) included.
+    async fn run(
+        processor: impl SpanProcessor + 'static,
+        span: impl Fn(&opentelemetry_sdk::trace::SdkTracer, &crate::telemetry::Invoked),
+        received: &AtomicU64,
+    ) -> anyhow::Result<Duration> {
         let provider = SdkTracerProvider::builder().with_span_processor(processor).build();
         let tracer = provider.tracer(crate::semconv::SERVICE_NAME);
         let before_received = received.load(Ordering::Relaxed);
         let cpu_before = process_cpu();
-        let (usage, parent) = (crate::function::Usage::default(), opentelemetry::Context::new());
+        let usage = crate::function::Usage::default();
         for i in 0..EXPORT_SPANS {
             let call_id = format!("call-{i}");
-            let mut span = crate::telemetry::start_invocation_span(
-                &tracer,
-                "f",
-                "builtin",
-                &call_id,
-                crate::semconv::TRIGGER_HTTP,
-                &parent,
-            );
-            std::hint::black_box(crate::telemetry::traceparent(span.span_context()));
-            crate::telemetry::end_invocation_span(&mut span, &usage, Duration::ZERO, 0, 4, 200);
+            let invoked = crate::telemetry::Invoked {
+                function: "f",
+                kind: "builtin",
+                call_id: &call_id,
+                trigger: crate::semconv::TRIGGER_HTTP,
+                job: None,
+                usage: &usage,
+                wall: Duration::ZERO,
+                bytes_in: 0,
+                bytes_out: 4,
+                status: 200,
+            };
+            span(&tracer, &invoked);
             if i % 4096 == 0 {
                 // Let the sink (on this runtime) read.
                 tokio::task::yield_now().await;
@@ -244,19 +253,29 @@ async fn export_cost(sink: std::net::SocketAddr, received: &AtomicU64) -> anyhow
         token: None,
         max_queue_size: EXPORT_SPANS,
     };
-    let ours = run(
-        crate::telemetry::OtlpProcessor::new(&config, &endpoint, EXPORT_SPANS).map_err(anyhow::Error::msg)?,
-        received,
-    )
-    .await?;
+    // The gateway's path: the span written straight to the processor's queue, and the
+    // `traceparent` it hands to the function.
+    let processor =
+        crate::telemetry::OtlpProcessor::new(&config, &endpoint, EXPORT_SPANS).map_err(anyhow::Error::msg)?;
+    let queue = processor.queue();
+    let parent = opentelemetry::Context::new();
+    let direct = |_: &opentelemetry_sdk::trace::SdkTracer, invoked: &crate::telemetry::Invoked| {
+        let span = crate::telemetry::InvocationSpan::start(queue.clone(), &parent);
+        std::hint::black_box(crate::telemetry::traceparent(span.span_context()));
+        span.end(invoked);
+    };
+    let ours = run(processor, direct, received).await?;
     let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(&endpoint).build()?;
     let batch = BatchConfigBuilder::default()
         .with_max_queue_size(EXPORT_SPANS)
         .with_max_export_batch_size(2048)
         .with_scheduled_delay(Duration::from_millis(500))
         .build();
+    let sdk = |tracer: &opentelemetry_sdk::trace::SdkTracer, invoked: &crate::telemetry::Invoked| {
+        crate::telemetry::sdk_invocation_span(tracer, &parent, invoked);
+    };
     let opentelemetry_otlp =
-        run(BatchSpanProcessor::builder(exporter).with_batch_config(batch).build(), received).await?;
+        run(BatchSpanProcessor::builder(exporter).with_batch_config(batch).build(), sdk, received).await?;
     Ok(ExportCost { spans: EXPORT_SPANS, ours, opentelemetry_otlp })
 }
 

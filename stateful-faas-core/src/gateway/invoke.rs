@@ -9,8 +9,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use opentelemetry::KeyValue;
-use opentelemetry::trace::Span;
 
 use super::Core;
 use super::auth::Caller;
@@ -54,20 +52,7 @@ pub async fn dispatch(
     let bytes_in = invocation.body.len();
 
     let parent = telemetry::extract_parent(invocation.traceparent.as_deref());
-    let mut span = core.telemetry.tracer(tenant).map(|tracer| {
-        telemetry::start_invocation_span(
-            &tracer,
-            function_name,
-            function.spec.kind.as_str(),
-            &invocation.call_id,
-            trigger,
-            &parent,
-        )
-    });
-    if let (Some(span), Some(job)) = (&mut span, &invocation.job) {
-        // The state job the call runs in: a flow run's id for flow nodes (billing links them).
-        span.set_attribute(KeyValue::new(semconv::SFAAS_STATE_JOB, job.clone()));
-    }
+    let span = core.telemetry.start_invocation(tenant, &parent);
     if let Some(span) = &span {
         invocation.traceparent = Some(telemetry::traceparent(span.span_context()));
     }
@@ -92,8 +77,19 @@ pub async fn dispatch(
     let wall = started.elapsed();
     core.metrics.record_invocation(tenant, function_name, outcome.status, wall.as_secs_f64(), &outcome.usage);
 
-    if let Some(span) = &mut span {
-        telemetry::end_invocation_span(span, &outcome.usage, wall, bytes_in, outcome.body.len(), outcome.status);
+    if let Some(span) = span {
+        span.end(&telemetry::Invoked {
+            function: function_name,
+            kind: function.spec.kind.as_str(),
+            call_id: &invocation.call_id,
+            trigger,
+            job: invocation.job.as_deref(),
+            usage: &outcome.usage,
+            wall,
+            bytes_in,
+            bytes_out: outcome.body.len(),
+            status: outcome.status,
+        });
     }
     outcome
 }

@@ -7,18 +7,21 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{Span, SpanContext, SpanKind, Status, Tracer, TracerProvider};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::trace::{
+    Span, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
+    TracerProvider,
+};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 
 mod otlp;
 
-pub use otlp::OtlpProcessor;
+pub use otlp::{OtlpProcessor, SpanQueue};
 
 use crate::function::Usage;
 use crate::semconv;
@@ -57,11 +60,19 @@ pub struct TelemetryConfig {
     pub max_queue_size: usize,
 }
 
+/// A tenant's span export.
+struct Exporter {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    queue: SpanQueue,
+}
+
 /// The core's span pipeline.
 pub struct Telemetry {
     config: RwLock<TelemetryConfig>,
-    /// Per tenant: the provider (kept for shutdown) and its tracer (cloned per span).
-    providers: RwLock<HashMap<TenantId, (SdkTracerProvider, SdkTracer)>>,
+    /// Per tenant: the provider (kept for shutdown), its tracer (cloned per span) and its
+    /// processor's queue (for invocation spans).
+    providers: RwLock<HashMap<TenantId, Exporter>>,
 }
 
 impl Telemetry {
@@ -80,15 +91,26 @@ impl Telemetry {
 
     /// The tracer for a tenant's platform spans, or `None` when export is off.
     pub fn tracer(&self, tenant: &TenantId) -> Option<SdkTracer> {
-        // The hot path: a tenant that has its tracer already.
-        if let Some((_, tracer)) = self.providers.read().unwrap().get(tenant) {
-            return Some(tracer.clone());
+        self.with_exporter(tenant, |exporter| exporter.tracer.clone())
+    }
+
+    /// Starts the span of one invocation of a tenant's function (see [`InvocationSpan`]), or
+    /// `None` when export is off.
+    pub fn start_invocation(&self, tenant: &TenantId, parent: &Context) -> Option<InvocationSpan> {
+        self.with_exporter(tenant, |exporter| InvocationSpan::start(exporter.queue.clone(), parent))
+    }
+
+    /// `f` of the tenant's exporter, created on first use.
+    fn with_exporter<T>(&self, tenant: &TenantId, f: impl FnOnce(&Exporter) -> T) -> Option<T> {
+        // The hot path: a tenant that has its exporter already.
+        if let Some(exporter) = self.providers.read().unwrap().get(tenant) {
+            return Some(f(exporter));
         }
         let config = self.config.read().unwrap().clone();
         let endpoint = config.endpoint.as_ref()?;
         let mut providers = self.providers.write().unwrap();
-        if let Some((_, tracer)) = providers.get(tenant) {
-            return Some(tracer.clone());
+        if let Some(exporter) = providers.get(tenant) {
+            return Some(f(exporter));
         }
         let processor = match OtlpProcessor::new(&config, endpoint, config.max_queue_size) {
             Ok(processor) => processor,
@@ -97,16 +119,23 @@ impl Telemetry {
                 return None;
             }
         };
+        let queue = processor.queue();
         let resource = Resource::builder_empty()
             .with_attributes([
                 KeyValue::new(semconv::ATTR_SERVICE_NAME, semconv::SERVICE_NAME),
                 KeyValue::new(semconv::ATTR_SERVICE_NAMESPACE, tenant.to_string()),
             ])
             .build();
-        let provider = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build();
+        // Every platform span is recorded, whatever a caller's `traceparent` says about sampling
+        // or OTEL_TRACES_SAMPLER: invocation and state spans are what billing meters.
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(Sampler::AlwaysOn)
+            .with_span_processor(processor)
+            .with_resource(resource)
+            .build();
         let tracer = provider.tracer(semconv::SERVICE_NAME);
-        providers.insert(tenant.clone(), (provider, tracer.clone()));
-        Some(tracer)
+        let exporter = providers.entry(tenant.clone()).or_insert(Exporter { provider, tracer, queue });
+        Some(f(exporter))
     }
 
     /// Emits one `state.usage` span per record (DESIGN.md §4, docs/decisions.md): an INTERNAL
@@ -146,7 +175,8 @@ impl Telemetry {
     /// Flushes and stops every provider. Blocking: call from a blocking thread (DEPENDENCIES.md,
     /// gotcha 6).
     pub fn shutdown(&self) {
-        let providers: Vec<_> = self.providers.write().unwrap().drain().map(|(_, (provider, _))| provider).collect();
+        let providers: Vec<_> =
+            self.providers.write().unwrap().drain().map(|(_, exporter)| exporter.provider).collect();
         for provider in providers {
             if let Err(error) = provider.shutdown() {
                 tracing::warn!(%error, "span export did not shut down cleanly");
@@ -155,50 +185,126 @@ impl Telemetry {
     }
 }
 
-/// Starts the span of one invocation (DESIGN.md §4): `invoke NAME`, SERVER, with what is known
-/// before the function runs.
-pub fn start_invocation_span(
-    tracer: &SdkTracer,
-    function: &str,
-    kind: &'static str,
-    call_id: &str,
-    trigger: &'static str,
-    parent: &Context,
-) -> opentelemetry_sdk::trace::Span {
-    tracer
-        .span_builder(semconv::invoke_span_name(function))
-        .with_kind(SpanKind::Server)
-        .with_start_time(std::time::SystemTime::now())
-        .with_attributes([
-            KeyValue::new(semconv::FAAS_NAME, function.to_string()),
-            KeyValue::new(semconv::FAAS_INVOCATION_ID, call_id.to_string()),
-            KeyValue::new(semconv::FAAS_TRIGGER, trigger),
-            KeyValue::new(semconv::SFAAS_FUNCTION_KIND, kind),
-        ])
-        .start_with_context(tracer, parent)
+/// The span of one invocation (DESIGN.md §4): `invoke NAME`, SERVER, a child of the caller's
+/// `traceparent` (or a root), ended with the measured usage, sizes and status.
+///
+/// It is written to OTLP straight from the gateway's own fields instead of through the SDK's
+/// span object: on every request, the SDK's span (its attribute list, name and span data, each
+/// allocated and freed, and the provider's bookkeeping) cost about 5 % of a no-op's throughput
+/// (BENCHMARKS.md, issue 2). The span is the same one, field for field, as the SDK builds with
+/// an always-on sampler ([`sdk_invocation_span`], compared in the tests), and it goes out in
+/// the tenant's batches with its other spans.
+#[derive(Debug)]
+pub struct InvocationSpan {
+    queue: SpanQueue,
+    context: SpanContext,
+    parent_span_id: SpanId,
+    parent_span_is_remote: bool,
+    start: SystemTime,
 }
 
-/// Ends an invocation's span with its outcome: the measured usage, sizes and status.
-pub fn end_invocation_span(
-    span: &mut opentelemetry_sdk::trace::Span,
-    usage: &Usage,
-    wall: Duration,
-    bytes_in: usize,
-    bytes_out: usize,
-    status: u16,
-) {
-    span.set_attributes([
-        KeyValue::new(semconv::FAAS_COLDSTART, usage.cold_start),
-        KeyValue::new(semconv::SFAAS_CPU_MS, usage.cpu_ms() as i64),
-        KeyValue::new(semconv::SFAAS_WALL_MS, wall.as_millis() as i64),
-        KeyValue::new(semconv::SFAAS_MEMORY_PEAK_BYTES, usage.peak_memory_bytes as i64),
-        KeyValue::new(semconv::SFAAS_BYTES_IN, bytes_in as i64),
-        KeyValue::new(semconv::SFAAS_BYTES_OUT, bytes_out as i64),
-        KeyValue::new(semconv::HTTP_RESPONSE_STATUS_CODE, i64::from(status)),
+/// What an invocation's span records once it ends.
+#[derive(Debug, Clone, Copy)]
+pub struct Invoked<'a> {
+    pub function: &'a str,
+    /// `sfaas.function.kind`: builtin, exec or http.
+    pub kind: &'a str,
+    pub call_id: &'a str,
+    pub trigger: &'a str,
+    /// The state job the call runs in (a flow run's id for flow nodes).
+    pub job: Option<&'a str>,
+    pub usage: &'a Usage,
+    pub wall: Duration,
+    pub bytes_in: usize,
+    pub bytes_out: usize,
+    pub status: u16,
+}
+
+impl InvocationSpan {
+    /// Starts now, as a child of `parent`'s span when it is valid (taking its trace id, and its
+    /// trace state and flags with "sampled" set, as the SDK's always-on sampler does).
+    pub fn start(queue: SpanQueue, parent: &Context) -> Self {
+        let parent = parent.span();
+        let parent = parent.span_context();
+        let span_id = SpanId::from(nonzero(rand::random::<u64>));
+        let (context, parent_span_id) = if parent.is_valid() {
+            let flags = parent.trace_flags().with_sampled(true);
+            let context = SpanContext::new(parent.trace_id(), span_id, flags, false, parent.trace_state().clone());
+            (context, parent.span_id())
+        } else {
+            let trace_id = TraceId::from(nonzero(rand::random::<u128>));
+            (SpanContext::new(trace_id, span_id, TraceFlags::SAMPLED, false, TraceState::NONE), SpanId::INVALID)
+        };
+        Self { queue, context, parent_span_id, parent_span_is_remote: parent.is_remote(), start: SystemTime::now() }
+    }
+
+    /// Its ids, for the `traceparent` handed to the function.
+    pub fn span_context(&self) -> &SpanContext {
+        &self.context
+    }
+
+    /// Ends it now and queues it for export.
+    pub fn end(self, invoked: &Invoked) {
+        let end = SystemTime::now();
+        otlp::with_encoded(|encoded| {
+            otlp::message(encoded, 2, |buf| otlp::encode_invocation(buf, &self, end, invoked));
+            self.queue.push(invocation_scope(), encoded);
+        });
+    }
+}
+
+/// The instrumentation scope of the platform's tracers (`provider.tracer(SERVICE_NAME)`).
+fn invocation_scope() -> &'static InstrumentationScope {
+    static SCOPE: std::sync::OnceLock<InstrumentationScope> = std::sync::OnceLock::new();
+    SCOPE.get_or_init(|| InstrumentationScope::builder(semconv::SERVICE_NAME).build())
+}
+
+/// A random id that is not zero (zero is the invalid id).
+fn nonzero<T: Default + PartialEq>(random: impl Fn() -> T) -> T {
+    loop {
+        let id = random();
+        if id != T::default() {
+            return id;
+        }
+    }
+}
+
+/// An invocation span's error status: a function's 5xx.
+fn error_status(status: u16) -> Option<String> {
+    (status >= 500).then(|| format!("function answered {status}"))
+}
+
+/// The invocation span of [`InvocationSpan`], built by the OpenTelemetry SDK: the reference the
+/// tests compare the direct encoding with, and the one `sfaas bench gateway` measures the
+/// SDK's batch processor and opentelemetry-otlp's exporter with.
+pub fn sdk_invocation_span(tracer: &SdkTracer, parent: &Context, invoked: &Invoked) {
+    let i = invoked;
+    let mut attributes = vec![
+        KeyValue::new(semconv::FAAS_NAME, i.function.to_string()),
+        KeyValue::new(semconv::FAAS_INVOCATION_ID, i.call_id.to_string()),
+        KeyValue::new(semconv::FAAS_TRIGGER, i.trigger.to_string()),
+        KeyValue::new(semconv::SFAAS_FUNCTION_KIND, i.kind.to_string()),
+    ];
+    if let Some(job) = i.job {
+        attributes.push(KeyValue::new(semconv::SFAAS_STATE_JOB, job.to_string()));
+    }
+    attributes.extend([
+        KeyValue::new(semconv::FAAS_COLDSTART, i.usage.cold_start),
+        KeyValue::new(semconv::SFAAS_CPU_MS, i.usage.cpu_ms() as i64),
+        KeyValue::new(semconv::SFAAS_WALL_MS, i.wall.as_millis() as i64),
+        KeyValue::new(semconv::SFAAS_MEMORY_PEAK_BYTES, i.usage.peak_memory_bytes as i64),
+        KeyValue::new(semconv::SFAAS_BYTES_IN, i.bytes_in as i64),
+        KeyValue::new(semconv::SFAAS_BYTES_OUT, i.bytes_out as i64),
+        KeyValue::new(semconv::HTTP_RESPONSE_STATUS_CODE, i64::from(i.status)),
         KeyValue::new(semconv::SFAAS_BILLABLE, true),
     ]);
-    if status >= 500 {
-        span.set_status(Status::error(format!("function answered {status}")));
+    let mut span = tracer
+        .span_builder(semconv::invoke_span_name(i.function))
+        .with_kind(SpanKind::Server)
+        .with_attributes(attributes)
+        .start_with_context(tracer, parent);
+    if let Some(description) = error_status(i.status) {
+        span.set_status(Status::error(description));
     }
     span.end();
 }

@@ -134,6 +134,12 @@ impl OtlpProcessor {
         Ok(Self { shared, thread: Mutex::new(Some(thread)) })
     }
 
+    /// A handle on this processor's queue, for spans encoded without the SDK
+    /// ([`super::InvocationSpan`]).
+    pub fn queue(&self) -> SpanQueue {
+        SpanQueue(self.shared.clone())
+    }
+
     /// Asks the export thread to send what is queued and waits until it has (or `timeout`).
     fn flush(&self, timeout: Duration) -> OTelSdkResult {
         let deadline = Instant::now() + timeout;
@@ -156,25 +162,9 @@ impl SpanProcessor for OtlpProcessor {
     fn on_start(&self, _span: &mut Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        thread_local!(static ENCODED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) });
-        ENCODED.with_borrow_mut(|encoded| {
-            encoded.clear();
+        with_encoded(|encoded| {
             message(encoded, 2, |buf| encode_span(buf, &span));
-            let mut queue = self.shared.queue.lock().unwrap();
-            if queue.spans >= self.shared.max_queue || queue.shutdown {
-                queue.dropped += 1;
-                return;
-            }
-            let queue = &mut *queue;
-            queue_span(&mut queue.open.scopes, &mut queue.spare, &span.instrumentation_scope, encoded);
-            queue.open.spans += 1;
-            queue.open.bytes += encoded.len();
-            queue.spans += 1;
-            if queue.open.spans >= BATCH_SPANS || queue.open.bytes >= BATCH_BYTES {
-                let batch = std::mem::take(&mut queue.open);
-                queue.full.push_back(batch);
-                self.shared.wake.notify_one();
-            }
+            self.shared.push(&span.instrumentation_scope, encoded);
         });
     }
 
@@ -198,6 +188,47 @@ impl SpanProcessor for OtlpProcessor {
         queue.resource = encode_resource(resource);
         queue.resource_schema_url = resource.schema_url().unwrap_or_default().to_string();
     }
+}
+
+/// A processor's queue, taking spans already encoded (`Span` messages as `ScopeSpans.spans`
+/// fields); they go out in the processor's batches, under its resource.
+#[derive(Debug, Clone)]
+pub struct SpanQueue(Arc<Shared>);
+
+impl SpanQueue {
+    pub(super) fn push(&self, scope: &InstrumentationScope, encoded: &[u8]) {
+        self.0.push(scope, encoded);
+    }
+}
+
+impl Shared {
+    /// Queues one encoded span, or drops it (counted) when the queue is full or shut down.
+    fn push(&self, scope: &InstrumentationScope, encoded: &[u8]) {
+        let mut queue = self.queue.lock().unwrap();
+        if queue.spans >= self.max_queue || queue.shutdown {
+            queue.dropped += 1;
+            return;
+        }
+        let queue = &mut *queue;
+        queue_span(&mut queue.open.scopes, &mut queue.spare, scope, encoded);
+        queue.open.spans += 1;
+        queue.open.bytes += encoded.len();
+        queue.spans += 1;
+        if queue.open.spans >= BATCH_SPANS || queue.open.bytes >= BATCH_BYTES {
+            let batch = std::mem::take(&mut queue.open);
+            queue.full.push_back(batch);
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Runs `f` on this thread's (emptied) encoding buffer, kept from span to span.
+pub(super) fn with_encoded<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    thread_local!(static ENCODED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) });
+    ENCODED.with_borrow_mut(|encoded| {
+        encoded.clear();
+        f(encoded)
+    })
 }
 
 /// Appends an encoded span to its scope's bytes.
@@ -484,6 +515,62 @@ fn encode_span(buf: &mut Vec<u8>, span: &SpanData) {
     });
 }
 
+/// An invocation's span as [`super::sdk_invocation_span`] has the SDK build it and
+/// [`encode_span`] writes it, written straight from what the gateway knows: no attribute,
+/// name or span object is allocated (the tests compare the two).
+pub(super) fn encode_invocation(buf: &mut Vec<u8>, span: &super::InvocationSpan, end: SystemTime, i: &super::Invoked) {
+    use crate::semconv as c;
+    let context = &span.context;
+    bytes(buf, 1, &context.trace_id().to_bytes());
+    bytes(buf, 2, &context.span_id().to_bytes());
+    if context.trace_state() != &opentelemetry::trace::TraceState::NONE {
+        string(buf, 3, &context.trace_state().header());
+    }
+    if span.parent_span_id != SpanId::INVALID {
+        bytes(buf, 4, &span.parent_span_id.to_bytes());
+    }
+    fixed32(buf, 16, span_flags(span.parent_span_is_remote, context.trace_flags().to_u8()));
+    message(buf, 5, |buf| {
+        // The span's name, `invoke NAME` (semconv::invoke_span_name), a string field written as a message is.
+        buf.extend_from_slice(b"invoke ");
+        buf.extend_from_slice(i.function.as_bytes());
+    });
+    uint(buf, 6, 2); // SERVER
+    fixed64(buf, 7, nanos(span.start));
+    fixed64(buf, 8, nanos(end));
+    let text = |buf: &mut Vec<u8>, key: &str, value: &str| attribute(buf, key, |buf| always_string(buf, 1, value));
+    let int = |buf: &mut Vec<u8>, key: &str, value: i64| attribute(buf, key, |buf| int_value(buf, value));
+    text(buf, c::FAAS_NAME, i.function);
+    text(buf, c::FAAS_INVOCATION_ID, i.call_id);
+    text(buf, c::FAAS_TRIGGER, i.trigger);
+    text(buf, c::SFAAS_FUNCTION_KIND, i.kind);
+    if let Some(job) = i.job {
+        text(buf, c::SFAAS_STATE_JOB, job);
+    }
+    attribute(buf, c::FAAS_COLDSTART, |buf| bool_value(buf, i.usage.cold_start));
+    int(buf, c::SFAAS_CPU_MS, i.usage.cpu_ms() as i64);
+    int(buf, c::SFAAS_WALL_MS, i.wall.as_millis() as i64);
+    int(buf, c::SFAAS_MEMORY_PEAK_BYTES, i.usage.peak_memory_bytes as i64);
+    int(buf, c::SFAAS_BYTES_IN, i.bytes_in as i64);
+    int(buf, c::SFAAS_BYTES_OUT, i.bytes_out as i64);
+    int(buf, c::HTTP_RESPONSE_STATUS_CODE, i64::from(i.status));
+    attribute(buf, c::SFAAS_BILLABLE, |buf| bool_value(buf, true));
+    message(buf, 15, |buf| {
+        if let Some(description) = super::error_status(i.status) {
+            string(buf, 2, &description);
+            uint(buf, 3, 2);
+        }
+    });
+}
+
+/// A `Span.attributes` entry (field 9).
+fn attribute(buf: &mut Vec<u8>, key: &str, value: impl FnOnce(&mut Vec<u8>)) {
+    message(buf, 9, |buf| {
+        string(buf, 1, key);
+        message(buf, 2, value);
+    });
+}
+
 /// `SpanFlags`: the W3C trace flags, "has is-remote" (0x100) and "is remote" (0x200).
 fn span_flags(remote: bool, trace_flags: u8) -> u32 {
     u32::from(trace_flags) | 0x100 | if remote { 0x200 } else { 0 }
@@ -503,14 +590,8 @@ fn key_value(buf: &mut Vec<u8>, tag: u32, attribute: &KeyValue) {
 /// The members of `AnyValue`'s `oneof`.
 fn any_value(buf: &mut Vec<u8>, value: &Value) {
     match value {
-        Value::Bool(value) => {
-            encode_key(2, WireType::Varint, buf);
-            encode_varint(u64::from(*value), buf);
-        }
-        Value::I64(value) => {
-            encode_key(3, WireType::Varint, buf);
-            encode_varint(*value as u64, buf);
-        }
+        Value::Bool(value) => bool_value(buf, *value),
+        Value::I64(value) => int_value(buf, *value),
         Value::F64(value) => {
             encode_key(4, WireType::SixtyFourBit, buf);
             buf.extend_from_slice(&value.to_le_bytes());
@@ -529,10 +610,22 @@ fn any_value(buf: &mut Vec<u8>, value: &Value) {
     }
 }
 
+/// `AnyValue.bool_value`.
+fn bool_value(buf: &mut Vec<u8>, value: bool) {
+    encode_key(2, WireType::Varint, buf);
+    encode_varint(u64::from(value), buf);
+}
+
+/// `AnyValue.int_value`.
+fn int_value(buf: &mut Vec<u8>, value: i64) {
+    encode_key(3, WireType::Varint, buf);
+    encode_varint(value as u64, buf);
+}
+
 /// A length-delimited field holding a message, written even when empty. Its length is known
 /// only once the body is written: one byte is reserved for it and the body moved in the
 /// (rarer) case that the length needs more.
-fn message(buf: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
+pub(super) fn message(buf: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
     encode_key(tag, WireType::LengthDelimited, buf);
     let at = buf.len();
     buf.push(0);
@@ -708,6 +801,109 @@ mod tests {
         assert_eq!(ours, theirs);
         assert_eq!(ours.resource_spans[0].scope_spans.len(), 2);
         assert_eq!(ours.resource_spans[0].scope_spans[0].spans.len(), 6);
+    }
+
+    /// Keeps the spans the SDK ends.
+    #[derive(Debug, Clone, Default)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<SpanData>>>);
+
+    impl opentelemetry_sdk::trace::SpanProcessor for Capture {
+        fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
+        fn on_end(&self, span: SpanData) {
+            self.0.lock().unwrap().push(span);
+        }
+        fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+            Ok(())
+        }
+        fn shutdown_with_timeout(&self, _: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+            Ok(())
+        }
+    }
+
+    /// The gateway's invocation span, written straight to a processor's queue, is the span the
+    /// SDK builds for the same invocation (with the platform's always-on sampler), as
+    /// opentelemetry-proto converts it: all but its own span id and clock readings, for a root
+    /// span and for a child of an unsampled remote parent with a trace state, a job and a 5xx.
+    #[test]
+    fn an_invocation_span_written_directly_equals_the_sdks() {
+        use opentelemetry::trace::{TraceContextExt, TracerProvider};
+        use opentelemetry_proto::tonic::trace::v1::Span as ProtoSpan;
+
+        use super::super::{InvocationSpan, Invoked, sdk_invocation_span};
+        use super::{Queue, Shared, SpanQueue};
+        use crate::function::Usage;
+
+        let capture = Capture::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
+            .with_span_processor(capture.clone())
+            .build();
+        let tracer = provider.tracer(crate::semconv::SERVICE_NAME);
+        let remote = SpanContext::new(
+            TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
+            SpanId::from(0x00f0_67aa_0ba9_02b7),
+            TraceFlags::default(),
+            true,
+            TraceState::from_key_value([("vendor", "x1")]).unwrap(),
+        );
+        let parents = [opentelemetry::Context::new(), opentelemetry::Context::new().with_remote_span_context(remote)];
+        let usages = [Usage::default(), Usage { cpu_ns: 12_300_000, peak_memory_bytes: 3 << 20, cold_start: true }];
+        let invocations = [
+            Invoked {
+                function: "noop",
+                kind: "builtin",
+                call_id: "call-1",
+                trigger: "http",
+                job: None,
+                usage: &usages[0],
+                wall: Duration::from_micros(300),
+                bytes_in: 0,
+                bytes_out: 4,
+                status: 200,
+            },
+            Invoked {
+                function: "resize-ünïcode-".repeat(12).leak(),
+                kind: "exec",
+                call_id: "0190b4e2-7c3a-7d2e-9f00-aabbccddeeff",
+                trigger: "pubsub",
+                job: Some("run-42"),
+                usage: &usages[1],
+                wall: Duration::from_millis(1500),
+                bytes_in: 1 << 20,
+                bytes_out: 17,
+                status: 503,
+            },
+        ];
+        for (parent, invoked) in parents.iter().zip(&invocations) {
+            let shared = std::sync::Arc::new(Shared {
+                queue: std::sync::Mutex::new(Queue::default()),
+                wake: std::sync::Condvar::new(),
+                sent: std::sync::Condvar::new(),
+                max_queue: 10,
+            });
+            let span = InvocationSpan::start(SpanQueue(shared.clone()), parent);
+            span.end(invoked);
+            let queue = shared.queue.lock().unwrap();
+            let scopes = &queue.open.scopes;
+            assert_eq!(scopes.len(), 1);
+            assert_eq!(scopes[0].0, InstrumentationScope::builder(crate::semconv::SERVICE_NAME).build());
+            let request = ExportTraceServiceRequest::decode(&frame(&[], "", scopes)[..]).unwrap();
+            let mut ours: ProtoSpan = request.resource_spans[0].scope_spans[0].spans[0].clone();
+
+            sdk_invocation_span(&tracer, parent, invoked);
+            let sdk = capture.0.lock().unwrap().pop().expect("the SDK recorded the span");
+            let theirs = ProtoSpan::from(sdk);
+            assert!(ours.start_time_unix_nano > 0 && ours.end_time_unix_nano >= ours.start_time_unix_nano);
+            assert_ne!(ours.span_id, theirs.span_id, "a span id of its own");
+            ours.span_id = theirs.span_id.clone();
+            if !parent.has_active_span() {
+                assert_ne!(ours.trace_id, theirs.trace_id, "a root starts a trace of its own");
+                ours.trace_id = theirs.trace_id.clone();
+            }
+            ours.start_time_unix_nano = theirs.start_time_unix_nano;
+            ours.end_time_unix_nano = theirs.end_time_unix_nano;
+            assert_eq!(ours, theirs);
+        }
     }
 
     #[test]
