@@ -106,6 +106,9 @@ impl Telemetry {
         if let Some(exporter) = self.providers.read().unwrap().get(tenant) {
             return Some(f(exporter));
         }
+        if self.config.read().unwrap().endpoint.is_none() {
+            return None; // export is off
+        }
         let config = self.config.read().unwrap().clone();
         let endpoint = config.endpoint.as_ref()?;
         let mut providers = self.providers.write().unwrap();
