@@ -28,8 +28,11 @@ pub const TRIGGER_PUBSUB: &str = "pubsub";
 
 /// Span name of one function invocation.
 pub fn invoke_span_name(function: &str) -> String {
-    format!("invoke {function}")
+    format!("{INVOKE_SPAN_PREFIX}{function}")
 }
+
+/// What an invocation span's name starts with.
+pub const INVOKE_SPAN_PREFIX: &str = "invoke ";
 
 pub const SFAAS_FLOW_NAME: &str = "sfaas.flow.name";
 pub const SFAAS_FLOW_RUN_ID: &str = "sfaas.flow.run_id";

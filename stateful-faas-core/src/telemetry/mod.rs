@@ -106,10 +106,11 @@ impl Telemetry {
         if let Some(exporter) = self.providers.read().unwrap().get(tenant) {
             return Some(f(exporter));
         }
-        if self.config.read().unwrap().endpoint.is_none() {
-            return None; // export is off
-        }
-        let config = self.config.read().unwrap().clone();
+        let config = {
+            let config = self.config.read().unwrap();
+            config.endpoint.as_ref()?; // export is off: nothing to clone
+            config.clone()
+        };
         let endpoint = config.endpoint.as_ref()?;
         let mut providers = self.providers.write().unwrap();
         if let Some(exporter) = providers.get(tenant) {

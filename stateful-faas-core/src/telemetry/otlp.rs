@@ -1,6 +1,7 @@
 //! OTLP export of the platform's spans: a span processor that writes the protobuf wire format
-//! straight from the SDK's `SpanData` on the thread that ends the span, queues the bytes, and
-//! sends batches over gRPC or HTTP from a thread of its own.
+//! straight from the SDK's `SpanData` on the thread that ends the span (and invocation spans
+//! straight from the gateway's fields, [`super::InvocationSpan`]), queues the bytes, and sends
+//! batches over gRPC or HTTP from a thread of its own.
 //!
 //! The SDK's batch processor with opentelemetry-otlp's exporter moves every `SpanData` to its
 //! batch thread, converts it there into opentelemetry-proto's message structs (an allocation per
@@ -531,8 +532,8 @@ pub(super) fn encode_invocation(buf: &mut Vec<u8>, span: &super::InvocationSpan,
     }
     fixed32(buf, 16, span_flags(span.parent_span_is_remote, context.trace_flags().to_u8()));
     message(buf, 5, |buf| {
-        // The span's name, `invoke NAME` (semconv::invoke_span_name), a string field written as a message is.
-        buf.extend_from_slice(b"invoke ");
+        // The name, `semconv::invoke_span_name` written in place (a string's bytes, as a message's).
+        buf.extend_from_slice(c::INVOKE_SPAN_PREFIX.as_bytes());
         buf.extend_from_slice(i.function.as_bytes());
     });
     uint(buf, 6, 2); // SERVER
