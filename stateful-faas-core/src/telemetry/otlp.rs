@@ -539,8 +539,11 @@ pub(super) fn encode_invocation(buf: &mut Vec<u8>, span: &super::InvocationSpan,
     uint(buf, 6, 2); // SERVER
     fixed64(buf, 7, nanos(span.start));
     fixed64(buf, 8, nanos(end));
-    let text = |buf: &mut Vec<u8>, key: &str, value: &str| attribute(buf, key, |buf| always_string(buf, 1, value));
-    let int = |buf: &mut Vec<u8>, key: &str, value: i64| attribute(buf, key, |buf| int_value(buf, value));
+    // `Span.attributes` (field 9), by kind of value.
+    let text =
+        |buf: &mut Vec<u8>, key: &str, value: &str| key_value_with(buf, 9, key, |buf| always_string(buf, 1, value));
+    let int = |buf: &mut Vec<u8>, key: &str, value: i64| key_value_with(buf, 9, key, |buf| int_value(buf, value));
+    let flag = |buf: &mut Vec<u8>, key: &str, value: bool| key_value_with(buf, 9, key, |buf| bool_value(buf, value));
     text(buf, c::FAAS_NAME, i.function);
     text(buf, c::FAAS_INVOCATION_ID, i.call_id);
     text(buf, c::FAAS_TRIGGER, i.trigger);
@@ -548,27 +551,19 @@ pub(super) fn encode_invocation(buf: &mut Vec<u8>, span: &super::InvocationSpan,
     if let Some(job) = i.job {
         text(buf, c::SFAAS_STATE_JOB, job);
     }
-    attribute(buf, c::FAAS_COLDSTART, |buf| bool_value(buf, i.usage.cold_start));
+    flag(buf, c::FAAS_COLDSTART, i.usage.cold_start);
     int(buf, c::SFAAS_CPU_MS, i.usage.cpu_ms() as i64);
     int(buf, c::SFAAS_WALL_MS, i.wall.as_millis() as i64);
     int(buf, c::SFAAS_MEMORY_PEAK_BYTES, i.usage.peak_memory_bytes as i64);
     int(buf, c::SFAAS_BYTES_IN, i.bytes_in as i64);
     int(buf, c::SFAAS_BYTES_OUT, i.bytes_out as i64);
     int(buf, c::HTTP_RESPONSE_STATUS_CODE, i64::from(i.status));
-    attribute(buf, c::SFAAS_BILLABLE, |buf| bool_value(buf, true));
+    flag(buf, c::SFAAS_BILLABLE, true);
     message(buf, 15, |buf| {
         if let Some(description) = super::error_status(i.status) {
             string(buf, 2, &description);
             uint(buf, 3, 2);
         }
-    });
-}
-
-/// A `Span.attributes` entry (field 9).
-fn attribute(buf: &mut Vec<u8>, key: &str, value: impl FnOnce(&mut Vec<u8>)) {
-    message(buf, 9, |buf| {
-        string(buf, 1, key);
-        message(buf, 2, value);
     });
 }
 
@@ -582,9 +577,14 @@ fn nanos(time: SystemTime) -> u64 {
 }
 
 fn key_value(buf: &mut Vec<u8>, tag: u32, attribute: &KeyValue) {
+    key_value_with(buf, tag, attribute.key.as_str(), |buf| any_value(buf, &attribute.value));
+}
+
+/// A `KeyValue` message in field `tag`, its value's `AnyValue` members written by `value`.
+fn key_value_with(buf: &mut Vec<u8>, tag: u32, key: &str, value: impl FnOnce(&mut Vec<u8>)) {
     message(buf, tag, |buf| {
-        string(buf, 1, attribute.key.as_str());
-        message(buf, 2, |buf| any_value(buf, &attribute.value));
+        string(buf, 1, key);
+        message(buf, 2, value);
     });
 }
 
