@@ -44,7 +44,8 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
     let period = Period::containing(PeriodKind::Month, now_ns());
     let (start, end) = (period.start_ns(), now_ns() - 60_000_000_000);
     let started = Instant::now();
-    let spans = seed(&billing, &store, invocations, start, end).await?;
+    let step = (end - start) / invocations.max(1) as i64;
+    let spans = seed(&billing, &store, invocations, start, step, end).await?;
     writeln!(
         out,
         "  writing {spans} metered spans through the collector's store (not timed below): {:.1} s",
@@ -89,7 +90,6 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
     billing.run(None).await?;
     writeln!(out, "  idle run (nothing new): {:.1} ms", started.elapsed().as_secs_f64() * 1000.0)?;
     // The floor: the same number of records written straight into the table.
-    let step = (end - start) / invocations.max(1) as i64;
     let started = Instant::now();
     insert_invocations(&billing, invocations + new..invocations + 2 * new, start, step).await?;
     let raw = started.elapsed();
@@ -113,19 +113,19 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
 }
 
 /// The month's usage as metered spans through the collector's store: `invocations` invoke
-/// spans evenly over `[start, end)`, and each tenant's standing state as one `state.usage`
-/// span per hour; plans assigned first. Returns the number of spans.
+/// spans from `start`, `step` ns apart, and each tenant's standing state as one `state.usage`
+/// span per hour up to `end`; plans assigned first. Returns the number of spans.
 async fn seed(
     billing: &Billing,
     store: &TelemetryStore,
     invocations: usize,
     start: i64,
+    step: i64,
     end: i64,
 ) -> anyhow::Result<u64> {
     for t in 0..TENANTS {
         billing.assign_plan(&format!("t{t:03}"), if t < TENANTS / 2 { "free" } else { "pro" }, Some(0)).await?;
     }
-    let step = (end - start) / invocations.max(1) as i64;
     let hours = ((end - start) / HOUR_NS).max(1);
     let invoke = (0..invocations).map(|i| span(i, start + i as i64 * step, "bench"));
     let state = (0..hours).flat_map(|hour| (0..TENANTS).map(move |t| standing_state(t, start + hour * HOUR_NS, hour)));
@@ -207,57 +207,54 @@ async fn insert_invocations(
 /// A tenant's standing storage over one hour: a `state.usage` span as the core emits it.
 fn standing_state(t: usize, at: i64, hour: i64) -> SpanRow {
     let tenant = format!("t{t:03}");
-    SpanRow {
-        tenant: tenant.clone(),
-        trace_id: format!("{:032x}", at + t as i64),
-        span_id: format!("{t:016x}"),
-        parent_span_id: None,
-        name: "state.usage".into(),
-        kind: 1,
-        start_ns: at,
-        end_ns: at + HOUR_NS,
-        status_code: 0,
-        status_message: String::new(),
-        service_name: "sfaas-core".into(),
-        attributes: serde_json::json!({
-            "sfaas.state.owner": "standing", "sfaas.usage_id": format!("state/standing/{at}"),
-            "sfaas.state.byte_seconds": format!("{}.{:09}", 3_600 * (1 << 20) * (t + 1), hour * 7 % 1_000_000_000),
-            "sfaas.billable": true,
-        })
-        .to_string(),
-        events: "[]".into(),
-        links: "[]".into(),
-        resource: serde_json::json!({"service.name": "sfaas-core", "service.namespace": tenant}).to_string(),
-        scope: "{}".into(),
-        metered: true,
-    }
+    let attributes = serde_json::json!({
+        "sfaas.state.owner": "standing", "sfaas.usage_id": format!("state/standing/{at}"),
+        "sfaas.state.byte_seconds": format!("{}.{:09}", 3_600 * (1 << 20) * (t + 1), hour * 7 % 1_000_000_000),
+        "sfaas.billable": true,
+    });
+    let ids = (format!("{:032x}", at + t as i64), format!("{t:016x}"));
+    core_span(tenant, ids, "state.usage".into(), 1, (at, at + HOUR_NS), attributes)
 }
 
+/// Invocation `i` as its metered `invoke` span, its id `{prefix}-{i}`.
 fn span(i: usize, start_ns: i64, prefix: &str) -> SpanRow {
     let tenant = format!("t{:03}", i % TENANTS);
     let function = format!("f{}", (i / TENANTS) % FUNCTIONS_PER_TENANT);
+    let attributes = serde_json::json!({
+        "faas.name": function, "faas.invocation_id": format!("{prefix}-{i:010}"), "faas.trigger": "http",
+        "faas.coldstart": false, "sfaas.cpu_ms": (i % 97) as i64, "sfaas.wall_ms": 5,
+        "sfaas.memory.peak_bytes": 1 << 20, "sfaas.bytes_in": 200, "sfaas.bytes_out": (i % 4096) as i64,
+        "http.response.status_code": 200, "sfaas.billable": true,
+    });
+    let ids = (format!("{i:032x}"), format!("{:016x}", i + 1));
+    core_span(tenant, ids, format!("invoke {function}"), 2, (start_ns, start_ns + 5_000_000), attributes)
+}
+
+/// A root span of the core's (`sfaas-core`, the tenant's namespace), metered.
+fn core_span(
+    tenant: String,
+    (trace_id, span_id): (String, String),
+    name: String,
+    kind: i64,
+    (start_ns, end_ns): (i64, i64),
+    attributes: serde_json::Value,
+) -> SpanRow {
     SpanRow {
-        tenant: tenant.clone(),
-        trace_id: format!("{i:032x}"),
-        span_id: format!("{:016x}", i + 1),
+        resource: serde_json::json!({"service.name": "sfaas-core", "service.namespace": tenant}).to_string(),
+        tenant,
+        trace_id,
+        span_id,
         parent_span_id: None,
-        name: format!("invoke {function}"),
-        kind: 2,
+        name,
+        kind,
         start_ns,
-        end_ns: start_ns + 5_000_000,
+        end_ns,
         status_code: 0,
         status_message: String::new(),
         service_name: "sfaas-core".into(),
-        attributes: serde_json::json!({
-            "faas.name": function, "faas.invocation_id": format!("{prefix}-{i:010}"), "faas.trigger": "http",
-            "faas.coldstart": false, "sfaas.cpu_ms": (i % 97) as i64, "sfaas.wall_ms": 5,
-            "sfaas.memory.peak_bytes": 1 << 20, "sfaas.bytes_in": 200, "sfaas.bytes_out": (i % 4096) as i64,
-            "http.response.status_code": 200, "sfaas.billable": true,
-        })
-        .to_string(),
+        attributes: attributes.to_string(),
         events: "[]".into(),
         links: "[]".into(),
-        resource: serde_json::json!({"service.name": "sfaas-core", "service.namespace": tenant}).to_string(),
         scope: "{}".into(),
         metered: true,
     }
