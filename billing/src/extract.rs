@@ -41,6 +41,7 @@ pub struct Chunk {
 }
 
 /// A metered span as stored.
+#[derive(Clone)]
 struct Span {
     tenant: String,
     trace_id: String,
@@ -182,21 +183,21 @@ struct Figures {
     status_code: i64,
 }
 
-/// A usage record about to be inserted (the columns of `usage_records`, in order).
-struct Record<'a> {
-    span: &'a Span,
-    usage_id: Cow<'a, str>,
+/// A usage record about to be inserted (the columns of `usage_records`, in order): its span and
+/// what the rules read from it. It owns its data, so that a chunk is read and parsed on one
+/// thread while the chunk before is written on another; the plan is chosen when it is written.
+struct Record {
+    span: Span,
+    usage_id: String,
     invocation: bool,
-    function: Cow<'a, str>,
-    flow_run: Option<Cow<'a, str>>,
+    function: String,
+    flow_run: Option<String>,
     figures: Figures,
-    state: (Cow<'a, str>, Decimal),
-    period: &'a str,
-    billed_period: &'a str,
-    plan: &'a str,
+    state: (String, Decimal),
+    period: Period,
 }
 
-impl Record<'_> {
+impl Record {
     fn key(&self) -> (&str, &str) {
         (&self.span.tenant, &self.usage_id)
     }
@@ -205,10 +206,11 @@ impl Record<'_> {
         (self.span.received_ms, &self.span.trace_id, &self.span.span_id)
     }
 
-    fn values(&self) -> [collector::sqlite::Value<'_>; 20] {
+    fn values<'a>(&'a self, periods: &'a PeriodKeys, plan: &'a str) -> [collector::sqlite::Value<'a>; 20] {
         use collector::sqlite::Value::{Int, Null, Text};
-        let s = self.span;
+        let s = &self.span;
         let f = self.figures;
+        let (period, billed_period) = periods.keys(self.period);
         [
             Text(&s.tenant),
             Text(&self.usage_id),
@@ -226,9 +228,9 @@ impl Record<'_> {
             Int(f.bytes_out),
             Int(f.status_code),
             Text(&self.state.0),
-            Text(self.period),
-            Text(self.billed_period),
-            Text(self.plan),
+            Text(period),
+            Text(billed_period),
+            Text(plan),
             Int(s.received_ms),
         ]
     }
@@ -270,17 +272,17 @@ impl PeriodKeys {
         }
         Self(keys)
     }
+
+    /// The keys of a period and of the invoice its usage is billed on.
+    fn keys(&self, period: Period) -> (&str, &str) {
+        let (key, billed) = &self.0[&period];
+        (key, billed)
+    }
 }
 
 /// The chunk's spans as records, in key order, the first arrival of each usage id only; with
 /// the number of candidates and of malformed ones.
-fn records<'a>(
-    spans: &'a [Span],
-    kind: PeriodKind,
-    periods: &'a PeriodKeys,
-    plans: &'a Plans,
-    default_plan: &'a str,
-) -> (Vec<Record<'a>>, u64, u64) {
+fn records(spans: Vec<Span>, kind: PeriodKind) -> (Vec<Record>, u64, u64) {
     let (mut candidates, mut malformed) = (0, 0);
     let mut out = Vec::with_capacity(spans.len());
     for span in spans {
@@ -305,35 +307,40 @@ fn records<'a>(
         } else {
             a.invocation_id.id().map(|id| (id, (Cow::Borrowed("0"), Decimal::ZERO)))
         };
-        let Some((usage_id, state_usage)) = usage else {
+        let Some((usage_id, (byte_seconds, state_decimal))) = usage else {
             malformed += 1;
             continue;
         };
-        let (period, billed_period) = &periods.0[&Period::containing(kind, span.start_ns)];
+        let (usage_id, byte_seconds) = (usage_id.into_owned(), byte_seconds.into_owned());
+        let function = match state {
+            true => String::new(),
+            false => {
+                a.function.id().map_or_else(|| span.name.strip_prefix("invoke ").unwrap_or("").into(), Cow::into_owned)
+            }
+        };
+        let flow_run = match state {
+            true => matches!(&a.owner, Attr::Text(owner) if owner == "job").then(|| a.job.id()).flatten(),
+            false => a.run_id.id().or_else(|| a.job.id()),
+        }
+        .map(Cow::into_owned);
+        let figures = Figures {
+            cpu_ms: a.cpu_ms.int(),
+            wall_ms: a.wall_ms.int(),
+            memory_peak_bytes: a.memory.int(),
+            bytes_in: a.bytes_in.int(),
+            bytes_out: a.bytes_out.int(),
+            status_code: a.status.int(),
+        };
+        drop(a);
         out.push(Record {
+            period: Period::containing(kind, span.start_ns),
             span,
             usage_id,
             invocation: !state,
-            function: match state {
-                true => Cow::Borrowed(""),
-                false => a.function.id().unwrap_or(Cow::Borrowed(span.name.strip_prefix("invoke ").unwrap_or(""))),
-            },
-            flow_run: match state {
-                true => matches!(&a.owner, Attr::Text(owner) if owner == "job").then(|| a.job.id()).flatten(),
-                false => a.run_id.id().or_else(|| a.job.id()),
-            },
-            figures: Figures {
-                cpu_ms: a.cpu_ms.int(),
-                wall_ms: a.wall_ms.int(),
-                memory_peak_bytes: a.memory.int(),
-                bytes_in: a.bytes_in.int(),
-                bytes_out: a.bytes_out.int(),
-                status_code: a.status.int(),
-            },
-            state: state_usage,
-            period,
-            billed_period,
-            plan: plans.at(&span.tenant, span.start_ns).unwrap_or(default_plan),
+            function,
+            flow_run,
+            figures,
+            state: (byte_seconds, state_decimal),
         });
     }
     // Key order (inserts walk the B-tree once); within a key, arrival order: the first is kept.
@@ -365,25 +372,37 @@ fn read_spans_sqlite(db: &collector::sqlite::Connection, after_ms: i64, upto_ms:
     Ok(spans)
 }
 
-/// Inserts the records on SQLite through its C API; true for each one that was new.
-fn insert_sqlite(db: &collector::sqlite::Connection, records: &[Record]) -> Result<Vec<bool>, String> {
+/// Inserts the records on SQLite through its C API, each with its plan; true for each one that
+/// was new.
+fn insert_sqlite(
+    db: &collector::sqlite::Connection,
+    records: &[Record],
+    periods: &PeriodKeys,
+    plans: &[&str],
+) -> Result<Vec<bool>, String> {
     let mut statement = db.prepare(&format!("{INSERT_RECORDS}{} ON CONFLICT DO NOTHING", value_groups(1, 20)))?;
-    records.iter().map(|record| Ok(statement.execute(&record.values())? == 1)).collect()
+    records.iter().zip(plans).map(|(record, plan)| Ok(statement.execute(&record.values(periods, plan))? == 1)).collect()
 }
 
-/// Inserts the records on PostgreSQL, a statement per [`crate::ROWS_PER_STATEMENT`]; true for
-/// each one that was new.
-async fn insert_postgres(connection: &mut sqlx::PgConnection, db: &Db, records: &[Record<'_>]) -> Result<Vec<bool>> {
+/// Inserts the records on PostgreSQL, each with its plan, a statement per
+/// [`crate::ROWS_PER_STATEMENT`]; true for each one that was new.
+async fn insert_postgres(
+    connection: &mut sqlx::PgConnection,
+    db: &Db,
+    records: &[Record],
+    periods: &PeriodKeys,
+    plans: &[&str],
+) -> Result<Vec<bool>> {
     use collector::sqlite::Value;
     let mut new = Vec::with_capacity(records.len());
-    for part in records.chunks(crate::ROWS_PER_STATEMENT) {
+    for (part, plans) in records.chunks(crate::ROWS_PER_STATEMENT).zip(plans.chunks(crate::ROWS_PER_STATEMENT)) {
         let sql = format!(
             "{INSERT_RECORDS}{} ON CONFLICT DO NOTHING RETURNING tenant, usage_id",
             value_groups(part.len(), 20)
         );
         let mut query = sqlx::query_as::<_, (String, String)>(db.sql(&sql));
-        for record in part {
-            for value in record.values() {
+        for (record, plan) in part.iter().zip(plans) {
+            for value in record.values(periods, plan) {
                 query = match value {
                     Value::Null => query.bind(None::<String>),
                     Value::Int(n) => query.bind(n),
@@ -394,18 +413,24 @@ async fn insert_postgres(connection: &mut sqlx::PgConnection, db: &Db, records: 
         }
         let inserted: std::collections::HashSet<(String, String)> =
             query.fetch_all(&mut *connection).await?.into_iter().collect();
-        new.extend(part.iter().map(|r| inserted.contains(&(r.span.tenant.clone(), r.usage_id.to_string()))));
+        new.extend(part.iter().map(|r| inserted.contains(&(r.span.tenant.clone(), r.usage_id.clone()))));
     }
     Ok(new)
 }
 
 /// The new records' sums by totals key, with how many were new and how many of them late.
-fn sum_new(records: &[Record], new: Vec<bool>) -> (HashMap<TotalsKey, Totals>, u64, u64) {
+fn sum_new(
+    records: &[Record],
+    periods: &PeriodKeys,
+    plans: &[&str],
+    new: Vec<bool>,
+) -> (HashMap<TotalsKey, Totals>, u64, u64) {
     // Summed under borrowed keys; one owned key per group.
     let mut sums: HashMap<[&str; 5], Totals> = HashMap::new();
     let (mut count, mut late) = (0, 0);
-    for record in records.iter().zip(new).filter_map(|(record, new)| new.then_some(record)) {
-        let key = [&*record.span.tenant, record.billed_period, record.period, record.plan, &record.function];
+    for ((record, plan), _) in records.iter().zip(plans).zip(new).filter(|(_, new)| *new) {
+        let (period, billed_period) = periods.keys(record.period);
+        let key = [&*record.span.tenant, billed_period, period, plan, &record.function];
         let f = record.figures;
         sums.entry(key).or_default().add(&Totals {
             records: 1,
@@ -417,7 +442,7 @@ fn sum_new(records: &[Record], new: Vec<bool>) -> (HashMap<TotalsKey, Totals>, u
             state_byte_seconds: record.state.1,
         });
         count += 1;
-        late += u64::from(record.period != record.billed_period);
+        late += u64::from(period != billed_period);
     }
     let totals = sums
         .into_iter()
@@ -435,22 +460,96 @@ fn sum_new(records: &[Record], new: Vec<bool>) -> (HashMap<TotalsKey, Totals>, u
     (totals, count, late)
 }
 
-/// Extracts the spans that arrived in `(after_ms, upto_ms]` and moves the watermark to
-/// `upto_ms`, in one transaction.
-pub async fn chunk(
+/// The end of the chunk after `watermark`: `spans` metered spans on (and the rest of that
+/// millisecond's), never past `upto`.
+pub async fn chunk_end(db: &Db, watermark: i64, upto: i64, spans: i64) -> Result<i64> {
+    let sql = db.sql(
+        "SELECT received_ms FROM spans WHERE metered = 1 AND received_ms > ? AND received_ms <= ? \
+         ORDER BY received_ms LIMIT 1 OFFSET ?",
+    );
+    let next: Option<i64> = on_pool!(db, pool => sqlx::query_scalar(sql)
+        .bind(watermark).bind(upto).bind(spans).fetch_optional(pool).await?);
+    Ok(next.unwrap_or(upto))
+}
+
+/// The spans that arrived in `(after_ms, upto_ms]`, read and turned into records: the part of
+/// extraction that writes nothing, so that it runs while the chunk before is written
+/// ([`write`]). Reading outside the writing transaction sees the same spans: arrivals at or
+/// before the billing run's upper bound are settled before the run starts (`Billing::run`).
+pub struct Prepared {
+    upto_ms: i64,
+    /// Every tenant with a span in the chunk (pinned to the default plan if it has none).
+    tenants: Vec<String>,
+    records: Vec<Record>,
+    periods: PeriodKeys,
+    candidates: u64,
+    malformed: u64,
+}
+
+impl Prepared {
+    pub fn upto_ms(&self) -> i64 {
+        self.upto_ms
+    }
+}
+
+/// Reads the chunk `(after_ms, upto_ms]` and applies the rules (on a blocking thread: parsing a
+/// chunk is tens of milliseconds of CPU).
+pub async fn prepare(
     db: &Db,
     kind: PeriodKind,
-    default_plan: &str,
     final_through: Option<Period>,
     after_ms: i64,
     upto_ms: i64,
-) -> Result<Chunk> {
+) -> Result<Prepared> {
+    let spans: Vec<Span> = match db {
+        Db::Sqlite(pool) => {
+            let mut connection = pool.acquire().await?;
+            collector::sqlite::run(&mut connection, |db| read_spans_sqlite(db, after_ms, upto_ms))
+                .await
+                .map_err(BillingError::Sqlite)?
+        }
+        Db::Postgres(pool) => sqlx::query_as(db.sql(READ_SPANS))
+            .bind(after_ms)
+            .bind(upto_ms)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|(tenant, trace_id, span_id, name, start_ns, end_ns, received_ms, attributes)| Span {
+                tenant,
+                trace_id,
+                span_id,
+                name,
+                start_ns,
+                end_ns,
+                received_ms,
+                attributes,
+            })
+            .collect(),
+    };
+    let parse = move || {
+        let periods = PeriodKeys::new(kind, final_through, &spans);
+        let mut tenants: Vec<String> = spans.iter().map(|span| span.tenant.clone()).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let (records, candidates, malformed) = records(spans, kind);
+        Prepared { upto_ms, tenants, records, periods, candidates, malformed }
+    };
+    tokio::task::spawn_blocking(parse)
+        .await
+        .map_err(|error| BillingError::Invalid(format!("extraction failed: {error}")))
+}
+
+/// Writes a prepared chunk in one transaction: pins tenants without a plan to the default one,
+/// inserts the records with the plan in effect at their start (those already stored are
+/// skipped), adds the new ones to the running totals and moves the watermark to the chunk's end.
+pub async fn write(db: &Db, default_plan: &str, prepared: Prepared) -> Result<Chunk> {
     let sqlite = matches!(db, Db::Sqlite(_));
     let watermark = db.sql(
         "INSERT INTO billing_settings (key, value) VALUES ('watermark_ms', ?) \
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     );
-    let mut out = Chunk::default();
+    let Prepared { upto_ms, tenants, records, periods, candidates, malformed } = prepared;
+    let mut out = Chunk { candidates, malformed, ..Chunk::default() };
     on_pool!(db, pool => {
         // SQLite: take the write lock first; a read that later upgrades to a write fails with
         // SQLITE_BUSY_SNAPSHOT when the collector committed in between (busy_timeout cannot wait
@@ -460,51 +559,33 @@ pub async fn chunk(
             // One writer of the totals at a time, across processes (read-add-write below).
             sqlx::query("SELECT pg_advisory_xact_lock(7305011)").execute(&mut *tx).await?;
         }
-        // SQLite goes through its C API (sqlx hands each row over from its worker thread and
-        // copies each bound value); PostgreSQL through sqlx. The rules are the same Rust.
-        let connection = &mut *tx as &mut dyn std::any::Any;
-        let spans = match connection.downcast_mut::<sqlx::SqliteConnection>() {
-            Some(connection) => collector::sqlite::run(connection, |db| read_spans_sqlite(db, after_ms, upto_ms))
-                .await
-                .map_err(BillingError::Sqlite)?,
-            None => sqlx::query_as(db.sql(READ_SPANS))
-                .bind(after_ms)
-                .bind(upto_ms)
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .map(|(tenant, trace_id, span_id, name, start_ns, end_ns, received_ms, attributes)| Span {
-                    tenant, trace_id, span_id, name, start_ns, end_ns, received_ms, attributes,
-                })
-                .collect(),
-        };
-        if !spans.is_empty() {
+        if !tenants.is_empty() {
             // Read in the transaction: the plans the records are pinned to.
             let mut plans = Plans(crate::assignments(sqlx::query_as(crate::PLAN_ASSIGNMENTS).fetch_all(&mut *tx).await?));
             // A tenant billed for the first time is pinned to the default plan.
             let pin = "INSERT INTO tenant_plans (tenant, effective_from_ns, plan) VALUES (?, 0, ?) ON CONFLICT DO NOTHING";
-            for span in &spans {
-                if !plans.0.contains_key(&span.tenant) {
-                    sqlx::query(db.sql(pin)).bind(&span.tenant).bind(default_plan).execute(&mut *tx).await?;
-                    plans.0.insert(span.tenant.clone(), vec![(0, default_plan.to_string())]);
+            for tenant in tenants {
+                if let std::collections::btree_map::Entry::Vacant(entry) = plans.0.entry(tenant) {
+                    sqlx::query(db.sql(pin)).bind(entry.key()).bind(default_plan).execute(&mut *tx).await?;
+                    entry.insert(vec![(0, default_plan.to_string())]);
                 }
             }
-            let periods = PeriodKeys::new(kind, final_through, &spans);
-            let (records, candidates, malformed) = records(&spans, kind, &periods, &plans, default_plan);
+            let chosen: Vec<&str> =
+                records.iter().map(|r| plans.at(&r.span.tenant, r.span.start_ns).unwrap_or(default_plan)).collect();
+            // SQLite goes through its C API (sqlx hands each row over from its worker thread and
+            // copies each bound value); PostgreSQL through sqlx. The rules are the same Rust.
             let connection = &mut *tx as &mut dyn std::any::Any;
             let new = match connection.downcast_mut::<sqlx::SqliteConnection>() {
-                Some(connection) => collector::sqlite::run(connection, |db| insert_sqlite(db, &records))
+                Some(connection) => collector::sqlite::run(connection, |db| insert_sqlite(db, &records, &periods, &chosen))
                     .await
                     .map_err(BillingError::Sqlite)?,
                 None => {
                     let connection = connection.downcast_mut::<sqlx::PgConnection>().expect("SQLite or PostgreSQL");
-                    insert_postgres(connection, db, &records).await?
+                    insert_postgres(connection, db, &records, &periods, &chosen).await?
                 }
             };
-            (out.totals, out.records, out.late_records) = sum_new(&records, new);
+            (out.totals, out.records, out.late_records) = sum_new(&records, &periods, &chosen, new);
             crate::add_totals(db, &mut tx, out.totals.clone()).await?;
-            out.candidates = candidates;
-            out.malformed = malformed;
         }
         sqlx::query(watermark).bind(upto_ms.to_string()).execute(&mut *tx).await?;
         tx.commit().await?;
@@ -609,13 +690,16 @@ mod tests {
         ]));
         let september = Period::parse(PeriodKind::Month, "2026-09").unwrap();
         let periods = PeriodKeys::new(PeriodKind::Month, Some(september), &spans);
-        let (records, candidates, malformed) = records(&spans, PeriodKind::Month, &periods, &plans, "basic");
+        let more = spans[..2].to_vec();
+        let (records, candidates, malformed) = records(spans.to_vec(), PeriodKind::Month);
         assert_eq!((candidates, malformed), (8, 4));
         let seen: Vec<_> = records
             .iter()
             .map(|r| {
                 let kind = if r.invocation { "invocation" } else { "state" };
-                let where_ = [r.period, r.billed_period, r.plan].join(" ");
+                let (period, billed_period) = periods.keys(r.period);
+                let plan = plans.at(&r.span.tenant, r.span.start_ns).unwrap_or("basic");
+                let where_ = [period, billed_period, plan].join(" ");
                 (
                     r.key(),
                     kind,
@@ -648,12 +732,12 @@ mod tests {
         assert_eq!(records[1].state.1, Decimal::new(150, 2));
         // A figure's fraction is truncated; anything but a number counts 0. Attributes that are
         // not a JSON object are malformed.
-        let attributes = spans[0].attributes.replace("12.9", "12.9,\"sfaas.wall_ms\":-0.5");
-        let more = [
+        let attributes = more[0].attributes.replace("12.9", "12.9,\"sfaas.wall_ms\":-0.5");
+        let more = vec![
             span("acme", "invoke resize", "t2", 1, "2026-10-03T10:00:00Z", &attributes),
             span("acme", "invoke resize", "t3", 1, "2026-10-03T10:00:00Z", r#"[true,"x"]"#),
         ];
-        let (records, candidates, malformed) = self::records(&more, PeriodKind::Month, &periods, &plans, "basic");
+        let (records, candidates, malformed) = self::records(more, PeriodKind::Month);
         assert_eq!((figures(&records[0]), &*records[0].function), ([12, 0, 0, 0, 0, 0], "resize"));
         assert_eq!((records.len(), candidates, malformed), (1, 2, 1));
         for (text, decimal) in [

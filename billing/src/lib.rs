@@ -115,6 +115,8 @@ pub struct Billing {
     /// Spans that arrived less than this long ago are left for the next run (their commit may
     /// still be under way).
     settle: Duration,
+    /// Metered spans per extraction chunk (about; a chunk ends at a millisecond boundary).
+    chunk_spans: i64,
     run_lock: tokio::sync::Mutex<()>,
     /// Bumped by every change of what billing computes (new usage, plans, finalization), so
     /// readers can cache derived figures such as per-invocation costs.
@@ -132,6 +134,7 @@ impl Billing {
         let billing = Self {
             db,
             settle: Duration::from_secs(5),
+            chunk_spans: CHUNK,
             run_lock: tokio::sync::Mutex::new(()),
             version: std::sync::atomic::AtomicU64::new(0),
         };
@@ -144,6 +147,12 @@ impl Billing {
     /// How long after arrival a span is billed (default 5 s; tests use less).
     pub fn set_settle(&mut self, settle: Duration) {
         self.settle = settle;
+    }
+
+    /// How many metered spans an extraction chunk holds, about (default 20 000; tests use
+    /// fewer to bill one run in many chunks).
+    pub fn set_chunk_spans(&mut self, spans: i64) {
+        self.chunk_spans = spans.max(1);
     }
 
     pub fn db(&self) -> &Db {
@@ -279,10 +288,31 @@ impl Billing {
         let mut touched: HashSet<(String, String)> = HashSet::new();
         let mut watermark: i64 = self.setting("watermark_ms").await?.and_then(|w| w.parse().ok()).unwrap_or(i64::MIN);
         let final_through = self.finalized_through(card.period).await?;
-        while watermark < upto_ms {
-            let chunk_end = self.chunk_end(watermark, upto_ms).await?;
-            let chunk =
-                extract::chunk(&self.db, card.period, &card.default_plan, final_through, watermark, chunk_end).await?;
+        // Chunks are read and parsed by a task of their own, one ahead of the chunk being written
+        // (a bounded channel: at most three chunks in memory); each chunk is written, with the
+        // watermark, in its own transaction, in order.
+        let (sender, mut prepared) = tokio::sync::mpsc::channel(1);
+        let mut reader = tokio::task::JoinSet::new(); // aborted if this run fails
+        reader.spawn({
+            let (db, kind, spans) = (self.db.clone(), card.period, self.chunk_spans);
+            async move {
+                let mut after = watermark;
+                while after < upto_ms {
+                    let chunk = match extract::chunk_end(&db, after, upto_ms, spans).await {
+                        Ok(end) => extract::prepare(&db, kind, final_through, after, end).await,
+                        Err(error) => Err(error),
+                    };
+                    after = chunk.as_ref().map_or(upto_ms, extract::Prepared::upto_ms);
+                    if sender.send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        while let Some(chunk) = prepared.recv().await {
+            let chunk = chunk?;
+            let chunk_end = chunk.upto_ms();
+            let chunk = extract::write(&self.db, &card.default_plan, chunk).await?;
             if chunk.malformed > 0 {
                 tracing::warn!(spans = chunk.malformed, "metered spans that cannot be billed were skipped");
             }
@@ -355,18 +385,6 @@ impl Billing {
         let sql = self.db.sql("SELECT MIN(period) FROM usage_totals");
         let first: Option<String> = on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?);
         first.map(|p| Period::parse(kind, &p).map_err(BillingError::Invalid)).transpose()
-    }
-
-    /// The end of the next extraction chunk: about [`CHUNK`] spans after `watermark`, never
-    /// splitting one millisecond.
-    async fn chunk_end(&self, watermark: i64, upto: i64) -> Result<i64> {
-        let sql = self.db.sql(
-            "SELECT received_ms FROM spans WHERE metered = 1 AND received_ms > ? AND received_ms <= ? \
-             ORDER BY received_ms LIMIT 1 OFFSET ?",
-        );
-        let next: Option<i64> = on_pool!(&self.db, pool => sqlx::query_scalar(sql)
-            .bind(watermark).bind(upto).bind(CHUNK).fetch_optional(pool).await?);
-        Ok(next.unwrap_or(upto))
     }
 
     /// Totals of one tenant's invoice, by (usage period, plan, function).

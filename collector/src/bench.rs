@@ -110,7 +110,7 @@ struct Figures {
 }
 
 /// CPU time (user + system) of this process so far, in seconds.
-fn process_cpu() -> f64 {
+pub fn process_cpu() -> f64 {
     // SAFETY: getrusage fills the struct it is given.
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
