@@ -15,7 +15,7 @@
 //! arrive is kept (ordered by arrival, then trace and span id).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
 use rust_decimal::Decimal;
@@ -41,7 +41,6 @@ pub struct Chunk {
 }
 
 /// A metered span as stored.
-#[derive(Clone)]
 struct Span {
     tenant: String,
     trace_id: String,
@@ -259,10 +258,10 @@ impl Plans {
 struct PeriodKeys(HashMap<Period, (String, String)>);
 
 impl PeriodKeys {
-    fn new(kind: PeriodKind, final_through: Option<Period>, spans: &[Span]) -> Self {
+    fn new(final_through: Option<Period>, periods: impl IntoIterator<Item = Period>) -> Self {
         let mut keys = HashMap::new();
-        for span in spans {
-            keys.entry(Period::containing(kind, span.start_ns)).or_insert_with_key(|period: &Period| {
+        for period in periods {
+            keys.entry(period).or_insert_with_key(|period: &Period| {
                 let billed = match final_through {
                     Some(last) if *period <= last => last.next(),
                     _ => *period,
@@ -527,11 +526,10 @@ pub async fn prepare(
             .collect(),
     };
     let parse = move || {
-        let periods = PeriodKeys::new(kind, final_through, &spans);
-        let mut tenants: Vec<String> = spans.iter().map(|span| span.tenant.clone()).collect();
-        tenants.sort_unstable();
-        tenants.dedup();
+        let tenants: BTreeSet<&str> = spans.iter().map(|span| span.tenant.as_str()).collect();
+        let tenants = tenants.into_iter().map(str::to_owned).collect();
         let (records, candidates, malformed) = records(spans, kind);
+        let periods = PeriodKeys::new(final_through, records.iter().map(|record| record.period));
         Prepared { upto_ms, tenants, records, periods, candidates, malformed }
     };
     tokio::task::spawn_blocking(parse)
@@ -689,9 +687,9 @@ mod tests {
             ("beta".to_string(), vec![(ns("2026-10-25T00:00:00Z"), "pro".to_string())]),
         ]));
         let september = Period::parse(PeriodKind::Month, "2026-09").unwrap();
-        let periods = PeriodKeys::new(PeriodKind::Month, Some(september), &spans);
-        let more = spans[..2].to_vec();
-        let (records, candidates, malformed) = records(spans.to_vec(), PeriodKind::Month);
+        let attributes = spans[0].attributes.replace("12.9", "12.9,\"sfaas.wall_ms\":-0.5");
+        let (records, candidates, malformed) = records(spans.into(), PeriodKind::Month);
+        let periods = PeriodKeys::new(Some(september), records.iter().map(|r| r.period));
         assert_eq!((candidates, malformed), (8, 4));
         let seen: Vec<_> = records
             .iter()
@@ -732,7 +730,6 @@ mod tests {
         assert_eq!(records[1].state.1, Decimal::new(150, 2));
         // A figure's fraction is truncated; anything but a number counts 0. Attributes that are
         // not a JSON object are malformed.
-        let attributes = more[0].attributes.replace("12.9", "12.9,\"sfaas.wall_ms\":-0.5");
         let more = vec![
             span("acme", "invoke resize", "t2", 1, "2026-10-03T10:00:00Z", &attributes),
             span("acme", "invoke resize", "t3", 1, "2026-10-03T10:00:00Z", r#"[true,"x"]"#),

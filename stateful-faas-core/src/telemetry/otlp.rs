@@ -119,12 +119,7 @@ impl OtlpProcessor {
     /// at most `max_queue` spans.
     pub fn new(config: &TelemetryConfig, endpoint: &str, max_queue: usize) -> Result<Self, String> {
         let transport = Transport::new(config, endpoint)?;
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
-            wake: Condvar::new(),
-            sent: Condvar::new(),
-            max_queue: max_queue.max(BATCH_SPANS),
-        });
+        let shared = Arc::new(Shared::new(max_queue.max(BATCH_SPANS)));
         let thread = std::thread::Builder::new()
             .name("sfaas-span-export".into())
             .spawn({
@@ -203,6 +198,10 @@ impl SpanQueue {
 }
 
 impl Shared {
+    fn new(max_queue: usize) -> Self {
+        Self { queue: Mutex::new(Queue::default()), wake: Condvar::new(), sent: Condvar::new(), max_queue }
+    }
+
     /// Queues one encoded span, or drops it (counted) when the queue is full or shut down.
     fn push(&self, scope: &InstrumentationScope, encoded: &[u8]) {
         let mut queue = self.queue.lock().unwrap();
@@ -831,7 +830,7 @@ mod tests {
         use opentelemetry_proto::tonic::trace::v1::Span as ProtoSpan;
 
         use super::super::{InvocationSpan, Invoked, sdk_invocation_span};
-        use super::{Queue, Shared, SpanQueue};
+        use super::{Shared, SpanQueue};
         use crate::function::Usage;
 
         let capture = Capture::default();
@@ -876,12 +875,7 @@ mod tests {
             },
         ];
         for (parent, invoked) in parents.iter().zip(&invocations) {
-            let shared = std::sync::Arc::new(Shared {
-                queue: std::sync::Mutex::new(Queue::default()),
-                wake: std::sync::Condvar::new(),
-                sent: std::sync::Condvar::new(),
-                max_queue: 10,
-            });
+            let shared = std::sync::Arc::new(Shared::new(10));
             let span = InvocationSpan::start(SpanQueue(shared.clone()), parent);
             span.end(invoked);
             let queue = shared.queue.lock().unwrap();
