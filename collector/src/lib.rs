@@ -145,7 +145,13 @@ impl Collector {
             receivers::otlp_grpc::Services(collector.clone()).servers(config.max_body_bytes);
         let mut grpc_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
+            // Large frames and windows: an export of a few hundred KiB arrives in a frame or
+            // two instead of dozens of 16 KiB ones (each a wake-up and a copy on both sides);
+            // a request is buffered whole anyway, up to the body limit.
             let serve = tonic::transport::Server::builder()
+                .max_frame_size(1 << 20)
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(4 << 20)
                 .add_service(traces)
                 .add_service(metrics_service)
                 .add_service(logs)

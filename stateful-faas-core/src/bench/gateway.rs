@@ -300,7 +300,11 @@ async fn start_otlp_sink(spans: Arc<AtomicU64>) -> anyhow::Result<std::net::Sock
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
+        // HTTP/2 settings as the collector's OTLP/gRPC receiver has them (collector/src/lib.rs).
         let _ = tonic::transport::Server::builder()
+            .max_frame_size(1 << 20)
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(4 << 20)
             .add_service(sink::CountingTraceService(spans))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await;

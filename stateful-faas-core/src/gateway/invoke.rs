@@ -53,7 +53,10 @@ pub async fn dispatch(
 
     let parent = telemetry::extract_parent(invocation.traceparent.as_deref());
     let span = core.telemetry.start_invocation(tenant, &parent);
-    if let Some(span) = &span {
+    // Handed to process functions (header or `TRACEPARENT`); builtins do not read it.
+    if let Some(span) = &span
+        && !matches!(function.spec.target, Target::Builtin { .. })
+    {
         invocation.traceparent = Some(telemetry::traceparent(span.span_context()));
     }
 
