@@ -205,11 +205,10 @@ impl Record {
         (self.span.received_ms, &self.span.trace_id, &self.span.span_id)
     }
 
-    fn values<'a>(&'a self, periods: &'a PeriodKeys, plan: &'a str) -> [collector::sqlite::Value<'a>; 20] {
+    fn values<'a>(&'a self, billed: &Billed<'a>) -> [collector::sqlite::Value<'a>; 20] {
         use collector::sqlite::Value::{Int, Null, Text};
         let s = &self.span;
         let f = self.figures;
-        let (period, billed_period) = periods.keys(self.period);
         [
             Text(&s.tenant),
             Text(&self.usage_id),
@@ -227,12 +226,20 @@ impl Record {
             Int(f.bytes_out),
             Int(f.status_code),
             Text(&self.state.0),
-            Text(period),
-            Text(billed_period),
-            Text(plan),
+            Text(billed.period),
+            Text(billed.billed_period),
+            Text(billed.plan),
             Int(s.received_ms),
         ]
     }
+}
+
+/// Where a record is billed, settled once per record when its chunk is written: the keys of its
+/// period and of the invoice it goes on, and the tenant's plan at its start.
+struct Billed<'a> {
+    period: &'a str,
+    billed_period: &'a str,
+    plan: &'a str,
 }
 
 /// Digits with an optional fraction: `^[0-9]+(\.[0-9]+)?$`.
@@ -371,37 +378,35 @@ fn read_spans_sqlite(db: &collector::sqlite::Connection, after_ms: i64, upto_ms:
     Ok(spans)
 }
 
-/// Inserts the records on SQLite through its C API, each with its plan; true for each one that
-/// was new.
+/// Inserts the records on SQLite through its C API, each where it is billed; true for each one
+/// that was new.
 fn insert_sqlite(
     db: &collector::sqlite::Connection,
     records: &[Record],
-    periods: &PeriodKeys,
-    plans: &[&str],
+    billed: &[Billed],
 ) -> Result<Vec<bool>, String> {
     let mut statement = db.prepare(&format!("{INSERT_RECORDS}{} ON CONFLICT DO NOTHING", value_groups(1, 20)))?;
-    records.iter().zip(plans).map(|(record, plan)| Ok(statement.execute(&record.values(periods, plan))? == 1)).collect()
+    records.iter().zip(billed).map(|(record, billed)| Ok(statement.execute(&record.values(billed))? == 1)).collect()
 }
 
-/// Inserts the records on PostgreSQL, each with its plan, a statement per
+/// Inserts the records on PostgreSQL, each where it is billed, a statement per
 /// [`crate::ROWS_PER_STATEMENT`]; true for each one that was new.
 async fn insert_postgres(
     connection: &mut sqlx::PgConnection,
     db: &Db,
     records: &[Record],
-    periods: &PeriodKeys,
-    plans: &[&str],
+    billed: &[Billed<'_>],
 ) -> Result<Vec<bool>> {
     use collector::sqlite::Value;
     let mut new = Vec::with_capacity(records.len());
-    for (part, plans) in records.chunks(crate::ROWS_PER_STATEMENT).zip(plans.chunks(crate::ROWS_PER_STATEMENT)) {
+    for (part, billed) in records.chunks(crate::ROWS_PER_STATEMENT).zip(billed.chunks(crate::ROWS_PER_STATEMENT)) {
         let sql = format!(
             "{INSERT_RECORDS}{} ON CONFLICT DO NOTHING RETURNING tenant, usage_id",
             value_groups(part.len(), 20)
         );
         let mut query = sqlx::query_as::<_, (String, String)>(db.sql(&sql));
-        for (record, plan) in part.iter().zip(plans) {
-            for value in record.values(periods, plan) {
+        for (record, billed) in part.iter().zip(billed) {
+            for value in record.values(billed) {
                 query = match value {
                     Value::Null => query.bind(None::<String>),
                     Value::Int(n) => query.bind(n),
@@ -418,18 +423,12 @@ async fn insert_postgres(
 }
 
 /// The new records' sums by totals key, with how many were new and how many of them late.
-fn sum_new(
-    records: &[Record],
-    periods: &PeriodKeys,
-    plans: &[&str],
-    new: Vec<bool>,
-) -> (HashMap<TotalsKey, Totals>, u64, u64) {
+fn sum_new(records: &[Record], billed: &[Billed], new: Vec<bool>) -> (HashMap<TotalsKey, Totals>, u64, u64) {
     // Summed under borrowed keys; one owned key per group.
     let mut sums: HashMap<[&str; 5], Totals> = HashMap::new();
     let (mut count, mut late) = (0, 0);
-    for ((record, plan), _) in records.iter().zip(plans).zip(new).filter(|(_, new)| *new) {
-        let (period, billed_period) = periods.keys(record.period);
-        let key = [&*record.span.tenant, billed_period, period, plan, &record.function];
+    for ((record, billed), _) in records.iter().zip(billed).zip(new).filter(|(_, new)| *new) {
+        let key = [&*record.span.tenant, billed.billed_period, billed.period, billed.plan, &record.function];
         let f = record.figures;
         sums.entry(key).or_default().add(&Totals {
             records: 1,
@@ -441,7 +440,7 @@ fn sum_new(
             state_byte_seconds: record.state.1,
         });
         count += 1;
-        late += u64::from(period != billed_period);
+        late += u64::from(billed.period != billed.billed_period);
     }
     let totals = sums
         .into_iter()
@@ -568,21 +567,27 @@ pub async fn write(db: &Db, default_plan: &str, prepared: Prepared) -> Result<Ch
                     entry.insert(vec![(0, default_plan.to_string())]);
                 }
             }
-            let chosen: Vec<&str> =
-                records.iter().map(|r| plans.at(&r.span.tenant, r.span.start_ns).unwrap_or(default_plan)).collect();
+            let billed: Vec<Billed> = records
+                .iter()
+                .map(|r| {
+                    let (period, billed_period) = periods.keys(r.period);
+                    let plan = plans.at(&r.span.tenant, r.span.start_ns).unwrap_or(default_plan);
+                    Billed { period, billed_period, plan }
+                })
+                .collect();
             // SQLite goes through its C API (sqlx hands each row over from its worker thread and
             // copies each bound value); PostgreSQL through sqlx. The rules are the same Rust.
             let connection = &mut *tx as &mut dyn std::any::Any;
             let new = match connection.downcast_mut::<sqlx::SqliteConnection>() {
-                Some(connection) => collector::sqlite::run(connection, |db| insert_sqlite(db, &records, &periods, &chosen))
+                Some(connection) => collector::sqlite::run(connection, |db| insert_sqlite(db, &records, &billed))
                     .await
                     .map_err(BillingError::Sqlite)?,
                 None => {
                     let connection = connection.downcast_mut::<sqlx::PgConnection>().expect("SQLite or PostgreSQL");
-                    insert_postgres(connection, db, &records, &periods, &chosen).await?
+                    insert_postgres(connection, db, &records, &billed).await?
                 }
             };
-            (out.totals, out.records, out.late_records) = sum_new(&records, &periods, &chosen, new);
+            (out.totals, out.records, out.late_records) = sum_new(&records, &billed, new);
             crate::add_totals(db, &mut tx, out.totals.clone()).await?;
         }
         sqlx::query(watermark).bind(upto_ms.to_string()).execute(&mut *tx).await?;
