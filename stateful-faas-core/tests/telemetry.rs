@@ -405,15 +405,16 @@ async fn state_usage_is_reported_per_interval_as_billable_spans() {
     }
 }
 
-/// Many spans at once reach the receiver complete, in requests small enough for any receiver
-/// (at most 2,048 spans each: gRPC servers refuse messages over 4 MiB by default), with the
-/// token, and a flush sends what is still queued.
+/// Many spans at once, the SDK's and invocation spans interleaved, reach the receiver complete,
+/// in requests small enough for any receiver (at most 2,048 spans each: gRPC servers refuse
+/// messages over 4 MiB by default), with the token, and a flush sends what is still queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_spans_arrives_whole_in_bounded_requests() {
     use opentelemetry::KeyValue as Attribute;
     use opentelemetry::trace::{Span as _, Tracer, TracerProvider};
     use opentelemetry_sdk::trace::SdkTracerProvider;
-    use stateful_faas_core::telemetry::{OtlpProcessor, TelemetryConfig};
+    use stateful_faas_core::function::Usage;
+    use stateful_faas_core::telemetry::{InvocationSpan, Invoked, OtlpProcessor, TelemetryConfig};
 
     let (endpoint, received) = grpc_receiver().await;
     let config = TelemetryConfig {
@@ -422,14 +423,32 @@ async fn a_burst_of_spans_arrives_whole_in_bounded_requests() {
         token: Some("meter-token".into()),
         max_queue_size: 20_000,
     };
-    let provider = SdkTracerProvider::builder()
-        .with_span_processor(OtlpProcessor::new(&config, &endpoint, 20_000).unwrap())
-        .build();
+    let processor = OtlpProcessor::new(&config, &endpoint, 20_000).unwrap();
+    let queue = processor.queue();
+    let provider = SdkTracerProvider::builder().with_span_processor(processor).build();
     let tracer = provider.tracer("burst");
-    for i in 0..10_000 {
-        let mut span = tracer.start(format!("invoke f{i}"));
-        span.set_attribute(Attribute::new("faas.invocation_id", format!("call-{i}")));
-        span.end();
+    let usage = Usage { cpu_ns: 7_000_000, peak_memory_bytes: 0, cold_start: false };
+    for i in 0..10_000_usize {
+        if i.is_multiple_of(2) {
+            let mut span = tracer.start(format!("invoke f{i}"));
+            span.set_attribute(Attribute::new("faas.invocation_id", format!("call-{i}")));
+            span.end();
+        } else {
+            let call_id = format!("call-{i}");
+            let function = format!("f{i}");
+            InvocationSpan::start(queue.clone(), &opentelemetry::Context::new()).end(&Invoked {
+                function: &function,
+                kind: "builtin",
+                call_id: &call_id,
+                trigger: "http",
+                job: i.is_multiple_of(3).then_some("run-1"),
+                usage: &usage,
+                wall: std::time::Duration::from_millis(9),
+                bytes_in: i,
+                bytes_out: 2,
+                status: 200,
+            });
+        }
     }
     tokio::task::spawn_blocking(move || provider.force_flush().unwrap()).await.unwrap();
 
@@ -444,4 +463,16 @@ async fn a_burst_of_spans_arrives_whole_in_bounded_requests() {
     ids.dedup();
     assert_eq!(ids.len(), 10_000, "every span arrived once");
     assert!(received.authorization.lock().unwrap().iter().all(|a| a == "Bearer meter-token"));
+    // Invocation spans keep their own fields, whichever batch they went in.
+    let invocations: Vec<Span> =
+        spans(&requests).into_iter().map(|(_, _, span)| span).filter(|span| span.kind == 2).collect();
+    assert_eq!(invocations.len(), 5_000);
+    for span in &invocations {
+        let i: usize = span.name.strip_prefix("invoke f").unwrap().parse().unwrap();
+        assert_eq!(string_attr(&span.attributes, "faas.invocation_id"), Some(format!("call-{i}")));
+        assert_eq!(int_attr(&span.attributes, "sfaas.bytes_in"), Some(i as i64));
+        assert_eq!(int_attr(&span.attributes, "sfaas.cpu_ms"), Some(7));
+        let job = string_attr(&span.attributes, "sfaas.state.job");
+        assert_eq!(job.as_deref(), i.is_multiple_of(3).then_some("run-1"), "span {i}");
+    }
 }

@@ -195,9 +195,10 @@ impl Telemetry {
 /// It is written to OTLP straight from the gateway's own fields instead of through the SDK's
 /// span object: on every request, the SDK's span (its attribute list, name and span data, each
 /// allocated and freed, and the provider's bookkeeping) cost about 5 % of a no-op's throughput
-/// (BENCHMARKS.md, issue 2). The span is the same one, field for field, as the SDK builds with
-/// an always-on sampler ([`sdk_invocation_span`], compared in the tests), and it goes out in
-/// the tenant's batches with its other spans.
+/// (BENCHMARKS.md, issue 2). Ending it copies its fields into the tenant's queue; the export
+/// thread encodes them with the batch. The span is the same one, field for field, as the SDK
+/// builds with an always-on sampler ([`sdk_invocation_span`], compared in the tests), and it
+/// goes out in the tenant's batches with its other spans.
 #[derive(Debug)]
 pub struct InvocationSpan {
     queue: SpanQueue,
@@ -212,9 +213,9 @@ pub struct InvocationSpan {
 pub struct Invoked<'a> {
     pub function: &'a str,
     /// `sfaas.function.kind`: builtin, exec or http.
-    pub kind: &'a str,
+    pub kind: &'static str,
     pub call_id: &'a str,
-    pub trigger: &'a str,
+    pub trigger: &'static str,
     /// The state job the call runs in (a flow run's id for flow nodes).
     pub job: Option<&'a str>,
     pub usage: &'a Usage,
@@ -250,10 +251,33 @@ impl InvocationSpan {
     /// Ends it now and queues it for export.
     pub fn end(self, invoked: &Invoked) {
         let end = SystemTime::now();
-        otlp::with_encoded(|encoded| {
-            otlp::message(encoded, 2, |buf| otlp::encode_invocation(buf, &self, end, invoked));
-            self.queue.push(invocation_scope(), encoded);
-        });
+        let context = &self.context;
+        // Empty, without allocating, unless the caller's `traceparent` came with a `tracestate`.
+        let trace_state = context.trace_state().header();
+        let texts = otlp::InvocationTexts {
+            function: invoked.function,
+            call_id: invoked.call_id,
+            job: invoked.job,
+            trace_state: &trace_state,
+        };
+        let ended = otlp::EndedInvocation {
+            trace_id: context.trace_id().to_bytes(),
+            span_id: context.span_id().to_bytes(),
+            parent_span_id: self.parent_span_id.to_bytes(),
+            flags: otlp::span_flags(self.parent_span_is_remote, context.trace_flags().to_u8()),
+            start_ns: otlp::nanos(self.start),
+            end_ns: otlp::nanos(end),
+            kind: invoked.kind,
+            trigger: invoked.trigger,
+            cold_start: invoked.usage.cold_start,
+            cpu_ms: invoked.usage.cpu_ms(),
+            wall_ms: invoked.wall.as_millis() as u64,
+            memory_peak_bytes: invoked.usage.peak_memory_bytes,
+            bytes_in: invoked.bytes_in as u64,
+            bytes_out: invoked.bytes_out as u64,
+            status: invoked.status,
+        };
+        self.queue.push_invocation(&ended, &texts);
     }
 }
 

@@ -1,14 +1,15 @@
 //! OTLP export of the platform's spans: a span processor that writes the protobuf wire format
-//! straight from the SDK's `SpanData` on the thread that ends the span (and invocation spans
-//! straight from the gateway's fields, [`super::InvocationSpan`]), queues the bytes, and sends
-//! batches over gRPC or HTTP from a thread of its own.
+//! straight from the SDK's `SpanData` on the thread that ends the span, queues the bytes, and
+//! sends batches over gRPC or HTTP from a thread of its own. Invocation spans, one per request,
+//! skip even that: the gateway queues their fields ([`EndedInvocation`], a copy of about 150
+//! bytes without allocating) and the export thread writes them, a whole batch in one loop.
 //!
 //! The SDK's batch processor with opentelemetry-otlp's exporter moves every `SpanData` to its
 //! batch thread, converts it there into opentelemetry-proto's message structs (an allocation per
 //! attribute) and then measures and encodes them on the I/O thread: the span's memory is
-//! allocated on one core and freed on another, twice. Here a span is encoded where it ends and
-//! freed there; only batches of bytes cross threads. `sfaas bench gateway` measures both in the
-//! same run (BENCHMARKS.md, issue 2). The tests decode what this writes and compare it with
+//! allocated on one core and freed on another, twice. Here nothing a span allocates crosses
+//! threads; only fields and bytes in reused buffers do. `sfaas bench gateway` measures both in
+//! the same run (BENCHMARKS.md, issue 2). The tests decode what this writes and compare it with
 //! opentelemetry-proto's own conversion of the same spans, so the two cannot drift.
 
 use std::cell::RefCell;
@@ -23,7 +24,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use prost::Message;
-use prost::encoding::{WireType, encode_key, encode_varint};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
 use super::{OtlpProtocol, TelemetryConfig};
 
@@ -91,21 +92,102 @@ struct Queue {
     flush_asked: u64,
     flush_done: u64,
     shutdown: bool,
-    /// The span buffer of the last batch sent, emptied, for the next batch: a busy tenant's
-    /// batches then fill memory already mapped instead of growing a fresh buffer page by page,
-    /// each page faulted and zeroed by the kernel on the gateway's worker that ends the span.
-    /// Dropped once a batch delay passes with nothing to send, so an idle tenant holds none.
-    spare: Option<Vec<u8>>,
+    /// The invocation buffers of the last batch sent, emptied, for the next batch: a busy
+    /// tenant's batches then fill memory already mapped instead of growing fresh buffers page by
+    /// page, each page faulted and zeroed by the kernel on the gateway's worker that ends the
+    /// span, with the queue locked. Dropped once a batch delay passes with nothing to send, so
+    /// an idle tenant holds none.
+    spare: Option<Batch>,
 }
 
-/// One export request's worth of encoded spans (`ScopeSpans.spans` fields) per
-/// instrumentation scope, in order of arrival.
+/// One export request's worth of spans, in two parts: the invocation spans, as their fields,
+/// and the other spans, encoded (`ScopeSpans.spans` fields) per instrumentation scope.
 #[derive(Debug, Default)]
 struct Batch {
+    invocations: Vec<(EndedInvocation, TextLengths)>,
+    /// The invocations' texts, one after another, in the order of [`InvocationTexts`].
+    texts: Vec<u8>,
     scopes: Vec<(InstrumentationScope, Vec<u8>)>,
     spans: usize,
+    /// At least the encoded size of its spans.
     bytes: usize,
 }
+
+impl Batch {
+    /// The same batch emptied, its invocation buffers kept to be filled again (the other
+    /// spans' buffers are let go: those spans are few).
+    fn emptied(mut self) -> Self {
+        self.invocations.clear();
+        self.texts.clear();
+        self.scopes.clear();
+        self.spans = 0;
+        self.bytes = 0;
+        self
+    }
+}
+
+/// An invocation span as the gateway ends it: its fields, encoded into the `Span` message by
+/// [`encode_invocation`] when the batch is sent, with its texts ([`InvocationTexts`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct EndedInvocation {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// All zero for a root span.
+    pub parent_span_id: [u8; 8],
+    /// `Span.flags`.
+    pub flags: u32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub kind: &'static str,
+    pub trigger: &'static str,
+    pub cold_start: bool,
+    pub cpu_ms: u64,
+    pub wall_ms: u64,
+    pub memory_peak_bytes: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub status: u16,
+}
+
+/// The texts of an [`EndedInvocation`], stored one after the other in [`Batch::texts`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct InvocationTexts<'a> {
+    pub function: &'a str,
+    pub call_id: &'a str,
+    pub job: Option<&'a str>,
+    /// The W3C `tracestate` header of its parent; empty for none.
+    pub trace_state: &'a str,
+}
+
+/// Where an invocation's texts end in [`Batch::texts`]: their lengths.
+#[derive(Debug, Clone, Copy)]
+struct TextLengths {
+    function: u32,
+    call_id: u32,
+    /// `None`: no job attribute.
+    job: Option<u32>,
+    trace_state: u32,
+}
+
+impl InvocationTexts<'_> {
+    fn lengths(&self) -> TextLengths {
+        let len = |text: &str| text.len() as u32;
+        TextLengths {
+            function: len(self.function),
+            call_id: len(self.call_id),
+            job: self.job.map(len),
+            trace_state: len(self.trace_state),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.function.len() + self.call_id.len() + self.job.map_or(0, str::len) + self.trace_state.len()
+    }
+}
+
+/// Bytes an invocation span's encoding takes at most besides its texts (and its name, which
+/// repeats the function's): ids, times, the attributes' keys, numbers and framing.
+const INVOCATION_FIXED_BYTES: usize = 640;
 
 /// Spans and bytes per export request at most (receivers refuse gRPC messages over 4 MiB by
 /// default), and the longest a span waits for its batch.
@@ -192,8 +274,16 @@ impl SpanProcessor for OtlpProcessor {
 pub struct SpanQueue(Arc<Shared>);
 
 impl SpanQueue {
-    pub(super) fn push(&self, scope: &InstrumentationScope, encoded: &[u8]) {
-        self.0.push(scope, encoded);
+    /// Queues an invocation span, or drops it (counted) when the queue is full or shut down.
+    pub(super) fn push_invocation(&self, invocation: &EndedInvocation, texts: &InvocationTexts) {
+        let lengths = texts.lengths();
+        self.0.add(INVOCATION_FIXED_BYTES + texts.len() + texts.function.len(), |batch| {
+            batch.invocations.push((*invocation, lengths));
+            batch.texts.extend_from_slice(texts.function.as_bytes());
+            batch.texts.extend_from_slice(texts.call_id.as_bytes());
+            batch.texts.extend_from_slice(texts.job.unwrap_or_default().as_bytes());
+            batch.texts.extend_from_slice(texts.trace_state.as_bytes());
+        });
     }
 }
 
@@ -204,26 +294,33 @@ impl Shared {
 
     /// Queues one encoded span, or drops it (counted) when the queue is full or shut down.
     fn push(&self, scope: &InstrumentationScope, encoded: &[u8]) {
+        self.add(encoded.len(), |batch| queue_span(&mut batch.scopes, scope, encoded));
+    }
+
+    /// Adds one span of at most `bytes` encoded to the open batch with `add`, or drops it
+    /// (counted) when the queue is full or shut down; a batch that fills goes to the export
+    /// thread, and the next one starts in the spare buffers.
+    fn add(&self, bytes: usize, add: impl FnOnce(&mut Batch)) {
         let mut queue = self.queue.lock().unwrap();
         if queue.spans >= self.max_queue || queue.shutdown {
             queue.dropped += 1;
             return;
         }
         let queue = &mut *queue;
-        queue_span(&mut queue.open.scopes, &mut queue.spare, scope, encoded);
+        add(&mut queue.open);
         queue.open.spans += 1;
-        queue.open.bytes += encoded.len();
+        queue.open.bytes += bytes;
         queue.spans += 1;
         if queue.open.spans >= BATCH_SPANS || queue.open.bytes >= BATCH_BYTES {
-            let batch = std::mem::take(&mut queue.open);
-            queue.full.push_back(batch);
+            let next = queue.spare.take().unwrap_or_default();
+            queue.full.push_back(std::mem::replace(&mut queue.open, next));
             self.wake.notify_one();
         }
     }
 }
 
 /// Runs `f` on this thread's (emptied) encoding buffer, kept from span to span.
-pub(super) fn with_encoded<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+fn with_encoded<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     thread_local!(static ENCODED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) });
     ENCODED.with_borrow_mut(|encoded| {
         encoded.clear();
@@ -232,19 +329,10 @@ pub(super) fn with_encoded<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
 }
 
 /// Appends an encoded span to its scope's bytes.
-fn queue_span(
-    scopes: &mut Vec<(InstrumentationScope, Vec<u8>)>,
-    spare: &mut Option<Vec<u8>>,
-    scope: &InstrumentationScope,
-    encoded: &[u8],
-) {
+fn queue_span(scopes: &mut Vec<(InstrumentationScope, Vec<u8>)>, scope: &InstrumentationScope, encoded: &[u8]) {
     match scopes.iter_mut().find(|(queued, _)| queued == scope) {
         Some((_, bytes)) => bytes.extend_from_slice(encoded),
-        None => {
-            let mut bytes = spare.take().unwrap_or_default();
-            bytes.extend_from_slice(encoded);
-            scopes.push((scope.clone(), bytes));
-        }
+        None => scopes.push((scope.clone(), encoded.to_vec())),
     }
 }
 
@@ -268,7 +356,12 @@ fn export_loop(shared: &Shared, transport: &Transport) {
                 Some(batch) => batch,
                 None => {
                     due = Instant::now() + BATCH_DELAY;
-                    std::mem::take(&mut queue.open)
+                    if queue.open.spans == 0 {
+                        // Nothing for a whole delay: the tenant lets go of its buffers.
+                        queue.spare = None;
+                    }
+                    let next = queue.spare.take().unwrap_or_default();
+                    std::mem::replace(&mut queue.open, next)
                 }
             };
             queue.spans -= batch.spans;
@@ -280,19 +373,12 @@ fn export_loop(shared: &Shared, transport: &Transport) {
         if dropped > 0 {
             tracing::warn!(dropped, "the span export queue was full: spans dropped");
         }
-        if batch.spans == 0 {
-            shared.queue.lock().unwrap().spare = None;
-        } else {
-            let body = frame(&resource, &schema_url, &batch.scopes);
-            // Batches have one scope but for the rare span of another tracer: keep the first.
-            if let Some((_, mut bytes)) = batch.scopes.into_iter().next()
-                && bytes.capacity() <= 2 * BATCH_BYTES
-            {
-                bytes.clear();
-                shared.queue.lock().unwrap().spare = Some(bytes);
-            }
+        if batch.spans > 0 {
+            let body = frame(&resource, &schema_url, &batch);
+            let spans = batch.spans;
+            shared.queue.lock().unwrap().spare = Some(batch.emptied());
             if let Err(error) = export_io().block_on(send(transport, body)) {
-                tracing::warn!(%error, spans = batch.spans, "span export failed; these spans are lost");
+                tracing::warn!(%error, spans, "span export failed; these spans are lost");
             }
         }
         if let Some(generation) = finished {
@@ -415,13 +501,18 @@ impl tonic::codec::Encoder for EncodedRequest {
 // left out, while present messages and the members of a `oneof` are always written.
 
 /// An `ExportTraceServiceRequest` of one `ResourceSpans` with one `ScopeSpans` per
-/// instrumentation scope, around spans already encoded.
-fn frame(resource: &[u8], resource_schema_url: &str, scopes: &[(InstrumentationScope, Vec<u8>)]) -> Vec<u8> {
-    let mut buf =
-        Vec::with_capacity(64 + resource.len() + scopes.iter().map(|(_, spans)| spans.len() + 64).sum::<usize>());
+/// instrumentation scope: the batch's encoded spans, and its invocation spans, written here,
+/// under the platform's scope.
+fn frame(resource: &[u8], resource_schema_url: &str, batch: &Batch) -> Vec<u8> {
+    let platform = super::invocation_scope();
+    let queued = batch.scopes.iter().map(|(scope, spans)| (scope, &spans[..]));
+    // The platform's scope, when it has invocations but no other span.
+    let invocations_alone = (!batch.invocations.is_empty() && batch.scopes.iter().all(|(scope, _)| scope != platform))
+        .then_some((platform, &[][..]));
+    let mut buf = Vec::with_capacity(64 + resource.len() + batch.bytes + 64 * (batch.scopes.len() + 1));
     message(&mut buf, 1, |buf| {
         buf.extend_from_slice(resource);
-        for (scope, spans) in scopes {
+        for (scope, spans) in queued.chain(invocations_alone) {
             message(buf, 2, |buf| {
                 message(buf, 1, |buf| {
                     string(buf, 1, scope.name());
@@ -431,6 +522,12 @@ fn frame(resource: &[u8], resource_schema_url: &str, scopes: &[(InstrumentationS
                     }
                 });
                 buf.extend_from_slice(spans);
+                if scope == platform {
+                    let mut texts = &batch.texts[..];
+                    for (invocation, lengths) in &batch.invocations {
+                        message(buf, 2, |buf| encode_invocation(buf, invocation, lengths, &mut texts));
+                    }
+                }
                 string(buf, 3, scope.schema_url().unwrap_or_default());
             });
         }
@@ -516,47 +613,53 @@ fn encode_span(buf: &mut Vec<u8>, span: &SpanData) {
 }
 
 /// An invocation's span as [`super::sdk_invocation_span`] has the SDK build it and
-/// [`encode_span`] writes it, written straight from what the gateway knows: no attribute,
-/// name or span object is allocated (the tests compare the two).
-pub(super) fn encode_invocation(buf: &mut Vec<u8>, span: &super::InvocationSpan, end: SystemTime, i: &super::Invoked) {
+/// [`encode_span`] writes it, written from its fields, its texts taken from the front of `texts`
+/// (the tests compare the two).
+fn encode_invocation(buf: &mut Vec<u8>, i: &EndedInvocation, lengths: &TextLengths, texts: &mut &[u8]) {
     use crate::semconv as c;
-    let context = &span.context;
-    bytes(buf, 1, &context.trace_id().to_bytes());
-    bytes(buf, 2, &context.span_id().to_bytes());
-    if context.trace_state() != &opentelemetry::trace::TraceState::NONE {
-        string(buf, 3, &context.trace_state().header());
+    let mut text = |len: u32| {
+        let (text, rest) = texts.split_at(len as usize);
+        *texts = rest;
+        text
+    };
+    let (function, call_id) = (text(lengths.function), text(lengths.call_id));
+    let job = lengths.job.map(&mut text);
+    let trace_state = text(lengths.trace_state);
+    bytes(buf, 1, &i.trace_id);
+    bytes(buf, 2, &i.span_id);
+    bytes(buf, 3, trace_state);
+    if i.parent_span_id != [0; 8] {
+        bytes(buf, 4, &i.parent_span_id);
     }
-    if span.parent_span_id != SpanId::INVALID {
-        bytes(buf, 4, &span.parent_span_id.to_bytes());
-    }
-    fixed32(buf, 16, span_flags(span.parent_span_is_remote, context.trace_flags().to_u8()));
+    fixed32(buf, 16, i.flags);
     message(buf, 5, |buf| {
         // The name, `semconv::invoke_span_name` written in place (a string's bytes, as a message's).
         buf.extend_from_slice(c::INVOKE_SPAN_PREFIX.as_bytes());
-        buf.extend_from_slice(i.function.as_bytes());
+        buf.extend_from_slice(function);
     });
     uint(buf, 6, 2); // SERVER
-    fixed64(buf, 7, nanos(span.start));
-    fixed64(buf, 8, nanos(end));
+    fixed64(buf, 7, i.start_ns);
+    fixed64(buf, 8, i.end_ns);
     // `Span.attributes` (field 9), by kind of value.
     let text =
-        |buf: &mut Vec<u8>, key: &str, value: &str| key_value_with(buf, 9, key, |buf| always_string(buf, 1, value));
-    let int = |buf: &mut Vec<u8>, key: &str, value: i64| key_value_with(buf, 9, key, |buf| int_value(buf, value));
+        |buf: &mut Vec<u8>, key: &str, value: &[u8]| key_value_with(buf, 9, key, |buf| always_bytes(buf, 1, value));
+    let int =
+        |buf: &mut Vec<u8>, key: &str, value: u64| key_value_with(buf, 9, key, |buf| int_value(buf, value as i64));
     let flag = |buf: &mut Vec<u8>, key: &str, value: bool| key_value_with(buf, 9, key, |buf| bool_value(buf, value));
-    text(buf, c::FAAS_NAME, i.function);
-    text(buf, c::FAAS_INVOCATION_ID, i.call_id);
-    text(buf, c::FAAS_TRIGGER, i.trigger);
-    text(buf, c::SFAAS_FUNCTION_KIND, i.kind);
-    if let Some(job) = i.job {
+    text(buf, c::FAAS_NAME, function);
+    text(buf, c::FAAS_INVOCATION_ID, call_id);
+    text(buf, c::FAAS_TRIGGER, i.trigger.as_bytes());
+    text(buf, c::SFAAS_FUNCTION_KIND, i.kind.as_bytes());
+    if let Some(job) = job {
         text(buf, c::SFAAS_STATE_JOB, job);
     }
-    flag(buf, c::FAAS_COLDSTART, i.usage.cold_start);
-    int(buf, c::SFAAS_CPU_MS, i.usage.cpu_ms() as i64);
-    int(buf, c::SFAAS_WALL_MS, i.wall.as_millis() as i64);
-    int(buf, c::SFAAS_MEMORY_PEAK_BYTES, i.usage.peak_memory_bytes as i64);
-    int(buf, c::SFAAS_BYTES_IN, i.bytes_in as i64);
-    int(buf, c::SFAAS_BYTES_OUT, i.bytes_out as i64);
-    int(buf, c::HTTP_RESPONSE_STATUS_CODE, i64::from(i.status));
+    flag(buf, c::FAAS_COLDSTART, i.cold_start);
+    int(buf, c::SFAAS_CPU_MS, i.cpu_ms);
+    int(buf, c::SFAAS_WALL_MS, i.wall_ms);
+    int(buf, c::SFAAS_MEMORY_PEAK_BYTES, i.memory_peak_bytes);
+    int(buf, c::SFAAS_BYTES_IN, i.bytes_in);
+    int(buf, c::SFAAS_BYTES_OUT, i.bytes_out);
+    int(buf, c::HTTP_RESPONSE_STATUS_CODE, u64::from(i.status));
     flag(buf, c::SFAAS_BILLABLE, true);
     message(buf, 15, |buf| {
         if let Some(description) = super::error_status(i.status) {
@@ -567,11 +670,11 @@ pub(super) fn encode_invocation(buf: &mut Vec<u8>, span: &super::InvocationSpan,
 }
 
 /// `SpanFlags`: the W3C trace flags, "has is-remote" (0x100) and "is remote" (0x200).
-fn span_flags(remote: bool, trace_flags: u8) -> u32 {
+pub(super) fn span_flags(remote: bool, trace_flags: u8) -> u32 {
     u32::from(trace_flags) | 0x100 | if remote { 0x200 } else { 0 }
 }
 
-fn nanos(time: SystemTime) -> u64 {
+pub(super) fn nanos(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
 }
 
@@ -623,9 +726,9 @@ fn int_value(buf: &mut Vec<u8>, value: i64) {
 }
 
 /// A length-delimited field holding a message, written even when empty. Its length is known
-/// only once the body is written: one byte is reserved for it and the body moved in the
-/// (rarer) case that the length needs more.
-pub(super) fn message(buf: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
+/// only once the body is written: one byte is reserved for it and the body moved in the case
+/// that the length needs more (a span, a batch).
+fn message(buf: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) {
     encode_key(tag, WireType::LengthDelimited, buf);
     let at = buf.len();
     buf.push(0);
@@ -634,9 +737,10 @@ pub(super) fn message(buf: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8
     if len < 0x80 {
         buf[at] = len as u8;
     } else {
-        let mut prefix = Vec::with_capacity(5);
-        encode_varint(len as u64, &mut prefix);
-        buf.splice(at..at + 1, prefix);
+        let more = encoded_len_varint(len as u64) - 1;
+        buf.resize(buf.len() + more, 0);
+        buf.copy_within(at + 1..at + 1 + len, at + 1 + more);
+        encode_varint(len as u64, &mut &mut buf[at..at + 1 + more]);
     }
 }
 
@@ -645,9 +749,13 @@ fn string(buf: &mut Vec<u8>, tag: u32, value: &str) {
 }
 
 fn always_string(buf: &mut Vec<u8>, tag: u32, value: &str) {
+    always_bytes(buf, tag, value.as_bytes());
+}
+
+fn always_bytes(buf: &mut Vec<u8>, tag: u32, value: &[u8]) {
     encode_key(tag, WireType::LengthDelimited, buf);
     encode_varint(value.len() as u64, buf);
-    buf.extend_from_slice(value.as_bytes());
+    buf.extend_from_slice(value);
 }
 
 fn bytes(buf: &mut Vec<u8>, tag: u32, value: &[u8]) {
@@ -693,19 +801,17 @@ mod tests {
     use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
     use prost::Message;
 
-    use super::{encode_resource, encode_span, frame, message, queue_span};
+    use super::{Batch, encode_resource, encode_span, frame, message, queue_span};
 
-    /// What the processor sends for `batch`: each span encoded as `on_end` does, then framed.
-    fn encode_request(resource: &[u8], schema_url: &str, batch: &[SpanData]) -> Vec<u8> {
-        let mut scopes = Vec::new();
-        // A spare buffer (as a sent batch leaves): the first scope reuses it, a second gets its own.
-        let mut spare = Some(Vec::with_capacity(64));
-        for span in batch {
+    /// What the processor sends for `spans`: each span encoded as `on_end` does, then framed.
+    fn encode_request(resource: &[u8], schema_url: &str, spans: &[SpanData]) -> Vec<u8> {
+        let mut batch = Batch::default();
+        for span in spans {
             let mut encoded = Vec::new();
             message(&mut encoded, 2, |buf| encode_span(buf, span));
-            queue_span(&mut scopes, &mut spare, &span.instrumentation_scope, &encoded);
+            queue_span(&mut batch.scopes, &span.instrumentation_scope, &encoded);
         }
-        frame(resource, schema_url, &scopes)
+        frame(resource, schema_url, &batch)
     }
 
     fn span(index: u64, scope: &InstrumentationScope) -> SpanData {
@@ -879,11 +985,12 @@ mod tests {
             let span = InvocationSpan::start(SpanQueue(shared.clone()), parent);
             span.end(invoked);
             let queue = shared.queue.lock().unwrap();
-            let scopes = &queue.open.scopes;
-            assert_eq!(scopes.len(), 1);
-            assert_eq!(scopes[0].0, InstrumentationScope::builder(crate::semconv::SERVICE_NAME).build());
-            let request = ExportTraceServiceRequest::decode(&frame(&[], "", scopes)[..]).unwrap();
-            let mut ours: ProtoSpan = request.resource_spans[0].scope_spans[0].spans[0].clone();
+            assert_eq!((queue.open.invocations.len(), queue.open.scopes.len()), (1, 0));
+            let request = ExportTraceServiceRequest::decode(&frame(&[], "", &queue.open)[..]).unwrap();
+            let scope_spans = &request.resource_spans[0].scope_spans;
+            assert_eq!(scope_spans.len(), 1);
+            assert_eq!(scope_spans[0].scope.as_ref().unwrap().name, crate::semconv::SERVICE_NAME);
+            let mut ours: ProtoSpan = scope_spans[0].spans[0].clone();
 
             sdk_invocation_span(&tracer, parent, invoked);
             let sdk = capture.0.lock().unwrap().pop().expect("the SDK recorded the span");
@@ -898,6 +1005,76 @@ mod tests {
             ours.start_time_unix_nano = theirs.start_time_unix_nano;
             ours.end_time_unix_nano = theirs.end_time_unix_nano;
             assert_eq!(ours, theirs);
+        }
+    }
+
+    /// A batch's invocation spans go out under the platform's scope, after the SDK's spans of
+    /// that scope when it has some, or in a scope entry of their own; a batch's size counts at
+    /// least what each of them encodes to; and a request of several hundred kilobytes (lengths
+    /// of three bytes) decodes.
+    #[test]
+    fn invocation_spans_join_the_platforms_scope_and_their_size_is_bounded() {
+        use opentelemetry::trace::TraceContextExt;
+
+        use super::super::{InvocationSpan, Invoked};
+        use super::{INVOCATION_FIXED_BYTES, Shared, SpanQueue};
+        use crate::function::Usage;
+
+        let usage = Usage { cpu_ns: u64::MAX, peak_memory_bytes: u64::MAX, cold_start: true };
+        let parent = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from(1),
+            SpanId::from(2),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::from_key_value([("vendor", "x".repeat(200))]).unwrap(),
+        ));
+        let long = "f".repeat(200);
+        let platform = InstrumentationScope::builder(crate::semconv::SERVICE_NAME).build();
+        let other = InstrumentationScope::builder("flows").build();
+        for sdk_scopes in [vec![], vec![&other], vec![&other, &platform]] {
+            let shared = std::sync::Arc::new(Shared::new(10_000));
+            for (i, scope) in sdk_scopes.iter().enumerate() {
+                let mut encoded = Vec::new();
+                message(&mut encoded, 2, |buf| encode_span(buf, &span(i as u64, scope)));
+                shared.push(scope, &encoded);
+            }
+            for i in 0..500 {
+                InvocationSpan::start(SpanQueue(shared.clone()), &parent).end(&Invoked {
+                    function: &long,
+                    kind: "exec",
+                    call_id: &"c".repeat(128),
+                    trigger: "http",
+                    job: Some(&long),
+                    usage: &usage,
+                    wall: Duration::MAX,
+                    bytes_in: usize::MAX,
+                    bytes_out: i,
+                    status: 599,
+                });
+            }
+            let queue = shared.queue.lock().unwrap();
+            assert!(queue.full.is_empty());
+            let batch = &queue.open;
+            let body = frame(&[], "", batch);
+            let request = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+            let scope_spans = &request.resource_spans[0].scope_spans;
+            let names: Vec<&str> = scope_spans.iter().map(|s| s.scope.as_ref().unwrap().name.as_str()).collect();
+            let counts: Vec<usize> = scope_spans.iter().map(|s| s.spans.len()).collect();
+            match sdk_scopes.len() {
+                0 => assert_eq!((names, counts), (vec![crate::semconv::SERVICE_NAME], vec![500])),
+                1 => assert_eq!((names, counts), (vec!["flows", crate::semconv::SERVICE_NAME], vec![1, 500])),
+                _ => {
+                    assert_eq!((names, counts), (vec!["flows", crate::semconv::SERVICE_NAME], vec![1, 501]));
+                    assert_eq!(scope_spans[1].spans[0].name, "invoke f1", "the SDK's span first");
+                }
+            }
+            assert!(body.len() > 1 << 14 && body.len() <= batch.bytes, "{} bytes, counted {}", body.len(), batch.bytes);
+            let invocation = scope_spans.last().unwrap().spans.last().unwrap();
+            assert_eq!(invocation.name, format!("invoke {long}"));
+            // What `push_invocation` counts for it: the fixed part, its texts and its name.
+            let counted = INVOCATION_FIXED_BYTES + (200 + 128 + 200 + "vendor=".len() + 200) + 200;
+            let encoded = invocation.encoded_len() + 3; // with its field key and length
+            assert!(encoded <= counted, "{encoded} bytes encoded, {counted} counted");
         }
     }
 
