@@ -180,6 +180,10 @@ async fn run_scenario(
         latencies.append(&mut worker_latencies);
         errors += worker_errors;
     }
+    // A round ends when its spans have reached the receiver: in a gateway that keeps running,
+    // sending them is part of every request's cost, so the last batch counts here too.
+    let core_handle = core.running.core.clone();
+    tokio::task::spawn_blocking(move || core_handle.telemetry.flush()).await?;
     let elapsed = started.elapsed();
     core.stop().await;
     let cpu = process_cpu().saturating_sub(cpu_before);

@@ -176,6 +176,16 @@ impl Telemetry {
         }
     }
 
+    /// Sends every span ended so far and waits until the receivers have them. Blocking: call
+    /// from a blocking thread (DEPENDENCIES.md, gotcha 6).
+    pub fn flush(&self) {
+        for exporter in self.providers.read().unwrap().values() {
+            if let Err(error) = exporter.provider.force_flush() {
+                tracing::warn!(%error, "span export did not flush");
+            }
+        }
+    }
+
     /// Flushes and stops every provider. Blocking: call from a blocking thread (DEPENDENCIES.md,
     /// gotcha 6).
     pub fn shutdown(&self) {

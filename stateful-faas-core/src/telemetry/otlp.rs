@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, Bytes};
+use bytes::Bytes;
 use opentelemetry::trace::{SpanId, SpanKind, Status};
 use opentelemetry::{Array, Context, InstrumentationScope, KeyValue, Value};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
@@ -341,8 +341,10 @@ fn queue_span(scopes: &mut Vec<(InstrumentationScope, Vec<u8>)>, scope: &Instrum
 fn export_loop(shared: &Shared, transport: &Transport) {
     background_priority();
     let mut due = Instant::now() + BATCH_DELAY;
+    // The invocation spans' encoding buffer, reused from batch to batch.
+    let mut encoded = Vec::new();
     loop {
-        let (batch, resource, schema_url, finished, stop, dropped) = {
+        let (mut batch, resource, schema_url, finished, stop, dropped) = {
             let mut queue = shared.queue.lock().unwrap();
             loop {
                 let now = Instant::now();
@@ -374,12 +376,23 @@ fn export_loop(shared: &Shared, transport: &Transport) {
             tracing::warn!(dropped, "the span export queue was full: spans dropped");
         }
         if batch.spans > 0 {
-            let body = frame(&resource, &schema_url, &batch);
+            encoded.clear();
+            encode_invocations(&mut encoded, &batch);
+            let invocations = Bytes::from(std::mem::take(&mut encoded));
+            let request = frame(&resource, &schema_url, std::mem::take(&mut batch.scopes), invocations.clone());
             let spans = batch.spans;
             shared.queue.lock().unwrap().spare = Some(batch.emptied());
-            if let Err(error) = export_io().block_on(send(transport, body)) {
+            if let Err(error) = export_io().block_on(send(transport, request)) {
                 tracing::warn!(%error, spans, "span export failed; these spans are lost");
             }
+            // The buffer back, once the transport has let go of it.
+            encoded = invocations
+                .try_into_mut()
+                .map(|mut buffer| {
+                    buffer.clear();
+                    Vec::from(buffer)
+                })
+                .unwrap_or_default();
         }
         if let Some(generation) = finished {
             shared.queue.lock().unwrap().flush_done = generation;
@@ -394,9 +407,21 @@ fn export_loop(shared: &Shared, transport: &Transport) {
 /// Where and how batches go.
 #[derive(Debug)]
 enum Transport {
-    Grpc { channel: tonic::transport::Channel, authorization: Option<tonic::metadata::AsciiMetadataValue> },
-    Http { client: reqwest::Client, url: String, authorization: Option<String> },
+    /// gRPC over HTTP/2 without TLS (h2c), with hyper's client: the request's buffers go to the
+    /// socket as they are (tonic's client copies a message into a buffer of its own first).
+    Grpc {
+        client: Box<GrpcClient>,
+        uri: http::Uri,
+        authorization: Option<http::HeaderValue>,
+    },
+    Http {
+        client: reqwest::Client,
+        url: String,
+        authorization: Option<String>,
+    },
 }
+
+type GrpcClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Chunks>;
 
 impl Transport {
     fn new(config: &TelemetryConfig, endpoint: &str) -> Result<Self, String> {
@@ -406,13 +431,21 @@ impl Transport {
                 let authorization = bearer
                     .map(|value| value.parse().map_err(|_| "the OTLP token is not visible ASCII".to_string()))
                     .transpose()?;
-                let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-                    .map_err(|error| format!("invalid OTLP/gRPC endpoint {endpoint:?}: {error}"))?
-                    .connect_timeout(EXPORT_TIMEOUT)
-                    .timeout(EXPORT_TIMEOUT);
-                // The channel's connection tasks live on the export runtime.
-                let _io = export_io().enter();
-                Transport::Grpc { channel: endpoint.connect_lazy(), authorization }
+                let uri: http::Uri = format!("{}{GRPC_EXPORT_PATH}", endpoint.trim_end_matches('/'))
+                    .parse()
+                    .map_err(|error| format!("invalid OTLP/gRPC endpoint {endpoint:?}: {error}"))?;
+                if uri.scheme_str() != Some("http") || uri.host().is_none() {
+                    return Err(format!(
+                        "invalid OTLP/gRPC endpoint {endpoint:?}: expected http://HOST:PORT (TLS is not supported)"
+                    ));
+                }
+                let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+                connector.set_connect_timeout(Some(EXPORT_TIMEOUT));
+                connector.set_nodelay(true);
+                let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .http2_only(true)
+                    .build(connector);
+                Transport::Grpc { client: Box::new(client), uri, authorization }
             }
             OtlpProtocol::Http => {
                 let client = reqwest::Client::builder()
@@ -428,24 +461,17 @@ impl Transport {
     }
 }
 
-async fn send(transport: &Transport, body: Vec<u8>) -> Result<(), String> {
+/// Sends one `ExportTraceServiceRequest`, given as the buffers it is made of.
+async fn send(transport: &Transport, request: Vec<Bytes>) -> Result<(), String> {
     let response = match transport {
-        Transport::Grpc { channel, authorization } => {
-            let mut grpc = tonic::client::Grpc::new(channel.clone());
-            grpc.ready().await.map_err(|error| format!("OTLP/gRPC endpoint unavailable: {error}"))?;
-            let mut request = tonic::Request::new(Bytes::from(body));
-            if let Some(value) = authorization {
-                request.metadata_mut().insert("authorization", value.clone());
-            }
-            let path = tonic::codegen::http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH);
-            grpc.unary(request, path, EncodedRequest)
+        Transport::Grpc { client, uri, authorization } => {
+            tokio::time::timeout(EXPORT_TIMEOUT, send_grpc(client, uri, authorization.as_ref(), request))
                 .await
-                .map_err(|status| format!("OTLP/gRPC export failed: {:?}: {}", status.code(), status.message()))?
-                .into_inner()
+                .map_err(|_| format!("OTLP/gRPC export to {uri} timed out after {EXPORT_TIMEOUT:?}"))??
         }
         Transport::Http { client, url, authorization } => {
             let mut request =
-                client.post(url).header(reqwest::header::CONTENT_TYPE, "application/x-protobuf").body(body);
+                client.post(url).header(reqwest::header::CONTENT_TYPE, "application/x-protobuf").body(request.concat());
             if let Some(value) = authorization {
                 request = request.header(reqwest::header::AUTHORIZATION, value);
             }
@@ -468,31 +494,101 @@ async fn send(transport: &Transport, body: Vec<u8>) -> Result<(), String> {
     Ok(())
 }
 
-/// gRPC codec whose request is already encoded; the response is decoded by prost.
-struct EncodedRequest;
+/// A unary gRPC call of `TraceService/Export` (gRPC over HTTP/2: the message behind a 5-byte
+/// prefix, the outcome in the `grpc-status` trailer, or header when the server answers with
+/// headers only).
+async fn send_grpc(
+    client: &GrpcClient,
+    uri: &http::Uri,
+    authorization: Option<&http::HeaderValue>,
+    mut request: Vec<Bytes>,
+) -> Result<ExportTraceServiceResponse, String> {
+    use http_body_util::BodyExt;
 
-impl tonic::codec::Codec for EncodedRequest {
-    type Encode = Bytes;
-    type Decode = ExportTraceServiceResponse;
-    type Encoder = EncodedRequest;
-    type Decoder = tonic_prost::ProstDecoder<ExportTraceServiceResponse>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        EncodedRequest
+    let len: usize = request.iter().map(Bytes::len).sum();
+    let len = u32::try_from(len).map_err(|_| format!("an export request of {len} bytes is too large for gRPC"))?;
+    let mut prefix = [0u8; 5]; // not compressed, then the length (big-endian)
+    prefix[1..].copy_from_slice(&len.to_be_bytes());
+    request.insert(0, Bytes::copy_from_slice(&prefix));
+    let mut builder = http::Request::post(uri.clone())
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .header(http::header::USER_AGENT, concat!("sfaas/", env!("CARGO_PKG_VERSION")))
+        .header("grpc-timeout", format!("{}m", EXPORT_TIMEOUT.as_millis()));
+    if let Some(value) = authorization {
+        builder = builder.header(http::header::AUTHORIZATION, value);
     }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
+    let request = builder.body(Chunks(request.into())).map_err(|error| error.to_string())?;
+    let response =
+        client.request(request).await.map_err(|error| format!("OTLP/gRPC endpoint {uri} unavailable: {error:?}"))?;
+    let (head, body) = response.into_parts();
+    if head.status != http::StatusCode::OK {
+        return Err(format!("OTLP/gRPC export to {uri} answered HTTP {}", head.status));
     }
+    let body = body.collect().await.map_err(|error| format!("OTLP/gRPC export to {uri} failed: {error}"))?;
+    let trailers = body.trailers();
+    let field = |name: &str| {
+        trailers.and_then(|t| t.get(name)).or_else(|| head.headers.get(name)).and_then(|v| v.to_str().ok())
+    };
+    match field("grpc-status") {
+        Some("0") => {}
+        Some(code) => {
+            let code = tonic::Code::from(code.parse::<i32>().unwrap_or(2));
+            let message = percent_decode(field("grpc-message").unwrap_or_default());
+            return Err(format!("OTLP/gRPC export to {uri} failed: {code:?}: {message}"));
+        }
+        None => return Err(format!("OTLP/gRPC export to {uri}: the answer has no grpc-status")),
+    }
+    let body = body.to_bytes();
+    // The answer's message, behind its own 5-byte prefix (a compressed one is not decoded: its
+    // only content is the partial-success count, which only a warning reads).
+    Ok(match body.get(..5) {
+        Some([0, ..]) => ExportTraceServiceResponse::decode(&body[5..]).unwrap_or_default(),
+        _ => ExportTraceServiceResponse::default(),
+    })
 }
 
-impl tonic::codec::Encoder for EncodedRequest {
-    type Item = Bytes;
-    type Error = tonic::Status;
+/// `grpc-message`'s percent-encoding undone.
+fn percent_decode(text: &str) -> String {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        let hex = tail.get(..2).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (byte, hex) {
+            (b'%', Some(value)) => {
+                bytes.push(value);
+                rest = &tail[2..];
+            }
+            _ => {
+                bytes.push(byte);
+                rest = tail;
+            }
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
 
-    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Self::Error> {
-        dst.put(item);
-        Ok(())
+/// A request body sent as the buffers it is made of, one frame each, without joining them.
+#[derive(Debug)]
+struct Chunks(std::collections::VecDeque<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.get_mut().0.pop_front().map(|chunk| Ok(http_body::Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.0.iter().map(|chunk| chunk.len() as u64).sum())
     }
 }
 
@@ -500,40 +596,82 @@ impl tonic::codec::Encoder for EncodedRequest {
 // `common.proto` and `resource.proto`. As prost does, scalar fields at their default value are
 // left out, while present messages and the members of a `oneof` are always written.
 
+/// A batch's invocation spans, encoded (`ScopeSpans.spans` fields) into `buf`.
+fn encode_invocations(buf: &mut Vec<u8>, batch: &Batch) {
+    let mut texts = &batch.texts[..];
+    for (invocation, lengths) in &batch.invocations {
+        message(buf, 2, |buf| encode_invocation(buf, invocation, lengths, &mut texts));
+    }
+}
+
 /// An `ExportTraceServiceRequest` of one `ResourceSpans` with one `ScopeSpans` per
-/// instrumentation scope: the batch's encoded spans, and its invocation spans, written here,
-/// under the platform's scope.
-fn frame(resource: &[u8], resource_schema_url: &str, batch: &Batch) -> Vec<u8> {
+/// instrumentation scope, around spans already encoded: those of `scopes`, and `invocations`
+/// under the platform's scope. It is returned as the buffers to send one after the other: the
+/// framing, written with every length known, and between its pieces the spans' buffers, which
+/// are not copied.
+fn frame(
+    resource: &[u8],
+    resource_schema_url: &str,
+    scopes: Vec<(InstrumentationScope, Vec<u8>)>,
+    invocations: Bytes,
+) -> Vec<Bytes> {
     let platform = super::invocation_scope();
-    let queued = batch.scopes.iter().map(|(scope, spans)| (scope, &spans[..]));
-    // The platform's scope, when it has invocations but no other span.
-    let invocations_alone = (!batch.invocations.is_empty() && batch.scopes.iter().all(|(scope, _)| scope != platform))
-        .then_some((platform, &[][..]));
-    let mut buf = Vec::with_capacity(64 + resource.len() + batch.bytes + 64 * (batch.scopes.len() + 1));
-    message(&mut buf, 1, |buf| {
-        buf.extend_from_slice(resource);
-        for (scope, spans) in queued.chain(invocations_alone) {
-            message(buf, 2, |buf| {
-                message(buf, 1, |buf| {
-                    string(buf, 1, scope.name());
-                    string(buf, 2, scope.version().unwrap_or_default());
-                    for attribute in scope.attributes() {
-                        key_value(buf, 3, attribute);
-                    }
-                });
-                buf.extend_from_slice(spans);
-                if scope == platform {
-                    let mut texts = &batch.texts[..];
-                    for (invocation, lengths) in &batch.invocations {
-                        message(buf, 2, |buf| encode_invocation(buf, invocation, lengths, &mut texts));
-                    }
-                }
-                string(buf, 3, scope.schema_url().unwrap_or_default());
-            });
+    let mut scopes: Vec<(InstrumentationScope, Vec<Bytes>)> =
+        scopes.into_iter().map(|(scope, spans)| (scope, vec![Bytes::from(spans)])).collect();
+    if !invocations.is_empty() {
+        match scopes.iter_mut().find(|(scope, _)| scope == platform) {
+            Some((_, spans)) => spans.push(invocations),
+            None => scopes.push((platform.clone(), vec![invocations])),
         }
-        string(buf, 3, resource_schema_url);
-    });
-    buf
+    }
+    /// A `ScopeSpans`: its scope (field 1) before its spans, its schema URL (field 3) after.
+    struct Part {
+        head: Vec<u8>,
+        spans: Vec<Bytes>,
+        tail: Vec<u8>,
+        len: usize,
+    }
+    let scopes: Vec<Part> = scopes
+        .into_iter()
+        .map(|(scope, spans)| {
+            let mut head = Vec::new();
+            message(&mut head, 1, |buf| {
+                string(buf, 1, scope.name());
+                string(buf, 2, scope.version().unwrap_or_default());
+                for attribute in scope.attributes() {
+                    key_value(buf, 3, attribute);
+                }
+            });
+            let mut tail = Vec::new();
+            string(&mut tail, 3, scope.schema_url().unwrap_or_default());
+            let len = head.len() + spans.iter().map(Bytes::len).sum::<usize>() + tail.len();
+            Part { head, spans, tail, len }
+        })
+        .collect();
+    let mut resource_tail = Vec::new();
+    string(&mut resource_tail, 3, resource_schema_url);
+    let resource_spans_len = resource.len()
+        + scopes.iter().map(|part| 1 + encoded_len_varint(part.len as u64) + part.len).sum::<usize>()
+        + resource_tail.len();
+
+    let mut chunks = Vec::new();
+    let mut framing = Vec::with_capacity(256 + resource.len());
+    encode_key(1, WireType::LengthDelimited, &mut framing);
+    encode_varint(resource_spans_len as u64, &mut framing);
+    framing.extend_from_slice(resource);
+    for Part { head, spans, tail, len } in scopes {
+        encode_key(2, WireType::LengthDelimited, &mut framing);
+        encode_varint(len as u64, &mut framing);
+        framing.extend_from_slice(&head);
+        for spans in spans {
+            chunks.push(Bytes::from(std::mem::take(&mut framing)));
+            chunks.push(spans);
+        }
+        framing.extend_from_slice(&tail);
+    }
+    framing.extend_from_slice(&resource_tail);
+    chunks.push(Bytes::from(framing));
+    chunks
 }
 
 /// `ResourceSpans.resource` (field 1) for a resource.
@@ -801,7 +939,14 @@ mod tests {
     use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
     use prost::Message;
 
-    use super::{Batch, encode_resource, encode_span, frame, message, queue_span};
+    use super::{Batch, encode_invocations, encode_resource, encode_span, frame, message, queue_span};
+
+    /// The request the export thread sends for `batch`, its buffers joined.
+    fn request(resource: &[u8], schema_url: &str, batch: &mut Batch) -> Vec<u8> {
+        let mut invocations = Vec::new();
+        encode_invocations(&mut invocations, batch);
+        frame(resource, schema_url, std::mem::take(&mut batch.scopes), invocations.into()).concat()
+    }
 
     /// What the processor sends for `spans`: each span encoded as `on_end` does, then framed.
     fn encode_request(resource: &[u8], schema_url: &str, spans: &[SpanData]) -> Vec<u8> {
@@ -811,7 +956,7 @@ mod tests {
             message(&mut encoded, 2, |buf| encode_span(buf, span));
             queue_span(&mut batch.scopes, &span.instrumentation_scope, &encoded);
         }
-        frame(resource, schema_url, &batch)
+        request(resource, schema_url, &mut batch)
     }
 
     fn span(index: u64, scope: &InstrumentationScope) -> SpanData {
@@ -984,9 +1129,9 @@ mod tests {
             let shared = std::sync::Arc::new(Shared::new(10));
             let span = InvocationSpan::start(SpanQueue(shared.clone()), parent);
             span.end(invoked);
-            let queue = shared.queue.lock().unwrap();
+            let mut queue = shared.queue.lock().unwrap();
             assert_eq!((queue.open.invocations.len(), queue.open.scopes.len()), (1, 0));
-            let request = ExportTraceServiceRequest::decode(&frame(&[], "", &queue.open)[..]).unwrap();
+            let request = ExportTraceServiceRequest::decode(&request(&[], "", &mut queue.open)[..]).unwrap();
             let scope_spans = &request.resource_spans[0].scope_spans;
             assert_eq!(scope_spans.len(), 1);
             assert_eq!(scope_spans[0].scope.as_ref().unwrap().name, crate::semconv::SERVICE_NAME);
@@ -1052,10 +1197,10 @@ mod tests {
                     status: 599,
                 });
             }
-            let queue = shared.queue.lock().unwrap();
+            let mut queue = shared.queue.lock().unwrap();
             assert!(queue.full.is_empty());
-            let batch = &queue.open;
-            let body = frame(&[], "", batch);
+            let counted = queue.open.bytes;
+            let body = request(&[], "", &mut queue.open);
             let request = ExportTraceServiceRequest::decode(&body[..]).unwrap();
             let scope_spans = &request.resource_spans[0].scope_spans;
             let names: Vec<&str> = scope_spans.iter().map(|s| s.scope.as_ref().unwrap().name.as_str()).collect();
@@ -1068,14 +1213,93 @@ mod tests {
                     assert_eq!(scope_spans[1].spans[0].name, "invoke f1", "the SDK's span first");
                 }
             }
-            assert!(body.len() > 1 << 14 && body.len() <= batch.bytes, "{} bytes, counted {}", body.len(), batch.bytes);
+            assert!(body.len() > 1 << 14 && body.len() <= counted, "{} bytes, counted {counted}", body.len());
             let invocation = scope_spans.last().unwrap().spans.last().unwrap();
             assert_eq!(invocation.name, format!("invoke {long}"));
             // What `push_invocation` counts for it: the fixed part, its texts and its name.
-            let counted = INVOCATION_FIXED_BYTES + (200 + 128 + 200 + "vendor=".len() + 200) + 200;
+            let bound = INVOCATION_FIXED_BYTES + (200 + 128 + 200 + "vendor=".len() + 200) + 200;
             let encoded = invocation.encoded_len() + 3; // with its field key and length
-            assert!(encoded <= counted, "{encoded} bytes encoded, {counted} counted");
+            assert!(encoded <= bound, "{encoded} bytes encoded, {bound} counted");
         }
+    }
+
+    /// The gRPC client, against tonic's server with the generated `TraceService`: a request sent
+    /// as several buffers arrives whole, with the token; the receiver's partial success is read;
+    /// an error status comes back with its code and its (percent-decoded) message; a receiver
+    /// that is not there and an endpoint it cannot use are clear errors.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_grpc_client_is_understood_by_tonics_server() {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+            TraceService, TraceServiceServer,
+        };
+        use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceResponse};
+
+        use super::super::{OtlpProtocol, TelemetryConfig};
+        use super::{Transport, send};
+
+        #[derive(Clone, Default)]
+        struct Receiver(std::sync::Arc<std::sync::Mutex<Vec<ExportTraceServiceRequest>>>);
+
+        #[tonic::async_trait]
+        impl TraceService for Receiver {
+            async fn export(
+                &self,
+                request: tonic::Request<ExportTraceServiceRequest>,
+            ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+                if request.metadata().get("authorization").is_none_or(|token| token != "Bearer right") {
+                    return Err(tonic::Status::unauthenticated("no such token: «wrong»"));
+                }
+                self.0.lock().unwrap().push(request.into_inner());
+                let partial = ExportTracePartialSuccess { rejected_spans: 1, error_message: "one too old".into() };
+                Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: Some(partial) }))
+            }
+        }
+
+        let receiver = Receiver::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(receiver.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let transport = |endpoint: &str, token: &str| {
+            let config = TelemetryConfig {
+                endpoint: Some(endpoint.to_string()),
+                protocol: OtlpProtocol::Grpc,
+                token: Some(token.to_string()),
+                max_queue_size: 10,
+            };
+            Transport::new(&config, endpoint)
+        };
+        let platform = InstrumentationScope::builder("stateful-faas").build();
+        let spans: Vec<SpanData> = (0..3).map(|i| span(i, &platform)).collect();
+        let resource = encode_resource(&Resource::builder_empty().build());
+        let request = || {
+            let mut batch = Batch::default();
+            for span in &spans {
+                let mut encoded = Vec::new();
+                message(&mut encoded, 2, |buf| encode_span(buf, span));
+                queue_span(&mut batch.scopes, &span.instrumentation_scope, &encoded);
+            }
+            frame(&resource, "", std::mem::take(&mut batch.scopes), bytes::Bytes::new())
+        };
+        assert!(request().len() > 1, "several buffers");
+
+        send(&transport(&endpoint, "right").unwrap(), request()).await.unwrap();
+        let received = receiver.0.lock().unwrap().clone();
+        assert_eq!(received, vec![ExportTraceServiceRequest::decode(&request().concat()[..]).unwrap()]);
+        assert_eq!(received[0].resource_spans[0].scope_spans[0].spans.len(), 3);
+
+        let error = send(&transport(&endpoint, "wrong").unwrap(), request()).await.unwrap_err();
+        assert!(error.contains("Unauthenticated: no such token: «wrong»"), "{error}");
+
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let error = send(&transport(&format!("http://{closed}"), "right").unwrap(), request()).await.unwrap_err();
+        assert!(error.contains("unavailable"), "{error}");
+
+        let error = transport("https://collector.example:4317", "right").unwrap_err();
+        assert!(error.contains("TLS is not supported"), "{error}");
     }
 
     #[test]
