@@ -1,5 +1,6 @@
 //! `sfaas bench gateway`: the gateway's overhead per invocation and its throughput, with span
-//! export on and off. Each scenario runs a fresh core on loopback in this process.
+//! export on and off. Each function is served by two cores on loopback in this process, one
+//! exporting spans and one not, each kept running through all the rounds.
 
 use std::fmt;
 use std::sync::Arc;
@@ -17,9 +18,13 @@ pub struct Scenario {
     pub throughput: f64,
     pub p50: Duration,
     pub p99: Duration,
-    /// The whole process's CPU time (user + system) per invocation: gateway, clients, span
-    /// export and its final flush at shutdown.
+    /// The whole process's CPU time (user + system) per invocation while the requests ran and
+    /// their spans were flushed: gateway, clients, span export and receiver.
     pub cpu: Duration,
+    /// Of `cpu`, the span export threads' (encoding, framing, sending) and the receiver's, per
+    /// invocation, while the requests ran and their spans were flushed.
+    pub export_cpu: Duration,
+    pub receiver_cpu: Duration,
 }
 
 /// CPU per span of exporting invocation spans to the same sink with this project's processor
@@ -44,19 +49,24 @@ pub struct Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "| scenario | requests | errors | invocations/s | p50 | p99 | CPU per invocation |")?;
-        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|")?;
+        writeln!(
+            f,
+            "| scenario | requests | errors | invocations/s | p50 | p99 | CPU per invocation | of it, span export | of it, receiver |"
+        )?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
         for s in &self.scenarios {
             writeln!(
                 f,
-                "| {} | {} | {} | {:.0} | {:.3} ms | {:.3} ms | {:.1} µs |",
+                "| {} | {} | {} | {:.0} | {:.3} ms | {:.3} ms | {:.1} µs | {:.2} µs | {:.2} µs |",
                 s.name,
                 s.requests,
                 s.errors,
                 s.throughput,
                 s.p50.as_secs_f64() * 1e3,
                 s.p99.as_secs_f64() * 1e3,
-                s.cpu.as_secs_f64() * 1e6
+                s.cpu.as_secs_f64() * 1e6,
+                s.export_cpu.as_secs_f64() * 1e6,
+                s.receiver_cpu.as_secs_f64() * 1e6
             )?;
         }
         writeln!(f)?;
@@ -96,6 +106,9 @@ pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: O
         Some("exec") => *body == "true",
         _ => true,
     }) {
+        // One core with spans off and one with spans on, each kept for all rounds, as a gateway runs.
+        let targets =
+            [Target::start(body, None, concurrency).await?, Target::start(body, Some(sink), concurrency).await?];
         let mut runs: [Vec<Scenario>; 2] = [Vec::new(), Vec::new()];
         let mut round_ratios = Vec::new();
         for round in 1..=rounds {
@@ -103,17 +116,22 @@ pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: O
             let order = if round % 2 == 1 { [false, true] } else { [true, false] };
             for spans in order {
                 let name = format!("{function}, spans {}", if spans { "on" } else { "off" });
-                let endpoint = spans.then(|| format!("http://{sink}"));
-                let scenario = run_scenario(&name, body, endpoint, requests, concurrency).await?;
+                let scenario = targets[usize::from(spans)].round(&name, requests, concurrency).await?;
                 eprintln!(
-                    "bench: {name}, round {round} of {rounds}: {:.0} invocations/s, p99 {}, {:.1} µs CPU each",
+                    "bench: {name}, round {round} of {rounds}: {:.0} invocations/s, p99 {}, {:.1} µs CPU each \
+                     (span export {:.2} µs, receiver {:.2} µs)",
                     scenario.throughput,
                     super::ms(scenario.p99),
-                    scenario.cpu.as_secs_f64() * 1e6
+                    scenario.cpu.as_secs_f64() * 1e6,
+                    scenario.export_cpu.as_secs_f64() * 1e6,
+                    scenario.receiver_cpu.as_secs_f64() * 1e6
                 );
                 runs[usize::from(spans)].push(scenario);
             }
             round_ratios.push(runs[1][round - 1].throughput / runs[0][round - 1].throughput);
+        }
+        for target in targets {
+            target.core.stop().await;
         }
         round_ratios.sort_by(f64::total_cmp);
         ratios.push((function, round_ratios[round_ratios.len() / 2]));
@@ -126,77 +144,87 @@ pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: O
     Ok(Report { scenarios, ratios, rounds, export, spans_received: sink_spans.load(Ordering::Relaxed), concurrency })
 }
 
-async fn run_scenario(
-    name: &str,
-    function: &str,
-    otlp_endpoint: Option<String>,
-    requests: usize,
-    concurrency: usize,
-) -> anyhow::Result<Scenario> {
-    let core = BenchCore::start(|config| {
-        config.telemetry.endpoint = otlp_endpoint;
-        config.telemetry.protocol = OtlpProtocol::Grpc;
-    })
-    .await?;
-    let credentials = core.credentials.clone();
-    core.deploy(match function {
-        "noop" => serde_json::json!({"service": "f", "builtin": "noop", "envVars": {"max_inflight": "1024"}}),
-        _ => serde_json::json!({"service": "f", "envProcess": "/bin/true", "envVars": {"max_inflight": "1024"}}),
-    })
-    .await?;
+/// A core on loopback serving one function, with its client, warmed up.
+struct Target {
+    core: BenchCore,
+    client: reqwest::Client,
+    url: String,
+}
 
-    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(concurrency).build()?;
-    let url = format!("{}/function/f", core.url);
-    // Warm up connections and code paths.
-    for _ in 0..concurrency.min(requests) {
-        client.post(&url).bearer_auth(&credentials.ingest_token).send().await?;
+impl Target {
+    /// A fresh core serving `function` (`noop` or `/bin/true`), exporting spans to `sink` if any.
+    async fn start(function: &str, sink: Option<std::net::SocketAddr>, concurrency: usize) -> anyhow::Result<Self> {
+        let core = BenchCore::start(|config| {
+            config.telemetry.endpoint = sink.map(|sink| format!("http://{sink}"));
+            config.telemetry.protocol = OtlpProtocol::Grpc;
+        })
+        .await?;
+        core.deploy(match function {
+            "noop" => serde_json::json!({"service": "f", "builtin": "noop", "envVars": {"max_inflight": "1024"}}),
+            _ => serde_json::json!({"service": "f", "envProcess": "/bin/true", "envVars": {"max_inflight": "1024"}}),
+        })
+        .await?;
+        let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(concurrency).build()?;
+        let url = format!("{}/function/f", core.url);
+        // Warm up connections and code paths.
+        for _ in 0..concurrency {
+            client.post(&url).bearer_auth(&core.credentials.ingest_token).send().await?;
+        }
+        Ok(Self { core, client, url })
     }
-    let cpu_before = process_cpu();
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for worker in 0..concurrency {
-        let (client, url, token) = (client.clone(), url.clone(), credentials.ingest_token.clone());
-        let count = requests / concurrency + usize::from(worker < requests % concurrency);
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(count);
-            let mut errors = 0;
-            for _ in 0..count {
-                let start = Instant::now();
-                match client.post(&url).bearer_auth(&token).send().await {
-                    Ok(response) if response.status().is_success() => {
-                        let _ = response.bytes().await;
+
+    /// `requests` calls from `concurrency` clients, measured until their spans have reached the
+    /// receiver: in a gateway that keeps running, sending them is part of every request's cost,
+    /// so the round's last batch counts too.
+    async fn round(&self, name: &str, requests: usize, concurrency: usize) -> anyhow::Result<Scenario> {
+        let cpu_before = process_cpu();
+        let (export_before, receiver_before) = (threads_cpu(EXPORT_THREADS), threads_cpu(&[SINK_THREAD]));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for worker in 0..concurrency {
+            let (client, url) = (self.client.clone(), self.url.clone());
+            let token = self.core.credentials.ingest_token.clone();
+            let count = requests / concurrency + usize::from(worker < requests % concurrency);
+            workers.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(count);
+                let mut errors = 0;
+                for _ in 0..count {
+                    let start = Instant::now();
+                    match client.post(&url).bearer_auth(&token).send().await {
+                        Ok(response) if response.status().is_success() => {
+                            let _ = response.bytes().await;
+                        }
+                        _ => errors += 1,
                     }
-                    _ => errors += 1,
+                    latencies.push(start.elapsed());
                 }
-                latencies.push(start.elapsed());
-            }
-            (latencies, errors)
-        }));
+                (latencies, errors)
+            }));
+        }
+        let mut latencies = Vec::with_capacity(requests);
+        let mut errors = 0;
+        for worker in workers {
+            let (mut worker_latencies, worker_errors) = worker.await?;
+            latencies.append(&mut worker_latencies);
+            errors += worker_errors;
+        }
+        let core = self.core.running.core.clone();
+        tokio::task::spawn_blocking(move || core.telemetry.flush()).await?;
+        let elapsed = started.elapsed();
+        let per_request = |cpu: Duration| cpu / requests as u32;
+        let (p50, p99) = percentiles(&mut latencies);
+        Ok(Scenario {
+            name: name.to_string(),
+            requests,
+            errors,
+            throughput: requests as f64 / elapsed.as_secs_f64(),
+            p50,
+            p99,
+            cpu: per_request(process_cpu().saturating_sub(cpu_before)),
+            export_cpu: per_request(threads_cpu(EXPORT_THREADS).saturating_sub(export_before)),
+            receiver_cpu: per_request(threads_cpu(&[SINK_THREAD]).saturating_sub(receiver_before)),
+        })
     }
-    let mut latencies = Vec::with_capacity(requests);
-    let mut errors = 0;
-    for worker in workers {
-        let (mut worker_latencies, worker_errors) = worker.await?;
-        latencies.append(&mut worker_latencies);
-        errors += worker_errors;
-    }
-    // A round ends when its spans have reached the receiver: in a gateway that keeps running,
-    // sending them is part of every request's cost, so the last batch counts here too.
-    let core_handle = core.running.core.clone();
-    tokio::task::spawn_blocking(move || core_handle.telemetry.flush()).await?;
-    let elapsed = started.elapsed();
-    core.stop().await;
-    let cpu = process_cpu().saturating_sub(cpu_before);
-    let (p50, p99) = percentiles(&mut latencies);
-    Ok(Scenario {
-        name: name.to_string(),
-        requests,
-        errors,
-        throughput: requests as f64 / elapsed.as_secs_f64(),
-        p50,
-        p99,
-        cpu: cpu / requests as u32,
-    })
 }
 
 /// Spans per exporter in [`export_cost`].
@@ -283,6 +311,28 @@ async fn export_cost(sink: std::net::SocketAddr, received: &AtomicU64) -> anyhow
     Ok(ExportCost { spans: EXPORT_SPANS, ours, opentelemetry_otlp })
 }
 
+/// The names of the span export threads (`telemetry::otlp`; a thread's name is cut to 15
+/// bytes), and of the receiver's.
+const EXPORT_THREADS: &[&str] = &["sfaas-span-expo", "sfaas-otlp-io"];
+const SINK_THREAD: &str = "otlp-sink";
+
+/// Run time of this process's threads named `names`, by the scheduler's account (threads that
+/// have ended are not counted).
+fn threads_cpu(names: &[&str]) -> Duration {
+    let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten();
+    let nanos = tasks
+        .filter(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            names.contains(&comm.trim_end())
+        })
+        .filter_map(|task| {
+            let schedstat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            schedstat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    Duration::from_nanos(nanos)
+}
+
 /// CPU time (user + system) this process has used so far.
 fn process_cpu() -> Duration {
     // SAFETY: getrusage writes into the zeroed struct it is given.
@@ -299,20 +349,27 @@ fn process_cpu() -> Duration {
 /// `sfaas up` uses and counts their spans. It stands in for a collector on another machine: it
 /// walks each request down to its spans' encoded bytes (zero-copy) instead of building every
 /// attribute, so the receiver's own decoding (measured by `sfaas bench ingest`) is not charged
-/// to the gateway under test; everything on the exporting side runs in full.
+/// to the gateway under test; everything on the exporting side runs in full. It runs on a
+/// thread of its own, as a collector would not run on the gateway's workers, which also lets
+/// the report give its CPU apart.
 async fn start_otlp_sink(spans: Arc<AtomicU64>) -> anyhow::Result<std::net::SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        // HTTP/2 settings as the collector's OTLP/gRPC receiver has them (collector/src/lib.rs).
-        let _ = tonic::transport::Server::builder()
-            .max_frame_size(1 << 20)
-            .initial_stream_window_size(4 << 20)
-            .initial_connection_window_size(4 << 20)
-            .add_service(sink::CountingTraceService(spans))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await;
-    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name(SINK_THREAD.into()).spawn(move || {
+        runtime.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+            // HTTP/2 settings as the collector's OTLP/gRPC receiver has them (collector/src/lib.rs).
+            let _ = tonic::transport::Server::builder()
+                .max_frame_size(1 << 20)
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(4 << 20)
+                .add_service(sink::CountingTraceService(spans))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        })
+    })?;
     Ok(addr)
 }
 
