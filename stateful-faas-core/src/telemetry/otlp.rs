@@ -212,7 +212,7 @@ impl OtlpProcessor {
         Ok(Self { shared, thread: Mutex::new(Some(thread)) })
     }
 
-    /// A handle on this processor's queue, for spans encoded without the SDK
+    /// A handle on this processor's queue, for invocation spans, queued as their fields
     /// ([`super::InvocationSpan`]).
     pub fn queue(&self) -> SpanQueue {
         SpanQueue(self.shared.clone())
@@ -393,6 +393,9 @@ fn export_loop(shared: &Shared, transport: &Transport) {
                     Vec::from(buffer)
                 })
                 .unwrap_or_default();
+        } else {
+            // Nothing to send: idle, the thread lets go of its buffer too.
+            encoded = Vec::new();
         }
         if let Some(generation) = finished {
             shared.queue.lock().unwrap().flush_done = generation;
