@@ -97,7 +97,7 @@ impl fmt::Display for Report {
 pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: Option<&str>) -> anyhow::Result<Report> {
     let rounds = rounds.max(1);
     let sink_spans = Arc::new(AtomicU64::new(0));
-    let sink = start_otlp_sink(sink_spans.clone()).await?;
+    let sink = start_otlp_sink(sink_spans.clone())?;
     let mut scenarios = Vec::new();
     let mut ratios = Vec::new();
     let functions = [("builtin noop", "noop"), ("exec /bin/true", "true")];
@@ -352,7 +352,7 @@ fn process_cpu() -> Duration {
 /// to the gateway under test; everything on the exporting side runs in full. It runs on a
 /// thread of its own, as a collector would not run on the gateway's workers, which also lets
 /// the report give its CPU apart.
-async fn start_otlp_sink(spans: Arc<AtomicU64>) -> anyhow::Result<std::net::SocketAddr> {
+fn start_otlp_sink(spans: Arc<AtomicU64>) -> anyhow::Result<std::net::SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;

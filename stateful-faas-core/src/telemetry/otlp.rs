@@ -179,9 +179,12 @@ impl InvocationTexts<'_> {
             trace_state: len(self.trace_state),
         }
     }
+}
 
-    fn len(&self) -> usize {
-        self.function.len() + self.call_id.len() + self.job.map_or(0, str::len) + self.trace_state.len()
+impl TextLengths {
+    /// Bytes the texts take in [`Batch::texts`].
+    fn sum(&self) -> usize {
+        [self.function, self.call_id, self.job.unwrap_or(0), self.trace_state].map(|len| len as usize).iter().sum()
     }
 }
 
@@ -277,7 +280,7 @@ impl SpanQueue {
     /// Queues an invocation span, or drops it (counted) when the queue is full or shut down.
     pub(super) fn push_invocation(&self, invocation: &EndedInvocation, texts: &InvocationTexts) {
         let lengths = texts.lengths();
-        self.0.add(INVOCATION_FIXED_BYTES + texts.len() + texts.function.len(), |batch| {
+        self.0.add(INVOCATION_FIXED_BYTES + lengths.sum() + texts.function.len(), |batch| {
             batch.invocations.push((*invocation, lengths));
             batch.texts.extend_from_slice(texts.function.as_bytes());
             batch.texts.extend_from_slice(texts.call_id.as_bytes());
@@ -376,10 +379,8 @@ fn export_loop(shared: &Shared, transport: &Transport) {
             tracing::warn!(dropped, "the span export queue was full: spans dropped");
         }
         if batch.spans > 0 {
-            encoded.clear();
-            encode_invocations(&mut encoded, &batch);
-            let invocations = Bytes::from(std::mem::take(&mut encoded));
-            let request = frame(&resource, &schema_url, std::mem::take(&mut batch.scopes), invocations.clone());
+            let (request, invocations) =
+                export_request(&resource, &schema_url, &mut batch, std::mem::take(&mut encoded));
             let spans = batch.spans;
             shared.queue.lock().unwrap().spare = Some(batch.emptied());
             if let Err(error) = export_io().block_on(send(transport, request)) {
@@ -530,14 +531,13 @@ async fn send_grpc(
     }
     let body = body.collect().await.map_err(|error| format!("OTLP/gRPC export to {uri} failed: {error}"))?;
     let trailers = body.trailers();
-    let field = |name: &str| {
-        trailers.and_then(|t| t.get(name)).or_else(|| head.headers.get(name)).and_then(|v| v.to_str().ok())
-    };
-    match field("grpc-status") {
-        Some("0") => {}
+    let field = |name: &str| trailers.and_then(|t| t.get(name)).or_else(|| head.headers.get(name));
+    // Not `tonic::Status::from_header_map`: it panics on a malformed `grpc-status-details`.
+    match field("grpc-status").map(|code| tonic::Code::from_bytes(code.as_bytes())) {
+        Some(tonic::Code::Ok) => {}
         Some(code) => {
-            let code = tonic::Code::from(code.parse::<i32>().unwrap_or(2));
-            let message = percent_decode(field("grpc-message").unwrap_or_default());
+            let message = field("grpc-message").map(|m| percent_encoding::percent_decode(m.as_bytes()));
+            let message = message.map(|m| m.decode_utf8_lossy().into_owned()).unwrap_or_default();
             return Err(format!("OTLP/gRPC export to {uri} failed: {code:?}: {message}"));
         }
         None => return Err(format!("OTLP/gRPC export to {uri}: the answer has no grpc-status")),
@@ -549,26 +549,6 @@ async fn send_grpc(
         Some([0, ..]) => ExportTraceServiceResponse::decode(&body[5..]).unwrap_or_default(),
         _ => ExportTraceServiceResponse::default(),
     })
-}
-
-/// `grpc-message`'s percent-encoding undone.
-fn percent_decode(text: &str) -> String {
-    let mut bytes = Vec::with_capacity(text.len());
-    let mut rest = text.as_bytes();
-    while let Some((&byte, tail)) = rest.split_first() {
-        let hex = tail.get(..2).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (byte, hex) {
-            (b'%', Some(value)) => {
-                bytes.push(value);
-                rest = &tail[2..];
-            }
-            _ => {
-                bytes.push(byte);
-                rest = tail;
-            }
-        }
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// A request body sent as the buffers it is made of, one frame each, without joining them.
@@ -599,12 +579,23 @@ impl http_body::Body for Chunks {
 // `common.proto` and `resource.proto`. As prost does, scalar fields at their default value are
 // left out, while present messages and the members of a `oneof` are always written.
 
-/// A batch's invocation spans, encoded (`ScopeSpans.spans` fields) into `buf`.
-fn encode_invocations(buf: &mut Vec<u8>, batch: &Batch) {
+/// The export request for a batch: its invocation spans encoded into `buffer` (emptied first),
+/// then [`frame`]d with its other spans, which are taken out of it. The buffer comes back too,
+/// shared with the request, to be reused once the transport has let go of it.
+fn export_request(
+    resource: &[u8],
+    resource_schema_url: &str,
+    batch: &mut Batch,
+    mut buffer: Vec<u8>,
+) -> (Vec<Bytes>, Bytes) {
+    buffer.clear();
     let mut texts = &batch.texts[..];
     for (invocation, lengths) in &batch.invocations {
-        message(buf, 2, |buf| encode_invocation(buf, invocation, lengths, &mut texts));
+        message(&mut buffer, 2, |buf| encode_invocation(buf, invocation, lengths, &mut texts));
     }
+    let invocations = Bytes::from(buffer);
+    let request = frame(resource, resource_schema_url, std::mem::take(&mut batch.scopes), invocations.clone());
+    (request, invocations)
 }
 
 /// An `ExportTraceServiceRequest` of one `ResourceSpans` with one `ScopeSpans` per
@@ -942,24 +933,27 @@ mod tests {
     use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
     use prost::Message;
 
-    use super::{Batch, encode_invocations, encode_resource, encode_span, frame, message, queue_span};
+    use super::{Batch, encode_resource, encode_span, export_request, message, queue_span};
 
     /// The request the export thread sends for `batch`, its buffers joined.
     fn request(resource: &[u8], schema_url: &str, batch: &mut Batch) -> Vec<u8> {
-        let mut invocations = Vec::new();
-        encode_invocations(&mut invocations, batch);
-        frame(resource, schema_url, std::mem::take(&mut batch.scopes), invocations.into()).concat()
+        export_request(resource, schema_url, batch, Vec::new()).0.concat()
     }
 
-    /// What the processor sends for `spans`: each span encoded as `on_end` does, then framed.
-    fn encode_request(resource: &[u8], schema_url: &str, spans: &[SpanData]) -> Vec<u8> {
+    /// A batch of `spans`, each encoded as `on_end` does.
+    fn sdk_batch(spans: &[SpanData]) -> Batch {
         let mut batch = Batch::default();
         for span in spans {
             let mut encoded = Vec::new();
             message(&mut encoded, 2, |buf| encode_span(buf, span));
             queue_span(&mut batch.scopes, &span.instrumentation_scope, &encoded);
         }
-        request(resource, schema_url, &mut batch)
+        batch
+    }
+
+    /// What the processor sends for `spans`.
+    fn encode_request(resource: &[u8], schema_url: &str, spans: &[SpanData]) -> Vec<u8> {
+        request(resource, schema_url, &mut sdk_batch(spans))
     }
 
     fn span(index: u64, scope: &InstrumentationScope) -> SpanData {
@@ -1278,15 +1272,7 @@ mod tests {
         let platform = InstrumentationScope::builder("stateful-faas").build();
         let spans: Vec<SpanData> = (0..3).map(|i| span(i, &platform)).collect();
         let resource = encode_resource(&Resource::builder_empty().build());
-        let request = || {
-            let mut batch = Batch::default();
-            for span in &spans {
-                let mut encoded = Vec::new();
-                message(&mut encoded, 2, |buf| encode_span(buf, span));
-                queue_span(&mut batch.scopes, &span.instrumentation_scope, &encoded);
-            }
-            frame(&resource, "", std::mem::take(&mut batch.scopes), bytes::Bytes::new())
-        };
+        let request = || export_request(&resource, "", &mut sdk_batch(&spans), Vec::new()).0;
         assert!(request().len() > 1, "several buffers");
 
         send(&transport(&endpoint, "right").unwrap(), request()).await.unwrap();
