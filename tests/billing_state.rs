@@ -302,7 +302,12 @@ async fn every_day_bills_exactly_the_store_integral_over_it() {
     assert!(expected.records.iter().any(|(_, r)| r.start_ns as i64 == b));
 
     let dir = tempfile::tempdir().unwrap();
-    let store = TelemetryStore::open(&format!("sqlite://{}", dir.path().join("telemetry.db").display())).await.unwrap();
+    // Billing's "now": both days are over (grace 0), and stay so whatever the date.
+    let clock = collector::clock::Clock::starting_at(b + 20 * 86_400 * 1_000_000_000);
+    let store = TelemetryStore::open(&format!("sqlite://{}", dir.path().join("telemetry.db").display()))
+        .await
+        .unwrap()
+        .with_clock(clock);
     let mut billing = Billing::open(&store).await.unwrap();
     billing.set_settle(Duration::ZERO);
     billing.apply_rate_card(CARD).await.unwrap();

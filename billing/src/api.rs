@@ -113,7 +113,7 @@ impl ApiState {
         let card = self.billing.rate_card().await?;
         match period {
             Some(key) => Ok(Period::parse(card.period, &key).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?.key()),
-            None => Ok(Period::containing(card.period, crate::now_ns()).key()),
+            None => Ok(Period::containing(card.period, self.billing.now_ns()).key()),
         }
     }
 }

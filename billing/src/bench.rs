@@ -19,10 +19,10 @@ use collector::bench::process_cpu;
 use collector::model::{Batch, SpanRow};
 use collector::store::TelemetryStore;
 
+use crate::Billing;
 use crate::db::{on_pool, value_groups};
 use crate::extract::INSERT_RECORDS;
 use crate::period::{Period, PeriodKind};
-use crate::{Billing, now_ns};
 
 const TENANTS: usize = 100;
 const FUNCTIONS_PER_TENANT: usize = 10;
@@ -42,8 +42,9 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
     )?;
 
     // This month, up to now, so that its invoices stay drafts.
-    let period = Period::containing(PeriodKind::Month, now_ns());
-    let (start, end) = (period.start_ns(), now_ns() - 60_000_000_000);
+    let now = billing.now_ns();
+    let period = Period::containing(PeriodKind::Month, now);
+    let (start, end) = (period.start_ns(), now - 60_000_000_000);
     let started = Instant::now();
     let step = (end - start) / invocations.max(1) as i64;
     let spans = seed(&billing, &store, invocations, start, step, end).await?;

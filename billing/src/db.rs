@@ -6,7 +6,7 @@ use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 use sqlx::{AssertSqlSafe, SqlSafeStr};
 
-use collector::store::TelemetryStore;
+use collector::store::{Pool, TelemetryStore};
 
 #[derive(Clone, Debug)]
 pub enum Db {
@@ -36,12 +36,12 @@ fn migrator(sql: &'static str) -> Migrator {
 impl Db {
     /// The billing tables in the telemetry store's database, created if missing.
     pub async fn open(store: &TelemetryStore) -> Result<Self, sqlx::migrate::MigrateError> {
-        Ok(match store {
-            TelemetryStore::Sqlite(pool) => {
+        Ok(match &store.pool {
+            Pool::Sqlite(pool) => {
                 migrator(include_str!("../../migrations/sqlite/billing_0001_billing.sql")).run(pool).await?;
                 Db::Sqlite(pool.clone())
             }
-            TelemetryStore::Postgres(pool) => {
+            Pool::Postgres(pool) => {
                 migrator(include_str!("../../migrations/postgres/billing_0001_billing.sql")).run(pool).await?;
                 Db::Postgres(pool.clone())
             }

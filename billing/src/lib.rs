@@ -112,6 +112,8 @@ pub struct RecordCost {
 /// The billing engine over one database.
 pub struct Billing {
     db: Db,
+    /// What "now" is: the telemetry store's clock, which also stamps the spans' arrival.
+    clock: collector::clock::Clock,
     /// Spans that arrived less than this long ago are left for the next run (their commit may
     /// still be under way).
     settle: Duration,
@@ -123,16 +125,13 @@ pub struct Billing {
     version: std::sync::atomic::AtomicU64,
 }
 
-fn now_ns() -> i64 {
-    chrono::Utc::now().timestamp_nanos_opt().expect("in range")
-}
-
 impl Billing {
     /// Billing over the telemetry store's database (its tables are created if missing).
     pub async fn open(store: &TelemetryStore) -> Result<Self> {
         let db = Db::open(store).await?;
         let billing = Self {
             db,
+            clock: store.clock().clone(),
             settle: Duration::from_secs(5),
             chunk_spans: CHUNK,
             run_lock: tokio::sync::Mutex::new(()),
@@ -157,6 +156,11 @@ impl Billing {
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// Now, in nanoseconds since the epoch, as billing decides periods and finalization.
+    pub fn now_ns(&self) -> i64 {
+        self.clock.now_ns()
     }
 
     /// Changes with every change to usage, plans or invoices, made by this process or by any
@@ -244,7 +248,7 @@ impl Billing {
             let known: Vec<_> = card.plans.keys().collect();
             return Err(BillingError::Invalid(format!("no plan {plan:?} in the rate card (plans: {known:?})")));
         }
-        let from = from_ns.unwrap_or_else(now_ns);
+        let from = from_ns.unwrap_or_else(|| self.now_ns());
         let sql = self.db.sql("SELECT MAX(start_ns) FROM usage_records WHERE tenant = ?");
         let latest: Option<i64> =
             on_pool!(&self.db, pool => sqlx::query_scalar(sql).bind(tenant).fetch_one(pool).await?);
@@ -278,7 +282,7 @@ impl Billing {
     pub async fn run(&self, now: Option<i64>) -> Result<RunReport> {
         let _running = self.run_lock.lock().await;
         let card = self.rate_card().await?;
-        let real_now = now_ns();
+        let real_now = self.now_ns();
         if now.is_some_and(|t| t > real_now) {
             return Err(BillingError::Invalid("billing cannot run as of a time in the future".into()));
         }
@@ -358,7 +362,7 @@ impl Billing {
         let _running = self.run_lock.lock().await;
         let card = self.rate_card().await?;
         let period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
-        if period.end_ns() > now_ns() {
+        if period.end_ns() > self.now_ns() {
             return Err(BillingError::Invalid(format!("period {period} is not over yet (it ends {})", period.end())));
         }
         if self.finalized_through(card.period).await?.is_some_and(|f| f >= period) {
@@ -435,7 +439,7 @@ impl Billing {
         );
         on_pool!(&self.db, pool => sqlx::query(sql)
             .bind(tenant).bind(period.key()).bind(invoice.status.as_str()).bind(&invoice.currency)
-            .bind(invoice.total.to_string()).bind(invoice.to_json()).bind(now_ns() / 1_000_000)
+            .bind(invoice.total.to_string()).bind(invoice.to_json()).bind(self.now_ns() / 1_000_000)
             .execute(pool).await?.rows_affected());
         Ok(invoice)
     }

@@ -262,7 +262,7 @@ proptest! {
         mess in mess(),
     ) {
         runtime().block_on(async {
-            let now_s = chrono::Utc::now().timestamp();
+            let now_s = common::ns(common::NOW) / NS;
             let clean_spans = spans(&items, now_s);
             let deliveries = messy(&clean_spans, &mess);
 
@@ -441,7 +441,7 @@ proptest! {
 /// depends on delivery order, never an amount.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_record_names_the_first_span_that_arrived() {
-    let now_s = chrono::Utc::now().timestamp();
+    let now_s = common::ns(common::NOW) / NS;
     let span = invoke("acme", "c1", "resize", (now_s - 60) * NS, 1, 0, 200);
     let mut other = span.clone();
     other.span_id = "d00d000000000000".into();
@@ -486,7 +486,7 @@ plans:
 "#;
     let backend = Backend::Sqlite(tempfile::tempdir().unwrap());
     let fixture = open(&backend, CARD).await;
-    let start = (chrono::Utc::now().timestamp() / 86_400 * 86_400 - 86_400) * NS;
+    let start = (common::ns(common::NOW) / NS / 86_400 * 86_400 - 86_400) * NS;
     fixture
         .deliver(vec![
             state("acme", None, start, start + 60 * NS, "0.000005875"),

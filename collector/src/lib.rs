@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod bench;
+pub mod clock;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
@@ -44,6 +45,8 @@ pub struct CollectorConfig {
     pub tenant_retention: std::collections::BTreeMap<String, Duration>,
     /// Targets to scrape (see [`receivers::scrape`]).
     pub scrape: Vec<receivers::scrape::ScrapeTarget>,
+    /// What "now" is for arrival times, scrapes and retention (the system's by default).
+    pub clock: clock::Clock,
 }
 
 impl CollectorConfig {
@@ -58,6 +61,7 @@ impl CollectorConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             tenant_retention: Default::default(),
             scrape: Vec::new(),
+            clock: clock::Clock::system(),
         }
     }
 }
@@ -104,7 +108,7 @@ impl Collector {
         config: CollectorConfig,
         resolver: Arc<dyn TokenResolver>,
     ) -> Result<RunningCollector, CollectorError> {
-        let store = TelemetryStore::open(&config.database_url).await?;
+        let store = TelemetryStore::open(&config.database_url).await?.with_clock(config.clock.clone());
         let metrics = Arc::new(CollectorMetrics::default());
         let pipeline = Pipeline::start(store.clone(), config.pipeline.clone(), metrics.clone());
         let collector = Arc::new(Collector { config: config.clone(), store, pipeline, resolver, metrics });
@@ -202,9 +206,7 @@ async fn own_metrics(State(collector): State<Arc<Collector>>) -> String {
 /// Deletes telemetry older than the retention period, every minute.
 async fn retention(collector: Arc<Collector>, mut stop: watch::Receiver<bool>) {
     loop {
-        let now_ns =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
-        if let Err(error) = retention_pass(&collector, now_ns).await {
+        if let Err(error) = retention_pass(&collector, collector.store.clock().now_ns()).await {
             tracing::warn!(%error, "retention failed");
         }
         tokio::select! {

@@ -12,6 +12,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, QueryBuilder, SqlSafeStr};
 
+use crate::clock::Clock;
 use crate::model::{Batch, LogRow, SampleRow, SpanRow};
 use crate::sqlite;
 
@@ -30,9 +31,16 @@ pub enum StoreError {
     Sqlite(String),
 }
 
-/// The database behind the collector.
+/// The database behind the collector, and the clock its "now" comes from.
 #[derive(Clone, Debug)]
-pub enum TelemetryStore {
+pub struct TelemetryStore {
+    pub pool: Pool,
+    clock: Clock,
+}
+
+/// A connection pool of one of the two backends.
+#[derive(Clone, Debug)]
+pub enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
 }
@@ -83,9 +91,9 @@ pub fn numbered_placeholders(sql: &str) -> String {
 impl TelemetryStore {
     /// `sql` (with `?` placeholders) in this backend's syntax.
     pub fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
-        match self {
-            TelemetryStore::Sqlite(_) => AssertSqlSafe(sql.to_string()),
-            TelemetryStore::Postgres(_) => AssertSqlSafe(numbered_placeholders(sql)),
+        match self.pool {
+            Pool::Sqlite(_) => AssertSqlSafe(sql.to_string()),
+            Pool::Postgres(_) => AssertSqlSafe(numbered_placeholders(sql)),
         }
     }
 
@@ -107,27 +115,37 @@ impl TelemetryStore {
             ])
             .run(&pool)
             .await?;
-            Ok(Self::Sqlite(pool))
+            Ok(Self { pool: Pool::Sqlite(pool), clock: Clock::system() })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new().max_connections(8).connect(url).await.map_err(StoreError::Open)?;
             migrator(&[include_str!("../../migrations/postgres/collector_0001_telemetry.sql")]).run(&pool).await?;
-            Ok(Self::Postgres(pool))
+            Ok(Self { pool: Pool::Postgres(pool), clock: Clock::system() })
         } else {
             Err(StoreError::UnsupportedUrl(url.to_string()))
         }
     }
 
+    /// This store, reading "now" from `clock` (for every clone made after).
+    pub fn with_clock(self, clock: Clock) -> Self {
+        Self { clock, ..self }
+    }
+
+    /// The clock this store stamps arrivals with, and every reader of it decides "now" by.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// Writes a batch in one transaction; returns once it is committed.
     pub async fn write(&self, batch: &Batch) -> Result<Written, StoreError> {
-        let received_ms = now_ms();
-        match self {
-            Self::Sqlite(pool) => {
+        let received_ms = self.clock.now_ms();
+        match &self.pool {
+            Pool::Sqlite(pool) => {
                 let mut connection = pool.acquire().await?;
                 sqlite::run(&mut connection, |db| write_sqlite(db, batch, received_ms))
                     .await
                     .map_err(StoreError::Sqlite)
             }
-            Self::Postgres(pool) => {
+            Pool::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 let written = write_postgres(&mut tx, batch, received_ms).await?;
                 tx.commit().await?;
@@ -141,11 +159,11 @@ impl TelemetryStore {
         let mut deleted = 0;
         for (table, column) in [("spans", "start_ns"), ("metric_samples", "ts_ns"), ("logs", "ts_ns")] {
             let sql = format!("DELETE FROM {table} WHERE tenant = {} AND {column} < {}", self.param(1), self.param(2));
-            deleted += match self {
-                Self::Sqlite(pool) => {
+            deleted += match &self.pool {
+                Pool::Sqlite(pool) => {
                     sqlx::query(AssertSqlSafe(sql)).bind(tenant).bind(before_ns).execute(pool).await?.rows_affected()
                 }
-                Self::Postgres(pool) => {
+                Pool::Postgres(pool) => {
                     sqlx::query(AssertSqlSafe(sql)).bind(tenant).bind(before_ns).execute(pool).await?.rows_affected()
                 }
             };
@@ -157,9 +175,9 @@ impl TelemetryStore {
     pub async fn tenants(&self) -> Result<Vec<String>, StoreError> {
         let sql = "SELECT DISTINCT tenant FROM spans UNION SELECT DISTINCT tenant FROM metric_samples \
                    UNION SELECT DISTINCT tenant FROM logs";
-        Ok(match self {
-            Self::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await?,
-            Self::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await?,
+        Ok(match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await?,
+            Pool::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await?,
         })
     }
 
@@ -204,9 +222,9 @@ impl TelemetryStore {
         let mut counts = [0u64; 3];
         for (i, table) in ["spans", "metric_samples", "logs"].iter().enumerate() {
             let sql = format!("SELECT COUNT(*) FROM {table} WHERE tenant = {}", self.param(1));
-            let count: i64 = match self {
-                Self::Sqlite(pool) => sqlx::query_scalar(AssertSqlSafe(sql)).bind(tenant).fetch_one(pool).await?,
-                Self::Postgres(pool) => sqlx::query_scalar(AssertSqlSafe(sql)).bind(tenant).fetch_one(pool).await?,
+            let count: i64 = match &self.pool {
+                Pool::Sqlite(pool) => sqlx::query_scalar(AssertSqlSafe(sql)).bind(tenant).fetch_one(pool).await?,
+                Pool::Postgres(pool) => sqlx::query_scalar(AssertSqlSafe(sql)).bind(tenant).fetch_one(pool).await?,
             };
             counts[i] = count as u64;
         }
@@ -228,9 +246,9 @@ impl TelemetryStore {
                 rows
             }};
         }
-        let rows = match self {
-            Self::Sqlite(pool) => fetch!(pool),
-            Self::Postgres(pool) => fetch!(pool),
+        let rows = match &self.pool {
+            Pool::Sqlite(pool) => fetch!(pool),
+            Pool::Postgres(pool) => fetch!(pool),
         };
         Ok(rows
             .into_iter()
@@ -248,9 +266,9 @@ impl TelemetryStore {
     }
 
     fn param(&self, n: usize) -> String {
-        match self {
-            Self::Sqlite(_) => format!("?{n}"),
-            Self::Postgres(_) => format!("${n}"),
+        match &self.pool {
+            Pool::Sqlite(_) => format!("?{n}"),
+            Pool::Postgres(_) => format!("${n}"),
         }
     }
 
@@ -269,9 +287,9 @@ impl TelemetryStore {
                     .collect::<Result<Vec<_>, sqlx::Error>>()?
             }};
         }
-        Ok(match self {
-            Self::Sqlite(pool) => fetch!(pool),
-            Self::Postgres(pool) => fetch!(pool),
+        Ok(match &self.pool {
+            Pool::Sqlite(pool) => fetch!(pool),
+            Pool::Postgres(pool) => fetch!(pool),
         })
     }
 }
@@ -496,10 +514,6 @@ async fn write_postgres(
     Ok(written)
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,7 +537,7 @@ mod tests {
         pool.close().await;
 
         let store = TelemetryStore::open(&url).await.unwrap();
-        let TelemetryStore::Sqlite(pool) = &store else { unreachable!() };
+        let Pool::Sqlite(pool) = &store.pool else { unreachable!() };
         let row: (String, i64, f64, i64) =
             sqlx::query_as("SELECT labels, ts_ns, value, received_ms FROM metric_samples WHERE tenant = 'acme'")
                 .fetch_one(pool)

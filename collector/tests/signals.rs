@@ -130,14 +130,17 @@ use sqlx::Connection;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_each_tenant_for_its_own_period() {
     use collector::model::{Batch, SpanRow};
+    const HOUR: i64 = 3600 * 1_000_000_000;
+    let now = 1_800_000_000_000_000_000i64; // 2027-01-15T08:00:00Z
     for backend in backends() {
         let running = start(&backend, |config| {
             config.retention = Duration::from_secs(3600);
             config.tenant_retention.insert("globex".into(), Duration::from_secs(10 * 3600));
+            // The collector's own passes run a day before `now`: they delete none of these
+            // spans, whatever the date, and leave the one below (as of `now`) to count them.
+            config.clock = collector::clock::Clock::starting_at(now - 24 * HOUR);
         })
         .await;
-        const HOUR: i64 = 3600 * 1_000_000_000;
-        let now = 1_800_000_000_000_000_000i64;
         let span = |tenant: &str, id: u8, age_hours: i64| SpanRow {
             tenant: tenant.into(),
             trace_id: format!("{id:032x}"),

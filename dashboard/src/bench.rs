@@ -33,7 +33,7 @@ pub async fn run(spans: usize, invocations: usize) -> Result<String, Box<dyn std
     let store = TelemetryStore::open(&format!("sqlite://{}", dir.join("bench.db").display())).await?;
     let mut billing = Billing::open(&store).await?;
     billing.set_settle(Duration::ZERO);
-    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    let now = store.clock().now_ns();
     let mut out = String::new();
     writeln!(
         out,

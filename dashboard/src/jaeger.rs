@@ -70,7 +70,6 @@
 //!   the service (no index has the span name), and dependencies every span of the window.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -80,7 +79,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use billing::api::Viewer;
 use collector::model::SpanRow;
-use collector::store::TelemetryStore;
+use collector::store::{Pool, TelemetryStore};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::Row;
@@ -231,9 +230,9 @@ macro_rules! rows {
                     .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?
             }};
         }
-        match store {
-            TelemetryStore::Sqlite(pool) => run!(pool),
-            TelemetryStore::Postgres(pool) => run!(pool),
+        match &store.pool {
+            Pool::Sqlite(pool) => run!(pool),
+            Pool::Postgres(pool) => run!(pool),
         }
     }};
 }
@@ -472,10 +471,6 @@ struct Search {
     end_ns: i64,
 }
 
-fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
-}
-
 /// Go's `time.ParseDuration` (what jaeger-query uses for `minDuration`/`maxDuration`), in ns.
 fn parse_go_duration(text: &str) -> Option<i64> {
     let (negative, mut rest) = match text.as_bytes().first() {
@@ -612,7 +607,8 @@ fn parse_tags(text: &str) -> Result<Vec<(String, String)>> {
     }
 }
 
-fn parse_search(params: &[(String, String)]) -> Result<Search> {
+/// The search a request asks for; its window ends at `now_ns` unless it says otherwise.
+fn parse_search(params: &[(String, String)], now_ns: i64) -> Result<Search> {
     let service = first(params, "service").map(|s| s.trim().to_string());
     let operation = first(params, "operation").map(str::to_string);
     let mut tags = Vec::new();
@@ -651,7 +647,7 @@ fn parse_search(params: &[(String, String)]) -> Result<Search> {
         Some(limit) if limit > 0 => (limit as usize).min(MAX_LIMIT),
         _ => DEFAULT_LIMIT,
     };
-    let end_ns = int_param(params, "end")?.map_or_else(now_ns, |us| us.saturating_mul(1000));
+    let end_ns = int_param(params, "end")?.map_or(now_ns, |us| us.saturating_mul(1000));
     let start_ns = int_param(params, "start")?
         .map_or_else(|| end_ns.saturating_sub(DEFAULT_SEARCH_LOOKBACK_NS), |us| us.saturating_mul(1000));
     let service = service.ok_or_else(|| bad_request("parameter 'service' is required"))?;
@@ -784,9 +780,9 @@ async fn find_traces(
     // A cheap necessary condition per tag, checked by the database: the value's JSON text is in
     // the span's attributes, resource or events. The exact match is made here afterwards.
     let needles: Vec<String> = search.tags.iter().filter_map(|(key, want)| needle(key, want)).collect();
-    let instr = match store {
-        TelemetryStore::Sqlite(_) => "instr",
-        TelemetryStore::Postgres(_) => "strpos",
+    let instr = match store.pool {
+        Pool::Sqlite(_) => "instr",
+        Pool::Postgres(_) => "strpos",
     };
     for _ in &needles {
         conditions.push_str(&format!(
@@ -910,7 +906,7 @@ async fn search(State(state): State<DashboardState>, headers: HeaderMap, query: 
         }
         return Ok(respond(traces, 0, (!errors.is_empty()).then_some(errors)));
     }
-    let search = parse_search(&params)?;
+    let search = parse_search(&params, state.store.clock().now_ns())?;
     let mut found: Vec<(i64, &str, String)> = Vec::new();
     for tenant in &tenants {
         for (trace_id, start_ns) in find_traces(&state.store, tenant, &search).await? {
@@ -950,7 +946,7 @@ struct DependencyLink {
 async fn dependencies(State(state): State<DashboardState>, headers: HeaderMap, query: Params) -> Result<Response> {
     let tenants = scope(&state, &headers).await?;
     let params = params(query)?;
-    let end_ms = int_param(&params, "endTs")?.unwrap_or_else(|| now_ns() / 1_000_000);
+    let end_ms = int_param(&params, "endTs")?.unwrap_or_else(|| state.store.clock().now_ms());
     let lookback_ms = int_param(&params, "lookback")?.unwrap_or(DEFAULT_DEPENDENCIES_LOOKBACK_MS);
     let service = first(&params, "service");
     let end_ns = end_ms.saturating_mul(1_000_000);

@@ -262,7 +262,7 @@ impl Ui {
 
     async fn current_period(&self, viewer: &Viewer) -> Result<String, Response> {
         let card = self.state.billing.rate_card().await.map_err(|e| internal(viewer, e))?;
-        Ok(Period::containing(card.period, chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()).key())
+        Ok(Period::containing(card.period, self.state.store.clock().now_ns()).key())
     }
 }
 
@@ -843,9 +843,9 @@ fn text_attr(attributes: &serde_json::Map<String, Value>, key: &str) -> String {
     }
 }
 
-fn lookback(params: &Params) -> (i64, i64) {
+/// The window a page shows: `hours` (default a week) up to a minute past `now`.
+fn lookback(params: &Params, now: i64) -> (i64, i64) {
     let hours: i64 = params.hours.as_deref().and_then(|h| h.parse().ok()).unwrap_or(24 * 7).clamp(1, 24 * 400);
-    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
     (now - hours * 3_600_000_000_000, now + 60_000_000_000)
 }
 
@@ -855,7 +855,7 @@ async fn runs(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Quer
         Ok(signed_in) => signed_in,
         Err(r) => return r,
     };
-    let (since, until) = lookback(&params);
+    let (since, until) = lookback(&params, ui.state.store.clock().now_ns());
     let spans = match ui.state.store.spans_named(&tenant, "flow ", since, until, 500).await {
         Ok(s) => s,
         Err(e) => return internal(&viewer, e),
@@ -961,7 +961,7 @@ async fn run(
     let (flow, spans) = match known {
         Some(found) => found,
         None => {
-            let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+            let now = store.clock().now_ns();
             let flows = match store.spans_named(&tenant, "flow ", 0, now + 60_000_000_000, 100_000).await {
                 Ok(s) => s,
                 Err(e) => return internal(&viewer, e),
@@ -1237,7 +1237,7 @@ async fn traces(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Qu
     let min_ms: Option<f64> = params.min_ms.as_deref().and_then(|v| v.parse().ok());
     let max_ms: Option<f64> = params.max_ms.as_deref().and_then(|v| v.parse().ok());
     let attr = params.attr.clone().unwrap_or_default();
-    let (since, until) = lookback(&params);
+    let (since, until) = lookback(&params, ui.state.store.clock().now_ns());
     let prefix = if function.is_empty() { "invoke ".to_string() } else { format!("invoke {function}") };
     let spans = match ui.state.store.spans_named(&tenant, &prefix, since, until, 2000).await {
         Ok(s) => s,

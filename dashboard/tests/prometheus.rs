@@ -18,8 +18,9 @@ use std::time::Duration;
 use billing::Billing;
 use billing::api::{ApiState, Viewer, ViewerResolver};
 use collector::bench::PgServer;
+use collector::clock::Clock;
 use collector::model::{Batch, SampleRow, SpanRow};
-use collector::store::TelemetryStore;
+use collector::store::{Pool, TelemetryStore};
 use dashboard::DashboardState;
 use serde_json::{Value, json};
 
@@ -138,8 +139,14 @@ plans:
       state_byte_seconds: { unit_price: "0.0000001", free: "1000" }
 "#;
 
+/// What "now" is when a test starts: after October's grace window (72 h), so September and
+/// October are final at the first billing run, and November is the open period.
+const NOW: &str = "2026-11-10T12:00:00Z";
+
 struct Env {
     backend: Backend,
+    /// Every component's "now" (the store's clock, which billing and the API read).
+    clock: Clock,
     store: TelemetryStore,
     billing: Arc<Billing>,
     /// The API with its usage cache (waiting for it to load), one that reads usage per query,
@@ -152,7 +159,8 @@ struct Env {
 }
 
 async fn env(backend: Backend) -> Env {
-    let store = TelemetryStore::open(&backend.url()).await.unwrap();
+    let clock = Clock::starting_at(ns(NOW));
+    let store = TelemetryStore::open(&backend.url()).await.unwrap().with_clock(clock.clone());
     let mut billing = Billing::open(&store).await.unwrap();
     billing.set_settle(Duration::ZERO);
     billing.apply_rate_card(CARD).await.unwrap();
@@ -176,6 +184,7 @@ async fn env(backend: Backend) -> Env {
     let (cached, uncached, default) = (bases[0].clone(), bases[1].clone(), bases[2].clone());
     Env {
         backend,
+        clock,
         store,
         billing,
         base: std::sync::Mutex::new(cached.clone()),
@@ -1056,6 +1065,114 @@ async fn billing_figures(env: &Env, what: &str, http: bool) {
     assert_close(v["__name__=sfaas_billing_cost_total,currency=EUR,function=resize,tenant=acme"], september, name);
 }
 
+/// Late usage of a final period, across the grace windows: billing's invoices, its
+/// per-invocation costs and the dashboard's cost series agree before and after each period
+/// becomes final, and no figure changes when one does (issue 25: a test clock that the wall
+/// clock passed moved late usage onto an invoice the test did not read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_usage_costs_agree_before_and_after_the_grace_window() {
+    for backend in backends() {
+        let env = env(backend).await;
+        let name = env.name();
+        let deliver = |spans: Vec<SpanRow>| async {
+            env.store.write(&Batch { spans, ..Batch::default() }).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            env.billing.run(None).await.unwrap()
+        };
+        // September's usage, billed while September is open.
+        env.clock.set(ns("2026-09-28T12:00:00Z"));
+        let spans =
+            (0..4).map(|i| invoke("acme", &format!("s{i}"), "resize", "2026-09-20T10:00:00Z", 400, 10)).collect();
+        assert_eq!(deliver(spans).await.records, 4, "{name}");
+        // October's, after September's grace window (72 h) made it final.
+        env.clock.set(ns("2026-10-20T12:00:00Z"));
+        let spans =
+            (0..6).map(|i| invoke("acme", &format!("o{i}"), "thumb", "2026-10-10T10:00:00Z", 300, 10)).collect();
+        assert_eq!(deliver(spans).await.records, 6);
+        assert_eq!(invoice_statuses(&env).await, ["2026-09 final", "2026-10 draft"], "{name}");
+
+        // October is over but in its grace window: late September usage goes on October's invoice.
+        env.clock.set(ns("2026-11-02T12:00:00Z"));
+        let report = deliver(vec![invoke("acme", "late-s", "resize", "2026-09-25T10:00:00Z", 700, 10)]).await;
+        assert_eq!((report.records, report.late_records, report.invoices_finalized), (1, 1, 0), "{name}");
+        let before = costs_agree(&env, &format!("{name}, October in its grace window")).await;
+
+        // The grace window ends: October becomes final, and no figure moves.
+        env.clock.set(ns("2026-11-05T00:00:00Z"));
+        assert_eq!(env.billing.run(None).await.unwrap().invoices_finalized, 1, "{name}");
+        assert_eq!(invoice_statuses(&env).await, ["2026-09 final", "2026-10 final"], "{name}");
+        assert_eq!(costs_agree(&env, &format!("{name}, October final")).await, before, "{name}");
+
+        // Late usage of both final periods now goes on November's invoice, priced where it
+        // falls in its own period's allowances and tiers.
+        let report = deliver(vec![
+            invoke("acme", "late-s2", "resize", "2026-09-26T10:00:00Z", 900, 10),
+            invoke("acme", "late-o", "thumb", "2026-10-30T10:00:00Z", 500, 10),
+        ])
+        .await;
+        assert_eq!((report.records, report.late_records), (2, 2), "{name}");
+        let november = costs_agree(&env, &format!("{name}, late usage on November's draft")).await;
+        env.clock.set(ns("2026-12-10T00:00:00Z"));
+        assert_eq!(env.billing.run(None).await.unwrap().invoices_finalized, 1, "{name}");
+        assert_eq!(invoice_statuses(&env).await, ["2026-09 final", "2026-10 final", "2026-11 final"], "{name}");
+        assert_eq!(costs_agree(&env, &format!("{name}, November final")).await, november, "{name}");
+        for (function, cost) in &before {
+            assert!(november[function] > *cost, "{function}: late usage adds to its cost on {name}");
+        }
+    }
+}
+
+/// acme's invoices as "period status", oldest first.
+async fn invoice_statuses(env: &Env) -> Vec<String> {
+    let mut invoices: Vec<String> = env
+        .billing
+        .invoices(Some("acme"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| format!("{} {}", i.period, i.status))
+        .collect();
+    invoices.sort();
+    invoices
+}
+
+/// Checks that acme's invoices, per-invocation costs and cost series agree as of the clock's
+/// now, and returns the exact cost by function.
+async fn costs_agree(env: &Env, what: &str) -> BTreeMap<String, rust_decimal::Decimal> {
+    let mut by_function: BTreeMap<String, rust_decimal::Decimal> = BTreeMap::new();
+    for summary in env.billing.invoices(Some("acme")).await.unwrap() {
+        let costs = env.billing.invocation_costs("acme", &summary.period).await.unwrap();
+        let invoice = env.billing.invoice("acme", &summary.period).await.unwrap();
+        assert_eq!(invoice, env.billing.rate_invoice("acme", &summary.period).await.unwrap(), "{what}");
+        // Each (usage period, plan) group: its lines' exact amounts are its records' costs.
+        let mut lines: BTreeMap<(String, String), rust_decimal::Decimal> = BTreeMap::new();
+        for line in &invoice.lines {
+            *lines.entry((line.usage_period.clone(), line.plan.clone())).or_default() += line.amount_exact;
+        }
+        let mut records: BTreeMap<(String, String), rust_decimal::Decimal> = BTreeMap::new();
+        for cost in &costs {
+            *records.entry((cost.usage_period.clone(), cost.plan.clone())).or_default() += cost.cost;
+            *by_function.entry(cost.function.clone()).or_default() += cost.cost;
+        }
+        assert_eq!(lines, records, "{} invoice vs its records' costs, {what}", summary.period);
+    }
+    // The dashboard's series, at its own "now" (no `time` parameter), cached and not.
+    for cache in [true, false] {
+        env.use_cache(cache);
+        let (status, body) = env
+            .post_form(ACME, "/prometheus/api/v1/query", &[("query", "sum by (function) (sfaas_billing_cost_total)")])
+            .await;
+        assert_eq!(status, 200, "{body}, {what}");
+        let series = vector(&body["data"]);
+        assert_eq!(series.len(), by_function.len(), "{series:?}, {what}");
+        for (function, cost) in &by_function {
+            let cost: f64 = cost.to_string().parse().unwrap();
+            assert_close(series[&format!("function={function}")], cost, &format!("{function}, cache {cache}, {what}"));
+        }
+    }
+    by_function
+}
+
 /// `count` invocations of a tenant written straight into `usage_records` (as extraction would
 /// have), `every` seconds from `from`, over 10 functions; then `Billing::rebuild` is needed.
 async fn big_month(env: &Env, tenant: &str, count: usize, from: &str, every: i64) {
@@ -1093,9 +1210,9 @@ async fn big_month(env: &Env, tenant: &str, count: usize, from: &str, every: i64
                 query.execute($pool).await.unwrap();
             }};
         }
-        match &env.store {
-            TelemetryStore::Sqlite(pool) => insert!(pool),
-            TelemetryStore::Postgres(pool) => insert!(pool),
+        match &env.store.pool {
+            Pool::Sqlite(pool) => insert!(pool),
+            Pool::Postgres(pool) => insert!(pool),
         }
         done += rows;
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use billing::Billing;
 use collector::bench::PgServer;
+use collector::clock::Clock;
 use collector::model::{Batch, SpanRow};
 use collector::store::TelemetryStore;
 
@@ -48,9 +49,14 @@ pub struct Fixture {
     pub billing: Billing,
 }
 
-/// Billing over a fresh store with `card` applied; spans are billed as soon as they arrive.
+/// What "now" is when a fixture opens: the fixed dates of the tests are before it (October
+/// 2026 is over, with its grace window), and no test result depends on the day it runs.
+pub const NOW: &str = "2026-11-20T00:00:00Z";
+
+/// Billing over a fresh store with `card` applied, its clock at [`NOW`]; spans are billed as
+/// soon as they arrive.
 pub async fn open(backend: &Backend, card: &str) -> Fixture {
-    let store = TelemetryStore::open(&backend.url()).await.unwrap();
+    let store = TelemetryStore::open(&backend.url()).await.unwrap().with_clock(Clock::starting_at(ns(NOW)));
     let mut billing = Billing::open(&store).await.unwrap();
     billing.set_settle(Duration::ZERO);
     billing.apply_rate_card(card).await.unwrap();

@@ -117,7 +117,7 @@ pub fn spawn(
                 let client = reqwest::Client::builder().no_proxy().build().expect("a plain HTTP client builds");
                 let interval = target.interval.unwrap_or(Duration::from_secs(15));
                 loop {
-                    let batch = scrape_once(&client, &target).await;
+                    let batch = scrape_once(&client, &target, collector.store.clock().now_ns()).await;
                     if let Err(error) = collector.pipeline.submit(batch).await {
                         tracing::warn!(url = %target.url, %error, "scraped samples not stored");
                     }
@@ -132,8 +132,8 @@ pub fn spawn(
 }
 
 /// Scrapes a target once: its samples, plus `up`, `scrape_duration_seconds` and
-/// `scrape_samples_scraped`.
-pub async fn scrape_once(client: &reqwest::Client, target: &ScrapeTarget) -> Batch {
+/// `scrape_samples_scraped`, stamped `now_ns` where the target gives no time.
+pub async fn scrape_once(client: &reqwest::Client, target: &ScrapeTarget, now_ns: i64) -> Batch {
     let instance = reqwest::Url::parse(&target.url)
         .ok()
         .map(|u| format!("{}:{}", u.host_str().unwrap_or(""), u.port_or_known_default().unwrap_or(80)))
@@ -141,7 +141,6 @@ pub async fn scrape_once(client: &reqwest::Client, target: &ScrapeTarget) -> Bat
     let job = target.job.clone().unwrap_or_else(|| instance.clone());
     let interval = target.interval.unwrap_or(Duration::from_secs(15));
     let timeout = target.timeout.unwrap_or(Duration::from_secs(10)).min(interval);
-    let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
     let started = Instant::now();
     let mut request = client
         .get(&target.url)

@@ -2,12 +2,12 @@
 //! (`TelemetryStore::sql` numbers them for PostgreSQL) and computed integers are written into
 //! the text; only strings are bound.
 
-use collector::store::TelemetryStore;
+use collector::store::{Pool, TelemetryStore};
 
 use super::eval::QueryError;
 
 pub fn is_sqlite(store: &TelemetryStore) -> bool {
-    matches!(store, TelemetryStore::Sqlite(_))
+    matches!(store.pool, Pool::Sqlite(_))
 }
 
 impl From<sqlx::Error> for QueryError {
@@ -54,10 +54,10 @@ macro_rules! fetch {
                     .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?
             }};
         }
-        match (store, setup) {
-            (collector::store::TelemetryStore::Sqlite(pool), _) => run!(pool),
-            (collector::store::TelemetryStore::Postgres(pool), None) => run!(pool),
-            (collector::store::TelemetryStore::Postgres(pool), Some(setup)) => {
+        match (&store.pool, setup) {
+            (collector::store::Pool::Sqlite(pool), _) => run!(pool),
+            (collector::store::Pool::Postgres(pool), None) => run!(pool),
+            (collector::store::Pool::Postgres(pool), Some(setup)) => {
                 let mut tx = pool.begin().await?;
                 sqlx::query(setup).execute(&mut *tx).await?;
                 let rows = run!(&mut *tx);
@@ -88,7 +88,7 @@ pub async fn series_rows(
     lo_ns: i64,
     hi_ns: i64,
 ) -> Result<Vec<SeriesRows>, QueryError> {
-    let TelemetryStore::Sqlite(pool) = store else {
+    let Pool::Sqlite(pool) = &store.pool else {
         let placeholders = vec!["?"; tenants.len()].join(", ");
         let text = format!(
             "SELECT tenant, labels, ts_ns, value, histogram FROM metric_samples \

@@ -393,10 +393,6 @@ impl Params {
     }
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 /// A time as Prometheus takes it: float seconds or RFC 3339.
 fn parse_time(text: &str) -> Result<i64, String> {
     if let Ok(seconds) = text.parse::<f64>()
@@ -482,7 +478,7 @@ async fn query(State(api): State<Api>, headers: HeaderMap, uri: Uri, body: Bytes
     let started = Instant::now();
     let tenant = scope(state, &headers)?;
     let params = Params::new(&headers, &uri, &body);
-    let now = now_ms();
+    let now = state.store.clock().now_ms();
     let time = params.time("time")?.unwrap_or(now);
     let expr = parse_query(params.get("query"))?;
     let plan = eval::plan(&expr)?;
@@ -574,7 +570,7 @@ async fn query_range(State(api): State<Api>, headers: HeaderMap, uri: Uri, body:
             "invalid expression type {kind:?} for range query, must be Scalar or instant Vector"
         )));
     }
-    let now = now_ms();
+    let now = api.state.store.clock().now_ms();
     let times = Times { start, end, step };
     let loaded = data::load(&api.state, &api.usage, tenant.as_deref(), &plan, &times, now).await?;
     let load = started.elapsed();
@@ -629,7 +625,7 @@ async fn matching_series(
 ) -> Result<Vec<Labels>, ApiError> {
     let tenant = scope(state, headers)?;
     let selectors = selectors(params)?;
-    let now = now_ms();
+    let now = state.store.clock().now_ms();
     let lo = params.time("start")?.unwrap_or(i64::MIN / 4);
     let hi = params.time("end")?.unwrap_or(i64::MAX / 4);
     let names: Option<BTreeSet<String>> = if !selectors.is_empty() && selectors.iter().all(|s| s.exact_name().is_some())

@@ -318,7 +318,8 @@ async fn grouped(
         )
     } else {
         format!(
-            "SELECT r.tenant, r.billed_period, r.period, r.plan, r.function, {bucket} AS bucket, {sums}, \
+            // BIGINT: a bucket expression of literals only (an empty lattice) would be INT4.
+            "SELECT r.tenant, r.billed_period, r.period, r.plan, r.function, CAST({bucket} AS BIGINT) AS bucket, {sums}, \
              CAST(MIN(r.start_ns) AS BIGINT) AS first_ns FROM usage_records r WHERE 1 = 1{scope}{filter} \
              GROUP BY r.tenant, r.billed_period, r.period, r.plan, r.function, bucket"
         )
