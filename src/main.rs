@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use stateful_faas_core::function::cgroup::{CgroupConfig, GroupLimits};
 use stateful_faas_core::telemetry::OtlpProtocol;
 use stateful_faas_core::{Core, CoreConfig};
 
@@ -413,6 +414,22 @@ struct ServeArgs {
     /// State store: largest value.
     #[arg(long, env = "SFAAS_STATE_MAX_VALUE_BYTES", default_value_t = 256 << 20)]
     state_max_value_bytes: u64,
+    /// Run process functions in cgroups that limit and meter them (on), or as plain child
+    /// processes (off: detached processes escape metering and limits; see the README).
+    #[arg(long, env = "SFAAS_SANDBOX", default_value = "on", value_parser = ["on", "off"])]
+    sandbox: String,
+    /// Sandbox: memory of one invocation or instance, unless the function sets limits.memory.
+    #[arg(long, env = "SFAAS_FUNCTION_MEMORY_BYTES", default_value_t = 512 << 20)]
+    function_memory_bytes: u64,
+    /// Sandbox: processes one invocation or instance may have at once.
+    #[arg(long, env = "SFAAS_FUNCTION_PIDS", default_value_t = 256)]
+    function_pids: u64,
+    /// Sandbox: memory of all of one tenant's invocations and instances together.
+    #[arg(long, env = "SFAAS_TENANT_MEMORY_BYTES", default_value_t = 4 << 30)]
+    tenant_memory_bytes: u64,
+    /// Sandbox: processes of all of one tenant's invocations and instances together.
+    #[arg(long, env = "SFAAS_TENANT_PIDS", default_value_t = 1024)]
+    tenant_pids: u64,
 }
 
 impl ServeArgs {
@@ -429,6 +446,10 @@ impl ServeArgs {
         config.state.tenant_quota_bytes = self.state_tenant_quota_bytes;
         config.state.max_value_bytes = self.state_max_value_bytes;
         config.state.usage_interval = std::time::Duration::from_secs(self.state_usage_interval_secs);
+        config.sandbox = (self.sandbox == "on").then_some(CgroupConfig {
+            function: GroupLimits { memory_bytes: self.function_memory_bytes, pids: self.function_pids },
+            tenant: GroupLimits { memory_bytes: self.tenant_memory_bytes, pids: self.tenant_pids },
+        });
         config
     }
 }

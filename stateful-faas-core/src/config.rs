@@ -6,6 +6,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::function::cgroup::CgroupConfig;
 use crate::state::StateConfig;
 use crate::telemetry::TelemetryConfig;
 
@@ -24,6 +25,9 @@ pub struct CoreConfig {
     pub max_body_bytes: usize,
     pub async_queue: AsyncQueueConfig,
     pub state: StateConfig,
+    /// Process functions run in cgroups that limit and meter them (`--sandbox on`, the
+    /// default); `None` runs them without (`--sandbox off`).
+    pub sandbox: Option<CgroupConfig>,
 }
 
 /// Delivery of async calls.
@@ -60,6 +64,7 @@ impl CoreConfig {
             max_body_bytes: 16 << 20,
             async_queue: AsyncQueueConfig::default(),
             state: StateConfig::default(),
+            sandbox: Some(CgroupConfig::default()),
         }
     }
 }

@@ -107,7 +107,10 @@ async fn memory_limit_stops_a_greedy_process() {
     let greedy = "python3 -c 'x = bytearray(300 * 1024 * 1024); print(len(x))'";
     core.deploy(&acme, json!({"service": "limited", "envProcess": greedy, "limits": {"memory": "128Mi"}})).await;
     core.deploy(&acme, json!({"service": "unlimited", "envProcess": greedy})).await;
-    assert_eq!(core.invoke(&acme.ingest, "limited", "").await.status(), 500);
+    let response = core.invoke(&acme.ingest, "limited", "").await;
+    assert_eq!(response.status(), 500);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("ran out of memory: its limit is 134217728 bytes"), "{body}");
     let response = core.invoke(&acme.ingest, "unlimited", "").await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap().trim(), (300 * 1024 * 1024).to_string());

@@ -2,47 +2,60 @@
 //!
 //! The request body goes to stdin, the response comes from stdout, the method, path, query and
 //! headers are environment variables (`Http_Method`, `Http_X_Call_Id`, ...). The process runs in
-//! its own process group, which is killed whole when `exec_timeout` passes. Its CPU time and
-//! peak RSS come from the kernel (`wait4`). stderr goes to the gateway's log, never to the
+//! its own process group and cgroup, both killed whole when it exits or `exec_timeout` passes.
+//! Its CPU time and peak memory come from the kernel: the cgroup's accounting (every
+//! descendant), or `wait4` with the sandbox off. stderr goes to the gateway's log, never to the
 //! caller.
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
+use super::cgroup::{Cgroups, Group};
 use super::process::{self, Reaped};
 use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, Usage};
+use crate::tenant::TenantId;
 
 /// Most stderr kept for the log, per invocation.
 const MAX_STDERR_LOG_BYTES: usize = 8 << 10;
 
-/// Runs one invocation of an exec function.
+/// Runs one invocation of an exec function, in a cgroup of its own when `cgroups` is given:
+/// the invocation ends when its process exits (or at the timeout), and then everything left in
+/// its group is killed; its CPU and peak memory are the group's.
 pub async fn run(
     spec: &FunctionSpec,
     command: &str,
     invocation: &Invocation,
     extra_env: &[(String, String)],
+    tenant: &TenantId,
+    cgroups: Option<&Cgroups>,
 ) -> Result<Outcome, FunctionError> {
+    let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
+    let group = cgroups
+        .map(|cgroups| cgroups.create(tenant, &spec.name, spec.limits.memory_bytes))
+        .transpose()
+        .map_err(|e| start_error(e.to_string()))?;
     let env = invocation_env(invocation, extra_env);
-    let mut cmd = process::command(command, &spec.env, &env, spec.workdir.as_deref(), spec.limits.memory_bytes);
+    let mut cmd =
+        process::command(command, &spec.env, &env, spec.workdir.as_deref(), spec.limits.memory_bytes, group.as_ref());
     cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    let mut child =
-        cmd.spawn().map_err(|error| FunctionError::Start { name: spec.name.clone(), message: error.to_string() })?;
+    let mut child = cmd.spawn().map_err(|e| start_error(e.to_string()))?;
     let pid = child.id() as i32;
-    let start_error =
-        |error: std::io::Error| FunctionError::Start { name: spec.name.clone(), message: error.to_string() };
-    let stdin = tokio::process::ChildStdin::from_std(child.stdin.take().expect("piped stdin")).map_err(start_error)?;
-    let stdout =
-        tokio::process::ChildStdout::from_std(child.stdout.take().expect("piped stdout")).map_err(start_error)?;
-    let stderr =
-        tokio::process::ChildStderr::from_std(child.stderr.take().expect("piped stderr")).map_err(start_error)?;
+    // If this call is abandoned (a cancelled flow run), the process group dies with it (and the
+    // cgroup, when its `Group` drops).
+    let kill_guard = KillOnDrop(pid);
+    let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     // `child` is reaped by wait4 below, never by std; dropping it does not wait.
     drop(child);
-    // If this call is abandoned (a cancelled flow run), the process group dies with it.
-    let kill_guard = KillOnDrop(pid);
+    let (Some(stdin), Some(stdout), Some(stderr)) = pipes else { unreachable!("piped") };
+    let stdin = tokio::process::ChildStdin::from_std(stdin).map_err(|e| start_error(e.to_string()))?;
+    let stdout = tokio::process::ChildStdout::from_std(stdout).map_err(|e| start_error(e.to_string()))?;
+    let stderr = tokio::process::ChildStderr::from_std(stderr).map_err(|e| start_error(e.to_string()))?;
     let mut reaper = tokio::task::spawn_blocking(move || process::wait4(pid));
 
     let body = invocation.body.clone();
-    let io = async move {
+    // Output is read while the process runs (it would block on a full pipe otherwise) and to
+    // its end, which comes once the group is killed: a detached process cannot hold it open.
+    let io = tokio::spawn(async move {
         let write = async move {
             let mut stdin = stdin;
             // A function that does not read its input closes the pipe early: not an error.
@@ -55,39 +68,47 @@ pub async fn run(
             read_limited(stderr, MAX_STDERR_LOG_BYTES)
         );
         (stdout, stderr)
+    });
+
+    let finished = tokio::time::timeout(spec.limits.timeout, &mut reaper).await;
+    // The invocation is over: nothing it started may run on.
+    process::kill_group(pid);
+    if let Some(group) = &group {
+        group.kill();
+    }
+    std::mem::forget(kill_guard);
+    let usage = |reaped: Option<&Reaped>| match &group {
+        Some(group) => {
+            Usage { cpu_ns: group.cpu_ns(), peak_memory_bytes: group.peak_memory_bytes(), cold_start: false }
+        }
+        None => reaped.map(usage_of).unwrap_or_default(),
     };
-
-    let finished = tokio::time::timeout(spec.limits.timeout, async {
-        let output = io.await;
-        let reaped = (&mut reaper).await;
-        (output, reaped)
-    })
-    .await;
-
-    let ((stdout, stderr), reaped) = match finished {
-        Ok(done) => done,
+    let reaped = match finished {
+        Ok(Ok(Ok(reaped))) => reaped,
+        Ok(Ok(Err(error))) => return Err(start_error(error.to_string())),
+        Ok(Err(join)) => return Err(start_error(join.to_string())),
         Err(_elapsed) => {
-            process::kill_group(pid);
-            let usage = match reaper.await {
-                Ok(Ok(reaped)) => usage_of(&reaped),
-                _ => Usage::default(),
-            };
-            std::mem::forget(kill_guard);
-            return Err(FunctionError::Timeout { name: spec.name.clone(), timeout: spec.limits.timeout, usage });
+            let reaped = reaper.await.ok().and_then(Result::ok);
+            return Err(FunctionError::Timeout {
+                name: spec.name.clone(),
+                timeout: spec.limits.timeout,
+                usage: usage(reaped.as_ref()),
+            });
         }
     };
-    std::mem::forget(kill_guard);
-    let reaped = match reaped {
-        Ok(Ok(reaped)) => reaped,
-        Ok(Err(error)) => return Err(start_error(error)),
-        Err(join) => return Err(FunctionError::Start { name: spec.name.clone(), message: join.to_string() }),
-    };
-    let usage = usage_of(&reaped);
+    let (stdout, stderr) = io.await.unwrap_or_default();
+    let usage = usage(Some(&reaped));
     if !stderr.is_empty() {
         tracing::info!(function = %spec.name, call_id = %invocation.call_id, stderr = %String::from_utf8_lossy(&stderr), "function stderr");
     }
     if stdout.len() > MAX_RESPONSE_BYTES {
         return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
+    }
+    if let Some(group) = group.as_ref().filter(|g| g.oom_killed()) {
+        let limit = group.memory_limit_bytes();
+        tracing::warn!(function = %spec.name, call_id = %invocation.call_id, limit, "function ran out of memory");
+        let message = format!("function {} ran out of memory: its limit is {limit} bytes (limits.memory)\n", spec.name);
+        return Ok(Outcome::text(500, message, usage));
     }
     match (reaped.exit_code(), reaped.signal()) {
         (Some(0), _) => {
@@ -102,7 +123,11 @@ pub async fn run(
         }
         (Some(code), _) => {
             tracing::warn!(function = %spec.name, call_id = %invocation.call_id, code, "function exited with an error");
-            Ok(Outcome::text(500, format!("function {} exited with status {code}\n", spec.name), usage))
+            let mut message = format!("function {} exited with status {code}\n", spec.name);
+            if group.as_ref().is_some_and(Group::pids_exhausted) {
+                message.push_str("(it reached its limit on processes)\n");
+            }
+            Ok(Outcome::text(500, message, usage))
         }
         (None, signal) => {
             let signal = signal.unwrap_or_default();

@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::cgroup::{Cgroups, Group};
 use super::process;
 use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, RunContext, Usage};
 use crate::semconv::{HEADER_JOB, HEADER_STATE_TOKEN};
+use crate::tenant::TenantId;
 
 /// How long a managed instance may take to accept connections.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -104,6 +106,20 @@ struct Instance {
     pid: u32,
     port: u16,
     last_used: Instant,
+    /// Its cgroup (everything it starts runs there; killed with it).
+    group: Option<Group>,
+}
+
+impl Instance {
+    /// CPU time the instance used so far, in nanoseconds: its cgroup's, or its server
+    /// process's threads' with the sandbox off.
+    fn cpu_ns(&self) -> u64 {
+        self.group.as_ref().map_or_else(|| process::process_cpu_ns(self.pid), Group::cpu_ns)
+    }
+
+    fn peak_memory_bytes(&self) -> u64 {
+        self.group.as_ref().map_or_else(|| process::process_peak_rss(self.pid), Group::peak_memory_bytes)
+    }
 }
 
 impl Drop for Instance {
@@ -116,6 +132,8 @@ impl Drop for Instance {
 /// The instances of one managed function.
 pub struct ManagedPool {
     command: String,
+    tenant: TenantId,
+    cgroups: Option<Arc<Cgroups>>,
     idle: Mutex<Vec<Instance>>,
     /// One permit per instance that may exist; a request holds one while it runs.
     capacity: Arc<Semaphore>,
@@ -125,9 +143,11 @@ pub struct ManagedPool {
 }
 
 impl ManagedPool {
-    pub fn new(spec: &FunctionSpec, command: &str) -> Arc<Self> {
+    pub fn new(spec: &FunctionSpec, command: &str, tenant: &TenantId, cgroups: Option<Arc<Cgroups>>) -> Arc<Self> {
         Arc::new(Self {
             command: command.to_string(),
+            tenant: tenant.clone(),
+            cgroups,
             idle: Mutex::new(Vec::new()),
             capacity: Arc::new(Semaphore::new(spec.limits.max_instances)),
             min_instances: Mutex::new(spec.limits.min_instances),
@@ -185,12 +205,12 @@ impl ManagedPool {
         if let Some(job) = &invocation.job {
             headers.push((HEADER_JOB.to_string(), job.clone()));
         }
-        let cpu_before = process::process_cpu_ns(instance.pid);
+        let cpu_before = instance.cpu_ns();
         let url = format!("http://127.0.0.1:{}", instance.port);
         let result = forward(context.client, spec, &url, invocation, &headers).await;
         let usage = Usage {
-            cpu_ns: process::process_cpu_ns(instance.pid).saturating_sub(cpu_before),
-            peak_memory_bytes: process::process_peak_rss(instance.pid),
+            cpu_ns: instance.cpu_ns().saturating_sub(cpu_before),
+            peak_memory_bytes: instance.peak_memory_bytes(),
             cold_start,
         };
         let alive = matches!(instance.child.try_wait(), Ok(None));
@@ -236,8 +256,22 @@ impl ManagedPool {
             env.push((crate::semconv::ENV_STATE_URL.to_string(), url.to_string()));
         }
         let command = format!("exec {}", self.command);
-        let mut std_command =
-            process::command(&command, &spec.env, &env, spec.workdir.as_deref(), spec.limits.memory_bytes);
+        let group = match &self.cgroups {
+            Some(cgroups) => Some(
+                cgroups
+                    .create(&self.tenant, &spec.name, spec.limits.memory_bytes)
+                    .map_err(|e| start_error(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut std_command = process::command(
+            &command,
+            &spec.env,
+            &env,
+            spec.workdir.as_deref(),
+            spec.limits.memory_bytes,
+            group.as_ref(),
+        );
         std_command.stdin(std::process::Stdio::null());
         let mut command = tokio::process::Command::from(std_command);
         command.kill_on_drop(true);
@@ -259,7 +293,7 @@ impl ManagedPool {
         }
         self.running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(function = %spec.name, pid, port, "started function instance");
-        Ok(Instance { child, pid, port, last_used: Instant::now() })
+        Ok(Instance { child, pid, port, last_used: Instant::now(), group })
     }
 }
 

@@ -4,6 +4,7 @@
 //! the response, the span and the metrics (`gateway::invoke`).
 
 pub mod builtin;
+pub mod cgroup;
 pub mod deployment;
 pub mod exec;
 pub mod http;

@@ -4,14 +4,18 @@ use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
+use super::cgroup::{self, Group};
+
 /// Builds `sh -c COMMAND` in its own process group, with a clean environment (the gateway's own
-/// secrets never reach a function) and an optional address-space limit.
+/// secrets never reach a function), in `group` (its cgroup, which limits its memory) when there
+/// is one, else with `memory_bytes` as its address-space limit.
 pub fn command(
     command: &str,
     env: &BTreeMap<String, String>,
     extra_env: &[(String, String)],
     workdir: Option<&Path>,
     memory_bytes: Option<u64>,
+    group: Option<&Group>,
 ) -> std::process::Command {
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.arg("-c").arg(command).env_clear();
@@ -24,16 +28,20 @@ pub fn command(
     if let Some(dir) = workdir {
         cmd.current_dir(dir);
     }
-    // SAFETY: only async-signal-safe calls (setpgid, prctl, setrlimit) between fork and exec.
+    let join_fds = group.map(Group::join_fds).unwrap_or_default();
+    let address_space = if group.is_some() { None } else { memory_bytes };
+    // SAFETY: only async-signal-safe calls (write, setpgid, prctl, setrlimit) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // Into its cgroup first, so that everything it starts is counted and limited.
+            cgroup::join_in_child(&join_fds)?;
             if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // If the gateway dies (even by SIGKILL), its functions die with it instead of
             // lingering as orphans. Spawns happen on the runtime's long-lived worker threads.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if let Some(limit) = memory_bytes {
+            if let Some(limit) = address_space {
                 let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
                 if libc::setrlimit(libc::RLIMIT_AS, &rlimit) != 0 {
                     return Err(std::io::Error::last_os_error());

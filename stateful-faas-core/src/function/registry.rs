@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::cgroup::Cgroups;
 use super::deployment::{DeploymentError, FunctionDeployment, FunctionSpec, Target};
 use super::http::ManagedPool;
 use super::{FunctionError, Invocation, Outcome, RunContext, builtin, exec, http};
@@ -36,12 +37,20 @@ pub struct DeployedFunction {
     inflight: Arc<Semaphore>,
     managed: Option<Arc<ManagedPool>>,
     invocations: AtomicU64,
+    /// Where its processes run (`None`: the sandbox is off).
+    cgroups: Option<Arc<Cgroups>>,
 }
 
 impl DeployedFunction {
-    fn new(tenant: TenantId, deployment: FunctionDeployment, spec: FunctionSpec, created_ms: i64) -> Self {
+    fn new(
+        tenant: TenantId,
+        deployment: FunctionDeployment,
+        spec: FunctionSpec,
+        created_ms: i64,
+        cgroups: Option<Arc<Cgroups>>,
+    ) -> Self {
         let managed = match &spec.target {
-            Target::Managed { command } => Some(ManagedPool::new(&spec, command)),
+            Target::Managed { command } => Some(ManagedPool::new(&spec, command, &tenant, cgroups.clone())),
             _ => None,
         };
         Self {
@@ -52,6 +61,7 @@ impl DeployedFunction {
             created_ms,
             managed,
             invocations: AtomicU64::new(0),
+            cgroups,
         }
     }
 
@@ -75,7 +85,8 @@ impl DeployedFunction {
         self.invocations.fetch_add(1, Ordering::Relaxed);
         match &self.spec.target {
             Target::Exec { command } => {
-                exec::run(&self.spec, command, invocation, &context.state_env(invocation.job.as_deref())).await
+                let env = context.state_env(invocation.job.as_deref());
+                exec::run(&self.spec, command, invocation, &env, &self.tenant, self.cgroups.as_deref()).await
             }
             Target::Builtin { name } => builtin::run(&self.spec, name, context, invocation).await,
             // An external server is not given a state token: it is not run by the platform.
@@ -102,11 +113,13 @@ pub struct Registry {
     functions: RwLock<HashMap<Key, Arc<DeployedFunction>>>,
     /// The state store's URL (`http://ADDR/state`) once the gateway listens, handed to process functions.
     pub state_url: std::sync::OnceLock<String>,
+    /// Where process functions run, limited and metered (`None`: the sandbox is off).
+    cgroups: Option<Arc<Cgroups>>,
 }
 
 impl Registry {
     /// Loads the functions deployed before the last stop.
-    pub async fn load(pool: sqlx::SqlitePool) -> Result<Self, RegistryError> {
+    pub async fn load(pool: sqlx::SqlitePool, cgroups: Option<Arc<Cgroups>>) -> Result<Self, RegistryError> {
         let rows: Vec<(String, String, String, i64)> =
             sqlx::query_as("SELECT tenant, name, spec, created_ms FROM functions").fetch_all(&pool).await?;
         let mut functions = HashMap::new();
@@ -114,7 +127,7 @@ impl Registry {
             let loaded = TenantId::new(&tenant).ok().and_then(|tenant| {
                 let deployment: FunctionDeployment = serde_json::from_str(&json).ok()?;
                 let spec = deployment.resolve().ok()?;
-                Some(DeployedFunction::new(tenant, deployment, spec, created_ms))
+                Some(DeployedFunction::new(tenant, deployment, spec, created_ms, cgroups.clone()))
             });
             match loaded {
                 Some(function) => {
@@ -123,7 +136,7 @@ impl Registry {
                 None => tracing::error!(%tenant, %name, "stored function no longer validates; not loaded"),
             }
         }
-        Ok(Self { pool, functions: RwLock::new(functions), state_url: std::sync::OnceLock::new() })
+        Ok(Self { pool, functions: RwLock::new(functions), state_url: std::sync::OnceLock::new(), cgroups })
     }
 
     pub fn get(&self, tenant: &TenantId, name: &str) -> Option<Arc<DeployedFunction>> {
@@ -191,7 +204,8 @@ impl Registry {
             });
         }
         let created_ms = self.get(tenant, &name).map_or(now, |old| old.created_ms);
-        let function = Arc::new(DeployedFunction::new(tenant.clone(), deployment, spec, created_ms));
+        let function =
+            Arc::new(DeployedFunction::new(tenant.clone(), deployment, spec, created_ms, self.cgroups.clone()));
         // The replaced function's instances stop when its last in-flight call drops it.
         self.functions.write().unwrap().insert((tenant.clone(), name), function.clone());
         if function.spec.limits.min_instances > 0 {

@@ -49,6 +49,8 @@ pub enum CoreError {
     Listen(SocketAddr, std::io::Error),
     #[error(transparent)]
     StateConfig(#[from] crate::state::InvalidUsageInterval),
+    #[error(transparent)]
+    Sandbox(#[from] crate::function::cgroup::CgroupError),
 }
 
 /// Everything the gateway's handlers share.
@@ -84,7 +86,8 @@ impl Core {
         let pool = database::open(&url).await?;
         let tenants = Arc::new(TenantStore::load(pool.clone(), &admin_token).await?);
         let state = Arc::new(StateStore::new(config.state.clone(), Arc::new(SystemClock)));
-        let functions = Registry::load(pool.clone()).await?;
+        let cgroups = config.sandbox.map(crate::function::cgroup::Cgroups::start).transpose()?.map(Arc::new);
+        let functions = Registry::load(pool.clone(), cgroups).await?;
         let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone()).await?;
         let flows = crate::flow::FlowStore::load(pool.clone()).await?;
         let flow_journal = crate::flow::journal::Journal::start(pool.clone());

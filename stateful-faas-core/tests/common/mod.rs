@@ -1,6 +1,8 @@
 //! Shared helpers of the core's integration tests: a real core on loopback in a temp dir.
 #![allow(dead_code)]
 
+pub mod otlp;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

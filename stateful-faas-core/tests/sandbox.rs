@@ -1,0 +1,93 @@
+//! A tenant's process functions run in cgroups that meter and limit them: what they start is
+//! billed and dies with the invocation, and a fork bomb stops at its process limit while other
+//! tenants are served (a memory hog: `functions.rs`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::otlp::{grpc_receiver, int_attr, spans, string_attr};
+use common::{require_program, start};
+use serde_json::json;
+use stateful_faas_core::function::cgroup::{CgroupConfig, GroupLimits};
+use stateful_faas_core::telemetry::OtlpProtocol;
+
+/// The interpreter's real path (a version manager's shim would add CPU time of its own).
+fn python() -> String {
+    let output = std::process::Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output();
+    String::from_utf8(output.unwrap().stdout).unwrap().trim().to_string()
+}
+
+/// Burns `MS` ms of its own CPU time (as the kernel accounts it), then exits.
+const BURNER: &str = "PYTHON -c 'import time\nwhile time.process_time() < MS / 1000: pass'";
+
+fn alive(pid: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // A zombie waiting for init to reap it is gone too.
+    !stat.is_empty() && stat.split_whitespace().nth(2) != Some("Z")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_processes_are_billed_in_full_and_die_with_their_invocation() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let (endpoint, received) = grpc_receiver().await;
+    let mut core = start(|config| {
+        config.telemetry.endpoint = Some(endpoint);
+        config.telemetry.protocol = OtlpProtocol::Grpc;
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    let burner = BURNER.replace("PYTHON", &python()).replace("MS", "300");
+    // A burner double-forked into a session of its own (no wait of the function's counts it),
+    // and a sleeper left behind, holding none of the function's pipes.
+    let command = format!("sh -c \"setsid {burner} &\"; setsid sleep 60 >/dev/null 2>&1 & echo $!; sleep 1");
+    core.deploy(&acme, json!({"service": "detach", "envProcess": command})).await;
+
+    let response = core.invoke(&acme.ingest, "detach", "").await;
+    assert_eq!(response.status(), 200);
+    let sleeper = response.text().await.unwrap().trim().to_string();
+    assert!(!alive(&sleeper), "the detached sleeper {sleeper} outlived its invocation");
+    core.stop().await;
+
+    let spans = spans(&received.requests.lock().unwrap());
+    let (_, _, span) = spans.iter().find(|(_, _, s)| s.name == "invoke detach").unwrap();
+    assert_eq!(string_attr(&span.attributes, "faas.name").as_deref(), Some("detach"));
+    let cpu_ms = int_attr(&span.attributes, "sfaas.cpu_ms").unwrap();
+    // 300 ms of the burner, plus the shell, python's start and setsid: well under 100 ms.
+    assert!((300..400).contains(&cpu_ms), "billed {cpu_ms} ms for a detached 300 ms burner");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_stops_at_its_process_limit_while_others_are_served() {
+    let core = start(|config| {
+        config.sandbox = Some(CgroupConfig {
+            function: GroupLimits { memory_bytes: 256 << 20, pids: 32 },
+            tenant: GroupLimits { memory_bytes: 1 << 30, pids: 64 },
+        });
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    let globex = core.tenant("globex").await;
+    let bomb = "f() { f | f & }; f; sleep 30";
+    core.deploy(&acme, json!({"service": "bomb", "envProcess": bomb, "envVars": {"exec_timeout": "2s"}})).await;
+    core.deploy(&globex, json!({"service": "hello", "envProcess": "echo hello"})).await;
+    core.deploy(&acme, json!({"service": "hello", "envProcess": "echo hello"})).await;
+
+    let bombing = {
+        let (http, url, token) = (core.http.clone(), core.url.clone(), acme.ingest.clone());
+        tokio::spawn(async move { http.post(format!("{url}/function/bomb")).bearer_auth(token).send().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..10 {
+        let response = core.invoke(&globex.ingest, "hello", "").await;
+        assert_eq!(response.status(), 200, "another tenant is served while the bomb runs");
+        assert_eq!(response.text().await.unwrap(), "hello\n");
+    }
+    let response = bombing.await.unwrap().unwrap();
+    assert_eq!(response.status(), 504, "the bomb runs until its timeout, then is killed whole");
+    // Nothing of it is left: the tenant's next call has its whole process allowance.
+    let response = core.invoke(&acme.ingest, "hello", "").await;
+    assert_eq!(response.status(), 200);
+}
