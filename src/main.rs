@@ -556,7 +556,19 @@ async fn run() -> anyhow::Result<()> {
 
 /// Runs the core, and with `with_collector` the collector too, its spans going to it with the
 /// platform's meter token.
+/// What every serving process does first: files it creates (databases, tokens, spool) are its
+/// own only (umask 077), and it is not dumpable, so no process of another uid, such as a
+/// sandboxed function, can read its memory or its `/proc` entries (environment, maps).
+fn harden_process() {
+    // SAFETY: plain syscalls with constant arguments.
+    unsafe {
+        libc::umask(0o077);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0);
+    }
+}
+
 async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
+    harden_process();
     let config = args.config();
     let data_dir = config.data_dir.clone();
     let core = Core::open(config).await.context("starting the core")?;
@@ -693,6 +705,7 @@ fn announce(
 /// `sfaas collector`: the collector alone, checking tokens in the core's database (re-read
 /// every two seconds, so tenants created by a running core are known).
 async fn serve_collector(args: ServeArgs) -> anyhow::Result<()> {
+    harden_process();
     let data_dir = args.data_dir.clone();
     let tenants = shared_tenants(&data_dir).await?;
     let running = collector::Collector::start(collector_config(&args)?, std::sync::Arc::new(CoreTokens(tenants)))
@@ -738,6 +751,7 @@ async fn shared_tenants(
 
 /// `sfaas dashboard`: the billing API over the telemetry store, tokens from the core's database.
 async fn serve_dashboard(args: ServeArgs) -> anyhow::Result<()> {
+    harden_process();
     let data_dir = args.data_dir.clone();
     let tenants = shared_tenants(&data_dir).await?;
     let store = collector::store::TelemetryStore::open(&telemetry_url(&args)).await?;
