@@ -284,7 +284,7 @@ enum BenchCommand {
         /// rounds' ratios.
         #[arg(long, default_value_t = 16)]
         rounds: usize,
-        /// Only the `noop` or the `exec` scenarios.
+        /// Only the `noop`, `exec` (spans on and off) or `sandbox` (exec with cgroups on and off) scenarios.
         #[arg(long)]
         only: Option<String>,
     },

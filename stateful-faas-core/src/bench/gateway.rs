@@ -39,9 +39,10 @@ pub struct ExportCost {
 pub struct Report {
     pub export: ExportCost,
     pub scenarios: Vec<Scenario>,
-    /// Per function: throughput with spans on / off, the median over the rounds of the ratio
-    /// within each round (off and on run back to back, under the same machine conditions).
-    pub ratios: Vec<(&'static str, f64)>,
+    /// Per comparison (spans, or the sandbox, of a function): throughput on / off, the median
+    /// over the rounds of the ratio within each round (off and on run back to back, under the
+    /// same machine conditions).
+    pub ratios: Vec<(String, f64)>,
     pub rounds: usize,
     pub spans_received: u64,
     pub concurrency: usize,
@@ -77,7 +78,7 @@ impl fmt::Display for Report {
         )?;
         let ratios: Vec<String> =
             self.ratios.iter().map(|(function, ratio)| format!("{function} {:.1}%", ratio * 100.0)).collect();
-        writeln!(f, "throughput with spans on / off (median of the rounds' ratios): {}", ratios.join(", "))?;
+        writeln!(f, "throughput on / off (median of the rounds' ratios): {}", ratios.join(", "))?;
         let e = &self.export;
         writeln!(
             f,
@@ -92,30 +93,39 @@ impl fmt::Display for Report {
 }
 
 /// Runs every scenario: builtin no-op and exec of `/bin/true`, each with span export off and
-/// on, `rounds` times, alternately first, so that drift on a shared machine hits both alike. `only` limits
-/// the run to the scenarios whose function is `noop` or `exec`.
+/// on, and exec of `/bin/true` with the sandbox (its cgroups) off and on, `rounds` times,
+/// alternately first, so that drift on a shared machine hits both alike. `only` limits the run
+/// to the scenarios named `noop`, `exec` or `sandbox`.
 pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: Option<&str>) -> anyhow::Result<Report> {
     let rounds = rounds.max(1);
     let sink_spans = Arc::new(AtomicU64::new(0));
     let sink = start_otlp_sink(sink_spans.clone())?;
     let mut scenarios = Vec::new();
     let mut ratios = Vec::new();
-    let functions = [("builtin noop", "noop"), ("exec /bin/true", "true")];
-    for (function, body) in functions.into_iter().filter(|(_, body)| match only {
+    let functions =
+        [("builtin noop", "noop", "spans"), ("exec /bin/true", "true", "spans"), ("exec /bin/true", "true", "sandbox")];
+    for (function, body, compared) in functions.into_iter().filter(|(_, body, compared)| match only {
         Some("noop") => *body == "noop",
-        Some("exec") => *body == "true",
+        Some("exec") => *body == "true" && *compared == "spans",
+        Some("sandbox") => *compared == "sandbox",
         _ => true,
     }) {
-        // One core with spans off and one with spans on, each kept for all rounds, as a gateway runs.
-        let targets =
-            [Target::start(body, None, concurrency).await?, Target::start(body, Some(sink), concurrency).await?];
+        // One core with it off and one with it on, each kept for all rounds, as a gateway runs.
+        let targets = if compared == "spans" {
+            [
+                Target::start(body, None, true, concurrency).await?,
+                Target::start(body, Some(sink), true, concurrency).await?,
+            ]
+        } else {
+            [Target::start(body, None, false, concurrency).await?, Target::start(body, None, true, concurrency).await?]
+        };
         let mut runs: [Vec<Scenario>; 2] = [Vec::new(), Vec::new()];
         let mut round_ratios = Vec::new();
         for round in 1..=rounds {
             // Which goes first alternates, so that drift during a pair favours neither.
             let order = if round % 2 == 1 { [false, true] } else { [true, false] };
             for spans in order {
-                let name = format!("{function}, spans {}", if spans { "on" } else { "off" });
+                let name = format!("{function}, {compared} {}", if spans { "on" } else { "off" });
                 let scenario = targets[usize::from(spans)].round(&name, requests, concurrency).await?;
                 eprintln!(
                     "bench: {name}, round {round} of {rounds}: {:.0} invocations/s, p99 {}, {:.1} µs CPU each \
@@ -134,7 +144,7 @@ pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: O
             target.core.stop().await;
         }
         round_ratios.sort_by(f64::total_cmp);
-        ratios.push((function, round_ratios[round_ratios.len() / 2]));
+        ratios.push((format!("{function}, {compared}"), round_ratios[round_ratios.len() / 2]));
         for mut runs in runs {
             runs.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
             scenarios.push(runs.swap_remove(runs.len() / 2));
@@ -152,11 +162,20 @@ struct Target {
 }
 
 impl Target {
-    /// A fresh core serving `function` (`noop` or `/bin/true`), exporting spans to `sink` if any.
-    async fn start(function: &str, sink: Option<std::net::SocketAddr>, concurrency: usize) -> anyhow::Result<Self> {
+    /// A fresh core serving `function` (`noop` or `/bin/true`), exporting spans to `sink` if any,
+    /// with its processes in cgroups or not (`sandbox`).
+    async fn start(
+        function: &str,
+        sink: Option<std::net::SocketAddr>,
+        sandbox: bool,
+        concurrency: usize,
+    ) -> anyhow::Result<Self> {
         let core = BenchCore::start(|config| {
             config.telemetry.endpoint = sink.map(|sink| format!("http://{sink}"));
             config.telemetry.protocol = OtlpProtocol::Grpc;
+            if !sandbox {
+                config.sandbox = None;
+            }
         })
         .await?;
         core.deploy(match function {

@@ -264,9 +264,13 @@ impl Group {
 
     /// Kills every process in the group and waits (up to a second) until it is empty.
     pub fn kill(&self) {
+        let populated = || read_key(&self.dirs[0].join("cgroup.events"), "populated").unwrap_or(0) != 0;
+        if !populated() {
+            return;
+        }
         let _ = write(&self.dirs[0].join("cgroup.kill"), "1");
         let deadline = Instant::now() + Duration::from_secs(1);
-        while read_key(&self.dirs[0].join("cgroup.events"), "populated").unwrap_or(0) != 0 {
+        while populated() {
             if Instant::now() > deadline {
                 tracing::warn!(group = %self.dirs[0].display(), "processes still in a killed cgroup");
                 return;
