@@ -91,3 +91,27 @@ async fn a_fork_bomb_stops_at_its_process_limit_while_others_are_served() {
     let response = core.invoke(&acme.ingest, "hello", "").await;
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builtin_past_its_timeout_is_billed_for_all_it_burned() {
+    let (endpoint, received) = grpc_receiver().await;
+    let mut core = start(|config| {
+        config.telemetry.endpoint = Some(endpoint);
+        config.telemetry.protocol = OtlpProtocol::Grpc;
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "burn", "builtin": "cpu-burn", "envVars": {"exec_timeout": "100ms"}})).await;
+    let started = std::time::Instant::now();
+    let response = core.invoke(&acme.ingest, "burn", "400").await;
+    assert_eq!(response.status(), 504);
+    assert!(started.elapsed() < Duration::from_millis(350), "the caller is answered at the timeout");
+    // The thread burns on; its span is written when it ends.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    core.stop().await;
+    let spans = spans(&received.requests.lock().unwrap());
+    let (_, _, span) = spans.iter().find(|(_, _, s)| s.name == "invoke burn").expect("the span of the timed-out call");
+    assert_eq!(int_attr(&span.attributes, "http.response.status_code"), Some(504));
+    let cpu_ms = int_attr(&span.attributes, "sfaas.cpu_ms").unwrap();
+    assert!((400..450).contains(&cpu_ms), "billed {cpu_ms} ms for a 400 ms burn past a 100 ms timeout");
+}

@@ -2,8 +2,8 @@
 //!
 //! Quick builtins with small inputs run on the calling task; the others on a blocking thread.
 //! Either way, CPU time is the running thread's CPU clock. A builtin that overruns its timeout
-//! is answered 504 but cannot be killed: its thread finishes on its own, so builtins must be
-//! bounded (all of these are).
+//! is answered 504 but cannot be killed: its thread finishes on its own (builtins must be
+//! bounded; all of these are), and its CPU time is billed when it does.
 
 use bytes::Bytes;
 
@@ -89,19 +89,23 @@ pub async fn run(
     let tenant = context.tenant.clone();
     let state = context.state.clone();
     let env = spec.env.clone();
-    let task = tokio::task::spawn_blocking(move || {
+    let mut task = tokio::task::spawn_blocking(move || {
         let before = process::thread_cpu_ns();
         let result = function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &env });
         (result, process::thread_cpu_ns() - before)
     });
-    let (result, cpu_ns) = match tokio::time::timeout(spec.limits.timeout, task).await {
+    let (result, cpu_ns) = match tokio::time::timeout(spec.limits.timeout, &mut task).await {
         Ok(Ok(done)) => done,
         Ok(Err(join)) => (Err(format!("builtin panicked: {join}")), 0),
         Err(_) => {
+            // The thread cannot be stopped: the caller gets its 504 now, and the CPU time the
+            // builtin takes to its end is billed when it ends.
+            let still_running = tokio::spawn(async move { task.await.map_or(0, |(_, cpu_ns)| cpu_ns) });
             return Err(FunctionError::Timeout {
                 name: spec.name.clone(),
                 timeout: spec.limits.timeout,
                 usage: Usage::default(),
+                still_running: Some(still_running),
             });
         }
     };

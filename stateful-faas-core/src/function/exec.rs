@@ -93,6 +93,7 @@ pub async fn run(
                 name: spec.name.clone(),
                 timeout: spec.limits.timeout,
                 usage: usage(reaped.as_ref()),
+                still_running: None,
             });
         }
     };

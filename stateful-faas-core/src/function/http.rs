@@ -66,7 +66,12 @@ async fn forward(
     }
     let response = request.send().await.map_err(|error| {
         if error.is_timeout() {
-            FunctionError::Timeout { name: spec.name.clone(), timeout: spec.limits.timeout, usage: Usage::default() }
+            FunctionError::Timeout {
+                name: spec.name.clone(),
+                timeout: spec.limits.timeout,
+                usage: Usage::default(),
+                still_running: None,
+            }
         } else {
             unreachable(error.to_string())
         }
@@ -191,6 +196,7 @@ impl ManagedPool {
                         name: spec.name.clone(),
                         timeout: spec.limits.timeout,
                         usage: Usage::default(),
+                        still_running: None,
                     });
                 }
             };
@@ -225,7 +231,9 @@ impl ManagedPool {
         }
         drop(permit);
         let (status, headers, body) = result.map_err(|error| match error {
-            FunctionError::Timeout { name, timeout, .. } => FunctionError::Timeout { name, timeout, usage },
+            FunctionError::Timeout { name, timeout, .. } => {
+                FunctionError::Timeout { name, timeout, usage, still_running: None }
+            }
             other => other,
         })?;
         Ok(Outcome { status, headers, body, usage })

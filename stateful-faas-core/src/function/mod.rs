@@ -105,7 +105,13 @@ impl Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum FunctionError {
     #[error("function {name} timed out after {timeout:?}")]
-    Timeout { name: String, timeout: Duration, usage: Usage },
+    Timeout {
+        name: String,
+        timeout: Duration,
+        usage: Usage,
+        /// A builtin's thread, which cannot be killed and runs on: its CPU time once it ends.
+        still_running: Option<tokio::task::JoinHandle<u64>>,
+    },
     #[error("cannot start function {name}: {message}")]
     Start { name: String, message: String },
     #[error("function {name} is unreachable: {message}")]

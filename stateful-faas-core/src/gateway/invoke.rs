@@ -70,29 +70,57 @@ pub async fn dispatch(
         state_url: core.functions.state_url.get().map(String::as_str),
         state_token: state_token.as_ref().map_or("", |t| t.token.as_str()),
     };
+    let mut still_running = None;
     let outcome = match function.run(&context, &invocation).await {
         Ok(outcome) => outcome,
-        Err(error) => {
+        Err(mut error) => {
             tracing::warn!(%tenant, function = function_name, call_id = %invocation.call_id, %error, "invocation failed");
+            if let crate::function::FunctionError::Timeout { still_running: running, .. } = &mut error {
+                still_running = running.take();
+            }
             Outcome::text(error.status(), format!("{error}\n"), error.usage())
         }
     };
     let wall = started.elapsed();
     core.metrics.record_invocation(tenant, function_name, outcome.status, wall.as_secs_f64(), &outcome.usage);
 
-    if let Some(span) = span {
-        span.end(&telemetry::Invoked {
+    let Some(span) = span else { return outcome };
+    let kind = function.spec.kind.as_str();
+    let bytes_out = outcome.body.len();
+    match still_running {
+        None => span.end(&telemetry::Invoked {
             function: function_name,
-            kind: function.spec.kind.as_str(),
+            kind,
             call_id: &invocation.call_id,
             trigger,
             job: invocation.job.as_deref(),
             usage: &outcome.usage,
             wall,
             bytes_in,
-            bytes_out: outcome.body.len(),
+            bytes_out,
             status: outcome.status,
-        });
+        }),
+        // A builtin past its timeout still runs: its span (and so its bill) waits for its CPU.
+        Some(running) => {
+            let (function, call_id, job, status) =
+                (function_name.to_string(), invocation.call_id.clone(), invocation.job.clone(), outcome.status);
+            let mut usage = outcome.usage;
+            tokio::spawn(async move {
+                usage.cpu_ns = running.await.unwrap_or(0);
+                span.end(&telemetry::Invoked {
+                    function: &function,
+                    kind,
+                    call_id: &call_id,
+                    trigger,
+                    job: job.as_deref(),
+                    usage: &usage,
+                    wall,
+                    bytes_in,
+                    bytes_out,
+                    status,
+                });
+            });
+        }
     }
     outcome
 }
