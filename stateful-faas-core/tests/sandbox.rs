@@ -115,3 +115,25 @@ async fn a_builtin_past_its_timeout_is_billed_for_all_it_burned() {
     let cpu_ms = int_attr(&span.attributes, "sfaas.cpu_ms").unwrap();
     assert!((400..450).contains(&cpu_ms), "billed {cpu_ms} ms for a 400 ms burn past a 100 ms timeout");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_fill_the_builtin_threads() {
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    let globex = core.tenant("globex").await;
+    for tenant in [&acme, &globex] {
+        core.deploy(tenant, json!({"service": "nap", "builtin": "sleep", "envVars": {"exec_timeout": "100ms"}})).await;
+    }
+    // Sixteen naps that time out hold their threads to their end (5 s), and so their slots.
+    let napping = std::time::Instant::now();
+    for _ in 0..16 {
+        assert_eq!(core.invoke(&acme.ingest, "nap", "5000").await.status(), 504);
+    }
+    let response = core.invoke(&acme.ingest, "nap", "10").await;
+    assert_eq!(response.status(), 429);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("namespace acme already runs 16 builtins on threads"), "{body}");
+    assert_eq!(core.invoke(&globex.ingest, "nap", "10").await.status(), 200, "other tenants are not limited");
+    tokio::time::sleep(Duration::from_millis(5200).saturating_sub(napping.elapsed())).await;
+    assert_eq!(core.invoke(&acme.ingest, "nap", "10").await.status(), 200, "slots come back when threads end");
+}

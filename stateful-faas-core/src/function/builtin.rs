@@ -5,7 +5,10 @@
 //! is answered 504 but cannot be killed: its thread finishes on its own (builtins must be
 //! bounded; all of these are), and its CPU time is billed when it does.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
+use tokio::sync::Semaphore;
 
 use super::process;
 use super::{FunctionError, FunctionSpec, Invocation, Outcome, RunContext, Usage};
@@ -69,12 +72,18 @@ fn lookup(name: &str) -> Option<(BuiltinFn, Cost)> {
     BUILTINS.iter().find(|(known, _, _)| *known == name).map(|(_, function, cost)| (*function, *cost))
 }
 
-/// Runs one invocation of a builtin function.
+/// Builtin threads one tenant may have at once (a timed-out builtin keeps its thread to its
+/// end), so that no tenant fills the blocking pool that every tenant's builtins share.
+pub const THREADS_PER_TENANT: usize = 16;
+
+/// Runs one invocation of a builtin function; one that needs a thread takes one of its
+/// tenant's `threads` until the thread ends.
 pub async fn run(
     spec: &FunctionSpec,
     name: &str,
     context: &RunContext<'_>,
     invocation: &Invocation,
+    threads: &Arc<Semaphore>,
 ) -> Result<Outcome, FunctionError> {
     let (function, cost) = lookup(name)
         .ok_or_else(|| FunctionError::Start { name: spec.name.clone(), message: format!("no builtin {name}") })?;
@@ -85,11 +94,16 @@ pub async fn run(
         let usage = Usage { cpu_ns: process::thread_cpu_ns() - before, peak_memory_bytes: 0, cold_start: false };
         return Ok(outcome(result, usage));
     }
+    let thread = threads.clone().try_acquire_owned().map_err(|_| FunctionError::Busy {
+        name: spec.name.clone(),
+        reason: format!("namespace {} already runs {THREADS_PER_TENANT} builtins on threads", context.tenant),
+    })?;
     let invocation = invocation.clone();
     let tenant = context.tenant.clone();
     let state = context.state.clone();
     let env = spec.env.clone();
     let mut task = tokio::task::spawn_blocking(move || {
+        let _thread = thread;
         let before = process::thread_cpu_ns();
         let result = function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &env });
         (result, process::thread_cpu_ns() - before)

@@ -118,6 +118,8 @@ pub enum FunctionError {
     Upstream { name: String, message: String },
     #[error("function {name} response is larger than {limit} bytes")]
     ResponseTooLarge { name: String, limit: usize },
+    #[error("function {name} cannot start: {reason}")]
+    Busy { name: String, reason: String },
 }
 
 impl FunctionError {
@@ -125,6 +127,7 @@ impl FunctionError {
     pub fn status(&self) -> u16 {
         match self {
             FunctionError::Timeout { .. } => 504,
+            FunctionError::Busy { .. } => 429,
             FunctionError::Start { .. } | FunctionError::Upstream { .. } | FunctionError::ResponseTooLarge { .. } => {
                 502
             }

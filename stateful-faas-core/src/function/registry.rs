@@ -39,6 +39,8 @@ pub struct DeployedFunction {
     invocations: AtomicU64,
     /// Where its processes run (`None`: the sandbox is off).
     cgroups: Option<Arc<Cgroups>>,
+    /// Its tenant's builtin threads (shared by the tenant's functions).
+    builtin_threads: Arc<Semaphore>,
 }
 
 impl DeployedFunction {
@@ -48,6 +50,7 @@ impl DeployedFunction {
         spec: FunctionSpec,
         created_ms: i64,
         cgroups: Option<Arc<Cgroups>>,
+        builtin_threads: Arc<Semaphore>,
     ) -> Self {
         let managed = match &spec.target {
             Target::Managed { command } => Some(ManagedPool::new(&spec, command, &tenant, cgroups.clone())),
@@ -62,6 +65,7 @@ impl DeployedFunction {
             managed,
             invocations: AtomicU64::new(0),
             cgroups,
+            builtin_threads,
         }
     }
 
@@ -88,7 +92,9 @@ impl DeployedFunction {
                 let env = context.state_env(invocation.job.as_deref());
                 exec::run(&self.spec, command, invocation, &env, &self.tenant, self.cgroups.as_deref()).await
             }
-            Target::Builtin { name } => builtin::run(&self.spec, name, context, invocation).await,
+            Target::Builtin { name } => {
+                builtin::run(&self.spec, name, context, invocation, &self.builtin_threads).await
+            }
             // An external server is not given a state token: it is not run by the platform.
             Target::Upstream { url } => http::run_upstream(context.client, &self.spec, url, invocation, &[]).await,
             Target::Managed { .. } => {
@@ -115,6 +121,19 @@ pub struct Registry {
     pub state_url: std::sync::OnceLock<String>,
     /// Where process functions run, limited and metered (`None`: the sandbox is off).
     cgroups: Option<Arc<Cgroups>>,
+    /// Each tenant's builtin threads.
+    builtin_threads: BuiltinThreads,
+}
+
+/// Each tenant's share of the threads builtins run on.
+#[derive(Default)]
+struct BuiltinThreads(std::sync::Mutex<HashMap<TenantId, Arc<Semaphore>>>);
+
+impl BuiltinThreads {
+    fn of(&self, tenant: &TenantId) -> Arc<Semaphore> {
+        let mut threads = self.0.lock().unwrap();
+        threads.entry(tenant.clone()).or_insert_with(|| Arc::new(Semaphore::new(builtin::THREADS_PER_TENANT))).clone()
+    }
 }
 
 impl Registry {
@@ -123,11 +142,13 @@ impl Registry {
         let rows: Vec<(String, String, String, i64)> =
             sqlx::query_as("SELECT tenant, name, spec, created_ms FROM functions").fetch_all(&pool).await?;
         let mut functions = HashMap::new();
+        let builtin_threads = BuiltinThreads::default();
         for (tenant, name, json, created_ms) in rows {
             let loaded = TenantId::new(&tenant).ok().and_then(|tenant| {
                 let deployment: FunctionDeployment = serde_json::from_str(&json).ok()?;
                 let spec = deployment.resolve().ok()?;
-                Some(DeployedFunction::new(tenant, deployment, spec, created_ms, cgroups.clone()))
+                let threads = builtin_threads.of(&tenant);
+                Some(DeployedFunction::new(tenant, deployment, spec, created_ms, cgroups.clone(), threads))
             });
             match loaded {
                 Some(function) => {
@@ -136,7 +157,13 @@ impl Registry {
                 None => tracing::error!(%tenant, %name, "stored function no longer validates; not loaded"),
             }
         }
-        Ok(Self { pool, functions: RwLock::new(functions), state_url: std::sync::OnceLock::new(), cgroups })
+        Ok(Self {
+            pool,
+            functions: RwLock::new(functions),
+            state_url: std::sync::OnceLock::new(),
+            cgroups,
+            builtin_threads,
+        })
     }
 
     pub fn get(&self, tenant: &TenantId, name: &str) -> Option<Arc<DeployedFunction>> {
@@ -204,8 +231,14 @@ impl Registry {
             });
         }
         let created_ms = self.get(tenant, &name).map_or(now, |old| old.created_ms);
-        let function =
-            Arc::new(DeployedFunction::new(tenant.clone(), deployment, spec, created_ms, self.cgroups.clone()));
+        let function = Arc::new(DeployedFunction::new(
+            tenant.clone(),
+            deployment,
+            spec,
+            created_ms,
+            self.cgroups.clone(),
+            self.builtin_threads.of(tenant),
+        ));
         // The replaced function's instances stop when its last in-flight call drops it.
         self.functions.write().unwrap().insert((tenant.clone(), name), function.clone());
         if function.spec.limits.min_instances > 0 {
