@@ -4,6 +4,7 @@
 //! the billing API, that the console stays clean, and that another tenant's pages are refused.
 //! Screenshots go to `target/tmp/dashboard-*.png`.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -35,7 +36,9 @@ impl Browser {
             return None;
         };
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // In a process group of its own, with the browsers it starts: killed whole at the end.
         let driver = common::sfaas_like(&chromedriver)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -142,6 +145,10 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // SAFETY: plain syscall on the group the driver leads.
+        unsafe {
+            libc::killpg(self.driver.id() as i32, libc::SIGKILL);
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
