@@ -1398,6 +1398,38 @@ async fn unsupported_promql_is_refused_by_name() {
 // ---------------------------------------------------------------------------------------------
 // (b) promtool
 
+/// Queries that would make the parser or evaluator recurse past its stack are refused before
+/// parsing, with Prometheus's error JSON, and the server keeps answering (issue 21: a query of
+/// 10 000 nested parentheses aborted the whole process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_too_deep_or_too_long_are_refused_and_the_server_survives() {
+    let env = env(Backend::Sqlite(tempfile::tempdir().unwrap())).await;
+    let nested = format!("{}1{}", "(".repeat(5_000), ")".repeat(5_000));
+    let chain = vec!["1"; 2_000].join("+");
+    let long = format!("up{{job=\"{}\"}}", "x".repeat(20_000));
+    for (query, message) in [
+        (nested.as_str(), "query nests 5000 brackets deep, more than the limit of 64"),
+        (chain.as_str(), "query has 1999 operators, more than the limit of 256"),
+        (long.as_str(), "more than the limit of 16384"),
+    ] {
+        let (status, body) = env.post_form(ACME, "/prometheus/api/v1/query", &[("query", query)]).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!((body["status"].as_str(), body["errorType"].as_str()), (Some("error"), Some("bad_data")), "{body}");
+        assert!(body["error"].as_str().unwrap().contains(message), "{body}");
+    }
+    // Within the limits: 64 levels and 256 operators evaluate.
+    let deep = format!("{}1{}", "(".repeat(64), ")".repeat(64));
+    let v = vector_or_scalar(&env.instant(ACME, &deep, "1000").await);
+    assert_eq!(v, 1.0);
+    let v = vector_or_scalar(&env.instant(ACME, &vec!["1"; 257].join("+"), "1000").await);
+    assert_eq!(v, 257.0);
+}
+
+fn vector_or_scalar(data: &Value) -> f64 {
+    assert_eq!(data["resultType"], "scalar", "{data}");
+    number(&data["result"][1])
+}
+
 fn promtool() -> Option<std::path::PathBuf> {
     let candidates = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join("promtool")).collect::<Vec<_>>())

@@ -467,7 +467,65 @@ fn parse_query(text: Option<&str>) -> Result<Expr, ApiError> {
     if text.trim().is_empty() {
         return Err(ApiError::param("query", "query is empty"));
     }
+    check_shape(text).map_err(|e| ApiError::param("query", e))?;
     promql_parser::parser::parse(text).map_err(|e| ApiError::param("query", e.trim()))
+}
+
+/// Longest query accepted, in bytes.
+const MAX_QUERY_BYTES: usize = 16 << 10;
+/// Deepest nesting of brackets, and most operators, a query may have: the parser, the planner
+/// and the evaluator recurse once per level (a query of 1 000 nested parentheses overflowed a
+/// 2 MiB thread stack and aborted the process), so the depth a query can reach is bounded
+/// before any of them runs. Dashboards written for Prometheus stay far below.
+const MAX_NESTING: usize = 64;
+const MAX_OPERATORS: usize = 256;
+
+/// Checks, without parsing, that a query is within the limits above: brackets and operators
+/// are counted outside string literals (an over-count only makes the check stricter).
+fn check_shape(text: &str) -> Result<(), String> {
+    if text.len() > MAX_QUERY_BYTES {
+        return Err(format!("query is {} bytes long, more than the limit of {MAX_QUERY_BYTES}", text.len()));
+    }
+    let (mut depth, mut deepest, mut operators) = (0usize, 0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    let mut word = String::new();
+    for c in text.chars() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' && q != '`' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c.to_ascii_lowercase());
+            continue;
+        }
+        operators += usize::from(matches!(word.as_str(), "and" | "or" | "unless" | "atan2"));
+        word.clear();
+        match c {
+            '"' | '\'' | '`' => quote = Some(c),
+            '(' | '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            '+' | '-' | '*' | '/' | '%' | '^' | '=' | '!' | '<' | '>' => operators += 1,
+            _ => {}
+        }
+    }
+    operators += usize::from(matches!(word.as_str(), "and" | "or" | "unless" | "atan2"));
+    if deepest > MAX_NESTING {
+        return Err(format!("query nests {deepest} brackets deep, more than the limit of {MAX_NESTING}"));
+    }
+    if operators > MAX_OPERATORS {
+        return Err(format!("query has {operators} operators, more than the limit of {MAX_OPERATORS}"));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
