@@ -254,3 +254,61 @@ async fn bad_input_gets_clear_errors() {
     assert_eq!(core.invoke(&acme.ingest, "Nope!", "").await.status(), 400);
     assert_eq!(core.invoke(&acme.ingest, "missing", "").await.status(), 404);
 }
+
+/// Limits out of their bounds are refused at deploy with the field named (issue 21: a huge
+/// `max_inflight` panicked the handler after the row was stored, and every start after it),
+/// and a stored deployment that no longer validates is skipped at start, not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_bounds_limits_are_refused_and_a_bad_stored_row_does_not_stop_a_start() {
+    let mut core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    let huge = "18446744073709551615";
+    for (deployment, field) in [
+        (json!({"envVars": {"max_inflight": huge}}), "max_inflight"),
+        (json!({"envVars": {"max_inflight": "0"}}), "max_inflight"),
+        (json!({"envVars": {"exec_timeout": "99999999999999999999999h"}}), "exec_timeout"),
+        (json!({"envVars": {"exec_timeout": huge}}), "exec_timeout"),
+        (json!({"labels": {"com.openfaas.scale.max": huge}}), "com.openfaas.scale.max"),
+        (json!({"labels": {"com.openfaas.scale.zero-duration": "9999999h"}}), "com.openfaas.scale.zero-duration"),
+        (json!({"limits": {"memory": "17179869184Gi"}}), "limits.memory"),
+    ] {
+        let mut body = json!({"service": "f", "envProcess": "cat"});
+        for (key, value) in deployment.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        let response = core
+            .http
+            .post(format!("{}/system/functions", core.url))
+            .bearer_auth(&acme.ingest)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{body}");
+        let text = response.text().await.unwrap();
+        assert!(text.contains(field), "{field}: {text}");
+    }
+    core.deploy(&acme, json!({"service": "good", "envProcess": "cat"})).await;
+    core.stop().await;
+
+    // A row written by an older version, or by hand, with a limit no longer allowed.
+    let url = format!("sqlite://{}", core.dir.path().join("sfaas.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let bad = json!({"service": "bad", "envProcess": "cat", "envVars": {"max_inflight": huge}});
+    sqlx::query("INSERT INTO functions (tenant, name, spec, created_ms, updated_ms) VALUES ('acme', 'bad', ?, 0, 0)")
+        .bind(bad.to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let mut config = stateful_faas_core::CoreConfig::new(core.dir.path());
+    config.gateway_addr = "127.0.0.1:0".parse().unwrap();
+    config.admin_token = Some(common::ADMIN.to_string());
+    let running = stateful_faas_core::Core::open(config).await.unwrap().start().await.unwrap();
+    let url = format!("http://{}", running.gateway_addr);
+    let invoke =
+        |name: &str| core.http.post(format!("{url}/function/{name}")).bearer_auth(&acme.ingest).body("x").send();
+    assert_eq!(invoke("good").await.unwrap().status(), 200, "the start survived the bad row");
+    assert_eq!(invoke("bad").await.unwrap().status(), 404);
+    running.shutdown().await;
+}

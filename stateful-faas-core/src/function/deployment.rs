@@ -192,25 +192,28 @@ impl FunctionDeployment {
         let mut limits = Limits::default();
         if let Some(value) = self.env_vars.get(ENV_EXEC_TIMEOUT) {
             limits.timeout = parse_duration(value).map_err(|e| invalid(format!("{ENV_EXEC_TIMEOUT}: {e}")))?;
+            in_bounds(ENV_EXEC_TIMEOUT, limits.timeout, Duration::from_millis(1), MAX_TIMEOUT).map_err(invalid)?;
         }
         if let Some(value) = self.env_vars.get(ENV_MAX_INFLIGHT) {
             limits.max_inflight = parse_count(ENV_MAX_INFLIGHT, value).map_err(invalid)?;
-            if limits.max_inflight == 0 {
-                return Err(invalid(format!("{ENV_MAX_INFLIGHT} must be at least 1")));
-            }
+            in_bounds(ENV_MAX_INFLIGHT, limits.max_inflight, 1, MAX_INFLIGHT).map_err(invalid)?;
         }
         if let Some(memory) = self.limits.as_ref().and_then(|l| l.memory.as_deref()) {
-            limits.memory_bytes = Some(parse_memory(memory).map_err(|e| invalid(format!("limits.memory: {e}")))?);
+            let bytes = parse_memory(memory).map_err(|e| invalid(format!("limits.memory: {e}")))?;
+            in_bounds("limits.memory", bytes, MIN_MEMORY_BYTES, MAX_MEMORY_BYTES).map_err(invalid)?;
+            limits.memory_bytes = Some(bytes);
         }
         if let Some(value) = self.labels.get(LABEL_SCALE_MIN) {
             limits.min_instances = parse_count(LABEL_SCALE_MIN, value).map_err(invalid)?;
         }
         if let Some(value) = self.labels.get(LABEL_SCALE_MAX) {
             limits.max_instances = parse_count(LABEL_SCALE_MAX, value).map_err(invalid)?;
+            in_bounds(LABEL_SCALE_MAX, limits.max_instances, 1, MAX_INSTANCES).map_err(invalid)?;
         }
         if let Some(value) = self.labels.get(LABEL_SCALE_ZERO_DURATION) {
             limits.idle_timeout =
                 parse_duration(value).map_err(|e| invalid(format!("{LABEL_SCALE_ZERO_DURATION}: {e}")))?;
+            in_bounds(LABEL_SCALE_ZERO_DURATION, limits.idle_timeout, Duration::ZERO, MAX_IDLE).map_err(invalid)?;
         }
         if limits.max_instances == 0 || limits.min_instances > limits.max_instances {
             return Err(invalid(format!(
@@ -227,6 +230,22 @@ impl FunctionDeployment {
             limits,
         })
     }
+}
+
+/// Bounds of the limits a deployment may set (checked at deploy, and again when a stored
+/// deployment loads).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const MAX_INFLIGHT: usize = 10_000;
+pub const MAX_INSTANCES: usize = 100;
+pub const MAX_IDLE: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
+pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
+
+fn in_bounds<T: PartialOrd + std::fmt::Debug>(what: &str, value: T, min: T, max: T) -> Result<(), String> {
+    if value < min || value > max {
+        return Err(format!("{what} is {value:?}; it must be between {min:?} and {max:?}"));
+    }
+    Ok(())
 }
 
 fn parse_count(what: &str, value: &str) -> Result<usize, String> {
@@ -258,7 +277,9 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
             other => return Err(format!("bad duration unit {other:?} in {value:?} (use ms, s, m or h)")),
         };
         rest = &rest[unit_len..];
-        total += Duration::from_secs_f64(number * unit_seconds);
+        let part = Duration::try_from_secs_f64(number * unit_seconds)
+            .map_err(|_| format!("duration {value:?} is too long"))?;
+        total = total.checked_add(part).ok_or_else(|| format!("duration {value:?} is too long"))?;
     }
     Ok(total)
 }

@@ -144,17 +144,19 @@ impl Registry {
         let mut functions = HashMap::new();
         let builtin_threads = BuiltinThreads::default();
         for (tenant, name, json, created_ms) in rows {
-            let loaded = TenantId::new(&tenant).ok().and_then(|tenant| {
-                let deployment: FunctionDeployment = serde_json::from_str(&json).ok()?;
-                let spec = deployment.resolve().ok()?;
+            let loaded = TenantId::new(&tenant).map_err(|e| e.to_string()).and_then(|tenant| {
+                let deployment: FunctionDeployment = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+                let spec = deployment.resolve().map_err(|e| e.to_string())?;
                 let threads = builtin_threads.of(&tenant);
-                Some(DeployedFunction::new(tenant, deployment, spec, created_ms, cgroups.clone(), threads))
+                Ok(DeployedFunction::new(tenant, deployment, spec, created_ms, cgroups.clone(), threads))
             });
             match loaded {
-                Some(function) => {
+                Ok(function) => {
                     functions.insert((function.tenant.clone(), name), Arc::new(function));
                 }
-                None => tracing::error!(%tenant, %name, "stored function no longer validates; not loaded"),
+                Err(error) => {
+                    tracing::error!(%tenant, %name, %error, "stored function no longer validates; not loaded")
+                }
             }
         }
         Ok(Self {
