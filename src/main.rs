@@ -430,6 +430,11 @@ struct ServeArgs {
     /// Sandbox: processes of all of one tenant's invocations and instances together.
     #[arg(long, env = "SFAAS_TENANT_PIDS", default_value_t = 1024)]
     tenant_pids: u64,
+    /// An internal address that tenants' upstream functions and callbacks may reach: a CIDR
+    /// block or a host name (repeatable; by default loopback, private and link-local addresses
+    /// are refused).
+    #[arg(long, env = "SFAAS_ALLOW_OUTBOUND", value_delimiter = ',')]
+    allow_outbound: Vec<String>,
 }
 
 impl ServeArgs {
@@ -446,6 +451,7 @@ impl ServeArgs {
         config.state.tenant_quota_bytes = self.state_tenant_quota_bytes;
         config.state.max_value_bytes = self.state_max_value_bytes;
         config.state.usage_interval = std::time::Duration::from_secs(self.state_usage_interval_secs);
+        config.allow_outbound = self.allow_outbound.clone();
         config.sandbox = (self.sandbox == "on").then_some(CgroupConfig {
             function: GroupLimits { memory_bytes: self.function_memory_bytes, pids: self.function_pids },
             tenant: GroupLimits { memory_bytes: self.tenant_memory_bytes, pids: self.tenant_pids },

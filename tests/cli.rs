@@ -13,8 +13,12 @@ use common::sfaas as sfaas_command;
 
 /// Starts `sfaas core` and returns it with the gateway address from its first stdout line.
 fn start_core(data_dir: &Path) -> (Child, String) {
-    let (child, addresses) =
-        common::serve("core", &["--gateway-addr", "127.0.0.1:0", "--async-workers", "1"], data_dir);
+    let (child, addresses) = common::serve(
+        "core",
+        // The callback receiver below is on loopback, which tenants may not reach by default.
+        &["--gateway-addr", "127.0.0.1:0", "--async-workers", "1", "--allow-outbound", "127.0.0.1/32"],
+        data_dir,
+    );
     let keys: Vec<_> = addresses.as_object().unwrap().keys().cloned().collect();
     assert_eq!(keys, vec!["gateway"], "only running components are listed");
     let written: serde_json::Value =

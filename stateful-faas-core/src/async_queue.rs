@@ -15,6 +15,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::AsyncQueueConfig;
 use crate::database::now_ms;
+use crate::function::outbound::Outbound;
 use crate::function::{Invocation, Outcome};
 use crate::gateway::Core;
 use crate::gateway::invoke::dispatch;
@@ -295,12 +296,16 @@ async fn deliver(core: &Core, call: Claimed) {
     if let Some(url) = &call.callback_url
         && (!retriable || last_attempt)
     {
-        post_callback(&core.client, url, &call.call_id, &outcome).await;
+        post_callback(&core.outbound, url, &call.call_id, &outcome).await;
     }
 }
 
 /// POSTs the result to the caller's `X-Callback-Url`, retrying briefly on failure.
-async fn post_callback(client: &reqwest::Client, url: &str, call_id: &str, outcome: &Outcome) {
+async fn post_callback(outbound: &Outbound, url: &str, call_id: &str, outcome: &Outcome) {
+    let client = match outbound.to(url) {
+        Ok(client) => client,
+        Err(error) => return tracing::warn!(url, call_id, %error, "callback not sent"),
+    };
     for attempt in 0..3u32 {
         let mut request = client
             .post(url)

@@ -28,6 +28,9 @@ pub struct CoreConfig {
     /// Process functions run in cgroups that limit and meter them (`--sandbox on`, the
     /// default); `None` runs them without (`--sandbox off`).
     pub sandbox: Option<CgroupConfig>,
+    /// Internal addresses (CIDR blocks or host names) that tenants' upstream functions and
+    /// callbacks may reach (`--allow-outbound`); by default none.
+    pub allow_outbound: Vec<String>,
 }
 
 /// Delivery of async calls.
@@ -65,6 +68,7 @@ impl CoreConfig {
             async_queue: AsyncQueueConfig::default(),
             state: StateConfig::default(),
             sandbox: Some(CgroupConfig::default()),
+            allow_outbound: Vec::new(),
         }
     }
 }

@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, start};
+use common::{allow_loopback, eventually, start};
 use serde_json::json;
 
 /// A callback receiver: records (X-Call-Id, X-Function-Status, body).
@@ -32,7 +32,7 @@ async fn callback_server() -> (String, Arc<Mutex<Vec<(String, String, String)>>>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_calls_are_delivered_once_per_call_id_with_callbacks() {
-    let core = start(|_| {}).await;
+    let core = start(allow_loopback).await;
     let acme = core.tenant("acme").await;
     let log = core.dir.path().join("runs.log");
     core.deploy(
@@ -93,7 +93,11 @@ async fn async_calls_are_delivered_once_per_call_id_with_callbacks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_calls_are_retried_then_dead_lettered() {
-    let core = start(|config| config.async_queue.max_attempts = 3).await;
+    let core = start(|config| {
+        allow_loopback(config);
+        config.async_queue.max_attempts = 3;
+    })
+    .await;
     let acme = core.tenant("acme").await;
     let counter = core.dir.path().join("attempts");
     // Fails twice, then succeeds.
@@ -134,4 +138,29 @@ async fn failing_calls_are_retried_then_dead_lettered() {
     assert_eq!(dead[0]["attempts"], 3);
     assert_eq!(dead[0]["last_status"], 500);
     assert!(dead[0]["last_error"].as_str().unwrap().contains("failing on purpose"));
+}
+
+/// A tenant's callback URL may not point at an internal address unless the operator allows it:
+/// the call runs, its callback is not sent (issue 21: callbacks made the core call any URL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_to_internal_addresses_are_not_sent() {
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    let log = core.dir.path().join("runs.log");
+    core.deploy(&acme, json!({"service": "mark", "envProcess": format!("echo ran >> {}", log.display())})).await;
+    let (callback, received) = callback_server().await;
+    let response = core
+        .http
+        .post(format!("{}/async-function/mark", core.url))
+        .bearer_auth(&acme.ingest)
+        .header("X-Callback-Url", &callback)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    eventually(Duration::from_secs(10), || async { std::fs::read_to_string(&log).ok().filter(|t| !t.is_empty()) })
+        .await
+        .expect("the call runs");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(received.lock().unwrap().is_empty(), "a callback reached loopback");
 }

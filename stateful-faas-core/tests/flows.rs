@@ -56,7 +56,7 @@ async fn callback_server() -> (String, Calls) {
 }
 
 async fn setup() -> (TestCore, Tenant) {
-    let core = start(|_| {}).await;
+    let core = start(common::allow_loopback).await;
     let acme = core.tenant("acme").await;
     for (name, builtin) in
         [("echo", "echo"), ("upper", "uppercase"), ("count", "wordcount"), ("boom", "fail"), ("nap", "sleep")]

@@ -221,7 +221,20 @@ async fn http_functions_proxy_to_an_external_upstream() {
             (axum::http::StatusCode::CREATED, format!("{uri} {body} auth={auth}"))
         });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // By default a tenant's upstream may not be an internal address: the platform's own
+    // collector, dashboard and state store listen there (issue 21: a tenant read the
+    // collector's /metrics through an upstream function).
     let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    for (name, url) in [("ip", format!("http://{upstream}")), ("name", format!("http://localhost:{}", upstream.port()))]
+    {
+        core.deploy(&acme, json!({"service": name, "kind": "http", "upstream": url})).await;
+        let response = core.invoke(&acme.ingest, &format!("{name}/x"), "payload").await;
+        assert_eq!(response.status(), 502, "{url}");
+        let body = response.text().await.unwrap();
+        assert!(body.contains("refused: an internal address"), "{url}: {body}");
+    }
+    let core = start(common::allow_loopback).await;
     let acme = core.tenant("acme").await;
     core.deploy(&acme, json!({"service": "ext", "kind": "http", "upstream": format!("http://{upstream}")})).await;
     let response = core.invoke(&acme.ingest, "ext/x?y=2", "payload").await;

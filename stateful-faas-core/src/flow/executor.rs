@@ -25,6 +25,7 @@ use super::FlowError;
 use super::definition::{Flow, FlowOutput, Node, NodeTarget};
 use super::journal::{Entry, INLINE_OUTPUT_BYTES, NodeRecord, RunEnd};
 use crate::function::Invocation;
+use crate::function::outbound::Outbound;
 use crate::gateway::Core;
 use crate::gateway::invoke::dispatch;
 use crate::semconv;
@@ -206,7 +207,7 @@ fn spawn(core: Arc<Core>, run: Run, finished: Finished) -> oneshot::Receiver<Run
         let result = execute(&core, &run, finished, cancel).await;
         core.flows.untrack(&run.tenant, &run.run_id);
         if let Some(url) = &run.callback_url {
-            post_callback(&core.client, url, &result).await;
+            post_callback(&core.outbound, url, &result).await;
         }
         let _ = sender.send(result);
     });
@@ -683,7 +684,11 @@ async fn journal_node(
         .await;
 }
 
-async fn post_callback(client: &reqwest::Client, url: &str, result: &RunResult) {
+async fn post_callback(outbound: &Outbound, url: &str, result: &RunResult) {
+    let client = match outbound.to(url) {
+        Ok(client) => client,
+        Err(error) => return tracing::warn!(url, run_id = %result.run_id, %error, "flow callback not sent"),
+    };
     let body = result.output.clone().unwrap_or_else(|| Bytes::from(result.error.clone().unwrap_or_default()));
     for attempt in 0..3u32 {
         let request = client

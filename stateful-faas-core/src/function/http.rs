@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::cgroup::{Cgroups, Group};
+use super::outbound::Outbound;
 use super::process;
 use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, RunContext, Usage};
 use crate::semconv::{HEADER_JOB, HEADER_STATE_TOKEN};
@@ -73,7 +74,15 @@ async fn forward(
                 still_running: None,
             }
         } else {
-            unreachable(error.to_string())
+            // The cause (refused connection, a name that did not resolve, the outbound
+            // policy) is in the error's sources, not in its own message.
+            let mut message = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+            unreachable(message)
         }
     })?;
     let status = response.status().as_u16();
@@ -95,12 +104,13 @@ async fn forward(
 
 /// Calls an external upstream.
 pub async fn run_upstream(
-    client: &reqwest::Client,
+    outbound: &Outbound,
     spec: &FunctionSpec,
     url: &str,
     invocation: &Invocation,
     extra_headers: &[(String, String)],
 ) -> Result<Outcome, FunctionError> {
+    let client = outbound.to(url).map_err(|message| FunctionError::Upstream { name: spec.name.clone(), message })?;
     let (status, headers, body) = forward(client, spec, url, invocation, extra_headers).await?;
     Ok(Outcome { status, headers, body, usage: Usage::default() })
 }

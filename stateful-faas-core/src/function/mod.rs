@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod deployment;
 pub mod exec;
 pub mod http;
+pub mod outbound;
 mod process;
 pub mod registry;
 
@@ -38,7 +39,10 @@ pub struct Invocation {
 /// What a runner may use besides the request: the shared HTTP client, and the tenant's state
 /// store (in process for builtins, over HTTP with a per-invocation token for processes).
 pub struct RunContext<'a> {
+    /// For the platform's own requests (to managed instances).
     pub client: &'a reqwest::Client,
+    /// For requests a tenant directs (upstream functions), under the operator's policy.
+    pub outbound: &'a outbound::Outbound,
     pub tenant: &'a crate::tenant::TenantId,
     pub state: &'a std::sync::Arc<crate::state::StateStore>,
     /// `http://ADDR/state`, once the gateway listens.

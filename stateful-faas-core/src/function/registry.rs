@@ -96,7 +96,7 @@ impl DeployedFunction {
                 builtin::run(&self.spec, name, context, invocation, &self.builtin_threads).await
             }
             // An external server is not given a state token: it is not run by the platform.
-            Target::Upstream { url } => http::run_upstream(context.client, &self.spec, url, invocation, &[]).await,
+            Target::Upstream { url } => http::run_upstream(context.outbound, &self.spec, url, invocation, &[]).await,
             Target::Managed { .. } => {
                 let pool = self.managed.as_ref().expect("managed functions have a pool");
                 pool.run(context, &self.spec, invocation).await

@@ -65,6 +65,7 @@ pub async fn dispatch(
         .then(|| core.tenants.issue_function_token(tenant, invocation.job.as_deref()));
     let context = RunContext {
         client: &core.client,
+        outbound: &core.outbound,
         tenant,
         state: &core.state,
         state_url: core.functions.state_url.get().map(String::as_str),

@@ -51,6 +51,8 @@ pub enum CoreError {
     StateConfig(#[from] crate::state::InvalidUsageInterval),
     #[error(transparent)]
     Sandbox(#[from] crate::function::cgroup::CgroupError),
+    #[error("{0}")]
+    Outbound(String),
 }
 
 /// Everything the gateway's handlers share.
@@ -66,8 +68,10 @@ pub struct Core {
     pub flows: crate::flow::FlowStore,
     pub flow_journal: crate::flow::journal::Journal,
     pub streams: crate::flow::stream::Streams,
-    /// Client for `http` functions and callbacks (no proxy, pooled connections).
+    /// Client for managed `http` instances (no proxy, pooled connections).
     pub client: reqwest::Client,
+    /// Client for requests tenants direct: upstream functions and callbacks.
+    pub outbound: crate::function::outbound::Outbound,
     pub admin_token: String,
 }
 
@@ -96,6 +100,9 @@ impl Core {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .expect("a plain HTTP client builds");
+        let policy =
+            crate::function::outbound::OutboundPolicy::new(&config.allow_outbound).map_err(CoreError::Outbound)?;
+        let outbound = crate::function::outbound::Outbound::new(policy);
         Ok(Arc::new(Self {
             telemetry: Telemetry::new(config.telemetry.clone()),
             config,
@@ -109,6 +116,7 @@ impl Core {
             flow_journal,
             streams: Default::default(),
             client,
+            outbound,
             admin_token,
         }))
     }

@@ -25,6 +25,11 @@ pub struct Tenant {
     pub read: String,
 }
 
+/// Lets tenants' upstreams and callbacks reach loopback, where the tests' receivers listen.
+pub fn allow_loopback(config: &mut CoreConfig) {
+    config.allow_outbound = vec!["127.0.0.1/32".into()];
+}
+
 /// Starts a core on a free port; `configure` may adjust the configuration.
 pub async fn start(configure: impl FnOnce(&mut CoreConfig)) -> TestCore {
     let dir = tempfile::tempdir().unwrap();
