@@ -55,7 +55,7 @@ pub async fn run(
     let body = invocation.body.clone();
     // Output is read while the process runs (it would block on a full pipe otherwise) and to
     // its end, which comes once the group is killed: a detached process cannot hold it open.
-    let io = tokio::spawn(async move {
+    let mut io = tokio::spawn(async move {
         let write = async move {
             let mut stdin = stdin;
             // A function that does not read its input closes the pipe early: not an error.
@@ -70,7 +70,8 @@ pub async fn run(
         (stdout, stderr)
     });
 
-    let finished = tokio::time::timeout(spec.limits.timeout, &mut reaper).await;
+    let deadline = tokio::time::Instant::now() + spec.limits.timeout;
+    let finished = tokio::time::timeout_at(deadline, &mut reaper).await;
     // The invocation is over: nothing it started may run on.
     process::kill_group(pid);
     if let Some(group) = &group {
@@ -83,21 +84,25 @@ pub async fn run(
         }
         None => reaped.map(usage_of).unwrap_or_default(),
     };
+    let timed_out = |reaped: Option<&Reaped>| FunctionError::Timeout {
+        name: spec.name.clone(),
+        timeout: spec.limits.timeout,
+        usage: usage(reaped),
+        still_running: None,
+    };
     let reaped = match finished {
         Ok(Ok(Ok(reaped))) => reaped,
         Ok(Ok(Err(error))) => return Err(start_error(error.to_string())),
         Ok(Err(join)) => return Err(start_error(join.to_string())),
-        Err(_elapsed) => {
-            let reaped = reaper.await.ok().and_then(Result::ok);
-            return Err(FunctionError::Timeout {
-                name: spec.name.clone(),
-                timeout: spec.limits.timeout,
-                usage: usage(reaped.as_ref()),
-                still_running: None,
-            });
-        }
+        Err(_elapsed) => return Err(timed_out(reaper.await.ok().and_then(Result::ok).as_ref())),
     };
-    let (stdout, stderr) = io.await.unwrap_or_default();
+    // With the sandbox off, a process that left the group (setsid) may still hold the output
+    // open: the timeout bounds the wait for it too.
+    let Ok(output) = tokio::time::timeout_at(deadline, &mut io).await else {
+        io.abort();
+        return Err(timed_out(Some(&reaped)));
+    };
+    let (stdout, stderr) = output.unwrap_or_default();
     let usage = usage(Some(&reaped));
     if !stderr.is_empty() {
         tracing::info!(function = %spec.name, call_id = %invocation.call_id, stderr = %String::from_utf8_lossy(&stderr), "function stderr");
