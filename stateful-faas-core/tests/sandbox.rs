@@ -6,17 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::otlp::{grpc_receiver, int_attr, spans, string_attr};
-use common::{require_program, start};
+use common::otlp::{export_to, grpc_receiver, int_attr, spans, string_attr};
+use common::{python, require_program, start};
 use serde_json::json;
 use stateful_faas_core::function::cgroup::{CgroupConfig, GroupLimits};
-use stateful_faas_core::telemetry::OtlpProtocol;
-
-/// The interpreter's real path (a version manager's shim would add CPU time of its own).
-fn python() -> String {
-    let output = std::process::Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output();
-    String::from_utf8(output.unwrap().stdout).unwrap().trim().to_string()
-}
 
 /// Burns `MS` ms of its own CPU time (as the kernel accounts it), then exits.
 const BURNER: &str = "PYTHON -c 'import time\nwhile time.process_time() < MS / 1000: pass'";
@@ -33,11 +26,7 @@ async fn detached_processes_are_billed_in_full_and_die_with_their_invocation() {
         return;
     }
     let (endpoint, received) = grpc_receiver().await;
-    let mut core = start(|config| {
-        config.telemetry.endpoint = Some(endpoint);
-        config.telemetry.protocol = OtlpProtocol::Grpc;
-    })
-    .await;
+    let mut core = start(|config| export_to(config, endpoint)).await;
     let acme = core.tenant("acme").await;
     let burner = BURNER.replace("PYTHON", &python()).replace("MS", "300");
     // A burner double-forked into a session of its own (no wait of the function's counts it),
@@ -95,11 +84,7 @@ async fn a_fork_bomb_stops_at_its_process_limit_while_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_builtin_past_its_timeout_is_billed_for_all_it_burned() {
     let (endpoint, received) = grpc_receiver().await;
-    let mut core = start(|config| {
-        config.telemetry.endpoint = Some(endpoint);
-        config.telemetry.protocol = OtlpProtocol::Grpc;
-    })
-    .await;
+    let mut core = start(|config| export_to(config, endpoint)).await;
     let acme = core.tenant("acme").await;
     core.deploy(&acme, json!({"service": "burn", "builtin": "cpu-burn", "envVars": {"exec_timeout": "100ms"}})).await;
     let started = std::time::Instant::now();

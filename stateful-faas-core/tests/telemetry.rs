@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::otlp::{bool_attr, grpc_receiver, int_attr, spans, string_attr};
+use common::otlp::{bool_attr, export_to, grpc_receiver, int_attr, spans, string_attr};
 use common::{require_program, start};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::trace::v1::Span;
@@ -24,16 +24,12 @@ async fn invocation_spans_reach_an_otlp_grpc_receiver_with_kernel_cpu_time() {
     }
     let (endpoint, received) = grpc_receiver().await;
     let mut core = start(|config| {
-        config.telemetry.endpoint = Some(endpoint);
-        config.telemetry.protocol = OtlpProtocol::Grpc;
+        export_to(config, endpoint);
         config.telemetry.token = Some("meter-token-for-test".into());
     })
     .await;
     let acme = core.tenant("acme").await;
-    let python =
-        std::process::Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().unwrap();
-    let python = String::from_utf8(python.stdout).unwrap().trim().to_string();
-    core.deploy(&acme, json!({"service": "burn", "envProcess": BURN.replace("PYTHON", &python)})).await;
+    core.deploy(&acme, json!({"service": "burn", "envProcess": BURN.replace("PYTHON", &common::python())})).await;
     core.deploy(&acme, json!({"service": "spin", "builtin": "cpu-burn"})).await;
     core.deploy(&acme, json!({"service": "trace", "envProcess": "echo $TRACEPARENT"})).await;
 

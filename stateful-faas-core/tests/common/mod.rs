@@ -25,6 +25,13 @@ pub struct Tenant {
     pub read: String,
 }
 
+/// The Python interpreter's real path: a version manager's shim (pyenv) would add CPU time of
+/// its own that a function cannot see.
+pub fn python() -> String {
+    let output = std::process::Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output();
+    String::from_utf8(output.unwrap().stdout).unwrap().trim().to_string()
+}
+
 /// Lets tenants' upstreams and callbacks reach loopback, where the tests' receivers listen.
 pub fn allow_loopback(config: &mut CoreConfig) {
     config.allow_outbound = vec!["127.0.0.1/32".into()];

@@ -28,6 +28,12 @@ impl TraceService for Received {
     }
 }
 
+/// Sends the core's spans to `endpoint` over OTLP/gRPC (a [`grpc_receiver`]).
+pub fn export_to(config: &mut stateful_faas_core::CoreConfig, endpoint: String) {
+    config.telemetry.endpoint = Some(endpoint);
+    config.telemetry.protocol = stateful_faas_core::telemetry::OtlpProtocol::Grpc;
+}
+
 /// An OTLP/gRPC trace receiver (the generated service) on loopback: its endpoint, and what it
 /// received.
 pub async fn grpc_receiver() -> (String, Received) {
