@@ -435,6 +435,9 @@ struct ServeArgs {
     /// are refused).
     #[arg(long, env = "SFAAS_ALLOW_OUTBOUND", value_delimiter = ',')]
     allow_outbound: Vec<String>,
+    /// Functions one tenant may have.
+    #[arg(long, env = "SFAAS_TENANT_MAX_FUNCTIONS", default_value_t = 100)]
+    tenant_max_functions: usize,
 }
 
 impl ServeArgs {
@@ -452,6 +455,7 @@ impl ServeArgs {
         config.state.max_value_bytes = self.state_max_value_bytes;
         config.state.usage_interval = std::time::Duration::from_secs(self.state_usage_interval_secs);
         config.allow_outbound = self.allow_outbound.clone();
+        config.max_functions_per_tenant = self.tenant_max_functions;
         config.sandbox = (self.sandbox == "on").then_some(CgroupConfig {
             function: GroupLimits { memory_bytes: self.function_memory_bytes, pids: self.function_pids },
             tenant: GroupLimits { memory_bytes: self.tenant_memory_bytes, pids: self.tenant_pids },

@@ -31,6 +31,8 @@ pub struct CoreConfig {
     /// Internal addresses (CIDR blocks or host names) that tenants' upstream functions and
     /// callbacks may reach (`--allow-outbound`); by default none.
     pub allow_outbound: Vec<String>,
+    /// Functions one tenant may have (`--tenant-max-functions`).
+    pub max_functions_per_tenant: usize,
 }
 
 /// Delivery of async calls.
@@ -69,6 +71,7 @@ impl CoreConfig {
             state: StateConfig::default(),
             sandbox: Some(CgroupConfig::default()),
             allow_outbound: Vec::new(),
+            max_functions_per_tenant: 100,
         }
     }
 }

@@ -325,3 +325,28 @@ async fn out_of_bounds_limits_are_refused_and_a_bad_stored_row_does_not_stop_a_s
     assert_eq!(invoke("bad").await.unwrap().status(), 404);
     running.shutdown().await;
 }
+
+/// A tenant's functions are capped (issue 21: nothing capped them): over the quota, a deploy
+/// answers 429 naming it; updates and other tenants are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_per_tenant_are_capped_by_a_quota() {
+    let core = start(|config| config.max_functions_per_tenant = 3).await;
+    let acme = core.tenant("acme").await;
+    let globex = core.tenant("globex").await;
+    for name in ["a", "b", "c"] {
+        core.deploy(&acme, json!({"service": name, "envProcess": "cat"})).await;
+    }
+    let send = |method: reqwest::Method, name: &str| {
+        core.http
+            .request(method, format!("{}/system/functions", core.url))
+            .bearer_auth(&acme.ingest)
+            .json(&json!({"service": name, "envProcess": "wc -c"}))
+            .send()
+    };
+    let response = send(reqwest::Method::POST, "d").await.unwrap();
+    assert_eq!(response.status(), 429);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("namespace acme has 3 functions, its quota (--tenant-max-functions)"), "{body}");
+    assert_eq!(send(reqwest::Method::PUT, "a").await.unwrap().status(), 200, "an update is not a new function");
+    core.deploy(&globex, json!({"service": "d", "envProcess": "cat"})).await;
+}

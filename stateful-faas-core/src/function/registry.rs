@@ -24,6 +24,8 @@ pub enum RegistryError {
     Invalid(#[from] DeploymentError),
     #[error("cannot scale function {0}: {1}")]
     Scale(String, FunctionError),
+    #[error("namespace {tenant} has {quota} functions, its quota (--tenant-max-functions); remove one first")]
+    Quota { tenant: String, quota: usize },
     #[error("function store: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -123,6 +125,8 @@ pub struct Registry {
     cgroups: Option<Arc<Cgroups>>,
     /// Each tenant's builtin threads.
     builtin_threads: BuiltinThreads,
+    /// Functions one tenant may have.
+    max_functions: usize,
 }
 
 /// Each tenant's share of the threads builtins run on.
@@ -138,7 +142,11 @@ impl BuiltinThreads {
 
 impl Registry {
     /// Loads the functions deployed before the last stop.
-    pub async fn load(pool: sqlx::SqlitePool, cgroups: Option<Arc<Cgroups>>) -> Result<Self, RegistryError> {
+    pub async fn load(
+        pool: sqlx::SqlitePool,
+        cgroups: Option<Arc<Cgroups>>,
+        max_functions: usize,
+    ) -> Result<Self, RegistryError> {
         let rows: Vec<(String, String, String, i64)> =
             sqlx::query_as("SELECT tenant, name, spec, created_ms FROM functions").fetch_all(&pool).await?;
         let mut functions = HashMap::new();
@@ -165,6 +173,7 @@ impl Registry {
             state_url: std::sync::OnceLock::new(),
             cgroups,
             builtin_threads,
+            max_functions,
         })
     }
 
@@ -213,23 +222,28 @@ impl Registry {
                 .execute(&self.pool)
                 .await?
         } else {
+            // The quota is checked in the same statement, so concurrent deploys cannot pass it.
             sqlx::query(
-                "INSERT INTO functions (tenant, name, spec, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                "INSERT INTO functions (tenant, name, spec, created_ms, updated_ms) SELECT ?, ?, ?, ?, ? \
+                 WHERE (SELECT COUNT(*) FROM functions WHERE tenant = ?) < ? ON CONFLICT DO NOTHING",
             )
             .bind(tenant.as_str())
             .bind(&name)
             .bind(&json)
             .bind(now)
             .bind(now)
+            .bind(tenant.as_str())
+            .bind(self.max_functions as i64)
             .execute(&self.pool)
             .await?
         };
         if result.rows_affected() == 0 {
+            let exists = self.get(tenant, &name).is_some();
             let (tenant, name) = (tenant.to_string(), name);
-            return Err(if replace {
-                RegistryError::NotFound { tenant, name }
-            } else {
-                RegistryError::Exists { tenant, name }
+            return Err(match (replace, exists) {
+                (true, _) => RegistryError::NotFound { tenant, name },
+                (false, true) => RegistryError::Exists { tenant, name },
+                (false, false) => RegistryError::Quota { tenant, quota: self.max_functions },
             });
         }
         let created_ms = self.get(tenant, &name).map_or(now, |old| old.created_ms);

@@ -69,6 +69,7 @@ impl From<RegistryError> for ApiError {
         match error {
             RegistryError::NotFound { .. } => ApiError::NotFound(error.to_string()),
             RegistryError::Exists { .. } => ApiError::Conflict(error.to_string()),
+            RegistryError::Quota { .. } => ApiError::TooManyRequests(error.to_string()),
             RegistryError::Invalid(_) => ApiError::BadRequest(error.to_string()),
             RegistryError::Scale(..) => ApiError::Internal(error.to_string()),
             RegistryError::Database(_) => ApiError::Internal(error.to_string()),

@@ -91,7 +91,7 @@ impl Core {
         let tenants = Arc::new(TenantStore::load(pool.clone(), &admin_token).await?);
         let state = Arc::new(StateStore::new(config.state.clone(), Arc::new(SystemClock)));
         let cgroups = config.sandbox.map(crate::function::cgroup::Cgroups::start).transpose()?.map(Arc::new);
-        let functions = Registry::load(pool.clone(), cgroups).await?;
+        let functions = Registry::load(pool.clone(), cgroups, config.max_functions_per_tenant).await?;
         let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone()).await?;
         let flows = crate::flow::FlowStore::load(pool.clone()).await?;
         let flow_journal = crate::flow::journal::Journal::start(pool.clone());
