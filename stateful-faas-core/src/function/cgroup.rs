@@ -130,6 +130,12 @@ impl Cgroups {
             }
             std::fs::create_dir_all(dir).map_err(|e| CgroupError::Unavailable(format!("{}: {e}", dir.display())))?;
         }
+        if cgroups.layout == Layout::V2 {
+            // Each level passes the controllers down: the base to the tenants' groups, which
+            // pass them to their invocations' (in `create`).
+            write(&cgroups.accounting.join("cgroup.subtree_control"), "+memory +pids")
+                .map_err(|e| CgroupError::Unavailable(format!("enabling memory and pids: {e}")))?;
+        }
         tracing::info!(layout = ?cgroups.layout, accounting = %cgroups.accounting.display(), "functions run in cgroups");
         Ok(cgroups)
     }
