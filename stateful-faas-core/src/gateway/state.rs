@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -73,20 +72,31 @@ pub async fn deregister_job(
     Ok(Json(serde_json::json!({ "job": job, "byte_seconds": byte_seconds })))
 }
 
-/// `PUT .../objects/{key}`.
+/// `PUT .../objects/{key}`. The caller's scope and the declared size are checked before the
+/// body is read: a value nobody may write, or one too large, is never buffered.
 pub async fn put_object(
     State(core): State<Arc<Core>>,
     caller: Caller,
     Path(path): Path<ObjectPath>,
     Query(query): Query<ObjectQuery>,
-    body: Bytes,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> Result<StatusCode, ApiError> {
     let tenant = caller.state_tenant(path.job.as_deref(), true, false)?;
+    let key = path.object_key()?;
     let ttl = match &query.ttl {
         Some(ttl) => Some(parse_duration(ttl).map_err(|e| ApiError::BadRequest(format!("ttl: {e}")))?),
         None => None,
     };
-    core.state.put(&tenant, path.object_key()?, body, PutOptions { persist: query.persist, ttl })?;
+    let max = core.config.state.max_value_bytes;
+    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(size) = declared.filter(|size| *size > max) {
+        return Err(ApiError::PayloadTooLarge(format!("value of {size} bytes is over the largest value, {max} bytes")));
+    }
+    let body = axum::body::to_bytes(body, max as usize).await.map_err(|error| {
+        ApiError::PayloadTooLarge(format!("the value is over the largest value, {max} bytes, or unreadable: {error}"))
+    })?;
+    core.state.put(&tenant, key, body, PutOptions { persist: query.persist, ttl })?;
     Ok(StatusCode::CREATED)
 }
 
