@@ -282,12 +282,12 @@ impl Billing {
     pub async fn run(&self, now: Option<i64>) -> Result<RunReport> {
         let _running = self.run_lock.lock().await;
         let card = self.rate_card().await?;
-        let real_now = self.now_ns();
-        if now.is_some_and(|t| t > real_now) {
+        let clock_now = self.now_ns();
+        if now.is_some_and(|t| t > clock_now) {
             return Err(BillingError::Invalid("billing cannot run as of a time in the future".into()));
         }
-        let now = now.unwrap_or(real_now);
-        let upto_ms = (now.min(real_now) / 1_000_000) - self.settle.as_millis() as i64 - 1;
+        let now = now.unwrap_or(clock_now);
+        let upto_ms = now / 1_000_000 - self.settle.as_millis() as i64 - 1;
         let mut report = RunReport::default();
         let mut touched: HashSet<(String, String)> = HashSet::new();
         let mut watermark: i64 = self.setting("watermark_ms").await?.and_then(|w| w.parse().ok()).unwrap_or(i64::MIN);

@@ -289,14 +289,7 @@ async fn out_of_bounds_limits_are_refused_and_a_bad_stored_row_does_not_stop_a_s
         for (key, value) in deployment.as_object().unwrap() {
             body[key] = value.clone();
         }
-        let response = core
-            .http
-            .post(format!("{}/system/functions", core.url))
-            .bearer_auth(&acme.ingest)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = core.send_deployment(reqwest::Method::POST, &acme, body.clone()).await;
         assert_eq!(response.status(), 400, "{body}");
         let text = response.text().await.unwrap();
         assert!(text.contains(field), "{field}: {text}");
@@ -337,16 +330,12 @@ async fn functions_per_tenant_are_capped_by_a_quota() {
         core.deploy(&acme, json!({"service": name, "envProcess": "cat"})).await;
     }
     let send = |method: reqwest::Method, name: &str| {
-        core.http
-            .request(method, format!("{}/system/functions", core.url))
-            .bearer_auth(&acme.ingest)
-            .json(&json!({"service": name, "envProcess": "wc -c"}))
-            .send()
+        core.send_deployment(method, &acme, json!({"service": name, "envProcess": "wc -c"}))
     };
-    let response = send(reqwest::Method::POST, "d").await.unwrap();
+    let response = send(reqwest::Method::POST, "d").await;
     assert_eq!(response.status(), 429);
     let body = response.text().await.unwrap();
     assert!(body.contains("namespace acme has 3 functions, its quota (--tenant-max-functions)"), "{body}");
-    assert_eq!(send(reqwest::Method::PUT, "a").await.unwrap().status(), 200, "an update is not a new function");
+    assert_eq!(send(reqwest::Method::PUT, "a").await.status(), 200, "an update is not a new function");
     core.deploy(&globex, json!({"service": "d", "envProcess": "cat"})).await;
 }

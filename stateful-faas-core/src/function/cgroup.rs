@@ -71,17 +71,38 @@ pub enum Layout {
     Hybrid,
 }
 
+/// Where one group is in each hierarchy: the one with `cpu.stat` and `cgroup.kill` (v2), the
+/// memory one and the pids one. On v2 the three are the same directory.
+#[derive(Debug)]
+struct Dirs {
+    accounting: PathBuf,
+    memory: PathBuf,
+    pids: PathBuf,
+}
+
+impl Dirs {
+    /// The same child in every hierarchy.
+    fn join(&self, child: &str) -> Self {
+        Self { accounting: self.accounting.join(child), memory: self.memory.join(child), pids: self.pids.join(child) }
+    }
+
+    /// The distinct directories (one on v2, three on hybrid).
+    fn distinct(&self) -> Vec<&Path> {
+        let mut dirs = vec![self.accounting.as_path(), self.memory.as_path(), self.pids.as_path()];
+        dirs.dedup();
+        dirs
+    }
+}
+
 /// The gateway's groups: where they live in each hierarchy, and their limits.
 #[derive(Debug)]
 pub struct Cgroups {
     pub layout: Layout,
-    /// `sfaas-<pid>-<n>` in the hierarchy with `cpu.stat` and `cgroup.kill` (v2).
-    accounting: PathBuf,
-    /// `sfaas-<pid>-<n>` in the memory hierarchy, and in the pids one (the same as
-    /// `accounting` on v2).
-    memory: PathBuf,
-    pids: PathBuf,
+    /// `sfaas-<pid>-<n>` in each hierarchy.
+    base: Dirs,
     config: CgroupConfig,
+    /// Tenants whose parent groups are made and limited.
+    tenants: std::sync::Mutex<std::collections::HashSet<TenantId>>,
     next: AtomicU64,
 }
 
@@ -105,7 +126,7 @@ impl Cgroups {
             let own_dir = join(root, &v2_own);
             enable_v2_controllers(&own_dir)?;
             let base = own_dir.join(&name);
-            Self::new(Layout::V2, base.clone(), base.clone(), base, config)
+            Self::new(Layout::V2, Dirs { accounting: base.clone(), memory: base.clone(), pids: base }, config)
         } else {
             let unified = root.join("unified");
             let (Some(memory), Some(pids)) = (own_path("memory"), own_path("pids")) else {
@@ -116,39 +137,36 @@ impl Cgroups {
             if !unified.join("cgroup.procs").exists() {
                 return Err(CgroupError::Unavailable("no cgroup v2 hierarchy at /sys/fs/cgroup/unified".into()));
             }
-            Self::new(
-                Layout::Hybrid,
-                join(&unified, &v2_own).join(&name),
-                join(&root.join("memory"), &memory).join(&name),
-                join(&root.join("pids"), &pids).join(&name),
-                config,
-            )
+            let base = Dirs {
+                accounting: join(&unified, &v2_own).join(&name),
+                memory: join(&root.join("memory"), &memory).join(&name),
+                pids: join(&root.join("pids"), &pids).join(&name),
+            };
+            Self::new(Layout::Hybrid, base, config)
         };
-        for dir in cgroups.hierarchies() {
+        for dir in cgroups.base.distinct() {
             if let Some(parent) = dir.parent() {
                 remove_stale(parent);
             }
             std::fs::create_dir_all(dir).map_err(|e| CgroupError::Unavailable(format!("{}: {e}", dir.display())))?;
         }
-        if cgroups.layout == Layout::V2 {
-            // Each level passes the controllers down: the base to the tenants' groups, which
-            // pass them to their invocations' (in `create`).
-            write(&cgroups.accounting.join("cgroup.subtree_control"), "+memory +pids")
-                .map_err(|e| CgroupError::Unavailable(format!("enabling memory and pids: {e}")))?;
-        }
-        tracing::info!(layout = ?cgroups.layout, accounting = %cgroups.accounting.display(), "functions run in cgroups");
+        // Each level passes the controllers down: the base to the tenants' groups, which pass
+        // them to their invocations' (in `create`).
+        cgroups.pass_controllers(&cgroups.base).map_err(|e| CgroupError::Unavailable(e.to_string()))?;
+        tracing::info!(layout = ?cgroups.layout, accounting = %cgroups.base.accounting.display(), "functions run in cgroups");
         Ok(cgroups)
     }
 
-    fn new(layout: Layout, accounting: PathBuf, memory: PathBuf, pids: PathBuf, config: CgroupConfig) -> Self {
-        Self { layout, accounting, memory, pids, config, next: AtomicU64::new(0) }
+    fn new(layout: Layout, base: Dirs, config: CgroupConfig) -> Self {
+        Self { layout, base, config, tenants: Default::default(), next: AtomicU64::new(0) }
     }
 
-    /// The distinct base directories (one on v2, three on hybrid).
-    fn hierarchies(&self) -> Vec<&Path> {
-        let mut dirs = vec![self.accounting.as_path(), self.memory.as_path(), self.pids.as_path()];
-        dirs.dedup();
-        dirs
+    /// On v2, enables the memory and pids controllers for the groups below `dirs`.
+    fn pass_controllers(&self, dirs: &Dirs) -> Result<(), CgroupError> {
+        match self.layout {
+            Layout::V2 => write(&dirs.accounting.join("cgroup.subtree_control"), V2_CONTROLLERS),
+            Layout::Hybrid => Ok(()),
+        }
     }
 
     /// A new group for one invocation or instance of `tenant`'s function `name`, limited to
@@ -159,27 +177,26 @@ impl Cgroups {
             memory_bytes: memory_bytes.unwrap_or(self.config.function.memory_bytes),
             pids: self.config.function.pids,
         };
-        let mut dirs = Vec::new();
-        for base in self.hierarchies() {
-            let parent = base.join(tenant.as_str());
-            if !parent.exists() {
-                std::fs::create_dir_all(&parent).map_err(io_error(&parent))?;
-                if self.layout == Layout::V2 {
-                    write(&parent.join("cgroup.subtree_control"), "+memory +pids")?;
-                }
-                self.limit(base, &parent, self.config.tenant)?;
+        let parent = self.base.join(tenant.as_str());
+        if !self.tenants.lock().unwrap().contains(tenant) {
+            for dir in parent.distinct() {
+                std::fs::create_dir_all(dir).map_err(io_error(dir))?;
             }
-            let dir = parent.join(&leaf);
-            std::fs::create_dir(&dir).map_err(io_error(&dir))?;
-            dirs.push(dir);
+            self.pass_controllers(&parent)?;
+            self.limit(&parent, self.config.tenant)?;
+            self.tenants.lock().unwrap().insert(tenant.clone());
         }
+        let dirs = parent.join(&leaf);
+        for dir in dirs.distinct() {
+            std::fs::create_dir(dir).map_err(io_error(dir))?;
+        }
+        // From here on, dropping the group removes what was made.
         let mut group = Group { dirs, layout: self.layout, procs: Vec::new() };
-        for (base, dir) in self.hierarchies().into_iter().zip(&group.dirs) {
-            self.limit(base, dir, limits)?;
-        }
+        self.limit(&group.dirs, limits)?;
         group.procs = group
             .dirs
-            .iter()
+            .distinct()
+            .into_iter()
             .map(|dir| {
                 let path = dir.join("cgroup.procs");
                 std::fs::OpenOptions::new().write(true).open(&path).map_err(io_error(&path))
@@ -188,29 +205,27 @@ impl Cgroups {
         Ok(group)
     }
 
-    /// Writes the limits that belong to hierarchy `base` into `dir`.
-    fn limit(&self, base: &Path, dir: &Path, limits: GroupLimits) -> Result<(), CgroupError> {
+    /// Writes `limits` into a group.
+    fn limit(&self, dirs: &Dirs, limits: GroupLimits) -> Result<(), CgroupError> {
+        let memory = limits.memory_bytes.to_string();
         match self.layout {
             Layout::V2 => {
-                write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
-                write(&dir.join("memory.swap.max"), "0").ok();
-                write(&dir.join("pids.max"), &limits.pids.to_string())
+                write(&dirs.memory.join("memory.max"), &memory)?;
+                write(&dirs.memory.join("memory.swap.max"), "0").ok();
             }
-            Layout::Hybrid if base == self.memory => {
-                write(&dir.join("memory.limit_in_bytes"), &limits.memory_bytes.to_string())?;
+            Layout::Hybrid => {
+                write(&dirs.memory.join("memory.limit_in_bytes"), &memory)?;
                 // Without swap accounting the file is absent: the limit above is then the limit.
-                write(&dir.join("memory.memsw.limit_in_bytes"), &limits.memory_bytes.to_string()).ok();
-                Ok(())
+                write(&dirs.memory.join("memory.memsw.limit_in_bytes"), &memory).ok();
             }
-            Layout::Hybrid if base == self.pids => write(&dir.join("pids.max"), &limits.pids.to_string()),
-            Layout::Hybrid => Ok(()),
         }
+        write(&dirs.pids.join("pids.max"), &limits.pids.to_string())
     }
 }
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
-        for dir in self.hierarchies() {
+        for dir in self.base.distinct() {
             remove_tree(dir);
         }
     }
@@ -219,10 +234,9 @@ impl Drop for Cgroups {
 /// One invocation's or instance's group. Dropping it kills what is left in it and removes it.
 #[derive(Debug)]
 pub struct Group {
-    /// The group in each hierarchy, the accounting one first.
-    dirs: Vec<PathBuf>,
+    dirs: Dirs,
     layout: Layout,
-    /// `cgroup.procs` of each, open for the child to write itself into before it execs.
+    /// `cgroup.procs` of each of its directories, open for the child to write itself into before it execs.
     procs: Vec<File>,
 }
 
@@ -234,22 +248,22 @@ impl Group {
 
     /// CPU time (user + system) of everything that ran in the group, in nanoseconds.
     pub fn cpu_ns(&self) -> u64 {
-        read_key(&self.dirs[0].join("cpu.stat"), "usage_usec").map_or(0, |usec| usec.saturating_mul(1000))
+        read_key(&self.dirs.accounting.join("cpu.stat"), "usage_usec").map_or(0, |usec| usec.saturating_mul(1000))
     }
 
     /// Peak memory use of the group, in bytes.
     pub fn peak_memory_bytes(&self) -> u64 {
         match self.layout {
-            Layout::V2 => read_number(&self.dirs[0].join("memory.peak")).unwrap_or(0),
-            Layout::Hybrid => read_number(&self.dirs[1].join("memory.max_usage_in_bytes")).unwrap_or(0),
+            Layout::V2 => read_number(&self.dirs.memory.join("memory.peak")).unwrap_or(0),
+            Layout::Hybrid => read_number(&self.dirs.memory.join("memory.max_usage_in_bytes")).unwrap_or(0),
         }
     }
 
     /// Whether the kernel killed a process of the group for going over its memory limit.
     pub fn oom_killed(&self) -> bool {
         let count = match self.layout {
-            Layout::V2 => read_key(&self.dirs[0].join("memory.events"), "oom_kill"),
-            Layout::Hybrid => read_key(&self.dirs[1].join("memory.oom_control"), "oom_kill"),
+            Layout::V2 => read_key(&self.dirs.memory.join("memory.events"), "oom_kill"),
+            Layout::Hybrid => read_key(&self.dirs.memory.join("memory.oom_control"), "oom_kill"),
         };
         count.unwrap_or(0) > 0
     }
@@ -257,28 +271,27 @@ impl Group {
     /// The memory limit, in bytes.
     pub fn memory_limit_bytes(&self) -> u64 {
         match self.layout {
-            Layout::V2 => read_number(&self.dirs[0].join("memory.max")).unwrap_or(0),
-            Layout::Hybrid => read_number(&self.dirs[1].join("memory.limit_in_bytes")).unwrap_or(0),
+            Layout::V2 => read_number(&self.dirs.memory.join("memory.max")).unwrap_or(0),
+            Layout::Hybrid => read_number(&self.dirs.memory.join("memory.limit_in_bytes")).unwrap_or(0),
         }
     }
 
     /// Whether the process limit refused a fork.
     pub fn pids_exhausted(&self) -> bool {
-        let events = self.dirs.last().map(|dir| dir.join("pids.events"));
-        events.and_then(|path| read_key(&path, "max")).unwrap_or(0) > 0
+        read_key(&self.dirs.pids.join("pids.events"), "max").unwrap_or(0) > 0
     }
 
     /// Kills every process in the group and waits (up to a second) until it is empty.
     pub fn kill(&self) {
-        let populated = || read_key(&self.dirs[0].join("cgroup.events"), "populated").unwrap_or(0) != 0;
+        let populated = || read_key(&self.dirs.accounting.join("cgroup.events"), "populated").unwrap_or(0) != 0;
         if !populated() {
             return;
         }
-        let _ = write(&self.dirs[0].join("cgroup.kill"), "1");
+        let _ = write(&self.dirs.accounting.join("cgroup.kill"), "1");
         let deadline = Instant::now() + Duration::from_secs(1);
         while populated() {
             if Instant::now() > deadline {
-                tracing::warn!(group = %self.dirs[0].display(), "processes still in a killed cgroup");
+                tracing::warn!(group = %self.dirs.accounting.display(), "processes still in a killed cgroup");
                 return;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -289,11 +302,14 @@ impl Group {
 impl Drop for Group {
     fn drop(&mut self) {
         self.kill();
-        for dir in &self.dirs {
+        for dir in self.dirs.distinct() {
             let _ = std::fs::remove_dir(dir);
         }
     }
 }
+
+/// The v2 controllers the groups use.
+const V2_CONTROLLERS: &str = "+memory +pids";
 
 /// Moves a child into its groups: call between fork and exec (async-signal-safe).
 pub fn join_in_child(fds: &[RawFd]) -> std::io::Result<()> {
@@ -311,7 +327,7 @@ pub fn join_in_child(fds: &[RawFd]) -> std::io::Result<()> {
 /// `own/gateway` first when it has to.
 fn enable_v2_controllers(own: &Path) -> Result<(), CgroupError> {
     let control = own.join("cgroup.subtree_control");
-    if write(&control, "+memory +pids").is_ok() {
+    if write(&control, V2_CONTROLLERS).is_ok() {
         return Ok(());
     }
     let leaf = own.join("gateway");
@@ -319,7 +335,7 @@ fn enable_v2_controllers(own: &Path) -> Result<(), CgroupError> {
     for pid in std::fs::read_to_string(own.join("cgroup.procs")).unwrap_or_default().lines() {
         let _ = write(&leaf.join("cgroup.procs"), pid);
     }
-    write(&control, "+memory +pids").map_err(|e| CgroupError::Unavailable(format!("enabling memory and pids: {e}")))
+    write(&control, V2_CONTROLLERS).map_err(|e| CgroupError::Unavailable(format!("enabling memory and pids: {e}")))
 }
 
 /// Removes the groups of gateways that are no longer running (`sfaas-<pid>-<n>` beside ours).

@@ -59,17 +59,6 @@ impl OutboundPolicy {
         let Ok(ip) = host.parse::<IpAddr>() else { return Ok(()) };
         if self.allows(&ip.to_string(), ip) { Ok(()) } else { Err(denied(&ip.to_string(), ip)) }
     }
-
-    /// An HTTP client for tenant-directed requests under this policy.
-    fn client(&self) -> reqwest::Client {
-        reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .dns_resolver(Arc::new(self.clone()))
-            .build()
-            .expect("a plain HTTP client builds")
-    }
 }
 
 /// The policy with its client: what tenant-directed requests go through.
@@ -81,7 +70,13 @@ pub struct Outbound {
 
 impl Outbound {
     pub fn new(policy: OutboundPolicy) -> Self {
-        let client = policy.client();
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .dns_resolver(Arc::new(policy.clone()))
+            .build()
+            .expect("a plain HTTP client builds");
         Self { policy, client }
     }
 

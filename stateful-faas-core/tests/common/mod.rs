@@ -76,16 +76,20 @@ impl TestCore {
         }
     }
 
+    /// Sends a deployment with the tenant's ingest token (`POST`: create, `PUT`: update).
+    pub async fn send_deployment(
+        &self,
+        method: reqwest::Method,
+        tenant: &Tenant,
+        deployment: Value,
+    ) -> reqwest::Response {
+        let url = format!("{}/system/functions", self.url);
+        self.http.request(method, url).bearer_auth(&tenant.ingest).json(&deployment).send().await.unwrap()
+    }
+
     /// Deploys a function with the tenant's ingest token and asserts it was accepted.
     pub async fn deploy(&self, tenant: &Tenant, deployment: Value) {
-        let response = self
-            .http
-            .post(format!("{}/system/functions", self.url))
-            .bearer_auth(&tenant.ingest)
-            .json(&deployment)
-            .send()
-            .await
-            .unwrap();
+        let response = self.send_deployment(reqwest::Method::POST, tenant, deployment).await;
         let status = response.status();
         assert_eq!(status, 202, "deploy answered {status}: {}", response.text().await.unwrap());
     }
