@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use stateful_faas_core::function::cgroup::{CgroupConfig, GroupLimits};
+use stateful_faas_core::function::sandbox::SandboxConfig;
 use stateful_faas_core::telemetry::OtlpProtocol;
 use stateful_faas_core::{Core, CoreConfig};
 
@@ -414,8 +415,9 @@ struct ServeArgs {
     /// State store: largest value.
     #[arg(long, env = "SFAAS_STATE_MAX_VALUE_BYTES", default_value_t = 256 << 20)]
     state_max_value_bytes: u64,
-    /// Run process functions in cgroups that limit and meter them (on), or as plain child
-    /// processes (off: detached processes escape metering and limits; see the README).
+    /// Run process functions in sandboxes (on: namespaces, a uid per tenant, seccomp, and
+    /// cgroups that limit and meter them; needs root), or as plain child processes (off: they
+    /// see the host and the gateway's files and escape metering; see the README).
     #[arg(long, env = "SFAAS_SANDBOX", default_value = "on", value_parser = ["on", "off"])]
     sandbox: String,
     /// Sandbox: memory of one invocation or instance, unless the function sets limits.memory.
@@ -430,6 +432,16 @@ struct ServeArgs {
     /// Sandbox: processes of all of one tenant's invocations and instances together.
     #[arg(long, env = "SFAAS_TENANT_PIDS", default_value_t = 1024)]
     tenant_pids: u64,
+    /// Sandbox: the uids (and gids) tenants' processes run as, FIRST-LAST, one per tenant.
+    #[arg(long, env = "SFAAS_SANDBOX_UIDS", default_value = "200000-265535", value_parser = parse_uid_range)]
+    sandbox_uids: std::ops::RangeInclusive<u32>,
+    /// Sandbox: size of each invocation's or instance's private /tmp (counted as its memory).
+    #[arg(long, env = "SFAAS_SANDBOX_TMP_BYTES", default_value_t = 64 << 20)]
+    sandbox_tmp_bytes: u64,
+    /// Sandbox: a tenant whose functions may reach outside networks (repeatable). They then
+    /// share the host's network, its loopback services included: see the README.
+    #[arg(long, env = "SFAAS_SANDBOX_EGRESS", value_delimiter = ',')]
+    sandbox_egress: Vec<String>,
     /// An internal address that tenants' upstream functions and callbacks may reach: a CIDR
     /// block or a host name (repeatable; by default loopback, private and link-local addresses
     /// are refused).
@@ -456,9 +468,14 @@ impl ServeArgs {
         config.state.usage_interval = std::time::Duration::from_secs(self.state_usage_interval_secs);
         config.allow_outbound = self.allow_outbound.clone();
         config.max_functions_per_tenant = self.tenant_max_functions;
-        config.sandbox = (self.sandbox == "on").then_some(CgroupConfig {
-            function: GroupLimits { memory_bytes: self.function_memory_bytes, pids: self.function_pids },
-            tenant: GroupLimits { memory_bytes: self.tenant_memory_bytes, pids: self.tenant_pids },
+        config.sandbox = (self.sandbox == "on").then(|| SandboxConfig {
+            limits: CgroupConfig {
+                function: GroupLimits { memory_bytes: self.function_memory_bytes, pids: self.function_pids },
+                tenant: GroupLimits { memory_bytes: self.tenant_memory_bytes, pids: self.tenant_pids },
+            },
+            uids: self.sandbox_uids.clone(),
+            tmp_bytes: self.sandbox_tmp_bytes,
+            egress: self.sandbox_egress.iter().cloned().collect(),
         });
         config
     }
@@ -569,6 +586,17 @@ async fn run() -> anyhow::Result<()> {
 /// What every serving process does first: files it creates (databases, tokens, spool) are its
 /// own only (umask 077), and it is not dumpable, so no process of another uid, such as a
 /// sandboxed function, can read its memory or its `/proc` entries (environment, maps).
+/// `FIRST-LAST`, a range of uids above root.
+fn parse_uid_range(text: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let (first, last) = text.split_once('-').ok_or("expected FIRST-LAST, for example 200000-265535")?;
+    let parse = |n: &str| n.trim().parse::<u32>().map_err(|e| format!("{n:?}: {e}"));
+    let (first, last) = (parse(first)?, parse(last)?);
+    if first == 0 || last < first {
+        return Err(format!("{text}: the range must be non-empty and above 0 (root)"));
+    }
+    Ok(first..=last)
+}
+
 fn harden_process() {
     // SAFETY: plain syscalls with constant arguments.
     unsafe {

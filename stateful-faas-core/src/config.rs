@@ -6,7 +6,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::function::cgroup::CgroupConfig;
+use crate::function::sandbox::SandboxConfig;
 use crate::state::StateConfig;
 use crate::telemetry::TelemetryConfig;
 
@@ -25,9 +25,10 @@ pub struct CoreConfig {
     pub max_body_bytes: usize,
     pub async_queue: AsyncQueueConfig,
     pub state: StateConfig,
-    /// Process functions run in cgroups that limit and meter them (`--sandbox on`, the
-    /// default); `None` runs them without (`--sandbox off`).
-    pub sandbox: Option<CgroupConfig>,
+    /// Process functions run in sandboxes (namespaces, a uid per tenant, seccomp, and cgroups
+    /// that limit and meter them: `--sandbox on`, the default); `None` runs them as plain
+    /// child processes (`--sandbox off`).
+    pub sandbox: Option<SandboxConfig>,
     /// Internal addresses (CIDR blocks or host names) that tenants' upstream functions and
     /// callbacks may reach (`--allow-outbound`); by default none.
     pub allow_outbound: Vec<String>,
@@ -69,7 +70,7 @@ impl CoreConfig {
             max_body_bytes: 16 << 20,
             async_queue: AsyncQueueConfig::default(),
             state: StateConfig::default(),
-            sandbox: Some(CgroupConfig::default()),
+            sandbox: Some(SandboxConfig::default()),
             allow_outbound: Vec::new(),
             max_functions_per_tenant: 100,
         }

@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{allow_loopback, eventually, start};
+use common::{COUNT_RUNS, RECORD_RUN, allow_loopback, eventually, start};
 use serde_json::json;
 
 /// A callback receiver: records (X-Call-Id, X-Function-Status, body).
@@ -34,12 +34,7 @@ async fn callback_server() -> (String, Arc<Mutex<Vec<(String, String, String)>>>
 async fn async_calls_are_delivered_once_per_call_id_with_callbacks() {
     let core = start(allow_loopback).await;
     let acme = core.tenant("acme").await;
-    let log = core.dir.path().join("runs.log");
-    core.deploy(
-        &acme,
-        json!({"service": "count", "envProcess": format!("cat >> {}; echo >> {0}; echo done", log.display())}),
-    )
-    .await;
+    core.deploy(&acme, json!({"service": "count", "envProcess": format!("{RECORD_RUN}; echo done")})).await;
     let (callback, received) = callback_server().await;
 
     let send = |call_id: &'static str, body: &'static str| {
@@ -68,8 +63,7 @@ async fn async_calls_are_delivered_once_per_call_id_with_callbacks() {
     ids.sort();
     assert_eq!(ids, vec![("job-1".into(), "200".into(), "done".into()), ("job-2".into(), "200".into(), "done".into())]);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let runs = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(runs.lines().count(), 2, "job-1 ran once despite being sent twice: {runs:?}");
+    assert_eq!(core.runs(&acme).await, 2, "job-1 ran once despite being sent twice");
 
     let (status, call) = core.get_json(&acme.read, "/system/async-calls/job-1").await;
     assert_eq!(status, 200);
@@ -99,9 +93,8 @@ async fn failing_calls_are_retried_then_dead_lettered() {
     })
     .await;
     let acme = core.tenant("acme").await;
-    let counter = core.dir.path().join("attempts");
     // Fails twice, then succeeds.
-    let flaky = format!("echo x >> {0}; test $(wc -l < {0}) -ge 3 && echo recovered || exit 1", counter.display());
+    let flaky = format!("n=$({COUNT_RUNS}); echo | {RECORD_RUN}; test $n -ge 2 && echo recovered || exit 1");
     core.deploy(&acme, json!({"service": "flaky", "envProcess": flaky})).await;
     core.deploy(&acme, json!({"service": "broken", "builtin": "fail"})).await;
     let (callback, received) = callback_server().await;
@@ -146,8 +139,7 @@ async fn failing_calls_are_retried_then_dead_lettered() {
 async fn callbacks_to_internal_addresses_are_not_sent() {
     let core = start(|_| {}).await;
     let acme = core.tenant("acme").await;
-    let log = core.dir.path().join("runs.log");
-    core.deploy(&acme, json!({"service": "mark", "envProcess": format!("echo ran >> {}", log.display())})).await;
+    core.deploy(&acme, json!({"service": "mark", "envProcess": format!("echo ran | {RECORD_RUN}")})).await;
     let (callback, received) = callback_server().await;
     let response = core
         .http
@@ -158,7 +150,7 @@ async fn callbacks_to_internal_addresses_are_not_sent() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    eventually(Duration::from_secs(10), || async { std::fs::read_to_string(&log).ok().filter(|t| !t.is_empty()) })
+    eventually(Duration::from_secs(10), || async { (core.runs(&acme).await > 0).then_some(()) })
         .await
         .expect("the call runs");
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Tenant, TestCore, eventually, start};
+use common::{COUNT_RUNS, RECORD_RUN, Tenant, TestCore, eventually, running, start};
 use serde_json::{Value, json};
 
 async fn deploy_flow(core: &TestCore, tenant: &Tenant, yaml: &str) -> reqwest::Response {
@@ -165,8 +165,8 @@ nodes:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_back_off_then_catch_takes_over() {
     let (core, acme) = setup().await;
-    let counter = core.dir.path().join("attempts");
-    let flaky = format!("echo x >> {0}; test $(wc -l < {0}) -ge 3 && echo recovered || exit 1", counter.display());
+    // Fails twice, then succeeds.
+    let flaky = format!("n=$({COUNT_RUNS}); echo | {RECORD_RUN}; test $n -ge 2 && echo recovered || exit 1");
     core.deploy(&acme, json!({"service": "flaky", "envProcess": flaky})).await;
     let yaml = r#"
 name: resilient
@@ -232,7 +232,7 @@ async fn timeouts_subflows_async_runs_and_cancellation() {
         .await
         .expect("the callback arrives");
     assert_eq!((headers.0.as_str(), headers.1.as_str(), body.as_str()), (called_run.as_str(), "succeeded", "CALL ME"));
-    core.deploy(&acme, json!({"service": "hang", "envProcess": "echo $$ > hang.pid; exec sleep 30", "workdir": core.dir.path().display().to_string()})).await;
+    core.deploy(&acme, json!({"service": "hang", "envProcess": "exec sleep 3071"})).await;
     let long = "name: long\nnodes:\n  wait: {function: hang}\n";
     assert_eq!(deploy_flow(&core, &acme, long).await.status(), 201);
     let response = core
@@ -262,8 +262,9 @@ async fn timeouts_subflows_async_runs_and_cancellation() {
         .await
         .unwrap();
     let run_id = response.headers()["x-run-id"].to_str().unwrap().to_string();
-    let pid_file = core.dir.path().join("hang.pid");
-    eventually(Duration::from_secs(5), || async { pid_file.exists().then_some(()) }).await.expect("the node runs");
+    eventually(Duration::from_secs(5), || async { (!running(&["sleep", "3071"]).is_empty()).then_some(()) })
+        .await
+        .expect("the node runs");
     let cancel =
         core.http.delete(format!("{}/flow-runs/{run_id}", core.url)).bearer_auth(&acme.ingest).send().await.unwrap();
     assert_eq!(cancel.status(), 202);
@@ -275,16 +276,8 @@ async fn timeouts_subflows_async_runs_and_cancellation() {
     .expect("the run is cancelled");
     assert_eq!(cancelled["nodes"][0]["state"], "cancelled");
     // The cancelled node's process was killed, not left running.
-    let pid = std::fs::read_to_string(core.dir.path().join("hang.pid")).unwrap().trim().to_string();
-    let gone = eventually(Duration::from_secs(5), || {
-        let pid = pid.clone();
-        async move {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            (stat.is_empty() || stat.split_whitespace().nth(2) == Some("Z")).then_some(())
-        }
-    })
-    .await;
-    assert!(gone.is_some(), "the cancelled node's process {pid} still runs");
+    let gone = eventually(Duration::from_secs(5), || async { running(&["sleep", "3071"]).is_empty().then_some(()) }).await;
+    assert!(gone.is_some(), "the cancelled node's process still runs");
     let again =
         core.http.delete(format!("{}/flow-runs/{run_id}", core.url)).bearer_auth(&acme.ingest).send().await.unwrap();
     assert_eq!(again.status(), 409);

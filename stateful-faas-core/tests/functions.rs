@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, require_program, start};
+use common::{eventually, require_program, running, start};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,24 +61,14 @@ async fn exec_functions_follow_the_watchdog_model() {
 async fn exec_timeout_kills_the_whole_process_group() {
     let core = start(|_| {}).await;
     let acme = core.tenant("acme").await;
-    let pid_file = core.dir.path().join("child.pid");
-    let command = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
+    let command = "sleep 3061 & wait";
     core.deploy(&acme, json!({"service": "slow", "envProcess": command, "envVars": {"exec_timeout": "300ms"}})).await;
 
     let response = core.invoke(&acme.ingest, "slow", "").await;
     assert_eq!(response.status(), 504);
     assert!(response.text().await.unwrap().contains("timed out"));
-    let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
-    let gone = eventually(Duration::from_secs(5), || {
-        let pid = pid.clone();
-        async move {
-            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // Gone, or a zombie waiting for init to reap it.
-            (state.is_empty() || state.split_whitespace().nth(2) == Some("Z")).then_some(())
-        }
-    })
-    .await;
-    assert!(gone.is_some(), "the background child {pid} of a timed-out function is still running");
+    let gone = eventually(Duration::from_secs(5), || async { running(&["sleep", "3061"]).is_empty().then_some(()) }).await;
+    assert!(gone.is_some(), "the background child of a timed-out function is still running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,11 +119,12 @@ async fn builtin_functions_run_in_process() {
 }
 
 const PYTHON_SERVER: &str = r#"
-import http.server, os, sys
+import http.server, os, sys, uuid
+INSTANCE = uuid.uuid4().hex  # its pid is 1 in its own pid namespace: this tells instances apart
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        reply = ("pid=%d path=%s tp=%s body=%s" % (os.getpid(), self.path, self.headers.get("traceparent"), body.decode())).encode()
+        reply = ("instance=%s path=%s tp=%s body=%s" % (INSTANCE, self.path, self.headers.get("traceparent"), body.decode())).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(reply)))
@@ -151,12 +142,12 @@ async fn managed_http_functions_cold_start_and_scale_to_zero() {
     }
     let core = start(|_| {}).await;
     let acme = core.tenant("acme").await;
-    std::fs::write(core.dir.path().join("server.py"), PYTHON_SERVER).unwrap();
+    std::fs::write(core.functions_dir().join("server.py"), PYTHON_SERVER).unwrap();
     core.deploy(
         &acme,
         json!({
             "service": "srv", "kind": "http", "envProcess": "python3 server.py",
-            "workdir": core.dir.path().display().to_string(),
+            "workdir": core.functions_dir().display().to_string(),
             "labels": {"com.openfaas.scale.zero-duration": "1s", "com.openfaas.scale.max": "1"},
         }),
     )

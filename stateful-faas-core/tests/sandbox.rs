@@ -7,18 +7,13 @@ mod common;
 use std::time::Duration;
 
 use common::otlp::{export_to, grpc_receiver, int_attr, spans, string_attr};
-use common::{python, require_program, start};
+use common::{python, require_program, running, start};
 use serde_json::json;
 use stateful_faas_core::function::cgroup::{CgroupConfig, GroupLimits};
+use stateful_faas_core::function::sandbox::SandboxConfig;
 
 /// Burns `MS` ms of its own CPU time (as the kernel accounts it), then exits.
 const BURNER: &str = "PYTHON -c 'import time\nwhile time.process_time() < MS / 1000: pass'";
-
-fn alive(pid: &str) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // A zombie waiting for init to reap it is gone too.
-    !stat.is_empty() && stat.split_whitespace().nth(2) != Some("Z")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detached_processes_are_billed_in_full_and_die_with_their_invocation() {
@@ -31,13 +26,13 @@ async fn detached_processes_are_billed_in_full_and_die_with_their_invocation() {
     let burner = BURNER.replace("PYTHON", &python()).replace("MS", "300");
     // A burner double-forked into a session of its own (no wait of the function's counts it),
     // and a sleeper left behind, holding none of the function's pipes.
-    let command = format!("sh -c \"setsid {burner} &\"; setsid sleep 60 >/dev/null 2>&1 & echo $!; sleep 1");
+    let command = format!("sh -c \"setsid {burner} &\"; setsid sleep 6017 >/dev/null 2>&1 & sleep 1");
     core.deploy(&acme, json!({"service": "detach", "envProcess": command})).await;
 
     let response = core.invoke(&acme.ingest, "detach", "").await;
     assert_eq!(response.status(), 200);
-    let sleeper = response.text().await.unwrap().trim().to_string();
-    assert!(!alive(&sleeper), "the detached sleeper {sleeper} outlived its invocation");
+    let left = running(&["sleep", "6017"]);
+    assert!(left.is_empty(), "the detached sleeper outlived its invocation: host pids {left:?}");
     core.stop().await;
 
     let spans = spans(&received.requests.lock().unwrap());
@@ -51,9 +46,12 @@ async fn detached_processes_are_billed_in_full_and_die_with_their_invocation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_bomb_stops_at_its_process_limit_while_others_are_served() {
     let core = start(|config| {
-        config.sandbox = Some(CgroupConfig {
-            function: GroupLimits { memory_bytes: 256 << 20, pids: 32 },
-            tenant: GroupLimits { memory_bytes: 1 << 30, pids: 64 },
+        config.sandbox = Some(SandboxConfig {
+            limits: CgroupConfig {
+                function: GroupLimits { memory_bytes: 256 << 20, pids: 32 },
+                tenant: GroupLimits { memory_bytes: 1 << 30, pids: 64 },
+            },
+            ..Default::default()
         });
     })
     .await;

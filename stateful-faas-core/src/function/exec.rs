@@ -10,7 +10,8 @@
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::cgroup::{Cgroups, Group};
+use super::cgroup::Group;
+use super::sandbox::Sandbox;
 use super::process::{self, Reaped};
 use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, Usage};
 use crate::tenant::TenantId;
@@ -18,25 +19,23 @@ use crate::tenant::TenantId;
 /// Most stderr kept for the log, per invocation.
 const MAX_STDERR_LOG_BYTES: usize = 8 << 10;
 
-/// Runs one invocation of an exec function, in a cgroup of its own when `cgroups` is given:
-/// the invocation ends when its process exits (or at the timeout), and then everything left in
-/// its group is killed; its CPU and peak memory are the group's.
+/// Runs one invocation of an exec function, in a jail of its own when `sandbox` is given: the
+/// invocation ends when its process exits (or at the timeout), and then everything left in its
+/// cgroup is killed; its CPU and peak memory are the group's.
 pub async fn run(
     spec: &FunctionSpec,
     command: &str,
     invocation: &Invocation,
     extra_env: &[(String, String)],
     tenant: &TenantId,
-    cgroups: Option<&Cgroups>,
+    sandbox: Option<&Sandbox>,
 ) -> Result<Outcome, FunctionError> {
     let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
-    let group = cgroups
-        .map(|cgroups| cgroups.create(tenant, &spec.name, spec.limits.memory_bytes))
-        .transpose()
-        .map_err(|e| start_error(e.to_string()))?;
+    let jail = sandbox.map(|sandbox| sandbox.jail(tenant, spec, false)).transpose().map_err(|e| start_error(e.to_string()))?;
+    let group = jail.as_ref().map(|jail| &jail.group);
     let env = invocation_env(invocation, extra_env);
     let mut cmd =
-        process::command(command, &spec.env, &env, spec.workdir.as_deref(), spec.limits.memory_bytes, group.as_ref());
+        process::command(command, &spec.env, &env, spec.workdir.as_deref(), spec.limits.memory_bytes, jail.as_ref());
     cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| start_error(e.to_string()))?;
     let pid = child.id() as i32;
@@ -74,11 +73,11 @@ pub async fn run(
     let finished = tokio::time::timeout_at(deadline, &mut reaper).await;
     // The invocation is over: nothing it started may run on.
     process::kill_group(pid);
-    if let Some(group) = &group {
+    if let Some(group) = group {
         group.kill();
     }
     std::mem::forget(kill_guard);
-    let usage = |reaped: Option<&Reaped>| match &group {
+    let usage = |reaped: Option<&Reaped>| match group {
         Some(group) => {
             Usage { cpu_ns: group.cpu_ns(), peak_memory_bytes: group.peak_memory_bytes(), cold_start: false }
         }
@@ -110,7 +109,7 @@ pub async fn run(
     if stdout.len() > MAX_RESPONSE_BYTES {
         return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
     }
-    if let Some(group) = group.as_ref().filter(|g| g.oom_killed()) {
+    if let Some(group) = group.filter(|g| g.oom_killed()) {
         let limit = group.memory_limit_bytes();
         tracing::warn!(function = %spec.name, call_id = %invocation.call_id, limit, "function ran out of memory");
         let message = format!("function {} ran out of memory: its limit is {limit} bytes (limits.memory)\n", spec.name);
@@ -130,7 +129,7 @@ pub async fn run(
         (Some(code), _) => {
             tracing::warn!(function = %spec.name, call_id = %invocation.call_id, code, "function exited with an error");
             let mut message = format!("function {} exited with status {code}\n", spec.name);
-            if group.as_ref().is_some_and(Group::pids_exhausted) {
+            if group.is_some_and(Group::pids_exhausted) {
                 message.push_str("(it reached its limit on processes)\n");
             }
             Ok(Outcome::text(500, message, usage))

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::cgroup::{Cgroups, Group};
+use super::sandbox::{self, Jail, Sandbox};
 use super::outbound::Outbound;
 use super::process;
 use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, RunContext, Usage};
@@ -39,21 +39,20 @@ const HOP_HEADERS: &[&str] = &[
     "content-length",
 ];
 
-/// Proxies one request to `base_url` and returns the function's response.
-async fn forward(
-    client: &reqwest::Client,
+/// The request a function receives at `uri`: the caller's method, headers (less hop-by-hop
+/// ones and its trace context, replaced by the invocation's) and body, plus `extra_headers`.
+fn request_for(
     spec: &FunctionSpec,
-    base_url: &str,
+    uri: &str,
     invocation: &Invocation,
     extra_headers: &[(String, String)],
-) -> Result<(u16, Vec<(String, String)>, Bytes), FunctionError> {
-    let unreachable = |message: String| FunctionError::Upstream { name: spec.name.clone(), message };
-    let mut url = format!("{base_url}{}", invocation.path);
+) -> Result<http::Request<Bytes>, FunctionError> {
+    let invalid = |message: String| FunctionError::Upstream { name: spec.name.clone(), message };
+    let mut uri = format!("{uri}{}", invocation.path);
     if !invocation.query.is_empty() {
-        url = format!("{url}?{}", invocation.query);
+        uri = format!("{uri}?{}", invocation.query);
     }
-    let method = reqwest::Method::from_bytes(invocation.method.as_bytes()).map_err(|e| unreachable(e.to_string()))?;
-    let mut request = client.request(method, &url).timeout(spec.limits.timeout).body(invocation.body.clone());
+    let mut request = http::Request::builder().method(invocation.method.as_str()).uri(uri);
     for (name, value) in &invocation.headers {
         if !HOP_HEADERS.contains(&name.as_str()) && name != "traceparent" {
             request = request.header(name, value);
@@ -65,41 +64,41 @@ async fn forward(
     for (name, value) in extra_headers {
         request = request.header(name, value);
     }
-    let response = request.send().await.map_err(|error| {
-        if error.is_timeout() {
-            FunctionError::Timeout {
-                name: spec.name.clone(),
-                timeout: spec.limits.timeout,
-                usage: Usage::default(),
-                still_running: None,
-            }
-        } else {
-            // The cause (refused connection, a name that did not resolve, the outbound
-            // policy) is in the error's sources, not in its own message.
-            let mut message = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                message = format!("{message}: {cause}");
-                source = cause.source();
-            }
-            unreachable(message)
-        }
-    })?;
-    let status = response.status().as_u16();
-    let headers = response
-        .headers()
+    request.body(invocation.body.clone()).map_err(|e| invalid(e.to_string()))
+}
+
+/// A response's status and end-to-end headers, or an error if it declares a body too large.
+fn response_head(
+    spec: &FunctionSpec,
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+) -> Result<(u16, Vec<(String, String)>), FunctionError> {
+    let declared = headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_RESPONSE_BYTES as u64) {
+        return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
+    }
+    let headers = headers
         .iter()
         .filter(|(name, _)| !HOP_HEADERS.contains(&name.as_str()))
         .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
         .collect();
-    if response.content_length().is_some_and(|len| len as usize > MAX_RESPONSE_BYTES) {
-        return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
+    Ok((status.as_u16(), headers))
+}
+
+fn timed_out(spec: &FunctionSpec) -> FunctionError {
+    FunctionError::Timeout { name: spec.name.clone(), timeout: spec.limits.timeout, usage: Usage::default(), still_running: None }
+}
+
+/// An error's message with its causes (a refused connection, a name that did not resolve, the
+/// outbound policy are in its sources, not in its own message).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
     }
-    let body = response.bytes().await.map_err(|e| unreachable(e.to_string()))?;
-    if body.len() > MAX_RESPONSE_BYTES {
-        return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
-    }
-    Ok((status, headers, body))
+    message
 }
 
 /// Calls an external upstream.
@@ -110,9 +109,52 @@ pub async fn run_upstream(
     invocation: &Invocation,
     extra_headers: &[(String, String)],
 ) -> Result<Outcome, FunctionError> {
-    let client = outbound.to(url).map_err(|message| FunctionError::Upstream { name: spec.name.clone(), message })?;
-    let (status, headers, body) = forward(client, spec, url, invocation, extra_headers).await?;
+    let unreachable = |message: String| FunctionError::Upstream { name: spec.name.clone(), message };
+    let client = outbound.to(url).map_err(unreachable)?;
+    let request = request_for(spec, url, invocation, extra_headers)?;
+    let mut request = reqwest::Request::try_from(request).map_err(|e| unreachable(with_causes(&e)))?;
+    *request.timeout_mut() = Some(spec.limits.timeout);
+    let response = client.execute(request).await.map_err(|error| {
+        if error.is_timeout() { timed_out(spec) } else { unreachable(with_causes(&error)) }
+    })?;
+    let (status, headers) = response_head(spec, response.status(), response.headers())?;
+    let body = response.bytes().await.map_err(|e| unreachable(e.to_string()))?;
+    if body.len() > MAX_RESPONSE_BYTES {
+        return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
+    }
     Ok(Outcome { status, headers, body, usage: Usage::default() })
+}
+
+/// Sends one request to a managed instance over `stream` (a fresh connection: one request per
+/// instance at a time, and servers such as Python's close after each response anyway).
+async fn forward_to_instance(
+    spec: &FunctionSpec,
+    stream: tokio::net::TcpStream,
+    invocation: &Invocation,
+    extra_headers: &[(String, String)],
+) -> Result<(u16, Vec<(String, String)>, Bytes), FunctionError> {
+    use http_body_util::BodyExt;
+    let unreachable = |message: String| FunctionError::Upstream { name: spec.name.clone(), message };
+    let mut request = request_for(spec, "", invocation, extra_headers)?;
+    request.headers_mut().insert(http::header::HOST, http::HeaderValue::from_static("127.0.0.1"));
+    let exchange = async {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(with_causes(&e)))?;
+        tokio::spawn(connection);
+        let response =
+            sender.send_request(request.map(http_body_util::Full::new)).await.map_err(|e| unreachable(with_causes(&e)))?;
+        let (status, headers) = response_head(spec, response.status(), response.headers())?;
+        let body = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES).collect().await.map_err(|error| {
+            if error.is::<http_body_util::LengthLimitError>() {
+                FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES }
+            } else {
+                unreachable(error.to_string())
+            }
+        })?;
+        Ok((status, headers, body.to_bytes()))
+    };
+    tokio::time::timeout(spec.limits.timeout, exchange).await.map_err(|_| timed_out(spec))?
 }
 
 /// One running server process of a managed function.
@@ -121,19 +163,27 @@ struct Instance {
     pid: u32,
     port: u16,
     last_used: Instant,
-    /// Its cgroup (everything it starts runs there; killed with it).
-    group: Option<Group>,
+    /// Its jail: its cgroup (everything it starts runs there; killed with it) and its network.
+    jail: Option<Jail>,
 }
 
 impl Instance {
     /// CPU time the instance used so far, in nanoseconds: its cgroup's, or its server
     /// process's threads' with the sandbox off.
     fn cpu_ns(&self) -> u64 {
-        self.group.as_ref().map_or_else(|| process::process_cpu_ns(self.pid), Group::cpu_ns)
+        self.jail.as_ref().map_or_else(|| process::process_cpu_ns(self.pid), |jail| jail.group.cpu_ns())
     }
 
     fn peak_memory_bytes(&self) -> u64 {
-        self.group.as_ref().map_or_else(|| process::process_peak_rss(self.pid), Group::peak_memory_bytes)
+        self.jail.as_ref().map_or_else(|| process::process_peak_rss(self.pid), |jail| jail.group.peak_memory_bytes())
+    }
+
+    /// A connection to the server (in its jail's network, or the host's loopback).
+    async fn connect(&self) -> std::io::Result<tokio::net::TcpStream> {
+        match &self.jail {
+            Some(jail) => jail.connect(self.port).await,
+            None => tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, self.port)).await,
+        }
     }
 }
 
@@ -148,7 +198,7 @@ impl Drop for Instance {
 pub struct ManagedPool {
     command: String,
     tenant: TenantId,
-    cgroups: Option<Arc<Cgroups>>,
+    sandbox: Option<Arc<Sandbox>>,
     idle: Mutex<Vec<Instance>>,
     /// One permit per instance that may exist; a request holds one while it runs.
     capacity: Arc<Semaphore>,
@@ -158,11 +208,11 @@ pub struct ManagedPool {
 }
 
 impl ManagedPool {
-    pub fn new(spec: &FunctionSpec, command: &str, tenant: &TenantId, cgroups: Option<Arc<Cgroups>>) -> Arc<Self> {
+    pub fn new(spec: &FunctionSpec, command: &str, tenant: &TenantId, sandbox: Option<Arc<Sandbox>>) -> Arc<Self> {
         Arc::new(Self {
             command: command.to_string(),
             tenant: tenant.clone(),
-            cgroups,
+            sandbox,
             idle: Mutex::new(Vec::new()),
             capacity: Arc::new(Semaphore::new(spec.limits.max_instances)),
             min_instances: Mutex::new(spec.limits.min_instances),
@@ -222,8 +272,10 @@ impl ManagedPool {
             headers.push((HEADER_JOB.to_string(), job.clone()));
         }
         let cpu_before = instance.cpu_ns();
-        let url = format!("http://127.0.0.1:{}", instance.port);
-        let result = forward(context.client, spec, &url, invocation, &headers).await;
+        let result = match instance.connect().await {
+            Ok(stream) => forward_to_instance(spec, stream, invocation, &headers).await,
+            Err(error) => Err(FunctionError::Upstream { name: spec.name.clone(), message: error.to_string() }),
+        };
         let usage = Usage {
             cpu_ns: instance.cpu_ns().saturating_sub(cpu_before),
             peak_memory_bytes: instance.peak_memory_bytes(),
@@ -268,50 +320,52 @@ impl ManagedPool {
 
     async fn start(&self, spec: &FunctionSpec, state_url: Option<&str>) -> Result<Instance, FunctionError> {
         let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
-        let port = free_port().map_err(|e| start_error(format!("no free port: {e}")))?;
+        // In a jail, the instance has a network of its own: its port is nobody else's.
+        let jail = self
+            .sandbox
+            .as_ref()
+            .map(|sandbox| sandbox.jail(&self.tenant, spec, true))
+            .transpose()
+            .map_err(|e| start_error(e.to_string()))?;
+        let port = match &jail {
+            Some(jail) if jail.has_own_network() => sandbox::INSTANCE_PORT,
+            _ => free_port().map_err(|e| start_error(format!("no free port: {e}")))?,
+        };
         let mut env = vec![("PORT".to_string(), port.to_string())];
         if let Some(url) = state_url {
             env.push((crate::semconv::ENV_STATE_URL.to_string(), url.to_string()));
         }
         let command = format!("exec {}", self.command);
-        let group = match &self.cgroups {
-            Some(cgroups) => Some(
-                cgroups
-                    .create(&self.tenant, &spec.name, spec.limits.memory_bytes)
-                    .map_err(|e| start_error(e.to_string()))?,
-            ),
-            None => None,
-        };
         let mut std_command = process::command(
             &command,
             &spec.env,
             &env,
             spec.workdir.as_deref(),
             spec.limits.memory_bytes,
-            group.as_ref(),
+            jail.as_ref(),
         );
         std_command.stdin(std::process::Stdio::null());
         let mut command = tokio::process::Command::from(std_command);
         command.kill_on_drop(true);
-        let mut child = command.spawn().map_err(|e| start_error(e.to_string()))?;
+        let child = command.spawn().map_err(|e| start_error(e.to_string()))?;
         let pid = child.id().ok_or_else(|| start_error("exited at once".into()))?;
+        let mut instance = Instance { child, pid, port, last_used: Instant::now(), jail };
         let deadline = Instant::now() + STARTUP_TIMEOUT.min(spec.limits.timeout.max(Duration::from_secs(1)) * 10);
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if instance.connect().await.is_ok() {
                 break;
             }
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Ok(Some(status)) = instance.child.try_wait() {
                 return Err(start_error(format!("server exited before listening on port {port}: {status}")));
             }
             if Instant::now() >= deadline {
-                process::kill_group(pid as i32);
                 return Err(start_error(format!("server did not listen on port {port} within {STARTUP_TIMEOUT:?}")));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(function = %spec.name, pid, port, "started function instance");
-        Ok(Instance { child, pid, port, last_used: Instant::now(), group })
+        Ok(instance)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod http;
 pub mod outbound;
 mod process;
 pub mod registry;
+pub mod sandbox;
 
 use std::time::Duration;
 

@@ -4,33 +4,44 @@ use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
-use super::cgroup::{self, Group};
+use super::cgroup;
+use super::sandbox::{self, Jail};
 
 /// Builds `sh -c COMMAND` in its own process group, with a clean environment (the gateway's own
-/// secrets never reach a function), in `group` (its cgroup, which limits its memory) when there
-/// is one, else with `memory_bytes` as its address-space limit.
+/// secrets never reach a function). In a sandbox `jail` when there is one (its cgroup, which
+/// limits its memory, its namespaces, uid and seccomp filter; `workdir` is then entered by the
+/// jail), else as a plain child with `memory_bytes` as its address-space limit.
 pub fn command(
     command: &str,
     env: &BTreeMap<String, String>,
     extra_env: &[(String, String)],
     workdir: Option<&Path>,
     memory_bytes: Option<u64>,
-    group: Option<&Group>,
+    jail: Option<&Jail>,
 ) -> std::process::Command {
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.arg("-c").arg(command).env_clear();
-    for key in ["PATH", "LANG", "LC_ALL", "TZ", "HOME"] {
+    let inherited: &[&str] = if jail.is_some() { &["LANG", "LC_ALL", "TZ"] } else { &["PATH", "LANG", "LC_ALL", "TZ", "HOME"] };
+    for key in inherited {
         if let Ok(value) = std::env::var(key) {
             cmd.env(key, value);
         }
     }
+    if jail.is_some() {
+        cmd.envs(sandbox::base_env());
+    }
     cmd.envs(env).envs(extra_env.iter().map(|(k, v)| (k, v)));
-    if let Some(dir) = workdir {
+    if let Some(url) = jail.and_then(|jail| jail.state_url.as_deref()) {
+        cmd.env(crate::semconv::ENV_STATE_URL, url);
+    }
+    if let (Some(dir), None) = (workdir, jail) {
         cmd.current_dir(dir);
     }
-    let join_fds = group.map(Group::join_fds).unwrap_or_default();
-    let address_space = if group.is_some() { None } else { memory_bytes };
-    // SAFETY: only async-signal-safe calls (write, setpgid, prctl, setrlimit) between fork and exec.
+    let join_fds = jail.map(|jail| jail.group.join_fds()).unwrap_or_default();
+    let plan = jail.map(Jail::plan);
+    let address_space = if jail.is_some() { None } else { memory_bytes };
+    // SAFETY: only async-signal-safe calls (write, setpgid, prctl, setrlimit, and the jail's
+    // syscalls on memory prepared before the fork) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             // Into its cgroup first, so that everything it starts is counted and limited.
@@ -47,7 +58,10 @@ pub fn command(
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            Ok(())
+            match &plan {
+                Some(plan) => plan.enter(),
+                None => Ok(()),
+            }
         });
     }
     cmd

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::cgroup::Cgroups;
+use super::sandbox::Sandbox;
 use super::deployment::{DeploymentError, FunctionDeployment, FunctionSpec, Target};
 use super::http::ManagedPool;
 use super::{FunctionError, Invocation, Outcome, RunContext, builtin, exec, http};
@@ -40,7 +40,7 @@ pub struct DeployedFunction {
     managed: Option<Arc<ManagedPool>>,
     invocations: AtomicU64,
     /// Where its processes run (`None`: the sandbox is off).
-    cgroups: Option<Arc<Cgroups>>,
+    sandbox: Option<Arc<Sandbox>>,
     /// Its tenant's builtin threads (shared by the tenant's functions).
     builtin_threads: Arc<Semaphore>,
 }
@@ -51,11 +51,11 @@ impl DeployedFunction {
         deployment: FunctionDeployment,
         spec: FunctionSpec,
         created_ms: i64,
-        cgroups: Option<Arc<Cgroups>>,
+        sandbox: Option<Arc<Sandbox>>,
         builtin_threads: Arc<Semaphore>,
     ) -> Self {
         let managed = match &spec.target {
-            Target::Managed { command } => Some(ManagedPool::new(&spec, command, &tenant, cgroups.clone())),
+            Target::Managed { command } => Some(ManagedPool::new(&spec, command, &tenant, sandbox.clone())),
             _ => None,
         };
         Self {
@@ -66,7 +66,7 @@ impl DeployedFunction {
             created_ms,
             managed,
             invocations: AtomicU64::new(0),
-            cgroups,
+            sandbox,
             builtin_threads,
         }
     }
@@ -92,7 +92,7 @@ impl DeployedFunction {
         match &self.spec.target {
             Target::Exec { command } => {
                 let env = context.state_env(invocation.job.as_deref());
-                exec::run(&self.spec, command, invocation, &env, &self.tenant, self.cgroups.as_deref()).await
+                exec::run(&self.spec, command, invocation, &env, &self.tenant, self.sandbox.as_deref()).await
             }
             Target::Builtin { name } => {
                 builtin::run(&self.spec, name, context, invocation, &self.builtin_threads).await
@@ -122,7 +122,7 @@ pub struct Registry {
     /// The state store's URL (`http://ADDR/state`) once the gateway listens, handed to process functions.
     pub state_url: std::sync::OnceLock<String>,
     /// Where process functions run, limited and metered (`None`: the sandbox is off).
-    cgroups: Option<Arc<Cgroups>>,
+    sandbox: Option<Arc<Sandbox>>,
     /// Each tenant's builtin threads.
     builtin_threads: BuiltinThreads,
     /// Functions one tenant may have.
@@ -144,7 +144,7 @@ impl Registry {
     /// Loads the functions deployed before the last stop.
     pub async fn load(
         pool: sqlx::SqlitePool,
-        cgroups: Option<Arc<Cgroups>>,
+        sandbox: Option<Arc<Sandbox>>,
         max_functions: usize,
     ) -> Result<Self, RegistryError> {
         let rows: Vec<(String, String, String, i64)> =
@@ -156,7 +156,7 @@ impl Registry {
                 let deployment: FunctionDeployment = serde_json::from_str(&json).map_err(|e| e.to_string())?;
                 let spec = deployment.resolve().map_err(|e| e.to_string())?;
                 let threads = builtin_threads.of(&tenant);
-                Ok(DeployedFunction::new(tenant, deployment, spec, created_ms, cgroups.clone(), threads))
+                Ok(DeployedFunction::new(tenant, deployment, spec, created_ms, sandbox.clone(), threads))
             });
             match loaded {
                 Ok(function) => {
@@ -171,7 +171,7 @@ impl Registry {
             pool,
             functions: RwLock::new(functions),
             state_url: std::sync::OnceLock::new(),
-            cgroups,
+            sandbox,
             builtin_threads,
             max_functions,
         })
@@ -252,7 +252,7 @@ impl Registry {
             deployment,
             spec,
             created_ms,
-            self.cgroups.clone(),
+            self.sandbox.clone(),
             self.builtin_threads.of(tenant),
         ));
         // The replaced function's instances stop when its last in-flight call drops it.
@@ -288,6 +288,11 @@ impl Registry {
                 .map_err(|e| RegistryError::Scale(name.to_string(), e))?;
         }
         Ok(())
+    }
+
+    /// Where process functions run (`None`: the sandbox is off).
+    pub fn sandbox(&self) -> Option<&Sandbox> {
+        self.sandbox.as_deref()
     }
 
     /// Stops idle instances past their functions' idle timeouts (scale to zero).

@@ -50,7 +50,7 @@ pub enum CoreError {
     #[error(transparent)]
     StateConfig(#[from] crate::state::InvalidUsageInterval),
     #[error(transparent)]
-    Sandbox(#[from] crate::function::cgroup::CgroupError),
+    Sandbox(#[from] crate::function::sandbox::SandboxError),
     #[error("{0}")]
     Outbound(String),
 }
@@ -90,8 +90,11 @@ impl Core {
         let pool = database::open(&url).await?;
         let tenants = Arc::new(TenantStore::load(pool.clone(), &admin_token).await?);
         let state = Arc::new(StateStore::new(config.state.clone(), Arc::new(SystemClock)));
-        let cgroups = config.sandbox.map(crate::function::cgroup::Cgroups::start).transpose()?.map(Arc::new);
-        let functions = Registry::load(pool.clone(), cgroups, config.max_functions_per_tenant).await?;
+        let sandbox = match config.sandbox.clone() {
+            Some(sandbox) => Some(Arc::new(crate::function::sandbox::Sandbox::start(sandbox, &config.data_dir).await?)),
+            None => None,
+        };
+        let functions = Registry::load(pool.clone(), sandbox, config.max_functions_per_tenant).await?;
         let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone()).await?;
         let flows = crate::flow::FlowStore::load(pool.clone()).await?;
         let flow_journal = crate::flow::journal::Journal::start(pool.clone());
@@ -179,6 +182,9 @@ impl Core {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoreError::Listen(addr, e))?;
         let local_addr = listener.local_addr().map_err(|e| CoreError::Listen(addr, e))?;
         let _ = self.functions.state_url.set(format!("http://{local_addr}/state"));
+        if let Some(sandbox) = self.functions.sandbox() {
+            sandbox.serve_state(self.state_router().with_state(self.clone()));
+        }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = async_queue::spawn_workers(self.clone(), shutdown_rx.clone());
         tasks.push(tokio::spawn(housekeeping(self.clone(), shutdown_rx.clone())));

@@ -26,8 +26,12 @@ pub struct Tenant {
 }
 
 /// The Python interpreter's real path: a version manager's shim (pyenv) would add CPU time of
-/// its own that a function cannot see.
+/// its own that a function cannot see. The system's own interpreter when there is one: a
+/// sandboxed function sees the host's system folders only (not `/root`, where pyenv lives).
 pub fn python() -> String {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        return "/usr/bin/python3".to_string();
+    }
     let output = std::process::Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output();
     String::from_utf8(output.unwrap().stdout).unwrap().trim().to_string()
 }
@@ -98,12 +102,53 @@ impl TestCore {
         self.http.post(format!("{}/function/{function}", self.url)).bearer_auth(token).body(body).send().await.unwrap()
     }
 
+    /// A folder for functions' files (their `workdir`), readable by the tenants' sandboxed
+    /// processes, unlike the data directory.
+    pub fn functions_dir(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.dir.path().join("functions");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    /// Runs a function recorded with [`RECORD_RUN`] so far.
+    pub async fn runs(&self, tenant: &Tenant) -> usize {
+        let (status, objects) = self.get_json(&tenant.read, "/state/buckets/runs").await;
+        assert_eq!(status, 200, "{objects}");
+        objects.as_array().unwrap().len()
+    }
+
     pub async fn get_json(&self, token: &str, path: &str) -> (u16, Value) {
         let response = self.http.get(format!("{}{path}", self.url)).bearer_auth(token).send().await.unwrap();
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
+}
+
+/// Shell that records one run of a function in its tenant's state store (bucket `runs`, a
+/// fresh key each time), storing its stdin: a sandboxed function writes nothing on the host, so
+/// tests count runs there ([`TestCore::runs`]).
+pub const RECORD_RUN: &str = r#"curl -sf -X PUT -H "Authorization: Bearer $SFAAS_STATE_TOKEN" --data-binary @- "$SFAAS_STATE_URL/buckets/runs/objects/$(cat /proc/sys/kernel/random/uuid)" >/dev/null"#;
+
+/// Shell that prints how many runs [`RECORD_RUN`] recorded before.
+pub const COUNT_RUNS: &str = r#"curl -sf -H "Authorization: Bearer $SFAAS_STATE_TOKEN" "$SFAAS_STATE_URL/buckets/runs" | grep -o '"key"' | wc -l"#;
+
+/// Host pids of live processes whose command line is exactly `args` (a sandboxed function's
+/// own pids are its namespace's, which the host does not know).
+pub fn running(args: &[&str]) -> Vec<String> {
+    let wanted: Vec<u8> = args.iter().flat_map(|arg| arg.bytes().chain([0])).collect();
+    let entries = std::fs::read_dir("/proc").unwrap().flatten();
+    entries
+        .filter(|entry| std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| cmdline == wanted))
+        .filter(|entry| {
+            // A zombie waiting for init to reap it is gone too.
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            stat.split_whitespace().nth(2) != Some("Z")
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Finds an outside program; when missing, the test is skipped with the reason, unless

@@ -1,0 +1,664 @@
+//! The sandbox every `exec` process and managed `http` instance runs in.
+//!
+//! Between fork and exec, the child:
+//! - joins its cgroups (`cgroup.rs`: limits and metering);
+//! - enters its network namespace: one per tenant for exec invocations, one per managed
+//!   instance, each with only a loopback interface on which the gateway serves the state store
+//!   (`SFAAS_STATE_URL`) for that namespace alone;
+//! - unshares its mount, pid, ipc and uts namespaces and forks: the grandchild is pid 1 of a
+//!   namespace of its own, and the child waits for it and exits as it did;
+//! - builds its root on a tmpfs: the host's system directories (`/usr`, `/etc`, the `/bin` and
+//!   `/lib` links) and the function's own folder read-only, a fresh `/proc`, a few devices, a
+//!   private `/tmp` with a size cap; nothing else of the host (no data directory, no other
+//!   tenant's folder) exists there; then `pivot_root`s into it;
+//! - drops every capability (bounding set included), becomes its tenant's uid and gid, sets
+//!   `no_new_privs` and installs a seccomp filter that refuses what a function has no business
+//!   doing (see [`DENIED`]);
+//! - and execs the function.
+//!
+//! Everything the child does is a plain syscall on memory prepared before the fork (a forked
+//! child of a threaded process may not allocate). Why this and not bubblewrap:
+//! docs/decisions.md.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::cgroup::{CgroupConfig, CgroupError, Cgroups, Group};
+use crate::tenant::TenantId;
+
+/// What the sandbox is allowed and given.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub limits: CgroupConfig,
+    /// The uids (and gids, the same numbers) tenants' processes run as, one per tenant.
+    pub uids: std::ops::RangeInclusive<u32>,
+    /// Size of each sandbox's private `/tmp` (it counts against the function's memory).
+    pub tmp_bytes: u64,
+    /// Tenants whose functions share the host's network instead of a namespace of their own
+    /// (outside egress; they also reach the host's loopback services).
+    pub egress: BTreeSet<String>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self { limits: CgroupConfig::default(), uids: 200_000..=265_535, tmp_bytes: 64 << 20, egress: BTreeSet::new() }
+    }
+}
+
+/// Why the sandbox cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(
+        "the sandbox cannot run here: {0} (it needs root: namespaces, mounts and a uid per tenant; pass --sandbox off \
+         to run functions as plain child processes, see the README's threat model)"
+    )]
+    Unavailable(String),
+    #[error("sandbox: {0}")]
+    Io(String),
+}
+
+/// The gateway's sandbox: its cgroups, the root every jail is built from, and each tenant's
+/// uid and network.
+pub struct Sandbox {
+    pub cgroups: Cgroups,
+    /// An empty directory each jail mounts its root on (in its own mount namespace).
+    root: PathBuf,
+    /// The host's system entries every root has.
+    system: Vec<(PathBuf, SystemEntry)>,
+    tmp_bytes: u64,
+    uids: std::ops::RangeInclusive<u32>,
+    egress: BTreeSet<String>,
+    tenants: Mutex<HashMap<TenantId, TenantBox>>,
+    filter: Arc<[libc::sock_filter]>,
+    cap_last: u32,
+    /// The state store's routes, served in each network namespace.
+    state_router: OnceLock<axum::Router>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("cgroups", &self.cgroups).field("root", &self.root).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum SystemEntry {
+    Dir,
+    Symlink(PathBuf),
+}
+
+struct TenantBox {
+    uid: u32,
+    /// `None`: the tenant may reach outside (`egress`).
+    net: Option<Arc<NetNs>>,
+}
+
+/// The host directories (or links to them) a function's programs need.
+const SYSTEM: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt"];
+
+/// Devices a function may open, bound from the host's.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
+
+/// `PATH` inside a sandbox (the gateway's own may name folders that are not there).
+const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The port a managed instance listens on inside its own network namespace.
+pub const INSTANCE_PORT: u16 = 8080;
+
+impl Sandbox {
+    /// Sets up the cgroups and the jail's parts, and proves they work by running `/bin/true`
+    /// in a jail: a host where the sandbox cannot work is refused at start, not at a call.
+    pub async fn start(config: SandboxConfig, data_dir: &Path) -> Result<Self, SandboxError> {
+        // SAFETY: plain syscall.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(SandboxError::Unavailable("the gateway does not run as root".into()));
+        }
+        if *config.uids.start() == 0 || config.uids.is_empty() {
+            return Err(SandboxError::Unavailable(format!("the uid range {:?} is empty or holds root", config.uids)));
+        }
+        let cgroups = Cgroups::start(config.limits)?;
+        let root = std::path::absolute(data_dir.join("sandbox-root")).map_err(|e| SandboxError::Io(e.to_string()))?;
+        std::fs::create_dir_all(&root).map_err(|e| SandboxError::Io(format!("{}: {e}", root.display())))?;
+        let system = SYSTEM
+            .iter()
+            .filter_map(|name| {
+                let path = Path::new("/").join(name);
+                let meta = std::fs::symlink_metadata(&path).ok()?;
+                if meta.file_type().is_symlink() {
+                    Some((path.clone(), SystemEntry::Symlink(std::fs::read_link(&path).ok()?)))
+                } else {
+                    meta.is_dir().then_some((path, SystemEntry::Dir))
+                }
+            })
+            .collect();
+        let cap_last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(40);
+        let sandbox = Self {
+            cgroups,
+            root,
+            system,
+            tmp_bytes: config.tmp_bytes,
+            uids: config.uids,
+            egress: config.egress,
+            tenants: Mutex::new(HashMap::new()),
+            filter: seccomp_filter().into(),
+            cap_last,
+            state_router: OnceLock::new(),
+        };
+        sandbox.probe().await?;
+        tracing::info!(layout = ?sandbox.cgroups.layout, "functions run in sandboxes (namespaces, a uid per tenant, seccomp, cgroups)");
+        Ok(sandbox)
+    }
+
+    /// Runs `/bin/true` in a jail with a network namespace of its own.
+    async fn probe(&self) -> Result<(), SandboxError> {
+        let net = NetNs::new(None).map_err(|e| SandboxError::Unavailable(format!("a network namespace: {e}")))?;
+        let plan = self.plan(*self.uids.start(), Some(Arc::new(net)), None);
+        let mut command = std::process::Command::new("/bin/true");
+        command.env_clear().stdin(std::process::Stdio::null());
+        // SAFETY: `enter` makes only async-signal-safe calls on memory prepared before the fork.
+        unsafe {
+            command.pre_exec(move || plan.enter());
+        }
+        use std::os::unix::process::CommandExt;
+        let status = tokio::task::spawn_blocking(move || command.status())
+            .await
+            .map_err(|e| SandboxError::Unavailable(e.to_string()))?
+            .map_err(|e| SandboxError::Unavailable(format!("a test jail did not start: {e}")))?;
+        if !status.success() {
+            return Err(SandboxError::Unavailable(format!("a test jail running /bin/true ended with {status}")));
+        }
+        Ok(())
+    }
+
+    /// Hands the sandbox the state store's routes, served in each network namespace it makes.
+    pub fn serve_state(&self, router: axum::Router) {
+        let _ = self.state_router.set(router);
+    }
+
+    /// A jail for one exec invocation (in its tenant's network) or managed instance (in a
+    /// network of its own): its cgroup, and the plan its child follows.
+    pub fn jail(&self, tenant: &TenantId, spec: &super::FunctionSpec, own_network: bool) -> Result<Jail, SandboxError> {
+        let group = self.cgroups.create(tenant, &spec.name, spec.limits.memory_bytes)?;
+        let (uid, tenant_net) = self.tenant(tenant)?;
+        let net = match (own_network, tenant_net) {
+            (_, None) => None,
+            (true, Some(_)) => Some(Arc::new(
+                NetNs::new(self.state_router.get()).map_err(|e| SandboxError::Io(format!("network namespace: {e}")))?,
+            )),
+            (false, Some(net)) => Some(net),
+        };
+        let state_url = net.as_ref().and_then(|net| net.state_url.clone());
+        let plan = self.plan(uid, net.clone(), spec.workdir.as_deref());
+        Ok(Jail { group, plan: Arc::new(plan), net, state_url })
+    }
+
+    /// The tenant's uid and network, made on its first call.
+    fn tenant(&self, tenant: &TenantId) -> Result<(u32, Option<Arc<NetNs>>), SandboxError> {
+        let mut tenants = self.tenants.lock().unwrap();
+        if let Some(known) = tenants.get(tenant) {
+            return Ok((known.uid, known.net.clone()));
+        }
+        let uid = self
+            .uids
+            .start()
+            .checked_add(tenants.len() as u32)
+            .filter(|uid| self.uids.contains(uid))
+            .ok_or_else(|| SandboxError::Io(format!("no uid left in {:?} for another tenant", self.uids)))?;
+        let net = if self.egress.contains(tenant.as_str()) {
+            None
+        } else {
+            let net = NetNs::new(self.state_router.get()).map_err(|e| SandboxError::Io(format!("network namespace: {e}")))?;
+            Some(Arc::new(net))
+        };
+        tenants.insert(tenant.clone(), TenantBox { uid, net: net.clone() });
+        Ok((uid, net))
+    }
+
+    /// Everything the child does, prepared before the fork.
+    fn plan(&self, uid: u32, net: Option<Arc<NetNs>>, workdir: Option<&Path>) -> Plan {
+        let at = |path: &Path| cstring(&self.root.join(path.strip_prefix("/").unwrap_or(path)));
+        let mut ops = Vec::new();
+        for (path, entry) in &self.system {
+            match entry {
+                SystemEntry::Dir => {
+                    ops.push(Op::Dir(at(path)));
+                    ops.push(Op::BindReadOnly(cstring(path), at(path)));
+                }
+                SystemEntry::Symlink(target) => ops.push(Op::Symlink(cstring(target), at(path))),
+            }
+        }
+        ops.push(Op::Dir(at(Path::new("/proc"))));
+        ops.push(Op::Proc(at(Path::new("/proc"))));
+        ops.push(Op::Dir(at(Path::new("/dev"))));
+        ops.push(Op::Tmpfs(at(Path::new("/dev")), c"size=64k,nr_inodes=64,mode=0755".into()));
+        for device in DEVICES {
+            let path = Path::new("/dev").join(device);
+            ops.push(Op::File(at(&path)));
+            ops.push(Op::BindDevice(cstring(&path), at(&path)));
+        }
+        for (link, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+            ops.push(Op::Symlink(cstring(Path::new(target)), at(&Path::new("/dev").join(link))));
+        }
+        ops.push(Op::Dir(at(Path::new("/tmp"))));
+        let tmp_options = format!("size={},nr_inodes=16384,mode=1777", self.tmp_bytes);
+        ops.push(Op::Tmpfs(at(Path::new("/tmp")), CString::new(tmp_options).expect("no NUL")));
+        // The function's own folder, read-only at its own path (unless a system folder holds it).
+        let workdir = workdir.filter(|dir| dir.is_absolute());
+        if let Some(dir) = workdir.filter(|dir| !self.system.iter().any(|(path, _)| dir.starts_with(path))) {
+            let mut prefix = PathBuf::from("/");
+            for part in dir.components().skip(1) {
+                prefix.push(part);
+                ops.push(Op::Dir(at(&prefix)));
+            }
+            ops.push(Op::BindReadOnly(cstring(dir), at(dir)));
+        }
+        Plan {
+            root: cstring(&self.root),
+            ops,
+            workdir: cstring(workdir.unwrap_or(Path::new("/tmp"))),
+            uid,
+            net,
+            cap_last: self.cap_last,
+            filter: self.filter.clone(),
+        }
+    }
+}
+
+/// One invocation's or instance's place: its cgroup, what its child does, and its network.
+pub struct Jail {
+    pub group: Group,
+    plan: Arc<Plan>,
+    net: Option<Arc<NetNs>>,
+    /// The state store as the function reaches it (`None`: the gateway's own address).
+    pub state_url: Option<String>,
+}
+
+impl Jail {
+    /// What the child runs between fork and exec (after joining its cgroup).
+    pub fn plan(&self) -> Arc<Plan> {
+        self.plan.clone()
+    }
+
+    /// Connects to `port` on the jail's loopback (or the host's, with egress).
+    pub async fn connect(&self, port: u16) -> io::Result<tokio::net::TcpStream> {
+        match &self.net {
+            Some(net) => {
+                let ns = net.fd.as_raw_fd();
+                let stream = tokio::task::spawn_blocking(move || {
+                    in_netns(ns, || std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)))
+                })
+                .await
+                .map_err(io::Error::other)???;
+                stream.set_nonblocking(true)?;
+                tokio::net::TcpStream::from_std(stream)
+            }
+            None => tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).await,
+        }
+    }
+
+    /// Whether the jail has a network of its own (else it shares the host's).
+    pub fn has_own_network(&self) -> bool {
+        self.net.is_some()
+    }
+}
+
+/// One step of building a root.
+enum Op {
+    Dir(CString),
+    File(CString),
+    Symlink(CString, CString),
+    BindReadOnly(CString, CString),
+    BindDevice(CString, CString),
+    Tmpfs(CString, CString),
+    Proc(CString),
+}
+
+/// What a jailed child does between fork and exec.
+pub struct Plan {
+    root: CString,
+    ops: Vec<Op>,
+    workdir: CString,
+    uid: u32,
+    /// Kept open as long as a child may still enter it.
+    net: Option<Arc<NetNs>>,
+    cap_last: u32,
+    filter: Arc<[libc::sock_filter]>,
+}
+
+// SAFETY: sock_filter is plain data; nothing in a Plan is mutated after it is built.
+unsafe impl Send for Plan {}
+unsafe impl Sync for Plan {}
+
+impl Plan {
+    /// Enters the jail: call between fork and exec, after the cgroup is joined. Returns in a
+    /// grandchild, pid 1 of its own pid namespace, ready to exec; the child itself waits for
+    /// it and exits as it did (it never returns).
+    pub fn enter(&self) -> io::Result<()> {
+        // SAFETY: raw syscalls on memory prepared before the fork; no allocation, no lock.
+        unsafe {
+            if let Some(net) = &self.net {
+                check(libc::setns(net.fd.as_raw_fd(), libc::CLONE_NEWNET))?;
+            }
+            check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS))?;
+            // A raw clone (fork without glibc's atfork handlers, which may take locks).
+            let pid = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0);
+            if pid < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if pid > 0 {
+                wait_and_exit(pid as libc::pid_t);
+            }
+            self.build_root()?;
+            self.drop_privileges()
+        }
+    }
+
+    unsafe fn build_root(&self) -> io::Result<()> {
+        unsafe {
+            let null = std::ptr::null::<libc::c_char>();
+            check(libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
+            let options = c"size=256k,nr_inodes=1024,mode=0755";
+            mount_tmpfs(&self.root, options)?;
+            for op in &self.ops {
+                match op {
+                    Op::Dir(path) => {
+                        if libc::mkdir(path.as_ptr(), 0o755) != 0 && *libc::__errno_location() != libc::EEXIST {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Op::File(path) => {
+                        let fd = libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+                        check(fd)?;
+                        libc::close(fd);
+                    }
+                    Op::Symlink(target, path) => check(libc::symlink(target.as_ptr(), path.as_ptr()))?,
+                    Op::BindReadOnly(source, target) => {
+                        check(libc::mount(source.as_ptr(), target.as_ptr(), null, libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
+                        let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+                        check(libc::mount(null, target.as_ptr(), null, flags, std::ptr::null()))?;
+                    }
+                    Op::BindDevice(source, target) => {
+                        check(libc::mount(source.as_ptr(), target.as_ptr(), null, libc::MS_BIND, std::ptr::null()))?;
+                    }
+                    Op::Tmpfs(path, options) => mount_tmpfs(path, options)?,
+                    Op::Proc(path) => {
+                        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                        check(libc::mount(c"proc".as_ptr(), path.as_ptr(), c"proc".as_ptr(), flags, std::ptr::null()))?;
+                    }
+                }
+            }
+            // The new root on top of the old one, then the old one detached: nothing of the
+            // host's tree is reachable any more.
+            check(libc::chdir(self.root.as_ptr()))?;
+            check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+            check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+            check(libc::chdir(c"/".as_ptr()))?;
+            let flags = libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+            check(libc::mount(null, c"/".as_ptr(), null, flags, std::ptr::null()))?;
+            check(libc::chdir(self.workdir.as_ptr()))?;
+            check(libc::sethostname(c"sfaas".as_ptr(), 5))?;
+            Ok(())
+        }
+    }
+
+    unsafe fn drop_privileges(&self) -> io::Result<()> {
+        unsafe {
+            for cap in 0..=self.cap_last {
+                libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+            }
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setresgid(self.uid, self.uid, self.uid))?;
+            // Leaving uid 0 clears the permitted, effective and ambient capabilities.
+            check(libc::setresuid(self.uid, self.uid, self.uid))?;
+            // A change of credentials clears the parent-death signal: set it again.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            let program = libc::sock_fprog { len: self.filter.len() as u16, filter: self.filter.as_ptr().cast_mut() };
+            check(libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program as *const libc::sock_fprog))?;
+            Ok(())
+        }
+    }
+}
+
+unsafe fn mount_tmpfs(path: &CStr, options: &CStr) -> io::Result<()> {
+    let flags = libc::MS_NOSUID | libc::MS_NODEV;
+    // SAFETY: NUL-terminated strings that outlive the call.
+    check(unsafe { libc::mount(c"sfaas".as_ptr(), path.as_ptr(), c"tmpfs".as_ptr(), flags, options.as_ptr().cast()) })
+}
+
+/// The jailed child's parent: closes everything it holds (so the gateway sees the pipes and
+/// its exec-status pipe close with the grandchild), waits, and exits as the grandchild did.
+unsafe fn wait_and_exit(pid: libc::pid_t) -> ! {
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        let mut status = 0;
+        loop {
+            let reaped = libc::waitpid(pid, &mut status, 0);
+            if reaped == pid {
+                break;
+            }
+            if reaped < 0 && *libc::__errno_location() != libc::EINTR {
+                libc::_exit(125);
+            }
+        }
+        if libc::WIFSIGNALED(status) {
+            let signal = libc::WTERMSIG(status);
+            libc::signal(signal, libc::SIG_DFL);
+            libc::kill(libc::getpid(), signal);
+            libc::_exit(128 + signal);
+        }
+        libc::_exit(libc::WEXITSTATUS(status))
+    }
+}
+
+fn check(result: libc::c_int) -> io::Result<()> {
+    if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+fn cstring(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).expect("paths hold no NUL")
+}
+
+/// A network namespace with only a loopback interface, and the state store served on it.
+pub struct NetNs {
+    fd: OwnedFd,
+    /// `http://127.0.0.1:PORT/state` inside the namespace, when the state store is served there.
+    state_url: Option<String>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl NetNs {
+    /// Makes a namespace (on a thread of its own: a namespace is per thread) and serves
+    /// `state` in it.
+    fn new(state: Option<&axum::Router>) -> io::Result<Self> {
+        let fd = std::thread::spawn(|| -> io::Result<OwnedFd> {
+            // SAFETY: plain syscalls on this thread, which ends right after.
+            unsafe {
+                check(libc::unshare(libc::CLONE_NEWNET))?;
+                loopback_up()?;
+                let fd = libc::open(c"/proc/thread-self/ns/net".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                check(fd)?;
+                Ok(OwnedFd::from_raw_fd(fd))
+            }
+        })
+        .join()
+        .map_err(|_| io::Error::other("the namespace thread panicked"))??;
+        let Some(router) = state else {
+            return Ok(Self { fd, state_url: None, server: None });
+        };
+        let listener = in_netns(fd.as_raw_fd(), || std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)))??;
+        let port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let router = router.clone();
+        let server = tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, router).await {
+                tracing::warn!(%error, "a sandbox's state listener stopped");
+            }
+        });
+        Ok(Self { fd, state_url: Some(format!("http://127.0.0.1:{port}/state")), server: Some(server) })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Some(server) = &self.server {
+            server.abort();
+        }
+    }
+}
+
+/// Runs `f` on a thread that has entered the network namespace `ns`: sockets it makes belong
+/// to that namespace, wherever they are used afterwards.
+fn in_netns<T: Send>(ns: RawFd, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: plain syscall on this short-lived thread.
+                check(unsafe { libc::setns(ns, libc::CLONE_NEWNET) })?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| io::Error::other("the namespace thread panicked"))?
+    })
+}
+
+/// Brings up `lo` in the calling thread's network namespace.
+unsafe fn loopback_up() -> io::Result<()> {
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    unsafe {
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        check(socket)?;
+        let socket = OwnedFd::from_raw_fd(socket);
+        let mut request = IfReq { name: [0; libc::IFNAMSIZ], flags: 0, _pad: [0; 22] };
+        for (i, byte) in b"lo".iter().enumerate() {
+            request.name[i] = *byte as libc::c_char;
+        }
+        check(libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request))?;
+        request.flags |= libc::IFF_UP as libc::c_short;
+        check(libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request))
+    }
+}
+
+/// Syscalls a function is refused (EPERM): tracing other processes, mounting, the kernel's
+/// keyrings, modules, BPF, new namespaces, clocks, swap, reboot, and the like.
+const DENIED: &[libc::c_long] = &[
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_kcmp,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_mount_setattr,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+    libc::SYS_syslog,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_sethostname,
+    libc::SYS_setdomainname,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_personality,
+    libc::SYS_vhangup,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_iopl,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_ioperm,
+];
+
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xc000_003e;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xc000_00b7;
+
+/// The seccomp program: the native architecture only; [`DENIED`] and `clone` with namespace
+/// flags refused with EPERM; `clone3` answered ENOSYS (its flags are out of the filter's reach,
+/// and libc then falls back to `clone`); everything else allowed.
+fn seccomp_filter() -> Vec<libc::sock_filter> {
+    const LOAD: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let op = |code: u16, k: u32, jt: u8, jf: u8| libc::sock_filter { code, jt, jf, k };
+    let errno = |e: i32| libc::SECCOMP_RET_ERRNO | e as u32;
+    const NR: u32 = 0; // offsetof(seccomp_data, nr)
+    const ARCH: u32 = 4;
+    const ARG0: u32 = 16;
+    let namespaces = (libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWUSER
+        | libc::CLONE_NEWCGROUP) as u32;
+    let mut program = vec![
+        op(LOAD, ARCH, 0, 0),
+        op(JEQ, AUDIT_ARCH, 1, 0),
+        op(RET, libc::SECCOMP_RET_KILL_PROCESS, 0, 0),
+        op(LOAD, NR, 0, 0),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    program.extend([op(JGE, 0x4000_0000, 0, 1), op(RET, errno(libc::EPERM), 0, 0)]); // the x32 ABI
+    for nr in DENIED {
+        program.extend([op(JEQ, *nr as u32, 0, 1), op(RET, errno(libc::EPERM), 0, 0)]);
+    }
+    program.extend([op(JEQ, libc::SYS_clone3 as u32, 0, 1), op(RET, errno(libc::ENOSYS), 0, 0)]);
+    program.extend([
+        op(JEQ, libc::SYS_clone as u32, 0, 4),
+        op(LOAD, ARG0, 0, 0),
+        op(JSET, namespaces, 0, 1),
+        op(RET, errno(libc::EPERM), 0, 0),
+        op(RET, libc::SECCOMP_RET_ALLOW, 0, 0),
+    ]);
+    program.push(op(RET, libc::SECCOMP_RET_ALLOW, 0, 0));
+    program
+}
+
+/// The environment a jailed process starts with besides its function's own: a `PATH` that
+/// exists there and a writable `HOME`.
+pub fn base_env() -> [(&'static str, &'static str); 2] {
+    [("PATH", SANDBOX_PATH), ("HOME", "/tmp")]
+}
