@@ -388,7 +388,7 @@ pub async fn etl_setup(
             format!("sqlite://{}", std::fs::canonicalize(&args.data_dir)?.join("etl.db").display())
         }
     };
-    let script_dir = args.data_dir.join("etl");
+    let script_dir = crate::etl::script_dir(&args.data_dir)?;
     let setup = crate::etl::Setup { transport, s3_url, database_url: &database_url, script_dir: &script_dir };
     crate::etl::setup(&args.gateway()?, namespace, &setup).await?;
     eprintln!(

@@ -57,7 +57,7 @@ pub async fn run(
             transport: "state",
             s3_url: None,
             database_url: &database_url,
-            script_dir: &data_dir.join("etl"),
+            script_dir: &etl::script_dir(data_dir)?,
         };
         etl::setup(&api, tenant, &setup).await.with_context(|| format!("setting up the ETL pipeline for {tenant}"))?;
     }

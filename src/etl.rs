@@ -21,8 +21,17 @@ pub struct Setup<'a> {
     pub s3_url: Option<&'a str>,
     /// Where `etl-load` loads: sqlite://PATH or postgres://...
     pub database_url: &'a str,
-    /// A folder on the gateway's machine for the Python function (written there).
+    /// A folder on the gateway's machine for the Python function (written there): see
+    /// [`script_dir`].
     pub script_dir: &'a Path,
+}
+
+/// Where the ETL's Python function is written for a data directory: beside it, never in it (no
+/// sandboxed function may see the data directory).
+pub fn script_dir(data_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let data_dir = std::path::absolute(data_dir)?;
+    let name = data_dir.file_name().map_or_else(|| "sfaas".into(), |name| name.to_string_lossy().into_owned());
+    Ok(data_dir.with_file_name(format!("{name}.functions")).join("etl"))
 }
 
 /// Deploys the four functions, the `etl` flow and the zone lookup table into `namespace`.
@@ -30,6 +39,10 @@ pub async fn setup(api: &Gateway, namespace: &str, setup: &Setup<'_>) -> anyhow:
     std::fs::create_dir_all(setup.script_dir).with_context(|| format!("creating {}", setup.script_dir.display()))?;
     let script = setup.script_dir.join("etl_clean.py");
     std::fs::write(&script, CLEAN_PY).with_context(|| format!("writing {}", script.display()))?;
+    // Readable by the tenants' sandboxed processes (they run as uids of their own).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(setup.script_dir, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644))?;
     let script_dir = std::fs::canonicalize(setup.script_dir)?;
     let mut transport = json!({"ETL_TRANSPORT": setup.transport});
     if let Some(url) = setup.s3_url {
@@ -63,8 +76,12 @@ pub async fn setup(api: &Gateway, namespace: &str, setup: &Setup<'_>) -> anyhow:
 }
 
 /// The Python interpreter itself, not a version manager's shim in front of it (a pyenv shim
-/// costs about 100 ms per process start, and the watchdog model starts one per batch).
+/// costs about 100 ms per process start, and the watchdog model starts one per batch): the
+/// system's own when there is one, as a sandboxed function sees only the system's folders.
 fn python() -> String {
+    if Path::new("/usr/bin/python3").exists() {
+        return "/usr/bin/python3".into();
+    }
     std::process::Command::new("python3")
         .args(["-c", "import sys; print(sys.executable)"])
         .output()

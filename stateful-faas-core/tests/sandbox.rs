@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::otlp::{export_to, grpc_receiver, int_attr, spans, string_attr};
-use common::{python, require_program, running, start};
+use common::{eventually, python, require_program, running, start};
 use serde_json::json;
 use stateful_faas_core::function::cgroup::{CgroupConfig, GroupLimits};
 use stateful_faas_core::function::sandbox::SandboxConfig;
@@ -121,4 +121,219 @@ async fn a_tenant_cannot_fill_the_builtin_threads() {
     assert_eq!(core.invoke(&globex.ingest, "nap", "10").await.status(), 200, "other tenants are not limited");
     tokio::time::sleep(Duration::from_millis(5200).saturating_sub(napping.elapsed())).await;
     assert_eq!(core.invoke(&acme.ingest, "nap", "10").await.status(), 200, "slots come back when threads end");
+}
+
+/// What a tenant's function tries, each attempt on a line with its outcome (`ok` or the errno).
+const ESCAPES: &str = r#"
+import ctypes, errno, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+env = os.environ
+data, victim = env["DATA"], int(sys.stdin.read())
+
+def report(name, action):
+    try:
+        result = action()
+        print(f"{name}: {'ok' if result is None else result}")
+    except OSError as error:
+        print(f"{name}: {errno.errorcode.get(error.errno, error.errno)}")
+
+def call(result):
+    if result < 0:
+        raise OSError(ctypes.get_errno(), "")
+
+def read(path):
+    with open(path, "rb") as f:
+        f.read()
+
+def write(path):
+    with open(path, "wb") as f:
+        f.write(b"x")
+
+def connect(port, host="127.0.0.1"):
+    socket.create_connection((host, port), timeout=2).close()
+
+def status():
+    lines = [line.split(":\t") for line in open("/proc/self/status").read().splitlines()]
+    fields = {line[0]: line[1].strip() for line in lines if len(line) == 2}
+    return " ".join(f"{k}={fields[k]}" for k in ["CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp"])
+
+def pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+def secrets():
+    found = []
+    for pid in pids():
+        try:
+            if b"globex-secret" in open(f"/proc/{pid}/environ", "rb").read():
+                found.append(pid)
+        except OSError:
+            pass
+    return f"in {found}"
+
+def fill_tmp():
+    with open("/tmp/fill", "wb") as f:
+        for _ in range(64):
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+
+report("ids", lambda: f"{os.getuid()} {os.getgid()} {os.getgroups()}")
+report("status", status)
+report("hostname", socket.gethostname)
+for name in ["admin.token", "meter.token", "sfaas.db"]:
+    report(f"read {name}", lambda: read(f"{data}/{name}"))
+report("write admin.token", lambda: write(f"{data}/admin.token"))
+report("delete sfaas.db", lambda: os.remove(f"{data}/sfaas.db"))
+report("write /usr", lambda: write("/usr/escape"))
+report("write /", lambda: write("/escape"))
+report("write its folder", lambda: write("escape"))
+report("write /tmp", lambda: write("/tmp/note"))
+for part in ["environ", "cmdline", "maps"]:
+    report(f"gateway {part}", lambda: read(f"/proc/{env['GATEWAY_PID']}/{part}"))
+report("largest visible pid", lambda: max(pids()))
+report("other tenant's secret", secrets)
+report("signal other tenant", lambda: os.kill(victim, 9))
+report("ptrace other tenant", lambda: call(libc.ptrace(16, victim, None, None)))
+report("gateway port", lambda: connect(int(env["GATEWAY_PORT"])))
+report("other tenant's server", lambda: connect(8080))
+report("outside", lambda: connect(53, "192.0.2.1"))
+report("fill /tmp", fill_tmp)
+report("mount", lambda: call(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)))
+report("unshare", lambda: call(libc.unshare(0x10000000)))
+report("keyctl", lambda: call(libc.syscall(int(env["NR_KEYCTL"]), 1, None)))
+report("bpf", lambda: call(libc.syscall(int(env["NR_BPF"]), 0, None, 0)))
+report("ptrace self", lambda: call(libc.ptrace(0, 0, None, None)))
+report("setuid root", lambda: os.setuid(0))
+report("chroot", lambda: call(libc.chroot(b"/tmp")))
+"#;
+
+/// A tiny managed server, the other tenant's.
+const SERVER: &str = r#"
+import http.server, os
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"up")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_function_cannot_reach_past_its_sandbox() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let core = start(|config| {
+        let sandbox = config.sandbox.as_mut().unwrap();
+        sandbox.tmp_bytes = 8 << 20;
+    })
+    .await;
+    let (acme, globex) = (core.tenant("acme").await, core.tenant("globex").await);
+    let data_dir = core.dir.path();
+    for secret in ["admin.token", "meter.token"] {
+        std::fs::write(data_dir.join(secret), "a secret of the platform").unwrap();
+    }
+    let functions = core.functions_dir();
+    std::fs::write(functions.join("escapes.py"), ESCAPES).unwrap();
+    std::fs::write(functions.join("server.py"), SERVER).unwrap();
+    let workdir = functions.display().to_string();
+
+    // The other tenant: a server (warm, in its own network) and a call running with a secret.
+    core.deploy(&globex, json!({"service": "srv", "kind": "http", "envProcess": "python3 server.py", "workdir": workdir})).await;
+    assert_eq!(core.invoke(&globex.ingest, "srv", "").await.text().await.unwrap(), "up");
+    core.deploy(
+        &globex,
+        json!({"service": "hold", "envProcess": "exec sleep 4051", "envVars": {"SECRET": "globex-secret", "exec_timeout": "20s"}}),
+    )
+    .await;
+    let holding = {
+        let (http, url, token) = (core.http.clone(), core.url.clone(), globex.ingest.clone());
+        tokio::spawn(async move { http.post(format!("{url}/function/hold")).bearer_auth(token).send().await })
+    };
+    let victim = eventually(Duration::from_secs(5), || async { running(&["sleep", "4051"]).pop() })
+        .await
+        .expect("the other tenant's call runs");
+
+    let gateway_port = core.url.rsplit(':').next().unwrap().to_string();
+    let env = json!({
+        "DATA": data_dir.display().to_string(),
+        "GATEWAY_PID": std::process::id().to_string(),
+        "GATEWAY_PORT": gateway_port,
+        "NR_KEYCTL": libc::SYS_keyctl.to_string(),
+        "NR_BPF": libc::SYS_bpf.to_string(),
+    });
+    core.deploy(&acme, json!({"service": "escape", "envProcess": "python3 escapes.py", "workdir": workdir, "envVars": env}))
+        .await;
+    let response = core.invoke(&acme.ingest, "escape", victim.clone()).await;
+    assert_eq!(response.status(), 200);
+    let report = response.text().await.unwrap();
+    let outcome = |name: &str| {
+        report
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(": "))
+            .unwrap_or_else(|| panic!("no {name:?} in {report}"))
+            .to_string()
+    };
+    // Its own uid and gid (globex, which ran first, has the first of the range), no groups.
+    assert_eq!(outcome("ids"), "200001 200001 []");
+    let no_caps = "0000000000000000";
+    assert_eq!(
+        outcome("status"),
+        format!("CapEff={no_caps} CapPrm={no_caps} CapBnd={no_caps} NoNewPrivs=1 Seccomp=2")
+    );
+    assert_eq!(outcome("hostname"), "sfaas");
+    let expected = [
+        ("read admin.token", "ENOENT"),
+        ("read meter.token", "ENOENT"),
+        ("read sfaas.db", "ENOENT"),
+        ("write admin.token", "ENOENT"),
+        ("delete sfaas.db", "ENOENT"),
+        ("write /usr", "EROFS"),
+        ("write /", "EROFS"),
+        ("write its folder", "EROFS"),
+        ("write /tmp", "ok"),
+        ("gateway environ", "ENOENT"),
+        ("gateway cmdline", "ENOENT"),
+        ("gateway maps", "ENOENT"),
+        ("other tenant's secret", "in []"),
+        ("signal other tenant", "ESRCH"),
+        ("ptrace other tenant", "EPERM"),
+        ("gateway port", "ECONNREFUSED"),
+        ("other tenant's server", "ECONNREFUSED"),
+        ("outside", "ENETUNREACH"),
+        ("fill /tmp", "ENOSPC"),
+        ("mount", "EPERM"),
+        ("unshare", "EPERM"),
+        ("keyctl", "EPERM"),
+        ("bpf", "EPERM"),
+        ("ptrace self", "EPERM"),
+        ("setuid root", "EPERM"),
+        ("chroot", "EPERM"),
+    ];
+    for (attempt, result) in expected {
+        assert_eq!(outcome(attempt), result, "{attempt}, in:\n{report}");
+    }
+    // Only its own processes are there: pid 1 (its shell or python) and what it started.
+    let largest: u32 = outcome("largest visible pid").parse().unwrap();
+    assert!(largest < 10, "it sees pid {largest}:\n{report}");
+
+    // Nothing was touched, and the other tenant is served as before.
+    assert_eq!(std::fs::read_to_string(data_dir.join("admin.token")).unwrap(), "a secret of the platform");
+    assert!(data_dir.join("sfaas.db").exists());
+    assert_eq!(core.invoke(&globex.ingest, "srv", "").await.text().await.unwrap(), "up");
+    holding.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_function_runs_in_the_data_directory() {
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    let data_dir = core.dir.path().display().to_string();
+    core.deploy(&acme, json!({"service": "snoop", "envProcess": "cat admin.token", "workdir": data_dir})).await;
+    let response = core.invoke(&acme.ingest, "snoop", "").await;
+    assert_eq!(response.status(), 502);
+    let message = response.text().await.unwrap();
+    assert!(message.contains("inside the gateway's data directory"), "{message}");
 }

@@ -93,17 +93,21 @@ impl fmt::Display for Report {
 }
 
 /// Runs every scenario: builtin no-op and exec of `/bin/true`, each with span export off and
-/// on, and exec of `/bin/true` with the sandbox (its cgroups) off and on, `rounds` times,
-/// alternately first, so that drift on a shared machine hits both alike. `only` limits the run
-/// to the scenarios named `noop`, `exec` or `sandbox`.
+/// on, and exec of `/bin/true` and a managed http function (a Python server) with the sandbox
+/// off and on, `rounds` times, alternately first, so that drift on a shared machine hits both
+/// alike. `only` limits the run to the scenarios named `noop`, `exec` or `sandbox`.
 pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: Option<&str>) -> anyhow::Result<Report> {
     let rounds = rounds.max(1);
     let sink_spans = Arc::new(AtomicU64::new(0));
     let sink = start_otlp_sink(sink_spans.clone())?;
     let mut scenarios = Vec::new();
     let mut ratios = Vec::new();
-    let functions =
-        [("builtin noop", "noop", "spans"), ("exec /bin/true", "true", "spans"), ("exec /bin/true", "true", "sandbox")];
+    let functions = [
+        ("builtin noop", "noop", "spans"),
+        ("exec /bin/true", "true", "spans"),
+        ("exec /bin/true", "true", "sandbox"),
+        ("managed http (Python)", "http", "sandbox"),
+    ];
     for (function, body, compared) in functions.into_iter().filter(|(_, body, compared)| match only {
         Some("noop") => *body == "noop",
         Some("exec") => *body == "true" && *compared == "spans",
@@ -162,8 +166,8 @@ struct Target {
 }
 
 impl Target {
-    /// A fresh core serving `function` (`noop` or `/bin/true`), exporting spans to `sink` if any,
-    /// with its processes in cgroups or not (`sandbox`).
+    /// A fresh core serving `function` (`noop`, `/bin/true` or `http`: the examples' Python
+    /// server), exporting spans to `sink` if any, with its processes sandboxed or not.
     async fn start(
         function: &str,
         sink: Option<std::net::SocketAddr>,
@@ -180,6 +184,18 @@ impl Target {
         .await?;
         core.deploy(match function {
             "noop" => serde_json::json!({"service": "f", "builtin": "noop", "envVars": {"max_inflight": "1024"}}),
+            "http" => {
+                // Beside the data directory, which no sandboxed function may see.
+                let dir = core.data_dir.with_extension("functions");
+                std::fs::create_dir_all(&dir)?;
+                std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+                std::fs::write(dir.join("server.py"), include_str!("../../../examples/functions/greeter_server.py"))?;
+                serde_json::json!({
+                    "service": "f", "kind": "http", "envProcess": "python3 server.py", "workdir": dir,
+                    "envVars": {"max_inflight": "1024"},
+                    "labels": {"com.openfaas.scale.min": concurrency.to_string(), "com.openfaas.scale.max": concurrency.to_string()},
+                })
+            }
             _ => serde_json::json!({"service": "f", "envProcess": "/bin/true", "envVars": {"max_inflight": "1024"}}),
         })
         .await?;

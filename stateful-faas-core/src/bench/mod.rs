@@ -19,7 +19,7 @@ pub(crate) struct BenchCore {
     pub credentials: TenantCredentials,
     pub tenant: TenantId,
     pub url: String,
-    data_dir: std::path::PathBuf,
+    pub(crate) data_dir: std::path::PathBuf,
 }
 
 impl BenchCore {
@@ -43,6 +43,7 @@ impl BenchCore {
     pub async fn stop(self) {
         self.running.shutdown().await;
         let _ = std::fs::remove_dir_all(&self.data_dir);
+        let _ = std::fs::remove_dir_all(self.data_dir.with_extension("functions"));
     }
 }
 

@@ -62,12 +62,16 @@ pub enum SandboxError {
     Unavailable(String),
     #[error("sandbox: {0}")]
     Io(String),
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The gateway's sandbox: its cgroups, the root every jail is built from, and each tenant's
 /// uid and network.
 pub struct Sandbox {
     pub cgroups: Cgroups,
+    /// The gateway's data directory, which no jail may hold.
+    data_dir: PathBuf,
     /// An empty directory each jail mounts its root on (in its own mount namespace).
     root: PathBuf,
     /// The host's system entries every root has.
@@ -124,7 +128,8 @@ impl Sandbox {
             return Err(SandboxError::Unavailable(format!("the uid range {:?} is empty or holds root", config.uids)));
         }
         let cgroups = Cgroups::start(config.limits)?;
-        let root = std::path::absolute(data_dir.join("sandbox-root")).map_err(|e| SandboxError::Io(e.to_string()))?;
+        let data_dir = std::fs::canonicalize(data_dir).map_err(|e| SandboxError::Io(format!("{}: {e}", data_dir.display())))?;
+        let root = data_dir.join("sandbox-root");
         std::fs::create_dir_all(&root).map_err(|e| SandboxError::Io(format!("{}: {e}", root.display())))?;
         let system = SYSTEM
             .iter()
@@ -144,6 +149,7 @@ impl Sandbox {
             .unwrap_or(40);
         let sandbox = Self {
             cgroups,
+            data_dir,
             root,
             system,
             tmp_bytes: config.tmp_bytes,
@@ -188,6 +194,20 @@ impl Sandbox {
     /// A jail for one exec invocation (in its tenant's network) or managed instance (in a
     /// network of its own): its cgroup, and the plan its child follows.
     pub fn jail(&self, tenant: &TenantId, spec: &super::FunctionSpec, own_network: bool) -> Result<Jail, SandboxError> {
+        // The folder itself, links and `..` resolved, is what the jail binds.
+        let workdir = match spec.workdir.as_deref() {
+            Some(dir) => Some(
+                std::fs::canonicalize(dir)
+                    .map_err(|e| SandboxError::Refused(format!("its workdir {}: {e}", dir.display())))?,
+            ),
+            None => None,
+        };
+        if let Some(dir) = workdir.as_ref().filter(|dir| dir.starts_with(&self.data_dir)) {
+            return Err(SandboxError::Refused(format!(
+                "its workdir {} is inside the gateway's data directory, which no function may see",
+                dir.display()
+            )));
+        }
         let group = self.cgroups.create(tenant, &spec.name, spec.limits.memory_bytes)?;
         let (uid, tenant_net) = self.tenant(tenant)?;
         let net = match (own_network, tenant_net) {
@@ -198,7 +218,7 @@ impl Sandbox {
             (false, Some(net)) => Some(net),
         };
         let state_url = net.as_ref().and_then(|net| net.state_url.clone());
-        let plan = self.plan(uid, net.clone(), spec.workdir.as_deref());
+        let plan = self.plan(uid, net.clone(), workdir.as_deref());
         Ok(Jail { group, plan: Arc::new(plan), net, state_url })
     }
 
@@ -366,6 +386,8 @@ impl Plan {
     unsafe fn build_root(&self) -> io::Result<()> {
         unsafe {
             let null = std::ptr::null::<libc::c_char>();
+            // The gateway's umask (077) would make the root's folders unreadable to the function.
+            libc::umask(0o022);
             check(libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
             let options = c"size=256k,nr_inodes=1024,mode=0755";
             mount_tmpfs(&self.root, options)?;

@@ -17,6 +17,8 @@ pub struct TestCore {
     pub url: String,
     pub http: reqwest::Client,
     pub dir: tempfile::TempDir,
+    /// Functions' files: see [`TestCore::functions_dir`].
+    functions: tempfile::TempDir,
 }
 
 pub struct Tenant {
@@ -52,7 +54,11 @@ pub async fn start(configure: impl FnOnce(&mut CoreConfig)) -> TestCore {
     configure(&mut config);
     let running = Core::open(config).await.unwrap().start().await.unwrap();
     let url = format!("http://{}", running.gateway_addr);
-    TestCore { running: Some(running), url, http: reqwest::Client::builder().no_proxy().build().unwrap(), dir }
+    let functions = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(functions.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    TestCore { running: Some(running), url, http, dir, functions }
 }
 
 impl TestCore {
@@ -102,14 +108,10 @@ impl TestCore {
         self.http.post(format!("{}/function/{function}", self.url)).bearer_auth(token).body(body).send().await.unwrap()
     }
 
-    /// A folder for functions' files (their `workdir`), readable by the tenants' sandboxed
-    /// processes, unlike the data directory.
+    /// A folder for functions' files (their `workdir`) outside the data directory, which no
+    /// sandboxed function may see, and readable by the tenants' uids.
     pub fn functions_dir(&self) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = self.dir.path().join("functions");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        dir
+        self.functions.path().to_path_buf()
     }
 
     /// Runs a function recorded with [`RECORD_RUN`] so far.
