@@ -276,7 +276,8 @@ async fn timeouts_subflows_async_runs_and_cancellation() {
     .expect("the run is cancelled");
     assert_eq!(cancelled["nodes"][0]["state"], "cancelled");
     // The cancelled node's process was killed, not left running.
-    let gone = eventually(Duration::from_secs(5), || async { running(&["sleep", "3071"]).is_empty().then_some(()) }).await;
+    let gone =
+        eventually(Duration::from_secs(5), || async { running(&["sleep", "3071"]).is_empty().then_some(()) }).await;
     assert!(gone.is_some(), "the cancelled node's process still runs");
     let again =
         core.http.delete(format!("{}/flow-runs/{run_id}", core.url)).bearer_auth(&acme.ingest).send().await.unwrap();

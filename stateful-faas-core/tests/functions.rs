@@ -67,7 +67,8 @@ async fn exec_timeout_kills_the_whole_process_group() {
     let response = core.invoke(&acme.ingest, "slow", "").await;
     assert_eq!(response.status(), 504);
     assert!(response.text().await.unwrap().contains("timed out"));
-    let gone = eventually(Duration::from_secs(5), || async { running(&["sleep", "3061"]).is_empty().then_some(()) }).await;
+    let gone =
+        eventually(Duration::from_secs(5), || async { running(&["sleep", "3061"]).is_empty().then_some(()) }).await;
     assert!(gone.is_some(), "the background child of a timed-out function is still running");
 }
 

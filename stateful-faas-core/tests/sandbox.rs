@@ -241,7 +241,11 @@ async fn a_tenants_function_cannot_reach_past_its_sandbox() {
     let workdir = functions.display().to_string();
 
     // The other tenant: a server (warm, in its own network) and a call running with a secret.
-    core.deploy(&globex, json!({"service": "srv", "kind": "http", "envProcess": "python3 server.py", "workdir": workdir})).await;
+    core.deploy(
+        &globex,
+        json!({"service": "srv", "kind": "http", "envProcess": "python3 server.py", "workdir": workdir}),
+    )
+    .await;
     assert_eq!(core.invoke(&globex.ingest, "srv", "").await.text().await.unwrap(), "up");
     core.deploy(
         &globex,
@@ -264,8 +268,11 @@ async fn a_tenants_function_cannot_reach_past_its_sandbox() {
         "NR_KEYCTL": libc::SYS_keyctl.to_string(),
         "NR_BPF": libc::SYS_bpf.to_string(),
     });
-    core.deploy(&acme, json!({"service": "escape", "envProcess": "python3 escapes.py", "workdir": workdir, "envVars": env}))
-        .await;
+    core.deploy(
+        &acme,
+        json!({"service": "escape", "envProcess": "python3 escapes.py", "workdir": workdir, "envVars": env}),
+    )
+    .await;
     let response = core.invoke(&acme.ingest, "escape", victim.clone()).await;
     assert_eq!(response.status(), 200);
     let report = response.text().await.unwrap();
@@ -279,10 +286,7 @@ async fn a_tenants_function_cannot_reach_past_its_sandbox() {
     // Its own uid and gid (globex, which ran first, has the first of the range), no groups.
     assert_eq!(outcome("ids"), "200001 200001 []");
     let no_caps = "0000000000000000";
-    assert_eq!(
-        outcome("status"),
-        format!("CapEff={no_caps} CapPrm={no_caps} CapBnd={no_caps} NoNewPrivs=1 Seccomp=2")
-    );
+    assert_eq!(outcome("status"), format!("CapEff={no_caps} CapPrm={no_caps} CapBnd={no_caps} NoNewPrivs=1 Seccomp=2"));
     assert_eq!(outcome("hostname"), "sfaas");
     let expected = [
         ("read admin.token", "ENOENT"),
@@ -336,4 +340,34 @@ async fn no_function_runs_in_the_data_directory() {
     assert_eq!(response.status(), 502);
     let message = response.text().await.unwrap();
     assert!(message.contains("inside the gateway's data directory"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_limit_holds_a_function_to_its_share() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    // Spins for one second of wall time and prints the CPU time it got.
+    let spin = format!(
+        "{} -c 'import time\nstart = time.time()\nwhile time.time() - start < 1: pass\nprint(time.process_time())'",
+        python()
+    );
+    core.deploy(&acme, json!({"service": "spin", "envProcess": spin, "limits": {"cpu": "100m"}})).await;
+    let response = core.invoke(&acme.ingest, "spin", "").await;
+    assert_eq!(response.status(), 200);
+    let cpu: f64 = response.text().await.unwrap().trim().parse().unwrap();
+    // A tenth of a CPU for a second: about 0.1 s (a whole CPU would give about 1 s).
+    assert!(cpu < 0.4, "a function limited to 100m used {cpu} s of CPU in a second");
+
+    let response = core
+        .send_deployment(
+            reqwest::Method::POST,
+            &acme,
+            json!({"service": "greedy", "envProcess": "true", "limits": {"cpu": "lots"}}),
+        )
+        .await;
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("limits.cpu"));
 }

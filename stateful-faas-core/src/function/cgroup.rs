@@ -100,6 +100,10 @@ pub struct Cgroups {
     pub layout: Layout,
     /// `sfaas-<pid>-<n>` in each hierarchy.
     base: Dirs,
+    /// Hybrid layout: `sfaas-<pid>-<n>` in the v1 `cpu` hierarchy, where groups of functions with
+    /// a CPU limit are made (only those: joining a group costs each call). On v2 the limit is
+    /// in the group's own directory.
+    cpu_base: Option<PathBuf>,
     config: CgroupConfig,
     /// Tenants whose parent groups are made and limited.
     tenants: std::sync::Mutex<std::collections::HashSet<TenantId>>,
@@ -142,9 +146,11 @@ impl Cgroups {
                 memory: join(&root.join("memory"), &memory).join(&name),
                 pids: join(&root.join("pids"), &pids).join(&name),
             };
-            Self::new(Layout::Hybrid, base, config)
+            let mut cgroups = Self::new(Layout::Hybrid, base, config);
+            cgroups.cpu_base = own_path("cpu").map(|cpu| join(&root.join("cpu"), &cpu).join(&name));
+            cgroups
         };
-        for dir in cgroups.base.distinct() {
+        for dir in cgroups.base.distinct().into_iter().chain(cgroups.cpu_base.as_deref()) {
             if let Some(parent) = dir.parent() {
                 remove_stale(parent);
             }
@@ -158,20 +164,30 @@ impl Cgroups {
     }
 
     fn new(layout: Layout, base: Dirs, config: CgroupConfig) -> Self {
-        Self { layout, base, config, tenants: Default::default(), next: AtomicU64::new(0) }
+        Self { layout, base, config, cpu_base: None, tenants: Default::default(), next: AtomicU64::new(0) }
     }
 
-    /// On v2, enables the memory and pids controllers for the groups below `dirs`.
+    /// On v2, enables the memory and pids controllers (and cpu, where the host allows it) for
+    /// the groups below `dirs`.
     fn pass_controllers(&self, dirs: &Dirs) -> Result<(), CgroupError> {
         match self.layout {
-            Layout::V2 => write(&dirs.accounting.join("cgroup.subtree_control"), V2_CONTROLLERS),
+            Layout::V2 => {
+                let _ = write(&dirs.accounting.join("cgroup.subtree_control"), "+cpu");
+                write(&dirs.accounting.join("cgroup.subtree_control"), V2_CONTROLLERS)
+            }
             Layout::Hybrid => Ok(()),
         }
     }
 
     /// A new group for one invocation or instance of `tenant`'s function `name`, limited to
-    /// `memory_bytes` (default: the configured one).
-    pub fn create(&self, tenant: &TenantId, name: &str, memory_bytes: Option<u64>) -> Result<Group, CgroupError> {
+    /// `memory_bytes` (default: the configured one) and to `cpu_millis` thousandths of a CPU.
+    pub fn create(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        memory_bytes: Option<u64>,
+        cpu_millis: Option<u64>,
+    ) -> Result<Group, CgroupError> {
         let leaf = format!("{name}-{}", self.next.fetch_add(1, Ordering::Relaxed));
         let limits = GroupLimits {
             memory_bytes: memory_bytes.unwrap_or(self.config.function.memory_bytes),
@@ -191,12 +207,32 @@ impl Cgroups {
             std::fs::create_dir(dir).map_err(io_error(dir))?;
         }
         // From here on, dropping the group removes what was made.
-        let mut group = Group { dirs, layout: self.layout, procs: Vec::new() };
+        let mut group = Group { dirs, layout: self.layout, procs: Vec::new(), cpu: None };
         self.limit(&group.dirs, limits)?;
-        group.procs = group
-            .dirs
-            .distinct()
-            .into_iter()
+        if let Some(millis) = cpu_millis {
+            // A quota per 100 ms period: 250 thousandths run 25 ms of each 100 ms.
+            let quota = (millis * 100).to_string();
+            match &self.cpu_base {
+                _ if self.layout == Layout::V2 => {
+                    write(&group.dirs.accounting.join("cpu.max"), &format!("{quota} 100000"))?
+                }
+                Some(cpu_base) => {
+                    let dir = cpu_base.join(tenant.as_str()).join(&leaf);
+                    std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+                    group.cpu = Some(dir.clone());
+                    write(&dir.join("cpu.cfs_period_us"), "100000")?;
+                    write(&dir.join("cpu.cfs_quota_us"), &quota)?;
+                }
+                None => {
+                    return Err(CgroupError::Io {
+                        path: "cpu".into(),
+                        error: std::io::Error::other("no cpu controller"),
+                    });
+                }
+            }
+        }
+        let dirs = group.dirs.distinct().into_iter().chain(group.cpu.as_deref());
+        group.procs = dirs
             .map(|dir| {
                 let path = dir.join("cgroup.procs");
                 std::fs::OpenOptions::new().write(true).open(&path).map_err(io_error(&path))
@@ -225,7 +261,7 @@ impl Cgroups {
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
-        for dir in self.base.distinct() {
+        for dir in self.base.distinct().into_iter().chain(self.cpu_base.as_deref()) {
             remove_tree(dir);
         }
     }
@@ -238,6 +274,8 @@ pub struct Group {
     layout: Layout,
     /// `cgroup.procs` of each of its directories, open for the child to write itself into before it execs.
     procs: Vec<File>,
+    /// Its group in the v1 `cpu` hierarchy, when it has a CPU limit there.
+    cpu: Option<PathBuf>,
 }
 
 impl Group {
@@ -302,7 +340,7 @@ impl Group {
 impl Drop for Group {
     fn drop(&mut self) {
         self.kill();
-        for dir in self.dirs.distinct() {
+        for dir in self.dirs.distinct().into_iter().chain(self.cpu.as_deref()) {
             let _ = std::fs::remove_dir(dir);
         }
     }

@@ -106,8 +106,10 @@ pub struct FunctionSpec {
 pub struct Limits {
     pub timeout: Duration,
     pub max_inflight: usize,
-    /// Address-space limit of process functions (RLIMIT_AS), in bytes.
+    /// Memory limit of process functions (their cgroup's; RLIMIT_AS with the sandbox off), in bytes.
     pub memory_bytes: Option<u64>,
+    /// CPU limit of process functions, in thousandths of a CPU (`limits.cpu`: `500m`, `2`).
+    pub cpu_millis: Option<u64>,
     pub min_instances: usize,
     pub max_instances: usize,
     pub idle_timeout: Duration,
@@ -119,6 +121,7 @@ impl Default for Limits {
             timeout: Duration::from_secs(30),
             max_inflight: 64,
             memory_bytes: None,
+            cpu_millis: None,
             min_instances: 0,
             max_instances: 4,
             idle_timeout: Duration::from_secs(300),
@@ -203,6 +206,11 @@ impl FunctionDeployment {
             in_bounds("limits.memory", bytes, MIN_MEMORY_BYTES, MAX_MEMORY_BYTES).map_err(invalid)?;
             limits.memory_bytes = Some(bytes);
         }
+        if let Some(cpu) = self.limits.as_ref().and_then(|l| l.cpu.as_deref()) {
+            let millis = parse_cpu(cpu).map_err(|e| invalid(format!("limits.cpu: {e}")))?;
+            in_bounds("limits.cpu", millis, MIN_CPU_MILLIS, MAX_CPU_MILLIS).map_err(invalid)?;
+            limits.cpu_millis = Some(millis);
+        }
         if let Some(value) = self.labels.get(LABEL_SCALE_MIN) {
             limits.min_instances = parse_count(LABEL_SCALE_MIN, value).map_err(invalid)?;
         }
@@ -240,6 +248,9 @@ pub const MAX_INSTANCES: usize = 100;
 pub const MAX_IDLE: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
 pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
+/// `limits.cpu` bounds: a hundredth of a CPU to 256 CPUs.
+pub const MIN_CPU_MILLIS: u64 = 10;
+pub const MAX_CPU_MILLIS: u64 = 256_000;
 
 fn in_bounds<T: PartialOrd + std::fmt::Debug>(what: &str, value: T, min: T, max: T) -> Result<(), String> {
     if value < min || value > max {
@@ -285,6 +296,22 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 }
 
 /// Parses a Kubernetes memory quantity (`128Mi`, `1Gi`, `500M`, `1048576`) into bytes.
+/// A CPU quantity as Kubernetes writes it (`250m`, `1`, `1.5`), in thousandths of a CPU.
+pub fn parse_cpu(value: &str) -> Result<u64, String> {
+    let bad = || format!("bad CPU quantity {value:?} (use 250m, 1 or 1.5)");
+    let text = value.trim();
+    if let Some(millis) = text.strip_suffix('m') {
+        return millis.parse().map_err(|_| bad());
+    }
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let whole: u64 = whole.parse().map_err(|_| bad())?;
+    let fraction: u64 = format!("{fraction:0<3}").parse().map_err(|_| bad())?;
+    whole.checked_mul(1000).and_then(|w| w.checked_add(fraction)).ok_or_else(bad)
+}
+
 pub fn parse_memory(value: &str) -> Result<u64, String> {
     let text = value.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
@@ -305,6 +332,17 @@ pub fn parse_memory(value: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_quantities_parse_like_kubernetes() {
+        assert_eq!(parse_cpu("250m"), Ok(250));
+        assert_eq!(parse_cpu("1"), Ok(1000));
+        assert_eq!(parse_cpu("1.5"), Ok(1500));
+        assert_eq!(parse_cpu("0.05"), Ok(50));
+        for bad in ["", "m", "1.2345", "-1", "1e3", "two", "18446744073709551615"] {
+            assert!(parse_cpu(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn durations_parse_like_go() {

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::cgroup::Group;
-use super::sandbox::Sandbox;
 use super::process::{self, Reaped};
+use super::sandbox::Sandbox;
 use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, Usage};
 use crate::tenant::TenantId;
 
@@ -31,7 +31,8 @@ pub async fn run(
     sandbox: Option<&Sandbox>,
 ) -> Result<Outcome, FunctionError> {
     let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
-    let jail = sandbox.map(|sandbox| sandbox.jail(tenant, spec, false)).transpose().map_err(|e| start_error(e.to_string()))?;
+    let jail =
+        sandbox.map(|sandbox| sandbox.jail(tenant, spec, false)).transpose().map_err(|e| start_error(e.to_string()))?;
     let group = jail.as_ref().map(|jail| &jail.group);
     let env = invocation_env(invocation, extra_env);
     let mut cmd =

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::sandbox::{self, Jail, Sandbox};
 use super::outbound::Outbound;
 use super::process;
+use super::sandbox::{self, Jail, Sandbox};
 use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, RunContext, Usage};
 use crate::semconv::{HEADER_JOB, HEADER_STATE_TOKEN};
 use crate::tenant::TenantId;
@@ -86,7 +86,12 @@ fn response_head(
 }
 
 fn timed_out(spec: &FunctionSpec) -> FunctionError {
-    FunctionError::Timeout { name: spec.name.clone(), timeout: spec.limits.timeout, usage: Usage::default(), still_running: None }
+    FunctionError::Timeout {
+        name: spec.name.clone(),
+        timeout: spec.limits.timeout,
+        usage: Usage::default(),
+        still_running: None,
+    }
 }
 
 /// An error's message with its causes (a refused connection, a name that did not resolve, the
@@ -114,9 +119,10 @@ pub async fn run_upstream(
     let request = request_for(spec, url, invocation, extra_headers)?;
     let mut request = reqwest::Request::try_from(request).map_err(|e| unreachable(with_causes(&e)))?;
     *request.timeout_mut() = Some(spec.limits.timeout);
-    let response = client.execute(request).await.map_err(|error| {
-        if error.is_timeout() { timed_out(spec) } else { unreachable(with_causes(&error)) }
-    })?;
+    let response = client
+        .execute(request)
+        .await
+        .map_err(|error| if error.is_timeout() { timed_out(spec) } else { unreachable(with_causes(&error)) })?;
     let (status, headers) = response_head(spec, response.status(), response.headers())?;
     let body = response.bytes().await.map_err(|e| unreachable(e.to_string()))?;
     if body.len() > MAX_RESPONSE_BYTES {
@@ -142,16 +148,20 @@ async fn forward_to_instance(
             .await
             .map_err(|e| unreachable(with_causes(&e)))?;
         tokio::spawn(connection);
-        let response =
-            sender.send_request(request.map(http_body_util::Full::new)).await.map_err(|e| unreachable(with_causes(&e)))?;
+        let response = sender
+            .send_request(request.map(http_body_util::Full::new))
+            .await
+            .map_err(|e| unreachable(with_causes(&e)))?;
         let (status, headers) = response_head(spec, response.status(), response.headers())?;
-        let body = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES).collect().await.map_err(|error| {
-            if error.is::<http_body_util::LengthLimitError>() {
-                FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES }
-            } else {
-                unreachable(error.to_string())
-            }
-        })?;
+        let body = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES).collect().await.map_err(
+            |error| {
+                if error.is::<http_body_util::LengthLimitError>() {
+                    FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES }
+                } else {
+                    unreachable(error.to_string())
+                }
+            },
+        )?;
         Ok((status, headers, body.to_bytes()))
     };
     tokio::time::timeout(spec.limits.timeout, exchange).await.map_err(|_| timed_out(spec))?

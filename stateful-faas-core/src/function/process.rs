@@ -21,7 +21,8 @@ pub fn command(
 ) -> std::process::Command {
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.arg("-c").arg(command).env_clear();
-    let inherited: &[&str] = if jail.is_some() { &["LANG", "LC_ALL", "TZ"] } else { &["PATH", "LANG", "LC_ALL", "TZ", "HOME"] };
+    let inherited: &[&str] =
+        if jail.is_some() { &["LANG", "LC_ALL", "TZ"] } else { &["PATH", "LANG", "LC_ALL", "TZ", "HOME"] };
     for key in inherited {
         if let Ok(value) = std::env::var(key) {
             cmd.env(key, value);

@@ -6,9 +6,9 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::sandbox::Sandbox;
 use super::deployment::{DeploymentError, FunctionDeployment, FunctionSpec, Target};
 use super::http::ManagedPool;
+use super::sandbox::Sandbox;
 use super::{FunctionError, Invocation, Outcome, RunContext, builtin, exec, http};
 use crate::database::now_ms;
 use crate::tenant::TenantId;

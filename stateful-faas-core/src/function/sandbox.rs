@@ -128,7 +128,8 @@ impl Sandbox {
             return Err(SandboxError::Unavailable(format!("the uid range {:?} is empty or holds root", config.uids)));
         }
         let cgroups = Cgroups::start(config.limits)?;
-        let data_dir = std::fs::canonicalize(data_dir).map_err(|e| SandboxError::Io(format!("{}: {e}", data_dir.display())))?;
+        let data_dir =
+            std::fs::canonicalize(data_dir).map_err(|e| SandboxError::Io(format!("{}: {e}", data_dir.display())))?;
         let root = data_dir.join("sandbox-root");
         std::fs::create_dir_all(&root).map_err(|e| SandboxError::Io(format!("{}: {e}", root.display())))?;
         let system = SYSTEM
@@ -208,7 +209,7 @@ impl Sandbox {
                 dir.display()
             )));
         }
-        let group = self.cgroups.create(tenant, &spec.name, spec.limits.memory_bytes)?;
+        let group = self.cgroups.create(tenant, &spec.name, spec.limits.memory_bytes, spec.limits.cpu_millis)?;
         let (uid, tenant_net) = self.tenant(tenant)?;
         let net = match (own_network, tenant_net) {
             (_, None) => None,
@@ -237,7 +238,8 @@ impl Sandbox {
         let net = if self.egress.contains(tenant.as_str()) {
             None
         } else {
-            let net = NetNs::new(self.state_router.get()).map_err(|e| SandboxError::Io(format!("network namespace: {e}")))?;
+            let net =
+                NetNs::new(self.state_router.get()).map_err(|e| SandboxError::Io(format!("network namespace: {e}")))?;
             Some(Arc::new(net))
         };
         tenants.insert(tenant.clone(), TenantBox { uid, net: net.clone() });
@@ -266,7 +268,12 @@ impl Sandbox {
             ops.push(Op::File(at(&path)));
             ops.push(Op::BindDevice(cstring(&path), at(&path)));
         }
-        for (link, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+        for (link, target) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ] {
             ops.push(Op::Symlink(cstring(Path::new(target)), at(&Path::new("/dev").join(link))));
         }
         ops.push(Op::Dir(at(Path::new("/tmp"))));
@@ -405,8 +412,15 @@ impl Plan {
                     }
                     Op::Symlink(target, path) => check(libc::symlink(target.as_ptr(), path.as_ptr()))?,
                     Op::BindReadOnly(source, target) => {
-                        check(libc::mount(source.as_ptr(), target.as_ptr(), null, libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
-                        let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+                        check(libc::mount(
+                            source.as_ptr(),
+                            target.as_ptr(),
+                            null,
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        ))?;
+                        let flags =
+                            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
                         check(libc::mount(null, target.as_ptr(), null, flags, std::ptr::null()))?;
                     }
                     Op::BindDevice(source, target) => {
