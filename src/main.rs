@@ -285,7 +285,7 @@ enum BenchCommand {
         /// rounds' ratios.
         #[arg(long, default_value_t = 16)]
         rounds: usize,
-        /// Only the `noop`, `exec` (spans on and off) or `sandbox` (exec with cgroups on and off) scenarios.
+        /// Only the `noop`, `exec` (spans on and off) or `sandbox` (exec and managed http, sandbox on and off) scenarios.
         #[arg(long)]
         only: Option<String>,
     },

@@ -9,10 +9,11 @@
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
 
 use super::cgroup::Group;
 use super::process::{self, Reaped};
-use super::sandbox::Sandbox;
+use super::sandbox::{Io, Sandbox};
 use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, Usage};
 use crate::tenant::TenantId;
 
@@ -35,21 +36,20 @@ pub async fn run(
         sandbox.map(|sandbox| sandbox.jail(tenant, spec, false)).transpose().map_err(|e| start_error(e.to_string()))?;
     let group = jail.as_ref().map(|jail| &jail.group);
     let env = invocation_env(invocation, extra_env);
-    let mut cmd =
-        process::command(command, &spec.env, &env, spec.workdir.as_deref(), spec.limits.memory_bytes, jail.as_ref());
-    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| start_error(e.to_string()))?;
-    let pid = child.id() as i32;
+    let workdir = spec.workdir.as_deref();
+    let spawned = process::spawn(command, &spec.env, &env, workdir, spec.limits.memory_bytes, jail.as_ref(), Io::Piped)
+        .map_err(|e| start_error(e.to_string()))?;
+    let pid = spawned.pid;
     // If this call is abandoned (a cancelled flow run), the process group dies with it (and the
     // cgroup, when its `Group` drops).
     let kill_guard = KillOnDrop(pid);
-    let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
-    // `child` is reaped by wait4 below, never by std; dropping it does not wait.
-    drop(child);
-    let (Some(stdin), Some(stdout), Some(stderr)) = pipes else { unreachable!("piped") };
-    let stdin = tokio::process::ChildStdin::from_std(stdin).map_err(|e| start_error(e.to_string()))?;
-    let stdout = tokio::process::ChildStdout::from_std(stdout).map_err(|e| start_error(e.to_string()))?;
-    let stderr = tokio::process::ChildStderr::from_std(stderr).map_err(|e| start_error(e.to_string()))?;
+    let (Some(stdin), Some(stdout), Some(stderr)) = (spawned.stdin, spawned.stdout, spawned.stderr) else {
+        unreachable!("piped")
+    };
+    let pipe_error = |e: std::io::Error| start_error(e.to_string());
+    let stdin = pipe::Sender::from_owned_fd(stdin).map_err(pipe_error)?;
+    let stdout = pipe::Receiver::from_owned_fd(stdout).map_err(pipe_error)?;
+    let stderr = pipe::Receiver::from_owned_fd(stderr).map_err(pipe_error)?;
     let mut reaper = tokio::task::spawn_blocking(move || process::wait4(pid));
 
     let body = invocation.body.clone();

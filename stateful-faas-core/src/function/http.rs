@@ -18,7 +18,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::outbound::Outbound;
 use super::process;
-use super::sandbox::{self, Jail, Sandbox};
+use std::os::unix::process::ExitStatusExt;
+
+use super::sandbox::{self, Io, Jail, Sandbox};
 use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, RunContext, Usage};
 use crate::semconv::{HEADER_JOB, HEADER_STATE_TOKEN};
 use crate::tenant::TenantId;
@@ -169,8 +171,7 @@ async fn forward_to_instance(
 
 /// One running server process of a managed function.
 struct Instance {
-    child: tokio::process::Child,
-    pid: u32,
+    process: process::Running,
     port: u16,
     last_used: Instant,
     /// Its jail: its cgroup (everything it starts runs there; killed with it) and its network.
@@ -181,11 +182,13 @@ impl Instance {
     /// CPU time the instance used so far, in nanoseconds: its cgroup's, or its server
     /// process's threads' with the sandbox off.
     fn cpu_ns(&self) -> u64 {
-        self.jail.as_ref().map_or_else(|| process::process_cpu_ns(self.pid), |jail| jail.group.cpu_ns())
+        self.jail.as_ref().map_or_else(|| process::process_cpu_ns(self.process.pid as u32), |jail| jail.group.cpu_ns())
     }
 
     fn peak_memory_bytes(&self) -> u64 {
-        self.jail.as_ref().map_or_else(|| process::process_peak_rss(self.pid), |jail| jail.group.peak_memory_bytes())
+        self.jail
+            .as_ref()
+            .map_or_else(|| process::process_peak_rss(self.process.pid as u32), |jail| jail.group.peak_memory_bytes())
     }
 
     /// A connection to the server (in its jail's network, or the host's loopback).
@@ -194,13 +197,6 @@ impl Instance {
             Some(jail) => jail.connect(self.port).await,
             None => tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, self.port)).await,
         }
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        process::kill_group(self.pid as i32);
-        let _ = self.child.start_kill();
     }
 }
 
@@ -291,7 +287,7 @@ impl ManagedPool {
             peak_memory_bytes: instance.peak_memory_bytes(),
             cold_start,
         };
-        let alive = matches!(instance.child.try_wait(), Ok(None));
+        let alive = instance.process.try_wait().is_none();
         match &result {
             // A server that timed out or died is not trusted with the next request.
             Err(_) if !alive || matches!(result, Err(FunctionError::Timeout { .. })) => self.discard(instance),
@@ -346,26 +342,19 @@ impl ManagedPool {
             env.push((crate::semconv::ENV_STATE_URL.to_string(), url.to_string()));
         }
         let command = format!("exec {}", self.command);
-        let mut std_command = process::command(
-            &command,
-            &spec.env,
-            &env,
-            spec.workdir.as_deref(),
-            spec.limits.memory_bytes,
-            jail.as_ref(),
-        );
-        std_command.stdin(std::process::Stdio::null());
-        let mut command = tokio::process::Command::from(std_command);
-        command.kill_on_drop(true);
-        let child = command.spawn().map_err(|e| start_error(e.to_string()))?;
-        let pid = child.id().ok_or_else(|| start_error("exited at once".into()))?;
-        let mut instance = Instance { child, pid, port, last_used: Instant::now(), jail };
+        let workdir = spec.workdir.as_deref();
+        let spawned =
+            process::spawn(&command, &spec.env, &env, workdir, spec.limits.memory_bytes, jail.as_ref(), Io::Quiet)
+                .map_err(|e| start_error(e.to_string()))?;
+        let pid = spawned.pid;
+        let mut instance = Instance { process: process::Running::new(pid), port, last_used: Instant::now(), jail };
         let deadline = Instant::now() + STARTUP_TIMEOUT.min(spec.limits.timeout.max(Duration::from_secs(1)) * 10);
         loop {
             if instance.connect().await.is_ok() {
                 break;
             }
-            if let Ok(Some(status)) = instance.child.try_wait() {
+            if let Some(status) = instance.process.try_wait() {
+                let status = std::process::ExitStatus::from_raw(status);
                 return Err(start_error(format!("server exited before listening on port {port}: {status}")));
             }
             if Instant::now() >= deadline {

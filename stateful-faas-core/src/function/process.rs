@@ -1,71 +1,120 @@
 //! Process plumbing shared by `exec` and managed `http` functions.
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::process::Stdio;
 
-use super::cgroup;
-use super::sandbox::{self, Jail};
+use super::sandbox::{self, Io, Jail, Spawned};
 
-/// Builds `sh -c COMMAND` in its own process group, with a clean environment (the gateway's own
-/// secrets never reach a function). In a sandbox `jail` when there is one (its cgroup, which
-/// limits its memory, its namespaces, uid and seccomp filter; `workdir` is then entered by the
-/// jail), else as a plain child with `memory_bytes` as its address-space limit.
-pub fn command(
+/// Starts `sh -c COMMAND` in its own process group, with a clean environment (the gateway's
+/// own secrets never reach a function): in a sandbox `jail` when there is one (its cgroup,
+/// which limits its memory, namespaces, uid and seccomp filter; it enters `workdir` itself),
+/// else as a plain child with `memory_bytes` as its address-space limit.
+pub fn spawn(
     command: &str,
     env: &BTreeMap<String, String>,
     extra_env: &[(String, String)],
     workdir: Option<&Path>,
     memory_bytes: Option<u64>,
     jail: Option<&Jail>,
-) -> std::process::Command {
-    let mut cmd = std::process::Command::new("/bin/sh");
-    cmd.arg("-c").arg(command).env_clear();
+    io: Io,
+) -> std::io::Result<Spawned> {
     let inherited: &[&str] =
         if jail.is_some() { &["LANG", "LC_ALL", "TZ"] } else { &["PATH", "LANG", "LC_ALL", "TZ", "HOME"] };
-    for key in inherited {
-        if let Ok(value) = std::env::var(key) {
-            cmd.env(key, value);
-        }
-    }
+    let mut vars: BTreeMap<String, String> =
+        inherited.iter().filter_map(|key| Some((key.to_string(), std::env::var(key).ok()?))).collect();
     if jail.is_some() {
-        cmd.envs(sandbox::base_env());
+        vars.extend(sandbox::base_env().map(|(k, v)| (k.to_string(), v.to_string())));
     }
-    cmd.envs(env).envs(extra_env.iter().map(|(k, v)| (k, v)));
-    if let Some(url) = jail.and_then(|jail| jail.state_url.as_deref()) {
-        cmd.env(crate::semconv::ENV_STATE_URL, url);
+    vars.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    vars.extend(extra_env.iter().cloned());
+    if let Some(jail) = jail {
+        if let Some(url) = &jail.state_url {
+            vars.insert(crate::semconv::ENV_STATE_URL.to_string(), url.clone());
+        }
+        let c = |text: String| CString::new(text).map_err(std::io::Error::other);
+        let argv = [c("/bin/sh".into())?, c("-c".into())?, c(command.into())?];
+        let envp = vars.into_iter().map(|(k, v)| c(format!("{k}={v}"))).collect::<Result<Vec<_>, _>>()?;
+        return jail.spawn(&argv, &envp, io);
     }
-    if let (Some(dir), None) = (workdir, jail) {
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c").arg(command).env_clear().envs(vars);
+    if let Some(dir) = workdir {
         cmd.current_dir(dir);
     }
-    let join_fds = jail.map(|jail| jail.group.join_fds()).unwrap_or_default();
-    let plan = jail.map(Jail::plan);
-    let address_space = if jail.is_some() { None } else { memory_bytes };
-    // SAFETY: only async-signal-safe calls (write, setpgid, prctl, setrlimit, and the jail's
-    // syscalls on memory prepared before the fork) between fork and exec.
+    match io {
+        Io::Piped => cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()),
+        Io::Quiet => cmd.stdin(Stdio::null()),
+    };
+    // SAFETY: only async-signal-safe calls (setpgid, prctl, setrlimit) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            // Into its cgroup first, so that everything it starts is counted and limited.
-            cgroup::join_in_child(&join_fds)?;
             if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // If the gateway dies (even by SIGKILL), its functions die with it instead of
             // lingering as orphans. Spawns happen on the runtime's long-lived worker threads.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if let Some(limit) = address_space {
+            if let Some(limit) = memory_bytes {
                 let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
                 if libc::setrlimit(libc::RLIMIT_AS, &rlimit) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            match &plan {
-                Some(plan) => plan.enter(),
-                None => Ok(()),
-            }
+            Ok(())
         });
     }
-    cmd
+    // The child is reaped by `wait4` (or `Running`'s drop), never by std: dropping it does not wait.
+    let mut child = cmd.spawn()?;
+    Ok(Spawned {
+        pid: child.id() as i32,
+        stdin: child.stdin.take().map(OwnedFd::from),
+        stdout: child.stdout.take().map(OwnedFd::from),
+        stderr: child.stderr.take().map(OwnedFd::from),
+    })
+}
+
+/// A long-running process (a managed instance): killed, with its group, and reaped when dropped.
+#[derive(Debug)]
+pub struct Running {
+    pub pid: i32,
+    /// Its exit status once reaped (its pid may then be another process's).
+    exited: Option<i32>,
+}
+
+impl Running {
+    pub fn new(pid: i32) -> Self {
+        Self { pid, exited: None }
+    }
+
+    /// How it ended (its wait status), if it has.
+    pub fn try_wait(&mut self) -> Option<i32> {
+        if self.exited.is_none() {
+            let mut status = 0;
+            // SAFETY: plain syscall on our own child.
+            if unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) } == self.pid {
+                self.exited = Some(status);
+            }
+        }
+        self.exited
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.exited.is_some() {
+            return;
+        }
+        kill_group(self.pid);
+        // SAFETY: plain syscall; the process may be gone already.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        let pid = self.pid;
+        // Reaped off the caller's thread: dying takes the kernel a moment.
+        std::thread::spawn(move || wait4(pid));
+    }
 }
 
 /// Kills a whole process group (the function and anything it started).

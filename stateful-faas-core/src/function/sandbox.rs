@@ -170,19 +170,18 @@ impl Sandbox {
     async fn probe(&self) -> Result<(), SandboxError> {
         let net = NetNs::new(None).map_err(|e| SandboxError::Unavailable(format!("a network namespace: {e}")))?;
         let plan = self.plan(*self.uids.start(), Some(Arc::new(net)), None);
-        let mut command = std::process::Command::new("/bin/true");
-        command.env_clear().stdin(std::process::Stdio::null());
-        // SAFETY: `enter` makes only async-signal-safe calls on memory prepared before the fork.
-        unsafe {
-            command.pre_exec(move || plan.enter());
-        }
-        use std::os::unix::process::CommandExt;
-        let status = tokio::task::spawn_blocking(move || command.status())
+        let spawned = plan
+            .spawn(&[], &[c"/bin/true".into()], &[], Io::Quiet)
+            .map_err(|e| SandboxError::Unavailable(format!("a test jail did not start: {e}")))?;
+        let reaped = tokio::task::spawn_blocking(move || super::process::wait4(spawned.pid))
             .await
             .map_err(|e| SandboxError::Unavailable(e.to_string()))?
-            .map_err(|e| SandboxError::Unavailable(format!("a test jail did not start: {e}")))?;
-        if !status.success() {
-            return Err(SandboxError::Unavailable(format!("a test jail running /bin/true ended with {status}")));
+            .map_err(|e| SandboxError::Unavailable(e.to_string()))?;
+        if reaped.exit_code() != Some(0) {
+            return Err(SandboxError::Unavailable(format!(
+                "a test jail running /bin/true ended with {}",
+                reaped.status
+            )));
         }
         Ok(())
     }
@@ -311,9 +310,9 @@ pub struct Jail {
 }
 
 impl Jail {
-    /// What the child runs between fork and exec (after joining its cgroup).
-    pub fn plan(&self) -> Arc<Plan> {
-        self.plan.clone()
+    /// Starts `argv` (with `envp`, `KEY=VALUE`s) in the jail.
+    pub fn spawn(&self, argv: &[CString], envp: &[CString], io: Io) -> io::Result<Spawned> {
+        self.plan.spawn(&self.group.join_fds(), argv, envp, io)
     }
 
     /// Connects to `port` on the jail's loopback (or the host's, with egress).
@@ -366,28 +365,105 @@ pub struct Plan {
 unsafe impl Send for Plan {}
 unsafe impl Sync for Plan {}
 
+/// A jailed process's standard streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// Pipes to the gateway for all three (an exec invocation).
+    Piped,
+    /// stdin from `/dev/null`, stdout and stderr the gateway's own (a managed server).
+    Quiet,
+}
+
+/// A started process and the gateway's ends of its pipes.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: libc::pid_t,
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// What the jailed child reads (in the gateway's memory, which it shares until it execs).
+struct Child<'a> {
+    plan: &'a Plan,
+    join_fds: &'a [RawFd],
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    /// Descriptors to become 0, 1 and 2.
+    stdio: [RawFd; 3],
+    /// The errno of the step that failed, for the gateway to report.
+    error: std::sync::atomic::AtomicI32,
+}
+
 impl Plan {
-    /// Enters the jail: call between fork and exec, after the cgroup is joined. Returns in a
-    /// grandchild, pid 1 of its own pid namespace, ready to exec; the child itself waits for
-    /// it and exits as it did (it never returns).
-    pub fn enter(&self) -> io::Result<()> {
-        // SAFETY: raw syscalls on memory prepared before the fork; no allocation, no lock.
-        unsafe {
-            if let Some(net) = &self.net {
-                check(libc::setns(net.fd.as_raw_fd(), libc::CLONE_NEWNET))?;
+    /// Starts a process in the jail the way `posix_spawn` does: a `clone` that shares the
+    /// gateway's memory and suspends the calling thread until the child execs (no copy of the
+    /// gateway's page tables, no copy-on-write faults while the function runs), with new
+    /// mount, pid, ipc and uts namespaces. The child is pid 1 of its pid namespace; when it
+    /// exits, the kernel kills whatever else runs there.
+    pub fn spawn(&self, join_fds: &[RawFd], argv: &[CString], envp: &[CString], io: Io) -> io::Result<Spawned> {
+        let pipe = || -> io::Result<(OwnedFd, OwnedFd)> {
+            let mut fds = [0; 2];
+            // SAFETY: pipe2 writes two descriptors into the array.
+            check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+            // SAFETY: both are open and ours alone.
+            Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+        };
+        let (stdio, kept, gateway_ends) = match io {
+            Io::Piped => {
+                let ((in_r, in_w), (out_r, out_w), (err_r, err_w)) = (pipe()?, pipe()?, pipe()?);
+                let stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+                (stdio, vec![in_r, out_w, err_w], (Some(in_w), Some(out_r), Some(err_r)))
             }
-            check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS))?;
-            // A raw clone (fork without glibc's atfork handlers, which may take locks).
-            let pid = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0);
-            if pid < 0 {
-                return Err(io::Error::last_os_error());
+            Io::Quiet => {
+                let null = std::fs::File::open("/dev/null")?;
+                let null = OwnedFd::from(null);
+                ([null.as_raw_fd(), 1, 2], vec![null], (None, None, None))
             }
-            if pid > 0 {
-                wait_and_exit(pid as libc::pid_t);
-            }
-            self.build_root()?;
-            self.drop_privileges()
+        };
+        let argv_ptrs: Vec<_> = argv.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
+        let envp_ptrs: Vec<_> = envp.iter().map(|e| e.as_ptr()).chain([std::ptr::null()]).collect();
+        let child = Child {
+            plan: self,
+            join_fds,
+            argv: &argv_ptrs,
+            envp: &envp_ptrs,
+            stdio,
+            error: std::sync::atomic::AtomicI32::new(0),
+        };
+        let mut stack = vec![0u8; CHILD_STACK_BYTES];
+        let flags = libc::CLONE_VM
+            | libc::CLONE_VFORK
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS
+            | libc::SIGCHLD;
+        // SAFETY: every signal is blocked around the clone, so no handler of the gateway's runs
+        // on the child's stack; the child only makes raw syscalls on `child`, which outlives it
+        // (this thread is suspended until it execs or exits), and its stack is ours.
+        let pid = unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            let top = stack.as_mut_ptr().add(stack.len() & !15);
+            let pid = libc::clone(child_main, top.cast(), flags, (&child as *const Child).cast_mut().cast());
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            pid
+        };
+        drop(kept);
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
         }
+        let errno = child.error.load(std::sync::atomic::Ordering::SeqCst);
+        if errno != 0 {
+            // It exited without exec: reap it and say why.
+            let _ = super::process::wait4(pid);
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        let (stdin, stdout, stderr) = gateway_ends;
+        Ok(Spawned { pid, stdin, stdout, stderr })
     }
 
     unsafe fn build_root(&self) -> io::Result<()> {
@@ -472,28 +548,50 @@ unsafe fn mount_tmpfs(path: &CStr, options: &CStr) -> io::Result<()> {
     check(unsafe { libc::mount(c"sfaas".as_ptr(), path.as_ptr(), c"tmpfs".as_ptr(), flags, options.as_ptr().cast()) })
 }
 
-/// The jailed child's parent: closes everything it holds (so the gateway sees the pipes and
-/// its exec-status pipe close with the grandchild), waits, and exits as the grandchild did.
-unsafe fn wait_and_exit(pid: libc::pid_t) -> ! {
-    unsafe {
-        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
-        let mut status = 0;
-        loop {
-            let reaped = libc::waitpid(pid, &mut status, 0);
-            if reaped == pid {
-                break;
+/// Stack of a jailed child until it execs.
+const CHILD_STACK_BYTES: usize = 64 << 10;
+
+/// The jailed child, from `clone` to `execve`: only raw syscalls on memory prepared before.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `Child` the suspended gateway thread holds.
+    let child = unsafe { &*(arg as *const Child) };
+    // SAFETY: raw syscalls; see `Plan::spawn`.
+    let result = unsafe { child.run() };
+    let errno = result.err().and_then(|e| e.raw_os_error()).unwrap_or(libc::EINVAL);
+    child.error.store(errno.max(1), std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: leaves without running anything of the gateway's.
+    unsafe { libc::_exit(127) }
+}
+
+impl Child<'_> {
+    /// Returns only if a step failed.
+    unsafe fn run(&self) -> io::Result<()> {
+        unsafe {
+            // The gateway's handlers live in memory this child shares: back to the defaults.
+            for signal in 1..libc::SIGRTMAX() {
+                libc::signal(signal, libc::SIG_DFL);
             }
-            if reaped < 0 && *libc::__errno_location() != libc::EINTR {
-                libc::_exit(125);
+            // Into its cgroups first, so that everything it starts is counted and limited.
+            super::cgroup::join_in_child(self.join_fds)?;
+            check(libc::setpgid(0, 0))?;
+            // If the gateway dies (even by SIGKILL), its functions die with it.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            for (target, fd) in self.stdio.iter().enumerate() {
+                if *fd != target as RawFd {
+                    check(libc::dup2(*fd, target as RawFd))?;
+                }
             }
+            let plan = self.plan;
+            if let Some(net) = &plan.net {
+                check(libc::setns(net.fd.as_raw_fd(), libc::CLONE_NEWNET))?;
+            }
+            plan.build_root()?;
+            plan.drop_privileges()?;
+            let empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            libc::execve(self.argv[0], self.argv.as_ptr(), self.envp.as_ptr());
+            Err(io::Error::last_os_error())
         }
-        if libc::WIFSIGNALED(status) {
-            let signal = libc::WTERMSIG(status);
-            libc::signal(signal, libc::SIG_DFL);
-            libc::kill(libc::getpid(), signal);
-            libc::_exit(128 + signal);
-        }
-        libc::_exit(libc::WEXITSTATUS(status))
     }
 }
 
