@@ -318,16 +318,7 @@ impl Jail {
     /// Connects to `port` on the jail's loopback (or the host's, with egress).
     pub async fn connect(&self, port: u16) -> io::Result<tokio::net::TcpStream> {
         match &self.net {
-            Some(net) => {
-                let ns = net.fd.as_raw_fd();
-                let stream = tokio::task::spawn_blocking(move || {
-                    in_netns(ns, || std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)))
-                })
-                .await
-                .map_err(io::Error::other)???;
-                stream.set_nonblocking(true)?;
-                tokio::net::TcpStream::from_std(stream)
-            }
+            Some(net) => socket_in(net.fd.as_raw_fd())?.connect((std::net::Ipv4Addr::LOCALHOST, port).into()).await,
             None => tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).await,
         }
     }
@@ -630,10 +621,10 @@ impl NetNs {
         let Some(router) = state else {
             return Ok(Self { fd, state_url: None, server: None });
         };
-        let listener = in_netns(fd.as_raw_fd(), || std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)))??;
+        let socket = socket_in(fd.as_raw_fd())?;
+        socket.bind((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+        let listener = socket.listen(1024)?;
         let port = listener.local_addr()?.port();
-        listener.set_nonblocking(true)?;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
         let router = router.clone();
         let server = tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, router).await {
@@ -652,19 +643,31 @@ impl Drop for NetNs {
     }
 }
 
-/// Runs `f` on a thread that has entered the network namespace `ns`: sockets it makes belong
-/// to that namespace, wherever they are used afterwards.
-fn in_netns<T: Send>(ns: RawFd, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: plain syscall on this short-lived thread.
-                check(unsafe { libc::setns(ns, libc::CLONE_NEWNET) })?;
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| io::Error::other("the namespace thread panicked"))?
-    })
+/// The gateway's own network namespace.
+static HOST_NETWORK: OnceLock<OwnedFd> = OnceLock::new();
+
+/// A TCP socket of the network namespace `ns`, made on the calling thread: it enters `ns`,
+/// makes the socket and returns to the gateway's namespace. A socket belongs to the namespace
+/// it was made in, wherever it is used afterwards.
+fn socket_in(ns: RawFd) -> io::Result<tokio::net::TcpSocket> {
+    let host = match HOST_NETWORK.get() {
+        Some(host) => host,
+        None => {
+            let host = std::fs::File::open("/proc/self/ns/net")?;
+            HOST_NETWORK.get_or_init(|| host.into())
+        }
+    };
+    // SAFETY: plain syscalls; the thread is back in its own namespace before anything else runs on it.
+    unsafe {
+        check(libc::setns(ns, libc::CLONE_NEWNET))?;
+        let socket = tokio::net::TcpSocket::new_v4();
+        if libc::setns(host.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+            // A gateway thread left in a tenant's network would serve it: never go on.
+            eprintln!("sfaas: cannot return to the gateway's network namespace: {}", io::Error::last_os_error());
+            std::process::abort();
+        }
+        socket
+    }
 }
 
 /// Brings up `lo` in the calling thread's network namespace.
