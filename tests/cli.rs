@@ -146,3 +146,24 @@ async fn cli_round_trip_and_async_calls_survive_a_crash() {
     }
     assert!(core.wait().unwrap().success());
 }
+
+/// Where the sandbox cannot work (here: not root), the gateway refuses to start and says why
+/// and what to do, instead of running tenants' code unconfined.
+#[test]
+fn without_root_the_sandbox_refuses_to_start_and_says_why() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut command = sfaas_command();
+    command.args(["core", "--gateway-addr", "127.0.0.1:0", "--data-dir"]).arg(dir.path().join("data"));
+    command.env_remove("SFAAS_ADMIN_TOKEN").stdin(Stdio::null());
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } == 0 {
+        command.uid(65534).gid(65534);
+    }
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "it started: {stderr}");
+    assert!(stderr.contains("the sandbox cannot run here: the gateway does not run as root"), "{stderr}");
+    assert!(stderr.contains("--sandbox off"), "{stderr}");
+}

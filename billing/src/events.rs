@@ -26,6 +26,10 @@ pub fn event(record: &UsageRecord, cost: Option<&rust_decimal::Decimal>) -> Valu
                 "status_code": record.status_code,
             }),
         ),
+        Kind::Instance => (
+            "io.stateful-faas.instance",
+            json!({"function": record.function, "cpu_ms": record.cpu_ms, "interval_end": rfc3339(record.end_ns)}),
+        ),
         Kind::State => (
             "io.stateful-faas.state",
             json!({

@@ -24,7 +24,7 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::db::{Db, on_pool, value_groups};
 use crate::period::{Period, PeriodKind};
-use crate::usage::{Totals, TotalsKey};
+use crate::usage::{Kind, Totals, TotalsKey};
 use crate::{BillingError, Result};
 
 /// What one chunk gave.
@@ -54,7 +54,7 @@ struct Span {
 
 const READ_SPANS: &str = "SELECT tenant, trace_id, span_id, name, start_ns, end_ns, received_ms, attributes \
      FROM spans WHERE metered = 1 AND received_ms > ? AND received_ms <= ? \
-     AND (substr(name, 1, 7) = 'invoke ' OR name = 'state.usage')";
+     AND (substr(name, 1, 7) = 'invoke ' OR name = 'state.usage' OR name = 'instance.usage')";
 
 pub(crate) const INSERT_RECORDS: &str = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, \
      span_id, start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, \
@@ -188,7 +188,7 @@ struct Figures {
 struct Record {
     span: Span,
     usage_id: String,
-    invocation: bool,
+    kind: Kind,
     function: String,
     flow_run: Option<String>,
     figures: Figures,
@@ -212,7 +212,7 @@ impl Record {
         [
             Text(&s.tenant),
             Text(&self.usage_id),
-            Text(if self.invocation { "invocation" } else { "state" }),
+            Text(self.kind.as_str()),
             Text(&self.function),
             self.flow_run.as_deref().map_or(Null, Text),
             Text(&s.trace_id),
@@ -288,11 +288,16 @@ impl PeriodKeys {
 
 /// The chunk's spans as records, in key order, the first arrival of each usage id only; with
 /// the number of candidates and of malformed ones.
-fn records(spans: Vec<Span>, kind: PeriodKind) -> (Vec<Record>, u64, u64) {
+fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64) {
     let (mut candidates, mut malformed) = (0, 0);
     let mut out = Vec::with_capacity(spans.len());
     for span in spans {
-        let state = span.name == "state.usage";
+        let kind = match span.name.as_str() {
+            "state.usage" => Kind::State,
+            "instance.usage" => Kind::Instance,
+            _ => Kind::Invocation,
+        };
+        let state = kind == Kind::State;
         let parsed = span.attributes.starts_with('{').then(|| serde_json::from_str::<Attributes>(&span.attributes));
         let Some(Ok(a)) = parsed else {
             // Not a JSON object of distinct keys (the collector never stores one).
@@ -304,14 +309,22 @@ fn records(spans: Vec<Span>, kind: PeriodKind) -> (Vec<Record>, u64, u64) {
             continue;
         }
         candidates += 1;
-        let usage = if state {
-            let byte_seconds = match &a.byte_seconds {
-                Attr::Text(text) if is_decimal(text) => text.parse::<Decimal>().ok().map(|d| (text.clone(), d)),
-                _ => None,
-            };
-            a.usage_id.id().zip(byte_seconds)
-        } else {
-            a.invocation_id.id().map(|id| (id, (Cow::Borrowed("0"), Decimal::ZERO)))
+        let no_state = || (Cow::Borrowed("0"), Decimal::ZERO);
+        let usage = match kind {
+            Kind::State => {
+                let byte_seconds = match &a.byte_seconds {
+                    Attr::Text(text) if is_decimal(text) => text.parse::<Decimal>().ok().map(|d| (text.clone(), d)),
+                    _ => None,
+                };
+                a.usage_id.id().zip(byte_seconds)
+            }
+            // Its id must be the platform's own kind of id, so that no other record's is taken.
+            Kind::Instance => a
+                .usage_id
+                .id()
+                .filter(|id| id.starts_with("instance/") && a.function.id().is_some())
+                .map(|id| (id, no_state())),
+            Kind::Invocation => a.invocation_id.id().map(|id| (id, no_state())),
         };
         let Some((usage_id, (byte_seconds, state_decimal))) = usage else {
             malformed += 1;
@@ -339,10 +352,10 @@ fn records(spans: Vec<Span>, kind: PeriodKind) -> (Vec<Record>, u64, u64) {
         };
         drop(a);
         out.push(Record {
-            period: Period::containing(kind, span.start_ns),
+            period: Period::containing(period_kind, span.start_ns),
             span,
             usage_id,
-            invocation: !state,
+            kind,
             function,
             flow_run,
             figures,
@@ -432,8 +445,8 @@ fn sum_new(records: &[Record], billed: &[Billed], new: Vec<bool>) -> (HashMap<To
         let f = record.figures;
         sums.entry(key).or_default().add(&Totals {
             records: 1,
-            invocations: i64::from(record.invocation),
-            errors: i64::from(record.invocation && f.status_code >= 500),
+            invocations: i64::from(record.kind == Kind::Invocation),
+            errors: i64::from(record.kind == Kind::Invocation && f.status_code >= 500),
             cpu_ms: f.cpu_ms,
             wall_ms: f.wall_ms,
             bytes_out: f.bytes_out,
@@ -624,6 +637,60 @@ mod tests {
     }
 
     #[test]
+    fn instance_usage_is_cpu_of_its_function_and_never_an_invocation() {
+        let at = "2026-10-03T10:00:00Z";
+        let spans = vec![
+            span(
+                "acme",
+                "instance.usage",
+                "t1",
+                10,
+                at,
+                r#"{"sfaas.billable":true,"faas.name":"srv","sfaas.cpu_ms":250,"sfaas.usage_id":"instance/ab12/1"}"#,
+            ),
+            // Not the platform's kind of id (an invocation's could be anything): malformed.
+            span(
+                "acme",
+                "instance.usage",
+                "t2",
+                10,
+                at,
+                r#"{"sfaas.billable":true,"faas.name":"srv","sfaas.cpu_ms":9,"sfaas.usage_id":"x"}"#,
+            ),
+            // No function: malformed.
+            span(
+                "acme",
+                "instance.usage",
+                "t3",
+                10,
+                at,
+                r#"{"sfaas.billable":true,"sfaas.cpu_ms":9,"sfaas.usage_id":"instance/ab12/2"}"#,
+            ),
+            // Not billable: not a candidate.
+            span(
+                "acme",
+                "instance.usage",
+                "t4",
+                10,
+                at,
+                r#"{"faas.name":"srv","sfaas.cpu_ms":9,"sfaas.usage_id":"instance/ab12/3"}"#,
+            ),
+        ];
+        let (records, candidates, malformed) = records(spans, PeriodKind::Month);
+        assert_eq!((candidates, malformed), (3, 2));
+        let [record] = &records[..] else { panic!("one record") };
+        assert_eq!(
+            (record.key(), record.kind, &*record.function),
+            (("acme", "instance/ab12/1"), Kind::Instance, "srv")
+        );
+        assert_eq!(figures(record), [250, 0, 0, 0, 0, 0]);
+        let billed = [Billed { period: "2026-10", billed_period: "2026-10", plan: "basic" }];
+        let (sums, count, _) = sum_new(&records, &billed, vec![true]);
+        let totals = sums.values().next().unwrap();
+        assert_eq!((count, totals.records, totals.invocations, totals.cpu_ms), (1, 1, 0, 250));
+    }
+
+    #[test]
     fn spans_become_records_by_the_rules() {
         let billable = r#""sfaas.billable":true"#;
         let spans = [
@@ -699,7 +766,7 @@ mod tests {
         let seen: Vec<_> = records
             .iter()
             .map(|r| {
-                let kind = if r.invocation { "invocation" } else { "state" };
+                let kind = r.kind.as_str();
                 let (period, billed_period) = periods.keys(r.period);
                 let plan = plans.at(&r.span.tenant, r.span.start_ns).unwrap_or("basic");
                 let where_ = [period, billed_period, plan].join(" ");

@@ -549,7 +549,7 @@ impl Billing {
                     let kind: String = row.try_get("kind")?;
                     Ok(RecordCost {
                         usage_id: row.try_get("usage_id")?,
-                        kind: if kind == "state" { usage::Kind::State } else { usage::Kind::Invocation },
+                        kind: usage::Kind::parse(&kind),
                         function: row.try_get("function")?,
                         flow_run: row.try_get("flow_run")?,
                         trace_id: row.try_get("trace_id")?,
@@ -605,7 +605,7 @@ impl Billing {
                 Ok(UsageRecord {
                     tenant: row.try_get("tenant")?,
                     usage_id: row.try_get("usage_id")?,
-                    kind: if kind == "state" { usage::Kind::State } else { usage::Kind::Invocation },
+                    kind: usage::Kind::parse(&kind),
                     function: row.try_get("function")?,
                     flow_run: row.try_get("flow_run")?,
                     trace_id: row.try_get("trace_id")?,

@@ -5,7 +5,10 @@
 //!   keyed by (tenant, `faas.invocation_id`);
 //! - `state.usage` spans give one record per state interval and owner (a flow run's job, or
 //!   the tenant's standing storage), keyed by (tenant, `sfaas.usage_id`), with exact decimal
-//!   byte-seconds.
+//!   byte-seconds;
+//! - `instance.usage` spans give one record per stretch of a managed instance's CPU time
+//!   between requests (its idle work), keyed by (tenant, `sfaas.usage_id`): CPU-ms of its
+//!   function, no invocation.
 //!
 //! A record is inserted once and never updated: duplicate deliveries of a span (or of the same
 //! invocation in another span) insert nothing; the record names the first span that arrived.
@@ -19,6 +22,27 @@ use serde::Serialize;
 pub enum Kind {
     Invocation,
     State,
+    Instance,
+}
+
+impl Kind {
+    /// Its name in `usage_records.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Invocation => "invocation",
+            Kind::State => "state",
+            Kind::Instance => "instance",
+        }
+    }
+
+    /// A stored kind (anything unknown reads as an invocation, as rows did before kinds).
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "state" => Kind::State,
+            "instance" => Kind::Instance,
+            _ => Kind::Invocation,
+        }
+    }
 }
 
 /// One billable item.

@@ -50,6 +50,10 @@ pub const SFAAS_STATE_BYTE_SECONDS: &str = "sfaas.state.byte_seconds";
 /// Span name of one state usage record: an owner's byte-seconds in one usage interval, the
 /// span's start and end being the interval's.
 pub const SPAN_STATE_USAGE: &str = "state.usage";
+/// Span name of a managed instance's CPU time outside requests (its start, between requests,
+/// its stop), with `faas.name`, `sfaas.cpu_ms` and a `sfaas.usage_id` of
+/// `instance/<instance id>/<n>`; billed as CPU-ms of the function, not as an invocation.
+pub const SPAN_INSTANCE_USAGE: &str = "instance.usage";
 /// Who a `state.usage` record bills: [`STATE_OWNER_STANDING`] or [`STATE_OWNER_JOB`].
 pub const SFAAS_STATE_OWNER: &str = "sfaas.state.owner";
 pub const STATE_OWNER_STANDING: &str = "standing";

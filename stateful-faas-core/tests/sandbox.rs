@@ -371,3 +371,61 @@ async fn a_cpu_limit_holds_a_function_to_its_share() {
     assert_eq!(response.status(), 400);
     assert!(response.text().await.unwrap().contains("limits.cpu"));
 }
+
+/// A managed server that burns CPU when it starts and after each response, outside requests.
+const BUSY_SERVER: &str = r#"
+import http.server, os, threading, time
+def burn(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+burn(0.2)
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+        threading.Thread(target=burn, args=(0.1,)).start()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_instance_is_billed_for_its_cpu_between_requests() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let (endpoint, received) = grpc_receiver().await;
+    let mut core = start(|config| export_to(config, endpoint)).await;
+    let acme = core.tenant("acme").await;
+    std::fs::write(core.functions_dir().join("busy.py"), BUSY_SERVER).unwrap();
+    let workdir = core.functions_dir().display().to_string();
+    core.deploy(&acme, json!({"service": "busy", "kind": "http", "envProcess": "python3 busy.py", "workdir": workdir}))
+        .await;
+    for _ in 0..2 {
+        assert_eq!(core.invoke(&acme.ingest, "busy", "").await.text().await.unwrap(), "ok");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Stopping the core stops the instance and reports what it used since its last request.
+    core.stop().await;
+
+    let spans = spans(&received.requests.lock().unwrap());
+    let instance: Vec<_> = spans.iter().filter(|(_, _, s)| s.name == "instance.usage").map(|(_, _, s)| s).collect();
+    let invocations: Vec<_> = spans.iter().filter(|(_, _, s)| s.name == "invoke busy").collect();
+    assert_eq!(invocations.len(), 2);
+    let mut ids = Vec::new();
+    let mut cpu_ms = 0;
+    for span in &instance {
+        assert_eq!(string_attr(&span.attributes, "faas.name").as_deref(), Some("busy"));
+        ids.push(string_attr(&span.attributes, "sfaas.usage_id").unwrap());
+        cpu_ms += int_attr(&span.attributes, "sfaas.cpu_ms").unwrap();
+    }
+    assert!(ids.iter().all(|id| id.starts_with("instance/")), "{ids:?}");
+    ids.dedup();
+    assert_eq!(ids.len(), instance.len(), "usage ids are unique");
+    // 200 ms at start and 100 ms after each of two responses, plus Python's own start: all of
+    // it billed outside the requests, none of it lost.
+    assert!((400..900).contains(&cpu_ms), "instance usage {cpu_ms} ms in {} records", instance.len());
+}

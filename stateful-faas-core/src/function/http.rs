@@ -11,7 +11,7 @@
 //! behind a real OpenFaaS gateway); its CPU time is not visible to the core and is reported 0.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -176,7 +176,30 @@ struct Instance {
     last_used: Instant,
     /// Its jail: its cgroup (everything it starts runs there; killed with it) and its network.
     jail: Option<Jail>,
+    /// Unique among all instances: the stem of its usage records' ids.
+    id: uuid::Uuid,
+    /// Usage records it has given so far.
+    records: u64,
+    /// CPU time billed so far, to requests or as instance usage, and since when the rest ran.
+    metered_cpu_ns: u64,
+    metered_since: SystemTime,
 }
+
+/// CPU time a managed instance used outside requests (starting, between requests, stopping):
+/// billed to its tenant as an `instance.usage` record of its function, never dropped.
+#[derive(Debug, Clone)]
+pub struct InstanceUsage {
+    pub tenant: TenantId,
+    pub function: String,
+    /// `instance/<instance id>/<n>`: the platform's own, unique per tenant.
+    pub usage_id: String,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub cpu_ms: u64,
+}
+
+/// Instance usage not yet reported, shared by every pool.
+pub type InstanceMeter = Arc<Mutex<Vec<InstanceUsage>>>;
 
 impl Instance {
     /// CPU time the instance used so far, in nanoseconds: its cgroup's, or its server
@@ -202,8 +225,10 @@ impl Instance {
 
 /// The instances of one managed function.
 pub struct ManagedPool {
+    name: String,
     command: String,
     tenant: TenantId,
+    meter: InstanceMeter,
     sandbox: Option<Arc<Sandbox>>,
     idle: Mutex<Vec<Instance>>,
     /// One permit per instance that may exist; a request holds one while it runs.
@@ -214,10 +239,18 @@ pub struct ManagedPool {
 }
 
 impl ManagedPool {
-    pub fn new(spec: &FunctionSpec, command: &str, tenant: &TenantId, sandbox: Option<Arc<Sandbox>>) -> Arc<Self> {
+    pub fn new(
+        spec: &FunctionSpec,
+        command: &str,
+        tenant: &TenantId,
+        sandbox: Option<Arc<Sandbox>>,
+        meter: InstanceMeter,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            name: spec.name.clone(),
             command: command.to_string(),
             tenant: tenant.clone(),
+            meter,
             sandbox,
             idle: Mutex::new(Vec::new()),
             capacity: Arc::new(Semaphore::new(spec.limits.max_instances)),
@@ -278,15 +311,20 @@ impl ManagedPool {
             headers.push((HEADER_JOB.to_string(), job.clone()));
         }
         let cpu_before = instance.cpu_ns();
+        // What it used since it was last metered (its start, the time between requests).
+        self.meter(&mut instance, cpu_before, false);
         let result = match instance.connect().await {
             Ok(stream) => forward_to_instance(spec, stream, invocation, &headers).await,
             Err(error) => Err(FunctionError::Upstream { name: spec.name.clone(), message: error.to_string() }),
         };
+        let cpu_after = instance.cpu_ns();
         let usage = Usage {
-            cpu_ns: instance.cpu_ns().saturating_sub(cpu_before),
+            cpu_ns: cpu_after.saturating_sub(cpu_before),
             peak_memory_bytes: instance.peak_memory_bytes(),
             cold_start,
         };
+        // The request's CPU is its invocation's.
+        (instance.metered_cpu_ns, instance.metered_since) = (cpu_after.max(instance.metered_cpu_ns), SystemTime::now());
         let alive = instance.process.try_wait().is_none();
         match &result {
             // A server that timed out or died is not trusted with the next request.
@@ -307,9 +345,42 @@ impl ManagedPool {
         Ok(Outcome { status, headers, body, usage })
     }
 
-    fn discard(&self, instance: Instance) {
+    /// Records the instance's CPU time since it was last metered, up to `cpu_ns`: whole
+    /// milliseconds (the rest carries to the next record), or at its end everything, rounded up.
+    fn meter(&self, instance: &mut Instance, cpu_ns: u64, last: bool) {
+        let unmetered = cpu_ns.saturating_sub(instance.metered_cpu_ns);
+        let cpu_ms = if last { unmetered.div_ceil(1_000_000) } else { unmetered / 1_000_000 };
+        if cpu_ms == 0 {
+            return;
+        }
+        let now = SystemTime::now();
+        instance.records += 1;
+        self.meter.lock().unwrap().push(InstanceUsage {
+            tenant: self.tenant.clone(),
+            function: self.name.clone(),
+            usage_id: format!("instance/{}/{}", instance.id.simple(), instance.records),
+            start: instance.metered_since,
+            end: now,
+            cpu_ms,
+        });
+        instance.metered_cpu_ns += cpu_ms * 1_000_000;
+        instance.metered_since = now;
+    }
+
+    /// Stops an instance, metering what it used since its last request.
+    fn discard(&self, mut instance: Instance) {
+        let cpu_ns = instance.cpu_ns();
+        self.meter(&mut instance, cpu_ns, true);
         drop(instance);
         self.running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops every idle instance (at shutdown, or when the function goes).
+    pub fn stop(&self) {
+        let idle: Vec<Instance> = self.idle.lock().unwrap().drain(..).collect();
+        for instance in idle {
+            self.discard(instance);
+        }
     }
 
     /// Stops idle instances unused for `idle_timeout`, keeping `min_instances`.
@@ -347,7 +418,16 @@ impl ManagedPool {
             process::spawn(&command, &spec.env, &env, workdir, spec.limits.memory_bytes, jail.as_ref(), Io::Quiet)
                 .map_err(|e| start_error(e.to_string()))?;
         let pid = spawned.pid;
-        let mut instance = Instance { process: process::Running::new(pid), port, last_used: Instant::now(), jail };
+        let mut instance = Instance {
+            process: process::Running::new(pid),
+            port,
+            last_used: Instant::now(),
+            jail,
+            id: uuid::Uuid::new_v4(),
+            records: 0,
+            metered_cpu_ns: 0,
+            metered_since: SystemTime::now(),
+        };
         let deadline = Instant::now() + STARTUP_TIMEOUT.min(spec.limits.timeout.max(Duration::from_secs(1)) * 10);
         loop {
             if instance.connect().await.is_ok() {
@@ -365,6 +445,12 @@ impl ManagedPool {
         self.running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(function = %spec.name, pid, port, "started function instance");
         Ok(instance)
+    }
+}
+
+impl Drop for ManagedPool {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::deployment::{DeploymentError, FunctionDeployment, FunctionSpec, Target};
-use super::http::ManagedPool;
+use super::http::{InstanceMeter, InstanceUsage, ManagedPool};
 use super::sandbox::Sandbox;
 use super::{FunctionError, Invocation, Outcome, RunContext, builtin, exec, http};
 use crate::database::now_ms;
@@ -53,9 +53,12 @@ impl DeployedFunction {
         created_ms: i64,
         sandbox: Option<Arc<Sandbox>>,
         builtin_threads: Arc<Semaphore>,
+        meter: &InstanceMeter,
     ) -> Self {
         let managed = match &spec.target {
-            Target::Managed { command } => Some(ManagedPool::new(&spec, command, &tenant, sandbox.clone())),
+            Target::Managed { command } => {
+                Some(ManagedPool::new(&spec, command, &tenant, sandbox.clone(), meter.clone()))
+            }
             _ => None,
         };
         Self {
@@ -127,6 +130,8 @@ pub struct Registry {
     builtin_threads: BuiltinThreads,
     /// Functions one tenant may have.
     max_functions: usize,
+    /// Managed instances' usage outside requests, until it is reported.
+    instance_usage: InstanceMeter,
 }
 
 /// Each tenant's share of the threads builtins run on.
@@ -151,12 +156,21 @@ impl Registry {
             sqlx::query_as("SELECT tenant, name, spec, created_ms FROM functions").fetch_all(&pool).await?;
         let mut functions = HashMap::new();
         let builtin_threads = BuiltinThreads::default();
+        let instance_usage = InstanceMeter::default();
         for (tenant, name, json, created_ms) in rows {
             let loaded = TenantId::new(&tenant).map_err(|e| e.to_string()).and_then(|tenant| {
                 let deployment: FunctionDeployment = serde_json::from_str(&json).map_err(|e| e.to_string())?;
                 let spec = deployment.resolve().map_err(|e| e.to_string())?;
                 let threads = builtin_threads.of(&tenant);
-                Ok(DeployedFunction::new(tenant, deployment, spec, created_ms, sandbox.clone(), threads))
+                Ok(DeployedFunction::new(
+                    tenant,
+                    deployment,
+                    spec,
+                    created_ms,
+                    sandbox.clone(),
+                    threads,
+                    &instance_usage,
+                ))
             });
             match loaded {
                 Ok(function) => {
@@ -174,6 +188,7 @@ impl Registry {
             sandbox,
             builtin_threads,
             max_functions,
+            instance_usage,
         })
     }
 
@@ -254,6 +269,7 @@ impl Registry {
             created_ms,
             self.sandbox.clone(),
             self.builtin_threads.of(tenant),
+            &self.instance_usage,
         ));
         // The replaced function's instances stop when its last in-flight call drops it.
         self.functions.write().unwrap().insert((tenant.clone(), name), function.clone());
@@ -293,6 +309,20 @@ impl Registry {
     /// Where process functions run (`None`: the sandbox is off).
     pub fn sandbox(&self) -> Option<&Sandbox> {
         self.sandbox.as_deref()
+    }
+
+    /// Managed instances' usage outside requests since the last call.
+    pub fn take_instance_usage(&self) -> Vec<InstanceUsage> {
+        std::mem::take(&mut *self.instance_usage.lock().unwrap())
+    }
+
+    /// Stops every idle managed instance (at shutdown), metering what each used.
+    pub fn stop_instances(&self) {
+        for function in self.list(None) {
+            if let Some(pool) = &function.managed {
+                pool.stop();
+            }
+        }
     }
 
     /// Stops idle instances past their functions' idle timeouts (scale to zero).

@@ -209,13 +209,15 @@ impl Core {
     }
 }
 
-/// Once a second: stop idle function instances, drop expired state objects, and report the
-/// state usage intervals closed since (one `state.usage` span each).
+/// Once a second: stop idle function instances, report managed instances' usage outside
+/// requests (one `instance.usage` span each), drop expired state objects, and report the state
+/// usage intervals closed since (one `state.usage` span each).
 async fn housekeeping(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
                 core.functions.reap_idle();
+                core.telemetry.emit_instance_usage(core.functions.take_instance_usage());
                 // Closing the boundaries sweeps what expired, too.
                 core.telemetry.emit_state_usage(core.state.take_usage());
             }
@@ -242,6 +244,8 @@ impl RunningCore {
         for task in self.tasks {
             let _ = task.await;
         }
+        self.core.functions.stop_instances();
+        self.core.telemetry.emit_instance_usage(self.core.functions.take_instance_usage());
         self.core.telemetry.emit_state_usage(self.core.state.take_usage_final());
         let core = self.core.clone();
         let _ = tokio::task::spawn_blocking(move || core.telemetry.shutdown()).await;

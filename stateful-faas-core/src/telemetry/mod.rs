@@ -176,6 +176,28 @@ impl Telemetry {
         }
     }
 
+    /// One `instance.usage` span per record: a managed instance's CPU time outside requests,
+    /// billed to its tenant as CPU-ms of its function (not as an invocation).
+    pub fn emit_instance_usage(&self, records: Vec<crate::function::http::InstanceUsage>) {
+        for record in records {
+            let Some(tracer) = self.tracer(&record.tenant) else { continue };
+            let attributes = vec![
+                KeyValue::new(semconv::FAAS_NAME, record.function),
+                KeyValue::new(semconv::SFAAS_FUNCTION_KIND, "http"),
+                KeyValue::new(semconv::SFAAS_CPU_MS, record.cpu_ms as i64),
+                KeyValue::new(semconv::SFAAS_USAGE_ID, record.usage_id),
+                KeyValue::new(semconv::SFAAS_BILLABLE, true),
+            ];
+            let mut span = tracer
+                .span_builder(semconv::SPAN_INSTANCE_USAGE)
+                .with_kind(SpanKind::Internal)
+                .with_start_time(record.start)
+                .with_attributes(attributes)
+                .start_with_context(&tracer, &Context::new());
+            span.end_with_timestamp(record.end);
+        }
+    }
+
     /// Sends every span ended so far and waits until the receivers have them. Blocking: call
     /// from a blocking thread (DEPENDENCIES.md, gotcha 6).
     pub fn flush(&self) {
