@@ -179,8 +179,9 @@ def fill_tmp():
 report("ids", lambda: f"{os.getuid()} {os.getgid()} {os.getgroups()}")
 report("status", status)
 report("hostname", socket.gethostname)
-for name in ["admin.token", "meter.token", "sfaas.db"]:
+for name in ["admin.token", "meter.token", "sfaas.db", "telemetry.db"]:
     report(f"read {name}", lambda: read(f"{data}/{name}"))
+report("read other tenant's file", lambda: read(env["OTHER_FILE"]))
 report("write admin.token", lambda: write(f"{data}/admin.token"))
 report("delete sfaas.db", lambda: os.remove(f"{data}/sfaas.db"))
 report("write /usr", lambda: write("/usr/escape"))
@@ -232,18 +233,23 @@ async fn a_tenants_function_cannot_reach_past_its_sandbox() {
     .await;
     let (acme, globex) = (core.tenant("acme").await, core.tenant("globex").await);
     let data_dir = core.dir.path();
-    for secret in ["admin.token", "meter.token"] {
+    for secret in ["admin.token", "meter.token", "telemetry.db"] {
         std::fs::write(data_dir.join(secret), "a secret of the platform").unwrap();
     }
+    // The other tenant's folder, readable by any user on the host.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(other.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(other.path().join("server.py"), SERVER).unwrap();
+    std::fs::write(other.path().join("secret.txt"), "globex's own").unwrap();
     let functions = core.functions_dir();
     std::fs::write(functions.join("escapes.py"), ESCAPES).unwrap();
-    std::fs::write(functions.join("server.py"), SERVER).unwrap();
     let workdir = functions.display().to_string();
 
     // The other tenant: a server (warm, in its own network) and a call running with a secret.
+    let other_dir = other.path().display().to_string();
     core.deploy(
         &globex,
-        json!({"service": "srv", "kind": "http", "envProcess": "python3 server.py", "workdir": workdir}),
+        json!({"service": "srv", "kind": "http", "envProcess": "python3 server.py", "workdir": other_dir}),
     )
     .await;
     assert_eq!(core.invoke(&globex.ingest, "srv", "").await.text().await.unwrap(), "up");
@@ -267,6 +273,7 @@ async fn a_tenants_function_cannot_reach_past_its_sandbox() {
         "GATEWAY_PORT": gateway_port,
         "NR_KEYCTL": libc::SYS_keyctl.to_string(),
         "NR_BPF": libc::SYS_bpf.to_string(),
+        "OTHER_FILE": other.path().join("secret.txt").display().to_string(),
     });
     core.deploy(
         &acme,
@@ -292,6 +299,8 @@ async fn a_tenants_function_cannot_reach_past_its_sandbox() {
         ("read admin.token", "ENOENT"),
         ("read meter.token", "ENOENT"),
         ("read sfaas.db", "ENOENT"),
+        ("read telemetry.db", "ENOENT"),
+        ("read other tenant's file", "ENOENT"),
         ("write admin.token", "ENOENT"),
         ("delete sfaas.db", "ENOENT"),
         ("write /usr", "EROFS"),
