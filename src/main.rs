@@ -450,6 +450,10 @@ struct ServeArgs {
     /// Functions one tenant may have.
     #[arg(long, env = "SFAAS_TENANT_MAX_FUNCTIONS", default_value_t = 100)]
     tenant_max_functions: usize,
+    /// Bytes of span export requests each tenant's spool (DATA_DIR/span-spool) may hold while
+    /// the collector is unreachable; beyond it they are lost, loudly.
+    #[arg(long, env = "SFAAS_SPAN_SPOOL_BYTES", default_value_t = 1 << 30)]
+    span_spool_bytes: u64,
 }
 
 impl ServeArgs {
@@ -468,6 +472,7 @@ impl ServeArgs {
         config.state.usage_interval = std::time::Duration::from_secs(self.state_usage_interval_secs);
         config.allow_outbound = self.allow_outbound.clone();
         config.max_functions_per_tenant = self.tenant_max_functions;
+        config.telemetry.spool_max_bytes = self.span_spool_bytes;
         config.sandbox = (self.sandbox == "on").then(|| SandboxConfig {
             limits: CgroupConfig {
                 function: GroupLimits { memory_bytes: self.function_memory_bytes, pids: self.function_pids },

@@ -37,7 +37,7 @@ async fn usage_reaches_invoices_and_every_view_agrees() {
     ok(data, &["flow", "deploy", "-f", flow, "--token", acme_ingest], "");
     ok(data, &["deploy", "-f", stack, "--namespace", "globex"], "");
     // 3 runs × 4 nodes (the `loud` branch runs: 9 words ≥ 5) = 12 invocations for acme,
-    // each run's intermediate data held in its state job; 5 direct calls for globex.
+    // each run's intermediate data held in its state job; 9 direct calls for globex.
     for _ in 0..3 {
         ok(
             data,
@@ -48,8 +48,23 @@ async fn usage_reaches_invoices_and_every_view_agrees() {
     for i in 0..5 {
         ok(data, &["invoke", "shout", "--namespace", "globex", "-d", &format!("call {i}")], "");
     }
-
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    // A caller's `X-Call-Id` is not the billing key: three calls reusing one, and one shaped
+    // like a state record's id, are four executions, each billed, nothing overwritten.
+    let gateway = format!("http://{}", addresses["gateway"].as_str().unwrap());
+    let globex_ingest = globex["ingest_token"].as_str().unwrap();
+    for call_id in ["dup-1", "dup-1", "dup-1", "state/standing/1796000000000000000"] {
+        let response = http
+            .post(format!("{gateway}/function/shout"))
+            .bearer_auth(globex_ingest)
+            .header("X-Call-Id", call_id)
+            .body("again")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+
     let get = |path: String, token: String| {
         let http = http.clone();
         let url = format!("{ui}{path}");
@@ -75,7 +90,7 @@ async fn usage_reaches_invoices_and_every_view_agrees() {
         let agreed = reconciliation.as_array().is_some_and(|rows| {
             rows.len() == 5 && rows.iter().all(|r| r["difference"] == 0 && r["metered"].as_i64() > Some(0))
         });
-        if invocations(&acme_usage) == 12 && invocations(&globex_usage) == 5 && state > Some(Decimal::ZERO) && agreed {
+        if invocations(&acme_usage) == 12 && invocations(&globex_usage) == 9 && state > Some(Decimal::ZERO) && agreed {
             break (acme_usage, globex_usage, reconciliation);
         }
         assert!(
@@ -88,7 +103,7 @@ async fn usage_reaches_invoices_and_every_view_agrees() {
     let functions: Vec<_> =
         reconciliation.as_array().unwrap().iter().map(|r| r["function"].as_str().unwrap()).collect();
     assert_eq!(functions, ["count", "echo", "shout", "word-stats", "shout"]);
-    assert_eq!(globex_usage["rows"]["shout"]["invocations"], 5);
+    assert_eq!(globex_usage["rows"]["shout"]["invocations"], 9);
 
     for (tenant, usage) in [("acme", &acme_usage), ("globex", &globex_usage)] {
         let invoice: Value = serde_json::from_str(&ok(data, &["bill", "show", "--tenant", tenant], "")).unwrap();

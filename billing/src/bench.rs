@@ -235,12 +235,13 @@ fn standing_state(t: usize, at: i64, hour: i64) -> SpanRow {
     core_span(tenant, ids, "state.usage".into(), 1, (at, at + HOUR_NS), attributes)
 }
 
-/// Invocation `i` as its metered `invoke` span, its id `{prefix}-{i}`.
+/// Invocation `i` as its metered `invoke` span, its execution id a UUID made of `prefix` and `i`.
 fn span(i: usize, start_ns: i64, prefix: &str) -> SpanRow {
+    let stem = prefix.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
     let tenant = format!("t{:03}", i % TENANTS);
     let function = format!("f{}", (i / TENANTS) % FUNCTIONS_PER_TENANT);
     let attributes = serde_json::json!({
-        "faas.name": function, "faas.invocation_id": format!("{prefix}-{i:010}"), "faas.trigger": "http",
+        "faas.name": function, "faas.invocation_id": format!("{stem:08x}-0000-7000-8000-{i:012x}"), "faas.trigger": "http",
         "faas.coldstart": false, "sfaas.cpu_ms": (i % 97) as i64, "sfaas.wall_ms": 5,
         "sfaas.memory.peak_bytes": 1 << 20, "sfaas.bytes_in": 200, "sfaas.bytes_out": (i % 4096) as i64,
         "http.response.status_code": 200, "sfaas.billable": true,

@@ -10,8 +10,11 @@
 //! `sfaas.usage_id` and decimal `sfaas.state.byte_seconds` (a JSON string of digits with an
 //! optional fraction). Anything else named like them is counted as malformed and skipped.
 //! Attributes must be a JSON object; ids and names are JSON strings or numbers (written as their
-//! JSON text; anything else counts as absent); usage figures are JSON numbers (the fraction
-//! truncated; anything else counts 0). Among copies of one usage id, the first to
+//! JSON text; anything else counts as absent); usage figures are whole numbers of at least 0
+//! (absent counts 0; negative, fractional or text ones make the span malformed), and CPU-ms
+//! may not exceed the span's duration on 1 024 cores. An invocation's id is the gateway's
+//! execution id, a UUID; an instance's usage id starts with `instance/`: ids of another form
+//! are malformed, so that no record of one kind can take another's key. Among copies of one usage id, the first to
 //! arrive is kept (ordered by arrival, then trace and span id).
 
 use std::borrow::Cow;
@@ -84,13 +87,13 @@ impl<'a> Attr<'a> {
         }
     }
 
-    /// A usage figure: a JSON number, its fraction truncated (and beyond `i64`, saturated),
-    /// else 0.
-    fn int(&self) -> i64 {
+    /// A usage figure: a whole number of at least 0, or 0 when absent; anything else
+    /// (negative, fractional, text) is no figure, and its span is malformed.
+    fn figure(&self) -> Option<i64> {
         match self {
-            Attr::Int(n) => *n,
-            Attr::Float(x) => *x as i64,
-            _ => 0,
+            Attr::Absent => Some(0),
+            Attr::Int(n) if *n >= 0 => Some(*n),
+            _ => None,
         }
     }
 }
@@ -242,6 +245,19 @@ struct Billed<'a> {
     plan: &'a str,
 }
 
+/// Cores a span's CPU time may have run on at once, at most: CPU-ms over (its duration + 1 ms)
+/// × this are malformed.
+const MAX_CORES: i64 = 1024;
+
+/// A UUID in its canonical text: 8-4-4-4-12 hexadecimal digits.
+fn is_uuid(text: &str) -> bool {
+    text.len() == 36
+        && text
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| if [8, 13, 18, 23].contains(&i) { b == b'-' } else { b.is_ascii_hexdigit() })
+}
+
 /// Digits with an optional fraction: `^[0-9]+(\.[0-9]+)?$`.
 fn is_decimal(text: &str) -> bool {
     let (whole, fraction) = text.split_once('.').unwrap_or((text, "1"));
@@ -324,7 +340,8 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
                 .id()
                 .filter(|id| id.starts_with("instance/") && a.function.id().is_some())
                 .map(|id| (id, no_state())),
-            Kind::Invocation => a.invocation_id.id().map(|id| (id, no_state())),
+            // The gateway's execution id: a UUID, never a caller's text.
+            Kind::Invocation => a.invocation_id.id().filter(|id| is_uuid(id)).map(|id| (id, no_state())),
         };
         let Some((usage_id, (byte_seconds, state_decimal))) = usage else {
             malformed += 1;
@@ -342,13 +359,22 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
             false => a.run_id.id().or_else(|| a.job.id()),
         }
         .map(Cow::into_owned);
-        let figures = Figures {
-            cpu_ms: a.cpu_ms.int(),
-            wall_ms: a.wall_ms.int(),
-            memory_peak_bytes: a.memory.int(),
-            bytes_in: a.bytes_in.int(),
-            bytes_out: a.bytes_out.int(),
-            status_code: a.status.int(),
+        let figures = (|| {
+            Some(Figures {
+                cpu_ms: a.cpu_ms.figure()?,
+                wall_ms: a.wall_ms.figure()?,
+                memory_peak_bytes: a.memory.figure()?,
+                bytes_in: a.bytes_in.figure()?,
+                bytes_out: a.bytes_out.figure()?,
+                status_code: a.status.figure()?,
+            })
+        })();
+        // CPU beyond what the span's time on every core allows is not usage but an error.
+        let duration_ms = (span.end_ns.saturating_sub(span.start_ns) / 1_000_000).max(1);
+        let Some(figures) = figures.filter(|f| f.cpu_ms <= duration_ms.saturating_add(1).saturating_mul(MAX_CORES))
+        else {
+            malformed += 1;
+            continue;
         };
         drop(a);
         out.push(Record {
@@ -702,7 +728,7 @@ mod tests {
                 20,
                 "2026-10-03T10:00:00Z",
                 &format!(
-                    r#"{{{billable},"faas.invocation_id":"a","sfaas.cpu_ms":12.9,"http.response.status_code":"500","other":[1,{{"x":2}}]}}"#
+                    r#"{{{billable},"faas.invocation_id":"0190b4e2-7c3a-7d2e-9f00-00000000000a","sfaas.cpu_ms":12,"http.response.status_code":500,"other":[1,{{"x":2}}]}}"#
                 ),
             ),
             span(
@@ -712,12 +738,29 @@ mod tests {
                 10,
                 "2026-10-03T10:00:00Z",
                 &format!(
-                    r#"{{{billable},"faas.invocation_id":"a","sfaas.cpu_ms":3,"faas.name":"thumb","sfaas.flow.run_id":"run-1"}}"#
+                    r#"{{{billable},"faas.invocation_id":"0190b4e2-7c3a-7d2e-9f00-00000000000a","sfaas.cpu_ms":3,"faas.name":"thumb","sfaas.flow.run_id":"run-1"}}"#
                 ),
             ),
-            // Not billable: not a candidate. Billable without an id: malformed.
+            // Not billable: not a candidate. Billable without an id, or with an id that is not
+            // the gateway's (a caller's text, a state record's): malformed.
             span("acme", "invoke resize", "t3", 10, "2026-10-03T10:00:00Z", r#"{"faas.invocation_id":"b"}"#),
             span("acme", "invoke resize", "t4", 10, "2026-10-03T10:00:00Z", &format!("{{{billable}}}")),
+            span(
+                "acme",
+                "invoke resize",
+                "t4",
+                10,
+                "2026-10-03T10:00:00Z",
+                &format!(r#"{{{billable},"faas.invocation_id":"dup-1"}}"#),
+            ),
+            span(
+                "acme",
+                "invoke resize",
+                "t4",
+                10,
+                "2026-10-03T10:00:00Z",
+                &format!(r#"{{{billable},"faas.invocation_id":"state/standing/1"}}"#),
+            ),
             // State: a numeric usage id, a job's interval; then bad byte-seconds and bad JSON.
             span(
                 "beta",
@@ -751,7 +794,7 @@ mod tests {
                 "t9",
                 10,
                 "2026-09-30T23:59:59Z",
-                &format!(r#"{{{billable},"faas.invocation_id":9}}"#),
+                &format!(r#"{{{billable},"faas.invocation_id":"0190b4e2-7c3a-7d2e-9f00-000000000009"}}"#),
             ),
         ];
         let plans = Plans(crate::Assignments::from([
@@ -759,10 +802,10 @@ mod tests {
             ("beta".to_string(), vec![(ns("2026-10-25T00:00:00Z"), "pro".to_string())]),
         ]));
         let september = Period::parse(PeriodKind::Month, "2026-09").unwrap();
-        let attributes = spans[0].attributes.replace("12.9", "12.9,\"sfaas.wall_ms\":-0.5");
+        let attributes = spans[0].attributes.clone();
         let (records, candidates, malformed) = records(spans.into(), PeriodKind::Month);
         let periods = PeriodKeys::new(Some(september), records.iter().map(|r| r.period));
-        assert_eq!((candidates, malformed), (8, 4));
+        assert_eq!((candidates, malformed), (10, 6));
         let seen: Vec<_> = records
             .iter()
             .map(|r| {
@@ -786,7 +829,7 @@ mod tests {
             seen,
             [
                 (
-                    ("acme", "a"),
+                    ("acme", "0190b4e2-7c3a-7d2e-9f00-00000000000a"),
                     "invocation",
                     "t1",
                     "thumb",
@@ -796,19 +839,33 @@ mod tests {
                     "2026-10 2026-10 pro".into()
                 ),
                 (("beta", "7"), "state", "t5", "", Some("j"), [0; 6], "1.50", "2026-10 2026-10 pro".into()),
-                (("gamma", "9"), "invocation", "t9", "f", None, [0; 6], "0", "2026-09 2026-10 basic".into()),
+                (
+                    ("gamma", "0190b4e2-7c3a-7d2e-9f00-000000000009"),
+                    "invocation",
+                    "t9",
+                    "f",
+                    None,
+                    [0; 6],
+                    "0",
+                    "2026-09 2026-10 basic".into()
+                ),
             ]
         );
         assert_eq!(records[1].state.1, Decimal::new(150, 2));
-        // A figure's fraction is truncated; anything but a number counts 0. Attributes that are
-        // not a JSON object are malformed.
-        let more = vec![
-            span("acme", "invoke resize", "t2", 1, "2026-10-03T10:00:00Z", &attributes),
-            span("acme", "invoke resize", "t3", 1, "2026-10-03T10:00:00Z", r#"[true,"x"]"#),
-        ];
+        // Figures are whole numbers of at least 0, and CPU fits the span's time on 1 024 cores:
+        // a credit, a fraction, a text or an absurd figure is malformed, whoever sent it.
+        // Attributes that are not a JSON object are malformed.
+        let mut more = vec![span("acme", "invoke resize", "t2", 1, "2026-10-03T10:00:00Z", &attributes)];
+        for bad in
+            ["\"sfaas.cpu_ms\":-5", "\"sfaas.cpu_ms\":1.5", "\"sfaas.wall_ms\":\"9\"", "\"sfaas.cpu_ms\":2049000"]
+        {
+            let attributes = attributes.replace("\"sfaas.cpu_ms\":12", bad);
+            more.push(span("acme", "invoke resize", "t3", 1, "2026-10-03T10:00:00Z", &attributes));
+        }
+        more.push(span("acme", "invoke resize", "t3", 1, "2026-10-03T10:00:00Z", r#"[true,"x"]"#));
         let (records, candidates, malformed) = self::records(more, PeriodKind::Month);
-        assert_eq!((figures(&records[0]), &*records[0].function), ([12, 0, 0, 0, 0, 0], "resize"));
-        assert_eq!((records.len(), candidates, malformed), (1, 2, 1));
+        assert_eq!((figures(&records[0]), &*records[0].function), ([12, 0, 0, 0, 0, 500], "resize"));
+        assert_eq!((records.len(), candidates, malformed), (1, 6, 5));
         for (text, decimal) in [
             ("0", true),
             ("12", true),

@@ -123,7 +123,10 @@ async fn malformed_usage_is_skipped_and_counted() {
     let report = fixture.billing.run(None).await.unwrap();
     assert_eq!((report.records, report.malformed, report.duplicates), (1, 3, 0), "{report:?}");
     let records = fixture.billing.records("acme", "2026-10").await.unwrap();
-    assert_eq!(records.iter().map(|r| (r.usage_id.as_str(), r.cpu_ms)).collect::<Vec<_>>(), [("ok", 7)]);
+    assert_eq!(
+        records.iter().map(|r| (r.usage_id.clone(), r.cpu_ms)).collect::<Vec<_>>(),
+        [(common::execution_id("ok"), 7)]
+    );
 }
 
 /// A plan change in mid-period prorates each plan's allowance and minimum by the share of the

@@ -156,7 +156,7 @@ async fn seed_spans(
             row.resource = serde_json::json!({"service.name": "sfaas-core", "service.namespace": tenant}).to_string();
             row.metered = true;
             row.attributes = serde_json::json!({
-                "faas.name": function, "faas.invocation_id": format!("inv-{i}"), "faas.trigger": "http",
+                "faas.name": function, "faas.invocation_id": format!("00000000-0000-7000-8000-{i:012x}"), "faas.trigger": "http",
                 "sfaas.cpu_ms": (i % 37) as i64, "sfaas.wall_ms": 5, "sfaas.memory.peak_bytes": 1 << 20,
                 "sfaas.bytes_in": 100, "sfaas.bytes_out": (i % 2048) as i64, "http.response.status_code": 200,
                 "sfaas.billable": true,
@@ -209,7 +209,7 @@ async fn seed_run(store: &TelemetryStore, now: i64) -> Result<(), Box<dyn std::e
         node.metered = true;
         let mut invoke = span("t0".into(), trace, 11 + n * 2, Some(10 + n * 2), "invoke step".into(), node_start, 800);
         invoke.metered = true;
-        invoke.attributes = serde_json::json!({"faas.name": "step", "faas.invocation_id": format!("bench-run.n{n}.1"),
+        invoke.attributes = serde_json::json!({"faas.name": "step", "faas.invocation_id": format!("00000000-0000-7000-8001-{n:012x}"),
             "sfaas.state.job": "bench-run", "sfaas.cpu_ms": 3, "sfaas.billable": true, "http.response.status_code": 200})
         .to_string();
         spans.extend([node, invoke]);

@@ -392,7 +392,9 @@ fn invoke(tenant: &str, call_id: &str, function: &str, at: &str, cpu_ms: i64, by
         start,
         start + 5_000_000,
         json!({
-            "faas.name": function, "faas.invocation_id": call_id, "faas.trigger": "http",
+            "faas.name": function, "sfaas.call_id": call_id, "faas.trigger": "http",
+            // The gateway's execution id (the billing key) is a UUID: one made of the call id.
+            "faas.invocation_id": format!("00000000-0000-7000-8000-{:012x}", fxhash(call_id) & 0xffff_ffff_ffff),
             "faas.coldstart": false, "sfaas.cpu_ms": cpu_ms, "sfaas.wall_ms": 5,
             "sfaas.memory.peak_bytes": 1_048_576, "sfaas.bytes_in": 100, "sfaas.bytes_out": bytes_out,
             "http.response.status_code": 200, "sfaas.billable": true,

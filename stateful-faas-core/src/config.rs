@@ -61,18 +61,25 @@ impl Default for AsyncQueueConfig {
 impl CoreConfig {
     /// Defaults for a data directory, as `sfaas up` uses them.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir: PathBuf = data_dir.into();
         Self {
-            data_dir: data_dir.into(),
             database_url: None,
             gateway_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_token: None,
-            telemetry: TelemetryConfig { max_queue_size: 4096, ..Default::default() },
+            telemetry: TelemetryConfig {
+                max_queue_size: 4096,
+                // Export requests the collector cannot take yet (see `TelemetryConfig`).
+                spool_dir: Some(data_dir.join("span-spool")),
+                spool_max_bytes: 1 << 30,
+                ..Default::default()
+            },
             max_body_bytes: 16 << 20,
             async_queue: AsyncQueueConfig::default(),
             state: StateConfig::default(),
             sandbox: Some(SandboxConfig::default()),
             allow_outbound: Vec::new(),
             max_functions_per_tenant: 100,
+            data_dir,
         }
     }
 }

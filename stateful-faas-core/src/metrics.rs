@@ -222,6 +222,25 @@ impl Collector for StateCollector {
             let labels = NamespaceLabels { namespace: tenant.to_string() };
             ConstCounter::new(usage.total.as_f64()).encode(family.encode_family(&labels)?)?;
         }
+        // The span spool: what waits for the collector, and what a full spool lost.
+        use crate::telemetry::spool::{DROPPED_REQUESTS, SPOOLED_BYTES};
+        use std::sync::atomic::Ordering::Relaxed;
+        let spooled = ConstGauge::new(SPOOLED_BYTES.load(Relaxed) as i64);
+        let family = encoder.encode_descriptor(
+            semconv::METRIC_SPAN_SPOOL_BYTES,
+            "Bytes of span export requests waiting on disk for the collector",
+            None,
+            spooled.metric_type(),
+        )?;
+        spooled.encode(family)?;
+        let dropped = ConstCounter::new(DROPPED_REQUESTS.load(Relaxed));
+        let family = encoder.encode_descriptor(
+            semconv::METRIC_SPAN_SPOOL_DROPPED,
+            "Span export requests lost because the spool was full",
+            None,
+            dropped.metric_type(),
+        )?;
+        dropped.encode(family)?;
         Ok(())
     }
 }

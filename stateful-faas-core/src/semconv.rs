@@ -7,7 +7,12 @@ pub const ATTR_SERVICE_NAME: &str = "service.name";
 pub const ATTR_SERVICE_NAMESPACE: &str = "service.namespace";
 
 pub const FAAS_NAME: &str = "faas.name";
+/// The execution's own id: a UUIDv7 the gateway makes for each execution (each call, each
+/// async attempt, each flow node attempt), the billing key of its usage record.
 pub const FAAS_INVOCATION_ID: &str = "faas.invocation_id";
+/// The caller's `X-Call-Id` (or the one the gateway made): correlation, and the async queue's
+/// idempotency key; attempts of one call share it.
+pub const SFAAS_CALL_ID: &str = "sfaas.call_id";
 pub const FAAS_TRIGGER: &str = "faas.trigger";
 pub const FAAS_COLDSTART: &str = "faas.coldstart";
 pub const SFAAS_CPU_MS: &str = "sfaas.cpu_ms";
@@ -74,6 +79,8 @@ pub const METRIC_STATE_BYTES: &str = "sfaas_state_bytes";
 pub const METRIC_STATE_BYTE_SECONDS: &str = "sfaas_state_byte_seconds";
 pub const METRIC_ASYNC_QUEUE_DEPTH: &str = "sfaas_async_queue_depth";
 pub const METRIC_ASYNC_DEAD_LETTERS: &str = "sfaas_async_dead_letters";
+pub const METRIC_SPAN_SPOOL_BYTES: &str = "sfaas_span_spool_bytes";
+pub const METRIC_SPAN_SPOOL_DROPPED: &str = "sfaas_span_spool_dropped";
 
 /// Environment of process functions: where and how to reach the state store.
 pub const ENV_STATE_URL: &str = "SFAAS_STATE_URL";

@@ -76,7 +76,10 @@ async fn invocation_spans_reach_an_otlp_grpc_receiver_with_kernel_cpu_time() {
     assert_eq!(hex(&burn.parent_span_id), caller_span);
     let a = &burn.attributes;
     assert_eq!(string_attr(a, "faas.name").as_deref(), Some("burn"));
-    assert_eq!(string_attr(a, "faas.invocation_id").as_deref(), Some("burn-1"));
+    // The caller's call id is its own attribute; the billing key is the gateway's execution id.
+    assert_eq!(string_attr(a, "sfaas.call_id").as_deref(), Some("burn-1"));
+    let execution = uuid::Uuid::parse_str(&string_attr(a, "faas.invocation_id").unwrap()).unwrap();
+    assert_eq!(execution.get_version_num(), 7, "a UUIDv7");
     assert_eq!(string_attr(a, "faas.trigger").as_deref(), Some("http"));
     assert_eq!(bool_attr(a, "faas.coldstart"), Some(false));
     assert_eq!(bool_attr(a, "sfaas.billable"), Some(true));
@@ -92,7 +95,8 @@ async fn invocation_spans_reach_an_otlp_grpc_receiver_with_kernel_cpu_time() {
     );
 
     let (_, _, spin) = spans.iter().find(|(_, _, s)| s.name == "invoke spin").expect("invoke spin span").clone();
-    assert_eq!(string_attr(&spin.attributes, "faas.invocation_id"), Some(spin_id));
+    assert_eq!(string_attr(&spin.attributes, "sfaas.call_id"), Some(spin_id));
+    assert_ne!(string_attr(&spin.attributes, "faas.invocation_id"), string_attr(a, "faas.invocation_id"));
     let spin_ms = int_attr(&spin.attributes, "sfaas.cpu_ms").unwrap() as f64;
     assert!((spin_ms - 200.0).abs() <= 20.0, "builtin cpu-burn of 200 ms measured {spin_ms} ms");
 
@@ -172,7 +176,7 @@ async fn spans_are_exported_over_otlp_http_protobuf_too() {
     assert_eq!(namespaces, ["acme", "globex"].into_iter().collect(), "one resource per tenant");
     let async_span = spans
         .iter()
-        .find(|(_, _, s)| string_attr(&s.attributes, "faas.invocation_id").as_deref() == Some("async-1"))
+        .find(|(_, _, s)| string_attr(&s.attributes, "sfaas.call_id").as_deref() == Some("async-1"))
         .expect("the async invocation has a span");
     assert_eq!(async_span.1, "acme");
     assert_eq!(string_attr(&async_span.2.attributes, "faas.trigger").as_deref(), Some("pubsub"));
@@ -338,8 +342,9 @@ async fn a_burst_of_spans_arrives_whole_in_bounded_requests() {
         protocol: OtlpProtocol::Grpc,
         token: Some("meter-token".into()),
         max_queue_size: 20_000,
+        ..Default::default()
     };
-    let processor = OtlpProcessor::new(&config, &endpoint, 20_000).unwrap();
+    let processor = OtlpProcessor::new(&config, &endpoint, 20_000, None).unwrap();
     let queue = processor.queue();
     let provider = SdkTracerProvider::builder().with_span_processor(processor).build();
     let tracer = provider.tracer("burst");
@@ -347,7 +352,7 @@ async fn a_burst_of_spans_arrives_whole_in_bounded_requests() {
     for i in 0..10_000_usize {
         if i.is_multiple_of(2) {
             let mut span = tracer.start(format!("invoke f{i}"));
-            span.set_attribute(Attribute::new("faas.invocation_id", format!("call-{i}")));
+            span.set_attribute(Attribute::new("sfaas.call_id", format!("call-{i}")));
             span.end();
         } else {
             let call_id = format!("call-{i}");
@@ -355,6 +360,7 @@ async fn a_burst_of_spans_arrives_whole_in_bounded_requests() {
             InvocationSpan::start(queue.clone(), &opentelemetry::Context::new()).end(&Invoked {
                 function: &function,
                 kind: "builtin",
+                execution_id: uuid::Uuid::from_u128(i as u128),
                 call_id: &call_id,
                 trigger: "http",
                 job: i.is_multiple_of(3).then_some("run-1"),
@@ -371,10 +377,8 @@ async fn a_burst_of_spans_arrives_whole_in_bounded_requests() {
     let requests = received.requests.lock().unwrap().clone();
     let per_request: Vec<usize> = requests.iter().map(|r| spans(std::slice::from_ref(r)).len()).collect();
     assert!(per_request.iter().all(|&n| n <= 2048), "spans per request: {per_request:?}");
-    let mut ids: Vec<String> = spans(&requests)
-        .iter()
-        .map(|(_, _, span)| string_attr(&span.attributes, "faas.invocation_id").unwrap())
-        .collect();
+    let mut ids: Vec<String> =
+        spans(&requests).iter().map(|(_, _, span)| string_attr(&span.attributes, "sfaas.call_id").unwrap()).collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 10_000, "every span arrived once");
@@ -385,10 +389,65 @@ async fn a_burst_of_spans_arrives_whole_in_bounded_requests() {
     assert_eq!(invocations.len(), 5_000);
     for span in &invocations {
         let i: usize = span.name.strip_prefix("invoke f").unwrap().parse().unwrap();
-        assert_eq!(string_attr(&span.attributes, "faas.invocation_id"), Some(format!("call-{i}")));
+        assert_eq!(string_attr(&span.attributes, "sfaas.call_id"), Some(format!("call-{i}")));
+        assert_eq!(
+            string_attr(&span.attributes, "faas.invocation_id"),
+            Some(uuid::Uuid::from_u128(i as u128).to_string())
+        );
         assert_eq!(int_attr(&span.attributes, "sfaas.bytes_in"), Some(i as i64));
         assert_eq!(int_attr(&span.attributes, "sfaas.cpu_ms"), Some(7));
         let job = string_attr(&span.attributes, "sfaas.state.job");
         assert_eq!(job.as_deref(), i.is_multiple_of(3).then_some("run-1"), "span {i}");
     }
+}
+
+/// The platform's spans carry the bill: while the collector is down they wait in the spool on
+/// disk, across a restart of the core, and arrive, every one, once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_wait_in_the_spool_while_the_collector_is_down_and_arrive_after() {
+    // A free port where nothing listens yet: the collector is down.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let configure = |config: &mut stateful_faas_core::CoreConfig| {
+        export_to(config, format!("http://{addr}"));
+        config.telemetry.spool_dir = Some(spool.path().to_path_buf());
+        config.telemetry.spool_max_bytes = 64 << 20;
+    };
+    let mut core = start(configure).await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "echo", "builtin": "echo"})).await;
+    for i in 0..20 {
+        assert_eq!(core.invoke(&acme.ingest, "echo", format!("down {i}")).await.status(), 200);
+    }
+    // Stopping flushes: the spans go to the spool, not nowhere.
+    core.stop().await;
+    let spooled = std::fs::read_dir(spool.path().join("acme")).unwrap().count();
+    assert!(spooled > 0, "nothing was spooled");
+
+    // The collector is back, and so is the core (its spool found and replayed at start).
+    let (_, received) = common::otlp::grpc_receiver_at(addr).await;
+    let mut core = start(configure).await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "echo", "builtin": "echo"})).await;
+    for i in 0..5 {
+        assert_eq!(core.invoke(&acme.ingest, "echo", format!("up {i}")).await.status(), 200);
+    }
+    let arrived = common::eventually(std::time::Duration::from_secs(20), || async {
+        let requests = received.requests.lock().unwrap().clone();
+        let invocations = spans(&requests).iter().filter(|(_, _, s)| s.name == "invoke echo").count();
+        (invocations >= 25).then_some(invocations)
+    })
+    .await;
+    core.stop().await;
+    let requests = received.requests.lock().unwrap().clone();
+    let mut ids: Vec<_> = spans(&requests)
+        .iter()
+        .filter(|(_, _, s)| s.name == "invoke echo")
+        .map(|(_, _, s)| string_attr(&s.attributes, "faas.invocation_id").unwrap())
+        .collect();
+    assert_eq!(arrived, Some(25), "every invocation's span arrived: {} of 25", ids.len());
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 25, "each once");
+    assert_eq!(std::fs::read_dir(spool.path().join("acme")).unwrap().count(), 0, "the spool is empty again");
 }

@@ -98,7 +98,13 @@ fn span(tenant: &str, span_id: &str, name: &str, start_ns: i64, end_ns: i64, att
     }
 }
 
-/// An `invoke` span of the core (DESIGN.md §4); its span id derives from the invocation id.
+/// The gateway's execution id (a UUID, the billing key) of a test call: derived from its call id.
+pub fn execution_id(call_id: &str) -> String {
+    let h = fxhash(call_id);
+    format!("{:08x}-0000-7000-8000-{:012x}", h >> 32, h & 0xffff_ffff_ffff)
+}
+
+/// An `invoke` span of the core; its span id and execution id derive from the call id.
 pub fn invoke(
     tenant: &str,
     call_id: &str,
@@ -116,7 +122,8 @@ pub fn invoke(
         start_ns + 5_000_000,
         serde_json::json!({
             "faas.name": function,
-            "faas.invocation_id": call_id,
+            "faas.invocation_id": execution_id(call_id),
+            "sfaas.call_id": call_id,
             "faas.trigger": "http",
             "faas.coldstart": false,
             "sfaas.cpu_ms": cpu_ms,

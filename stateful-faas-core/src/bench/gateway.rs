@@ -290,6 +290,7 @@ async fn export_cost(sink: std::net::SocketAddr, received: &AtomicU64) -> anyhow
             let invoked = crate::telemetry::Invoked {
                 function: "f",
                 kind: "builtin",
+                execution_id: uuid::Uuid::now_v7(),
                 call_id: &call_id,
                 trigger: crate::semconv::TRIGGER_HTTP,
                 job: None,
@@ -319,11 +320,12 @@ async fn export_cost(sink: std::net::SocketAddr, received: &AtomicU64) -> anyhow
         protocol: OtlpProtocol::Grpc,
         token: None,
         max_queue_size: EXPORT_SPANS,
+        ..Default::default()
     };
     // The gateway's path: the span written straight to the processor's queue, and the
     // `traceparent` it hands to the function.
     let processor =
-        crate::telemetry::OtlpProcessor::new(&config, &endpoint, EXPORT_SPANS).map_err(anyhow::Error::msg)?;
+        crate::telemetry::OtlpProcessor::new(&config, &endpoint, EXPORT_SPANS, None).map_err(anyhow::Error::msg)?;
     let queue = processor.queue();
     let parent = opentelemetry::Context::new();
     let direct = |_: &opentelemetry_sdk::trace::SdkTracer, invoked: &crate::telemetry::Invoked| {

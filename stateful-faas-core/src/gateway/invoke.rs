@@ -53,6 +53,9 @@ pub async fn dispatch(
 
     let parent = telemetry::extract_parent(invocation.traceparent.as_deref());
     let span = core.telemetry.start_invocation(tenant, &parent);
+    // This execution's own id, the billing key of its usage: a caller's `X-Call-Id` repeats
+    // (retries, async attempts, a caller reusing one), an execution's id never does.
+    let execution_id = new_uuid_v7();
     // Handed to process functions (header or `TRACEPARENT`); builtins do not read it.
     if let Some(span) = &span
         && !matches!(function.spec.target, Target::Builtin { .. })
@@ -75,7 +78,7 @@ pub async fn dispatch(
     let outcome = match function.run(&context, &invocation).await {
         Ok(outcome) => outcome,
         Err(mut error) => {
-            tracing::warn!(%tenant, function = function_name, call_id = %invocation.call_id, %error, "invocation failed");
+            tracing::warn!(%tenant, function = function_name, call_id = %invocation.call_id, %execution_id, %error, "invocation failed");
             if let crate::function::FunctionError::Timeout { still_running: running, .. } = &mut error {
                 still_running = running.take();
             }
@@ -92,6 +95,7 @@ pub async fn dispatch(
         None => span.end(&telemetry::Invoked {
             function: function_name,
             kind,
+            execution_id,
             call_id: &invocation.call_id,
             trigger,
             job: invocation.job.as_deref(),
@@ -111,6 +115,7 @@ pub async fn dispatch(
                 span.end(&telemetry::Invoked {
                     function: &function,
                     kind,
+                    execution_id,
                     call_id: &call_id,
                     trigger,
                     job: job.as_deref(),
@@ -139,17 +144,19 @@ fn split_name(qualified: &str) -> Result<(&str, Option<&str>), ApiError> {
     Ok((name, namespace))
 }
 
-/// The caller's `X-Call-Id`, or a new one: a UUIDv7, ordered by time like the flow runs' ids,
-/// so that billing's usage records (keyed by tenant and invocation id) are appended per tenant
-/// instead of inserted at random places in a large B-tree. Its random bits come from the
-/// thread's generator (`rand`), not a `getrandom` system call per request as `Uuid::now_v7` does.
+/// A new UUIDv7, ordered by time like the flow runs' ids, so that billing's usage records
+/// (keyed by tenant and execution id) are appended per tenant instead of inserted at random
+/// places in a large B-tree. Its random bits come from the thread's generator (`rand`), not a
+/// `getrandom` system call per request as `Uuid::now_v7` does.
+fn new_uuid_v7() -> uuid::Uuid {
+    let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    uuid::Builder::from_unix_timestamp_millis(millis.as_millis() as u64, &rand::random()).into_uuid()
+}
+
+/// The caller's `X-Call-Id`, or a new one (a UUIDv7).
 fn call_id(headers: &HeaderMap) -> Result<String, ApiError> {
     match headers.get(semconv::HEADER_CALL_ID) {
-        None => {
-            let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            let id = uuid::Builder::from_unix_timestamp_millis(millis.as_millis() as u64, &rand::random()).into_uuid();
-            Ok(id.to_string())
-        }
+        None => Ok(new_uuid_v7().to_string()),
         Some(value) => {
             let id = value.to_str().map_err(|_| ApiError::BadRequest("X-Call-Id is not visible ASCII".into()))?;
             if id.is_empty() || id.len() > MAX_CALL_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {

@@ -213,6 +213,7 @@ impl Core {
 /// requests (one `instance.usage` span each), drop expired state objects, and report the state
 /// usage intervals closed since (one `state.usage` span each).
 async fn housekeeping(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
+    core.telemetry.resume_spooled();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {

@@ -20,6 +20,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 
 mod otlp;
+pub mod spool;
 
 pub use otlp::{OtlpProcessor, SpanQueue};
 
@@ -58,6 +59,11 @@ pub struct TelemetryConfig {
     pub token: Option<String>,
     /// Spans buffered per tenant before new ones are dropped.
     pub max_queue_size: usize,
+    /// Where export requests the collector cannot take yet wait (a folder per tenant, replayed
+    /// in order); `None`: they are lost.
+    pub spool_dir: Option<std::path::PathBuf>,
+    /// Bytes each tenant's spool may hold.
+    pub spool_max_bytes: u64,
 }
 
 /// A tenant's span export.
@@ -89,6 +95,20 @@ impl Telemetry {
         config.token = token;
     }
 
+    /// Starts the exporters of the tenants whose spools hold requests (left by a collector
+    /// outage before a restart), so that they are replayed whether or not the tenant calls.
+    pub fn resume_spooled(&self) {
+        let Some(dir) = self.config.read().unwrap().spool_dir.clone() else { return };
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        for entry in entries.flatten() {
+            let has_requests = std::fs::read_dir(entry.path()).is_ok_and(|mut files| files.next().is_some());
+            if let (true, Some(tenant)) = (has_requests, entry.file_name().to_str().and_then(|n| TenantId::new(n).ok()))
+            {
+                self.with_exporter(&tenant, |_| ());
+            }
+        }
+    }
+
     /// The tracer for a tenant's platform spans, or `None` when export is off.
     pub fn tracer(&self, tenant: &TenantId) -> Option<SdkTracer> {
         self.with_exporter(tenant, |exporter| exporter.tracer.clone())
@@ -116,7 +136,8 @@ impl Telemetry {
         if let Some(exporter) = providers.get(tenant) {
             return Some(f(exporter));
         }
-        let processor = match OtlpProcessor::new(&config, endpoint, config.max_queue_size) {
+        let spool = config.spool_dir.as_ref().map(|dir| dir.join(tenant.as_str()));
+        let processor = match OtlpProcessor::new(&config, endpoint, config.max_queue_size, spool.as_deref()) {
             Ok(processor) => processor,
             Err(error) => {
                 tracing::error!(%error, endpoint, "cannot set up OTLP span export; spans are not exported");
@@ -246,6 +267,8 @@ pub struct Invoked<'a> {
     pub function: &'a str,
     /// `sfaas.function.kind`: builtin, exec or http.
     pub kind: &'static str,
+    /// `faas.invocation_id`: made by the gateway for this execution.
+    pub execution_id: uuid::Uuid,
     pub call_id: &'a str,
     pub trigger: &'static str,
     /// The state job the call runs in (a flow run's id for flow nodes).
@@ -301,6 +324,7 @@ impl InvocationSpan {
             end_ns: otlp::nanos(end),
             kind: invoked.kind,
             trigger: invoked.trigger,
+            execution_id: *invoked.execution_id.as_bytes(),
             cold_start: invoked.usage.cold_start,
             cpu_ms: invoked.usage.cpu_ms(),
             wall_ms: invoked.wall.as_millis() as u64,
@@ -341,7 +365,8 @@ pub fn sdk_invocation_span(tracer: &SdkTracer, parent: &Context, invoked: &Invok
     let i = invoked;
     let mut attributes = vec![
         KeyValue::new(semconv::FAAS_NAME, i.function.to_string()),
-        KeyValue::new(semconv::FAAS_INVOCATION_ID, i.call_id.to_string()),
+        KeyValue::new(semconv::FAAS_INVOCATION_ID, i.execution_id.hyphenated().to_string()),
+        KeyValue::new(semconv::SFAAS_CALL_ID, i.call_id.to_string()),
         KeyValue::new(semconv::FAAS_TRIGGER, i.trigger.to_string()),
         KeyValue::new(semconv::SFAAS_FUNCTION_KIND, i.kind.to_string()),
     ];

@@ -26,6 +26,7 @@ use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
+use super::spool::Spool;
 use super::{OtlpProtocol, TelemetryConfig};
 
 /// How long one export may take before it counts as failed.
@@ -140,6 +141,8 @@ pub(super) struct EndedInvocation {
     pub end_ns: u64,
     pub kind: &'static str,
     pub trigger: &'static str,
+    /// `faas.invocation_id`, a UUID (written as its hyphenated text).
+    pub execution_id: [u8; 16],
     pub cold_start: bool,
     pub cpu_ms: u64,
     pub wall_ms: u64,
@@ -190,7 +193,7 @@ impl TextLengths {
 
 /// Bytes an invocation span's encoding takes at most besides its texts (and its name, which
 /// repeats the function's): ids, times, the attributes' keys, numbers and framing.
-const INVOCATION_FIXED_BYTES: usize = 640;
+const INVOCATION_FIXED_BYTES: usize = 704;
 
 /// Spans and bytes per export request at most (receivers refuse gRPC messages over 4 MiB by
 /// default), and the longest a span waits for its batch.
@@ -202,14 +205,25 @@ impl OtlpProcessor {
     /// A processor exporting to `endpoint` (gRPC: `http://host:4317`; HTTP: the base URL,
     /// `/v1/traces` is added) with the configured token as `Authorization: Bearer`, queueing
     /// at most `max_queue` spans.
-    pub fn new(config: &TelemetryConfig, endpoint: &str, max_queue: usize) -> Result<Self, String> {
+    /// Requests the receiver cannot take are kept in `spool` (a folder) when one is given, and
+    /// sent when it can, before anything newer.
+    pub fn new(
+        config: &TelemetryConfig,
+        endpoint: &str,
+        max_queue: usize,
+        spool: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
         let transport = Transport::new(config, endpoint)?;
+        let spool = spool
+            .map(|dir| Spool::open(dir, config.spool_max_bytes))
+            .transpose()
+            .map_err(|error| format!("cannot open the span spool: {error}"))?;
         let shared = Arc::new(Shared::new(max_queue.max(BATCH_SPANS)));
         let thread = std::thread::Builder::new()
             .name("sfaas-span-export".into())
             .spawn({
                 let shared = shared.clone();
-                move || export_loop(&shared, &transport)
+                move || export_loop(&shared, &transport, spool)
             })
             .map_err(|error| format!("cannot start the span export thread: {error}"))?;
         Ok(Self { shared, thread: Mutex::new(Some(thread)) })
@@ -340,9 +354,10 @@ fn queue_span(scopes: &mut Vec<(InstrumentationScope, Vec<u8>)>, scope: &Instrum
 }
 
 /// The export thread: sends each full batch, and the filling one when the batch delay is over,
-/// on a flush and at shutdown.
-fn export_loop(shared: &Shared, transport: &Transport) {
+/// on a flush and at shutdown; keeps what the receiver cannot take in the spool and replays it.
+fn export_loop(shared: &Shared, transport: &Transport, mut spool: Option<Spool>) {
     background_priority();
+    let mut replay = Replay::default();
     let mut due = Instant::now() + BATCH_DELAY;
     // The invocation spans' encoding buffer, reused from batch to batch.
     let mut encoded = Vec::new();
@@ -383,9 +398,7 @@ fn export_loop(shared: &Shared, transport: &Transport) {
                 export_request(&resource, &schema_url, &mut batch, std::mem::take(&mut encoded));
             let spans = batch.spans;
             shared.queue.lock().unwrap().spare = Some(batch.emptied());
-            if let Err(error) = export_io().block_on(send(transport, request)) {
-                tracing::warn!(%error, spans, "span export failed; these spans are lost");
-            }
+            deliver(transport, spool.as_mut(), request, spans);
             // The buffer back, once the transport has let go of it.
             encoded = invocations
                 .try_into_mut()
@@ -398,6 +411,9 @@ fn export_loop(shared: &Shared, transport: &Transport) {
             // Nothing to send: idle, the thread lets go of its buffer too.
             encoded = Vec::new();
         }
+        if let Some(spool) = spool.as_mut() {
+            replay.run(transport, spool);
+        }
         if let Some(generation) = finished {
             shared.queue.lock().unwrap().flush_done = generation;
             shared.sent.notify_all();
@@ -405,6 +421,108 @@ fn export_loop(shared: &Shared, transport: &Transport) {
                 return;
             }
         }
+    }
+}
+
+/// Quick attempts at a request before it goes to the spool, and the pauses between them.
+const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
+
+/// Sends a request, retrying briefly (a broken connection is replaced on the next attempt); if
+/// the receiver still cannot take it, or older requests wait in the spool, it goes there.
+fn deliver(transport: &Transport, spool: Option<&mut Spool>, request: Vec<Bytes>, spans: usize) {
+    let waiting = spool.as_ref().is_some_and(|spool| !spool.is_empty());
+    if !waiting {
+        let mut pauses = RETRY_PAUSES.iter();
+        let error = loop {
+            match export_io().block_on(send(transport, request.clone())) {
+                Ok(()) => return,
+                Err(error) if !error.retry => {
+                    return tracing::error!(%error.message, spans, "the OTLP receiver refused these spans; they are lost");
+                }
+                Err(error) => match pauses.next() {
+                    Some(pause) => std::thread::sleep(*pause),
+                    None => break error,
+                },
+            }
+        };
+        if spool.is_none() {
+            return tracing::warn!(error = %error.message, spans, "span export failed; these spans are lost");
+        }
+        tracing::warn!(error = %error.message, spans, "span export failed; keeping the spans in the spool");
+    }
+    let Some(spool) = spool else { return };
+    match spool.push(&request) {
+        Ok(true) => {}
+        Ok(false) => tracing::error!(
+            spans,
+            "the span spool is full (--span-spool-bytes): these spans are lost; the collector has been unreachable too long"
+        ),
+        Err(error) => tracing::error!(%error, spans, "cannot write the span spool: these spans are lost"),
+    }
+}
+
+/// When to try the spool's oldest request again: at once after a success, with a growing pause
+/// (0.5 s doubling to 5 s) while the receiver refuses.
+struct Replay {
+    next_try: Instant,
+    pause: Duration,
+}
+
+impl Default for Replay {
+    fn default() -> Self {
+        Self { next_try: Instant::now(), pause: Duration::from_millis(500) }
+    }
+}
+
+impl Replay {
+    /// Sends the spooled requests, oldest first, until one fails.
+    fn run(&mut self, transport: &Transport, spool: &mut Spool) {
+        if spool.is_empty() || Instant::now() < self.next_try {
+            return;
+        }
+        let mut sent = 0;
+        while let Some(request) = spool.oldest() {
+            let request = match request {
+                Ok(request) => request,
+                Err(error) => {
+                    tracing::error!(%error, "a spooled span export request cannot be read; it is lost");
+                    spool.pop();
+                    continue;
+                }
+            };
+            match export_io().block_on(send(transport, vec![request])) {
+                Ok(()) => sent += 1,
+                Err(error) if !error.retry => {
+                    tracing::error!(%error.message, "the OTLP receiver refused a spooled request; it is lost");
+                }
+                Err(_) => {
+                    self.next_try = Instant::now() + self.pause;
+                    self.pause = (self.pause * 2).min(Duration::from_secs(5));
+                    break;
+                }
+            }
+            spool.pop();
+        }
+        if sent > 0 {
+            tracing::info!(requests = sent, left = !spool.is_empty(), "replayed spooled span export requests");
+        }
+        if spool.is_empty() {
+            *self = Self::default();
+        }
+    }
+}
+
+/// Why an export request was not taken, and whether sending it again may succeed (a receiver
+/// that is down, busy or restarting) or not (it refused the request as invalid).
+#[derive(Debug)]
+struct ExportError {
+    message: String,
+    retry: bool,
+}
+
+impl From<String> for ExportError {
+    fn from(message: String) -> Self {
+        Self { message, retry: true }
     }
 }
 
@@ -466,7 +584,7 @@ impl Transport {
 }
 
 /// Sends one `ExportTraceServiceRequest`, given as the buffers it is made of.
-async fn send(transport: &Transport, request: Vec<Bytes>) -> Result<(), String> {
+async fn send(transport: &Transport, request: Vec<Bytes>) -> Result<(), ExportError> {
     let response = match transport {
         Transport::Grpc { client, uri, authorization } => {
             tokio::time::timeout(EXPORT_TIMEOUT, send_grpc(client, uri, authorization.as_ref(), request))
@@ -485,7 +603,8 @@ async fn send(transport: &Transport, request: Vec<Bytes>) -> Result<(), String> 
             let body = response.bytes().await.map_err(|error| format!("OTLP/HTTP export to {url} failed: {error}"))?;
             if !status.is_success() {
                 let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-                return Err(format!("OTLP/HTTP export to {url} answered {status}: {text}"));
+                let message = format!("OTLP/HTTP export to {url} answered {status}: {text}");
+                return Err(ExportError { message, retry: status != reqwest::StatusCode::BAD_REQUEST });
             }
             ExportTraceServiceResponse::decode(body).unwrap_or_default()
         }
@@ -506,7 +625,7 @@ async fn send_grpc(
     uri: &http::Uri,
     authorization: Option<&http::HeaderValue>,
     mut request: Vec<Bytes>,
-) -> Result<ExportTraceServiceResponse, String> {
+) -> Result<ExportTraceServiceResponse, ExportError> {
     use http_body_util::BodyExt;
 
     let len: usize = request.iter().map(Bytes::len).sum();
@@ -527,7 +646,7 @@ async fn send_grpc(
         client.request(request).await.map_err(|error| format!("OTLP/gRPC endpoint {uri} unavailable: {error:?}"))?;
     let (head, body) = response.into_parts();
     if head.status != http::StatusCode::OK {
-        return Err(format!("OTLP/gRPC export to {uri} answered HTTP {}", head.status));
+        return Err(format!("OTLP/gRPC export to {uri} answered HTTP {}", head.status).into());
     }
     let body = body.collect().await.map_err(|error| format!("OTLP/gRPC export to {uri} failed: {error}"))?;
     let trailers = body.trailers();
@@ -538,9 +657,10 @@ async fn send_grpc(
         Some(code) => {
             let message = field("grpc-message").map(|m| percent_encoding::percent_decode(m.as_bytes()));
             let message = message.map(|m| m.decode_utf8_lossy().into_owned()).unwrap_or_default();
-            return Err(format!("OTLP/gRPC export to {uri} failed: {code:?}: {message}"));
+            let message = format!("OTLP/gRPC export to {uri} failed: {code:?}: {message}");
+            return Err(ExportError { message, retry: code != tonic::Code::InvalidArgument });
         }
-        None => return Err(format!("OTLP/gRPC export to {uri}: the answer has no grpc-status")),
+        None => return Err(format!("OTLP/gRPC export to {uri}: the answer has no grpc-status").into()),
     }
     let body = body.to_bytes();
     // The answer's message, behind its own 5-byte prefix (a compressed one is not decoded: its
@@ -779,7 +899,10 @@ fn encode_invocation(buf: &mut Vec<u8>, i: &EndedInvocation, lengths: &TextLengt
         |buf: &mut Vec<u8>, key: &str, value: u64| key_value_with(buf, 9, key, |buf| int_value(buf, value as i64));
     let flag = |buf: &mut Vec<u8>, key: &str, value: bool| key_value_with(buf, 9, key, |buf| bool_value(buf, value));
     text(buf, c::FAAS_NAME, function);
-    text(buf, c::FAAS_INVOCATION_ID, call_id);
+    let mut execution_id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::from_bytes(i.execution_id).hyphenated().encode_lower(&mut execution_id);
+    text(buf, c::FAAS_INVOCATION_ID, &execution_id);
+    text(buf, c::SFAAS_CALL_ID, call_id);
     text(buf, c::FAAS_TRIGGER, i.trigger.as_bytes());
     text(buf, c::SFAAS_FUNCTION_KIND, i.kind.as_bytes());
     if let Some(job) = job {
@@ -1100,6 +1223,7 @@ mod tests {
             Invoked {
                 function: "noop",
                 kind: "builtin",
+                execution_id: uuid::Uuid::now_v7(),
                 call_id: "call-1",
                 trigger: "http",
                 job: None,
@@ -1112,6 +1236,7 @@ mod tests {
             Invoked {
                 function: "resize-ünïcode-".repeat(12).leak(),
                 kind: "exec",
+                execution_id: uuid::Uuid::from_u128(0x0190b4e2_7c3a_7d2e_9f00_aabbccddeeff),
                 call_id: "0190b4e2-7c3a-7d2e-9f00-aabbccddeeff",
                 trigger: "pubsub",
                 job: Some("run-42"),
@@ -1184,6 +1309,7 @@ mod tests {
                 InvocationSpan::start(SpanQueue(shared.clone()), &parent).end(&Invoked {
                     function: &long,
                     kind: "exec",
+                    execution_id: uuid::Uuid::now_v7(),
                     call_id: &"c".repeat(128),
                     trigger: "http",
                     job: Some(&long),
@@ -1266,6 +1392,7 @@ mod tests {
                 protocol: OtlpProtocol::Grpc,
                 token: Some(token.to_string()),
                 max_queue_size: 10,
+                ..Default::default()
             };
             Transport::new(&config, endpoint)
         };
@@ -1280,12 +1407,13 @@ mod tests {
         assert_eq!(received, vec![ExportTraceServiceRequest::decode(&request().concat()[..]).unwrap()]);
         assert_eq!(received[0].resource_spans[0].scope_spans[0].spans.len(), 3);
 
+        // Worth sending again (a token the collector may learn, a collector that is down)…
         let error = send(&transport(&endpoint, "wrong").unwrap(), request()).await.unwrap_err();
-        assert!(error.contains("Unauthenticated: no such token: «wrong»"), "{error}");
+        assert!(error.message.contains("Unauthenticated: no such token: «wrong»") && error.retry, "{error:?}");
 
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let error = send(&transport(&format!("http://{closed}"), "right").unwrap(), request()).await.unwrap_err();
-        assert!(error.contains("unavailable"), "{error}");
+        assert!(error.message.contains("unavailable") && error.retry, "{error:?}");
 
         let error = transport("https://collector.example:4317", "right").unwrap_err();
         assert!(error.contains("TLS is not supported"), "{error}");

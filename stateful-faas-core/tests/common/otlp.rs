@@ -37,8 +37,13 @@ pub fn export_to(config: &mut stateful_faas_core::CoreConfig, endpoint: String) 
 /// An OTLP/gRPC trace receiver (the generated service) on loopback: its endpoint, and what it
 /// received.
 pub async fn grpc_receiver() -> (String, Received) {
+    grpc_receiver_at("127.0.0.1:0".parse().unwrap()).await
+}
+
+/// [`grpc_receiver`] on a given address.
+pub async fn grpc_receiver_at(addr: std::net::SocketAddr) -> (String, Received) {
     let received = Received::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let service = TraceServiceServer::new(received.clone());
     tokio::spawn(async move {
