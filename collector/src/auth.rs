@@ -60,6 +60,14 @@ pub fn authenticate_http(resolver: &dyn TokenResolver, headers: &HeaderMap) -> R
 }
 
 impl Sender {
+    /// Whose data its batches are, for the ingest queue's admission.
+    pub fn source(&self) -> crate::pipeline::Source<'_> {
+        match &self.credential {
+            Credential::Meter => crate::pipeline::Source::Meter,
+            Credential::Ingest { tenant } => crate::pipeline::Source::Tenant(tenant),
+        }
+    }
+
     /// The tenant of a resource whose `service.namespace` is `namespace`, and whether its data is
     /// metered; or why its items are rejected (never re-attributed).
     pub fn tenant_for(&self, namespace: Option<&str>) -> Result<(String, bool), String> {

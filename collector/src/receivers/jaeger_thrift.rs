@@ -402,7 +402,7 @@ pub async fn traces(State(collector): State<Arc<Collector>>, headers: HeaderMap,
             .inc_by(rejected);
     }
     let items = batch.len() as u64;
-    match collector.pipeline.submit(batch).await {
+    match collector.pipeline.submit(batch, sender.source()).await {
         Ok(_) => {
             collector
                 .metrics

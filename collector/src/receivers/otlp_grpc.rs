@@ -46,7 +46,12 @@ impl Services {
         })
     }
 
-    async fn store(&self, signal: &'static str, mut converted: Converted) -> Result<Converted, Status> {
+    async fn store(
+        &self,
+        signal: &'static str,
+        sender: &Sender,
+        mut converted: Converted,
+    ) -> Result<Converted, Status> {
         if converted.rejected > 0 {
             self.0
                 .metrics
@@ -55,7 +60,7 @@ impl Services {
                 .inc_by(converted.rejected);
         }
         let items = converted.batch.len() as u64;
-        match self.0.pipeline.submit(std::mem::take(&mut converted.batch)).await {
+        match self.0.pipeline.submit(std::mem::take(&mut converted.batch), sender.source()).await {
             Ok(_) => {
                 self.0.metrics.accepted.get_or_create(&SignalLabels { signal, protocol: "otlp_grpc" }).inc_by(items);
                 Ok(converted)
@@ -94,7 +99,7 @@ impl TraceService for Services {
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let sender = self.sender(&request, "traces")?;
-        let converted = self.store("traces", otlp::traces(request.into_inner(), &sender)).await?;
+        let converted = self.store("traces", &sender, otlp::traces(request.into_inner(), &sender)).await?;
         Ok(Response::new(ExportTraceServiceResponse {
             partial_success: (converted.rejected > 0).then(|| ExportTracePartialSuccess {
                 rejected_spans: converted.rejected as i64,
@@ -111,7 +116,7 @@ impl MetricsService for Services {
         request: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         let sender = self.sender(&request, "metrics")?;
-        let converted = self.store("metrics", otlp::metrics(request.into_inner(), &sender)).await?;
+        let converted = self.store("metrics", &sender, otlp::metrics(request.into_inner(), &sender)).await?;
         Ok(Response::new(ExportMetricsServiceResponse {
             partial_success: (converted.rejected > 0).then(|| ExportMetricsPartialSuccess {
                 rejected_data_points: converted.rejected as i64,
@@ -128,7 +133,7 @@ impl LogsService for Services {
         request: Request<ExportLogsServiceRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
         let sender = self.sender(&request, "logs")?;
-        let converted = self.store("logs", otlp::logs(request.into_inner(), &sender)).await?;
+        let converted = self.store("logs", &sender, otlp::logs(request.into_inner(), &sender)).await?;
         Ok(Response::new(ExportLogsServiceResponse {
             partial_success: (converted.rejected > 0).then(|| ExportLogsPartialSuccess {
                 rejected_log_records: converted.rejected as i64,

@@ -161,7 +161,7 @@ where
             .inc_by(converted.rejected);
     }
     let items = converted.batch.len() as u64;
-    match collector.pipeline.submit(std::mem::take(&mut converted.batch)).await {
+    match collector.pipeline.submit(std::mem::take(&mut converted.batch), sender.source()).await {
         Ok(_) => {
             collector.metrics.accepted.get_or_create(&SignalLabels { signal, protocol: "otlp_http" }).inc_by(items);
             encode(encoding, &respond(&converted))

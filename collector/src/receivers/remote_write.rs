@@ -122,7 +122,7 @@ pub async fn write(State(collector): State<Arc<Collector>>, headers: HeaderMap, 
         return text(StatusCode::BAD_REQUEST, format!("{unnamed} samples belong to series without __name__"));
     }
     let items = batch.len() as u64;
-    match collector.pipeline.submit(batch).await {
+    match collector.pipeline.submit(batch, sender.source()).await {
         Ok(_) => {
             collector
                 .metrics

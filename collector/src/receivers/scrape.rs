@@ -118,7 +118,7 @@ pub fn spawn(
                 let interval = target.interval.unwrap_or(Duration::from_secs(15));
                 loop {
                     let batch = scrape_once(&client, &target, collector.store.clock().now_ns()).await;
-                    if let Err(error) = collector.pipeline.submit(batch).await {
+                    if let Err(error) = collector.pipeline.submit(batch, crate::pipeline::Source::Meter).await {
                         tracing::warn!(url = %target.url, %error, "scraped samples not stored");
                     }
                     tokio::select! {
