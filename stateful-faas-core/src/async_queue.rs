@@ -4,8 +4,11 @@
 //! accepted. Delivery is at-least-once: a call that was running when the process stopped runs
 //! again at the next start. Calls are de-duplicated by `(tenant, X-Call-Id)`. A 429 or 5xx
 //! answer is retried with exponential backoff; after `max_attempts` the call is dead-lettered
-//! and listed by `GET /system/async-dead-letters`.
+//! and listed by `GET /system/async-dead-letters`. Workers serve tenants fairly: the next call
+//! is the oldest due one of the tenant with the fewest calls in flight (then the one served
+//! longest ago), and no tenant has more than half the workers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,6 +110,9 @@ pub struct AsyncQueue {
     pool: SqlitePool,
     config: AsyncQueueConfig,
     bell: Notify,
+    /// Per tenant: calls being delivered now, and when it was last served (a counter).
+    tenants: std::sync::Mutex<HashMap<String, (usize, u64)>>,
+    served: std::sync::atomic::AtomicU64,
 }
 
 impl AsyncQueue {
@@ -117,7 +123,7 @@ impl AsyncQueue {
         if recovered.rows_affected() > 0 {
             tracing::info!(calls = recovered.rows_affected(), "re-queued async calls interrupted by the last stop");
         }
-        Ok(Self { pool, config, bell: Notify::new() })
+        Ok(Self { pool, config, bell: Notify::new(), tenants: Default::default(), served: Default::default() })
     }
 
     /// Stores a call durably. Returns false when the same `(tenant, call id)` was already
@@ -182,16 +188,60 @@ impl AsyncQueue {
         .await
     }
 
+    /// Calls of one tenant a worker may deliver at once: half the workers (at least one), so
+    /// that one tenant's slow calls cannot hold them all.
+    fn per_tenant_cap(&self) -> usize {
+        self.config.workers.div_ceil(2).max(1)
+    }
+
+    /// The next due call, fairly: among the tenants with calls due and under their cap, the
+    /// one with the fewest in flight, then the one served longest ago; its oldest due call.
     async fn claim(&self) -> Result<Option<Claimed>, sqlx::Error> {
-        sqlx::query_as(
+        let now = now_ms();
+        let due: Vec<(String,)> =
+            sqlx::query_as("SELECT DISTINCT tenant FROM async_calls WHERE state = 'queued' AND next_attempt_ms <= ?")
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await?;
+        let tenant = {
+            let mut tenants = self.tenants.lock().unwrap();
+            let cap = self.per_tenant_cap();
+            let chosen = due
+                .into_iter()
+                .map(|(tenant,)| tenant)
+                .filter(|tenant| tenants.get(tenant).is_none_or(|(running, _)| *running < cap))
+                .min_by_key(|tenant| tenants.get(tenant).copied().unwrap_or_default());
+            let Some(tenant) = chosen else { return Ok(None) };
+            // Reserved before the claim, so that two workers do not both take a tenant's last place.
+            let entry = tenants.entry(tenant.clone()).or_default();
+            entry.0 += 1;
+            entry.1 = self.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            tenant
+        };
+        let claimed: Result<Option<Claimed>, sqlx::Error> = sqlx::query_as(
             "UPDATE async_calls SET state = 'running', attempts = attempts + 1 \
-             WHERE rowid = (SELECT rowid FROM async_calls WHERE state = 'queued' AND next_attempt_ms <= ? \
+             WHERE rowid = (SELECT rowid FROM async_calls WHERE state = 'queued' AND next_attempt_ms <= ? AND tenant = ? \
                             ORDER BY next_attempt_ms LIMIT 1) \
              RETURNING tenant, call_id, function, method, path, query, headers, body, callback_url, traceparent, attempts",
         )
-        .bind(now_ms())
+        .bind(now)
+        .bind(&tenant)
         .fetch_optional(&self.pool)
-        .await
+        .await;
+        if !matches!(claimed, Ok(Some(_))) {
+            self.delivered(&tenant);
+        }
+        claimed
+    }
+
+    /// A claimed call of `tenant` is over (or was not claimed after all): its place is free.
+    fn delivered(&self, tenant: &str) {
+        let mut tenants = self.tenants.lock().unwrap();
+        if let Some((running, _)) = tenants.get_mut(tenant) {
+            *running = running.saturating_sub(1);
+        }
+        drop(tenants);
+        self.bell.notify_one();
     }
 
     async fn finish(&self, call: &Claimed, outcome: &Outcome) -> Result<(), sqlx::Error> {
@@ -250,7 +300,11 @@ pub fn spawn_workers(core: Arc<Core>, shutdown: watch::Receiver<bool>) -> Vec<to
             tokio::spawn(async move {
                 while !*shutdown.borrow() {
                     match core.queue.claim().await {
-                        Ok(Some(call)) => deliver(&core, call).await,
+                        Ok(Some(call)) => {
+                            let tenant = call.tenant.clone();
+                            deliver(&core, call).await;
+                            core.queue.delivered(&tenant);
+                        }
                         Ok(None) => {
                             tokio::select! {
                                 _ = core.queue.bell.notified() => {}

@@ -156,3 +156,55 @@ async fn callbacks_to_internal_addresses_are_not_sent() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(received.lock().unwrap().is_empty(), "a callback reached loopback");
 }
+
+/// One tenant's backlog of slow calls cannot hold every worker: it gets half of them at most,
+/// and another tenant's call is delivered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_backlog_does_not_hold_every_worker() {
+    let core = start(|config| config.async_queue.workers = 4).await;
+    let (acme, globex) = (core.tenant("acme").await, core.tenant("globex").await);
+    core.deploy(&acme, json!({"service": "slow", "builtin": "sleep"})).await;
+    core.deploy(&globex, json!({"service": "quick", "builtin": "echo"})).await;
+    let send = |tenant: &common::Tenant, function: &str, call_id: String, body: &'static str| {
+        core.http
+            .post(format!("{}/async-function/{function}", core.url))
+            .bearer_auth(&tenant.ingest)
+            .header("X-Call-Id", call_id)
+            .body(body)
+            .send()
+    };
+    for i in 0..6 {
+        assert_eq!(send(&acme, "slow", format!("slow-{i}"), "1500").await.unwrap().status(), 202);
+    }
+    assert_eq!(send(&globex, "quick", "quick-1".into(), "hi").await.unwrap().status(), 202);
+    let state = |tenant: &common::Tenant, call_id: String| {
+        let (http, url, token) = (core.http.clone(), core.url.clone(), tenant.read.clone());
+        async move {
+            let call: serde_json::Value = http
+                .get(format!("{url}/system/async-calls/{call_id}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            call["state"].as_str().unwrap_or_default().to_string()
+        }
+    };
+    let most_running = std::sync::atomic::AtomicUsize::new(0);
+    let done = eventually(Duration::from_secs(10), || async {
+        let mut states = Vec::new();
+        for i in 0..6 {
+            states.push(state(&acme, format!("slow-{i}")).await);
+        }
+        let running = states.iter().filter(|s| *s == "running").count();
+        most_running.fetch_max(running, std::sync::atomic::Ordering::Relaxed);
+        (state(&globex, "quick-1".into()).await == "done").then_some(states)
+    })
+    .await
+    .expect("the other tenant's call is delivered");
+    assert!(done.iter().all(|s| s != "done"), "it waited for the backlog: {done:?}");
+    let most_running = most_running.into_inner();
+    assert!(most_running <= 2, "{most_running} of the backlog ran at once on 4 workers");
+}
