@@ -652,6 +652,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         None => None,
     };
     let running = core.start().await?;
+    let core = running.core.clone();
     // The gateway's metrics reach the collector too: scraped with the meter token, each series
     // under the tenant its `namespace` label names.
     let collector = collector.map(|(mut collector, meter_token)| {
@@ -660,15 +661,15 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         let interval = std::time::Duration::from_secs(args.platform_scrape_secs.max(1));
         target.interval = Some(interval);
         target.timeout = target.timeout.map(|timeout| timeout.min(interval));
-        collector.scrape(target);
-        collector
+        collector.scrape(target.clone());
+        (collector, target)
     });
     addresses.insert("gateway".into(), running.gateway_addr.to_string().into());
     announce(&data_dir, addresses, with_collector)?;
     eprintln!(
         "sfaas is up: gateway http://{}{}{} (admin token in {}); Ctrl-C stops",
         running.gateway_addr,
-        collector.as_ref().map_or(String::new(), |c| format!(
+        collector.as_ref().map_or(String::new(), |(c, _)| format!(
             ", OTLP gRPC {} and HTTP http://{}",
             c.otlp_grpc_addr, c.otlp_http_addr
         )),
@@ -704,7 +705,12 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         let _ = task.await;
     }
     running.shutdown().await;
-    if let Some(collector) = collector {
+    if let Some((collector, platform)) = collector {
+        // The gateway's final counts, read once it served its last call: reconciliation then
+        // compares them with every metered span, to the last one.
+        if let Err(error) = collector.store_exposition(&platform, &core.metrics.encode_openmetrics()).await {
+            eprintln!("sfaas: the gateway's final counters were not stored: {error}");
+        }
         collector.shutdown().await;
     }
     if let Some(dashboard) = dashboard {

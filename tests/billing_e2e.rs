@@ -224,3 +224,62 @@ async fn the_demo_shows_usage_and_draft_invoices() {
     let status = up.wait().unwrap();
     assert!(status.success(), "a clean shutdown: {status}");
 }
+
+/// Reconciliation can reach zero: the gateway's last counts are stored when `sfaas up` stops
+/// (here the periodic scrape never comes again after the first), so after a restart every
+/// function's metered invocations equal its counted ones exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_last_counts_are_kept_at_shutdown_and_reconciliation_reaches_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let args = ["--billing-interval-secs", "0", "--platform-scrape-secs", "3600"];
+    let (mut up, _) = common::up(&args, data);
+    ok(data, &["tenant", "create", "acme"], "");
+    let stack = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/flows/stack.yml");
+    ok(data, &["deploy", "-f", stack, "--namespace", "acme"], "");
+    for i in 0..7 {
+        ok(data, &["invoke", "shout", "--namespace", "acme", "-d", &format!("call {i}")], "");
+    }
+    for i in 0..3 {
+        ok(data, &["invoke", "count", "--namespace", "acme", "-d", &format!("a b {i}")], "");
+    }
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
+    assert!(up.wait().unwrap().success());
+
+    let (mut up, addresses) = common::up(&args, data);
+    let ui = format!("http://{}", addresses["ui"].as_str().unwrap());
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    // Billing reads spans a few seconds after they arrive (its watermark trails the clock).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (rows, seen) = loop {
+        ok(data, &["bill", "run"], "");
+        let rows: Value = http
+            .get(format!("{ui}/billing/reconciliation"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let seen: Vec<(String, i64, i64)> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let function = r["function"].as_str().unwrap().to_string();
+                (function, r["metered"].as_i64().unwrap(), r["difference"].as_i64().unwrap())
+            })
+            .collect();
+        if seen.iter().map(|(_, metered, _)| metered).sum::<i64>() == 10 || Instant::now() > deadline {
+            break (rows, seen);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let seen: Vec<_> = seen.iter().map(|(f, m, d)| (f.as_str(), *m, *d)).collect();
+    assert_eq!(seen, [("count", 3, 0), ("shout", 7, 0)], "{rows}");
+    up.kill().unwrap();
+    up.wait().unwrap();
+}

@@ -100,6 +100,17 @@ impl RunningCollector {
         let tasks = receivers::scrape::spawn(self.collector.clone(), vec![target], self.shutdown.subscribe());
         self.tasks.extend(tasks);
     }
+
+    /// Stores an exposition of `target` read in process (a last scrape of a target that is
+    /// stopping), as metered samples.
+    pub async fn store_exposition(
+        &self,
+        target: &receivers::scrape::ScrapeTarget,
+        text: &str,
+    ) -> Result<(), pipeline::SubmitError> {
+        let batch = receivers::scrape::exposition(target, text, true, self.collector.store.clock().now_ns());
+        self.collector.pipeline.submit(batch, pipeline::Source::Meter).await.map(|_| ())
+    }
 }
 
 impl Collector {

@@ -134,11 +134,6 @@ pub fn spawn(
 /// Scrapes a target once: its samples, plus `up`, `scrape_duration_seconds` and
 /// `scrape_samples_scraped`, stamped `now_ns` where the target gives no time.
 pub async fn scrape_once(client: &reqwest::Client, target: &ScrapeTarget, now_ns: i64) -> Batch {
-    let instance = reqwest::Url::parse(&target.url)
-        .ok()
-        .map(|u| format!("{}:{}", u.host_str().unwrap_or(""), u.port_or_known_default().unwrap_or(80)))
-        .unwrap_or_default();
-    let job = target.job.clone().unwrap_or_else(|| instance.clone());
     let interval = target.interval.unwrap_or(Duration::from_secs(15));
     let timeout = target.timeout.unwrap_or(Duration::from_secs(10)).min(interval);
     let started = Instant::now();
@@ -164,7 +159,24 @@ pub async fn scrape_once(client: &reqwest::Client, target: &ScrapeTarget, now_ns
         Ok(response) => Err(format!("status {}", response.status())),
         Err(e) => Err(e.to_string()),
     };
-    let duration = started.elapsed().as_secs_f64();
+    samples_of(target, scraped, started.elapsed().as_secs_f64(), now_ns)
+}
+
+/// An exposition already in hand, as a scrape of `target` would store it: the gateway's own
+/// counters, read in process when it stops, so that its last counts are not missed.
+pub fn exposition(target: &ScrapeTarget, text: &str, openmetrics: bool, now_ns: i64) -> Batch {
+    let parsed = parse(text, openmetrics, now_ns).map_err(|e| format!("unparsable exposition: {e}"));
+    samples_of(target, parsed, 0.0, now_ns)
+}
+
+/// The rows of one scrape: its samples, and `up`, `scrape_duration_seconds`,
+/// `scrape_samples_scraped`.
+fn samples_of(target: &ScrapeTarget, scraped: Result<Vec<Parsed>, String>, duration: f64, now_ns: i64) -> Batch {
+    let instance = reqwest::Url::parse(&target.url)
+        .ok()
+        .map(|u| format!("{}:{}", u.host_str().unwrap_or(""), u.port_or_known_default().unwrap_or(80)))
+        .unwrap_or_default();
+    let job = target.job.clone().unwrap_or_else(|| instance.clone());
     let mut batch = Batch::default();
     let mut row = |metric: &str, kind: &'static str, mut labels: BTreeMap<String, String>, ts_ns: i64, value: f64| {
         let tenant = match &target.tenant_label {
