@@ -298,6 +298,54 @@ pub async fn bill_run(args: &ClientArgs, until: Option<String>) -> anyhow::Resul
     Ok(())
 }
 
+/// Prints the reconciliation as a table (settled first with `settle`); fails when a function
+/// was served but not metered, or metered more than served.
+pub async fn bill_reconcile(
+    args: &ClientArgs,
+    tenant: Option<String>,
+    period: Option<String>,
+    settle: bool,
+) -> anyhow::Result<()> {
+    let dashboard = args.dashboard()?;
+    // Tenant names are DNS labels and periods digits and dashes: nothing to escape.
+    let query: Vec<String> = [("tenant", &tenant), ("period", &period)]
+        .iter()
+        .filter_map(|(key, value)| Some(format!("{key}={}", value.as_ref()?)))
+        .collect();
+    let query = query.join("&");
+    let rows: Vec<serde_json::Value> = if settle {
+        eprintln!("bill reconcile: settling (spans sent, counters stored, billing run in about 5 s)");
+        let path = format!("/billing/reconciliation/settle?{query}");
+        let settled: serde_json::Value = send(dashboard.request(reqwest::Method::POST, &path)).await?.json().await?;
+        serde_json::from_value(settled["reconciliation"].clone())?
+    } else {
+        let path = format!("/billing/reconciliation?{query}");
+        send(dashboard.request(reqwest::Method::GET, &path)).await?.json().await?
+    };
+    println!(
+        "{:<20} {:<24} {:<10} {:>10} {:>10} {:>10}",
+        "Tenant", "Function", "Period", "Metered", "Counted", "Difference"
+    );
+    let mut off = 0;
+    for row in &rows {
+        let number = |key: &str| row[key].as_i64().unwrap_or(0);
+        off += i64::from(number("difference") != 0);
+        println!(
+            "{:<20} {:<24} {:<10} {:>10} {:>10} {:>10}",
+            row["tenant"].as_str().unwrap_or(""),
+            row["function"].as_str().unwrap_or(""),
+            row["period"].as_str().unwrap_or(""),
+            number("metered"),
+            number("counted"),
+            number("difference")
+        );
+    }
+    if off > 0 {
+        bail!("{off} of {} functions differ (positive: served but not metered)", rows.len());
+    }
+    Ok(())
+}
+
 pub async fn bill_show(args: &ClientArgs, tenant: &str, period: Option<String>, format: &str) -> anyhow::Result<()> {
     let dashboard = args.dashboard()?;
     let period = match period {

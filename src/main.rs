@@ -181,6 +181,21 @@ enum BillCommand {
         #[command(flatten)]
         client: client::ClientArgs,
     },
+    /// Metered invocations against the gateway's own counts, per tenant and function.
+    Reconcile {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// YYYY-MM (or YYYY-MM-DD with daily periods); default the current one.
+        #[arg(long)]
+        period: Option<String>,
+        /// First bring both sides up to now (`sfaas up` only): the core's spans sent, its
+        /// counters stored, billing run once they are billable (about 5 s). Exactly 0 for every
+        /// function when nothing was lost and no call ran meanwhile.
+        #[arg(long)]
+        settle: bool,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -522,6 +537,9 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Bill(BillCommand::List { tenant, client }) => client::bill_list(&client, tenant).await,
         Command::Bill(BillCommand::Finalize { period, client }) => client::bill_finalize(&client, &period).await,
+        Command::Bill(BillCommand::Reconcile { tenant, period, settle, client }) => {
+            client::bill_reconcile(&client, tenant, period, settle).await
+        }
         Command::Plan(PlanCommand::Apply { file, client }) => client::plan_apply(&client, &file).await,
         Command::Plan(PlanCommand::Assign { tenant, plan, from, client }) => {
             client::plan_assign(&client, &tenant, &plan, from).await
@@ -638,6 +656,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     } else {
         None
     };
+    let platform_target = std::sync::Arc::new(std::sync::OnceLock::new());
     let dashboard = match &collector {
         Some((running, _)) => {
             let billing = billing::Billing::open(&running.collector.store).await.context("opening billing")?;
@@ -645,6 +664,11 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
             let store = running.collector.store.clone();
             let mut config = dashboard_config(&args);
             config.collector_metrics_url = Some(format!("http://{}/metrics", running.otlp_http_addr));
+            config.settle = Some(std::sync::Arc::new(UpSettle {
+                core: core.clone(),
+                collector: running.collector.clone(),
+                target: platform_target.clone(),
+            }));
             let dashboard = dashboard::start(config, store, std::sync::Arc::new(billing), viewers).await?;
             addresses.insert("ui".into(), dashboard.addr.to_string().into());
             Some(dashboard)
@@ -662,6 +686,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         target.interval = Some(interval);
         target.timeout = target.timeout.map(|timeout| timeout.min(interval));
         collector.scrape(target.clone());
+        let _ = platform_target.set(target.clone());
         (collector, target)
     });
     addresses.insert("gateway".into(), running.gateway_addr.to_string().into());
@@ -708,7 +733,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     if let Some((collector, platform)) = collector {
         // The gateway's final counts, read once it served its last call: reconciliation then
         // compares them with every metered span, to the last one.
-        if let Err(error) = collector.store_exposition(&platform, &core.metrics.encode_openmetrics()).await {
+        if let Err(error) = collector.collector.store_exposition(&platform, &core.metrics.encode_openmetrics()).await {
             eprintln!("sfaas: the gateway's final counters were not stored: {error}");
         }
         collector.shutdown().await;
@@ -828,6 +853,28 @@ fn dashboard_config(args: &ServeArgs) -> dashboard::DashboardConfig {
         billing_every: (args.billing_interval_secs > 0)
             .then(|| std::time::Duration::from_secs(args.billing_interval_secs)),
         collector_metrics_url: None,
+        settle: None,
+    }
+}
+
+/// `sfaas up`'s side of a settled reconciliation: the core's spans flushed and its counters
+/// stored as the platform scrape would store them, now.
+struct UpSettle {
+    core: std::sync::Arc<stateful_faas_core::Core>,
+    collector: std::sync::Arc<collector::Collector>,
+    /// The platform's scrape target, once the gateway listens.
+    target: std::sync::Arc<std::sync::OnceLock<collector::receivers::scrape::ScrapeTarget>>,
+}
+
+impl billing::api::Settle for UpSettle {
+    fn settle(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let target = self.target.get().ok_or("the gateway is not serving yet")?;
+            let core = self.core.clone();
+            tokio::task::spawn_blocking(move || core.telemetry.flush()).await.map_err(|e| e.to_string())?;
+            let text = self.core.metrics.encode_openmetrics();
+            self.collector.store_exposition(target, &text).await.map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -87,6 +87,15 @@ pub fn authenticate(resolver: &dyn ViewerResolver, headers: &HeaderMap) -> Resul
 pub struct ApiState {
     pub billing: Arc<Billing>,
     pub resolver: Arc<dyn ViewerResolver>,
+    /// Brings the platform's side up to now before a settled reconciliation (`sfaas up` has
+    /// one; split deployments do not).
+    pub settle: Option<Arc<dyn Settle>>,
+}
+
+/// What a settled reconciliation needs from the platform first: its spans sent (or kept in the
+/// spool) and its counters stored as they are now.
+pub trait Settle: Send + Sync {
+    fn settle(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
 }
 
 impl ApiState {
@@ -130,6 +139,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/billing/usage/{tenant}", get(usage))
         .route("/billing/usage/{tenant}/events", get(events))
         .route("/billing/reconciliation", get(reconciliation))
+        .route("/billing/reconciliation/settle", post(settle_and_reconcile))
         .with_state(state)
 }
 
@@ -342,6 +352,32 @@ async fn events(
     let events: Vec<_> = records.iter().map(|r| crate::events::event(r, None)).collect();
     Ok(([(header::CONTENT_TYPE, crate::events::BATCH_CONTENT_TYPE)], serde_json::to_string(&events).expect("json"))
         .into_response())
+}
+
+/// `POST /billing/reconciliation/settle`: the platform's spans sent and its counters stored
+/// now, billing run once they are billable, then the reconciliation, which is exactly 0 for
+/// every function when nothing was lost (and no call ran meanwhile).
+async fn settle_and_reconcile(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(query): Query<TenantQuery>,
+) -> Result<Response, ApiError> {
+    state.admin(&headers)?;
+    let Some(settle) = &state.settle else {
+        return Err(ApiError(
+            StatusCode::NOT_IMPLEMENTED,
+            "settling needs the core, the collector and billing in one process (sfaas up); \
+             compare GET /billing/reconciliation after a billing run instead"
+                .into(),
+        ));
+    };
+    settle.settle().await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    // What arrived is billed once its arrival is `settle` old.
+    tokio::time::sleep(state.billing.settle() + std::time::Duration::from_millis(200)).await;
+    let run = state.billing.run(None).await?;
+    let period = state.period(query.period).await?;
+    let reconciliation = state.billing.reconcile(&period, query.tenant.as_deref()).await?;
+    Ok(Json(serde_json::json!({"run": run, "period": period, "reconciliation": reconciliation})).into_response())
 }
 
 async fn reconciliation(

@@ -148,6 +148,11 @@ impl Billing {
         self.settle = settle;
     }
 
+    /// How long after arrival a span is billed.
+    pub fn settle(&self) -> Duration {
+        self.settle
+    }
+
     /// How many metered spans an extraction chunk holds, about (default 20 000; tests use
     /// fewer to bill one run in many chunks).
     pub fn set_chunk_spans(&mut self, spans: i64) {

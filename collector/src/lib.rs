@@ -100,20 +100,20 @@ impl RunningCollector {
         let tasks = receivers::scrape::spawn(self.collector.clone(), vec![target], self.shutdown.subscribe());
         self.tasks.extend(tasks);
     }
+}
 
-    /// Stores an exposition of `target` read in process (a last scrape of a target that is
-    /// stopping), as metered samples.
+impl Collector {
+    /// Stores an exposition of `target` read in process (a target that is stopping, or one
+    /// read now to settle a reconciliation), as metered samples.
     pub async fn store_exposition(
         &self,
         target: &receivers::scrape::ScrapeTarget,
         text: &str,
     ) -> Result<(), pipeline::SubmitError> {
-        let batch = receivers::scrape::exposition(target, text, true, self.collector.store.clock().now_ns());
-        self.collector.pipeline.submit(batch, pipeline::Source::Meter).await.map(|_| ())
+        let batch = receivers::scrape::exposition(target, text, true, self.store.clock().now_ns());
+        self.pipeline.submit(batch, pipeline::Source::Meter).await.map(|_| ())
     }
-}
 
-impl Collector {
     /// Opens the store, binds the receivers and starts serving.
     pub async fn start(
         config: CollectorConfig,

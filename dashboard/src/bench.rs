@@ -54,9 +54,19 @@ pub async fn run(spans: usize, invocations: usize) -> Result<String, Box<dyn std
         report.records
     )?;
 
-    let state = DashboardState { store: store.clone(), billing: Arc::new(billing), resolver: Arc::new(BenchTokens) };
+    let state = DashboardState {
+        store: store.clone(),
+        billing: Arc::new(billing),
+        resolver: Arc::new(BenchTokens),
+        settle: None,
+    };
     let running = crate::start(
-        DashboardConfig { addr: "127.0.0.1:0".parse()?, billing_every: None, collector_metrics_url: None },
+        DashboardConfig {
+            addr: "127.0.0.1:0".parse()?,
+            billing_every: None,
+            collector_metrics_url: None,
+            settle: None,
+        },
         state.store.clone(),
         state.billing.clone(),
         state.resolver.clone(),

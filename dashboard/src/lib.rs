@@ -33,6 +33,8 @@ pub struct DashboardConfig {
     pub billing_every: Option<Duration>,
     /// The collector's own `/metrics`, for the health page.
     pub collector_metrics_url: Option<String>,
+    /// The platform's side of a settled reconciliation (`sfaas up` only).
+    pub settle: Option<Arc<dyn billing::api::Settle>>,
 }
 
 /// A started dashboard.
@@ -48,6 +50,8 @@ pub struct DashboardState {
     pub store: TelemetryStore,
     pub billing: Arc<Billing>,
     pub resolver: Arc<dyn ViewerResolver>,
+    /// The platform's side of a settled reconciliation (`sfaas up` only).
+    pub settle: Option<Arc<dyn billing::api::Settle>>,
 }
 
 impl DashboardState {
@@ -62,7 +66,11 @@ impl DashboardState {
 pub fn app(state: DashboardState, ui: ui::UiConfig) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .merge(billing::api::router(ApiState { billing: state.billing.clone(), resolver: state.resolver.clone() }))
+        .merge(billing::api::router(ApiState {
+            billing: state.billing.clone(),
+            resolver: state.resolver.clone(),
+            settle: state.settle.clone(),
+        }))
         .merge(jaeger::router(state.clone()))
         .merge(prometheus::router(state.clone()))
         .merge(ui::router(state, ui))
@@ -79,7 +87,7 @@ pub async fn start(
         .map_err(|source| DashboardError::Bind { addr: config.addr, source })?;
     let addr = listener.local_addr().map_err(|source| DashboardError::Bind { addr: config.addr, source })?;
     let ui = ui::UiConfig { collector_metrics_url: config.collector_metrics_url.clone() };
-    let app = app(DashboardState { store, billing: billing.clone(), resolver }, ui);
+    let app = app(DashboardState { store, billing: billing.clone(), resolver, settle: config.settle.clone() }, ui);
     let (shutdown, mut stop) = watch::channel(false);
     let mut server_stop = shutdown.subscribe();
     let mut tasks = vec![tokio::spawn(async move {

@@ -84,7 +84,12 @@ struct Server {
 async fn start(backend: Backend) -> Server {
     let store = TelemetryStore::open(&backend.url()).await.unwrap();
     let billing = Arc::new(Billing::open(&store).await.unwrap());
-    let app = dashboard::jaeger::router(DashboardState { store: store.clone(), billing, resolver: Arc::new(Tokens) });
+    let app = dashboard::jaeger::router(DashboardState {
+        store: store.clone(),
+        billing,
+        resolver: Arc::new(Tokens),
+        settle: None,
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

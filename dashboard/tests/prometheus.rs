@@ -165,7 +165,8 @@ async fn env(backend: Backend) -> Env {
     billing.set_settle(Duration::ZERO);
     billing.apply_rate_card(CARD).await.unwrap();
     let billing = Arc::new(billing);
-    let state = DashboardState { store: store.clone(), billing: billing.clone(), resolver: Arc::new(Tokens) };
+    let state =
+        DashboardState { store: store.clone(), billing: billing.clone(), resolver: Arc::new(Tokens), settle: None };
     let mut bases = Vec::new();
     // The cached API waits for its sums to load, so that the tests read them deterministically.
     let defaults = dashboard::prometheus::Options::default();
@@ -174,8 +175,11 @@ async fn env(backend: Backend) -> Env {
         dashboard::prometheus::Options { cache_max_records: 0, ..defaults.clone() },
         defaults,
     ] {
-        let app = dashboard::prometheus::router_with(state.clone(), options)
-            .merge(billing::api::router(ApiState { billing: billing.clone(), resolver: Arc::new(Tokens) }));
+        let app = dashboard::prometheus::router_with(state.clone(), options).merge(billing::api::router(ApiState {
+            billing: billing.clone(),
+            resolver: Arc::new(Tokens),
+            settle: None,
+        }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
