@@ -144,6 +144,12 @@ async fn usage_reaches_invoices_and_every_view_agrees() {
             assert!(events.iter().all(|e| e["specversion"] == "1.0" && e["subject"] == "acme"));
         } else {
             assert_eq!(invoice["lines"][0]["plan"], "free", "no plan given: the rate card's default");
+            // The three calls sent with one call id: three records, each its own execution,
+            // showing the caller's id they share.
+            let reused: Vec<_> = records.iter().filter(|r| r["call_id"] == "dup-1").collect();
+            assert_eq!(reused.len(), 3, "{records:?}");
+            let ids: std::collections::BTreeSet<_> = reused.iter().map(|r| r["usage_id"].as_str().unwrap()).collect();
+            assert_eq!(ids.len(), 3);
         }
     }
 

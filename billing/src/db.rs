@@ -26,9 +26,15 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
-fn migrator(sql: &'static str) -> Migrator {
-    let migration = Migration::new(1, "billing".into(), MigrationType::Simple, sql.into_sql_str(), false);
-    let mut migrator = Migrator::with_migrations(vec![migration]);
+fn migrator(sqls: [&'static str; 2]) -> Migrator {
+    let migrations = sqls
+        .into_iter()
+        .zip(1..)
+        .map(|(sql, version)| {
+            Migration::new(version, "billing".into(), MigrationType::Simple, sql.into_sql_str(), false)
+        })
+        .collect();
+    let mut migrator = Migrator::with_migrations(migrations);
     migrator.dangerous_set_table_name("_sfaas_billing_migrations");
     migrator
 }
@@ -38,11 +44,21 @@ impl Db {
     pub async fn open(store: &TelemetryStore) -> Result<Self, sqlx::migrate::MigrateError> {
         Ok(match &store.pool {
             Pool::Sqlite(pool) => {
-                migrator(include_str!("../../migrations/sqlite/billing_0001_billing.sql")).run(pool).await?;
+                migrator([
+                    include_str!("../../migrations/sqlite/billing_0001_billing.sql"),
+                    include_str!("../../migrations/sqlite/billing_0002_call_id.sql"),
+                ])
+                .run(pool)
+                .await?;
                 Db::Sqlite(pool.clone())
             }
             Pool::Postgres(pool) => {
-                migrator(include_str!("../../migrations/postgres/billing_0001_billing.sql")).run(pool).await?;
+                migrator([
+                    include_str!("../../migrations/postgres/billing_0001_billing.sql"),
+                    include_str!("../../migrations/postgres/billing_0002_call_id.sql"),
+                ])
+                .run(pool)
+                .await?;
                 Db::Postgres(pool.clone())
             }
         })

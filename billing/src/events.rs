@@ -17,6 +17,7 @@ pub fn event(record: &UsageRecord, cost: Option<&rust_decimal::Decimal>) -> Valu
             json!({
                 "function": record.function,
                 "flow_run": record.flow_run,
+                "call_id": record.call_id,
                 "invocations": 1,
                 "cpu_ms": record.cpu_ms,
                 "wall_ms": record.wall_ms,

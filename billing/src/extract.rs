@@ -59,9 +59,12 @@ const READ_SPANS: &str = "SELECT tenant, trace_id, span_id, name, start_ns, end_
      FROM spans WHERE metered = 1 AND received_ms > ? AND received_ms <= ? \
      AND (substr(name, 1, 7) = 'invoke ' OR name = 'state.usage' OR name = 'instance.usage')";
 
+/// Columns of [`INSERT_RECORDS`].
+const COLUMNS: usize = 21;
+
 pub(crate) const INSERT_RECORDS: &str = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, \
      span_id, start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, \
-     state_byte_seconds, period, billed_period, plan, received_ms) VALUES ";
+     state_byte_seconds, period, billed_period, plan, received_ms, call_id) VALUES ";
 
 /// One attribute value, as far as extraction reads it.
 #[derive(Debug, Default)]
@@ -150,6 +153,8 @@ struct Attributes<'a> {
     invocation_id: Attr<'a>,
     #[serde(rename = "faas.name", borrow)]
     function: Attr<'a>,
+    #[serde(rename = "sfaas.call_id", borrow)]
+    call_id: Attr<'a>,
     #[serde(rename = "sfaas.flow.run_id", borrow)]
     run_id: Attr<'a>,
     #[serde(rename = "sfaas.state.job", borrow)]
@@ -194,6 +199,8 @@ struct Record {
     kind: Kind,
     function: String,
     flow_run: Option<String>,
+    /// The caller's call id (invocations).
+    call_id: Option<String>,
     figures: Figures,
     state: (String, Decimal),
     period: Period,
@@ -208,7 +215,7 @@ impl Record {
         (self.span.received_ms, &self.span.trace_id, &self.span.span_id)
     }
 
-    fn values<'a>(&'a self, billed: &Billed<'a>) -> [collector::sqlite::Value<'a>; 20] {
+    fn values<'a>(&'a self, billed: &Billed<'a>) -> [collector::sqlite::Value<'a>; COLUMNS] {
         use collector::sqlite::Value::{Int, Null, Text};
         let s = &self.span;
         let f = self.figures;
@@ -233,6 +240,7 @@ impl Record {
             Text(billed.billed_period),
             Text(billed.plan),
             Int(s.received_ms),
+            self.call_id.as_deref().map_or(Null, Text),
         ]
     }
 }
@@ -359,6 +367,7 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
             false => a.run_id.id().or_else(|| a.job.id()),
         }
         .map(Cow::into_owned);
+        let call_id = (kind == Kind::Invocation).then(|| a.call_id.id()).flatten().map(Cow::into_owned);
         let figures = (|| {
             Some(Figures {
                 cpu_ms: a.cpu_ms.figure()?,
@@ -384,6 +393,7 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
             kind,
             function,
             flow_run,
+            call_id,
             figures,
             state: (byte_seconds, state_decimal),
         });
@@ -424,7 +434,7 @@ fn insert_sqlite(
     records: &[Record],
     billed: &[Billed],
 ) -> Result<Vec<bool>, String> {
-    let mut statement = db.prepare(&format!("{INSERT_RECORDS}{} ON CONFLICT DO NOTHING", value_groups(1, 20)))?;
+    let mut statement = db.prepare(&format!("{INSERT_RECORDS}{} ON CONFLICT DO NOTHING", value_groups(1, COLUMNS)))?;
     records.iter().zip(billed).map(|(record, billed)| Ok(statement.execute(&record.values(billed))? == 1)).collect()
 }
 
@@ -441,7 +451,7 @@ async fn insert_postgres(
     for (part, billed) in records.chunks(crate::ROWS_PER_STATEMENT).zip(billed.chunks(crate::ROWS_PER_STATEMENT)) {
         let sql = format!(
             "{INSERT_RECORDS}{} ON CONFLICT DO NOTHING RETURNING tenant, usage_id",
-            value_groups(part.len(), 20)
+            value_groups(part.len(), COLUMNS)
         );
         let mut query = sqlx::query_as::<_, (String, String)>(db.sql(&sql));
         for (record, billed) in part.iter().zip(billed) {

@@ -98,6 +98,9 @@ pub struct RecordCost {
     pub function: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flow_run: Option<String>,
+    /// The caller's call id (invocations): the attempts of one call share it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
     pub trace_id: String,
     pub span_id: String,
     pub start_ns: i64,
@@ -544,7 +547,7 @@ impl Billing {
         for ((usage_period, plan_name), group) in &groups {
             let Some(plan) = card.plans.get(plan_name) else { continue };
             let sql = self.db.sql(
-                "SELECT usage_id, kind, function, flow_run, trace_id, span_id, start_ns, cpu_ms, bytes_out, status_code, \
+                "SELECT usage_id, kind, function, flow_run, call_id, trace_id, span_id, start_ns, cpu_ms, bytes_out, status_code, \
                  state_byte_seconds FROM usage_records WHERE tenant = ? AND billed_period = ? AND period = ? AND plan = ? \
                  ORDER BY start_ns, usage_id",
             );
@@ -557,6 +560,7 @@ impl Billing {
                         kind: usage::Kind::parse(&kind),
                         function: row.try_get("function")?,
                         flow_run: row.try_get("flow_run")?,
+                        call_id: row.try_get("call_id")?,
                         trace_id: row.try_get("trace_id")?,
                         span_id: row.try_get("span_id")?,
                         start_ns: row.try_get("start_ns")?,
@@ -599,9 +603,9 @@ impl Billing {
     /// Usage records of a tenant's period (for exports), in time order.
     pub async fn records(&self, tenant: &str, period: &str) -> Result<Vec<UsageRecord>> {
         let sql = self.db.sql(
-            "SELECT tenant, usage_id, kind, function, flow_run, trace_id, span_id, start_ns, end_ns, cpu_ms, wall_ms, \
-             memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, period, billed_period, plan, \
-             received_ms FROM usage_records WHERE tenant = ? AND period = ? ORDER BY start_ns, usage_id",
+            "SELECT tenant, usage_id, kind, function, flow_run, call_id, trace_id, span_id, start_ns, end_ns, cpu_ms, \
+             wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, period, billed_period, \
+             plan, received_ms FROM usage_records WHERE tenant = ? AND period = ? ORDER BY start_ns, usage_id",
         );
         on_pool!(&self.db, pool => {
             let rows = sqlx::query(sql).bind(tenant).bind(period).fetch_all(pool).await?;
@@ -613,6 +617,7 @@ impl Billing {
                     kind: usage::Kind::parse(&kind),
                     function: row.try_get("function")?,
                     flow_run: row.try_get("flow_run")?,
+                    call_id: row.try_get("call_id")?,
                     trace_id: row.try_get("trace_id")?,
                     span_id: row.try_get("span_id")?,
                     start_ns: row.try_get("start_ns")?,

@@ -54,6 +54,9 @@ pub struct UsageRecord {
     pub function: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flow_run: Option<String>,
+    /// The caller's call id (invocations): the attempts of one call share it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
     pub trace_id: String,
     pub span_id: String,
     pub start_ns: i64,

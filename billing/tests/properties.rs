@@ -1,9 +1,10 @@
 //! Property tests of billing (DESIGN.md §6), on SQLite.
 //!
 //! - Delivery order and duplicates do not matter: a clean set of usage items billed in one run
-//!   and the same items shuffled, duplicated (the same span again, or the same invocation or
-//!   state interval in a span with another span id) and billed over up to five deliveries, each
-//!   followed by a run, give byte-identical invoices and per-invocation costs.
+//!   and the same items shuffled, duplicated (the same span again, as a replay sends it, or the
+//!   same invocation or state interval in a span with another span id) and billed over up to
+//!   five deliveries, each followed by a run, give byte-identical invoices and per-invocation
+//!   costs; every distinct execution is billed once, whatever call ids its caller reused.
 //! - Invoice arithmetic: the per-invocation costs add up to the exact amounts of the usage
 //!   lines; each line is its exact amount rounded half to even to the currency's minor unit, and
 //!   the total is the sum of the lines.
@@ -130,21 +131,30 @@ fn mess() -> impl Strategy<Value = Mess> {
 }
 
 /// The clean spans of the items: one per item, usage ids distinct (items that would repeat a
-/// state interval's usage id are dropped; invocations get call ids `c<i>`).
+/// state interval's usage id are dropped; invocations get execution ids of their own and share
+/// four call ids).
 fn spans(items: &[Item], now_s: i64) -> Vec<SpanRow> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
         match item {
-            Item::Invoke { tenant, function, age_s, cpu_ms, bytes_out, error } => out.push(invoke(
-                TENANTS[*tenant],
-                &format!("c{i}"),
-                FUNCTIONS[*function],
-                (now_s - i64::from(*age_s)) * NS,
-                *cpu_ms,
-                *bytes_out,
-                if *error { 500 } else { 200 },
-            )),
+            Item::Invoke { tenant, function, age_s, cpu_ms, bytes_out, error } => {
+                let mut span = invoke(
+                    TENANTS[*tenant],
+                    &format!("c{i}"),
+                    FUNCTIONS[*function],
+                    (now_s - i64::from(*age_s)) * NS,
+                    *cpu_ms,
+                    *bytes_out,
+                    if *error { 500 } else { 200 },
+                );
+                // Callers reuse call ids (retries, async attempts, one id sent again): each
+                // execution keeps its own id, and is billed.
+                let (own, reused) =
+                    (format!(r#""sfaas.call_id":"c{i}""#), format!(r#""sfaas.call_id":"retry-{}""#, i % 4));
+                span.attributes = span.attributes.replace(&own, &reused);
+                out.push(span);
+            }
             Item::State { tenant, job, age_s, byte_seconds } => {
                 let start = (now_s - i64::from(*age_s)) * NS;
                 if seen.insert((*tenant, *job, start)) {
