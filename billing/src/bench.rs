@@ -202,7 +202,7 @@ async fn insert_invocations(
                     break;
                 }
                 let rows = ROWS.min(invocations - done);
-                let mut query = sqlx::query(billing.db().sql(&format!("{INSERT_RECORDS}{}", value_groups(rows, 20))));
+                let mut query = sqlx::query(billing.db().sql(&format!("{INSERT_RECORDS}{}", value_groups(rows, 21))));
                 for i in done..done + rows {
                     let tenant = format!("t{:03}", i % TENANTS);
                     let function = format!("f{}", (i / TENANTS) % FUNCTIONS_PER_TENANT);
@@ -212,7 +212,7 @@ async fn insert_invocations(
                         .bind(format!("{i:032x}")).bind(format!("{i:016x}")).bind(start + i as i64 * step)
                         .bind(start + i as i64 * step + 5_000_000).bind((i % 97) as i64).bind(5i64).bind(1i64 << 20)
                         .bind(200i64).bind((i % 4096) as i64).bind(if i % 50 == 0 { 500i64 } else { 200 }).bind("0")
-                        .bind(period.clone()).bind(period.clone()).bind(plan).bind(0i64);
+                        .bind(period.clone()).bind(period.clone()).bind(plan).bind(0i64).bind(None::<String>);
                 }
                 query.execute(&mut *tx).await?;
                 done += rows;

@@ -46,6 +46,9 @@ pub struct Report {
     pub rounds: usize,
     pub spans_received: u64,
     pub concurrency: usize,
+    /// Invocation spans per second written to the span spool (synced per request) and
+    /// replayed from it, while the collector is down and once it is back.
+    pub spool: (f64, f64),
 }
 
 impl fmt::Display for Report {
@@ -88,6 +91,12 @@ impl fmt::Display for Report {
             e.ours.as_secs_f64() * 1e6,
             e.opentelemetry_otlp.as_secs_f64() * 1e6,
             e.opentelemetry_otlp.as_secs_f64() / e.ours.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "span spool (collector unreachable), requests of {} invocation spans: {:.0} spans/s written (synced per \
+             request), {:.0} spans/s replayed to the OTLP/gRPC sink",
+            SPOOL_BATCH, self.spool.0, self.spool.1
         )
     }
 }
@@ -155,7 +164,9 @@ pub async fn gateway(requests: usize, concurrency: usize, rounds: usize, only: O
         }
     }
     let export = export_cost(sink, &sink_spans).await?;
-    Ok(Report { scenarios, ratios, rounds, export, spans_received: sink_spans.load(Ordering::Relaxed), concurrency })
+    let spans_received = sink_spans.load(Ordering::Relaxed);
+    let spool = spool_throughput(sink).await?;
+    Ok(Report { scenarios, ratios, rounds, export, spans_received, concurrency, spool })
 }
 
 /// A core on loopback serving one function, with its client, warmed up.
@@ -260,6 +271,28 @@ impl Target {
             receiver_cpu: per_request(threads_cpu(&[SINK_THREAD]).saturating_sub(receiver_before)),
         })
     }
+}
+
+/// Spans per export request the gateway sends (a full batch).
+const SPOOL_BATCH: usize = 2048;
+
+/// The span spool's write and replay rates (see [`crate::telemetry::spool_throughput`]): 50
+/// requests of a full batch each, in a folder of the system's temporary directory.
+async fn spool_throughput(sink: std::net::SocketAddr) -> anyhow::Result<(f64, f64)> {
+    eprintln!("bench: span spool, 50 requests of {SPOOL_BATCH} spans written, then replayed");
+    let dir = std::env::temp_dir().join(format!("sfaas-bench-spool-{}", uuid::Uuid::new_v4()));
+    let endpoint = format!("http://{sink}");
+    let config = crate::telemetry::TelemetryConfig {
+        endpoint: Some(endpoint.clone()),
+        protocol: OtlpProtocol::Grpc,
+        ..Default::default()
+    };
+    let measured = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || crate::telemetry::spool_throughput(&config, &endpoint, &dir, 50)).await?
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    measured.map_err(anyhow::Error::msg)
 }
 
 /// Spans per exporter in [`export_cost`].

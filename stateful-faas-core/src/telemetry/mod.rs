@@ -22,7 +22,7 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 mod otlp;
 pub mod spool;
 
-pub use otlp::{OtlpProcessor, SpanQueue};
+pub use otlp::{OtlpProcessor, SpanQueue, spool_throughput};
 
 use crate::function::Usage;
 use crate::semconv;

@@ -424,6 +424,66 @@ fn export_loop(shared: &Shared, transport: &Transport, mut spool: Option<Spool>)
     }
 }
 
+/// The spool's throughput, for `sfaas bench gateway`: `requests` export requests of
+/// [`BATCH_SPANS`] invocation spans each, as the gateway encodes them, written to a spool in
+/// `dir` (each synced, as an outage writes them), then replayed to `endpoint` oldest first.
+/// Invocation spans per second written, and replayed.
+pub fn spool_throughput(
+    config: &TelemetryConfig,
+    endpoint: &str,
+    dir: &std::path::Path,
+    requests: usize,
+) -> Result<(f64, f64), String> {
+    let transport = Transport::new(config, endpoint)?;
+    let mut spool = Spool::open(dir, u64::MAX).map_err(|e| e.to_string())?;
+    let texts = InvocationTexts {
+        function: "resize",
+        call_id: "0190b4e2-7c3a-7d2e-9f00-aabbccddeeff",
+        job: None,
+        trace_state: "",
+    };
+    let lengths = texts.lengths();
+    let mut batch = Batch::default();
+    for i in 0..BATCH_SPANS {
+        let ended = EndedInvocation {
+            trace_id: (i as u128 + 1).to_be_bytes(),
+            span_id: (i as u64 + 1).to_be_bytes(),
+            parent_span_id: [0; 8],
+            flags: span_flags(false, 1),
+            start_ns: 1_796_000_000_000_000_000 + i as u64,
+            end_ns: 1_796_000_000_001_000_000 + i as u64,
+            kind: "exec",
+            trigger: "http",
+            execution_id: uuid::Uuid::from_u128(i as u128).into_bytes(),
+            cold_start: false,
+            cpu_ms: 3,
+            wall_ms: 4,
+            memory_peak_bytes: 1 << 20,
+            bytes_in: 100,
+            bytes_out: 200,
+            status: 200,
+        };
+        batch.invocations.push((ended, lengths));
+        batch.texts.extend_from_slice(texts.function.as_bytes());
+        batch.texts.extend_from_slice(texts.call_id.as_bytes());
+        batch.spans += 1;
+    }
+    let resource = encode_resource(&Resource::builder_empty().build());
+    let (request, _) = export_request(&resource, "", &mut batch, Vec::new());
+    let spans = (requests * BATCH_SPANS) as f64;
+    let started = Instant::now();
+    for _ in 0..requests {
+        spool.push(&request).map_err(|e| e.to_string())?;
+    }
+    let written = spans / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    Replay::default().run(&transport, &mut spool);
+    if !spool.is_empty() {
+        return Err("the sink did not take every spooled request".into());
+    }
+    Ok((written, spans / started.elapsed().as_secs_f64()))
+}
+
 /// Quick attempts at a request before it goes to the spool, and the pauses between them.
 const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
 
