@@ -500,7 +500,10 @@ fn deliver(transport: &Transport, spool: Option<&mut Spool>, request: Vec<Bytes>
                     return tracing::error!(%error.message, spans, "the OTLP receiver refused these spans; they are lost");
                 }
                 Err(error) => match pauses.next() {
-                    Some(pause) => std::thread::sleep(*pause),
+                    Some(pause) => {
+                        tracing::debug!(error = %error.message, spans, "span export failed; trying again");
+                        std::thread::sleep(*pause)
+                    }
                     None => break error,
                 },
             }
