@@ -267,3 +267,58 @@ async fn bad_input_gets_the_right_status_and_a_clear_message() {
         running.shutdown().await;
     }
 }
+
+/// A tenant flooding its own telemetry is refused itself: the platform's metered spans and
+/// another tenant's own telemetry are all taken meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_tenant_is_refused_alone() {
+    let backend = common::Backend::Sqlite(tempfile::tempdir().unwrap());
+    let collector = start(&backend, |config| config.pipeline.capacity = 400).await;
+    let url = format!("http://{}/v1/traces", collector.otlp_http_addr);
+    let body = |namespace: &str, spans: usize, request: u32| {
+        let mut resource = resource_spans(Some(namespace), spans, 7);
+        for span in &mut resource.scope_spans[0].spans {
+            span.trace_id[..4].copy_from_slice(&request.to_be_bytes());
+        }
+        ExportTraceServiceRequest { resource_spans: vec![resource] }.encode_to_vec()
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flooders = Vec::new();
+    for client in 0..24u32 {
+        let (url, stop) = (url.clone(), stop.clone());
+        flooders.push(tokio::spawn(async move {
+            let (mut sent, mut refused) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let request = 1_000_000 + client * 100_000 + sent;
+                let response =
+                    post(&url, Some("acme-token"), "application/x-protobuf", body("acme", 200, request)).await;
+                match response.status().as_u16() {
+                    200 => {}
+                    503 => refused += 1,
+                    other => panic!("the flood answered {other}"),
+                }
+                sent += 1;
+            }
+            refused
+        }));
+    }
+    // Meanwhile: the platform's metered spans of globex, and globex's own telemetry.
+    for request in 0..40u32 {
+        let response = post(&url, Some("meter-token"), "application/x-protobuf", body("globex", 20, request)).await;
+        assert_eq!(response.status(), 200, "metered request {request} refused during the flood");
+        let own = body("globex", 20, 500_000 + request);
+        let response = post(&url, Some("globex-token"), "application/x-protobuf", own).await;
+        assert_eq!(response.status(), 200, "globex's own request {request} refused during the flood");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut refused = 0;
+    for flooder in flooders {
+        refused += flooder.await.unwrap();
+    }
+    assert!(refused > 0, "the flood was never refused: the test did not flood");
+    let metered: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM spans WHERE tenant = 'globex' AND metered = 1")
+        .fetch_one(&sqlx::SqlitePool::connect(&backend.url()).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(metered, 40 * 20, "every metered span stored");
+}

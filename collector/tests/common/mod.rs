@@ -46,7 +46,7 @@ impl Backend {
         }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         match self {
             Backend::Sqlite(dir) => format!("sqlite://{}", dir.path().join("telemetry.db").display()),
             Backend::Postgres(server) => server.url(),
