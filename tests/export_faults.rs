@@ -111,6 +111,8 @@ async fn billable_spans_survive_a_collector_outage_and_a_core_restart() {
     }
     expected[0] += 10 + 4 + 3;
     expected[1] += 10;
+    // Down a while longer: the exporters try their spools again and again meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     // Delivered before the core stops (a call running at a stop runs again: another execution).
     let read = tenants[0]["read_token"].as_str().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);

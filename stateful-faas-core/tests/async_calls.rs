@@ -87,9 +87,11 @@ async fn async_calls_are_delivered_once_per_call_id_with_callbacks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_calls_are_retried_then_dead_lettered() {
-    let core = start(|config| {
+    let (endpoint, exported) = common::otlp::grpc_receiver().await;
+    let mut core = start(|config| {
         allow_loopback(config);
         config.async_queue.max_attempts = 3;
+        common::otlp::export_to(config, endpoint);
     })
     .await;
     let acme = core.tenant("acme").await;
@@ -131,6 +133,21 @@ async fn failing_calls_are_retried_then_dead_lettered() {
     assert_eq!(dead[0]["attempts"], 3);
     assert_eq!(dead[0]["last_status"], 500);
     assert!(dead[0]["last_error"].as_str().unwrap().contains("failing on purpose"));
+
+    // Every attempt ran, and is billed: each its own execution id, all with the call's id.
+    core.stop().await;
+    let spans = common::otlp::spans(&exported.requests.lock().unwrap());
+    for (call, function) in [("f-1", "flaky"), ("b-1", "broken")] {
+        let attempts: std::collections::BTreeSet<_> = spans
+            .iter()
+            .filter(|(_, _, s)| common::otlp::string_attr(&s.attributes, "sfaas.call_id").as_deref() == Some(call))
+            .map(|(_, _, s)| {
+                assert_eq!(s.name, format!("invoke {function}"));
+                common::otlp::string_attr(&s.attributes, "faas.invocation_id").unwrap()
+            })
+            .collect();
+        assert_eq!(attempts.len(), 3, "{call}: three attempts, three executions");
+    }
 }
 
 /// A tenant's callback URL may not point at an internal address unless the operator allows it:
