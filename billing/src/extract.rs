@@ -729,6 +729,10 @@ mod tests {
     #[test]
     fn spans_become_records_by_the_rules() {
         let billable = r#""sfaas.billable":true"#;
+        let not_an_execution_id = |id: &str| {
+            let attributes = format!(r#"{{{billable},"faas.invocation_id":"{id}"}}"#);
+            span("acme", "invoke resize", "t4", 10, "2026-10-03T10:00:00Z", &attributes)
+        };
         let spans = [
             // The second copy of `a` arrived first: it is the one kept.
             span(
@@ -755,22 +759,8 @@ mod tests {
             // the gateway's (a caller's text, a state record's): malformed.
             span("acme", "invoke resize", "t3", 10, "2026-10-03T10:00:00Z", r#"{"faas.invocation_id":"b"}"#),
             span("acme", "invoke resize", "t4", 10, "2026-10-03T10:00:00Z", &format!("{{{billable}}}")),
-            span(
-                "acme",
-                "invoke resize",
-                "t4",
-                10,
-                "2026-10-03T10:00:00Z",
-                &format!(r#"{{{billable},"faas.invocation_id":"dup-1"}}"#),
-            ),
-            span(
-                "acme",
-                "invoke resize",
-                "t4",
-                10,
-                "2026-10-03T10:00:00Z",
-                &format!(r#"{{{billable},"faas.invocation_id":"state/standing/1"}}"#),
-            ),
+            not_an_execution_id("dup-1"),
+            not_an_execution_id("state/standing/1"),
             // State: a numeric usage id, a job's interval; then bad byte-seconds and bad JSON.
             span(
                 "beta",

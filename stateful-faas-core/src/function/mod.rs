@@ -37,11 +37,9 @@ pub struct Invocation {
     pub job: Option<String>,
 }
 
-/// What a runner may use besides the request: the shared HTTP client, and the tenant's state
+/// What a runner may use besides the request: the outbound client, and the tenant's state
 /// store (in process for builtins, over HTTP with a per-invocation token for processes).
 pub struct RunContext<'a> {
-    /// For the platform's own requests (to managed instances).
-    pub client: &'a reqwest::Client,
     /// For requests a tenant directs (upstream functions), under the operator's policy.
     pub outbound: &'a outbound::Outbound,
     pub tenant: &'a crate::tenant::TenantId,

@@ -67,7 +67,6 @@ pub async fn dispatch(
     let state_token = matches!(function.spec.target, Target::Exec { .. } | Target::Managed { .. })
         .then(|| core.tenants.issue_function_token(tenant, invocation.job.as_deref()));
     let context = RunContext {
-        client: &core.client,
         outbound: &core.outbound,
         tenant,
         state: &core.state,

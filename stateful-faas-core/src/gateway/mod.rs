@@ -68,8 +68,6 @@ pub struct Core {
     pub flows: crate::flow::FlowStore,
     pub flow_journal: crate::flow::journal::Journal,
     pub streams: crate::flow::stream::Streams,
-    /// Client for managed `http` instances (no proxy, pooled connections).
-    pub client: reqwest::Client,
     /// Client for requests tenants direct: upstream functions and callbacks.
     pub outbound: crate::function::outbound::Outbound,
     pub admin_token: String,
@@ -98,11 +96,6 @@ impl Core {
         let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone()).await?;
         let flows = crate::flow::FlowStore::load(pool.clone()).await?;
         let flow_journal = crate::flow::journal::Journal::start(pool.clone());
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .expect("a plain HTTP client builds");
         let policy =
             crate::function::outbound::OutboundPolicy::new(&config.allow_outbound).map_err(CoreError::Outbound)?;
         let outbound = crate::function::outbound::Outbound::new(policy);
@@ -118,7 +111,6 @@ impl Core {
             flows,
             flow_journal,
             streams: Default::default(),
-            client,
             outbound,
             admin_token,
         }))
