@@ -148,6 +148,7 @@ impl Core {
             .route("/async-function/{name}", post(invoke::call_async))
             .route("/async-function/{name}/{*rest}", post(invoke::call_async))
             .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
+            .layer(axum::middleware::from_fn(error::catch_panic))
             .merge(self.state_router())
             .with_state(self.clone())
     }
@@ -165,6 +166,7 @@ impl Core {
             .route("/state/buckets/{bucket}", get(state::enumerate))
             .route("/state/buckets/{bucket}/objects/{key}", object)
             .layer(DefaultBodyLimit::max(self.config.state.max_value_bytes as usize))
+            .layer(axum::middleware::from_fn(error::catch_panic))
     }
 
     /// Binds the gateway address and starts serving, with the async workers and the idle
