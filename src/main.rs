@@ -465,6 +465,12 @@ struct ServeArgs {
     /// Functions one tenant may have.
     #[arg(long, env = "SFAAS_TENANT_MAX_FUNCTIONS", default_value_t = 100)]
     tenant_max_functions: usize,
+    /// Async calls one tenant may have waiting or running.
+    #[arg(long, env = "SFAAS_TENANT_MAX_ASYNC_CALLS", default_value_t = 10_000)]
+    tenant_max_async_calls: u64,
+    /// Bytes of request bodies one tenant's waiting or running async calls may hold together.
+    #[arg(long, env = "SFAAS_TENANT_MAX_ASYNC_BYTES", default_value_t = 256 << 20)]
+    tenant_max_async_bytes: u64,
     /// Bytes of span export requests each tenant's spool (DATA_DIR/span-spool) may hold while
     /// the collector is unreachable; beyond it they are lost, loudly.
     #[arg(long, env = "SFAAS_SPAN_SPOOL_BYTES", default_value_t = 1 << 30)]
@@ -481,6 +487,8 @@ impl ServeArgs {
         config.telemetry.token = self.otlp_token.clone();
         config.max_body_bytes = self.max_body_bytes;
         config.async_queue.workers = self.async_workers;
+        config.async_queue.max_calls_per_tenant = self.tenant_max_async_calls;
+        config.async_queue.max_bytes_per_tenant = self.tenant_max_async_bytes;
         config.state.total_budget_bytes = self.state_budget_bytes;
         config.state.tenant_quota_bytes = self.state_tenant_quota_bytes;
         config.state.max_value_bytes = self.state_max_value_bytes;

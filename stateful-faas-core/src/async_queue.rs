@@ -105,6 +105,15 @@ impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for Claimed {
     }
 }
 
+/// Why a call was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Quota(String),
+}
+
 /// The queue's state in the database, and the bell that wakes its workers.
 pub struct AsyncQueue {
     pool: SqlitePool,
@@ -127,20 +136,25 @@ impl AsyncQueue {
     }
 
     /// Stores a call durably. Returns false when the same `(tenant, call id)` was already
-    /// accepted (the duplicate is not queued again).
+    /// accepted (the duplicate is not queued again). Over the tenant's quotas (calls waiting or
+    /// running, and their bodies' bytes) nothing is stored: checked in the insert itself.
     pub async fn enqueue(
         &self,
         tenant: &TenantId,
         function: &str,
         invocation: &Invocation,
         callback_url: Option<&str>,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<bool, EnqueueError> {
         let now = now_ms();
         let headers = serde_json::to_string(&invocation.headers).expect("headers serialize");
         let result = sqlx::query(
             "INSERT INTO async_calls (tenant, call_id, function, method, path, query, headers, body, callback_url, \
              traceparent, state, attempts, next_attempt_ms, created_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?) ON CONFLICT DO NOTHING",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'queued', 0, ?11, ?11 \
+             WHERE (SELECT COUNT(*) FROM async_calls WHERE tenant = ?1 AND state IN ('queued', 'running')) < ?12 \
+               AND (SELECT COALESCE(SUM(length(body)), 0) FROM async_calls \
+                    WHERE tenant = ?1 AND state IN ('queued', 'running')) + length(?8) <= ?13 \
+             ON CONFLICT DO NOTHING",
         )
         .bind(tenant.as_str())
         .bind(&invocation.call_id)
@@ -153,11 +167,23 @@ impl AsyncQueue {
         .bind(callback_url)
         .bind(&invocation.traceparent)
         .bind(now)
-        .bind(now)
+        .bind(self.config.max_calls_per_tenant as i64)
+        .bind(self.config.max_bytes_per_tenant as i64)
         .execute(&self.pool)
         .await?;
-        self.bell.notify_one();
-        Ok(result.rows_affected() == 1)
+        if result.rows_affected() == 1 {
+            self.bell.notify_one();
+            return Ok(true);
+        }
+        // Not stored: a duplicate of an accepted call, or over a quota.
+        if self.get(tenant, &invocation.call_id).await?.is_some() {
+            return Ok(false);
+        }
+        Err(EnqueueError::Quota(format!(
+            "tenant {tenant} has reached its async queue quota: at most {} calls waiting or running, holding at most \
+             {} bytes of request bodies (--tenant-max-async-calls, --tenant-max-async-bytes); retry once some are done",
+            self.config.max_calls_per_tenant, self.config.max_bytes_per_tenant
+        )))
     }
 
     /// One call's state, for its tenant.

@@ -45,12 +45,19 @@ pub struct AsyncQueueConfig {
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Calls one tenant may have waiting or running (`--tenant-max-async-calls`).
+    pub max_calls_per_tenant: u64,
+    /// Bytes of request bodies one tenant's waiting or running calls may hold together
+    /// (`--tenant-max-async-bytes`).
+    pub max_bytes_per_tenant: u64,
 }
 
 impl Default for AsyncQueueConfig {
     fn default() -> Self {
         Self {
             workers: 4,
+            max_calls_per_tenant: 10_000,
+            max_bytes_per_tenant: 256 << 20,
             max_attempts: 5,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(60),

@@ -225,3 +225,46 @@ async fn a_tenants_backlog_does_not_hold_every_worker() {
     let most_running = most_running.into_inner();
     assert!(most_running <= 2, "{most_running} of the backlog ran at once on 4 workers");
 }
+
+/// A tenant's async backlog is bounded in calls and in body bytes: over either quota a call is
+/// refused with 429 naming it, nothing is stored, and other tenants are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_async_backlog_is_bounded_by_its_quotas() {
+    let core = start(|config| {
+        config.async_queue.workers = 1;
+        config.async_queue.max_calls_per_tenant = 2;
+        config.async_queue.max_bytes_per_tenant = 1000;
+    })
+    .await;
+    let (acme, globex) = (core.tenant("acme").await, core.tenant("globex").await);
+    for tenant in [&acme, &globex] {
+        core.deploy(tenant, json!({"service": "nap", "builtin": "sleep"})).await;
+    }
+    let send = |tenant: &common::Tenant, body: String| {
+        core.http.post(format!("{}/async-function/nap", core.url)).bearer_auth(&tenant.ingest).body(body).send()
+    };
+    // One runs (for 3 s), one waits: the third is one call too many.
+    for _ in 0..2 {
+        assert_eq!(send(&acme, "3000".into()).await.unwrap().status(), 202);
+    }
+    let over = core
+        .http
+        .post(format!("{}/async-function/nap", core.url))
+        .bearer_auth(&acme.ingest)
+        .header("X-Call-Id", "over-1")
+        .body("10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(over.status(), 429);
+    let message = over.text().await.unwrap();
+    assert!(message.contains("--tenant-max-async-calls"), "{message}");
+    // Another tenant's bodies count for it alone: a body over its byte quota is refused, a
+    // small one taken.
+    let big = send(&globex, "1".repeat(1001)).await.unwrap();
+    assert_eq!(big.status(), 429);
+    assert!(big.text().await.unwrap().contains("bytes of request bodies"));
+    assert_eq!(send(&globex, "10".into()).await.unwrap().status(), 202);
+    let (status, _) = core.get_json(&acme.read, "/system/async-calls/over-1").await;
+    assert_eq!(status, 404, "nothing of the refused call was stored");
+}

@@ -108,6 +108,15 @@ impl From<NameError> for ApiError {
     }
 }
 
+impl From<crate::async_queue::EnqueueError> for ApiError {
+    fn from(error: crate::async_queue::EnqueueError) -> Self {
+        match error {
+            crate::async_queue::EnqueueError::Database(error) => error.into(),
+            crate::async_queue::EnqueueError::Quota(message) => ApiError::TooManyRequests(message),
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
         ApiError::Internal(format!("database: {error}"))
