@@ -465,6 +465,9 @@ struct ServeArgs {
     /// Functions one tenant may have.
     #[arg(long, env = "SFAAS_TENANT_MAX_FUNCTIONS", default_value_t = 100)]
     tenant_max_functions: usize,
+    /// Flows one tenant may have.
+    #[arg(long, env = "SFAAS_TENANT_MAX_FLOWS", default_value_t = 100)]
+    tenant_max_flows: usize,
     /// Async calls one tenant may have waiting or running.
     #[arg(long, env = "SFAAS_TENANT_MAX_ASYNC_CALLS", default_value_t = 10_000)]
     tenant_max_async_calls: u64,
@@ -495,6 +498,7 @@ impl ServeArgs {
         config.state.usage_interval = std::time::Duration::from_secs(self.state_usage_interval_secs);
         config.allow_outbound = self.allow_outbound.clone();
         config.max_functions_per_tenant = self.tenant_max_functions;
+        config.max_flows_per_tenant = self.tenant_max_flows;
         config.telemetry.spool_max_bytes = self.span_spool_bytes;
         config.sandbox = (self.sandbox == "on").then(|| SandboxConfig {
             limits: CgroupConfig {

@@ -34,6 +34,8 @@ pub struct CoreConfig {
     pub allow_outbound: Vec<String>,
     /// Functions one tenant may have (`--tenant-max-functions`).
     pub max_functions_per_tenant: usize,
+    /// Flows one tenant may have (`--tenant-max-flows`).
+    pub max_flows_per_tenant: usize,
 }
 
 /// Delivery of async calls.
@@ -86,6 +88,7 @@ impl CoreConfig {
             sandbox: Some(SandboxConfig::default()),
             allow_outbound: Vec::new(),
             max_functions_per_tenant: 100,
+            max_flows_per_tenant: 100,
             data_dir,
         }
     }

@@ -331,3 +331,21 @@ async fn invalid_flows_get_located_errors_and_tenants_stay_apart() {
         403
     );
 }
+
+/// A tenant's flows are bounded (`--tenant-max-flows`): one over it answers 429 naming the
+/// quota, a replacement always passes, and other tenants are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_flows_are_bounded_by_its_quota() {
+    let core = start(|config| config.max_flows_per_tenant = 1).await;
+    let (acme, globex) = (core.tenant("acme").await, core.tenant("globex").await);
+    for tenant in [&acme, &globex] {
+        core.deploy(tenant, json!({"service": "echo", "builtin": "echo"})).await;
+    }
+    let flow = |name: &str| format!("name: {name}\nnodes:\n  a: {{function: echo}}\n");
+    assert_eq!(deploy_flow(&core, &acme, &flow("one")).await.status(), 201);
+    let over = deploy_flow(&core, &acme, &flow("two")).await;
+    assert_eq!(over.status(), 429);
+    assert!(over.text().await.unwrap().contains("--tenant-max-flows"));
+    assert!(deploy_flow(&core, &acme, &flow("one")).await.status().is_success(), "a replacement passes");
+    assert_eq!(deploy_flow(&core, &globex, &flow("two")).await.status(), 201);
+}

@@ -32,6 +32,10 @@ pub enum FlowError {
     State(#[from] crate::state::StateError),
     #[error("flow store: {0}")]
     Database(#[from] sqlx::Error),
+    #[error(
+        "tenant {tenant} has reached its quota of {quota} flows (--tenant-max-flows): remove one before deploying another"
+    )]
+    Quota { tenant: String, quota: usize },
 }
 
 type Key = (TenantId, String);
@@ -41,11 +45,13 @@ pub struct FlowStore {
     pool: sqlx::SqlitePool,
     flows: RwLock<HashMap<Key, Arc<Flow>>>,
     running: Mutex<HashMap<Key, watch::Sender<bool>>>,
+    /// Flows one tenant may have.
+    max_flows: usize,
 }
 
 impl FlowStore {
     /// Loads the deployed flows (re-validated against the functions deployed now).
-    pub async fn load(pool: sqlx::SqlitePool) -> Result<Self, FlowError> {
+    pub async fn load(pool: sqlx::SqlitePool, max_flows: usize) -> Result<Self, FlowError> {
         let rows: Vec<(String, String, String)> =
             sqlx::query_as("SELECT tenant, name, definition FROM flows").fetch_all(&pool).await?;
         let parsed: Vec<(TenantId, FlowDefinition)> = rows
@@ -63,14 +69,19 @@ impl FlowStore {
             .collect();
         let mut flows = HashMap::new();
         for (tenant, definition) in &parsed {
-            // Functions may have been removed since; a flow that no longer validates still
-            // loads (runs of it fail at the missing function, with a clear error).
-            let flow = definition
-                .validate(|_| true, |name| parsed.iter().any(|(t, d)| t == tenant && d.name == name))
-                .map_err(FlowError::Invalid)?;
-            flows.insert((tenant.clone(), definition.name.clone()), Arc::new(flow));
+            // Functions may have been removed since: runs of such a flow fail at the missing
+            // function, with a clear error. A flow that no longer validates at all (its
+            // sub-flow gone, rules changed) is skipped with an error; the others load.
+            match definition.validate(|_| true, |name| parsed.iter().any(|(t, d)| t == tenant && d.name == name)) {
+                Ok(flow) => {
+                    flows.insert((tenant.clone(), definition.name.clone()), Arc::new(flow));
+                }
+                Err(error) => {
+                    tracing::error!(%tenant, name = %definition.name, %error, "stored flow no longer validates; not loaded")
+                }
+            }
         }
-        Ok(Self { pool, flows: RwLock::new(flows), running: Mutex::new(HashMap::new()) })
+        Ok(Self { pool, flows: RwLock::new(flows), running: Mutex::new(HashMap::new()), max_flows })
     }
 
     pub fn get(&self, tenant: &TenantId, name: &str) -> Option<Arc<Flow>> {
@@ -96,17 +107,23 @@ impl FlowStore {
         let json = serde_json::to_string(&definition).expect("flow definitions serialize");
         let now = now_ms();
         let existed = self.get(tenant, &definition.name).is_some();
-        sqlx::query(
-            "INSERT INTO flows (tenant, name, definition, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?) \
+        // The quota is checked in the insert itself: a replacement always passes.
+        let stored = sqlx::query(
+            "INSERT INTO flows (tenant, name, definition, created_ms, updated_ms) SELECT ?1, ?2, ?3, ?4, ?4 \
+             WHERE (SELECT COUNT(*) FROM flows WHERE tenant = ?1) < ?5 \
+                OR EXISTS (SELECT 1 FROM flows WHERE tenant = ?1 AND name = ?2) \
              ON CONFLICT (tenant, name) DO UPDATE SET definition = excluded.definition, updated_ms = excluded.updated_ms",
         )
         .bind(tenant.as_str())
         .bind(&definition.name)
         .bind(json)
         .bind(now)
-        .bind(now)
+        .bind(self.max_flows as i64)
         .execute(&self.pool)
         .await?;
+        if stored.rows_affected() == 0 {
+            return Err(FlowError::Quota { tenant: tenant.to_string(), quota: self.max_flows });
+        }
         let flow = Arc::new(flow);
         self.flows.write().unwrap().insert((tenant.clone(), definition.name.clone()), flow.clone());
         Ok((flow, !existed))

@@ -94,7 +94,7 @@ impl Core {
         };
         let functions = Registry::load(pool.clone(), sandbox, config.max_functions_per_tenant).await?;
         let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone()).await?;
-        let flows = crate::flow::FlowStore::load(pool.clone()).await?;
+        let flows = crate::flow::FlowStore::load(pool.clone(), config.max_flows_per_tenant).await?;
         let flow_journal = crate::flow::journal::Journal::start(pool.clone());
         let policy =
             crate::function::outbound::OutboundPolicy::new(&config.allow_outbound).map_err(CoreError::Outbound)?;
