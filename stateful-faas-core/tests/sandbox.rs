@@ -195,6 +195,7 @@ report("other tenant's secret", secrets)
 report("signal other tenant", lambda: os.kill(victim, 9))
 report("ptrace other tenant", lambda: call(libc.ptrace(16, victim, None, None)))
 report("gateway port", lambda: connect(int(env["GATEWAY_PORT"])))
+report("collector port", lambda: connect(int(env["COLLECTOR_PORT"])))
 report("other tenant's server", lambda: connect(8080))
 report("outside", lambda: connect(53, "192.0.2.1"))
 report("fill /tmp", fill_tmp)
@@ -267,6 +268,8 @@ async fn a_tenants_function_cannot_reach_past_its_sandbox() {
         .expect("the other tenant's call runs");
 
     let gateway_port = core.url.rsplit(':').next().unwrap().to_string();
+    // Another of the platform's services on the host's loopback (a collector, a dashboard).
+    let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let env = json!({
         "DATA": data_dir.display().to_string(),
         "GATEWAY_PID": std::process::id().to_string(),
@@ -274,6 +277,7 @@ async fn a_tenants_function_cannot_reach_past_its_sandbox() {
         "NR_KEYCTL": libc::SYS_keyctl.to_string(),
         "NR_BPF": libc::SYS_bpf.to_string(),
         "OTHER_FILE": other.path().join("secret.txt").display().to_string(),
+        "COLLECTOR_PORT": collector.local_addr().unwrap().port().to_string(),
     });
     core.deploy(
         &acme,
@@ -314,6 +318,7 @@ async fn a_tenants_function_cannot_reach_past_its_sandbox() {
         ("signal other tenant", "ESRCH"),
         ("ptrace other tenant", "EPERM"),
         ("gateway port", "ECONNREFUSED"),
+        ("collector port", "ECONNREFUSED"),
         ("other tenant's server", "ECONNREFUSED"),
         ("outside", "ENETUNREACH"),
         ("fill /tmp", "ENOSPC"),
