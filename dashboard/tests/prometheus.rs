@@ -154,6 +154,8 @@ struct Env {
     cached: String,
     uncached: String,
     default: String,
+    /// One whose queries time out at once (the default's options, a zero query timeout).
+    hurried: String,
     base: std::sync::Mutex<String>,
     http: reqwest::Client,
 }
@@ -173,7 +175,8 @@ async fn env(backend: Backend) -> Env {
     for options in [
         dashboard::prometheus::Options { cache_wait: true, ..defaults.clone() },
         dashboard::prometheus::Options { cache_max_records: 0, ..defaults.clone() },
-        defaults,
+        defaults.clone(),
+        dashboard::prometheus::Options { query_timeout: Duration::ZERO, ..defaults },
     ] {
         let app = dashboard::prometheus::router_with(state.clone(), options).merge(billing::api::router(ApiState {
             billing: billing.clone(),
@@ -185,7 +188,7 @@ async fn env(backend: Backend) -> Env {
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         bases.push(format!("http://{addr}"));
     }
-    let (cached, uncached, default) = (bases[0].clone(), bases[1].clone(), bases[2].clone());
+    let (cached, uncached, default, hurried) = (bases[0].clone(), bases[1].clone(), bases[2].clone(), bases[3].clone());
     Env {
         backend,
         clock,
@@ -195,6 +198,7 @@ async fn env(backend: Backend) -> Env {
         cached,
         uncached,
         default,
+        hurried,
         http: reqwest::Client::new(),
     }
 }
@@ -1429,6 +1433,16 @@ async fn queries_too_deep_or_too_long_are_refused_and_the_server_survives() {
     assert_eq!(v, 1.0);
     let v = vector_or_scalar(&env.instant(ACME, &vec!["1"; 257].join("+"), "1000").await);
     assert_eq!(v, 257.0);
+    // Evaluation runs off the request runtime and stops at the query's timeout, answered as
+    // Prometheus does (503, `timeout`).
+    env.use_base(&env.hurried.clone());
+    let range = [("query", "1+1"), ("start", "1000"), ("end", "2000"), ("step", "1")];
+    let (status, body) = env.post_form(ACME, "/prometheus/api/v1/query_range", &range).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        (body["errorType"].as_str(), body["error"].as_str()),
+        (Some("timeout"), Some("query timed out in expression evaluation"))
+    );
 }
 
 fn vector_or_scalar(data: &Value) -> f64 {

@@ -30,7 +30,9 @@
 //! parameter, `execution` (422) for a query that cannot run, and 422 `execution` naming the
 //! construct for PromQL outside the supported subset (`unsupported PromQL: function
 //! holt_winters`), `internal` (500) when the store fails, `unauthorized` (401) /
-//! `forbidden` (403) for tokens.
+//! `forbidden` (403) for tokens, `timeout` (503) for a query past its 2 minutes (waiting for
+//! one of the two evaluation places, which run on blocking threads, off the request runtime,
+//! and evaluating: a range query checks its deadline at each step).
 //!
 //! # PromQL
 //!
@@ -167,6 +169,34 @@ pub const VERSION: &str = "3.0.0-sfaas";
 struct Api {
     state: DashboardState,
     usage: std::sync::Arc<usage::Cache>,
+    /// Evaluations running at once (they run on blocking threads, off the request runtime).
+    evaluations: std::sync::Arc<tokio::sync::Semaphore>,
+    query_timeout: Duration,
+}
+
+/// Evaluations of PromQL that run at once; more wait for a place.
+const EVALUATIONS: usize = 2;
+
+impl Api {
+    /// Runs an evaluation off the request runtime, one of [`EVALUATIONS`] at a time, giving it
+    /// the query's deadline (it checks the deadline between evaluation steps).
+    async fn evaluate<T: Send + 'static>(
+        &self,
+        started: Instant,
+        work: impl FnOnce(Instant) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let deadline = started + self.query_timeout;
+        let place = tokio::time::timeout_at(deadline.into(), self.evaluations.clone().acquire_owned())
+            .await
+            .map_err(|_| ApiError::timeout("query timed out in query queue"))?
+            .expect("the semaphore is never closed");
+        let evaluated = tokio::task::spawn_blocking(move || {
+            let _place = place;
+            work(deadline)
+        })
+        .await;
+        evaluated.map_err(|_| ApiError::timeout("query evaluation failed"))?
+    }
 }
 
 /// How the API is served.
@@ -178,11 +208,18 @@ pub struct Options {
     /// A query that finds a scope's sums not loaded waits for them (else they load in the
     /// background while queries read per query: the default).
     pub cache_wait: bool,
+    /// Longest a query may take, waiting for a place and evaluating (Prometheus's
+    /// `--query.timeout`, 2 minutes by default).
+    pub query_timeout: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { cache_max_records: usage::MAX_CACHED_RECORDS, cache_wait: false }
+        Self {
+            cache_max_records: usage::MAX_CACHED_RECORDS,
+            cache_wait: false,
+            query_timeout: Duration::from_secs(120),
+        }
     }
 }
 
@@ -191,8 +228,12 @@ pub fn router(state: DashboardState) -> Router {
 }
 
 pub fn router_with(state: DashboardState, options: Options) -> Router {
-    let api =
-        Api { state, usage: std::sync::Arc::new(usage::Cache::new(options.cache_max_records, options.cache_wait)) };
+    let api = Api {
+        state,
+        usage: std::sync::Arc::new(usage::Cache::new(options.cache_max_records, options.cache_wait)),
+        evaluations: std::sync::Arc::new(tokio::sync::Semaphore::new(EVALUATIONS)),
+        query_timeout: options.query_timeout,
+    };
     // Warm the operator's scope (every tenant) now, so that the first dashboards do not read
     // usage per query while its sums load (a few seconds for 100 000 records).
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -235,6 +276,11 @@ impl ApiError {
 
     fn param(name: &str, error: impl std::fmt::Display) -> Self {
         Self::bad_data(format!("invalid parameter {name:?}: {error}"))
+    }
+
+    /// Prometheus's answer to a query past its timeout: 503, `timeout`.
+    fn timeout(message: &str) -> Self {
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, kind: "timeout", message: message.into() }
     }
 }
 
@@ -543,8 +589,13 @@ async fn query(State(api): State<Api>, headers: HeaderMap, uri: Uri, body: Bytes
     let times = Times { start: time, end: time, step: 0 };
     let loaded = data::load(&api.state, &api.usage, tenant.as_deref(), &plan, &times, now).await?;
     let load = started.elapsed();
-    let evaluator = Evaluator { plan: &plan, data: &loaded, start: time, end: time };
-    let data = match evaluator.eval(&plan.root, time)? {
+    let value = api
+        .evaluate(started, move |_| {
+            let evaluator = Evaluator { plan: &plan, data: &loaded, start: time, end: time };
+            Ok(evaluator.eval(&plan.root, time)?)
+        })
+        .await?;
+    let data = match value {
         Value::Scalar(v) => format!("{{\"resultType\":\"scalar\",\"result\":{}}}", pair(time, &format_value(v))),
         Value::Str(s) => format!("{{\"resultType\":\"string\",\"result\":{}}}", pair(time, &s)),
         Value::Vector(mut samples) => {
@@ -632,20 +683,27 @@ async fn query_range(State(api): State<Api>, headers: HeaderMap, uri: Uri, body:
     let times = Times { start, end, step };
     let loaded = data::load(&api.state, &api.usage, tenant.as_deref(), &plan, &times, now).await?;
     let load = started.elapsed();
-    let evaluator = Evaluator { plan: &plan, data: &loaded, start, end };
-    let mut series: BTreeMap<Labels, Vec<(i64, f64)>> = BTreeMap::new();
-    for t in times.iter() {
-        match evaluator.eval(&plan.root, t)? {
-            Value::Scalar(v) => series.entry(std::sync::Arc::new(Vec::new())).or_default().push((t, v)),
-            Value::Vector(samples) => {
-                for s in samples {
-                    series.entry(s.labels).or_default().push((t, s.value));
+    let series = api
+        .evaluate(started, move |deadline| {
+            let evaluator = Evaluator { plan: &plan, data: &loaded, start, end };
+            let mut series: BTreeMap<Labels, Vec<(i64, f64)>> = BTreeMap::new();
+            for t in times.iter() {
+                if Instant::now() > deadline {
+                    return Err(ApiError::timeout("query timed out in expression evaluation"));
+                }
+                match evaluator.eval(&plan.root, t)? {
+                    Value::Scalar(v) => series.entry(std::sync::Arc::new(Vec::new())).or_default().push((t, v)),
+                    Value::Vector(samples) => {
+                        for s in samples {
+                            series.entry(s.labels).or_default().push((t, s.value));
+                        }
+                    }
+                    _ => return Err(ApiError::bad_data("range queries must return a scalar or an instant vector")),
                 }
             }
-            _ => return Err(ApiError::bad_data("range queries must return a scalar or an instant vector")),
-        }
-    }
-    let series: Vec<(Labels, Vec<(i64, f64)>)> = series.into_iter().collect();
+            Ok(series.into_iter().collect::<Vec<(Labels, Vec<(i64, f64)>)>>())
+        })
+        .await?;
     let body = success(format!("{{\"resultType\":\"matrix\",\"result\":[{}]}}", matrix_items(&series)), &[]);
     Ok(timed(body, load, started))
 }
