@@ -1,12 +1,12 @@
 //! The sandbox every `exec` process and managed `http` instance runs in.
 //!
-//! Between fork and exec, the child:
+//! The gateway starts the process as `posix_spawn` does: a `clone` that shares its memory and
+//! suspends the calling thread until the child execs, here with new mount, pid, ipc and uts
+//! namespaces (the child is pid 1 of its own pid namespace). Before it execs, the child:
 //! - joins its cgroups (`cgroup.rs`: limits and metering);
 //! - enters its network namespace: one per tenant for exec invocations, one per managed
 //!   instance, each with only a loopback interface on which the gateway serves the state store
 //!   (`SFAAS_STATE_URL`) for that namespace alone;
-//! - unshares its mount, pid, ipc and uts namespaces and forks: the grandchild is pid 1 of a
-//!   namespace of its own, and the child waits for it and exits as it did;
 //! - builds its root on a tmpfs: the host's system directories (`/usr`, `/etc`, the `/bin` and
 //!   `/lib` links) and the function's own folder read-only, a fresh `/proc`, a few devices, a
 //!   private `/tmp` with a size cap; nothing else of the host (no data directory, no other
@@ -16,8 +16,8 @@
 //!   doing (see [`DENIED`]);
 //! - and execs the function.
 //!
-//! Everything the child does is a plain syscall on memory prepared before the fork (a forked
-//! child of a threaded process may not allocate). Why this and not bubblewrap:
+//! Everything the child does is a raw syscall on memory prepared before the clone (it shares
+//! the gateway's memory, so it may not allocate or take a lock). Why this and not bubblewrap:
 //! docs/decisions.md.
 
 use std::collections::{BTreeSet, HashMap};
