@@ -195,7 +195,15 @@ impl Api {
             work(deadline)
         })
         .await;
-        evaluated.map_err(|_| ApiError::timeout("query evaluation failed"))?
+        evaluated.map_err(|error| {
+            // A panic in evaluation is a bug: this query fails, the server goes on.
+            tracing::error!(%error, "PromQL evaluation panicked");
+            ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                kind: "internal",
+                message: "query evaluation failed".into(),
+            }
+        })?
     }
 }
 
