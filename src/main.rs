@@ -668,7 +668,15 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     } else {
         None
     };
-    let platform_target = std::sync::Arc::new(std::sync::OnceLock::new());
+    // The gateway's counters, stored in the collector on demand (a settled reconciliation) and
+    // at shutdown; the scrape target is known once the gateway listens.
+    let counters = collector.as_ref().map(|(running, _)| {
+        std::sync::Arc::new(UpSettle {
+            core: core.clone(),
+            collector: running.collector.clone(),
+            target: std::sync::OnceLock::new(),
+        })
+    });
     let dashboard = match &collector {
         Some((running, _)) => {
             let billing = billing::Billing::open(&running.collector.store).await.context("opening billing")?;
@@ -676,11 +684,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
             let store = running.collector.store.clone();
             let mut config = dashboard_config(&args);
             config.collector_metrics_url = Some(format!("http://{}/metrics", running.otlp_http_addr));
-            config.settle = Some(std::sync::Arc::new(UpSettle {
-                core: core.clone(),
-                collector: running.collector.clone(),
-                target: platform_target.clone(),
-            }));
+            config.settle = counters.clone().map(|counters| counters as std::sync::Arc<dyn billing::api::Settle>);
             let dashboard = dashboard::start(config, store, std::sync::Arc::new(billing), viewers).await?;
             addresses.insert("ui".into(), dashboard.addr.to_string().into());
             Some(dashboard)
@@ -688,7 +692,6 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         None => None,
     };
     let running = core.start().await?;
-    let core = running.core.clone();
     // The gateway's metrics reach the collector too: scraped with the meter token, each series
     // under the tenant its `namespace` label names.
     let collector = collector.map(|(mut collector, meter_token)| {
@@ -698,15 +701,17 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         target.interval = Some(interval);
         target.timeout = target.timeout.map(|timeout| timeout.min(interval));
         collector.scrape(target.clone());
-        let _ = platform_target.set(target.clone());
-        (collector, target)
+        if let Some(counters) = &counters {
+            let _ = counters.target.set(target);
+        }
+        collector
     });
     addresses.insert("gateway".into(), running.gateway_addr.to_string().into());
     announce(&data_dir, addresses, with_collector)?;
     eprintln!(
         "sfaas is up: gateway http://{}{}{} (admin token in {}); Ctrl-C stops",
         running.gateway_addr,
-        collector.as_ref().map_or(String::new(), |(c, _)| format!(
+        collector.as_ref().map_or(String::new(), |c| format!(
             ", OTLP gRPC {} and HTTP http://{}",
             c.otlp_grpc_addr, c.otlp_http_addr
         )),
@@ -742,12 +747,14 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         let _ = task.await;
     }
     running.shutdown().await;
-    if let Some((collector, platform)) = collector {
-        // The gateway's final counts, read once it served its last call: reconciliation then
-        // compares them with every metered span, to the last one.
-        if let Err(error) = collector.collector.store_exposition(&platform, &core.metrics.encode_openmetrics()).await {
-            eprintln!("sfaas: the gateway's final counters were not stored: {error}");
-        }
+    // The gateway's final counts, read once it served its last call: reconciliation then
+    // compares them with every metered span, to the last one.
+    if let Some(counters) = &counters
+        && let Err(error) = counters.store_counters().await
+    {
+        eprintln!("sfaas: the gateway's final counters were not stored: {error}");
+    }
+    if let Some(collector) = collector {
         collector.shutdown().await;
     }
     if let Some(dashboard) = dashboard {
@@ -875,17 +882,24 @@ struct UpSettle {
     core: std::sync::Arc<stateful_faas_core::Core>,
     collector: std::sync::Arc<collector::Collector>,
     /// The platform's scrape target, once the gateway listens.
-    target: std::sync::Arc<std::sync::OnceLock<collector::receivers::scrape::ScrapeTarget>>,
+    target: std::sync::OnceLock<collector::receivers::scrape::ScrapeTarget>,
+}
+
+impl UpSettle {
+    /// Stores the gateway's counters as they are now, as the platform scrape would.
+    async fn store_counters(&self) -> Result<(), String> {
+        let target = self.target.get().ok_or("the gateway is not serving yet")?;
+        let text = self.core.metrics.encode_openmetrics();
+        self.collector.store_exposition(target, &text).await.map_err(|e| e.to_string())
+    }
 }
 
 impl billing::api::Settle for UpSettle {
     fn settle(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
-            let target = self.target.get().ok_or("the gateway is not serving yet")?;
             let core = self.core.clone();
             tokio::task::spawn_blocking(move || core.telemetry.flush()).await.map_err(|e| e.to_string())?;
-            let text = self.core.metrics.encode_openmetrics();
-            self.collector.store_exposition(target, &text).await.map_err(|e| e.to_string())
+            self.store_counters().await
         })
     }
 }

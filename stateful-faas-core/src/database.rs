@@ -38,7 +38,14 @@ fn migrator() -> Migrator {
         include_str!("../../migrations/sqlite/core_0002_flows.sql").into_sql_str(),
         false,
     );
-    let mut migrator = Migrator::with_migrations(vec![init, flows]);
+    let async_by_tenant = Migration::new(
+        3,
+        "async calls by tenant".into(),
+        MigrationType::Simple,
+        include_str!("../../migrations/sqlite/core_0003_async_by_tenant.sql").into_sql_str(),
+        false,
+    );
+    let mut migrator = Migrator::with_migrations(vec![init, flows, async_by_tenant]);
     migrator.dangerous_set_table_name("_sfaas_core_migrations");
     migrator
 }

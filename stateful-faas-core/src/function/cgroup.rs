@@ -212,22 +212,18 @@ impl Cgroups {
         if let Some(millis) = cpu_millis {
             // A quota per 100 ms period: 250 thousandths run 25 ms of each 100 ms.
             let quota = (millis * 100).to_string();
-            match &self.cpu_base {
-                _ if self.layout == Layout::V2 => {
-                    write(&group.dirs.accounting.join("cpu.max"), &format!("{quota} 100000"))?
-                }
-                Some(cpu_base) => {
+            match (self.layout, &self.cpu_base) {
+                (Layout::V2, _) => write(&group.dirs.accounting.join("cpu.max"), &format!("{quota} 100000"))?,
+                (Layout::Hybrid, Some(cpu_base)) => {
                     let dir = cpu_base.join(tenant.as_str()).join(&leaf);
                     std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
                     group.cpu = Some(dir.clone());
                     write(&dir.join("cpu.cfs_period_us"), "100000")?;
                     write(&dir.join("cpu.cfs_quota_us"), &quota)?;
                 }
-                None => {
-                    return Err(CgroupError::Io {
-                        path: "cpu".into(),
-                        error: std::io::Error::other("no cpu controller"),
-                    });
+                (Layout::Hybrid, None) => {
+                    let error = std::io::Error::other("no cpu controller for limits.cpu");
+                    return Err(CgroupError::Io { path: "cpu".into(), error });
                 }
             }
         }

@@ -2,14 +2,16 @@
 //!
 //! A managed function is a server the core starts (`sh -c COMMAND` with `PORT` set) and
 //! considers ready once its port accepts connections. Each instance serves one request at a
-//! time, so the CPU time it used during a request (from `/proc/PID/task/*/schedstat`) is that
-//! request's alone: the measurement is exact. Up to `max_instances` run at once; a request that
+//! time, so the CPU time it used during a request (its cgroup's; its process's
+//! `/proc/PID/task/*/schedstat` with the sandbox off) is that request's alone: the measurement
+//! is exact. What it uses outside requests is metered too, as instance usage. Up to `max_instances` run at once; a request that
 //! finds none idle starts one (a cold start) or waits for one; idle instances above
 //! `min_instances` stop after `idle_timeout` (scale to zero).
 //!
 //! An upstream function is any HTTP server the core does not manage (for example a function
 //! behind a real OpenFaaS gateway); its CPU time is not visible to the core and is reported 0.
 
+use std::os::unix::process::ExitStatusExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,8 +20,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::outbound::Outbound;
 use super::process;
-use std::os::unix::process::ExitStatusExt;
-
 use super::sandbox::{self, Io, Jail, Sandbox};
 use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, RunContext, Usage};
 use crate::semconv::{HEADER_JOB, HEADER_STATE_TOKEN};
@@ -291,12 +291,7 @@ impl ManagedPool {
             match tokio::time::timeout(spec.limits.timeout, self.capacity.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => permit,
                 _ => {
-                    return Err(FunctionError::Timeout {
-                        name: spec.name.clone(),
-                        timeout: spec.limits.timeout,
-                        usage: Usage::default(),
-                        still_running: None,
-                    });
+                    return Err(timed_out(spec));
                 }
             };
         let reused = self.idle.lock().unwrap().pop();
