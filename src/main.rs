@@ -421,12 +421,16 @@ struct ServeArgs {
     /// Concurrent deliveries of async calls.
     #[arg(long, env = "SFAAS_ASYNC_WORKERS", default_value_t = 4)]
     async_workers: usize,
-    /// State store: value bytes all tenants may hold together.
+    /// State store: bytes all tenants may hold together (each object: its value, its address
+    /// and 128 bytes).
     #[arg(long, env = "SFAAS_STATE_BUDGET_BYTES", default_value_t = 4 << 30)]
     state_budget_bytes: u64,
-    /// State store: value bytes one tenant may hold.
+    /// State store: bytes one tenant may hold, counted as the budget is.
     #[arg(long, env = "SFAAS_STATE_TENANT_QUOTA_BYTES", default_value_t = 1 << 30)]
     state_tenant_quota_bytes: u64,
+    /// State store: jobs one tenant may have registered at once.
+    #[arg(long, env = "SFAAS_STATE_TENANT_MAX_JOBS", default_value_t = 10_000)]
+    state_tenant_max_jobs: usize,
     /// State store: largest value.
     #[arg(long, env = "SFAAS_STATE_MAX_VALUE_BYTES", default_value_t = 256 << 20)]
     state_max_value_bytes: u64,
@@ -468,6 +472,9 @@ struct ServeArgs {
     /// Flows one tenant may have.
     #[arg(long, env = "SFAAS_TENANT_MAX_FLOWS", default_value_t = 100)]
     tenant_max_flows: usize,
+    /// Managed instances (`http` functions' servers) one tenant may have running at once.
+    #[arg(long, env = "SFAAS_TENANT_MAX_INSTANCES", default_value_t = 20)]
+    tenant_max_instances: usize,
     /// Async calls one tenant may have waiting or running.
     #[arg(long, env = "SFAAS_TENANT_MAX_ASYNC_CALLS", default_value_t = 10_000)]
     tenant_max_async_calls: u64,
@@ -494,11 +501,13 @@ impl ServeArgs {
         config.async_queue.max_bytes_per_tenant = self.tenant_max_async_bytes;
         config.state.total_budget_bytes = self.state_budget_bytes;
         config.state.tenant_quota_bytes = self.state_tenant_quota_bytes;
+        config.state.max_jobs_per_tenant = self.state_tenant_max_jobs;
         config.state.max_value_bytes = self.state_max_value_bytes;
         config.state.usage_interval = std::time::Duration::from_secs(self.state_usage_interval_secs);
         config.allow_outbound = self.allow_outbound.clone();
         config.max_functions_per_tenant = self.tenant_max_functions;
         config.max_flows_per_tenant = self.tenant_max_flows;
+        config.max_instances_per_tenant = self.tenant_max_instances;
         config.telemetry.spool_max_bytes = self.span_spool_bytes;
         config.sandbox = (self.sandbox == "on").then(|| SandboxConfig {
             limits: CgroupConfig {

@@ -146,10 +146,12 @@ impl Collector {
             .route("/healthz", get(|| async { "OK\n" }))
             .route("/metrics", get(own_metrics))
             .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            .layer(axum::middleware::from_fn(catch_panic))
             .with_state(collector.clone());
         let jaeger_router = Router::new()
             .route("/api/traces", post(receivers::jaeger_thrift::traces))
             .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            .layer(axum::middleware::from_fn(catch_panic))
             .with_state(collector.clone());
         let mut tasks = vec![
             serve_http(http, router, stop.clone(), "OTLP/HTTP"),
@@ -180,6 +182,28 @@ impl Collector {
         tasks.extend(receivers::scrape::spawn(collector.clone(), config.scrape.clone(), stop.clone()));
         tasks.push(tokio::spawn(retention(collector.clone(), stop)));
         Ok(RunningCollector { collector, otlp_grpc_addr, otlp_http_addr, jaeger_addr, shutdown, tasks })
+    }
+}
+
+/// Answers 500 when a handler panics, instead of dropping the caller's connection: a panic is a
+/// bug, logged with its message, and the process and every other request go on. The dashboard
+/// wraps its routes in it too.
+pub async fn catch_panic(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use futures_util::FutureExt;
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    match std::panic::AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|text| text.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(%method, %path, %message, "a request handler panicked (a bug); answered 500");
+            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal error: this request failed (it is in the server's log)\n")
+                .into_response()
+        }
     }
 }
 

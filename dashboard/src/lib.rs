@@ -74,6 +74,7 @@ pub fn app(state: DashboardState, ui: ui::UiConfig) -> Router {
         .merge(jaeger::router(state.clone()))
         .merge(prometheus::router(state.clone()))
         .merge(ui::router(state, ui))
+        .layer(axum::middleware::from_fn(collector::catch_panic))
 }
 
 pub async fn start(

@@ -36,6 +36,8 @@ pub struct CoreConfig {
     pub max_functions_per_tenant: usize,
     /// Flows one tenant may have (`--tenant-max-flows`).
     pub max_flows_per_tenant: usize,
+    /// Managed `http` instances one tenant may have running at once (`--tenant-max-instances`).
+    pub max_instances_per_tenant: usize,
 }
 
 /// Delivery of async calls.
@@ -89,6 +91,7 @@ impl CoreConfig {
             allow_outbound: Vec::new(),
             max_functions_per_tenant: 100,
             max_flows_per_tenant: 100,
+            max_instances_per_tenant: 20,
             data_dir,
         }
     }

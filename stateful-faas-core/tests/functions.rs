@@ -204,6 +204,49 @@ async fn managed_http_functions_cold_start_and_scale_to_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_runs_at_most_its_quota_of_managed_instances() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let core = start(|config| config.max_instances_per_tenant = 2).await;
+    let (acme, globex) = (core.tenant("acme").await, core.tenant("globex").await);
+    std::fs::write(core.functions_dir().join("server.py"), PYTHON_SERVER).unwrap();
+    let server = |name: &str| {
+        json!({
+            "service": name, "kind": "http", "envProcess": "python3 server.py",
+            "workdir": core.functions_dir().display().to_string(),
+            "labels": {"com.openfaas.scale.zero-duration": "1s", "com.openfaas.scale.max": "2"},
+        })
+    };
+    for tenant in [&acme, &globex] {
+        core.deploy(tenant, server("one")).await;
+        core.deploy(tenant, server("two")).await;
+    }
+    let scale = |token: &str, name: &str, replicas: u32| {
+        core.http
+            .post(format!("{}/system/scale-function/{name}", core.url))
+            .bearer_auth(token)
+            .json(&json!({"serviceName": name, "replicas": replicas}))
+            .send()
+    };
+    assert_eq!(scale(&acme.ingest, "one", 2).await.unwrap().status(), 202);
+    // Both of acme's instances run for "one": "two" cannot start one, whatever its own limit.
+    let refused = core.invoke(&acme.ingest, "two", "x").await;
+    assert_eq!(refused.status(), 429);
+    let message = refused.text().await.unwrap();
+    assert!(message.contains("--tenant-max-instances"), "{message}");
+    // Another tenant's quota is its own.
+    assert_eq!(core.invoke(&globex.ingest, "two", "x").await.status(), 200);
+    // When acme's instances stop, "two" starts.
+    assert_eq!(scale(&acme.ingest, "one", 0).await.unwrap().status(), 202);
+    let started = eventually(Duration::from_secs(15), || async {
+        (core.invoke(&acme.ingest, "two", "x").await.status() == 200).then_some(())
+    })
+    .await;
+    assert!(started.is_some(), "an instance slot was not given back when its instance stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_functions_proxy_to_an_external_upstream() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();

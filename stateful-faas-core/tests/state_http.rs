@@ -102,6 +102,23 @@ async fn quotas_answer_507_and_keep_what_is_stored() {
     assert_eq!(put("c", 601).await.unwrap().status(), 413);
     let (_, usage) = core.get_json(&acme.read, "/state/usage").await;
     assert_eq!(usage["bytes"], 600, "the refused puts evicted nothing");
+    // Held: the value, the address ("b", "a") and 128 bytes.
+    assert_eq!(usage["held"], 600 + 2 + 128);
+
+    // A declared size over the quota is refused before the body is read: the answer comes
+    // while the client has sent the headers only.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(core.url.trim_start_matches("http://")).await.unwrap();
+    let head = format!(
+        "PUT /state/buckets/b/objects/d HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-length: 500\r\n\r\n",
+        acme.ingest
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), socket.read(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer[..read.expect("answered without the body").unwrap()]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 507"), "{answer}");
+    assert!(answer.contains("--state-tenant-quota-bytes"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

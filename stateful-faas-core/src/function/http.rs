@@ -178,6 +178,8 @@ struct Instance {
     jail: Option<Jail>,
     /// Unique among all instances: the stem of its usage records' ids.
     id: uuid::Uuid,
+    /// Its place in its tenant's quota of instances, given back when it stops.
+    _slot: OwnedSemaphorePermit,
     /// Usage records it has given so far.
     records: u64,
     /// CPU time billed so far, to requests or as instance usage, and since when the rest ran.
@@ -230,6 +232,8 @@ pub struct ManagedPool {
     tenant: TenantId,
     meter: InstanceMeter,
     sandbox: Option<Arc<Sandbox>>,
+    /// The tenant's instances, all functions together (`--tenant-max-instances`).
+    tenant_instances: Arc<Semaphore>,
     idle: Mutex<Vec<Instance>>,
     /// One permit per instance that may exist; a request holds one while it runs.
     capacity: Arc<Semaphore>,
@@ -244,6 +248,7 @@ impl ManagedPool {
         command: &str,
         tenant: &TenantId,
         sandbox: Option<Arc<Sandbox>>,
+        tenant_instances: Arc<Semaphore>,
         meter: InstanceMeter,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -252,6 +257,7 @@ impl ManagedPool {
             tenant: tenant.clone(),
             meter,
             sandbox,
+            tenant_instances,
             idle: Mutex::new(Vec::new()),
             capacity: Arc::new(Semaphore::new(spec.limits.max_instances)),
             min_instances: Mutex::new(spec.limits.min_instances),
@@ -392,6 +398,14 @@ impl ManagedPool {
 
     async fn start(&self, spec: &FunctionSpec, state_url: Option<&str>) -> Result<Instance, FunctionError> {
         let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
+        let slot = self.tenant_instances.clone().try_acquire_owned().map_err(|_| FunctionError::Busy {
+            name: spec.name.clone(),
+            reason: format!(
+                "namespace {} has its quota of managed instances running (--tenant-max-instances); \
+                 try again when one stops",
+                self.tenant
+            ),
+        })?;
         // In a jail, the instance has a network of its own: its port is nobody else's.
         let jail = self
             .sandbox
@@ -419,6 +433,7 @@ impl ManagedPool {
             last_used: Instant::now(),
             jail,
             id: uuid::Uuid::new_v4(),
+            _slot: slot,
             records: 0,
             metered_cpu_ns: 0,
             metered_since: SystemTime::now(),

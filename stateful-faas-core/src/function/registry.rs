@@ -45,6 +45,14 @@ pub struct DeployedFunction {
     builtin_threads: Arc<Semaphore>,
 }
 
+/// What a function shares with the other functions of its tenant.
+struct TenantShares {
+    /// Threads its builtins run on.
+    builtin_threads: Arc<Semaphore>,
+    /// Managed instances it may have running.
+    instances: Arc<Semaphore>,
+}
+
 impl DeployedFunction {
     fn new(
         tenant: TenantId,
@@ -52,13 +60,18 @@ impl DeployedFunction {
         spec: FunctionSpec,
         created_ms: i64,
         sandbox: Option<Arc<Sandbox>>,
-        builtin_threads: Arc<Semaphore>,
+        shares: TenantShares,
         meter: &InstanceMeter,
     ) -> Self {
         let managed = match &spec.target {
-            Target::Managed { command } => {
-                Some(ManagedPool::new(&spec, command, &tenant, sandbox.clone(), meter.clone()))
-            }
+            Target::Managed { command } => Some(ManagedPool::new(
+                &spec,
+                command,
+                &tenant,
+                sandbox.clone(),
+                shares.instances,
+                meter.clone(),
+            )),
             _ => None,
         };
         Self {
@@ -70,7 +83,7 @@ impl DeployedFunction {
             managed,
             invocations: AtomicU64::new(0),
             sandbox,
-            builtin_threads,
+            builtin_threads: shares.builtin_threads,
         }
     }
 
@@ -127,21 +140,29 @@ pub struct Registry {
     /// Where process functions run, limited and metered (`None`: the sandbox is off).
     sandbox: Option<Arc<Sandbox>>,
     /// Each tenant's builtin threads.
-    builtin_threads: BuiltinThreads,
+    builtin_threads: PerTenant,
+    /// Each tenant's managed instances.
+    instances: PerTenant,
     /// Functions one tenant may have.
     max_functions: usize,
     /// Managed instances' usage outside requests, until it is reported.
     instance_usage: InstanceMeter,
 }
 
-/// Each tenant's share of the threads builtins run on.
-#[derive(Default)]
-struct BuiltinThreads(std::sync::Mutex<HashMap<TenantId, Arc<Semaphore>>>);
+/// A number of permits for each tenant (builtin threads, managed instances).
+struct PerTenant {
+    permits: usize,
+    tenants: std::sync::Mutex<HashMap<TenantId, Arc<Semaphore>>>,
+}
 
-impl BuiltinThreads {
+impl PerTenant {
+    fn new(permits: usize) -> Self {
+        Self { permits, tenants: Default::default() }
+    }
+
     fn of(&self, tenant: &TenantId) -> Arc<Semaphore> {
-        let mut threads = self.0.lock().unwrap();
-        threads.entry(tenant.clone()).or_insert_with(|| Arc::new(Semaphore::new(builtin::THREADS_PER_TENANT))).clone()
+        let mut tenants = self.tenants.lock().unwrap();
+        tenants.entry(tenant.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.permits))).clone()
     }
 }
 
@@ -151,26 +172,20 @@ impl Registry {
         pool: sqlx::SqlitePool,
         sandbox: Option<Arc<Sandbox>>,
         max_functions: usize,
+        max_instances: usize,
     ) -> Result<Self, RegistryError> {
         let rows: Vec<(String, String, String, i64)> =
             sqlx::query_as("SELECT tenant, name, spec, created_ms FROM functions").fetch_all(&pool).await?;
         let mut functions = HashMap::new();
-        let builtin_threads = BuiltinThreads::default();
+        let builtin_threads = PerTenant::new(builtin::THREADS_PER_TENANT);
+        let instances = PerTenant::new(max_instances);
         let instance_usage = InstanceMeter::default();
         for (tenant, name, json, created_ms) in rows {
             let loaded = TenantId::new(&tenant).map_err(|e| e.to_string()).and_then(|tenant| {
                 let deployment: FunctionDeployment = serde_json::from_str(&json).map_err(|e| e.to_string())?;
                 let spec = deployment.resolve().map_err(|e| e.to_string())?;
-                let threads = builtin_threads.of(&tenant);
-                Ok(DeployedFunction::new(
-                    tenant,
-                    deployment,
-                    spec,
-                    created_ms,
-                    sandbox.clone(),
-                    threads,
-                    &instance_usage,
-                ))
+                let shares = TenantShares { builtin_threads: builtin_threads.of(&tenant), instances: instances.of(&tenant) };
+                Ok(DeployedFunction::new(tenant, deployment, spec, created_ms, sandbox.clone(), shares, &instance_usage))
             });
             match loaded {
                 Ok(function) => {
@@ -187,6 +202,7 @@ impl Registry {
             state_url: std::sync::OnceLock::new(),
             sandbox,
             builtin_threads,
+            instances,
             max_functions,
             instance_usage,
         })
@@ -268,7 +284,7 @@ impl Registry {
             spec,
             created_ms,
             self.sandbox.clone(),
-            self.builtin_threads.of(tenant),
+            TenantShares { builtin_threads: self.builtin_threads.of(tenant), instances: self.instances.of(tenant) },
             &self.instance_usage,
         ));
         // The replaced function's instances stop when its last in-flight call drops it.

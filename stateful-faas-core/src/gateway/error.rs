@@ -3,6 +3,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::function::FunctionError;
 use crate::function::registry::RegistryError;
 use crate::state::StateError;
 use crate::tenant::{NameError, TenantError};
@@ -71,6 +72,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::Exists { .. } => ApiError::Conflict(error.to_string()),
             RegistryError::Quota { .. } => ApiError::TooManyRequests(error.to_string()),
             RegistryError::Invalid(_) => ApiError::BadRequest(error.to_string()),
+            RegistryError::Scale(_, FunctionError::Busy { .. }) => ApiError::TooManyRequests(error.to_string()),
             RegistryError::Scale(..) => ApiError::Internal(error.to_string()),
             RegistryError::Database(_) => ApiError::Internal(error.to_string()),
         }
@@ -98,6 +100,7 @@ impl From<StateError> for ApiError {
                 ApiError::InsufficientStorage(message)
             }
             StateError::InvalidName { .. } => ApiError::BadRequest(message),
+            StateError::TooManyJobs { .. } => ApiError::TooManyRequests(message),
         }
     }
 }
@@ -126,8 +129,9 @@ impl From<sqlx::Error> for ApiError {
 /// Answers 500 when a handler panics, instead of dropping the caller's connection: a panic is a
 /// bug, logged with its message, and the process and every other request go on.
 pub async fn catch_panic(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use futures_util::FutureExt;
     let (method, path) = (request.method().clone(), request.uri().path().to_string());
-    match CatchUnwind(Box::pin(next.run(request))).await {
+    match std::panic::AssertUnwindSafe(next.run(request)).catch_unwind().await {
         Ok(response) => response,
         Err(panic) => {
             let message = panic
@@ -138,22 +142,6 @@ pub async fn catch_panic(request: axum::extract::Request, next: axum::middleware
             tracing::error!(%method, %path, %message, "a request handler panicked (a bug); answered 500");
             ApiError::Internal("internal error: this request failed (it is in the gateway's log)".into())
                 .into_response()
-        }
-    }
-}
-
-/// A future whose panic is caught and returned.
-struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
-
-impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
-    type Output = std::thread::Result<F::Output>;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        let inner = self.0.as_mut();
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Ok(std::task::Poll::Ready(output)) => std::task::Poll::Ready(Ok(output)),
-            Err(panic) => std::task::Poll::Ready(Err(panic)),
         }
     }
 }

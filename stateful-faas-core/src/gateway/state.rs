@@ -93,6 +93,10 @@ pub async fn put_object(
     if let Some(size) = declared.filter(|size| *size > max) {
         return Err(ApiError::PayloadTooLarge(format!("value of {size} bytes is over the largest value, {max} bytes")));
     }
+    // Refused before a byte of the body is read when the declared size cannot fit.
+    if let Some(size) = declared {
+        core.state.check_room(&tenant, &key, size)?;
+    }
     let body = axum::body::to_bytes(body, max as usize).await.map_err(|error| {
         ApiError::PayloadTooLarge(format!("the value is over the largest value, {max} bytes, or unreadable: {error}"))
     })?;

@@ -7,8 +7,11 @@
 //! they hold objects. Objects may carry a TTL; an expired object is gone at its expiry
 //! instant, whenever the sweeper runs.
 //!
-//! Capacity is a total budget and a quota per tenant, counted in value bytes. A put over
-//! either fails (507) and never evicts anything.
+//! Capacity is a total budget and a quota per tenant, counted in held bytes: each object's value,
+//! its address (job, bucket and key) and [`OBJECT_OVERHEAD`], so that empty objects with long
+//! keys are not free to hoard. A put over either fails (507) and never evicts anything. A tenant
+//! may have at most [`StateConfig::max_jobs_per_tenant`] jobs registered (429 beyond). Metering
+//! counts value bytes only: that is what a bill's byte-seconds are.
 //!
 //! Metering is exact (see [`metering`]): each job's and each tenant's byte-seconds are
 //! integrated at every change; objects that outlive their job move to the tenant's standing
@@ -55,10 +58,12 @@ use metering::{Account, ByteSeconds, Clock};
 pub struct StateConfig {
     /// Largest value of one object.
     pub max_value_bytes: u64,
-    /// Value bytes held by all tenants together.
+    /// Bytes held by all tenants together (values, addresses and [`OBJECT_OVERHEAD`]).
     pub total_budget_bytes: u64,
-    /// Value bytes one tenant may hold.
+    /// Bytes one tenant may hold, counted as the budget is.
     pub tenant_quota_bytes: u64,
+    /// Jobs one tenant may have registered at once.
+    pub max_jobs_per_tenant: usize,
     /// Length of the usage records' intervals; must be > 0 and divide a day (see
     /// [`StateConfig::validate`]).
     pub usage_interval: Duration,
@@ -70,10 +75,15 @@ impl Default for StateConfig {
             max_value_bytes: 256 << 20,
             total_budget_bytes: 4 << 30,
             tenant_quota_bytes: 1 << 30,
+            max_jobs_per_tenant: 10_000,
             usage_interval: Duration::from_secs(60),
         }
     }
 }
+
+/// What an object holds beyond its value and address, as the quota and the budget count it:
+/// about what its entry costs in memory (the map's slot, the expiry index, three strings' heads).
+pub const OBJECT_OVERHEAD: u64 = 128;
 
 const NANOS_PER_DAY: u128 = 86_400 * 1_000_000_000;
 
@@ -109,10 +119,14 @@ pub enum StateError {
     NotFound { job: Option<String>, bucket: String, key: String },
     #[error("value of {size} bytes is larger than the {max} bytes allowed")]
     ValueTooLarge { size: u64, max: u64 },
-    #[error("tenant {tenant} state quota exceeded: {used} of {quota} bytes held, {needed} more needed")]
+    #[error(
+        "tenant {tenant} state quota exceeded (--state-tenant-quota-bytes): {used} of {quota} bytes held, {needed} more needed (an object holds its value, its address and {OBJECT_OVERHEAD} bytes)"
+    )]
     QuotaExceeded { tenant: String, used: u64, quota: u64, needed: u64 },
-    #[error("state store budget exhausted: {used} of {budget} bytes held, {needed} more needed")]
+    #[error("state store budget exhausted (--state-budget-bytes): {used} of {budget} bytes held, {needed} more needed")]
     BudgetExceeded { used: u64, budget: u64, needed: u64 },
+    #[error("tenant {tenant} has {max} state jobs registered, its quota (--state-tenant-max-jobs): deregister one first")]
+    TooManyJobs { tenant: String, max: usize },
     #[error("invalid {what} {value:?}: use 1 to 255 characters without '/' or control characters")]
     InvalidName { what: &'static str, value: String },
 }
@@ -130,6 +144,12 @@ pub struct ObjectKey {
 }
 
 impl ObjectKey {
+    /// What the object at this address holds beside a value of `value_bytes`.
+    fn held(&self, value_bytes: u64) -> u64 {
+        let address = self.job.as_ref().map_or(0, String::len) + self.bucket.len() + self.key.len();
+        value_bytes + address as u64 + OBJECT_OVERHEAD
+    }
+
     pub fn new(job: Option<&str>, bucket: &str, key: &str) -> Result<Self, StateError> {
         if let Some(job) = job {
             check_part("job", job)?;
@@ -170,7 +190,10 @@ pub struct ObjectInfo {
 /// Byte-seconds of a tenant, split by owner.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TenantUsage {
+    /// Value bytes (what is metered).
     pub bytes: u64,
+    /// What the quota counts: values, addresses and [`OBJECT_OVERHEAD`] per object.
+    pub held: u64,
     /// All of the tenant's storage, from its first byte.
     pub total: ByteSeconds,
     /// Storage outside any registered job (persisted after their job, or job-less).
@@ -248,6 +271,8 @@ struct Object {
     value: Bytes,
     persist: bool,
     expires_at: Option<u64>,
+    /// What it counts against the quota and the budget ([`ObjectKey::held`]).
+    held: u64,
     /// Counted in its job's account (true) or in the standing account (false).
     in_job: bool,
     /// When the current account started counting it.
@@ -262,7 +287,10 @@ struct TenantState {
     standing: Account,
     /// Byte-seconds of jobs already deregistered.
     ended_jobs: ByteSeconds,
+    /// Value bytes (what is metered).
     bytes: u64,
+    /// What the quota counts ([`ObjectKey::held`] of each object).
+    held: u64,
     /// What the standing account has reported.
     standing_reported: Reported,
     /// The instant up to which every account has reported: the last closed interval boundary,
@@ -342,7 +370,8 @@ impl TenantState {
         let since = object.counted_since;
         self.account(&key.job, object.in_job).close(size, since, at);
         self.bytes -= size;
-        used.fetch_sub(size, Ordering::SeqCst);
+        self.held -= object.held;
+        used.fetch_sub(object.held, Ordering::SeqCst);
         Some(object)
     }
 
@@ -427,6 +456,12 @@ impl StateStore {
             if state.jobs.contains_key(job) {
                 return Err(StateError::JobExists(job.to_string()));
             }
+            if state.jobs.len() >= self.config.max_jobs_per_tenant {
+                return Err(StateError::TooManyJobs {
+                    tenant: tenant.to_string(),
+                    max: self.config.max_jobs_per_tenant,
+                });
+            }
             // Its first record starts at its registration, so that a job name reused within
             // an interval never repeats a usage id.
             let job_state = Job { account: Account::default(), reported: Reported { since: now, byte_nanos: 0 } };
@@ -478,6 +513,34 @@ impl StateStore {
         })
     }
 
+    /// Whether a value of `size` bytes at `key` would fit the tenant's quota and the budget now:
+    /// lets a caller refuse a body it has not read yet. [`StateStore::put`] checks again.
+    pub fn check_room(&self, tenant: &TenantId, key: &ObjectKey, size: u64) -> Result<(), StateError> {
+        self.with_tenant(tenant, |state, _| {
+            let (held, replaced) = self.quota(tenant, state, key, size)?;
+            let (used, budget) = (self.used.load(Ordering::SeqCst), self.config.total_budget_bytes);
+            if used + held - replaced > budget {
+                return Err(StateError::BudgetExceeded { used, budget, needed: held.saturating_sub(replaced) });
+            }
+            Ok(())
+        })
+    }
+
+    /// What a value of `size` at `key` would hold, and what the object it replaces holds, if
+    /// the tenant's quota admits it.
+    fn quota(&self, tenant: &TenantId, state: &TenantState, key: &ObjectKey, size: u64) -> Result<(u64, u64), StateError> {
+        let (held, replaced) = (key.held(size), state.live(key).map_or(0, |object| object.held));
+        if state.held - replaced + held > self.config.tenant_quota_bytes {
+            return Err(StateError::QuotaExceeded {
+                tenant: tenant.to_string(),
+                used: state.held,
+                quota: self.config.tenant_quota_bytes,
+                needed: held.saturating_sub(replaced),
+            });
+        }
+        Ok((held, replaced))
+    }
+
     /// Stores a value, replacing any object at the same address.
     pub fn put(&self, tenant: &TenantId, key: ObjectKey, value: Bytes, options: PutOptions) -> Result<(), StateError> {
         let size = value.len() as u64;
@@ -490,35 +553,28 @@ impl StateStore {
             {
                 return Err(StateError::JobNotRegistered(job.clone()));
             }
-            let replaced = state.live(&key).map_or(0, |object| object.value.len() as u64);
-            let needed = size.saturating_sub(replaced);
-            if state.bytes - replaced + size > self.config.tenant_quota_bytes {
-                return Err(StateError::QuotaExceeded {
-                    tenant: tenant.to_string(),
-                    used: state.bytes,
-                    quota: self.config.tenant_quota_bytes,
-                    needed,
-                });
-            }
+            let (held, replaced) = self.quota(tenant, state, &key, size)?;
+            let needed = held.saturating_sub(replaced);
             // Reserve the new value's bytes in the shared budget in one atomic step, before
             // anything changes, so that concurrent tenants cannot overshoot it together.
             let budget = self.config.total_budget_bytes;
             self.used
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
-                    (used + size - replaced <= budget).then_some(used + size)
+                    (used + held - replaced <= budget).then_some(used + held)
                 })
                 .map_err(|used| StateError::BudgetExceeded { used, budget, needed })?;
             state.remove(&key, now, &self.used);
             let in_job = key.job.is_some();
             state.account(&key.job, in_job).open(size, now);
             state.bytes += size;
+            state.held += held;
             let expires_at = options.ttl.map(|ttl| now.saturating_add(ttl.as_nanos() as u64));
             if let Some(expires_at) = expires_at {
                 state.expiries.insert((expires_at, key.clone()));
             }
             state
                 .objects
-                .insert(key, Object { value, persist: options.persist, expires_at, in_job, counted_since: now });
+                .insert(key, Object { value, persist: options.persist, expires_at, held, in_job, counted_since: now });
             Ok(())
         })
     }
@@ -602,7 +658,7 @@ impl StateStore {
         }))
     }
 
-    /// Value bytes held by all tenants.
+    /// Bytes held by all tenants, as the budget counts them.
     pub fn used_bytes(&self) -> u64 {
         self.used.load(Ordering::SeqCst)
     }
@@ -634,7 +690,7 @@ fn usage_of(state: &TenantState, now: u64) -> TenantUsage {
     jobs.sort();
     let standing = state.standing.integral(now);
     let total = standing + state.ended_jobs + jobs.iter().map(|(_, b)| *b).sum();
-    TenantUsage { bytes: state.bytes, total, standing, jobs, ended_jobs: state.ended_jobs }
+    TenantUsage { bytes: state.bytes, held: state.held, total, standing, jobs, ended_jobs: state.ended_jobs }
 }
 
 #[cfg(test)]

@@ -64,7 +64,9 @@ fn objects_follow_pocket_semantics() {
     assert!(store.get(&t, &key(Some("j"), "b", "tmp"), false).is_err());
     assert_eq!(store.get(&t, &key(Some("j"), "b", "k2"), false).unwrap(), Bytes::from_static(b"two!"));
     assert_eq!(store.usage(&t).bytes, 4);
-    assert_eq!(store.used_bytes(), 4);
+    // Held: the value, the address ("j", "b", "k2") and the overhead.
+    assert_eq!(store.usage(&t).held, 4 + 4 + OBJECT_OVERHEAD);
+    assert_eq!(store.used_bytes(), 4 + 4 + OBJECT_OVERHEAD);
     assert!(store.deregister(&t, "j").is_err());
     assert!(ObjectKey::new(None, "a/b", "k").is_err());
     assert!(ObjectKey::new(None, "b", "").is_err());
@@ -99,26 +101,69 @@ fn quotas_and_budget_refuse_puts_and_never_evict() {
     };
     let (store, _) = store(config);
     let (a, b) = (acme(), TenantId::new("globex").unwrap());
+    // What an object in bucket "b" under a one-letter key holds.
+    let held = |value: u64| value + 2 + OBJECT_OVERHEAD;
     assert_eq!(
         store.put(&a, key(None, "b", "huge"), bytes(801), PutOptions::default()),
         Err(StateError::ValueTooLarge { size: 801, max: 800 })
     );
     store.put(&a, key(None, "b", "x"), bytes(600), PutOptions::default()).unwrap();
     let over = store.put(&a, key(None, "b", "y"), bytes(600), PutOptions::default()).unwrap_err();
-    assert_eq!(over, StateError::QuotaExceeded { tenant: "acme".into(), used: 600, quota: 1000, needed: 600 });
+    assert_eq!(
+        over,
+        StateError::QuotaExceeded { tenant: "acme".into(), used: held(600), quota: 1000, needed: held(600) }
+    );
+    assert!(over.to_string().contains("--state-tenant-quota-bytes"), "{over}");
+    assert_eq!(store.check_room(&a, &key(None, "b", "y"), 600), Err(over));
     assert_eq!(store.get(&a, &key(None, "b", "x"), false).unwrap().len(), 600, "nothing was evicted");
     // Replacing counts only the difference.
     store.put(&a, key(None, "b", "x"), bytes(800), PutOptions::default()).unwrap();
-    assert_eq!(store.usage(&a).bytes, 800);
-    // The shared budget: 800 held by acme, 700 more fit, 701 do not.
+    assert_eq!((store.usage(&a).bytes, store.usage(&a).held), (800, held(800)));
+    // The shared budget: held(800) held by acme, held(440) more fit, held(441) do not.
+    assert_eq!(held(800) + held(440), 1500);
     assert!(matches!(
-        store.put(&b, key(None, "b", "z"), bytes(701), PutOptions::default()),
-        Err(StateError::BudgetExceeded { used: 800, budget: 1500, needed: 701 })
+        store.put(&b, key(None, "b", "z"), bytes(441), PutOptions::default()),
+        Err(StateError::BudgetExceeded { used: 930, budget: 1500, needed: 571 })
     ));
-    store.put(&b, key(None, "b", "z"), bytes(700), PutOptions::default()).unwrap();
+    assert!(store.check_room(&b, &key(None, "b", "z"), 441).is_err());
+    store.check_room(&b, &key(None, "b", "z"), 440).unwrap();
+    store.put(&b, key(None, "b", "z"), bytes(440), PutOptions::default()).unwrap();
     assert_eq!(store.used_bytes(), 1500);
     store.delete(&a, &key(None, "b", "x")).unwrap();
-    assert_eq!(store.used_bytes(), 700);
+    assert_eq!(store.used_bytes(), held(440));
+}
+
+#[test]
+fn empty_objects_with_long_keys_are_not_free_to_hoard() {
+    let config = StateConfig { tenant_quota_bytes: 64 << 10, ..StateConfig::default() };
+    let (store, _) = store(config);
+    let t = acme();
+    let long = |n: usize| format!("{n:0255}");
+    // Each empty object holds its 255-byte key, its 1-byte bucket and the overhead.
+    let each = 255 + 1 + OBJECT_OVERHEAD;
+    let fit = (64 << 10) / each;
+    for n in 0..fit {
+        store.put(&t, key(None, "b", &long(n as usize)), Bytes::new(), PutOptions::default()).unwrap();
+    }
+    let refused = store.put(&t, key(None, "b", &long(fit as usize)), Bytes::new(), PutOptions::default());
+    assert!(matches!(refused, Err(StateError::QuotaExceeded { .. })), "{refused:?}");
+    assert_eq!(store.usage(&t).bytes, 0, "no value bytes: nothing is metered");
+    assert_eq!(store.usage(&t).held, fit * each);
+}
+
+#[test]
+fn a_tenant_has_at_most_its_quota_of_jobs() {
+    let (store, _) = store(StateConfig { max_jobs_per_tenant: 3, ..StateConfig::default() });
+    let (a, b) = (acme(), TenantId::new("globex").unwrap());
+    for job in ["j1", "j2", "j3"] {
+        store.register(&a, job).unwrap();
+    }
+    let refused = store.register(&a, "j4").unwrap_err();
+    assert_eq!(refused, StateError::TooManyJobs { tenant: "acme".into(), max: 3 });
+    assert!(refused.to_string().contains("--state-tenant-max-jobs"));
+    store.register(&b, "j4").unwrap();
+    store.deregister(&a, "j1").unwrap();
+    store.register(&a, "j4").unwrap();
 }
 
 #[test]
