@@ -5,6 +5,8 @@
 pub mod auth;
 pub mod bench;
 pub mod clock;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

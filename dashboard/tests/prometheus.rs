@@ -1421,6 +1421,11 @@ async fn queries_too_deep_or_too_long_are_refused_and_the_server_survives() {
         (nested.as_str(), "query nests 5000 brackets deep, more than the limit of 64"),
         (chain.as_str(), "query has 1999 operators, more than the limit of 256"),
         (long.as_str(), "more than the limit of 16384"),
+        // Found by the PromQL fuzz target: plain numbers of seconds that no duration holds
+        // panicked the parser (a 500 at best).
+        ("up0504[50111111111111111111111:11111111m]", "is not a number of seconds from 0 to"),
+        ("rate(up[NaN])", "duration \"nan\" is not a number of seconds"),
+        ("up offset 1e30", "duration \"1e30\" is not a number of seconds"),
     ] {
         let (status, body) = env.post_form(ACME, "/prometheus/api/v1/query", &[("query", query)]).await;
         assert_eq!(status, 400, "{body}");
@@ -1433,6 +1438,9 @@ async fn queries_too_deep_or_too_long_are_refused_and_the_server_survives() {
     assert_eq!(v, 1.0);
     let v = vector_or_scalar(&env.instant(ACME, &vec!["1"; 257].join("+"), "1000").await);
     assert_eq!(v, 257.0);
+    // Plain numbers of seconds as durations, and large numbers elsewhere, still evaluate.
+    let data = env.instant(ACME, "1e30 + scalar(sum(rate(up[300] offset 60)))", "1000").await;
+    assert_eq!(data["resultType"], "scalar", "{data}");
     // Evaluation runs off the request runtime and stops at the query's timeout, answered as
     // Prometheus does (503, `timeout`).
     env.use_base(&env.hurried.clone());

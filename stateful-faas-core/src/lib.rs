@@ -8,6 +8,8 @@ pub mod database;
 pub mod etl;
 pub mod flow;
 pub mod function;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod metrics;
 pub mod semconv;

@@ -238,13 +238,13 @@ fn span(reader: &mut Reader<'_>, depth: usize) -> Result<JaegerSpan, ThriftError
 
 /// A decoded `Batch`: the process (service name, tags) and its spans.
 #[derive(Debug)]
-struct JaegerBatch {
+pub(crate) struct JaegerBatch {
     service: String,
     process_tags: BTreeMap<String, Value>,
     spans: Vec<JaegerSpan>,
 }
 
-fn batch(data: &[u8]) -> Result<JaegerBatch, ThriftError> {
+pub(crate) fn batch(data: &[u8]) -> Result<JaegerBatch, ThriftError> {
     let mut reader = Reader { data, position: 0 };
     let mut out = JaegerBatch { service: String::new(), process_tags: BTreeMap::new(), spans: Vec::new() };
     reader.fields(0, |r, id, kind| {
@@ -283,7 +283,7 @@ fn span_hex(id: i64) -> String {
 }
 
 /// Converts a decoded batch to rows, attributing each span to a tenant.
-fn rows(decoded: JaegerBatch, sender: &Sender) -> (Batch, u64, Vec<String>) {
+pub(crate) fn rows(decoded: JaegerBatch, sender: &Sender) -> (Batch, u64, Vec<String>) {
     let mut out = Batch::default();
     let mut rejected = 0;
     let mut reasons = Vec::new();

@@ -41,7 +41,7 @@ pub struct RpcStatus {
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Encoding {
+pub(crate) enum Encoding {
     Protobuf,
     Json,
 }
@@ -93,7 +93,7 @@ fn body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, (Status
     }
 }
 
-fn decode<T: Message + Default + DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T, String> {
+pub(crate) fn decode<T: Message + Default + DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T, String> {
     match encoding {
         Encoding::Protobuf => T::decode(bytes).map_err(|e| format!("invalid protobuf: {e}")),
         Encoding::Json => serde_json::from_slice(bytes).map_err(|e| format!("invalid OTLP JSON: {e}")),

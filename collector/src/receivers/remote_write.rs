@@ -73,6 +73,39 @@ pub fn decode(body: &[u8], limit: usize) -> Result<WriteRequest, (StatusCode, St
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid WriteRequest protobuf: {e}")))
 }
 
+/// The samples of a decoded request, for `tenant`; `Err` counts the samples of series without
+/// `__name__` (the request is refused whole). Staleness markers are left out.
+pub(crate) fn samples(request: WriteRequest, tenant: &str, metered: bool) -> Result<Batch, usize> {
+    let mut batch = Batch::default();
+    let mut unnamed = 0;
+    for series in request.timeseries {
+        let mut labels: BTreeMap<String, String> = series.labels.into_iter().map(|l| (l.name, l.value)).collect();
+        let Some(name) = labels.remove("__name__") else {
+            unnamed += series.samples.len();
+            continue;
+        };
+        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+        let labels = serde_json::to_string(&labels).expect("json");
+        // Staleness markers are Prometheus's own bookkeeping, not samples.
+        for sample in series.samples.into_iter().filter(|s| s.value.to_bits() != STALE_NAN) {
+            batch.samples.push(SampleRow {
+                tenant: tenant.to_string(),
+                metric: name.clone(),
+                labels: labels.clone(),
+                kind,
+                ts_ns: sample.timestamp.saturating_mul(1_000_000),
+                value: sample.value,
+                histogram: None,
+                metered,
+            });
+        }
+    }
+    if unnamed > 0 {
+        return Err(unnamed);
+    }
+    Ok(batch)
+}
+
 /// `POST /api/v1/write`.
 pub async fn write(State(collector): State<Arc<Collector>>, headers: HeaderMap, body: Bytes) -> Response {
     let reject = |reason: &'static str| {
@@ -93,34 +126,13 @@ pub async fn write(State(collector): State<Arc<Collector>>, headers: HeaderMap, 
             return text(status, message);
         }
     };
-    let mut batch = Batch::default();
-    let mut unnamed = 0;
-    for series in request.timeseries {
-        let mut labels: BTreeMap<String, String> = series.labels.into_iter().map(|l| (l.name, l.value)).collect();
-        let Some(name) = labels.remove("__name__") else {
-            unnamed += series.samples.len();
-            continue;
-        };
-        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
-        let labels = serde_json::to_string(&labels).expect("json");
-        // Staleness markers are Prometheus's own bookkeeping, not samples.
-        for sample in series.samples.into_iter().filter(|s| s.value.to_bits() != STALE_NAN) {
-            batch.samples.push(SampleRow {
-                tenant: tenant.clone(),
-                metric: name.clone(),
-                labels: labels.clone(),
-                kind,
-                ts_ns: sample.timestamp.saturating_mul(1_000_000),
-                value: sample.value,
-                histogram: None,
-                metered,
-            });
+    let batch = match samples(request, &tenant, metered) {
+        Ok(batch) => batch,
+        Err(unnamed) => {
+            reject("invalid");
+            return text(StatusCode::BAD_REQUEST, format!("{unnamed} samples belong to series without __name__"));
         }
-    }
-    if unnamed > 0 {
-        reject("invalid");
-        return text(StatusCode::BAD_REQUEST, format!("{unnamed} samples belong to series without __name__"));
-    }
+    };
     let items = batch.len() as u64;
     match collector.pipeline.submit(batch, sender.source()).await {
         Ok(_) => {

@@ -138,6 +138,8 @@ mod data;
 mod db;
 mod eval;
 mod usage;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -544,6 +546,8 @@ fn check_shape(text: &str) -> Result<(), String> {
     let mut quote: Option<char> = None;
     let mut escaped = false;
     let mut word = String::new();
+    // Inside `[…]` (ranges, subqueries) and after `offset`, a plain number is a duration.
+    let (mut ranges, mut after_offset) = (0usize, false);
     for c in text.chars() {
         if let Some(q) = quote {
             if escaped {
@@ -560,19 +564,32 @@ fn check_shape(text: &str) -> Result<(), String> {
             continue;
         }
         operators += usize::from(matches!(word.as_str(), "and" | "or" | "unless" | "atan2"));
+        if ranges > 0 || after_offset {
+            check_duration_number(&word)?;
+        }
+        if !word.is_empty() {
+            after_offset = word == "offset";
+        }
         word.clear();
         match c {
             '"' | '\'' | '`' => quote = Some(c),
             '(' | '[' | '{' => {
                 depth += 1;
                 deepest = deepest.max(depth);
+                ranges += usize::from(c == '[');
             }
-            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            ')' | ']' | '}' => {
+                depth = depth.saturating_sub(1);
+                ranges = ranges.saturating_sub(usize::from(c == ']'));
+            }
             '+' | '-' | '*' | '/' | '%' | '^' | '=' | '!' | '<' | '>' => operators += 1,
             _ => {}
         }
     }
     operators += usize::from(matches!(word.as_str(), "and" | "or" | "unless" | "atan2"));
+    if ranges > 0 || after_offset {
+        check_duration_number(&word)?;
+    }
     if deepest > MAX_NESTING {
         return Err(format!("query nests {deepest} brackets deep, more than the limit of {MAX_NESTING}"));
     }
@@ -580,6 +597,24 @@ fn check_shape(text: &str) -> Result<(), String> {
         return Err(format!("query has {operators} operators, more than the limit of {MAX_OPERATORS}"));
     }
     Ok(())
+}
+
+/// Longest duration a query may write as a plain number of seconds (about 31 700 years).
+const MAX_DURATION_SECONDS: f64 = 1e12;
+
+/// A plain number where PromQL reads a duration (`x[300]`, `x offset 60`) must be a finite
+/// number of seconds that a duration holds: the parser panics on `NaN`, `Inf` or 1e30 there.
+fn check_duration_number(word: &str) -> Result<(), String> {
+    let number = match word.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok().map(|n| n as f64),
+        None => word.parse::<f64>().ok(),
+    };
+    match number {
+        Some(seconds) if !(0.0..=MAX_DURATION_SECONDS).contains(&seconds) => {
+            Err(format!("duration {word:?} is not a number of seconds from 0 to {MAX_DURATION_SECONDS}"))
+        }
+        _ => Ok(()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

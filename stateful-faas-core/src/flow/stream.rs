@@ -131,7 +131,7 @@ impl Streams {
 }
 
 /// Splits a body into records (non-empty lines), taking the CSV header off.
-fn split(format: Format, body: Bytes) -> Result<(Format, Vec<Bytes>), StreamError> {
+pub(crate) fn split(format: Format, body: Bytes) -> Result<(Format, Vec<Bytes>), StreamError> {
     if std::str::from_utf8(&body).is_err() {
         return Err(StreamError::BadRequest("records must be UTF-8 text".into()));
     }
