@@ -54,12 +54,14 @@
 //!   the last two days; duration within `minDuration`..`maxDuration`, Go duration strings such
 //!   as `1.2s`, `100ms`, `500us`; every tag, which may be a span tag, a synthetic tag above, a
 //!   process tag or a log field, compared as text). The found traces come whole, most recently
-//!   matched first, at most `limit` of them (default 20, at most 1500). `tags` is a JSON object
+//!   matched first, at most `limit` of them (default 20, at most 1500). A window longer than 31
+//!   days, more than 32 tag conditions or a tag key or value over 1 KiB is refused (400): each
+//!   search reads every matching span of its window. `tags` is a JSON object
 //!   (what Grafana sends) or logfmt (`http.status_code=500 error=true`, what users type into
 //!   Grafana's tags field before Grafana turns it into JSON); `tag=key:value` may repeat; `lookback` and `prettyPrint` are ignored;
 //!   `traceID` (repeatable) fetches those traces instead, with `errors` naming the missing ones.
 //! - `/api/dependencies` counts, for spans that started in `endTs - lookback`..`endTs`
-//!   (milliseconds; lookback defaults to 24 h), each parent→child pair of different services,
+//!   (milliseconds; lookback defaults to 24 h, at most 31 days), each parent→child pair of different services,
 //!   as jaeger-query's in-memory store does.
 //! - Speed. A trace is read through the primary key (tenant, trace id, span id), without the
 //!   `ORDER BY start_ns` that makes SQLite walk `spans_by_time` instead; a search walks
@@ -110,6 +112,22 @@ const DEFAULT_DEPENDENCIES_LOOKBACK_MS: i64 = 24 * 3600 * 1000;
 const FIRST_PAGE: usize = 100;
 const MAX_PAGE: usize = 20_000;
 const JS_MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
+/// Longest window a search or a dependencies request may read (each reads every matching span
+/// of its window): 31 days, a month of any length.
+const MAX_WINDOW_NS: i64 = 31 * 24 * 3600 * 1_000_000_000;
+/// Most tag conditions a search may have, and the longest key or value.
+const MAX_TAGS: usize = 32;
+const MAX_TAG_BYTES: usize = 1024;
+
+/// Refuses a window longer than [`MAX_WINDOW_NS`] (400, naming the limit).
+fn check_window(what: &str, start_ns: i64, end_ns: i64) -> Result<()> {
+    if end_ns.saturating_sub(start_ns) > MAX_WINDOW_NS {
+        return Err(bad_request(format!(
+            "the {what} window is longer than 31 days, the limit: narrow it (start/end or lookback)"
+        )));
+    }
+    Ok(())
+}
 
 // ---------------------------------------------------------------------------------------------
 // Envelope and errors
@@ -651,6 +669,14 @@ fn parse_search(params: &[(String, String)], now_ns: i64) -> Result<Search> {
     let start_ns = int_param(params, "start")?
         .map_or_else(|| end_ns.saturating_sub(DEFAULT_SEARCH_LOOKBACK_NS), |us| us.saturating_mul(1000));
     let service = service.ok_or_else(|| bad_request("parameter 'service' is required"))?;
+    check_window("search", start_ns, end_ns)?;
+    if tags.len() > MAX_TAGS {
+        return Err(bad_request(format!("{} tag conditions, more than the limit of {MAX_TAGS}", tags.len())));
+    }
+    if let Some((key, _)) = tags.iter().find(|(k, v)| k.len().max(v.len()) > MAX_TAG_BYTES) {
+        let key: String = key.chars().take(40).collect();
+        return Err(bad_request(format!("tag {key:?}: a key or value is longer than {MAX_TAG_BYTES} bytes, the limit")));
+    }
     Ok(Search { service, operation, tags, min_ns, max_ns, limit, start_ns, end_ns })
 }
 
@@ -951,6 +977,7 @@ async fn dependencies(State(state): State<DashboardState>, headers: HeaderMap, q
     let service = first(&params, "service");
     let end_ns = end_ms.saturating_mul(1_000_000);
     let start_ns = end_ms.saturating_sub(lookback_ms).saturating_mul(1_000_000);
+    check_window("dependencies", start_ns, end_ns)?;
     let text = "SELECT p.service_name, c.service_name, COUNT(*) FROM spans c \
                 JOIN spans p ON p.tenant = c.tenant AND p.trace_id = c.trace_id AND p.span_id = c.parent_span_id \
                 WHERE c.tenant = ? AND c.start_ns >= ? AND c.start_ns <= ? AND c.parent_span_id IS NOT NULL \

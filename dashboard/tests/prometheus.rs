@@ -155,7 +155,7 @@ struct Env {
     uncached: String,
     default: String,
     /// One whose queries time out at once (the default's options, a zero query timeout).
-    hurried: String,
+    limited: String,
     base: std::sync::Mutex<String>,
     http: reqwest::Client,
 }
@@ -176,7 +176,7 @@ async fn env(backend: Backend) -> Env {
         dashboard::prometheus::Options { cache_wait: true, ..defaults.clone() },
         dashboard::prometheus::Options { cache_max_records: 0, ..defaults.clone() },
         defaults.clone(),
-        dashboard::prometheus::Options { query_timeout: Duration::ZERO, ..defaults },
+        dashboard::prometheus::Options { query_timeout: Duration::ZERO, max_samples: 3, ..defaults },
     ] {
         let app = dashboard::prometheus::router_with(state.clone(), options).merge(billing::api::router(ApiState {
             billing: billing.clone(),
@@ -188,7 +188,7 @@ async fn env(backend: Backend) -> Env {
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         bases.push(format!("http://{addr}"));
     }
-    let (cached, uncached, default, hurried) = (bases[0].clone(), bases[1].clone(), bases[2].clone(), bases[3].clone());
+    let (cached, uncached, default, limited) = (bases[0].clone(), bases[1].clone(), bases[2].clone(), bases[3].clone());
     Env {
         backend,
         clock,
@@ -198,7 +198,7 @@ async fn env(backend: Backend) -> Env {
         cached,
         uncached,
         default,
-        hurried,
+        limited,
         http: reqwest::Client::new(),
     }
 }
@@ -1443,13 +1443,22 @@ async fn queries_too_deep_or_too_long_are_refused_and_the_server_survives() {
     assert_eq!(data["resultType"], "scalar", "{data}");
     // Evaluation runs off the request runtime and stops at the query's timeout, answered as
     // Prometheus does (503, `timeout`).
-    env.use_base(&env.hurried.clone());
+    env.use_base(&env.limited.clone());
     let range = [("query", "1+1"), ("start", "1000"), ("end", "2000"), ("step", "1")];
     let (status, body) = env.post_form(ACME, "/prometheus/api/v1/query_range", &range).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(
         (body["errorType"].as_str(), body["error"].as_str()),
         (Some("timeout"), Some("query timed out in expression evaluation"))
+    );    // A query that would load more stored samples than the limit (3 here) is refused as
+    // Prometheus refuses one over --query.max-samples (422, `execution`), before evaluating.
+    seed(&env).await;
+    let over = [("query", "http_requests_total[5m]"), ("time", "2026-10-10T12:10:00Z")];
+    let (status, body) = env.post_form(ACME, "/prometheus/api/v1/query", &over).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        (body["errorType"].as_str(), body["error"].as_str()),
+        (Some("execution"), Some("query processing would load too many samples into memory in query execution"))
     );
 }
 

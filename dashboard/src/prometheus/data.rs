@@ -206,6 +206,7 @@ async fn stored_series(
     selector: &Selector,
     lo: i64,
     hi: i64,
+    budget: &mut usize,
 ) -> Result<Vec<Series>, QueryError> {
     if tenants.is_empty() {
         return Ok(Vec::new());
@@ -252,6 +253,7 @@ async fn stored_series(
             &metric,
             lo.saturating_mul(NS_PER_MS),
             hi.saturating_mul(NS_PER_MS),
+            budget,
         )
         .await?;
         for group in groups {
@@ -295,6 +297,12 @@ fn is_synthesized(name: &str) -> bool {
     usage::METRICS.iter().any(|(n, _)| *n == name)
 }
 
+/// Most stored samples one query may load, all its selectors together (Prometheus's
+/// `--query.max-samples` is 50 million; ours are held longer, as rows, so fewer).
+pub const MAX_SAMPLES: usize = 5_000_000;
+/// Prometheus's words when a query would load more (422, `execution`).
+pub const TOO_MANY_SAMPLES: &str = "query processing would load too many samples into memory in query execution";
+
 /// Every selector's series, loaded once for all the evaluation times.
 pub async fn load(
     state: &DashboardState,
@@ -303,6 +311,7 @@ pub async fn load(
     plan: &Plan,
     times: &Times,
     now_ms: i64,
+    max_samples: usize,
 ) -> Result<Vec<Vec<Series>>, QueryError> {
     let last = usage::last_sample(now_ms);
     let mut wanted = usage::Wanted::default();
@@ -312,6 +321,7 @@ pub async fn load(
         return Ok(out);
     }
     let tenants = sample_tenants(state, tenant).await?;
+    let mut budget = max_samples;
     for selector in &plan.selectors {
         let instants: Vec<i64> = if selector.at.is_some() {
             vec![selector.eval_time(times.start, times.start, times.end)]
@@ -326,7 +336,7 @@ pub async fn load(
         if selector.exact_name().is_some_and(is_synthesized) {
             out.push(Vec::new());
         } else {
-            out.push(stored_series(state, &tenants, selector, min_e - reaches, max_e).await?);
+            out.push(stored_series(state, &tenants, selector, min_e - reaches, max_e, &mut budget).await?);
         }
         let reads_usage = usage::METRICS[..4].iter().any(|(n, _)| selector.may_select_name(n));
         let reads_cost = selector.may_select_name(usage::COST);

@@ -87,13 +87,16 @@ pub async fn series_rows(
     metric: &str,
     lo_ns: i64,
     hi_ns: i64,
+    budget: &mut usize,
 ) -> Result<Vec<SeriesRows>, QueryError> {
+    let over = || QueryError::Execution(super::data::TOO_MANY_SAMPLES.into());
     let Pool::Sqlite(pool) = &store.pool else {
         let placeholders = vec!["?"; tenants.len()].join(", ");
         let text = format!(
             "SELECT tenant, labels, ts_ns, value, histogram FROM metric_samples \
              WHERE tenant IN ({placeholders}) AND metric = ? AND ts_ns > {lo_ns} AND ts_ns <= {hi_ns} \
-             ORDER BY tenant, labels, ts_ns"
+             ORDER BY tenant, labels, ts_ns LIMIT {}",
+            *budget + 1
         );
         let mut binds: Vec<&str> = tenants.iter().map(String::as_str).collect();
         binds.push(metric);
@@ -104,6 +107,7 @@ pub async fn series_rows(
             row.try_get::<Option<f64>, _>(3)?,
             row.try_get::<Option<String>, _>(4)?,
         ));
+        *budget = budget.checked_sub(rows.len()).ok_or_else(over)?;
         let mut out: Vec<SeriesRows> = Vec::new();
         for (tenant, labels, ts_ns, value, histogram) in rows {
             match out.last_mut() {
@@ -117,7 +121,7 @@ pub async fn series_rows(
     };
     let mut connection = pool.acquire().await?;
     // Tens of milliseconds of CPU: off the async workers where the runtime allows.
-    let read = |db: &collector::sqlite::Connection<'_>| -> Result<Vec<SeriesRows>, String> {
+    let read = |db: &collector::sqlite::Connection<'_>| -> Result<(Vec<SeriesRows>, Option<usize>), String> {
         use collector::sqlite::Value::Text;
         let mut tenants: Vec<&String> = tenants.iter().collect();
         tenants.sort();
@@ -134,6 +138,7 @@ pub async fn series_rows(
              WHERE tenant = ?1 AND metric = ?2 AND labels = ?3 AND ts_ns > {lo_ns} AND ts_ns <= {hi_ns} ORDER BY ts_ns"
         ))?;
         let mut out = Vec::new();
+        let mut left = *budget;
         for tenant in tenants {
             series.reset();
             series.bind(1, Text(tenant))?;
@@ -149,6 +154,9 @@ pub async fn series_rows(
                 samples.bind(3, Text(&labels))?;
                 let mut rows = Vec::new();
                 while samples.step()? {
+                    // Over the query's budget: stop reading (the caller refuses the query).
+                    let Some(rest) = left.checked_sub(1) else { return Ok((out, None)) };
+                    left = rest;
                     let histogram = samples.text(2).map(|h| String::from_utf8_lossy(h).into_owned());
                     rows.push((samples.int(0), samples.double(1), histogram));
                 }
@@ -157,10 +165,12 @@ pub async fn series_rows(
                 }
             }
         }
-        Ok(out)
+        Ok((out, Some(left)))
     };
-    collector::sqlite::run(&mut connection, read).await.map_err(|error| {
+    let (out, left) = collector::sqlite::run(&mut connection, read).await.map_err(|error| {
         tracing::error!(%error, "prometheus query failed");
         QueryError::Internal(format!("telemetry store: {error}"))
-    })
+    })?;
+    *budget = left.ok_or_else(over)?;
+    Ok(out)
 }

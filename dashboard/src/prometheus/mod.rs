@@ -174,6 +174,7 @@ struct Api {
     /// Evaluations running at once (they run on blocking threads, off the request runtime).
     evaluations: std::sync::Arc<tokio::sync::Semaphore>,
     query_timeout: Duration,
+    max_samples: usize,
 }
 
 /// Evaluations of PromQL that run at once; more wait for a place.
@@ -221,6 +222,9 @@ pub struct Options {
     /// Longest a query may take, waiting for a place and evaluating (Prometheus's
     /// `--query.timeout`, 2 minutes by default).
     pub query_timeout: Duration,
+    /// Most stored samples one query may load (422 `execution` beyond, as Prometheus's
+    /// `--query.max-samples`): [`data::MAX_SAMPLES`] by default.
+    pub max_samples: usize,
 }
 
 impl Default for Options {
@@ -229,6 +233,7 @@ impl Default for Options {
             cache_max_records: usage::MAX_CACHED_RECORDS,
             cache_wait: false,
             query_timeout: Duration::from_secs(120),
+            max_samples: data::MAX_SAMPLES,
         }
     }
 }
@@ -243,6 +248,7 @@ pub fn router_with(state: DashboardState, options: Options) -> Router {
         usage: std::sync::Arc::new(usage::Cache::new(options.cache_max_records, options.cache_wait)),
         evaluations: std::sync::Arc::new(tokio::sync::Semaphore::new(EVALUATIONS)),
         query_timeout: options.query_timeout,
+        max_samples: options.max_samples,
     };
     // Warm the operator's scope (every tenant) now, so that the first dashboards do not read
     // usage per query while its sums load (a few seconds for 100 000 records).
@@ -630,7 +636,7 @@ async fn query(State(api): State<Api>, headers: HeaderMap, uri: Uri, body: Bytes
     let expr = parse_query(params.get("query"))?;
     let plan = eval::plan(&expr)?;
     let times = Times { start: time, end: time, step: 0 };
-    let loaded = data::load(&api.state, &api.usage, tenant.as_deref(), &plan, &times, now).await?;
+    let loaded = data::load(&api.state, &api.usage, tenant.as_deref(), &plan, &times, now, api.max_samples).await?;
     let load = started.elapsed();
     let value = api
         .evaluate(started, move |_| {
@@ -724,7 +730,7 @@ async fn query_range(State(api): State<Api>, headers: HeaderMap, uri: Uri, body:
     }
     let now = api.state.store.clock().now_ms();
     let times = Times { start, end, step };
-    let loaded = data::load(&api.state, &api.usage, tenant.as_deref(), &plan, &times, now).await?;
+    let loaded = data::load(&api.state, &api.usage, tenant.as_deref(), &plan, &times, now, api.max_samples).await?;
     let load = started.elapsed();
     let series = api
         .evaluate(started, move |deadline| {
