@@ -5,8 +5,7 @@
 use crate::auth::{Credential, Sender};
 use crate::receivers::{jaeger_thrift, otlp, otlp_http, remote_write, scrape};
 use opentelemetry_proto::tonic::collector::{
-    logs::v1::ExportLogsServiceRequest, metrics::v1::ExportMetricsServiceRequest,
-    trace::v1::ExportTraceServiceRequest,
+    logs::v1::ExportLogsServiceRequest, metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest,
 };
 
 /// A tenant's ingest token and the platform's meter token, the two kinds of sender.

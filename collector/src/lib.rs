@@ -203,7 +203,10 @@ pub async fn catch_panic(request: axum::extract::Request, next: axum::middleware
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
             tracing::error!(%method, %path, %message, "a request handler panicked (a bug); answered 500");
-            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal error: this request failed (it is in the server's log)\n")
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error: this request failed (it is in the server's log)\n",
+            )
                 .into_response()
         }
     }

@@ -675,7 +675,9 @@ fn parse_search(params: &[(String, String)], now_ns: i64) -> Result<Search> {
     }
     if let Some((key, _)) = tags.iter().find(|(k, v)| k.len().max(v.len()) > MAX_TAG_BYTES) {
         let key: String = key.chars().take(40).collect();
-        return Err(bad_request(format!("tag {key:?}: a key or value is longer than {MAX_TAG_BYTES} bytes, the limit")));
+        return Err(bad_request(format!(
+            "tag {key:?}: a key or value is longer than {MAX_TAG_BYTES} bytes, the limit"
+        )));
     }
     Ok(Search { service, operation, tags, min_ns, max_ns, limit, start_ns, end_ns })
 }

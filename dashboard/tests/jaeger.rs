@@ -924,7 +924,10 @@ async fn errors() {
             // Limits: each search reads every matching span of its window.
             ("/api/traces?service=frontend&start=0&end=2764800000000", "longer than 31 days"),
             ("/api/dependencies?endTs=2764800001&lookback=2764800001", "longer than 31 days"),
-            (&format!("/api/traces?service=frontend{}", "&tag=k:v".repeat(33)), "33 tag conditions, more than the limit of 32"),
+            (
+                &format!("/api/traces?service=frontend{}", "&tag=k:v".repeat(33)),
+                "33 tag conditions, more than the limit of 32",
+            ),
             (&format!("/api/traces?service=frontend&tag=k:{}", "v".repeat(1025)), "longer than 1024 bytes"),
         ] {
             let message = server.error(Some(ACME), None, path, 400).await;

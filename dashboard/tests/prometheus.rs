@@ -1450,7 +1450,7 @@ async fn queries_too_deep_or_too_long_are_refused_and_the_server_survives() {
     assert_eq!(
         (body["errorType"].as_str(), body["error"].as_str()),
         (Some("timeout"), Some("query timed out in expression evaluation"))
-    );    // A query that would load more stored samples than the limit (3 here) is refused as
+    ); // A query that would load more stored samples than the limit (3 here) is refused as
     // Prometheus refuses one over --query.max-samples (422, `execution`), before evaluating.
     seed(&env).await;
     let over = [("query", "http_requests_total[5m]"), ("time", "2026-10-10T12:10:00Z")];

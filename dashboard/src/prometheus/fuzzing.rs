@@ -13,8 +13,13 @@ pub fn query(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(expr) = parse_query(Some(text)) else { return };
     let Ok(plan) = eval::plan(&expr) else { return };
-    let samples: Arc<Vec<(i64, f64)>> =
-        Arc::new([1.0, 4.0, 9.0, 2.0, 5.0, f64::NAN, 7.0, 0.0].iter().enumerate().map(|(i, v)| (i as i64 * 15_000, *v)).collect());
+    let samples: Arc<Vec<(i64, f64)>> = Arc::new(
+        [1.0, 4.0, 9.0, 2.0, 5.0, f64::NAN, 7.0, 0.0]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i as i64 * 15_000, *v))
+            .collect(),
+    );
     let data: Vec<Vec<Series>> = plan
         .selectors
         .iter()

@@ -137,9 +137,9 @@
 mod data;
 mod db;
 mod eval;
-mod usage;
 #[cfg(fuzzing)]
 pub mod fuzzing;
+mod usage;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;

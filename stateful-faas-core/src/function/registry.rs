@@ -64,14 +64,9 @@ impl DeployedFunction {
         meter: &InstanceMeter,
     ) -> Self {
         let managed = match &spec.target {
-            Target::Managed { command } => Some(ManagedPool::new(
-                &spec,
-                command,
-                &tenant,
-                sandbox.clone(),
-                shares.instances,
-                meter.clone(),
-            )),
+            Target::Managed { command } => {
+                Some(ManagedPool::new(&spec, command, &tenant, sandbox.clone(), shares.instances, meter.clone()))
+            }
             _ => None,
         };
         Self {
@@ -184,8 +179,17 @@ impl Registry {
             let loaded = TenantId::new(&tenant).map_err(|e| e.to_string()).and_then(|tenant| {
                 let deployment: FunctionDeployment = serde_json::from_str(&json).map_err(|e| e.to_string())?;
                 let spec = deployment.resolve().map_err(|e| e.to_string())?;
-                let shares = TenantShares { builtin_threads: builtin_threads.of(&tenant), instances: instances.of(&tenant) };
-                Ok(DeployedFunction::new(tenant, deployment, spec, created_ms, sandbox.clone(), shares, &instance_usage))
+                let shares =
+                    TenantShares { builtin_threads: builtin_threads.of(&tenant), instances: instances.of(&tenant) };
+                Ok(DeployedFunction::new(
+                    tenant,
+                    deployment,
+                    spec,
+                    created_ms,
+                    sandbox.clone(),
+                    shares,
+                    &instance_usage,
+                ))
             });
             match loaded {
                 Ok(function) => {

@@ -92,7 +92,9 @@ impl Core {
             Some(sandbox) => Some(Arc::new(crate::function::sandbox::Sandbox::start(sandbox, &config.data_dir).await?)),
             None => None,
         };
-        let functions = Registry::load(pool.clone(), sandbox, config.max_functions_per_tenant, config.max_instances_per_tenant).await?;
+        let functions =
+            Registry::load(pool.clone(), sandbox, config.max_functions_per_tenant, config.max_instances_per_tenant)
+                .await?;
         let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone()).await?;
         let flows = crate::flow::FlowStore::load(pool.clone(), config.max_flows_per_tenant).await?;
         let flow_journal = crate::flow::journal::Journal::start(pool.clone());

@@ -125,7 +125,9 @@ pub enum StateError {
     QuotaExceeded { tenant: String, used: u64, quota: u64, needed: u64 },
     #[error("state store budget exhausted (--state-budget-bytes): {used} of {budget} bytes held, {needed} more needed")]
     BudgetExceeded { used: u64, budget: u64, needed: u64 },
-    #[error("tenant {tenant} has {max} state jobs registered, its quota (--state-tenant-max-jobs): deregister one first")]
+    #[error(
+        "tenant {tenant} has {max} state jobs registered, its quota (--state-tenant-max-jobs): deregister one first"
+    )]
     TooManyJobs { tenant: String, max: usize },
     #[error("invalid {what} {value:?}: use 1 to 255 characters without '/' or control characters")]
     InvalidName { what: &'static str, value: String },
@@ -528,7 +530,13 @@ impl StateStore {
 
     /// What a value of `size` at `key` would hold, and what the object it replaces holds, if
     /// the tenant's quota admits it.
-    fn quota(&self, tenant: &TenantId, state: &TenantState, key: &ObjectKey, size: u64) -> Result<(u64, u64), StateError> {
+    fn quota(
+        &self,
+        tenant: &TenantId,
+        state: &TenantState,
+        key: &ObjectKey,
+        size: u64,
+    ) -> Result<(u64, u64), StateError> {
         let (held, replaced) = (key.held(size), state.live(key).map_or(0, |object| object.held));
         if state.held - replaced + held > self.config.tenant_quota_bytes {
             return Err(StateError::QuotaExceeded {
