@@ -518,14 +518,21 @@ impl StateStore {
     /// Whether a value of `size` bytes at `key` would fit the tenant's quota and the budget now:
     /// lets a caller refuse a body it has not read yet. [`StateStore::put`] checks again.
     pub fn check_room(&self, tenant: &TenantId, key: &ObjectKey, size: u64) -> Result<(), StateError> {
-        self.with_tenant(tenant, |state, _| {
+        // A tenant not seen yet holds nothing; checking must not make this its first use (its
+        // usage records start at the first change).
+        let existing = self.tenants.read().unwrap().get(tenant).cloned();
+        let check = |state: &TenantState| {
             let (held, replaced) = self.quota(tenant, state, key, size)?;
             let (used, budget) = (self.used.load(Ordering::SeqCst), self.config.total_budget_bytes);
             if used + held - replaced > budget {
                 return Err(StateError::BudgetExceeded { used, budget, needed: held.saturating_sub(replaced) });
             }
             Ok(())
-        })
+        };
+        match existing {
+            Some(_) => self.with_tenant(tenant, |state, _| check(state)),
+            None => check(&TenantState::default()),
+        }
     }
 
     /// What a value of `size` at `key` would hold, and what the object it replaces holds, if
