@@ -651,6 +651,7 @@ fn harden_process() {
 
 async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     harden_process();
+    let stopping = shutdown_signal();
     let config = args.config();
     let data_dir = config.data_dir.clone();
     let core = Core::open(config).await.context("starting the core")?;
@@ -749,7 +750,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         (None, true) => anyhow::bail!("--demo needs the whole platform: use `sfaas up --demo`"),
         _ => None,
     };
-    shutdown_signal().await;
+    stopping.await;
     eprintln!("sfaas: shutting down (finishing in-flight calls, flushing spans, committing telemetry)");
     if let Some((stop, task)) = demo {
         let _ = stop.send(true);
@@ -808,6 +809,7 @@ fn announce(
 /// every two seconds, so tenants created by a running core are known).
 async fn serve_collector(args: ServeArgs) -> anyhow::Result<()> {
     harden_process();
+    let stopping = shutdown_signal();
     let data_dir = args.data_dir.clone();
     let tenants = shared_tenants(&data_dir).await?;
     let running = collector::Collector::start(collector_config(&args)?, std::sync::Arc::new(CoreTokens(tenants)))
@@ -822,7 +824,7 @@ async fn serve_collector(args: ServeArgs) -> anyhow::Result<()> {
         "sfaas collector is up: OTLP gRPC {}, HTTP http://{}; Ctrl-C stops",
         running.otlp_grpc_addr, running.otlp_http_addr
     );
-    shutdown_signal().await;
+    stopping.await;
     running.shutdown().await;
     Ok(())
 }
@@ -854,6 +856,7 @@ async fn shared_tenants(
 /// `sfaas dashboard`: the billing API over the telemetry store, tokens from the core's database.
 async fn serve_dashboard(args: ServeArgs) -> anyhow::Result<()> {
     harden_process();
+    let stopping = shutdown_signal();
     let data_dir = args.data_dir.clone();
     let tenants = shared_tenants(&data_dir).await?;
     let store = collector::store::TelemetryStore::open(&telemetry_url(&args)).await?;
@@ -870,7 +873,7 @@ async fn serve_dashboard(args: ServeArgs) -> anyhow::Result<()> {
     addresses.insert("ui".into(), running.addr.to_string().into());
     announce(&data_dir, addresses, false)?;
     eprintln!("sfaas dashboard is up: http://{}; Ctrl-C stops", running.addr);
-    shutdown_signal().await;
+    stopping.await;
     running.shutdown().await;
     Ok(())
 }
@@ -965,11 +968,16 @@ impl collector::auth::TokenResolver for CoreTokens {
     }
 }
 
-async fn shutdown_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// Ctrl-C or SIGTERM, listened for from the call on (the default action, death, is replaced at
+/// once: a signal that comes before the server awaits it still shuts it down cleanly).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
     }
 }
