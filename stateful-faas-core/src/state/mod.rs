@@ -273,8 +273,6 @@ struct Object {
     value: Bytes,
     persist: bool,
     expires_at: Option<u64>,
-    /// What it counts against the quota and the budget ([`ObjectKey::held`]).
-    held: u64,
     /// Counted in its job's account (true) or in the standing account (false).
     in_job: bool,
     /// When the current account started counting it.
@@ -372,8 +370,9 @@ impl TenantState {
         let since = object.counted_since;
         self.account(&key.job, object.in_job).close(size, since, at);
         self.bytes -= size;
-        self.held -= object.held;
-        used.fetch_sub(object.held, Ordering::SeqCst);
+        let held = key.held(size);
+        self.held -= held;
+        used.fetch_sub(held, Ordering::SeqCst);
         Some(object)
     }
 
@@ -544,7 +543,8 @@ impl StateStore {
         key: &ObjectKey,
         size: u64,
     ) -> Result<(u64, u64), StateError> {
-        let (held, replaced) = (key.held(size), state.live(key).map_or(0, |object| object.held));
+        let (held, replaced) =
+            (key.held(size), state.live(key).map_or(0, |object| key.held(object.value.len() as u64)));
         if state.held - replaced + held > self.config.tenant_quota_bytes {
             return Err(StateError::QuotaExceeded {
                 tenant: tenant.to_string(),
@@ -589,7 +589,7 @@ impl StateStore {
             }
             state
                 .objects
-                .insert(key, Object { value, persist: options.persist, expires_at, held, in_job, counted_since: now });
+                .insert(key, Object { value, persist: options.persist, expires_at, in_job, counted_since: now });
             Ok(())
         })
     }
