@@ -269,3 +269,25 @@ pub async fn retention_pass(collector: &Collector, now_ns: i64) -> Result<u64, S
     }
     Ok(deleted)
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::routing::get;
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_a_500_and_the_next_request_is_served() {
+        let router = axum::Router::new()
+            .route("/boom", get(|| async { "a bug".parse::<u8>().expect("a handler that panics").to_string() }))
+            .route("/ok", get(|| async { "fine".to_string() }))
+            .layer(axum::middleware::from_fn(super::catch_panic));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let response = http.get(format!("{url}/boom")).send().await.unwrap();
+        assert_eq!(response.status(), 500);
+        assert!(response.text().await.unwrap().contains("internal error"));
+        let response = http.get(format!("{url}/ok")).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "fine");
+    }
+}
