@@ -75,8 +75,9 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Starts `sfaas up` in `dir`; the process and its addresses.
-fn start_up(dir: &Path) -> anyhow::Result<(Child, Value)> {
+/// Starts `sfaas up` in `dir` with `bucket` as the ETL example's S3 bucket; the process and its
+/// addresses.
+fn start_up(dir: &Path, bucket: &str) -> anyhow::Result<(Child, Value)> {
     use std::io::BufRead;
     let any = "127.0.0.1:0";
     let mut child = std::process::Command::new(std::env::current_exe()?)
@@ -84,6 +85,8 @@ fn start_up(dir: &Path) -> anyhow::Result<(Child, Value)> {
         .arg(dir)
         .args(["--gateway-addr", any, "--otlp-grpc-addr", any, "--otlp-http-addr", any, "--jaeger-addr", any])
         .args(["--ui-addr", any, "--billing-interval-secs", "0", "--state-usage-interval-secs", "1"])
+        // The s3 transport's Python stage reaches the bucket on loopback.
+        .args(["--etl-s3-url", bucket, "--sandbox-egress", "bench-s3-kib,bench-s3-mib"])
         .env("SFAAS_LOG", "warn")
         .env_remove("SFAAS_ADMIN_TOKEN")
         .stdout(std::process::Stdio::piped())
@@ -102,13 +105,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<PathBuf>) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
-    let (up, addresses) = start_up(dir.path())?;
-    let gateway = format!("http://{}", addresses["gateway"].as_str().context("no gateway address")?);
-    let ui = format!("http://{}", addresses["ui"].as_str().context("no dashboard address")?);
-    let admin = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_string();
-    let api = Gateway::new(&gateway, &admin)?;
-    let billing = Gateway::new(&ui, &admin)?;
-
     let s3_port = free_port()?;
     let s3_dir = dir.path().join("s3");
     std::fs::create_dir_all(&s3_dir)?;
@@ -121,11 +117,18 @@ pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<
             .context("starting s3rver")?,
     );
     let bucket = format!("http://127.0.0.1:{s3_port}/etl");
+    let http = reqwest::Client::builder().no_proxy().build()?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !api.http.put(&bucket).send().await.is_ok_and(|r| r.status().is_success()) {
+    while !http.put(&bucket).send().await.is_ok_and(|r| r.status().is_success()) {
         anyhow::ensure!(Instant::now() < deadline, "s3rver did not answer on port {s3_port}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let (up, addresses) = start_up(dir.path(), &bucket)?;
+    let gateway = format!("http://{}", addresses["gateway"].as_str().context("no gateway address")?);
+    let ui = format!("http://{}", addresses["ui"].as_str().context("no dashboard address")?);
+    let admin = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_string();
+    let api = Gateway::new(&gateway, &admin)?;
+    let billing = Gateway::new(&ui, &admin)?;
 
     // Batches of about 1 KiB (8 records) and 1 MiB (8600 records), the same for every transport.
     let mut generator = stateful_faas_core::etl::Generator::new(7, START_MS, 50);
@@ -151,12 +154,7 @@ pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<
                         .json(&json!({"plan": "pro"})),
                 )
                 .await?;
-            let setup = etl::Setup {
-                transport,
-                s3_url: Some(&bucket),
-                database_url: &format!("sqlite://{}", dir.path().join("etl.db").display()),
-                script_dir: &dir.path().join("etl"),
-            };
+            let setup = etl::Setup { transport, script_dir: &dir.path().join("etl") };
             etl::setup(&api, &tenant, &setup).await?;
             cases.push(Case {
                 transport,

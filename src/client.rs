@@ -422,26 +422,13 @@ pub async fn plan_show(args: &ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn etl_setup(
-    args: &ClientArgs,
-    namespace: &str,
-    transport: &str,
-    s3_url: Option<&str>,
-    load_url: Option<String>,
-) -> anyhow::Result<()> {
-    let database_url = match load_url {
-        Some(url) => url,
-        None => {
-            std::fs::create_dir_all(&args.data_dir)?;
-            format!("sqlite://{}", std::fs::canonicalize(&args.data_dir)?.join("etl.db").display())
-        }
-    };
+pub async fn etl_setup(args: &ClientArgs, namespace: &str, transport: &str) -> anyhow::Result<()> {
     let script_dir = crate::etl::script_dir(&args.data_dir)?;
-    let setup = crate::etl::Setup { transport, s3_url, database_url: &database_url, script_dir: &script_dir };
-    crate::etl::setup(&args.gateway()?, namespace, &setup).await?;
+    crate::etl::setup(&args.gateway()?, namespace, &crate::etl::Setup { transport, script_dir: &script_dir }).await?;
     eprintln!(
         "etl: functions etl-extract, etl-clean, etl-aggregate, etl-load and flow etl deployed in {namespace} \
-         (transport {transport}, loading into {database_url}); stream records to POST /stream/etl.{namespace}"
+         (transport {transport}; etl-load loads where the platform's --etl-database-url says, by default \
+         DATA_DIR/etl/{namespace}.db); stream records to POST /stream/etl.{namespace}"
     );
     Ok(())
 }

@@ -38,7 +38,6 @@ pub async fn run(
     let tokens_file = data_dir.join("demo-tokens.json");
     let mut tokens: serde_json::Map<String, Value> =
         std::fs::read_to_string(&tokens_file).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-    let database_url = format!("sqlite://{}", std::fs::canonicalize(data_dir)?.join("etl.db").display());
     for (tenant, plan, _) in TENANTS {
         let created = api
             .request(reqwest::Method::POST, "/system/tenants")
@@ -53,12 +52,7 @@ pub async fn run(
                 .await
                 .with_context(|| format!("putting {tenant} on plan {plan}"))?;
         }
-        let setup = etl::Setup {
-            transport: "state",
-            s3_url: None,
-            database_url: &database_url,
-            script_dir: &etl::script_dir(data_dir)?,
-        };
+        let setup = etl::Setup { transport: "state", script_dir: &etl::script_dir(data_dir)? };
         etl::setup(&api, tenant, &setup).await.with_context(|| format!("setting up the ETL pipeline for {tenant}"))?;
     }
     write_private(&tokens_file, &serde_json::to_string_pretty(&tokens)?)
@@ -74,10 +68,11 @@ pub async fn run(
         }
     }
     eprintln!(
-        "sfaas demo: dashboard {ui} — sign in with the admin token in {} (tenants' tokens in {}); loaded aggregates in {}",
+        "sfaas demo: dashboard {ui} — sign in with the admin token in {} (tenants' tokens in {}); loaded aggregates \
+         in the platform's ETL databases (by default {})",
         stateful_faas_core::config::admin_token_path(data_dir).display(),
         tokens_file.display(),
-        data_dir.join("etl.db").display()
+        data_dir.join("etl").join("TENANT.db").display()
     );
 
     let now = stateful_faas_core::database::now_ms();

@@ -17,10 +17,9 @@ const ZONES: &str = include_str!("../examples/etl/zones.json");
 /// How a namespace's pipeline is deployed.
 pub struct Setup<'a> {
     /// inline, state or s3.
+    /// (Where `etl-load` loads and the `s3` transport's bucket are the platform's settings,
+    /// `--etl-database-url` and `--etl-s3-url`.)
     pub transport: &'a str,
-    pub s3_url: Option<&'a str>,
-    /// Where `etl-load` loads: sqlite://PATH or postgres://...
-    pub database_url: &'a str,
     /// A folder on the gateway's machine for the Python function (written there): see
     /// [`script_dir`].
     pub script_dir: &'a Path,
@@ -44,19 +43,14 @@ pub async fn setup(api: &Gateway, namespace: &str, setup: &Setup<'_>) -> anyhow:
     std::fs::set_permissions(setup.script_dir, std::fs::Permissions::from_mode(0o755))?;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644))?;
     let script_dir = std::fs::canonicalize(setup.script_dir)?;
-    let mut transport = json!({"ETL_TRANSPORT": setup.transport});
-    if let Some(url) = setup.s3_url {
-        transport["ETL_S3_URL"] = json!(url);
-    }
+    let transport = json!({"ETL_TRANSPORT": setup.transport});
     let functions = [
         json!({"service": "etl-extract", "kind": "builtin", "builtin": "etl-extract", "envVars": transport}),
         json!({"service": "etl-clean", "kind": "exec", "envProcess": format!("{} -S etl_clean.py", python()),
                "workdir": script_dir.to_string_lossy(), "limits": {"memory": "512Mi"},
-               "envVars": {"ETL_TRANSPORT": setup.transport, "ETL_S3_URL": setup.s3_url.unwrap_or_default(),
-                           "exec_timeout": "60s", "max_inflight": "16"}}),
+               "envVars": {"ETL_TRANSPORT": setup.transport, "exec_timeout": "60s", "max_inflight": "16"}}),
         json!({"service": "etl-aggregate", "kind": "builtin", "builtin": "etl-aggregate", "envVars": transport}),
-        json!({"service": "etl-load", "kind": "builtin", "builtin": "etl-load",
-               "envVars": {"ETL_DATABASE_URL": setup.database_url}}),
+        json!({"service": "etl-load", "kind": "builtin", "builtin": "etl-load"}),
     ];
     for mut function in functions {
         function["namespace"] = json!(namespace);

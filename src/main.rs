@@ -99,15 +99,10 @@ enum EtlCommand {
     Setup {
         #[arg(long)]
         namespace: String,
-        /// How stages hand data on: state (the state store), inline, or s3 (needs --s3-url).
-        #[arg(long, default_value = "state")]
+        /// How stages hand data on: state (the state store), inline, or s3 (the bucket the
+        /// platform was started with, --etl-s3-url).
+        #[arg(long, default_value = "state", value_parser = ["state", "inline", "s3"])]
         transport: String,
-        /// An S3 bucket URL, for --transport s3.
-        #[arg(long)]
-        s3_url: Option<String>,
-        /// Where etl-load loads: sqlite://PATH or postgres://... (default: sqlite in DATA_DIR/etl.db).
-        #[arg(long)]
-        load_url: Option<String>,
         #[command(flatten)]
         client: client::ClientArgs,
     },
@@ -481,6 +476,25 @@ struct ServeArgs {
     /// Bytes of request bodies one tenant's waiting or running async calls may hold together.
     #[arg(long, env = "SFAAS_TENANT_MAX_ASYNC_BYTES", default_value_t = 256 << 20)]
     tenant_max_async_bytes: u64,
+    /// Telemetry: spans and log records one tenant may send a second (its own telemetry; the
+    /// platform's metering is never limited). Ten seconds' worth may come at once.
+    #[arg(long, env = "SFAAS_TENANT_INGEST_SPANS_PER_SECOND", default_value_t = 5_000)]
+    tenant_ingest_spans_per_second: u64,
+    /// Telemetry: metric samples one tenant may send a second.
+    #[arg(long, env = "SFAAS_TENANT_INGEST_SAMPLES_PER_SECOND", default_value_t = 20_000)]
+    tenant_ingest_samples_per_second: u64,
+    /// Telemetry: bytes of spans, samples and log records one tenant may send a UTC day.
+    #[arg(long, env = "SFAAS_TENANT_INGEST_BYTES_PER_DAY", default_value_t = 4 << 30)]
+    tenant_ingest_bytes_per_day: u64,
+    /// Where the ETL example's etl-load loads: sqlite://PATH or postgres://… for every tenant
+    /// (`{tenant}` becomes the tenant's name), or TENANT=URL for one (repeatable). Default:
+    /// sqlite://DATA_DIR/etl/{tenant}.db.
+    #[arg(long, env = "SFAAS_ETL_DATABASE_URL")]
+    etl_database_url: Vec<String>,
+    /// The S3-compatible bucket (http://HOST:PORT/BUCKET) of the ETL example's s3 transport;
+    /// each tenant's objects are under TENANT/ in it.
+    #[arg(long, env = "SFAAS_ETL_S3_URL")]
+    etl_s3_url: Option<String>,
     /// Bytes of span export requests each tenant's spool (DATA_DIR/span-spool) may hold while
     /// the collector is unreachable; beyond it they are lost, loudly.
     #[arg(long, env = "SFAAS_SPAN_SPOOL_BYTES", default_value_t = 1 << 30)]
@@ -488,8 +502,19 @@ struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn config(&self) -> CoreConfig {
+    fn config(&self) -> anyhow::Result<CoreConfig> {
         let mut config = CoreConfig::new(&self.data_dir);
+        let mut etl = (*config.etl).clone();
+        for value in &self.etl_database_url {
+            etl.set_database_url(value).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(url) = &self.etl_s3_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            anyhow::bail!("--etl-s3-url {url:?}: a bucket URL is http(s)://HOST:PORT/BUCKET");
+        }
+        etl.s3_url = self.etl_s3_url.clone();
+        config.etl = std::sync::Arc::new(etl);
         config.gateway_addr = self.gateway_addr;
         config.admin_token = std::env::var("SFAAS_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
         config.telemetry.endpoint = self.otlp_endpoint.clone();
@@ -518,7 +543,7 @@ impl ServeArgs {
             tmp_bytes: self.sandbox_tmp_bytes,
             egress: self.sandbox_egress.iter().cloned().collect(),
         });
-        config
+        Ok(config)
     }
 }
 
@@ -583,8 +608,8 @@ async fn run() -> anyhow::Result<()> {
         Command::Flow(FlowCommand::Status { run_id, client }) => client::flow_status(&client, &run_id).await,
         Command::Flow(FlowCommand::Cancel { run_id, client }) => client::flow_cancel(&client, &run_id).await,
         Command::Flow(FlowCommand::Graph { name, format, client }) => client::flow_graph(&client, &name, &format).await,
-        Command::Etl(EtlCommand::Setup { namespace, transport, s3_url, load_url, client }) => {
-            client::etl_setup(&client, &namespace, &transport, s3_url.as_deref(), load_url).await
+        Command::Etl(EtlCommand::Setup { namespace, transport, client }) => {
+            client::etl_setup(&client, &namespace, &transport).await
         }
         Command::Etl(EtlCommand::Generate { seed, records, csv, bad_per_mille, start_ms }) => {
             etl::print_generated(seed, records, bad_per_mille, csv, start_ms);
@@ -652,7 +677,7 @@ fn harden_process() {
 async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     harden_process();
     let stopping = shutdown_signal();
-    let config = args.config();
+    let config = args.config()?;
     let data_dir = config.data_dir.clone();
     let core = Core::open(config).await.context("starting the core")?;
     let mut addresses = serde_json::Map::new();
@@ -927,6 +952,11 @@ fn collector_config(args: &ServeArgs) -> anyhow::Result<collector::CollectorConf
     config.otlp_http_addr = args.otlp_http_addr;
     config.jaeger_addr = args.jaeger_addr;
     config.retention = std::time::Duration::from_secs(args.retention_hours * 3600);
+    config.pipeline.tenant_quota = collector::pipeline::TenantQuota {
+        spans_per_second: args.tenant_ingest_spans_per_second,
+        samples_per_second: args.tenant_ingest_samples_per_second,
+        bytes_per_day: args.tenant_ingest_bytes_per_day,
+    };
     config.tenant_retention = args
         .tenant_retention
         .iter()

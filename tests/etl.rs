@@ -1,7 +1,7 @@
 //! The streaming ETL pipeline (examples/etl/) through the `sfaas` binary: seeded trips with a
 //! known share of bad records are streamed over HTTP (JSON lines and CSV) into the `etl` flow,
 //! micro-batched, extracted, cleaned and enriched by the Python function, aggregated per minute
-//! and borough, and loaded into SQLite. The loaded table equals the aggregates computed from the
+//! and borough, and loaded into the tenant's SQLite database. The loaded table equals the aggregates computed from the
 //! generator's own truth, for each way of handing data between stages (state store, inline, and
 //! an S3 object store when s3rver is installed), and in PostgreSQL as in SQLite; bad records land in the reject bucket with their
 //! reason; the summary object adds up. And a stream that falls behind answers 429, losing
@@ -86,7 +86,6 @@ async fn stream(http: &reqwest::Client, gateway: &str, token: &str, target: &str
 type Windows = BTreeMap<(i64, String), Totals>;
 
 /// The load target: the tables `etl-load` writes, in SQLite or PostgreSQL.
-#[derive(Clone)]
 enum Target {
     Sqlite(sqlx::SqlitePool),
     Postgres(sqlx::PgPool),
@@ -123,42 +122,35 @@ async fn loaded(target: &Target, tenant: &str) -> (i64, Windows) {
 async fn streamed_records_load_exactly_the_generators_aggregates() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    // The S3 transport's Python stage reaches the object store: its tenant has egress.
-    let args = ["--gateway-addr", "127.0.0.1:0", "--sandbox-egress", "via-s3"];
-    let (mut core, addresses) = common::serve("core", &args, data);
-    let gateway = format!("http://{}", addresses["gateway"].as_str().unwrap());
-    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let s3_dir = data.join("s3");
     std::fs::create_dir_all(&s3_dir).unwrap();
     let s3 = start_s3(&s3_dir, &http).await;
-
-    let mut tenants = vec![("via-state", "state"), ("via-inline", "inline")];
-    if s3.is_some() {
-        tenants.push(("via-s3", "s3"));
-    }
-    let db = data.join("etl.db");
-    let sqlite_url = format!("sqlite://{}", db.display());
-    // One more tenant loads into PostgreSQL (a server of the test's own).
+    // One more tenant loads into PostgreSQL (a server of the test's own); the others into their
+    // own SQLite databases, the default.
     let postgres = collector::bench::PgServer::start();
-    match &postgres {
-        Some(_) => tenants.push(("into-postgres", "state")),
-        None => {
-            assert!(!require_all(), "PostgreSQL's server binaries are not installed");
-            eprintln!("skipping the PostgreSQL load target: PostgreSQL's server binaries are not installed");
-        }
+    if postgres.is_none() {
+        assert!(!require_all(), "PostgreSQL's server binaries are not installed");
+        eprintln!("skipping the PostgreSQL load target: PostgreSQL's server binaries are not installed");
     }
+    let mut tenants = vec![("via-state", "state"), ("via-inline", "inline")];
+    // The S3 transport's Python stage reaches the object store: its tenant has egress.
+    let mut args = vec!["--gateway-addr".to_string(), "127.0.0.1:0".into(), "--sandbox-egress".into(), "via-s3".into()];
+    if let Some((_, bucket)) = &s3 {
+        tenants.push(("via-s3", "s3"));
+        args.extend(["--etl-s3-url".into(), bucket.clone()]);
+    }
+    if let Some(server) = &postgres {
+        tenants.push(("into-postgres", "state"));
+        args.extend(["--etl-database-url".into(), format!("into-postgres={}", server.url())]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut core, addresses) = common::serve("core", &args, data);
+    let gateway = format!("http://{}", addresses["gateway"].as_str().unwrap());
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
     for (tenant, transport) in &tenants {
         ok(data, &["tenant", "create", tenant], "");
-        let load_url = match &postgres {
-            Some(server) if *tenant == "into-postgres" => server.url(),
-            _ => sqlite_url.clone(),
-        };
-        let mut args = vec!["etl", "setup", "--namespace", tenant, "--transport", transport, "--load-url", &load_url];
-        if let Some((_, bucket)) = &s3 {
-            args.extend(["--s3-url", bucket]);
-        }
-        ok(data, &args, "");
+        ok(data, &["etl", "setup", "--namespace", tenant, "--transport", transport], "");
     }
 
     // 6000 trips, 5% bad: 3000 as JSON lines in 6 requests, 3000 as CSV in 3, 3 at a time.
@@ -187,13 +179,19 @@ async fn streamed_records_load_exactly_the_generators_aggregates() {
         }
     }
 
-    let sqlite = Target::Sqlite(sqlx::SqlitePool::connect(&sqlite_url).await.unwrap());
     for (tenant, transport) in &tenants {
         let pool = match &postgres {
             Some(server) if *tenant == "into-postgres" => {
                 Target::Postgres(sqlx::PgPool::connect(&server.url()).await.unwrap())
             }
-            _ => sqlite.clone(),
+            _ => {
+                let db = data.join("etl").join(format!("{tenant}.db"));
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !db.exists() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Target::Sqlite(sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap())
+            }
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         let (received, windows) = loop {

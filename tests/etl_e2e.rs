@@ -190,7 +190,7 @@ async fn streamed_records_show_the_same_numbers_in_every_view() {
 
     // The pipeline itself did its job.
     let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .connect(&format!("sqlite://{}", data.join("etl.db").display()))
+        .connect(&format!("sqlite://{}", data.join("etl").join("fleet.db").display()))
         .await
         .unwrap();
     let (received, loaded): (i64, i64) =

@@ -78,6 +78,39 @@ impl Batch {
         self.len() == 0
     }
 
+    /// What the rows hold, about as stored: their text and numbers, not their indexes. The
+    /// unit of a tenant's daily telemetry quota.
+    pub fn bytes(&self) -> u64 {
+        let span = |s: &SpanRow| {
+            s.trace_id.len()
+                + s.span_id.len()
+                + s.parent_span_id.as_ref().map_or(0, String::len)
+                + s.name.len()
+                + s.status_message.len()
+                + s.service_name.len()
+                + s.attributes.len()
+                + s.events.len()
+                + s.links.len()
+                + s.resource.len()
+                + s.scope.len()
+                + 40
+        };
+        let sample = |s: &SampleRow| s.metric.len() + s.labels.len() + s.histogram.as_ref().map_or(0, String::len) + 24;
+        let log = |l: &LogRow| {
+            l.record_hash.len()
+                + l.severity_text.len()
+                + l.body.len()
+                + l.attributes.len()
+                + l.resource.len()
+                + l.trace_id.as_ref().map_or(0, String::len)
+                + l.span_id.as_ref().map_or(0, String::len)
+                + 16
+        };
+        (self.spans.iter().map(span).sum::<usize>()
+            + self.samples.iter().map(sample).sum::<usize>()
+            + self.logs.iter().map(log).sum::<usize>()) as u64
+    }
+
     pub fn append(&mut self, other: Batch) {
         self.spans.extend(other.spans);
         self.samples.extend(other.samples);

@@ -7,6 +7,10 @@
 //! token, the platform's own scrapes) may fill the whole queue, tenants' own telemetry only
 //! three quarters of it together, and each tenant a quarter. A tenant that floods is refused
 //! itself; the meter and the other tenants keep their room.
+//!
+//! A tenant's own telemetry has quotas besides ([`TenantQuota`]): spans and log records a
+//! second, samples a second, and bytes a day. Over one, its batch is refused (429, naming the
+//! quota) and nothing of it is stored; the platform's metered data has no quota.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,19 +31,52 @@ pub struct PipelineConfig {
     pub batch_items: usize,
     /// How long the writer waits to fill a commit once it has something to write.
     pub linger: Duration,
+    /// Limits on each tenant's own telemetry.
+    pub tenant_quota: TenantQuota,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        Self { capacity: 200_000, batch_items: 20_000, linger: Duration::from_millis(2) }
+        Self {
+            capacity: 200_000,
+            batch_items: 20_000,
+            linger: Duration::from_millis(2),
+            tenant_quota: TenantQuota::default(),
+        }
     }
 }
+
+/// What one tenant may send of its own telemetry. The rates are averages: a tenant may send
+/// [`BURST_SECONDS`] of its rate at once after a quiet spell.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TenantQuota {
+    /// Spans and log records a second (`--tenant-ingest-spans-per-second`).
+    pub spans_per_second: u64,
+    /// Metric samples a second (`--tenant-ingest-samples-per-second`).
+    pub samples_per_second: u64,
+    /// Bytes of rows a UTC day ([`Batch::bytes`]; `--tenant-ingest-bytes-per-day`).
+    pub bytes_per_day: u64,
+}
+
+impl Default for TenantQuota {
+    fn default() -> Self {
+        Self { spans_per_second: 5_000, samples_per_second: 20_000, bytes_per_day: 4 << 30 }
+    }
+}
+
+/// Seconds of its rate a tenant may send at once.
+pub const BURST_SECONDS: f64 = 10.0;
+
+const NS_PER_DAY: i64 = 86_400_000_000_000;
 
 /// Why a batch was not stored.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SubmitError {
     #[error("ingest queue is full ({0} items waiting): retry later")]
     Overloaded(usize),
+    /// A tenant is over one of its quotas; it may send again in `retry_after_secs`.
+    #[error("{message}")]
+    Quota { message: String, retry_after_secs: u64 },
     #[error("telemetry store failed: {0}")]
     Store(String),
 }
@@ -60,12 +97,61 @@ struct Job {
     done: oneshot::Sender<Result<Written, SubmitError>>,
 }
 
-/// Items queued: in all, of all tenants' own telemetry, and per tenant.
+/// Items queued: in all, of all tenants' own telemetry, and per tenant; and what each tenant
+/// has used of its quotas.
 #[derive(Default)]
 struct Queued {
     all: usize,
     tenants: usize,
     by_tenant: std::collections::HashMap<String, usize>,
+    usage: std::collections::HashMap<String, QuotaUsage>,
+}
+
+/// A tenant's use of its quotas: a token bucket per rate (it may go into debt by one batch, so
+/// that no batch is refused forever), and the bytes of the current UTC day.
+#[derive(Default)]
+struct QuotaUsage {
+    spans: Bucket,
+    samples: Bucket,
+    day: i64,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct Bucket {
+    /// Items that may still be sent; `None` before the first (a full bucket).
+    tokens: Option<f64>,
+    at_ns: i64,
+}
+
+impl Bucket {
+    /// Refills to `now_ns`; the seconds until a batch may be sent (0: now).
+    fn wait(&mut self, rate: u64, now_ns: i64) -> f64 {
+        let full = rate as f64 * BURST_SECONDS;
+        let elapsed = (now_ns - self.at_ns).max(0) as f64 / 1e9;
+        let tokens = self.tokens.map_or(full, |tokens| (tokens + elapsed * rate as f64).min(full));
+        self.tokens = Some(tokens);
+        self.at_ns = now_ns;
+        if tokens > 0.0 { 0.0 } else { -tokens / rate.max(1) as f64 }
+    }
+
+    fn take(&mut self, items: usize) {
+        *self.tokens.get_or_insert(0.0) -= items as f64;
+    }
+}
+
+/// A tenant's batch, as its quotas count it.
+pub struct Counted {
+    /// Spans and log records.
+    pub spans: usize,
+    pub samples: usize,
+    pub bytes: u64,
+}
+
+impl Counted {
+    pub fn of(batch: &Batch) -> Self {
+        Self { spans: batch.spans.len() + batch.logs.len(), samples: batch.samples.len(), bytes: batch.bytes() }
+    }
 }
 
 /// The handle receivers submit to.
@@ -75,6 +161,8 @@ pub struct Pipeline {
     queued: Arc<std::sync::Mutex<Queued>>,
     depth: Arc<AtomicUsize>,
     capacity: usize,
+    quota: TenantQuota,
+    clock: crate::clock::Clock,
 }
 
 impl Pipeline {
@@ -87,6 +175,8 @@ impl Pipeline {
             queued: Default::default(),
             depth: Arc::new(AtomicUsize::new(0)),
             capacity: config.capacity,
+            quota: config.tenant_quota,
+            clock: store.clock().clone(),
         };
         tokio::spawn(write_loop(store, config, receiver, pipeline.clone(), metrics));
         pipeline
@@ -103,7 +193,8 @@ impl Pipeline {
             return Ok(Written::default());
         }
         let items = batch.len();
-        let tenant = self.admit(items, source)?;
+        let counted = matches!(source, Source::Tenant(_)).then(|| Counted::of(&batch));
+        let tenant = self.admit(items, source, counted.as_ref())?;
         let (done, wait) = oneshot::channel();
         if let Err(error) = self.sender.send(Job { batch, tenant, done }) {
             self.release(items, error.0.tenant.as_deref());
@@ -113,8 +204,9 @@ impl Pipeline {
     }
 
     /// Counts `items` in, or refuses them (see the module's rules; a batch larger than a share
-    /// is admitted when its share is empty, so that no batch is refused forever).
-    fn admit(&self, items: usize, source: Source) -> Result<Option<String>, SubmitError> {
+    /// is admitted when its share is empty, so that no batch is refused forever). A tenant's
+    /// batch is `counted` against its quotas.
+    fn admit(&self, items: usize, source: Source, counted: Option<&Counted>) -> Result<Option<String>, SubmitError> {
         let mut queued = self.queued.lock().unwrap();
         let tenant = match source {
             Source::Meter => {
@@ -131,6 +223,10 @@ impl Pipeline {
                     || queued.all + items > self.capacity && queued.all > 0;
                 if over {
                     return Err(SubmitError::Overloaded(queued.all));
+                }
+                if let Some(counted) = counted {
+                    let usage = queued.usage.entry(tenant.to_string()).or_default();
+                    charge(usage, &self.quota, counted, self.clock.now_ns(), tenant)?;
                 }
                 queued.tenants += items;
                 *queued.by_tenant.entry(tenant.to_string()).or_default() += items;
@@ -157,6 +253,58 @@ impl Pipeline {
         }
         self.depth.store(queued.all, Ordering::Relaxed);
     }
+}
+
+/// Counts a tenant's batch against its quotas, or refuses it naming the first one it is over.
+fn charge(
+    usage: &mut QuotaUsage,
+    quota: &TenantQuota,
+    counted: &Counted,
+    now_ns: i64,
+    tenant: &str,
+) -> Result<(), SubmitError> {
+    let day = now_ns.div_euclid(NS_PER_DAY);
+    if usage.day != day {
+        usage.day = day;
+        usage.bytes = 0;
+    }
+    if usage.bytes >= quota.bytes_per_day {
+        let retry_after_secs = ((day + 1) * NS_PER_DAY - now_ns) as u64 / 1_000_000_000 + 1;
+        return Err(SubmitError::Quota {
+            message: format!(
+                "namespace {tenant} has sent its {} bytes of telemetry for today (--tenant-ingest-bytes-per-day); \
+                 it may send again after 00:00 UTC",
+                quota.bytes_per_day
+            ),
+            retry_after_secs,
+        });
+    }
+    let rates = [
+        (&mut usage.spans, counted.spans, quota.spans_per_second, "spans and log records", "spans"),
+        (&mut usage.samples, counted.samples, quota.samples_per_second, "samples", "samples"),
+    ];
+    let mut takes = Vec::with_capacity(2);
+    for (bucket, items, rate, what, flag) in rates {
+        if items == 0 {
+            continue;
+        }
+        let wait = bucket.wait(rate, now_ns);
+        if wait > 0.0 {
+            return Err(SubmitError::Quota {
+                message: format!(
+                    "namespace {tenant} is over its rate of {rate} {what} a second \
+                     (--tenant-ingest-{flag}-per-second); retry later"
+                ),
+                retry_after_secs: wait.ceil() as u64,
+            });
+        }
+        takes.push((bucket, items));
+    }
+    for (bucket, items) in takes {
+        bucket.take(items);
+    }
+    usage.bytes += counted.bytes;
+    Ok(())
 }
 
 async fn write_loop(
@@ -224,12 +372,16 @@ async fn write_loop(
 mod admission_tests {
     use super::*;
 
+    fn pipeline(capacity: usize, quota: TenantQuota, clock: &crate::clock::Clock) -> Pipeline {
+        let (sender, _receiver) = mpsc::unbounded_channel();
+        let depth = Arc::new(AtomicUsize::new(0));
+        Pipeline { sender, queued: Default::default(), depth, capacity, quota, clock: clock.clone() }
+    }
+
     #[test]
     fn the_meter_keeps_its_room_and_each_tenant_its_share() {
-        let (sender, _receiver) = mpsc::unbounded_channel();
-        let pipeline =
-            Pipeline { sender, queued: Default::default(), depth: Arc::new(AtomicUsize::new(0)), capacity: 100 };
-        let admit = |items, source| pipeline.admit(items, source).is_ok();
+        let pipeline = pipeline(100, TenantQuota::default(), &crate::clock::Clock::system());
+        let admit = |items, source| pipeline.admit(items, source, None).is_ok();
         // A tenant floods: a quarter is its share, then it is refused, alone.
         assert!(admit(25, Source::Tenant("flood")));
         assert!(!admit(1, Source::Tenant("flood")));
@@ -247,9 +399,46 @@ mod admission_tests {
         assert!(admit(5, Source::Tenant("d")));
         assert_eq!(pipeline.depth(), 75);
         // A batch larger than a share is admitted when its share is empty.
-        let (sender, _receiver) = mpsc::unbounded_channel();
-        let empty =
-            Pipeline { sender, queued: Default::default(), depth: Arc::new(AtomicUsize::new(0)), capacity: 100 };
-        assert!(empty.admit(500, Source::Tenant("big")).is_ok());
+        let empty = self::pipeline(100, TenantQuota::default(), &crate::clock::Clock::system());
+        assert!(empty.admit(500, Source::Tenant("big"), None).is_ok());
+    }
+
+    #[test]
+    fn a_tenant_over_a_quota_is_refused_naming_it_and_others_go_on() {
+        let clock = crate::clock::Clock::starting_at(20_000 * NS_PER_DAY + 3_600_000_000_000);
+        let quota = TenantQuota { spans_per_second: 100, samples_per_second: 1000, bytes_per_day: 1_000_000 };
+        let pipeline = pipeline(1 << 30, quota, &clock);
+        let send = |tenant, spans, samples, bytes| {
+            let counted = Counted { spans, samples, bytes };
+            let result = pipeline.admit(spans + samples, Source::Tenant(tenant), Some(&counted));
+            if result.is_ok() {
+                pipeline.release(spans + samples, Some(tenant));
+            }
+            result.err().map(|e| match e {
+                SubmitError::Quota { message, retry_after_secs } => (message, retry_after_secs),
+                other => panic!("{other}"),
+            })
+        };
+        // A burst of ten seconds' spans, then into debt by one batch, then refused.
+        assert_eq!(send("flood", 999, 0, 10), None);
+        assert_eq!(send("flood", 500, 0, 10), None);
+        let (message, retry) = send("flood", 1, 0, 10).unwrap();
+        assert!(message.contains("--tenant-ingest-spans-per-second") && message.contains("flood"), "{message}");
+        assert_eq!(retry, 5, "the debt of 499 spans at 100 a second");
+        // Its samples have a rate of their own; another tenant is not touched.
+        assert_eq!(send("flood", 0, 5000, 10), None);
+        assert_eq!(send("calm", 10, 10, 10), None);
+        // Time refills the bucket.
+        clock.set(clock.now_ns() + 6_000_000_000);
+        assert_eq!(send("flood", 10, 0, 10), None);
+        // Bytes a day: the batch that crosses the quota is taken, the next is refused until
+        // midnight UTC, when the count starts again.
+        assert_eq!(send("calm", 1, 0, 999_990), None);
+        let (message, retry) = send("calm", 1, 0, 10).unwrap();
+        assert!(message.contains("--tenant-ingest-bytes-per-day"), "{message}");
+        assert!((20 * 3600..=23 * 3600 + 1).contains(&retry), "{retry}");
+        assert!(send("flood", 1, 0, 10).is_none());
+        clock.set(20_001 * NS_PER_DAY);
+        assert_eq!(send("calm", 1, 0, 10), None);
     }
 }

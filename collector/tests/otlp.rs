@@ -273,7 +273,12 @@ async fn bad_input_gets_the_right_status_and_a_clear_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_tenant_is_refused_alone() {
     let backend = common::Backend::Sqlite(tempfile::tempdir().unwrap());
-    let collector = start(&backend, |config| config.pipeline.capacity = 400).await;
+    let collector = start(&backend, |config| {
+        config.pipeline.capacity = 400;
+        // The queue's shares are what this test floods, not the tenant's rate quota.
+        config.pipeline.tenant_quota.spans_per_second = 1 << 40;
+    })
+    .await;
     let url = format!("http://{}/v1/traces", collector.otlp_http_addr);
     let body = |namespace: &str, spans: usize, request: u32| {
         let mut resource = resource_spans(Some(namespace), spans, 7);
@@ -321,4 +326,40 @@ async fn a_flooding_tenant_is_refused_alone() {
         .await
         .unwrap();
     assert_eq!(metered, 40 * 20, "every metered span stored");
+}
+
+/// A tenant over its rate of spans is refused (429, naming the quota, with Retry-After) and
+/// nothing of the refused request is stored; another tenant and the platform's metering go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_ingest_rate_gets_429_naming_the_quota() {
+    let backend = common::Backend::Sqlite(tempfile::tempdir().unwrap());
+    // 20 spans a second: 200 may come at once.
+    let collector = start(&backend, |config| config.pipeline.tenant_quota.spans_per_second = 20).await;
+    let url = format!("http://{}/v1/traces", collector.otlp_http_addr);
+    let body = |namespace: &str, spans: usize, seed: u8| {
+        ExportTraceServiceRequest { resource_spans: vec![resource_spans(Some(namespace), spans, seed)] }.encode_to_vec()
+    };
+    let protobuf = "application/x-protobuf";
+    assert_eq!(post(&url, Some("acme-token"), protobuf, body("acme", 150, 1)).await.status(), 200);
+    // Into debt by one request: no request is refused forever for being larger than a burst.
+    assert_eq!(post(&url, Some("acme-token"), protobuf, body("acme", 150, 2)).await.status(), 200);
+    let refused = post(&url, Some("acme-token"), protobuf, body("acme", 1, 3)).await;
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=5).contains(&retry_after), "the debt of 100 spans at 20 a second: {retry_after}");
+    let message = String::from_utf8_lossy(&refused.bytes().await.unwrap()).into_owned();
+    assert!(message.contains("--tenant-ingest-spans-per-second") && message.contains("acme"), "{message}");
+    // The same instant: another tenant's own spans, and the platform's metered spans of acme.
+    assert_eq!(post(&url, Some("globex-token"), protobuf, body("globex", 100, 4)).await.status(), 200);
+    assert_eq!(post(&url, Some("meter-token"), protobuf, body("acme", 200, 5)).await.status(), 200);
+    assert_eq!(post(&url, Some("meter-token"), protobuf, body("acme", 200, 6)).await.status(), 200);
+
+    let pool = sqlx::SqlitePool::connect(&backend.url()).await.unwrap();
+    let count = |query: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(query).fetch_one(&pool).await.unwrap() }
+    };
+    assert_eq!(count("SELECT COUNT(*) FROM spans WHERE tenant = 'acme' AND metered = 0").await, 300);
+    assert_eq!(count("SELECT COUNT(*) FROM spans WHERE tenant = 'acme' AND metered = 1").await, 400);
+    assert_eq!(count("SELECT COUNT(*) FROM spans WHERE tenant = 'globex'").await, 100);
 }

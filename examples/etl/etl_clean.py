@@ -4,8 +4,9 @@ The ETL pipeline's Python stage (an `exec` function: the batch on stdin, the res
 It reads the zone lookup table from the tenant's state store over HTTP (persistent object
 `etl-lookup/zones`), rejects bad records into the `etl-rejects` bucket with the reason, and
 hands the clean ones on the way ETL_TRANSPORT says: `inline` (in its answer), `state` (in the
-flow run's job in the state store; it answers a reference) or `s3` (in an S3-compatible
-bucket at ETL_S3_URL). Only the standard library is used.
+flow run's job in the state store; it answers a reference) or `s3` (beside its input, in the
+folder of the operator's S3-compatible bucket that the previous stage's reference names). Only
+the standard library is used.
 
 The gateway gives each invocation SFAAS_STATE_URL, SFAAS_STATE_TOKEN and, within a flow run,
 SFAAS_JOB. The rules (first failing one wins) match stateful_faas_core::etl::expected.
@@ -79,7 +80,13 @@ def receive(body):
         return http("GET", job_object(ref["key"]) + "?delete_after_read=true")
     data = http("GET", ref["url"], auth=False)
     http("DELETE", ref["url"], auth=False)
+    global S3_FOLDER
+    S3_FOLDER = ref["url"].rsplit("/", 2)[0]
     return data
+
+
+# The namespace's folder in the S3 bucket, learned from the reference this stage received.
+S3_FOLDER = None
 
 
 def send(stage, data, batch):
@@ -89,7 +96,9 @@ def send(stage, data, batch):
         http("PUT", job_object(stage), data)
         return json.dumps({"ref": "state", "key": stage}).encode()
     if TRANSPORT == "s3":
-        url = f"{os.environ['ETL_S3_URL'].rstrip('/')}/{batch}/{stage}"
+        if S3_FOLDER is None:
+            raise SystemExit("ETL_TRANSPORT=s3 needs its input as an S3 reference")
+        url = f"{S3_FOLDER}/{batch}/{stage}"
         http("PUT", url, data, auth=False)
         return json.dumps({"ref": "s3", "url": url}).encode()
     raise SystemExit(f"ETL_TRANSPORT {TRANSPORT!r}: use inline, state or s3")

@@ -19,12 +19,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::Refusal;
 use super::{basic_or_bearer_sender, text};
 use crate::Collector;
 use crate::auth::Sender;
 use crate::metrics::{RejectLabels, SignalLabels};
 use crate::model::{Batch, SpanRow};
-use crate::pipeline::SubmitError;
 
 /// Why a thrift body could not be read.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -415,11 +415,11 @@ pub async fn traces(State(collector): State<Arc<Collector>>, headers: HeaderMap,
             }
             StatusCode::ACCEPTED.into_response()
         }
-        Err(SubmitError::Overloaded(queued)) => {
-            reject("overloaded");
-            text(StatusCode::SERVICE_UNAVAILABLE, format!("ingest queue is full ({queued} items waiting); retry later"))
+        Err(error) => {
+            let refusal = Refusal::from(error);
+            reject(refusal.reason);
+            refusal.text()
         }
-        Err(SubmitError::Store(message)) => text(StatusCode::SERVICE_UNAVAILABLE, message),
     }
 }
 

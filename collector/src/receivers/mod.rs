@@ -15,14 +15,48 @@ use base64::Engine;
 use crate::Collector;
 use crate::auth::{AuthError, Sender, authenticate};
 use crate::metrics::RejectLabels;
+use crate::pipeline::SubmitError;
 
 /// A plain-text answer; 503 carries `Retry-After`.
 pub(crate) fn text(status: StatusCode, message: String) -> Response {
     let mut response = (status, format!("{message}\n")).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, "1".parse().expect("ascii"));
+        retry_after(&mut response, 1);
     }
     response
+}
+
+pub(crate) fn retry_after(response: &mut Response, seconds: u64) {
+    response.headers_mut().insert(header::RETRY_AFTER, seconds.into());
+}
+
+/// How a batch the pipeline refused is answered over HTTP: the status, the message, the
+/// seconds to retry after, and the reason counted in `sfaas_collector_rejected_total`.
+pub(crate) struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+    pub retry_after_secs: u64,
+    pub reason: &'static str,
+}
+
+impl From<SubmitError> for Refusal {
+    fn from(error: SubmitError) -> Self {
+        let (status, retry_after_secs, reason) = match &error {
+            SubmitError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, 1, "overloaded"),
+            SubmitError::Quota { retry_after_secs, .. } => (StatusCode::TOO_MANY_REQUESTS, *retry_after_secs, "quota"),
+            SubmitError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, 1, "store"),
+        };
+        Self { status, message: error.to_string(), retry_after_secs, reason }
+    }
+}
+
+impl Refusal {
+    /// A plain-text answer with `Retry-After`.
+    pub fn text(self) -> Response {
+        let mut response = (self.status, format!("{}\n", self.message)).into_response();
+        retry_after(&mut response, self.retry_after_secs);
+        response
+    }
 }
 
 /// Checks the credentials of a receiver whose clients can send only Basic auth (Jaeger

@@ -65,11 +65,20 @@ impl Services {
                 self.0.metrics.accepted.get_or_create(&SignalLabels { signal, protocol: "otlp_grpc" }).inc_by(items);
                 Ok(converted)
             }
-            Err(SubmitError::Overloaded(queued)) => {
-                self.0.metrics.rejected.get_or_create(&RejectLabels { signal, reason: "overloaded" }).inc();
-                Err(Status::unavailable(format!("ingest queue is full ({queued} items waiting); retry later")))
+            Err(error) => {
+                let reason = match &error {
+                    SubmitError::Overloaded(_) => "overloaded",
+                    SubmitError::Quota { .. } => "quota",
+                    SubmitError::Store(_) => "store",
+                };
+                self.0.metrics.rejected.get_or_create(&RejectLabels { signal, reason }).inc();
+                // Over a quota is not retried (RESOURCE_EXHAUSTED without RetryInfo): the
+                // exporter drops the batch, as a retry within the quota's period would be refused.
+                Err(match error {
+                    SubmitError::Quota { message, .. } => Status::resource_exhausted(message),
+                    other => Status::unavailable(other.to_string()),
+                })
             }
-            Err(SubmitError::Store(message)) => Err(Status::unavailable(message)),
         }
     }
 

@@ -25,11 +25,11 @@ use prost::Message;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::Refusal;
 use super::otlp::{self, Converted};
 use crate::Collector;
 use crate::auth::authenticate_http;
 use crate::metrics::{RejectLabels, SignalLabels};
-use crate::pipeline::SubmitError;
 
 /// `google.rpc.Status`, the error body OTLP/HTTP specifies.
 #[derive(Clone, PartialEq, Message, Serialize)]
@@ -166,16 +166,15 @@ where
             collector.metrics.accepted.get_or_create(&SignalLabels { signal, protocol: "otlp_http" }).inc_by(items);
             encode(encoding, &respond(&converted))
         }
-        Err(SubmitError::Overloaded(queued)) => {
-            reject("overloaded");
-            error(
-                encoding,
-                StatusCode::SERVICE_UNAVAILABLE,
-                14,
-                format!("ingest queue is full ({queued} items waiting); retry later"),
-            )
+        Err(refused) => {
+            let refusal = Refusal::from(refused);
+            reject(refusal.reason);
+            // 8 RESOURCE_EXHAUSTED, 14 UNAVAILABLE.
+            let code = if refusal.status == StatusCode::TOO_MANY_REQUESTS { 8 } else { 14 };
+            let mut response = error(encoding, refusal.status, code, refusal.message);
+            super::retry_after(&mut response, refusal.retry_after_secs);
+            response
         }
-        Err(SubmitError::Store(message)) => error(encoding, StatusCode::SERVICE_UNAVAILABLE, 14, message),
     }
 }
 

@@ -15,11 +15,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use prost::Message;
 
+use super::Refusal;
 use super::{basic_or_bearer_sender, text};
 use crate::Collector;
 use crate::metrics::{RejectLabels, SignalLabels};
 use crate::model::{Batch, SampleRow};
-use crate::pipeline::SubmitError;
 
 /// `prometheus.WriteRequest` (the fields remote_write 1.0 uses).
 #[derive(Clone, PartialEq, Message)]
@@ -143,10 +143,10 @@ pub async fn write(State(collector): State<Arc<Collector>>, headers: HeaderMap, 
                 .inc_by(items);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(SubmitError::Overloaded(queued)) => {
-            reject("overloaded");
-            text(StatusCode::SERVICE_UNAVAILABLE, format!("ingest queue is full ({queued} items waiting); retry later"))
+        Err(error) => {
+            let refusal = Refusal::from(error);
+            reject(refusal.reason);
+            refusal.text()
         }
-        Err(SubmitError::Store(message)) => text(StatusCode::SERVICE_UNAVAILABLE, message),
     }
 }

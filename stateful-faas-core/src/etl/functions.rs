@@ -4,8 +4,12 @@
 //! - `inline`: a stage answers its data; the flow engine hands it to the next stage.
 //! - `state`: a stage puts its data into the run's job in the state store (bucket `etl`) and
 //!   answers a reference `{"ref":"state","key":STAGE}`; the next stage reads and deletes it.
-//! - `s3`: the same through an S3-compatible object store (`ETL_S3_URL`, a bucket URL): PUT,
-//!   then GET and DELETE — the block-storage baseline.
+//! - `s3`: the same through the operator's S3-compatible bucket (`--etl-s3-url`), under the
+//!   tenant's folder: PUT, then GET and DELETE — the block-storage baseline. A reference names
+//!   the object's URL; a stage reads only URLs in its own tenant's folder.
+//!
+//! `etl-load` loads into the operator's database for the tenant (`--etl-database-url`). Neither
+//! location comes from a tenant: see [`super::EtlConfig`].
 //!
 //! The data between stages: `{"batch","received","rejected":{reason:n},"records":[...]}`.
 //! Bad records go to the tenant's `etl-rejects` bucket (persistent), one object per batch and
@@ -58,6 +62,8 @@ const WINDOWS: &str = "etl-windows";
 const SUMMARY: &str = "etl-summary";
 /// Window state outlives its batches by this much (late records of a window still add up).
 const WINDOW_TTL: Duration = Duration::from_secs(2 * 3600);
+/// A load database's connections close after this long unused.
+const IDLE: Duration = Duration::from_secs(60);
 
 enum Transport {
     Inline,
@@ -69,9 +75,9 @@ fn transport(context: &BuiltinContext<'_>) -> Result<Transport, String> {
     match context.env.get("ETL_TRANSPORT").map(String::as_str).unwrap_or("inline") {
         "inline" => Ok(Transport::Inline),
         "state" => Ok(Transport::State),
-        "s3" => match context.env.get("ETL_S3_URL") {
-            Some(url) => Ok(Transport::S3(url.trim_end_matches('/').to_string())),
-            None => Err("ETL_TRANSPORT=s3 needs ETL_S3_URL (an S3 bucket URL)".into()),
+        "s3" => match context.etl.s3_prefix(context.tenant.as_str()) {
+            Some(prefix) => Ok(Transport::S3(prefix)),
+            None => Err("ETL_TRANSPORT=s3 needs an S3 bucket, which the operator has not set (--etl-s3-url)".into()),
         },
         other => Err(format!("ETL_TRANSPORT {other:?}: use inline, state or s3")),
     }
@@ -123,6 +129,7 @@ fn receive(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
             context.state.get(context.tenant, &state_key(context, &key)?, true).map_err(|e| e.to_string())
         }
         ("s3", _, Some(url)) => block_on(async {
+            let url = s3_object(context, &url)?;
             let response = http().get(&url).send().await.map_err(|e| format!("S3 GET {url}: {e}"))?;
             if !response.status().is_success() {
                 return Err(format!("S3 GET {url}: {}", response.status()));
@@ -132,6 +139,24 @@ fn receive(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
             Ok(data)
         }),
         _ => Err("a reference names `state` with a key, or `s3` with a url".into()),
+    }
+}
+
+/// A referenced S3 object's URL, if it is an object in the tenant's own folder of the operator's
+/// bucket: a reference is input, and must not make the gateway call any other URL.
+fn s3_object(context: &BuiltinContext<'_>, url: &str) -> Result<String, String> {
+    let refused = || format!("S3 reference {url:?} is not an object of this namespace's folder in the ETL bucket");
+    let prefix = context.etl.s3_prefix(context.tenant.as_str()).ok_or_else(refused)?;
+    let object = url.strip_prefix(&prefix).and_then(|rest| rest.strip_prefix('/')).ok_or_else(refused)?;
+    let safe = |segment: &str| {
+        !segment.is_empty()
+            && segment != "."
+            && segment != ".."
+            && segment.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    match object.split('/').all(safe) {
+        true => Ok(url.to_string()),
+        false => Err(refused()),
     }
 }
 
@@ -147,7 +172,7 @@ fn send(context: &BuiltinContext<'_>, stage: &str, data: Vec<u8>) -> Result<Byte
             Ok(Bytes::from(serde_json::json!({"ref": "state", "key": stage}).to_string()))
         }
         Transport::S3(bucket) => {
-            let url = format!("{bucket}/{}/{stage}", batch_id(context));
+            let url = s3_object(context, &format!("{bucket}/{}/{stage}", batch_id(context)))?;
             block_on(async {
                 let response = http().put(&url).body(data).send().await.map_err(|e| format!("S3 PUT {url}: {e}"))?;
                 if !response.status().is_success() {
@@ -304,14 +329,11 @@ pub struct Summary {
     pub rejected: BTreeMap<String, u64>,
 }
 
-/// `etl-load`: adds the batch's window changes to the `etl_windows` table of the database at
-/// `ETL_DATABASE_URL` (SQLite or PostgreSQL) exactly once per batch (`etl_batches` records
-/// it in the same transaction), then updates the summary object.
+/// `etl-load`: adds the batch's window changes to the `etl_windows` table of the tenant's
+/// database (SQLite or PostgreSQL, as the operator set it) exactly once per batch
+/// (`etl_batches` records it in the same transaction), then updates the summary object.
 pub fn load(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
-    let url = context
-        .env
-        .get("ETL_DATABASE_URL")
-        .ok_or("set ETL_DATABASE_URL (sqlite://PATH or postgres://...) in the function's environment")?;
+    let url = &context.etl.database_url(context.tenant.as_str());
     let input: Batch<WindowDelta> =
         serde_json::from_slice(&receive(context)?).map_err(|e| format!("bad batch: {e}"))?;
     let loaded: i64 = input.records.iter().map(|w| w.totals.trips).sum();
@@ -377,7 +399,8 @@ const UPSERT_WINDOW: &str = "INSERT INTO etl_windows \
      distance_m = etl_windows.distance_m + excluded.distance_m, \
      passengers = etl_windows.passengers + excluded.passengers";
 
-/// One pool per database URL, opened (and the tables created) on first use.
+/// One pool per database URL, opened (and the tables created) on first use; its connections
+/// close when idle, so a tenant's SQLite file is not held open between its batches.
 fn database(url: &str) -> Result<Database, String> {
     static POOLS: OnceLock<Mutex<HashMap<String, Database>>> = OnceLock::new();
     let pools = POOLS.get_or_init(Default::default);
@@ -386,7 +409,12 @@ fn database(url: &str) -> Result<Database, String> {
     }
     let database = block_on(async {
         let database = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(url).await?;
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .min_connections(0)
+                .idle_timeout(IDLE)
+                .connect(url)
+                .await?;
             for statement in SCHEMA {
                 sqlx::query(statement).execute(&pool).await?;
             }
@@ -397,13 +425,21 @@ fn database(url: &str) -> Result<Database, String> {
                 .create_if_missing(true)
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(10));
-            let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+            if let Some(dir) = options.get_filename().parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .idle_timeout(IDLE)
+                .connect_with(options)
+                .await?;
             for statement in SCHEMA {
                 sqlx::query(statement).execute(&pool).await?;
             }
             Database::Sqlite(pool)
         } else {
-            return Err(sqlx::Error::Configuration("ETL_DATABASE_URL is sqlite://PATH or postgres://...".into()));
+            return Err(sqlx::Error::Configuration("the ETL database is sqlite://PATH or postgres://...".into()));
         };
         Ok::<_, sqlx::Error>(database)
     })

@@ -28,6 +28,76 @@ pub const NEGATIVE_DISTANCE: &str = "negative_distance";
 pub const NO_PASSENGERS: &str = "no_passengers";
 pub const UNKNOWN_ZONE: &str = "unknown_zone";
 
+/// Where the ETL builtins load and stage data: the operator's settings, never a tenant's (a
+/// tenant's environment naming a database or a bucket would make the gateway open any SQLite
+/// path or call any URL).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtlConfig {
+    /// Where `etl-load` loads when no tenant is named in `tenants` (`sqlite://PATH` or
+    /// `postgres://…`; `{tenant}` becomes the tenant's name). Default:
+    /// `sqlite://DATA_DIR/etl/{tenant}.db`, a database per tenant.
+    pub database_url: String,
+    /// Tenants that load elsewhere (`--etl-database-url TENANT=URL`).
+    pub tenants: BTreeMap<String, String>,
+    /// The S3-compatible bucket of the `s3` transport (`http://HOST:PORT/BUCKET`); each
+    /// tenant's objects are under `TENANT/` in it. None: the `s3` transport is refused.
+    pub s3_url: Option<String>,
+}
+
+/// The environment variables a tenant may not set on the ETL builtins, and the flags that
+/// replace them.
+pub const OPERATOR_SETTINGS: [(&str, &str); 2] =
+    [("ETL_DATABASE_URL", "--etl-database-url"), ("ETL_S3_URL", "--etl-s3-url")];
+
+impl EtlConfig {
+    pub fn new(data_dir: &std::path::Path) -> Self {
+        let dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf()).join("etl");
+        Self {
+            database_url: format!("sqlite://{}/{{tenant}}.db", dir.display()),
+            tenants: BTreeMap::new(),
+            s3_url: None,
+        }
+    }
+
+    /// Applies one `--etl-database-url` value: `URL` (every tenant, `{tenant}` substituted)
+    /// or `TENANT=URL` (that tenant).
+    pub fn set_database_url(&mut self, value: &str) -> Result<(), String> {
+        let (tenant, url) = match value.split_once('=') {
+            Some((tenant, url)) if !tenant.contains(':') => (Some(tenant), url),
+            _ => (None, value),
+        };
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(format!("--etl-database-url {value:?}: the URL is sqlite://PATH or postgres://…"));
+        }
+        match tenant {
+            Some(tenant) if crate::tenant::TenantId::new(tenant).is_err() => {
+                Err(format!("--etl-database-url {value:?}: {tenant:?} is not a tenant name"))
+            }
+            Some(tenant) => {
+                self.tenants.insert(tenant.to_string(), url.to_string());
+                Ok(())
+            }
+            None => {
+                self.database_url = url.to_string();
+                Ok(())
+            }
+        }
+    }
+
+    /// The database `etl-load` loads a tenant's batches into.
+    pub fn database_url(&self, tenant: &str) -> String {
+        match self.tenants.get(tenant) {
+            Some(url) => url.clone(),
+            None => self.database_url.replace("{tenant}", tenant),
+        }
+    }
+
+    /// The tenant's folder in the S3 bucket, if there is a bucket.
+    pub fn s3_prefix(&self, tenant: &str) -> Option<String> {
+        self.s3_url.as_ref().map(|url| format!("{}/{tenant}", url.trim_end_matches('/')))
+    }
+}
+
 pub fn borough(zone: u32) -> &'static str {
     BOROUGHS[((zone - 1) % BOROUGHS.len() as u32) as usize]
 }

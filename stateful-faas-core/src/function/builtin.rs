@@ -22,6 +22,7 @@ pub struct BuiltinContext<'a> {
     pub state: &'a StateStore,
     /// The deployment's environment (`envVars`).
     pub env: &'a std::collections::BTreeMap<String, String>,
+    pub etl: &'a crate::etl::EtlConfig,
 }
 
 /// A builtin: request body in, response body out, or an error message (500).
@@ -89,8 +90,13 @@ pub async fn run(
         .ok_or_else(|| FunctionError::Start { name: spec.name.clone(), message: format!("no builtin {name}") })?;
     if cost == Cost::Quick && invocation.body.len() <= INLINE_INPUT_BYTES {
         let before = process::thread_cpu_ns();
-        let result =
-            function(&BuiltinContext { invocation, tenant: context.tenant, state: context.state, env: &spec.env });
+        let result = function(&BuiltinContext {
+            invocation,
+            tenant: context.tenant,
+            state: context.state,
+            env: &spec.env,
+            etl: context.etl,
+        });
         let usage = Usage { cpu_ns: process::thread_cpu_ns() - before, peak_memory_bytes: 0, cold_start: false };
         return Ok(outcome(result, usage));
     }
@@ -102,10 +108,12 @@ pub async fn run(
     let tenant = context.tenant.clone();
     let state = context.state.clone();
     let env = spec.env.clone();
+    let etl = context.etl.clone();
     let mut task = tokio::task::spawn_blocking(move || {
         let _thread = thread;
         let before = process::thread_cpu_ns();
-        let result = function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &env });
+        let result =
+            function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &env, etl: &etl });
         (result, process::thread_cpu_ns() - before)
     });
     let (result, cpu_ns) = match tokio::time::timeout(spec.limits.timeout, &mut task).await {
@@ -264,7 +272,14 @@ mod tests {
         };
         let state = StateStore::new(StateConfig::default(), std::sync::Arc::new(SystemClock));
         let tenant = TenantId::new(tenant).unwrap();
-        function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &Default::default() })
+        let etl = crate::etl::EtlConfig::new(std::path::Path::new("/nonexistent"));
+        function(&BuiltinContext {
+            invocation: &invocation,
+            tenant: &tenant,
+            state: &state,
+            env: &Default::default(),
+            etl: &etl,
+        })
     }
 
     #[test]

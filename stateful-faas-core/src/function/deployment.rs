@@ -189,6 +189,15 @@ impl FunctionDeployment {
                         super::builtin::names().join(", ")
                     )));
                 }
+                if name.starts_with("etl-")
+                    && let Some((var, flag)) =
+                        crate::etl::OPERATOR_SETTINGS.iter().find(|(var, _)| self.env_vars.contains_key(*var))
+                {
+                    return Err(invalid(format!(
+                        "envVars.{var}: the ETL functions' database and bucket are the operator's to set \
+                         (sfaas up {flag}), not a function's"
+                    )));
+                }
                 Target::Builtin { name: name.to_string() }
             }
         };

@@ -48,6 +48,8 @@ pub struct RunContext<'a> {
     pub state_url: Option<&'a str>,
     /// Valid while the invocation runs; reaches the tenant's job-less objects and `job`'s.
     pub state_token: &'a str,
+    /// Where the ETL builtins load and stage data.
+    pub etl: &'a std::sync::Arc<crate::etl::EtlConfig>,
 }
 
 impl RunContext<'_> {

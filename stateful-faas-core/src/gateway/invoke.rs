@@ -72,6 +72,7 @@ pub async fn dispatch(
         state: &core.state,
         state_url: core.functions.state_url.get().map(String::as_str),
         state_token: state_token.as_ref().map_or("", |t| t.token.as_str()),
+        etl: &core.config.etl,
     };
     let mut still_running = None;
     let outcome = match function.run(&context, &invocation).await {
