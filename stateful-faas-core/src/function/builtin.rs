@@ -201,13 +201,35 @@ fn blob_sum(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
     Ok(Bytes::from(checksum_json(&context.invocation.body)))
 }
 
+/// Bytes one tenant's spool folder may hold; files older than [`SPOOL_TTL`] are removed.
+const SPOOL_MAX_BYTES: u64 = 1 << 30;
+const SPOOL_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The block-storage baseline of `blob-make`: writes the blob to a file (fsync) in the
-/// tenant's spool folder and answers the file's name.
+/// tenant's spool folder and answers the file's name. Files no `spill-sum` read are removed
+/// after ten minutes, and a tenant's folder holds at most [`SPOOL_MAX_BYTES`].
 fn spill_make(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
     use std::io::Write;
+    static SPOOLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let blob = blob_make(context)?;
     let name = uuid::Uuid::new_v4().to_string();
     let dir = spool_dir(context)?;
+    let _spooling = SPOOLING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut held = 0;
+    for entry in std::fs::read_dir(&dir).map_err(|e| format!("spool: {e}"))?.flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > SPOOL_TTL) {
+            let _ = std::fs::remove_file(entry.path());
+        } else {
+            held += meta.len();
+        }
+    }
+    if held + blob.len() as u64 > SPOOL_MAX_BYTES {
+        return Err(format!(
+            "spool: namespace {} holds {held} bytes of spill files unread, and may hold {SPOOL_MAX_BYTES}",
+            context.tenant
+        ));
+    }
     let mut file = std::fs::File::create(dir.join(&name)).map_err(|e| format!("spool: {e}"))?;
     file.write_all(&blob).and_then(|_| file.sync_all()).map_err(|e| format!("spool: {e}"))?;
     Ok(Bytes::from(name))
@@ -299,5 +321,22 @@ mod tests {
         let other = call(spill_sum, "spool-b", std::str::from_utf8(&name).unwrap());
         assert!(other.unwrap_err().contains("spool"), "another tenant's spool file was read");
         assert!(call(blob_make, "spool-test", &(MAX_BLOB_BYTES + 1).to_string()).is_err());
+    }
+
+    #[test]
+    fn a_tenants_unread_spill_files_are_bounded_and_expire() {
+        let tenant = format!("spool-full-{}", std::process::id());
+        let dir = std::env::temp_dir().join("sfaas-spool").join(&tenant);
+        call(spill_make, &tenant, "1").unwrap();
+        // An unread file of nearly the whole allowance (sparse: nothing is written).
+        let big = std::fs::File::create(dir.join("unread")).unwrap();
+        big.set_len(SPOOL_MAX_BYTES - 1).unwrap();
+        let refused = call(spill_make, &tenant, "1").unwrap_err();
+        assert!(refused.contains("may hold 1073741824"), "{refused}");
+        // Ten minutes later it is gone, and there is room again.
+        big.set_modified(std::time::SystemTime::now() - SPOOL_TTL - std::time::Duration::from_secs(1)).unwrap();
+        call(spill_make, &tenant, "1").expect("the old file was removed");
+        assert!(!dir.join("unread").exists());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
