@@ -38,7 +38,7 @@ struct Case {
 }
 
 /// CPU time (user + system) of a process and its reaped children, in ms.
-fn cpu_ms(pid: u32) -> f64 {
+pub fn cpu_ms(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     // Fields after the command (which may hold spaces) start after the last ')'.
     let fields: Vec<&str> = stat[stat.rfind(')').map_or(0, |i| i + 2)..].split_whitespace().collect();
@@ -62,7 +62,7 @@ fn s3rver_program() -> anyhow::Result<String> {
 }
 
 /// A child process killed when dropped.
-struct Child(std::process::Child);
+pub struct Child(pub std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {
@@ -75,9 +75,9 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Starts `sfaas up` in `dir` with `bucket` as the ETL example's S3 bucket; the process and its
+/// Starts `sfaas up` in `dir` on free ports, with `args` besides; the process and its
 /// addresses.
-fn start_up(dir: &Path, bucket: &str) -> anyhow::Result<(Child, Value)> {
+pub fn start_up(dir: &Path, args: &[&str]) -> anyhow::Result<(Child, Value)> {
     use std::io::BufRead;
     let any = "127.0.0.1:0";
     let mut child = std::process::Command::new(std::env::current_exe()?)
@@ -85,8 +85,7 @@ fn start_up(dir: &Path, bucket: &str) -> anyhow::Result<(Child, Value)> {
         .arg(dir)
         .args(["--gateway-addr", any, "--otlp-grpc-addr", any, "--otlp-http-addr", any, "--jaeger-addr", any])
         .args(["--ui-addr", any, "--billing-interval-secs", "0", "--state-usage-interval-secs", "1"])
-        // The s3 transport's Python stage reaches the bucket on loopback.
-        .args(["--etl-s3-url", bucket, "--sandbox-egress", "bench-s3-kib,bench-s3-mib"])
+        .args(args)
         .env("SFAAS_LOG", "warn")
         .env_remove("SFAAS_ADMIN_TOKEN")
         .stdout(std::process::Stdio::piped())
@@ -123,7 +122,9 @@ pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<
         anyhow::ensure!(Instant::now() < deadline, "s3rver did not answer on port {s3_port}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (up, addresses) = start_up(dir.path(), &bucket)?;
+    // The s3 transport's Python stage reaches the bucket on loopback.
+    let (up, addresses) =
+        start_up(dir.path(), &["--etl-s3-url", &bucket, "--sandbox-egress", "bench-s3-kib,bench-s3-mib"])?;
     let gateway = format!("http://{}", addresses["gateway"].as_str().context("no gateway address")?);
     let ui = format!("http://{}", addresses["ui"].as_str().context("no dashboard address")?);
     let admin = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_string();

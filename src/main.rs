@@ -1,6 +1,7 @@
 //! `sfaas`: the command line of stateful-faas. It wires the crates together; nothing else.
 
 mod bench_etl;
+mod bench_soak;
 mod client;
 mod demo;
 mod etl;
@@ -348,6 +349,28 @@ enum BenchCommand {
         #[arg(long)]
         charts_dir: Option<PathBuf>,
     },
+    /// One tenant storms (ingest at twice the sustainable rate, PromQL, calls) while another
+    /// works: its latency, the refusals, memory, and recovery.
+    Soak {
+        /// Minutes of storm.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Seconds of quiet before and of recovery after.
+        #[arg(long, default_value_t = 60)]
+        quiet_secs: u64,
+        /// Spans a second the storm offers (about twice what the collector stores on a 2-core machine).
+        #[arg(long, default_value_t = 100_000)]
+        ingest_rate: u64,
+        /// Calls a second the storm offers (and a tenth as many 200 ms naps).
+        #[arg(long, default_value_t = 2000)]
+        call_rate: u64,
+        /// PromQL queries a second the storm offers (half of them hour-long ranges at 1 s steps).
+        #[arg(long, default_value_t = 20)]
+        query_rate: u64,
+        /// Resident memory the sfaas process must stay under, MiB.
+        #[arg(long, default_value_t = 2048)]
+        max_rss_mib: u64,
+    },
     /// Engine overhead per node, and data passing through the state store vs files.
     Flow {
         /// Runs per measurement (the median is reported).
@@ -641,6 +664,11 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Etl { small_batches, large_batches, charts_dir }) => {
             println!("{}", bench_etl::run(small_batches.max(1), large_batches.max(1), charts_dir).await?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Soak { minutes, quiet_secs, ingest_rate, call_rate, query_rate, max_rss_mib }) => {
+            let options = bench_soak::Options { minutes, quiet_secs, ingest_rate, call_rate, query_rate, max_rss_mib };
+            println!("{}", bench_soak::run(options).await?);
             Ok(())
         }
         Command::Bench(BenchCommand::Flow { runs }) => {

@@ -46,6 +46,13 @@ fn int(key: &str, value: i64) -> KeyValue {
     }
 }
 
+/// The first `spans` spans of [`realistic_request`] as an OTLP/HTTP protobuf body.
+pub fn realistic_body(seed: u64, spans: usize) -> Vec<u8> {
+    let mut request = realistic_request(seed);
+    request.resource_spans[0].scope_spans[0].spans.truncate(spans);
+    request.encode_to_vec()
+}
+
 /// One request of 512 spans of a web service, with attributes as HTTP instrumentation sets them.
 pub fn realistic_request(seed: u64) -> ExportTraceServiceRequest {
     let seed = seed + 1; // all-zero ids are invalid

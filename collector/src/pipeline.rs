@@ -238,6 +238,16 @@ impl Pipeline {
         Ok(tenant)
     }
 
+    /// Refuses a tenant's request before it is decoded when the tenant is over a quota now
+    /// (`samples`: the request carries metric samples; otherwise spans or log records), so that
+    /// a flood over quota costs an authentication, not a decode. Nothing is counted.
+    pub fn precheck(&self, source: Source<'_>, samples: bool) -> Result<(), SubmitError> {
+        let Source::Tenant(tenant) = source else { return Ok(()) };
+        let mut queued = self.queued.lock().unwrap();
+        let Some(usage) = queued.usage.get_mut(tenant) else { return Ok(()) };
+        check(usage, &self.quota, self.clock.now_ns(), tenant, !samples, samples)
+    }
+
     /// Counts committed (or failed) items out.
     fn release(&self, items: usize, tenant: Option<&str>) {
         let mut queued = self.queued.lock().unwrap();
@@ -255,13 +265,15 @@ impl Pipeline {
     }
 }
 
-/// Counts a tenant's batch against its quotas, or refuses it naming the first one it is over.
-fn charge(
+/// Whether a tenant may send now: under its bytes of the day, and with room in the rate of
+/// each kind it sends (`spans`: spans and log records; `samples`). Refills the buckets.
+fn check(
     usage: &mut QuotaUsage,
     quota: &TenantQuota,
-    counted: &Counted,
     now_ns: i64,
     tenant: &str,
+    spans: bool,
+    samples: bool,
 ) -> Result<(), SubmitError> {
     let day = now_ns.div_euclid(NS_PER_DAY);
     if usage.day != day {
@@ -280,16 +292,12 @@ fn charge(
         });
     }
     let rates = [
-        (&mut usage.spans, counted.spans, quota.spans_per_second, "spans and log records", "spans"),
-        (&mut usage.samples, counted.samples, quota.samples_per_second, "samples", "samples"),
+        (&mut usage.spans, spans, quota.spans_per_second, "spans and log records", "spans"),
+        (&mut usage.samples, samples, quota.samples_per_second, "samples", "samples"),
     ];
-    let mut takes = Vec::with_capacity(2);
-    for (bucket, items, rate, what, flag) in rates {
-        if items == 0 {
-            continue;
-        }
+    for (bucket, sends, rate, what, flag) in rates {
         let wait = bucket.wait(rate, now_ns);
-        if wait > 0.0 {
+        if sends && wait > 0.0 {
             return Err(SubmitError::Quota {
                 message: format!(
                     "namespace {tenant} is over its rate of {rate} {what} a second \
@@ -298,11 +306,21 @@ fn charge(
                 retry_after_secs: wait.ceil() as u64,
             });
         }
-        takes.push((bucket, items));
     }
-    for (bucket, items) in takes {
-        bucket.take(items);
-    }
+    Ok(())
+}
+
+/// Counts a tenant's batch against its quotas, or refuses it naming the first one it is over.
+fn charge(
+    usage: &mut QuotaUsage,
+    quota: &TenantQuota,
+    counted: &Counted,
+    now_ns: i64,
+    tenant: &str,
+) -> Result<(), SubmitError> {
+    check(usage, quota, now_ns, tenant, counted.spans > 0, counted.samples > 0)?;
+    usage.spans.take(counted.spans);
+    usage.samples.take(counted.samples);
     usage.bytes += counted.bytes;
     Ok(())
 }

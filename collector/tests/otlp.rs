@@ -349,6 +349,9 @@ async fn a_tenant_over_its_ingest_rate_gets_429_naming_the_quota() {
     assert!((1..=5).contains(&retry_after), "the debt of 100 spans at 20 a second: {retry_after}");
     let message = String::from_utf8_lossy(&refused.bytes().await.unwrap()).into_owned();
     assert!(message.contains("--tenant-ingest-spans-per-second") && message.contains("acme"), "{message}");
+    // Over quota, a request is refused before its body is decoded: garbage gets the same 429.
+    let garbage = post(&url, Some("acme-token"), protobuf, b"not protobuf".to_vec()).await;
+    assert_eq!(garbage.status(), 429);
     // The same instant: another tenant's own spans, and the platform's metered spans of acme.
     assert_eq!(post(&url, Some("globex-token"), protobuf, body("globex", 100, 4)).await.status(), 200);
     assert_eq!(post(&url, Some("meter-token"), protobuf, body("acme", 200, 5)).await.status(), 200);

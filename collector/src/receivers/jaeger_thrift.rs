@@ -386,6 +386,11 @@ pub async fn traces(State(collector): State<Arc<Collector>>, headers: HeaderMap,
         Ok(sender) => sender,
         Err((status, message)) => return text(status, message),
     };
+    if let Err(refused) = collector.pipeline.precheck(sender.source(), false) {
+        let refusal = Refusal::from(refused);
+        reject(refusal.reason);
+        return refusal.text();
+    }
     let decoded = match batch(&body) {
         Ok(decoded) => decoded,
         Err(error) => {

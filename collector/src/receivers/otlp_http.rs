@@ -74,6 +74,21 @@ fn error(encoding: Encoding, status: StatusCode, code: i32, message: String) -> 
     response
 }
 
+/// The answer to a request the pipeline refused (`reject` counts it).
+fn refuse<T>(
+    encoding: Encoding,
+    refused: crate::pipeline::SubmitError,
+    reject: impl Fn(&'static str) -> T,
+) -> Response {
+    let refusal = Refusal::from(refused);
+    reject(refusal.reason);
+    // 8 RESOURCE_EXHAUSTED, 14 UNAVAILABLE.
+    let code = if refusal.status == StatusCode::TOO_MANY_REQUESTS { 8 } else { 14 };
+    let mut response = error(encoding, refusal.status, code, refusal.message);
+    super::retry_after(&mut response, refusal.retry_after_secs);
+    response
+}
+
 /// The body, gunzipped when `Content-Encoding: gzip`, never beyond `limit` bytes.
 fn body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, (StatusCode, String)> {
     match headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()) {
@@ -141,6 +156,9 @@ where
             return error(encoding, status, code, e.to_string());
         }
     };
+    if let Err(refused) = collector.pipeline.precheck(sender.source(), signal == "metrics") {
+        return refuse(encoding, refused, reject);
+    }
     let bytes = match body(headers, raw, collector.config.max_body_bytes) {
         Ok(bytes) => bytes,
         Err((status, message)) => return error(encoding, status, 3, message),
@@ -166,15 +184,7 @@ where
             collector.metrics.accepted.get_or_create(&SignalLabels { signal, protocol: "otlp_http" }).inc_by(items);
             encode(encoding, &respond(&converted))
         }
-        Err(refused) => {
-            let refusal = Refusal::from(refused);
-            reject(refusal.reason);
-            // 8 RESOURCE_EXHAUSTED, 14 UNAVAILABLE.
-            let code = if refusal.status == StatusCode::TOO_MANY_REQUESTS { 8 } else { 14 };
-            let mut response = error(encoding, refusal.status, code, refusal.message);
-            super::retry_after(&mut response, refusal.retry_after_secs);
-            response
-        }
+        Err(refused) => refuse(encoding, refused, reject),
     }
 }
 

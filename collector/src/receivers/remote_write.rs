@@ -115,6 +115,11 @@ pub async fn write(State(collector): State<Arc<Collector>>, headers: HeaderMap, 
         Ok(sender) => sender,
         Err((status, message)) => return text(status, message),
     };
+    if let Err(refused) = collector.pipeline.precheck(sender.source(), true) {
+        let refusal = Refusal::from(refused);
+        reject(refusal.reason);
+        return refusal.text();
+    }
     let (tenant, metered) = match sender.tenant_for(None) {
         Ok(attribution) => attribution,
         Err(message) => return text(StatusCode::BAD_REQUEST, message),

@@ -1,0 +1,386 @@
+//! `sfaas bench soak`: one tenant attacks, another works, and the platform holds. A `sfaas up`
+//! process runs with its defaults (quotas included; `--sandbox off`, as only builtins run).
+//! Tenant `calm` calls a function 20 times a second and asks a PromQL query every second,
+//! from start to end. After a quiet spell, tenant `storm`, for the soak's length, at once:
+//! - sends OTLP spans open-loop at `--ingest-rate` (about twice what the collector stores on
+//!   this machine), in requests of 512;
+//! - runs PromQL range queries of an hour at one-second steps, and a query over every series,
+//!   from 4 clients without pause;
+//! - calls a function from 32 clients without pause, and a sleeping builtin from 32 more.
+//!
+//! Then a recovery spell. Reported: the calm tenant's p50/p99 per spell, the storm's answers
+//! by status, the process's resident memory, and whether each holds: the storm is refused
+//! (429/503), memory stays under `--max-rss-mib`, the calm p99 during the storm is within 2×
+//! of its quiet figure, and after the storm the calm figures come back and the storm tenant
+//! is served again.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use crate::bench_etl::{cpu_ms, start_up};
+
+const QUIET: u8 = 0;
+const STORM: u8 = 1;
+const RECOVERY: u8 = 2;
+const SPELLS: [&str; 3] = ["quiet", "storm", "recovery"];
+
+pub struct Options {
+    pub minutes: f64,
+    pub quiet_secs: u64,
+    pub ingest_rate: u64,
+    pub call_rate: u64,
+    pub query_rate: u64,
+    pub max_rss_mib: u64,
+}
+
+/// Latencies of the calm tenant's requests, per spell.
+#[derive(Default)]
+struct Calm {
+    calls: [Vec<Duration>; 3],
+    queries: [Vec<Duration>; 3],
+    failed: [u64; 3],
+}
+
+/// The storm's answers: (what, status) → count.
+type Answers = Mutex<BTreeMap<(&'static str, u16), u64>>;
+
+fn count(answers: &Answers, what: &'static str, status: u16) {
+    *answers.lock().unwrap().entry((what, status)).or_default() += 1;
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok()))
+        .map_or(0.0, |kib: f64| kib / 1024.0)
+}
+
+fn percentile(latencies: &[Duration], p: f64) -> Duration {
+    let mut sorted = latencies.to_vec();
+    sorted.sort();
+    match sorted.len() {
+        0 => Duration::ZERO,
+        n => sorted[((n as f64 * p).ceil() as usize).clamp(1, n) - 1],
+    }
+}
+
+/// Sends `request(n)` for n = 0, 1, … at `per_second` (every 10 ms what is due), each on a task
+/// of its own, at most 512 in flight (beyond, a request is counted as not sent), until
+/// `storming` ends; answers are counted under `what`.
+async fn open_loop(
+    what: &'static str,
+    per_second: f64,
+    request: Box<dyn Fn(usize) -> reqwest::RequestBuilder + Send>,
+    storming: Arc<AtomicBool>,
+    answers: Arc<Answers>,
+) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut n = 0;
+    while storming.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * per_second) as usize;
+        while n < due {
+            n += 1;
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                count(&answers, what, 0);
+                continue;
+            };
+            let (request, answers) = (request(n), answers.clone());
+            tokio::spawn(async move {
+                let status = request.send().await.map_or(1, |r| r.status().as_u16());
+                count(&answers, what, status);
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// A Prometheus API URL of the dashboard.
+fn url(ui: &str, api: &str, params: &[(&str, &str)]) -> reqwest::Url {
+    reqwest::Url::parse_with_params(&format!("{ui}/prometheus/api/v1/{api}"), params).expect("a valid URL")
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub async fn run(options: Options) -> anyhow::Result<String> {
+    let dir = tempfile::tempdir()?;
+    let (up, addresses) = start_up(dir.path(), &["--sandbox", "off"])?;
+    let pid = up.0.id();
+    let address = |name: &str| addresses[name].as_str().map(|a| format!("http://{a}")).context("no address");
+    let (gateway, otlp, ui) = (address("gateway")?, address("otlp_http")?, address("ui")?);
+    let admin = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_string();
+    let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build()?;
+
+    let mut tokens = BTreeMap::new();
+    for tenant in ["calm", "storm"] {
+        let created: Value = http
+            .post(format!("{gateway}/system/tenants"))
+            .bearer_auth(&admin)
+            .json(&json!({"name": tenant}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let ingest = created["ingest_token"].as_str().context("no ingest token")?.to_string();
+        let read = created["read_token"].as_str().context("no read token")?.to_string();
+        for (service, builtin) in [("echo", "echo"), ("nap", "sleep")] {
+            http.post(format!("{gateway}/system/functions"))
+                .bearer_auth(&ingest)
+                .json(&json!({"service": service, "builtin": builtin}))
+                .send()
+                .await?
+                .error_for_status()
+                .with_context(|| format!("deploying {service} for {tenant}"))?;
+        }
+        tokens.insert(tenant, (ingest, read));
+    }
+    let (calm_ingest, calm_read) = tokens["calm"].clone();
+    let (storm_ingest, storm_read) = tokens["storm"].clone();
+
+    let spell = Arc::new(AtomicU8::new(QUIET));
+    let done = Arc::new(AtomicBool::new(false));
+    let calm = Arc::new(Mutex::new(Calm::default()));
+    let answers: Arc<Answers> = Arc::default();
+    let rss: Arc<Mutex<[f64; 3]>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    // Memory, every second.
+    {
+        let (spell, done, rss) = (spell.clone(), done.clone(), rss.clone());
+        tasks.spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                let now = rss_mib(pid);
+                {
+                    let mut peaks = rss.lock().unwrap();
+                    let peak = &mut peaks[spell.load(Ordering::Relaxed) as usize];
+                    *peak = peak.max(now);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    // The calm tenant: a call every 50 ms and a query every second, open-loop.
+    {
+        let (spell, done, calm, http, gateway, ui) =
+            (spell.clone(), done.clone(), calm.clone(), http.clone(), gateway.clone(), ui.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut n = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                tick.tick().await;
+                n += 1;
+                let query = n % 20 == 0;
+                let request = if query {
+                    let promql = "sum by (function_name) (rate(gateway_function_invocation_total[1m]))";
+                    http.get(url(&ui, "query", &[("query", promql)])).bearer_auth(&calm_read)
+                } else {
+                    http.post(format!("{gateway}/function/echo")).bearer_auth(&calm_ingest).body("hello")
+                };
+                let (spell, calm) = (spell.load(Ordering::Relaxed) as usize, calm.clone());
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let ok = request.send().await.is_ok_and(|r| r.status().is_success());
+                    let mut calm = calm.lock().unwrap();
+                    match (ok, query) {
+                        (false, _) => calm.failed[spell] += 1,
+                        (true, true) => calm.queries[spell].push(started.elapsed()),
+                        (true, false) => calm.calls[spell].push(started.elapsed()),
+                    }
+                });
+            }
+        });
+    }
+    eprintln!("bench soak: quiet for {} s", options.quiet_secs);
+    tokio::time::sleep(Duration::from_secs(options.quiet_secs)).await;
+
+    // The storm.
+    let storm_for = Duration::from_secs_f64(options.minutes * 60.0);
+    eprintln!(
+        "bench soak: storm for {:.1} min: {} spans/s, {} calls/s (and a tenth as many 200 ms naps), {} PromQL queries/s",
+        options.minutes, options.ingest_rate, options.call_rate, options.query_rate
+    );
+    spell.store(STORM, Ordering::Relaxed);
+    let storming = Arc::new(AtomicBool::new(true));
+    let cpu_before = cpu_ms(pid);
+    let mut storm = tokio::task::JoinSet::new();
+    // The ingest benchmark's requests of 512 spans, each of its own traces.
+    let spans = collector::bench::SPANS_PER_REQUEST;
+    let bodies: Arc<Vec<Vec<u8>>> =
+        Arc::new((0..64).map(|seed| collector::bench::realistic_body(1_000_000 + seed, spans)).collect());
+    let drive = |what: &'static str, per_second: f64, request: Box<dyn Fn(usize) -> reqwest::RequestBuilder + Send>| {
+        open_loop(what, per_second, request, storming.clone(), answers.clone())
+    };
+    let (h, o, t) = (http.clone(), otlp.clone(), storm_ingest.clone());
+    storm.spawn(drive(
+        "ingest",
+        options.ingest_rate as f64 / spans as f64,
+        Box::new(move |n| {
+            h.post(format!("{o}/v1/traces"))
+                .bearer_auth(&t)
+                .header("content-type", "application/x-protobuf")
+                .body(bodies[n % bodies.len()].clone())
+        }),
+    ));
+    let (h, g, t) = (http.clone(), gateway.clone(), storm_ingest.clone());
+    storm.spawn(drive(
+        "call",
+        options.call_rate as f64,
+        Box::new(move |_| h.post(format!("{g}/function/echo")).bearer_auth(&t).body("x".repeat(4096))),
+    ));
+    // Naps of 200 ms: at a tenth of the call rate, more than its 16 builtin threads can hold.
+    let (h, g, t) = (http.clone(), gateway.clone(), storm_ingest.clone());
+    storm.spawn(drive(
+        "nap",
+        options.call_rate as f64 / 10.0,
+        Box::new(move |_| h.post(format!("{g}/function/nap")).bearer_auth(&t).body("200")),
+    ));
+    let (h, u, t) = (http.clone(), ui.clone(), storm_read.clone());
+    storm.spawn(drive(
+        "promql",
+        options.query_rate as f64,
+        Box::new(move |n| {
+            if n % 2 == 0 {
+                return h.get(url(&u, "query", &[("query", "count({__name__=~\".+\"})")])).bearer_auth(&t);
+            }
+            let end = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            let (start, end) = ((end - 3600).to_string(), end.to_string());
+            let promql = "histogram_quantile(0.99, sum by (le, function_name) \
+                          (rate(gateway_functions_seconds_bucket[5m])))";
+            let params = [("query", promql), ("start", &start), ("end", &end), ("step", "1")];
+            h.get(url(&u, "query_range", &params)).bearer_auth(&t)
+        }),
+    ));
+    let started = Instant::now();
+    while started.elapsed() < storm_for {
+        tokio::time::sleep(Duration::from_secs(30).min(storm_for.saturating_sub(started.elapsed()))).await;
+        let calm = calm.lock().unwrap();
+        eprintln!(
+            "bench soak: {:>4.0} s of storm: calm p99 {:.1} ms ({} calls), rss {:.0} MiB",
+            started.elapsed().as_secs_f64(),
+            ms(percentile(&calm.calls[STORM as usize], 0.99)),
+            calm.calls[STORM as usize].len(),
+            rss_mib(pid)
+        );
+    }
+    storming.store(false, Ordering::Relaxed);
+    storm.join_all().await;
+    let storm_cpu_s = (cpu_ms(pid) - cpu_before) / 1000.0;
+    let storm_secs = started.elapsed().as_secs_f64();
+
+    // Recovery: the storm tenant is served again once its quotas' Retry-After have passed.
+    spell.store(RECOVERY, Ordering::Relaxed);
+    eprintln!("bench soak: recovery for {} s", options.quiet_secs);
+    tokio::time::sleep(Duration::from_secs(options.quiet_secs)).await;
+    let storm_call = http.post(format!("{gateway}/function/echo")).bearer_auth(&storm_ingest).body("again");
+    let storm_call = storm_call.send().await?.status().as_u16();
+    let small = collector::bench::realistic_body(9_999_999, 1);
+    let storm_ingest_again = http
+        .post(format!("{otlp}/v1/traces"))
+        .bearer_auth(&storm_ingest)
+        .header("content-type", "application/x-protobuf")
+        .body(small)
+        .send()
+        .await?
+        .status()
+        .as_u16();
+    done.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tasks.abort_all();
+    drop(up);
+
+    // The report.
+    let calm = calm.lock().unwrap();
+    let rss = *rss.lock().unwrap();
+    let answers = answers.lock().unwrap();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "sfaas bench soak: {:.1} min of storm between {} s quiet spells; offered {} spans/s, {} calls/s, \
+         {} naps/s, {} PromQL queries/s",
+        options.minutes,
+        options.quiet_secs,
+        options.ingest_rate,
+        options.call_rate,
+        options.call_rate / 10,
+        options.query_rate
+    );
+    let _ = writeln!(
+        out,
+        "\n| spell | calm calls | p50 ms | p99 ms | calm queries | p50 ms | p99 ms | failed | RSS peak MiB |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, name) in SPELLS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {} | {:.0} |",
+            calm.calls[i].len(),
+            ms(percentile(&calm.calls[i], 0.5)),
+            ms(percentile(&calm.calls[i], 0.99)),
+            calm.queries[i].len(),
+            ms(percentile(&calm.queries[i], 0.5)),
+            ms(percentile(&calm.queries[i], 0.99)),
+            calm.failed[i],
+            rss[i]
+        );
+    }
+    let _ =
+        writeln!(out, "\nThe storm's answers ({storm_secs:.0} s; the sfaas process used {storm_cpu_s:.0} CPU-s):\n");
+    let _ = writeln!(out, "| what | status | count | per second |");
+    let _ = writeln!(out, "|---|---:|---:|---:|");
+    for ((what, status), n) in answers.iter() {
+        let status = match status {
+            0 => "not sent (512 in flight)".to_string(),
+            1 => "no answer".to_string(),
+            s => s.to_string(),
+        };
+        let _ = writeln!(out, "| {what} | {status} | {n} | {:.0} |", *n as f64 / storm_secs);
+    }
+    let refused: u64 = answers.iter().filter(|((_, s), _)| matches!(s, 429 | 503)).map(|(_, n)| n).sum();
+    let peak = rss.iter().cloned().fold(0.0, f64::max);
+    let p99 = |spell: u8| ms(percentile(&calm.calls[spell as usize], 0.99));
+    let q99 = |spell: u8| ms(percentile(&calm.queries[spell as usize], 0.99));
+    let checks = [
+        (format!("the storm was refused ({refused} answers 429/503)"), refused > 0),
+        (
+            format!("resident memory peaked at {peak:.0} MiB (bound {} MiB)", options.max_rss_mib),
+            peak < options.max_rss_mib as f64,
+        ),
+        (
+            format!("calm calls p99 in the storm {:.1} ms ≤ 2 × quiet {:.1} ms", p99(STORM), p99(QUIET)),
+            p99(STORM) <= 2.0 * p99(QUIET),
+        ),
+        (
+            format!("calm queries p99 in the storm {:.1} ms ≤ 2 × quiet {:.1} ms", q99(STORM), q99(QUIET)),
+            q99(STORM) <= 2.0 * q99(QUIET),
+        ),
+        (
+            format!("calm calls p99 after the storm {:.1} ms ≤ 2 × quiet", p99(RECOVERY)),
+            p99(RECOVERY) <= 2.0 * p99(QUIET),
+        ),
+        (
+            format!("no calm request failed ({} failed)", calm.failed.iter().sum::<u64>()),
+            calm.failed.iter().all(|&n| n == 0),
+        ),
+        (
+            format!("the storm tenant is served after it (call {storm_call}, ingest {storm_ingest_again})"),
+            storm_call == 200 && storm_ingest_again == 200,
+        ),
+    ];
+    let _ = writeln!(out);
+    for (check, held) in &checks {
+        let _ = writeln!(out, "- {} {check}", if *held { "holds:" } else { "FAILS:" });
+    }
+    Ok(out)
+}
