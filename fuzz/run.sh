@@ -17,8 +17,12 @@ cargo +nightly fuzz build -O 2>&1 | grep -E '^(error|warning)' -A5 || true
 for target in "${targets[@]}"; do
   mkdir -p "corpus/$target"
   log=$(mktemp)
+  # The exposition parsers are line-oriented and an input of theirs costs about 0.2 ms per
+  # kilobyte under AddressSanitizer: at 4 KiB (longer seeds are cut) they run 10× as many.
+  max_len=65536
+  [ "$target" = exposition ] && max_len=4096
   if ! cargo +nightly fuzz run -O "$target" "corpus/$target" "seeds/$target" -- \
-      -max_total_time="$seconds" -runs="$runs" -max_len=65536 -rss_limit_mb=4096 -timeout=10 \
+      -max_total_time="$seconds" -runs="$runs" -max_len="$max_len" -rss_limit_mb=4096 -timeout=10 \
       -print_final_stats=1 >"$log" 2>&1; then
     grep -v '^\s*\(#\|INFO\|NEW_FUNC\)' "$log" | tail -60
     echo "fuzz: $target FAILED (input in fuzz/artifacts/$target)"

@@ -1,12 +1,13 @@
 //! `sfaas bench soak`: one tenant attacks, another works, and the platform holds. A `sfaas up`
 //! process runs with its defaults (quotas included; `--sandbox off`, as only builtins run).
 //! Tenant `calm` calls a function 20 times a second and asks a PromQL query every second,
-//! from start to end. After a quiet spell, tenant `storm`, for the soak's length, at once:
-//! - sends OTLP spans open-loop at `--ingest-rate` (about twice what the collector stores on
-//!   this machine), in requests of 512;
-//! - runs PromQL range queries of an hour at one-second steps, and a query over every series,
-//!   from 4 clients without pause;
-//! - calls a function from 32 clients without pause, and a sleeping builtin from 32 more.
+//! from start to end. After a quiet spell, tenant `storm`, for the soak's length, offers
+//! open-loop (at a fixed rate, whatever the answers):
+//! - OTLP spans at `--ingest-rate` (by default about twice what the collector stores on this
+//!   machine), in requests of 512;
+//! - calls at `--call-rate`, and a tenth as many 200 ms naps (more than its builtin threads);
+//! - PromQL at `--query-rate`: hour-long range queries at one-second steps, and a query over
+//!   every series.
 //!
 //! Then a recovery spell. Reported: the calm tenant's p50/p99 per spell, the storm's answers
 //! by status, the process's resident memory, and whether each holds: the storm is refused
@@ -171,37 +172,41 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
             }
         });
     }
-    // The calm tenant: a call every 50 ms and a query every second, open-loop.
-    {
-        let (spell, done, calm, http, gateway, ui) =
-            (spell.clone(), done.clone(), calm.clone(), http.clone(), gateway.clone(), ui.clone());
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            let mut n = 0u64;
-            while !done.load(Ordering::Relaxed) {
-                tick.tick().await;
-                n += 1;
-                let query = n % 20 == 0;
-                let request = if query {
-                    let promql = "sum by (function_name) (rate(gateway_function_invocation_total[1m]))";
-                    http.get(url(&ui, "query", &[("query", promql)])).bearer_auth(&calm_read)
-                } else {
-                    http.post(format!("{gateway}/function/echo")).bearer_auth(&calm_ingest).body("hello")
-                };
-                let (spell, calm) = (spell.load(Ordering::Relaxed) as usize, calm.clone());
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let ok = request.send().await.is_ok_and(|r| r.status().is_success());
-                    let mut calm = calm.lock().unwrap();
-                    match (ok, query) {
-                        (false, _) => calm.failed[spell] += 1,
-                        (true, true) => calm.queries[spell].push(started.elapsed()),
-                        (true, false) => calm.calls[spell].push(started.elapsed()),
-                    }
-                });
-            }
-        });
-    }
+    // The calm tenant: a call every 50 ms and a query every second, open-loop, from a thread
+    // and runtime of its own, so that the storm's own client work does not delay its clock.
+    let calm_thread = {
+        let (spell, done, calm, gateway, ui) = (spell.clone(), done.clone(), calm.clone(), gateway.clone(), ui.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let http = reqwest::Client::builder().no_proxy().build()?;
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                let mut n = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    n += 1;
+                    let query = n % 20 == 0;
+                    let request = if query {
+                        let promql = "sum by (function_name) (rate(gateway_function_invocation_total[1m]))";
+                        http.get(url(&ui, "query", &[("query", promql)])).bearer_auth(&calm_read)
+                    } else {
+                        http.post(format!("{gateway}/function/echo")).bearer_auth(&calm_ingest).body("hello")
+                    };
+                    let (spell, calm) = (spell.load(Ordering::Relaxed) as usize, calm.clone());
+                    tokio::spawn(async move {
+                        let started = Instant::now();
+                        let ok = request.send().await.is_ok_and(|r| r.status().is_success());
+                        let mut calm = calm.lock().unwrap();
+                        match (ok, query) {
+                            (false, _) => calm.failed[spell] += 1,
+                            (true, true) => calm.queries[spell].push(started.elapsed()),
+                            (true, false) => calm.calls[spell].push(started.elapsed()),
+                        }
+                    });
+                }
+            })
+        })
+    };
     eprintln!("bench soak: quiet for {} s", options.quiet_secs);
     tokio::time::sleep(Duration::from_secs(options.quiet_secs)).await;
 
@@ -298,6 +303,7 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
     done.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(500)).await;
     tasks.abort_all();
+    let _ = calm_thread.join();
     drop(up);
 
     // The report.
