@@ -185,7 +185,7 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
                 while !done.load(Ordering::Relaxed) {
                     tick.tick().await;
                     n += 1;
-                    let query = n % 20 == 0;
+                    let query = n.is_multiple_of(20);
                     let request = if query {
                         let promql = "sum by (function_name) (rate(gateway_function_invocation_total[1m]))";
                         http.get(url(&ui, "query", &[("query", promql)])).bearer_auth(&calm_read)
@@ -256,7 +256,7 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
         "promql",
         options.query_rate as f64,
         Box::new(move |n| {
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 return h.get(url(&u, "query", &[("query", "count({__name__=~\".+\"})")])).bearer_auth(&t);
             }
             let end = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
