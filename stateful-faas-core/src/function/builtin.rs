@@ -328,9 +328,11 @@ mod tests {
         let tenant = format!("spool-full-{}", std::process::id());
         let dir = std::env::temp_dir().join("sfaas-spool").join(&tenant);
         call(spill_make, &tenant, "1").unwrap();
-        // An unread file of nearly the whole allowance (sparse: nothing is written).
+        // An unread file of the whole allowance (sparse: nothing is written), made now by the
+        // process's clock (which CI shifts a year ahead of the file system's).
         let big = std::fs::File::create(dir.join("unread")).unwrap();
-        big.set_len(SPOOL_MAX_BYTES - 1).unwrap();
+        big.set_len(SPOOL_MAX_BYTES).unwrap();
+        big.set_modified(std::time::SystemTime::now()).unwrap();
         let refused = call(spill_make, &tenant, "1").unwrap_err();
         assert!(refused.contains("may hold 1073741824"), "{refused}");
         // Ten minutes later it is gone, and there is room again.
