@@ -531,12 +531,9 @@ impl ServeArgs {
         for value in &self.etl_database_url {
             etl.set_database_url(value).map_err(anyhow::Error::msg)?;
         }
-        if let Some(url) = &self.etl_s3_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            anyhow::bail!("--etl-s3-url {url:?}: a bucket URL is http(s)://HOST:PORT/BUCKET");
+        if let Some(url) = &self.etl_s3_url {
+            etl.set_s3_url(url).map_err(anyhow::Error::msg)?;
         }
-        etl.s3_url = self.etl_s3_url.clone();
         config.etl = std::sync::Arc::new(etl);
         config.gateway_addr = self.gateway_addr;
         config.admin_token = std::env::var("SFAAS_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());

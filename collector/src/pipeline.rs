@@ -81,6 +81,17 @@ pub enum SubmitError {
     Store(String),
 }
 
+impl SubmitError {
+    /// The reason counted in `sfaas_collector_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SubmitError::Overloaded(_) => "overloaded",
+            SubmitError::Quota { .. } => "quota",
+            SubmitError::Store(_) => "store",
+        }
+    }
+}
+
 /// Whose data a batch is, for admission.
 #[derive(Debug, Clone, Copy)]
 pub enum Source<'a> {

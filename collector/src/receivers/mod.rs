@@ -41,12 +41,11 @@ pub(crate) struct Refusal {
 
 impl From<SubmitError> for Refusal {
     fn from(error: SubmitError) -> Self {
-        let (status, retry_after_secs, reason) = match &error {
-            SubmitError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, 1, "overloaded"),
-            SubmitError::Quota { retry_after_secs, .. } => (StatusCode::TOO_MANY_REQUESTS, *retry_after_secs, "quota"),
-            SubmitError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, 1, "store"),
+        let (status, retry_after_secs) = match &error {
+            SubmitError::Quota { retry_after_secs, .. } => (StatusCode::TOO_MANY_REQUESTS, *retry_after_secs),
+            SubmitError::Overloaded(_) | SubmitError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, 1),
         };
-        Self { status, message: error.to_string(), retry_after_secs, reason }
+        Self { status, message: error.to_string(), retry_after_secs, reason: error.reason() }
     }
 }
 

@@ -66,12 +66,7 @@ impl Services {
                 Ok(converted)
             }
             Err(error) => {
-                let reason = match &error {
-                    SubmitError::Overloaded(_) => "overloaded",
-                    SubmitError::Quota { .. } => "quota",
-                    SubmitError::Store(_) => "store",
-                };
-                self.0.metrics.rejected.get_or_create(&RejectLabels { signal, reason }).inc();
+                self.0.metrics.rejected.get_or_create(&RejectLabels { signal, reason: error.reason() }).inc();
                 // Over a quota is not retried (RESOURCE_EXHAUSTED without RetryInfo): the
                 // exporter drops the batch, as a retry within the quota's period would be refused.
                 Err(match error {

@@ -84,6 +84,15 @@ impl EtlConfig {
         }
     }
 
+    /// Applies `--etl-s3-url`: an http(s) bucket URL.
+    pub fn set_s3_url(&mut self, url: &str) -> Result<(), String> {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!("--etl-s3-url {url:?}: a bucket URL is http(s)://HOST:PORT/BUCKET"));
+        }
+        self.s3_url = Some(url.to_string());
+        Ok(())
+    }
+
     /// The database `etl-load` loads a tenant's batches into.
     pub fn database_url(&self, tenant: &str) -> String {
         match self.tenants.get(tenant) {
