@@ -370,6 +370,10 @@ enum BenchCommand {
         /// Resident memory the sfaas process must stay under, MiB.
         #[arg(long, default_value_t = 2048)]
         max_rss_mib: u64,
+        /// Nice value of the storm's client threads (0: the same priority as the platform).
+        /// On a machine that also runs the platform, they stand for clients on other machines.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+        storm_nice: i32,
     },
     /// Engine overhead per node, and data passing through the state store vs files.
     Flow {
@@ -663,8 +667,24 @@ async fn run() -> anyhow::Result<()> {
             println!("{}", bench_etl::run(small_batches.max(1), large_batches.max(1), charts_dir).await?);
             Ok(())
         }
-        Command::Bench(BenchCommand::Soak { minutes, quiet_secs, ingest_rate, call_rate, query_rate, max_rss_mib }) => {
-            let options = bench_soak::Options { minutes, quiet_secs, ingest_rate, call_rate, query_rate, max_rss_mib };
+        Command::Bench(BenchCommand::Soak {
+            minutes,
+            quiet_secs,
+            ingest_rate,
+            call_rate,
+            query_rate,
+            max_rss_mib,
+            storm_nice,
+        }) => {
+            let options = bench_soak::Options {
+                minutes,
+                quiet_secs,
+                ingest_rate,
+                call_rate,
+                query_rate,
+                max_rss_mib,
+                storm_nice,
+            };
             println!("{}", bench_soak::run(options).await?);
             Ok(())
         }
@@ -739,17 +759,32 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     });
     let dashboard = match &collector {
         Some((running, _)) => {
-            let billing = billing::Billing::open(&running.collector.store).await.context("opening billing")?;
+            let billing =
+                std::sync::Arc::new(billing::Billing::open(&running.collector.store).await.context("opening billing")?);
+            follow_plans(billing.clone(), Some(core.clone()), Some(running.collector.pipeline.clone())).await;
             let viewers = std::sync::Arc::new(CoreTokens(core.tenants.clone()));
             let store = running.collector.store.clone();
             let mut config = dashboard_config(&args);
             config.collector_metrics_url = Some(format!("http://{}/metrics", running.otlp_http_addr));
             config.settle = counters.clone().map(|counters| counters as std::sync::Arc<dyn billing::api::Settle>);
-            let dashboard = dashboard::start(config, store, std::sync::Arc::new(billing), viewers).await?;
+            let dashboard = dashboard::start(config, store, billing, viewers).await?;
             addresses.insert("ui".into(), dashboard.addr.to_string().into());
             Some(dashboard)
         }
-        None => None,
+        None => {
+            // The core alone: its quotas follow the plans in the telemetry database, if it has one.
+            match collector::store::TelemetryStore::open(&telemetry_url(&args)).await {
+                Ok(store) => {
+                    let billing = billing::Billing::open(&store).await.context("opening billing")?;
+                    follow_plans(std::sync::Arc::new(billing), Some(core.clone()), None).await;
+                }
+                Err(error) => eprintln!(
+                    "sfaas: WARNING: the telemetry database cannot be opened ({error}); tenants' quotas are the \
+                     --tenant-… flags' for all, whatever their plans say"
+                ),
+            }
+            None
+        }
     };
     let running = core.start().await?;
     // The gateway's metrics reach the collector too: scraped with the meter token, each series
@@ -865,6 +900,8 @@ async fn serve_collector(args: ServeArgs) -> anyhow::Result<()> {
     let running = collector::Collector::start(collector_config(&args)?, std::sync::Arc::new(CoreTokens(tenants)))
         .await
         .context("starting the collector")?;
+    let billing = billing::Billing::open(&running.collector.store).await.context("opening billing")?;
+    follow_plans(std::sync::Arc::new(billing), None, Some(running.collector.pipeline.clone())).await;
     let mut addresses = serde_json::Map::new();
     addresses.insert("otlp_grpc".into(), running.otlp_grpc_addr.to_string().into());
     addresses.insert("otlp_http".into(), running.otlp_http_addr.to_string().into());
@@ -964,6 +1001,68 @@ impl billing::api::Settle for UpSettle {
             self.store_counters().await
         })
     }
+}
+
+/// Applies the limits of tenants' plans to the core's and the collector's quotas now, then
+/// follows the rate card: re-read whenever billing's generation changes (checked every two
+/// seconds) and at least every minute (a plan change may take effect later than it was made).
+async fn follow_plans(
+    billing: std::sync::Arc<billing::Billing>,
+    core: Option<std::sync::Arc<Core>>,
+    pipeline: Option<collector::pipeline::Pipeline>,
+) {
+    use billing::plans::Limits;
+    let apply =
+        std::sync::Arc::new(move |(fallback, tenants): (Limits, std::collections::BTreeMap<String, Limits>)| {
+            if let Some(core) = &core {
+                let of = |l: &Limits| stateful_faas_core::quota::Limits {
+                    functions: l.functions,
+                    flows: l.flows,
+                    instances: l.instances,
+                    async_calls: l.async_calls,
+                    async_bytes: l.async_bytes,
+                    state_bytes: l.state_bytes,
+                    state_jobs: l.state_jobs,
+                };
+                core.set_plan_limits(of(&fallback), tenants.iter().map(|(t, l)| (t.clone(), of(l))).collect());
+            }
+            if let Some(pipeline) = &pipeline {
+                let default = pipeline.default_quota();
+                let of = |l: &Limits| collector::pipeline::TenantQuota {
+                    spans_per_second: l.ingest_spans_per_second.unwrap_or(default.spans_per_second),
+                    samples_per_second: l.ingest_samples_per_second.unwrap_or(default.samples_per_second),
+                    bytes_per_day: l.ingest_bytes_per_day.unwrap_or(default.bytes_per_day),
+                };
+                pipeline.set_plan_quotas(of(&fallback), tenants.iter().map(|(t, l)| (t.clone(), of(l))).collect());
+            }
+        });
+    // Once before anything is served, then every two seconds.
+    let refresh = move |seen: Option<u64>, applied: std::time::Instant| {
+        let (billing, apply) = (billing.clone(), apply.clone());
+        async move {
+            let version = billing.version().await;
+            if seen == Some(version) && applied.elapsed() < std::time::Duration::from_secs(60) {
+                return (seen, applied);
+            }
+            match billing.limits_now().await {
+                Ok(limits) => {
+                    apply(limits);
+                    (Some(version), std::time::Instant::now())
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the plans' limits; the quotas stay as they were");
+                    (seen, applied)
+                }
+            }
+        }
+    };
+    let (mut seen, mut applied) = refresh(None, std::time::Instant::now()).await;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            (seen, applied) = refresh(seen, applied).await;
+        }
+    });
 }
 
 fn telemetry_url(args: &ServeArgs) -> String {

@@ -266,3 +266,103 @@ async fn the_gateways_last_counts_are_kept_at_shutdown_and_reconciliation_reache
     up.kill().unwrap();
     up.wait().unwrap();
 }
+
+/// A plan's `limits` are its tenants' quotas, in the core (functions, state bytes) and in the
+/// collector (spans a second), from the moment the rate card or a tenant's plan changes; a
+/// tenant on a plan without limits keeps the platform's flags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plans_limits_are_its_tenants_quotas() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (mut up, addresses) = common::up(&["--billing-interval-secs", "0", "--tenant-max-functions", "3"], data);
+    let gateway = format!("http://{}", addresses["gateway"].as_str().unwrap());
+    let otlp = format!("http://{}", addresses["otlp_http"].as_str().unwrap());
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut tokens = std::collections::BTreeMap::new();
+    for tenant in ["small", "roomy"] {
+        let created: Value = serde_json::from_str(&ok(data, &["tenant", "create", tenant], "")).unwrap();
+        tokens.insert(tenant, created["ingest_token"].as_str().unwrap().to_string());
+    }
+    let card = data.join("plans.yml");
+    std::fs::write(
+        &card,
+        "default_plan: free\nplans:\n  free:\n    currency: EUR\n    prices: {invocations: {unit_price: \"0\"}}\n  \
+         tiny:\n    currency: EUR\n    prices: {invocations: {unit_price: \"0\"}}\n    \
+         limits: {functions: 1, state_bytes: 2000, ingest_spans_per_second: 1}\n",
+    )
+    .unwrap();
+    ok(data, &["plan", "apply", "-f", card.to_str().unwrap()], "");
+    ok(data, &["plan", "assign", "--tenant", "small", "--plan", "tiny"], "");
+
+    let deploy = |tenant: &'static str, name: &str| {
+        http.post(format!("{gateway}/system/functions"))
+            .bearer_auth(&tokens[tenant])
+            .json(&serde_json::json!({"service": name, "builtin": "echo"}))
+            .send()
+    };
+    // The plan's limit holds within a refresh (two seconds).
+    assert_eq!(deploy("small", "one").await.unwrap().status(), 202);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let answer = deploy("small", "two").await.unwrap();
+        if answer.status() == 429 {
+            break answer.text().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "the plan's functions: 1 never applied ({})", answer.status());
+        assert_eq!(answer.status(), 202);
+        http.delete(format!("{gateway}/system/functions"))
+            .bearer_auth(&tokens["small"])
+            .json(&serde_json::json!({"functionName": "two"}))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(refused.contains("1 functions") && refused.contains("functions"), "{refused}");
+    // Another tenant keeps the flag's 3.
+    for name in ["a", "b", "c"] {
+        assert_eq!(deploy("roomy", name).await.unwrap().status(), 202);
+    }
+    let over = deploy("roomy", "d").await.unwrap();
+    assert_eq!(over.status(), 429);
+    assert!(over.text().await.unwrap().contains("3 functions"));
+
+    // State: 2 000 bytes, the object's key and overhead counted.
+    let put = |tenant: &'static str, bytes: usize| {
+        http.put(format!("{gateway}/state/buckets/b/objects/k"))
+            .bearer_auth(&tokens[tenant])
+            .body(vec![7u8; bytes])
+            .send()
+    };
+    let over = put("small", 4000).await.unwrap();
+    assert_eq!(over.status(), 507);
+    assert!(over.text().await.unwrap().contains("state_bytes"));
+    assert!(put("small", 1000).await.unwrap().status().is_success());
+    assert!(put("roomy", 4000).await.unwrap().status().is_success());
+
+    // Spans: one a second, ten seconds of burst: a batch of 20 overdraws, the next is refused.
+    let send = |tenant: &'static str, seed: u64| {
+        http.post(format!("{otlp}/v1/traces"))
+            .bearer_auth(&tokens[tenant])
+            .header("content-type", "application/x-protobuf")
+            .body(collector::bench::realistic_body(seed, 20))
+            .send()
+    };
+    assert_eq!(send("small", 1).await.unwrap().status(), 200);
+    let over = send("small", 2).await.unwrap();
+    assert_eq!(over.status(), 429);
+    assert!(over.text().await.unwrap().contains("ingest_spans_per_second"));
+    assert_eq!(send("roomy", 3).await.unwrap().status(), 200);
+    assert_eq!(send("roomy", 4).await.unwrap().status(), 200);
+
+    // Back on the free plan, the flag's 3 functions apply to it again.
+    ok(data, &["plan", "assign", "--tenant", "small", "--plan", "free"], "");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while deploy("small", "two").await.unwrap().status() != 202 {
+        assert!(Instant::now() < deadline, "the free plan's default never applied");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    up.kill().unwrap();
+}

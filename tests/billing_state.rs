@@ -136,7 +136,7 @@ struct Expected {
 fn run_store(b: i64) -> Expected {
     let clock = Arc::new(ManualClock::new((b - DAY) as u64));
     let config = StateConfig { usage_interval: Duration::from_secs(60), ..StateConfig::default() };
-    let store = StateStore::new(config, clock.clone());
+    let store = StateStore::new(config, clock.clone(), Default::default());
     let acme = TenantId::new("acme").unwrap();
     let globex = TenantId::new("globex").unwrap();
     let key = |job: Option<&str>, bucket: &str, key: &str| ObjectKey::new(job, bucket, key).unwrap();

@@ -277,6 +277,24 @@ impl Billing {
         Ok(from)
     }
 
+    /// Each tenant's limits as of now, from the plan in effect for it: the default plan's for
+    /// tenants never assigned one, then each assigned tenant's.
+    pub async fn limits_now(&self) -> Result<(plans::Limits, BTreeMap<String, plans::Limits>)> {
+        let card = self.rate_card().await?;
+        let now = self.now_ns();
+        let of = |plan: &str| card.plans.get(plan).map(|p| p.limits).unwrap_or_default();
+        let tenants = self
+            .plan_assignments()
+            .await?
+            .into_iter()
+            .map(|(tenant, history)| {
+                let current = history.iter().rev().find(|(from, _)| *from <= now).map(|(_, plan)| plan.as_str());
+                (tenant, of(current.unwrap_or(&card.default_plan)))
+            })
+            .collect();
+        Ok((of(&card.default_plan), tenants))
+    }
+
     /// The last period that is final (periods up to it are immutable).
     async fn finalized_through(&self, kind: PeriodKind) -> Result<Option<Period>> {
         match self.setting("finalized_through").await? {

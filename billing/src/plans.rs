@@ -72,6 +72,71 @@ pub struct Plan {
     #[serde(default, deserialize_with = "exact_option", skip_serializing_if = "Option::is_none")]
     pub minimum_charge: Option<Decimal>,
     pub prices: BTreeMap<Metric, Price>,
+    /// What a tenant on this plan may hold and send, where it differs from the platform's
+    /// defaults (the `--tenant-…` flags of `sfaas up`).
+    #[serde(default, skip_serializing_if = "Limits::is_empty")]
+    pub limits: Limits,
+}
+
+/// A plan's quotas. A limit left out is the platform's default; each is enforced where the
+/// resource is (the gateway, the state store, the async queue, the collector), over the plan
+/// in effect for the tenant now. Lowering one takes nothing away: what a tenant holds beyond
+/// it stays, and only new functions, objects, calls or telemetry are refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Functions deployed (`--tenant-max-functions`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub functions: Option<u64>,
+    /// Flows deployed (`--tenant-max-flows`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flows: Option<u64>,
+    /// Managed `http` instances running at once (`--tenant-max-instances`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u64>,
+    /// Async calls waiting or running (`--tenant-max-async-calls`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub async_calls: Option<u64>,
+    /// Bytes of those calls' bodies (`--tenant-max-async-bytes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub async_bytes: Option<u64>,
+    /// Bytes the state store holds, keys and overhead counted (`--state-tenant-quota-bytes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_bytes: Option<u64>,
+    /// State jobs registered (`--state-tenant-max-jobs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_jobs: Option<u64>,
+    /// Spans and log records ingested a second (`--tenant-ingest-spans-per-second`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingest_spans_per_second: Option<u64>,
+    /// Metric samples ingested a second (`--tenant-ingest-samples-per-second`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingest_samples_per_second: Option<u64>,
+    /// Bytes of telemetry stored a UTC day (`--tenant-ingest-bytes-per-day`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingest_bytes_per_day: Option<u64>,
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    /// Each limit with its name in the rate card.
+    pub fn named(&self) -> [(&'static str, Option<u64>); 10] {
+        [
+            ("functions", self.functions),
+            ("flows", self.flows),
+            ("instances", self.instances),
+            ("async_calls", self.async_calls),
+            ("async_bytes", self.async_bytes),
+            ("state_bytes", self.state_bytes),
+            ("state_jobs", self.state_jobs),
+            ("ingest_spans_per_second", self.ingest_spans_per_second),
+            ("ingest_samples_per_second", self.ingest_samples_per_second),
+            ("ingest_bytes_per_day", self.ingest_bytes_per_day),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +231,11 @@ impl RateCard {
             }
             if plan.currency.len() != 3 || !plan.currency.chars().all(|c| c.is_ascii_uppercase()) {
                 return Err(at(format!("currency {:?} is not an ISO 4217 code like EUR", plan.currency)));
+            }
+            for (limit, value) in plan.limits.named() {
+                if value.is_some_and(|v| v > i64::MAX as u64) {
+                    return Err(at(format!("limits: {limit} must be at most {}", i64::MAX)));
+                }
             }
             if plan.minimum_charge.is_some_and(|m| m.is_sign_negative()) {
                 return Err(at("minimum_charge is negative".into()));
@@ -317,6 +387,23 @@ plans:
         assert!(error.contains("default_plan"), "{error}");
         let error = RateCard::parse(&CARD.replace("up_to: 5000", "up_to: 500")).unwrap_err();
         assert!(error.contains("must exceed"), "{error}");
+    }
+
+    #[test]
+    fn limits_are_whole_and_named() {
+        let with =
+            |limits: &str| CARD.replace("    minimum_charge", &format!("    limits: {{{limits}}}\n    minimum_charge"));
+        let card = RateCard::parse(&with("functions: 10, ingest_bytes_per_day: 1000000")).unwrap();
+        let limits = card.plans["starter"].limits;
+        assert_eq!((limits.functions, limits.ingest_bytes_per_day, limits.flows), (Some(10), Some(1_000_000), None));
+        let error = RateCard::parse(&with("function: 10")).unwrap_err();
+        assert!(error.contains("unknown field `function`"), "{error}");
+        let error = RateCard::parse(&with("flows: -1")).unwrap_err();
+        assert!(error.contains("flows"), "{error}");
+        let error = RateCard::parse(&with("flows: 1.5")).unwrap_err();
+        assert!(error.contains("flows"), "{error}");
+        let error = RateCard::parse(&with("state_bytes: 18446744073709551615")).unwrap_err();
+        assert!(error.contains("state_bytes must be at most"), "{error}");
     }
 
     #[test]

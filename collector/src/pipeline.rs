@@ -116,6 +116,15 @@ struct Queued {
     tenants: usize,
     by_tenant: std::collections::HashMap<String, usize>,
     usage: std::collections::HashMap<String, QuotaUsage>,
+    /// Tenants' plans' quotas: the default plan's, and each assigned tenant's.
+    plans: Option<(TenantQuota, std::collections::HashMap<String, TenantQuota>)>,
+}
+
+impl Queued {
+    /// A tenant's quota: its plan's, or the platform's `default`.
+    fn quota(&self, tenant: &str, default: TenantQuota) -> TenantQuota {
+        self.plans.as_ref().map_or(default, |(fallback, tenants)| tenants.get(tenant).copied().unwrap_or(*fallback))
+    }
 }
 
 /// A tenant's use of its quotas: a token bucket per rate (it may go into debt by one batch, so
@@ -236,8 +245,9 @@ impl Pipeline {
                     return Err(SubmitError::Overloaded(queued.all));
                 }
                 if let Some(counted) = counted {
+                    let quota = queued.quota(tenant, self.quota);
                     let usage = queued.usage.entry(tenant.to_string()).or_default();
-                    charge(usage, &self.quota, counted, self.clock.now_ns(), tenant)?;
+                    charge(usage, &quota, counted, self.clock.now_ns(), tenant)?;
                 }
                 queued.tenants += items;
                 *queued.by_tenant.entry(tenant.to_string()).or_default() += items;
@@ -255,8 +265,20 @@ impl Pipeline {
     pub fn precheck(&self, source: Source<'_>, samples: bool) -> Result<(), SubmitError> {
         let Source::Tenant(tenant) = source else { return Ok(()) };
         let mut queued = self.queued.lock().unwrap();
+        let quota = queued.quota(tenant, self.quota);
         let Some(usage) = queued.usage.get_mut(tenant) else { return Ok(()) };
-        check(usage, &self.quota, self.clock.now_ns(), tenant, !samples, samples)
+        check(usage, &quota, self.clock.now_ns(), tenant, !samples, samples)
+    }
+
+    /// Sets the quotas of tenants' plans: `fallback` for tenants not in `tenants` (in place of
+    /// the configured [`PipelineConfig::tenant_quota`]).
+    pub fn set_plan_quotas(&self, fallback: TenantQuota, tenants: std::collections::HashMap<String, TenantQuota>) {
+        self.queued.lock().unwrap().plans = Some((fallback, tenants));
+    }
+
+    /// The configured quota, which tenants' plans start from.
+    pub fn default_quota(&self) -> TenantQuota {
+        self.quota
     }
 
     /// Counts committed (or failed) items out.
@@ -295,7 +317,8 @@ fn check(
         let retry_after_secs = ((day + 1) * NS_PER_DAY - now_ns) as u64 / 1_000_000_000 + 1;
         return Err(SubmitError::Quota {
             message: format!(
-                "namespace {tenant} has sent its {} bytes of telemetry for today (--tenant-ingest-bytes-per-day); \
+                "namespace {tenant} has sent its {} bytes of telemetry for today (its plan's ingest_bytes_per_day, \
+                 by default --tenant-ingest-bytes-per-day); \
                  it may send again after 00:00 UTC",
                 quota.bytes_per_day
             ),
@@ -306,13 +329,13 @@ fn check(
         (&mut usage.spans, spans, quota.spans_per_second, "spans and log records", "spans"),
         (&mut usage.samples, samples, quota.samples_per_second, "samples", "samples"),
     ];
-    for (bucket, sends, rate, what, flag) in rates {
+    for (bucket, sends, rate, what, kind) in rates {
         let wait = bucket.wait(rate, now_ns);
         if sends && wait > 0.0 {
             return Err(SubmitError::Quota {
                 message: format!(
-                    "namespace {tenant} is over its rate of {rate} {what} a second \
-                     (--tenant-ingest-{flag}-per-second); retry later"
+                    "namespace {tenant} is over its rate of {rate} {what} a second (its plan's \
+                     ingest_{kind}_per_second, by default --tenant-ingest-{kind}-per-second); retry later"
                 ),
                 retry_after_secs: wait.ceil() as u64,
             });

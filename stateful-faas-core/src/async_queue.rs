@@ -118,6 +118,7 @@ pub enum EnqueueError {
 pub struct AsyncQueue {
     pool: SqlitePool,
     config: AsyncQueueConfig,
+    quotas: Arc<crate::quota::Quotas>,
     bell: Notify,
     /// Per tenant: calls being delivered now, and when it was last served (a counter).
     tenants: std::sync::Mutex<HashMap<String, (usize, u64)>>,
@@ -126,13 +127,17 @@ pub struct AsyncQueue {
 
 impl AsyncQueue {
     /// Opens the queue, re-queuing calls that were running when the process last stopped.
-    pub async fn open(pool: SqlitePool, config: AsyncQueueConfig) -> Result<Self, sqlx::Error> {
+    pub async fn open(
+        pool: SqlitePool,
+        config: AsyncQueueConfig,
+        quotas: Arc<crate::quota::Quotas>,
+    ) -> Result<Self, sqlx::Error> {
         let recovered =
             sqlx::query("UPDATE async_calls SET state = 'queued' WHERE state = 'running'").execute(&pool).await?;
         if recovered.rows_affected() > 0 {
             tracing::info!(calls = recovered.rows_affected(), "re-queued async calls interrupted by the last stop");
         }
-        Ok(Self { pool, config, bell: Notify::new(), tenants: Default::default(), served: Default::default() })
+        Ok(Self { pool, config, quotas, bell: Notify::new(), tenants: Default::default(), served: Default::default() })
     }
 
     /// Stores a call durably. Returns false when the same `(tenant, call id)` was already
@@ -147,6 +152,9 @@ impl AsyncQueue {
     ) -> Result<bool, EnqueueError> {
         let now = now_ms();
         let headers = serde_json::to_string(&invocation.headers).expect("headers serialize");
+        let plan = self.quotas.of(tenant.as_str());
+        let max_calls = plan.async_calls.unwrap_or(self.config.max_calls_per_tenant);
+        let max_bytes = plan.async_bytes.unwrap_or(self.config.max_bytes_per_tenant);
         let result = sqlx::query(
             "INSERT INTO async_calls (tenant, call_id, function, method, path, query, headers, body, callback_url, \
              traceparent, state, attempts, next_attempt_ms, created_ms) \
@@ -167,8 +175,8 @@ impl AsyncQueue {
         .bind(callback_url)
         .bind(&invocation.traceparent)
         .bind(now)
-        .bind(self.config.max_calls_per_tenant as i64)
-        .bind(self.config.max_bytes_per_tenant as i64)
+        .bind(i64::try_from(max_calls).unwrap_or(i64::MAX))
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await?;
         if result.rows_affected() == 1 {
@@ -181,8 +189,9 @@ impl AsyncQueue {
         }
         Err(EnqueueError::Quota(format!(
             "tenant {tenant} has reached its async queue quota: at most {} calls waiting or running, holding at most \
-             {} bytes of request bodies (--tenant-max-async-calls, --tenant-max-async-bytes); retry once some are done",
-            self.config.max_calls_per_tenant, self.config.max_bytes_per_tenant
+             {} bytes of request bodies (its plan's async_calls and async_bytes, by default \
+             --tenant-max-async-calls and --tenant-max-async-bytes); retry once some are done",
+            max_calls, max_bytes
         )))
     }
 

@@ -12,6 +12,7 @@ pub mod function;
 pub mod fuzzing;
 pub mod gateway;
 pub mod metrics;
+pub mod quota;
 pub mod semconv;
 pub mod stack;
 pub mod state;

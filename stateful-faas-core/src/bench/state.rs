@@ -51,6 +51,7 @@ fn in_process(size: usize, count: usize) -> Vec<Row> {
             ..StateConfig::default()
         },
         Arc::new(SystemClock),
+        Default::default(),
     );
     let tenant = TenantId::new("bench").expect("valid");
     let value = Bytes::from(vec![7u8; size]);

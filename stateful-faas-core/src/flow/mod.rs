@@ -33,7 +33,7 @@ pub enum FlowError {
     #[error("flow store: {0}")]
     Database(#[from] sqlx::Error),
     #[error(
-        "tenant {tenant} has reached its quota of {quota} flows (--tenant-max-flows): remove one before deploying another"
+        "tenant {tenant} has reached its quota of {quota} flows (its plan's `flows`, by default --tenant-max-flows): remove one before deploying another"
     )]
     Quota { tenant: String, quota: usize },
 }
@@ -45,13 +45,18 @@ pub struct FlowStore {
     pool: sqlx::SqlitePool,
     flows: RwLock<HashMap<Key, Arc<Flow>>>,
     running: Mutex<HashMap<Key, watch::Sender<bool>>>,
-    /// Flows one tenant may have.
+    /// Flows one tenant may have, where its plan does not say.
     max_flows: usize,
+    quotas: Arc<crate::quota::Quotas>,
 }
 
 impl FlowStore {
     /// Loads the deployed flows (re-validated against the functions deployed now).
-    pub async fn load(pool: sqlx::SqlitePool, max_flows: usize) -> Result<Self, FlowError> {
+    pub async fn load(
+        pool: sqlx::SqlitePool,
+        max_flows: usize,
+        quotas: Arc<crate::quota::Quotas>,
+    ) -> Result<Self, FlowError> {
         let rows: Vec<(String, String, String)> =
             sqlx::query_as("SELECT tenant, name, definition FROM flows").fetch_all(&pool).await?;
         let parsed: Vec<(TenantId, FlowDefinition)> = rows
@@ -81,7 +86,7 @@ impl FlowStore {
                 }
             }
         }
-        Ok(Self { pool, flows: RwLock::new(flows), running: Mutex::new(HashMap::new()), max_flows })
+        Ok(Self { pool, flows: RwLock::new(flows), running: Mutex::new(HashMap::new()), max_flows, quotas })
     }
 
     pub fn get(&self, tenant: &TenantId, name: &str) -> Option<Arc<Flow>> {
@@ -107,6 +112,7 @@ impl FlowStore {
         let json = serde_json::to_string(&definition).expect("flow definitions serialize");
         let now = now_ms();
         let existed = self.get(tenant, &definition.name).is_some();
+        let max_flows = self.quotas.of(tenant.as_str()).flows.map_or(self.max_flows, crate::quota::count);
         // The quota is checked in the insert itself: a replacement always passes.
         let stored = sqlx::query(
             "INSERT INTO flows (tenant, name, definition, created_ms, updated_ms) SELECT ?1, ?2, ?3, ?4, ?4 \
@@ -118,11 +124,11 @@ impl FlowStore {
         .bind(&definition.name)
         .bind(json)
         .bind(now)
-        .bind(self.max_flows as i64)
+        .bind(i64::try_from(max_flows).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await?;
         if stored.rows_affected() == 0 {
-            return Err(FlowError::Quota { tenant: tenant.to_string(), quota: self.max_flows });
+            return Err(FlowError::Quota { tenant: tenant.to_string(), quota: max_flows });
         }
         let flow = Arc::new(flow);
         self.flows.write().unwrap().insert((tenant.clone(), definition.name.clone()), flow.clone());

@@ -292,7 +292,7 @@ mod tests {
             traceparent: None,
             job: None,
         };
-        let state = StateStore::new(StateConfig::default(), std::sync::Arc::new(SystemClock));
+        let state = StateStore::new(StateConfig::default(), std::sync::Arc::new(SystemClock), Default::default());
         let tenant = TenantId::new(tenant).unwrap();
         let etl = crate::etl::EtlConfig::new(std::path::Path::new("/nonexistent"));
         function(&BuiltinContext {

@@ -24,7 +24,9 @@ pub enum RegistryError {
     Invalid(#[from] DeploymentError),
     #[error("cannot scale function {0}: {1}")]
     Scale(String, FunctionError),
-    #[error("namespace {tenant} has {quota} functions, its quota (--tenant-max-functions); remove one first")]
+    #[error(
+        "namespace {tenant} has {quota} functions, its quota (its plan's `functions`, by default --tenant-max-functions); remove one first"
+    )]
     Quota { tenant: String, quota: usize },
     #[error("function store: {0}")]
     Database(#[from] sqlx::Error),
@@ -138,26 +140,54 @@ pub struct Registry {
     builtin_threads: PerTenant,
     /// Each tenant's managed instances.
     instances: PerTenant,
-    /// Functions one tenant may have.
+    /// Functions and managed instances one tenant may have, where its plan does not say.
     max_functions: usize,
+    max_instances: usize,
+    quotas: Arc<crate::quota::Quotas>,
     /// Managed instances' usage outside requests, until it is reported.
     instance_usage: InstanceMeter,
 }
 
-/// A number of permits for each tenant (builtin threads, managed instances).
+/// A number of permits for each tenant (builtin threads, managed instances), which a plan
+/// may change.
+#[derive(Default)]
 struct PerTenant {
-    permits: usize,
-    tenants: std::sync::Mutex<HashMap<TenantId, Arc<Semaphore>>>,
+    tenants: std::sync::Mutex<HashMap<TenantId, Share>>,
+}
+
+struct Share {
+    semaphore: Arc<Semaphore>,
+    /// Permits the semaphore has, handed out or not.
+    total: usize,
+}
+
+impl Share {
+    /// Brings the semaphore to `permits`. Permits in use stay until they are returned; what
+    /// could not be taken away now is taken at the next resize.
+    fn resize(&mut self, permits: usize) {
+        let permits = permits.min(Semaphore::MAX_PERMITS);
+        if permits > self.total {
+            self.semaphore.add_permits(permits - self.total);
+            self.total = permits;
+        } else if permits < self.total {
+            self.total -= self.semaphore.forget_permits(self.total - permits);
+        }
+    }
 }
 
 impl PerTenant {
-    fn new(permits: usize) -> Self {
-        Self { permits, tenants: Default::default() }
+    fn of(&self, tenant: &TenantId, permits: usize) -> Arc<Semaphore> {
+        let mut tenants = self.tenants.lock().unwrap();
+        let share =
+            tenants.entry(tenant.clone()).or_insert_with(|| Share { semaphore: Arc::new(Semaphore::new(0)), total: 0 });
+        share.resize(permits);
+        share.semaphore.clone()
     }
 
-    fn of(&self, tenant: &TenantId) -> Arc<Semaphore> {
-        let mut tenants = self.tenants.lock().unwrap();
-        tenants.entry(tenant.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.permits))).clone()
+    fn resize_all(&self, permits: impl Fn(&TenantId) -> usize) {
+        for (tenant, share) in self.tenants.lock().unwrap().iter_mut() {
+            share.resize(permits(tenant));
+        }
     }
 }
 
@@ -168,27 +198,36 @@ impl Registry {
         sandbox: Option<Arc<Sandbox>>,
         max_functions: usize,
         max_instances: usize,
+        quotas: Arc<crate::quota::Quotas>,
     ) -> Result<Self, RegistryError> {
         let rows: Vec<(String, String, String, i64)> =
             sqlx::query_as("SELECT tenant, name, spec, created_ms FROM functions").fetch_all(&pool).await?;
+        let registry = Self {
+            pool,
+            functions: RwLock::default(),
+            state_url: std::sync::OnceLock::new(),
+            sandbox,
+            builtin_threads: PerTenant::default(),
+            instances: PerTenant::default(),
+            max_functions,
+            max_instances,
+            quotas,
+            instance_usage: InstanceMeter::default(),
+        };
         let mut functions = HashMap::new();
-        let builtin_threads = PerTenant::new(builtin::THREADS_PER_TENANT);
-        let instances = PerTenant::new(max_instances);
-        let instance_usage = InstanceMeter::default();
         for (tenant, name, json, created_ms) in rows {
             let loaded = TenantId::new(&tenant).map_err(|e| e.to_string()).and_then(|tenant| {
                 let deployment: FunctionDeployment = serde_json::from_str(&json).map_err(|e| e.to_string())?;
                 let spec = deployment.resolve().map_err(|e| e.to_string())?;
-                let shares =
-                    TenantShares { builtin_threads: builtin_threads.of(&tenant), instances: instances.of(&tenant) };
+                let shares = registry.shares(&tenant);
                 Ok(DeployedFunction::new(
                     tenant,
                     deployment,
                     spec,
                     created_ms,
-                    sandbox.clone(),
+                    registry.sandbox.clone(),
                     shares,
-                    &instance_usage,
+                    &registry.instance_usage,
                 ))
             });
             match loaded {
@@ -200,16 +239,28 @@ impl Registry {
                 }
             }
         }
-        Ok(Self {
-            pool,
-            functions: RwLock::new(functions),
-            state_url: std::sync::OnceLock::new(),
-            sandbox,
-            builtin_threads,
-            instances,
-            max_functions,
-            instance_usage,
-        })
+        *registry.functions.write().unwrap() = functions;
+        Ok(registry)
+    }
+
+    fn max_functions(&self, tenant: &TenantId) -> usize {
+        self.quotas.of(tenant.as_str()).functions.map_or(self.max_functions, crate::quota::count)
+    }
+
+    fn max_instances(&self, tenant: &TenantId) -> usize {
+        self.quotas.of(tenant.as_str()).instances.map_or(self.max_instances, crate::quota::count)
+    }
+
+    /// Applies changed plan limits to the instances tenants may run.
+    pub fn resize_instances(&self) {
+        self.instances.resize_all(|tenant| self.max_instances(tenant));
+    }
+
+    fn shares(&self, tenant: &TenantId) -> TenantShares {
+        TenantShares {
+            builtin_threads: self.builtin_threads.of(tenant, builtin::THREADS_PER_TENANT),
+            instances: self.instances.of(tenant, self.max_instances(tenant)),
+        }
     }
 
     pub fn get(&self, tenant: &TenantId, name: &str) -> Option<Arc<DeployedFunction>> {
@@ -248,6 +299,7 @@ impl Registry {
         let name = spec.name.clone();
         let json = serde_json::to_string(&deployment).expect("deployment serializes");
         let now = now_ms();
+        let max_functions = self.max_functions(tenant);
         let result = if replace {
             sqlx::query("UPDATE functions SET spec = ?, updated_ms = ? WHERE tenant = ? AND name = ?")
                 .bind(&json)
@@ -268,7 +320,7 @@ impl Registry {
             .bind(now)
             .bind(now)
             .bind(tenant.as_str())
-            .bind(self.max_functions as i64)
+            .bind(i64::try_from(max_functions).unwrap_or(i64::MAX))
             .execute(&self.pool)
             .await?
         };
@@ -278,7 +330,7 @@ impl Registry {
             return Err(match (replace, exists) {
                 (true, _) => RegistryError::NotFound { tenant, name },
                 (false, true) => RegistryError::Exists { tenant, name },
-                (false, false) => RegistryError::Quota { tenant, quota: self.max_functions },
+                (false, false) => RegistryError::Quota { tenant, quota: max_functions },
             });
         }
         let created_ms = self.get(tenant, &name).map_or(now, |old| old.created_ms);
@@ -288,7 +340,7 @@ impl Registry {
             spec,
             created_ms,
             self.sandbox.clone(),
-            TenantShares { builtin_threads: self.builtin_threads.of(tenant), instances: self.instances.of(tenant) },
+            self.shares(tenant),
             &self.instance_usage,
         ));
         // The replaced function's instances stop when its last in-flight call drops it.

@@ -71,9 +71,23 @@ pub struct Core {
     /// Client for requests tenants direct: upstream functions and callbacks.
     pub outbound: crate::function::outbound::Outbound,
     pub admin_token: String,
+    /// Tenants' plans, where they change a quota.
+    quotas: Arc<crate::quota::Quotas>,
 }
 
 impl Core {
+    /// Applies the limits of tenants' plans (`fallback` to tenants assigned none): new
+    /// functions, flows, instances, async calls, state objects and jobs are counted against
+    /// them from now on.
+    pub fn set_plan_limits(
+        &self,
+        fallback: crate::quota::Limits,
+        tenants: std::collections::HashMap<String, crate::quota::Limits>,
+    ) {
+        self.quotas.set(fallback, tenants);
+        self.functions.resize_instances();
+    }
+
     /// Opens the data directory and the database, and loads tenants and functions.
     pub async fn open(config: CoreConfig) -> Result<Arc<Self>, CoreError> {
         config.state.validate()?;
@@ -87,16 +101,22 @@ impl Core {
         let url = config.database_url.clone().unwrap_or_else(|| database::default_url(&config.data_dir));
         let pool = database::open(&url).await?;
         let tenants = Arc::new(TenantStore::load(pool.clone(), &admin_token).await?);
-        let state = Arc::new(StateStore::new(config.state.clone(), Arc::new(SystemClock)));
+        let quotas = Arc::new(crate::quota::Quotas::default());
+        let state = Arc::new(StateStore::new(config.state.clone(), Arc::new(SystemClock), quotas.clone()));
         let sandbox = match config.sandbox.clone() {
             Some(sandbox) => Some(Arc::new(crate::function::sandbox::Sandbox::start(sandbox, &config.data_dir).await?)),
             None => None,
         };
-        let functions =
-            Registry::load(pool.clone(), sandbox, config.max_functions_per_tenant, config.max_instances_per_tenant)
-                .await?;
-        let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone()).await?;
-        let flows = crate::flow::FlowStore::load(pool.clone(), config.max_flows_per_tenant).await?;
+        let functions = Registry::load(
+            pool.clone(),
+            sandbox,
+            config.max_functions_per_tenant,
+            config.max_instances_per_tenant,
+            quotas.clone(),
+        )
+        .await?;
+        let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone(), quotas.clone()).await?;
+        let flows = crate::flow::FlowStore::load(pool.clone(), config.max_flows_per_tenant, quotas.clone()).await?;
         let flow_journal = crate::flow::journal::Journal::start(pool.clone());
         let policy =
             crate::function::outbound::OutboundPolicy::new(&config.allow_outbound).map_err(CoreError::Outbound)?;
@@ -115,6 +135,7 @@ impl Core {
             streams: Default::default(),
             outbound,
             admin_token,
+            quotas,
         }))
     }
 

@@ -120,13 +120,13 @@ pub enum StateError {
     #[error("value of {size} bytes is larger than the {max} bytes allowed")]
     ValueTooLarge { size: u64, max: u64 },
     #[error(
-        "tenant {tenant} state quota exceeded (--state-tenant-quota-bytes): {used} of {quota} bytes held, {needed} more needed (an object holds its value, its address and {OBJECT_OVERHEAD} bytes)"
+        "tenant {tenant} state quota exceeded (its plan's `state_bytes`, by default --state-tenant-quota-bytes): {used} of {quota} bytes held, {needed} more needed (an object holds its value, its address and {OBJECT_OVERHEAD} bytes)"
     )]
     QuotaExceeded { tenant: String, used: u64, quota: u64, needed: u64 },
     #[error("state store budget exhausted (--state-budget-bytes): {used} of {budget} bytes held, {needed} more needed")]
     BudgetExceeded { used: u64, budget: u64, needed: u64 },
     #[error(
-        "tenant {tenant} has {max} state jobs registered, its quota (--state-tenant-max-jobs): deregister one first"
+        "tenant {tenant} has {max} state jobs registered, its quota (its plan's `state_jobs`, by default --state-tenant-max-jobs): deregister one first"
     )]
     TooManyJobs { tenant: String, max: usize },
     #[error("invalid {what} {value:?}: use 1 to 255 characters without '/' or control characters")]
@@ -394,6 +394,8 @@ impl TenantState {
 /// The store of every tenant.
 pub struct StateStore {
     config: StateConfig,
+    /// Tenants' plans, where they change the quota or the jobs.
+    quotas: Arc<crate::quota::Quotas>,
     interval_ns: u64,
     clock: Arc<dyn Clock>,
     tenants: RwLock<HashMap<TenantId, Arc<Mutex<TenantState>>>>,
@@ -412,12 +414,12 @@ impl StateStore {
     /// # Panics
     ///
     /// If the configuration is invalid ([`StateConfig::validate`]); `Core::open` checks it first.
-    pub fn new(config: StateConfig, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(config: StateConfig, clock: Arc<dyn Clock>, quotas: Arc<crate::quota::Quotas>) -> Self {
         if let Err(error) = config.validate() {
             panic!("{error}");
         }
         let interval_ns = config.usage_interval_ns();
-        Self { config, interval_ns, clock, tenants: RwLock::new(HashMap::new()), used: AtomicU64::new(0) }
+        Self { config, quotas, interval_ns, clock, tenants: RwLock::new(HashMap::new()), used: AtomicU64::new(0) }
     }
 
     fn tenant(&self, tenant: &TenantId) -> Arc<Mutex<TenantState>> {
@@ -457,11 +459,10 @@ impl StateStore {
             if state.jobs.contains_key(job) {
                 return Err(StateError::JobExists(job.to_string()));
             }
-            if state.jobs.len() >= self.config.max_jobs_per_tenant {
-                return Err(StateError::TooManyJobs {
-                    tenant: tenant.to_string(),
-                    max: self.config.max_jobs_per_tenant,
-                });
+            let max =
+                self.quotas.of(tenant.as_str()).state_jobs.map_or(self.config.max_jobs_per_tenant, crate::quota::count);
+            if state.jobs.len() >= max {
+                return Err(StateError::TooManyJobs { tenant: tenant.to_string(), max });
             }
             // Its first record starts at its registration, so that a job name reused within
             // an interval never repeats a usage id.
@@ -545,11 +546,12 @@ impl StateStore {
     ) -> Result<(u64, u64), StateError> {
         let (held, replaced) =
             (key.held(size), state.live(key).map_or(0, |object| key.held(object.value.len() as u64)));
-        if state.held - replaced + held > self.config.tenant_quota_bytes {
+        let quota = self.quotas.of(tenant.as_str()).state_bytes.unwrap_or(self.config.tenant_quota_bytes);
+        if state.held - replaced + held > quota {
             return Err(StateError::QuotaExceeded {
                 tenant: tenant.to_string(),
                 used: state.held,
-                quota: self.config.tenant_quota_bytes,
+                quota,
                 needed: held.saturating_sub(replaced),
             });
         }

@@ -12,7 +12,7 @@ const S: u64 = 1_000_000_000;
 
 fn store(config: StateConfig) -> (StateStore, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(0));
-    (StateStore::new(config, clock.clone()), clock)
+    (StateStore::new(config, clock.clone(), Default::default()), clock)
 }
 
 fn acme() -> TenantId {
