@@ -3,6 +3,7 @@
 //! owns the telemetry schema.
 
 pub mod auth;
+pub mod background;
 pub mod bench;
 pub mod clock;
 #[cfg(fuzzing)]
@@ -163,7 +164,7 @@ impl Collector {
         let (traces, metrics_service, logs) =
             receivers::otlp_grpc::Services(collector.clone()).servers(config.max_body_bytes);
         let mut grpc_stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(background::spawn(async move {
             // Large frames and windows: an export of a few hundred KiB arrives in a frame or
             // two instead of dozens of 16 KiB ones (each a wake-up and a copy on both sides);
             // a request is buffered whole anyway, up to the body limit.
@@ -182,7 +183,7 @@ impl Collector {
             }
         }));
         tasks.extend(receivers::scrape::spawn(collector.clone(), config.scrape.clone(), stop.clone()));
-        tasks.push(tokio::spawn(retention(collector.clone(), stop)));
+        tasks.push(background::spawn(retention(collector.clone(), stop)));
         Ok(RunningCollector { collector, otlp_grpc_addr, otlp_http_addr, jaeger_addr, shutdown, tasks })
     }
 }
@@ -218,7 +219,7 @@ fn serve_http(
     mut stop: watch::Receiver<bool>,
     what: &'static str,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    background::spawn(async move {
         let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
         });

@@ -198,7 +198,8 @@ impl Pipeline {
             quota: config.tenant_quota,
             clock: store.clock().clone(),
         };
-        tokio::spawn(write_loop(store, config, receiver, pipeline.clone(), metrics));
+        // Commits are heavy and no request waits on them at a request's latency.
+        crate::background::spawn(write_loop(store, config, receiver, pipeline.clone(), metrics));
         pipeline
     }
 

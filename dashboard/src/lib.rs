@@ -102,7 +102,8 @@ pub async fn start(
         }
     })];
     if let Some(every) = config.billing_every {
-        tasks.push(tokio::spawn(async move {
+        // Billing runs are heavy and no request waits on them.
+        tasks.push(collector::background::spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}

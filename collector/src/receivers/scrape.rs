@@ -113,7 +113,7 @@ pub fn spawn(
         .into_iter()
         .map(|target| {
             let (collector, mut stop) = (collector.clone(), stop.clone());
-            tokio::spawn(async move {
+            crate::background::spawn(async move {
                 let client = reqwest::Client::builder().no_proxy().build().expect("a plain HTTP client builds");
                 let interval = target.interval.unwrap_or(Duration::from_secs(15));
                 loop {

@@ -141,7 +141,7 @@ mod eval;
 pub mod fuzzing;
 mod usage;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -156,7 +156,7 @@ use promql_parser::parser::Expr;
 
 use crate::DashboardState;
 use data::Times;
-use eval::{Evaluator, Labels, QueryError, Selector, Value};
+use eval::{Evaluator, Labels, Plan, QueryError, Selector, Series, Value};
 
 pub use data::{EXPORTED_TENANT_LABEL, TENANT_LABEL};
 pub use usage::{BYTES_OUT, COST, CPU_MS, INVOCATIONS, STATE};
@@ -171,43 +171,136 @@ pub const VERSION: &str = "3.0.0-sfaas";
 struct Api {
     state: DashboardState,
     usage: std::sync::Arc<usage::Cache>,
-    /// Evaluations running at once (they run on blocking threads, off the request runtime).
-    evaluations: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Places of queries loading or evaluating (evaluation runs on blocking threads, off the
+    /// request runtime).
+    places: std::sync::Arc<Places>,
     query_timeout: Duration,
     max_samples: usize,
 }
 
-/// Evaluations of PromQL that run at once; more wait for a place.
-const EVALUATIONS: usize = 2;
+/// Places for PromQL queries to load and evaluate in: `all` at once, of which one tenant's (or
+/// the operator's) queries hold at most half, so that a tenant's query storm leaves room for
+/// the others'. More wait for a place.
+///
+/// Each scope also has a budget of query time at the request threads' priority
+/// ([`FOREGROUND_SHARE`] of a core, a second of it at once): a dashboard's queries stay within
+/// it and are answered at once; a scope over it has its queries loaded and evaluated on the
+/// background runtime ([`collector::background`]), where they take the CPU that calls leave.
+struct Places {
+    all: std::sync::Arc<tokio::sync::Semaphore>,
+    per_scope: usize,
+    scopes: std::sync::Mutex<HashMap<Option<String>, Scope>>,
+}
+
+/// The share of a core each scope's queries may use at the request threads' priority.
+const FOREGROUND_SHARE: f64 = 0.1;
+/// Seconds of query time a scope may spend at once before its budget holds it back.
+const FOREGROUND_BURST: f64 = 1.0;
+
+struct Scope {
+    share: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Seconds of query time left in the foreground budget (below zero: in debt), as of `at`.
+    budget: f64,
+    at: Instant,
+}
+
+/// A query's place: its scope's share and one of all, held until it is dropped.
+struct Place {
+    _share: tokio::sync::OwnedSemaphorePermit,
+    _place: tokio::sync::OwnedSemaphorePermit,
+    /// Within its scope's foreground budget.
+    foreground: bool,
+}
+
+impl Places {
+    /// `all` places (at least two).
+    fn new(all: usize) -> Self {
+        let all = all.max(2);
+        Self {
+            all: std::sync::Arc::new(tokio::sync::Semaphore::new(all)),
+            per_scope: all / 2,
+            scopes: Default::default(),
+        }
+    }
+
+    /// Runs `f` on `scope`'s state, its budget refilled to now.
+    fn scope<T>(&self, scope: Option<&str>, f: impl FnOnce(&mut Scope) -> T) -> T {
+        let mut scopes = self.scopes.lock().unwrap();
+        let state = scopes.entry(scope.map(str::to_string)).or_insert_with(|| Scope {
+            share: std::sync::Arc::new(tokio::sync::Semaphore::new(self.per_scope)),
+            budget: FOREGROUND_BURST,
+            at: Instant::now(),
+        });
+        let now = Instant::now();
+        state.budget = (state.budget + (now - state.at).as_secs_f64() * FOREGROUND_SHARE).min(FOREGROUND_BURST);
+        state.at = now;
+        f(state)
+    }
+
+    /// Waits for a place for a query of `scope`, until `deadline`.
+    async fn take(&self, scope: Option<&str>, deadline: Instant) -> Result<Place, ApiError> {
+        let share = self.scope(scope, |state| state.share.clone());
+        let queued = async {
+            let _share = share.acquire_owned().await.expect("the semaphore is never closed");
+            let _place = self.all.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let foreground = self.scope(scope, |state| state.budget > 0.0);
+            Place { _share, _place, foreground }
+        };
+        tokio::time::timeout_at(deadline.into(), queued)
+            .await
+            .map_err(|_| ApiError::timeout("query timed out in query queue"))
+    }
+
+    /// Counts `spent` seconds of a query against its scope's foreground budget.
+    fn spend(&self, scope: Option<&str>, spent: Duration) {
+        self.scope(scope, |state| state.budget -= spent.as_secs_f64());
+    }
+}
 
 impl Api {
-    /// Runs an evaluation off the request runtime, one of [`EVALUATIONS`] at a time, giving it
-    /// the query's deadline (it checks the deadline between evaluation steps).
-    async fn evaluate<T: Send + 'static>(
+    /// Loads what `plan` selects at `times` for `scope` and runs `evaluate` on it with the
+    /// query's deadline (it checks the deadline between evaluation steps), once the query has
+    /// a place: at the request threads' priority while its scope is within its budget, else on
+    /// the background runtime. Returns what `evaluate` made and how long loading took.
+    async fn execute<T: Send + 'static>(
         &self,
+        scope: Option<String>,
         started: Instant,
-        work: impl FnOnce(Instant) -> Result<T, ApiError> + Send + 'static,
-    ) -> Result<T, ApiError> {
+        plan: Plan,
+        times: Times,
+        evaluate: impl FnOnce(&Plan, &[Vec<Series>], Instant) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<(T, Duration), ApiError> {
         let deadline = started + self.query_timeout;
-        let place = tokio::time::timeout_at(deadline.into(), self.evaluations.clone().acquire_owned())
-            .await
-            .map_err(|_| ApiError::timeout("query timed out in query queue"))?
-            .expect("the semaphore is never closed");
-        let evaluated = tokio::task::spawn_blocking(move || {
-            let _place = place;
-            work(deadline)
-        })
-        .await;
-        evaluated.map_err(|error| {
-            // A panic in evaluation is a bug: this query fails, the server goes on.
-            tracing::error!(%error, "PromQL evaluation panicked");
-            ApiError {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                kind: "internal",
-                message: "query evaluation failed".into(),
-            }
-        })?
+        let place = self.places.take(scope.as_deref(), deadline).await?;
+        let (api, placed) = (self.clone(), Instant::now());
+        let work = async move {
+            let now = api.state.store.clock().now_ms();
+            let loaded =
+                data::load(&api.state, &api.usage, scope.as_deref(), &plan, &times, now, api.max_samples).await;
+            let load = started.elapsed();
+            let value = match loaded {
+                Ok(loaded) => tokio::task::spawn_blocking(move || evaluate(&plan, &loaded, deadline))
+                    .await
+                    .map_err(panicked)
+                    .and_then(|value| value),
+                Err(error) => Err(error.into()),
+            };
+            api.places.spend(scope.as_deref(), placed.elapsed());
+            Ok::<_, ApiError>((value?, load))
+        };
+        if place.foreground {
+            // A panic here is caught by the router's layer, as in any handler.
+            work.await
+        } else {
+            collector::background::spawn(work).await.map_err(panicked)?
+        }
     }
+}
+
+/// A panic in loading or evaluation is a bug: this query fails, the server goes on.
+fn panicked(error: tokio::task::JoinError) -> ApiError {
+    tracing::error!(%error, "PromQL evaluation panicked");
+    ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, kind: "internal", message: "query evaluation failed".into() }
 }
 
 /// How the API is served.
@@ -246,7 +339,8 @@ pub fn router_with(state: DashboardState, options: Options) -> Router {
     let api = Api {
         state,
         usage: std::sync::Arc::new(usage::Cache::new(options.cache_max_records, options.cache_wait)),
-        evaluations: std::sync::Arc::new(tokio::sync::Semaphore::new(EVALUATIONS)),
+        // One per core.
+        places: std::sync::Arc::new(Places::new(std::thread::available_parallelism().map_or(2, usize::from))),
         query_timeout: options.query_timeout,
         max_samples: options.max_samples,
     };
@@ -279,6 +373,7 @@ pub fn router_with(state: DashboardState, options: Options) -> Router {
 // Responses
 
 /// A failed request, in Prometheus's error JSON.
+#[derive(Debug)]
 struct ApiError {
     status: StatusCode,
     kind: &'static str,
@@ -636,11 +731,9 @@ async fn query(State(api): State<Api>, headers: HeaderMap, uri: Uri, body: Bytes
     let expr = parse_query(params.get("query"))?;
     let plan = eval::plan(&expr)?;
     let times = Times { start: time, end: time, step: 0 };
-    let loaded = data::load(&api.state, &api.usage, tenant.as_deref(), &plan, &times, now, api.max_samples).await?;
-    let load = started.elapsed();
-    let value = api
-        .evaluate(started, move |_| {
-            let evaluator = Evaluator { plan: &plan, data: &loaded, start: time, end: time };
+    let (value, load) = api
+        .execute(tenant, started, plan, times, move |plan, loaded, _| {
+            let evaluator = Evaluator { plan, data: loaded, start: time, end: time };
             Ok(evaluator.eval(&plan.root, time)?)
         })
         .await?;
@@ -728,13 +821,10 @@ async fn query_range(State(api): State<Api>, headers: HeaderMap, uri: Uri, body:
             "invalid expression type {kind:?} for range query, must be Scalar or instant Vector"
         )));
     }
-    let now = api.state.store.clock().now_ms();
     let times = Times { start, end, step };
-    let loaded = data::load(&api.state, &api.usage, tenant.as_deref(), &plan, &times, now, api.max_samples).await?;
-    let load = started.elapsed();
-    let series = api
-        .evaluate(started, move |deadline| {
-            let evaluator = Evaluator { plan: &plan, data: &loaded, start, end };
+    let (series, load) = api
+        .execute(tenant, started, plan, times, move |plan, loaded, deadline| {
+            let evaluator = Evaluator { plan, data: loaded, start, end };
             let mut series: BTreeMap<Labels, Vec<(i64, f64)>> = BTreeMap::new();
             for t in times.iter() {
                 if Instant::now() > deadline {
@@ -936,6 +1026,27 @@ async fn not_found(uri: Uri) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tenant whose queries hold its share of places does not keep another's waiting, and
+    /// one whose queries took much time runs the next ones in the background.
+    #[tokio::test]
+    async fn one_scope_holds_at_most_half_the_places() {
+        let places = Places::new(4);
+        let soon = || Instant::now() + Duration::from_millis(50);
+        let held =
+            [places.take(Some("storm"), soon()).await.unwrap(), places.take(Some("storm"), soon()).await.unwrap()];
+        let error = places.take(Some("storm"), soon()).await.err().expect("storm's share is taken");
+        assert_eq!(error.message, "query timed out in query queue");
+        let calm = [places.take(Some("calm"), soon()).await.unwrap(), places.take(None, soon()).await.unwrap()];
+        assert!(places.take(Some("other"), soon()).await.is_err(), "all four places are taken");
+        drop(held);
+        assert!(places.take(Some("storm"), soon()).await.unwrap().foreground);
+        drop(calm);
+        // Past its budget of query time, a scope's queries go to the background; others' do not.
+        places.spend(Some("storm"), Duration::from_secs(2));
+        assert!(!places.take(Some("storm"), soon()).await.unwrap().foreground);
+        assert!(places.take(Some("calm"), soon()).await.unwrap().foreground);
+    }
 
     #[test]
     fn times_and_values_as_prometheus_writes_them() {
