@@ -370,7 +370,10 @@ async fn functions_per_tenant_are_capped_by_a_quota() {
     let response = send(reqwest::Method::POST, "d").await;
     assert_eq!(response.status(), 429);
     let body = response.text().await.unwrap();
-    assert!(body.contains("namespace acme has 3 functions, its quota (--tenant-max-functions)"), "{body}");
+    assert!(
+        body.contains("namespace acme has 3 functions, its quota") && body.contains("--tenant-max-functions"),
+        "{body}"
+    );
     assert_eq!(send(reqwest::Method::PUT, "a").await.status(), 200, "an update is not a new function");
     core.deploy(&globex, json!({"service": "d", "envProcess": "cat"})).await;
 }
