@@ -1018,58 +1018,71 @@ async fn follow_plans(
     core: Option<std::sync::Arc<Core>>,
     pipeline: Option<collector::pipeline::Pipeline>,
 ) {
-    use billing::plans::Limits;
-    let apply =
-        std::sync::Arc::new(move |(fallback, tenants): (Limits, std::collections::BTreeMap<String, Limits>)| {
-            if let Some(core) = &core {
-                let of = |l: &Limits| stateful_faas_core::quota::Limits {
-                    functions: l.functions,
-                    flows: l.flows,
-                    instances: l.instances,
-                    async_calls: l.async_calls,
-                    async_bytes: l.async_bytes,
-                    state_bytes: l.state_bytes,
-                    state_jobs: l.state_jobs,
-                };
-                core.set_plan_limits(of(&fallback), tenants.iter().map(|(t, l)| (t.clone(), of(l))).collect());
-            }
-            if let Some(pipeline) = &pipeline {
-                let default = pipeline.default_quota();
-                let of = |l: &Limits| collector::pipeline::TenantQuota {
-                    spans_per_second: l.ingest_spans_per_second.unwrap_or(default.spans_per_second),
-                    samples_per_second: l.ingest_samples_per_second.unwrap_or(default.samples_per_second),
-                    bytes_per_day: l.ingest_bytes_per_day.unwrap_or(default.bytes_per_day),
-                };
-                pipeline.set_plan_quotas(of(&fallback), tenants.iter().map(|(t, l)| (t.clone(), of(l))).collect());
-            }
-        });
-    // Once before anything is served, then every two seconds.
-    let refresh = move |seen: Option<u64>, applied: std::time::Instant| {
-        let (billing, apply) = (billing.clone(), apply.clone());
-        async move {
-            let version = billing.version().await;
-            if seen == Some(version) && applied.elapsed() < std::time::Duration::from_secs(60) {
-                return (seen, applied);
-            }
-            match billing.limits_now().await {
-                Ok(limits) => {
-                    apply(limits);
-                    (Some(version), std::time::Instant::now())
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read the plans' limits; the quotas stay as they were");
-                    (seen, applied)
-                }
-            }
-        }
-    };
-    let (mut seen, mut applied) = refresh(None, std::time::Instant::now()).await;
+    let plans = PlanLimits { billing, core, pipeline };
+    let mut seen = plans.refresh(None).await;
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            (seen, applied) = refresh(seen, applied).await;
+            seen = plans.refresh(seen).await;
         }
     });
+}
+
+/// Where the limits of tenants' plans go.
+struct PlanLimits {
+    billing: std::sync::Arc<billing::Billing>,
+    core: Option<std::sync::Arc<Core>>,
+    pipeline: Option<collector::pipeline::Pipeline>,
+}
+
+impl PlanLimits {
+    /// Applies the plans' limits unless billing's generation is still the one `seen` applied,
+    /// less than a minute ago; returns what is applied now.
+    async fn refresh(&self, seen: Option<(u64, std::time::Instant)>) -> Option<(u64, std::time::Instant)> {
+        let generation = self.billing.version().await;
+        if seen.is_some_and(|(applied, at)| applied == generation && at.elapsed().as_secs() < 60) {
+            return seen;
+        }
+        match self.billing.limits_now().await {
+            Ok((fallback, tenants)) => {
+                self.apply(&fallback, &tenants);
+                Some((generation, std::time::Instant::now()))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the plans' limits; the quotas stay as they were");
+                seen
+            }
+        }
+    }
+
+    fn apply(
+        &self,
+        fallback: &billing::plans::Limits,
+        tenants: &std::collections::BTreeMap<String, billing::plans::Limits>,
+    ) {
+        use billing::plans::Limits;
+        if let Some(core) = &self.core {
+            let of = |l: &Limits| stateful_faas_core::quota::Limits {
+                functions: l.functions,
+                flows: l.flows,
+                instances: l.instances,
+                async_calls: l.async_calls,
+                async_bytes: l.async_bytes,
+                state_bytes: l.state_bytes,
+                state_jobs: l.state_jobs,
+            };
+            core.set_plan_limits(of(fallback), tenants.iter().map(|(t, l)| (t.clone(), of(l))).collect());
+        }
+        if let Some(pipeline) = &self.pipeline {
+            let default = pipeline.default_quota();
+            let of = |l: &Limits| collector::pipeline::TenantQuota {
+                spans_per_second: l.ingest_spans_per_second.unwrap_or(default.spans_per_second),
+                samples_per_second: l.ingest_samples_per_second.unwrap_or(default.samples_per_second),
+                bytes_per_day: l.ingest_bytes_per_day.unwrap_or(default.bytes_per_day),
+            };
+            pipeline.set_plan_quotas(of(fallback), tenants.iter().map(|(t, l)| (t.clone(), of(l))).collect());
+        }
+    }
 }
 
 fn telemetry_url(args: &ServeArgs) -> String {

@@ -404,3 +404,26 @@ impl Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plan that lowers a tenant's instances while some run takes the rest back as they end.
+    #[test]
+    fn a_share_follows_its_plan_through_permits_in_use() {
+        let shares = PerTenant::default();
+        let acme = TenantId::new("acme").unwrap();
+        let semaphore = shares.of(&acme, 3);
+        let running = [semaphore.clone().try_acquire_owned().unwrap(), semaphore.clone().try_acquire_owned().unwrap()];
+        shares.resize_all(|_| 1);
+        assert_eq!(semaphore.available_permits(), 0, "one free permit is taken back at once");
+        drop(running);
+        assert_eq!(semaphore.available_permits(), 2, "returned permits come back until the next resize");
+        shares.resize_all(|_| 1);
+        assert_eq!(semaphore.available_permits(), 1);
+        shares.resize_all(|_| 5);
+        assert_eq!(semaphore.available_permits(), 5);
+        assert!(Arc::ptr_eq(&semaphore, &shares.of(&acme, 5)), "a tenant keeps its semaphore");
+    }
+}
