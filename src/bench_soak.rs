@@ -33,13 +33,29 @@ const SPELLS: [&str; 3] = ["quiet", "storm", "recovery"];
 /// The calm tenant's first seconds are not counted (first connections, caches filling).
 const WARM_UP: Duration = Duration::from_secs(5);
 
+#[derive(clap::Args)]
 pub struct Options {
+    /// Minutes of storm.
+    #[arg(long, default_value_t = 10.0)]
     pub minutes: f64,
+    /// Seconds of quiet before and of recovery after.
+    #[arg(long, default_value_t = 60)]
     pub quiet_secs: u64,
+    /// Spans a second the storm offers (about twice what the collector stores on a 2-core machine).
+    #[arg(long, default_value_t = 100_000)]
     pub ingest_rate: u64,
+    /// Calls a second the storm offers (and a tenth as many 200 ms naps).
+    #[arg(long, default_value_t = 2000)]
     pub call_rate: u64,
+    /// PromQL queries a second the storm offers (half of them hour-long ranges at 1 s steps).
+    #[arg(long, default_value_t = 20)]
     pub query_rate: u64,
+    /// Resident memory the sfaas process must stay under, MiB.
+    #[arg(long, default_value_t = 2048)]
     pub max_rss_mib: u64,
+    /// Nice value of the storm's client threads (0: the same priority as the platform).
+    /// On a machine that also runs the platform, they stand for clients on other machines.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub storm_nice: i32,
 }
 

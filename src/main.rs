@@ -351,30 +351,7 @@ enum BenchCommand {
     },
     /// One tenant storms (ingest at twice the sustainable rate, PromQL, calls) while another
     /// works: its latency, the refusals, memory, and recovery.
-    Soak {
-        /// Minutes of storm.
-        #[arg(long, default_value_t = 10.0)]
-        minutes: f64,
-        /// Seconds of quiet before and of recovery after.
-        #[arg(long, default_value_t = 60)]
-        quiet_secs: u64,
-        /// Spans a second the storm offers (about twice what the collector stores on a 2-core machine).
-        #[arg(long, default_value_t = 100_000)]
-        ingest_rate: u64,
-        /// Calls a second the storm offers (and a tenth as many 200 ms naps).
-        #[arg(long, default_value_t = 2000)]
-        call_rate: u64,
-        /// PromQL queries a second the storm offers (half of them hour-long ranges at 1 s steps).
-        #[arg(long, default_value_t = 20)]
-        query_rate: u64,
-        /// Resident memory the sfaas process must stay under, MiB.
-        #[arg(long, default_value_t = 2048)]
-        max_rss_mib: u64,
-        /// Nice value of the storm's client threads (0: the same priority as the platform).
-        /// On a machine that also runs the platform, they stand for clients on other machines.
-        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
-        storm_nice: i32,
-    },
+    Soak(bench_soak::Options),
     /// Engine overhead per node, and data passing through the state store vs files.
     Flow {
         /// Runs per measurement (the median is reported).
@@ -674,24 +651,7 @@ async fn run() -> anyhow::Result<()> {
             println!("{}", bench_etl::run(small_batches.max(1), large_batches.max(1), charts_dir).await?);
             Ok(())
         }
-        Command::Bench(BenchCommand::Soak {
-            minutes,
-            quiet_secs,
-            ingest_rate,
-            call_rate,
-            query_rate,
-            max_rss_mib,
-            storm_nice,
-        }) => {
-            let options = bench_soak::Options {
-                minutes,
-                quiet_secs,
-                ingest_rate,
-                call_rate,
-                query_rate,
-                max_rss_mib,
-                storm_nice,
-            };
+        Command::Bench(BenchCommand::Soak(options)) => {
             println!("{}", bench_soak::run(options).await?);
             Ok(())
         }
