@@ -55,7 +55,10 @@ impl From<BillingError> for ApiError {
         let status = match &error {
             BillingError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             BillingError::NotFound(_) => StatusCode::NOT_FOUND,
-            BillingError::Database(_) | BillingError::Sqlite(_) | BillingError::Migrate(_) => {
+            BillingError::Database(_)
+            | BillingError::Sqlite(_)
+            | BillingError::Migrate(_)
+            | BillingError::Telemetry(_) => {
                 tracing::error!(%error, "billing request failed");
                 StatusCode::INTERNAL_SERVER_ERROR
             }

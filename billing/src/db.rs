@@ -42,7 +42,7 @@ fn migrator(sqls: [&'static str; 2]) -> Migrator {
 impl Db {
     /// The billing tables in the telemetry store's database, created if missing.
     pub async fn open(store: &TelemetryStore) -> Result<Self, sqlx::migrate::MigrateError> {
-        Ok(match &store.pool {
+        Ok(match store.shared_pool() {
             Pool::Sqlite(pool) => {
                 migrator([
                     include_str!("../../migrations/sqlite/billing_0001_billing.sql"),

@@ -25,6 +25,8 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+use collector::store::{MeteredSpan as Span, TelemetryStore};
+
 use crate::db::{Db, on_pool, value_groups};
 use crate::period::{Period, PeriodKind};
 use crate::usage::{Kind, Totals, TotalsKey};
@@ -42,22 +44,6 @@ pub struct Chunk {
     pub records: u64,
     pub late_records: u64,
 }
-
-/// A metered span as stored.
-struct Span {
-    tenant: String,
-    trace_id: String,
-    span_id: String,
-    name: String,
-    start_ns: i64,
-    end_ns: i64,
-    received_ms: i64,
-    attributes: String,
-}
-
-const READ_SPANS: &str = "SELECT tenant, trace_id, span_id, name, start_ns, end_ns, received_ms, attributes \
-     FROM spans WHERE metered = 1 AND received_ms > ? AND received_ms <= ? \
-     AND (substr(name, 1, 7) = 'invoke ' OR name = 'state.usage' OR name = 'instance.usage')";
 
 /// Columns of [`INSERT_RECORDS`].
 const COLUMNS: usize = 21;
@@ -405,26 +391,24 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
 }
 
 /// Reads the chunk's metered spans on SQLite through its C API.
-fn read_spans_sqlite(db: &collector::sqlite::Connection, after_ms: i64, upto_ms: i64) -> Result<Vec<Span>, String> {
-    use collector::sqlite::Value::Int;
-    let mut statement = db.prepare(READ_SPANS)?;
-    statement.bind(1, Int(after_ms))?;
-    statement.bind(2, Int(upto_ms))?;
-    let mut spans = Vec::new();
-    while statement.step()? {
-        let text = |column| String::from_utf8_lossy(statement.text(column).unwrap_or_default()).into_owned();
-        spans.push(Span {
-            tenant: text(0),
-            trace_id: text(1),
-            span_id: text(2),
-            name: text(3),
-            start_ns: statement.int(4),
-            end_ns: statement.int(5),
-            received_ms: statement.int(6),
-            attributes: text(7),
-        });
+/// Inserting usage records, per backend: SQLite through its C API (sqlx hands each row over
+/// from its worker thread and copies each bound value), PostgreSQL through sqlx. The rules are
+/// the same Rust; the backend is chosen when the caller is compiled for each pool.
+trait InsertRecords {
+    /// Inserts the records, each where it is billed; true for each one that was new.
+    async fn insert_records(&mut self, db: &Db, records: &[Record], billed: &[Billed<'_>]) -> Result<Vec<bool>>;
+}
+
+impl InsertRecords for sqlx::SqliteConnection {
+    async fn insert_records(&mut self, _: &Db, records: &[Record], billed: &[Billed<'_>]) -> Result<Vec<bool>> {
+        collector::sqlite::run(self, |db| insert_sqlite(db, records, billed)).await.map_err(BillingError::Sqlite)
     }
-    Ok(spans)
+}
+
+impl InsertRecords for sqlx::PgConnection {
+    async fn insert_records(&mut self, db: &Db, records: &[Record], billed: &[Billed<'_>]) -> Result<Vec<bool>> {
+        insert_postgres(self, db, records, billed).await
+    }
 }
 
 /// Inserts the records on SQLite through its C API, each where it is billed; true for each one
@@ -507,18 +491,6 @@ fn sum_new(records: &[Record], billed: &[Billed], new: Vec<bool>) -> (HashMap<To
     (totals, count, late)
 }
 
-/// The end of the chunk after `watermark`: `spans` metered spans on (and the rest of that
-/// millisecond's), never past `upto`.
-pub async fn chunk_end(db: &Db, watermark: i64, upto: i64, spans: i64) -> Result<i64> {
-    let sql = db.sql(
-        "SELECT received_ms FROM spans WHERE metered = 1 AND received_ms > ? AND received_ms <= ? \
-         ORDER BY received_ms LIMIT 1 OFFSET ?",
-    );
-    let next: Option<i64> = on_pool!(db, pool => sqlx::query_scalar(sql)
-        .bind(watermark).bind(upto).bind(spans).fetch_optional(pool).await?);
-    Ok(next.unwrap_or(upto))
-}
-
 /// The spans that arrived in `(after_ms, upto_ms]`, read and turned into records: the part of
 /// extraction that writes nothing, so that it runs while the chunk before is written
 /// ([`write`]). Reading outside the writing transaction sees the same spans: arrivals at or
@@ -542,37 +514,13 @@ impl Prepared {
 /// Reads the chunk `(after_ms, upto_ms]` and applies the rules (on a blocking thread: parsing a
 /// chunk is tens of milliseconds of CPU).
 pub async fn prepare(
-    db: &Db,
+    telemetry: &TelemetryStore,
     kind: PeriodKind,
     final_through: Option<Period>,
     after_ms: i64,
     upto_ms: i64,
 ) -> Result<Prepared> {
-    let spans: Vec<Span> = match db {
-        Db::Sqlite(pool) => {
-            let mut connection = pool.acquire().await?;
-            collector::sqlite::run(&mut connection, |db| read_spans_sqlite(db, after_ms, upto_ms))
-                .await
-                .map_err(BillingError::Sqlite)?
-        }
-        Db::Postgres(pool) => sqlx::query_as(db.sql(READ_SPANS))
-            .bind(after_ms)
-            .bind(upto_ms)
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .map(|(tenant, trace_id, span_id, name, start_ns, end_ns, received_ms, attributes)| Span {
-                tenant,
-                trace_id,
-                span_id,
-                name,
-                start_ns,
-                end_ns,
-                received_ms,
-                attributes,
-            })
-            .collect(),
-    };
+    let spans = telemetry.metered_spans(after_ms, upto_ms).await?;
     let parse = move || {
         let tenants: BTreeSet<&str> = spans.iter().map(|span| span.tenant.as_str()).collect();
         let tenants = tenants.into_iter().map(str::to_owned).collect();
@@ -624,18 +572,7 @@ pub async fn write(db: &Db, default_plan: &str, prepared: Prepared) -> Result<Ch
                     Billed { period, billed_period, plan }
                 })
                 .collect();
-            // SQLite goes through its C API (sqlx hands each row over from its worker thread and
-            // copies each bound value); PostgreSQL through sqlx. The rules are the same Rust.
-            let connection = &mut *tx as &mut dyn std::any::Any;
-            let new = match connection.downcast_mut::<sqlx::SqliteConnection>() {
-                Some(connection) => collector::sqlite::run(connection, |db| insert_sqlite(db, &records, &billed))
-                    .await
-                    .map_err(BillingError::Sqlite)?,
-                None => {
-                    let connection = connection.downcast_mut::<sqlx::PgConnection>().expect("SQLite or PostgreSQL");
-                    insert_postgres(connection, db, &records, &billed).await?
-                }
-            };
+            let new = (*tx).insert_records(db, &records, &billed).await?;
             (out.totals, out.records, out.late_records) = sum_new(&records, &billed, new);
             crate::add_totals(db, &mut tx, out.totals.clone()).await?;
         }

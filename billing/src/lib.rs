@@ -20,6 +20,7 @@ pub mod invoice;
 pub mod period;
 pub mod plans;
 pub mod reconcile;
+pub mod records;
 pub mod usage;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -57,6 +58,8 @@ pub enum BillingError {
     Sqlite(String),
     #[error("billing schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Telemetry(#[from] collector::store::StoreError),
 }
 
 type Result<T, E = BillingError> = std::result::Result<T, E>;
@@ -115,6 +118,8 @@ pub struct RecordCost {
 /// The billing engine over one database.
 pub struct Billing {
     db: Db,
+    /// The metered spans usage is extracted from.
+    telemetry: TelemetryStore,
     /// What "now" is: the telemetry store's clock, which also stamps the spans' arrival.
     clock: collector::clock::Clock,
     /// Spans that arrived less than this long ago are left for the next run (their commit may
@@ -134,6 +139,7 @@ impl Billing {
         let db = Db::open(store).await?;
         let billing = Self {
             db,
+            telemetry: store.clone(),
             clock: store.clock().clone(),
             settle: Duration::from_secs(5),
             chunk_spans: CHUNK,
@@ -324,13 +330,13 @@ impl Billing {
         let (sender, mut prepared) = tokio::sync::mpsc::channel(1);
         let mut reader = tokio::task::JoinSet::new(); // aborted if this run fails
         reader.spawn({
-            let (db, kind, spans) = (self.db.clone(), card.period, self.chunk_spans);
+            let (telemetry, kind, spans) = (self.telemetry.clone(), card.period, self.chunk_spans);
             async move {
                 let mut after = watermark;
                 while after < upto_ms {
-                    let chunk = match extract::chunk_end(&db, after, upto_ms, spans).await {
-                        Ok(end) => extract::prepare(&db, kind, final_through, after, end).await,
-                        Err(error) => Err(error),
+                    let chunk = match telemetry.metered_chunk_end(after, upto_ms, spans).await {
+                        Ok(end) => extract::prepare(&telemetry, kind, final_through, after, end).await,
+                        Err(error) => Err(error.into()),
                     };
                     after = chunk.as_ref().map_or(upto_ms, extract::Prepared::upto_ms);
                     if sender.send(chunk).await.is_err() {

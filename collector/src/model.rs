@@ -117,3 +117,25 @@ impl Batch {
         self.logs.extend(other.logs);
     }
 }
+
+/// A stored span kind's name as Jaeger and the OpenTelemetry Collector's translator write it
+/// (`span.kind`): 1 internal, 2 server, 3 client, 4 producer, 5 consumer.
+pub fn span_kind_name(kind: i64) -> Option<&'static str> {
+    match kind {
+        1 => Some("internal"),
+        2 => Some("server"),
+        3 => Some("client"),
+        4 => Some("producer"),
+        5 => Some("consumer"),
+        _ => None,
+    }
+}
+
+/// A stored status code's name (`otel.status_code`): 1 OK, 2 ERROR (0, unset, has none).
+pub fn status_name(code: i64) -> Option<&'static str> {
+    match code {
+        1 => Some("OK"),
+        2 => Some("ERROR"),
+        _ => None,
+    }
+}

@@ -71,7 +71,7 @@
 //!   (one index probe per distinct value). Listing a service's operations reads every span of
 //!   the service (no index has the span name), and dependencies every span of the window.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -80,11 +80,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use billing::api::Viewer;
-use collector::model::SpanRow;
-use collector::store::{Pool, TelemetryStore};
+use collector::model::{SpanRow, span_kind_name, status_name};
+use collector::store::{StoreError, TelemetryStore, TraceSearch};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use sqlx::Row;
 
 use crate::DashboardState;
 
@@ -107,10 +106,6 @@ const MAX_LIMIT: usize = 1500;
 const DEFAULT_SEARCH_LOOKBACK_NS: i64 = 2 * 24 * 3600 * 1_000_000_000;
 /// Dependencies window when `lookback` is not given (jaeger-query's default).
 const DEFAULT_DEPENDENCIES_LOOKBACK_MS: i64 = 24 * 3600 * 1000;
-/// Rows per page of a search's backwards walk: the first page is small, as the rows of one
-/// trace come together and the database filters by tags before the limit; later pages double.
-const FIRST_PAGE: usize = 100;
-const MAX_PAGE: usize = 20_000;
 const JS_MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
 /// Longest window a search or a dependencies request may read (each reads every matching span
 /// of its window): 31 days, a month of any length.
@@ -166,8 +161,8 @@ impl IntoResponse for JaegerError {
     }
 }
 
-impl From<sqlx::Error> for JaegerError {
-    fn from(error: sqlx::Error) -> Self {
+impl From<StoreError> for JaegerError {
+    fn from(error: StoreError) -> Self {
         tracing::error!(%error, "jaeger query failed");
         JaegerError(StatusCode::INTERNAL_SERVER_ERROR, format!("telemetry store: {error}"))
     }
@@ -209,139 +204,10 @@ async fn scope(state: &DashboardState, headers: &HeaderMap) -> Result<Vec<String
             let org = headers.get("x-scope-orgid").and_then(|v| v.to_str().ok()).map(str::trim);
             match org.filter(|org| !org.is_empty()) {
                 Some(org) => Ok(vec![org.to_string()]),
-                None => Ok(all_tenants(&state.store).await?),
+                None => Ok(state.store.span_tenants().await?),
             }
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// SQL on either backend: SQL is written once with `?` placeholders (`TelemetryStore::sql`).
-
-#[derive(Clone, Copy)]
-enum Bind<'a> {
-    Str(&'a str),
-    Int(i64),
-}
-
-/// Runs `$sql` with `$binds` on whichever pool `$store` holds and decodes every row with
-/// `$decode` (compiled once per backend).
-macro_rules! rows {
-    ($store:expr, $sql:expr, $binds:expr, |$row:ident| $decode:expr) => {{
-        let store: &TelemetryStore = $store;
-        let text = store.sql($sql);
-        let binds: &[Bind<'_>] = $binds;
-        macro_rules! run {
-            ($pool:expr) => {{
-                let mut query = sqlx::query(text);
-                for bind in binds {
-                    query = match bind {
-                        Bind::Str(s) => query.bind(*s),
-                        Bind::Int(i) => query.bind(*i),
-                    };
-                }
-                query
-                    .fetch_all($pool)
-                    .await?
-                    .iter()
-                    .map(|$row| -> std::result::Result<_, sqlx::Error> { Ok($decode) })
-                    .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?
-            }};
-        }
-        match &store.pool {
-            Pool::Sqlite(pool) => run!(pool),
-            Pool::Postgres(pool) => run!(pool),
-        }
-    }};
-}
-
-/// Every tenant with spans: a skip scan over an index led by `tenant`.
-async fn all_tenants(store: &TelemetryStore) -> std::result::Result<Vec<String>, sqlx::Error> {
-    let text = "WITH RECURSIVE t(name) AS ( \
-                  SELECT (SELECT tenant FROM spans ORDER BY tenant LIMIT 1) \
-                  UNION ALL \
-                  SELECT (SELECT tenant FROM spans WHERE tenant > t.name ORDER BY tenant LIMIT 1) \
-                  FROM t WHERE t.name IS NOT NULL) \
-                SELECT name FROM t WHERE name IS NOT NULL";
-    Ok(rows!(store, text, &[], |row| row.try_get::<String, _>(0)?))
-}
-
-/// A tenant's service names: a skip scan over `spans_by_service`.
-async fn tenant_services(store: &TelemetryStore, tenant: &str) -> std::result::Result<Vec<String>, sqlx::Error> {
-    let text = "WITH RECURSIVE s(name) AS ( \
-                  SELECT (SELECT service_name FROM spans WHERE tenant = ? ORDER BY service_name LIMIT 1) \
-                  UNION ALL \
-                  SELECT (SELECT service_name FROM spans WHERE tenant = ? AND service_name > s.name \
-                          ORDER BY service_name LIMIT 1) \
-                  FROM s WHERE s.name IS NOT NULL) \
-                SELECT name FROM s WHERE name IS NOT NULL";
-    Ok(rows!(store, text, &[Bind::Str(tenant), Bind::Str(tenant)], |row| row.try_get::<String, _>(0)?))
-}
-
-/// A tenant's (operation, span kind) pairs of one service.
-async fn tenant_operations(
-    store: &TelemetryStore,
-    tenant: &str,
-    service: &str,
-) -> std::result::Result<Vec<(String, i64)>, sqlx::Error> {
-    let text = "SELECT name, kind FROM spans WHERE tenant = ? AND service_name = ? GROUP BY name, kind";
-    Ok(rows!(store, text, &[Bind::Str(tenant), Bind::Str(service)], |row| (
-        row.try_get::<String, _>(0)?,
-        row.try_get::<i64, _>(1)?
-    )))
-}
-
-/// Traces read at once by a search (bind parameters per statement stay far below the limits).
-const TRACES_PER_STATEMENT: usize = 100;
-
-/// The spans of some traces of one tenant, by trace id, each trace's spans by start time.
-///
-/// Through the primary key (tenant, trace_id, span_id). The statement has no `ORDER BY` on
-/// purpose: given `ORDER BY start_ns`, as in `TelemetryStore::trace`, SQLite plans
-/// `spans_by_time` (tenant, start_ns) for the order and reads every span of the tenant; sorting
-/// one trace's spans here costs nothing.
-async fn trace_rows(
-    store: &TelemetryStore,
-    tenant: &str,
-    trace_ids: &[&str],
-) -> std::result::Result<HashMap<String, Vec<SpanRow>>, sqlx::Error> {
-    let mut traces: HashMap<String, Vec<SpanRow>> = HashMap::new();
-    for chunk in trace_ids.chunks(TRACES_PER_STATEMENT) {
-        let text = format!(
-            "SELECT trace_id, span_id, parent_span_id, name, kind, start_ns, end_ns, status_code, status_message, \
-             service_name, attributes, events, links, resource, scope \
-             FROM spans WHERE tenant = ? AND trace_id IN ({})",
-            vec!["?"; chunk.len()].join(", ")
-        );
-        let mut binds = vec![Bind::Str(tenant)];
-        binds.extend(chunk.iter().map(|id| Bind::Str(id)));
-        let rows = rows!(store, &text, &binds, |row| SpanRow {
-            tenant: tenant.to_string(),
-            trace_id: row.try_get(0)?,
-            span_id: row.try_get(1)?,
-            parent_span_id: row.try_get(2)?,
-            name: row.try_get(3)?,
-            kind: row.try_get(4)?,
-            start_ns: row.try_get(5)?,
-            end_ns: row.try_get(6)?,
-            status_code: row.try_get(7)?,
-            status_message: row.try_get(8)?,
-            service_name: row.try_get(9)?,
-            attributes: row.try_get(10)?,
-            events: row.try_get(11)?,
-            links: row.try_get(12)?,
-            resource: row.try_get(13)?,
-            scope: row.try_get(14)?,
-            metered: false, // not read: nothing here shows it
-        });
-        for row in rows {
-            traces.entry(row.trace_id.clone()).or_default().push(row);
-        }
-    }
-    for spans in traces.values_mut() {
-        spans.sort_by(|a, b| a.start_ns.cmp(&b.start_ns).then_with(|| a.span_id.cmp(&b.span_id)));
-    }
-    Ok(traces)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,7 +217,7 @@ async fn services(State(state): State<DashboardState>, headers: HeaderMap) -> Re
     let tenants = scope(&state, &headers).await?;
     let mut names = BTreeSet::new();
     for tenant in &tenants {
-        names.extend(tenant_services(&state.store, tenant).await?);
+        names.extend(state.store.services(tenant).await?);
     }
     let names: Vec<String> = names.into_iter().collect();
     let total = names.len();
@@ -366,8 +232,8 @@ async fn operation_pairs(
 ) -> Result<BTreeSet<(String, &'static str)>> {
     let mut pairs = BTreeSet::new();
     for tenant in tenants {
-        for (name, kind) in tenant_operations(&state.store, tenant, service).await? {
-            pairs.insert((name, kind_name(kind).unwrap_or("")));
+        for (name, kind) in state.store.operations(tenant, service).await? {
+            pairs.insert((name, span_kind_name(kind).unwrap_or("")));
         }
     }
     Ok(pairs)
@@ -435,7 +301,7 @@ fn jaeger_trace_id(stored: &str) -> String {
 async fn traces_by_id(store: &TelemetryStore, tenants: &[String], trace_id: &str) -> Result<Vec<JaegerTrace>> {
     let mut found = Vec::new();
     for tenant in tenants {
-        if let Some(rows) = trace_rows(store, tenant, &[trace_id]).await?.remove(trace_id) {
+        if let Some(rows) = store.traces(tenant, &[trace_id]).await?.remove(trace_id) {
             found.push((tenant.as_str(), rows));
         }
     }
@@ -477,17 +343,6 @@ async fn trace(
 
 // ---------------------------------------------------------------------------------------------
 // /api/traces (search)
-
-struct Search {
-    service: String,
-    operation: Option<String>,
-    tags: Vec<(String, String)>,
-    min_ns: i64,
-    max_ns: i64,
-    limit: usize,
-    start_ns: i64,
-    end_ns: i64,
-}
 
 /// Go's `time.ParseDuration` (what jaeger-query uses for `minDuration`/`maxDuration`), in ns.
 fn parse_go_duration(text: &str) -> Option<i64> {
@@ -626,7 +481,7 @@ fn parse_tags(text: &str) -> Result<Vec<(String, String)>> {
 }
 
 /// The search a request asks for; its window ends at `now_ns` unless it says otherwise.
-fn parse_search(params: &[(String, String)], now_ns: i64) -> Result<Search> {
+fn parse_search(params: &[(String, String)], now_ns: i64) -> Result<TraceSearch> {
     let service = first(params, "service").map(|s| s.trim().to_string());
     let operation = first(params, "operation").map(str::to_string);
     let mut tags = Vec::new();
@@ -679,237 +534,7 @@ fn parse_search(params: &[(String, String)], now_ns: i64) -> Result<Search> {
             "tag {key:?}: a key or value is longer than {MAX_TAG_BYTES} bytes, the limit"
         )));
     }
-    Ok(Search { service, operation, tags, min_ns, max_ns, limit, start_ns, end_ns })
-}
-
-/// One span considered by a search.
-struct Candidate {
-    trace_id: String,
-    start_ns: i64,
-    /// Only read when the search has tags.
-    details: Option<Details>,
-}
-
-struct Details {
-    kind: i64,
-    status_code: i64,
-    status_message: String,
-    attributes: String,
-    resource: String,
-    events: String,
-    scope: String,
-}
-
-/// The text a tag value is compared as (jaeger-query compares `AsString()`).
-fn value_matches(value: &Value, want: &str) -> bool {
-    match value {
-        Value::String(s) => s == want,
-        Value::Bool(b) => want == if *b { "true" } else { "false" },
-        Value::Number(n) => n.to_string() == want || (want.parse::<f64>().ok().is_some_and(|w| n.as_f64() == Some(w))),
-        Value::Null => want.is_empty(),
-        // Arrays and maps, as their JSON text.
-        other => serde_json::to_string(other).is_ok_and(|text| text == want),
-    }
-}
-
-fn parse_map(text: &str) -> Map<String, Value> {
-    serde_json::from_str(text).unwrap_or_default()
-}
-
-impl Details {
-    /// Whether every tag matches a tag, process tag or log field of this span.
-    fn matches(&self, tags: &[(String, String)]) -> bool {
-        let attributes = parse_map(&self.attributes);
-        let mut resource: Option<Map<String, Value>> = None;
-        let mut events: Option<Vec<Value>> = None;
-        let mut scope: Option<Map<String, Value>> = None;
-        tags.iter().all(|(key, want)| {
-            if let Some(value) = attributes.get(key) {
-                if value_matches(value, want) {
-                    return true;
-                }
-            } else {
-                let synthetic = match key.as_str() {
-                    "span.kind" => kind_name(self.kind) == Some(want.as_str()),
-                    "otel.status_code" => status_name(self.status_code) == Some(want.as_str()),
-                    "error" => self.status_code == 2 && want == "true",
-                    "otel.status_description" => !self.status_message.is_empty() && &self.status_message == want,
-                    "otel.scope.name" | "otel.scope.version" => {
-                        let scope = scope.get_or_insert_with(|| parse_map(&self.scope));
-                        let field = if key == "otel.scope.name" { "name" } else { "version" };
-                        scope.get(field).and_then(Value::as_str).is_some_and(|v| !v.is_empty() && v == want)
-                    }
-                    _ => false,
-                };
-                if synthetic {
-                    return true;
-                }
-            }
-            if key != "service.name" {
-                let resource = resource.get_or_insert_with(|| parse_map(&self.resource));
-                if resource.get(key).is_some_and(|v| value_matches(v, want)) {
-                    return true;
-                }
-            }
-            let events = events.get_or_insert_with(|| serde_json::from_str(&self.events).unwrap_or_default());
-            events.iter().any(|event| {
-                (key == "event" && event.get("name").and_then(Value::as_str) == Some(want.as_str()))
-                    || event.get("attributes").and_then(|a| a.get(key)).is_some_and(|v| value_matches(v, want))
-            })
-        })
-    }
-}
-
-/// Text that a span's attributes, resource or events JSON must contain for the tag `key=want` to
-/// match (`None` when no such text is certain: tags made from the span's kind, status or scope,
-/// and values compared otherwise than as JSON text, such as `500.0` with `500`).
-fn needle(key: &str, want: &str) -> Option<String> {
-    let synthetic = matches!(
-        key,
-        "span.kind"
-            | "otel.status_code"
-            | "error"
-            | "otel.status_description"
-            | "otel.scope.name"
-            | "otel.scope.version"
-    );
-    let numeric = want.parse::<f64>().is_ok();
-    let canonical_integer = want.parse::<i64>().is_ok_and(|i| i.to_string() == want);
-    if synthetic || want.is_empty() || want.starts_with(['[', '{']) || (numeric && !canonical_integer) {
-        return None;
-    }
-    let quoted = serde_json::to_string(want).ok()?;
-    Some(quoted[1..quoted.len() - 1].to_string())
-}
-
-/// Up to `limit` traces of `tenant` matching the search, most recently matched first, with the
-/// start of their latest matching span: walks `spans_by_service` backwards page by page.
-async fn find_traces(
-    store: &TelemetryStore,
-    tenant: &str,
-    search: &Search,
-) -> std::result::Result<Vec<(String, i64)>, sqlx::Error> {
-    let with_tags = !search.tags.is_empty();
-    let columns = if with_tags {
-        "trace_id, start_ns, kind, status_code, status_message, attributes, resource, events, scope"
-    } else {
-        "trace_id, start_ns"
-    };
-    let mut conditions = String::new();
-    if search.operation.is_some() {
-        conditions.push_str(" AND name = ?");
-    }
-    if search.min_ns > 0 {
-        conditions.push_str(" AND end_ns - start_ns >= ?");
-    }
-    if search.max_ns > 0 {
-        conditions.push_str(" AND end_ns - start_ns <= ?");
-    }
-    // A cheap necessary condition per tag, checked by the database: the value's JSON text is in
-    // the span's attributes, resource or events. The exact match is made here afterwards.
-    let needles: Vec<String> = search.tags.iter().filter_map(|(key, want)| needle(key, want)).collect();
-    let instr = match store.pool {
-        Pool::Sqlite(_) => "instr",
-        Pool::Postgres(_) => "strpos",
-    };
-    for _ in &needles {
-        conditions.push_str(&format!(
-            " AND ({instr}(attributes, ?) > 0 OR {instr}(resource, ?) > 0 OR {instr}(events, ?) > 0)"
-        ));
-    }
-    let page_sql = |page: usize| {
-        format!(
-            "SELECT {columns} FROM spans WHERE tenant = ? AND service_name = ? AND start_ns >= ? AND start_ns <= ?\
-             {conditions} ORDER BY start_ns DESC LIMIT {page}"
-        )
-    };
-    let ties_sql =
-        format!("SELECT {columns} FROM spans WHERE tenant = ? AND service_name = ? AND start_ns = ?{conditions}");
-    let extra_binds = {
-        let mut binds = Vec::new();
-        if let Some(operation) = &search.operation {
-            binds.push(Bind::Str(operation));
-        }
-        if search.min_ns > 0 {
-            binds.push(Bind::Int(search.min_ns));
-        }
-        if search.max_ns > 0 {
-            binds.push(Bind::Int(search.max_ns));
-        }
-        for needle in &needles {
-            binds.extend([Bind::Str(needle), Bind::Str(needle), Bind::Str(needle)]);
-        }
-        binds
-    };
-
-    let mut found: Vec<(String, i64)> = Vec::new();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut consider = |candidates: Vec<Candidate>, found: &mut Vec<(String, i64)>| {
-        for candidate in candidates {
-            if found.len() >= search.limit {
-                return;
-            }
-            if seen.contains(&candidate.trace_id) {
-                continue;
-            }
-            if candidate.details.as_ref().is_none_or(|details| details.matches(&search.tags)) {
-                seen.insert(candidate.trace_id.clone());
-                found.push((candidate.trace_id, candidate.start_ns));
-            }
-        }
-    };
-
-    let mut high = search.end_ns;
-    let mut page = FIRST_PAGE;
-    while high >= search.start_ns && found.len() < search.limit {
-        let mut binds =
-            vec![Bind::Str(tenant), Bind::Str(&search.service), Bind::Int(search.start_ns), Bind::Int(high)];
-        binds.extend(extra_binds.iter().copied());
-        let candidates = fetch_candidates(store, &page_sql(page), &binds, with_tags).await?;
-        let full = candidates.len() == page;
-        let last = candidates.last().map(|c| c.start_ns);
-        consider(candidates, &mut found);
-        let (true, Some(last)) = (full, last) else { break };
-        if found.len() >= search.limit {
-            break;
-        }
-        // The page ended inside a run of equal start times: take the whole run, then go on below it.
-        let mut binds = vec![Bind::Str(tenant), Bind::Str(&search.service), Bind::Int(last)];
-        binds.extend(extra_binds.iter().copied());
-        let ties = fetch_candidates(store, &ties_sql, &binds, with_tags).await?;
-        consider(ties, &mut found);
-        if last == i64::MIN {
-            break;
-        }
-        high = last - 1;
-        page = (page * 2).min(MAX_PAGE);
-    }
-    Ok(found)
-}
-
-async fn fetch_candidates(
-    store: &TelemetryStore,
-    text: &str,
-    binds: &[Bind<'_>],
-    with_tags: bool,
-) -> std::result::Result<Vec<Candidate>, sqlx::Error> {
-    Ok(rows!(store, text, binds, |row| Candidate {
-        trace_id: row.try_get(0)?,
-        start_ns: row.try_get(1)?,
-        details: if with_tags {
-            Some(Details {
-                kind: row.try_get(2)?,
-                status_code: row.try_get(3)?,
-                status_message: row.try_get(4)?,
-                attributes: row.try_get(5)?,
-                resource: row.try_get(6)?,
-                events: row.try_get(7)?,
-                scope: row.try_get(8)?,
-            })
-        } else {
-            None
-        },
-    }))
+    Ok(TraceSearch { service, operation, tags, min_ns, max_ns, limit, start_ns, end_ns })
 }
 
 async fn search(State(state): State<DashboardState>, headers: HeaderMap, query: Params) -> Result<Response> {
@@ -937,7 +562,7 @@ async fn search(State(state): State<DashboardState>, headers: HeaderMap, query: 
     let search = parse_search(&params, state.store.clock().now_ns())?;
     let mut found: Vec<(i64, &str, String)> = Vec::new();
     for tenant in &tenants {
-        for (trace_id, start_ns) in find_traces(&state.store, tenant, &search).await? {
+        for (trace_id, start_ns) in state.store.find_traces(tenant, &search).await? {
             found.push((start_ns, tenant.as_str(), trace_id));
         }
     }
@@ -949,7 +574,7 @@ async fn search(State(state): State<DashboardState>, headers: HeaderMap, query: 
     }
     let mut spans: HashMap<(&str, String), Vec<SpanRow>> = HashMap::new();
     for (tenant, trace_ids) in by_tenant {
-        for (trace_id, rows) in trace_rows(&state.store, tenant, &trace_ids).await? {
+        for (trace_id, rows) in state.store.traces(tenant, &trace_ids).await? {
             spans.insert((tenant, trace_id), rows);
         }
     }
@@ -980,18 +605,9 @@ async fn dependencies(State(state): State<DashboardState>, headers: HeaderMap, q
     let end_ns = end_ms.saturating_mul(1_000_000);
     let start_ns = end_ms.saturating_sub(lookback_ms).saturating_mul(1_000_000);
     check_window("dependencies", start_ns, end_ns)?;
-    let text = "SELECT p.service_name, c.service_name, COUNT(*) FROM spans c \
-                JOIN spans p ON p.tenant = c.tenant AND p.trace_id = c.trace_id AND p.span_id = c.parent_span_id \
-                WHERE c.tenant = ? AND c.start_ns >= ? AND c.start_ns <= ? AND c.parent_span_id IS NOT NULL \
-                AND p.service_name <> c.service_name \
-                GROUP BY p.service_name, c.service_name";
     let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
     for tenant in &tenants {
-        let links = rows!(&state.store, text, &[Bind::Str(tenant), Bind::Int(start_ns), Bind::Int(end_ns)], |row| (
-            row.try_get::<String, _>(0)?,
-            row.try_get::<String, _>(1)?,
-            row.try_get::<i64, _>(2)?
-        ));
+        let links = state.store.dependencies(tenant, start_ns, end_ns).await?;
         for (parent, child, count) in links {
             *counts.entry((parent, child)).or_default() += count;
         }
@@ -1066,25 +682,6 @@ struct KeyValue {
     value: Value,
 }
 
-fn kind_name(kind: i64) -> Option<&'static str> {
-    match kind {
-        1 => Some("internal"),
-        2 => Some("server"),
-        3 => Some("client"),
-        4 => Some("producer"),
-        5 => Some("consumer"),
-        _ => None,
-    }
-}
-
-fn status_name(code: i64) -> Option<&'static str> {
-    match code {
-        1 => Some("OK"),
-        2 => Some("ERROR"),
-        _ => None,
-    }
-}
-
 fn string_tag(key: &str, value: &str) -> KeyValue {
     KeyValue { key: key.to_string(), kind: "string", value: Value::String(value.to_string()) }
 }
@@ -1140,7 +737,7 @@ fn jaeger_span(row: &SpanRow, trace_id: &str, process_id: String) -> JaegerSpan 
             tags.push(tag(key, &value));
         }
     };
-    if let Some(kind) = kind_name(row.kind) {
+    if let Some(kind) = span_kind_name(row.kind) {
         synthetic("span.kind", Value::String(kind.into()));
     }
     if let Some(status) = status_name(row.status_code) {

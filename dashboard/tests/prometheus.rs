@@ -1220,7 +1220,7 @@ async fn big_month(env: &Env, tenant: &str, count: usize, from: &str, every: i64
                 query.execute($pool).await.unwrap();
             }};
         }
-        match &env.store.pool {
+        match env.store.shared_pool() {
             Pool::Sqlite(pool) => insert!(pool),
             Pool::Postgres(pool) => insert!(pool),
         }

@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use collector::store::StoreError;
 use serde_json::Value as Json;
 
-use super::db::fetch;
 use super::eval::{
     LOOKBACK_MS, Labels, METRIC_NAME, Plan, QueryError, Selector, Series, SeriesData, counter_read_times,
 };
@@ -165,38 +165,12 @@ fn stored_labels(
 }
 
 /// The tenants whose stored samples the caller reads: its own, or (the admin) every tenant
-/// with samples, by a skip scan over the primary key (one index probe per tenant).
+/// with samples.
 async fn sample_tenants(state: &DashboardState, tenant: Option<&str>) -> Result<Vec<String>, QueryError> {
-    if let Some(tenant) = tenant {
-        return Ok(vec![tenant.to_string()]);
+    match tenant {
+        Some(tenant) => Ok(vec![tenant.to_string()]),
+        None => Ok(state.store.sample_tenants().await?),
     }
-    let text = "WITH RECURSIVE t(name) AS ( \
-                  SELECT (SELECT tenant FROM metric_samples ORDER BY tenant LIMIT 1) \
-                  UNION ALL \
-                  SELECT (SELECT tenant FROM metric_samples WHERE tenant > t.name ORDER BY tenant LIMIT 1) \
-                  FROM t WHERE t.name IS NOT NULL) \
-                SELECT name FROM t WHERE name IS NOT NULL";
-    Ok(fetch!(&state.store, text, &[], |row| row.try_get::<String, _>(0)?))
-}
-
-/// `tenant IN (?, ...)` for `tenants` (never empty: callers return early).
-fn tenants_in(tenants: &[String]) -> String {
-    format!("tenant IN ({})", vec!["?"; tenants.len()].join(", "))
-}
-
-/// A tenant's stored metric names with their kind: a skip scan over the primary key.
-async fn stored_metrics(state: &DashboardState, tenant: &str) -> Result<Vec<(String, String)>, QueryError> {
-    let text = "WITH RECURSIVE m(name) AS ( \
-                  SELECT (SELECT metric FROM metric_samples WHERE tenant = ? ORDER BY metric LIMIT 1) \
-                  UNION ALL \
-                  SELECT (SELECT metric FROM metric_samples WHERE tenant = ? AND metric > m.name ORDER BY metric LIMIT 1) \
-                  FROM m WHERE m.name IS NOT NULL) \
-                SELECT m.name, (SELECT s.kind FROM metric_samples s WHERE s.tenant = ? AND s.metric = m.name LIMIT 1) \
-                FROM m WHERE m.name IS NOT NULL";
-    Ok(fetch!(&state.store, text, &[tenant, tenant, tenant], |row| (
-        row.try_get::<String, _>(0)?,
-        row.try_get::<String, _>(1)?
-    )))
 }
 
 /// A selector's stored series with their samples in `(lo, hi]` (ms).
@@ -216,7 +190,7 @@ async fn stored_series(
         None => {
             let mut names = BTreeSet::new();
             for tenant in tenants {
-                for (metric, _) in stored_metrics(state, tenant).await? {
+                for (metric, _) in state.store.stored_metrics(tenant).await? {
                     if exposed_names(&metric).iter().any(|n| selector.may_select_name(n)) {
                         names.insert(metric);
                     }
@@ -247,15 +221,10 @@ async fn stored_series(
         }
     }
     for metric in metrics {
-        let groups = super::db::series_rows(
-            &state.store,
-            tenants,
-            &metric,
-            lo.saturating_mul(NS_PER_MS),
-            hi.saturating_mul(NS_PER_MS),
-            budget,
-        )
-        .await?;
+        let groups = state
+            .store
+            .series_samples(tenants, &metric, lo.saturating_mul(NS_PER_MS), hi.saturating_mul(NS_PER_MS), budget)
+            .await?;
         for group in groups {
             let plain = group.samples.iter().all(|(_, _, histogram)| histogram.is_none());
             if plain {
@@ -375,30 +344,11 @@ pub async fn catalogue(
     now_ms: i64,
 ) -> Result<Vec<Labels>, QueryError> {
     let tenants = sample_tenants(state, tenant).await?;
-    let mut filter =
-        if tenants.is_empty() { " AND 1 = 0".to_string() } else { format!(" AND {}", tenants_in(&tenants)) };
-    let mut binds: Vec<&str> = tenants.iter().map(String::as_str).collect();
-    let stored: Vec<String> = names.map(|n| n.iter().flat_map(|name| stored_names(name)).collect()).unwrap_or_default();
-    if names.is_some() {
-        if stored.is_empty() {
-            filter.push_str(" AND 1 = 0");
-        } else {
-            filter.push_str(&format!(" AND metric IN ({})", vec!["?"; stored.len()].join(", ")));
-            binds.extend(stored.iter().map(String::as_str));
-        }
-    }
-    let text = format!(
-        "SELECT tenant, metric, labels, MAX(histogram) FROM metric_samples WHERE ts_ns >= {} AND ts_ns <= {}{filter} \
-         GROUP BY tenant, metric, labels",
-        lo.saturating_mul(NS_PER_MS),
-        hi.saturating_mul(NS_PER_MS)
-    );
-    let rows = fetch!(&state.store, &text, &binds, |row| (
-        row.try_get::<String, _>(0)?,
-        row.try_get::<String, _>(1)?,
-        row.try_get::<String, _>(2)?,
-        row.try_get::<Option<String>, _>(3)?,
-    ));
+    let stored: Option<Vec<String>> = names.map(|n| n.iter().flat_map(|name| stored_names(name)).collect());
+    let rows = state
+        .store
+        .series_in(&tenants, stored.as_deref(), lo.saturating_mul(NS_PER_MS), hi.saturating_mul(NS_PER_MS))
+        .await?;
     let mut out: BTreeSet<Labels> = BTreeSet::new();
     let mut cache = HashMap::new();
     for (row_tenant, metric, labels_json, histogram) in rows {
@@ -423,7 +373,7 @@ pub async fn metadata(
 ) -> Result<Vec<(String, String, String)>, QueryError> {
     let mut out: BTreeMap<String, (String, String)> = BTreeMap::new();
     for t in sample_tenants(state, tenant).await? {
-        for (metric, kind) in stored_metrics(state, &t).await? {
+        for (metric, kind) in state.store.stored_metrics(&t).await? {
             // Flat histogram series (`x_bucket` scraped) belong to the family `x`.
             let family = match kind.as_str() {
                 "histogram" | "summary" => HISTOGRAM_SUFFIXES
@@ -444,6 +394,23 @@ pub async fn metadata(
         }
     }
     Ok(out.into_iter().map(|(name, (kind, help))| (name, kind, help)).collect())
+}
+
+impl From<StoreError> for QueryError {
+    fn from(error: StoreError) -> Self {
+        if let StoreError::OverBudget = error {
+            return QueryError::Execution(TOO_MANY_SAMPLES.into());
+        }
+        tracing::error!(%error, "prometheus query failed");
+        QueryError::Internal(error.to_string())
+    }
+}
+
+impl From<billing::BillingError> for QueryError {
+    fn from(error: billing::BillingError) -> Self {
+        tracing::error!(%error, "prometheus query failed");
+        QueryError::Internal(error.to_string())
+    }
 }
 
 #[cfg(test)]

@@ -135,7 +135,6 @@
 //! - No staleness markers: a series ends 5 minutes after its last sample.
 
 mod data;
-mod db;
 mod eval;
 #[cfg(fuzzing)]
 pub mod fuzzing;

@@ -27,10 +27,10 @@ use std::sync::Arc;
 
 use billing::period::Period;
 use billing::plans::{Metric, PRORATE_DIGITS, Plan, Price, RateCard};
+use billing::records::{AFTER, Group, Lattice, Row, Sums};
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 
-use super::db::{fetch, is_sqlite};
 use super::eval::{Counter, Labels, METRIC_NAME, QueryError, RESOLUTION_MS};
 use crate::DashboardState;
 
@@ -65,218 +65,10 @@ pub fn last_sample(now_ms: i64) -> i64 {
 }
 
 const NS_PER_MS: i64 = 1_000_000;
-/// Bucket of records that started at or after the last sample time.
-const AFTER: i64 = -3;
-/// Row kind of the aggregation: a `usage_totals` row (every record of its group and function).
-const TOTALS: i64 = -9;
-/// Row kind of the aggregation: billing's watermark as the statement saw it (in `first_ns`).
-const WATERMARK: i64 = -8;
-/// Interval patterns with more distinct phases than this are read minute by minute.
-const MAX_PHASES: usize = 64;
 /// A crossing slice with at most this many records is walked record by record.
 const LEAF_RECORDS: i64 = 2_000;
 /// How many slices a crossing interval is split into per round.
 const SLICES: i64 = 64;
-
-/// The intervals records are grouped into: `[base + k·period + phases[j], next phase)` up to
-/// `e1`, then `[e1, e2)`; bucket `-1` holds everything before `base`, `-2` `[e1, e2)`, and
-/// [`AFTER`] what started at `e2` or later (read by no query; only subtracted).
-#[derive(Debug, Clone)]
-struct Lattice {
-    base: i64,
-    period: i64,
-    phases: Vec<i64>,
-    e1: i64,
-    e2: i64,
-}
-
-fn gcd(a: i64, b: i64) -> i64 {
-    if b == 0 { a.abs() } else { gcd(b, a % b) }
-}
-
-impl Lattice {
-    /// A lattice whose boundaries include every read time (`points`, sorted, all on the
-    /// minute grid and at most `last`).
-    fn new(points: &[i64], step: Option<i64>, last: i64) -> Self {
-        let (e1, e2) = (last - RESOLUTION_MS, last);
-        let inner: Vec<i64> = points.iter().copied().filter(|p| *p < e1).collect();
-        let (Some(&base), Some(&top)) = (inner.first(), inner.last()) else {
-            return Self { base: e1, period: RESOLUTION_MS, phases: vec![0], e1, e2 };
-        };
-        let span = top - base + RESOLUTION_MS;
-        let mut candidates = Vec::new();
-        if let Some(step) = step.filter(|s| *s > 0) {
-            let lcm = step / gcd(step, RESOLUTION_MS) * RESOLUTION_MS;
-            if lcm < span {
-                candidates.push(lcm);
-            }
-        }
-        candidates.push(span);
-        for period in candidates {
-            let mut phases: Vec<i64> = inner.iter().map(|p| (p - base) % period).collect();
-            phases.sort_unstable();
-            phases.dedup();
-            if phases.len() <= MAX_PHASES {
-                return Self { base, period, phases, e1, e2 };
-            }
-        }
-        Self { base, period: RESOLUTION_MS, phases: vec![0], e1, e2 }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.base >= self.e1
-    }
-
-    /// The SQL expression of a record's bucket (from `{table}start_ns`).
-    fn sql(&self, table: &str) -> String {
-        let (b, e1) = (self.base * NS_PER_MS, self.e1 * NS_PER_MS);
-        let start = format!("{table}start_ns");
-        let e2 = self.e2 * NS_PER_MS;
-        if self.is_empty() {
-            return format!("CASE WHEN {start} < {b} THEN -1 WHEN {start} >= {e2} THEN {AFTER} ELSE -2 END");
-        }
-        let period = self.period * NS_PER_MS;
-        let phases: Vec<i64> = self.phases.iter().map(|p| p * NS_PER_MS).collect();
-        let x = format!("(({start} - {b}) % {period})");
-        fn tree(phases: &[i64], lo: usize, hi: usize, x: &str) -> String {
-            if hi - lo == 1 {
-                return lo.to_string();
-            }
-            let mid = (lo + hi) / 2;
-            format!(
-                "(CASE WHEN {x} < {} THEN {} ELSE {} END)",
-                phases[mid],
-                tree(phases, lo, mid, x),
-                tree(phases, mid, hi, x)
-            )
-        }
-        let j = tree(&phases, 0, phases.len(), &x);
-        format!(
-            "CASE WHEN {start} < {b} THEN -1 WHEN {start} >= {e2} THEN {AFTER} WHEN {start} >= {e1} THEN -2 \
-             ELSE (({start} - {b}) / {period}) * {} + {j} END",
-            phases.len()
-        )
-    }
-
-    /// A bucket's interval `[lo, hi)` in ms (bucket -1 starts at `first`).
-    fn interval(&self, bucket: i64, first: i64) -> (i64, i64) {
-        match bucket {
-            -1 => (first, self.base),
-            -2 => (self.e1, self.e2),
-            AFTER => (self.e2, i64::MAX),
-            id => {
-                let n = self.phases.len() as i64;
-                let (k, j) = (id / n, (id % n) as usize);
-                let origin = self.base + k * self.period;
-                let hi = self.phases.get(j + 1).map_or(origin + self.period, |p| origin + p);
-                (origin + self.phases[j], hi.min(self.e1))
-            }
-        }
-    }
-}
-
-/// Quantities of a set of usage records.
-#[derive(Debug, Clone, Default)]
-struct Sums {
-    records: i64,
-    invocations: i64,
-    cpu_ms: i64,
-    bytes_out: i64,
-    state: Decimal,
-}
-
-impl Sums {
-    fn subtract(&mut self, other: &Sums) {
-        self.records -= other.records;
-        self.invocations -= other.invocations;
-        self.cpu_ms -= other.cpu_ms;
-        self.bytes_out -= other.bytes_out;
-        self.state -= other.state;
-    }
-
-    fn add(&mut self, other: &Sums) {
-        self.records += other.records;
-        self.invocations += other.invocations;
-        self.cpu_ms += other.cpu_ms;
-        self.bytes_out += other.bytes_out;
-        self.state += other.state;
-    }
-
-    fn quantity(&self, metric: Metric) -> Decimal {
-        match metric {
-            Metric::Invocations => Decimal::from(self.invocations),
-            Metric::CpuMs => Decimal::from(self.cpu_ms),
-            Metric::BytesOut => Decimal::from(self.bytes_out),
-            Metric::StateByteSeconds => self.state,
-        }
-    }
-}
-
-/// Usage is billed per (tenant, invoice, usage period, plan), in time order.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct Group {
-    tenant: String,
-    billed_period: String,
-    period: String,
-    plan: String,
-}
-
-/// One row of the aggregation.
-struct Row {
-    group: Group,
-    function: String,
-    bucket: i64,
-    sums: Sums,
-    first_ns: i64,
-}
-
-fn decimal_of(text: &str) -> Result<Decimal, QueryError> {
-    text.trim()
-        .parse::<Decimal>()
-        .or_else(|_| Decimal::from_scientific(text.trim()))
-        .map_err(|e| QueryError::Internal(format!("usage record quantity {text:?}: {e}")))
-}
-
-/// The SQL sums of records (columns of `{t}`, a table prefix): records, invocations, CPU ms,
-/// bytes out, state byte-seconds — exact (NUMERIC, as text) on PostgreSQL; SQLite has no
-/// decimal type, so there a double-precision sum.
-fn sums_sql(sqlite: bool, t: &str) -> String {
-    let state = if sqlite {
-        format!("SUM(CASE WHEN {t}kind = 'state' THEN CAST({t}state_byte_seconds AS REAL) ELSE 0.0 END)")
-    } else {
-        format!("CAST(SUM(CASE WHEN {t}kind = 'state' THEN CAST({t}state_byte_seconds AS NUMERIC) ELSE 0 END) AS TEXT)")
-    };
-    format!(
-        "CAST(COUNT(*) AS BIGINT) AS records, CAST(SUM(CASE WHEN {t}kind = 'invocation' THEN 1 ELSE 0 END) AS BIGINT) \
-         AS invocations, CAST(SUM({t}cpu_ms) AS BIGINT) AS cpu, CAST(SUM({t}bytes_out) AS BIGINT) AS bytes, {state} AS state"
-    )
-}
-
-/// Decodes the columns of [`sums_sql`] at `at..at+5` of a row.
-macro_rules! sums_at {
-    ($row:expr, $at:expr, $sqlite:expr) => {{
-        // SQLite: a sum is REAL, a `usage_totals` value TEXT.
-        let state_text: String = if $sqlite {
-            match $row.try_get::<Option<f64>, _>($at + 4) {
-                Ok(v) => format!("{}", v.unwrap_or(0.0)),
-                Err(_) => $row.try_get::<Option<String>, _>($at + 4)?.unwrap_or_else(|| "0".into()),
-            }
-        } else {
-            $row.try_get::<Option<String>, _>($at + 4)?.unwrap_or_else(|| "0".into())
-        };
-        (
-            $row.try_get::<i64, _>($at)?,
-            $row.try_get::<i64, _>($at + 1)?,
-            $row.try_get::<i64, _>($at + 2)?,
-            $row.try_get::<i64, _>($at + 3)?,
-            state_text,
-        )
-    }};
-}
-
-fn sums_of(raw: (i64, i64, i64, i64, String)) -> Result<Sums, QueryError> {
-    Ok(Sums { records: raw.0, invocations: raw.1, cpu_ms: raw.2, bytes_out: raw.3, state: decimal_of(&raw.4)? })
-}
 
 /// The labels of a synthesized series (an empty value leaves the label out, as in Prometheus).
 fn labels(name: &str, pairs: &[(&str, &str)]) -> Labels {
@@ -284,173 +76,6 @@ fn labels(name: &str, pairs: &[(&str, &str)]) -> Labels {
     out.extend(pairs.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| (k.to_string(), v.to_string())));
     out.sort();
     Arc::new(out)
-}
-
-/// One row of [`grouped`]: the group, the function, the bucket ([`TOTALS`], [`WATERMARK`] or a
-/// bucket number), the sums as read, and the first start (the watermark on its row).
-type GroupedRow = (Group, String, i64, (i64, i64, i64, i64, String), i64);
-
-/// The scope's usage records matching `filter` (SQL over `r.`), summed per (group, function,
-/// `bucket`), with — when `totals` — the running totals of every (group, function), and
-/// billing's watermark, in one statement (one snapshot).
-async fn grouped(
-    state: &DashboardState,
-    tenant: Option<&str>,
-    bucket: &str,
-    filter: &str,
-    totals: bool,
-) -> Result<Vec<GroupedRow>, QueryError> {
-    let sqlite = is_sqlite(&state.store);
-    let scope = if tenant.is_some() { " AND r.tenant = ?" } else { "" };
-    let sums = sums_sql(sqlite, "r.");
-    let mut text = if sqlite {
-        // SQLite sorts to group: on the row id of the records' `usage_totals` row (every
-        // record has one, written in the same transaction) rather than on five text columns,
-        // which takes a third of the time.
-        format!(
-            "SELECT t.tenant, t.billed_period, t.period, t.plan, t.function, g.bucket, g.records, g.invocations, \
-             g.cpu, g.bytes, g.state, g.first_ns FROM (\
-               SELECT t.rowid AS id, {bucket} AS bucket, {sums}, CAST(MIN(r.start_ns) AS BIGINT) AS first_ns \
-               FROM usage_records r JOIN usage_totals t ON t.tenant = r.tenant AND t.billed_period = r.billed_period \
-               AND t.period = r.period AND t.plan = r.plan AND t.function = r.function \
-               WHERE 1 = 1{scope}{filter} GROUP BY t.rowid, bucket\
-             ) g JOIN usage_totals t ON t.rowid = g.id"
-        )
-    } else {
-        format!(
-            // BIGINT: a bucket expression of literals only (an empty lattice) would be INT4.
-            "SELECT r.tenant, r.billed_period, r.period, r.plan, r.function, CAST({bucket} AS BIGINT) AS bucket, {sums}, \
-             CAST(MIN(r.start_ns) AS BIGINT) AS first_ns FROM usage_records r WHERE 1 = 1{scope}{filter} \
-             GROUP BY r.tenant, r.billed_period, r.period, r.plan, r.function, bucket"
-        )
-    };
-    let mut binds: Vec<&str> = tenant.into_iter().collect();
-    if totals {
-        text.push_str(&format!(
-            " UNION ALL SELECT tenant, billed_period, period, plan, function, {TOTALS}, records, invocations, cpu_ms, \
-             bytes_out, state_byte_seconds, 0 FROM usage_totals{}",
-            if tenant.is_some() { " WHERE tenant = ?" } else { "" }
-        ));
-        binds.extend(tenant);
-    }
-    text.push_str(&format!(
-        " UNION ALL SELECT '', '', '', '', '', {WATERMARK}, 0, 0, 0, 0, '0', \
-         CAST(COALESCE((SELECT value FROM billing_settings WHERE key = 'watermark_ms'), '0') AS BIGINT)"
-    ));
-    // PostgreSQL estimates one group per record (it cannot know the buckets) and would sort
-    // on disk with the default 4 MB; with room it hashes, in memory.
-    Ok(fetch!(&state.store, &text, &binds, pg_setup = Some("SET LOCAL work_mem = '64MB'"), |row| (
-        Group {
-            tenant: row.try_get(0)?,
-            billed_period: row.try_get(1)?,
-            period: row.try_get(2)?,
-            plan: row.try_get(3)?,
-        },
-        row.try_get::<String, _>(4)?,
-        row.try_get::<i64, _>(5)?,
-        sums_at!(row, 6, sqlite),
-        row.try_get::<i64, _>(11)?,
-    )))
-}
-
-/// The usage records of the caller's scope (`tenant`) that started at or after
-/// `lattice.base`, summed by (group, function, bucket), for the records of `part` (k of n,
-/// split by the last character of the usage id, so that the parts can be summed on as many
-/// connections at once); with `totals`, also the running totals of every (group, function)
-/// (rows of bucket [`TOTALS`]): what started before `base` is their difference, without
-/// reading those records. The same statement reports billing's watermark, by which the parts'
-/// snapshots are checked to agree (billing commits records and watermark together).
-async fn aggregate(
-    state: &DashboardState,
-    tenant: Option<&str>,
-    lattice: &Lattice,
-    part: (u32, u32),
-    totals: bool,
-) -> Result<(Vec<Row>, i64), QueryError> {
-    let sqlite = is_sqlite(&state.store);
-    let mut filter = format!(" AND r.start_ns >= {}", lattice.base * NS_PER_MS);
-    let (k, n) = part;
-    if n > 1 {
-        let last_char =
-            if sqlite { "COALESCE(unicode(substr(r.usage_id, -1)), 0)" } else { "ascii(right(r.usage_id, 1))" };
-        filter.push_str(&format!(" AND {last_char} % {n} = {k}"));
-    }
-    let raw = grouped(state, tenant, &lattice.sql("r."), &filter, totals).await?;
-    let mut rows = Vec::with_capacity(raw.len());
-    let mut watermark = 0;
-    for (group, function, bucket, sums, first_ns) in raw {
-        if bucket == WATERMARK {
-            watermark = first_ns;
-        } else {
-            rows.push(Row { group, function, bucket, sums: sums_of(sums)?, first_ns });
-        }
-    }
-    Ok((rows, watermark))
-}
-
-/// The aggregation of [`aggregate`] over every record of the scope, with what started before
-/// the lattice's base as bucket -1 (from the totals).
-async fn aggregated(
-    state: &DashboardState,
-    cache: &Cache,
-    tenant: Option<&str>,
-    lattice: &Lattice,
-) -> Result<(Vec<Row>, HashMap<(Group, String), Sums>), QueryError> {
-    // (A pending full load starts when `_load` is dropped: once this query's rows are read.)
-    let _load = match cache.snapshot(state, tenant).await? {
-        Ok(snapshot) => return Ok((snapshot.rows(lattice), snapshot.totals.clone())),
-        Err(load) => load,
-    };
-    let mut parts = None;
-    if is_sqlite(&state.store) {
-        // Two halves at once (the grouping sort is most of the work, and each connection runs
-        // on a thread of its own), when billing committed nothing in between.
-        for _ in 0..2 {
-            let (a, b) = tokio::join!(
-                aggregate(state, tenant, lattice, (0, 2), true),
-                aggregate(state, tenant, lattice, (1, 2), false)
-            );
-            let ((a, wa), (b, wb)) = (a?, b?);
-            if wa == wb {
-                parts = Some(a.into_iter().chain(b).collect::<Vec<_>>());
-                break;
-            }
-        }
-    }
-    let parts = match parts {
-        Some(parts) => parts,
-        None => aggregate(state, tenant, lattice, (0, 1), true).await?.0,
-    };
-    let mut totals: HashMap<(Group, String), Sums> = HashMap::new();
-    let mut from_base: HashMap<(Group, String), Sums> = HashMap::new();
-    let mut merged: HashMap<(Group, String, i64), (Sums, i64)> = HashMap::new();
-    for row in parts {
-        if row.bucket == TOTALS {
-            totals.entry((row.group, row.function)).or_default().add(&row.sums);
-            continue;
-        }
-        from_base.entry((row.group.clone(), row.function.clone())).or_default().add(&row.sums);
-        let entry = merged.entry((row.group, row.function, row.bucket)).or_insert((Sums::default(), row.first_ns));
-        entry.0.add(&row.sums);
-        entry.1 = entry.1.min(row.first_ns);
-    }
-    // Before the base: the totals less what the records from the base on came to (the series
-    // began before the base; when exactly is never read: every read time is at or after it).
-    for (key, total) in &totals {
-        let mut before = total.clone();
-        if let Some(sums) = from_base.get(key) {
-            before.subtract(sums);
-        }
-        if before.records > 0 {
-            merged.insert((key.0.clone(), key.1.clone(), -1), (before, lattice.base * NS_PER_MS - 1));
-        }
-    }
-    let rows = merged
-        .into_iter()
-        .filter(|((_, _, bucket), _)| *bucket != AFTER)
-        .map(|((group, function, bucket), (sums, first_ns))| Row { group, function, bucket, sums, first_ns })
-        .collect();
-    Ok((rows, totals))
 }
 
 /// Series of the synthesized metrics: what a query reads at `points` (sorted), with `step`
@@ -465,7 +90,14 @@ pub async fn series(
     wanted: Wanted,
 ) -> Result<Vec<(Labels, Arc<Counter>)>, QueryError> {
     let lattice = Lattice::new(points, step, last);
-    let (rows, totals) = aggregated(state, cache, tenant, &lattice).await?;
+    let (rows, totals) = match cache.snapshot(state, tenant).await? {
+        Ok(snapshot) => (snapshot.rows(&lattice), snapshot.totals.clone()),
+        Err(load) => {
+            let read = state.billing.usage_by_bucket(tenant, &lattice).await?;
+            drop(load); // a pending full load starts now that this query's rows are read
+            read
+        }
+    };
     let mut out = Vec::new();
     if wanted.usage {
         out.extend(usage_counters(&rows, &lattice, last));
@@ -484,7 +116,6 @@ pub async fn series(
 pub const MAX_CACHED_RECORDS: i64 = 500_000;
 /// At most this many scopes (tenants, or the admin's "every tenant") are cached.
 const MAX_CACHED_SCOPES: usize = 4;
-const MINUTE_NS: i64 = RESOLUTION_MS * NS_PER_MS;
 
 /// The records of one (group, function) that started in one minute.
 #[derive(Debug, Clone)]
@@ -524,20 +155,7 @@ impl Snapshot {
     /// The aggregation of [`aggregated`] for a lattice, from the cells (every lattice boundary
     /// is a whole minute, so a cell lies in one bucket; buckets follow time order).
     fn rows(&self, lattice: &Lattice) -> Vec<Row> {
-        let n = lattice.phases.len() as i64;
-        let bucket_of = |minute: i64| {
-            if minute < lattice.base {
-                -1
-            } else if minute >= lattice.e2 {
-                AFTER
-            } else if minute >= lattice.e1 {
-                -2
-            } else {
-                let offset = minute - lattice.base;
-                let j = lattice.phases.partition_point(|p| *p <= offset % lattice.period) as i64 - 1;
-                (offset / lattice.period) * n + j
-            }
-        };
+        let bucket_of = |minute: i64| lattice.bucket_of_minute(minute);
         let mut out = Vec::new();
         for ((group, function), cells) in &self.cells {
             let mut current: Option<(i64, Sums, i64)> = None;
@@ -628,14 +246,7 @@ impl Cache {
         };
         let mut guard = slot.lock().await;
         // Unchanged since the last query: billing's watermark and the record count tell.
-        let text = format!(
-            "SELECT CAST(COALESCE((SELECT value FROM billing_settings WHERE key = 'watermark_ms'), '0') AS BIGINT), \
-             CAST(COALESCE((SELECT SUM(records) FROM usage_totals{}), 0) AS BIGINT)",
-            if tenant.is_some() { " WHERE tenant = ?" } else { "" }
-        );
-        let binds: Vec<&str> = tenant.into_iter().collect();
-        let now = fetch!(&state.store, &text, &binds, |row| (row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)?));
-        let (watermark, records) = now.first().copied().unwrap_or((0, 0));
+        let (watermark, records) = state.billing.usage_version(tenant).await?;
         if records > self.max_records {
             guard.snapshot = None;
             return Ok(Err(None));
@@ -651,7 +262,7 @@ impl Cache {
             && old.records <= records
         {
             let mut next = (**old).clone();
-            let (rows, totals, watermark) = minutes(state, tenant, Some(old.watermark)).await?;
+            let (rows, totals, watermark) = state.billing.usage_by_minute(tenant, Some(old.watermark)).await?;
             next.add(rows);
             next.totals = totals;
             next.watermark = watermark;
@@ -704,42 +315,15 @@ impl Drop for Load {
 }
 
 async fn full_snapshot(state: &DashboardState, tenant: Option<&str>) -> Result<Snapshot, QueryError> {
-    let (rows, totals, watermark) = minutes(state, tenant, None).await?;
+    let (rows, totals, watermark) = state.billing.usage_by_minute(tenant, None).await?;
     let mut snapshot = Snapshot { watermark, totals, ..Snapshot::default() };
     snapshot.add(rows);
     Ok(snapshot)
 }
 
-/// The scope's records per (group, function, minute) — those above billing's watermark `after`
-/// and at or below the current one, or all — with the running totals and the watermark, in one
-/// statement (one snapshot). A row's `bucket` is the minute's number.
-async fn minutes(
-    state: &DashboardState,
-    tenant: Option<&str>,
-    after: Option<i64>,
-) -> Result<(Vec<Row>, HashMap<(Group, String), Sums>, i64), QueryError> {
-    let filter = match after {
-        Some(after) => format!(
-            " AND r.received_ms > {after} AND r.received_ms <= \
-             CAST(COALESCE((SELECT value FROM billing_settings WHERE key = 'watermark_ms'), '0') AS BIGINT)"
-        ),
-        None => String::new(),
-    };
-    let raw = grouped(state, tenant, &format!("CAST(r.start_ns / {MINUTE_NS} AS BIGINT)"), &filter, true).await?;
-    let (mut rows, mut totals, mut watermark) = (Vec::with_capacity(raw.len()), HashMap::new(), 0);
-    for (group, function, bucket, sums, first_ns) in raw {
-        match bucket {
-            WATERMARK => watermark = first_ns,
-            TOTALS => totals.entry((group, function)).or_insert_with(Sums::default).add(&sums_of(sums)?),
-            minute => rows.push(Row { group, function, bucket: minute, sums: sums_of(sums)?, first_ns }),
-        }
-    }
-    Ok((rows, totals, watermark))
-}
-
 /// The upper end of a bucket: where its records start counting.
 fn upper(lattice: &Lattice, bucket: i64) -> i64 {
-    lattice.interval(bucket, lattice.base).1
+    lattice.interval(bucket, lattice.base()).1
 }
 
 fn first_sample(first_ns: i64) -> i64 {
@@ -886,50 +470,17 @@ fn priced_slice<'a>(
     records: i64,
 ) -> CostFuture<'a> {
     Box::pin(async move {
-        let sqlite = is_sqlite(&state.store);
-        let binds = [group.tenant.as_str(), &group.billed_period, &group.period, &group.plan];
-        let filter = format!(
-            "tenant = ? AND billed_period = ? AND period = ? AND plan = ? AND start_ns >= {lo_ns} AND start_ns < {hi_ns}"
-        );
         let mut costs = Costs::new();
         if records <= LEAF_RECORDS || hi_ns - lo_ns <= 1 {
-            let text = format!(
-                "SELECT function, kind, cpu_ms, bytes_out, state_byte_seconds FROM usage_records WHERE {filter} \
-                 ORDER BY start_ns, usage_id"
-            );
-            let raw = fetch!(&state.store, &text, &binds, |row| (
-                row.try_get::<String, _>(0)?,
-                row.try_get::<String, _>(1)?,
-                row.try_get::<i64, _>(2)?,
-                row.try_get::<i64, _>(3)?,
-                row.try_get::<String, _>(4)?,
-            ));
-            for (function, kind, cpu_ms, bytes_out, state_text) in raw {
-                let s = Sums {
-                    records: 1,
-                    invocations: i64::from(kind == "invocation"),
-                    cpu_ms,
-                    bytes_out,
-                    state: decimal_of(&state_text)?,
-                };
-                *costs.entry(function).or_default() += pricing.record(&s);
+            for (function, sums) in state.billing.usage_records_of(group, lo_ns, hi_ns).await? {
+                *costs.entry(function).or_default() += pricing.record(&sums);
             }
             return Ok(costs);
         }
         let width = (hi_ns - lo_ns + SLICES - 1) / SLICES;
-        let text = format!(
-            "SELECT CAST((start_ns - {lo_ns}) / {width} AS BIGINT) AS slice, function, {} \
-             FROM usage_records WHERE {filter} GROUP BY slice, function",
-            sums_sql(sqlite, "")
-        );
-        let raw = fetch!(&state.store, &text, &binds, |row| (
-            row.try_get::<i64, _>(0)?,
-            row.try_get::<String, _>(1)?,
-            sums_at!(row, 2, sqlite)
-        ));
         let mut slices: BTreeMap<i64, BTreeMap<String, Sums>> = BTreeMap::new();
-        for (slice, function, sums) in raw {
-            slices.entry(slice).or_default().insert(function, sums_of(sums)?);
+        for (slice, function, sums) in state.billing.usage_slices(group, lo_ns, hi_ns, width).await? {
+            slices.entry(slice).or_default().insert(function, sums);
         }
         for (slice, sums) in slices {
             let part = match pricing.linear(&sums) {
@@ -1053,10 +604,7 @@ async fn cost_counters(
 
 /// Whether the caller's scope has any usage (so the synthesized metrics exist).
 pub async fn any(state: &DashboardState, tenant: Option<&str>) -> Result<bool, QueryError> {
-    let text =
-        format!("SELECT tenant FROM usage_totals{} LIMIT 1", if tenant.is_some() { " WHERE tenant = ?" } else { "" });
-    let binds: Vec<&str> = tenant.into_iter().collect();
-    Ok(!fetch!(&state.store, &text, &binds, |row| row.try_get::<String, _>(0)?).is_empty())
+    Ok(state.billing.has_usage(tenant).await?)
 }
 
 /// The synthesized series that exist by `hi_ms` (for `/series`, `/labels`), from billing's
@@ -1069,20 +617,7 @@ pub async fn catalogue(
 ) -> Result<Vec<Labels>, QueryError> {
     let card = state.billing.rate_card().await?;
     let until = Period::containing(card.period, hi_ms.min(now_ms).saturating_mul(NS_PER_MS)).key();
-    let text = format!(
-        "SELECT tenant, function, plan, CAST(SUM(invocations) AS BIGINT), CAST(SUM(records) AS BIGINT) \
-         FROM usage_totals WHERE period <= ?{} GROUP BY tenant, function, plan",
-        if tenant.is_some() { " AND tenant = ?" } else { "" }
-    );
-    let mut binds: Vec<&str> = vec![&until];
-    binds.extend(tenant);
-    let rows = fetch!(&state.store, &text, &binds, |row| (
-        row.try_get::<String, _>(0)?,
-        row.try_get::<String, _>(1)?,
-        row.try_get::<String, _>(2)?,
-        row.try_get::<i64, _>(3)?,
-        row.try_get::<i64, _>(4)?,
-    ));
+    let rows = state.billing.usage_functions(tenant, &until).await?;
     let currency = card.currency().to_string();
     let mut out = Vec::new();
     let mut costs: BTreeSet<(String, String)> = BTreeSet::new();
@@ -1100,36 +635,4 @@ pub async fn catalogue(
         out.push(labels(COST, &[("tenant", &tenant), ("function", &function), ("currency", &currency)]));
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lattice_repeats_with_the_step() {
-        let hour = 3_600_000;
-        let last = 100 * hour;
-        // l = k·h, f = k·h - h + 1 min for k = 10..20
-        let mut points: Vec<i64> = (10..=20).flat_map(|k| [k * hour, k * hour - hour + RESOLUTION_MS]).collect();
-        points.sort();
-        let lattice = Lattice::new(&points, Some(hour), last);
-        assert_eq!(
-            (lattice.base, lattice.period, lattice.phases.clone()),
-            (9 * hour + RESOLUTION_MS, hour, vec![0, hour - RESOLUTION_MS])
-        );
-        for p in points {
-            assert!(lattice.phases.contains(&((p - lattice.base) % lattice.period)));
-        }
-        assert_eq!(lattice.interval(0, 0), (9 * hour + RESOLUTION_MS, 10 * hour));
-        assert_eq!(lattice.interval(1, 0), (10 * hour, 10 * hour + RESOLUTION_MS));
-        assert_eq!(lattice.interval(-2, 0), (last - RESOLUTION_MS, last));
-    }
-
-    #[test]
-    fn irregular_points_fall_back_to_minutes() {
-        let points: Vec<i64> = (0..200).map(|i| i * i * RESOLUTION_MS).collect();
-        let lattice = Lattice::new(&points, None, 1_000_000 * RESOLUTION_MS);
-        assert_eq!((lattice.period, lattice.phases.len()), (RESOLUTION_MS, 1));
-    }
 }

@@ -16,6 +16,55 @@ use crate::clock::Clock;
 use crate::model::{Batch, LogRow, SampleRow, SpanRow};
 use crate::sqlite;
 
+mod samples;
+mod spans;
+
+pub use samples::SeriesRows;
+pub use spans::{MeteredSpan, TraceSearch};
+
+/// A value bound to a `?` of a reader's statement.
+#[derive(Clone, Copy)]
+pub(crate) enum Bind<'a> {
+    Str(&'a str),
+    Int(i64),
+}
+
+/// Runs `$sql` (with `?` placeholders) binding `$binds` on whichever pool the store `$store`
+/// holds, and decodes every row with `$decode` (compiled once per backend, `sqlx::Row` in scope).
+macro_rules! rows {
+    ($store:expr, $sql:expr, $binds:expr, |$row:ident| $decode:expr) => {{
+        let store: &$crate::store::TelemetryStore = $store;
+        let text = store.sql($sql);
+        let binds: &[$crate::store::Bind<'_>] = $binds;
+        macro_rules! run {
+            ($pool:expr) => {{
+                let mut query = sqlx::query(text);
+                for bind in binds {
+                    query = match bind {
+                        $crate::store::Bind::Str(s) => query.bind(*s),
+                        $crate::store::Bind::Int(i) => query.bind(*i),
+                    };
+                }
+                query
+                    .fetch_all($pool)
+                    .await?
+                    .iter()
+                    .map(|$row| -> std::result::Result<_, sqlx::Error> {
+                        #[allow(unused_imports)]
+                        use sqlx::Row as _;
+                        Ok($decode)
+                    })
+                    .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?
+            }};
+        }
+        match &store.pool {
+            $crate::store::Pool::Sqlite(pool) => run!(pool),
+            $crate::store::Pool::Postgres(pool) => run!(pool),
+        }
+    }};
+}
+pub(crate) use rows;
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,12 +78,15 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("telemetry store (SQLite): {0}")]
     Sqlite(String),
+    /// A read would return more samples than its caller's budget.
+    #[error("more samples than the read may load")]
+    OverBudget,
 }
 
 /// The database behind the collector, and the clock its "now" comes from.
 #[derive(Clone, Debug)]
 pub struct TelemetryStore {
-    pub pool: Pool,
+    pool: Pool,
     clock: Clock,
 }
 
@@ -89,8 +141,14 @@ pub fn numbered_placeholders(sql: &str) -> String {
 }
 
 impl TelemetryStore {
+    /// The database's pool, for a component that keeps tables of its own in it (billing). The
+    /// collector's tables are read through this store's methods only: their layout is its own.
+    pub fn shared_pool(&self) -> &Pool {
+        &self.pool
+    }
+
     /// `sql` (with `?` placeholders) in this backend's syntax.
-    pub fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
+    pub(crate) fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
         match self.pool {
             Pool::Sqlite(_) => AssertSqlSafe(sql.to_string()),
             Pool::Postgres(_) => AssertSqlSafe(numbered_placeholders(sql)),
@@ -110,15 +168,15 @@ impl TelemetryStore {
             let pool =
                 SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(StoreError::Open)?;
             migrator(&[
-                include_str!("../../migrations/sqlite/collector_0001_telemetry.sql"),
-                include_str!("../../migrations/sqlite/collector_0002_samples_by_series.sql"),
+                include_str!("../../../migrations/sqlite/collector_0001_telemetry.sql"),
+                include_str!("../../../migrations/sqlite/collector_0002_samples_by_series.sql"),
             ])
             .run(&pool)
             .await?;
             Ok(Self { pool: Pool::Sqlite(pool), clock: Clock::system() })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new().max_connections(8).connect(url).await.map_err(StoreError::Open)?;
-            migrator(&[include_str!("../../migrations/postgres/collector_0001_telemetry.sql")]).run(&pool).await?;
+            migrator(&[include_str!("../../../migrations/postgres/collector_0001_telemetry.sql")]).run(&pool).await?;
             Ok(Self { pool: Pool::Postgres(pool), clock: Clock::system() })
         } else {
             Err(StoreError::UnsupportedUrl(url.to_string()))
@@ -181,42 +239,6 @@ impl TelemetryStore {
         })
     }
 
-    /// The spans of one trace of a tenant, by start time.
-    pub async fn trace(&self, tenant: &str, trace_id: &str) -> Result<Vec<SpanRow>, StoreError> {
-        // Sorted here: an ORDER BY on start_ns tempts SQLite's planner into the
-        // (tenant, start_ns) index, a scan of all the tenant's spans.
-        let sql = format!(
-            "SELECT {SPAN_COLUMNS} FROM spans WHERE tenant = {} AND trace_id = {}",
-            self.param(1),
-            self.param(2)
-        );
-        let mut spans = self.spans_query(sql, &[tenant, trace_id]).await?;
-        spans.sort_by(|a, b| (a.start_ns, &a.span_id).cmp(&(b.start_ns, &b.span_id)));
-        Ok(spans)
-    }
-
-    /// A tenant's spans whose name starts with `prefix`, started in `[since_ns, until_ns)`,
-    /// newest first, at most `limit`.
-    pub async fn spans_named(
-        &self,
-        tenant: &str,
-        prefix: &str,
-        since_ns: i64,
-        until_ns: i64,
-        limit: i64,
-    ) -> Result<Vec<SpanRow>, StoreError> {
-        // The times and the limit are integers, written into the statement.
-        let sql = format!(
-            "SELECT {SPAN_COLUMNS} FROM spans WHERE tenant = {} AND start_ns >= {since_ns} AND start_ns < {until_ns} \
-             AND substr(name, 1, {}) = {} ORDER BY start_ns DESC LIMIT {}",
-            self.param(1),
-            prefix.chars().count(),
-            self.param(2),
-            limit.max(0)
-        );
-        self.spans_query(sql, &[tenant, prefix]).await
-    }
-
     /// Counts a tenant's stored spans, samples and logs.
     pub async fn counts(&self, tenant: &str) -> Result<Written, StoreError> {
         let mut counts = [0u64; 3];
@@ -231,66 +253,11 @@ impl TelemetryStore {
         Ok(Written { spans: counts[0], samples: counts[1], logs: counts[2] })
     }
 
-    /// A tenant's samples of one metric, by time.
-    pub async fn samples(&self, tenant: &str, metric: &str) -> Result<Vec<SampleRow>, StoreError> {
-        let sql = format!(
-            "SELECT tenant, metric, labels, kind, ts_ns, value, histogram, metered FROM metric_samples \
-             WHERE tenant = {} AND metric = {} ORDER BY labels, ts_ns",
-            self.param(1),
-            self.param(2)
-        );
-        macro_rules! fetch {
-            ($pool:expr) => {{
-                let rows: Vec<(String, String, String, String, i64, Option<f64>, Option<String>, i64)> =
-                    sqlx::query_as(AssertSqlSafe(sql)).bind(tenant).bind(metric).fetch_all($pool).await?;
-                rows
-            }};
-        }
-        let rows = match &self.pool {
-            Pool::Sqlite(pool) => fetch!(pool),
-            Pool::Postgres(pool) => fetch!(pool),
-        };
-        Ok(rows
-            .into_iter()
-            .map(|(tenant, metric, labels, kind, ts_ns, value, histogram, metered)| SampleRow {
-                tenant,
-                metric,
-                labels,
-                kind: kind_name(&kind),
-                ts_ns,
-                value: value.unwrap_or(f64::NAN),
-                histogram,
-                metered: metered != 0,
-            })
-            .collect())
-    }
-
     fn param(&self, n: usize) -> String {
         match &self.pool {
             Pool::Sqlite(_) => format!("?{n}"),
             Pool::Postgres(_) => format!("${n}"),
         }
-    }
-
-    async fn spans_query(&self, sql: String, binds: &[&str]) -> Result<Vec<SpanRow>, StoreError> {
-        macro_rules! fetch {
-            ($pool:expr) => {{
-                let mut query = sqlx::query(AssertSqlSafe(sql));
-                for bind in binds {
-                    query = query.bind(*bind);
-                }
-                query
-                    .fetch_all($pool)
-                    .await?
-                    .iter()
-                    .map(|row| span_from_row!(row))
-                    .collect::<Result<Vec<_>, sqlx::Error>>()?
-            }};
-        }
-        Ok(match &self.pool {
-            Pool::Sqlite(pool) => fetch!(pool),
-            Pool::Postgres(pool) => fetch!(pool),
-        })
     }
 }
 
@@ -526,7 +493,7 @@ mod tests {
         let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
         let options = SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
         let pool = SqlitePoolOptions::new().connect_with(options).await.unwrap();
-        migrator(&[include_str!("../../migrations/sqlite/collector_0001_telemetry.sql")]).run(&pool).await.unwrap();
+        migrator(&[include_str!("../../../migrations/sqlite/collector_0001_telemetry.sql")]).run(&pool).await.unwrap();
         sqlx::query(
             "INSERT INTO metric_samples (tenant, metric, labels, kind, ts_ns, value, histogram, metered, received_ms) \
              VALUES ('acme', 'up', '{\"job\":\"a\"}', 'gauge', 5, 1.5, NULL, 0, 7)",

@@ -1,0 +1,151 @@
+//! The store boundary: every reader of spans and samples, asked for one tenant, returns
+//! nothing of another, on both backends. Two tenants store the same trace ids, span ids,
+//! services, operations, metric names and labels; only the values that say whose they are
+//! differ, and those are what is checked.
+
+mod common;
+
+use collector::model::{Batch, SampleRow, SpanRow};
+use collector::store::{TelemetryStore, TraceSearch};
+use common::backends;
+
+const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const T0: i64 = 1_700_000_000_000_000_000;
+const MS: i64 = 1_000_000;
+
+fn span(tenant: &str, span_id: &str, parent: Option<&str>, service: &str, name: &str, at: i64) -> SpanRow {
+    SpanRow {
+        tenant: tenant.into(),
+        trace_id: TRACE.into(),
+        span_id: span_id.into(),
+        parent_span_id: parent.map(str::to_string),
+        name: name.into(),
+        kind: 2,
+        start_ns: at,
+        end_ns: at + 5 * MS,
+        status_code: 0,
+        status_message: String::new(),
+        service_name: service.into(),
+        attributes: format!(r#"{{"owner":"{tenant}","faas.name":"f"}}"#),
+        events: "[]".into(),
+        links: "[]".into(),
+        resource: format!(r#"{{"service.name":"{service}","owner":"{tenant}"}}"#),
+        scope: r#"{"name":"t","version":"1"}"#.into(),
+        metered: true,
+    }
+}
+
+fn sample(tenant: &str, ts_ns: i64) -> SampleRow {
+    SampleRow {
+        tenant: tenant.into(),
+        metric: "orders_total".into(),
+        labels: r#"{"job":"shop"}"#.into(),
+        kind: "counter",
+        ts_ns,
+        // The value says whose it is: acme's are below 1000, globex's above.
+        value: if tenant == "acme" { 1.0 } else { 5000.0 },
+        histogram: None,
+        metered: false,
+    }
+}
+
+/// The same shapes for both tenants: a gateway span calling a function span, an invocation.
+fn batch(tenant: &str) -> Batch {
+    Batch {
+        spans: vec![
+            span(tenant, "00f067aa0ba902b7", None, "gateway", "GET /", T0),
+            span(tenant, "1111111111111111", Some("00f067aa0ba902b7"), "sfaas-core", "invoke f", T0 + MS),
+        ],
+        samples: (0..5).map(|i| sample(tenant, T0 + i * 1000 * MS)).collect(),
+        logs: Vec::new(),
+    }
+}
+
+fn all_acme(spans: &[SpanRow], reader: &str) {
+    assert!(!spans.is_empty(), "{reader} found nothing of acme");
+    for span in spans {
+        assert_eq!(span.tenant, "acme", "{reader}: {span:?}");
+        assert!(span.attributes.contains(r#""owner":"acme""#), "{reader}: {span:?}");
+    }
+}
+
+async fn check(store: &TelemetryStore, backend: &str) {
+    let reader = |name: &str| format!("{name} on {backend}");
+    all_acme(&store.trace("acme", TRACE).await.unwrap(), &reader("trace"));
+    let traces = store.traces("acme", &[TRACE]).await.unwrap();
+    all_acme(&traces[TRACE], &reader("traces"));
+    all_acme(&store.spans_named("acme", "invoke ", T0, T0 + 1000 * MS, 100).await.unwrap(), &reader("spans_named"));
+
+    let mut search = TraceSearch {
+        service: "sfaas-core".into(),
+        operation: Some("invoke f".into()),
+        tags: vec![("owner".into(), "globex".into())],
+        min_ns: 0,
+        max_ns: 0,
+        limit: 20,
+        start_ns: T0 - 1000 * MS,
+        end_ns: T0 + 1000 * MS,
+    };
+    assert!(store.find_traces("acme", &search).await.unwrap().is_empty(), "{}", reader("find_traces (globex's tag)"));
+    search.tags = vec![("owner".into(), "acme".into())];
+    assert_eq!(store.find_traces("acme", &search).await.unwrap(), vec![(TRACE.to_string(), T0 + MS)]);
+    assert!(store.find_traces("nobody", &search).await.unwrap().is_empty(), "{}", reader("find_traces (no tenant)"));
+
+    assert_eq!(store.services("acme").await.unwrap(), vec!["gateway", "sfaas-core"], "{}", reader("services"));
+    assert!(store.services("nobody").await.unwrap().is_empty());
+    assert_eq!(store.operations("acme", "sfaas-core").await.unwrap(), vec![("invoke f".to_string(), 2)]);
+    // One call from the gateway to the core in acme's window: globex's would make it two.
+    assert_eq!(
+        store.dependencies("acme", T0 - MS, T0 + 10 * MS).await.unwrap(),
+        vec![("gateway".to_string(), "sfaas-core".to_string(), 1)],
+        "{}",
+        reader("dependencies")
+    );
+
+    // Billing reads every tenant's metered spans at once: each carries its own tenant.
+    let metered = store.metered_spans(i64::MIN, i64::MAX).await.unwrap();
+    assert_eq!(metered.len(), 2, "{}: only the invocations", reader("metered_spans"));
+    for span in &metered {
+        assert!(
+            span.attributes.contains(&format!(r#""owner":"{}""#, span.tenant)),
+            "{}: {span:?}",
+            reader("metered_spans")
+        );
+    }
+
+    let samples = store.samples("acme", "orders_total").await.unwrap();
+    assert_eq!(samples.len(), 5, "{}", reader("samples"));
+    assert!(samples.iter().all(|s| s.tenant == "acme" && s.value < 1000.0), "{}: {samples:?}", reader("samples"));
+    assert_eq!(store.stored_metrics("acme").await.unwrap(), vec![("orders_total".to_string(), "counter".to_string())]);
+    let acme = ["acme".to_string()];
+    let series = store.series_in(&acme, None, T0, T0 + 10_000 * MS).await.unwrap();
+    assert_eq!(series.len(), 1, "{}: {series:?}", reader("series_in"));
+    assert_eq!(series[0].0, "acme");
+    let mut budget = 100;
+    let rows = store.series_samples(&acme, "orders_total", T0 - 1, T0 + 10_000 * MS, &mut budget).await.unwrap();
+    assert_eq!(rows.len(), 1, "{}", reader("series_samples"));
+    assert!(rows[0].tenant == "acme" && rows[0].samples.iter().all(|(_, v, _)| v.unwrap() < 1000.0));
+    assert_eq!(budget, 95, "the budget is left with what was not read");
+    let mut small = 3;
+    assert!(
+        matches!(
+            store.series_samples(&acme, "orders_total", T0 - 1, T0 + 10_000 * MS, &mut small).await,
+            Err(collector::store::StoreError::OverBudget)
+        ),
+        "{}: more than the budget is refused",
+        reader("series_samples")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reader_returns_another_tenants_data() {
+    for backend in backends() {
+        let store = TelemetryStore::open(&backend.url()).await.unwrap();
+        store.write(&batch("acme")).await.unwrap();
+        store.write(&batch("globex")).await.unwrap();
+        let mut tenants = store.span_tenants().await.unwrap();
+        tenants.sort();
+        assert_eq!(tenants, vec!["acme", "globex"]);
+        check(&store, backend.name()).await;
+    }
+}
