@@ -16,6 +16,7 @@ use crate::clock::Clock;
 use crate::model::{Batch, LogRow, SampleRow, SpanRow};
 use crate::sqlite;
 
+pub mod blocks;
 mod samples;
 mod spans;
 
@@ -78,6 +79,8 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("telemetry store (SQLite): {0}")]
     Sqlite(String),
+    #[error(transparent)]
+    Blocks(#[from] blocks::format::BlockError),
     /// A read would return more samples than its caller's budget.
     #[error("more samples than the read may load")]
     OverBudget,
@@ -170,13 +173,19 @@ impl TelemetryStore {
             migrator(&[
                 include_str!("../../../migrations/sqlite/collector_0001_telemetry.sql"),
                 include_str!("../../../migrations/sqlite/collector_0002_samples_by_series.sql"),
+                include_str!("../../../migrations/sqlite/collector_0003_span_blocks.sql"),
             ])
             .run(&pool)
             .await?;
             Ok(Self { pool: Pool::Sqlite(pool), clock: Clock::system() })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new().max_connections(8).connect(url).await.map_err(StoreError::Open)?;
-            migrator(&[include_str!("../../../migrations/postgres/collector_0001_telemetry.sql")]).run(&pool).await?;
+            migrator(&[
+                include_str!("../../../migrations/postgres/collector_0001_telemetry.sql"),
+                include_str!("../../../migrations/postgres/collector_0002_span_blocks.sql"),
+            ])
+            .run(&pool)
+            .await?;
             Ok(Self { pool: Pool::Postgres(pool), clock: Clock::system() })
         } else {
             Err(StoreError::UnsupportedUrl(url.to_string()))

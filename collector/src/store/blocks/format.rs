@@ -1,0 +1,475 @@
+//! A span block on disk: one tenant's spans as a Parquet file (zstd), sorted by service and
+//! start time, in row groups of [`ROW_GROUP_ROWS`] with min/max statistics (so that readers
+//! skip row groups by service and time) and a bloom filter on the trace id (so that a lookup by
+//! id skips nearly every row group that does not hold the trace). Ids are stored as their
+//! bytes; every other field as [`SpanRow`] holds it (JSON text for attributes, events, links,
+//! resource and scope), so that a block reads back into exactly the rows written.
+//!
+//! Any tool that reads Parquet reads a block (DuckDB, pandas, parquet-tools).
+
+use std::fs::File;
+use std::sync::Arc;
+
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::data_type::{
+    BoolType, ByteArray, ByteArrayType, FixedLenByteArray, FixedLenByteArrayType, Int32Type, Int64Type,
+};
+use parquet::file::properties::{ReaderProperties, WriterProperties};
+use parquet::file::reader::{FileReader, RowGroupReader};
+use parquet::file::serialized_reader::{ReadOptionsBuilder, SerializedFileReader};
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::parser::parse_message_type;
+use parquet::schema::types::ColumnPath;
+
+use crate::model::SpanRow;
+
+/// Rows per row group: the unit a reader skips or decodes.
+pub const ROW_GROUP_ROWS: usize = 65_536;
+
+const SCHEMA: &str = "message span {
+    required binary tenant (UTF8);
+    required binary service_name (UTF8);
+    required int64 start_ns;
+    required int64 end_ns;
+    required fixed_len_byte_array(16) trace_id;
+    required fixed_len_byte_array(8) span_id;
+    optional fixed_len_byte_array(8) parent_span_id;
+    required binary name (UTF8);
+    required int32 kind;
+    required int32 status_code;
+    required binary status_message (UTF8);
+    required binary attributes (UTF8);
+    required binary events (UTF8);
+    required binary links (UTF8);
+    required binary resource (UTF8);
+    required binary scope (UTF8);
+    required boolean metered;
+    required int64 received_ms;
+}";
+
+/// Column numbers, in schema order.
+mod col {
+    pub const TENANT: usize = 0;
+    pub const SERVICE: usize = 1;
+    pub const START: usize = 2;
+    pub const END: usize = 3;
+    pub const TRACE: usize = 4;
+    pub const SPAN: usize = 5;
+    pub const PARENT: usize = 6;
+    pub const NAME: usize = 7;
+    pub const KIND: usize = 8;
+    pub const STATUS_CODE: usize = 9;
+    pub const STATUS_MESSAGE: usize = 10;
+    pub const ATTRIBUTES: usize = 11;
+    pub const EVENTS: usize = 12;
+    pub const LINKS: usize = 13;
+    pub const RESOURCE: usize = 14;
+    pub const SCOPE: usize = 15;
+    pub const METERED: usize = 16;
+    pub const RECEIVED: usize = 17;
+    pub const COUNT: usize = 18;
+}
+
+/// A span as a block stores it: the row and when it arrived.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub span: SpanRow,
+    pub received_ms: i64,
+}
+
+/// Why a block could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("span block: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("span block: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("span block {0}: {1}")]
+    Corrupt(String, String),
+}
+
+fn id_bytes<const N: usize>(hex_id: &str) -> FixedLenByteArray {
+    let mut bytes = [0u8; N];
+    // Ids are validated as lowercase hex of this length when they are received.
+    let _ = hex::decode_to_slice(hex_id, &mut bytes);
+    FixedLenByteArray::from(bytes.to_vec())
+}
+
+fn text(value: &str) -> ByteArray {
+    ByteArray::from(value.as_bytes().to_vec())
+}
+
+fn properties(rows: usize) -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("a valid level")))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        // Ids and times are unique or nearly: dictionaries would only cost.
+        .set_column_dictionary_enabled(ColumnPath::from("trace_id"), false)
+        .set_column_dictionary_enabled(ColumnPath::from("span_id"), false)
+        .set_column_dictionary_enabled(ColumnPath::from("parent_span_id"), false)
+        .set_column_dictionary_enabled(ColumnPath::from("start_ns"), false)
+        .set_column_dictionary_enabled(ColumnPath::from("end_ns"), false)
+        .set_column_bloom_filter_enabled(ColumnPath::from("trace_id"), true)
+        .set_column_bloom_filter_fpp(ColumnPath::from("trace_id"), 0.01)
+        .set_column_bloom_filter_max_ndv(ColumnPath::from("trace_id"), rows.clamp(1, ROW_GROUP_ROWS) as u64)
+        .build()
+}
+
+/// Sorts spans into a block's order: service, start, then trace and span id.
+pub fn sort(spans: &mut [Stored]) {
+    spans.sort_unstable_by(|a, b| {
+        (&a.span.service_name, a.span.start_ns, &a.span.trace_id, &a.span.span_id).cmp(&(
+            &b.span.service_name,
+            b.span.start_ns,
+            &b.span.trace_id,
+            &b.span.span_id,
+        ))
+    });
+}
+
+/// Writes `spans` (sorted by [`sort`]) as a block to `file`; returns the bytes written.
+pub fn write(file: File, spans: &[Stored]) -> Result<u64, BlockError> {
+    let schema = Arc::new(parse_message_type(SCHEMA)?);
+    let mut writer = SerializedFileWriter::new(file, schema, Arc::new(properties(spans.len())))?;
+    for group in spans.chunks(ROW_GROUP_ROWS) {
+        let mut row_group = writer.next_row_group()?;
+        let mut column = 0;
+        while let Some(mut writer) = row_group.next_column()? {
+            let rows = group.iter();
+            match column {
+                col::START | col::END | col::RECEIVED => {
+                    let values: Vec<i64> = rows
+                        .map(|s| match column {
+                            col::START => s.span.start_ns,
+                            col::END => s.span.end_ns,
+                            _ => s.received_ms,
+                        })
+                        .collect();
+                    writer.typed::<Int64Type>().write_batch(&values, None, None)?;
+                }
+                col::KIND | col::STATUS_CODE => {
+                    let values: Vec<i32> = rows
+                        .map(|s| if column == col::KIND { s.span.kind } else { s.span.status_code } as i32)
+                        .collect();
+                    writer.typed::<Int32Type>().write_batch(&values, None, None)?;
+                }
+                col::METERED => {
+                    let values: Vec<bool> = rows.map(|s| s.span.metered).collect();
+                    writer.typed::<BoolType>().write_batch(&values, None, None)?;
+                }
+                col::TRACE => {
+                    let values: Vec<_> = rows.map(|s| id_bytes::<16>(&s.span.trace_id)).collect();
+                    writer.typed::<FixedLenByteArrayType>().write_batch(&values, None, None)?;
+                }
+                col::SPAN => {
+                    let values: Vec<_> = rows.map(|s| id_bytes::<8>(&s.span.span_id)).collect();
+                    writer.typed::<FixedLenByteArrayType>().write_batch(&values, None, None)?;
+                }
+                col::PARENT => {
+                    let defined: Vec<i16> = rows.clone().map(|s| i16::from(s.span.parent_span_id.is_some())).collect();
+                    let values: Vec<_> =
+                        rows.filter_map(|s| s.span.parent_span_id.as_deref().map(id_bytes::<8>)).collect();
+                    writer.typed::<FixedLenByteArrayType>().write_batch(&values, Some(&defined), None)?;
+                }
+                _ => {
+                    let values: Vec<ByteArray> = rows
+                        .map(|s| {
+                            let span = &s.span;
+                            text(match column {
+                                col::TENANT => &span.tenant,
+                                col::SERVICE => &span.service_name,
+                                col::NAME => &span.name,
+                                col::STATUS_MESSAGE => &span.status_message,
+                                col::ATTRIBUTES => &span.attributes,
+                                col::EVENTS => &span.events,
+                                col::LINKS => &span.links,
+                                col::RESOURCE => &span.resource,
+                                _ => &span.scope,
+                            })
+                        })
+                        .collect();
+                    writer.typed::<ByteArrayType>().write_batch(&values, None, None)?;
+                }
+            }
+            writer.close()?;
+            column += 1;
+        }
+        row_group.close()?;
+    }
+    let file = writer.into_inner()?;
+    let bytes = file.metadata()?.len();
+    file.sync_all()?;
+    Ok(bytes)
+}
+
+/// Which rows of a block a reader wants.
+#[derive(Debug, Default, Clone)]
+pub struct Filter<'a> {
+    /// Spans of this trace (32 hex digits) only.
+    pub trace_id: Option<&'a str>,
+    /// Spans of this service only.
+    pub service: Option<&'a str>,
+    /// Spans that started in `start_ns.0..=start_ns.1`.
+    pub start_ns: Option<(i64, i64)>,
+    /// Spans that arrived in `(received_ms.0, received_ms.1]`.
+    pub received_ms: Option<(i64, i64)>,
+}
+
+/// An open block.
+pub struct Block {
+    path: String,
+    reader: SerializedFileReader<File>,
+}
+
+fn corrupt(path: &str, what: impl std::fmt::Display) -> BlockError {
+    BlockError::Corrupt(path.to_string(), what.to_string())
+}
+
+/// The values of one column of a row group.
+fn column<T: parquet::data_type::DataType>(
+    group: &dyn RowGroupReader,
+    index: usize,
+    rows: usize,
+) -> Result<(Vec<T::T>, Vec<i16>), BlockError>
+where
+    T::T: Default + Clone,
+{
+    let mut reader = parquet::column::reader::get_typed_column_reader::<T>(group.get_column_reader(index)?);
+    let (mut values, mut levels) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+    reader.read_records(rows, Some(&mut levels), None, &mut values)?;
+    Ok((values, levels))
+}
+
+fn utf8(value: &ByteArray) -> String {
+    String::from_utf8_lossy(value.data()).into_owned()
+}
+
+impl Block {
+    pub fn open(path: &std::path::Path) -> Result<Self, BlockError> {
+        let file = File::open(path)?;
+        let properties = ReaderProperties::builder().set_read_bloom_filter(true).build();
+        let options = ReadOptionsBuilder::new().with_reader_properties(properties).build();
+        let reader = SerializedFileReader::new_with_options(file, options)?;
+        if reader.metadata().file_metadata().schema_descr().num_columns() != col::COUNT {
+            return Err(corrupt(&path.display().to_string(), "not a span block (its columns differ)"));
+        }
+        Ok(Self { path: path.display().to_string(), reader })
+    }
+
+    pub fn rows(&self) -> i64 {
+        self.reader.metadata().file_metadata().num_rows()
+    }
+
+    /// The spans of the block that pass `filter`, in block order.
+    pub fn read(&self, filter: &Filter<'_>) -> Result<Vec<Stored>, BlockError> {
+        let trace = filter.trace_id.map(id_bytes::<16>);
+        let mut out = Vec::new();
+        for g in 0..self.reader.num_row_groups() {
+            let group = self.reader.get_row_group(g)?;
+            if let Some(trace) = &trace
+                && group.get_column_bloom_filter(col::TRACE).is_some_and(|bloom| !bloom.check(trace))
+            {
+                continue;
+            }
+            if !self.may_hold(g, filter) {
+                continue;
+            }
+            let rows = group.metadata().num_rows() as usize;
+            // The columns filters look at first; the others only for the rows that pass.
+            let (services, _) = column::<ByteArrayType>(&*group, col::SERVICE, rows)?;
+            let (starts, _) = column::<Int64Type>(&*group, col::START, rows)?;
+            let (received, _) = column::<Int64Type>(&*group, col::RECEIVED, rows)?;
+            let (traces, _) = column::<FixedLenByteArrayType>(&*group, col::TRACE, rows)?;
+            if [services.len(), starts.len(), received.len(), traces.len()].iter().any(|n| *n != rows) {
+                return Err(corrupt(&self.path, "a column is shorter than its row group"));
+            }
+            let keep: Vec<usize> = (0..rows)
+                .filter(|&i| {
+                    trace.as_ref().is_none_or(|t| traces[i] == *t)
+                        && filter.service.is_none_or(|s| services[i].data() == s.as_bytes())
+                        && filter.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(&starts[i]))
+                        && filter.received_ms.is_none_or(|(after, upto)| received[i] > after && received[i] <= upto)
+                })
+                .collect();
+            if keep.is_empty() {
+                continue;
+            }
+            let (tenants, _) = column::<ByteArrayType>(&*group, col::TENANT, rows)?;
+            let (ends, _) = column::<Int64Type>(&*group, col::END, rows)?;
+            let (spans, _) = column::<FixedLenByteArrayType>(&*group, col::SPAN, rows)?;
+            let (parents, parent_levels) = column::<FixedLenByteArrayType>(&*group, col::PARENT, rows)?;
+            let (names, _) = column::<ByteArrayType>(&*group, col::NAME, rows)?;
+            let (kinds, _) = column::<Int32Type>(&*group, col::KIND, rows)?;
+            let (codes, _) = column::<Int32Type>(&*group, col::STATUS_CODE, rows)?;
+            let (messages, _) = column::<ByteArrayType>(&*group, col::STATUS_MESSAGE, rows)?;
+            let (attributes, _) = column::<ByteArrayType>(&*group, col::ATTRIBUTES, rows)?;
+            let (events, _) = column::<ByteArrayType>(&*group, col::EVENTS, rows)?;
+            let (links, _) = column::<ByteArrayType>(&*group, col::LINKS, rows)?;
+            let (resources, _) = column::<ByteArrayType>(&*group, col::RESOURCE, rows)?;
+            let (scopes, _) = column::<ByteArrayType>(&*group, col::SCOPE, rows)?;
+            let (metered, _) = column::<BoolType>(&*group, col::METERED, rows)?;
+            let full = [
+                tenants.len(),
+                ends.len(),
+                spans.len(),
+                parent_levels.len(),
+                names.len(),
+                kinds.len(),
+                codes.len(),
+                messages.len(),
+                attributes.len(),
+                events.len(),
+                links.len(),
+                resources.len(),
+                scopes.len(),
+                metered.len(),
+            ];
+            if full.iter().any(|n| *n != rows) {
+                return Err(corrupt(&self.path, "a column is shorter than its row group"));
+            }
+            // Parents are stored for the rows that have one: their index among those.
+            let mut parent_at = Vec::with_capacity(rows);
+            let mut next = 0;
+            for level in &parent_levels {
+                parent_at.push((*level == 1).then(|| {
+                    next += 1;
+                    next - 1
+                }));
+            }
+            if next != parents.len() {
+                return Err(corrupt(&self.path, "parent ids and their levels disagree"));
+            }
+            for i in keep {
+                out.push(Stored {
+                    span: SpanRow {
+                        tenant: utf8(&tenants[i]),
+                        trace_id: crate::receivers::otlp::lower_hex(traces[i].data()),
+                        span_id: crate::receivers::otlp::lower_hex(spans[i].data()),
+                        parent_span_id: parent_at[i].map(|p| crate::receivers::otlp::lower_hex(parents[p].data())),
+                        name: utf8(&names[i]),
+                        kind: i64::from(kinds[i]),
+                        start_ns: starts[i],
+                        end_ns: ends[i],
+                        status_code: i64::from(codes[i]),
+                        status_message: utf8(&messages[i]),
+                        service_name: utf8(&services[i]),
+                        attributes: utf8(&attributes[i]),
+                        events: utf8(&events[i]),
+                        links: utf8(&links[i]),
+                        resource: utf8(&resources[i]),
+                        scope: utf8(&scopes[i]),
+                        metered: metered[i],
+                    },
+                    received_ms: received[i],
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether row group `g` may hold rows that pass `filter`, by its statistics.
+    fn may_hold(&self, g: usize, filter: &Filter<'_>) -> bool {
+        use parquet::file::statistics::Statistics;
+        let group = self.reader.metadata().row_group(g);
+        let in_range = |column: usize, lo: i64, hi: i64| match group.column(column).statistics() {
+            Some(Statistics::Int64(s)) => match (s.min_opt(), s.max_opt()) {
+                (Some(min), Some(max)) => *max >= lo && *min <= hi,
+                _ => true,
+            },
+            _ => true,
+        };
+        if let Some((lo, hi)) = filter.start_ns
+            && !in_range(col::START, lo, hi)
+        {
+            return false;
+        }
+        if let Some((after, upto)) = filter.received_ms
+            && !in_range(col::RECEIVED, after.saturating_add(1), upto)
+        {
+            return false;
+        }
+        if let Some(service) = filter.service
+            && let Some(Statistics::ByteArray(s)) = group.column(col::SERVICE).statistics()
+            && let (Some(min), Some(max)) = (s.min_opt(), s.max_opt())
+        {
+            return min.data() <= service.as_bytes() && service.as_bytes() <= max.data();
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(i: usize) -> Stored {
+        Stored {
+            span: SpanRow {
+                tenant: "acme".into(),
+                trace_id: format!("{:032x}", i / 4 + 1),
+                span_id: format!("{:016x}", i + 1),
+                parent_span_id: (!i.is_multiple_of(4)).then(|| format!("{:016x}", i)),
+                name: format!("op{}", i % 3),
+                kind: (i % 5) as i64,
+                start_ns: 1_700_000_000_000_000_000 + i as i64 * 1000,
+                end_ns: 1_700_000_000_000_000_000 + i as i64 * 1000 + 500,
+                status_code: (i % 3) as i64,
+                status_message: if i.is_multiple_of(7) { "boom".into() } else { String::new() },
+                service_name: format!("svc{}", i % 2),
+                attributes: format!(r#"{{"i":{i}}}"#),
+                events: "[]".into(),
+                links: "[]".into(),
+                resource: r#"{"service.name":"x"}"#.into(),
+                scope: "{}".into(),
+                metered: i.is_multiple_of(2),
+            },
+            received_ms: 1_700_000_000_000 + (i / 100) as i64,
+        }
+    }
+
+    #[test]
+    fn a_block_reads_back_the_rows_written_and_filters_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.parquet");
+        let mut spans: Vec<Stored> = (0..150_000).map(stored).collect();
+        sort(&mut spans);
+        let bytes = write(File::create(&path).unwrap(), &spans).unwrap();
+        assert!(bytes > 0);
+        let block = Block::open(&path).unwrap();
+        assert_eq!(block.rows(), 150_000);
+        assert_eq!(block.read(&Filter::default()).unwrap(), spans);
+
+        let trace = format!("{:032x}", 1000);
+        let found = block.read(&Filter { trace_id: Some(&trace), ..Filter::default() }).unwrap();
+        let expected: Vec<Stored> = spans.iter().filter(|s| s.span.trace_id == trace).cloned().collect();
+        assert_eq!((found.len(), &found), (4, &expected));
+        assert!(
+            block
+                .read(&Filter { trace_id: Some(&format!("{:032x}", 999_999)), ..Filter::default() })
+                .unwrap()
+                .is_empty()
+        );
+
+        let window = (spans[10].span.start_ns, spans[10].span.start_ns + 10_000);
+        let found = block.read(&Filter { service: Some("svc1"), start_ns: Some(window), ..Filter::default() }).unwrap();
+        let expected: Vec<Stored> = spans
+            .iter()
+            .filter(|s| s.span.service_name == "svc1" && (window.0..=window.1).contains(&s.span.start_ns))
+            .cloned()
+            .collect();
+        assert!(!expected.is_empty());
+        assert_eq!(found, expected);
+
+        let arrived =
+            block.read(&Filter { received_ms: Some((1_700_000_000_000, 1_700_000_000_002)), ..Filter::default() });
+        assert_eq!(arrived.unwrap().len(), 200, "arrivals in (0, 2] ms: two hundred spans");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_block_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.parquet");
+        std::fs::write(&path, b"PAR1 certainly not parquet PAR1").unwrap();
+        assert!(Block::open(&path).is_err());
+    }
+}

@@ -1,0 +1,441 @@
+//! Spans in blocks: the write path of the columnar span store.
+//!
+//! A write appends its spans to the write-ahead log ([`wal`]) and returns once they are on
+//! disk; they are then in the head, in memory, where readers see them at once. Sealing turns
+//! the head into blocks ([`format`]: a Parquet file per tenant) under `<dir>/spans/`, lists
+//! them in the catalog table `span_blocks` of the SQL database, and records in the same
+//! transaction the last log segment they came from (`span_wal_seals`, per collector), after
+//! which those segments are deleted. Opening replays the segments after that one, and removes
+//! block files of this collector that no catalog row lists (a crash between writing a block
+//! and listing it): a crash at any point loses nothing written and stores nothing twice.
+//!
+//! A span is identified by (tenant, trace id, span id): a write leaves out spans already in the
+//! head, and readers keep one span per identity across the head and blocks (a client's retry
+//! can reach a later block than its first delivery).
+
+pub mod format;
+pub mod wal;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use format::{Block, BlockError, Filter, Stored};
+use sqlx::AssertSqlSafe;
+
+use super::{Pool, StoreError, numbered_placeholders};
+use crate::model::SpanRow;
+
+/// When the head is sealed into blocks: at this many spans…
+pub const SEAL_ROWS: usize = 262_144;
+
+/// The spans written since the last seal, by tenant.
+#[derive(Default)]
+struct Head {
+    spans: HashMap<String, Vec<Stored>>,
+    /// (tenant, trace id, span id) of every span in `spans`.
+    keys: HashSet<(String, String, String)>,
+    rows: usize,
+}
+
+impl Head {
+    fn insert(&mut self, stored: Stored) -> bool {
+        let key = (stored.span.tenant.clone(), stored.span.trace_id.clone(), stored.span.span_id.clone());
+        if !self.keys.insert(key) {
+            return false;
+        }
+        self.spans.entry(stored.span.tenant.clone()).or_default().push(stored);
+        self.rows += 1;
+        true
+    }
+}
+
+struct Writer {
+    segment: wal::Segment,
+    head: Head,
+}
+
+/// One listed block.
+#[derive(Debug, Clone)]
+struct Listed {
+    location: String,
+}
+
+/// The span blocks of one collector: its log and head, and every collector's blocks.
+pub struct SpanBlocks {
+    dir: PathBuf,
+    collector: String,
+    pool: Pool,
+    writer: Mutex<Writer>,
+    /// The head being sealed: still read until its blocks are listed.
+    sealing: Mutex<Option<Arc<Head>>>,
+    /// One seal at a time.
+    seal_lock: tokio::sync::Mutex<()>,
+}
+
+fn io(error: std::io::Error) -> StoreError {
+    StoreError::Blocks(BlockError::Io(error))
+}
+
+impl SpanBlocks {
+    /// Opens the blocks under `dir` as collector `collector` (its log is `<dir>/wal/<collector>`),
+    /// replaying what its log holds beyond its last seal.
+    pub async fn open(dir: &Path, collector: &str, pool: Pool) -> Result<Self, StoreError> {
+        let wal_dir = dir.join("wal").join(collector);
+        std::fs::create_dir_all(&wal_dir).map_err(io)?;
+        std::fs::create_dir_all(dir.join("spans")).map_err(io)?;
+        let sealed_through = sealed_through(&pool, collector).await?;
+        let mut head = Head::default();
+        let mut last = sealed_through;
+        for seq in wal::segments(&wal_dir).map_err(io)? {
+            let path = wal::segment_path(&wal_dir, seq);
+            if seq <= sealed_through {
+                std::fs::remove_file(&path).map_err(io)?;
+                continue;
+            }
+            let (records, torn) = wal::read(&path).map_err(io)?;
+            if torn {
+                tracing::warn!(segment = %path.display(), "the span log ends in a torn record (a crash while writing it): it was never acknowledged, and is skipped");
+            }
+            for stored in records.into_iter().flatten() {
+                head.insert(stored);
+            }
+            last = last.max(seq);
+        }
+        let listed: HashSet<String> = locations(&pool).await?.into_iter().collect();
+        let prefix = format!("{collector}-");
+        for entry in std::fs::read_dir(dir.join("spans")).map_err(io)? {
+            let name = entry.map_err(io)?.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && !listed.contains(&format!("spans/{name}")) {
+                tracing::warn!(block = %name, "removing a span block that was never listed (a crash while sealing)");
+                std::fs::remove_file(dir.join("spans").join(&name)).map_err(io)?;
+            }
+        }
+        let segment = wal::Segment::create(&wal_dir, last + 1).map_err(io)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            collector: collector.to_string(),
+            pool,
+            writer: Mutex::new(Writer { segment, head }),
+            sealing: Mutex::new(None),
+            seal_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn wal_dir(&self) -> PathBuf {
+        self.dir.join("wal").join(&self.collector)
+    }
+
+    /// Writes spans that arrived at `received_ms`, durably; returns how many were new to the
+    /// head, and whether the head is due to be sealed.
+    pub fn write(&self, spans: &[SpanRow], received_ms: i64) -> Result<(u64, bool), StoreError> {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut batch_keys = HashSet::new();
+        let new: Vec<Stored> = spans
+            .iter()
+            .filter(|s| {
+                let key = (s.tenant.clone(), s.trace_id.clone(), s.span_id.clone());
+                !writer.head.keys.contains(&key) && batch_keys.insert(key)
+            })
+            .map(|span| Stored { span: span.clone(), received_ms })
+            .collect();
+        if new.is_empty() {
+            return Ok((0, false));
+        }
+        writer.segment.append(&new).map_err(io)?;
+        let count = new.len() as u64;
+        for stored in new {
+            writer.head.insert(stored);
+        }
+        Ok((count, writer.head.rows >= SEAL_ROWS))
+    }
+
+    /// Seals the head into blocks (nothing when it is empty); returns the spans sealed.
+    pub async fn seal(&self) -> Result<usize, StoreError> {
+        let _one = self.seal_lock.lock().await;
+        let (head, sealed_seq) = {
+            let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            if writer.head.rows == 0 {
+                return Ok(0);
+            }
+            let next = wal::Segment::create(&self.wal_dir(), writer.segment.seq + 1).map_err(io)?;
+            let sealed = std::mem::replace(&mut writer.segment, next).seq;
+            let head = Arc::new(std::mem::take(&mut writer.head));
+            *self.sealing.lock().unwrap_or_else(|e| e.into_inner()) = Some(head.clone());
+            (head, sealed)
+        };
+        let result = self.write_blocks(&head, sealed_seq).await;
+        let rows = head.rows;
+        if result.is_err() {
+            // Back into the head, to be sealed again (the log still holds them).
+            let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            for stored in head.spans.values().flatten() {
+                writer.head.insert(stored.clone());
+            }
+        }
+        *self.sealing.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        result?;
+        for seq in wal::segments(&self.wal_dir()).map_err(io)? {
+            if seq <= sealed_seq {
+                std::fs::remove_file(wal::segment_path(&self.wal_dir(), seq)).map_err(io)?;
+            }
+        }
+        Ok(rows)
+    }
+
+    async fn write_blocks(&self, head: &Head, sealed_seq: u64) -> Result<(), StoreError> {
+        let mut listed = Vec::new();
+        for (tenant, spans) in &head.spans {
+            let mut spans = spans.clone();
+            let (dir, name) = (self.dir.join("spans"), format!("{}-{}.parquet", self.collector, uuid::Uuid::now_v7()));
+            let block = tokio::task::spawn_blocking(move || -> Result<_, BlockError> {
+                format::sort(&mut spans);
+                let temporary = dir.join(format!("{name}.tmp"));
+                let bytes = format::write(std::fs::File::create(&temporary)?, &spans)?;
+                std::fs::rename(&temporary, dir.join(&name))?;
+                std::fs::File::open(&dir)?.sync_all()?;
+                let services: std::collections::BTreeSet<&str> =
+                    spans.iter().map(|s| s.span.service_name.as_str()).collect();
+                let min = |f: fn(&Stored) -> i64| spans.iter().map(f).min().unwrap_or(0);
+                let max = |f: fn(&Stored) -> i64| spans.iter().map(f).max().unwrap_or(0);
+                Ok(BlockRow {
+                    id: name.trim_end_matches(".parquet").to_string(),
+                    location: format!("spans/{name}"),
+                    min_start_ns: min(|s| s.span.start_ns),
+                    max_start_ns: max(|s| s.span.start_ns),
+                    min_received_ms: min(|s| s.received_ms),
+                    max_received_ms: max(|s| s.received_ms),
+                    rows: spans.len() as i64,
+                    bytes: bytes as i64,
+                    services: serde_json::to_string(&services).expect("strings serialize"),
+                })
+            })
+            .await
+            .map_err(|error| StoreError::Sqlite(format!("sealing span blocks failed: {error}")))?
+            .map_err(StoreError::Blocks)?;
+            listed.push((tenant.clone(), block));
+        }
+        list(&self.pool, &self.collector, &listed, sealed_seq).await
+    }
+
+    /// A tenant's spans that pass `filter`, from the head and the blocks, one per identity.
+    pub async fn read(&self, tenant: &str, filter: &Filter<'_>) -> Result<Vec<Stored>, StoreError> {
+        let mut out = Vec::new();
+        let keep = |s: &Stored| {
+            filter.trace_id.is_none_or(|t| s.span.trace_id == t)
+                && filter.service.is_none_or(|v| s.span.service_name == v)
+                && filter.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(&s.span.start_ns))
+                && filter.received_ms.is_none_or(|(after, upto)| s.received_ms > after && s.received_ms <= upto)
+        };
+        {
+            let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(writer.head.spans.get(tenant).into_iter().flatten().filter(|s| keep(s)).cloned());
+        }
+        let sealing = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(sealing) = sealing {
+            out.extend(sealing.spans.get(tenant).into_iter().flatten().filter(|s| keep(s)).cloned());
+        }
+        for listed in blocks_of(&self.pool, tenant, filter).await? {
+            let path = self.dir.join(&listed.location);
+            let filter = Filter { trace_id: filter.trace_id, service: filter.service, ..filter.clone() };
+            let found = tokio::task::block_in_place(|| Block::open(&path).and_then(|block| block.read(&filter)));
+            out.extend(found.map_err(StoreError::Blocks)?.into_iter().filter(|s| s.span.tenant == tenant));
+        }
+        let mut seen = HashSet::new();
+        out.retain(|s| seen.insert((s.span.trace_id.clone(), s.span.span_id.clone())));
+        Ok(out)
+    }
+}
+
+/// A block's catalog row.
+struct BlockRow {
+    id: String,
+    location: String,
+    min_start_ns: i64,
+    max_start_ns: i64,
+    min_received_ms: i64,
+    max_received_ms: i64,
+    rows: i64,
+    bytes: i64,
+    services: String,
+}
+
+fn sql(pool: &Pool, text: &str) -> String {
+    match pool {
+        Pool::Sqlite(_) => text.to_string(),
+        Pool::Postgres(_) => numbered_placeholders(text),
+    }
+}
+
+async fn sealed_through(pool: &Pool, collector: &str) -> Result<u64, StoreError> {
+    let text = sql(pool, "SELECT sealed_through FROM span_wal_seals WHERE collector = ?");
+    let found: Option<i64> = match pool {
+        Pool::Sqlite(p) => sqlx::query_scalar(AssertSqlSafe(text)).bind(collector).fetch_optional(p).await?,
+        Pool::Postgres(p) => sqlx::query_scalar(AssertSqlSafe(text)).bind(collector).fetch_optional(p).await?,
+    };
+    Ok(found.unwrap_or(0).max(0) as u64)
+}
+
+async fn locations(pool: &Pool) -> Result<Vec<String>, StoreError> {
+    let text = "SELECT location FROM span_blocks";
+    Ok(match pool {
+        Pool::Sqlite(p) => sqlx::query_scalar(text).fetch_all(p).await?,
+        Pool::Postgres(p) => sqlx::query_scalar(text).fetch_all(p).await?,
+    })
+}
+
+/// The blocks of `tenant` that may hold spans passing `filter`, by their time ranges.
+async fn blocks_of(pool: &Pool, tenant: &str, filter: &Filter<'_>) -> Result<Vec<Listed>, StoreError> {
+    let (lo, hi) = filter.start_ns.unwrap_or((i64::MIN, i64::MAX));
+    let (after, upto) = filter.received_ms.unwrap_or((i64::MIN, i64::MAX));
+    let text = sql(
+        pool,
+        "SELECT location FROM span_blocks WHERE tenant = ? AND max_start_ns >= ? AND min_start_ns <= ? \
+         AND max_received_ms > ? AND min_received_ms <= ? ORDER BY min_start_ns",
+    );
+    macro_rules! fetch {
+        ($p:expr) => {
+            sqlx::query_scalar(AssertSqlSafe(text.clone()))
+                .bind(tenant)
+                .bind(lo)
+                .bind(hi)
+                .bind(after)
+                .bind(upto)
+                .fetch_all($p)
+                .await?
+        };
+    }
+    let rows: Vec<String> = match pool {
+        Pool::Sqlite(p) => fetch!(p),
+        Pool::Postgres(p) => fetch!(p),
+    };
+    Ok(rows.into_iter().map(|location| Listed { location }).collect())
+}
+
+/// Lists sealed blocks and the last segment they came from, in one transaction.
+async fn list(pool: &Pool, collector: &str, blocks: &[(String, BlockRow)], sealed_seq: u64) -> Result<(), StoreError> {
+    let insert = sql(
+        pool,
+        "INSERT INTO span_blocks (id, tenant, location, min_start_ns, max_start_ns, min_received_ms, \
+         max_received_ms, rows, bytes, services, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    );
+    let seal = sql(
+        pool,
+        "INSERT INTO span_wal_seals (collector, sealed_through) VALUES (?, ?) \
+         ON CONFLICT (collector) DO UPDATE SET sealed_through = excluded.sealed_through",
+    );
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    macro_rules! run {
+        ($p:expr) => {{
+            let mut tx = $p.begin().await?;
+            for (tenant, b) in blocks {
+                sqlx::query(AssertSqlSafe(insert.clone()))
+                    .bind(&b.id)
+                    .bind(tenant)
+                    .bind(&b.location)
+                    .bind(b.min_start_ns)
+                    .bind(b.max_start_ns)
+                    .bind(b.min_received_ms)
+                    .bind(b.max_received_ms)
+                    .bind(b.rows)
+                    .bind(b.bytes)
+                    .bind(&b.services)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(AssertSqlSafe(seal.clone())).bind(collector).bind(sealed_seq as i64).execute(&mut *tx).await?;
+            tx.commit().await?;
+        }};
+    }
+    match pool {
+        Pool::Sqlite(p) => run!(p),
+        Pool::Postgres(p) => run!(p),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::TelemetryStore;
+
+    fn span(tenant: &str, i: usize) -> SpanRow {
+        SpanRow {
+            tenant: tenant.into(),
+            trace_id: format!("{:032x}", i / 3 + 1),
+            span_id: format!("{:016x}", i + 1),
+            parent_span_id: None,
+            name: "op".into(),
+            kind: 2,
+            start_ns: 1_000 + i as i64,
+            end_ns: 2_000 + i as i64,
+            status_code: 0,
+            status_message: String::new(),
+            service_name: "svc".into(),
+            attributes: format!(r#"{{"owner":"{tenant}"}}"#),
+            events: "[]".into(),
+            links: "[]".into(),
+            resource: "{}".into(),
+            scope: "{}".into(),
+            metered: false,
+        }
+    }
+
+    async fn all(blocks: &SpanBlocks, tenant: &str) -> Vec<SpanRow> {
+        let mut spans: Vec<SpanRow> =
+            blocks.read(tenant, &Filter::default()).await.unwrap().into_iter().map(|s| s.span).collect();
+        spans.sort_by(|a, b| a.span_id.cmp(&b.span_id));
+        spans
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_written_is_lost_or_stored_twice_across_seals_crashes_and_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TelemetryStore::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        let root = dir.path().join("blocks");
+        let acme: Vec<SpanRow> = (0..30).map(|i| span("acme", i)).collect();
+        let globex: Vec<SpanRow> = (0..30).map(|i| span("globex", i)).collect();
+
+        // Written, then a crash before any seal: the log replays.
+        let blocks = SpanBlocks::open(&root, "c1", store.pool.clone()).await.unwrap();
+        assert_eq!(blocks.write(&acme[..20], 5).unwrap(), (20, false));
+        assert_eq!(blocks.write(&acme[10..], 6).unwrap().0, 10, "the first ten were there already");
+        assert_eq!(blocks.write(&globex, 6).unwrap().0, 30);
+        drop(blocks);
+        let blocks = SpanBlocks::open(&root, "c1", store.pool.clone()).await.unwrap();
+        assert_eq!(all(&blocks, "acme").await, acme);
+        assert_eq!(blocks.write(&acme, 7).unwrap().0, 0, "the replayed head still knows them");
+
+        // Sealed: read from blocks, the log's segments gone, a restart replays nothing.
+        assert_eq!(blocks.seal().await.unwrap(), 60);
+        assert_eq!(wal::segments(&root.join("wal/c1")).unwrap().len(), 1, "only the new, empty segment");
+        assert_eq!(all(&blocks, "acme").await, acme);
+        drop(blocks);
+        let blocks = SpanBlocks::open(&root, "c1", store.pool.clone()).await.unwrap();
+        assert_eq!(all(&blocks, "acme").await, acme);
+        assert_eq!(all(&blocks, "globex").await, globex);
+
+        // A client's retry after the seal lands in the head again: readers keep one of each.
+        assert_eq!(blocks.write(&acme[..5], 8).unwrap().0, 5);
+        assert_eq!(all(&blocks, "acme").await, acme);
+
+        // A crash after a block file was written but before it was listed: the file goes, the
+        // log replays.
+        std::fs::write(root.join("spans/c1-orphan.parquet"), b"half a block").unwrap();
+        std::fs::write(root.join("spans/c2-other-collectors.parquet"), b"not ours to remove").unwrap();
+        drop(blocks);
+        let blocks = SpanBlocks::open(&root, "c1", store.pool.clone()).await.unwrap();
+        assert!(!root.join("spans/c1-orphan.parquet").exists());
+        assert!(root.join("spans/c2-other-collectors.parquet").exists());
+        assert_eq!(all(&blocks, "acme").await, acme);
+
+        // Filters, and no tenant reads another's.
+        let trace = acme[4].trace_id.clone();
+        let found = blocks.read("acme", &Filter { trace_id: Some(&trace), ..Filter::default() }).await.unwrap();
+        assert_eq!(found.len(), 3);
+        assert!(blocks.read("nobody", &Filter::default()).await.unwrap().is_empty());
+        let arrived = blocks.read("globex", &Filter { received_ms: Some((5, 6)), ..Filter::default() }).await.unwrap();
+        assert_eq!(arrived.len(), 30);
+    }
+}
