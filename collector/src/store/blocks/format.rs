@@ -95,8 +95,38 @@ fn id_bytes<const N: usize>(hex_id: &str) -> FixedLenByteArray {
     FixedLenByteArray::from(bytes.to_vec())
 }
 
-fn text(value: &str) -> ByteArray {
-    ByteArray::from(value.as_bytes().to_vec())
+/// Values as byte arrays that share one buffer (one allocation per column chunk, not per value).
+fn shared<'a>(values: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<ByteArray> {
+    let mut buffer = bytes::BytesMut::with_capacity(values.clone().map(<[u8]>::len).sum());
+    let mut ends = Vec::new();
+    for value in values {
+        buffer.extend_from_slice(value);
+        ends.push(buffer.len());
+    }
+    let buffer = buffer.freeze();
+    let mut start = 0;
+    ends.into_iter()
+        .map(|end| {
+            let value = ByteArray::from(buffer.slice(start..end));
+            start = end;
+            value
+        })
+        .collect()
+}
+
+/// Hex ids of `N` bytes as fixed-length arrays that share one buffer.
+fn shared_ids<'a, const N: usize>(ids: impl Iterator<Item = &'a str>) -> Vec<FixedLenByteArray> {
+    let mut buffer = bytes::BytesMut::new();
+    let mut count = 0;
+    for id in ids {
+        let mut bytes = [0u8; N];
+        // Ids are validated as lowercase hex of this length when they are received.
+        let _ = hex::decode_to_slice(id, &mut bytes);
+        buffer.extend_from_slice(&bytes);
+        count += 1;
+    }
+    let buffer = buffer.freeze();
+    (0..count).map(|i| FixedLenByteArray::from(ByteArray::from(buffer.slice(i * N..(i + 1) * N)))).collect()
 }
 
 fn properties(rows: usize) -> WriterProperties {
@@ -109,6 +139,8 @@ fn properties(rows: usize) -> WriterProperties {
         .set_column_dictionary_enabled(ColumnPath::from("parent_span_id"), false)
         .set_column_dictionary_enabled(ColumnPath::from("start_ns"), false)
         .set_column_dictionary_enabled(ColumnPath::from("end_ns"), false)
+        // A span's attributes are nearly always its own.
+        .set_column_dictionary_enabled(ColumnPath::from("attributes"), false)
         .set_column_bloom_filter_enabled(ColumnPath::from("trace_id"), true)
         .set_column_bloom_filter_fpp(ColumnPath::from("trace_id"), 0.01)
         .set_column_bloom_filter_max_ndv(ColumnPath::from("trace_id"), rows.clamp(1, ROW_GROUP_ROWS) as u64)
@@ -116,7 +148,7 @@ fn properties(rows: usize) -> WriterProperties {
 }
 
 /// Sorts spans into a block's order: service, start, then trace and span id.
-pub fn sort(spans: &mut [Stored]) {
+pub fn sort(spans: &mut [&Stored]) {
     spans.sort_unstable_by(|a, b| {
         (&a.span.service_name, a.span.start_ns, &a.span.trace_id, &a.span.span_id).cmp(&(
             &b.span.service_name,
@@ -128,7 +160,7 @@ pub fn sort(spans: &mut [Stored]) {
 }
 
 /// Writes `spans` (sorted by [`sort`]) as a block to `file`; returns the bytes written.
-pub fn write(file: File, spans: &[Stored]) -> Result<u64, BlockError> {
+pub fn write(file: File, spans: &[&Stored]) -> Result<u64, BlockError> {
     let schema = Arc::new(parse_message_type(SCHEMA)?);
     let mut writer = SerializedFileWriter::new(file, schema, Arc::new(properties(spans.len())))?;
     for group in spans.chunks(ROW_GROUP_ROWS) {
@@ -158,36 +190,34 @@ pub fn write(file: File, spans: &[Stored]) -> Result<u64, BlockError> {
                     writer.typed::<BoolType>().write_batch(&values, None, None)?;
                 }
                 col::TRACE => {
-                    let values: Vec<_> = rows.map(|s| id_bytes::<16>(&s.span.trace_id)).collect();
+                    let values = shared_ids::<16>(rows.map(|s| s.span.trace_id.as_str()));
                     writer.typed::<FixedLenByteArrayType>().write_batch(&values, None, None)?;
                 }
                 col::SPAN => {
-                    let values: Vec<_> = rows.map(|s| id_bytes::<8>(&s.span.span_id)).collect();
+                    let values = shared_ids::<8>(rows.map(|s| s.span.span_id.as_str()));
                     writer.typed::<FixedLenByteArrayType>().write_batch(&values, None, None)?;
                 }
                 col::PARENT => {
                     let defined: Vec<i16> = rows.clone().map(|s| i16::from(s.span.parent_span_id.is_some())).collect();
-                    let values: Vec<_> =
-                        rows.filter_map(|s| s.span.parent_span_id.as_deref().map(id_bytes::<8>)).collect();
+                    let values = shared_ids::<8>(rows.filter_map(|s| s.span.parent_span_id.as_deref()));
                     writer.typed::<FixedLenByteArrayType>().write_batch(&values, Some(&defined), None)?;
                 }
                 _ => {
-                    let values: Vec<ByteArray> = rows
-                        .map(|s| {
-                            let span = &s.span;
-                            text(match column {
-                                col::TENANT => &span.tenant,
-                                col::SERVICE => &span.service_name,
-                                col::NAME => &span.name,
-                                col::STATUS_MESSAGE => &span.status_message,
-                                col::ATTRIBUTES => &span.attributes,
-                                col::EVENTS => &span.events,
-                                col::LINKS => &span.links,
-                                col::RESOURCE => &span.resource,
-                                _ => &span.scope,
-                            })
-                        })
-                        .collect();
+                    let values = shared(rows.map(|s| {
+                        let span = &s.span;
+                        match column {
+                            col::TENANT => &span.tenant,
+                            col::SERVICE => &span.service_name,
+                            col::NAME => &span.name,
+                            col::STATUS_MESSAGE => &span.status_message,
+                            col::ATTRIBUTES => &span.attributes,
+                            col::EVENTS => &span.events,
+                            col::LINKS => &span.links,
+                            col::RESOURCE => &span.resource,
+                            _ => &span.scope,
+                        }
+                        .as_bytes()
+                    }));
                     writer.typed::<ByteArrayType>().write_batch(&values, None, None)?;
                 }
             }
@@ -431,9 +461,11 @@ mod tests {
     fn a_block_reads_back_the_rows_written_and_filters_them() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.parquet");
-        let mut spans: Vec<Stored> = (0..150_000).map(stored).collect();
-        sort(&mut spans);
-        let bytes = write(File::create(&path).unwrap(), &spans).unwrap();
+        let all: Vec<Stored> = (0..150_000).map(stored).collect();
+        let mut sorted: Vec<&Stored> = all.iter().collect();
+        sort(&mut sorted);
+        let bytes = write(File::create(&path).unwrap(), &sorted).unwrap();
+        let spans: Vec<Stored> = sorted.into_iter().cloned().collect();
         assert!(bytes > 0);
         let block = Block::open(&path).unwrap();
         assert_eq!(block.rows(), 150_000);

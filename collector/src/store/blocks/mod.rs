@@ -33,18 +33,38 @@ pub const SEAL_ROWS: usize = 262_144;
 #[derive(Default)]
 struct Head {
     spans: HashMap<String, Vec<Stored>>,
-    /// (tenant, trace id, span id) of every span in `spans`.
-    keys: HashSet<(String, String, String)>,
+    /// The (trace id, span id) of every span in `spans`, per tenant, as bytes.
+    keys: HashMap<String, HashSet<[u8; 24]>>,
     rows: usize,
 }
 
+/// A span's identity within its tenant: its trace and span ids' bytes (validated hex).
+fn key(span: &SpanRow) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    let _ = hex::decode_to_slice(&span.trace_id, &mut key[..16]);
+    let _ = hex::decode_to_slice(&span.span_id, &mut key[16..]);
+    key
+}
+
 impl Head {
+    fn contains(&self, span: &SpanRow) -> bool {
+        self.keys.get(&span.tenant).is_some_and(|keys| keys.contains(&key(span)))
+    }
+
     fn insert(&mut self, stored: Stored) -> bool {
-        let key = (stored.span.tenant.clone(), stored.span.trace_id.clone(), stored.span.span_id.clone());
-        if !self.keys.insert(key) {
+        let keys = match self.keys.get_mut(&stored.span.tenant) {
+            Some(keys) => keys,
+            None => self.keys.entry(stored.span.tenant.clone()).or_default(),
+        };
+        if !keys.insert(key(&stored.span)) {
             return false;
         }
-        self.spans.entry(stored.span.tenant.clone()).or_default().push(stored);
+        match self.spans.get_mut(&stored.span.tenant) {
+            Some(spans) => spans.push(stored),
+            None => {
+                self.spans.insert(stored.span.tenant.clone(), vec![stored]);
+            }
+        }
         self.rows += 1;
         true
     }
@@ -133,10 +153,7 @@ impl SpanBlocks {
         let mut batch_keys = HashSet::new();
         let new: Vec<Stored> = spans
             .iter()
-            .filter(|s| {
-                let key = (s.tenant.clone(), s.trace_id.clone(), s.span_id.clone());
-                !writer.head.keys.contains(&key) && batch_keys.insert(key)
-            })
+            .filter(|s| !writer.head.contains(s) && batch_keys.insert((s.tenant.as_str(), key(s))))
             .map(|span| Stored { span: span.clone(), received_ms })
             .collect();
         if new.is_empty() {
@@ -183,12 +200,13 @@ impl SpanBlocks {
         Ok(rows)
     }
 
-    async fn write_blocks(&self, head: &Head, sealed_seq: u64) -> Result<(), StoreError> {
+    async fn write_blocks(&self, head: &Arc<Head>, sealed_seq: u64) -> Result<(), StoreError> {
         let mut listed = Vec::new();
-        for (tenant, spans) in &head.spans {
-            let mut spans = spans.clone();
+        for tenant in head.spans.keys() {
+            let (head, tenant_key) = (head.clone(), tenant.clone());
             let (dir, name) = (self.dir.join("spans"), format!("{}-{}.parquet", self.collector, uuid::Uuid::now_v7()));
             let block = tokio::task::spawn_blocking(move || -> Result<_, BlockError> {
+                let mut spans: Vec<&Stored> = head.spans[&tenant_key].iter().collect();
                 format::sort(&mut spans);
                 let temporary = dir.join(format!("{name}.tmp"));
                 let bytes = format::write(std::fs::File::create(&temporary)?, &spans)?;
@@ -196,8 +214,8 @@ impl SpanBlocks {
                 std::fs::File::open(&dir)?.sync_all()?;
                 let services: std::collections::BTreeSet<&str> =
                     spans.iter().map(|s| s.span.service_name.as_str()).collect();
-                let min = |f: fn(&Stored) -> i64| spans.iter().map(f).min().unwrap_or(0);
-                let max = |f: fn(&Stored) -> i64| spans.iter().map(f).max().unwrap_or(0);
+                let min = |f: fn(&Stored) -> i64| spans.iter().map(|s| f(s)).min().unwrap_or(0);
+                let max = |f: fn(&Stored) -> i64| spans.iter().map(|s| f(s)).max().unwrap_or(0);
                 Ok(BlockRow {
                     id: name.trim_end_matches(".parquet").to_string(),
                     location: format!("spans/{name}"),
