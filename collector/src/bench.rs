@@ -68,14 +68,17 @@ pub fn realistic_request(seed: u64) -> ExportTraceServiceRequest {
     let spans = (0..SPANS_PER_REQUEST as u64)
         .map(|i| {
             // Ids as SDKs make them: random (a fixed mix of seed and index, so runs repeat).
-            let trace = mix(seed << 32 | i / 8);
+            let trace = mix((seed << 32) | (i / 8));
             let mut trace_id = [0u8; 16];
             trace_id[..8].copy_from_slice(&trace.to_be_bytes());
             trace_id[8..].copy_from_slice(&mix(trace).to_be_bytes());
-            let span_id = mix(seed << 32 | i | 1 << 31).to_be_bytes();
+            let span_id = mix((seed << 32) | i | (1 << 31)).to_be_bytes();
             // Every eighth span is a server span; the seven after it are its children.
-            let parent =
-                if i % 8 != 0 { mix(seed << 32 | (i - i % 8) | 1 << 31).to_be_bytes().to_vec() } else { Vec::new() };
+            let parent = if i % 8 != 0 {
+                mix((seed << 32) | (i - i % 8) | (1 << 31)).to_be_bytes().to_vec()
+            } else {
+                Vec::new()
+            };
             Span {
                 trace_id: trace_id.to_vec(),
                 span_id: span_id.to_vec(),
