@@ -49,6 +49,9 @@ const MAX_PAGE: usize = 20_000;
 /// below the limits).
 const TRACES_PER_STATEMENT: usize = 100;
 
+/// Names of metered spans besides invocations (`invoke …`).
+pub(super) const METERED_NAMES: [&str; 2] = ["state.usage", "instance.usage"];
+
 /// The metered spans billing reads: invocations, state usage and instance usage.
 const METERED_SPANS: &str = "SELECT tenant, trace_id, span_id, name, start_ns, end_ns, received_ms, attributes \
      FROM spans WHERE metered = 1 AND received_ms > ? AND received_ms <= ? \
@@ -208,7 +211,7 @@ impl TelemetryStore {
                 if seen.contains(&candidate.trace_id) {
                     continue;
                 }
-                if candidate.details.as_ref().is_none_or(|details| details.matches(&search.tags)) {
+                if candidate.details.as_ref().is_none_or(|details| details.borrowed().matches(&search.tags)) {
                     seen.insert(candidate.trace_id.clone());
                     found.push((candidate.trace_id, candidate.start_ns));
                 }
@@ -249,7 +252,7 @@ impl TelemetryStore {
             trace_id: row.try_get(0)?,
             start_ns: row.try_get(1)?,
             details: if with_tags {
-                Some(Details {
+                Some(OwnedDetails {
                     kind: row.try_get(2)?,
                     status_code: row.try_get(3)?,
                     status_message: row.try_get(4)?,
@@ -347,10 +350,21 @@ struct Candidate {
     trace_id: String,
     start_ns: i64,
     /// Only read when the search has tags.
-    details: Option<Details>,
+    details: Option<OwnedDetails>,
 }
 
-struct Details {
+/// What a tag condition may look at in a span.
+pub(super) struct Details<'a> {
+    kind: i64,
+    status_code: i64,
+    status_message: &'a str,
+    attributes: &'a str,
+    resource: &'a str,
+    events: &'a str,
+    scope: &'a str,
+}
+
+struct OwnedDetails {
     kind: i64,
     status_code: i64,
     status_message: String,
@@ -358,6 +372,20 @@ struct Details {
     resource: String,
     events: String,
     scope: String,
+}
+
+impl OwnedDetails {
+    fn borrowed(&self) -> Details<'_> {
+        Details {
+            kind: self.kind,
+            status_code: self.status_code,
+            status_message: &self.status_message,
+            attributes: &self.attributes,
+            resource: &self.resource,
+            events: &self.events,
+            scope: &self.scope,
+        }
+    }
 }
 
 /// The text a tag value is compared as (jaeger-query compares `AsString()`).
@@ -376,10 +404,22 @@ fn parse_map(text: &str) -> Map<String, Value> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
-impl Details {
+impl<'a> Details<'a> {
+    pub(super) fn of(span: &'a SpanRow) -> Self {
+        Details {
+            kind: span.kind,
+            status_code: span.status_code,
+            status_message: &span.status_message,
+            attributes: &span.attributes,
+            resource: &span.resource,
+            events: &span.events,
+            scope: &span.scope,
+        }
+    }
+
     /// Whether every tag matches a tag, process tag or log field of this span.
-    fn matches(&self, tags: &[(String, String)]) -> bool {
-        let attributes = parse_map(&self.attributes);
+    pub(super) fn matches(&self, tags: &[(String, String)]) -> bool {
+        let attributes = parse_map(self.attributes);
         let mut resource: Option<Map<String, Value>> = None;
         let mut events: Option<Vec<Value>> = None;
         let mut scope: Option<Map<String, Value>> = None;
@@ -393,9 +433,9 @@ impl Details {
                     "span.kind" => span_kind_name(self.kind) == Some(want.as_str()),
                     "otel.status_code" => status_name(self.status_code) == Some(want.as_str()),
                     "error" => self.status_code == 2 && want == "true",
-                    "otel.status_description" => !self.status_message.is_empty() && &self.status_message == want,
+                    "otel.status_description" => !self.status_message.is_empty() && self.status_message == want,
                     "otel.scope.name" | "otel.scope.version" => {
-                        let scope = scope.get_or_insert_with(|| parse_map(&self.scope));
+                        let scope = scope.get_or_insert_with(|| parse_map(self.scope));
                         let field = if key == "otel.scope.name" { "name" } else { "version" };
                         scope.get(field).and_then(Value::as_str).is_some_and(|v| !v.is_empty() && v == want)
                     }
@@ -406,12 +446,12 @@ impl Details {
                 }
             }
             if key != "service.name" {
-                let resource = resource.get_or_insert_with(|| parse_map(&self.resource));
+                let resource = resource.get_or_insert_with(|| parse_map(self.resource));
                 if resource.get(key).is_some_and(|v| value_matches(v, want)) {
                     return true;
                 }
             }
-            let events = events.get_or_insert_with(|| serde_json::from_str(&self.events).unwrap_or_default());
+            let events = events.get_or_insert_with(|| serde_json::from_str(self.events).unwrap_or_default());
             events.iter().any(|event| {
                 (key == "event" && event.get("name").and_then(Value::as_str) == Some(want.as_str()))
                     || event.get("attributes").and_then(|a| a.get(key)).is_some_and(|v| value_matches(v, want))

@@ -14,6 +14,7 @@
 //! can reach a later block than its first delivery).
 
 pub mod format;
+mod queries;
 pub mod wal;
 
 use std::collections::{HashMap, HashSet};
@@ -78,6 +79,7 @@ struct Writer {
 /// One listed block.
 #[derive(Debug, Clone)]
 struct Listed {
+    tenant: String,
     location: String,
 }
 
@@ -236,8 +238,42 @@ impl SpanBlocks {
         list(&self.pool, &self.collector, &listed, sealed_seq).await
     }
 
+    /// Runs `f` on the head and on the head being sealed, if any.
+    fn each_head(&self, mut f: impl FnMut(&Head)) {
+        f(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head);
+        if let Some(sealing) = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            f(&sealing);
+        }
+    }
+
+    /// Drops a tenant's spans that started before `before_ns` from the head (their log records
+    /// stay until the next seal; a restart before it would bring them back until the next
+    /// retention pass); returns how many.
+    fn forget_head_before(&self, tenant: &str, before_ns: i64) -> u64 {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let head = &mut writer.head;
+        let Some(spans) = head.spans.get_mut(tenant) else { return 0 };
+        let before = spans.len();
+        let keys = head.keys.entry(tenant.to_string()).or_default();
+        spans.retain(|s| {
+            let keep = s.span.start_ns >= before_ns;
+            if !keep {
+                keys.remove(&key(&s.span));
+            }
+            keep
+        });
+        let gone = before - spans.len();
+        head.rows -= gone;
+        gone as u64
+    }
+
     /// A tenant's spans that pass `filter`, from the head and the blocks, one per identity.
     pub async fn read(&self, tenant: &str, filter: &Filter<'_>) -> Result<Vec<Stored>, StoreError> {
+        self.scan(Some(tenant), filter).await
+    }
+
+    /// The spans of `tenant` (or of every tenant) that pass `filter`, one per identity.
+    async fn scan(&self, tenant: Option<&str>, filter: &Filter<'_>) -> Result<Vec<Stored>, StoreError> {
         let mut out = Vec::new();
         let keep = |s: &Stored| {
             filter.trace_id.is_none_or(|t| s.span.trace_id == t)
@@ -245,22 +281,30 @@ impl SpanBlocks {
                 && filter.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(&s.span.start_ns))
                 && filter.received_ms.is_none_or(|(after, upto)| s.received_ms > after && s.received_ms <= upto)
         };
-        {
-            let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(writer.head.spans.get(tenant).into_iter().flatten().filter(|s| keep(s)).cloned());
-        }
+        let of_head = |head: &Head, out: &mut Vec<Stored>| match tenant {
+            Some(tenant) => out.extend(head.spans.get(tenant).into_iter().flatten().filter(|s| keep(s)).cloned()),
+            None => out.extend(head.spans.values().flatten().filter(|s| keep(s)).cloned()),
+        };
+        // The head, then the head being sealed, then the catalog: a seal lists its blocks before
+        // it lets go of its head, so a span is always in one of the three as they are read.
+        of_head(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head, &mut out);
         let sealing = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(sealing) = sealing {
-            out.extend(sealing.spans.get(tenant).into_iter().flatten().filter(|s| keep(s)).cloned());
+            of_head(&sealing, &mut out);
         }
         for listed in blocks_of(&self.pool, tenant, filter).await? {
             let path = self.dir.join(&listed.location);
-            let filter = Filter { trace_id: filter.trace_id, service: filter.service, ..filter.clone() };
-            let found = tokio::task::block_in_place(|| Block::open(&path).and_then(|block| block.read(&filter)));
-            out.extend(found.map_err(StoreError::Blocks)?.into_iter().filter(|s| s.span.tenant == tenant));
+            let found = match tokio::task::block_in_place(|| Block::open(&path).and_then(|block| block.read(filter))) {
+                Ok(found) => found,
+                // Retired by retention since the catalog was read.
+                Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(StoreError::Blocks(error)),
+            };
+            // The catalog says whose a block is; the rows say it again.
+            out.extend(found.into_iter().filter(|s| s.span.tenant == listed.tenant));
         }
         let mut seen = HashSet::new();
-        out.retain(|s| seen.insert((s.span.trace_id.clone(), s.span.span_id.clone())));
+        out.retain(|s| seen.insert((s.span.tenant.clone(), key(&s.span))));
         Ok(out)
     }
 }
@@ -302,32 +346,33 @@ async fn locations(pool: &Pool) -> Result<Vec<String>, StoreError> {
     })
 }
 
-/// The blocks of `tenant` that may hold spans passing `filter`, by their time ranges.
-async fn blocks_of(pool: &Pool, tenant: &str, filter: &Filter<'_>) -> Result<Vec<Listed>, StoreError> {
+/// The blocks of `tenant` (or of every tenant) that may hold spans passing `filter`, by their
+/// time and arrival ranges.
+async fn blocks_of(pool: &Pool, tenant: Option<&str>, filter: &Filter<'_>) -> Result<Vec<Listed>, StoreError> {
     let (lo, hi) = filter.start_ns.unwrap_or((i64::MIN, i64::MAX));
     let (after, upto) = filter.received_ms.unwrap_or((i64::MIN, i64::MAX));
     let text = sql(
         pool,
-        "SELECT location FROM span_blocks WHERE tenant = ? AND max_start_ns >= ? AND min_start_ns <= ? \
-         AND max_received_ms > ? AND min_received_ms <= ? ORDER BY min_start_ns",
+        &format!(
+            "SELECT tenant, location FROM span_blocks WHERE {} max_start_ns >= ? AND min_start_ns <= ? \
+             AND max_received_ms > ? AND min_received_ms <= ? ORDER BY min_start_ns",
+            if tenant.is_some() { "tenant = ? AND" } else { "" }
+        ),
     );
     macro_rules! fetch {
-        ($p:expr) => {
-            sqlx::query_scalar(AssertSqlSafe(text.clone()))
-                .bind(tenant)
-                .bind(lo)
-                .bind(hi)
-                .bind(after)
-                .bind(upto)
-                .fetch_all($p)
-                .await?
-        };
+        ($p:expr) => {{
+            let mut query = sqlx::query_as(AssertSqlSafe(text.clone()));
+            if let Some(tenant) = tenant {
+                query = query.bind(tenant);
+            }
+            query.bind(lo).bind(hi).bind(after).bind(upto).fetch_all($p).await?
+        }};
     }
-    let rows: Vec<String> = match pool {
+    let rows: Vec<(String, String)> = match pool {
         Pool::Sqlite(p) => fetch!(p),
         Pool::Postgres(p) => fetch!(p),
     };
-    Ok(rows.into_iter().map(|location| Listed { location }).collect())
+    Ok(rows.into_iter().map(|(tenant, location)| Listed { tenant, location }).collect())
 }
 
 /// Lists sealed blocks and the last segment they came from, in one transaction.

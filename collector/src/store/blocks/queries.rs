@@ -1,0 +1,241 @@
+//! The span store's queries over the head and the blocks: the same answers as the row store's
+//! (`store/spans.rs`), by the same semantics.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use sqlx::AssertSqlSafe;
+
+use super::format::{Filter, Stored};
+use super::{Pool, SpanBlocks, sql};
+use crate::model::SpanRow;
+use crate::store::StoreError;
+use crate::store::spans::{Details, METERED_NAMES, MeteredSpan, TraceSearch};
+
+fn is_metered_name(name: &str) -> bool {
+    name.starts_with("invoke ") || METERED_NAMES.contains(&name)
+}
+
+impl SpanBlocks {
+    /// Every tenant with spans.
+    pub async fn span_tenants(&self) -> Result<Vec<String>, StoreError> {
+        let text = "SELECT DISTINCT tenant FROM span_blocks";
+        let listed: Vec<String> = match &self.pool {
+            Pool::Sqlite(p) => sqlx::query_scalar(text).fetch_all(p).await?,
+            Pool::Postgres(p) => sqlx::query_scalar(text).fetch_all(p).await?,
+        };
+        let mut tenants: BTreeSet<String> = listed.into_iter().collect();
+        self.each_head(|head| tenants.extend(head.spans.keys().cloned()));
+        Ok(tenants.into_iter().collect())
+    }
+
+    /// A tenant's service names, from the catalog and the head.
+    pub async fn services(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
+        let text = sql(&self.pool, "SELECT services FROM span_blocks WHERE tenant = ?");
+        let listed: Vec<String> = match &self.pool {
+            Pool::Sqlite(p) => sqlx::query_scalar(AssertSqlSafe(text)).bind(tenant).fetch_all(p).await?,
+            Pool::Postgres(p) => sqlx::query_scalar(AssertSqlSafe(text)).bind(tenant).fetch_all(p).await?,
+        };
+        let mut services = BTreeSet::new();
+        for json in listed {
+            services.extend(serde_json::from_str::<Vec<String>>(&json).unwrap_or_default());
+        }
+        self.each_head(|head| {
+            services.extend(head.spans.get(tenant).into_iter().flatten().map(|s| s.span.service_name.clone()))
+        });
+        Ok(services.into_iter().collect())
+    }
+
+    /// A tenant's (operation, span kind) pairs of one service.
+    pub async fn operations(&self, tenant: &str, service: &str) -> Result<Vec<(String, i64)>, StoreError> {
+        let spans = self.read(tenant, &Filter { service: Some(service), ..Filter::default() }).await?;
+        let pairs: BTreeSet<(String, i64)> = spans.into_iter().map(|s| (s.span.name, s.span.kind)).collect();
+        Ok(pairs.into_iter().collect())
+    }
+
+    /// The spans of some traces of one tenant, by trace id, each trace's spans by start time.
+    pub async fn traces(&self, tenant: &str, trace_ids: &[&str]) -> Result<HashMap<String, Vec<SpanRow>>, StoreError> {
+        let mut traces: HashMap<String, Vec<SpanRow>> = HashMap::new();
+        for id in trace_ids.iter().collect::<BTreeSet<_>>() {
+            let mut spans: Vec<SpanRow> = self
+                .read(tenant, &Filter { trace_id: Some(id), ..Filter::default() })
+                .await?
+                .into_iter()
+                .map(|s| s.span)
+                .collect();
+            if !spans.is_empty() {
+                spans.sort_by(|a, b| a.start_ns.cmp(&b.start_ns).then_with(|| a.span_id.cmp(&b.span_id)));
+                traces.insert(id.to_string(), spans);
+            }
+        }
+        Ok(traces)
+    }
+
+    /// A tenant's spans whose name starts with `prefix`, started in `[since_ns, until_ns)`,
+    /// newest first, at most `limit`.
+    pub async fn spans_named(
+        &self,
+        tenant: &str,
+        prefix: &str,
+        since_ns: i64,
+        until_ns: i64,
+        limit: i64,
+    ) -> Result<Vec<SpanRow>, StoreError> {
+        if until_ns <= since_ns || limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let window = Filter { start_ns: Some((since_ns, until_ns - 1)), ..Filter::default() };
+        let mut spans: Vec<SpanRow> = self
+            .read(tenant, &window)
+            .await?
+            .into_iter()
+            .map(|s| s.span)
+            .filter(|span| span.name.starts_with(prefix))
+            .collect();
+        spans.sort_by(|a, b| b.start_ns.cmp(&a.start_ns).then_with(|| a.span_id.cmp(&b.span_id)));
+        spans.truncate(limit as usize);
+        Ok(spans)
+    }
+
+    /// Up to `search.limit` traces of `tenant` matching the search, most recently matched
+    /// first, with the start of their latest matching span.
+    pub async fn find_traces(&self, tenant: &str, search: &TraceSearch) -> Result<Vec<(String, i64)>, StoreError> {
+        let window = Filter {
+            service: Some(&search.service),
+            start_ns: Some((search.start_ns, search.end_ns)),
+            ..Filter::default()
+        };
+        let mut matching: Vec<Stored> = self
+            .read(tenant, &window)
+            .await?
+            .into_iter()
+            .filter(|s| {
+                let span = &s.span;
+                let duration = span.end_ns - span.start_ns;
+                search.operation.as_deref().is_none_or(|op| span.name == op)
+                    && (search.min_ns == 0 || duration >= search.min_ns)
+                    && (search.max_ns == 0 || duration <= search.max_ns)
+                    && (search.tags.is_empty() || Details::of(span).matches(&search.tags))
+            })
+            .collect();
+        matching.sort_by_key(|s| std::cmp::Reverse(s.span.start_ns));
+        let mut seen = HashSet::new();
+        let mut found = Vec::new();
+        for s in matching {
+            if found.len() >= search.limit {
+                break;
+            }
+            if seen.insert(s.span.trace_id.clone()) {
+                found.push((s.span.trace_id, s.span.start_ns));
+            }
+        }
+        Ok(found)
+    }
+
+    /// A tenant's (parent service, child service, calls) for spans started in
+    /// `start_ns..=end_ns` whose parent, wherever it is, is of another service.
+    pub async fn dependencies(
+        &self,
+        tenant: &str,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let spans = self.read(tenant, &Filter { start_ns: Some((start_ns, end_ns)), ..Filter::default() }).await?;
+        let mut services: HashMap<(&str, &str), &str> = spans
+            .iter()
+            .map(|s| ((s.span.trace_id.as_str(), s.span.span_id.as_str()), s.span.service_name.as_str()))
+            .collect();
+        // Parents that started before the window: found by their traces.
+        let missing: BTreeSet<&str> = spans
+            .iter()
+            .filter_map(|s| {
+                let parent = s.span.parent_span_id.as_deref()?;
+                (!services.contains_key(&(s.span.trace_id.as_str(), parent))).then_some(s.span.trace_id.as_str())
+            })
+            .collect();
+        let missing: Vec<&str> = missing.into_iter().collect();
+        let outside = self.traces(tenant, &missing).await?;
+        for span in outside.values().flatten() {
+            services.entry((span.trace_id.as_str(), span.span_id.as_str())).or_insert(span.service_name.as_str());
+        }
+        let mut counts: HashMap<(String, String), i64> = HashMap::new();
+        for s in &spans {
+            let Some(parent) = s.span.parent_span_id.as_deref() else { continue };
+            if let Some(parent_service) = services.get(&(s.span.trace_id.as_str(), parent))
+                && *parent_service != s.span.service_name
+            {
+                *counts.entry((parent_service.to_string(), s.span.service_name.clone())).or_default() += 1;
+            }
+        }
+        let mut out: Vec<(String, String, i64)> = counts.into_iter().map(|((p, c), n)| (p, c, n)).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// The metered spans of every tenant that arrived in `(after_ms, upto_ms]`.
+    pub async fn metered_spans(&self, after_ms: i64, upto_ms: i64) -> Result<Vec<MeteredSpan>, StoreError> {
+        let arrived = Filter { received_ms: Some((after_ms, upto_ms)), ..Filter::default() };
+        Ok(self
+            .scan(None, &arrived)
+            .await?
+            .into_iter()
+            .filter(|s| s.span.metered && is_metered_name(&s.span.name))
+            .map(|Stored { span, received_ms }| MeteredSpan {
+                tenant: span.tenant,
+                trace_id: span.trace_id,
+                span_id: span.span_id,
+                name: span.name,
+                start_ns: span.start_ns,
+                end_ns: span.end_ns,
+                received_ms,
+                attributes: span.attributes,
+            })
+            .collect())
+    }
+
+    /// Where a chunk of `spans` metered spans after `watermark_ms` ends (ms of arrival; the rest
+    /// of that millisecond is in the chunk too), never past `upto_ms`.
+    pub async fn metered_chunk_end(&self, watermark_ms: i64, upto_ms: i64, spans: i64) -> Result<i64, StoreError> {
+        let arrived = Filter { received_ms: Some((watermark_ms, upto_ms)), ..Filter::default() };
+        let mut times: Vec<i64> =
+            self.scan(None, &arrived).await?.iter().filter(|s| s.span.metered).map(|s| s.received_ms).collect();
+        times.sort_unstable();
+        Ok(usize::try_from(spans).ok().and_then(|n| times.get(n)).copied().unwrap_or(upto_ms))
+    }
+
+    /// How many spans a tenant has.
+    pub async fn count(&self, tenant: &str) -> Result<u64, StoreError> {
+        Ok(self.read(tenant, &Filter::default()).await?.len() as u64)
+    }
+
+    /// Deletes a tenant's blocks whose spans all started before `before_ns`, and such spans of
+    /// the head; returns the spans deleted. A block with a newer span stays whole until all of
+    /// it is older: retention is by block.
+    pub async fn delete_before(&self, tenant: &str, before_ns: i64) -> Result<u64, StoreError> {
+        let text = sql(&self.pool, "SELECT location, rows FROM span_blocks WHERE tenant = ? AND max_start_ns < ?");
+        let old: Vec<(String, i64)> = match &self.pool {
+            Pool::Sqlite(p) => sqlx::query_as(AssertSqlSafe(text)).bind(tenant).bind(before_ns).fetch_all(p).await?,
+            Pool::Postgres(p) => sqlx::query_as(AssertSqlSafe(text)).bind(tenant).bind(before_ns).fetch_all(p).await?,
+        };
+        let mut deleted = 0;
+        let unlist = sql(&self.pool, "DELETE FROM span_blocks WHERE location = ?");
+        for (location, rows) in old {
+            match &self.pool {
+                Pool::Sqlite(p) => {
+                    sqlx::query(AssertSqlSafe(unlist.clone())).bind(&location).execute(p).await.map(drop)?
+                }
+                Pool::Postgres(p) => {
+                    sqlx::query(AssertSqlSafe(unlist.clone())).bind(&location).execute(p).await.map(drop)?
+                }
+            }
+            // Unlisted first: a reader never opens a listed block that is gone.
+            match std::fs::remove_file(self.dir.join(&location)) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(super::io(error)),
+            }
+            deleted += rows as u64;
+        }
+        deleted += self.forget_head_before(tenant, before_ns);
+        Ok(deleted)
+    }
+}
