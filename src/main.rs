@@ -316,6 +316,14 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// The span store's readers (trace by id, search) over spans in blocks, and in rows with --rows.
+    Spans {
+        #[arg(long, default_value_t = 2_000_000)]
+        spans: usize,
+        /// Also store them as rows (SQLite) and ask the same.
+        #[arg(long)]
+        rows: bool,
+    },
     /// Billing: a month of usage billed from its spans, re-rated from its records, then an incremental run.
     Billing {
         /// Invocations of the month (metered spans written through the collector's store first).
@@ -637,6 +645,10 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Ingest { requests, concurrency }) => {
             println!("{}", collector::bench::run(requests, concurrency).await?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Spans { spans, rows }) => {
+            println!("{}", collector::bench::readers(spans, rows).await?);
             Ok(())
         }
         Command::Bench(BenchCommand::Billing { invocations, new, database_url }) => {

@@ -474,3 +474,126 @@ impl Drop for PgServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// `sfaas bench spans`: the span store's readers over `spans` stored spans, in the row store
+/// (SQLite) and in blocks, the same spans in both: trace by id and a Jaeger search.
+pub async fn readers(spans: usize, rows_too: bool) -> anyhow::Result<String> {
+    use crate::store::TraceSearch;
+    use crate::store::blocks::SpanBlocks;
+    let requests = spans.div_ceil(SPANS_PER_REQUEST);
+    let dir = tempfile_dir("readers")?;
+    let store = TelemetryStore::open(&format!("sqlite://{}", dir.join("rows.db").display())).await?;
+    let blocks = SpanBlocks::open(&dir.join("blocks"), "bench", store.shared_pool().clone()).await?;
+    let sender = Sender { credential: Credential::Ingest { tenant: "bench".into() }, org_id: None };
+    // Requests 200 ms apart: the spans cover an hour per 18 000 requests (9.2 M spans).
+    let batch = |seed: u64| {
+        let mut batch = crate::receivers::otlp::traces(realistic_request(seed), &sender).batch;
+        for span in &mut batch.spans {
+            span.start_ns += seed as i64 * 199_000_000;
+            span.end_ns += seed as i64 * 199_000_000;
+        }
+        batch
+    };
+    let (started, cpu) = (Instant::now(), process_cpu());
+    for seed in 0..requests as u64 {
+        let (_, due) = blocks.write(&batch(seed).spans, seed as i64)?;
+        if due {
+            blocks.seal().await?;
+        }
+        if seed % 2000 == 0 {
+            eprintln!(
+                "bench spans: {} of {} spans in blocks",
+                seed as usize * SPANS_PER_REQUEST,
+                requests * SPANS_PER_REQUEST
+            );
+        }
+    }
+    blocks.seal().await?;
+    let mut out = format!(
+        "{} spans written into blocks in {:.0} s ({:.0} s of CPU, generating them included).\n\n",
+        requests * SPANS_PER_REQUEST,
+        started.elapsed().as_secs_f64(),
+        process_cpu() - cpu
+    );
+    if rows_too {
+        for seed in 0..requests as u64 {
+            store.write(&batch(seed)).await?;
+            if seed % 2000 == 0 {
+                eprintln!("bench spans: {} spans in rows", seed as usize * SPANS_PER_REQUEST);
+            }
+        }
+    }
+    // Traces spread over the whole range, and the search of the last hour.
+    let ids: Vec<String> = (0..50u64)
+        .map(|k| batch(k * requests as u64 / 50).spans[(k as usize * 37) % SPANS_PER_REQUEST].trace_id.clone())
+        .collect();
+    let last = batch(requests as u64 - 1).spans[0].start_ns;
+    let search = TraceSearch {
+        service: "shop-api".into(),
+        operation: Some("SELECT orders".into()),
+        tags: Vec::new(),
+        min_ns: 0,
+        max_ns: 0,
+        limit: 20,
+        start_ns: last - 3_600_000_000_000,
+        end_ns: last,
+    };
+    let tagged = TraceSearch { tags: vec![("http.response.status_code".into(), "200".into())], ..search.clone() };
+    let _ = writeln!(out, "| query | store | p50 ms | p99 ms |\n|---|---|---:|---:|");
+    let p = |mut times: Vec<f64>, q: f64| {
+        times.sort_by(f64::total_cmp);
+        times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1]
+    };
+    for engine in if rows_too { vec!["blocks", "rows"] } else { vec!["blocks"] } {
+        let mut by_id = Vec::new();
+        for id in &ids {
+            let t = Instant::now();
+            let found = match engine {
+                "blocks" => blocks.traces("bench", &[id]).await?.remove(id).unwrap_or_default(),
+                _ => store.trace("bench", id).await?,
+            };
+            by_id.push(t.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(found.len() == 8, "trace {id}: {} spans in the {engine}", found.len());
+        }
+        let _ = writeln!(
+            out,
+            "| trace by id (50 traces) | {engine} | {:.1} | {:.1} |",
+            p(by_id.clone(), 0.5),
+            p(by_id, 0.99)
+        );
+        for (what, search) in
+            [("search: service, operation, last hour, limit 20", &search), ("the same with a tag", &tagged)]
+        {
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let t = Instant::now();
+                let found = match engine {
+                    "blocks" => blocks.find_traces("bench", search).await?,
+                    _ => store.find_traces("bench", search).await?,
+                };
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+                anyhow::ensure!(found.len() == 20, "{what}: {} traces in the {engine}", found.len());
+            }
+            let _ =
+                writeln!(out, "| {what} (5 times) | {engine} | {:.1} | {:.1} |", p(times.clone(), 0.5), p(times, 0.99));
+        }
+    }
+    let mut block_bytes = 0;
+    for entry in std::fs::read_dir(dir.join("blocks/spans"))? {
+        block_bytes += entry?.metadata()?.len();
+    }
+    let _ = writeln!(out, "\nBlocks: {:.1} MiB.", block_bytes as f64 / (1 << 20) as f64);
+    if rows_too {
+        let rows_bytes = std::fs::metadata(dir.join("rows.db"))?.len()
+            + std::fs::metadata(dir.join("rows.db-wal")).map_or(0, |m| m.len());
+        let _ = writeln!(out, "Rows (SQLite): {:.1} MiB.", rows_bytes as f64 / (1 << 20) as f64);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(out)
+}
+
+fn tempfile_dir(what: &str) -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("sfaas-bench-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -14,9 +14,9 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::data_type::{
     BoolType, ByteArray, ByteArrayType, FixedLenByteArray, FixedLenByteArrayType, Int32Type, Int64Type,
 };
-use parquet::file::properties::{ReaderProperties, WriterProperties};
+use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, RowGroupReader};
-use parquet::file::serialized_reader::{ReadOptionsBuilder, SerializedFileReader};
+use parquet::file::serialized_reader::SerializedFileReader;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 use parquet::schema::types::ColumnPath;
@@ -24,7 +24,7 @@ use parquet::schema::types::ColumnPath;
 use crate::model::SpanRow;
 
 /// Rows per row group: the unit a reader skips or decodes.
-pub const ROW_GROUP_ROWS: usize = 65_536;
+pub const ROW_GROUP_ROWS: usize = 16_384;
 
 const SCHEMA: &str = "message span {
     required binary tenant (UTF8);
@@ -249,6 +249,8 @@ pub struct Filter<'a> {
 pub struct Block {
     path: String,
     reader: SerializedFileReader<File>,
+    /// Each row group's bloom filter of trace ids, read once at open.
+    blooms: Vec<Option<parquet::bloom_filter::Sbbf>>,
 }
 
 fn corrupt(path: &str, what: impl std::fmt::Display) -> BlockError {
@@ -277,13 +279,17 @@ fn utf8(value: &ByteArray) -> String {
 impl Block {
     pub fn open(path: &std::path::Path) -> Result<Self, BlockError> {
         let file = File::open(path)?;
-        let properties = ReaderProperties::builder().set_read_bloom_filter(true).build();
-        let options = ReadOptionsBuilder::new().with_reader_properties(properties).build();
-        let reader = SerializedFileReader::new_with_options(file, options)?;
+        let reader = SerializedFileReader::new(file.try_clone()?)?;
         if reader.metadata().file_metadata().schema_descr().num_columns() != col::COUNT {
             return Err(corrupt(&path.display().to_string(), "not a span block (its columns differ)"));
         }
-        Ok(Self { path: path.display().to_string(), reader })
+        let blooms = reader
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|group| parquet::bloom_filter::Sbbf::read_from_column_chunk(group.column(col::TRACE), &file))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { path: path.display().to_string(), reader, blooms })
     }
 
     pub fn rows(&self) -> i64 {
@@ -292,18 +298,39 @@ impl Block {
 
     /// The spans of the block that pass `filter`, in block order.
     pub fn read(&self, filter: &Filter<'_>) -> Result<Vec<Stored>, BlockError> {
-        let trace = filter.trace_id.map(id_bytes::<16>);
         let mut out = Vec::new();
         for g in 0..self.reader.num_row_groups() {
-            let group = self.reader.get_row_group(g)?;
+            out.extend(self.read_group(g, filter)?);
+        }
+        Ok(out)
+    }
+
+    /// The row groups with their latest start, the latest first.
+    pub fn groups_newest_first(&self) -> Vec<(usize, i64)> {
+        use parquet::file::statistics::Statistics;
+        let latest = |g: usize| match self.reader.metadata().row_group(g).column(col::START).statistics() {
+            Some(Statistics::Int64(s)) => s.max_opt().copied().unwrap_or(i64::MAX),
+            _ => i64::MAX,
+        };
+        let mut groups: Vec<(usize, i64)> = (0..self.reader.num_row_groups()).map(|g| (g, latest(g))).collect();
+        groups.sort_by_key(|(_, latest)| std::cmp::Reverse(*latest));
+        groups
+    }
+
+    /// The spans of row group `g` that pass `filter`, in block order.
+    pub fn read_group(&self, g: usize, filter: &Filter<'_>) -> Result<Vec<Stored>, BlockError> {
+        let trace = filter.trace_id.map(id_bytes::<16>);
+        let mut out = Vec::new();
+        {
             if let Some(trace) = &trace
-                && group.get_column_bloom_filter(col::TRACE).is_some_and(|bloom| !bloom.check(trace))
+                && self.blooms.get(g).and_then(Option::as_ref).is_some_and(|bloom| !bloom.check(trace))
             {
-                continue;
+                return Ok(out);
             }
             if !self.may_hold(g, filter) {
-                continue;
+                return Ok(out);
             }
+            let group = self.reader.get_row_group(g)?;
             let rows = group.metadata().num_rows() as usize;
             // The columns filters look at first; the others only for the rows that pass.
             let (services, _) = column::<ByteArrayType>(&*group, col::SERVICE, rows)?;
@@ -322,7 +349,7 @@ impl Block {
                 })
                 .collect();
             if keep.is_empty() {
-                continue;
+                return Ok(out);
             }
             let (tenants, _) = column::<ByteArrayType>(&*group, col::TENANT, rows)?;
             let (ends, _) = column::<Int64Type>(&*group, col::END, rows)?;

@@ -81,6 +81,7 @@ struct Writer {
 struct Listed {
     tenant: String,
     location: String,
+    max_start_ns: i64,
 }
 
 /// The span blocks of one collector: its log and head, and every collector's blocks.
@@ -93,7 +94,12 @@ pub struct SpanBlocks {
     sealing: Mutex<Option<Arc<Head>>>,
     /// One seal at a time.
     seal_lock: tokio::sync::Mutex<()>,
+    /// Blocks opened (their footers and bloom filters read), by location.
+    opened: Mutex<HashMap<String, Arc<Block>>>,
 }
+
+/// Most blocks kept open at once.
+const OPEN_BLOCKS: usize = 1024;
 
 fn io(error: std::io::Error) -> StoreError {
     StoreError::Blocks(BlockError::Io(error))
@@ -141,6 +147,7 @@ impl SpanBlocks {
             writer: Mutex::new(Writer { segment, head }),
             sealing: Mutex::new(None),
             seal_lock: tokio::sync::Mutex::new(()),
+            opened: Mutex::new(HashMap::new()),
         })
     }
 
@@ -238,6 +245,25 @@ impl SpanBlocks {
         list(&self.pool, &self.collector, &listed, sealed_seq).await
     }
 
+    /// The block at `location`, opened once.
+    fn block(&self, location: &str) -> Result<Arc<Block>, BlockError> {
+        if let Some(block) = self.opened.lock().unwrap_or_else(|e| e.into_inner()).get(location) {
+            return Ok(block.clone());
+        }
+        let block = Arc::new(Block::open(&self.dir.join(location))?);
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        if opened.len() >= OPEN_BLOCKS {
+            opened.clear();
+        }
+        opened.insert(location.to_string(), block.clone());
+        Ok(block)
+    }
+
+    /// Forgets an opened block (retired).
+    fn close(&self, location: &str) {
+        self.opened.lock().unwrap_or_else(|e| e.into_inner()).remove(location);
+    }
+
     /// Runs `f` on the head and on the head being sealed, if any.
     fn each_head(&self, mut f: impl FnMut(&Head)) {
         f(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head);
@@ -293,8 +319,7 @@ impl SpanBlocks {
             of_head(&sealing, &mut out);
         }
         for listed in blocks_of(&self.pool, tenant, filter).await? {
-            let path = self.dir.join(&listed.location);
-            let found = match tokio::task::block_in_place(|| Block::open(&path).and_then(|block| block.read(filter))) {
+            let found = match tokio::task::block_in_place(|| self.block(&listed.location)?.read(filter)) {
                 Ok(found) => found,
                 // Retired by retention since the catalog was read.
                 Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => continue,
@@ -354,7 +379,7 @@ async fn blocks_of(pool: &Pool, tenant: Option<&str>, filter: &Filter<'_>) -> Re
     let text = sql(
         pool,
         &format!(
-            "SELECT tenant, location FROM span_blocks WHERE {} max_start_ns >= ? AND min_start_ns <= ? \
+            "SELECT tenant, location, max_start_ns FROM span_blocks WHERE {} max_start_ns >= ? AND min_start_ns <= ? \
              AND max_received_ms > ? AND min_received_ms <= ? ORDER BY min_start_ns",
             if tenant.is_some() { "tenant = ? AND" } else { "" }
         ),
@@ -368,11 +393,11 @@ async fn blocks_of(pool: &Pool, tenant: Option<&str>, filter: &Filter<'_>) -> Re
             query.bind(lo).bind(hi).bind(after).bind(upto).fetch_all($p).await?
         }};
     }
-    let rows: Vec<(String, String)> = match pool {
+    let rows: Vec<(String, String, i64)> = match pool {
         Pool::Sqlite(p) => fetch!(p),
         Pool::Postgres(p) => fetch!(p),
     };
-    Ok(rows.into_iter().map(|(tenant, location)| Listed { tenant, location }).collect())
+    Ok(rows.into_iter().map(|(tenant, location, max_start_ns)| Listed { tenant, location, max_start_ns }).collect())
 }
 
 /// Lists sealed blocks and the last segment they came from, in one transaction.

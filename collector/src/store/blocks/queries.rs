@@ -98,37 +98,72 @@ impl SpanBlocks {
 
     /// Up to `search.limit` traces of `tenant` matching the search, most recently matched
     /// first, with the start of their latest matching span.
+    ///
+    /// The head, then blocks and their row groups from the latest start down, until `limit`
+    /// traces are found that started after everything not yet read.
     pub async fn find_traces(&self, tenant: &str, search: &TraceSearch) -> Result<Vec<(String, i64)>, StoreError> {
         let window = Filter {
             service: Some(&search.service),
             start_ns: Some((search.start_ns, search.end_ns)),
             ..Filter::default()
         };
-        let mut matching: Vec<Stored> = self
-            .read(tenant, &window)
-            .await?
-            .into_iter()
-            .filter(|s| {
-                let span = &s.span;
-                let duration = span.end_ns - span.start_ns;
-                search.operation.as_deref().is_none_or(|op| span.name == op)
-                    && (search.min_ns == 0 || duration >= search.min_ns)
-                    && (search.max_ns == 0 || duration <= search.max_ns)
-                    && (search.tags.is_empty() || Details::of(span).matches(&search.tags))
-            })
-            .collect();
-        matching.sort_by_key(|s| std::cmp::Reverse(s.span.start_ns));
-        let mut seen = HashSet::new();
-        let mut found = Vec::new();
-        for s in matching {
-            if found.len() >= search.limit {
+        let matches = |span: &SpanRow| {
+            let duration = span.end_ns - span.start_ns;
+            span.service_name == search.service
+                && (search.start_ns..=search.end_ns).contains(&span.start_ns)
+                && search.operation.as_deref().is_none_or(|op| span.name == op)
+                && (search.min_ns == 0 || duration >= search.min_ns)
+                && (search.max_ns == 0 || duration <= search.max_ns)
+                && (search.tags.is_empty() || Details::of(span).matches(&search.tags))
+        };
+        let mut found: Vec<(i64, String)> = Vec::new();
+        self.each_head(|head| {
+            let spans = head.spans.get(tenant).into_iter().flatten();
+            found.extend(spans.filter(|s| matches(&s.span)).map(|s| (s.span.start_ns, s.span.trace_id.clone())));
+        });
+        // The start of the `limit`-th trace found so far: nothing older can enter the answer.
+        let bar = |found: &mut Vec<(i64, String)>| -> Option<i64> {
+            found.sort_unstable_by(|a, b| b.cmp(a));
+            let mut seen = HashSet::new();
+            found
+                .iter()
+                .filter(|(_, trace)| seen.insert(trace.clone()))
+                .nth(search.limit.max(1) - 1)
+                .map(|(start, _)| *start)
+        };
+        let mut listed = super::blocks_of(&self.pool, Some(tenant), &window).await?;
+        listed.sort_by_key(|l| std::cmp::Reverse(l.max_start_ns));
+        'blocks: for listed in listed {
+            if bar(&mut found).is_some_and(|bar| listed.max_start_ns < bar) {
                 break;
             }
-            if seen.insert(s.span.trace_id.clone()) {
-                found.push((s.span.trace_id, s.span.start_ns));
+            let block = match tokio::task::block_in_place(|| self.block(&listed.location)) {
+                Ok(block) => block,
+                Err(super::BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(StoreError::Blocks(error)),
+            };
+            for (group, latest) in block.groups_newest_first() {
+                if bar(&mut found).is_some_and(|bar| latest < bar) {
+                    continue 'blocks;
+                }
+                let spans =
+                    tokio::task::block_in_place(|| block.read_group(group, &window)).map_err(StoreError::Blocks)?;
+                found.extend(
+                    spans
+                        .into_iter()
+                        .filter(|s| s.span.tenant == listed.tenant && matches(&s.span))
+                        .map(|s| (s.span.start_ns, s.span.trace_id)),
+                );
             }
         }
-        Ok(found)
+        found.sort_unstable_by(|a, b| b.cmp(a));
+        let mut seen = HashSet::new();
+        Ok(found
+            .into_iter()
+            .filter(|(_, trace)| seen.insert(trace.clone()))
+            .take(search.limit)
+            .map(|(start, trace)| (trace, start))
+            .collect())
     }
 
     /// A tenant's (parent service, child service, calls) for spans started in
@@ -227,6 +262,7 @@ impl SpanBlocks {
                     sqlx::query(AssertSqlSafe(unlist.clone())).bind(&location).execute(p).await.map(drop)?
                 }
             }
+            self.close(&location);
             // Unlisted first: a reader never opens a listed block that is gone.
             match std::fs::remove_file(self.dir.join(&location)) {
                 Ok(()) => {}
