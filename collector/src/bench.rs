@@ -285,7 +285,7 @@ async fn blocks_write(
     sqlite_bytes_per_span: f64,
 ) -> anyhow::Result<String> {
     let root = dir.join("blocks");
-    let blocks = crate::store::blocks::SpanBlocks::open(&root, "bench", store.shared_pool().clone()).await?;
+    let blocks = crate::store::blocks::SpanBlocks::open(&root, store.shared_pool().clone()).await?;
     let spans: usize = batches.iter().map(|b| b.spans.len()).sum();
     eprintln!("bench ingest: span blocks, {} writes of {SPANS_PER_REQUEST} spans, then a seal", batches.len());
     let (started, cpu) = (Instant::now(), process_cpu());
@@ -483,7 +483,7 @@ pub async fn readers(spans: usize, rows_too: bool) -> anyhow::Result<String> {
     let requests = spans.div_ceil(SPANS_PER_REQUEST);
     let dir = tempfile_dir("readers")?;
     let store = TelemetryStore::open(&format!("sqlite://{}", dir.join("rows.db").display())).await?;
-    let blocks = SpanBlocks::open(&dir.join("blocks"), "bench", store.shared_pool().clone()).await?;
+    let blocks = SpanBlocks::open(&dir.join("blocks"), store.shared_pool().clone()).await?;
     let sender = Sender { credential: Credential::Ingest { tenant: "bench".into() }, org_id: None };
     // Requests 200 ms apart: the spans cover an hour per 18 000 requests (9.2 M spans).
     let batch = |seed: u64| {

@@ -187,7 +187,7 @@ async fn blocks_answer_every_query_as_the_rows_do() {
         let dir = tempfile::tempdir().unwrap();
         let rows = TelemetryStore::open(&backend.url()).await.unwrap();
         let name = backend.name();
-        let blocks = SpanBlocks::open(&dir.path().join("blocks"), "c1", rows.shared_pool().clone()).await.unwrap();
+        let blocks = SpanBlocks::open(&dir.path().join("blocks"), rows.shared_pool().clone()).await.unwrap();
         let (acme, globex) = (varied("acme"), varied("globex"));
         // Arrivals at 1000, 2000, 3000 ms; the first two sealed into blocks, the last in the head;
         // the first batch again after the seal (a client's retry).

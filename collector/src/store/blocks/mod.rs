@@ -84,10 +84,14 @@ struct Listed {
     max_start_ns: i64,
 }
 
-/// The span blocks of one collector: its log and head, and every collector's blocks.
+/// The span blocks of one writer (its log and head), every writer's blocks, and the logs of
+/// the other writers on this host, followed as they grow.
 pub struct SpanBlocks {
     dir: PathBuf,
+    /// This writer's id: its log's folder, its blocks' name prefix, its row in `span_wal_seals`.
     collector: String,
+    /// The lock on this writer's log folder, held while this is open.
+    _slot: std::fs::File,
     pool: Pool,
     writer: Mutex<Writer>,
     /// The head being sealed: still read until its blocks are listed.
@@ -96,21 +100,76 @@ pub struct SpanBlocks {
     seal_lock: tokio::sync::Mutex<()>,
     /// Blocks opened (their footers and bloom filters read), by location.
     opened: Mutex<HashMap<String, Arc<Block>>>,
+    /// The other writers' log segments, as far as they were read.
+    followed: Mutex<HashMap<PathBuf, Followed>>,
+}
+
+/// Another writer's log segment, read up to `offset`.
+#[derive(Default)]
+struct Followed {
+    offset: u64,
+    spans: Vec<Stored>,
 }
 
 /// Most blocks kept open at once.
 const OPEN_BLOCKS: usize = 1024;
+
+/// Locks a writer's log folder for this process (`flock`, released when the file is closed,
+/// also by a crash); `None` when another process holds it.
+fn lock_slot(folder: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(folder.join("LOCK"))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(file));
+    }
+    let error = std::io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(None),
+        _ => Err(error),
+    }
+}
 
 fn io(error: std::io::Error) -> StoreError {
     StoreError::Blocks(BlockError::Io(error))
 }
 
 impl SpanBlocks {
-    /// Opens the blocks under `dir` as collector `collector` (its log is `<dir>/wal/<collector>`),
-    /// replaying what its log holds beyond its last seal.
-    pub async fn open(dir: &Path, collector: &str, pool: Pool) -> Result<Self, StoreError> {
+    /// Opens the blocks under `dir` as a writer: in the first log folder under `<dir>/wal/`
+    /// that no other process holds (a writer that stopped or crashed left it; what its log holds
+    /// beyond its last seal is replayed into this head), or else in a new one.
+    pub async fn open(dir: &Path, pool: Pool) -> Result<Self, StoreError> {
+        let wals = dir.join("wal");
+        std::fs::create_dir_all(&wals).map_err(io)?;
+        let mut slot = None;
+        let mut existing: Vec<String> = Vec::new();
+        for entry in std::fs::read_dir(&wals).map_err(io)? {
+            existing.push(entry.map_err(io)?.file_name().to_string_lossy().into_owned());
+        }
+        existing.sort();
+        for id in existing {
+            if let Some(lock) = lock_slot(&wals.join(&id)).map_err(io)? {
+                slot = Some((id, lock));
+                break;
+            }
+        }
+        let (collector, lock) = match slot {
+            Some(slot) => slot,
+            None => {
+                let id = uuid::Uuid::now_v7().simple().to_string();
+                std::fs::create_dir_all(wals.join(&id)).map_err(io)?;
+                let lock = lock_slot(&wals.join(&id)).map_err(io)?.ok_or_else(|| {
+                    io(std::io::Error::other(format!("a new span log folder {id} is locked by another process")))
+                })?;
+                (id, lock)
+            }
+        };
+        Self::open_slot(dir, collector, lock, pool).await
+    }
+
+    async fn open_slot(dir: &Path, collector: String, lock: std::fs::File, pool: Pool) -> Result<Self, StoreError> {
+        let collector = collector.as_str();
         let wal_dir = dir.join("wal").join(collector);
-        std::fs::create_dir_all(&wal_dir).map_err(io)?;
         std::fs::create_dir_all(dir.join("spans")).map_err(io)?;
         let sealed_through = sealed_through(&pool, collector).await?;
         let mut head = Head::default();
@@ -143,12 +202,51 @@ impl SpanBlocks {
         Ok(Self {
             dir: dir.to_path_buf(),
             collector: collector.to_string(),
+            _slot: lock,
             pool,
             writer: Mutex::new(Writer { segment, head }),
             sealing: Mutex::new(None),
             seal_lock: tokio::sync::Mutex::new(()),
             opened: Mutex::new(HashMap::new()),
+            followed: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// This writer's id.
+    pub fn id(&self) -> &str {
+        &self.collector
+    }
+
+    /// The spans in the other writers' logs on this host: what each segment gained since it was
+    /// last read (up to its last whole record), and nothing of segments since removed (sealed:
+    /// their blocks were listed before they went).
+    fn followed_spans(&self) -> Result<Vec<Stored>, StoreError> {
+        let wals = self.dir.join("wal");
+        let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut present = HashSet::new();
+        for entry in std::fs::read_dir(&wals).map_err(io)? {
+            let id = entry.map_err(io)?.file_name().to_string_lossy().into_owned();
+            if id == self.collector {
+                continue;
+            }
+            let Ok(segments) = wal::segments(&wals.join(&id)) else { continue };
+            for seq in segments {
+                let path = wal::segment_path(&wals.join(&id), seq);
+                let state = followed.entry(path.clone()).or_default();
+                match wal::read_from(&path, state.offset) {
+                    Ok((records, offset)) => {
+                        state.spans.extend(records.into_iter().flatten());
+                        state.offset = offset;
+                    }
+                    // Sealed and removed since it was listed.
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => return Err(io(error)),
+                }
+                present.insert(path);
+            }
+        }
+        followed.retain(|path, _| present.contains(path));
+        Ok(followed.values().flat_map(|f| f.spans.iter().cloned()).collect())
     }
 
     fn wal_dir(&self) -> PathBuf {
@@ -264,12 +362,24 @@ impl SpanBlocks {
         self.opened.lock().unwrap_or_else(|e| e.into_inner()).remove(location);
     }
 
-    /// Runs `f` on the head and on the head being sealed, if any.
-    fn each_head(&self, mut f: impl FnMut(&Head)) {
-        f(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head);
-        if let Some(sealing) = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            f(&sealing);
+    /// The spans not in blocks yet, of `tenant` (or of every tenant) that pass `keep`: this
+    /// writer's head, its head being sealed, and the other writers' logs on this host, in that
+    /// order (a seal lists its blocks before it lets go of its head or removes its log, so a
+    /// span is here or in the catalog read after this).
+    fn unsealed(&self, tenant: Option<&str>, keep: impl Fn(&Stored) -> bool) -> Result<Vec<Stored>, StoreError> {
+        let mut out = Vec::new();
+        let of_head = |head: &Head, out: &mut Vec<Stored>| match tenant {
+            Some(tenant) => out.extend(head.spans.get(tenant).into_iter().flatten().filter(|s| keep(s)).cloned()),
+            None => out.extend(head.spans.values().flatten().filter(|s| keep(s)).cloned()),
+        };
+        of_head(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head, &mut out);
+        let sealing = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(sealing) = sealing {
+            of_head(&sealing, &mut out);
         }
+        let followed = self.followed_spans()?;
+        out.extend(followed.into_iter().filter(|s| tenant.is_none_or(|t| s.span.tenant == t) && keep(s)));
+        Ok(out)
     }
 
     /// Drops a tenant's spans that started before `before_ns` from the head (their log records
@@ -300,24 +410,13 @@ impl SpanBlocks {
 
     /// The spans of `tenant` (or of every tenant) that pass `filter`, one per identity.
     async fn scan(&self, tenant: Option<&str>, filter: &Filter<'_>) -> Result<Vec<Stored>, StoreError> {
-        let mut out = Vec::new();
         let keep = |s: &Stored| {
             filter.trace_id.is_none_or(|t| s.span.trace_id == t)
                 && filter.service.is_none_or(|v| s.span.service_name == v)
                 && filter.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(&s.span.start_ns))
                 && filter.received_ms.is_none_or(|(after, upto)| s.received_ms > after && s.received_ms <= upto)
         };
-        let of_head = |head: &Head, out: &mut Vec<Stored>| match tenant {
-            Some(tenant) => out.extend(head.spans.get(tenant).into_iter().flatten().filter(|s| keep(s)).cloned()),
-            None => out.extend(head.spans.values().flatten().filter(|s| keep(s)).cloned()),
-        };
-        // The head, then the head being sealed, then the catalog: a seal lists its blocks before
-        // it lets go of its head, so a span is always in one of the three as they are read.
-        of_head(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head, &mut out);
-        let sealing = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(sealing) = sealing {
-            of_head(&sealing, &mut out);
-        }
+        let mut out = self.unsealed(tenant, keep)?;
         for listed in blocks_of(&self.pool, tenant, filter).await? {
             let found = match tokio::task::block_in_place(|| self.block(&listed.location)?.read(filter)) {
                 Ok(found) => found,
@@ -486,21 +585,21 @@ mod tests {
         let globex: Vec<SpanRow> = (0..30).map(|i| span("globex", i)).collect();
 
         // Written, then a crash before any seal: the log replays.
-        let blocks = SpanBlocks::open(&root, "c1", store.pool.clone()).await.unwrap();
+        let blocks = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
         assert_eq!(blocks.write(&acme[..20], 5).unwrap(), (20, false));
         assert_eq!(blocks.write(&acme[10..], 6).unwrap().0, 10, "the first ten were there already");
         assert_eq!(blocks.write(&globex, 6).unwrap().0, 30);
         drop(blocks);
-        let blocks = SpanBlocks::open(&root, "c1", store.pool.clone()).await.unwrap();
+        let blocks = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
         assert_eq!(all(&blocks, "acme").await, acme);
         assert_eq!(blocks.write(&acme, 7).unwrap().0, 0, "the replayed head still knows them");
 
         // Sealed: read from blocks, the log's segments gone, a restart replays nothing.
         assert_eq!(blocks.seal().await.unwrap(), 60);
-        assert_eq!(wal::segments(&root.join("wal/c1")).unwrap().len(), 1, "only the new, empty segment");
+        assert_eq!(wal::segments(&root.join("wal").join(blocks.id())).unwrap().len(), 1, "only the new, empty segment");
         assert_eq!(all(&blocks, "acme").await, acme);
         drop(blocks);
-        let blocks = SpanBlocks::open(&root, "c1", store.pool.clone()).await.unwrap();
+        let blocks = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
         assert_eq!(all(&blocks, "acme").await, acme);
         assert_eq!(all(&blocks, "globex").await, globex);
 
@@ -510,12 +609,14 @@ mod tests {
 
         // A crash after a block file was written but before it was listed: the file goes, the
         // log replays.
-        std::fs::write(root.join("spans/c1-orphan.parquet"), b"half a block").unwrap();
-        std::fs::write(root.join("spans/c2-other-collectors.parquet"), b"not ours to remove").unwrap();
+        let id = blocks.id().to_string();
+        std::fs::write(root.join(format!("spans/{id}-orphan.parquet")), b"half a block").unwrap();
+        std::fs::write(root.join("spans/another-writers.parquet"), b"not ours to remove").unwrap();
         drop(blocks);
-        let blocks = SpanBlocks::open(&root, "c1", store.pool.clone()).await.unwrap();
-        assert!(!root.join("spans/c1-orphan.parquet").exists());
-        assert!(root.join("spans/c2-other-collectors.parquet").exists());
+        let blocks = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        assert_eq!(blocks.id(), id, "the writer's log folder is free again: it is taken again");
+        assert!(!root.join(format!("spans/{id}-orphan.parquet")).exists());
+        assert!(root.join("spans/another-writers.parquet").exists());
         assert_eq!(all(&blocks, "acme").await, acme);
 
         // Filters, and no tenant reads another's.
@@ -525,5 +626,33 @@ mod tests {
         assert!(blocks.read("nobody", &Filter::default()).await.unwrap().is_empty());
         let arrived = blocks.read("globex", &Filter { received_ms: Some((5, 6)), ..Filter::default() }).await.unwrap();
         assert_eq!(arrived.len(), 30);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_sees_what_another_writer_on_the_host_logged_before_and_after_its_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TelemetryStore::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        let root = dir.path().join("blocks");
+        let collector = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        let dashboard = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        assert_ne!(collector.id(), dashboard.id(), "a held log folder is not shared");
+        let acme: Vec<SpanRow> = (0..30).map(|i| span("acme", i)).collect();
+        collector.write(&acme[..20], 5).unwrap();
+        assert_eq!(all(&dashboard, "acme").await, acme[..20]);
+        collector.write(&acme[20..], 6).unwrap();
+        // A record being written (its first bytes only) is not read until it is whole.
+        let segment = wal::segment_path(&root.join("wal").join(collector.id()), 1);
+        let whole = std::fs::read(&segment).unwrap();
+        std::fs::write(&segment, &whole[..whole.len() - 10]).unwrap();
+        assert_eq!(all(&dashboard, "acme").await, acme[..20]);
+        std::fs::write(&segment, &whole).unwrap();
+        assert_eq!(all(&dashboard, "acme").await, acme);
+        collector.seal().await.unwrap();
+        assert_eq!(all(&dashboard, "acme").await, acme, "from the blocks now");
+        assert!(
+            dashboard.followed.lock().unwrap().values().all(|f| f.spans.is_empty()),
+            "the sealed segments are forgotten"
+        );
+        assert!(all(&dashboard, "globex").await.is_empty());
     }
 }

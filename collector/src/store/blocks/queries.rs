@@ -24,7 +24,7 @@ impl SpanBlocks {
             Pool::Postgres(p) => sqlx::query_scalar(text).fetch_all(p).await?,
         };
         let mut tenants: BTreeSet<String> = listed.into_iter().collect();
-        self.each_head(|head| tenants.extend(head.spans.keys().cloned()));
+        tenants.extend(self.unsealed(None, |_| true)?.into_iter().map(|s| s.span.tenant));
         Ok(tenants.into_iter().collect())
     }
 
@@ -39,9 +39,7 @@ impl SpanBlocks {
         for json in listed {
             services.extend(serde_json::from_str::<Vec<String>>(&json).unwrap_or_default());
         }
-        self.each_head(|head| {
-            services.extend(head.spans.get(tenant).into_iter().flatten().map(|s| s.span.service_name.clone()))
-        });
+        services.extend(self.unsealed(Some(tenant), |_| true)?.into_iter().map(|s| s.span.service_name));
         Ok(services.into_iter().collect())
     }
 
@@ -116,11 +114,8 @@ impl SpanBlocks {
                 && (search.max_ns == 0 || duration <= search.max_ns)
                 && (search.tags.is_empty() || Details::of(span).matches(&search.tags))
         };
-        let mut found: Vec<(i64, String)> = Vec::new();
-        self.each_head(|head| {
-            let spans = head.spans.get(tenant).into_iter().flatten();
-            found.extend(spans.filter(|s| matches(&s.span)).map(|s| (s.span.start_ns, s.span.trace_id.clone())));
-        });
+        let unsealed = self.unsealed(Some(tenant), |s| matches(&s.span))?;
+        let mut found: Vec<(i64, String)> = unsealed.into_iter().map(|s| (s.span.start_ns, s.span.trace_id)).collect();
         // The start of the `limit`-th trace found so far: nothing older can enter the answer.
         let bar = |found: &mut Vec<(i64, String)>| -> Option<i64> {
             found.sort_unstable_by(|a, b| b.cmp(a));

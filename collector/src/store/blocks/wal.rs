@@ -156,23 +156,40 @@ fn decode(payload: &[u8]) -> Option<Vec<Stored>> {
 /// record (whose bytes, and any after them, are ignored).
 pub fn read(path: &Path) -> std::io::Result<(Vec<Vec<Stored>>, bool)> {
     let data = std::fs::read(path)?;
+    let (records, end) = parse(&data);
+    Ok((records, end < data.len()))
+}
+
+/// The whole records of a segment that another process may be appending to, from byte
+/// `offset` on, and the offset after the last of them (a record still being written is read
+/// the next time).
+pub fn read_from(path: &Path, offset: u64) -> std::io::Result<(Vec<Vec<Stored>>, u64)> {
+    use std::io::{Read, Seek};
+    let mut file = File::open(path)?;
+    file.seek(std::io::SeekFrom::Start(offset))?;
+    let mut data = Vec::new();
+    file.read_to_end(&mut data)?;
+    let (records, end) = parse(&data);
+    Ok((records, offset + end as u64))
+}
+
+/// The intact records at the start of `data`, and where they end.
+fn parse(data: &[u8]) -> (Vec<Vec<Stored>>, usize) {
     let mut records = Vec::new();
     let mut at = 0;
     while at < data.len() {
-        let Some(header) = data.get(at..at + 8) else { return Ok((records, true)) };
+        let Some(header) = data.get(at..at + 8) else { break };
         let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-        let Some(payload) = data.get(at + 8..at + 8 + len).filter(|_| len <= MAX_RECORD) else {
-            return Ok((records, true));
-        };
+        let Some(payload) = data.get(at + 8..at + 8 + len).filter(|_| len <= MAX_RECORD) else { break };
         if crc32fast::hash(payload) != crc {
-            return Ok((records, true));
+            break;
         }
-        let Some(spans) = decode(payload) else { return Ok((records, true)) };
+        let Some(spans) = decode(payload) else { break };
         records.push(spans);
         at += 8 + len;
     }
-    Ok((records, false))
+    (records, at)
 }
 
 #[cfg(test)]
