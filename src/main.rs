@@ -316,13 +316,10 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
-    /// The span store's readers (trace by id, search) over spans in blocks, and in rows with --rows.
+    /// The span store's readers (trace by id, search) over stored spans.
     Spans {
         #[arg(long, default_value_t = 2_000_000)]
         spans: usize,
-        /// Also store them as rows (SQLite) and ask the same.
-        #[arg(long)]
-        rows: bool,
     },
     /// Billing: a month of usage billed from its spans, re-rated from its records, then an incremental run.
     Billing {
@@ -647,8 +644,8 @@ async fn run() -> anyhow::Result<()> {
             println!("{}", collector::bench::run(requests, concurrency).await?);
             Ok(())
         }
-        Command::Bench(BenchCommand::Spans { spans, rows }) => {
-            println!("{}", collector::bench::readers(spans, rows).await?);
+        Command::Bench(BenchCommand::Spans { spans }) => {
+            println!("{}", collector::bench::readers(spans).await?);
             Ok(())
         }
         Command::Bench(BenchCommand::Billing { invocations, new, database_url }) => {
@@ -752,7 +749,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         }
         None => {
             // The core alone: its quotas follow the plans in the telemetry database, if it has one.
-            match collector::store::TelemetryStore::open(&telemetry_url(&args)).await {
+            match telemetry_store(&args).await {
                 Ok(store) => {
                     let billing = billing::Billing::open(&store).await.context("opening billing")?;
                     follow_plans(std::sync::Arc::new(billing), Some(core.clone()), None).await;
@@ -925,7 +922,7 @@ async fn serve_dashboard(args: ServeArgs) -> anyhow::Result<()> {
     let stopping = shutdown_signal();
     let data_dir = args.data_dir.clone();
     let tenants = shared_tenants(&data_dir).await?;
-    let store = collector::store::TelemetryStore::open(&telemetry_url(&args)).await?;
+    let store = telemetry_store(&args).await?;
     let billing = billing::Billing::open(&store).await.context("opening billing")?;
     let mut config = dashboard_config(&args);
     // A collector running beside it on the same data directory, if any.
@@ -1061,9 +1058,19 @@ fn telemetry_url(args: &ServeArgs) -> String {
     args.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("telemetry.db").display()))
 }
 
+/// Where spans are stored in blocks: `DATA_DIR/blocks`, whichever database holds the rest.
+fn blocks_dir(args: &ServeArgs) -> std::path::PathBuf {
+    args.data_dir.join("blocks")
+}
+
+async fn telemetry_store(args: &ServeArgs) -> Result<collector::store::TelemetryStore, collector::store::StoreError> {
+    collector::store::TelemetryStore::open_with_blocks(&telemetry_url(args), &blocks_dir(args)).await
+}
+
 /// The collector's configuration from the command line.
 fn collector_config(args: &ServeArgs) -> anyhow::Result<collector::CollectorConfig> {
     let mut config = collector::CollectorConfig::new(telemetry_url(args));
+    config.blocks_dir = Some(blocks_dir(args));
     config.otlp_grpc_addr = args.otlp_grpc_addr;
     config.otlp_http_addr = args.otlp_http_addr;
     config.jaeger_addr = args.jaeger_addr;

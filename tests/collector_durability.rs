@@ -100,9 +100,8 @@ async fn acknowledged_spans_survive_kill_9() {
     }
     let acknowledged = acknowledged.load(Ordering::SeqCst);
 
-    let store = collector::store::TelemetryStore::open(&format!("sqlite://{}", data.join("telemetry.db").display()))
-        .await
-        .unwrap();
+    let url = format!("sqlite://{}", data.join("telemetry.db").display());
+    let store = collector::store::TelemetryStore::open_with_blocks(&url, &data.join("blocks")).await.unwrap();
     let stored = store.counts("acme").await.unwrap().spans;
     assert!(stored >= acknowledged, "{acknowledged} spans were acknowledged but only {stored} survived the crash");
 }

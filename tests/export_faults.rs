@@ -34,17 +34,20 @@ fn stop(mut child: Child) {
 
 /// Metered `invoke` spans per tenant in the store: (rows, distinct execution ids).
 async fn metered(data: &Path) -> Vec<(String, i64, i64)> {
-    let url = format!("sqlite://{}?mode=ro", data.join("telemetry.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let rows = sqlx::query_as(
-        "SELECT tenant, COUNT(*), COUNT(DISTINCT json_extract(attributes, '$.\"faas.invocation_id\"')) FROM spans \
-         WHERE metered = 1 AND name LIKE 'invoke %' GROUP BY tenant ORDER BY tenant",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    pool.close().await;
-    rows
+    let url = format!("sqlite://{}", data.join("telemetry.db").display());
+    let store = collector::store::TelemetryStore::open_with_blocks(&url, &data.join("blocks")).await.unwrap();
+    let mut by_tenant: std::collections::BTreeMap<String, (i64, std::collections::BTreeSet<String>)> =
+        Default::default();
+    for span in store.metered_spans(i64::MIN, i64::MAX).await.unwrap() {
+        if !span.name.starts_with("invoke ") {
+            continue;
+        }
+        let attributes: Value = serde_json::from_str(&span.attributes).unwrap();
+        let entry = by_tenant.entry(span.tenant).or_default();
+        entry.0 += 1;
+        entry.1.insert(attributes["faas.invocation_id"].to_string());
+    }
+    by_tenant.into_iter().map(|(tenant, (rows, ids))| (tenant, rows, ids.len() as i64)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

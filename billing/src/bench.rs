@@ -30,7 +30,7 @@ const FUNCTIONS_PER_TENANT: usize = 10;
 pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -> anyhow::Result<String> {
     let dir = tempfile_dir()?;
     let url = database_url.unwrap_or_else(|| format!("sqlite://{}", dir.join("bench.db").display()));
-    let store = TelemetryStore::open(&url).await?;
+    let store = TelemetryStore::open_with_blocks(&url, &dir.join("blocks")).await?;
     let mut billing = Billing::open(&store).await?;
     billing.set_settle(Duration::ZERO);
     let backend = if url.starts_with("sqlite") { "SQLite" } else { "PostgreSQL" };

@@ -191,7 +191,8 @@ async fn a_plan_change_prorates_allowances_and_minimums() {
 async fn another_process_sees_every_billing_change() {
     for backend in backends() {
         let fixture = open(&backend, CARD).await;
-        let store = collector::store::TelemetryStore::open(&backend.url()).await.unwrap();
+        let store =
+            collector::store::TelemetryStore::open_with_blocks(&backend.url(), &backend.blocks()).await.unwrap();
         let other = billing::Billing::open(&store.with_clock(fixture.store.clock().clone())).await.unwrap();
         let before = other.version().await;
         fixture.deliver(vec![invoke("acme", "g1", "resize", ns("2026-10-03T10:00:00Z"), 5, 0, 200)]).await;

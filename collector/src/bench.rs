@@ -156,11 +156,15 @@ pub async fn run(requests: usize, concurrency: usize) -> anyhow::Result<String> 
         None => eprintln!("bench ingest: PostgreSQL skipped (no server binaries: pg_config --bindir)"),
     }
     let mut memory = String::new();
-    let mut blocks = None;
+    let mut bytes_per_span = None;
     for (backend, url) in urls {
         // Raw: the same rows, converted beforehand, written by the store's multi-row inserts.
-        let raw_store =
-            TelemetryStore::open(&format!("{url}{}", if backend == "SQLite" { "-raw" } else { "" })).await?;
+        let raw_store = match &postgres {
+            Some(server) if backend == "PostgreSQL" => {
+                TelemetryStore::open_with_blocks(&url, &server.blocks_dir()).await?
+            }
+            _ => TelemetryStore::open(&format!("{url}-raw")).await?,
+        };
         let sender = Sender { credential: Credential::Ingest { tenant: "raw".into() }, org_id: None };
         let batches: Vec<_> = (0..requests as u64)
             .map(|seed| crate::receivers::otlp::traces(realistic_request(seed + 1_000_000), &sender).batch)
@@ -174,16 +178,17 @@ pub async fn run(requests: usize, concurrency: usize) -> anyhow::Result<String> 
         let raw = spans / started.elapsed().as_secs_f64();
         let raw_cpu = spans / (process_cpu() - cpu);
         if backend == "SQLite" {
-            let path = dir.join("ingest.db-raw");
-            let sqlite_bytes = [path.clone(), path.with_extension("db-raw-wal")]
-                .iter()
-                .filter_map(|p| std::fs::metadata(p).ok())
-                .map(|m| m.len())
-                .sum::<u64>();
-            blocks = Some(blocks_write(&raw_store, &batches, &dir, sqlite_bytes as f64 / spans).await?);
+            raw_store.seal_spans().await?;
+            let blocks = dir.join("ingest.db-raw.blocks/spans");
+            let mut bytes = 0;
+            for entry in std::fs::read_dir(&blocks)? {
+                bytes += entry?.metadata()?.len();
+            }
+            bytes_per_span = Some(bytes as f64 / spans);
         }
 
         let mut config = CollectorConfig::new(url.clone());
+        config.blocks_dir = postgres.as_ref().filter(|_| backend == "PostgreSQL").map(PgServer::blocks_dir);
         config.otlp_grpc_addr = "127.0.0.1:0".parse()?;
         config.otlp_http_addr = "127.0.0.1:0".parse()?;
         config.jaeger_addr = "127.0.0.1:0".parse()?;
@@ -269,53 +274,10 @@ pub async fn run(requests: usize, concurrency: usize) -> anyhow::Result<String> 
          this process, included; PostgreSQL's own processes not)."
     );
     let _ = writeln!(out, "\n{memory}");
-    if let Some(b) = blocks {
-        let _ = writeln!(out, "{b}");
+    if let Some(bytes) = bytes_per_span {
+        let _ = writeln!(out, "Spans on disk (SQLite run, sealed into blocks): {bytes:.0} bytes a span.");
     }
     Ok(out)
-}
-
-/// The raw inserts' rows through the span blocks' write path instead (on SQLite, as the
-/// catalog): the log, one `fdatasync` per 512 spans as the inserts commit per 512, then one
-/// seal of them all into Parquet.
-async fn blocks_write(
-    store: &TelemetryStore,
-    batches: &[crate::model::Batch],
-    dir: &std::path::Path,
-    sqlite_bytes_per_span: f64,
-) -> anyhow::Result<String> {
-    let root = dir.join("blocks");
-    let blocks = crate::store::blocks::SpanBlocks::open(&root, store.shared_pool().clone()).await?;
-    let spans: usize = batches.iter().map(|b| b.spans.len()).sum();
-    eprintln!("bench ingest: span blocks, {} writes of {SPANS_PER_REQUEST} spans, then a seal", batches.len());
-    let (started, cpu) = (Instant::now(), process_cpu());
-    for batch in batches {
-        let (new, _) = blocks.write(&batch.spans, 1)?;
-        anyhow::ensure!(new as usize == batch.spans.len(), "the blocks took {new} of {} spans", batch.spans.len());
-    }
-    let (logged, logged_cpu) = (started.elapsed().as_secs_f64(), process_cpu() - cpu);
-    let (started, cpu) = (Instant::now(), process_cpu());
-    anyhow::ensure!(blocks.seal().await? == spans, "the seal took another number of spans");
-    let (sealed, sealed_cpu) = (started.elapsed().as_secs_f64(), process_cpu() - cpu);
-    let mut bytes = 0;
-    for entry in std::fs::read_dir(root.join("spans"))? {
-        bytes += entry?.metadata()?.len();
-    }
-    let n = spans as f64;
-    Ok(format!(
-        "Span blocks (the columnar store's write path, not serving yet), the raw inserts' {spans} spans: \
-         log {:.0} spans/s ({:.0} per CPU-second), seal into Parquet {:.2} µs of CPU a span ({:.0} spans/s), \
-         log and seal together {:.0} spans per CPU-second; {:.0} bytes a span on disk against SQLite's {:.0} \
-         ({:.1}× smaller).",
-        n / logged,
-        n / logged_cpu,
-        sealed_cpu / n * 1e6,
-        n / sealed,
-        n / (logged_cpu + sealed_cpu),
-        bytes as f64 / n,
-        sqlite_bytes_per_span,
-        sqlite_bytes_per_span / (bytes as f64 / n)
-    ))
 }
 
 /// Posts every body once from `concurrency` clients; returns the time taken and the refusals.
@@ -374,6 +336,13 @@ pub struct PgServer {
     dir: PathBuf,
     bin: PathBuf,
     port: u16,
+}
+
+impl PgServer {
+    /// A folder for the span blocks of a store on this server (gone with it).
+    pub fn blocks_dir(&self) -> PathBuf {
+        self.dir.join("blocks")
+    }
 }
 
 fn as_postgres_user(program: &std::path::Path, args: &[&std::ffi::OsStr]) -> Command {
@@ -475,15 +444,13 @@ impl Drop for PgServer {
     }
 }
 
-/// `sfaas bench spans`: the span store's readers over `spans` stored spans, in the row store
-/// (SQLite) and in blocks, the same spans in both: trace by id and a Jaeger search.
-pub async fn readers(spans: usize, rows_too: bool) -> anyhow::Result<String> {
+/// `sfaas bench spans`: the span store's readers over `spans` stored spans: trace by id and
+/// a Jaeger search, through the store's queries.
+pub async fn readers(spans: usize) -> anyhow::Result<String> {
     use crate::store::TraceSearch;
-    use crate::store::blocks::SpanBlocks;
     let requests = spans.div_ceil(SPANS_PER_REQUEST);
     let dir = tempfile_dir("readers")?;
-    let store = TelemetryStore::open(&format!("sqlite://{}", dir.join("rows.db").display())).await?;
-    let blocks = SpanBlocks::open(&dir.join("blocks"), store.shared_pool().clone()).await?;
+    let store = TelemetryStore::open(&format!("sqlite://{}", dir.join("telemetry.db").display())).await?;
     let sender = Sender { credential: Credential::Ingest { tenant: "bench".into() }, org_id: None };
     // Requests 200 ms apart: the spans cover an hour per 18 000 requests (9.2 M spans).
     let batch = |seed: u64| {
@@ -496,33 +463,22 @@ pub async fn readers(spans: usize, rows_too: bool) -> anyhow::Result<String> {
     };
     let (started, cpu) = (Instant::now(), process_cpu());
     for seed in 0..requests as u64 {
-        let (_, due) = blocks.write(&batch(seed).spans, seed as i64)?;
-        if due {
-            blocks.seal().await?;
-        }
+        store.write(&batch(seed)).await?;
         if seed % 2000 == 0 {
             eprintln!(
-                "bench spans: {} of {} spans in blocks",
+                "bench spans: {} of {} spans stored",
                 seed as usize * SPANS_PER_REQUEST,
                 requests * SPANS_PER_REQUEST
             );
         }
     }
-    blocks.seal().await?;
+    store.seal_spans().await?;
     let mut out = format!(
-        "{} spans written into blocks in {:.0} s ({:.0} s of CPU, generating them included).\n\n",
+        "{} spans stored in {:.0} s ({:.0} s of CPU, generating them included).\n\n",
         requests * SPANS_PER_REQUEST,
         started.elapsed().as_secs_f64(),
         process_cpu() - cpu
     );
-    if rows_too {
-        for seed in 0..requests as u64 {
-            store.write(&batch(seed)).await?;
-            if seed % 2000 == 0 {
-                eprintln!("bench spans: {} spans in rows", seed as usize * SPANS_PER_REQUEST);
-            }
-        }
-    }
     // Traces spread over the whole range, and the search of the last hour.
     let ids: Vec<String> = (0..50u64)
         .map(|k| batch(k * requests as u64 / 50).spans[(k as usize * 37) % SPANS_PER_REQUEST].trace_id.clone())
@@ -539,55 +495,36 @@ pub async fn readers(spans: usize, rows_too: bool) -> anyhow::Result<String> {
         end_ns: last,
     };
     let tagged = TraceSearch { tags: vec![("http.response.status_code".into(), "200".into())], ..search.clone() };
-    let _ = writeln!(out, "| query | store | p50 ms | p99 ms |\n|---|---|---:|---:|");
+    let _ = writeln!(out, "| query | p50 ms | p99 ms |\n|---|---:|---:|");
     let p = |mut times: Vec<f64>, q: f64| {
         times.sort_by(f64::total_cmp);
         times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1]
     };
-    for engine in if rows_too { vec!["blocks", "rows"] } else { vec!["blocks"] } {
-        let mut by_id = Vec::new();
-        for id in &ids {
+    let mut by_id = Vec::new();
+    for id in &ids {
+        let t = Instant::now();
+        let found = store.trace("bench", id).await?;
+        by_id.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(found.len() == 8, "trace {id}: {} spans", found.len());
+    }
+    let _ = writeln!(out, "| trace by id (50 traces) | {:.1} | {:.1} |", p(by_id.clone(), 0.5), p(by_id, 0.99));
+    for (what, search) in
+        [("search: service, operation, last hour, limit 20", &search), ("the same with a tag", &tagged)]
+    {
+        let mut times = Vec::new();
+        for _ in 0..5 {
             let t = Instant::now();
-            let found = match engine {
-                "blocks" => blocks.traces("bench", &[id]).await?.remove(id).unwrap_or_default(),
-                _ => store.trace("bench", id).await?,
-            };
-            by_id.push(t.elapsed().as_secs_f64() * 1000.0);
-            anyhow::ensure!(found.len() == 8, "trace {id}: {} spans in the {engine}", found.len());
+            let found = store.find_traces("bench", search).await?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(found.len() == 20, "{what}: {} traces", found.len());
         }
-        let _ = writeln!(
-            out,
-            "| trace by id (50 traces) | {engine} | {:.1} | {:.1} |",
-            p(by_id.clone(), 0.5),
-            p(by_id, 0.99)
-        );
-        for (what, search) in
-            [("search: service, operation, last hour, limit 20", &search), ("the same with a tag", &tagged)]
-        {
-            let mut times = Vec::new();
-            for _ in 0..5 {
-                let t = Instant::now();
-                let found = match engine {
-                    "blocks" => blocks.find_traces("bench", search).await?,
-                    _ => store.find_traces("bench", search).await?,
-                };
-                times.push(t.elapsed().as_secs_f64() * 1000.0);
-                anyhow::ensure!(found.len() == 20, "{what}: {} traces in the {engine}", found.len());
-            }
-            let _ =
-                writeln!(out, "| {what} (5 times) | {engine} | {:.1} | {:.1} |", p(times.clone(), 0.5), p(times, 0.99));
-        }
+        let _ = writeln!(out, "| {what} (5 times) | {:.1} | {:.1} |", p(times.clone(), 0.5), p(times, 0.99));
     }
     let mut block_bytes = 0;
-    for entry in std::fs::read_dir(dir.join("blocks/spans"))? {
+    for entry in std::fs::read_dir(dir.join("telemetry.db.blocks/spans"))? {
         block_bytes += entry?.metadata()?.len();
     }
     let _ = writeln!(out, "\nBlocks: {:.1} MiB.", block_bytes as f64 / (1 << 20) as f64);
-    if rows_too {
-        let rows_bytes = std::fs::metadata(dir.join("rows.db"))?.len()
-            + std::fs::metadata(dir.join("rows.db-wal")).map_or(0, |m| m.len());
-        let _ = writeln!(out, "Rows (SQLite): {:.1} MiB.", rows_bytes as f64 / (1 << 20) as f64);
-    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
 }

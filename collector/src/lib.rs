@@ -35,6 +35,9 @@ use store::{StoreError, TelemetryStore};
 pub struct CollectorConfig {
     /// `sqlite://PATH` or `postgres://...`.
     pub database_url: String,
+    /// Where spans are stored in blocks (by default beside a SQLite database's file; a store
+    /// on PostgreSQL needs one).
+    pub blocks_dir: Option<std::path::PathBuf>,
     pub otlp_grpc_addr: SocketAddr,
     pub otlp_http_addr: SocketAddr,
     /// Jaeger thrift over HTTP (`POST /api/traces`).
@@ -56,6 +59,7 @@ impl CollectorConfig {
     pub fn new(database_url: impl Into<String>) -> Self {
         Self {
             database_url: database_url.into(),
+            blocks_dir: None,
             otlp_grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
             otlp_http_addr: SocketAddr::from(([127, 0, 0, 1], 4318)),
             jaeger_addr: SocketAddr::from(([127, 0, 0, 1], 14268)),
@@ -122,7 +126,11 @@ impl Collector {
         config: CollectorConfig,
         resolver: Arc<dyn TokenResolver>,
     ) -> Result<RunningCollector, CollectorError> {
-        let store = TelemetryStore::open(&config.database_url).await?.with_clock(config.clock.clone());
+        let store = match &config.blocks_dir {
+            Some(blocks) => TelemetryStore::open_with_blocks(&config.database_url, blocks).await?,
+            None => TelemetryStore::open(&config.database_url).await?,
+        }
+        .with_clock(config.clock.clone());
         let metrics = Arc::new(CollectorMetrics::default());
         let pipeline = Pipeline::start(store.clone(), config.pipeline.clone(), metrics.clone());
         let collector = Arc::new(Collector { config: config.clone(), store, pipeline, resolver, metrics });

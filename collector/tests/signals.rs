@@ -84,43 +84,24 @@ async fn a_full_queue_answers_503_with_retry_after_and_loses_nothing_acknowledge
             .await
             .unwrap();
     sqlx::query("BEGIN EXCLUSIVE").execute(&mut blocker).await.unwrap();
-    let url = format!("http://{}/v1/traces", running.otlp_http_addr);
+    // Log records: they are committed to the SQL database (spans go to the span log).
+    let url = format!("http://{}/v1/logs", running.otlp_http_addr);
     let body = |seed: u8| {
-        use prost::Message;
-        opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
-            resource_spans: vec![opentelemetry_proto::tonic::trace::v1::ResourceSpans {
-                scope_spans: vec![opentelemetry_proto::tonic::trace::v1::ScopeSpans {
-                    spans: (0..2u8)
-                        .map(|i| opentelemetry_proto::tonic::trace::v1::Span {
-                            trace_id: vec![seed; 16],
-                            span_id: vec![seed, i + 1, 0, 0, 0, 0, 0, 1],
-                            name: "op".into(),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        }
-        .encode_to_vec()
+        let record = |i: u8| {
+            serde_json::json!({"timeUnixNano": "1700000000000000000", "severityNumber": 9,
+            "body": {"stringValue": format!("record {seed}-{i}")}})
+        };
+        serde_json::json!({"resourceLogs": [{"scopeLogs": [{"logRecords": [record(1), record(2)]}]}]})
     };
-    let send = |seed: u8| {
-        reqwest::Client::new()
-            .post(&url)
-            .bearer_auth("acme-token")
-            .header("content-type", "application/x-protobuf")
-            .body(body(seed))
-            .send()
-    };
+    let send = |seed: u8| reqwest::Client::new().post(&url).bearer_auth("acme-token").json(&body(seed)).send();
     let first = tokio::spawn(send(1));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second = send(2).await.unwrap();
-    assert_eq!(second.status(), 503, "two spans wait; two more would pass the capacity of three");
+    assert_eq!(second.status(), 503, "two records wait; two more would pass the capacity of three");
     assert_eq!(second.headers()["retry-after"], "1");
     sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
-    assert_eq!(running.collector.store.counts("acme").await.unwrap().spans, 2);
+    assert_eq!(running.collector.store.counts("acme").await.unwrap().logs, 2);
     assert_eq!(send(2).await.unwrap().status(), 200, "accepted again once the queue drained");
     running.shutdown().await;
 }

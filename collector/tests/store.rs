@@ -140,7 +140,7 @@ async fn check(store: &TelemetryStore, backend: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_reader_returns_another_tenants_data() {
     for backend in backends() {
-        let store = TelemetryStore::open(&backend.url()).await.unwrap();
+        let store = TelemetryStore::open_with_blocks(&backend.url(), &backend.blocks()).await.unwrap();
         store.write(&batch("acme")).await.unwrap();
         store.write(&batch("globex")).await.unwrap();
         let mut tenants = store.span_tenants().await.unwrap();
@@ -180,93 +180,84 @@ fn varied(tenant: &str) -> Vec<SpanRow> {
     spans
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blocks_answer_every_query_as_the_rows_do() {
-    use collector::store::blocks::SpanBlocks;
-    for backend in backends() {
-        let dir = tempfile::tempdir().unwrap();
-        let rows = TelemetryStore::open(&backend.url()).await.unwrap();
-        let name = backend.name();
-        let blocks = SpanBlocks::open(&dir.path().join("blocks"), rows.shared_pool().clone()).await.unwrap();
-        let (acme, globex) = (varied("acme"), varied("globex"));
-        // Arrivals at 1000, 2000, 3000 ms; the first two sealed into blocks, the last in the head;
-        // the first batch again after the seal (a client's retry).
-        let chunks: Vec<&[SpanRow]> = vec![&acme[..60], &acme[60..120], &acme[120..]];
-        for (i, chunk) in chunks.iter().enumerate() {
-            let received = 1000 * (i as i64 + 1);
-            let rows = rows.clone().with_clock(collector::clock::Clock::starting_at(received * MS));
-            rows.write(&Batch { spans: chunk.to_vec(), samples: Vec::new(), logs: Vec::new() }).await.unwrap();
-            blocks.write(chunk, received).unwrap();
-            blocks.write(&globex[i * 10..i * 10 + 10], received).unwrap();
-            if i == 1 {
-                blocks.seal().await.unwrap();
-                blocks.write(chunks[0], 2500).unwrap();
-            }
-        }
-        rows.write(&Batch { spans: globex[..30].to_vec(), samples: Vec::new(), logs: Vec::new() }).await.unwrap();
+/// Stores spans as the layout before blocks did: rows of the `spans` table.
+async fn insert_rows(url: &str, spans: &[SpanRow], received_ms: i64) {
+    let text = "INSERT INTO spans (tenant, trace_id, span_id, parent_span_id, name, kind, start_ns, end_ns, \
+                status_code, status_message, service_name, attributes, events, links, resource, scope, metered, \
+                received_ms) ";
+    macro_rules! insert {
+        ($pool:expr, $db:ty) => {{
+            let mut builder = sqlx::QueryBuilder::<$db>::new(text);
+            builder.push_values(spans, |mut row, s| {
+                row.push_bind(s.tenant.clone())
+                    .push_bind(s.trace_id.clone())
+                    .push_bind(s.span_id.clone())
+                    .push_bind(s.parent_span_id.clone())
+                    .push_bind(s.name.clone())
+                    .push_bind(s.kind)
+                    .push_bind(s.start_ns)
+                    .push_bind(s.end_ns)
+                    .push_bind(s.status_code)
+                    .push_bind(s.status_message.clone())
+                    .push_bind(s.service_name.clone())
+                    .push_bind(s.attributes.clone())
+                    .push_bind(s.events.clone())
+                    .push_bind(s.links.clone())
+                    .push_bind(s.resource.clone())
+                    .push_bind(s.scope.clone())
+                    .push_bind(i64::from(s.metered))
+                    .push_bind(received_ms);
+            });
+            builder.build().execute(&$pool).await.unwrap();
+        }};
+    }
+    if url.starts_with("sqlite") {
+        insert!(sqlx::SqlitePool::connect(url).await.unwrap(), sqlx::Sqlite);
+    } else {
+        insert!(sqlx::PgPool::connect(url).await.unwrap(), sqlx::Postgres);
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_stored_as_rows_move_into_blocks_when_the_store_opens() {
+    for backend in backends() {
+        let name = backend.name();
+        // A store of the earlier layout: the schema, and spans as rows.
+        drop(TelemetryStore::open_with_blocks(&backend.url(), &backend.blocks()).await.unwrap());
+        let (acme, globex) = (varied("acme"), varied("globex"));
+        insert_rows(&backend.url(), &acme, 1000).await;
+        insert_rows(&backend.url(), &globex, 2000).await;
+
+        let store = TelemetryStore::open_with_blocks(&backend.url(), &backend.blocks()).await.unwrap();
+        assert_eq!(store.counts("acme").await.unwrap().spans, acme.len() as u64, "{name}");
+        assert_eq!(store.counts("globex").await.unwrap().spans, globex.len() as u64, "{name}");
         let trace = acme[9].trace_id.clone();
+        let mut expected: Vec<SpanRow> = acme.iter().filter(|s| s.trace_id == trace).cloned().collect();
+        expected.sort_by(|a, b| (a.start_ns, &a.span_id).cmp(&(b.start_ns, &b.span_id)));
+        assert_eq!(store.trace("acme", &trace).await.unwrap(), expected, "{name}");
+        assert_eq!(store.services("acme").await.unwrap(), vec!["db", "gateway", "sfaas-core"], "{name}");
+        let metered = store.metered_spans(1000, 2000).await.unwrap();
+        let expected =
+            globex.iter().filter(|s| s.metered && (s.name.starts_with("invoke ") || s.name == "state.usage"));
+        assert_eq!(metered.len(), expected.count(), "{name}: globex's metered spans, with their arrival kept");
+        let search = TraceSearch {
+            service: "sfaas-core".into(),
+            operation: Some("invoke f".into()),
+            tags: vec![("error".into(), "true".into())],
+            min_ns: 0,
+            max_ns: 0,
+            limit: 100,
+            start_ns: T0,
+            end_ns: T0 + 10_000 * MS,
+        };
         assert_eq!(
-            blocks.traces("acme", &[&trace]).await.unwrap(),
-            rows.traces("acme", &[&trace]).await.unwrap(),
-            "{name}"
+            store.find_traces("acme", &search).await.unwrap().len(),
+            8,
+            "{name}: every fifth of 40 traces failed"
         );
-        let (lo, hi) = (T0 + 300 * MS, T0 + 1200 * MS);
-        assert_eq!(
-            blocks.spans_named("acme", "invoke ", lo, hi, 7).await.unwrap(),
-            rows.spans_named("acme", "invoke ", lo, hi, 7).await.unwrap(),
-            "{name}"
-        );
-        assert_eq!(blocks.services("acme").await.unwrap(), rows.services("acme").await.unwrap(), "{name}");
-        let mut ops = rows.operations("acme", "sfaas-core").await.unwrap();
-        ops.sort();
-        assert_eq!(blocks.operations("acme", "sfaas-core").await.unwrap(), ops, "{name}");
-        let mut deps = rows.dependencies("acme", lo, hi).await.unwrap();
-        deps.sort();
-        assert_eq!(blocks.dependencies("acme", lo, hi).await.unwrap(), deps, "{name}");
-        assert!(!deps.is_empty());
-        for (tags, operation, min_ns) in [
-            (vec![], None, 0),
-            (vec![("error".to_string(), "true".to_string())], None, 0),
-            (vec![("http.response.status_code".to_string(), "500".to_string())], Some("invoke f"), 0),
-            (vec![], Some("invoke f"), 4 * MS),
-        ] {
-            let search = TraceSearch {
-                service: "sfaas-core".into(),
-                operation: operation.map(str::to_string),
-                tags,
-                min_ns,
-                max_ns: 0,
-                limit: 5,
-                start_ns: lo,
-                end_ns: hi,
-            };
-            assert_eq!(
-                blocks.find_traces("acme", &search).await.unwrap(),
-                rows.find_traces("acme", &search).await.unwrap(),
-                "{name}: {search:?}"
-            );
-        }
-        let key = |s: &collector::store::MeteredSpan| (s.tenant.clone(), s.span_id.clone(), s.received_ms);
-        let mut from_blocks: Vec<_> = blocks.metered_spans(1000, 3000).await.unwrap().iter().map(key).collect();
-        from_blocks.retain(|k| k.0 == "acme");
-        from_blocks.sort();
-        let mut from_rows: Vec<_> = rows.metered_spans(1000, 3000).await.unwrap().iter().map(key).collect();
-        from_rows.retain(|k| k.0 == "acme");
-        from_rows.sort();
-        // The retry at 2500 ms came after the first delivery was sealed: the blocks return it
-        // again with its later arrival (billing ignores it by usage id, as any redelivery); the
-        // rows kept only the first arrival, at 1000 ms, outside the window.
-        let (again, first): (Vec<_>, Vec<_>) = from_blocks.into_iter().partition(|k| k.2 == 2500);
-        assert_eq!(first, from_rows, "{name}: metered spans that arrived in (1000, 3000] ms");
-        let resent: Vec<_> = chunks[0]
-            .iter()
-            .filter(|s| s.metered && (s.name.starts_with("invoke ") || s.name == "state.usage"))
-            .map(|s| s.span_id.clone())
-            .collect();
-        assert_eq!(again.iter().map(|k| k.1.clone()).collect::<Vec<_>>(), resent, "{name}");
-        assert_eq!(blocks.count("acme").await.unwrap(), 160, "{name}: the retry stored nothing twice");
-        let tenants = blocks.span_tenants().await.unwrap();
-        assert_eq!(tenants, vec!["acme", "globex"]);
+        drop(store);
+        // Moved once: the rows are gone, and a restart finds the spans in blocks alone.
+        let store = TelemetryStore::open_with_blocks(&backend.url(), &backend.blocks()).await.unwrap();
+        assert_eq!(store.counts("acme").await.unwrap().spans, acme.len() as u64, "{name}");
     }
 }

@@ -39,6 +39,14 @@ impl Backend {
             Backend::Postgres(server) => server.url(),
         }
     }
+
+    /// Where the store's span blocks go.
+    fn blocks(&self) -> std::path::PathBuf {
+        match self {
+            Backend::Sqlite(dir) => dir.path().join("telemetry.db.blocks"),
+            Backend::Postgres(server) => server.blocks_dir(),
+        }
+    }
 }
 
 /// SQLite always; PostgreSQL when its server binaries are here (required with
@@ -82,7 +90,7 @@ struct Server {
 
 /// The Jaeger router on 127.0.0.1:0.
 async fn start(backend: Backend) -> Server {
-    let store = TelemetryStore::open(&backend.url()).await.unwrap();
+    let store = TelemetryStore::open_with_blocks(&backend.url(), &backend.blocks()).await.unwrap();
     let billing = Arc::new(Billing::open(&store).await.unwrap());
     let app = dashboard::jaeger::router(DashboardState {
         store: store.clone(),

@@ -46,6 +46,14 @@ impl Backend {
             Backend::Postgres(server) => server.url(),
         }
     }
+
+    /// Where the store's span blocks go.
+    fn blocks(&self) -> std::path::PathBuf {
+        match self {
+            Backend::Sqlite(dir) => dir.path().join("telemetry.db.blocks"),
+            Backend::Postgres(server) => server.blocks_dir(),
+        }
+    }
 }
 
 fn require_all() -> bool {
@@ -162,7 +170,8 @@ struct Env {
 
 async fn env(backend: Backend) -> Env {
     let clock = Clock::starting_at(ns(NOW));
-    let store = TelemetryStore::open(&backend.url()).await.unwrap().with_clock(clock.clone());
+    let store =
+        TelemetryStore::open_with_blocks(&backend.url(), &backend.blocks()).await.unwrap().with_clock(clock.clone());
     let mut billing = Billing::open(&store).await.unwrap();
     billing.set_settle(Duration::ZERO);
     billing.apply_rate_card(CARD).await.unwrap();

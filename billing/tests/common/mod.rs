@@ -29,6 +29,14 @@ impl Backend {
             Backend::Postgres(server) => server.url(),
         }
     }
+
+    /// Where the store's span blocks go.
+    pub fn blocks(&self) -> std::path::PathBuf {
+        match self {
+            Backend::Sqlite(dir) => dir.path().join("telemetry.db.blocks"),
+            Backend::Postgres(server) => server.blocks_dir(),
+        }
+    }
 }
 
 /// SQLite always; PostgreSQL when its server binaries are here (required in CI).
@@ -56,7 +64,10 @@ pub const NOW: &str = "2026-11-20T00:00:00Z";
 /// Billing over a fresh store with `card` applied, its clock at [`NOW`]; spans are billed as
 /// soon as they arrive.
 pub async fn open(backend: &Backend, card: &str) -> Fixture {
-    let store = TelemetryStore::open(&backend.url()).await.unwrap().with_clock(Clock::starting_at(ns(NOW)));
+    let store = TelemetryStore::open_with_blocks(&backend.url(), &backend.blocks())
+        .await
+        .unwrap()
+        .with_clock(Clock::starting_at(ns(NOW)));
     let mut billing = Billing::open(&store).await.unwrap();
     billing.set_settle(Duration::ZERO);
     billing.apply_rate_card(card).await.unwrap();

@@ -4,7 +4,9 @@
 //! (tenant, trace id, span id), a sample by (tenant, metric, labels, time), a log record by
 //! (tenant, hash of its content); storing one twice stores it once.
 
+use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -17,6 +19,8 @@ use crate::model::{Batch, LogRow, SampleRow, SpanRow};
 use crate::sqlite;
 
 pub mod blocks;
+
+use blocks::SpanBlocks;
 mod samples;
 mod spans;
 
@@ -27,7 +31,6 @@ pub use spans::{MeteredSpan, TraceSearch};
 #[derive(Clone, Copy)]
 pub(crate) enum Bind<'a> {
     Str(&'a str),
-    Int(i64),
 }
 
 /// Runs `$sql` (with `?` placeholders) binding `$binds` on whichever pool the store `$store`
@@ -43,7 +46,6 @@ macro_rules! rows {
                 for bind in binds {
                     query = match bind {
                         $crate::store::Bind::Str(s) => query.bind(*s),
-                        $crate::store::Bind::Int(i) => query.bind(*i),
                     };
                 }
                 query
@@ -91,6 +93,8 @@ pub enum StoreError {
 pub struct TelemetryStore {
     pool: Pool,
     clock: Clock,
+    /// Spans, in blocks (the rest is in the SQL database).
+    spans: Arc<SpanBlocks>,
 }
 
 /// A connection pool of one of the two backends.
@@ -158,8 +162,34 @@ impl TelemetryStore {
         }
     }
 
-    /// Opens the store at `url` and applies its schema.
+    /// Opens the store at `url` with its spans in blocks beside a SQLite database's file
+    /// (`<file>.blocks/`); a store on PostgreSQL needs a folder for them: [`Self::open_with_blocks`].
     pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .map(|p| p.split('?').next().unwrap_or(p));
+        match path {
+            Some(path) if !path.is_empty() && !path.contains(":memory:") => {
+                Self::open_with_blocks(url, Path::new(&format!("{path}.blocks"))).await
+            }
+            _ => Err(StoreError::Open(sqlx::Error::Configuration(
+                format!("{url}: spans are stored in blocks in a folder; open the store with one (the binary: DATA_DIR/blocks)").into(),
+            ))),
+        }
+    }
+
+    /// Opens the store at `url`, its spans in blocks under `blocks`: applies the schema, replays
+    /// the span log, and moves the spans of an earlier layout (rows of `spans`) into blocks.
+    pub async fn open_with_blocks(url: &str, blocks: &Path) -> Result<Self, StoreError> {
+        let pool = Self::open_pool(url).await?;
+        let spans = SpanBlocks::open(blocks, pool.clone()).await?;
+        let store = Self { pool, clock: Clock::system(), spans };
+        store.convert_span_rows().await?;
+        Ok(store)
+    }
+
+    async fn open_pool(url: &str) -> Result<Pool, StoreError> {
         if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(StoreError::Open)?
@@ -177,7 +207,7 @@ impl TelemetryStore {
             ])
             .run(&pool)
             .await?;
-            Ok(Self { pool: Pool::Sqlite(pool), clock: Clock::system() })
+            Ok(Pool::Sqlite(pool))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new().max_connections(8).connect(url).await.map_err(StoreError::Open)?;
             migrator(&[
@@ -186,10 +216,74 @@ impl TelemetryStore {
             ])
             .run(&pool)
             .await?;
-            Ok(Self { pool: Pool::Postgres(pool), clock: Clock::system() })
+            Ok(Pool::Postgres(pool))
         } else {
             Err(StoreError::UnsupportedUrl(url.to_string()))
         }
+    }
+
+    /// Moves spans stored as rows of `spans` (the layout before blocks) into blocks, then
+    /// empties the table (it stays, empty: billing's first schema version indexes it). A crash
+    /// midway leaves the rows: the next start moves them again, and readers keep one span per
+    /// identity.
+    async fn convert_span_rows(&self) -> Result<(), StoreError> {
+        const CHUNK: i64 = 50_000;
+        let total: i64 = match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query_scalar("SELECT COUNT(*) FROM spans").fetch_one(pool).await?,
+            Pool::Postgres(pool) => sqlx::query_scalar("SELECT COUNT(*) FROM spans").fetch_one(pool).await?,
+        };
+        if total == 0 {
+            return Ok(());
+        }
+        tracing::warn!(spans = total, "moving spans from rows (the earlier layout) into blocks");
+        let mut moved = 0;
+        let mut after = (String::new(), String::new(), String::new());
+        while moved < total {
+            let text = self.sql(&format!(
+                "SELECT {SPAN_COLUMNS}, received_ms FROM spans WHERE (tenant, trace_id, span_id) > (?, ?, ?) \
+                 ORDER BY tenant, trace_id, span_id LIMIT {CHUNK}"
+            ));
+            macro_rules! fetch {
+                ($pool:expr) => {
+                    sqlx::query(text)
+                        .bind(&after.0)
+                        .bind(&after.1)
+                        .bind(&after.2)
+                        .fetch_all($pool)
+                        .await?
+                        .iter()
+                        .map(|row| {
+                            use sqlx::Row;
+                            Ok(blocks::format::Stored { span: span_from_row!(row)?, received_ms: row.try_get(17)? })
+                        })
+                        .collect::<Result<Vec<_>, sqlx::Error>>()?
+                };
+            }
+            let chunk: Vec<blocks::format::Stored> = match &self.pool {
+                Pool::Sqlite(pool) => fetch!(pool),
+                Pool::Postgres(pool) => fetch!(pool),
+            };
+            let Some(last) = chunk.last() else { break };
+            after = (last.span.tenant.clone(), last.span.trace_id.clone(), last.span.span_id.clone());
+            moved += chunk.len() as i64;
+            blocks::blocking(|| self.spans.write_stored(chunk))?;
+            if self.spans.head_rows() >= blocks::SEAL_ROWS {
+                self.spans.seal().await?;
+            }
+            tracing::info!(moved, total, "spans moved into blocks");
+        }
+        self.spans.seal().await?;
+        match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query("DELETE FROM spans").execute(pool).await.map(|_| ())?,
+            Pool::Postgres(pool) => sqlx::query("TRUNCATE spans").execute(pool).await.map(|_| ())?,
+        }
+        Ok(())
+    }
+
+    /// Seals the spans written so far into blocks (they are sealed anyway at a size or an age;
+    /// after this, readers on other hosts see them, and a restart replays nothing).
+    pub async fn seal_spans(&self) -> Result<usize, StoreError> {
+        self.spans.seal().await
     }
 
     /// This store, reading "now" from `clock` (for every clone made after).
@@ -202,10 +296,18 @@ impl TelemetryStore {
         &self.clock
     }
 
-    /// Writes a batch in one transaction; returns once it is committed.
+    /// Writes a batch: its spans to the span log, then its samples and logs in one transaction;
+    /// returns once both are durable.
     pub async fn write(&self, batch: &Batch) -> Result<Written, StoreError> {
         let received_ms = self.clock.now_ms();
-        match &self.pool {
+        let spans = match batch.spans.is_empty() {
+            true => 0,
+            false => blocks::blocking(|| self.spans.write(&batch.spans, received_ms))?.0,
+        };
+        if batch.samples.is_empty() && batch.logs.is_empty() {
+            return Ok(Written { spans, ..Written::default() });
+        }
+        let written = match &self.pool {
             Pool::Sqlite(pool) => {
                 let mut connection = pool.acquire().await?;
                 sqlite::run(&mut connection, |db| write_sqlite(db, batch, received_ms))
@@ -218,13 +320,15 @@ impl TelemetryStore {
                 tx.commit().await?;
                 Ok(written)
             }
-        }
+        }?;
+        Ok(Written { spans, ..written })
     }
 
-    /// Deletes a tenant's spans, samples and logs older than `before_ns`; returns rows deleted.
+    /// Deletes a tenant's spans (whole blocks: see [`SpanBlocks::delete_before`]), samples and
+    /// logs older than `before_ns`; returns how many.
     pub async fn delete_before(&self, tenant: &str, before_ns: i64) -> Result<u64, StoreError> {
-        let mut deleted = 0;
-        for (table, column) in [("spans", "start_ns"), ("metric_samples", "ts_ns"), ("logs", "ts_ns")] {
+        let mut deleted = self.spans.delete_before(tenant, before_ns).await?;
+        for (table, column) in [("metric_samples", "ts_ns"), ("logs", "ts_ns")] {
             let sql = format!("DELETE FROM {table} WHERE tenant = {} AND {column} < {}", self.param(1), self.param(2));
             deleted += match &self.pool {
                 Pool::Sqlite(pool) => {
@@ -240,18 +344,21 @@ impl TelemetryStore {
 
     /// Tenants that have telemetry.
     pub async fn tenants(&self) -> Result<Vec<String>, StoreError> {
-        let sql = "SELECT DISTINCT tenant FROM spans UNION SELECT DISTINCT tenant FROM metric_samples \
-                   UNION SELECT DISTINCT tenant FROM logs";
-        Ok(match &self.pool {
+        let sql = "SELECT DISTINCT tenant FROM metric_samples UNION SELECT DISTINCT tenant FROM logs";
+        let mut tenants: std::collections::BTreeSet<String> = match &self.pool {
             Pool::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await?,
             Pool::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await?,
-        })
+        }
+        .into_iter()
+        .collect();
+        tenants.extend(self.spans.span_tenants().await?);
+        Ok(tenants.into_iter().collect())
     }
 
     /// Counts a tenant's stored spans, samples and logs.
     pub async fn counts(&self, tenant: &str) -> Result<Written, StoreError> {
-        let mut counts = [0u64; 3];
-        for (i, table) in ["spans", "metric_samples", "logs"].iter().enumerate() {
+        let mut counts = [self.spans.count(tenant).await?, 0, 0];
+        for (i, table) in ["metric_samples", "logs"].iter().enumerate().map(|(i, t)| (i + 1, t)) {
             let sql = format!("SELECT COUNT(*) FROM {table} WHERE tenant = {}", self.param(1));
             let count: i64 = match &self.pool {
                 Pool::Sqlite(pool) => sqlx::query_scalar(AssertSqlSafe(sql)).bind(tenant).fetch_one(pool).await?,
@@ -319,34 +426,7 @@ fn write_sqlite(db: &sqlite::Connection<'_>, batch: &Batch, received_ms: i64) ->
     }
     let tx = db.begin()?;
     let written = Written {
-        spans: insert_each(
-            db,
-            &format!("spans ({SPAN_COLUMNS}, received_ms)"),
-            "(tenant, trace_id, span_id)",
-            &batch.spans,
-            |span| {
-                [
-                    Text(&span.tenant),
-                    Text(&span.trace_id),
-                    Text(&span.span_id),
-                    text(&span.parent_span_id),
-                    Text(&span.name),
-                    Int(span.kind),
-                    Int(span.start_ns),
-                    Int(span.end_ns),
-                    Int(span.status_code),
-                    Text(&span.status_message),
-                    Text(&span.service_name),
-                    Text(&span.attributes),
-                    Text(&span.events),
-                    Text(&span.links),
-                    Text(&span.resource),
-                    Text(&span.scope),
-                    Int(i64::from(span.metered)),
-                    Int(received_ms),
-                ]
-            },
-        )?,
+        spans: 0,
         samples: insert_each(
             db,
             "metric_samples (tenant, metric, labels, kind, ts_ns, value, histogram, metered, received_ms)",
@@ -420,32 +500,6 @@ async fn write_postgres(
 ) -> Result<Written, StoreError> {
     let affected = |r: sqlx::postgres::PgQueryResult| r.rows_affected();
     let mut written = Written::default();
-    for chunk in batch.spans.chunks(ROWS_PER_STATEMENT) {
-        let mut builder: QueryBuilder<sqlx::Postgres> =
-            QueryBuilder::new(format!("INSERT INTO spans ({SPAN_COLUMNS}, received_ms) "));
-        builder.push_values(chunk, |mut row, span: &SpanRow| {
-            row.push_bind(span.tenant.clone())
-                .push_bind(span.trace_id.clone())
-                .push_bind(span.span_id.clone())
-                .push_bind(span.parent_span_id.clone())
-                .push_bind(span.name.clone())
-                .push_bind(span.kind)
-                .push_bind(span.start_ns)
-                .push_bind(span.end_ns)
-                .push_bind(span.status_code)
-                .push_bind(span.status_message.clone())
-                .push_bind(span.service_name.clone())
-                .push_bind(span.attributes.clone())
-                .push_bind(span.events.clone())
-                .push_bind(span.links.clone())
-                .push_bind(span.resource.clone())
-                .push_bind(span.scope.clone())
-                .push_bind(i64::from(span.metered))
-                .push_bind(received_ms);
-        });
-        builder.push(" ON CONFLICT (tenant, trace_id, span_id) DO NOTHING");
-        written.spans += affected(builder.build().execute(&mut **tx).await?);
-    }
     for chunk in batch.samples.chunks(ROWS_PER_STATEMENT) {
         let mut builder: QueryBuilder<sqlx::Postgres> = QueryBuilder::new(
             "INSERT INTO metric_samples (tenant, metric, labels, kind, ts_ns, value, histogram, metered, received_ms) ",

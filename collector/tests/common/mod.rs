@@ -52,6 +52,14 @@ impl Backend {
             Backend::Postgres(server) => server.url(),
         }
     }
+
+    /// Where the store's span blocks go.
+    pub fn blocks(&self) -> std::path::PathBuf {
+        match self {
+            Backend::Sqlite(dir) => dir.path().join("telemetry.db.blocks"),
+            Backend::Postgres(server) => server.blocks_dir(),
+        }
+    }
 }
 
 /// SQLite always; PostgreSQL when its server binaries are here (required in CI).
@@ -69,6 +77,7 @@ pub fn backends() -> Vec<Backend> {
 
 pub async fn start(backend: &Backend, configure: impl FnOnce(&mut CollectorConfig)) -> RunningCollector {
     let mut config = CollectorConfig::new(backend.url());
+    config.blocks_dir = Some(backend.blocks());
     config.otlp_grpc_addr = "127.0.0.1:0".parse().unwrap();
     config.otlp_http_addr = "127.0.0.1:0".parse().unwrap();
     config.jaeger_addr = "127.0.0.1:0".parse().unwrap();

@@ -37,6 +37,8 @@ struct Head {
     /// The (trace id, span id) of every span in `spans`, per tenant, as bytes.
     keys: HashMap<String, HashSet<[u8; 24]>>,
     rows: usize,
+    /// When its first span was written.
+    since: Option<std::time::Instant>,
 }
 
 /// A span's identity within its tenant: its trace and span ids' bytes (validated hex).
@@ -67,6 +69,7 @@ impl Head {
             }
         }
         self.rows += 1;
+        self.since.get_or_insert_with(std::time::Instant::now);
         true
     }
 }
@@ -102,7 +105,20 @@ pub struct SpanBlocks {
     opened: Mutex<HashMap<String, Arc<Block>>>,
     /// The other writers' log segments, as far as they were read.
     followed: Mutex<HashMap<PathBuf, Followed>>,
+    /// Itself, for the seals it starts.
+    me: std::sync::Weak<SpanBlocks>,
+    /// A seal is under way or about to start.
+    sealing_soon: std::sync::atomic::AtomicBool,
 }
+
+impl std::fmt::Debug for SpanBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpanBlocks").field("dir", &self.dir).field("writer", &self.collector).finish()
+    }
+}
+
+/// …or when its first span is this old (then readers on other hosts see it: they read blocks).
+pub const SEAL_AGE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Another writer's log segment, read up to `offset`.
 #[derive(Default)]
@@ -130,6 +146,15 @@ fn lock_slot(folder: &Path) -> std::io::Result<Option<std::fs::File>> {
     }
 }
 
+/// Runs blocking file work from async code: off the runtime's queue where it allows that
+/// (multi-threaded), else in place.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 fn io(error: std::io::Error) -> StoreError {
     StoreError::Blocks(BlockError::Io(error))
 }
@@ -138,7 +163,7 @@ impl SpanBlocks {
     /// Opens the blocks under `dir` as a writer: in the first log folder under `<dir>/wal/`
     /// that no other process holds (a writer that stopped or crashed left it; what its log holds
     /// beyond its last seal is replayed into this head), or else in a new one.
-    pub async fn open(dir: &Path, pool: Pool) -> Result<Self, StoreError> {
+    pub async fn open(dir: &Path, pool: Pool) -> Result<Arc<Self>, StoreError> {
         let wals = dir.join("wal");
         std::fs::create_dir_all(&wals).map_err(io)?;
         let mut slot = None;
@@ -167,7 +192,12 @@ impl SpanBlocks {
         Self::open_slot(dir, collector, lock, pool).await
     }
 
-    async fn open_slot(dir: &Path, collector: String, lock: std::fs::File, pool: Pool) -> Result<Self, StoreError> {
+    async fn open_slot(
+        dir: &Path,
+        collector: String,
+        lock: std::fs::File,
+        pool: Pool,
+    ) -> Result<Arc<Self>, StoreError> {
         let collector = collector.as_str();
         let wal_dir = dir.join("wal").join(collector);
         std::fs::create_dir_all(dir.join("spans")).map_err(io)?;
@@ -199,7 +229,7 @@ impl SpanBlocks {
             }
         }
         let segment = wal::Segment::create(&wal_dir, last + 1).map_err(io)?;
-        Ok(Self {
+        let blocks = Arc::new_cyclic(|me| Self {
             dir: dir.to_path_buf(),
             collector: collector.to_string(),
             _slot: lock,
@@ -209,7 +239,37 @@ impl SpanBlocks {
             seal_lock: tokio::sync::Mutex::new(()),
             opened: Mutex::new(HashMap::new()),
             followed: Mutex::new(HashMap::new()),
-        })
+            me: me.clone(),
+            sealing_soon: std::sync::atomic::AtomicBool::new(false),
+        });
+        // Seals by age, while these blocks are open and a runtime runs.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let me = Arc::downgrade(&blocks);
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(blocks) = me.upgrade() else { return };
+                    if blocks.head_age().is_some_and(|age| age >= SEAL_AGE)
+                        && let Err(error) = blocks.seal().await
+                    {
+                        tracing::error!(%error, "sealing spans into blocks failed; they stay in the log and are tried again");
+                    }
+                }
+            });
+        }
+        Ok(blocks)
+    }
+
+    /// Spans in the head.
+    pub(crate) fn head_rows(&self) -> usize {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).head.rows
+    }
+
+    /// How long ago the head's first span was written.
+    fn head_age(&self) -> Option<std::time::Duration> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).head.since.map(|since| since.elapsed())
     }
 
     /// This writer's id.
@@ -256,12 +316,16 @@ impl SpanBlocks {
     /// Writes spans that arrived at `received_ms`, durably; returns how many were new to the
     /// head, and whether the head is due to be sealed.
     pub fn write(&self, spans: &[SpanRow], received_ms: i64) -> Result<(u64, bool), StoreError> {
+        self.write_stored(spans.iter().map(|span| Stored { span: span.clone(), received_ms }))
+    }
+
+    /// Writes spans with their own arrival times (as [`Self::write`]).
+    pub(crate) fn write_stored(&self, spans: impl IntoIterator<Item = Stored>) -> Result<(u64, bool), StoreError> {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let mut batch_keys = HashSet::new();
         let new: Vec<Stored> = spans
-            .iter()
-            .filter(|s| !writer.head.contains(s) && batch_keys.insert((s.tenant.as_str(), key(s))))
-            .map(|span| Stored { span: span.clone(), received_ms })
+            .into_iter()
+            .filter(|s| !writer.head.contains(&s.span) && batch_keys.insert((s.span.tenant.clone(), key(&s.span))))
             .collect();
         if new.is_empty() {
             return Ok((0, false));
@@ -271,12 +335,25 @@ impl SpanBlocks {
         for stored in new {
             writer.head.insert(stored);
         }
-        Ok((count, writer.head.rows >= SEAL_ROWS))
+        let due = writer.head.rows >= SEAL_ROWS;
+        drop(writer);
+        if due
+            && !self.sealing_soon.swap(true, std::sync::atomic::Ordering::AcqRel)
+            && let (Ok(runtime), Some(me)) = (tokio::runtime::Handle::try_current(), self.me.upgrade())
+        {
+            runtime.spawn(async move {
+                if let Err(error) = me.seal().await {
+                    tracing::error!(%error, "sealing spans into blocks failed; they stay in the log and are tried again");
+                }
+            });
+        }
+        Ok((count, due))
     }
 
     /// Seals the head into blocks (nothing when it is empty); returns the spans sealed.
     pub async fn seal(&self) -> Result<usize, StoreError> {
         let _one = self.seal_lock.lock().await;
+        self.sealing_soon.store(false, std::sync::atomic::Ordering::Release);
         let (head, sealed_seq) = {
             let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
             if writer.head.rows == 0 {
@@ -418,7 +495,7 @@ impl SpanBlocks {
         };
         let mut out = self.unsealed(tenant, keep)?;
         for listed in blocks_of(&self.pool, tenant, filter).await? {
-            let found = match tokio::task::block_in_place(|| self.block(&listed.location)?.read(filter)) {
+            let found = match blocking(|| self.block(&listed.location)?.read(filter)) {
                 Ok(found) => found,
                 // Retired by retention since the catalog was read.
                 Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => continue,
