@@ -224,10 +224,30 @@ impl SpanBlocks {
 
     /// Where a chunk of `spans` metered spans after `watermark_ms` ends (ms of arrival; the rest
     /// of that millisecond is in the chunk too), never past `upto_ms`.
+    ///
+    /// A chunk that reaches into a block ends where that block's arrivals end, so that each
+    /// block is read once however many spans it holds (a block is at most [`super::SEAL_ROWS`]).
     pub async fn metered_chunk_end(&self, watermark_ms: i64, upto_ms: i64, spans: i64) -> Result<i64, StoreError> {
-        let arrived = Filter { received_ms: Some((watermark_ms, upto_ms)), ..Filter::default() };
-        let mut times: Vec<i64> =
-            self.scan(None, &arrived).await?.iter().filter(|s| s.span.metered).map(|s| s.received_ms).collect();
+        let text = sql(
+            &self.pool,
+            "SELECT MIN(max_received_ms) FROM span_blocks WHERE max_received_ms > ? AND min_received_ms <= ?",
+        );
+        let first_block: Option<i64> = match &self.pool {
+            Pool::Sqlite(p) => {
+                sqlx::query_scalar(AssertSqlSafe(text)).bind(watermark_ms).bind(upto_ms).fetch_one(p).await?
+            }
+            Pool::Postgres(p) => {
+                sqlx::query_scalar(AssertSqlSafe(text)).bind(watermark_ms).bind(upto_ms).fetch_one(p).await?
+            }
+        };
+        if let Some(end) = first_block {
+            return Ok(end.min(upto_ms));
+        }
+        let mut times: Vec<i64> = self
+            .unsealed(None, |s| s.span.metered && s.received_ms > watermark_ms && s.received_ms <= upto_ms)?
+            .iter()
+            .map(|s| s.received_ms)
+            .collect();
         times.sort_unstable();
         Ok(usize::try_from(spans).ok().and_then(|n| times.get(n)).copied().unwrap_or(upto_ms))
     }
