@@ -24,7 +24,7 @@ use parquet::schema::types::ColumnPath;
 use crate::model::SpanRow;
 
 /// Rows per row group: the unit a reader skips or decodes.
-pub const ROW_GROUP_ROWS: usize = 16_384;
+pub const ROW_GROUP_ROWS: usize = 4_096;
 
 const SCHEMA: &str = "message span {
     required binary tenant (UTF8);
@@ -142,7 +142,7 @@ fn properties(rows: usize) -> WriterProperties {
         // A span's attributes are nearly always its own.
         .set_column_dictionary_enabled(ColumnPath::from("attributes"), false)
         .set_column_bloom_filter_enabled(ColumnPath::from("trace_id"), true)
-        .set_column_bloom_filter_fpp(ColumnPath::from("trace_id"), 0.01)
+        .set_column_bloom_filter_fpp(ColumnPath::from("trace_id"), 0.001)
         .set_column_bloom_filter_max_ndv(ColumnPath::from("trace_id"), rows.clamp(1, ROW_GROUP_ROWS) as u64)
         .build()
 }
@@ -235,8 +235,8 @@ pub fn write(file: File, spans: &[&Stored]) -> Result<u64, BlockError> {
 /// Which rows of a block a reader wants.
 #[derive(Debug, Default, Clone)]
 pub struct Filter<'a> {
-    /// Spans of this trace (32 hex digits) only.
-    pub trace_id: Option<&'a str>,
+    /// Spans of these traces (32 hex digits) only, when there are any.
+    pub trace_ids: &'a [&'a str],
     /// Spans of this service only.
     pub service: Option<&'a str>,
     /// Spans that started in `start_ns.0..=start_ns.1`.
@@ -319,11 +319,15 @@ impl Block {
 
     /// The spans of row group `g` that pass `filter`, in block order.
     pub fn read_group(&self, g: usize, filter: &Filter<'_>) -> Result<Vec<Stored>, BlockError> {
-        let trace = filter.trace_id.map(id_bytes::<16>);
+        let wanted: Vec<FixedLenByteArray> = filter.trace_ids.iter().map(|id| id_bytes::<16>(id)).collect();
         let mut out = Vec::new();
         {
-            if let Some(trace) = &trace
-                && self.blooms.get(g).and_then(Option::as_ref).is_some_and(|bloom| !bloom.check(trace))
+            if !wanted.is_empty()
+                && self
+                    .blooms
+                    .get(g)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|bloom| !wanted.iter().any(|id| bloom.check(id)))
             {
                 return Ok(out);
             }
@@ -342,7 +346,7 @@ impl Block {
             }
             let keep: Vec<usize> = (0..rows)
                 .filter(|&i| {
-                    trace.as_ref().is_none_or(|t| traces[i] == *t)
+                    (wanted.is_empty() || wanted.contains(&traces[i]))
                         && filter.service.is_none_or(|s| services[i].data() == s.as_bytes())
                         && filter.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(&starts[i]))
                         && filter.received_ms.is_none_or(|(after, upto)| received[i] > after && received[i] <= upto)
@@ -424,6 +428,46 @@ impl Block {
         Ok(out)
     }
 
+    /// What a trace search without tag conditions needs of the spans of row group `g` that
+    /// pass `filter` (service and time): (tenant, trace id, name, start, end), five columns
+    /// decoded instead of eighteen.
+    pub fn search_group(
+        &self,
+        g: usize,
+        filter: &Filter<'_>,
+    ) -> Result<Vec<(String, String, String, i64, i64)>, BlockError> {
+        if !self.may_hold(g, filter) {
+            return Ok(Vec::new());
+        }
+        let group = self.reader.get_row_group(g)?;
+        let rows = group.metadata().num_rows() as usize;
+        let (services, _) = column::<ByteArrayType>(&*group, col::SERVICE, rows)?;
+        let (starts, _) = column::<Int64Type>(&*group, col::START, rows)?;
+        let keep: Vec<usize> = (0..rows)
+            .filter(|&i| {
+                services.get(i).is_some_and(|s| filter.service.is_none_or(|want| s.data() == want.as_bytes()))
+                    && starts.get(i).is_some_and(|t| filter.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(t)))
+            })
+            .collect();
+        if keep.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tenants, _) = column::<ByteArrayType>(&*group, col::TENANT, rows)?;
+        let (traces, _) = column::<FixedLenByteArrayType>(&*group, col::TRACE, rows)?;
+        let (names, _) = column::<ByteArrayType>(&*group, col::NAME, rows)?;
+        let (ends, _) = column::<Int64Type>(&*group, col::END, rows)?;
+        if [tenants.len(), traces.len(), names.len(), ends.len()].iter().any(|n| *n != rows) {
+            return Err(corrupt(&self.path, "a column is shorter than its row group"));
+        }
+        Ok(keep
+            .into_iter()
+            .map(|i| {
+                let trace = crate::receivers::otlp::lower_hex(traces[i].data());
+                (utf8(&tenants[i]), trace, utf8(&names[i]), starts[i], ends[i])
+            })
+            .collect())
+    }
+
     /// Whether row group `g` may hold rows that pass `filter`, by its statistics.
     fn may_hold(&self, g: usize, filter: &Filter<'_>) -> bool {
         use parquet::file::statistics::Statistics;
@@ -499,14 +543,11 @@ mod tests {
         assert_eq!(block.read(&Filter::default()).unwrap(), spans);
 
         let trace = format!("{:032x}", 1000);
-        let found = block.read(&Filter { trace_id: Some(&trace), ..Filter::default() }).unwrap();
+        let found = block.read(&Filter { trace_ids: &[&trace], ..Filter::default() }).unwrap();
         let expected: Vec<Stored> = spans.iter().filter(|s| s.span.trace_id == trace).cloned().collect();
         assert_eq!((found.len(), &found), (4, &expected));
         assert!(
-            block
-                .read(&Filter { trace_id: Some(&format!("{:032x}", 999_999)), ..Filter::default() })
-                .unwrap()
-                .is_empty()
+            block.read(&Filter { trace_ids: &[&format!("{:032x}", 999_999)], ..Filter::default() }).unwrap().is_empty()
         );
 
         let window = (spans[10].span.start_ns, spans[10].span.start_ns + 10_000);

@@ -37,6 +37,8 @@ struct Head {
     /// The (trace id, span id) of every span in `spans`, per tenant, as bytes.
     keys: HashMap<String, HashSet<[u8; 24]>>,
     rows: usize,
+    /// The service names of `spans`, per tenant.
+    services: HashMap<String, std::collections::BTreeSet<String>>,
     /// When its first span was written.
     since: Option<std::time::Instant>,
 }
@@ -61,6 +63,10 @@ impl Head {
         };
         if !keys.insert(key(&stored.span)) {
             return false;
+        }
+        let services = self.services.entry(stored.span.tenant.clone()).or_default();
+        if !services.contains(&stored.span.service_name) {
+            services.insert(stored.span.service_name.clone());
         }
         match self.spans.get_mut(&stored.span.tenant) {
             Some(spans) => spans.push(stored),
@@ -280,7 +286,7 @@ impl SpanBlocks {
     /// The spans in the other writers' logs on this host: what each segment gained since it was
     /// last read (up to its last whole record), and nothing of segments since removed (sealed:
     /// their blocks were listed before they went).
-    fn followed_spans(&self) -> Result<Vec<Stored>, StoreError> {
+    fn follow(&self, f: &mut dyn FnMut(&Stored)) -> Result<(), StoreError> {
         let wals = self.dir.join("wal");
         let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
         let mut present = HashSet::new();
@@ -306,7 +312,8 @@ impl SpanBlocks {
             }
         }
         followed.retain(|path, _| present.contains(path));
-        Ok(followed.values().flat_map(|f| f.spans.iter().cloned()).collect())
+        followed.values().flat_map(|f| &f.spans).for_each(f);
+        Ok(())
     }
 
     fn wal_dir(&self) -> PathBuf {
@@ -443,19 +450,71 @@ impl SpanBlocks {
     /// writer's head, its head being sealed, and the other writers' logs on this host, in that
     /// order (a seal lists its blocks before it lets go of its head or removes its log, so a
     /// span is here or in the catalog read after this).
-    fn unsealed(&self, tenant: Option<&str>, keep: impl Fn(&Stored) -> bool) -> Result<Vec<Stored>, StoreError> {
-        let mut out = Vec::new();
-        let of_head = |head: &Head, out: &mut Vec<Stored>| match tenant {
-            Some(tenant) => out.extend(head.spans.get(tenant).into_iter().flatten().filter(|s| keep(s)).cloned()),
-            None => out.extend(head.spans.values().flatten().filter(|s| keep(s)).cloned()),
+    /// The tenants with spans not in blocks yet.
+    fn unsealed_tenants(&self, tenants: &mut std::collections::BTreeSet<String>) -> Result<(), StoreError> {
+        tenants.extend(self.writer.lock().unwrap_or_else(|e| e.into_inner()).head.spans.keys().cloned());
+        if let Some(sealing) = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            tenants.extend(sealing.spans.keys().cloned());
+        }
+        self.follow(&mut |s| {
+            if !tenants.contains(&s.span.tenant) {
+                tenants.insert(s.span.tenant.clone());
+            }
+        })
+    }
+
+    /// The service names of a tenant's spans not in blocks yet.
+    fn unsealed_services(
+        &self,
+        tenant: &str,
+        services: &mut std::collections::BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        services.extend(
+            self.writer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .head
+                .services
+                .get(tenant)
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
+        if let Some(sealing) = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            services.extend(sealing.services.get(tenant).into_iter().flatten().cloned());
+        }
+        self.follow(&mut |s| {
+            if s.span.tenant == tenant && !services.contains(&s.span.service_name) {
+                services.insert(s.span.service_name.clone());
+            }
+        })
+    }
+
+    fn each_unsealed(&self, tenant: Option<&str>, f: &mut dyn FnMut(&Stored)) -> Result<(), StoreError> {
+        let mut of_head = |head: &Head| match tenant {
+            Some(tenant) => head.spans.get(tenant).into_iter().flatten().for_each(&mut *f),
+            None => head.spans.values().flatten().for_each(&mut *f),
         };
-        of_head(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head, &mut out);
+        of_head(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head);
         let sealing = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(sealing) = sealing {
-            of_head(&sealing, &mut out);
+            of_head(&sealing);
         }
-        let followed = self.followed_spans()?;
-        out.extend(followed.into_iter().filter(|s| tenant.is_none_or(|t| s.span.tenant == t) && keep(s)));
+        self.follow(&mut |s| {
+            if tenant.is_none_or(|t| s.span.tenant == t) {
+                f(s)
+            }
+        })
+    }
+
+    /// The spans not in blocks yet (as [`Self::each_unsealed`]) that pass `keep`.
+    fn unsealed(&self, tenant: Option<&str>, keep: impl Fn(&Stored) -> bool) -> Result<Vec<Stored>, StoreError> {
+        let mut out = Vec::new();
+        self.each_unsealed(tenant, &mut |s| {
+            if keep(s) {
+                out.push(s.clone())
+            }
+        })?;
         Ok(out)
     }
 
@@ -488,7 +547,7 @@ impl SpanBlocks {
     /// The spans of `tenant` (or of every tenant) that pass `filter`, one per identity.
     async fn scan(&self, tenant: Option<&str>, filter: &Filter<'_>) -> Result<Vec<Stored>, StoreError> {
         let keep = |s: &Stored| {
-            filter.trace_id.is_none_or(|t| s.span.trace_id == t)
+            (filter.trace_ids.is_empty() || filter.trace_ids.contains(&s.span.trace_id.as_str()))
                 && filter.service.is_none_or(|v| s.span.service_name == v)
                 && filter.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(&s.span.start_ns))
                 && filter.received_ms.is_none_or(|(after, upto)| s.received_ms > after && s.received_ms <= upto)
@@ -698,7 +757,7 @@ mod tests {
 
         // Filters, and no tenant reads another's.
         let trace = acme[4].trace_id.clone();
-        let found = blocks.read("acme", &Filter { trace_id: Some(&trace), ..Filter::default() }).await.unwrap();
+        let found = blocks.read("acme", &Filter { trace_ids: &[&trace], ..Filter::default() }).await.unwrap();
         assert_eq!(found.len(), 3);
         assert!(blocks.read("nobody", &Filter::default()).await.unwrap().is_empty());
         let arrived = blocks.read("globex", &Filter { received_ms: Some((5, 6)), ..Filter::default() }).await.unwrap();

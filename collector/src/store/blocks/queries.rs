@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use sqlx::AssertSqlSafe;
 
 use super::format::{Filter, Stored};
-use super::{Pool, SpanBlocks, sql};
+use super::{Pool, SpanBlocks, blocking, sql};
 use crate::model::SpanRow;
 use crate::store::StoreError;
 use crate::store::spans::{Details, METERED_NAMES, MeteredSpan, TraceSearch};
@@ -24,7 +24,7 @@ impl SpanBlocks {
             Pool::Postgres(p) => sqlx::query_scalar(text).fetch_all(p).await?,
         };
         let mut tenants: BTreeSet<String> = listed.into_iter().collect();
-        tenants.extend(self.unsealed(None, |_| true)?.into_iter().map(|s| s.span.tenant));
+        self.unsealed_tenants(&mut tenants)?;
         Ok(tenants.into_iter().collect())
     }
 
@@ -39,7 +39,7 @@ impl SpanBlocks {
         for json in listed {
             services.extend(serde_json::from_str::<Vec<String>>(&json).unwrap_or_default());
         }
-        services.extend(self.unsealed(Some(tenant), |_| true)?.into_iter().map(|s| s.span.service_name));
+        self.unsealed_services(tenant, &mut services)?;
         Ok(services.into_iter().collect())
     }
 
@@ -53,17 +53,15 @@ impl SpanBlocks {
     /// The spans of some traces of one tenant, by trace id, each trace's spans by start time.
     pub async fn traces(&self, tenant: &str, trace_ids: &[&str]) -> Result<HashMap<String, Vec<SpanRow>>, StoreError> {
         let mut traces: HashMap<String, Vec<SpanRow>> = HashMap::new();
-        for id in trace_ids.iter().collect::<BTreeSet<_>>() {
-            let mut spans: Vec<SpanRow> = self
-                .read(tenant, &Filter { trace_id: Some(id), ..Filter::default() })
-                .await?
-                .into_iter()
-                .map(|s| s.span)
-                .collect();
-            if !spans.is_empty() {
-                spans.sort_by(|a, b| a.start_ns.cmp(&b.start_ns).then_with(|| a.span_id.cmp(&b.span_id)));
-                traces.insert(id.to_string(), spans);
-            }
+        if trace_ids.is_empty() {
+            return Ok(traces);
+        }
+        // All at once: a row group is decoded once for every trace it holds.
+        for stored in self.read(tenant, &Filter { trace_ids, ..Filter::default() }).await? {
+            traces.entry(stored.span.trace_id.clone()).or_default().push(stored.span);
+        }
+        for spans in traces.values_mut() {
+            spans.sort_by(|a, b| a.start_ns.cmp(&b.start_ns).then_with(|| a.span_id.cmp(&b.span_id)));
         }
         Ok(traces)
     }
@@ -132,7 +130,7 @@ impl SpanBlocks {
             if bar(&mut found).is_some_and(|bar| listed.max_start_ns < bar) {
                 break;
             }
-            let block = match tokio::task::block_in_place(|| self.block(&listed.location)) {
+            let block = match blocking(|| self.block(&listed.location)) {
                 Ok(block) => block,
                 Err(super::BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(error) => return Err(StoreError::Blocks(error)),
@@ -141,8 +139,24 @@ impl SpanBlocks {
                 if bar(&mut found).is_some_and(|bar| latest < bar) {
                     continue 'blocks;
                 }
-                let spans =
-                    tokio::task::block_in_place(|| block.read_group(group, &window)).map_err(StoreError::Blocks)?;
+                if search.tags.is_empty() {
+                    // Name, times and ids are all a search without tags looks at.
+                    let light = blocking(|| block.search_group(group, &window)).map_err(StoreError::Blocks)?;
+                    found.extend(
+                        light
+                            .into_iter()
+                            .filter(|(owner, _, name, start, end)| {
+                                let duration = end - start;
+                                *owner == listed.tenant
+                                    && search.operation.as_deref().is_none_or(|op| name == op)
+                                    && (search.min_ns == 0 || duration >= search.min_ns)
+                                    && (search.max_ns == 0 || duration <= search.max_ns)
+                            })
+                            .map(|(_, trace, _, start, _)| (start, trace)),
+                    );
+                    continue;
+                }
+                let spans = blocking(|| block.read_group(group, &window)).map_err(StoreError::Blocks)?;
                 found.extend(
                     spans
                         .into_iter()
