@@ -232,6 +232,15 @@ pub fn write(file: File, spans: &[&Stored]) -> Result<u64, BlockError> {
     Ok(bytes)
 }
 
+/// What a trace search without tag conditions reads of a span.
+pub struct Searched {
+    pub tenant: String,
+    pub trace_id: String,
+    pub name: String,
+    pub start_ns: i64,
+    pub end_ns: i64,
+}
+
 /// Which rows of a block a reader wants.
 #[derive(Debug, Default, Clone)]
 pub struct Filter<'a> {
@@ -431,11 +440,7 @@ impl Block {
     /// What a trace search without tag conditions needs of the spans of row group `g` that
     /// pass `filter` (service and time): (tenant, trace id, name, start, end), five columns
     /// decoded instead of eighteen.
-    pub fn search_group(
-        &self,
-        g: usize,
-        filter: &Filter<'_>,
-    ) -> Result<Vec<(String, String, String, i64, i64)>, BlockError> {
+    pub fn search_group(&self, g: usize, filter: &Filter<'_>) -> Result<Vec<Searched>, BlockError> {
         if !self.may_hold(g, filter) {
             return Ok(Vec::new());
         }
@@ -461,9 +466,12 @@ impl Block {
         }
         Ok(keep
             .into_iter()
-            .map(|i| {
-                let trace = crate::receivers::otlp::lower_hex(traces[i].data());
-                (utf8(&tenants[i]), trace, utf8(&names[i]), starts[i], ends[i])
+            .map(|i| Searched {
+                tenant: utf8(&tenants[i]),
+                trace_id: crate::receivers::otlp::lower_hex(traces[i].data()),
+                name: utf8(&names[i]),
+                start_ns: starts[i],
+                end_ns: ends[i],
             })
             .collect())
     }

@@ -145,14 +145,14 @@ impl SpanBlocks {
                     found.extend(
                         light
                             .into_iter()
-                            .filter(|(owner, _, name, start, end)| {
-                                let duration = end - start;
-                                *owner == listed.tenant
-                                    && search.operation.as_deref().is_none_or(|op| name == op)
+                            .filter(|s| {
+                                let duration = s.end_ns - s.start_ns;
+                                s.tenant == listed.tenant
+                                    && search.operation.as_deref().is_none_or(|op| s.name == op)
                                     && (search.min_ns == 0 || duration >= search.min_ns)
                                     && (search.max_ns == 0 || duration <= search.max_ns)
                             })
-                            .map(|(_, trace, _, start, _)| (start, trace)),
+                            .map(|s| (s.start_ns, s.trace_id)),
                     );
                     continue;
                 }
