@@ -1,6 +1,7 @@
-//! The telemetry store: one interface, two backends through sqlx (SQLite, the embedded
-//! default, in WAL mode; PostgreSQL). Schemas are `migrations/{sqlite,postgres}/collector_*`,
-//! compiled in and applied at start. Writes are idempotent: a span is keyed by
+//! The telemetry store: spans in blocks ([`blocks`]), and metric samples, log records and the
+//! block catalog in SQL, on two backends through sqlx (SQLite, the embedded default, in WAL
+//! mode; PostgreSQL). Schemas are `migrations/{sqlite,postgres}/collector_*`, compiled in and
+//! applied at start. Writes are idempotent: a span is keyed by
 //! (tenant, trace id, span id), a sample by (tenant, metric, labels, time), a log record by
 //! (tenant, hash of its content); storing one twice stores it once.
 

@@ -1,4 +1,4 @@
-//! Spans in blocks: the write path of the columnar span store.
+//! Where spans are stored: a log, a head in memory, and Parquet blocks.
 //!
 //! A write appends its spans to the write-ahead log ([`wal`]) and returns once they are on
 //! disk; they are then in the head, in memory, where readers see them at once. Sealing turns
@@ -12,6 +12,10 @@
 //! A span is identified by (tenant, trace id, span id): a write leaves out spans already in the
 //! head, and readers keep one span per identity across the head and blocks (a client's retry
 //! can reach a later block than its first delivery).
+//!
+//! Every process that opens the store is a writer with a log folder of its own, and follows
+//! the other writers' logs on the host, so that it reads every acknowledged span
+//! ([`SpanBlocks::open`]). The queries are in `queries.rs`.
 
 pub mod format;
 mod queries;
