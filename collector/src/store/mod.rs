@@ -32,14 +32,15 @@ pub use spans::{MeteredSpan, TraceSearch};
 #[derive(Clone, Copy)]
 pub(crate) enum Bind<'a> {
     Str(&'a str),
+    Int(i64),
 }
 
-/// Runs `$sql` (with `?` placeholders) binding `$binds` on whichever pool the store `$store`
-/// holds, and decodes every row with `$decode` (compiled once per backend, `sqlx::Row` in scope).
+/// Runs `$sql` (with `?` placeholders) binding `$binds` on the pool `$on`, and decodes every
+/// row with `$decode` (compiled once per backend, `sqlx::Row` in scope).
 macro_rules! rows {
-    ($store:expr, $sql:expr, $binds:expr, |$row:ident| $decode:expr) => {{
-        let store: &$crate::store::TelemetryStore = $store;
-        let text = store.sql($sql);
+    ($on:expr, $sql:expr, $binds:expr, |$row:ident| $decode:expr) => {{
+        let on: &$crate::store::Pool = $on;
+        let text = on.sql($sql);
         let binds: &[$crate::store::Bind<'_>] = $binds;
         macro_rules! run {
             ($pool:expr) => {{
@@ -47,6 +48,7 @@ macro_rules! rows {
                 for bind in binds {
                     query = match bind {
                         $crate::store::Bind::Str(s) => query.bind(*s),
+                        $crate::store::Bind::Int(i) => query.bind(*i),
                     };
                 }
                 query
@@ -61,7 +63,7 @@ macro_rules! rows {
                     .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?
             }};
         }
-        match &store.pool {
+        match on {
             $crate::store::Pool::Sqlite(pool) => run!(pool),
             $crate::store::Pool::Postgres(pool) => run!(pool),
         }
@@ -103,6 +105,16 @@ pub struct TelemetryStore {
 pub enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
+}
+
+impl Pool {
+    /// `sql` (with `?` placeholders) in this backend's syntax.
+    pub(crate) fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
+        match self {
+            Pool::Sqlite(_) => AssertSqlSafe(sql.to_string()),
+            Pool::Postgres(_) => AssertSqlSafe(numbered_placeholders(sql)),
+        }
+    }
 }
 
 /// Rows written by one commit (duplicates are not counted).
@@ -157,10 +169,7 @@ impl TelemetryStore {
 
     /// `sql` (with `?` placeholders) in this backend's syntax.
     pub(crate) fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
-        match self.pool {
-            Pool::Sqlite(_) => AssertSqlSafe(sql.to_string()),
-            Pool::Postgres(_) => AssertSqlSafe(numbered_placeholders(sql)),
-        }
+        self.pool.sql(sql)
     }
 
     /// Opens the store at `url` with its spans in blocks beside a SQLite database's file
@@ -346,28 +355,20 @@ impl TelemetryStore {
     /// Tenants that have telemetry.
     pub async fn tenants(&self) -> Result<Vec<String>, StoreError> {
         let sql = "SELECT DISTINCT tenant FROM metric_samples UNION SELECT DISTINCT tenant FROM logs";
-        let mut tenants: std::collections::BTreeSet<String> = match &self.pool {
-            Pool::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await?,
-            Pool::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await?,
-        }
-        .into_iter()
-        .collect();
+        let mut tenants: std::collections::BTreeSet<String> =
+            rows!(&self.pool, sql, &[], |row| row.try_get::<String, _>(0)?).into_iter().collect();
         tenants.extend(self.spans.span_tenants().await?);
         Ok(tenants.into_iter().collect())
     }
 
     /// Counts a tenant's stored spans, samples and logs.
     pub async fn counts(&self, tenant: &str) -> Result<Written, StoreError> {
-        let mut counts = [self.spans.count(tenant).await?, 0, 0];
-        for (i, table) in ["metric_samples", "logs"].iter().enumerate().map(|(i, t)| (i + 1, t)) {
-            let sql = format!("SELECT COUNT(*) FROM {table} WHERE tenant = {}", self.param(1));
-            let count: i64 = match &self.pool {
-                Pool::Sqlite(pool) => sqlx::query_scalar(AssertSqlSafe(sql)).bind(tenant).fetch_one(pool).await?,
-                Pool::Postgres(pool) => sqlx::query_scalar(AssertSqlSafe(sql)).bind(tenant).fetch_one(pool).await?,
-            };
-            counts[i] = count as u64;
+        let mut counts = [0u64; 2];
+        for (count, table) in counts.iter_mut().zip(["metric_samples", "logs"]) {
+            let sql = format!("SELECT COUNT(*) FROM {table} WHERE tenant = ?");
+            *count = rows!(&self.pool, &sql, &[Bind::Str(tenant)], |row| row.try_get::<i64, _>(0)?)[0] as u64;
         }
-        Ok(Written { spans: counts[0], samples: counts[1], logs: counts[2] })
+        Ok(Written { spans: self.spans.count(tenant).await?, samples: counts[0], logs: counts[1] })
     }
 
     fn param(&self, n: usize) -> String {

@@ -24,7 +24,7 @@ impl TelemetryStore {
     pub async fn samples(&self, tenant: &str, metric: &str) -> Result<Vec<SampleRow>, StoreError> {
         let text = "SELECT tenant, metric, labels, kind, ts_ns, value, histogram, metered FROM metric_samples \
                     WHERE tenant = ? AND metric = ? ORDER BY labels, ts_ns";
-        Ok(rows!(self, text, &[Bind::Str(tenant), Bind::Str(metric)], |row| SampleRow {
+        Ok(rows!(&self.pool, text, &[Bind::Str(tenant), Bind::Str(metric)], |row| SampleRow {
             tenant: row.try_get(0)?,
             metric: row.try_get(1)?,
             labels: row.try_get(2)?,
@@ -45,7 +45,7 @@ impl TelemetryStore {
                       SELECT (SELECT tenant FROM metric_samples WHERE tenant > t.name ORDER BY tenant LIMIT 1) \
                       FROM t WHERE t.name IS NOT NULL) \
                     SELECT name FROM t WHERE name IS NOT NULL";
-        Ok(rows!(self, text, &[], |row| row.try_get::<String, _>(0)?))
+        Ok(rows!(&self.pool, text, &[], |row| row.try_get::<String, _>(0)?))
     }
 
     /// A tenant's stored metric names with the kind they were stored as: a skip scan over the
@@ -58,7 +58,7 @@ impl TelemetryStore {
                       FROM m WHERE m.name IS NOT NULL) \
                     SELECT m.name, (SELECT s.kind FROM metric_samples s WHERE s.tenant = ? AND s.metric = m.name LIMIT 1) \
                     FROM m WHERE m.name IS NOT NULL";
-        Ok(rows!(self, text, &[Bind::Str(tenant), Bind::Str(tenant), Bind::Str(tenant)], |row| (
+        Ok(rows!(&self.pool, text, &[Bind::Str(tenant), Bind::Str(tenant), Bind::Str(tenant)], |row| (
             row.try_get::<String, _>(0)?,
             row.try_get::<String, _>(1)?
         )))
@@ -87,7 +87,7 @@ impl TelemetryStore {
             "SELECT tenant, metric, labels, MAX(histogram) FROM metric_samples \
              WHERE ts_ns >= {lo_ns} AND ts_ns <= {hi_ns} AND {filter} GROUP BY tenant, metric, labels"
         );
-        Ok(rows!(self, &text, &binds, |row| (
+        Ok(rows!(&self.pool, &text, &binds, |row| (
             row.try_get::<String, _>(0)?,
             row.try_get::<String, _>(1)?,
             row.try_get::<String, _>(2)?,
@@ -123,7 +123,7 @@ impl TelemetryStore {
                  ORDER BY tenant, labels, ts_ns LIMIT {}",
                 *budget + 1
             );
-            let rows = rows!(self, &text, &binds, |row| (
+            let rows = rows!(&self.pool, &text, &binds, |row| (
                 row.try_get::<String, _>(0)?,
                 row.try_get::<String, _>(1)?,
                 row.try_get::<i64, _>(2)?,

@@ -28,23 +28,29 @@ use std::sync::{Arc, Mutex};
 use format::{Block, BlockError, Filter, Stored};
 use sqlx::AssertSqlSafe;
 
-use super::{Pool, StoreError, numbered_placeholders};
+use super::{Bind, Pool, StoreError, rows};
 use crate::model::SpanRow;
 
 /// When the head is sealed into blocks: at this many spans…
 pub const SEAL_ROWS: usize = 262_144;
 
-/// The spans written since the last seal, by tenant.
+/// The spans written since the last seal.
 #[derive(Default)]
 struct Head {
-    spans: HashMap<String, Vec<Stored>>,
-    /// The (trace id, span id) of every span in `spans`, per tenant, as bytes.
-    keys: HashMap<String, HashSet<[u8; 24]>>,
+    tenants: HashMap<String, TenantHead>,
     rows: usize,
-    /// The service names of `spans`, per tenant.
-    services: HashMap<String, std::collections::BTreeSet<String>>,
     /// When its first span was written.
     since: Option<std::time::Instant>,
+}
+
+/// One tenant's spans in the head.
+#[derive(Default)]
+struct TenantHead {
+    spans: Vec<Stored>,
+    /// The (trace id, span id) of every span in `spans`, as bytes.
+    keys: HashSet<[u8; 24]>,
+    /// The service names of `spans`.
+    services: std::collections::BTreeSet<String>,
 }
 
 /// A span's identity within its tenant: its trace and span ids' bytes (validated hex).
@@ -57,27 +63,30 @@ fn key(span: &SpanRow) -> [u8; 24] {
 
 impl Head {
     fn contains(&self, span: &SpanRow) -> bool {
-        self.keys.get(&span.tenant).is_some_and(|keys| keys.contains(&key(span)))
+        self.tenants.get(&span.tenant).is_some_and(|t| t.keys.contains(&key(span)))
+    }
+
+    /// A tenant's spans (none when it has none).
+    fn spans(&self, tenant: &str) -> &[Stored] {
+        self.tenants.get(tenant).map_or(&[], |t| &t.spans)
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Stored> {
+        self.tenants.values().flat_map(|t| &t.spans)
     }
 
     fn insert(&mut self, stored: Stored) -> bool {
-        let keys = match self.keys.get_mut(&stored.span.tenant) {
-            Some(keys) => keys,
-            None => self.keys.entry(stored.span.tenant.clone()).or_default(),
+        let tenant = match self.tenants.get_mut(&stored.span.tenant) {
+            Some(tenant) => tenant,
+            None => self.tenants.entry(stored.span.tenant.clone()).or_default(),
         };
-        if !keys.insert(key(&stored.span)) {
+        if !tenant.keys.insert(key(&stored.span)) {
             return false;
         }
-        let services = self.services.entry(stored.span.tenant.clone()).or_default();
-        if !services.contains(&stored.span.service_name) {
-            services.insert(stored.span.service_name.clone());
+        if !tenant.services.contains(&stored.span.service_name) {
+            tenant.services.insert(stored.span.service_name.clone());
         }
-        match self.spans.get_mut(&stored.span.tenant) {
-            Some(spans) => spans.push(stored),
-            None => {
-                self.spans.insert(stored.span.tenant.clone(), vec![stored]);
-            }
-        }
+        tenant.spans.push(stored);
         self.rows += 1;
         self.since.get_or_insert_with(std::time::Instant::now);
         true
@@ -303,6 +312,11 @@ impl SpanBlocks {
             for seq in segments {
                 let path = wal::segment_path(&wals.join(&id), seq);
                 let state = followed.entry(path.clone()).or_default();
+                // Unchanged since the last read: nothing to open.
+                if std::fs::metadata(&path).is_ok_and(|m| m.len() == state.offset) {
+                    present.insert(path);
+                    continue;
+                }
                 match wal::read_from(&path, state.offset) {
                     Ok((records, offset)) => {
                         state.spans.extend(records.into_iter().flatten());
@@ -381,7 +395,7 @@ impl SpanBlocks {
         if result.is_err() {
             // Back into the head, to be sealed again (the log still holds them).
             let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            for stored in head.spans.values().flatten() {
+            for stored in head.all() {
                 writer.head.insert(stored.clone());
             }
         }
@@ -397,11 +411,11 @@ impl SpanBlocks {
 
     async fn write_blocks(&self, head: &Arc<Head>, sealed_seq: u64) -> Result<(), StoreError> {
         let mut listed = Vec::new();
-        for tenant in head.spans.keys() {
+        for tenant in head.tenants.keys() {
             let (head, tenant_key) = (head.clone(), tenant.clone());
             let (dir, name) = (self.dir.join("spans"), format!("{}-{}.parquet", self.collector, uuid::Uuid::now_v7()));
             let block = tokio::task::spawn_blocking(move || -> Result<_, BlockError> {
-                let mut spans: Vec<&Stored> = head.spans[&tenant_key].iter().collect();
+                let mut spans: Vec<&Stored> = head.spans(&tenant_key).iter().collect();
                 format::sort(&mut spans);
                 let temporary = dir.join(format!("{name}.tmp"));
                 let bytes = format::write(std::fs::File::create(&temporary)?, &spans)?;
@@ -424,7 +438,7 @@ impl SpanBlocks {
                 })
             })
             .await
-            .map_err(|error| StoreError::Sqlite(format!("sealing span blocks failed: {error}")))?
+            .map_err(|error| io(std::io::Error::other(format!("sealing span blocks failed: {error}"))))?
             .map_err(StoreError::Blocks)?;
             listed.push((tenant.clone(), block));
         }
@@ -450,15 +464,11 @@ impl SpanBlocks {
         self.opened.lock().unwrap_or_else(|e| e.into_inner()).remove(location);
     }
 
-    /// The spans not in blocks yet, of `tenant` (or of every tenant) that pass `keep`: this
-    /// writer's head, its head being sealed, and the other writers' logs on this host, in that
-    /// order (a seal lists its blocks before it lets go of its head or removes its log, so a
-    /// span is here or in the catalog read after this).
     /// The tenants with spans not in blocks yet.
     fn unsealed_tenants(&self, tenants: &mut std::collections::BTreeSet<String>) -> Result<(), StoreError> {
-        tenants.extend(self.writer.lock().unwrap_or_else(|e| e.into_inner()).head.spans.keys().cloned());
+        tenants.extend(self.writer.lock().unwrap_or_else(|e| e.into_inner()).head.tenants.keys().cloned());
         if let Some(sealing) = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            tenants.extend(sealing.spans.keys().cloned());
+            tenants.extend(sealing.tenants.keys().cloned());
         }
         self.follow(&mut |s| {
             if !tenants.contains(&s.span.tenant) {
@@ -473,19 +483,10 @@ impl SpanBlocks {
         tenant: &str,
         services: &mut std::collections::BTreeSet<String>,
     ) -> Result<(), StoreError> {
-        services.extend(
-            self.writer
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .head
-                .services
-                .get(tenant)
-                .into_iter()
-                .flatten()
-                .cloned(),
-        );
+        let of_head = |head: &Head| head.tenants.get(tenant).map(|t| t.services.clone()).unwrap_or_default();
+        services.extend(of_head(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head));
         if let Some(sealing) = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            services.extend(sealing.services.get(tenant).into_iter().flatten().cloned());
+            services.extend(of_head(&sealing));
         }
         self.follow(&mut |s| {
             if s.span.tenant == tenant && !services.contains(&s.span.service_name) {
@@ -494,10 +495,14 @@ impl SpanBlocks {
         })
     }
 
+    /// Runs `f` on the spans not in blocks yet, of `tenant` (or of every tenant): this writer's
+    /// head, its head being sealed, and the other writers' logs on this host, in that order (a
+    /// seal lists its blocks before it lets go of its head or removes its log, so a span is
+    /// here or in the catalog read after this).
     fn each_unsealed(&self, tenant: Option<&str>, f: &mut dyn FnMut(&Stored)) -> Result<(), StoreError> {
         let mut of_head = |head: &Head| match tenant {
-            Some(tenant) => head.spans.get(tenant).into_iter().flatten().for_each(&mut *f),
-            None => head.spans.values().flatten().for_each(&mut *f),
+            Some(tenant) => head.spans(tenant).iter().for_each(&mut *f),
+            None => head.all().for_each(&mut *f),
         };
         of_head(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head);
         let sealing = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -528,9 +533,8 @@ impl SpanBlocks {
     fn forget_head_before(&self, tenant: &str, before_ns: i64) -> u64 {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let head = &mut writer.head;
-        let Some(spans) = head.spans.get_mut(tenant) else { return 0 };
+        let Some(TenantHead { spans, keys, .. }) = head.tenants.get_mut(tenant) else { return 0 };
         let before = spans.len();
-        let keys = head.keys.entry(tenant.to_string()).or_default();
         spans.retain(|s| {
             let keep = s.span.start_ns >= before_ns;
             if !keep {
@@ -586,28 +590,14 @@ struct BlockRow {
     services: String,
 }
 
-fn sql(pool: &Pool, text: &str) -> String {
-    match pool {
-        Pool::Sqlite(_) => text.to_string(),
-        Pool::Postgres(_) => numbered_placeholders(text),
-    }
-}
-
 async fn sealed_through(pool: &Pool, collector: &str) -> Result<u64, StoreError> {
-    let text = sql(pool, "SELECT sealed_through FROM span_wal_seals WHERE collector = ?");
-    let found: Option<i64> = match pool {
-        Pool::Sqlite(p) => sqlx::query_scalar(AssertSqlSafe(text)).bind(collector).fetch_optional(p).await?,
-        Pool::Postgres(p) => sqlx::query_scalar(AssertSqlSafe(text)).bind(collector).fetch_optional(p).await?,
-    };
-    Ok(found.unwrap_or(0).max(0) as u64)
+    let text = "SELECT sealed_through FROM span_wal_seals WHERE collector = ?";
+    let found = rows!(pool, text, &[Bind::Str(collector)], |row| row.try_get::<i64, _>(0)?);
+    Ok(found.first().copied().unwrap_or(0).max(0) as u64)
 }
 
 async fn locations(pool: &Pool) -> Result<Vec<String>, StoreError> {
-    let text = "SELECT location FROM span_blocks";
-    Ok(match pool {
-        Pool::Sqlite(p) => sqlx::query_scalar(text).fetch_all(p).await?,
-        Pool::Postgres(p) => sqlx::query_scalar(text).fetch_all(p).await?,
-    })
+    Ok(rows!(pool, "SELECT location FROM span_blocks", &[], |row| row.try_get::<String, _>(0)?))
 }
 
 /// The blocks of `tenant` (or of every tenant) that may hold spans passing `filter`, by their
@@ -615,39 +605,27 @@ async fn locations(pool: &Pool) -> Result<Vec<String>, StoreError> {
 async fn blocks_of(pool: &Pool, tenant: Option<&str>, filter: &Filter<'_>) -> Result<Vec<Listed>, StoreError> {
     let (lo, hi) = filter.start_ns.unwrap_or((i64::MIN, i64::MAX));
     let (after, upto) = filter.received_ms.unwrap_or((i64::MIN, i64::MAX));
-    let text = sql(
-        pool,
-        &format!(
-            "SELECT tenant, location, max_start_ns FROM span_blocks WHERE {} max_start_ns >= ? AND min_start_ns <= ? \
-             AND max_received_ms > ? AND min_received_ms <= ? ORDER BY min_start_ns",
-            if tenant.is_some() { "tenant = ? AND" } else { "" }
-        ),
+    let text = format!(
+        "SELECT tenant, location, max_start_ns FROM span_blocks WHERE {} max_start_ns >= ? AND min_start_ns <= ? \
+         AND max_received_ms > ? AND min_received_ms <= ? ORDER BY min_start_ns",
+        if tenant.is_some() { "tenant = ? AND" } else { "" }
     );
-    macro_rules! fetch {
-        ($p:expr) => {{
-            let mut query = sqlx::query_as(AssertSqlSafe(text.clone()));
-            if let Some(tenant) = tenant {
-                query = query.bind(tenant);
-            }
-            query.bind(lo).bind(hi).bind(after).bind(upto).fetch_all($p).await?
-        }};
-    }
-    let rows: Vec<(String, String, i64)> = match pool {
-        Pool::Sqlite(p) => fetch!(p),
-        Pool::Postgres(p) => fetch!(p),
-    };
-    Ok(rows.into_iter().map(|(tenant, location, max_start_ns)| Listed { tenant, location, max_start_ns }).collect())
+    let mut binds: Vec<Bind<'_>> = tenant.map(Bind::Str).into_iter().collect();
+    binds.extend([Bind::Int(lo), Bind::Int(hi), Bind::Int(after), Bind::Int(upto)]);
+    Ok(rows!(pool, &text, &binds, |row| Listed {
+        tenant: row.try_get(0)?,
+        location: row.try_get(1)?,
+        max_start_ns: row.try_get(2)?,
+    }))
 }
 
 /// Lists sealed blocks and the last segment they came from, in one transaction.
 async fn list(pool: &Pool, collector: &str, blocks: &[(String, BlockRow)], sealed_seq: u64) -> Result<(), StoreError> {
-    let insert = sql(
-        pool,
+    let insert = pool.sql(
         "INSERT INTO span_blocks (id, tenant, location, min_start_ns, max_start_ns, min_received_ms, \
          max_received_ms, rows, bytes, services, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     );
-    let seal = sql(
-        pool,
+    let seal = pool.sql(
         "INSERT INTO span_wal_seals (collector, sealed_through) VALUES (?, ?) \
          ON CONFLICT (collector) DO UPDATE SET sealed_through = excluded.sealed_through",
     );
@@ -656,7 +634,7 @@ async fn list(pool: &Pool, collector: &str, blocks: &[(String, BlockRow)], seale
         ($p:expr) => {{
             let mut tx = $p.begin().await?;
             for (tenant, b) in blocks {
-                sqlx::query(AssertSqlSafe(insert.clone()))
+                sqlx::query(AssertSqlSafe(insert.0.clone()))
                     .bind(&b.id)
                     .bind(tenant)
                     .bind(&b.location)
@@ -671,7 +649,11 @@ async fn list(pool: &Pool, collector: &str, blocks: &[(String, BlockRow)], seale
                     .execute(&mut *tx)
                     .await?;
             }
-            sqlx::query(AssertSqlSafe(seal.clone())).bind(collector).bind(sealed_seq as i64).execute(&mut *tx).await?;
+            sqlx::query(AssertSqlSafe(seal.0.clone()))
+                .bind(collector)
+                .bind(sealed_seq as i64)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
         }};
     }

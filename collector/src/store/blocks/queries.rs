@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use sqlx::AssertSqlSafe;
 
 use super::format::{Filter, Stored};
-use super::{Pool, SpanBlocks, blocking, sql};
+use super::{Bind, Pool, SpanBlocks, blocking, rows};
 use crate::model::SpanRow;
 use crate::store::StoreError;
 use crate::store::spans::{Details, METERED_NAMES, MeteredSpan, TraceSearch};
@@ -19,22 +19,16 @@ impl SpanBlocks {
     /// Every tenant with spans.
     pub async fn span_tenants(&self) -> Result<Vec<String>, StoreError> {
         let text = "SELECT DISTINCT tenant FROM span_blocks";
-        let listed: Vec<String> = match &self.pool {
-            Pool::Sqlite(p) => sqlx::query_scalar(text).fetch_all(p).await?,
-            Pool::Postgres(p) => sqlx::query_scalar(text).fetch_all(p).await?,
-        };
-        let mut tenants: BTreeSet<String> = listed.into_iter().collect();
+        let mut tenants: BTreeSet<String> =
+            rows!(&self.pool, text, &[], |row| row.try_get::<String, _>(0)?).into_iter().collect();
         self.unsealed_tenants(&mut tenants)?;
         Ok(tenants.into_iter().collect())
     }
 
     /// A tenant's service names, from the catalog and the head.
     pub async fn services(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
-        let text = sql(&self.pool, "SELECT services FROM span_blocks WHERE tenant = ?");
-        let listed: Vec<String> = match &self.pool {
-            Pool::Sqlite(p) => sqlx::query_scalar(AssertSqlSafe(text)).bind(tenant).fetch_all(p).await?,
-            Pool::Postgres(p) => sqlx::query_scalar(AssertSqlSafe(text)).bind(tenant).fetch_all(p).await?,
-        };
+        let text = "SELECT services FROM span_blocks WHERE tenant = ?";
+        let listed = rows!(&self.pool, text, &[Bind::Str(tenant)], |row| row.try_get::<String, _>(0)?);
         let mut services = BTreeSet::new();
         for json in listed {
             services.extend(serde_json::from_str::<Vec<String>>(&json).unwrap_or_default());
@@ -242,18 +236,10 @@ impl SpanBlocks {
     /// A chunk that reaches into a block ends where that block's arrivals end, so that each
     /// block is read once however many spans it holds (a block is at most [`super::SEAL_ROWS`]).
     pub async fn metered_chunk_end(&self, watermark_ms: i64, upto_ms: i64, spans: i64) -> Result<i64, StoreError> {
-        let text = sql(
-            &self.pool,
-            "SELECT MIN(max_received_ms) FROM span_blocks WHERE max_received_ms > ? AND min_received_ms <= ?",
-        );
-        let first_block: Option<i64> = match &self.pool {
-            Pool::Sqlite(p) => {
-                sqlx::query_scalar(AssertSqlSafe(text)).bind(watermark_ms).bind(upto_ms).fetch_one(p).await?
-            }
-            Pool::Postgres(p) => {
-                sqlx::query_scalar(AssertSqlSafe(text)).bind(watermark_ms).bind(upto_ms).fetch_one(p).await?
-            }
-        };
+        let text = "SELECT MIN(max_received_ms) FROM span_blocks WHERE max_received_ms > ? AND min_received_ms <= ?";
+        let binds = [Bind::Int(watermark_ms), Bind::Int(upto_ms)];
+        let first_block =
+            rows!(&self.pool, text, &binds, |row| row.try_get::<Option<i64>, _>(0)?).into_iter().flatten().next();
         if let Some(end) = first_block {
             return Ok(end.min(upto_ms));
         }
@@ -275,13 +261,13 @@ impl SpanBlocks {
     /// the head; returns the spans deleted. A block with a newer span stays whole until all of
     /// it is older: retention is by block.
     pub async fn delete_before(&self, tenant: &str, before_ns: i64) -> Result<u64, StoreError> {
-        let text = sql(&self.pool, "SELECT location, rows FROM span_blocks WHERE tenant = ? AND max_start_ns < ?");
-        let old: Vec<(String, i64)> = match &self.pool {
-            Pool::Sqlite(p) => sqlx::query_as(AssertSqlSafe(text)).bind(tenant).bind(before_ns).fetch_all(p).await?,
-            Pool::Postgres(p) => sqlx::query_as(AssertSqlSafe(text)).bind(tenant).bind(before_ns).fetch_all(p).await?,
-        };
+        let text = "SELECT location, rows FROM span_blocks WHERE tenant = ? AND max_start_ns < ?";
+        let old = rows!(&self.pool, text, &[Bind::Str(tenant), Bind::Int(before_ns)], |row| (
+            row.try_get::<String, _>(0)?,
+            row.try_get::<i64, _>(1)?
+        ));
         let mut deleted = 0;
-        let unlist = sql(&self.pool, "DELETE FROM span_blocks WHERE location = ?");
+        let unlist = self.pool.sql("DELETE FROM span_blocks WHERE location = ?").0;
         for (location, rows) in old {
             match &self.pool {
                 Pool::Sqlite(p) => {
