@@ -147,6 +147,9 @@ async fn no_reader_returns_another_tenants_data() {
         tenants.sort();
         assert_eq!(tenants, vec!["acme", "globex"]);
         check(&store, backend.name()).await;
+        // The same, read from blocks.
+        store.seal_spans().await.unwrap();
+        check(&store, &format!("{} (sealed)", backend.name())).await;
     }
 }
 
