@@ -89,6 +89,9 @@ pub enum StoreError {
     /// A read would return more samples than its caller's budget.
     #[error("more samples than the read may load")]
     OverBudget,
+    /// Another writer merged some of the same span blocks first.
+    #[error("span blocks were merged by another writer first")]
+    Conflict,
 }
 
 /// The database behind the collector, and the clock its "now" comes from.
@@ -214,6 +217,7 @@ impl TelemetryStore {
                 include_str!("../../../migrations/sqlite/collector_0001_telemetry.sql"),
                 include_str!("../../../migrations/sqlite/collector_0002_samples_by_series.sql"),
                 include_str!("../../../migrations/sqlite/collector_0003_span_blocks.sql"),
+                include_str!("../../../migrations/sqlite/collector_0004_span_block_merges.sql"),
             ])
             .run(&pool)
             .await?;
@@ -223,6 +227,7 @@ impl TelemetryStore {
             migrator(&[
                 include_str!("../../../migrations/postgres/collector_0001_telemetry.sql"),
                 include_str!("../../../migrations/postgres/collector_0002_span_blocks.sql"),
+                include_str!("../../../migrations/postgres/collector_0003_span_block_merges.sql"),
             ])
             .run(&pool)
             .await?;

@@ -252,6 +252,19 @@ pub struct Filter<'a> {
     pub start_ns: Option<(i64, i64)>,
     /// Spans that arrived in `(received_ms.0, received_ms.1]`.
     pub received_ms: Option<(i64, i64)>,
+    /// Spans whose name starts with this.
+    pub name_prefix: Option<&'a str>,
+}
+
+impl Filter<'_> {
+    /// Whether a span passes.
+    pub fn keeps(&self, s: &Stored) -> bool {
+        (self.trace_ids.is_empty() || self.trace_ids.contains(&s.span.trace_id.as_str()))
+            && self.service.is_none_or(|v| s.span.service_name == v)
+            && self.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(&s.span.start_ns))
+            && self.received_ms.is_none_or(|(after, upto)| s.received_ms > after && s.received_ms <= upto)
+            && self.name_prefix.is_none_or(|p| s.span.name.starts_with(p))
+    }
 }
 
 /// An open block.
@@ -350,7 +363,8 @@ impl Block {
             let (starts, _) = column::<Int64Type>(&*group, col::START, rows)?;
             let (received, _) = column::<Int64Type>(&*group, col::RECEIVED, rows)?;
             let (traces, _) = column::<FixedLenByteArrayType>(&*group, col::TRACE, rows)?;
-            if [services.len(), starts.len(), received.len(), traces.len()].iter().any(|n| *n != rows) {
+            let (names, _) = column::<ByteArrayType>(&*group, col::NAME, rows)?;
+            if [services.len(), starts.len(), received.len(), traces.len(), names.len()].iter().any(|n| *n != rows) {
                 return Err(corrupt(&self.path, "a column is shorter than its row group"));
             }
             let keep: Vec<usize> = (0..rows)
@@ -359,6 +373,7 @@ impl Block {
                         && filter.service.is_none_or(|s| services[i].data() == s.as_bytes())
                         && filter.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(&starts[i]))
                         && filter.received_ms.is_none_or(|(after, upto)| received[i] > after && received[i] <= upto)
+                        && filter.name_prefix.is_none_or(|p| names[i].data().starts_with(p.as_bytes()))
                 })
                 .collect();
             if keep.is_empty() {
@@ -368,7 +383,6 @@ impl Block {
             let (ends, _) = column::<Int64Type>(&*group, col::END, rows)?;
             let (spans, _) = column::<FixedLenByteArrayType>(&*group, col::SPAN, rows)?;
             let (parents, parent_levels) = column::<FixedLenByteArrayType>(&*group, col::PARENT, rows)?;
-            let (names, _) = column::<ByteArrayType>(&*group, col::NAME, rows)?;
             let (kinds, _) = column::<Int32Type>(&*group, col::KIND, rows)?;
             let (codes, _) = column::<Int32Type>(&*group, col::STATUS_CODE, rows)?;
             let (messages, _) = column::<ByteArrayType>(&*group, col::STATUS_MESSAGE, rows)?;
@@ -383,7 +397,6 @@ impl Block {
                 ends.len(),
                 spans.len(),
                 parent_levels.len(),
-                names.len(),
                 kinds.len(),
                 codes.len(),
                 messages.len(),
@@ -567,6 +580,10 @@ mod tests {
             .collect();
         assert!(!expected.is_empty());
         assert_eq!(found, expected);
+
+        let named = block.read(&Filter { name_prefix: Some("op1"), ..Filter::default() }).unwrap();
+        let expected: Vec<Stored> = spans.iter().filter(|s| s.span.name == "op1").cloned().collect();
+        assert_eq!((named.len(), &named), (50_000, &expected));
 
         let arrived =
             block.read(&Filter { received_ms: Some((1_700_000_000_000, 1_700_000_000_002)), ..Filter::default() });

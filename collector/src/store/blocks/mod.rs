@@ -18,6 +18,7 @@
 //! ([`SpanBlocks::open`]). The queries are in `queries.rs`.
 
 pub mod format;
+mod merge;
 mod queries;
 pub mod wal;
 
@@ -128,6 +129,8 @@ pub struct SpanBlocks {
     me: std::sync::Weak<SpanBlocks>,
     /// A seal is under way or about to start.
     sealing_soon: std::sync::atomic::AtomicBool,
+    /// Seals done since this was opened.
+    seals: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for SpanBlocks {
@@ -139,11 +142,11 @@ impl std::fmt::Debug for SpanBlocks {
 /// …or when its first span is this old (then readers on other hosts see it: they read blocks).
 pub const SEAL_AGE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Another writer's log segment, read up to `offset`.
+/// Another writer's log segment, read up to `offset`: its spans by tenant.
 #[derive(Default)]
 struct Followed {
     offset: u64,
-    spans: Vec<Stored>,
+    tenants: HashMap<String, Vec<Stored>>,
 }
 
 /// Most blocks kept open at once.
@@ -260,12 +263,14 @@ impl SpanBlocks {
             followed: Mutex::new(HashMap::new()),
             me: me.clone(),
             sealing_soon: std::sync::atomic::AtomicBool::new(false),
+            seals: std::sync::atomic::AtomicU64::new(0),
         });
         // Seals by age, while these blocks are open and a runtime runs.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let me = Arc::downgrade(&blocks);
             runtime.spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                let mut merged_after = 0;
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
@@ -274,6 +279,17 @@ impl SpanBlocks {
                         && let Err(error) = blocks.seal().await
                     {
                         tracing::error!(%error, "sealing spans into blocks failed; they stay in the log and are tried again");
+                    }
+                    // Merges after seals only: an idle store does no work.
+                    let seals = blocks.seals.load(std::sync::atomic::Ordering::Acquire);
+                    if seals != merged_after {
+                        merged_after = seals;
+                        if let Err(error) = blocks.merge_all().await {
+                            tracing::error!(%error, "merging span blocks failed; they are tried again");
+                        }
+                        if let Err(error) = blocks.remove_retired(merge::RETIRED_GRACE).await {
+                            tracing::error!(%error, "removing merged span blocks failed; they are tried again");
+                        }
                     }
                 }
             });
@@ -296,10 +312,10 @@ impl SpanBlocks {
         &self.collector
     }
 
-    /// The spans in the other writers' logs on this host: what each segment gained since it was
-    /// last read (up to its last whole record), and nothing of segments since removed (sealed:
-    /// their blocks were listed before they went).
-    fn follow(&self, f: &mut dyn FnMut(&Stored)) -> Result<(), StoreError> {
+    /// The other writers' logs on this host, by segment, brought up to date: what each segment
+    /// gained since it was last read (up to its last whole record), and nothing of segments since
+    /// removed (sealed: their blocks were listed before they went).
+    fn follow(&self) -> Result<std::sync::MutexGuard<'_, HashMap<PathBuf, Followed>>, StoreError> {
         let wals = self.dir.join("wal");
         let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
         let mut present = HashSet::new();
@@ -319,7 +335,14 @@ impl SpanBlocks {
                 }
                 match wal::read_from(&path, state.offset) {
                     Ok((records, offset)) => {
-                        state.spans.extend(records.into_iter().flatten());
+                        for stored in records.into_iter().flatten() {
+                            match state.tenants.get_mut(&stored.span.tenant) {
+                                Some(spans) => spans.push(stored),
+                                None => {
+                                    state.tenants.insert(stored.span.tenant.clone(), vec![stored]);
+                                }
+                            }
+                        }
                         state.offset = offset;
                     }
                     // Sealed and removed since it was listed.
@@ -330,8 +353,7 @@ impl SpanBlocks {
             }
         }
         followed.retain(|path, _| present.contains(path));
-        followed.values().flat_map(|f| &f.spans).for_each(f);
-        Ok(())
+        Ok(followed)
     }
 
     fn wal_dir(&self) -> PathBuf {
@@ -401,6 +423,7 @@ impl SpanBlocks {
         }
         *self.sealing.lock().unwrap_or_else(|e| e.into_inner()) = None;
         result?;
+        self.seals.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         for seq in wal::segments(&self.wal_dir()).map_err(io)? {
             if seq <= sealed_seq {
                 std::fs::remove_file(wal::segment_path(&self.wal_dir(), seq)).map_err(io)?;
@@ -413,36 +436,16 @@ impl SpanBlocks {
         let mut listed = Vec::new();
         for tenant in head.tenants.keys() {
             let (head, tenant_key) = (head.clone(), tenant.clone());
-            let (dir, name) = (self.dir.join("spans"), format!("{}-{}.parquet", self.collector, uuid::Uuid::now_v7()));
-            let block = tokio::task::spawn_blocking(move || -> Result<_, BlockError> {
-                let mut spans: Vec<&Stored> = head.spans(&tenant_key).iter().collect();
-                format::sort(&mut spans);
-                let temporary = dir.join(format!("{name}.tmp"));
-                let bytes = format::write(std::fs::File::create(&temporary)?, &spans)?;
-                std::fs::rename(&temporary, dir.join(&name))?;
-                std::fs::File::open(&dir)?.sync_all()?;
-                let services: std::collections::BTreeSet<&str> =
-                    spans.iter().map(|s| s.span.service_name.as_str()).collect();
-                let min = |f: fn(&Stored) -> i64| spans.iter().map(|s| f(s)).min().unwrap_or(0);
-                let max = |f: fn(&Stored) -> i64| spans.iter().map(|s| f(s)).max().unwrap_or(0);
-                Ok(BlockRow {
-                    id: name.trim_end_matches(".parquet").to_string(),
-                    location: format!("spans/{name}"),
-                    min_start_ns: min(|s| s.span.start_ns),
-                    max_start_ns: max(|s| s.span.start_ns),
-                    min_received_ms: min(|s| s.received_ms),
-                    max_received_ms: max(|s| s.received_ms),
-                    rows: spans.len() as i64,
-                    bytes: bytes as i64,
-                    services: serde_json::to_string(&services).expect("strings serialize"),
-                })
+            let (dir, collector) = (self.dir.clone(), self.collector.clone());
+            let block = tokio::task::spawn_blocking(move || {
+                write_block(&dir, &collector, head.spans(&tenant_key).iter().collect())
             })
             .await
             .map_err(|error| io(std::io::Error::other(format!("sealing span blocks failed: {error}"))))?
             .map_err(StoreError::Blocks)?;
             listed.push((tenant.clone(), block));
         }
-        list(&self.pool, &self.collector, &listed, sealed_seq).await
+        list(&self.pool, &listed, Listing::Sealed { collector: &self.collector, through: sealed_seq }).await
     }
 
     /// The block at `location`, opened once.
@@ -470,11 +473,10 @@ impl SpanBlocks {
         if let Some(sealing) = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             tenants.extend(sealing.tenants.keys().cloned());
         }
-        self.follow(&mut |s| {
-            if !tenants.contains(&s.span.tenant) {
-                tenants.insert(s.span.tenant.clone());
-            }
-        })
+        for segment in self.follow()?.values() {
+            tenants.extend(segment.tenants.keys().cloned());
+        }
+        Ok(())
     }
 
     /// The service names of a tenant's spans not in blocks yet.
@@ -488,11 +490,14 @@ impl SpanBlocks {
         if let Some(sealing) = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             services.extend(of_head(&sealing));
         }
-        self.follow(&mut |s| {
-            if s.span.tenant == tenant && !services.contains(&s.span.service_name) {
-                services.insert(s.span.service_name.clone());
+        for spans in self.follow()?.values().filter_map(|segment| segment.tenants.get(tenant)) {
+            for s in spans {
+                if !services.contains(&s.span.service_name) {
+                    services.insert(s.span.service_name.clone());
+                }
             }
-        })
+        }
+        Ok(())
     }
 
     /// Runs `f` on the spans not in blocks yet, of `tenant` (or of every tenant): this writer's
@@ -509,11 +514,13 @@ impl SpanBlocks {
         if let Some(sealing) = sealing {
             of_head(&sealing);
         }
-        self.follow(&mut |s| {
-            if tenant.is_none_or(|t| s.span.tenant == t) {
-                f(s)
+        for segment in self.follow()?.values() {
+            match tenant {
+                Some(tenant) => segment.tenants.get(tenant).into_iter().flatten().for_each(&mut *f),
+                None => segment.tenants.values().flatten().for_each(&mut *f),
             }
-        })
+        }
+        Ok(())
     }
 
     /// The spans not in blocks yet (as [`Self::each_unsealed`]) that pass `keep`.
@@ -554,13 +561,7 @@ impl SpanBlocks {
 
     /// The spans of `tenant` (or of every tenant) that pass `filter`, one per identity.
     async fn scan(&self, tenant: Option<&str>, filter: &Filter<'_>) -> Result<Vec<Stored>, StoreError> {
-        let keep = |s: &Stored| {
-            (filter.trace_ids.is_empty() || filter.trace_ids.contains(&s.span.trace_id.as_str()))
-                && filter.service.is_none_or(|v| s.span.service_name == v)
-                && filter.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(&s.span.start_ns))
-                && filter.received_ms.is_none_or(|(after, upto)| s.received_ms > after && s.received_ms <= upto)
-        };
-        let mut out = self.unsealed(tenant, keep)?;
+        let mut out = self.unsealed(tenant, |s| filter.keeps(s))?;
         for listed in blocks_of(&self.pool, tenant, filter).await? {
             let found = match blocking(|| self.block(&listed.location)?.read(filter)) {
                 Ok(found) => found,
@@ -575,6 +576,31 @@ impl SpanBlocks {
         out.retain(|s| seen.insert((s.span.tenant.clone(), key(&s.span))));
         Ok(out)
     }
+}
+
+/// Writes one tenant's spans as a block file under `<dir>/spans/`, named for the writer
+/// `collector`, durably; returns its catalog row.
+fn write_block(dir: &Path, collector: &str, mut spans: Vec<&Stored>) -> Result<BlockRow, BlockError> {
+    format::sort(&mut spans);
+    let (dir, name) = (dir.join("spans"), format!("{collector}-{}.parquet", uuid::Uuid::now_v7()));
+    let temporary = dir.join(format!("{name}.tmp"));
+    let bytes = format::write(std::fs::File::create(&temporary)?, &spans)?;
+    std::fs::rename(&temporary, dir.join(&name))?;
+    std::fs::File::open(&dir)?.sync_all()?;
+    let services: std::collections::BTreeSet<&str> = spans.iter().map(|s| s.span.service_name.as_str()).collect();
+    let min = |f: fn(&Stored) -> i64| spans.iter().map(|s| f(s)).min().unwrap_or(0);
+    let max = |f: fn(&Stored) -> i64| spans.iter().map(|s| f(s)).max().unwrap_or(0);
+    Ok(BlockRow {
+        id: name.trim_end_matches(".parquet").to_string(),
+        location: format!("spans/{name}"),
+        min_start_ns: min(|s| s.span.start_ns),
+        max_start_ns: max(|s| s.span.start_ns),
+        min_received_ms: min(|s| s.received_ms),
+        max_received_ms: max(|s| s.received_ms),
+        rows: spans.len() as i64,
+        bytes: bytes as i64,
+        services: serde_json::to_string(&services).expect("strings serialize"),
+    })
 }
 
 /// A block's catalog row.
@@ -606,7 +632,7 @@ async fn blocks_of(pool: &Pool, tenant: Option<&str>, filter: &Filter<'_>) -> Re
     let (lo, hi) = filter.start_ns.unwrap_or((i64::MIN, i64::MAX));
     let (after, upto) = filter.received_ms.unwrap_or((i64::MIN, i64::MAX));
     let text = format!(
-        "SELECT tenant, location, max_start_ns FROM span_blocks WHERE {} max_start_ns >= ? AND min_start_ns <= ? \
+        "SELECT tenant, location, max_start_ns FROM span_blocks WHERE retired_ms IS NULL AND {} max_start_ns >= ? AND min_start_ns <= ? \
          AND max_received_ms > ? AND min_received_ms <= ? ORDER BY min_start_ns",
         if tenant.is_some() { "tenant = ? AND" } else { "" }
     );
@@ -619,8 +645,22 @@ async fn blocks_of(pool: &Pool, tenant: Option<&str>, filter: &Filter<'_>) -> Re
     }))
 }
 
-/// Lists sealed blocks and the last segment they came from, in one transaction.
-async fn list(pool: &Pool, collector: &str, blocks: &[(String, BlockRow)], sealed_seq: u64) -> Result<(), StoreError> {
+/// What listed blocks replace.
+enum Listing<'a> {
+    /// A writer's log, through this segment.
+    Sealed { collector: &'a str, through: u64 },
+    /// These blocks (by id), which must all be listed still: a merge.
+    Merged { retired: &'a [String] },
+}
+
+/// Now, in ms since the epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Lists blocks (per tenant) and records what they replace, in one transaction; a merge whose
+/// blocks another merge retired first lists nothing ([`StoreError::Conflict`]).
+async fn list(pool: &Pool, blocks: &[(String, BlockRow)], replaces: Listing<'_>) -> Result<(), StoreError> {
     let insert = pool.sql(
         "INSERT INTO span_blocks (id, tenant, location, min_start_ns, max_start_ns, min_received_ms, \
          max_received_ms, rows, bytes, services, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -629,7 +669,14 @@ async fn list(pool: &Pool, collector: &str, blocks: &[(String, BlockRow)], seale
         "INSERT INTO span_wal_seals (collector, sealed_through) VALUES (?, ?) \
          ON CONFLICT (collector) DO UPDATE SET sealed_through = excluded.sealed_through",
     );
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let retire = match replaces {
+        Listing::Merged { retired } => pool.sql(&format!(
+            "UPDATE span_blocks SET retired_ms = ? WHERE retired_ms IS NULL AND id IN ({})",
+            vec!["?"; retired.len()].join(", ")
+        )),
+        Listing::Sealed { .. } => pool.sql(""),
+    };
+    let now_ms = now_ms();
     macro_rules! run {
         ($p:expr) => {{
             let mut tx = $p.begin().await?;
@@ -649,11 +696,25 @@ async fn list(pool: &Pool, collector: &str, blocks: &[(String, BlockRow)], seale
                     .execute(&mut *tx)
                     .await?;
             }
-            sqlx::query(AssertSqlSafe(seal.0.clone()))
-                .bind(collector)
-                .bind(sealed_seq as i64)
-                .execute(&mut *tx)
-                .await?;
+            match replaces {
+                Listing::Sealed { collector, through } => {
+                    sqlx::query(AssertSqlSafe(seal.0.clone()))
+                        .bind(collector)
+                        .bind(through as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Listing::Merged { retired } => {
+                    let mut query = sqlx::query(AssertSqlSafe(retire.0.clone())).bind(now_ms);
+                    for id in retired {
+                        query = query.bind(id);
+                    }
+                    if query.execute(&mut *tx).await?.rows_affected() != retired.len() as u64 {
+                        tx.rollback().await?;
+                        return Err(StoreError::Conflict);
+                    }
+                }
+            }
             tx.commit().await?;
         }};
     }
@@ -691,6 +752,15 @@ mod tests {
         }
     }
 
+    /// Drops a writer as a crash would, once its background work lets go of it.
+    async fn crash(blocks: Arc<SpanBlocks>) {
+        let weak = Arc::downgrade(&blocks);
+        drop(blocks);
+        while weak.strong_count() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     async fn all(blocks: &SpanBlocks, tenant: &str) -> Vec<SpanRow> {
         let mut spans: Vec<SpanRow> =
             blocks.read(tenant, &Filter::default()).await.unwrap().into_iter().map(|s| s.span).collect();
@@ -711,7 +781,7 @@ mod tests {
         assert_eq!(blocks.write(&acme[..20], 5).unwrap(), (20, false));
         assert_eq!(blocks.write(&acme[10..], 6).unwrap().0, 10, "the first ten were there already");
         assert_eq!(blocks.write(&globex, 6).unwrap().0, 30);
-        drop(blocks);
+        crash(blocks).await;
         let blocks = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
         assert_eq!(all(&blocks, "acme").await, acme);
         assert_eq!(blocks.write(&acme, 7).unwrap().0, 0, "the replayed head still knows them");
@@ -720,7 +790,7 @@ mod tests {
         assert_eq!(blocks.seal().await.unwrap(), 60);
         assert_eq!(wal::segments(&root.join("wal").join(blocks.id())).unwrap().len(), 1, "only the new, empty segment");
         assert_eq!(all(&blocks, "acme").await, acme);
-        drop(blocks);
+        crash(blocks).await;
         let blocks = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
         assert_eq!(all(&blocks, "acme").await, acme);
         assert_eq!(all(&blocks, "globex").await, globex);
@@ -734,7 +804,7 @@ mod tests {
         let id = blocks.id().to_string();
         std::fs::write(root.join(format!("spans/{id}-orphan.parquet")), b"half a block").unwrap();
         std::fs::write(root.join("spans/another-writers.parquet"), b"not ours to remove").unwrap();
-        drop(blocks);
+        crash(blocks).await;
         let blocks = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
         assert_eq!(blocks.id(), id, "the writer's log folder is free again: it is taken again");
         assert!(!root.join(format!("spans/{id}-orphan.parquet")).exists());
@@ -772,9 +842,69 @@ mod tests {
         collector.seal().await.unwrap();
         assert_eq!(all(&dashboard, "acme").await, acme, "from the blocks now");
         assert!(
-            dashboard.followed.lock().unwrap().values().all(|f| f.spans.is_empty()),
+            dashboard.followed.lock().unwrap().values().all(|f| f.tenants.is_empty()),
             "the sealed segments are forgotten"
         );
         assert!(all(&dashboard, "globex").await.is_empty());
+    }
+
+    async fn listed(blocks: &SpanBlocks, retired: bool) -> Vec<String> {
+        let text =
+            format!("SELECT location FROM span_blocks WHERE retired_ms IS {} NULL", if retired { "NOT" } else { "" });
+        let listed = async { Ok::<_, StoreError>(rows!(&blocks.pool, &text, &[], |row| row.try_get::<String, _>(0)?)) };
+        listed.await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn merged_blocks_keep_every_span_once_and_two_writers_never_merge_the_same_block_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TelemetryStore::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        let root = dir.path().join("blocks");
+        let one = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        let two = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        let acme: Vec<SpanRow> = (0..90).map(|i| span("acme", i)).collect();
+        // Nine seals of ten spans: nine small blocks of one tier; every third a retry of the
+        // span before it (a second delivery, later, into another block).
+        for (seal, chunk) in acme.chunks(10).enumerate() {
+            one.write(chunk, 100 + seal as i64).unwrap();
+            if seal > 0 {
+                one.write(&acme[seal * 10 - 1..seal * 10], 100 + seal as i64).unwrap();
+            }
+            one.write(&[span("globex", seal)], 100).unwrap();
+            one.seal().await.unwrap();
+        }
+        assert_eq!(listed(&one, false).await.len(), 18);
+        let before = all(&two, "acme").await;
+        assert_eq!(before, acme);
+
+        // Both writers merge at once: every block is merged by one of them.
+        let (a, b) = tokio::join!(one.merge_all(), two.merge_all());
+        assert_eq!(a.unwrap() + b.unwrap(), 18, "each block merged once");
+        assert_eq!(listed(&one, false).await.len(), 2, "a block per tenant");
+        assert_eq!(all(&one, "acme").await, acme, "every span once, nothing of another tenant");
+        assert_eq!(all(&two, "globex").await.len(), 9);
+        // One copy of each retried span, the first delivery's.
+        let retried = one.read("acme", &Filter { trace_ids: &[&acme[9].trace_id], ..Filter::default() }).await.unwrap();
+        let copies: Vec<i64> =
+            retried.iter().filter(|s| s.span.span_id == acme[9].span_id).map(|s| s.received_ms).collect();
+        assert_eq!(copies, [100]);
+
+        // The retired files stay for readers that listed them, then go.
+        let retired = listed(&one, true).await;
+        assert!(!retired.is_empty());
+        assert_eq!(one.remove_retired(merge::RETIRED_GRACE).await.unwrap(), 0);
+        assert!(retired.iter().all(|location| root.join(location).exists()));
+        assert_eq!(two.remove_retired(std::time::Duration::ZERO).await.unwrap(), retired.len());
+        assert!(retired.iter().all(|location| !root.join(location).exists()));
+        assert!(listed(&one, true).await.is_empty());
+        assert_eq!(all(&one, "acme").await, acme);
+
+        // A crash after a merged block was written and before it was listed: it goes at open.
+        let id = one.id().to_string();
+        crash(one).await;
+        std::fs::write(root.join(format!("spans/{id}-merged-in-a-crash.parquet")), b"half").unwrap();
+        let one = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        assert!(!root.join(format!("spans/{id}-merged-in-a-crash.parquet")).exists());
+        assert_eq!(all(&one, "acme").await, acme);
     }
 }

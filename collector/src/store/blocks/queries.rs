@@ -18,7 +18,7 @@ fn is_metered_name(name: &str) -> bool {
 impl SpanBlocks {
     /// Every tenant with spans.
     pub async fn span_tenants(&self) -> Result<Vec<String>, StoreError> {
-        let text = "SELECT DISTINCT tenant FROM span_blocks";
+        let text = "SELECT DISTINCT tenant FROM span_blocks WHERE retired_ms IS NULL";
         let mut tenants: BTreeSet<String> =
             rows!(&self.pool, text, &[], |row| row.try_get::<String, _>(0)?).into_iter().collect();
         self.unsealed_tenants(&mut tenants)?;
@@ -27,7 +27,7 @@ impl SpanBlocks {
 
     /// A tenant's service names, from the catalog and the head.
     pub async fn services(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
-        let text = "SELECT services FROM span_blocks WHERE tenant = ?";
+        let text = "SELECT services FROM span_blocks WHERE retired_ms IS NULL AND tenant = ?";
         let listed = rows!(&self.pool, text, &[Bind::Str(tenant)], |row| row.try_get::<String, _>(0)?);
         let mut services = BTreeSet::new();
         for json in listed {
@@ -73,14 +73,8 @@ impl SpanBlocks {
         if until_ns <= since_ns || limit <= 0 {
             return Ok(Vec::new());
         }
-        let window = Filter { start_ns: Some((since_ns, until_ns - 1)), ..Filter::default() };
-        let mut spans: Vec<SpanRow> = self
-            .read(tenant, &window)
-            .await?
-            .into_iter()
-            .map(|s| s.span)
-            .filter(|span| span.name.starts_with(prefix))
-            .collect();
+        let named = Filter { start_ns: Some((since_ns, until_ns - 1)), name_prefix: Some(prefix), ..Filter::default() };
+        let mut spans: Vec<SpanRow> = self.read(tenant, &named).await?.into_iter().map(|s| s.span).collect();
         spans.sort_by(|a, b| b.start_ns.cmp(&a.start_ns).then_with(|| a.span_id.cmp(&b.span_id)));
         spans.truncate(limit as usize);
         Ok(spans)
@@ -106,18 +100,29 @@ impl SpanBlocks {
                 && (search.max_ns == 0 || duration <= search.max_ns)
                 && (search.tags.is_empty() || Details::of(span).matches(&search.tags))
         };
-        let unsealed = self.unsealed(Some(tenant), |s| matches(&s.span))?;
-        let mut found: Vec<(i64, String)> = unsealed.into_iter().map(|s| (s.span.start_ns, s.span.trace_id)).collect();
-        // The start of the `limit`-th trace found so far: nothing older can enter the answer.
+        // The start of the `limit`-th trace found so far (nothing older can enter the answer),
+        // with what is older dropped.
+        let limit = search.limit.max(1);
         let bar = |found: &mut Vec<(i64, String)>| -> Option<i64> {
             found.sort_unstable_by(|a, b| b.cmp(a));
             let mut seen = HashSet::new();
-            found
-                .iter()
-                .filter(|(_, trace)| seen.insert(trace.clone()))
-                .nth(search.limit.max(1) - 1)
-                .map(|(start, _)| *start)
+            let last = found.iter().enumerate().filter(|(_, (_, trace))| seen.insert(trace.as_str())).nth(limit - 1);
+            let (at, start) = last.map(|(at, (start, _))| (at, *start))?;
+            let keep = at + found[at..].iter().take_while(|(s, _)| *s == start).count();
+            found.truncate(keep);
+            Some(start)
         };
+        // (start, trace id) of the matches: a trace's spans are not copied to find it.
+        let mut found: Vec<(i64, String)> = Vec::new();
+        let mut head_bar = None;
+        self.each_unsealed(Some(tenant), &mut |s| {
+            if matches(&s.span) && head_bar.is_none_or(|bar| s.span.start_ns >= bar) {
+                found.push((s.span.start_ns, s.span.trace_id.clone()));
+                if found.len() >= 4 * limit + 256 {
+                    head_bar = bar(&mut found);
+                }
+            }
+        })?;
         let mut listed = super::blocks_of(&self.pool, Some(tenant), &window).await?;
         listed.sort_by_key(|l| std::cmp::Reverse(l.max_start_ns));
         'blocks: for listed in listed {
@@ -236,7 +241,8 @@ impl SpanBlocks {
     /// A chunk that reaches into a block ends where that block's arrivals end, so that each
     /// block is read once however many spans it holds (a block is at most [`super::SEAL_ROWS`]).
     pub async fn metered_chunk_end(&self, watermark_ms: i64, upto_ms: i64, spans: i64) -> Result<i64, StoreError> {
-        let text = "SELECT MIN(max_received_ms) FROM span_blocks WHERE max_received_ms > ? AND min_received_ms <= ?";
+        let text = "SELECT MIN(max_received_ms) FROM span_blocks WHERE retired_ms IS NULL AND max_received_ms > ? \
+                    AND min_received_ms <= ?";
         let binds = [Bind::Int(watermark_ms), Bind::Int(upto_ms)];
         let first_block =
             rows!(&self.pool, text, &binds, |row| row.try_get::<Option<i64>, _>(0)?).into_iter().flatten().next();
@@ -261,7 +267,8 @@ impl SpanBlocks {
     /// the head; returns the spans deleted. A block with a newer span stays whole until all of
     /// it is older: retention is by block.
     pub async fn delete_before(&self, tenant: &str, before_ns: i64) -> Result<u64, StoreError> {
-        let text = "SELECT location, rows FROM span_blocks WHERE tenant = ? AND max_start_ns < ?";
+        let text =
+            "SELECT location, rows FROM span_blocks WHERE retired_ms IS NULL AND tenant = ? AND max_start_ns < ?";
         let old = rows!(&self.pool, text, &[Bind::Str(tenant), Bind::Int(before_ns)], |row| (
             row.try_get::<String, _>(0)?,
             row.try_get::<i64, _>(1)?
