@@ -373,6 +373,14 @@ struct ServeArgs {
     /// Telemetry store: sqlite://PATH (default DATA_DIR/telemetry.db) or postgres://...
     #[arg(long, env = "SFAAS_DATABASE_URL")]
     database_url: Option<String>,
+    /// Span blocks on an S3-compatible object store: s3://BUCKET/PREFIX (credentials and
+    /// region from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION). DATA_DIR/blocks then
+    /// caches them. With a PostgreSQL --database-url, hosts that share both serve one store.
+    #[arg(long, env = "SFAAS_BLOCKS_URL")]
+    blocks_url: Option<String>,
+    /// The object store's endpoint when it is not AWS (MinIO, s3rver, …), e.g. http://HOST:9000.
+    #[arg(long, env = "SFAAS_BLOCKS_ENDPOINT", requires = "blocks_url")]
+    blocks_endpoint: Option<String>,
     #[arg(long, env = "SFAAS_GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
     gateway_addr: SocketAddr,
     /// Collector: OTLP/gRPC address.
@@ -1063,14 +1071,25 @@ fn blocks_dir(args: &ServeArgs) -> std::path::PathBuf {
     args.data_dir.join("blocks")
 }
 
-async fn telemetry_store(args: &ServeArgs) -> Result<collector::store::TelemetryStore, collector::store::StoreError> {
-    collector::store::TelemetryStore::open_with_blocks(&telemetry_url(args), &blocks_dir(args)).await
+/// The object store that span blocks go to, if `--blocks-url` names one.
+fn blocks_remote(args: &ServeArgs) -> anyhow::Result<Option<collector::store::blocks::remote::Remote>> {
+    let Some(url) = &args.blocks_url else { return Ok(None) };
+    let remote = collector::store::blocks::remote::Remote::s3(url, args.blocks_endpoint.as_deref(), None)
+        .with_context(|| format!("--blocks-url {url}"))?;
+    Ok(Some(remote))
+}
+
+async fn telemetry_store(args: &ServeArgs) -> anyhow::Result<collector::store::TelemetryStore> {
+    let remote = blocks_remote(args)?;
+    Ok(collector::store::TelemetryStore::open_with_remote_blocks(&telemetry_url(args), &blocks_dir(args), remote)
+        .await?)
 }
 
 /// The collector's configuration from the command line.
 fn collector_config(args: &ServeArgs) -> anyhow::Result<collector::CollectorConfig> {
     let mut config = collector::CollectorConfig::new(telemetry_url(args));
     config.blocks_dir = Some(blocks_dir(args));
+    config.blocks_remote = blocks_remote(args)?;
     config.otlp_grpc_addr = args.otlp_grpc_addr;
     config.otlp_http_addr = args.otlp_http_addr;
     config.jaeger_addr = args.jaeger_addr;

@@ -38,6 +38,8 @@ pub struct CollectorConfig {
     /// Where spans are stored in blocks (by default beside a SQLite database's file; a store
     /// on PostgreSQL needs one).
     pub blocks_dir: Option<std::path::PathBuf>,
+    /// An object store that blocks go to (`blocks_dir` is then this host's cache of them).
+    pub blocks_remote: Option<store::blocks::remote::Remote>,
     pub otlp_grpc_addr: SocketAddr,
     pub otlp_http_addr: SocketAddr,
     /// Jaeger thrift over HTTP (`POST /api/traces`).
@@ -60,6 +62,7 @@ impl CollectorConfig {
         Self {
             database_url: database_url.into(),
             blocks_dir: None,
+            blocks_remote: None,
             otlp_grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
             otlp_http_addr: SocketAddr::from(([127, 0, 0, 1], 4318)),
             jaeger_addr: SocketAddr::from(([127, 0, 0, 1], 14268)),
@@ -126,9 +129,17 @@ impl Collector {
         config: CollectorConfig,
         resolver: Arc<dyn TokenResolver>,
     ) -> Result<RunningCollector, CollectorError> {
-        let store = match &config.blocks_dir {
-            Some(blocks) => TelemetryStore::open_with_blocks(&config.database_url, blocks).await?,
-            None => TelemetryStore::open(&config.database_url).await?,
+        let store = match (&config.blocks_dir, &config.blocks_remote) {
+            (Some(blocks), remote) => {
+                TelemetryStore::open_with_remote_blocks(&config.database_url, blocks, remote.clone()).await?
+            }
+            (None, None) => TelemetryStore::open(&config.database_url).await?,
+            (None, Some(_)) => {
+                return Err(StoreError::Open(sqlx::Error::Configuration(
+                    "blocks on an object store need a local folder for their cache (blocks_dir)".into(),
+                ))
+                .into());
+            }
         }
         .with_clock(config.clock.clone());
         let metrics = Arc::new(CollectorMetrics::default());

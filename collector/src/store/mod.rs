@@ -195,8 +195,18 @@ impl TelemetryStore {
     /// Opens the store at `url`, its spans in blocks under `blocks`: applies the schema, replays
     /// the span log, and moves the spans of an earlier layout (rows of `spans`) into blocks.
     pub async fn open_with_blocks(url: &str, blocks: &Path) -> Result<Self, StoreError> {
+        Self::open_with_remote_blocks(url, blocks, None).await
+    }
+
+    /// Opens the store at `url` as [`Self::open_with_blocks`], its blocks on the object store
+    /// `remote` when there is one (`blocks` is then this host's cache of them).
+    pub async fn open_with_remote_blocks(
+        url: &str,
+        blocks: &Path,
+        remote: Option<blocks::remote::Remote>,
+    ) -> Result<Self, StoreError> {
         let pool = Self::open_pool(url).await?;
-        let spans = SpanBlocks::open(blocks, pool.clone()).await?;
+        let spans = SpanBlocks::open(blocks, pool.clone(), remote).await?;
         let store = Self { pool, clock: Clock::system(), spans };
         store.convert_span_rows().await?;
         Ok(store)
@@ -299,6 +309,18 @@ impl TelemetryStore {
     /// after this, readers on other hosts see them, and a restart replays nothing).
     pub async fn seal_spans(&self) -> Result<usize, StoreError> {
         self.spans.seal().await
+    }
+
+    /// Merges small span blocks until none is due (this is also done in the background after
+    /// seals); returns how many blocks were merged.
+    pub async fn merge_span_blocks(&self) -> Result<usize, StoreError> {
+        self.spans.merge_all().await
+    }
+
+    /// Removes the span blocks that merges retired at least `grace` ago (in the background:
+    /// five minutes); returns how many.
+    pub async fn remove_merged_span_blocks(&self, grace: Duration) -> Result<usize, StoreError> {
+        self.spans.remove_retired(grace).await
     }
 
     /// This store, reading "now" from `clock` (for every clone made after).

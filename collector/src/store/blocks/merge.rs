@@ -91,8 +91,8 @@ impl SpanBlocks {
         let tenant = group[0].tenant.clone();
         let mut spans: Vec<Stored> = Vec::new();
         for small in &group {
-            let found = super::blocking(|| self.block(&small.location)?.read(&Filter::default()));
-            match found {
+            let block = self.block(&small.location).await;
+            match block.and_then(|block| super::blocking(|| block.read(&Filter::default()))) {
                 Ok(found) => spans.extend(found.into_iter().filter(|s| s.span.tenant == tenant)),
                 // Retired and removed by another writer's merge since it was listed.
                 Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -110,10 +110,14 @@ impl SpanBlocks {
             .map_err(StoreError::Blocks)?;
         let location = merged.location.clone();
         let retired: Vec<String> = group.iter().map(|b| b.id.clone()).collect();
-        match list(&self.pool, &[(tenant, merged)], Listing::Merged { retired: &retired }).await {
+        let listed = match self.upload(&location).await {
+            Ok(()) => list(&self.pool, &[(tenant, merged)], Listing::Merged { retired: &retired }).await,
+            Err(error) => Err(error),
+        };
+        match listed {
             Ok(()) => Ok(group.len()),
             Err(error) => {
-                let _ = std::fs::remove_file(self.dir.join(&location));
+                let _ = self.remove(&location).await;
                 match error {
                     StoreError::Conflict => Ok(0),
                     error => Err(error),
@@ -143,12 +147,7 @@ impl SpanBlocks {
             row.try_get::<String, _>(1)?
         ));
         for (id, location) in &retired {
-            self.close(location);
-            match std::fs::remove_file(self.dir.join(location)) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => return Err(io(error)),
-            }
+            self.remove(location).await?;
             rows!(&self.pool, "DELETE FROM span_blocks WHERE id = ?", &[Bind::Str(id)], |_row| ());
         }
         Ok(retired.len())

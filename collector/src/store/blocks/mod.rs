@@ -20,6 +20,7 @@
 pub mod format;
 mod merge;
 mod queries;
+pub mod remote;
 pub mod wal;
 
 use std::collections::{HashMap, HashSet};
@@ -116,6 +117,8 @@ pub struct SpanBlocks {
     /// The lock on this writer's log folder, held while this is open.
     _slot: std::fs::File,
     pool: Pool,
+    /// The object store blocks go to, if not only the local folder (then a cache).
+    remote: Option<remote::Remote>,
     writer: Mutex<Writer>,
     /// The head being sealed: still read until its blocks are listed.
     sealing: Mutex<Option<Arc<Head>>>,
@@ -185,7 +188,7 @@ impl SpanBlocks {
     /// Opens the blocks under `dir` as a writer: in the first log folder under `<dir>/wal/`
     /// that no other process holds (a writer that stopped or crashed left it; what its log holds
     /// beyond its last seal is replayed into this head), or else in a new one.
-    pub async fn open(dir: &Path, pool: Pool) -> Result<Arc<Self>, StoreError> {
+    pub async fn open(dir: &Path, pool: Pool, remote: Option<remote::Remote>) -> Result<Arc<Self>, StoreError> {
         let wals = dir.join("wal");
         std::fs::create_dir_all(&wals).map_err(io)?;
         let mut slot = None;
@@ -211,7 +214,7 @@ impl SpanBlocks {
                 (id, lock)
             }
         };
-        Self::open_slot(dir, collector, lock, pool).await
+        Self::open_slot(dir, collector, lock, pool, remote).await
     }
 
     async fn open_slot(
@@ -219,6 +222,7 @@ impl SpanBlocks {
         collector: String,
         lock: std::fs::File,
         pool: Pool,
+        remote: Option<remote::Remote>,
     ) -> Result<Arc<Self>, StoreError> {
         let collector = collector.as_str();
         let wal_dir = dir.join("wal").join(collector);
@@ -250,12 +254,21 @@ impl SpanBlocks {
                 std::fs::remove_file(dir.join("spans").join(&name)).map_err(io)?;
             }
         }
+        if let Some(remote) = &remote {
+            for location in remote.list(&prefix).await? {
+                if !listed.contains(&location) {
+                    tracing::warn!(block = %location, "removing an uploaded span block that was never listed (a crash while sealing)");
+                    remote.delete(&location).await?;
+                }
+            }
+        }
         let segment = wal::Segment::create(&wal_dir, last + 1).map_err(io)?;
         let blocks = Arc::new_cyclic(|me| Self {
             dir: dir.to_path_buf(),
             collector: collector.to_string(),
             _slot: lock,
             pool,
+            remote,
             writer: Mutex::new(Writer { segment, head }),
             sealing: Mutex::new(None),
             seal_lock: tokio::sync::Mutex::new(()),
@@ -443,17 +456,48 @@ impl SpanBlocks {
             .await
             .map_err(|error| io(std::io::Error::other(format!("sealing span blocks failed: {error}"))))?
             .map_err(StoreError::Blocks)?;
+            self.upload(&block.location).await?;
             listed.push((tenant.clone(), block));
         }
         list(&self.pool, &listed, Listing::Sealed { collector: &self.collector, through: sealed_seq }).await
     }
 
-    /// The block at `location`, opened once.
-    fn block(&self, location: &str) -> Result<Arc<Block>, BlockError> {
+    /// Uploads the block just written at `location`, when blocks go to an object store.
+    async fn upload(&self, location: &str) -> Result<(), StoreError> {
+        match &self.remote {
+            Some(remote) => Ok(remote.upload(&self.dir.join(location), location).await?),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the block at `location`: its file, and its object when blocks go to an object
+    /// store (nothing of what is already gone).
+    async fn remove(&self, location: &str) -> Result<(), StoreError> {
+        self.close(location);
+        match std::fs::remove_file(self.dir.join(location)) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(io(error)),
+        }
+        if let Some(remote) = &self.remote {
+            remote.delete(location).await?;
+        }
+        Ok(())
+    }
+
+    /// The block at `location`, opened once (and downloaded first from the object store, when
+    /// blocks go to one and this host has not read it yet).
+    async fn block(&self, location: &str) -> Result<Arc<Block>, BlockError> {
         if let Some(block) = self.opened.lock().unwrap_or_else(|e| e.into_inner()).get(location) {
             return Ok(block.clone());
         }
-        let block = Arc::new(Block::open(&self.dir.join(location))?);
+        let path = self.dir.join(location);
+        if let Some(remote) = &self.remote
+            && !path.exists()
+        {
+            remote.download(location, &path).await?;
+        }
+        let block = Arc::new(blocking(|| Block::open(&path))?);
         let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
         if opened.len() >= OPEN_BLOCKS {
             opened.clear();
@@ -563,7 +607,8 @@ impl SpanBlocks {
     async fn scan(&self, tenant: Option<&str>, filter: &Filter<'_>) -> Result<Vec<Stored>, StoreError> {
         let mut out = self.unsealed(tenant, |s| filter.keeps(s))?;
         for listed in blocks_of(&self.pool, tenant, filter).await? {
-            let found = match blocking(|| self.block(&listed.location)?.read(filter)) {
+            let block = self.block(&listed.location).await;
+            let found = match block.and_then(|block| blocking(|| block.read(filter))) {
                 Ok(found) => found,
                 // Retired by retention since the catalog was read.
                 Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => continue,
@@ -777,12 +822,12 @@ mod tests {
         let globex: Vec<SpanRow> = (0..30).map(|i| span("globex", i)).collect();
 
         // Written, then a crash before any seal: the log replays.
-        let blocks = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        let blocks = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
         assert_eq!(blocks.write(&acme[..20], 5).unwrap(), (20, false));
         assert_eq!(blocks.write(&acme[10..], 6).unwrap().0, 10, "the first ten were there already");
         assert_eq!(blocks.write(&globex, 6).unwrap().0, 30);
         crash(blocks).await;
-        let blocks = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        let blocks = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
         assert_eq!(all(&blocks, "acme").await, acme);
         assert_eq!(blocks.write(&acme, 7).unwrap().0, 0, "the replayed head still knows them");
 
@@ -791,7 +836,7 @@ mod tests {
         assert_eq!(wal::segments(&root.join("wal").join(blocks.id())).unwrap().len(), 1, "only the new, empty segment");
         assert_eq!(all(&blocks, "acme").await, acme);
         crash(blocks).await;
-        let blocks = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        let blocks = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
         assert_eq!(all(&blocks, "acme").await, acme);
         assert_eq!(all(&blocks, "globex").await, globex);
 
@@ -805,7 +850,7 @@ mod tests {
         std::fs::write(root.join(format!("spans/{id}-orphan.parquet")), b"half a block").unwrap();
         std::fs::write(root.join("spans/another-writers.parquet"), b"not ours to remove").unwrap();
         crash(blocks).await;
-        let blocks = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        let blocks = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
         assert_eq!(blocks.id(), id, "the writer's log folder is free again: it is taken again");
         assert!(!root.join(format!("spans/{id}-orphan.parquet")).exists());
         assert!(root.join("spans/another-writers.parquet").exists());
@@ -825,8 +870,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = TelemetryStore::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
         let root = dir.path().join("blocks");
-        let collector = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
-        let dashboard = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        let collector = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
+        let dashboard = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
         assert_ne!(collector.id(), dashboard.id(), "a held log folder is not shared");
         let acme: Vec<SpanRow> = (0..30).map(|i| span("acme", i)).collect();
         collector.write(&acme[..20], 5).unwrap();
@@ -860,8 +905,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = TelemetryStore::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
         let root = dir.path().join("blocks");
-        let one = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
-        let two = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        let one = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
+        let two = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
         let acme: Vec<SpanRow> = (0..90).map(|i| span("acme", i)).collect();
         // Nine seals of ten spans: nine small blocks of one tier; every third a retry of the
         // span before it (a second delivery, later, into another block).
@@ -903,7 +948,7 @@ mod tests {
         let id = one.id().to_string();
         crash(one).await;
         std::fs::write(root.join(format!("spans/{id}-merged-in-a-crash.parquet")), b"half").unwrap();
-        let one = SpanBlocks::open(&root, store.pool.clone()).await.unwrap();
+        let one = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
         assert!(!root.join(format!("spans/{id}-merged-in-a-crash.parquet")).exists());
         assert_eq!(all(&one, "acme").await, acme);
     }

@@ -129,7 +129,7 @@ impl SpanBlocks {
             if bar(&mut found).is_some_and(|bar| listed.max_start_ns < bar) {
                 break;
             }
-            let block = match blocking(|| self.block(&listed.location)) {
+            let block = match self.block(&listed.location).await {
                 Ok(block) => block,
                 Err(super::BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(error) => return Err(StoreError::Blocks(error)),
@@ -284,13 +284,8 @@ impl SpanBlocks {
                     sqlx::query(AssertSqlSafe(unlist.clone())).bind(&location).execute(p).await.map(drop)?
                 }
             }
-            self.close(&location);
             // Unlisted first: a reader never opens a listed block that is gone.
-            match std::fs::remove_file(self.dir.join(&location)) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => return Err(super::io(error)),
-            }
+            self.remove(&location).await?;
             deleted += rows as u64;
         }
         deleted += self.forget_head_before(tenant, before_ns);
