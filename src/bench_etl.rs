@@ -71,6 +71,29 @@ impl Drop for Child {
     }
 }
 
+/// s3rver on a free port with its files in `dir`, and a bucket `bucket` made in it: the
+/// process and the bucket's URL (path style: `http://127.0.0.1:PORT/BUCKET`).
+pub(crate) async fn s3rver(dir: &Path, bucket: &str) -> anyhow::Result<(Child, String)> {
+    std::fs::create_dir_all(dir)?;
+    let port = free_port()?;
+    let s3 = Child(
+        std::process::Command::new(s3rver_program()?)
+            .args(["-d", &dir.to_string_lossy(), "-p", &port.to_string(), "--silent"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting s3rver")?,
+    );
+    let bucket = format!("http://127.0.0.1:{port}/{bucket}");
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http.put(&bucket).send().await.is_ok_and(|r| r.status().is_success()) {
+        anyhow::ensure!(Instant::now() < deadline, "s3rver did not answer on port {port}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok((s3, bucket))
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -104,24 +127,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<PathBuf>) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
-    let s3_port = free_port()?;
-    let s3_dir = dir.path().join("s3");
-    std::fs::create_dir_all(&s3_dir)?;
-    let s3 = Child(
-        std::process::Command::new(s3rver_program()?)
-            .args(["-d", &s3_dir.to_string_lossy(), "-p", &s3_port.to_string(), "--silent"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting s3rver")?,
-    );
-    let bucket = format!("http://127.0.0.1:{s3_port}/etl");
-    let http = reqwest::Client::builder().no_proxy().build()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http.put(&bucket).send().await.is_ok_and(|r| r.status().is_success()) {
-        anyhow::ensure!(Instant::now() < deadline, "s3rver did not answer on port {s3_port}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (s3, bucket) = s3rver(&dir.path().join("s3"), "etl").await?;
     // The s3 transport's Python stage reaches the bucket on loopback.
     let (up, addresses) =
         start_up(dir.path(), &["--etl-s3-url", &bucket, "--sandbox-egress", "bench-s3-kib,bench-s3-mib"])?;

@@ -320,6 +320,9 @@ enum BenchCommand {
     Spans {
         #[arg(long, default_value_t = 2_000_000)]
         spans: usize,
+        /// Blocks on an S3 store (s3rver, from npm, started here), read by another host.
+        #[arg(long)]
+        s3rver: bool,
     },
     /// Billing: a month of usage billed from its spans, re-rated from its records, then an incremental run.
     Billing {
@@ -652,8 +655,22 @@ async fn run() -> anyhow::Result<()> {
             println!("{}", collector::bench::run(requests, concurrency).await?);
             Ok(())
         }
-        Command::Bench(BenchCommand::Spans { spans }) => {
-            println!("{}", collector::bench::readers(spans).await?);
+        Command::Bench(BenchCommand::Spans { spans, s3rver }) => {
+            let dir = tempfile::tempdir()?;
+            let (_s3, remote) = match s3rver {
+                true => {
+                    let (s3, bucket) = bench_etl::s3rver(&dir.path().join("s3"), "blocks").await?;
+                    let (endpoint, _) = bucket.rsplit_once('/').context("a bucket URL")?;
+                    let remote = collector::store::blocks::remote::Remote::s3(
+                        "s3://blocks/bench",
+                        Some(endpoint),
+                        Some(("S3RVER", "S3RVER")),
+                    )?;
+                    (Some(s3), Some(remote))
+                }
+                false => (None, None),
+            };
+            println!("{}", collector::bench::readers(spans, remote).await?);
             Ok(())
         }
         Command::Bench(BenchCommand::Billing { invocations, new, database_url }) => {

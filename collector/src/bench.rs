@@ -447,11 +447,12 @@ impl Drop for PgServer {
 
 /// `sfaas bench spans`: the span store's readers over `spans` stored spans: trace by id and
 /// a Jaeger search, through the store's queries.
-pub async fn readers(spans: usize) -> anyhow::Result<String> {
+pub async fn readers(spans: usize, remote: Option<crate::store::blocks::remote::Remote>) -> anyhow::Result<String> {
     use crate::store::TraceSearch;
     let requests = spans.div_ceil(SPANS_PER_REQUEST);
     let dir = tempfile_dir("readers")?;
-    let store = TelemetryStore::open(&format!("sqlite://{}", dir.join("telemetry.db").display())).await?;
+    let url = format!("sqlite://{}", dir.join("telemetry.db").display());
+    let store = TelemetryStore::open_with_remote_blocks(&url, &dir.join("telemetry.db.blocks"), remote.clone()).await?;
     let sender = Sender { credential: Credential::Ingest { tenant: "bench".into() }, org_id: None };
     // Requests 200 ms apart: the spans cover an hour per 18 000 requests (9.2 M spans).
     let batch = |seed: u64| {
@@ -475,10 +476,11 @@ pub async fn readers(spans: usize) -> anyhow::Result<String> {
     }
     store.seal_spans().await?;
     let mut out = format!(
-        "{} spans stored in {:.0} s ({:.0} s of CPU, generating them included).\n\n",
+        "{} spans stored in {:.0} s ({:.0} s of CPU, generating them included){}.\n",
         requests * SPANS_PER_REQUEST,
         started.elapsed().as_secs_f64(),
-        process_cpu() - cpu
+        process_cpu() - cpu,
+        if remote.is_some() { ", blocks uploaded to s3rver as they were sealed" } else { "" }
     );
     // Traces spread over the whole range, and the search of the last hour.
     let ids: Vec<String> = (0..50u64)
@@ -496,30 +498,45 @@ pub async fn readers(spans: usize) -> anyhow::Result<String> {
         end_ns: last,
     };
     let tagged = TraceSearch { tags: vec![("http.response.status_code".into(), "200".into())], ..search.clone() };
-    let _ = writeln!(out, "| query | p50 ms | p99 ms |\n|---|---:|---:|");
-    let p = |mut times: Vec<f64>, q: f64| {
-        times.sort_by(f64::total_cmp);
-        times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1]
-    };
-    let mut by_id = Vec::new();
-    for id in &ids {
-        let t = Instant::now();
-        let found = store.trace("bench", id).await?;
-        by_id.push(t.elapsed().as_secs_f64() * 1000.0);
-        anyhow::ensure!(found.len() == 8, "trace {id}: {} spans", found.len());
-    }
-    let _ = writeln!(out, "| trace by id (50 traces) | {:.1} | {:.1} |", p(by_id.clone(), 0.5), p(by_id, 0.99));
-    for (what, search) in
-        [("search: service, operation, last hour, limit 20", &search), ("the same with a tag", &tagged)]
-    {
-        let mut times = Vec::new();
-        for _ in 0..5 {
+    let queries = async |store: &TelemetryStore, out: &mut String| -> anyhow::Result<()> {
+        let _ = writeln!(out, "\n| query | p50 ms | p99 ms |\n|---|---:|---:|");
+        let p = |mut times: Vec<f64>, q: f64| {
+            times.sort_by(f64::total_cmp);
+            times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1]
+        };
+        let mut by_id = Vec::new();
+        for id in &ids {
             let t = Instant::now();
-            let found = store.find_traces("bench", search).await?;
-            times.push(t.elapsed().as_secs_f64() * 1000.0);
-            anyhow::ensure!(found.len() == 20, "{what}: {} traces", found.len());
+            let found = store.trace("bench", id).await?;
+            by_id.push(t.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(found.len() == 8, "trace {id}: {} spans", found.len());
         }
-        let _ = writeln!(out, "| {what} (5 times) | {:.1} | {:.1} |", p(times.clone(), 0.5), p(times, 0.99));
+        let _ = writeln!(out, "| trace by id (50 traces) | {:.1} | {:.1} |", p(by_id.clone(), 0.5), p(by_id, 0.99));
+        for (what, search) in
+            [("search: service, operation, last hour, limit 20", &search), ("the same with a tag", &tagged)]
+        {
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let t = Instant::now();
+                let found = store.find_traces("bench", search).await?;
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+                anyhow::ensure!(found.len() == 20, "{what}: {} traces", found.len());
+            }
+            let _ = writeln!(out, "| {what} (5 times) | {:.1} | {:.1} |", p(times.clone(), 0.5), p(times, 0.99));
+        }
+        Ok(())
+    };
+    match remote {
+        None => queries(&store, &mut out).await?,
+        Some(remote) => {
+            // Another host: the same catalog, an empty cache; each block it reads is downloaded
+            // once.
+            let other = TelemetryStore::open_with_remote_blocks(&url, &dir.join("other-host"), Some(remote)).await?;
+            let _ = write!(out, "\nAnother host, its cache empty (a block is downloaded when first read):\n");
+            queries(&other, &mut out).await?;
+            let _ = write!(out, "\nThe same host again, the blocks it read cached:\n");
+            queries(&other, &mut out).await?;
+        }
     }
     let mut block_bytes = 0;
     for entry in std::fs::read_dir(dir.join("telemetry.db.blocks/spans"))? {
