@@ -952,4 +952,41 @@ mod tests {
         assert!(!root.join(format!("spans/{id}-merged-in-a-crash.parquet")).exists());
         assert_eq!(all(&one, "acme").await, acme);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_search_over_many_spans_in_the_head_and_blocks_returns_the_latest_traces() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TelemetryStore::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        let blocks = SpanBlocks::open(&dir.path().join("blocks"), store.pool.clone(), None).await.unwrap();
+        // 3 000 spans, three per trace, their starts shuffled; the first half sealed.
+        let mut spans: Vec<SpanRow> = (0..3000).map(|i| span("acme", (i * 7919) % 3000)).collect();
+        for (n, span) in spans.iter_mut().enumerate() {
+            span.name = if n % 5 == 0 { "rare".into() } else { "op".into() };
+        }
+        blocks.write(&spans[..1500], 1).unwrap();
+        blocks.seal().await.unwrap();
+        blocks.write(&spans[1500..], 2).unwrap();
+        for (operation, limit) in [(None, 7), (Some("rare"), 20), (None, 2000)] {
+            let search = crate::store::TraceSearch {
+                service: "svc".into(),
+                operation: operation.map(str::to_string),
+                tags: Vec::new(),
+                min_ns: 0,
+                max_ns: 0,
+                limit,
+                start_ns: 0,
+                end_ns: i64::MAX,
+            };
+            // By hand: each trace's latest matching start, the latest first.
+            let mut latest: HashMap<&str, i64> = HashMap::new();
+            for s in spans.iter().filter(|s| operation.is_none_or(|op| s.name == op)) {
+                let start = latest.entry(&s.trace_id).or_insert(i64::MIN);
+                *start = (*start).max(s.start_ns);
+            }
+            let mut expected: Vec<(String, i64)> = latest.into_iter().map(|(t, s)| (t.to_string(), s)).collect();
+            expected.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+            expected.truncate(limit);
+            assert_eq!(blocks.find_traces("acme", &search).await.unwrap(), expected, "{operation:?}, {limit}");
+        }
+    }
 }
