@@ -41,6 +41,16 @@ pub fn otlp(data: &[u8]) {
     }
 }
 
+/// An OTLP trace request's protobuf body, read by the receiver's own decoder and by prost: they
+/// must agree (both refuse it, or both give the same rows).
+pub fn otlp_wire(data: &[u8]) {
+    for sender in senders() {
+        if let Some(difference) = crate::receivers::otlp_wire::differs_from_prost(data, &sender) {
+            panic!("{difference}");
+        }
+    }
+}
+
 /// A Jaeger thrift `Batch` (binary protocol), as `POST /api/traces` takes it.
 pub fn jaeger(data: &[u8]) {
     for sender in senders() {

@@ -5,6 +5,7 @@ pub mod jaeger_thrift;
 pub mod otlp;
 pub mod otlp_grpc;
 pub mod otlp_http;
+pub mod otlp_wire;
 pub mod remote_write;
 pub mod scrape;
 

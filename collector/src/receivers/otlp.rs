@@ -118,31 +118,236 @@ fn id_hex(bytes: &[u8], len: usize) -> Option<String> {
     (bytes.len() == len && bytes.iter().any(|&b| b != 0)).then(|| lower_hex(bytes))
 }
 
+/// A trace request as the conversion reads it, borrowing from prost's message or straight
+/// from the body ([`super::otlp_wire`]). Only the fields the conversion uses.
+#[derive(Debug, Default)]
+pub struct Request<'a> {
+    pub resource_spans: Vec<ResourceSpans<'a>>,
+}
+
+#[derive(Debug, Default)]
+pub struct ResourceSpans<'a> {
+    pub resource_attributes: Vec<Kv<'a>>,
+    pub scope_spans: Vec<ScopeSpans<'a>>,
+}
+
+#[derive(Debug, Default)]
+pub struct ScopeSpans<'a> {
+    /// The scope's (name, version), when the request has a scope.
+    pub scope: Option<(&'a str, &'a str)>,
+    pub spans: Vec<Span<'a>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Span<'a> {
+    pub trace_id: &'a [u8],
+    pub span_id: &'a [u8],
+    pub parent_span_id: &'a [u8],
+    pub name: &'a str,
+    pub kind: i32,
+    pub start_time_unix_nano: u64,
+    pub end_time_unix_nano: u64,
+    pub attributes: Vec<Kv<'a>>,
+    pub events: Vec<SpanEvent<'a>>,
+    pub links: Vec<SpanLink<'a>>,
+    pub status: Option<SpanStatus<'a>>,
+}
+
+#[derive(Debug, Default)]
+pub struct SpanEvent<'a> {
+    pub time_unix_nano: u64,
+    pub name: &'a str,
+    pub attributes: Vec<Kv<'a>>,
+}
+
+#[derive(Debug, Default)]
+pub struct SpanLink<'a> {
+    pub trace_id: &'a [u8],
+    pub span_id: &'a [u8],
+    pub attributes: Vec<Kv<'a>>,
+}
+
+#[derive(Debug, Default)]
+pub struct SpanStatus<'a> {
+    pub code: i32,
+    pub message: &'a str,
+}
+
+/// An attribute: a key and its value (`None`: no value, or a value with nothing set).
+#[derive(Debug, Default)]
+pub struct Kv<'a> {
+    pub key: &'a str,
+    pub value: Option<AttrValue<'a>>,
+}
+
+#[derive(Debug)]
+pub enum AttrValue<'a> {
+    String(&'a str),
+    Bool(bool),
+    Int(i64),
+    Double(f64),
+    Array(Vec<Option<AttrValue<'a>>>),
+    Kvlist(Vec<Kv<'a>>),
+    Bytes(&'a [u8]),
+    Strindex(i32),
+}
+
+impl<'a> Request<'a> {
+    /// The request prost decoded, borrowed.
+    pub fn of(request: &'a ExportTraceServiceRequest) -> Self {
+        fn kvs(attributes: &[KeyValue]) -> Vec<Kv<'_>> {
+            attributes.iter().map(|kv| Kv { key: &kv.key, value: kv.value.as_ref().and_then(value) }).collect()
+        }
+        fn value(any: &AnyValue) -> Option<AttrValue<'_>> {
+            Some(match any.value.as_ref()? {
+                any_value::Value::StringValue(s) => AttrValue::String(s),
+                any_value::Value::BoolValue(b) => AttrValue::Bool(*b),
+                any_value::Value::IntValue(i) => AttrValue::Int(*i),
+                any_value::Value::DoubleValue(d) => AttrValue::Double(*d),
+                any_value::Value::ArrayValue(array) => AttrValue::Array(array.values.iter().map(value).collect()),
+                any_value::Value::KvlistValue(list) => AttrValue::Kvlist(kvs(&list.values)),
+                any_value::Value::BytesValue(bytes) => AttrValue::Bytes(bytes),
+                any_value::Value::StringValueStrindex(index) => AttrValue::Strindex(*index),
+            })
+        }
+        Request {
+            resource_spans: request
+                .resource_spans
+                .iter()
+                .map(|rs| ResourceSpans {
+                    resource_attributes: rs.resource.as_ref().map(|r| kvs(&r.attributes)).unwrap_or_default(),
+                    scope_spans: rs
+                        .scope_spans
+                        .iter()
+                        .map(|ss| ScopeSpans {
+                            scope: ss.scope.as_ref().map(|s| (s.name.as_str(), s.version.as_str())),
+                            spans: ss
+                                .spans
+                                .iter()
+                                .map(|span| Span {
+                                    trace_id: &span.trace_id,
+                                    span_id: &span.span_id,
+                                    parent_span_id: &span.parent_span_id,
+                                    name: &span.name,
+                                    kind: span.kind,
+                                    start_time_unix_nano: span.start_time_unix_nano,
+                                    end_time_unix_nano: span.end_time_unix_nano,
+                                    attributes: kvs(&span.attributes),
+                                    events: span
+                                        .events
+                                        .iter()
+                                        .map(|e| SpanEvent {
+                                            time_unix_nano: e.time_unix_nano,
+                                            name: &e.name,
+                                            attributes: kvs(&e.attributes),
+                                        })
+                                        .collect(),
+                                    links: span
+                                        .links
+                                        .iter()
+                                        .map(|l| SpanLink {
+                                            trace_id: &l.trace_id,
+                                            span_id: &l.span_id,
+                                            attributes: kvs(&l.attributes),
+                                        })
+                                        .collect(),
+                                    status: span
+                                        .status
+                                        .as_ref()
+                                        .map(|s| SpanStatus { code: s.code, message: &s.message }),
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A value as JSON, as [`Any`] writes prost's.
+struct ValueJson<'a, 'b>(&'b Option<AttrValue<'a>>);
+
+impl Serialize for ValueJson<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(AttrValue::String(s)) => serializer.serialize_str(s),
+            Some(AttrValue::Bool(b)) => serializer.serialize_bool(*b),
+            Some(AttrValue::Int(i)) => serializer.serialize_i64(*i),
+            Some(AttrValue::Double(d)) => serializer.serialize_f64(*d),
+            Some(AttrValue::Array(values)) => serializer.collect_seq(values.iter().map(ValueJson)),
+            Some(AttrValue::Kvlist(list)) => KvJson(list).serialize(serializer),
+            Some(AttrValue::Bytes(bytes)) => serializer.serialize_str(&lower_hex(bytes)),
+            Some(AttrValue::Strindex(index)) => serializer.serialize_i32(*index),
+            None => serializer.serialize_unit(),
+        }
+    }
+}
+
+/// Attributes as a JSON object, as [`Attributes`] writes prost's: keys sorted, the last of
+/// repeated keys kept.
+pub struct KvJson<'a, 'b>(pub &'b [Kv<'a>]);
+
+impl Serialize for KvJson<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut sorted: Vec<&Kv<'_>> = self.0.iter().collect();
+        sorted.sort_by(|a, b| a.key.cmp(b.key));
+        let mut map = serializer.serialize_map(None)?;
+        for (i, kv) in sorted.iter().enumerate() {
+            if sorted.get(i + 1).is_some_and(|next| next.key == kv.key) {
+                continue;
+            }
+            map.serialize_entry(kv.key, &ValueJson(&kv.value))?;
+        }
+        map.end()
+    }
+}
+
+/// The first attribute named `key`, if its value is a string.
+fn kv_string<'a>(attributes: &[Kv<'a>], key: &str) -> Option<&'a str> {
+    match attributes.iter().find(|kv| kv.key == key)?.value {
+        Some(AttrValue::String(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// Spans of a request prost decoded (the gRPC receiver's).
 pub fn traces(request: ExportTraceServiceRequest, sender: &Sender) -> Converted {
+    convert_traces(Request::of(&request), sender)
+}
+
+/// Spans of a request's protobuf body, read without prost ([`super::otlp_wire`]).
+pub fn traces_from_protobuf(body: &[u8], sender: &Sender) -> Result<Converted, super::otlp_wire::WireError> {
+    Ok(convert_traces(super::otlp_wire::decode(body)?, sender))
+}
+
+pub fn convert_traces(request: Request<'_>, sender: &Sender) -> Converted {
     let mut out = Converted::default();
     for resource_spans in request.resource_spans {
-        let resource_attributes = resource_spans.resource.map(|r| r.attributes).unwrap_or_default();
+        let resource_attributes = resource_spans.resource_attributes;
         let count: usize = resource_spans.scope_spans.iter().map(|s| s.spans.len()).sum();
-        let (tenant, metered) = match sender.tenant_for(string_attribute(&resource_attributes, "service.namespace")) {
+        let (tenant, metered) = match sender.tenant_for(kv_string(&resource_attributes, "service.namespace")) {
             Ok(attribution) => attribution,
             Err(reason) => {
                 out.reject(count, reason);
                 continue;
             }
         };
-        let service = string_attribute(&resource_attributes, "service.name").unwrap_or("unknown_service").to_string();
-        let resource = json_text(&Attributes(&resource_attributes));
+        let service = kv_string(&resource_attributes, "service.name").unwrap_or("unknown_service").to_string();
+        let resource = json_text(&KvJson(&resource_attributes));
         for scope_spans in resource_spans.scope_spans {
-            let scope =
-                scope_spans.scope.map_or(json!({}), |s| json!({"name": s.name, "version": s.version})).to_string();
+            let scope = scope_spans
+                .scope
+                .map_or(json!({}), |(name, version)| json!({"name": name, "version": version}))
+                .to_string();
             for span in scope_spans.spans {
-                let (Some(trace_id), Some(span_id)) = (id_hex(&span.trace_id, 16), id_hex(&span.span_id, 8)) else {
+                let (Some(trace_id), Some(span_id)) = (id_hex(span.trace_id, 16), id_hex(span.span_id, 8)) else {
                     out.reject(1, "invalid trace or span id (need 16 and 8 non-zero bytes)".into());
                     continue;
                 };
                 let parent_span_id = match span.parent_span_id.len() {
                     0 => None,
-                    _ => match id_hex(&span.parent_span_id, 8) {
+                    _ => match id_hex(span.parent_span_id, 8) {
                         Some(parent) => Some(parent),
                         None => {
                             out.reject(1, "invalid parent span id (need 8 bytes)".into());
@@ -153,12 +358,12 @@ pub fn traces(request: ExportTraceServiceRequest, sender: &Sender) -> Converted 
                 let events: Vec<Value> = span
                     .events
                     .iter()
-                    .map(|e| json!({"name": e.name, "time_ns": e.time_unix_nano, "attributes": Attributes(&e.attributes)}))
+                    .map(|e| json!({"name": e.name, "time_ns": e.time_unix_nano, "attributes": KvJson(&e.attributes)}))
                     .collect();
                 let links: Vec<Value> = span
                     .links
                     .iter()
-                    .map(|l| json!({"trace_id": lower_hex(&l.trace_id), "span_id": lower_hex(&l.span_id), "attributes": Attributes(&l.attributes)}))
+                    .map(|l| json!({"trace_id": lower_hex(l.trace_id), "span_id": lower_hex(l.span_id), "attributes": KvJson(&l.attributes)}))
                     .collect();
                 let status = span.status.unwrap_or_default();
                 out.batch.spans.push(SpanRow {
@@ -166,14 +371,14 @@ pub fn traces(request: ExportTraceServiceRequest, sender: &Sender) -> Converted 
                     trace_id,
                     span_id,
                     parent_span_id,
-                    name: span.name,
+                    name: span.name.to_string(),
                     kind: span.kind as i64,
                     start_ns: span.start_time_unix_nano as i64,
                     end_ns: span.end_time_unix_nano as i64,
                     status_code: status.code as i64,
-                    status_message: status.message,
+                    status_message: status.message.to_string(),
                     service_name: service.clone(),
-                    attributes: json_text(&Attributes(&span.attributes)),
+                    attributes: json_text(&KvJson(&span.attributes)),
                     events: Value::Array(events).to_string(),
                     links: Value::Array(links).to_string(),
                     resource: resource.clone(),

@@ -12,12 +12,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use opentelemetry_proto::tonic::collector::logs::v1::{
-    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsPartialSuccess, ExportLogsServiceResponse};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsPartialSuccess, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -127,16 +123,15 @@ fn encode<T: Message + Serialize>(encoding: Encoding, message: &T) -> Response {
 }
 
 /// The shared path: encoding → body → auth → decode → attribute → store → answer.
-async fn receive<Req, Resp>(
+async fn receive<Resp>(
     collector: &Collector,
     signal: &'static str,
     headers: &HeaderMap,
     raw: Bytes,
-    convert: fn(Req, &crate::auth::Sender) -> Converted,
+    convert: fn(Encoding, &[u8], &crate::auth::Sender) -> Result<Converted, String>,
     respond: fn(&Converted) -> Resp,
 ) -> Response
 where
-    Req: Message + Default + DeserializeOwned,
     Resp: Message + Serialize,
 {
     let encoding = match encoding(headers) {
@@ -163,14 +158,13 @@ where
         Ok(bytes) => bytes,
         Err((status, message)) => return error(encoding, status, 3, message),
     };
-    let request: Req = match decode(encoding, &bytes) {
-        Ok(request) => request,
+    let mut converted = match convert(encoding, &bytes, &sender) {
+        Ok(converted) => converted,
         Err(message) => {
             reject("invalid");
             return error(encoding, StatusCode::BAD_REQUEST, 3, message);
         }
     };
-    let mut converted = convert(request, &sender);
     if converted.rejected > 0 {
         collector
             .metrics
@@ -189,35 +183,34 @@ where
 }
 
 pub async fn traces(State(collector): State<Arc<Collector>>, headers: HeaderMap, raw: Bytes) -> Response {
-    receive::<ExportTraceServiceRequest, _>(&collector, "traces", &headers, raw, otlp::traces, |c| {
-        ExportTraceServiceResponse {
-            partial_success: (c.rejected > 0)
-                .then(|| ExportTracePartialSuccess { rejected_spans: c.rejected as i64, error_message: c.message() }),
-        }
+    // Protobuf is read straight into span rows; JSON through prost's structs.
+    let convert = |encoding, bytes: &[u8], sender: &_| match encoding {
+        Encoding::Protobuf => otlp::traces_from_protobuf(bytes, sender).map_err(|e| e.to_string()),
+        Encoding::Json => Ok(otlp::traces(decode::<ExportTraceServiceRequest>(encoding, bytes)?, sender)),
+    };
+    receive(&collector, "traces", &headers, raw, convert, |c| ExportTraceServiceResponse {
+        partial_success: (c.rejected > 0)
+            .then(|| ExportTracePartialSuccess { rejected_spans: c.rejected as i64, error_message: c.message() }),
     })
     .await
 }
 
 pub async fn metrics(State(collector): State<Arc<Collector>>, headers: HeaderMap, raw: Bytes) -> Response {
-    receive::<ExportMetricsServiceRequest, _>(&collector, "metrics", &headers, raw, otlp::metrics, |c| {
-        ExportMetricsServiceResponse {
-            partial_success: (c.rejected > 0).then(|| ExportMetricsPartialSuccess {
-                rejected_data_points: c.rejected as i64,
-                error_message: c.message(),
-            }),
-        }
+    let convert = |encoding, bytes: &[u8], sender: &_| Ok(otlp::metrics(decode(encoding, bytes)?, sender));
+    receive(&collector, "metrics", &headers, raw, convert, |c| ExportMetricsServiceResponse {
+        partial_success: (c.rejected > 0).then(|| ExportMetricsPartialSuccess {
+            rejected_data_points: c.rejected as i64,
+            error_message: c.message(),
+        }),
     })
     .await
 }
 
 pub async fn logs(State(collector): State<Arc<Collector>>, headers: HeaderMap, raw: Bytes) -> Response {
-    receive::<ExportLogsServiceRequest, _>(&collector, "logs", &headers, raw, otlp::logs, |c| {
-        ExportLogsServiceResponse {
-            partial_success: (c.rejected > 0).then(|| ExportLogsPartialSuccess {
-                rejected_log_records: c.rejected as i64,
-                error_message: c.message(),
-            }),
-        }
+    let convert = |encoding, bytes: &[u8], sender: &_| Ok(otlp::logs(decode(encoding, bytes)?, sender));
+    receive(&collector, "logs", &headers, raw, convert, |c| ExportLogsServiceResponse {
+        partial_success: (c.rejected > 0)
+            .then(|| ExportLogsPartialSuccess { rejected_log_records: c.rejected as i64, error_message: c.message() }),
     })
     .await
 }
