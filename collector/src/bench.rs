@@ -303,7 +303,8 @@ fn decoding() -> String {
         let request = ExportTraceServiceRequest::decode(body).expect("valid");
         crate::receivers::otlp::traces(request, &sender).batch.spans.len()
     });
-    let wire = time(&|body| crate::receivers::otlp::traces_from_protobuf(body, &sender).expect("valid").batch.spans.len());
+    let wire =
+        time(&|body| crate::receivers::otlp::traces_from_protobuf(body, &sender).expect("valid").batch.spans.len());
     format!(
         "Decoding and converting 512-span protobuf requests (best of 5 over 102 400 spans, one core): \
          through prost's structs {prost:.0} ns a span, straight from the bytes {wire:.0} ns ({:.2}×).",
