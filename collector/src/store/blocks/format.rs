@@ -77,15 +77,28 @@ pub struct Stored {
     pub received_ms: i64,
 }
 
-/// Why a block could not be written or read.
+/// Why a block could not be written or read. The message includes the cause's (so the cause
+/// is not also given as a `source`, which reports would print twice).
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("span block: {0}")]
-    Parquet(#[from] parquet::errors::ParquetError),
+    Parquet(parquet::errors::ParquetError),
     #[error("span block: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("span block {0}: {1}")]
     Corrupt(String, String),
+}
+
+impl From<parquet::errors::ParquetError> for BlockError {
+    fn from(error: parquet::errors::ParquetError) -> Self {
+        BlockError::Parquet(error)
+    }
+}
+
+impl From<std::io::Error> for BlockError {
+    fn from(error: std::io::Error) -> Self {
+        BlockError::Io(error)
+    }
 }
 
 fn id_bytes<const N: usize>(hex_id: &str) -> FixedLenByteArray {
