@@ -384,6 +384,10 @@ struct ServeArgs {
     /// The object store's endpoint when it is not AWS (MinIO, s3rver, …), e.g. http://HOST:9000.
     #[arg(long, env = "SFAAS_BLOCKS_ENDPOINT", requires = "blocks_url")]
     blocks_endpoint: Option<String>,
+    /// With --blocks-url: the most DATA_DIR/blocks may hold of the blocks this host read or
+    /// wrote, in MiB (the blocks used longest ago are removed first; they stay in the store).
+    #[arg(long, env = "SFAAS_BLOCKS_CACHE_MIB", default_value_t = 4096)]
+    blocks_cache_mib: u64,
     #[arg(long, env = "SFAAS_GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
     gateway_addr: SocketAddr,
     /// Collector: OTLP/gRPC address.
@@ -1092,7 +1096,8 @@ fn blocks_dir(args: &ServeArgs) -> std::path::PathBuf {
 fn blocks_remote(args: &ServeArgs) -> anyhow::Result<Option<collector::store::blocks::remote::Remote>> {
     let Some(url) = &args.blocks_url else { return Ok(None) };
     let remote = collector::store::blocks::remote::Remote::s3(url, args.blocks_endpoint.as_deref(), None)
-        .with_context(|| format!("--blocks-url {url}"))?;
+        .with_context(|| format!("--blocks-url {url}"))?
+        .with_cache_limit(args.blocks_cache_mib << 20);
     Ok(Some(remote))
 }
 

@@ -165,6 +165,17 @@ async fn two_hosts_share_blocks_on_s3_through_a_postgres_catalog() {
     assert_eq!(objects(&s3_dir).len(), 2, "acme's merged block and globex's");
     assert_eq!(spans_of(&a, "acme", 0..40).await, batch("acme", 0..40).spans, "host a reads the merged block");
 
+    // A host whose cache may hold nothing but the block it reads: every read is right, and its
+    // folder keeps one block.
+    let tiny = remote().with_cache_limit(1);
+    let c = TelemetryStore::open_with_remote_blocks(&postgres.url(), &host("c"), Some(tiny)).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(spans_of(&c, "globex", 0..10).await, batch("globex", 0..10).spans);
+        assert_eq!(spans_of(&c, "acme", 0..40).await, batch("acme", 0..40).spans);
+        assert_eq!(std::fs::read_dir(host("c").join("spans")).unwrap().count(), 1, "one block cached");
+    }
+    drop(c);
+
     // Retention removes the objects too.
     assert_eq!(a.delete_before("globex", i64::MAX).await.unwrap(), 30);
     assert_eq!(objects(&s3_dir).len(), 1);

@@ -255,6 +255,7 @@ impl SpanBlocks {
             }
         }
         if let Some(remote) = &remote {
+            remote.cache().scan(&dir.join("spans")).map_err(io)?;
             for location in remote.list(&prefix).await? {
                 if !listed.contains(&location) {
                     tracing::warn!(block = %location, "removing an uploaded span block that was never listed (a crash while sealing)");
@@ -465,7 +466,10 @@ impl SpanBlocks {
     /// Uploads the block just written at `location`, when blocks go to an object store.
     async fn upload(&self, location: &str) -> Result<(), StoreError> {
         match &self.remote {
-            Some(remote) => Ok(remote.upload(&self.dir.join(location), location).await?),
+            Some(remote) => {
+                remote.upload(&self.dir.join(location), location).await?;
+                Ok(self.cached(location)?)
+            }
             None => Ok(()),
         }
     }
@@ -474,6 +478,9 @@ impl SpanBlocks {
     /// store (nothing of what is already gone).
     async fn remove(&self, location: &str) -> Result<(), StoreError> {
         self.close(location);
+        if let Some(remote) = &self.remote {
+            remote.cache().forget(location);
+        }
         match std::fs::remove_file(self.dir.join(location)) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -486,24 +493,55 @@ impl SpanBlocks {
     }
 
     /// The block at `location`, opened once (and downloaded first from the object store, when
-    /// blocks go to one and this host has not read it yet).
+    /// blocks go to one and this host's cache does not hold it).
     async fn block(&self, location: &str) -> Result<Arc<Block>, BlockError> {
         if let Some(block) = self.opened.lock().unwrap_or_else(|e| e.into_inner()).get(location) {
             return Ok(block.clone());
         }
         let path = self.dir.join(location);
-        if let Some(remote) = &self.remote
-            && !path.exists()
-        {
-            remote.download(location, &path).await?;
-        }
-        let block = Arc::new(blocking(|| Block::open(&path))?);
+        let Some(remote) = &self.remote else {
+            return Ok(self.keep_open(location, Arc::new(blocking(|| Block::open(&path))?)));
+        };
+        // Twice at most: another reader's trim may remove the file between download and open.
+        let mut attempts = 0;
+        let block = loop {
+            if !path.exists() {
+                remote.download(location, &path).await?;
+            }
+            match blocking(|| Block::open(&path)) {
+                Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound && attempts == 0 => {
+                    attempts += 1
+                }
+                opened => break Arc::new(opened?),
+            }
+        };
+        self.cached(location)?;
+        Ok(self.keep_open(location, block))
+    }
+
+    fn keep_open(&self, location: &str, block: Arc<Block>) -> Arc<Block> {
         let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
         if opened.len() >= OPEN_BLOCKS {
             opened.clear();
         }
         opened.insert(location.to_string(), block.clone());
-        Ok(block)
+        block
+    }
+
+    /// Records that the cached block at `location` was used (read or written here), and trims
+    /// the cache to its size limit: the blocks used longest ago go first, never this one.
+    fn cached(&self, location: &str) -> Result<(), BlockError> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        let bytes = std::fs::metadata(self.dir.join(location)).map(|m| m.len()).unwrap_or(0);
+        for evicted in remote.cache().used(location, bytes) {
+            self.close(&evicted);
+            match std::fs::remove_file(self.dir.join(&evicted)) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(BlockError::Io(error)),
+            }
+        }
+        Ok(())
     }
 
     /// Forgets an opened block (retired).

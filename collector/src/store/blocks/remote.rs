@@ -4,7 +4,10 @@
 //! `PREFIX/spans/<name>`, and only then listed in the catalog: a listed block is always in the
 //! object store. The local folder is each host's cache: a reader opens a block from it, and
 //! downloads the block into it first when it is not there (a block another host sealed or
-//! merged). Removing a block removes the object and the cached file.
+//! merged). The cache holds at most [`CACHE_BYTES`] (or the limit given) besides the block
+//! being read: the blocks used longest ago are removed from it (a reader that still has one
+//! open reads on; the next opens it again from the store). Removing a block removes the object
+//! and the cached file.
 //!
 //! With PostgreSQL as the catalog, collectors and dashboards on several hosts share one store:
 //! each writes its own log on its own disk and seals into the shared bucket; a span another
@@ -20,12 +23,76 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::format::BlockError;
 
-/// An object store and the prefix under which blocks go.
+/// An object store and the prefix under which blocks go, with this host's cache of them.
 #[derive(Clone)]
 pub struct Remote {
     store: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     url: String,
+    cache: Arc<std::sync::Mutex<Cache>>,
+}
+
+/// What the cache folder should hold at most by default.
+pub const CACHE_BYTES: u64 = 4 << 30;
+
+/// The blocks in this host's cache folder, their sizes and when each was last used.
+#[derive(Debug)]
+pub struct Cache {
+    limit: u64,
+    /// Location → (bytes, the use counter when last used).
+    files: std::collections::HashMap<String, (u64, u64)>,
+    total: u64,
+    uses: u64,
+}
+
+impl Cache {
+    /// Counts the block files already in `folder` (oldest first, by modification time).
+    pub fn scan(&mut self, folder: &std::path::Path) -> std::io::Result<()> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(folder)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".parquet") {
+                let meta = entry.metadata()?;
+                found.push((meta.modified()?, name, meta.len()));
+            }
+        }
+        found.sort();
+        for (_, name, bytes) in found {
+            self.used(&format!("spans/{name}"), bytes);
+        }
+        Ok(())
+    }
+
+    /// Records a use of the block at `location` (`bytes` long); returns the blocks to remove,
+    /// those used longest ago, until the rest fits the limit (never this one).
+    pub fn used(&mut self, location: &str, bytes: u64) -> Vec<String> {
+        self.uses += 1;
+        if let Some((old, _)) = self.files.insert(location.to_string(), (bytes, self.uses)) {
+            self.total -= old;
+        }
+        self.total += bytes;
+        let mut evicted = Vec::new();
+        while self.total > self.limit {
+            let oldest = self.files.iter().filter(|(l, _)| l.as_str() != location).min_by_key(|(_, (_, used))| *used);
+            let Some(oldest) = oldest.map(|(l, _)| l.clone()) else { break };
+            self.forget(&oldest);
+            evicted.push(oldest);
+        }
+        evicted
+    }
+
+    /// Forgets a block (removed).
+    pub fn forget(&mut self, location: &str) {
+        if let Some((bytes, _)) = self.files.remove(location) {
+            self.total -= bytes;
+        }
+    }
+
+    /// Bytes of blocks in the cache.
+    pub fn bytes(&self) -> u64 {
+        self.total
+    }
 }
 
 impl std::fmt::Debug for Remote {
@@ -69,7 +136,19 @@ impl Remote {
         }
         let store = builder.build().map_err(|e| error(url, e))?;
         let prefix = ObjectPath::parse(prefix.trim_matches('/')).map_err(|e| invalid(format!("{url:?}: {e}")))?;
-        Ok(Self { store: Arc::new(store), prefix, url: url.to_string() })
+        let cache = Cache { limit: CACHE_BYTES, files: Default::default(), total: 0, uses: 0 };
+        Ok(Self { store: Arc::new(store), prefix, url: url.to_string(), cache: Arc::new(std::sync::Mutex::new(cache)) })
+    }
+
+    /// This store with a cache folder of at most `bytes` (beyond the block being read).
+    pub fn with_cache_limit(self, bytes: u64) -> Self {
+        self.cache().limit = bytes;
+        self
+    }
+
+    /// This host's cache of blocks.
+    pub fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Where the block at `location` (relative, as the catalog lists it) is in the store.
@@ -113,5 +192,24 @@ impl Remote {
             .filter(|name| name.starts_with(name_prefix))
             .map(|name| format!("spans/{name}"))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_removes_the_blocks_used_longest_ago_and_never_the_one_in_use() {
+        let mut cache = Cache { limit: 250, files: Default::default(), total: 0, uses: 0 };
+        assert!(cache.used("a", 100).is_empty());
+        assert!(cache.used("b", 100).is_empty());
+        assert!(cache.used("a", 100).is_empty(), "a used again: b is now the oldest");
+        assert_eq!(cache.used("c", 100), ["b"]);
+        assert_eq!(cache.bytes(), 200);
+        assert_eq!(cache.used("huge", 1000), ["a", "c"], "oldest first; the one in use stays");
+        assert_eq!(cache.bytes(), 1000);
+        cache.forget("huge");
+        assert_eq!(cache.bytes(), 0);
     }
 }
