@@ -88,11 +88,6 @@ impl Cache {
             self.total -= bytes;
         }
     }
-
-    /// Bytes of blocks in the cache.
-    pub fn bytes(&self) -> u64 {
-        self.total
-    }
 }
 
 impl std::fmt::Debug for Remote {
@@ -206,10 +201,10 @@ mod tests {
         assert!(cache.used("b", 100).is_empty());
         assert!(cache.used("a", 100).is_empty(), "a used again: b is now the oldest");
         assert_eq!(cache.used("c", 100), ["b"]);
-        assert_eq!(cache.bytes(), 200);
+        assert_eq!(cache.total, 200);
         assert_eq!(cache.used("huge", 1000), ["a", "c"], "oldest first; the one in use stays");
-        assert_eq!(cache.bytes(), 1000);
+        assert_eq!(cache.total, 1000);
         cache.forget("huge");
-        assert_eq!(cache.bytes(), 0);
+        assert_eq!(cache.total, 0);
     }
 }
