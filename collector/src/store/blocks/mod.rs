@@ -496,6 +496,9 @@ impl SpanBlocks {
     /// blocks go to one and this host's cache does not hold it).
     async fn block(&self, location: &str) -> Result<Arc<Block>, BlockError> {
         if let Some(block) = self.opened.lock().unwrap_or_else(|e| e.into_inner()).get(location) {
+            if let Some(remote) = &self.remote {
+                remote.cache().touch(location);
+            }
             return Ok(block.clone());
         }
         let path = self.dir.join(location);
