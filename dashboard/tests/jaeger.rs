@@ -883,6 +883,11 @@ async fn isolation() {
         assert_eq!(server.ok(ADMIN, &format!("/api/traces/{TRACE_GLOBEX}")).await[0]["traceID"], TRACE_GLOBEX);
         let found = server.ok(ADMIN, "/api/traces?service=frontend").await;
         assert_eq!(trace_ids(&found), [TRACE_B, TRACE_A, TRACE_A]);
+        // With a limit, the latest traces of all tenants together, in the same order.
+        for limit in 1..=3 {
+            let some = server.ok(ADMIN, &format!("/api/traces?service=frontend&limit={limit}")).await;
+            assert_eq!(some.as_array().unwrap()[..], found.as_array().unwrap()[..limit], "limit {limit}");
+        }
     }
 }
 
