@@ -42,59 +42,16 @@ impl Converted {
     }
 }
 
-/// An attribute value as JSON (integers stay integers; bytes become hex), written straight to
-/// text by serde_json without building a `Value` tree first.
-pub struct Any<'a>(pub &'a AnyValue);
-
-impl Serialize for Any<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match &self.0.value {
-            Some(any_value::Value::StringValue(s)) => serializer.serialize_str(s),
-            Some(any_value::Value::BoolValue(b)) => serializer.serialize_bool(*b),
-            Some(any_value::Value::IntValue(i)) => serializer.serialize_i64(*i),
-            // Not finite: null, as serde_json writes it.
-            Some(any_value::Value::DoubleValue(d)) => serializer.serialize_f64(*d),
-            Some(any_value::Value::ArrayValue(array)) => serializer.collect_seq(array.values.iter().map(Any)),
-            Some(any_value::Value::KvlistValue(list)) => Attributes(&list.values).serialize(serializer),
-            Some(any_value::Value::BytesValue(bytes)) => serializer.serialize_str(&lower_hex(bytes)),
-            Some(any_value::Value::StringValueStrindex(index)) => serializer.serialize_i32(*index),
-            None => serializer.serialize_unit(),
-        }
-    }
-}
-
-/// Attributes as a JSON object, keys sorted; of repeated keys, the last value is kept.
-pub struct Attributes<'a>(pub &'a [KeyValue]);
-
-impl Serialize for Attributes<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut sorted: Vec<&KeyValue> = self.0.iter().collect();
-        // Stable: among equal keys the last one given stays last, and is the one written.
-        sorted.sort_by(|a, b| a.key.cmp(&b.key));
-        let mut map = serializer.serialize_map(None)?;
-        for (i, kv) in sorted.iter().enumerate() {
-            if sorted.get(i + 1).is_some_and(|next| next.key == kv.key) {
-                continue;
-            }
-            match &kv.value {
-                Some(value) => map.serialize_entry(&kv.key, &Any(value))?,
-                None => map.serialize_entry(&kv.key, &())?,
-            }
-        }
-        map.end()
-    }
-}
-
 /// JSON text of a value that always serializes.
 fn json_text(value: &impl Serialize) -> String {
     serde_json::to_string(value).expect("attributes serialize to JSON")
 }
 
 /// An attribute value as JSON text, or the string itself for a string (label values, log bodies).
-fn plain_text(value: Option<&AnyValue>) -> String {
-    match value {
+fn plain_text(any: Option<&AnyValue>) -> String {
+    match any {
         Some(AnyValue { value: Some(any_value::Value::StringValue(s)) }) => s.clone(),
-        Some(value) => json_text(&Any(value)),
+        Some(any) => json_text(&Any(&value(any))),
         None => "null".into(),
     }
 }
@@ -192,24 +149,28 @@ pub enum AttrValue<'a> {
     Strindex(i32),
 }
 
+/// Attributes prost decoded, borrowed.
+fn kvs(attributes: &[KeyValue]) -> Vec<Kv<'_>> {
+    attributes.iter().map(|kv| Kv { key: &kv.key, value: kv.value.as_ref().and_then(value) }).collect()
+}
+
+/// A value prost decoded, borrowed (`None`: no variant set).
+fn value(any: &AnyValue) -> Option<AttrValue<'_>> {
+    Some(match any.value.as_ref()? {
+        any_value::Value::StringValue(s) => AttrValue::String(s),
+        any_value::Value::BoolValue(b) => AttrValue::Bool(*b),
+        any_value::Value::IntValue(i) => AttrValue::Int(*i),
+        any_value::Value::DoubleValue(d) => AttrValue::Double(*d),
+        any_value::Value::ArrayValue(array) => AttrValue::Array(array.values.iter().map(value).collect()),
+        any_value::Value::KvlistValue(list) => AttrValue::Kvlist(kvs(&list.values)),
+        any_value::Value::BytesValue(bytes) => AttrValue::Bytes(bytes),
+        any_value::Value::StringValueStrindex(index) => AttrValue::Strindex(*index),
+    })
+}
+
 impl<'a> Request<'a> {
     /// The request prost decoded, borrowed.
     pub fn of(request: &'a ExportTraceServiceRequest) -> Self {
-        fn kvs(attributes: &[KeyValue]) -> Vec<Kv<'_>> {
-            attributes.iter().map(|kv| Kv { key: &kv.key, value: kv.value.as_ref().and_then(value) }).collect()
-        }
-        fn value(any: &AnyValue) -> Option<AttrValue<'_>> {
-            Some(match any.value.as_ref()? {
-                any_value::Value::StringValue(s) => AttrValue::String(s),
-                any_value::Value::BoolValue(b) => AttrValue::Bool(*b),
-                any_value::Value::IntValue(i) => AttrValue::Int(*i),
-                any_value::Value::DoubleValue(d) => AttrValue::Double(*d),
-                any_value::Value::ArrayValue(array) => AttrValue::Array(array.values.iter().map(value).collect()),
-                any_value::Value::KvlistValue(list) => AttrValue::Kvlist(kvs(&list.values)),
-                any_value::Value::BytesValue(bytes) => AttrValue::Bytes(bytes),
-                any_value::Value::StringValueStrindex(index) => AttrValue::Strindex(*index),
-            })
-        }
         Request {
             resource_spans: request
                 .resource_spans
@@ -265,18 +226,19 @@ impl<'a> Request<'a> {
     }
 }
 
-/// A value as JSON, as [`Any`] writes prost's.
-struct ValueJson<'a, 'b>(&'b Option<AttrValue<'a>>);
+/// An attribute value as JSON (integers stay integers; bytes become hex; no value is null),
+/// written straight to text by serde_json without building a `Value` tree first.
+struct Any<'a, 'b>(&'b Option<AttrValue<'a>>);
 
-impl Serialize for ValueJson<'_, '_> {
+impl Serialize for Any<'_, '_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self.0 {
             Some(AttrValue::String(s)) => serializer.serialize_str(s),
             Some(AttrValue::Bool(b)) => serializer.serialize_bool(*b),
             Some(AttrValue::Int(i)) => serializer.serialize_i64(*i),
             Some(AttrValue::Double(d)) => serializer.serialize_f64(*d),
-            Some(AttrValue::Array(values)) => serializer.collect_seq(values.iter().map(ValueJson)),
-            Some(AttrValue::Kvlist(list)) => KvJson(list).serialize(serializer),
+            Some(AttrValue::Array(values)) => serializer.collect_seq(values.iter().map(Any)),
+            Some(AttrValue::Kvlist(list)) => Attributes(list).serialize(serializer),
             Some(AttrValue::Bytes(bytes)) => serializer.serialize_str(&lower_hex(bytes)),
             Some(AttrValue::Strindex(index)) => serializer.serialize_i32(*index),
             None => serializer.serialize_unit(),
@@ -284,11 +246,10 @@ impl Serialize for ValueJson<'_, '_> {
     }
 }
 
-/// Attributes as a JSON object, as [`Attributes`] writes prost's: keys sorted, the last of
-/// repeated keys kept.
-pub struct KvJson<'a, 'b>(pub &'b [Kv<'a>]);
+/// Attributes as a JSON object, keys sorted; of repeated keys, the last value is kept.
+pub struct Attributes<'a, 'b>(pub &'b [Kv<'a>]);
 
-impl Serialize for KvJson<'_, '_> {
+impl Serialize for Attributes<'_, '_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut sorted: Vec<&Kv<'_>> = self.0.iter().collect();
         sorted.sort_by(|a, b| a.key.cmp(b.key));
@@ -297,7 +258,7 @@ impl Serialize for KvJson<'_, '_> {
             if sorted.get(i + 1).is_some_and(|next| next.key == kv.key) {
                 continue;
             }
-            map.serialize_entry(kv.key, &ValueJson(&kv.value))?;
+            map.serialize_entry(kv.key, &Any(&kv.value))?;
         }
         map.end()
     }
@@ -334,7 +295,7 @@ pub fn convert_traces(request: Request<'_>, sender: &Sender) -> Converted {
             }
         };
         let service = kv_string(&resource_attributes, "service.name").unwrap_or("unknown_service").to_string();
-        let resource = json_text(&KvJson(&resource_attributes));
+        let resource = json_text(&Attributes(&resource_attributes));
         for scope_spans in resource_spans.scope_spans {
             let scope = scope_spans
                 .scope
@@ -358,12 +319,12 @@ pub fn convert_traces(request: Request<'_>, sender: &Sender) -> Converted {
                 let events: Vec<Value> = span
                     .events
                     .iter()
-                    .map(|e| json!({"name": e.name, "time_ns": e.time_unix_nano, "attributes": KvJson(&e.attributes)}))
+                    .map(|e| json!({"name": e.name, "time_ns": e.time_unix_nano, "attributes": Attributes(&e.attributes)}))
                     .collect();
                 let links: Vec<Value> = span
                     .links
                     .iter()
-                    .map(|l| json!({"trace_id": lower_hex(l.trace_id), "span_id": lower_hex(l.span_id), "attributes": KvJson(&l.attributes)}))
+                    .map(|l| json!({"trace_id": lower_hex(l.trace_id), "span_id": lower_hex(l.span_id), "attributes": Attributes(&l.attributes)}))
                     .collect();
                 let status = span.status.unwrap_or_default();
                 out.batch.spans.push(SpanRow {
@@ -378,7 +339,7 @@ pub fn convert_traces(request: Request<'_>, sender: &Sender) -> Converted {
                     status_code: status.code as i64,
                     status_message: status.message.to_string(),
                     service_name: service.clone(),
-                    attributes: json_text(&KvJson(&span.attributes)),
+                    attributes: json_text(&Attributes(&span.attributes)),
                     events: Value::Array(events).to_string(),
                     links: Value::Array(links).to_string(),
                     resource: resource.clone(),
@@ -521,11 +482,11 @@ pub fn logs(request: ExportLogsServiceRequest, sender: &Sender) -> Converted {
                 continue;
             }
         };
-        let resource = json_text(&Attributes(&resource_attributes));
+        let resource = json_text(&Attributes(&kvs(&resource_attributes)));
         for record in resource_logs.scope_logs.into_iter().flat_map(|s| s.log_records) {
             let ts = if record.time_unix_nano != 0 { record.time_unix_nano } else { record.observed_time_unix_nano };
             let body = plain_text(record.body.as_ref());
-            let attributes = json_text(&Attributes(&record.attributes));
+            let attributes = json_text(&Attributes(&kvs(&record.attributes)));
             let trace_id = id_hex(&record.trace_id, 16);
             let span_id = id_hex(&record.span_id, 8);
             let mut hash = Sha256::new();
@@ -593,7 +554,7 @@ mod tests {
             KeyValue { key: "none".into(), value: None, ..Default::default() },
         ];
         assert_eq!(
-            json_text(&Attributes(&attributes)),
+            json_text(&Attributes(&kvs(&attributes))),
             r#"{"a":-7,"b":true,"bytes":"dead","d":0.5,"dup":2,"list":[1,null],"map":{"x":"s","y":2},"nan":null,"none":null,"z":"quote \" and é"}"#
         );
         assert_eq!(plain_text(Some(&AnyValue { value: Some(StringValue("GET".into())) })), "GET");
