@@ -737,7 +737,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
                 .context("creating the meter token")?;
         core.tenants.ensure_meter_token(&meter_token).await?;
         let config = collector_config(&args)?;
-        let resolver = std::sync::Arc::new(CoreTokens(core.tenants.clone()));
+        let resolver = std::sync::Arc::new(Tokens::Core(core.tenants.clone()));
         let running = collector::Collector::start(config, resolver).await.context("starting the collector")?;
         if args.otlp_endpoint.is_none() {
             core.telemetry.set_export(
@@ -764,10 +764,11 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     });
     let dashboard = match &collector {
         Some((running, _)) => {
+            publish_tokens(core.tenants.clone(), running.collector.store.clone());
             let billing =
                 std::sync::Arc::new(billing::Billing::open(&running.collector.store).await.context("opening billing")?);
             follow_plans(billing.clone(), Some(core.clone()), Some(running.collector.pipeline.clone())).await;
-            let viewers = std::sync::Arc::new(CoreTokens(core.tenants.clone()));
+            let viewers = std::sync::Arc::new(Tokens::Core(core.tenants.clone()));
             let store = running.collector.store.clone();
             let mut config = dashboard_config(&args);
             config.collector_metrics_url = Some(format!("http://{}/metrics", running.otlp_http_addr));
@@ -777,15 +778,18 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
             Some(dashboard)
         }
         None => {
-            // The core alone: its quotas follow the plans in the telemetry database, if it has one.
+            // The core alone: it publishes its tokens in the telemetry database (for collectors and
+            // dashboards elsewhere), and its quotas follow the plans there.
             match telemetry_store(&args).await {
                 Ok(store) => {
+                    publish_tokens(core.tenants.clone(), store.clone());
                     let billing = billing::Billing::open(&store).await.context("opening billing")?;
                     follow_plans(std::sync::Arc::new(billing), Some(core.clone()), None).await;
                 }
                 Err(error) => eprintln!(
                     "sfaas: WARNING: the telemetry database cannot be opened ({error}); tenants' quotas are the \
-                     --tenant-… flags' for all, whatever their plans say"
+                     --tenant-… flags' for all, whatever their plans say, and collectors and dashboards of their \
+                     own know none of this core's tokens"
                 ),
             }
             None
@@ -895,16 +899,18 @@ fn announce(
     Ok(())
 }
 
-/// `sfaas collector`: the collector alone, checking tokens in the core's database (re-read
-/// every two seconds, so tenants created by a running core are known).
+/// `sfaas collector`: the collector alone, checking the tokens the core published in the
+/// telemetry database (re-read every two seconds, so tenants created by a running core are known).
 async fn serve_collector(args: ServeArgs) -> anyhow::Result<()> {
     harden_process();
     let stopping = shutdown_signal();
     let data_dir = args.data_dir.clone();
-    let tenants = shared_tenants(&data_dir).await?;
-    let running = collector::Collector::start(collector_config(&args)?, std::sync::Arc::new(CoreTokens(tenants)))
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let tokens = Tokens::published();
+    let running = collector::Collector::start(collector_config(&args)?, std::sync::Arc::new(tokens.clone()))
         .await
         .context("starting the collector")?;
+    tokens.follow(&running.collector.store).await?;
     let billing = billing::Billing::open(&running.collector.store).await.context("opening billing")?;
     follow_plans(std::sync::Arc::new(billing), None, Some(running.collector.pipeline.clone())).await;
     let mut addresses = serde_json::Map::new();
@@ -921,37 +927,16 @@ async fn serve_collector(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The core's tenant store in DATA_DIR, for a component running beside a core in another
-/// process (re-read every two seconds, so tenants created by the core are known).
-async fn shared_tenants(
-    data_dir: &std::path::Path,
-) -> anyhow::Result<std::sync::Arc<stateful_faas_core::tenant::TenantStore>> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let pool = stateful_faas_core::database::open(&stateful_faas_core::database::default_url(data_dir)).await?;
-    let admin_token = match std::env::var("SFAAS_ADMIN_TOKEN") {
-        Ok(token) if !token.is_empty() => token,
-        _ => stateful_faas_core::config::load_or_create_admin_token(data_dir)?,
-    };
-    let tenants = std::sync::Arc::new(stateful_faas_core::tenant::TenantStore::load(pool, &admin_token).await?);
-    let refresher = tenants.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            if let Err(error) = refresher.reload().await {
-                tracing::warn!(%error, "cannot re-read tokens");
-            }
-        }
-    });
-    Ok(tenants)
-}
-
-/// `sfaas dashboard`: the billing API over the telemetry store, tokens from the core's database.
+/// `sfaas dashboard`: the billing API over the telemetry store, checking the tokens the core
+/// published there.
 async fn serve_dashboard(args: ServeArgs) -> anyhow::Result<()> {
     harden_process();
     let stopping = shutdown_signal();
     let data_dir = args.data_dir.clone();
-    let tenants = shared_tenants(&data_dir).await?;
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let store = telemetry_store(&args).await?;
+    let viewers = Tokens::published();
+    viewers.follow(&store).await?;
     let billing = billing::Billing::open(&store).await.context("opening billing")?;
     let mut config = dashboard_config(&args);
     // A collector running beside it on the same data directory, if any.
@@ -959,8 +944,7 @@ async fn serve_dashboard(args: ServeArgs) -> anyhow::Result<()> {
         .ok()
         .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
         .and_then(|addresses| addresses["otlp_http"].as_str().map(|a| format!("http://{a}/metrics")));
-    let viewers = std::sync::Arc::new(CoreTokens(tenants));
-    let running = dashboard::start(config, store, std::sync::Arc::new(billing), viewers).await?;
+    let running = dashboard::start(config, store, std::sync::Arc::new(billing), std::sync::Arc::new(viewers)).await?;
     let mut addresses = serde_json::Map::new();
     addresses.insert("ui".into(), running.addr.to_string().into());
     announce(&data_dir, addresses, false)?;
@@ -1132,12 +1116,97 @@ fn collector_config(args: &ServeArgs) -> anyhow::Result<collector::CollectorConf
     Ok(config)
 }
 
-/// The dashboard's viewers: the admin token, and tenants' read tokens.
-impl billing::api::ViewerResolver for CoreTokens {
-    fn resolve(&self, authorization: &str) -> Option<billing::api::Viewer> {
-        use stateful_faas_core::tenant::{Principal, Scope};
+/// Who a token belongs to: the core's tenant store, in the core's process, or the token hashes
+/// the core published in the telemetry database, for a collector or dashboard of its own.
+#[derive(Clone)]
+enum Tokens {
+    Core(std::sync::Arc<stateful_faas_core::tenant::TenantStore>),
+    Published(std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, Principal>>>),
+}
+
+use stateful_faas_core::tenant::{Principal, Scope};
+
+impl Tokens {
+    fn principal(&self, authorization: &str) -> Option<Principal> {
         let token = stateful_faas_core::gateway::auth::bearer_or_basic_token(authorization)?;
-        match self.0.authenticate(&token)? {
+        match self {
+            Tokens::Core(store) => store.authenticate(&token),
+            Tokens::Published(tokens) => {
+                tokens.read().unwrap().get(&stateful_faas_core::tenant::hash_token(&token)).cloned()
+            }
+        }
+    }
+
+    /// An empty set of published tokens, to be filled by [`Self::follow`].
+    fn published() -> Self {
+        Tokens::Published(Default::default())
+    }
+
+    /// Reads the tokens the core published in `store`, then again every two seconds (so that
+    /// tenants created by a running core are known).
+    async fn follow(&self, store: &collector::store::TelemetryStore) -> anyhow::Result<()> {
+        let Tokens::Published(tokens) = self else { return Ok(()) };
+        let read = |store: collector::store::TelemetryStore, tokens: std::sync::Arc<std::sync::RwLock<_>>| async move {
+            let map: std::collections::HashMap<String, Principal> = store
+                .published_tokens()
+                .await?
+                .into_iter()
+                .filter_map(|t| Some((t.hash, stateful_faas_core::tenant::principal(t.tenant.as_deref(), &t.scope)?)))
+                .collect();
+            let empty = map.is_empty();
+            *tokens.write().unwrap() = map;
+            Ok::<bool, collector::store::StoreError>(empty)
+        };
+        if read(store.clone(), tokens.clone()).await.context("reading the tokens the core published")? {
+            eprintln!(
+                "sfaas: WARNING: no core has published its tokens in this telemetry database yet; every token is \
+                 refused until `sfaas up` or `sfaas core` runs with the same --database-url"
+            );
+        }
+        let (store, tokens) = (store.clone(), tokens.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                if let Err(error) = read(store.clone(), tokens.clone()).await {
+                    tracing::warn!(%error, "cannot re-read the published tokens");
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Publishes the core's tokens in the telemetry database (hashes only), at once and whenever a
+/// token is added, so that collectors and dashboards on other hosts check the same tokens.
+fn publish_tokens(
+    tenants: std::sync::Arc<stateful_faas_core::tenant::TenantStore>,
+    store: collector::store::TelemetryStore,
+) {
+    tokio::spawn(async move {
+        loop {
+            let published = async {
+                let tokens: Vec<_> = tenants
+                    .accepted()
+                    .await?
+                    .into_iter()
+                    .map(|(hash, tenant, scope)| collector::store::PublishedToken { hash, tenant, scope })
+                    .collect();
+                anyhow::Ok(store.publish_tokens(&tokens).await?)
+            };
+            if let Err(error) = published.await {
+                tracing::warn!(%error, "cannot publish the tokens in the telemetry database; tried again in 10 s");
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                continue;
+            }
+            tenants.token_added().await;
+        }
+    });
+}
+
+/// The dashboard's viewers: the admin token, and tenants' read tokens.
+impl billing::api::ViewerResolver for Tokens {
+    fn resolve(&self, authorization: &str) -> Option<billing::api::Viewer> {
+        match self.principal(authorization)? {
             Principal::Admin => Some(billing::api::Viewer::Admin),
             Principal::Tenant { tenant, scope: Scope::Read } => Some(billing::api::Viewer::Tenant(tenant.to_string())),
             _ => None,
@@ -1145,14 +1214,10 @@ impl billing::api::ViewerResolver for CoreTokens {
     }
 }
 
-/// The collector checks tokens against the core's tenant store.
-struct CoreTokens(std::sync::Arc<stateful_faas_core::tenant::TenantStore>);
-
-impl collector::auth::TokenResolver for CoreTokens {
+/// The collector's senders: tenants' ingest tokens and the platform's meter token.
+impl collector::auth::TokenResolver for Tokens {
     fn resolve(&self, authorization: &str) -> Option<collector::auth::Credential> {
-        use stateful_faas_core::tenant::{Principal, Scope};
-        let token = stateful_faas_core::gateway::auth::bearer_or_basic_token(authorization)?;
-        match self.0.authenticate(&token)? {
+        match self.principal(authorization)? {
             Principal::Tenant { tenant, scope: Scope::Ingest } => {
                 Some(collector::auth::Credential::Ingest { tenant: tenant.to_string() })
             }

@@ -174,6 +174,8 @@ pub struct TenantStore {
     tokens: std::sync::RwLock<std::collections::HashMap<String, Principal>>,
     /// Tokens of running invocations: in memory only, revoked when the invocation ends.
     function_tokens: std::sync::RwLock<std::collections::HashMap<String, Principal>>,
+    /// Notified when a stored token is added (so that it is published at once).
+    changed: tokio::sync::Notify,
 }
 
 /// A running invocation's token; revoked on drop.
@@ -198,6 +200,7 @@ impl TenantStore {
             admin_hash: hash_token(admin_token),
             tokens: std::sync::RwLock::new(tokens),
             function_tokens: Default::default(),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -260,6 +263,7 @@ impl TenantStore {
         let mut tokens = self.tokens.write().unwrap();
         tokens.insert(hash_token(&ingest_token), Principal::Tenant { tenant: tenant.clone(), scope: Scope::Ingest });
         tokens.insert(hash_token(&read_token), Principal::Tenant { tenant: tenant.clone(), scope: Scope::Read });
+        self.changed.notify_one();
         Ok(TenantCredentials { tenant: tenant.to_string(), ingest_token, read_token })
     }
 
@@ -274,7 +278,24 @@ impl TenantStore {
         .execute(&self.pool)
         .await?;
         self.tokens.write().unwrap().insert(hash, Principal::Meter);
+        self.changed.notify_one();
         Ok(())
+    }
+
+    /// Every token this store accepts but the function tokens (which live and die in its
+    /// process), as (hash, tenant, scope) rows: what collectors and dashboards elsewhere
+    /// need to check the same tokens.
+    pub async fn accepted(&self) -> Result<Vec<(String, Option<String>, String)>, TenantError> {
+        let mut rows: Vec<(String, Option<String>, String)> =
+            sqlx::query_as("SELECT hash, tenant, scope FROM tokens").fetch_all(&self.pool).await?;
+        rows.retain(|(_, tenant, scope)| principal(tenant.as_deref(), scope).is_some());
+        rows.push((self.admin_hash.clone(), None, Scope::Admin.as_str().to_string()));
+        Ok(rows)
+    }
+
+    /// Waits until a token is added (or was, since the last call).
+    pub async fn token_added(&self) {
+        self.changed.notified().await;
     }
 
     /// All tenants, by name.
@@ -298,19 +319,23 @@ impl TenantStore {
 async fn read_tokens(pool: &sqlx::SqlitePool) -> Result<std::collections::HashMap<String, Principal>, TenantError> {
     let rows: Vec<(String, Option<String>, String)> =
         sqlx::query_as("SELECT hash, tenant, scope FROM tokens").fetch_all(pool).await?;
-    let mut tokens = std::collections::HashMap::new();
-    for (hash, tenant, scope) in rows {
-        let principal = match (Scope::parse(&scope), tenant) {
-            (Some(Scope::Meter), _) => Principal::Meter,
-            (Some(scope), Some(tenant)) => match TenantId::new(&tenant) {
-                Ok(tenant) => Principal::Tenant { tenant, scope },
-                Err(_) => continue,
-            },
-            _ => continue,
-        };
-        tokens.insert(hash, principal);
+    Ok(rows
+        .into_iter()
+        .filter_map(|(hash, tenant, scope)| Some((hash, principal(tenant.as_deref(), &scope)?)))
+        .collect())
+}
+
+/// Who a token of `scope` (and `tenant`) stands for, as stored or published; `None` for a
+/// combination the core never writes.
+pub fn principal(tenant: Option<&str>, scope: &str) -> Option<Principal> {
+    match (Scope::parse(scope)?, tenant) {
+        (Scope::Admin, None) => Some(Principal::Admin),
+        (Scope::Meter, None) => Some(Principal::Meter),
+        (scope @ (Scope::Ingest | Scope::Read), Some(tenant)) => {
+            Some(Principal::Tenant { tenant: TenantId::new(tenant).ok()?, scope })
+        }
+        _ => None,
     }
-    Ok(tokens)
 }
 
 #[cfg(test)]

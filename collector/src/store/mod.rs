@@ -24,6 +24,9 @@ pub mod blocks;
 use blocks::SpanBlocks;
 mod samples;
 mod spans;
+mod tokens;
+
+pub use tokens::PublishedToken;
 
 pub use samples::SeriesRows;
 pub use spans::{MeteredSpan, TraceSearch};
@@ -228,6 +231,7 @@ impl TelemetryStore {
                 include_str!("../../../migrations/sqlite/collector_0002_samples_by_series.sql"),
                 include_str!("../../../migrations/sqlite/collector_0003_span_blocks.sql"),
                 include_str!("../../../migrations/sqlite/collector_0004_span_block_merges.sql"),
+                include_str!("../../../migrations/sqlite/collector_0005_published_tokens.sql"),
             ])
             .run(&pool)
             .await?;
@@ -238,6 +242,7 @@ impl TelemetryStore {
                 include_str!("../../../migrations/postgres/collector_0001_telemetry.sql"),
                 include_str!("../../../migrations/postgres/collector_0002_span_blocks.sql"),
                 include_str!("../../../migrations/postgres/collector_0003_span_block_merges.sql"),
+                include_str!("../../../migrations/postgres/collector_0004_published_tokens.sql"),
             ])
             .run(&pool)
             .await?;
