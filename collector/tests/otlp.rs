@@ -361,38 +361,43 @@ async fn a_tenant_over_its_ingest_rate_gets_429_naming_the_quota() {
     assert_eq!(store.counts("globex").await.unwrap().spans, 100);
 }
 
-/// The gRPC trace service's refusals, as a gRPC client sees them (a trailers-only response's
-/// `grpc-status`): no token, a body that is not a trace request, a method it does not have.
+/// The gRPC export services' refusals, as a gRPC client sees them (a trailers-only response's
+/// `grpc-status`): no token (checked before the body is read: garbage without a token is
+/// UNAUTHENTICATED), a body that is not a request, a method a service does not have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_refusals_carry_otlps_status_codes() {
     let dir = tempfile::tempdir().unwrap();
     let backend = common::Backend::Sqlite(dir);
     let running = start(&backend, |_| {}).await;
     let client = reqwest::Client::builder().http2_prior_knowledge().no_proxy().build().unwrap();
-    let call = |method: &'static str, token: Option<&'static str>, message: Vec<u8>| {
-        let mut frame = vec![0];
-        frame.extend((message.len() as u32).to_be_bytes());
-        frame.extend(message);
-        let mut request = client
-            .post(format!(
-                "http://{}/opentelemetry.proto.collector.trace.v1.TraceService/{method}",
-                running.otlp_grpc_addr
-            ))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(frame);
-        if let Some(token) = token {
-            request = request.header("authorization", format!("Bearer {token}"));
-        }
-        async move {
-            let response = request.send().await.unwrap();
-            response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string())
-        }
-    };
-    let valid = ExportTraceServiceRequest::default().encode_to_vec();
-    assert_eq!(call("Export", None, valid.clone()).await.as_deref(), Some("16"), "UNAUTHENTICATED");
-    assert_eq!(call("Export", Some("acme-token"), vec![0x0a, 0xff]).await.as_deref(), Some("3"), "INVALID_ARGUMENT");
-    assert_eq!(call("Export", Some("acme-token"), vec![0x0a, 0x02, 0x12, 0x00, 0xff]).await.as_deref(), Some("3"));
-    assert_eq!(call("Nothing", Some("acme-token"), valid).await.as_deref(), Some("12"), "UNIMPLEMENTED");
+    for service in ["trace.v1.TraceService", "metrics.v1.MetricsService", "logs.v1.LogsService"] {
+        let call = |method: &'static str, token: Option<&'static str>, message: Vec<u8>| {
+            let mut frame = vec![0];
+            frame.extend((message.len() as u32).to_be_bytes());
+            frame.extend(message);
+            let mut request = client
+                .post(format!("http://{}/opentelemetry.proto.collector.{service}/{method}", running.otlp_grpc_addr))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(frame);
+            if let Some(token) = token {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            async move {
+                let response = request.send().await.unwrap();
+                response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string())
+            }
+        };
+        let valid = ExportTraceServiceRequest::default().encode_to_vec(); // empty: valid for all three
+        assert_eq!(call("Export", None, valid.clone()).await.as_deref(), Some("16"), "{service}: UNAUTHENTICATED");
+        assert_eq!(call("Export", None, vec![0x0a, 0xff]).await.as_deref(), Some("16"), "{service}: before decoding");
+        assert_eq!(call("Export", Some("nobody"), vec![0x0a, 0xff]).await.as_deref(), Some("16"), "{service}");
+        let bad = call("Export", Some("acme-token"), vec![0x0a, 0xff]).await;
+        assert_eq!(bad.as_deref(), Some("3"), "{service}: INVALID_ARGUMENT");
+        let bad = call("Export", Some("acme-token"), vec![0x0a, 0x02, 0x12, 0x00, 0xff]).await;
+        assert_eq!(bad.as_deref(), Some("3"), "{service}");
+        assert_eq!(call("Export", Some("acme-token"), valid.clone()).await.as_deref(), None, "{service}: OK");
+        assert_eq!(call("Nothing", Some("acme-token"), valid).await.as_deref(), Some("12"), "{service}: UNIMPLEMENTED");
+    }
     running.shutdown().await;
 }

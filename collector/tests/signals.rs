@@ -1,4 +1,5 @@
-//! Metrics (from the Rust SDK's OTLP metric exporter) and logs (OTLP JSON), and backpressure.
+//! Metrics (from the Rust SDK's OTLP metric exporter) and logs (OTLP JSON and gRPC), over HTTP
+//! and gRPC, and backpressure.
 
 mod common;
 
@@ -8,52 +9,72 @@ use std::time::Duration;
 use common::{Backend, backends, start};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::MeterProvider;
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_metrics_and_json_logs_are_stored_per_tenant() {
-    for backend in backends() {
-        let running = start(&backend, |_| {}).await;
-        let exporter = opentelemetry_otlp::MetricExporter::builder()
+/// The Rust SDK's metric exporter over OTLP/HTTP and over gRPC (gzip).
+fn metric_exporter(protocol: &str, running: &collector::RunningCollector) -> opentelemetry_otlp::MetricExporter {
+    let builder = opentelemetry_otlp::MetricExporter::builder();
+    if protocol == "http" {
+        return builder
             .with_http()
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
             .with_endpoint(format!("http://{}/v1/metrics", running.otlp_http_addr))
             .with_headers(HashMap::from([("authorization".to_string(), "Bearer acme-token".to_string())]))
             .build()
             .unwrap();
-        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-            .with_periodic_exporter(exporter)
-            .with_resource(
-                opentelemetry_sdk::Resource::builder_empty()
-                    .with_attributes([
-                        KeyValue::new("service.name", "shop"),
-                        KeyValue::new("service.namespace", "acme"),
-                    ])
-                    .build(),
-            )
-            .build();
-        let meter = provider.meter("collector-test");
-        let orders = meter.u64_counter("orders").build();
-        orders.add(3, &[KeyValue::new("region", "eu")]);
-        orders.add(4, &[KeyValue::new("region", "eu")]);
-        let latency = meter.f64_histogram("latency").with_boundaries(vec![0.1, 1.0]).build();
-        for value in [0.05, 0.5, 2.0] {
-            latency.record(value, &[]);
-        }
-        tokio::task::spawn_blocking(move || provider.shutdown()).await.unwrap().unwrap();
+    }
+    let mut metadata = opentelemetry_otlp::tonic_types::metadata::MetadataMap::new();
+    metadata.insert("authorization", "Bearer acme-token".parse().unwrap());
+    builder
+        .with_tonic()
+        .with_endpoint(format!("http://{}", running.otlp_grpc_addr))
+        .with_metadata(metadata)
+        .with_compression(opentelemetry_otlp::Compression::Gzip)
+        .build()
+        .unwrap()
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_metrics_and_logs_over_http_and_grpc_are_stored_per_tenant() {
+    for backend in backends() {
+        let running = start(&backend, |_| {}).await;
         let store = &running.collector.store;
-        let counter = store.samples("acme", "orders").await.unwrap();
-        assert_eq!(counter.len(), 1, "{}: {counter:?}", backend.name());
-        assert_eq!((counter[0].kind, counter[0].value), ("counter", 7.0));
-        let labels: serde_json::Value = serde_json::from_str(&counter[0].labels).unwrap();
-        assert_eq!(labels, serde_json::json!({"region": "eu", "service_name": "shop"}));
-        let histogram = store.samples("acme", "latency").await.unwrap();
-        let detail: serde_json::Value = serde_json::from_str(histogram[0].histogram.as_deref().unwrap()).unwrap();
-        assert_eq!(detail["count"], 3);
-        assert_eq!(detail["buckets"], serde_json::json!([[0.1, 1], [1.0, 2], ["+Inf", 3]]));
-        assert!(store.samples("globex", "orders").await.unwrap().is_empty());
+        for protocol in ["http", "grpc"] {
+            let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+                .with_periodic_exporter(metric_exporter(protocol, &running))
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder_empty()
+                        .with_attributes([
+                            KeyValue::new("service.name", "shop"),
+                            KeyValue::new("service.namespace", "acme"),
+                        ])
+                        .build(),
+                )
+                .build();
+            let meter = provider.meter("collector-test");
+            let orders = meter.u64_counter(format!("orders_{protocol}")).build();
+            orders.add(3, &[KeyValue::new("region", "eu")]);
+            orders.add(4, &[KeyValue::new("region", "eu")]);
+            let latency = meter.f64_histogram(format!("latency_{protocol}")).with_boundaries(vec![0.1, 1.0]).build();
+            for value in [0.05, 0.5, 2.0] {
+                latency.record(value, &[]);
+            }
+            tokio::task::spawn_blocking(move || provider.shutdown()).await.unwrap().unwrap();
 
+            let what = format!("{} over {protocol}", backend.name());
+            let counter = store.samples("acme", &format!("orders_{protocol}")).await.unwrap();
+            assert_eq!(counter.len(), 1, "{what}: {counter:?}");
+            assert_eq!((counter[0].kind, counter[0].value), ("counter", 7.0), "{what}");
+            let labels: serde_json::Value = serde_json::from_str(&counter[0].labels).unwrap();
+            assert_eq!(labels, serde_json::json!({"region": "eu", "service_name": "shop"}), "{what}");
+            let histogram = store.samples("acme", &format!("latency_{protocol}")).await.unwrap();
+            let detail: serde_json::Value = serde_json::from_str(histogram[0].histogram.as_deref().unwrap()).unwrap();
+            assert_eq!(detail["count"], 3, "{what}");
+            assert_eq!(detail["buckets"], serde_json::json!([[0.1, 1], [1.0, 2], ["+Inf", 3]]), "{what}");
+            assert!(store.samples("globex", &format!("orders_{protocol}")).await.unwrap().is_empty(), "{what}");
+        }
+
+        // One log record, as OTLP JSON twice and through the generated gRPC client once.
         let logs = serde_json::json!({"resourceLogs": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "shop"}}]},
             "scopeLogs": [{"logRecords": [{"timeUnixNano": "1700000000000000000", "severityNumber": 9, "severityText": "INFO",
             "body": {"stringValue": "order placed"}, "traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174"}]}]}]});
@@ -67,7 +88,22 @@ async fn sdk_metrics_and_json_logs_are_stored_per_tenant() {
                 .unwrap();
             assert_eq!(r.status(), 200);
         }
-        assert_eq!(store.counts("acme").await.unwrap().logs, 1, "the same record twice is stored once");
+        use opentelemetry_proto::tonic::collector::logs::v1::{
+            ExportLogsServiceRequest, logs_service_client::LogsServiceClient,
+        };
+        let request: ExportLogsServiceRequest = serde_json::from_value(logs).unwrap();
+        let mut client = LogsServiceClient::connect(format!("http://{}", running.otlp_grpc_addr))
+            .await
+            .unwrap()
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        let mut with_token = tonic::Request::new(request.clone());
+        with_token.metadata_mut().insert("authorization", "Bearer acme-token".parse().unwrap());
+        let response = client.export(with_token).await.unwrap().into_inner();
+        assert_eq!(response.partial_success, None);
+        let refused = client.export(tonic::Request::new(request)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        assert_eq!(store.counts("acme").await.unwrap().logs, 1, "the same record three times is stored once");
+        assert_eq!(store.counts("globex").await.unwrap().logs, 0);
         running.shutdown().await;
     }
 }

@@ -1,25 +1,24 @@
-//! OTLP/gRPC: the Trace, Metrics and Logs `Export` services (tonic), gzip accepted. The trace
-//! service takes the request's bytes undecoded: the sender is authenticated and checked against
-//! its quota first, then the bytes are read straight into span rows (`otlp_wire`).
+//! OTLP/gRPC: the Trace, Metrics and Logs `Export` services, gzip accepted, served as tonic's
+//! generated servers would serve them but with each request's bytes handed over undecoded: the
+//! sender is authenticated and checked against its quota first, and only then is the body
+//! decoded (traces straight into span rows by `otlp_wire`; metrics and logs through prost).
 //!
 //! Codes as the OTLP specification gives them: UNAUTHENTICATED without a valid token,
 //! INVALID_ARGUMENT for bad data, UNAVAILABLE (retryable) when the ingest queue is full, OK with
 //! `partial_success` when some items were refused.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
 use opentelemetry_proto::tonic::collector::logs::v1::{
     ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
 };
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceResponse};
+use prost::Message;
 use tonic::codec::CompressionEncoding;
 use tonic::codegen::{BoxFuture, StdError, http};
 use tonic::{Request, Response, Status};
@@ -81,82 +80,153 @@ impl Services {
         }
     }
 
-    /// The services as tonic servers, accepting gzip and bounded in message size.
-    pub fn servers(
-        self,
-        max_bytes: usize,
-    ) -> (TraceServer, MetricsServiceServer<Services>, LogsServiceServer<Services>) {
+    /// The three services as gRPC servers, accepting gzip and bounded in message size.
+    pub fn servers(self, max_bytes: usize) -> (ExportServer<Traces>, ExportServer<Metrics>, ExportServer<Logs>) {
         (
-            TraceServer { services: self.clone(), max_bytes },
-            MetricsServiceServer::new(self.clone())
-                .accept_compressed(CompressionEncoding::Gzip)
-                .max_decoding_message_size(max_bytes),
-            LogsServiceServer::new(self)
-                .accept_compressed(CompressionEncoding::Gzip)
-                .max_decoding_message_size(max_bytes),
+            ExportServer::new(self.clone(), max_bytes),
+            ExportServer::new(self.clone(), max_bytes),
+            ExportServer::new(self, max_bytes),
         )
     }
-}
 
-impl Services {
-    /// A trace export: authenticated and checked against the tenant's quota before its body is
-    /// read, then read straight into span rows ([`super::otlp_wire`]).
-    async fn export_traces(&self, request: Request<Bytes>) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let sender = self.sender(&request, "traces")?;
-        if let Err(error) = self.0.pipeline.precheck(sender.source(), false) {
-            return Err(self.refused("traces", error));
+    /// An export of signal `S`: the sender authenticated and checked against its quota before
+    /// the body is decoded; the response encoded.
+    async fn export<S: Signal>(&self, request: Request<Bytes>) -> Result<Vec<u8>, Status> {
+        let sender = self.sender(&request, S::NAME)?;
+        if let Err(error) = self.0.pipeline.precheck(sender.source(), S::SAMPLES) {
+            return Err(self.refused(S::NAME, error));
         }
-        let converted = match otlp::traces_from_protobuf(request.get_ref(), &sender) {
-            Ok(converted) => converted,
-            Err(error) => {
-                self.0.metrics.rejected.get_or_create(&RejectLabels { signal: "traces", reason: "invalid" }).inc();
-                return Err(Status::invalid_argument(error.to_string()));
-            }
-        };
-        let converted = self.store("traces", &sender, converted).await?;
-        Ok(Response::new(ExportTraceServiceResponse {
-            partial_success: (converted.rejected > 0).then(|| ExportTracePartialSuccess {
-                rejected_spans: converted.rejected as i64,
-                error_message: converted.message(),
-            }),
-        }))
+        let converted = S::decode(request.get_ref(), &sender).map_err(|error| {
+            self.0.metrics.rejected.get_or_create(&RejectLabels { signal: S::NAME, reason: "invalid" }).inc();
+            Status::invalid_argument(error)
+        })?;
+        let converted = self.store(S::NAME, &sender, converted).await?;
+        let rejected = converted.rejected as i64;
+        Ok(S::response((rejected > 0).then(|| (rejected, converted.message()))))
     }
 }
 
-/// The trace service: OTLP's `TraceService/Export`, as tonic's generated server serves it, but
-/// with the request's bytes handed over undecoded (prost's structs are not built).
-#[derive(Clone)]
-pub struct TraceServer {
+/// One of OTLP's three export services.
+pub trait Signal: Send + Sync + 'static {
+    /// The gRPC service's name.
+    const SERVICE: &'static str;
+    /// Its `Export` method's path.
+    const PATH: &'static str;
+    /// The signal, as the collector's own metrics label it.
+    const NAME: &'static str;
+    /// Whether it carries metric samples (their own quota) rather than spans or log records.
+    const SAMPLES: bool;
+    /// The request's body as rows of the sender's tenant, or why it cannot be read.
+    fn decode(body: &[u8], sender: &Sender) -> Result<Converted, String>;
+    /// The encoded response, with its partial success (items refused, why) if any.
+    fn response(partial: Option<(i64, String)>) -> Vec<u8>;
+}
+
+pub struct Traces;
+pub struct Metrics;
+pub struct Logs;
+
+impl Signal for Traces {
+    const SERVICE: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+    const PATH: &'static str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+    const NAME: &'static str = "traces";
+    const SAMPLES: bool = false;
+
+    fn decode(body: &[u8], sender: &Sender) -> Result<Converted, String> {
+        otlp::traces_from_protobuf(body, sender).map_err(|e| e.to_string())
+    }
+
+    fn response(partial: Option<(i64, String)>) -> Vec<u8> {
+        let partial_success =
+            partial.map(|(rejected_spans, error_message)| ExportTracePartialSuccess { rejected_spans, error_message });
+        ExportTraceServiceResponse { partial_success }.encode_to_vec()
+    }
+}
+
+impl Signal for Metrics {
+    const SERVICE: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+    const PATH: &'static str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+    const NAME: &'static str = "metrics";
+    const SAMPLES: bool = true;
+
+    fn decode(body: &[u8], sender: &Sender) -> Result<Converted, String> {
+        let request = ExportMetricsServiceRequest::decode(body).map_err(|e| e.to_string())?;
+        Ok(otlp::metrics(request, sender))
+    }
+
+    fn response(partial: Option<(i64, String)>) -> Vec<u8> {
+        let partial_success = partial.map(|(rejected_data_points, error_message)| ExportMetricsPartialSuccess {
+            rejected_data_points,
+            error_message,
+        });
+        ExportMetricsServiceResponse { partial_success }.encode_to_vec()
+    }
+}
+
+impl Signal for Logs {
+    const SERVICE: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+    const PATH: &'static str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+    const NAME: &'static str = "logs";
+    const SAMPLES: bool = false;
+
+    fn decode(body: &[u8], sender: &Sender) -> Result<Converted, String> {
+        let request = ExportLogsServiceRequest::decode(body).map_err(|e| e.to_string())?;
+        Ok(otlp::logs(request, sender))
+    }
+
+    fn response(partial: Option<(i64, String)>) -> Vec<u8> {
+        let partial_success = partial.map(|(rejected_log_records, error_message)| ExportLogsPartialSuccess {
+            rejected_log_records,
+            error_message,
+        });
+        ExportLogsServiceResponse { partial_success }.encode_to_vec()
+    }
+}
+
+/// The gRPC server of one export service.
+pub struct ExportServer<S> {
     services: Services,
     max_bytes: usize,
+    signal: PhantomData<fn() -> S>,
 }
 
-impl tonic::server::NamedService for TraceServer {
-    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+impl<S> ExportServer<S> {
+    fn new(services: Services, max_bytes: usize) -> Self {
+        Self { services, max_bytes, signal: PhantomData }
+    }
 }
 
-/// Requests as their bytes; responses encoded by prost.
+impl<S> Clone for ExportServer<S> {
+    fn clone(&self) -> Self {
+        Self::new(self.services.clone(), self.max_bytes)
+    }
+}
+
+impl<S: Signal> tonic::server::NamedService for ExportServer<S> {
+    const NAME: &'static str = S::SERVICE;
+}
+
+/// Messages as their bytes, both ways (requests are decoded, and responses encoded, by the
+/// handler).
 #[derive(Default)]
-struct RawRequests;
+struct Raw;
 
-impl tonic::codec::Codec for RawRequests {
-    type Encode = ExportTraceServiceResponse;
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
     type Decode = Bytes;
-    type Encoder = tonic_prost::ProstEncoder<ExportTraceServiceResponse>;
-    type Decoder = RawDecoder;
+    type Encoder = Raw;
+    type Decoder = Raw;
 
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstEncoder::default()
+    fn encoder(&mut self) -> Raw {
+        Raw
     }
 
-    fn decoder(&mut self) -> Self::Decoder {
-        RawDecoder
+    fn decoder(&mut self) -> Raw {
+        Raw
     }
 }
 
-struct RawDecoder;
-
-impl tonic::codec::Decoder for RawDecoder {
+impl tonic::codec::Decoder for Raw {
     type Item = Bytes;
     type Error = Status;
 
@@ -166,17 +236,31 @@ impl tonic::codec::Decoder for RawDecoder {
     }
 }
 
-impl tonic::server::UnaryService<Bytes> for Services {
-    type Response = ExportTraceServiceResponse;
-    type Future = BoxFuture<Response<ExportTraceServiceResponse>, Status>;
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
 
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let services = self.clone();
-        Box::pin(async move { services.export_traces(request).await })
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        use bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
     }
 }
 
-impl<B> tonic::codegen::Service<http::Request<B>> for TraceServer
+/// The handler of one request of signal `S`.
+struct Handler<S>(Services, PhantomData<fn() -> S>);
+
+impl<S: Signal> tonic::server::UnaryService<Bytes> for Handler<S> {
+    type Response = Vec<u8>;
+    type Future = BoxFuture<Response<Vec<u8>>, Status>;
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let services = self.0.clone();
+        Box::pin(async move { services.export::<S>(request).await.map(Response::new) })
+    }
+}
+
+impl<S: Signal, B> tonic::codegen::Service<http::Request<B>> for ExportServer<S>
 where
     B: tonic::codegen::Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
@@ -190,51 +274,17 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let (services, max_bytes) = (self.services.clone(), self.max_bytes);
-        if request.uri().path() != "/opentelemetry.proto.collector.trace.v1.TraceService/Export" {
+        let (handler, max_bytes) = (Handler::<S>(self.services.clone(), PhantomData), self.max_bytes);
+        if request.uri().path() != S::PATH {
             return Box::pin(async move { Ok(Status::unimplemented("no such method").into_http()) });
         }
         Box::pin(async move {
             let mut accept = tonic::codec::EnabledCompressionEncodings::default();
             accept.enable(CompressionEncoding::Gzip);
-            let mut grpc = tonic::server::Grpc::new(RawRequests)
+            let mut grpc = tonic::server::Grpc::new(Raw)
                 .apply_compression_config(accept, Default::default())
                 .apply_max_message_size_config(Some(max_bytes), None);
-            Ok(grpc.unary(services, request).await)
+            Ok(grpc.unary(handler, request).await)
         })
-    }
-}
-
-#[tonic::async_trait]
-impl MetricsService for Services {
-    async fn export(
-        &self,
-        request: Request<ExportMetricsServiceRequest>,
-    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
-        let sender = self.sender(&request, "metrics")?;
-        let converted = self.store("metrics", &sender, otlp::metrics(request.into_inner(), &sender)).await?;
-        Ok(Response::new(ExportMetricsServiceResponse {
-            partial_success: (converted.rejected > 0).then(|| ExportMetricsPartialSuccess {
-                rejected_data_points: converted.rejected as i64,
-                error_message: converted.message(),
-            }),
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl LogsService for Services {
-    async fn export(
-        &self,
-        request: Request<ExportLogsServiceRequest>,
-    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
-        let sender = self.sender(&request, "logs")?;
-        let converted = self.store("logs", &sender, otlp::logs(request.into_inner(), &sender)).await?;
-        Ok(Response::new(ExportLogsServiceResponse {
-            partial_success: (converted.rejected > 0).then(|| ExportLogsPartialSuccess {
-                rejected_log_records: converted.rejected as i64,
-                error_message: converted.message(),
-            }),
-        }))
     }
 }
