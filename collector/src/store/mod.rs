@@ -114,6 +114,14 @@ pub enum Pool {
 }
 
 impl Pool {
+    /// Whether the pool was closed (its owner is done with the database).
+    pub(crate) fn is_closed(&self) -> bool {
+        match self {
+            Pool::Sqlite(pool) => pool.is_closed(),
+            Pool::Postgres(pool) => pool.is_closed(),
+        }
+    }
+
     /// `sql` (with `?` placeholders) in this backend's syntax.
     pub(crate) fn sql(&self, sql: &str) -> AssertSqlSafe<String> {
         match self {

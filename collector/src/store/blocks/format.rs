@@ -22,6 +22,7 @@ use parquet::schema::parser::parse_message_type;
 use parquet::schema::types::ColumnPath;
 
 use crate::model::SpanRow;
+use crate::store::MeteredSpan;
 
 /// Rows per row group: the unit a reader skips or decodes.
 pub const ROW_GROUP_ROWS: usize = 4_096;
@@ -500,6 +501,56 @@ impl Block {
                 end_ns: ends[i],
             })
             .collect())
+    }
+
+    /// What billing reads of the metered spans that arrived in `(received.0, received.1]` and
+    /// whose name passes `named`: eight columns, the others (events, links, resource, …) not
+    /// decoded, and strings copied for those spans only.
+    pub fn metered(&self, received: (i64, i64), named: impl Fn(&str) -> bool) -> Result<Vec<MeteredSpan>, BlockError> {
+        let filter = Filter { received_ms: Some(received), ..Filter::default() };
+        let mut out = Vec::new();
+        for g in (0..self.reader.num_row_groups()).filter(|g| self.may_hold(*g, &filter)) {
+            let group = self.reader.get_row_group(g)?;
+            let rows = group.metadata().num_rows() as usize;
+            let (arrived, _) = column::<Int64Type>(&*group, col::RECEIVED, rows)?;
+            let (metered, _) = column::<BoolType>(&*group, col::METERED, rows)?;
+            let (names, _) = column::<ByteArrayType>(&*group, col::NAME, rows)?;
+            if [arrived.len(), metered.len(), names.len()].iter().any(|n| *n != rows) {
+                return Err(corrupt(&self.path, "a column is shorter than its row group"));
+            }
+            let keep: Vec<usize> = (0..rows)
+                .filter(|&i| {
+                    metered[i]
+                        && arrived[i] > received.0
+                        && arrived[i] <= received.1
+                        && std::str::from_utf8(names[i].data()).is_ok_and(&named)
+                })
+                .collect();
+            if keep.is_empty() {
+                continue;
+            }
+            let (tenants, _) = column::<ByteArrayType>(&*group, col::TENANT, rows)?;
+            let (traces, _) = column::<FixedLenByteArrayType>(&*group, col::TRACE, rows)?;
+            let (spans, _) = column::<FixedLenByteArrayType>(&*group, col::SPAN, rows)?;
+            let (starts, _) = column::<Int64Type>(&*group, col::START, rows)?;
+            let (ends, _) = column::<Int64Type>(&*group, col::END, rows)?;
+            let (attributes, _) = column::<ByteArrayType>(&*group, col::ATTRIBUTES, rows)?;
+            let lengths = [tenants.len(), traces.len(), spans.len(), starts.len(), ends.len(), attributes.len()];
+            if lengths.iter().any(|n| *n != rows) {
+                return Err(corrupt(&self.path, "a column is shorter than its row group"));
+            }
+            out.extend(keep.into_iter().map(|i| MeteredSpan {
+                tenant: utf8(&tenants[i]),
+                trace_id: crate::receivers::otlp::lower_hex(traces[i].data()),
+                span_id: crate::receivers::otlp::lower_hex(spans[i].data()),
+                name: utf8(&names[i]),
+                start_ns: starts[i],
+                end_ns: ends[i],
+                received_ms: arrived[i],
+                attributes: utf8(&attributes[i]),
+            }));
+        }
+        Ok(out)
     }
 
     /// Whether row group `g` may hold rows that pass `filter`, by its statistics.

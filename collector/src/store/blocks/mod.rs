@@ -49,17 +49,21 @@ struct Head {
 #[derive(Default)]
 struct TenantHead {
     spans: Vec<Stored>,
-    /// The (trace id, span id) of every span in `spans`, as bytes.
-    keys: HashSet<[u8; 24]>,
+    /// The identity ([`key`]) of every span in `spans`.
+    keys: HashSet<[u8; 25]>,
     /// The service names of `spans`.
     services: std::collections::BTreeSet<String>,
 }
 
-/// A span's identity within its tenant: its trace and span ids' bytes (validated hex).
-fn key(span: &SpanRow) -> [u8; 24] {
-    let mut key = [0u8; 24];
+/// A span's identity within its tenant: its trace and span ids' bytes (validated hex), and
+/// whether the platform metered it. A tenant's own span never takes a metered span's identity:
+/// a function knows its invocation span's ids (its `traceparent`), and a copy its tenant sent
+/// first must not make the platform's metered span a duplicate, dropped unbilled.
+fn key(span: &SpanRow) -> [u8; 25] {
+    let mut key = [0u8; 25];
     let _ = hex::decode_to_slice(&span.trace_id, &mut key[..16]);
-    let _ = hex::decode_to_slice(&span.span_id, &mut key[16..]);
+    let _ = hex::decode_to_slice(&span.span_id, &mut key[16..24]);
+    key[24] = u8::from(span.metered);
     key
 }
 
@@ -279,7 +283,7 @@ impl SpanBlocks {
             sealing_soon: std::sync::atomic::AtomicBool::new(false),
             seals: std::sync::atomic::AtomicU64::new(0),
         });
-        // Seals by age, while these blocks are open and a runtime runs.
+        // Seals by age and merges, while these blocks are open, their database is, and a runtime runs.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let me = Arc::downgrade(&blocks);
             runtime.spawn(async move {
@@ -289,6 +293,9 @@ impl SpanBlocks {
                 loop {
                     tick.tick().await;
                     let Some(blocks) = me.upgrade() else { return };
+                    if blocks.pool.is_closed() {
+                        return; // the store's owner closed its database
+                    }
                     if blocks.head_age().is_some_and(|age| age >= SEAL_AGE)
                         && let Err(error) = blocks.seal().await
                     {
@@ -992,6 +999,43 @@ mod tests {
         let one = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
         assert!(!root.join(format!("spans/{id}-merged-in-a-crash.parquet")).exists());
         assert_eq!(all(&one, "acme").await, acme);
+    }
+
+    /// A function knows its invocation span's ids (its `traceparent`); its tenant sending a
+    /// span with those ids first, under its own token, must not make the platform's metered
+    /// span a duplicate: in the head, in blocks, or in a merge.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenants_copy_of_a_metered_spans_ids_never_hides_it_from_billing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TelemetryStore::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        let blocks = SpanBlocks::open(&dir.path().join("blocks"), store.pool.clone(), None).await.unwrap();
+        let metered = |i: usize| SpanRow { name: "invoke f".into(), metered: true, ..span("acme", i) };
+        let forged = |i: usize| SpanRow { name: "invoke f".into(), ..span("acme", i) };
+        let billed = |blocks: Arc<SpanBlocks>| async move {
+            let mut ids: Vec<String> =
+                blocks.metered_spans(i64::MIN, i64::MAX).await.unwrap().into_iter().map(|s| s.span_id).collect();
+            ids.sort();
+            ids
+        };
+        let expected: Vec<String> = (0..4).map(|i| metered(i).span_id).collect();
+        // The forgeries first, in the head, then sealed; the metered spans after each.
+        blocks.write(&[forged(0), forged(1)], 10).unwrap();
+        assert_eq!(blocks.write(&[metered(0)], 11).unwrap().0, 1, "not a duplicate of the tenant's span");
+        blocks.seal().await.unwrap();
+        assert_eq!(blocks.write(&[metered(1)], 12).unwrap().0, 1, "nor of one in a block");
+        blocks.write(&[forged(2), forged(3)], 13).unwrap();
+        blocks.seal().await.unwrap();
+        blocks.write(&[metered(2), metered(3)], 14).unwrap();
+        assert_eq!(blocks.write(&[metered(3)], 15).unwrap().0, 0, "a metered span delivered again is one");
+        assert_eq!(billed(blocks.clone()).await, expected);
+        blocks.seal().await.unwrap();
+        for i in 4..8 {
+            blocks.write(&[forged(i * 10)], 20).unwrap();
+            blocks.seal().await.unwrap();
+        }
+        assert!(blocks.merge_all().await.unwrap() > 0);
+        assert_eq!(billed(blocks.clone()).await, expected, "after the merge");
+        assert_eq!(all(&blocks, "acme").await.len(), 12, "the tenant's own spans stay too, as its own");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use sqlx::AssertSqlSafe;
 
-use super::format::{Filter, Stored};
+use super::format::Filter;
 use super::{Bind, Pool, SpanBlocks, blocking, rows};
 use crate::model::SpanRow;
 use crate::store::StoreError;
@@ -214,25 +214,46 @@ impl SpanBlocks {
         Ok(out)
     }
 
-    /// The metered spans of every tenant that arrived in `(after_ms, upto_ms]`.
+    /// The metered spans of every tenant that arrived in `(after_ms, upto_ms]`, one per
+    /// identity (the first found, as [`Self::read`] keeps).
     pub async fn metered_spans(&self, after_ms: i64, upto_ms: i64) -> Result<Vec<MeteredSpan>, StoreError> {
         let arrived = Filter { received_ms: Some((after_ms, upto_ms)), ..Filter::default() };
-        Ok(self
-            .scan(None, &arrived)
-            .await?
-            .into_iter()
-            .filter(|s| s.span.metered && is_metered_name(&s.span.name))
-            .map(|Stored { span, received_ms }| MeteredSpan {
-                tenant: span.tenant,
-                trace_id: span.trace_id,
-                span_id: span.span_id,
-                name: span.name,
-                start_ns: span.start_ns,
-                end_ns: span.end_ns,
-                received_ms,
-                attributes: span.attributes,
-            })
-            .collect())
+        let mut out = Vec::new();
+        self.each_unsealed(None, &mut |s| {
+            if s.span.metered && arrived.keeps(s) && is_metered_name(&s.span.name) {
+                out.push(MeteredSpan {
+                    tenant: s.span.tenant.clone(),
+                    trace_id: s.span.trace_id.clone(),
+                    span_id: s.span.span_id.clone(),
+                    name: s.span.name.clone(),
+                    start_ns: s.span.start_ns,
+                    end_ns: s.span.end_ns,
+                    received_ms: s.received_ms,
+                    attributes: s.span.attributes.clone(),
+                });
+            }
+        })?;
+        for listed in super::blocks_of(&self.pool, None, &arrived).await? {
+            let block = self.block(&listed.location).await;
+            let found = match block.and_then(|block| blocking(|| block.metered((after_ms, upto_ms), is_metered_name))) {
+                Ok(found) => found,
+                // Retired by retention since the catalog was read.
+                Err(super::BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(StoreError::Blocks(error)),
+            };
+            // The catalog says whose a block is; the rows say it again.
+            out.extend(found.into_iter().filter(|s| s.tenant == listed.tenant));
+        }
+        let first: Vec<bool> = {
+            let mut seen = HashSet::new();
+            out.iter().map(|s| seen.insert((s.tenant.as_str(), s.trace_id.as_str(), s.span_id.as_str()))).collect()
+        };
+        let mut i = 0;
+        out.retain(|_| {
+            i += 1;
+            first[i - 1]
+        });
+        Ok(out)
     }
 
     /// Where a chunk of `spans` metered spans after `watermark_ms` ends (ms of arrival; the rest
