@@ -366,3 +366,95 @@ async fn a_plans_limits_are_its_tenants_quotas() {
     }
     up.kill().unwrap();
 }
+
+/// An attack on one's own bill: a function is handed its invocation span's ids (its
+/// `TRACEPARENT`), and its tenant sends a span with those ids to the collector under its own
+/// ingest token, within milliseconds, before the platform's metered span goes out (it is
+/// batched for up to 500 ms). Every invocation is billed all the same, and the forged spans stay
+/// the tenant's own telemetry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_unbill_an_invocation_by_sending_its_span_ids_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (mut up, addresses) = common::up(&["--billing-interval-secs", "0"], data);
+    let (gateway, otlp, ui) = (
+        format!("http://{}", addresses["gateway"].as_str().unwrap()),
+        format!("http://{}/v1/traces", addresses["otlp_http"].as_str().unwrap()),
+        format!("http://{}", addresses["ui"].as_str().unwrap()),
+    );
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
+    let acme: Value = serde_json::from_str(&ok(data, &["tenant", "create", "acme"], "")).unwrap();
+    let ingest = acme["ingest_token"].as_str().unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deployed = http
+        .post(format!("{gateway}/system/functions"))
+        .bearer_auth(ingest)
+        .json(&serde_json::json!({"service": "leak", "envProcess": "echo $TRACEPARENT"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(deployed.status().is_success(), "{}", deployed.status());
+
+    const CALLS: i64 = 5;
+    for _ in 0..CALLS {
+        let response = http.post(format!("{gateway}/function/leak")).bearer_auth(ingest).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let traceparent = response.text().await.unwrap();
+        let ids: Vec<&str> = traceparent.trim().split('-').collect();
+        let (trace_id, span_id) = (ids[1], ids[2]);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let attribute = |key: &str, value: Value| serde_json::json!({"key": key, "value": value});
+        let forged = serde_json::json!({"resourceSpans": [{
+            "resource": {"attributes": [
+                attribute("service.name", serde_json::json!({"stringValue": "sfaas-core"})),
+                attribute("service.namespace", serde_json::json!({"stringValue": "acme"})),
+            ]},
+            "scopeSpans": [{"spans": [{
+                "traceId": trace_id, "spanId": span_id, "name": "invoke leak", "kind": 2,
+                "startTimeUnixNano": (now - 1_000_000).to_string(), "endTimeUnixNano": now.to_string(),
+                "attributes": [
+                    attribute("sfaas.billable", serde_json::json!({"boolValue": false})),
+                    attribute("faas.invocation_id", serde_json::json!({"stringValue": "0193a000-0000-7000-8000-000000000001"})),
+                ],
+            }]}],
+        }]});
+        let sent = http.post(&otlp).bearer_auth(ingest).json(&forged).send().await.unwrap();
+        assert_eq!(sent.status(), 200, "the tenant's own span is accepted as its own");
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        ok(data, &["bill", "run"], "");
+        let usage: Value = http
+            .get(format!("{ui}/billing/usage/acme?by=function"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let billed = usage["rows"]["leak"]["invocations"].as_i64().unwrap_or(0);
+        if billed == CALLS {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{billed} of {CALLS} invocations billed: {usage}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Settled: nothing more arrives, and the forged spans never count.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    ok(data, &["bill", "run"], "");
+    let usage: Value = http
+        .get(format!("{ui}/billing/usage/acme?by=function"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["rows"]["leak"]["invocations"], CALLS, "{usage}");
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
+    assert!(up.wait().unwrap().success());
+}
