@@ -201,7 +201,12 @@ async fn streamed_records_load_exactly_the_generators_aggregates() {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
-        assert_eq!(received, 6000, "{tenant}: every record reached the load stage once");
+        assert_eq!(
+            received,
+            6000,
+            "{tenant}: every record reached the load stage once; {}",
+            common::log_tail("core", data, 40)
+        );
         assert_eq!(windows, expected.windows, "{tenant} ({transport}): the loaded aggregates");
     }
 

@@ -31,13 +31,28 @@ pub fn serve(component: &str, args: &[&str], data_dir: &std::path::Path) -> (std
         .arg(data_dir)
         .env_remove("SFAAS_ADMIN_TOKEN")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(server_log(component, data_dir))
         .spawn()
         .unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addresses = serde_json::from_str(&line).expect("the first stdout line is the addresses JSON");
     (child, addresses)
+}
+
+/// Where a server's stderr goes: `DATA_DIR/<component>.log` (read by [`log_tail`]).
+fn server_log(component: &str, data_dir: &std::path::Path) -> std::process::Stdio {
+    std::fs::create_dir_all(data_dir).unwrap();
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join(format!("{component}.log")));
+    file.map_or_else(|_| std::process::Stdio::null(), std::process::Stdio::from)
+}
+
+/// The last lines a server started by [`serve`] wrote to stderr, for a failing assertion's
+/// message.
+pub fn log_tail(component: &str, data_dir: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(data_dir.join(format!("{component}.log"))).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    format!("last lines of {component}'s log:\n{}", all[all.len().saturating_sub(lines)..].join("\n"))
 }
 
 /// `sfaas up` with every listener on a free port, plus `args`.
