@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use stateful_faas_core::function::cgroup::{CgroupConfig, GroupLimits};
 use stateful_faas_core::function::sandbox::SandboxConfig;
 use stateful_faas_core::telemetry::OtlpProtocol;
+use stateful_faas_core::tenant::{Principal, Scope};
 use stateful_faas_core::{Core, CoreConfig};
 
 #[derive(Parser)]
@@ -1123,8 +1124,6 @@ enum Tokens {
     Core(std::sync::Arc<stateful_faas_core::tenant::TenantStore>),
     Published(std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, Principal>>>),
 }
-
-use stateful_faas_core::tenant::{Principal, Scope};
 
 impl Tokens {
     fn principal(&self, authorization: &str) -> Option<Principal> {

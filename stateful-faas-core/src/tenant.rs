@@ -204,14 +204,6 @@ impl TenantStore {
         })
     }
 
-    /// Re-reads the tokens, for a process that shares the database with the core that creates
-    /// them (`sfaas collector`).
-    pub async fn reload(&self) -> Result<(), TenantError> {
-        let tokens = read_tokens(&self.pool).await?;
-        *self.tokens.write().unwrap() = tokens;
-        Ok(())
-    }
-
     /// Who a presented token belongs to, if anyone.
     pub fn authenticate(&self, token: &str) -> Option<Principal> {
         let hash = hash_token(token);
