@@ -88,9 +88,38 @@ fn batch_id(context: &BuiltinContext<'_>) -> String {
     context.invocation.job.clone().unwrap_or_else(|| context.invocation.call_id.clone())
 }
 
+/// The client of the S3 transport. Idle connections are dropped after 4 s: S3-compatible
+/// servers close theirs after a few seconds (Node's, s3rver's, after 5), and a request sent on a
+/// connection the server is closing fails without an answer.
 fn http() -> &'static reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| reqwest::Client::builder().no_proxy().build().expect("a plain HTTP client builds"))
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .no_proxy()
+            .pool_idle_timeout(std::time::Duration::from_secs(4))
+            .build()
+            .expect("a plain HTTP client builds")
+    })
+}
+
+/// An S3 request (GET, PUT and DELETE are idempotent), tried up to three times, as S3 clients
+/// do, when it got no answer or a 500 or 503 (S3's "try again"); the last answer or error.
+async fn s3(method: reqwest::Method, url: &str, body: Option<&[u8]>) -> Result<reqwest::Response, String> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut request = http().request(method.clone(), url);
+        if let Some(body) = body {
+            request = request.body(body.to_vec());
+        }
+        match request.send().await {
+            Ok(response) if attempt == 3 || !matches!(response.status().as_u16(), 500 | 503) => return Ok(response),
+            Err(error) if attempt == 3 => return Err(format!("S3 {method} {url}: {error}")),
+            Ok(response) => tracing::debug!(status = %response.status(), url, attempt, "S3 asks to try again"),
+            Err(error) => tracing::debug!(%error, url, attempt, "S3 request got no answer; trying again"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+    }
 }
 
 /// Runs async work from a builtin (always on a blocking thread: these are `Blocking`).
@@ -130,12 +159,12 @@ fn receive(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
         }
         ("s3", _, Some(url)) => block_on(async {
             let url = s3_object(context, &url)?;
-            let response = http().get(&url).send().await.map_err(|e| format!("S3 GET {url}: {e}"))?;
+            let response = s3(reqwest::Method::GET, &url, None).await?;
             if !response.status().is_success() {
                 return Err(format!("S3 GET {url}: {}", response.status()));
             }
             let data = response.bytes().await.map_err(|e| format!("S3 GET {url}: {e}"))?;
-            let _ = http().delete(&url).send().await;
+            let _ = s3(reqwest::Method::DELETE, &url, None).await;
             Ok(data)
         }),
         _ => Err("a reference names `state` with a key, or `s3` with a url".into()),
@@ -174,7 +203,7 @@ fn send(context: &BuiltinContext<'_>, stage: &str, data: Vec<u8>) -> Result<Byte
         Transport::S3(bucket) => {
             let url = s3_object(context, &format!("{bucket}/{}/{stage}", batch_id(context)))?;
             block_on(async {
-                let response = http().put(&url).body(data).send().await.map_err(|e| format!("S3 PUT {url}: {e}"))?;
+                let response = s3(reqwest::Method::PUT, &url, Some(&data)).await?;
                 if !response.status().is_success() {
                     return Err(format!("S3 PUT {url}: {}", response.status()));
                 }
