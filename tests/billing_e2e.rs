@@ -422,19 +422,16 @@ async fn a_tenant_cannot_unbill_an_invocation_by_sending_its_span_ids_first() {
         assert_eq!(sent.status(), 200, "the tenant's own span is accepted as its own");
     }
 
+    // Bills what arrived, then reads acme's invocations of `leak`.
+    let billed = || async {
+        ok(data, &["bill", "run"], "");
+        let request = http.get(format!("{ui}/billing/usage/acme?by=function")).bearer_auth(&admin);
+        let usage: Value = request.send().await.unwrap().json().await.unwrap();
+        (usage["rows"]["leak"]["invocations"].as_i64().unwrap_or(0), usage)
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        ok(data, &["bill", "run"], "");
-        let usage: Value = http
-            .get(format!("{ui}/billing/usage/acme?by=function"))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let billed = usage["rows"]["leak"]["invocations"].as_i64().unwrap_or(0);
+        let (billed, usage) = billed().await;
         if billed == CALLS {
             break;
         }
@@ -443,16 +440,7 @@ async fn a_tenant_cannot_unbill_an_invocation_by_sending_its_span_ids_first() {
     }
     // Settled: nothing more arrives, and the forged spans never count.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    ok(data, &["bill", "run"], "");
-    let usage: Value = http
-        .get(format!("{ui}/billing/usage/acme?by=function"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, usage) = billed().await;
     assert_eq!(usage["rows"]["leak"]["invocations"], CALLS, "{usage}");
     // SAFETY: kill sends a signal to our own child.
     unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
