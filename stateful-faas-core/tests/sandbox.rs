@@ -91,8 +91,13 @@ async fn a_builtin_past_its_timeout_is_billed_for_all_it_burned() {
     core.deploy(&acme, json!({"service": "burn", "builtin": "cpu-burn", "envVars": {"exec_timeout": "100ms"}})).await;
     let response = core.invoke(&acme.ingest, "burn", "400").await;
     assert_eq!(response.status(), 504);
-    // The thread burns on; its span is written when it ends.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The thread burns on; its span is written when it ends (later than 400 ms of wall time on
+    // a loaded machine: waited for, not slept on).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !spans(&received.requests.lock().unwrap()).iter().any(|(_, _, s)| s.name == "invoke burn") {
+        assert!(std::time::Instant::now() < deadline, "the timed-out call's span never came");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     core.stop().await;
     let spans = spans(&received.requests.lock().unwrap());
     let (_, _, span) = spans.iter().find(|(_, _, s)| s.name == "invoke burn").expect("the span of the timed-out call");
