@@ -501,6 +501,16 @@ impl SpanBlocks {
 
     /// The block at `location`, opened once (and downloaded first from the object store, when
     /// blocks go to one and this host's cache does not hold it).
+    /// A block the catalog listed, open; `None` when retention or a merge removed it since the
+    /// catalog was read.
+    async fn listed_block(&self, location: &str) -> Result<Option<Arc<Block>>, StoreError> {
+        match self.block(location).await {
+            Ok(block) => Ok(Some(block)),
+            Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(StoreError::Blocks(error)),
+        }
+    }
+
     async fn block(&self, location: &str) -> Result<Arc<Block>, BlockError> {
         if let Some(block) = self.opened.lock().unwrap_or_else(|e| e.into_inner()).get(location) {
             if let Some(remote) = &self.remote {
@@ -655,13 +665,8 @@ impl SpanBlocks {
     async fn scan(&self, tenant: Option<&str>, filter: &Filter<'_>) -> Result<Vec<Stored>, StoreError> {
         let mut out = self.unsealed(tenant, |s| filter.keeps(s))?;
         for listed in blocks_of(&self.pool, tenant, filter).await? {
-            let block = self.block(&listed.location).await;
-            let found = match block.and_then(|block| blocking(|| block.read(filter))) {
-                Ok(found) => found,
-                // Retired by retention since the catalog was read.
-                Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(error) => return Err(StoreError::Blocks(error)),
-            };
+            let Some(block) = self.listed_block(&listed.location).await? else { continue };
+            let found = blocking(|| block.read(filter)).map_err(StoreError::Blocks)?;
             // The catalog says whose a block is; the rows say it again.
             out.extend(found.into_iter().filter(|s| s.span.tenant == listed.tenant));
         }

@@ -129,11 +129,7 @@ impl SpanBlocks {
             if bar(&mut found).is_some_and(|bar| listed.max_start_ns < bar) {
                 break;
             }
-            let block = match self.block(&listed.location).await {
-                Ok(block) => block,
-                Err(super::BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(error) => return Err(StoreError::Blocks(error)),
-            };
+            let Some(block) = self.listed_block(&listed.location).await? else { continue };
             for (group, latest) in block.groups_newest_first() {
                 if bar(&mut found).is_some_and(|bar| latest < bar) {
                     continue 'blocks;
@@ -234,13 +230,8 @@ impl SpanBlocks {
             }
         })?;
         for listed in super::blocks_of(&self.pool, None, &arrived).await? {
-            let block = self.block(&listed.location).await;
-            let found = match block.and_then(|block| blocking(|| block.metered((after_ms, upto_ms), is_metered_name))) {
-                Ok(found) => found,
-                // Retired by retention since the catalog was read.
-                Err(super::BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(error) => return Err(StoreError::Blocks(error)),
-            };
+            let Some(block) = self.listed_block(&listed.location).await? else { continue };
+            let found = blocking(|| block.metered((after_ms, upto_ms), is_metered_name)).map_err(StoreError::Blocks)?;
             // The catalog says whose a block is; the rows say it again.
             out.extend(found.into_iter().filter(|s| s.tenant == listed.tenant));
         }
