@@ -21,7 +21,6 @@ use collector::store::TelemetryStore;
 
 use crate::Billing;
 use crate::db::{on_pool, value_groups};
-use crate::extract::INSERT_RECORDS;
 use crate::period::{Period, PeriodKind};
 
 const TENANTS: usize = 100;
@@ -99,13 +98,14 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
     let started = Instant::now();
     billing.run(None).await?;
     writeln!(out, "  idle run (nothing new): {:.1} ms", started.elapsed().as_secs_f64() * 1000.0)?;
-    // The floor: the same number of records written straight into the table.
+    // The row store's floor: as many records written straight into a table of rows.
     let started = Instant::now();
     insert_invocations(&billing, invocations + new..invocations + 2 * new, start, step).await?;
     let raw = started.elapsed();
     writeln!(
         out,
-        "  raw inserts of {new} usage records (multi-row INSERT, no extraction): {:.3} s ({:.0} records/s); \
+        "  raw inserts of {new} usage records into an empty table of rows (multi-row INSERT, no \
+         extraction): {:.3} s ({:.0} records/s); \
          incremental / raw: {:.1}×",
         raw.as_secs_f64(),
         new as f64 / raw.as_secs_f64(),
@@ -193,14 +193,26 @@ async fn measured<T>(phase: impl Future<Output = crate::Result<T>>) -> anyhow::R
 const BATCH: usize = 5000;
 const HOUR_NS: i64 = 3_600_000_000_000;
 
-/// The floor: invocation records `ids` written straight into the table with multi-row inserts
-/// (1000 rows per statement, 50 statements per transaction).
+/// The columns of a usage record as a row (the layout before segments).
+const RAW_COLUMNS: &str = "tenant TEXT NOT NULL, usage_id TEXT NOT NULL, kind TEXT NOT NULL, function TEXT NOT NULL, \
+    flow_run TEXT, trace_id TEXT NOT NULL, span_id TEXT NOT NULL, start_ns BIGINT NOT NULL, end_ns BIGINT NOT NULL, \
+    cpu_ms BIGINT NOT NULL, wall_ms BIGINT NOT NULL, memory_peak_bytes BIGINT NOT NULL, bytes_in BIGINT NOT NULL, \
+    bytes_out BIGINT NOT NULL, status_code BIGINT NOT NULL, state_byte_seconds TEXT NOT NULL, period TEXT NOT NULL, \
+    billed_period TEXT NOT NULL, plan TEXT NOT NULL, received_ms BIGINT NOT NULL, call_id TEXT, \
+    PRIMARY KEY (tenant, usage_id)";
+
+/// The row store's floor: invocation records `ids` written straight into a table of rows
+/// (`bench_usage_rows`, the layout before segments) with multi-row inserts (1000 rows per
+/// statement, 50 statements per transaction).
 async fn insert_invocations(
     billing: &Billing,
     ids: std::ops::Range<usize>,
     start: i64,
     step: i64,
 ) -> anyhow::Result<()> {
+    let without_rowid = if matches!(billing.db(), crate::db::Db::Sqlite(_)) { " WITHOUT ROWID" } else { "" };
+    let create = format!("CREATE TABLE IF NOT EXISTS bench_usage_rows ({RAW_COLUMNS}){without_rowid}");
+    on_pool!(billing.db(), pool => sqlx::query(sqlx::AssertSqlSafe(create)).execute(pool).await.map(drop)?);
     const ROWS: usize = 1000;
     let period = Period::containing(PeriodKind::Month, start).key();
     let (mut done, invocations) = (ids.start, ids.end);
@@ -213,7 +225,8 @@ async fn insert_invocations(
                     break;
                 }
                 let rows = ROWS.min(invocations - done);
-                let mut query = sqlx::query(billing.db().sql(&format!("{INSERT_RECORDS}{}", value_groups(rows, 21))));
+                let text = format!("INSERT INTO bench_usage_rows VALUES {}", value_groups(rows, 21));
+                let mut query = sqlx::query(billing.db().sql(&text));
                 for i in done..done + rows {
                     let tenant = format!("t{:03}", i % TENANTS);
                     let function = format!("f{}", (i / TENANTS) % FUNCTIONS_PER_TENANT);

@@ -26,7 +26,7 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
-fn migrator(sqls: [&'static str; 2]) -> Migrator {
+fn migrator(sqls: [&'static str; 3]) -> Migrator {
     let migrations = sqls
         .into_iter()
         .zip(1..)
@@ -47,6 +47,7 @@ impl Db {
                 migrator([
                     include_str!("../../migrations/sqlite/billing_0001_billing.sql"),
                     include_str!("../../migrations/sqlite/billing_0002_call_id.sql"),
+                    include_str!("../../migrations/sqlite/billing_0003_usage_segments.sql"),
                 ])
                 .run(pool)
                 .await?;
@@ -56,6 +57,7 @@ impl Db {
                 migrator([
                     include_str!("../../migrations/postgres/billing_0001_billing.sql"),
                     include_str!("../../migrations/postgres/billing_0002_call_id.sql"),
+                    include_str!("../../migrations/postgres/billing_0003_usage_segments.sql"),
                 ])
                 .run(pool)
                 .await?;

@@ -2,8 +2,8 @@
 //! the watermark.
 //!
 //! The chunk's metered `invoke`/`state.usage` spans are read as stored; the rules below are
-//! applied in Rust, once for both databases; the records are inserted in key order with
-//! `ON CONFLICT DO NOTHING`, and those that were new are added to the running totals.
+//! applied in Rust, once for both databases; the records whose (tenant, usage id) is new are
+//! stored as segments (`segments.rs`) and added to the running totals.
 //!
 //! What makes a span billable (DESIGN.md §4): an `invoke <function>` span with
 //! `sfaas.billable = true` and a `faas.invocation_id`, or a `state.usage` span with a
@@ -27,7 +27,8 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use collector::store::{MeteredSpan as Span, TelemetryStore};
 
-use crate::db::{Db, on_pool, value_groups};
+use crate::db::{Db, on_pool};
+use crate::segments::{KeyCache, New};
 use crate::period::{Period, PeriodKind};
 use crate::usage::{Kind, Totals, TotalsKey};
 use crate::{BillingError, Result};
@@ -44,13 +45,6 @@ pub struct Chunk {
     pub records: u64,
     pub late_records: u64,
 }
-
-/// Columns of [`INSERT_RECORDS`].
-const COLUMNS: usize = 21;
-
-pub(crate) const INSERT_RECORDS: &str = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, \
-     span_id, start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, \
-     state_byte_seconds, period, billed_period, plan, received_ms, call_id) VALUES ";
 
 /// One attribute value, as far as extraction reads it.
 #[derive(Debug, Default)]
@@ -201,33 +195,30 @@ impl Record {
         (self.span.received_ms, &self.span.trace_id, &self.span.span_id)
     }
 
-    fn values<'a>(&'a self, billed: &Billed<'a>) -> [collector::sqlite::Value<'a>; COLUMNS] {
-        use collector::sqlite::Value::{Int, Null, Text};
-        let s = &self.span;
-        let f = self.figures;
-        [
-            Text(&s.tenant),
-            Text(&self.usage_id),
-            Text(self.kind.as_str()),
-            Text(&self.function),
-            self.flow_run.as_deref().map_or(Null, Text),
-            Text(&s.trace_id),
-            Text(&s.span_id),
-            Int(s.start_ns),
-            Int(s.end_ns),
-            Int(f.cpu_ms),
-            Int(f.wall_ms),
-            Int(f.memory_peak_bytes),
-            Int(f.bytes_in),
-            Int(f.bytes_out),
-            Int(f.status_code),
-            Text(&self.state.0),
-            Text(billed.period),
-            Text(billed.billed_period),
-            Text(billed.plan),
-            Int(s.received_ms),
-            self.call_id.as_deref().map_or(Null, Text),
-        ]
+    /// The record as a segment stores it, billed where `billed` says.
+    fn stored<'a>(&'a self, billed: &Billed<'a>) -> crate::segments::Stored<'a> {
+        let (s, f) = (&self.span, self.figures);
+        crate::segments::Stored {
+            usage_id: &self.usage_id,
+            kind: self.kind,
+            function: &self.function,
+            flow_run: self.flow_run.as_deref(),
+            call_id: self.call_id.as_deref(),
+            trace_id: &s.trace_id,
+            span_id: &s.span_id,
+            start_ns: s.start_ns,
+            end_ns: s.end_ns,
+            cpu_ms: f.cpu_ms,
+            wall_ms: f.wall_ms,
+            memory_peak_bytes: f.memory_peak_bytes,
+            bytes_in: f.bytes_in,
+            bytes_out: f.bytes_out,
+            status_code: f.status_code,
+            state: &self.state.0,
+            period: billed.period,
+            plan: billed.plan,
+            received_ms: s.received_ms,
+        }
     }
 }
 
@@ -392,71 +383,6 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
     (out, candidates, malformed)
 }
 
-/// Reads the chunk's metered spans on SQLite through its C API.
-/// Inserting usage records, per backend: SQLite through its C API (sqlx hands each row over
-/// from its worker thread and copies each bound value), PostgreSQL through sqlx. The rules are
-/// the same Rust; the backend is chosen when the caller is compiled for each pool.
-trait InsertRecords {
-    /// Inserts the records, each where it is billed; true for each one that was new.
-    async fn insert_records(&mut self, db: &Db, records: &[Record], billed: &[Billed<'_>]) -> Result<Vec<bool>>;
-}
-
-impl InsertRecords for sqlx::SqliteConnection {
-    async fn insert_records(&mut self, _: &Db, records: &[Record], billed: &[Billed<'_>]) -> Result<Vec<bool>> {
-        collector::sqlite::run(self, |db| insert_sqlite(db, records, billed)).await.map_err(BillingError::Sqlite)
-    }
-}
-
-impl InsertRecords for sqlx::PgConnection {
-    async fn insert_records(&mut self, db: &Db, records: &[Record], billed: &[Billed<'_>]) -> Result<Vec<bool>> {
-        insert_postgres(self, db, records, billed).await
-    }
-}
-
-/// Inserts the records on SQLite through its C API, each where it is billed; true for each one
-/// that was new.
-fn insert_sqlite(
-    db: &collector::sqlite::Connection,
-    records: &[Record],
-    billed: &[Billed],
-) -> Result<Vec<bool>, String> {
-    let mut statement = db.prepare(&format!("{INSERT_RECORDS}{} ON CONFLICT DO NOTHING", value_groups(1, COLUMNS)))?;
-    records.iter().zip(billed).map(|(record, billed)| Ok(statement.execute(&record.values(billed))? == 1)).collect()
-}
-
-/// Inserts the records on PostgreSQL, each where it is billed, a statement per
-/// [`crate::ROWS_PER_STATEMENT`]; true for each one that was new.
-async fn insert_postgres(
-    connection: &mut sqlx::PgConnection,
-    db: &Db,
-    records: &[Record],
-    billed: &[Billed<'_>],
-) -> Result<Vec<bool>> {
-    use collector::sqlite::Value;
-    let mut new = Vec::with_capacity(records.len());
-    for (part, billed) in records.chunks(crate::ROWS_PER_STATEMENT).zip(billed.chunks(crate::ROWS_PER_STATEMENT)) {
-        let sql = format!(
-            "{INSERT_RECORDS}{} ON CONFLICT DO NOTHING RETURNING tenant, usage_id",
-            value_groups(part.len(), COLUMNS)
-        );
-        let mut query = sqlx::query_as::<_, (String, String)>(db.sql(&sql));
-        for (record, billed) in part.iter().zip(billed) {
-            for value in record.values(billed) {
-                query = match value {
-                    Value::Null => query.bind(None::<String>),
-                    Value::Int(n) => query.bind(n),
-                    Value::Real(x) => query.bind(x),
-                    Value::Text(text) => query.bind(text.to_string()),
-                };
-            }
-        }
-        let inserted: std::collections::HashSet<(String, String)> =
-            query.fetch_all(&mut *connection).await?.into_iter().collect();
-        new.extend(part.iter().map(|r| inserted.contains(&(r.span.tenant.clone(), r.usage_id.clone()))));
-    }
-    Ok(new)
-}
-
 /// The new records' sums by totals key, with how many were new and how many of them late.
 fn sum_new(records: &[Record], billed: &[Billed], new: Vec<bool>) -> (HashMap<TotalsKey, Totals>, u64, u64) {
     // Summed under borrowed keys; one owned key per group.
@@ -538,7 +464,7 @@ pub async fn prepare(
 /// Writes a prepared chunk in one transaction: pins tenants without a plan to the default one,
 /// inserts the records with the plan in effect at their start (those already stored are
 /// skipped), adds the new ones to the running totals and moves the watermark to the chunk's end.
-pub async fn write(db: &Db, default_plan: &str, prepared: Prepared) -> Result<Chunk> {
+pub async fn write(db: &Db, keys: &KeyCache, default_plan: &str, prepared: Prepared) -> Result<Chunk> {
     let sqlite = matches!(db, Db::Sqlite(_));
     let watermark = db.sql(
         "INSERT INTO billing_settings (key, value) VALUES ('watermark_ms', ?) \
@@ -574,7 +500,12 @@ pub async fn write(db: &Db, default_plan: &str, prepared: Prepared) -> Result<Ch
                     Billed { period, billed_period, plan }
                 })
                 .collect();
-            let new = (*tx).insert_records(db, &records, &billed).await?;
+            let stored: Vec<New> = records
+                .iter()
+                .zip(&billed)
+                .map(|(r, b)| (r.span.tenant.as_str(), b.billed_period, r.stored(b)))
+                .collect();
+            let new = crate::segments::store(&mut *tx, keys, &stored).await?;
             (out.totals, out.records, out.late_records) = sum_new(&records, &billed, new);
             crate::add_totals(db, &mut tx, out.totals.clone()).await?;
         }

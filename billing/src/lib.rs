@@ -21,6 +21,7 @@ pub mod period;
 pub mod plans;
 pub mod reconcile;
 pub mod records;
+pub mod segments;
 pub mod usage;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -128,6 +129,8 @@ pub struct Billing {
     /// Metered spans per extraction chunk (about; a chunk ends at a millisecond boundary).
     chunk_spans: i64,
     run_lock: tokio::sync::Mutex<()>,
+    /// The usage segments' keys, for de-duplication.
+    keys: segments::KeyCache,
     /// Bumped by every change of what billing computes (new usage, plans, finalization), so
     /// readers can cache derived figures such as per-invocation costs.
     version: std::sync::atomic::AtomicU64,
@@ -144,8 +147,13 @@ impl Billing {
             settle: Duration::from_secs(5),
             chunk_spans: CHUNK,
             run_lock: tokio::sync::Mutex::new(()),
+            keys: segments::KeyCache::default(),
             version: std::sync::atomic::AtomicU64::new(0),
         };
+        let converted = segments::convert_rows(&billing.db).await?;
+        if converted > 0 {
+            tracing::info!(records = converted, "usage records moved from rows into segments");
+        }
         if billing.setting("rate_card").await?.is_none() {
             billing.apply_rate_card(DEFAULT_RATE_CARD).await?;
         }
@@ -221,7 +229,7 @@ impl Billing {
         let card = RateCard::parse(text).map_err(BillingError::Invalid)?;
         if let Some(old) = self.setting("rate_card").await? {
             let old: RateCard = serde_json::from_str(&old).map_err(|e| BillingError::Invalid(e.to_string()))?;
-            let sql = self.db.sql("SELECT COUNT(*) FROM usage_records");
+            let sql = self.db.sql("SELECT COUNT(*) FROM usage_segments");
             let records: i64 = on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?);
             if records > 0 && old.period != card.period {
                 return Err(BillingError::Invalid(format!(
@@ -263,7 +271,7 @@ impl Billing {
             return Err(BillingError::Invalid(format!("no plan {plan:?} in the rate card (plans: {known:?})")));
         }
         let from = from_ns.unwrap_or_else(|| self.now_ns());
-        let sql = self.db.sql("SELECT MAX(start_ns) FROM usage_records WHERE tenant = ?");
+        let sql = self.db.sql("SELECT MAX(last_start_ns) FROM usage_segments WHERE tenant = ?");
         let latest: Option<i64> =
             on_pool!(&self.db, pool => sqlx::query_scalar(sql).bind(tenant).fetch_one(pool).await?);
         if let Some(latest) = latest
@@ -348,7 +356,7 @@ impl Billing {
         while let Some(chunk) = prepared.recv().await {
             let chunk = chunk?;
             let chunk_end = chunk.upto_ms();
-            let chunk = extract::write(&self.db, &card.default_plan, chunk).await?;
+            let chunk = extract::write(&self.db, &self.keys, &card.default_plan, chunk).await?;
             if chunk.malformed > 0 {
                 tracing::warn!(spans = chunk.malformed, "metered spans that cannot be billed were skipped");
             }
@@ -567,36 +575,40 @@ impl Billing {
         let card = self.rate_card().await?;
         let invoice_period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
         let groups = self.groups(&card, tenant, invoice_period).await?;
+        let mut by_group: HashMap<(String, String), Vec<RecordCost>> = HashMap::new();
+        segments::scan(
+            &self.db,
+            Some(tenant),
+            false,
+            |segment| segment.billed_period == period,
+            |_, bytes, _| {
+                segments::each(bytes, |r| {
+                let cost = RecordCost {
+                    usage_id: r.usage_id.into(),
+                    kind: r.kind,
+                    function: r.function.into(),
+                    flow_run: r.flow_run.map(str::to_owned),
+                    call_id: r.call_id.map(str::to_owned),
+                    trace_id: r.trace_id.into(),
+                    span_id: r.span_id.into(),
+                    start_ns: r.start_ns,
+                    usage_period: r.period.into(),
+                    plan: r.plan.into(),
+                    cpu_ms: r.cpu_ms,
+                    bytes_out: r.bytes_out,
+                    state_byte_seconds: r.state_decimal()?,
+                    cost: Decimal::ZERO,
+                };
+                by_group.entry((cost.usage_period.clone(), cost.plan.clone())).or_default().push(cost);
+                Ok(())
+                })
+            },
+        )
+        .await?;
         let mut out = Vec::new();
-        for ((usage_period, plan_name), group) in &groups {
-            let Some(plan) = card.plans.get(plan_name) else { continue };
-            let sql = self.db.sql(
-                "SELECT usage_id, kind, function, flow_run, call_id, trace_id, span_id, start_ns, cpu_ms, bytes_out, status_code, \
-                 state_byte_seconds FROM usage_records WHERE tenant = ? AND billed_period = ? AND period = ? AND plan = ? \
-                 ORDER BY start_ns, usage_id",
-            );
-            let rows = on_pool!(&self.db, pool => {
-                let rows = sqlx::query(sql).bind(tenant).bind(period).bind(usage_period).bind(plan_name).fetch_all(pool).await?;
-                rows.iter().map(|row| {
-                    let kind: String = row.try_get("kind")?;
-                    Ok(RecordCost {
-                        usage_id: row.try_get("usage_id")?,
-                        kind: usage::Kind::parse(&kind),
-                        function: row.try_get("function")?,
-                        flow_run: row.try_get("flow_run")?,
-                        call_id: row.try_get("call_id")?,
-                        trace_id: row.try_get("trace_id")?,
-                        span_id: row.try_get("span_id")?,
-                        start_ns: row.try_get("start_ns")?,
-                        usage_period: usage_period.clone(),
-                        plan: plan_name.clone(),
-                        cpu_ms: row.try_get("cpu_ms")?,
-                        bytes_out: row.try_get("bytes_out")?,
-                        state_byte_seconds: decimal(&row.try_get::<String, _>("state_byte_seconds")?)?,
-                        cost: Decimal::ZERO,
-                    })
-                }).collect::<Result<Vec<_>, sqlx::Error>>()?
-            });
+        for (key, group) in &groups {
+            let (Some(plan), Some(mut rows)) = (card.plans.get(&key.1), by_group.remove(key)) else { continue };
+            rows.sort_unstable_by(|a, b| (a.start_ns, &a.usage_id).cmp(&(b.start_ns, &b.usage_id)));
             let mut cumulative: HashMap<Metric, Decimal> = HashMap::new();
             for mut record in rows {
                 let mut totals = Totals::default();
@@ -626,40 +638,25 @@ impl Billing {
 
     /// Usage records of a tenant's period (for exports), in time order.
     pub async fn records(&self, tenant: &str, period: &str) -> Result<Vec<UsageRecord>> {
-        let sql = self.db.sql(
-            "SELECT tenant, usage_id, kind, function, flow_run, call_id, trace_id, span_id, start_ns, end_ns, cpu_ms, \
-             wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, period, billed_period, \
-             plan, received_ms FROM usage_records WHERE tenant = ? AND period = ? ORDER BY start_ns, usage_id",
-        );
-        on_pool!(&self.db, pool => {
-            let rows = sqlx::query(sql).bind(tenant).bind(period).fetch_all(pool).await?;
-            rows.iter().map(|row| {
-                let kind: String = row.try_get("kind")?;
-                Ok(UsageRecord {
-                    tenant: row.try_get("tenant")?,
-                    usage_id: row.try_get("usage_id")?,
-                    kind: usage::Kind::parse(&kind),
-                    function: row.try_get("function")?,
-                    flow_run: row.try_get("flow_run")?,
-                    call_id: row.try_get("call_id")?,
-                    trace_id: row.try_get("trace_id")?,
-                    span_id: row.try_get("span_id")?,
-                    start_ns: row.try_get("start_ns")?,
-                    end_ns: row.try_get("end_ns")?,
-                    cpu_ms: row.try_get("cpu_ms")?,
-                    wall_ms: row.try_get("wall_ms")?,
-                    memory_peak_bytes: row.try_get("memory_peak_bytes")?,
-                    bytes_in: row.try_get("bytes_in")?,
-                    bytes_out: row.try_get("bytes_out")?,
-                    status_code: row.try_get("status_code")?,
-                    state_byte_seconds: decimal(&row.try_get::<String, _>("state_byte_seconds")?)?,
-                    period: row.try_get("period")?,
-                    billed_period: row.try_get("billed_period")?,
-                    plan: row.try_get("plan")?,
-                    received_ms: row.try_get("received_ms")?,
+        let mut out = Vec::new();
+        // Late usage is billed on a later invoice, never an earlier one.
+        segments::scan(
+            &self.db,
+            Some(tenant),
+            false,
+            |segment| segment.billed_period.as_str() >= period,
+            |segment, bytes, _| {
+                segments::each(bytes, |r| {
+                    if r.period == period {
+                        out.push(r.to_record(tenant, &segment.billed_period)?);
+                    }
+                    Ok(())
                 })
-            }).collect::<Result<Vec<_>>>()
-        })
+            },
+        )
+        .await?;
+        out.sort_unstable_by(|a, b| (a.start_ns, &a.usage_id).cmp(&(b.start_ns, &b.usage_id)));
+        Ok(out)
     }
 
     /// Usage of a tenant's period (whatever invoice it is billed on), by function.
@@ -682,34 +679,38 @@ impl Billing {
     pub async fn rebuild(&self) -> Result<u64> {
         let _running = self.run_lock.lock().await;
         let card = self.rate_card().await?;
-        let sql = "SELECT tenant, billed_period, period, plan, function, COUNT(*) AS records, \
-             CAST(SUM(CASE WHEN kind = 'invocation' THEN 1 ELSE 0 END) AS BIGINT) AS invocations, \
-             CAST(SUM(CASE WHEN kind = 'invocation' AND status_code >= 500 THEN 1 ELSE 0 END) AS BIGINT) AS errors, \
-             CAST(SUM(cpu_ms) AS BIGINT) AS cpu_ms, CAST(SUM(wall_ms) AS BIGINT) AS wall_ms, \
-             CAST(SUM(bytes_out) AS BIGINT) AS bytes_out FROM usage_records \
-             GROUP BY tenant, billed_period, period, plan, function";
-        let state_sql = "SELECT tenant, billed_period, period, plan, function, state_byte_seconds FROM usage_records \
-             WHERE kind = 'state'";
         let mut totals: HashMap<TotalsKey, Totals> = HashMap::new();
-        on_pool!(&self.db, pool => {
-            for row in sqlx::query(sql).fetch_all(pool).await? {
-                let key = totals_key(&row)?;
-                totals.insert(key, Totals {
-                    records: row.try_get("records")?,
-                    invocations: row.try_get("invocations")?,
-                    errors: row.try_get("errors")?,
-                    cpu_ms: row.try_get("cpu_ms")?,
-                    wall_ms: row.try_get("wall_ms")?,
-                    bytes_out: row.try_get("bytes_out")?,
-                    state_byte_seconds: Decimal::ZERO,
+        segments::scan(&self.db, None, false, |_| true, |segment, bytes, _| {
+            // Summed under the segment's borrowed names, then into the owned keys.
+            let mut sums: HashMap<[&str; 3], Totals> = HashMap::new();
+            segments::each(bytes, |r| {
+                let state = if r.kind == usage::Kind::State { r.state_decimal()? } else { Decimal::ZERO };
+                let invocation = r.kind == usage::Kind::Invocation;
+                sums.entry([r.period, r.plan, r.function]).or_default().add(&Totals {
+                    records: 1,
+                    invocations: i64::from(invocation),
+                    errors: i64::from(invocation && r.status_code >= 500),
+                    cpu_ms: r.cpu_ms,
+                    wall_ms: r.wall_ms,
+                    bytes_out: r.bytes_out,
+                    state_byte_seconds: state,
                 });
+                Ok(())
+            })?;
+            for ([period, plan, function], sum) in sums {
+                let key = TotalsKey {
+                    tenant: segment.tenant.clone(),
+                    billed_period: segment.billed_period.clone(),
+                    period: period.into(),
+                    plan: plan.into(),
+                    function: function.into(),
+                };
+                totals.entry(key).or_default().add(&sum);
             }
-            for row in sqlx::query(state_sql).fetch_all(pool).await? {
-                let key = totals_key(&row)?;
-                let value = decimal(&row.try_get::<String, _>("state_byte_seconds")?)?;
-                let sum = &mut totals.entry(key).or_default().state_byte_seconds;
-                *sum = sum.saturating_add(value);
-            }
+            Ok(())
+        })
+        .await?;
+        on_pool!(&self.db, pool => {
             let mut tx = pool.begin().await?;
             sqlx::query("DELETE FROM usage_totals").execute(&mut *tx).await?;
             add_totals(&self.db, &mut tx, totals).await?;
@@ -730,20 +731,6 @@ impl Billing {
         }
         Ok(priced)
     }
-}
-
-fn totals_key<R: Row>(row: &R) -> Result<TotalsKey, sqlx::Error>
-where
-    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> &'r str: sqlx::ColumnIndex<R>,
-{
-    Ok(TotalsKey {
-        tenant: row.try_get("tenant")?,
-        billed_period: row.try_get("billed_period")?,
-        period: row.try_get("period")?,
-        plan: row.try_get("plan")?,
-        function: row.try_get("function")?,
-    })
 }
 
 /// Plan assignments: tenant → [(effective from, ns; plan)], in time order.

@@ -1,13 +1,15 @@
 //! Usage records summed for readers: the Prometheus API's usage and cost counters read
-//! billing's records through these, by time bucket, by minute, by time slice and one by one.
-//! The SQL over billing's tables is here and nowhere else.
+//! billing's records through these, by time bucket, by minute, by time slice and one by one,
+//! from the segments (`segments.rs`) and the running totals.
 
 use std::collections::HashMap;
 
 use rust_decimal::Decimal;
 
-use crate::db::Db;
+use crate::db::{Db, on_pool};
 use crate::plans::Metric;
+use crate::segments::{self, Listed, Stored};
+use crate::usage::{Kind, Totals};
 use crate::{Billing, BillingError, Result};
 
 /// The counters' resolution: a synthesized counter has a sample every whole minute.
@@ -17,54 +19,31 @@ const MINUTE_NS: i64 = MINUTE_MS * NS_PER_MS;
 /// Runs `$sql` binding the strings `$binds` on whichever pool `$db` holds, and decodes every
 /// row with `$decode` (compiled once per backend).
 macro_rules! fetch {
-    ($db:expr, $sql:expr, $binds:expr, |$row:ident| $decode:expr) => {
-        fetch!($db, $sql, $binds, pg_setup = None, |$row| $decode)
-    };
-    // `pg_setup`: a statement run first in the same transaction on PostgreSQL (`SET LOCAL`).
-    ($db:expr, $sql:expr, $binds:expr, pg_setup = $setup:expr, |$row:ident| $decode:expr) => {{
-        let setup: Option<&'static str> = $setup;
+    ($db:expr, $sql:expr, $binds:expr, |$row:ident| $decode:expr) => {{
         let db: &Db = $db;
         let text = db.sql($sql);
         let binds: &[&str] = $binds;
-        macro_rules! run {
-            ($pool:expr) => {{
-                let mut query = sqlx::query(text);
-                for bind in binds {
-                    query = query.bind(*bind);
-                }
-                query
-                    .fetch_all($pool)
-                    .await?
-                    .iter()
-                    .map(|$row| -> std::result::Result<_, sqlx::Error> {
-                        #[allow(unused_imports)]
-                        use sqlx::Row as _;
-                        Ok($decode)
-                    })
-                    .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?
-            }};
-        }
-        match (db, setup) {
-            (Db::Sqlite(pool), _) => run!(pool),
-            (Db::Postgres(pool), None) => run!(pool),
-            (Db::Postgres(pool), Some(setup)) => {
-                let mut tx = pool.begin().await?;
-                sqlx::query(setup).execute(&mut *tx).await?;
-                let rows = run!(&mut *tx);
-                tx.commit().await?;
-                rows
+        on_pool!(db, pool => {
+            let mut query = sqlx::query(text);
+            for bind in binds {
+                query = query.bind(*bind);
             }
-        }
+            query
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|$row| -> std::result::Result<_, sqlx::Error> {
+                    use sqlx::Row as _;
+                    Ok($decode)
+                })
+                .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?
+        })
     }};
 }
 
 const NS_PER_MS: i64 = 1_000_000;
 /// Bucket of records that started at or after the last sample time.
 pub const AFTER: i64 = -3;
-/// Row kind of the aggregation: a `usage_totals` row (every record of its group and function).
-const TOTALS: i64 = -9;
-/// Row kind of the aggregation: billing's watermark as the statement saw it (in `first_ns`).
-const WATERMARK: i64 = -8;
 /// Interval patterns with more distinct phases than this are read minute by minute.
 const MAX_PHASES: usize = 64;
 
@@ -138,35 +117,10 @@ impl Lattice {
         self.base >= self.e1
     }
 
-    /// The SQL expression of a record's bucket (from `{table}start_ns`).
-    fn sql(&self, table: &str) -> String {
-        let (b, e1) = (self.base * NS_PER_MS, self.e1 * NS_PER_MS);
-        let start = format!("{table}start_ns");
-        let e2 = self.e2 * NS_PER_MS;
-        if self.is_empty() {
-            return format!("CASE WHEN {start} < {b} THEN -1 WHEN {start} >= {e2} THEN {AFTER} ELSE -2 END");
-        }
-        let period = self.period * NS_PER_MS;
-        let phases: Vec<i64> = self.phases.iter().map(|p| p * NS_PER_MS).collect();
-        let x = format!("(({start} - {b}) % {period})");
-        fn tree(phases: &[i64], lo: usize, hi: usize, x: &str) -> String {
-            if hi - lo == 1 {
-                return lo.to_string();
-            }
-            let mid = (lo + hi) / 2;
-            format!(
-                "(CASE WHEN {x} < {} THEN {} ELSE {} END)",
-                phases[mid],
-                tree(phases, lo, mid, x),
-                tree(phases, mid, hi, x)
-            )
-        }
-        let j = tree(&phases, 0, phases.len(), &x);
-        format!(
-            "CASE WHEN {start} < {b} THEN -1 WHEN {start} >= {e2} THEN {AFTER} WHEN {start} >= {e1} THEN -2 \
-             ELSE (({start} - {b}) / {period}) * {} + {j} END",
-            phases.len()
-        )
+    /// The bucket of a record that started at `start_ns` (boundaries are whole minutes, so
+    /// its minute's).
+    pub fn bucket_of_ns(&self, start_ns: i64) -> i64 {
+        self.bucket_of_minute(start_ns.div_euclid(MINUTE_NS) * MINUTE_MS)
     }
 
     /// A bucket's interval `[lo, hi)` in ms (bucket -1 starts at `first`).
@@ -197,6 +151,28 @@ pub struct Sums {
 }
 
 impl Sums {
+    /// One record's quantities.
+    pub fn of(r: &Stored<'_>) -> Result<Sums> {
+        let state = if r.kind == Kind::State { r.state_decimal()? } else { Decimal::ZERO };
+        Ok(Sums {
+            records: 1,
+            invocations: i64::from(r.kind == Kind::Invocation),
+            cpu_ms: r.cpu_ms,
+            bytes_out: r.bytes_out,
+            state,
+        })
+    }
+
+    fn of_totals(t: &Totals) -> Sums {
+        Sums {
+            records: t.records,
+            invocations: t.invocations,
+            cpu_ms: t.cpu_ms,
+            bytes_out: t.bytes_out,
+            state: t.state_byte_seconds,
+        }
+    }
+
     pub fn subtract(&mut self, other: &Sums) {
         self.records -= other.records;
         self.invocations -= other.invocations;
@@ -249,184 +225,77 @@ pub fn decimal_of(text: &str) -> Result<Decimal> {
         .map_err(|e| BillingError::Invalid(format!("usage record quantity {text:?}: {e}")))
 }
 
-/// The SQL sums of records (columns of `{t}`, a table prefix): records, invocations, CPU ms,
-/// bytes out, state byte-seconds — exact (NUMERIC, as text) on PostgreSQL; SQLite has no
-/// decimal type, so there a double-precision sum.
-fn sums_sql(sqlite: bool, t: &str) -> String {
-    let state = if sqlite {
-        format!("SUM(CASE WHEN {t}kind = 'state' THEN CAST({t}state_byte_seconds AS REAL) ELSE 0.0 END)")
-    } else {
-        format!("CAST(SUM(CASE WHEN {t}kind = 'state' THEN CAST({t}state_byte_seconds AS NUMERIC) ELSE 0 END) AS TEXT)")
-    };
-    format!(
-        "CAST(COUNT(*) AS BIGINT) AS records, CAST(SUM(CASE WHEN {t}kind = 'invocation' THEN 1 ELSE 0 END) AS BIGINT) \
-         AS invocations, CAST(SUM({t}cpu_ms) AS BIGINT) AS cpu, CAST(SUM({t}bytes_out) AS BIGINT) AS bytes, {state} AS state"
-    )
-}
+/// Sums per (group, function, bucket), with the first start of each.
+type Buckets = HashMap<(Group, String, i64), (Sums, i64)>;
 
-/// Decodes the columns of [`sums_sql`] at `at..at+5` of a row.
-macro_rules! sums_at {
-    ($row:expr, $at:expr, $sqlite:expr) => {{
-        // SQLite: a sum is REAL, a `usage_totals` value TEXT.
-        let state_text: String = if $sqlite {
-            match $row.try_get::<Option<f64>, _>($at + 4) {
-                Ok(v) => format!("{}", v.unwrap_or(0.0)),
-                Err(_) => $row.try_get::<Option<String>, _>($at + 4)?.unwrap_or_else(|| "0".into()),
-            }
-        } else {
-            $row.try_get::<Option<String>, _>($at + 4)?.unwrap_or_else(|| "0".into())
-        };
-        (
-            $row.try_get::<i64, _>($at)?,
-            $row.try_get::<i64, _>($at + 1)?,
-            $row.try_get::<i64, _>($at + 2)?,
-            $row.try_get::<i64, _>($at + 3)?,
-            state_text,
-        )
-    }};
-}
-
-fn sums_of(raw: (i64, i64, i64, i64, String)) -> Result<Sums> {
-    Ok(Sums { records: raw.0, invocations: raw.1, cpu_ms: raw.2, bytes_out: raw.3, state: decimal_of(&raw.4)? })
-}
-
-/// One row of [`grouped`]: the group, the function, the bucket ([`TOTALS`], [`WATERMARK`] or a
-/// bucket number), the sums as read, and the first start (the watermark on its row).
-type GroupedRow = (Group, String, i64, (i64, i64, i64, i64, String), i64);
-
-/// The scope's usage records matching `filter` (SQL over `r.`), summed per (group, function,
-/// `bucket`), with — when `totals` — the running totals of every (group, function), and
-/// billing's watermark, in one statement (one snapshot).
 impl Billing {
-    async fn grouped(&self, tenant: Option<&str>, bucket: &str, filter: &str, totals: bool) -> Result<Vec<GroupedRow>> {
-        let sqlite = matches!(self.db, Db::Sqlite(_));
-        let scope = if tenant.is_some() { " AND r.tenant = ?" } else { "" };
-        let sums = sums_sql(sqlite, "r.");
-        let mut text = if sqlite {
-            // SQLite sorts to group: on the row id of the records' `usage_totals` row (every
-            // record has one, written in the same transaction) rather than on five text columns,
-            // which takes a third of the time.
-            format!(
-                "SELECT t.tenant, t.billed_period, t.period, t.plan, t.function, g.bucket, g.records, g.invocations, \
-             g.cpu, g.bytes, g.state, g.first_ns FROM (\
-               SELECT t.rowid AS id, {bucket} AS bucket, {sums}, CAST(MIN(r.start_ns) AS BIGINT) AS first_ns \
-               FROM usage_records r JOIN usage_totals t ON t.tenant = r.tenant AND t.billed_period = r.billed_period \
-               AND t.period = r.period AND t.plan = r.plan AND t.function = r.function \
-               WHERE 1 = 1{scope}{filter} GROUP BY t.rowid, bucket\
-             ) g JOIN usage_totals t ON t.rowid = g.id"
-            )
-        } else {
-            format!(
-                // BIGINT: a bucket expression of literals only (an empty lattice) would be INT4.
-                "SELECT r.tenant, r.billed_period, r.period, r.plan, r.function, CAST({bucket} AS BIGINT) AS bucket, {sums}, \
-             CAST(MIN(r.start_ns) AS BIGINT) AS first_ns FROM usage_records r WHERE 1 = 1{scope}{filter} \
-             GROUP BY r.tenant, r.billed_period, r.period, r.plan, r.function, bucket"
-            )
-        };
-        let mut binds: Vec<&str> = tenant.into_iter().collect();
-        if totals {
-            text.push_str(&format!(
-            " UNION ALL SELECT tenant, billed_period, period, plan, function, {TOTALS}, records, invocations, cpu_ms, \
-             bytes_out, state_byte_seconds, 0 FROM usage_totals{}",
-            if tenant.is_some() { " WHERE tenant = ?" } else { "" }
-        ));
-            binds.extend(tenant);
-        }
-        text.push_str(&format!(
-            " UNION ALL SELECT '', '', '', '', '', {WATERMARK}, 0, 0, 0, 0, '0', \
-         CAST(COALESCE((SELECT value FROM billing_settings WHERE key = 'watermark_ms'), '0') AS BIGINT)"
-        ));
-        // PostgreSQL estimates one group per record (it cannot know the buckets) and would sort
-        // on disk with the default 4 MB; with room it hashes, in memory.
-        Ok(fetch!(&self.db, &text, &binds, pg_setup = Some("SET LOCAL work_mem = '64MB'"), |row| (
-            Group {
-                tenant: row.try_get(0)?,
-                billed_period: row.try_get(1)?,
-                period: row.try_get(2)?,
-                plan: row.try_get(3)?,
-            },
-            row.try_get::<String, _>(4)?,
-            row.try_get::<i64, _>(5)?,
-            sums_at!(row, 6, sqlite),
-            row.try_get::<i64, _>(11)?,
-        )))
-    }
-
-    /// The usage records of the caller's scope (`tenant`) that started at or after
-    /// `lattice.base`, summed by (group, function, bucket), for the records of `part` (k of n,
-    /// split by the last character of the usage id, so that the parts can be summed on as many
-    /// connections at once); with `totals`, also the running totals of every (group, function)
-    /// (rows of bucket [`TOTALS`]): what started before `base` is their difference, without
-    /// reading those records. The same statement reports billing's watermark, by which the parts'
-    /// snapshots are checked to agree (billing commits records and watermark together).
-    async fn aggregate(
+    /// The scope's records in the segments `keep` chooses, summed per (group, function,
+    /// `bucket`) — `bucket` gives a record's, or None to leave it out — with the running totals
+    /// and the watermark of the same snapshot.
+    async fn grouped(
         &self,
         tenant: Option<&str>,
-        lattice: &Lattice,
-        part: (u32, u32),
-        totals: bool,
-    ) -> Result<(Vec<Row>, i64)> {
-        let sqlite = matches!(self.db, Db::Sqlite(_));
-        let mut filter = format!(" AND r.start_ns >= {}", lattice.base * NS_PER_MS);
-        let (k, n) = part;
-        if n > 1 {
-            let last_char =
-                if sqlite { "COALESCE(unicode(substr(r.usage_id, -1)), 0)" } else { "ascii(right(r.usage_id, 1))" };
-            filter.push_str(&format!(" AND {last_char} % {n} = {k}"));
-        }
-        let raw = self.grouped(tenant, &lattice.sql("r."), &filter, totals).await?;
-        let mut rows = Vec::with_capacity(raw.len());
-        let mut watermark = 0;
-        for (group, function, bucket, sums, first_ns) in raw {
-            if bucket == WATERMARK {
-                watermark = first_ns;
-            } else {
-                rows.push(Row { group, function, bucket, sums: sums_of(sums)?, first_ns });
+        keep: impl Fn(&Listed) -> bool,
+        bucket: impl Fn(&Stored<'_>, i64) -> Option<i64>,
+    ) -> Result<(Buckets, HashMap<(Group, String), Sums>, i64)> {
+        let mut out: Buckets = HashMap::new();
+        let snapshot = segments::scan(&self.db, tenant, true, keep, |segment, bytes, snapshot| {
+            // Summed under the segment's borrowed names, then into the owned keys.
+            let mut sums: HashMap<(&str, &str, &str, i64), (Sums, i64)> = HashMap::new();
+            segments::each(bytes, |r| {
+                if let Some(bucket) = bucket(&r, snapshot.watermark) {
+                    let entry = sums.entry((r.period, r.plan, r.function, bucket)).or_insert((Sums::default(), r.start_ns));
+                    entry.0.add(&Sums::of(&r)?);
+                    entry.1 = entry.1.min(r.start_ns);
+                }
+                Ok(())
+            })?;
+            for ((period, plan, function, bucket), (sum, first_ns)) in sums {
+                let group = Group {
+                    tenant: segment.tenant.clone(),
+                    billed_period: segment.billed_period.clone(),
+                    period: period.into(),
+                    plan: plan.into(),
+                };
+                let entry = out.entry((group, function.into(), bucket)).or_insert((Sums::default(), first_ns));
+                entry.0.add(&sum);
+                entry.1 = entry.1.min(first_ns);
             }
+            Ok(())
+        })
+        .await?;
+        let mut totals: HashMap<(Group, String), Sums> = HashMap::new();
+        for (k, t) in snapshot.totals {
+            let group = Group { tenant: k.tenant, billed_period: k.billed_period, period: k.period, plan: k.plan };
+            totals.entry((group, k.function)).or_default().add(&Sums::of_totals(&t));
         }
-        Ok((rows, watermark))
+        Ok((out, totals, snapshot.watermark))
     }
 
-    /// The aggregation of [`aggregate`] over every record of the scope, with what started before
-    /// the lattice's base as bucket -1 (from the totals).
+    /// Every record of the scope summed by (group, function, lattice bucket), with what started
+    /// before the lattice's base as bucket -1, and the running totals of every (group,
+    /// function). Segments whose records all started before the base are not read: what
+    /// started before it is the totals less what the records from the base on came to.
     pub async fn usage_by_bucket(
         &self,
         tenant: Option<&str>,
         lattice: &Lattice,
     ) -> Result<(Vec<Row>, HashMap<(Group, String), Sums>)> {
-        let mut parts = None;
-        if matches!(self.db, Db::Sqlite(_)) {
-            // Two halves at once (the grouping sort is most of the work, and each connection runs
-            // on a thread of its own), when billing committed nothing in between.
-            for _ in 0..2 {
-                let (a, b) = tokio::join!(
-                    self.aggregate(tenant, lattice, (0, 2), true),
-                    self.aggregate(tenant, lattice, (1, 2), false)
-                );
-                let ((a, wa), (b, wb)) = (a?, b?);
-                if wa == wb {
-                    parts = Some(a.into_iter().chain(b).collect::<Vec<_>>());
-                    break;
-                }
-            }
-        }
-        let parts = match parts {
-            Some(parts) => parts,
-            None => self.aggregate(tenant, lattice, (0, 1), true).await?.0,
-        };
-        let mut totals: HashMap<(Group, String), Sums> = HashMap::new();
+        let base_ns = lattice.base * NS_PER_MS;
+        let (merged, totals, _) = self
+            .grouped(tenant, |s| s.last_start_ns >= base_ns, |r, _| {
+                (r.start_ns >= base_ns).then(|| lattice.bucket_of_ns(r.start_ns))
+            })
+            .await?;
         let mut from_base: HashMap<(Group, String), Sums> = HashMap::new();
-        let mut merged: HashMap<(Group, String, i64), (Sums, i64)> = HashMap::new();
-        for row in parts {
-            if row.bucket == TOTALS {
-                totals.entry((row.group, row.function)).or_default().add(&row.sums);
-                continue;
-            }
-            from_base.entry((row.group.clone(), row.function.clone())).or_default().add(&row.sums);
-            let entry = merged.entry((row.group, row.function, row.bucket)).or_insert((Sums::default(), row.first_ns));
-            entry.0.add(&row.sums);
-            entry.1 = entry.1.min(row.first_ns);
+        for ((group, function, _), (sums, _)) in &merged {
+            from_base.entry((group.clone(), function.clone())).or_default().add(sums);
         }
+        let mut rows: Vec<Row> = merged
+            .into_iter()
+            .filter(|((_, _, bucket), _)| *bucket != AFTER)
+            .map(|((group, function, bucket), (sums, first_ns))| Row { group, function, bucket, sums, first_ns })
+            .collect();
         // Before the base: the totals less what the records from the base on came to (the series
         // began before the base; when exactly is never read: every read time is at or after it).
         for (key, total) in &totals {
@@ -435,41 +304,32 @@ impl Billing {
                 before.subtract(sums);
             }
             if before.records > 0 {
-                merged.insert((key.0.clone(), key.1.clone(), -1), (before, lattice.base * NS_PER_MS - 1));
+                let (group, function) = key.clone();
+                rows.push(Row { group, function, bucket: -1, sums: before, first_ns: base_ns - 1 });
             }
         }
-        let rows = merged
-            .into_iter()
-            .filter(|((_, _, bucket), _)| *bucket != AFTER)
-            .map(|((group, function, bucket), (sums, first_ns))| Row { group, function, bucket, sums, first_ns })
-            .collect();
         Ok((rows, totals))
     }
 
-    /// The scope's records per (group, function, minute) — those above billing's watermark `after`
-    /// and at or below the current one, or all — with the running totals and the watermark, in one
-    /// statement (one snapshot). A row's `bucket` is the minute's number.
+    /// The scope's records per (group, function, minute) — those that arrived after billing's
+    /// watermark `after` and at or before the current one, or all — with the running totals and
+    /// the watermark, in one snapshot. A row's `bucket` is the minute's number.
     pub async fn usage_by_minute(
         &self,
         tenant: Option<&str>,
         after: Option<i64>,
     ) -> Result<(Vec<Row>, HashMap<(Group, String), Sums>, i64)> {
-        let filter = match after {
-            Some(after) => format!(
-                " AND r.received_ms > {after} AND r.received_ms <= \
-             CAST(COALESCE((SELECT value FROM billing_settings WHERE key = 'watermark_ms'), '0') AS BIGINT)"
-            ),
-            None => String::new(),
-        };
-        let raw = self.grouped(tenant, &format!("CAST(r.start_ns / {MINUTE_NS} AS BIGINT)"), &filter, true).await?;
-        let (mut rows, mut totals, mut watermark) = (Vec::with_capacity(raw.len()), HashMap::new(), 0);
-        for (group, function, bucket, sums, first_ns) in raw {
-            match bucket {
-                WATERMARK => watermark = first_ns,
-                TOTALS => totals.entry((group, function)).or_insert_with(Sums::default).add(&sums_of(sums)?),
-                minute => rows.push(Row { group, function, bucket: minute, sums: sums_of(sums)?, first_ns }),
-            }
-        }
+        let after_ms = after.unwrap_or(i64::MIN);
+        let (merged, totals, watermark) = self
+            .grouped(tenant, |s| s.last_received_ms > after_ms, |r, watermark| {
+                let arrived = after.is_none() || (r.received_ms > after_ms && r.received_ms <= watermark);
+                arrived.then(|| r.start_ns.div_euclid(MINUTE_NS))
+            })
+            .await?;
+        let rows = merged
+            .into_iter()
+            .map(|((group, function, bucket), (sums, first_ns))| Row { group, function, bucket, sums, first_ns })
+            .collect();
         Ok((rows, totals, watermark))
     }
 
@@ -486,28 +346,37 @@ impl Billing {
         Ok(now.first().copied().unwrap_or((0, 0)))
     }
 
+    /// Calls `f` with each of a group's records that started in `[lo_ns, hi_ns)`.
+    async fn group_records(
+        &self,
+        group: &Group,
+        (lo_ns, hi_ns): (i64, i64),
+        mut f: impl FnMut(&Stored<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let keep = |s: &Listed| s.billed_period == group.billed_period && s.last_start_ns >= lo_ns && s.first_start_ns < hi_ns;
+        segments::scan(&self.db, Some(&group.tenant), false, keep, |_, bytes, _| {
+            segments::each(bytes, |r| {
+                if r.period == group.period && r.plan == group.plan && r.start_ns >= lo_ns && r.start_ns < hi_ns {
+                    f(&r)?;
+                }
+                Ok(())
+            })
+        })
+        .await?;
+        Ok(())
+    }
+
     /// A group's records that started in `[lo_ns, hi_ns)`, one by one in billing's order
     /// (start, then usage id): (function, its quantities).
     pub async fn usage_records_of(&self, group: &Group, lo_ns: i64, hi_ns: i64) -> Result<Vec<(String, Sums)>> {
-        let text = format!(
-            "SELECT function, kind, cpu_ms, bytes_out, state_byte_seconds FROM usage_records WHERE {} \
-             ORDER BY start_ns, usage_id",
-            group_filter(lo_ns, hi_ns)
-        );
-        let raw = fetch!(&self.db, &text, &group_binds(group), |row| (
-            row.try_get::<String, _>(0)?,
-            row.try_get::<String, _>(1)?,
-            row.try_get::<i64, _>(2)?,
-            row.try_get::<i64, _>(3)?,
-            row.try_get::<String, _>(4)?,
-        ));
-        raw.into_iter()
-            .map(|(function, kind, cpu_ms, bytes_out, state)| {
-                let invocations = i64::from(kind == "invocation");
-                let sums = Sums { records: 1, invocations, cpu_ms, bytes_out, state: decimal_of(&state)? };
-                Ok((function, sums))
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.group_records(group, (lo_ns, hi_ns), |r| {
+            out.push(((r.start_ns, r.usage_id.to_string()), r.function.to_string(), Sums::of(r)?));
+            Ok(())
+        })
+        .await?;
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(out.into_iter().map(|(_, function, sums)| (function, sums)).collect())
     }
 
     /// A group's records that started in `[lo_ns, hi_ns)`, summed per time slice of `width`
@@ -519,19 +388,18 @@ impl Billing {
         hi_ns: i64,
         width: i64,
     ) -> Result<Vec<(i64, String, Sums)>> {
-        let sqlite = matches!(self.db, Db::Sqlite(_));
-        let text = format!(
-            "SELECT CAST((start_ns - {lo_ns}) / {width} AS BIGINT) AS slice, function, {} \
-             FROM usage_records WHERE {} GROUP BY slice, function",
-            sums_sql(sqlite, ""),
-            group_filter(lo_ns, hi_ns)
-        );
-        let raw = fetch!(&self.db, &text, &group_binds(group), |row| (
-            row.try_get::<i64, _>(0)?,
-            row.try_get::<String, _>(1)?,
-            sums_at!(row, 2, sqlite)
-        ));
-        raw.into_iter().map(|(slice, function, sums)| Ok((slice, function, sums_of(sums)?))).collect()
+        let mut out: HashMap<(i64, String), Sums> = HashMap::new();
+        self.group_records(group, (lo_ns, hi_ns), |r| {
+            let slice = (r.start_ns - lo_ns) / width;
+            let sums = Sums::of(r)?;
+            match out.get_mut(&(slice, r.function.to_string())) {
+                Some(sum) => sum.add(&sums),
+                None => drop(out.insert((slice, r.function.to_string()), sums)),
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(out.into_iter().map(|((slice, function), sums)| (slice, function, sums)).collect())
     }
 
     /// Whether the scope (`tenant`, or every tenant) has any usage record.
@@ -566,17 +434,6 @@ impl Billing {
             row.try_get::<i64, _>(4)?,
         )))
     }
-}
-
-/// The records of one group that started in `[lo_ns, hi_ns)` (binds: [`group_binds`]).
-fn group_filter(lo_ns: i64, hi_ns: i64) -> String {
-    format!(
-        "tenant = ? AND billed_period = ? AND period = ? AND plan = ? AND start_ns >= {lo_ns} AND start_ns < {hi_ns}"
-    )
-}
-
-fn group_binds(group: &Group) -> [&str; 4] {
-    [&group.tenant, &group.billed_period, &group.period, &group.plan]
 }
 
 #[cfg(test)]
