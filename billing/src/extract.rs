@@ -28,8 +28,8 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use collector::store::{MeteredSpan as Span, TelemetryStore};
 
 use crate::db::{Db, on_pool};
-use crate::segments::{KeyCache, New};
 use crate::period::{Period, PeriodKind};
+use crate::segments::{KeyCache, New};
 use crate::usage::{Kind, Totals, TotalsKey};
 use crate::{BillingError, Result};
 
@@ -383,42 +383,6 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
     (out, candidates, malformed)
 }
 
-/// The new records' sums by totals key, with how many were new and how many of them late.
-fn sum_new(records: &[Record], billed: &[Billed], new: Vec<bool>) -> (HashMap<TotalsKey, Totals>, u64, u64) {
-    // Summed under borrowed keys; one owned key per group.
-    let mut sums: HashMap<[&str; 5], Totals> = HashMap::new();
-    let (mut count, mut late) = (0, 0);
-    for ((record, billed), _) in records.iter().zip(billed).zip(new).filter(|(_, new)| *new) {
-        let key = [&*record.span.tenant, billed.billed_period, billed.period, billed.plan, &record.function];
-        let f = record.figures;
-        sums.entry(key).or_default().add(&Totals {
-            records: 1,
-            invocations: i64::from(record.kind == Kind::Invocation),
-            errors: i64::from(record.kind == Kind::Invocation && f.status_code >= 500),
-            cpu_ms: f.cpu_ms,
-            wall_ms: f.wall_ms,
-            bytes_out: f.bytes_out,
-            state_byte_seconds: record.state.1,
-        });
-        count += 1;
-        late += u64::from(billed.period != billed.billed_period);
-    }
-    let totals = sums
-        .into_iter()
-        .map(|([tenant, billed_period, period, plan, function], totals)| {
-            let key = TotalsKey {
-                tenant: tenant.into(),
-                billed_period: billed_period.into(),
-                period: period.into(),
-                plan: plan.into(),
-                function: function.into(),
-            };
-            (key, totals)
-        })
-        .collect();
-    (totals, count, late)
-}
-
 /// The spans that arrived in `(after_ms, upto_ms]`, read and turned into records: the part of
 /// extraction that writes nothing, so that it runs while the chunk before is written
 /// ([`write`]). Reading outside the writing transaction sees the same spans: arrivals at or
@@ -506,7 +470,7 @@ pub async fn write(db: &Db, keys: &KeyCache, default_plan: &str, prepared: Prepa
                 .map(|(r, b)| (r.span.tenant.as_str(), b.billed_period, r.stored(b)))
                 .collect();
             let new = crate::segments::store(&mut *tx, keys, &stored).await?;
-            (out.totals, out.records, out.late_records) = sum_new(&records, &billed, new);
+            (out.totals, out.records, out.late_records) = crate::segments::sum_new(&stored, &new)?;
             crate::add_totals(db, &mut tx, out.totals.clone()).await?;
         }
         sqlx::query(watermark).bind(upto_ms.to_string()).execute(&mut *tx).await?;
@@ -590,8 +554,9 @@ mod tests {
             (("acme", "instance/ab12/1"), Kind::Instance, "srv")
         );
         assert_eq!(figures(record), [250, 0, 0, 0, 0, 0]);
-        let billed = [Billed { period: "2026-10", billed_period: "2026-10", plan: "basic" }];
-        let (sums, count, _) = sum_new(&records, &billed, vec![true]);
+        let billed = Billed { period: "2026-10", billed_period: "2026-10", plan: "basic" };
+        let (sums, count, _) =
+            crate::segments::sum_new(&[("acme", "2026-10", record.stored(&billed))], &[true]).unwrap();
         let totals = sums.values().next().unwrap();
         assert_eq!((count, totals.records, totals.invocations, totals.cpu_ms), (1, 1, 0, 250));
     }

@@ -583,24 +583,24 @@ impl Billing {
             |segment| segment.billed_period == period,
             |_, bytes, _| {
                 segments::each(bytes, |r| {
-                let cost = RecordCost {
-                    usage_id: r.usage_id.into(),
-                    kind: r.kind,
-                    function: r.function.into(),
-                    flow_run: r.flow_run.map(str::to_owned),
-                    call_id: r.call_id.map(str::to_owned),
-                    trace_id: r.trace_id.into(),
-                    span_id: r.span_id.into(),
-                    start_ns: r.start_ns,
-                    usage_period: r.period.into(),
-                    plan: r.plan.into(),
-                    cpu_ms: r.cpu_ms,
-                    bytes_out: r.bytes_out,
-                    state_byte_seconds: r.state_decimal()?,
-                    cost: Decimal::ZERO,
-                };
-                by_group.entry((cost.usage_period.clone(), cost.plan.clone())).or_default().push(cost);
-                Ok(())
+                    let cost = RecordCost {
+                        usage_id: r.usage_id.into(),
+                        kind: r.kind,
+                        function: r.function.into(),
+                        flow_run: r.flow_run.map(str::to_owned),
+                        call_id: r.call_id.map(str::to_owned),
+                        trace_id: r.trace_id.into(),
+                        span_id: r.span_id.into(),
+                        start_ns: r.start_ns,
+                        usage_period: r.period.into(),
+                        plan: r.plan.into(),
+                        cpu_ms: r.cpu_ms,
+                        bytes_out: r.bytes_out,
+                        state_byte_seconds: r.state_decimal()?,
+                        cost: Decimal::ZERO,
+                    };
+                    by_group.entry((cost.usage_period.clone(), cost.plan.clone())).or_default().push(cost);
+                    Ok(())
                 })
             },
         )
@@ -659,6 +659,32 @@ impl Billing {
         Ok(out)
     }
 
+    /// Stores usage records as extraction would (a record whose tenant and usage id are
+    /// stored already is skipped, and so is a second copy in `records`), adds the new ones to the
+    /// running totals, and returns how many were new. Invoices are priced by the next run or
+    /// [`Billing::rebuild`]. For moving usage in from elsewhere, and for tests.
+    pub async fn import(&self, records: &[UsageRecord]) -> Result<u64> {
+        let _running = self.run_lock.lock().await;
+        let states: Vec<String> = records.iter().map(|r| r.state_byte_seconds.to_string()).collect();
+        let mut seen = HashSet::new();
+        let stored: Vec<segments::New> = records
+            .iter()
+            .zip(&states)
+            .filter(|(r, _)| seen.insert((&r.tenant, &r.usage_id)))
+            .map(|(r, state)| (r.tenant.as_str(), r.billed_period.as_str(), segments::Stored::of(r, state)))
+            .collect();
+        let begin = if matches!(self.db, Db::Sqlite(_)) { "BEGIN IMMEDIATE" } else { "BEGIN" };
+        on_pool!(&self.db, pool => {
+            let mut tx = pool.begin_with(begin).await?;
+            let new = segments::store(&mut *tx, &self.keys, &stored).await?;
+            let (delta, count, _) = segments::sum_new(&stored, &new)?;
+            add_totals(&self.db, &mut tx, delta).await?;
+            tx.commit().await?;
+            self.changed().await?;
+            Ok(count)
+        })
+    }
+
     /// Usage of a tenant's period (whatever invoice it is billed on), by function.
     pub async fn usage_by_function(&self, tenant: &str, period: &str) -> Result<BTreeMap<String, Totals>> {
         let mut out: BTreeMap<String, Totals> = BTreeMap::new();
@@ -680,35 +706,31 @@ impl Billing {
         let _running = self.run_lock.lock().await;
         let card = self.rate_card().await?;
         let mut totals: HashMap<TotalsKey, Totals> = HashMap::new();
-        segments::scan(&self.db, None, false, |_| true, |segment, bytes, _| {
-            // Summed under the segment's borrowed names, then into the owned keys.
-            let mut sums: HashMap<[&str; 3], Totals> = HashMap::new();
-            segments::each(bytes, |r| {
-                let state = if r.kind == usage::Kind::State { r.state_decimal()? } else { Decimal::ZERO };
-                let invocation = r.kind == usage::Kind::Invocation;
-                sums.entry([r.period, r.plan, r.function]).or_default().add(&Totals {
-                    records: 1,
-                    invocations: i64::from(invocation),
-                    errors: i64::from(invocation && r.status_code >= 500),
-                    cpu_ms: r.cpu_ms,
-                    wall_ms: r.wall_ms,
-                    bytes_out: r.bytes_out,
-                    state_byte_seconds: state,
-                });
+        segments::scan(
+            &self.db,
+            None,
+            false,
+            |_| true,
+            |segment, bytes, _| {
+                // Summed under the segment's borrowed names, then into the owned keys.
+                let mut sums: HashMap<[&str; 3], Totals> = HashMap::new();
+                segments::each(bytes, |r| {
+                    sums.entry([r.period, r.plan, r.function]).or_default().add(&r.totals()?);
+                    Ok(())
+                })?;
+                for ([period, plan, function], sum) in sums {
+                    let key = TotalsKey {
+                        tenant: segment.tenant.clone(),
+                        billed_period: segment.billed_period.clone(),
+                        period: period.into(),
+                        plan: plan.into(),
+                        function: function.into(),
+                    };
+                    totals.entry(key).or_default().add(&sum);
+                }
                 Ok(())
-            })?;
-            for ([period, plan, function], sum) in sums {
-                let key = TotalsKey {
-                    tenant: segment.tenant.clone(),
-                    billed_period: segment.billed_period.clone(),
-                    period: period.into(),
-                    plan: plan.into(),
-                    function: function.into(),
-                };
-                totals.entry(key).or_default().add(&sum);
-            }
-            Ok(())
-        })
+            },
+        )
         .await?;
         on_pool!(&self.db, pool => {
             let mut tx = pool.begin().await?;

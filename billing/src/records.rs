@@ -244,7 +244,8 @@ impl Billing {
             let mut sums: HashMap<(&str, &str, &str, i64), (Sums, i64)> = HashMap::new();
             segments::each(bytes, |r| {
                 if let Some(bucket) = bucket(&r, snapshot.watermark) {
-                    let entry = sums.entry((r.period, r.plan, r.function, bucket)).or_insert((Sums::default(), r.start_ns));
+                    let entry =
+                        sums.entry((r.period, r.plan, r.function, bucket)).or_insert((Sums::default(), r.start_ns));
                     entry.0.add(&Sums::of(&r)?);
                     entry.1 = entry.1.min(r.start_ns);
                 }
@@ -283,9 +284,11 @@ impl Billing {
     ) -> Result<(Vec<Row>, HashMap<(Group, String), Sums>)> {
         let base_ns = lattice.base * NS_PER_MS;
         let (merged, totals, _) = self
-            .grouped(tenant, |s| s.last_start_ns >= base_ns, |r, _| {
-                (r.start_ns >= base_ns).then(|| lattice.bucket_of_ns(r.start_ns))
-            })
+            .grouped(
+                tenant,
+                |s| s.last_start_ns >= base_ns,
+                |r, _| (r.start_ns >= base_ns).then(|| lattice.bucket_of_ns(r.start_ns)),
+            )
             .await?;
         let mut from_base: HashMap<(Group, String), Sums> = HashMap::new();
         for ((group, function, _), (sums, _)) in &merged {
@@ -321,10 +324,14 @@ impl Billing {
     ) -> Result<(Vec<Row>, HashMap<(Group, String), Sums>, i64)> {
         let after_ms = after.unwrap_or(i64::MIN);
         let (merged, totals, watermark) = self
-            .grouped(tenant, |s| s.last_received_ms > after_ms, |r, watermark| {
-                let arrived = after.is_none() || (r.received_ms > after_ms && r.received_ms <= watermark);
-                arrived.then(|| r.start_ns.div_euclid(MINUTE_NS))
-            })
+            .grouped(
+                tenant,
+                |s| s.last_received_ms > after_ms,
+                |r, watermark| {
+                    let arrived = after.is_none() || (r.received_ms > after_ms && r.received_ms <= watermark);
+                    arrived.then(|| r.start_ns.div_euclid(MINUTE_NS))
+                },
+            )
             .await?;
         let rows = merged
             .into_iter()
@@ -353,7 +360,8 @@ impl Billing {
         (lo_ns, hi_ns): (i64, i64),
         mut f: impl FnMut(&Stored<'_>) -> Result<()>,
     ) -> Result<()> {
-        let keep = |s: &Listed| s.billed_period == group.billed_period && s.last_start_ns >= lo_ns && s.first_start_ns < hi_ns;
+        let keep =
+            |s: &Listed| s.billed_period == group.billed_period && s.last_start_ns >= lo_ns && s.first_start_ns < hi_ns;
         segments::scan(&self.db, Some(&group.tenant), false, keep, |_, bytes, _| {
             segments::each(bytes, |r| {
                 if r.period == group.period && r.plan == group.plan && r.start_ns >= lo_ns && r.start_ns < hi_ns {

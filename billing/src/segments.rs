@@ -93,6 +93,20 @@ impl<'a> Stored<'a> {
         crate::records::decimal_of(self.state)
     }
 
+    /// The record's sums, as the running totals count it.
+    pub fn totals(&self) -> Result<Totals> {
+        let invocation = self.kind == Kind::Invocation;
+        Ok(Totals {
+            records: 1,
+            invocations: i64::from(invocation),
+            errors: i64::from(invocation && self.status_code >= 500),
+            cpu_ms: self.cpu_ms,
+            wall_ms: self.wall_ms,
+            bytes_out: self.bytes_out,
+            state_byte_seconds: if self.kind == Kind::State { self.state_decimal()? } else { Decimal::ZERO },
+        })
+    }
+
     /// The record, owned, with its segment's tenant and billed period.
     pub fn to_record(&self, tenant: &str, billed_period: &str) -> Result<UsageRecord> {
         Ok(UsageRecord {
@@ -281,7 +295,10 @@ pub fn each<'a>(data: &'a [u8], mut f: impl FnMut(Stored<'a>) -> Result<()>) -> 
     let words = (0..r.varint()?).map(|_| r.str()).collect::<Result<Vec<_>>>()?;
     let word = |r: &mut Reader<'a>| -> Result<&'a str> {
         let i = r.varint()?;
-        usize::try_from(i).ok().and_then(|i| words.get(i).copied()).ok_or_else(|| corrupt("a word is not in its dictionary"))
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| words.get(i).copied())
+            .ok_or_else(|| corrupt("a word is not in its dictionary"))
     };
     let (mut start, mut received) = (0i64, 0i64);
     for _ in 0..count {
@@ -439,7 +456,8 @@ pub(crate) trait Conn {
     async fn totals(&mut self, tenant: Option<&str>) -> Result<Vec<(TotalsKey, Totals)>>;
 }
 
-const LIST: &str = "SELECT id, tenant, billed_period, first_start_ns, last_start_ns, last_received_ms FROM usage_segments";
+const LIST: &str =
+    "SELECT id, tenant, billed_period, first_start_ns, last_start_ns, last_received_ms FROM usage_segments";
 
 macro_rules! impl_conn {
     ($conn:ty, $postgres:expr) => {
@@ -706,6 +724,33 @@ pub async fn convert_rows(db: &Db) -> Result<u64> {
 /// A new record: its tenant and billed period, and the record.
 pub type New<'a> = (&'a str, &'a str, Stored<'a>);
 
+/// The sums of the records that were `new`, by totals key, with how many were new and how many
+/// of them late (billed on a later invoice than their period's).
+pub fn sum_new(records: &[New<'_>], new: &[bool]) -> Result<(HashMap<TotalsKey, Totals>, u64, u64)> {
+    // Summed under borrowed keys; one owned key per group.
+    let mut sums: HashMap<[&str; 5], Totals> = HashMap::new();
+    let (mut count, mut late) = (0, 0);
+    for ((tenant, billed_period, r), _) in records.iter().zip(new).filter(|(_, new)| **new) {
+        sums.entry([tenant, billed_period, r.period, r.plan, r.function]).or_default().add(&r.totals()?);
+        count += 1;
+        late += u64::from(r.period != *billed_period);
+    }
+    let totals = sums
+        .into_iter()
+        .map(|([tenant, billed_period, period, plan, function], totals)| {
+            let key = TotalsKey {
+                tenant: tenant.into(),
+                billed_period: billed_period.into(),
+                period: period.into(),
+                plan: plan.into(),
+                function: function.into(),
+            };
+            (key, totals)
+        })
+        .collect();
+    Ok((totals, count, late))
+}
+
 /// Stores the records that are new by (tenant, usage id) — `records` hold each key once — as
 /// one segment per invoice, then merges full levels; inside the caller's transaction. Returns
 /// which records were new.
@@ -852,7 +897,8 @@ mod tests {
         let mut hashes: Vec<u64> = ids.iter().map(|id| key_hash(id)).collect();
         hashes.sort_unstable();
         assert!(ids.iter().all(|id| contains(&hashes, key_hash(id))));
-        let strangers = (50_000..100_000).filter(|i| contains(&hashes, key_hash(&format!("0190b4e2-7c3a-7d2e-9f00-{i:012x}"))));
+        let strangers =
+            (50_000..100_000).filter(|i| contains(&hashes, key_hash(&format!("0190b4e2-7c3a-7d2e-9f00-{i:012x}"))));
         assert_eq!(strangers.count(), 0);
         // Uneven arrays: duplicates, extremes, one element, none.
         let odd = [0, 0, 5, 5, 5, 9, u64::MAX];

@@ -203,3 +203,181 @@ async fn another_process_sees_every_billing_change() {
         assert_ne!(after_run, other.version().await, "{}: a plan assignment elsewhere too", backend.name());
     }
 }
+
+/// The golden month's usage as stored before segments: a row each in `usage_records`.
+async fn as_rows(fixture: &common::Fixture, records: &[billing::usage::UsageRecord]) {
+    let db = fixture.billing.db();
+    let create = "CREATE TABLE usage_records (tenant TEXT NOT NULL, usage_id TEXT NOT NULL, kind TEXT NOT NULL, \
+        function TEXT NOT NULL, flow_run TEXT, trace_id TEXT NOT NULL, span_id TEXT NOT NULL, start_ns BIGINT NOT NULL, \
+        end_ns BIGINT NOT NULL, cpu_ms BIGINT NOT NULL, wall_ms BIGINT NOT NULL, memory_peak_bytes BIGINT NOT NULL, \
+        bytes_in BIGINT NOT NULL, bytes_out BIGINT NOT NULL, status_code BIGINT NOT NULL, \
+        state_byte_seconds TEXT NOT NULL, period TEXT NOT NULL, billed_period TEXT NOT NULL, plan TEXT NOT NULL, \
+        received_ms BIGINT NOT NULL, call_id TEXT, PRIMARY KEY (tenant, usage_id))";
+    let insert = format!("INSERT INTO usage_records VALUES ({})", vec!["?"; 21].join(", "));
+    macro_rules! rows {
+        ($pool:expr) => {{
+            sqlx::query("DELETE FROM usage_segments").execute($pool).await.unwrap();
+            sqlx::query(create).execute($pool).await.unwrap();
+            for r in records {
+                sqlx::query(db.sql(&insert))
+                    .bind(&r.tenant)
+                    .bind(&r.usage_id)
+                    .bind(r.kind.as_str())
+                    .bind(&r.function)
+                    .bind(&r.flow_run)
+                    .bind(&r.trace_id)
+                    .bind(&r.span_id)
+                    .bind(r.start_ns)
+                    .bind(r.end_ns)
+                    .bind(r.cpu_ms)
+                    .bind(r.wall_ms)
+                    .bind(r.memory_peak_bytes)
+                    .bind(r.bytes_in)
+                    .bind(r.bytes_out)
+                    .bind(r.status_code)
+                    .bind(r.state_byte_seconds.to_string())
+                    .bind(&r.period)
+                    .bind(&r.billed_period)
+                    .bind(&r.plan)
+                    .bind(r.received_ms)
+                    .bind(&r.call_id)
+                    .execute($pool)
+                    .await
+                    .unwrap();
+            }
+        }};
+    }
+    match db {
+        billing::db::Db::Sqlite(pool) => rows!(pool),
+        billing::db::Db::Postgres(pool) => rows!(pool),
+    }
+}
+
+/// A database whose usage records are rows (the layout before segments) is converted when
+/// billing opens it: every record, its cost and the invoices survive, the rows' table is gone,
+/// and a record already billed is still recognized when its usage comes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_records_stored_as_rows_survive_the_move_to_segments() {
+    for backend in backends() {
+        let name = backend.name();
+        let fixture = open(&backend, CARD).await;
+        let c2 = invoke("acme", "c2", "resize", ns("2026-10-04T10:00:00Z"), 900, 2_500_000, 200);
+        fixture
+            .deliver(vec![
+                invoke("acme", "c1", "resize", ns("2026-10-03T10:00:00Z"), 300, 1_000_000, 200),
+                c2.clone(),
+                invoke("acme", "c3", "thumb", ns("2026-10-05T10:00:00Z"), 50, 500_000, 500),
+                state("acme", None, ns("2026-10-10T00:00:00Z"), ns("2026-10-10T00:01:00Z"), "1500000000.5"),
+                state("acme", Some("run1"), ns("2026-10-10T00:00:00Z"), ns("2026-10-10T00:00:30Z"), "250000000"),
+                invoke("globex", "c9", "hello", ns("2026-10-07T08:00:00Z"), 10, 0, 200),
+                invoke("globex", "c8", "hello", ns("2026-11-07T08:00:00Z"), 10, 0, 200),
+            ])
+            .await;
+        fixture.billing.run(None).await.unwrap();
+        let keys = [("acme", "2026-10"), ("globex", "2026-10"), ("globex", "2026-11")];
+        let mut before = Vec::new();
+        let mut all = Vec::new();
+        for (tenant, period) in keys {
+            let records = fixture.billing.records(tenant, period).await.unwrap();
+            all.extend(records.clone());
+            let costs = fixture.billing.invocation_costs(tenant, period).await.unwrap();
+            let invoice = fixture.billing.rate_invoice(tenant, period).await.unwrap().to_json();
+            before.push((records, costs, invoice));
+        }
+        assert_eq!(all.len(), 7, "{name}");
+        as_rows(&fixture, &all).await;
+
+        let mut billing = billing::Billing::open(&fixture.store).await.unwrap();
+        billing.set_settle(std::time::Duration::ZERO);
+        for ((tenant, period), before) in keys.iter().zip(&before) {
+            let records = billing.records(tenant, period).await.unwrap();
+            let costs = billing.invocation_costs(tenant, period).await.unwrap();
+            let invoice = billing.rate_invoice(tenant, period).await.unwrap().to_json();
+            assert_eq!(&(records, costs, invoice), before, "{tenant} {period} on {name}");
+        }
+        let table = match billing.db() {
+            billing::db::Db::Sqlite(pool) => {
+                sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM sqlite_master WHERE name = 'usage_records'")
+                    .fetch_one(pool)
+                    .await
+                    .unwrap()
+            }
+            billing::db::Db::Postgres(pool) => sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = 'usage_records'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        };
+        assert_eq!(table, 0, "the rows' table is dropped on {name}");
+        // The same invocation in another span: already billed.
+        let mut again = c2;
+        again.span_id = "00000000000000c2".into();
+        fixture.deliver(vec![again]).await;
+        let report = billing.run(None).await.unwrap();
+        assert_eq!((report.records, report.duplicates), (0, 1), "{name}");
+    }
+}
+
+/// Usage stored in many small runs is merged into few segments, level by level, and every
+/// record is stored once however often it comes: across segments and across merges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_stay_unique_across_segments_and_merges() {
+    for backend in backends() {
+        let name = backend.name();
+        let fixture = open(&backend, CARD).await;
+        let record = |i: usize| billing::usage::UsageRecord {
+            tenant: "acme".into(),
+            usage_id: format!("0190b4e2-7c3a-7d2e-9f00-{i:012x}"),
+            kind: billing::usage::Kind::Invocation,
+            function: format!("f{}", i % 3),
+            flow_run: None,
+            call_id: None,
+            trace_id: format!("{i:032x}"),
+            span_id: format!("{i:016x}"),
+            start_ns: ns("2026-10-01T00:00:00Z") + (i as i64 % 1000) * 1_000_000_000,
+            end_ns: ns("2026-10-01T00:00:00Z") + (i as i64 % 1000) * 1_000_000_000 + 5_000_000,
+            cpu_ms: i as i64 % 7,
+            wall_ms: 5,
+            memory_peak_bytes: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            status_code: 200,
+            state_byte_seconds: Default::default(),
+            period: "2026-10".into(),
+            billed_period: "2026-10".into(),
+            plan: "basic".into(),
+            received_ms: i as i64,
+        };
+        // 70 runs of 10: merges at every 8 segments of a level.
+        for run in 0..70 {
+            let records: Vec<_> = (run * 10..run * 10 + 10).map(record).collect();
+            assert_eq!(fixture.billing.import(&records).await.unwrap(), 10, "run {run} on {name}");
+        }
+        let segments: i64 = match fixture.billing.db() {
+            billing::db::Db::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT COUNT(*) FROM usage_segments").fetch_one(pool).await.unwrap()
+            }
+            billing::db::Db::Postgres(pool) => {
+                sqlx::query_scalar("SELECT COUNT(*) FROM usage_segments").fetch_one(pool).await.unwrap()
+            }
+        };
+        // 70 = 8 × 8 merged (64 → one of level 1 after 8 of 8) + 6 left: 1 + 6 … at most 14.
+        assert!(segments < 15, "{segments} segments on {name}");
+        // Every record again, in other groupings, and a fresh process (no cached keys): none new.
+        let everything: Vec<_> = (0..700).map(record).collect();
+        assert_eq!(fixture.billing.import(&everything).await.unwrap(), 0, "{name}");
+        let fresh = billing::Billing::open(&fixture.store).await.unwrap();
+        assert_eq!(fresh.import(&everything[350..]).await.unwrap(), 0, "{name}");
+        let mut more = everything[690..].to_vec();
+        more.push(record(700));
+        assert_eq!(fresh.import(&more).await.unwrap(), 1, "{name}");
+        let stored = fresh.records("acme", "2026-10").await.unwrap();
+        assert_eq!(stored.len(), 701, "{name}");
+        let mut expected: Vec<_> = (0..=700).map(record).collect();
+        expected.sort_by(|a, b| (a.start_ns, &a.usage_id).cmp(&(b.start_ns, &b.usage_id)));
+        assert_eq!(stored, expected, "{name}");
+        let totals = fresh.totals("acme", "2026-10").await.unwrap();
+        assert_eq!(totals.values().map(|t| t.records).sum::<i64>(), 701, "{name}");
+    }
+}

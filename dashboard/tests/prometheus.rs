@@ -17,10 +17,11 @@ use std::time::Duration;
 
 use billing::Billing;
 use billing::api::{ApiState, Viewer, ViewerResolver};
+use billing::usage::{Kind, UsageRecord};
 use collector::bench::PgServer;
 use collector::clock::Clock;
 use collector::model::{Batch, SampleRow, SpanRow};
-use collector::store::{Pool, TelemetryStore};
+use collector::store::TelemetryStore;
 use dashboard::DashboardState;
 use serde_json::{Value, json};
 
@@ -1192,47 +1193,43 @@ async fn costs_agree(env: &Env, what: &str) -> BTreeMap<String, rust_decimal::De
     by_function
 }
 
-/// `count` invocations of a tenant written straight into `usage_records` (as extraction would
-/// have), `every` seconds from `from`, over 10 functions; then `Billing::rebuild` is needed.
+/// `count` invocations of a tenant stored as extraction would have (`Billing::import`),
+/// `every` seconds from `from`, over 10 functions; then `Billing::rebuild` prices them.
 async fn big_month(env: &Env, tenant: &str, count: usize, from: &str, every: i64) {
-    const COLUMNS: &str = "INSERT INTO usage_records (tenant, usage_id, kind, function, flow_run, trace_id, span_id, \
-        start_ns, end_ns, cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code, state_byte_seconds, \
-        period, billed_period, plan, received_ms) VALUES ";
     let start = ns(from);
     let mut done = 0;
     while done < count {
-        let rows = 500.min(count - done);
-        let groups = vec![
-            "(?, ?, 'invocation', ?, NULL, ?, ?, ?, ?, ?, 5, 1048576, 100, ?, 200, '0', ?, ?, 'starter', 0)";
-            rows
-        ];
-        let text = env.billing.db().sql(&format!("{COLUMNS}{}", groups.join(", ")));
-        macro_rules! insert {
-            ($pool:expr) => {{
-                let mut query = sqlx::query(text);
-                for i in done..done + rows {
-                    let at = start + i as i64 * every * 1_000_000_000;
-                    let period = chrono::DateTime::from_timestamp_nanos(at).format("%Y-%m").to_string();
-                    query = query
-                        .bind(tenant.to_string())
-                        .bind(format!("{tenant}-{i}"))
-                        .bind(format!("f{}", i % 10))
-                        .bind(format!("{i:032x}"))
-                        .bind(format!("{i:016x}"))
-                        .bind(at)
-                        .bind(at + 5_000_000)
-                        .bind((i % 97) as i64)
-                        .bind((i % 4096) as i64)
-                        .bind(period.clone())
-                        .bind(period);
+        let rows = 50_000.min(count - done);
+        let records: Vec<UsageRecord> = (done..done + rows)
+            .map(|i| {
+                let at = start + i as i64 * every * 1_000_000_000;
+                let period = chrono::DateTime::from_timestamp_nanos(at).format("%Y-%m").to_string();
+                UsageRecord {
+                    tenant: tenant.into(),
+                    usage_id: format!("{tenant}-{i}"),
+                    kind: Kind::Invocation,
+                    function: format!("f{}", i % 10),
+                    flow_run: None,
+                    call_id: None,
+                    trace_id: format!("{i:032x}"),
+                    span_id: format!("{i:016x}"),
+                    start_ns: at,
+                    end_ns: at + 5_000_000,
+                    cpu_ms: (i % 97) as i64,
+                    wall_ms: 5,
+                    memory_peak_bytes: 1 << 20,
+                    bytes_in: 100,
+                    bytes_out: (i % 4096) as i64,
+                    status_code: 200,
+                    state_byte_seconds: Default::default(),
+                    period: period.clone(),
+                    billed_period: period,
+                    plan: "starter".into(),
+                    received_ms: 0,
                 }
-                query.execute($pool).await.unwrap();
-            }};
-        }
-        match env.store.shared_pool() {
-            Pool::Sqlite(pool) => insert!(pool),
-            Pool::Postgres(pool) => insert!(pool),
-        }
+            })
+            .collect();
+        assert_eq!(env.billing.import(&records).await.unwrap(), rows as u64);
         done += rows;
     }
 }
