@@ -222,7 +222,9 @@ async fn run(State(state): State<ApiState>, headers: HeaderMap, body: String) ->
         serde_json::from_str(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("run request: {e}")))?
     };
     let until = request.until.as_deref().map(parse_time).transpose()?;
-    Ok(Json(state.billing.run(until).await?).into_response())
+    let report = state.billing.run(until).await?;
+    state.billing.merge_segments().await?;
+    Ok(Json(report).into_response())
 }
 
 #[derive(Deserialize)]

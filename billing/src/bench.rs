@@ -74,6 +74,10 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
         report.invoices_updated
     )?;
 
+    // The usage segments' merges above level 0, which a server runs after each billing run.
+    let (merged, merging) = measured(billing.merge_segments()).await?;
+    writeln!(out, "  merging usage segments after it: {merged} merged away in {}", merging.line(report.records))?;
+
     let (invoices, full) = measured(billing.rebuild()).await?;
     writeln!(
         out,
@@ -94,6 +98,8 @@ pub async fn run(invocations: usize, new: usize, database_url: Option<String>) -
         incremental.line(report.records),
         report.invoices_updated
     )?;
+    let (merged, merging) = measured(billing.merge_segments()).await?;
+    writeln!(out, "  merging usage segments after it: {merged} merged away in {}", merging.line(report.records))?;
     // A run that finds nothing new: the cost of an idle run.
     let started = Instant::now();
     billing.run(None).await?;

@@ -396,6 +396,13 @@ impl Billing {
         Ok(report)
     }
 
+    /// Merges the usage segments of every invoice whose level is full (`segments.rs`): run after
+    /// billing runs, out of their way. Returns how many segments were merged away.
+    pub async fn merge_segments(&self) -> Result<u64> {
+        let _running = self.run_lock.lock().await;
+        segments::merge_levels(&self.db, &self.keys).await
+    }
+
     /// Makes every invoice up to and including `period` final (an operator closing a period
     /// before its grace window ends). The period must be over.
     pub async fn finalize(&self, period: &str) -> Result<u64> {
@@ -676,6 +683,10 @@ impl Billing {
         let begin = if matches!(self.db, Db::Sqlite(_)) { "BEGIN IMMEDIATE" } else { "BEGIN" };
         on_pool!(&self.db, pool => {
             let mut tx = pool.begin_with(begin).await?;
+            if matches!(self.db, Db::Postgres(_)) {
+                // One writer of the totals and segments at a time, across processes.
+                sqlx::query("SELECT pg_advisory_xact_lock(7305011)").execute(&mut *tx).await?;
+            }
             let new = segments::store(&mut *tx, &self.keys, &stored).await?;
             let (delta, count, _) = segments::sum_new(&stored, &new)?;
             add_totals(&self.db, &mut tx, delta).await?;

@@ -371,7 +371,7 @@ pub fn keys_of(records: &[Stored<'_>]) -> (Vec<u64>, Vec<u8>) {
 }
 
 fn hashes_of(bytes: &[u8]) -> Result<Vec<u64>> {
-    if bytes.len() % 8 != 0 {
+    if !bytes.len().is_multiple_of(8) {
         return Err(corrupt("its keys are not whole 64-bit hashes"));
     }
     Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
@@ -403,13 +403,16 @@ pub fn contains(sorted: &[u64], h: u64) -> bool {
     sorted[lo.min(hi)..hi].binary_search(&h).is_ok()
 }
 
+/// A segment's sorted key hashes, shared with the cache.
+type Hashes = Arc<Vec<u64>>;
+
 /// The sorted key hashes of segments, by segment id (segments never change and ids are never
 /// reused, so an entry never goes stale; entries of merged-away segments are dropped).
 #[derive(Default)]
-pub struct KeyCache(Mutex<HashMap<i64, Arc<Vec<u64>>>>);
+pub struct KeyCache(Mutex<HashMap<i64, Hashes>>);
 
 impl KeyCache {
-    fn get(&self, id: i64) -> Option<Arc<Vec<u64>>> {
+    fn get(&self, id: i64) -> Option<Hashes> {
         self.0.lock().expect("key cache").get(&id).cloned()
     }
 
@@ -441,8 +444,13 @@ pub struct Listed {
 pub(crate) trait Conn {
     /// The catalog rows of `tenant`'s segments (or every tenant's), by id.
     async fn list(&mut self, tenant: Option<&str>) -> Result<Vec<Listed>>;
-    /// The ids of an invoice's segments of one level, or of all a tenant's segments.
-    async fn ids(&mut self, tenant: &str, of: Option<(&str, i64)>) -> Result<Vec<i64>>;
+    /// The segments of these tenants: (id, tenant, billed period, level).
+    async fn segments_of(&mut self, tenants: &[&str]) -> Result<Vec<(i64, String, String, i64)>>;
+    /// The ids of an invoice's segments of one level.
+    async fn level_ids(&mut self, tenant: &str, billed_period: &str, level: i64) -> Result<Vec<i64>>;
+    /// The (tenant, billed period, level) with [`FANOUT`] segments or more, for levels in
+    /// `levels`.
+    async fn full_levels(&mut self, levels: std::ops::Range<i64>) -> Result<Vec<(String, String, i64)>>;
     /// A segment's keys column.
     async fn keys(&mut self, id: i64) -> Result<Vec<u8>>;
     /// A segment's records' bytes.
@@ -483,20 +491,38 @@ macro_rules! impl_conn {
                 Ok(listed.collect::<Result<_, sqlx::Error>>()?)
             }
 
-            async fn ids(&mut self, tenant: &str, of: Option<(&str, i64)>) -> Result<Vec<i64>> {
-                Ok(match of {
-                    None => {
-                        let text = sql($postgres, "SELECT id FROM usage_segments WHERE tenant = ?");
-                        sqlx::query_scalar(text).bind(tenant).fetch_all(&mut *self).await?
+            async fn segments_of(&mut self, tenants: &[&str]) -> Result<Vec<(i64, String, String, i64)>> {
+                let mut out = Vec::new();
+                for part in tenants.chunks(500) {
+                    let text = format!(
+                        "SELECT id, tenant, billed_period, level FROM usage_segments WHERE tenant IN ({}) ORDER BY id",
+                        vec!["?"; part.len()].join(", ")
+                    );
+                    let mut query = sqlx::query_as(sql($postgres, &text));
+                    for tenant in part {
+                        query = query.bind(*tenant);
                     }
-                    Some((billed_period, level)) => {
-                        let text = sql(
-                            $postgres,
-                            "SELECT id FROM usage_segments WHERE tenant = ? AND billed_period = ? AND level = ? ORDER BY id",
-                        );
-                        sqlx::query_scalar(text).bind(tenant).bind(billed_period).bind(level).fetch_all(&mut *self).await?
-                    }
-                })
+                    out.extend(query.fetch_all(&mut *self).await?);
+                }
+                Ok(out)
+            }
+
+            async fn level_ids(&mut self, tenant: &str, billed_period: &str, level: i64) -> Result<Vec<i64>> {
+                let text = sql(
+                    $postgres,
+                    "SELECT id FROM usage_segments WHERE tenant = ? AND billed_period = ? AND level = ? ORDER BY id",
+                );
+                Ok(sqlx::query_scalar(text).bind(tenant).bind(billed_period).bind(level).fetch_all(&mut *self).await?)
+            }
+
+            async fn full_levels(&mut self, levels: std::ops::Range<i64>) -> Result<Vec<(String, String, i64)>> {
+                let text = sql(
+                    $postgres,
+                    "SELECT tenant, billed_period, level FROM usage_segments WHERE level >= ? AND level < ? \
+                     GROUP BY tenant, billed_period, level HAVING COUNT(*) >= ?",
+                );
+                let query = sqlx::query_as(text).bind(levels.start).bind(levels.end).bind(FANOUT as i64);
+                Ok(query.fetch_all(&mut *self).await?)
             }
 
             async fn keys(&mut self, id: i64) -> Result<Vec<u8>> {
@@ -755,23 +781,24 @@ pub fn sum_new(records: &[New<'_>], new: &[bool]) -> Result<(HashMap<TotalsKey, 
 /// one segment per invoice, then merges full levels; inside the caller's transaction. Returns
 /// which records were new.
 pub(crate) async fn store(conn: &mut impl Conn, cache: &KeyCache, records: &[New<'_>]) -> Result<Vec<bool>> {
-    let tenants: std::collections::BTreeSet<&str> = records.iter().map(|r| r.0).collect();
+    let tenants: Vec<&str> =
+        records.iter().map(|r| r.0).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let listed = conn.segments_of(&tenants).await?;
     // Each tenant's segments' keys (from the cache; loaded once per segment).
-    let mut keys: HashMap<&str, Vec<(i64, Arc<Vec<u64>>)>> = HashMap::new();
-    for tenant in tenants {
-        let ids = conn.ids(tenant, None).await?;
-        let mut segments = Vec::with_capacity(ids.len());
-        for id in ids {
-            let hashes = match cache.get(id) {
-                Some(hashes) => hashes,
-                None => {
-                    cache.put(id, hashes_of(&conn.keys(id).await?)?);
-                    cache.get(id).expect("just put")
-                }
-            };
-            segments.push((id, hashes));
+    let mut keys: HashMap<&str, Vec<(i64, Hashes)>> = HashMap::new();
+    let mut level_0: HashMap<(&str, &str), usize> = HashMap::new();
+    for (id, tenant, billed_period, level) in &listed {
+        let hashes = match cache.get(*id) {
+            Some(hashes) => hashes,
+            None => {
+                cache.put(*id, hashes_of(&conn.keys(*id).await?)?);
+                cache.get(*id).expect("just put")
+            }
+        };
+        keys.entry(tenant.as_str()).or_default().push((*id, hashes));
+        if *level == 0 {
+            *level_0.entry((tenant.as_str(), billed_period.as_str())).or_default() += 1;
         }
-        keys.insert(tenant, segments);
     }
     // A hash found in a segment is checked against its records (rarely: duplicates and
     // collisions only).
@@ -780,7 +807,7 @@ pub(crate) async fn store(conn: &mut impl Conn, cache: &KeyCache, records: &[New
     for (tenant, _, record) in records {
         let h = key_hash(record.usage_id);
         let mut seen = false;
-        for (id, hashes) in &keys[tenant] {
+        for (id, hashes) in keys.get(tenant).map_or(&[][..], Vec::as_slice) {
             if !contains(hashes, h) {
                 continue;
             }
@@ -808,38 +835,72 @@ pub(crate) async fn store(conn: &mut impl Conn, cache: &KeyCache, records: &[New
         records.sort_unstable_by(|a, b| a.order().cmp(&b.order()));
         let (id, hashes) = conn.insert(tenant, billed_period, &records).await?;
         cache.put(id, hashes);
-        merge(conn, cache, tenant, billed_period).await?;
+        // Level 0 is merged here (a few small segments); the levels above by
+        // [`merge_levels`], out of the way of extraction.
+        if level_0.get(&(tenant, billed_period)).copied().unwrap_or(0) + 1 >= FANOUT {
+            merge(conn, cache, tenant, billed_period, 0).await?;
+        }
     }
     Ok(new)
 }
 
-/// Merges an invoice's segments, level by level, while a level has [`FANOUT`] of them.
-async fn merge(conn: &mut impl Conn, cache: &KeyCache, tenant: &str, billed_period: &str) -> Result<()> {
-    for level in 0.. {
-        let ids = conn.ids(tenant, Some((billed_period, level))).await?;
-        if ids.len() < FANOUT {
-            return Ok(());
+/// Segments of this level and above are never merged: a merge holds its records in memory
+/// (level 3 is up to 524 288 records).
+pub const TOP_LEVEL: i64 = 3;
+
+/// Merges every full level above 0 (of an invoice that has [`FANOUT`] segments of it), each
+/// merge in a transaction of its own, until none is full; returns how many segments were
+/// merged away. Extraction merges level 0 itself; this runs after billing runs.
+pub async fn merge_levels(db: &Db, cache: &KeyCache) -> Result<u64> {
+    let mut merged = 0;
+    loop {
+        let full = on_pool!(db, pool => pool.acquire().await?.full_levels(1..TOP_LEVEL).await?);
+        if full.is_empty() {
+            return Ok(merged);
         }
-        let mut blobs = Vec::with_capacity(ids.len());
-        for id in &ids {
-            blobs.push(conn.data(*id).await?);
+        for (tenant, billed_period, level) in full {
+            on_pool!(db, pool => {
+                let mut tx = match db {
+                    Db::Sqlite(_) => pool.begin_with("BEGIN IMMEDIATE").await?,
+                    Db::Postgres(_) => {
+                        let mut tx = pool.begin().await?;
+                        sqlx::query("SELECT pg_advisory_xact_lock(7305011)").execute(&mut *tx).await?;
+                        tx
+                    }
+                };
+                merged += merge(&mut *tx, cache, &tenant, &billed_period, level).await?;
+                tx.commit().await?;
+            });
         }
-        let mut records = Vec::new();
-        for blob in &blobs {
-            each(blob, |r| {
-                records.push(r);
-                Ok(())
-            })?;
-        }
-        records.sort_unstable_by(|a, b| a.order().cmp(&b.order()));
-        let (id, hashes) = conn.insert(tenant, billed_period, &records).await?;
-        for old in &ids {
-            conn.delete(*old).await?;
-        }
-        cache.forget(&ids);
-        cache.put(id, hashes);
     }
-    Ok(())
+}
+
+/// Merges an invoice's segments of one level into one, if there are [`FANOUT`] or more;
+/// returns how many were merged away.
+async fn merge(conn: &mut impl Conn, cache: &KeyCache, tenant: &str, billed_period: &str, level: i64) -> Result<u64> {
+    let ids = conn.level_ids(tenant, billed_period, level).await?;
+    if ids.len() < FANOUT {
+        return Ok(0);
+    }
+    let mut blobs = Vec::with_capacity(ids.len());
+    for id in &ids {
+        blobs.push(conn.data(*id).await?);
+    }
+    let mut records = Vec::new();
+    for blob in &blobs {
+        each(blob, |r| {
+            records.push(r);
+            Ok(())
+        })?;
+    }
+    records.sort_unstable_by(|a, b| a.order().cmp(&b.order()));
+    let (id, hashes) = conn.insert(tenant, billed_period, &records).await?;
+    for old in &ids {
+        conn.delete(*old).await?;
+    }
+    cache.forget(&ids);
+    cache.put(id, hashes);
+    Ok(ids.len() as u64)
 }
 
 #[cfg(test)]
@@ -852,8 +913,8 @@ mod tests {
             usage_id: format!("0190b4e2-7c3a-7d2e-9f00-{i:012x}"),
             kind: [Kind::Invocation, Kind::State, Kind::Instance][i % 3],
             function: format!("f{}", i % 4),
-            flow_run: (i % 2 == 0).then(|| format!("run-{i}")),
-            call_id: (i % 5 == 0).then(String::new),
+            flow_run: i.is_multiple_of(2).then(|| format!("run-{i}")),
+            call_id: i.is_multiple_of(5).then(String::new),
             trace_id: format!("{i:032x}"),
             span_id: format!("{i:016x}"),
             start_ns: 1_790_000_000_000_000_000 + (i as i64 % 7) * 1_000 - 3_000,

@@ -116,6 +116,9 @@ pub async fn start(
                     Ok(_) => {}
                     Err(error) => tracing::warn!(%error, "billing run failed; retrying at the next interval"),
                 }
+                if let Err(error) = billing.merge_segments().await {
+                    tracing::warn!(%error, "merging usage segments failed; retrying after the next run");
+                }
             }
         }));
     }

@@ -117,11 +117,10 @@
 //!   disagrees with `usage_totals`). A scope's first query loads them in the background and is
 //!   answered the second way. At most 4 scopes are kept (a function's minute takes 64 bytes:
 //!   at most some 130 MB with 500 000 records each, every one in a minute of its own);
-//! - or by one SQL aggregation per query that groups the records from the query's first read
-//!   time on into the intervals (what came before is `usage_totals` minus that, in the same
-//!   statement). SQLite sorts to group, so it groups by the row id of the records'
-//!   `usage_totals` row, in two halves on two connections (kept only when billing's watermark
-//!   shows both saw the same records); PostgreSQL hashes, given `SET LOCAL work_mem`.
+//! - or by one aggregation per query over billing's usage segments, which groups the records
+//!   from the query's first read time on into the intervals (what came before is
+//!   `usage_totals` minus that, read in the same snapshot); segments whose records all started
+//!   before that time are not read.
 //!
 //! Costs are then computed per (interval, function), record by record only around the end of a
 //! free allowance or a tier. `/series`, `/labels` and label values list the synthesized series

@@ -1,4 +1,4 @@
-//! The usage and billing counters, synthesized from billing's `usage_records`.
+//! The usage and billing counters, synthesized from billing's usage records.
 //!
 //! A counter here behaves as if it had been scraped every minute (at whole minutes, from the
 //! minute of its first record to the last whole minute up to now): its sample at time `g` is
@@ -7,7 +7,7 @@
 //! summed per (invoice, usage period, plan, function) and interval between consecutive read
 //! times (a [`Lattice`]: for a range query they repeat with its step; a 30-day range at a 1 h
 //! step with `[1h]` windows has about three intervals per step). The sums come from the
-//! per-minute [`Cache`] of the caller's scope, or from one SQL aggregation per query (see
+//! per-minute [`Cache`] of the caller's scope, or from one aggregation per query (see
 //! [`aggregate`]).
 //!
 //! Costs: billing prices records in time order within (invoice, usage period, plan) — free
@@ -15,7 +15,7 @@
 //! depends on what came before it. A charge is piecewise linear in the cumulative quantity;
 //! for an interval in which no metric crosses a breakpoint (the end of a free allowance, a tier
 //! bound) the cost of each function's records is `charge(a + q) - charge(a)`, exactly what the
-//! per-record sums come to. An interval that does cross one is split into time slices by SQL,
+//! per-record sums come to. An interval that does cross one is split into time slices,
 //! recursively, until the slice is small enough to walk record by record the way
 //! `Billing::invocation_costs` does. Costs are decimals throughout and become floats only as
 //! sample values.

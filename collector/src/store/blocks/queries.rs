@@ -261,11 +261,12 @@ impl SpanBlocks {
         if let Some(end) = first_block {
             return Ok(end.min(upto_ms));
         }
-        let mut times: Vec<i64> = self
-            .unsealed(None, |s| s.span.metered && s.received_ms > watermark_ms && s.received_ms <= upto_ms)?
-            .iter()
-            .map(|s| s.received_ms)
-            .collect();
+        let mut times: Vec<i64> = Vec::new();
+        self.each_unsealed(None, &mut |s| {
+            if s.span.metered && s.received_ms > watermark_ms && s.received_ms <= upto_ms {
+                times.push(s.received_ms);
+            }
+        })?;
         times.sort_unstable();
         Ok(usize::try_from(spans).ok().and_then(|n| times.get(n)).copied().unwrap_or(upto_ms))
     }
