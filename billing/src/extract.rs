@@ -44,6 +44,9 @@ pub struct Chunk {
     pub totals: HashMap<TotalsKey, Totals>,
     pub records: u64,
     pub late_records: u64,
+    /// Candidates that named usage already recorded, or recorded by an earlier span of the
+    /// chunk.
+    pub duplicates: u64,
 }
 
 /// One attribute value, as far as extraction reads it.
@@ -364,7 +367,7 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
         };
         drop(a);
         // Read: the record keeps the span's ids and times, not its attributes' text.
-        let span = Span { attributes: String::new(), ..span };
+        let span = Span { attributes: String::new(), name: String::new(), ..span };
         out.push(Record {
             period: Period::containing(period_kind, span.start_ns),
             span,
@@ -377,7 +380,7 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
             state: (byte_seconds, state_decimal),
         });
     }
-    // Key order (inserts walk the B-tree once); within a key, arrival order: the first is kept.
+    // By key, and within a key by arrival: the first is kept.
     out.sort_unstable_by(|a, b| a.key().cmp(&b.key()).then_with(|| a.arrival().cmp(&b.arrival())));
     out.dedup_by(|later, first| later.key() == first.key());
     (out, candidates, malformed)
@@ -395,6 +398,8 @@ pub struct Prepared {
     periods: PeriodKeys,
     candidates: u64,
     malformed: u64,
+    /// Candidates of the window whose usage an earlier span of the window named.
+    duplicates: u64,
 }
 
 impl Prepared {
@@ -403,22 +408,55 @@ impl Prepared {
     }
 }
 
-/// Reads the chunk `(after_ms, upto_ms]` and applies the rules (on a blocking thread: parsing a
-/// chunk is tens of milliseconds of CPU).
+/// Reads the arrivals `(after_ms, upto_ms]` and applies the rules (on a blocking thread:
+/// parsing is tens of milliseconds of CPU per 10 000 spans); returns them as chunks of about
+/// `chunk` records in arrival order, each ending at a millisecond boundary and the last at
+/// `upto_ms`, so that a window that is read at once (its blocks' arrivals overlap) is still
+/// written in small transactions, and only its records — not its spans — are held meanwhile.
+/// The window's counts, and its tenants without a record (to pin), go with the first chunk.
 pub async fn prepare(
     telemetry: &TelemetryStore,
     kind: PeriodKind,
     final_through: Option<Period>,
-    after_ms: i64,
-    upto_ms: i64,
-) -> Result<Prepared> {
+    (after_ms, upto_ms): (i64, i64),
+    chunk: usize,
+) -> Result<Vec<Prepared>> {
     let spans = telemetry.metered_spans(after_ms, upto_ms).await?;
     let parse = move || {
         let tenants: BTreeSet<&str> = spans.iter().map(|span| span.tenant.as_str()).collect();
-        let tenants = tenants.into_iter().map(str::to_owned).collect();
-        let (records, candidates, malformed) = records(spans, kind);
-        let periods = PeriodKeys::new(final_through, records.iter().map(|record| record.period));
-        Prepared { upto_ms, tenants, records, periods, candidates, malformed }
+        let mut tenants: Vec<String> = tenants.into_iter().map(str::to_owned).collect();
+        let (mut records, mut candidates, mut malformed) = records(spans, kind);
+        let mut duplicates = candidates - malformed - records.len() as u64;
+        records.sort_unstable_by(|a, b| a.arrival().cmp(&b.arrival()));
+        let mut rest = records.into_iter().peekable();
+        let mut parts = Vec::new();
+        loop {
+            let mut part = Vec::new();
+            while let Some(record) = rest.next() {
+                let ms = record.span.received_ms;
+                part.push(record);
+                if part.len() >= chunk && rest.peek().is_none_or(|next| next.span.received_ms != ms) {
+                    break;
+                }
+            }
+            let upto_ms = match (rest.peek(), part.last()) {
+                (Some(_), Some(last)) => last.span.received_ms,
+                _ => upto_ms,
+            };
+            let periods = PeriodKeys::new(final_through, part.iter().map(|record| record.period));
+            // The first chunk pins every tenant of the window (some may have no record); the
+            // others, their records' tenants (already pinned, in an earlier transaction).
+            let tenants = match parts.is_empty() {
+                true => std::mem::take(&mut tenants),
+                false => part.iter().map(|r| r.span.tenant.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
+            };
+            let (candidates, malformed, duplicates) =
+                (std::mem::take(&mut candidates), std::mem::take(&mut malformed), std::mem::take(&mut duplicates));
+            parts.push(Prepared { upto_ms, tenants, records: part, periods, candidates, malformed, duplicates });
+            if rest.peek().is_none() {
+                return parts;
+            }
+        }
     };
     tokio::task::spawn_blocking(parse)
         .await
@@ -434,8 +472,8 @@ pub async fn write(db: &Db, keys: &KeyCache, default_plan: &str, prepared: Prepa
         "INSERT INTO billing_settings (key, value) VALUES ('watermark_ms', ?) \
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     );
-    let Prepared { upto_ms, tenants, records, periods, candidates, malformed } = prepared;
-    let mut out = Chunk { candidates, malformed, ..Chunk::default() };
+    let Prepared { upto_ms, tenants, records, periods, candidates, malformed, duplicates } = prepared;
+    let mut out = Chunk { candidates, malformed, duplicates, ..Chunk::default() };
     on_pool!(db, pool => {
         // SQLite: take the write lock first; a read that later upgrades to a write fails with
         // SQLITE_BUSY_SNAPSHOT when the collector committed in between (busy_timeout cannot wait
@@ -471,6 +509,7 @@ pub async fn write(db: &Db, keys: &KeyCache, default_plan: &str, prepared: Prepa
                 .collect();
             let new = crate::segments::store(&mut *tx, keys, &stored).await?;
             (out.totals, out.records, out.late_records) = crate::segments::sum_new(&stored, &new)?;
+            out.duplicates += records.len() as u64 - out.records;
             crate::add_totals(db, &mut tx, out.totals.clone()).await?;
         }
         sqlx::query(watermark).bind(upto_ms.to_string()).execute(&mut *tx).await?;

@@ -332,9 +332,10 @@ impl Billing {
         let mut touched: HashSet<(String, String)> = HashSet::new();
         let mut watermark: i64 = self.setting("watermark_ms").await?.and_then(|w| w.parse().ok()).unwrap_or(i64::MIN);
         let final_through = self.finalized_through(card.period).await?;
-        // Chunks are read and parsed by a task of their own, one ahead of the chunk being written
-        // (a bounded channel: at most three chunks in memory); each chunk is written, with the
-        // watermark, in its own transaction, in order.
+        // Windows of arrivals are read and parsed by a task of their own, ahead of the chunk
+        // being written, and split into chunks of about `chunk_spans` records (a bounded
+        // channel: the window being split and two chunks in memory); each chunk is written, with
+        // the watermark, in its own transaction, in order.
         let (sender, mut prepared) = tokio::sync::mpsc::channel(1);
         let mut reader = tokio::task::JoinSet::new(); // aborted if this run fails
         reader.spawn({
@@ -342,13 +343,26 @@ impl Billing {
             async move {
                 let mut after = watermark;
                 while after < upto_ms {
-                    let chunk = match telemetry.metered_chunk_end(after, upto_ms, spans).await {
-                        Ok(end) => extract::prepare(&telemetry, kind, final_through, after, end).await,
+                    let chunks = match telemetry.metered_chunk_end(after, upto_ms, spans).await {
+                        Ok(end) => {
+                            let chunk = usize::try_from(spans).unwrap_or(1);
+                            extract::prepare(&telemetry, kind, final_through, (after, end), chunk).await
+                        }
                         Err(error) => Err(error.into()),
                     };
-                    after = chunk.as_ref().map_or(upto_ms, extract::Prepared::upto_ms);
-                    if sender.send(chunk).await.is_err() {
-                        return;
+                    match chunks {
+                        Ok(chunks) => {
+                            for chunk in chunks {
+                                after = chunk.upto_ms();
+                                if sender.send(Ok(chunk)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            let _ = sender.send(Err(error)).await;
+                            return;
+                        }
                     }
                 }
             }
@@ -364,7 +378,7 @@ impl Billing {
             report.malformed += chunk.malformed;
             report.records += chunk.records;
             report.late_records += chunk.late_records;
-            report.duplicates += chunk.candidates - chunk.malformed - chunk.records;
+            report.duplicates += chunk.duplicates;
             touched.extend(chunk.totals.keys().map(|k| (k.tenant.clone(), k.billed_period.clone())));
             watermark = chunk_end;
         }

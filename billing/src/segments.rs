@@ -827,11 +827,12 @@ pub(crate) async fn store(conn: &mut impl Conn, cache: &KeyCache, records: &[New
         }
         new.push(!seen);
     }
-    let mut invoices: BTreeMap<(&str, &str), Vec<Stored<'_>>> = BTreeMap::new();
-    for ((tenant, billed_period, record), _) in records.iter().zip(&new).filter(|(_, new)| **new) {
-        invoices.entry((tenant, billed_period)).or_default().push(*record);
+    let mut invoices: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
+    for (i, (tenant, billed_period, _)) in records.iter().enumerate().filter(|(i, _)| new[*i]) {
+        invoices.entry((tenant, billed_period)).or_default().push(i);
     }
-    for ((tenant, billed_period), mut records) in invoices {
+    for ((tenant, billed_period), indexes) in invoices {
+        let mut records: Vec<Stored> = indexes.into_iter().map(|i| records[i].2).collect();
         records.sort_unstable_by(|a, b| a.order().cmp(&b.order()));
         let (id, hashes) = conn.insert(tenant, billed_period, &records).await?;
         cache.put(id, hashes);

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import sys
+import time
 
 DECIMAL = re.compile(r"^-?[0-9]+\.[0-9]{2}$")
 REQUIRED = ("trip_id", "ts", "zone", "distance_km", "fare", "passengers")
@@ -30,7 +31,20 @@ TRANSPORT = os.environ.get("ETL_TRANSPORT", "inline")
 
 def http(method, url, data=None, auth=True):
     """One plain-HTTP/1.1 request (urllib and http.client take 50-60 ms to import, more than the
-    work of a small batch, and every invocation is a new process)."""
+    work of a small batch, and every invocation is a new process). Requests to S3 (`auth=False`)
+    are tried three times on 500 and 503, as S3's own clients do: S3 answers them for transient
+    faults and asks for a retry."""
+    for attempt in range(3 if not auth else 1):
+        status, content = request(method, url, data, auth)
+        if status not in (500, 503):
+            break
+        time.sleep(0.05 * (attempt + 1))
+    if status >= 300:
+        raise SystemExit(f"{method} {url}: HTTP {status}: {content[:200]!r}")
+    return content
+
+
+def request(method, url, data, auth):
     rest = url.split("://", 1)[1]
     hostport, _, path = rest.partition("/")
     host, _, port = hostport.partition(":")
@@ -48,9 +62,7 @@ def http(method, url, data=None, auth=True):
     status = int(header.split(b" ", 2)[1])
     if b"transfer-encoding: chunked" in header.lower():
         content = dechunk(content)
-    if status >= 300:
-        raise SystemExit(f"{method} {url}: HTTP {status}: {content[:200]!r}")
-    return content
+    return status, content
 
 
 def dechunk(data):
