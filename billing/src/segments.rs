@@ -13,9 +13,12 @@
 //!   id: a segment never changes, and ids are never reused); a hit is verified against the
 //!   segment's records, so a hash collision never drops a record.
 //! - **Merges.** Segments are levelled by size ([`level`]); when an invoice has [`FANOUT`]
-//!   segments of one level, they become one segment of the next, in the chunk's transaction.
-//!   An invoice has at most `FANOUT - 1` segments per level, so a lookup probes few arrays and
-//!   a reader few rows.
+//!   segments of one level, they become one segment (of the next level, by its size). Level 0
+//!   is merged by extraction, in the chunk's transaction (a few thousand records); levels 1
+//!   and 2 by [`merge_levels`] after billing runs, a transaction per merge, out of
+//!   extraction's way; level [`TOP_LEVEL`] and above never, since a merge holds its records in
+//!   memory. An invoice keeps fewer than `FANOUT` segments per merged level, so a lookup
+//!   probes few arrays and a reader few rows.
 //! - **Reading.** Readers list the catalog, keep the segments their scope, start range or
 //!   arrival range needs, and decode them one at a time ([`each`]), borrowing the strings from
 //!   the segment's bytes; the list and the segments are read in one snapshot, with the
@@ -30,7 +33,7 @@
 //! optional string's length is 0 when absent and length + 1 otherwise.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use rust_decimal::Decimal;
 use sqlx::Row;
@@ -403,27 +406,56 @@ pub fn contains(sorted: &[u64], h: u64) -> bool {
     sorted[lo.min(hi)..hi].binary_search(&h).is_ok()
 }
 
-/// A segment's sorted key hashes, shared with the cache.
-type Hashes = Arc<Vec<u64>>;
-
-/// The sorted key hashes of segments, by segment id (segments never change and ids are never
-/// reused, so an entry never goes stale; entries of merged-away segments are dropped).
+/// The usage-id hashes of each tenant's segments, for de-duplication: one lookup per record
+/// however many segments a tenant has. Built from the segments' keys the first time a tenant
+/// is billed in this process, then kept up to date with the segments written (by this process
+/// or another: the segments it covers are checked against the catalog on every chunk).
 #[derive(Default)]
-pub struct KeyCache(Mutex<HashMap<i64, Hashes>>);
+pub struct KeyCache(Mutex<HashMap<String, TenantKeys>>);
 
-impl KeyCache {
-    fn get(&self, id: i64) -> Option<Hashes> {
-        self.0.lock().expect("key cache").get(&id).cloned()
+#[derive(Default)]
+struct TenantKeys {
+    /// The segments whose hashes are in: segments never change and ids are never reused.
+    covered: HashSet<i64>,
+    /// Sorted hashes, and those added since (merged in when they are an eighth as many: a
+    /// linear merge, about nine moves per hash over a tenant's life).
+    sorted: Vec<u64>,
+    recent: HashSet<u64>,
+}
+
+impl TenantKeys {
+    fn contains(&self, h: u64) -> bool {
+        self.recent.contains(&h) || contains(&self.sorted, h)
     }
 
-    fn put(&self, id: i64, hashes: Vec<u64>) {
-        self.0.lock().expect("key cache").insert(id, Arc::new(hashes));
-    }
-
-    fn forget(&self, ids: &[i64]) {
-        let mut cache = self.0.lock().expect("key cache");
-        for id in ids {
-            cache.remove(id);
+    fn add(&mut self, hashes: &[u64]) {
+        self.recent.extend(hashes);
+        if self.recent.len() > 4096 && self.recent.len() * 8 > self.sorted.len() {
+            let mut recent: Vec<u64> = self.recent.drain().collect();
+            recent.sort_unstable();
+            let old = std::mem::take(&mut self.sorted);
+            self.sorted.reserve(old.len() + recent.len());
+            let (mut i, mut j) = (0, 0);
+            while i < old.len() || j < recent.len() {
+                let next = match (old.get(i), recent.get(j)) {
+                    (Some(a), Some(b)) if a <= b => {
+                        i += 1;
+                        *a
+                    }
+                    (_, Some(b)) => {
+                        j += 1;
+                        *b
+                    }
+                    (Some(a), None) => {
+                        i += 1;
+                        *a
+                    }
+                    (None, None) => unreachable!(),
+                };
+                if self.sorted.last() != Some(&next) {
+                    self.sorted.push(next);
+                }
+            }
         }
     }
 }
@@ -784,47 +816,34 @@ pub(crate) async fn store(conn: &mut impl Conn, cache: &KeyCache, records: &[New
     let tenants: Vec<&str> =
         records.iter().map(|r| r.0).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     let listed = conn.segments_of(&tenants).await?;
-    // Each tenant's segments' keys (from the cache; loaded once per segment).
-    let mut keys: HashMap<&str, Vec<(i64, Hashes)>> = HashMap::new();
     let mut level_0: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut ids: HashMap<&str, Vec<i64>> = HashMap::new();
     for (id, tenant, billed_period, level) in &listed {
-        let hashes = match cache.get(*id) {
-            Some(hashes) => hashes,
-            None => {
-                cache.put(*id, hashes_of(&conn.keys(*id).await?)?);
-                cache.get(*id).expect("just put")
-            }
-        };
-        keys.entry(tenant.as_str()).or_default().push((*id, hashes));
+        ids.entry(tenant.as_str()).or_default().push(*id);
         if *level == 0 {
             *level_0.entry((tenant.as_str(), billed_period.as_str())).or_default() += 1;
         }
     }
-    // A hash found in a segment is checked against its records (rarely: duplicates and
-    // collisions only).
-    let mut verified: HashMap<i64, HashSet<String>> = HashMap::new();
-    let mut new = Vec::with_capacity(records.len());
-    for (tenant, _, record) in records {
-        let h = key_hash(record.usage_id);
-        let mut seen = false;
-        for (id, hashes) in keys.get(tenant).map_or(&[][..], Vec::as_slice) {
-            if !contains(hashes, h) {
-                continue;
-            }
-            if !verified.contains_key(id) {
-                let bytes = conn.data(*id).await?;
-                let mut ids = HashSet::new();
-                each(&bytes, |r| {
-                    ids.insert(r.usage_id.to_string());
-                    Ok(())
-                })?;
-                verified.insert(*id, ids);
-            }
-            if verified[id].contains(record.usage_id) {
-                seen = true;
-                break;
+    // Each tenant's index brought up to its segments (taken out of the cache meanwhile: the
+    // run lock makes this the only writer).
+    let mut index: HashMap<&str, TenantKeys> = HashMap::new();
+    for tenant in &tenants {
+        let mut keys = cache.0.lock().expect("key cache").remove(*tenant).unwrap_or_default();
+        let listed = ids.remove(tenant).unwrap_or_default();
+        keys.covered.retain(|id| listed.contains(id));
+        for id in listed {
+            if !keys.covered.contains(&id) {
+                keys.add(&hashes_of(&conn.keys(id).await?)?);
+                keys.covered.insert(id);
             }
         }
+        index.insert(tenant, keys);
+    }
+    let mut new = Vec::with_capacity(records.len());
+    let mut verified: HashMap<&str, HashSet<String>> = HashMap::new();
+    for (tenant, _, record) in records {
+        let seen = index[tenant].contains(key_hash(record.usage_id))
+            && verified_in(conn, &mut verified, tenant, record.usage_id).await?;
         new.push(!seen);
     }
     let mut invoices: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
@@ -835,14 +854,46 @@ pub(crate) async fn store(conn: &mut impl Conn, cache: &KeyCache, records: &[New
         let mut records: Vec<Stored> = indexes.into_iter().map(|i| records[i].2).collect();
         records.sort_unstable_by(|a, b| a.order().cmp(&b.order()));
         let (id, hashes) = conn.insert(tenant, billed_period, &records).await?;
-        cache.put(id, hashes);
+        let keys = index.get_mut(tenant).expect("indexed");
+        keys.add(&hashes);
+        keys.covered.insert(id);
         // Level 0 is merged here (a few small segments); the levels above by
-        // [`merge_levels`], out of the way of extraction.
+        // [`merge_levels`], out of extraction's way.
         if level_0.get(&(tenant, billed_period)).copied().unwrap_or(0) + 1 >= FANOUT {
-            merge(conn, cache, tenant, billed_period, 0).await?;
+            let (merged, into) = merge(conn, tenant, billed_period, 0).await?;
+            if let Some(into) = into {
+                keys.covered.retain(|id| !merged.contains(id));
+                keys.covered.insert(into);
+            }
         }
     }
+    let mut cache = cache.0.lock().expect("key cache");
+    for (tenant, keys) in index {
+        cache.insert(tenant.to_string(), keys);
+    }
     Ok(new)
+}
+
+/// Whether a tenant's segments hold a record of `usage_id` (its hash was found: a duplicate,
+/// or rarely a collision). The tenant's usage ids are read once per chunk, when the first of
+/// its hashes is found.
+async fn verified_in<'a>(
+    conn: &mut impl Conn,
+    verified: &mut HashMap<&'a str, HashSet<String>>,
+    tenant: &'a str,
+    usage_id: &str,
+) -> Result<bool> {
+    if !verified.contains_key(tenant) {
+        let mut ids = HashSet::new();
+        for id in conn.segments_of(&[tenant]).await?.into_iter().map(|(id, ..)| id) {
+            each(&conn.data(id).await?, |r| {
+                ids.insert(r.usage_id.to_string());
+                Ok(())
+            })?;
+        }
+        verified.insert(tenant, ids);
+    }
+    Ok(verified[tenant].contains(usage_id))
 }
 
 /// Segments of this level and above are never merged: a merge holds its records in memory
@@ -869,19 +920,27 @@ pub async fn merge_levels(db: &Db, cache: &KeyCache) -> Result<u64> {
                         tx
                     }
                 };
-                merged += merge(&mut *tx, cache, &tenant, &billed_period, level).await?;
+                let (ids, into) = merge(&mut *tx, &tenant, &billed_period, level).await?;
                 tx.commit().await?;
+                merged += ids.len() as u64;
+                // The merged segment holds the hashes of those it replaced.
+                if let (Some(into), Some(keys)) = (into, cache.0.lock().expect("key cache").get_mut(&tenant))
+                    && ids.iter().all(|id| keys.covered.contains(id))
+                {
+                    keys.covered.retain(|id| !ids.contains(id));
+                    keys.covered.insert(into);
+                }
             });
         }
     }
 }
 
 /// Merges an invoice's segments of one level into one, if there are [`FANOUT`] or more;
-/// returns how many were merged away.
-async fn merge(conn: &mut impl Conn, cache: &KeyCache, tenant: &str, billed_period: &str, level: i64) -> Result<u64> {
+/// returns the ids merged away and the new segment's.
+async fn merge(conn: &mut impl Conn, tenant: &str, billed_period: &str, level: i64) -> Result<(Vec<i64>, Option<i64>)> {
     let ids = conn.level_ids(tenant, billed_period, level).await?;
     if ids.len() < FANOUT {
-        return Ok(0);
+        return Ok((Vec::new(), None));
     }
     let mut blobs = Vec::with_capacity(ids.len());
     for id in &ids {
@@ -895,13 +954,11 @@ async fn merge(conn: &mut impl Conn, cache: &KeyCache, tenant: &str, billed_peri
         })?;
     }
     records.sort_unstable_by(|a, b| a.order().cmp(&b.order()));
-    let (id, hashes) = conn.insert(tenant, billed_period, &records).await?;
+    let (id, _) = conn.insert(tenant, billed_period, &records).await?;
     for old in &ids {
         conn.delete(*old).await?;
     }
-    cache.forget(&ids);
-    cache.put(id, hashes);
-    Ok(ids.len() as u64)
+    Ok((ids, Some(id)))
 }
 
 #[cfg(test)]

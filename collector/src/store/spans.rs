@@ -87,7 +87,19 @@ impl TelemetryStore {
     /// Up to `search.limit` traces of `tenant` matching the search, most recently matched first,
     /// with the start of their latest matching span.
     pub async fn find_traces(&self, tenant: &str, search: &TraceSearch) -> Result<Vec<(String, i64)>, StoreError> {
-        self.spans.find_traces(tenant, search).await
+        let found = self.spans.find_traces(Some(tenant), search).await?;
+        Ok(found.into_iter().map(|(start, trace, _)| (trace, start)).collect())
+    }
+
+    /// Up to `search.limit` traces of any tenant matching the search (the administrator's
+    /// search), most recently matched first: (tenant, trace id, start of its latest matching
+    /// span). One pass over every tenant's blocks, newest first.
+    pub async fn find_traces_of_every_tenant(
+        &self,
+        search: &TraceSearch,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let found = self.spans.find_traces(None, search).await?;
+        Ok(found.into_iter().map(|(start, trace, tenant)| (tenant, trace, start)).collect())
     }
 
     /// A tenant's (parent service, child service, calls) for spans started in

@@ -80,12 +80,18 @@ impl SpanBlocks {
         Ok(spans)
     }
 
-    /// Up to `search.limit` traces of `tenant` matching the search, most recently matched
-    /// first, with the start of their latest matching span.
+    /// Up to `search.limit` traces of `tenant` (or of every tenant) matching the search, most
+    /// recently matched first, with their tenant and the start of their latest matching span:
+    /// (start, trace id, tenant).
     ///
     /// The head, then blocks and their row groups from the latest start down, until `limit`
-    /// traces are found that started after everything not yet read.
-    pub async fn find_traces(&self, tenant: &str, search: &TraceSearch) -> Result<Vec<(String, i64)>, StoreError> {
+    /// traces are found that started after everything not yet read. Every tenant's blocks are
+    /// read in one order, so a search over all tenants stops as early as a tenant's does.
+    pub async fn find_traces(
+        &self,
+        tenant: Option<&str>,
+        search: &TraceSearch,
+    ) -> Result<Vec<(i64, String, String)>, StoreError> {
         let window = Filter {
             service: Some(&search.service),
             start_ns: Some((search.start_ns, search.end_ns)),
@@ -103,27 +109,31 @@ impl SpanBlocks {
         // The start of the `limit`-th trace found so far (nothing older can enter the answer),
         // with what is older dropped.
         let limit = search.limit.max(1);
-        let bar = |found: &mut Vec<(i64, String)>| -> Option<i64> {
+        let bar = |found: &mut Vec<(i64, String, String)>| -> Option<i64> {
             found.sort_unstable_by(|a, b| b.cmp(a));
             let mut seen = HashSet::new();
-            let last = found.iter().enumerate().filter(|(_, (_, trace))| seen.insert(trace.as_str())).nth(limit - 1);
-            let (at, start) = last.map(|(at, (start, _))| (at, *start))?;
-            let keep = at + found[at..].iter().take_while(|(s, _)| *s == start).count();
+            let last = found
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, trace, tenant))| seen.insert((trace.as_str(), tenant.as_str())))
+                .nth(limit - 1);
+            let (at, start) = last.map(|(at, (start, ..))| (at, *start))?;
+            let keep = at + found[at..].iter().take_while(|(s, ..)| *s == start).count();
             found.truncate(keep);
             Some(start)
         };
-        // (start, trace id) of the matches: a trace's spans are not copied to find it.
-        let mut found: Vec<(i64, String)> = Vec::new();
+        // (start, trace id, tenant) of the matches: a trace's spans are not copied to find it.
+        let mut found: Vec<(i64, String, String)> = Vec::new();
         let mut head_bar = None;
-        self.each_unsealed(Some(tenant), &mut |s| {
+        self.each_unsealed(tenant, &mut |s| {
             if matches(&s.span) && head_bar.is_none_or(|bar| s.span.start_ns >= bar) {
-                found.push((s.span.start_ns, s.span.trace_id.clone()));
+                found.push((s.span.start_ns, s.span.trace_id.clone(), s.span.tenant.clone()));
                 if found.len() >= 4 * limit + 256 {
                     head_bar = bar(&mut found);
                 }
             }
         })?;
-        let mut listed = super::blocks_of(&self.pool, Some(tenant), &window).await?;
+        let mut listed = super::blocks_of(&self.pool, tenant, &window).await?;
         listed.sort_by_key(|l| std::cmp::Reverse(l.max_start_ns));
         'blocks: for listed in listed {
             if bar(&mut found).is_some_and(|bar| listed.max_start_ns < bar) {
@@ -147,7 +157,7 @@ impl SpanBlocks {
                                     && (search.min_ns == 0 || duration >= search.min_ns)
                                     && (search.max_ns == 0 || duration <= search.max_ns)
                             })
-                            .map(|s| (s.start_ns, s.trace_id)),
+                            .map(|s| (s.start_ns, s.trace_id, s.tenant)),
                     );
                     continue;
                 }
@@ -156,7 +166,7 @@ impl SpanBlocks {
                     spans
                         .into_iter()
                         .filter(|s| s.span.tenant == listed.tenant && matches(&s.span))
-                        .map(|s| (s.span.start_ns, s.span.trace_id)),
+                        .map(|s| (s.span.start_ns, s.span.trace_id, s.span.tenant)),
                 );
             }
         }
@@ -164,9 +174,8 @@ impl SpanBlocks {
         let mut seen = HashSet::new();
         Ok(found
             .into_iter()
-            .filter(|(_, trace)| seen.insert(trace.clone()))
+            .filter(|(_, trace, tenant)| seen.insert((trace.clone(), tenant.clone())))
             .take(search.limit)
-            .map(|(start, trace)| (trace, start))
             .collect())
     }
 
