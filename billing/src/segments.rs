@@ -9,16 +9,16 @@
 //! bills nothing twice.
 //!
 //! - **De-duplication** by (tenant, usage id), across every segment: a new record's hash is
-//!   looked up in the sorted keys of each of its tenant's segments (kept in memory by segment
-//!   id: a segment never changes, and ids are never reused); a hit is verified against the
-//!   segment's records, so a hash collision never drops a record.
+//!   looked up in its tenant's index of every hash in its segments ([`KeyCache`], in memory,
+//!   built from the segments' keys and kept up to date with them: a segment never changes,
+//!   and ids are never reused); a hit is verified against the tenant's records, so a hash
+//!   collision never drops a record.
 //! - **Merges.** Segments are levelled by size ([`level`]); when an invoice has [`FANOUT`]
-//!   segments of one level, they become one segment (of the next level, by its size). Level 0
-//!   is merged by extraction, in the chunk's transaction (a few thousand records); levels 1
-//!   and 2 by [`merge_levels`] after billing runs, a transaction per merge, out of
-//!   extraction's way; level [`TOP_LEVEL`] and above never, since a merge holds its records in
-//!   memory. An invoice keeps fewer than `FANOUT` segments per merged level, so a lookup
-//!   probes few arrays and a reader few rows.
+//!   segments of one level, they become one segment (of the next level, by its size), by
+//!   [`merge_levels`] after billing runs, a transaction per merge, out of extraction's way;
+//!   level [`TOP_LEVEL`] and above are never merged, since a merge holds its records in
+//!   memory. Between runs an invoice keeps fewer than `FANOUT` segments per merged level, so
+//!   a reader reads few rows. De-duplication does not depend on the number of segments.
 //! - **Reading.** Readers list the catalog, keep the segments their scope, start range or
 //!   arrival range needs, and decode them one at a time ([`each`]), borrowing the strings from
 //!   the segment's bytes; the list and the segments are read in one snapshot, with the
@@ -815,21 +815,16 @@ pub fn sum_new(records: &[New<'_>], new: &[bool]) -> Result<(HashMap<TotalsKey, 
 pub(crate) async fn store(conn: &mut impl Conn, cache: &KeyCache, records: &[New<'_>]) -> Result<Vec<bool>> {
     let tenants: Vec<&str> =
         records.iter().map(|r| r.0).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-    let listed = conn.segments_of(&tenants).await?;
-    let mut level_0: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut ids: HashMap<&str, Vec<i64>> = HashMap::new();
-    for (id, tenant, billed_period, level) in &listed {
-        ids.entry(tenant.as_str()).or_default().push(*id);
-        if *level == 0 {
-            *level_0.entry((tenant.as_str(), billed_period.as_str())).or_default() += 1;
-        }
+    let mut ids: HashMap<String, Vec<i64>> = HashMap::new();
+    for (id, tenant, ..) in conn.segments_of(&tenants).await? {
+        ids.entry(tenant).or_default().push(id);
     }
     // Each tenant's index brought up to its segments (taken out of the cache meanwhile: the
     // run lock makes this the only writer).
     let mut index: HashMap<&str, TenantKeys> = HashMap::new();
     for tenant in &tenants {
         let mut keys = cache.0.lock().expect("key cache").remove(*tenant).unwrap_or_default();
-        let listed = ids.remove(tenant).unwrap_or_default();
+        let listed = ids.remove(*tenant).unwrap_or_default();
         keys.covered.retain(|id| listed.contains(id));
         for id in listed {
             if !keys.covered.contains(&id) {
@@ -857,15 +852,6 @@ pub(crate) async fn store(conn: &mut impl Conn, cache: &KeyCache, records: &[New
         let keys = index.get_mut(tenant).expect("indexed");
         keys.add(&hashes);
         keys.covered.insert(id);
-        // Level 0 is merged here (a few small segments); the levels above by
-        // [`merge_levels`], out of extraction's way.
-        if level_0.get(&(tenant, billed_period)).copied().unwrap_or(0) + 1 >= FANOUT {
-            let (merged, into) = merge(conn, tenant, billed_period, 0).await?;
-            if let Some(into) = into {
-                keys.covered.retain(|id| !merged.contains(id));
-                keys.covered.insert(into);
-            }
-        }
     }
     let mut cache = cache.0.lock().expect("key cache");
     for (tenant, keys) in index {
@@ -900,13 +886,13 @@ async fn verified_in<'a>(
 /// (level 3 is up to 524 288 records).
 pub const TOP_LEVEL: i64 = 3;
 
-/// Merges every full level above 0 (of an invoice that has [`FANOUT`] segments of it), each
-/// merge in a transaction of its own, until none is full; returns how many segments were
-/// merged away. Extraction merges level 0 itself; this runs after billing runs.
+/// Merges every full level below [`TOP_LEVEL`] (of an invoice that has [`FANOUT`] segments of
+/// it), each merge in a transaction of its own, until none is full; returns how many segments
+/// were merged away. This runs after billing runs, out of extraction's way.
 pub async fn merge_levels(db: &Db, cache: &KeyCache) -> Result<u64> {
     let mut merged = 0;
     loop {
-        let full = on_pool!(db, pool => pool.acquire().await?.full_levels(1..TOP_LEVEL).await?);
+        let full = on_pool!(db, pool => pool.acquire().await?.full_levels(0..TOP_LEVEL).await?);
         if full.is_empty() {
             return Ok(merged);
         }
@@ -935,13 +921,15 @@ pub async fn merge_levels(db: &Db, cache: &KeyCache) -> Result<u64> {
     }
 }
 
-/// Merges an invoice's segments of one level into one, if there are [`FANOUT`] or more;
-/// returns the ids merged away and the new segment's.
+/// Merges the oldest [`FANOUT`] of an invoice's segments of one level into one, if it has that
+/// many; returns the ids merged away and the new segment's.
 async fn merge(conn: &mut impl Conn, tenant: &str, billed_period: &str, level: i64) -> Result<(Vec<i64>, Option<i64>)> {
-    let ids = conn.level_ids(tenant, billed_period, level).await?;
+    let mut ids = conn.level_ids(tenant, billed_period, level).await?;
     if ids.len() < FANOUT {
         return Ok((Vec::new(), None));
     }
+    // The oldest FANOUT: a merge's records are in memory at once.
+    ids.truncate(FANOUT);
     let mut blobs = Vec::with_capacity(ids.len());
     for id in &ids {
         blobs.push(conn.data(*id).await?);

@@ -349,21 +349,26 @@ async fn records_stay_unique_across_segments_and_merges() {
             plan: "basic".into(),
             received_ms: i as i64,
         };
-        // 70 runs of 10: merges at every 8 segments of a level.
+        let segments = || async {
+            match fixture.billing.db() {
+                billing::db::Db::Sqlite(pool) => {
+                    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM usage_segments").fetch_one(pool).await.unwrap()
+                }
+                billing::db::Db::Postgres(pool) => {
+                    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM usage_segments").fetch_one(pool).await.unwrap()
+                }
+            }
+        };
+        // 70 runs of 10, a segment each; merged after, 8 of a level at a time (merged ones of
+        // 80 records are still level 0 and merge again) until fewer than 8 are left.
         for run in 0..70 {
             let records: Vec<_> = (run * 10..run * 10 + 10).map(record).collect();
             assert_eq!(fixture.billing.import(&records).await.unwrap(), 10, "run {run} on {name}");
         }
-        let segments: i64 = match fixture.billing.db() {
-            billing::db::Db::Sqlite(pool) => {
-                sqlx::query_scalar("SELECT COUNT(*) FROM usage_segments").fetch_one(pool).await.unwrap()
-            }
-            billing::db::Db::Postgres(pool) => {
-                sqlx::query_scalar("SELECT COUNT(*) FROM usage_segments").fetch_one(pool).await.unwrap()
-            }
-        };
-        // 70 = 8 × 8 merged (64 → one of level 1 after 8 of 8) + 6 left: 1 + 6 … at most 14.
-        assert!(segments < 15, "{segments} segments on {name}");
+        assert_eq!(segments().await, 70, "{name}");
+        let merged = fixture.billing.merge_segments().await.unwrap();
+        let left = segments().await;
+        assert!(left < 8 && merged >= 70 - left as u64, "{merged} merged away, {left} left on {name}");
         // Every record again, in other groupings, and a fresh process (no cached keys): none new.
         let everything: Vec<_> = (0..700).map(record).collect();
         assert_eq!(fixture.billing.import(&everything).await.unwrap(), 0, "{name}");
