@@ -398,7 +398,7 @@ pub struct Prepared {
     periods: PeriodKeys,
     candidates: u64,
     malformed: u64,
-    /// Candidates of the window whose usage an earlier span of the window named.
+    /// Candidates whose usage an earlier span of the chunk named.
     duplicates: u64,
 }
 
@@ -408,55 +408,23 @@ impl Prepared {
     }
 }
 
-/// Reads the arrivals `(after_ms, upto_ms]` and applies the rules (on a blocking thread:
-/// parsing is tens of milliseconds of CPU per 10 000 spans); returns them as chunks of about
-/// `chunk` records in arrival order, each ending at a millisecond boundary and the last at
-/// `upto_ms`, so that a window that is read at once (its blocks' arrivals overlap) is still
-/// written in small transactions, and only its records — not its spans — are held meanwhile.
-/// The window's counts, and its tenants without a record (to pin), go with the first chunk.
+/// Reads the chunk `(after_ms, upto_ms]` and applies the rules (on a blocking thread: parsing a
+/// chunk is tens of milliseconds of CPU per 10 000 spans).
 pub async fn prepare(
     telemetry: &TelemetryStore,
     kind: PeriodKind,
     final_through: Option<Period>,
-    (after_ms, upto_ms): (i64, i64),
-    chunk: usize,
-) -> Result<Vec<Prepared>> {
+    after_ms: i64,
+    upto_ms: i64,
+) -> Result<Prepared> {
     let spans = telemetry.metered_spans(after_ms, upto_ms).await?;
     let parse = move || {
         let tenants: BTreeSet<&str> = spans.iter().map(|span| span.tenant.as_str()).collect();
-        let mut tenants: Vec<String> = tenants.into_iter().map(str::to_owned).collect();
-        let (mut records, mut candidates, mut malformed) = records(spans, kind);
-        let mut duplicates = candidates - malformed - records.len() as u64;
-        records.sort_unstable_by(|a, b| a.arrival().cmp(&b.arrival()));
-        let mut rest = records.into_iter().peekable();
-        let mut parts = Vec::new();
-        loop {
-            let mut part = Vec::new();
-            while let Some(record) = rest.next() {
-                let ms = record.span.received_ms;
-                part.push(record);
-                if part.len() >= chunk && rest.peek().is_none_or(|next| next.span.received_ms != ms) {
-                    break;
-                }
-            }
-            let upto_ms = match (rest.peek(), part.last()) {
-                (Some(_), Some(last)) => last.span.received_ms,
-                _ => upto_ms,
-            };
-            let periods = PeriodKeys::new(final_through, part.iter().map(|record| record.period));
-            // The first chunk pins every tenant of the window (some may have no record); the
-            // others, their records' tenants (already pinned, in an earlier transaction).
-            let tenants = match parts.is_empty() {
-                true => std::mem::take(&mut tenants),
-                false => part.iter().map(|r| r.span.tenant.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
-            };
-            let (candidates, malformed, duplicates) =
-                (std::mem::take(&mut candidates), std::mem::take(&mut malformed), std::mem::take(&mut duplicates));
-            parts.push(Prepared { upto_ms, tenants, records: part, periods, candidates, malformed, duplicates });
-            if rest.peek().is_none() {
-                return parts;
-            }
-        }
+        let tenants = tenants.into_iter().map(str::to_owned).collect();
+        let (records, candidates, malformed) = records(spans, kind);
+        let duplicates = candidates - malformed - records.len() as u64;
+        let periods = PeriodKeys::new(final_through, records.iter().map(|record| record.period));
+        Prepared { upto_ms, tenants, records, periods, candidates, malformed, duplicates }
     };
     tokio::task::spawn_blocking(parse)
         .await

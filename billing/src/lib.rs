@@ -41,8 +41,8 @@ use usage::{Totals, TotalsKey, UsageRecord};
 /// The rate card installed when none was applied: `examples/billing/plans.yml`.
 pub const DEFAULT_RATE_CARD: &str = include_str!("../../examples/billing/plans.yml");
 
-/// Records per extraction chunk, about (each chunk commits with its watermark; a chunk ends
-/// at a millisecond of arrival), and spans per window read from the head.
+/// Spans read per extraction chunk from the collector's head (each chunk commits with its
+/// watermark; a chunk that reaches into a block ends at that block's last arrival).
 const CHUNK: i64 = 100_000;
 /// Rows per multi-row statement.
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
@@ -127,7 +127,7 @@ pub struct Billing {
     /// Spans that arrived less than this long ago are left for the next run (their commit may
     /// still be under way).
     settle: Duration,
-    /// Records per extraction chunk (about; a chunk ends at a millisecond boundary).
+    /// Metered spans per extraction chunk (about; a chunk ends at a millisecond boundary).
     chunk_spans: i64,
     run_lock: tokio::sync::Mutex<()>,
     /// The usage segments' keys, for de-duplication.
@@ -171,8 +171,8 @@ impl Billing {
         self.settle
     }
 
-    /// How many records an extraction chunk holds, about (default 100 000; tests use fewer to
-    /// bill one run in many chunks).
+    /// How many metered spans an extraction chunk holds, about (default 100 000; tests use
+    /// fewer to bill one run in many chunks).
     pub fn set_chunk_spans(&mut self, spans: i64) {
         self.chunk_spans = spans.max(1);
     }
@@ -333,10 +333,9 @@ impl Billing {
         let mut touched: HashSet<(String, String)> = HashSet::new();
         let mut watermark: i64 = self.setting("watermark_ms").await?.and_then(|w| w.parse().ok()).unwrap_or(i64::MIN);
         let final_through = self.finalized_through(card.period).await?;
-        // Windows of arrivals are read and parsed by a task of their own, one ahead of the window
-        // being written (a bounded channel: at most three windows' records in memory), and split
-        // into chunks of about `chunk_spans` records; each chunk is written, with the watermark,
-        // in its own transaction, in order.
+        // Chunks are read and parsed by a task of their own, one ahead of the chunk being written
+        // (a bounded channel: at most three chunks in memory); each chunk is written, with the
+        // watermark, in its own transaction, in order.
         let (sender, mut prepared) = tokio::sync::mpsc::channel(1);
         let mut reader = tokio::task::JoinSet::new(); // aborted if this run fails
         reader.spawn({
@@ -344,38 +343,31 @@ impl Billing {
             async move {
                 let mut after = watermark;
                 while after < upto_ms {
-                    let chunks = match telemetry.metered_chunk_end(after, upto_ms, spans).await {
-                        Ok(end) => {
-                            let chunk = usize::try_from(spans).unwrap_or(1);
-                            extract::prepare(&telemetry, kind, final_through, (after, end), chunk).await
-                        }
+                    let chunk = match telemetry.metered_chunk_end(after, upto_ms, spans).await {
+                        Ok(end) => extract::prepare(&telemetry, kind, final_through, after, end).await,
                         Err(error) => Err(error.into()),
                     };
-                    after = match &chunks {
-                        Ok(chunks) => chunks.last().map_or(upto_ms, extract::Prepared::upto_ms),
-                        Err(_) => upto_ms,
-                    };
-                    if sender.send(chunks).await.is_err() {
+                    after = chunk.as_ref().map_or(upto_ms, extract::Prepared::upto_ms);
+                    if sender.send(chunk).await.is_err() {
                         return;
                     }
                 }
             }
         });
-        while let Some(window) = prepared.recv().await {
-            for chunk in window? {
-                let chunk_end = chunk.upto_ms();
-                let chunk = extract::write(&self.db, &self.keys, &card.default_plan, chunk).await?;
-                if chunk.malformed > 0 {
-                    tracing::warn!(spans = chunk.malformed, "metered spans that cannot be billed were skipped");
-                }
-                report.spans_read += chunk.candidates;
-                report.malformed += chunk.malformed;
-                report.records += chunk.records;
-                report.late_records += chunk.late_records;
-                report.duplicates += chunk.duplicates;
-                touched.extend(chunk.totals.keys().map(|k| (k.tenant.clone(), k.billed_period.clone())));
-                watermark = chunk_end;
+        while let Some(chunk) = prepared.recv().await {
+            let chunk = chunk?;
+            let chunk_end = chunk.upto_ms();
+            let chunk = extract::write(&self.db, &self.keys, &card.default_plan, chunk).await?;
+            if chunk.malformed > 0 {
+                tracing::warn!(spans = chunk.malformed, "metered spans that cannot be billed were skipped");
             }
+            report.spans_read += chunk.candidates;
+            report.malformed += chunk.malformed;
+            report.records += chunk.records;
+            report.late_records += chunk.late_records;
+            report.duplicates += chunk.duplicates;
+            touched.extend(chunk.totals.keys().map(|k| (k.tenant.clone(), k.billed_period.clone())));
+            watermark = chunk_end;
         }
         report.watermark_ms = watermark;
         if report.records > 0 {
