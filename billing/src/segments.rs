@@ -615,7 +615,11 @@ macro_rules! impl_conn {
                      wall_ms, bytes_out, state_byte_seconds FROM usage_totals{}",
                     if tenant.is_some() { " WHERE tenant = ?" } else { "" }
                 );
-                let rows = sqlx::query(sql($postgres, &text)).bind(tenant).fetch_all(&mut *self).await?;
+                let mut query = sqlx::query(sql($postgres, &text));
+                if let Some(tenant) = tenant {
+                    query = query.bind(tenant);
+                }
+                let rows = query.fetch_all(&mut *self).await?;
                 rows.iter()
                     .map(|row| {
                         let key = TotalsKey {
