@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use crate::db::{Db, on_pool};
 use crate::plans::Metric;
 use crate::segments::{self, Listed, Stored};
-use crate::usage::{Kind, Totals};
+use crate::usage::Totals;
 use crate::{Billing, BillingError, Result};
 
 /// The counters' resolution: a synthesized counter has a sample every whole minute.
@@ -153,14 +153,7 @@ pub struct Sums {
 impl Sums {
     /// One record's quantities.
     pub fn of(r: &Stored<'_>) -> Result<Sums> {
-        let state = if r.kind == Kind::State { r.state_decimal()? } else { Decimal::ZERO };
-        Ok(Sums {
-            records: 1,
-            invocations: i64::from(r.kind == Kind::Invocation),
-            cpu_ms: r.cpu_ms,
-            bytes_out: r.bytes_out,
-            state,
-        })
+        Ok(Sums::of_totals(&r.totals()?))
     }
 
     fn of_totals(t: &Totals) -> Sums {
