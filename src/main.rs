@@ -391,6 +391,10 @@ struct ServeArgs {
     blocks_cache_mib: u64,
     #[arg(long, env = "SFAAS_GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
     gateway_addr: SocketAddr,
+    /// The state store over the Redis protocol: HOST:PORT, or `off`. By default the gateway's
+    /// host at port 6380, or any free port when the gateway's port is 0.
+    #[arg(long, env = "SFAAS_STATE_REDIS_ADDR", value_parser = parse_redis_addr)]
+    state_redis_addr: Option<RedisAddr>,
     /// Collector: OTLP/gRPC address.
     #[arg(long, env = "SFAAS_OTLP_GRPC_ADDR", default_value = "127.0.0.1:4317")]
     otlp_grpc_addr: SocketAddr,
@@ -538,6 +542,12 @@ impl ServeArgs {
         }
         config.etl = std::sync::Arc::new(etl);
         config.gateway_addr = self.gateway_addr;
+        config.state_redis_addr = match self.state_redis_addr {
+            Some(RedisAddr::Off) => None,
+            Some(RedisAddr::At(addr)) => Some(addr),
+            None if self.gateway_addr.port() == 0 => Some(SocketAddr::new(self.gateway_addr.ip(), 0)),
+            None => Some(SocketAddr::new(self.gateway_addr.ip(), 6380)),
+        };
         config.admin_token = std::env::var("SFAAS_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
         config.telemetry.endpoint = self.otlp_endpoint.clone();
         config.telemetry.protocol = self.otlp_protocol;
@@ -812,10 +822,14 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         collector
     });
     addresses.insert("gateway".into(), running.gateway_addr.to_string().into());
+    if let Some(addr) = running.state_redis_addr {
+        addresses.insert("state_redis".into(), addr.to_string().into());
+    }
     announce(&data_dir, addresses, with_collector)?;
     eprintln!(
-        "sfaas is up: gateway http://{}{}{} (admin token in {}); Ctrl-C stops",
+        "sfaas is up: gateway http://{}{}{}{} (admin token in {}); Ctrl-C stops",
         running.gateway_addr,
+        running.state_redis_addr.map_or(String::new(), |addr| format!(", state store (Redis protocol) redis://{addr}")),
         collector.as_ref().map_or(String::new(), |c| format!(
             ", OTLP gRPC {} and HTTP http://{}",
             c.otlp_grpc_addr, c.otlp_http_addr
@@ -867,6 +881,20 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     }
     eprintln!("sfaas: stopped");
     Ok(())
+}
+
+/// `--state-redis-addr`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+enum RedisAddr {
+    Off,
+    At(SocketAddr),
+}
+
+fn parse_redis_addr(text: &str) -> Result<RedisAddr, String> {
+    if text == "off" {
+        return Ok(RedisAddr::Off);
+    }
+    text.parse().map(RedisAddr::At).map_err(|e| format!("{text:?}: {e} (use HOST:PORT, or off)"))
 }
 
 fn parse_tenant_hours(text: &str) -> Result<(String, u64), String> {

@@ -18,6 +18,10 @@ pub struct CoreConfig {
     /// `sqlite://...`; default `DATA_DIR/sfaas.db`.
     pub database_url: Option<String>,
     pub gateway_addr: SocketAddr,
+    /// The state store's Redis protocol listener (`--state-redis-addr`); `None`: not served.
+    pub state_redis_addr: Option<SocketAddr>,
+    /// Limits of that listener.
+    pub state_redis: crate::redis::RedisConfig,
     /// The operator's token; default: read or created at `DATA_DIR/admin.token`.
     pub admin_token: Option<String>,
     pub telemetry: TelemetryConfig,
@@ -79,6 +83,8 @@ impl CoreConfig {
         Self {
             database_url: None,
             gateway_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            state_redis_addr: Some(SocketAddr::from(([127, 0, 0, 1], 6380))),
+            state_redis: Default::default(),
             admin_token: None,
             telemetry: TelemetryConfig {
                 max_queue_size: 4096,

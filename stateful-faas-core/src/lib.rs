@@ -13,6 +13,7 @@ pub mod fuzzing;
 pub mod gateway;
 pub mod metrics;
 pub mod quota;
+pub mod redis;
 pub mod semconv;
 pub mod stack;
 pub mod state;

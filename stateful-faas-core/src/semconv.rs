@@ -85,6 +85,9 @@ pub const METRIC_SPAN_SPOOL_DROPPED: &str = "sfaas_span_spool_dropped";
 /// Environment of process functions: where and how to reach the state store.
 pub const ENV_STATE_URL: &str = "SFAAS_STATE_URL";
 pub const ENV_STATE_TOKEN: &str = "SFAAS_STATE_TOKEN";
+/// `redis://TENANT:TOKEN@HOST:PORT`: the state store over the Redis protocol (for managed
+/// servers `redis://HOST:PORT`, the token coming with each request).
+pub const ENV_STATE_REDIS_URL: &str = "SFAAS_STATE_REDIS_URL";
 pub const ENV_JOB: &str = "SFAAS_JOB";
 
 /// Headers carrying the state token and job to managed http functions.

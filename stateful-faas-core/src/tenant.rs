@@ -174,6 +174,9 @@ pub struct TenantStore {
     tokens: std::sync::RwLock<std::collections::HashMap<String, Principal>>,
     /// Tokens of running invocations: in memory only, revoked when the invocation ends.
     function_tokens: std::sync::RwLock<std::collections::HashMap<String, Principal>>,
+    /// Counts revocations, so that a long-lived session (the state store's Redis protocol)
+    /// checks its token again only when one happened.
+    revocations: std::sync::atomic::AtomicU64,
     /// Notified when a stored token is added (so that it is published at once).
     changed: tokio::sync::Notify,
 }
@@ -188,6 +191,7 @@ pub struct FunctionToken {
 impl Drop for FunctionToken {
     fn drop(&mut self) {
         self.store.function_tokens.write().unwrap().remove(&self.hash);
+        self.store.revocations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -200,20 +204,31 @@ impl TenantStore {
             admin_hash: hash_token(admin_token),
             tokens: std::sync::RwLock::new(tokens),
             function_tokens: Default::default(),
+            revocations: Default::default(),
             changed: tokio::sync::Notify::new(),
         })
     }
 
     /// Who a presented token belongs to, if anyone.
     pub fn authenticate(&self, token: &str) -> Option<Principal> {
-        let hash = hash_token(token);
+        self.authenticate_hash(&hash_token(token))
+    }
+
+    /// Who the token of this hash ([`hash_token`]) belongs to, if it is still valid.
+    pub fn authenticate_hash(&self, hash: &str) -> Option<Principal> {
         if hash == self.admin_hash {
             return Some(Principal::Admin);
         }
-        if let Some(principal) = self.tokens.read().unwrap().get(&hash) {
+        if let Some(principal) = self.tokens.read().unwrap().get(hash) {
             return Some(principal.clone());
         }
-        self.function_tokens.read().unwrap().get(&hash).cloned()
+        self.function_tokens.read().unwrap().get(hash).cloned()
+    }
+
+    /// How many tokens were revoked so far: a session that authenticated earlier checks its
+    /// token again ([`TenantStore::authenticate_hash`]) when this changed.
+    pub fn revocations(&self) -> u64 {
+        self.revocations.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A token for one running invocation, valid until the returned guard is dropped.

@@ -344,6 +344,7 @@ async fn out_of_bounds_limits_are_refused_and_a_bad_stored_row_does_not_stop_a_s
     pool.close().await;
     let mut config = stateful_faas_core::CoreConfig::new(core.dir.path());
     config.gateway_addr = "127.0.0.1:0".parse().unwrap();
+    config.state_redis_addr = Some("127.0.0.1:0".parse().unwrap());
     config.admin_token = Some(common::ADMIN.to_string());
     let running = stateful_faas_core::Core::open(config).await.unwrap().start().await.unwrap();
     let url = format!("http://{}", running.gateway_addr);

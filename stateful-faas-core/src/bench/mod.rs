@@ -27,6 +27,7 @@ impl BenchCore {
         let data_dir = std::env::temp_dir().join(format!("sfaas-bench-{}", uuid::Uuid::new_v4()));
         let mut config = CoreConfig::new(&data_dir);
         config.gateway_addr = "127.0.0.1:0".parse()?;
+        config.state_redis_addr = Some("127.0.0.1:0".parse()?);
         config.admin_token = Some("bench-admin".into());
         configure(&mut config);
         let running = Core::open(config).await?.start().await?;

@@ -275,12 +275,12 @@ impl ManagedPool {
         self: &Arc<Self>,
         spec: &FunctionSpec,
         replicas: usize,
-        state_url: Option<&str>,
+        state: Option<&super::StateAddresses>,
     ) -> Result<(), FunctionError> {
         let replicas = replicas.min(spec.limits.max_instances);
         *self.min_instances.lock().unwrap() = replicas;
         while self.running() < replicas {
-            let instance = self.start(spec, state_url).await?;
+            let instance = self.start(spec, state).await?;
             self.idle.lock().unwrap().push(instance);
         }
         Ok(())
@@ -304,7 +304,7 @@ impl ManagedPool {
         let cold_start = reused.is_none();
         let mut instance = match reused {
             Some(instance) => instance,
-            None => self.start(spec, context.state_url).await?,
+            None => self.start(spec, context.state_addresses).await?,
         };
         // A server lives across calls, so the per-call token and job travel as headers.
         let mut headers = vec![(HEADER_STATE_TOKEN.to_string(), context.state_token.to_string())];
@@ -396,7 +396,11 @@ impl ManagedPool {
         }
     }
 
-    async fn start(&self, spec: &FunctionSpec, state_url: Option<&str>) -> Result<Instance, FunctionError> {
+    async fn start(
+        &self,
+        spec: &FunctionSpec,
+        state: Option<&super::StateAddresses>,
+    ) -> Result<Instance, FunctionError> {
         let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
         let slot = self.tenant_instances.clone().try_acquire_owned().map_err(|_| FunctionError::Busy {
             name: spec.name.clone(),
@@ -418,8 +422,13 @@ impl ManagedPool {
             _ => free_port().map_err(|e| start_error(format!("no free port: {e}")))?,
         };
         let mut env = vec![("PORT".to_string(), port.to_string())];
-        if let Some(url) = state_url {
-            env.push((crate::semconv::ENV_STATE_URL.to_string(), url.to_string()));
+        // A managed server authenticates with each request's token (its header), so its Redis
+        // URL carries no credentials.
+        if let Some(state) = state {
+            env.push((crate::semconv::ENV_STATE_URL.to_string(), state.http.clone()));
+            if let Some(redis) = &state.redis {
+                env.push((crate::semconv::ENV_STATE_REDIS_URL.to_string(), format!("redis://{redis}")));
+            }
         }
         let command = format!("exec {}", self.command);
         let workdir = spec.workdir.as_deref();

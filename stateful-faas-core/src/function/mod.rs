@@ -37,6 +37,25 @@ pub struct Invocation {
     pub job: Option<String>,
 }
 
+/// Where the state store listens, as the host reaches it (a sandboxed function reaches the
+/// same servers at addresses of its own network: see `sandbox::Jail`).
+#[derive(Debug, Clone)]
+pub struct StateAddresses {
+    /// `http://ADDR/state`.
+    pub http: String,
+    /// `HOST:PORT` of the Redis protocol, when the core serves it.
+    pub redis: Option<String>,
+}
+
+/// `url` (`redis://[USER:TOKEN@]HOST:PORT`) with its address replaced by `address`.
+pub fn redis_url_at(url: &str, address: &str) -> String {
+    let rest = url.strip_prefix("redis://").unwrap_or(url);
+    match rest.rsplit_once('@') {
+        Some((credentials, _)) => format!("redis://{credentials}@{address}"),
+        None => format!("redis://{address}"),
+    }
+}
+
 /// What a runner may use besides the request: the outbound client, and the tenant's state
 /// store (in process for builtins, over HTTP with a per-invocation token for processes).
 pub struct RunContext<'a> {
@@ -44,8 +63,8 @@ pub struct RunContext<'a> {
     pub outbound: &'a outbound::Outbound,
     pub tenant: &'a crate::tenant::TenantId,
     pub state: &'a std::sync::Arc<crate::state::StateStore>,
-    /// `http://ADDR/state`, once the gateway listens.
-    pub state_url: Option<&'a str>,
+    /// Where the state store listens, once the gateway does.
+    pub state_addresses: Option<&'a StateAddresses>,
     /// Valid while the invocation runs; reaches the tenant's job-less objects and `job`'s.
     pub state_token: &'a str,
     /// Where the ETL builtins load and stage data.
@@ -55,10 +74,14 @@ pub struct RunContext<'a> {
 impl RunContext<'_> {
     /// Environment of a process function for one invocation.
     fn state_env(&self, job: Option<&str>) -> Vec<(String, String)> {
-        use crate::semconv::{ENV_JOB, ENV_STATE_TOKEN, ENV_STATE_URL};
+        use crate::semconv::{ENV_JOB, ENV_STATE_REDIS_URL, ENV_STATE_TOKEN, ENV_STATE_URL};
         let mut env = vec![(ENV_STATE_TOKEN.to_string(), self.state_token.to_string())];
-        if let Some(url) = self.state_url {
-            env.push((ENV_STATE_URL.to_string(), url.to_string()));
+        if let Some(addresses) = self.state_addresses {
+            env.push((ENV_STATE_URL.to_string(), addresses.http.clone()));
+            if let Some(redis) = &addresses.redis {
+                let url = format!("redis://{}:{}@{redis}", self.tenant, self.state_token);
+                env.push((ENV_STATE_REDIS_URL.to_string(), url));
+            }
         }
         if let Some(job) = job {
             env.push((ENV_JOB.to_string(), job.to_string()));

@@ -35,6 +35,15 @@ pub fn spawn(
         if let Some(url) = &jail.state_url {
             vars.insert(crate::semconv::ENV_STATE_URL.to_string(), url.clone());
         }
+        let redis_url = vars.get_mut(crate::semconv::ENV_STATE_REDIS_URL);
+        match (&jail.state_redis, redis_url) {
+            (Some(address), Some(url)) => *url = super::redis_url_at(url, address),
+            // Only what listens in the jail's own network is reachable from it.
+            (None, Some(_)) if jail.has_own_network() => {
+                vars.remove(crate::semconv::ENV_STATE_REDIS_URL);
+            }
+            _ => {}
+        }
         let c = |text: String| CString::new(text).map_err(std::io::Error::other);
         let argv = [c("/bin/sh".into())?, c("-c".into())?, c(command.into())?];
         let envp = vars.into_iter().map(|(k, v)| c(format!("{k}={v}"))).collect::<Result<Vec<_>, _>>()?;

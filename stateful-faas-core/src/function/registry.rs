@@ -132,8 +132,8 @@ type Key = (TenantId, String);
 pub struct Registry {
     pool: sqlx::SqlitePool,
     functions: RwLock<HashMap<Key, Arc<DeployedFunction>>>,
-    /// The state store's URL (`http://ADDR/state`) once the gateway listens, handed to process functions.
-    pub state_url: std::sync::OnceLock<String>,
+    /// Where the state store listens once the gateway does, handed to process functions.
+    pub state_addresses: std::sync::OnceLock<super::StateAddresses>,
     /// Where process functions run, limited and metered (`None`: the sandbox is off).
     sandbox: Option<Arc<Sandbox>>,
     /// Each tenant's builtin threads.
@@ -205,7 +205,7 @@ impl Registry {
         let registry = Self {
             pool,
             functions: RwLock::default(),
-            state_url: std::sync::OnceLock::new(),
+            state_addresses: std::sync::OnceLock::new(),
             sandbox,
             builtin_threads: PerTenant::default(),
             instances: PerTenant::default(),
@@ -371,7 +371,7 @@ impl Registry {
             .get(tenant, name)
             .ok_or_else(|| RegistryError::NotFound { tenant: tenant.to_string(), name: name.to_string() })?;
         if let Some(pool) = &function.managed {
-            pool.scale(&function.spec, replicas, self.state_url.get().map(String::as_str))
+            pool.scale(&function.spec, replicas, self.state_addresses.get())
                 .await
                 .map_err(|e| RegistryError::Scale(name.to_string(), e))?;
         }

@@ -83,7 +83,7 @@ pub struct Sandbox {
     filter: Arc<[libc::sock_filter]>,
     cap_last: u32,
     /// The state store's routes, served in each network namespace.
-    state_router: OnceLock<axum::Router>,
+    state: OnceLock<StateServers>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -159,7 +159,7 @@ impl Sandbox {
             tenants: Mutex::new(HashMap::new()),
             filter: seccomp_filter().into(),
             cap_last,
-            state_router: OnceLock::new(),
+            state: OnceLock::new(),
         };
         sandbox.probe().await?;
         tracing::info!(layout = ?sandbox.cgroups.layout, "functions run in sandboxes (namespaces, a uid per tenant, seccomp, cgroups)");
@@ -186,9 +186,9 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Hands the sandbox the state store's routes, served in each network namespace it makes.
-    pub fn serve_state(&self, router: axum::Router) {
-        let _ = self.state_router.set(router);
+    /// Hands the sandbox the state store's servers, served in each network namespace it makes.
+    pub fn serve_state(&self, servers: StateServers) {
+        let _ = self.state.set(servers);
     }
 
     /// A jail for one exec invocation (in its tenant's network) or managed instance (in a
@@ -213,13 +213,14 @@ impl Sandbox {
         let net = match (own_network, tenant_net) {
             (_, None) => None,
             (true, Some(_)) => Some(Arc::new(
-                NetNs::new(self.state_router.get()).map_err(|e| SandboxError::Io(format!("network namespace: {e}")))?,
+                NetNs::new(self.state.get()).map_err(|e| SandboxError::Io(format!("network namespace: {e}")))?,
             )),
             (false, Some(net)) => Some(net),
         };
         let state_url = net.as_ref().and_then(|net| net.state_url.clone());
+        let state_redis = net.as_ref().and_then(|net| net.state_redis.clone());
         let plan = self.plan(uid, net.clone(), workdir.as_deref());
-        Ok(Jail { group, plan: Arc::new(plan), net, state_url })
+        Ok(Jail { group, plan: Arc::new(plan), net, state_url, state_redis })
     }
 
     /// The tenant's uid and network, made on its first call.
@@ -237,8 +238,7 @@ impl Sandbox {
         let net = if self.egress.contains(tenant.as_str()) {
             None
         } else {
-            let net =
-                NetNs::new(self.state_router.get()).map_err(|e| SandboxError::Io(format!("network namespace: {e}")))?;
+            let net = NetNs::new(self.state.get()).map_err(|e| SandboxError::Io(format!("network namespace: {e}")))?;
             Some(Arc::new(net))
         };
         tenants.insert(tenant.clone(), TenantBox { uid, net: net.clone() });
@@ -307,6 +307,8 @@ pub struct Jail {
     net: Option<Arc<NetNs>>,
     /// The state store as the function reaches it (`None`: the gateway's own address).
     pub state_url: Option<String>,
+    /// The state store's Redis listener as the function reaches it, `HOST:PORT`.
+    pub state_redis: Option<String>,
 }
 
 impl Jail {
@@ -594,18 +596,28 @@ fn cstring(path: &Path) -> CString {
     CString::new(path.as_os_str().as_bytes()).expect("paths hold no NUL")
 }
 
+/// What the sandbox serves in each network namespace: the state store over HTTP, and over
+/// the Redis protocol when the core listens for it.
+#[derive(Clone)]
+pub struct StateServers {
+    pub http: axum::Router,
+    pub redis: Option<Arc<crate::redis::Server>>,
+}
+
 /// A network namespace with only a loopback interface, and the state store served on it.
 pub struct NetNs {
     fd: OwnedFd,
     /// `http://127.0.0.1:PORT/state` inside the namespace, when the state store is served there.
     state_url: Option<String>,
-    server: Option<tokio::task::JoinHandle<()>>,
+    /// `127.0.0.1:PORT` of the Redis protocol inside the namespace.
+    state_redis: Option<String>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl NetNs {
     /// Makes a namespace (on a thread of its own: a namespace is per thread) and serves
     /// `state` in it.
-    fn new(state: Option<&axum::Router>) -> io::Result<Self> {
+    fn new(state: Option<&StateServers>) -> io::Result<Self> {
         let fd = std::thread::spawn(|| -> io::Result<OwnedFd> {
             // SAFETY: plain syscalls on this thread, which ends right after.
             unsafe {
@@ -618,26 +630,36 @@ impl NetNs {
         })
         .join()
         .map_err(|_| io::Error::other("the namespace thread panicked"))??;
-        let Some(router) = state else {
-            return Ok(Self { fd, state_url: None, server: None });
+        let mut net = Self { fd, state_url: None, state_redis: None, servers: Vec::new() };
+        let Some(state) = state else { return Ok(net) };
+        let listen = |net: &NetNs| -> io::Result<(tokio::net::TcpListener, u16)> {
+            let socket = socket_in(net.fd.as_raw_fd())?;
+            socket.bind((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+            let listener = socket.listen(1024)?;
+            let port = listener.local_addr()?.port();
+            Ok((listener, port))
         };
-        let socket = socket_in(fd.as_raw_fd())?;
-        socket.bind((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
-        let listener = socket.listen(1024)?;
-        let port = listener.local_addr()?.port();
-        let router = router.clone();
-        let server = tokio::spawn(async move {
+        let (listener, port) = listen(&net)?;
+        let router = state.http.clone();
+        net.servers.push(tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, router).await {
                 tracing::warn!(%error, "a sandbox's state listener stopped");
             }
-        });
-        Ok(Self { fd, state_url: Some(format!("http://127.0.0.1:{port}/state")), server: Some(server) })
+        }));
+        net.state_url = Some(format!("http://127.0.0.1:{port}/state"));
+        if let Some(redis) = &state.redis {
+            let (listener, port) = listen(&net)?;
+            // Stopped by aborting the task when the namespace goes.
+            net.servers.push(tokio::spawn(redis.clone().serve(listener, std::future::pending())));
+            net.state_redis = Some(format!("127.0.0.1:{port}"));
+        }
+        Ok(net)
     }
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        if let Some(server) = &self.server {
+        for server in &self.servers {
             server.abort();
         }
     }

@@ -70,7 +70,7 @@ pub async fn dispatch(
         outbound: &core.outbound,
         tenant,
         state: &core.state,
-        state_url: core.functions.state_url.get().map(String::as_str),
+        state_addresses: core.functions.state_addresses.get(),
         state_token: state_token.as_ref().map_or("", |t| t.token.as_str()),
         etl: &core.config.etl,
     };

@@ -198,11 +198,36 @@ impl Core {
         let addr = self.config.gateway_addr;
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoreError::Listen(addr, e))?;
         let local_addr = listener.local_addr().map_err(|e| CoreError::Listen(addr, e))?;
-        let _ = self.functions.state_url.set(format!("http://{local_addr}/state"));
-        if let Some(sandbox) = self.functions.sandbox() {
-            sandbox.serve_state(self.state_router().with_state(self.clone()));
-        }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let redis = match self.config.state_redis_addr {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoreError::Listen(addr, e))?;
+                let bound = listener.local_addr().map_err(|e| CoreError::Listen(addr, e))?;
+                let server = crate::redis::Server::new(
+                    self.state.clone(),
+                    self.tenants.clone(),
+                    self.config.state_redis.clone(),
+                );
+                let mut stop = shutdown_rx.clone();
+                let stopped = async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                };
+                tokio::spawn(server.clone().serve(listener, stopped));
+                Some((server, bound))
+            }
+            None => None,
+        };
+        let state_redis_addr = redis.as_ref().map(|(_, addr)| *addr);
+        let _ = self.functions.state_addresses.set(crate::function::StateAddresses {
+            http: format!("http://{local_addr}/state"),
+            redis: state_redis_addr.map(|addr| addr.to_string()),
+        });
+        if let Some(sandbox) = self.functions.sandbox() {
+            sandbox.serve_state(crate::function::sandbox::StateServers {
+                http: self.state_router().with_state(self.clone()),
+                redis: redis.map(|(server, _)| server),
+            });
+        }
         let mut tasks = async_queue::spawn_workers(self.clone(), shutdown_rx.clone());
         tasks.push(tokio::spawn(housekeeping(self.clone(), shutdown_rx.clone())));
         let router = self.router();
@@ -222,7 +247,7 @@ impl Core {
                 tracing::error!(%error, "gateway stopped with an error");
             }
         });
-        Ok(RunningCore { core: self, gateway_addr: local_addr, shutdown: shutdown_tx, server, tasks })
+        Ok(RunningCore { core: self, gateway_addr: local_addr, state_redis_addr, shutdown: shutdown_tx, server, tasks })
     }
 }
 
@@ -248,6 +273,8 @@ async fn housekeeping(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
 pub struct RunningCore {
     pub core: Arc<Core>,
     pub gateway_addr: SocketAddr,
+    /// The state store's Redis protocol listener, when served.
+    pub state_redis_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,

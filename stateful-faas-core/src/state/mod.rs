@@ -189,6 +189,33 @@ pub struct ObjectInfo {
     pub expires_at_ns: Option<u64>,
 }
 
+/// An object as [`StateStore::modify`] shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct Current<'a> {
+    pub value: &'a Bytes,
+    pub persist: bool,
+    /// Expiry instant, ns since the epoch.
+    pub expires_at_ns: Option<u64>,
+}
+
+/// What [`StateStore::modify`] does with an object.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Keep,
+    Remove,
+    Put { value: Bytes, persist: bool, expires_at_ns: Option<u64> },
+}
+
+/// The order [`StateStore::scan`] visits objects in: a hash of the address, fixed for the
+/// life of the process (a cursor is only meaningful within it).
+fn scan_hash(key: &ObjectKey) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    // Never 0, which starts and ends a scan.
+    hasher.finish().max(1)
+}
+
 /// Byte-seconds of a tenant, split by owner.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TenantUsage {
@@ -283,6 +310,9 @@ struct Object {
 struct TenantState {
     objects: HashMap<ObjectKey, Object>,
     expiries: BTreeSet<(u64, ObjectKey)>,
+    /// Every object's address by [`scan_hash`], so that [`StateStore::scan`] resumes from a
+    /// cursor that stays valid while objects come and go.
+    by_hash: BTreeSet<(u64, ObjectKey)>,
     jobs: HashMap<String, Job>,
     standing: Account,
     /// Byte-seconds of jobs already deregistered.
@@ -366,6 +396,7 @@ impl TenantState {
         if let Some(expires_at) = object.expires_at {
             self.expiries.remove(&(expires_at, key.clone()));
         }
+        self.by_hash.remove(&(scan_hash(key), key.clone()));
         let size = object.value.len() as u64;
         let since = object.counted_since;
         self.account(&key.job, object.in_job).close(size, since, at);
@@ -374,6 +405,51 @@ impl TenantState {
         self.held -= held;
         used.fetch_sub(held, Ordering::SeqCst);
         Some(object)
+    }
+
+    /// Stores `value` at `key` in place of what is there, counted from `now`; `held` (what it
+    /// holds) is already reserved in the budget.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &mut self,
+        now: u64,
+        key: &ObjectKey,
+        value: Bytes,
+        persist: bool,
+        expires_at: Option<u64>,
+        held: u64,
+        used: &AtomicU64,
+    ) {
+        let in_job = key.job.is_some();
+        let size = value.len() as u64;
+        let object = Object { value, persist, expires_at, in_job, counted_since: now };
+        let replaced = match self.objects.get_mut(key) {
+            Some(slot) => Some(std::mem::replace(slot, object)),
+            None => {
+                self.by_hash.insert((scan_hash(key), key.clone()));
+                self.objects.insert(key.clone(), object);
+                None
+            }
+        };
+        if let Some(old) = replaced {
+            let old_size = old.value.len() as u64;
+            self.account(&key.job, old.in_job).close(old_size, old.counted_since, now);
+            self.bytes -= old_size;
+            let old_held = key.held(old_size);
+            self.held -= old_held;
+            used.fetch_sub(old_held, Ordering::SeqCst);
+            if let Some(at) = old.expires_at
+                && Some(at) != expires_at
+            {
+                self.expiries.remove(&(at, key.clone()));
+            }
+        }
+        self.account(&key.job, in_job).open(size, now);
+        self.bytes += size;
+        self.held += held;
+        if let Some(at) = expires_at {
+            self.expiries.insert((at, key.clone()));
+        }
     }
 
     /// Drops every object whose expiry is at or before `now`, each counted to its own expiry.
@@ -524,7 +600,7 @@ impl StateStore {
         let check = |state: &TenantState| {
             let (held, replaced) = self.quota(tenant, state, key, size)?;
             let (used, budget) = (self.used.load(Ordering::SeqCst), self.config.total_budget_bytes);
-            if used + held - replaced > budget {
+            if held > replaced && used + held - replaced > budget {
                 return Err(StateError::BudgetExceeded { used, budget, needed: held.saturating_sub(replaced) });
             }
             Ok(())
@@ -536,7 +612,7 @@ impl StateStore {
     }
 
     /// What a value of `size` at `key` would hold, and what the object it replaces holds, if
-    /// the tenant's quota admits it.
+    /// the tenant's quota admits it (a write that holds no more than it replaces always is).
     fn quota(
         &self,
         tenant: &TenantId,
@@ -546,54 +622,186 @@ impl StateStore {
     ) -> Result<(u64, u64), StateError> {
         let (held, replaced) =
             (key.held(size), state.live(key).map_or(0, |object| key.held(object.value.len() as u64)));
-        let quota = self.quotas.of(tenant.as_str()).state_bytes.unwrap_or(self.config.tenant_quota_bytes);
-        if state.held - replaced + held > quota {
+        self.admit(tenant, state, held, replaced)?;
+        Ok((held, replaced))
+    }
+
+    /// Whether the tenant's quota admits holding `held` more bytes in place of `replaced`.
+    fn admit(&self, tenant: &TenantId, state: &TenantState, held: u64, replaced: u64) -> Result<(), StateError> {
+        let quota = self.quota_of(tenant);
+        if held > replaced && state.held - replaced + held > quota {
             return Err(StateError::QuotaExceeded {
                 tenant: tenant.to_string(),
                 used: state.held,
                 quota,
-                needed: held.saturating_sub(replaced),
+                needed: held - replaced,
             });
         }
-        Ok((held, replaced))
+        Ok(())
     }
 
-    /// Stores a value, replacing any object at the same address.
-    pub fn put(&self, tenant: &TenantId, key: ObjectKey, value: Bytes, options: PutOptions) -> Result<(), StateError> {
+    /// Reserves `held` bytes of the shared budget in place of `replaced`, in one atomic step
+    /// before anything changes, so that concurrent tenants cannot overshoot it together. The
+    /// replaced object's bytes are returned when it is removed.
+    fn reserve(&self, held: u64, replaced: u64) -> Result<(), StateError> {
+        let budget = self.config.total_budget_bytes;
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                (held <= replaced || used + held - replaced <= budget).then_some(used + held)
+            })
+            .map(|_| ())
+            .map_err(|used| StateError::BudgetExceeded { used, budget, needed: held.saturating_sub(replaced) })
+    }
+
+    /// Checks what a write of `value` at `key` needs that the quota does not cover: the value's
+    /// size and, for a job's object, that the job is registered.
+    fn check_write(&self, state: &TenantState, key: &ObjectKey, value: &Bytes) -> Result<(), StateError> {
         let size = value.len() as u64;
         if size > self.config.max_value_bytes {
             return Err(StateError::ValueTooLarge { size, max: self.config.max_value_bytes });
         }
+        if let Some(job) = &key.job
+            && !state.jobs.contains_key(job)
+        {
+            return Err(StateError::JobNotRegistered(job.clone()));
+        }
+        Ok(())
+    }
+
+    /// Stores a value, replacing any object at the same address.
+    pub fn put(&self, tenant: &TenantId, key: ObjectKey, value: Bytes, options: PutOptions) -> Result<(), StateError> {
         self.with_tenant(tenant, |state, now| {
-            if let Some(job) = &key.job
-                && !state.jobs.contains_key(job)
-            {
-                return Err(StateError::JobNotRegistered(job.clone()));
-            }
-            let (held, replaced) = self.quota(tenant, state, &key, size)?;
-            let needed = held.saturating_sub(replaced);
-            // Reserve the new value's bytes in the shared budget in one atomic step, before
-            // anything changes, so that concurrent tenants cannot overshoot it together.
-            let budget = self.config.total_budget_bytes;
-            self.used
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
-                    (used + held - replaced <= budget).then_some(used + held)
-                })
-                .map_err(|used| StateError::BudgetExceeded { used, budget, needed })?;
-            state.remove(&key, now, &self.used);
-            let in_job = key.job.is_some();
-            state.account(&key.job, in_job).open(size, now);
-            state.bytes += size;
-            state.held += held;
             let expires_at = options.ttl.map(|ttl| now.saturating_add(ttl.as_nanos() as u64));
-            if let Some(expires_at) = expires_at {
-                state.expiries.insert((expires_at, key.clone()));
+            self.write(tenant, state, now, &key, value, options.persist, expires_at)
+        })
+    }
+
+    /// Checks, reserves and applies one write at `now`.
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        tenant: &TenantId,
+        state: &mut TenantState,
+        now: u64,
+        key: &ObjectKey,
+        value: Bytes,
+        persist: bool,
+        expires_at: Option<u64>,
+    ) -> Result<(), StateError> {
+        self.check_write(state, key, &value)?;
+        let (held, replaced) = self.quota(tenant, state, key, value.len() as u64)?;
+        self.reserve(held, replaced)?;
+        state.apply(now, key, value, persist, expires_at, held, &self.used);
+        Ok(())
+    }
+
+    /// Stores several values at once, all or none (Redis's `MSET`): the quota and the budget
+    /// are checked for all of them together. A key given twice keeps its last value.
+    pub fn put_many(&self, tenant: &TenantId, items: Vec<(ObjectKey, Bytes)>) -> Result<(), StateError> {
+        let mut last: HashMap<&ObjectKey, usize> = HashMap::with_capacity(items.len());
+        for (i, (key, _)) in items.iter().enumerate() {
+            last.insert(key, i);
+        }
+        self.with_tenant(tenant, |state, now| {
+            let (mut held, mut replaced) = (0, 0);
+            for (i, (key, value)) in items.iter().enumerate() {
+                if last[key] != i {
+                    continue;
+                }
+                self.check_write(state, key, value)?;
+                held += key.held(value.len() as u64);
+                replaced += state.live(key).map_or(0, |object| key.held(object.value.len() as u64));
             }
-            state
-                .objects
-                .insert(key, Object { value, persist: options.persist, expires_at, in_job, counted_since: now });
+            self.admit(tenant, state, held, replaced)?;
+            self.reserve(held, replaced)?;
+            for (i, (key, value)) in items.iter().enumerate() {
+                if last[key] == i {
+                    let held = key.held(value.len() as u64);
+                    state.apply(now, key, value.clone(), false, None, held, &self.used);
+                }
+            }
             Ok(())
         })
+    }
+
+    /// Reads and changes one object in one step: `decide` sees the object (if any) and the
+    /// current time, and answers what becomes of it and what to return. A `Put` whose expiry is
+    /// not after now removes the object (as Redis does with a past expiry). The quota, the
+    /// budget and the largest value apply to a `Put` as to [`StateStore::put`]; a refused
+    /// change returns the error and leaves the object as it was.
+    pub fn modify<T>(
+        &self,
+        tenant: &TenantId,
+        key: &ObjectKey,
+        decide: impl FnOnce(Option<Current<'_>>, u64) -> (Change, T),
+    ) -> Result<T, StateError> {
+        self.with_tenant(tenant, |state, now| {
+            let current = state.live(key).map(|object| Current {
+                value: &object.value,
+                persist: object.persist,
+                expires_at_ns: object.expires_at,
+            });
+            let (change, answer) = decide(current, now);
+            match change {
+                Change::Keep => {}
+                Change::Remove => {
+                    state.remove(key, now, &self.used);
+                }
+                Change::Put { expires_at_ns: Some(at), .. } if at <= now => {
+                    state.remove(key, now, &self.used);
+                }
+                Change::Put { value, persist, expires_at_ns } => {
+                    self.write(tenant, state, now, key, value, persist, expires_at_ns)?
+                }
+            }
+            Ok(answer)
+        })
+    }
+
+    /// Up to about `count` of a tenant's objects from `cursor` on (0 to start), those `keep`
+    /// accepts, and the cursor to go on from (0 when done). Objects are visited in the order of
+    /// a hash of their address, so a cursor stays valid across changes: every object held
+    /// from the first call to the last is seen, at least once (Redis's `SCAN` guarantee).
+    pub fn scan(
+        &self,
+        tenant: &TenantId,
+        cursor: u64,
+        count: usize,
+        mut keep: impl FnMut(&ObjectKey) -> bool,
+    ) -> (u64, Vec<ObjectKey>) {
+        self.with_tenant(tenant, |state, _| {
+            let start = (cursor, ObjectKey { job: None, bucket: String::new(), key: String::new() });
+            let mut found = Vec::new();
+            let mut last = None;
+            for (visited, (hash, key)) in state.by_hash.range(start..).enumerate() {
+                // Objects sharing a hash are visited together: the next cursor skips past it.
+                if visited >= count.max(1) && last != Some(*hash) {
+                    return (*hash, found);
+                }
+                last = Some(*hash);
+                if keep(key) {
+                    found.push(key.clone());
+                }
+            }
+            (0, found)
+        })
+    }
+
+    /// How many of a tenant's objects `keep` accepts, and how many of those expire.
+    pub fn count(&self, tenant: &TenantId, keep: impl Fn(&ObjectKey) -> bool) -> (usize, usize) {
+        self.with_tenant(tenant, |state, _| {
+            let kept = state.objects.iter().filter(|(key, _)| keep(key));
+            kept.fold((0, 0), |(all, expiring), (_, object)| (all + 1, expiring + object.expires_at.is_some() as usize))
+        })
+    }
+
+    pub fn config(&self) -> &StateConfig {
+        &self.config
+    }
+
+    /// The bytes a tenant may hold (its plan's, else the default quota).
+    pub fn quota_of(&self, tenant: &TenantId) -> u64 {
+        self.quotas.of(tenant.as_str()).state_bytes.unwrap_or(self.config.tenant_quota_bytes)
     }
 
     /// Reads a value (zero-copy); with `delete_after_read`, removes it in the same step.

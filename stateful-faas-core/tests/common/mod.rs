@@ -48,6 +48,7 @@ pub async fn start(configure: impl FnOnce(&mut CoreConfig)) -> TestCore {
     let dir = tempfile::tempdir().unwrap();
     let mut config = CoreConfig::new(dir.path());
     config.gateway_addr = "127.0.0.1:0".parse().unwrap();
+    config.state_redis_addr = Some("127.0.0.1:0".parse().unwrap());
     config.admin_token = Some(ADMIN.to_string());
     config.telemetry = TelemetryConfig { max_queue_size: 1024, ..Default::default() };
     config.async_queue.initial_backoff = Duration::from_millis(50);

@@ -1,0 +1,244 @@
+//! The state store over the Redis protocol (RESP2 and RESP3), so that a function in any
+//! language reaches it with the Redis client it already has.
+//!
+//! A connection authenticates as a tenant (`AUTH tenant token`, or `HELLO 3 AUTH …`) and then
+//! sees that tenant's objects only; which token it used decides what it may do (see
+//! [`Access`]). Keys name objects as `bucket/key`, a key without `/` lives in the bucket
+//! [`commands::PLAIN_BUCKET`], and `{job:ID}bucket/key` names an object of a job. The commands,
+//! and how Pocket's model maps onto them, are in docs/state-redis.md.
+//!
+//! Every request is hostile until proven otherwise: before `AUTH` only `AUTH`, `HELLO`, `PING`
+//! and `QUIT` answer, with small arguments; afterwards one argument holds at most the store's
+//! largest value, a command at most that and 1 MiB more, and the bytes of large commands being
+//! received by all connections together are bounded (a connection waits for room: backpressure,
+//! not memory). A connection that sends part of a command and stalls, or that does not
+//! authenticate, is closed after [`STALL`]. Replies are written before more requests are read,
+//! so a client that does not read its replies stops being read.
+
+pub mod commands;
+pub mod glob;
+pub mod resp;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::state::StateStore;
+use crate::tenant::{TenantId, TenantStore};
+use resp::{Limits, Out, Parse};
+
+/// Limits of the listener.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Connections open at once, authenticated or not (Redis's `maxclients`).
+    pub max_clients: usize,
+    /// Connections one tenant may have authenticated at once.
+    pub max_clients_per_tenant: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { max_clients: 10_000, max_clients_per_tenant: 1_000 }
+    }
+}
+
+/// How long a connection may take to authenticate, or to send the rest of a command.
+pub const STALL: Duration = Duration::from_secs(60);
+
+/// Commands at least this large hold room in the bytes being received by all connections.
+const LARGE_COMMAND: usize = 1 << 20;
+
+/// Before `AUTH`: Redis's own limits for unauthenticated clients.
+const UNAUTHENTICATED: Limits = Limits { max_args: 10, max_bulk: 16 << 10, max_command: 64 << 10 };
+
+/// The listener's shared part: the store, the tokens, and the limits every connection draws on.
+pub struct Server {
+    state: Arc<StateStore>,
+    tenants: Arc<TenantStore>,
+    config: RedisConfig,
+    limits: Limits,
+    clients: Arc<Semaphore>,
+    /// Room for large commands being received, in KiB.
+    receiving: Arc<Semaphore>,
+    receiving_kib: u32,
+    per_tenant: Mutex<HashMap<TenantId, usize>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("redis::Server").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    pub fn new(state: Arc<StateStore>, tenants: Arc<TenantStore>, config: RedisConfig) -> Arc<Self> {
+        let max_value = state.config().max_value_bytes as usize;
+        let limits = Limits { max_args: 1 << 20, max_bulk: max_value, max_command: max_value + (1 << 20) };
+        // Large commands being received together: half the store's budget, and always room
+        // for the largest one.
+        let room = (state.config().total_budget_bytes / 2).max(limits.max_command as u64);
+        let receiving_kib = (room / 1024).min(u32::MAX as u64 / 2) as u32;
+        Arc::new(Self {
+            state,
+            tenants,
+            limits,
+            clients: Arc::new(Semaphore::new(config.max_clients)),
+            receiving: Arc::new(Semaphore::new(receiving_kib as usize)),
+            receiving_kib,
+            config,
+            per_tenant: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Accepts connections until the task is dropped or `stop` completes. Connections already
+    /// open go on until their clients leave.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: impl std::future::Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut stop => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors, say: wait instead of spinning.
+                    tracing::warn!(%error, "the state store's Redis listener cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let server = self.clone();
+            tokio::spawn(async move { server.connection(stream, peer).await });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+        let Ok(_client) = self.clients.clone().try_acquire_owned() else {
+            let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut session = commands::Session::new(id);
+        if let Err(error) = self.run(&mut stream, &mut session).await {
+            tracing::debug!(%peer, %error, "a state store Redis connection ended");
+        }
+    }
+
+    /// Reads, runs and answers commands until the client quits or breaks the protocol.
+    async fn run<'s>(&'s self, stream: &mut TcpStream, session: &mut commands::Session<'s>) -> std::io::Result<()> {
+        let mut buf = BytesMut::with_capacity(16 << 10);
+        let mut out = Out::default();
+        let mut room: Option<OwnedSemaphorePermit> = None;
+        loop {
+            let limits = if session.auth.is_some() { self.limits } else { UNAUTHENTICATED };
+            match resp::parse(&mut buf, &limits) {
+                Ok(Parse::Command(args)) => {
+                    room = None;
+                    if args.is_empty() {
+                        continue;
+                    }
+                    let quit = commands::run(self, session, &args, &mut out);
+                    if quit || out.len() >= 1 << 20 {
+                        write(stream, &mut out).await?;
+                    }
+                    if quit {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Ok(Parse::Incomplete(needed)) => {
+                    if needed > buf.capacity() {
+                        buf.reserve(needed - buf.len());
+                    }
+                    if needed >= LARGE_COMMAND {
+                        room = Some(self.hold_room(room.take(), needed).await);
+                    }
+                }
+                Err(error) => {
+                    out.error(&format!("ERR {error}"));
+                    write(stream, &mut out).await?;
+                    return Ok(());
+                }
+            }
+            write(stream, &mut out).await?;
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 << 10);
+            }
+            let read = if session.auth.is_none() || !buf.is_empty() {
+                match tokio::time::timeout(STALL, stream.read_buf(&mut buf)).await {
+                    Ok(read) => read?,
+                    Err(_) => return Ok(()),
+                }
+            } else {
+                stream.read_buf(&mut buf).await?
+            };
+            if read == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Room for a command of `needed` bytes being received, adding to what `held` already is.
+    async fn hold_room(&self, held: Option<OwnedSemaphorePermit>, needed: usize) -> OwnedSemaphorePermit {
+        let kib = (needed.div_ceil(1024) as u64).min(self.receiving_kib as u64) as u32;
+        let have = held.as_ref().map_or(0, |permit| permit.num_permits() as u32);
+        if kib <= have {
+            return held.expect("holds some");
+        }
+        let more = self.receiving.clone().acquire_many_owned(kib - have).await.expect("never closed");
+        match held {
+            Some(mut held) => {
+                held.merge(more);
+                held
+            }
+            None => more,
+        }
+    }
+
+    /// Counts a connection of `tenant`, if it has room for one more.
+    fn admit(&self, tenant: &TenantId) -> Option<TenantSlot<'_>> {
+        let mut counts = self.per_tenant.lock().unwrap();
+        let count = counts.entry(tenant.clone()).or_default();
+        if *count >= self.config.max_clients_per_tenant {
+            return None;
+        }
+        *count += 1;
+        Some(TenantSlot { server: self, tenant: tenant.clone() })
+    }
+}
+
+async fn write(stream: &mut TcpStream, out: &mut Out) -> std::io::Result<()> {
+    for chunk in out.take() {
+        stream.write_all(&chunk).await?;
+    }
+    Ok(())
+}
+
+/// A tenant's count of connections, given back when the session ends or authenticates anew.
+pub struct TenantSlot<'a> {
+    server: &'a Server,
+    tenant: TenantId,
+}
+
+impl Drop for TenantSlot<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.server.per_tenant.lock().unwrap();
+        if let Some(count) = counts.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+    }
+}
