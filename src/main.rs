@@ -395,6 +395,15 @@ struct ServeArgs {
     /// host at port 6380, or any free port when the gateway's port is 0.
     #[arg(long, env = "SFAAS_STATE_REDIS_ADDR", value_parser = parse_redis_addr)]
     state_redis_addr: Option<RedisAddr>,
+    /// Threads serving the Redis protocol, each an event loop of its own (default: one per core).
+    #[arg(long, env = "SFAAS_STATE_REDIS_THREADS")]
+    state_redis_threads: Option<usize>,
+    /// Connections the Redis protocol listener holds at once (Redis's `maxclients`).
+    #[arg(long, env = "SFAAS_STATE_REDIS_MAX_CLIENTS", default_value_t = 10_000)]
+    state_redis_max_clients: usize,
+    /// Connections one tenant may hold authenticated on the Redis protocol listener.
+    #[arg(long, env = "SFAAS_STATE_REDIS_TENANT_MAX_CLIENTS", default_value_t = 1_000)]
+    state_redis_tenant_max_clients: usize,
     /// Collector: OTLP/gRPC address.
     #[arg(long, env = "SFAAS_OTLP_GRPC_ADDR", default_value = "127.0.0.1:4317")]
     otlp_grpc_addr: SocketAddr,
@@ -548,6 +557,11 @@ impl ServeArgs {
             None if self.gateway_addr.port() == 0 => Some(SocketAddr::new(self.gateway_addr.ip(), 0)),
             None => Some(SocketAddr::new(self.gateway_addr.ip(), 6380)),
         };
+        if let Some(threads) = self.state_redis_threads {
+            config.state_redis.threads = threads.max(1);
+        }
+        config.state_redis.max_clients = self.state_redis_max_clients;
+        config.state_redis.max_clients_per_tenant = self.state_redis_tenant_max_clients;
         config.admin_token = std::env::var("SFAAS_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
         config.telemetry.endpoint = self.otlp_endpoint.clone();
         config.telemetry.protocol = self.otlp_protocol;

@@ -1,6 +1,7 @@
 //! `sfaas bench state`: put/get latency and throughput of the state store, in process and over
-//! HTTP, for 1 KiB and 1 MiB values, beside `redis-benchmark` against a Redis server started
-//! here in the same run (when `redis-server` and `redis-benchmark` are installed).
+//! HTTP, for 1 KiB and 1 MiB values; then `redis-benchmark` against a Redis server started here
+//! and against the store's own Redis protocol listener, in the same run (when `redis-server`
+//! and `redis-benchmark` are installed).
 
 use std::fmt::Write as _;
 use std::process::{Command, Stdio};
@@ -34,12 +35,15 @@ pub async fn run(operations: usize, concurrency: usize) -> anyhow::Result<String
         rows.extend(in_process(size, count));
         eprintln!("bench state: HTTP, {size} B values, {count} ops, concurrency {concurrency}");
         rows.extend(over_http(size, count, concurrency).await?);
-        match redis(size, count, concurrency) {
-            Ok(redis_rows) => rows.extend(redis_rows),
-            Err(error) => eprintln!("bench state: Redis comparison skipped: {error}"),
-        }
     }
-    Ok(render(&rows, concurrency))
+    let resp = match resp_matrix(operations).await {
+        Ok(resp) => resp,
+        Err(error) => {
+            eprintln!("bench state: the Redis comparison was skipped: {error}");
+            Vec::new()
+        }
+    };
+    Ok(render(&rows, &resp, concurrency))
 }
 
 fn in_process(size: usize, count: usize) -> Vec<Row> {
@@ -148,102 +152,203 @@ async fn over_http(size: usize, count: usize, concurrency: usize) -> anyhow::Res
     Ok(rows)
 }
 
-/// Starts `redis-server` on a free port (no persistence) and runs `redis-benchmark` against it.
-fn redis(size: usize, count: usize, concurrency: usize) -> anyhow::Result<Vec<Row>> {
+/// One `redis-benchmark` figure: a test against a server, with its clients and pipeline depth.
+struct Resp {
+    server: &'static str,
+    test: String,
+    size: usize,
+    clients: usize,
+    pipeline: usize,
+    ops_per_second: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// `redis-benchmark` against a real `redis-server` and against our listener, in turn, for
+/// every combination of value size, clients and pipelining.
+async fn resp_matrix(operations: usize) -> anyhow::Result<Vec<Resp>> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut server = Command::new("redis-server")
+    let mut redis = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start redis-server: {e}"))?;
-    let ready = (0..100).any(|_| {
-        std::thread::sleep(Duration::from_millis(20));
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    let result = (|| {
+    let core = BenchCore::start(|config| {
+        config.state.max_value_bytes = 1 << 30;
+        config.state.tenant_quota_bytes = 64 << 30;
+        config.state.total_budget_bytes = 64 << 30;
+    })
+    .await?;
+    let ours = core.running.state_redis_addr.ok_or_else(|| anyhow::anyhow!("the core serves no Redis protocol"))?;
+    let token = core.credentials.ingest_token.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let ready = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
         anyhow::ensure!(ready, "redis-server did not listen on port {port}");
         let version = Command::new("redis-server").arg("--version").output()?;
-        let version = String::from_utf8_lossy(&version.stdout);
-        let version =
-            version.split_whitespace().find(|w| w.starts_with("v=")).unwrap_or("v=?").trim_start_matches("v=");
-        eprintln!(
-            "bench state: redis-benchmark (Redis {version}), {size} B values, {count} ops, concurrency {concurrency}"
-        );
-        let output = Command::new("redis-benchmark")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "set,get", "-d", &size.to_string()])
-            .args(["-n", &count.to_string(), "-c", &concurrency.to_string(), "--csv"])
-            .output()
-            .map_err(|e| anyhow::anyhow!("cannot run redis-benchmark: {e}"))?;
-        anyhow::ensure!(output.status.success(), "redis-benchmark failed: {}", String::from_utf8_lossy(&output.stderr));
-        parse_redis_csv(&String::from_utf8_lossy(&output.stdout), size, version)
-    })();
-    let _ = server.kill();
-    let _ = server.wait();
+        let version = String::from_utf8_lossy(&version.stdout).to_string();
+        let version = version.split_whitespace().find_map(|w| w.strip_prefix("v=")).unwrap_or("?").to_string();
+        let mut all = Vec::new();
+        for size in [1024usize, 1 << 20] {
+            for clients in [8usize, 50] {
+                for pipeline in [1usize, 16] {
+                    let n = match (size > 4096, pipeline > 1) {
+                        (false, false) => operations,
+                        (false, true) => operations * 5,
+                        (true, _) => (operations / 20).max(200),
+                    };
+                    for (server, target, auth) in [
+                        ("Redis", ("127.0.0.1".to_string(), port), None),
+                        ("sfaas", (ours.ip().to_string(), ours.port()), Some(("bench", token.as_str()))),
+                    ] {
+                        eprintln!(
+                            "bench state: redis-benchmark against {server}, {size} B, {clients} clients, pipeline {pipeline}, {n} requests"
+                        );
+                        let run = |extra: &[&str]| benchmark(&target, auth, size, clients, pipeline, n, extra);
+                        let mut rows = parse_csv(&run(&["-t", "set,get,incr,mset"])?)?;
+                        // redis-benchmark has no MGET test: ten keys, as its MSET test sets.
+                        let keys: Vec<String> = (0..10).map(|i| format!("key:{i}")).collect();
+                        let mut mget = vec!["MGET"];
+                        mget.extend(keys.iter().map(String::as_str));
+                        rows.extend(parse_csv(&run(&mget)?)?);
+                        all.extend(rows.into_iter().map(|(test, ops_per_second, p50, p99)| Resp {
+                            server,
+                            test,
+                            size,
+                            clients,
+                            pipeline,
+                            ops_per_second,
+                            p50,
+                            p99,
+                        }));
+                    }
+                }
+            }
+        }
+        eprintln!("bench state: Redis {version}");
+        Ok(all)
+    })
+    .await?;
+    let _ = redis.kill();
+    let _ = redis.wait();
+    core.stop().await;
     result
+}
+
+/// Runs `redis-benchmark --csv` and answers its output.
+fn benchmark(
+    (host, port): &(String, u16),
+    auth: Option<(&str, &str)>,
+    size: usize,
+    clients: usize,
+    pipeline: usize,
+    n: usize,
+    extra: &[&str],
+) -> anyhow::Result<String> {
+    let mut command = Command::new("redis-benchmark");
+    command.args(["-h", host, "-p", &port.to_string(), "-d", &size.to_string(), "-n", &n.to_string()]);
+    command.args(["-c", &clients.to_string(), "-P", &pipeline.to_string(), "--csv"]);
+    if let Some((user, token)) = auth {
+        command.args(["--user", user, "-a", token]);
+    }
+    let output = command.args(extra).output().map_err(|e| anyhow::anyhow!("cannot run redis-benchmark: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    anyhow::ensure!(
+        output.status.success() && !stdout.contains("ERR"),
+        "redis-benchmark failed: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout)
 }
 
 /// Parses `redis-benchmark --csv`: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",
 /// "p95_latency_ms","p99_latency_ms","max_latency_ms".
-fn parse_redis_csv(csv: &str, size: usize, version: &str) -> anyhow::Result<Vec<Row>> {
+fn parse_csv(csv: &str) -> anyhow::Result<Vec<(String, f64, Duration, Duration)>> {
     let mut rows = Vec::new();
-    for line in csv.lines().skip_while(|l| l.starts_with("\"test\"")) {
-        let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
+    for line in csv.lines().filter(|l| !l.starts_with("\"test\"")) {
+        let fields: Vec<&str> = line.split("\",\"").map(|f| f.trim_matches('"')).collect();
         if fields.len() < 7 {
             continue;
         }
-        let op = match fields[0] {
-            "SET" => "PUT",
-            "GET" => "GET",
-            _ => continue,
-        };
         let millis =
             |text: &str| -> anyhow::Result<Duration> { Ok(Duration::from_secs_f64(text.parse::<f64>()? / 1e3)) };
-        rows.push(Row {
-            system: format!("Redis {version} (redis-benchmark)"),
-            op,
-            size,
-            ops_per_second: fields[1].parse()?,
-            p50: millis(fields[4])?,
-            p99: millis(fields[6])?,
-        });
+        let test = fields[0].split_whitespace().next().unwrap_or_default().to_string();
+        rows.push((test, fields[1].parse()?, millis(fields[4])?, millis(fields[6])?));
     }
-    anyhow::ensure!(!rows.is_empty(), "no SET/GET lines in redis-benchmark's output: {csv}");
+    anyhow::ensure!(!rows.is_empty(), "no results in redis-benchmark's output: {csv}");
     Ok(rows)
 }
 
-fn render(rows: &[Row], concurrency: usize) -> String {
+fn size_text(size: usize) -> String {
+    if size >= 1 << 20 { format!("{} MiB", size >> 20) } else { format!("{} KiB", size >> 10) }
+}
+
+fn render(rows: &[Row], resp: &[Resp], concurrency: usize) -> String {
     let mut out = String::new();
+    let latency = |d: Duration| if d < Duration::from_millis(1) { us(d) } else { ms(d) };
     let _ = writeln!(out, "| system | op | value | ops/s | p50 | p99 |");
     let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
     for row in rows {
-        let size =
-            if row.size >= 1 << 20 { format!("{} MiB", row.size >> 20) } else { format!("{} KiB", row.size >> 10) };
-        let latency = |d: Duration| if d < Duration::from_millis(1) { us(d) } else { ms(d) };
         let _ = writeln!(
             out,
-            "| {} | {} | {size} | {:.0} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {} |",
             row.system,
             row.op,
+            size_text(row.size),
             row.ops_per_second,
             latency(row.p50),
             latency(row.p99)
         );
     }
-    let _ = writeln!(out, "\nHTTP and Redis: {concurrency} concurrent clients; in-process: one thread.");
+    let _ = writeln!(out, "\nHTTP: {concurrency} concurrent clients; in-process: one thread.\n");
+    if resp.is_empty() {
+        return out;
+    }
+    let _ = writeln!(out, "redis-benchmark against Redis and against the state store's Redis protocol listener:\n");
+    let _ = writeln!(
+        out,
+        "| test | value | clients | pipeline | Redis ops/s | sfaas ops/s | ratio | Redis p50 / p99 | sfaas p50 / p99 |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for theirs in resp.iter().filter(|r| r.server == "Redis") {
+        let same = |r: &&Resp| {
+            r.server == "sfaas"
+                && r.test == theirs.test
+                && (r.size, r.clients, r.pipeline) == (theirs.size, theirs.clients, theirs.pipeline)
+        };
+        let Some(ours) = resp.iter().find(same) else { continue };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} / {} | {} / {} |",
+            theirs.test,
+            size_text(theirs.size),
+            theirs.clients,
+            theirs.pipeline,
+            theirs.ops_per_second,
+            ours.ops_per_second,
+            ours.ops_per_second / theirs.ops_per_second,
+            latency(theirs.p50),
+            latency(theirs.p99),
+            latency(ours.p50),
+            latency(ours.p99)
+        );
+    }
     let _ = writeln!(out);
     for size in [1024usize, 1 << 20] {
-        for op in ["PUT", "GET"] {
-            let find =
-                |prefix: &str| rows.iter().find(|r| r.system.starts_with(prefix) && r.op == op && r.size == size);
-            if let (Some(http), Some(redis)) = (find("sfaas HTTP"), find("Redis")) {
-                let in_process = find("sfaas in-process").map_or(f64::NAN, |r| r.ops_per_second / redis.ops_per_second);
+        for (op, test) in [("PUT", "SET"), ("GET", "GET")] {
+            let http = rows.iter().find(|r| r.system == "sfaas HTTP" && r.op == op && r.size == size);
+            let redis = resp.iter().find(|r| {
+                r.server == "Redis" && r.test == test && (r.size, r.clients, r.pipeline) == (size, concurrency, 1)
+            });
+            if let (Some(http), Some(redis)) = (http, redis) {
                 let _ = writeln!(
                     out,
-                    "- {op} {} B: sfaas over HTTP / Redis throughput = {:.2}; sfaas in-process / Redis = {:.1}",
-                    size,
-                    http.ops_per_second / redis.ops_per_second,
-                    in_process
+                    "- {op} {}: sfaas over HTTP / Redis throughput = {:.2} ({concurrency} clients)",
+                    size_text(size),
+                    http.ops_per_second / redis.ops_per_second
                 );
             }
         }

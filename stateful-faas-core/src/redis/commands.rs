@@ -5,7 +5,7 @@ use bytes::Bytes;
 
 use super::resp::Out;
 use super::{Server, TenantSlot, glob};
-use crate::state::{Change, Current, ObjectKey, StateError};
+use crate::state::{Change, Current, ObjectKey, StateError, TenantHandle};
 use crate::tenant::{Principal, Scope, TenantId, hash_token};
 
 /// The bucket of keys that name none (`SET counter 1`).
@@ -27,7 +27,7 @@ pub enum Access {
 
 /// An authenticated connection's tenant and rights.
 pub struct Auth<'s> {
-    pub tenant: TenantId,
+    pub tenant: TenantHandle,
     pub access: Access,
     /// The token's hash, checked again when a token was revoked since.
     token_hash: String,
@@ -160,7 +160,14 @@ pub const COMMANDS: &[Spec] = &[
 ];
 
 fn find(name: &[u8]) -> Option<&'static Spec> {
-    COMMANDS.iter().find(|spec| spec.name.as_bytes().eq_ignore_ascii_case(name))
+    static BY_NAME: std::sync::OnceLock<std::collections::HashMap<&'static [u8], &'static Spec>> =
+        std::sync::OnceLock::new();
+    let by_name = BY_NAME.get_or_init(|| COMMANDS.iter().map(|spec| (spec.name.as_bytes(), spec)).collect());
+    let mut lower = [0u8; 24];
+    let lower = lower.get_mut(..name.len())?;
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    by_name.get(&lower[..]).copied()
 }
 
 /// A command's failure, as a reply line (`ERR …`, `WRONGPASS …`, …).
@@ -308,6 +315,7 @@ fn auth<'s>(server: &'s Server, session: &mut Session<'s>, args: &[Bytes]) -> Re
             server.config.max_clients_per_tenant
         )
     })?;
+    let tenant = server.state.handle(&tenant);
     session.auth = Some(Auth { tenant, access, token_hash, revocations, _slot: slot });
     Ok(())
 }
@@ -431,11 +439,9 @@ impl Context<'_, '_> {
             "dbsize" => out.int(store.count(tenant, |key| self.visible(key)).0 as i64),
             "get" => {
                 let key = self.key(&args[1])?;
-                match store.modify(tenant, &key, |current, _| (Change::Keep, current.map(|c| c.value.clone()))) {
-                    Ok(Some(value)) => out.value(&value),
-                    Ok(None) => out.null(),
-                    Err(error) => return Err(state_error(error)),
-                }
+                store
+                    .modify(tenant, &key, |current, _| (Change::Keep, reply_value(out, current)))
+                    .map_err(state_error)?;
             }
             "getdel" => {
                 let key = self.key(&args[1])?;
@@ -455,10 +461,7 @@ impl Context<'_, '_> {
                 let keys = self.keys(&args[1..])?;
                 out.array(keys.len());
                 for key in keys {
-                    match store.modify(tenant, &key, |c, _| (Change::Keep, c.map(|c| c.value.clone()))) {
-                        Ok(Some(value)) => out.value(&value),
-                        _ => out.null(),
-                    }
+                    store.modify(tenant, &key, |c, _| (Change::Keep, reply_value(out, c))).map_err(state_error)?;
                 }
             }
             "mset" => {
@@ -612,10 +615,10 @@ impl Context<'_, '_> {
                 }
                 let job = std::str::from_utf8(&args[1]).map_err(|_| "ERR a job's name is UTF-8 text".to_string())?;
                 if spec.name == "sfaas.register" {
-                    store.register(tenant, job).map_err(state_error)?;
+                    store.register(tenant.tenant(), job).map_err(state_error)?;
                     out.ok();
                 } else {
-                    let byte_seconds = store.deregister(tenant, job).map_err(state_error)?;
+                    let byte_seconds = store.deregister(tenant.tenant(), job).map_err(state_error)?;
                     out.bulk(byte_seconds.to_decimal_string().as_bytes());
                 }
             }
@@ -797,7 +800,7 @@ impl Context<'_, '_> {
                 })
         };
         let store = &self.server.state;
-        let usage = store.usage(&self.auth.tenant);
+        let usage = store.usage(self.auth.tenant.tenant());
         let mut text = String::new();
         if wanted("server") {
             text.push_str(&format!(
@@ -818,7 +821,7 @@ impl Context<'_, '_> {
                 "# Memory\r\nused_memory:{}\r\nsfaas_value_bytes:{}\r\nmaxmemory:{}\r\nmaxmemory_policy:noeviction\r\nsfaas_byte_seconds:{}\r\n\r\n",
                 usage.held,
                 usage.bytes,
-                store.quota_of(&self.auth.tenant),
+                store.quota_of(self.auth.tenant.tenant()),
                 usage.total.to_decimal_string()
             ));
         }
@@ -830,6 +833,15 @@ impl Context<'_, '_> {
             }
         }
         text
+    }
+}
+
+/// Answers an object's value (copied while the store is locked when small, shared when large),
+/// or null.
+fn reply_value(out: &mut Out, current: Option<Current<'_>>) {
+    match current {
+        Some(c) => out.value(c.value),
+        None => out.null(),
     }
 }
 

@@ -41,13 +41,20 @@ pub struct RedisConfig {
     pub max_clients: usize,
     /// Connections one tenant may have authenticated at once.
     pub max_clients_per_tenant: usize,
+    /// Threads serving connections, each a single-threaded event loop as Redis's own (a
+    /// connection stays on one, so serving it never wakes another thread); default: one per core.
+    pub threads: usize,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { max_clients: 10_000, max_clients_per_tenant: 1_000 }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self { max_clients: 10_000, max_clients_per_tenant: 1_000, threads: cores }
     }
 }
+
+/// A connection handed to an event loop thread.
+type Handoff = (Arc<Server>, std::net::TcpStream, SocketAddr);
 
 /// How long a connection may take to authenticate, or to send the rest of a command.
 pub const STALL: Duration = Duration::from_secs(60);
@@ -70,6 +77,9 @@ pub struct Server {
     receiving_kib: u32,
     per_tenant: Mutex<HashMap<TenantId, usize>>,
     next_id: AtomicU64,
+    handed: std::sync::atomic::AtomicUsize,
+    /// The event loops, started by the first `serve`.
+    loops: std::sync::OnceLock<Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -96,6 +106,8 @@ impl Server {
             config,
             per_tenant: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            handed: Default::default(),
+            loops: std::sync::OnceLock::new(),
         })
     }
 
@@ -117,8 +129,15 @@ impl Server {
                     continue;
                 }
             };
-            let server = self.clone();
-            tokio::spawn(async move { server.connection(stream, peer).await });
+            // Round robin over the event loops.
+            let loops = self.loops.get_or_init(|| (0..self.config.threads.max(1)).map(event_loop).collect());
+            let index = self.handed.fetch_add(1, Ordering::Relaxed) % loops.len();
+            match stream.into_std() {
+                Ok(stream) => {
+                    let _ = loops[index].send((self.clone(), stream, peer));
+                }
+                Err(error) => tracing::warn!(%error, "a Redis protocol connection could not be handed over"),
+            }
         }
     }
 
@@ -216,6 +235,30 @@ impl Server {
         *count += 1;
         Some(TenantSlot { server: self, tenant: tenant.clone() })
     }
+}
+
+/// One event loop thread: serves the connections handed to it until the server goes.
+fn event_loop(index: usize) -> tokio::sync::mpsc::UnboundedSender<Handoff> {
+    let (sender, mut connections) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
+    let spawned = std::thread::Builder::new().name(format!("sfaas-redis-{index}")).spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let runtime = match runtime {
+            Ok(runtime) => runtime,
+            Err(error) => return tracing::error!(%error, "a Redis protocol event loop could not start"),
+        };
+        runtime.block_on(async move {
+            while let Some((server, stream, peer)) = connections.recv().await {
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => drop(tokio::spawn(server.connection(stream, peer))),
+                    Err(error) => tracing::warn!(%error, "a Redis protocol connection could not be served"),
+                }
+            }
+        });
+    });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "a Redis protocol event loop thread could not start");
+    }
+    sender
 }
 
 async fn write(stream: &mut TcpStream, out: &mut Out) -> std::io::Result<()> {

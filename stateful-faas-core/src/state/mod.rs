@@ -467,6 +467,18 @@ impl TenantState {
     }
 }
 
+/// One tenant's state, found once: see [`StateStore::handle`].
+pub struct TenantHandle {
+    tenant: TenantId,
+    state: Arc<Mutex<TenantState>>,
+}
+
+impl TenantHandle {
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+}
+
 /// The store of every tenant.
 pub struct StateStore {
     config: StateConfig,
@@ -507,10 +519,19 @@ impl StateStore {
 
     /// Runs `f` on a tenant's state after dropping what expired.
     fn with_tenant<T>(&self, tenant: &TenantId, f: impl FnOnce(&mut TenantState, u64) -> T) -> T {
-        let state = self.tenant(tenant);
+        self.with_state(&self.tenant(tenant), f)
+    }
+
+    fn with_state<T>(&self, state: &Mutex<TenantState>, f: impl FnOnce(&mut TenantState, u64) -> T) -> T {
         let mut state = state.lock().unwrap();
         let now = state.advance(self.clock.now_ns(), self.interval_ns, &self.used);
         f(&mut state, now)
+    }
+
+    /// A tenant's state held for many operations (a Redis protocol session's), so that each
+    /// finds it without looking it up.
+    pub fn handle(&self, tenant: &TenantId) -> TenantHandle {
+        TenantHandle { tenant: tenant.clone(), state: self.tenant(tenant) }
     }
 
     /// Runs `f` on every tenant's state (sorted by tenant) after bringing it to now.
@@ -697,12 +718,13 @@ impl StateStore {
 
     /// Stores several values at once, all or none (Redis's `MSET`): the quota and the budget
     /// are checked for all of them together. A key given twice keeps its last value.
-    pub fn put_many(&self, tenant: &TenantId, items: Vec<(ObjectKey, Bytes)>) -> Result<(), StateError> {
+    pub fn put_many(&self, handle: &TenantHandle, items: Vec<(ObjectKey, Bytes)>) -> Result<(), StateError> {
         let mut last: HashMap<&ObjectKey, usize> = HashMap::with_capacity(items.len());
         for (i, (key, _)) in items.iter().enumerate() {
             last.insert(key, i);
         }
-        self.with_tenant(tenant, |state, now| {
+        let tenant = &handle.tenant;
+        self.with_state(&handle.state, |state, now| {
             let (mut held, mut replaced) = (0, 0);
             for (i, (key, value)) in items.iter().enumerate() {
                 if last[key] != i {
@@ -731,11 +753,12 @@ impl StateStore {
     /// change returns the error and leaves the object as it was.
     pub fn modify<T>(
         &self,
-        tenant: &TenantId,
+        handle: &TenantHandle,
         key: &ObjectKey,
         decide: impl FnOnce(Option<Current<'_>>, u64) -> (Change, T),
     ) -> Result<T, StateError> {
-        self.with_tenant(tenant, |state, now| {
+        let tenant = &handle.tenant;
+        self.with_state(&handle.state, |state, now| {
             let current = state.live(key).map(|object| Current {
                 value: &object.value,
                 persist: object.persist,
@@ -764,12 +787,12 @@ impl StateStore {
     /// from the first call to the last is seen, at least once (Redis's `SCAN` guarantee).
     pub fn scan(
         &self,
-        tenant: &TenantId,
+        handle: &TenantHandle,
         cursor: u64,
         count: usize,
         mut keep: impl FnMut(&ObjectKey) -> bool,
     ) -> (u64, Vec<ObjectKey>) {
-        self.with_tenant(tenant, |state, _| {
+        self.with_state(&handle.state, |state, _| {
             let start = (cursor, ObjectKey { job: None, bucket: String::new(), key: String::new() });
             let mut found = Vec::new();
             let mut last = None;
@@ -788,8 +811,8 @@ impl StateStore {
     }
 
     /// How many of a tenant's objects `keep` accepts, and how many of those expire.
-    pub fn count(&self, tenant: &TenantId, keep: impl Fn(&ObjectKey) -> bool) -> (usize, usize) {
-        self.with_tenant(tenant, |state, _| {
+    pub fn count(&self, handle: &TenantHandle, keep: impl Fn(&ObjectKey) -> bool) -> (usize, usize) {
+        self.with_state(&handle.state, |state, _| {
             let kept = state.objects.iter().filter(|(key, _)| keep(key));
             kept.fold((0, 0), |(all, expiring), (_, object)| (all + 1, expiring + object.expires_at.is_some() as usize))
         })
