@@ -460,9 +460,7 @@ impl Context<'_, '_> {
             "mget" => {
                 let keys = self.keys(&args[1..])?;
                 out.array(keys.len());
-                for key in keys {
-                    store.modify(tenant, &key, |c, _| (Change::Keep, reply_value(out, c))).map_err(state_error)?;
-                }
+                store.modify_each(tenant, &keys, |c, _| (Change::Keep, reply_value(out, c))).map_err(state_error)?;
             }
             "mset" => {
                 if args.len().is_multiple_of(2) {
@@ -470,7 +468,7 @@ impl Context<'_, '_> {
                 }
                 let mut items = Vec::with_capacity(args.len() / 2);
                 for pair in args[1..].chunks(2) {
-                    items.push((self.key(&pair[0])?, pair[1].clone()));
+                    items.push((self.key(&pair[0])?, own(&pair[1])));
                 }
                 store.put_many(tenant, items).map_err(state_error)?;
                 out.ok();
@@ -487,7 +485,7 @@ impl Context<'_, '_> {
                     .modify(tenant, &key, |current, _| {
                         let value: Bytes = match current {
                             Some(c) => [&c.value[..], &suffix[..]].concat().into(),
-                            None => suffix.clone(),
+                            None => own(suffix),
                         };
                         let len = value.len();
                         (put_like(current, value), len)
@@ -525,24 +523,16 @@ impl Context<'_, '_> {
             }
             "del" | "unlink" => {
                 let keys = self.keys(&args[1..])?;
-                let mut removed = 0;
-                for key in keys {
-                    let existed = store.modify(tenant, &key, |c, _| match c {
-                        Some(_) => (Change::Remove, true),
-                        None => (Change::Keep, false),
-                    });
-                    removed += existed.map_err(state_error)? as i64;
-                }
-                out.int(removed);
+                let removed = store.modify_each(tenant, &keys, |c, _| match c {
+                    Some(_) => (Change::Remove, 1),
+                    None => (Change::Keep, 0),
+                });
+                out.int(removed.map_err(state_error)?.iter().sum());
             }
             "exists" => {
                 let keys = self.keys(&args[1..])?;
-                let mut found = 0;
-                for key in keys {
-                    found +=
-                        store.modify(tenant, &key, |c, _| (Change::Keep, c.is_some())).map_err(state_error)? as i64;
-                }
-                out.int(found);
+                let found = store.modify_each(tenant, &keys, |c, _| (Change::Keep, c.is_some() as i64));
+                out.int(found.map_err(state_error)?.iter().sum());
             }
             "type" => {
                 let key = self.key(&args[1])?;
@@ -657,7 +647,7 @@ impl Context<'_, '_> {
     /// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
     fn set(&self, args: &[Bytes], out: &mut Out) -> Reply {
         let key = self.key(&args[1])?;
-        let value = args[2].clone();
+        let value = own(&args[2]);
         let (mut only_if, mut get, mut keep_ttl, mut expiry) = (None, false, false, None);
         let mut i = 3;
         while i < args.len() {
@@ -834,6 +824,13 @@ impl Context<'_, '_> {
         }
         text
     }
+}
+
+/// A value to keep: a small one is copied out of the request's buffer, which it would
+/// otherwise keep alive whole (a few bytes pinning the connection's read buffer, uncounted by
+/// any quota); a large one is most of its buffer, and is kept as it is.
+fn own(value: &Bytes) -> Bytes {
+    if value.len() < 64 << 10 { Bytes::copy_from_slice(value) } else { value.clone() }
 }
 
 /// Answers an object's value (copied while the store is locked when small, shared when large),

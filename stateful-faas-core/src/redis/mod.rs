@@ -25,9 +25,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BufMut;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::state::StateStore;
@@ -58,6 +59,9 @@ type Handoff = (Arc<Server>, std::net::TcpStream, SocketAddr);
 
 /// How long a connection may take to authenticate, or to send the rest of a command.
 pub const STALL: Duration = Duration::from_secs(60);
+
+/// What one read may take: a pipeline of 16 commands of 1 KiB values in one system call.
+const READ_ROOM: usize = 64 << 10;
 
 /// Commands at least this large hold room in the bytes being received by all connections.
 const LARGE_COMMAND: usize = 1 << 20;
@@ -141,22 +145,30 @@ impl Server {
         }
     }
 
-    async fn connection(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+    async fn connection(self: Arc<Self>, stream: std::net::TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        // SAFETY: the socket is owned by the AsyncFd, so its descriptor stays open and the same
+        // for the AsyncFd's whole life.
+        let stream = match unsafe { AsyncFd::register(stream) } {
+            Ok(stream) => stream,
+            Err(error) => {
+                return tracing::warn!(%error, "a Redis protocol connection could not be served");
+            }
+        };
         let Ok(_client) = self.clients.clone().try_acquire_owned() else {
-            let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+            let _ = write_all(&stream, b"-ERR max number of clients reached\r\n").await;
             return;
         };
-        let _ = stream.set_nodelay(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut session = commands::Session::new(id);
-        if let Err(error) = self.run(&mut stream, &mut session).await {
+        if let Err(error) = self.run(&stream, &mut session).await {
             tracing::debug!(%peer, %error, "a state store Redis connection ended");
         }
     }
 
     /// Reads, runs and answers commands until the client quits or breaks the protocol.
-    async fn run<'s>(&'s self, stream: &mut TcpStream, session: &mut commands::Session<'s>) -> std::io::Result<()> {
-        let mut buf = BytesMut::with_capacity(16 << 10);
+    async fn run<'s>(&'s self, stream: &Socket, session: &mut commands::Session<'s>) -> std::io::Result<()> {
+        let mut buf = BytesMut::with_capacity(READ_ROOM);
         let mut out = Out::default();
         let mut room: Option<OwnedSemaphorePermit> = None;
         loop {
@@ -191,16 +203,16 @@ impl Server {
                 }
             }
             write(stream, &mut out).await?;
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(16 << 10);
+            if buf.capacity() - buf.len() < READ_ROOM / 4 {
+                buf.reserve(READ_ROOM);
             }
             let read = if session.auth.is_none() || !buf.is_empty() {
-                match tokio::time::timeout(STALL, stream.read_buf(&mut buf)).await {
+                match tokio::time::timeout(STALL, read(stream, &mut buf)).await {
                     Ok(read) => read?,
                     Err(_) => return Ok(()),
                 }
             } else {
-                stream.read_buf(&mut buf).await?
+                read(stream, &mut buf).await?
             };
             if read == 0 {
                 return Ok(());
@@ -248,10 +260,7 @@ fn event_loop(index: usize) -> tokio::sync::mpsc::UnboundedSender<Handoff> {
         };
         runtime.block_on(async move {
             while let Some((server, stream, peer)) = connections.recv().await {
-                match TcpStream::from_std(stream) {
-                    Ok(stream) => drop(tokio::spawn(server.connection(stream, peer))),
-                    Err(error) => tracing::warn!(%error, "a Redis protocol connection could not be served"),
-                }
+                drop(tokio::spawn(server.connection(stream, peer)));
             }
         });
     });
@@ -261,9 +270,60 @@ fn event_loop(index: usize) -> tokio::sync::mpsc::UnboundedSender<Handoff> {
     sender
 }
 
-async fn write(stream: &mut TcpStream, out: &mut Out) -> std::io::Result<()> {
+/// A connection's socket, read and written as the event loop finds it ready.
+type Socket = AsyncFd<std::net::TcpStream>;
+
+/// Reads what the socket holds into `buf`'s spare room (0: the client closed). A read that
+/// does not fill the room has drained the socket, so readiness is cleared at once instead of
+/// by one more read that would fail: one system call fewer per request, as Redis's own loop.
+async fn read(stream: &Socket, buf: &mut BytesMut) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    loop {
+        let mut ready = stream.readable().await?;
+        let room = buf.chunk_mut();
+        let capacity = room.len();
+        // SAFETY: reads at most `capacity` bytes into `buf`'s spare room, and only the bytes
+        // the kernel wrote are then counted as initialized.
+        let read = unsafe { libc::read(stream.get_ref().as_raw_fd(), room.as_mut_ptr().cast(), capacity) };
+        if read < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::WouldBlock {
+                ready.clear_ready();
+                continue;
+            }
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        let read = read as usize;
+        // SAFETY: the kernel initialized `read` bytes of the spare room.
+        unsafe { buf.advance_mut(read) };
+        if read < capacity {
+            ready.clear_ready();
+        }
+        return Ok(read);
+    }
+}
+
+async fn write_all(stream: &Socket, mut data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    while !data.is_empty() {
+        let mut ready = stream.writable().await?;
+        match ready.try_io(|socket| socket.get_ref().write(data)) {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(written)) => data = &data[written..],
+            Ok(Err(error)) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(Err(error)) => return Err(error),
+            Err(_would_block) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn write(stream: &Socket, out: &mut Out) -> std::io::Result<()> {
     for chunk in out.take() {
-        stream.write_all(&chunk).await?;
+        write_all(stream, &chunk).await?;
     }
     Ok(())
 }

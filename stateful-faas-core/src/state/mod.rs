@@ -757,28 +757,49 @@ impl StateStore {
         key: &ObjectKey,
         decide: impl FnOnce(Option<Current<'_>>, u64) -> (Change, T),
     ) -> Result<T, StateError> {
-        let tenant = &handle.tenant;
+        self.with_state(&handle.state, |state, now| self.change(&handle.tenant, state, now, key, decide))
+    }
+
+    /// [`StateStore::modify`] for each key in turn, in one step (Redis's `MGET`, `DEL`,
+    /// `EXISTS`): answers each key's `decide`, or the first refused change.
+    pub fn modify_each<T>(
+        &self,
+        handle: &TenantHandle,
+        keys: &[ObjectKey],
+        mut decide: impl FnMut(Option<Current<'_>>, u64) -> (Change, T),
+    ) -> Result<Vec<T>, StateError> {
         self.with_state(&handle.state, |state, now| {
-            let current = state.live(key).map(|object| Current {
-                value: &object.value,
-                persist: object.persist,
-                expires_at_ns: object.expires_at,
-            });
-            let (change, answer) = decide(current, now);
-            match change {
-                Change::Keep => {}
-                Change::Remove => {
-                    state.remove(key, now, &self.used);
-                }
-                Change::Put { expires_at_ns: Some(at), .. } if at <= now => {
-                    state.remove(key, now, &self.used);
-                }
-                Change::Put { value, persist, expires_at_ns } => {
-                    self.write(tenant, state, now, key, value, persist, expires_at_ns)?
-                }
-            }
-            Ok(answer)
+            keys.iter().map(|key| self.change(&handle.tenant, state, now, key, &mut decide)).collect()
         })
+    }
+
+    fn change<T>(
+        &self,
+        tenant: &TenantId,
+        state: &mut TenantState,
+        now: u64,
+        key: &ObjectKey,
+        decide: impl FnOnce(Option<Current<'_>>, u64) -> (Change, T),
+    ) -> Result<T, StateError> {
+        let current = state.live(key).map(|object| Current {
+            value: &object.value,
+            persist: object.persist,
+            expires_at_ns: object.expires_at,
+        });
+        let (change, answer) = decide(current, now);
+        match change {
+            Change::Keep => {}
+            Change::Remove => {
+                state.remove(key, now, &self.used);
+            }
+            Change::Put { expires_at_ns: Some(at), .. } if at <= now => {
+                state.remove(key, now, &self.used);
+            }
+            Change::Put { value, persist, expires_at_ns } => {
+                self.write(tenant, state, now, key, value, persist, expires_at_ns)?
+            }
+        }
+        Ok(answer)
     }
 
     /// Up to about `count` of a tenant's objects from `cursor` on (0 to start), those `keep`
