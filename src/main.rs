@@ -395,7 +395,7 @@ struct ServeArgs {
     /// host at port 6380, or any free port when the gateway's port is 0.
     #[arg(long, env = "SFAAS_STATE_REDIS_ADDR", value_parser = parse_redis_addr)]
     state_redis_addr: Option<RedisAddr>,
-    /// Threads serving the Redis protocol, each an event loop of its own (default: one per core).
+    /// Threads serving the Redis protocol, each an event loop of its own (default: half the cores, at least one).
     #[arg(long, env = "SFAAS_STATE_REDIS_THREADS")]
     state_redis_threads: Option<usize>,
     /// Connections the Redis protocol listener holds at once (Redis's `maxclients`).
@@ -600,6 +600,12 @@ impl ServeArgs {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // No transparent huge pages: mimalloc asks for them on its arenas and returns freed memory
+    // to the kernel after 10 ms, so memory that churns (request bodies, state values) came back
+    // as fresh 2 MiB pages that the kernel zeroes on each first touch: half the CPU of the
+    // state store's HTTP benchmark went there (docs/decisions.md). Redis advises the same.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     // Workers look for new I/O every 7 task polls (tokio's default is 61): under load, a new
     // request is then noticed after a few of the tasks queued before it, not after dozens,
     // which is what keeps one tenant's burst of calls from delaying another's.

@@ -161,6 +161,12 @@ async fn redis_cli_authenticates_pipelines_and_is_refused_as_redis_refuses() {
         assert_eq!(cli(&core, None, &["HELLO", "4"], b"").trim(), "NOPROTO unsupported protocol version");
         let hello = cli(&core, None, &["HELLO", "3", "AUTH", "acme", &acme.ingest], b"");
         assert!(hello.lines().any(|line| line == "proto 3"), "{hello}");
+        assert!(cli(&core, ingest, &["COMMAND", "DOCS", "getdel"], b"").contains("delete after read"));
+        assert_eq!(
+            cli(&core, ingest, &["CONFIG", "GET", "maxmemory-policy"], b"").trim(),
+            "maxmemory-policy\nnoeviction"
+        );
+        assert!(cli(&core, ingest, &["CONFIG", "SET", "maxmemory", "1"], b"").contains("only CONFIG GET"));
         // The shell function example's -x: a binary-safe value from stdin.
         assert_eq!(cli(&core, ingest, &["-x", "SET", "bin"], b"a\r\nb\x00c").trim(), "OK");
         assert_eq!(cli(&core, ingest, &["STRLEN", "bin"], b"").trim(), "6");
@@ -204,6 +210,10 @@ async fn broken_and_oversized_requests_are_refused_and_cost_nothing() {
     assert!(answer.starts_with("-ERR Protocol error: expected '$'"), "{answer}");
     let answer = exchange(true, b"*1\r\n$3\r\nGETX\r\n".to_vec()).await;
     assert!(answer.starts_with("-ERR Protocol error: expected '\\r\\n'"), "{answer}");
+    // RESET forgets the login; QUIT answers and closes.
+    let answer =
+        exchange(true, b"*1\r\n$5\r\nRESET\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nQUIT\r\n".to_vec()).await;
+    assert_eq!(answer, "+RESET\r\n-NOAUTH Authentication required.\r\n+OK\r\n");
     // Commands before the broken one were run.
     let answer = exchange(true, b"*3\r\n$3\r\nSET\r\n$2\r\nok\r\n$1\r\n1\r\n*x\r\n".to_vec()).await;
     assert!(answer.starts_with("+OK\r\n-ERR Protocol error"), "{answer}");
@@ -357,6 +367,18 @@ async fn functions_use_redis_clients_with_their_invocations_token() {
     core.deploy(&acme, json!({"service": "probe", "envProcess": probe})).await;
     let answers = core.invoke(&acme.ingest, "probe", "").await.text().await.unwrap();
     assert_eq!(answers.split_whitespace().collect::<Vec<_>>(), ["NOPERM", "NOPERM", "OK"], "{answers}");
+
+    // In a flow run, the run's job is the function's own: it reads and writes it by key prefix.
+    let jobber = r#"cli() { redis-cli --no-auth-warning -u "$SFAAS_STATE_REDIS_URL" "$@"; }
+        cli SET "{job:$SFAAS_JOB}scratch/x" from-the-run >/dev/null; cli GET "{job:$SFAAS_JOB}scratch/x""#;
+    core.deploy(&acme, json!({"service": "jobber", "envProcess": jobber})).await;
+    let flow = "name: uses-its-job\nnodes:\n  only: {function: jobber}\n";
+    let deployed = core.http.post(format!("{}/system/flows", core.url)).bearer_auth(&acme.ingest).body(flow).send();
+    assert!(deployed.await.unwrap().status().is_success());
+    let run = core.http.post(format!("{}/flow/uses-its-job", core.url)).bearer_auth(&acme.ingest).body("").send();
+    let run = run.await.unwrap();
+    assert_eq!(run.status(), 200);
+    assert_eq!(run.text().await.unwrap().trim(), "from-the-run");
 
     // Afterwards its token is worth nothing.
     core.deploy(&acme, json!({"service": "leak", "envProcess": "printf %s \"$SFAAS_STATE_REDIS_URL\""})).await;

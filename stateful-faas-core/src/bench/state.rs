@@ -162,6 +162,22 @@ struct Resp {
     ops_per_second: f64,
     p50: Duration,
     p99: Duration,
+    /// The server's CPU time (user and system) per request: steadier than throughput on a
+    /// machine the client shares.
+    cpu_per_request: Duration,
+}
+
+/// CPU time (user and system) a process has used so far.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command's closing parenthesis; utime and stime are 14th and 15th.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    let ticks = field(11).zip(field(12)).map(|(user, system)| user + system);
+    let ticks = ticks.ok_or_else(|| anyhow::anyhow!("no CPU times in /proc/{pid}/stat"))?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos(ticks * 1_000_000_000 / per_second))
 }
 
 /// `redis-benchmark` against a real `redis-server` and against our listener, in turn, for
@@ -182,6 +198,7 @@ async fn resp_matrix(operations: usize) -> anyhow::Result<Vec<Resp>> {
     .await?;
     let ours = core.running.state_redis_addr.ok_or_else(|| anyhow::anyhow!("the core serves no Redis protocol"))?;
     let token = core.credentials.ingest_token.clone();
+    let redis_pid = redis.id();
     let result = tokio::task::spawn_blocking(move || {
         let ready = (0..100).any(|_| {
             std::thread::sleep(Duration::from_millis(20));
@@ -198,16 +215,22 @@ async fn resp_matrix(operations: usize) -> anyhow::Result<Vec<Resp>> {
                     let n = match (size > 4096, pipeline > 1) {
                         (false, false) => operations,
                         (false, true) => operations * 5,
-                        (true, _) => (operations / 20).max(200),
+                        // 1 MiB values: MSET and MGET move 10 MiB a request.
+                        (true, _) => 500,
                     };
                     // Small runs are short and noisy: three rounds, the two servers in turn, and
                     // the median of each.
                     let rounds = if size > 4096 { 1 } else { 3 };
-                    for (round, (server, target, auth)) in (0..rounds)
+                    for (round, (server, target, auth, pid)) in (0..rounds)
                         .flat_map(|_| {
                             [
-                                ("Redis", ("127.0.0.1".to_string(), port), None),
-                                ("sfaas", (ours.ip().to_string(), ours.port()), Some(("bench", token.as_str()))),
+                                ("Redis", ("127.0.0.1".to_string(), port), None, redis_pid),
+                                (
+                                    "sfaas",
+                                    (ours.ip().to_string(), ours.port()),
+                                    Some(("bench", token.as_str())),
+                                    std::process::id(),
+                                ),
                             ]
                         })
                         .enumerate()
@@ -216,22 +239,29 @@ async fn resp_matrix(operations: usize) -> anyhow::Result<Vec<Resp>> {
                             "bench state: redis-benchmark against {server}, {size} B, {clients} clients, pipeline {pipeline}, {n} requests, round {}",
                             round / 2 + 1
                         );
-                        let run = |extra: &[&str]| benchmark(&target, auth, size, clients, pipeline, n, extra);
-                        let mut rows = parse_csv(&run(&["-t", "set,get,incr,mset"])?)?;
+                        // One test a run, so that the server's CPU time is the test's.
                         // redis-benchmark has no MGET test: ten keys, the one its SET test wrote.
                         let mut mget = vec!["MGET"];
                         mget.extend(["key:__rand_int__"; 10]);
-                        rows.extend(parse_csv(&run(&mget)?)?);
-                        all.extend(rows.into_iter().map(|(test, ops_per_second, p50, p99)| Resp {
-                            server,
-                            test,
-                            size,
-                            clients,
-                            pipeline,
-                            ops_per_second,
-                            p50,
-                            p99,
-                        }));
+                        let tests: [&[&str]; 5] =
+                            [&["-t", "set"], &["-t", "get"], &["-t", "incr"], &["-t", "mset"], &mget];
+                        // INCR does not depend on -d: measured with the small values only.
+                        for test in tests.into_iter().filter(|t| size <= 4096 || t[1] != "incr") {
+                            let before = cpu_time(pid)?;
+                            let csv = benchmark(&target, auth, size, clients, pipeline, n, test)?;
+                            let cpu_per_request = (cpu_time(pid)? - before) / n as u32;
+                            all.extend(parse_csv(&csv)?.into_iter().map(|(test, ops_per_second, p50, p99)| Resp {
+                                server,
+                                test,
+                                size,
+                                clients,
+                                pipeline,
+                                ops_per_second,
+                                p50,
+                                p99,
+                                cpu_per_request,
+                            }));
+                        }
                     }
                 }
             }
@@ -342,9 +372,9 @@ fn render(rows: &[Row], resp: &[Resp], concurrency: usize) -> String {
     let _ = writeln!(out, "redis-benchmark against Redis and against the state store's Redis protocol listener:\n");
     let _ = writeln!(
         out,
-        "| test | value | clients | pipeline | Redis ops/s | sfaas ops/s | ratio | Redis p50 / p99 | sfaas p50 / p99 |"
+        "| test | value | clients | pipeline | Redis ops/s | sfaas ops/s | ratio | Redis p50 / p99 | sfaas p50 / p99 | server CPU per request, Redis / sfaas |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for theirs in resp.iter().filter(|r| r.server == "Redis") {
         let same = |r: &&Resp| {
             r.server == "sfaas"
@@ -354,7 +384,7 @@ fn render(rows: &[Row], resp: &[Resp], concurrency: usize) -> String {
         let Some(ours) = resp.iter().find(same) else { continue };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} / {} | {} / {} |",
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {} / {} | {} / {} | {} / {} |",
             theirs.test,
             size_text(theirs.size),
             theirs.clients,
@@ -365,7 +395,9 @@ fn render(rows: &[Row], resp: &[Resp], concurrency: usize) -> String {
             latency(theirs.p50),
             latency(theirs.p99),
             latency(ours.p50),
-            latency(ours.p99)
+            latency(ours.p99),
+            us(theirs.cpu_per_request),
+            us(ours.cpu_per_request)
         );
     }
     let _ = writeln!(out);

@@ -160,14 +160,11 @@ pub const COMMANDS: &[Spec] = &[
 ];
 
 fn find(name: &[u8]) -> Option<&'static Spec> {
-    static BY_NAME: std::sync::OnceLock<std::collections::HashMap<&'static [u8], &'static Spec>> =
-        std::sync::OnceLock::new();
-    let by_name = BY_NAME.get_or_init(|| COMMANDS.iter().map(|spec| (spec.name.as_bytes(), spec)).collect());
     let mut lower = [0u8; 24];
     let lower = lower.get_mut(..name.len())?;
     lower.copy_from_slice(name);
     lower.make_ascii_lowercase();
-    by_name.get(&lower[..]).copied()
+    COMMANDS.iter().find(|spec| spec.name.len() == lower.len() && spec.name.as_bytes() == lower)
 }
 
 /// A command's failure, as a reply line (`ERR …`, `WRONGPASS …`, …).

@@ -43,14 +43,15 @@ pub struct RedisConfig {
     /// Connections one tenant may have authenticated at once.
     pub max_clients_per_tenant: usize,
     /// Threads serving connections, each a single-threaded event loop as Redis's own (a
-    /// connection stays on one, so serving it never wakes another thread); default: one per core.
+    /// connection stays on one, so serving it never wakes another thread); default: half the
+    /// cores, at least one (the others run functions, the gateway and the collector).
     pub threads: usize,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self { max_clients: 10_000, max_clients_per_tenant: 1_000, threads: cores }
+        Self { max_clients: 10_000, max_clients_per_tenant: 1_000, threads: (cores / 2).max(1) }
     }
 }
 
@@ -189,11 +190,12 @@ impl Server {
                     continue;
                 }
                 Ok(Parse::Incomplete(needed)) => {
-                    if needed > buf.capacity() {
-                        buf.reserve(needed - buf.len());
-                    }
+                    // Room first: the buffer grows only within the shared bound.
                     if needed >= LARGE_COMMAND {
                         room = Some(self.hold_room(room.take(), needed).await);
+                    }
+                    if needed > buf.capacity() {
+                        buf.reserve(needed - buf.len());
                     }
                 }
                 Err(error) => {

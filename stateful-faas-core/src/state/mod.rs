@@ -163,7 +163,11 @@ impl ObjectKey {
 }
 
 fn check_part(what: &'static str, value: &str) -> Result<(), StateError> {
-    if value.is_empty() || value.len() > 255 || value.contains('/') || value.chars().any(char::is_control) {
+    let control = |value: &str| match value.is_ascii() {
+        true => value.bytes().any(|b| b.is_ascii_control()),
+        false => value.chars().any(char::is_control),
+    };
+    if value.is_empty() || value.len() > 255 || value.contains('/') || control(value) {
         return Err(StateError::InvalidName { what, value: value.to_string() });
     }
     Ok(())
@@ -308,11 +312,12 @@ struct Object {
 
 #[derive(Default)]
 struct TenantState {
-    objects: HashMap<ObjectKey, Object>,
-    expiries: BTreeSet<(u64, ObjectKey)>,
+    /// Each address is allocated once and shared by the indexes below.
+    objects: HashMap<Arc<ObjectKey>, Object>,
+    expiries: BTreeSet<(u64, Arc<ObjectKey>)>,
     /// Every object's address by [`scan_hash`], so that [`StateStore::scan`] resumes from a
     /// cursor that stays valid while objects come and go.
-    by_hash: BTreeSet<(u64, ObjectKey)>,
+    by_hash: BTreeSet<(u64, Arc<ObjectKey>)>,
     jobs: HashMap<String, Job>,
     standing: Account,
     /// Byte-seconds of jobs already deregistered.
@@ -392,11 +397,11 @@ impl TenantState {
 
     /// Removes an object, counting it up to `at`.
     fn remove(&mut self, key: &ObjectKey, at: u64, used: &AtomicU64) -> Option<Object> {
-        let object = self.objects.remove(key)?;
+        let (key, object) = self.objects.remove_entry(key)?;
         if let Some(expires_at) = object.expires_at {
             self.expiries.remove(&(expires_at, key.clone()));
         }
-        self.by_hash.remove(&(scan_hash(key), key.clone()));
+        self.by_hash.remove(&(scan_hash(&key), key.clone()));
         let size = object.value.len() as u64;
         let since = object.counted_since;
         self.account(&key.job, object.in_job).close(size, since, at);
@@ -426,10 +431,15 @@ impl TenantState {
         let replaced = match self.objects.get_mut(key) {
             Some(slot) => Some(std::mem::replace(slot, object)),
             None => {
-                self.by_hash.insert((scan_hash(key), key.clone()));
-                self.objects.insert(key.clone(), object);
+                let shared = Arc::new(key.clone());
+                self.by_hash.insert((scan_hash(key), shared.clone()));
+                self.objects.insert(shared, object);
                 None
             }
+        };
+        // The expiry index shares the map's address (looked up only when there is an expiry).
+        let shared = |objects: &HashMap<Arc<ObjectKey>, Object>| {
+            objects.get_key_value(key).map(|(shared, _)| shared.clone()).expect("stored above")
         };
         if let Some(old) = replaced {
             let old_size = old.value.len() as u64;
@@ -441,14 +451,14 @@ impl TenantState {
             if let Some(at) = old.expires_at
                 && Some(at) != expires_at
             {
-                self.expiries.remove(&(at, key.clone()));
+                self.expiries.remove(&(at, shared(&self.objects)));
             }
         }
         self.account(&key.job, in_job).open(size, now);
         self.bytes += size;
         self.held += held;
         if let Some(at) = expires_at {
-            self.expiries.insert((at, key.clone()));
+            self.expiries.insert((at, shared(&self.objects)));
         }
     }
 
@@ -583,7 +593,7 @@ impl StateStore {
             if !state.jobs.contains_key(job) {
                 return Err(StateError::JobNotRegistered(job.to_string()));
             }
-            let keys: Vec<ObjectKey> = state
+            let keys: Vec<Arc<ObjectKey>> = state
                 .objects
                 .iter()
                 .filter(|(key, object)| object.in_job && key.job.as_deref() == Some(job))
@@ -649,8 +659,11 @@ impl StateStore {
 
     /// Whether the tenant's quota admits holding `held` more bytes in place of `replaced`.
     fn admit(&self, tenant: &TenantId, state: &TenantState, held: u64, replaced: u64) -> Result<(), StateError> {
+        if held <= replaced {
+            return Ok(());
+        }
         let quota = self.quota_of(tenant);
-        if held > replaced && state.held - replaced + held > quota {
+        if state.held - replaced + held > quota {
             return Err(StateError::QuotaExceeded {
                 tenant: tenant.to_string(),
                 used: state.held,
@@ -693,11 +706,13 @@ impl StateStore {
     pub fn put(&self, tenant: &TenantId, key: ObjectKey, value: Bytes, options: PutOptions) -> Result<(), StateError> {
         self.with_tenant(tenant, |state, now| {
             let expires_at = options.ttl.map(|ttl| now.saturating_add(ttl.as_nanos() as u64));
-            self.write(tenant, state, now, &key, value, options.persist, expires_at)
+            let replaced = state.live(&key).map_or(0, |object| key.held(object.value.len() as u64));
+            self.write(tenant, state, now, &key, value, options.persist, expires_at, replaced)
         })
     }
 
-    /// Checks, reserves and applies one write at `now`.
+    /// Checks, reserves and applies one write at `now`, in place of an object that holds
+    /// `replaced` bytes (0: none).
     #[allow(clippy::too_many_arguments)]
     fn write(
         &self,
@@ -708,9 +723,11 @@ impl StateStore {
         value: Bytes,
         persist: bool,
         expires_at: Option<u64>,
+        replaced: u64,
     ) -> Result<(), StateError> {
         self.check_write(state, key, &value)?;
-        let (held, replaced) = self.quota(tenant, state, key, value.len() as u64)?;
+        let held = key.held(value.len() as u64);
+        self.admit(tenant, state, held, replaced)?;
         self.reserve(held, replaced)?;
         state.apply(now, key, value, persist, expires_at, held, &self.used);
         Ok(())
@@ -786,6 +803,7 @@ impl StateStore {
             persist: object.persist,
             expires_at_ns: object.expires_at,
         });
+        let replaced = current.map_or(0, |c| key.held(c.value.len() as u64));
         let (change, answer) = decide(current, now);
         match change {
             Change::Keep => {}
@@ -796,7 +814,7 @@ impl StateStore {
                 state.remove(key, now, &self.used);
             }
             Change::Put { value, persist, expires_at_ns } => {
-                self.write(tenant, state, now, key, value, persist, expires_at_ns)?
+                self.write(tenant, state, now, key, value, persist, expires_at_ns, replaced)?
             }
         }
         Ok(answer)
@@ -814,7 +832,7 @@ impl StateStore {
         mut keep: impl FnMut(&ObjectKey) -> bool,
     ) -> (u64, Vec<ObjectKey>) {
         self.with_state(&handle.state, |state, _| {
-            let start = (cursor, ObjectKey { job: None, bucket: String::new(), key: String::new() });
+            let start = (cursor, Arc::new(ObjectKey { job: None, bucket: String::new(), key: String::new() }));
             let mut found = Vec::new();
             let mut last = None;
             for (visited, (hash, key)) in state.by_hash.range(start..).enumerate() {
@@ -824,7 +842,7 @@ impl StateStore {
                 }
                 last = Some(*hash);
                 if keep(key) {
-                    found.push(key.clone());
+                    found.push(ObjectKey::clone(key));
                 }
             }
             (0, found)
