@@ -20,7 +20,7 @@ fn start_core(data_dir: &Path) -> (Child, String) {
         data_dir,
     );
     let keys: Vec<_> = addresses.as_object().unwrap().keys().cloned().collect();
-    assert_eq!(keys, vec!["gateway"], "only running components are listed");
+    assert_eq!(keys, vec!["gateway", "state_redis"], "only running components are listed");
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(data_dir.join("addresses.json")).unwrap()).unwrap();
     assert_eq!(written, addresses);
