@@ -50,3 +50,29 @@ pub fn stream_records(data: &[u8]) {
     let _ = stream::split(stream::Format::JsonLines, body.clone());
     let _ = stream::split(stream::Format::Csv { header: bytes::Bytes::new() }, body);
 }
+
+/// A connection's bytes as the state store's Redis protocol listener reads them: commands are
+/// taken while whole, each takes at least a byte, and every argument is tried as a key and as
+/// a `MATCH` pattern.
+pub fn resp(data: &[u8]) {
+    use crate::redis::resp::{Limits, Parse, parse};
+    let limits = Limits { max_args: 64, max_bulk: 4096, max_command: 8192 };
+    let mut buf = bytes::BytesMut::from(data);
+    loop {
+        let before = buf.len();
+        match parse(&mut buf, &limits) {
+            Ok(Parse::Command(args)) => {
+                assert!(buf.len() < before, "a command took no bytes");
+                for arg in &args {
+                    let _ = crate::redis::commands::parse_key(arg);
+                    crate::redis::glob::matches(arg, &args[0]);
+                }
+            }
+            Ok(Parse::Incomplete(needed)) => {
+                assert!(needed > buf.len(), "incomplete, yet {needed} bytes are there");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}

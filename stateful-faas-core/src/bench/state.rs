@@ -184,7 +184,14 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
 /// every combination of value size, clients and pipelining.
 async fn resp_matrix(operations: usize) -> anyhow::Result<Vec<Resp>> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut redis = Command::new("redis-server")
+    // With two cores or more, each server gets a core of its own and the client another, so
+    // that neither is preempted by the other (the servers are measured in turn).
+    let pinned = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    let mut redis = if pinned { Command::new("taskset") } else { Command::new("redis-server") };
+    if pinned {
+        redis.args(["-c", "1", "redis-server"]);
+    }
+    let mut redis = redis
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -194,9 +201,14 @@ async fn resp_matrix(operations: usize) -> anyhow::Result<Vec<Resp>> {
         config.state.max_value_bytes = 1 << 30;
         config.state.tenant_quota_bytes = 64 << 30;
         config.state.total_budget_bytes = 64 << 30;
+        // One event loop, as Redis has one thread.
+        config.state_redis.threads = 1;
     })
     .await?;
     let ours = core.running.state_redis_addr.ok_or_else(|| anyhow::anyhow!("the core serves no Redis protocol"))?;
+    if pinned {
+        pin_event_loop(ours)?;
+    }
     let token = core.credentials.ingest_token.clone();
     let redis_pid = redis.id();
     let result = tokio::task::spawn_blocking(move || {
@@ -300,7 +312,34 @@ fn medians(mut all: Vec<Resp>) -> Vec<Resp> {
     medians
 }
 
-/// Runs `redis-benchmark --csv` and answers its output.
+/// Pins the listener's event loop thread to core 1, where Redis runs: it starts with the first
+/// connection, made here.
+fn pin_event_loop(address: std::net::SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut connection = std::net::TcpStream::connect(address)?;
+    connection.write_all(b"PING\r\n")?;
+    let mut pong = [0u8; 7];
+    connection.read_exact(&mut pong)?;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let task = task?;
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if name.trim() != "sfaas-redis-0" {
+            continue;
+        }
+        let tid: libc::pid_t = task.file_name().to_string_lossy().parse()?;
+        // SAFETY: a CPU set built with the libc macros, for a thread of this process.
+        let pinned = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(1, &mut set);
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        anyhow::ensure!(pinned == 0, "cannot pin the event loop: {}", std::io::Error::last_os_error());
+        return Ok(());
+    }
+    anyhow::bail!("the Redis protocol event loop thread was not found")
+}
+
+/// Runs `redis-benchmark --csv` (on core 0) and answers its output.
 fn benchmark(
     (host, port): &(String, u16),
     auth: Option<(&str, &str)>,
@@ -310,8 +349,20 @@ fn benchmark(
     n: usize,
     extra: &[&str],
 ) -> anyhow::Result<String> {
-    let mut command = Command::new("redis-benchmark");
-    command.args(["-h", host, "-p", &port.to_string(), "-d", &size.to_string(), "-n", &n.to_string()]);
+    let mut command = Command::new("taskset");
+    command.args([
+        "-c",
+        "0",
+        "redis-benchmark",
+        "-h",
+        host,
+        "-p",
+        &port.to_string(),
+        "-d",
+        &size.to_string(),
+        "-n",
+        &n.to_string(),
+    ]);
     command.args(["-c", &clients.to_string(), "-P", &pipeline.to_string(), "--csv"]);
     if let Some((user, token)) = auth {
         command.args(["--user", user, "-a", token]);
