@@ -12,8 +12,11 @@ use common::{Tenant, TestCore, require_program, start};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// redis-py in a virtualenv (from PyPI).
+/// redis-py in a virtualenv (from PyPI), made once: the tests that use it run at once, and
+/// a second `venv` over a half-made one breaks both.
 fn redis_py() -> Option<PathBuf> {
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venvs/redis-py");
     let python = venv.join("bin/python");
     let ready =
