@@ -55,15 +55,17 @@ pub fn stream_records(data: &[u8]) {
 /// taken while whole, each takes at least a byte, and every argument is tried as a key and as
 /// a `MATCH` pattern.
 pub fn resp(data: &[u8]) {
-    use crate::redis::resp::{Limits, Parse, parse};
+    use crate::redis::resp::{Limits, Parse, Request, parse};
     let limits = Limits { max_args: 64, max_bulk: 4096, max_command: 8192 };
     let mut buf = bytes::BytesMut::from(data);
+    let mut request = Request::default();
     loop {
         let before = buf.len();
-        match parse(&mut buf, &limits) {
-            Ok(Parse::Command(args)) => {
+        match parse(&mut buf, &limits, &mut request) {
+            Ok(Parse::Command) => {
+                let args = &request.args;
                 assert!(buf.len() < before, "a command took no bytes");
-                for arg in &args {
+                for arg in args {
                     let _ = crate::redis::commands::parse_key(arg);
                     crate::redis::glob::matches(arg, &args[0]);
                 }

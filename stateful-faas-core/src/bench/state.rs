@@ -167,14 +167,15 @@ struct Resp {
     cpu_per_request: Duration,
 }
 
-/// CPU time (user and system) a process has used so far.
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+/// CPU time (user and system) used so far by the process or thread whose `/proc/…/stat` this
+/// is.
+fn cpu_time(stat: &str) -> anyhow::Result<Duration> {
+    let text = std::fs::read_to_string(stat)?;
     // The fields after the command's closing parenthesis; utime and stime are 14th and 15th.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let fields: Vec<&str> = text.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
     let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
     let ticks = field(11).zip(field(12)).map(|(user, system)| user + system);
-    let ticks = ticks.ok_or_else(|| anyhow::anyhow!("no CPU times in /proc/{pid}/stat"))?;
+    let ticks = ticks.ok_or_else(|| anyhow::anyhow!("no CPU times in {stat}"))?;
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Ok(Duration::from_nanos(ticks * 1_000_000_000 / per_second))
@@ -206,11 +207,10 @@ async fn resp_matrix(operations: usize) -> anyhow::Result<Vec<Resp>> {
     })
     .await?;
     let ours = core.running.state_redis_addr.ok_or_else(|| anyhow::anyhow!("the core serves no Redis protocol"))?;
-    if pinned {
-        pin_event_loop(ours)?;
-    }
+    // Our server's CPU is its event loop thread's (the bench's own threads share the process).
+    let event_loop = event_loop_thread(ours, pinned)?;
     let token = core.credentials.ingest_token.clone();
-    let redis_pid = redis.id();
+    let redis_stat = format!("/proc/{}/stat", redis.id());
     let result = tokio::task::spawn_blocking(move || {
         let ready = (0..100).any(|_| {
             std::thread::sleep(Duration::from_millis(20));
@@ -233,15 +233,15 @@ async fn resp_matrix(operations: usize) -> anyhow::Result<Vec<Resp>> {
                     // Small runs are short and noisy: three rounds, the two servers in turn, and
                     // the median of each.
                     let rounds = if size > 4096 { 1 } else { 3 };
-                    for (round, (server, target, auth, pid)) in (0..rounds)
+                    for (round, (server, target, auth, stat)) in (0..rounds)
                         .flat_map(|_| {
                             [
-                                ("Redis", ("127.0.0.1".to_string(), port), None, redis_pid),
+                                ("Redis", ("127.0.0.1".to_string(), port), None, &redis_stat),
                                 (
                                     "sfaas",
                                     (ours.ip().to_string(), ours.port()),
                                     Some(("bench", token.as_str())),
-                                    std::process::id(),
+                                    &event_loop,
                                 ),
                             ]
                         })
@@ -259,9 +259,9 @@ async fn resp_matrix(operations: usize) -> anyhow::Result<Vec<Resp>> {
                             [&["-t", "set"], &["-t", "get"], &["-t", "incr"], &["-t", "mset"], &mget];
                         // INCR does not depend on -d: measured with the small values only.
                         for test in tests.into_iter().filter(|t| size <= 4096 || t[1] != "incr") {
-                            let before = cpu_time(pid)?;
+                            let before = cpu_time(stat)?;
                             let csv = benchmark(&target, auth, size, clients, pipeline, n, test)?;
-                            let cpu_per_request = (cpu_time(pid)? - before) / n as u32;
+                            let cpu_per_request = (cpu_time(stat)? - before) / n as u32;
                             all.extend(parse_csv(&csv)?.into_iter().map(|(test, ops_per_second, p50, p99)| Resp {
                                 server,
                                 test,
@@ -312,9 +312,9 @@ fn medians(mut all: Vec<Resp>) -> Vec<Resp> {
     medians
 }
 
-/// Pins the listener's event loop thread to core 1, where Redis runs: it starts with the first
-/// connection, made here.
-fn pin_event_loop(address: std::net::SocketAddr) -> anyhow::Result<()> {
+/// The `/proc/…/stat` of the listener's event loop thread (it starts with the first connection,
+/// made here); `pin`: the thread is pinned to core 1, where Redis runs.
+fn event_loop_thread(address: std::net::SocketAddr, pin: bool) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let mut connection = std::net::TcpStream::connect(address)?;
     connection.write_all(b"PING\r\n")?;
@@ -327,14 +327,16 @@ fn pin_event_loop(address: std::net::SocketAddr) -> anyhow::Result<()> {
             continue;
         }
         let tid: libc::pid_t = task.file_name().to_string_lossy().parse()?;
-        // SAFETY: a CPU set built with the libc macros, for a thread of this process.
-        let pinned = unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(1, &mut set);
-            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
-        };
-        anyhow::ensure!(pinned == 0, "cannot pin the event loop: {}", std::io::Error::last_os_error());
-        return Ok(());
+        if pin {
+            // SAFETY: a CPU set built with the libc macros, for a thread of this process.
+            let pinned = unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(1, &mut set);
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+            };
+            anyhow::ensure!(pinned == 0, "cannot pin the event loop: {}", std::io::Error::last_os_error());
+        }
+        return Ok(format!("/proc/self/task/{tid}/stat"));
     }
     anyhow::bail!("the Redis protocol event loop thread was not found")
 }

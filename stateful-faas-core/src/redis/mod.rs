@@ -33,7 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::state::StateStore;
 use crate::tenant::{TenantId, TenantStore};
-use resp::{Limits, Out, Parse};
+use resp::{Limits, Out, Parse, Request};
 
 /// Limits of the listener.
 #[derive(Debug, Clone)]
@@ -170,17 +170,20 @@ impl Server {
     /// Reads, runs and answers commands until the client quits or breaks the protocol.
     async fn run<'s>(&'s self, stream: &Socket, session: &mut commands::Session<'s>) -> std::io::Result<()> {
         let mut buf = BytesMut::with_capacity(READ_ROOM);
+        let mut request = Request::default();
         let mut out = Out::default();
         let mut room: Option<OwnedSemaphorePermit> = None;
         loop {
             let limits = if session.auth.is_some() { self.limits } else { UNAUTHENTICATED };
-            match resp::parse(&mut buf, &limits) {
-                Ok(Parse::Command(args)) => {
+            match resp::parse(&mut buf, &limits, &mut request) {
+                Ok(Parse::Command) => {
                     room = None;
-                    if args.is_empty() {
+                    if request.args.is_empty() {
                         continue;
                     }
-                    let quit = commands::run(self, session, &args, &mut out);
+                    let quit = commands::run(self, session, &request.args, &mut out);
+                    // The arguments are slices of the read buffer: let go of it at once.
+                    request.args.clear();
                     if quit || out.len() >= 1 << 20 {
                         write(stream, &mut out).await?;
                     }

@@ -23,8 +23,9 @@ const MAX_HEADER: usize = 32;
 /// What the buffer holds next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parse {
-    /// A whole command (empty for an empty inline line or `*0`), now taken from the buffer.
-    Command(Vec<Bytes>),
+    /// A whole command, now taken from the buffer into [`Request::args`] (empty for an empty
+    /// inline line or `*0`).
+    Command,
     /// Not yet a whole command: at least this many bytes from the buffer's start are needed.
     Incomplete(usize),
 }
@@ -39,12 +40,22 @@ fn protocol(message: impl Into<String>) -> ProtocolError {
     ProtocolError(message.into())
 }
 
-/// Takes the next command from `buf`, if it is whole.
-pub fn parse(buf: &mut BytesMut, limits: &Limits) -> Result<Parse, ProtocolError> {
+/// A connection's last command, in allocations reused from one command to the next.
+#[derive(Debug, Default)]
+pub struct Request {
+    /// The command's name and arguments, each a slice of the connection's buffer.
+    pub args: Vec<Bytes>,
+    /// Where each argument is in the command's frame, while it is parsed.
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+/// Takes the next command from `buf` into `request`, if it is whole.
+pub fn parse(buf: &mut BytesMut, limits: &Limits, request: &mut Request) -> Result<Parse, ProtocolError> {
+    request.args.clear();
     match buf.first() {
         None => Ok(Parse::Incomplete(1)),
-        Some(b'*') => parse_array(buf, limits),
-        Some(_) => parse_inline(buf, limits),
+        Some(b'*') => parse_array(buf, limits, request),
+        Some(_) => parse_inline(buf, limits, &mut request.args),
     }
 }
 
@@ -60,21 +71,41 @@ fn header(buf: &[u8], at: usize) -> Result<Option<(i64, usize)>, ProtocolError> 
     if rest[cr + 1] != b'\n' {
         return Err(protocol("expected '\\n' after '\\r'"));
     }
-    let text = std::str::from_utf8(&rest[..cr]).map_err(|_| protocol("invalid length"))?;
-    let value = text.parse::<i64>().map_err(|_| protocol("invalid length"))?;
+    let value = integer(&rest[..cr]).ok_or_else(|| protocol("invalid length"))?;
     Ok(Some((value, at + cr + 2)))
 }
 
-fn parse_array(buf: &mut BytesMut, limits: &Limits) -> Result<Parse, ProtocolError> {
+/// A header's decimal integer: an optional `-` and at least one digit, nothing else.
+fn integer(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', digits)) => (true, digits),
+        _ => (false, text),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut value: i64 = 0;
+    for digit in digits {
+        let digit = digit.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value = value.checked_mul(10)?.checked_add(digit as i64)?;
+    }
+    Some(if negative { -value } else { value })
+}
+
+fn parse_array(buf: &mut BytesMut, limits: &Limits, request: &mut Request) -> Result<Parse, ProtocolError> {
     let Some((count, mut at)) = header(buf, 1)? else { return Ok(Parse::Incomplete(buf.len() + 1)) };
     if count <= 0 {
         let _ = buf.split_to(at);
-        return Ok(Parse::Command(Vec::new()));
+        return Ok(Parse::Command);
     }
     if count as u64 > limits.max_args as u64 {
         return Err(protocol(format!("invalid multibulk length ({count} arguments; at most {})", limits.max_args)));
     }
-    let mut spans = Vec::with_capacity(count as usize);
+    let spans = &mut request.spans;
+    spans.clear();
     for _ in 0..count {
         match buf.get(at) {
             None => return Ok(Parse::Incomplete(at + 1)),
@@ -105,10 +136,11 @@ fn parse_array(buf: &mut BytesMut, limits: &Limits) -> Result<Parse, ProtocolErr
         at = end;
     }
     let frame = buf.split_to(at).freeze();
-    Ok(Parse::Command(spans.into_iter().map(|span| frame.slice(span)).collect()))
+    request.args.extend(spans.drain(..).map(|span| frame.slice(span)));
+    Ok(Parse::Command)
 }
 
-fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Parse, ProtocolError> {
+fn parse_inline(buf: &mut BytesMut, limits: &Limits, args: &mut Vec<Bytes>) -> Result<Parse, ProtocolError> {
     let Some(newline) = buf.iter().take(MAX_INLINE + 1).position(|b| *b == b'\n') else {
         return if buf.len() > MAX_INLINE {
             Err(protocol("too big inline request"))
@@ -118,15 +150,12 @@ fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Parse, ProtocolEr
     };
     let line = buf.split_to(newline + 1).freeze();
     let text = line.slice(..newline);
-    let args: Vec<Bytes> = text
-        .split(|b| b.is_ascii_whitespace())
-        .filter(|word| !word.is_empty())
-        .map(|word| text.slice_ref(word))
-        .collect();
+    let words = text.split(|b| b.is_ascii_whitespace()).filter(|word| !word.is_empty());
+    args.extend(words.map(|word| text.slice_ref(word)));
     if args.len() > limits.max_args {
         return Err(protocol("invalid multibulk length"));
     }
-    Ok(Parse::Command(args))
+    Ok(Parse::Command)
 }
 
 /// Replies of one connection, gathered until they are written: small ones in one buffer,
@@ -233,8 +262,9 @@ mod tests {
     fn parse_all(input: &[u8]) -> Result<(Vec<Vec<Bytes>>, BytesMut), ProtocolError> {
         let mut buf = BytesMut::from(input);
         let mut commands = Vec::new();
-        while let Parse::Command(args) = parse(&mut buf, &LIMITS)? {
-            commands.push(args);
+        let mut request = Request::default();
+        while parse(&mut buf, &LIMITS, &mut request)? == Parse::Command {
+            commands.push(request.args.clone());
         }
         Ok((commands, buf))
     }
@@ -245,7 +275,7 @@ mod tests {
         assert_eq!(commands, [vec![Bytes::from("GET"), Bytes::from("k")], vec![Bytes::from("PING")]]);
         assert_eq!(&rest[..], b"*1\r\n$4\r\nPI");
         let mut buf = rest;
-        assert_eq!(parse(&mut buf, &LIMITS).unwrap(), Parse::Incomplete(14));
+        assert_eq!(parse(&mut buf, &LIMITS, &mut Request::default()).unwrap(), Parse::Incomplete(14));
     }
 
     #[test]
@@ -253,7 +283,10 @@ mod tests {
         let command = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nva\r\nl\r\n";
         for cut in 0..command.len() {
             let mut buf = BytesMut::from(&command[..cut]);
-            assert!(matches!(parse(&mut buf, &LIMITS), Ok(Parse::Incomplete(_))), "cut at {cut}");
+            assert!(
+                matches!(parse(&mut buf, &LIMITS, &mut Request::default()), Ok(Parse::Incomplete(_))),
+                "cut at {cut}"
+            );
             assert_eq!(buf.len(), cut, "nothing taken at {cut}");
         }
         let (commands, _) = parse_all(command).unwrap();
@@ -271,11 +304,15 @@ mod tests {
             b"*1\r\n$1\r\nab\r\n",
             b"*4\r\n$16\r\n0123456789abcdef\r\n$16\r\n0123456789abcdef\r\n$16\r\n0123456789abcdef\r\n",
             b"*111111111111111111111111111111111111",
+            b"*+1\r\n",
+            b"*1\r\n$-\r\n",
+            b"*1\r\n$ 1\r\n",
+            b"*99999999999999999999\r\n",
         ] {
             assert!(parse_all(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
         let mut long = BytesMut::from(&vec![b'a'; MAX_INLINE + 1][..]);
-        assert!(parse(&mut long, &LIMITS).is_err());
+        assert!(parse(&mut long, &LIMITS, &mut Request::default()).is_err());
     }
 
     #[test]

@@ -163,11 +163,10 @@ impl ObjectKey {
 }
 
 fn check_part(what: &'static str, value: &str) -> Result<(), StateError> {
-    let control = |value: &str| match value.is_ascii() {
-        true => value.bytes().any(|b| b.is_ascii_control()),
-        false => value.chars().any(char::is_control),
-    };
-    if value.is_empty() || value.len() > 255 || value.contains('/') || control(value) {
+    // One pass over the bytes; text beyond ASCII is checked again by characters (C1 controls).
+    let bad_byte = value.bytes().any(|b| b == b'/' || b.is_ascii_control() || !b.is_ascii());
+    let bad = bad_byte && (value.contains('/') || value.chars().any(char::is_control));
+    if value.is_empty() || value.len() > 255 || bad {
         return Err(StateError::InvalidName { what, value: value.to_string() });
     }
     Ok(())
