@@ -24,16 +24,18 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once, at start: the size of the server commands' flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run every component in one process (the main job).
-    Up(ServeArgs),
+    Up(UpArgs),
     /// Run only the core: the gateway, functions, flows, state and the async queue.
-    Core(ServeArgs),
+    Core(CoreCommandArgs),
     /// Run only the collector (it checks tokens against the core's database in DATA_DIR).
-    Collector(ServeArgs),
+    Collector(CollectorCommandArgs),
     /// Run only the dashboard: the billing API (and billing runs), over the telemetry store.
-    Dashboard(ServeArgs),
+    Dashboard(DashboardCommandArgs),
     /// Manage tenants (admin).
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -369,8 +371,9 @@ enum BenchCommand {
     },
 }
 
+/// Where a server keeps its data: every server command takes these.
 #[derive(Args)]
-struct ServeArgs {
+struct DataArgs {
     /// Data directory: database, admin.token, addresses.json.
     #[arg(long, env = "SFAAS_DATA_DIR", default_value = "./sfaas-data")]
     data_dir: PathBuf,
@@ -389,6 +392,12 @@ struct ServeArgs {
     /// wrote, in MiB (the blocks used longest ago are removed first; they stay in the store).
     #[arg(long, env = "SFAAS_BLOCKS_CACHE_MIB", default_value_t = 4096)]
     blocks_cache_mib: u64,
+}
+
+/// The core's flags: gateway, functions, state store, async queue, span export (`sfaas up`,
+/// `sfaas core`).
+#[derive(Args)]
+struct CoreArgs {
     #[arg(long, env = "SFAAS_GATEWAY_ADDR", default_value = "127.0.0.1:8080")]
     gateway_addr: SocketAddr,
     /// The state store over the Redis protocol: HOST:PORT, or `off`. By default the gateway's
@@ -404,40 +413,9 @@ struct ServeArgs {
     /// Connections one tenant may hold authenticated on the Redis protocol listener.
     #[arg(long, env = "SFAAS_STATE_REDIS_TENANT_MAX_CLIENTS", default_value_t = 1_000)]
     state_redis_tenant_max_clients: usize,
-    /// Collector: OTLP/gRPC address.
-    #[arg(long, env = "SFAAS_OTLP_GRPC_ADDR", default_value = "127.0.0.1:4317")]
-    otlp_grpc_addr: SocketAddr,
-    /// Collector: OTLP/HTTP address.
-    #[arg(long, env = "SFAAS_OTLP_HTTP_ADDR", default_value = "127.0.0.1:4318")]
-    otlp_http_addr: SocketAddr,
-    /// Collector: targets to scrape, per tenant (YAML; see the README).
-    #[arg(long, env = "SFAAS_SCRAPE_CONFIG")]
-    scrape_config: Option<PathBuf>,
-    /// Collector: hours of telemetry kept (older spans, samples and logs are deleted).
-    #[arg(long, env = "SFAAS_RETENTION_HOURS", default_value_t = 168)]
-    retention_hours: u64,
-    /// Collector: a tenant's own retention, as TENANT=HOURS (repeatable).
-    #[arg(long = "tenant-retention", value_parser = parse_tenant_hours)]
-    tenant_retention: Vec<(String, u64)>,
-    /// `up` only: also create two demo tenants, deploy the demo functions and flow for both,
-    /// and keep a small workload running.
-    #[arg(long)]
-    demo: bool,
-    /// Dashboard: web UI, billing API and Grafana datasource APIs.
-    #[arg(long, env = "SFAAS_UI_ADDR", default_value = "127.0.0.1:16686")]
-    ui_addr: SocketAddr,
-    /// Dashboard: seconds between background billing runs (0: only `sfaas bill run`).
-    #[arg(long, env = "SFAAS_BILLING_INTERVAL_SECS", default_value_t = 10)]
-    billing_interval_secs: u64,
     /// State store: seconds per reported state usage interval (must divide a day).
     #[arg(long, env = "SFAAS_STATE_USAGE_INTERVAL_SECS", default_value_t = 60)]
     state_usage_interval_secs: u64,
-    /// Collector (with `up`): seconds between scrapes of the gateway's own /metrics.
-    #[arg(long, env = "SFAAS_PLATFORM_SCRAPE_SECS", default_value_t = 15)]
-    platform_scrape_secs: u64,
-    /// Collector: Jaeger thrift over HTTP address.
-    #[arg(long, env = "SFAAS_JAEGER_ADDR", default_value = "127.0.0.1:14268")]
-    jaeger_addr: SocketAddr,
     /// OTLP endpoint for the platform's spans (default with `up`: its own collector; with
     /// `core`: off unless set).
     #[arg(long, env = "SFAAS_OTLP_ENDPOINT")]
@@ -514,16 +492,6 @@ struct ServeArgs {
     /// Bytes of request bodies one tenant's waiting or running async calls may hold together.
     #[arg(long, env = "SFAAS_TENANT_MAX_ASYNC_BYTES", default_value_t = 256 << 20)]
     tenant_max_async_bytes: u64,
-    /// Telemetry: spans and log records one tenant may send a second (its own telemetry; the
-    /// platform's metering is never limited). Ten seconds' worth may come at once.
-    #[arg(long, env = "SFAAS_TENANT_INGEST_SPANS_PER_SECOND", default_value_t = 5_000)]
-    tenant_ingest_spans_per_second: u64,
-    /// Telemetry: metric samples one tenant may send a second.
-    #[arg(long, env = "SFAAS_TENANT_INGEST_SAMPLES_PER_SECOND", default_value_t = 20_000)]
-    tenant_ingest_samples_per_second: u64,
-    /// Telemetry: bytes of spans, samples and log records one tenant may send a UTC day.
-    #[arg(long, env = "SFAAS_TENANT_INGEST_BYTES_PER_DAY", default_value_t = 4 << 30)]
-    tenant_ingest_bytes_per_day: u64,
     /// Where the ETL example's etl-load loads: sqlite://PATH or postgres://… for every tenant
     /// (`{tenant}` becomes the tenant's name), or TENANT=URL for one (repeatable). Default:
     /// sqlite://DATA_DIR/etl/{tenant}.db.
@@ -539,17 +507,115 @@ struct ServeArgs {
     span_spool_bytes: u64,
 }
 
-impl ServeArgs {
-    fn config(&self) -> anyhow::Result<CoreConfig> {
-        let mut config = CoreConfig::new(&self.data_dir);
-        let mut etl = (*config.etl).clone();
+/// The collector's flags: receivers, retention, ingest quotas (`sfaas up`, `sfaas collector`).
+#[derive(Args)]
+struct CollectorArgs {
+    /// Collector: OTLP/gRPC address.
+    #[arg(long, env = "SFAAS_OTLP_GRPC_ADDR", default_value = "127.0.0.1:4317")]
+    otlp_grpc_addr: SocketAddr,
+    /// Collector: OTLP/HTTP address.
+    #[arg(long, env = "SFAAS_OTLP_HTTP_ADDR", default_value = "127.0.0.1:4318")]
+    otlp_http_addr: SocketAddr,
+    /// Collector: Jaeger thrift over HTTP address.
+    #[arg(long, env = "SFAAS_JAEGER_ADDR", default_value = "127.0.0.1:14268")]
+    jaeger_addr: SocketAddr,
+    /// Collector: targets to scrape, per tenant (YAML; see the README).
+    #[arg(long, env = "SFAAS_SCRAPE_CONFIG")]
+    scrape_config: Option<PathBuf>,
+    /// Collector: hours of telemetry kept (older spans, samples and logs are deleted).
+    #[arg(long, env = "SFAAS_RETENTION_HOURS", default_value_t = 168)]
+    retention_hours: u64,
+    /// Collector: a tenant's own retention, as TENANT=HOURS (repeatable).
+    #[arg(long = "tenant-retention", value_parser = parse_tenant_hours)]
+    tenant_retention: Vec<(String, u64)>,
+    /// Telemetry: spans and log records one tenant may send a second (its own telemetry; the
+    /// platform's metering is never limited). Ten seconds' worth may come at once.
+    #[arg(long, env = "SFAAS_TENANT_INGEST_SPANS_PER_SECOND", default_value_t = 5_000)]
+    tenant_ingest_spans_per_second: u64,
+    /// Telemetry: metric samples one tenant may send a second.
+    #[arg(long, env = "SFAAS_TENANT_INGEST_SAMPLES_PER_SECOND", default_value_t = 20_000)]
+    tenant_ingest_samples_per_second: u64,
+    /// Telemetry: bytes of spans, samples and log records one tenant may send a UTC day.
+    #[arg(long, env = "SFAAS_TENANT_INGEST_BYTES_PER_DAY", default_value_t = 4 << 30)]
+    tenant_ingest_bytes_per_day: u64,
+}
+
+/// The dashboard's flags (`sfaas up`, `sfaas dashboard`).
+#[derive(Args)]
+struct DashboardArgs {
+    /// Dashboard: web UI, billing API and Grafana datasource APIs.
+    #[arg(long, env = "SFAAS_UI_ADDR", default_value = "127.0.0.1:16686")]
+    ui_addr: SocketAddr,
+    /// Dashboard: seconds between background billing runs (0: only `sfaas bill run`).
+    #[arg(long, env = "SFAAS_BILLING_INTERVAL_SECS", default_value_t = 10)]
+    billing_interval_secs: u64,
+}
+
+/// `sfaas up`: every component's flags, and the demo.
+#[derive(Args)]
+struct UpArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    core: CoreArgs,
+    #[command(flatten)]
+    platform: PlatformArgs,
+}
+
+/// What `sfaas up` runs beside the core.
+#[derive(Args)]
+struct PlatformArgs {
+    #[command(flatten)]
+    collector: CollectorArgs,
+    #[command(flatten)]
+    dashboard: DashboardArgs,
+    /// `up` only: also create two demo tenants, deploy the demo functions and flow for both,
+    /// and keep a small workload running.
+    #[arg(long)]
+    demo: bool,
+    /// Collector (with `up`): seconds between scrapes of the gateway's own /metrics.
+    #[arg(long, env = "SFAAS_PLATFORM_SCRAPE_SECS", default_value_t = 15)]
+    platform_scrape_secs: u64,
+}
+
+/// `sfaas core`.
+#[derive(Args)]
+struct CoreCommandArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    core: CoreArgs,
+}
+
+/// `sfaas collector`.
+#[derive(Args)]
+struct CollectorCommandArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    collector: CollectorArgs,
+}
+
+/// `sfaas dashboard`.
+#[derive(Args)]
+struct DashboardCommandArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    dashboard: DashboardArgs,
+}
+
+impl CoreArgs {
+    fn config(&self, data_dir: &std::path::Path) -> anyhow::Result<CoreConfig> {
+        let mut config = CoreConfig::new(data_dir);
+        let mut etl = stateful_faas_core::etl::EtlConfig::new(data_dir);
         for value in &self.etl_database_url {
             etl.set_database_url(value).map_err(anyhow::Error::msg)?;
         }
         if let Some(url) = &self.etl_s3_url {
             etl.set_s3_url(url).map_err(anyhow::Error::msg)?;
         }
-        config.etl = std::sync::Arc::new(etl);
+        stateful_faas_core::etl::register(&mut config.builtins, etl);
         config.gateway_addr = self.gateway_addr;
         config.state_redis_addr = match self.state_redis_addr {
             Some(RedisAddr::Off) => None,
@@ -632,10 +698,10 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Up(args) => serve(args, true).await,
-        Command::Core(args) => serve(args, false).await,
-        Command::Collector(args) => serve_collector(args).await,
-        Command::Dashboard(args) => serve_dashboard(args).await,
+        Command::Up(UpArgs { data, core, platform }) => serve(data, core, Some(platform)).await,
+        Command::Core(CoreCommandArgs { data, core }) => serve(data, core, None).await,
+        Command::Collector(CollectorCommandArgs { data, collector }) => serve_collector(data, collector).await,
+        Command::Dashboard(DashboardCommandArgs { data, dashboard }) => serve_dashboard(data, dashboard).await,
         Command::Bill(BillCommand::Run { until, client }) => client::bill_run(&client, until).await,
         Command::Bill(BillCommand::Show { tenant, period, format, client }) => {
             client::bill_show(&client, &tenant, period, &format).await
@@ -731,11 +797,6 @@ async fn run() -> anyhow::Result<()> {
     }
 }
 
-/// Runs the core, and with `with_collector` the collector too, its spans going to it with the
-/// platform's meter token.
-/// What every serving process does first: files it creates (databases, tokens, spool) are its
-/// own only (umask 077), and it is not dumpable, so no process of another uid, such as a
-/// sandboxed function, can read its memory or its `/proc` entries (environment, maps).
 /// `FIRST-LAST`, a range of uids above root.
 fn parse_uid_range(text: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
     let (first, last) = text.split_once('-').ok_or("expected FIRST-LAST, for example 200000-265535")?;
@@ -747,6 +808,9 @@ fn parse_uid_range(text: &str) -> Result<std::ops::RangeInclusive<u32>, String> 
     Ok(first..=last)
 }
 
+/// What every serving process does first: files it creates (databases, tokens, spool) are its
+/// own only (umask 077), and it is not dumpable, so no process of another uid, such as a
+/// sandboxed function, can read its memory or its `/proc` entries (environment, maps).
 fn harden_process() {
     // SAFETY: plain syscalls with constant arguments.
     unsafe {
@@ -755,23 +819,26 @@ fn harden_process() {
     }
 }
 
-async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
+/// Runs the core, and with `platform` (`sfaas up`) a collector and a dashboard beside it, its
+/// spans going to the collector with the platform's meter token.
+async fn serve(data: DataArgs, args: CoreArgs, platform: Option<PlatformArgs>) -> anyhow::Result<()> {
     harden_process();
     let stopping = shutdown_signal();
-    let config = args.config()?;
+    let with_collector = platform.is_some();
+    let config = args.config(&data.data_dir)?;
     let data_dir = config.data_dir.clone();
     let core = Core::open(config).await.context("starting the core")?;
     let mut addresses = serde_json::Map::new();
-    let collector = if with_collector {
+    let collector = if let Some(platform) = &platform {
         let meter_token =
             stateful_faas_core::config::load_or_create_token(&stateful_faas_core::config::meter_token_path(&data_dir))
                 .context("creating the meter token")?;
-        core.tenants.ensure_meter_token(&meter_token).await?;
-        let config = collector_config(&args)?;
-        let resolver = std::sync::Arc::new(Tokens::Core(core.tenants.clone()));
+        core.invoker.tenants.ensure_meter_token(&meter_token).await?;
+        let config = collector_config(&data, &platform.collector)?;
+        let resolver = std::sync::Arc::new(Tokens::Core(core.invoker.tenants.clone()));
         let running = collector::Collector::start(config, resolver).await.context("starting the collector")?;
         if args.otlp_endpoint.is_none() {
-            core.telemetry.set_export(
+            core.invoker.telemetry.set_export(
                 format!("http://{}", running.otlp_grpc_addr),
                 OtlpProtocol::Grpc,
                 Some(meter_token.clone()),
@@ -793,27 +860,27 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
             target: std::sync::OnceLock::new(),
         })
     });
-    let dashboard = match &collector {
-        Some((running, _)) => {
-            publish_tokens(core.tenants.clone(), running.collector.store.clone());
+    let dashboard = match (&collector, &platform) {
+        (Some((running, _)), Some(platform)) => {
+            publish_tokens(core.invoker.tenants.clone(), running.collector.store.clone());
             let billing =
                 std::sync::Arc::new(billing::Billing::open(&running.collector.store).await.context("opening billing")?);
             follow_plans(billing.clone(), Some(core.clone()), Some(running.collector.pipeline.clone())).await;
-            let viewers = std::sync::Arc::new(Tokens::Core(core.tenants.clone()));
+            let viewers = std::sync::Arc::new(Tokens::Core(core.invoker.tenants.clone()));
             let store = running.collector.store.clone();
-            let mut config = dashboard_config(&args);
+            let mut config = dashboard_config(&platform.dashboard);
             config.collector_metrics_url = Some(format!("http://{}/metrics", running.otlp_http_addr));
             config.settle = counters.clone().map(|counters| counters as std::sync::Arc<dyn billing::api::Settle>);
             let dashboard = dashboard::start(config, store, billing, viewers).await?;
             addresses.insert("ui".into(), dashboard.addr.to_string().into());
             Some(dashboard)
         }
-        None => {
+        _ => {
             // The core alone: it publishes its tokens in the telemetry database (for collectors and
             // dashboards elsewhere), and its quotas follow the plans there.
-            match telemetry_store(&args).await {
+            match telemetry_store(&data).await {
                 Ok(store) => {
-                    publish_tokens(core.tenants.clone(), store.clone());
+                    publish_tokens(core.invoker.tenants.clone(), store.clone());
                     let billing = billing::Billing::open(&store).await.context("opening billing")?;
                     follow_plans(std::sync::Arc::new(billing), Some(core.clone()), None).await;
                 }
@@ -832,7 +899,8 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
     let collector = collector.map(|(mut collector, meter_token)| {
         let url = format!("http://{}/metrics", running.gateway_addr);
         let mut target = collector::receivers::scrape::platform_target(url, meter_token);
-        let interval = std::time::Duration::from_secs(args.platform_scrape_secs.max(1));
+        let scrape_secs = platform.as_ref().map_or(1, |platform| platform.platform_scrape_secs);
+        let interval = std::time::Duration::from_secs(scrape_secs.max(1));
         target.interval = Some(interval);
         target.timeout = target.timeout.map(|timeout| timeout.min(interval));
         collector.scrape(target.clone());
@@ -857,7 +925,7 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
         dashboard.as_ref().map_or(String::new(), |d| format!(", dashboard http://{}", d.addr)),
         stateful_faas_core::config::admin_token_path(&data_dir).display()
     );
-    let demo = match (&dashboard, args.demo) {
+    let demo = match (&dashboard, platform.as_ref().is_some_and(|platform| platform.demo)) {
         (Some(dashboard), true) => {
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let admin = match std::env::var("SFAAS_ADMIN_TOKEN") {
@@ -876,7 +944,6 @@ async fn serve(args: ServeArgs, with_collector: bool) -> anyhow::Result<()> {
             });
             Some((stop, task))
         }
-        (None, true) => anyhow::bail!("--demo needs the whole platform: use `sfaas up --demo`"),
         _ => None,
     };
     stopping.await;
@@ -923,10 +990,10 @@ fn parse_tenant_hours(text: &str) -> Result<(String, u64), String> {
     Ok((tenant.to_string(), hours))
 }
 
-/// Prints the bound addresses as one JSON line (DESIGN.md §2) after writing them to
-/// `DATA_DIR/addresses.json` (replaced atomically), so that whoever reads the line finds the
-/// file up to date. Unless `replace`, the file keeps the addresses of components that run in
-/// other processes on the same data directory.
+/// Prints the bound addresses as one JSON line (docs/contracts.md, "Addresses and the command
+/// line") after writing them to `DATA_DIR/addresses.json` (replaced atomically), so that
+/// whoever reads the line finds the file up to date. Unless `replace`, the file keeps the
+/// addresses of components that run in other processes on the same data directory.
 fn announce(
     data_dir: &std::path::Path,
     ours: serde_json::Map<String, serde_json::Value>,
@@ -950,13 +1017,13 @@ fn announce(
 
 /// `sfaas collector`: the collector alone, checking the tokens the core published in the
 /// telemetry database (re-read every two seconds, so tenants created by a running core are known).
-async fn serve_collector(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve_collector(data: DataArgs, args: CollectorArgs) -> anyhow::Result<()> {
     harden_process();
     let stopping = shutdown_signal();
-    let data_dir = args.data_dir.clone();
+    let data_dir = data.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let tokens = Tokens::published();
-    let running = collector::Collector::start(collector_config(&args)?, std::sync::Arc::new(tokens.clone()))
+    let running = collector::Collector::start(collector_config(&data, &args)?, std::sync::Arc::new(tokens.clone()))
         .await
         .context("starting the collector")?;
     tokens.follow(&running.collector.store).await?;
@@ -978,12 +1045,12 @@ async fn serve_collector(args: ServeArgs) -> anyhow::Result<()> {
 
 /// `sfaas dashboard`: the billing API over the telemetry store, checking the tokens the core
 /// published there.
-async fn serve_dashboard(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve_dashboard(data: DataArgs, args: DashboardArgs) -> anyhow::Result<()> {
     harden_process();
     let stopping = shutdown_signal();
-    let data_dir = args.data_dir.clone();
+    let data_dir = data.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let store = telemetry_store(&args).await?;
+    let store = telemetry_store(&data).await?;
     let viewers = Tokens::published();
     viewers.follow(&store).await?;
     let billing = billing::Billing::open(&store).await.context("opening billing")?;
@@ -1003,7 +1070,7 @@ async fn serve_dashboard(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dashboard_config(args: &ServeArgs) -> dashboard::DashboardConfig {
+fn dashboard_config(args: &DashboardArgs) -> dashboard::DashboardConfig {
     dashboard::DashboardConfig {
         addr: args.ui_addr,
         billing_every: (args.billing_interval_secs > 0)
@@ -1026,7 +1093,7 @@ impl UpSettle {
     /// Stores the gateway's counters as they are now, as the platform scrape would.
     async fn store_counters(&self) -> Result<(), String> {
         let target = self.target.get().ok_or("the gateway is not serving yet")?;
-        let text = self.core.metrics.encode_openmetrics();
+        let text = self.core.invoker.metrics.encode_openmetrics();
         self.collector.store_exposition(target, &text).await.map_err(|e| e.to_string())
     }
 }
@@ -1035,7 +1102,7 @@ impl billing::api::Settle for UpSettle {
     fn settle(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
             let core = self.core.clone();
-            tokio::task::spawn_blocking(move || core.telemetry.flush()).await.map_err(|e| e.to_string())?;
+            tokio::task::spawn_blocking(move || core.invoker.telemetry.flush()).await.map_err(|e| e.to_string())?;
             self.store_counters().await
         })
     }
@@ -1116,17 +1183,17 @@ impl PlanLimits {
     }
 }
 
-fn telemetry_url(args: &ServeArgs) -> String {
+fn telemetry_url(args: &DataArgs) -> String {
     args.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("telemetry.db").display()))
 }
 
 /// Where spans are stored in blocks: `DATA_DIR/blocks`, whichever database holds the rest.
-fn blocks_dir(args: &ServeArgs) -> std::path::PathBuf {
+fn blocks_dir(args: &DataArgs) -> std::path::PathBuf {
     args.data_dir.join("blocks")
 }
 
 /// The object store that span blocks go to, if `--blocks-url` names one.
-fn blocks_remote(args: &ServeArgs) -> anyhow::Result<Option<collector::store::blocks::remote::Remote>> {
+fn blocks_remote(args: &DataArgs) -> anyhow::Result<Option<collector::store::blocks::remote::Remote>> {
     let Some(url) = &args.blocks_url else { return Ok(None) };
     let remote = collector::store::blocks::remote::Remote::s3(url, args.blocks_endpoint.as_deref(), None)
         .with_context(|| format!("--blocks-url {url}"))?
@@ -1134,17 +1201,17 @@ fn blocks_remote(args: &ServeArgs) -> anyhow::Result<Option<collector::store::bl
     Ok(Some(remote))
 }
 
-async fn telemetry_store(args: &ServeArgs) -> anyhow::Result<collector::store::TelemetryStore> {
+async fn telemetry_store(args: &DataArgs) -> anyhow::Result<collector::store::TelemetryStore> {
     let remote = blocks_remote(args)?;
     Ok(collector::store::TelemetryStore::open_with_remote_blocks(&telemetry_url(args), &blocks_dir(args), remote)
         .await?)
 }
 
 /// The collector's configuration from the command line.
-fn collector_config(args: &ServeArgs) -> anyhow::Result<collector::CollectorConfig> {
-    let mut config = collector::CollectorConfig::new(telemetry_url(args));
-    config.blocks_dir = Some(blocks_dir(args));
-    config.blocks_remote = blocks_remote(args)?;
+fn collector_config(data: &DataArgs, args: &CollectorArgs) -> anyhow::Result<collector::CollectorConfig> {
+    let mut config = collector::CollectorConfig::new(telemetry_url(data));
+    config.blocks_dir = Some(blocks_dir(data));
+    config.blocks_remote = blocks_remote(data)?;
     config.otlp_grpc_addr = args.otlp_grpc_addr;
     config.otlp_http_addr = args.otlp_http_addr;
     config.jaeger_addr = args.jaeger_addr;
@@ -1174,12 +1241,11 @@ enum Tokens {
 }
 
 impl Tokens {
-    fn principal(&self, authorization: &str) -> Option<Principal> {
-        let token = stateful_faas_core::gateway::auth::bearer_or_basic_token(authorization)?;
+    fn principal(&self, token: &str) -> Option<Principal> {
         match self {
-            Tokens::Core(store) => store.authenticate(&token),
+            Tokens::Core(store) => store.authenticate(token),
             Tokens::Published(tokens) => {
-                tokens.read().unwrap().get(&stateful_faas_core::tenant::hash_token(&token)).cloned()
+                tokens.read().unwrap().get(&stateful_faas_core::tenant::hash_token(token)).cloned()
             }
         }
     }
@@ -1252,10 +1318,10 @@ fn publish_tokens(
 
 /// The dashboard's viewers: the admin token, and tenants' read tokens.
 impl billing::api::ViewerResolver for Tokens {
-    fn resolve(&self, authorization: &str) -> Option<billing::api::Viewer> {
-        match self.principal(authorization)? {
-            Principal::Admin => Some(billing::api::Viewer::Admin),
-            Principal::Tenant { tenant, scope: Scope::Read } => Some(billing::api::Viewer::Tenant(tenant.to_string())),
+    fn resolve(&self, token: &str) -> Option<contract::Viewer> {
+        match self.principal(token)? {
+            Principal::Admin => Some(contract::Viewer::Admin),
+            Principal::Tenant { tenant, scope: Scope::Read } => Some(contract::Viewer::Tenant(tenant.to_string())),
             _ => None,
         }
     }
@@ -1263,8 +1329,8 @@ impl billing::api::ViewerResolver for Tokens {
 
 /// The collector's senders: tenants' ingest tokens and the platform's meter token.
 impl collector::auth::TokenResolver for Tokens {
-    fn resolve(&self, authorization: &str) -> Option<collector::auth::Credential> {
-        match self.principal(authorization)? {
+    fn resolve(&self, token: &str) -> Option<collector::auth::Credential> {
+        match self.principal(token)? {
             Principal::Tenant { tenant, scope: Scope::Ingest } => {
                 Some(collector::auth::Credential::Ingest { tenant: tenant.to_string() })
             }

@@ -1,8 +1,9 @@
-//! State byte-seconds from the store to the invoice, across a UTC day boundary (DESIGN.md §4,
-//! §6): the usage records the state store drains, emitted as the core emits them (`state.usage`
-//! spans), stored by the collector's store and billed with daily periods, bill each day exactly
-//! the store's own integral over that day: per tenant, per job and for standing storage, with
-//! nothing counted twice or missed, also when every record is delivered again.
+//! State byte-seconds from the store to the invoice, across a UTC day boundary (docs/contracts.md,
+//! "Telemetry contract" and "Billing contract"): the usage records the state store drains,
+//! emitted as the core emits them (`state.usage` spans), stored by the collector's store and
+//! billed with daily periods, bill each day exactly the store's own integral over that day: per
+//! tenant, per job and for standing storage, with nothing counted twice or missed, also when
+//! every record is delivered again.
 //!
 //! Timeline (B = 2026-11-01T00:00:00Z, a 60 s usage interval, a manual clock):
 //! - acme, B − 120 s: job run1 registered; run1/tmp/a (1000 B), run1/out/p (2500 B, persist),

@@ -1,5 +1,5 @@
-//! End-to-end tests of the `sfaas` binary: the CLI, the JSON contracts of DESIGN.md §2, and
-//! async durability across a crash (kill -9) and restart.
+//! End-to-end tests of the `sfaas` binary: the CLI, the JSON contracts of docs/contracts.md ("Addresses
+//! and the command line"), and async durability across a crash (kill -9) and restart.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -166,4 +166,36 @@ fn without_root_the_sandbox_refuses_to_start_and_says_why() {
     assert!(!output.status.success(), "it started: {stderr}");
     assert!(stderr.contains("the sandbox cannot run here: the gateway does not run as root"), "{stderr}");
     assert!(stderr.contains("--sandbox off"), "{stderr}");
+}
+
+/// Each server command takes its own components' flags only: a flag of another component is
+/// refused before anything starts, naming the flag.
+#[test]
+fn each_component_takes_its_own_flags_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = [
+        ("collector", "--gateway-addr"),
+        ("collector", "--ui-addr"),
+        ("dashboard", "--otlp-grpc-addr"),
+        ("dashboard", "--state-max-value-bytes"),
+        ("core", "--ui-addr"),
+        ("core", "--jaeger-addr"),
+        ("core", "--demo"),
+    ];
+    for (component, flag) in refused {
+        let value = if flag == "--demo" { None } else { Some("127.0.0.1:0") };
+        let mut args = vec![component, flag];
+        args.extend(value);
+        let (ok, _, stderr) = sfaas(dir.path(), &args, None);
+        assert!(!ok && stderr.contains(&format!("unexpected argument '{flag}'")), "{component} {flag}: {stderr}");
+    }
+    for (component, own) in [("core", "--gateway-addr"), ("collector", "--jaeger-addr"), ("dashboard", "--ui-addr")] {
+        let help = sfaas_command().args([component, "--help"]).output().unwrap();
+        let help = String::from_utf8(help.stdout).unwrap();
+        assert!(help.contains(own) && help.contains("--data-dir"), "{component} --help: {help}");
+    }
+    let up = String::from_utf8(sfaas_command().args(["up", "--help"]).output().unwrap().stdout).unwrap();
+    for flag in ["--gateway-addr", "--jaeger-addr", "--ui-addr", "--demo", "--platform-scrape-secs"] {
+        assert!(up.contains(flag), "up --help lacks {flag}");
+    }
 }

@@ -14,30 +14,14 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
 
+use contract::Viewer;
+
 use crate::period::Period;
 use crate::{Billing, BillingError};
 
-/// Who is asking.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Viewer {
-    Admin,
-    /// A tenant's read token: that tenant's data only.
-    Tenant(String),
-}
-
-impl Viewer {
-    /// Whether this viewer may see `tenant`'s data.
-    pub fn may_see(&self, tenant: &str) -> bool {
-        match self {
-            Viewer::Admin => true,
-            Viewer::Tenant(own) => own == tenant,
-        }
-    }
-}
-
-/// Resolves an `Authorization` header value (Bearer, or Basic with the token as password).
+/// Resolves a request's token (see [`contract::token`]) to who it is, if anyone.
 pub trait ViewerResolver: Send + Sync + 'static {
-    fn resolve(&self, authorization: &str) -> Option<Viewer>;
+    fn resolve(&self, token: &str) -> Option<Viewer>;
 }
 
 /// A refused or failed request, answered as `{"error": "..."}`.
@@ -72,10 +56,10 @@ pub fn authenticate(resolver: &dyn ViewerResolver, headers: &HeaderMap) -> Resul
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(|| {
         ApiError(StatusCode::UNAUTHORIZED, "missing Authorization header: send `Authorization: Bearer TOKEN`".into())
     })?;
-    let viewer = resolver
-        .resolve(authorization)
-        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "invalid token: not an admin or read token".into()))?;
-    if let (Viewer::Tenant(tenant), Some(org)) = (&viewer, headers.get("x-scope-orgid").and_then(|v| v.to_str().ok()))
+    let invalid = || ApiError(StatusCode::UNAUTHORIZED, "invalid token: not an admin or read token".into());
+    let viewer = contract::token(authorization).and_then(|token| resolver.resolve(&token)).ok_or_else(invalid)?;
+    let org = headers.get(contract::semconv::HEADER_SCOPE_ORG_ID).and_then(|v| v.to_str().ok());
+    if let (Viewer::Tenant(tenant), Some(org)) = (&viewer, org)
         && org != tenant
     {
         return Err(ApiError(

@@ -5,7 +5,7 @@
 //! applied in Rust, once for both databases; the records whose (tenant, usage id) is new are
 //! stored as segments (`segments.rs`) and added to the running totals.
 //!
-//! What makes a span billable (DESIGN.md §4): an `invoke <function>` span with
+//! What makes a span billable (docs/contracts.md, "Telemetry contract"): an `invoke <function>` span with
 //! `sfaas.billable = true` and a `faas.invocation_id`, or a `state.usage` span with a
 //! `sfaas.usage_id` and decimal `sfaas.state.byte_seconds` (a JSON string of digits with an
 //! optional fraction). Anything else named like them is counted as malformed and skipped.
@@ -126,7 +126,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attr<'a> {
     }
 }
 
-/// The attributes extraction reads (DESIGN.md §4); the others are skipped unparsed.
+/// The attributes extraction reads (docs/contracts.md, "Telemetry contract"); the others are skipped unparsed.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct Attributes<'a> {
@@ -297,8 +297,8 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
     let mut out = Vec::with_capacity(spans.len());
     for span in spans {
         let kind = match span.name.as_str() {
-            "state.usage" => Kind::State,
-            "instance.usage" => Kind::Instance,
+            contract::semconv::SPAN_STATE_USAGE => Kind::State,
+            contract::semconv::SPAN_INSTANCE_USAGE => Kind::Instance,
             _ => Kind::Invocation,
         };
         let state = kind == Kind::State;
@@ -338,9 +338,10 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
         let (usage_id, byte_seconds) = (usage_id.into_owned(), byte_seconds.into_owned());
         let function = match state {
             true => String::new(),
-            false => {
-                a.function.id().map_or_else(|| span.name.strip_prefix("invoke ").unwrap_or("").into(), Cow::into_owned)
-            }
+            false => a.function.id().map_or_else(
+                || span.name.strip_prefix(contract::semconv::INVOKE_SPAN_PREFIX).unwrap_or("").into(),
+                Cow::into_owned,
+            ),
         };
         let flow_run = match state {
             true => matches!(&a.owner, Attr::Text(owner) if owner == "job").then(|| a.job.id()).flatten(),
@@ -489,6 +490,36 @@ pub async fn write(db: &Db, keys: &KeyCache, default_plan: &str, prepared: Prepa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The serde renames above are literals (serde takes nothing else): each must be the name
+    /// the core emits, as the contract defines it.
+    #[test]
+    fn the_attributes_read_are_the_contracts_names() {
+        use contract::semconv as names;
+        type Field = for<'b> fn(&'b Attributes<'static>) -> &'b Attr<'static>;
+        let read: [(&str, Field); 15] = [
+            (names::SFAAS_BILLABLE, |a| &a.billable),
+            (names::FAAS_INVOCATION_ID, |a| &a.invocation_id),
+            (names::FAAS_NAME, |a| &a.function),
+            (names::SFAAS_CALL_ID, |a| &a.call_id),
+            (names::SFAAS_FLOW_RUN_ID, |a| &a.run_id),
+            (names::SFAAS_STATE_JOB, |a| &a.job),
+            (names::SFAAS_STATE_OWNER, |a| &a.owner),
+            (names::SFAAS_USAGE_ID, |a| &a.usage_id),
+            (names::SFAAS_STATE_BYTE_SECONDS, |a| &a.byte_seconds),
+            (names::SFAAS_CPU_MS, |a| &a.cpu_ms),
+            (names::SFAAS_WALL_MS, |a| &a.wall_ms),
+            (names::SFAAS_MEMORY_PEAK_BYTES, |a| &a.memory),
+            (names::SFAAS_BYTES_IN, |a| &a.bytes_in),
+            (names::SFAAS_BYTES_OUT, |a| &a.bytes_out),
+            (names::HTTP_RESPONSE_STATUS_CODE, |a| &a.status),
+        ];
+        for (name, field) in read {
+            let json = serde_json::json!({ name: 7 }).to_string();
+            let attributes: Attributes<'static> = serde_json::from_str(json.leak()).unwrap();
+            assert!(matches!(field(&attributes), Attr::Int(7)), "{name} is not read");
+        }
+    }
 
     fn ns(rfc3339: &str) -> i64 {
         chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().timestamp_nanos_opt().unwrap()

@@ -1,5 +1,5 @@
-//! Billing: usage extraction, rate cards, rating, invoices, periods and exports
-//! (DESIGN.md §3, §4, §6).
+//! Billing: usage extraction, rate cards, rating, invoices, periods and exports (docs/contracts.md,
+//! "Tenants, tokens and trust", "Telemetry contract" and "Billing contract").
 //!
 //! The data path: the collector stores metered spans → [`Billing::run`] turns the spans that
 //! arrived since its watermark into usage records (one per invocation or state interval, never

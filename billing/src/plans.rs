@@ -1,5 +1,5 @@
 //! Rate cards: plans with a currency and a decimal unit price per metric, graduated tiers,
-//! free allowances per period and an optional minimum charge (DESIGN.md §6).
+//! free allowances per period and an optional minimum charge (docs/contracts.md, "Billing contract").
 //!
 //! Prices are written as strings (`"0.0000002"`): a YAML float is inexact and is refused.
 

@@ -1,5 +1,5 @@
-//! Usage records: one per billable item, extracted from metered spans only (DESIGN.md §3, §6;
-//! the extraction itself is in `extract.rs`).
+//! Usage records: one per billable item, extracted from metered spans only (docs/contracts.md,
+//! "Tenants, tokens and trust" and "Billing contract"; the extraction itself is in `extract.rs`).
 //!
 //! - `invoke <function>` spans with `sfaas.billable = true` give one record per invocation,
 //!   keyed by (tenant, `faas.invocation_id`);

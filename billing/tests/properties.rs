@@ -1,4 +1,4 @@
-//! Property tests of billing (DESIGN.md §6), on SQLite.
+//! Property tests of billing (docs/contracts.md, "Billing contract"), on SQLite.
 //!
 //! - Delivery order and duplicates do not matter: a clean set of usage items billed in one run
 //!   and the same items shuffled, duplicated (the same span again, as a replay sends it, or the

@@ -1,4 +1,4 @@
-//! Who sends telemetry, and for which tenant (DESIGN.md §3).
+//! Who sends telemetry, and for which tenant (docs/contracts.md, "Tenants, tokens and trust").
 //!
 //! The collector does not own tokens: the binary hands it a [`TokenResolver`] backed by the
 //! core's tenant store, so both check the same tokens.
@@ -14,9 +14,9 @@ pub enum Credential {
     Meter,
 }
 
-/// Resolves an `Authorization` header value (Bearer, or Basic with the token as password).
+/// Resolves a request's token (see [`contract::token`]) to a credential, if it is one.
 pub trait TokenResolver: Send + Sync + 'static {
-    fn resolve(&self, authorization: &str) -> Option<Credential>;
+    fn resolve(&self, token: &str) -> Option<Credential>;
 }
 
 /// Why a sender was refused.
@@ -44,7 +44,7 @@ pub fn authenticate(
     org_id: Option<&str>,
 ) -> Result<Sender, AuthError> {
     let authorization = authorization.ok_or(AuthError::Missing)?;
-    let credential = resolver.resolve(authorization).ok_or(AuthError::Invalid)?;
+    let credential = contract::token(authorization).and_then(|t| resolver.resolve(&t)).ok_or(AuthError::Invalid)?;
     if let (Credential::Ingest { tenant }, Some(org)) = (&credential, org_id)
         && org != tenant
     {
@@ -56,7 +56,7 @@ pub fn authenticate(
 /// [`authenticate`] for HTTP headers.
 pub fn authenticate_http(resolver: &dyn TokenResolver, headers: &HeaderMap) -> Result<Sender, AuthError> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    authenticate(resolver, get("authorization"), get("x-scope-orgid"))
+    authenticate(resolver, get("authorization"), get(contract::semconv::HEADER_SCOPE_ORG_ID))
 }
 
 impl Sender {
@@ -87,15 +87,9 @@ impl Sender {
     }
 }
 
-/// DNS-label tenant names, as DESIGN.md §3 defines them.
+/// DNS-label tenant names (docs/contracts.md, "Tenants, tokens and trust").
 pub fn valid_tenant(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    let edge = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes.iter().all(|&b| edge(b) || b == b'-')
-        && edge(bytes[0])
-        && edge(bytes[bytes.len() - 1])
+    contract::validate_name("tenant", name).is_ok()
 }
 
 #[cfg(test)]
@@ -104,10 +98,10 @@ mod tests {
 
     struct Fixed;
     impl TokenResolver for Fixed {
-        fn resolve(&self, authorization: &str) -> Option<Credential> {
-            match authorization {
-                "Bearer acme" => Some(Credential::Ingest { tenant: "acme".into() }),
-                "Bearer meter" => Some(Credential::Meter),
+        fn resolve(&self, token: &str) -> Option<Credential> {
+            match token {
+                "acme" => Some(Credential::Ingest { tenant: "acme".into() }),
+                "meter" => Some(Credential::Meter),
                 _ => None,
             }
         }

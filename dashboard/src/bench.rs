@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use billing::Billing;
-use billing::api::{Viewer, ViewerResolver};
+use billing::api::ViewerResolver;
 use collector::model::{Batch, SampleRow, SpanRow};
 use collector::store::TelemetryStore;
+use contract::Viewer;
 
 use crate::{DashboardConfig, DashboardState};
 
@@ -22,8 +23,8 @@ const TOKEN: &str = "bench-admin";
 struct BenchTokens;
 
 impl ViewerResolver for BenchTokens {
-    fn resolve(&self, authorization: &str) -> Option<Viewer> {
-        (authorization == format!("Bearer {TOKEN}")).then_some(Viewer::Admin)
+    fn resolve(&self, token: &str) -> Option<Viewer> {
+        (token == TOKEN).then_some(Viewer::Admin)
     }
 }
 

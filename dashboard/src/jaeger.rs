@@ -79,9 +79,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use billing::api::Viewer;
 use collector::model::{SpanRow, span_kind_name, status_name};
 use collector::store::{StoreError, TelemetryStore, TraceSearch};
+use contract::Viewer;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -201,7 +201,7 @@ async fn scope(state: &DashboardState, headers: &HeaderMap) -> Result<Vec<String
     match viewer {
         Viewer::Tenant(tenant) => Ok(vec![tenant]),
         Viewer::Admin => {
-            let org = headers.get("x-scope-orgid").and_then(|v| v.to_str().ok()).map(str::trim);
+            let org = headers.get(contract::semconv::HEADER_SCOPE_ORG_ID).and_then(|v| v.to_str().ok()).map(str::trim);
             match org.filter(|org| !org.is_empty()) {
                 Some(org) => Ok(vec![org.to_string()]),
                 None => Ok(state.store.span_tenants().await?),

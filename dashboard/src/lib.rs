@@ -16,8 +16,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use billing::Billing;
-use billing::api::{ApiError, ApiState, Viewer, ViewerResolver};
+use billing::api::{ApiError, ApiState, ViewerResolver};
 use collector::store::TelemetryStore;
+use contract::Viewer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 

@@ -22,10 +22,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use billing::RecordCost;
-use billing::api::Viewer;
 use billing::period::{Period, rfc3339};
 use billing::usage::UsageRecord;
 use collector::model::SpanRow;
+use contract::{Viewer, semconv};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::Value;
@@ -320,7 +320,7 @@ struct Login {
 }
 
 async fn login(State(ui): State<Arc<Ui>>, Form(form): Form<Login>) -> Response {
-    let Some(viewer) = ui.state.resolver.resolve(&format!("Bearer {}", form.token.trim())) else {
+    let Some(viewer) = ui.state.resolver.resolve(form.token.trim()) else {
         return (StatusCode::UNAUTHORIZED, login_page(Some("That token is not an admin or read token.")))
             .into_response();
     };
@@ -856,7 +856,7 @@ async fn runs(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Quer
         Err(r) => return r,
     };
     let (since, until) = lookback(&params, ui.state.store.clock().now_ns());
-    let spans = match ui.state.store.spans_named(&tenant, "flow ", since, until, 500).await {
+    let spans = match ui.state.store.spans_named(&tenant, semconv::FLOW_SPAN_PREFIX, since, until, 500).await {
         Ok(s) => s,
         Err(e) => return internal(&viewer, e),
     };
@@ -890,12 +890,12 @@ async fn runs(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Quer
     let mut shown = 0;
     for span in &spans {
         let a = attributes(span);
-        let flow = text_attr(&a, "sfaas.flow.name");
-        let status = text_attr(&a, "sfaas.flow.status");
+        let flow = text_attr(&a, semconv::SFAAS_FLOW_NAME);
+        let status = text_attr(&a, semconv::SFAAS_FLOW_STATUS);
         if (!flow_filter.is_empty() && flow != flow_filter) || (!status_filter.is_empty() && status != status_filter) {
             continue;
         }
-        let run_id = text_attr(&a, "sfaas.flow.run_id");
+        let run_id = text_attr(&a, semconv::SFAAS_FLOW_RUN_ID);
         shown += 1;
         let _ = write!(
             body,
@@ -910,7 +910,7 @@ async fn runs(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Quer
             esc(&status),
             esc(&rfc3339(span.start_ns)),
             (span.end_ns - span.start_ns) as f64 / 1e6,
-            esc(&text_attr(&a, "sfaas.state.byte_seconds")),
+            esc(&text_attr(&a, semconv::SFAAS_STATE_BYTE_SECONDS)),
             run_costs.get(&run_id).map_or("—".into(), |c| c.round_dp(8).to_string())
         );
     }
@@ -951,7 +951,10 @@ async fn run(
     let flow_of = |spans: &[SpanRow]| {
         spans
             .iter()
-            .find(|s| s.name.starts_with("flow ") && text_attr(&attributes(s), "sfaas.flow.run_id") == run_id)
+            .find(|s| {
+                s.name.starts_with(semconv::FLOW_SPAN_PREFIX)
+                    && text_attr(&attributes(s), semconv::SFAAS_FLOW_RUN_ID) == run_id
+            })
             .cloned()
     };
     let known = match params.trace.as_deref() {
@@ -962,10 +965,11 @@ async fn run(
         Some(found) => found,
         None => {
             let now = store.clock().now_ns();
-            let flows = match store.spans_named(&tenant, "flow ", 0, now + 60_000_000_000, 100_000).await {
-                Ok(s) => s,
-                Err(e) => return internal(&viewer, e),
-            };
+            let flows =
+                match store.spans_named(&tenant, semconv::FLOW_SPAN_PREFIX, 0, now + 60_000_000_000, 100_000).await {
+                    Ok(s) => s,
+                    Err(e) => return internal(&viewer, e),
+                };
             let Some(flow) = flow_of(&flows) else {
                 return error_page(
                     StatusCode::NOT_FOUND,
@@ -993,11 +997,11 @@ async fn run(
     let mut by_span: HashMap<&str, usize> = HashMap::new();
     for span in spans.iter().filter(|s| s.name.starts_with("node ")) {
         let a = attributes(span);
-        if text_attr(&a, "sfaas.flow.run_id") != run_id {
+        if text_attr(&a, semconv::SFAAS_FLOW_RUN_ID) != run_id {
             continue; // a sub-flow's node
         }
-        let id = text_attr(&a, "sfaas.flow.node");
-        let needs = match a.get("sfaas.flow.needs") {
+        let id = text_attr(&a, semconv::SFAAS_FLOW_NODE);
+        let needs = match a.get(semconv::SFAAS_FLOW_NEEDS) {
             Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
             _ => Vec::new(),
         };
@@ -1008,16 +1012,16 @@ async fn run(
             start_ns: span.start_ns,
             end_ns: span.end_ns,
             failed: span.status_code == 2,
-            attempts: a.get("sfaas.flow.attempt").and_then(Value::as_i64).unwrap_or(1),
-            state_bytes: a.get("sfaas.state.value_bytes").and_then(Value::as_i64).unwrap_or(0),
+            attempts: a.get(semconv::SFAAS_FLOW_ATTEMPT).and_then(Value::as_i64).unwrap_or(1),
+            state_bytes: a.get(semconv::SFAAS_STATE_VALUE_BYTES).and_then(Value::as_i64).unwrap_or(0),
             ..DagNode::default()
         });
     }
-    for span in spans.iter().filter(|s| s.name.starts_with("invoke ")) {
+    for span in spans.iter().filter(|s| s.name.starts_with(semconv::INVOKE_SPAN_PREFIX)) {
         let Some(&index) = span.parent_span_id.as_deref().and_then(|p| by_span.get(p)) else { continue };
         let a = attributes(span);
-        nodes[index].cpu_ms += a.get("sfaas.cpu_ms").and_then(Value::as_i64).unwrap_or(0);
-        nodes[index].cost += costs.get(&text_attr(&a, "faas.invocation_id")).copied().unwrap_or_default();
+        nodes[index].cpu_ms += a.get(semconv::SFAAS_CPU_MS).and_then(Value::as_i64).unwrap_or(0);
+        nodes[index].cost += costs.get(&text_attr(&a, semconv::FAAS_INVOCATION_ID)).copied().unwrap_or_default();
     }
     let critical = critical_path(&nodes);
     let a = attributes(flow);
@@ -1027,11 +1031,11 @@ async fn run(
          <div class=\"card\">duration<b>{:.1} ms</b></div><div class=\"card\">nodes<b id=\"node-count\">{}</b></div>\
          <div class=\"card\">state byte-s<b>{}</b></div><div class=\"card\">cost<b id=\"run-cost\">{}</b></div></div>\
          <p class=\"muted\">Critical path (longest chain of node durations): {}</p>",
-        esc(&text_attr(&a, "sfaas.flow.name")),
-        esc(&text_attr(&a, "sfaas.flow.status")),
+        esc(&text_attr(&a, semconv::SFAAS_FLOW_NAME)),
+        esc(&text_attr(&a, semconv::SFAAS_FLOW_STATUS)),
         (flow.end_ns - flow.start_ns) as f64 / 1e6,
         nodes.len(),
-        esc(&text_attr(&a, "sfaas.state.byte_seconds")),
+        esc(&text_attr(&a, semconv::SFAAS_STATE_BYTE_SECONDS)),
         total_cost.round_dp(10),
         esc(&critical.iter().map(|&i| nodes[i].id.as_str()).collect::<Vec<_>>().join(" → "))
     );
@@ -1238,7 +1242,7 @@ async fn traces(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Qu
     let max_ms: Option<f64> = params.max_ms.as_deref().and_then(|v| v.parse().ok());
     let attr = params.attr.clone().unwrap_or_default();
     let (since, until) = lookback(&params, ui.state.store.clock().now_ns());
-    let prefix = if function.is_empty() { "invoke ".to_string() } else { format!("invoke {function}") };
+    let prefix = semconv::invoke_span_name(&function);
     let spans = match ui.state.store.spans_named(&tenant, &prefix, since, until, 2000).await {
         Ok(s) => s,
         Err(e) => return internal(&viewer, e),
@@ -1266,12 +1270,12 @@ async fn traces(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Qu
     let (attr_key, attr_value) = attr.split_once('=').unwrap_or((attr.as_str(), ""));
     let mut shown = 0;
     for span in &spans {
-        if !function.is_empty() && span.name != format!("invoke {function}") {
+        if !function.is_empty() && span.name != semconv::invoke_span_name(&function) {
             continue;
         }
         let ms = (span.end_ns - span.start_ns) as f64 / 1e6;
         let a = attributes(span);
-        let code = a.get("http.response.status_code").and_then(Value::as_i64).unwrap_or(0);
+        let code = a.get(semconv::HTTP_RESPONSE_STATUS_CODE).and_then(Value::as_i64).unwrap_or(0);
         let is_error = span.status_code == 2 || code >= 500;
         if (status == "ok" && is_error) || (status == "error" && !is_error) {
             continue;

@@ -1,7 +1,7 @@
-//! The Jaeger v1 query API at the dashboard address (DESIGN.md §5) as Grafana's Jaeger datasource
-//! uses it: the exact requests Grafana sends (tests/fixtures/grafana-jaeger-requests.txt), the
-//! shapes Grafana decodes, search semantics, errors, and tenant isolation; on SQLite and on a
-//! real PostgreSQL the test starts itself.
+//! The Jaeger v1 query API at the dashboard address (docs/contracts.md, "Protocols") as Grafana's
+//! Jaeger datasource uses it: the exact requests Grafana sends
+//! (tests/fixtures/grafana-jaeger-requests.txt), the shapes Grafana decodes, search semantics,
+//! errors, and tenant isolation; on SQLite and on a real PostgreSQL the test starts itself.
 //!
 //! `cargo test --release -p dashboard --test jaeger -- --ignored --nocapture bench` measures
 //! trace fetches among a million stored spans (`SFAAS_BENCH_SPANS` to change the count).
@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use billing::Billing;
-use billing::api::{Viewer, ViewerResolver};
+use billing::api::ViewerResolver;
 use collector::bench::PgServer;
 use collector::model::{Batch, SpanRow};
 use collector::store::TelemetryStore;
+use contract::Viewer;
 use dashboard::DashboardState;
 use serde_json::{Value, json};
 
@@ -67,8 +68,8 @@ fn backends() -> Vec<Backend> {
 struct Tokens;
 
 impl ViewerResolver for Tokens {
-    fn resolve(&self, authorization: &str) -> Option<Viewer> {
-        match authorization.strip_prefix("Bearer ")? {
+    fn resolve(&self, token: &str) -> Option<Viewer> {
+        match token {
             "admin" => Some(Viewer::Admin),
             "acme-read" => Some(Viewer::Tenant("acme".into())),
             "globex-read" => Some(Viewer::Tenant("globex".into())),

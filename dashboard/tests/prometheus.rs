@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use billing::Billing;
-use billing::api::{ApiState, Viewer, ViewerResolver};
+use billing::api::{ApiState, ViewerResolver};
 use billing::usage::{Kind, UsageRecord};
 use collector::bench::PgServer;
 use collector::clock::Clock;
 use collector::model::{Batch, SampleRow, SpanRow};
 use collector::store::TelemetryStore;
+use contract::Viewer;
 use dashboard::DashboardState;
 use serde_json::{Value, json};
 
@@ -78,21 +79,6 @@ const ADMIN: &str = "admin-token";
 const ACME: &str = "acme-token";
 const GLOBEX: &str = "globex-token";
 
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::new();
-    let (mut buffer, mut bits) = (0u32, 0);
-    for c in text.trim().bytes().filter(|c| *c != b'=') {
-        buffer = (buffer << 6) | ALPHABET.iter().position(|a| *a == c)? as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    Some(out)
-}
-
 fn base64_encode(bytes: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
@@ -114,14 +100,8 @@ fn base64_encode(bytes: &[u8]) -> String {
 struct Tokens;
 
 impl ViewerResolver for Tokens {
-    fn resolve(&self, authorization: &str) -> Option<Viewer> {
-        let token = if let Some(token) = authorization.strip_prefix("Bearer ") {
-            token.trim().to_string()
-        } else {
-            let decoded = String::from_utf8(base64_decode(authorization.strip_prefix("Basic ")?)?).ok()?;
-            decoded.split_once(':')?.1.to_string()
-        };
-        match token.as_str() {
+    fn resolve(&self, token: &str) -> Option<Viewer> {
+        match token {
             ADMIN => Some(Viewer::Admin),
             ACME => Some(Viewer::Tenant("acme".into())),
             GLOBEX => Some(Viewer::Tenant("globex".into())),
@@ -400,7 +380,7 @@ fn span(tenant: &str, span_id: String, name: &str, start_ns: i64, end_ns: i64, a
     }
 }
 
-/// An `invoke` span of the core (DESIGN.md §4), metered.
+/// An `invoke` span of the core (docs/contracts.md, "Telemetry contract"), metered.
 fn invoke(tenant: &str, call_id: &str, function: &str, at: &str, cpu_ms: i64, bytes_out: i64) -> SpanRow {
     let start = ns(at);
     span(

@@ -20,8 +20,7 @@ use crate::config::AsyncQueueConfig;
 use crate::database::now_ms;
 use crate::function::outbound::Outbound;
 use crate::function::{Invocation, Outcome};
-use crate::gateway::Core;
-use crate::gateway::invoke::dispatch;
+use crate::invoker::Invoker;
 use crate::semconv;
 use crate::tenant::TenantId;
 
@@ -327,22 +326,26 @@ impl AsyncQueue {
 }
 
 /// Starts the delivery workers; they stop when `shutdown` turns true, after their current call.
-pub fn spawn_workers(core: Arc<Core>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..core.queue.config.workers.max(1))
+pub fn spawn_workers(
+    invoker: Arc<Invoker>,
+    queue: Arc<AsyncQueue>,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..queue.config.workers.max(1))
         .map(|_| {
-            let core = core.clone();
+            let (invoker, queue) = (invoker.clone(), queue.clone());
             let mut shutdown = shutdown.clone();
             tokio::spawn(async move {
                 while !*shutdown.borrow() {
-                    match core.queue.claim().await {
+                    match queue.claim().await {
                         Ok(Some(call)) => {
                             let tenant = call.tenant.clone();
-                            deliver(&core, call).await;
-                            core.queue.delivered(&tenant);
+                            deliver(&invoker, &queue, call).await;
+                            queue.delivered(&tenant);
                         }
                         Ok(None) => {
                             tokio::select! {
-                                _ = core.queue.bell.notified() => {}
+                                _ = queue.bell.notified() => {}
                                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
                                 _ = shutdown.changed() => {}
                             }
@@ -358,7 +361,7 @@ pub fn spawn_workers(core: Arc<Core>, shutdown: watch::Receiver<bool>) -> Vec<to
         .collect()
 }
 
-async fn deliver(core: &Core, call: Claimed) {
+async fn deliver(invoker: &Invoker, queue: &AsyncQueue, call: Claimed) {
     let outcome = match TenantId::new(&call.tenant) {
         Ok(tenant) => {
             let invocation = Invocation {
@@ -371,13 +374,13 @@ async fn deliver(core: &Core, call: Claimed) {
                 traceparent: call.traceparent.clone(),
                 job: None,
             };
-            dispatch(core, &tenant, &call.function, invocation, semconv::TRIGGER_PUBSUB).await
+            invoker.dispatch(&tenant, &call.function, invocation, semconv::TRIGGER_PUBSUB).await
         }
         Err(error) => Outcome::text(400, error.to_string(), Default::default()),
     };
     let retriable = outcome.status == 429 || outcome.status >= 500;
-    let last_attempt = call.attempts as u32 >= core.queue.config.max_attempts;
-    if let Err(error) = core.queue.finish(&call, &outcome).await {
+    let last_attempt = call.attempts as u32 >= queue.config.max_attempts;
+    if let Err(error) = queue.finish(&call, &outcome).await {
         // The call stays `running` and is delivered again at the next start.
         tracing::error!(%error, call_id = %call.call_id, "async queue: cannot record the result");
         return;
@@ -385,7 +388,7 @@ async fn deliver(core: &Core, call: Claimed) {
     if let Some(url) = &call.callback_url
         && (!retriable || last_attempt)
     {
-        post_callback(&core.outbound, url, &call.call_id, &outcome).await;
+        post_callback(&invoker.outbound, url, &call.call_id, &outcome).await;
     }
 }
 

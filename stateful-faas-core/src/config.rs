@@ -42,9 +42,9 @@ pub struct CoreConfig {
     pub max_flows_per_tenant: usize,
     /// Managed `http` instances one tenant may have running at once (`--tenant-max-instances`).
     pub max_instances_per_tenant: usize,
-    /// Where the ETL example's builtins load and stage data (`--etl-database-url`,
-    /// `--etl-s3-url`).
-    pub etl: std::sync::Arc<crate::etl::EtlConfig>,
+    /// The builtins deployments may name: the platform's own, and those registered beside
+    /// them (the binary adds the ETL example's, `crate::etl::register`).
+    pub builtins: crate::function::builtin::Builtins,
 }
 
 /// Delivery of async calls.
@@ -101,7 +101,7 @@ impl CoreConfig {
             max_functions_per_tenant: 100,
             max_flows_per_tenant: 100,
             max_instances_per_tenant: 20,
-            etl: std::sync::Arc::new(crate::etl::EtlConfig::new(&data_dir)),
+            builtins: Default::default(),
             data_dir,
         }
     }

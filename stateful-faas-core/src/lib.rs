@@ -11,10 +11,11 @@ pub mod function;
 #[cfg(fuzzing)]
 pub mod fuzzing;
 pub mod gateway;
+pub mod invoker;
 pub mod metrics;
 pub mod quota;
 pub mod redis;
-pub mod semconv;
+pub use contract::semconv;
 pub mod stack;
 pub mod state;
 pub mod telemetry;

@@ -398,7 +398,7 @@ async fn etl_builtins_load_and_stage_only_where_the_operator_says() {
     let core = start(|config| {
         let mut etl = stateful_faas_core::etl::EtlConfig::new(&config.data_dir);
         etl.s3_url = Some(bucket.clone());
-        config.etl = std::sync::Arc::new(etl);
+        stateful_faas_core::etl::register(&mut config.builtins, etl);
     })
     .await;
     let acme = core.tenant("acme").await;

@@ -45,7 +45,8 @@ async fn metrics_follow_openfaas_names_and_pass_promtool() {
     let output = child.wait_with_output().unwrap();
     let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     // promtool exits 3 for naming lints and 1 for invalid exposition. The one lint allowed is
-    // on `gateway_service_count`, the OpenFaaS name DESIGN.md §4 keeps for compatibility.
+    // on `gateway_service_count`, the OpenFaaS name kept for compatibility (docs/contracts.md,
+    // "Telemetry contract").
     let lints: Vec<_> = report.lines().filter(|line| !line.trim().is_empty()).collect();
     let only_openfaas_name = lints.iter().all(|line| line.starts_with("gateway_service_count "));
     assert!(

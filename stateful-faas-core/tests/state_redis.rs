@@ -393,7 +393,7 @@ async fn functions_use_redis_clients_with_their_invocations_token() {
 
     // A connection that authenticated while the token was valid loses it at its next command.
     let tenant = stateful_faas_core::tenant::TenantId::new("acme").unwrap();
-    let issued = core.running.as_ref().unwrap().core.tenants.issue_function_token(&tenant, None);
+    let issued = core.running.as_ref().unwrap().core.invoker.tenants.issue_function_token(&tenant, None);
     let mut holder = Command::new(&python)
         .arg(client_script())
         .args(["hold", &url(&core, "acme", &issued.token)])

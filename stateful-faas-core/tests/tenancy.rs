@@ -1,4 +1,4 @@
-//! Tenant isolation on every route (DESIGN.md §3).
+//! Tenant isolation on every route (docs/contracts.md, "Tenants, tokens and trust").
 
 mod common;
 

@@ -11,7 +11,7 @@ pub mod scrape;
 
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
+use contract::semconv::HEADER_SCOPE_ORG_ID;
 
 use crate::Collector;
 use crate::auth::{AuthError, Sender, authenticate};
@@ -68,11 +68,8 @@ pub(crate) fn basic_or_bearer_sender(
     signal: &'static str,
 ) -> Result<Sender, (StatusCode, String)> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let basic_user = get("authorization").and_then(|value| {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(value.strip_prefix("Basic ")?.trim()).ok()?;
-        Some(String::from_utf8(decoded).ok()?.split_once(':')?.0.to_string())
-    });
-    let org = get("x-scope-orgid").map(str::to_string).or(basic_user);
+    let basic_user = get("authorization").and_then(contract::credentials).and_then(|c| c.basic_user);
+    let org = get(HEADER_SCOPE_ORG_ID).map(str::to_string).or(basic_user);
     authenticate(collector.resolver.as_ref(), get("authorization"), org.as_deref()).map_err(|e| {
         collector.metrics.rejected.get_or_create(&RejectLabels { signal, reason: "unauthenticated" }).inc();
         let status =

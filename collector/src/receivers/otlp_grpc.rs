@@ -37,13 +37,14 @@ impl Services {
     fn sender<T>(&self, request: &Request<T>, signal: &'static str) -> Result<Sender, Status> {
         let metadata = request.metadata();
         let get = |key: &str| metadata.get(key).and_then(|v| v.to_str().ok());
-        authenticate(self.0.resolver.as_ref(), get("authorization"), get("x-scope-orgid")).map_err(|e| {
-            self.0.metrics.rejected.get_or_create(&RejectLabels { signal, reason: "unauthenticated" }).inc();
-            match e {
-                crate::auth::AuthError::OrgMismatch { .. } => Status::permission_denied(e.to_string()),
-                _ => Status::unauthenticated(e.to_string()),
-            }
-        })
+        authenticate(self.0.resolver.as_ref(), get("authorization"), get(contract::semconv::HEADER_SCOPE_ORG_ID))
+            .map_err(|e| {
+                self.0.metrics.rejected.get_or_create(&RejectLabels { signal, reason: "unauthenticated" }).inc();
+                match e {
+                    crate::auth::AuthError::OrgMismatch { .. } => Status::permission_denied(e.to_string()),
+                    _ => Status::unauthenticated(e.to_string()),
+                }
+            })
     }
 
     async fn store(

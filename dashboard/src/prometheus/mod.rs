@@ -149,7 +149,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use billing::api::Viewer;
+use contract::Viewer;
 use promql_parser::parser::Expr;
 
 use crate::DashboardState;
@@ -583,7 +583,7 @@ fn scope(state: &DashboardState, headers: &HeaderMap) -> Result<Option<String>, 
     match state.viewer(headers) {
         Ok(Viewer::Tenant(tenant)) => Ok(Some(tenant)),
         Ok(Viewer::Admin) => Ok(headers
-            .get("x-scope-orgid")
+            .get(contract::semconv::HEADER_SCOPE_ORG_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|v| !v.is_empty())

@@ -14,7 +14,7 @@ use crate::flow::executor::{self, RunRequest, RunStatus};
 async fn deploy_flow(core: &BenchCore, yaml: &str) -> anyhow::Result<()> {
     let definition = definition::parse(yaml)?;
     let engine = &core.running.core;
-    engine.flows.deploy(&core.tenant, definition, &engine.functions).await?;
+    engine.flows.store.deploy(&core.tenant, definition, &engine.invoker.functions).await?;
     Ok(())
 }
 
@@ -30,7 +30,7 @@ async fn run_once(core: &BenchCore, flow: &str, input: Bytes) -> anyhow::Result<
         depth: 0,
     };
     let started = Instant::now();
-    let (run_id, done) = executor::start(&core.running.core, request).await?;
+    let (run_id, done) = executor::start(&core.running.core.flows, request).await?;
     let result = done.await?;
     let elapsed = started.elapsed();
     anyhow::ensure!(

@@ -255,7 +255,7 @@ impl Target {
             errors += worker_errors;
         }
         let core = self.core.running.core.clone();
-        tokio::task::spawn_blocking(move || core.telemetry.flush()).await?;
+        tokio::task::spawn_blocking(move || core.invoker.telemetry.flush()).await?;
         let elapsed = started.elapsed();
         let per_request = |cpu: Duration| cpu / requests as u32;
         let (p50, p99) = percentiles(&mut latencies);

@@ -31,13 +31,13 @@ impl BenchCore {
         config.admin_token = Some("bench-admin".into());
         configure(&mut config);
         let running = Core::open(config).await?.start().await?;
-        let credentials = running.core.tenants.create("bench", None).await?;
+        let credentials = running.core.invoker.tenants.create("bench", None).await?;
         let url = format!("http://{}", running.gateway_addr);
         Ok(Self { running, credentials, tenant: TenantId::new("bench")?, url, data_dir })
     }
 
     pub async fn deploy(&self, deployment: serde_json::Value) -> anyhow::Result<()> {
-        self.running.core.functions.deploy(&self.tenant, serde_json::from_value(deployment)?, false).await?;
+        self.running.core.invoker.functions.deploy(&self.tenant, serde_json::from_value(deployment)?, false).await?;
         Ok(())
     }
 

@@ -23,8 +23,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{MALFORMED, Totals, WINDOW_MS};
+use super::{EtlConfig, MALFORMED, Totals, WINDOW_MS};
 use crate::function::builtin::BuiltinContext;
+
+/// One step's builtin, with the operator's settings.
+pub type Step = fn(&BuiltinContext<'_>, &EtlConfig) -> Result<Bytes, String>;
 use crate::state::{ObjectKey, PutOptions, StateError};
 
 /// What flows between stages.
@@ -71,11 +74,11 @@ enum Transport {
     S3(String),
 }
 
-fn transport(context: &BuiltinContext<'_>) -> Result<Transport, String> {
+fn transport(context: &BuiltinContext<'_>, etl: &EtlConfig) -> Result<Transport, String> {
     match context.env.get("ETL_TRANSPORT").map(String::as_str).unwrap_or("inline") {
         "inline" => Ok(Transport::Inline),
         "state" => Ok(Transport::State),
-        "s3" => match context.etl.s3_prefix(context.tenant.as_str()) {
+        "s3" => match etl.s3_prefix(context.tenant.as_str()) {
             Some(prefix) => Ok(Transport::S3(prefix)),
             None => Err("ETL_TRANSPORT=s3 needs an S3 bucket, which the operator has not set (--etl-s3-url)".into()),
         },
@@ -146,7 +149,7 @@ struct Reference {
 }
 
 /// The stage's input data, fetched if the previous stage passed a reference.
-fn receive(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+fn receive(context: &BuiltinContext<'_>, etl: &EtlConfig) -> Result<Bytes, String> {
     let body = &context.invocation.body;
     let reference = match body.len() {
         0..REFERENCE_MAX_BYTES => serde_json::from_slice::<Reference>(body).ok(),
@@ -158,7 +161,7 @@ fn receive(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
             context.state.get(context.tenant, &state_key(context, &key)?, true).map_err(|e| e.to_string())
         }
         ("s3", _, Some(url)) => block_on(async {
-            let url = s3_object(context, &url)?;
+            let url = s3_object(context, etl, &url)?;
             let response = s3(reqwest::Method::GET, &url, None).await?;
             if !response.status().is_success() {
                 return Err(format!("S3 GET {url}: {}", response.status()));
@@ -173,9 +176,9 @@ fn receive(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
 
 /// A referenced S3 object's URL, if it is an object in the tenant's own folder of the operator's
 /// bucket: a reference is input, and must not make the gateway call any other URL.
-fn s3_object(context: &BuiltinContext<'_>, url: &str) -> Result<String, String> {
+fn s3_object(context: &BuiltinContext<'_>, etl: &EtlConfig, url: &str) -> Result<String, String> {
     let refused = || format!("S3 reference {url:?} is not an object of this namespace's folder in the ETL bucket");
-    let prefix = context.etl.s3_prefix(context.tenant.as_str()).ok_or_else(refused)?;
+    let prefix = etl.s3_prefix(context.tenant.as_str()).ok_or_else(refused)?;
     let object = url.strip_prefix(&prefix).and_then(|rest| rest.strip_prefix('/')).ok_or_else(refused)?;
     let safe = |segment: &str| {
         !segment.is_empty()
@@ -190,8 +193,8 @@ fn s3_object(context: &BuiltinContext<'_>, url: &str) -> Result<String, String> 
 }
 
 /// Hands the stage's data on, as the transport says.
-fn send(context: &BuiltinContext<'_>, stage: &str, data: Vec<u8>) -> Result<Bytes, String> {
-    match transport(context)? {
+fn send(context: &BuiltinContext<'_>, etl: &EtlConfig, stage: &str, data: Vec<u8>) -> Result<Bytes, String> {
+    match transport(context, etl)? {
         Transport::Inline => Ok(Bytes::from(data)),
         Transport::State => {
             context
@@ -201,7 +204,7 @@ fn send(context: &BuiltinContext<'_>, stage: &str, data: Vec<u8>) -> Result<Byte
             Ok(Bytes::from(serde_json::json!({"ref": "state", "key": stage}).to_string()))
         }
         Transport::S3(bucket) => {
-            let url = s3_object(context, &format!("{bucket}/{}/{stage}", batch_id(context)))?;
+            let url = s3_object(context, etl, &format!("{bucket}/{}/{stage}", batch_id(context)))?;
             block_on(async {
                 let response = s3(reqwest::Method::PUT, &url, Some(&data)).await?;
                 if !response.status().is_success() {
@@ -226,7 +229,7 @@ fn reject_lines(stage: &str, rejects: &[(&'static str, String)]) -> Vec<u8> {
 
 /// `etl-extract`: parses a batch of JSON lines, or CSV under a header line, into records;
 /// lines that do not parse are rejected as `malformed`.
-pub fn extract(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+pub fn extract(context: &BuiltinContext<'_>, etl: &EtlConfig) -> Result<Bytes, String> {
     let text = std::str::from_utf8(&context.invocation.body).map_err(|_| "the batch is not UTF-8")?;
     let mut lines = text.lines().filter(|line| !line.trim().is_empty()).peekable();
     let csv_header: Option<Vec<&str>> = match lines.peek() {
@@ -258,7 +261,7 @@ pub fn extract(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
             .put(context.tenant, key, Bytes::from(reject_lines("extract", &rejects)), options)
             .map_err(|e| e.to_string())?;
     }
-    send(context, "extract", serde_json::to_vec(&batch).expect("JSON writes to memory"))
+    send(context, etl, "extract", serde_json::to_vec(&batch).expect("JSON writes to memory"))
 }
 
 /// A CSV row (no quoting) as a record; integers become numbers, empty cells are left out.
@@ -314,8 +317,8 @@ fn read_json<T: serde::de::DeserializeOwned + Default>(
 
 /// `etl-aggregate`: sums clean records per one-minute window and borough, adds them to the
 /// per-key window state (bucket `etl-windows`), and hands on the batch's changes.
-pub fn aggregate(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
-    let input: Batch<Clean> = serde_json::from_slice(&receive(context)?).map_err(|e| format!("bad batch: {e}"))?;
+pub fn aggregate(context: &BuiltinContext<'_>, etl: &EtlConfig) -> Result<Bytes, String> {
+    let input: Batch<Clean> = serde_json::from_slice(&receive(context, etl)?).map_err(|e| format!("bad batch: {e}"))?;
     let mut deltas: BTreeMap<(i64, String), Totals> = BTreeMap::new();
     for record in &input.records {
         let window = record.ts - record.ts.rem_euclid(WINDOW_MS);
@@ -346,7 +349,7 @@ pub fn aggregate(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
             .map(|((window_start_ms, borough), totals)| WindowDelta { window_start_ms, borough, totals })
             .collect(),
     };
-    send(context, "aggregate", serde_json::to_vec(&output).expect("JSON writes to memory"))
+    send(context, etl, "aggregate", serde_json::to_vec(&output).expect("JSON writes to memory"))
 }
 
 /// The summary object (`etl-summary/summary`): everything loaded so far.
@@ -361,10 +364,10 @@ pub struct Summary {
 /// `etl-load`: adds the batch's window changes to the `etl_windows` table of the tenant's
 /// database (SQLite or PostgreSQL, as the operator set it) exactly once per batch
 /// (`etl_batches` records it in the same transaction), then updates the summary object.
-pub fn load(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
-    let url = &context.etl.database_url(context.tenant.as_str());
+pub fn load(context: &BuiltinContext<'_>, etl: &EtlConfig) -> Result<Bytes, String> {
+    let url = &etl.database_url(context.tenant.as_str());
     let input: Batch<WindowDelta> =
-        serde_json::from_slice(&receive(context)?).map_err(|e| format!("bad batch: {e}"))?;
+        serde_json::from_slice(&receive(context, etl)?).map_err(|e| format!("bad batch: {e}"))?;
     let loaded: i64 = input.records.iter().map(|w| w.totals.trips).sum();
     let rejected: u64 = input.rejected.values().sum();
     let fresh = block_on(database(url)?.load(context.tenant.as_str(), &input, loaded, rejected))

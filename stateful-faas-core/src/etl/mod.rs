@@ -10,8 +10,11 @@
 pub mod functions;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use crate::function::builtin::{Builtins, Cost};
 
 /// Zones 1..=ZONES exist in the lookup table; each belongs to one borough.
 pub const ZONES: u32 = 40;
@@ -48,6 +51,18 @@ pub struct EtlConfig {
 /// replace them.
 pub const OPERATOR_SETTINGS: [(&str, &str); 2] =
     [("ETL_DATABASE_URL", "--etl-database-url"), ("ETL_S3_URL", "--etl-s3-url")];
+
+/// Registers `etl-extract`, `etl-aggregate` and `etl-load`, loading and staging where `config`
+/// says.
+pub fn register(builtins: &mut Builtins, config: EtlConfig) {
+    let config = Arc::new(config);
+    let steps: [(&'static str, functions::Step); 3] =
+        [("etl-extract", functions::extract), ("etl-aggregate", functions::aggregate), ("etl-load", functions::load)];
+    for (name, step) in steps {
+        let config = config.clone();
+        builtins.register(name, Cost::Blocking, &OPERATOR_SETTINGS, Arc::new(move |context| step(context, &config)));
+    }
+}
 
 impl EtlConfig {
     pub fn new(data_dir: &std::path::Path) -> Self {

@@ -22,12 +22,11 @@ use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinSet;
 
 use super::FlowError;
+use super::Flows;
 use super::definition::{Flow, FlowOutput, Node, NodeTarget};
 use super::journal::{Entry, INLINE_OUTPUT_BYTES, NodeRecord, RunEnd};
 use crate::function::Invocation;
 use crate::function::outbound::Outbound;
-use crate::gateway::Core;
-use crate::gateway::invoke::dispatch;
 use crate::semconv;
 use crate::state::metering::ByteSeconds;
 use crate::state::{ObjectKey, PutOptions};
@@ -96,18 +95,22 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Starts a run: it is committed to the journal, then executed in the background. The
 /// receiver yields the result when the run ends.
-pub async fn start(core: &Arc<Core>, request: RunRequest) -> Result<(String, oneshot::Receiver<RunResult>), FlowError> {
+pub async fn start(
+    flows: &Arc<Flows>,
+    request: RunRequest,
+) -> Result<(String, oneshot::Receiver<RunResult>), FlowError> {
     if request.depth > MAX_DEPTH {
         return Err(FlowError::TooDeep(MAX_DEPTH));
     }
-    let flow = core
-        .flows
+    let flow = flows
+        .store
         .get(&request.tenant, &request.flow)
         .ok_or_else(|| FlowError::NotFound { tenant: request.tenant.to_string(), name: request.flow.clone() })?;
     let run_id = uuid::Uuid::now_v7().to_string();
     let definition = serde_json::to_string(&flow.definition).expect("flow definitions serialize");
-    core.state.register(&request.tenant, &run_id)?;
-    core.flow_journal
+    flows.invoker.state.register(&request.tenant, &run_id)?;
+    flows
+        .journal
         .create_run(
             &request.tenant,
             &run_id,
@@ -128,12 +131,12 @@ pub async fn start(core: &Arc<Core>, request: RunRequest) -> Result<(String, one
         traceparent: request.traceparent,
         depth: request.depth,
     };
-    Ok((run_id, spawn(core.clone(), run, Finished::new())))
+    Ok((run_id, spawn(flows.clone(), run, Finished::new())))
 }
 
 /// Resumes the runs a stop interrupted; nodes committed as finished are not run again.
-pub async fn resume_interrupted(core: &Arc<Core>) -> Result<usize, FlowError> {
-    let interrupted = core.flow_journal.interrupted().await?;
+pub async fn resume_interrupted(flows: &Arc<Flows>) -> Result<usize, FlowError> {
+    let interrupted = flows.journal.interrupted().await?;
     let count = interrupted.len();
     for run in interrupted {
         let Ok(tenant) = TenantId::new(&run.tenant) else { continue };
@@ -153,7 +156,7 @@ pub async fn resume_interrupted(core: &Arc<Core>) -> Result<usize, FlowError> {
         };
         if run.parent_run.is_some() {
             // A sub-flow run: its parent resumes and runs the sub-flow node again.
-            finish_abandoned(core, &tenant, &run.run_id, "interrupted; the parent run runs this sub-flow again").await;
+            finish_abandoned(flows, &tenant, &run.run_id, "interrupted; the parent run runs this sub-flow again").await;
             continue;
         }
         let mut finished = Finished::new();
@@ -169,7 +172,7 @@ pub async fn resume_interrupted(core: &Arc<Core>) -> Result<usize, FlowError> {
                 _ => tracing::info!(run_id = %run.run_id, %node, "output lost with the restart; the node runs again"),
             }
         }
-        if core.state.register(&tenant, &run.run_id).is_err() {
+        if flows.invoker.state.register(&tenant, &run.run_id).is_err() {
             tracing::warn!(run_id = %run.run_id, "state job already registered");
         }
         tracing::info!(run_id = %run.run_id, flow = flow.name(), finished = finished.len(), "resuming flow run");
@@ -182,13 +185,14 @@ pub async fn resume_interrupted(core: &Arc<Core>) -> Result<usize, FlowError> {
             traceparent: run.traceparent,
             depth: 0,
         };
-        drop(spawn(core.clone(), resumed, finished));
+        drop(spawn(flows.clone(), resumed, finished));
     }
     Ok(count)
 }
 
-async fn finish_abandoned(core: &Arc<Core>, tenant: &TenantId, run_id: &str, reason: &str) {
-    core.flow_journal
+async fn finish_abandoned(flows: &Arc<Flows>, tenant: &TenantId, run_id: &str, reason: &str) {
+    flows
+        .journal
         .finish_run(RunEnd {
             tenant: tenant.clone(),
             run_id: run_id.to_string(),
@@ -200,14 +204,14 @@ async fn finish_abandoned(core: &Arc<Core>, tenant: &TenantId, run_id: &str, rea
         .await;
 }
 
-fn spawn(core: Arc<Core>, run: Run, finished: Finished) -> oneshot::Receiver<RunResult> {
+fn spawn(flows: Arc<Flows>, run: Run, finished: Finished) -> oneshot::Receiver<RunResult> {
     let (sender, receiver) = oneshot::channel();
-    let cancel = core.flows.track(&run.tenant, &run.run_id);
+    let cancel = flows.store.track(&run.tenant, &run.run_id);
     tokio::spawn(async move {
-        let result = execute(&core, &run, finished, cancel).await;
-        core.flows.untrack(&run.tenant, &run.run_id);
+        let result = execute(&flows, &run, finished, cancel).await;
+        flows.store.untrack(&run.tenant, &run.run_id);
         if let Some(url) = &run.callback_url {
-            post_callback(&core.outbound, url, &result).await;
+            post_callback(&flows.invoker.outbound, url, &result).await;
         }
         let _ = sender.send(result);
     });
@@ -236,12 +240,12 @@ struct NodeResult {
     attempts: u32,
 }
 
-async fn execute(core: &Arc<Core>, run: &Run, finished: Finished, mut cancel: watch::Receiver<bool>) -> RunResult {
-    let tracer = core.telemetry.tracer(&run.tenant);
+async fn execute(flows: &Arc<Flows>, run: &Run, finished: Finished, mut cancel: watch::Receiver<bool>) -> RunResult {
+    let tracer = flows.invoker.telemetry.tracer(&run.tenant);
     let parent = telemetry::extract_parent(run.traceparent.as_deref());
     let mut flow_span = tracer.as_ref().map(|tracer| {
         tracer
-            .span_builder(format!("flow {}", run.flow.name()))
+            .span_builder(format!("{}{}", semconv::FLOW_SPAN_PREFIX, run.flow.name()))
             .with_kind(SpanKind::Server)
             .with_attributes([
                 KeyValue::new(semconv::SFAAS_FLOW_NAME, run.flow.name().to_string()),
@@ -256,7 +260,7 @@ async fn execute(core: &Arc<Core>, run: &Run, finished: Finished, mut cancel: wa
     for (i, node) in nodes.iter().enumerate() {
         match finished.get(&node.id) {
             Some(Some(output)) => {
-                store_output(core, run, node, output.clone()).ok();
+                store_output(flows, run, node, output.clone()).ok();
                 states[i] = NodeState::Done(output.clone());
             }
             Some(None) => states[i] = NodeState::Skipped,
@@ -280,19 +284,19 @@ async fn execute(core: &Arc<Core>, run: &Run, finished: Finished, mut cancel: wa
             let live: Vec<usize> =
                 node.needs.iter().copied().filter(|&n| matches!(states[n], NodeState::Done(_))).collect();
             if !node.needs.is_empty() && live.is_empty() {
-                skip(core, run, i, &mut states).await;
+                skip(flows, run, i, &mut states).await;
                 continue;
             }
             let input = node_input(run, node, &live, &states);
             if let Some(condition) = &node.when {
                 let value = as_json(&input);
                 if !condition.eval(&value) {
-                    skip(core, run, i, &mut states).await;
+                    skip(flows, run, i, &mut states).await;
                     continue;
                 }
             }
             states[i] = NodeState::Running;
-            launch(core, run, i, input, flow_context.clone(), &mut tasks).await;
+            launch(flows, run, i, input, flow_context.clone(), &mut tasks).await;
         }
         if tasks.is_empty() {
             break;
@@ -309,15 +313,15 @@ async fn execute(core: &Arc<Core>, run: &Run, finished: Finished, mut cancel: wa
         let node = &nodes[index];
         match result {
             Ok(output) => {
-                let stored = store_output(core, run, node, output.clone());
-                journal_node(core, run, node, "succeeded", attempts, Some(&output), stored.err()).await;
+                let stored = store_output(flows, run, node, output.clone());
+                journal_node(flows, run, node, "succeeded", attempts, Some(&output), stored.err()).await;
                 states[index] = NodeState::Done(output.clone());
                 if let Some(caught) = catching.remove(&index) {
                     states[caught] = NodeState::Done(output);
                 }
             }
             Err(message) => {
-                journal_node(core, run, node, "failed", attempts, None, Some(message.clone())).await;
+                journal_node(flows, run, node, "failed", attempts, None, Some(message.clone())).await;
                 states[index] = NodeState::Failed;
                 match node.catch {
                     Some(catch) if matches!(states[catch], NodeState::Pending) => {
@@ -328,7 +332,7 @@ async fn execute(core: &Arc<Core>, run: &Run, finished: Finished, mut cancel: wa
                         states[catch] = NodeState::Running;
                         catching.insert(catch, index);
                         let input = Bytes::from(serde_json::to_vec(&input).expect("json"));
-                        launch(core, run, catch, input, flow_context.clone(), &mut tasks).await;
+                        launch(flows, run, catch, input, flow_context.clone(), &mut tasks).await;
                     }
                     _ => {
                         failure = Some(format!("node {}: {message}", node.id));
@@ -343,7 +347,7 @@ async fn execute(core: &Arc<Core>, run: &Run, finished: Finished, mut cancel: wa
         for (i, state) in states.iter().enumerate() {
             if matches!(state, NodeState::Running) {
                 let reason = if cancelled { "run cancelled" } else { "run failed elsewhere" };
-                journal_node(core, run, &nodes[i], "cancelled", 0, None, Some(reason.to_string())).await;
+                journal_node(flows, run, &nodes[i], "cancelled", 0, None, Some(reason.to_string())).await;
             }
         }
     }
@@ -355,8 +359,9 @@ async fn execute(core: &Arc<Core>, run: &Run, finished: Finished, mut cancel: wa
     } else {
         (RunStatus::Succeeded, Some(flow_output(&run.flow, &states)), None)
     };
-    let state_byte_seconds = core.state.deregister(&run.tenant, &run.run_id).unwrap_or_default();
-    core.flow_journal
+    let state_byte_seconds = flows.invoker.state.deregister(&run.tenant, &run.run_id).unwrap_or_default();
+    flows
+        .journal
         .finish_run(RunEnd {
             tenant: run.tenant.clone(),
             run_id: run.run_id.clone(),
@@ -377,13 +382,13 @@ async fn execute(core: &Arc<Core>, run: &Run, finished: Finished, mut cancel: wa
     RunResult { run_id: run.run_id.clone(), status, output, error, state_byte_seconds }
 }
 
-async fn skip(core: &Arc<Core>, run: &Run, index: usize, states: &mut [NodeState]) {
+async fn skip(flows: &Arc<Flows>, run: &Run, index: usize, states: &mut [NodeState]) {
     states[index] = NodeState::Skipped;
-    journal_node(core, run, &run.flow.nodes[index], "skipped", 0, None, None).await;
+    journal_node(flows, run, &run.flow.nodes[index], "skipped", 0, None, None).await;
 }
 
 async fn launch(
-    core: &Arc<Core>,
+    flows: &Arc<Flows>,
     run: &Run,
     index: usize,
     input: Bytes,
@@ -391,11 +396,12 @@ async fn launch(
     tasks: &mut JoinSet<NodeResult>,
 ) {
     let node = &run.flow.nodes[index];
-    core.flow_journal
+    flows
+        .journal
         .record(Entry::NodeStarted { tenant: run.tenant.clone(), run_id: run.run_id.clone(), node: node.id.clone() })
         .await;
     let context = NodeContext {
-        core: core.clone(),
+        flows: flows.clone(),
         tenant: run.tenant.clone(),
         run_id: run.run_id.clone(),
         flow: run.flow.clone(),
@@ -411,7 +417,7 @@ async fn launch(
 /// What a node's task needs (owned: it runs on its own task).
 #[derive(Clone)]
 struct NodeContext {
-    core: Arc<Core>,
+    flows: Arc<Flows>,
     tenant: TenantId,
     run_id: String,
     flow: Arc<Flow>,
@@ -428,12 +434,12 @@ impl NodeContext {
 /// Runs one node with its retries, inside its `node` span.
 async fn run_node(context: &NodeContext, input: Bytes, parent: Option<SpanContext>) -> (Result<Bytes, String>, u32) {
     let node = context.node();
-    let tracer = context.core.telemetry.tracer(&context.tenant);
+    let tracer = context.flows.invoker.telemetry.tracer(&context.tenant);
     let mut span = tracer.as_ref().map(|tracer| {
         let parent = parent
             .map_or_else(opentelemetry::Context::new, |p| opentelemetry::Context::new().with_remote_span_context(p));
         tracer
-            .span_builder(format!("node {}", node.id))
+            .span_builder(format!("{}{}", semconv::NODE_SPAN_PREFIX, node.id))
             .with_kind(SpanKind::Internal)
             .with_attributes([
                 KeyValue::new(semconv::SFAAS_FLOW_RUN_ID, context.run_id.clone()),
@@ -563,8 +569,11 @@ fn call(
                         traceparent,
                         job: Some(context.run_id.clone()),
                     };
-                    let outcome =
-                        dispatch(&context.core, &context.tenant, function, invocation, semconv::TRIGGER_OTHER).await;
+                    let outcome = context
+                        .flows
+                        .invoker
+                        .dispatch(&context.tenant, function, invocation, semconv::TRIGGER_OTHER)
+                        .await;
                     if outcome.status < 400 {
                         return Ok(outcome.body);
                     }
@@ -585,7 +594,7 @@ fn call(
                         parent_run: Some(context.run_id.clone()),
                         depth: context.depth + 1,
                     };
-                    let (run_id, done) = start(&context.core, request)
+                    let (run_id, done) = start(&context.flows, request)
                         .await
                         .map_err(|e| Failure { message: format!("sub-flow {flow}: {e}"), retriable: false })?;
                     let result = done.await.map_err(|_| Failure {
@@ -654,13 +663,17 @@ pub fn as_json(bytes: &[u8]) -> Value {
 
 /// Puts a node's output in the run's job; an error (quota) is recorded, not fatal: the output
 /// still flows to dependents in memory.
-fn store_output(core: &Core, run: &Run, node: &Node, output: Bytes) -> Result<(), String> {
+fn store_output(flows: &Flows, run: &Run, node: &Node, output: Bytes) -> Result<(), String> {
     let key = ObjectKey::new(Some(&run.run_id), OUTPUT_BUCKET, &node.id).map_err(|e| e.to_string())?;
-    core.state.put(&run.tenant, key, output, PutOptions::default()).map_err(|e| format!("output not stored: {e}"))
+    flows
+        .invoker
+        .state
+        .put(&run.tenant, key, output, PutOptions::default())
+        .map_err(|e| format!("output not stored: {e}"))
 }
 
 async fn journal_node(
-    core: &Core,
+    flows: &Flows,
     run: &Run,
     node: &Node,
     state: &'static str,
@@ -669,7 +682,8 @@ async fn journal_node(
     error: Option<String>,
 ) {
     let inline = output.filter(|o| o.len() <= INLINE_OUTPUT_BYTES).cloned();
-    core.flow_journal
+    flows
+        .journal
         .record(Entry::NodeFinished(NodeRecord {
             tenant: run.tenant.clone(),
             run_id: run.run_id.clone(),

@@ -40,6 +40,21 @@ pub enum FlowError {
 
 type Key = (TenantId, String);
 
+/// The flow layer: deployed flows, the journal of runs and the streams, over the runtime that
+/// runs their nodes.
+pub struct Flows {
+    pub invoker: Arc<crate::invoker::Invoker>,
+    pub store: FlowStore,
+    pub journal: journal::Journal,
+    pub streams: stream::Streams,
+}
+
+impl Flows {
+    pub fn new(invoker: Arc<crate::invoker::Invoker>, store: FlowStore, journal: journal::Journal) -> Self {
+        Self { invoker, store, journal, streams: Default::default() }
+    }
+}
+
 /// Deployed flows, and the cancel switches of running runs.
 pub struct FlowStore {
     pool: sqlx::SqlitePool,

@@ -16,9 +16,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::FlowError;
+use super::Flows;
 use super::definition::{Batching, Flow};
 use super::executor::{self, RunRequest};
-use crate::gateway::Core;
 use crate::tenant::TenantId;
 
 /// How a request's records are written.
@@ -82,14 +82,14 @@ impl Streams {
     /// Accepts a request's records into the flow's stream; resolves once they are in runs.
     pub async fn send(
         &self,
-        core: &Arc<Core>,
+        flows: &Arc<Flows>,
         tenant: &TenantId,
         flow_name: &str,
         format: Format,
         body: Bytes,
     ) -> Result<Accepted, StreamError> {
-        let flow = core
-            .flows
+        let flow = flows
+            .store
             .get(tenant, flow_name)
             .ok_or_else(|| FlowError::NotFound { tenant: tenant.to_string(), name: flow_name.to_string() })?;
         let (format, records) = split(format, body)?;
@@ -110,7 +110,7 @@ impl Streams {
                 // the old one cuts what it holds and ends.
                 let pending = Arc::new(Semaphore::new(limit));
                 let (sender, receiver) = mpsc::unbounded_channel();
-                tokio::spawn(batch(Arc::downgrade(core), tenant.clone(), flow.clone(), receiver));
+                tokio::spawn(batch(Arc::downgrade(flows), tenant.clone(), flow.clone(), receiver));
                 batchers.insert(key.clone(), Batcher { flow: flow.clone(), sender, pending });
             }
             let batcher = &batchers[&key];
@@ -180,7 +180,7 @@ struct Waiter {
 }
 
 /// The batcher of one stream: fills batches from the chunks, cuts them, runs them.
-async fn batch(core: Weak<Core>, tenant: TenantId, flow: Arc<Flow>, mut chunks: mpsc::UnboundedReceiver<Chunk>) {
+async fn batch(flows: Weak<Flows>, tenant: TenantId, flow: Arc<Flow>, mut chunks: mpsc::UnboundedReceiver<Chunk>) {
     let policy = flow.batching;
     let runs = Arc::new(Semaphore::new(policy.max_runs));
     let mut open: Option<Batch> = None;
@@ -190,7 +190,7 @@ async fn batch(core: Weak<Core>, tenant: TenantId, flow: Arc<Flow>, mut chunks: 
             Some(deadline) => tokio::select! {
                 chunk = chunks.recv() => chunk,
                 _ = tokio::time::sleep_until(deadline) => {
-                    let _ = cut(&core, &tenant, &flow, &runs, open.take()).await;
+                    let _ = cut(&flows, &tenant, &flow, &runs, open.take()).await;
                     continue;
                 }
             },
@@ -201,7 +201,7 @@ async fn batch(core: Weak<Core>, tenant: TenantId, flow: Arc<Flow>, mut chunks: 
         let mut failed = None;
         for record in records {
             if open.as_ref().is_some_and(|b| b.format != format)
-                && let Err(e) = cut(&core, &tenant, &flow, &runs, open.take()).await
+                && let Err(e) = cut(&flows, &tenant, &flow, &runs, open.take()).await
             {
                 failed = Some(e);
             }
@@ -210,7 +210,7 @@ async fn batch(core: Weak<Core>, tenant: TenantId, flow: Arc<Flow>, mut chunks: 
             batch.body.extend_from_slice(b"\n");
             batch.records += 1;
             if batch.records >= policy.max_records || batch.body.len() >= policy.max_bytes {
-                match cut(&core, &tenant, &flow, &runs, open.take()).await {
+                match cut(&flows, &tenant, &flow, &runs, open.take()).await {
                     Ok(Some(run)) => accepted.runs.push(run),
                     Ok(None) => {}
                     Err(e) => failed = Some(e),
@@ -228,7 +228,7 @@ async fn batch(core: Weak<Core>, tenant: TenantId, flow: Arc<Flow>, mut chunks: 
             }
         }
     }
-    let _ = cut(&core, &tenant, &flow, &runs, open.take()).await;
+    let _ = cut(&flows, &tenant, &flow, &runs, open.take()).await;
 }
 
 fn new_batch(format: &Format, policy: &Batching) -> Batch {
@@ -242,7 +242,7 @@ fn new_batch(format: &Format, policy: &Batching) -> Batch {
 
 /// Starts a run of the batch once a run slot is free, and answers the requests it completes.
 async fn cut(
-    core: &Weak<Core>,
+    flows: &Weak<Flows>,
     tenant: &TenantId,
     flow: &Flow,
     runs: &Arc<Semaphore>,
@@ -250,9 +250,9 @@ async fn cut(
 ) -> Result<Option<String>, String> {
     let Some(batch) = batch else { return Ok(None) };
     let slot = runs.clone().acquire_owned().await.expect("the run semaphore is never closed");
-    let started = match core.upgrade() {
+    let started = match flows.upgrade() {
         None => Err("the gateway is shutting down".to_string()),
-        Some(core) => {
+        Some(flows) => {
             let request = RunRequest {
                 tenant: tenant.clone(),
                 flow: flow.name().to_string(),
@@ -262,7 +262,7 @@ async fn cut(
                 parent_run: None,
                 depth: 0,
             };
-            executor::start(&core, request).await.map_err(|e| e.to_string())
+            executor::start(&flows, request).await.map_err(|e| e.to_string())
         }
     };
     match started {

@@ -1,4 +1,5 @@
-//! `builtin` functions: Rust functions compiled into the binary (examples and benchmarks).
+//! `builtin` functions: Rust functions compiled into the binary (examples and benchmarks),
+//! registered by name in [`Builtins`].
 //!
 //! Quick builtins with small inputs run on the calling task; the others on a blocking thread.
 //! Either way, CPU time is the running thread's CPU clock. A builtin that overruns its timeout
@@ -22,56 +23,110 @@ pub struct BuiltinContext<'a> {
     pub state: &'a StateStore,
     /// The deployment's environment (`envVars`).
     pub env: &'a std::collections::BTreeMap<String, String>,
-    pub etl: &'a crate::etl::EtlConfig,
 }
 
-/// A builtin: request body in, response body out, or an error message (500).
-type BuiltinFn = fn(&BuiltinContext<'_>) -> Result<Bytes, String>;
+/// A builtin's code: request body in, response body out, or an error message (500).
+pub type BuiltinFn = Arc<dyn Fn(&BuiltinContext<'_>) -> Result<Bytes, String> + Send + Sync>;
+
+/// A builtin without state of its own, as the platform's are.
+type Plain = fn(&BuiltinContext<'_>) -> Result<Bytes, String>;
 
 /// How long a builtin may run: `Quick` ones do bounded work proportional to their input and run
 /// on the calling task when the input is small; the others always get a blocking thread.
-#[derive(Clone, Copy, PartialEq)]
-enum Cost {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cost {
     Quick,
     Blocking,
 }
 
-const BUILTINS: &[(&str, BuiltinFn, Cost)] = &[
-    ("noop", noop, Cost::Quick),
-    ("echo", echo, Cost::Quick),
-    ("uppercase", uppercase, Cost::Quick),
-    ("wordcount", wordcount, Cost::Quick),
-    ("cpu-burn", cpu_burn, Cost::Blocking),
-    ("sleep", sleep, Cost::Blocking),
-    ("fail", fail, Cost::Quick),
-    ("blob-make", blob_make, Cost::Blocking),
-    ("blob-sum", blob_sum, Cost::Quick),
-    ("spill-make", spill_make, Cost::Blocking),
-    ("spill-sum", spill_sum, Cost::Blocking),
-    ("etl-extract", crate::etl::functions::extract, Cost::Blocking),
-    ("etl-aggregate", crate::etl::functions::aggregate, Cost::Blocking),
-    ("etl-load", crate::etl::functions::load, Cost::Blocking),
-];
+/// One builtin, as registered.
+#[derive(Clone)]
+struct Builtin {
+    run: BuiltinFn,
+    cost: Cost,
+    /// Environment variables a deployment may not set, with the operator's flag that does.
+    operator_settings: &'static [(&'static str, &'static str)],
+}
+
+/// The builtins a core offers: the platform's own ([`Builtins::standard`]) and those
+/// registered beside them (the ETL example's, say), by name.
+#[derive(Clone)]
+pub struct Builtins {
+    by_name: std::collections::BTreeMap<&'static str, Builtin>,
+}
+
+impl std::fmt::Debug for Builtins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.by_name.keys()).finish()
+    }
+}
+
+impl Default for Builtins {
+    fn default() -> Self {
+        Self::standard()
+    }
+}
+
+impl Builtins {
+    /// The platform's own builtins: examples and benchmarks.
+    pub fn standard() -> Self {
+        let mut builtins = Self { by_name: Default::default() };
+        let standard: [(&'static str, Plain, Cost); 11] = [
+            ("noop", noop, Cost::Quick),
+            ("echo", echo, Cost::Quick),
+            ("uppercase", uppercase, Cost::Quick),
+            ("wordcount", wordcount, Cost::Quick),
+            ("cpu-burn", cpu_burn, Cost::Blocking),
+            ("sleep", sleep, Cost::Blocking),
+            ("fail", fail, Cost::Quick),
+            ("blob-make", blob_make, Cost::Blocking),
+            ("blob-sum", blob_sum, Cost::Quick),
+            ("spill-make", spill_make, Cost::Blocking),
+            ("spill-sum", spill_sum, Cost::Blocking),
+        ];
+        for (name, run, cost) in standard {
+            builtins.register(name, cost, &[], Arc::new(run));
+        }
+        builtins
+    }
+
+    /// Adds (or replaces) a builtin. `operator_settings` names the environment variables only
+    /// the operator sets, each with the flag that does: a deployment setting one is refused.
+    pub fn register(
+        &mut self,
+        name: &'static str,
+        cost: Cost,
+        operator_settings: &'static [(&'static str, &'static str)],
+        run: BuiltinFn,
+    ) {
+        self.by_name.insert(name, Builtin { run, cost, operator_settings });
+    }
+
+    /// Names of all builtins.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.by_name.keys().copied().collect()
+    }
+
+    /// Whether a deployment of builtin `name` with `env` may run here.
+    pub fn check(&self, name: &str, env: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+        let builtin = self
+            .by_name
+            .get(name)
+            .ok_or_else(|| format!("no builtin named {name:?}; known: {}", self.names().join(", ")))?;
+        match builtin.operator_settings.iter().find(|(var, _)| env.contains_key(*var)) {
+            Some((var, flag)) => Err(format!(
+                "envVars.{var}: builtin {name} takes it from the operator (sfaas up {flag}), not from a deployment"
+            )),
+            None => Ok(()),
+        }
+    }
+}
 
 /// Inputs up to this size let a `Quick` builtin run inline (a thread hand-off costs more).
 const INLINE_INPUT_BYTES: usize = 64 << 10;
 
 /// Largest blob `blob-make` and `spill-make` produce.
 const MAX_BLOB_BYTES: u64 = 256 << 20;
-
-/// Whether a builtin of this name exists.
-pub fn exists(name: &str) -> bool {
-    lookup(name).is_some()
-}
-
-/// Names of all builtins.
-pub fn names() -> Vec<&'static str> {
-    BUILTINS.iter().map(|(name, _, _)| *name).collect()
-}
-
-fn lookup(name: &str) -> Option<(BuiltinFn, Cost)> {
-    BUILTINS.iter().find(|(known, _, _)| *known == name).map(|(_, function, cost)| (*function, *cost))
-}
 
 /// Builtin threads one tenant may have at once (a timed-out builtin keeps its thread to its
 /// end), so that no tenant fills the blocking pool that every tenant's builtins share.
@@ -80,23 +135,22 @@ pub const THREADS_PER_TENANT: usize = 16;
 /// Runs one invocation of a builtin function; one that needs a thread takes one of its
 /// tenant's `threads` until the thread ends.
 pub async fn run(
+    builtins: &Builtins,
     spec: &FunctionSpec,
     name: &str,
     context: &RunContext<'_>,
     invocation: &Invocation,
     threads: &Arc<Semaphore>,
 ) -> Result<Outcome, FunctionError> {
-    let (function, cost) = lookup(name)
+    let Builtin { run: function, cost, .. } = builtins
+        .by_name
+        .get(name)
+        .cloned()
         .ok_or_else(|| FunctionError::Start { name: spec.name.clone(), message: format!("no builtin {name}") })?;
     if cost == Cost::Quick && invocation.body.len() <= INLINE_INPUT_BYTES {
         let before = process::thread_cpu_ns();
-        let result = function(&BuiltinContext {
-            invocation,
-            tenant: context.tenant,
-            state: context.state,
-            env: &spec.env,
-            etl: context.etl,
-        });
+        let result =
+            function(&BuiltinContext { invocation, tenant: context.tenant, state: context.state, env: &spec.env });
         let usage = Usage { cpu_ns: process::thread_cpu_ns() - before, peak_memory_bytes: 0, cold_start: false };
         return Ok(outcome(result, usage));
     }
@@ -108,12 +162,10 @@ pub async fn run(
     let tenant = context.tenant.clone();
     let state = context.state.clone();
     let env = spec.env.clone();
-    let etl = context.etl.clone();
     let mut task = tokio::task::spawn_blocking(move || {
         let _thread = thread;
         let before = process::thread_cpu_ns();
-        let result =
-            function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &env, etl: &etl });
+        let result = function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &env });
         (result, process::thread_cpu_ns() - before)
     });
     let (result, cpu_ns) = match tokio::time::timeout(spec.limits.timeout, &mut task).await {
@@ -281,7 +333,7 @@ mod tests {
     use crate::state::StateConfig;
     use crate::state::metering::SystemClock;
 
-    fn call(function: BuiltinFn, tenant: &str, body: &str) -> Result<Bytes, String> {
+    fn call(function: Plain, tenant: &str, body: &str) -> Result<Bytes, String> {
         let invocation = Invocation {
             call_id: "t".into(),
             method: "POST".into(),
@@ -294,14 +346,20 @@ mod tests {
         };
         let state = StateStore::new(StateConfig::default(), std::sync::Arc::new(SystemClock), Default::default());
         let tenant = TenantId::new(tenant).unwrap();
-        let etl = crate::etl::EtlConfig::new(std::path::Path::new("/nonexistent"));
-        function(&BuiltinContext {
-            invocation: &invocation,
-            tenant: &tenant,
-            state: &state,
-            env: &Default::default(),
-            etl: &etl,
-        })
+        function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &Default::default() })
+    }
+
+    #[test]
+    fn deployments_name_a_registered_builtin_and_leave_the_operators_settings_alone() {
+        let mut builtins = Builtins::standard();
+        let env = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert!(builtins.check("echo", &env(&[])).is_ok());
+        let unknown = builtins.check("nope", &env(&[])).unwrap_err();
+        assert!(unknown.contains("no builtin named \"nope\"") && unknown.contains("echo"), "{unknown}");
+        builtins.register("loader", Cost::Blocking, &[("LOAD_URL", "--load-url")], Arc::new(noop));
+        assert!(builtins.check("loader", &env(&[("OTHER", "1")])).is_ok());
+        let refused = builtins.check("loader", &env(&[("LOAD_URL", "sqlite:///etc/passwd")])).unwrap_err();
+        assert!(refused.contains("envVars.LOAD_URL") && refused.contains("--load-url"), "{refused}");
     }
 
     #[test]

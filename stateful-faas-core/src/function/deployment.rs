@@ -183,21 +183,6 @@ impl FunctionDeployment {
             FunctionKind::Builtin => {
                 let name = non_empty(&self.builtin)
                     .ok_or_else(|| invalid("a builtin function needs `builtin` (its name)".into()))?;
-                if !super::builtin::exists(name) {
-                    return Err(invalid(format!(
-                        "no builtin named {name:?}; known: {}",
-                        super::builtin::names().join(", ")
-                    )));
-                }
-                if name.starts_with("etl-")
-                    && let Some((var, flag)) =
-                        crate::etl::OPERATOR_SETTINGS.iter().find(|(var, _)| self.env_vars.contains_key(*var))
-                {
-                    return Err(invalid(format!(
-                        "envVars.{var}: the ETL functions' database and bucket are the operator's to set \
-                         (sfaas up {flag}), not a function's"
-                    )));
-                }
                 Target::Builtin { name: name.to_string() }
             }
         };
@@ -394,8 +379,6 @@ mod tests {
         assert!(missing.resolve().unwrap_err().to_string().contains("set `kind`"));
         let bad_name = FunctionDeployment { service: "Bad_Name".into(), ..Default::default() };
         assert!(matches!(bad_name.resolve(), Err(DeploymentError::Name(_))));
-        let unknown = FunctionDeployment { service: "x".into(), builtin: Some("nope".into()), ..Default::default() };
-        assert!(unknown.resolve().unwrap_err().to_string().contains("no builtin named"));
         let both = FunctionDeployment {
             service: "x".into(),
             kind: Some(FunctionKind::Http),

@@ -1,7 +1,8 @@
 //! Functions: what a deployed function is and how each kind runs one invocation.
 //!
-//! Every runner returns an [`Outcome`] with the usage it measured; the gateway turns it into
-//! the response, the span and the metrics (`gateway::invoke`).
+//! Every runner returns an [`Outcome`] with the usage it measured; the invoker turns it into
+//! the span and the metrics ([`crate::invoker::Invoker::dispatch`]), the trigger into a
+//! response.
 
 pub mod builtin;
 pub mod cgroup;
@@ -67,8 +68,8 @@ pub struct RunContext<'a> {
     pub state_addresses: Option<&'a StateAddresses>,
     /// Valid while the invocation runs; reaches the tenant's job-less objects and `job`'s.
     pub state_token: &'a str,
-    /// Where the ETL builtins load and stage data.
-    pub etl: &'a std::sync::Arc<crate::etl::EtlConfig>,
+    /// The builtins, for builtin functions.
+    pub builtins: &'a builtin::Builtins,
 }
 
 impl RunContext<'_> {
@@ -111,7 +112,8 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// CPU-ms as billed: rounded up to a whole millisecond, at least 1 (DESIGN.md §4).
+    /// CPU-ms as billed: rounded up to a whole millisecond, at least 1 (docs/contracts.md,
+    /// "Telemetry contract").
     pub fn cpu_ms(&self) -> u64 {
         self.cpu_ns.div_ceil(1_000_000).max(1)
     }

@@ -6,10 +6,11 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::builtin::{self, Builtins};
 use super::deployment::{DeploymentError, FunctionDeployment, FunctionSpec, Target};
 use super::http::{InstanceMeter, InstanceUsage, ManagedPool};
 use super::sandbox::Sandbox;
-use super::{FunctionError, Invocation, Outcome, RunContext, builtin, exec, http};
+use super::{FunctionError, Invocation, Outcome, RunContext, exec, http};
 use crate::database::now_ms;
 use crate::tenant::TenantId;
 
@@ -108,7 +109,7 @@ impl DeployedFunction {
                 exec::run(&self.spec, command, invocation, &env, &self.tenant, self.sandbox.as_deref()).await
             }
             Target::Builtin { name } => {
-                builtin::run(&self.spec, name, context, invocation, &self.builtin_threads).await
+                builtin::run(context.builtins, &self.spec, name, context, invocation, &self.builtin_threads).await
             }
             // An external server is not given a state token: it is not run by the platform.
             Target::Upstream { url } => http::run_upstream(context.outbound, &self.spec, url, invocation, &[]).await,
@@ -146,6 +147,8 @@ pub struct Registry {
     quotas: Arc<crate::quota::Quotas>,
     /// Managed instances' usage outside requests, until it is reported.
     instance_usage: InstanceMeter,
+    /// The builtins deployments may name.
+    builtins: Builtins,
 }
 
 /// A number of permits for each tenant (builtin threads, managed instances), which a plan
@@ -196,6 +199,7 @@ impl Registry {
     pub async fn load(
         pool: sqlx::SqlitePool,
         sandbox: Option<Arc<Sandbox>>,
+        builtins: Builtins,
         max_functions: usize,
         max_instances: usize,
         quotas: Arc<crate::quota::Quotas>,
@@ -213,12 +217,13 @@ impl Registry {
             max_instances,
             quotas,
             instance_usage: InstanceMeter::default(),
+            builtins,
         };
         let mut functions = HashMap::new();
         for (tenant, name, json, created_ms) in rows {
             let loaded = TenantId::new(&tenant).map_err(|e| e.to_string()).and_then(|tenant| {
                 let deployment: FunctionDeployment = serde_json::from_str(&json).map_err(|e| e.to_string())?;
-                let spec = deployment.resolve().map_err(|e| e.to_string())?;
+                let spec = registry.resolve(&deployment).map_err(|e| e.to_string())?;
                 let shares = registry.shares(&tenant);
                 Ok(DeployedFunction::new(
                     tenant,
@@ -241,6 +246,22 @@ impl Registry {
         }
         *registry.functions.write().unwrap() = functions;
         Ok(registry)
+    }
+
+    /// The builtins deployments may name.
+    pub fn builtins(&self) -> &Builtins {
+        &self.builtins
+    }
+
+    /// Validates a deployment into a spec, with the builtins this registry has.
+    fn resolve(&self, deployment: &FunctionDeployment) -> Result<FunctionSpec, DeploymentError> {
+        let spec = deployment.resolve()?;
+        if let Target::Builtin { name } = &spec.target {
+            self.builtins
+                .check(name, &spec.env)
+                .map_err(|message| DeploymentError::Invalid(spec.name.clone(), message))?;
+        }
+        Ok(spec)
     }
 
     fn max_functions(&self, tenant: &TenantId) -> usize {
@@ -289,7 +310,7 @@ impl Registry {
         replace: bool,
     ) -> Result<Arc<DeployedFunction>, RegistryError> {
         deployment.namespace = Some(tenant.to_string());
-        let spec = deployment.resolve()?;
+        let spec = self.resolve(&deployment)?;
         if let Some(dir) = &spec.workdir
             && !dir.is_dir()
         {

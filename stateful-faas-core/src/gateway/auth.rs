@@ -1,10 +1,9 @@
-//! Who is calling, and which namespace a call may touch (DESIGN.md §3).
+//! Who is calling, and which namespace a call may touch (docs/contracts.md, "Tenants, tokens and trust").
 
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use base64::Engine;
 
 use super::Core;
 use super::error::ApiError;
@@ -18,22 +17,6 @@ pub struct Caller {
     pub org_id: Option<String>,
 }
 
-/// The token of an `Authorization` header: `Bearer TOKEN`, or `Basic` with the token as password
-/// (what Prometheus remote_write and Jaeger exporters can send).
-pub fn bearer_or_basic_token(header: &str) -> Option<String> {
-    let (scheme, value) = header.trim().split_once(' ')?;
-    match scheme.to_ascii_lowercase().as_str() {
-        "bearer" => Some(value.trim().to_string()),
-        "basic" => {
-            let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?;
-            let text = String::from_utf8(decoded).ok()?;
-            let (_user, password) = text.split_once(':')?;
-            Some(password.to_string())
-        }
-        _ => None,
-    }
-}
-
 impl FromRequestParts<Arc<Core>> for Caller {
     type Rejection = ApiError;
 
@@ -41,11 +24,11 @@ impl FromRequestParts<Arc<Core>> for Caller {
         let header = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or_else(|| {
             ApiError::Unauthorized("missing Authorization header: send `Authorization: Bearer TOKEN`".into())
         })?;
-        let token = header.to_str().ok().and_then(bearer_or_basic_token).ok_or_else(|| {
+        let token = header.to_str().ok().and_then(contract::token).ok_or_else(|| {
             ApiError::Unauthorized("malformed Authorization header: expected `Bearer TOKEN` or Basic".into())
         })?;
         let principal =
-            core.tenants.authenticate(&token).ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
+            core.invoker.tenants.authenticate(&token).ok_or_else(|| ApiError::Unauthorized("invalid token".into()))?;
         let org_id = parts.headers.get(semconv::HEADER_SCOPE_ORG_ID).and_then(|v| v.to_str().ok()).map(str::to_string);
         if let (Principal::Tenant { tenant, .. }, Some(org)) = (&principal, &org_id)
             && org != tenant.as_str()
@@ -138,20 +121,5 @@ impl Caller {
             Principal::Admin => Ok(()),
             _ => Err(ApiError::Forbidden("this needs the admin token".into())),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_come_from_bearer_or_basic() {
-        assert_eq!(bearer_or_basic_token("Bearer abc").as_deref(), Some("abc"));
-        assert_eq!(bearer_or_basic_token("bearer  abc ").as_deref(), Some("abc"));
-        let basic = base64::engine::general_purpose::STANDARD.encode("acme:secret");
-        assert_eq!(bearer_or_basic_token(&format!("Basic {basic}")).as_deref(), Some("secret"));
-        assert_eq!(bearer_or_basic_token("Digest x"), None);
-        assert_eq!(bearer_or_basic_token("Bearer"), None);
     }
 }

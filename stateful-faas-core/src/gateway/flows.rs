@@ -39,7 +39,7 @@ pub async fn deploy(State(core): State<Arc<Core>>, caller: Caller, body: Bytes) 
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the flow definition is not UTF-8".into()))?;
     let definition = definition::parse(text).map_err(FlowError::from)?;
-    let (flow, created) = core.flows.deploy(&tenant, definition, &core.functions).await?;
+    let (flow, created) = core.flows.store.deploy(&tenant, definition, &core.invoker.functions).await?;
     tracing::info!(%tenant, flow = flow.name(), nodes = flow.nodes.len(), "flow deployed");
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(serde_json::json!({"name": flow.name(), "nodes": flow.nodes.len()}))).into_response())
@@ -50,6 +50,7 @@ pub async fn list(State(core): State<Arc<Core>>, caller: Caller) -> Result<Json<
     let tenant = caller.namespace(None)?;
     let flows: Vec<_> = core
         .flows
+        .store
         .list(&tenant)
         .iter()
         .map(|flow| {
@@ -77,7 +78,7 @@ pub async fn get(
     Query(query): Query<GraphQuery>,
 ) -> Result<Response, ApiError> {
     let tenant = caller.namespace(None)?;
-    let flow = core.flows.get(&tenant, &name).ok_or(FlowError::NotFound { tenant: tenant.to_string(), name })?;
+    let flow = core.flows.store.get(&tenant, &name).ok_or(FlowError::NotFound { tenant: tenant.to_string(), name })?;
     Ok(match query.format.as_deref() {
         None | Some("json") => Json(&flow.definition).into_response(),
         Some("text") => render_text(&flow).into_response(),
@@ -94,7 +95,7 @@ pub async fn remove(
 ) -> Result<StatusCode, ApiError> {
     caller.require_write()?;
     let tenant = caller.namespace(None)?;
-    core.flows.remove(&tenant, &name).await?;
+    core.flows.store.remove(&tenant, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -113,7 +114,7 @@ pub async fn stream(
     let tenant = caller.namespace(namespace)?;
     let csv = headers.get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/csv"));
     let format = if csv { Format::Csv { header: Bytes::new() } } else { Format::JsonLines };
-    match core.streams.send(&core, &tenant, flow, format, body).await {
+    match core.flows.streams.send(&core.flows, &tenant, flow, format, body).await {
         Ok(accepted) => Ok((StatusCode::ACCEPTED, Json(accepted)).into_response()),
         Err(error) => Err(match error {
             StreamError::Flow(flow) => flow.into(),
@@ -164,7 +165,7 @@ pub async fn run_sync(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let request = request(&caller, &name, &headers, body)?;
-    let (run_id, done) = executor::start(&core, request).await?;
+    let (run_id, done) = executor::start(&core.flows, request).await?;
     let result = done.await.map_err(|_| ApiError::Internal(format!("flow run {run_id} was lost")))?;
     let mut response = match result.status {
         RunStatus::Succeeded => (StatusCode::OK, result.output.unwrap_or_default()).into_response(),
@@ -187,7 +188,7 @@ pub async fn run_async(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let request = request(&caller, &name, &headers, body)?;
-    let (run_id, _done) = executor::start(&core, request).await?;
+    let (run_id, _done) = executor::start(&core.flows, request).await?;
     let mut response = (StatusCode::ACCEPTED, Json(serde_json::json!({"run_id": run_id}))).into_response();
     response.headers_mut().insert(semconv::HEADER_RUN_ID, run_id.parse().expect("uuid"));
     response.headers_mut().insert("location", format!("/flow-runs/{run_id}").parse().expect("ascii"));
@@ -212,7 +213,7 @@ pub async fn runs(
 ) -> Result<Json<Vec<crate::flow::journal::RunInfo>>, ApiError> {
     let tenant = caller.namespace(None)?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
-    Ok(Json(core.flow_journal.runs(&tenant, query.flow.as_deref(), query.status.as_deref(), limit).await?))
+    Ok(Json(core.flows.journal.runs(&tenant, query.flow.as_deref(), query.status.as_deref(), limit).await?))
 }
 
 /// `GET /flow-runs/{id}`: the run, its nodes and its output.
@@ -222,8 +223,8 @@ pub async fn run(
     Path(run_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let tenant = caller.namespace(None)?;
-    let run = core.flow_journal.run(&tenant, &run_id).await?.ok_or(FlowError::RunNotFound(run_id.clone()))?;
-    let nodes = core.flow_journal.nodes(&tenant, &run_id).await?;
+    let run = core.flows.journal.run(&tenant, &run_id).await?.ok_or(FlowError::RunNotFound(run_id.clone()))?;
+    let nodes = core.flows.journal.nodes(&tenant, &run_id).await?;
     let mut value = serde_json::to_value(&run).expect("json");
     value["output"] = run.output.as_deref().map_or(serde_json::Value::Null, as_json);
     value["nodes"] = serde_json::to_value(nodes).expect("json");
@@ -238,10 +239,10 @@ pub async fn cancel(
 ) -> Result<StatusCode, ApiError> {
     caller.require_write()?;
     let tenant = caller.namespace(None)?;
-    if core.flows.cancel(&tenant, &run_id) {
+    if core.flows.store.cancel(&tenant, &run_id) {
         return Ok(StatusCode::ACCEPTED);
     }
-    match core.flow_journal.run(&tenant, &run_id).await? {
+    match core.flows.journal.run(&tenant, &run_id).await? {
         Some(run) => Err(ApiError::Conflict(format!("run {run_id} is already {}", run.status))),
         None => Err(FlowError::RunNotFound(run_id).into()),
     }

@@ -1,6 +1,5 @@
-//! Function invocation: `/function/*` (sync), `/async-function/*` (queued), and the one
-//! `dispatch` path that both use, which enforces limits, runs the function and records the
-//! span and the metrics.
+//! Function invocation over HTTP: `/function/*` (sync) and `/async-function/*` (queued); both
+//! end in [`crate::invoker::Invoker::dispatch`].
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,123 +12,12 @@ use axum::response::{IntoResponse, Response};
 use super::Core;
 use super::auth::Caller;
 use super::error::ApiError;
-use crate::function::{Invocation, Outcome, RunContext, Target, Usage};
+use crate::function::Invocation;
 use crate::semconv;
-use crate::telemetry;
 use crate::tenant::{TenantId, validate_name};
 
 /// Longest accepted `X-Call-Id`.
 const MAX_CALL_ID_LEN: usize = 128;
-
-/// Runs one invocation of `function` for `tenant`: the path every trigger takes.
-pub async fn dispatch(
-    core: &Core,
-    tenant: &TenantId,
-    function_name: &str,
-    mut invocation: Invocation,
-    trigger: &'static str,
-) -> Outcome {
-    let Some(function) = core.functions.get(tenant, function_name) else {
-        return Outcome::text(
-            404,
-            format!("function {function_name} not found in namespace {tenant}\n"),
-            Usage::default(),
-        );
-    };
-    let started = Instant::now();
-    let Some(_permit) = function.try_begin() else {
-        core.metrics.record_invocation(tenant, function_name, 429, started.elapsed().as_secs_f64(), &Usage::default());
-        return Outcome::text(
-            429,
-            format!(
-                "function {function_name} already has {} calls in flight (max_inflight)\n",
-                function.spec.limits.max_inflight
-            ),
-            Usage::default(),
-        );
-    };
-    let _inflight = core.metrics.begin_inflight(tenant, function_name);
-    let bytes_in = invocation.body.len();
-
-    let parent = telemetry::extract_parent(invocation.traceparent.as_deref());
-    let span = core.telemetry.start_invocation(tenant, &parent);
-    // This execution's own id, the billing key of its usage: a caller's `X-Call-Id` repeats
-    // (retries, async attempts, a caller reusing one), an execution's id never does.
-    let execution_id = new_uuid_v7();
-    // Handed to process functions (header or `TRACEPARENT`); builtins do not read it.
-    if let Some(span) = &span
-        && !matches!(function.spec.target, Target::Builtin { .. })
-    {
-        invocation.traceparent = Some(telemetry::traceparent(span.span_context()));
-    }
-
-    // Only processes the platform runs get a state token; builtins use the store in process.
-    let state_token = matches!(function.spec.target, Target::Exec { .. } | Target::Managed { .. })
-        .then(|| core.tenants.issue_function_token(tenant, invocation.job.as_deref()));
-    let context = RunContext {
-        outbound: &core.outbound,
-        tenant,
-        state: &core.state,
-        state_addresses: core.functions.state_addresses.get(),
-        state_token: state_token.as_ref().map_or("", |t| t.token.as_str()),
-        etl: &core.config.etl,
-    };
-    let mut still_running = None;
-    let outcome = match function.run(&context, &invocation).await {
-        Ok(outcome) => outcome,
-        Err(mut error) => {
-            tracing::warn!(%tenant, function = function_name, call_id = %invocation.call_id, %execution_id, %error, "invocation failed");
-            if let crate::function::FunctionError::Timeout { still_running: running, .. } = &mut error {
-                still_running = running.take();
-            }
-            Outcome::text(error.status(), format!("{error}\n"), error.usage())
-        }
-    };
-    let wall = started.elapsed();
-    core.metrics.record_invocation(tenant, function_name, outcome.status, wall.as_secs_f64(), &outcome.usage);
-
-    let Some(span) = span else { return outcome };
-    let kind = function.spec.kind.as_str();
-    let bytes_out = outcome.body.len();
-    match still_running {
-        None => span.end(&telemetry::Invoked {
-            function: function_name,
-            kind,
-            execution_id,
-            call_id: &invocation.call_id,
-            trigger,
-            job: invocation.job.as_deref(),
-            usage: &outcome.usage,
-            wall,
-            bytes_in,
-            bytes_out,
-            status: outcome.status,
-        }),
-        // A builtin past its timeout still runs: its span (and so its bill) waits for its CPU.
-        Some(running) => {
-            let (function, call_id, job, status) =
-                (function_name.to_string(), invocation.call_id.clone(), invocation.job.clone(), outcome.status);
-            let mut usage = outcome.usage;
-            tokio::spawn(async move {
-                usage.cpu_ns = running.await.unwrap_or(0);
-                span.end(&telemetry::Invoked {
-                    function: &function,
-                    kind,
-                    execution_id,
-                    call_id: &call_id,
-                    trigger,
-                    job: job.as_deref(),
-                    usage: &usage,
-                    wall,
-                    bytes_in,
-                    bytes_out,
-                    status,
-                });
-            });
-        }
-    }
-    outcome
-}
 
 /// Splits `NAME` or `NAME.NAMESPACE`.
 fn split_name(qualified: &str) -> Result<(&str, Option<&str>), ApiError> {
@@ -144,19 +32,10 @@ fn split_name(qualified: &str) -> Result<(&str, Option<&str>), ApiError> {
     Ok((name, namespace))
 }
 
-/// A new UUIDv7, ordered by time like the flow runs' ids, so that billing's usage records
-/// (keyed by tenant and execution id) are appended per tenant instead of inserted at random
-/// places in a large B-tree. Its random bits come from the thread's generator (`rand`), not a
-/// `getrandom` system call per request as `Uuid::now_v7` does.
-fn new_uuid_v7() -> uuid::Uuid {
-    let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    uuid::Builder::from_unix_timestamp_millis(millis.as_millis() as u64, &rand::random()).into_uuid()
-}
-
 /// The caller's `X-Call-Id`, or a new one (a UUIDv7).
 fn call_id(headers: &HeaderMap) -> Result<String, ApiError> {
     match headers.get(semconv::HEADER_CALL_ID) {
-        None => Ok(new_uuid_v7().to_string()),
+        None => Ok(crate::invoker::new_uuid_v7().to_string()),
         Some(value) => {
             let id = value.to_str().map_err(|_| ApiError::BadRequest("X-Call-Id is not visible ASCII".into()))?;
             if id.is_empty() || id.len() > MAX_CALL_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
@@ -212,7 +91,7 @@ pub async fn call(
     let invocation = invocation(&method, &uri, &headers, rest, body)?;
     let call_id = invocation.call_id.clone();
     let started = Instant::now();
-    let outcome = dispatch(&core, &tenant, name, invocation, semconv::TRIGGER_HTTP).await;
+    let outcome = core.invoker.dispatch(&tenant, name, invocation, semconv::TRIGGER_HTTP).await;
     let mut response =
         (StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::BAD_GATEWAY), outcome.body).into_response();
     let response_headers = response.headers_mut();
@@ -241,7 +120,7 @@ pub async fn call_async(
 ) -> Result<Response, ApiError> {
     let (name, tenant, rest) = target(&caller, params)?;
     let name = name.as_str();
-    if core.functions.get(&tenant, name).is_none() {
+    if core.invoker.functions.get(&tenant, name).is_none() {
         return Err(ApiError::NotFound(format!("function {name} not found in namespace {tenant}")));
     }
     let callback = match headers.get(semconv::HEADER_CALLBACK_URL) {

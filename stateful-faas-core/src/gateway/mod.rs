@@ -20,8 +20,10 @@ use tokio::task::JoinHandle;
 use crate::async_queue::{self, AsyncQueue};
 use crate::config::{CoreConfig, load_or_create_admin_token};
 use crate::database::{self, DatabaseError};
+use crate::flow::Flows;
 use crate::function::Registry;
 use crate::function::registry::RegistryError;
+use crate::invoker::Invoker;
 use crate::metrics::Metrics;
 use crate::state::StateStore;
 use crate::state::metering::SystemClock;
@@ -55,21 +57,14 @@ pub enum CoreError {
     Outbound(String),
 }
 
-/// Everything the gateway's handlers share.
+/// The core: the runtime that runs functions, composed with the async queue and the flows,
+/// and served over HTTP by the gateway's handlers.
 pub struct Core {
     pub config: CoreConfig,
     pub pool: sqlx::SqlitePool,
-    pub tenants: Arc<TenantStore>,
-    pub functions: Registry,
-    pub metrics: Metrics,
-    pub telemetry: Telemetry,
-    pub queue: AsyncQueue,
-    pub state: Arc<StateStore>,
-    pub flows: crate::flow::FlowStore,
-    pub flow_journal: crate::flow::journal::Journal,
-    pub streams: crate::flow::stream::Streams,
-    /// Client for requests tenants direct: upstream functions and callbacks.
-    pub outbound: crate::function::outbound::Outbound,
+    pub invoker: Arc<Invoker>,
+    pub queue: Arc<AsyncQueue>,
+    pub flows: Arc<Flows>,
     pub admin_token: String,
     /// Tenants' plans, where they change a quota.
     quotas: Arc<crate::quota::Quotas>,
@@ -85,7 +80,7 @@ impl Core {
         tenants: std::collections::HashMap<String, crate::quota::Limits>,
     ) {
         self.quotas.set(fallback, tenants);
-        self.functions.resize_instances();
+        self.invoker.functions.resize_instances();
     }
 
     /// Opens the data directory and the database, and loads tenants and functions.
@@ -110,33 +105,28 @@ impl Core {
         let functions = Registry::load(
             pool.clone(),
             sandbox,
+            config.builtins.clone(),
             config.max_functions_per_tenant,
             config.max_instances_per_tenant,
             quotas.clone(),
         )
         .await?;
-        let queue = AsyncQueue::open(pool.clone(), config.async_queue.clone(), quotas.clone()).await?;
-        let flows = crate::flow::FlowStore::load(pool.clone(), config.max_flows_per_tenant, quotas.clone()).await?;
+        let queue = Arc::new(AsyncQueue::open(pool.clone(), config.async_queue.clone(), quotas.clone()).await?);
+        let flow_store =
+            crate::flow::FlowStore::load(pool.clone(), config.max_flows_per_tenant, quotas.clone()).await?;
         let flow_journal = crate::flow::journal::Journal::start(pool.clone());
         let policy =
             crate::function::outbound::OutboundPolicy::new(&config.allow_outbound).map_err(CoreError::Outbound)?;
-        let outbound = crate::function::outbound::Outbound::new(policy);
-        Ok(Arc::new(Self {
-            telemetry: Telemetry::new(config.telemetry.clone()),
-            config,
-            pool,
+        let invoker = Arc::new(Invoker {
             tenants,
             functions,
             metrics: Metrics::new(state.clone()),
-            queue,
+            telemetry: Telemetry::new(config.telemetry.clone()),
             state,
-            flows,
-            flow_journal,
-            streams: Default::default(),
-            outbound,
-            admin_token,
-            quotas,
-        }))
+            outbound: crate::function::outbound::Outbound::new(policy),
+        });
+        let flows = Arc::new(Flows::new(invoker.clone(), flow_store, flow_journal));
+        Ok(Arc::new(Self { config, pool, invoker, queue, flows, admin_token, quotas }))
     }
 
     /// The gateway's routes.
@@ -204,8 +194,8 @@ impl Core {
                 let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoreError::Listen(addr, e))?;
                 let bound = listener.local_addr().map_err(|e| CoreError::Listen(addr, e))?;
                 let server = crate::redis::Server::new(
-                    self.state.clone(),
-                    self.tenants.clone(),
+                    self.invoker.state.clone(),
+                    self.invoker.tenants.clone(),
                     self.config.state_redis.clone(),
                 );
                 let mut stop = shutdown_rx.clone();
@@ -218,20 +208,20 @@ impl Core {
             None => None,
         };
         let state_redis_addr = redis.as_ref().map(|(_, addr)| *addr);
-        let _ = self.functions.state_addresses.set(crate::function::StateAddresses {
+        let _ = self.invoker.functions.state_addresses.set(crate::function::StateAddresses {
             http: format!("http://{local_addr}/state"),
             redis: state_redis_addr.map(|addr| addr.to_string()),
         });
-        if let Some(sandbox) = self.functions.sandbox() {
+        if let Some(sandbox) = self.invoker.functions.sandbox() {
             sandbox.serve_state(crate::function::sandbox::StateServers {
                 http: self.state_router().with_state(self.clone()),
                 redis: redis.map(|(server, _)| server),
             });
         }
-        let mut tasks = async_queue::spawn_workers(self.clone(), shutdown_rx.clone());
-        tasks.push(tokio::spawn(housekeeping(self.clone(), shutdown_rx.clone())));
+        let mut tasks = async_queue::spawn_workers(self.invoker.clone(), self.queue.clone(), shutdown_rx.clone());
+        tasks.push(tokio::spawn(housekeeping(self.invoker.clone(), shutdown_rx.clone())));
         let router = self.router();
-        match crate::flow::executor::resume_interrupted(&self).await {
+        match crate::flow::executor::resume_interrupted(&self.flows).await {
             Ok(0) => {}
             Ok(runs) => tracing::info!(runs, "resumed interrupted flow runs"),
             Err(error) => tracing::error!(%error, "cannot resume interrupted flow runs"),
@@ -254,7 +244,7 @@ impl Core {
 /// Once a second: stop idle function instances, report managed instances' usage outside
 /// requests (one `instance.usage` span each), drop expired state objects, and report the state
 /// usage intervals closed since (one `state.usage` span each).
-async fn housekeeping(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
+async fn housekeeping(core: Arc<Invoker>, mut shutdown: watch::Receiver<bool>) {
     core.telemetry.resume_spooled();
     loop {
         tokio::select! {
@@ -289,11 +279,12 @@ impl RunningCore {
         for task in self.tasks {
             let _ = task.await;
         }
-        self.core.functions.stop_instances();
-        self.core.telemetry.emit_instance_usage(self.core.functions.take_instance_usage());
-        self.core.telemetry.emit_state_usage(self.core.state.take_usage_final());
-        let core = self.core.clone();
-        let _ = tokio::task::spawn_blocking(move || core.telemetry.shutdown()).await;
+        let invoker = &self.core.invoker;
+        invoker.functions.stop_instances();
+        invoker.telemetry.emit_instance_usage(invoker.functions.take_instance_usage());
+        invoker.telemetry.emit_state_usage(invoker.state.take_usage_final());
+        let invoker = invoker.clone();
+        let _ = tokio::task::spawn_blocking(move || invoker.telemetry.shutdown()).await;
         self.core.pool.close().await;
     }
 }

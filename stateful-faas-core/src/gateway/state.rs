@@ -57,7 +57,7 @@ pub async fn register_job(
     Json(request): Json<RegisterJob>,
 ) -> Result<StatusCode, ApiError> {
     let tenant = caller.state_tenant(Some(&request.job), true, true)?;
-    core.state.register(&tenant, &request.job)?;
+    core.invoker.state.register(&tenant, &request.job)?;
     Ok(StatusCode::CREATED)
 }
 
@@ -68,7 +68,7 @@ pub async fn deregister_job(
     Path(job): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let tenant = caller.state_tenant(Some(&job), true, true)?;
-    let byte_seconds = core.state.deregister(&tenant, &job)?;
+    let byte_seconds = core.invoker.state.deregister(&tenant, &job)?;
     Ok(Json(serde_json::json!({ "job": job, "byte_seconds": byte_seconds })))
 }
 
@@ -95,12 +95,12 @@ pub async fn put_object(
     }
     // Refused before a byte of the body is read when the declared size cannot fit.
     if let Some(size) = declared {
-        core.state.check_room(&tenant, &key, size)?;
+        core.invoker.state.check_room(&tenant, &key, size)?;
     }
     let body = axum::body::to_bytes(body, max as usize).await.map_err(|error| {
         ApiError::PayloadTooLarge(format!("the value is over the largest value, {max} bytes, or unreadable: {error}"))
     })?;
-    core.state.put(&tenant, key, body, PutOptions { persist: query.persist, ttl })?;
+    core.invoker.state.put(&tenant, key, body, PutOptions { persist: query.persist, ttl })?;
     Ok(StatusCode::CREATED)
 }
 
@@ -112,7 +112,7 @@ pub async fn get_object(
     Query(query): Query<ObjectQuery>,
 ) -> Result<Response, ApiError> {
     let tenant = caller.state_tenant(path.job.as_deref(), query.delete_after_read, false)?;
-    let value = core.state.get(&tenant, &path.object_key()?, query.delete_after_read)?;
+    let value = core.invoker.state.get(&tenant, &path.object_key()?, query.delete_after_read)?;
     Ok(([("content-type", "application/octet-stream")], value).into_response())
 }
 
@@ -123,7 +123,7 @@ pub async fn lookup_object(
     Path(path): Path<ObjectPath>,
 ) -> Result<Response, ApiError> {
     let tenant = caller.state_tenant(path.job.as_deref(), false, false)?;
-    let info = core.state.lookup(&tenant, &path.object_key()?)?;
+    let info = core.invoker.state.lookup(&tenant, &path.object_key()?)?;
     let mut response = StatusCode::OK.into_response();
     let headers = response.headers_mut();
     headers.insert("content-length", info.size.into());
@@ -141,7 +141,7 @@ pub async fn delete_object(
     Path(path): Path<ObjectPath>,
 ) -> Result<StatusCode, ApiError> {
     let tenant = caller.state_tenant(path.job.as_deref(), true, false)?;
-    core.state.delete(&tenant, &path.object_key()?)?;
+    core.invoker.state.delete(&tenant, &path.object_key()?)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -153,11 +153,11 @@ pub async fn enumerate(
 ) -> Result<Json<Vec<ObjectInfo>>, ApiError> {
     let tenant = caller.state_tenant(path.job.as_deref(), false, false)?;
     crate::state::ObjectKey::new(path.job.as_deref(), &path.bucket, "-")?;
-    Ok(Json(core.state.enumerate(&tenant, path.job.as_deref(), &path.bucket)))
+    Ok(Json(core.invoker.state.enumerate(&tenant, path.job.as_deref(), &path.bucket)))
 }
 
 /// `GET /state/usage`: the tenant's bytes and byte-seconds.
 pub async fn usage(State(core): State<Arc<Core>>, caller: Caller) -> Result<Json<TenantUsage>, ApiError> {
     let tenant = caller.state_tenant(None, false, false)?;
-    Ok(Json(core.state.usage(&tenant)))
+    Ok(Json(core.invoker.state.usage(&tenant)))
 }

@@ -65,7 +65,7 @@ pub async fn list_functions(
     Query(query): Query<NamespaceQuery>,
 ) -> Result<Json<Vec<FunctionStatus>>, ApiError> {
     let scope = caller.list_scope(query.namespace.as_deref())?;
-    Ok(Json(core.functions.list(scope.as_ref()).iter().map(|f| FunctionStatus::of(f)).collect()))
+    Ok(Json(core.invoker.functions.list(scope.as_ref()).iter().map(|f| FunctionStatus::of(f)).collect()))
 }
 
 /// `GET /system/function/{name}[?namespace=]`.
@@ -77,6 +77,7 @@ pub async fn get_function(
 ) -> Result<Json<FunctionStatus>, ApiError> {
     let tenant = caller.namespace(query.namespace.as_deref())?;
     let function = core
+        .invoker
         .functions
         .get(&tenant, &name)
         .ok_or_else(|| ApiError::NotFound(format!("function {name} not found in namespace {tenant}")))?;
@@ -91,10 +92,10 @@ async fn deploy(core: &Core, caller: &Caller, body: &[u8], replace: bool) -> Res
     caller.require_write()?;
     let deployment = parse_deployment(body)?;
     let tenant = caller.namespace(deployment.namespace.as_deref())?;
-    if !core.tenants.exists(&tenant).await? {
+    if !core.invoker.tenants.exists(&tenant).await? {
         return Err(ApiError::NotFound(format!("namespace {tenant} does not exist; create the tenant first")));
     }
-    let function = core.functions.deploy(&tenant, deployment, replace).await?;
+    let function = core.invoker.functions.deploy(&tenant, deployment, replace).await?;
     tracing::info!(%tenant, function = %function.spec.name, kind = function.spec.kind.as_str(), replace, "deployed");
     let status = if replace { StatusCode::OK } else { StatusCode::ACCEPTED };
     Ok((status, Json(FunctionStatus::of(&function))).into_response())
@@ -136,7 +137,7 @@ pub async fn delete_function(
     let request: DeleteRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"functionName\": \"...\"}}: {e}")))?;
     let tenant = caller.namespace(request.namespace.as_deref())?;
-    core.functions.remove(&tenant, &request.function_name).await?;
+    core.invoker.functions.remove(&tenant, &request.function_name).await?;
     tracing::info!(%tenant, function = %request.function_name, "removed");
     Ok(StatusCode::ACCEPTED)
 }
@@ -160,14 +161,14 @@ pub async fn scale_function(
     let request: ScaleRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"replicas\": N}}: {e}")))?;
     let tenant = caller.namespace(request.namespace.as_deref())?;
-    core.functions.scale(&tenant, &name, request.replicas as usize).await?;
+    core.invoker.functions.scale(&tenant, &name, request.replicas as usize).await?;
     Ok(StatusCode::ACCEPTED)
 }
 
 /// `GET /system/namespaces`: every tenant for the admin, its own for a tenant.
 pub async fn list_namespaces(State(core): State<Arc<Core>>, caller: Caller) -> Result<Json<Vec<String>>, ApiError> {
     let scope = caller.list_scope(None)?;
-    let names = core.tenants.list().await?.into_iter().map(|t| t.name);
+    let names = core.invoker.tenants.list().await?.into_iter().map(|t| t.name);
     Ok(Json(names.filter(|name| scope.as_ref().is_none_or(|t| t.as_str() == name)).collect()))
 }
 
@@ -185,7 +186,7 @@ pub async fn create_tenant(
     Json(request): Json<CreateTenant>,
 ) -> Result<(StatusCode, Json<TenantCredentials>), ApiError> {
     caller.require_admin()?;
-    let credentials = core.tenants.create(&request.name, request.plan.as_deref()).await?;
+    let credentials = core.invoker.tenants.create(&request.name, request.plan.as_deref()).await?;
     tracing::info!(tenant = %credentials.tenant, "tenant created");
     Ok((StatusCode::CREATED, Json(credentials)))
 }
@@ -193,7 +194,7 @@ pub async fn create_tenant(
 /// `GET /system/tenants` (admin).
 pub async fn list_tenants(State(core): State<Arc<Core>>, caller: Caller) -> Result<Json<Vec<TenantInfo>>, ApiError> {
     caller.require_admin()?;
-    Ok(Json(core.tenants.list().await?))
+    Ok(Json(core.invoker.tenants.list().await?))
 }
 
 /// `GET /system/async-calls/{call_id}`: the state of one async call.
@@ -244,15 +245,15 @@ pub async fn metrics(
     if !matches!(caller.principal, crate::tenant::Principal::Admin | crate::tenant::Principal::Meter) {
         return Err(ApiError::Forbidden("/metrics needs the admin or a meter token".into()));
     }
-    let functions = core.functions.list(None);
-    core.metrics.set_service_counts(functions.iter().map(|f| (&f.tenant, f.spec.name.as_str(), f.replicas())));
+    let functions = core.invoker.functions.list(None);
+    core.invoker.metrics.set_service_counts(functions.iter().map(|f| (&f.tenant, f.spec.name.as_str(), f.replicas())));
     let (depth, dead) = core.queue.counts().await?;
-    core.metrics.set_async_queue(depth, dead);
+    core.invoker.metrics.set_async_queue(depth, dead);
     let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
     Ok(if accept.contains("application/openmetrics-text") {
-        ([("content-type", crate::metrics::OPENMETRICS_CONTENT_TYPE)], core.metrics.encode_openmetrics())
+        ([("content-type", crate::metrics::OPENMETRICS_CONTENT_TYPE)], core.invoker.metrics.encode_openmetrics())
             .into_response()
     } else {
-        ([("content-type", crate::metrics::TEXT_CONTENT_TYPE)], core.metrics.encode_text()).into_response()
+        ([("content-type", crate::metrics::TEXT_CONTENT_TYPE)], core.invoker.metrics.encode_text()).into_response()
     })
 }

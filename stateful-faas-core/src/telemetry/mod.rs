@@ -1,9 +1,10 @@
-//! The platform's OpenTelemetry spans, exported over OTLP (DESIGN.md §4).
+//! The platform's OpenTelemetry spans, exported over OTLP (docs/contracts.md, "Telemetry contract").
 //!
 //! The resource of a span names its tenant (`service.namespace`), and one SDK tracer provider
 //! has one resource, so the core keeps one provider per tenant, created on first use. Each has
-//! an [`OtlpProcessor`] with a bounded queue: when the collector is slow or down, spans are
-//! dropped (and counted in a warning), requests are never blocked and memory never grows.
+//! an [`OtlpProcessor`] with a bounded queue: requests are never blocked and memory never
+//! grows. What the collector does not take goes to the tenant's spool on disk
+//! ([`spool`]) until it is replayed; a full queue or a full spool drops spans, loudly.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -163,9 +164,9 @@ impl Telemetry {
         Some(f(exporter))
     }
 
-    /// Emits one `state.usage` span per record (DESIGN.md §4, docs/decisions.md): an INTERNAL
-    /// root span whose start and end are the record's interval. Records of tenants without a
-    /// tracer (export off) are dropped.
+    /// Emits one `state.usage` span per record (docs/contracts.md, "Telemetry contract";
+    /// docs/decisions.md): an INTERNAL root span whose start and end are the record's interval.
+    /// Records of tenants without a tracer (export off) are dropped.
     pub fn emit_state_usage(&self, records: Vec<(TenantId, UsageInterval)>) {
         let mut current: Option<(TenantId, Option<SdkTracer>)> = None;
         for (tenant, record) in records {
@@ -242,8 +243,8 @@ impl Telemetry {
     }
 }
 
-/// The span of one invocation (DESIGN.md §4): `invoke NAME`, SERVER, a child of the caller's
-/// `traceparent` (or a root), ended with the measured usage, sizes and status.
+/// The span of one invocation (docs/contracts.md, "Telemetry contract"): `invoke NAME`, SERVER, a child
+/// of the caller's `traceparent` (or a root), ended with the measured usage, sizes and status.
 ///
 /// It is written to OTLP straight from the gateway's own fields instead of through the SDK's
 /// span object: on every request, the SDK's span (its attribute list, name and span data, each

@@ -1,4 +1,5 @@
-//! Names of span attributes, span names and metric names, defined once (DESIGN.md §4).
+//! Names of span attributes, span names and metric names, defined once (docs/contracts.md,
+//! "Telemetry contract").
 
 /// `service.name` of every span the platform emits.
 pub const SERVICE_NAME: &str = "sfaas-core";
@@ -38,6 +39,10 @@ pub fn invoke_span_name(function: &str) -> String {
 
 /// What an invocation span's name starts with.
 pub const INVOKE_SPAN_PREFIX: &str = "invoke ";
+/// What a flow run's span name starts with (`flow NAME`).
+pub const FLOW_SPAN_PREFIX: &str = "flow ";
+/// What a flow node's span name starts with (`node ID`).
+pub const NODE_SPAN_PREFIX: &str = "node ";
 
 pub const SFAAS_FLOW_NAME: &str = "sfaas.flow.name";
 pub const SFAAS_FLOW_RUN_ID: &str = "sfaas.flow.run_id";
