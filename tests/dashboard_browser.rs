@@ -26,15 +26,9 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Browser {
     async fn start() -> Option<Browser> {
-        let (Some(chromium), Some(chromedriver)) = (which("chromium"), which("chromedriver")) else {
-            if std::env::var("SFAAS_TEST_REQUIRE_ALL").as_deref() == Ok("1") {
-                panic!(
-                    "chromium and chromedriver are required (SFAAS_TEST_REQUIRE_ALL=1): apt-get install chromium chromium-driver"
-                );
-            }
-            eprintln!("SKIPPED: chromium or chromedriver not installed (apt-get install chromium chromium-driver)");
-            return None;
-        };
+        // Debian's packages chromium and chromium-driver.
+        let chromium = testkit::require_program("chromium")?.display().to_string();
+        let chromedriver = testkit::require_program("chromedriver")?.display().to_string();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         // In a process group of its own, with the browsers it starts: killed whole at the end.
         let driver = common::sfaas_like(&chromedriver)
@@ -152,12 +146,6 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
-}
-
-fn which(program: &str) -> Option<String> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|p| p.join(program)).find(|p| p.is_file()).map(|p| p.display().to_string())
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

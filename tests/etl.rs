@@ -19,18 +19,7 @@ use common::cli_ok as ok;
 
 const START_MS: i64 = 1_764_151_200_000; // 2025-11-26T10:00:00Z
 
-fn require_all() -> bool {
-    std::env::var("SFAAS_TEST_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
-
-/// The s3rver executable (npm package s3rver): SFAAS_S3RVER, or `s3rver` on PATH.
-fn s3rver() -> Option<String> {
-    if let Ok(path) = std::env::var("SFAAS_S3RVER") {
-        return Some(path);
-    }
-    let found = std::process::Command::new("sh").args(["-c", "command -v s3rver"]).output().ok()?;
-    found.status.success().then(|| String::from_utf8_lossy(&found.stdout).trim().to_string())
-}
+use testkit::require_all;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -39,11 +28,7 @@ fn free_port() -> u16 {
 /// Starts s3rver on a free port with an `etl` bucket; its bucket URL. The caller stops it.
 #[allow(clippy::zombie_processes)]
 async fn start_s3(dir: &std::path::Path, http: &reqwest::Client) -> Option<(std::process::Child, String)> {
-    let Some(program) = s3rver() else {
-        assert!(!require_all(), "s3rver is not installed (npm install s3rver; or set SFAAS_S3RVER)");
-        eprintln!("skipping the S3 transport: s3rver is not installed (npm install s3rver)");
-        return None;
-    };
+    let program = testkit::s3rver()?.display().to_string();
     let port = free_port();
     let mut child = common::sfaas_like(&program)
         .args(["-d", &dir.to_string_lossy(), "-p", &port.to_string(), "--silent"])
@@ -128,7 +113,7 @@ async fn streamed_records_load_exactly_the_generators_aggregates() {
     let s3 = start_s3(&s3_dir, &http).await;
     // One more tenant loads into PostgreSQL (a server of the test's own); the others into their
     // own SQLite databases, the default.
-    let postgres = collector::bench::PgServer::start();
+    let postgres = testkit::PgServer::start();
     if postgres.is_none() {
         assert!(!require_all(), "PostgreSQL's server binaries are not installed");
         eprintln!("skipping the PostgreSQL load target: PostgreSQL's server binaries are not installed");

@@ -10,10 +10,6 @@ use serde_json::Value;
 
 mod common;
 
-fn require_all() -> bool {
-    std::env::var("SFAAS_TEST_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
-
 fn stop(mut child: std::process::Child) {
     // SAFETY: kill sends a signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -22,9 +18,8 @@ fn stop(mut child: std::process::Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collectors_and_dashboards_elsewhere_check_the_tokens_the_core_published() {
-    let Some(postgres) = collector::bench::PgServer::start() else {
-        assert!(!require_all(), "PostgreSQL's server binaries are not installed");
-        eprintln!("skipped: PostgreSQL's server binaries are not installed");
+    let Some(postgres) = testkit::PgServer::start().or_else(|| testkit::required("PostgreSQL's server binaries"))
+    else {
         return;
     };
     let url = postgres.url();

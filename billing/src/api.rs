@@ -30,6 +30,9 @@ pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.0.is_server_error() {
+            tracing::error!(status = %self.0, error = %self.1, "billing request failed");
+        }
         (self.0, Json(json!({ "error": self.1 }))).into_response()
     }
 }
@@ -40,12 +43,9 @@ impl From<BillingError> for ApiError {
             BillingError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             BillingError::NotFound(_) => StatusCode::NOT_FOUND,
             BillingError::Database(_)
-            | BillingError::Sqlite(_)
+            | BillingError::Corrupt { .. }
             | BillingError::Migrate(_)
-            | BillingError::Telemetry(_) => {
-                tracing::error!(%error, "billing request failed");
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            | BillingError::Telemetry(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, error.to_string())
     }

@@ -53,11 +53,12 @@ pub enum BillingError {
     Invalid(String),
     #[error("not found: {0}")]
     NotFound(String),
+    /// Stored billing data that does not read back (a damaged database, or a bug): the
+    /// operator's problem, never the caller's.
+    #[error("stored {what} is corrupt: {detail}")]
+    Corrupt { what: &'static str, detail: String },
     #[error("billing database: {0}")]
     Database(#[from] sqlx::Error),
-    /// A failure reported by SQLite's C API (the paths that bypass sqlx).
-    #[error("billing database (SQLite): {0}")]
-    Sqlite(String),
     #[error("billing schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
@@ -221,7 +222,7 @@ impl Billing {
     /// The rate card in force.
     pub async fn rate_card(&self) -> Result<RateCard> {
         let text = self.setting("rate_card").await?.ok_or_else(|| BillingError::NotFound("rate card".into()))?;
-        serde_json::from_str(&text).map_err(|e| BillingError::Invalid(format!("stored rate card: {e}")))
+        serde_json::from_str(&text).map_err(|e| BillingError::Corrupt { what: "rate card", detail: e.to_string() })
     }
 
     /// Replaces the rate card (YAML or JSON). Plans that tenants use must stay; the period
@@ -229,7 +230,8 @@ impl Billing {
     pub async fn apply_rate_card(&self, text: &str) -> Result<RateCard> {
         let card = RateCard::parse(text).map_err(BillingError::Invalid)?;
         if let Some(old) = self.setting("rate_card").await? {
-            let old: RateCard = serde_json::from_str(&old).map_err(|e| BillingError::Invalid(e.to_string()))?;
+            let old: RateCard = serde_json::from_str(&old)
+                .map_err(|e| BillingError::Corrupt { what: "rate card", detail: e.to_string() })?;
             let sql = self.db.sql("SELECT COUNT(*) FROM usage_segments");
             let records: i64 = on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?);
             if records > 0 && old.period != card.period {
@@ -548,7 +550,7 @@ impl Billing {
     /// A stored invoice.
     pub async fn invoice(&self, tenant: &str, period: &str) -> Result<Invoice> {
         let document = self.invoice_document(tenant, period).await?;
-        serde_json::from_str(&document).map_err(|e| BillingError::Invalid(format!("stored invoice: {e}")))
+        serde_json::from_str(&document).map_err(|e| BillingError::Corrupt { what: "invoice", detail: e.to_string() })
     }
 
     /// The stored JSON of an invoice, byte for byte.

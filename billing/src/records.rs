@@ -215,7 +215,7 @@ pub fn decimal_of(text: &str) -> Result<Decimal> {
     text.trim()
         .parse::<Decimal>()
         .or_else(|_| Decimal::from_scientific(text.trim()))
-        .map_err(|e| BillingError::Invalid(format!("usage record quantity {text:?}: {e}")))
+        .map_err(|e| BillingError::Corrupt { what: "usage record quantity", detail: format!("{text:?}: {e}") })
 }
 
 /// Sums per (group, function, bucket), with the first start of each.

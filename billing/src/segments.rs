@@ -246,7 +246,7 @@ struct Reader<'a> {
 }
 
 fn corrupt(why: &str) -> BillingError {
-    BillingError::Invalid(format!("a usage segment is corrupt: {why}"))
+    BillingError::Corrupt { what: "usage segment", detail: why.to_string() }
 }
 
 impl<'a> Reader<'a> {

@@ -12,6 +12,15 @@ use std::marker::PhantomData;
 use libsqlite3_sys as ffi;
 use sqlx::sqlite::LockedSqliteHandle;
 
+/// A failure of SQLite's C API: its extended result code and message, or a statement that
+/// could not be handed to it (`code` [`ffi::SQLITE_MISUSE`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (SQLite result code {code})")]
+pub struct SqliteError {
+    pub code: i32,
+    pub message: String,
+}
+
 /// A connection locked for this task.
 pub struct Connection<'h> {
     raw: *mut ffi::sqlite3,
@@ -38,9 +47,12 @@ pub enum Value<'a> {
 /// the work is milliseconds of CPU without an await.
 pub async fn run<T>(
     connection: &mut sqlx::SqliteConnection,
-    work: impl FnOnce(&Connection<'_>) -> Result<T, String>,
-) -> Result<T, String> {
-    let mut handle = connection.lock_handle().await.map_err(|error| error.to_string())?;
+    work: impl FnOnce(&Connection<'_>) -> Result<T, SqliteError>,
+) -> Result<T, SqliteError> {
+    let mut handle = connection.lock_handle().await.map_err(|error| SqliteError {
+        code: ffi::SQLITE_BUSY,
+        message: format!("cannot lock the connection: {error}"),
+    })?;
     let db = Connection::new(&mut handle);
     match tokio::runtime::Handle::current().runtime_flavor() {
         tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| work(&db)),
@@ -53,14 +65,19 @@ impl<'h> Connection<'h> {
         Self { raw: handle.as_raw_handle().as_ptr(), _locked: PhantomData }
     }
 
-    /// SQLite's message for the last failure on this connection.
-    pub fn error(&self) -> String {
-        // SAFETY: sqlite3_errmsg returns a NUL-terminated string owned by the live connection.
-        unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(self.raw)).to_string_lossy().into_owned() }
+    /// SQLite's code and message for the last failure on this connection.
+    pub fn error(&self) -> SqliteError {
+        // SAFETY: a live connection; sqlite3_errmsg returns a NUL-terminated string it owns.
+        unsafe {
+            SqliteError {
+                code: ffi::sqlite3_extended_errcode(self.raw),
+                message: CStr::from_ptr(ffi::sqlite3_errmsg(self.raw)).to_string_lossy().into_owned(),
+            }
+        }
     }
 
-    pub fn prepare(&self, sql: &str) -> Result<Statement<'_>, String> {
-        let sql = CString::new(sql).map_err(|e| e.to_string())?;
+    pub fn prepare(&self, sql: &str) -> Result<Statement<'_>, SqliteError> {
+        let sql = CString::new(sql).map_err(|e| SqliteError { code: ffi::SQLITE_MISUSE, message: e.to_string() })?;
         let mut raw = std::ptr::null_mut();
         // SAFETY: a live connection, locked for this task; `sql` outlives the call.
         let rc = unsafe { ffi::sqlite3_prepare_v2(self.raw, sql.as_ptr(), -1, &mut raw, std::ptr::null_mut()) };
@@ -71,8 +88,8 @@ impl<'h> Connection<'h> {
     }
 
     /// Runs statements without parameters or results (`BEGIN`, `COMMIT`, ...).
-    pub fn execute_batch(&self, sql: &str) -> Result<(), String> {
-        let sql = CString::new(sql).map_err(|e| e.to_string())?;
+    pub fn execute_batch(&self, sql: &str) -> Result<(), SqliteError> {
+        let sql = CString::new(sql).map_err(|e| SqliteError { code: ffi::SQLITE_MISUSE, message: e.to_string() })?;
         // SAFETY: a live connection; no callback, so no callback argument; the error message
         // is read through sqlite3_errmsg instead of the out-parameter.
         let rc = unsafe { ffi::sqlite3_exec(self.raw, sql.as_ptr(), None, std::ptr::null_mut(), std::ptr::null_mut()) };
@@ -81,7 +98,7 @@ impl<'h> Connection<'h> {
 
     /// Begins a write transaction (taking the write lock now, waiting up to the connection's
     /// busy timeout).
-    pub fn begin(&self) -> Result<Transaction<'_, 'h>, String> {
+    pub fn begin(&self) -> Result<Transaction<'_, 'h>, SqliteError> {
         self.execute_batch("BEGIN IMMEDIATE")?;
         Ok(Transaction { db: self, done: false })
     }
@@ -94,7 +111,7 @@ pub struct Transaction<'c, 'h> {
 }
 
 impl Transaction<'_, '_> {
-    pub fn commit(mut self) -> Result<(), String> {
+    pub fn commit(mut self) -> Result<(), SqliteError> {
         self.done = true;
         self.db.execute_batch("COMMIT").inspect_err(|_| {
             let _ = self.db.execute_batch("ROLLBACK");
@@ -117,7 +134,7 @@ impl Statement<'_> {
     }
 
     /// Binds a value for the next steps (SQLite copies text).
-    pub fn bind(&mut self, index: i32, value: Value<'_>) -> Result<(), String> {
+    pub fn bind(&mut self, index: i32, value: Value<'_>) -> Result<(), SqliteError> {
         // SAFETY: SQLITE_TRANSIENT makes SQLite copy text before the call returns.
         unsafe { self.bind_with(index, value, ffi::SQLITE_TRANSIENT()) }
     }
@@ -129,7 +146,7 @@ impl Statement<'_> {
         index: i32,
         value: Value<'_>,
         destructor: ffi::sqlite3_destructor_type,
-    ) -> Result<(), String> {
+    ) -> Result<(), SqliteError> {
         // SAFETY: a prepared statement; the text's lifetime is the caller's contract.
         let rc = unsafe {
             match value {
@@ -152,7 +169,7 @@ impl Statement<'_> {
     /// Runs the statement once with `values` bound to `?1`, `?2`, ... and returns the rows it
     /// changed (0 for an insert that `ON CONFLICT DO NOTHING` skipped). The values are bound in
     /// place, without a copy: the bindings are cleared before this returns.
-    pub fn execute(&mut self, values: &[Value<'_>]) -> Result<u64, String> {
+    pub fn execute(&mut self, values: &[Value<'_>]) -> Result<u64, SqliteError> {
         let result = self.bind_in_place(values).and_then(|()| {
             // SAFETY: a prepared statement whose bound values are alive until it is reset below.
             match unsafe { ffi::sqlite3_step(self.raw) } {
@@ -169,7 +186,7 @@ impl Statement<'_> {
         result
     }
 
-    fn bind_in_place(&mut self, values: &[Value<'_>]) -> Result<(), String> {
+    fn bind_in_place(&mut self, values: &[Value<'_>]) -> Result<(), SqliteError> {
         for (index, value) in (1..).zip(values) {
             // SAFETY: SQLITE_STATIC: `execute` resets the statement and clears its bindings
             // before `values` goes out of its borrow.
@@ -179,7 +196,7 @@ impl Statement<'_> {
     }
 
     /// Steps to the next row: true on a row, false when done.
-    pub fn step(&mut self) -> Result<bool, String> {
+    pub fn step(&mut self) -> Result<bool, SqliteError> {
         // SAFETY: a prepared, bound statement.
         match unsafe { ffi::sqlite3_step(self.raw) } {
             ffi::SQLITE_ROW => Ok(true),
@@ -255,7 +272,7 @@ mod tests {
         let mut statement = db.prepare(insert).unwrap();
         assert_eq!(statement.execute(&[Value::Text("c"), Value::Int(4), Value::Null]).unwrap(), 1);
         let error = statement.execute(&[Value::Text("d"), Value::Null, Value::Null]).unwrap_err();
-        assert!(error.contains("NOT NULL"), "{error}");
+        assert!(error.message.contains("NOT NULL") && error.code != 0, "{error}");
         drop(statement);
         drop(tx);
 

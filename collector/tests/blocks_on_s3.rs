@@ -11,6 +11,7 @@ use collector::model::{Batch, SpanRow};
 use collector::store::blocks::remote::Remote;
 use collector::store::{TelemetryStore, TraceSearch};
 use common::PgServer;
+use testkit::required;
 
 const T0: i64 = 1_700_000_000_000_000_000;
 
@@ -23,27 +24,9 @@ impl Drop for Child {
     }
 }
 
-/// A missing program: a failure under `SFAAS_TEST_REQUIRE_ALL=1`, else the test is skipped.
-fn required<T>(what: &str) -> Option<T> {
-    if std::env::var("SFAAS_TEST_REQUIRE_ALL").as_deref() == Ok("1") {
-        panic!("{what} is required (SFAAS_TEST_REQUIRE_ALL=1)");
-    }
-    eprintln!("SKIPPED: {what} is not installed");
-    None
-}
-
 /// s3rver (npm) on a free port with its files in `dir`: its endpoint.
 async fn s3rver(dir: &std::path::Path) -> Option<(Child, String)> {
-    let program = match std::env::var("SFAAS_S3RVER") {
-        Ok(path) => path,
-        Err(_) => {
-            let found = std::process::Command::new("sh").args(["-c", "command -v s3rver"]).output().ok()?;
-            match String::from_utf8_lossy(&found.stdout).trim() {
-                "" => return required("s3rver (npm install s3rver@3; or SFAAS_S3RVER)"),
-                path => path.to_string(),
-            }
-        }
-    };
+    let program = testkit::s3rver()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = Child(
         std::process::Command::new(program)

@@ -10,29 +10,13 @@ use common::{backends, start};
 
 /// A virtualenv with the exporter, or `None` (skipped) when it cannot be installed here.
 fn jaeger_venv() -> Option<PathBuf> {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venvs/jaeger-thrift");
-    let python = venv.join("bin/python");
-    let ready = python.exists()
-        && Command::new(&python)
-            .args(["-c", "import opentelemetry.exporter.jaeger.thrift"])
-            .status()
-            .is_ok_and(|s| s.success());
-    if !ready {
-        let created = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().is_ok_and(|s| s.success())
-            && Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "opentelemetry-api==1.21.0", "opentelemetry-sdk==1.21.0"])
-                .args(["opentelemetry-exporter-jaeger-thrift==1.21.0", "deprecated"])
-                .status()
-                .is_ok_and(|s| s.success());
-        if !created {
-            if std::env::var("SFAAS_TEST_REQUIRE_ALL").as_deref() == Ok("1") {
-                panic!("cannot create the Jaeger exporter's virtualenv (python3 -m venv, pip install from PyPI)");
-            }
-            eprintln!("SKIPPED: cannot install opentelemetry-exporter-jaeger-thrift 1.21.0 in a virtualenv");
-            return None;
-        }
-    }
-    Some(python)
+    let packages = [
+        "opentelemetry-api==1.21.0",
+        "opentelemetry-sdk==1.21.0",
+        "opentelemetry-exporter-jaeger-thrift==1.21.0",
+        "deprecated",
+    ];
+    testkit::python_venv("jaeger-thrift", "import opentelemetry.exporter.jaeger.thrift", &packages)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,28 +9,10 @@ use std::process::Command;
 use common::{backends, start};
 
 fn otlp_venv() -> Option<PathBuf> {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venvs/otlp-python");
-    let python = venv.join("bin/python");
     let import = "import opentelemetry.exporter.otlp.proto.http.trace_exporter, opentelemetry.exporter.otlp.proto.grpc.trace_exporter";
-    let ready = python.exists() && Command::new(&python).args(["-c", import]).status().is_ok_and(|s| s.success());
-    if !ready {
-        let created = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().is_ok_and(|s| s.success())
-            && Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"])
-                .arg("opentelemetry-exporter-otlp-proto-grpc")
-                .status()
-                .is_ok_and(|s| s.success());
-        if !created {
-            if std::env::var("SFAAS_TEST_REQUIRE_ALL").as_deref() == Ok("1") {
-                panic!(
-                    "cannot create the OpenTelemetry Python SDK's virtualenv (python3 -m venv, pip install from PyPI)"
-                );
-            }
-            eprintln!("SKIPPED: cannot install the OpenTelemetry Python SDK in a virtualenv");
-            return None;
-        }
-    }
-    Some(python)
+    let packages =
+        ["opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http", "opentelemetry-exporter-otlp-proto-grpc"];
+    testkit::python_venv("otlp-python", import, &packages)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

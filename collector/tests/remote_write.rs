@@ -9,15 +9,7 @@ use common::{Backend, backends, start};
 use prost::Message;
 
 fn prometheus() -> Option<std::path::PathBuf> {
-    let found = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join("prometheus")).find(|p| p.is_file()));
-    if found.is_none() {
-        if std::env::var("SFAAS_TEST_REQUIRE_ALL").as_deref() == Ok("1") {
-            panic!("prometheus is required (SFAAS_TEST_REQUIRE_ALL=1): apt-get install prometheus");
-        }
-        eprintln!("SKIPPED: prometheus is not on PATH");
-    }
-    found
+    testkit::require_program("prometheus")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

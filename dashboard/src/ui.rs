@@ -273,6 +273,9 @@ fn internal(viewer: &Viewer, error: impl std::fmt::Display) -> Response {
 
 fn billing_error(viewer: &Viewer, error: billing::BillingError) -> Response {
     let api: billing::api::ApiError = error.into();
+    if api.0.is_server_error() {
+        tracing::error!(error = %api.1, "a dashboard page failed");
+    }
     error_page(api.0, Some(viewer), &api.1)
 }
 

@@ -11,58 +11,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use billing::Billing;
 use billing::api::ViewerResolver;
-use collector::bench::PgServer;
 use collector::model::{Batch, SpanRow};
 use collector::store::TelemetryStore;
 use contract::Viewer;
 use dashboard::DashboardState;
 use serde_json::{Value, json};
+use testkit::{Backend, backends};
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-enum Backend {
-    Sqlite(tempfile::TempDir),
-    Postgres(PgServer),
-}
-
-impl Backend {
-    fn name(&self) -> &'static str {
-        match self {
-            Backend::Sqlite(_) => "sqlite",
-            Backend::Postgres(_) => "postgres",
-        }
-    }
-
-    fn url(&self) -> String {
-        match self {
-            Backend::Sqlite(dir) => format!("sqlite://{}", dir.path().join("telemetry.db").display()),
-            Backend::Postgres(server) => server.url(),
-        }
-    }
-
-    /// Where the store's span blocks go.
-    fn blocks(&self) -> std::path::PathBuf {
-        match self {
-            Backend::Sqlite(dir) => dir.path().join("telemetry.db.blocks"),
-            Backend::Postgres(server) => server.blocks_dir(),
-        }
-    }
-}
-
-/// SQLite always; PostgreSQL when its server binaries are here (required with
-/// SFAAS_TEST_REQUIRE_ALL=1).
-fn backends() -> Vec<Backend> {
-    let mut backends = vec![Backend::Sqlite(tempfile::tempdir().unwrap())];
-    match PgServer::start() {
-        Some(server) => backends.push(Backend::Postgres(server)),
-        None if std::env::var("SFAAS_TEST_REQUIRE_ALL").as_deref() == Ok("1") => {
-            panic!("PostgreSQL server binaries are required (SFAAS_TEST_REQUIRE_ALL=1): see `pg_config --bindir`")
-        }
-        None => eprintln!("SKIPPED on PostgreSQL: no server binaries (pg_config --bindir)"),
-    }
-    backends
-}
 
 /// Fixed tokens: `admin`, and the read tokens of acme and globex.
 struct Tokens;

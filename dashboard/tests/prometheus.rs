@@ -18,13 +18,13 @@ use std::time::Duration;
 use billing::Billing;
 use billing::api::{ApiState, ViewerResolver};
 use billing::usage::{Kind, UsageRecord};
-use collector::bench::PgServer;
 use collector::clock::Clock;
 use collector::model::{Batch, SampleRow, SpanRow};
 use collector::store::TelemetryStore;
 use contract::Viewer;
 use dashboard::DashboardState;
 use serde_json::{Value, json};
+use testkit::PgServer;
 
 // ---------------------------------------------------------------------------------------------
 // Backends, tokens, server

@@ -12,30 +12,9 @@ use common::{Tenant, TestCore, require_program, start};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// redis-py in a virtualenv (from PyPI), made once: the tests that use it run at once, and
-/// a second `venv` over a half-made one breaks both.
+/// redis-py in a virtualenv (from PyPI).
 fn redis_py() -> Option<PathBuf> {
-    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = MAKING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venvs/redis-py");
-    let python = venv.join("bin/python");
-    let ready =
-        python.exists() && Command::new(&python).args(["-c", "import redis"]).status().is_ok_and(|s| s.success());
-    if !ready {
-        let created = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().is_ok_and(|s| s.success())
-            && Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "redis"])
-                .status()
-                .is_ok_and(|s| s.success());
-        if !created {
-            if std::env::var("SFAAS_TEST_REQUIRE_ALL").as_deref() == Ok("1") {
-                panic!("cannot install redis-py in a virtualenv (python3 -m venv, pip install redis from PyPI)");
-            }
-            eprintln!("SKIPPED: cannot install redis-py in a virtualenv");
-            return None;
-        }
-    }
-    Some(python)
+    testkit::python_venv("redis-py", "import redis", &["redis"])
 }
 
 fn client_script() -> PathBuf {

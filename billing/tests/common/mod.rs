@@ -1,56 +1,14 @@
 //! Shared helpers of the billing tests: a telemetry store (SQLite, or a real PostgreSQL the
 //! test starts) with billing over it, and metered spans as the core emits them.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::time::Duration;
 
 use billing::Billing;
-use collector::bench::PgServer;
 use collector::clock::Clock;
 use collector::model::{Batch, SpanRow};
 use collector::store::TelemetryStore;
-
-pub enum Backend {
-    Sqlite(tempfile::TempDir),
-    Postgres(PgServer),
-}
-
-impl Backend {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Backend::Sqlite(_) => "sqlite",
-            Backend::Postgres(_) => "postgres",
-        }
-    }
-
-    pub fn url(&self) -> String {
-        match self {
-            Backend::Sqlite(dir) => format!("sqlite://{}", dir.path().join("telemetry.db").display()),
-            Backend::Postgres(server) => server.url(),
-        }
-    }
-
-    /// Where the store's span blocks go.
-    pub fn blocks(&self) -> std::path::PathBuf {
-        match self {
-            Backend::Sqlite(dir) => dir.path().join("telemetry.db.blocks"),
-            Backend::Postgres(server) => server.blocks_dir(),
-        }
-    }
-}
-
-/// SQLite always; PostgreSQL when its server binaries are here (required in CI).
-pub fn backends() -> Vec<Backend> {
-    let mut backends = vec![Backend::Sqlite(tempfile::tempdir().unwrap())];
-    match PgServer::start() {
-        Some(server) => backends.push(Backend::Postgres(server)),
-        None if std::env::var("SFAAS_TEST_REQUIRE_ALL").as_deref() == Ok("1") => {
-            panic!("PostgreSQL server binaries are required (SFAAS_TEST_REQUIRE_ALL=1): see `pg_config --bindir`")
-        }
-        None => eprintln!("SKIPPED on PostgreSQL: no server binaries (pg_config --bindir)"),
-    }
-    backends
-}
+pub use testkit::{Backend, backends};
 
 pub struct Fixture {
     pub store: TelemetryStore,

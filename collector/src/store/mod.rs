@@ -86,7 +86,7 @@ pub enum StoreError {
     #[error("telemetry store: {0}")]
     Query(#[from] sqlx::Error),
     #[error("telemetry store (SQLite): {0}")]
-    Sqlite(String),
+    Sqlite(#[from] crate::sqlite::SqliteError),
     #[error(transparent)]
     Blocks(#[from] blocks::format::BlockError),
     /// A read would return more samples than its caller's budget.
@@ -461,7 +461,7 @@ fn kind_name(kind: &str) -> &'static str {
 
 /// Writes every row of a batch on SQLite in one transaction: one prepared single-row
 /// `INSERT ... ON CONFLICT DO NOTHING` per table, each value bound in place.
-fn write_sqlite(db: &sqlite::Connection<'_>, batch: &Batch, received_ms: i64) -> Result<Written, String> {
+fn write_sqlite(db: &sqlite::Connection<'_>, batch: &Batch, received_ms: i64) -> Result<Written, sqlite::SqliteError> {
     use sqlite::Value::{Int, Null, Real, Text};
     fn text(v: &Option<String>) -> sqlite::Value<'_> {
         v.as_deref().map_or(Null, Text)
@@ -524,7 +524,7 @@ fn insert_each<'r, T, const N: usize>(
     key: &str,
     rows: &'r [T],
     values: impl Fn(&'r T) -> [sqlite::Value<'r>; N],
-) -> Result<u64, String> {
+) -> Result<u64, sqlite::SqliteError> {
     if rows.is_empty() {
         return Ok(0);
     }

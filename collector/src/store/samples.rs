@@ -143,7 +143,7 @@ impl TelemetryStore {
             return Ok(out);
         };
         let mut connection = pool.acquire().await?;
-        let read = |db: &crate::sqlite::Connection<'_>| -> Result<(Vec<SeriesRows>, Option<usize>), String> {
+        let read = |db: &crate::sqlite::Connection<'_>| -> Result<(Vec<SeriesRows>, Option<usize>), crate::sqlite::SqliteError> {
             use crate::sqlite::Value::Text;
             let mut tenants: Vec<&String> = tenants.iter().collect();
             tenants.sort();

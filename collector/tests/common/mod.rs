@@ -1,12 +1,12 @@
 //! Shared helpers of the collector's tests: a collector on loopback over SQLite or over a real
 //! PostgreSQL server started in a temp dir, and a token resolver with fixed tokens.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::sync::Arc;
 
 use collector::auth::{Credential, TokenResolver};
-pub use collector::bench::PgServer;
 use collector::{Collector, CollectorConfig, RunningCollector};
+pub use testkit::{Backend, PgServer, backends};
 
 /// Tokens: `acme-token`, `globex-token` (ingest), `meter-token` (meter).
 pub struct FixedTokens;
@@ -23,48 +23,6 @@ impl TokenResolver for FixedTokens {
 }
 
 /// Where a test's telemetry goes.
-pub enum Backend {
-    Sqlite(tempfile::TempDir),
-    Postgres(PgServer),
-}
-
-impl Backend {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Backend::Sqlite(_) => "sqlite",
-            Backend::Postgres(_) => "postgres",
-        }
-    }
-
-    pub fn url(&self) -> String {
-        match self {
-            Backend::Sqlite(dir) => format!("sqlite://{}", dir.path().join("telemetry.db").display()),
-            Backend::Postgres(server) => server.url(),
-        }
-    }
-
-    /// Where the store's span blocks go.
-    pub fn blocks(&self) -> std::path::PathBuf {
-        match self {
-            Backend::Sqlite(dir) => dir.path().join("telemetry.db.blocks"),
-            Backend::Postgres(server) => server.blocks_dir(),
-        }
-    }
-}
-
-/// SQLite always; PostgreSQL when its server binaries are here (required in CI).
-pub fn backends() -> Vec<Backend> {
-    let mut backends = vec![Backend::Sqlite(tempfile::tempdir().unwrap())];
-    match PgServer::start() {
-        Some(server) => backends.push(Backend::Postgres(server)),
-        None if std::env::var("SFAAS_TEST_REQUIRE_ALL").as_deref() == Ok("1") => {
-            panic!("PostgreSQL server binaries are required (SFAAS_TEST_REQUIRE_ALL=1): see `pg_config --bindir`")
-        }
-        None => eprintln!("SKIPPED on PostgreSQL: no server binaries (pg_config --bindir)"),
-    }
-    backends
-}
-
 pub async fn start(backend: &Backend, configure: impl FnOnce(&mut CollectorConfig)) -> RunningCollector {
     let mut config = CollectorConfig::new(backend.url());
     config.blocks_dir = Some(backend.blocks());

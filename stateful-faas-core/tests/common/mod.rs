@@ -1,5 +1,5 @@
 //! Shared helpers of the core's integration tests: a real core on loopback in a temp dir.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod otlp;
 
@@ -154,19 +154,7 @@ pub fn running(args: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// Finds an outside program; when missing, the test is skipped with the reason, unless
-/// `SFAAS_TEST_REQUIRE_ALL=1` (as in CI), where a missing program fails the test.
-pub fn require_program(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|path| path.is_file()));
-    if found.is_none() {
-        if std::env::var("SFAAS_TEST_REQUIRE_ALL").as_deref() == Ok("1") {
-            panic!("{name} is required (SFAAS_TEST_REQUIRE_ALL=1) but not on PATH");
-        }
-        eprintln!("SKIPPED: {name} is not on PATH");
-    }
-    found
-}
+pub use testkit::require_program;
 
 /// Polls `check` until it returns Some, for at most `limit`.
 pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> Option<T>
