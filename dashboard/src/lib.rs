@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod charts;
+pub mod dag;
 pub mod jaeger;
 pub mod prometheus;
 pub mod ui;

@@ -30,6 +30,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::dag::{self, DagNode, critical_path};
 use crate::{DashboardState, charts};
 
 const COOKIE: &str = "sfaas_session";
@@ -924,20 +925,6 @@ async fn runs(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Quer
     page("Flow runs", Some(&viewer), &body).into_response()
 }
 
-/// One node of a run's DAG, from its spans.
-#[derive(Debug, Default, Clone)]
-struct DagNode {
-    id: String,
-    needs: Vec<String>,
-    start_ns: i64,
-    end_ns: i64,
-    failed: bool,
-    attempts: i64,
-    cpu_ms: i64,
-    state_bytes: i64,
-    cost: Decimal,
-}
-
 /// Developers: a flow run's trace as its DAG (critical path highlighted) beside the waterfall.
 async fn run(
     State(ui): State<Arc<Ui>>,
@@ -998,7 +985,7 @@ async fn run(
     // Nodes: `node <id>` spans of the run; their `invoke` children carry CPU and cost.
     let mut nodes: Vec<DagNode> = Vec::new();
     let mut by_span: HashMap<&str, usize> = HashMap::new();
-    for span in spans.iter().filter(|s| s.name.starts_with("node ")) {
+    for span in spans.iter().filter(|s| s.name.starts_with(semconv::NODE_SPAN_PREFIX)) {
         let a = attributes(span);
         if text_attr(&a, semconv::SFAAS_FLOW_RUN_ID) != run_id {
             continue; // a sub-flow's node
@@ -1056,86 +1043,13 @@ async fn billing_kind(ui: &Ui) -> billing::period::PeriodKind {
     ui.state.billing.rate_card().await.map(|c| c.period).unwrap_or_default()
 }
 
-/// The chain of nodes with the largest total duration, following `needs`.
-fn critical_path(nodes: &[DagNode]) -> Vec<usize> {
-    let index: HashMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.id.as_str(), i)).collect();
-    let mut best: Vec<Option<(i64, Option<usize>)>> = vec![None; nodes.len()];
-    fn visit(
-        i: usize,
-        nodes: &[DagNode],
-        index: &HashMap<&str, usize>,
-        best: &mut Vec<Option<(i64, Option<usize>)>>,
-        depth: usize,
-    ) -> i64 {
-        if let Some((length, _)) = best[i] {
-            return length;
-        }
-        let mut chosen = (0, None);
-        if depth < nodes.len() {
-            for need in &nodes[i].needs {
-                if let Some(&j) = index.get(need.as_str()) {
-                    let length = visit(j, nodes, index, best, depth + 1);
-                    if length > chosen.0 {
-                        chosen = (length, Some(j));
-                    }
-                }
-            }
-        }
-        let length = chosen.0 + (nodes[i].end_ns - nodes[i].start_ns);
-        best[i] = Some((length, chosen.1));
-        length
-    }
-    let mut end = None;
-    let mut longest = -1;
-    for i in 0..nodes.len() {
-        let length = visit(i, nodes, &index, &mut best, 0);
-        if length > longest {
-            longest = length;
-            end = Some(i);
-        }
-    }
-    let mut path = Vec::new();
-    while let Some(i) = end {
-        path.push(i);
-        end = best[i].and_then(|(_, previous)| previous);
-    }
-    path.reverse();
-    path
-}
-
 /// The DAG as SVG: columns by dependency depth, one box per node with its figures.
 fn dag_svg(nodes: &[DagNode], critical: &[usize]) -> String {
     let index: HashMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.id.as_str(), i)).collect();
-    let mut depth = vec![0usize; nodes.len()];
-    // Longest-path layering (needs are acyclic; bounded passes guard against bad data).
-    for _ in 0..nodes.len() {
-        let mut changed = false;
-        for (i, node) in nodes.iter().enumerate() {
-            for need in &node.needs {
-                if let Some(&j) = index.get(need.as_str())
-                    && depth[i] < depth[j] + 1
-                {
-                    depth[i] = depth[j] + 1;
-                    changed = true;
-                }
-            }
-        }
-        if !changed {
-            break;
-        }
-    }
-    let mut rows_in_column: HashMap<usize, usize> = HashMap::new();
-    let mut position = vec![(0usize, 0usize); nodes.len()];
-    let mut order: Vec<usize> = (0..nodes.len()).collect();
-    order.sort_by(|&a, &b| (depth[a], &nodes[a].id).cmp(&(depth[b], &nodes[b].id)));
-    for i in order {
-        let row = rows_in_column.entry(depth[i]).or_default();
-        position[i] = (depth[i], *row);
-        *row += 1;
-    }
+    let position = dag::layout(nodes);
     let (box_w, box_h, gap_x, gap_y) = (180, 86, 50, 18);
-    let columns = depth.iter().max().map_or(1, |d| d + 1);
-    let rows = rows_in_column.values().max().copied().unwrap_or(1);
+    let columns = position.iter().map(|(column, _)| column + 1).max().unwrap_or(1);
+    let rows = position.iter().map(|(_, row)| row + 1).max().unwrap_or(1);
     let (width, height) = (columns * (box_w + gap_x) + 10, rows * (box_h + gap_y) + 10);
     let on_path: std::collections::HashSet<usize> = critical.iter().copied().collect();
     let xy = |i: usize| (5 + position[i].0 * (box_w + gap_x), 5 + position[i].1 * (box_h + gap_y));
