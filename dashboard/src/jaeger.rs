@@ -102,6 +102,8 @@ pub fn router(state: DashboardState) -> Router {
 const DEFAULT_LIMIT: usize = 20;
 /// The largest search `limit` honoured (the Jaeger UI's own maximum).
 const MAX_LIMIT: usize = 1500;
+/// Traces one request may name by id (`traceID=` repeated): each is a read of its own.
+const MAX_TRACE_IDS: usize = 100;
 /// Search window when `start` is not given (jaeger-query's default lookback).
 const DEFAULT_SEARCH_LOOKBACK_NS: i64 = 2 * 24 * 3600 * 1_000_000_000;
 /// Dependencies window when `lookback` is not given (jaeger-query's default).
@@ -542,6 +544,9 @@ async fn search(State(state): State<DashboardState>, headers: HeaderMap, query: 
     let params = params(query)?;
     let trace_ids: Vec<&str> =
         params.iter().filter(|(k, v)| k == "traceID" && !v.is_empty()).map(|(_, v)| v.as_str()).collect();
+    if trace_ids.len() > MAX_TRACE_IDS {
+        return Err(bad_request(format!("{} traceID parameters: at most {MAX_TRACE_IDS} at once", trace_ids.len())));
+    }
     if !trace_ids.is_empty() {
         let mut traces = Vec::new();
         let mut errors = Vec::new();

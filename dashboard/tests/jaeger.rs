@@ -895,6 +895,7 @@ async fn errors() {
             // Limits: each search reads every matching span of its window.
             ("/api/traces?service=frontend&start=0&end=2764800000000", "longer than 31 days"),
             ("/api/dependencies?endTs=2764800001&lookback=2764800001", "longer than 31 days"),
+            (&format!("/api/traces?{}", format!("traceID={TRACE_A}&").repeat(101)), "101 traceID parameters"),
             (
                 &format!("/api/traces?service=frontend{}", "&tag=k:v".repeat(33)),
                 "33 tag conditions, more than the limit of 32",

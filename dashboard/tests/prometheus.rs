@@ -1448,6 +1448,34 @@ async fn queries_too_deep_or_too_long_are_refused_and_the_server_survives() {
     );
 }
 
+/// The same bounds hold for `match[]` selectors (parsed by the series and label routes), and a
+/// range over the usage counters cannot make the server list every minute of ten thousand
+/// years: both were found by reading the code for what a tenant's request can make it do (a
+/// stack overflow that aborts the process; memory without bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selectors_and_usage_ranges_are_bounded_and_the_server_survives() {
+    let env = env(Backend::Sqlite(tempfile::tempdir().unwrap())).await;
+    seed(&env).await;
+    let nested = format!("{}up{}", "(".repeat(200_000), ")".repeat(200_000));
+    for route in ["/prometheus/api/v1/series", "/prometheus/api/v1/labels", "/prometheus/api/v1/label/job/values"] {
+        let (status, body) = env.post_form(ACME, route, &[("match[]", nested.as_str())]).await;
+        assert_eq!(status, 400, "{route}: {body}");
+        assert_eq!(body["errorType"], "bad_data", "{route}: {body}");
+    }
+    for query in ["sfaas_usage_cpu_ms_total[10000y]", "sfaas_billing_cost_total{function!=\"\"}[10000y]"] {
+        let (status, body) = env
+            .post_form(ACME, "/prometheus/api/v1/query", &[("query", query), ("time", "2026-11-10T12:00:00Z")])
+            .await;
+        assert_eq!(status, 422, "{query}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("more than 1048576 minutes"), "{query}: {body}");
+    }
+    // A month of minutes is within the bound, and the server still answers.
+    let month = [("query", "sfaas_usage_cpu_ms_total[30d]"), ("time", "2026-11-10T12:00:00Z")];
+    let (status, body) = env.post_form(ACME, "/prometheus/api/v1/query", &month).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(vector_or_scalar(&env.instant(ACME, "1+1", "1000").await), 2.0);
+}
+
 fn vector_or_scalar(data: &Value) -> f64 {
     assert_eq!(data["resultType"], "scalar", "{data}");
     number(&data["result"][1])

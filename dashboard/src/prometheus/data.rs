@@ -313,7 +313,7 @@ pub async fn load(
             wanted.usage |= reads_usage;
             wanted.cost |= reads_cost;
             for e in instants {
-                counter_read_times(selector, e, last, &mut points);
+                counter_read_times(selector, e, last, &mut points)?;
             }
         }
     }

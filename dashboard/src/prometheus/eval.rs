@@ -605,28 +605,44 @@ impl SeriesData {
     }
 }
 
+/// Most sample times of the synthesized counters one query may read: a year of minutes and
+/// more. A range over every minute of `[1000000y]` would otherwise be pushed one by one.
+pub const MAX_COUNTER_READS: usize = 1 << 20;
+
 /// Which sample times of the synthesized counters a selector reads at evaluation time `e`
 /// (the same arithmetic as [`SeriesData::instant`] and [`SeriesData::window`]), with `last`
-/// the counters' last sample time.
-pub fn counter_read_times(selector: &Selector, e: i64, last: i64, out: &mut Vec<i64>) {
+/// the counters' last sample time; refused beyond [`MAX_COUNTER_READS`] in all.
+pub fn counter_read_times(selector: &Selector, e: i64, last: i64, out: &mut Vec<i64>) -> Result<(), QueryError> {
     let l = e.div_euclid(RESOLUTION_MS).saturating_mul(RESOLUTION_MS).min(last);
     out.push(l);
     if let Some(range) = selector.range_ms {
-        let f = (e - range).div_euclid(RESOLUTION_MS) * RESOLUTION_MS + RESOLUTION_MS;
+        let f = e
+            .saturating_sub(range)
+            .div_euclid(RESOLUTION_MS)
+            .saturating_mul(RESOLUTION_MS)
+            .saturating_add(RESOLUTION_MS);
         if f <= l {
             out.push(f);
             if selector.needs_previous {
                 out.push(l - RESOLUTION_MS);
             }
             if selector.all_samples {
-                let mut t = f;
-                while t < l {
-                    out.push(t);
-                    t += RESOLUTION_MS;
+                let minutes = usize::try_from((l - f) / RESOLUTION_MS).unwrap_or(usize::MAX);
+                if minutes > MAX_COUNTER_READS.saturating_sub(out.len()) {
+                    return Err(QueryError::Execution(format!(
+                        "the query reads the usage counters at more than {MAX_COUNTER_READS} minutes: use a shorter range"
+                    )));
                 }
+                out.extend((0..minutes as i64).map(|i| f + i * RESOLUTION_MS));
             }
         }
     }
+    if out.len() > MAX_COUNTER_READS {
+        return Err(QueryError::Execution(format!(
+            "the query reads the usage counters at more than {MAX_COUNTER_READS} minutes: use fewer steps or a shorter range"
+        )));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

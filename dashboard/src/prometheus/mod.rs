@@ -852,6 +852,8 @@ async fn query_range(State(api): State<Api>, headers: HeaderMap, uri: Uri, body:
 fn selectors(params: &Params) -> Result<Vec<Selector>, ApiError> {
     let mut out = Vec::new();
     for text in params.all("match[]") {
+        // Bounded before parsing, as queries are: the parser recurses once per level.
+        check_shape(text).map_err(|e| ApiError::param("match[]", e))?;
         let expr = promql_parser::parser::parse(text).map_err(|e| ApiError::param("match[]", e.trim()))?;
         let Expr::VectorSelector(vs) = expr else {
             return Err(ApiError::param("match[]", format!("{text:?} is not a series selector")));

@@ -270,10 +270,16 @@ pub struct Filter<'a> {
     pub name_prefix: Option<&'a str>,
 }
 
-impl Filter<'_> {
-    /// Whether a span passes.
-    pub fn keeps(&self, s: &Stored) -> bool {
-        (self.trace_ids.is_empty() || self.trace_ids.contains(&s.span.trace_id.as_str()))
+impl<'a> Filter<'a> {
+    /// The trace ids as a set, for [`Filter::keeps`]: a query may name many traces (a Jaeger
+    /// search's, or the missing parents of a dependency graph), and each span is looked up.
+    pub fn trace_set(&self) -> std::collections::HashSet<&'a str> {
+        self.trace_ids.iter().copied().collect()
+    }
+
+    /// Whether a span passes (`traces`: [`Filter::trace_set`]).
+    pub fn keeps(&self, s: &Stored, traces: &std::collections::HashSet<&str>) -> bool {
+        (traces.is_empty() || traces.contains(s.span.trace_id.as_str()))
             && self.service.is_none_or(|v| s.span.service_name == v)
             && self.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(&s.span.start_ns))
             && self.received_ms.is_none_or(|(after, upto)| s.received_ms > after && s.received_ms <= upto)
@@ -401,6 +407,7 @@ impl Block {
     /// The spans of row group `g` that pass `filter`, in block order.
     pub fn read_group(&self, g: usize, filter: &Filter<'_>) -> Result<Vec<Stored>, BlockError> {
         let wanted: Vec<FixedLenByteArray> = filter.trace_ids.iter().map(|id| id_bytes::<16>(id)).collect();
+        let wanted_set: std::collections::HashSet<&[u8]> = wanted.iter().map(|id| id.data()).collect();
         let mut out = Vec::new();
         {
             if !wanted.is_empty()
@@ -428,7 +435,7 @@ impl Block {
             }
             let keep: Vec<usize> = (0..rows)
                 .filter(|&i| {
-                    (wanted.is_empty() || wanted.contains(&traces[i]))
+                    (wanted_set.is_empty() || wanted_set.contains(traces[i].data()))
                         && filter.service.is_none_or(|s| services[i].data() == s.as_bytes())
                         && filter.start_ns.is_none_or(|(lo, hi)| (lo..=hi).contains(&starts[i]))
                         && filter.received_ms.is_none_or(|(after, upto)| received[i] > after && received[i] <= upto)

@@ -663,7 +663,8 @@ impl SpanBlocks {
 
     /// The spans of `tenant` (or of every tenant) that pass `filter`, one per identity.
     async fn scan(&self, tenant: Option<&str>, filter: &Filter<'_>) -> Result<Vec<Stored>, StoreError> {
-        let mut out = self.unsealed(tenant, |s| filter.keeps(s))?;
+        let traces = filter.trace_set();
+        let mut out = self.unsealed(tenant, |s| filter.keeps(s, &traces))?;
         for listed in blocks_of(&self.pool, tenant, filter).await? {
             let Some(block) = self.listed_block(&listed.location).await? else { continue };
             let found = blocking(|| block.read(filter)).map_err(StoreError::Blocks)?;

@@ -223,9 +223,10 @@ impl SpanBlocks {
     /// identity (the first found, as [`Self::read`] keeps).
     pub async fn metered_spans(&self, after_ms: i64, upto_ms: i64) -> Result<Vec<MeteredSpan>, StoreError> {
         let arrived = Filter { received_ms: Some((after_ms, upto_ms)), ..Filter::default() };
+        let no_traces = arrived.trace_set();
         let mut out = Vec::new();
         self.each_unsealed(None, &mut |s| {
-            if s.span.metered && arrived.keeps(s) && is_metered_name(&s.span.name) {
+            if s.span.metered && arrived.keeps(s, &no_traces) && is_metered_name(&s.span.name) {
                 out.push(MeteredSpan {
                     tenant: s.span.tenant.clone(),
                     trace_id: s.span.trace_id.clone(),
