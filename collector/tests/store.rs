@@ -264,3 +264,39 @@ async fn spans_stored_as_rows_move_into_blocks_when_the_store_opens() {
         assert_eq!(store.counts("acme").await.unwrap().spans, acme.len() as u64, "{name}");
     }
 }
+
+/// A tenant's spans may all start at one instant, or all be of one trace: a search still
+/// answers `limit` distinct traces, newest first, ties by trace id (the same answer however
+/// the spans are split between the head and blocks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searches_over_spans_at_one_instant_answer_the_limit() {
+    for backend in backends() {
+        let store = TelemetryStore::open_with_blocks(&backend.url(), &backend.blocks()).await.unwrap();
+        let mut spans = Vec::new();
+        // 3 000 traces of one span each, all at T0; and one trace of 3 000 spans at T0 - 1 ms.
+        for i in 0..3_000u64 {
+            let mut one = span("acme", &format!("{:016x}", i + 1), None, "shop", "checkout", T0);
+            one.trace_id = format!("{:032x}", i + 1);
+            spans.push(one);
+            spans.push(span("acme", &format!("{:016x}", 1_000_000 + i), None, "shop", "checkout", T0 - MS));
+        }
+        store.write(&Batch { spans, ..Batch::default() }).await.unwrap();
+        let search = TraceSearch {
+            service: "shop".into(),
+            operation: None,
+            tags: vec![],
+            min_ns: 0,
+            max_ns: 0,
+            limit: 20,
+            start_ns: T0 - 60_000 * MS,
+            end_ns: T0 + MS,
+        };
+        let found = store.find_traces("acme", &search).await.unwrap();
+        let expected: Vec<(String, i64)> = (2_981..=3_000u64).rev().map(|i| (format!("{i:032x}"), T0)).collect();
+        assert_eq!(found, expected, "{}", backend.name());
+        let all = TraceSearch { limit: 3_001, ..search };
+        let found = store.find_traces("acme", &all).await.unwrap();
+        assert_eq!(found.len(), 3_001, "{}", backend.name());
+        assert_eq!(found.last(), Some(&(TRACE.to_string(), T0 - MS)), "the trace of 3 000 spans, once");
+    }
+}

@@ -107,20 +107,20 @@ impl SpanBlocks {
                 && (search.tags.is_empty() || Details::of(span).matches(&search.tags))
         };
         // The start of the `limit`-th trace found so far (nothing older can enter the answer),
-        // with what is older dropped.
+        // with what is older dropped: each trace once (its latest match), newest first, ties
+        // by trace id, and never more than `limit` kept. A trace of many matching spans, or
+        // many traces starting at one instant, so cost a sort of at most `4 * limit + 256`
+        // entries per prune, not one per match.
         let limit = search.limit.max(1);
         let bar = |found: &mut Vec<(i64, String, String)>| -> Option<i64> {
             found.sort_unstable_by(|a, b| b.cmp(a));
             let mut seen = HashSet::new();
-            let last = found
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, trace, tenant))| seen.insert((trace.as_str(), tenant.as_str())))
-                .nth(limit - 1);
-            let (at, start) = last.map(|(at, (start, ..))| (at, *start))?;
-            let keep = at + found[at..].iter().take_while(|(s, ..)| *s == start).count();
-            found.truncate(keep);
-            Some(start)
+            found.retain(|(_, trace, tenant)| seen.insert((trace.clone(), tenant.clone())));
+            if found.len() < limit {
+                return None;
+            }
+            found.truncate(limit);
+            Some(found[limit - 1].0)
         };
         // (start, trace id, tenant) of the matches: a trace's spans are not copied to find it.
         let mut found: Vec<(i64, String, String)> = Vec::new();
