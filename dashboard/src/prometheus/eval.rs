@@ -627,22 +627,25 @@ pub fn counter_read_times(selector: &Selector, e: i64, last: i64, out: &mut Vec<
                 out.push(l - RESOLUTION_MS);
             }
             if selector.all_samples {
+                // Counted before any is pushed: the range may hold billions of minutes.
                 let minutes = usize::try_from((l - f) / RESOLUTION_MS).unwrap_or(usize::MAX);
                 if minutes > MAX_COUNTER_READS.saturating_sub(out.len()) {
-                    return Err(QueryError::Execution(format!(
-                        "the query reads the usage counters at more than {MAX_COUNTER_READS} minutes: use a shorter range"
-                    )));
+                    return Err(too_many_counter_reads());
                 }
                 out.extend((0..minutes as i64).map(|i| f + i * RESOLUTION_MS));
             }
         }
     }
     if out.len() > MAX_COUNTER_READS {
-        return Err(QueryError::Execution(format!(
-            "the query reads the usage counters at more than {MAX_COUNTER_READS} minutes: use fewer steps or a shorter range"
-        )));
+        return Err(too_many_counter_reads());
     }
     Ok(())
+}
+
+fn too_many_counter_reads() -> QueryError {
+    QueryError::Execution(format!(
+        "the query reads the usage counters at more than {MAX_COUNTER_READS} minutes: use fewer steps or a shorter range"
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -617,13 +617,19 @@ fn register_legacy_functions() {
 }
 
 fn parse_query(text: Option<&str>) -> Result<Expr, ApiError> {
-    register_legacy_functions();
     let text = text.unwrap_or("");
     if text.trim().is_empty() {
         return Err(ApiError::param("query", "query is empty"));
     }
-    check_shape(text).map_err(|e| ApiError::param("query", e))?;
-    promql_parser::parser::parse(text).map_err(|e| ApiError::param("query", e.trim()))
+    parse_bounded("query", text)
+}
+
+/// Parses PromQL given as `param`, within the shape limits (checked first: the parser
+/// recurses once per level), as every route that takes PromQL must.
+fn parse_bounded(param: &str, text: &str) -> Result<Expr, ApiError> {
+    register_legacy_functions();
+    check_shape(text).map_err(|e| ApiError::param(param, e))?;
+    promql_parser::parser::parse(text).map_err(|e| ApiError::param(param, e.trim()))
 }
 
 /// Longest query accepted, in bytes.
@@ -852,9 +858,7 @@ async fn query_range(State(api): State<Api>, headers: HeaderMap, uri: Uri, body:
 fn selectors(params: &Params) -> Result<Vec<Selector>, ApiError> {
     let mut out = Vec::new();
     for text in params.all("match[]") {
-        // Bounded before parsing, as queries are: the parser recurses once per level.
-        check_shape(text).map_err(|e| ApiError::param("match[]", e))?;
-        let expr = promql_parser::parser::parse(text).map_err(|e| ApiError::param("match[]", e.trim()))?;
+        let expr = parse_bounded("match[]", text)?;
         let Expr::VectorSelector(vs) = expr else {
             return Err(ApiError::param("match[]", format!("{text:?} is not a series selector")));
         };
