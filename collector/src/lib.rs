@@ -263,15 +263,16 @@ async fn own_metrics(State(collector): State<Arc<Collector>>) -> String {
     collector.metrics.encode()
 }
 
-/// Deletes telemetry older than the retention period, every minute.
+/// Deletes telemetry older than the retention period, every minute (the first a minute after
+/// start, when startup's own work is done).
 async fn retention(collector: Arc<Collector>, mut stop: watch::Receiver<bool>) {
     loop {
-        if let Err(error) = retention_pass(&collector, collector.store.clock().now_ns()).await {
-            tracing::warn!(%error, "retention failed");
-        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(error) = retention_pass(&collector, collector.store.clock().now_ns()).await {
+            tracing::warn!(%error, "retention failed");
         }
     }
 }
@@ -281,7 +282,8 @@ pub async fn retention_pass(collector: &Collector, now_ns: i64) -> Result<u64, S
     let mut deleted = 0;
     for tenant in collector.store.tenants().await? {
         let period = collector.config.tenant_retention.get(&tenant).unwrap_or(&collector.config.retention);
-        let count = collector.store.delete_before(&tenant, now_ns - period.as_nanos() as i64).await?;
+        let period_ns = i64::try_from(period.as_nanos()).unwrap_or(i64::MAX);
+        let count = collector.store.delete_before(&tenant, now_ns.saturating_sub(period_ns)).await?;
         if count > 0 {
             tracing::info!(%tenant, deleted = count, "retention: deleted old telemetry");
         }

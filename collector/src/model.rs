@@ -29,6 +29,14 @@ pub struct SpanRow {
     pub metered: bool,
 }
 
+impl SpanRow {
+    /// How long the span took, in ns: 0 when it ends before it starts, at most `i64::MAX`.
+    /// Its times are the sender's (any `i64`), so the plain difference can overflow.
+    pub fn duration_ns(&self) -> i64 {
+        self.end_ns.saturating_sub(self.start_ns).max(0)
+    }
+}
+
 /// One metric sample.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SampleRow {

@@ -321,7 +321,8 @@ async fn a_flooding_tenant_is_refused_alone() {
         refused += flooder.await.unwrap();
     }
     assert!(refused > 0, "the flood was never refused: the test did not flood");
-    let spans = collector.collector.store.spans_named("globex", "", i64::MIN, i64::MAX, i64::MAX).await.unwrap();
+    let spans =
+        collector.collector.store.spans_named("globex", "", (i64::MIN, i64::MAX), usize::MAX, &|_| true).await.unwrap();
     assert_eq!(spans.iter().filter(|s| s.metered).count(), 40 * 20, "every metered span stored");
 }
 
@@ -355,7 +356,7 @@ async fn a_tenant_over_its_ingest_rate_gets_429_naming_the_quota() {
     assert_eq!(post(&url, Some("meter-token"), protobuf, body("acme", 200, 6)).await.status(), 200);
 
     let store = &collector.collector.store;
-    let acme = store.spans_named("acme", "", i64::MIN, i64::MAX, i64::MAX).await.unwrap();
+    let acme = store.spans_named("acme", "", (i64::MIN, i64::MAX), usize::MAX, &|_| true).await.unwrap();
     assert_eq!(acme.iter().filter(|s| !s.metered).count(), 300);
     assert_eq!(acme.iter().filter(|s| s.metered).count(), 400);
     assert_eq!(store.counts("globex").await.unwrap().spans, 100);

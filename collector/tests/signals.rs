@@ -146,27 +146,27 @@ use sqlx::Connection;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_each_tenant_for_its_own_period() {
-    use collector::model::{Batch, SpanRow};
+    use collector::model::{Batch, SampleRow, SpanRow};
     const HOUR: i64 = 3600 * 1_000_000_000;
     let now = 1_800_000_000_000_000_000i64; // 2027-01-15T08:00:00Z
     for backend in backends() {
         let running = start(&backend, |config| {
             config.retention = Duration::from_secs(3600);
             config.tenant_retention.insert("globex".into(), Duration::from_secs(10 * 3600));
-            // The collector's own passes run a day before `now`: they delete none of these
-            // spans, whatever the date, and leave the one below (as of `now`) to count them.
-            config.clock = collector::clock::Clock::starting_at(now - 24 * HOUR);
+            // The collector's own passes run a minute apart, the first a minute after start:
+            // the one below (as of `now`) is the only one this test sees.
+            config.clock = collector::clock::Clock::starting_at(now - 2 * HOUR);
         })
         .await;
-        let span = |tenant: &str, id: u8, age_hours: i64| SpanRow {
+        let span = |tenant: &str, id: u8, start_ns: i64| SpanRow {
             tenant: tenant.into(),
             trace_id: format!("{id:032x}"),
             span_id: format!("{id:016x}"),
             parent_span_id: None,
             name: "op".into(),
             kind: 1,
-            start_ns: now - age_hours * HOUR,
-            end_ns: now - age_hours * HOUR + 1,
+            start_ns,
+            end_ns: start_ns.saturating_add(1),
             status_code: 0,
             status_message: String::new(),
             service_name: "s".into(),
@@ -177,14 +177,37 @@ async fn retention_keeps_each_tenant_for_its_own_period() {
             scope: "{}".into(),
             metered: false,
         };
+        let sample = |tenant: &str, ts_ns: i64| SampleRow {
+            tenant: tenant.into(),
+            metric: "m".into(),
+            labels: "{}".into(),
+            kind: "gauge",
+            ts_ns,
+            value: 1.0,
+            histogram: None,
+            metered: false,
+        };
+        let store = &running.collector.store;
+        // Dated in the far future, arrived two hours before `now`: one sealed into a block,
+        // one in the head. By date they would be kept for ever; by arrival acme's hour is over.
+        let future = i64::MAX - 1;
+        store.write(&Batch { spans: vec![span("acme", 5, future)], ..Default::default() }).await.unwrap();
+        store.seal_spans().await.unwrap();
+        let far = Batch { spans: vec![span("acme", 6, future)], samples: vec![sample("acme", future)], logs: vec![] };
+        store.write(&far).await.unwrap();
+        running.collector.store.clock().set(now);
+        let ages = [("acme", 1, 0), ("acme", 2, 2), ("globex", 3, 2), ("globex", 4, 11)];
         let batch = Batch {
-            spans: vec![span("acme", 1, 0), span("acme", 2, 2), span("globex", 3, 2), span("globex", 4, 11)],
+            spans: ages.iter().map(|&(tenant, id, age)| span(tenant, id, now - age * HOUR)).collect(),
+            samples: ages.iter().map(|&(tenant, _, age)| sample(tenant, now - age * HOUR)).collect(),
             ..Default::default()
         };
-        running.collector.store.write(&batch).await.unwrap();
-        assert_eq!(collector::retention_pass(&running.collector, now).await.unwrap(), 2, "{}", backend.name());
-        assert_eq!(running.collector.store.counts("acme").await.unwrap().spans, 1, "acme keeps 1 hour");
-        assert_eq!(running.collector.store.counts("globex").await.unwrap().spans, 1, "globex keeps 10 hours");
+        store.write(&batch).await.unwrap();
+        // acme: spans 2, 5, 6 and two samples; globex: span 4 and one sample.
+        assert_eq!(collector::retention_pass(&running.collector, now).await.unwrap(), 7, "{}", backend.name());
+        let (acme, globex) = (store.counts("acme").await.unwrap(), store.counts("globex").await.unwrap());
+        assert_eq!((acme.spans, acme.samples), (1, 1), "acme keeps 1 hour, {}", backend.name());
+        assert_eq!((globex.spans, globex.samples), (1, 1), "globex keeps 10 hours, {}", backend.name());
         running.shutdown().await;
     }
 }

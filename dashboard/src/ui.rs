@@ -850,7 +850,7 @@ fn text_attr(attributes: &serde_json::Map<String, Value>, key: &str) -> String {
 /// The window a page shows: `hours` (default a week) up to a minute past `now`.
 fn lookback(params: &Params, now: i64) -> (i64, i64) {
     let hours: i64 = params.hours.as_deref().and_then(|h| h.parse().ok()).unwrap_or(24 * 7).clamp(1, 24 * 400);
-    (now - hours * 3_600_000_000_000, now + 60_000_000_000)
+    (now.saturating_sub(hours * 3_600_000_000_000), now.saturating_add(60_000_000_000))
 }
 
 /// Developers: flow runs, filtered by flow, status and time.
@@ -860,10 +860,11 @@ async fn runs(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Quer
         Err(r) => return r,
     };
     let (since, until) = lookback(&params, ui.state.store.clock().now_ns());
-    let spans = match ui.state.store.spans_named(&tenant, semconv::FLOW_SPAN_PREFIX, since, until, 500).await {
-        Ok(s) => s,
-        Err(e) => return internal(&viewer, e),
-    };
+    let spans =
+        match ui.state.store.spans_named(&tenant, semconv::FLOW_SPAN_PREFIX, (since, until), 500, &|_| true).await {
+            Ok(s) => s,
+            Err(e) => return internal(&viewer, e),
+        };
     let period = ui.current_period(&viewer).await.unwrap_or_default();
     let mut run_costs: HashMap<String, Decimal> = HashMap::new();
     for cost in ui.costs(&tenant, &period).await.iter() {
@@ -913,7 +914,7 @@ async fn runs(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Quer
             if status == "failed" { "bad" } else { "" },
             esc(&status),
             esc(&rfc3339(span.start_ns)),
-            (span.end_ns - span.start_ns) as f64 / 1e6,
+            span.duration_ns() as f64 / 1e6,
             esc(&text_attr(&a, semconv::SFAAS_STATE_BYTE_SECONDS)),
             run_costs.get(&run_id).map_or("—".into(), |c| c.round_dp(8).to_string())
         );
@@ -954,12 +955,13 @@ async fn run(
     let (flow, spans) = match known {
         Some(found) => found,
         None => {
-            let now = store.clock().now_ns();
-            let flows =
-                match store.spans_named(&tenant, semconv::FLOW_SPAN_PREFIX, 0, now + 60_000_000_000, 100_000).await {
-                    Ok(s) => s,
-                    Err(e) => return internal(&viewer, e),
-                };
+            // The newest flow span of the run, however many runs the tenant has.
+            let window = (i64::MIN, i64::MAX);
+            let of_run = |s: &SpanRow| text_attr(&attributes(s), semconv::SFAAS_FLOW_RUN_ID) == run_id;
+            let flows = match store.spans_named(&tenant, semconv::FLOW_SPAN_PREFIX, window, 1, &of_run).await {
+                Ok(s) => s,
+                Err(e) => return internal(&viewer, e),
+            };
             let Some(flow) = flow_of(&flows) else {
                 return error_page(
                     StatusCode::NOT_FOUND,
@@ -1023,7 +1025,7 @@ async fn run(
          <p class=\"muted\">Critical path (longest chain of node durations): {}</p>",
         esc(&text_attr(&a, semconv::SFAAS_FLOW_NAME)),
         esc(&text_attr(&a, semconv::SFAAS_FLOW_STATUS)),
-        (flow.end_ns - flow.start_ns) as f64 / 1e6,
+        flow.duration_ns() as f64 / 1e6,
         nodes.len(),
         esc(&text_attr(&a, semconv::SFAAS_STATE_BYTE_SECONDS)),
         total_cost.round_dp(10),
@@ -1092,7 +1094,7 @@ fn dag_svg(nodes: &[DagNode], critical: &[usize]) -> String {
             x + 8,
             y + 18,
             y + 36,
-            (node.end_ns - node.start_ns) as f64 / 1e6,
+            node.duration_ns() as f64 / 1e6,
             if node.failed { "failed" } else { "ok" },
             node.attempts,
             y + 54,
@@ -1113,8 +1115,10 @@ fn waterfall(spans: &[SpanRow]) -> String {
     let Some(start) = spans.iter().map(|s| s.start_ns).min() else {
         return "<p class=\"muted\">No spans.</p>".into();
     };
-    let end = spans.iter().map(|s| s.end_ns).max().unwrap_or(start).max(start + 1);
-    let total = (end - start) as f64;
+    let end = spans.iter().map(|s| s.end_ns).max().unwrap_or(start);
+    // The times are the sender's (any i64): differences are taken exactly, in i128.
+    let since_start = |t: i64| (i128::from(t) - i128::from(start)) as f64;
+    let total = since_start(end).max(1.0);
     let parents: HashMap<&str, Option<&str>> =
         spans.iter().map(|s| (s.span_id.as_str(), s.parent_span_id.as_deref())).collect();
     fn depth_of<'a>(parents: &HashMap<&'a str, Option<&'a str>>, mut id: &'a str) -> usize {
@@ -1132,14 +1136,14 @@ fn waterfall(spans: &[SpanRow]) -> String {
         "<table id=\"waterfall\"><thead><tr><th>span</th><th class=\"n\">ms</th><th style=\"width:50%\">timeline</th></tr></thead><tbody>",
     );
     for span in spans {
-        let left = (span.start_ns - start) as f64 / total * 100.0;
-        let width = ((span.end_ns - span.start_ns) as f64 / total * 100.0).max(0.3);
+        let left = since_start(span.start_ns) / total * 100.0;
+        let width = (span.duration_ns() as f64 / total * 100.0).max(0.3);
         let _ = write!(
             out,
             "<tr><td style=\"padding-left:{}em\">{}</td><td class=\"n\">{:.2}</td><td><div class=\"bar\"><span{} style=\"left:{left:.2}%;width:{width:.2}%\"></span></div></td></tr>",
             0.8 + depth_of(&parents, &span.span_id) as f64,
             esc(&span.name),
-            (span.end_ns - span.start_ns) as f64 / 1e6,
+            span.duration_ns() as f64 / 1e6,
             if span.status_code == 2 { " class=\"error\"" } else { "" }
         );
     }
@@ -1160,7 +1164,7 @@ async fn traces(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Qu
     let attr = params.attr.clone().unwrap_or_default();
     let (since, until) = lookback(&params, ui.state.store.clock().now_ns());
     let prefix = semconv::invoke_span_name(&function);
-    let spans = match ui.state.store.spans_named(&tenant, &prefix, since, until, 2000).await {
+    let spans = match ui.state.store.spans_named(&tenant, &prefix, (since, until), 2000, &|_| true).await {
         Ok(s) => s,
         Err(e) => return internal(&viewer, e),
     };
@@ -1190,7 +1194,7 @@ async fn traces(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Qu
         if !function.is_empty() && span.name != semconv::invoke_span_name(&function) {
             continue;
         }
-        let ms = (span.end_ns - span.start_ns) as f64 / 1e6;
+        let ms = span.duration_ns() as f64 / 1e6;
         let a = attributes(span);
         let code = a.get(semconv::HTTP_RESPONSE_STATUS_CODE).and_then(Value::as_i64).unwrap_or(0);
         let is_error = span.status_code == 2 || code >= 500;

@@ -75,6 +75,12 @@ fn id_hex(bytes: &[u8], len: usize) -> Option<String> {
     (bytes.len() == len && bytes.iter().any(|&b| b != 0)).then(|| lower_hex(bytes))
 }
 
+/// OTLP's unsigned nanoseconds as the store's signed ones: times past 2262 (any `u64` a sender
+/// writes) saturate at `i64::MAX` rather than wrap to before 1970.
+fn unix_ns(ns: u64) -> i64 {
+    i64::try_from(ns).unwrap_or(i64::MAX)
+}
+
 /// A trace request as the conversion reads it, borrowing from prost's message or straight
 /// from the body ([`super::otlp_wire`]). Only the fields the conversion uses.
 #[derive(Debug, Default)]
@@ -334,8 +340,8 @@ pub fn convert_traces(request: Request<'_>, sender: &Sender) -> Converted {
                     parent_span_id,
                     name: span.name.to_string(),
                     kind: span.kind as i64,
-                    start_ns: span.start_time_unix_nano as i64,
-                    end_ns: span.end_time_unix_nano as i64,
+                    start_ns: unix_ns(span.start_time_unix_nano),
+                    end_ns: unix_ns(span.end_time_unix_nano),
                     status_code: status.code as i64,
                     status_message: status.message.to_string(),
                     service_name: service.clone(),
@@ -381,7 +387,7 @@ pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Convert
                 metric: metric.name.clone(),
                 labels,
                 kind,
-                ts_ns: ts as i64,
+                ts_ns: unix_ns(ts),
                 value,
                 histogram,
                 metered,
@@ -506,7 +512,7 @@ pub fn logs(request: ExportLogsServiceRequest, sender: &Sender) -> Converted {
             out.batch.logs.push(LogRow {
                 tenant: tenant.clone(),
                 record_hash: hex::encode(hash.finalize()),
-                ts_ns: ts as i64,
+                ts_ns: unix_ns(ts),
                 severity_number: record.severity_number as i64,
                 severity_text: record.severity_text,
                 body,
@@ -560,5 +566,12 @@ mod tests {
         assert_eq!(plain_text(Some(&AnyValue { value: Some(StringValue("GET".into())) })), "GET");
         assert_eq!(plain_text(Some(&AnyValue { value: Some(IntValue(200)) })), "200");
         assert_eq!(plain_text(None), "null");
+    }
+
+    #[test]
+    fn times_past_what_an_i64_holds_saturate() {
+        assert_eq!(unix_ns(1_700_000_000_000_000_000), 1_700_000_000_000_000_000);
+        assert_eq!(unix_ns(1 << 63), i64::MAX);
+        assert_eq!(unix_ns(u64::MAX), i64::MAX);
     }
 }

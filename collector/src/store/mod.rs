@@ -28,6 +28,7 @@ mod tokens;
 
 pub use tokens::PublishedToken;
 
+pub use blocks::MAX_TRACE_SPANS;
 pub use samples::SeriesRows;
 pub use spans::{MeteredSpan, TraceSearch};
 
@@ -375,17 +376,24 @@ impl TelemetryStore {
     }
 
     /// Deletes a tenant's spans (whole blocks: see [`SpanBlocks::delete_before`]), samples and
-    /// logs older than `before_ns`; returns how many.
+    /// logs dated before `before_ns` or that arrived before it; returns how many. (By date
+    /// alone, a tenant's telemetry dated in the far future would be kept for ever.)
     pub async fn delete_before(&self, tenant: &str, before_ns: i64) -> Result<u64, StoreError> {
         let mut deleted = self.spans.delete_before(tenant, before_ns).await?;
-        for (table, column) in [("metric_samples", "ts_ns"), ("logs", "ts_ns")] {
-            let sql = format!("DELETE FROM {table} WHERE tenant = {} AND {column} < {}", self.param(1), self.param(2));
+        let before_ms = before_ns.div_euclid(1_000_000);
+        for table in ["metric_samples", "logs"] {
+            let (tenant_is, ts_before, arrived_before) = (self.param(1), self.param(2), self.param(3));
+            let sql = format!(
+                "DELETE FROM {table} WHERE tenant = {tenant_is} AND (ts_ns < {ts_before} OR received_ms < {arrived_before})"
+            );
             deleted += match &self.pool {
                 Pool::Sqlite(pool) => {
-                    sqlx::query(AssertSqlSafe(sql)).bind(tenant).bind(before_ns).execute(pool).await?.rows_affected()
+                    let query = sqlx::query(AssertSqlSafe(sql)).bind(tenant).bind(before_ns).bind(before_ms);
+                    query.execute(pool).await?.rows_affected()
                 }
                 Pool::Postgres(pool) => {
-                    sqlx::query(AssertSqlSafe(sql)).bind(tenant).bind(before_ns).execute(pool).await?.rows_affected()
+                    let query = sqlx::query(AssertSqlSafe(sql)).bind(tenant).bind(before_ns).bind(before_ms);
+                    query.execute(pool).await?.rows_affected()
                 }
             };
         }

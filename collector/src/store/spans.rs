@@ -61,27 +61,30 @@ impl TelemetryStore {
         self.spans.operations(tenant, service).await
     }
 
-    /// The spans of one trace of a tenant, by start time (empty when it has none).
+    /// The spans of one trace of a tenant, by start time (empty when it has none): at most
+    /// [`MAX_TRACE_SPANS`](super::MAX_TRACE_SPANS), the earliest.
     pub async fn trace(&self, tenant: &str, trace_id: &str) -> Result<Vec<SpanRow>, StoreError> {
         Ok(self.traces(tenant, &[trace_id]).await?.remove(trace_id).unwrap_or_default())
     }
 
-    /// The spans of some traces of one tenant, by trace id, each trace's spans by start time.
+    /// The spans of some traces of one tenant, by trace id, each trace's spans by start time:
+    /// at most [`MAX_TRACE_SPANS`](super::MAX_TRACE_SPANS) of each, the earliest.
     pub async fn traces(&self, tenant: &str, trace_ids: &[&str]) -> Result<HashMap<String, Vec<SpanRow>>, StoreError> {
         self.spans.traces(tenant, trace_ids).await
     }
 
-    /// A tenant's spans whose name starts with `prefix`, started in `[since_ns, until_ns)`,
-    /// newest first, at most `limit`.
+    /// A tenant's spans whose name starts with `prefix`, started in `[since_ns, until_ns)`, that
+    /// pass `keep`: the newest `limit`, newest first. What is held while reading is bounded by
+    /// `limit`, not by how many spans the tenant has.
     pub async fn spans_named(
         &self,
         tenant: &str,
         prefix: &str,
-        since_ns: i64,
-        until_ns: i64,
-        limit: i64,
+        window_ns: (i64, i64),
+        limit: usize,
+        keep: &(dyn Fn(&SpanRow) -> bool + Sync),
     ) -> Result<Vec<SpanRow>, StoreError> {
-        self.spans.spans_named(tenant, prefix, since_ns, until_ns, limit).await
+        self.spans.spans_named(tenant, prefix, window_ns, limit, keep).await
     }
 
     /// Up to `search.limit` traces of `tenant` matching the search, most recently matched first,

@@ -23,6 +23,8 @@ mod queries;
 pub mod remote;
 pub mod wal;
 
+pub use queries::MAX_TRACE_SPANS;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -644,8 +646,9 @@ impl SpanBlocks {
         let head = &mut writer.head;
         let Some(TenantHead { spans, keys, .. }) = head.tenants.get_mut(tenant) else { return 0 };
         let before = spans.len();
+        let before_ms = before_ns.div_euclid(1_000_000);
         spans.retain(|s| {
-            let keep = s.span.start_ns >= before_ns;
+            let keep = s.span.start_ns >= before_ns && s.received_ms >= before_ms;
             if !keep {
                 keys.remove(&key(&s.span));
             }
@@ -659,6 +662,28 @@ impl SpanBlocks {
     /// A tenant's spans that pass `filter`, from the head and the blocks, one per identity.
     pub async fn read(&self, tenant: &str, filter: &Filter<'_>) -> Result<Vec<Stored>, StoreError> {
         self.scan(Some(tenant), filter).await
+    }
+
+    /// The spans of `tenant` that pass `filter`, handed to `each` a batch at a time (the
+    /// unsealed ones, then each row group's), so that a caller folding them never holds them
+    /// all. Not deduplicated: a span being sealed may come twice.
+    async fn each_batch(
+        &self,
+        tenant: &str,
+        filter: &Filter<'_>,
+        each: &mut (dyn FnMut(Vec<Stored>) + Send),
+    ) -> Result<(), StoreError> {
+        let traces = filter.trace_set();
+        each(self.unsealed(Some(tenant), |s| filter.keeps(s, &traces))?);
+        for listed in blocks_of(&self.pool, Some(tenant), filter).await? {
+            let Some(block) = self.listed_block(&listed.location).await? else { continue };
+            for (group, _) in block.groups_newest_first() {
+                let found = blocking(|| block.read_group(group, filter)).map_err(StoreError::Blocks)?;
+                // The catalog says whose a block is; the rows say it again.
+                each(found.into_iter().filter(|s| s.span.tenant == listed.tenant).collect());
+            }
+        }
+        Ok(())
     }
 
     /// The spans of `tenant` (or of every tenant) that pass `filter`, one per identity.

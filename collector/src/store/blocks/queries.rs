@@ -37,47 +37,97 @@ impl SpanBlocks {
         Ok(services.into_iter().collect())
     }
 
-    /// A tenant's (operation, span kind) pairs of one service.
+    /// A tenant's (operation, span kind) pairs of one service, gathered a row group at a time.
     pub async fn operations(&self, tenant: &str, service: &str) -> Result<Vec<(String, i64)>, StoreError> {
-        let spans = self.read(tenant, &Filter { service: Some(service), ..Filter::default() }).await?;
-        let pairs: BTreeSet<(String, i64)> = spans.into_iter().map(|s| (s.span.name, s.span.kind)).collect();
+        let filter = Filter { service: Some(service), ..Filter::default() };
+        let mut pairs = BTreeSet::new();
+        self.each_batch(tenant, &filter, &mut |spans| {
+            pairs.extend(spans.into_iter().map(|s| (s.span.name, s.span.kind)));
+        })
+        .await?;
         Ok(pairs.into_iter().collect())
     }
 
-    /// The spans of some traces of one tenant, by trace id, each trace's spans by start time.
+    /// The spans of some traces of one tenant, by trace id, each trace's spans by start time:
+    /// at most [`MAX_TRACE_SPANS`] of each, the earliest. A trace is whatever a tenant's code
+    /// makes; one of millions of spans is not held whole to answer.
     pub async fn traces(&self, tenant: &str, trace_ids: &[&str]) -> Result<HashMap<String, Vec<SpanRow>>, StoreError> {
         let mut traces: HashMap<String, Vec<SpanRow>> = HashMap::new();
         if trace_ids.is_empty() {
             return Ok(traces);
         }
         // All at once: a row group is decoded once for every trace it holds.
-        for stored in self.read(tenant, &Filter { trace_ids, ..Filter::default() }).await? {
-            traces.entry(stored.span.trace_id.clone()).or_default().push(stored.span);
-        }
+        let filter = Filter { trace_ids, ..Filter::default() };
+        self.each_batch(tenant, &filter, &mut |spans| {
+            for stored in spans {
+                let spans = traces.entry(stored.span.trace_id.clone()).or_default();
+                spans.push(stored.span);
+                if spans.len() >= 2 * MAX_TRACE_SPANS {
+                    earliest(spans, MAX_TRACE_SPANS);
+                }
+            }
+        })
+        .await?;
         for spans in traces.values_mut() {
-            spans.sort_by(|a, b| a.start_ns.cmp(&b.start_ns).then_with(|| a.span_id.cmp(&b.span_id)));
+            earliest(spans, MAX_TRACE_SPANS);
         }
         Ok(traces)
     }
 
-    /// A tenant's spans whose name starts with `prefix`, started in `[since_ns, until_ns)`,
-    /// newest first, at most `limit`.
+    /// A tenant's spans whose name starts with `prefix`, started in `[since_ns, until_ns)`, that
+    /// pass `keep`: the newest `limit`, newest first (ties by span id).
+    ///
+    /// The head, then blocks and their row groups from the latest start down, until `limit`
+    /// spans are found that started after everything not yet read: what is held is at most
+    /// about `4 * limit` spans and one row group, however many the tenant has.
     pub async fn spans_named(
         &self,
         tenant: &str,
         prefix: &str,
-        since_ns: i64,
-        until_ns: i64,
-        limit: i64,
+        (since_ns, until_ns): (i64, i64),
+        limit: usize,
+        keep: &(dyn Fn(&SpanRow) -> bool + Sync),
     ) -> Result<Vec<SpanRow>, StoreError> {
-        if until_ns <= since_ns || limit <= 0 {
+        if until_ns <= since_ns || limit == 0 {
             return Ok(Vec::new());
         }
         let named = Filter { start_ns: Some((since_ns, until_ns - 1)), name_prefix: Some(prefix), ..Filter::default() };
-        let mut spans: Vec<SpanRow> = self.read(tenant, &named).await?.into_iter().map(|s| s.span).collect();
-        spans.sort_by(|a, b| b.start_ns.cmp(&a.start_ns).then_with(|| a.span_id.cmp(&b.span_id)));
-        spans.truncate(limit as usize);
-        Ok(spans)
+        let no_traces = named.trace_set();
+        let prune_at = limit.saturating_mul(4).saturating_add(256);
+        // The start of the `limit`-th span found so far: nothing older can enter the answer.
+        let bar = |found: &mut Vec<SpanRow>| -> Option<i64> {
+            newest(found, limit);
+            (found.len() == limit).then(|| found[limit - 1].start_ns)
+        };
+        let mut found = Vec::new();
+        let mut head_bar = None;
+        self.each_unsealed(Some(tenant), &mut |s| {
+            if head_bar.is_none_or(|bar| s.span.start_ns >= bar) && named.keeps(s, &no_traces) && keep(&s.span) {
+                found.push(s.span.clone());
+                if found.len() >= prune_at {
+                    head_bar = bar(&mut found);
+                }
+            }
+        })?;
+        let mut listed = super::blocks_of(&self.pool, Some(tenant), &named).await?;
+        listed.sort_by_key(|l| std::cmp::Reverse(l.max_start_ns));
+        'blocks: for listed in listed {
+            if bar(&mut found).is_some_and(|bar| listed.max_start_ns < bar) {
+                break;
+            }
+            let Some(block) = self.listed_block(&listed.location).await? else { continue };
+            for (group, latest) in block.groups_newest_first() {
+                if bar(&mut found).is_some_and(|bar| latest < bar) {
+                    continue 'blocks;
+                }
+                let spans = blocking(|| block.read_group(group, &named)).map_err(StoreError::Blocks)?;
+                found.extend(
+                    spans.into_iter().filter(|s| s.span.tenant == listed.tenant && keep(&s.span)).map(|s| s.span),
+                );
+            }
+        }
+        newest(&mut found, limit);
+        Ok(found)
     }
 
     /// Up to `search.limit` traces of `tenant` (or of every tenant) matching the search, most
@@ -98,7 +148,7 @@ impl SpanBlocks {
             ..Filter::default()
         };
         let matches = |span: &SpanRow| {
-            let duration = span.end_ns - span.start_ns;
+            let duration = span.duration_ns();
             span.service_name == search.service
                 && (search.start_ns..=search.end_ns).contains(&span.start_ns)
                 && search.operation.as_deref().is_none_or(|op| span.name == op)
@@ -151,7 +201,7 @@ impl SpanBlocks {
                         light
                             .into_iter()
                             .filter(|s| {
-                                let duration = s.end_ns - s.start_ns;
+                                let duration = s.end_ns.saturating_sub(s.start_ns).max(0);
                                 s.tenant == listed.tenant
                                     && search.operation.as_deref().is_none_or(|op| s.name == op)
                                     && (search.min_ns == 0 || duration >= search.min_ns)
@@ -187,31 +237,51 @@ impl SpanBlocks {
         start_ns: i64,
         end_ns: i64,
     ) -> Result<Vec<(String, String, i64)>, StoreError> {
-        let spans = self.read(tenant, &Filter { start_ns: Some((start_ns, end_ns)), ..Filter::default() }).await?;
-        let mut services: HashMap<(&str, &str), &str> = spans
+        // (trace, span) → (service, parent): what the graph needs of a span, not the span.
+        type Ends = HashMap<(String, String), (String, Option<String>)>;
+        let mut spans: Ends = HashMap::new();
+        let window = Filter { start_ns: Some((start_ns, end_ns)), ..Filter::default() };
+        self.each_batch(tenant, &window, &mut |batch| {
+            for s in batch {
+                let ends = (s.span.service_name, s.span.parent_span_id);
+                spans.entry((s.span.trace_id, s.span.span_id)).or_insert(ends);
+            }
+        })
+        .await?;
+        // Parents that started outside the window: found by their traces.
+        let mut outside: HashMap<(String, String), String> = spans
             .iter()
-            .map(|s| ((s.span.trace_id.as_str(), s.span.span_id.as_str()), s.span.service_name.as_str()))
-            .collect();
-        // Parents that started before the window: found by their traces.
-        let missing: BTreeSet<&str> = spans
-            .iter()
-            .filter_map(|s| {
-                let parent = s.span.parent_span_id.as_deref()?;
-                (!services.contains_key(&(s.span.trace_id.as_str(), parent))).then_some(s.span.trace_id.as_str())
+            .filter_map(|((trace, _), (_, parent))| {
+                let key = (trace.clone(), parent.clone()?);
+                (!spans.contains_key(&key)).then_some((key, String::new()))
             })
             .collect();
-        let missing: Vec<&str> = missing.into_iter().collect();
-        let outside = self.traces(tenant, &missing).await?;
-        for span in outside.values().flatten() {
-            services.entry((span.trace_id.as_str(), span.span_id.as_str())).or_insert(span.service_name.as_str());
+        let missing: BTreeSet<&str> = outside.keys().map(|(trace, _)| trace.as_str()).collect();
+        let missing: Vec<String> = missing.into_iter().map(str::to_string).collect();
+        let missing: Vec<&str> = missing.iter().map(String::as_str).collect();
+        if !missing.is_empty() {
+            let traces = Filter { trace_ids: &missing, ..Filter::default() };
+            self.each_batch(tenant, &traces, &mut |batch| {
+                for s in batch {
+                    if let Some(service) = outside.get_mut(&(s.span.trace_id, s.span.span_id))
+                        && service.is_empty()
+                    {
+                        *service = s.span.service_name;
+                    }
+                }
+            })
+            .await?;
         }
         let mut counts: HashMap<(String, String), i64> = HashMap::new();
-        for s in &spans {
-            let Some(parent) = s.span.parent_span_id.as_deref() else { continue };
-            if let Some(parent_service) = services.get(&(s.span.trace_id.as_str(), parent))
-                && *parent_service != s.span.service_name
-            {
-                *counts.entry((parent_service.to_string(), s.span.service_name.clone())).or_default() += 1;
+        for ((trace, _), (service, parent)) in &spans {
+            let Some(parent) = parent else { continue };
+            let key = (trace.clone(), parent.clone());
+            let parent_service = match spans.get(&key) {
+                Some((service, _)) => service,
+                None => outside.get(&key).filter(|s| !s.is_empty()).unwrap_or(service),
+            };
+            if parent_service != service {
+                *counts.entry((parent_service.clone(), service.clone())).or_default() += 1;
             }
         }
         let mut out: Vec<(String, String, i64)> = counts.into_iter().map(|((p, c), n)| (p, c, n)).collect();
@@ -283,19 +353,24 @@ impl SpanBlocks {
 
     /// How many spans a tenant has.
     pub async fn count(&self, tenant: &str) -> Result<u64, StoreError> {
-        Ok(self.read(tenant, &Filter::default()).await?.len() as u64)
+        let mut seen = HashSet::new();
+        self.each_batch(tenant, &Filter::default(), &mut |batch| {
+            seen.extend(batch.iter().map(|s| super::key(&s.span)));
+        })
+        .await?;
+        Ok(seen.len() as u64)
     }
 
-    /// Deletes a tenant's blocks whose spans all started before `before_ns`, and such spans of
-    /// the head; returns the spans deleted. A block with a newer span stays whole until all of
-    /// it is older: retention is by block.
+    /// Deletes a tenant's blocks whose spans all started before `before_ns` or all arrived
+    /// before it, and such spans of the head; returns the spans deleted. A block stays whole
+    /// until all of it is old by one of the two: retention is by block. Arrival bounds it: a
+    /// tenant's span dated in the far future still goes a period after it arrived.
     pub async fn delete_before(&self, tenant: &str, before_ns: i64) -> Result<u64, StoreError> {
-        let text =
-            "SELECT location, rows FROM span_blocks WHERE retired_ms IS NULL AND tenant = ? AND max_start_ns < ?";
-        let old = rows!(&self.pool, text, &[Bind::Str(tenant), Bind::Int(before_ns)], |row| (
-            row.try_get::<String, _>(0)?,
-            row.try_get::<i64, _>(1)?
-        ));
+        let before_ms = before_ns.div_euclid(1_000_000);
+        let text = "SELECT location, rows FROM span_blocks WHERE retired_ms IS NULL AND tenant = ? \
+                    AND (max_start_ns < ? OR max_received_ms < ?)";
+        let binds = [Bind::Str(tenant), Bind::Int(before_ns), Bind::Int(before_ms)];
+        let old = rows!(&self.pool, text, &binds, |row| (row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?));
         let mut deleted = 0;
         let unlist = self.pool.sql("DELETE FROM span_blocks WHERE location = ?").0;
         for (location, rows) in old {
@@ -314,4 +389,26 @@ impl SpanBlocks {
         deleted += self.forget_head_before(tenant, before_ns);
         Ok(deleted)
     }
+}
+
+/// At most this many spans of one trace are read (the earliest by start); see
+/// [`SpanBlocks::traces`].
+pub const MAX_TRACE_SPANS: usize = 10_000;
+
+/// `spans` each once (by identity, the first found), ordered by `order`, at most `limit`.
+fn distinct_first(spans: &mut Vec<SpanRow>, limit: usize, order: impl Fn(&SpanRow, &SpanRow) -> std::cmp::Ordering) {
+    spans.sort_by_key(super::key);
+    spans.dedup_by_key(|s| super::key(s));
+    spans.sort_by(order);
+    spans.truncate(limit);
+}
+
+/// The `limit` earliest of `spans`, by start then span id.
+fn earliest(spans: &mut Vec<SpanRow>, limit: usize) {
+    distinct_first(spans, limit, |a, b| a.start_ns.cmp(&b.start_ns).then_with(|| a.span_id.cmp(&b.span_id)));
+}
+
+/// The `limit` newest of `spans`, newest first, ties by span id.
+fn newest(spans: &mut Vec<SpanRow>, limit: usize) {
+    distinct_first(spans, limit, |a, b| b.start_ns.cmp(&a.start_ns).then_with(|| a.span_id.cmp(&b.span_id)));
 }
