@@ -13,6 +13,16 @@ pub struct SeriesRows {
     pub samples: Vec<(i64, Option<f64>, Option<String>)>,
 }
 
+/// At most this many series are listed at once (by the Prometheus API's series, labels and
+/// label values): a tenant's cardinality is its own, the listing's memory the platform's.
+pub const MAX_LISTED_SERIES: usize = 1_000_000;
+
+/// What a sample costs of a read's budget: one, and a histogram one more per 64 bytes of its
+/// buckets (a tenant chooses how many buckets a histogram has).
+fn cost(histogram: Option<&str>) -> usize {
+    1 + histogram.map_or(0, |h| h.len() / 64)
+}
+
 /// `tenant IN (?, ...)` for `tenants`, and their binds.
 fn tenants_in(tenants: &[String]) -> (String, Vec<Bind<'_>>) {
     let text = format!("tenant IN ({})", vec!["?"; tenants.len()].join(", "));
@@ -66,7 +76,7 @@ impl TelemetryStore {
 
     /// The series of `metric` of these tenants with data in `[lo_ns, hi_ns]`: (tenant, labels,
     /// the latest histogram JSON if any), for listing series; `metrics` (when given) restricts
-    /// the metric names read.
+    /// the metric names read. More than [`MAX_LISTED_SERIES`] is [`StoreError::OverBudget`].
     pub async fn series_in(
         &self,
         tenants: &[String],
@@ -85,19 +95,25 @@ impl TelemetryStore {
         // The times are integers, written into the statement.
         let text = format!(
             "SELECT tenant, metric, labels, MAX(histogram) FROM metric_samples \
-             WHERE ts_ns >= {lo_ns} AND ts_ns <= {hi_ns} AND {filter} GROUP BY tenant, metric, labels"
+             WHERE ts_ns >= {lo_ns} AND ts_ns <= {hi_ns} AND {filter} GROUP BY tenant, metric, labels LIMIT {}",
+            MAX_LISTED_SERIES + 1
         );
-        Ok(rows!(&self.pool, &text, &binds, |row| (
+        let series = rows!(&self.pool, &text, &binds, |row| (
             row.try_get::<String, _>(0)?,
             row.try_get::<String, _>(1)?,
             row.try_get::<String, _>(2)?,
             row.try_get::<Option<String>, _>(3)?,
-        )))
+        ));
+        if series.len() > MAX_LISTED_SERIES {
+            return Err(StoreError::OverBudget);
+        }
+        Ok(series)
     }
 
     /// The samples of `metric` in `(lo_ns, hi_ns]` of these tenants, grouped by series (in
     /// tenant and labels order), at most `budget` of them: more is [`StoreError::OverBudget`],
-    /// and `budget` is left with what was not used.
+    /// and `budget` is left with what was not used. A histogram sample costs more than one
+    /// (see `cost`), and on SQLite each series looked at costs one.
     ///
     /// On SQLite they are read through the C API on a connection of the pool, one primary-key
     /// range per series (found by a skip scan): sqlx hands every row from its worker thread
@@ -130,7 +146,8 @@ impl TelemetryStore {
                 row.try_get::<Option<f64>, _>(3)?,
                 row.try_get::<Option<String>, _>(4)?,
             ));
-            *budget = budget.checked_sub(rows.len()).ok_or(StoreError::OverBudget)?;
+            let used = rows.iter().map(|row| cost(row.4.as_deref())).sum();
+            *budget = budget.checked_sub(used).ok_or(StoreError::OverBudget)?;
             let mut out: Vec<SeriesRows> = Vec::new();
             for (tenant, labels, ts_ns, value, histogram) in rows {
                 match out.last_mut() {
@@ -165,21 +182,22 @@ impl TelemetryStore {
                 series.reset();
                 series.bind(1, Text(tenant))?;
                 series.bind(2, Text(metric))?;
-                let mut labels_of_tenant = Vec::new();
+                // Each series listed costs one from the budget, samples in the window or not:
+                // a tenant's metric of millions of short-lived series is refused, not listed.
                 while series.step()? {
-                    labels_of_tenant.push(String::from_utf8_lossy(series.text(0).unwrap_or_default()).into_owned());
-                }
-                for labels in labels_of_tenant {
+                    let Some(rest) = left.checked_sub(1) else { return Ok((out, None)) };
+                    left = rest;
+                    let labels = String::from_utf8_lossy(series.text(0).unwrap_or_default()).into_owned();
                     samples.reset();
                     samples.bind(1, Text(tenant))?;
                     samples.bind(2, Text(metric))?;
                     samples.bind(3, Text(&labels))?;
                     let mut rows = Vec::new();
                     while samples.step()? {
-                        // Over the budget: stop reading (the caller refuses the read).
-                        let Some(rest) = left.checked_sub(1) else { return Ok((out, None)) };
-                        left = rest;
                         let histogram = samples.text(2).map(|h| String::from_utf8_lossy(h).into_owned());
+                        // Over the budget: stop reading (the caller refuses the read).
+                        let Some(rest) = left.checked_sub(cost(histogram.as_deref())) else { return Ok((out, None)) };
+                        left = rest;
                         rows.push((samples.int(0), samples.double(1), histogram));
                     }
                     if !rows.is_empty() {
