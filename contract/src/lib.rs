@@ -1,8 +1,9 @@
 //! What every crate of stateful-faas agrees on, at the bottom of the dependency graph: the
-//! telemetry contract's names ([`semconv`]), tenant names ([`tenant`]), and who a request comes
-//! from ([`caller`]). The contracts themselves are written in docs/contracts.md.
+//! telemetry contract's names ([`semconv`]), tenant names ([`tenant`]), who a request comes
+//! from ([`caller`]), and how a server answers a handler's panic ([`panic`]). The contracts themselves are written in docs/contracts.md.
 
 pub mod caller;
+pub mod panic;
 pub mod semconv;
 pub mod tenant;
 

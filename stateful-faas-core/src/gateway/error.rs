@@ -126,44 +126,10 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
-/// Answers 500 when a handler panics, instead of dropping the caller's connection: a panic is a
-/// bug, logged with its message, and the process and every other request go on.
+/// Answers 500 in the gateway's error JSON when a handler panics ([`contract::panic`]).
 pub async fn catch_panic(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    use futures_util::FutureExt;
-    let (method, path) = (request.method().clone(), request.uri().path().to_string());
-    match std::panic::AssertUnwindSafe(next.run(request)).catch_unwind().await {
-        Ok(response) => response,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|text| text.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            tracing::error!(%method, %path, %message, "a request handler panicked (a bug); answered 500");
-            ApiError::Internal("internal error: this request failed (it is in the gateway's log)".into())
-                .into_response()
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use axum::routing::get;
-
-    #[tokio::test]
-    async fn a_panicking_handler_is_a_500_and_the_next_request_is_served() {
-        let router = axum::Router::new()
-            .route("/boom", get(|| async { "a bug".parse::<u8>().expect("a handler that panics").to_string() }))
-            .route("/ok", get(|| async { "fine".to_string() }))
-            .layer(axum::middleware::from_fn(super::catch_panic));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        let http = reqwest::Client::builder().no_proxy().build().unwrap();
-        let response = http.get(format!("{url}/boom")).send().await.unwrap();
-        assert_eq!(response.status(), 500);
-        assert!(response.text().await.unwrap().contains("internal error"));
-        let response = http.get(format!("{url}/ok")).send().await.unwrap();
-        assert_eq!(response.text().await.unwrap(), "fine");
-    }
+    contract::panic::catch_panic(request, next, || {
+        ApiError::Internal("internal error: this request failed (it is in the gateway's log)".into()).into_response()
+    })
+    .await
 }
