@@ -40,12 +40,13 @@ impl IntoResponse for ApiError {
 impl From<BillingError> for ApiError {
     fn from(error: BillingError) -> Self {
         let status = match &error {
-            BillingError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            BillingError::Invalid(_) | BillingError::Period(_) => StatusCode::UNPROCESSABLE_ENTITY,
             BillingError::NotFound(_) => StatusCode::NOT_FOUND,
             BillingError::Database(_)
             | BillingError::Corrupt { .. }
             | BillingError::Migrate(_)
-            | BillingError::Telemetry(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            | BillingError::Telemetry(_)
+            | BillingError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, error.to_string())
     }
@@ -108,7 +109,7 @@ impl ApiState {
     async fn period(&self, period: Option<String>) -> Result<String, ApiError> {
         let card = self.billing.rate_card().await?;
         match period {
-            Some(key) => Ok(Period::parse(card.period, &key).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?.key()),
+            Some(key) => Ok(Period::parse(card.period, &key).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?.key()),
             None => Ok(Period::containing(card.period, self.billing.now_ns()).key()),
         }
     }

@@ -31,7 +31,7 @@ use crate::db::{Db, on_pool};
 use crate::period::{Period, PeriodKind};
 use crate::segments::{KeyCache, New};
 use crate::usage::{Kind, Totals, TotalsKey};
-use crate::{BillingError, Result};
+use crate::Result;
 
 /// What one chunk gave.
 #[derive(Debug, Default)]
@@ -427,9 +427,7 @@ pub async fn prepare(
         let periods = PeriodKeys::new(final_through, records.iter().map(|record| record.period));
         Prepared { upto_ms, tenants, records, periods, candidates, malformed, duplicates }
     };
-    tokio::task::spawn_blocking(parse)
-        .await
-        .map_err(|error| BillingError::Invalid(format!("extraction failed: {error}")))
+    Ok(tokio::task::spawn_blocking(parse).await?)
 }
 
 /// Writes a prepared chunk in one transaction: pins tenants without a plan to the default one,

@@ -51,6 +51,8 @@ pub(crate) const ROWS_PER_STATEMENT: usize = 500;
 pub enum BillingError {
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Period(#[from] period::PeriodError),
     #[error("not found: {0}")]
     NotFound(String),
     /// Stored billing data that does not read back (a damaged database, or a bug): the
@@ -63,6 +65,9 @@ pub enum BillingError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
     Telemetry(#[from] collector::store::StoreError),
+    /// Work handed to a blocking thread that did not finish (it panicked: a bug).
+    #[error("billing task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 type Result<T, E = BillingError> = std::result::Result<T, E>;
@@ -315,7 +320,7 @@ impl Billing {
     /// The last period that is final (periods up to it are immutable).
     async fn finalized_through(&self, kind: PeriodKind) -> Result<Option<Period>> {
         match self.setting("finalized_through").await? {
-            Some(key) => Ok(Some(Period::parse(kind, &key).map_err(BillingError::Invalid)?)),
+            Some(key) => Ok(Some(Period::parse(kind, &key)?)),
             None => Ok(None),
         }
     }
@@ -387,7 +392,7 @@ impl Billing {
             candidate = candidate.next();
         }
         for (tenant, period) in touched {
-            let period = Period::parse(card.period, &period).map_err(BillingError::Invalid)?;
+            let period = Period::parse(card.period, &period)?;
             self.price_invoice(&card, &tenant, period, Status::Draft).await?;
             report.invoices_updated += 1;
         }
@@ -411,7 +416,7 @@ impl Billing {
     pub async fn finalize(&self, period: &str) -> Result<u64> {
         let _running = self.run_lock.lock().await;
         let card = self.rate_card().await?;
-        let period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
+        let period = Period::parse(card.period, period)?;
         if period.end_ns() > self.now_ns() {
             return Err(BillingError::Invalid(format!("period {period} is not over yet (it ends {})", period.end())));
         }
@@ -426,7 +431,7 @@ impl Billing {
         let drafts: Vec<(String, String)> =
             on_pool!(&self.db, pool => sqlx::query_as(sql).bind(through.key()).fetch_all(pool).await?);
         for (tenant, period) in &drafts {
-            let period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
+            let period = Period::parse(card.period, period)?;
             self.price_invoice(card, tenant, period, Status::Final).await?;
         }
         self.set_setting("finalized_through", &through.key()).await?;
@@ -438,7 +443,7 @@ impl Billing {
     async fn first_period(&self, kind: PeriodKind) -> Result<Option<Period>> {
         let sql = self.db.sql("SELECT MIN(period) FROM usage_totals");
         let first: Option<String> = on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?);
-        first.map(|p| Period::parse(kind, &p).map_err(BillingError::Invalid)).transpose()
+        Ok(first.map(|p| Period::parse(kind, &p)).transpose()?)
     }
 
     /// Totals of one tenant's invoice, by (usage period, plan, function).
@@ -498,7 +503,7 @@ impl Billing {
     /// storing it: for a final period this reproduces the stored invoice byte for byte.
     pub async fn rate_invoice(&self, tenant: &str, period: &str) -> Result<Invoice> {
         let card = self.rate_card().await?;
-        let period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
+        let period = Period::parse(card.period, period)?;
         let status = if self.finalized_through(card.period).await?.is_some_and(|f| period <= f) {
             Status::Final
         } else {
@@ -541,7 +546,7 @@ impl Billing {
             }
         }
         for ((usage_period, plan), group) in groups.iter_mut() {
-            let usage_period = Period::parse(card.period, usage_period).map_err(BillingError::Invalid)?;
+            let usage_period = Period::parse(card.period, usage_period)?;
             group.share = share(&assignments, &card.default_plan, plan, usage_period);
         }
         Ok(groups)
@@ -583,7 +588,7 @@ impl Billing {
     /// allowances and cheaper tiers go to the period's first usage.
     pub async fn invocation_costs(&self, tenant: &str, period: &str) -> Result<Vec<RecordCost>> {
         let card = self.rate_card().await?;
-        let invoice_period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
+        let invoice_period = Period::parse(card.period, period)?;
         let groups = self.groups(&card, tenant, invoice_period).await?;
         let mut by_group: HashMap<(String, String), Vec<RecordCost>> = HashMap::new();
         segments::scan(
@@ -759,7 +764,7 @@ impl Billing {
         let invoices: Vec<(String, String)> = on_pool!(&self.db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
         let mut priced = 0;
         for (tenant, period) in &invoices {
-            let period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
+            let period = Period::parse(card.period, period)?;
             if final_through.is_none_or(|f| period > f) {
                 self.price_invoice(&card, tenant, period, Status::Draft).await?;
                 priced += 1;

@@ -13,6 +13,17 @@ pub enum PeriodKind {
     Day,
 }
 
+/// A period key that does not name a period of the card's kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("period {key:?}: expected {}, of the years 1970 to 2261", match kind {
+    PeriodKind::Month => "YYYY-MM (billing periods are months)",
+    PeriodKind::Day => "YYYY-MM-DD (billing periods are days)",
+})]
+pub struct PeriodError {
+    pub key: String,
+    pub kind: PeriodKind,
+}
+
 /// One period: `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Period {
@@ -31,19 +42,21 @@ impl Period {
         Self { kind, start }
     }
 
-    /// Parses a key: `YYYY-MM` for months, `YYYY-MM-DD` for days.
-    pub fn parse(kind: PeriodKind, key: &str) -> Result<Self, String> {
+    /// Parses a key: `YYYY-MM` for months, `YYYY-MM-DD` for days, of the years whose every
+    /// instant is a nanosecond count in an `i64` (1970 to 2261).
+    pub fn parse(kind: PeriodKind, key: &str) -> Result<Self, PeriodError> {
         let parsed = match kind {
             PeriodKind::Month => {
                 NaiveDate::parse_from_str(&format!("{key}-01"), "%Y-%m-%d").ok().filter(|_| key.len() == 7)
             }
             PeriodKind::Day => NaiveDate::parse_from_str(key, "%Y-%m-%d").ok().filter(|_| key.len() == 10),
         };
-        let expected = match kind {
-            PeriodKind::Month => "YYYY-MM (billing periods are months)",
-            PeriodKind::Day => "YYYY-MM-DD (billing periods are days)",
-        };
-        parsed.map(|start| Self { kind, start }).ok_or_else(|| format!("period {key:?}: expected {expected}"))
+        let error = PeriodError { key: key.to_string(), kind };
+        let start = parsed.ok_or_else(|| error.clone())?;
+        if !(1970..=2261).contains(&start.year()) {
+            return Err(error);
+        }
+        Ok(Self { kind, start })
     }
 
     pub fn key(&self) -> String {
@@ -105,8 +118,17 @@ mod tests {
         assert_eq!(day.key(), "2026-11-30");
         assert_eq!(day.next().key(), "2026-12-01");
         assert_eq!(Period::parse(PeriodKind::Month, "2026-11").unwrap(), month);
-        assert!(Period::parse(PeriodKind::Month, "2026-11-01").unwrap_err().contains("YYYY-MM"));
+        assert!(Period::parse(PeriodKind::Month, "2026-11-01").unwrap_err().to_string().contains("YYYY-MM"));
         assert!(Period::parse(PeriodKind::Day, "2026-13-01").is_err());
+        // Every parsed period's bounds are nanosecond counts: a year past 2261 is refused,
+        // not a panic where its end is computed.
+        for (kind, key) in [(PeriodKind::Month, "2261-12"), (PeriodKind::Day, "2261-12-31"), (PeriodKind::Month, "1970-01")] {
+            let period = Period::parse(kind, key).unwrap();
+            assert!(period.start_ns() < period.end_ns());
+        }
+        for (kind, key) in [(PeriodKind::Month, "2262-04"), (PeriodKind::Month, "9999-12"), (PeriodKind::Day, "1969-12-31")] {
+            assert!(Period::parse(kind, key).unwrap_err().to_string().contains("1970 to 2261"), "{key}");
+        }
         assert_eq!(rfc3339(month.start_ns()), "2026-11-01T00:00:00Z");
     }
 }

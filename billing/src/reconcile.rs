@@ -15,7 +15,7 @@ use sqlx::Row;
 
 use crate::db::on_pool;
 use crate::period::Period;
-use crate::{Billing, BillingError, Result};
+use crate::{Billing, Result};
 
 pub const COUNTER: &str = "gateway_function_invocation_total";
 
@@ -37,7 +37,7 @@ impl Billing {
     /// for `period`. Every pair is listed; `difference` 0 means they agree.
     pub async fn reconcile(&self, period: &str, tenant: Option<&str>) -> Result<Vec<Difference>> {
         let card = self.rate_card().await?;
-        let period = Period::parse(card.period, period).map_err(BillingError::Invalid)?;
+        let period = Period::parse(card.period, period)?;
         let key = period.key();
         let mut rows: BTreeMap<(String, String), Difference> = BTreeMap::new();
         let condition = if tenant.is_some() { "period = ? AND tenant = ?" } else { "period = ?" };

@@ -96,8 +96,9 @@ impl Lattice {
         let span = top - base + MINUTE_MS;
         let mut candidates = Vec::new();
         if let Some(step) = step.filter(|s| *s > 0) {
-            let lcm = step / gcd(step, MINUTE_MS) * MINUTE_MS;
-            if lcm < span {
+            // A query's step is the caller's (up to an i64 of ms): past i64, no lattice period.
+            let lcm = (step / gcd(step, MINUTE_MS)).checked_mul(MINUTE_MS);
+            if let Some(lcm) = lcm.filter(|lcm| *lcm < span) {
                 candidates.push(lcm);
             }
         }
@@ -459,6 +460,15 @@ mod tests {
         assert_eq!(lattice.interval(0, 0), (9 * hour + MINUTE_MS, 10 * hour));
         assert_eq!(lattice.interval(1, 0), (10 * hour, 10 * hour + MINUTE_MS));
         assert_eq!(lattice.interval(-2, 0), (last - MINUTE_MS, last));
+    }
+
+    #[test]
+    fn a_step_of_any_size_makes_a_lattice() {
+        let points: Vec<i64> = (0..3).map(|i| i * MINUTE_MS).collect();
+        for step in [i64::MAX, i64::MAX - 1, 1 << 62] {
+            let lattice = Lattice::new(&points, Some(step), 10 * MINUTE_MS);
+            assert_eq!((lattice.base, lattice.period), (0, 3 * MINUTE_MS), "step {step}");
+        }
     }
 
     #[test]

@@ -536,7 +536,7 @@ async fn cost_counters(
     let no_assignments = Vec::new();
     for (group, (group_first_ns, buckets)) in groups {
         let Some(plan) = card.plans.get(&group.plan) else { continue };
-        let period = Period::parse(card.period, &group.period).map_err(QueryError::Internal)?;
+        let period = Period::parse(card.period, &group.period).map_err(|e| QueryError::Internal(e.to_string()))?;
         let share = billing::share(
             assignments.get(&group.tenant).unwrap_or(&no_assignments),
             &card.default_plan,
@@ -568,9 +568,12 @@ async fn cost_counters(
                 Some(costs) => costs,
                 None => {
                     let records = sums.values().map(|s| s.records).sum();
-                    // A group's records start in its usage period.
-                    let lo_ns = if bucket == -1 { period.start_ns() } else { lo * NS_PER_MS };
-                    priced_slice(state, group, &mut pricing, lo_ns, hi * NS_PER_MS, records).await?
+                    // A group's records start in its usage period: the interval is cut to it
+                    // (a query's read times, and so the lattice, can reach far past any ns time).
+                    let (start_ns, end_ns) = (period.start_ns(), period.end_ns());
+                    let lo_ns = if bucket == -1 { start_ns } else { lo.saturating_mul(NS_PER_MS).max(start_ns) };
+                    let hi_ns = hi.saturating_mul(NS_PER_MS).clamp(lo_ns, end_ns.max(lo_ns));
+                    priced_slice(state, group, &mut pricing, lo_ns, hi_ns, records).await?
                 }
             };
             for (function, cost) in costs {
