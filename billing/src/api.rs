@@ -109,7 +109,9 @@ impl ApiState {
     async fn period(&self, period: Option<String>) -> Result<String, ApiError> {
         let card = self.billing.rate_card().await?;
         match period {
-            Some(key) => Ok(Period::parse(card.period, &key).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?.key()),
+            Some(key) => Ok(Period::parse(card.period, &key)
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?
+                .key()),
             None => Ok(Period::containing(card.period, self.billing.now_ns()).key()),
         }
     }

@@ -27,11 +27,11 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use collector::store::{MeteredSpan as Span, TelemetryStore};
 
+use crate::Result;
 use crate::db::{Db, on_pool};
 use crate::period::{Period, PeriodKind};
 use crate::segments::{KeyCache, New};
 use crate::usage::{Kind, Totals, TotalsKey};
-use crate::Result;
 
 /// What one chunk gave.
 #[derive(Debug, Default)]

@@ -122,11 +122,15 @@ mod tests {
         assert!(Period::parse(PeriodKind::Day, "2026-13-01").is_err());
         // Every parsed period's bounds are nanosecond counts: a year past 2261 is refused,
         // not a panic where its end is computed.
-        for (kind, key) in [(PeriodKind::Month, "2261-12"), (PeriodKind::Day, "2261-12-31"), (PeriodKind::Month, "1970-01")] {
+        for (kind, key) in
+            [(PeriodKind::Month, "2261-12"), (PeriodKind::Day, "2261-12-31"), (PeriodKind::Month, "1970-01")]
+        {
             let period = Period::parse(kind, key).unwrap();
             assert!(period.start_ns() < period.end_ns());
         }
-        for (kind, key) in [(PeriodKind::Month, "2262-04"), (PeriodKind::Month, "9999-12"), (PeriodKind::Day, "1969-12-31")] {
+        for (kind, key) in
+            [(PeriodKind::Month, "2262-04"), (PeriodKind::Month, "9999-12"), (PeriodKind::Day, "1969-12-31")]
+        {
             assert!(Period::parse(kind, key).unwrap_err().to_string().contains("1970 to 2261"), "{key}");
         }
         assert_eq!(rfc3339(month.start_ns()), "2026-11-01T00:00:00Z");

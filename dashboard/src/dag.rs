@@ -19,6 +19,14 @@ pub struct DagNode {
     pub cost: Decimal,
 }
 
+impl DagNode {
+    /// How long the node ran, in ns: 0 when its span ends before it starts (the span's times
+    /// are the sender's, so the plain difference can overflow).
+    pub fn duration_ns(&self) -> i64 {
+        self.end_ns.saturating_sub(self.start_ns).max(0)
+    }
+}
+
 /// The needs of each node that count: those naming a node, in an order where every need comes
 /// before what needs it (Kahn's algorithm). Spans are data from outside, so a cycle is
 /// possible: its nodes come last, each keeping only the needs already ordered (no loop, no
@@ -76,8 +84,7 @@ pub fn critical_path(nodes: &[DagNode]) -> Vec<usize> {
     for &i in &order {
         let before = needs[i].iter().map(|&j| (best[j].0, Some(j))).max_by_key(|(length, _)| *length);
         let (length, previous) = before.unwrap_or((0, None));
-        let duration = nodes[i].end_ns.saturating_sub(nodes[i].start_ns).max(0);
-        best[i] = (length.saturating_add(duration), previous);
+        best[i] = (length.saturating_add(nodes[i].duration_ns()), previous);
     }
     let mut end = (0..nodes.len()).max_by_key(|&i| (best[i].0, std::cmp::Reverse(i)));
     let mut path = Vec::new();

@@ -822,9 +822,10 @@ fn jaeger_span(row: &SpanRow, trace_id: &str, process_id: String) -> JaegerSpan 
         }
     }
 
-    let duration_ns = row.end_ns.saturating_sub(row.start_ns);
-    if duration_ns < 0 {
-        warnings.push(format!("the span ends {} ns before it starts; duration shown as 0", -duration_ns));
+    if row.end_ns < row.start_ns {
+        // In i128: the gap between two i64 times can be more than an i64 holds.
+        let gap = i128::from(row.start_ns) - i128::from(row.end_ns);
+        warnings.push(format!("the span ends {gap} ns before it starts; duration shown as 0"));
     }
     JaegerSpan {
         trace_id: trace_id.to_string(),
@@ -834,7 +835,7 @@ fn jaeger_span(row: &SpanRow, trace_id: &str, process_id: String) -> JaegerSpan 
         operation_name: row.name.clone(),
         references,
         start_time: row.start_ns / 1000,
-        duration: duration_ns.max(0) / 1000,
+        duration: row.duration_ns() / 1000,
         tags,
         logs,
         process_id,

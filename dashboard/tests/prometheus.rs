@@ -1476,6 +1476,118 @@ async fn selectors_and_usage_ranges_are_bounded_and_the_server_survives() {
     assert_eq!(vector_or_scalar(&env.instant(ACME, "1+1", "1000").await), 2.0);
 }
 
+/// Times, offsets, ranges and steps at the ends of what an i64 holds: each query is answered or
+/// refused with a 400 `bad_data` that names the parameter, never a 500 or a dropped connection
+/// (a debug build panicked on the overflowing arithmetic; a release build wrapped it into the
+/// wrong times). The bounds: times a nanosecond timestamp holds (1677 to 2262, where Prometheus
+/// clients' "min time" and "max time" land), ranges and offsets of up to 10^12 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_offsets_and_steps_at_the_ends_of_i64_are_answered_or_refused() {
+    let env = env(Backend::Sqlite(tempfile::tempdir().unwrap())).await;
+    seed(&env).await;
+    let (min_time, max_time) = ("-292273086-05-16T16:47:06Z", "292277025-08-17T07:12:55.807Z");
+    let at = "2026-11-10T12:00:00Z";
+    // (route, parameters, status, what the error says)
+    let cases = vec![
+        // Times beyond what a nanosecond timestamp holds.
+        (
+            "query",
+            vec![("query", "up"), ("time", "1e300")],
+            400,
+            "\"time\": cannot parse \"1e300\" to a valid timestamp",
+        ),
+        ("query", vec![("query", "up"), ("time", "-1e300")], 400, "outside the times a query may name"),
+        ("query", vec![("query", "up offset -5m"), ("time", "9223372036854775807")], 400, "outside the times"),
+        ("query", vec![("query", "up"), ("time", "9999-12-31T23:59:59Z")], 400, "outside the times"),
+        ("query", vec![("query", "http_requests_total @ 1e300 offset -1m"), ("time", at)], 400, "@ time"),
+        ("query", vec![("query", "http_requests_total @ -1e17"), ("time", at)], 400, "@ time"),
+        // Offsets and ranges longer than 10^12 s (what PromQL's units can write: 4294967295y).
+        ("query", vec![("query", "http_requests_total offset -4294967295y"), ("time", at)], 400, "offset 4294967295y"),
+        ("query", vec![("query", "http_requests_total offset 100000000y"), ("time", at)], 400, "longer than"),
+        (
+            "query",
+            vec![("query", "rate(http_requests_total[200000000y] offset 200000000y)"), ("time", min_time)],
+            400,
+            "longer than",
+        ),
+        ("query", vec![("query", "sfaas_usage_cpu_ms_total[4294967295y]"), ("time", at)], 400, "range 4294967295y"),
+        // At the ends of the bounds: answered.
+        ("query", vec![("query", "up offset -5m"), ("time", max_time)], 200, ""),
+        ("query", vec![("query", "up offset 10000y"), ("time", min_time)], 200, ""),
+        ("query", vec![("query", "rate(http_requests_total[30000y] offset -30000y)"), ("time", max_time)], 200, ""),
+        ("query", vec![("query", "http_requests_total @ 9223372036.854 offset -1m"), ("time", at)], 200, ""),
+        ("query", vec![("query", "sfaas_billing_cost_total offset 10000y"), ("time", at)], 200, ""),
+        ("query", vec![("query", "sfaas_billing_cost_total offset -10000y"), ("time", min_time)], 200, ""),
+        (
+            "query",
+            vec![("query", "increase(sfaas_billing_cost_total[30000y] offset 30000y)"), ("time", max_time)],
+            200,
+            "",
+        ),
+        ("query", vec![("query", "sfaas_billing_cost_total @ -9223372036"), ("time", at)], 200, ""),
+        // Range queries: the widest window, with steps of any size.
+        (
+            "query_range",
+            vec![("query", "up"), ("start", "-1e300"), ("end", "1e300"), ("step", "1e15")],
+            400,
+            "\"start\"",
+        ),
+        (
+            "query_range",
+            vec![
+                ("query", "sfaas_usage_cpu_ms_total"),
+                ("start", min_time),
+                ("end", max_time),
+                ("step", "9223372036854775"),
+            ],
+            200,
+            "",
+        ),
+        (
+            "query_range",
+            vec![("query", "sfaas_billing_cost_total"), ("start", min_time), ("end", max_time), ("step", "1e15")],
+            200,
+            "",
+        ),
+        (
+            "query_range",
+            vec![("query", "sfaas_billing_cost_total"), ("start", at), ("end", at), ("step", "9223372036854775.807")],
+            200,
+            "",
+        ),
+        (
+            "query_range",
+            vec![("query", "up"), ("start", min_time), ("end", max_time), ("step", "1")],
+            400,
+            "11,000 points",
+        ),
+        ("query_range", vec![("query", "up"), ("start", at), ("end", at), ("step", "1e300")], 400, "\"step\""),
+        // Series, labels and label values over the widest window, or beyond it.
+        ("series", vec![("match[]", "http_requests_total"), ("start", min_time), ("end", max_time)], 200, ""),
+        ("series", vec![("match[]", "http_requests_total"), ("start", "-1e300"), ("end", "1e300")], 400, "\"start\""),
+        ("labels", vec![("start", min_time), ("end", max_time)], 200, ""),
+        ("labels", vec![("end", "1e19")], 400, "\"end\""),
+        ("label/function/values", vec![("start", max_time), ("end", min_time)], 200, ""),
+    ];
+    for (route, params, want, says) in cases {
+        let path = format!("/prometheus/api/v1/{route}");
+        let (status, body) = env.post_form(ACME, &path, &params).await;
+        assert_eq!(status, want, "{route} {params:?}: {body}");
+        if want == 400 {
+            assert_eq!(body["errorType"], "bad_data", "{route} {params:?}: {body}");
+            assert!(body["error"].as_str().unwrap().contains(says), "{route} {params:?}: {body}");
+        }
+    }
+    // Within the bounds, the answers are the ones a user expects: from the earliest time, `@`
+    // reads today's usage as a query of today does; 10 000 years ago there was none.
+    let today = vector(&env.instant(ACME, "sum(sfaas_usage_invocations_total)", at).await);
+    let from_afar = vector(&env.instant(ACME, "sum(sfaas_usage_invocations_total @ 1794312000)", min_time).await);
+    assert!(today[""] > 0.0, "{today:?}");
+    assert_eq!(from_afar, today);
+    let long_ago = env.instant(ACME, "sum(sfaas_usage_invocations_total offset 10000y)", at).await;
+    assert_eq!(long_ago["result"], json!([]), "{long_ago}");
+}
+
 fn vector_or_scalar(data: &Value) -> f64 {
     assert_eq!(data["resultType"], "scalar", "{data}");
     number(&data["result"][1])

@@ -33,8 +33,8 @@ pub struct Times {
 impl Times {
     pub fn iter(&self) -> impl Iterator<Item = i64> + '_ {
         let step = self.step.max(1);
-        let n = if self.step == 0 { 0 } else { (self.end - self.start) / step };
-        (0..=n).map(move |k| self.start + k * step)
+        let n = if self.step == 0 { 0 } else { self.end.saturating_sub(self.start) / step };
+        (0..=n).map(move |k| self.start.saturating_add(k.saturating_mul(step)))
     }
 }
 
@@ -305,7 +305,8 @@ pub async fn load(
         if selector.exact_name().is_some_and(is_synthesized) {
             out.push(Vec::new());
         } else {
-            out.push(stored_series(state, &tenants, selector, min_e - reaches, max_e, &mut budget).await?);
+            let lo = min_e.saturating_sub(reaches);
+            out.push(stored_series(state, &tenants, selector, lo, max_e, &mut budget).await?);
         }
         let reads_usage = usage::METRICS[..4].iter().any(|(n, _)| selector.may_select_name(n));
         let reads_cost = selector.may_select_name(usage::COST);

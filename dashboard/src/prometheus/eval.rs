@@ -21,6 +21,27 @@ pub const METRIC_NAME: &str = "__name__";
 /// How far back an instant selector looks for a sample (Prometheus's default lookback delta).
 pub const LOOKBACK_MS: i64 = 5 * 60 * 1000;
 
+/// The earliest and latest times (ms) a query may name: those a timestamp in nanoseconds holds
+/// (1677-09-21 to 2262-04-11), as every stored time is. Prometheus clients' "min time" and
+/// "max time" land on them. With ranges and offsets bounded too ([`MAX_DURATION_MS`]), every
+/// evaluation time and window edge is far inside an i64 of ms, so no sum of them overflows.
+pub const MIN_TIME_MS: i64 = i64::MIN / 1_000_000;
+pub const MAX_TIME_MS: i64 = i64::MAX / 1_000_000;
+/// The longest range or offset a query may write (10^12 s, about 31 700 years).
+pub const MAX_DURATION_MS: i64 = 1_000_000_000_000_000;
+
+/// `ms` if it is a time a query may name; otherwise why not (`what` names the time).
+pub fn bounded_time(ms: i64, what: &str) -> Result<i64, String> {
+    if (MIN_TIME_MS..=MAX_TIME_MS).contains(&ms) {
+        return Ok(ms);
+    }
+    let rfc3339 = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map_or_else(String::new, |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    };
+    Err(format!("{what} is outside the times a query may name, {} to {}", rfc3339(MIN_TIME_MS), rfc3339(MAX_TIME_MS)))
+}
+
 /// Why a query failed, as Prometheus classifies it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum QueryError {
@@ -120,7 +141,8 @@ impl Selector {
             Some(At::End) => end,
             Some(At::Time(at)) => at,
         };
-        base - self.offset_ms
+        // Both are bounded (`MAX_TIME_MS`, `MAX_DURATION_MS`): saturating is only a guard.
+        base.saturating_sub(self.offset_ms)
     }
 }
 
@@ -326,6 +348,20 @@ fn millis(d: &Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// A range's or offset's ms, refused beyond [`MAX_DURATION_MS`] (`what`: `range`, `offset`).
+fn bounded_duration(what: &str, d: &Duration) -> Result<i64, QueryError> {
+    let ms = millis(d);
+    if ms > MAX_DURATION_MS {
+        let limit = Duration::from_millis(MAX_DURATION_MS.unsigned_abs());
+        return Err(QueryError::BadData(format!(
+            "{what} {} is longer than {}, the limit",
+            promql_parser::util::display_duration(d),
+            promql_parser::util::display_duration(&limit)
+        )));
+    }
+    Ok(ms)
+}
+
 fn system_time_ms(t: &SystemTime) -> i64 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => millis(&d),
@@ -341,19 +377,24 @@ impl Planner {
     ) -> Result<usize, QueryError> {
         let offset_ms = match &vs.offset {
             None => 0,
-            Some(Offset::Pos(d)) => millis(d),
-            Some(Offset::Neg(d)) => -millis(d),
+            Some(Offset::Pos(d)) => bounded_duration("offset", d)?,
+            Some(Offset::Neg(d)) => -bounded_duration("offset", d)?,
         };
-        let at = vs.at.as_ref().map(|at| match at {
-            AtModifier::Start => At::Start,
-            AtModifier::End => At::End,
-            AtModifier::At(t) => At::Time(system_time_ms(t)),
-        });
+        let at = match &vs.at {
+            None => None,
+            Some(AtModifier::Start) => Some(At::Start),
+            Some(AtModifier::End) => Some(At::End),
+            Some(AtModifier::At(t)) => {
+                let ms = system_time_ms(t);
+                let what = format!("@ time {}", ms as f64 / 1000.0);
+                Some(At::Time(bounded_time(ms, &what).map_err(QueryError::BadData)?))
+            }
+        };
         let range_ms = match range {
             Some(d) if d.is_zero() => {
                 return Err(QueryError::BadData("range selector duration must be positive".into()));
             }
-            Some(d) => Some(millis(d)),
+            Some(d) => Some(bounded_duration("range", d)?),
             None => None,
         };
         self.selectors.push(Selector {

@@ -132,6 +132,11 @@
 //!   parser so that it is refused by name (422) rather than as a parse error.
 //! - Results of instant queries are sorted by labels; range results (matrices) too.
 //! - No staleness markers: a series ends 5 minutes after its last sample.
+//! - Times (`time`, `start`, `end`, `@`) lie within what a timestamp in nanoseconds holds,
+//!   1677-09-21 to 2262-04-11 (Prometheus clients' "min time" and "max time" are its ends), and
+//!   ranges and offsets are at most 10^12 s (about 31 700 years); beyond either, 400
+//!   `bad_data` naming the value. Prometheus takes any time and wraps; inside these bounds no
+//!   sum of a time, an offset and a range overflows.
 
 mod data;
 mod eval;
@@ -548,21 +553,25 @@ impl Params {
     }
 }
 
-/// A time as Prometheus takes it: float seconds or RFC 3339.
+/// A time as Prometheus takes it: float seconds or RFC 3339, in ms, within the times a query
+/// may name ([`eval::bounded_time`]: a time beyond them would overflow the arithmetic on it).
 fn parse_time(text: &str) -> Result<i64, String> {
-    if let Ok(seconds) = text.parse::<f64>()
+    let ms = if let Ok(seconds) = text.parse::<f64>()
         && seconds.is_finite()
     {
-        return Ok((seconds * 1000.0).round() as i64);
-    }
-    match text {
-        "-292273086-05-16T16:47:06Z" => return Ok(i64::MIN / 1_000_000),
-        "292277025-08-17T07:12:55.807Z" => return Ok(i64::MAX / 1_000_000),
-        _ => {}
-    }
-    chrono::DateTime::parse_from_rfc3339(text)
-        .map(|t| t.timestamp_millis())
-        .map_err(|_| format!("cannot parse {text:?} to a valid timestamp"))
+        // Saturates: a time past an i64 of ms is refused below like any out of bounds.
+        (seconds * 1000.0).round() as i64
+    } else {
+        match text {
+            // Prometheus clients' "min time" and "max time" (Go's extremes).
+            "-292273086-05-16T16:47:06Z" => eval::MIN_TIME_MS,
+            "292277025-08-17T07:12:55.807Z" => eval::MAX_TIME_MS,
+            _ => chrono::DateTime::parse_from_rfc3339(text)
+                .map(|t| t.timestamp_millis())
+                .map_err(|_| format!("cannot parse {text:?} to a valid timestamp"))?,
+        }
+    };
+    eval::bounded_time(ms, &format!("cannot parse {text:?} to a valid timestamp: it"))
 }
 
 /// A duration as Prometheus takes it: float seconds or a PromQL duration (`1h30m`).
@@ -704,8 +713,9 @@ fn check_shape(text: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Longest duration a query may write as a plain number of seconds (about 31 700 years).
-const MAX_DURATION_SECONDS: f64 = 1e12;
+/// Longest duration a query may write as a plain number of seconds (about 31 700 years): the
+/// longest range or offset evaluated.
+const MAX_DURATION_SECONDS: f64 = (eval::MAX_DURATION_MS / 1000) as f64;
 
 /// A plain number where PromQL reads a duration (`x[300]`, `x offset 60`) must be a finite
 /// number of seconds that a duration holds: the parser panics on `NaN`, `Inf` or 1e30 there.
@@ -812,7 +822,7 @@ async fn query_range(State(api): State<Api>, headers: HeaderMap, uri: Uri, body:
             "zero or negative query resolution step widths are not accepted. Try a positive integer",
         ));
     }
-    if (end - start) / step >= MAX_POINTS {
+    if end.saturating_sub(start) / step >= MAX_POINTS {
         return Err(ApiError::bad_data(
             "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)",
         ));
@@ -885,8 +895,8 @@ async fn matching_series(
     let tenant = scope(state, headers)?;
     let selectors = selectors(params)?;
     let now = state.store.clock().now_ms();
-    let lo = params.time("start")?.unwrap_or(i64::MIN / 4);
-    let hi = params.time("end")?.unwrap_or(i64::MAX / 4);
+    let lo = params.time("start")?.unwrap_or(eval::MIN_TIME_MS);
+    let hi = params.time("end")?.unwrap_or(eval::MAX_TIME_MS);
     let names: Option<BTreeSet<String>> = if !selectors.is_empty() && selectors.iter().all(|s| s.exact_name().is_some())
     {
         Some(selectors.iter().filter_map(|s| s.exact_name().map(str::to_string)).collect())
@@ -1074,6 +1084,17 @@ mod tests {
         assert_eq!(parse_time("1435781451.781"), Ok(1435781451781));
         assert_eq!(parse_time("2015-07-01T20:10:51.781Z"), Ok(1435781451781));
         assert!(parse_time("yesterday").is_err());
+        // Prometheus clients' extremes are the bounds; past them (an i64 of ns) is refused.
+        assert_eq!(parse_time("-292273086-05-16T16:47:06Z"), Ok(eval::MIN_TIME_MS));
+        assert_eq!(parse_time("292277025-08-17T07:12:55.807Z"), Ok(eval::MAX_TIME_MS));
+        assert_eq!(parse_time("9223372036.854"), Ok(eval::MAX_TIME_MS));
+        assert_eq!(
+            parse_time("1e300"),
+            Err("cannot parse \"1e300\" to a valid timestamp: it is outside the times a query may name, \
+                 1677-09-21T00:12:43.146Z to 2262-04-11T23:47:16.854Z"
+                .into())
+        );
+        assert!(parse_time("9999-12-31T23:59:59Z").is_err());
         assert_eq!(parse_duration("3600"), Ok(3_600_000));
         assert_eq!(parse_duration("1h30m"), Ok(5_400_000));
         assert_eq!(parse_duration("15.5"), Ok(15_500));
