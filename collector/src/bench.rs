@@ -169,7 +169,9 @@ pub async fn run(requests: usize, concurrency: usize) -> anyhow::Result<String> 
         };
         let sender = Sender { credential: Credential::Ingest { tenant: "raw".into() }, org_id: None };
         let batches: Vec<_> = (0..requests as u64)
-            .map(|seed| crate::receivers::otlp::traces(realistic_request(seed + 1_000_000), &sender).batch)
+            .map(|seed| {
+                crate::receivers::otlp::traces(realistic_request(seed + 1_000_000), &sender).expect("realistic").batch
+            })
             .collect();
         eprintln!("bench ingest: {backend}, the store's write path, {requests} × {SPANS_PER_REQUEST} spans");
         let (started, cpu) = (Instant::now(), process_cpu());
@@ -302,7 +304,7 @@ fn decoding() -> String {
     };
     let prost = time(&|body| {
         let request = ExportTraceServiceRequest::decode(body).expect("valid");
-        crate::receivers::otlp::traces(request, &sender).batch.spans.len()
+        crate::receivers::otlp::traces(request, &sender).expect("realistic").batch.spans.len()
     });
     let wire =
         time(&|body| crate::receivers::otlp::traces_from_protobuf(body, &sender).expect("valid").batch.spans.len());
@@ -374,7 +376,7 @@ pub async fn readers(spans: usize, remote: Option<crate::store::blocks::remote::
     let sender = Sender { credential: Credential::Ingest { tenant: "bench".into() }, org_id: None };
     // Requests 200 ms apart: the spans cover an hour per 18 000 requests (9.2 M spans).
     let batch = |seed: u64| {
-        let mut batch = crate::receivers::otlp::traces(realistic_request(seed), &sender).batch;
+        let mut batch = crate::receivers::otlp::traces(realistic_request(seed), &sender).expect("realistic").batch;
         for span in &mut batch.spans {
             span.start_ns += seed as i64 * 199_000_000;
             span.end_ns += seed as i64 * 199_000_000;

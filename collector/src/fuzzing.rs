@@ -24,17 +24,17 @@ pub fn otlp(data: &[u8]) {
         match choice >> 1 & 3 {
             0 => {
                 if let Ok(request) = otlp_http::decode::<ExportTraceServiceRequest>(encoding, data) {
-                    otlp::traces(request, &sender);
+                    let _ = otlp::traces(request, &sender);
                 }
             }
             1 => {
                 if let Ok(request) = otlp_http::decode::<ExportMetricsServiceRequest>(encoding, data) {
-                    otlp::metrics(request, &sender);
+                    let _ = otlp::metrics(request, &sender);
                 }
             }
             _ => {
                 if let Ok(request) = otlp_http::decode::<ExportLogsServiceRequest>(encoding, data) {
-                    otlp::logs(request, &sender);
+                    let _ = otlp::logs(request, &sender);
                 }
             }
         }
@@ -55,7 +55,7 @@ pub fn otlp_wire(data: &[u8]) {
 pub fn jaeger(data: &[u8]) {
     for sender in senders() {
         if let Ok(batch) = jaeger_thrift::batch(data) {
-            jaeger_thrift::rows(batch, &sender);
+            let _ = jaeger_thrift::rows(batch, &sender);
         }
     }
 }

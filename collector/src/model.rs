@@ -30,6 +30,22 @@ pub struct SpanRow {
 }
 
 impl SpanRow {
+    /// What the row holds, about as stored (see [`Batch::bytes`]).
+    pub fn bytes(&self) -> u64 {
+        (self.trace_id.len()
+            + self.span_id.len()
+            + self.parent_span_id.as_ref().map_or(0, String::len)
+            + self.name.len()
+            + self.status_message.len()
+            + self.service_name.len()
+            + self.attributes.len()
+            + self.events.len()
+            + self.links.len()
+            + self.resource.len()
+            + self.scope.len()
+            + 40) as u64
+    }
+
     /// How long the span took, in ns: 0 when it ends before it starts, at most `i64::MAX`.
     /// Its times are the sender's (any `i64`), so the plain difference can overflow.
     pub fn duration_ns(&self) -> i64 {
@@ -68,6 +84,27 @@ pub struct LogRow {
     pub metered: bool,
 }
 
+impl SampleRow {
+    /// What the row holds, about as stored (see [`Batch::bytes`]).
+    pub fn bytes(&self) -> u64 {
+        (self.metric.len() + self.labels.len() + self.histogram.as_ref().map_or(0, String::len) + 24) as u64
+    }
+}
+
+impl LogRow {
+    /// What the row holds, about as stored (see [`Batch::bytes`]).
+    pub fn bytes(&self) -> u64 {
+        (self.record_hash.len()
+            + self.severity_text.len()
+            + self.body.len()
+            + self.attributes.len()
+            + self.resource.len()
+            + self.trace_id.as_ref().map_or(0, String::len)
+            + self.span_id.as_ref().map_or(0, String::len)
+            + 16) as u64
+    }
+}
+
 /// What one request carries to the store.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
@@ -89,34 +126,9 @@ impl Batch {
     /// What the rows hold, about as stored: their text and numbers, not their indexes. The
     /// unit of a tenant's daily telemetry quota.
     pub fn bytes(&self) -> u64 {
-        let span = |s: &SpanRow| {
-            s.trace_id.len()
-                + s.span_id.len()
-                + s.parent_span_id.as_ref().map_or(0, String::len)
-                + s.name.len()
-                + s.status_message.len()
-                + s.service_name.len()
-                + s.attributes.len()
-                + s.events.len()
-                + s.links.len()
-                + s.resource.len()
-                + s.scope.len()
-                + 40
-        };
-        let sample = |s: &SampleRow| s.metric.len() + s.labels.len() + s.histogram.as_ref().map_or(0, String::len) + 24;
-        let log = |l: &LogRow| {
-            l.record_hash.len()
-                + l.severity_text.len()
-                + l.body.len()
-                + l.attributes.len()
-                + l.resource.len()
-                + l.trace_id.as_ref().map_or(0, String::len)
-                + l.span_id.as_ref().map_or(0, String::len)
-                + 16
-        };
-        (self.spans.iter().map(span).sum::<usize>()
-            + self.samples.iter().map(sample).sum::<usize>()
-            + self.logs.iter().map(log).sum::<usize>()) as u64
+        self.spans.iter().map(SpanRow::bytes).sum::<u64>()
+            + self.samples.iter().map(SampleRow::bytes).sum::<u64>()
+            + self.logs.iter().map(LogRow::bytes).sum::<u64>()
     }
 
     pub fn append(&mut self, other: Batch) {

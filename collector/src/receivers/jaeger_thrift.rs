@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::Refusal;
-use super::{basic_or_bearer_sender, text};
+use super::{Expansion, TooLarge, basic_or_bearer_sender, text};
 use crate::Collector;
 use crate::auth::Sender;
 use crate::metrics::{RejectLabels, SignalLabels};
@@ -283,8 +283,9 @@ fn span_hex(id: i64) -> String {
 }
 
 /// Converts a decoded batch to rows, attributing each span to a tenant.
-pub(crate) fn rows(decoded: JaegerBatch, sender: &Sender) -> (Batch, u64, Vec<String>) {
+pub(crate) fn rows(decoded: JaegerBatch, sender: &Sender) -> Result<(Batch, u64, Vec<String>), TooLarge> {
     let mut out = Batch::default();
+    let mut expansion = Expansion::default();
     let mut rejected = 0;
     let mut reasons = Vec::new();
     let mut resource = decoded.process_tags.clone();
@@ -300,7 +301,8 @@ pub(crate) fn rows(decoded: JaegerBatch, sender: &Sender) -> (Batch, u64, Vec<St
             Ok(attribution) => attribution,
             Err(reason) => {
                 rejected += 1;
-                if !reasons.contains(&reason) {
+                // At most ten, as OTLP's partial success says them.
+                if reasons.len() < 10 && !reasons.contains(&reason) {
                     reasons.push(reason);
                 }
                 continue;
@@ -346,7 +348,7 @@ pub(crate) fn rows(decoded: JaegerBatch, sender: &Sender) -> (Batch, u64, Vec<St
                 json!({"name": name, "time_ns": time.saturating_mul(1000), "attributes": fields})
             })
             .collect();
-        out.spans.push(SpanRow {
+        let row = SpanRow {
             tenant,
             trace_id: trace_hex(span.trace_high, span.trace_low),
             span_id: span_hex(span.span_id),
@@ -364,9 +366,11 @@ pub(crate) fn rows(decoded: JaegerBatch, sender: &Sender) -> (Batch, u64, Vec<St
             resource: resource_json.clone(),
             scope: "{}".into(),
             metered,
-        });
+        };
+        expansion.add(row.bytes())?;
+        out.spans.push(row);
     }
-    (out, rejected, reasons)
+    Ok((out, rejected, reasons))
 }
 
 /// `POST /api/traces`.
@@ -398,7 +402,13 @@ pub async fn traces(State(collector): State<Arc<Collector>>, headers: HeaderMap,
             return text(StatusCode::BAD_REQUEST, error.to_string());
         }
     };
-    let (batch, rejected, reasons) = rows(decoded, &sender);
+    let (batch, rejected, reasons) = match rows(decoded, &sender) {
+        Ok(rows) => rows,
+        Err(too_large) => {
+            reject("invalid");
+            return text(StatusCode::BAD_REQUEST, too_large.to_string());
+        }
+    };
     if rejected > 0 {
         collector
             .metrics
@@ -476,6 +486,29 @@ mod tests {
         assert_eq!((span.trace_low, span.trace_high, span.span_id, span.parent_span_id), (7, 9, 5, 3));
         assert_eq!(trace_hex(span.trace_high, span.trace_low), "00000000000000090000000000000007");
         assert_eq!((span.start_us, span.duration_us, span.operation.as_str()), (1_000, 250, "checkout"));
+    }
+
+    /// A 1 MiB service name, shared by 100 minimal spans, would be copied into each span's
+    /// row twice (service and resource): 200 MiB of rows from a 1 MiB request. Refused whole.
+    #[test]
+    fn a_batch_that_expands_past_the_bound_is_refused() {
+        let spans = |service: &str| {
+            let mut w = Writer(Vec::new());
+            w.field(STRUCT, 1).string(1, service).stop();
+            w.field(LIST, 2);
+            w.0.push(STRUCT);
+            w.0.extend(100i32.to_be_bytes());
+            for id in 1..=100 {
+                w.i64(1, 7).i64(2, 9).i64(3, id).string(5, "op").stop();
+            }
+            w.stop();
+            w.0
+        };
+        let sender = Sender { credential: crate::auth::Credential::Ingest { tenant: "acme".into() }, org_id: None };
+        let refused = rows(batch(&spans(&"s".repeat(1 << 20))).unwrap(), &sender).unwrap_err();
+        assert!(refused.to_string().contains("expands to more than 64 MiB"), "{refused}");
+        let (accepted, rejected, _) = rows(batch(&spans("cart")).unwrap(), &sender).unwrap();
+        assert_eq!((accepted.spans.len(), rejected), (100, 0));
     }
 
     #[test]

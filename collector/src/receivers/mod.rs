@@ -18,6 +18,35 @@ use crate::auth::{AuthError, Sender, authenticate};
 use crate::metrics::RejectLabels;
 use crate::pipeline::SubmitError;
 
+/// At most this much row data (as [`crate::model::Batch::bytes`] counts it) comes of one
+/// request. A row holds its own copy of what its request shares (a resource, a scope, a
+/// service or metric name, a series' labels): without a bound, a few megabytes of request
+/// naming an 8 MiB resource once and a million empty spans would expand to terabytes.
+pub const MAX_EXPANDED_BYTES: u64 = 64 << 20;
+
+/// A request whose rows would hold more than [`MAX_EXPANDED_BYTES`]: refused whole (400).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "the request expands to more than {} MiB of rows (what its items share, such as a resource, \
+     scope, name or labels, is stored with each item): send fewer items per request, or smaller \
+     shared attributes",
+    MAX_EXPANDED_BYTES >> 20
+)]
+pub struct TooLarge;
+
+/// The bytes of rows a request has expanded to so far.
+#[derive(Debug, Default)]
+pub(crate) struct Expansion(u64);
+
+impl Expansion {
+    /// Counts a row of `bytes`, made and not yet kept: an error once the request's rows are
+    /// past [`MAX_EXPANDED_BYTES`], so that no more than one row is ever made beyond it.
+    pub fn add(&mut self, bytes: u64) -> Result<(), TooLarge> {
+        self.0 = self.0.saturating_add(bytes);
+        if self.0 > MAX_EXPANDED_BYTES { Err(TooLarge) } else { Ok(()) }
+    }
+}
+
 /// A plain-text answer; 503 carries `Retry-After`.
 pub(crate) fn text(status: StatusCode, message: String) -> Response {
     let mut response = (status, format!("{message}\n")).into_response();

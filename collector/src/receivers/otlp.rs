@@ -13,6 +13,7 @@ use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::{Expansion, TooLarge};
 use crate::auth::Sender;
 use crate::model::{Batch, LogRow, SampleRow, SpanRow};
 
@@ -20,12 +21,32 @@ use crate::model::{Batch, LogRow, SampleRow, SpanRow};
 #[derive(Debug, Default)]
 pub struct Converted {
     pub batch: Batch,
+    /// What the rows so far hold (bounded: [`super::MAX_EXPANDED_BYTES`]).
+    expansion: Expansion,
     pub rejected: u64,
     /// Distinct reasons, for `partial_success.error_message`.
     pub reasons: Vec<String>,
 }
 
 impl Converted {
+    fn push_span(&mut self, row: SpanRow) -> Result<(), TooLarge> {
+        self.expansion.add(row.bytes())?;
+        self.batch.spans.push(row);
+        Ok(())
+    }
+
+    fn push_sample(&mut self, row: SampleRow) -> Result<(), TooLarge> {
+        self.expansion.add(row.bytes())?;
+        self.batch.samples.push(row);
+        Ok(())
+    }
+
+    fn push_log(&mut self, row: LogRow) -> Result<(), TooLarge> {
+        self.expansion.add(row.bytes())?;
+        self.batch.logs.push(row);
+        Ok(())
+    }
+
     fn reject(&mut self, count: usize, reason: String) {
         if count == 0 {
             return;
@@ -278,17 +299,26 @@ fn kv_string<'a>(attributes: &[Kv<'a>], key: &str) -> Option<&'a str> {
     }
 }
 
-/// Spans of a request prost decoded (the gRPC receiver's).
-pub fn traces(request: ExportTraceServiceRequest, sender: &Sender) -> Converted {
+/// Why a request's body gives no rows.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Wire(#[from] super::otlp_wire::WireError),
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
+}
+
+/// Spans of a request prost decoded (OTLP/JSON's).
+pub fn traces(request: ExportTraceServiceRequest, sender: &Sender) -> Result<Converted, TooLarge> {
     convert_traces(Request::of(&request), sender)
 }
 
 /// Spans of a request's protobuf body, read without prost ([`super::otlp_wire`]).
-pub fn traces_from_protobuf(body: &[u8], sender: &Sender) -> Result<Converted, super::otlp_wire::WireError> {
-    Ok(convert_traces(super::otlp_wire::decode(body)?, sender))
+pub fn traces_from_protobuf(body: &[u8], sender: &Sender) -> Result<Converted, ReadError> {
+    Ok(convert_traces(super::otlp_wire::decode(body)?, sender)?)
 }
 
-pub fn convert_traces(request: Request<'_>, sender: &Sender) -> Converted {
+pub fn convert_traces(request: Request<'_>, sender: &Sender) -> Result<Converted, TooLarge> {
     let mut out = Converted::default();
     for resource_spans in request.resource_spans {
         let resource_attributes = resource_spans.resource_attributes;
@@ -333,7 +363,7 @@ pub fn convert_traces(request: Request<'_>, sender: &Sender) -> Converted {
                     .map(|l| json!({"trace_id": lower_hex(l.trace_id), "span_id": lower_hex(l.span_id), "attributes": Attributes(&l.attributes)}))
                     .collect();
                 let status = span.status.unwrap_or_default();
-                out.batch.spans.push(SpanRow {
+                out.push_span(SpanRow {
                     tenant: tenant.clone(),
                     trace_id,
                     span_id,
@@ -351,11 +381,11 @@ pub fn convert_traces(request: Request<'_>, sender: &Sender) -> Converted {
                     resource: resource.clone(),
                     scope: scope.clone(),
                     metered,
-                });
+                })?;
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Label values as Prometheus has them: strings.
@@ -368,7 +398,7 @@ fn labels(point_attributes: &[KeyValue], service: Option<&str>) -> String {
     serde_json::to_string(&labels).expect("json")
 }
 
-pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Converted {
+pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Result<Converted, TooLarge> {
     let mut out = Converted::default();
     for resource_metrics in request.resource_metrics {
         let resource_attributes = resource_metrics.resource.map(|r| r.attributes).unwrap_or_default();
@@ -400,25 +430,25 @@ pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Convert
             match &metric.data {
                 Some(metric::Data::Gauge(gauge)) => {
                     for p in &gauge.data_points {
-                        out.batch.samples.push(row(
+                        out.push_sample(row(
                             labels(&p.attributes, service),
                             "gauge",
                             p.time_unix_nano,
                             number(&p.value),
                             None,
-                        ));
+                        ))?;
                     }
                 }
                 Some(metric::Data::Sum(sum)) => {
                     let kind = if sum.is_monotonic { "counter" } else { "gauge" };
                     for p in &sum.data_points {
-                        out.batch.samples.push(row(
+                        out.push_sample(row(
                             labels(&p.attributes, service),
                             kind,
                             p.time_unix_nano,
                             number(&p.value),
                             None,
-                        ));
+                        ))?;
                     }
                 }
                 Some(metric::Data::Histogram(histogram)) => {
@@ -432,13 +462,13 @@ pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Convert
                         }
                         let sum = p.sum.unwrap_or(0.0);
                         let detail = json!({"count": p.count, "sum": sum, "buckets": buckets}).to_string();
-                        out.batch.samples.push(row(
+                        out.push_sample(row(
                             labels(&p.attributes, service),
                             "histogram",
                             p.time_unix_nano,
                             sum,
                             Some(detail),
-                        ));
+                        ))?;
                     }
                 }
                 Some(metric::Data::Summary(summary)) => {
@@ -446,13 +476,13 @@ pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Convert
                         let quantiles: Vec<(f64, f64)> =
                             p.quantile_values.iter().map(|q| (q.quantile, q.value)).collect();
                         let detail = json!({"count": p.count, "sum": p.sum, "quantiles": quantiles}).to_string();
-                        out.batch.samples.push(row(
+                        out.push_sample(row(
                             labels(&p.attributes, service),
                             "summary",
                             p.time_unix_nano,
                             p.sum,
                             Some(detail),
-                        ));
+                        ))?;
                     }
                 }
                 Some(metric::Data::ExponentialHistogram(h)) => {
@@ -462,7 +492,7 @@ pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Convert
             }
         }
     }
-    out
+    Ok(out)
 }
 
 fn point_count(metric: &opentelemetry_proto::tonic::metrics::v1::Metric) -> usize {
@@ -476,7 +506,7 @@ fn point_count(metric: &opentelemetry_proto::tonic::metrics::v1::Metric) -> usiz
     }
 }
 
-pub fn logs(request: ExportLogsServiceRequest, sender: &Sender) -> Converted {
+pub fn logs(request: ExportLogsServiceRequest, sender: &Sender) -> Result<Converted, TooLarge> {
     let mut out = Converted::default();
     for resource_logs in request.resource_logs {
         let resource_attributes = resource_logs.resource.map(|r| r.attributes).unwrap_or_default();
@@ -509,7 +539,7 @@ pub fn logs(request: ExportLogsServiceRequest, sender: &Sender) -> Converted {
             }
             hash.update(trace_id.as_deref().unwrap_or_default());
             hash.update(span_id.as_deref().unwrap_or_default());
-            out.batch.logs.push(LogRow {
+            out.push_log(LogRow {
                 tenant: tenant.clone(),
                 record_hash: hex::encode(hash.finalize()),
                 ts_ns: unix_ns(ts),
@@ -521,10 +551,10 @@ pub fn logs(request: ExportLogsServiceRequest, sender: &Sender) -> Converted {
                 trace_id,
                 span_id,
                 metered,
-            });
+            })?;
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -152,7 +152,7 @@ impl Signal for Metrics {
 
     fn decode(body: &[u8], sender: &Sender) -> Result<Converted, String> {
         let request = ExportMetricsServiceRequest::decode(body).map_err(|e| e.to_string())?;
-        Ok(otlp::metrics(request, sender))
+        otlp::metrics(request, sender).map_err(|e| e.to_string())
     }
 
     fn response(partial: Option<(i64, String)>) -> Vec<u8> {
@@ -172,7 +172,7 @@ impl Signal for Logs {
 
     fn decode(body: &[u8], sender: &Sender) -> Result<Converted, String> {
         let request = ExportLogsServiceRequest::decode(body).map_err(|e| e.to_string())?;
-        Ok(otlp::logs(request, sender))
+        otlp::logs(request, sender).map_err(|e| e.to_string())
     }
 
     fn response(partial: Option<(i64, String)>) -> Vec<u8> {

@@ -186,7 +186,9 @@ pub async fn traces(State(collector): State<Arc<Collector>>, headers: HeaderMap,
     // Protobuf is read straight into span rows; JSON through prost's structs.
     let convert = |encoding, bytes: &[u8], sender: &_| match encoding {
         Encoding::Protobuf => otlp::traces_from_protobuf(bytes, sender).map_err(|e| e.to_string()),
-        Encoding::Json => Ok(otlp::traces(decode::<ExportTraceServiceRequest>(encoding, bytes)?, sender)),
+        Encoding::Json => {
+            otlp::traces(decode::<ExportTraceServiceRequest>(encoding, bytes)?, sender).map_err(|e| e.to_string())
+        }
     };
     receive(&collector, "traces", &headers, raw, convert, |c| ExportTraceServiceResponse {
         partial_success: (c.rejected > 0)
@@ -196,7 +198,8 @@ pub async fn traces(State(collector): State<Arc<Collector>>, headers: HeaderMap,
 }
 
 pub async fn metrics(State(collector): State<Arc<Collector>>, headers: HeaderMap, raw: Bytes) -> Response {
-    let convert = |encoding, bytes: &[u8], sender: &_| Ok(otlp::metrics(decode(encoding, bytes)?, sender));
+    let convert =
+        |encoding, bytes: &[u8], sender: &_| otlp::metrics(decode(encoding, bytes)?, sender).map_err(|e| e.to_string());
     receive(&collector, "metrics", &headers, raw, convert, |c| ExportMetricsServiceResponse {
         partial_success: (c.rejected > 0).then(|| ExportMetricsPartialSuccess {
             rejected_data_points: c.rejected as i64,
@@ -207,7 +210,8 @@ pub async fn metrics(State(collector): State<Arc<Collector>>, headers: HeaderMap
 }
 
 pub async fn logs(State(collector): State<Arc<Collector>>, headers: HeaderMap, raw: Bytes) -> Response {
-    let convert = |encoding, bytes: &[u8], sender: &_| Ok(otlp::logs(decode(encoding, bytes)?, sender));
+    let convert =
+        |encoding, bytes: &[u8], sender: &_| otlp::logs(decode(encoding, bytes)?, sender).map_err(|e| e.to_string());
     receive(&collector, "logs", &headers, raw, convert, |c| ExportLogsServiceResponse {
         partial_success: (c.rejected > 0)
             .then(|| ExportLogsPartialSuccess { rejected_log_records: c.rejected as i64, error_message: c.message() }),

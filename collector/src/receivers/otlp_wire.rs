@@ -327,8 +327,10 @@ fn any_value_into<'a>(r: &mut Reader<'a>, value: &mut Option<AttrValue<'a>>, dep
 pub fn differs_from_prost(body: &[u8], sender: &crate::auth::Sender) -> Option<String> {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message;
-    let prost = ExportTraceServiceRequest::decode(body).map(|request| super::otlp::traces(request, sender));
-    let wire = super::otlp::traces_from_protobuf(body, sender);
+    let prost = ExportTraceServiceRequest::decode(body)
+        .map_err(|e| e.to_string())
+        .and_then(|request| super::otlp::traces(request, sender).map_err(|e| e.to_string()));
+    let wire = super::otlp::traces_from_protobuf(body, sender).map_err(|e| e.to_string());
     match (prost, wire) {
         (Err(_), Err(_)) => None,
         (Ok(a), Ok(b)) if a.batch.spans == b.batch.spans && (a.rejected, &a.reasons) == (b.rejected, &b.reasons) => {

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use prost::Message;
 
 use super::Refusal;
-use super::{basic_or_bearer_sender, text};
+use super::{Expansion, TooLarge, basic_or_bearer_sender, text};
 use crate::Collector;
 use crate::metrics::{RejectLabels, SignalLabels};
 use crate::model::{Batch, SampleRow};
@@ -73,10 +73,20 @@ pub fn decode(body: &[u8], limit: usize) -> Result<WriteRequest, (StatusCode, St
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid WriteRequest protobuf: {e}")))
 }
 
-/// The samples of a decoded request, for `tenant`; `Err` counts the samples of series without
-/// `__name__` (the request is refused whole). Staleness markers are left out.
-pub(crate) fn samples(request: WriteRequest, tenant: &str, metered: bool) -> Result<Batch, usize> {
+/// Why a request's samples are refused whole.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refused {
+    #[error("{0} samples belong to series without __name__")]
+    Unnamed(usize),
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
+}
+
+/// The samples of a decoded request, for `tenant`, or why the request is refused whole.
+/// Staleness markers are left out.
+pub(crate) fn samples(request: WriteRequest, tenant: &str, metered: bool) -> Result<Batch, Refused> {
     let mut batch = Batch::default();
+    let mut expansion = Expansion::default();
     let mut unnamed = 0;
     for series in request.timeseries {
         let mut labels: BTreeMap<String, String> = series.labels.into_iter().map(|l| (l.name, l.value)).collect();
@@ -88,7 +98,7 @@ pub(crate) fn samples(request: WriteRequest, tenant: &str, metered: bool) -> Res
         let labels = serde_json::to_string(&labels).expect("json");
         // Staleness markers are Prometheus's own bookkeeping, not samples.
         for sample in series.samples.into_iter().filter(|s| s.value.to_bits() != STALE_NAN) {
-            batch.samples.push(SampleRow {
+            let row = SampleRow {
                 tenant: tenant.to_string(),
                 metric: name.clone(),
                 labels: labels.clone(),
@@ -97,11 +107,13 @@ pub(crate) fn samples(request: WriteRequest, tenant: &str, metered: bool) -> Res
                 value: sample.value,
                 histogram: None,
                 metered,
-            });
+            };
+            expansion.add(row.bytes())?;
+            batch.samples.push(row);
         }
     }
     if unnamed > 0 {
-        return Err(unnamed);
+        return Err(Refused::Unnamed(unnamed));
     }
     Ok(batch)
 }
@@ -133,9 +145,9 @@ pub async fn write(State(collector): State<Arc<Collector>>, headers: HeaderMap, 
     };
     let batch = match samples(request, &tenant, metered) {
         Ok(batch) => batch,
-        Err(unnamed) => {
+        Err(refused) => {
             reject("invalid");
-            return text(StatusCode::BAD_REQUEST, format!("{unnamed} samples belong to series without __name__"));
+            return text(StatusCode::BAD_REQUEST, refused.to_string());
         }
     };
     let items = batch.len() as u64;

@@ -29,7 +29,7 @@ pub async fn start(backend: &Backend, configure: impl FnOnce(&mut CollectorConfi
     config.otlp_grpc_addr = "127.0.0.1:0".parse().unwrap();
     config.otlp_http_addr = "127.0.0.1:0".parse().unwrap();
     config.jaeger_addr = "127.0.0.1:0".parse().unwrap();
-    // Test data has fixed, old timestamps: keep it from the retention pass that runs at start.
+    // Test data has fixed, old timestamps: keep it from the retention passes (each minute).
     config.retention = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
     configure(&mut config);
     Collector::start(config, Arc::new(FixedTokens)).await.unwrap()
