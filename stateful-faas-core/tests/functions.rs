@@ -250,11 +250,18 @@ async fn a_tenant_runs_at_most_its_quota_of_managed_instances() {
 async fn http_functions_proxy_to_an_external_upstream() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();
-    let app =
-        axum::Router::new().fallback(|uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| async move {
+    // `/endless` streams 1 MiB chunks without a length for as long as it is read.
+    let endless = || async {
+        let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+        let chunks = futures_util::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+        axum::body::Body::from_stream(chunks)
+    };
+    let app = axum::Router::new().route("/endless", axum::routing::get(endless)).fallback(
+        |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| async move {
             let auth = headers.get("authorization").is_some();
             (axum::http::StatusCode::CREATED, format!("{uri} {body} auth={auth}"))
-        });
+        },
+    );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     // By default a tenant's upstream may not be an internal address: the platform's own
     // collector, dashboard and state store listen there (issue 21: a tenant read the
@@ -275,6 +282,15 @@ async fn http_functions_proxy_to_an_external_upstream() {
     let response = core.invoke(&acme.ingest, "ext/x?y=2", "payload").await;
     assert_eq!(response.status(), 201);
     assert_eq!(response.text().await.unwrap(), "/x?y=2 payload auth=false");
+    // An upstream that never stops answering is cut off at the response limit, long before
+    // the function's timeout (it was read whole until the timeout, in the gateway's memory).
+    let endless = json!({"service": "endless", "kind": "http", "upstream": format!("http://{upstream}"),
+                         "envVars": {"exec_timeout": "600s"}});
+    core.deploy(&acme, endless).await;
+    let response = core.http.get(format!("{}/function/endless/endless", core.url)).bearer_auth(&acme.ingest).send();
+    let response = tokio::time::timeout(Duration::from_secs(120), response).await.expect("cut off").unwrap();
+    assert_eq!(response.status(), 502);
+    assert!(response.text().await.unwrap().contains("larger than"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -126,11 +126,17 @@ pub async fn run_upstream(
         .await
         .map_err(|error| if error.is_timeout() { timed_out(spec) } else { unreachable(with_causes(&error)) })?;
     let (status, headers) = response_head(spec, response.status(), response.headers())?;
-    let body = response.bytes().await.map_err(|e| unreachable(e.to_string()))?;
-    if body.len() > MAX_RESPONSE_BYTES {
-        return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
+    // Read a chunk at a time up to the limit: an upstream that streams without a length
+    // (chunked, for as long as the timeout) is cut off there, not held whole.
+    let mut response = response;
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| unreachable(e.to_string()))? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
+        }
+        body.extend_from_slice(&chunk);
     }
-    Ok(Outcome { status, headers, body, usage: Usage::default() })
+    Ok(Outcome { status, headers, body: body.freeze(), usage: Usage::default() })
 }
 
 /// Sends one request to a managed instance over `stream` (a fresh connection: one request per
