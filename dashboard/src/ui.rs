@@ -35,6 +35,9 @@ use crate::{DashboardState, charts};
 
 const COOKIE: &str = "sfaas_session";
 const SESSION_HOURS: u64 = 12;
+/// Sessions one viewer (the admin, or one tenant's readers) may hold at once; signing in
+/// beyond them ends the viewer's oldest.
+const SESSIONS_PER_VIEWER: usize = 64;
 
 /// What the UI needs beyond the shared state.
 #[derive(Debug, Clone, Default)]
@@ -187,9 +190,10 @@ impl Ui {
     /// the sign-in page.
     fn viewer(&self, headers: &HeaderMap) -> Result<Viewer, Response> {
         if let Some(id) = cookie(headers, COOKIE) {
-            let mut sessions = self.sessions.lock().unwrap();
-            sessions.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(SESSION_HOURS * 3600));
-            if let Some((viewer, _)) = sessions.get(&id) {
+            let sessions = self.sessions.lock().unwrap();
+            if let Some((viewer, at)) = sessions.get(&id)
+                && at.elapsed() < Duration::from_secs(SESSION_HOURS * 3600)
+            {
                 return Ok(viewer.clone());
             }
         }
@@ -328,8 +332,28 @@ async fn login(State(ui): State<Arc<Ui>>, Form(form): Form<Login>) -> Response {
         return (StatusCode::UNAUTHORIZED, login_page(Some("That token is not an admin or read token.")))
             .into_response();
     };
-    let id = session_id();
-    ui.sessions.lock().unwrap().insert(id.clone(), (viewer, Instant::now()));
+    let id = match session_id() {
+        Ok(id) => id,
+        Err(error) => {
+            tracing::error!(%error, "no random bytes for a session id");
+            let message = "cannot sign in now: the server has no random bytes for a session (it is in its log)";
+            return error_page(StatusCode::INTERNAL_SERVER_ERROR, None, message);
+        }
+    };
+    let mut sessions = ui.sessions.lock().unwrap();
+    // Expired sessions go, and a viewer keeps its newest few: signing in again and again with
+    // one token neither grows the table nor signs anyone else out.
+    sessions.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(SESSION_HOURS * 3600));
+    let mut own: Vec<(Instant, String)> =
+        sessions.iter().filter(|(_, (v, _))| *v == viewer).map(|(id, (_, at))| (*at, id.clone())).collect();
+    if own.len() >= SESSIONS_PER_VIEWER {
+        own.sort();
+        for (_, old) in &own[..=own.len() - SESSIONS_PER_VIEWER] {
+            sessions.remove(old);
+        }
+    }
+    sessions.insert(id.clone(), (viewer, Instant::now()));
+    drop(sessions);
     let cookie = format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}", SESSION_HOURS * 3600);
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
 }
@@ -342,14 +366,12 @@ async fn logout(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
     ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
 }
 
-/// 256 random bits from the kernel, as hex.
-fn session_id() -> String {
+/// 256 random bits from the kernel, as hex; an error rather than a guessable id.
+fn session_id() -> std::io::Result<String> {
+    use std::io::Read;
     let mut bytes = [0u8; 32];
-    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = random.read_exact(&mut bytes);
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn money(amount: Decimal, currency: &str) -> String {

@@ -257,3 +257,50 @@ async fn a_search_among_spans_at_the_ends_of_time_answers() {
         assert_eq!(status, want, "GET {path}: {body}");
     }
 }
+
+/// One tenant's reader signing in again and again (a script with its read token): the
+/// sessions table does not grow without end, that reader's oldest sessions end, and another
+/// tenant's session is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_in_again_and_again_ends_only_ones_own_oldest_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
+    let store = TelemetryStore::open_with_blocks(&url, &dir.path().join("blocks")).await.unwrap();
+    let billing = Arc::new(Billing::open(&store).await.unwrap());
+    let state = DashboardState { store, billing, resolver: Arc::new(Tokens), settle: None };
+    let app = dashboard::app(state, dashboard::ui::UiConfig { collector_metrics_url: None });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let http = reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let sign_in = |token: &'static str| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            let response = http
+                .post(format!("{base}/login"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("token={token}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 303, "signed in");
+            let cookie = response.headers()["set-cookie"].to_str().unwrap().to_string();
+            cookie.split(';').next().unwrap().to_string()
+        }
+    };
+    let opens = |cookie: String| {
+        let http = http.clone();
+        let base = base.clone();
+        async move { http.get(format!("{base}/ui/runs")).header("cookie", cookie).send().await.unwrap().status() == 200 }
+    };
+    let globex = sign_in("globex-read").await;
+    let first = sign_in("acme-read").await;
+    let mut last = first.clone();
+    for _ in 0..100 {
+        last = sign_in("acme-read").await;
+    }
+    assert!(!opens(first).await, "acme's oldest session ended");
+    assert!(opens(last).await, "acme's newest session works");
+    assert!(opens(globex).await, "globex's session is untouched");
+}
