@@ -456,7 +456,7 @@ pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Result<
                         let mut cumulative = 0u64;
                         let mut buckets: Vec<(Value, u64)> = Vec::new();
                         for (i, count) in p.bucket_counts.iter().enumerate() {
-                            cumulative += count;
+                            cumulative = cumulative.saturating_add(*count);
                             let le = p.explicit_bounds.get(i).map_or(json!("+Inf"), |b| json!(b));
                             buckets.push((le, cumulative));
                         }
@@ -596,6 +596,35 @@ mod tests {
         assert_eq!(plain_text(Some(&AnyValue { value: Some(StringValue("GET".into())) })), "GET");
         assert_eq!(plain_text(Some(&AnyValue { value: Some(IntValue(200)) })), "200");
         assert_eq!(plain_text(None), "null");
+    }
+
+    /// Bucket counts summing past u64 (a tenant's own numbers) saturate: they panicked
+    /// (debug) or wrapped (release) where the cumulative counts are made.
+    #[test]
+    fn histogram_bucket_counts_past_u64_saturate() {
+        use opentelemetry_proto::tonic::metrics::v1::{
+            Histogram, HistogramDataPoint, Metric, ResourceMetrics, ScopeMetrics,
+        };
+        let point = HistogramDataPoint {
+            bucket_counts: vec![u64::MAX, u64::MAX],
+            explicit_bounds: vec![1.0],
+            ..Default::default()
+        };
+        let metric = Metric {
+            name: "latency".into(),
+            data: Some(metric::Data::Histogram(Histogram { data_points: vec![point], ..Default::default() })),
+            ..Default::default()
+        };
+        let request = ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                scope_metrics: vec![ScopeMetrics { metrics: vec![metric], ..Default::default() }],
+                ..Default::default()
+            }],
+        };
+        let sender = Sender { credential: crate::auth::Credential::Ingest { tenant: "acme".into() }, org_id: None };
+        let converted = metrics(request, &sender).unwrap();
+        let histogram = converted.batch.samples[0].histogram.as_deref().unwrap();
+        assert!(histogram.contains(&format!("[\"+Inf\",{}]", u64::MAX)), "{histogram}");
     }
 
     #[test]
