@@ -392,3 +392,43 @@ async fn functions_use_redis_clients_with_their_invocations_token() {
     assert!(line.contains("token was revoked"), "{line}");
     holder.wait().unwrap();
 }
+
+/// The event loop is shared by every tenant: a costly glob pattern (long, with classes,
+/// against long key names) cannot hold it. A pattern over 256 bytes is refused, `KEYS` stops
+/// with an error past its budget of matching, and `SCAN` returns early, so that a walk still
+/// ends and still finds every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn costly_patterns_are_bounded_not_run_on_the_shared_loop() {
+    let Some(_) = require_program("redis-cli") else { return };
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    tokio::task::block_in_place(|| {
+        let a = Some(("acme", acme.ingest.as_str()));
+        let name = |i: usize| format!("{}{i:04}", "b".repeat(246));
+        let sets: String = (0..2000).map(|i| format!("SET {} v\n", name(i))).collect();
+        let loaded = cli(&core, a, &[], sets.as_bytes());
+        assert_eq!(loaded.lines().filter(|l| *l == "OK").count(), 2000, "{}", &loaded[..loaded.len().min(300)]);
+        let long = "*".repeat(257);
+        assert!(cli(&core, a, &["KEYS", &long], b"").contains("ERR pattern longer than 256 bytes"));
+        // Each key costs about its length times the class's: far past the budget over all.
+        let costly = format!("*[{}]z", "a".repeat(250));
+        let keys = cli(&core, a, &["KEYS", &costly], b"");
+        assert!(keys.contains("ERR KEYS stopped"), "{keys}");
+        let (mut cursor, mut calls, mut found) = ("0".to_string(), 0, 0);
+        loop {
+            let answer = cli(&core, a, &["SCAN", &cursor, "MATCH", &costly, "COUNT", "100000"], b"");
+            let mut lines = answer.lines();
+            cursor = lines.next().unwrap().to_string();
+            found += lines.filter(|line| !line.is_empty()).count();
+            calls += 1;
+            if cursor == "0" {
+                break;
+            }
+            assert!(calls < 100, "SCAN moves on");
+        }
+        assert!(calls > 1, "SCAN returned early at least once");
+        assert_eq!(found, 0, "no key ends in z");
+        let all = cli(&core, a, &["--scan", "--pattern", "b*"], b"");
+        assert_eq!(all.lines().count(), 2000, "{}", &all[..all.len().min(500)]);
+    });
+}

@@ -584,10 +584,20 @@ impl Context<'_, '_> {
             }
             "scan" => self.scan(&args[1..], out)?,
             "keys" => {
-                let pattern = &args[1];
-                let (_, keys) = store.scan(tenant, 0, usize::MAX, |key| {
-                    self.visible(key) && glob::matches(pattern, key_name(key).as_bytes())
-                });
+                let pattern = pattern(&args[1])?;
+                let steps = std::cell::Cell::new(0);
+                let (stopped, keys) = store.scan(
+                    tenant,
+                    0,
+                    usize::MAX,
+                    |key| self.visible(key) && matches_counting(pattern, key, &steps),
+                    || steps.get() > MATCH_STEPS,
+                );
+                if stopped != 0 {
+                    return Err("ERR KEYS stopped: matching this pattern against this many keys takes too long \
+                                here (the server is shared); use SCAN with MATCH"
+                        .into());
+                }
                 out.array(keys.len());
                 for key in &keys {
                     out.bulk(key_name(key).as_bytes());
@@ -751,7 +761,7 @@ impl Context<'_, '_> {
         for pair in options.by_ref() {
             let [option, value] = pair else { return Err(syntax()) };
             match &option.to_ascii_uppercase()[..] {
-                b"MATCH" => pattern = Some(value.clone()),
+                b"MATCH" => pattern = Some(self::pattern(value)?.clone()),
                 b"COUNT" => {
                     let n = integer(value)?;
                     if n < 1 {
@@ -763,9 +773,15 @@ impl Context<'_, '_> {
                 _ => return Err(syntax()),
             }
         }
-        let (next, keys) = self.server.state.scan(&self.auth.tenant, cursor, count, |key| {
-            strings && self.visible(key) && pattern.as_ref().is_none_or(|p| glob::matches(p, key_name(key).as_bytes()))
-        });
+        // A costly pattern ends a step early, with fewer keys (as SCAN may).
+        let steps = std::cell::Cell::new(0);
+        let (next, keys) = self.server.state.scan(
+            &self.auth.tenant,
+            cursor,
+            count,
+            |key| strings && self.visible(key) && pattern.as_ref().is_none_or(|p| matches_counting(p, key, &steps)),
+            || steps.get() > MATCH_STEPS,
+        );
         out.array(2);
         out.bulk(next.to_string().as_bytes());
         out.array(keys.len());
@@ -961,6 +977,26 @@ fn command(args: &[Bytes], out: &mut Out) -> Reply {
     Ok(())
 }
 
+/// Steps of glob matching one `KEYS` or `SCAN` call may take (tens of milliseconds of the
+/// shared event loop): `KEYS` beyond them is an error, `SCAN` returns early.
+const MATCH_STEPS: u64 = 50_000_000;
+
+/// A command's glob pattern, if it is short enough to match ([`glob::MAX_PATTERN`]).
+fn pattern(pattern: &Bytes) -> Result<&Bytes, String> {
+    if pattern.len() > glob::MAX_PATTERN {
+        return Err(format!("ERR pattern longer than {} bytes", glob::MAX_PATTERN));
+    }
+    Ok(pattern)
+}
+
+/// Whether an object's name matches `pattern`, counting the steps in `steps`.
+fn matches_counting(pattern: &[u8], key: &ObjectKey, steps: &std::cell::Cell<u64>) -> bool {
+    let mut taken = steps.get();
+    let matched = glob::matches_counting(pattern, key_name(key).as_bytes(), &mut taken);
+    steps.set(taken);
+    matched
+}
+
 /// `CONFIG GET pattern…`: the settings benchmark tools and clients read; nothing is settable.
 fn config(server: &Server, args: &[Bytes], out: &mut Out) -> Reply {
     if !args[0].eq_ignore_ascii_case(b"GET") || args.len() < 2 {
@@ -975,9 +1011,10 @@ fn config(server: &Server, args: &[Bytes], out: &mut Out) -> Reply {
         ("maxmemory-policy", "noeviction".to_string()),
         ("proto-max-bulk-len", config.max_value_bytes.to_string()),
     ];
+    let patterns = args[1..].iter().map(pattern).collect::<Result<Vec<_>, _>>()?;
     let found: Vec<_> = settings
         .iter()
-        .filter(|(name, _)| args[1..].iter().any(|pattern| glob::matches(pattern, name.as_bytes())))
+        .filter(|(name, _)| patterns.iter().any(|pattern| glob::matches(pattern, name.as_bytes())))
         .collect();
     out.map(found.len());
     for (name, value) in found {

@@ -1,13 +1,24 @@
 //! Redis's glob patterns (`SCAN … MATCH`): `*`, `?`, `[abc]`, `[^a-z]` and `\` escapes,
 //! matched on bytes as Redis's `stringmatchlen` does.
 
+/// The longest pattern a command takes (`ERR` beyond): the cost of a match grows with the
+/// pattern's length squared (a class is scanned at each step), and the event loop is shared.
+pub const MAX_PATTERN: usize = 256;
+
 /// Whether `text` matches `pattern`.
 pub fn matches(pattern: &[u8], text: &[u8]) -> bool {
+    matches_counting(pattern, text, &mut 0)
+}
+
+/// Whether `text` matches `pattern`, adding the steps taken to `steps` (what a command's
+/// budget of matching counts).
+pub fn matches_counting(pattern: &[u8], text: &[u8], steps: &mut u64) -> bool {
     // Iterative, with one backtracking point per `*`: linear in practice, and never recursive,
     // so a hostile pattern cannot blow the stack (only cost O(pattern × text)).
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
+        *steps += 1;
         if p < pattern.len() {
             match pattern[p] {
                 b'*' => {
@@ -21,7 +32,9 @@ pub fn matches(pattern: &[u8], text: &[u8]) -> bool {
                     continue;
                 }
                 b'[' => {
-                    if let Some((matched, next)) = class(pattern, p, text[t])
+                    let class = class(pattern, p, text[t]);
+                    *steps += class.map_or(pattern.len() - p, |(_, next)| next - p) as u64;
+                    if let Some((matched, next)) = class
                         && matched
                     {
                         p = next;

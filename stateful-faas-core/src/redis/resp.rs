@@ -47,6 +47,21 @@ pub struct Request {
     pub args: Vec<Bytes>,
     /// Where each argument is in the command's frame, while it is parsed.
     spans: Vec<std::ops::Range<usize>>,
+    /// How far an incomplete command was parsed: the next read goes on from there instead of
+    /// parsing it again from its start (a command dripped in one argument, or one byte, at a
+    /// time would otherwise cost the square of its length).
+    resume: Resume,
+}
+
+/// Where parsing an incomplete command stopped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    #[default]
+    Start,
+    /// An array of `count` arguments, whole up to `at` (its spans are in `Request::spans`).
+    Array { count: usize, at: usize },
+    /// An inline command without its newline in the first `scanned` bytes.
+    Inline { scanned: usize },
 }
 
 /// Takes the next command from `buf` into `request`, if it is whole.
@@ -55,7 +70,7 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits, request: &mut Request) -> Resu
     match buf.first() {
         None => Ok(Parse::Incomplete(1)),
         Some(b'*') => parse_array(buf, limits, request),
-        Some(_) => parse_inline(buf, limits, &mut request.args),
+        Some(_) => parse_inline(buf, limits, request),
     }
 }
 
@@ -96,23 +111,37 @@ fn integer(text: &[u8]) -> Option<i64> {
 }
 
 fn parse_array(buf: &mut BytesMut, limits: &Limits, request: &mut Request) -> Result<Parse, ProtocolError> {
-    let Some((count, mut at)) = header(buf, 1)? else { return Ok(Parse::Incomplete(buf.len() + 1)) };
-    if count <= 0 {
-        let _ = buf.split_to(at);
-        return Ok(Parse::Command);
-    }
-    if count as u64 > limits.max_args as u64 {
-        return Err(protocol(format!("invalid multibulk length ({count} arguments; at most {})", limits.max_args)));
-    }
+    let (count, mut at) = match std::mem::take(&mut request.resume) {
+        Resume::Array { count, at } => (count, at),
+        _ => {
+            let Some((count, at)) = header(buf, 1)? else { return Ok(Parse::Incomplete(buf.len() + 1)) };
+            if count <= 0 {
+                let _ = buf.split_to(at);
+                return Ok(Parse::Command);
+            }
+            if count as u64 > limits.max_args as u64 {
+                return Err(protocol(format!(
+                    "invalid multibulk length ({count} arguments; at most {})",
+                    limits.max_args
+                )));
+            }
+            request.spans.clear();
+            (count as usize, at)
+        }
+    };
     let spans = &mut request.spans;
-    spans.clear();
-    for _ in 0..count {
+    while spans.len() < count {
+        // Not whole yet: keep the place (what is parsed stays in `spans`).
+        let incomplete = |resume: &mut Resume, needed: usize| {
+            *resume = Resume::Array { count, at };
+            Ok(Parse::Incomplete(needed))
+        };
         match buf.get(at) {
-            None => return Ok(Parse::Incomplete(at + 1)),
+            None => return incomplete(&mut request.resume, at + 1),
             Some(b'$') => {}
             Some(other) => return Err(protocol(format!("expected '$', got '{}'", char::from(*other)))),
         }
-        let Some((len, start)) = header(buf, at + 1)? else { return Ok(Parse::Incomplete(buf.len() + 1)) };
+        let Some((len, start)) = header(buf, at + 1)? else { return incomplete(&mut request.resume, buf.len() + 1) };
         if len < 0 || len as u64 > limits.max_bulk as u64 {
             return Err(protocol(format!(
                 "invalid bulk length ({len} bytes; an argument holds at most {} bytes, --state-max-value-bytes)",
@@ -127,7 +156,7 @@ fn parse_array(buf: &mut BytesMut, limits: &Limits, request: &mut Request) -> Re
             )));
         }
         if end > buf.len() {
-            return Ok(Parse::Incomplete(end));
+            return incomplete(&mut request.resume, end);
         }
         if &buf[end - 2..end] != b"\r\n" {
             return Err(protocol("expected '\\r\\n' after a bulk string"));
@@ -140,14 +169,21 @@ fn parse_array(buf: &mut BytesMut, limits: &Limits, request: &mut Request) -> Re
     Ok(Parse::Command)
 }
 
-fn parse_inline(buf: &mut BytesMut, limits: &Limits, args: &mut Vec<Bytes>) -> Result<Parse, ProtocolError> {
-    let Some(newline) = buf.iter().take(MAX_INLINE + 1).position(|b| *b == b'\n') else {
+fn parse_inline(buf: &mut BytesMut, limits: &Limits, request: &mut Request) -> Result<Parse, ProtocolError> {
+    let scanned = match std::mem::take(&mut request.resume) {
+        Resume::Inline { scanned } => scanned,
+        _ => 0,
+    };
+    let window = &buf[scanned.min(buf.len())..buf.len().min(MAX_INLINE + 1)];
+    let Some(newline) = window.iter().position(|b| *b == b'\n').map(|at| scanned + at) else {
         return if buf.len() > MAX_INLINE {
             Err(protocol("too big inline request"))
         } else {
+            request.resume = Resume::Inline { scanned: buf.len() };
             Ok(Parse::Incomplete(buf.len() + 1))
         };
     };
+    let args = &mut request.args;
     let line = buf.split_to(newline + 1).freeze();
     let text = line.slice(..newline);
     let words = text.split(|b| b.is_ascii_whitespace()).filter(|word| !word.is_empty());
@@ -291,6 +327,28 @@ mod tests {
         }
         let (commands, _) = parse_all(command).unwrap();
         assert_eq!(commands[0][2], Bytes::from("va\r\nl"), "values are binary-safe");
+    }
+
+    /// A command received a byte at a time, on one connection (one `Request`): the same
+    /// commands as received whole, and the parser keeps its place between reads, so what it
+    /// has parsed is not parsed again.
+    #[test]
+    fn a_command_dripped_a_byte_at_a_time_is_parsed_once() {
+        let pipeline = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nva\r\nl\r\nPING x\r\n*1\r\n$4\r\nPING\r\n";
+        let (whole, _) = parse_all(pipeline).unwrap();
+        let (mut buf, mut request, mut dripped) = (BytesMut::new(), Request::default(), Vec::new());
+        let mut places = Vec::new();
+        for byte in pipeline {
+            buf.extend_from_slice(&[*byte]);
+            while parse(&mut buf, &LIMITS, &mut request).unwrap() == Parse::Command {
+                dripped.push(request.args.clone());
+            }
+            places.push(request.resume);
+        }
+        assert_eq!(dripped, whole);
+        // Once `SET` and `k` are whole (20 bytes in), the parser goes on from the value's header.
+        assert!(places.contains(&Resume::Array { count: 3, at: 20 }), "{places:?}");
+        assert!(places.contains(&Resume::Inline { scanned: 4 }), "{places:?}");
     }
 
     #[test]

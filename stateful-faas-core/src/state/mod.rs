@@ -829,6 +829,7 @@ impl StateStore {
         cursor: u64,
         count: usize,
         mut keep: impl FnMut(&ObjectKey) -> bool,
+        enough: impl Fn() -> bool,
     ) -> (u64, Vec<ObjectKey>) {
         self.with_state(&handle.state, |state, _| {
             let start = (cursor, Arc::new(ObjectKey { job: None, bucket: String::new(), key: String::new() }));
@@ -836,7 +837,9 @@ impl StateStore {
             let mut last = None;
             for (visited, (hash, key)) in state.by_hash.range(start..).enumerate() {
                 // Objects sharing a hash are visited together: the next cursor skips past it.
-                if visited >= count.max(1) && last != Some(*hash) {
+                // The walk stops after `count` objects, or once `enough` says the caller has
+                // spent what it may (always after a whole hash, so every call moves on).
+                if (visited >= count.max(1) || enough()) && last.is_some_and(|last| last != *hash) {
                     return (*hash, found);
                 }
                 last = Some(*hash);
