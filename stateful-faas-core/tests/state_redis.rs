@@ -432,3 +432,48 @@ async fn costly_patterns_are_bounded_not_run_on_the_shared_loop() {
         assert_eq!(all.lines().count(), 2000, "{}", &all[..all.len().min(500)]);
     });
 }
+
+/// Room for large commands being received is shared by every tenant, and one tenant's
+/// connections hold at most half of it: a tenant announcing large values on many connections
+/// and sending nothing more does not make another tenant's large command wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_stalled_large_commands_leave_room_for_others() {
+    // Values up to 4 MiB (commands up to 5 MiB); 20 MiB of room, 10 MiB of it for one tenant.
+    let core = start(|config| {
+        config.state.max_value_bytes = 4 << 20;
+        config.state.total_budget_bytes = 40 << 20;
+    })
+    .await;
+    let (acme, globex) = (core.tenant("acme").await, core.tenant("globex").await);
+    let addr = address(&core);
+    let signed_in = |tenant: &'static str, token: String| async move {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let login = format!("*3\r\n$4\r\nAUTH\r\n${}\r\n{tenant}\r\n${}\r\n{token}\r\n", tenant.len(), token.len());
+        socket.write_all(login.as_bytes()).await.unwrap();
+        let mut ok = [0u8; 5];
+        socket.read_exact(&mut ok).await.unwrap();
+        assert_eq!(&ok, b"+OK\r\n");
+        socket
+    };
+    let value = 3_500_000;
+    let header = format!("*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${value}\r\n");
+    // Six connections of acme's, each announcing a 3.5 MB value and then stalling.
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        let mut socket = signed_in("acme", acme.ingest.clone()).await;
+        socket.write_all(header.as_bytes()).await.unwrap();
+        stalled.push(socket);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // globex's own 3.5 MB value goes through (it waited for acme's stall timeout, 60 s).
+    let mut socket = signed_in("globex", globex.ingest.clone()).await;
+    let mut command = header.into_bytes();
+    command.extend(vec![b'v'; value]);
+    command.extend(b"\r\n");
+    socket.write_all(&command).await.unwrap();
+    let mut ok = [0u8; 5];
+    let answered = tokio::time::timeout(Duration::from_secs(20), socket.read_exact(&mut ok)).await;
+    assert!(answered.is_ok(), "globex's command waited on acme's stalled ones");
+    assert_eq!(&ok, b"+OK\r\n");
+    drop(stalled);
+}

@@ -32,7 +32,7 @@ pub struct Auth<'s> {
     /// The token's hash, checked again when a token was revoked since.
     token_hash: String,
     revocations: u64,
-    _slot: TenantSlot<'s>,
+    slot: TenantSlot<'s>,
 }
 
 /// One connection's state.
@@ -40,6 +40,13 @@ pub struct Session<'s> {
     pub id: u64,
     pub name: Option<String>,
     pub auth: Option<Auth<'s>>,
+}
+
+impl Auth<'_> {
+    /// The tenant's share of the room for large commands being received.
+    pub fn receiving(&self) -> &std::sync::Arc<tokio::sync::Semaphore> {
+        &self.slot.receiving
+    }
 }
 
 impl Session<'_> {
@@ -313,7 +320,7 @@ fn auth<'s>(server: &'s Server, session: &mut Session<'s>, args: &[Bytes]) -> Re
         )
     })?;
     let tenant = server.state.handle(&tenant);
-    session.auth = Some(Auth { tenant, access, token_hash, revocations, _slot: slot });
+    session.auth = Some(Auth { tenant, access, token_hash, revocations, slot });
     Ok(())
 }
 

@@ -79,8 +79,11 @@ pub struct Server {
     clients: Arc<Semaphore>,
     /// Room for large commands being received, in KiB.
     receiving: Arc<Semaphore>,
-    receiving_kib: u32,
-    per_tenant: Mutex<HashMap<TenantId, usize>>,
+    /// Of that room, what one tenant's connections may hold together: half, and always room
+    /// for the largest command (so one tenant cannot hold it all while others wait).
+    tenant_receiving_kib: u32,
+    /// Each tenant's connections, and its share of the room for large commands.
+    per_tenant: Mutex<HashMap<TenantId, (usize, Arc<Semaphore>)>>,
     next_id: AtomicU64,
     handed: std::sync::atomic::AtomicUsize,
     /// The event loops, started by the first `serve`.
@@ -101,13 +104,14 @@ impl Server {
         // for the largest one.
         let room = (state.config().total_budget_bytes / 2).max(limits.max_command as u64);
         let receiving_kib = (room / 1024).min(u32::MAX as u64 / 2) as u32;
+        let tenant_receiving_kib = (receiving_kib / 2).max(limits.max_command.div_ceil(1024) as u32).min(receiving_kib);
         Arc::new(Self {
             state,
             tenants,
             limits,
             clients: Arc::new(Semaphore::new(config.max_clients)),
             receiving: Arc::new(Semaphore::new(receiving_kib as usize)),
-            receiving_kib,
+            tenant_receiving_kib,
             config,
             per_tenant: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -172,7 +176,7 @@ impl Server {
         let mut buf = BytesMut::with_capacity(READ_ROOM);
         let mut request = Request::default();
         let mut out = Out::default();
-        let mut room: Option<OwnedSemaphorePermit> = None;
+        let mut room: Option<Room> = None;
         loop {
             let limits = if session.auth.is_some() { self.limits } else { UNAUTHENTICATED };
             match resp::parse(&mut buf, &limits, &mut request) {
@@ -195,7 +199,9 @@ impl Server {
                 Ok(Parse::Incomplete(needed)) => {
                     // Room first: the buffer grows only within the shared bound.
                     if needed >= LARGE_COMMAND {
-                        room = Some(self.hold_room(room.take(), needed).await);
+                        // Only a signed-in connection may send a command this large.
+                        let share = session.auth.as_ref().map(commands::Auth::receiving);
+                        room = Some(self.hold_room(room.take(), needed, share).await);
                     }
                     if needed > buf.capacity() {
                         buf.reserve(needed - buf.len());
@@ -225,32 +231,44 @@ impl Server {
         }
     }
 
-    /// Room for a command of `needed` bytes being received, adding to what `held` already is.
-    async fn hold_room(&self, held: Option<OwnedSemaphorePermit>, needed: usize) -> OwnedSemaphorePermit {
-        let kib = (needed.div_ceil(1024) as u64).min(self.receiving_kib as u64) as u32;
-        let have = held.as_ref().map_or(0, |permit| permit.num_permits() as u32);
+    /// Room for a command of `needed` bytes being received, adding to what `held` already is:
+    /// first from the tenant's `share`, then from all the room (always in that order, so that
+    /// no two connections wait on each other).
+    async fn hold_room(&self, held: Option<Room>, needed: usize, share: Option<&Arc<Semaphore>>) -> Room {
+        let kib = (needed.div_ceil(1024) as u64).min(self.tenant_receiving_kib as u64) as u32;
+        let have = held.as_ref().map_or(0, |room| room.all.num_permits() as u32);
         if kib <= have {
             return held.expect("holds some");
         }
+        let more_of_share = match share {
+            Some(share) => Some(share.clone().acquire_many_owned(kib - have).await.expect("never closed")),
+            None => None,
+        };
         let more = self.receiving.clone().acquire_many_owned(kib - have).await.expect("never closed");
         match held {
             Some(mut held) => {
-                held.merge(more);
+                held.all.merge(more);
+                match (&mut held.share, more_of_share) {
+                    (Some(share), Some(more)) => share.merge(more),
+                    (share @ None, more) => *share = more,
+                    (Some(_), None) => {}
+                }
                 held
             }
-            None => more,
+            None => Room { all: more, share: more_of_share },
         }
     }
 
     /// Counts a connection of `tenant`, if it has room for one more.
     fn admit(&self, tenant: &TenantId) -> Option<TenantSlot<'_>> {
         let mut counts = self.per_tenant.lock().unwrap();
-        let count = counts.entry(tenant.clone()).or_default();
+        let share = self.tenant_receiving_kib as usize;
+        let (count, receiving) = counts.entry(tenant.clone()).or_insert_with(|| (0, Arc::new(Semaphore::new(share))));
         if *count >= self.config.max_clients_per_tenant {
             return None;
         }
         *count += 1;
-        Some(TenantSlot { server: self, tenant: tenant.clone() })
+        Some(TenantSlot { server: self, tenant: tenant.clone(), receiving: receiving.clone() })
     }
 }
 
@@ -337,12 +355,20 @@ async fn write(stream: &Socket, out: &mut Out) -> std::io::Result<()> {
 pub struct TenantSlot<'a> {
     server: &'a Server,
     tenant: TenantId,
+    /// The tenant's share of the room for large commands.
+    pub(crate) receiving: Arc<Semaphore>,
+}
+
+/// Room held for a large command being received: of all the room, and of the tenant's share.
+struct Room {
+    all: OwnedSemaphorePermit,
+    share: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for TenantSlot<'_> {
     fn drop(&mut self) {
         let mut counts = self.server.per_tenant.lock().unwrap();
-        if let Some(count) = counts.get_mut(&self.tenant) {
+        if let Some((count, _)) = counts.get_mut(&self.tenant) {
             *count -= 1;
             if *count == 0 {
                 counts.remove(&self.tenant);
