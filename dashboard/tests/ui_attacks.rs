@@ -25,6 +25,21 @@ impl ViewerResolver for Tokens {
     }
 }
 
+/// A dashboard over a fresh SQLite store in a temp dir (kept while the first is held): the
+/// store, to write a tenant's spans into, and the dashboard's address.
+async fn dashboard() -> (tempfile::TempDir, TelemetryStore, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
+    let store = TelemetryStore::open_with_blocks(&url, &dir.path().join("blocks")).await.unwrap();
+    let billing = Arc::new(Billing::open(&store).await.unwrap());
+    let state = DashboardState { store: store.clone(), billing, resolver: Arc::new(Tokens), settle: None };
+    let app = dashboard::app(state, dashboard::ui::UiConfig { collector_metrics_url: None });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (dir, store, base)
+}
+
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 
 fn span(id: u64, parent: Option<u64>, name: &str, start_ns: i64, attributes: serde_json::Value) -> SpanRow {
@@ -54,15 +69,7 @@ fn span(id: u64, parent: Option<u64>, name: &str, start_ns: i64, attributes: ser
 /// tenant cannot open it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_nodes_need_each_other_in_a_cycle_is_drawn_not_looped_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
-    let store = TelemetryStore::open_with_blocks(&url, &dir.path().join("blocks")).await.unwrap();
-    let billing = Arc::new(Billing::open(&store).await.unwrap());
-    let state = DashboardState { store: store.clone(), billing, resolver: Arc::new(Tokens), settle: None };
-    let app = dashboard::app(state, dashboard::ui::UiConfig { collector_metrics_url: None });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (_dir, store, base) = dashboard().await;
 
     let start =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64 - 60_000_000_000;
@@ -121,15 +128,7 @@ const TRACE_AT_THE_ENDS: &str = "1af7651916cd43dd8448eb211c80319d";
 /// wrapped duration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_at_the_ends_of_time_are_shown_not_overflowed() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
-    let store = TelemetryStore::open_with_blocks(&url, &dir.path().join("blocks")).await.unwrap();
-    let billing = Arc::new(Billing::open(&store).await.unwrap());
-    let state = DashboardState { store: store.clone(), billing, resolver: Arc::new(Tokens), settle: None };
-    let app = dashboard::app(state, dashboard::ui::UiConfig { collector_metrics_url: None });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (_dir, store, base) = dashboard().await;
 
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
     let (min, max) = (i64::MIN, i64::MAX);
@@ -212,15 +211,7 @@ async fn spans_at_the_ends_of_time_are_shown_not_overflowed() {
 /// span whose duration overflows does not take the search down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_search_among_spans_at_the_ends_of_time_answers() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
-    let store = TelemetryStore::open_with_blocks(&url, &dir.path().join("blocks")).await.unwrap();
-    let billing = Arc::new(Billing::open(&store).await.unwrap());
-    let state = DashboardState { store: store.clone(), billing, resolver: Arc::new(Tokens), settle: None };
-    let app = dashboard::app(state, dashboard::ui::UiConfig { collector_metrics_url: None });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (_dir, store, base) = dashboard().await;
 
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
     let spans = vec![
@@ -263,15 +254,7 @@ async fn a_search_among_spans_at_the_ends_of_time_answers() {
 /// tenant's session is untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_in_again_and_again_ends_only_ones_own_oldest_sessions() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("telemetry.db").display());
-    let store = TelemetryStore::open_with_blocks(&url, &dir.path().join("blocks")).await.unwrap();
-    let billing = Arc::new(Billing::open(&store).await.unwrap());
-    let state = DashboardState { store, billing, resolver: Arc::new(Tokens), settle: None };
-    let app = dashboard::app(state, dashboard::ui::UiConfig { collector_metrics_url: None });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (_dir, _, base) = dashboard().await;
     let http = reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     let sign_in = |token: &'static str| {
         let http = http.clone();
