@@ -134,6 +134,21 @@ output: merge
     let (_, output, _) = run(&core, &acme, "route", "hi").await;
     // The uppercased JSON is still JSON, so the join embeds it as such.
     assert_eq!(serde_json::from_str::<Value>(&output).unwrap(), json!({"short": {"WORDS": 1, "BYTES": 2}}));
+
+    // A skip that is the run's last event still reaches the nodes after it, wherever they
+    // stand in the flow's order (`after` sorts before `gate`).
+    let yaml = "name: gate\nnodes:\n  start: {function: count}\n  gate: {function: echo, needs: [start], when: \"$.words >= 3\"}\n  after: {function: echo, needs: [gate]}\n";
+    assert_eq!(deploy_flow(&core, &acme, yaml).await.status(), 201);
+    let (status, output, run_id) = run(&core, &acme, "gate", "hi").await;
+    assert_eq!((status, output.as_str()), (200, "null"));
+    let (_, record) = core.get_json(&acme.read, &format!("/flow-runs/{run_id}")).await;
+    let states: Vec<(&str, &str)> = record["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["node"].as_str().unwrap(), n["state"].as_str().unwrap()))
+        .collect();
+    assert!(states.contains(&("gate", "skipped")) && states.contains(&("after", "skipped")), "{states:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::expr::{Condition, Path};
 use crate::function::deployment::{parse_duration, parse_memory};
-use crate::tenant::validate_name;
+use crate::tenant::{MAX_NAME_LEN, validate_name};
 
 /// A flow as written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,10 +258,32 @@ impl fmt::Display for FlowErrors {
 
 /// Most fan-out concurrency a node may ask for.
 pub const MAX_CONCURRENCY: usize = 256;
+/// Most nodes in one flow: checked before any graph algorithm runs, so that a hostile
+/// definition's size bounds the work of validating, drawing and running it.
+pub const MAX_NODES: usize = 1000;
+/// Most `needs` of one node.
+pub const MAX_NEEDS: usize = 256;
+/// Longest `description`, in bytes.
+pub const MAX_DESCRIPTION_BYTES: usize = 4096;
+/// Longest `when` or `foreach` expression, in bytes.
+pub const MAX_EXPRESSION_BYTES: usize = 1024;
+/// Longest name, node id, duration or size, in bytes (a DNS label's length).
+pub const MAX_FIELD_BYTES: usize = MAX_NAME_LEN;
+
+/// Longest parse error answered: the parser quotes what it did not expect, however long.
+const MAX_PARSE_ERROR_BYTES: usize = 512;
 
 /// Parses YAML (JSON is YAML too).
 pub fn parse(text: &str) -> Result<FlowDefinition, FlowErrors> {
-    serde_norway::from_str(text).map_err(|e| FlowErrors(vec![e.to_string()]))
+    serde_norway::from_str(text).map_err(|e| {
+        let mut message = e.to_string();
+        if message.len() > MAX_PARSE_ERROR_BYTES {
+            let end = (0..=MAX_PARSE_ERROR_BYTES).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+            message.truncate(end);
+            message.push('…');
+        }
+        FlowErrors(vec![message])
+    })
 }
 
 impl FlowDefinition {
@@ -271,6 +293,7 @@ impl FlowDefinition {
         function_exists: impl Fn(&str) -> bool,
         flow_exists: impl Fn(&str) -> bool,
     ) -> Result<Flow, FlowErrors> {
+        self.check_size()?;
         let mut errors = Vec::new();
         if let Err(e) = validate_name("flow", &self.name) {
             errors.push(e.to_string());
@@ -403,10 +426,12 @@ impl FlowDefinition {
                 }
             },
             None => {
-                let sinks: Vec<usize> = (0..nodes.len())
-                    .filter(|&i| !nodes[i].is_catch || nodes.iter().any(|n| n.needs.contains(&i)))
-                    .filter(|&i| !nodes.iter().any(|n| n.needs.contains(&i)))
-                    .collect();
+                let mut needed = vec![false; nodes.len()];
+                for &need in nodes.iter().flat_map(|n| &n.needs) {
+                    needed[need] = true;
+                }
+                // A catch node that nothing needs is no sink: it runs only instead of another.
+                let sinks: Vec<usize> = (0..nodes.len()).filter(|&i| !needed[i] && !nodes[i].is_catch).collect();
                 match sinks.as_slice() {
                     [single] => FlowOutput::Node(*single),
                     _ => FlowOutput::Sinks(sinks),
@@ -427,9 +452,72 @@ impl FlowDefinition {
         }
         Ok(Flow { definition: self.clone(), nodes, output, batching })
     }
+
+    /// Refuses a definition larger than the limits, before anything walks its graph or
+    /// echoes its text in an error.
+    fn check_size(&self) -> Result<(), FlowErrors> {
+        if self.nodes.len() > MAX_NODES {
+            return Err(FlowErrors(vec![format!(
+                "a flow has at most {MAX_NODES} nodes; this one has {}",
+                self.nodes.len()
+            )]));
+        }
+        let mut fields: Vec<(String, Option<&str>, usize)> = vec![
+            ("the flow's name".into(), Some(&self.name), MAX_FIELD_BYTES),
+            ("description".into(), self.description.as_deref(), MAX_DESCRIPTION_BYTES),
+            ("output".into(), self.output.as_deref(), MAX_FIELD_BYTES),
+        ];
+        if let Some(stream) = &self.stream {
+            for (key, text) in [
+                ("max_bytes", &stream.max_bytes),
+                ("max_delay", &stream.max_delay),
+                ("max_pending_bytes", &stream.max_pending_bytes),
+            ] {
+                fields.push((format!("stream: {key}"), text.as_deref(), MAX_FIELD_BYTES));
+            }
+        }
+        let mut errors = Vec::new();
+        for (id, node) in &self.nodes {
+            if id.len() > MAX_FIELD_BYTES {
+                fields.push((format!("node id {:?}…", preview(id)), Some(id), MAX_FIELD_BYTES));
+                continue;
+            }
+            let retry = node.retry.as_ref();
+            for (key, text, limit) in [
+                ("function", node.function.as_deref(), MAX_FIELD_BYTES),
+                ("flow", node.flow.as_deref(), MAX_FIELD_BYTES),
+                ("when", node.when.as_deref(), MAX_EXPRESSION_BYTES),
+                ("foreach", node.foreach.as_deref(), MAX_EXPRESSION_BYTES),
+                ("timeout", node.timeout.as_deref(), MAX_FIELD_BYTES),
+                ("catch", node.catch.as_deref(), MAX_FIELD_BYTES),
+                ("retry.initial_interval", retry.and_then(|r| r.initial_interval.as_deref()), MAX_FIELD_BYTES),
+                ("retry.max_delay", retry.and_then(|r| r.max_delay.as_deref()), MAX_FIELD_BYTES),
+            ] {
+                fields.push((format!("node {id}: {key}"), text, limit));
+            }
+            if node.needs.len() > MAX_NEEDS {
+                errors.push(format!("node {id}: at most {MAX_NEEDS} needs; it has {}", node.needs.len()));
+            } else if let Some(need) = node.needs.iter().find(|need| need.len() > MAX_FIELD_BYTES) {
+                fields.push((format!("node {id}: needs {:?}…", preview(need)), Some(need), MAX_FIELD_BYTES));
+            }
+        }
+        for (place, text, limit) in fields {
+            if let Some(text) = text.filter(|text| text.len() > limit) {
+                errors.push(format!("{place} is {} bytes; the limit is {limit}", text.len()));
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(FlowErrors(errors)) }
+    }
 }
 
-/// A cycle of node ids, if the graph has one.
+/// The start of an over-long text, for an error message.
+fn preview(text: &str) -> &str {
+    let end = (0..=32.min(text.len())).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    &text[..end]
+}
+
+/// A cycle of node ids, if the graph has one. Depth-first with an explicit stack, so that a
+/// long chain of needs costs heap, not the thread's stack.
 fn find_cycle(nodes: &[Node]) -> Option<Vec<String>> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
@@ -437,35 +525,38 @@ fn find_cycle(nodes: &[Node]) -> Option<Vec<String>> {
         Active,
         Done,
     }
-    fn visit(i: usize, nodes: &[Node], marks: &mut [Mark], stack: &mut Vec<usize>) -> Option<Vec<String>> {
-        marks[i] = Mark::Active;
-        stack.push(i);
-        for &need in &nodes[i].needs {
+    let mut marks = vec![Mark::New; nodes.len()];
+    // The path being explored: each node with how many of its needs were looked at.
+    let mut path: Vec<(usize, usize)> = Vec::new();
+    for root in 0..nodes.len() {
+        if marks[root] != Mark::New {
+            continue;
+        }
+        marks[root] = Mark::Active;
+        path.push((root, 0));
+        while let Some((node, next)) = path.last_mut() {
+            let Some(&need) = nodes[*node].needs.get(*next) else {
+                marks[*node] = Mark::Done;
+                path.pop();
+                continue;
+            };
+            *next += 1;
             match marks[need] {
                 Mark::Active => {
-                    let start = stack.iter().position(|&s| s == need).expect("active nodes are on the stack");
-                    let mut cycle: Vec<String> = stack[start..].iter().rev().map(|&s| nodes[s].id.clone()).collect();
-                    cycle.push(nodes[need].id.clone());
+                    // The path runs against the data (each node needs the next): reversed, each
+                    // node feeds the next, and the first closes the cycle.
+                    let start = path.iter().position(|&(s, _)| s == need).expect("active nodes are on the path");
+                    let mut cycle: Vec<String> =
+                        path[start..].iter().rev().map(|&(s, _)| nodes[s].id.clone()).collect();
+                    cycle.push(cycle[0].clone());
                     return Some(cycle);
                 }
                 Mark::New => {
-                    if let Some(cycle) = visit(need, nodes, marks, stack) {
-                        return Some(cycle);
-                    }
+                    marks[need] = Mark::Active;
+                    path.push((need, 0));
                 }
                 Mark::Done => {}
             }
-        }
-        stack.pop();
-        marks[i] = Mark::Done;
-        None
-    }
-    let mut marks = vec![Mark::New; nodes.len()];
-    for i in 0..nodes.len() {
-        if marks[i] == Mark::New
-            && let Some(cycle) = visit(i, nodes, &mut marks, &mut Vec::new())
-        {
-            return Some(cycle);
         }
     }
     None
@@ -540,23 +631,34 @@ pub fn render_dot(flow: &Flow) -> String {
     out
 }
 
-/// Node indices with every node after its needs.
+/// Node indices with every node after its needs: level by level (the nodes without needs, then
+/// those whose needs are all in earlier levels, …), each level in the flow's order. Kahn's
+/// algorithm, linear in nodes and needs.
 pub fn topological_order(flow: &Flow) -> Vec<usize> {
-    let mut order = Vec::new();
-    let mut placed = vec![false; flow.nodes.len()];
-    while order.len() < flow.nodes.len() {
-        let before = order.len();
-        for (i, node) in flow.nodes.iter().enumerate() {
-            if !placed[i] && node.needs.iter().all(|&n| placed[n]) {
-                placed[i] = true;
-                order.push(i);
-            }
-        }
-        if order.len() == before {
-            break; // a cycle; validation refuses those
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); flow.nodes.len()];
+    let mut waiting: Vec<usize> = flow.nodes.iter().map(|node| node.needs.len()).collect();
+    for (i, node) in flow.nodes.iter().enumerate() {
+        for &need in &node.needs {
+            dependents[need].push(i);
         }
     }
-    order
+    let mut order = Vec::with_capacity(flow.nodes.len());
+    let mut level: Vec<usize> = (0..flow.nodes.len()).filter(|&i| waiting[i] == 0).collect();
+    while !level.is_empty() {
+        let mut next = Vec::new();
+        for &i in &level {
+            for &dependent in &dependents[i] {
+                waiting[dependent] -= 1;
+                if waiting[dependent] == 0 {
+                    next.push(dependent);
+                }
+            }
+        }
+        order.append(&mut level);
+        next.sort_unstable();
+        level = next;
+    }
+    order // shorter than the flow only with a cycle, which validation refuses
 }
 
 #[cfg(test)]
@@ -626,7 +728,7 @@ nodes:
     fn cycles_and_unreachable_nodes_are_refused() {
         let cycle = validate("name: c\nnodes:\n  a: {function: f, needs: [c]}\n  b: {function: f, needs: [a]}\n  c: {function: f, needs: [b]}\n")
             .unwrap_err();
-        assert!(cycle.to_string().contains("cycle: "), "{cycle}");
+        assert!(cycle.to_string().contains("cycle: b -> c -> a -> b"), "{cycle}");
         let unreachable = validate(
             "name: u\noutput: b\nnodes:\n  a: {function: f}\n  b: {function: f}\n  c: {function: f, needs: [a]}\n",
         )
@@ -636,5 +738,58 @@ nodes:
         let self_sub = validate("name: sub\nnodes:\n  a: {flow: sub}\n").unwrap_err();
         assert!(self_sub.to_string().contains("cannot run itself"));
         assert!(validate("name: x\nnodes:\n  a: {function: f, bogus: 1}\n").unwrap_err().to_string().contains("bogus"));
+    }
+
+    /// A chain `n0 needs n1, n1 needs n2, …` of `length` nodes.
+    fn chain(length: usize) -> String {
+        let mut yaml = String::from("name: chain\nnodes:\n");
+        for i in 0..length {
+            match i + 1 < length {
+                true => yaml.push_str(&format!("  n{i}: {{function: f, needs: [n{}]}}\n", i + 1)),
+                false => yaml.push_str(&format!("  n{i}: {{function: f}}\n")),
+            }
+        }
+        yaml
+    }
+
+    #[test]
+    fn a_chain_as_long_as_allowed_is_walked_without_recursion() {
+        // On a thread with a small stack: the depth of the chain must cost no stack.
+        let handle = std::thread::Builder::new().stack_size(256 << 10).spawn(|| {
+            let flow = validate(&chain(MAX_NODES)).unwrap();
+            let order = topological_order(&flow);
+            assert_eq!(order.len(), MAX_NODES);
+            assert_eq!(flow.nodes[order[0]].id, format!("n{}", MAX_NODES - 1), "needs come first");
+            assert_eq!(flow.nodes[order[MAX_NODES - 1]].id, "n0");
+            assert_eq!(flow.output, FlowOutput::Node(flow.index("n0").unwrap()));
+            let cycle = validate(&chain(MAX_NODES).replace("n999: {function: f}", "n999: {function: f, needs: [n0]}"));
+            let cycle = cycle.unwrap_err().to_string();
+            assert!(cycle.starts_with("invalid flow: cycle: n999 -> n998 -> n997"), "{}", &cycle[..100]);
+            assert!(cycle.ends_with("n1 -> n0 -> n999"), "{}", &cycle[cycle.len() - 100..]);
+        });
+        handle.unwrap().join().unwrap();
+    }
+
+    #[test]
+    fn definitions_beyond_the_limits_are_refused_before_their_graph_is_walked() {
+        let error = validate(&chain(MAX_NODES + 1)).unwrap_err();
+        assert_eq!(error.0, vec![format!("a flow has at most {MAX_NODES} nodes; this one has {}", MAX_NODES + 1)]);
+        let needs: Vec<String> = (0..=MAX_NEEDS).map(|i| format!("n{i}")).collect();
+        let wide = format!("name: wide\nnodes:\n  join: {{function: f, needs: [{}]}}\n", needs.join(", "));
+        assert!(validate(&wide).unwrap_err().to_string().contains("node join: at most 256 needs; it has 257"));
+        let long_id = "x".repeat(1000); // YAML's longest implicit key
+        let text = format!(
+            "name: long\ndescription: {}\nnodes:\n  {long_id}: {{function: f}}\n  a: {{function: f, when: \"{}\"}}\n",
+            "d".repeat(MAX_DESCRIPTION_BYTES + 1),
+            "!".repeat(MAX_EXPRESSION_BYTES + 1),
+        );
+        let error = validate(&text).unwrap_err().to_string();
+        assert!(error.contains("description is 4097 bytes; the limit is 4096"), "{error}");
+        assert!(error.contains("node a: when is 1025 bytes; the limit is 1024"), "{error}");
+        assert!(
+            error.contains("node id \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"… is 1000 bytes; the limit is 63"),
+            "{error}"
+        );
+        assert!(error.len() < 1000, "no long text is echoed: {error}");
     }
 }

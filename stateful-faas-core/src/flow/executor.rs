@@ -25,6 +25,7 @@ use super::FlowError;
 use super::Flows;
 use super::definition::{Flow, FlowOutput, Node, NodeTarget};
 use super::journal::{Entry, INLINE_OUTPUT_BYTES, NodeRecord, RunEnd};
+use super::schedule::Ready;
 use crate::function::Invocation;
 use crate::function::outbound::Outbound;
 use crate::semconv;
@@ -272,19 +273,19 @@ async fn execute(flows: &Arc<Flows>, run: &Run, finished: Finished, mut cancel: 
     let mut tasks: JoinSet<NodeResult> = JoinSet::new();
     let mut failure: Option<String> = None;
     let mut cancelled = false;
+    let mut ready = Ready::new(nodes, |i| matches!(states[i], NodeState::Done(_) | NodeState::Skipped));
 
     loop {
-        for (i, node) in nodes.iter().enumerate() {
-            if !matches!(states[i], NodeState::Pending) || node.is_catch {
-                continue;
-            }
-            if !node.needs.iter().all(|&n| matches!(states[n], NodeState::Done(_) | NodeState::Skipped)) {
+        while let Some(i) = ready.pop() {
+            let node = &nodes[i];
+            if !matches!(states[i], NodeState::Pending) {
                 continue;
             }
             let live: Vec<usize> =
                 node.needs.iter().copied().filter(|&n| matches!(states[n], NodeState::Done(_))).collect();
             if !node.needs.is_empty() && live.is_empty() {
                 skip(flows, run, i, &mut states).await;
+                ready.resolve(nodes, i);
                 continue;
             }
             let input = node_input(run, node, &live, &states);
@@ -292,6 +293,7 @@ async fn execute(flows: &Arc<Flows>, run: &Run, finished: Finished, mut cancel: 
                 let value = as_json(&input);
                 if !condition.eval(&value) {
                     skip(flows, run, i, &mut states).await;
+                    ready.resolve(nodes, i);
                     continue;
                 }
             }
@@ -316,8 +318,10 @@ async fn execute(flows: &Arc<Flows>, run: &Run, finished: Finished, mut cancel: 
                 let stored = store_output(flows, run, node, output.clone());
                 journal_node(flows, run, node, "succeeded", attempts, Some(&output), stored.err()).await;
                 states[index] = NodeState::Done(output.clone());
+                ready.resolve(nodes, index);
                 if let Some(caught) = catching.remove(&index) {
                     states[caught] = NodeState::Done(output);
+                    ready.resolve(nodes, caught);
                 }
             }
             Err(message) => {

@@ -139,14 +139,18 @@ fn compare(left: &Value, op: Op, right: &Value) -> bool {
     }
 }
 
+/// Deepest nesting of `!` and parentheses: the parser and the evaluator recurse once a level.
+pub const MAX_NESTING: usize = 64;
+
 struct Parser {
     chars: Vec<char>,
     position: usize,
+    depth: usize,
 }
 
 impl Parser {
     fn new(text: &str) -> Self {
-        Self { chars: text.chars().collect(), position: 0 }
+        Self { chars: text.chars().collect(), position: 0, depth: 0 }
     }
 
     fn error(&self, message: &str) -> ExprError {
@@ -190,10 +194,15 @@ impl Parser {
         self.skip_spaces();
         if self.chars.get(self.position) == Some(&'!') && self.chars.get(self.position + 1) != Some(&'=') {
             self.position += 1;
-            return Ok(Condition::Not(Box::new(self.unary()?)));
+            self.nest()?;
+            let inner = self.unary()?;
+            self.depth -= 1;
+            return Ok(Condition::Not(Box::new(inner)));
         }
         if self.eat("(") {
+            self.nest()?;
             let inner = self.or()?;
+            self.depth -= 1;
             if !self.eat(")") {
                 return Err(self.error("expected ')'"));
             }
@@ -208,6 +217,15 @@ impl Parser {
             Some(op) => Ok(Condition::Compare(left, op, self.operand()?)),
             None => Ok(Condition::Truthy(left)),
         }
+    }
+
+    /// One level deeper, refused past [`MAX_NESTING`] (the caller steps back out).
+    fn nest(&mut self) -> Result<(), ExprError> {
+        if self.depth >= MAX_NESTING {
+            return Err(self.error(&format!("nested deeper than {MAX_NESTING} levels of '!' and '('")));
+        }
+        self.depth += 1;
+        Ok(())
     }
 
     fn operand(&mut self) -> Result<Operand, ExprError> {
@@ -339,6 +357,15 @@ mod tests {
         assert!(Path::parse("$.items").is_ok());
         assert!(Path::parse("$.items x").is_err());
         assert!(Path::parse("items").is_err());
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let deep = |levels: usize| format!("{}$.a{}", "(!".repeat(levels / 2), ")".repeat(levels / 2));
+        assert!(Condition::parse(&deep(MAX_NESTING)).is_ok());
+        let error = Condition::parse(&deep(MAX_NESTING + 2)).unwrap_err();
+        assert!(error.message.contains("nested deeper than 64"), "{error}");
+        assert!(Condition::parse(&"!".repeat(100_000)).unwrap_err().message.contains("nested deeper"));
     }
 
     #[test]

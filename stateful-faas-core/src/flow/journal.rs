@@ -4,6 +4,12 @@
 //! writer task that commits them in batches (group commit), so the engine never waits for a
 //! disk flush per node; a run's final state is awaited before its caller is answered. After a
 //! crash, a node whose completion was committed is not executed again.
+//!
+//! What only a restart needs (the run's input, its copy of the definition, its nodes' inline
+//! outputs) is dropped when the run ends, and a tenant's finished runs are kept within a
+//! [`Retention`]: oldest finished first are deleted beyond it. A running run is never deleted.
+
+use std::collections::HashSet;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -15,6 +21,23 @@ use crate::tenant::TenantId;
 
 /// Node outputs up to this size are kept in the journal itself; larger ones only by reference.
 pub const INLINE_OUTPUT_BYTES: usize = 64 << 10;
+
+/// How much of a tenant's finished runs the journal keeps, newest finished first (the newest
+/// one always).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Finished runs kept per tenant.
+    pub max_runs: usize,
+    /// Bytes of their outputs and errors kept per tenant.
+    pub max_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        // `GET /flow-runs` lists at most 1 000 runs; the bytes match a tenant's async calls' default.
+        Self { max_runs: 1000, max_bytes: 256 << 20 }
+    }
+}
 
 /// One change to record.
 #[derive(Debug)]
@@ -107,11 +130,16 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Starts the writer task.
+    /// Starts the writer task, keeping the default [`Retention`].
     pub fn start(pool: SqlitePool) -> Self {
+        Self::with_retention(pool, Retention::default())
+    }
+
+    /// Starts the writer task, keeping `retention` of each tenant's finished runs.
+    pub fn with_retention(pool: SqlitePool, retention: Retention) -> Self {
         // Bounded: when the disk falls behind, node transitions wait (backpressure), memory does not grow.
         let (sender, receiver) = mpsc::channel(4096);
-        tokio::spawn(write_batches(pool.clone(), receiver));
+        tokio::spawn(write_batches(pool.clone(), receiver, retention));
         Self { pool, sender }
     }
 
@@ -269,27 +297,73 @@ fn run_info(row: &sqlx::sqlite::SqliteRow) -> Result<RunInfo, sqlx::Error> {
 /// Most entries committed in one transaction.
 const BATCH: usize = 512;
 
-async fn write_batches(pool: SqlitePool, mut receiver: mpsc::Receiver<Entry>) {
+async fn write_batches(pool: SqlitePool, mut receiver: mpsc::Receiver<Entry>, retention: Retention) {
     let mut batch = Vec::with_capacity(BATCH);
     while receiver.recv_many(&mut batch, BATCH).await > 0 {
         let mut acks = Vec::new();
-        if let Err(error) = write(&pool, &mut batch, &mut acks).await {
+        let mut finished_by = HashSet::new();
+        if let Err(error) = write(&pool, &mut batch, &mut acks, &mut finished_by).await {
             tracing::error!(%error, "flow journal: cannot commit a batch");
         }
         for ack in acks {
             let _ = ack.send(());
         }
         batch.clear();
+        // After the commit and the answers: retention never delays a run's end.
+        for tenant in finished_by {
+            if let Err(error) = prune(&pool, &tenant, retention).await {
+                tracing::error!(%tenant, %error, "flow journal: cannot delete old finished runs");
+            }
+        }
     }
+}
+
+/// Deletes `tenant`'s finished runs beyond `retention`, with their nodes.
+async fn prune(pool: &SqlitePool, tenant: &TenantId, retention: Retention) -> Result<(), sqlx::Error> {
+    // The newest finished run that does not fit; it and every run finished before it go.
+    let cutoff: Option<(i64, String)> = sqlx::query_as(
+        "SELECT finished_ms, run_id FROM ( \
+             SELECT finished_ms, run_id, ROW_NUMBER() OVER newest AS rank, \
+                    SUM(COALESCE(length(output), 0) + COALESCE(length(error), 0)) OVER newest AS bytes \
+             FROM flow_runs WHERE tenant = ?1 AND status != 'running' \
+             WINDOW newest AS (ORDER BY finished_ms DESC, run_id DESC) \
+         ) WHERE rank > 1 AND (rank > ?2 OR bytes > ?3) ORDER BY finished_ms DESC, run_id DESC LIMIT 1",
+    )
+    .bind(tenant.as_str())
+    .bind(i64::try_from(retention.max_runs).unwrap_or(i64::MAX))
+    .bind(i64::try_from(retention.max_bytes).unwrap_or(i64::MAX))
+    .fetch_optional(pool)
+    .await?;
+    let Some((finished_ms, run_id)) = cutoff else { return Ok(()) };
+    const OLD: &str = "tenant = ?1 AND status != 'running' AND (finished_ms, run_id) <= (?2, ?3)";
+    let mut tx = pool.begin().await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM flow_nodes WHERE tenant = ?1 AND run_id IN (SELECT run_id FROM flow_runs WHERE {OLD})"
+    )))
+    .bind(tenant.as_str())
+    .bind(finished_ms)
+    .bind(&run_id)
+    .execute(&mut *tx)
+    .await?;
+    let deleted = sqlx::query(AssertSqlSafe(format!("DELETE FROM flow_runs WHERE {OLD}")))
+        .bind(tenant.as_str())
+        .bind(finished_ms)
+        .bind(&run_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::debug!(%tenant, runs = deleted.rows_affected(), "flow journal: old finished runs deleted");
+    Ok(())
 }
 
 async fn write(
     pool: &SqlitePool,
     batch: &mut Vec<Entry>,
     acks: &mut Vec<oneshot::Sender<()>>,
+    finished_by: &mut HashSet<TenantId>,
 ) -> Result<(), sqlx::Error> {
     // A node that started and finished within one batch is written once, finished.
-    let finished: std::collections::HashSet<(String, String)> = batch
+    let finished: HashSet<(String, String)> = batch
         .iter()
         .filter_map(|entry| match entry {
             Entry::NodeFinished(record) => Some((record.run_id.clone(), record.node.clone())),
@@ -358,9 +432,10 @@ async fn write(
         query.execute(&mut *tx).await?;
     }
     for record in ends {
+        // The input, the definition and the nodes' outputs served only to resume the run.
         sqlx::query(
-            "UPDATE flow_runs SET status = ?, output = ?, error = ?, state_byte_seconds = ?, finished_ms = ? \
-             WHERE tenant = ? AND run_id = ?",
+            "UPDATE flow_runs SET status = ?, output = ?, error = ?, state_byte_seconds = ?, finished_ms = ?, \
+             input = x'', definition = '' WHERE tenant = ? AND run_id = ?",
         )
         .bind(record.status)
         .bind(record.output.as_deref())
@@ -371,6 +446,12 @@ async fn write(
         .bind(&record.run_id)
         .execute(&mut *tx)
         .await?;
+        sqlx::query("UPDATE flow_nodes SET output = NULL WHERE tenant = ? AND run_id = ? AND output IS NOT NULL")
+            .bind(record.tenant.as_str())
+            .bind(&record.run_id)
+            .execute(&mut *tx)
+            .await?;
+        finished_by.insert(record.tenant);
     }
     tx.commit().await
 }

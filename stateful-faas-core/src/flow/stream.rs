@@ -7,6 +7,8 @@
 //! the journal, so a crash loses nothing acknowledged: interrupted runs resume at the next start.
 //! At most `max_runs` runs of a stream are in flight; further batches wait, and while more than
 //! `max_pending_bytes` wait, senders get 429 with `Retry-After` (backpressure, bounded memory).
+//! A CSV header heads every batch, so it counts once per batch a request's records may fill,
+//! and it is at most [`MAX_CSV_HEADER_BYTES`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -20,6 +22,9 @@ use super::Flows;
 use super::definition::{Batching, Flow};
 use super::executor::{self, RunRequest};
 use crate::tenant::TenantId;
+
+/// Longest CSV header line: it is copied into every batch, so every run's input.
+pub const MAX_CSV_HEADER_BYTES: usize = 64 << 10;
 
 /// How a request's records are written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +41,9 @@ pub enum Format {
 pub enum StreamError {
     #[error("{0}")]
     BadRequest(String),
-    #[error("{bytes} bytes is more than this stream's max_pending_bytes ({limit}); send smaller requests")]
+    #[error(
+        "{bytes} bytes (the records, and the CSV header once per batch they may fill) is more than this stream's max_pending_bytes ({limit}); send smaller requests"
+    )]
     TooLarge { bytes: usize, limit: usize },
     #[error("the stream of flow {0} is behind: more than max_pending_bytes wait for a run; retry later")]
     Busy(String),
@@ -96,7 +103,7 @@ impl Streams {
         if records.is_empty() {
             return Ok(Accepted { records: 0, runs: vec![] });
         }
-        let bytes: usize = records.iter().map(|r| r.len() + 1).sum();
+        let bytes = pending_bytes(&format, &records, &flow.batching);
         let limit = flow.batching.max_pending_bytes;
         if bytes > limit {
             return Err(StreamError::TooLarge { bytes, limit });
@@ -154,9 +161,34 @@ pub(crate) fn split(format: Format, body: Bytes) -> Result<(Format, Vec<Bytes>),
                 return Ok((Format::Csv { header: Bytes::new() }, lines));
             }
             let header = lines.remove(0);
+            if header.len() > MAX_CSV_HEADER_BYTES {
+                return Err(StreamError::BadRequest(format!(
+                    "the CSV header is {} bytes; the limit is {MAX_CSV_HEADER_BYTES}",
+                    header.len()
+                )));
+            }
             Ok((Format::Csv { header }, lines))
         }
     }
+}
+
+/// The most bytes a request's records can hold in batches: each record and its newline, and a
+/// CSV header (and its newline) for every batch they may fill. Past the first batch (maybe one
+/// already open), a batch is cut after `max_records` of them or once the header and records
+/// reach `max_bytes`, whichever comes first, and the last may stay open.
+fn pending_bytes(format: &Format, records: &[Bytes], policy: &Batching) -> usize {
+    let record_bytes: usize = records.iter().map(|r| r.len() + 1).sum();
+    let header = match format {
+        Format::Csv { header } => header.len() + 1,
+        Format::JsonLines => return record_bytes,
+    };
+    let cut_by_count = records.len() / policy.max_records;
+    let cut_by_bytes = match policy.max_bytes.checked_sub(header) {
+        Some(room) if room > 0 => record_bytes / room,
+        _ => records.len(),
+    };
+    let batches = records.len().min(cut_by_count + cut_by_bytes + 2);
+    record_bytes + header * batches
 }
 
 fn newlines(body: &[u8]) -> impl Iterator<Item = usize> + '_ {
@@ -302,5 +334,25 @@ mod tests {
         assert_eq!(format, Format::Csv { header: Bytes::from_static(b"id,v") });
         assert_eq!(records.len(), 2);
         assert!(split(Format::JsonLines, Bytes::from_static(b"\xff\n")).is_err());
+        let long_header = format!("{}\n1\n", "h".repeat(MAX_CSV_HEADER_BYTES + 1));
+        let error = split(Format::Csv { header: Bytes::new() }, Bytes::from(long_header)).unwrap_err();
+        assert!(error.to_string().contains("the limit is 65536"), "{error}");
+    }
+
+    #[test]
+    fn the_csv_header_counts_once_per_batch() {
+        let records = vec![Bytes::from_static(b"123456789"); 100];
+        let csv = Format::Csv { header: Bytes::from(vec![b'h'; 99]) };
+        let one_each = Batching { max_records: 1, ..Batching::default() };
+        assert_eq!(pending_bytes(&Format::JsonLines, &records, &one_each), 1000);
+        assert_eq!(pending_bytes(&csv, &records, &one_each), 1000 + 100 * 100);
+        // 10 records a batch: 10 batches cut, one more that was open, one left open.
+        let ten_each = Batching { max_records: 10, ..Batching::default() };
+        assert_eq!(pending_bytes(&csv, &records, &ten_each), 1000 + 12 * 100);
+        // A batch of 300 bytes holds the header and two records.
+        let small = Batching { max_bytes: 300, ..Batching::default() };
+        assert_eq!(pending_bytes(&csv, &records, &small), 1000 + (1000 / 200 + 2) * 100);
+        let tiny = Batching { max_bytes: 50, ..Batching::default() };
+        assert_eq!(pending_bytes(&csv, &records, &tiny), 1000 + 100 * 100);
     }
 }
