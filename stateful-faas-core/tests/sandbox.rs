@@ -353,12 +353,29 @@ async fn a_tenants_function_cannot_reach_past_its_sandbox() {
 async fn no_function_runs_in_the_data_directory() {
     let core = start(|_| {}).await;
     let acme = core.tenant("acme").await;
-    let data_dir = core.dir.path().display().to_string();
-    core.deploy(&acme, json!({"service": "snoop", "envProcess": "cat admin.token", "workdir": data_dir})).await;
-    let response = core.invoke(&acme.ingest, "snoop", "").await;
-    assert_eq!(response.status(), 502);
-    let message = response.text().await.unwrap();
-    assert!(message.contains("inside the gateway's data directory"), "{message}");
+    let data_dir = core.dir.path().canonicalize().unwrap();
+    // The data directory, a folder holding it (up to `/`, whose submounts such as /dev/shm
+    // a recursive bind kept writable), and the host's /proc (the gateway's command line and
+    // flags), /sys, /dev and /run.
+    let parent = data_dir.parent().unwrap().display().to_string();
+    let data_dir = data_dir.display().to_string();
+    let refused = [
+        (data_dir.as_str(), "inside the gateway's data directory"),
+        (parent.as_str(), "inside the gateway's data directory, or holds it"),
+        ("/", "inside the gateway's data directory, or holds it"),
+        ("/proc", "a folder of the host's"),
+        ("/proc/self", "a folder of the host's"),
+        ("/dev", "a folder of the host's"),
+        ("/run", "a folder of the host's"),
+    ];
+    for (i, (workdir, why)) in refused.iter().enumerate() {
+        let name = format!("snoop{i}");
+        core.deploy(&acme, json!({"service": name, "envProcess": "cat admin.token", "workdir": workdir})).await;
+        let response = core.invoke(&acme.ingest, &name, "").await;
+        assert_eq!(response.status(), 502, "{workdir}");
+        let message = response.text().await.unwrap();
+        assert!(message.contains(why), "{workdir}: {message}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,6 +116,9 @@ const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// The port a managed instance listens on inside its own network namespace.
 pub const INSTANCE_PORT: u16 = 8080;
 
+/// Host folders no function's `workdir` may be in.
+const HOST_FOLDERS: [&str; 4] = ["/proc", "/sys", "/dev", "/run"];
+
 impl Sandbox {
     /// Sets up the cgroups and the jail's parts, and proves they work by running `/bin/true`
     /// in a jail: a host where the sandbox cannot work is refused at start, not at a call.
@@ -202,11 +205,22 @@ impl Sandbox {
             ),
             None => None,
         };
-        if let Some(dir) = workdir.as_ref().filter(|dir| dir.starts_with(&self.data_dir)) {
-            return Err(SandboxError::Refused(format!(
-                "its workdir {} is inside the gateway's data directory, which no function may see",
-                dir.display()
-            )));
+        if let Some(dir) = workdir.as_ref() {
+            if dir.starts_with(&self.data_dir) || self.data_dir.starts_with(dir) {
+                return Err(SandboxError::Refused(format!(
+                    "its workdir {} is inside the gateway's data directory, or holds it, and no function may see that",
+                    dir.display()
+                )));
+            }
+            // The host's processes, devices and runtime files (the gateway's own command line
+            // with its flags is in /proc), and writable mounts below them.
+            if HOST_FOLDERS.iter().any(|host| dir.starts_with(host)) {
+                return Err(SandboxError::Refused(format!(
+                    "its workdir {} is a folder of the host's ({}), which no function may see",
+                    dir.display(),
+                    HOST_FOLDERS.join(", ")
+                )));
+            }
         }
         let group = self.cgroups.create(tenant, &spec.name, spec.limits.memory_bytes, spec.limits.cpu_millis)?;
         let (uid, tenant_net) = self.tenant(tenant)?;
@@ -481,13 +495,9 @@ impl Plan {
                     }
                     Op::Symlink(target, path) => check(libc::symlink(target.as_ptr(), path.as_ptr()))?,
                     Op::BindReadOnly(source, target) => {
-                        check(libc::mount(
-                            source.as_ptr(),
-                            target.as_ptr(),
-                            null,
-                            libc::MS_BIND | libc::MS_REC,
-                            std::ptr::null(),
-                        ))?;
+                        // The folder alone, not the mounts below it: the remount below makes
+                        // only this mount read-only, and a writable one under it would stay so.
+                        check(libc::mount(source.as_ptr(), target.as_ptr(), null, libc::MS_BIND, std::ptr::null()))?;
                         let flags =
                             libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
                         check(libc::mount(null, target.as_ptr(), null, flags, std::ptr::null()))?;
