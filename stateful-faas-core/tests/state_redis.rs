@@ -477,3 +477,25 @@ async fn one_tenants_stalled_large_commands_leave_room_for_others() {
     assert_eq!(&ok, b"+OK\r\n");
     drop(stalled);
 }
+
+/// One small value named many times in one `MGET` would be copied into the reply each time:
+/// a 7 MiB command could make a reply of gigabytes. A reply larger than the largest command
+/// is refused instead of built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_larger_than_the_largest_command_is_refused() {
+    let Some(_) = require_program("redis-cli") else { return };
+    // Values up to 1 MiB: commands, and replies, up to 2 MiB.
+    let core = start(|config| config.state.max_value_bytes = 1 << 20).await;
+    let acme = core.tenant("acme").await;
+    tokio::task::block_in_place(|| {
+        let a = Some(("acme", acme.ingest.as_str()));
+        let value = "v".repeat(16_000);
+        assert_eq!(cli(&core, a, &["SET", "a", &value], b"").trim(), "OK");
+        let many = |n: usize| std::iter::once("MGET").chain(std::iter::repeat_n("a", n)).collect::<Vec<_>>();
+        let answer = cli(&core, a, &many(100), b"");
+        assert_eq!(answer.lines().filter(|line| *line == value).count(), 100);
+        let answer = cli(&core, a, &many(200), b"");
+        assert!(answer.contains("ERR MGET would answer 3200000 bytes; a reply holds at most"), "{}", &answer[..200]);
+        assert_eq!(cli(&core, a, &["PING"], b"").trim(), "PONG");
+    });
+}

@@ -463,8 +463,23 @@ impl Context<'_, '_> {
             "set" => self.set(args, out)?,
             "mget" => {
                 let keys = self.keys(&args[1..])?;
-                out.array(keys.len());
-                store.modify_each(tenant, &keys, |c, _| (Change::Keep, reply_value(out, c))).map_err(state_error)?;
+                // The values first (shared, not copied), so that a reply larger than the largest
+                // command (one small value named a million times) is refused, not built.
+                let values = store
+                    .modify_each(tenant, &keys, |c, _| (Change::Keep, c.map(|c| c.value.clone())))
+                    .map_err(state_error)?;
+                let bytes: usize = values.iter().flatten().map(Bytes::len).sum();
+                let limit = self.server.limits.max_command;
+                if bytes > limit {
+                    return Err(format!("ERR MGET would answer {bytes} bytes; a reply holds at most {limit}"));
+                }
+                out.array(values.len());
+                for value in &values {
+                    match value {
+                        Some(value) => out.value(value),
+                        None => out.null(),
+                    }
+                }
             }
             "mset" => {
                 if args.len().is_multiple_of(2) {
@@ -592,17 +607,17 @@ impl Context<'_, '_> {
             "scan" => self.scan(&args[1..], out)?,
             "keys" => {
                 let pattern = pattern(&args[1])?;
-                let steps = std::cell::Cell::new(0);
+                let budget = Budget::default();
                 let (stopped, keys) = store.scan(
                     tenant,
                     0,
                     usize::MAX,
-                    |key| self.visible(key) && matches_counting(pattern, key, &steps),
-                    || steps.get() > MATCH_STEPS,
+                    |key| self.visible(key) && budget.matches(Some(pattern), key),
+                    || budget.spent(),
                 );
                 if stopped != 0 {
-                    return Err("ERR KEYS stopped: matching this pattern against this many keys takes too long \
-                                here (the server is shared); use SCAN with MATCH"
+                    return Err("ERR KEYS stopped: this pattern over this many keys takes too long or answers \
+                                too much here (the server is shared); use SCAN with MATCH"
                         .into());
                 }
                 out.array(keys.len());
@@ -780,14 +795,14 @@ impl Context<'_, '_> {
                 _ => return Err(syntax()),
             }
         }
-        // A costly pattern ends a step early, with fewer keys (as SCAN may).
-        let steps = std::cell::Cell::new(0);
+        // A costly pattern, or many long names, end a step early with fewer keys (as SCAN may).
+        let budget = Budget::default();
         let (next, keys) = self.server.state.scan(
             &self.auth.tenant,
             cursor,
             count,
-            |key| strings && self.visible(key) && pattern.as_ref().is_none_or(|p| matches_counting(p, key, &steps)),
-            || steps.get() > MATCH_STEPS,
+            |key| strings && self.visible(key) && budget.matches(pattern.as_deref(), key),
+            || budget.spent(),
         );
         out.array(2);
         out.bulk(next.to_string().as_bytes());
@@ -985,8 +1000,41 @@ fn command(args: &[Bytes], out: &mut Out) -> Reply {
 }
 
 /// Steps of glob matching one `KEYS` or `SCAN` call may take (tens of milliseconds of the
-/// shared event loop): `KEYS` beyond them is an error, `SCAN` returns early.
+/// shared event loop), and bytes of names it may answer: `KEYS` beyond them is an error,
+/// `SCAN` returns early.
 const MATCH_STEPS: u64 = 50_000_000;
+const LISTED_BYTES: u64 = 16 << 20;
+
+/// What one `KEYS` or `SCAN` call has spent: steps of matching, bytes of names kept.
+#[derive(Default)]
+struct Budget {
+    steps: std::cell::Cell<u64>,
+    bytes: std::cell::Cell<u64>,
+}
+
+impl Budget {
+    /// Whether an object's name matches `pattern` (any name without one), counted.
+    fn matches(&self, pattern: Option<&[u8]>, key: &ObjectKey) -> bool {
+        let name = key_name(key);
+        let matched = match pattern {
+            Some(pattern) => {
+                let mut steps = self.steps.get();
+                let matched = glob::matches_counting(pattern, name.as_bytes(), &mut steps);
+                self.steps.set(steps);
+                matched
+            }
+            None => true,
+        };
+        if matched {
+            self.bytes.set(self.bytes.get() + name.len() as u64);
+        }
+        matched
+    }
+
+    fn spent(&self) -> bool {
+        self.steps.get() > MATCH_STEPS || self.bytes.get() > LISTED_BYTES
+    }
+}
 
 /// A command's glob pattern, if it is short enough to match ([`glob::MAX_PATTERN`]).
 fn pattern(pattern: &Bytes) -> Result<&Bytes, String> {
@@ -994,14 +1042,6 @@ fn pattern(pattern: &Bytes) -> Result<&Bytes, String> {
         return Err(format!("ERR pattern longer than {} bytes", glob::MAX_PATTERN));
     }
     Ok(pattern)
-}
-
-/// Whether an object's name matches `pattern`, counting the steps in `steps`.
-fn matches_counting(pattern: &[u8], key: &ObjectKey, steps: &std::cell::Cell<u64>) -> bool {
-    let mut taken = steps.get();
-    let matched = glob::matches_counting(pattern, key_name(key).as_bytes(), &mut taken);
-    steps.set(taken);
-    matched
 }
 
 /// `CONFIG GET pattern…`: the settings benchmark tools and clients read; nothing is settable.
