@@ -499,3 +499,52 @@ async fn a_reply_larger_than_the_largest_command_is_refused() {
         assert_eq!(cli(&core, a, &["PING"], b"").trim(), "PONG");
     });
 }
+
+/// Connections share an event loop: one tenant's pipeline of costly commands (APPENDs to a
+/// 16 MiB value, each copying it) does not hold the loop until it is done; another tenant's
+/// PING on the same loop is answered before that pipeline ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_of_costly_commands_takes_turns_with_other_connections() {
+    let core = start(|config| config.state.max_value_bytes = 32 << 20).await;
+    let (acme, globex) = (core.tenant("acme").await, core.tenant("globex").await);
+    let addr = address(&core);
+    let signed_in = |tenant: &'static str, token: String| async move {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let login = format!("*3\r\n$4\r\nAUTH\r\n${}\r\n{tenant}\r\n${}\r\n{token}\r\n", tenant.len(), token.len());
+        socket.write_all(login.as_bytes()).await.unwrap();
+        let mut ok = [0u8; 5];
+        socket.read_exact(&mut ok).await.unwrap();
+        assert_eq!(&ok, b"+OK\r\n");
+        socket
+    };
+    let mut heavy = signed_in("acme", acme.ingest.clone()).await;
+    let mut light = signed_in("globex", globex.ingest.clone()).await;
+    let size = 16 << 20;
+    let mut set = format!("*3\r\n$3\r\nSET\r\n$1\r\nv\r\n${size}\r\n").into_bytes();
+    set.extend(vec![b'x'; size]);
+    set.extend(b"\r\n");
+    heavy.write_all(&set).await.unwrap();
+    let mut ok = [0u8; 5];
+    heavy.read_exact(&mut ok).await.unwrap();
+    // 300 APPENDs of one byte, sent at once: each copies the 16 MiB value.
+    let appends = "*3\r\n$6\r\nAPPEND\r\n$1\r\nv\r\n$1\r\ny\r\n".repeat(300);
+    heavy.write_all(appends.as_bytes()).await.unwrap();
+    let pipeline = tokio::spawn(async move {
+        let mut replies = Vec::new();
+        while replies.iter().filter(|b| **b == b'\n').count() < 300 {
+            let mut chunk = [0u8; 4096];
+            let n = heavy.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            replies.extend_from_slice(&chunk[..n]);
+        }
+        std::time::Instant::now()
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    light.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
+    let mut pong = [0u8; 7];
+    light.read_exact(&mut pong).await.unwrap();
+    let answered = std::time::Instant::now();
+    assert_eq!(&pong, b"+PONG\r\n");
+    let finished = pipeline.await.unwrap();
+    assert!(answered < finished, "globex's PING waited for acme's whole pipeline");
+}

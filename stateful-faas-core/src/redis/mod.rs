@@ -67,6 +67,9 @@ const READ_ROOM: usize = 64 << 10;
 /// Commands at least this large hold room in the bytes being received by all connections.
 const LARGE_COMMAND: usize = 1 << 20;
 
+/// How long one connection runs commands before the others on its event loop get a turn.
+const TURN: Duration = Duration::from_millis(2);
+
 /// Before `AUTH`: Redis's own limits for unauthenticated clients.
 const UNAUTHENTICATED: Limits = Limits { max_args: 10, max_bulk: 16 << 10, max_command: 64 << 10 };
 
@@ -177,6 +180,10 @@ impl Server {
         let mut request = Request::default();
         let mut out = Out::default();
         let mut room: Option<Room> = None;
+        // Commands already received run back to back; past a slice of the loop's time the
+        // connection lets the others on its event loop run (one tenant's pipeline of costly
+        // commands, such as APPENDs to a large value, does not hold the loop).
+        let mut turn = std::time::Instant::now();
         loop {
             let limits = if session.auth.is_some() { self.limits } else { UNAUTHENTICATED };
             match resp::parse(&mut buf, &limits, &mut request) {
@@ -193,6 +200,10 @@ impl Server {
                     }
                     if quit {
                         return Ok(());
+                    }
+                    if turn.elapsed() >= TURN {
+                        tokio::task::yield_now().await;
+                        turn = std::time::Instant::now();
                     }
                     continue;
                 }
@@ -228,6 +239,7 @@ impl Server {
             if read == 0 {
                 return Ok(());
             }
+            turn = std::time::Instant::now();
         }
     }
 
