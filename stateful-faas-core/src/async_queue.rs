@@ -27,6 +27,15 @@ use crate::tenant::TenantId;
 /// How often idle workers look for calls whose backoff has passed.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Finished calls (their state, for `GET /async-function/...` and dead letters, and their id,
+/// which de-duplicates a call sent again) are kept this long after they finish, and at most
+/// [`FINISHED_PER_TENANT`] of a tenant's, newest first; what a finished call held of its
+/// request (body, headers, query) is dropped when it finishes.
+pub const FINISHED_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const FINISHED_PER_TENANT: i64 = 100_000;
+/// How often a worker deletes finished calls past the retention.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
 /// One queued call, as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct AsyncCall {
@@ -159,8 +168,9 @@ impl AsyncQueue {
              traceparent, state, attempts, next_attempt_ms, created_ms) \
              SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'queued', 0, ?11, ?11 \
              WHERE (SELECT COUNT(*) FROM async_calls WHERE tenant = ?1 AND state IN ('queued', 'running')) < ?12 \
-               AND (SELECT COALESCE(SUM(length(body)), 0) FROM async_calls \
-                    WHERE tenant = ?1 AND state IN ('queued', 'running')) + length(?8) <= ?13 \
+               AND (SELECT COALESCE(SUM(length(body) + length(headers) + length(query) + length(path)), 0) \
+                    FROM async_calls WHERE tenant = ?1 AND state IN ('queued', 'running')) \
+                   + length(?8) + length(?7) + length(?6) + length(?5) <= ?13 \
              ON CONFLICT DO NOTHING",
         )
         .bind(tenant.as_str())
@@ -188,10 +198,40 @@ impl AsyncQueue {
         }
         Err(EnqueueError::Quota(format!(
             "tenant {tenant} has reached its async queue quota: at most {} calls waiting or running, holding at most \
-             {} bytes of request bodies (its plan's async_calls and async_bytes, by default \
+             {} bytes of requests (bodies, headers, paths and queries; its plan's async_calls and async_bytes, by default \
              --tenant-max-async-calls and --tenant-max-async-bytes); retry once some are done",
             max_calls, max_bytes
         )))
+    }
+
+    /// Deletes finished calls past [`FINISHED_RETENTION`], and each tenant's beyond its newest
+    /// [`FINISHED_PER_TENANT`]; returns how many.
+    pub async fn prune(&self, now_ms: i64) -> Result<u64, sqlx::Error> {
+        let before = now_ms.saturating_sub(FINISHED_RETENTION.as_millis() as i64);
+        let mut deleted = sqlx::query("DELETE FROM async_calls WHERE state IN ('done', 'dead') AND finished_ms < ?")
+            .bind(before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        let crowded: Vec<String> = sqlx::query_scalar(
+            "SELECT tenant FROM async_calls WHERE state IN ('done', 'dead') GROUP BY tenant HAVING COUNT(*) > ?",
+        )
+        .bind(FINISHED_PER_TENANT)
+        .fetch_all(&self.pool)
+        .await?;
+        for tenant in crowded {
+            deleted += sqlx::query(
+                "DELETE FROM async_calls WHERE tenant = ?1 AND state IN ('done', 'dead') AND call_id NOT IN ( \
+                   SELECT call_id FROM async_calls WHERE tenant = ?1 AND state IN ('done', 'dead') \
+                   ORDER BY finished_ms DESC, call_id DESC LIMIT ?2)",
+            )
+            .bind(&tenant)
+            .bind(FINISHED_PER_TENANT)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(deleted)
     }
 
     /// One call's state, for its tenant.
@@ -300,8 +340,8 @@ impl AsyncQueue {
         }
         let state = if retriable { "dead" } else { "done" };
         sqlx::query(
-            "UPDATE async_calls SET state = ?, last_status = ?, last_error = ?, finished_ms = ?, body = x'' \
-             WHERE tenant = ? AND call_id = ?",
+            "UPDATE async_calls SET state = ?, last_status = ?, last_error = ?, finished_ms = ?, body = x'', \
+             headers = '[]', query = '' WHERE tenant = ? AND call_id = ?",
         )
         .bind(state)
         .bind(outcome.status as i64)
@@ -331,34 +371,49 @@ pub fn spawn_workers(
     queue: Arc<AsyncQueue>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..queue.config.workers.max(1))
-        .map(|_| {
-            let (invoker, queue) = (invoker.clone(), queue.clone());
-            let mut shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                while !*shutdown.borrow() {
-                    match queue.claim().await {
-                        Ok(Some(call)) => {
-                            let tenant = call.tenant.clone();
-                            deliver(&invoker, &queue, call).await;
-                            queue.delivered(&tenant);
-                        }
-                        Ok(None) => {
-                            tokio::select! {
-                                _ = queue.bell.notified() => {}
-                                _ = tokio::time::sleep(POLL_INTERVAL) => {}
-                                _ = shutdown.changed() => {}
-                            }
-                        }
-                        Err(error) => {
-                            tracing::error!(%error, "async queue: cannot claim a call");
-                            tokio::time::sleep(POLL_INTERVAL).await;
+    let pruner = {
+        let (queue, mut shutdown) = (queue.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
+                    _ = shutdown.changed() => return,
+                }
+                match queue.prune(now_ms()).await {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::info!(deleted, "async queue: finished calls past their retention deleted"),
+                    Err(error) => tracing::error!(%error, "async queue: cannot delete old finished calls"),
+                }
+            }
+        })
+    };
+    let workers = (0..queue.config.workers.max(1)).map(|_| {
+        let (invoker, queue) = (invoker.clone(), queue.clone());
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            while !*shutdown.borrow() {
+                match queue.claim().await {
+                    Ok(Some(call)) => {
+                        let tenant = call.tenant.clone();
+                        deliver(&invoker, &queue, call).await;
+                        queue.delivered(&tenant);
+                    }
+                    Ok(None) => {
+                        tokio::select! {
+                            _ = queue.bell.notified() => {}
+                            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                            _ = shutdown.changed() => {}
                         }
                     }
+                    Err(error) => {
+                        tracing::error!(%error, "async queue: cannot claim a call");
+                        tokio::time::sleep(POLL_INTERVAL).await;
+                    }
                 }
-            })
+            }
         })
-        .collect()
+    });
+    std::iter::once(pruner).chain(workers).collect()
 }
 
 async fn deliver(invoker: &Invoker, queue: &AsyncQueue, call: Claimed) {

@@ -263,8 +263,50 @@ async fn a_tenants_async_backlog_is_bounded_by_its_quotas() {
     // small one taken.
     let big = send(&globex, "1".repeat(1001)).await.unwrap();
     assert_eq!(big.status(), 429);
-    assert!(big.text().await.unwrap().contains("bytes of request bodies"));
+    assert!(big.text().await.unwrap().contains("bytes of requests"));
+    // Headers are stored with the call, and count as its body does.
+    let padded = core
+        .http
+        .post(format!("{}/async-function/nap", core.url))
+        .bearer_auth(&globex.ingest)
+        .header("X-Pad", "p".repeat(1000))
+        .body("10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(padded.status(), 429);
     assert_eq!(send(&globex, "10".into()).await.unwrap().status(), 202);
     let (status, _) = core.get_json(&acme.read, "/system/async-calls/over-1").await;
     assert_eq!(status, 404, "nothing of the refused call was stored");
+}
+
+/// Finished calls are kept for their retention (their state can be read, their id
+/// de-duplicates), then deleted: a tenant's stream of cheap calls does not grow the database
+/// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_calls_are_deleted_after_their_retention() {
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "echo", "builtin": "echo"})).await;
+    let send = |id: &'static str| {
+        let request = core.http.post(format!("{}/async-function/echo", core.url)).bearer_auth(&acme.ingest);
+        request.header("X-Call-Id", id).body("hello").send()
+    };
+    assert_eq!(send("first").await.unwrap().status(), 202);
+    let done = eventually(Duration::from_secs(10), || async {
+        let (_, call) = core.get_json(&acme.read, "/system/async-calls/first").await;
+        (call["state"] == "done").then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "the call finished");
+    let queue = core.running.as_ref().unwrap().core.queue.clone();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert_eq!(queue.prune(now).await.unwrap(), 0, "kept within its retention");
+    assert_eq!(send("first").await.unwrap().status(), 202);
+    let (_, call) = core.get_json(&acme.read, "/system/async-calls/first").await;
+    assert_eq!(call["state"], "done", "the same id is not queued again");
+    let later = now + stateful_faas_core::async_queue::FINISHED_RETENTION.as_millis() as i64 + 1;
+    assert_eq!(queue.prune(later).await.unwrap(), 1);
+    let (status, _) = core.get_json(&acme.read, "/system/async-calls/first").await;
+    assert_eq!(status, 404, "deleted after its retention");
 }
