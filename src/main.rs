@@ -489,7 +489,7 @@ struct CoreArgs {
     /// Async calls one tenant may have waiting or running.
     #[arg(long, env = "SFAAS_TENANT_MAX_ASYNC_CALLS", default_value_t = 10_000)]
     tenant_max_async_calls: u64,
-    /// Bytes of request bodies one tenant's waiting or running async calls may hold together.
+    /// Bytes of requests (bodies, headers, paths, queries) one tenant's waiting or running async calls may hold together.
     #[arg(long, env = "SFAAS_TENANT_MAX_ASYNC_BYTES", default_value_t = 256 << 20)]
     tenant_max_async_bytes: u64,
     /// Where the ETL example's etl-load loads: sqlite://PATH or postgres://… for every tenant

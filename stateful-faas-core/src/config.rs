@@ -58,7 +58,7 @@ pub struct AsyncQueueConfig {
     pub max_backoff: Duration,
     /// Calls one tenant may have waiting or running (`--tenant-max-async-calls`).
     pub max_calls_per_tenant: u64,
-    /// Bytes of request bodies one tenant's waiting or running calls may hold together
+    /// Bytes of requests (bodies, headers, paths, queries) one tenant's waiting or running calls may hold together
     /// (`--tenant-max-async-bytes`).
     pub max_bytes_per_tenant: u64,
 }
