@@ -3,21 +3,39 @@
 //! Objects of a job: `/state/jobs/{job}/buckets/{bucket}/objects/{key}`; the tenant's
 //! job-less objects: `/state/buckets/{bucket}/objects/{key}`. `PUT` stores (`?persist=true`,
 //! `?ttl=30s`), `GET` reads (`?delete_after_read=true`), `HEAD` looks up, `DELETE` removes;
-//! `GET` on a bucket enumerates it. Jobs: `POST /state/jobs {"job"}`, `DELETE /state/jobs/{job}`.
+//! `GET` on a bucket lists a page of it (`?limit=`, `?cursor=`). Jobs: `POST /state/jobs
+//! {"job"}`, `DELETE /state/jobs/{job}`.
+//!
+//! Tenants are hostile and the gateway is shared: a PUT's body is read only into room held
+//! for it (see [`crate::state::receiving`]), and a listing costs a page, not the bucket.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use serde::Deserialize;
 
 use super::Core;
 use super::auth::Caller;
 use super::error::ApiError;
 use crate::function::deployment::parse_duration;
-use crate::state::{ObjectInfo, ObjectKey, PutOptions, TenantUsage};
+use crate::state::receiving::{Held, ReceiveError};
+use crate::state::{MAX_PAGE, ObjectKey, PutOptions, StateStore, TenantUsage};
+use crate::tenant::TenantId;
+
+/// How long a PUT's body may send nothing before it is refused (nginx's `client_body_timeout`).
+const STALL: Duration = Duration::from_secs(60);
+
+/// Room a body of unknown length holds first; it doubles as the body grows.
+const FIRST_ROOM: u64 = 64 << 10;
+
+/// The header that carries the cursor of a listing's next page.
+const NEXT_CURSOR: &str = "x-sfaas-next-cursor";
 
 #[derive(Debug, Default, Deserialize)]
 pub struct ObjectQuery {
@@ -73,7 +91,8 @@ pub async fn deregister_job(
 }
 
 /// `PUT .../objects/{key}`. The caller's scope and the declared size are checked before the
-/// body is read: a value nobody may write, or one too large, is never buffered.
+/// body is read: a value nobody may write, or one too large, is never buffered. The body is
+/// read into room held for it ([`receive`]), given back once the value is stored.
 pub async fn put_object(
     State(core): State<Arc<Core>>,
     caller: Caller,
@@ -93,15 +112,67 @@ pub async fn put_object(
     if let Some(size) = declared.filter(|size| *size > max) {
         return Err(ApiError::PayloadTooLarge(format!("value of {size} bytes is over the largest value, {max} bytes")));
     }
-    // Refused before a byte of the body is read when the declared size cannot fit.
-    if let Some(size) = declared {
-        core.invoker.state.check_room(&tenant, &key, size)?;
-    }
-    let body = axum::body::to_bytes(body, max as usize).await.map_err(|error| {
-        ApiError::PayloadTooLarge(format!("the value is over the largest value, {max} bytes, or unreadable: {error}"))
-    })?;
-    core.invoker.state.put(&tenant, key, body, PutOptions { persist: query.persist, ttl })?;
+    // Refused before a byte of the body is read when the declared size (or, without one, an
+    // empty value) cannot fit.
+    let state = &core.invoker.state;
+    state.check_room(&tenant, &key, declared.unwrap_or(0))?;
+    let (value, _room) = receive(state, &tenant, &key, declared, body).await?;
+    state.put(&tenant, key, value, PutOptions { persist: query.persist, ttl })?;
     Ok(StatusCode::CREATED)
+}
+
+/// Reads a PUT's body into room held for it: a declared length holds all of it before the
+/// first byte is read (waiting for room: backpressure); a body of unknown length holds room as
+/// its buffer doubles, refused when there is no more (429) or it passes the largest value
+/// (413) or the quota (507). The room is held until the returned [`Held`] is dropped.
+async fn receive(
+    state: &StateStore,
+    tenant: &TenantId,
+    key: &ObjectKey,
+    declared: Option<u64>,
+    mut body: axum::body::Body,
+) -> Result<(Bytes, Held), ApiError> {
+    let max = state.config().max_value_bytes;
+    let room = state.receiving();
+    let first = declared.unwrap_or(FIRST_ROOM.min(max));
+    let mut held = room.hold(tenant, first).await?;
+    let mut buffer: Vec<u8> = Vec::with_capacity(first as usize);
+    loop {
+        let frame = match tokio::time::timeout(STALL, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::BadRequest(format!(
+                    "the body sent nothing for {}s after {} bytes",
+                    STALL.as_secs(),
+                    buffer.len()
+                )));
+            }
+            Ok(None) => break,
+            Ok(Some(frame)) => {
+                frame.map_err(|error| ApiError::BadRequest(format!("the body is unreadable: {error}")))?
+            }
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        let needed = (buffer.len() + data.len()) as u64;
+        if needed > max {
+            return Err(ApiError::PayloadTooLarge(format!("the value is over the largest value, {max} bytes")));
+        }
+        if needed > buffer.capacity() as u64 {
+            let grown = needed.max(2 * buffer.capacity() as u64).min(max);
+            state.check_room(tenant, key, needed)?;
+            room.grow(&mut held, grown)?;
+            buffer.reserve_exact(grown as usize - buffer.len());
+        }
+        buffer.extend_from_slice(&data);
+    }
+    // A stored value keeps its allocation: no room beyond its bytes.
+    buffer.shrink_to_fit();
+    Ok((Bytes::from(buffer), held))
+}
+
+impl From<ReceiveError> for ApiError {
+    fn from(error: ReceiveError) -> Self {
+        ApiError::TooManyRequests(error.to_string())
+    }
 }
 
 /// `GET .../objects/{key}`.
@@ -145,15 +216,50 @@ pub async fn delete_object(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET .../buckets/{bucket}`: the bucket's objects.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    limit: Option<String>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+/// `GET .../buckets/{bucket}`: a page of the bucket's objects in key order, a JSON array (at
+/// most `?limit=`, 1000 by default and at most). When more follow, the `X-Sfaas-Next-Cursor`
+/// header holds the cursor of the next page: the same request with `?cursor=` it.
 pub async fn enumerate(
     State(core): State<Arc<Core>>,
     caller: Caller,
     Path(path): Path<ObjectPath>,
-) -> Result<Json<Vec<ObjectInfo>>, ApiError> {
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
     let tenant = caller.state_tenant(path.job.as_deref(), false, false)?;
     crate::state::ObjectKey::new(path.job.as_deref(), &path.bucket, "-")?;
-    Ok(Json(core.invoker.state.enumerate(&tenant, path.job.as_deref(), &path.bucket)))
+    let limit = match query.limit.as_deref() {
+        None => MAX_PAGE,
+        Some(limit) => limit.parse::<usize>().ok().filter(|limit| *limit > 0).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "limit {limit:?} is not a whole number of objects from 1 (at most {MAX_PAGE})"
+            ))
+        })?,
+    };
+    let after = query.cursor.as_deref().map(cursor_key).transpose()?;
+    let listing = core.invoker.state.enumerate(&tenant, path.job.as_deref(), &path.bucket, after.as_deref(), limit);
+    let mut response = Json(listing.objects).into_response();
+    if let Some(last) = listing.next_after {
+        // Hex: a key may hold any text, a header only some.
+        let cursor = hex::encode(last).parse().expect("hex is a valid header value");
+        response.headers_mut().insert(NEXT_CURSOR, cursor);
+    }
+    Ok(response)
+}
+
+/// The key a listing's cursor goes on after.
+fn cursor_key(cursor: &str) -> Result<String, ApiError> {
+    let invalid = || ApiError::BadRequest(format!("cursor {cursor:?} is not one a listing answered in {NEXT_CURSOR}"));
+    let key = String::from_utf8(hex::decode(cursor).map_err(|_| invalid())?).map_err(|_| invalid())?;
+    ObjectKey::new(None, "-", &key).map_err(|_| invalid())?;
+    Ok(key)
 }
 
 /// `GET /state/usage`: the tenant's bytes and byte-seconds.

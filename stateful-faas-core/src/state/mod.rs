@@ -41,8 +41,10 @@
 //! [`StateStore::take_usage_final`] also reports the current partial interval up to `now`.
 
 pub mod metering;
+pub mod receiving;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -192,6 +194,17 @@ pub struct ObjectInfo {
     pub expires_at_ns: Option<u64>,
 }
 
+/// Most objects a listing answers at once (and its default page).
+pub const MAX_PAGE: usize = 1000;
+
+/// A page of a bucket's objects: see [`StateStore::enumerate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    pub objects: Vec<ObjectInfo>,
+    /// The last key listed, when more follow: the next page starts after it.
+    pub next_after: Option<String>,
+}
+
 /// An object as [`StateStore::modify`] shows it.
 #[derive(Debug, Clone, Copy)]
 pub struct Current<'a> {
@@ -293,10 +306,14 @@ impl Reported {
     }
 }
 
-/// A registered job's account and what it has reported.
+/// A registered job's account, what it has reported, and the objects counted in it.
+#[derive(Default)]
 struct Job {
     account: Account,
     reported: Reported,
+    /// The objects its account counts (not those persisted from an earlier job of the same
+    /// name), so that its end costs its own objects, not the tenant's.
+    objects: HashSet<Arc<ObjectKey>>,
 }
 
 struct Object {
@@ -317,6 +334,9 @@ struct TenantState {
     /// Every object's address by [`scan_hash`], so that [`StateStore::scan`] resumes from a
     /// cursor that stays valid while objects come and go.
     by_hash: BTreeSet<(u64, Arc<ObjectKey>)>,
+    /// Every object's address in order (job, bucket, key), so that a bucket lists a page from
+    /// where the last one ended.
+    sorted: BTreeSet<Arc<ObjectKey>>,
     jobs: HashMap<String, Job>,
     standing: Account,
     /// Byte-seconds of jobs already deregistered.
@@ -401,6 +421,10 @@ impl TenantState {
             self.expiries.remove(&(expires_at, key.clone()));
         }
         self.by_hash.remove(&(scan_hash(&key), key.clone()));
+        self.sorted.remove(&key);
+        if let Some(job) = key.job.as_ref().filter(|_| object.in_job) {
+            self.jobs.get_mut(job).expect("objects counted in a job belong to a registered job").objects.remove(&key);
+        }
         let size = object.value.len() as u64;
         let since = object.counted_since;
         self.account(&key.job, object.in_job).close(size, since, at);
@@ -432,6 +456,7 @@ impl TenantState {
             None => {
                 let shared = Arc::new(key.clone());
                 self.by_hash.insert((scan_hash(key), shared.clone()));
+                self.sorted.insert(shared.clone());
                 self.objects.insert(shared, object);
                 None
             }
@@ -454,6 +479,11 @@ impl TenantState {
             }
         }
         self.account(&key.job, in_job).open(size, now);
+        if let Some(job) = key.job.as_ref().filter(|_| in_job) {
+            // (Already there when it replaces an object of the same job.)
+            let shared = shared(&self.objects);
+            self.jobs.get_mut(job).expect("objects counted in a job belong to a registered job").objects.insert(shared);
+        }
         self.bytes += size;
         self.held += held;
         if let Some(at) = expires_at {
@@ -497,6 +527,8 @@ pub struct StateStore {
     clock: Arc<dyn Clock>,
     tenants: RwLock<HashMap<TenantId, Arc<Mutex<TenantState>>>>,
     used: AtomicU64,
+    /// Room for values being received before they are stored.
+    receiving: receiving::ReceiveRoom,
 }
 
 impl std::fmt::Debug for StateStore {
@@ -516,7 +548,14 @@ impl StateStore {
             panic!("{error}");
         }
         let interval_ns = config.usage_interval_ns();
-        Self { config, quotas, interval_ns, clock, tenants: RwLock::new(HashMap::new()), used: AtomicU64::new(0) }
+        let receiving = receiving::ReceiveRoom::new(&config);
+        let tenants = RwLock::new(HashMap::new());
+        Self { config, quotas, interval_ns, clock, tenants, used: AtomicU64::new(0), receiving }
+    }
+
+    /// The room shared by values being received (over HTTP) before they are stored.
+    pub fn receiving(&self) -> &receiving::ReceiveRoom {
+        &self.receiving
     }
 
     fn tenant(&self, tenant: &TenantId) -> Arc<Mutex<TenantState>> {
@@ -572,7 +611,7 @@ impl StateStore {
             }
             // Its first record starts at its registration, so that a job name reused within
             // an interval never repeats a usage id.
-            let job_state = Job { account: Account::default(), reported: Reported { since: now, byte_nanos: 0 } };
+            let job_state = Job { reported: Reported { since: now, byte_nanos: 0 }, ..Job::default() };
             state.jobs.insert(job.to_string(), job_state);
             Ok(())
         })
@@ -586,18 +625,13 @@ impl StateStore {
     /// Deregisters a job: drops its objects except persistent ones, which move to the tenant's
     /// standing storage. Returns the job's byte-seconds; its last usage record (from its last
     /// report, a boundary or its registration, up to now) is added to the pending records, so
-    /// that its records sum to the returned figure.
+    /// that its records sum to the returned figure. Costs the job's objects, not the tenant's.
     pub fn deregister(&self, tenant: &TenantId, job: &str) -> Result<ByteSeconds, StateError> {
         self.with_tenant(tenant, |state, now| {
-            if !state.jobs.contains_key(job) {
+            let Some(registered) = state.jobs.get_mut(job) else {
                 return Err(StateError::JobNotRegistered(job.to_string()));
-            }
-            let keys: Vec<Arc<ObjectKey>> = state
-                .objects
-                .iter()
-                .filter(|(key, object)| object.in_job && key.job.as_deref() == Some(job))
-                .map(|(key, _)| key.clone())
-                .collect();
+            };
+            let keys = std::mem::take(&mut registered.objects);
             for key in keys {
                 let object = state.objects.get(&key).expect("listed above");
                 if !object.persist {
@@ -902,17 +936,39 @@ impl StateStore {
         })
     }
 
-    /// The objects of a bucket, sorted by key.
-    pub fn enumerate(&self, tenant: &TenantId, job: Option<&str>, bucket: &str) -> Vec<ObjectInfo> {
+    /// A page of a bucket's objects in key order: at most `limit` (1 to [`MAX_PAGE`]) of those
+    /// after the key `after` (from the first when `None`). Costs the page, however large the
+    /// bucket: a listing goes on from where the last page ended, so that it sees every object
+    /// held from its first page to its last once, and those added or removed meanwhile at
+    /// most once.
+    pub fn enumerate(
+        &self,
+        tenant: &TenantId,
+        job: Option<&str>,
+        bucket: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Listing {
+        let from = ObjectKey {
+            job: job.map(str::to_string),
+            bucket: bucket.to_string(),
+            key: after.unwrap_or("").to_string(),
+        };
+        // No key is empty: from "" on is the whole bucket.
+        let lower = if after.is_some() { Bound::Excluded(&from) } else { Bound::Included(&from) };
         self.with_tenant(tenant, |state, _| {
-            let mut list: Vec<ObjectInfo> = state
-                .objects
-                .iter()
-                .filter(|(key, _)| key.job.as_deref() == job && key.bucket == bucket)
-                .map(|(key, object)| info(&key.key, object))
+            let mut in_bucket = state
+                .sorted
+                .range::<ObjectKey, _>((lower, Bound::Unbounded))
+                .take_while(|key| key.job.as_deref() == job && key.bucket == bucket);
+            let objects: Vec<ObjectInfo> = in_bucket
+                .by_ref()
+                .take(limit.clamp(1, MAX_PAGE))
+                .map(|key| info(&key.key, &state.objects[key]))
                 .collect();
-            list.sort_by(|a, b| a.key.cmp(&b.key));
-            list
+            let more = in_bucket.next().is_some();
+            let next_after = objects.last().filter(|_| more).map(|last| last.key.clone());
+            Listing { objects, next_after }
         })
     }
 

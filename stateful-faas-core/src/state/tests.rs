@@ -49,7 +49,8 @@ fn objects_follow_pocket_semantics() {
     assert_eq!(store.get(&t, &key(Some("j"), "b", "k1"), false).unwrap(), Bytes::from_static(b"one"));
     let info = store.lookup(&t, &key(Some("j"), "b", "k2")).unwrap();
     assert_eq!((info.size, info.persist), (4, true));
-    let listed: Vec<_> = store.enumerate(&t, Some("j"), "b").into_iter().map(|i| i.key).collect();
+    let listed: Vec<_> =
+        store.enumerate(&t, Some("j"), "b", None, MAX_PAGE).objects.into_iter().map(|i| i.key).collect();
     assert_eq!(listed, vec!["k1", "k2"]);
 
     // delete_after_read hands the value over and removes it in one step.
@@ -73,6 +74,59 @@ fn objects_follow_pocket_semantics() {
 }
 
 #[test]
+fn buckets_list_in_pages_from_a_cursor() {
+    let (store, _) = store(StateConfig::default());
+    let t = acme();
+    store.register(&t, "j").unwrap();
+    for k in ["c", "a", "e", "b", "d"] {
+        store.put(&t, key(None, "b", k), bytes(1), PutOptions::default()).unwrap();
+    }
+    // Neighbours in the order of addresses: another job, a longer bucket name, a shorter one.
+    store.put(&t, key(Some("j"), "b", "a"), bytes(1), PutOptions::default()).unwrap();
+    store.put(&t, key(None, "bb", "a"), bytes(1), PutOptions::default()).unwrap();
+    store.put(&t, key(None, "a", "z"), bytes(1), PutOptions::default()).unwrap();
+    let page = |after: Option<&str>, limit| {
+        let listing = store.enumerate(&t, None, "b", after, limit);
+        (listing.objects.into_iter().map(|o| o.key).collect::<Vec<_>>(), listing.next_after)
+    };
+    assert_eq!(page(None, 2), (vec!["a".into(), "b".into()], Some("b".into())));
+    assert_eq!(page(Some("b"), 2), (vec!["c".into(), "d".into()], Some("d".into())));
+    assert_eq!(page(Some("d"), 2), (vec!["e".into()], None));
+    assert_eq!(page(Some("c"), 2), (vec!["d".into(), "e".into()], None), "no cursor when the page ends the bucket");
+    // A cursor whose key is gone, or never was, goes on from where it would be.
+    assert_eq!(page(Some("bz"), 1), (vec!["c".into()], Some("c".into())));
+    assert_eq!(page(Some("e"), 5), (vec![], None));
+    assert_eq!(page(None, 0).0.len(), 1, "a page holds at least one object");
+    assert_eq!(page(None, usize::MAX).0.len(), 5);
+    let only = |job, bucket| store.enumerate(&t, job, bucket, None, MAX_PAGE).objects.len();
+    assert_eq!((only(Some("j"), "b"), only(None, "bb"), only(None, "a")), (1, 1, 1));
+    // Removed objects leave every index.
+    store.delete(&t, &key(None, "b", "c")).unwrap();
+    assert_eq!(page(Some("b"), 1), (vec!["d".into()], Some("d".into())));
+}
+
+#[test]
+fn a_job_ends_with_its_own_objects_only() {
+    let (store, _) = store(StateConfig::default());
+    let t = acme();
+    let persist = PutOptions { persist: true, ttl: None };
+    store.register(&t, "j").unwrap();
+    store.put(&t, key(Some("j"), "b", "kept"), bytes(5), persist).unwrap();
+    store.put(&t, key(Some("j"), "b", "dropped"), bytes(5), PutOptions::default()).unwrap();
+    store.deregister(&t, "j").unwrap();
+    // A job of the same name again: the persisted object is the tenant's, until written anew.
+    store.register(&t, "j").unwrap();
+    store.put(&t, key(Some("j"), "b", "new"), bytes(3), PutOptions::default()).unwrap();
+    assert_eq!(store.with_tenant(&t, |state, _| state.jobs["j"].objects.len()), 1);
+    store.put(&t, key(Some("j"), "b", "kept"), bytes(7), PutOptions::default()).unwrap();
+    store.delete(&t, &key(Some("j"), "b", "new")).unwrap();
+    assert_eq!(store.with_tenant(&t, |state, _| state.jobs["j"].objects.len()), 1, "deleted objects leave it");
+    store.deregister(&t, "j").unwrap();
+    assert!(store.lookup(&t, &key(Some("j"), "b", "kept")).is_err(), "rewritten without persist: the job's own");
+    assert_eq!((store.usage(&t).bytes, store.used_bytes()), (0, 0));
+}
+
+#[test]
 fn tenants_are_isolated() {
     let (store, _) = store(StateConfig::default());
     let (a, b) = (acme(), TenantId::new("globex").unwrap());
@@ -82,7 +136,7 @@ fn tenants_are_isolated() {
     assert!(matches!(store.get(&b, &key(Some("j"), "b", "secret"), false), Err(StateError::NotFound { .. })));
     assert!(store.lookup(&b, &key(None, "tables", "t")).is_err());
     assert!(store.delete(&b, &key(None, "tables", "t")).is_err());
-    assert!(store.enumerate(&b, Some("j"), "b").is_empty());
+    assert_eq!(store.enumerate(&b, Some("j"), "b", None, MAX_PAGE), Listing { objects: vec![], next_after: None });
     assert!(!store.is_registered(&b, "j"));
     assert_eq!(store.deregister(&b, "j"), Err(StateError::JobNotRegistered("j".into())));
     // The same names in another tenant are another tenant's objects.

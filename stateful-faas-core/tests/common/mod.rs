@@ -117,9 +117,20 @@ impl TestCore {
 
     /// Runs a function recorded with [`RECORD_RUN`] so far.
     pub async fn runs(&self, tenant: &Tenant) -> usize {
-        let (status, objects) = self.get_json(&tenant.read, "/state/buckets/runs").await;
-        assert_eq!(status, 200, "{objects}");
-        objects.as_array().unwrap().len()
+        // A listing is paged: follow its cursor to the end.
+        let (mut runs, mut cursor) = (0, String::new());
+        loop {
+            let query = if cursor.is_empty() { String::new() } else { format!("?cursor={cursor}") };
+            let url = format!("{}/state/buckets/runs{query}", self.url);
+            let response = self.http.get(url).bearer_auth(&tenant.read).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+            let next = response.headers().get("x-sfaas-next-cursor").map(|v| v.to_str().unwrap().to_string());
+            runs += response.json::<Value>().await.unwrap().as_array().unwrap().len();
+            match next {
+                Some(next) => cursor = next,
+                None => return runs,
+            }
+        }
     }
 
     pub async fn get_json(&self, token: &str, path: &str) -> (u16, Value) {
