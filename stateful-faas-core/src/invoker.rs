@@ -5,11 +5,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::task::JoinHandle;
+
 use crate::function::outbound::Outbound;
-use crate::function::{Invocation, Outcome, Registry, RunContext, Target, Usage};
+use crate::function::{Abandoned, Invocation, Outcome, Registry, RunContext, Target, Usage};
 use crate::metrics::Metrics;
 use crate::state::StateStore;
-use crate::telemetry::{self, Telemetry};
+use crate::telemetry::{self, InvocationSpan, Telemetry};
 use crate::tenant::{TenantId, TenantStore};
 
 /// Functions, state, telemetry, metrics and tenants: what running a function needs.
@@ -83,8 +85,27 @@ impl Invoker {
             state_token: state_token.as_ref().map_or("", |t| t.token.as_str()),
             builtins: self.functions.builtins(),
         };
+        let abandoned = Arc::new(Abandoned::default());
+        let mut underway = Underway {
+            invoker: self,
+            tenant,
+            function: function_name,
+            kind: function.spec.kind.as_str(),
+            trigger,
+            execution_id,
+            call_id: &invocation.call_id,
+            job: invocation.job.as_deref(),
+            started,
+            bytes_in,
+            span,
+            abandoned: &abandoned,
+            ended: false,
+        };
+        // If this call is dropped here, the runner's future drops first (stopping the
+        // invocation and reporting what it used), then `underway` (billing it).
+        let result = abandoned.watch(function.run(&context, &invocation)).await;
         let mut still_running = None;
-        let outcome = match function.run(&context, &invocation).await {
+        let outcome = match result {
             Ok(outcome) => outcome,
             Err(mut error) => {
                 tracing::warn!(%tenant, function = function_name, call_id = %invocation.call_id, %execution_id, %error, "invocation failed");
@@ -94,50 +115,91 @@ impl Invoker {
                 Outcome::text(error.status(), format!("{error}\n"), error.usage())
             }
         };
-        let wall = started.elapsed();
-        self.metrics.record_invocation(tenant, function_name, outcome.status, wall.as_secs_f64(), &outcome.usage);
+        underway.end(outcome.status, outcome.usage, outcome.body.len(), still_running);
+        outcome
+    }
+}
 
-        let Some(span) = span else { return outcome };
-        let kind = function.spec.kind.as_str();
-        let bytes_out = outcome.body.len();
-        match still_running {
-            None => span.end(&telemetry::Invoked {
-                function: function_name,
+/// The status a cancelled invocation is recorded with, its caller having gone away before it
+/// ended (a client that disconnected, a flow run cancelled or failed elsewhere): nginx's
+/// "client closed request".
+pub const STATUS_CANCELLED: u16 = 499;
+
+/// An invocation under way, ended exactly once: its metrics and its span (its bill). By
+/// [`Underway::end`] with its outcome, or, if its call is dropped first, as it drops: as
+/// cancelled ([`STATUS_CANCELLED`]), with what its runner measured up to the stop.
+struct Underway<'a> {
+    invoker: &'a Invoker,
+    tenant: &'a TenantId,
+    function: &'a str,
+    kind: &'static str,
+    trigger: &'static str,
+    execution_id: uuid::Uuid,
+    call_id: &'a str,
+    job: Option<&'a str>,
+    started: Instant,
+    bytes_in: usize,
+    span: Option<InvocationSpan>,
+    abandoned: &'a Abandoned,
+    ended: bool,
+}
+
+impl Underway<'_> {
+    /// Records the invocation's metrics and ends its span; with `still_running` (a builtin past
+    /// its timeout, a process not yet reaped), the span waits for the rest of its CPU time.
+    fn end(&mut self, status: u16, usage: Usage, bytes_out: usize, still_running: Option<JoinHandle<u64>>) {
+        self.ended = true;
+        let wall = self.started.elapsed();
+        self.invoker.metrics.record_invocation(self.tenant, self.function, status, wall.as_secs_f64(), &usage);
+        let Some(span) = self.span.take() else { return };
+        let Some(running) = still_running else {
+            span.end(&telemetry::Invoked {
+                function: self.function,
+                kind: self.kind,
+                execution_id: self.execution_id,
+                call_id: self.call_id,
+                trigger: self.trigger,
+                job: self.job,
+                usage: &usage,
+                wall,
+                bytes_in: self.bytes_in,
+                bytes_out,
+                status,
+            });
+            return;
+        };
+        let (function, call_id, job) =
+            (self.function.to_string(), self.call_id.to_string(), self.job.map(str::to_string));
+        let (kind, trigger, execution_id, bytes_in) = (self.kind, self.trigger, self.execution_id, self.bytes_in);
+        let mut usage = usage;
+        tokio::spawn(async move {
+            usage.cpu_ns = running.await.unwrap_or(0);
+            span.end(&telemetry::Invoked {
+                function: &function,
                 kind,
                 execution_id,
-                call_id: &invocation.call_id,
+                call_id: &call_id,
                 trigger,
-                job: invocation.job.as_deref(),
-                usage: &outcome.usage,
+                job: job.as_deref(),
+                usage: &usage,
                 wall,
                 bytes_in,
                 bytes_out,
-                status: outcome.status,
-            }),
-            // A builtin past its timeout still runs: its span (and so its bill) waits for its CPU.
-            Some(running) => {
-                let (function, call_id, job, status) =
-                    (function_name.to_string(), invocation.call_id.clone(), invocation.job.clone(), outcome.status);
-                let mut usage = outcome.usage;
-                tokio::spawn(async move {
-                    usage.cpu_ns = running.await.unwrap_or(0);
-                    span.end(&telemetry::Invoked {
-                        function: &function,
-                        kind,
-                        execution_id,
-                        call_id: &call_id,
-                        trigger,
-                        job: job.as_deref(),
-                        usage: &usage,
-                        wall,
-                        bytes_in,
-                        bytes_out,
-                        status,
-                    });
-                });
-            }
+                status,
+            });
+        });
+    }
+}
+
+impl Drop for Underway<'_> {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
         }
-        outcome
+        let (tenant, function, call_id, execution_id) = (self.tenant, self.function, self.call_id, self.execution_id);
+        tracing::info!(%tenant, function, call_id, %execution_id, "invocation cancelled: its caller went away");
+        let (usage, still_running) = self.abandoned.take().unwrap_or_default();
+        self.end(STATUS_CANCELLED, usage, 0, still_running);
     }
 }
 

@@ -2,27 +2,29 @@
 //!
 //! The request body goes to stdin, the response comes from stdout, the method, path, query and
 //! headers are environment variables (`Http_Method`, `Http_X_Call_Id`, ...). The process runs in
-//! its own process group and cgroup, both killed whole when it exits or `exec_timeout` passes.
-//! Its CPU time and peak memory come from the kernel: the cgroup's accounting (every
+//! its own process group and cgroup, both killed whole when it exits, when `exec_timeout` passes
+//! or when its caller goes away (billed up to then all the same). Its CPU time and peak memory come from the kernel: the cgroup's accounting (every
 //! descendant), or `wait4` with the sandbox off. stderr goes to the gateway's log, never to the
 //! caller.
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use super::cgroup::Group;
 use super::process::{self, Reaped};
 use super::sandbox::{Io, Sandbox};
-use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, Usage};
+use super::{Abandoned, FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, Usage};
 use crate::tenant::TenantId;
 
 /// Most stderr kept for the log, per invocation.
 const MAX_STDERR_LOG_BYTES: usize = 8 << 10;
 
 /// Runs one invocation of an exec function, in a jail of its own when `sandbox` is given: the
-/// invocation ends when its process exits (or at the timeout), and then everything left in its
-/// cgroup is killed; its CPU and peak memory are the group's.
+/// invocation ends when its process exits (or at the timeout, or when this call is dropped), and
+/// then everything left in its cgroup is killed; its CPU and peak memory are the group's.
 pub async fn run(
     spec: &FunctionSpec,
     command: &str,
@@ -40,9 +42,9 @@ pub async fn run(
     let spawned = process::spawn(command, &spec.env, &env, workdir, spec.limits.memory_bytes, jail.as_ref(), Io::Piped)
         .map_err(|e| start_error(e.to_string()))?;
     let pid = spawned.pid;
-    // If this call is abandoned (a cancelled flow run), the process group dies with it (and the
-    // cgroup, when its `Group` drops).
-    let kill_guard = KillOnDrop(pid);
+    let (cpu_sender, reaped_cpu) = oneshot::channel();
+    // From here on, if this call is dropped the invocation is stopped and what it used reported.
+    let stop = StopOnDrop { pid, group, reaped_cpu: Some(reaped_cpu), armed: true };
     let (Some(stdin), Some(stdout), Some(stderr)) = (spawned.stdin, spawned.stdout, spawned.stderr) else {
         unreachable!("piped")
     };
@@ -50,12 +52,17 @@ pub async fn run(
     let stdin = pipe::Sender::from_owned_fd(stdin).map_err(pipe_error)?;
     let stdout = pipe::Receiver::from_owned_fd(stdout).map_err(pipe_error)?;
     let stderr = pipe::Receiver::from_owned_fd(stderr).map_err(pipe_error)?;
-    let mut reaper = tokio::task::spawn_blocking(move || process::wait4(pid));
-
+    let reaper = tokio::task::spawn_blocking(move || {
+        let reaped = process::wait4(pid);
+        if let Ok(reaped) = &reaped {
+            let _ = cpu_sender.send(reaped.cpu_ns);
+        }
+        reaped
+    });
     let body = invocation.body.clone();
     // Output is read while the process runs (it would block on a full pipe otherwise) and to
     // its end, which comes once the group is killed: a detached process cannot hold it open.
-    let mut io = tokio::spawn(async move {
+    let io = tokio::spawn(async move {
         let write = async move {
             let mut stdin = stdin;
             // A function that does not read its input closes the pipe early: not an error.
@@ -69,7 +76,22 @@ pub async fn run(
         );
         (stdout, stderr)
     });
+    let result = wait(spec, invocation, pid, group, reaper, io).await;
+    stop.disarm();
+    result
+}
 
+/// Waits for an exec invocation's process to end (or for its timeout), kills what is left of
+/// it, and makes its outcome from its output and what it used.
+async fn wait(
+    spec: &FunctionSpec,
+    invocation: &Invocation,
+    pid: i32,
+    group: Option<&Group>,
+    mut reaper: JoinHandle<std::io::Result<Reaped>>,
+    mut io: JoinHandle<(Vec<u8>, Vec<u8>)>,
+) -> Result<Outcome, FunctionError> {
+    let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
     let deadline = tokio::time::Instant::now() + spec.limits.timeout;
     let finished = tokio::time::timeout_at(deadline, &mut reaper).await;
     // The invocation is over: nothing it started may run on.
@@ -77,7 +99,6 @@ pub async fn run(
     if let Some(group) = group {
         group.kill();
     }
-    std::mem::forget(kill_guard);
     let usage = |reaped: Option<&Reaped>| match group {
         Some(group) => {
             Usage { cpu_ns: group.cpu_ns(), peak_memory_bytes: group.peak_memory_bytes(), cold_start: false }
@@ -143,12 +164,47 @@ pub async fn run(
     }
 }
 
-/// Kills a process group when dropped; forgotten once the process is reaped.
-struct KillOnDrop(i32);
+/// Stops an exec invocation whose call is dropped before it ends (a client that went away, a
+/// flow run cancelled or failed elsewhere): kills its process group and cgroup, then reports
+/// what it used ([`Abandoned`]), so that it is billed all the same. Disarmed once the
+/// invocation has ended on its own.
+struct StopOnDrop<'a> {
+    pid: i32,
+    group: Option<&'a Group>,
+    /// The shell's CPU time once it is reaped: what is measured with the sandbox off.
+    reaped_cpu: Option<oneshot::Receiver<u64>>,
+    armed: bool,
+}
 
-impl Drop for KillOnDrop {
+impl StopOnDrop<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
-        process::kill_group(self.0);
+        if !self.armed {
+            return;
+        }
+        process::kill_group(self.pid);
+        match self.group {
+            // Killed first, then read: the group's CPU time is final.
+            Some(group) => {
+                group.kill();
+                let usage =
+                    Usage { cpu_ns: group.cpu_ns(), peak_memory_bytes: group.peak_memory_bytes(), cold_start: false };
+                Abandoned::report(usage, None);
+            }
+            // The shell dies with its group; its CPU time comes when the reaper has it.
+            None => {
+                let reaped_cpu = self.reaped_cpu.take();
+                let still_running = reaped_cpu
+                    .zip(tokio::runtime::Handle::try_current().ok())
+                    .map(|(cpu, runtime)| runtime.spawn(async move { cpu.await.unwrap_or(0) }));
+                Abandoned::report(Usage::default(), still_running);
+            }
+        }
     }
 }
 

@@ -4,9 +4,11 @@
 //! considers ready once its port accepts connections. Each instance serves one request at a
 //! time, so the CPU time it used during a request (its cgroup's; its process's
 //! `/proc/PID/task/*/schedstat` with the sandbox off) is that request's alone: the measurement
-//! is exact. What it uses outside requests is metered too, as instance usage. Up to `max_instances` run at once; a request that
-//! finds none idle starts one (a cold start) or waits for one; idle instances above
-//! `min_instances` stop after `idle_timeout` (scale to zero).
+//! is exact. What it uses outside requests is metered too, as instance usage: each second while
+//! it is idle, and to its end however it stops (a start that fails included). A request whose
+//! caller goes away stops its instance, and is billed up to then. Up to `max_instances` run at
+//! once; a request that finds none idle starts one (a cold start) or waits for one; idle
+//! instances above `min_instances` stop after `idle_timeout` (scale to zero).
 //!
 //! An upstream function is any HTTP server the core does not manage (for example a function
 //! behind a real OpenFaaS gateway); its CPU time is not visible to the core and is reported 0.
@@ -21,7 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::outbound::Outbound;
 use super::process;
 use super::sandbox::{self, Io, Jail, Sandbox};
-use super::{FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, RunContext, Usage};
+use super::{Abandoned, FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, RunContext, Usage};
 use crate::semconv::{HEADER_JOB, HEADER_STATE_TOKEN};
 use crate::tenant::TenantId;
 
@@ -175,7 +177,9 @@ async fn forward_to_instance(
     tokio::time::timeout(spec.limits.timeout, exchange).await.map_err(|_| timed_out(spec))?
 }
 
-/// One running server process of a managed function.
+/// One running server process of a managed function. However it is dropped (stopped, failed to
+/// start, abandoned mid-start) it is killed and what it used since it was last metered is
+/// metered.
 struct Instance {
     process: process::Running,
     port: u16,
@@ -191,6 +195,10 @@ struct Instance {
     /// CPU time billed so far, to requests or as instance usage, and since when the rest ran.
     metered_cpu_ns: u64,
     metered_since: SystemTime,
+    /// Where its instance usage goes, and whose it is.
+    meter: InstanceMeter,
+    tenant: TenantId,
+    function: String,
 }
 
 /// CPU time a managed instance used outside requests (starting, between requests, stopping):
@@ -211,9 +219,9 @@ pub type InstanceMeter = Arc<Mutex<Vec<InstanceUsage>>>;
 
 impl Instance {
     /// CPU time the instance used so far, in nanoseconds: its cgroup's, or its server
-    /// process's threads' with the sandbox off.
+    /// process's with the sandbox off.
     fn cpu_ns(&self) -> u64 {
-        self.jail.as_ref().map_or_else(|| process::process_cpu_ns(self.process.pid as u32), |jail| jail.group.cpu_ns())
+        self.jail.as_ref().map_or_else(|| self.process.cpu_ns(), |jail| jail.group.cpu_ns())
     }
 
     fn peak_memory_bytes(&self) -> u64 {
@@ -228,6 +236,90 @@ impl Instance {
             Some(jail) => jail.connect(self.port).await,
             None => tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, self.port)).await,
         }
+    }
+
+    /// Kills it, with everything in its cgroup, and returns the CPU time it used to its end.
+    fn stop(&mut self) -> u64 {
+        let Some(jail) = &self.jail else {
+            // A killed process's threads take their CPU times with them: read first.
+            let cpu_ns = self.cpu_ns();
+            self.process.kill();
+            return cpu_ns;
+        };
+        self.process.kill();
+        jail.group.kill();
+        jail.group.cpu_ns()
+    }
+
+    /// Records its CPU time since it was last metered, up to `cpu_ns`: whole milliseconds (the
+    /// rest carries to the next record), or at its end everything, rounded up.
+    fn meter(&mut self, cpu_ns: u64, last: bool) {
+        let unmetered = cpu_ns.saturating_sub(self.metered_cpu_ns);
+        let cpu_ms = if last { unmetered.div_ceil(1_000_000) } else { unmetered / 1_000_000 };
+        if cpu_ms == 0 {
+            return;
+        }
+        let now = SystemTime::now();
+        self.records += 1;
+        self.meter.lock().unwrap().push(InstanceUsage {
+            tenant: self.tenant.clone(),
+            function: self.function.clone(),
+            usage_id: format!("instance/{}/{}", self.id.simple(), self.records),
+            start: self.metered_since,
+            end: now,
+            cpu_ms,
+        });
+        self.metered_cpu_ns += cpu_ms * 1_000_000;
+        self.metered_since = now;
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let cpu_ns = self.stop();
+        self.meter(cpu_ns, true);
+    }
+}
+
+/// A request on an instance. If its call is dropped before the request ends (its caller went
+/// away), the instance, busy with a request nobody waits for, is stopped: the request is billed
+/// the CPU it used until then ([`Abandoned`]), the instance usage metered to its end.
+struct Serving<'a> {
+    pool: &'a ManagedPool,
+    instance: Option<Instance>,
+    cpu_before: u64,
+    cold_start: bool,
+}
+
+impl<'a> Serving<'a> {
+    /// A request begins: what the instance used since it was last metered (its start, the time
+    /// between requests) is metered first.
+    fn begin(pool: &'a ManagedPool, mut instance: Instance, cold_start: bool) -> Self {
+        let cpu_before = instance.cpu_ns();
+        instance.meter(cpu_before, false);
+        Self { pool, instance: Some(instance), cpu_before, cold_start }
+    }
+
+    fn instance(&self) -> &Instance {
+        self.instance.as_ref().expect("an instance while serving")
+    }
+
+    /// The instance, once the request has ended.
+    fn end(mut self) -> Instance {
+        self.instance.take().expect("an instance while serving")
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        let Some(mut instance) = self.instance.take() else { return };
+        let peak_memory_bytes = instance.peak_memory_bytes();
+        let cpu_after = instance.stop();
+        let usage =
+            Usage { cpu_ns: cpu_after.saturating_sub(self.cpu_before), peak_memory_bytes, cold_start: self.cold_start };
+        instance.metered_cpu_ns = cpu_after.max(instance.metered_cpu_ns);
+        Abandoned::report(usage, None);
+        self.pool.discard(instance);
     }
 }
 
@@ -308,7 +400,7 @@ impl ManagedPool {
             };
         let reused = self.idle.lock().unwrap().pop();
         let cold_start = reused.is_none();
-        let mut instance = match reused {
+        let ready = match reused {
             Some(instance) => instance,
             None => self.start(spec, context.state_addresses).await?,
         };
@@ -317,13 +409,13 @@ impl ManagedPool {
         if let Some(job) = &invocation.job {
             headers.push((HEADER_JOB.to_string(), job.clone()));
         }
-        let cpu_before = instance.cpu_ns();
-        // What it used since it was last metered (its start, the time between requests).
-        self.meter(&mut instance, cpu_before, false);
-        let result = match instance.connect().await {
+        let serving = Serving::begin(self, ready, cold_start);
+        let cpu_before = serving.cpu_before;
+        let result = match serving.instance().connect().await {
             Ok(stream) => forward_to_instance(spec, stream, invocation, &headers).await,
             Err(error) => Err(FunctionError::Upstream { name: spec.name.clone(), message: error.to_string() }),
         };
+        let mut instance = serving.end();
         let cpu_after = instance.cpu_ns();
         let usage = Usage {
             cpu_ns: cpu_after.saturating_sub(cpu_before),
@@ -352,32 +444,8 @@ impl ManagedPool {
         Ok(Outcome { status, headers, body, usage })
     }
 
-    /// Records the instance's CPU time since it was last metered, up to `cpu_ns`: whole
-    /// milliseconds (the rest carries to the next record), or at its end everything, rounded up.
-    fn meter(&self, instance: &mut Instance, cpu_ns: u64, last: bool) {
-        let unmetered = cpu_ns.saturating_sub(instance.metered_cpu_ns);
-        let cpu_ms = if last { unmetered.div_ceil(1_000_000) } else { unmetered / 1_000_000 };
-        if cpu_ms == 0 {
-            return;
-        }
-        let now = SystemTime::now();
-        instance.records += 1;
-        self.meter.lock().unwrap().push(InstanceUsage {
-            tenant: self.tenant.clone(),
-            function: self.name.clone(),
-            usage_id: format!("instance/{}/{}", instance.id.simple(), instance.records),
-            start: instance.metered_since,
-            end: now,
-            cpu_ms,
-        });
-        instance.metered_cpu_ns += cpu_ms * 1_000_000;
-        instance.metered_since = now;
-    }
-
-    /// Stops an instance, metering what it used since its last request.
-    fn discard(&self, mut instance: Instance) {
-        let cpu_ns = instance.cpu_ns();
-        self.meter(&mut instance, cpu_ns, true);
+    /// Stops a running instance, metering what it used since it was last metered.
+    fn discard(&self, instance: Instance) {
         drop(instance);
         self.running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -390,7 +458,10 @@ impl ManagedPool {
         }
     }
 
-    /// Stops idle instances unused for `idle_timeout`, keeping `min_instances`.
+    /// Stops idle instances unused for `idle_timeout`, keeping `min_instances`, and meters what
+    /// the others used since they were last metered (the gateway's housekeeping, each second):
+    /// a warm server that burns CPU between requests is billed as it goes, not at its next
+    /// request or its stop only.
     pub fn reap_idle(&self, idle_timeout: Duration) {
         let keep = *self.min_instances.lock().unwrap();
         let mut idle = self.idle.lock().unwrap();
@@ -399,6 +470,10 @@ impl ManagedPool {
         {
             let instance = idle.remove(0);
             self.discard(instance);
+        }
+        for instance in idle.iter_mut() {
+            let cpu_ns = instance.cpu_ns();
+            instance.meter(cpu_ns, false);
         }
     }
 
@@ -452,6 +527,9 @@ impl ManagedPool {
             records: 0,
             metered_cpu_ns: 0,
             metered_since: SystemTime::now(),
+            meter: self.meter.clone(),
+            tenant: self.tenant.clone(),
+            function: self.name.clone(),
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT.min(spec.limits.timeout.max(Duration::from_secs(1)) * 10);
         loop {

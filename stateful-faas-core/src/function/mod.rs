@@ -2,7 +2,8 @@
 //!
 //! Every runner returns an [`Outcome`] with the usage it measured; the invoker turns it into
 //! the span and the metrics ([`crate::invoker::Invoker::dispatch`]), the trigger into a
-//! response.
+//! response. A runner dropped before it ends (its caller went away) stops what it runs and
+//! reports what that used as [`Abandoned`], which the invoker bills the same way.
 
 pub mod builtin;
 pub mod cgroup;
@@ -14,9 +15,11 @@ mod process;
 pub mod registry;
 pub mod sandbox;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::task::JoinHandle;
 
 pub use deployment::{FunctionDeployment, FunctionKind, FunctionSpec, Limits, Target};
 pub use registry::{DeployedFunction, Registry};
@@ -128,6 +131,39 @@ impl Outcome {
             body: Bytes::from(message.into()),
             usage,
         }
+    }
+}
+
+/// What an invocation used up to its stop when its caller dropped it before it ended (an HTTP
+/// client that went away, a flow run cancelled or failed elsewhere). The runner's guard kills
+/// what the invocation runs, measures it and reports here as it drops; the invoker reads the
+/// report as it drops in turn, and bills it.
+#[derive(Debug, Default)]
+pub struct Abandoned(Mutex<Option<(Usage, Option<JoinHandle<u64>>)>>);
+
+tokio::task_local! {
+    /// The report of the invocation a runner runs. Task-local because the runners' signatures
+    /// are the registry's; tokio keeps it set while a scoped future is dropped, which is when
+    /// the guards report.
+    static ABANDONED: Arc<Abandoned>;
+}
+
+impl Abandoned {
+    /// Runs a runner's future so that its guards' reports land here.
+    pub async fn watch<T>(self: &Arc<Self>, run: impl Future<Output = T>) -> T {
+        ABANDONED.scope(self.clone(), run).await
+    }
+
+    /// Reports what the invocation being run used up to its stop, and CPU time still to come
+    /// (a process whose CPU is known once it is reaped): called by runners' guards as they
+    /// drop. Outside [`Abandoned::watch`], nothing is reported.
+    pub fn report(usage: Usage, still_running: Option<JoinHandle<u64>>) {
+        let _ = ABANDONED.try_with(|abandoned| *abandoned.0.lock().unwrap() = Some((usage, still_running)));
+    }
+
+    /// The report, if a runner made one.
+    pub fn take(&self) -> Option<(Usage, Option<JoinHandle<u64>>)> {
+        self.0.lock().unwrap().take()
     }
 }
 

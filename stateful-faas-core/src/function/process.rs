@@ -92,23 +92,48 @@ pub struct Running {
     pub pid: i32,
     /// Its exit status once reaped (its pid may then be another process's).
     exited: Option<i32>,
+    /// Its CPU time to its end (with the children it waited for), once reaped.
+    exit_cpu_ns: u64,
 }
 
 impl Running {
     pub fn new(pid: i32) -> Self {
-        Self { pid, exited: None }
+        Self { pid, exited: None, exit_cpu_ns: 0 }
     }
 
     /// How it ended (its wait status), if it has.
     pub fn try_wait(&mut self) -> Option<i32> {
         if self.exited.is_none() {
             let mut status = 0;
+            // SAFETY: rusage is plain old data, fully written by wait4 on success.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
             // SAFETY: plain syscall on our own child.
-            if unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) } == self.pid {
+            if unsafe { libc::wait4(self.pid, &mut status, libc::WNOHANG, &mut usage) } == self.pid {
                 self.exited = Some(status);
+                self.exit_cpu_ns = rusage_cpu_ns(&usage);
             }
         }
         self.exited
+    }
+
+    /// CPU time it used so far: its threads' (`/proc`) while it runs, the kernel's whole
+    /// account once it is reaped (its pid may be another process's then).
+    pub fn cpu_ns(&self) -> u64 {
+        match self.exited {
+            Some(_) => self.exit_cpu_ns,
+            None => process_cpu_ns(self.pid as u32),
+        }
+    }
+
+    /// Kills it and its group, unless it has been reaped (its pid may be another's then); it
+    /// is reaped when dropped.
+    pub fn kill(&mut self) {
+        if self.exited.is_some() {
+            return;
+        }
+        kill_group(self.pid);
+        // SAFETY: plain syscall; the process may be gone already.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
     }
 }
 
@@ -117,9 +142,7 @@ impl Drop for Running {
         if self.exited.is_some() {
             return;
         }
-        kill_group(self.pid);
-        // SAFETY: plain syscall; the process may be gone already.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        self.kill();
         let pid = self.pid;
         // Reaped off the caller's thread: dying takes the kernel a moment.
         std::thread::spawn(move || wait4(pid));
@@ -167,12 +190,13 @@ pub fn wait4(pid: i32) -> std::io::Result<Reaped> {
             return Err(error);
         }
     }
+    Ok(Reaped { status, cpu_ns: rusage_cpu_ns(&usage), max_rss_bytes: usage.ru_maxrss as u64 * 1024 })
+}
+
+/// User + system CPU time of a `wait4` rusage, in nanoseconds.
+fn rusage_cpu_ns(usage: &libc::rusage) -> u64 {
     let micros = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000 + tv.tv_usec as u64;
-    Ok(Reaped {
-        status,
-        cpu_ns: (micros(usage.ru_utime) + micros(usage.ru_stime)) * 1000,
-        max_rss_bytes: usage.ru_maxrss as u64 * 1024,
-    })
+    (micros(usage.ru_utime) + micros(usage.ru_stime)) * 1000
 }
 
 /// CPU time consumed so far by every thread of a running process, in nanoseconds, from

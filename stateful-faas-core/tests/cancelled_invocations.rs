@@ -1,0 +1,178 @@
+//! Every started invocation is billed with the CPU it used, whatever happens to its caller: a
+//! client that goes away, a flow run stopped by a failure elsewhere, a managed server that never
+//! listens or burns CPU while it is idle.
+
+mod common;
+
+use std::time::Duration;
+
+use common::otlp::{Received, export_to, grpc_receiver, int_attr, spans, string_attr};
+use common::{ADMIN, Tenant, TestCore, eventually, python, require_program, start};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use serde_json::json;
+
+/// Burns `MS` ms of its own CPU time (as the kernel accounts it), then exits.
+const BURNER: &str = "PYTHON -c 'import time\nwhile time.process_time() < MS / 1000: pass'";
+
+fn burner(ms: u64) -> String {
+    BURNER.replace("PYTHON", &python()).replace("MS", &ms.to_string())
+}
+
+/// The first span named `name` that the receiver got within 15 s.
+async fn span_named(received: &Received, name: &str) -> Option<Span> {
+    eventually(Duration::from_secs(15), || async {
+        spans(&received.requests.lock().unwrap()).into_iter().map(|(_, _, span)| span).find(|span| span.name == name)
+    })
+    .await
+}
+
+/// CPU-ms of `function`'s `instance.usage` records received so far.
+fn instance_cpu_ms(received: &Received, function: &str) -> i64 {
+    spans(&received.requests.lock().unwrap())
+        .iter()
+        .filter(|(_, _, span)| span.name == "instance.usage")
+        .filter(|(_, _, span)| string_attr(&span.attributes, "faas.name").as_deref() == Some(function))
+        .map(|(_, _, span)| int_attr(&span.attributes, "sfaas.cpu_ms").unwrap())
+        .sum()
+}
+
+async fn metrics(core: &TestCore) -> String {
+    let response = core.http.get(format!("{}/metrics", core.url)).bearer_auth(ADMIN).send().await.unwrap();
+    response.text().await.unwrap()
+}
+
+/// A call that the client gives up on after `after`.
+async fn abandon(core: &TestCore, tenant: &Tenant, function: &str, after: Duration) {
+    let request = core.http.post(format!("{}/function/{function}", core.url)).bearer_auth(&tenant.ingest);
+    let sent = request.timeout(after).send().await;
+    assert!(sent.is_err_and(|error| error.is_timeout()), "the call ended before the client gave up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invocation_whose_client_goes_away_is_stopped_and_billed_up_to_then() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let (endpoint, received) = grpc_receiver().await;
+    let mut core = start(|config| export_to(config, endpoint)).await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "burn", "envProcess": burner(2000)})).await;
+
+    abandon(&core, &acme, "burn", Duration::from_millis(500)).await;
+
+    let span = span_named(&received, "invoke burn").await.expect("the abandoned invocation's span");
+    assert_eq!(int_attr(&span.attributes, "http.response.status_code"), Some(499), "recorded as cancelled");
+    let cpu_ms = int_attr(&span.attributes, "sfaas.cpu_ms").unwrap();
+    // Half a second of a 2 s burn (less on a busy machine, never the rest: it was killed).
+    assert!((100..1500).contains(&cpu_ms), "billed {cpu_ms} ms for a burner stopped after 0.5 s");
+    let counted = r#"gateway_function_invocation_total{function_name="burn.acme",namespace="acme",code="499"} 1"#;
+    let text = metrics(&core).await;
+    assert!(text.lines().any(|line| line == counted), "missing {counted} in:\n{text}");
+    core.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_node_stopped_by_a_failure_elsewhere_is_billed() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let (endpoint, received) = grpc_receiver().await;
+    let mut core = start(|config| export_to(config, endpoint)).await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "burn", "envProcess": burner(5000)})).await;
+    core.deploy(&acme, json!({"service": "fail", "envProcess": "sleep 0.7; exit 1"})).await;
+    let yaml = "name: burn-and-fail\nnodes:\n  a: {function: burn}\n  b: {function: fail}\n";
+    let response =
+        core.http.post(format!("{}/system/flows", core.url)).bearer_auth(&acme.ingest).body(yaml).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+
+    let response = core.http.post(format!("{}/flow/burn-and-fail", core.url)).bearer_auth(&acme.ingest).send();
+    let body = response.await.unwrap().text().await.unwrap();
+    assert!(body.contains("node b"), "the run fails at node b: {body}");
+
+    let span = span_named(&received, "invoke burn").await.expect("the span of node a's stopped invocation");
+    assert_eq!(int_attr(&span.attributes, "http.response.status_code"), Some(499));
+    let cpu_ms = int_attr(&span.attributes, "sfaas.cpu_ms").unwrap();
+    assert!((150..4000).contains(&cpu_ms), "billed {cpu_ms} ms for node a, stopped after about 0.7 s");
+    core.stop().await;
+}
+
+/// A managed server that burns `MS` ms of CPU, then exits without ever listening.
+const BURN_THEN_EXIT: &str =
+    "PYTHON -c 'import time\nwhile time.process_time() < MS / 1000: pass\nraise SystemExit(3)'";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_server_that_never_listens_is_billed_for_its_start() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let (endpoint, received) = grpc_receiver().await;
+    let mut core = start(|config| export_to(config, endpoint)).await;
+    let acme = core.tenant("acme").await;
+    let command = BURN_THEN_EXIT.replace("PYTHON", &python()).replace("MS", "500");
+    core.deploy(&acme, json!({"service": "quitter", "kind": "http", "envProcess": command})).await;
+    // Burns until it is stopped: here, when its only caller goes away during the start.
+    core.deploy(&acme, json!({"service": "spinner", "kind": "http", "envProcess": burner(60_000)})).await;
+
+    let response = core.invoke(&acme.ingest, "quitter", "").await;
+    assert_eq!(response.status(), 502);
+    assert!(response.text().await.unwrap().contains("exited before listening"));
+    abandon(&core, &acme, "spinner", Duration::from_millis(1000)).await;
+    // The stopped start is metered at once, and reported at the next housekeeping tick.
+    let spinner_ms = eventually(Duration::from_secs(10), || async {
+        Some(instance_cpu_ms(&received, "spinner")).filter(|&ms| ms > 0)
+    })
+    .await
+    .unwrap_or(0);
+    core.stop().await;
+
+    let quitter_ms = instance_cpu_ms(&received, "quitter");
+    assert!((500..1500).contains(&quitter_ms), "billed {quitter_ms} ms for a failed start that burned 500 ms");
+    assert!((200..2000).contains(&spinner_ms), "billed {spinner_ms} ms for a start stopped after 1 s");
+}
+
+/// A managed server that burns 1.5 s of CPU after its first response, while idle.
+const IDLE_BURNER: &str = r#"
+import http.server, os, threading, time
+def burn(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+        threading.Thread(target=burn, args=(1.5,)).start()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_instance_is_billed_for_its_idle_cpu_as_it_goes() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let (endpoint, received) = grpc_receiver().await;
+    let mut core = start(|config| export_to(config, endpoint)).await;
+    let acme = core.tenant("acme").await;
+    std::fs::write(core.functions_dir().join("idle.py"), IDLE_BURNER).unwrap();
+    let workdir = core.functions_dir().display().to_string();
+    core.deploy(&acme, json!({"service": "idle", "kind": "http", "envProcess": "python3 idle.py", "workdir": workdir}))
+        .await;
+    assert_eq!(core.invoke(&acme.ingest, "idle", "").await.text().await.unwrap(), "ok");
+
+    // No other request, the instance still running: its idle burn is metered on the way.
+    let metered = eventually(Duration::from_secs(15), || async {
+        Some(instance_cpu_ms(&received, "idle")).filter(|&ms| ms >= 1200)
+    })
+    .await;
+    assert!(
+        metered.is_some(),
+        "{} ms metered of a warm instance's 1.5 s idle burn",
+        instance_cpu_ms(&received, "idle")
+    );
+    core.stop().await;
+}
