@@ -176,3 +176,23 @@ async fn a_warm_instance_is_billed_for_its_idle_cpu_as_it_goes() {
     );
     core.stop().await;
 }
+
+/// A builtin's thread cannot be stopped: when its client goes away, the invocation is recorded
+/// as cancelled once the thread ends, with all the CPU the thread took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builtin_whose_client_goes_away_is_billed_all_its_thread_took() {
+    let (endpoint, received) = grpc_receiver().await;
+    let mut core = start(|config| export_to(config, endpoint)).await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "burn", "builtin": "cpu-burn"})).await;
+    let request = core.http.post(format!("{}/function/burn", core.url)).bearer_auth(&acme.ingest).body("1500");
+    let sent = request.timeout(Duration::from_millis(300)).send().await;
+    assert!(sent.is_err_and(|error| error.is_timeout()), "the call ended before the client gave up");
+
+    let span = span_named(&received, "invoke burn").await.expect("the abandoned invocation's span");
+    assert_eq!(int_attr(&span.attributes, "http.response.status_code"), Some(499), "recorded as cancelled");
+    let cpu_ms = int_attr(&span.attributes, "sfaas.cpu_ms").unwrap();
+    // The thread burned its 1.5 s of CPU to the end (it cannot be stopped): all of it billed.
+    assert!(cpu_ms >= 1500, "billed {cpu_ms} ms for a builtin thread that burned 1500 ms");
+    core.stop().await;
+}

@@ -162,28 +162,51 @@ pub async fn run(
     let tenant = context.tenant.clone();
     let state = context.state.clone();
     let env = spec.env.clone();
-    let mut task = tokio::task::spawn_blocking(move || {
+    // The thread answers its result here and returns its CPU time, so that a caller that stops
+    // waiting (a timeout, or going away) can leave the CPU time to be billed when it ends.
+    let (answer, result) = tokio::sync::oneshot::channel();
+    let task = tokio::task::spawn_blocking(move || {
         let _thread = thread;
         let before = process::thread_cpu_ns();
         let result = function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &env });
-        (result, process::thread_cpu_ns() - before)
+        let _ = answer.send(result);
+        process::thread_cpu_ns() - before
     });
-    let (result, cpu_ns) = match tokio::time::timeout(spec.limits.timeout, &mut task).await {
-        Ok(Ok(done)) => done,
-        Ok(Err(join)) => (Err(format!("builtin panicked: {join}")), 0),
+    let mut running = Running(Some(task));
+    let task = running.0.as_mut().expect("just set");
+    let cpu_ns = match tokio::time::timeout(spec.limits.timeout, task).await {
+        Ok(Ok(cpu_ns)) => cpu_ns,
+        Ok(Err(join)) => {
+            running.0 = None;
+            return Ok(outcome(Err(format!("builtin panicked: {join}")), Usage::default()));
+        }
         Err(_) => {
             // The thread cannot be stopped: the caller gets its 504 now, and the CPU time the
             // builtin takes to its end is billed when it ends.
-            let still_running = tokio::spawn(async move { task.await.map_or(0, |(_, cpu_ns)| cpu_ns) });
             return Err(FunctionError::Timeout {
                 name: spec.name.clone(),
                 timeout: spec.limits.timeout,
                 usage: Usage::default(),
-                still_running: Some(still_running),
+                still_running: running.0.take(),
             });
         }
     };
+    running.0 = None;
+    let result = result.await.unwrap_or_else(|_| Err("builtin ended without an answer".into()));
     Ok(outcome(result, Usage { cpu_ns, peak_memory_bytes: 0, cold_start: false }))
+}
+
+/// A builtin's thread while its caller waits for it. A thread cannot be stopped: if the
+/// caller goes away first (an HTTP client that disconnects, a flow run cancelled), the CPU
+/// time the thread takes to its end is reported to be billed when it ends.
+struct Running(Option<tokio::task::JoinHandle<u64>>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            super::Abandoned::report(Usage::default(), Some(task));
+        }
+    }
 }
 
 fn outcome(result: Result<Bytes, String>, usage: Usage) -> Outcome {
