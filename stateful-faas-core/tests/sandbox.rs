@@ -475,3 +475,42 @@ async fn a_managed_instance_is_billed_for_its_cpu_between_requests() {
     assert!((200..800).contains(&cpu_ms), "instance usage {cpu_ms} ms in {} records", instance.len());
     assert!(cpu_ms + invoked >= 300, "billed {cpu_ms} ms as instance usage and {invoked} ms in requests");
 }
+
+/// A managed server answering with where its stdout and stderr go.
+const WHERE_OUTPUT_GOES: &str = r#"
+import http.server, os
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = (os.readlink("/proc/self/fd/1") + " " + os.readlink("/proc/self/fd/2")).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// A managed server's stdout and stderr are pipes the gateway reads, never the gateway's own
+/// descriptors (through which it could flood, forge or truncate the gateway's log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_server_writes_to_pipes_not_to_the_gateways_output() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let core = start(|_| {}).await;
+    let acme = core.tenant("acme").await;
+    std::fs::write(core.functions_dir().join("where.py"), WHERE_OUTPUT_GOES).unwrap();
+    let workdir = core.functions_dir().display().to_string();
+    core.deploy(
+        &acme,
+        json!({"service": "where", "kind": "http", "envProcess": "python3 where.py", "workdir": workdir}),
+    )
+    .await;
+    let answer = core.invoke(&acme.ingest, "where", "").await.text().await.unwrap();
+    let (stdout, stderr) = answer.split_once(' ').expect("two links");
+    let own = |fd: u32| std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap().display().to_string();
+    for (theirs, ours) in [(stdout, own(1)), (stderr, own(2))] {
+        assert!(theirs.starts_with("pipe:["), "{answer}");
+        assert_ne!(theirs, ours, "the server writes to the gateway's own output");
+    }
+    assert_ne!(stdout, stderr);
+}

@@ -514,15 +514,21 @@ impl ManagedPool {
         let command = format!("exec {}", self.command);
         let workdir = spec.workdir.as_deref();
         let spawned =
-            process::spawn(&command, &spec.env, &env, workdir, spec.limits.memory_bytes, jail.as_ref(), Io::Quiet)
+            process::spawn(&command, &spec.env, &env, workdir, spec.limits.memory_bytes, jail.as_ref(), Io::Logged)
                 .map_err(|e| start_error(e.to_string()))?;
         let pid = spawned.pid;
+        let id = uuid::Uuid::new_v4();
+        for (fd, stream) in [(spawned.stdout, "stdout"), (spawned.stderr, "stderr")] {
+            if let Some(fd) = fd {
+                super::output::forward(fd, stream, self.tenant.to_string(), spec.name.clone(), id.to_string());
+            }
+        }
         let mut instance = Instance {
             process: process::Running::new(pid),
             port,
             last_used: Instant::now(),
             jail,
-            id: uuid::Uuid::new_v4(),
+            id,
             _slot: slot,
             records: 0,
             metered_cpu_ns: 0,

@@ -11,6 +11,7 @@ pub mod deployment;
 pub mod exec;
 pub mod http;
 pub mod outbound;
+mod output;
 mod process;
 pub mod registry;
 pub mod sandbox;

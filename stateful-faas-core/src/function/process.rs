@@ -56,7 +56,7 @@ pub fn spawn(
     }
     match io {
         Io::Piped => cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()),
-        Io::Quiet => cmd.stdin(Stdio::null()),
+        Io::Logged => cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()),
     };
     // SAFETY: only async-signal-safe calls (setpgid, prctl, setrlimit) between fork and exec.
     unsafe {

@@ -174,7 +174,7 @@ impl Sandbox {
         let net = NetNs::new(None).map_err(|e| SandboxError::Unavailable(format!("a network namespace: {e}")))?;
         let plan = self.plan(*self.uids.start(), Some(Arc::new(net)), None);
         let spawned = plan
-            .spawn(&[], &[c"/bin/true".into()], &[], Io::Quiet)
+            .spawn(&[], &[c"/bin/true".into()], &[], Io::Logged)
             .map_err(|e| SandboxError::Unavailable(format!("a test jail did not start: {e}")))?;
         let reaped = tokio::task::spawn_blocking(move || super::process::wait4(spawned.pid))
             .await
@@ -377,8 +377,9 @@ unsafe impl Sync for Plan {}
 pub enum Io {
     /// Pipes to the gateway for all three (an exec invocation).
     Piped,
-    /// stdin from `/dev/null`, stdout and stderr the gateway's own (a managed server).
-    Quiet,
+    /// stdin from `/dev/null`; stdout and stderr pipes to the gateway, which logs their lines
+    /// (a managed server: see `output`).
+    Logged,
 }
 
 /// A started process and the gateway's ends of its pipes.
@@ -422,10 +423,11 @@ impl Plan {
                 let stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
                 (stdio, vec![in_r, out_w, err_w], (Some(in_w), Some(out_r), Some(err_r)))
             }
-            Io::Quiet => {
-                let null = std::fs::File::open("/dev/null")?;
-                let null = OwnedFd::from(null);
-                ([null.as_raw_fd(), 1, 2], vec![null], (None, None, None))
+            Io::Logged => {
+                let null = OwnedFd::from(std::fs::File::open("/dev/null")?);
+                let ((out_r, out_w), (err_r, err_w)) = (pipe()?, pipe()?);
+                let stdio = [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+                (stdio, vec![null, out_w, err_w], (None, Some(out_r), Some(err_r)))
             }
         };
         let argv_ptrs: Vec<_> = argv.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();

@@ -1,0 +1,123 @@
+//! What a managed server writes to its stdout and stderr: lines read from its pipes by a thread
+//! of the gateway's and logged under its tenant, function and instance. The server never holds
+//! the gateway's own descriptors (it could flood, forge or truncate the gateway's log), a line
+//! is cut at [`MAX_LINE`], and past [`LINES_PER_SECOND`] lines are counted and dropped: the
+//! server never waits on the log, and the log never grows faster than that per stream.
+
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+/// Longest line logged; the rest of a longer one is dropped (and the line marked).
+pub const MAX_LINE: usize = 4096;
+/// Lines a stream may log a second (on average; a burst of ten seconds' worth at once).
+pub const LINES_PER_SECOND: f64 = 100.0;
+
+/// Logs the lines of `stream` (`"stdout"` or `"stderr"`) read from `fd` until its writers
+/// close it, on a thread of its own.
+pub fn forward(fd: OwnedFd, stream: &'static str, tenant: String, function: String, instance: String) {
+    let spawned = std::thread::Builder::new().name("sfaas-output".into()).stack_size(64 << 10).spawn(move || {
+        let mut lines = Lines::new(|text: &str, cut: bool, dropped: u64| {
+            if dropped > 0 {
+                tracing::warn!(%tenant, function, instance, stream, dropped, "a managed server's lines were dropped (over {LINES_PER_SECOND} a second)");
+            }
+            let cut = if cut { " [cut]" } else { "" };
+            tracing::info!(%tenant, function, instance, stream, "{text}{cut}");
+        });
+        let mut file = std::fs::File::from(fd);
+        let mut buffer = vec![0u8; 64 << 10];
+        while let Ok(n) = file.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            lines.feed(&buffer[..n], Instant::now());
+        }
+        lines.finish(Instant::now());
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "a managed server's output cannot be read: it is discarded");
+    }
+}
+
+/// Splits bytes into lines, cut at [`MAX_LINE`], and passes them on at most
+/// [`LINES_PER_SECOND`] (a token bucket), with the count of those dropped before each.
+struct Lines<F: FnMut(&str, bool, u64)> {
+    line: Vec<u8>,
+    cut: bool,
+    tokens: f64,
+    refilled: Option<Instant>,
+    dropped: u64,
+    emit: F,
+}
+
+impl<F: FnMut(&str, bool, u64)> Lines<F> {
+    fn new(emit: F) -> Self {
+        Self { line: Vec::new(), cut: false, tokens: 10.0 * LINES_PER_SECOND, refilled: None, dropped: 0, emit }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8], now: Instant) {
+        while !bytes.is_empty() {
+            let end = bytes.iter().position(|b| *b == b'\n');
+            let part = &bytes[..end.unwrap_or(bytes.len())];
+            let room = MAX_LINE - self.line.len();
+            self.line.extend_from_slice(&part[..part.len().min(room)]);
+            self.cut |= part.len() > room;
+            match end {
+                Some(at) => {
+                    self.end_line(now);
+                    bytes = &bytes[at + 1..];
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn finish(&mut self, now: Instant) {
+        if !self.line.is_empty() {
+            self.end_line(now);
+        }
+    }
+
+    fn end_line(&mut self, now: Instant) {
+        let elapsed = self.refilled.map_or(0.0, |at| now.duration_since(at).as_secs_f64());
+        self.tokens = (self.tokens + elapsed * LINES_PER_SECOND).min(10.0 * LINES_PER_SECOND);
+        self.refilled = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            let text = String::from_utf8_lossy(&self.line);
+            (self.emit)(text.trim_end_matches('\r'), self.cut, std::mem::take(&mut self.dropped));
+        } else {
+            self.dropped += 1;
+        }
+        self.line.clear();
+        self.cut = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_cut_split_across_reads_and_held_to_their_rate() {
+        let mut seen = Vec::new();
+        let start = Instant::now();
+        let mut lines = Lines::new(|text: &str, cut: bool, dropped: u64| seen.push((text.len(), cut, dropped)));
+        lines.feed(b"one\r\ntw", start);
+        lines.feed(b"o\n", start);
+        lines.feed(&vec![b'x'; 3 * MAX_LINE], start);
+        lines.feed(b"\n", start);
+        // A flood at one instant: the burst passes, the rest is dropped and counted.
+        for _ in 0..2000 {
+            lines.feed(b"flood\n", start);
+        }
+        // A second later, a second's worth more.
+        lines.feed(b"later\n", start + std::time::Duration::from_secs(1));
+        lines.finish(start + std::time::Duration::from_secs(1));
+        drop(lines);
+        assert_eq!(&seen[..3], &[(3, false, 0), (3, false, 0), (MAX_LINE, true, 0)]);
+        let burst = 10 * LINES_PER_SECOND as usize;
+        assert_eq!(seen.len(), burst + 1, "the burst, and the line a second later");
+        assert_eq!(seen.last(), Some(&(5, false, 2000 - (burst - 3) as u64)));
+    }
+}
