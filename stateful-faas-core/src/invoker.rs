@@ -42,6 +42,19 @@ impl Invoker {
             );
         };
         let started = Instant::now();
+        // Every invocation's span is queued, full queue or not, because billing meters it: so
+        // while a tenant's spans are not leaving (its queue is full), its new calls wait.
+        if self.telemetry.behind(tenant) {
+            self.metrics.record_invocation(tenant, function_name, 429, 0.0, &Usage::default());
+            return Outcome::text(
+                429,
+                format!(
+                    "namespace {tenant}'s telemetry is behind (its span queue is full, so its calls \
+                     could not be metered): retry in a moment\n"
+                ),
+                Usage::default(),
+            );
+        }
         let Some(_permit) = function.try_begin() else {
             self.metrics.record_invocation(
                 tenant,

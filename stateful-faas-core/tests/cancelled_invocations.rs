@@ -196,3 +196,40 @@ async fn a_builtin_whose_client_goes_away_is_billed_all_its_thread_took() {
     assert!(cpu_ms >= 1500, "billed {cpu_ms} ms for a builtin thread that burned 1500 ms");
     core.stop().await;
 }
+
+/// Invocation spans are what billing meters: they are never dropped for a full queue. While a
+/// tenant's spans are not leaving (its collector hangs), its queue fills and its new calls are
+/// refused (429) instead of run unmetered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_wait_while_their_tenants_spans_cannot_leave() {
+    // A collector that takes connections and never answers.
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", hanging.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hanging.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut core = start(|config| {
+        export_to(config, endpoint);
+        config.telemetry.max_queue_size = 64;
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "echo", "builtin": "echo"})).await;
+    // More calls than the queue holds, 16 at a time.
+    let mut statuses = Vec::new();
+    for _ in 0..100 {
+        let calls = (0..16).map(|_| core.invoke(&acme.ingest, "echo", "x"));
+        let answers = futures_util::future::join_all(calls).await;
+        statuses.extend(answers.iter().map(|answer| answer.status().as_u16()));
+        if statuses.contains(&429) {
+            break;
+        }
+    }
+    let refused = statuses.iter().filter(|status| **status == 429).count();
+    assert!(refused > 0, "all {} calls ran while their spans could not leave", statuses.len());
+    assert!(statuses.iter().all(|status| [200, 429].contains(status)), "{statuses:?}");
+    core.stop().await;
+}

@@ -58,7 +58,9 @@ pub struct TelemetryConfig {
     pub protocol: OtlpProtocol,
     /// Sent as `Authorization: Bearer` (the platform's meter token).
     pub token: Option<String>,
-    /// Spans buffered per tenant before new ones are dropped.
+    /// Spans buffered per tenant: past it, the platform's own droppable spans are dropped, and
+    /// the tenant's new calls are refused (429) until its spans leave (billed usage is never
+    /// dropped).
     pub max_queue_size: usize,
     /// Where export requests the collector cannot take yet wait (a folder per tenant, replayed
     /// in order); `None`: they are lost.
@@ -119,6 +121,11 @@ impl Telemetry {
     /// `None` when export is off.
     pub fn start_invocation(&self, tenant: &TenantId, parent: &Context) -> Option<InvocationSpan> {
         self.with_exporter(tenant, |exporter| InvocationSpan::start(exporter.queue.clone(), parent))
+    }
+
+    /// Whether a tenant's spans are not leaving as fast as they come: its queue is full.
+    pub fn behind(&self, tenant: &TenantId) -> bool {
+        self.providers.read().unwrap().get(tenant).is_some_and(|exporter| exporter.queue.is_full())
     }
 
     /// `f` of the tenant's exporter, created on first use.

@@ -218,7 +218,7 @@ impl OtlpProcessor {
             .map(|dir| Spool::open(dir, config.spool_max_bytes))
             .transpose()
             .map_err(|error| format!("cannot open the span spool: {error}"))?;
-        let shared = Arc::new(Shared::new(max_queue.max(BATCH_SPANS)));
+        let shared = Arc::new(Shared::new(max_queue.max(1)));
         let thread = std::thread::Builder::new()
             .name("sfaas-span-export".into())
             .spawn({
@@ -257,9 +257,12 @@ impl SpanProcessor for OtlpProcessor {
     fn on_start(&self, _span: &mut Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
+        // State and instance usage records: billed, and already taken from their meters.
+        let billed = span.attributes.iter().any(|kv| kv.key.as_str() == crate::semconv::SFAAS_BILLABLE);
+        let bound = if billed { Bound::Billing } else { Bound::Droppable };
         with_encoded(|encoded| {
             message(encoded, 2, |buf| encode_span(buf, &span));
-            self.shared.push(&span.instrumentation_scope, encoded);
+            self.shared.push(&span.instrumentation_scope, encoded, bound);
         });
     }
 
@@ -291,10 +294,12 @@ impl SpanProcessor for OtlpProcessor {
 pub struct SpanQueue(Arc<Shared>);
 
 impl SpanQueue {
-    /// Queues an invocation span, or drops it (counted) when the queue is full or shut down.
+    /// Queues an invocation span, even past the queue's bound (it is what billing meters: the
+    /// invoker refuses new invocations of a tenant whose queue is full instead, see
+    /// [`SpanQueue::is_full`]); dropped (counted) only once the queue is shut down.
     pub(super) fn push_invocation(&self, invocation: &EndedInvocation, texts: &InvocationTexts) {
         let lengths = texts.lengths();
-        self.0.add(INVOCATION_FIXED_BYTES + lengths.sum() + texts.function.len(), |batch| {
+        self.0.add(INVOCATION_FIXED_BYTES + lengths.sum() + texts.function.len(), Bound::Billing, |batch| {
             batch.invocations.push((*invocation, lengths));
             batch.texts.extend_from_slice(texts.function.as_bytes());
             batch.texts.extend_from_slice(texts.call_id.as_bytes());
@@ -304,22 +309,41 @@ impl SpanQueue {
     }
 }
 
+impl SpanQueue {
+    /// Whether the queue holds as many spans as it may: the tenant's spans are not leaving as
+    /// fast as they come (its collector is slow or away, and its spool full).
+    pub fn is_full(&self) -> bool {
+        self.0.queue.lock().unwrap().spans >= self.0.max_queue
+    }
+}
+
+/// Whether a span may be dropped when its queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    /// Dropped (counted) past the queue's bound.
+    Droppable,
+    /// Billed usage: queued past the bound; what bounds it is that new invocations are
+    /// refused while the queue is full, and that usage records come a few a second.
+    Billing,
+}
+
 impl Shared {
     fn new(max_queue: usize) -> Self {
         Self { queue: Mutex::new(Queue::default()), wake: Condvar::new(), sent: Condvar::new(), max_queue }
     }
 
-    /// Queues one encoded span, or drops it (counted) when the queue is full or shut down.
-    fn push(&self, scope: &InstrumentationScope, encoded: &[u8]) {
-        self.add(encoded.len(), |batch| queue_span(&mut batch.scopes, scope, encoded));
+    /// Queues one encoded span, or drops it (counted) when the queue is full (unless `bound`
+    /// says it is billed usage) or shut down.
+    fn push(&self, scope: &InstrumentationScope, encoded: &[u8], bound: Bound) {
+        self.add(encoded.len(), bound, |batch| queue_span(&mut batch.scopes, scope, encoded));
     }
 
     /// Adds one span of at most `bytes` encoded to the open batch with `add`, or drops it
-    /// (counted) when the queue is full or shut down; a batch that fills goes to the export
-    /// thread, and the next one starts in the spare buffers.
-    fn add(&self, bytes: usize, add: impl FnOnce(&mut Batch)) {
+    /// (counted) when the queue is full (a droppable span) or shut down; a batch that fills
+    /// goes to the export thread, and the next one starts in the spare buffers.
+    fn add(&self, bytes: usize, bound: Bound, add: impl FnOnce(&mut Batch)) {
         let mut queue = self.queue.lock().unwrap();
-        if queue.spans >= self.max_queue || queue.shutdown {
+        if (queue.spans >= self.max_queue && bound == Bound::Droppable) || queue.shutdown {
             queue.dropped += 1;
             return;
         }
@@ -1410,7 +1434,7 @@ mod tests {
             for (i, scope) in sdk_scopes.iter().enumerate() {
                 let mut encoded = Vec::new();
                 message(&mut encoded, 2, |buf| encode_span(buf, &span(i as u64, scope)));
-                shared.push(scope, &encoded);
+                shared.push(scope, &encoded, super::Bound::Droppable);
             }
             for i in 0..500 {
                 InvocationSpan::start(SpanQueue(shared.clone()), &parent).end(&Invoked {
