@@ -46,6 +46,17 @@ fn cli(core: &TestCore, auth: Option<(&str, &str)>, args: &[&str], stdin: &[u8])
     format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
 }
 
+/// A connection to the Redis listener at `addr`, signed in as `tenant`.
+async fn signed_in(addr: std::net::SocketAddr, tenant: &str, token: String) -> tokio::net::TcpStream {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let login = format!("*3\r\n$4\r\nAUTH\r\n${}\r\n{tenant}\r\n${}\r\n{token}\r\n", tenant.len(), token.len());
+    socket.write_all(login.as_bytes()).await.unwrap();
+    let mut ok = [0u8; 5];
+    socket.read_exact(&mut ok).await.unwrap();
+    assert_eq!(&ok, b"+OK\r\n");
+    socket
+}
+
 async fn usage(core: &TestCore, tenant: &Tenant) -> serde_json::Value {
     let (status, usage) = core.get_json(&tenant.read, "/state/usage").await;
     assert_eq!(status, 200, "{usage}");
@@ -446,27 +457,18 @@ async fn one_tenants_stalled_large_commands_leave_room_for_others() {
     .await;
     let (acme, globex) = (core.tenant("acme").await, core.tenant("globex").await);
     let addr = address(&core);
-    let signed_in = |tenant: &'static str, token: String| async move {
-        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let login = format!("*3\r\n$4\r\nAUTH\r\n${}\r\n{tenant}\r\n${}\r\n{token}\r\n", tenant.len(), token.len());
-        socket.write_all(login.as_bytes()).await.unwrap();
-        let mut ok = [0u8; 5];
-        socket.read_exact(&mut ok).await.unwrap();
-        assert_eq!(&ok, b"+OK\r\n");
-        socket
-    };
     let value = 3_500_000;
     let header = format!("*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${value}\r\n");
     // Six connections of acme's, each announcing a 3.5 MB value and then stalling.
     let mut stalled = Vec::new();
     for _ in 0..6 {
-        let mut socket = signed_in("acme", acme.ingest.clone()).await;
+        let mut socket = signed_in(addr, "acme", acme.ingest.clone()).await;
         socket.write_all(header.as_bytes()).await.unwrap();
         stalled.push(socket);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     // globex's own 3.5 MB value goes through (it waited for acme's stall timeout, 60 s).
-    let mut socket = signed_in("globex", globex.ingest.clone()).await;
+    let mut socket = signed_in(addr, "globex", globex.ingest.clone()).await;
     let mut command = header.into_bytes();
     command.extend(vec![b'v'; value]);
     command.extend(b"\r\n");
@@ -508,17 +510,8 @@ async fn a_pipeline_of_costly_commands_takes_turns_with_other_connections() {
     let core = start(|config| config.state.max_value_bytes = 32 << 20).await;
     let (acme, globex) = (core.tenant("acme").await, core.tenant("globex").await);
     let addr = address(&core);
-    let signed_in = |tenant: &'static str, token: String| async move {
-        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let login = format!("*3\r\n$4\r\nAUTH\r\n${}\r\n{tenant}\r\n${}\r\n{token}\r\n", tenant.len(), token.len());
-        socket.write_all(login.as_bytes()).await.unwrap();
-        let mut ok = [0u8; 5];
-        socket.read_exact(&mut ok).await.unwrap();
-        assert_eq!(&ok, b"+OK\r\n");
-        socket
-    };
-    let mut heavy = signed_in("acme", acme.ingest.clone()).await;
-    let mut light = signed_in("globex", globex.ingest.clone()).await;
+    let mut heavy = signed_in(addr, "acme", acme.ingest.clone()).await;
+    let mut light = signed_in(addr, "globex", globex.ingest.clone()).await;
     let size = 16 << 20;
     let mut set = format!("*3\r\n$3\r\nSET\r\n$1\r\nv\r\n${size}\r\n").into_bytes();
     set.extend(vec![b'x'; size]);
