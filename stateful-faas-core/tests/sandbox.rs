@@ -353,20 +353,17 @@ async fn a_tenants_function_cannot_reach_past_its_sandbox() {
 async fn no_function_runs_in_the_data_directory() {
     let core = start(|_| {}).await;
     let acme = core.tenant("acme").await;
-    let data_dir = core.dir.path().canonicalize().unwrap();
-    // The data directory, a folder holding it (up to `/`, whose submounts such as /dev/shm
-    // a recursive bind kept writable), and the host's /proc (the gateway's command line and
-    // flags), /sys, /dev and /run.
-    let parent = data_dir.parent().unwrap().display().to_string();
-    let data_dir = data_dir.display().to_string();
+    let data_dir = core.dir.path().canonicalize().unwrap().display().to_string();
+    // The data directory, the host's root (whose submounts, such as /dev/shm, a recursive bind
+    // kept writable), and the host's /proc (the gateway's command line and flags), /sys, /dev
+    // and /run.
     let refused = [
         (data_dir.as_str(), "inside the gateway's data directory"),
-        (parent.as_str(), "inside the gateway's data directory, or holds it"),
-        ("/", "inside the gateway's data directory, or holds it"),
-        ("/proc", "a folder of the host's"),
-        ("/proc/self", "a folder of the host's"),
-        ("/dev", "a folder of the host's"),
-        ("/run", "a folder of the host's"),
+        ("/", "the host's root or in one of its folders"),
+        ("/proc", "the host's root or in one of its folders"),
+        ("/proc/self", "the host's root or in one of its folders"),
+        ("/dev", "the host's root or in one of its folders"),
+        ("/run", "the host's root or in one of its folders"),
     ];
     for (i, (workdir, why)) in refused.iter().enumerate() {
         let name = format!("snoop{i}");

@@ -206,17 +206,19 @@ impl Sandbox {
             None => None,
         };
         if let Some(dir) = workdir.as_ref() {
-            if dir.starts_with(&self.data_dir) || self.data_dir.starts_with(dir) {
+            if dir.starts_with(&self.data_dir) {
                 return Err(SandboxError::Refused(format!(
-                    "its workdir {} is inside the gateway's data directory, or holds it, and no function may see that",
+                    "its workdir {} is inside the gateway's data directory, which no function may see",
                     dir.display()
                 )));
             }
-            // The host's processes, devices and runtime files (the gateway's own command line
-            // with its flags is in /proc), and writable mounts below them.
-            if HOST_FOLDERS.iter().any(|host| dir.starts_with(host)) {
+            // The host's root, processes, devices and runtime files (the gateway's own command
+            // line with its flags is in /proc), and writable mounts below them. (A folder that
+            // holds the data directory shows its name only: the folder is bound alone, and the
+            // data directory is the gateway's user's alone.)
+            if dir == Path::new("/") || HOST_FOLDERS.iter().any(|host| dir.starts_with(host)) {
                 return Err(SandboxError::Refused(format!(
-                    "its workdir {} is a folder of the host's ({}), which no function may see",
+                    "its workdir {} is the host's root or in one of its folders {}, which no function may see",
                     dir.display(),
                     HOST_FOLDERS.join(", ")
                 )));
