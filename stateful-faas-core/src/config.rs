@@ -87,7 +87,7 @@ impl CoreConfig {
             state_redis: Default::default(),
             admin_token: None,
             telemetry: TelemetryConfig {
-                max_queue_size: 4096,
+                max_queue_size: 16_384,
                 // Export requests the collector cannot take yet (see `TelemetryConfig`).
                 spool_dir: Some(data_dir.join("span-spool")),
                 spool_max_bytes: 1 << 30,
