@@ -40,6 +40,19 @@ async fn dashboard() -> (tempfile::TempDir, TelemetryStore, String) {
     (dir, store, base)
 }
 
+/// `GET base + path` with acme's read token: the status and the body's text. It must answer:
+/// a dropped connection (a crashed handler) fails the test, naming the path.
+async fn get(base: &str, path: String) -> (u16, String) {
+    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(60)).build().unwrap();
+    let response = client
+        .get(format!("{base}{path}"))
+        .bearer_auth("acme-read")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} answers: {e}"));
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 
 fn span(id: u64, parent: Option<u64>, name: &str, start_ns: i64, attributes: serde_json::Value) -> SpanRow {
@@ -145,15 +158,7 @@ async fn spans_at_the_ends_of_time_are_shown_not_overflowed() {
     ];
     store.write(&Batch { spans, ..Batch::default() }).await.unwrap();
 
-    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(60)).build().unwrap();
-    let get = |path: String| {
-        let request = client.get(format!("{base}{path}")).bearer_auth("acme-read");
-        async move {
-            let response = request.send().await.unwrap_or_else(|e| panic!("GET {path} answers: {e}"));
-            let status = response.status().as_u16();
-            (status, response.text().await.unwrap())
-        }
-    };
+    let get = |path: String| get(&base, path);
     for path in [
         "/ui/traces?tenant=acme".to_string(),
         "/ui/traces?tenant=acme&min_ms=0&max_ms=1e300&hours=9223372036854775807".into(),
@@ -220,15 +225,9 @@ async fn a_search_among_spans_at_the_ends_of_time_answers() {
         span_between(3, None, "invoke edge", now - 30_000_000_000, now - 29_000_000_000, "r"),
     ];
     store.write(&Batch { spans, ..Batch::default() }).await.unwrap();
-    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(60)).build().unwrap();
-    let get = |path: String| {
-        let request = client.get(format!("{base}{path}")).bearer_auth("acme-read");
-        async move {
-            let response = request.send().await.unwrap_or_else(|e| panic!("GET {path} answers: {e}"));
-            let status = response.status().as_u16();
-            let body: serde_json::Value = response.json().await.unwrap();
-            (status, body)
-        }
+    let get = |path: String| async {
+        let (status, text) = get(&base, path).await;
+        (status, serde_json::from_str::<serde_json::Value>(&text).unwrap())
     };
     // Span 1 ends before it starts (0 long: not matched); span 3 lasted a second.
     let (status, body) = get("/api/traces?service=shop&minDuration=1ms".into()).await;
