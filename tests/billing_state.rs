@@ -7,11 +7,12 @@
 //!
 //! Timeline (B = 2026-11-01T00:00:00Z, a 60 s usage interval, a manual clock):
 //! - acme, B − 120 s: job run1 registered; run1/tmp/a (1000 B), run1/out/p (2500 B, persist),
-//!   standing lookup/s (777 B).
+//!   standing lookup/s (777 B). (Sizes are values; each object holds, and is billed for, its
+//!   value, its address and 128 B.)
 //! - acme, B − 99.876543211 s: standing cache/t (4096 B, TTL 170 s: expires after B).
 //! - acme, B − 74.5 s: run1/tmp/d (333 B), deleted at B + 40.333 s.
 //! - acme, B − 30.25 s: run1/tmp/a replaced by 1500 B.
-//! - globex, B − 1 ns: lookup/k (10 B), deleted at B + 1 ns (10 byte-ns on each side of B).
+//! - globex, B − 1 ns: lookup/k (10 B), deleted at B + 1 ns (145 byte-ns on each side of B).
 //! - acme, B + 90.000000001 s: run1 deregistered (p moves to standing storage).
 //! - acme, B + 130 s: job run2 registered, run2/x/y (64 B).
 //! - B + 180.5 s: shutdown-style final report (`take_usage_final`), then on to B + 1 day, where
@@ -213,16 +214,16 @@ fn run_store(b: i64) -> Expected {
     records.extend(store.take_usage());
     let at_boundary = at_boundary.expect("read at B");
 
-    // By hand, acme at B: standing s 777 B × 120 s + t 4096 B × 99.876543211 s; run1 a 1000 B ×
-    // 89.75 s + 1500 B × 30.25 s, p 2500 B × 120 s, d 333 B × 74.5 s. At its deregistration
-    // run1 adds a and p × 90.000000001 s and d × 40.333 s.
-    assert_eq!(ByteSeconds::from_byte_nanos(at_boundary["acme"].standing).to_decimal_string(), "502334.320992256");
-    assert_eq!(ByteSeconds::from_byte_nanos(at_boundary["acme"].jobs["run1"]).to_decimal_string(), "459933.500000000");
-    assert_eq!(deregistered[&("acme".to_string(), "run1".to_string())], 833_364_389_004_000);
-    // globex held 10 B for 1 ns on each side of B: exactly 10 byte-ns in each day.
-    assert_eq!(at_boundary["globex"].total, 10);
-    assert_eq!(at_end["globex"].total, 20);
-    assert_eq!(ByteSeconds::from_byte_nanos(at_end["globex"].total).to_decimal_string(), "0.000000020");
+    // By hand, in held bytes (value + address + 128): acme at B: standing s 912 B × 120 s + t
+    // 4230 B × 99.876543211 s; run1 a 1136 B × 89.75 s + 1636 B × 30.25 s, p 2636 B × 120 s,
+    // d 469 B × 74.5 s. At its deregistration run1 adds a and p × 90.000000001 s and d × 40.333 s.
+    assert_eq!(ByteSeconds::from_byte_nanos(at_boundary["acme"].standing).to_decimal_string(), "531917.777782530");
+    assert_eq!(ByteSeconds::from_byte_nanos(at_boundary["acme"].jobs["run1"]).to_decimal_string(), "502705.500000000");
+    assert_eq!(deregistered[&("acme".to_string(), "run1".to_string())], 906_101_677_004_272);
+    // globex held 145 B (10 + 7 + 128) for 1 ns on each side of B: exactly 145 byte-ns in each day.
+    assert_eq!(at_boundary["globex"].total, 145);
+    assert_eq!(at_end["globex"].total, 290);
+    assert_eq!(ByteSeconds::from_byte_nanos(at_end["globex"].total).to_decimal_string(), "0.000000290");
     Expected { readings: [BTreeMap::new(), at_boundary, at_end], deregistered, records }
 }
 

@@ -203,13 +203,13 @@ impl Collector for StateCollector {
         let gauge = ConstGauge::new(0i64);
         let mut family = encoder.encode_descriptor(
             semconv::METRIC_STATE_BYTES,
-            "Value bytes held in the state store",
+            "Bytes held in the state store (values, addresses and 128 bytes an object), as byte-seconds integrate them",
             None,
             gauge.metric_type(),
         )?;
         for (tenant, usage) in &usage {
             let labels = NamespaceLabels { namespace: tenant.to_string() };
-            ConstGauge::new(usage.bytes as i64).encode(family.encode_family(&labels)?)?;
+            ConstGauge::new(usage.held as i64).encode(family.encode_family(&labels)?)?;
         }
         let counter = ConstCounter::new(0.0f64);
         let mut family = encoder.encode_descriptor(

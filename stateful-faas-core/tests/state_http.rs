@@ -59,6 +59,8 @@ async fn the_state_api_follows_pocket_over_http() {
     assert_eq!(r.status(), 400);
     let (_, usage) = core.get_json(&acme.read, "/state/usage").await;
     assert_eq!(usage["bytes"], 10);
+    // Each object holds its value, its address and 128 B: run-1/b/k 5 + 7 + 128, tables/t 5 + 7 + 128.
+    assert_eq!(usage["held"], 280);
 
     // Another tenant sees none of it, at the same paths.
     let globex = core.tenant("globex").await;
@@ -76,7 +78,7 @@ async fn the_state_api_follows_pocket_over_http() {
     // The state gauges and byte-second counters, per namespace.
     let metrics = http.get(format!("{}/metrics", core.url)).bearer_auth(common::ADMIN).send().await.unwrap();
     let metrics = metrics.text().await.unwrap();
-    assert!(metrics.lines().any(|l| l == r#"sfaas_state_bytes{namespace="acme"} 10"#), "{metrics}");
+    assert!(metrics.lines().any(|l| l == r#"sfaas_state_bytes{namespace="acme"} 280"#), "{metrics}");
     assert!(metrics.contains(r#"sfaas_state_byte_seconds_total{namespace="acme"}"#));
 }
 

@@ -271,7 +271,7 @@ async fn quotas_answer_oom_and_evict_nothing() {
 
 /// Byte-seconds are the store's integral whichever protocol changed the bytes: objects with a
 /// TTL are counted to their expiry instant exactly, and a job's byte-seconds as deregistered
-/// over RESP are those of its value over the time it was held.
+/// over RESP are those of what it held (value, address and 128 B) over the time it was held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metering_through_resp_is_exact() {
     let Some(_) = require_program("redis-cli") else { return };
@@ -279,7 +279,8 @@ async fn metering_through_resp_is_exact() {
     let acme = core.tenant("acme").await;
     let a = Some(("acme", acme.ingest.as_str()));
     let (set, deregistered) = tokio::task::block_in_place(|| {
-        // 5 bytes for 300 ms and 10 bytes for 500 ms: 6.5 byte-seconds, whenever they were set.
+        // Each holds its value, its address (bucket `ttl` and key: 4 B) and 128 B: 137 B for
+        // 300 ms and 142 B for 500 ms, 112.1 byte-seconds, whenever they were set.
         assert_eq!(cli(&core, a, &["SET", "ttl/a", "12345", "PX", "300"], b"").trim(), "OK");
         assert_eq!(cli(&core, a, &["SET", "ttl/b", "1234567890", "PX", "500"], b"").trim(), "OK");
         assert_eq!(cli(&core, a, &["SFAAS.REGISTER", "run-1"], b"").trim(), "OK");
@@ -293,13 +294,14 @@ async fn metering_through_resp_is_exact() {
     });
     assert_eq!(cli(&core, a, &["EXISTS", "ttl/a", "ttl/b"], b"").trim(), "0", "expired");
     let usage = usage(&core, &acme).await;
-    assert_eq!(usage["standing"], "6.500000000", "{usage}");
+    assert_eq!(usage["standing"], "112.100000000", "{usage}");
     let (before, after, byte_seconds) = deregistered;
     assert_eq!(usage["ended_jobs"], byte_seconds.as_str(), "{usage}");
     let held = byte_nanos(&byte_seconds);
-    let (least, most) = ((before - set.1).as_nanos() * 1000, (after - set.0).as_nanos() * 1000);
+    // 1000 B of value, 7 of address (run-1, b, k), 128.
+    let (least, most) = ((before - set.1).as_nanos() * 1135, (after - set.0).as_nanos() * 1135);
     assert!(least <= held && held <= most, "{least} <= {held} <= {most}");
-    assert_eq!(byte_nanos(usage["total"].as_str().unwrap()), 6_500_000_000 + held);
+    assert_eq!(byte_nanos(usage["total"].as_str().unwrap()), 112_100_000_000 + held);
 }
 
 /// Functions reach the store with redis-py and redis-cli (the examples), inside their sandbox,

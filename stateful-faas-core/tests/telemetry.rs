@@ -303,7 +303,7 @@ async fn state_usage_is_reported_per_interval_as_billable_spans() {
         assert!(ids.insert(id.clone()), "usage id {id} repeated");
     }
     // The standing object was held from its put to the shutdown, without gaps or overlaps:
-    // 1000 B over the time its records cover.
+    // 1130 B (1000 of value, 2 of address, 128) over the time its records cover.
     let mut standing: Vec<_> = spans
         .iter()
         .filter(|(_, _, s)| string_attr(&s.attributes, "sfaas.state.owner").as_deref() == Some("standing"))
@@ -320,7 +320,7 @@ async fn state_usage_is_reported_per_interval_as_billable_spans() {
         assert_eq!(pair[0].1, pair[1].0, "contiguous records");
     }
     for (start, end, byte_seconds) in &standing {
-        let byte_nanos = 1000 * u128::from(end - start);
+        let byte_nanos = 1130 * u128::from(end - start);
         assert_eq!(byte_seconds, &format!("{}.{:09}", byte_nanos / 1_000_000_000, byte_nanos % 1_000_000_000));
     }
 }

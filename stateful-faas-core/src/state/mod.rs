@@ -11,7 +11,7 @@
 //! its address (job, bucket and key) and [`OBJECT_OVERHEAD`], so that empty objects with long
 //! keys are not free to hoard. A put over either fails (507) and never evicts anything. A tenant
 //! may have at most [`StateConfig::max_jobs_per_tenant`] jobs registered (429 beyond). Metering
-//! counts value bytes only: that is what a bill's byte-seconds are.
+//! counts the same held bytes: what a tenant occupies is what its bill's byte-seconds are.
 //!
 //! Metering is exact (see [`metering`]): each job's and each tenant's byte-seconds are
 //! integrated at every change; objects that outlive their job move to the tenant's standing
@@ -235,9 +235,9 @@ fn scan_hash(key: &ObjectKey) -> u64 {
 /// Byte-seconds of a tenant, split by owner.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TenantUsage {
-    /// Value bytes (what is metered).
+    /// Value bytes alone.
     pub bytes: u64,
-    /// What the quota counts: values, addresses and [`OBJECT_OVERHEAD`] per object.
+    /// What the quota counts and metering integrates: values, addresses and [`OBJECT_OVERHEAD`] per object.
     pub held: u64,
     /// All of the tenant's storage, from its first byte.
     pub total: ByteSeconds,
@@ -341,9 +341,9 @@ struct TenantState {
     standing: Account,
     /// Byte-seconds of jobs already deregistered.
     ended_jobs: ByteSeconds,
-    /// Value bytes (what is metered).
+    /// Value bytes alone.
     bytes: u64,
-    /// What the quota counts ([`ObjectKey::held`] of each object).
+    /// What the quota counts and the accounts integrate ([`ObjectKey::held`] of each object).
     held: u64,
     /// What the standing account has reported.
     standing_reported: Reported,
@@ -386,7 +386,7 @@ impl TenantState {
             self.sweep(boundary, used);
             self.report_all(boundary);
             until = boundary;
-            if self.bytes == 0 {
+            if self.held == 0 {
                 // Nothing held: no account accrues until the next change, which is at `now` or
                 // later, so skip to the last boundary before it.
                 let last = now / interval * interval;
@@ -426,10 +426,10 @@ impl TenantState {
             self.jobs.get_mut(job).expect("objects counted in a job belong to a registered job").objects.remove(&key);
         }
         let size = object.value.len() as u64;
-        let since = object.counted_since;
-        self.account(&key.job, object.in_job).close(size, since, at);
-        self.bytes -= size;
         let held = key.held(size);
+        let since = object.counted_since;
+        self.account(&key.job, object.in_job).close(held, since, at);
+        self.bytes -= size;
         self.held -= held;
         used.fetch_sub(held, Ordering::SeqCst);
         Some(object)
@@ -467,9 +467,9 @@ impl TenantState {
         };
         if let Some(old) = replaced {
             let old_size = old.value.len() as u64;
-            self.account(&key.job, old.in_job).close(old_size, old.counted_since, now);
-            self.bytes -= old_size;
             let old_held = key.held(old_size);
+            self.account(&key.job, old.in_job).close(old_held, old.counted_since, now);
+            self.bytes -= old_size;
             self.held -= old_held;
             used.fetch_sub(old_held, Ordering::SeqCst);
             if let Some(at) = old.expires_at
@@ -478,7 +478,7 @@ impl TenantState {
                 self.expiries.remove(&(at, shared(&self.objects)));
             }
         }
-        self.account(&key.job, in_job).open(size, now);
+        self.account(&key.job, in_job).open(held, now);
         if let Some(job) = key.job.as_ref().filter(|_| in_job) {
             // (Already there when it replaces an object of the same job.)
             let shared = shared(&self.objects);
@@ -638,9 +638,9 @@ impl StateStore {
                     state.remove(&key, now, &self.used);
                     continue;
                 }
-                let (size, since) = (object.value.len() as u64, object.counted_since);
-                state.jobs.get_mut(job).expect("checked").account.close(size, since, now);
-                state.standing.open(size, now);
+                let (held, since) = (key.held(object.value.len() as u64), object.counted_since);
+                state.jobs.get_mut(job).expect("checked").account.close(held, since, now);
+                state.standing.open(held, now);
                 let object = state.objects.get_mut(&key).expect("listed above");
                 object.in_job = false;
                 object.counted_since = now;

@@ -190,7 +190,7 @@ fn quotas_and_budget_refuse_puts_and_never_evict() {
 #[test]
 fn empty_objects_with_long_keys_are_not_free_to_hoard() {
     let config = StateConfig { tenant_quota_bytes: 64 << 10, ..StateConfig::default() };
-    let (store, _) = store(config);
+    let (store, clock) = store(config);
     let t = acme();
     let long = |n: usize| format!("{n:0255}");
     // Each empty object holds its 255-byte key, its 1-byte bucket and the overhead.
@@ -201,8 +201,11 @@ fn empty_objects_with_long_keys_are_not_free_to_hoard() {
     }
     let refused = store.put(&t, key(None, "b", &long(fit as usize)), Bytes::new(), PutOptions::default());
     assert!(matches!(refused, Err(StateError::QuotaExceeded { .. })), "{refused:?}");
-    assert_eq!(store.usage(&t).bytes, 0, "no value bytes: nothing is metered");
+    assert_eq!(store.usage(&t).bytes, 0, "no value bytes");
     assert_eq!(store.usage(&t).held, fit * each);
+    // What they hold is what is metered: 10 s of them cost as much as 10 s of values as large.
+    clock.advance_secs(10);
+    assert_eq!(store.usage(&t).total, bs(10 * fit * each));
 }
 
 #[test]
@@ -233,24 +236,26 @@ fn ttl_expires_objects_at_their_instant() {
     assert!(store.get(&t, &key(None, "b", "k"), false).is_err());
     assert!(store.lookup(&t, &key(None, "b", "k")).is_err());
     assert_eq!(store.usage(&t).bytes, 0);
-    // Swept late, it is still counted only until its expiry: 100 B × 3 s.
+    // Swept late, it is still counted only until its expiry: it held 230 B (100 of value, 2 of
+    // address, 128 of overhead) × 3 s.
     clock.set(100 * S);
-    assert_eq!(store.usage(&t).total, bs(300));
+    assert_eq!(store.usage(&t).total, bs(690));
 }
 
-/// A hand-computed timeline (seconds; B = bytes):
+/// A hand-computed timeline (seconds; B = bytes). An object holds its value, its address
+/// (job, bucket and key: 3 B for `j/b/a`, 7 B for `tables/t`) and 128 B, and that is metered:
 ///
-/// | t  | event                                                        |
-/// |----|--------------------------------------------------------------|
-/// | 0  | register job j; put j/b/a 100 B; put j/b/p 10 B PERSIST       |
-/// | 2  | put (no job) tables/t 1000 B with TTL 3 s (expires at t=5)    |
-/// | 4  | replace j/b/a with 200 B                                      |
-/// | 6  | deregister j (a dropped; p moves to standing storage)         |
-/// | 10 | read the usage                                                |
+/// | t  | event                                                        | held  |
+/// |----|--------------------------------------------------------------|-------|
+/// | 0  | register job j; put j/b/a 100 B; put j/b/p 10 B PERSIST       | 231, 141 |
+/// | 2  | put (no job) tables/t 1000 B with TTL 3 s (expires at t=5)    | 1135  |
+/// | 4  | replace j/b/a with 200 B                                      | 331   |
+/// | 6  | deregister j (a dropped; p moves to standing storage)         |       |
+/// | 10 | read the usage                                                |       |
 ///
-/// job j: a = 100×4 + 200×2 = 800, p = 10×6 = 60 → 860
-/// standing: tables/t = 1000×3 = 3000 (though swept only at t=6), p after j = 10×4 = 40
-/// total = 860 + 3000 + 40 = 3900
+/// job j: a = 231×4 + 331×2 = 1586, p = 141×6 = 846 → 2432
+/// standing: tables/t = 1135×3 = 3405 (though swept only at t=6), p after j = 141×4 = 564
+/// total = 2432 + 3405 + 564 = 6401
 #[test]
 fn byte_seconds_match_a_hand_computed_integral() {
     let (store, clock) = store(StateConfig::default());
@@ -268,23 +273,23 @@ fn byte_seconds_match_a_hand_computed_integral() {
         )
         .unwrap();
     clock.set(4 * S);
-    assert_eq!(store.job_usage(&t, "j"), Some(bs(440))); // 100×4 + 10×4
+    assert_eq!(store.job_usage(&t, "j"), Some(bs(1488))); // 231×4 + 141×4
     store.put(&t, key(Some("j"), "b", "a"), bytes(200), PutOptions::default()).unwrap();
     clock.set(6 * S);
-    assert_eq!(store.deregister(&t, "j").unwrap(), bs(860));
+    assert_eq!(store.deregister(&t, "j").unwrap(), bs(2432));
     clock.set(10 * S);
     let usage = store.usage(&t);
-    assert_eq!(usage.bytes, 10);
-    assert_eq!(usage.ended_jobs, bs(860));
-    assert_eq!(usage.standing, bs(3040));
-    assert_eq!(usage.total, bs(3900));
+    assert_eq!((usage.bytes, usage.held), (10, 141));
+    assert_eq!(usage.ended_jobs, bs(2432));
+    assert_eq!(usage.standing, bs(3969));
+    assert_eq!(usage.total, bs(6401));
     assert!(usage.jobs.is_empty());
-    assert_eq!(usage.total.to_decimal_string(), "3900.000000000");
+    assert_eq!(usage.total.to_decimal_string(), "6401.000000000");
 
-    // Sub-second changes stay exact: p (10 B) and x/y (10 B) held for 1 ns more.
+    // Sub-second changes stay exact: p (141 B) and x/y (10 + 2 + 128 B) held for 1 ns more.
     store.put(&t, key(None, "x", "y"), bytes(10), PutOptions::default()).unwrap();
     clock.set(10 * S + 1);
-    assert_eq!(store.usage(&t).total.byte_nanos(), 3900 * S as u128 + 20);
+    assert_eq!(store.usage(&t).total.byte_nanos(), 6401 * S as u128 + 281);
 }
 
 const I: u64 = 10 * S;
@@ -322,7 +327,10 @@ struct Timeline {
     final_records: Vec<UsageInterval>,
 }
 
-/// The timeline of `usage_is_partitioned_exactly_by_interval` (I = 10 s; seconds; B = bytes).
+/// The timeline of `usage_is_partitioned_exactly_by_interval` (I = 10 s; seconds; B = bytes of
+/// value). What each object holds, and is metered, is its value, its address (3 B in a job, 2 B
+/// without: every name here is one letter) and 128 B: x 231, p 141, t 1130, s 180, y 151, w 133,
+/// z 136, q 138, v 132.
 /// With `probe`, the usage is also read at every boundary (which closes it right there);
 /// without, boundaries are closed lazily by the next operation, several at once at the end.
 ///
@@ -405,11 +413,12 @@ fn partition_timeline(probe: bool) -> Timeline {
 
 /// Records sum, per period of whole intervals, to the store's exact integral over the period.
 ///
-/// Hand-computed, the interval [10 s, 20 s): standing t 1000 B × 7 s (to its expiry at 17) +
-/// s 50 B × 8 s (from 12) = 7400; job a: (100 + 10) B × 10 s = 1100; job b: y 20 B × 8 s (from
-/// its registration at 12) = 160; together 8660 = total(20) − total(10).
-/// Job a's first run: 100 B × 30 s + 10 B × 30 s = 3300, in records [3,10) 770, [10,20) 1100,
-/// [20,27) 770, [27,30) 330 (split by the final report at 27) and [30,33) 330.
+/// Hand-computed (in held bytes, see [`partition_timeline`]), the interval [10 s, 20 s):
+/// standing t 1130 B × 7 s (to its expiry at 17) + s 180 B × 8 s (from 12) = 9350; job a:
+/// (231 + 141) B × 10 s = 3720; job b: y 151 B × 8 s (from its registration at 12) = 1208;
+/// together 14278 = total(20) − total(10).
+/// Job a's first run: (231 + 141) B × 30 s = 11160, in records [3,10) 2604, [10,20) 3720,
+/// [20,27) 2604, [27,30) 1116 (split by the final report at 27) and [30,33) 1116.
 #[test]
 fn usage_is_partitioned_exactly_by_interval() {
     let probed = partition_timeline(true);
@@ -426,21 +435,21 @@ fn usage_is_partitioned_exactly_by_interval() {
 
     // Hand-computed records.
     for expected in [
-        standing_record(3, 10, 7000),
-        standing_record(10, 20, 7400),
-        standing_record(20, 27, 250),
-        standing_record(30, 40, 91), // p 10 B × 7 s (from 33) + w 3 B × 7 s (expires at 40)
-        standing_record(60, 70, 320),
-        job_record(3, 10, "a", 770),
-        job_record(10, 20, "a", 1100),
-        job_record(20, 27, "a", 770),
-        job_record(27, 30, "a", 330),
-        job_record(30, 33, "a", 330),
-        job_record(12, 20, "b", 160),
-        job_record(40, 50, "b", 220), // y 20 B × 10 s + z 5 B × 4 s (expired at 45)
-        job_record(50, 58, "b", 160),
-        job_record(47, 50, "a", 21),
-        job_record(50, 52, "a", 14),
+        standing_record(3, 10, 7910),
+        standing_record(10, 20, 9350),
+        standing_record(20, 27, 900),
+        standing_record(30, 40, 1918), // p 141 B × 7 s (from 33) + w 133 B × 7 s (expires at 40)
+        standing_record(60, 70, 4240), // p + y + v = 424 B
+        job_record(3, 10, "a", 2604),
+        job_record(10, 20, "a", 3720),
+        job_record(20, 27, "a", 2604),
+        job_record(27, 30, "a", 1116),
+        job_record(30, 33, "a", 1116),
+        job_record(12, 20, "b", 1208),
+        job_record(40, 50, "b", 2054), // y 151 B × 10 s + z 136 B × 4 s (expired at 45)
+        job_record(50, 58, "b", 1208),
+        job_record(47, 50, "a", 414),
+        job_record(50, 52, "a", 276),
     ] {
         assert!(records.contains(&expected), "missing {expected:?} in {records:#?}");
     }
@@ -448,7 +457,7 @@ fn usage_is_partitioned_exactly_by_interval() {
     let total_of = |from: u64, to: u64| -> u128 {
         records.iter().filter(|r| r.start_ns >= from && r.end_ns <= to).map(|r| r.byte_seconds.byte_nanos()).sum()
     };
-    assert_eq!(total_of(10 * S, 20 * S), bs(8660).byte_nanos());
+    assert_eq!(total_of(10 * S, 20 * S), bs(14278).byte_nanos());
 
     // No record straddles a boundary; each ends at a boundary, its job's end, or a final report.
     let ends: Vec<u64> = probed.jobs.iter().map(|(_, _, end, _)| end * S).chain([27 * S]).collect();
@@ -479,7 +488,8 @@ fn usage_is_partitioned_exactly_by_interval() {
     );
 
     // Each job's records sum to what its deregistration returned, once.
-    assert_eq!(probed.jobs.iter().map(|j| j.3).collect::<Vec<_>>(), [bs(3300), bs(35), bs(940)]);
+    // b: y 151 B × 46 s + z 136 B × 4 s.
+    assert_eq!(probed.jobs.iter().map(|j| j.3).collect::<Vec<_>>(), [bs(11160), bs(690), bs(7490)]);
     for (job, registered, deregistered, returned) in &probed.jobs {
         let sum: ByteSeconds = records
             .iter()
@@ -491,9 +501,9 @@ fn usage_is_partitioned_exactly_by_interval() {
     }
     assert!(records.iter().all(|r| r.owner != Owner::Job("b".into()) || r.end_ns <= 58 * S));
 
-    // The final report covers [90, 95): p 10 + y 20 + v 2 = 32 B × 5 s, to the exact total.
-    assert_eq!(probed.final_records, [standing_record(90, 95, 160)]);
-    assert_eq!(probed.end_total, probed.totals[&(90 * S)] + bs(160));
+    // The final report covers [90, 95): p 141 + y 151 + v 132 = 424 B × 5 s, to the exact total.
+    assert_eq!(probed.final_records, [standing_record(90, 95, 2120)]);
+    assert_eq!(probed.end_total, probed.totals[&(90 * S)] + bs(2120));
 }
 
 #[test]
@@ -504,16 +514,21 @@ fn idle_tenants_skip_empty_intervals_and_report_nothing() {
     store.put(&t, key(None, "b", "k"), bytes(4), PutOptions::default()).unwrap();
     clock.set(12 * S);
     store.delete(&t, &key(None, "b", "k")).unwrap();
-    // A year later: one record per interval that held something, none for the empty ones.
+    // A year later: one record per interval that held something, none for the empty ones. The
+    // object holds 4 + 2 + 128 B, then 1 + 2 + 128 B.
     clock.set(365 * 86_400 * S + 3 * S);
     store.put(&t, key(None, "b", "k"), bytes(1), PutOptions::default()).unwrap();
     clock.set(365 * 86_400 * S + 10 * S);
     let records: Vec<_> = store.take_usage().into_iter().map(|(_, r)| r).collect();
     assert_eq!(
         records,
-        [standing_record(5, 10, 20), standing_record(10, 20, 8), standing_record(365 * 86_400, 365 * 86_400 + 10, 7)]
+        [
+            standing_record(5, 10, 670),
+            standing_record(10, 20, 268),
+            standing_record(365 * 86_400, 365 * 86_400 + 10, 917)
+        ]
     );
-    assert_eq!(store.usage(&t).total, bs(35));
+    assert_eq!(store.usage(&t).total, bs(1855));
 }
 
 #[test]
