@@ -429,6 +429,10 @@ struct CoreArgs {
     /// Largest request body, in bytes.
     #[arg(long, env = "SFAAS_MAX_BODY_BYTES", default_value_t = 16 << 20)]
     max_body_bytes: usize,
+    /// Bytes all invocations' buffers may hold at once (requests' bodies and functions'
+    /// responses), half of them one tenant's.
+    #[arg(long, env = "SFAAS_BUFFER_BYTES", default_value_t = 1 << 30)]
+    buffer_bytes: u64,
     /// Concurrent deliveries of async calls.
     #[arg(long, env = "SFAAS_ASYNC_WORKERS", default_value_t = 4)]
     async_workers: usize,
@@ -633,6 +637,7 @@ impl CoreArgs {
         config.telemetry.protocol = self.otlp_protocol;
         config.telemetry.token = self.otlp_token.clone();
         config.max_body_bytes = self.max_body_bytes;
+        config.buffer_bytes = self.buffer_bytes;
         config.async_queue.workers = self.async_workers;
         config.async_queue.max_calls_per_tenant = self.tenant_max_async_calls;
         config.async_queue.max_bytes_per_tenant = self.tenant_max_async_bytes;

@@ -27,6 +27,10 @@ pub struct CoreConfig {
     pub telemetry: TelemetryConfig,
     /// Largest request body accepted by `/function/*` and `/async-function/*` (413 beyond).
     pub max_body_bytes: usize,
+    /// Bytes all invocations' buffers may hold at once (requests' bodies and functions'
+    /// responses), half of them one tenant's: beyond, a body waits for room and a response is
+    /// refused (429).
+    pub buffer_bytes: u64,
     pub async_queue: AsyncQueueConfig,
     pub state: StateConfig,
     /// Process functions run in sandboxes (namespaces, a uid per tenant, seccomp, and cgroups
@@ -94,6 +98,7 @@ impl CoreConfig {
                 ..Default::default()
             },
             max_body_bytes: 16 << 20,
+            buffer_bytes: 1 << 30,
             async_queue: AsyncQueueConfig::default(),
             state: StateConfig::default(),
             sandbox: Some(SandboxConfig::default()),

@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use crate::function::outbound::Outbound;
 use crate::function::{Abandoned, Invocation, Outcome, Registry, RunContext, Target, Usage};
 use crate::metrics::Metrics;
+use crate::room::{Buffers, Held, Room};
 use crate::state::StateStore;
 use crate::telemetry::{self, InvocationSpan, Telemetry};
 use crate::tenant::{TenantId, TenantStore};
@@ -23,16 +24,52 @@ pub struct Invoker {
     pub state: Arc<StateStore>,
     /// Client for requests tenants direct: upstream functions and callbacks.
     pub outbound: Outbound,
+    /// Room for invocations' buffers (requests' bodies and functions' responses).
+    pub buffers: Arc<Room>,
 }
 
 impl Invoker {
-    /// Runs one invocation of `function` for `tenant`: the path every trigger takes.
+    /// Runs one invocation of `function` for `tenant`: the path every trigger takes. Its body
+    /// and its function's response are held in [`Invoker::buffers`] while it runs (waiting for
+    /// room for the body: backpressure).
     pub async fn dispatch(
+        &self,
+        tenant: &TenantId,
+        function_name: &str,
+        invocation: Invocation,
+        trigger: &'static str,
+    ) -> Outcome {
+        match self.buffers.hold(tenant, invocation.body.len() as u64).await {
+            Ok(held) => self.dispatch_held(tenant, function_name, invocation, trigger, held).await.0,
+            Err(error) => {
+                self.metrics.record_invocation(tenant, function_name, 429, 0.0, &Usage::default());
+                Outcome::text(429, format!("{error}\n"), Usage::default())
+            }
+        }
+    }
+
+    /// [`Invoker::dispatch`] of an invocation whose body is `held` already (read into room as
+    /// it arrived). Gives back the invocation's buffers, to be kept until its response is sent.
+    pub async fn dispatch_held(
+        &self,
+        tenant: &TenantId,
+        function_name: &str,
+        invocation: Invocation,
+        trigger: &'static str,
+        held: Held,
+    ) -> (Outcome, Arc<Buffers>) {
+        let buffers = Arc::new(Buffers::new(self.buffers.clone(), held, invocation.body.len() as u64));
+        let outcome = self.run(tenant, function_name, invocation, trigger, &buffers).await;
+        (outcome, buffers)
+    }
+
+    async fn run(
         &self,
         tenant: &TenantId,
         function_name: &str,
         mut invocation: Invocation,
         trigger: &'static str,
+        buffers: &Arc<Buffers>,
     ) -> Outcome {
         let Some(function) = self.functions.get(tenant, function_name) else {
             return Outcome::text(
@@ -97,6 +134,7 @@ impl Invoker {
             state_addresses: self.functions.state_addresses.get(),
             state_token: state_token.as_ref().map_or("", |t| t.token.as_str()),
             builtins: self.functions.builtins(),
+            buffers,
         };
         let abandoned = Arc::new(Abandoned::default());
         let mut underway = Underway {

@@ -15,6 +15,7 @@ pub mod invoker;
 pub mod metrics;
 pub mod quota;
 pub mod redis;
+pub mod room;
 pub use contract::semconv;
 pub mod stack;
 pub mod state;

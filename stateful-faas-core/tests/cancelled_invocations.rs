@@ -233,3 +233,30 @@ async fn calls_wait_while_their_tenants_spans_cannot_leave() {
     assert!(statuses.iter().all(|status| [200, 429].contains(status)), "{statuses:?}");
     core.stop().await;
 }
+
+/// A function whose answer cannot be returned (over the largest response) still ran: its CPU is
+/// billed, not dropped with the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invocation_whose_answer_is_too_large_is_billed_its_cpu() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let (endpoint, received) = grpc_receiver().await;
+    let mut core = start(|config| export_to(config, endpoint)).await;
+    let acme = core.tenant("acme").await;
+    let flood = format!(
+        "{} -c 'import sys,time\nwhile time.process_time() < 0.4: pass\nsys.stdout.buffer.write(bytes(65 << 20))'",
+        python()
+    );
+    core.deploy(&acme, json!({"service": "flood", "envProcess": flood})).await;
+    let response = core.http.post(format!("{}/function/flood", core.url)).bearer_auth(&acme.ingest).send();
+    let response = response.await.unwrap();
+    let status = response.status().as_u16();
+    assert!(response.text().await.unwrap().contains("larger than"), "answered {status}");
+
+    let span = span_named(&received, "invoke flood").await.expect("the invocation's span");
+    assert_eq!(int_attr(&span.attributes, "http.response.status_code"), Some(status.into()));
+    let cpu_ms = int_attr(&span.attributes, "sfaas.cpu_ms").unwrap();
+    assert!(cpu_ms >= 350, "billed {cpu_ms} ms for a function that burned 400 ms before answering too much");
+    core.stop().await;
+}

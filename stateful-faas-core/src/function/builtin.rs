@@ -152,7 +152,7 @@ pub async fn run(
         let result =
             function(&BuiltinContext { invocation, tenant: context.tenant, state: context.state, env: &spec.env });
         let usage = Usage { cpu_ns: process::thread_cpu_ns() - before, peak_memory_bytes: 0, cold_start: false };
-        return Ok(outcome(result, usage));
+        return outcome(spec, context, result, usage);
     }
     let thread = threads.clone().try_acquire_owned().map_err(|_| FunctionError::Busy {
         name: spec.name.clone(),
@@ -178,7 +178,7 @@ pub async fn run(
         Ok(Ok(cpu_ns)) => cpu_ns,
         Ok(Err(join)) => {
             running.0 = None;
-            return Ok(outcome(Err(format!("builtin panicked: {join}")), Usage::default()));
+            return outcome(spec, context, Err(format!("builtin panicked: {join}")), Usage::default());
         }
         Err(_) => {
             // The thread cannot be stopped: the caller gets its 504 now, and the CPU time the
@@ -193,7 +193,7 @@ pub async fn run(
     };
     running.0 = None;
     let result = result.await.unwrap_or_else(|_| Err("builtin ended without an answer".into()));
-    Ok(outcome(result, Usage { cpu_ns, peak_memory_bytes: 0, cold_start: false }))
+    outcome(spec, context, result, Usage { cpu_ns, peak_memory_bytes: 0, cold_start: false })
 }
 
 /// A builtin's thread while its caller waits for it. A thread cannot be stopped: if the
@@ -209,15 +209,26 @@ impl Drop for Running {
     }
 }
 
-fn outcome(result: Result<Bytes, String>, usage: Usage) -> Outcome {
+/// A builtin's answer, once the invocation's buffers have room for it.
+fn outcome(
+    spec: &FunctionSpec,
+    context: &RunContext<'_>,
+    result: Result<Bytes, String>,
+    usage: Usage,
+) -> Result<Outcome, FunctionError> {
     match result {
-        Ok(body) => Outcome {
-            status: 200,
-            headers: vec![("content-type".into(), "application/octet-stream".into())],
-            body,
-            usage,
-        },
-        Err(message) => Outcome::text(500, message + "\n", usage),
+        Ok(body) => {
+            if let Err(error) = context.buffers.response(body.len() as u64) {
+                return Err(FunctionError::NoRoom { name: spec.name.clone(), error }.after_running(usage));
+            }
+            Ok(Outcome {
+                status: 200,
+                headers: vec![("content-type".into(), "application/octet-stream".into())],
+                body,
+                usage,
+            })
+        }
+        Err(message) => Ok(Outcome::text(500, message + "\n", usage)),
     }
 }
 

@@ -7,6 +7,8 @@
 //! descendant), or `wait4` with the sandbox off. stderr goes to the gateway's log, never to the
 //! caller.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -17,6 +19,7 @@ use super::cgroup::Group;
 use super::process::{self, Reaped};
 use super::sandbox::{Io, Sandbox};
 use super::{Abandoned, FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, Usage};
+use crate::room::{Buffers, RoomError};
 use crate::tenant::TenantId;
 
 /// Most stderr kept for the log, per invocation.
@@ -32,6 +35,7 @@ pub async fn run(
     extra_env: &[(String, String)],
     tenant: &TenantId,
     sandbox: Option<&Sandbox>,
+    buffers: &Arc<Buffers>,
 ) -> Result<Outcome, FunctionError> {
     let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
     let jail =
@@ -60,6 +64,7 @@ pub async fn run(
         reaped
     });
     let body = invocation.body.clone();
+    let buffers = buffers.clone();
     // Output is read while the process runs (it would block on a full pipe otherwise) and to
     // its end, which comes once the group is killed: a detached process cannot hold it open.
     let io = tokio::spawn(async move {
@@ -71,10 +76,10 @@ pub async fn run(
         };
         let (_, stdout, stderr) = tokio::join!(
             write,
-            read_limited(stdout, MAX_RESPONSE_BYTES + 1),
-            read_limited(stderr, MAX_STDERR_LOG_BYTES)
+            read_limited(stdout, MAX_RESPONSE_BYTES + 1, Some(&buffers)),
+            read_limited(stderr, MAX_STDERR_LOG_BYTES, None)
         );
-        (stdout, stderr)
+        (stdout, stderr.unwrap_or_default())
     });
     let result = wait(spec, invocation, pid, group, reaper, io).await;
     stop.disarm();
@@ -89,7 +94,7 @@ async fn wait(
     pid: i32,
     group: Option<&Group>,
     mut reaper: JoinHandle<std::io::Result<Reaped>>,
-    mut io: JoinHandle<(Vec<u8>, Vec<u8>)>,
+    mut io: JoinHandle<Output>,
 ) -> Result<Outcome, FunctionError> {
     let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
     let deadline = tokio::time::Instant::now() + spec.limits.timeout;
@@ -123,13 +128,15 @@ async fn wait(
         io.abort();
         return Err(timed_out(Some(&reaped)));
     };
-    let (stdout, stderr) = output.unwrap_or_default();
+    let (stdout, stderr) = output.unwrap_or_else(|_| (Ok(Vec::new()), Vec::new()));
     let usage = usage(Some(&reaped));
     if !stderr.is_empty() {
         tracing::info!(function = %spec.name, call_id = %invocation.call_id, stderr = %String::from_utf8_lossy(&stderr), "function stderr");
     }
+    let name = || spec.name.clone();
+    let stdout = stdout.map_err(|error| FunctionError::NoRoom { name: name(), error }.after_running(usage))?;
     if stdout.len() > MAX_RESPONSE_BYTES {
-        return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
+        return Err(FunctionError::ResponseTooLarge { name: name(), limit: MAX_RESPONSE_BYTES }.after_running(usage));
     }
     if let Some(group) = group.filter(|g| g.oom_killed()) {
         let limit = group.memory_limit_bytes();
@@ -231,15 +238,32 @@ fn invocation_env(invocation: &Invocation, extra_env: &[(String, String)]) -> Ve
 
 /// Reads a stream to its end, keeping at most `limit` bytes (the rest is drained so the
 /// writer never blocks).
-async fn read_limited(mut reader: impl AsyncRead + Unpin, limit: usize) -> Vec<u8> {
+/// What a process wrote: its stdout (unless there was no room to keep it) and its stderr.
+type Output = (Result<Vec<u8>, RoomError>, Vec<u8>);
+
+async fn read_limited(
+    mut reader: impl AsyncRead + Unpin,
+    limit: usize,
+    buffers: Option<&Buffers>,
+) -> Result<Vec<u8>, RoomError> {
     let mut kept = Vec::new();
+    let mut refused = None;
     let mut chunk = vec![0u8; 64 << 10];
     loop {
         match reader.read(&mut chunk).await {
-            Ok(0) | Err(_) => return kept,
+            Ok(0) | Err(_) => return refused.map_or(Ok(kept), Err),
             Ok(n) => {
-                let room = limit.saturating_sub(kept.len());
-                kept.extend_from_slice(&chunk[..n.min(room)]);
+                let n = n.min(limit.saturating_sub(kept.len()));
+                if n == 0 || refused.is_some() {
+                    continue;
+                }
+                if let Some(Err(error)) = buffers.map(|b| b.response((kept.len() + n) as u64)) {
+                    // No room to keep it: read on to the end (the process would block on a
+                    // full pipe), keeping nothing.
+                    (refused, kept) = (Some(error), Vec::new());
+                    continue;
+                }
+                kept.extend_from_slice(&chunk[..n]);
             }
         }
     }

@@ -24,6 +24,7 @@ use super::outbound::Outbound;
 use super::process;
 use super::sandbox::{self, Io, Jail, Sandbox};
 use super::{Abandoned, FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, RunContext, Usage};
+use crate::room::Buffers;
 use crate::semconv::{HEADER_JOB, HEADER_STATE_TOKEN};
 use crate::tenant::TenantId;
 
@@ -110,17 +111,29 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     message
 }
 
+/// Appends a chunk of a response to `body`, within the largest response and the room of the
+/// invocation's buffers.
+fn keep(spec: &FunctionSpec, buffers: &Buffers, body: &mut bytes::BytesMut, chunk: &[u8]) -> Result<(), FunctionError> {
+    let len = body.len() + chunk.len();
+    if len > MAX_RESPONSE_BYTES {
+        return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
+    }
+    buffers.response(len as u64).map_err(|error| FunctionError::NoRoom { name: spec.name.clone(), error })?;
+    body.extend_from_slice(chunk);
+    Ok(())
+}
+
 /// Calls an external upstream.
 pub async fn run_upstream(
     outbound: &Outbound,
     spec: &FunctionSpec,
     url: &str,
     invocation: &Invocation,
-    extra_headers: &[(String, String)],
+    buffers: &Buffers,
 ) -> Result<Outcome, FunctionError> {
     let unreachable = |message: String| FunctionError::Upstream { name: spec.name.clone(), message };
     let client = outbound.to(url).map_err(unreachable)?;
-    let request = request_for(spec, url, invocation, extra_headers)?;
+    let request = request_for(spec, url, invocation, &[])?;
     let mut request = reqwest::Request::try_from(request).map_err(|e| unreachable(with_causes(&e)))?;
     *request.timeout_mut() = Some(spec.limits.timeout);
     let response = client
@@ -133,10 +146,7 @@ pub async fn run_upstream(
     let mut response = response;
     let mut body = bytes::BytesMut::new();
     while let Some(chunk) = response.chunk().await.map_err(|e| unreachable(e.to_string()))? {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES });
-        }
-        body.extend_from_slice(&chunk);
+        keep(spec, buffers, &mut body, &chunk)?;
     }
     Ok(Outcome { status, headers, body: body.freeze(), usage: Usage::default() })
 }
@@ -148,6 +158,7 @@ async fn forward_to_instance(
     stream: tokio::net::TcpStream,
     invocation: &Invocation,
     extra_headers: &[(String, String)],
+    buffers: &Buffers,
 ) -> Result<(u16, Vec<(String, String)>, Bytes), FunctionError> {
     use http_body_util::BodyExt;
     let unreachable = |message: String| FunctionError::Upstream { name: spec.name.clone(), message };
@@ -163,16 +174,15 @@ async fn forward_to_instance(
             .await
             .map_err(|e| unreachable(with_causes(&e)))?;
         let (status, headers) = response_head(spec, response.status(), response.headers())?;
-        let body = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES).collect().await.map_err(
-            |error| {
-                if error.is::<http_body_util::LengthLimitError>() {
-                    FunctionError::ResponseTooLarge { name: spec.name.clone(), limit: MAX_RESPONSE_BYTES }
-                } else {
-                    unreachable(error.to_string())
-                }
-            },
-        )?;
-        Ok((status, headers, body.to_bytes()))
+        let mut incoming = response.into_body();
+        let mut body = bytes::BytesMut::new();
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame.map_err(|e| unreachable(e.to_string()))?;
+            if let Some(chunk) = frame.data_ref() {
+                keep(spec, buffers, &mut body, chunk)?;
+            }
+        }
+        Ok((status, headers, body.freeze()))
     };
     tokio::time::timeout(spec.limits.timeout, exchange).await.map_err(|_| timed_out(spec))?
 }
@@ -412,7 +422,7 @@ impl ManagedPool {
         let serving = Serving::begin(self, ready, cold_start);
         let cpu_before = serving.cpu_before;
         let result = match serving.instance().connect().await {
-            Ok(stream) => forward_to_instance(spec, stream, invocation, &headers).await,
+            Ok(stream) => forward_to_instance(spec, stream, invocation, &headers, context.buffers).await,
             Err(error) => Err(FunctionError::Upstream { name: spec.name.clone(), message: error.to_string() }),
         };
         let mut instance = serving.end();
@@ -435,12 +445,7 @@ impl ManagedPool {
             }
         }
         drop(permit);
-        let (status, headers, body) = result.map_err(|error| match error {
-            FunctionError::Timeout { name, timeout, .. } => {
-                FunctionError::Timeout { name, timeout, usage, still_running: None }
-            }
-            other => other,
-        })?;
+        let (status, headers, body) = result.map_err(|error| error.after_running(usage))?;
         Ok(Outcome { status, headers, body, usage })
     }
 

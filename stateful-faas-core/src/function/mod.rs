@@ -74,6 +74,9 @@ pub struct RunContext<'a> {
     pub state_token: &'a str,
     /// The builtins, for builtin functions.
     pub builtins: &'a builtin::Builtins,
+    /// Room for the invocation's buffers (its request's body is in it): a response takes room
+    /// as it is read, and fails when there is none.
+    pub buffers: &'a std::sync::Arc<crate::room::Buffers>,
 }
 
 impl RunContext<'_> {
@@ -187,6 +190,16 @@ pub enum FunctionError {
     ResponseTooLarge { name: String, limit: usize },
     #[error("function {name} cannot start: {reason}")]
     Busy { name: String, reason: String },
+    #[error("function {name}'s response cannot be held: {error}")]
+    NoRoom {
+        name: String,
+        #[source]
+        error: crate::room::RoomError,
+    },
+    /// A failure once the function had run (its answer could not be returned): what it used is
+    /// still billed.
+    #[error("{error}")]
+    AfterRunning { error: Box<FunctionError>, usage: Usage },
 }
 
 impl FunctionError {
@@ -194,7 +207,8 @@ impl FunctionError {
     pub fn status(&self) -> u16 {
         match self {
             FunctionError::Timeout { .. } => 504,
-            FunctionError::Busy { .. } => 429,
+            FunctionError::Busy { .. } | FunctionError::NoRoom { .. } => 429,
+            FunctionError::AfterRunning { error, .. } => error.status(),
             FunctionError::Start { .. } | FunctionError::Upstream { .. } | FunctionError::ResponseTooLarge { .. } => {
                 502
             }
@@ -204,8 +218,19 @@ impl FunctionError {
     /// What the failed invocation still used (a timed-out process burned CPU).
     pub fn usage(&self) -> Usage {
         match self {
-            FunctionError::Timeout { usage, .. } => *usage,
+            FunctionError::Timeout { usage, .. } | FunctionError::AfterRunning { usage, .. } => *usage,
             _ => Usage::default(),
+        }
+    }
+
+    /// This error, for an invocation that ran and used `usage` (which a timeout carries in
+    /// place of what it measured).
+    pub fn after_running(self, usage: Usage) -> Self {
+        match self {
+            FunctionError::Timeout { name, timeout, still_running, .. } => {
+                FunctionError::Timeout { name, timeout, usage, still_running }
+            }
+            error => FunctionError::AfterRunning { error: Box::new(error), usage },
         }
     }
 }

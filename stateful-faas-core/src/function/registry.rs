@@ -106,13 +106,16 @@ impl DeployedFunction {
         match &self.spec.target {
             Target::Exec { command } => {
                 let env = context.state_env(invocation.job.as_deref());
-                exec::run(&self.spec, command, invocation, &env, &self.tenant, self.sandbox.as_deref()).await
+                let sandbox = self.sandbox.as_deref();
+                exec::run(&self.spec, command, invocation, &env, &self.tenant, sandbox, context.buffers).await
             }
             Target::Builtin { name } => {
                 builtin::run(context.builtins, &self.spec, name, context, invocation, &self.builtin_threads).await
             }
             // An external server is not given a state token: it is not run by the platform.
-            Target::Upstream { url } => http::run_upstream(context.outbound, &self.spec, url, invocation, &[]).await,
+            Target::Upstream { url } => {
+                http::run_upstream(context.outbound, &self.spec, url, invocation, context.buffers).await
+            }
             Target::Managed { .. } => {
                 let pool = self.managed.as_ref().expect("managed functions have a pool");
                 pool.run(context, &self.spec, invocation).await

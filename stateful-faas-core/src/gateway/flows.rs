@@ -5,18 +5,19 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::Core;
 use super::auth::Caller;
 use super::error::ApiError;
+use super::{Core, invoke};
 use crate::flow::FlowError;
 use crate::flow::definition::{self, render_dot, render_text};
 use crate::flow::executor::{self, RunRequest, RunStatus, as_json};
+use crate::room::Held;
 use crate::semconv;
 
 impl From<FlowError> for ApiError {
@@ -33,9 +34,15 @@ impl From<FlowError> for ApiError {
 }
 
 /// `POST /system/flows`: a flow definition in YAML or JSON; creates or replaces it.
-pub async fn deploy(State(core): State<Arc<Core>>, caller: Caller, body: Bytes) -> Result<Response, ApiError> {
+pub async fn deploy(
+    State(core): State<Arc<Core>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     caller.require_write()?;
     let tenant = caller.namespace(None)?;
+    let (body, _held) = invoke::receive(&core, &tenant, &headers, body).await?;
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the flow definition is not UTF-8".into()))?;
     let definition = definition::parse(text).map_err(FlowError::from)?;
@@ -106,12 +113,13 @@ pub async fn stream(
     caller: Caller,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     use crate::flow::stream::{Format, StreamError};
     caller.require_write()?;
     let (flow, namespace) = qualified(&name);
     let tenant = caller.namespace(namespace)?;
+    let (body, _held) = invoke::receive(&core, &tenant, &headers, body).await?;
     let csv = headers.get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/csv"));
     let format = if csv { Format::Csv { header: Bytes::new() } } else { Format::JsonLines };
     match core.flows.streams.send(&core.flows, &tenant, flow, format, body).await {
@@ -134,9 +142,18 @@ fn qualified(name: &str) -> (&str, Option<&str>) {
     }
 }
 
-fn request(caller: &Caller, name: &str, headers: &HeaderMap, body: Bytes) -> Result<RunRequest, ApiError> {
+/// A run's request, its input read into the invocations' room (held while the handler runs).
+async fn request(
+    core: &Core,
+    caller: &Caller,
+    name: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(RunRequest, Held), ApiError> {
     caller.require_write()?;
     let (flow, namespace) = qualified(name);
+    let tenant = caller.namespace(namespace)?;
+    let (body, held) = invoke::receive(core, &tenant, headers, body).await?;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let callback_url = header(semconv::HEADER_CALLBACK_URL);
     if let Some(url) = &callback_url
@@ -144,15 +161,16 @@ fn request(caller: &Caller, name: &str, headers: &HeaderMap, body: Bytes) -> Res
     {
         return Err(ApiError::BadRequest(format!("X-Callback-Url {url:?} is not an http(s) URL")));
     }
-    Ok(RunRequest {
-        tenant: caller.namespace(namespace)?,
+    let request = RunRequest {
+        tenant,
         flow: flow.to_string(),
         input: body,
         callback_url,
         traceparent: header(semconv::HEADER_TRACEPARENT),
         parent_run: None,
         depth: 0,
-    })
+    };
+    Ok((request, held))
 }
 
 /// `POST /flow/{name}`: runs the flow and answers its output (200), or the failure (500, or
@@ -162,9 +180,9 @@ pub async fn run_sync(
     caller: Caller,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let request = request(&caller, &name, &headers, body)?;
+    let (request, _held) = request(&core, &caller, &name, &headers, body).await?;
     let (run_id, done) = executor::start(&core.flows, request).await?;
     let result = done.await.map_err(|_| ApiError::Internal(format!("flow run {run_id} was lost")))?;
     let mut response = match result.status {
@@ -185,9 +203,9 @@ pub async fn run_async(
     caller: Caller,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let request = request(&caller, &name, &headers, body)?;
+    let (request, _held) = request(&core, &caller, &name, &headers, body).await?;
     let (run_id, _done) = executor::start(&core.flows, request).await?;
     let mut response = (StatusCode::ACCEPTED, Json(serde_json::json!({"run_id": run_id}))).into_response();
     response.headers_mut().insert(semconv::HEADER_RUN_ID, run_id.parse().expect("uuid"));

@@ -4,15 +4,16 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
-use super::Core;
 use super::auth::Caller;
 use super::error::ApiError;
+use super::{Core, body};
 use crate::function::Invocation;
+use crate::room::{Buffers, Held};
 use crate::semconv;
 use crate::tenant::{TenantId, validate_name};
 
@@ -76,6 +77,48 @@ fn invocation(
     })
 }
 
+/// Reads a call's body into the invocations' room (see [`crate::room`]).
+pub(super) async fn receive(
+    core: &Core,
+    tenant: &TenantId,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, Held), ApiError> {
+    let (room, max) = (&core.invoker.buffers, core.config.max_body_bytes as u64);
+    body::receive(room, tenant, body::declared_length(headers), max, "the request body", body, |_| Ok(())).await
+}
+
+/// A response's body that keeps its invocation's buffers held until it is sent: handed over
+/// in chunks, as the connection takes them, so the room is given back with the last one.
+struct HeldBody {
+    body: Bytes,
+    _buffers: Arc<Buffers>,
+}
+
+/// Bytes handed to the connection at a time.
+const CHUNK: usize = 256 << 10;
+
+impl http_body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let len = self.body.len().min(CHUNK);
+        std::task::Poll::Ready((len > 0).then(|| Ok(http_body::Frame::data(self.body.split_to(len)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.body.len() as u64)
+    }
+}
+
 /// `ANY /function/{name}[/{*rest}]`: a synchronous call.
 pub async fn call(
     State(core): State<Arc<Core>>,
@@ -84,16 +127,17 @@ pub async fn call(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let (name, tenant, rest) = target(&caller, params)?;
     let name = name.as_str();
+    let (body, held) = receive(&core, &tenant, &headers, body).await?;
     let invocation = invocation(&method, &uri, &headers, rest, body)?;
     let call_id = invocation.call_id.clone();
     let started = Instant::now();
-    let outcome = core.invoker.dispatch(&tenant, name, invocation, semconv::TRIGGER_HTTP).await;
-    let mut response =
-        (StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::BAD_GATEWAY), outcome.body).into_response();
+    let (outcome, buffers) = core.invoker.dispatch_held(&tenant, name, invocation, semconv::TRIGGER_HTTP, held).await;
+    let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, Body::new(HeldBody { body: outcome.body, _buffers: buffers })).into_response();
     let response_headers = response.headers_mut();
     for (key, value) in outcome.headers {
         if let (Ok(key), Ok(value)) = (key.parse::<axum::http::HeaderName>(), value.parse()) {
@@ -116,13 +160,14 @@ pub async fn call_async(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let (name, tenant, rest) = target(&caller, params)?;
     let name = name.as_str();
     if core.invoker.functions.get(&tenant, name).is_none() {
         return Err(ApiError::NotFound(format!("function {name} not found in namespace {tenant}")));
     }
+    let (body, _held) = receive(&core, &tenant, &headers, body).await?;
     let callback = match headers.get(semconv::HEADER_CALLBACK_URL) {
         None => None,
         Some(value) => {

@@ -1,6 +1,7 @@
 //! The OpenFaaS-compatible gateway (axum) and the [`Core`] it serves.
 
 pub mod auth;
+mod body;
 pub mod error;
 pub mod flows;
 pub mod invoke;
@@ -124,6 +125,11 @@ impl Core {
             telemetry: Telemetry::new(config.telemetry.clone()),
             state,
             outbound: crate::function::outbound::Outbound::new(policy),
+            buffers: Arc::new(crate::room::Room::new(
+                config.buffer_bytes,
+                config.max_body_bytes as u64 + crate::function::MAX_RESPONSE_BYTES as u64,
+                "invocations' buffers (--buffer-bytes)",
+            )),
         });
         let flows = Arc::new(Flows::new(invoker.clone(), flow_store, flow_journal));
         Ok(Arc::new(Self { config, pool, invoker, queue, flows, admin_token, quotas }))

@@ -7,32 +7,21 @@
 //! {"job"}`, `DELETE /state/jobs/{job}`.
 //!
 //! Tenants are hostile and the gateway is shared: a PUT's body is read only into room held
-//! for it (see [`crate::state::receiving`]), and a listing costs a page, not the bucket.
+//! for it (see [`crate::room`]), and a listing costs a page, not the bucket.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use http_body_util::BodyExt;
 use serde::Deserialize;
 
-use super::Core;
 use super::auth::Caller;
 use super::error::ApiError;
+use super::{Core, body};
 use crate::function::deployment::parse_duration;
-use crate::state::receiving::{Held, ReceiveError};
-use crate::state::{MAX_PAGE, ObjectKey, PutOptions, StateStore, TenantUsage};
-use crate::tenant::TenantId;
-
-/// How long a PUT's body may send nothing before it is refused (nginx's `client_body_timeout`).
-const STALL: Duration = Duration::from_secs(60);
-
-/// Room a body of unknown length holds first; it doubles as the body grows.
-const FIRST_ROOM: u64 = 64 << 10;
+use crate::state::{MAX_PAGE, ObjectKey, PutOptions, TenantUsage};
 
 /// The header that carries the cursor of a listing's next page.
 const NEXT_CURSOR: &str = "x-sfaas-next-cursor";
@@ -92,7 +81,7 @@ pub async fn deregister_job(
 
 /// `PUT .../objects/{key}`. The caller's scope and the declared size are checked before the
 /// body is read: a value nobody may write, or one too large, is never buffered. The body is
-/// read into room held for it ([`receive`]), given back once the value is stored.
+/// read into room held for it ([`body::receive`]), given back once the value is stored.
 pub async fn put_object(
     State(core): State<Arc<Core>>,
     caller: Caller,
@@ -108,71 +97,17 @@ pub async fn put_object(
         None => None,
     };
     let max = core.config.state.max_value_bytes;
-    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if let Some(size) = declared.filter(|size| *size > max) {
-        return Err(ApiError::PayloadTooLarge(format!("value of {size} bytes is over the largest value, {max} bytes")));
-    }
+    let declared = body::declared_length(&headers);
     // Refused before a byte of the body is read when the declared size (or, without one, an
     // empty value) cannot fit.
     let state = &core.invoker.state;
-    state.check_room(&tenant, &key, declared.unwrap_or(0))?;
-    let (value, _room) = receive(state, &tenant, &key, declared, body).await?;
+    if declared.is_none_or(|size| size <= max) {
+        state.check_room(&tenant, &key, declared.unwrap_or(0))?;
+    }
+    let check = |size| state.check_room(&tenant, &key, size).map_err(ApiError::from);
+    let (value, _room) = body::receive(state.receiving(), &tenant, declared, max, "the value", body, check).await?;
     state.put(&tenant, key, value, PutOptions { persist: query.persist, ttl })?;
     Ok(StatusCode::CREATED)
-}
-
-/// Reads a PUT's body into room held for it: a declared length holds all of it before the
-/// first byte is read (waiting for room: backpressure); a body of unknown length holds room as
-/// its buffer doubles, refused when there is no more (429) or it passes the largest value
-/// (413) or the quota (507). The room is held until the returned [`Held`] is dropped.
-async fn receive(
-    state: &StateStore,
-    tenant: &TenantId,
-    key: &ObjectKey,
-    declared: Option<u64>,
-    mut body: axum::body::Body,
-) -> Result<(Bytes, Held), ApiError> {
-    let max = state.config().max_value_bytes;
-    let room = state.receiving();
-    let first = declared.unwrap_or(FIRST_ROOM.min(max));
-    let mut held = room.hold(tenant, first).await?;
-    let mut buffer: Vec<u8> = Vec::with_capacity(first as usize);
-    loop {
-        let frame = match tokio::time::timeout(STALL, body.frame()).await {
-            Err(_) => {
-                return Err(ApiError::BadRequest(format!(
-                    "the body sent nothing for {}s after {} bytes",
-                    STALL.as_secs(),
-                    buffer.len()
-                )));
-            }
-            Ok(None) => break,
-            Ok(Some(frame)) => {
-                frame.map_err(|error| ApiError::BadRequest(format!("the body is unreadable: {error}")))?
-            }
-        };
-        let Ok(data) = frame.into_data() else { continue };
-        let needed = (buffer.len() + data.len()) as u64;
-        if needed > max {
-            return Err(ApiError::PayloadTooLarge(format!("the value is over the largest value, {max} bytes")));
-        }
-        if needed > buffer.capacity() as u64 {
-            let grown = needed.max(2 * buffer.capacity() as u64).min(max);
-            state.check_room(tenant, key, needed)?;
-            room.grow(&mut held, grown)?;
-            buffer.reserve_exact(grown as usize - buffer.len());
-        }
-        buffer.extend_from_slice(&data);
-    }
-    // A stored value keeps its allocation: no room beyond its bytes.
-    buffer.shrink_to_fit();
-    Ok((Bytes::from(buffer), held))
-}
-
-impl From<ReceiveError> for ApiError {
-    fn from(error: ReceiveError) -> Self {
-        ApiError::TooManyRequests(error.to_string())
-    }
 }
 
 /// `GET .../objects/{key}`.

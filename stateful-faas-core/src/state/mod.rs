@@ -41,7 +41,6 @@
 //! [`StateStore::take_usage_final`] also reports the current partial interval up to `now`.
 
 pub mod metering;
-pub mod receiving;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
@@ -528,7 +527,7 @@ pub struct StateStore {
     tenants: RwLock<HashMap<TenantId, Arc<Mutex<TenantState>>>>,
     used: AtomicU64,
     /// Room for values being received before they are stored.
-    receiving: receiving::ReceiveRoom,
+    receiving: crate::room::Room,
 }
 
 impl std::fmt::Debug for StateStore {
@@ -548,13 +547,17 @@ impl StateStore {
             panic!("{error}");
         }
         let interval_ns = config.usage_interval_ns();
-        let receiving = receiving::ReceiveRoom::new(&config);
+        let receiving = crate::room::Room::new(
+            config.total_budget_bytes / 2,
+            config.max_value_bytes,
+            "values being received (half of --state-budget-bytes)",
+        );
         let tenants = RwLock::new(HashMap::new());
         Self { config, quotas, interval_ns, clock, tenants, used: AtomicU64::new(0), receiving }
     }
 
     /// The room shared by values being received (over HTTP) before they are stored.
-    pub fn receiving(&self) -> &receiving::ReceiveRoom {
+    pub fn receiving(&self) -> &crate::room::Room {
         &self.receiving
     }
 
