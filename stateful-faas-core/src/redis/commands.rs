@@ -502,12 +502,7 @@ impl Context<'_, '_> {
                 let suffix = &args[2];
                 let len = store
                     .modify(tenant, &key, |current, _| {
-                        let value: Bytes = match current {
-                            Some(c) => [&c.value[..], &suffix[..]].concat().into(),
-                            None => own(suffix),
-                        };
-                        let len = value.len();
-                        (put_like(current, value), len)
+                        (Change::Append(own(suffix)), current.map_or(0, |c| c.value.len()) + suffix.len())
                     })
                     .map_err(state_error)?;
                 out.int(len as i64);

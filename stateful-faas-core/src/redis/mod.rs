@@ -182,7 +182,7 @@ impl Server {
         let mut room: Option<Room> = None;
         // Commands already received run back to back; past a slice of the loop's time the
         // connection lets the others on its event loop run (one tenant's pipeline of costly
-        // commands, such as APPENDs to a large value, does not hold the loop).
+        // commands, such as KEYS over many keys, does not hold the loop).
         let mut turn = std::time::Instant::now();
         loop {
             let limits = if session.auth.is_some() { self.limits } else { UNAUTHENTICATED };

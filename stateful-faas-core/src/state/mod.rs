@@ -218,7 +218,15 @@ pub struct Current<'a> {
 pub enum Change {
     Keep,
     Remove,
-    Put { value: Bytes, persist: bool, expires_at_ns: Option<u64> },
+    Put {
+        value: Bytes,
+        persist: bool,
+        expires_at_ns: Option<u64>,
+    },
+    /// These bytes at the end of the value (a new object if there is none), in place when no
+    /// reader shares the value: a value built by many appends copies each byte a bounded
+    /// number of times, not the whole value at every append (Redis's `APPEND`).
+    Append(Bytes),
 }
 
 /// The order [`StateStore::scan`] visits objects in: a hash of the address, fixed for the
@@ -490,6 +498,32 @@ impl TenantState {
         }
     }
 
+    /// Appends `suffix` to the live object at `key`, its new size already reserved in the
+    /// budget: in place if no reader shares the value and it has room, else into a new buffer
+    /// with an eighth more room than needed (so appends copy each byte about 9 times in all,
+    /// and an appended value holds at most an eighth more memory than its bytes).
+    fn append(&mut self, now: u64, key: &ObjectKey, suffix: &[u8], used: &AtomicU64) {
+        let object = self.objects.get_mut(key).expect("appended to a live object");
+        let value = std::mem::take(&mut object.value);
+        let (old_size, size) = (value.len() as u64, (value.len() + suffix.len()) as u64);
+        let mut grown = match value.try_into_mut() {
+            Ok(unique) if unique.capacity() - unique.len() >= suffix.len() => unique,
+            Ok(unique) => grow(&unique, suffix.len()),
+            Err(shared) => grow(&shared, suffix.len()),
+        };
+        grown.extend_from_slice(suffix);
+        object.value = grown.freeze();
+        let (in_job, since) = (object.in_job, object.counted_since);
+        object.counted_since = now;
+        let (old_held, held) = (key.held(old_size), key.held(size));
+        let account = self.account(&key.job, in_job);
+        account.close(old_held, since, now);
+        account.open(held, now);
+        self.bytes += size - old_size;
+        self.held += held - old_held;
+        used.fetch_sub(old_held, Ordering::SeqCst);
+    }
+
     /// Drops every object whose expiry is at or before `now`, each counted to its own expiry.
     fn sweep(&mut self, now: u64, used: &AtomicU64) {
         while let Some((expires_at, key)) = self.expiries.first().cloned() {
@@ -725,8 +759,7 @@ impl StateStore {
 
     /// Checks what a write of `value` at `key` needs that the quota does not cover: the value's
     /// size and, for a job's object, that the job is registered.
-    fn check_write(&self, state: &TenantState, key: &ObjectKey, value: &Bytes) -> Result<(), StateError> {
-        let size = value.len() as u64;
+    fn check_write(&self, state: &TenantState, key: &ObjectKey, size: u64) -> Result<(), StateError> {
         if size > self.config.max_value_bytes {
             return Err(StateError::ValueTooLarge { size, max: self.config.max_value_bytes });
         }
@@ -761,7 +794,7 @@ impl StateStore {
         expires_at: Option<u64>,
         replaced: u64,
     ) -> Result<(), StateError> {
-        self.check_write(state, key, &value)?;
+        self.check_write(state, key, value.len() as u64)?;
         let held = key.held(value.len() as u64);
         self.admit(tenant, state, held, replaced)?;
         self.reserve(held, replaced)?;
@@ -783,7 +816,7 @@ impl StateStore {
                 if last[key] != i {
                     continue;
                 }
-                self.check_write(state, key, value)?;
+                self.check_write(state, key, value.len() as u64)?;
                 held += key.held(value.len() as u64);
                 replaced += state.live(key).map_or(0, |object| key.held(object.value.len() as u64));
             }
@@ -840,6 +873,7 @@ impl StateStore {
             expires_at_ns: object.expires_at,
         });
         let replaced = current.map_or(0, |c| key.held(c.value.len() as u64));
+        let exists = current.is_some();
         let (change, answer) = decide(current, now);
         match change {
             Change::Keep => {}
@@ -852,6 +886,15 @@ impl StateStore {
             Change::Put { value, persist, expires_at_ns } => {
                 self.write(tenant, state, now, key, value, persist, expires_at_ns, replaced)?
             }
+            Change::Append(suffix) if exists => {
+                let size = replaced - key.held(0) + suffix.len() as u64;
+                self.check_write(state, key, size)?;
+                let held = key.held(size);
+                self.admit(tenant, state, held, replaced)?;
+                self.reserve(held, replaced)?;
+                state.append(now, key, &suffix, &self.used);
+            }
+            Change::Append(suffix) => self.write(tenant, state, now, key, suffix, false, None, 0)?,
         }
         Ok(answer)
     }
@@ -1015,6 +1058,14 @@ impl StateStore {
     pub fn sweep_expired(&self) {
         let _ = self.usage_by_tenant();
     }
+}
+
+/// A copy of `value` with room for `more` bytes and an eighth of the whole besides.
+fn grow(value: &[u8], more: usize) -> bytes::BytesMut {
+    let len = value.len() + more;
+    let mut grown = bytes::BytesMut::with_capacity(len + len / 8);
+    grown.extend_from_slice(value);
+    grown
 }
 
 fn info(key: &str, object: &Object) -> ObjectInfo {

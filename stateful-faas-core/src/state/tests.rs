@@ -541,3 +541,37 @@ fn the_usage_interval_must_divide_a_day() {
     assert!(with(Duration::from_secs(7)).is_err());
     assert!(with(Duration::from_secs(2 * 86_400)).is_err());
 }
+
+#[test]
+fn appends_grow_a_value_in_place_within_the_quota_and_are_metered() {
+    let (store, clock) = store(StateConfig { tenant_quota_bytes: 2 << 20, ..StateConfig::default() });
+    let t = acme();
+    let handle = store.handle(&t);
+    let k = key(None, "b", "k");
+    let append = |suffix: Bytes| store.modify(&handle, &k, |_, _| (Change::Append(suffix), ()));
+    append(bytes(1 << 20)).unwrap();
+    // A thousand small appends copy the megabyte once (into room for an eighth more), not a
+    // thousand times; a reader's copy in between is the reader's own.
+    let mut moves = 0;
+    let mut at = store.get(&t, &k, false).unwrap().as_ptr();
+    for _ in 0..1000 {
+        append(Bytes::from_static(b"x")).unwrap();
+        let now = store.get(&t, &k, false).unwrap().as_ptr();
+        moves += usize::from(now != at);
+        at = now;
+    }
+    assert!(moves <= 1, "the value moved {moves} times");
+    let value = store.get(&t, &k, false).unwrap();
+    assert_eq!((value.len(), &value[..2], &value[value.len() - 2..]), ((1 << 20) + 1000, &[7u8, 7][..], &b"xx"[..]));
+
+    // Over the quota: refused, and the value is as it was.
+    let refused = append(bytes(1 << 20));
+    assert!(matches!(refused, Err(StateError::QuotaExceeded { .. })), "{refused:?}");
+    assert_eq!(store.get(&t, &k, false).unwrap().len(), (1 << 20) + 1000);
+
+    // Metered as if put whole: what it holds, from its last change.
+    let held = (1 << 20) + 1000 + 2 + OBJECT_OVERHEAD;
+    assert_eq!((store.usage(&t).bytes, store.usage(&t).held, store.used_bytes()), ((1 << 20) + 1000, held, held));
+    clock.advance_secs(10);
+    assert_eq!(store.usage(&t).total, bs(10 * held));
+}
