@@ -31,6 +31,9 @@ pub struct CoreConfig {
     /// responses), half of them one tenant's: beyond, a body waits for room and a response is
     /// refused (429).
     pub buffer_bytes: u64,
+    /// How long a request body may send nothing before it is refused, and its grace before it
+    /// must arrive at `gateway::body::MIN_RATE` (60 s).
+    pub body_stall: std::time::Duration,
     pub async_queue: AsyncQueueConfig,
     pub state: StateConfig,
     /// Process functions run in sandboxes (namespaces, a uid per tenant, seccomp, and cgroups
@@ -99,6 +102,7 @@ impl CoreConfig {
             },
             max_body_bytes: 16 << 20,
             buffer_bytes: 1 << 30,
+            body_stall: std::time::Duration::from_secs(60),
             async_queue: AsyncQueueConfig::default(),
             state: StateConfig::default(),
             sandbox: Some(SandboxConfig::default()),

@@ -55,3 +55,48 @@ async fn responses_nobody_reads_fill_their_tenants_share_only() {
     }
     assert_eq!(again, Some(30 * MIB), "acme's room came back");
 }
+
+/// A body trickled to keep its room held (a slowloris: a byte now and then, never silent long
+/// enough to be a stall) is cut off once it is slower than the minimum rate: 408, and its room
+/// is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_to_hold_room_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let core = start(|config| config.body_stall = std::time::Duration::from_secs(1)).await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "echo", "builtin": "echo"})).await;
+    // 64 KiB at 64 KiB/s after a grace of 1 s: it must be in within 2 s.
+    let address = core.url.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /function/echo HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\nContent-Length: 65536\r\n\r\n",
+        acme.ingest
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut sent = 0;
+    loop {
+        let mut chunk = [0u8; 4096];
+        tokio::select! {
+            read = stream.read(&mut chunk) => {
+                let n = read.unwrap();
+                answer.extend_from_slice(&chunk[..n]);
+                if n == 0 || answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(300)) => {
+                assert!(sent < 100, "the trickle was never cut off");
+                stream.write_all(b"x").await.unwrap();
+                sent += 1;
+            }
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // The same body sent at once is answered.
+    let echoed =
+        core.http.post(format!("{}/function/echo", core.url)).bearer_auth(&acme.ingest).body(vec![b'x'; 65536]);
+    assert_eq!(echoed.send().await.unwrap().bytes().await.unwrap().len(), 65536);
+}

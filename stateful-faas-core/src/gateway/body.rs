@@ -11,44 +11,69 @@ use super::error::ApiError;
 use crate::room::{Held, Room, RoomError};
 use crate::tenant::TenantId;
 
-/// How long a body may send nothing before it is refused (nginx's `client_body_timeout`).
-const STALL: Duration = Duration::from_secs(60);
-
 /// Room a body of unknown length holds first; it doubles as the body grows.
 const FIRST_ROOM: u64 = 64 << 10;
+
+/// Slowest a body may arrive on average once its grace has passed, in bytes a second: a body
+/// trickled to keep its room held (a slowloris) is cut off, one on a slow link is not (16 MiB
+/// at 64 KiB/s takes 256 s).
+pub const MIN_RATE: u64 = 64 << 10;
 
 /// The `Content-Length` a request declares, if any.
 pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
 }
 
-/// Reads a body of at most `max` bytes (`what` names it in errors) into room held for it: a
-/// declared length holds all of it before the first byte is read (waiting for room:
-/// backpressure); a body of unknown length holds room as its buffer doubles, refused when there
-/// is no more (429) or it passes `max` (413). `check` sees each size the buffer grows to, and
-/// may refuse it (the state store's quota). The room is held until the returned [`Held`] is
-/// dropped.
+/// A body to read, and its bounds.
+pub struct Incoming<'a> {
+    /// What it is, for errors ("the value").
+    pub what: &'a str,
+    pub declared: Option<u64>,
+    /// Largest accepted (413 beyond).
+    pub max: u64,
+    /// How long it may send nothing, and its grace before [`MIN_RATE`] applies (nginx's
+    /// `client_body_timeout`).
+    pub stall: Duration,
+}
+
+/// Reads a body into room held for it: a declared length holds all of it before the first byte
+/// is read (waiting for room: backpressure); a body of unknown length holds room as its buffer
+/// doubles, refused when there is no more (429) or it passes the largest accepted (413). It
+/// must keep sending (400 after `stall` of silence) and arrive within `stall` plus its size at
+/// [`MIN_RATE`] (408). `check` sees each size the buffer grows to, and may refuse it (the state
+/// store's quota). The room is held until the returned [`Held`] is dropped.
 pub async fn receive(
     room: &Room,
     tenant: &TenantId,
-    declared: Option<u64>,
-    max: u64,
-    what: &str,
+    incoming: Incoming<'_>,
     mut body: axum::body::Body,
     check: impl Fn(u64) -> Result<(), ApiError>,
 ) -> Result<(Bytes, Held), ApiError> {
+    let Incoming { what, declared, max, stall } = incoming;
     if let Some(size) = declared.filter(|size| *size > max) {
         return Err(ApiError::PayloadTooLarge(format!("{what} of {size} bytes is over the largest, {max} bytes")));
     }
     let first = declared.unwrap_or(FIRST_ROOM.min(max));
     let mut held = room.hold(tenant, first).await?;
+    let started = tokio::time::Instant::now();
     let mut buffer: Vec<u8> = Vec::with_capacity(first as usize);
     loop {
-        let frame = match tokio::time::timeout(STALL, body.frame()).await {
+        let size = declared.unwrap_or(0).max(buffer.len() as u64);
+        let allowed = stall + Duration::from_secs(size / MIN_RATE);
+        let left = allowed.saturating_sub(started.elapsed()).min(stall);
+        let frame = match tokio::time::timeout(left, body.frame()).await {
+            Err(_) if started.elapsed() >= allowed => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "{what} took over {}s ({} of {size} bytes received): a body must arrive within {}s plus its size at {MIN_RATE} bytes a second",
+                    allowed.as_secs(),
+                    buffer.len(),
+                    stall.as_secs()
+                )));
+            }
             Err(_) => {
                 return Err(ApiError::BadRequest(format!(
                     "the body sent nothing for {}s after {} bytes",
-                    STALL.as_secs(),
+                    stall.as_secs(),
                     buffer.len()
                 )));
             }

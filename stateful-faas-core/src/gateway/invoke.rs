@@ -84,8 +84,13 @@ pub(super) async fn receive(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Bytes, Held), ApiError> {
-    let (room, max) = (&core.invoker.buffers, core.config.max_body_bytes as u64);
-    body::receive(room, tenant, body::declared_length(headers), max, "the request body", body, |_| Ok(())).await
+    let incoming = body::Incoming {
+        what: "the request body",
+        declared: body::declared_length(headers),
+        max: core.config.max_body_bytes as u64,
+        stall: core.config.body_stall,
+    };
+    body::receive(&core.invoker.buffers, tenant, incoming, body, |_| Ok(())).await
 }
 
 /// A response's body that keeps its invocation's buffers held until it is sent: handed over

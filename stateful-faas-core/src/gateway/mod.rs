@@ -1,7 +1,7 @@
 //! The OpenFaaS-compatible gateway (axum) and the [`Core`] it serves.
 
 pub mod auth;
-mod body;
+pub mod body;
 pub mod error;
 pub mod flows;
 pub mod invoke;

@@ -105,7 +105,8 @@ pub async fn put_object(
         state.check_room(&tenant, &key, declared.unwrap_or(0))?;
     }
     let check = |size| state.check_room(&tenant, &key, size).map_err(ApiError::from);
-    let (value, _room) = body::receive(state.receiving(), &tenant, declared, max, "the value", body, check).await?;
+    let incoming = body::Incoming { what: "the value", declared, max, stall: core.config.body_stall };
+    let (value, _room) = body::receive(state.receiving(), &tenant, incoming, body, check).await?;
     state.put(&tenant, key, value, PutOptions { persist: query.persist, ttl })?;
     Ok(StatusCode::CREATED)
 }
