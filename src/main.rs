@@ -1,7 +1,7 @@
 //! `sfaas`: the command line of stateful-faas. It wires the crates together; nothing else.
 
-mod bench_etl;
-mod bench_soak;
+#[cfg(feature = "bench")]
+mod bench;
 mod client;
 mod demo;
 mod etl;
@@ -92,9 +92,10 @@ enum Command {
     /// The streaming ETL example (examples/etl/): set it up, generate and stream records.
     #[command(subcommand)]
     Etl(EtlCommand),
-    /// Benchmarks (figures go to BENCHMARKS.md).
+    /// Benchmarks (figures go to BENCHMARKS.md; built with the `bench` feature, on by default).
+    #[cfg(feature = "bench")]
     #[command(subcommand)]
-    Bench(BenchCommand),
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Subcommand)]
@@ -282,92 +283,6 @@ enum FlowCommand {
         format: String,
         #[command(flatten)]
         client: client::ClientArgs,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Gateway overhead per invocation and throughput, instrumentation on vs off.
-    Gateway {
-        /// Invocations per scenario.
-        #[arg(long, default_value_t = 4000)]
-        requests: usize,
-        /// Concurrent callers.
-        #[arg(long, default_value_t = 8)]
-        concurrency: usize,
-        /// Rounds of spans off and on (alternately first); the ratio reported is the median of the
-        /// rounds' ratios.
-        #[arg(long, default_value_t = 16)]
-        rounds: usize,
-        /// Only the `noop`, `exec` (spans on and off) or `sandbox` (exec and managed http, sandbox on and off) scenarios.
-        #[arg(long)]
-        only: Option<String>,
-    },
-    /// State store put/get, in process and over HTTP, beside Redis (redis-benchmark).
-    State {
-        /// Operations per series (1 MiB series use a twentieth).
-        #[arg(long, default_value_t = 20000)]
-        operations: usize,
-        #[arg(long, default_value_t = 8)]
-        concurrency: usize,
-    },
-    /// Collector ingest (OTLP/HTTP, 512-span batches) vs raw inserts, SQLite and PostgreSQL.
-    Ingest {
-        /// Requests of 512 spans.
-        #[arg(long, default_value_t = 400)]
-        requests: usize,
-        #[arg(long, default_value_t = 8)]
-        concurrency: usize,
-    },
-    /// The span store's readers (trace by id, search) over stored spans.
-    Spans {
-        #[arg(long, default_value_t = 2_000_000)]
-        spans: usize,
-        /// Blocks on an S3 store (s3rver, from npm, started here), read by another host.
-        #[arg(long)]
-        s3rver: bool,
-    },
-    /// Billing: a month of usage billed from its spans, re-rated from its records, then an incremental run.
-    Billing {
-        /// Invocations of the month (metered spans written through the collector's store first).
-        #[arg(long, default_value_t = 10_000_000)]
-        invocations: usize,
-        /// New invocations for the incremental run.
-        #[arg(long, default_value_t = 100_000)]
-        new: usize,
-        /// Database (default: SQLite in a temp dir), e.g. postgres://...
-        #[arg(long)]
-        database_url: Option<String>,
-    },
-    /// Dashboard: server time of pages and query APIs over a large store.
-    Dashboard {
-        /// Spans stored.
-        #[arg(long, default_value_t = 1_000_000)]
-        spans: usize,
-        /// Of which billed invocations.
-        #[arg(long, default_value_t = 100_000)]
-        invocations: usize,
-    },
-    /// The ETL flow with data passed through the state store, an S3 store (s3rver) or inline.
-    Etl {
-        /// Batches of about 1 KiB per transport.
-        #[arg(long, default_value_t = 300)]
-        small_batches: usize,
-        /// Batches of about 1 MiB per transport.
-        #[arg(long, default_value_t = 12)]
-        large_batches: usize,
-        /// Write plotters SVG charts of the results into this folder (e.g. docs).
-        #[arg(long)]
-        charts_dir: Option<PathBuf>,
-    },
-    /// One tenant storms (ingest at twice the sustainable rate, PromQL, calls) while another
-    /// works: its latency, the refusals, memory, and recovery.
-    Soak(bench_soak::Options),
-    /// Engine overhead per node, and data passing through the state store vs files.
-    Flow {
-        /// Runs per measurement (the median is reported).
-        #[arg(long, default_value_t = 20)]
-        runs: usize,
     },
 }
 
@@ -748,57 +663,8 @@ async fn run() -> anyhow::Result<()> {
         Command::Etl(EtlCommand::Stream { namespace, records, rate, seed, bad_per_mille, client }) => {
             client::etl_stream(&client, &namespace, records, rate, seed, bad_per_mille).await
         }
-        Command::Bench(BenchCommand::Gateway { requests, concurrency, rounds, only }) => {
-            let report = stateful_faas_core::bench::gateway(requests, concurrency, rounds, only.as_deref()).await?;
-            println!("{report}");
-            Ok(())
-        }
-        Command::Bench(BenchCommand::State { operations, concurrency }) => {
-            println!("{}", stateful_faas_core::bench::state::run(operations, concurrency).await?);
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Ingest { requests, concurrency }) => {
-            println!("{}", collector::bench::run(requests, concurrency).await?);
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Spans { spans, s3rver }) => {
-            let dir = tempfile::tempdir()?;
-            let (_s3, remote) = match s3rver {
-                true => {
-                    let (s3, bucket) = bench_etl::s3rver(&dir.path().join("s3"), "blocks").await?;
-                    let (endpoint, _) = bucket.rsplit_once('/').context("a bucket URL")?;
-                    let remote = collector::store::blocks::remote::Remote::s3(
-                        "s3://blocks/bench",
-                        Some(endpoint),
-                        Some(("S3RVER", "S3RVER")),
-                    )?;
-                    (Some(s3), Some(remote))
-                }
-                false => (None, None),
-            };
-            println!("{}", collector::bench::readers(spans, remote).await?);
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Billing { invocations, new, database_url }) => {
-            println!("{}", billing::bench::run(invocations, new, database_url).await?);
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Dashboard { spans, invocations }) => {
-            println!("{}", dashboard::bench::run(spans, invocations).await.map_err(|e| anyhow::anyhow!("{e}"))?);
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Etl { small_batches, large_batches, charts_dir }) => {
-            println!("{}", bench_etl::run(small_batches.max(1), large_batches.max(1), charts_dir).await?);
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Soak(options)) => {
-            println!("{}", bench_soak::run(options).await?);
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Flow { runs }) => {
-            println!("{}", stateful_faas_core::bench::flow::run(runs).await?);
-            Ok(())
-        }
+        #[cfg(feature = "bench")]
+        Command::Bench(command) => bench::run(command).await,
     }
 }
 

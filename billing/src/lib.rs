@@ -12,6 +12,7 @@
 //! each invoice line is rounded once, half to even, and the total is the sum of the lines.
 
 pub mod api;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod db;
 pub mod events;

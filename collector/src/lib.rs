@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod background;
+#[cfg(any(test, feature = "bench"))]
 pub mod bench;
 pub mod clock;
 #[cfg(fuzzing)]

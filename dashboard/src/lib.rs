@@ -3,6 +3,7 @@
 //! `/prometheus`). It also runs billing periodically, so that invoices follow usage without
 //! anyone calling `sfaas bill run`.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod charts;
 pub mod dag;

@@ -2,6 +2,7 @@
 //! the platform's own instrumentation (OpenTelemetry spans and Prometheus metrics).
 
 pub mod async_queue;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod config;
 pub mod database;

@@ -23,7 +23,9 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 mod otlp;
 pub mod spool;
 
-pub use otlp::{OtlpProcessor, SpanQueue, spool_throughput};
+#[cfg(feature = "bench")]
+pub use otlp::spool_throughput;
+pub use otlp::{OtlpProcessor, SpanQueue};
 
 use crate::function::Usage;
 use crate::semconv;

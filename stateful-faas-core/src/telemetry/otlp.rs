@@ -452,6 +452,7 @@ fn export_loop(shared: &Shared, transport: &Transport, mut spool: Option<Spool>)
 /// [`BATCH_SPANS`] invocation spans each, as the gateway encodes them, written to a spool in
 /// `dir` (each synced, as an outage writes them), then replayed to `endpoint` oldest first.
 /// Invocation spans per second written, and replayed.
+#[cfg(feature = "bench")]
 pub fn spool_throughput(
     config: &TelemetryConfig,
     endpoint: &str,

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::bench_etl::{cpu_ms, start_up};
+use super::etl::{cpu_ms, start_up};
 
 const QUIET: u8 = 0;
 const STORM: u8 = 1;
