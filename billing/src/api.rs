@@ -40,7 +40,14 @@ impl IntoResponse for ApiError {
 impl From<BillingError> for ApiError {
     fn from(error: BillingError) -> Self {
         let status = match &error {
-            BillingError::Invalid(_) | BillingError::Period(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            BillingError::InvalidRateCard(_)
+            | BillingError::Locked { .. }
+            | BillingError::PlansInUse(_)
+            | BillingError::UnknownPlan { .. }
+            | BillingError::PlanChangeTooEarly { .. }
+            | BillingError::RunInFuture
+            | BillingError::PeriodOpen { .. }
+            | BillingError::Period(_) => StatusCode::UNPROCESSABLE_ENTITY,
             BillingError::NotFound(_) => StatusCode::NOT_FOUND,
             BillingError::Database(_)
             | BillingError::Corrupt { .. }

@@ -50,8 +50,23 @@ pub(crate) const ROWS_PER_STATEMENT: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {
+    /// A rate card that does not parse or validate (the message says where).
     #[error("{0}")]
-    Invalid(String),
+    InvalidRateCard(String),
+    #[error("the billing {what} cannot change from {from} to {to} once usage is recorded")]
+    Locked { what: &'static str, from: String, to: String },
+    #[error("plans {0:?} are assigned to tenants and must stay")]
+    PlansInUse(Vec<String>),
+    #[error("no plan {plan:?} in the rate card (plans: {known:?})")]
+    UnknownPlan { plan: String, known: Vec<String> },
+    #[error(
+        "tenant {tenant:?} has usage rated up to {rated_up_to}; a plan change takes effect after it (now or later)"
+    )]
+    PlanChangeTooEarly { tenant: String, rated_up_to: String },
+    #[error("billing cannot run as of a time in the future")]
+    RunInFuture,
+    #[error("period {period} is not over yet (it ends {end})")]
+    PeriodOpen { period: String, end: String },
     #[error(transparent)]
     Period(#[from] period::PeriodError),
     #[error("not found: {0}")]
@@ -234,30 +249,31 @@ impl Billing {
     /// Replaces the rate card (YAML or JSON). Plans that tenants use must stay; the period
     /// length cannot change once usage exists.
     pub async fn apply_rate_card(&self, text: &str) -> Result<RateCard> {
-        let card = RateCard::parse(text).map_err(BillingError::Invalid)?;
+        let card = RateCard::parse(text).map_err(BillingError::InvalidRateCard)?;
         if let Some(old) = self.setting("rate_card").await? {
             let old: RateCard = serde_json::from_str(&old)
                 .map_err(|e| BillingError::Corrupt { what: "rate card", detail: e.to_string() })?;
             let sql = self.db.sql("SELECT COUNT(*) FROM usage_segments");
             let records: i64 = on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?);
             if records > 0 && old.period != card.period {
-                return Err(BillingError::Invalid(format!(
-                    "the billing period cannot change from {:?} to {:?} once usage is recorded",
-                    old.period, card.period
-                )));
+                return Err(BillingError::Locked {
+                    what: "period",
+                    from: format!("{:?}", old.period),
+                    to: format!("{:?}", card.period),
+                });
             }
             if records > 0 && old.currency() != card.currency() {
-                return Err(BillingError::Invalid(format!(
-                    "the currency cannot change from {} to {} once usage is recorded",
-                    old.currency(),
-                    card.currency()
-                )));
+                return Err(BillingError::Locked {
+                    what: "currency",
+                    from: old.currency().to_string(),
+                    to: card.currency().to_string(),
+                });
             }
             let sql = self.db.sql("SELECT DISTINCT plan FROM tenant_plans");
             let used: Vec<String> = on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_all(pool).await?);
-            let missing: Vec<_> = used.iter().filter(|p| !card.plans.contains_key(*p)).collect();
+            let missing: Vec<String> = used.into_iter().filter(|p| !card.plans.contains_key(p)).collect();
             if !missing.is_empty() {
-                return Err(BillingError::Invalid(format!("plans {missing:?} are assigned to tenants and must stay")));
+                return Err(BillingError::PlansInUse(missing));
             }
         }
         self.set_setting("rate_card", &serde_json::to_string(&card).expect("json")).await?;
@@ -276,8 +292,8 @@ impl Billing {
     pub async fn assign_plan(&self, tenant: &str, plan: &str, from_ns: Option<i64>) -> Result<i64> {
         let card = self.rate_card().await?;
         if !card.plans.contains_key(plan) {
-            let known: Vec<_> = card.plans.keys().collect();
-            return Err(BillingError::Invalid(format!("no plan {plan:?} in the rate card (plans: {known:?})")));
+            let known = card.plans.keys().cloned().collect();
+            return Err(BillingError::UnknownPlan { plan: plan.to_string(), known });
         }
         let from = from_ns.unwrap_or_else(|| self.now_ns());
         let sql = self.db.sql("SELECT MAX(last_start_ns) FROM usage_segments WHERE tenant = ?");
@@ -286,10 +302,7 @@ impl Billing {
         if let Some(latest) = latest
             && latest >= from
         {
-            return Err(BillingError::Invalid(format!(
-                "tenant {tenant:?} has usage rated up to {}; a plan change takes effect after it (now or later)",
-                period::rfc3339(latest)
-            )));
+            return Err(BillingError::PlanChangeTooEarly { tenant: tenant.to_string(), rated_up_to: period::rfc3339(latest) });
         }
         let sql = self.db.sql(
             "INSERT INTO tenant_plans (tenant, effective_from_ns, plan) VALUES (?, ?, ?) \
@@ -333,7 +346,7 @@ impl Billing {
         let card = self.rate_card().await?;
         let clock_now = self.now_ns();
         if now.is_some_and(|t| t > clock_now) {
-            return Err(BillingError::Invalid("billing cannot run as of a time in the future".into()));
+            return Err(BillingError::RunInFuture);
         }
         let now = now.unwrap_or(clock_now);
         let upto_ms = now / 1_000_000 - self.settle.as_millis() as i64 - 1;
@@ -419,7 +432,7 @@ impl Billing {
         let card = self.rate_card().await?;
         let period = Period::parse(card.period, period)?;
         if period.end_ns() > self.now_ns() {
-            return Err(BillingError::Invalid(format!("period {period} is not over yet (it ends {})", period.end())));
+            return Err(BillingError::PeriodOpen { period: period.to_string(), end: period.end().to_string() });
         }
         if self.finalized_through(card.period).await?.is_some_and(|f| f >= period) {
             return Ok(0);

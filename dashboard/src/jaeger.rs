@@ -157,6 +157,9 @@ pub struct JaegerError(StatusCode, String);
 
 impl IntoResponse for JaegerError {
     fn into_response(self) -> Response {
+        if self.0.is_server_error() {
+            tracing::error!(status = %self.0, error = %self.1, "jaeger query failed");
+        }
         let error = StructuredError { code: Some(self.0.as_u16()), msg: self.1, trace_id: None };
         let body = Envelope { data: Value::Null, total: 0, limit: 0, offset: 0, errors: Some(vec![error]) };
         (self.0, Json(body)).into_response()
@@ -165,7 +168,6 @@ impl IntoResponse for JaegerError {
 
 impl From<StoreError> for JaegerError {
     fn from(error: StoreError) -> Self {
-        tracing::error!(%error, "jaeger query failed");
         JaegerError(StatusCode::INTERNAL_SERVER_ERROR, format!("telemetry store: {error}"))
     }
 }

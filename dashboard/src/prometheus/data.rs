@@ -399,18 +399,10 @@ pub async fn metadata(
 
 impl From<StoreError> for QueryError {
     fn from(error: StoreError) -> Self {
-        if let StoreError::OverBudget = error {
-            return QueryError::Execution(TOO_MANY_SAMPLES.into());
+        match error {
+            StoreError::OverBudget => QueryError::Execution(TOO_MANY_SAMPLES.into()),
+            error => QueryError::Store(error),
         }
-        tracing::error!(%error, "prometheus query failed");
-        QueryError::Internal(error.to_string())
-    }
-}
-
-impl From<billing::BillingError> for QueryError {
-    fn from(error: billing::BillingError) -> Self {
-        tracing::error!(%error, "prometheus query failed");
-        QueryError::Internal(error.to_string())
     }
 }
 

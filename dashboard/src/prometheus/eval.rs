@@ -43,25 +43,23 @@ pub fn bounded_time(ms: i64, what: &str) -> Result<i64, String> {
 }
 
 /// Why a query failed, as Prometheus classifies it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     /// A bad request (HTTP 400, `bad_data`): unparsable query, time or parameter.
+    #[error("{0}")]
     BadData(String),
     /// The query cannot be executed (HTTP 422, `execution`).
+    #[error("{0}")]
     Execution(String),
     /// A PromQL construct this server does not evaluate (HTTP 422, `execution`).
+    #[error("unsupported PromQL: {0}")]
     Unsupported(String),
-    /// The store failed (HTTP 500, `internal`).
-    Internal(String),
-}
-
-impl std::fmt::Display for QueryError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            QueryError::BadData(m) | QueryError::Execution(m) | QueryError::Internal(m) => f.write_str(m),
-            QueryError::Unsupported(m) => write!(f, "unsupported PromQL: {m}"),
-        }
-    }
+    /// The telemetry store failed (HTTP 500, `internal`).
+    #[error("the telemetry store failed: {0}")]
+    Store(#[source] collector::store::StoreError),
+    /// Billing's data could not be read (HTTP 500, `internal`).
+    #[error("billing failed: {0}")]
+    Billing(#[from] billing::BillingError),
 }
 
 fn unsupported(what: impl Into<String>) -> QueryError {

@@ -403,7 +403,7 @@ impl From<QueryError> for ApiError {
         let (status, kind) = match &error {
             QueryError::BadData(_) => (StatusCode::BAD_REQUEST, "bad_data"),
             QueryError::Execution(_) | QueryError::Unsupported(_) => (StatusCode::UNPROCESSABLE_ENTITY, "execution"),
-            QueryError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            QueryError::Store(_) | QueryError::Billing(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         Self { status, kind, message: error.to_string() }
     }
@@ -411,6 +411,9 @@ impl From<QueryError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, error = %self.message, "prometheus API request failed");
+        }
         let body = format!(
             "{{\"status\":\"error\",\"errorType\":{},\"error\":{}}}",
             json_string(self.kind),

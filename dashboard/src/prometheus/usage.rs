@@ -536,7 +536,7 @@ async fn cost_counters(
     let no_assignments = Vec::new();
     for (group, (group_first_ns, buckets)) in groups {
         let Some(plan) = card.plans.get(&group.plan) else { continue };
-        let period = Period::parse(card.period, &group.period).map_err(|e| QueryError::Internal(e.to_string()))?;
+        let period = Period::parse(card.period, &group.period).map_err(billing::BillingError::from)?;
         let share = billing::share(
             assignments.get(&group.tenant).unwrap_or(&no_assignments),
             &card.default_plan,
