@@ -361,6 +361,10 @@ struct CoreArgs {
     /// State store: jobs one tenant may have registered at once.
     #[arg(long, env = "SFAAS_STATE_TENANT_MAX_JOBS", default_value_t = 10_000)]
     state_tenant_max_jobs: usize,
+    /// State store: jobs a tenant may register a second over HTTP or Redis (bursts of ten times
+    /// as many); flow runs' jobs are not counted.
+    #[arg(long, env = "SFAAS_STATE_TENANT_JOBS_PER_SECOND", default_value_t = 100)]
+    state_tenant_jobs_per_second: u32,
     /// State store: largest value.
     #[arg(long, env = "SFAAS_STATE_MAX_VALUE_BYTES", default_value_t = 256 << 20)]
     state_max_value_bytes: u64,
@@ -559,6 +563,7 @@ impl CoreArgs {
         config.state.total_budget_bytes = self.state_budget_bytes;
         config.state.tenant_quota_bytes = self.state_tenant_quota_bytes;
         config.state.max_jobs_per_tenant = self.state_tenant_max_jobs;
+        config.state.job_registrations_per_second = self.state_tenant_jobs_per_second;
         config.state.max_value_bytes = self.state_max_value_bytes;
         config.state.usage_interval = std::time::Duration::from_secs(self.state_usage_interval_secs);
         config.allow_outbound = self.allow_outbound.clone();

@@ -302,7 +302,10 @@ impl Billing {
         if let Some(latest) = latest
             && latest >= from
         {
-            return Err(BillingError::PlanChangeTooEarly { tenant: tenant.to_string(), rated_up_to: period::rfc3339(latest) });
+            return Err(BillingError::PlanChangeTooEarly {
+                tenant: tenant.to_string(),
+                rated_up_to: period::rfc3339(latest),
+            });
         }
         let sql = self.db.sql(
             "INSERT INTO tenant_plans (tenant, effective_from_ns, plan) VALUES (?, ?, ?) \

@@ -234,6 +234,64 @@ async fn calls_wait_while_their_tenants_spans_cannot_leave() {
     core.stop().await;
 }
 
+/// With the collector away and the span spool full, billed spans are kept, not dropped: the
+/// tenant's queue fills and its new calls are refused (429) until the collector is back, and
+/// then every call that ran has its span; and a tenant's job registrations are refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_keeps_billed_spans_and_refuses_calls_until_the_collector_is_back() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let mut core = start(|config| {
+        export_to(config, format!("http://{addr}"));
+        config.telemetry.max_queue_size = 64;
+        config.telemetry.spool_dir = Some(spool.path().to_path_buf());
+        // Smaller than one request: nothing fits.
+        config.telemetry.spool_max_bytes = 1024;
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "echo", "builtin": "echo"})).await;
+    // Calls until they are refused, 16 at a time: the 200s that ran.
+    let until_refused = || async {
+        let mut ran = 0;
+        for _ in 0..20 {
+            let calls = (0..16).map(|_| core.invoke(&acme.ingest, "echo", "x"));
+            let statuses: Vec<u16> =
+                futures_util::future::join_all(calls).await.iter().map(|answer| answer.status().as_u16()).collect();
+            assert!(statuses.iter().all(|status| [200, 429].contains(status)), "{statuses:?}");
+            ran += statuses.iter().filter(|status| **status == 200).count();
+            if statuses.contains(&429) {
+                return Some(ran);
+            }
+        }
+        None
+    };
+    let mut ran = until_refused().await.expect("calls refused while their spans cannot leave");
+    // The exporter has tried, failed and found no room in the spool meanwhile. It holds the
+    // batch it took, so a queue's worth of calls more runs, and no more.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ran += until_refused().await.expect("calls refused again once the queue is full");
+    let register = core.http.post(format!("{}/state/jobs", core.url)).bearer_auth(&acme.ingest);
+    let refused = register.json(&json!({"job": "j"})).send().await.unwrap();
+    assert_eq!(refused.status(), 429, "a job registration while the tenant's usage cannot leave");
+
+    // The collector comes back: every call that ran is there, once.
+    let (_, received) = common::otlp::grpc_receiver_at(addr).await;
+    let invoked = || {
+        let spans = spans(&received.requests.lock().unwrap());
+        spans.iter().filter(|(_, _, span)| span.name == "invoke echo").count()
+    };
+    let all = eventually(Duration::from_secs(30), || async { (invoked() >= ran).then_some(()) }).await;
+    assert!(all.is_some(), "{} of {ran} calls' spans arrived", invoked());
+    assert_eq!(invoked(), ran);
+    let again = eventually(Duration::from_secs(10), || async {
+        (core.invoke(&acme.ingest, "echo", "x").await.status() == 200).then_some(())
+    })
+    .await;
+    assert!(again.is_some(), "calls run again once the spans leave");
+    core.stop().await;
+}
+
 /// A function whose answer cannot be returned (over the largest response) still ran: its CPU is
 /// billed, not dropped with the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

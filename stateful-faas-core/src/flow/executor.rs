@@ -107,6 +107,11 @@ pub async fn start(
         .store
         .get(&request.tenant, &request.flow)
         .ok_or_else(|| FlowError::NotFound { tenant: request.tenant.to_string(), name: request.flow.clone() })?;
+    // A run's job makes usage records, as its nodes make invocation spans: none while the
+    // tenant's are not leaving.
+    if flows.invoker.telemetry.behind(&request.tenant) {
+        return Err(FlowError::Behind(request.tenant.to_string()));
+    }
     let run_id = uuid::Uuid::now_v7().to_string();
     let definition = serde_json::to_string(&flow.definition).expect("flow definitions serialize");
     flows.invoker.state.register(&request.tenant, &run_id)?;

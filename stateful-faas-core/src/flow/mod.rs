@@ -37,6 +37,10 @@ pub enum FlowError {
         "tenant {tenant} has reached its quota of {quota} flows (its plan's `flows`, by default --tenant-max-flows): remove one before deploying another"
     )]
     Quota { tenant: String, quota: usize },
+    #[error(
+        "namespace {0}'s telemetry is behind (its span queue is full, so its runs could not be metered): retry in a moment"
+    )]
+    Behind(String),
 }
 
 type Key = (TenantId, String);

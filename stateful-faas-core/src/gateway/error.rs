@@ -103,7 +103,7 @@ impl From<StateError> for ApiError {
                 ApiError::InsufficientStorage(message)
             }
             StateError::InvalidName { .. } => ApiError::BadRequest(message),
-            StateError::TooManyJobs { .. } => ApiError::TooManyRequests(message),
+            StateError::TooManyJobs { .. } | StateError::JobsTooFast { .. } => ApiError::TooManyRequests(message),
         }
     }
 }

@@ -28,7 +28,7 @@ impl From<FlowError> for ApiError {
             FlowError::NotFound { .. } | FlowError::RunNotFound(_) => ApiError::NotFound(message),
             FlowError::State(state) => state.into(),
             FlowError::Database(_) => ApiError::Internal(message),
-            FlowError::Quota { .. } => ApiError::TooManyRequests(message),
+            FlowError::Quota { .. } | FlowError::Behind(_) => ApiError::TooManyRequests(message),
         }
     }
 }

@@ -131,6 +131,9 @@ impl Core {
                 "invocations' buffers (--buffer-bytes)",
             )),
         });
+        // A tenant whose usage records are not leaving may not make more by registering jobs.
+        let weak = Arc::downgrade(&invoker);
+        invoker.state.gate_usage(move |tenant| weak.upgrade().is_some_and(|invoker| invoker.telemetry.behind(tenant)));
         let flows = Arc::new(Flows::new(invoker.clone(), flow_store, flow_journal));
         Ok(Arc::new(Self { config, pool, invoker, queue, flows, admin_token, quotas }))
     }

@@ -64,7 +64,7 @@ pub async fn register_job(
     Json(request): Json<RegisterJob>,
 ) -> Result<StatusCode, ApiError> {
     let tenant = caller.state_tenant(Some(&request.job), true, true)?;
-    core.invoker.state.register(&tenant, &request.job)?;
+    core.invoker.state.register_paced(&tenant, &request.job)?;
     Ok(StatusCode::CREATED)
 }
 

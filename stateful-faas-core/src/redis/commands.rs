@@ -629,7 +629,7 @@ impl Context<'_, '_> {
                 }
                 let job = std::str::from_utf8(&args[1]).map_err(|_| "ERR a job's name is UTF-8 text".to_string())?;
                 if spec.name == "sfaas.register" {
-                    store.register(tenant.tenant(), job).map_err(state_error)?;
+                    store.register_paced(tenant.tenant(), job).map_err(state_error)?;
                     out.ok();
                 } else {
                     let byte_seconds = store.deregister(tenant.tenant(), job).map_err(state_error)?;

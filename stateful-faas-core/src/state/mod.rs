@@ -65,6 +65,11 @@ pub struct StateConfig {
     pub tenant_quota_bytes: u64,
     /// Jobs one tenant may have registered at once.
     pub max_jobs_per_tenant: usize,
+    /// Jobs a tenant may register a second over HTTP or Redis (in bursts of ten times as many):
+    /// each job's usage is at least one billed record, so registering and ending jobs in a
+    /// loop would otherwise make records as fast as the tenant can ask. Flow runs register
+    /// their jobs unpaced: each runs functions, which are billed.
+    pub job_registrations_per_second: u32,
     /// Length of the usage records' intervals; must be > 0 and divide a day (see
     /// [`StateConfig::validate`]).
     pub usage_interval: Duration,
@@ -77,6 +82,7 @@ impl Default for StateConfig {
             total_budget_bytes: 4 << 30,
             tenant_quota_bytes: 1 << 30,
             max_jobs_per_tenant: 10_000,
+            job_registrations_per_second: 100,
             usage_interval: Duration::from_secs(60),
         }
     }
@@ -130,6 +136,10 @@ pub enum StateError {
         "tenant {tenant} has {max} state jobs registered, its quota (its plan's `state_jobs`, by default --state-tenant-max-jobs): deregister one first"
     )]
     TooManyJobs { tenant: String, max: usize },
+    #[error(
+        "tenant {tenant} registers jobs faster than {per_second} a second (--state-tenant-jobs-per-second), or its usage records are not leaving (its span queue is full): retry in a moment"
+    )]
+    JobsTooFast { tenant: String, per_second: u32 },
     #[error("invalid {what} {value:?}: use 1 to 255 characters without '/' or control characters")]
     InvalidName { what: &'static str, value: String },
 }
@@ -361,6 +371,9 @@ struct TenantState {
     latest: u64,
     /// Records not yet drained.
     pending: Vec<UsageInterval>,
+    /// When the next paced job registration is due, without burst (generic cell rate
+    /// algorithm: a registration is admitted while this is at most a burst ahead of now).
+    registrations_due: u64,
 }
 
 impl TenantState {
@@ -562,7 +575,11 @@ pub struct StateStore {
     used: AtomicU64,
     /// Room for values being received before they are stored.
     receiving: crate::room::Room,
+    /// Whether a tenant's usage records are not leaving (see [`StateStore::gate_usage`]).
+    usage_gate: std::sync::OnceLock<Box<UsageGate>>,
 }
+
+type UsageGate = dyn Fn(&TenantId) -> bool + Send + Sync;
 
 impl std::fmt::Debug for StateStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -587,7 +604,8 @@ impl StateStore {
             "values being received (half of --state-budget-bytes)",
         );
         let tenants = RwLock::new(HashMap::new());
-        Self { config, quotas, interval_ns, clock, tenants, used: AtomicU64::new(0), receiving }
+        let usage_gate = std::sync::OnceLock::new();
+        Self { config, quotas, interval_ns, clock, tenants, used: AtomicU64::new(0), receiving, usage_gate }
     }
 
     /// The room shared by values being received (over HTTP) before they are stored.
@@ -652,6 +670,34 @@ impl StateStore {
             state.jobs.insert(job.to_string(), job_state);
             Ok(())
         })
+    }
+
+    /// Registers a job for the tenant itself (over HTTP or Redis): paced to
+    /// [`StateConfig::job_registrations_per_second`], and refused while the tenant's usage
+    /// records cannot leave (the gate set by [`StateStore::gate_usage`]).
+    pub fn register_paced(&self, tenant: &TenantId, job: &str) -> Result<(), StateError> {
+        let per_second = self.config.job_registrations_per_second.max(1);
+        let too_fast = || StateError::JobsTooFast { tenant: tenant.to_string(), per_second };
+        if self.usage_gate.get().is_some_and(|behind| behind(tenant)) {
+            return Err(too_fast());
+        }
+        self.with_tenant(tenant, |state, now| {
+            // Ten seconds' worth at once, then `per_second`.
+            let interval = 1_000_000_000 / per_second as u64;
+            let due = state.registrations_due.max(now);
+            if due - now >= 10_000_000_000 {
+                return Err(too_fast());
+            }
+            state.registrations_due = due + interval;
+            Ok(())
+        })?;
+        self.register(tenant, job)
+    }
+
+    /// Sets what says whether a tenant's usage records are not leaving (its telemetry is
+    /// behind), so that it may not make more of them by registering jobs.
+    pub fn gate_usage(&self, behind: impl Fn(&TenantId) -> bool + Send + Sync + 'static) {
+        let _ = self.usage_gate.set(Box::new(behind));
     }
 
     /// Whether a job is registered.

@@ -575,3 +575,25 @@ fn appends_grow_a_value_in_place_within_the_quota_and_are_metered() {
     clock.advance_secs(10);
     assert_eq!(store.usage(&t).total, bs(10 * held));
 }
+
+#[test]
+fn a_tenant_registers_jobs_at_its_pace_and_not_while_its_usage_cannot_leave() {
+    let (store, clock) = store(StateConfig { job_registrations_per_second: 10, ..StateConfig::default() });
+    let (a, b) = (acme(), TenantId::new("globex").unwrap());
+    let register =
+        |tenant: &TenantId, n: usize| (0..n).filter(|i| store.register_paced(tenant, &format!("j{i}")).is_ok()).count();
+    // A burst of ten seconds' worth, then one every 100 ms; another tenant has its own pace.
+    assert_eq!(register(&a, 150), 100);
+    assert!(matches!(store.register_paced(&a, "late"), Err(StateError::JobsTooFast { .. })));
+    assert_eq!(register(&b, 100), 100);
+    clock.advance_secs(1);
+    assert_eq!((100..150).filter(|i| store.register_paced(&a, &format!("j{i}")).is_ok()).count(), 10);
+    // Flow runs register unpaced: their nodes' calls are billed.
+    store.register(&a, "run").unwrap();
+
+    // While a tenant's usage records cannot leave, it may not make more.
+    store.gate_usage(|tenant| tenant.as_str() == "globex");
+    clock.advance_secs(60);
+    assert!(matches!(store.register_paced(&b, "more"), Err(StateError::JobsTooFast { .. })));
+    assert!(store.register_paced(&a, "more").is_ok());
+}

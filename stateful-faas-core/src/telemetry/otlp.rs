@@ -422,7 +422,9 @@ fn export_loop(shared: &Shared, transport: &Transport, mut spool: Option<Spool>)
                 export_request(&resource, &schema_url, &mut batch, std::mem::take(&mut encoded));
             let spans = batch.spans;
             shared.queue.lock().unwrap().spare = Some(batch.emptied());
-            deliver(transport, spool.as_mut(), request, spans);
+            if let Some(request) = deliver(transport, spool.as_mut(), request, spans) {
+                wait_for_room(shared, transport, spool.as_mut().expect("only a spool is full"), &mut replay, request);
+            }
             // The buffer back, once the transport has let go of it.
             encoded = invocations
                 .try_into_mut()
@@ -513,16 +515,18 @@ pub fn spool_throughput(
 const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
 
 /// Sends a request, retrying briefly (a broken connection is replaced on the next attempt); if
-/// the receiver still cannot take it, or older requests wait in the spool, it goes there.
-fn deliver(transport: &Transport, spool: Option<&mut Spool>, request: Vec<Bytes>, spans: usize) {
+/// the receiver still cannot take it, or older requests wait in the spool, it goes there. A
+/// request the spool has no room for is handed back.
+fn deliver(transport: &Transport, spool: Option<&mut Spool>, request: Vec<Bytes>, spans: usize) -> Option<Vec<Bytes>> {
     let waiting = spool.as_ref().is_some_and(|spool| !spool.is_empty());
     if !waiting {
         let mut pauses = RETRY_PAUSES.iter();
         let error = loop {
             match export_io().block_on(send(transport, request.clone())) {
-                Ok(()) => return,
+                Ok(()) => return None,
                 Err(error) if !error.retry => {
-                    return tracing::error!(%error.message, spans, "the OTLP receiver refused these spans; they are lost");
+                    tracing::error!(%error.message, spans, "the OTLP receiver refused these spans; they are lost");
+                    return None;
                 }
                 Err(error) => match pauses.next() {
                     Some(pause) => {
@@ -534,18 +538,52 @@ fn deliver(transport: &Transport, spool: Option<&mut Spool>, request: Vec<Bytes>
             }
         };
         if spool.is_none() {
-            return tracing::warn!(error = %error.message, spans, "span export failed; these spans are lost");
+            tracing::warn!(error = %error.message, spans, "span export failed; these spans are lost");
+            return None;
         }
         tracing::warn!(error = %error.message, spans, "span export failed; keeping the spans in the spool");
     }
-    let Some(spool) = spool else { return };
+    let spool = spool?;
     match spool.push(&request) {
-        Ok(true) => {}
-        Ok(false) => tracing::error!(
-            spans,
-            "the span spool is full (--span-spool-bytes): these spans are lost; the collector has been unreachable too long"
-        ),
-        Err(error) => tracing::error!(%error, spans, "cannot write the span spool: these spans are lost"),
+        Ok(true) => None,
+        Ok(false) => Some(request),
+        Err(error) => {
+            tracing::error!(%error, spans, "cannot write the span spool: these spans are lost");
+            None
+        }
+    }
+}
+
+/// Holds a request the spool has no room for until the receiver takes older ones and it fits:
+/// meanwhile the tenant's queue fills and its new calls are refused (`SpanQueue::is_full`), so
+/// that nothing billed is dropped while it goes on. Only at shutdown is it given up (counted in
+/// [`super::spool::DROPPED_REQUESTS`]).
+fn wait_for_room(shared: &Shared, transport: &Transport, spool: &mut Spool, replay: &mut Replay, request: Vec<Bytes>) {
+    tracing::error!(
+        "the span spool is full (--span-spool-bytes): the collector has been unreachable too long; this tenant's new calls wait until it is back"
+    );
+    loop {
+        if shared.queue.lock().unwrap().shutdown {
+            super::spool::DROPPED_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return tracing::error!("shutting down with the span spool full: these spans are lost");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        replay.run(transport, spool);
+        if spool.is_empty() {
+            // (A request larger than the whole spool goes only this way.)
+            match export_io().block_on(send(transport, request.clone())) {
+                Ok(()) => return,
+                Err(error) if !error.retry => {
+                    return tracing::error!(%error.message, "the OTLP receiver refused these spans; they are lost");
+                }
+                Err(_) => continue,
+            }
+        }
+        match spool.push(&request) {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(error) => return tracing::error!(%error, "cannot write the span spool: these spans are lost"),
+        }
     }
 }
 

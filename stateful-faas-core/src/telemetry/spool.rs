@@ -61,11 +61,11 @@ impl Spool {
         self.dir.join(format!("{seq:020}.otlp"))
     }
 
-    /// Appends a request; `Ok(false)` when it would go over the bound (it is then lost).
+    /// Appends a request; `Ok(false)` when it would go over the bound (the caller keeps it, or
+    /// counts it lost in [`DROPPED_REQUESTS`]).
     pub fn push(&mut self, request: &[Bytes]) -> io::Result<bool> {
         let len: u64 = request.iter().map(|chunk| chunk.len() as u64).sum();
         if self.bytes + len > self.max_bytes {
-            DROPPED_REQUESTS.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         }
         let path = self.path(self.next);
