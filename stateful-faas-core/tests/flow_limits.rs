@@ -133,3 +133,24 @@ async fn a_csv_header_counts_in_every_batch_it_heads() {
     assert_eq!(accepted["records"], 2);
     assert_eq!(accepted["runs"].as_array().unwrap().len(), 2);
 }
+
+/// A record costs more than its bytes: 2 MiB of one-character lines would be a million records
+/// (64 MiB of handles), though its bytes fit the 16 MiB a stream may hold pending. Refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_a_million_tiny_records_is_refused() {
+    let (core, acme) = setup().await;
+    let yaml = "name: lines\nnodes:\n  a: {function: echo}\nstream: {max_records: 2000}\n";
+    assert_eq!(deploy_flow(&core, &acme, yaml.into()).await.0, 201);
+    let send = |body: String| {
+        let request = core.http.post(format!("{}/stream/lines", core.url)).bearer_auth(&acme.ingest);
+        async move {
+            let response = request.body(body).send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let (status, text) = send("x\n".repeat(1 << 20)).await;
+    assert_eq!(status, 413, "{text}");
+    // A thousand such records are taken.
+    let (status, text) = send("{}\n".repeat(1000)).await;
+    assert_eq!(status, 202, "{text}");
+}

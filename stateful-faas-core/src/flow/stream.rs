@@ -99,12 +99,18 @@ impl Streams {
             .store
             .get(tenant, flow_name)
             .ok_or_else(|| FlowError::NotFound { tenant: tenant.to_string(), name: flow_name.to_string() })?;
+        // A record costs its handle beside its bytes (blank lines count here too): a body of
+        // millions of short lines is refused before it is split into them.
+        let limit = flow.batching.max_pending_bytes;
+        let handles = (newlines(&body).count() + 1) * RECORD_OVERHEAD;
+        if handles > limit {
+            return Err(StreamError::TooLarge { bytes: body.len() + handles, limit });
+        }
         let (format, records) = split(format, body)?;
         if records.is_empty() {
             return Ok(Accepted { records: 0, runs: vec![] });
         }
         let bytes = pending_bytes(&format, &records, &flow.batching);
-        let limit = flow.batching.max_pending_bytes;
         if bytes > limit {
             return Err(StreamError::TooLarge { bytes, limit });
         }
@@ -172,15 +178,20 @@ pub(crate) fn split(format: Format, body: Bytes) -> Result<(Format, Vec<Bytes>),
     }
 }
 
-/// The most bytes a request's records can hold in batches: each record and its newline, and a
-/// CSV header (and its newline) for every batch they may fill. Past the first batch (maybe one
-/// already open), a batch is cut after `max_records` of them or once the header and records
-/// reach `max_bytes`, whichever comes first, and the last may stay open.
+/// What a record held in a batch costs beside its bytes: its handle and its place in the
+/// batch's list.
+const RECORD_OVERHEAD: usize = 64;
+
+/// The most bytes a request's records can hold in batches: each record, its newline and
+/// [`RECORD_OVERHEAD`], and a CSV header (and its newline) for every batch they may fill. Past
+/// the first batch (maybe one already open), a batch is cut after `max_records` of them or once
+/// the header and records reach `max_bytes`, whichever comes first, and the last may stay open.
 fn pending_bytes(format: &Format, records: &[Bytes], policy: &Batching) -> usize {
     let record_bytes: usize = records.iter().map(|r| r.len() + 1).sum();
+    let held = record_bytes + records.len() * RECORD_OVERHEAD;
     let header = match format {
         Format::Csv { header } => header.len() + 1,
-        Format::JsonLines => return record_bytes,
+        Format::JsonLines => return held,
     };
     let cut_by_count = records.len() / policy.max_records;
     let cut_by_bytes = match policy.max_bytes.checked_sub(header) {
@@ -188,7 +199,7 @@ fn pending_bytes(format: &Format, records: &[Bytes], policy: &Batching) -> usize
         _ => records.len(),
     };
     let batches = records.len().min(cut_by_count + cut_by_bytes + 2);
-    record_bytes + header * batches
+    held + header * batches
 }
 
 fn newlines(body: &[u8]) -> impl Iterator<Item = usize> + '_ {
@@ -344,15 +355,17 @@ mod tests {
         let records = vec![Bytes::from_static(b"123456789"); 100];
         let csv = Format::Csv { header: Bytes::from(vec![b'h'; 99]) };
         let one_each = Batching { max_records: 1, ..Batching::default() };
-        assert_eq!(pending_bytes(&Format::JsonLines, &records, &one_each), 1000);
-        assert_eq!(pending_bytes(&csv, &records, &one_each), 1000 + 100 * 100);
+        // The records' bytes and newlines, and each one's handle.
+        let held = 1000 + 100 * RECORD_OVERHEAD;
+        assert_eq!(pending_bytes(&Format::JsonLines, &records, &one_each), held);
+        assert_eq!(pending_bytes(&csv, &records, &one_each), held + 100 * 100);
         // 10 records a batch: 10 batches cut, one more that was open, one left open.
         let ten_each = Batching { max_records: 10, ..Batching::default() };
-        assert_eq!(pending_bytes(&csv, &records, &ten_each), 1000 + 12 * 100);
+        assert_eq!(pending_bytes(&csv, &records, &ten_each), held + 12 * 100);
         // A batch of 300 bytes holds the header and two records.
         let small = Batching { max_bytes: 300, ..Batching::default() };
-        assert_eq!(pending_bytes(&csv, &records, &small), 1000 + (1000 / 200 + 2) * 100);
+        assert_eq!(pending_bytes(&csv, &records, &small), held + (1000 / 200 + 2) * 100);
         let tiny = Batching { max_bytes: 50, ..Batching::default() };
-        assert_eq!(pending_bytes(&csv, &records, &tiny), 1000 + 100 * 100);
+        assert_eq!(pending_bytes(&csv, &records, &tiny), held + 100 * 100);
     }
 }
