@@ -317,6 +317,12 @@ async fn bad_input_gets_clear_errors() {
     assert_eq!(core.invoke(&acme.ingest, "echo", vec![b'x'; 512]).await.status(), 200);
     assert_eq!(core.invoke(&acme.ingest, "Nope!", "").await.status(), 400);
     assert_eq!(core.invoke(&acme.ingest, "missing", "").await.status(), 404);
+
+    // A deployment is kept in memory and becomes a process's environment: at most 256 KiB.
+    let huge = deploy(json!({"service": "env", "envProcess": "true", "envVars": {"BIG": "x".repeat(300 << 10)}}));
+    let huge = huge.await.unwrap();
+    assert_eq!(huge.status(), 413);
+    assert!(huge.text().await.unwrap().contains("262144"));
 }
 
 /// Limits out of their bounds are refused at deploy with the field named (issue 21: a huge

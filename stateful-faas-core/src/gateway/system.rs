@@ -4,17 +4,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::Core;
 use super::auth::Caller;
 use super::error::ApiError;
+use super::{Core, body};
 use crate::async_queue::AsyncCall;
 use crate::function::{DeployedFunction, FunctionDeployment};
-use crate::tenant::{TenantCredentials, TenantInfo};
+use crate::tenant::{Principal, TenantCredentials, TenantInfo};
 
 #[derive(Debug, Deserialize)]
 pub struct NamespaceQuery {
@@ -84,6 +85,38 @@ pub async fn get_function(
     Ok(Json(FunctionStatus::of(&function)))
 }
 
+/// Largest body of the management API: a deployment with its environment, labels and
+/// annotations, well within what `execve` takes as an environment (a deployment is kept in
+/// memory and in the database, and a process function's environment is built from it).
+pub const MAX_SYSTEM_BODY: u64 = 256 << 10;
+
+/// A management request's body, for a caller that may write: at most [`MAX_SYSTEM_BODY`],
+/// read as any call's body is (into the tenant's room, arriving steadily).
+async fn read_body(
+    core: &Core,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: Body,
+    what: &str,
+) -> Result<Bytes, ApiError> {
+    caller.require_write()?;
+    let incoming = body::Incoming {
+        what,
+        declared: body::declared_length(headers),
+        max: MAX_SYSTEM_BODY,
+        stall: core.config.body_stall,
+    };
+    match &caller.principal {
+        Principal::Tenant { tenant, .. } => {
+            Ok(body::receive(&core.invoker.buffers, tenant, incoming, body, |_| Ok(())).await?.0)
+        }
+        // The operator's own requests are not counted in any tenant's room.
+        _ => axum::body::to_bytes(body, MAX_SYSTEM_BODY as usize)
+            .await
+            .map_err(|_| ApiError::PayloadTooLarge(format!("{what} is over the largest, {MAX_SYSTEM_BODY} bytes"))),
+    }
+}
+
 fn parse_deployment(body: &[u8]) -> Result<FunctionDeployment, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid FunctionDeployment JSON: {e}")))
 }
@@ -105,8 +138,10 @@ async fn deploy(core: &Core, caller: &Caller, body: &[u8], replace: bool) -> Res
 pub async fn create_function(
     State(core): State<Arc<Core>>,
     caller: Caller,
-    body: axum::body::Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    let body = read_body(&core, &caller, &headers, body, "a FunctionDeployment").await?;
     deploy(&core, &caller, &body, false).await
 }
 
@@ -114,8 +149,10 @@ pub async fn create_function(
 pub async fn update_function(
     State(core): State<Arc<Core>>,
     caller: Caller,
-    body: axum::body::Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    let body = read_body(&core, &caller, &headers, body, "a FunctionDeployment").await?;
     deploy(&core, &caller, &body, true).await
 }
 
@@ -131,9 +168,10 @@ pub struct DeleteRequest {
 pub async fn delete_function(
     State(core): State<Arc<Core>>,
     caller: Caller,
-    body: axum::body::Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_write()?;
+    let body = read_body(&core, &caller, &headers, body, "the request").await?;
     let request: DeleteRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"functionName\": \"...\"}}: {e}")))?;
     let tenant = caller.namespace(request.namespace.as_deref())?;
@@ -155,9 +193,10 @@ pub async fn scale_function(
     State(core): State<Arc<Core>>,
     caller: Caller,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_write()?;
+    let body = read_body(&core, &caller, &headers, body, "the request").await?;
     let request: ScaleRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"replicas\": N}}: {e}")))?;
     let tenant = caller.namespace(request.namespace.as_deref())?;
