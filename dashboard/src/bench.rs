@@ -106,17 +106,18 @@ pub async fn run(spans: usize, invocations: usize) -> Result<String, Box<dyn std
         ("billing API: invoice (t0)", "/billing/invoices?tenant=t0".to_string()),
     ];
     writeln!(out, "\n| request | first ms | median ms | status |\n|---|---:|---:|---:|")?;
+    let http = crate::http_client();
     for (name, path) in &queries {
         let target = format!("{base}{path}");
         let authorization = format!("Bearer {TOKEN}");
         let started = Instant::now();
-        let _ = crate::http_get(&target, Some(&authorization)).await;
+        let _ = crate::http_get(&http, &target, Some(&authorization)).await;
         let first = started.elapsed().as_secs_f64() * 1000.0;
         let mut times = Vec::new();
         let mut status = 0;
         for _ in 0..7 {
             let started = Instant::now();
-            status = crate::http_get(&target, Some(&authorization)).await.map_or(0, |r| r.0);
+            status = crate::http_get(&http, &target, Some(&authorization)).await.map_or(0, |r| r.0);
             times.push(started.elapsed().as_secs_f64() * 1000.0);
         }
         times.sort_by(f64::total_cmp);

@@ -1,6 +1,7 @@
 //! SVG charts drawn by plotters, readable in light and dark: every stroke and text that
 //! plotters draws in black is turned into `currentColor`, so the page's CSS colour applies.
 
+use maud::html;
 use plotters::prelude::*;
 
 const WIDTH: u32 = 640;
@@ -174,11 +175,12 @@ fn label(value: f64) -> String {
 }
 
 fn empty(title: &str) -> String {
-    format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"60\" role=\"img\"><text x=\"8\" y=\"34\" \
-         font-family=\"sans-serif\" font-size=\"14\" fill=\"currentColor\">{}: no data yet</text></svg>",
-        crate::ui::esc(title)
-    )
+    let markup = html! {
+        svg xmlns="http://www.w3.org/2000/svg" width=(WIDTH) height="60" role="img" {
+            text x="8" y="34" font-family="sans-serif" font-size="14" fill="currentColor" { (title) ": no data yet" }
+        }
+    };
+    markup.into_string()
 }
 
 /// Black strokes and text follow the page's colour; the white background goes.
