@@ -242,7 +242,7 @@ async fn a_stream_that_falls_behind_answers_429_and_loses_nothing_it_accepted() 
     let response = http.post(format!("{gateway}/system/functions")).bearer_auth(&admin).json(&function).send().await;
     assert!(response.unwrap().status().is_success());
     let flow = "name: slow\nnodes:\n  count: {function: count}\n\
-                stream: {max_records: 10, max_bytes: 200, max_delay: 50ms, max_runs: 1, max_pending_bytes: 300}\n";
+                stream: {max_records: 10, max_bytes: 200, max_delay: 50ms, max_runs: 1, max_pending_bytes: 800}\n";
     let response = http.post(format!("{gateway}/system/flows")).bearer_auth(&admin).header("x-scope-orgid", "slowpoke");
     let response = response.body(flow).send().await.unwrap();
     assert!(response.status().is_success(), "{}", response.text().await.unwrap());
@@ -256,7 +256,8 @@ async fn a_stream_that_falls_behind_answers_429_and_loses_nothing_it_accepted() 
             (status, retry_after, response.text().await.unwrap())
         }
     };
-    // 12 senders of 5 records (about 40 bytes each) at once, against 300 pending bytes.
+    // 12 senders of 5 records at once (each request 360 bytes pending: 5 × 8 bytes and 64 a
+    // record), against 800 pending bytes.
     let body = (0..5).map(|i| format!("{{\"n\":{i}}}\n")).collect::<String>();
     let mut senders = tokio::task::JoinSet::new();
     for _ in 0..12 {
@@ -309,7 +310,7 @@ async fn a_stream_that_falls_behind_answers_429_and_loses_nothing_it_accepted() 
     assert_eq!(counted, accepted_records, "runs {accepted_runs:?}");
 
     // Bad requests: too large for the stream at all, not UTF-8, an unknown flow.
-    let (status, _, text) = send("x".repeat(400)).await;
+    let (status, _, text) = send("x".repeat(900)).await;
     assert_eq!(status, 413, "{text}");
     let response = http.post(format!("{gateway}/stream/nope.slowpoke")).bearer_auth(&admin).body("{}\n");
     assert_eq!(response.send().await.unwrap().status().as_u16(), 404);

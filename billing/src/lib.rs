@@ -140,6 +140,9 @@ pub struct RecordCost {
 }
 
 /// The billing engine over one database.
+/// Reads of a whole period of records that may run at once (see `Billing::whole_period_reads`).
+pub const WHOLE_PERIOD_READS: usize = 2;
+
 pub struct Billing {
     db: Db,
     /// The metered spans usage is extracted from.
@@ -152,6 +155,10 @@ pub struct Billing {
     /// Metered spans per extraction chunk (about; a chunk ends at a millisecond boundary).
     chunk_spans: i64,
     run_lock: tokio::sync::Mutex<()>,
+    /// Reads that hold a whole period of a tenant's records in memory ([`Billing::records`],
+    /// [`Billing::invocation_costs`]): [`WHOLE_PERIOD_READS`] at a time, so that many readers
+    /// at once wait instead of holding many periods.
+    whole_period_reads: tokio::sync::Semaphore,
     /// The usage segments' keys, for de-duplication.
     keys: segments::KeyCache,
     /// Bumped by every change of what billing computes (new usage, plans, finalization), so
@@ -170,6 +177,7 @@ impl Billing {
             settle: Duration::from_secs(5),
             chunk_spans: CHUNK,
             run_lock: tokio::sync::Mutex::new(()),
+            whole_period_reads: tokio::sync::Semaphore::new(WHOLE_PERIOD_READS),
             keys: segments::KeyCache::default(),
             version: std::sync::atomic::AtomicU64::new(0),
         };
@@ -604,6 +612,7 @@ impl Billing {
     /// per metric, so the costs of a line's records add up to its exact amount, and free
     /// allowances and cheaper tiers go to the period's first usage.
     pub async fn invocation_costs(&self, tenant: &str, period: &str) -> Result<Vec<RecordCost>> {
+        let _turn = self.whole_period_reads.acquire().await.expect("never closed");
         let card = self.rate_card().await?;
         let invoice_period = Period::parse(card.period, period)?;
         let groups = self.groups(&card, tenant, invoice_period).await?;
@@ -670,6 +679,7 @@ impl Billing {
 
     /// Usage records of a tenant's period (for exports), in time order.
     pub async fn records(&self, tenant: &str, period: &str) -> Result<Vec<UsageRecord>> {
+        let _turn = self.whole_period_reads.acquire().await.expect("never closed");
         let mut out = Vec::new();
         // Late usage is billed on a later invoice, never an earlier one.
         segments::scan(

@@ -54,7 +54,8 @@
 //!   the last two days; duration within `minDuration`..`maxDuration`, Go duration strings such
 //!   as `1.2s`, `100ms`, `500us`; every tag, which may be a span tag, a synthetic tag above, a
 //!   process tag or a log field, compared as text). The found traces come whole, most recently
-//!   matched first, at most `limit` of them (default 20, at most 1500). A window longer than 31
+//!   matched first, at most `limit` of them (default 20, at most 1500), read until they hold
+//!   200 000 spans (the newest traces then; each trace has at most 10 000). A window longer than 31
 //!   days, more than 32 tag conditions or a tag key or value over 1 KiB is refused (400): each
 //!   search reads every matching span of its window. `tags` is a JSON object
 //!   (what Grafana sends) or logfmt (`http.status_code=500 error=true`, what users type into
@@ -104,6 +105,9 @@ const DEFAULT_LIMIT: usize = 20;
 const MAX_LIMIT: usize = 1500;
 /// Traces one request may name by id (`traceID=` repeated): each is a read of its own.
 const MAX_TRACE_IDS: usize = 100;
+/// Spans a search answers with at most, over all its traces (each of which has at most
+/// `MAX_TRACE_SPANS`): traces are read newest first, 50 at a time, until this many are held.
+const MAX_SEARCH_SPANS: usize = 200_000;
 /// Search window when `start` is not given (jaeger-query's default lookback).
 const DEFAULT_SEARCH_LOOKBACK_NS: i64 = 2 * 24 * 3600 * 1_000_000_000;
 /// Dependencies window when `lookback` is not given (jaeger-query's default).
@@ -168,6 +172,15 @@ impl IntoResponse for JaegerError {
 
 impl From<StoreError> for JaegerError {
     fn from(error: StoreError) -> Self {
+        if let StoreError::OverBudget = error {
+            return JaegerError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "the window holds more than {} spans: narrow it (lookback or endTs)",
+                    collector::store::blocks::MAX_DEPENDENCY_SPANS
+                ),
+            );
+        }
         JaegerError(StatusCode::INTERNAL_SERVER_ERROR, format!("telemetry store: {error}"))
     }
 }
@@ -585,14 +598,21 @@ async fn search(State(state): State<DashboardState>, headers: HeaderMap, query: 
     }
     found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)).then_with(|| a.2.cmp(&b.2)));
     found.truncate(search.limit);
-    let mut by_tenant: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (_, tenant, trace_id) in &found {
-        by_tenant.entry(tenant).or_default().push(trace_id);
-    }
     let mut spans: HashMap<(&str, String), Vec<SpanRow>> = HashMap::new();
-    for (tenant, trace_ids) in by_tenant {
-        for (trace_id, rows) in state.store.traces(tenant, &trace_ids).await? {
-            spans.insert((tenant, trace_id), rows);
+    let mut held = 0;
+    for chunk in found.chunks(50) {
+        if held >= MAX_SEARCH_SPANS {
+            break;
+        }
+        let mut by_tenant: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (_, tenant, trace_id) in chunk {
+            by_tenant.entry(tenant).or_default().push(trace_id);
+        }
+        for (tenant, trace_ids) in by_tenant {
+            for (trace_id, rows) in state.store.traces(tenant, &trace_ids).await? {
+                held += rows.len();
+                spans.insert((tenant, trace_id), rows);
+            }
         }
     }
     let traces: Vec<JaegerTrace> = found

@@ -154,3 +154,45 @@ async fn a_request_of_a_million_tiny_records_is_refused() {
     let (status, text) = send("{}\n".repeat(1000)).await;
     assert_eq!(status, 202, "{text}");
 }
+
+async fn run_flow(core: &TestCore, tenant: &Tenant, flow: &str, input: String) -> (u16, String) {
+    let response = core.http.post(format!("{}/flow/{flow}", core.url)).bearer_auth(&tenant.ingest).body(input);
+    let response = response.send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// A run keeps its nodes' outputs in its job, within its tenant's state quota: an output the
+/// quota cannot hold fails its node, instead of staying in memory beside the store. A `foreach`
+/// runs over at most 10 000 elements, whose outputs together are at most the largest value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_outputs_stay_within_the_state_quota_and_foreach_is_bounded() {
+    let core = start(|config| {
+        config.state.tenant_quota_bytes = 1 << 20;
+        config.state.max_value_bytes = 1 << 20;
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    core.deploy(&acme, json!({"service": "echo", "builtin": "echo"})).await;
+
+    // Two outputs of 700 KiB: the second is over the 1 MiB quota.
+    let yaml = "name: twice\nnodes:\n  a: {function: echo}\n  b: {function: echo, needs: [a]}\n";
+    assert_eq!(deploy_flow(&core, &acme, yaml.into()).await.0, 201);
+    let (status, text) = run_flow(&core, &acme, "twice", "x".repeat(700 << 10)).await;
+    assert_eq!(status, 500, "{}", &text[..text.len().min(300)]);
+    assert!(text.contains("node b: output not stored") && text.contains("quota"), "{text}");
+    let (status, text) = run_flow(&core, &acme, "twice", "small".into()).await;
+    assert_eq!((status, text.as_str()), (200, "small"));
+
+    let yaml = "name: each\nnodes:\n  a: {function: echo, foreach: \"$.items\"}\n";
+    assert_eq!(deploy_flow(&core, &acme, yaml.into()).await.0, 201);
+    let items = |n: usize, item: &str| json!({ "items": vec![item; n] }).to_string();
+    let (status, text) = run_flow(&core, &acme, "each", items(10_001, "0")).await;
+    assert_eq!(status, 500, "{text}");
+    assert!(text.contains("foreach over 10001 elements: at most 10000"), "{text}");
+    // 20 outputs of 100 KB: 2 MB together, over the largest value.
+    let (status, text) = run_flow(&core, &acme, "each", items(20, &"y".repeat(100_000))).await;
+    assert_eq!(status, 500, "{}", &text[..text.len().min(300)]);
+    assert!(text.contains("outputs are over 1048576 bytes"), "{text}");
+    let (status, text) = run_flow(&core, &acme, "each", items(3, "z")).await;
+    assert_eq!((status, text.as_str()), (200, r#"["z","z","z"]"#));
+}

@@ -90,8 +90,8 @@ pub enum StoreError {
     Sqlite(#[from] crate::sqlite::SqliteError),
     #[error(transparent)]
     Blocks(#[from] blocks::format::BlockError),
-    /// A read would return more samples than its caller's budget.
-    #[error("more samples than the read may load")]
+    /// A read would hold more samples or spans than its caller's budget.
+    #[error("more samples or spans than the read may load")]
     OverBudget,
     /// Another writer merged some of the same span blocks first.
     #[error("span blocks were merged by another writer first")]

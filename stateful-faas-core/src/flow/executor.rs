@@ -318,10 +318,12 @@ async fn execute(flows: &Arc<Flows>, run: &Run, finished: Finished, mut cancel: 
         };
         let Some(Ok(NodeResult { index, result, attempts })) = joined else { continue };
         let node = &nodes[index];
+        // Outputs live in the run's job: one its tenant's state quota cannot hold fails its
+        // node, rather than staying in memory beside the store, uncounted.
+        let result = result.and_then(|output| store_output(flows, run, node, output.clone()).map(|()| output));
         match result {
             Ok(output) => {
-                let stored = store_output(flows, run, node, output.clone());
-                journal_node(flows, run, node, "succeeded", attempts, Some(&output), stored.err()).await;
+                journal_node(flows, run, node, "succeeded", attempts, Some(&output), None).await;
                 states[index] = NodeState::Done(output.clone());
                 ready.resolve(nodes, index);
                 if let Some(caught) = catching.remove(&index) {
@@ -524,33 +526,62 @@ async fn fan_out(context: &NodeContext, input: Bytes, traceparent: Option<String
         let text = &context.flow.definition.nodes[&node.id].foreach;
         return (Err(format!("foreach {}: the input has no array there", text.as_deref().unwrap_or(""))), 1);
     };
+    if items.len() > MAX_FOREACH_ITEMS {
+        return (Err(format!("foreach over {} elements: at most {MAX_FOREACH_ITEMS}", items.len())), 1);
+    }
+    // The outputs together become the node's output, an object of the run's job: no larger
+    // than the store's largest value, which they are refused past as they come.
+    let budget = context.flows.invoker.state.config().max_value_bytes as usize;
     let permits = Arc::new(Semaphore::new(node.concurrency));
     let mut tasks = JoinSet::new();
-    for (i, item) in items.iter().enumerate() {
-        let permit = permits.clone().acquire_owned().await.expect("never closed");
-        let (context, traceparent) = (context.clone(), traceparent.clone());
-        let element = Bytes::from(serde_json::to_vec(item).expect("json"));
-        tasks.spawn(async move {
-            let (result, attempts) = with_retries(&context, element, Some(i), traceparent).await;
-            drop(permit);
-            (i, result, attempts)
-        });
-    }
-    let mut outputs = vec![Value::Null; items.len()];
-    let mut max_attempts = 1;
-    while let Some(joined) = tasks.join_next().await {
-        let Ok((i, result, attempts)) = joined else { continue };
+    let mut outputs = vec![Bytes::new(); items.len()];
+    let (mut held, mut max_attempts) = (0, 1);
+    let mut take = |joined: Result<(usize, Result<Bytes, String>, u32), _>| {
+        let Ok((i, result, attempts)) = joined else { return Ok(()) };
         max_attempts = max_attempts.max(attempts);
-        match result {
-            Ok(output) => outputs[i] = as_json(&output),
-            Err(message) => {
-                tasks.abort_all();
-                return (Err(format!("element {i}: {message}")), max_attempts);
-            }
+        let output = result.map_err(|message| format!("element {i}: {message}"))?;
+        held += output.len();
+        if held > budget {
+            return Err(format!("the elements' outputs are over {budget} bytes, the largest value"));
+        }
+        outputs[i] = output;
+        Ok(())
+    };
+    let mut next = items.iter().enumerate();
+    loop {
+        // Outputs are taken as they come, so that finished ones are counted before more start.
+        let joined = match next.len() {
+            0 => match tasks.join_next().await {
+                Some(joined) => joined,
+                None => break,
+            },
+            _ => match tasks.try_join_next() {
+                Some(joined) => joined,
+                None => {
+                    let (i, item) = next.next().expect("items left");
+                    let permit = permits.clone().acquire_owned().await.expect("never closed");
+                    let (context, traceparent) = (context.clone(), traceparent.clone());
+                    let element = Bytes::from(serde_json::to_vec(item).expect("json"));
+                    tasks.spawn(async move {
+                        let (result, attempts) = with_retries(&context, element, Some(i), traceparent).await;
+                        drop(permit);
+                        (i, result, attempts)
+                    });
+                    continue;
+                }
+            },
+        };
+        if let Err(message) = take(joined) {
+            tasks.abort_all();
+            return (Err(message), max_attempts);
         }
     }
+    let outputs: Vec<Value> = outputs.iter().map(|output| as_json(output)).collect();
     (Ok(Bytes::from(serde_json::to_vec(&outputs).expect("json"))), max_attempts)
 }
+
+/// Most elements a `foreach` runs over (each is a call, and its output is held to the end).
+pub const MAX_FOREACH_ITEMS: usize = 10_000;
 
 /// One call of the node's function or sub-flow, within the node's timeout.
 fn call(
@@ -670,8 +701,8 @@ pub fn as_json(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
-/// Puts a node's output in the run's job; an error (quota) is recorded, not fatal: the output
-/// still flows to dependents in memory.
+/// Puts a node's output in the run's job, which holds it for its dependents (the run keeps the
+/// same bytes): an output over the tenant's state quota or the store's budget is an error.
 fn store_output(flows: &Flows, run: &Run, node: &Node, output: Bytes) -> Result<(), String> {
     let key = ObjectKey::new(Some(&run.run_id), OUTPUT_BUCKET, &node.id).map_err(|e| e.to_string())?;
     flows

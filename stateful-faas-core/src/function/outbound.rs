@@ -133,16 +133,18 @@ fn is_public(ip: IpAddr) -> bool {
                 || a == 0
                 || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
                 || (a == 192 && b == 0) // IETF protocol assignments
+                || (a == 198 && (18..20).contains(&b)) // benchmarking
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80 // link-local
-                || (first == 0x2001 && v6.segments()[1] == 0xdb8)) // documentation
+            let [first, second, ..] = v6.segments();
+            // Global unicast only (2000::/3), and none of its blocks that reach IPv4 or other
+            // networks through a gateway (NAT64, 6to4, Teredo): they may lead to private or
+            // metadata addresses. (IPv4-mapped addresses were made IPv4 by `canonical`.)
+            (first & 0xe000) == 0x2000
+                && first != 0x2002 // 6to4
+                && !(first == 0x2001 && second == 0) // Teredo
+                && !(first == 0x2001 && second == 0xdb8) // documentation
         }
     }
 }
@@ -175,6 +177,14 @@ mod tests {
         assert!(!none.allows("h", "100.64.0.1".parse().unwrap()));
         assert!(none.allows("h", "93.184.216.34".parse().unwrap()));
         assert!(none.allows("h", "2606:2800:220:1::1".parse().unwrap()));
+        // IPv6 ways back to IPv4 or other networks: NAT64 (to the metadata address here),
+        // IPv4-compatible, 6to4, Teredo, site-local; and IPv4's benchmarking block.
+        for gateway in
+            ["64:ff9b::a9fe:a9fe", "64:ff9b:1::1", "::a9fe:a9fe", "2002:a9fe:a9fe::1", "2001:0:1::1", "fec0::1"]
+        {
+            assert!(!none.allows("h", gateway.parse().unwrap()), "{gateway}");
+        }
+        assert!(!none.allows("h", "198.18.0.1".parse().unwrap()));
         let some = OutboundPolicy::new(&["127.0.0.1/32".into(), "10.0.0.0/8".into(), "s3.internal".into()]).unwrap();
         assert!(some.allows("x", "127.0.0.1".parse().unwrap()));
         assert!(!some.allows("x", "127.0.0.2".parse().unwrap()));

@@ -23,7 +23,7 @@ mod queries;
 pub mod remote;
 pub mod wal;
 
-pub use queries::MAX_TRACE_SPANS;
+pub use queries::{MAX_DEPENDENCY_SPANS, MAX_TRACE_SPANS};
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -241,13 +241,21 @@ impl SpanBlocks {
         type Ends = HashMap<(String, String), (String, Option<String>)>;
         let mut spans: Ends = HashMap::new();
         let window = Filter { start_ns: Some((start_ns, end_ns)), ..Filter::default() };
+        let mut over = false;
         self.each_batch(tenant, &window, &mut |batch| {
             for s in batch {
+                if spans.len() >= MAX_DEPENDENCY_SPANS {
+                    over = true;
+                    return;
+                }
                 let ends = (s.span.service_name, s.span.parent_span_id);
                 spans.entry((s.span.trace_id, s.span.span_id)).or_insert(ends);
             }
         })
         .await?;
+        if over {
+            return Err(StoreError::OverBudget);
+        }
         // Parents that started outside the window: found by their traces.
         let mut outside: HashMap<(String, String), String> = spans
             .iter()
@@ -394,6 +402,10 @@ impl SpanBlocks {
 /// At most this many spans of one trace are read (the earliest by start); see
 /// [`SpanBlocks::traces`].
 pub const MAX_TRACE_SPANS: usize = 10_000;
+
+/// Spans of its window a dependencies graph holds (a few strings each) before it is refused
+/// as [`StoreError::OverBudget`]: a narrower window is asked for.
+pub const MAX_DEPENDENCY_SPANS: usize = 5_000_000;
 
 /// `spans` each once (by identity, the first found), ordered by `order`, at most `limit`.
 fn distinct_first(spans: &mut Vec<SpanRow>, limit: usize, order: impl Fn(&SpanRow, &SpanRow) -> std::cmp::Ordering) {
