@@ -1,23 +1,60 @@
 //! What a managed server writes to its stdout and stderr: lines read from its pipes by a thread
 //! of the gateway's and logged under its tenant, function and instance. The server never holds
 //! the gateway's own descriptors (it could flood, forge or truncate the gateway's log), a line
-//! is cut at [`MAX_LINE`], and past [`LINES_PER_SECOND`] lines are counted and dropped: the
-//! server never waits on the log, and the log never grows faster than that per stream.
+//! is cut at [`MAX_LINE`], and past [`LINES_PER_SECOND`] lines a tenant (all its servers'
+//! streams together) they are counted and dropped: the server never waits on the log, and the
+//! log never grows faster than that per tenant, however many instances it runs.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
 /// Longest line logged; the rest of a longer one is dropped (and the line marked).
 pub const MAX_LINE: usize = 4096;
-/// Lines a stream may log a second (on average; a burst of ten seconds' worth at once).
+/// Lines a tenant's servers may log a second, together (on average; a burst of ten seconds'
+/// worth at once).
 pub const LINES_PER_SECOND: f64 = 100.0;
+
+/// What a tenant may still log now (a token bucket of lines).
+#[derive(Debug)]
+struct Budget {
+    tokens: f64,
+    refilled: Option<Instant>,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self { tokens: 10.0 * LINES_PER_SECOND, refilled: None }
+    }
+}
+
+impl Budget {
+    /// Takes one line's token at `now`, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = self.refilled.map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
+        self.tokens = (self.tokens + elapsed * LINES_PER_SECOND).min(10.0 * LINES_PER_SECOND);
+        self.refilled = Some(self.refilled.map_or(now, |at| at.max(now)));
+        let taken = self.tokens >= 1.0;
+        if taken {
+            self.tokens -= 1.0;
+        }
+        taken
+    }
+}
+
+/// Each tenant's budget, shared by all its servers' streams (tenants are few).
+fn budget_of(tenant: &str) -> Arc<Mutex<Budget>> {
+    static BUDGETS: LazyLock<Mutex<HashMap<String, Arc<Mutex<Budget>>>>> = LazyLock::new(Mutex::default);
+    BUDGETS.lock().unwrap().entry(tenant.to_string()).or_default().clone()
+}
 
 /// Logs the lines of `stream` (`"stdout"` or `"stderr"`) read from `fd` until its writers
 /// close it, on a thread of its own.
 pub fn forward(fd: OwnedFd, stream: &'static str, tenant: String, function: String, instance: String) {
     let spawned = std::thread::Builder::new().name("sfaas-output".into()).stack_size(64 << 10).spawn(move || {
-        let mut lines = Lines::new(|text: &str, cut: bool, dropped: u64| {
+        let mut lines = Lines::new(budget_of(&tenant), |text: &str, cut: bool, dropped: u64| {
             if dropped > 0 {
                 tracing::warn!(%tenant, function, instance, stream, dropped, "a managed server's lines were dropped (over {LINES_PER_SECOND} a second)");
             }
@@ -39,20 +76,19 @@ pub fn forward(fd: OwnedFd, stream: &'static str, tenant: String, function: Stri
     }
 }
 
-/// Splits bytes into lines, cut at [`MAX_LINE`], and passes them on at most
-/// [`LINES_PER_SECOND`] (a token bucket), with the count of those dropped before each.
+/// Splits bytes into lines, cut at [`MAX_LINE`], and passes them on as the tenant's
+/// [`Budget`] allows, with the count of those dropped before each.
 struct Lines<F: FnMut(&str, bool, u64)> {
     line: Vec<u8>,
     cut: bool,
-    tokens: f64,
-    refilled: Option<Instant>,
+    budget: Arc<Mutex<Budget>>,
     dropped: u64,
     emit: F,
 }
 
 impl<F: FnMut(&str, bool, u64)> Lines<F> {
-    fn new(emit: F) -> Self {
-        Self { line: Vec::new(), cut: false, tokens: 10.0 * LINES_PER_SECOND, refilled: None, dropped: 0, emit }
+    fn new(budget: Arc<Mutex<Budget>>, emit: F) -> Self {
+        Self { line: Vec::new(), cut: false, budget, dropped: 0, emit }
     }
 
     fn feed(&mut self, mut bytes: &[u8], now: Instant) {
@@ -79,11 +115,7 @@ impl<F: FnMut(&str, bool, u64)> Lines<F> {
     }
 
     fn end_line(&mut self, now: Instant) {
-        let elapsed = self.refilled.map_or(0.0, |at| now.duration_since(at).as_secs_f64());
-        self.tokens = (self.tokens + elapsed * LINES_PER_SECOND).min(10.0 * LINES_PER_SECOND);
-        self.refilled = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.budget.lock().unwrap().take(now) {
             let text = String::from_utf8_lossy(&self.line);
             (self.emit)(text.trim_end_matches('\r'), self.cut, std::mem::take(&mut self.dropped));
         } else {
@@ -102,7 +134,9 @@ mod tests {
     fn lines_are_cut_split_across_reads_and_held_to_their_rate() {
         let mut seen = Vec::new();
         let start = Instant::now();
-        let mut lines = Lines::new(|text: &str, cut: bool, dropped: u64| seen.push((text.len(), cut, dropped)));
+        let budget = Arc::new(Mutex::new(Budget::default()));
+        let mut lines =
+            Lines::new(budget.clone(), |text: &str, cut: bool, dropped: u64| seen.push((text.len(), cut, dropped)));
         lines.feed(b"one\r\ntw", start);
         lines.feed(b"o\n", start);
         lines.feed(&vec![b'x'; 3 * MAX_LINE], start);
@@ -119,5 +153,19 @@ mod tests {
         let burst = 10 * LINES_PER_SECOND as usize;
         assert_eq!(seen.len(), burst + 1, "the burst, and the line a second later");
         assert_eq!(seen.last(), Some(&(5, false, 2000 - (burst - 3) as u64)));
+
+        // Another stream of the same tenant (another instance, say) shares what is left: what
+        // two seconds since the burst gave back, not a burst of its own.
+        let mut more = 0;
+        let mut other = Lines::new(budget, |_: &str, _: bool, _: u64| more += 1);
+        for _ in 0..2000 {
+            other.feed(
+                b"flood
+",
+                start + std::time::Duration::from_secs(2),
+            );
+        }
+        drop(other);
+        assert_eq!(more, 2 * LINES_PER_SECOND as usize - 1, "two seconds' worth, less the line at 1 s");
     }
 }

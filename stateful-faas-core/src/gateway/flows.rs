@@ -205,8 +205,13 @@ pub async fn run_async(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (request, _held) = request(&core, &caller, &name, &headers, body).await?;
-    let (run_id, _done) = executor::start(&core.flows, request).await?;
+    let (request, held) = request(&core, &caller, &name, &headers, body).await?;
+    let (run_id, done) = executor::start(&core.flows, request).await?;
+    // The run keeps its input to its end: so does the room it was read into.
+    tokio::spawn(async move {
+        let _held = held;
+        let _ = done.await;
+    });
     let mut response = (StatusCode::ACCEPTED, Json(serde_json::json!({"run_id": run_id}))).into_response();
     response.headers_mut().insert(semconv::HEADER_RUN_ID, run_id.parse().expect("uuid"));
     response.headers_mut().insert("location", format!("/flow-runs/{run_id}").parse().expect("ascii"));
