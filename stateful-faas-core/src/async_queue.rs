@@ -131,7 +131,15 @@ pub struct AsyncQueue {
     /// Per tenant: calls being delivered now, and when it was last served (a counter).
     tenants: std::sync::Mutex<HashMap<String, (usize, u64)>>,
     served: std::sync::atomic::AtomicU64,
+    /// Per tenant: callbacks being posted now (see [`CALLBACKS_PER_TENANT`]).
+    callbacks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
+
+/// Callbacks one tenant's calls may have being posted at once. They are posted beside the
+/// workers (a callback URL that never answers takes up to half a minute), and past this many a
+/// call's callback is not sent (its result stays at `/system/async-calls/ID`), so that neither
+/// the workers nor memory (each holds its call's output) go to one tenant's slow receivers.
+pub const CALLBACKS_PER_TENANT: usize = 16;
 
 impl AsyncQueue {
     /// Opens the queue, re-queuing calls that were running when the process last stopped.
@@ -145,7 +153,15 @@ impl AsyncQueue {
         if recovered.rows_affected() > 0 {
             tracing::info!(calls = recovered.rows_affected(), "re-queued async calls interrupted by the last stop");
         }
-        Ok(Self { pool, config, quotas, bell: Notify::new(), tenants: Default::default(), served: Default::default() })
+        Ok(Self {
+            pool,
+            config,
+            quotas,
+            bell: Notify::new(),
+            tenants: Default::default(),
+            served: Default::default(),
+            callbacks: Default::default(),
+        })
     }
 
     /// Stores a call durably. Returns false when the same `(tenant, call id)` was already
@@ -440,10 +456,27 @@ async fn deliver(invoker: &Invoker, queue: &AsyncQueue, call: Claimed) {
         tracing::error!(%error, call_id = %call.call_id, "async queue: cannot record the result");
         return;
     }
-    if let Some(url) = &call.callback_url
+    if let Some(url) = call.callback_url.clone()
         && (!retriable || last_attempt)
     {
-        post_callback(&invoker.outbound, url, &call.call_id, &outcome).await;
+        let share = queue
+            .callbacks
+            .lock()
+            .unwrap()
+            .entry(call.tenant.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(CALLBACKS_PER_TENANT)))
+            .clone();
+        let Ok(permit) = share.try_acquire_owned() else {
+            return tracing::warn!(
+                url, call_id = %call.call_id, tenant = %call.tenant,
+                "callback not sent: the tenant has {CALLBACKS_PER_TENANT} callbacks being posted already"
+            );
+        };
+        let outbound = invoker.outbound.clone();
+        tokio::spawn(async move {
+            post_callback(&outbound, &url, &call.call_id, &outcome).await;
+            drop(permit);
+        });
     }
 }
 

@@ -310,3 +310,52 @@ async fn finished_calls_are_deleted_after_their_retention() {
     let (status, _) = core.get_json(&acme.read, "/system/async-calls/first").await;
     assert_eq!(status, 404, "deleted after its retention");
 }
+
+/// Callbacks are posted beside the workers: two tenants whose callback URLs never answer (each
+/// post waits up to half a minute) do not hold the workers from a third tenant's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_that_never_answer_do_not_hold_the_workers() {
+    let core = start(|config| {
+        allow_loopback(config);
+        config.async_queue.workers = 4;
+    })
+    .await;
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", hanging.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hanging.accept().await {
+            held.push(socket);
+        }
+    });
+    let tenants = [core.tenant("acme").await, core.tenant("globex").await, core.tenant("initech").await];
+    for tenant in &tenants {
+        core.deploy(tenant, json!({"service": "echo", "builtin": "echo"})).await;
+    }
+    let send = |tenant: &common::Tenant, call_id: String, callback: Option<&str>| {
+        let mut request = core
+            .http
+            .post(format!("{}/async-function/echo", core.url))
+            .bearer_auth(&tenant.ingest)
+            .header("X-Call-Id", call_id)
+            .body("hi");
+        if let Some(callback) = callback {
+            request = request.header("X-Callback-Url", callback);
+        }
+        request.send()
+    };
+    for (t, tenant) in tenants[..2].iter().enumerate() {
+        for i in 0..4 {
+            assert_eq!(send(tenant, format!("hang-{t}-{i}"), Some(&url)).await.unwrap().status(), 202);
+        }
+    }
+    // Let the workers take those calls and start posting their callbacks.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(send(&tenants[2], "quick".into(), None).await.unwrap().status(), 202);
+    let done = eventually(Duration::from_secs(10), || async {
+        let (_, call) = core.get_json(&tenants[2].read, "/system/async-calls/quick").await;
+        (call["state"] == "done").then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "the third tenant's call waited for the others' callbacks");
+}
