@@ -6,7 +6,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::period::{Period, rfc3339};
-use crate::plans::{Metric, Plan, RateCard, round_money};
+use crate::plans::{Metric, Plan, RateCard, prorate, round_money};
 use crate::usage::Totals;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +104,7 @@ pub fn build(
             continue;
         }
         if let Some(minimum) = plan.minimum_charge {
-            let minimum = round_money(scale(minimum, group.share), &currency);
+            let minimum = round_money(prorate(minimum, group.share), &currency);
             let charged: Decimal = lines.iter().map(|l| l.amount).sum();
             if charged < minimum {
                 let top_up = minimum - charged;
@@ -156,7 +156,7 @@ fn lines_of(
         }
         let before = price.in_unit(metric, group.billed_before.quantity(metric));
         let quantity = price.in_unit(metric, raw);
-        let exact = price.charge(before + quantity, group.share) - price.charge(before, group.share);
+        let exact = price.cost_between(before, before + quantity, group.share);
         let free = price.free_applied(before + quantity, group.share) - price.free_applied(before, group.share);
         let (unit, _) = price.unit(metric);
         let description = if adjustment {
@@ -179,10 +179,6 @@ fn lines_of(
         });
     }
     lines
-}
-
-fn scale(value: Decimal, share: Decimal) -> Decimal {
-    if share == Decimal::ONE { value } else { (value * share).round_dp(crate::plans::PRORATE_DIGITS) }
 }
 
 /// Money rounded and shown with exactly the currency's minor digits (`5.00`).

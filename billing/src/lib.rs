@@ -36,7 +36,7 @@ use collector::store::TelemetryStore;
 use db::{Db, on_pool, value_groups};
 use invoice::{Group, Invoice, Status};
 use period::{Period, PeriodKind};
-use plans::{Metric, RateCard};
+use plans::{Position, RateCard};
 use usage::{Totals, TotalsKey, UsageRecord};
 
 /// The rate card installed when none was applied: `examples/billing/plans.yml`.
@@ -608,9 +608,10 @@ impl Billing {
 
     /// The cost of every usage record billed on a tenant's invoice for `period`, at full
     /// precision. Within a (usage period, plan) group, records are priced in time order
-    /// (start, then id): record i costs `charge(before + q₁…qᵢ) − charge(before + q₁…qᵢ₋₁)`
-    /// per metric, so the costs of a line's records add up to its exact amount, and free
-    /// allowances and cheaper tiers go to the period's first usage.
+    /// (start, then id) from the group's [`Position`]: record i costs
+    /// `charge(before + q₁…qᵢ) − charge(before + q₁…qᵢ₋₁)` per metric, so the costs of a line's
+    /// records add up to its exact amount, and free allowances and cheaper tiers go to the
+    /// period's first usage.
     pub async fn invocation_costs(&self, tenant: &str, period: &str) -> Result<Vec<RecordCost>> {
         let _turn = self.whole_period_reads.acquire().await.expect("never closed");
         let card = self.rate_card().await?;
@@ -650,7 +651,7 @@ impl Billing {
         for (key, group) in &groups {
             let (Some(plan), Some(mut rows)) = (card.plans.get(&key.1), by_group.remove(key)) else { continue };
             rows.sort_unstable_by(|a, b| (a.start_ns, &a.usage_id).cmp(&(b.start_ns, &b.usage_id)));
-            let mut cumulative: HashMap<Metric, Decimal> = HashMap::new();
+            let mut position = Position::new(plan, group.share, |metric| group.billed_before.quantity(metric));
             for mut record in rows {
                 let mut totals = Totals::default();
                 if record.kind == usage::Kind::Invocation {
@@ -659,18 +660,7 @@ impl Billing {
                 totals.cpu_ms = record.cpu_ms;
                 totals.bytes_out = record.bytes_out;
                 totals.state_byte_seconds = record.state_byte_seconds;
-                for (metric, price) in &plan.prices {
-                    let quantity = price.in_unit(*metric, totals.quantity(*metric));
-                    if quantity.is_zero() {
-                        continue;
-                    }
-                    let so_far = cumulative
-                        .entry(*metric)
-                        .or_insert_with(|| price.in_unit(*metric, group.billed_before.quantity(*metric)));
-                    record.cost += price.charge(*so_far + quantity, group.share) - price.charge(*so_far, group.share);
-                    *so_far += quantity;
-                }
-                record.cost = record.cost.normalize();
+                record.cost = position.price(|metric| totals.quantity(metric)).normalize();
                 out.push(record);
             }
         }

@@ -209,6 +209,12 @@ pub fn round_money(amount: Decimal, currency: &str) -> Decimal {
 /// Digits kept when prorating allowances, tier bounds and minimum charges.
 pub const PRORATE_DIGITS: u32 = 9;
 
+/// An allowance, tier bound or minimum charge prorated to the `share` of a period a plan
+/// covered (1 for a whole period: unchanged).
+pub fn prorate(value: Decimal, share: Decimal) -> Decimal {
+    if share == Decimal::ONE { value } else { (value * share).round_dp(PRORATE_DIGITS) }
+}
+
 impl RateCard {
     /// Parses and checks a rate card (YAML or JSON).
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -306,18 +312,16 @@ impl Price {
 
     /// The charge for `quantity` units used in a period, the allowance and tier bounds scaled
     /// by `share` (the part of the period this plan covered; 1 for a whole period).
-    /// Graduated: so the charge of a period depends only on its total, and the cost of one
-    /// invocation is `charge(before + it) − charge(before)`.
+    /// Graduated: so the charge of a period depends only on its total (see [`Price::cost_between`]).
     pub fn charge(&self, quantity: Decimal, share: Decimal) -> Decimal {
-        let scale = |d: Decimal| if share == Decimal::ONE { d } else { (d * share).round_dp(PRORATE_DIGITS) };
-        let billable = (quantity - scale(self.free)).max(Decimal::ZERO);
+        let billable = (quantity - prorate(self.free, share)).max(Decimal::ZERO);
         if let Some(price) = self.unit_price {
             return billable * price;
         }
         let mut amount = Decimal::ZERO;
         let mut lower = Decimal::ZERO;
         for tier in &self.tiers {
-            let upper = tier.up_to.map(scale);
+            let upper = tier.up_to.map(|up_to| prorate(up_to, share));
             let top = upper.map_or(billable, |u| billable.min(u));
             if top > lower {
                 amount += (top - lower) * tier.unit_price;
@@ -330,10 +334,84 @@ impl Price {
         amount
     }
 
+    /// The cost of the usage between cumulative quantities `from` and `to` (`from ≤ to`) of a
+    /// period: `charge(to) − charge(from)`, so the costs of consecutive usage telescope to the
+    /// charge of their total, at full precision.
+    pub fn cost_between(&self, from: Decimal, to: Decimal, share: Decimal) -> Decimal {
+        self.charge(to, share) - self.charge(from, share)
+    }
+
+    /// Where [`Price::charge`] changes slope: the end of the free allowance and the tier bounds
+    /// after it, as cumulative quantities (prorated by `share`). Between two of them, usage
+    /// costs the same wherever it falls.
+    pub fn breakpoints(&self, share: Decimal) -> impl Iterator<Item = Decimal> + '_ {
+        let free = prorate(self.free, share);
+        let tiers = if self.unit_price.is_none() { self.tiers.as_slice() } else { &[] };
+        std::iter::once(free).chain(tiers.iter().filter_map(|t| t.up_to).map(move |up_to| free + prorate(up_to, share)))
+    }
+
     /// The free units applied to `quantity`.
     pub fn free_applied(&self, quantity: Decimal, share: Decimal) -> Decimal {
-        let free = if share == Decimal::ONE { self.free } else { (self.free * share).round_dp(PRORATE_DIGITS) };
-        quantity.min(free)
+        quantity.min(prorate(self.free, share))
+    }
+}
+
+/// Where the usage of one (usage period, plan) group stands in the plan's free allowances and
+/// graduated tiers: the cumulative quantity of each priced metric, in its price's unit. Billing
+/// prices a group's usage in time order from here, so allowances and cheaper tiers go to the
+/// period's first usage and the costs add up to the invoice line's exact amount.
+#[derive(Debug, Clone)]
+pub struct Position<'a> {
+    plan: &'a Plan,
+    share: Decimal,
+    cumulative: BTreeMap<Metric, Decimal>,
+}
+
+impl<'a> Position<'a> {
+    /// The position after `before` (the raw quantity of each metric billed already, on earlier
+    /// invoices), under `plan` covering `share` of the period.
+    pub fn new(plan: &'a Plan, share: Decimal, before: impl Fn(Metric) -> Decimal) -> Self {
+        let cumulative =
+            plan.prices.iter().map(|(metric, price)| (*metric, price.in_unit(*metric, before(*metric)))).collect();
+        Self { plan, share, cumulative }
+    }
+
+    /// The cost of `usage` (the raw quantity of each metric) priced here, without moving past it.
+    pub fn cost(&self, usage: impl Fn(Metric) -> Decimal) -> Decimal {
+        let mut cost = Decimal::ZERO;
+        for (metric, price) in &self.plan.prices {
+            let quantity = price.in_unit(*metric, usage(*metric));
+            if quantity.is_zero() {
+                continue;
+            }
+            let so_far = self.cumulative[metric];
+            cost += price.cost_between(so_far, so_far + quantity, self.share);
+        }
+        cost
+    }
+
+    /// The cost of `usage` priced here; moves past it.
+    pub fn price(&mut self, usage: impl Fn(Metric) -> Decimal) -> Decimal {
+        let cost = self.cost(&usage);
+        self.advance(usage);
+        cost
+    }
+
+    /// Moves past `usage` without pricing it.
+    pub fn advance(&mut self, usage: impl Fn(Metric) -> Decimal) {
+        for (metric, price) in &self.plan.prices {
+            *self.cumulative.get_mut(metric).expect("every priced metric") += price.in_unit(*metric, usage(*metric));
+        }
+    }
+
+    /// Whether `usage` priced here crosses a breakpoint of a metric's charge: if not, each
+    /// part of it costs the same, in whatever order the parts are priced.
+    pub fn crosses_breakpoint(&self, usage: impl Fn(Metric) -> Decimal) -> bool {
+        self.plan.prices.iter().any(|(metric, price)| {
+            let from = self.cumulative[metric];
+            let to = from + price.in_unit(*metric, usage(*metric));
+            price.breakpoints(self.share).any(|point| from < point && point < to)
+        })
     }
 }
 
@@ -375,6 +453,28 @@ plans:
         assert_eq!(cpu.charge(d("1050"), d("0.5")), d("0.5") + d("500") * d("0.0005"));
         let state = &card.plans["starter"].prices[&Metric::StateByteSeconds];
         assert_eq!(state.in_unit(Metric::StateByteSeconds, d("1500000000.5")), d("1.5000000005"));
+    }
+
+    #[test]
+    fn a_position_prices_usage_after_what_came_before() {
+        let card = RateCard::parse(CARD).unwrap();
+        let plan = &card.plans["starter"];
+        let cpu = &plan.prices[&Metric::CpuMs];
+        assert_eq!(cpu.breakpoints(Decimal::ONE).collect::<Vec<_>>(), [d("100"), d("1100"), d("5100")]);
+        assert_eq!(cpu.breakpoints(d("0.5")).collect::<Vec<_>>(), [d("50"), d("550"), d("2550")]);
+        let cpu_ms = |ms: &str| {
+            let ms = d(ms);
+            move |metric| if metric == Metric::CpuMs { ms } else { Decimal::ZERO }
+        };
+        // 50 ms billed on an earlier invoice: 50 of the 100 free ms are left.
+        let mut position = Position::new(plan, Decimal::ONE, cpu_ms("50"));
+        assert!(!position.crosses_breakpoint(cpu_ms("50")));
+        assert!(position.crosses_breakpoint(cpu_ms("51")));
+        assert_eq!(position.cost(cpu_ms("150")), d("0.100"));
+        assert_eq!(position.price(cpu_ms("50")), d("0"));
+        assert_eq!(position.price(cpu_ms("7000")), cpu.cost_between(d("100"), d("7100"), Decimal::ONE));
+        position.advance(cpu_ms("1000"));
+        assert_eq!(position.cost(cpu_ms("10")), d("0.0010"));
     }
 
     #[test]

@@ -12,9 +12,10 @@
 //!
 //! Costs: billing prices records in time order within (invoice, usage period, plan) — free
 //! allowances and cheaper tiers go to the period's first usage — so the cost of a record
-//! depends on what came before it. A charge is piecewise linear in the cumulative quantity;
-//! for an interval in which no metric crosses a breakpoint (the end of a free allowance, a tier
-//! bound) the cost of each function's records is `charge(a + q) - charge(a)`, exactly what the
+//! depends on what came before it. Pricing is billing's own ([`Position`]); this module only
+//! chooses how finely to walk. A charge is piecewise linear in the cumulative quantity; for an
+//! interval in which no metric crosses a breakpoint (the end of a free allowance, a tier bound)
+//! the cost of each function's records is `charge(a + q) - charge(a)`, exactly what the
 //! per-record sums come to. An interval that does cross one is split into time slices,
 //! recursively, until the slice is small enough to walk record by record the way
 //! `Billing::invocation_costs` does. Costs are decimals throughout and become floats only as
@@ -26,7 +27,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use billing::period::Period;
-use billing::plans::{Metric, PRORATE_DIGITS, Plan, Price, RateCard};
+use billing::plans::{Position, RateCard};
 use billing::records::{AFTER, Group, Lattice, Row, Sums};
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
@@ -385,74 +386,20 @@ fn usage_counters(rows: &[Row], lattice: &Lattice, last: i64) -> Vec<(Labels, Ar
     out
 }
 
-/// Where a price's charge changes slope, in its unit: the end of the free allowance and the
-/// tier bounds after it (scaled by the plan's share of the period, as `Price::charge` does).
-fn breakpoints(price: &Price, share: Decimal) -> Vec<Decimal> {
-    let scale = |d: Decimal| if share == Decimal::ONE { d } else { (d * share).round_dp(PRORATE_DIGITS) };
-    let free = scale(price.free);
-    let mut out = vec![free];
-    if price.unit_price.is_none() {
-        out.extend(price.tiers.iter().filter_map(|t| t.up_to).map(|up_to| free + scale(up_to)));
+/// Per-function costs of a set of records priced together, when no metric crosses a
+/// breakpoint inside it (then each function's cost is independent of the order).
+fn linear(position: &mut Position<'_>, sums: &BTreeMap<String, Sums>) -> Option<Costs> {
+    let mut total = Sums::default();
+    for s in sums.values() {
+        total.add(s);
     }
-    out
-}
-
-/// Pricing state of one group: the cumulative quantity (in each price's unit) so far.
-struct Pricing<'a> {
-    plan: &'a Plan,
-    share: Decimal,
-    cumulative: BTreeMap<Metric, Decimal>,
-    breakpoints: BTreeMap<Metric, Vec<Decimal>>,
-}
-
-impl Pricing<'_> {
-    /// Per-function costs of a set of records priced together, when no metric crosses a
-    /// breakpoint inside it (then each function's cost is independent of the order).
-    fn linear(&mut self, sums: &BTreeMap<String, Sums>) -> Option<BTreeMap<String, Decimal>> {
-        let mut total = Sums::default();
-        for s in sums.values() {
-            total.add(s);
-        }
-        for (metric, price) in &self.plan.prices {
-            let a = self.cumulative[metric];
-            let b = a + price.in_unit(*metric, total.quantity(*metric));
-            if self.breakpoints[metric].iter().any(|p| a < *p && *p < b) {
-                return None;
-            }
-        }
-        let mut costs = BTreeMap::new();
-        for (function, s) in sums {
-            let mut cost = Decimal::ZERO;
-            for (metric, price) in &self.plan.prices {
-                let q = price.in_unit(*metric, s.quantity(*metric));
-                if !q.is_zero() {
-                    let a = self.cumulative[metric];
-                    cost += price.charge(a + q, self.share) - price.charge(a, self.share);
-                }
-            }
-            costs.insert(function.clone(), cost);
-        }
-        for (metric, price) in &self.plan.prices {
-            *self.cumulative.get_mut(metric).expect("every priced metric") +=
-                price.in_unit(*metric, total.quantity(*metric));
-        }
-        Some(costs)
+    if position.crosses_breakpoint(|metric| total.quantity(metric)) {
+        return None;
     }
-
-    /// One record, priced after everything before it (`Billing::invocation_costs`).
-    fn record(&mut self, s: &Sums) -> Decimal {
-        let mut cost = Decimal::ZERO;
-        for (metric, price) in &self.plan.prices {
-            let q = price.in_unit(*metric, s.quantity(*metric));
-            if q.is_zero() {
-                continue;
-            }
-            let so_far = self.cumulative.get_mut(metric).expect("every priced metric");
-            cost += price.charge(*so_far + q, self.share) - price.charge(*so_far, self.share);
-            *so_far += q;
-        }
-        cost
-    }
+    let costs =
+        sums.iter().map(|(function, s)| (function.clone(), position.cost(|metric| s.quantity(metric)))).collect();
+    position.advance(|metric| total.quantity(metric));
+    Some(costs)
 }
 
 type Costs = BTreeMap<String, Decimal>;
@@ -464,7 +411,7 @@ type CostFuture<'a> = Pin<Box<dyn Future<Output = Result<Costs, QueryError>> + S
 fn priced_slice<'a>(
     state: &'a DashboardState,
     group: &'a Group,
-    pricing: &'a mut Pricing<'_>,
+    position: &'a mut Position<'_>,
     lo_ns: i64,
     hi_ns: i64,
     records: i64,
@@ -473,7 +420,7 @@ fn priced_slice<'a>(
         let mut costs = Costs::new();
         if records <= LEAF_RECORDS || hi_ns - lo_ns <= 1 {
             for (function, sums) in state.billing.usage_records_of(group, lo_ns, hi_ns).await? {
-                *costs.entry(function).or_default() += pricing.record(&sums);
+                *costs.entry(function).or_default() += position.price(|metric| sums.quantity(metric));
             }
             return Ok(costs);
         }
@@ -483,12 +430,12 @@ fn priced_slice<'a>(
             slices.entry(slice).or_default().insert(function, sums);
         }
         for (slice, sums) in slices {
-            let part = match pricing.linear(&sums) {
+            let part = match linear(position, &sums) {
                 Some(part) => part,
                 None => {
                     let count = sums.values().map(|s| s.records).sum();
                     let (a, b) = (lo_ns + slice * width, (lo_ns + (slice + 1) * width).min(hi_ns));
-                    priced_slice(state, group, pricing, a, b, count).await?
+                    priced_slice(state, group, position, a, b, count).await?
                 }
             };
             for (function, cost) in part {
@@ -555,16 +502,11 @@ async fn cost_counters(
                 before.add(sums);
             }
         }
-        let mut pricing = Pricing {
-            plan,
-            share,
-            cumulative: plan.prices.iter().map(|(m, p)| (*m, p.in_unit(*m, before.quantity(*m)))).collect(),
-            breakpoints: plan.prices.iter().map(|(m, p)| (*m, breakpoints(p, share))).collect(),
-        };
+        let mut position = Position::new(plan, share, |metric| before.quantity(metric));
         let group_first_ms = group_first_ns.div_euclid(NS_PER_MS);
         for (_, (bucket, sums)) in buckets {
             let (lo, hi) = lattice.interval(bucket, group_first_ms);
-            let costs = match pricing.linear(&sums) {
+            let costs = match linear(&mut position, &sums) {
                 Some(costs) => costs,
                 None => {
                     let records = sums.values().map(|s| s.records).sum();
@@ -573,7 +515,7 @@ async fn cost_counters(
                     let (start_ns, end_ns) = (period.start_ns(), period.end_ns());
                     let lo_ns = if bucket == -1 { start_ns } else { lo.saturating_mul(NS_PER_MS).max(start_ns) };
                     let hi_ns = hi.saturating_mul(NS_PER_MS).clamp(lo_ns, end_ns.max(lo_ns));
-                    priced_slice(state, group, &mut pricing, lo_ns, hi_ns, records).await?
+                    priced_slice(state, group, &mut position, lo_ns, hi_ns, records).await?
                 }
             };
             for (function, cost) in costs {
