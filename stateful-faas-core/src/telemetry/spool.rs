@@ -19,6 +19,25 @@ pub static SPOOLED_BYTES: AtomicU64 = AtomicU64::new(0);
 /// Export requests lost because a spool was full (`sfaas_span_spool_dropped_total`).
 pub static DROPPED_REQUESTS: AtomicU64 = AtomicU64::new(0);
 
+/// Space a spool leaves free on its disk: the bound is per tenant, and many tenants' spools
+/// (and the core's databases beside them) share the disk. A tenant whose spans find no room
+/// waits for them to leave (its calls get 429) instead.
+pub const MIN_FREE_BYTES: u64 = 256 << 20;
+
+/// Bytes free for an unprivileged writer on the file system of `dir`.
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer statvfs fills on success.
+    if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let stat = unsafe { stat.assume_init() };
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 /// One exporter's spool.
 #[derive(Debug)]
 pub struct Spool {
@@ -61,11 +80,12 @@ impl Spool {
         self.dir.join(format!("{seq:020}.otlp"))
     }
 
-    /// Appends a request; `Ok(false)` when it would go over the bound (the caller keeps it, or
-    /// counts it lost in [`DROPPED_REQUESTS`]).
+    /// Appends a request; `Ok(false)` when it would go over the bound, or leave less than
+    /// [`MIN_FREE_BYTES`] free on the disk (the caller keeps it, or counts it lost in
+    /// [`DROPPED_REQUESTS`]).
     pub fn push(&mut self, request: &[Bytes]) -> io::Result<bool> {
         let len: u64 = request.iter().map(|chunk| chunk.len() as u64).sum();
-        if self.bytes + len > self.max_bytes {
+        if self.bytes + len > self.max_bytes || free_bytes(&self.dir)? < len.saturating_add(MIN_FREE_BYTES) {
             return Ok(false);
         }
         let path = self.path(self.next);
