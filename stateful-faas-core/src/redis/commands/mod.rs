@@ -1,15 +1,24 @@
 //! The commands: Pocket's model (`docs/state-redis.md`) over Redis's string commands, with
 //! Redis's own replies and error texts where clients depend on them.
+//!
+//! Here the dispatcher and the data commands, one match over the table (about 700 lines, one
+//! cohesive thing); the table itself in `table.rs`, the connection's `AUTH`/`HELLO`/`CLIENT` in
+//! `session.rs`, keys as addresses and pattern budgets in `keys.rs`.
 
 use bytes::Bytes;
+
+mod keys;
+mod session;
+mod table;
+
+use keys::{Budget, pattern};
+pub use keys::{PLAIN_BUCKET, key_name, parse_key};
+use session::{auth, client, hello};
+use table::{Spec, command, find};
 
 use super::resp::Out;
 use super::{Server, TenantSlot, glob};
 use crate::state::{Change, Current, ObjectKey, StateError, TenantHandle};
-use crate::tenant::{Principal, Scope, TenantId, hash_token};
-
-/// The bucket of keys that name none (`SET counter 1`).
-pub const PLAIN_BUCKET: &str = "_";
 
 /// The Redis version whose protocol and replies this listener follows.
 pub const REDIS_VERSION: &str = "7.0.0";
@@ -53,125 +62,6 @@ impl Session<'_> {
     pub fn new(id: u64) -> Self {
         Self { id, name: None, auth: None }
     }
-}
-
-/// A command's entry: what `COMMAND` tells clients, and what the dispatcher checks.
-pub struct Spec {
-    pub name: &'static str,
-    /// As Redis counts it: the name included; negative for "at least".
-    pub arity: i32,
-    pub write: bool,
-    /// Answers before `AUTH`.
-    pub before_auth: bool,
-    /// First key, last key (-1: the last argument) and step, as `COMMAND` reports them.
-    pub keys: (i32, i32, i32),
-    pub group: &'static str,
-    pub summary: &'static str,
-}
-
-const fn spec(
-    name: &'static str,
-    arity: i32,
-    write: bool,
-    keys: (i32, i32, i32),
-    group: &'static str,
-    summary: &'static str,
-) -> Spec {
-    Spec { name, arity, write, before_auth: false, keys, group, summary }
-}
-
-const fn open(name: &'static str, arity: i32, summary: &'static str) -> Spec {
-    Spec { name, arity, write: false, before_auth: true, keys: (0, 0, 0), group: "connection", summary }
-}
-
-/// Every command this listener knows.
-pub const COMMANDS: &[Spec] = &[
-    open("auth", -2, "Authenticates the connection as a tenant: AUTH [tenant] token."),
-    open(
-        "hello",
-        -1,
-        "Selects RESP2 or RESP3, optionally authenticating: HELLO [2|3] [AUTH tenant token] [SETNAME name].",
-    ),
-    open("ping", -1, "Returns PONG, or the argument."),
-    open("quit", -1, "Closes the connection."),
-    spec("echo", 2, false, (0, 0, 0), "connection", "Returns the argument."),
-    spec("reset", 1, false, (0, 0, 0), "connection", "Resets the connection: RESP2, no name, not authenticated."),
-    spec("select", 2, false, (0, 0, 0), "connection", "Selects database 0, the only one."),
-    spec("client", -2, false, (0, 0, 0), "connection", "CLIENT ID | GETNAME | SETNAME name | SETINFO attr value."),
-    spec(
-        "command",
-        -1,
-        false,
-        (0, 0, 0),
-        "server",
-        "Describes the commands: COMMAND [COUNT | INFO name… | DOCS [name…]].",
-    ),
-    spec("info", -1, false, (0, 0, 0), "server", "Sections server, clients, memory and keyspace, for the tenant."),
-    spec("config", -2, false, (0, 0, 0), "server", "CONFIG GET pattern: the few settings clients read."),
-    spec("dbsize", 1, false, (0, 0, 0), "server", "The number of keys the connection can see."),
-    spec("get", 2, false, (1, 1, 1), "string", "Returns a key's value."),
-    spec(
-        "set",
-        -3,
-        true,
-        (1, 1, 1),
-        "string",
-        "Stores a value: SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL].",
-    ),
-    spec("getdel", 2, true, (1, 1, 1), "string", "Returns a key's value and deletes it (Pocket's delete after read)."),
-    spec("mget", -2, false, (1, -1, 1), "string", "Returns the values of keys."),
-    spec("mset", -3, true, (1, -1, 2), "string", "Stores values of keys, all or none."),
-    spec("strlen", 2, false, (1, 1, 1), "string", "Returns the length of a key's value."),
-    spec("append", 3, true, (1, 1, 1), "string", "Appends to a key's value."),
-    spec("incr", 2, true, (1, 1, 1), "string", "Adds 1 to a key's integer value."),
-    spec("incrby", 3, true, (1, 1, 1), "string", "Adds to a key's integer value."),
-    spec("decr", 2, true, (1, 1, 1), "string", "Subtracts 1 from a key's integer value."),
-    spec("decrby", 3, true, (1, 1, 1), "string", "Subtracts from a key's integer value."),
-    spec("del", -2, true, (1, -1, 1), "generic", "Deletes keys."),
-    spec("unlink", -2, true, (1, -1, 1), "generic", "Deletes keys (as DEL)."),
-    spec("exists", -2, false, (1, -1, 1), "generic", "Counts the keys that exist."),
-    spec("type", 2, false, (1, 1, 1), "generic", "Returns string, or none."),
-    spec("expire", -3, true, (1, 1, 1), "generic", "Sets a key's time to live in seconds: EXPIRE key s [NX|XX|GT|LT]."),
-    spec("pexpire", -3, true, (1, 1, 1), "generic", "Sets a key's time to live in milliseconds."),
-    spec("expireat", -3, true, (1, 1, 1), "generic", "Sets a key's expiry as a Unix time in seconds."),
-    spec("pexpireat", -3, true, (1, 1, 1), "generic", "Sets a key's expiry as a Unix time in milliseconds."),
-    spec("ttl", 2, false, (1, 1, 1), "generic", "Returns a key's time to live in seconds (-1: none, -2: no key)."),
-    spec("pttl", 2, false, (1, 1, 1), "generic", "Returns a key's time to live in milliseconds."),
-    spec(
-        "persist",
-        2,
-        true,
-        (1, 1, 1),
-        "generic",
-        "Removes a key's time to live (not Pocket's persist: see SFAAS.PERSIST).",
-    ),
-    spec("keys", 2, false, (0, 0, 0), "generic", "Returns the keys matching a pattern (SCAN does it in steps)."),
-    spec(
-        "scan",
-        -2,
-        false,
-        (0, 0, 0),
-        "generic",
-        "Iterates over keys: SCAN cursor [MATCH pattern] [COUNT n] [TYPE string].",
-    ),
-    spec("sfaas.register", 2, true, (0, 0, 0), "sfaas", "Registers a job (Pocket's register_job)."),
-    spec(
-        "sfaas.deregister",
-        2,
-        true,
-        (0, 0, 0),
-        "sfaas",
-        "Deregisters a job: drops its keys but persistent ones; returns its byte-seconds.",
-    ),
-    spec("sfaas.persist", 2, true, (1, 1, 1), "sfaas", "Marks a job's key to outlive its job (Pocket's persist flag)."),
-];
-
-fn find(name: &[u8]) -> Option<&'static Spec> {
-    let mut lower = [0u8; 24];
-    let lower = lower.get_mut(..name.len())?;
-    lower.copy_from_slice(name);
-    lower.make_ascii_lowercase();
-    COMMANDS.iter().find(|spec| spec.name.len() == lower.len() && spec.name.as_bytes() == lower)
 }
 
 /// A command's failure, as a reply line (`ERR …`, `WRONGPASS …`, …).
@@ -269,142 +159,6 @@ fn unknown_command(args: &[Bytes]) -> String {
 
 fn printable(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..bytes.len().min(128)]).into_owned()
-}
-
-/// `AUTH [tenant] token`: the tenant named must be the token's (or any, for the admin's).
-fn auth<'s>(server: &'s Server, session: &mut Session<'s>, args: &[Bytes]) -> Reply {
-    let (user, token) = match args {
-        [token] => (None, token),
-        [user, token] => (Some(user), token),
-        _ => return Err(syntax()),
-    };
-    let wrong = || "WRONGPASS invalid username-password pair or user is disabled.".to_string();
-    let user = match user.map(|u| std::str::from_utf8(u)) {
-        None => None,
-        Some(Ok("default")) => None,
-        Some(Ok(user)) => Some(user),
-        Some(Err(_)) => return Err(wrong()),
-    };
-    let token = std::str::from_utf8(token).map_err(|_| wrong())?;
-    let token_hash = hash_token(token);
-    let revocations = server.tenants.revocations();
-    let principal = server.tenants.authenticate_hash(&token_hash).ok_or_else(wrong)?;
-    let (tenant, access) = match principal {
-        Principal::Admin => {
-            let user = user.ok_or_else(|| {
-                "WRONGPASS the admin token acts for a tenant: AUTH tenant token (or redis://tenant:token@…)".to_string()
-            })?;
-            (TenantId::new(user).map_err(|_| wrong())?, Access::Full)
-        }
-        Principal::Tenant { tenant, scope } => {
-            let access = match scope {
-                Scope::Ingest => Access::Full,
-                Scope::Read => Access::Read,
-                Scope::Admin | Scope::Meter => return Err(wrong()),
-            };
-            (tenant, access)
-        }
-        Principal::Function { tenant, job } => (tenant, Access::Function { job }),
-        Principal::Meter => return Err(wrong()),
-    };
-    if user.is_some_and(|user| user != tenant.as_str()) {
-        return Err(wrong());
-    }
-    // The connection's old tenant slot is given back first: re-authenticating as the same
-    // tenant at its limit must not fail.
-    session.auth = None;
-    let slot = server.admit(&tenant).ok_or_else(|| {
-        format!(
-            "ERR max number of clients reached for tenant {tenant} ({} connections)",
-            server.config.max_clients_per_tenant
-        )
-    })?;
-    let tenant = server.state.handle(&tenant);
-    session.auth = Some(Auth { tenant, access, token_hash, revocations, slot });
-    Ok(())
-}
-
-/// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
-fn hello<'s>(server: &'s Server, session: &mut Session<'s>, args: &[Bytes], out: &mut Out) -> Reply {
-    let mut resp3 = out.resp3;
-    let mut rest = args;
-    if let Some(version) = rest.first() {
-        resp3 = match &version[..] {
-            b"2" => false,
-            b"3" => true,
-            _ => return Err("NOPROTO unsupported protocol version".into()),
-        };
-        rest = &rest[1..];
-    }
-    let mut name = None;
-    while let Some(option) = rest.first() {
-        if option.eq_ignore_ascii_case(b"AUTH") && rest.len() >= 3 {
-            auth(server, session, &rest[1..3])?;
-            rest = &rest[3..];
-        } else if option.eq_ignore_ascii_case(b"SETNAME") && rest.len() >= 2 {
-            name = Some(client_name(&rest[1])?);
-            rest = &rest[2..];
-        } else {
-            return Err(format!("ERR Syntax error in HELLO option '{}'", printable(option)));
-        }
-    }
-    if session.auth.is_none() {
-        return Err("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time".into());
-    }
-    if let Some(name) = name {
-        session.name = name;
-    }
-    out.resp3 = resp3;
-    out.map(7);
-    for (key, value) in [("server", "redis"), ("version", REDIS_VERSION)] {
-        out.bulk(key.as_bytes());
-        out.bulk(value.as_bytes());
-    }
-    out.bulk(b"proto");
-    out.int(if resp3 { 3 } else { 2 });
-    out.bulk(b"id");
-    out.int(session.id as i64);
-    for (key, value) in [("mode", "standalone"), ("role", "master")] {
-        out.bulk(key.as_bytes());
-        out.bulk(value.as_bytes());
-    }
-    out.bulk(b"modules");
-    out.array(0);
-    Ok(())
-}
-
-/// A client name: no spaces or newlines, as Redis requires; empty clears it.
-fn client_name(name: &[u8]) -> Result<Option<String>, String> {
-    if name.iter().any(|b| *b <= b' ' || *b > b'~') {
-        return Err("ERR Client names cannot contain spaces, newlines or special characters.".into());
-    }
-    Ok((!name.is_empty()).then(|| String::from_utf8_lossy(name).into_owned()))
-}
-
-/// `CLIENT …`: the subcommands clients send on connecting, and the name.
-fn client(session: &mut Session<'_>, args: &[Bytes], out: &mut Out) -> Reply {
-    let sub = args[0].to_ascii_uppercase();
-    match (&sub[..], args.len()) {
-        (b"ID", 1) => out.int(session.id as i64),
-        (b"GETNAME", 1) => match &session.name {
-            Some(name) => out.bulk(name.as_bytes()),
-            None => out.null(),
-        },
-        (b"SETNAME", 2) => {
-            session.name = client_name(&args[1])?;
-            out.ok();
-        }
-        // Library name and version (redis-py, …): accepted, not kept.
-        (b"SETINFO", 3) | (b"NO-EVICT", 2) | (b"NO-TOUCH", 2) => out.ok(),
-        (b"ID" | b"GETNAME" | b"SETNAME" | b"SETINFO" | b"NO-EVICT" | b"NO-TOUCH", _) => {
-            return Err(format!(
-                "ERR wrong number of arguments for 'client|{}' command",
-                printable(&sub).to_lowercase()
-            ));
-        }
-        _ => return Err(format!("ERR unknown subcommand '{}'. Try CLIENT HELP.", printable(&args[0]))),
-    }
-    Ok(())
 }
 
 /// An authenticated command's surroundings.
@@ -881,39 +635,6 @@ fn put_like(current: Option<Current<'_>>, value: Bytes) -> Change {
     }
 }
 
-/// A Redis key as an object's address: `bucket/key`, `key` (in [`PLAIN_BUCKET`]), or either
-/// after `{job:ID}`.
-pub fn parse_key(raw: &[u8]) -> Result<ObjectKey, String> {
-    let text = std::str::from_utf8(raw).map_err(|_| "ERR keys are UTF-8 text here".to_string())?;
-    let (job, rest) = match text.strip_prefix("{job:") {
-        Some(tagged) => {
-            let (job, rest) = tagged
-                .split_once('}')
-                .ok_or_else(|| format!("ERR invalid key '{text}': a job's key is {{job:ID}}bucket/key"))?;
-            (Some(job), rest)
-        }
-        None => (None, text),
-    };
-    let (bucket, key) = rest.split_once('/').unwrap_or((PLAIN_BUCKET, rest));
-    ObjectKey::new(job, bucket, key).map_err(|error| format!("ERR invalid key '{text}': {error}"))
-}
-
-/// An object's address as a Redis key (the inverse of [`parse_key`]).
-pub fn key_name(key: &ObjectKey) -> String {
-    let mut name = String::with_capacity(key.bucket.len() + key.key.len() + 8);
-    if let Some(job) = &key.job {
-        name.push_str("{job:");
-        name.push_str(job);
-        name.push('}');
-    }
-    if key.bucket != PLAIN_BUCKET {
-        name.push_str(&key.bucket);
-        name.push('/');
-    }
-    name.push_str(&key.key);
-    name
-}
-
 /// A Redis integer argument or value: optional sign, digits, nothing else.
 fn integer(raw: &[u8]) -> Result<i64, String> {
     let valid = raw.len() <= 20
@@ -929,114 +650,6 @@ fn state_error(error: StateError) -> String {
         StateError::QuotaExceeded { .. } | StateError::BudgetExceeded { .. } => format!("OOM {error}"),
         other => format!("ERR {other}"),
     }
-}
-
-/// `COMMAND`, `COMMAND COUNT`, `COMMAND INFO name…`, `COMMAND DOCS [name…]`.
-fn command(args: &[Bytes], out: &mut Out) -> Reply {
-    let info = |out: &mut Out, spec: &Spec| {
-        out.array(10);
-        out.bulk(spec.name.as_bytes());
-        out.int(spec.arity as i64);
-        let flags: &[&str] = match (spec.write, spec.before_auth) {
-            (true, _) => &["write", "denyoom"],
-            (false, true) => &["fast", "no-auth"],
-            (false, false) => &["readonly", "fast"],
-        };
-        out.array(flags.len());
-        for flag in flags {
-            out.simple(flag);
-        }
-        out.int(spec.keys.0 as i64);
-        out.int(spec.keys.1 as i64);
-        out.int(spec.keys.2 as i64);
-        out.array(1);
-        out.simple(&format!("@{}", spec.group));
-        out.array(0);
-        out.array(0);
-        out.array(0);
-    };
-    let sub = args.first().map(|s| s.to_ascii_uppercase());
-    match sub.as_deref() {
-        None => {
-            out.array(COMMANDS.len());
-            for spec in COMMANDS {
-                info(out, spec);
-            }
-        }
-        Some(b"COUNT") => out.int(COMMANDS.len() as i64),
-        Some(b"INFO") => {
-            out.array(args.len() - 1);
-            for name in &args[1..] {
-                match find(name) {
-                    Some(spec) => info(out, spec),
-                    None => out.null(),
-                }
-            }
-        }
-        Some(b"DOCS") => {
-            let specs: Vec<&Spec> = if args.len() == 1 {
-                COMMANDS.iter().collect()
-            } else {
-                args[1..].iter().filter_map(|name| find(name)).collect()
-            };
-            out.map(specs.len());
-            for spec in specs {
-                out.bulk(spec.name.as_bytes());
-                out.map(3);
-                for (key, value) in [("summary", spec.summary), ("since", "1.0.0"), ("group", spec.group)] {
-                    out.bulk(key.as_bytes());
-                    out.bulk(value.as_bytes());
-                }
-            }
-        }
-        Some(_) => return Err(format!("ERR unknown subcommand '{}'. Try COMMAND HELP.", printable(&args[0]))),
-    }
-    Ok(())
-}
-
-/// Steps of glob matching one `KEYS` or `SCAN` call may take (tens of milliseconds of the
-/// shared event loop), and bytes of names it may answer: `KEYS` beyond them is an error,
-/// `SCAN` returns early.
-const MATCH_STEPS: u64 = 50_000_000;
-const LISTED_BYTES: u64 = 16 << 20;
-
-/// What one `KEYS` or `SCAN` call has spent: steps of matching, bytes of names kept.
-#[derive(Default)]
-struct Budget {
-    steps: std::cell::Cell<u64>,
-    bytes: std::cell::Cell<u64>,
-}
-
-impl Budget {
-    /// Whether an object's name matches `pattern` (any name without one), counted.
-    fn matches(&self, pattern: Option<&[u8]>, key: &ObjectKey) -> bool {
-        let name = key_name(key);
-        let matched = match pattern {
-            Some(pattern) => {
-                let mut steps = self.steps.get();
-                let matched = glob::matches_counting(pattern, name.as_bytes(), &mut steps);
-                self.steps.set(steps);
-                matched
-            }
-            None => true,
-        };
-        if matched {
-            self.bytes.set(self.bytes.get() + name.len() as u64);
-        }
-        matched
-    }
-
-    fn spent(&self) -> bool {
-        self.steps.get() > MATCH_STEPS || self.bytes.get() > LISTED_BYTES
-    }
-}
-
-/// A command's glob pattern, if it is short enough to match ([`glob::MAX_PATTERN`]).
-fn pattern(pattern: &Bytes) -> Result<&Bytes, String> {
-    if pattern.len() > glob::MAX_PATTERN {
-        return Err(format!("ERR pattern longer than {} bytes", glob::MAX_PATTERN));
-    }
-    Ok(pattern)
 }
 
 /// `CONFIG GET pattern…`: the settings benchmark tools and clients read; nothing is settable.
@@ -1095,14 +708,5 @@ mod tests {
         for bad in [&b""[..], b"-", b" 1", b"1.5", b"+1", b"9223372036854775808", b"0x10"] {
             assert!(integer(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
-    }
-
-    #[test]
-    fn every_command_has_a_unique_lowercase_name() {
-        let mut names: Vec<_> = COMMANDS.iter().map(|c| c.name).collect();
-        assert!(names.iter().all(|n| n.chars().all(|c| !c.is_ascii_uppercase())));
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), COMMANDS.len());
     }
 }
