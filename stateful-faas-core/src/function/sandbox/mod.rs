@@ -13,7 +13,7 @@
 //!   tenant's folder) exists there; then `pivot_root`s into it;
 //! - drops every capability (bounding set included), becomes its tenant's uid and gid, sets
 //!   `no_new_privs` and installs a seccomp filter that refuses what a function has no business
-//!   doing (see [`DENIED`]);
+//!   doing (see `seccomp.rs`);
 //! - and execs the function.
 //!
 //! Everything the child does is a raw syscall on memory prepared before the clone (it shares
@@ -27,6 +27,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+
+mod net;
+mod seccomp;
+
+use net::socket_in;
+pub use net::{NetNs, StateServers};
+use seccomp::seccomp_filter;
 
 use super::cgroup::{CgroupConfig, CgroupError, Cgroups, Group};
 use crate::tenant::TenantId;
@@ -608,226 +615,6 @@ fn check(result: libc::c_int) -> io::Result<()> {
 
 fn cstring(path: &Path) -> CString {
     CString::new(path.as_os_str().as_bytes()).expect("paths hold no NUL")
-}
-
-/// What the sandbox serves in each network namespace: the state store over HTTP, and over
-/// the Redis protocol when the core listens for it.
-#[derive(Clone)]
-pub struct StateServers {
-    pub http: axum::Router,
-    pub redis: Option<Arc<crate::redis::Server>>,
-}
-
-/// A network namespace with only a loopback interface, and the state store served on it.
-pub struct NetNs {
-    fd: OwnedFd,
-    /// `http://127.0.0.1:PORT/state` inside the namespace, when the state store is served there.
-    state_url: Option<String>,
-    /// `127.0.0.1:PORT` of the Redis protocol inside the namespace.
-    state_redis: Option<String>,
-    servers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl NetNs {
-    /// Makes a namespace (on a thread of its own: a namespace is per thread) and serves
-    /// `state` in it.
-    fn new(state: Option<&StateServers>) -> io::Result<Self> {
-        let fd = std::thread::spawn(|| -> io::Result<OwnedFd> {
-            // SAFETY: plain syscalls on this thread, which ends right after.
-            unsafe {
-                check(libc::unshare(libc::CLONE_NEWNET))?;
-                loopback_up()?;
-                let fd = libc::open(c"/proc/thread-self/ns/net".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-                check(fd)?;
-                Ok(OwnedFd::from_raw_fd(fd))
-            }
-        })
-        .join()
-        .map_err(|_| io::Error::other("the namespace thread panicked"))??;
-        let mut net = Self { fd, state_url: None, state_redis: None, servers: Vec::new() };
-        let Some(state) = state else { return Ok(net) };
-        let listen = |net: &NetNs| -> io::Result<(tokio::net::TcpListener, u16)> {
-            let socket = socket_in(net.fd.as_raw_fd())?;
-            socket.bind((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
-            let listener = socket.listen(1024)?;
-            let port = listener.local_addr()?.port();
-            Ok((listener, port))
-        };
-        let (listener, port) = listen(&net)?;
-        let router = state.http.clone();
-        net.servers.push(tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, router).await {
-                tracing::warn!(%error, "a sandbox's state listener stopped");
-            }
-        }));
-        net.state_url = Some(format!("http://127.0.0.1:{port}/state"));
-        if let Some(redis) = &state.redis {
-            let (listener, port) = listen(&net)?;
-            // Stopped by aborting the task when the namespace goes.
-            net.servers.push(tokio::spawn(redis.clone().serve(listener, std::future::pending())));
-            net.state_redis = Some(format!("127.0.0.1:{port}"));
-        }
-        Ok(net)
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        for server in &self.servers {
-            server.abort();
-        }
-    }
-}
-
-/// The gateway's own network namespace.
-static HOST_NETWORK: OnceLock<OwnedFd> = OnceLock::new();
-
-/// A TCP socket of the network namespace `ns`, made on the calling thread: it enters `ns`,
-/// makes the socket and returns to the gateway's namespace. A socket belongs to the namespace
-/// it was made in, wherever it is used afterwards.
-fn socket_in(ns: RawFd) -> io::Result<tokio::net::TcpSocket> {
-    let host = match HOST_NETWORK.get() {
-        Some(host) => host,
-        None => {
-            let host = std::fs::File::open("/proc/self/ns/net")?;
-            HOST_NETWORK.get_or_init(|| host.into())
-        }
-    };
-    // SAFETY: plain syscalls; the thread is back in its own namespace before anything else runs on it.
-    unsafe {
-        check(libc::setns(ns, libc::CLONE_NEWNET))?;
-        let socket = tokio::net::TcpSocket::new_v4();
-        if libc::setns(host.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-            // A gateway thread left in a tenant's network would serve it: never go on.
-            eprintln!("sfaas: cannot return to the gateway's network namespace: {}", io::Error::last_os_error());
-            std::process::abort();
-        }
-        socket
-    }
-}
-
-/// Brings up `lo` in the calling thread's network namespace.
-unsafe fn loopback_up() -> io::Result<()> {
-    #[repr(C)]
-    struct IfReq {
-        name: [libc::c_char; libc::IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    unsafe {
-        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        check(socket)?;
-        let socket = OwnedFd::from_raw_fd(socket);
-        let mut request = IfReq { name: [0; libc::IFNAMSIZ], flags: 0, _pad: [0; 22] };
-        for (i, byte) in b"lo".iter().enumerate() {
-            request.name[i] = *byte as libc::c_char;
-        }
-        check(libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request))?;
-        request.flags |= libc::IFF_UP as libc::c_short;
-        check(libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request))
-    }
-}
-
-/// Syscalls a function is refused (EPERM): tracing other processes, mounting, the kernel's
-/// keyrings, modules, BPF, new namespaces, clocks, swap, reboot, and the like.
-const DENIED: &[libc::c_long] = &[
-    libc::SYS_ptrace,
-    libc::SYS_process_vm_readv,
-    libc::SYS_process_vm_writev,
-    libc::SYS_kcmp,
-    libc::SYS_mount,
-    libc::SYS_umount2,
-    libc::SYS_pivot_root,
-    libc::SYS_chroot,
-    libc::SYS_fsopen,
-    libc::SYS_fsconfig,
-    libc::SYS_fsmount,
-    libc::SYS_fspick,
-    libc::SYS_move_mount,
-    libc::SYS_open_tree,
-    libc::SYS_mount_setattr,
-    libc::SYS_unshare,
-    libc::SYS_setns,
-    libc::SYS_keyctl,
-    libc::SYS_add_key,
-    libc::SYS_request_key,
-    libc::SYS_bpf,
-    libc::SYS_perf_event_open,
-    libc::SYS_userfaultfd,
-    libc::SYS_init_module,
-    libc::SYS_finit_module,
-    libc::SYS_delete_module,
-    libc::SYS_kexec_load,
-    libc::SYS_kexec_file_load,
-    libc::SYS_reboot,
-    libc::SYS_swapon,
-    libc::SYS_swapoff,
-    libc::SYS_acct,
-    libc::SYS_quotactl,
-    libc::SYS_syslog,
-    libc::SYS_settimeofday,
-    libc::SYS_clock_settime,
-    libc::SYS_clock_adjtime,
-    libc::SYS_adjtimex,
-    libc::SYS_sethostname,
-    libc::SYS_setdomainname,
-    libc::SYS_open_by_handle_at,
-    libc::SYS_name_to_handle_at,
-    libc::SYS_personality,
-    libc::SYS_vhangup,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_iopl,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_ioperm,
-];
-
-#[cfg(target_arch = "x86_64")]
-const AUDIT_ARCH: u32 = 0xc000_003e;
-#[cfg(target_arch = "aarch64")]
-const AUDIT_ARCH: u32 = 0xc000_00b7;
-
-/// The seccomp program: the native architecture only; [`DENIED`] and `clone` with namespace
-/// flags refused with EPERM; `clone3` answered ENOSYS (its flags are out of the filter's reach,
-/// and libc then falls back to `clone`); everything else allowed.
-fn seccomp_filter() -> Vec<libc::sock_filter> {
-    const LOAD: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
-    const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
-    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-    let op = |code: u16, k: u32, jt: u8, jf: u8| libc::sock_filter { code, jt, jf, k };
-    let errno = |e: i32| libc::SECCOMP_RET_ERRNO | e as u32;
-    const NR: u32 = 0; // offsetof(seccomp_data, nr)
-    const ARCH: u32 = 4;
-    const ARG0: u32 = 16;
-    let namespaces = (libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWUSER
-        | libc::CLONE_NEWCGROUP) as u32;
-    let mut program = vec![
-        op(LOAD, ARCH, 0, 0),
-        op(JEQ, AUDIT_ARCH, 1, 0),
-        op(RET, libc::SECCOMP_RET_KILL_PROCESS, 0, 0),
-        op(LOAD, NR, 0, 0),
-    ];
-    #[cfg(target_arch = "x86_64")]
-    program.extend([op(JGE, 0x4000_0000, 0, 1), op(RET, errno(libc::EPERM), 0, 0)]); // the x32 ABI
-    for nr in DENIED {
-        program.extend([op(JEQ, *nr as u32, 0, 1), op(RET, errno(libc::EPERM), 0, 0)]);
-    }
-    program.extend([op(JEQ, libc::SYS_clone3 as u32, 0, 1), op(RET, errno(libc::ENOSYS), 0, 0)]);
-    program.extend([
-        op(JEQ, libc::SYS_clone as u32, 0, 4),
-        op(LOAD, ARG0, 0, 0),
-        op(JSET, namespaces, 0, 1),
-        op(RET, errno(libc::EPERM), 0, 0),
-        op(RET, libc::SECCOMP_RET_ALLOW, 0, 0),
-    ]);
-    program.push(op(RET, libc::SECCOMP_RET_ALLOW, 0, 0));
-    program
 }
 
 /// The environment a jailed process starts with besides its function's own: a `PATH` that
