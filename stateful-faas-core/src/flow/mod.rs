@@ -5,6 +5,7 @@ pub mod definition;
 pub mod executor;
 pub mod expr;
 pub mod journal;
+mod node;
 mod schedule;
 pub mod stream;
 
