@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::eval::{self, Evaluator, Series, SeriesData};
-use super::parse_query;
+use super::parse::parse_query;
 
 /// A query checked, parsed, planned and evaluated as `/api/v1/query_range` would, over two
 /// small series per selector (one with a counter reset), at a few steps: an `Err` is fine, a

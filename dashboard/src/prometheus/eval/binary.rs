@@ -1,0 +1,173 @@
+//! Binary operators between scalars and instant vectors, and one-to-one vector matching
+//! (`on`, `ignoring`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::plan::{BinOp, Matching};
+use super::{METRIC_NAME, QueryError, Sample, Value, check_unique, drop_name};
+
+impl BinOp {
+    fn is_comparison(self) -> bool {
+        matches!(self, BinOp::Eq | BinOp::Ne | BinOp::Gt | BinOp::Lt | BinOp::Ge | BinOp::Le)
+    }
+
+    fn is_set(self) -> bool {
+        matches!(self, BinOp::And | BinOp::Or | BinOp::Unless)
+    }
+
+    /// Arithmetic: the value, or for a comparison 1/0 (true/false).
+    fn apply(self, a: f64, b: f64) -> f64 {
+        let truth = |c: bool| if c { 1.0 } else { 0.0 };
+        match self {
+            BinOp::Add => a + b,
+            BinOp::Sub => a - b,
+            BinOp::Mul => a * b,
+            BinOp::Div => a / b,
+            BinOp::Mod => a % b,
+            BinOp::Pow => a.powf(b),
+            BinOp::Atan2 => a.atan2(b),
+            BinOp::Eq => truth(a == b),
+            BinOp::Ne => truth(a != b),
+            BinOp::Gt => truth(a > b),
+            BinOp::Lt => truth(a < b),
+            BinOp::Ge => truth(a >= b),
+            BinOp::Le => truth(a <= b),
+            BinOp::And | BinOp::Or | BinOp::Unless => f64::NAN,
+        }
+    }
+}
+
+fn signature(labels: &[(String, String)], matching: &Option<Matching>) -> String {
+    let mut out = String::new();
+    for (k, v) in labels {
+        let keep = match matching {
+            None => k != METRIC_NAME,
+            Some(Matching::On(names)) => names.iter().any(|n| n == k),
+            Some(Matching::Ignoring(names)) => k != METRIC_NAME && !names.iter().any(|n| n == k),
+        };
+        if keep {
+            out.push_str(k);
+            out.push('\u{ff}');
+            out.push_str(v);
+            out.push('\u{ff}');
+        }
+    }
+    out
+}
+
+fn format_labels(labels: &[(String, String)]) -> String {
+    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+    format!("{{{}}}", inner.join(", "))
+}
+
+pub(super) fn binary(
+    op: BinOp,
+    l: Value,
+    r: Value,
+    return_bool: bool,
+    matching: &Option<Matching>,
+) -> Result<Value, QueryError> {
+    match (l, r) {
+        (Value::Scalar(a), Value::Scalar(b)) => Ok(Value::Scalar(op.apply(a, b))),
+        (Value::Vector(v), Value::Scalar(s)) => vector_scalar(op, v, s, false, return_bool),
+        (Value::Scalar(s), Value::Vector(v)) => vector_scalar(op, v, s, true, return_bool),
+        (Value::Vector(l), Value::Vector(r)) => vector_vector(op, l, r, return_bool, matching),
+        _ => Err(QueryError::Execution("binary expressions need scalars or instant vectors".into())),
+    }
+}
+
+fn vector_scalar(op: BinOp, v: Vec<Sample>, s: f64, scalar_left: bool, return_bool: bool) -> Result<Value, QueryError> {
+    let mut out = Vec::with_capacity(v.len());
+    for sample in v {
+        let (a, b) = if scalar_left { (s, sample.value) } else { (sample.value, s) };
+        let result = op.apply(a, b);
+        if op.is_comparison() {
+            if return_bool {
+                out.push(Sample { labels: drop_name(&sample.labels), value: result });
+            } else if result == 1.0 {
+                out.push(sample);
+            }
+        } else {
+            out.push(Sample { labels: drop_name(&sample.labels), value: result });
+        }
+    }
+    if !op.is_comparison() || return_bool {
+        check_unique(&out)?;
+    }
+    Ok(Value::Vector(out))
+}
+
+fn vector_vector(
+    op: BinOp,
+    lhs: Vec<Sample>,
+    rhs: Vec<Sample>,
+    return_bool: bool,
+    matching: &Option<Matching>,
+) -> Result<Value, QueryError> {
+    if op.is_set() {
+        let right: std::collections::HashSet<String> = rhs.iter().map(|s| signature(&s.labels, matching)).collect();
+        return Ok(Value::Vector(match op {
+            BinOp::And => lhs.into_iter().filter(|s| right.contains(&signature(&s.labels, matching))).collect(),
+            BinOp::Unless => lhs.into_iter().filter(|s| !right.contains(&signature(&s.labels, matching))).collect(),
+            _ => {
+                let left: std::collections::HashSet<String> =
+                    lhs.iter().map(|s| signature(&s.labels, matching)).collect();
+                let mut out = lhs;
+                out.extend(rhs.into_iter().filter(|s| !left.contains(&signature(&s.labels, matching))));
+                out
+            }
+        }));
+    }
+    let mut right: HashMap<String, &Sample> = HashMap::with_capacity(rhs.len());
+    for s in &rhs {
+        if let Some(other) = right.insert(signature(&s.labels, matching), s) {
+            return Err(QueryError::Execution(format!(
+                "found duplicate series for the match group on the right hand-side of the operation: [{}, {}]; \
+                 many-to-many matching not allowed: matching labels must be unique on one side",
+                format_labels(&other.labels),
+                format_labels(&s.labels)
+            )));
+        }
+    }
+    let mut matched: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for s in &lhs {
+        let sig = signature(&s.labels, matching);
+        let Some(r) = right.get(&sig) else { continue };
+        if !matched.insert(sig) {
+            return Err(QueryError::Execution(format!(
+                "multiple matches for labels: many-to-one matching must be explicit (group_left/group_right): {}",
+                format_labels(&s.labels)
+            )));
+        }
+        let result = op.apply(s.value, r.value);
+        let keep_value = if op.is_comparison() && !return_bool {
+            if result != 1.0 {
+                continue;
+            }
+            s.value
+        } else {
+            result
+        };
+        let drop = !op.is_comparison() || return_bool;
+        let labels: Vec<(String, String)> = s
+            .labels
+            .iter()
+            .filter(|(k, _)| {
+                if drop && k == METRIC_NAME {
+                    return false;
+                }
+                match matching {
+                    Some(Matching::On(names)) => names.iter().any(|n| n == k),
+                    Some(Matching::Ignoring(names)) => !names.iter().any(|n| n == k),
+                    None => true,
+                }
+            })
+            .cloned()
+            .collect();
+        out.push(Sample { labels: Arc::new(labels), value: keep_value });
+    }
+    check_unique(&out)?;
+    Ok(Value::Vector(out))
+}
