@@ -3,7 +3,7 @@
 //!
 //! The chunk's metered `invoke`/`state.usage` spans are read as stored; the rules below are
 //! applied in Rust, once for both databases; the records whose (tenant, usage id) is new are
-//! stored as segments (`segments.rs`) and added to the running totals.
+//! stored as segments (`segments/`) and added to the running totals.
 //!
 //! What makes a span billable (docs/contracts.md, "Telemetry contract"): an `invoke <function>` span with
 //! `sfaas.billable = true` and a `faas.invocation_id`, or a `state.usage` span with a
@@ -30,7 +30,9 @@ use collector::store::{MeteredSpan as Span, TelemetryStore};
 use crate::Result;
 use crate::db::{Db, on_pool};
 use crate::period::{Period, PeriodKind};
+use crate::rate_card::{PLAN_ASSIGNMENTS, assignments};
 use crate::segments::{KeyCache, New};
+use crate::totals::add_totals;
 use crate::usage::{Kind, Totals, TotalsKey};
 
 /// What one chunk gave.
@@ -452,7 +454,7 @@ pub async fn write(db: &Db, keys: &KeyCache, default_plan: &str, prepared: Prepa
         }
         if !tenants.is_empty() {
             // Read in the transaction: the plans the records are pinned to.
-            let mut plans = Plans(crate::assignments(sqlx::query_as(crate::PLAN_ASSIGNMENTS).fetch_all(&mut *tx).await?));
+            let mut plans = Plans(assignments(sqlx::query_as(PLAN_ASSIGNMENTS).fetch_all(&mut *tx).await?));
             // A tenant billed for the first time is pinned to the default plan.
             let pin = "INSERT INTO tenant_plans (tenant, effective_from_ns, plan) VALUES (?, 0, ?) ON CONFLICT DO NOTHING";
             for tenant in tenants {
@@ -477,7 +479,7 @@ pub async fn write(db: &Db, keys: &KeyCache, default_plan: &str, prepared: Prepa
             let new = crate::segments::store(&mut *tx, keys, &stored).await?;
             (out.totals, out.records, out.late_records) = crate::segments::sum_new(&stored, &new)?;
             out.duplicates += records.len() as u64 - out.records;
-            crate::add_totals(db, &mut tx, out.totals.clone()).await?;
+            add_totals(db, &mut tx, out.totals.clone()).await?;
         }
         sqlx::query(watermark).bind(upto_ms.to_string()).execute(&mut *tx).await?;
         tx.commit().await?;

@@ -1,6 +1,6 @@
 //! Usage records summed for readers: the Prometheus API's usage and cost counters read
 //! billing's records through these, by time bucket, by minute, by time slice and one by one,
-//! from the segments (`segments.rs`) and the running totals.
+//! from the segments (`segments/`) and the running totals.
 
 use std::collections::HashMap;
 

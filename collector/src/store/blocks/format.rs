@@ -6,6 +6,9 @@
 //! resource and scope), so that a block reads back into exactly the rows written.
 //!
 //! Any tool that reads Parquet reads a block (DuckDB, pandas, parquet-tools).
+//!
+//! One cohesive thing (about 640 lines beside its tests): the file's schema, its writer and its
+//! reader, which must agree column by column.
 
 use std::fs::File;
 use std::sync::Arc;

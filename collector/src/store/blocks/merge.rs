@@ -18,8 +18,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use super::catalog::{Listing, list, now_ms};
 use super::format::{BlockError, Filter, Stored};
-use super::{Bind, Listing, SEAL_ROWS, SpanBlocks, StoreError, io, key, list, rows, write_block};
+use super::seal::write_block;
+use super::{Bind, SEAL_ROWS, SpanBlocks, StoreError, io, key, rows};
 
 /// Blocks of one tier merged at once (at least), and the ratio between tiers.
 pub const FAN_IN: usize = 4;
@@ -140,7 +142,7 @@ impl SpanBlocks {
     /// Removes the files and catalog rows of blocks retired at least `grace` ago; returns how
     /// many. The file goes first: a row whose file is gone is removed by the next pass.
     pub async fn remove_retired(&self, grace: Duration) -> Result<usize, StoreError> {
-        let before = super::now_ms() - grace.as_millis() as i64;
+        let before = now_ms() - grace.as_millis() as i64;
         let text = "SELECT id, location FROM span_blocks WHERE retired_ms IS NOT NULL AND retired_ms <= ?";
         let retired = rows!(&self.pool, text, &[Bind::Int(before)], |row| (
             row.try_get::<String, _>(0)?,

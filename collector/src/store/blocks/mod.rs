@@ -16,11 +16,19 @@
 //! Every process that opens the store is a writer with a log folder of its own, and follows
 //! the other writers' logs on the host, so that it reads every acknowledged span
 //! ([`SpanBlocks::open`]). The queries are in `queries.rs`.
+//!
+//! The parts: the head and the other writers' logs, the spans not in blocks yet
+//! (`unsealed.rs`); writing and sealing (`seal.rs`); the block files, opened, cached and
+//! uploaded (`files.rs`); the catalog of blocks in SQL (`catalog.rs`); merges (`merge.rs`).
 
+mod catalog;
+mod files;
 pub mod format;
 mod merge;
 mod queries;
 pub mod remote;
+mod seal;
+mod unsealed;
 pub mod wal;
 
 pub use queries::{MAX_DEPENDENCY_SPANS, MAX_TRACE_SPANS};
@@ -29,89 +37,18 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use catalog::{blocks_of, locations, sealed_through};
 use format::{Block, BlockError, Filter, Stored};
-use sqlx::AssertSqlSafe;
+use unsealed::{Followed, Head, key};
 
 use super::{Bind, Pool, StoreError, rows};
-use crate::model::SpanRow;
 
 /// When the head is sealed into blocks: at this many spans…
 pub const SEAL_ROWS: usize = 262_144;
 
-/// The spans written since the last seal.
-#[derive(Default)]
-struct Head {
-    tenants: HashMap<String, TenantHead>,
-    rows: usize,
-    /// When its first span was written.
-    since: Option<std::time::Instant>,
-}
-
-/// One tenant's spans in the head.
-#[derive(Default)]
-struct TenantHead {
-    spans: Vec<Stored>,
-    /// The identity ([`key`]) of every span in `spans`.
-    keys: HashSet<[u8; 25]>,
-    /// The service names of `spans`.
-    services: std::collections::BTreeSet<String>,
-}
-
-/// A span's identity within its tenant: its trace and span ids' bytes (validated hex), and
-/// whether the platform metered it. A tenant's own span never takes a metered span's identity:
-/// a function knows its invocation span's ids (its `traceparent`), and a copy its tenant sent
-/// first must not make the platform's metered span a duplicate, dropped unbilled.
-fn key(span: &SpanRow) -> [u8; 25] {
-    let mut key = [0u8; 25];
-    let _ = hex::decode_to_slice(&span.trace_id, &mut key[..16]);
-    let _ = hex::decode_to_slice(&span.span_id, &mut key[16..24]);
-    key[24] = u8::from(span.metered);
-    key
-}
-
-impl Head {
-    fn contains(&self, span: &SpanRow) -> bool {
-        self.tenants.get(&span.tenant).is_some_and(|t| t.keys.contains(&key(span)))
-    }
-
-    /// A tenant's spans (none when it has none).
-    fn spans(&self, tenant: &str) -> &[Stored] {
-        self.tenants.get(tenant).map_or(&[], |t| &t.spans)
-    }
-
-    fn all(&self) -> impl Iterator<Item = &Stored> {
-        self.tenants.values().flat_map(|t| &t.spans)
-    }
-
-    fn insert(&mut self, stored: Stored) -> bool {
-        let tenant = match self.tenants.get_mut(&stored.span.tenant) {
-            Some(tenant) => tenant,
-            None => self.tenants.entry(stored.span.tenant.clone()).or_default(),
-        };
-        if !tenant.keys.insert(key(&stored.span)) {
-            return false;
-        }
-        if !tenant.services.contains(&stored.span.service_name) {
-            tenant.services.insert(stored.span.service_name.clone());
-        }
-        tenant.spans.push(stored);
-        self.rows += 1;
-        self.since.get_or_insert_with(std::time::Instant::now);
-        true
-    }
-}
-
 struct Writer {
     segment: wal::Segment,
     head: Head,
-}
-
-/// One listed block.
-#[derive(Debug, Clone)]
-struct Listed {
-    tenant: String,
-    location: String,
-    max_start_ns: i64,
 }
 
 /// The span blocks of one writer (its log and head), every writer's blocks, and the logs of
@@ -150,16 +87,6 @@ impl std::fmt::Debug for SpanBlocks {
 
 /// …or when its first span is this old (then readers on other hosts see it: they read blocks).
 pub const SEAL_AGE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Another writer's log segment, read up to `offset`: its spans by tenant.
-#[derive(Default)]
-struct Followed {
-    offset: u64,
-    tenants: HashMap<String, Vec<Stored>>,
-}
-
-/// Most blocks kept open at once.
-const OPEN_BLOCKS: usize = 1024;
 
 /// Locks a writer's log folder for this process (`flock`, released when the file is closed,
 /// also by a crash); `None` when another process holds it.
@@ -335,328 +262,8 @@ impl SpanBlocks {
         &self.collector
     }
 
-    /// The other writers' logs on this host, by segment, brought up to date: what each segment
-    /// gained since it was last read (up to its last whole record), and nothing of segments since
-    /// removed (sealed: their blocks were listed before they went).
-    fn follow(&self) -> Result<std::sync::MutexGuard<'_, HashMap<PathBuf, Followed>>, StoreError> {
-        let wals = self.dir.join("wal");
-        let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
-        let mut present = HashSet::new();
-        for entry in std::fs::read_dir(&wals).map_err(io)? {
-            let id = entry.map_err(io)?.file_name().to_string_lossy().into_owned();
-            if id == self.collector {
-                continue;
-            }
-            let Ok(segments) = wal::segments(&wals.join(&id)) else { continue };
-            for seq in segments {
-                let path = wal::segment_path(&wals.join(&id), seq);
-                let state = followed.entry(path.clone()).or_default();
-                // Unchanged since the last read: nothing to open.
-                if std::fs::metadata(&path).is_ok_and(|m| m.len() == state.offset) {
-                    present.insert(path);
-                    continue;
-                }
-                match wal::read_from(&path, state.offset) {
-                    Ok((records, offset)) => {
-                        for stored in records.into_iter().flatten() {
-                            match state.tenants.get_mut(&stored.span.tenant) {
-                                Some(spans) => spans.push(stored),
-                                None => {
-                                    state.tenants.insert(stored.span.tenant.clone(), vec![stored]);
-                                }
-                            }
-                        }
-                        state.offset = offset;
-                    }
-                    // Sealed and removed since it was listed.
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(error) => return Err(io(error)),
-                }
-                present.insert(path);
-            }
-        }
-        followed.retain(|path, _| present.contains(path));
-        Ok(followed)
-    }
-
     fn wal_dir(&self) -> PathBuf {
         self.dir.join("wal").join(&self.collector)
-    }
-
-    /// Writes spans that arrived at `received_ms`, durably; returns how many were new to the
-    /// head, and whether the head is due to be sealed.
-    pub fn write(&self, spans: &[SpanRow], received_ms: i64) -> Result<(u64, bool), StoreError> {
-        self.write_stored(spans.iter().map(|span| Stored { span: span.clone(), received_ms }))
-    }
-
-    /// Writes spans with their own arrival times (as [`Self::write`]).
-    pub(crate) fn write_stored(&self, spans: impl IntoIterator<Item = Stored>) -> Result<(u64, bool), StoreError> {
-        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let mut batch_keys = HashSet::new();
-        let new: Vec<Stored> = spans
-            .into_iter()
-            .filter(|s| !writer.head.contains(&s.span) && batch_keys.insert((s.span.tenant.clone(), key(&s.span))))
-            .collect();
-        if new.is_empty() {
-            return Ok((0, false));
-        }
-        writer.segment.append(&new).map_err(io)?;
-        let count = new.len() as u64;
-        for stored in new {
-            writer.head.insert(stored);
-        }
-        let due = writer.head.rows >= SEAL_ROWS;
-        drop(writer);
-        if due
-            && !self.sealing_soon.swap(true, std::sync::atomic::Ordering::AcqRel)
-            && let (Ok(runtime), Some(me)) = (tokio::runtime::Handle::try_current(), self.me.upgrade())
-        {
-            runtime.spawn(async move {
-                if let Err(error) = me.seal().await {
-                    tracing::error!(%error, "sealing spans into blocks failed; they stay in the log and are tried again");
-                }
-            });
-        }
-        Ok((count, due))
-    }
-
-    /// Seals the head into blocks (nothing when it is empty); returns the spans sealed.
-    pub async fn seal(&self) -> Result<usize, StoreError> {
-        let _one = self.seal_lock.lock().await;
-        self.sealing_soon.store(false, std::sync::atomic::Ordering::Release);
-        let (head, sealed_seq) = {
-            let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            if writer.head.rows == 0 {
-                return Ok(0);
-            }
-            let next = wal::Segment::create(&self.wal_dir(), writer.segment.seq + 1).map_err(io)?;
-            let sealed = std::mem::replace(&mut writer.segment, next).seq;
-            let head = Arc::new(std::mem::take(&mut writer.head));
-            *self.sealing.lock().unwrap_or_else(|e| e.into_inner()) = Some(head.clone());
-            (head, sealed)
-        };
-        let result = self.write_blocks(&head, sealed_seq).await;
-        let rows = head.rows;
-        if result.is_err() {
-            // Back into the head, to be sealed again (the log still holds them).
-            let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            for stored in head.all() {
-                writer.head.insert(stored.clone());
-            }
-        }
-        *self.sealing.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        result?;
-        self.seals.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        for seq in wal::segments(&self.wal_dir()).map_err(io)? {
-            if seq <= sealed_seq {
-                std::fs::remove_file(wal::segment_path(&self.wal_dir(), seq)).map_err(io)?;
-            }
-        }
-        Ok(rows)
-    }
-
-    async fn write_blocks(&self, head: &Arc<Head>, sealed_seq: u64) -> Result<(), StoreError> {
-        let mut listed = Vec::new();
-        for tenant in head.tenants.keys() {
-            let (head, tenant_key) = (head.clone(), tenant.clone());
-            let (dir, collector) = (self.dir.clone(), self.collector.clone());
-            let block = tokio::task::spawn_blocking(move || {
-                write_block(&dir, &collector, head.spans(&tenant_key).iter().collect())
-            })
-            .await
-            .map_err(|error| io(std::io::Error::other(format!("sealing span blocks failed: {error}"))))?
-            .map_err(StoreError::Blocks)?;
-            self.upload(&block.location).await?;
-            listed.push((tenant.clone(), block));
-        }
-        list(&self.pool, &listed, Listing::Sealed { collector: &self.collector, through: sealed_seq }).await
-    }
-
-    /// Uploads the block just written at `location`, when blocks go to an object store.
-    async fn upload(&self, location: &str) -> Result<(), StoreError> {
-        match &self.remote {
-            Some(remote) => {
-                remote.upload(&self.dir.join(location), location).await?;
-                Ok(self.cached(location)?)
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// Removes the block at `location`: its file, and its object when blocks go to an object
-    /// store (nothing of what is already gone).
-    async fn remove(&self, location: &str) -> Result<(), StoreError> {
-        self.close(location);
-        if let Some(remote) = &self.remote {
-            remote.cache().forget(location);
-        }
-        match std::fs::remove_file(self.dir.join(location)) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(io(error)),
-        }
-        if let Some(remote) = &self.remote {
-            remote.delete(location).await?;
-        }
-        Ok(())
-    }
-
-    /// The block at `location`, opened once (and downloaded first from the object store, when
-    /// blocks go to one and this host's cache does not hold it).
-    /// A block the catalog listed, open; `None` when retention or a merge removed it since the
-    /// catalog was read.
-    async fn listed_block(&self, location: &str) -> Result<Option<Arc<Block>>, StoreError> {
-        match self.block(location).await {
-            Ok(block) => Ok(Some(block)),
-            Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(StoreError::Blocks(error)),
-        }
-    }
-
-    async fn block(&self, location: &str) -> Result<Arc<Block>, BlockError> {
-        if let Some(block) = self.opened.lock().unwrap_or_else(|e| e.into_inner()).get(location) {
-            if let Some(remote) = &self.remote {
-                remote.cache().touch(location);
-            }
-            return Ok(block.clone());
-        }
-        let path = self.dir.join(location);
-        let Some(remote) = &self.remote else {
-            return Ok(self.keep_open(location, Arc::new(blocking(|| Block::open(&path))?)));
-        };
-        // Twice at most: another reader's trim may remove the file between download and open.
-        let mut attempts = 0;
-        let block = loop {
-            if !path.exists() {
-                remote.download(location, &path).await?;
-            }
-            match blocking(|| Block::open(&path)) {
-                Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound && attempts == 0 => {
-                    attempts += 1
-                }
-                opened => break Arc::new(opened?),
-            }
-        };
-        self.cached(location)?;
-        Ok(self.keep_open(location, block))
-    }
-
-    fn keep_open(&self, location: &str, block: Arc<Block>) -> Arc<Block> {
-        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
-        if opened.len() >= OPEN_BLOCKS {
-            opened.clear();
-        }
-        opened.insert(location.to_string(), block.clone());
-        block
-    }
-
-    /// Records that the cached block at `location` was used (read or written here), and trims
-    /// the cache to its size limit: the blocks used longest ago go first, never this one.
-    fn cached(&self, location: &str) -> Result<(), BlockError> {
-        let Some(remote) = &self.remote else { return Ok(()) };
-        let bytes = std::fs::metadata(self.dir.join(location)).map(|m| m.len()).unwrap_or(0);
-        for evicted in remote.cache().used(location, bytes) {
-            self.close(&evicted);
-            match std::fs::remove_file(self.dir.join(&evicted)) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => return Err(BlockError::Io(error)),
-            }
-        }
-        Ok(())
-    }
-
-    /// Forgets an opened block (retired).
-    fn close(&self, location: &str) {
-        self.opened.lock().unwrap_or_else(|e| e.into_inner()).remove(location);
-    }
-
-    /// The tenants with spans not in blocks yet.
-    fn unsealed_tenants(&self, tenants: &mut std::collections::BTreeSet<String>) -> Result<(), StoreError> {
-        tenants.extend(self.writer.lock().unwrap_or_else(|e| e.into_inner()).head.tenants.keys().cloned());
-        if let Some(sealing) = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            tenants.extend(sealing.tenants.keys().cloned());
-        }
-        for segment in self.follow()?.values() {
-            tenants.extend(segment.tenants.keys().cloned());
-        }
-        Ok(())
-    }
-
-    /// The service names of a tenant's spans not in blocks yet.
-    fn unsealed_services(
-        &self,
-        tenant: &str,
-        services: &mut std::collections::BTreeSet<String>,
-    ) -> Result<(), StoreError> {
-        let of_head = |head: &Head| head.tenants.get(tenant).map(|t| t.services.clone()).unwrap_or_default();
-        services.extend(of_head(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head));
-        if let Some(sealing) = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            services.extend(of_head(&sealing));
-        }
-        for spans in self.follow()?.values().filter_map(|segment| segment.tenants.get(tenant)) {
-            for s in spans {
-                if !services.contains(&s.span.service_name) {
-                    services.insert(s.span.service_name.clone());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Runs `f` on the spans not in blocks yet, of `tenant` (or of every tenant): this writer's
-    /// head, its head being sealed, and the other writers' logs on this host, in that order (a
-    /// seal lists its blocks before it lets go of its head or removes its log, so a span is
-    /// here or in the catalog read after this).
-    fn each_unsealed(&self, tenant: Option<&str>, f: &mut dyn FnMut(&Stored)) -> Result<(), StoreError> {
-        let mut of_head = |head: &Head| match tenant {
-            Some(tenant) => head.spans(tenant).iter().for_each(&mut *f),
-            None => head.all().for_each(&mut *f),
-        };
-        of_head(&self.writer.lock().unwrap_or_else(|e| e.into_inner()).head);
-        let sealing = self.sealing.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(sealing) = sealing {
-            of_head(&sealing);
-        }
-        for segment in self.follow()?.values() {
-            match tenant {
-                Some(tenant) => segment.tenants.get(tenant).into_iter().flatten().for_each(&mut *f),
-                None => segment.tenants.values().flatten().for_each(&mut *f),
-            }
-        }
-        Ok(())
-    }
-
-    /// The spans not in blocks yet (as [`Self::each_unsealed`]) that pass `keep`.
-    fn unsealed(&self, tenant: Option<&str>, keep: impl Fn(&Stored) -> bool) -> Result<Vec<Stored>, StoreError> {
-        let mut out = Vec::new();
-        self.each_unsealed(tenant, &mut |s| {
-            if keep(s) {
-                out.push(s.clone())
-            }
-        })?;
-        Ok(out)
-    }
-
-    /// Drops a tenant's spans that started before `before_ns` from the head (their log records
-    /// stay until the next seal; a restart before it would bring them back until the next
-    /// retention pass); returns how many.
-    fn forget_head_before(&self, tenant: &str, before_ns: i64) -> u64 {
-        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let head = &mut writer.head;
-        let Some(TenantHead { spans, keys, .. }) = head.tenants.get_mut(tenant) else { return 0 };
-        let before = spans.len();
-        let before_ms = before_ns.div_euclid(1_000_000);
-        spans.retain(|s| {
-            let keep = s.span.start_ns >= before_ns && s.received_ms >= before_ms;
-            if !keep {
-                keys.remove(&key(&s.span));
-            }
-            keep
-        });
-        let gone = before - spans.len();
-        head.rows -= gone;
-        gone as u64
     }
 
     /// A tenant's spans that pass `filter`, from the head and the blocks, one per identity.
@@ -702,156 +309,10 @@ impl SpanBlocks {
     }
 }
 
-/// Writes one tenant's spans as a block file under `<dir>/spans/`, named for the writer
-/// `collector`, durably; returns its catalog row.
-fn write_block(dir: &Path, collector: &str, mut spans: Vec<&Stored>) -> Result<BlockRow, BlockError> {
-    format::sort(&mut spans);
-    let (dir, name) = (dir.join("spans"), format!("{collector}-{}.parquet", uuid::Uuid::now_v7()));
-    let temporary = dir.join(format!("{name}.tmp"));
-    let bytes = format::write(std::fs::File::create(&temporary)?, &spans)?;
-    std::fs::rename(&temporary, dir.join(&name))?;
-    std::fs::File::open(&dir)?.sync_all()?;
-    let services: std::collections::BTreeSet<&str> = spans.iter().map(|s| s.span.service_name.as_str()).collect();
-    let min = |f: fn(&Stored) -> i64| spans.iter().map(|s| f(s)).min().unwrap_or(0);
-    let max = |f: fn(&Stored) -> i64| spans.iter().map(|s| f(s)).max().unwrap_or(0);
-    Ok(BlockRow {
-        id: name.trim_end_matches(".parquet").to_string(),
-        location: format!("spans/{name}"),
-        min_start_ns: min(|s| s.span.start_ns),
-        max_start_ns: max(|s| s.span.start_ns),
-        min_received_ms: min(|s| s.received_ms),
-        max_received_ms: max(|s| s.received_ms),
-        rows: spans.len() as i64,
-        bytes: bytes as i64,
-        services: serde_json::to_string(&services).expect("strings serialize"),
-    })
-}
-
-/// A block's catalog row.
-struct BlockRow {
-    id: String,
-    location: String,
-    min_start_ns: i64,
-    max_start_ns: i64,
-    min_received_ms: i64,
-    max_received_ms: i64,
-    rows: i64,
-    bytes: i64,
-    services: String,
-}
-
-async fn sealed_through(pool: &Pool, collector: &str) -> Result<u64, StoreError> {
-    let text = "SELECT sealed_through FROM span_wal_seals WHERE collector = ?";
-    let found = rows!(pool, text, &[Bind::Str(collector)], |row| row.try_get::<i64, _>(0)?);
-    Ok(found.first().copied().unwrap_or(0).max(0) as u64)
-}
-
-async fn locations(pool: &Pool) -> Result<Vec<String>, StoreError> {
-    Ok(rows!(pool, "SELECT location FROM span_blocks", &[], |row| row.try_get::<String, _>(0)?))
-}
-
-/// The blocks of `tenant` (or of every tenant) that may hold spans passing `filter`, by their
-/// time and arrival ranges.
-async fn blocks_of(pool: &Pool, tenant: Option<&str>, filter: &Filter<'_>) -> Result<Vec<Listed>, StoreError> {
-    let (lo, hi) = filter.start_ns.unwrap_or((i64::MIN, i64::MAX));
-    let (after, upto) = filter.received_ms.unwrap_or((i64::MIN, i64::MAX));
-    let text = format!(
-        "SELECT tenant, location, max_start_ns FROM span_blocks WHERE retired_ms IS NULL AND {} max_start_ns >= ? AND min_start_ns <= ? \
-         AND max_received_ms > ? AND min_received_ms <= ? ORDER BY min_start_ns",
-        if tenant.is_some() { "tenant = ? AND" } else { "" }
-    );
-    let mut binds: Vec<Bind<'_>> = tenant.map(Bind::Str).into_iter().collect();
-    binds.extend([Bind::Int(lo), Bind::Int(hi), Bind::Int(after), Bind::Int(upto)]);
-    Ok(rows!(pool, &text, &binds, |row| Listed {
-        tenant: row.try_get(0)?,
-        location: row.try_get(1)?,
-        max_start_ns: row.try_get(2)?,
-    }))
-}
-
-/// What listed blocks replace.
-enum Listing<'a> {
-    /// A writer's log, through this segment.
-    Sealed { collector: &'a str, through: u64 },
-    /// These blocks (by id), which must all be listed still: a merge.
-    Merged { retired: &'a [String] },
-}
-
-/// Now, in ms since the epoch.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Lists blocks (per tenant) and records what they replace, in one transaction; a merge whose
-/// blocks another merge retired first lists nothing ([`StoreError::Conflict`]).
-async fn list(pool: &Pool, blocks: &[(String, BlockRow)], replaces: Listing<'_>) -> Result<(), StoreError> {
-    let insert = pool.sql(
-        "INSERT INTO span_blocks (id, tenant, location, min_start_ns, max_start_ns, min_received_ms, \
-         max_received_ms, rows, bytes, services, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    );
-    let seal = pool.sql(
-        "INSERT INTO span_wal_seals (collector, sealed_through) VALUES (?, ?) \
-         ON CONFLICT (collector) DO UPDATE SET sealed_through = excluded.sealed_through",
-    );
-    let retire = match replaces {
-        Listing::Merged { retired } => pool.sql(&format!(
-            "UPDATE span_blocks SET retired_ms = ? WHERE retired_ms IS NULL AND id IN ({})",
-            vec!["?"; retired.len()].join(", ")
-        )),
-        Listing::Sealed { .. } => pool.sql(""),
-    };
-    let now_ms = now_ms();
-    macro_rules! run {
-        ($p:expr) => {{
-            let mut tx = $p.begin().await?;
-            for (tenant, b) in blocks {
-                sqlx::query(AssertSqlSafe(insert.0.clone()))
-                    .bind(&b.id)
-                    .bind(tenant)
-                    .bind(&b.location)
-                    .bind(b.min_start_ns)
-                    .bind(b.max_start_ns)
-                    .bind(b.min_received_ms)
-                    .bind(b.max_received_ms)
-                    .bind(b.rows)
-                    .bind(b.bytes)
-                    .bind(&b.services)
-                    .bind(now_ms)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            match replaces {
-                Listing::Sealed { collector, through } => {
-                    sqlx::query(AssertSqlSafe(seal.0.clone()))
-                        .bind(collector)
-                        .bind(through as i64)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                Listing::Merged { retired } => {
-                    let mut query = sqlx::query(AssertSqlSafe(retire.0.clone())).bind(now_ms);
-                    for id in retired {
-                        query = query.bind(id);
-                    }
-                    if query.execute(&mut *tx).await?.rows_affected() != retired.len() as u64 {
-                        tx.rollback().await?;
-                        return Err(StoreError::Conflict);
-                    }
-                }
-            }
-            tx.commit().await?;
-        }};
-    }
-    match pool {
-        Pool::Sqlite(p) => run!(p),
-        Pool::Postgres(p) => run!(p),
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::SpanRow;
     use crate::store::TelemetryStore;
 
     fn span(tenant: &str, i: usize) -> SpanRow {
