@@ -9,14 +9,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
 use promql_parser::parser::Expr;
+use serde::Serialize;
 
 use super::data::{self, Times};
 use super::eval::{self, Evaluator, Labels, Selector, Value};
 use super::params::{Params, parse_duration};
 use super::parse::{parse_bounded, parse_query};
-use super::response::{
-    ApiError, ApiResult, format_value, json_string, labels_json, matrix_items, pair, success, timed,
-};
+use super::response::{ApiError, ApiResult, LabelSet, Point, QueryData, VectorItem, matrix, success, timed};
 use super::{Api, VERSION, scope};
 use crate::DashboardState;
 
@@ -42,29 +41,23 @@ pub(super) async fn query(State(api): State<Api>, headers: HeaderMap, uri: Uri, 
             Ok(evaluator.eval(&plan.root, time)?)
         })
         .await?;
-    let data = match value {
-        Value::Scalar(v) => format!("{{\"resultType\":\"scalar\",\"result\":{}}}", pair(time, &format_value(v))),
-        Value::Str(s) => format!("{{\"resultType\":\"string\",\"result\":{}}}", pair(time, &s)),
+    let response = match value {
+        Value::Scalar(v) => success(QueryData::Scalar(Point::Number(time, v)), &[]),
+        Value::Str(s) => success(QueryData::String(Point::Text(time, &s)), &[]),
         Value::Vector(mut samples) => {
             samples.sort_by(|a, b| a.labels.cmp(&b.labels));
-            let items: Vec<String> = samples
+            let items = samples
                 .iter()
-                .map(|s| {
-                    format!(
-                        "{{\"metric\":{},\"value\":{}}}",
-                        labels_json(&s.labels),
-                        pair(time, &format_value(s.value))
-                    )
-                })
+                .map(|s| VectorItem { metric: LabelSet(&s.labels), value: Point::Number(time, s.value) })
                 .collect();
-            format!("{{\"resultType\":\"vector\",\"result\":[{}]}}", items.join(","))
+            success(QueryData::Vector(items), &[])
         }
         Value::Matrix(mut series) => {
             series.sort_by(|a, b| a.0.cmp(&b.0));
-            format!("{{\"resultType\":\"matrix\",\"result\":[{}]}}", matrix_items(&series))
+            success(matrix(&series), &[])
         }
     };
-    Ok(timed(success(data, &[]), load, started))
+    Ok(timed(response, load, started))
 }
 
 pub(super) async fn query_range(State(api): State<Api>, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
@@ -120,8 +113,7 @@ pub(super) async fn query_range(State(api): State<Api>, headers: HeaderMap, uri:
             Ok(series.into_iter().collect::<Vec<(Labels, Vec<(i64, f64)>)>>())
         })
         .await?;
-    let body = success(format!("{{\"resultType\":\"matrix\",\"result\":[{}]}}", matrix_items(&series)), &[]);
-    Ok(timed(body, load, started))
+    Ok(timed(success(matrix(&series), &[]), load, started))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -190,8 +182,8 @@ pub(super) async fn series(State(api): State<Api>, headers: HeaderMap, uri: Uri,
     let limit = params.limit()?;
     let mut list = matching_series(state, &headers, &params).await?;
     let warnings = truncate(&mut list, limit);
-    let items: Vec<String> = list.iter().map(|l| labels_json(l)).collect();
-    Ok(success(format!("[{}]", items.join(",")), &warnings))
+    let items: Vec<LabelSet> = list.iter().map(|l| LabelSet(l)).collect();
+    Ok(success(items, &warnings))
 }
 
 pub(super) async fn labels(State(api): State<Api>, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
@@ -202,8 +194,7 @@ pub(super) async fn labels(State(api): State<Api>, headers: HeaderMap, uri: Uri,
     let mut names: Vec<String> =
         list.iter().flat_map(|l| l.iter().map(|(k, _)| k.clone())).collect::<BTreeSet<_>>().into_iter().collect();
     let warnings = truncate(&mut names, limit);
-    let items: Vec<String> = names.iter().map(|n| json_string(n)).collect();
-    Ok(success(format!("[{}]", items.join(",")), &warnings))
+    Ok(success(names, &warnings))
 }
 
 pub(super) async fn label_values(
@@ -225,8 +216,7 @@ pub(super) async fn label_values(
         .into_iter()
         .collect();
     let warnings = truncate(&mut values, limit);
-    let items: Vec<String> = values.iter().map(|n| json_string(n)).collect();
-    Ok(success(format!("[{}]", items.join(",")), &warnings))
+    Ok(success(values, &warnings))
 }
 
 pub(super) async fn metadata(State(api): State<Api>, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
@@ -238,32 +228,37 @@ pub(super) async fn metadata(State(api): State<Api>, headers: HeaderMap, uri: Ur
     let mut list = data::metadata(state, tenant.as_deref()).await?;
     list.retain(|(name, _, _)| metric.is_none_or(|m| m == name));
     let warnings = truncate(&mut list, limit);
-    let items: Vec<String> = list
-        .iter()
-        .map(|(name, kind, help)| {
-            format!(
-                "{}:[{{\"type\":{},\"help\":{},\"unit\":\"\"}}]",
-                json_string(name),
-                json_string(kind),
-                json_string(help)
-            )
-        })
-        .collect();
-    Ok(success(format!("{{{}}}", items.join(",")), &warnings))
+    // `{"<metric>":[{"type":…,"help":…,"unit":""}],…}`, in the store's order.
+    #[derive(Serialize)]
+    struct Metadata<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        help: &'a str,
+        unit: &'static str,
+    }
+    struct ByMetric<'a>(&'a [(String, String, String)]);
+    impl Serialize for ByMetric<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_map(self.0.iter().map(|(name, kind, help)| (name, [Metadata { kind, help, unit: "" }])))
+        }
+    }
+    Ok(success(ByMetric(&list), &warnings))
 }
 
 // ---------------------------------------------------------------------------------------------
 // The rest of what Grafana calls
 
 pub(super) async fn buildinfo() -> Response {
-    success(
-        format!(
-            "{{\"version\":{},\"revision\":\"sfaas\",\"branch\":\"sfaas\",\"buildUser\":\"sfaas\",\
-             \"buildDate\":\"\",\"goVersion\":\"none (stateful-faas dashboard)\",\"features\":{{}}}}",
-            json_string(VERSION)
-        ),
-        &[],
-    )
+    let data = serde_json::json!({
+        "version": VERSION,
+        "revision": "sfaas",
+        "branch": "sfaas",
+        "buildUser": "sfaas",
+        "buildDate": "",
+        "goVersion": "none (stateful-faas dashboard)",
+        "features": {},
+    });
+    success(data, &[])
 }
 
 pub(super) async fn format_query(State(api): State<Api>, headers: HeaderMap, uri: Uri, body: Bytes) -> ApiResult {
@@ -271,25 +266,25 @@ pub(super) async fn format_query(State(api): State<Api>, headers: HeaderMap, uri
     scope(state, &headers)?;
     let params = Params::new(&headers, &uri, &body);
     let expr = parse_query(params.get("query"))?;
-    Ok(success(json_string(&expr.prettify()), &[]))
+    Ok(success(expr.prettify(), &[]))
 }
 
 pub(super) async fn exemplars(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
     let state = &api.state;
     scope(state, &headers)?;
-    Ok(success("[]".into(), &[]))
+    Ok(success(serde_json::json!([]), &[]))
 }
 
 pub(super) async fn rules(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
     let state = &api.state;
     scope(state, &headers)?;
-    Ok(success("{\"groups\":[]}".into(), &[]))
+    Ok(success(serde_json::json!({ "groups": [] }), &[]))
 }
 
 pub(super) async fn alerts(State(api): State<Api>, headers: HeaderMap) -> ApiResult {
     let state = &api.state;
     scope(state, &headers)?;
-    Ok(success("{\"alerts\":[]}".into(), &[]))
+    Ok(success(serde_json::json!({ "alerts": [] }), &[]))
 }
 
 pub(super) async fn not_found(uri: Uri) -> ApiError {
