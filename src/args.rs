@@ -255,14 +255,14 @@ pub struct DashboardCommandArgs {
 impl CoreArgs {
     pub fn config(&self, data_dir: &std::path::Path) -> anyhow::Result<CoreConfig> {
         let mut config = CoreConfig::new(data_dir);
-        let mut etl = stateful_faas_core::etl::EtlConfig::new(data_dir);
+        let mut etl = etl_example::EtlConfig::new(data_dir);
         for value in &self.etl_database_url {
             etl.set_database_url(value).map_err(anyhow::Error::msg)?;
         }
         if let Some(url) = &self.etl_s3_url {
             etl.set_s3_url(url).map_err(anyhow::Error::msg)?;
         }
-        stateful_faas_core::etl::register(&mut config.builtins, etl);
+        etl_example::register(&mut config.builtins, etl);
         config.gateway_addr = self.gateway_addr;
         config.state_redis_addr = match self.state_redis_addr {
             Some(RedisAddr::Off) => None,

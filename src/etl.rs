@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use etl_example::{self as etl, Generator};
 use serde_json::{Value, json};
-use stateful_faas_core::etl::{self, Generator};
 
 use crate::client::Gateway;
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
-mod common;
+use crate::common;
 
 use common::{cli as sfaas, cli_ok as ok};
 

@@ -10,10 +10,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use etl_example::{self as etl, Generator, Totals};
 use serde_json::Value;
-use stateful_faas_core::etl::{self, Generator, Totals};
 
-mod common;
+use crate::common;
 
 use common::cli_ok as ok;
 
@@ -317,4 +317,99 @@ async fn a_stream_that_falls_behind_answers_429_and_loses_nothing_it_accepted() 
     let response = http.post(format!("{gateway}/stream/slow.slowpoke")).bearer_auth(&admin).body(vec![0xff, b'\n']);
     assert_eq!(response.send().await.unwrap().status().as_u16(), 400);
     let _ = core.kill();
+}
+
+/// The ETL builtins' database and S3 bucket are the operator's settings: a tenant's
+/// `ETL_DATABASE_URL` made the gateway open any SQLite path, and an S3 reference in a request
+/// body made it GET and DELETE any URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etl_builtins_load_and_stage_only_where_the_operator_says() {
+    // A listener that counts the requests the gateway would make on a tenant's behalf.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((_, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let bucket = format!("http://127.0.0.1:{port}/etl");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (mut core, addresses) =
+        common::serve("core", &["--gateway-addr", "127.0.0.1:0", "--etl-s3-url", &bucket], data);
+    let gateway = format!("http://{}", addresses["gateway"].as_str().unwrap());
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
+    ok(data, &["tenant", "create", "acme"], "");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deploy = |deployment: Value| {
+        let (http, gateway, admin) = (http.clone(), gateway.clone(), admin.clone());
+        async move {
+            let response =
+                http.post(format!("{gateway}/system/functions")).bearer_auth(&admin).json(&deployment).send().await;
+            let response = response.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let invoke = |function: &str, body: String| {
+        let (http, url, admin) = (http.clone(), format!("{gateway}/function/{function}.acme"), admin.clone());
+        async move {
+            let response = http.post(url).bearer_auth(&admin).body(body).send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let elsewhere = data.join("elsewhere.db");
+
+    let (status, text) = deploy(serde_json::json!({"service": "load", "namespace": "acme", "builtin": "etl-load",
+        "envVars": {"ETL_DATABASE_URL": format!("sqlite://{}", elsewhere.display())}}))
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("ETL_DATABASE_URL") && text.contains("--etl-database-url"), "{text}");
+    let (status, text) = deploy(serde_json::json!({"service": "agg", "namespace": "acme", "builtin": "etl-aggregate",
+        "envVars": {"ETL_TRANSPORT": "s3", "ETL_S3_URL": "http://169.254.169.254/latest"}}))
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("--etl-s3-url"), "{text}");
+
+    // A reference outside the tenant's folder of the bucket is refused before any request:
+    // another host, another tenant's folder, a way out of the folder.
+    let (status, text) =
+        deploy(serde_json::json!({"service": "agg", "namespace": "acme", "builtin": "etl-aggregate"})).await;
+    assert_eq!(status, 202, "{text}");
+    for url in [
+        "http://127.0.0.1:1/metrics".to_string(),
+        format!("{bucket}/globex/run/clean"),
+        format!("{bucket}/acme/../globex/run/clean"),
+        format!("{bucket}/acme/run/clean?x=1"),
+        format!("{bucket}/acme"),
+    ] {
+        let (status, text) = invoke("agg", serde_json::json!({"ref": "s3", "url": url}).to_string()).await;
+        assert_eq!(status, 500, "{url}");
+        assert!(text.contains("not an object of this namespace's folder"), "{url}: {text}");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "no request left the gateway");
+    // One in its folder is fetched (the listener answers nothing, so it fails after the request,
+    // tried three times as S3 clients do).
+    let url = format!("{bucket}/acme/run-1/clean");
+    let (status, _) = invoke("agg", serde_json::json!({"ref": "s3", "url": url}).to_string()).await;
+    assert_eq!(status, 500);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 3, "one request, tried three times");
+
+    // etl-load loads into the tenant's own database under the data directory.
+    let (status, text) =
+        deploy(serde_json::json!({"service": "load", "namespace": "acme", "builtin": "etl-load"})).await;
+    assert_eq!(status, 202, "{text}");
+    let batch = serde_json::json!({"batch": "b1", "received": 1, "records": [
+        {"window_start_ms": 60000, "borough": "Queens", "trips": 1, "fare_cents": 1250, "distance_m": 3200, "passengers": 2}]});
+    let (status, text) = invoke("load", batch.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    let db = data.join("etl").join("acme.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+    let trips: i64 =
+        sqlx::query_scalar("SELECT SUM(trips) FROM etl_windows WHERE tenant = 'acme'").fetch_one(&pool).await.unwrap();
+    assert_eq!(trips, 1);
+    assert!(!elsewhere.exists());
+    let _ = core.kill();
+    let _ = core.wait();
 }

@@ -9,11 +9,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use etl_example::{self as etl, Generator};
 use rust_decimal::Decimal;
 use serde_json::Value;
-use stateful_faas_core::etl::{self, Generator};
 
-mod common;
+use crate::common;
 
 use common::cli_ok as ok;
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-mod common;
+use crate::common;
 
 fn stop(mut child: std::process::Child) {
     // SAFETY: kill sends a signal to our own child.

@@ -13,7 +13,7 @@
 //! globex: one invocation of 10 ms, all within the allowances → 0; the minimum charge tops the
 //! invoice up to 1.00.
 
-mod common;
+use crate::common;
 
 use common::{backends, invoke, ns, open, state};
 

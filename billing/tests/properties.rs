@@ -12,7 +12,7 @@
 //!   piece where the previous ones left the tiers, gives exactly the charge of the whole) and
 //!   monotone.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

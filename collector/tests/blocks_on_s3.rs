@@ -3,7 +3,7 @@
 //! merges and removes; no tenant reads another's spans on either; a crash between an upload and
 //! its listing leaves nothing behind.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

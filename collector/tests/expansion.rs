@@ -4,7 +4,7 @@
 //! request is refused whole with a clear 400, nothing of it is stored, and the same items
 //! with small shared parts are accepted.
 
-mod common;
+use crate::common;
 
 use common::{backends, start};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;

@@ -1,7 +1,7 @@
 //! Jaeger thrift over HTTP with a real client: the OpenTelemetry Python SDK's Jaeger exporter
 //! (1.21.0, in a virtualenv of its own, created on first use under target/).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! OTLP ingest with real clients (the Rust OpenTelemetry SDK over HTTP and gRPC) and hand-made
 //! bad input, on SQLite and on PostgreSQL.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::Write;

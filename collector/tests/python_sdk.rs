@@ -1,7 +1,7 @@
 //! OTLP from the OpenTelemetry Python SDK (from PyPI, in a virtualenv of its own under
 //! target/), over HTTP and over gRPC.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! Prometheus remote_write: Debian's real Prometheus server scrapes a target and remote-writes
 //! to the collector with Basic auth (tenant as user, token as password); and bad bodies.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

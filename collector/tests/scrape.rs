@@ -1,7 +1,7 @@
 //! Scraping configured targets, in text format 0.0.4 and OpenMetrics, with `up` and the scrape
 //! duration, under the target's tenant.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

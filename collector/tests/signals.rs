@@ -1,7 +1,7 @@
 //! Metrics (from the Rust SDK's OTLP metric exporter) and logs (OTLP JSON and gRPC), over HTTP
 //! and gRPC, and backpressure.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! services, operations, metric names and labels; only the values that say whose they are
 //! differ, and those are what is checked.
 
-mod common;
+use crate::common;
 
 use collector::model::{Batch, SampleRow, SpanRow};
 use collector::store::{TelemetryStore, TraceSearch};

@@ -3,8 +3,9 @@
 //! (tests/fixtures/grafana-jaeger-requests.txt), the shapes Grafana decodes, search semantics,
 //! errors, and tenant isolation; on SQLite and on a real PostgreSQL the test starts itself.
 //!
-//! `cargo test --release -p dashboard --test jaeger -- --ignored --nocapture bench` measures
-//! trace fetches among a million stored spans (`SFAAS_BENCH_SPANS` to change the count).
+//! `cargo test --release -p dashboard --test integration -- --ignored --nocapture jaeger::bench`
+//! measures trace fetches among a million stored spans (`SFAAS_BENCH_SPANS` to change the
+//! count).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -8,8 +8,9 @@
 //! - tenant isolation in every endpoint; unsupported PromQL refused by name;
 //! - `promtool query instant` / `query range` as a real client.
 //!
-//! `cargo test --release -p dashboard --test prometheus -- --ignored --nocapture` runs the
-//! timing of a 30-day range query over 100 000 invocations (not asserted: BENCHMARKS.md).
+//! `cargo test --release -p dashboard --test integration -- --ignored --nocapture prometheus::`
+//! runs the timing of a 30-day range query over 100 000 invocations (not asserted:
+//! BENCHMARKS.md).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

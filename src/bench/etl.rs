@@ -138,9 +138,9 @@ pub async fn run(small_batches: usize, large_batches: usize, charts_dir: Option<
     let billing = Gateway::new(&ui, &admin)?;
 
     // Batches of about 1 KiB (8 records) and 1 MiB (8600 records), the same for every transport.
-    let mut generator = stateful_faas_core::etl::Generator::new(7, START_MS, 50);
+    let mut generator = etl_example::Generator::new(7, START_MS, 50);
     let mut make = |records: usize, count: usize| -> Vec<String> {
-        (0..count).map(|_| stateful_faas_core::etl::body(&generator.trips(records), false)).collect()
+        (0..count).map(|_| etl_example::body(&generator.trips(records), false)).collect()
     };
     let sizes = [("1 KiB", make(8, small_batches)), ("1 MiB", make(8600, large_batches))];
     eprintln!(

@@ -50,7 +50,7 @@ pub struct CoreConfig {
     /// Managed `http` instances one tenant may have running at once (`--tenant-max-instances`).
     pub max_instances_per_tenant: usize,
     /// The builtins deployments may name: the platform's own, and those registered beside
-    /// them (the binary adds the ETL example's, `crate::etl::register`).
+    /// them (the binary adds the ETL example's, `etl_example::register`).
     pub builtins: crate::function::builtin::Builtins,
 }
 

@@ -6,7 +6,6 @@ pub mod async_queue;
 pub mod bench;
 pub mod config;
 pub mod database;
-pub mod etl;
 pub mod flow;
 pub mod function;
 #[cfg(fuzzing)]

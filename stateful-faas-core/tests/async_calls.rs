@@ -1,6 +1,6 @@
 //! The durable async queue: callbacks, de-duplication, retries with backoff, dead letters.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

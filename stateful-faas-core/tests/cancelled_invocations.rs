@@ -2,7 +2,7 @@
 //! client that goes away, a flow run stopped by a failure elsewhere, a managed server that never
 //! listens or burns CPU while it is idle.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

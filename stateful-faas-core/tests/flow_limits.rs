@@ -1,7 +1,7 @@
 //! Hostile flows and streams: definitions that would exhaust the gateway's stack or CPU, and
 //! streams that would fill its memory or disk, are refused or bounded.
 
-mod common;
+use crate::common;
 
 use common::{Tenant, TestCore, start};
 use serde_json::json;

@@ -1,7 +1,7 @@
 //! The composition engine through the gateway: every DSL feature, validation, retries and
 //! catch, sub-flows, async runs and cancellation, isolation.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Each function kind and each limit, through the real gateway.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -399,78 +399,4 @@ async fn functions_per_tenant_are_capped_by_a_quota() {
     );
     assert_eq!(send(reqwest::Method::PUT, "a").await.status(), 200, "an update is not a new function");
     core.deploy(&globex, json!({"service": "d", "envProcess": "cat"})).await;
-}
-
-/// The ETL builtins' database and S3 bucket are the operator's settings (issue 21: a tenant's
-/// `ETL_DATABASE_URL` made the gateway open any SQLite path, and an S3 reference in a request
-/// body made it GET and DELETE any URL).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etl_builtins_load_and_stage_only_where_the_operator_says() {
-    // A listener that counts the requests the gateway would make on a tenant's behalf.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((_, _)) = listener.accept().await {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
-    let bucket = format!("http://127.0.0.1:{port}/etl");
-    let core = start(|config| {
-        let mut etl = stateful_faas_core::etl::EtlConfig::new(&config.data_dir);
-        etl.s3_url = Some(bucket.clone());
-        stateful_faas_core::etl::register(&mut config.builtins, etl);
-    })
-    .await;
-    let acme = core.tenant("acme").await;
-    let elsewhere = core.dir.path().join("elsewhere.db");
-
-    let deployment = json!({"service": "load", "builtin": "etl-load",
-                            "envVars": {"ETL_DATABASE_URL": format!("sqlite://{}", elsewhere.display())}});
-    let response = core.send_deployment(reqwest::Method::POST, &acme, deployment).await;
-    assert_eq!(response.status(), 400);
-    let text = response.text().await.unwrap();
-    assert!(text.contains("ETL_DATABASE_URL") && text.contains("--etl-database-url"), "{text}");
-    let deployment = json!({"service": "agg", "builtin": "etl-aggregate",
-                            "envVars": {"ETL_TRANSPORT": "s3", "ETL_S3_URL": "http://169.254.169.254/latest"}});
-    let response = core.send_deployment(reqwest::Method::POST, &acme, deployment).await;
-    assert_eq!(response.status(), 400);
-    assert!(response.text().await.unwrap().contains("--etl-s3-url"));
-
-    // A reference outside the tenant's folder of the bucket is refused before any request:
-    // another host, another tenant's folder, a way out of the folder.
-    core.deploy(&acme, json!({"service": "agg", "builtin": "etl-aggregate"})).await;
-    for url in [
-        "http://127.0.0.1:1/metrics".to_string(),
-        format!("{bucket}/globex/run/clean"),
-        format!("{bucket}/acme/../globex/run/clean"),
-        format!("{bucket}/acme/run/clean?x=1"),
-        format!("{bucket}/acme"),
-    ] {
-        let response = core.invoke(&acme.ingest, "agg", json!({"ref": "s3", "url": url}).to_string()).await;
-        assert_eq!(response.status(), 500, "{url}");
-        let text = response.text().await.unwrap();
-        assert!(text.contains("not an object of this namespace's folder"), "{url}: {text}");
-    }
-    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "no request left the gateway");
-    // One in its folder is fetched (the listener answers nothing, so it fails after the request,
-    // tried three times as S3 clients do).
-    let url = format!("{bucket}/acme/run-1/clean");
-    let response = core.invoke(&acme.ingest, "agg", json!({"ref": "s3", "url": url}).to_string()).await;
-    assert_eq!(response.status(), 500);
-    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 3, "one request, tried three times");
-
-    // etl-load loads into the tenant's own database under the data directory.
-    core.deploy(&acme, json!({"service": "load", "builtin": "etl-load"})).await;
-    let batch = json!({"batch": "b1", "received": 1, "records": [
-        {"window_start_ms": 60000, "borough": "Queens", "trips": 1, "fare_cents": 1250, "distance_m": 3200, "passengers": 2}]});
-    let response = core.invoke(&acme.ingest, "load", batch.to_string()).await;
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-    let db = core.dir.path().join("etl").join("acme.db");
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
-    let trips: i64 =
-        sqlx::query_scalar("SELECT SUM(trips) FROM etl_windows WHERE tenant = 'acme'").fetch_one(&pool).await.unwrap();
-    assert_eq!(trips, 1);
-    assert!(!elsewhere.exists());
 }

@@ -3,7 +3,7 @@
 //! or thousands of calls at once) fills its own share, and its further calls are refused (429)
 //! while other tenants' calls go on.
 
-mod common;
+use crate::common;
 
 use common::start;
 use serde_json::json;

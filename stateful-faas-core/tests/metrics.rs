@@ -1,6 +1,6 @@
 //! `/metrics`: OpenFaaS names with a namespace label, valid for Prometheus's own linter.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 

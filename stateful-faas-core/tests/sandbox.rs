@@ -2,7 +2,7 @@
 //! billed and dies with the invocation, and a fork bomb stops at its process limit while other
 //! tenants are served (a memory hog: `functions.rs`).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

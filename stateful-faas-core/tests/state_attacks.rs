@@ -1,7 +1,7 @@
 //! Hostile tenants against the state store's HTTP routes: bodies that would be buffered
 //! without bound, buckets too large to list at once, jobs whose end walked every object.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

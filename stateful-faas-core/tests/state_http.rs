@@ -1,7 +1,7 @@
 //! The state store over HTTP: the API, isolation, quotas, and functions using it (the
 //! examples in examples/state, in Python and shell).
 
-mod common;
+use crate::common;
 
 use common::{require_program, start};
 use serde_json::json;

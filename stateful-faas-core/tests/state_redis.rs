@@ -2,7 +2,7 @@
 //! pipelines) and Debian's redis-cli; tenancy, read tokens, functions' tokens, quotas, TTLs and
 //! exact metering, and the protocol's limits under hostile input.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

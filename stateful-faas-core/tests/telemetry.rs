@@ -1,7 +1,7 @@
 //! Spans reach a real OTLP receiver (the generated OTLP gRPC service, and OTLP/HTTP protobuf)
 //! with the contract's attributes and CPU-ms as the kernel measured it.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 

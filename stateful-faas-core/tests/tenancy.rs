@@ -1,6 +1,6 @@
 //! Tenant isolation on every route (docs/contracts.md, "Tenants, tokens and trust").
 
-mod common;
+use crate::common;
 
 use common::{ADMIN, start};
 use serde_json::json;

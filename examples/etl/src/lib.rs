@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::function::builtin::{Builtins, Cost};
+use stateful_faas_core::function::builtin::{Builtins, Cost};
 
 /// Zones 1..=ZONES exist in the lookup table; each belongs to one borough.
 pub const ZONES: u32 = 40;
@@ -85,7 +85,7 @@ impl EtlConfig {
             return Err(format!("--etl-database-url {value:?}: the URL is sqlite://PATH or postgres://…"));
         }
         match tenant {
-            Some(tenant) if crate::tenant::TenantId::new(tenant).is_err() => {
+            Some(tenant) if stateful_faas_core::tenant::TenantId::new(tenant).is_err() => {
                 Err(format!("--etl-database-url {value:?}: {tenant:?} is not a tenant name"))
             }
             Some(tenant) => {

@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{EtlConfig, MALFORMED, Totals, WINDOW_MS};
-use crate::function::builtin::BuiltinContext;
+use stateful_faas_core::function::builtin::BuiltinContext;
 
 /// One step's builtin, with the operator's settings.
 pub type Step = fn(&BuiltinContext<'_>, &EtlConfig) -> Result<Bytes, String>;
-use crate::state::{ObjectKey, PutOptions, StateError};
+use stateful_faas_core::state::{ObjectKey, PutOptions, StateError};
 
 /// What flows between stages.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -489,7 +489,7 @@ macro_rules! load_in {
             .bind($input.received as i64)
             .bind($loaded)
             .bind($rejected as i64)
-            .bind(crate::database::now_ms())
+            .bind(stateful_faas_core::database::now_ms())
             .execute(&mut *tx)
             .await?
             .rows_affected();

@@ -1,0 +1,7 @@
+//! Billing's integration tests, in one binary: one test file a module, so that the
+//! workspace links one test program a crate instead of one a file (less link time, a
+//! tenth of the disk). `cargo test -p <crate> --test integration <file>::` runs one file.
+
+mod common;
+mod golden;
+mod properties;

@@ -1,0 +1,14 @@
+//! The collector's integration tests, in one binary: one test file a module, so that the
+//! workspace links one test program a crate instead of one a file (less link time, a
+//! tenth of the disk). `cargo test -p <crate> --test integration <file>::` runs one file.
+
+mod blocks_on_s3;
+mod common;
+mod expansion;
+mod jaeger;
+mod otlp;
+mod python_sdk;
+mod remote_write;
+mod scrape;
+mod signals;
+mod store;
