@@ -39,15 +39,7 @@ impl Billing {
                     plan: row.try_get("plan")?,
                     function: row.try_get("function")?,
                 },
-                Totals {
-                    records: row.try_get("records")?,
-                    invocations: row.try_get("invocations")?,
-                    errors: row.try_get("errors")?,
-                    cpu_ms: row.try_get("cpu_ms")?,
-                    wall_ms: row.try_get("wall_ms")?,
-                    bytes_out: row.try_get("bytes_out")?,
-                    state_byte_seconds: decimal(&row.try_get::<String, _>("state_byte_seconds")?)?,
-                },
+                totals_of(row)?,
             ))).collect()
         })
     }
@@ -103,16 +95,7 @@ where
                 function: row.try_get("function")?,
             };
             if delta.contains_key(&key) {
-                let existing = Totals {
-                    records: row.try_get("records")?,
-                    invocations: row.try_get("invocations")?,
-                    errors: row.try_get("errors")?,
-                    cpu_ms: row.try_get("cpu_ms")?,
-                    wall_ms: row.try_get("wall_ms")?,
-                    bytes_out: row.try_get("bytes_out")?,
-                    state_byte_seconds: decimal(&row.try_get::<String, _>("state_byte_seconds")?)?,
-                };
-                merged.insert(key, existing);
+                merged.insert(key, totals_of(&row)?);
             }
         }
     }
@@ -148,6 +131,25 @@ where
         query.execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+/// The figures of a `usage_totals` row, on either database.
+fn totals_of<R>(row: &R) -> Result<Totals, sqlx::Error>
+where
+    R: Row,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'q> &'q str: sqlx::ColumnIndex<R>,
+{
+    Ok(Totals {
+        records: row.try_get("records")?,
+        invocations: row.try_get("invocations")?,
+        errors: row.try_get("errors")?,
+        cpu_ms: row.try_get("cpu_ms")?,
+        wall_ms: row.try_get("wall_ms")?,
+        bytes_out: row.try_get("bytes_out")?,
+        state_byte_seconds: decimal(&row.try_get::<String, _>("state_byte_seconds")?)?,
+    })
 }
 
 pub(crate) fn decimal(text: &str) -> Result<Decimal, sqlx::Error> {

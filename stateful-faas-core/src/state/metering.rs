@@ -2,10 +2,14 @@
 //!
 //! An [`Account`] holds the integral in byte·nanoseconds (integers, no rounding): closed
 //! objects contribute `size × (end − start)`; open objects are summed as `bytes × now −
-//! Σ size × start`, so reading the integral at any time is exact and O(1).
+//! Σ size × start`, so reading the integral at any time is exact and O(1). What a tenant's
+//! accounts report: [`TenantUsage`] (all of it, now) and [`UsageInterval`] (the records billing
+//! reads).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
 
 /// Byte-seconds, kept exactly as byte·nanoseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -130,6 +134,55 @@ impl Account {
     /// The integral from the first byte up to `now`.
     pub fn integral(&self, now: u64) -> ByteSeconds {
         ByteSeconds(self.closed + self.open_bytes as u128 * now as u128 - self.open_weighted_start)
+    }
+}
+
+/// Byte-seconds of a tenant, split by owner.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TenantUsage {
+    /// Value bytes alone.
+    pub bytes: u64,
+    /// What the quota counts and metering integrates: values, addresses and [`OBJECT_OVERHEAD`](super::OBJECT_OVERHEAD) per object.
+    pub held: u64,
+    /// All of the tenant's storage, from its first byte.
+    pub total: ByteSeconds,
+    /// Storage outside any registered job (persisted after their job, or job-less).
+    pub standing: ByteSeconds,
+    /// Registered jobs, by name.
+    pub jobs: Vec<(String, ByteSeconds)>,
+    /// Jobs deregistered so far, all together.
+    pub ended_jobs: ByteSeconds,
+}
+
+/// Who a usage record bills.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Owner {
+    /// The tenant's storage outside any registered job.
+    Standing,
+    /// A registered job (a flow run's job is named by its run id).
+    Job(String),
+}
+
+/// The byte-seconds one owner accrued in `[start_ns, end_ns)`, which lies within one usage
+/// interval: `end_ns` is the interval's end, or the instant the job was deregistered, or the
+/// final report at shutdown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageInterval {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub owner: Owner,
+    pub byte_seconds: ByteSeconds,
+}
+
+impl UsageInterval {
+    /// Unique per tenant: `state/standing/<start_ns>` or `state/job/<job>/<start_ns>` (billing
+    /// de-duplicates on it). A job name reused later starts its records later still.
+    pub fn usage_id(&self) -> String {
+        match &self.owner {
+            Owner::Standing => format!("state/standing/{}", self.start_ns),
+            Owner::Job(job) => format!("state/job/{job}/{}", self.start_ns),
+        }
     }
 }
 

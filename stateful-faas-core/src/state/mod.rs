@@ -42,13 +42,15 @@
 //!
 //! # Files
 //!
-//! This one is the store's API in one place (its settings, errors and addresses, and every
-//! operation under a tenant's lock, from admission to the quota to usage reports): about 800
-//! lines, one cohesive thing. A tenant's objects, indexes and accounts are in `tenant_state.rs`,
-//! jobs in `jobs.rs`, exact byte-seconds in `metering.rs`.
+//! This one is the store's API in one place (its settings, errors, and every operation under a
+//! tenant's lock, from admission to the quota to usage reports): about 650 lines, one cohesive
+//! thing. Addresses and what operations take and give are in `object.rs`, a tenant's objects,
+//! indexes and accounts in `tenant_state.rs`, jobs in `jobs.rs`, exact byte-seconds and the
+//! usage records in `metering.rs`.
 
 mod jobs;
 pub mod metering;
+mod object;
 mod tenant_state;
 
 use std::collections::HashMap;
@@ -58,10 +60,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Serialize;
 
 use crate::tenant::TenantId;
 use metering::{ByteSeconds, Clock};
+pub use metering::{Owner, TenantUsage, UsageInterval};
+pub use object::{Change, Current, Listing, MAX_PAGE, OBJECT_OVERHEAD, ObjectInfo, ObjectKey, PutOptions};
+use object::{check_part, scan_hash};
 use tenant_state::{Object, TenantState, usage_of};
 
 /// Limits of the store.
@@ -97,10 +101,6 @@ impl Default for StateConfig {
         }
     }
 }
-
-/// What an object holds beyond its value and address, as the quota and the budget count it:
-/// about what its entry costs in memory (the map's slot, the expiry index, three strings' heads).
-pub const OBJECT_OVERHEAD: u64 = 128;
 
 const NANOS_PER_DAY: u128 = 86_400 * 1_000_000_000;
 
@@ -156,156 +156,6 @@ pub enum StateError {
 
 fn job_suffix(job: &Option<String>) -> String {
     job.as_ref().map(|j| format!(" of job {j:?}")).unwrap_or_default()
-}
-
-/// Where an object lives.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ObjectKey {
-    pub job: Option<String>,
-    pub bucket: String,
-    pub key: String,
-}
-
-impl ObjectKey {
-    /// What the object at this address holds beside a value of `value_bytes`.
-    fn held(&self, value_bytes: u64) -> u64 {
-        let address = self.job.as_ref().map_or(0, String::len) + self.bucket.len() + self.key.len();
-        value_bytes + address as u64 + OBJECT_OVERHEAD
-    }
-
-    pub fn new(job: Option<&str>, bucket: &str, key: &str) -> Result<Self, StateError> {
-        if let Some(job) = job {
-            check_part("job", job)?;
-        }
-        check_part("bucket", bucket)?;
-        check_part("key", key)?;
-        Ok(Self { job: job.map(str::to_string), bucket: bucket.to_string(), key: key.to_string() })
-    }
-}
-
-fn check_part(what: &'static str, value: &str) -> Result<(), StateError> {
-    // One pass over the bytes; text beyond ASCII is checked again by characters (C1 controls).
-    let bad_byte = value.bytes().any(|b| b == b'/' || b.is_ascii_control() || !b.is_ascii());
-    let bad = bad_byte && (value.contains('/') || value.chars().any(char::is_control));
-    if value.is_empty() || value.len() > 255 || bad {
-        return Err(StateError::InvalidName { what, value: value.to_string() });
-    }
-    Ok(())
-}
-
-/// Options of a put.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PutOptions {
-    /// Keep the object after its job is deregistered.
-    pub persist: bool,
-    /// Drop the object this long after the put.
-    pub ttl: Option<Duration>,
-}
-
-/// What `lookup` and `enumerate` tell about an object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ObjectInfo {
-    pub key: String,
-    pub size: u64,
-    pub persist: bool,
-    /// Expiry instant, ns since the epoch.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expires_at_ns: Option<u64>,
-}
-
-/// Most objects a listing answers at once (and its default page).
-pub const MAX_PAGE: usize = 1000;
-
-/// A page of a bucket's objects: see [`StateStore::enumerate`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listing {
-    pub objects: Vec<ObjectInfo>,
-    /// The last key listed, when more follow: the next page starts after it.
-    pub next_after: Option<String>,
-}
-
-/// An object as [`StateStore::modify`] shows it.
-#[derive(Debug, Clone, Copy)]
-pub struct Current<'a> {
-    pub value: &'a Bytes,
-    pub persist: bool,
-    /// Expiry instant, ns since the epoch.
-    pub expires_at_ns: Option<u64>,
-}
-
-/// What [`StateStore::modify`] does with an object.
-#[derive(Debug, Clone)]
-pub enum Change {
-    Keep,
-    Remove,
-    Put {
-        value: Bytes,
-        persist: bool,
-        expires_at_ns: Option<u64>,
-    },
-    /// These bytes at the end of the value (a new object if there is none), in place when no
-    /// reader shares the value: a value built by many appends copies each byte a bounded
-    /// number of times, not the whole value at every append (Redis's `APPEND`).
-    Append(Bytes),
-}
-
-/// The order [`StateStore::scan`] visits objects in: a hash of the address, fixed for the
-/// life of the process (a cursor is only meaningful within it).
-fn scan_hash(key: &ObjectKey) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::hash::DefaultHasher::new();
-    key.hash(&mut hasher);
-    // Never 0, which starts and ends a scan.
-    hasher.finish().max(1)
-}
-
-/// Byte-seconds of a tenant, split by owner.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct TenantUsage {
-    /// Value bytes alone.
-    pub bytes: u64,
-    /// What the quota counts and metering integrates: values, addresses and [`OBJECT_OVERHEAD`] per object.
-    pub held: u64,
-    /// All of the tenant's storage, from its first byte.
-    pub total: ByteSeconds,
-    /// Storage outside any registered job (persisted after their job, or job-less).
-    pub standing: ByteSeconds,
-    /// Registered jobs, by name.
-    pub jobs: Vec<(String, ByteSeconds)>,
-    /// Jobs deregistered so far, all together.
-    pub ended_jobs: ByteSeconds,
-}
-
-/// Who a usage record bills.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Owner {
-    /// The tenant's storage outside any registered job.
-    Standing,
-    /// A registered job (a flow run's job is named by its run id).
-    Job(String),
-}
-
-/// The byte-seconds one owner accrued in `[start_ns, end_ns)`, which lies within one usage
-/// interval: `end_ns` is the interval's end, or the instant the job was deregistered, or the
-/// final report at shutdown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct UsageInterval {
-    pub start_ns: u64,
-    pub end_ns: u64,
-    pub owner: Owner,
-    pub byte_seconds: ByteSeconds,
-}
-
-impl UsageInterval {
-    /// Unique per tenant: `state/standing/<start_ns>` or `state/job/<job>/<start_ns>` (billing
-    /// de-duplicates on it). A job name reused later starts its records later still.
-    pub fn usage_id(&self) -> String {
-        match &self.owner {
-            Owner::Standing => format!("state/standing/{}", self.start_ns),
-            Owner::Job(job) => format!("state/job/{job}/{}", self.start_ns),
-        }
-    }
 }
 
 /// One tenant's state, found once: see [`StateStore::handle`].
