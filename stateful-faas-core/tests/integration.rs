@@ -10,6 +10,7 @@ mod flow_limits;
 mod flows;
 mod functions;
 mod invocation_buffers;
+mod layers;
 mod metrics;
 mod sandbox;
 mod state_attacks;
