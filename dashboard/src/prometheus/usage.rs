@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use billing::period::Period;
 use billing::plans::{Position, RateCard};
@@ -94,9 +95,12 @@ pub async fn series(
     let (rows, totals) = match cache.snapshot(state, tenant).await? {
         Ok(snapshot) => (snapshot.rows(&lattice), snapshot.totals.clone()),
         Err(load) => {
-            let read = state.billing.usage_by_bucket(tenant, &lattice).await?;
-            drop(load); // a pending full load starts now that this query's rows are read
-            read
+            let read = state.billing.usage_by_bucket(tenant, &lattice).await;
+            // A pending full load starts now that this query's rows are read.
+            if let Some(load) = load {
+                load.start();
+            }
+            read?
         }
     };
     let mut out = Vec::new();
@@ -190,14 +194,15 @@ impl Snapshot {
     }
 }
 
-/// A scope's sums, and whether a full load of them is under way in the background.
+/// A scope's sums, and whether a full load of them is under way in the background (or handed
+/// to a query, to start once it is answered).
 #[derive(Default)]
-struct SlotState {
-    snapshot: Option<Arc<Snapshot>>,
-    loading: bool,
+struct Scope {
+    snapshot: tokio::sync::Mutex<Option<Arc<Snapshot>>>,
+    loading: AtomicBool,
 }
 
-type Slot = Arc<tokio::sync::Mutex<SlotState>>;
+type Slot = Arc<Scope>;
 
 /// Per-minute sums of the usage records, per scope, brought up to date on every query from
 /// billing's watermark: records are inserted once (extraction commits them with the watermark
@@ -221,8 +226,10 @@ impl Cache {
 
     /// Starts loading a scope's sums, as its first query would.
     pub async fn warm(&self, state: &DashboardState, tenant: Option<&str>) {
-        if let Err(error) = self.snapshot(state, tenant).await {
-            tracing::warn!(%error, "warming the usage cache failed; queries read per query");
+        match self.snapshot(state, tenant).await {
+            Ok(Err(Some(load))) => load.start(),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "warming the usage cache failed; queries read per query"),
         }
     }
 
@@ -245,20 +252,20 @@ impl Cache {
             }
             scopes.entry(key).or_default().clone()
         };
-        let mut guard = slot.lock().await;
+        let mut guard = slot.snapshot.lock().await;
         // Unchanged since the last query: billing's watermark and the record count tell.
         let (watermark, records) = state.billing.usage_version(tenant).await?;
         if records > self.max_records {
-            guard.snapshot = None;
+            *guard = None;
             return Ok(Err(None));
         }
-        if let Some(snapshot) = guard.snapshot.as_ref()
+        if let Some(snapshot) = guard.as_ref()
             && snapshot.watermark == watermark
             && snapshot.records == records
         {
             return Ok(Ok(snapshot.clone()));
         }
-        if let Some(old) = guard.snapshot.as_ref()
+        if let Some(old) = guard.as_ref()
             && old.watermark <= watermark
             && old.records <= records
         {
@@ -269,49 +276,59 @@ impl Cache {
             next.watermark = watermark;
             if next.records == next.totals.values().map(|s| s.records).sum::<i64>() {
                 let next = Arc::new(next);
-                guard.snapshot = Some(next.clone());
+                *guard = Some(next.clone());
                 return Ok(Ok(next));
             }
         }
         // A full load.
-        guard.snapshot = None;
+        *guard = None;
         if self.wait {
             let snapshot = Arc::new(full_snapshot(state, tenant).await?);
-            guard.snapshot = Some(snapshot.clone());
+            *guard = Some(snapshot.clone());
             return Ok(Ok(snapshot));
         }
-        if !guard.loading {
-            guard.loading = true;
+        if !slot.loading.swap(true, Ordering::AcqRel) {
             return Ok(Err(Some(Load {
                 state: state.clone(),
                 tenant: tenant.map(str::to_string),
-                slot: slot.clone(),
+                slot: Some(slot.clone()),
             })));
         }
         Ok(Err(None))
     }
 }
 
-/// A full load to run in the background, started when dropped: after the query that found
-/// the sums missing was answered, so that the two do not compete for the cores.
+/// A full load to run in the background, started by the query that found the sums missing
+/// once it is answered, so that the two do not compete for the cores.
+#[must_use = "a load not started is given up"]
 pub struct Load {
     state: DashboardState,
     tenant: Option<String>,
-    slot: Slot,
+    slot: Option<Slot>,
+}
+
+impl Load {
+    fn start(mut self) {
+        let (state, tenant, slot) = (self.state.clone(), self.tenant.take(), self.slot.take());
+        let Some(slot) = slot else { return };
+        tokio::spawn(async move {
+            let loaded = full_snapshot(&state, tenant.as_deref()).await;
+            let mut snapshot = slot.snapshot.lock().await;
+            match loaded {
+                Ok(loaded) => *snapshot = Some(Arc::new(loaded)),
+                Err(error) => tracing::warn!(%error, "loading the usage sums failed; reading per query"),
+            }
+            slot.loading.store(false, Ordering::Release);
+        });
+    }
 }
 
 impl Drop for Load {
+    /// Not started (its query was cancelled): the next query hands the load out again.
     fn drop(&mut self) {
-        let (state, tenant, slot) = (self.state.clone(), self.tenant.take(), self.slot.clone());
-        tokio::spawn(async move {
-            let loaded = full_snapshot(&state, tenant.as_deref()).await;
-            let mut guard = slot.lock().await;
-            guard.loading = false;
-            match loaded {
-                Ok(snapshot) => guard.snapshot = Some(Arc::new(snapshot)),
-                Err(error) => tracing::warn!(%error, "loading the usage sums failed; reading per query"),
-            }
-        });
+        if let Some(slot) = &self.slot {
+            slot.loading.store(false, Ordering::Release);
+        }
     }
 }
 
