@@ -60,7 +60,12 @@ pub fn register(builtins: &mut Builtins, config: EtlConfig) {
         [("etl-extract", functions::extract), ("etl-aggregate", functions::aggregate), ("etl-load", functions::load)];
     for (name, step) in steps {
         let config = config.clone();
-        builtins.register(name, Cost::Blocking, &OPERATOR_SETTINGS, Arc::new(move |context| step(context, &config)));
+        builtins.register(
+            name,
+            Cost::Blocking,
+            &OPERATOR_SETTINGS,
+            Arc::new(move |context| Ok(step(context, &config)?)),
+        );
     }
 }
 

@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 
 use super::process;
 use super::{FunctionError, FunctionSpec, Invocation, Outcome, RunContext, Usage};
+use crate::room::{Buffers, RoomError};
 use crate::state::StateStore;
 use crate::tenant::TenantId;
 
@@ -23,13 +24,40 @@ pub struct BuiltinContext<'a> {
     pub state: &'a StateStore,
     /// The deployment's environment (`envVars`).
     pub env: &'a std::collections::BTreeMap<String, String>,
+    buffers: &'a Buffers,
 }
 
-/// A builtin's code: request body in, response body out, or an error message (500).
-pub type BuiltinFn = Arc<dyn Fn(&BuiltinContext<'_>) -> Result<Bytes, String> + Send + Sync>;
+impl BuiltinContext<'_> {
+    /// Takes room in the invocation's buffers for an answer of `bytes`, before making it: a
+    /// builtin whose answer is large asks first, so that its memory is counted before it is
+    /// used. Without room the invocation ends 429, as any answer the room cannot hold.
+    pub fn room_for(&self, bytes: u64) -> Result<(), RoomError> {
+        self.buffers.response(bytes)
+    }
+}
+
+/// Why a builtin gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum BuiltinError {
+    /// It failed: answered 500 with the message.
+    #[error("{0}")]
+    Failed(String),
+    /// No room for the answer it would make ([`BuiltinContext::room_for`]): answered 429.
+    #[error(transparent)]
+    NoRoom(#[from] RoomError),
+}
+
+impl From<String> for BuiltinError {
+    fn from(message: String) -> Self {
+        Self::Failed(message)
+    }
+}
+
+/// A builtin's code: request body in, response body out, or why not.
+pub type BuiltinFn = Arc<dyn Fn(&BuiltinContext<'_>) -> Result<Bytes, BuiltinError> + Send + Sync>;
 
 /// A builtin without state of its own, as the platform's are.
-type Plain = fn(&BuiltinContext<'_>) -> Result<Bytes, String>;
+type Plain = fn(&BuiltinContext<'_>) -> Result<Bytes, BuiltinError>;
 
 /// How long a builtin may run: `Quick` ones do bounded work proportional to their input and run
 /// on the calling task when the input is small; the others always get a blocking thread.
@@ -149,8 +177,13 @@ pub async fn run(
         .ok_or_else(|| FunctionError::Start { name: spec.name.clone(), message: format!("no builtin {name}") })?;
     if cost == Cost::Quick && invocation.body.len() <= INLINE_INPUT_BYTES {
         let before = process::thread_cpu_ns();
-        let result =
-            function(&BuiltinContext { invocation, tenant: context.tenant, state: context.state, env: &spec.env });
+        let result = function(&BuiltinContext {
+            invocation,
+            tenant: context.tenant,
+            state: context.state,
+            env: &spec.env,
+            buffers: context.buffers,
+        });
         let usage = Usage { cpu_ns: process::thread_cpu_ns() - before, peak_memory_bytes: 0, cold_start: false };
         return outcome(spec, context, result, usage);
     }
@@ -162,13 +195,16 @@ pub async fn run(
     let tenant = context.tenant.clone();
     let state = context.state.clone();
     let env = spec.env.clone();
+    let buffers = context.buffers.clone();
     // The thread answers its result here and returns its CPU time, so that a caller that stops
     // waiting (a timeout, or going away) can leave the CPU time to be billed when it ends.
     let (answer, result) = tokio::sync::oneshot::channel();
     let task = tokio::task::spawn_blocking(move || {
         let _thread = thread;
         let before = process::thread_cpu_ns();
-        let result = function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &env });
+        let context =
+            BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &env, buffers: &buffers };
+        let result = function(&context);
         let _ = answer.send(result);
         process::thread_cpu_ns() - before
     });
@@ -178,7 +214,7 @@ pub async fn run(
         Ok(Ok(cpu_ns)) => cpu_ns,
         Ok(Err(join)) => {
             running.0 = None;
-            return outcome(spec, context, Err(format!("builtin panicked: {join}")), Usage::default());
+            return outcome(spec, context, Err(format!("builtin panicked: {join}").into()), Usage::default());
         }
         Err(_) => {
             // The thread cannot be stopped: the caller gets its 504 now, and the CPU time the
@@ -192,7 +228,7 @@ pub async fn run(
         }
     };
     running.0 = None;
-    let result = result.await.unwrap_or_else(|_| Err("builtin ended without an answer".into()));
+    let result = result.await.unwrap_or_else(|_| Err(String::from("builtin ended without an answer").into()));
     outcome(spec, context, result, Usage { cpu_ns, peak_memory_bytes: 0, cold_start: false })
 }
 
@@ -213,13 +249,14 @@ impl Drop for Running {
 fn outcome(
     spec: &FunctionSpec,
     context: &RunContext<'_>,
-    result: Result<Bytes, String>,
+    result: Result<Bytes, BuiltinError>,
     usage: Usage,
 ) -> Result<Outcome, FunctionError> {
+    let no_room = |error| Err(FunctionError::NoRoom { name: spec.name.clone(), error }.after_running(usage));
     match result {
         Ok(body) => {
             if let Err(error) = context.buffers.response(body.len() as u64) {
-                return Err(FunctionError::NoRoom { name: spec.name.clone(), error }.after_running(usage));
+                return no_room(error);
             }
             Ok(Outcome {
                 status: 200,
@@ -228,30 +265,31 @@ fn outcome(
                 usage,
             })
         }
-        Err(message) => Ok(Outcome::text(500, message + "\n", usage)),
+        Err(BuiltinError::NoRoom(error)) => no_room(error),
+        Err(BuiltinError::Failed(message)) => Ok(Outcome::text(500, message + "\n", usage)),
     }
 }
 
-fn noop(_: &BuiltinContext<'_>) -> Result<Bytes, String> {
+fn noop(_: &BuiltinContext<'_>) -> Result<Bytes, BuiltinError> {
     Ok(Bytes::new())
 }
 
-fn echo(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+fn echo(context: &BuiltinContext<'_>) -> Result<Bytes, BuiltinError> {
     Ok(context.invocation.body.clone())
 }
 
-fn uppercase(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+fn uppercase(context: &BuiltinContext<'_>) -> Result<Bytes, BuiltinError> {
     Ok(Bytes::from(context.invocation.body.to_ascii_uppercase()))
 }
 
-fn wordcount(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+fn wordcount(context: &BuiltinContext<'_>) -> Result<Bytes, BuiltinError> {
     let text = String::from_utf8_lossy(&context.invocation.body);
     let words = text.split_whitespace().count();
     Ok(Bytes::from(format!("{{\"words\":{words},\"bytes\":{}}}", context.invocation.body.len())))
 }
 
 /// Burns the thread's CPU for the number of milliseconds in the body (at most 60000).
-fn cpu_burn(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+fn cpu_burn(context: &BuiltinContext<'_>) -> Result<Bytes, BuiltinError> {
     let millis = parse_millis(context.invocation)?;
     let target = millis * 1_000_000;
     let start = process::thread_cpu_ns();
@@ -266,24 +304,25 @@ fn cpu_burn(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
 }
 
 /// Sleeps for the number of milliseconds in the body (at most 60000), using no CPU.
-fn sleep(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+fn sleep(context: &BuiltinContext<'_>) -> Result<Bytes, BuiltinError> {
     let millis = parse_millis(context.invocation)?;
     std::thread::sleep(std::time::Duration::from_millis(millis));
     Ok(Bytes::from(format!("{{\"slept_ms\":{millis}}}")))
 }
 
-fn fail(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
-    Err(format!("failing on purpose ({} bytes in)", context.invocation.body.len()))
+fn fail(context: &BuiltinContext<'_>) -> Result<Bytes, BuiltinError> {
+    Err(format!("failing on purpose ({} bytes in)", context.invocation.body.len()).into())
 }
 
 /// Answers as many bytes as the body asks for (the producer of data-passing benchmarks).
-fn blob_make(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+fn blob_make(context: &BuiltinContext<'_>) -> Result<Bytes, BuiltinError> {
     let size = parse_size(context.invocation)?;
+    context.room_for(size)?;
     Ok(Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>()))
 }
 
 /// Answers the size and a checksum of the body (the consumer of data-passing benchmarks).
-fn blob_sum(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+fn blob_sum(context: &BuiltinContext<'_>) -> Result<Bytes, BuiltinError> {
     Ok(Bytes::from(checksum_json(&context.invocation.body)))
 }
 
@@ -294,7 +333,7 @@ const SPOOL_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 /// The block-storage baseline of `blob-make`: writes the blob to a file (fsync) in the
 /// tenant's spool folder and answers the file's name. Files no `spill-sum` read are removed
 /// after ten minutes, and a tenant's folder holds at most [`SPOOL_MAX_BYTES`].
-fn spill_make(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+fn spill_make(context: &BuiltinContext<'_>) -> Result<Bytes, BuiltinError> {
     use std::io::Write;
     static SPOOLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let blob = blob_make(context)?;
@@ -314,7 +353,8 @@ fn spill_make(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
         return Err(format!(
             "spool: namespace {} holds {held} bytes of spill files unread, and may hold {SPOOL_MAX_BYTES}",
             context.tenant
-        ));
+        )
+        .into());
     }
     let mut file = std::fs::File::create(dir.join(&name)).map_err(|e| format!("spool: {e}"))?;
     file.write_all(&blob).and_then(|_| file.sync_all()).map_err(|e| format!("spool: {e}"))?;
@@ -322,10 +362,12 @@ fn spill_make(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
 }
 
 /// The block-storage baseline of `blob-sum`: reads (and removes) a file `spill-make` wrote.
-fn spill_sum(context: &BuiltinContext<'_>) -> Result<Bytes, String> {
+fn spill_sum(context: &BuiltinContext<'_>) -> Result<Bytes, BuiltinError> {
     let text = String::from_utf8_lossy(&context.invocation.body);
     let name = uuid::Uuid::parse_str(text.trim()).map_err(|_| format!("{:?} is not a spool file name", text.trim()))?;
     let path = spool_dir(context)?.join(name.to_string());
+    let size = std::fs::metadata(&path).map_err(|e| format!("spool: {e}"))?.len();
+    context.room_for(size)?;
     let blob = std::fs::read(&path).map_err(|e| format!("spool: {e}"))?;
     let _ = std::fs::remove_file(&path);
     Ok(Bytes::from(checksum_json(&blob)))
@@ -364,10 +406,20 @@ fn parse_millis(invocation: &Invocation) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::room::Room;
     use crate::state::StateConfig;
     use crate::state::metering::SystemClock;
 
     fn call(function: Plain, tenant: &str, body: &str) -> Result<Bytes, String> {
+        call_in(&Arc::new(Room::new(1 << 30, 256 << 20, "test buffers")), function, tenant, body)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap()
+    }
+
+    /// Calls a builtin whose invocation's buffers are in `room`.
+    fn call_in(room: &Arc<Room>, function: Plain, tenant: &str, body: &str) -> Result<Bytes, String> {
         let invocation = Invocation {
             call_id: "t".into(),
             method: "POST".into(),
@@ -380,7 +432,15 @@ mod tests {
         };
         let state = StateStore::new(StateConfig::default(), std::sync::Arc::new(SystemClock), Default::default());
         let tenant = TenantId::new(tenant).unwrap();
-        function(&BuiltinContext { invocation: &invocation, tenant: &tenant, state: &state, env: &Default::default() })
+        let buffers = Buffers::new(room.clone(), runtime().block_on(room.hold(&tenant, 0)).unwrap(), 0);
+        let context = BuiltinContext {
+            invocation: &invocation,
+            tenant: &tenant,
+            state: &state,
+            env: &Default::default(),
+            buffers: &buffers,
+        };
+        function(&context).map_err(|error| error.to_string())
     }
 
     #[test]
@@ -394,6 +454,20 @@ mod tests {
         assert!(builtins.check("loader", &env(&[("OTHER", "1")])).is_ok());
         let refused = builtins.check("loader", &env(&[("LOAD_URL", "sqlite:///etc/passwd")])).unwrap_err();
         assert!(refused.contains("envVars.LOAD_URL") && refused.contains("--load-url"), "{refused}");
+    }
+
+    #[test]
+    fn large_answers_take_room_before_they_are_made() {
+        // A tenant's share of this room is 2 MiB, of which its other invocations hold 1.5: a
+        // blob-make of 1 MiB asks for the room first and is refused, having made nothing (it
+        // used to make the whole answer, and only then be refused).
+        let room = Arc::new(Room::new(4 << 20, 1 << 20, "test buffers"));
+        let _others = runtime().block_on(room.hold(&TenantId::new("roomy").unwrap(), 1536 << 10)).unwrap();
+        for function in [blob_make as Plain, spill_make] {
+            let refused = call_in(&room, function, "roomy", &(1 << 20).to_string()).unwrap_err();
+            assert!(refused.contains("no room"), "{refused}");
+        }
+        assert_eq!(call_in(&room, blob_make, "roomy", "1000").unwrap().len(), 1000);
     }
 
     #[test]
