@@ -95,9 +95,14 @@ impl SpanBlocks {
         let no_traces = named.trace_set();
         let prune_at = limit.saturating_mul(4).saturating_add(256);
         // The start of the `limit`-th span found so far: nothing older can enter the answer.
-        let bar = |found: &mut Vec<SpanRow>| -> Option<i64> {
-            newest(found, limit);
-            (found.len() == limit).then(|| found[limit - 1].start_ns)
+        // Taken again only when spans were found since (it sorts what is found).
+        let mut known = (usize::MAX, None);
+        let mut bar = |found: &mut Vec<SpanRow>| -> Option<i64> {
+            if found.len() != known.0 {
+                newest(found, limit);
+                known = (found.len(), (found.len() == limit).then(|| found[limit - 1].start_ns));
+            }
+            known.1
         };
         let mut found = Vec::new();
         let mut head_bar = None;
@@ -409,7 +414,8 @@ pub const MAX_DEPENDENCY_SPANS: usize = 5_000_000;
 
 /// `spans` each once (by identity, the first found), ordered by `order`, at most `limit`.
 fn distinct_first(spans: &mut Vec<SpanRow>, limit: usize, order: impl Fn(&SpanRow, &SpanRow) -> std::cmp::Ordering) {
-    spans.sort_by_key(super::key);
+    // Each span's key (ids decoded from hex) made once, not at every comparison.
+    spans.sort_by_cached_key(super::key);
     spans.dedup_by_key(|s| super::key(s));
     spans.sort_by(order);
     spans.truncate(limit);
