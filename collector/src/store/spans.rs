@@ -43,7 +43,8 @@ pub struct MeteredSpan {
 }
 
 /// Names of metered spans besides invocations (`invoke …`).
-pub(super) const METERED_NAMES: [&str; 2] = ["state.usage", "instance.usage"];
+pub(super) const METERED_NAMES: [&str; 2] =
+    [contract::semconv::SPAN_STATE_USAGE, contract::semconv::SPAN_INSTANCE_USAGE];
 
 impl TelemetryStore {
     /// Every tenant with spans.

@@ -12,7 +12,7 @@ use crate::store::StoreError;
 use crate::store::spans::{Details, METERED_NAMES, MeteredSpan, TraceSearch};
 
 fn is_metered_name(name: &str) -> bool {
-    name.starts_with("invoke ") || METERED_NAMES.contains(&name)
+    name.starts_with(contract::semconv::INVOKE_SPAN_PREFIX) || METERED_NAMES.contains(&name)
 }
 
 impl SpanBlocks {
