@@ -511,3 +511,68 @@ async fn a_managed_server_writes_to_pipes_not_to_the_gateways_output() {
     }
     assert_ne!(stdout, stderr);
 }
+
+/// A managed server that tells the test its port and never listens on it.
+const REPORTS_ITS_PORT: &str = r#"
+import os, socket, time
+s = socket.create_connection(("127.0.0.1", REPORT_PORT))
+s.sendall(os.environ["PORT"].encode())
+s.close()
+time.sleep(30)
+"#;
+
+/// A tenant with egress has its managed server on the host's loopback, on a port that was
+/// free when it was given. Another process on the host (another tenant with egress; here the
+/// test, as root) that binds that port before the server does is not sent the tenant's
+/// requests: the gateway checks whose the server end of each connection is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_taken_by_another_process_is_not_sent_a_tenants_requests() {
+    if require_program("python3").is_none() {
+        return;
+    }
+    let core = start(|config| {
+        config.sandbox.as_mut().unwrap().egress.insert("acme".into());
+    })
+    .await;
+    let acme = core.tenant("acme").await;
+    let reports = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let script = REPORTS_ITS_PORT.replace("REPORT_PORT", &reports.local_addr().unwrap().port().to_string());
+    std::fs::write(core.functions_dir().join("reports.py"), script).unwrap();
+    let workdir = core.functions_dir().display().to_string();
+    core.deploy(
+        &acme,
+        json!({"service": "srv", "kind": "http", "envProcess": "python3 reports.py", "workdir": workdir}),
+    )
+    .await;
+    let call = {
+        let (http, url, token) = (core.http.clone(), core.url.clone(), acme.ingest.clone());
+        tokio::spawn(async move {
+            let response = http.post(format!("{url}/function/srv")).bearer_auth(token).body("acme's secret").send();
+            let response = response.await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        })
+    };
+    let (mut report, _) = tokio::time::timeout(Duration::from_secs(20), reports.accept()).await.unwrap().unwrap();
+    let mut port = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut report, &mut port).await.unwrap();
+    let thief = tokio::net::TcpListener::bind(("127.0.0.1", port.trim().parse::<u16>().unwrap())).await.unwrap();
+    let stolen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keeping = stolen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut connection, _)) = thief.accept().await {
+            let keeping = keeping.clone();
+            tokio::spawn(async move {
+                let mut bytes = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut connection, &mut bytes).await;
+                keeping.lock().unwrap().extend(bytes);
+            });
+        }
+    });
+
+    let (status, text) = tokio::time::timeout(Duration::from_secs(60), call).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stolen = String::from_utf8_lossy(&stolen.lock().unwrap()).to_string();
+    assert!(stolen.is_empty(), "the other process was sent the tenant's request: {stolen:?}");
+    assert!(status.is_server_error(), "{status}: {text}");
+    assert!(text.contains("not the function's"), "{text}");
+}

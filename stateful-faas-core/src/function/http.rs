@@ -544,8 +544,10 @@ impl ManagedPool {
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT.min(spec.limits.timeout.max(Duration::from_secs(1)) * 10);
         loop {
-            if instance.connect().await.is_ok() {
-                break;
+            match instance.connect().await {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(start_error(e.to_string())),
+                Err(_) => {}
             }
             if let Some(status) = instance.process.try_wait() {
                 let status = std::process::ExitStatus::from_raw(status);

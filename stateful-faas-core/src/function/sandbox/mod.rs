@@ -340,11 +340,16 @@ impl Jail {
         self.plan.spawn(&self.group.join_fds(), argv, envp, io)
     }
 
-    /// Connects to `port` on the jail's loopback (or the host's, with egress).
+    /// Connects to `port` on the jail's loopback, or on the host's (with egress), where the
+    /// server must be the jail's own: another tenant's process may be listening on the port.
     pub async fn connect(&self, port: u16) -> io::Result<tokio::net::TcpStream> {
         match &self.net {
             Some(net) => socket_in(net.fd.as_raw_fd())?.connect((std::net::Ipv4Addr::LOCALHOST, port).into()).await,
-            None => tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).await,
+            None => {
+                let stream = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).await?;
+                net::served_by(port, stream.local_addr()?.port(), self.plan.uid)?;
+                Ok(stream)
+            }
         }
     }
 

@@ -124,3 +124,64 @@ unsafe fn loopback_up() -> io::Result<()> {
         check(libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request))
     }
 }
+
+/// Checks that the server end of a loopback connection from local port `local` to `port` on
+/// the host's network belongs to `uid`. A managed instance of a tenant with egress listens on
+/// the host's loopback, on a port that was free when it was given: another such tenant could
+/// bind it first (or after the instance stops), and would then be sent this tenant's requests.
+/// The kernel lists the accepted socket, with its owner's uid, in `/proc/net/tcp` (or `tcp6`,
+/// for a server listening on `::`).
+pub(super) fn served_by(port: u16, local: u16, uid: u32) -> io::Result<()> {
+    let mut owner = None;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        owner = owner.or_else(|| server_uid(&text, port, local));
+    }
+    match owner {
+        Some(owner) if owner == uid => Ok(()),
+        Some(owner) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("port {port} is served by uid {owner}, not the function's ({uid}): not connecting"),
+        )),
+        None => Err(io::Error::new(io::ErrorKind::NotFound, format!("no server end of the connection to port {port}"))),
+    }
+}
+
+/// The uid of the socket whose local port is `port` and remote port `remote`, in the text of
+/// `/proc/net/tcp` (`sl local_address rem_address st … uid …`, addresses as `HEX:PORT`).
+fn server_uid(text: &str, port: u16, remote: u16) -> Option<u32> {
+    let port_of = |address: &str| address.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+    text.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let matches = fields.len() > 7 && port_of(fields[1]) == Some(port) && port_of(fields[2]) == Some(remote);
+        if matches { fields[7].parse().ok() } else { None }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_checked_against_its_servers_owner() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let local = stream.local_addr().unwrap().port();
+        // SAFETY: getuid cannot fail.
+        let me = unsafe { libc::getuid() };
+        served_by(port, local, me).unwrap();
+        let other = served_by(port, local, me + 1).unwrap_err();
+        assert_eq!(other.kind(), io::ErrorKind::PermissionDenied, "{other}");
+        // No connection from that port: nothing to trust.
+        assert_eq!(served_by(port, local.wrapping_add(1), me).unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn the_kernels_table_is_read_by_ports() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+                    0: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1234        0 99 1\n";
+        assert_eq!(server_uid(text, 0x1F90, 0xC350), Some(1234));
+        assert_eq!(server_uid(text, 0xC350, 0x1F90), None);
+    }
+}
