@@ -645,7 +645,7 @@ async fn grafana_requests_get_what_grafana_decodes() {
                     }
                 }
                 "label-names-with-match" => {
-                    assert_eq!(data, &json!(["__name__", "function", "plan", "tenant"]), "{what}");
+                    assert_eq!(data, &json!(["__name__", "function", "plan"]), "{what}");
                 }
                 "label-values-with-match" => {
                     assert_eq!(data, &json!(["etl", "resize", "thumb"]), "{what}");
@@ -653,17 +653,13 @@ async fn grafana_requests_get_what_grafana_decodes() {
                 "series" => {
                     let series = data.as_array().unwrap();
                     let keys: Vec<String> = series.iter().map(key).collect();
+                    assert!(keys.contains(&"__name__=http_requests_total,code=200,job=api".to_string()), "{what}");
                     assert!(
-                        keys.contains(&"__name__=http_requests_total,code=200,job=api,tenant=acme".to_string()),
+                        keys.contains(&"__name__=sfaas_billing_cost_total,currency=EUR,function=etl".to_string()),
                         "{what}"
                     );
-                    assert!(
-                        keys.contains(
-                            &"__name__=sfaas_billing_cost_total,currency=EUR,function=etl,tenant=acme".to_string()
-                        ),
-                        "{what}"
-                    );
-                    assert!(series.iter().all(|s| s["tenant"] == "acme"), "{what}");
+                    // A tenant's series carry their own labels only: none names the tenant.
+                    assert!(series.iter().all(|s| s["tenant"] != "acme"), "{what}");
                 }
                 "rules" => assert_eq!(data["groups"], json!([]), "{what}"),
                 "exemplars-probe" => assert!(data.is_array(), "{what}"),
@@ -768,25 +764,25 @@ async fn promql_numbers_match_the_hand_computed_ones() {
 
         let v = vector(&e.instant(ACME, r#"rate(http_requests_total{code="200"}[1m])"#, &at(5)).await);
         assert_eq!(v.len(), 1, "{v:?}");
-        assert_close(v["code=200,job=api,tenant=acme"], 2.0 / 3.0, name);
+        assert_close(v["code=200,job=api"], 2.0 / 3.0, name);
         let v = vector(&e.instant(ACME, r#"increase(http_requests_total{code=~"2.."}[1m])"#, &at(5)).await);
-        assert_close(v["code=200,job=api,tenant=acme"], 40.0, name);
+        assert_close(v["code=200,job=api"], 40.0, name);
         let v = vector(&e.instant(ACME, "sum by (code) (increase(http_requests_total[2m]))", &at(5)).await);
         assert_eq!(v.len(), 2, "{v:?}");
         assert_close(v["code=200"], 80.0, name);
         assert_close(v["code=500"], 16.0, name);
         let v = vector(&e.instant(ACME, r#"increase(http_requests_total{code!="200"}[3m])"#, &at(4)).await);
-        assert_close(v["code=500,job=api,tenant=acme"], 21.0 * 180.0 / 165.0, name);
+        assert_close(v["code=500,job=api"], 21.0 * 180.0 / 165.0, name);
         let v = vector(&e.instant(ACME, r#"irate(http_requests_total{code="200"}[1m])"#, &at(5)).await);
-        assert_close(v["code=200,job=api,tenant=acme"], 10.0 / 15.0, name);
+        assert_close(v["code=200,job=api"], 10.0 / 15.0, name);
         // offset: the same rate five minutes earlier (T0+0: only 1 sample in (−1m, 0] → none).
         let v = vector(&e.instant(ACME, r#"rate(http_requests_total{code="200"}[1m] offset 5m)"#, &at(10)).await);
-        assert_close(v["code=200,job=api,tenant=acme"], 2.0 / 3.0, name);
+        assert_close(v["code=200,job=api"], 2.0 / 3.0, name);
         // Instant selectors look back 5 minutes: T0+15m sees the last sample (T0+10m).
         // Instant selectors look back 5 minutes, left-open: T0+14m sees the last sample
         // (T0+10m), T0+15m no longer does.
         let v = vector(&e.instant(ACME, r#"http_requests_total{code="200"}"#, &at(14)).await);
-        assert_close(v["__name__=http_requests_total,code=200,job=api,tenant=acme"], 400.0, name);
+        assert_close(v["__name__=http_requests_total,code=200,job=api"], 400.0, name);
         assert!(vector(&e.instant(ACME, r#"http_requests_total{code="200"}"#, &at(15)).await).is_empty());
 
         let q = "histogram_quantile(0.5, sum by (le) (rate(request_duration_seconds_bucket[5m])))";
@@ -796,9 +792,9 @@ async fn promql_numbers_match_the_hand_computed_ones() {
         let v = vector(&e.instant(ACME, q, &at(10)).await);
         assert_close(v["job=api"], 0.8, name);
         let v = vector(&e.instant(ACME, "rate(request_duration_seconds_sum[5m])", &at(10)).await);
-        assert_close(v["job=api,tenant=acme"], 0.2, name);
+        assert_close(v["job=api"], 0.2, name);
         let v = vector(&e.instant(ACME, "request_duration_seconds_count", &at(10)).await);
-        assert_close(v["__name__=request_duration_seconds_count,job=api,tenant=acme"], 400.0, name);
+        assert_close(v["__name__=request_duration_seconds_count,job=api"], 400.0, name);
         let v = vector(&e.instant(ACME, r#"request_duration_seconds_bucket{le="+Inf"}"#, &at(10)).await);
         assert_eq!(v.len(), 1, "{v:?}");
 
@@ -811,14 +807,14 @@ async fn promql_numbers_match_the_hand_computed_ones() {
         let data = e.instant(ACME, "-(2 ^ 3) % 5 + 1 / 0", &at(0)).await;
         assert_eq!(data["result"][1], "+Inf");
         let v = vector(&e.instant(ACME, r#"http_requests_total{code="200"} / 10 > 39"#, &at(10)).await);
-        assert_close(v["code=200,job=api,tenant=acme"], 40.0, name);
+        assert_close(v["code=200,job=api"], 40.0, name);
         let v = vector(&e.instant(ACME, r#"http_requests_total > bool 100"#, &at(10)).await);
-        assert_eq!((v["code=200,job=api,tenant=acme"], v["code=500,job=api,tenant=acme"]), (1.0, 0.0));
+        assert_eq!((v["code=200,job=api"], v["code=500,job=api"]), (1.0, 0.0));
         let v = vector(&e.instant(ACME, r#"http_requests_total > 100"#, &at(10)).await);
-        assert_eq!(v.keys().collect::<Vec<_>>(), ["__name__=http_requests_total,code=200,job=api,tenant=acme"]);
+        assert_eq!(v.keys().collect::<Vec<_>>(), ["__name__=http_requests_total,code=200,job=api"]);
         let q = r#"http_requests_total{code="200"} - ignoring (code) http_requests_total{code="500"}"#;
         let v = vector(&e.instant(ACME, q, &at(10)).await);
-        assert_close(v["job=api,tenant=acme"], 400.0 - 61.0, name);
+        assert_close(v["job=api"], 400.0 - 61.0, name);
         let q = r#"sum by (job) (http_requests_total) / on (job) sum by (job) (request_duration_seconds_count)"#;
         let v = vector(&e.instant(ACME, q, &at(10)).await);
         assert_close(v["job=api"], 461.0 / 400.0, name);
@@ -832,8 +828,13 @@ async fn promql_numbers_match_the_hand_computed_ones() {
         );
         assert!(v.is_empty(), "no shared labels: {v:?}");
         let v = vector(&e.instant(ACME, "avg without (code) (http_requests_total)", &at(10)).await);
-        assert_close(v["job=api,tenant=acme"], 230.5, name);
+        assert_close(v["job=api"], 230.5, name);
+        // A tenant reads its series with their own labels, its own `tenant` label included; the
+        // admin, who reads every tenant's, gets the tenant as `tenant` and the series' own as
+        // `exported_tenant`.
         let v = vector(&e.instant(ACME, r#"{__name__=~"queue_.*"}"#, &at(0)).await);
+        assert_close(v["__name__=queue_depth,queue=q1,tenant=spoof"], 7.0, name);
+        let v = vector(&e.instant(ADMIN, r#"{__name__=~"queue_.*"}"#, &at(0)).await);
         assert_close(v["__name__=queue_depth,exported_tenant=spoof,queue=q1,tenant=acme"], 7.0, name);
 
         // A range selector as the result of an instant query: the raw samples.
@@ -849,7 +850,7 @@ async fn promql_numbers_match_the_hand_computed_ones() {
         assert_close(v["function=resize"], 0.0, name);
         assert_close(v["function=etl"], 0.0, name);
         let v = vector(&e.instant(ACME, r#"irate(sfaas_usage_invocations_total{function="thumb"}[5m])"#, &at(3)).await);
-        assert_close(v["function=thumb,plan=starter,tenant=acme"], 1.0 / 60.0, name);
+        assert_close(v["function=thumb,plan=starter"], 1.0 / 60.0, name);
         let data = e.instant(ACME, r#"sfaas_usage_invocations_total{function="thumb"}[4m]"#, &at(3)).await;
         let values: Vec<f64> = data["result"][0]["values"].as_array().unwrap().iter().map(|p| number(&p[1])).collect();
         assert_eq!(values, [0.0, 2.0, 2.0, 3.0], "12:00..12:03 (the series starts at 12:00): {data}");
@@ -1016,9 +1017,9 @@ async fn billing_figures(env: &Env, what: &str, http: bool) {
     // increase() is exact where the series starts inside the window and the window ends at
     // a sample (etl's first invocation is on October 2).
     let v = vector(&env.instant(ACME, r#"increase(sfaas_usage_invocations_total{function="etl"}[31d])"#, &nov1).await);
-    assert_close(v["function=etl,plan=starter,tenant=acme"], 5.0, name);
+    assert_close(v["function=etl,plan=starter"], 5.0, name);
     let v = vector(&env.instant(ACME, r#"increase(sfaas_billing_cost_total{function="etl"}[31d])"#, &nov1).await);
-    assert_close(v["currency=EUR,function=etl,tenant=acme"], october["etl"]["cost"], name);
+    assert_close(v["currency=EUR,function=etl"], october["etl"]["cost"], name);
 
     // Hour by hour through October: each hour's cost by function equals the sum of the
     // per-record costs of the records that started in it (the allowance and tier crossings
@@ -1063,7 +1064,7 @@ async fn billing_figures(env: &Env, what: &str, http: bool) {
     let v = vector(
         &env.instant(ACME, r#"sfaas_billing_cost_total{function="resize"}"#, &secs("2026-10-01T00:00:00Z")).await,
     );
-    assert_close(v["__name__=sfaas_billing_cost_total,currency=EUR,function=resize,tenant=acme"], september, name);
+    assert_close(v["__name__=sfaas_billing_cost_total,currency=EUR,function=resize"], september, name);
 }
 
 /// Late usage of a final period, across the grace windows: billing's invoices, its
@@ -1273,7 +1274,12 @@ async fn a_tenant_never_sees_another_tenants_series() {
         let (_, body) = env
             .send("GET", "/prometheus/api/v1/label/tenant/values", Some(ADMIN), &[("X-Scope-OrgID", "globex")], None)
             .await;
-        assert_eq!(body["data"], json!(["globex"]));
+        assert_eq!(body["data"], json!([]), "with X-Scope-OrgID the admin reads as that tenant: no tenant label");
+        let (_, body) = env
+            .send("GET", "/prometheus/api/v1/label/__name__/values", Some(ADMIN), &[("X-Scope-OrgID", "globex")], None)
+            .await;
+        let names = body["data"].to_string();
+        assert!(names.contains("globex_secret_total") && !names.contains("queue_depth"), "{names}");
         let (_, body) = env.get(GLOBEX, "/prometheus/api/v1/label/__name__/values").await;
         let names = body["data"].to_string();
         assert!(

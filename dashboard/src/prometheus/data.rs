@@ -14,9 +14,12 @@ use super::eval::{
 use super::usage;
 use crate::DashboardState;
 
-/// The label every series carries: the tenant it belongs to.
+/// The label that tells whose a series is, in the answers to the admin, who reads every
+/// tenant's. A tenant reads its own series with their own labels only, as from Prometheus
+/// (its token scopes the query, as a header does in Mimir).
 pub const TENANT_LABEL: &str = "tenant";
-/// Where a stored sample's own `tenant` label goes (the tenant label is ours).
+/// Where a stored sample's own `tenant` label goes in the admin's answers (the tenant label
+/// is ours there).
 pub const EXPORTED_TENANT_LABEL: &str = "exported_tenant";
 
 const NS_PER_MS: i64 = 1_000_000;
@@ -128,10 +131,11 @@ fn expand(metric: &str, value: Option<f64>, histogram: Option<&str>, wanted: &dy
     out
 }
 
-/// Labels of a stored series: the sample's labels (the JSON object), the metric name and the
-/// tenant.
+/// Labels of a stored series: the sample's labels (the JSON object) and the metric name, and
+/// for the admin (`every_tenant`) the tenant.
 fn stored_labels(
     cache: &mut HashMap<String, Vec<(String, String)>>,
+    every_tenant: bool,
     tenant: &str,
     name: &str,
     labels_json: &str,
@@ -143,7 +147,7 @@ fn stored_labels(
             .into_iter()
             .filter(|(k, _)| k != METRIC_NAME)
             .map(|(k, v)| {
-                let k = if k == TENANT_LABEL { EXPORTED_TENANT_LABEL.to_string() } else { k };
+                let k = if every_tenant && k == TENANT_LABEL { EXPORTED_TENANT_LABEL.to_string() } else { k };
                 let v = match v {
                     Json::String(s) => s,
                     other => other.to_string(),
@@ -155,7 +159,9 @@ fn stored_labels(
     });
     let mut labels = base.clone();
     labels.push((METRIC_NAME.to_string(), name.to_string()));
-    labels.push((TENANT_LABEL.to_string(), tenant.to_string()));
+    if every_tenant {
+        labels.push((TENANT_LABEL.to_string(), tenant.to_string()));
+    }
     if let Some((k, v)) = extra {
         labels.retain(|(name, _)| name != k);
         labels.push((k.to_string(), v));
@@ -176,6 +182,7 @@ async fn sample_tenants(state: &DashboardState, tenant: Option<&str>) -> Result<
 /// A selector's stored series with their samples in `(lo, hi]` (ms).
 async fn stored_series(
     state: &DashboardState,
+    every_tenant: bool,
     tenants: &[String],
     selector: &Selector,
     lo: i64,
@@ -230,7 +237,7 @@ async fn stored_series(
             if plain {
                 // One labels computation for the series, then only its points.
                 let target = wanted(&metric)
-                    .then(|| stored_labels(&mut cache, &group.tenant, &metric, &group.labels, None))
+                    .then(|| stored_labels(&mut cache, every_tenant, &group.tenant, &metric, &group.labels, None))
                     .and_then(|labels| slot(labels, &mut series));
                 if let Some(i) = target {
                     let points = &mut series[i].1;
@@ -244,7 +251,7 @@ async fn stored_series(
             for (ts_ns, value, histogram) in &group.samples {
                 let t = ts_ns.div_euclid(NS_PER_MS);
                 for (name, extra, v) in expand(&metric, *value, histogram.as_deref(), &wanted) {
-                    let labels = stored_labels(&mut cache, &group.tenant, &name, &group.labels, extra);
+                    let labels = stored_labels(&mut cache, every_tenant, &group.tenant, &name, &group.labels, extra);
                     if let Some(i) = slot(labels, &mut series) {
                         push(&mut series[i].1, t, v);
                     }
@@ -306,7 +313,7 @@ pub async fn load(
             out.push(Vec::new());
         } else {
             let lo = min_e.saturating_sub(reaches);
-            out.push(stored_series(state, &tenants, selector, lo, max_e, &mut budget).await?);
+            out.push(stored_series(state, tenant.is_none(), &tenants, selector, lo, max_e, &mut budget).await?);
         }
         let reads_usage = usage::METRICS[..4].iter().any(|(n, _)| selector.may_select_name(n));
         let reads_cost = selector.may_select_name(usage::COST);
@@ -357,7 +364,7 @@ pub async fn catalogue(
             if is_synthesized(&name) {
                 continue;
             }
-            out.insert(stored_labels(&mut cache, &row_tenant, &name, &labels_json, extra));
+            out.insert(stored_labels(&mut cache, tenant.is_none(), &row_tenant, &name, &labels_json, extra));
         }
     }
     let wants_synthesized = names.is_none_or(|n| n.iter().any(|name| is_synthesized(name)));

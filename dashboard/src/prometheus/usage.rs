@@ -33,6 +33,7 @@ use billing::records::{AFTER, Group, Lattice, Row, Sums};
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 
+use super::data::TENANT_LABEL;
 use super::eval::{Counter, Labels, METRIC_NAME, QueryError, RESOLUTION_MS};
 use crate::DashboardState;
 
@@ -110,7 +111,16 @@ pub async fn series(
     if wanted.cost {
         out.extend(cost_counters(state, &rows, &totals, &lattice, last).await?);
     }
-    Ok(out)
+    Ok(out.into_iter().map(|(labels, counter)| (own_labels(labels, tenant), counter)).collect())
+}
+
+/// A tenant reads its series without the `tenant` label (its token scopes the query); the
+/// admin, who reads every tenant's, with it.
+fn own_labels(labels: Labels, tenant: Option<&str>) -> Labels {
+    match tenant {
+        Some(_) => Arc::new(labels.iter().filter(|(name, _)| name != TENANT_LABEL).cloned().collect()),
+        None => labels,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,5 +606,5 @@ pub async fn catalogue(
     for (tenant, function) in costs {
         out.push(labels(COST, &[("tenant", &tenant), ("function", &function), ("currency", &currency)]));
     }
-    Ok(out)
+    Ok(out.into_iter().map(|labels| own_labels(labels, tenant)).collect())
 }
