@@ -169,6 +169,11 @@ pub struct CollectorArgs {
     /// Collector: targets to scrape, per tenant (YAML; see the README).
     #[arg(long, env = "SFAAS_SCRAPE_CONFIG")]
     pub scrape_config: Option<PathBuf>,
+    /// Collector: how OTLP metrics are named: `prometheus` (as Prometheus's OTLP receiver
+    /// names them: `http.server.duration` in s is `http_server_duration_seconds`, attributes as
+    /// label names, `job` and `instance` from the resource) or `otlp` (as sent).
+    #[arg(long, env = "SFAAS_OTLP_METRIC_NAMES", default_value = "prometheus")]
+    pub otlp_metric_names: collector::receivers::prometheus_names::MetricNames,
     /// Collector: hours of telemetry kept (older spans, samples and logs are deleted).
     #[arg(long, env = "SFAAS_RETENTION_HOURS", default_value_t = 168)]
     pub retention_hours: u64,

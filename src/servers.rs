@@ -402,6 +402,7 @@ fn collector_config(data: &DataArgs, args: &CollectorArgs) -> anyhow::Result<col
         samples_per_second: args.tenant_ingest_samples_per_second,
         bytes_per_day: args.tenant_ingest_bytes_per_day,
     };
+    config.metric_names = args.otlp_metric_names;
     config.tenant_retention = args
         .tenant_retention
         .iter()

@@ -29,7 +29,7 @@ pub fn otlp(data: &[u8]) {
             }
             1 => {
                 if let Ok(request) = otlp_http::decode::<ExportMetricsServiceRequest>(encoding, data) {
-                    let _ = otlp::metrics(request, &sender);
+                    let _ = otlp::metrics(request, &sender, Default::default());
                 }
             }
             _ => {

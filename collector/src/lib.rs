@@ -56,6 +56,9 @@ pub struct CollectorConfig {
     pub scrape: Vec<receivers::scrape::ScrapeTarget>,
     /// What "now" is for arrival times, scrapes and retention (the system's by default).
     pub clock: clock::Clock,
+    /// How OTLP metrics are named: as Prometheus's OTLP receiver names them (the default), or
+    /// as sent.
+    pub metric_names: receivers::prometheus_names::MetricNames,
 }
 
 impl CollectorConfig {
@@ -73,6 +76,7 @@ impl CollectorConfig {
             tenant_retention: Default::default(),
             scrape: Vec::new(),
             clock: clock::Clock::system(),
+            metric_names: Default::default(),
         }
     }
 }

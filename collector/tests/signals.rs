@@ -59,14 +59,28 @@ async fn sdk_metrics_and_logs_over_http_and_grpc_are_stored_per_tenant() {
             for value in [0.05, 0.5, 2.0] {
                 latency.record(value, &[]);
             }
+            // OTel's dotted names, units and attributes, as PromQL written for Prometheus
+            // selects them.
+            let duration = meter.f64_histogram("http.server.duration").with_unit("s").build();
+            duration.record(0.25, &[KeyValue::new("http.request.method", protocol)]);
+            let fill = meter.f64_gauge("queue.fill").with_unit("1").build();
+            fill.record(0.5, &[]);
             tokio::task::spawn_blocking(move || provider.shutdown()).await.unwrap().unwrap();
 
             let what = format!("{} over {protocol}", backend.name());
-            let counter = store.samples("acme", &format!("orders_{protocol}")).await.unwrap();
+            let counter = store.samples("acme", &format!("orders_{protocol}_total")).await.unwrap();
             assert_eq!(counter.len(), 1, "{what}: {counter:?}");
             assert_eq!((counter[0].kind, counter[0].value), ("counter", 7.0), "{what}");
             let labels: serde_json::Value = serde_json::from_str(&counter[0].labels).unwrap();
-            assert_eq!(labels, serde_json::json!({"region": "eu", "service_name": "shop"}), "{what}");
+            assert_eq!(labels, serde_json::json!({"region": "eu", "job": "acme/shop"}), "{what}");
+            let duration = store.samples("acme", "http_server_duration_seconds").await.unwrap();
+            let labels: Vec<serde_json::Value> =
+                duration.iter().map(|s| serde_json::from_str(&s.labels).unwrap()).collect();
+            let expected = serde_json::json!({"http_request_method": protocol, "job": "acme/shop"});
+            assert!(labels.contains(&expected), "{what}: {labels:?}");
+            let fill = store.samples("acme", "queue_fill_ratio").await.unwrap();
+            assert!(fill.iter().any(|s| s.value == 0.5), "{what}: {fill:?}");
+            assert!(store.samples("acme", "http.server.duration").await.unwrap().is_empty(), "{what}");
             let histogram = store.samples("acme", &format!("latency_{protocol}")).await.unwrap();
             let detail: serde_json::Value = serde_json::from_str(histogram[0].histogram.as_deref().unwrap()).unwrap();
             assert_eq!(detail["count"], 3, "{what}");

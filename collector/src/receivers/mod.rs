@@ -6,6 +6,7 @@ pub mod otlp;
 pub mod otlp_grpc;
 pub mod otlp_http;
 pub mod otlp_wire;
+pub mod prometheus_names;
 pub mod remote_write;
 pub mod scrape;
 

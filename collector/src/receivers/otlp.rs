@@ -13,6 +13,7 @@ use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::prometheus_names::{self, Kind, MetricNames};
 use super::{Expansion, TooLarge};
 use crate::auth::Sender;
 use crate::model::{Batch, LogRow, SampleRow, SpanRow};
@@ -389,16 +390,61 @@ pub fn convert_traces(request: Request<'_>, sender: &Sender) -> Result<Converted
 }
 
 /// Label values as Prometheus has them: strings.
-fn labels(point_attributes: &[KeyValue], service: Option<&str>) -> String {
-    let mut labels: BTreeMap<String, String> =
-        point_attributes.iter().map(|kv| (kv.key.clone(), plain_text(kv.value.as_ref()))).collect();
-    if let Some(service) = service {
-        labels.entry("service_name".into()).or_insert_with(|| service.to_string());
+/// A point's labels (JSON): its attributes, and what the resource says of the series. As
+/// Prometheus's OTLP receiver makes them (`names`' default): attribute names as label names,
+/// `job` from `service.namespace`/`service.name` and `instance` from `service.instance.id`;
+/// as sent: attribute names as they are, and `service_name`.
+fn labels(point_attributes: &[KeyValue], resource: &[KeyValue], names: MetricNames) -> String {
+    let service = string_attribute(resource, "service.name");
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
+    match names {
+        MetricNames::Prometheus => {
+            for kv in point_attributes {
+                let label = prometheus_names::label_name(&kv.key);
+                let value = plain_text(kv.value.as_ref());
+                // Two attributes that become one label name: their values joined, as
+                // Prometheus does.
+                labels.entry(label).and_modify(|v| *v = format!("{v};{value}")).or_insert(value);
+            }
+            let job = match (string_attribute(resource, "service.namespace"), service) {
+                (Some(namespace), Some(service)) => Some(format!("{namespace}/{service}")),
+                (_, service) => service.map(str::to_string),
+            };
+            let instance = string_attribute(resource, "service.instance.id").map(str::to_string);
+            for (label, value) in [("job", job), ("instance", instance)] {
+                if let Some(value) = value {
+                    labels.insert(label.into(), value);
+                }
+            }
+        }
+        MetricNames::Otlp => {
+            labels.extend(point_attributes.iter().map(|kv| (kv.key.clone(), plain_text(kv.value.as_ref()))));
+            if let Some(service) = service {
+                labels.entry("service_name".into()).or_insert_with(|| service.to_string());
+            }
+        }
     }
     serde_json::to_string(&labels).expect("json")
 }
 
-pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Result<Converted, TooLarge> {
+/// A metric's stored name: see [`prometheus_names`].
+fn metric_name(metric: &opentelemetry_proto::tonic::metrics::v1::Metric, names: MetricNames) -> String {
+    let kind = match &metric.data {
+        Some(metric::Data::Gauge(_)) => Kind::Gauge,
+        Some(metric::Data::Sum(sum)) if sum.is_monotonic => Kind::Counter,
+        _ => Kind::Other,
+    };
+    match names {
+        MetricNames::Prometheus => prometheus_names::metric_name(&metric.name, &metric.unit, kind),
+        MetricNames::Otlp => metric.name.clone(),
+    }
+}
+
+pub fn metrics(
+    request: ExportMetricsServiceRequest,
+    sender: &Sender,
+    names: MetricNames,
+) -> Result<Converted, TooLarge> {
     let mut out = Converted::default();
     for resource_metrics in request.resource_metrics {
         let resource_attributes = resource_metrics.resource.map(|r| r.attributes).unwrap_or_default();
@@ -410,11 +456,12 @@ pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Result<
                 continue;
             }
         };
-        let service = string_attribute(&resource_attributes, "service.name");
+        let labels = |attributes: &[KeyValue]| labels(attributes, &resource_attributes, names);
         for metric in resource_metrics.scope_metrics.into_iter().flat_map(|s| s.metrics) {
+            let name = metric_name(&metric, names);
             let row = |labels: String, kind: &'static str, ts: u64, value: f64, histogram: Option<String>| SampleRow {
                 tenant: tenant.clone(),
-                metric: metric.name.clone(),
+                metric: name.clone(),
                 labels,
                 kind,
                 ts_ns: unix_ns(ts),
@@ -430,25 +477,13 @@ pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Result<
             match &metric.data {
                 Some(metric::Data::Gauge(gauge)) => {
                     for p in &gauge.data_points {
-                        out.push_sample(row(
-                            labels(&p.attributes, service),
-                            "gauge",
-                            p.time_unix_nano,
-                            number(&p.value),
-                            None,
-                        ))?;
+                        out.push_sample(row(labels(&p.attributes), "gauge", p.time_unix_nano, number(&p.value), None))?;
                     }
                 }
                 Some(metric::Data::Sum(sum)) => {
                     let kind = if sum.is_monotonic { "counter" } else { "gauge" };
                     for p in &sum.data_points {
-                        out.push_sample(row(
-                            labels(&p.attributes, service),
-                            kind,
-                            p.time_unix_nano,
-                            number(&p.value),
-                            None,
-                        ))?;
+                        out.push_sample(row(labels(&p.attributes), kind, p.time_unix_nano, number(&p.value), None))?;
                     }
                 }
                 Some(metric::Data::Histogram(histogram)) => {
@@ -462,13 +497,7 @@ pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Result<
                         }
                         let sum = p.sum.unwrap_or(0.0);
                         let detail = json!({"count": p.count, "sum": sum, "buckets": buckets}).to_string();
-                        out.push_sample(row(
-                            labels(&p.attributes, service),
-                            "histogram",
-                            p.time_unix_nano,
-                            sum,
-                            Some(detail),
-                        ))?;
+                        out.push_sample(row(labels(&p.attributes), "histogram", p.time_unix_nano, sum, Some(detail)))?;
                     }
                 }
                 Some(metric::Data::Summary(summary)) => {
@@ -476,13 +505,7 @@ pub fn metrics(request: ExportMetricsServiceRequest, sender: &Sender) -> Result<
                         let quantiles: Vec<(f64, f64)> =
                             p.quantile_values.iter().map(|q| (q.quantile, q.value)).collect();
                         let detail = json!({"count": p.count, "sum": p.sum, "quantiles": quantiles}).to_string();
-                        out.push_sample(row(
-                            labels(&p.attributes, service),
-                            "summary",
-                            p.time_unix_nano,
-                            p.sum,
-                            Some(detail),
-                        ))?;
+                        out.push_sample(row(labels(&p.attributes), "summary", p.time_unix_nano, p.sum, Some(detail)))?;
                     }
                 }
                 Some(metric::Data::ExponentialHistogram(h)) => {
@@ -598,6 +621,54 @@ mod tests {
         assert_eq!(plain_text(None), "null");
     }
 
+    /// `MetricNames::Otlp` keeps a metric's name and attributes as sent, with `service_name`;
+    /// the default makes them Prometheus's.
+    #[test]
+    fn metric_names_as_sent_or_as_prometheus_names_them() {
+        use opentelemetry_proto::tonic::common::v1::AnyValue;
+        use opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue;
+        use opentelemetry_proto::tonic::metrics::v1::{
+            Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric,
+        };
+        use opentelemetry_proto::tonic::resource::v1::Resource;
+        let kv = |key: &str, value: &str| KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(StringValue(value.into())) }),
+            ..Default::default()
+        };
+        let point = NumberDataPoint { attributes: vec![kv("disk.name", "sda")], ..Default::default() };
+        let metric = Metric {
+            name: "disk.free".into(),
+            unit: "By".into(),
+            data: Some(metric::Data::Gauge(Gauge { data_points: vec![point] })),
+            ..Default::default()
+        };
+        let request = ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(Resource {
+                    attributes: vec![kv("service.name", "db"), kv("service.instance.id", "db-1")],
+                    ..Default::default()
+                }),
+                scope_metrics: vec![ScopeMetrics { metrics: vec![metric], ..Default::default() }],
+                ..Default::default()
+            }],
+        };
+        let sender = Sender { credential: crate::auth::Credential::Ingest { tenant: "acme".into() }, org_id: None };
+        let stored = |names| {
+            let converted = metrics(request.clone(), &sender, names).unwrap();
+            let sample = &converted.batch.samples[0];
+            (sample.metric.clone(), sample.labels.clone())
+        };
+        assert_eq!(
+            stored(MetricNames::Prometheus),
+            ("disk_free_bytes".into(), r#"{"disk_name":"sda","instance":"db-1","job":"db"}"#.into())
+        );
+        assert_eq!(
+            stored(MetricNames::Otlp),
+            ("disk.free".into(), r#"{"disk.name":"sda","service_name":"db"}"#.into())
+        );
+    }
+
     /// Bucket counts summing past u64 (a tenant's own numbers) saturate: they panicked
     /// (debug) or wrapped (release) where the cumulative counts are made.
     #[test]
@@ -622,7 +693,7 @@ mod tests {
             }],
         };
         let sender = Sender { credential: crate::auth::Credential::Ingest { tenant: "acme".into() }, org_id: None };
-        let converted = metrics(request, &sender).unwrap();
+        let converted = metrics(request, &sender, MetricNames::Prometheus).unwrap();
         let histogram = converted.batch.samples[0].histogram.as_deref().unwrap();
         assert!(histogram.contains(&format!("[\"+Inf\",{}]", u64::MAX)), "{histogram}");
     }

@@ -23,6 +23,8 @@ use tonic::codec::CompressionEncoding;
 use tonic::codegen::{BoxFuture, StdError, http};
 use tonic::{Request, Response, Status};
 
+use super::prometheus_names::MetricNames;
+
 use super::otlp::{self, Converted};
 use crate::Collector;
 use crate::auth::{Sender, authenticate};
@@ -97,7 +99,7 @@ impl Services {
         if let Err(error) = self.0.pipeline.precheck(sender.source(), S::SAMPLES) {
             return Err(self.refused(S::NAME, error));
         }
-        let converted = S::decode(request.get_ref(), &sender).map_err(|error| {
+        let converted = S::decode(request.get_ref(), &sender, self.0.config.metric_names).map_err(|error| {
             self.0.metrics.rejected.get_or_create(&RejectLabels { signal: S::NAME, reason: "invalid" }).inc();
             Status::invalid_argument(error)
         })?;
@@ -118,7 +120,7 @@ pub trait Signal: Send + Sync + 'static {
     /// Whether it carries metric samples (their own quota) rather than spans or log records.
     const SAMPLES: bool;
     /// The request's body as rows of the sender's tenant, or why it cannot be read.
-    fn decode(body: &[u8], sender: &Sender) -> Result<Converted, String>;
+    fn decode(body: &[u8], sender: &Sender, names: MetricNames) -> Result<Converted, String>;
     /// The encoded response, with its partial success (items refused, why) if any.
     fn response(partial: Option<(i64, String)>) -> Vec<u8>;
 }
@@ -133,7 +135,7 @@ impl Signal for Traces {
     const NAME: &'static str = "traces";
     const SAMPLES: bool = false;
 
-    fn decode(body: &[u8], sender: &Sender) -> Result<Converted, String> {
+    fn decode(body: &[u8], sender: &Sender, _: MetricNames) -> Result<Converted, String> {
         otlp::traces_from_protobuf(body, sender).map_err(|e| e.to_string())
     }
 
@@ -150,9 +152,9 @@ impl Signal for Metrics {
     const NAME: &'static str = "metrics";
     const SAMPLES: bool = true;
 
-    fn decode(body: &[u8], sender: &Sender) -> Result<Converted, String> {
+    fn decode(body: &[u8], sender: &Sender, names: MetricNames) -> Result<Converted, String> {
         let request = ExportMetricsServiceRequest::decode(body).map_err(|e| e.to_string())?;
-        otlp::metrics(request, sender).map_err(|e| e.to_string())
+        otlp::metrics(request, sender, names).map_err(|e| e.to_string())
     }
 
     fn response(partial: Option<(i64, String)>) -> Vec<u8> {
@@ -170,7 +172,7 @@ impl Signal for Logs {
     const NAME: &'static str = "logs";
     const SAMPLES: bool = false;
 
-    fn decode(body: &[u8], sender: &Sender) -> Result<Converted, String> {
+    fn decode(body: &[u8], sender: &Sender, _: MetricNames) -> Result<Converted, String> {
         let request = ExportLogsServiceRequest::decode(body).map_err(|e| e.to_string())?;
         otlp::logs(request, sender).map_err(|e| e.to_string())
     }

@@ -128,7 +128,7 @@ async fn receive<Resp>(
     signal: &'static str,
     headers: &HeaderMap,
     raw: Bytes,
-    convert: fn(Encoding, &[u8], &crate::auth::Sender) -> Result<Converted, String>,
+    convert: impl FnOnce(Encoding, &[u8], &crate::auth::Sender) -> Result<Converted, String>,
     respond: fn(&Converted) -> Resp,
 ) -> Response
 where
@@ -198,8 +198,10 @@ pub async fn traces(State(collector): State<Arc<Collector>>, headers: HeaderMap,
 }
 
 pub async fn metrics(State(collector): State<Arc<Collector>>, headers: HeaderMap, raw: Bytes) -> Response {
-    let convert =
-        |encoding, bytes: &[u8], sender: &_| otlp::metrics(decode(encoding, bytes)?, sender).map_err(|e| e.to_string());
+    let names = collector.config.metric_names;
+    let convert = move |encoding, bytes: &[u8], sender: &_| {
+        otlp::metrics(decode(encoding, bytes)?, sender, names).map_err(|e| e.to_string())
+    };
     receive(&collector, "metrics", &headers, raw, convert, |c| ExportMetricsServiceResponse {
         partial_success: (c.rejected > 0).then(|| ExportMetricsPartialSuccess {
             rejected_data_points: c.rejected as i64,
