@@ -31,16 +31,7 @@ impl Billing {
                 query = query.bind(*bind);
             }
             let rows = query.fetch_all(pool).await?;
-            rows.iter().map(|row| Ok((
-                TotalsKey {
-                    tenant: row.try_get("tenant")?,
-                    billed_period: row.try_get("billed_period")?,
-                    period: row.try_get("period")?,
-                    plan: row.try_get("plan")?,
-                    function: row.try_get("function")?,
-                },
-                totals_of(row)?,
-            ))).collect()
+            rows.iter().map(|row| Ok((key_of(row)?, totals_of(row)?))).collect()
         })
     }
 
@@ -133,8 +124,24 @@ where
     Ok(())
 }
 
+/// The key of a `usage_totals` row, on either database.
+pub(crate) fn key_of<R>(row: &R) -> Result<TotalsKey, sqlx::Error>
+where
+    R: Row,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'q> &'q str: sqlx::ColumnIndex<R>,
+{
+    Ok(TotalsKey {
+        tenant: row.try_get("tenant")?,
+        billed_period: row.try_get("billed_period")?,
+        period: row.try_get("period")?,
+        plan: row.try_get("plan")?,
+        function: row.try_get("function")?,
+    })
+}
+
 /// The figures of a `usage_totals` row, on either database.
-fn totals_of<R>(row: &R) -> Result<Totals, sqlx::Error>
+pub(crate) fn totals_of<R>(row: &R) -> Result<Totals, sqlx::Error>
 where
     R: Row,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,

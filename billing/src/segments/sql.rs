@@ -174,25 +174,7 @@ macro_rules! impl_conn {
                 }
                 let rows = query.fetch_all(&mut *self).await?;
                 rows.iter()
-                    .map(|row| {
-                        let key = TotalsKey {
-                            tenant: row.try_get(0)?,
-                            billed_period: row.try_get(1)?,
-                            period: row.try_get(2)?,
-                            plan: row.try_get(3)?,
-                            function: row.try_get(4)?,
-                        };
-                        let totals = Totals {
-                            records: row.try_get(5)?,
-                            invocations: row.try_get(6)?,
-                            errors: row.try_get(7)?,
-                            cpu_ms: row.try_get(8)?,
-                            wall_ms: row.try_get(9)?,
-                            bytes_out: row.try_get(10)?,
-                            state_byte_seconds: crate::records::decimal_of(&row.try_get::<String, _>(11)?)?,
-                        };
-                        Ok((key, totals))
-                    })
+                    .map(|row| Ok((crate::totals::key_of(row)?, crate::totals::totals_of(row)?)))
                     .collect()
             }
         }
