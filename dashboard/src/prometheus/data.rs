@@ -298,13 +298,10 @@ pub async fn load(
     }
     let tenants = sample_tenants(state, tenant).await?;
     let mut budget = max_samples;
-    for selector in &plan.selectors {
-        let instants: Vec<i64> = if selector.at.is_some() {
-            vec![selector.eval_time(times.start, times.start, times.end)]
-        } else {
-            times.iter().map(|t| selector.eval_time(t, times.start, times.end)).collect()
-        };
-        let (Some(&min_e), Some(&max_e)) = (instants.iter().min(), instants.iter().max()) else {
+    let outer: Vec<i64> = times.iter().collect();
+    let read_times = plan.read_times(&outer, times.start, times.end)?;
+    for (selector, instants) in plan.selectors.iter().zip(read_times) {
+        let (Some(&min_e), Some(&max_e)) = (instants.first(), instants.last()) else {
             out.push(Vec::new());
             continue;
         };

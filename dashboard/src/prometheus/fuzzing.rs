@@ -34,7 +34,7 @@ pub fn query(data: &[u8]) {
                 .collect()
         })
         .collect();
-    let evaluator = Evaluator { plan: &plan, data: &data, start: 0, end: 120_000 };
+    let evaluator = Evaluator::new(&plan, &data, 0, 120_000, None);
     for t in (0..=120_000).step_by(30_000) {
         let _ = evaluator.eval(&plan.root, t);
     }

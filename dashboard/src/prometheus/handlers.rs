@@ -1,7 +1,7 @@
 //! The routes' handlers: queries, series, labels and metadata, and the rest of what Grafana
 //! calls.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -36,16 +36,19 @@ pub(super) async fn query(State(api): State<Api>, headers: HeaderMap, uri: Uri, 
     let plan = eval::plan(&expr)?;
     let times = Times { start: time, end: time, step: 0 };
     let (value, load) = api
-        .execute(tenant, started, plan, times, move |plan, loaded, _| {
-            let evaluator = Evaluator { plan, data: loaded, start: time, end: time };
-            Ok(evaluator.eval(&plan.root, time)?)
+        .execute(tenant, started, plan, times, move |plan, loaded, deadline| {
+            let evaluator = Evaluator::new(plan, loaded, time, time, Some(deadline));
+            Ok((evaluator.eval(&plan.root, time)?, plan.keeps_order()))
         })
         .await?;
+    let (value, keeps_order) = value;
     let response = match value {
         Value::Scalar(v) => success(QueryData::Scalar(Point::Number(time, v)), &[]),
         Value::Str(s) => success(QueryData::String(Point::Text(time, &s)), &[]),
         Value::Vector(mut samples) => {
-            samples.sort_by(|a, b| a.labels.cmp(&b.labels));
+            if !keeps_order {
+                samples.sort_by(|a, b| a.labels.cmp(&b.labels));
+            }
             let items = samples
                 .iter()
                 .map(|s| VectorItem { metric: LabelSet(&s.labels), value: Point::Number(time, s.value) })
@@ -94,23 +97,8 @@ pub(super) async fn query_range(State(api): State<Api>, headers: HeaderMap, uri:
     let times = Times { start, end, step };
     let (series, load) = api
         .execute(tenant, started, plan, times, move |plan, loaded, deadline| {
-            let evaluator = Evaluator { plan, data: loaded, start, end };
-            let mut series: BTreeMap<Labels, Vec<(i64, f64)>> = BTreeMap::new();
-            for t in times.iter() {
-                if Instant::now() > deadline {
-                    return Err(ApiError::timeout("query timed out in expression evaluation"));
-                }
-                match evaluator.eval(&plan.root, t)? {
-                    Value::Scalar(v) => series.entry(std::sync::Arc::new(Vec::new())).or_default().push((t, v)),
-                    Value::Vector(samples) => {
-                        for s in samples {
-                            series.entry(s.labels).or_default().push((t, s.value));
-                        }
-                    }
-                    _ => return Err(ApiError::bad_data("range queries must return a scalar or an instant vector")),
-                }
-            }
-            Ok(series.into_iter().collect::<Vec<(Labels, Vec<(i64, f64)>)>>())
+            let evaluator = Evaluator::new(plan, loaded, start, end, Some(deadline));
+            Ok(evaluator.range(times.iter())?)
         })
         .await?;
     Ok(timed(success(matrix(&series), &[]), load, started))

@@ -39,6 +39,7 @@ impl From<QueryError> for ApiError {
             QueryError::BadData(_) => (StatusCode::BAD_REQUEST, "bad_data"),
             QueryError::Execution(_) | QueryError::Unsupported(_) => (StatusCode::UNPROCESSABLE_ENTITY, "execution"),
             QueryError::Store(_) | QueryError::Billing(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            QueryError::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
         };
         Self { status, kind, message: error.to_string() }
     }

@@ -1,11 +1,11 @@
-//! Binary operators between scalars and instant vectors, and one-to-one vector matching
-//! (`on`, `ignoring`).
+//! Binary operators between scalars and instant vectors, and vector matching (`on`,
+//! `ignoring`, `group_left`, `group_right`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::plan::{BinOp, Matching};
-use super::{METRIC_NAME, QueryError, Sample, Value, check_unique, drop_name};
+use super::plan::{BinOp, Card, Matching};
+use super::{Labels, METRIC_NAME, QueryError, Sample, Value, check_unique, drop_name, label};
 
 impl BinOp {
     fn is_comparison(self) -> bool {
@@ -67,12 +67,13 @@ pub(super) fn binary(
     r: Value,
     return_bool: bool,
     matching: &Option<Matching>,
+    card: &Card,
 ) -> Result<Value, QueryError> {
     match (l, r) {
         (Value::Scalar(a), Value::Scalar(b)) => Ok(Value::Scalar(op.apply(a, b))),
         (Value::Vector(v), Value::Scalar(s)) => vector_scalar(op, v, s, false, return_bool),
         (Value::Scalar(s), Value::Vector(v)) => vector_scalar(op, v, s, true, return_bool),
-        (Value::Vector(l), Value::Vector(r)) => vector_vector(op, l, r, return_bool, matching),
+        (Value::Vector(l), Value::Vector(r)) => vector_vector(op, l, r, return_bool, matching, card),
         _ => Err(QueryError::Execution("binary expressions need scalars or instant vectors".into())),
     }
 }
@@ -104,6 +105,7 @@ fn vector_vector(
     rhs: Vec<Sample>,
     return_bool: bool,
     matching: &Option<Matching>,
+    card: &Card,
 ) -> Result<Value, QueryError> {
     if op.is_set() {
         let right: std::collections::HashSet<String> = rhs.iter().map(|s| signature(&s.labels, matching)).collect();
@@ -119,55 +121,95 @@ fn vector_vector(
             }
         }));
     }
-    let mut right: HashMap<String, &Sample> = HashMap::with_capacity(rhs.len());
-    for s in &rhs {
-        if let Some(other) = right.insert(signature(&s.labels, matching), s) {
+    // The "many" side is iterated and matched into the "one" side: group_right swaps them.
+    let (many, one, swapped, include): (Vec<Sample>, Vec<Sample>, bool, &[String]) = match card {
+        Card::OneToMany(include) => (rhs, lhs, true, include),
+        Card::ManyToOne(include) => (lhs, rhs, false, include),
+        Card::OneToOne | Card::ManyToMany => (lhs, rhs, false, &[]),
+    };
+    let mut ones: HashMap<String, &Sample> = HashMap::with_capacity(one.len());
+    for s in &one {
+        if let Some(other) = ones.insert(signature(&s.labels, matching), s) {
             return Err(QueryError::Execution(format!(
-                "found duplicate series for the match group on the right hand-side of the operation: [{}, {}]; \
+                "found duplicate series for the match group on the {} hand-side of the operation: [{}, {}]; \
                  many-to-many matching not allowed: matching labels must be unique on one side",
+                if swapped { "left" } else { "right" },
                 format_labels(&other.labels),
                 format_labels(&s.labels)
             )));
         }
     }
-    let mut matched: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let one_to_one = *card == Card::OneToOne;
+    let mut matched: HashMap<String, HashSet<Labels>> = HashMap::new();
     let mut out = Vec::new();
-    for s in &lhs {
+    for s in &many {
         let sig = signature(&s.labels, matching);
-        let Some(r) = right.get(&sig) else { continue };
-        if !matched.insert(sig) {
+        let Some(o) = ones.get(&sig) else { continue };
+        let (vl, vr) = if swapped { (o.value, s.value) } else { (s.value, o.value) };
+        let result = op.apply(vl, vr);
+        let value = if op.is_comparison() && !return_bool {
+            if result != 1.0 {
+                continue;
+            }
+            vl
+        } else {
+            result
+        };
+        let labels = result_labels(&s.labels, &o.labels, op, return_bool, matching, one_to_one, include);
+        let results = matched.entry(sig).or_default();
+        if one_to_one && !results.is_empty() {
             return Err(QueryError::Execution(format!(
                 "multiple matches for labels: many-to-one matching must be explicit (group_left/group_right): {}",
                 format_labels(&s.labels)
             )));
         }
-        let result = op.apply(s.value, r.value);
-        let keep_value = if op.is_comparison() && !return_bool {
-            if result != 1.0 {
-                continue;
-            }
-            s.value
-        } else {
-            result
-        };
-        let drop = !op.is_comparison() || return_bool;
-        let labels: Vec<(String, String)> = s
-            .labels
-            .iter()
-            .filter(|(k, _)| {
-                if drop && k == METRIC_NAME {
-                    return false;
-                }
-                match matching {
-                    Some(Matching::On(names)) => names.iter().any(|n| n == k),
-                    Some(Matching::Ignoring(names)) => !names.iter().any(|n| n == k),
-                    None => true,
-                }
-            })
-            .cloned()
-            .collect();
-        out.push(Sample { labels: Arc::new(labels), value: keep_value });
+        if !results.insert(labels.clone()) {
+            return Err(QueryError::Execution(
+                "multiple matches for labels: grouping labels must ensure unique matches".into(),
+            ));
+        }
+        out.push(Sample { labels, value });
     }
     check_unique(&out)?;
     Ok(Value::Vector(out))
+}
+
+/// The labels of a result: the "many" side's, without the name for arithmetic (and `bool`),
+/// only the `on` labels (or without the `ignoring` ones) in one-to-one matching, and the
+/// `group_left`/`group_right` labels copied from the "one" side.
+fn result_labels(
+    many: &[(String, String)],
+    one: &[(String, String)],
+    op: BinOp,
+    return_bool: bool,
+    matching: &Option<Matching>,
+    one_to_one: bool,
+    include: &[String],
+) -> Labels {
+    let drop_name = !op.is_comparison() || return_bool;
+    let mut labels: Vec<(String, String)> = many
+        .iter()
+        .filter(|(k, _)| {
+            if drop_name && k == METRIC_NAME {
+                return false;
+            }
+            if include.iter().any(|n| n == k) {
+                return false;
+            }
+            match matching {
+                Some(Matching::On(names)) if one_to_one => names.iter().any(|n| n == k),
+                Some(Matching::Ignoring(names)) if one_to_one => !names.iter().any(|n| n == k),
+                _ => true,
+            }
+        })
+        .cloned()
+        .collect();
+    for name in include {
+        let value = label(one, name);
+        if !value.is_empty() {
+            labels.push((name.clone(), value.to_string()));
+        }
+    }
+    labels.sort();
+    Arc::new(labels)
 }

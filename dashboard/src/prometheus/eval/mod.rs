@@ -8,18 +8,27 @@
 //! binary operators and vector matching; here are the query's errors, its time bounds and the
 //! evaluation of a node.
 
+mod aggregate;
 mod binary;
 mod functions;
 mod plan;
+mod range;
 mod series;
 
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
+use aggregate::aggregate;
 use binary::binary;
-use functions::aggregate;
-use plan::Node;
+use functions::{label_join, label_replace};
+use plan::{Node, Subquery};
 
-pub use plan::{Plan, Selector, plan};
+pub use plan::{MAX_SUBQUERY_STEPS, Plan, Selector, plan};
+
+#[cfg(test)]
+mod promqltest;
 pub use series::{Counter, RESOLUTION_MS, Series, SeriesData, counter_read_times};
 
 /// A series' labels, sorted by name, without empty values; `__name__` is the metric name.
@@ -65,6 +74,9 @@ pub enum QueryError {
     /// The telemetry store failed (HTTP 500, `internal`).
     #[error("the telemetry store failed: {0}")]
     Store(#[source] collector::store::StoreError),
+    /// The query ran past its deadline (HTTP 503, `timeout`).
+    #[error("query timed out in expression evaluation")]
+    Timeout,
     /// Billing's data could not be read (HTTP 500, `internal`).
     #[error("billing failed: {0}")]
     Billing(#[from] billing::BillingError),
@@ -99,6 +111,12 @@ pub struct Evaluator<'a> {
     /// The query's first and last evaluation times (for `@ start()` / `@ end()`).
     pub start: i64,
     pub end: i64,
+    /// When a subquery's evaluation gives up (the caller checks between its own steps).
+    deadline: Option<Instant>,
+    /// Each subquery's evaluations by time, kept while a later step may read them again.
+    memo: RefCell<Vec<BTreeMap<i64, Arc<Vec<Sample>>>>>,
+    /// How many times subqueries were evaluated (bounded by [`MAX_SUBQUERY_STEPS`]).
+    steps: Cell<usize>,
 }
 
 fn drop_name(labels: &Labels) -> Labels {
@@ -123,7 +141,22 @@ fn check_unique(samples: &[Sample]) -> Result<(), QueryError> {
     Ok(())
 }
 
-impl Evaluator<'_> {
+/// A range vector: series with their samples in time order.
+pub type Matrix = Vec<(Labels, Vec<(i64, f64)>)>;
+
+impl<'a> Evaluator<'a> {
+    pub fn new(plan: &'a Plan, data: &'a [Vec<Series>], start: i64, end: i64, deadline: Option<Instant>) -> Self {
+        Evaluator {
+            plan,
+            data,
+            start,
+            end,
+            deadline,
+            memo: RefCell::new(vec![BTreeMap::new(); plan.subqueries]),
+            steps: Cell::new(0),
+        }
+    }
+
     pub fn eval(&self, node: &Node, t: i64) -> Result<Value, QueryError> {
         Ok(match node {
             Node::Number(n) => Value::Scalar(*n),
@@ -134,7 +167,7 @@ impl Evaluator<'_> {
                 Value::Vector(
                     self.data[*id]
                         .iter()
-                        .filter_map(|s| s.data.instant(e).map(|value| Sample { labels: s.labels.clone(), value }))
+                        .filter_map(|s| s.data.instant(e).map(|(_, value)| Sample { labels: s.labels.clone(), value }))
                         .collect(),
                 )
             }
@@ -145,11 +178,12 @@ impl Evaluator<'_> {
                 Value::Matrix(
                     self.data[*id]
                         .iter()
-                        .map(|s| (s.labels.clone(), s.data.samples(e, range)))
+                        .map(|s| (s.labels.clone(), s.data.samples(e, range).into_owned()))
                         .filter(|(_, samples)| !samples.is_empty())
                         .collect(),
                 )
             }
+            Node::Subquery(sub) => Value::Matrix(self.subquery(sub, t)?),
             Node::Neg(inner) => match self.eval(inner, t)? {
                 Value::Scalar(v) => Value::Scalar(-v),
                 Value::Vector(samples) => Value::Vector(
@@ -157,17 +191,90 @@ impl Evaluator<'_> {
                 ),
                 _ => return Err(QueryError::Execution("unary minus needs a scalar or an instant vector".into())),
             },
-            Node::Binary { op, lhs, rhs, return_bool, matching } => {
+            Node::Binary { op, lhs, rhs, return_bool, matching, card } => {
                 let l = self.eval(lhs, t)?;
                 let r = self.eval(rhs, t)?;
-                binary(*op, l, r, *return_bool, matching)?
+                binary(*op, l, r, *return_bool, matching, card)?
             }
-            Node::Aggregate { op, expr, grouping } => match self.eval(expr, t)? {
-                Value::Vector(samples) => Value::Vector(aggregate(*op, samples, grouping)),
-                _ => return Err(QueryError::Execution("aggregations need an instant vector".into())),
-            },
-            Node::Call { func, args } => self.call(*func, args, t)?,
+            Node::Aggregate { op, expr, param, grouping } => {
+                let param = match param {
+                    Some(param) => Some(self.eval(param, t)?),
+                    None => None,
+                };
+                match self.eval(expr, t)? {
+                    Value::Vector(samples) => Value::Vector(aggregate(*op, param, samples, grouping)?),
+                    _ => return Err(QueryError::Execution("aggregations need an instant vector".into())),
+                }
+            }
+            Node::Call { func, args, absent } => self.call(*func, args, absent, t)?,
+            Node::LabelReplace(expr, replace) => Value::Vector(label_replace(self.vector_arg(expr, t)?, replace)?),
+            Node::LabelJoin { expr, dst, separator, sources } => {
+                Value::Vector(label_join(self.vector_arg(expr, t)?, dst, separator, sources)?)
+            }
         })
+    }
+
+    /// A range query's answer: the plan evaluated at each of `times` (ascending), series
+    /// merged by labels and sorted by them. Gives up past the deadline.
+    pub fn range(&self, times: impl Iterator<Item = i64>) -> Result<Matrix, QueryError> {
+        let mut series: BTreeMap<Labels, Vec<(i64, f64)>> = BTreeMap::new();
+        for t in times {
+            if self.deadline.is_some_and(|d| Instant::now() > d) {
+                return Err(QueryError::Timeout);
+            }
+            match self.eval(&self.plan.root, t)? {
+                Value::Scalar(v) => series.entry(Arc::new(Vec::new())).or_default().push((t, v)),
+                Value::Vector(samples) => {
+                    for s in samples {
+                        series.entry(s.labels).or_default().push((t, s.value));
+                    }
+                }
+                _ => return Err(QueryError::BadData("range queries must return a scalar or an instant vector".into())),
+            }
+        }
+        Ok(series.into_iter().collect())
+    }
+
+    /// A subquery evaluated at `t`: its expression at each of its times, each time evaluated
+    /// once while the steps of the query that read it go on.
+    fn subquery(&self, sub: &Subquery, t: i64) -> Result<Matrix, QueryError> {
+        let mut series: BTreeMap<Labels, Vec<(i64, f64)>> = BTreeMap::new();
+        let mut times = sub.times(t, self.start, self.end).peekable();
+        if let Some(first) = times.peek() {
+            // Earlier times are behind this step's window (steps go forward in time).
+            let mut memo = self.memo.borrow_mut();
+            let kept = memo[sub.id].split_off(first);
+            memo[sub.id] = kept;
+        }
+        for ti in times {
+            let known = self.memo.borrow()[sub.id].get(&ti).cloned();
+            let samples = match known {
+                Some(samples) => samples,
+                None => {
+                    let steps = self.steps.get() + 1;
+                    if steps > MAX_SUBQUERY_STEPS {
+                        return Err(QueryError::Execution(format!(
+                            "the query's subqueries would be evaluated at more than {MAX_SUBQUERY_STEPS} times: use a longer subquery step or a shorter range"
+                        )));
+                    }
+                    self.steps.set(steps);
+                    if steps.is_multiple_of(1024) && self.deadline.is_some_and(|d| Instant::now() > d) {
+                        return Err(QueryError::Timeout);
+                    }
+                    let samples = Arc::new(match self.eval(&sub.expr, ti)? {
+                        Value::Vector(samples) => samples,
+                        Value::Scalar(value) => vec![Sample { labels: Arc::new(Vec::new()), value }],
+                        _ => return Err(QueryError::Execution("a subquery needs an instant vector".into())),
+                    });
+                    self.memo.borrow_mut()[sub.id].insert(ti, samples.clone());
+                    samples
+                }
+            };
+            for s in samples.iter() {
+                series.entry(s.labels.clone()).or_default().push((ti, s.value));
+            }
+        }
+        Ok(series.into_iter().collect())
     }
 
     fn scalar_arg(&self, node: &Node, t: i64) -> Result<f64, QueryError> {

@@ -5,8 +5,9 @@ use std::time::{Duration, SystemTime};
 
 use promql_parser::label::{MatchOp, Matchers};
 use promql_parser::parser::token::{
-    T_ADD, T_ATAN2, T_AVG, T_COUNT, T_DIV, T_EQLC, T_GROUP, T_GTE, T_GTR, T_LAND, T_LOR, T_LSS, T_LTE, T_LUNLESS,
-    T_MAX, T_MIN, T_MOD, T_MUL, T_NEQ, T_POW, T_STDDEV, T_STDVAR, T_SUB, T_SUM,
+    T_ADD, T_ATAN2, T_AVG, T_BOTTOMK, T_COUNT, T_COUNT_VALUES, T_DIV, T_EQLC, T_GROUP, T_GTE, T_GTR, T_LAND, T_LOR,
+    T_LSS, T_LTE, T_LUNLESS, T_MAX, T_MIN, T_MOD, T_MUL, T_NEQ, T_POW, T_QUANTILE, T_STDDEV, T_STDVAR, T_SUB, T_SUM,
+    T_TOPK,
 };
 use promql_parser::parser::{AtModifier, Expr, LabelModifier, Offset, VectorMatchCardinality};
 
@@ -80,15 +81,20 @@ impl Selector {
 
     /// The time the selector reads at, for an evaluation at `t` of a query over `start..=end`.
     pub fn eval_time(&self, t: i64, start: i64, end: i64) -> i64 {
-        let base = match self.at {
-            None => t,
-            Some(At::Start) => start,
-            Some(At::End) => end,
-            Some(At::Time(at)) => at,
-        };
-        // Both are bounded (`MAX_TIME_MS`, `MAX_DURATION_MS`): saturating is only a guard.
-        base.saturating_sub(self.offset_ms)
+        shifted(self.at, self.offset_ms, t, start, end)
     }
+}
+
+/// The time an evaluation at `t` reads at, after `@` and `offset`.
+fn shifted(at: Option<At>, offset_ms: i64, t: i64, start: i64, end: i64) -> i64 {
+    let base = match at {
+        None => t,
+        Some(At::Start) => start,
+        Some(At::End) => end,
+        Some(At::Time(at)) => at,
+    };
+    // Both are bounded (`MAX_TIME_MS`, `MAX_DURATION_MS`): saturating is only a guard.
+    base.saturating_sub(offset_ms)
 }
 
 /// Whether label matchers (with `or` groups) accept these labels.
@@ -134,6 +140,10 @@ pub enum AggOp {
     Group,
     Stddev,
     Stdvar,
+    Topk,
+    Bottomk,
+    Quantile,
+    CountValues,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -142,55 +152,247 @@ pub enum Grouping {
     Without(Vec<String>),
 }
 
+/// How the two sides of a binary operation between vectors match (`group_left`: many on the
+/// left to one on the right, with the extra labels to copy from the right).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Card {
+    OneToOne,
+    ManyToOne(Vec<String>),
+    OneToMany(Vec<String>),
+    ManyToMany,
+}
+
+/// The functions evaluated here, by kind; `FUNCTIONS` names them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Func {
+    /// Of a range vector, sample by sample (`rate`, `*_over_time`, `deriv`, ...).
+    Range(RangeFunc),
+    /// Of each sample's value (`abs`, `sin`, `hour`, ...): the name is dropped.
+    Math(MathFunc),
+    HistogramQuantile,
+    /// Native-histogram functions: float samples have no native histogram, so nothing.
+    NativeHistogram,
+    Time,
+    Vector,
+    Scalar,
+    Pi,
+    Round,
+    Clamp,
+    ClampMin,
+    ClampMax,
+    Timestamp,
+    Absent,
+    Sort,
+    SortDesc,
+    SortByLabel,
+    SortByLabelDesc,
+    LabelReplace,
+    LabelJoin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RangeFunc {
     Rate,
     Increase,
     Delta,
     Irate,
     Idelta,
-    HistogramQuantile,
-    Time,
-    Vector,
-    Scalar,
+    Deriv,
+    PredictLinear,
+    Changes,
+    Resets,
+    HoltWinters,
+    AvgOverTime,
+    MinOverTime,
+    MaxOverTime,
+    SumOverTime,
+    CountOverTime,
+    QuantileOverTime,
+    StddevOverTime,
+    StdvarOverTime,
+    MadOverTime,
+    LastOverTime,
+    PresentOverTime,
+    AbsentOverTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MathFunc {
     Abs,
     Ceil,
     Floor,
-    Round,
     Sqrt,
     Exp,
     Ln,
     Log2,
     Log10,
-    Clamp,
-    ClampMin,
-    ClampMax,
+    Sgn,
+    Sin,
+    Cos,
+    Tan,
+    Asin,
+    Acos,
+    Atan,
+    Sinh,
+    Cosh,
+    Tanh,
+    Asinh,
+    Acosh,
+    Atanh,
+    Deg,
+    Rad,
+    DayOfMonth,
+    DayOfWeek,
+    DayOfYear,
+    DaysInMonth,
+    Hour,
+    Minute,
+    Month,
+    Year,
 }
 
-/// The functions evaluated here (anything else is refused by name).
+impl MathFunc {
+    /// The date functions: of a time in seconds, and of the evaluation time when called
+    /// without an argument.
+    pub fn is_date(self) -> bool {
+        matches!(
+            self,
+            MathFunc::DayOfMonth
+                | MathFunc::DayOfWeek
+                | MathFunc::DayOfYear
+                | MathFunc::DaysInMonth
+                | MathFunc::Hour
+                | MathFunc::Minute
+                | MathFunc::Month
+                | MathFunc::Year
+        )
+    }
+}
+
+/// Every function evaluated here, by its PromQL name (anything else is refused by name).
+/// `holt_winters` is Prometheus 2's name of `double_exponential_smoothing`.
 pub const FUNCTIONS: &[(&str, Func)] = &[
-    ("rate", Func::Rate),
-    ("increase", Func::Increase),
-    ("delta", Func::Delta),
-    ("irate", Func::Irate),
-    ("idelta", Func::Idelta),
+    ("rate", Func::Range(RangeFunc::Rate)),
+    ("increase", Func::Range(RangeFunc::Increase)),
+    ("delta", Func::Range(RangeFunc::Delta)),
+    ("irate", Func::Range(RangeFunc::Irate)),
+    ("idelta", Func::Range(RangeFunc::Idelta)),
+    ("deriv", Func::Range(RangeFunc::Deriv)),
+    ("predict_linear", Func::Range(RangeFunc::PredictLinear)),
+    ("changes", Func::Range(RangeFunc::Changes)),
+    ("resets", Func::Range(RangeFunc::Resets)),
+    ("holt_winters", Func::Range(RangeFunc::HoltWinters)),
+    ("double_exponential_smoothing", Func::Range(RangeFunc::HoltWinters)),
+    ("avg_over_time", Func::Range(RangeFunc::AvgOverTime)),
+    ("min_over_time", Func::Range(RangeFunc::MinOverTime)),
+    ("max_over_time", Func::Range(RangeFunc::MaxOverTime)),
+    ("sum_over_time", Func::Range(RangeFunc::SumOverTime)),
+    ("count_over_time", Func::Range(RangeFunc::CountOverTime)),
+    ("quantile_over_time", Func::Range(RangeFunc::QuantileOverTime)),
+    ("stddev_over_time", Func::Range(RangeFunc::StddevOverTime)),
+    ("stdvar_over_time", Func::Range(RangeFunc::StdvarOverTime)),
+    ("mad_over_time", Func::Range(RangeFunc::MadOverTime)),
+    ("last_over_time", Func::Range(RangeFunc::LastOverTime)),
+    ("present_over_time", Func::Range(RangeFunc::PresentOverTime)),
+    ("absent_over_time", Func::Range(RangeFunc::AbsentOverTime)),
+    ("abs", Func::Math(MathFunc::Abs)),
+    ("ceil", Func::Math(MathFunc::Ceil)),
+    ("floor", Func::Math(MathFunc::Floor)),
+    ("sqrt", Func::Math(MathFunc::Sqrt)),
+    ("exp", Func::Math(MathFunc::Exp)),
+    ("ln", Func::Math(MathFunc::Ln)),
+    ("log2", Func::Math(MathFunc::Log2)),
+    ("log10", Func::Math(MathFunc::Log10)),
+    ("sgn", Func::Math(MathFunc::Sgn)),
+    ("sin", Func::Math(MathFunc::Sin)),
+    ("cos", Func::Math(MathFunc::Cos)),
+    ("tan", Func::Math(MathFunc::Tan)),
+    ("asin", Func::Math(MathFunc::Asin)),
+    ("acos", Func::Math(MathFunc::Acos)),
+    ("atan", Func::Math(MathFunc::Atan)),
+    ("sinh", Func::Math(MathFunc::Sinh)),
+    ("cosh", Func::Math(MathFunc::Cosh)),
+    ("tanh", Func::Math(MathFunc::Tanh)),
+    ("asinh", Func::Math(MathFunc::Asinh)),
+    ("acosh", Func::Math(MathFunc::Acosh)),
+    ("atanh", Func::Math(MathFunc::Atanh)),
+    ("deg", Func::Math(MathFunc::Deg)),
+    ("rad", Func::Math(MathFunc::Rad)),
+    ("day_of_month", Func::Math(MathFunc::DayOfMonth)),
+    ("day_of_week", Func::Math(MathFunc::DayOfWeek)),
+    ("day_of_year", Func::Math(MathFunc::DayOfYear)),
+    ("days_in_month", Func::Math(MathFunc::DaysInMonth)),
+    ("hour", Func::Math(MathFunc::Hour)),
+    ("minute", Func::Math(MathFunc::Minute)),
+    ("month", Func::Math(MathFunc::Month)),
+    ("year", Func::Math(MathFunc::Year)),
     ("histogram_quantile", Func::HistogramQuantile),
+    ("histogram_avg", Func::NativeHistogram),
+    ("histogram_count", Func::NativeHistogram),
+    ("histogram_sum", Func::NativeHistogram),
+    ("histogram_fraction", Func::NativeHistogram),
+    ("histogram_stddev", Func::NativeHistogram),
+    ("histogram_stdvar", Func::NativeHistogram),
     ("time", Func::Time),
     ("vector", Func::Vector),
     ("scalar", Func::Scalar),
-    ("abs", Func::Abs),
-    ("ceil", Func::Ceil),
-    ("floor", Func::Floor),
+    ("pi", Func::Pi),
     ("round", Func::Round),
-    ("sqrt", Func::Sqrt),
-    ("exp", Func::Exp),
-    ("ln", Func::Ln),
-    ("log2", Func::Log2),
-    ("log10", Func::Log10),
     ("clamp", Func::Clamp),
     ("clamp_min", Func::ClampMin),
     ("clamp_max", Func::ClampMax),
+    ("timestamp", Func::Timestamp),
+    ("absent", Func::Absent),
+    ("sort", Func::Sort),
+    ("sort_desc", Func::SortDesc),
+    ("sort_by_label", Func::SortByLabel),
+    ("sort_by_label_desc", Func::SortByLabelDesc),
+    ("label_replace", Func::LabelReplace),
+    ("label_join", Func::LabelJoin),
 ];
+
+/// A subquery `expr[range:step]`: `expr` evaluated every `step_ms` (at multiples of it) in
+/// `(e - range, e]`, a range vector.
+#[derive(Debug, Clone)]
+pub struct Subquery {
+    /// Its evaluations are kept by this index while a query runs (see `Evaluator`).
+    pub id: usize,
+    pub expr: Node,
+    pub range_ms: i64,
+    pub step_ms: i64,
+    pub offset_ms: i64,
+    pub at: Option<At>,
+}
+
+impl Subquery {
+    /// The time an evaluation at `t` reads at, after `@` and `offset`: its window's end.
+    pub fn end_time(&self, t: i64, start: i64, end: i64) -> i64 {
+        shifted(self.at, self.offset_ms, t, start, end)
+    }
+
+    /// The inner evaluation times for an evaluation at `t`.
+    pub fn times(&self, t: i64, start: i64, end: i64) -> impl Iterator<Item = i64> + use<> {
+        let e = self.end_time(t, start, end);
+        let low = e.saturating_sub(self.range_ms);
+        let step = self.step_ms;
+        let first = low.div_euclid(step).saturating_mul(step).saturating_add(step);
+        (0..).map(move |k: i64| first.saturating_add(k.saturating_mul(step))).take_while(move |t| *t <= e)
+    }
+}
+
+/// The labels an `absent`/`absent_over_time` answer carries: its selector's equality matchers
+/// (a label matched twice, or otherwise, is left out), as Prometheus does.
+#[derive(Debug, Clone, Default)]
+pub struct AbsentLabels(pub Vec<(String, String)>);
+
+/// `label_replace`'s arguments, its regex compiled once.
+#[derive(Debug, Clone)]
+pub struct Replace {
+    pub dst: String,
+    pub replacement: String,
+    pub src: String,
+    pub regex: regex::Regex,
+}
 
 #[derive(Debug, Clone)]
 pub enum Node {
@@ -200,6 +402,7 @@ pub enum Node {
     Selector(usize),
     /// A matrix selector.
     Matrix(usize),
+    Subquery(Box<Subquery>),
     Neg(Box<Node>),
     Binary {
         op: BinOp,
@@ -207,15 +410,26 @@ pub enum Node {
         rhs: Box<Node>,
         return_bool: bool,
         matching: Option<Matching>,
+        card: Card,
     },
     Aggregate {
         op: AggOp,
         expr: Box<Node>,
+        param: Option<Box<Node>>,
         grouping: Grouping,
     },
     Call {
         func: Func,
         args: Vec<Node>,
+        /// What `absent` and `absent_over_time` label their answer with.
+        absent: AbsentLabels,
+    },
+    LabelReplace(Box<Node>, Box<Replace>),
+    LabelJoin {
+        expr: Box<Node>,
+        dst: String,
+        separator: String,
+        sources: Vec<String>,
     },
 }
 
@@ -224,33 +438,125 @@ pub enum Node {
 pub struct Plan {
     pub root: Node,
     pub selectors: Vec<Selector>,
+    /// How many subqueries the plan has (their ids are `0..subqueries`).
+    pub subqueries: usize,
+}
+
+/// The step of a subquery written without one (Prometheus's default evaluation interval).
+pub const DEFAULT_SUBQUERY_STEP_MS: i64 = 60_000;
+/// Most evaluation times one query's subqueries may have in all, and most times a selector
+/// may be read at through them: `max_over_time(x[1000000y:1s])` would otherwise be counted
+/// out one time at a time.
+pub const MAX_SUBQUERY_STEPS: usize = 1 << 20;
+
+fn too_many_steps() -> QueryError {
+    QueryError::Execution(format!(
+        "the query's subqueries would be evaluated at more than {MAX_SUBQUERY_STEPS} times: use a longer subquery step or a shorter range"
+    ))
 }
 
 impl Plan {
-    /// Whether the result is a matrix selector (only allowed in instant queries).
+    /// Whether the result is a range vector (only allowed in instant queries).
     pub fn returns_matrix(&self) -> bool {
-        matches!(self.root, Node::Matrix(_))
+        matches!(self.root, Node::Matrix(_) | Node::Subquery(_))
     }
 
     /// Whether the result is a string literal.
     pub fn returns_string(&self) -> bool {
         matches!(self.root, Node::Str(_))
     }
+
+    /// Whether an instant query's answer is in the order the evaluation made (`sort`,
+    /// `sort_desc`, `sort_by_label`, `topk`, `bottomk`), not sorted by labels.
+    pub fn keeps_order(&self) -> bool {
+        matches!(
+            self.root,
+            Node::Call { func: Func::Sort | Func::SortDesc | Func::SortByLabel | Func::SortByLabelDesc, .. }
+                | Node::Aggregate { op: AggOp::Topk | AggOp::Bottomk, .. }
+        )
+    }
+
+    /// The times (after `@` and `offset`) at which each selector is read when the query is
+    /// evaluated at `times` (ascending) of a query over `start..=end`, each list ascending
+    /// and without repeats; refused past [`MAX_SUBQUERY_STEPS`] inside subqueries.
+    pub fn read_times(&self, times: &[i64], start: i64, end: i64) -> Result<Vec<Vec<i64>>, QueryError> {
+        let mut out = vec![Vec::new(); self.selectors.len()];
+        self.walk(&self.root, times, start, end, &mut out)?;
+        for list in &mut out {
+            list.sort_unstable();
+            list.dedup();
+        }
+        Ok(out)
+    }
+
+    fn walk(&self, node: &Node, times: &[i64], start: i64, end: i64, out: &mut [Vec<i64>]) -> Result<(), QueryError> {
+        match node {
+            Node::Number(_) | Node::Str(_) => {}
+            Node::Selector(id) | Node::Matrix(id) => {
+                let selector = &self.selectors[*id];
+                if selector.at.is_some() {
+                    out[*id].push(selector.eval_time(start, start, end));
+                } else {
+                    out[*id].extend(times.iter().map(|t| selector.eval_time(*t, start, end)));
+                }
+            }
+            Node::Subquery(sub) => {
+                let outer: &[i64] = if sub.at.is_some() { &times[..times.len().min(1)] } else { times };
+                let mut inner: Vec<i64> = Vec::new();
+                for t in outer {
+                    for ti in sub.times(*t, start, end) {
+                        // Consecutive outer times share most inner times: skip what is known.
+                        if inner.last().is_some_and(|last| ti <= *last) {
+                            continue;
+                        }
+                        if inner.len() >= MAX_SUBQUERY_STEPS {
+                            return Err(too_many_steps());
+                        }
+                        inner.push(ti);
+                    }
+                }
+                self.walk(&sub.expr, &inner, start, end, out)?;
+            }
+            Node::Neg(inner) | Node::LabelReplace(inner, _) | Node::LabelJoin { expr: inner, .. } => {
+                self.walk(inner, times, start, end, out)?;
+            }
+            Node::Binary { lhs, rhs, .. } => {
+                self.walk(lhs, times, start, end, out)?;
+                self.walk(rhs, times, start, end, out)?;
+            }
+            Node::Aggregate { expr, param, .. } => {
+                if let Some(param) = param {
+                    self.walk(param, times, start, end, out)?;
+                }
+                self.walk(expr, times, start, end, out)?;
+            }
+            Node::Call { args, .. } => {
+                for arg in args {
+                    self.walk(arg, times, start, end, out)?;
+                }
+            }
+        }
+        if out.iter().any(|list| list.len() > MAX_SUBQUERY_STEPS.saturating_mul(2)) {
+            return Err(too_many_steps());
+        }
+        Ok(())
+    }
 }
 
 /// Checks a parsed expression and plans it; constructs outside the supported subset are
 /// refused with [`QueryError::Unsupported`] naming them.
 pub fn plan(expr: &Expr) -> Result<Plan, QueryError> {
-    let mut planner = Planner { selectors: Vec::new() };
+    let mut planner = Planner { selectors: Vec::new(), subqueries: 0 };
     let root = planner.node(expr)?;
     if let Node::Matrix(id) = root {
         planner.selectors[id].all_samples = true;
     }
-    Ok(Plan { root, selectors: planner.selectors })
+    Ok(Plan { root, selectors: planner.selectors, subqueries: planner.subqueries })
 }
 
 struct Planner {
     selectors: Vec<Selector>,
+    subqueries: usize,
 }
 
 fn millis(d: &Duration) -> i64 {
@@ -278,27 +584,73 @@ fn system_time_ms(t: &SystemTime) -> i64 {
     }
 }
 
+fn offset_ms(offset: &Option<Offset>) -> Result<i64, QueryError> {
+    Ok(match offset {
+        None => 0,
+        Some(Offset::Pos(d)) => bounded_duration("offset", d)?,
+        Some(Offset::Neg(d)) => -bounded_duration("offset", d)?,
+    })
+}
+
+fn at(at: &Option<AtModifier>) -> Result<Option<At>, QueryError> {
+    Ok(match at {
+        None => None,
+        Some(AtModifier::Start) => Some(At::Start),
+        Some(AtModifier::End) => Some(At::End),
+        Some(AtModifier::At(t)) => {
+            let ms = system_time_ms(t);
+            let what = format!("@ time {}", ms as f64 / 1000.0);
+            Some(At::Time(bounded_time(ms, &what).map_err(QueryError::BadData)?))
+        }
+    })
+}
+
+/// Whether `name` is a label name as Prometheus 2 accepts them (`[a-zA-Z_][a-zA-Z0-9_]*`).
+pub fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// What `absent(x{...})` labels its answer with: the equality matchers, a label matched
+/// twice or otherwise left out (Prometheus's historic rule).
+fn absent_labels(arg: &Expr) -> AbsentLabels {
+    let vs = match arg {
+        Expr::VectorSelector(vs) => vs,
+        Expr::MatrixSelector(ms) => &ms.vs,
+        _ => return AbsentLabels::default(),
+    };
+    let mut labels: Vec<(String, String)> = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for m in &vs.matchers.matchers {
+        if m.name == METRIC_NAME {
+            continue;
+        }
+        if matches!(m.op, MatchOp::Equal) && !seen.contains(&m.name.as_str()) {
+            labels.push((m.name.clone(), m.value.clone()));
+            seen.push(&m.name);
+        } else {
+            labels.retain(|(k, _)| *k != m.name);
+        }
+    }
+    labels.retain(|(_, v)| !v.is_empty());
+    labels.sort();
+    AbsentLabels(labels)
+}
+
+fn string_arg(node: &Node, function: &str) -> Result<String, QueryError> {
+    match node {
+        Node::Str(s) => Ok(s.clone()),
+        _ => Err(QueryError::BadData(format!("expected a string literal argument to {function}()"))),
+    }
+}
+
 impl Planner {
     fn selector(
         &mut self,
         vs: &promql_parser::parser::VectorSelector,
         range: Option<&Duration>,
     ) -> Result<usize, QueryError> {
-        let offset_ms = match &vs.offset {
-            None => 0,
-            Some(Offset::Pos(d)) => bounded_duration("offset", d)?,
-            Some(Offset::Neg(d)) => -bounded_duration("offset", d)?,
-        };
-        let at = match &vs.at {
-            None => None,
-            Some(AtModifier::Start) => Some(At::Start),
-            Some(AtModifier::End) => Some(At::End),
-            Some(AtModifier::At(t)) => {
-                let ms = system_time_ms(t);
-                let what = format!("@ time {}", ms as f64 / 1000.0);
-                Some(At::Time(bounded_time(ms, &what).map_err(QueryError::BadData)?))
-            }
-        };
         let range_ms = match range {
             Some(d) if d.is_zero() => {
                 return Err(QueryError::BadData("range selector duration must be positive".into()));
@@ -309,8 +661,8 @@ impl Planner {
         self.selectors.push(Selector {
             name: vs.name.clone(),
             matchers: vs.matchers.clone(),
-            offset_ms,
-            at,
+            offset_ms: offset_ms(&vs.offset)?,
+            at: at(&vs.at)?,
             range_ms,
             needs_previous: false,
             all_samples: false,
@@ -326,7 +678,26 @@ impl Planner {
             Expr::Unary(u) => Node::Neg(Box::new(self.node(&u.expr)?)),
             Expr::VectorSelector(vs) => Node::Selector(self.selector(vs, None)?),
             Expr::MatrixSelector(ms) => Node::Matrix(self.selector(&ms.vs, Some(&ms.range))?),
-            Expr::Subquery(_) => return Err(unsupported("subquery")),
+            Expr::Subquery(sq) => {
+                let range_ms = bounded_duration("range", &sq.range)?;
+                if range_ms == 0 {
+                    return Err(QueryError::BadData("subquery range must be positive".into()));
+                }
+                let step_ms = match &sq.step {
+                    Some(step) if !step.is_zero() => bounded_duration("subquery step", step)?,
+                    _ => DEFAULT_SUBQUERY_STEP_MS,
+                };
+                let id = self.subqueries;
+                self.subqueries += 1;
+                Node::Subquery(Box::new(Subquery {
+                    id,
+                    expr: self.node(&sq.expr)?,
+                    range_ms,
+                    step_ms,
+                    offset_ms: offset_ms(&sq.offset)?,
+                    at: at(&sq.at)?,
+                }))
+            }
             Expr::Extension(_) => return Err(unsupported("extension expression")),
             Expr::Aggregate(a) => {
                 let op = match a.op.id() {
@@ -338,17 +709,28 @@ impl Planner {
                     T_GROUP => AggOp::Group,
                     T_STDDEV => AggOp::Stddev,
                     T_STDVAR => AggOp::Stdvar,
+                    T_TOPK => AggOp::Topk,
+                    T_BOTTOMK => AggOp::Bottomk,
+                    T_QUANTILE => AggOp::Quantile,
+                    T_COUNT_VALUES => AggOp::CountValues,
                     _ => return Err(unsupported(format!("aggregation {}", a.op))),
                 };
-                if a.param.is_some() {
-                    return Err(unsupported(format!("aggregation {} with a parameter", a.op)));
+                let param = match &a.param {
+                    Some(param) => Some(Box::new(self.node(param)?)),
+                    None => None,
+                };
+                if let (AggOp::CountValues, Some(param)) = (op, &param) {
+                    let name = string_arg(param, "count_values")?;
+                    if !valid_label_name(&name) {
+                        return Err(QueryError::Execution(format!("invalid label name {name:?}")));
+                    }
                 }
                 let grouping = match &a.modifier {
                     None => Grouping::By(Vec::new()),
                     Some(LabelModifier::Include(l)) => Grouping::By(l.labels.clone()),
                     Some(LabelModifier::Exclude(l)) => Grouping::Without(l.labels.clone()),
                 };
-                Node::Aggregate { op, expr: Box::new(self.node(&a.expr)?), grouping }
+                Node::Aggregate { op, expr: Box::new(self.node(&a.expr)?), param, grouping }
             }
             Expr::Binary(b) => {
                 let op = match b.op.id() {
@@ -372,12 +754,14 @@ impl Planner {
                 };
                 let mut matching = None;
                 let mut return_bool = false;
+                let mut card = Card::OneToOne;
                 if let Some(modifier) = &b.modifier {
-                    match &modifier.card {
-                        VectorMatchCardinality::ManyToOne(_) => return Err(unsupported("group_left")),
-                        VectorMatchCardinality::OneToMany(_) => return Err(unsupported("group_right")),
-                        VectorMatchCardinality::OneToOne | VectorMatchCardinality::ManyToMany => {}
-                    }
+                    card = match &modifier.card {
+                        VectorMatchCardinality::ManyToOne(l) => Card::ManyToOne(l.labels.clone()),
+                        VectorMatchCardinality::OneToMany(l) => Card::OneToMany(l.labels.clone()),
+                        VectorMatchCardinality::OneToOne => Card::OneToOne,
+                        VectorMatchCardinality::ManyToMany => Card::ManyToMany,
+                    };
                     if modifier.fill_values.lhs.is_some() || modifier.fill_values.rhs.is_some() {
                         return Err(unsupported("fill modifier"));
                     }
@@ -394,6 +778,7 @@ impl Planner {
                     rhs: Box::new(self.node(&b.rhs)?),
                     return_bool,
                     matching,
+                    card,
                 }
             }
             Expr::Call(c) => {
@@ -408,14 +793,70 @@ impl Planner {
                     args.push(self.node(arg)?);
                 }
                 for arg in &args {
-                    if let Node::Matrix(id) = arg
-                        && matches!(func, Func::Irate | Func::Idelta)
-                    {
-                        self.selectors[*id].needs_previous = true;
+                    if let (Node::Matrix(id), Func::Range(range)) = (arg, func) {
+                        match range {
+                            RangeFunc::Rate | RangeFunc::Increase | RangeFunc::Delta => {}
+                            RangeFunc::Irate | RangeFunc::Idelta => self.selectors[*id].needs_previous = true,
+                            _ => self.selectors[*id].all_samples = true,
+                        }
                     }
                 }
-                Node::Call { func, args }
+                match func {
+                    Func::LabelReplace => self.label_replace(args)?,
+                    Func::LabelJoin => {
+                        let mut args = args.into_iter();
+                        let expr = Box::new(
+                            args.next().ok_or_else(|| QueryError::BadData("label_join needs a vector".into()))?,
+                        );
+                        let strings: Vec<String> =
+                            args.map(|a| string_arg(&a, "label_join")).collect::<Result<_, _>>()?;
+                        let [dst, separator, sources @ ..] = strings.as_slice() else {
+                            return Err(QueryError::BadData("label_join needs a destination and a separator".into()));
+                        };
+                        if !valid_label_name(dst) {
+                            return Err(QueryError::Execution(format!(
+                                "invalid destination label name in label_join(): {dst}"
+                            )));
+                        }
+                        if let Some(bad) = sources.iter().find(|s| !valid_label_name(s)) {
+                            return Err(QueryError::Execution(format!(
+                                "invalid source label name in label_join(): {bad}"
+                            )));
+                        }
+                        Node::LabelJoin {
+                            expr,
+                            dst: dst.clone(),
+                            separator: separator.clone(),
+                            sources: sources.to_vec(),
+                        }
+                    }
+                    _ => {
+                        let absent = match (func, c.args.args.first()) {
+                            (Func::Absent | Func::Range(RangeFunc::AbsentOverTime), Some(arg)) => absent_labels(arg),
+                            _ => AbsentLabels::default(),
+                        };
+                        Node::Call { func, args, absent }
+                    }
+                }
             }
         })
+    }
+
+    fn label_replace(&mut self, args: Vec<Node>) -> Result<Node, QueryError> {
+        let mut args = args.into_iter();
+        let expr = Box::new(args.next().ok_or_else(|| QueryError::BadData("label_replace needs a vector".into()))?);
+        let strings: Vec<String> = args.map(|a| string_arg(&a, "label_replace")).collect::<Result<_, _>>()?;
+        let [dst, replacement, src, regex] = strings.as_slice() else {
+            return Err(QueryError::BadData("label_replace needs 5 arguments".into()));
+        };
+        let compiled = regex::Regex::new(&format!("^(?s:{regex})$"))
+            .map_err(|_| QueryError::Execution(format!("invalid regular expression in label_replace(): {regex}")))?;
+        if !valid_label_name(dst) {
+            return Err(QueryError::Execution(format!("invalid destination label name in label_replace(): {dst}")));
+        }
+        Ok(Node::LabelReplace(
+            expr,
+            Box::new(Replace { dst: dst.clone(), replacement: replacement.clone(), src: src.clone(), regex: compiled }),
+        ))
     }
 }

@@ -1,6 +1,7 @@
 //! The loaded series: stored samples, or counters synthesized from usage records, read at an
 //! instant or over a window as the evaluator and the functions need them.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::plan::Selector;
@@ -62,17 +63,40 @@ pub(super) struct Window {
     pub(super) correction: f64,
 }
 
+impl Window {
+    /// The window of these samples (in time order), `None` when there are none.
+    pub(super) fn of(slice: &[(i64, f64)]) -> Option<Window> {
+        let (first, last) = (*slice.first()?, *slice.last()?);
+        let mut correction = 0.0;
+        let mut last_value = 0.0;
+        for s in slice {
+            if s.1 < last_value {
+                correction += last_value;
+            }
+            last_value = s.1;
+        }
+        Some(Window {
+            first,
+            last,
+            previous: (slice.len() >= 2).then(|| slice[slice.len() - 2]),
+            count: slice.len(),
+            correction,
+        })
+    }
+}
+
 impl SeriesData {
-    pub(super) fn instant(&self, e: i64) -> Option<f64> {
+    /// The sample an instant selector reads at `e`: the last within the lookback.
+    pub(super) fn instant(&self, e: i64) -> Option<(i64, f64)> {
         match self {
             SeriesData::Samples(samples) => {
                 let i = samples.partition_point(|s| s.0 <= e);
                 let (t, v) = *samples.get(i.checked_sub(1)?)?;
-                (t > e - LOOKBACK_MS).then_some(v)
+                (t > e - LOOKBACK_MS).then_some((t, v))
             }
             SeriesData::Counter(c) => {
                 let l = c.last_sample(e)?;
-                (l > e - LOOKBACK_MS).then(|| c.at(l))
+                (l > e - LOOKBACK_MS).then(|| (l, c.at(l)))
             }
         }
     }
@@ -82,22 +106,7 @@ impl SeriesData {
             SeriesData::Samples(samples) => {
                 let lo = samples.partition_point(|s| s.0 <= e - range);
                 let hi = samples.partition_point(|s| s.0 <= e);
-                let slice = samples.get(lo..hi).filter(|s| !s.is_empty())?;
-                let mut correction = 0.0;
-                let mut last_value = 0.0;
-                for s in slice {
-                    if s.1 < last_value {
-                        correction += last_value;
-                    }
-                    last_value = s.1;
-                }
-                Some(Window {
-                    first: slice[0],
-                    last: slice[slice.len() - 1],
-                    previous: (slice.len() >= 2).then(|| slice[slice.len() - 2]),
-                    count: slice.len(),
-                    correction,
-                })
+                Window::of(samples.get(lo..hi)?)
             }
             SeriesData::Counter(c) => {
                 let l = c.last_sample(e)?;
@@ -117,22 +126,23 @@ impl SeriesData {
         }
     }
 
-    pub(super) fn samples(&self, e: i64, range: i64) -> Vec<(i64, f64)> {
+    /// Every sample in the window `(e - range, e]`.
+    pub(super) fn samples(&self, e: i64, range: i64) -> Cow<'_, [(i64, f64)]> {
         match self {
             SeriesData::Samples(samples) => {
                 let lo = samples.partition_point(|s| s.0 <= e - range);
                 let hi = samples.partition_point(|s| s.0 <= e);
-                samples[lo..hi].to_vec()
+                Cow::Borrowed(&samples[lo..hi])
             }
             SeriesData::Counter(c) => {
-                let Some(l) = c.last_sample(e) else { return Vec::new() };
+                let Some(l) = c.last_sample(e) else { return Cow::Borrowed(&[]) };
                 let mut t = c.first_sample_after(e - range);
                 let mut out = Vec::new();
                 while t <= l {
                     out.push((t, c.at(t)));
                     t += RESOLUTION_MS;
                 }
-                out
+                Cow::Owned(out)
             }
         }
     }
@@ -190,7 +200,7 @@ mod tests {
         let c = Counter { first: 60_000, last: 600_000, points: vec![(120_000, 1.0), (300_000, 3.0)] };
         let data = SeriesData::Counter(Arc::new(c));
         assert_eq!(data.instant(59_999), None);
-        assert_eq!(data.instant(150_000), Some(1.0));
+        assert_eq!(data.instant(150_000), Some((120_000, 1.0)));
         assert_eq!(data.instant(10_000_000), None, "past the last sample + lookback");
         let w = data.window(300_000, 300_000).unwrap();
         assert_eq!((w.first, w.last, w.count), ((60_000, 0.0), (300_000, 3.0), 5));
