@@ -50,7 +50,7 @@ impl Billing {
         // Samples from a day before the period (for each series' baseline) to its end.
         let sql = self.db.sql(
             "SELECT tenant, labels, ts_ns, value FROM metric_samples WHERE metric = ? AND metered = 1 \
-             AND ts_ns >= ? AND ts_ns < ? AND (? IS NULL OR tenant = ?) ORDER BY tenant, labels, ts_ns",
+             AND histogram IS NULL AND ts_ns >= ? AND ts_ns < ? AND (? IS NULL OR tenant = ?) ORDER BY tenant, labels, ts_ns",
         );
         let samples: Vec<(String, String, i64, Option<f64>)> = on_pool!(&self.db, pool => {
             let rows = sqlx::query(sql)

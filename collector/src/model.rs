@@ -84,7 +84,38 @@ pub struct LogRow {
     pub metered: bool,
 }
 
+/// The `histogram` of a staleness marker row (value NaN): the series ended at its time, as
+/// Prometheus marks it (a scraped series gone from its target, or a target gone), so that a
+/// query stops selecting it there rather than 5 minutes (the lookback) after its last sample.
+pub const STALE_MARKER: &str = r#"{"stale":true}"#;
+
 impl SampleRow {
+    /// A staleness marker for a series at `ts_ns` (see [`STALE_MARKER`]).
+    pub fn stale(
+        tenant: String,
+        metric: String,
+        labels: String,
+        kind: &'static str,
+        ts_ns: i64,
+        metered: bool,
+    ) -> Self {
+        SampleRow {
+            tenant,
+            metric,
+            labels,
+            kind,
+            ts_ns,
+            value: f64::NAN,
+            histogram: Some(STALE_MARKER.into()),
+            metered,
+        }
+    }
+
+    /// Whether the row is a staleness marker.
+    pub fn is_stale(&self) -> bool {
+        self.histogram.as_deref() == Some(STALE_MARKER)
+    }
+
     /// What the row holds, about as stored (see [`Batch::bytes`]).
     pub fn bytes(&self) -> u64 {
         (self.metric.len() + self.labels.len() + self.histogram.as_ref().map_or(0, String::len) + 24) as u64

@@ -83,7 +83,7 @@ pub(crate) enum Refused {
 }
 
 /// The samples of a decoded request, for `tenant`, or why the request is refused whole.
-/// Staleness markers are left out.
+/// Staleness markers are stored as markers ([`crate::model::STALE_MARKER`]).
 pub(crate) fn samples(request: WriteRequest, tenant: &str, metered: bool) -> Result<Batch, Refused> {
     let mut batch = Batch::default();
     let mut expansion = Expansion::default();
@@ -96,17 +96,21 @@ pub(crate) fn samples(request: WriteRequest, tenant: &str, metered: bool) -> Res
         };
         let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
         let labels = serde_json::to_string(&labels).expect("json");
-        // Staleness markers are Prometheus's own bookkeeping, not samples.
-        for sample in series.samples.into_iter().filter(|s| s.value.to_bits() != STALE_NAN) {
-            let row = SampleRow {
-                tenant: tenant.to_string(),
-                metric: name.clone(),
-                labels: labels.clone(),
-                kind,
-                ts_ns: sample.timestamp.saturating_mul(1_000_000),
-                value: sample.value,
-                histogram: None,
-                metered,
+        for sample in series.samples {
+            let ts_ns = sample.timestamp.saturating_mul(1_000_000);
+            let row = if sample.value.to_bits() == STALE_NAN {
+                SampleRow::stale(tenant.to_string(), name.clone(), labels.clone(), kind, ts_ns, metered)
+            } else {
+                SampleRow {
+                    tenant: tenant.to_string(),
+                    metric: name.clone(),
+                    labels: labels.clone(),
+                    kind,
+                    ts_ns,
+                    value: sample.value,
+                    histogram: None,
+                    metered,
+                }
             };
             expansion.add(row.bytes())?;
             batch.samples.push(row);
@@ -165,5 +169,25 @@ pub async fn write(State(collector): State<Arc<Collector>>, headers: HeaderMap, 
             reject(refusal.reason);
             refusal.text()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staleness_markers_are_kept_as_markers() {
+        let series = |name: &str| TimeSeries {
+            labels: vec![Label { name: "__name__".into(), value: name.into() }],
+            samples: vec![
+                Sample { value: 1.0, timestamp: 1_000 },
+                Sample { value: f64::from_bits(STALE_NAN), timestamp: 2_000 },
+            ],
+        };
+        let request = WriteRequest { timeseries: vec![series("up")] };
+        let batch = samples(request, "acme", false).unwrap();
+        let rows: Vec<(i64, bool)> = batch.samples.iter().map(|s| (s.ts_ns, s.is_stale())).collect();
+        assert_eq!(rows, vec![(1_000_000_000, false), (2_000_000_000, true)]);
     }
 }

@@ -116,8 +116,13 @@ pub fn spawn(
             crate::background::spawn(async move {
                 let client = reqwest::Client::builder().no_proxy().build().expect("a plain HTTP client builds");
                 let interval = target.interval.unwrap_or(Duration::from_secs(15));
+                let mut series = Series::default();
                 loop {
-                    let batch = scrape_once(&client, &target, collector.store.clock().now_ns()).await;
+                    let now_ns = collector.store.clock().now_ns();
+                    let mut batch = scrape_once(&client, &target, now_ns).await;
+                    if !target.metered {
+                        series.mark_stale(&mut batch, now_ns);
+                    }
                     if let Err(error) = collector.pipeline.submit(batch, crate::pipeline::Source::Meter).await {
                         tracing::warn!(url = %target.url, %error, "scraped samples not stored");
                     }
@@ -129,6 +134,32 @@ pub fn spawn(
             })
         })
         .collect()
+}
+
+/// The series a target's last scrape gave, to mark those that are gone (as Prometheus does:
+/// a series missing from a scrape, or every series of a target that failed, ends there).
+#[derive(Default)]
+struct Series {
+    last: std::collections::HashMap<(String, String, String), &'static str>,
+}
+
+impl Series {
+    /// Adds a staleness marker at `now_ns` to `batch` for every series of the last scrape that
+    /// this one lacks, and remembers this one's. Samples with a time of their own (not
+    /// `now_ns`) are not tracked, as in Prometheus.
+    fn mark_stale(&mut self, batch: &mut Batch, now_ns: i64) {
+        let mut current = std::collections::HashMap::with_capacity(self.last.len());
+        for row in batch.samples.iter().filter(|row| row.ts_ns == now_ns) {
+            current.insert((row.tenant.clone(), row.metric.clone(), row.labels.clone()), row.kind);
+        }
+        for (key, kind) in self.last.drain() {
+            if !current.contains_key(&key) {
+                let (tenant, metric, labels) = key;
+                batch.samples.push(SampleRow::stale(tenant, metric, labels, kind, now_ns, false));
+            }
+        }
+        self.last = current;
+    }
 }
 
 /// Scrapes a target once: its samples, plus `up`, `scrape_duration_seconds` and
@@ -339,6 +370,35 @@ fn sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn series_gone_from_a_scrape_are_marked_stale() {
+        let target = ScrapeTarget {
+            tenant: "acme".into(),
+            url: "http://127.0.0.1:9/metrics".into(),
+            job: Some("app".into()),
+            interval: None,
+            timeout: None,
+            bearer_token: None,
+            tenant_label: None,
+            metered: false,
+        };
+        let mut series = Series::default();
+        let mut first = exposition(&target, "a 1\nb{x=\"1\"} 2\nc 3 1000\n", false, 10);
+        series.mark_stale(&mut first, 10);
+        assert!(first.samples.iter().all(|s| !s.is_stale()));
+        let mut second = exposition(&target, "a 1\n", false, 20);
+        series.mark_stale(&mut second, 20);
+        let stale: Vec<(&str, i64)> =
+            second.samples.iter().filter(|s| s.is_stale()).map(|s| (s.metric.as_str(), s.ts_ns)).collect();
+        // b is gone; c had a time of its own, so it is not tracked.
+        assert_eq!(stale, vec![("b", 20)]);
+        let mut third = samples_of(&target, Err("refused".into()), 0.0, 30);
+        series.mark_stale(&mut third, 30);
+        let mut stale: Vec<&str> = third.samples.iter().filter(|s| s.is_stale()).map(|s| s.metric.as_str()).collect();
+        stale.sort();
+        assert_eq!(stale, vec!["a", "scrape_samples_scraped"]);
+    }
 
     #[test]
     fn both_exposition_formats_parse() {

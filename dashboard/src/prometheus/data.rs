@@ -9,7 +9,7 @@ use collector::store::StoreError;
 use serde_json::Value as Json;
 
 use super::eval::{
-    LOOKBACK_MS, Labels, METRIC_NAME, Plan, QueryError, Selector, Series, SeriesData, counter_read_times,
+    LOOKBACK_MS, Labels, METRIC_NAME, Plan, QueryError, STALE, Selector, Series, SeriesData, counter_read_times,
 };
 use super::usage;
 use crate::DashboardState;
@@ -96,10 +96,14 @@ fn bucket_bound(value: &Json) -> String {
 /// A series a stored row contributes to: exposed name, extra label (`le`, `quantile`), value.
 type Exposed = (String, Option<(&'static str, String)>, f64);
 
+fn is_marker(histogram: &str) -> bool {
+    histogram == collector::model::STALE_MARKER
+}
+
 /// A stored row as the samples it exposes.
 fn expand(metric: &str, value: Option<f64>, histogram: Option<&str>, wanted: &dyn Fn(&str) -> bool) -> Vec<Exposed> {
-    let value = value.unwrap_or(f64::NAN);
-    let Some(detail) = histogram.and_then(|h| serde_json::from_str::<Json>(h).ok()) else {
+    let value = if histogram.is_some_and(is_marker) { STALE } else { value.unwrap_or(f64::NAN) };
+    let Some(detail) = histogram.filter(|h| !is_marker(h)).and_then(|h| serde_json::from_str::<Json>(h).ok()) else {
         return if wanted(metric) { vec![(metric.to_string(), None, value)] } else { Vec::new() };
     };
     let number = |v: Option<&Json>| v.and_then(Json::as_f64).unwrap_or(f64::NAN);
@@ -233,7 +237,9 @@ async fn stored_series(
             .series_samples(tenants, &metric, lo.saturating_mul(NS_PER_MS), hi.saturating_mul(NS_PER_MS), budget)
             .await?;
         for group in groups {
-            let plain = group.samples.iter().all(|(_, _, histogram)| histogram.is_none());
+            // Staleness markers belong with plain samples (a histogram's parts are plain series
+            // once remote-written).
+            let plain = group.samples.iter().all(|(_, _, histogram)| histogram.as_deref().is_none_or(is_marker));
             if plain {
                 // One labels computation for the series, then only its points.
                 let target = wanted(&metric)
@@ -242,8 +248,9 @@ async fn stored_series(
                 if let Some(i) = target {
                     let points = &mut series[i].1;
                     points.reserve(group.samples.len());
-                    for (ts_ns, value, _) in &group.samples {
-                        push(points, ts_ns.div_euclid(NS_PER_MS), value.unwrap_or(f64::NAN));
+                    for (ts_ns, value, histogram) in &group.samples {
+                        let value = if histogram.is_some() { STALE } else { value.unwrap_or(f64::NAN) };
+                        push(points, ts_ns.div_euclid(NS_PER_MS), value);
                     }
                 }
                 continue;

@@ -29,7 +29,7 @@ pub use plan::{MAX_SUBQUERY_STEPS, Plan, Selector, plan};
 
 #[cfg(test)]
 mod promqltest;
-pub use series::{Counter, RESOLUTION_MS, Series, SeriesData, counter_read_times};
+pub use series::{Counter, RESOLUTION_MS, STALE, Series, SeriesData, counter_read_times};
 
 /// A series' labels, sorted by name, without empty values; `__name__` is the metric name.
 pub type Labels = Arc<Vec<(String, String)>>;

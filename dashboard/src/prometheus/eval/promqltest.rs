@@ -21,7 +21,7 @@
 //! ```
 //!
 //! Values: `a+bxn` / `a-bxn` are n+1 samples from a stepping by b; `axn` repeats a n+1
-//! times; `_` is no sample, `_xn` n of them; `NaN`, `Inf`, `-Inf`. An instant `eval`
+//! times; `_` is no sample, `_xn` n of them; `NaN`, `Inf`, `-Inf`; `stale` a staleness marker. An instant `eval`
 //! lists the expected samples (`{labels} value`, the name inside or before the braces, a bare
 //! number for a scalar); any sample more or less fails. A `range` eval lists each series'
 //! values at every step (`_` where it has none). Values agree within 1e-6 relative (as
@@ -31,17 +31,21 @@ use std::sync::Arc;
 
 use super::super::params::parse_duration;
 use super::super::parse::parse_query;
-use super::{Evaluator, Labels, METRIC_NAME, Series, SeriesData, Value, plan};
+use super::{Evaluator, Labels, METRIC_NAME, STALE, Series, SeriesData, Value, plan};
 
 /// One loaded series.
 type Loaded = (Labels, Vec<(i64, f64)>);
+/// Sorted labels, the name as `__name__`.
+type LabelList = Vec<(String, String)>;
+/// A result: its labels (`None`: a scalar) and its value at each step (`None`: no value).
+type Row = (Option<LabelList>, Vec<Option<f64>>);
 
 fn fail(file: &str, line: usize, message: impl std::fmt::Display) -> String {
     format!("{file}:{line}: {message}")
 }
 
 /// `name{a="b", c="d"}` (either part may be missing) as sorted labels.
-fn parse_labels(text: &str) -> Result<(Vec<(String, String)>, &str), String> {
+fn parse_labels(text: &str) -> Result<(LabelList, &str), String> {
     let text = text.trim_start();
     let name_len = text.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')).unwrap_or(text.len());
     let mut labels = Vec::new();
@@ -100,6 +104,8 @@ fn expand_values(text: &str) -> Result<Vec<Option<f64>>, String> {
     for item in text.split_whitespace() {
         if item == "_" {
             out.push(None);
+        } else if item == "stale" {
+            out.push(Some(STALE));
         } else if let Some(times) = item.strip_prefix("_x") {
             let n: usize = times.parse().map_err(|_| format!("bad repetition {item:?}"))?;
             out.extend(std::iter::repeat_n(None, n));
@@ -145,7 +151,7 @@ struct Eval {
     step: i64,
     ordered: bool,
     fails: bool,
-    expected: Vec<(Option<Vec<(String, String)>>, Vec<Option<f64>>)>,
+    expected: Vec<Row>,
 }
 
 /// Evaluates one `eval` over the loaded series, as the API evaluates a query.
@@ -189,7 +195,7 @@ fn check(e: &Eval, value: Value) -> Result<(), String> {
         (0..).map(|k| e.start + k * e.step).take_while(|t| *t <= e.end).collect()
     };
     // The answer as (labels, value at each step), scalars without labels.
-    let got: Vec<(Option<Vec<(String, String)>>, Vec<Option<f64>>)> = match value {
+    let got: Vec<Row> = match value {
         Value::Scalar(v) => vec![(None, vec![Some(v)])],
         Value::Vector(samples) => samples.into_iter().map(|s| (Some(s.labels.to_vec()), vec![Some(s.value)])).collect(),
         Value::Matrix(series) => series
@@ -201,7 +207,7 @@ fn check(e: &Eval, value: Value) -> Result<(), String> {
             .collect(),
         Value::Str(s) => return Err(format!("got the string {s:?}")),
     };
-    let name = |labels: &Option<Vec<(String, String)>>| labels.as_ref().map_or("scalar".into(), |l| show(l));
+    let name = |labels: &Option<LabelList>| labels.as_ref().map_or("scalar".into(), |l| show(l));
     if got.len() != e.expected.len() {
         let got_names: Vec<String> = got.iter().map(|(l, v)| format!("{} {v:?}", name(l))).collect();
         return Err(format!("expected {} results, got {}:\n  {}", e.expected.len(), got.len(), got_names.join("\n  ")));

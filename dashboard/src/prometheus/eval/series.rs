@@ -39,9 +39,26 @@ impl Counter {
     }
 }
 
+/// The value that marks a series stale from its time on (Prometheus's staleness marker, a
+/// NaN of its own): instant selectors do not read past it, windows leave it out.
+pub const STALE: f64 = f64::from_bits(0x7ff0_0000_0000_0002);
+
+pub fn is_stale(value: f64) -> bool {
+    value.to_bits() == STALE.to_bits()
+}
+
+/// The samples without staleness markers (borrowed when there are none).
+fn without_markers(slice: &[(i64, f64)]) -> Cow<'_, [(i64, f64)]> {
+    if slice.iter().any(|s| is_stale(s.1)) {
+        Cow::Owned(slice.iter().filter(|s| !is_stale(s.1)).copied().collect())
+    } else {
+        Cow::Borrowed(slice)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum SeriesData {
-    /// Stored samples, in time order.
+    /// Stored samples, in time order; staleness markers among them are [`STALE`].
     Samples(Arc<Vec<(i64, f64)>>),
     Counter(Arc<Counter>),
 }
@@ -92,7 +109,7 @@ impl SeriesData {
             SeriesData::Samples(samples) => {
                 let i = samples.partition_point(|s| s.0 <= e);
                 let (t, v) = *samples.get(i.checked_sub(1)?)?;
-                (t > e - LOOKBACK_MS).then_some((t, v))
+                (t > e - LOOKBACK_MS && !is_stale(v)).then_some((t, v))
             }
             SeriesData::Counter(c) => {
                 let l = c.last_sample(e)?;
@@ -106,7 +123,7 @@ impl SeriesData {
             SeriesData::Samples(samples) => {
                 let lo = samples.partition_point(|s| s.0 <= e - range);
                 let hi = samples.partition_point(|s| s.0 <= e);
-                Window::of(samples.get(lo..hi)?)
+                Window::of(&without_markers(samples.get(lo..hi)?))
             }
             SeriesData::Counter(c) => {
                 let l = c.last_sample(e)?;
@@ -132,7 +149,7 @@ impl SeriesData {
             SeriesData::Samples(samples) => {
                 let lo = samples.partition_point(|s| s.0 <= e - range);
                 let hi = samples.partition_point(|s| s.0 <= e);
-                Cow::Borrowed(&samples[lo..hi])
+                without_markers(&samples[lo..hi])
             }
             SeriesData::Counter(c) => {
                 let Some(l) = c.last_sample(e) else { return Cow::Borrowed(&[]) };
@@ -194,6 +211,18 @@ fn too_many_counter_reads() -> QueryError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staleness_marker_ends_a_series_until_its_next_sample() {
+        let data = SeriesData::Samples(Arc::new(vec![(0, 1.0), (60_000, 2.0), (120_000, STALE), (240_000, 4.0)]));
+        assert_eq!(data.instant(119_999), Some((60_000, 2.0)));
+        assert_eq!(data.instant(120_000), None);
+        assert_eq!(data.instant(200_000), None);
+        assert_eq!(data.instant(240_000), Some((240_000, 4.0)));
+        assert_eq!(data.samples(300_000, 300_000).as_ref(), &[(60_000, 2.0), (240_000, 4.0)]);
+        let w = data.window(240_000, 240_000).unwrap();
+        assert_eq!((w.first, w.last, w.count), ((60_000, 2.0), (240_000, 4.0), 2));
+    }
 
     #[test]
     fn counter_windows_follow_the_minute_grid() {
