@@ -1315,13 +1315,12 @@ async fn unsupported_promql_is_refused_by_name() {
         let env = env(backend).await;
         let name = env.name();
         for (q, construct) in [
-            ("holt_winters(http_requests_total[5m], 0.5, 0.5)", "function holt_winters"),
-            ("quantile_over_time(0.9, http_requests_total[5m])", "function quantile_over_time"),
-            ("label_replace(up, \"a\", \"$1\", \"b\", \"(.*)\")", "function label_replace"),
-            ("topk(3, http_requests_total)", "aggregation topk"),
-            ("count_values(\"v\", http_requests_total)", "aggregation count_values"),
-            ("rate(http_requests_total[5m:1m])", "subquery"),
-            ("http_requests_total * on (job) group_left (code) up", "group_left"),
+            // Prometheus 3's experimental functions and aggregations, and other engines' own.
+            ("limitk(3, http_requests_total)", "aggregation limitk"),
+            ("limit_ratio(0.5, http_requests_total)", "aggregation limit_ratio"),
+            ("info(up)", "function info"),
+            ("first_over_time(http_requests_total[5m])", "function first_over_time"),
+            ("ts_of_max_over_time(http_requests_total[5m])", "function ts_of_max_over_time"),
         ] {
             let (status, body) = env.post_form(ACME, "/prometheus/api/v1/query", &[("query", q)]).await;
             assert_eq!(status, 422, "{q} on {name}: {body}");
@@ -1376,10 +1375,11 @@ async fn unsupported_promql_is_refused_by_name() {
             .post_form(
                 ACME,
                 "/prometheus/api/v1/query",
-                &[("query", "label_replace(vector(1), \"a\", \"b\", \"\", \"\")")],
+                &[("query", "label_replace(vector(1), \"1a\", \"b\", \"\", \"\")")],
             )
             .await;
         assert_eq!(status, 422, "{body}");
+        assert_eq!(body["error"], "invalid destination label name in label_replace(): 1a");
         // Unknown endpoints: Prometheus's error JSON.
         for path in ["/prometheus/api/v1/targets", "/prometheus/api/v2/query", "/prometheus/nope"] {
             let (status, body) = env.get(ACME, path).await;
@@ -1476,6 +1476,12 @@ async fn selectors_and_usage_ranges_are_bounded_and_the_server_survives() {
         assert_eq!(status, 422, "{query}: {body}");
         assert!(body["error"].as_str().unwrap().contains("more than 1048576 minutes"), "{query}: {body}");
     }
+    // Subqueries: their times are counted before any is evaluated.
+    let (status, body) = env
+        .post_form(ACME, "/prometheus/api/v1/query", &[("query", "max_over_time(up[10000y:1s])"), ("time", "1000")])
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("evaluated at more than 1048576 times"), "{body}");
     // A month of minutes is within the bound, and the server still answers.
     let month = [("query", "sfaas_usage_cpu_ms_total[30d]"), ("time", "2026-11-10T12:00:00Z")];
     let (status, body) = env.post_form(ACME, "/prometheus/api/v1/query", &month).await;

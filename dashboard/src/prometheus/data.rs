@@ -9,7 +9,8 @@ use collector::store::StoreError;
 use serde_json::Value as Json;
 
 use super::eval::{
-    LOOKBACK_MS, Labels, METRIC_NAME, Plan, QueryError, STALE, Selector, Series, SeriesData, counter_read_times,
+    LOOKBACK_MS, Labels, METRIC_NAME, Plan, QueryError, STALE, Selector, Series, SeriesData, TOO_MANY_SAMPLES,
+    counter_read_times,
 };
 use super::usage;
 use crate::DashboardState;
@@ -283,8 +284,6 @@ fn is_synthesized(name: &str) -> bool {
 /// Most stored samples one query may load, all its selectors together (Prometheus's
 /// `--query.max-samples` is 50 million; ours are held longer, as rows, so fewer).
 pub const MAX_SAMPLES: usize = 5_000_000;
-/// Prometheus's words when a query would load more (422, `execution`).
-pub const TOO_MANY_SAMPLES: &str = "query processing would load too many samples into memory in query execution";
 
 /// Every selector's series, loaded once for all the evaluation times.
 pub async fn load(

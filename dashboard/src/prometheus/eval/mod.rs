@@ -111,13 +111,47 @@ pub struct Evaluator<'a> {
     /// The query's first and last evaluation times (for `@ start()` / `@ end()`).
     pub start: i64,
     pub end: i64,
-    /// When a subquery's evaluation gives up (the caller checks between its own steps).
+    /// When evaluation gives up (checked at each step of a range query and every few
+    /// thousand subquery times).
     deadline: Option<Instant>,
     /// Each subquery's evaluations by time, kept while a later step may read them again.
-    memo: RefCell<Vec<BTreeMap<i64, Arc<Vec<Sample>>>>>,
-    /// How many times subqueries were evaluated (bounded by [`MAX_SUBQUERY_STEPS`]).
-    steps: Cell<usize>,
+    memo: RefCell<Vec<Memo>>,
+    /// How many times subqueries were evaluated (bounded by [`MAX_SUBQUERY_STEPS`]) and how
+    /// many of their times were read, evaluated or remembered (bounded by the deadline).
+    evaluations: Cell<usize>,
+    visits: Cell<usize>,
 }
+
+/// Most samples a query's subqueries may hold remembered at once (Prometheus counts them
+/// against `--query.max-samples` too).
+pub const MAX_SUBQUERY_SAMPLES: usize = 5_000_000;
+
+/// A subquery's evaluations by time, and how many samples they hold.
+#[derive(Default, Clone)]
+struct Memo {
+    by_time: BTreeMap<i64, Arc<Vec<Sample>>>,
+    samples: usize,
+}
+
+impl Memo {
+    fn forget_before(&mut self, time: i64) {
+        let kept = self.by_time.split_off(&time);
+        self.samples -= self.by_time.values().map(|s| s.len()).sum::<usize>();
+        self.by_time = kept;
+    }
+
+    fn keep(&mut self, time: i64, samples: Arc<Vec<Sample>>) -> Result<(), QueryError> {
+        self.samples += samples.len();
+        if self.samples > MAX_SUBQUERY_SAMPLES {
+            return Err(QueryError::Execution(TOO_MANY_SAMPLES.into()));
+        }
+        self.by_time.insert(time, samples);
+        Ok(())
+    }
+}
+
+/// Prometheus's words when a query would hold more samples than it may (422, `execution`).
+pub const TOO_MANY_SAMPLES: &str = "query processing would load too many samples into memory in query execution";
 
 fn drop_name(labels: &Labels) -> Labels {
     if labels.iter().any(|(k, _)| k == METRIC_NAME) {
@@ -152,8 +186,9 @@ impl<'a> Evaluator<'a> {
             start,
             end,
             deadline,
-            memo: RefCell::new(vec![BTreeMap::new(); plan.subqueries]),
-            steps: Cell::new(0),
+            memo: RefCell::new(vec![Memo::default(); plan.subqueries]),
+            evaluations: Cell::new(0),
+            visits: Cell::new(0),
         }
     }
 
@@ -242,31 +277,32 @@ impl<'a> Evaluator<'a> {
         let mut times = sub.times(t, self.start, self.end).peekable();
         if let Some(first) = times.peek() {
             // Earlier times are behind this step's window (steps go forward in time).
-            let mut memo = self.memo.borrow_mut();
-            let kept = memo[sub.id].split_off(first);
-            memo[sub.id] = kept;
+            self.memo.borrow_mut()[sub.id].forget_before(*first);
         }
         for ti in times {
-            let known = self.memo.borrow()[sub.id].get(&ti).cloned();
+            // Every time visited is work, remembered or not: the deadline bounds it.
+            let visits = self.visits.get() + 1;
+            self.visits.set(visits);
+            if visits.is_multiple_of(4096) && self.deadline.is_some_and(|d| Instant::now() > d) {
+                return Err(QueryError::Timeout);
+            }
+            let known = self.memo.borrow()[sub.id].by_time.get(&ti).cloned();
             let samples = match known {
                 Some(samples) => samples,
                 None => {
-                    let steps = self.steps.get() + 1;
-                    if steps > MAX_SUBQUERY_STEPS {
+                    let evaluations = self.evaluations.get() + 1;
+                    if evaluations > MAX_SUBQUERY_STEPS {
                         return Err(QueryError::Execution(format!(
                             "the query's subqueries would be evaluated at more than {MAX_SUBQUERY_STEPS} times: use a longer subquery step or a shorter range"
                         )));
                     }
-                    self.steps.set(steps);
-                    if steps.is_multiple_of(1024) && self.deadline.is_some_and(|d| Instant::now() > d) {
-                        return Err(QueryError::Timeout);
-                    }
+                    self.evaluations.set(evaluations);
                     let samples = Arc::new(match self.eval(&sub.expr, ti)? {
                         Value::Vector(samples) => samples,
                         Value::Scalar(value) => vec![Sample { labels: Arc::new(Vec::new()), value }],
                         _ => return Err(QueryError::Execution("a subquery needs an instant vector".into())),
                     });
-                    self.memo.borrow_mut()[sub.id].insert(ti, samples.clone());
+                    self.memo.borrow_mut()[sub.id].keep(ti, samples.clone())?;
                     samples
                 }
             };
@@ -289,5 +325,59 @@ impl<'a> Evaluator<'a> {
             Value::Vector(v) => Ok(v),
             _ => Err(QueryError::Execution("expected an instant vector argument".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plan of `query` over `series` series for each of its selectors, each with a
+    /// sample every second of the first 10 000.
+    fn planned(query: &str, series: usize) -> (Plan, Vec<Vec<Series>>) {
+        let plan = plan(&promql_parser::parser::parse(query).unwrap()).unwrap();
+        let points = Arc::new((0..10_000).map(|s| (s * 1000, 1.0)).collect::<Vec<_>>());
+        let data = plan
+            .selectors
+            .iter()
+            .map(|_| {
+                (0..series)
+                    .map(|i| Series {
+                        labels: Arc::new(vec![("i".into(), i.to_string())]),
+                        data: SeriesData::Samples(points.clone()),
+                    })
+                    .collect()
+            })
+            .collect();
+        (plan, data)
+    }
+
+    #[test]
+    fn nested_subqueries_stop_at_the_deadline() {
+        // 86 400 outer times, each reading 86 400 inner ones: hours of work without a bound.
+        let (plan, data) = planned("max_over_time(max_over_time(m[1d:1s])[1d:1s])", 1);
+        let deadline = Instant::now() + std::time::Duration::from_millis(200);
+        let evaluator = Evaluator::new(&plan, &data, 0, 0, Some(deadline));
+        let started = Instant::now();
+        assert!(matches!(evaluator.eval(&plan.root, 86_400_000), Err(QueryError::Timeout)));
+        // Not a timing assertion: a failure here would take hours, not seconds.
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    }
+
+    #[test]
+    fn subqueries_hold_a_bounded_number_of_samples() {
+        // 1 000 series at 10 000 times: 10 million samples.
+        let (plan, data) = planned("count_over_time(m[10000s:1s])", 1000);
+        let evaluator = Evaluator::new(&plan, &data, 0, 0, None);
+        match evaluator.eval(&plan.root, 9_999_000) {
+            Err(QueryError::Execution(message)) => assert_eq!(message, TOO_MANY_SAMPLES),
+            other => panic!("{:?}", other.map(|_| "an answer")),
+        }
+        // Within the bound it answers: 1 000 series at 1 000 times.
+        let (plan, data) = planned("count_over_time(m[1000s:1s])", 1000);
+        let evaluator = Evaluator::new(&plan, &data, 0, 0, None);
+        let Ok(Value::Vector(samples)) = evaluator.eval(&plan.root, 9_999_000) else { panic!() };
+        assert_eq!(samples.len(), 1000);
+        assert!(samples.iter().all(|s| s.value == 1000.0));
     }
 }
