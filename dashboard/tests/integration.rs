@@ -2,6 +2,7 @@
 //! workspace links one test program a crate instead of one a file (less link time, a
 //! tenth of the disk). `cargo test -p <crate> --test integration <file>::` runs one file.
 
+mod differential;
 mod jaeger;
 mod prometheus;
 mod ui_attacks;

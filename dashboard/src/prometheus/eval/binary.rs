@@ -121,6 +121,10 @@ fn vector_vector(
             }
         }));
     }
+    // Nothing to match, so nothing to check either (as Prometheus: no duplicate error).
+    if lhs.is_empty() || rhs.is_empty() {
+        return Ok(Value::Vector(Vec::new()));
+    }
     // The "many" side is iterated and matched into the "one" side: group_right swaps them.
     let (many, one, swapped, include): (Vec<Sample>, Vec<Sample>, bool, &[String]) = match card {
         Card::OneToMany(include) => (rhs, lhs, true, include),

@@ -381,3 +381,40 @@ mod tests {
         assert!(samples.iter().all(|s| s.value == 1000.0));
     }
 }
+
+#[cfg(test)]
+mod depth {
+    use super::*;
+
+    /// The deepest queries the shape limits let through (`parse.rs`: 64 brackets, 256
+    /// operators) are planned, walked and evaluated within a 2 MiB stack, a runtime thread's.
+    #[test]
+    fn the_deepest_accepted_queries_fit_a_runtime_threads_stack() {
+        let accepted = |query: &str| super::super::parse::parse_query(Some(query)).is_ok();
+        let chain = vec!["up"; 257].join(" + ");
+        let nested = format!("{}up{}", "(".repeat(64), ")".repeat(64));
+        let subqueries = (1..64)
+            .rev()
+            .map(|n| format!("{}up{}", "max_over_time(".repeat(n), "[5m:1m])".repeat(n)))
+            .find(|q| accepted(q))
+            .unwrap();
+        let calls =
+            (1..64).rev().map(|n| format!("{}up{}", "abs(".repeat(n), ")".repeat(n))).find(|q| accepted(q)).unwrap();
+        for query in [chain, nested, subqueries, calls] {
+            assert!(accepted(&query), "{query}");
+            std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || {
+                    let expr = super::super::parse::parse_query(Some(&query)).unwrap();
+                    let plan = plan(&expr).unwrap();
+                    plan.read_times(&[600_000], 600_000, 600_000).unwrap();
+                    let data: Vec<Vec<Series>> = plan.selectors.iter().map(|_| Vec::new()).collect();
+                    let evaluator = Evaluator::new(&plan, &data, 600_000, 600_000, None);
+                    evaluator.eval(&plan.root, 600_000).unwrap();
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+        }
+    }
+}

@@ -670,6 +670,8 @@ impl Planner {
         Ok(self.selectors.len() - 1)
     }
 
+    /// Plans a node. Each kind of expression is planned by a function of its own, so that
+    /// this one, which recurses once per level of the query, keeps a small stack frame.
     fn node(&mut self, expr: &Expr) -> Result<Node, QueryError> {
         Ok(match expr {
             Expr::NumberLiteral(n) => Node::Number(n.val),
@@ -678,168 +680,167 @@ impl Planner {
             Expr::Unary(u) => Node::Neg(Box::new(self.node(&u.expr)?)),
             Expr::VectorSelector(vs) => Node::Selector(self.selector(vs, None)?),
             Expr::MatrixSelector(ms) => Node::Matrix(self.selector(&ms.vs, Some(&ms.range))?),
-            Expr::Subquery(sq) => {
-                let range_ms = bounded_duration("range", &sq.range)?;
-                if range_ms == 0 {
-                    return Err(QueryError::BadData("subquery range must be positive".into()));
-                }
-                let step_ms = match &sq.step {
-                    Some(step) if !step.is_zero() => bounded_duration("subquery step", step)?,
-                    _ => DEFAULT_SUBQUERY_STEP_MS,
-                };
-                let id = self.subqueries;
-                self.subqueries += 1;
-                Node::Subquery(Box::new(Subquery {
-                    id,
-                    expr: self.node(&sq.expr)?,
-                    range_ms,
-                    step_ms,
-                    offset_ms: offset_ms(&sq.offset)?,
-                    at: at(&sq.at)?,
-                }))
-            }
+            Expr::Subquery(sq) => self.subquery(sq)?,
             Expr::Extension(_) => return Err(unsupported("extension expression")),
-            Expr::Aggregate(a) => {
-                let op = match a.op.id() {
-                    T_SUM => AggOp::Sum,
-                    T_AVG => AggOp::Avg,
-                    T_MIN => AggOp::Min,
-                    T_MAX => AggOp::Max,
-                    T_COUNT => AggOp::Count,
-                    T_GROUP => AggOp::Group,
-                    T_STDDEV => AggOp::Stddev,
-                    T_STDVAR => AggOp::Stdvar,
-                    T_TOPK => AggOp::Topk,
-                    T_BOTTOMK => AggOp::Bottomk,
-                    T_QUANTILE => AggOp::Quantile,
-                    T_COUNT_VALUES => AggOp::CountValues,
-                    _ => return Err(unsupported(format!("aggregation {}", a.op))),
-                };
-                let param = match &a.param {
-                    Some(param) => Some(Box::new(self.node(param)?)),
-                    None => None,
-                };
-                if let (AggOp::CountValues, Some(param)) = (op, &param) {
-                    let name = string_arg(param, "count_values")?;
-                    if !valid_label_name(&name) {
-                        return Err(QueryError::Execution(format!("invalid label name {name:?}")));
-                    }
-                }
-                let grouping = match &a.modifier {
-                    None => Grouping::By(Vec::new()),
-                    Some(LabelModifier::Include(l)) => Grouping::By(l.labels.clone()),
-                    Some(LabelModifier::Exclude(l)) => Grouping::Without(l.labels.clone()),
-                };
-                Node::Aggregate { op, expr: Box::new(self.node(&a.expr)?), param, grouping }
-            }
-            Expr::Binary(b) => {
-                let op = match b.op.id() {
-                    T_ADD => BinOp::Add,
-                    T_SUB => BinOp::Sub,
-                    T_MUL => BinOp::Mul,
-                    T_DIV => BinOp::Div,
-                    T_MOD => BinOp::Mod,
-                    T_POW => BinOp::Pow,
-                    T_ATAN2 => BinOp::Atan2,
-                    T_EQLC => BinOp::Eq,
-                    T_NEQ => BinOp::Ne,
-                    T_GTR => BinOp::Gt,
-                    T_LSS => BinOp::Lt,
-                    T_GTE => BinOp::Ge,
-                    T_LTE => BinOp::Le,
-                    T_LAND => BinOp::And,
-                    T_LOR => BinOp::Or,
-                    T_LUNLESS => BinOp::Unless,
-                    _ => return Err(unsupported(format!("binary operator {}", b.op))),
-                };
-                let mut matching = None;
-                let mut return_bool = false;
-                let mut card = Card::OneToOne;
-                if let Some(modifier) = &b.modifier {
-                    card = match &modifier.card {
-                        VectorMatchCardinality::ManyToOne(l) => Card::ManyToOne(l.labels.clone()),
-                        VectorMatchCardinality::OneToMany(l) => Card::OneToMany(l.labels.clone()),
-                        VectorMatchCardinality::OneToOne => Card::OneToOne,
-                        VectorMatchCardinality::ManyToMany => Card::ManyToMany,
-                    };
-                    if modifier.fill_values.lhs.is_some() || modifier.fill_values.rhs.is_some() {
-                        return Err(unsupported("fill modifier"));
-                    }
-                    return_bool = modifier.return_bool;
-                    matching = match &modifier.matching {
-                        None => None,
-                        Some(LabelModifier::Include(l)) => Some(Matching::On(l.labels.clone())),
-                        Some(LabelModifier::Exclude(l)) => Some(Matching::Ignoring(l.labels.clone())),
-                    };
-                }
-                Node::Binary {
-                    op,
-                    lhs: Box::new(self.node(&b.lhs)?),
-                    rhs: Box::new(self.node(&b.rhs)?),
-                    return_bool,
-                    matching,
-                    card,
-                }
-            }
-            Expr::Call(c) => {
-                let name = c.func.name;
-                let func = FUNCTIONS
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, f)| *f)
-                    .ok_or_else(|| unsupported(format!("function {name}")))?;
-                let mut args = Vec::with_capacity(c.args.args.len());
-                for arg in &c.args.args {
-                    args.push(self.node(arg)?);
-                }
-                for arg in &args {
-                    if let (Node::Matrix(id), Func::Range(range)) = (arg, func) {
-                        match range {
-                            RangeFunc::Rate | RangeFunc::Increase | RangeFunc::Delta => {}
-                            RangeFunc::Irate | RangeFunc::Idelta => self.selectors[*id].needs_previous = true,
-                            _ => self.selectors[*id].all_samples = true,
-                        }
-                    }
-                }
-                match func {
-                    Func::LabelReplace => self.label_replace(args)?,
-                    Func::LabelJoin => {
-                        let mut args = args.into_iter();
-                        let expr = Box::new(
-                            args.next().ok_or_else(|| QueryError::BadData("label_join needs a vector".into()))?,
-                        );
-                        let strings: Vec<String> =
-                            args.map(|a| string_arg(&a, "label_join")).collect::<Result<_, _>>()?;
-                        let [dst, separator, sources @ ..] = strings.as_slice() else {
-                            return Err(QueryError::BadData("label_join needs a destination and a separator".into()));
-                        };
-                        if !valid_label_name(dst) {
-                            return Err(QueryError::Execution(format!(
-                                "invalid destination label name in label_join(): {dst}"
-                            )));
-                        }
-                        if let Some(bad) = sources.iter().find(|s| !valid_label_name(s)) {
-                            return Err(QueryError::Execution(format!(
-                                "invalid source label name in label_join(): {bad}"
-                            )));
-                        }
-                        Node::LabelJoin {
-                            expr,
-                            dst: dst.clone(),
-                            separator: separator.clone(),
-                            sources: sources.to_vec(),
-                        }
-                    }
-                    _ => {
-                        let absent = match (func, c.args.args.first()) {
-                            (Func::Absent | Func::Range(RangeFunc::AbsentOverTime), Some(arg)) => absent_labels(arg),
-                            _ => AbsentLabels::default(),
-                        };
-                        Node::Call { func, args, absent }
-                    }
-                }
-            }
+            Expr::Aggregate(a) => self.aggregate(a)?,
+            Expr::Binary(b) => self.binary(b)?,
+            Expr::Call(c) => self.call(c)?,
         })
+    }
+
+    fn subquery(&mut self, sq: &promql_parser::parser::SubqueryExpr) -> Result<Node, QueryError> {
+        let range_ms = bounded_duration("range", &sq.range)?;
+        if range_ms == 0 {
+            return Err(QueryError::BadData("subquery range must be positive".into()));
+        }
+        let step_ms = match &sq.step {
+            Some(step) if !step.is_zero() => bounded_duration("subquery step", step)?,
+            _ => DEFAULT_SUBQUERY_STEP_MS,
+        };
+        let id = self.subqueries;
+        self.subqueries += 1;
+        Ok(Node::Subquery(Box::new(Subquery {
+            id,
+            expr: self.node(&sq.expr)?,
+            range_ms,
+            step_ms,
+            offset_ms: offset_ms(&sq.offset)?,
+            at: at(&sq.at)?,
+        })))
+    }
+
+    fn aggregate(&mut self, a: &promql_parser::parser::AggregateExpr) -> Result<Node, QueryError> {
+        let op = match a.op.id() {
+            T_SUM => AggOp::Sum,
+            T_AVG => AggOp::Avg,
+            T_MIN => AggOp::Min,
+            T_MAX => AggOp::Max,
+            T_COUNT => AggOp::Count,
+            T_GROUP => AggOp::Group,
+            T_STDDEV => AggOp::Stddev,
+            T_STDVAR => AggOp::Stdvar,
+            T_TOPK => AggOp::Topk,
+            T_BOTTOMK => AggOp::Bottomk,
+            T_QUANTILE => AggOp::Quantile,
+            T_COUNT_VALUES => AggOp::CountValues,
+            _ => return Err(unsupported(format!("aggregation {}", a.op))),
+        };
+        let param = match &a.param {
+            Some(param) => Some(Box::new(self.node(param)?)),
+            None => None,
+        };
+        if let (AggOp::CountValues, Some(param)) = (op, &param) {
+            let name = string_arg(param, "count_values")?;
+            if !valid_label_name(&name) {
+                return Err(QueryError::Execution(format!("invalid label name {name:?}")));
+            }
+        }
+        let grouping = match &a.modifier {
+            None => Grouping::By(Vec::new()),
+            Some(LabelModifier::Include(l)) => Grouping::By(l.labels.clone()),
+            Some(LabelModifier::Exclude(l)) => Grouping::Without(l.labels.clone()),
+        };
+        Ok(Node::Aggregate { op, expr: Box::new(self.node(&a.expr)?), param, grouping })
+    }
+
+    fn binary(&mut self, b: &promql_parser::parser::BinaryExpr) -> Result<Node, QueryError> {
+        let op = match b.op.id() {
+            T_ADD => BinOp::Add,
+            T_SUB => BinOp::Sub,
+            T_MUL => BinOp::Mul,
+            T_DIV => BinOp::Div,
+            T_MOD => BinOp::Mod,
+            T_POW => BinOp::Pow,
+            T_ATAN2 => BinOp::Atan2,
+            T_EQLC => BinOp::Eq,
+            T_NEQ => BinOp::Ne,
+            T_GTR => BinOp::Gt,
+            T_LSS => BinOp::Lt,
+            T_GTE => BinOp::Ge,
+            T_LTE => BinOp::Le,
+            T_LAND => BinOp::And,
+            T_LOR => BinOp::Or,
+            T_LUNLESS => BinOp::Unless,
+            _ => return Err(unsupported(format!("binary operator {}", b.op))),
+        };
+        let mut matching = None;
+        let mut return_bool = false;
+        let mut card = Card::OneToOne;
+        if let Some(modifier) = &b.modifier {
+            card = match &modifier.card {
+                VectorMatchCardinality::ManyToOne(l) => Card::ManyToOne(l.labels.clone()),
+                VectorMatchCardinality::OneToMany(l) => Card::OneToMany(l.labels.clone()),
+                VectorMatchCardinality::OneToOne => Card::OneToOne,
+                VectorMatchCardinality::ManyToMany => Card::ManyToMany,
+            };
+            if modifier.fill_values.lhs.is_some() || modifier.fill_values.rhs.is_some() {
+                return Err(unsupported("fill modifier"));
+            }
+            return_bool = modifier.return_bool;
+            matching = match &modifier.matching {
+                None => None,
+                Some(LabelModifier::Include(l)) => Some(Matching::On(l.labels.clone())),
+                Some(LabelModifier::Exclude(l)) => Some(Matching::Ignoring(l.labels.clone())),
+            };
+        }
+        Ok(Node::Binary {
+            op,
+            lhs: Box::new(self.node(&b.lhs)?),
+            rhs: Box::new(self.node(&b.rhs)?),
+            return_bool,
+            matching,
+            card,
+        })
+    }
+
+    fn call(&mut self, c: &promql_parser::parser::Call) -> Result<Node, QueryError> {
+        let name = c.func.name;
+        let func = FUNCTIONS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| unsupported(format!("function {name}")))?;
+        let mut args = Vec::with_capacity(c.args.args.len());
+        for arg in &c.args.args {
+            args.push(self.node(arg)?);
+        }
+        for arg in &args {
+            if let (Node::Matrix(id), Func::Range(range)) = (arg, func) {
+                match range {
+                    RangeFunc::Rate | RangeFunc::Increase | RangeFunc::Delta => {}
+                    RangeFunc::Irate | RangeFunc::Idelta => self.selectors[*id].needs_previous = true,
+                    _ => self.selectors[*id].all_samples = true,
+                }
+            }
+        }
+        match func {
+            Func::LabelReplace => self.label_replace(args),
+            Func::LabelJoin => {
+                let mut args = args.into_iter();
+                let expr =
+                    Box::new(args.next().ok_or_else(|| QueryError::BadData("label_join needs a vector".into()))?);
+                let strings: Vec<String> = args.map(|a| string_arg(&a, "label_join")).collect::<Result<_, _>>()?;
+                let [dst, separator, sources @ ..] = strings.as_slice() else {
+                    return Err(QueryError::BadData("label_join needs a destination and a separator".into()));
+                };
+                if !valid_label_name(dst) {
+                    return Err(QueryError::Execution(format!(
+                        "invalid destination label name in label_join(): {dst}"
+                    )));
+                }
+                if let Some(bad) = sources.iter().find(|s| !valid_label_name(s)) {
+                    return Err(QueryError::Execution(format!("invalid source label name in label_join(): {bad}")));
+                }
+                Ok(Node::LabelJoin { expr, dst: dst.clone(), separator: separator.clone(), sources: sources.to_vec() })
+            }
+            _ => {
+                let absent = match (func, c.args.args.first()) {
+                    (Func::Absent | Func::Range(RangeFunc::AbsentOverTime), Some(arg)) => absent_labels(arg),
+                    _ => AbsentLabels::default(),
+                };
+                Ok(Node::Call { func, args, absent })
+            }
+        }
     }
 
     fn label_replace(&mut self, args: Vec<Node>) -> Result<Node, QueryError> {
