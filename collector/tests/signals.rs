@@ -47,6 +47,7 @@ async fn sdk_metrics_and_logs_over_http_and_grpc_are_stored_per_tenant() {
                         .with_attributes([
                             KeyValue::new("service.name", "shop"),
                             KeyValue::new("service.namespace", "acme"),
+                            KeyValue::new("deployment.environment.name", "prod"),
                         ])
                         .build(),
                 )
@@ -78,6 +79,13 @@ async fn sdk_metrics_and_logs_over_http_and_grpc_are_stored_per_tenant() {
                 duration.iter().map(|s| serde_json::from_str(&s.labels).unwrap()).collect();
             let expected = serde_json::json!({"http_request_method": protocol, "job": "acme/shop"});
             assert!(labels.contains(&expected), "{what}: {labels:?}");
+            // The resource's other attributes are on `target_info`, as Prometheus keeps them.
+            let info = store.samples("acme", "target_info").await.unwrap();
+            let labels: Vec<serde_json::Value> =
+                info.iter().map(|s| serde_json::from_str(&s.labels).unwrap()).collect();
+            let expected = serde_json::json!({"deployment_environment_name": "prod", "job": "acme/shop"});
+            assert!(!info.is_empty() && info.iter().all(|s| s.value == 1.0), "{what}: {info:?}");
+            assert!(labels.iter().all(|l| *l == expected), "{what}: {labels:?}");
             let fill = store.samples("acme", "queue_fill_ratio").await.unwrap();
             assert!(fill.iter().any(|s| s.value == 0.5), "{what}: {fill:?}");
             assert!(store.samples("acme", "http.server.duration").await.unwrap().is_empty(), "{what}");

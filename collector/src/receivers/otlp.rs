@@ -427,6 +427,29 @@ fn labels(point_attributes: &[KeyValue], resource: &[KeyValue], names: MetricNam
     serde_json::to_string(&labels).expect("json")
 }
 
+/// The resource attributes that name the series (`job`, `instance`) rather than describe it.
+const IDENTIFYING: [&str; 3] = ["service.name", "service.namespace", "service.instance.id"];
+
+/// `target_info`'s labels (JSON) for a resource, as Prometheus's OTLP receiver makes them:
+/// `job` and `instance`, and every other resource attribute as a label; `None` when the
+/// resource has no other attribute (Prometheus then writes no `target_info`).
+fn target_info_labels(resource: &[KeyValue]) -> Option<String> {
+    let described: Vec<&KeyValue> = resource.iter().filter(|kv| !IDENTIFYING.contains(&kv.key.as_str())).collect();
+    if described.is_empty() {
+        return None;
+    }
+    let mut labels: BTreeMap<String, String> =
+        serde_json::from_str(&labels(&[], resource, MetricNames::Prometheus)).ok()?;
+    for kv in described {
+        let value = plain_text(kv.value.as_ref());
+        labels
+            .entry(prometheus_names::label_name(&kv.key))
+            .and_modify(|v| *v = format!("{v};{value}"))
+            .or_insert(value);
+    }
+    Some(serde_json::to_string(&labels).expect("json"))
+}
+
 /// A metric's stored name: see [`prometheus_names`].
 fn metric_name(metric: &opentelemetry_proto::tonic::metrics::v1::Metric, names: MetricNames) -> String {
     let kind = match &metric.data {
@@ -457,6 +480,7 @@ pub fn metrics(
             }
         };
         let labels = |attributes: &[KeyValue]| labels(attributes, &resource_attributes, names);
+        let stored_before = out.batch.samples.len();
         for metric in resource_metrics.scope_metrics.into_iter().flat_map(|s| s.metrics) {
             let name = metric_name(&metric, names);
             let row = |labels: String, kind: &'static str, ts: u64, value: f64, histogram: Option<String>| SampleRow {
@@ -513,6 +537,23 @@ pub fn metrics(
                 }
                 None => {}
             }
+        }
+        // The resource's other attributes, on `target_info` at its latest point's time.
+        let latest = out.batch.samples[stored_before..].iter().map(|s| s.ts_ns).max();
+        if let (MetricNames::Prometheus, Some(ts_ns), Some(labels)) =
+            (names, latest, target_info_labels(&resource_attributes))
+        {
+            let row = SampleRow {
+                tenant: tenant.clone(),
+                metric: "target_info".into(),
+                labels,
+                kind: "gauge",
+                ts_ns,
+                value: 1.0,
+                histogram: None,
+                metered,
+            };
+            out.push_sample(row)?;
         }
     }
     Ok(out)

@@ -28,32 +28,60 @@
 //! `NaN` and `±Inf` included; timestamps as float seconds). Errors are
 //! `{status: "error", errorType, error}`: `bad_data` (400) for an unparsable query or
 //! parameter, `execution` (422) for a query that cannot run, and 422 `execution` naming the
-//! construct for PromQL outside the supported subset (`unsupported PromQL: function
-//! holt_winters`), `internal` (500) when the store fails, `unauthorized` (401) /
+//! construct for PromQL outside the supported subset (`unsupported PromQL: aggregation
+//! limitk`), `internal` (500) when the store fails, `unauthorized` (401) /
 //! `forbidden` (403) for tokens, `timeout` (503) for a query past its 2 minutes (waiting for
 //! one of the two evaluation places, which run on blocking threads, off the request runtime,
 //! and evaluating: a range query checks its deadline at each step).
 //!
 //! # PromQL
 //!
-//! Parsed by promql-parser and evaluated here, with Prometheus 3's semantics:
+//! Parsed by promql-parser and evaluated here as Prometheus 3 evaluates float samples
+//! (native histograms aside): every function of Prometheus's function list and every
+//! aggregation of Prometheus 2 and 3 (not its experimental ones), with
 //! - vector selectors with `=`, `!=`, `=~`, `!~` (regexes fully anchored) and `or` groups,
 //!   range selectors `[d]` (left-open windows `(t - d, t]`), `offset` (also negative), `@`
-//!   (time, `start()`, `end()`); instant selectors look back 5 minutes (no staleness markers);
-//! - `rate`, `increase`, `delta` with Prometheus's extrapolation (to the window's edges when
-//!   the samples reach within 110 % of their average interval of them, else by half an
-//!   interval; counters not below zero; counter resets added back), `irate`, `idelta`;
-//! - `sum`, `avg`, `min`, `max`, `count`, `group`, `stddev`, `stdvar` with `by`/`without`;
-//! - `histogram_quantile` over classic `_bucket` series (`le`), as Prometheus interpolates;
+//!   (time, `start()`, `end()`); instant selectors look back 5 minutes, and stop at a
+//!   staleness marker (stored from remote_write, and written by the collector's scraper for a
+//!   series gone from its target); windows leave markers out;
+//! - range functions: `rate`, `increase`, `delta` with Prometheus's extrapolation (to the
+//!   window's edges when the samples reach within 110 % of their average interval of them,
+//!   else by half an interval; counters not below zero; counter resets added back), `irate`,
+//!   `idelta`, `deriv`, `predict_linear`, `changes`, `resets`, `holt_winters` (Prometheus 2's
+//!   name) and `double_exponential_smoothing`, `avg`/`min`/`max`/`sum`/`count`/`quantile`/
+//!   `stddev`/`stdvar`/`mad`/`last`/`present`/`absent_over_time`, over matrix selectors or
+//!   subqueries;
+//! - subqueries `expr[range:step]` (times at multiples of the step in `(t - range, t]`; no
+//!   step: 1 minute, Prometheus's default evaluation interval) with `offset` and `@`;
+//! - instant functions: `abs`, `ceil`, `floor`, `round`, `sqrt`, `exp`, `ln`, `log2`, `log10`,
+//!   `sgn`, `clamp`, `clamp_min`, `clamp_max`, the trigonometric functions, `deg`, `rad`,
+//!   `pi`, the date functions (`year` ... `days_in_month`, of the evaluation time without an
+//!   argument), `timestamp` (a selector's own sample times), `absent` (labelled by the
+//!   selector's equality matchers), `label_replace`, `label_join`, `sort`, `sort_desc`,
+//!   `sort_by_label` (natural order), `histogram_quantile` over classic `_bucket` series, the
+//!   native-histogram functions (nothing: float samples hold no native histogram), `time`,
+//!   `vector`, `scalar`;
+//! - aggregations `sum`, `avg`, `min`, `max`, `count`, `group`, `stddev`, `stdvar`, `topk`,
+//!   `bottomk`, `quantile`, `count_values`, with `by`/`without`;
 //! - `+ - * / % ^ atan2`, `== != > < >= <=` (with `bool`), `and or unless` between scalars and
-//!   vectors, one-to-one vector matching with `on (...)` / `ignoring (...)`;
-//! - number and string literals, parentheses, unary minus; `time()`, `vector()`, `scalar()`,
-//!   `abs`, `ceil`, `floor`, `round`, `sqrt`, `exp`, `ln`, `log2`, `log10`, `clamp`,
-//!   `clamp_min`, `clamp_max`.
+//!   vectors, vector matching with `on`/`ignoring`, `group_left`/`group_right` with labels
+//!   copied from the "one" side;
+//! - the metric name dropped as Prometheus drops it (arithmetic, `bool`, functions but
+//!   `last_over_time`, `sort*`, `label_*`; kept by filtering comparisons and `topk`/`bottomk`).
 //!
-//! Anything else (other functions, `topk` and other parameterised aggregations, subqueries,
-//! `group_left`/`group_right`, `fill`) is refused with 422 naming it.
+//! Instant answers come sorted by labels, except those of `sort*`, `topk` and `bottomk`, which
+//! keep their order. Refused with 422 naming it: Prometheus 3's experimental `limitk`,
+//! `limit_ratio`, `info`, `first_over_time`, `ts_of_*_over_time`, and the `fill` modifier.
 //!
+//! `dashboard/src/prometheus/eval/testdata/*.test` are PromQL tests in Prometheus's promqltest
+//! format, run by `eval/promqltest.rs`; `dashboard/tests/differential.rs` sends 462 queries to
+//! Debian's Prometheus and to this API over the same remote-written samples and compares.
+//!
+//! Limits: a subquery's times are counted before it is evaluated (at most 2^20 in a query);
+//! its evaluations are remembered while later steps read them, at most 5 million samples in
+//! all (422 `execution`, Prometheus's words); the deadline is checked at every step and every
+//! few thousand subquery times.
+
 //! # Series
 //!
 //! **Stored samples** (`metric_samples`, what the collector received by OTLP, remote_write or
@@ -93,10 +121,11 @@
 //!
 //! # Tenancy
 //!
-//! Every series carries a `tenant` label (a stored sample's own `tenant` label becomes
-//! `exported_tenant`). A read token sees only its tenant's series, in every endpoint: the
-//! tenant is a condition of every SQL read, whatever the query's matchers say
-//! (`{tenant="other"}` simply selects nothing). `X-Scope-OrgID`, when sent with a read token,
+//! A read token sees only its tenant's series, in every endpoint, with their own labels only
+//! (as from Prometheus; a multi-tenant backend such as Mimir scopes by header without adding a
+//! label): the tenant is a condition of every SQL read, whatever the query's matchers say. A
+//! stored series' own `tenant` label stays its own. The admin reading every tenant's series
+//! sees a `tenant` label on each (and a series' own `tenant` label as `exported_tenant`). `X-Scope-OrgID`, when sent with a read token,
 //! must name its tenant (403 otherwise). The admin token sees every tenant, or only the one
 //! `X-Scope-OrgID` names (so that an operator can point one Grafana datasource per tenant at the
 //! dashboard).
@@ -129,9 +158,10 @@
 //! # Other decisions
 //!
 //! - `holt_winters` (Prometheus 2's name, unknown to promql-parser) is registered with the
-//!   parser so that it is refused by name (422) rather than as a parse error.
+//!   parser and evaluated as `double_exponential_smoothing`.
 //! - Results of instant queries are sorted by labels; range results (matrices) too.
-//! - No staleness markers: a series ends 5 minutes after its last sample.
+//! - A series without a staleness marker ends 5 minutes after its last sample (the lookback).
+//!   OTLP metrics carry no markers.
 //! - Times (`time`, `start`, `end`, `@`) lie within what a timestamp in nanoseconds holds,
 //!   1677-09-21 to 2262-04-11 (Prometheus clients' "min time" and "max time" are its ends), and
 //!   ranges and offsets are at most 10^12 s (about 31 700 years); beyond either, 400

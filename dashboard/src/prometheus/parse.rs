@@ -7,7 +7,7 @@ use super::eval;
 use super::response::ApiError;
 
 /// Functions promql-parser does not know but that queries written for Prometheus 2 use:
-/// parsed, so that they are refused by name (422) like every other unsupported function.
+/// `holt_winters`, evaluated as `double_exponential_smoothing`.
 fn register_legacy_functions() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
