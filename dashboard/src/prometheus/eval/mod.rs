@@ -1,17 +1,21 @@
 //! PromQL evaluation: the parsed expression (promql-parser) is checked and turned into a small
-//! plan ([`plan()`]), its selectors are loaded once for the whole query (`data.rs`), and the plan
-//! is evaluated at every step ([`Evaluator`]) with Prometheus 3's semantics: left-open windows
-//! `(t - range, t]`, a 5-minute lookback for instant selectors, extrapolated `rate`/`increase`.
+//! plan ([`plan()`]), its selectors are loaded once for the whole query (`data.rs`, at the times
+//! [`Plan::read_times`] gives), and the plan is evaluated at every step ([`Evaluator`]) with
+//! Prometheus 3's semantics: left-open windows `(t - range, t]`, a 5-minute lookback for
+//! instant selectors that stops at staleness markers, extrapolated `rate`/`increase`.
 //!
-//! `plan.rs` holds the plan and its selectors, `series.rs` the loaded series (stored samples
-//! and synthesized counters), `functions.rs` the functions and aggregations, `binary.rs` the
-//! binary operators and vector matching; here are the query's errors, its time bounds and the
-//! evaluation of a node.
+//! `planner.rs` makes the plan that `plan.rs` defines; `series.rs` holds the loaded series
+//! (stored samples and synthesized counters), `range.rs` the functions of range vectors,
+//! `functions.rs` the other functions, `aggregate.rs` the aggregations, `binary.rs` the binary
+//! operators and vector matching, `promqltest.rs` (tests only) the runner of the test files in
+//! `testdata/`; here are the query's errors, its time bounds, the evaluation of a node and of
+//! subqueries.
 
 mod aggregate;
 mod binary;
 mod functions;
 mod plan;
+mod planner;
 mod range;
 mod series;
 
@@ -25,7 +29,8 @@ use binary::binary;
 use functions::{label_join, label_replace};
 use plan::{Node, Subquery};
 
-pub use plan::{MAX_SUBQUERY_STEPS, Plan, Selector, plan};
+pub use plan::{MAX_SUBQUERY_STEPS, Plan, Selector};
+pub use planner::plan;
 
 #[cfg(test)]
 mod promqltest;
