@@ -41,6 +41,8 @@ use contract::Viewer;
 use dashboard::DashboardState;
 use serde_json::Value;
 
+use crate::prometheus::encode;
+
 /// The tenant's ingest token (Prometheus's remote_write password) and read token (the queries').
 const INGEST: &str = "acme-token";
 const READ: &str = "acme-read-token";
@@ -91,15 +93,7 @@ fn exposition(n: u64) -> String {
             writeln!(out, "{name}{{{labels}}} {value}").unwrap();
         }
     };
-    let float = |v: f64| -> String {
-        if v.is_nan() {
-            "NaN".into()
-        } else if v.is_infinite() {
-            if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
-        } else {
-            format!("{v}")
-        }
-    };
+    let float = show;
 
     // Counters.
     for (method, path, code, value) in [
@@ -330,18 +324,6 @@ fn substitute(query: &str, t: i64) -> String {
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    out
-}
-
-fn encode(text: &str) -> String {
-    let mut out = String::new();
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            write!(out, "%{b:02X}").unwrap();
-        }
-    }
     out
 }
 

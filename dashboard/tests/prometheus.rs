@@ -194,7 +194,8 @@ async fn env(backend: Backend) -> Env {
     }
 }
 
-fn encode(text: &str) -> String {
+/// Percent-encodes a query parameter.
+pub(crate) fn encode(text: &str) -> String {
     let mut out = String::new();
     for b in text.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::plan::{AggOp, Grouping};
 use super::range::{kahan_add, mean, quantile};
 use super::{METRIC_NAME, QueryError, Sample, Value};
+use crate::prometheus::response::format_value;
 
 /// A group's labels.
 type GroupKey = Vec<(String, String)>;
@@ -18,17 +19,6 @@ fn grouped_labels(labels: &[(String, String)], grouping: &Grouping) -> Vec<(Stri
         Grouping::Without(names) => {
             labels.iter().filter(|(k, _)| k != METRIC_NAME && !names.iter().any(|n| n == k)).cloned().collect()
         }
-    }
-}
-
-/// A float as Go's `strconv.FormatFloat(v, 'f', -1, 64)` writes it (`count_values`' labels).
-fn go_decimal(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
-    } else {
-        format!("{v}")
     }
 }
 
@@ -64,7 +54,8 @@ pub(super) fn aggregate(
         let key = match &count_label {
             Some(label) => {
                 let mut labels: Vec<(String, String)> = s.labels.iter().filter(|(k, _)| k != label).cloned().collect();
-                labels.push((label.clone(), go_decimal(s.value)));
+                // The value as Prometheus writes sample values (Go's `FormatFloat(v, 'f', -1, 64)`).
+                labels.push((label.clone(), format_value(s.value)));
                 labels.sort();
                 let grouping = match grouping {
                     Grouping::By(names) => Grouping::By(names.iter().cloned().chain([label.clone()]).collect()),
