@@ -272,7 +272,7 @@ async fn stored_series(
         .into_iter()
         .map(|(labels, mut points)| {
             points.sort_by_key(|p| p.0);
-            Series { labels, data: SeriesData::Samples(Arc::new(points)) }
+            Series { labels, data: SeriesData::stored(Arc::new(points)) }
         })
         .collect())
 }

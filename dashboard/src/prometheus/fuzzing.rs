@@ -29,7 +29,7 @@ pub fn query(data: &[u8]) {
                 .iter()
                 .map(|job| Series {
                     labels: Arc::new(vec![("__name__".into(), name.clone()), ("job".into(), (*job).into())]),
-                    data: SeriesData::Samples(samples.clone()),
+                    data: SeriesData::stored(samples.clone()),
                 })
                 .collect()
         })

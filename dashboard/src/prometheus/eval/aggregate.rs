@@ -2,11 +2,11 @@
 //! `by`/`without`, as Prometheus computes them. Groups come in the order of their first
 //! sample (what `topk`'s answer to an instant query shows).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::plan::{AggOp, Grouping};
-use super::range::{kahan_add, mean, quantile};
+use super::range::{Mean, kahan_add, quantile};
 use super::{METRIC_NAME, QueryError, Sample, Value};
 use crate::prometheus::response::format_value;
 
@@ -36,20 +36,81 @@ fn k_of(param: Option<&Value>) -> Result<usize, QueryError> {
     Ok(if k < 1.0 { 0 } else { k as usize })
 }
 
+/// A group's running aggregate; every sample is kept only by the aggregations that need
+/// them all (`topk`, `bottomk`, `quantile`).
+struct Group {
+    key: GroupKey,
+    count: usize,
+    /// `sum` (Kahan: the sum and its compensation), `min`/`max` (the value so far), `avg`.
+    sum: f64,
+    compensation: f64,
+    value: f64,
+    mean: Mean,
+    /// `stddev`/`stdvar` (Welford).
+    running_mean: f64,
+    m2: f64,
+    members: Vec<Sample>,
+}
+
+impl Group {
+    fn new(key: GroupKey) -> Self {
+        Group {
+            key,
+            count: 0,
+            sum: 0.0,
+            compensation: 0.0,
+            value: f64::NAN,
+            mean: Mean::default(),
+            running_mean: 0.0,
+            m2: 0.0,
+            members: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, op: AggOp, s: Sample) {
+        self.count += 1;
+        let v = s.value;
+        match op {
+            AggOp::Sum => (self.sum, self.compensation) = kahan_add(v, self.sum, self.compensation),
+            AggOp::Avg => self.mean.add(v),
+            // NaN gives way to any value.
+            AggOp::Min if self.count == 1 || v < self.value || self.value.is_nan() => self.value = v,
+            AggOp::Max if self.count == 1 || v > self.value || self.value.is_nan() => self.value = v,
+            AggOp::Stddev | AggOp::Stdvar => {
+                let delta = v - self.running_mean;
+                self.running_mean += delta / self.count as f64;
+                self.m2 += delta * (v - self.running_mean);
+            }
+            AggOp::Topk | AggOp::Bottomk | AggOp::Quantile => self.members.push(s),
+            _ => {}
+        }
+    }
+}
+
 pub(super) fn aggregate(
     op: AggOp,
     param: Option<Value>,
     samples: Vec<Sample>,
     grouping: &Grouping,
 ) -> Result<Vec<Sample>, QueryError> {
-    // Samples by group, groups in the order of their first sample.
-    let mut index: HashMap<GroupKey, usize> = HashMap::new();
-    let mut groups: Vec<(GroupKey, Vec<Sample>)> = Vec::new();
+    let k = match op {
+        AggOp::Topk | AggOp::Bottomk => k_of(param.as_ref())?,
+        _ => 0,
+    };
+    let q = match (op, &param) {
+        (AggOp::Quantile, Some(Value::Scalar(q))) => *q,
+        (AggOp::Quantile, _) => return Err(QueryError::Execution("expected a scalar parameter".into())),
+        _ => f64::NAN,
+    };
     let count_label = match (op, &param) {
         (AggOp::CountValues, Some(Value::Str(label))) => Some(label.clone()),
         (AggOp::CountValues, _) => return Err(QueryError::Execution("expected a string parameter".into())),
         _ => None,
     };
+    // Groups in the order of their first sample.
+    // A BTreeMap: few groups, and comparing labels is cheaper than hashing them all.
+    let mut index: BTreeMap<GroupKey, usize> = BTreeMap::new();
+    let mut groups: Vec<Group> = Vec::new();
     for mut s in samples {
         let key = match &count_label {
             Some(label) => {
@@ -67,62 +128,44 @@ pub(super) fn aggregate(
             }
             None => grouped_labels(&s.labels, grouping),
         };
-        let i = *index.entry(key.clone()).or_insert_with(|| {
-            groups.push((key, Vec::new()));
-            groups.len() - 1
-        });
-        groups[i].1.push(s);
+        let i = match index.get(&key) {
+            Some(&i) => i,
+            None => {
+                index.insert(key.clone(), groups.len());
+                groups.push(Group::new(key));
+                groups.len() - 1
+            }
+        };
+        groups[i].add(op, s);
     }
-    let k = match op {
-        AggOp::Topk | AggOp::Bottomk => k_of(param.as_ref())?,
-        _ => 0,
-    };
-    let q = match (op, &param) {
-        (AggOp::Quantile, Some(Value::Scalar(q))) => *q,
-        (AggOp::Quantile, _) => return Err(QueryError::Execution("expected a scalar parameter".into())),
-        _ => f64::NAN,
-    };
     let mut out = Vec::with_capacity(groups.len());
-    for (labels, mut members) in groups {
-        let values = || members.iter().map(|s| s.value);
-        let first = members[0].value;
+    for mut group in groups {
         let value = match op {
-            AggOp::Sum => {
-                let (sum, c) = values().fold((0.0, 0.0), |(sum, c), v| kahan_add(v, sum, c));
-                if sum.is_infinite() { sum } else { sum + c }
-            }
-            AggOp::Avg => mean(values()),
-            AggOp::Min => values().fold(first, |min, v| if v < min || min.is_nan() { v } else { min }),
-            AggOp::Max => values().fold(first, |max, v| if v > max || max.is_nan() { v } else { max }),
-            AggOp::Count | AggOp::CountValues => members.len() as f64,
+            AggOp::Sum if group.sum.is_infinite() => group.sum,
+            AggOp::Sum => group.sum + group.compensation,
+            AggOp::Avg => group.mean.value(),
+            AggOp::Min | AggOp::Max => group.value,
+            AggOp::Count | AggOp::CountValues => group.count as f64,
             AggOp::Group => 1.0,
-            AggOp::Quantile => quantile(q, values().collect()),
-            AggOp::Stdvar | AggOp::Stddev => {
-                let (mut count, mut mean, mut m2) = (0.0, 0.0, 0.0);
-                for v in values() {
-                    count += 1.0;
-                    let delta = v - mean;
-                    mean += delta / count;
-                    m2 += delta * (v - mean);
-                }
-                if op == AggOp::Stddev { (m2 / count).sqrt() } else { m2 / count }
-            }
+            AggOp::Quantile => quantile(q, group.members.iter().map(|s| s.value).collect()),
+            AggOp::Stdvar => group.m2 / group.count as f64,
+            AggOp::Stddev => (group.m2 / group.count as f64).sqrt(),
             AggOp::Topk | AggOp::Bottomk => {
                 // The k best samples themselves, name and all. NaN is the worst for both;
                 // among the rest the largest (topk) or the smallest come first.
-                members.sort_by(|a, b| match (a.value.is_nan(), b.value.is_nan()) {
+                group.members.sort_by(|a, b| match (a.value.is_nan(), b.value.is_nan()) {
                     (true, true) => std::cmp::Ordering::Equal,
                     (true, false) => std::cmp::Ordering::Greater,
                     (false, true) => std::cmp::Ordering::Less,
                     _ if op == AggOp::Topk => b.value.total_cmp(&a.value),
                     _ => a.value.total_cmp(&b.value),
                 });
-                members.truncate(k);
-                out.extend(members);
+                group.members.truncate(k);
+                out.extend(group.members);
                 continue;
             }
         };
-        out.push(Sample { labels: Arc::new(labels), value });
+        out.push(Sample { labels: Arc::new(group.key), value });
     }
     Ok(out)
 }

@@ -349,7 +349,7 @@ mod tests {
                 (0..series)
                     .map(|i| Series {
                         labels: Arc::new(vec![("i".into(), i.to_string())]),
-                        data: SeriesData::Samples(points.clone()),
+                        data: SeriesData::stored(points.clone()),
                     })
                     .collect()
             })

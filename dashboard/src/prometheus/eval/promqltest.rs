@@ -167,7 +167,7 @@ fn evaluate(loaded: &[Loaded], e: &Eval) -> Result<Value, String> {
                 .filter(|(labels, _)| selector.matches(labels))
                 .map(|(labels, samples)| Series {
                     labels: labels.clone(),
-                    data: SeriesData::Samples(Arc::new(samples.clone())),
+                    data: SeriesData::stored(Arc::new(samples.clone())),
                 })
                 .collect()
         })

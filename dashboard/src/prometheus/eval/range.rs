@@ -176,23 +176,38 @@ pub(super) fn kahan_sum(values: impl Iterator<Item = f64>) -> f64 {
     if sum.is_infinite() { sum } else { sum + c }
 }
 
-/// The mean as Prometheus's `avg_over_time` computes it: incremental (no overflow), with
-/// infinities kept rather than turned into NaN.
-pub(super) fn mean(values: impl Iterator<Item = f64>) -> f64 {
-    let (mut mean, mut c, mut count) = (0.0f64, 0.0, 0.0);
-    for v in values {
-        count += 1.0;
-        if mean.is_infinite() {
-            if v.is_infinite() && (mean > 0.0) == (v > 0.0) {
-                continue;
+/// The mean as Prometheus's `avg_over_time` and `avg` compute it: incremental (no overflow),
+/// with infinities kept rather than turned into NaN.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Mean {
+    mean: f64,
+    c: f64,
+    count: f64,
+}
+
+impl Mean {
+    pub(super) fn add(&mut self, v: f64) {
+        self.count += 1.0;
+        if self.mean.is_infinite() {
+            if v.is_infinite() && (self.mean > 0.0) == (v > 0.0) {
+                return;
             }
             if !v.is_infinite() && !v.is_nan() {
-                continue;
+                return;
             }
         }
-        (mean, c) = kahan_add(v / count - mean / count, mean, c);
+        (self.mean, self.c) = kahan_add(v / self.count - self.mean / self.count, self.mean, self.c);
     }
-    if mean.is_infinite() { mean } else { mean + c }
+
+    pub(super) fn value(&self) -> f64 {
+        if self.mean.is_infinite() { self.mean } else { self.mean + self.c }
+    }
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let mut mean = Mean::default();
+    values.for_each(|v| mean.add(v));
+    mean.value()
 }
 
 /// The population variance as Prometheus's `stdvar_over_time` computes it.
@@ -341,7 +356,7 @@ mod tests {
     use crate::prometheus::eval::SeriesData;
 
     fn window(samples: &[(i64, f64)], e: i64, range: i64) -> Window {
-        SeriesData::Samples(Arc::new(samples.to_vec())).window(e, range).unwrap()
+        SeriesData::stored(Arc::new(samples.to_vec())).window(e, range).unwrap()
     }
 
     #[test]

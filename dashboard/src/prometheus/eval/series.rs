@@ -58,8 +58,13 @@ fn without_markers(slice: &[(i64, f64)]) -> Cow<'_, [(i64, f64)]> {
 
 #[derive(Debug, Clone)]
 pub enum SeriesData {
-    /// Stored samples, in time order; staleness markers among them are [`STALE`].
-    Samples(Arc<Vec<(i64, f64)>>),
+    /// Stored samples, in time order; staleness markers among them are [`STALE`], and
+    /// `marked` says whether there are any (most series have none: their windows are read as
+    /// they are).
+    Samples {
+        points: Arc<Vec<(i64, f64)>>,
+        marked: bool,
+    },
     Counter(Arc<Counter>),
 }
 
@@ -81,12 +86,13 @@ pub(super) struct Window {
 }
 
 impl Window {
-    /// The window of these samples (in time order), `None` when there are none.
+    /// The window of these samples (in time order, no staleness markers), `None` when there
+    /// are none.
     pub(super) fn of(slice: &[(i64, f64)]) -> Option<Window> {
         let (first, last) = (*slice.first()?, *slice.last()?);
         let mut correction = 0.0;
         let mut last_value = 0.0;
-        for s in slice {
+        for s in slice.iter() {
             if s.1 < last_value {
                 correction += last_value;
             }
@@ -103,10 +109,16 @@ impl Window {
 }
 
 impl SeriesData {
+    /// Stored samples (in time order).
+    pub fn stored(points: Arc<Vec<(i64, f64)>>) -> Self {
+        let marked = points.iter().any(|p| is_stale(p.1));
+        SeriesData::Samples { points, marked }
+    }
+
     /// The sample an instant selector reads at `e`: the last within the lookback.
     pub(super) fn instant(&self, e: i64) -> Option<(i64, f64)> {
         match self {
-            SeriesData::Samples(samples) => {
+            SeriesData::Samples { points: samples, .. } => {
                 let i = samples.partition_point(|s| s.0 <= e);
                 let (t, v) = *samples.get(i.checked_sub(1)?)?;
                 (t > e - LOOKBACK_MS && !is_stale(v)).then_some((t, v))
@@ -120,10 +132,11 @@ impl SeriesData {
 
     pub(super) fn window(&self, e: i64, range: i64) -> Option<Window> {
         match self {
-            SeriesData::Samples(samples) => {
+            SeriesData::Samples { points: samples, marked } => {
                 let lo = samples.partition_point(|s| s.0 <= e - range);
                 let hi = samples.partition_point(|s| s.0 <= e);
-                Window::of(&without_markers(samples.get(lo..hi)?))
+                let slice = samples.get(lo..hi)?;
+                if *marked { Window::of(&without_markers(slice)) } else { Window::of(slice) }
             }
             SeriesData::Counter(c) => {
                 let l = c.last_sample(e)?;
@@ -146,10 +159,10 @@ impl SeriesData {
     /// Every sample in the window `(e - range, e]`.
     pub(super) fn samples(&self, e: i64, range: i64) -> Cow<'_, [(i64, f64)]> {
         match self {
-            SeriesData::Samples(samples) => {
+            SeriesData::Samples { points: samples, marked } => {
                 let lo = samples.partition_point(|s| s.0 <= e - range);
                 let hi = samples.partition_point(|s| s.0 <= e);
-                without_markers(&samples[lo..hi])
+                if *marked { without_markers(&samples[lo..hi]) } else { Cow::Borrowed(&samples[lo..hi]) }
             }
             SeriesData::Counter(c) => {
                 let Some(l) = c.last_sample(e) else { return Cow::Borrowed(&[]) };
@@ -214,7 +227,7 @@ mod tests {
 
     #[test]
     fn a_staleness_marker_ends_a_series_until_its_next_sample() {
-        let data = SeriesData::Samples(Arc::new(vec![(0, 1.0), (60_000, 2.0), (120_000, STALE), (240_000, 4.0)]));
+        let data = SeriesData::stored(Arc::new(vec![(0, 1.0), (60_000, 2.0), (120_000, STALE), (240_000, 4.0)]));
         assert_eq!(data.instant(119_999), Some((60_000, 2.0)));
         assert_eq!(data.instant(120_000), None);
         assert_eq!(data.instant(200_000), None);
