@@ -96,6 +96,16 @@ pub async fn run(spans: usize, invocations: usize) -> Result<String, Box<dyn std
             ),
         ),
         (
+            "Prometheus: 30-day query_range, 1 h step (subquery: daily peak of the hourly rate)",
+            format!(
+                "/prometheus/api/v1/query_range?query={}&start={month_ago}&end={}&step=3600",
+                crate::ui::url(
+                    "max_over_time(sum by (function_name) (rate(gateway_function_invocation_total[1h]))[1d:1h])"
+                ),
+                now / NS
+            ),
+        ),
+        (
             "Prometheus: 30-day query_range, 1 h step (billing)",
             format!(
                 "/prometheus/api/v1/query_range?query={}&start={month_ago}&end={}&step=3600",
