@@ -175,6 +175,10 @@ impl Planner {
             Some(step) if !step.is_zero() => bounded_duration("subquery step", step)?,
             _ => DEFAULT_SUBQUERY_STEP_MS,
         };
+        // A step of less than a millisecond (`[1m:0.0001]`) would be none.
+        if step_ms == 0 {
+            return Err(QueryError::BadData("subquery step must be at least 1ms".into()));
+        }
         let id = self.subqueries;
         self.subqueries += 1;
         Ok(Node::Subquery(Box::new(Subquery {
