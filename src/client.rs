@@ -193,6 +193,81 @@ pub async fn invoke(
     Ok(())
 }
 
+/// `since` as the RFC 3339 time `/system/logs` takes: a duration back from now (`10m`, `2h`,
+/// `1d`, `30s`) or a time as it is.
+fn since_time(since: &str) -> anyhow::Result<String> {
+    if chrono::DateTime::parse_from_rfc3339(since).is_ok() {
+        return Ok(since.to_string());
+    }
+    let (number, unit) = since.split_at(since.find(|c: char| !c.is_ascii_digit()).unwrap_or(since.len()));
+    let number: i64 =
+        number.parse().with_context(|| format!("--since {since:?}: expected 10m, 2h, 1d or an RFC 3339 time"))?;
+    let seconds = match unit {
+        "s" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        "d" => number * 86_400,
+        _ => bail!("--since {since:?}: expected 10m, 2h, 1d or an RFC 3339 time"),
+    };
+    let at = chrono::Utc::now() - chrono::Duration::seconds(seconds);
+    Ok(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// Prints a function's log lines (`/system/logs`): time, instance, severity, text.
+pub async fn logs(
+    args: &ClientArgs,
+    name: &str,
+    namespace: Option<String>,
+    since: Option<String>,
+    tail: Option<u64>,
+    invocation: Option<String>,
+    follow: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let gateway = args.gateway()?;
+    let mut query = vec![("name", name.to_string())];
+    if let Some(namespace) = namespace {
+        query.push(("namespace", namespace));
+    }
+    if let Some(since) = since {
+        query.push(("since", since_time(&since)?));
+    }
+    if let Some(tail) = tail {
+        query.push(("tail", tail.to_string()));
+    }
+    if let Some(invocation) = invocation {
+        query.push(("invocation", invocation));
+    }
+    if follow {
+        query.push(("follow", "true".into()));
+    }
+    let encoded = reqwest::Url::parse_with_params("http://gateway/system/logs", &query)?;
+    let path = format!("/system/logs?{}", encoded.query().unwrap_or(""));
+    let mut response = send(gateway.request(reqwest::Method::GET, &path)).await?;
+    let mut pending = Vec::new();
+    let mut stdout = std::io::stdout();
+    while let Some(chunk) = response.chunk().await? {
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let Ok(message) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
+            let field = |key: &str| message[key].as_str().unwrap_or("").to_string();
+            let invocation = message["invocation_id"].as_str().map(|id| format!(" {id}")).unwrap_or_default();
+            writeln!(
+                stdout,
+                "{} {} ({}{invocation}) {}: {}",
+                field("timestamp"),
+                field("name"),
+                field("instance"),
+                field("severity"),
+                field("text")
+            )?;
+        }
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
 pub async fn list(args: &ClientArgs, namespace: Option<String>) -> anyhow::Result<()> {
     let gateway = args.gateway()?;
     let path = match namespace {

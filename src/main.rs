@@ -62,6 +62,27 @@ enum Command {
         #[command(flatten)]
         client: client::ClientArgs,
     },
+    /// Show a function's logs (each line its stderr gets), oldest first; --follow keeps
+    /// printing them as they come.
+    Logs {
+        name: String,
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Lines since this long ago (`10m`, `2h`, `1d`) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<u64>,
+        /// One invocation's lines: its invocation id, or the X-Call-Id it was called with.
+        #[arg(long)]
+        invocation: Option<String>,
+        /// Keep printing lines as they arrive.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
     /// List functions.
     List {
         #[arg(long)]
@@ -344,6 +365,9 @@ async fn run() -> anyhow::Result<()> {
         Command::Deploy { file, namespace, client } => client::deploy(&client, &file, namespace).await,
         Command::Invoke { name, namespace, is_async, callback_url, data, client } => {
             client::invoke(&client, &name, namespace, is_async, callback_url, data).await
+        }
+        Command::Logs { name, namespace, since, tail, invocation, follow, client } => {
+            client::logs(&client, &name, namespace, since, tail, invocation, follow).await
         }
         Command::List { namespace, client } => client::list(&client, namespace).await,
         Command::Remove { name, namespace, client } => client::remove(&client, &name, namespace).await,

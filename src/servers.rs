@@ -63,6 +63,7 @@ pub async fn serve(data: DataArgs, args: CoreArgs, platform: Option<PlatformArgs
     });
     let dashboard = match (&collector, &platform) {
         (Some((running, _)), Some(platform)) => {
+            let _ = core.log_reader.set(std::sync::Arc::new(StoredLogs(running.collector.store.clone())));
             publish_tokens(core.invoker.tenants.clone(), running.collector.store.clone());
             let billing =
                 std::sync::Arc::new(billing::Billing::open(&running.collector.store).await.context("opening billing")?);
@@ -81,6 +82,7 @@ pub async fn serve(data: DataArgs, args: CoreArgs, platform: Option<PlatformArgs
             // dashboards elsewhere), and its quotas follow the plans there.
             match telemetry_store(&data).await {
                 Ok(store) => {
+                    let _ = core.log_reader.set(std::sync::Arc::new(StoredLogs(store.clone())));
                     publish_tokens(core.invoker.tenants.clone(), store.clone());
                     let billing = billing::Billing::open(&store).await.context("opening billing")?;
                     follow_plans(std::sync::Arc::new(billing), Some(core.clone()), None).await;
@@ -380,6 +382,52 @@ fn blocks_remote(args: &DataArgs) -> anyhow::Result<Option<collector::store::blo
         .with_context(|| format!("--blocks-url {url}"))?
         .with_cache_limit(args.blocks_cache_mib << 20);
     Ok(Some(remote))
+}
+
+/// The gateway's `/system/logs` reads function logs from the telemetry store.
+struct StoredLogs(collector::store::TelemetryStore);
+
+impl stateful_faas_core::gateway::logs::LogReader for StoredLogs {
+    fn read(
+        &self,
+        query: stateful_faas_core::gateway::logs::LogRead,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Vec<stateful_faas_core::gateway::logs::LogLine>, String>>
+                + Send
+                + '_,
+        >,
+    > {
+        use collector::store::{LogCursor, LogQuery};
+        use stateful_faas_core::semconv;
+        Box::pin(async move {
+            let query = LogQuery {
+                tenant: query.tenant,
+                function: query.function,
+                invocation: query.invocation,
+                since_ns: query.since_ns,
+                after: query.after.map(|(received_ms, record_hash)| LogCursor { received_ms, record_hash }),
+                limit: query.limit,
+            };
+            let logs = self.0.function_logs(&query).await.map_err(|error| error.to_string())?;
+            Ok(logs
+                .into_iter()
+                .map(|log| {
+                    let attributes: serde_json::Value = serde_json::from_str(&log.attributes).unwrap_or_default();
+                    let text = |key: &str| attributes.get(key).and_then(|v| v.as_str()).map(str::to_string);
+                    stateful_faas_core::gateway::logs::LogLine {
+                        ts_ns: log.ts_ns,
+                        function: text(semconv::FAAS_NAME).unwrap_or_default(),
+                        instance: text(semconv::FAAS_INSTANCE).unwrap_or_default(),
+                        invocation_id: text(semconv::FAAS_INVOCATION_ID),
+                        severity: log.severity_text,
+                        text: log.body,
+                        cursor: (log.cursor.received_ms, log.cursor.record_hash),
+                    }
+                })
+                .collect())
+        })
+    }
 }
 
 async fn telemetry_store(args: &DataArgs) -> anyhow::Result<collector::store::TelemetryStore> {

@@ -12,4 +12,5 @@ mod etl;
 mod etl_e2e;
 mod export_faults;
 mod flow_resume;
+mod logs;
 mod other_hosts;

@@ -14,6 +14,13 @@ pub const FAAS_INVOCATION_ID: &str = "faas.invocation_id";
 /// The caller's `X-Call-Id` (or the one the gateway made): correlation, and the async queue's
 /// idempotency key; attempts of one call share it.
 pub const SFAAS_CALL_ID: &str = "sfaas.call_id";
+/// Function log records (a function's output as the platform exports it): the instance that
+/// wrote the line (`exec` for an exec function's process), its stream (`stdout`/`stderr`),
+/// whether it was cut, and a sequence number per gateway (identical lines stay distinct).
+pub const FAAS_INSTANCE: &str = "faas.instance";
+pub const LOG_IOSTREAM: &str = "log.iostream";
+pub const SFAAS_LOG_CUT: &str = "sfaas.log.cut";
+pub const SFAAS_LOG_SEQUENCE: &str = "sfaas.log.sequence";
 pub const FAAS_TRIGGER: &str = "faas.trigger";
 pub const FAAS_COLDSTART: &str = "faas.coldstart";
 pub const SFAAS_CPU_MS: &str = "sfaas.cpu_ms";

@@ -127,6 +127,26 @@ impl Invoker {
         // Only processes the platform runs get a state token; builtins use the store in process.
         let state_token = matches!(function.spec.target, Target::Exec { .. } | Target::Managed { .. })
             .then(|| self.tenants.issue_function_token(tenant, invocation.job.as_deref()));
+        // A process's output lines are its tenant's logs, tied to this invocation and its span.
+        let logs = match (&function.spec.target, self.telemetry.function_logs()) {
+            (Target::Exec { .. }, Some(logs)) => {
+                let ids = span.as_ref().map(|span| span.span_context());
+                let sink: Arc<dyn crate::function::output::LogSink> = Arc::new(telemetry::logs::Sink {
+                    logs,
+                    tenant: tenant.clone(),
+                    context: telemetry::logs::LogContext {
+                        function: function_name.to_string(),
+                        instance: "exec".into(),
+                        invocation_id: Some(execution_id.to_string()),
+                        call_id: (!invocation.call_id.is_empty()).then(|| invocation.call_id.clone()),
+                        trace_id: ids.map(|ids| ids.trace_id().to_bytes()),
+                        span_id: ids.map(|ids| ids.span_id().to_bytes()),
+                    },
+                });
+                Some(sink)
+            }
+            _ => None,
+        };
         let context = RunContext {
             outbound: &self.outbound,
             tenant,
@@ -135,6 +155,7 @@ impl Invoker {
             state_token: state_token.as_ref().map_or("", |t| t.token.as_str()),
             builtins: self.functions.builtins(),
             buffers,
+            logs,
         };
         let abandoned = Arc::new(Abandoned::default());
         let mut underway = Underway {

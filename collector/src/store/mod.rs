@@ -22,6 +22,7 @@ use crate::sqlite;
 pub mod blocks;
 
 use blocks::SpanBlocks;
+mod logs;
 mod samples;
 mod spans;
 mod tokens;
@@ -29,6 +30,7 @@ mod tokens;
 pub use tokens::PublishedToken;
 
 pub use blocks::MAX_TRACE_SPANS;
+pub use logs::{FunctionLog, LogCursor, LogQuery, MAX_LOG_READ};
 pub use samples::SeriesRows;
 pub use spans::{MeteredSpan, TraceSearch};
 

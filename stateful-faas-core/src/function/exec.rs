@@ -4,10 +4,9 @@
 //! headers are environment variables (`Http_Method`, `Http_X_Call_Id`, ...). The process runs in
 //! its own process group and cgroup, both killed whole when it exits, when `exec_timeout` passes
 //! or when its caller goes away (billed up to then all the same). Its CPU time and peak memory come from the kernel: the cgroup's accounting (every
-//! descendant), or `wait4` with the sandbox off. stderr goes to the gateway's log, never to the
-//! caller.
-
-use std::sync::Arc;
+//! descendant), or `wait4` with the sandbox off. Each line of stderr is a log record of the
+//! tenant's, tied to the invocation (`crate::telemetry::logs`), or a line of the gateway's log
+//! while export is off; never the caller's.
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -16,14 +15,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::cgroup::Group;
+use super::output::{EXPORTED_LINES_PER_SECOND, LINES_PER_SECOND, Lines, LogSink, budget_of};
 use super::process::{self, Reaped};
 use super::sandbox::{Io, Sandbox};
-use super::{Abandoned, FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, Usage};
+use super::{Abandoned, FunctionError, FunctionSpec, Invocation, MAX_RESPONSE_BYTES, Outcome, RunContext, Usage};
 use crate::room::{Buffers, RoomError};
 use crate::tenant::TenantId;
-
-/// Most stderr kept for the log, per invocation.
-const MAX_STDERR_LOG_BYTES: usize = 8 << 10;
 
 /// Runs one invocation of an exec function, in a jail of its own when `sandbox` is given: the
 /// invocation ends when its process exits (or at the timeout, or when this call is dropped), and
@@ -35,7 +32,7 @@ pub async fn run(
     extra_env: &[(String, String)],
     tenant: &TenantId,
     sandbox: Option<&Sandbox>,
-    buffers: &Arc<Buffers>,
+    context: &RunContext<'_>,
 ) -> Result<Outcome, FunctionError> {
     let start_error = |message: String| FunctionError::Start { name: spec.name.clone(), message };
     let jail =
@@ -64,7 +61,8 @@ pub async fn run(
         reaped
     });
     let body = invocation.body.clone();
-    let buffers = buffers.clone();
+    let buffers = context.buffers.clone();
+    let stderr_lines = StderrLines { tenant: tenant.clone(), function: spec.name.clone(), logs: context.logs.clone() };
     // Output is read while the process runs (it would block on a full pipe otherwise) and to
     // its end, which comes once the group is killed: a detached process cannot hold it open.
     let io = tokio::spawn(async move {
@@ -74,12 +72,12 @@ pub async fn run(
             let _ = stdin.write_all(&body).await;
             let _ = stdin.shutdown().await;
         };
-        let (_, stdout, stderr) = tokio::join!(
+        let (_, stdout, ()) = tokio::join!(
             write,
             read_limited(stdout, MAX_RESPONSE_BYTES + 1, Some(&buffers)),
-            read_limited(stderr, MAX_STDERR_LOG_BYTES, None)
+            stderr_lines.read(stderr)
         );
-        (stdout, stderr.unwrap_or_default())
+        stdout
     });
     let result = wait(spec, invocation, pid, group, reaper, io).await;
     stop.disarm();
@@ -128,11 +126,8 @@ async fn wait(
         io.abort();
         return Err(timed_out(Some(&reaped)));
     };
-    let (stdout, stderr) = output.unwrap_or_else(|_| (Ok(Vec::new()), Vec::new()));
+    let stdout = output.unwrap_or_else(|_| Ok(Vec::new()));
     let usage = usage(Some(&reaped));
-    if !stderr.is_empty() {
-        tracing::info!(function = %spec.name, call_id = %invocation.call_id, stderr = %String::from_utf8_lossy(&stderr), "function stderr");
-    }
     let name = || spec.name.clone();
     let stdout = stdout.map_err(|error| FunctionError::NoRoom { name: name(), error }.after_running(usage))?;
     if stdout.len() > MAX_RESPONSE_BYTES {
@@ -239,7 +234,45 @@ fn invocation_env(invocation: &Invocation, extra_env: &[(String, String)]) -> Ve
 /// Reads a stream to its end, keeping at most `limit` bytes (the rest is drained so the
 /// writer never blocks).
 /// What a process wrote: its stdout (unless there was no room to keep it) and its stderr.
-type Output = (Result<Vec<u8>, RoomError>, Vec<u8>);
+type Output = Result<Vec<u8>, RoomError>;
+
+/// An exec process's stderr, read line by line: each line (cut at [`super::output::MAX_LINE`])
+/// a log record of the invocation, within the tenant's line rate; or, with export off, a line
+/// of the gateway's log at its lower rate.
+struct StderrLines {
+    tenant: TenantId,
+    function: String,
+    logs: Option<std::sync::Arc<dyn LogSink>>,
+}
+
+impl StderrLines {
+    async fn read(self, mut stderr: impl AsyncRead + Unpin) {
+        let rate = if self.logs.is_some() { EXPORTED_LINES_PER_SECOND } else { LINES_PER_SECOND };
+        let (tenant, function) = (&self.tenant, &self.function);
+        let mut lines = Lines::new(budget_of(tenant.as_str(), rate), |text: &str, cut: bool, dropped: u64| {
+            if dropped > 0 {
+                tracing::debug!(%tenant, function, dropped, "function log lines were dropped (over the line rate)");
+            }
+            match &self.logs {
+                Some(sink) => {
+                    sink.line("stderr", text, cut);
+                }
+                None => {
+                    let cut = if cut { " [cut]" } else { "" };
+                    tracing::info!(%tenant, function, stream = "stderr", "{text}{cut}");
+                }
+            }
+        });
+        let mut chunk = vec![0u8; 16 << 10];
+        while let Ok(n) = stderr.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            lines.feed(&chunk[..n], std::time::Instant::now());
+        }
+        lines.finish(std::time::Instant::now());
+    }
+}
 
 async fn read_limited(
     mut reader: impl AsyncRead + Unpin,

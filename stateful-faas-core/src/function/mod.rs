@@ -11,7 +11,7 @@ pub mod deployment;
 pub mod exec;
 pub mod http;
 pub mod outbound;
-mod output;
+pub mod output;
 mod process;
 pub mod registry;
 pub mod sandbox;
@@ -77,6 +77,9 @@ pub struct RunContext<'a> {
     /// Room for the invocation's buffers (its request's body is in it): a response takes room
     /// as it is read, and fails when there is none.
     pub buffers: &'a std::sync::Arc<crate::room::Buffers>,
+    /// Where the invocation's output lines go as its tenant's logs (`None`: export is off, and
+    /// they go to the gateway's own log).
+    pub logs: Option<std::sync::Arc<dyn output::LogSink>>,
 }
 
 impl RunContext<'_> {

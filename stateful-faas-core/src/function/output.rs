@@ -17,24 +17,36 @@ pub const MAX_LINE: usize = 4096;
 /// worth at once).
 pub const LINES_PER_SECOND: f64 = 100.0;
 
-/// What a tenant may still log now (a token bucket of lines).
-#[derive(Debug)]
-struct Budget {
-    tokens: f64,
-    refilled: Option<Instant>,
+/// Where an invocation's output lines go as its tenant's logs (the telemetry's function logs
+/// implement it).
+pub trait LogSink: Send + Sync {
+    /// One line of `stream` (`stdout`/`stderr`), cut at [`MAX_LINE`] when `cut`; `false` when
+    /// it was dropped.
+    fn line(&self, stream: &'static str, text: &str, cut: bool) -> bool;
 }
 
-impl Default for Budget {
-    fn default() -> Self {
-        Self { tokens: 10.0 * LINES_PER_SECOND, refilled: None }
-    }
+/// Lines a tenant's functions may export as their logs a second, together (a burst of ten
+/// seconds' worth at once); their bytes a day are bounded too
+/// ([`crate::telemetry::logs::FunctionLogs`]).
+pub const EXPORTED_LINES_PER_SECOND: f64 = 2000.0;
+
+/// What a tenant may still log now (a token bucket of lines).
+#[derive(Debug)]
+pub(crate) struct Budget {
+    tokens: f64,
+    refilled: Option<Instant>,
+    rate: f64,
 }
 
 impl Budget {
+    fn new(rate: f64) -> Self {
+        Self { tokens: 10.0 * rate, refilled: None, rate }
+    }
+
     /// Takes one line's token at `now`, if there is one.
     fn take(&mut self, now: Instant) -> bool {
         let elapsed = self.refilled.map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
-        self.tokens = (self.tokens + elapsed * LINES_PER_SECOND).min(10.0 * LINES_PER_SECOND);
+        self.tokens = (self.tokens + elapsed * self.rate).min(10.0 * self.rate);
         self.refilled = Some(self.refilled.map_or(now, |at| at.max(now)));
         let taken = self.tokens >= 1.0;
         if taken {
@@ -44,17 +56,24 @@ impl Budget {
     }
 }
 
-/// Each tenant's budget, shared by all its servers' streams (tenants are few).
-fn budget_of(tenant: &str) -> Arc<Mutex<Budget>> {
-    static BUDGETS: LazyLock<Mutex<HashMap<String, Arc<Mutex<Budget>>>>> = LazyLock::new(Mutex::default);
-    BUDGETS.lock().unwrap().entry(tenant.to_string()).or_default().clone()
+/// Each tenant's budget of lines at `rate` a second, shared by all its functions' streams
+/// (tenants are few; the rates two: [`LINES_PER_SECOND`] for the gateway's own log,
+/// [`EXPORTED_LINES_PER_SECOND`] for exported logs).
+pub(crate) fn budget_of(tenant: &str, rate: f64) -> Arc<Mutex<Budget>> {
+    type Budgets = HashMap<(String, u64), Arc<Mutex<Budget>>>;
+    static BUDGETS: LazyLock<Mutex<Budgets>> = LazyLock::new(Mutex::default);
+    let mut budgets = BUDGETS.lock().unwrap();
+    budgets
+        .entry((tenant.to_string(), rate.to_bits()))
+        .or_insert_with(|| Arc::new(Mutex::new(Budget::new(rate))))
+        .clone()
 }
 
 /// Logs the lines of `stream` (`"stdout"` or `"stderr"`) read from `fd` until its writers
 /// close it, on a thread of its own.
 pub fn forward(fd: OwnedFd, stream: &'static str, tenant: String, function: String, instance: String) {
     let spawned = std::thread::Builder::new().name("sfaas-output".into()).stack_size(64 << 10).spawn(move || {
-        let mut lines = Lines::new(budget_of(&tenant), |text: &str, cut: bool, dropped: u64| {
+        let mut lines = Lines::new(budget_of(&tenant, LINES_PER_SECOND), |text: &str, cut: bool, dropped: u64| {
             if dropped > 0 {
                 tracing::warn!(%tenant, function, instance, stream, dropped, "a managed server's lines were dropped (over {LINES_PER_SECOND} a second)");
             }
@@ -78,7 +97,7 @@ pub fn forward(fd: OwnedFd, stream: &'static str, tenant: String, function: Stri
 
 /// Splits bytes into lines, cut at [`MAX_LINE`], and passes them on as the tenant's
 /// [`Budget`] allows, with the count of those dropped before each.
-struct Lines<F: FnMut(&str, bool, u64)> {
+pub(crate) struct Lines<F: FnMut(&str, bool, u64)> {
     line: Vec<u8>,
     cut: bool,
     budget: Arc<Mutex<Budget>>,
@@ -87,11 +106,11 @@ struct Lines<F: FnMut(&str, bool, u64)> {
 }
 
 impl<F: FnMut(&str, bool, u64)> Lines<F> {
-    fn new(budget: Arc<Mutex<Budget>>, emit: F) -> Self {
+    pub(crate) fn new(budget: Arc<Mutex<Budget>>, emit: F) -> Self {
         Self { line: Vec::new(), cut: false, budget, dropped: 0, emit }
     }
 
-    fn feed(&mut self, mut bytes: &[u8], now: Instant) {
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], now: Instant) {
         while !bytes.is_empty() {
             let end = bytes.iter().position(|b| *b == b'\n');
             let part = &bytes[..end.unwrap_or(bytes.len())];
@@ -108,7 +127,7 @@ impl<F: FnMut(&str, bool, u64)> Lines<F> {
         }
     }
 
-    fn finish(&mut self, now: Instant) {
+    pub(crate) fn finish(&mut self, now: Instant) {
         if !self.line.is_empty() {
             self.end_line(now);
         }
@@ -134,7 +153,7 @@ mod tests {
     fn lines_are_cut_split_across_reads_and_held_to_their_rate() {
         let mut seen = Vec::new();
         let start = Instant::now();
-        let budget = Arc::new(Mutex::new(Budget::default()));
+        let budget = Arc::new(Mutex::new(Budget::new(LINES_PER_SECOND)));
         let mut lines =
             Lines::new(budget.clone(), |text: &str, cut: bool, dropped: u64| seen.push((text.len(), cut, dropped)));
         lines.feed(b"one\r\ntw", start);

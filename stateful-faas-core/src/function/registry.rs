@@ -107,7 +107,7 @@ impl DeployedFunction {
             Target::Exec { command } => {
                 let env = context.state_env(invocation.job.as_deref());
                 let sandbox = self.sandbox.as_deref();
-                exec::run(&self.spec, command, invocation, &env, &self.tenant, sandbox, context.buffers).await
+                exec::run(&self.spec, command, invocation, &env, &self.tenant, sandbox, context).await
             }
             Target::Builtin { name } => {
                 builtin::run(context.builtins, &self.spec, name, context, invocation, &self.builtin_threads).await

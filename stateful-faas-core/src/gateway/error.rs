@@ -31,6 +31,9 @@ pub enum ApiError {
     InsufficientStorage(String),
     #[error("{0}")]
     Internal(String),
+    /// What the request needs is not served here (503).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ApiError {
@@ -46,6 +49,7 @@ impl ApiError {
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod body;
 pub mod error;
 pub mod flows;
 pub mod invoke;
+pub mod logs;
 pub mod state;
 pub mod system;
 
@@ -69,6 +70,10 @@ pub struct Core {
     pub admin_token: String,
     /// Tenants' plans, where they change a quota.
     quotas: Arc<crate::quota::Quotas>,
+    /// Where `/system/logs` reads function logs (set by the binary, which has the store).
+    pub log_reader: std::sync::OnceLock<Arc<dyn logs::LogReader>>,
+    /// Set when the gateway stops: long responses (followed logs) end then.
+    stop: watch::Sender<bool>,
 }
 
 impl Core {
@@ -135,7 +140,17 @@ impl Core {
         let weak = Arc::downgrade(&invoker);
         invoker.state.gate_usage(move |tenant| weak.upgrade().is_some_and(|invoker| invoker.telemetry.behind(tenant)));
         let flows = Arc::new(Flows::new(invoker.clone(), flow_store, flow_journal));
-        Ok(Arc::new(Self { config, pool, invoker, queue, flows, admin_token, quotas }))
+        Ok(Arc::new(Self {
+            config,
+            pool,
+            invoker,
+            queue,
+            flows,
+            admin_token,
+            quotas,
+            log_reader: std::sync::OnceLock::new(),
+            stop: watch::channel(false).0,
+        }))
     }
 
     /// The gateway's routes.
@@ -157,6 +172,7 @@ impl Core {
             .route("/system/tenants", get(system::list_tenants).post(system::create_tenant))
             .route("/system/async-calls/{call_id}", get(system::get_async_call))
             .route("/system/async-dead-letters", get(system::dead_letters))
+            .route("/system/logs", get(logs::logs))
             .route("/function/{name}", any(invoke::call))
             .route("/function/{name}/", any(invoke::call))
             .route("/function/{name}/{*rest}", any(invoke::call))
@@ -197,7 +213,7 @@ impl Core {
         let addr = self.config.gateway_addr;
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoreError::Listen(addr, e))?;
         let local_addr = listener.local_addr().map_err(|e| CoreError::Listen(addr, e))?;
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shutdown_rx = self.stop.subscribe();
         let redis = match self.config.state_redis_addr {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| CoreError::Listen(addr, e))?;
@@ -246,7 +262,7 @@ impl Core {
                 tracing::error!(%error, "gateway stopped with an error");
             }
         });
-        Ok(RunningCore { core: self, gateway_addr: local_addr, state_redis_addr, shutdown: shutdown_tx, server, tasks })
+        Ok(RunningCore { core: self, gateway_addr: local_addr, state_redis_addr, server, tasks })
     }
 }
 
@@ -274,7 +290,6 @@ pub struct RunningCore {
     pub gateway_addr: SocketAddr,
     /// The state store's Redis protocol listener, when served.
     pub state_redis_addr: Option<SocketAddr>,
-    shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -283,7 +298,7 @@ impl RunningCore {
     /// Stops accepting requests, lets in-flight requests and async deliveries finish, reports
     /// the state usage up to now (the current partial interval included), and flushes the spans.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+        self.core.stop.send_replace(true);
         let _ = self.server.await;
         for task in self.tasks {
             let _ = task.await;

@@ -20,6 +20,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 
+pub mod logs;
 mod otlp;
 pub mod spool;
 
@@ -69,6 +70,9 @@ pub struct TelemetryConfig {
     pub spool_dir: Option<std::path::PathBuf>,
     /// Bytes each tenant's spool may hold.
     pub spool_max_bytes: u64,
+    /// Bytes of function log lines a tenant may export a UTC day (`None`:
+    /// [`logs::DEFAULT_BYTES_PER_DAY`]).
+    pub log_bytes_per_day: Option<u64>,
 }
 
 /// A tenant's span export.
@@ -78,17 +82,35 @@ struct Exporter {
     queue: SpanQueue,
 }
 
-/// The core's span pipeline.
+/// The core's span pipeline, and its function logs'.
 pub struct Telemetry {
     config: RwLock<TelemetryConfig>,
     /// Per tenant: the provider (kept for shutdown), its tracer (cloned per span) and its
     /// processor's queue (for invocation spans).
     providers: RwLock<HashMap<TenantId, Exporter>>,
+    /// Started with the first line once export is on.
+    logs: std::sync::OnceLock<Option<std::sync::Arc<logs::FunctionLogs>>>,
 }
 
 impl Telemetry {
     pub fn new(config: TelemetryConfig) -> Self {
-        Self { config: RwLock::new(config), providers: RwLock::new(HashMap::new()) }
+        Self { config: RwLock::new(config), providers: RwLock::new(HashMap::new()), logs: std::sync::OnceLock::new() }
+    }
+
+    /// The function-log pipeline, or `None` while export is off (lines then go to the
+    /// gateway's own log, as before export is set).
+    pub fn function_logs(&self) -> Option<std::sync::Arc<logs::FunctionLogs>> {
+        let config = self.config.read().unwrap();
+        let endpoint = config.endpoint.clone()?;
+        self.logs
+            .get_or_init(|| match logs::FunctionLogs::start(&config, &endpoint) {
+                Ok(logs) => Some(logs),
+                Err(error) => {
+                    tracing::error!(%error, endpoint, "cannot set up function log export; function logs are not exported");
+                    None
+                }
+            })
+            .clone()
     }
 
     /// Points span export somewhere else (`sfaas up` does, once its collector listens);

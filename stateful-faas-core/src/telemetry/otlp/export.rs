@@ -97,7 +97,7 @@ pub fn spool_throughput(
     use super::{BATCH_SPANS, Batch, EndedInvocation, InvocationTexts, encode_resource, span_flags};
     use opentelemetry_sdk::Resource;
 
-    let transport = Transport::new(config, endpoint)?;
+    let transport = Transport::new(config, endpoint, super::transport::Signal::Traces)?;
     let mut spool = Spool::open(dir, u64::MAX).map_err(|e| e.to_string())?;
     let texts = InvocationTexts {
         function: "resize",

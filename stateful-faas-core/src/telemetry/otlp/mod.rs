@@ -25,13 +25,13 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 
 mod export;
-mod transport;
+pub(crate) mod transport;
 mod wire;
 
 use export::export_loop;
 #[cfg(feature = "bench")]
 pub use export::spool_throughput;
-use transport::Transport;
+use transport::{Signal, Transport};
 pub use wire::encode_resource;
 use wire::{encode_span, message};
 pub(super) use wire::{nanos, span_flags};
@@ -41,14 +41,13 @@ use super::spool::Spool;
 
 /// How long one export may take before it counts as failed.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
-const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 /// The exporters' network I/O (gRPC connection tasks, HTTP requests) runs on a thread of its
 /// own, so that sending a batch never holds up a request on the gateway's workers. One per
 /// process, never dropped (a runtime cannot be dropped from async code).
 static EXPORT_IO: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
 
-fn export_io() -> &'static tokio::runtime::Runtime {
+pub(crate) fn export_io() -> &'static tokio::runtime::Runtime {
     EXPORT_IO.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -63,7 +62,7 @@ fn export_io() -> &'static tokio::runtime::Runtime {
 /// Lowers the calling thread's scheduling priority (nice 10): span export then takes the CPU
 /// when request handling leaves some, instead of preempting a gateway worker in the middle of
 /// its requests; under contention it still gets about a tenth of a core, far more than it needs.
-fn background_priority() {
+pub(crate) fn background_priority() {
     // SAFETY: setpriority on the calling thread's own id (Linux: nice is per thread).
     unsafe {
         libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
@@ -223,7 +222,7 @@ impl OtlpProcessor {
         max_queue: usize,
         spool: Option<&std::path::Path>,
     ) -> Result<Self, String> {
-        let transport = Transport::new(config, endpoint)?;
+        let transport = Transport::new(config, endpoint, Signal::Traces)?;
         let spool = spool
             .map(|dir| Spool::open(dir, config.spool_max_bytes))
             .transpose()

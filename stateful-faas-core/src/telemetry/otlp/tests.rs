@@ -1,6 +1,6 @@
 //! The processor's encoding against opentelemetry-proto's own, its queue and its transport.
 
-use super::transport::{SMALL_CHUNK, coalesce};
+use super::transport::{SMALL_CHUNK, Signal, coalesce};
 use bytes::Bytes;
 
 #[test]
@@ -361,7 +361,7 @@ async fn the_grpc_client_is_understood_by_tonics_server() {
             max_queue_size: 10,
             ..Default::default()
         };
-        Transport::new(&config, endpoint)
+        Transport::new(&config, endpoint, Signal::Traces)
     };
     let platform = InstrumentationScope::builder("stateful-faas").build();
     let spans: Vec<SpanData> = (0..3).map(|i| span(i, &platform)).collect();

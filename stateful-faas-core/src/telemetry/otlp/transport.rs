@@ -6,14 +6,39 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse
 use prost::Message;
 
 use super::super::{OtlpProtocol, TelemetryConfig};
-use super::{EXPORT_TIMEOUT, GRPC_EXPORT_PATH};
+use super::EXPORT_TIMEOUT;
+
+/// What an export request carries: where it goes depends on it. The two services answer
+/// with the same message shape (a partial success: field 1, its count and message), so one
+/// decoding serves both.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Signal {
+    Traces,
+    Logs,
+}
+
+impl Signal {
+    fn grpc_path(self) -> &'static str {
+        match self {
+            Signal::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+        }
+    }
+
+    fn http_path(self) -> &'static str {
+        match self {
+            Signal::Traces => "/v1/traces",
+            Signal::Logs => "/v1/logs",
+        }
+    }
+}
 
 /// Why an export request was not taken, and whether sending it again may succeed (a receiver
 /// that is down, busy or restarting) or not (it refused the request as invalid).
 #[derive(Debug)]
-pub(super) struct ExportError {
-    pub(super) message: String,
-    pub(super) retry: bool,
+pub(crate) struct ExportError {
+    pub(crate) message: String,
+    pub(crate) retry: bool,
 }
 
 impl From<String> for ExportError {
@@ -24,7 +49,7 @@ impl From<String> for ExportError {
 
 /// Where and how batches go.
 #[derive(Debug)]
-pub(super) enum Transport {
+pub(crate) enum Transport {
     /// gRPC over HTTP/2 without TLS (h2c), with hyper's client: the request's buffers go to the
     /// socket as they are (tonic's client copies a message into a buffer of its own first).
     Grpc {
@@ -39,18 +64,18 @@ pub(super) enum Transport {
     },
 }
 
-pub(super) type GrpcClient =
+pub(crate) type GrpcClient =
     hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Chunks>;
 
 impl Transport {
-    pub(super) fn new(config: &TelemetryConfig, endpoint: &str) -> Result<Self, String> {
+    pub(crate) fn new(config: &TelemetryConfig, endpoint: &str, signal: Signal) -> Result<Self, String> {
         let bearer = config.token.as_ref().map(|token| format!("Bearer {token}"));
         Ok(match config.protocol {
             OtlpProtocol::Grpc => {
                 let authorization = bearer
                     .map(|value| value.parse().map_err(|_| "the OTLP token is not visible ASCII".to_string()))
                     .transpose()?;
-                let uri: http::Uri = format!("{}{GRPC_EXPORT_PATH}", endpoint.trim_end_matches('/'))
+                let uri: http::Uri = format!("{}{}", endpoint.trim_end_matches('/'), signal.grpc_path())
                     .parse()
                     .map_err(|error| format!("invalid OTLP/gRPC endpoint {endpoint:?}: {error}"))?;
                 if uri.scheme_str() != Some("http") || uri.host().is_none() {
@@ -71,7 +96,7 @@ impl Transport {
                     .timeout(EXPORT_TIMEOUT)
                     .build()
                     .map_err(|error| format!("cannot build the OTLP/HTTP client: {error}"))?;
-                let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+                let url = format!("{}{}", endpoint.trim_end_matches('/'), signal.http_path());
                 reqwest::Url::parse(&url)
                     .map_err(|error| format!("invalid OTLP/HTTP endpoint {endpoint:?}: {error}"))?;
                 Transport::Http { client, url, authorization: bearer }
@@ -80,8 +105,8 @@ impl Transport {
     }
 }
 
-/// Sends one `ExportTraceServiceRequest`, given as the buffers it is made of.
-pub(super) async fn send(transport: &Transport, request: Vec<Bytes>) -> Result<(), ExportError> {
+/// Sends one export request, given as the buffers it is made of.
+pub(crate) async fn send(transport: &Transport, request: Vec<Bytes>) -> Result<(), ExportError> {
     let response = match transport {
         Transport::Grpc { client, uri, authorization } => {
             tokio::time::timeout(EXPORT_TIMEOUT, send_grpc(client, uri, authorization.as_ref(), request))
@@ -109,7 +134,7 @@ pub(super) async fn send(transport: &Transport, request: Vec<Bytes>) -> Result<(
     if let Some(partial) = response.partial_success
         && partial.rejected_spans > 0
     {
-        tracing::warn!(rejected = partial.rejected_spans, message = %partial.error_message, "the OTLP receiver rejected spans");
+        tracing::warn!(rejected = partial.rejected_spans, message = %partial.error_message, "the OTLP receiver rejected records");
     }
     Ok(())
 }
@@ -198,7 +223,7 @@ pub(super) fn coalesce(request: Vec<Bytes>) -> std::collections::VecDeque<Bytes>
 
 /// A request body sent as the buffers it is made of, one frame each, without joining them.
 #[derive(Debug)]
-pub(super) struct Chunks(std::collections::VecDeque<Bytes>);
+pub(crate) struct Chunks(std::collections::VecDeque<Bytes>);
 
 impl http_body::Body for Chunks {
     type Data = Bytes;
