@@ -152,6 +152,10 @@ pub struct CoreArgs {
     /// the collector is unreachable; beyond it they are lost, loudly.
     #[arg(long, env = "SFAAS_SPAN_SPOOL_BYTES", default_value_t = 1 << 30)]
     pub span_spool_bytes: u64,
+    /// Bytes of function log lines each tenant's functions may export a UTC day; past them,
+    /// lines are counted and dropped until midnight UTC.
+    #[arg(long, env = "SFAAS_TENANT_LOG_BYTES_PER_DAY", default_value_t = stateful_faas_core::telemetry::logs::DEFAULT_BYTES_PER_DAY)]
+    pub tenant_log_bytes_per_day: u64,
 }
 
 /// The collector's flags: receivers, retention, ingest quotas (`sfaas up`, `sfaas collector`).
@@ -300,6 +304,7 @@ impl CoreArgs {
         config.max_flows_per_tenant = self.tenant_max_flows;
         config.max_instances_per_tenant = self.tenant_max_instances;
         config.telemetry.spool_max_bytes = self.span_spool_bytes;
+        config.telemetry.log_bytes_per_day = Some(self.tenant_log_bytes_per_day);
         config.sandbox = (self.sandbox == "on").then(|| SandboxConfig {
             limits: CgroupConfig {
                 function: GroupLimits { memory_bytes: self.function_memory_bytes, pids: self.function_pids },

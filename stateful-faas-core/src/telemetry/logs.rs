@@ -260,6 +260,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_tenants_bytes_a_day_hold_and_leave_the_others_theirs() {
+        // Nothing listens there: the export fails quietly, the counting is what is tested.
+        let config = TelemetryConfig { log_bytes_per_day: Some(10_000), ..TelemetryConfig::default() };
+        let logs = FunctionLogs::start(&config, "http://127.0.0.1:9").unwrap();
+        let context = LogContext {
+            function: "f".into(),
+            instance: "exec".into(),
+            invocation_id: None,
+            call_id: None,
+            trace_id: None,
+            span_id: None,
+        };
+        let (flooder, other) = (TenantId::new("flooder").unwrap(), TenantId::new("other").unwrap());
+        let line = "y".repeat(100);
+        let kept = (0..1000).filter(|_| logs.line(&flooder, &context, "stderr", &line, false)).count();
+        // 165 bytes a line counted (the line, the function's name, 64 for the rest): 60 fit.
+        assert_eq!(kept, 60);
+        assert_eq!(logs.dropped_today(&flooder), 940);
+        assert!(logs.line(&other, &context, "stderr", &line, false), "another tenant's day is its own");
+        assert_eq!(logs.dropped_today(&other), 0);
+    }
+
+    #[test]
     fn a_leading_level_word_sets_the_severity() {
         assert_eq!(severity("something broke").1, "WARN");
         assert_eq!(severity("ERROR: no such key").1, "ERROR");
