@@ -23,6 +23,24 @@ sys.stderr.write("x" * 5000 + "\n")
 sys.stderr.flush()
 "#;
 
+/// A managed http server that writes a line to stdout and one to stderr while it serves a
+/// request (and lets `http.server` write nothing of its own).
+const SERVER: &str = r#"import http.server, os, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        name = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        print("serving %s" % name, flush=True)
+        sys.stderr.write("ERROR: nothing wrong with %s\n" % name)
+        sys.stderr.flush()
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
 /// `sfaas logs …` until its output has `lines` lines (the export takes a moment).
 fn logs_until(data: &std::path::Path, args: &[&str], lines: usize) -> Vec<String> {
     let started = Instant::now();
@@ -52,15 +70,14 @@ async fn an_exec_functions_stderr_lines_are_its_tenants_logs() {
     let (acme_ingest, acme_read) = (acme["ingest_token"].as_str().unwrap(), acme["read_token"].as_str().unwrap());
     let globex_read = globex["read_token"].as_str().unwrap();
     std::fs::write(functions.join("talker.py"), TALKER).unwrap();
+    std::fs::write(functions.join("server.py"), SERVER).unwrap();
     let stack = dir.path().join("stack.yml");
-    std::fs::write(
-        &stack,
-        format!(
-            "functions:\n  talker:\n    kind: exec\n    fprocess: python3 talker.py\n    workdir: {}\n",
-            functions.display()
-        ),
-    )
-    .unwrap();
+    let workdir = functions.display();
+    let functions_yaml = format!(
+        "functions:\n  talker:\n    kind: exec\n    fprocess: python3 talker.py\n    workdir: {workdir}\n  \
+         server:\n    kind: http\n    fprocess: python3 server.py\n    workdir: {workdir}\n"
+    );
+    std::fs::write(&stack, functions_yaml).unwrap();
     ok(data, &["deploy", "-f", stack.to_str().unwrap(), "--token", acme_ingest], "");
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let response = http
@@ -116,6 +133,23 @@ async fn an_exec_functions_stderr_lines_are_its_tenants_logs() {
     assert_eq!(response.status(), 403);
     let response = http.get(format!("{gateway}/system/logs")).bearer_auth(acme_read).send().await.unwrap();
     assert_eq!(response.status(), 400, "name is required");
+
+    // A managed server's stdout and stderr while it serves a request: that invocation's lines,
+    // of its instance.
+    let response = http
+        .post(format!("{gateway}/function/server"))
+        .bearer_auth(acme_ingest)
+        .header("X-Call-Id", "call-7")
+        .body("ada")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let lines = logs_until(data, &["logs", "server", "--invocation", "call-7", "--token", acme_read], 2);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("INFO: serving ada")), "stdout: {lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("ERROR: ERROR: nothing wrong with ada")), "stderr: {lines:#?}");
+    assert!(lines.iter().all(|l| !l.contains(" server (exec ")), "an instance's id, not exec: {lines:#?}");
 
     // Followed: lines of a new call arrive while the command runs.
     let mut follow = common::sfaas()

@@ -127,9 +127,10 @@ impl Invoker {
         // Only processes the platform runs get a state token; builtins use the store in process.
         let state_token = matches!(function.spec.target, Target::Exec { .. } | Target::Managed { .. })
             .then(|| self.tenants.issue_function_token(tenant, invocation.job.as_deref()));
-        // A process's output lines are its tenant's logs, tied to this invocation and its span.
+        // A process's output lines are its tenant's logs, tied to this invocation and its span
+        // (a managed instance's while it serves it).
         let logs = match (&function.spec.target, self.telemetry.function_logs()) {
-            (Target::Exec { .. }, Some(logs)) => {
+            (Target::Exec { .. } | Target::Managed { .. }, Some(logs)) => {
                 let ids = span.as_ref().map(|span| span.span_context());
                 let sink: Arc<dyn crate::function::output::LogSink> = Arc::new(telemetry::logs::Sink {
                     logs,

@@ -209,6 +209,8 @@ struct Instance {
     meter: InstanceMeter,
     tenant: TenantId,
     function: String,
+    /// Where its output lines go (the invocation it serves, see [`super::output::LogSlot`]).
+    log_slot: Arc<super::output::LogSlot>,
 }
 
 /// CPU time a managed instance used outside requests (starting, between requests, stopping):
@@ -420,12 +422,20 @@ impl ManagedPool {
             headers.push((HEADER_JOB.to_string(), job.clone()));
         }
         let serving = Serving::begin(self, ready, cold_start);
+        // What it writes now is this invocation's; afterwards, its instance's.
+        let sink = context.logs.as_ref().map(|sink| sink.of_instance(&serving.instance().id.to_string()));
+        if let Some(sink) = &sink {
+            serving.instance().log_slot.set(sink.clone());
+        }
         let cpu_before = serving.cpu_before;
         let result = match serving.instance().connect().await {
             Ok(stream) => forward_to_instance(spec, stream, invocation, &headers, context.buffers).await,
             Err(error) => Err(FunctionError::Upstream { name: spec.name.clone(), message: error.to_string() }),
         };
         let mut instance = serving.end();
+        if let Some(sink) = &sink {
+            instance.log_slot.set(sink.between_invocations());
+        }
         let cpu_after = instance.cpu_ns();
         let usage = Usage {
             cpu_ns: cpu_after.saturating_sub(cpu_before),
@@ -523,9 +533,11 @@ impl ManagedPool {
                 .map_err(|e| start_error(e.to_string()))?;
         let pid = spawned.pid;
         let id = uuid::Uuid::new_v4();
+        let log_slot = Arc::new(super::output::LogSlot::default());
         for (fd, stream) in [(spawned.stdout, "stdout"), (spawned.stderr, "stderr")] {
             if let Some(fd) = fd {
-                super::output::forward(fd, stream, self.tenant.to_string(), spec.name.clone(), id.to_string());
+                let (tenant, function) = (self.tenant.to_string(), spec.name.clone());
+                super::output::forward(fd, stream, tenant, function, id.to_string(), log_slot.clone());
             }
         }
         let mut instance = Instance {
@@ -541,6 +553,7 @@ impl ManagedPool {
             meter: self.meter.clone(),
             tenant: self.tenant.clone(),
             function: self.name.clone(),
+            log_slot,
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT.min(spec.limits.timeout.max(Duration::from_secs(1)) * 10);
         loop {

@@ -23,6 +23,25 @@ pub trait LogSink: Send + Sync {
     /// One line of `stream` (`stdout`/`stderr`), cut at [`MAX_LINE`] when `cut`; `false` when
     /// it was dropped.
     fn line(&self, stream: &'static str, text: &str, cut: bool) -> bool;
+    /// The same invocation's lines, written by managed instance `instance`.
+    fn of_instance(&self, instance: &str) -> Arc<dyn LogSink>;
+    /// Lines of the same function and instance outside any invocation.
+    fn between_invocations(&self) -> Arc<dyn LogSink>;
+}
+
+/// Where a managed instance's lines go now: the invocation it serves, the last one's function
+/// and instance between invocations, or, before its first, the gateway's own log.
+#[derive(Default)]
+pub struct LogSlot(Mutex<Option<Arc<dyn LogSink>>>);
+
+impl LogSlot {
+    pub fn set(&self, sink: Arc<dyn LogSink>) {
+        *self.0.lock().unwrap() = Some(sink);
+    }
+
+    fn current(&self) -> Option<Arc<dyn LogSink>> {
+        self.0.lock().unwrap().clone()
+    }
 }
 
 /// Lines a tenant's functions may export as their logs a second, together (a burst of ten
@@ -69,16 +88,30 @@ pub(crate) fn budget_of(tenant: &str, rate: f64) -> Arc<Mutex<Budget>> {
         .clone()
 }
 
-/// Logs the lines of `stream` (`"stdout"` or `"stderr"`) read from `fd` until its writers
-/// close it, on a thread of its own.
-pub fn forward(fd: OwnedFd, stream: &'static str, tenant: String, function: String, instance: String) {
+/// Passes on the lines of `stream` (`"stdout"` or `"stderr"`) read from `fd` until its
+/// writers close it, on a thread of its own: to the tenant's logs through `slot` (within
+/// [`EXPORTED_LINES_PER_SECOND`]), or to the gateway's log while it holds no sink (within
+/// [`LINES_PER_SECOND`] too).
+pub fn forward(
+    fd: OwnedFd,
+    stream: &'static str,
+    tenant: String,
+    function: String,
+    instance: String,
+    slot: Arc<LogSlot>,
+) {
     let spawned = std::thread::Builder::new().name("sfaas-output".into()).stack_size(64 << 10).spawn(move || {
-        let mut lines = Lines::new(budget_of(&tenant, LINES_PER_SECOND), |text: &str, cut: bool, dropped: u64| {
+        let gateway_log = budget_of(&tenant, LINES_PER_SECOND);
+        let mut lines = Lines::new(budget_of(&tenant, EXPORTED_LINES_PER_SECOND), |text: &str, cut: bool, dropped: u64| {
             if dropped > 0 {
-                tracing::warn!(%tenant, function, instance, stream, dropped, "a managed server's lines were dropped (over {LINES_PER_SECOND} a second)");
+                tracing::debug!(%tenant, function, instance, stream, dropped, "a managed server's lines were dropped (over the line rate)");
             }
-            let cut = if cut { " [cut]" } else { "" };
-            tracing::info!(%tenant, function, instance, stream, "{text}{cut}");
+            if let Some(sink) = slot.current() {
+                sink.line(stream, text, cut);
+            } else if gateway_log.lock().unwrap().take(Instant::now()) {
+                let cut = if cut { " [cut]" } else { "" };
+                tracing::info!(%tenant, function, instance, stream, "{text}{cut}");
+            }
         });
         let mut file = std::fs::File::from(fd);
         let mut buffer = vec![0u8; 64 << 10];

@@ -62,6 +62,17 @@ impl crate::function::output::LogSink for Sink {
     fn line(&self, stream: &'static str, line: &str, cut: bool) -> bool {
         self.logs.line(&self.tenant, &self.context, stream, line, cut)
     }
+
+    fn of_instance(&self, instance: &str) -> Arc<dyn crate::function::output::LogSink> {
+        let context = LogContext { instance: instance.to_string(), ..self.context.clone() };
+        Arc::new(Sink { context, ..self.clone() })
+    }
+
+    fn between_invocations(&self) -> Arc<dyn crate::function::output::LogSink> {
+        let context =
+            LogContext { invocation_id: None, call_id: None, trace_id: None, span_id: None, ..self.context.clone() };
+        Arc::new(Sink { context, ..self.clone() })
+    }
 }
 
 /// One line on its way.
@@ -88,8 +99,9 @@ pub struct FunctionLogs {
     pub dropped_full: AtomicU64,
 }
 
-/// The severity (OTLP number and text) a line's leading level word gives, else WARN.
-pub fn severity(line: &str) -> (i32, &'static str) {
+/// The severity (OTLP number and text) a line's leading level word gives, else WARN for
+/// stderr and INFO for stdout.
+pub fn severity(line: &str, stream: &str) -> (i32, &'static str) {
     let start = line.trim_start().trim_start_matches(['[', '<']);
     let start = start.strip_prefix("level=").unwrap_or(start).trim_start_matches('"');
     let word: String = start.chars().take_while(char::is_ascii_alphabetic).take(8).collect();
@@ -99,6 +111,8 @@ pub fn severity(line: &str) -> (i32, &'static str) {
         "INFO" => (9, "INFO"),
         "DEBUG" => (5, "DEBUG"),
         "TRACE" => (1, "TRACE"),
+        "WARN" | "WARNING" => (13, "WARN"),
+        _ if stream == "stdout" => (9, "INFO"),
         _ => (13, "WARN"),
     }
 }
@@ -141,7 +155,7 @@ impl FunctionLogs {
         if !self.charge(tenant, now.as_secs() / 86_400, bytes) {
             return false;
         }
-        let (severity_number, severity_text) = severity(line);
+        let (severity_number, severity_text) = severity(line, stream);
         let mut attributes = vec![
             text(semconv::FAAS_NAME, context.function.as_str()),
             text(semconv::FAAS_INSTANCE, context.instance.as_str()),
@@ -284,12 +298,14 @@ mod tests {
 
     #[test]
     fn a_leading_level_word_sets_the_severity() {
-        assert_eq!(severity("something broke").1, "WARN");
-        assert_eq!(severity("ERROR: no such key").1, "ERROR");
-        assert_eq!(severity("[info] started").1, "INFO");
-        assert_eq!(severity("level=debug msg=x").1, "DEBUG");
-        assert_eq!(severity("  Critical failure").1, "FATAL");
-        assert_eq!(severity("informative").1, "WARN");
-        assert_eq!(severity("").1, "WARN");
+        assert_eq!(severity("something broke", "stderr").1, "WARN");
+        assert_eq!(severity("something said", "stdout").1, "INFO");
+        assert_eq!(severity("warning: low disk", "stdout").1, "WARN");
+        assert_eq!(severity("ERROR: no such key", "stderr").1, "ERROR");
+        assert_eq!(severity("[info] started", "stderr").1, "INFO");
+        assert_eq!(severity("level=debug msg=x", "stderr").1, "DEBUG");
+        assert_eq!(severity("  Critical failure", "stderr").1, "FATAL");
+        assert_eq!(severity("informative", "stderr").1, "WARN");
+        assert_eq!(severity("", "stderr").1, "WARN");
     }
 }
