@@ -183,6 +183,29 @@ async fn an_exec_functions_stderr_lines_are_its_tenants_logs() {
     assert!(seen.iter().any(|l| l.contains("first line for again")), "followed: {seen:#?}");
     assert!(seen.iter().any(|l| l.contains("first line for world")), "the lines before, first: {seen:#?}");
 
+    // A namespace follows in at most 8 responses at once; a closed one gives its place back.
+    let follow_url = format!("{gateway}/system/logs?name=talker&follow=true");
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let response = http.get(&follow_url).bearer_auth(acme_read).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        open.push(response);
+    }
+    let refused = http.get(&follow_url).bearer_auth(acme_read).send().await.unwrap();
+    assert_eq!(refused.status(), 429, "{}", refused.text().await.unwrap());
+    let other = http.get(format!("{gateway}/system/logs?name=talker&follow=true")).bearer_auth(globex_read);
+    assert_eq!(other.send().await.unwrap().status(), 200, "another namespace has places of its own");
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = http.get(&follow_url).bearer_auth(acme_read).send().await.unwrap();
+        if response.status() == 200 || Instant::now() > deadline {
+            assert_eq!(response.status(), 200, "a place comes back when a response closes");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     up.kill().unwrap();
     up.wait().unwrap();
 }

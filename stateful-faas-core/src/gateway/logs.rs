@@ -4,7 +4,8 @@
 //! lines as they arrive); newline-delimited JSON, one
 //! `{"name","namespace","instance","timestamp","text"}` a line, with `invocation_id` and
 //! `severity` besides. `invocation=ID` keeps one invocation's lines. A read token may read
-//! its own namespace's logs.
+//! its own namespace's logs; a namespace follows in at most [`MAX_FOLLOWING`] responses at
+//! once (429 beyond).
 //!
 //! The lines are where the collector stored them (the binary gives the gateway a
 //! [`LogReader`] on its store); without one, 503.
@@ -29,6 +30,38 @@ pub const MAX_LINES: usize = 10_000;
 /// How often a followed response looks for new lines, and how long it stays open at most.
 const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 const FOLLOW_AT_MOST: Duration = Duration::from_secs(3600);
+/// Followed responses a namespace may hold open at once (each reads the store twice a second).
+pub const MAX_FOLLOWING: usize = 8;
+
+/// A namespace's place among those following logs, given back when its response ends.
+struct Following(String);
+
+impl Following {
+    fn take(tenant: &str) -> Option<Self> {
+        let mut following = FOLLOWING.lock().unwrap();
+        let count = following.entry(tenant.to_string()).or_default();
+        if *count >= MAX_FOLLOWING {
+            return None;
+        }
+        *count += 1;
+        Some(Following(tenant.to_string()))
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        let mut following = FOLLOWING.lock().unwrap();
+        if let Some(count) = following.get_mut(&self.0) {
+            *count -= 1;
+            if *count == 0 {
+                following.remove(&self.0);
+            }
+        }
+    }
+}
+
+static FOLLOWING: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, usize>>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// What to read of a namespace's function logs.
 #[derive(Debug, Clone)]
@@ -149,9 +182,15 @@ pub async fn logs(
     }
     // Followed: the lines so far, then those arriving, until the client goes, the gateway
     // stops or an hour passes.
+    let place = Following::take(tenant.as_str()).ok_or_else(|| {
+        ApiError::TooManyRequests(format!(
+            "namespace {tenant} already follows logs in {MAX_FOLLOWING} responses: close one first"
+        ))
+    })?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(16);
     let mut stop = core.stop.subscribe();
     tokio::spawn(async move {
+        let _place = place;
         let mut cursor = first.iter().map(|line| line.cursor.clone()).max();
         let body: String = first.iter().map(|line| ndjson(line, &namespace)).collect();
         if !body.is_empty() && sender.send(Ok(body)).await.is_err() {
