@@ -405,6 +405,7 @@ impl stateful_faas_core::gateway::logs::LogReader for StoredLogs {
                 tenant: query.tenant,
                 function: query.function,
                 invocation: query.invocation,
+                trace_id: None,
                 since_ns: query.since_ns,
                 after: query.after.map(|(received_ms, record_hash)| LogCursor { received_ms, record_hash }),
                 limit: query.limit,

@@ -183,6 +183,33 @@ async fn an_exec_functions_stderr_lines_are_its_tenants_logs() {
     assert!(seen.iter().any(|l| l.contains("first line for again")), "followed: {seen:#?}");
     assert!(seen.iter().any(|l| l.contains("first line for world")), "the lines before, first: {seen:#?}");
 
+    // The dashboard's trace page shows the lines of the trace's invocations, escaped.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = http
+        .post(format!("{gateway}/function/talker"))
+        .bearer_auth(acme_ingest)
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .body("<script>alert(1)</script>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let ui = format!("http://{}", addresses["ui"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let page = http.get(format!("{ui}/ui/traces/acme/{trace_id}")).bearer_auth(acme_read).send().await.unwrap();
+        let (status, page) = (page.status(), page.text().await.unwrap());
+        if (status == 200 && page.contains("second line for")) || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(page.contains("first line for &lt;script&gt;alert(1)&lt;/script&gt;"), "{page}");
+    assert!(!page.contains("<script>alert"), "escaped");
+    assert!(page.contains("invoke talker"), "each line names its span: {page}");
+    let other = http.get(format!("{ui}/ui/traces/acme/{trace_id}")).bearer_auth(globex_read).send().await.unwrap();
+    assert_eq!(other.status(), 403, "another tenant's trace page");
+
     // A namespace follows in at most 8 responses at once; a closed one gives its place back.
     let follow_url = format!("{gateway}/system/logs?name=talker&follow=true");
     let mut open = Vec::new();

@@ -17,6 +17,8 @@ pub struct LogQuery {
     /// One invocation's: its own id (`faas.invocation_id`) or its caller's `X-Call-Id`
     /// (`sfaas.call_id`).
     pub invocation: Option<String>,
+    /// One trace's (its invocations' lines).
+    pub trace_id: Option<String>,
     /// Records at or after this time (ns).
     pub since_ns: i64,
     /// Records that arrived after this cursor (a previous read's last), oldest first; without
@@ -65,6 +67,10 @@ impl TelemetryStore {
             let (own, call) = (attribute(semconv::FAAS_INVOCATION_ID), attribute(semconv::SFAAS_CALL_ID));
             text.push_str(&format!(" AND ({own} = ? OR {call} = ?)"));
             binds.extend([Bind::Str(invocation), Bind::Str(invocation)]);
+        }
+        if let Some(trace_id) = &query.trace_id {
+            text.push_str(" AND trace_id = ?");
+            binds.push(Bind::Str(trace_id));
         }
         let limit = i64::try_from(query.limit.min(MAX_LOG_READ)).unwrap_or(0);
         match &query.after {

@@ -14,7 +14,7 @@ use maud::{Markup, html};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
-use super::traces::{attributes, lookback, text_attr, waterfall};
+use super::traces::{attributes, lookback, text_attr, trace_logs, waterfall};
 use super::{Params, Ui, error_page, internal, page, tenant_form, url};
 use crate::dag::{self, DagNode, critical_path};
 
@@ -170,6 +170,7 @@ pub(super) async fn run(
     let a = attributes(&flow);
     let total_cost: Decimal = costs.values().copied().sum();
     let critical_names = critical.iter().map(|&i| nodes[i].id.as_str()).collect::<Vec<_>>().join(" → ");
+    let logs = trace_logs(store, &tenant, &flow.trace_id, &spans).await;
     let body = html! {
         .cards {
             .card { "flow" b { (text_attr(&a, semconv::SFAAS_FLOW_NAME)) } }
@@ -184,6 +185,7 @@ pub(super) async fn run(
             div { (dag_svg(&nodes, &critical)) }
             div { (waterfall(&spans)) }
         }
+        (logs)
         p { a href={ "/ui/traces/" (url(&tenant)) "/" (url(&flow.trace_id)) } { "The whole trace" } }
     };
     page(&format!("Flow run {run_id}"), Some(&viewer), body).into_response()

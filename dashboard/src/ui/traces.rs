@@ -153,7 +153,55 @@ pub(super) async fn trace(
             &format!("no trace {trace_id:?} in tenant {tenant:?}"),
         );
     }
-    page(&format!("Trace {trace_id}"), Some(&viewer), waterfall(&spans)).into_response()
+    let logs = trace_logs(&ui.state.store, &tenant, &trace_id, &spans).await;
+    page(&format!("Trace {trace_id}"), Some(&viewer), html! { (waterfall(&spans)) (logs) }).into_response()
+}
+
+/// Most log lines a trace's page shows.
+const TRACE_LOG_LINES: usize = 1000;
+
+/// The log lines the trace's invocations wrote (the functions' output), oldest first.
+pub(super) async fn trace_logs(
+    store: &collector::store::TelemetryStore,
+    tenant: &str,
+    trace_id: &str,
+    spans: &[SpanRow],
+) -> Markup {
+    let since_ns = spans.iter().map(|s| s.start_ns).min().unwrap_or(0).saturating_sub(60_000_000_000);
+    let query = collector::store::LogQuery {
+        tenant: tenant.to_string(),
+        trace_id: Some(trace_id.to_string()),
+        since_ns,
+        limit: TRACE_LOG_LINES,
+        ..Default::default()
+    };
+    let logs = match store.function_logs(&query).await {
+        Ok(logs) => logs,
+        Err(error) => return html! { p.muted { "The log lines cannot be read: " (error) } },
+    };
+    if logs.is_empty() {
+        return html! { h2 { "Logs" } p.muted { "No log lines." } };
+    }
+    let names: HashMap<&str, &str> = spans.iter().map(|s| (s.span_id.as_str(), s.name.as_str())).collect();
+    html! {
+        h2 { "Logs" }
+        @if logs.len() == TRACE_LOG_LINES { p.muted { "The first " (TRACE_LOG_LINES) " lines." } }
+        table #logs {
+            thead { tr { th { "time" } th { "span" } th { "severity" } th { "line" } } }
+            tbody {
+                @for log in &logs {
+                    @let time = chrono::DateTime::from_timestamp_nanos(log.ts_ns).format("%H:%M:%S%.3f").to_string();
+                    @let span = log.span_id.as_deref().and_then(|id| names.get(id).copied()).unwrap_or("");
+                    tr {
+                        td { (time) }
+                        td { (span) }
+                        td class=[(log.severity_text == "ERROR" || log.severity_text == "FATAL").then_some("error")] { (log.severity_text) }
+                        td { code { (log.body) } }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The spans of a trace as a waterfall (offset and length relative to the whole trace).
