@@ -406,6 +406,8 @@ impl stateful_faas_core::gateway::logs::LogReader for StoredLogs {
                 function: query.function,
                 invocation: query.invocation,
                 trace_id: None,
+                contains: None,
+                severity: None,
                 since_ns: query.since_ns,
                 after: query.after.map(|(received_ms, record_hash)| LogCursor { received_ms, record_hash }),
                 limit: query.limit,

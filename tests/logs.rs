@@ -209,6 +209,15 @@ async fn an_exec_functions_stderr_lines_are_its_tenants_logs() {
     assert!(page.contains("invoke talker"), "each line names its span: {page}");
     let other = http.get(format!("{ui}/ui/traces/acme/{trace_id}")).bearer_auth(globex_read).send().await.unwrap();
     assert_eq!(other.status(), 403, "another tenant's trace page");
+    // The logs page searches by function, text and severity.
+    let search = format!("{ui}/ui/logs?function=talker&text=second+line&severity=ERROR");
+    let page = http.get(&search).bearer_auth(acme_read).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("ERROR: second line for world") && page.contains("ERROR: second line for again"), "{page}");
+    assert!(!page.contains("first line for"), "only what matches: {page}");
+    let page = http.get(format!("{search}&tenant=acme")).bearer_auth(globex_read).send().await.unwrap();
+    assert_eq!(page.status(), 403, "another tenant's logs page");
+    let page = http.get(format!("{ui}/ui/logs")).bearer_auth(globex_read).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("No log lines match.") && !page.contains("second line"), "its own, none: {page}");
 
     // A namespace follows in at most 8 responses at once; a closed one gives its place back.
     let follow_url = format!("{gateway}/system/logs?name=talker&follow=true");

@@ -5,8 +5,8 @@
 
 use crate::common;
 
-use collector::model::{Batch, SampleRow, SpanRow};
-use collector::store::{TelemetryStore, TraceSearch};
+use collector::model::{Batch, LogRow, SampleRow, SpanRow};
+use collector::store::{LogQuery, TelemetryStore, TraceSearch};
 use common::backends;
 
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -394,5 +394,80 @@ async fn sample_reads_are_charged_for_histograms_and_series() {
             "sqlite" => assert!(matches!(later, Err(StoreError::OverBudget)), "300 series looked at"),
             _ => assert!(later.unwrap().is_empty()),
         }
+    }
+}
+
+/// A function log record as the gateway's export stores it (metered, with its attributes).
+fn function_log(tenant: &str, n: i64, function: &str, invocation: &str, severity: &str, body: &str) -> LogRow {
+    LogRow {
+        tenant: tenant.into(),
+        record_hash: format!("{tenant}-{n:04}"),
+        ts_ns: T0 + n * MS,
+        severity_number: 13,
+        severity_text: severity.into(),
+        body: body.into(),
+        attributes: serde_json::json!({
+            "faas.name": function, "faas.invocation_id": invocation, "sfaas.call_id": format!("call-{invocation}"),
+            "faas.instance": "exec", "log.iostream": "stderr"
+        })
+        .to_string(),
+        resource: "{}".into(),
+        trace_id: Some(format!("{TRACE:.30}{n:02}")),
+        span_id: None,
+        metered: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_logs_are_read_by_tenant_function_invocation_text_and_arrival() {
+    for backend in backends() {
+        let store = TelemetryStore::open_with_blocks(&backend.url(), &backend.blocks()).await.unwrap();
+        let mut logs = Vec::new();
+        for n in 0..6 {
+            let (function, invocation) = if n < 4 { ("talker", "inv-a") } else { ("other", "inv-b") };
+            let severity = if n == 1 { "ERROR" } else { "WARN" };
+            logs.push(function_log("acme", n, function, invocation, severity, &format!("line {n} of 100%_")));
+            logs.push(function_log("globex", n, function, invocation, severity, &format!("globex line {n}")));
+        }
+        // A tenant's own SDK logs (not metered) are not its functions' logs, whatever they say.
+        let mut forged = function_log("acme", 9, "talker", "inv-a", "WARN", "forged");
+        forged.metered = false;
+        logs.push(forged);
+        store.write(&Batch { logs, ..Batch::default() }).await.unwrap();
+        let name = backend.name();
+        let read = |query: LogQuery| {
+            let store = store.clone();
+            async move { store.function_logs(&query).await.unwrap().into_iter().map(|l| l.body).collect::<Vec<_>>() }
+        };
+        let acme = |function: Option<&str>| LogQuery {
+            tenant: "acme".into(),
+            function: function.map(str::to_string),
+            limit: 100,
+            ..LogQuery::default()
+        };
+        let talker: Vec<String> = (0..4).map(|n| format!("line {n} of 100%_")).collect();
+        assert_eq!(read(acme(Some("talker"))).await, talker, "{name}");
+        assert_eq!(read(acme(None)).await.len(), 6, "{name}");
+        assert_eq!(read(LogQuery { limit: 2, ..acme(Some("talker")) }).await, talker[2..], "{name}: the newest 2");
+        let by_invocation = LogQuery { invocation: Some("call-inv-b".into()), ..acme(None) };
+        assert_eq!(read(by_invocation).await, vec!["line 4 of 100%_", "line 5 of 100%_"], "{name}: by call id");
+        let by_severity = LogQuery { severity: Some("ERROR".into()), ..acme(None) };
+        assert_eq!(read(by_severity).await, vec!["line 1 of 100%_"], "{name}");
+        // Text is matched as it is: `%` and `_` are not patterns.
+        let by_text = LogQuery { contains: Some("3 of 100%_".into()), ..acme(None) };
+        assert_eq!(read(by_text).await, vec!["line 3 of 100%_"], "{name}");
+        let no_text = LogQuery { contains: Some("2 of 10_%".into()), ..acme(None) };
+        assert!(read(no_text).await.is_empty(), "{name}");
+        let by_trace = LogQuery { trace_id: Some(format!("{TRACE:.30}05")), ..acme(None) };
+        assert_eq!(read(by_trace).await, vec!["line 5 of 100%_"], "{name}");
+        let since = LogQuery { since_ns: T0 + 3 * MS, ..acme(Some("talker")) };
+        assert_eq!(read(since).await, talker[3..], "{name}");
+        // After a cursor: what arrived later (all arrived in one write: by record id).
+        let all = store.function_logs(&acme(None)).await.unwrap();
+        let after = LogQuery { after: Some(all[2].cursor.clone()), ..acme(None) };
+        assert_eq!(read(after).await.len(), 3, "{name}");
+        // Another tenant's read returns only its own.
+        let globex = read(LogQuery { tenant: "globex".into(), ..acme(Some("talker")) }).await;
+        assert!(globex.len() == 4 && globex.iter().all(|b| b.starts_with("globex")), "{name}: {globex:?}");
     }
 }

@@ -19,6 +19,10 @@ pub struct LogQuery {
     pub invocation: Option<String>,
     /// One trace's (its invocations' lines).
     pub trace_id: Option<String>,
+    /// Lines that contain this text.
+    pub contains: Option<String>,
+    /// Lines of this severity (`ERROR`, `WARN`, …).
+    pub severity: Option<String>,
     /// Records at or after this time (ns).
     pub since_ns: i64,
     /// Records that arrived after this cursor (a previous read's last), oldest first; without
@@ -71,6 +75,17 @@ impl TelemetryStore {
         if let Some(trace_id) = &query.trace_id {
             text.push_str(" AND trace_id = ?");
             binds.push(Bind::Str(trace_id));
+        }
+        if let Some(contains) = query.contains.as_deref().filter(|c| !c.is_empty()) {
+            text.push_str(match &self.pool {
+                Pool::Sqlite(_) => " AND instr(body, ?) > 0",
+                Pool::Postgres(_) => " AND strpos(body, ?) > 0",
+            });
+            binds.push(Bind::Str(contains));
+        }
+        if let Some(severity) = &query.severity {
+            text.push_str(" AND severity_text = ?");
+            binds.push(Bind::Str(severity));
         }
         let limit = i64::try_from(query.limit.min(MAX_LOG_READ)).unwrap_or(0);
         match &query.after {

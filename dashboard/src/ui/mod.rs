@@ -96,6 +96,7 @@ pub fn router(state: DashboardState, config: UiConfig) -> Router {
         .route("/ui/runs/{tenant}/{run_id}", get(runs::run))
         .route("/ui/traces", get(traces::traces))
         .route("/ui/traces/{tenant}/{trace_id}", get(traces::trace))
+        .route("/ui/logs", get(traces::logs))
         .with_state(ui)
 }
 
@@ -152,6 +153,7 @@ fn nav(viewer: Option<&Viewer>) -> Markup {
                 a href="/ui/functions" { "Functions" }
                 a href="/ui/runs" { "Flow runs" }
                 a href="/ui/traces" { "Traces" }
+                a href="/ui/logs" { "Logs" }
             },
             Some(Viewer::Tenant(tenant)) => {
                 nav {
@@ -159,6 +161,7 @@ fn nav(viewer: Option<&Viewer>) -> Markup {
                     a href="/ui/functions" { "Functions" }
                     a href="/ui/runs" { "Flow runs" }
                     a href="/ui/traces" { "Traces" }
+                    a href="/ui/logs" { "Logs" }
                 }
                 span.muted { "tenant " (tenant) }
             },
@@ -381,6 +384,9 @@ struct Params {
     attr: Option<String>,
     hours: Option<String>,
     trace: Option<String>,
+    /// The logs page's text and severity.
+    text: Option<String>,
+    severity: Option<String>,
 }
 
 /// The filter form of the developers' pages: a tenant field for the admin, then `filters`.

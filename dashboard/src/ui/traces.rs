@@ -157,6 +157,74 @@ pub(super) async fn trace(
     page(&format!("Trace {trace_id}"), Some(&viewer), html! { (waterfall(&spans)) (logs) }).into_response()
 }
 
+/// Most log lines the logs page shows.
+const LOG_LINES: usize = 500;
+const SEVERITIES: [&str; 7] = ["", "FATAL", "ERROR", "WARN", "INFO", "DEBUG", "TRACE"];
+
+/// Developers: a tenant's function log lines by function, text, severity and time, newest
+/// last, each linked to its trace.
+pub(super) async fn logs(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(params): Query<Params>) -> Response {
+    let (viewer, tenant) = match ui.signed_in(&headers, params.tenant.as_deref()).await {
+        Ok(signed_in) => signed_in,
+        Err(r) => return r,
+    };
+    let function = params.function.clone().unwrap_or_default();
+    let text = params.text.clone().unwrap_or_default();
+    let severity = params.severity.clone().filter(|s| SEVERITIES.contains(&s.as_str())).unwrap_or_default();
+    let (since, _) = lookback(&params, ui.state.store.clock().now_ns());
+    let query = collector::store::LogQuery {
+        tenant: tenant.clone(),
+        function: Some(function.clone()).filter(|f| !f.is_empty()),
+        contains: Some(text.clone()).filter(|t| !t.is_empty()),
+        severity: Some(severity.clone()).filter(|s| !s.is_empty()),
+        since_ns: since,
+        limit: LOG_LINES,
+        ..Default::default()
+    };
+    let logs = match ui.state.store.function_logs(&query).await {
+        Ok(logs) => logs,
+        Err(e) => return internal(&viewer, e),
+    };
+    let form = html! {
+        label { "function" input name="function" value=(function); }
+        label { "text" input name="text" value=(text); }
+        label {
+            "severity"
+            select name="severity" {
+                @for s in SEVERITIES {
+                    option selected[s == severity] { (s) }
+                }
+            }
+        }
+        label { "hours" input name="hours" size="4" value=(params.hours.as_deref().unwrap_or("168")); }
+    };
+    let body = html! {
+        (tenant_form(&viewer, &tenant, form))
+        @if logs.len() == LOG_LINES { p.muted { "The newest " (LOG_LINES) " lines." } }
+        table #logs {
+            thead { tr { th { "time" } th { "function" } th { "severity" } th { "line" } th { "trace" } } }
+            tbody {
+                @for log in &logs {
+                    @let a: serde_json::Map<String, Value> = serde_json::from_str(&log.attributes).unwrap_or_default();
+                    tr {
+                        td { (rfc3339(log.ts_ns)) }
+                        td { (text_attr(&a, semconv::FAAS_NAME)) }
+                        td class=[(log.severity_text == "ERROR" || log.severity_text == "FATAL").then_some("bad")] { (log.severity_text) }
+                        td { code { (log.body) } }
+                        td {
+                            @if let Some(trace) = &log.trace_id {
+                                a href={ "/ui/traces/" (url(&tenant)) "/" (url(trace)) } { (trace[..16.min(trace.len())]) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if logs.is_empty() { p.muted { "No log lines match." } }
+    };
+    page("Logs", Some(&viewer), body).into_response()
+}
+
 /// Most log lines a trace's page shows.
 const TRACE_LOG_LINES: usize = 1000;
 
@@ -195,7 +263,7 @@ pub(super) async fn trace_logs(
                     tr {
                         td { (time) }
                         td { (span) }
-                        td class=[(log.severity_text == "ERROR" || log.severity_text == "FATAL").then_some("error")] { (log.severity_text) }
+                        td class=[(log.severity_text == "ERROR" || log.severity_text == "FATAL").then_some("bad")] { (log.severity_text) }
                         td { code { (log.body) } }
                     }
                 }
