@@ -3,6 +3,7 @@
 //! benchmarks, and the libraries' bench code, out of the binary.
 
 mod etl;
+mod logs;
 mod soak;
 
 use std::path::PathBuf;
@@ -88,6 +89,9 @@ pub enum BenchCommand {
     /// One tenant storms (ingest at twice the sustainable rate, PromQL, calls) while another
     /// works: its latency, the refusals, memory, and recovery.
     Soak(soak::Options),
+    /// Function log lines from the function's stderr to the collector's store, beside the
+    /// store's own insert rate.
+    Logs(logs::Options),
     /// Engine overhead per node, and data passing through the state store vs files.
     Flow {
         /// Runs per measurement (the median is reported).
@@ -143,6 +147,10 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Soak(options) => {
             println!("{}", soak::run(options).await?);
+            Ok(())
+        }
+        BenchCommand::Logs(options) => {
+            println!("{}", logs::run(options).await?);
             Ok(())
         }
         BenchCommand::Flow { runs } => {
