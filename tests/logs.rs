@@ -151,6 +151,23 @@ async fn an_exec_functions_stderr_lines_are_its_tenants_logs() {
     assert!(lines.iter().any(|l| l.contains("ERROR: ERROR: nothing wrong with ada")), "stderr: {lines:#?}");
     assert!(lines.iter().all(|l| !l.contains(" server (exec ")), "an instance's id, not exec: {lines:#?}");
 
+    // A builtin's failure is a line of its logs too.
+    http.post(format!("{gateway}/system/functions"))
+        .bearer_auth(acme_ingest)
+        .json(&serde_json::json!({"service": "failing", "builtin": "fail"}))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    let response = http.post(format!("{gateway}/function/failing")).bearer_auth(acme_ingest).send().await.unwrap();
+    assert_eq!(response.status(), 500);
+    let lines = logs_until(data, &["logs", "failing", "--token", acme_read], 1);
+    assert!(
+        lines.len() == 1 && lines[0].contains(" failing (builtin ") && lines[0].contains(": ERROR: "),
+        "{lines:#?}"
+    );
+
     // Followed: lines of a new call arrive while the command runs.
     let mut follow = common::sfaas()
         .args(["logs", "talker", "--follow", "--since", "1h", "--token", acme_read, "--data-dir"])

@@ -130,14 +130,17 @@ impl Invoker {
         // A process's output lines are its tenant's logs, tied to this invocation and its span
         // (a managed instance's while it serves it).
         let logs = match (&function.spec.target, self.telemetry.function_logs()) {
-            (Target::Exec { .. } | Target::Managed { .. }, Some(logs)) => {
+            (Target::Exec { .. } | Target::Managed { .. } | Target::Builtin { .. }, Some(logs)) => {
                 let ids = span.as_ref().map(|span| span.span_context());
                 let sink: Arc<dyn crate::function::output::LogSink> = Arc::new(telemetry::logs::Sink {
                     logs,
                     tenant: tenant.clone(),
                     context: telemetry::logs::LogContext {
                         function: function_name.to_string(),
-                        instance: "exec".into(),
+                        instance: match function.spec.target {
+                            Target::Builtin { .. } => "builtin".into(),
+                            _ => "exec".into(),
+                        },
                         invocation_id: Some(execution_id.to_string()),
                         call_id: (!invocation.call_id.is_empty()).then(|| invocation.call_id.clone()),
                         trace_id: ids.map(|ids| ids.trace_id().to_bytes()),

@@ -100,6 +100,10 @@ impl Telemetry {
     /// The function-log pipeline, or `None` while export is off (lines then go to the
     /// gateway's own log, as before export is set).
     pub fn function_logs(&self) -> Option<std::sync::Arc<logs::FunctionLogs>> {
+        // The hot path (every invocation asks): started already.
+        if let Some(logs) = self.logs.get() {
+            return logs.clone();
+        }
         let config = self.config.read().unwrap();
         let endpoint = config.endpoint.clone()?;
         self.logs
