@@ -128,27 +128,28 @@ impl Invoker {
         let state_token = matches!(function.spec.target, Target::Exec { .. } | Target::Managed { .. })
             .then(|| self.tenants.issue_function_token(tenant, invocation.job.as_deref()));
         // A process's output lines are its tenant's logs, tied to this invocation and its span
-        // (a managed instance's while it serves it).
-        let logs = match (&function.spec.target, self.telemetry.function_logs()) {
-            (Target::Exec { .. } | Target::Managed { .. } | Target::Builtin { .. }, Some(logs)) => {
-                let ids = span.as_ref().map(|span| span.span_context());
-                let sink: Arc<dyn crate::function::output::LogSink> = Arc::new(telemetry::logs::Sink {
-                    logs,
-                    tenant: tenant.clone(),
-                    context: telemetry::logs::LogContext {
-                        function: function_name.to_string(),
-                        instance: match function.spec.target {
-                            Target::Builtin { .. } => "builtin".into(),
-                            _ => "exec".into(),
-                        },
-                        invocation_id: Some(execution_id.to_string()),
-                        call_id: (!invocation.call_id.is_empty()).then(|| invocation.call_id.clone()),
-                        trace_id: ids.map(|ids| ids.trace_id().to_bytes()),
-                        span_id: ids.map(|ids| ids.span_id().to_bytes()),
-                    },
-                });
-                Some(sink)
-            }
+        // (a managed instance's while it serves it); a builtin's failure too, once it fails.
+        let ids = span.as_ref().map(|span| {
+            let ids = span.span_context();
+            (ids.trace_id().to_bytes(), ids.span_id().to_bytes())
+        });
+        let sink = |instance: &str| -> Option<Arc<dyn crate::function::output::LogSink>> {
+            let logs = self.telemetry.function_logs()?;
+            Some(Arc::new(telemetry::logs::Sink {
+                logs,
+                tenant: tenant.clone(),
+                context: telemetry::logs::LogContext {
+                    function: function_name.to_string(),
+                    instance: instance.to_string(),
+                    invocation_id: Some(execution_id.to_string()),
+                    call_id: (!invocation.call_id.is_empty()).then(|| invocation.call_id.clone()),
+                    trace_id: ids.map(|ids| ids.0),
+                    span_id: ids.map(|ids| ids.1),
+                },
+            }))
+        };
+        let logs = match &function.spec.target {
+            Target::Exec { .. } | Target::Managed { .. } => sink("exec"),
             _ => None,
         };
         let context = RunContext {
@@ -191,6 +192,14 @@ impl Invoker {
                 Outcome::text(error.status(), format!("{error}\n"), error.usage())
             }
         };
+        if matches!(function.spec.target, Target::Builtin { .. })
+            && outcome.status >= 500
+            && let Some(sink) = sink("builtin")
+        {
+            let message =
+                String::from_utf8_lossy(&outcome.body[..outcome.body.len().min(crate::function::output::MAX_LINE)]);
+            sink.line("stderr", &format!("ERROR: {}", message.trim_end()), false);
+        }
         underway.end(outcome.status, outcome.usage, outcome.body.len(), still_running);
         outcome
     }

@@ -266,13 +266,7 @@ fn outcome(
             })
         }
         Err(BuiltinError::NoRoom(error)) => no_room(error),
-        Err(BuiltinError::Failed(message)) => {
-            // A builtin's failure is a line of its tenant's logs, as a process's stderr would be.
-            if let Some(logs) = &context.logs {
-                logs.line("stderr", &format!("ERROR: {message}"), false);
-            }
-            Ok(Outcome::text(500, message + "\n", usage))
-        }
+        Err(BuiltinError::Failed(message)) => Ok(Outcome::text(500, message + "\n", usage)),
     }
 }
 
