@@ -231,9 +231,7 @@ fn invocation_env(invocation: &Invocation, extra_env: &[(String, String)]) -> Ve
     env
 }
 
-/// Reads a stream to its end, keeping at most `limit` bytes (the rest is drained so the
-/// writer never blocks).
-/// What a process wrote: its stdout (unless there was no room to keep it) and its stderr.
+/// What a process wrote to stdout (unless there was no room to keep it).
 type Output = Result<Vec<u8>, RoomError>;
 
 /// An exec process's stderr, read line by line: each line (cut at [`super::output::MAX_LINE`])
@@ -274,6 +272,8 @@ impl StderrLines {
     }
 }
 
+/// Reads a stream to its end, keeping at most `limit` bytes (the rest is drained so the
+/// writer never blocks).
 async fn read_limited(
     mut reader: impl AsyncRead + Unpin,
     limit: usize,
