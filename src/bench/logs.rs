@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::etl::start_up;
 
@@ -55,16 +55,7 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
     let mut tokens = Vec::new();
     for t in 0..options.tenants {
         let tenant = format!("t{t}");
-        let created: Value = http
-            .post(format!("{gateway}/system/tenants"))
-            .bearer_auth(&admin)
-            .json(&json!({"name": tenant}))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let ingest = created["ingest_token"].as_str().context("no ingest token")?.to_string();
+        let (ingest, _) = super::create_tenant(&http, &gateway, &admin, &tenant).await?;
         http.post(format!("{gateway}/system/functions"))
             .bearer_auth(&ingest)
             .json(&json!({

@@ -100,6 +100,26 @@ pub enum BenchCommand {
     },
 }
 
+/// Creates a tenant on a running gateway with the admin token: its (ingest, read) tokens.
+async fn create_tenant(
+    http: &reqwest::Client,
+    gateway: &str,
+    admin: &str,
+    tenant: &str,
+) -> anyhow::Result<(String, String)> {
+    let created: serde_json::Value = http
+        .post(format!("{gateway}/system/tenants"))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({"name": tenant}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let token = |kind: &str| created[kind].as_str().map(str::to_string).with_context(|| format!("no {kind}"));
+    Ok((token("ingest_token")?, token("read_token")?))
+}
+
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Gateway { requests, concurrency, rounds, only } => {

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::etl::{cpu_ms, start_up};
 
@@ -144,17 +144,7 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
 
     let mut tokens = BTreeMap::new();
     for tenant in ["calm", "storm"] {
-        let created: Value = http
-            .post(format!("{gateway}/system/tenants"))
-            .bearer_auth(&admin)
-            .json(&json!({"name": tenant}))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let ingest = created["ingest_token"].as_str().context("no ingest token")?.to_string();
-        let read = created["read_token"].as_str().context("no read token")?.to_string();
+        let (ingest, read) = super::create_tenant(&http, &gateway, &admin, tenant).await?;
         for (service, builtin) in [("echo", "echo"), ("nap", "sleep")] {
             http.post(format!("{gateway}/system/functions"))
                 .bearer_auth(&ingest)
