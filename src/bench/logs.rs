@@ -1,7 +1,7 @@
 //! `sfaas bench logs`: function log lines from the function to durable storage. A `sfaas up`
 //! process (`--sandbox off`) runs one exec function per tenant that writes `--lines` lines of
-//! `--bytes` bytes to stderr (within the tenant's burst of the line rate, so that the rate
-//! limit is not what is measured); all are called at once, and the time until the collector's
+//! `--bytes` bytes to stderr (within the tenant's burst of the line rate and its share of the
+//! export queue, so that those limits are not what is measured); all are called at once, and the time until the collector's
 //! store holds every line is taken, with the CPU the `sfaas` process used (the gateway reading,
 //! exporting; the collector receiving, storing; not the functions'). Beside it, the store's own
 //! floor: the same records written straight into a fresh SQLite store, 1 024 a write.
@@ -19,8 +19,8 @@ pub struct Options {
     /// Tenants, each with its function, all called at once.
     #[arg(long, default_value_t = 8)]
     pub tenants: usize,
-    /// Lines each function writes (at most its tenant's burst, 20 000).
-    #[arg(long, default_value_t = 20_000)]
+    /// Lines each function writes (at most 16 384: its tenant's share of the export queue).
+    #[arg(long, default_value_t = 6_000)]
     pub lines: usize,
     /// Bytes a line.
     #[arg(long, default_value_t = 100)]
@@ -41,7 +41,7 @@ fn own_cpu_ms(pid: u32) -> f64 {
 }
 
 pub async fn run(options: Options) -> anyhow::Result<String> {
-    let lines = options.lines.min(20_000);
+    let lines = options.lines.min(stateful_faas_core::telemetry::logs::TENANT_QUEUE_LINES);
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     let functions = dir.path().join("functions");

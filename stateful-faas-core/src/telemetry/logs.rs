@@ -2,9 +2,10 @@
 //! record of its tenant, with the function, the invocation and its span, and goes to the same
 //! receiver as the platform's spans, with the same token (the meter's: the records are the
 //! platform's, stored as metered). Lines have a queue of their own that drops when full (a
-//! flood of lines never holds up a call or its billed spans), a rate per tenant (the managed
-//! servers' [`crate::function::output`] budget) and bytes a day per tenant: past either, lines
-//! are counted and dropped and the function runs on.
+//! flood of lines never holds up a call or its billed spans), of which a tenant holds at most a
+//! quarter (its burst leaves room for the others' lines), a rate per tenant
+//! ([`crate::function::output`]'s budget) and bytes a day per tenant: past any, lines are
+//! counted and dropped and the function runs on.
 //!
 //! A line's severity is WARN (what a function writes to stderr is for its developer to read),
 //! unless the line starts with a level word: `ERROR`, `FATAL`, `CRITICAL`, `WARN`, `WARNING`,
@@ -29,7 +30,10 @@ use crate::semconv;
 use crate::tenant::TenantId;
 
 /// Lines waiting for export, all tenants together; past it, new lines are dropped (counted).
-pub const QUEUE_LINES: usize = 16_384;
+pub const QUEUE_LINES: usize = 65_536;
+/// Lines of one tenant waiting for export at most (a quarter of the queue): one tenant's burst
+/// leaves room for the others'.
+pub const TENANT_QUEUE_LINES: usize = QUEUE_LINES / 4;
 /// Bytes of lines a tenant may log a UTC day, by default (`--tenant-log-bytes-per-day`).
 pub const DEFAULT_BYTES_PER_DAY: u64 = 256 << 20;
 /// Lines sent together at most, and how long a line waits for others.
@@ -89,9 +93,13 @@ struct Day {
     dropped: u64,
 }
 
+/// Lines waiting for export, per tenant.
+type Queued = Arc<Mutex<HashMap<TenantId, usize>>>;
+
 /// The function-log pipeline of a gateway.
 pub struct FunctionLogs {
     queue: SyncSender<Line>,
+    queued: Queued,
     bytes_per_day: u64,
     days: Mutex<HashMap<TenantId, Day>>,
     sequence: AtomicU64,
@@ -130,15 +138,20 @@ impl FunctionLogs {
     pub fn start(config: &TelemetryConfig, endpoint: &str) -> Result<Arc<Self>, String> {
         let transport = Transport::new(config, endpoint, Signal::Logs)?;
         let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE_LINES);
+        let queued = Queued::default();
         std::thread::Builder::new()
             .name("sfaas-log-export".into())
-            .spawn(move || {
-                background_priority();
-                export_loop(&lines, &transport);
+            .spawn({
+                let queued = queued.clone();
+                move || {
+                    background_priority();
+                    export_loop(&lines, &queued, &transport);
+                }
             })
             .map_err(|error| format!("cannot start the log export thread: {error}"))?;
         Ok(Arc::new(Self {
             queue,
+            queued,
             bytes_per_day: config.log_bytes_per_day.unwrap_or(DEFAULT_BYTES_PER_DAY),
             days: Mutex::default(),
             sequence: AtomicU64::new(0),
@@ -184,9 +197,19 @@ impl FunctionLogs {
             span_id: context.span_id.map(|id| id.to_vec()).unwrap_or_default(),
             ..LogRecord::default()
         };
+        {
+            let mut queued = self.queued.lock().unwrap();
+            let mine = queued.entry(tenant.clone()).or_default();
+            if *mine >= TENANT_QUEUE_LINES {
+                self.dropped_full.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            *mine += 1;
+        }
         match self.queue.try_send(Line { tenant: tenant.clone(), record }) {
             Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(line) | TrySendError::Disconnected(line)) => {
+                unqueue(&self.queued, &line.tenant, 1);
                 self.dropped_full.fetch_add(1, Ordering::Relaxed);
                 false
             }
@@ -220,9 +243,20 @@ impl FunctionLogs {
     }
 }
 
+/// Gives back `n` of a tenant's places in the queue.
+fn unqueue(queued: &Queued, tenant: &TenantId, n: usize) {
+    let mut queued = queued.lock().unwrap();
+    if let Some(count) = queued.get_mut(tenant) {
+        *count = count.saturating_sub(n);
+        if *count == 0 {
+            queued.remove(tenant);
+        }
+    }
+}
+
 /// Sends batches of lines, one resource per tenant, until the pipeline is dropped. A batch the
 /// receiver does not take is tried twice more and then dropped: logs are not billed usage.
-fn export_loop(lines: &Receiver<Line>, transport: &Transport) {
+fn export_loop(lines: &Receiver<Line>, queued: &Queued, transport: &Transport) {
     loop {
         let Ok(first) = lines.recv() else { return };
         let mut batch = vec![first];
@@ -238,6 +272,9 @@ fn export_loop(lines: &Receiver<Line>, transport: &Transport) {
         let mut by_tenant: HashMap<TenantId, Vec<LogRecord>> = HashMap::new();
         for line in batch {
             by_tenant.entry(line.tenant).or_default().push(line.record);
+        }
+        for (tenant, records) in &by_tenant {
+            unqueue(queued, tenant, records.len());
         }
         let request = ExportLogsServiceRequest {
             resource_logs: by_tenant
@@ -294,6 +331,26 @@ mod tests {
         assert_eq!(logs.dropped_today(&flooder), 940);
         assert!(logs.line(&other, &context, "stderr", &line, false), "another tenant's day is its own");
         assert_eq!(logs.dropped_today(&other), 0);
+    }
+
+    #[test]
+    fn one_tenants_burst_leaves_room_in_the_queue_for_the_others() {
+        // Nothing listens there: lines leave the queue slowly (a batch, then retries).
+        let config = TelemetryConfig { log_bytes_per_day: Some(u64::MAX), ..TelemetryConfig::default() };
+        let logs = FunctionLogs::start(&config, "http://127.0.0.1:9").unwrap();
+        let context = LogContext {
+            function: "f".into(),
+            instance: "exec".into(),
+            invocation_id: None,
+            call_id: None,
+            trace_id: None,
+            span_id: None,
+        };
+        let (flooder, other) = (TenantId::new("flooder").unwrap(), TenantId::new("other").unwrap());
+        let kept = (0..QUEUE_LINES).filter(|_| logs.line(&flooder, &context, "stderr", "flood", false)).count();
+        assert!(kept < QUEUE_LINES / 2, "the flooder holds about a quarter: {kept}");
+        let others = (0..1000).filter(|_| logs.line(&other, &context, "stderr", "mine", false)).count();
+        assert_eq!(others, 1000, "another tenant's lines still have room");
     }
 
     #[test]
