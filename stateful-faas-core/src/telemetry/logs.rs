@@ -310,19 +310,23 @@ fn export_loop(lines: &Receiver<Line>, queued: &Queued, transport: &Transport) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_tenants_bytes_a_day_hold_and_leave_the_others_theirs() {
-        // Nothing listens there: the export fails quietly, the counting is what is tested.
-        let config = TelemetryConfig { log_bytes_per_day: Some(10_000), ..TelemetryConfig::default() };
-        let logs = FunctionLogs::start(&config, "http://127.0.0.1:9").unwrap();
-        let context = LogContext {
+    fn context() -> LogContext {
+        LogContext {
             function: "f".into(),
             instance: "exec".into(),
             invocation_id: None,
             call_id: None,
             trace_id: None,
             span_id: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_tenants_bytes_a_day_hold_and_leave_the_others_theirs() {
+        // Nothing listens there: the export fails quietly, the counting is what is tested.
+        let config = TelemetryConfig { log_bytes_per_day: Some(10_000), ..TelemetryConfig::default() };
+        let logs = FunctionLogs::start(&config, "http://127.0.0.1:9").unwrap();
+        let context = context();
         let (flooder, other) = (TenantId::new("flooder").unwrap(), TenantId::new("other").unwrap());
         let line = "y".repeat(100);
         let kept = (0..1000).filter(|_| logs.line(&flooder, &context, "stderr", &line, false)).count();
@@ -338,14 +342,7 @@ mod tests {
         // Nothing listens there: lines leave the queue slowly (a batch, then retries).
         let config = TelemetryConfig { log_bytes_per_day: Some(u64::MAX), ..TelemetryConfig::default() };
         let logs = FunctionLogs::start(&config, "http://127.0.0.1:9").unwrap();
-        let context = LogContext {
-            function: "f".into(),
-            instance: "exec".into(),
-            invocation_id: None,
-            call_id: None,
-            trace_id: None,
-            span_id: None,
-        };
+        let context = context();
         let (flooder, other) = (TenantId::new("flooder").unwrap(), TenantId::new("other").unwrap());
         let kept = (0..QUEUE_LINES).filter(|_| logs.line(&flooder, &context, "stderr", "flood", false)).count();
         assert!(kept < QUEUE_LINES / 2, "the flooder holds about a quarter: {kept}");

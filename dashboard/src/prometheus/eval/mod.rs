@@ -363,10 +363,8 @@ mod tests {
         let (plan, data) = planned("max_over_time(max_over_time(m[1d:1s])[1d:1s])", 1);
         let deadline = Instant::now() + std::time::Duration::from_millis(200);
         let evaluator = Evaluator::new(&plan, &data, 0, 0, Some(deadline));
-        let started = Instant::now();
+        // Without the check a failure here takes hours (the test run's own timeout finds it).
         assert!(matches!(evaluator.eval(&plan.root, 86_400_000), Err(QueryError::Timeout)));
-        // Not a timing assertion: a failure here would take hours, not seconds.
-        assert!(started.elapsed() < std::time::Duration::from_secs(60));
     }
 
     #[test]
