@@ -173,20 +173,25 @@ pub async fn logs(
         after: None,
         limit,
     };
+    // A followed response takes its place first: one refused reads nothing.
+    let follow = query.follow.unwrap_or(false);
+    let place = match follow {
+        true => Some(Following::take(tenant.as_str()).ok_or_else(|| {
+            ApiError::TooManyRequests(format!(
+                "namespace {tenant} already follows logs in {MAX_FOLLOWING} responses: close one first"
+            ))
+        })?),
+        false => None,
+    };
     let first = reader.read(read.clone()).await.map_err(ApiError::Internal)?;
     let namespace = tenant.to_string();
     let response = Response::builder().header(header::CONTENT_TYPE, "application/x-ndjson");
-    if !query.follow.unwrap_or(false) {
+    if !follow {
         let body: String = first.iter().map(|line| ndjson(line, &namespace)).collect();
         return response.body(Body::from(body)).map_err(|e| ApiError::Internal(e.to_string()));
     }
     // Followed: the lines so far, then those arriving, until the client goes, the gateway
     // stops or an hour passes.
-    let place = Following::take(tenant.as_str()).ok_or_else(|| {
-        ApiError::TooManyRequests(format!(
-            "namespace {tenant} already follows logs in {MAX_FOLLOWING} responses: close one first"
-        ))
-    })?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(16);
     let mut stop = core.stop.subscribe();
     tokio::spawn(async move {
