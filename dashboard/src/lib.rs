@@ -1,6 +1,6 @@
 //! The dashboard address (`--ui-addr`): the web UI, the billing API under `/billing`, and the
 //! Grafana datasource APIs (the Jaeger v1 query API under `/api`, the Prometheus HTTP API under
-//! `/prometheus`). It also runs billing periodically, so that invoices follow usage without
+//! `/prometheus`, Loki's under `/loki/api/v1`). It also runs billing periodically, so that invoices follow usage without
 //! anyone calling `sfaas bill run`.
 
 #[cfg(feature = "bench")]
@@ -8,6 +8,7 @@ pub mod bench;
 pub mod charts;
 pub mod dag;
 pub mod jaeger;
+pub mod loki;
 pub mod prometheus;
 pub mod ui;
 
@@ -76,6 +77,7 @@ pub fn app(state: DashboardState, ui: ui::UiConfig) -> Router {
         }))
         .merge(jaeger::router(state.clone()))
         .merge(prometheus::router(state.clone()))
+        .merge(loki::router(state.clone()))
         .merge(ui::router(state, ui))
         .layer(axum::middleware::from_fn(collector::catch_panic))
 }

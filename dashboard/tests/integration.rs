@@ -4,5 +4,6 @@
 
 mod differential;
 mod jaeger;
+mod loki;
 mod prometheus;
 mod ui_attacks;

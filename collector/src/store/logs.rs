@@ -119,3 +119,150 @@ impl TelemetryStore {
         Ok(logs)
     }
 }
+
+/// A scan of a tenant's log records (function logs and its own) over a time range, a batch at
+/// a time, for LogQL: what can be decided in SQL is (metered or not, a function, literal
+/// texts), the rest is decided by the reader.
+#[derive(Debug, Clone, Default)]
+pub struct LogScan {
+    pub tenant: String,
+    /// Records at or after this time (ns).
+    pub start_ns: i64,
+    /// Records before this time (ns).
+    pub end_ns: i64,
+    /// Newest first.
+    pub backward: bool,
+    /// Records past this one in the scan's order (a previous batch's last: time, hash).
+    pub after: Option<(i64, String)>,
+    /// Only the platform's records of functions (`true`) or only the tenant's own (`false`).
+    pub metered: Option<bool>,
+    /// Only this function's (`faas.name`).
+    pub function: Option<String>,
+    /// Only records whose body contains each of these.
+    pub contains: Vec<String>,
+    pub limit: usize,
+}
+
+/// A log record as LogQL reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRecord {
+    pub ts_ns: i64,
+    pub severity_number: i64,
+    pub severity_text: String,
+    pub body: String,
+    /// The record's attributes (JSON object).
+    pub attributes: String,
+    /// Its resource's attributes (JSON object).
+    pub resource: String,
+    pub trace_id: Option<String>,
+    pub span_id: Option<String>,
+    pub metered: bool,
+    pub record_hash: String,
+}
+
+impl TelemetryStore {
+    /// One batch of [`LogScan`] (at most [`MAX_LOG_READ`] records), in the scan's order.
+    pub async fn scan_logs(&self, scan: &LogScan) -> Result<Vec<LogRecord>, StoreError> {
+        let mut text = String::from(
+            "SELECT ts_ns, severity_number, severity_text, body, attributes, resource, trace_id, span_id, metered, \
+             record_hash FROM logs WHERE tenant = ? AND ts_ns >= ? AND ts_ns < ?",
+        );
+        let mut binds = vec![Bind::Str(&scan.tenant), Bind::Int(scan.start_ns), Bind::Int(scan.end_ns)];
+        if let Some(metered) = scan.metered {
+            text.push_str(if metered { " AND metered = 1" } else { " AND metered = 0" });
+        }
+        if let Some(function) = &scan.function {
+            text.push_str(match &self.pool {
+                Pool::Sqlite(_) => " AND json_extract(attributes, '$.\"faas.name\"') = ?",
+                Pool::Postgres(_) => " AND (attributes::jsonb ->> 'faas.name') = ?",
+            });
+            binds.push(Bind::Str(function));
+        }
+        for contains in scan.contains.iter().filter(|c| !c.is_empty()) {
+            text.push_str(match &self.pool {
+                Pool::Sqlite(_) => " AND instr(body, ?) > 0",
+                Pool::Postgres(_) => " AND strpos(body, ?) > 0",
+            });
+            binds.push(Bind::Str(contains));
+        }
+        let (past, order) = if scan.backward {
+            (" AND (ts_ns < ? OR (ts_ns = ? AND record_hash < ?))", " ORDER BY ts_ns DESC, record_hash DESC LIMIT ?")
+        } else {
+            (" AND (ts_ns > ? OR (ts_ns = ? AND record_hash > ?))", " ORDER BY ts_ns, record_hash LIMIT ?")
+        };
+        if let Some((ts_ns, hash)) = &scan.after {
+            text.push_str(past);
+            binds.extend([Bind::Int(*ts_ns), Bind::Int(*ts_ns), Bind::Str(hash)]);
+        }
+        text.push_str(order);
+        binds.push(Bind::Int(i64::try_from(scan.limit.min(MAX_LOG_READ)).unwrap_or(0)));
+        Ok(rows!(&self.pool, &text, &binds, |row| LogRecord {
+            ts_ns: row.try_get(0)?,
+            severity_number: row.try_get(1)?,
+            severity_text: row.try_get(2)?,
+            body: row.try_get(3)?,
+            attributes: row.try_get(4)?,
+            resource: row.try_get(5)?,
+            trace_id: row.try_get(6)?,
+            span_id: row.try_get(7)?,
+            metered: row.try_get::<i64, _>(8)? != 0,
+            record_hash: row.try_get(9)?,
+        }))
+    }
+}
+
+/// The most distinct streams [`TelemetryStore::log_streams`] returns.
+pub const MAX_LOG_STREAMS: usize = 10_000;
+
+/// What tells a tenant's log records apart as LogQL's streams, with how many lines and bytes
+/// each has in a time range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogStream {
+    pub metered: bool,
+    /// A function record's `faas.name`, `faas.instance` and `log.iostream`.
+    pub function: Option<String>,
+    pub instance: Option<String>,
+    pub iostream: Option<String>,
+    pub severity_number: i64,
+    pub severity_text: String,
+    /// The tenant's own records' resource (JSON object); `{}` for function records.
+    pub resource: String,
+    pub lines: i64,
+    pub bytes: i64,
+}
+
+impl TelemetryStore {
+    /// A tenant's log records in `[start_ns, end_ns)`, grouped as streams (at most
+    /// [`MAX_LOG_STREAMS`]).
+    pub async fn log_streams(&self, tenant: &str, start_ns: i64, end_ns: i64) -> Result<Vec<LogStream>, StoreError> {
+        let attribute = |key: &str| match &self.pool {
+            Pool::Sqlite(_) => format!("json_extract(attributes, '$.\"{key}\"')"),
+            Pool::Postgres(_) => format!("(attributes::jsonb ->> '{key}')"),
+        };
+        let (function, instance, iostream) =
+            (attribute(semconv::FAAS_NAME), attribute(semconv::FAAS_INSTANCE), attribute(semconv::LOG_IOSTREAM));
+        let length = match &self.pool {
+            Pool::Sqlite(_) => "length(CAST(body AS BLOB))",
+            Pool::Postgres(_) => "octet_length(body)",
+        };
+        let text = format!(
+            "SELECT metered, f, i, s, severity_number, severity_text, r, COUNT(*), SUM(n) FROM (\
+               SELECT metered, CASE WHEN metered = 1 THEN {function} END AS f, \
+                 CASE WHEN metered = 1 THEN {instance} END AS i, CASE WHEN metered = 1 THEN {iostream} END AS s, \
+                 severity_number, severity_text, CASE WHEN metered = 1 THEN '{{}}' ELSE resource END AS r, \
+                 {length} AS n FROM logs WHERE tenant = ? AND ts_ns >= ? AND ts_ns < ?) AS streams \
+             GROUP BY metered, f, i, s, severity_number, severity_text, r LIMIT {MAX_LOG_STREAMS}"
+        );
+        Ok(rows!(&self.pool, &text, &[Bind::Str(tenant), Bind::Int(start_ns), Bind::Int(end_ns)], |row| LogStream {
+            metered: row.try_get::<i64, _>(0)? != 0,
+            function: row.try_get(1)?,
+            instance: row.try_get(2)?,
+            iostream: row.try_get(3)?,
+            severity_number: row.try_get(4)?,
+            severity_text: row.try_get(5)?,
+            resource: row.try_get(6)?,
+            lines: row.try_get(7)?,
+            bytes: row.try_get::<Option<i64>, _>(8)?.unwrap_or(0),
+        }))
+    }
+}

@@ -30,7 +30,7 @@ mod tokens;
 pub use tokens::PublishedToken;
 
 pub use blocks::MAX_TRACE_SPANS;
-pub use logs::{FunctionLog, LogCursor, LogQuery, MAX_LOG_READ};
+pub use logs::{FunctionLog, LogCursor, LogQuery, LogRecord, LogScan, LogStream, MAX_LOG_READ, MAX_LOG_STREAMS};
 pub use samples::SeriesRows;
 pub use spans::{MeteredSpan, TraceSearch};
 

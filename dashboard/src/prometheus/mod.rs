@@ -179,10 +179,10 @@ mod eval;
 #[cfg(fuzzing)]
 pub mod fuzzing;
 mod handlers;
-mod params;
+pub(crate) mod params;
 mod parse;
-mod places;
-mod response;
+pub(crate) mod places;
+pub(crate) mod response;
 mod usage;
 
 use std::time::{Duration, Instant};

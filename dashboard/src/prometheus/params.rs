@@ -7,7 +7,7 @@ use super::eval;
 use super::response::ApiError;
 
 /// Request parameters: the form body's, then the query string's (Go's `ParseForm` order).
-pub(super) struct Params(Vec<(String, String)>);
+pub(crate) struct Params(Vec<(String, String)>);
 
 fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
@@ -41,7 +41,7 @@ fn parse_form(text: &str, out: &mut Vec<(String, String)>) {
 }
 
 impl Params {
-    pub(super) fn new(headers: &HeaderMap, uri: &Uri, body: &[u8]) -> Self {
+    pub(crate) fn new(headers: &HeaderMap, uri: &Uri, body: &[u8]) -> Self {
         let mut pairs = Vec::new();
         let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         let form = content_type.is_empty() || content_type.starts_with("application/x-www-form-urlencoded");
@@ -54,11 +54,11 @@ impl Params {
         Self(pairs)
     }
 
-    pub(super) fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
-    pub(super) fn all(&self, name: &str) -> Vec<&str> {
+    pub(crate) fn all(&self, name: &str) -> Vec<&str> {
         self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str()).collect()
     }
 

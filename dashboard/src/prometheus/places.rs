@@ -14,7 +14,7 @@ use super::response::ApiError;
 /// ([`FOREGROUND_SHARE`] of a core, a second of it at once): a dashboard's queries stay within
 /// it and are answered at once; a scope over it has its queries loaded and evaluated on the
 /// background runtime ([`collector::background`]), where they take the CPU that calls leave.
-pub(super) struct Places {
+pub(crate) struct Places {
     all: std::sync::Arc<tokio::sync::Semaphore>,
     per_scope: usize,
     scopes: std::sync::Mutex<HashMap<Option<String>, Scope>>,
@@ -33,16 +33,16 @@ struct Scope {
 }
 
 /// A query's place: its scope's share and one of all, held until it is dropped.
-pub(super) struct Place {
+pub(crate) struct Place {
     _share: tokio::sync::OwnedSemaphorePermit,
     _place: tokio::sync::OwnedSemaphorePermit,
     /// Within its scope's foreground budget.
-    pub(super) foreground: bool,
+    pub(crate) foreground: bool,
 }
 
 impl Places {
     /// `all` places (at least two).
-    pub(super) fn new(all: usize) -> Self {
+    pub(crate) fn new(all: usize) -> Self {
         let all = all.max(2);
         Self {
             all: std::sync::Arc::new(tokio::sync::Semaphore::new(all)),
@@ -66,7 +66,7 @@ impl Places {
     }
 
     /// Waits for a place for a query of `scope`, until `deadline`.
-    pub(super) async fn take(&self, scope: Option<&str>, deadline: Instant) -> Result<Place, ApiError> {
+    pub(crate) async fn take(&self, scope: Option<&str>, deadline: Instant) -> Result<Place, ApiError> {
         let share = self.scope(scope, |state| state.share.clone());
         let queued = async {
             let _share = share.acquire_owned().await.expect("the semaphore is never closed");
@@ -80,7 +80,7 @@ impl Places {
     }
 
     /// Counts `spent` seconds of a query against its scope's foreground budget.
-    pub(super) fn spend(&self, scope: Option<&str>, spent: Duration) {
+    pub(crate) fn spend(&self, scope: Option<&str>, spent: Duration) {
         self.scope(scope, |state| state.budget -= spent.as_secs_f64());
     }
 }

@@ -12,10 +12,10 @@ use super::eval::{Labels, QueryError};
 
 /// A failed request, in Prometheus's error JSON.
 #[derive(Debug)]
-pub(super) struct ApiError {
-    pub(super) status: StatusCode,
-    pub(super) kind: &'static str,
-    pub(super) message: String,
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) kind: &'static str,
+    pub(crate) message: String,
 }
 
 impl ApiError {
