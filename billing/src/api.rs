@@ -311,6 +311,7 @@ async fn usage(
                 invocations: i64,
                 cpu_ms: i64,
                 bytes_out: i64,
+                log_bytes: i64,
                 state_byte_seconds: Decimal,
                 cost: Decimal,
             }
@@ -327,6 +328,7 @@ async fn usage(
                 row.invocations += i64::from(record.kind == crate::usage::Kind::Invocation);
                 row.cpu_ms = row.cpu_ms.saturating_add(record.cpu_ms);
                 row.bytes_out = row.bytes_out.saturating_add(record.bytes_out);
+                row.log_bytes = row.log_bytes.saturating_add(record.log_bytes);
                 row.state_byte_seconds = row.state_byte_seconds.saturating_add(record.state_byte_seconds);
                 row.cost = row.cost.saturating_add(record.cost);
             }

@@ -26,7 +26,7 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
-fn migrator(sqls: [&'static str; 3]) -> Migrator {
+fn migrator(sqls: [&'static str; 4]) -> Migrator {
     let migrations = sqls
         .into_iter()
         .zip(1..)
@@ -48,6 +48,7 @@ impl Db {
                     include_str!("../../migrations/sqlite/billing_0001_billing.sql"),
                     include_str!("../../migrations/sqlite/billing_0002_call_id.sql"),
                     include_str!("../../migrations/sqlite/billing_0003_usage_segments.sql"),
+                    include_str!("../../migrations/sqlite/billing_0004_log_bytes.sql"),
                 ])
                 .run(pool)
                 .await?;
@@ -58,6 +59,7 @@ impl Db {
                     include_str!("../../migrations/postgres/billing_0001_billing.sql"),
                     include_str!("../../migrations/postgres/billing_0002_call_id.sql"),
                     include_str!("../../migrations/postgres/billing_0003_usage_segments.sql"),
+                    include_str!("../../migrations/postgres/billing_0004_log_bytes.sql"),
                 ])
                 .run(pool)
                 .await?;

@@ -24,6 +24,7 @@ pub fn event(record: &UsageRecord, cost: Option<&rust_decimal::Decimal>) -> Valu
                 "memory_peak_bytes": record.memory_peak_bytes,
                 "bytes_in": record.bytes_in,
                 "bytes_out": record.bytes_out,
+                "log_bytes": record.log_bytes,
                 "status_code": record.status_code,
             }),
         ),

@@ -30,6 +30,7 @@ pub struct RecordCost {
     pub plan: String,
     pub cpu_ms: i64,
     pub bytes_out: i64,
+    pub log_bytes: i64,
     pub state_byte_seconds: Decimal,
     pub cost: Decimal,
 }
@@ -67,6 +68,7 @@ impl Billing {
                         plan: r.plan.into(),
                         cpu_ms: r.cpu_ms,
                         bytes_out: r.bytes_out,
+                        log_bytes: r.log_bytes,
                         state_byte_seconds: r.state_decimal()?,
                         cost: Decimal::ZERO,
                     };
@@ -88,6 +90,7 @@ impl Billing {
                 }
                 totals.cpu_ms = record.cpu_ms;
                 totals.bytes_out = record.bytes_out;
+                totals.log_bytes = record.log_bytes;
                 totals.state_byte_seconds = record.state_byte_seconds;
                 record.cost = position.price(|metric| totals.quantity(metric)).normalize();
                 out.push(record);

@@ -18,10 +18,13 @@ pub enum Metric {
     CpuMs,
     StateByteSeconds,
     BytesOut,
+    /// Bytes of the log lines the platform exported for a tenant's invocations.
+    LogBytes,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 4] = [Metric::Invocations, Metric::CpuMs, Metric::StateByteSeconds, Metric::BytesOut];
+    pub const ALL: [Metric; 5] =
+        [Metric::Invocations, Metric::CpuMs, Metric::StateByteSeconds, Metric::BytesOut, Metric::LogBytes];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -29,6 +32,7 @@ impl Metric {
             Metric::CpuMs => "cpu_ms",
             Metric::StateByteSeconds => "state_byte_seconds",
             Metric::BytesOut => "bytes_out",
+            Metric::LogBytes => "log_bytes",
         }
     }
 
@@ -39,7 +43,7 @@ impl Metric {
             Metric::Invocations => &[("invocation", 0), ("1M invocations", 6)],
             Metric::CpuMs => &[("ms", 0), ("s", 3)],
             Metric::StateByteSeconds => &[("byte-s", 0), ("GB-s", 9)],
-            Metric::BytesOut => &[("byte", 0), ("GB", 9)],
+            Metric::BytesOut | Metric::LogBytes => &[("byte", 0), ("GB", 9)],
         }
     }
 }

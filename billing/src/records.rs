@@ -148,6 +148,7 @@ pub struct Sums {
     pub invocations: i64,
     pub cpu_ms: i64,
     pub bytes_out: i64,
+    pub log_bytes: i64,
     pub state: Decimal,
 }
 
@@ -163,6 +164,7 @@ impl Sums {
             invocations: t.invocations,
             cpu_ms: t.cpu_ms,
             bytes_out: t.bytes_out,
+            log_bytes: t.log_bytes,
             state: t.state_byte_seconds,
         }
     }
@@ -172,6 +174,7 @@ impl Sums {
         self.invocations -= other.invocations;
         self.cpu_ms -= other.cpu_ms;
         self.bytes_out -= other.bytes_out;
+        self.log_bytes -= other.log_bytes;
         self.state -= other.state;
     }
 
@@ -180,6 +183,7 @@ impl Sums {
         self.invocations += other.invocations;
         self.cpu_ms += other.cpu_ms;
         self.bytes_out += other.bytes_out;
+        self.log_bytes += other.log_bytes;
         self.state += other.state;
     }
 
@@ -188,6 +192,7 @@ impl Sums {
             Metric::Invocations => Decimal::from(self.invocations),
             Metric::CpuMs => Decimal::from(self.cpu_ms),
             Metric::BytesOut => Decimal::from(self.bytes_out),
+            Metric::LogBytes => Decimal::from(self.log_bytes),
             Metric::StateByteSeconds => self.state,
         }
     }

@@ -23,7 +23,7 @@ impl Billing {
     pub(crate) async fn totals_where(&self, condition: &str, binds: &[&str]) -> Result<BTreeMap<TotalsKey, Totals>> {
         let sql = self.db.sql(&format!(
             "SELECT tenant, billed_period, period, plan, function, records, invocations, errors, cpu_ms, wall_ms, \
-             bytes_out, state_byte_seconds FROM usage_totals WHERE {condition}"
+             bytes_out, log_bytes, state_byte_seconds FROM usage_totals WHERE {condition}"
         ));
         on_pool!(&self.db, pool => {
             let mut query = sqlx::query(sql);
@@ -73,8 +73,8 @@ where
         delta.keys().map(|k| (k.tenant.clone(), k.billed_period.clone())).collect();
     for (tenant, billed_period) in invoices {
         let sql = db.sql(
-            "SELECT period, plan, function, records, invocations, errors, cpu_ms, wall_ms, bytes_out, state_byte_seconds \
-             FROM usage_totals WHERE tenant = ? AND billed_period = ?",
+            "SELECT period, plan, function, records, invocations, errors, cpu_ms, wall_ms, bytes_out, log_bytes, \
+             state_byte_seconds FROM usage_totals WHERE tenant = ? AND billed_period = ?",
         );
         let rows = sqlx::query(sql).bind(tenant.clone()).bind(billed_period.clone()).fetch_all(&mut **tx).await?;
         for row in rows {
@@ -97,11 +97,12 @@ where
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let sql = db.sql(&format!(
             "INSERT INTO usage_totals (tenant, billed_period, period, plan, function, records, invocations, errors, \
-             cpu_ms, wall_ms, bytes_out, state_byte_seconds) VALUES {} \
+             cpu_ms, wall_ms, bytes_out, log_bytes, state_byte_seconds) VALUES {} \
              ON CONFLICT (tenant, billed_period, period, plan, function) DO UPDATE SET records = excluded.records, \
              invocations = excluded.invocations, errors = excluded.errors, cpu_ms = excluded.cpu_ms, \
-             wall_ms = excluded.wall_ms, bytes_out = excluded.bytes_out, state_byte_seconds = excluded.state_byte_seconds",
-            value_groups(chunk.len(), 12)
+             wall_ms = excluded.wall_ms, bytes_out = excluded.bytes_out, log_bytes = excluded.log_bytes, \
+             state_byte_seconds = excluded.state_byte_seconds",
+            value_groups(chunk.len(), 13)
         ));
         let mut query = sqlx::query(sql);
         for (k, t) in chunk {
@@ -117,6 +118,7 @@ where
                 .bind(t.cpu_ms)
                 .bind(t.wall_ms)
                 .bind(t.bytes_out)
+                .bind(t.log_bytes)
                 .bind(t.state_byte_seconds.to_string());
         }
         query.execute(&mut **tx).await?;
@@ -155,6 +157,7 @@ where
         cpu_ms: row.try_get("cpu_ms")?,
         wall_ms: row.try_get("wall_ms")?,
         bytes_out: row.try_get("bytes_out")?,
+        log_bytes: row.try_get("log_bytes")?,
         state_byte_seconds: decimal(&row.try_get::<String, _>("state_byte_seconds")?)?,
     })
 }

@@ -66,6 +66,8 @@ pub struct UsageRecord {
     pub memory_peak_bytes: i64,
     pub bytes_in: i64,
     pub bytes_out: i64,
+    /// Bytes of the log lines the platform exported for the invocation (`sfaas.log_bytes`).
+    pub log_bytes: i64,
     pub status_code: i64,
     pub state_byte_seconds: Decimal,
     /// Where it belongs: the period it happened in, the invoice it is billed on, the plan.
@@ -85,6 +87,7 @@ pub struct Totals {
     pub cpu_ms: i64,
     pub wall_ms: i64,
     pub bytes_out: i64,
+    pub log_bytes: i64,
     pub state_byte_seconds: Decimal,
 }
 
@@ -98,6 +101,7 @@ impl Totals {
         self.cpu_ms = self.cpu_ms.saturating_add(other.cpu_ms);
         self.wall_ms = self.wall_ms.saturating_add(other.wall_ms);
         self.bytes_out = self.bytes_out.saturating_add(other.bytes_out);
+        self.log_bytes = self.log_bytes.saturating_add(other.log_bytes);
         self.state_byte_seconds = self.state_byte_seconds.saturating_add(other.state_byte_seconds);
     }
 
@@ -109,6 +113,7 @@ impl Totals {
             Metric::CpuMs => Decimal::from(self.cpu_ms),
             Metric::StateByteSeconds => self.state_byte_seconds,
             Metric::BytesOut => Decimal::from(self.bytes_out),
+            Metric::LogBytes => Decimal::from(self.log_bytes),
         }
     }
 }

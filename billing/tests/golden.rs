@@ -342,6 +342,7 @@ async fn records_stay_unique_across_segments_and_merges() {
             memory_peak_bytes: 0,
             bytes_in: 0,
             bytes_out: 0,
+            log_bytes: 0,
             status_code: 200,
             state_byte_seconds: Default::default(),
             period: "2026-10".into(),
@@ -384,5 +385,61 @@ async fn records_stay_unique_across_segments_and_merges() {
         assert_eq!(stored, expected, "{name}");
         let totals = fresh.totals("acme", "2026-10").await.unwrap();
         assert_eq!(totals.values().map(|t| t.records).sum::<i64>(), 701, "{name}");
+    }
+}
+
+/// Log bytes (`sfaas.log_bytes` on invocation spans) are billed by the plans that price them,
+/// per invocation in time order like every metric (free bytes to the first), and cost nothing
+/// on a plan that does not name them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_bytes_are_billed_per_invocation_where_the_plan_prices_them() {
+    const LOG_CARD: &str = r#"
+period: month
+grace_hours: 72
+default_plan: quiet
+plans:
+  quiet:
+    currency: EUR
+    prices:
+      invocations: { unit_price: "0.001" }
+  chatty:
+    currency: EUR
+    prices:
+      invocations: { unit_price: "0.001" }
+      log_bytes: { unit_price: "0.001", free: "1000" }
+"#;
+    let with_log_bytes = |mut span: collector::model::SpanRow, bytes: i64| {
+        let mut attributes: serde_json::Value = serde_json::from_str(&span.attributes).unwrap();
+        attributes["sfaas.log_bytes"] = bytes.into();
+        span.attributes = attributes.to_string();
+        span
+    };
+    for backend in backends() {
+        let name = backend.name();
+        let fixture = open(&backend, LOG_CARD).await;
+        fixture.billing.assign_plan("acme", "chatty", Some(ns("2026-10-01T00:00:00Z"))).await.unwrap();
+        fixture
+            .deliver(vec![
+                with_log_bytes(invoke("acme", "l1", "resize", ns("2026-10-03T10:00:00Z"), 10, 0, 200), 600),
+                with_log_bytes(invoke("acme", "l2", "resize", ns("2026-10-04T10:00:00Z"), 10, 0, 200), 1500),
+                invoke("acme", "l3", "thumb", ns("2026-10-05T10:00:00Z"), 10, 0, 200),
+                with_log_bytes(invoke("globex", "g1", "hello", ns("2026-10-05T10:00:00Z"), 10, 0, 200), 5000),
+            ])
+            .await;
+        fixture.billing.run(None).await.unwrap();
+        // acme: 2 100 bytes, 1 000 free: 1 100 × 0.001 = 1.1.
+        let invoice = fixture.billing.invoice("acme", "2026-10").await.unwrap();
+        let line = invoice.lines.iter().find(|l| l.metric == Some(billing::plans::Metric::LogBytes));
+        let line = line.unwrap_or_else(|| panic!("{name}: no log_bytes line: {:?}", invoice.lines));
+        assert_eq!((line.quantity.to_string(), line.amount.to_string()), ("2100".into(), "1.10".into()), "{name}");
+        // Each invocation carries its bytes and its share: the first's are free.
+        let costs = fixture.billing.invocation_costs("acme", "2026-10").await.unwrap();
+        let per: Vec<(i64, String)> = costs.iter().map(|c| (c.log_bytes, c.cost.to_string())).collect();
+        assert_eq!(per, [(600, "0.001".into()), (1500, "1.101".into()), (0, "0.001".into())], "{name}");
+        // globex's plan does not price log bytes: no line, nothing charged for them.
+        let invoice = fixture.billing.invoice("globex", "2026-10").await.unwrap();
+        assert!(invoice.lines.iter().all(|l| l.metric != Some(billing::plans::Metric::LogBytes)), "{name}");
+        let totals = fixture.billing.usage_by_function("globex", "2026-10").await.unwrap();
+        assert_eq!(totals["hello"].log_bytes, 5000, "{name}: the usage is counted all the same");
     }
 }

@@ -28,6 +28,8 @@ pub const SFAAS_WALL_MS: &str = "sfaas.wall_ms";
 pub const SFAAS_MEMORY_PEAK_BYTES: &str = "sfaas.memory.peak_bytes";
 pub const SFAAS_BYTES_IN: &str = "sfaas.bytes_in";
 pub const SFAAS_BYTES_OUT: &str = "sfaas.bytes_out";
+/// Bytes of the log lines the platform exported for an invocation (billed as `log_bytes`).
+pub const SFAAS_LOG_BYTES: &str = "sfaas.log_bytes";
 pub const SFAAS_BILLABLE: &str = "sfaas.billable";
 pub const SFAAS_FUNCTION_KIND: &str = "sfaas.function.kind";
 pub const HTTP_RESPONSE_STATUS_CODE: &str = "http.response.status_code";

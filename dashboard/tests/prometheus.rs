@@ -1203,6 +1203,7 @@ async fn big_month(env: &Env, tenant: &str, count: usize, from: &str, every: i64
                     memory_peak_bytes: 1 << 20,
                     bytes_in: 100,
                     bytes_out: (i % 4096) as i64,
+                    log_bytes: 0,
                     status_code: 200,
                     state_byte_seconds: Default::default(),
                     period: period.clone(),

@@ -133,6 +133,8 @@ impl Invoker {
             let ids = span.span_context();
             (ids.trace_id().to_bytes(), ids.span_id().to_bytes())
         });
+        // Bytes of the lines exported as this invocation's, billed with it (`log_bytes`).
+        let log_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let sink = |instance: &str| -> Option<Arc<dyn crate::function::output::LogSink>> {
             let logs = self.telemetry.function_logs()?;
             Some(Arc::new(telemetry::logs::Sink {
@@ -146,6 +148,7 @@ impl Invoker {
                     trace_id: ids.map(|ids| ids.0),
                     span_id: ids.map(|ids| ids.1),
                 },
+                exported: log_bytes.clone(),
             }))
         };
         let logs = match &function.spec.target {
@@ -174,6 +177,7 @@ impl Invoker {
             job: invocation.job.as_deref(),
             started,
             bytes_in,
+            log_bytes: log_bytes.clone(),
             span,
             abandoned: &abandoned,
             ended: false,
@@ -224,6 +228,8 @@ struct Underway<'a> {
     job: Option<&'a str>,
     started: Instant,
     bytes_in: usize,
+    /// Bytes of the lines exported as the invocation's by the time its span ends.
+    log_bytes: Arc<std::sync::atomic::AtomicU64>,
     span: Option<InvocationSpan>,
     abandoned: &'a Abandoned,
     ended: bool,
@@ -249,6 +255,7 @@ impl Underway<'_> {
                 wall,
                 bytes_in: self.bytes_in,
                 bytes_out,
+                log_bytes: self.log_bytes.load(std::sync::atomic::Ordering::Relaxed),
                 status,
             });
             return;
@@ -256,6 +263,7 @@ impl Underway<'_> {
         let (function, call_id, job) =
             (self.function.to_string(), self.call_id.to_string(), self.job.map(str::to_string));
         let (kind, trigger, execution_id, bytes_in) = (self.kind, self.trigger, self.execution_id, self.bytes_in);
+        let log_bytes = self.log_bytes.clone();
         let mut usage = usage;
         tokio::spawn(async move {
             usage.cpu_ns = running.await.unwrap_or(0);
@@ -270,6 +278,7 @@ impl Underway<'_> {
                 wall,
                 bytes_in,
                 bytes_out,
+                log_bytes: log_bytes.load(std::sync::atomic::Ordering::Relaxed),
                 status,
             });
         });

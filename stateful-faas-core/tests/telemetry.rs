@@ -368,6 +368,7 @@ async fn a_burst_of_spans_arrives_whole_in_bounded_requests() {
                 wall: std::time::Duration::from_millis(9),
                 bytes_in: i,
                 bytes_out: 2,
+                log_bytes: 0,
                 status: 200,
             });
         }

@@ -160,6 +160,8 @@ struct Attributes<'a> {
     bytes_in: Attr<'a>,
     #[serde(rename = "sfaas.bytes_out", borrow)]
     bytes_out: Attr<'a>,
+    #[serde(rename = "sfaas.log_bytes", borrow)]
+    log_bytes: Attr<'a>,
     #[serde(rename = "http.response.status_code", borrow)]
     status: Attr<'a>,
 }
@@ -172,6 +174,7 @@ struct Figures {
     memory_peak_bytes: i64,
     bytes_in: i64,
     bytes_out: i64,
+    log_bytes: i64,
     status_code: i64,
 }
 
@@ -218,6 +221,7 @@ impl Record {
             memory_peak_bytes: f.memory_peak_bytes,
             bytes_in: f.bytes_in,
             bytes_out: f.bytes_out,
+            log_bytes: f.log_bytes,
             status_code: f.status_code,
             state: &self.state.0,
             period: billed.period,
@@ -358,6 +362,7 @@ fn records(spans: Vec<Span>, period_kind: PeriodKind) -> (Vec<Record>, u64, u64)
                 memory_peak_bytes: a.memory.figure()?,
                 bytes_in: a.bytes_in.figure()?,
                 bytes_out: a.bytes_out.figure()?,
+                log_bytes: a.log_bytes.figure()?,
                 status_code: a.status.figure()?,
             })
         })();

@@ -6,7 +6,7 @@ use super::*;
 fn the_attributes_read_are_the_contracts_names() {
     use contract::semconv as names;
     type Field = for<'b> fn(&'b Attributes<'static>) -> &'b Attr<'static>;
-    let read: [(&str, Field); 15] = [
+    let read: [(&str, Field); 16] = [
         (names::SFAAS_BILLABLE, |a| &a.billable),
         (names::FAAS_INVOCATION_ID, |a| &a.invocation_id),
         (names::FAAS_NAME, |a| &a.function),
@@ -21,6 +21,7 @@ fn the_attributes_read_are_the_contracts_names() {
         (names::SFAAS_MEMORY_PEAK_BYTES, |a| &a.memory),
         (names::SFAAS_BYTES_IN, |a| &a.bytes_in),
         (names::SFAAS_BYTES_OUT, |a| &a.bytes_out),
+        (names::SFAAS_LOG_BYTES, |a| &a.log_bytes),
         (names::HTTP_RESPONSE_STATUS_CODE, |a| &a.status),
     ];
     for (name, field) in read {

@@ -1,11 +1,12 @@
 //! The bytes of a segment's records (its `data` column).
 //!
-//! The format (version 1): `SFU1`, the record count, a dictionary of the functions, periods
+//! The format (version 2): `SFU2`, the record count, a dictionary of the functions, periods
 //! and plans, then the records, each: usage id, kind (a byte), function (dictionary index),
 //! flow run and call id (optional strings), trace and span id, start (delta from the record
-//! before), duration, CPU-ms, wall-ms, memory peak, bytes in, bytes out, status code, the
-//! state byte-seconds as exact decimal text, period and plan (dictionary indexes), and arrival
-//! (delta). Integers are zigzag LEB128 varints; strings are a length and UTF-8 bytes; an
+//! before), duration, CPU-ms, wall-ms, memory peak, bytes in, bytes out, log bytes, status
+//! code, the state byte-seconds as exact decimal text, period and plan (dictionary indexes),
+//! and arrival (delta). Version 1 (`SFU1`, written before log bytes were billed) is read too:
+//! its records have no log bytes. Integers are zigzag LEB128 varints; strings are a length and UTF-8 bytes; an
 //! optional string's length is 0 when absent and length + 1 otherwise.
 
 use std::collections::HashMap;
@@ -15,7 +16,9 @@ use rust_decimal::Decimal;
 use crate::usage::{Kind, Totals, UsageRecord};
 use crate::{BillingError, Result};
 
-const MAGIC: &[u8; 4] = b"SFU1";
+const MAGIC: &[u8; 4] = b"SFU2";
+/// Segments written before log bytes were billed.
+const MAGIC_V1: &[u8; 4] = b"SFU1";
 
 /// A usage record as a segment holds it (its tenant and billed period are the segment's),
 /// borrowed from the segment's bytes.
@@ -35,6 +38,7 @@ pub struct Stored<'a> {
     pub memory_peak_bytes: i64,
     pub bytes_in: i64,
     pub bytes_out: i64,
+    pub log_bytes: i64,
     pub status_code: i64,
     /// Exact byte-seconds as decimal text ("0" for records that are not state).
     pub state: &'a str,
@@ -64,6 +68,7 @@ impl<'a> Stored<'a> {
             cpu_ms: self.cpu_ms,
             wall_ms: self.wall_ms,
             bytes_out: self.bytes_out,
+            log_bytes: self.log_bytes,
             state_byte_seconds: if self.kind == Kind::State { self.state_decimal()? } else { Decimal::ZERO },
         })
     }
@@ -86,6 +91,7 @@ impl<'a> Stored<'a> {
             memory_peak_bytes: self.memory_peak_bytes,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
+            log_bytes: self.log_bytes,
             status_code: self.status_code,
             state_byte_seconds: self.state_decimal()?,
             period: self.period.into(),
@@ -112,6 +118,7 @@ impl<'a> Stored<'a> {
             memory_peak_bytes: record.memory_peak_bytes,
             bytes_in: record.bytes_in,
             bytes_out: record.bytes_out,
+            log_bytes: record.log_bytes,
             status_code: record.status_code,
             state,
             period: &record.period,
@@ -178,7 +185,7 @@ pub fn encode(records: &[Stored<'_>]) -> Vec<u8> {
         put_str(&mut rows, r.span_id);
         put_int(&mut rows, r.start_ns.wrapping_sub(start));
         put_int(&mut rows, r.end_ns.wrapping_sub(r.start_ns));
-        for figure in [r.cpu_ms, r.wall_ms, r.memory_peak_bytes, r.bytes_in, r.bytes_out, r.status_code] {
+        for figure in [r.cpu_ms, r.wall_ms, r.memory_peak_bytes, r.bytes_in, r.bytes_out, r.log_bytes, r.status_code] {
             put_int(&mut rows, figure);
         }
         put_str(&mut rows, r.state);
@@ -248,9 +255,11 @@ impl<'a> Reader<'a> {
 
 /// Calls `f` with each record of a segment's bytes, in order.
 pub fn each<'a>(data: &'a [u8], mut f: impl FnMut(Stored<'a>) -> Result<()>) -> Result<()> {
-    if data.get(..4) != Some(MAGIC) {
-        return Err(corrupt("not a usage segment of this version"));
-    }
+    let v1 = match data.get(..4) {
+        Some(magic) if magic == MAGIC => false,
+        Some(magic) if magic == MAGIC_V1 => true,
+        _ => return Err(corrupt("not a usage segment of this version")),
+    };
     let mut r = Reader { data, at: 4 };
     let count = r.varint()?;
     let words = (0..r.varint()?).map(|_| r.str()).collect::<Result<Vec<_>>>()?;
@@ -276,8 +285,9 @@ pub fn each<'a>(data: &'a [u8], mut f: impl FnMut(Stored<'a>) -> Result<()>) -> 
         let (trace_id, span_id) = (r.str()?, r.str()?);
         start = start.wrapping_add(r.int()?);
         let end_ns = start.wrapping_add(r.int()?);
-        let [cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out, status_code] =
-            [r.int()?, r.int()?, r.int()?, r.int()?, r.int()?, r.int()?];
+        let [cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out] = [r.int()?, r.int()?, r.int()?, r.int()?, r.int()?];
+        let log_bytes = if v1 { 0 } else { r.int()? };
+        let status_code = r.int()?;
         let state = r.str()?;
         let (period, plan) = (word(&mut r)?, word(&mut r)?);
         received = received.wrapping_add(r.int()?);
@@ -296,6 +306,7 @@ pub fn each<'a>(data: &'a [u8], mut f: impl FnMut(Stored<'a>) -> Result<()>) -> 
             memory_peak_bytes,
             bytes_in,
             bytes_out,
+            log_bytes,
             status_code,
             state,
             period,
@@ -330,6 +341,7 @@ mod tests {
             memory_peak_bytes: 1 << 20,
             bytes_in: 0,
             bytes_out: -1,
+            log_bytes: i as i64 * 3,
             status_code: 200,
             state_byte_seconds: Decimal::new(150 + i as i64, 2),
             period: "2026-10".into(),
@@ -356,5 +368,41 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(each(&bytes[..cut], |_| Ok(())).is_err(), "cut at {cut}");
         }
+    }
+
+    /// A segment written before log bytes were billed (version 1) reads as it did, with no log
+    /// bytes.
+    #[test]
+    fn a_version_1_segment_reads_without_log_bytes() {
+        let r = record(4);
+        let mut v1 = MAGIC_V1.to_vec();
+        put_varint(&mut v1, 1);
+        put_varint(&mut v1, 3);
+        for word in [r.function.as_str(), &r.period, &r.plan] {
+            put_str(&mut v1, word);
+        }
+        put_str(&mut v1, &r.usage_id);
+        v1.push(kind_byte(r.kind));
+        put_varint(&mut v1, 0);
+        put_opt(&mut v1, r.flow_run.as_deref());
+        put_opt(&mut v1, r.call_id.as_deref());
+        put_str(&mut v1, &r.trace_id);
+        put_str(&mut v1, &r.span_id);
+        put_int(&mut v1, r.start_ns);
+        put_int(&mut v1, r.end_ns.wrapping_sub(r.start_ns));
+        for figure in [r.cpu_ms, r.wall_ms, r.memory_peak_bytes, r.bytes_in, r.bytes_out, r.status_code] {
+            put_int(&mut v1, figure);
+        }
+        put_str(&mut v1, &r.state_byte_seconds.to_string());
+        put_varint(&mut v1, 1);
+        put_varint(&mut v1, 2);
+        put_int(&mut v1, r.received_ms);
+        let mut back = Vec::new();
+        each(&v1, |stored| {
+            back.push(stored.to_record("acme", "2026-11")?);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(back, [UsageRecord { log_bytes: 0, ..r }]);
     }
 }

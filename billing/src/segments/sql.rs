@@ -165,7 +165,7 @@ macro_rules! impl_conn {
             async fn totals(&mut self, tenant: Option<&str>) -> Result<Vec<(TotalsKey, Totals)>> {
                 let text = format!(
                     "SELECT tenant, billed_period, period, plan, function, records, invocations, errors, cpu_ms, \
-                     wall_ms, bytes_out, state_byte_seconds FROM usage_totals{}",
+                     wall_ms, bytes_out, log_bytes, state_byte_seconds FROM usage_totals{}",
                     if tenant.is_some() { " WHERE tenant = ?" } else { "" }
                 );
                 let mut query = sqlx::query(sql($postgres, &text));
@@ -287,6 +287,8 @@ pub async fn convert_rows(db: &Db) -> Result<u64> {
                             memory_peak_bytes: row.try_get(11)?,
                             bytes_in: row.try_get(12)?,
                             bytes_out: row.try_get(13)?,
+                            // The table is from before log bytes were billed.
+                            log_bytes: 0,
                             status_code: row.try_get(14)?,
                             // Kept as stored (its text), below.
                             state_byte_seconds: Decimal::ZERO,

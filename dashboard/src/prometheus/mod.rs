@@ -100,6 +100,7 @@
 //! | `sfaas_usage_invocations_total` | `tenant`, `function`, `plan` | invocations |
 //! | `sfaas_usage_cpu_ms_total` | `tenant`, `function`, `plan` | CPU milliseconds |
 //! | `sfaas_usage_bytes_out_total` | `tenant`, `function`, `plan` | bytes sent |
+//! | `sfaas_usage_log_bytes_total` | `tenant`, `function`, `plan` | bytes of log lines exported for invocations |
 //! | `sfaas_usage_state_byte_seconds_total` | `tenant`, `plan` | state byte-seconds |
 //! | `sfaas_billing_cost_total` | `tenant`, `function`, `currency` | cost in the rate card's currency |
 //!
@@ -203,7 +204,7 @@ use places::Places;
 use response::ApiError;
 
 pub use data::{EXPORTED_TENANT_LABEL, TENANT_LABEL};
-pub use usage::{BYTES_OUT, COST, CPU_MS, INVOCATIONS, STATE};
+pub use usage::{BYTES_OUT, COST, CPU_MS, INVOCATIONS, LOG_BYTES, STATE};
 
 /// The version reported by `/api/v1/status/buildinfo` (the Prometheus API level implemented).
 pub const VERSION: &str = "3.0.0-sfaas";

@@ -40,14 +40,16 @@ use crate::DashboardState;
 pub const INVOCATIONS: &str = "sfaas_usage_invocations_total";
 pub const CPU_MS: &str = "sfaas_usage_cpu_ms_total";
 pub const BYTES_OUT: &str = "sfaas_usage_bytes_out_total";
+pub const LOG_BYTES: &str = "sfaas_usage_log_bytes_total";
 pub const STATE: &str = "sfaas_usage_state_byte_seconds_total";
 pub const COST: &str = "sfaas_billing_cost_total";
 
 /// Every synthesized metric with its help text.
-pub const METRICS: [(&str, &str); 5] = [
+pub const METRICS: [(&str, &str); 6] = [
     (INVOCATIONS, "Billable invocations (usage records of kind invocation), by tenant, function and plan."),
     (CPU_MS, "CPU milliseconds of billable invocations, by tenant, function and plan."),
     (BYTES_OUT, "Bytes sent by billable invocations, by tenant, function and plan."),
+    (LOG_BYTES, "Bytes of the log lines exported for billable invocations, by tenant, function and plan."),
     (STATE, "State byte-seconds (state usage records), by tenant and plan."),
     (
         COST,
@@ -376,7 +378,7 @@ fn usage_counters(rows: &[Row], lattice: &Lattice, last: i64) -> Vec<(Labels, Ar
     struct Acc {
         first_invocation: Option<i64>,
         first_state: Option<i64>,
-        deltas: [BTreeMap<i64, f64>; 4],
+        deltas: [BTreeMap<i64, f64>; 5],
     }
     let mut series: BTreeMap<(&str, &str, &str), Acc> = BTreeMap::new();
     for row in rows {
@@ -392,6 +394,7 @@ fn usage_counters(rows: &[Row], lattice: &Lattice, last: i64) -> Vec<(Labels, Ar
             row.sums.invocations as f64,
             row.sums.cpu_ms as f64,
             row.sums.bytes_out as f64,
+            row.sums.log_bytes as f64,
             row.sums.state.to_f64().unwrap_or(f64::NAN),
         ];
         for (deltas, value) in acc.deltas.iter_mut().zip(values) {
@@ -402,12 +405,12 @@ fn usage_counters(rows: &[Row], lattice: &Lattice, last: i64) -> Vec<(Labels, Ar
     for ((tenant, function, plan), acc) in series {
         let pairs = [("tenant", tenant), ("function", function), ("plan", plan)];
         if let Some(first) = acc.first_invocation {
-            for (name, deltas) in [INVOCATIONS, CPU_MS, BYTES_OUT].into_iter().zip(&acc.deltas) {
+            for (name, deltas) in [INVOCATIONS, CPU_MS, BYTES_OUT, LOG_BYTES].into_iter().zip(&acc.deltas) {
                 out.push((labels(name, &pairs), counter(first, last, deltas)));
             }
         }
         if let Some(first) = acc.first_state {
-            out.push((labels(STATE, &pairs), counter(first, last, &acc.deltas[3])));
+            out.push((labels(STATE, &pairs), counter(first, last, &acc.deltas[4])));
         }
     }
     out
@@ -596,7 +599,7 @@ pub async fn catalogue(
     for (tenant, function, plan, invocations, records) in &rows {
         let pairs = [("tenant", tenant.as_str()), ("function", function), ("plan", plan)];
         if *invocations > 0 {
-            out.extend([INVOCATIONS, CPU_MS, BYTES_OUT].map(|name| labels(name, &pairs)));
+            out.extend([INVOCATIONS, CPU_MS, BYTES_OUT, LOG_BYTES].map(|name| labels(name, &pairs)));
         }
         if records > invocations {
             out.push(labels(STATE, &pairs));

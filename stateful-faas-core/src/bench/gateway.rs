@@ -331,6 +331,7 @@ async fn export_cost(sink: std::net::SocketAddr, received: &AtomicU64) -> anyhow
                 wall: Duration::ZERO,
                 bytes_in: 0,
                 bytes_out: 4,
+                log_bytes: 0,
                 status: 200,
             };
             span(&tracer, &invoked);

@@ -60,11 +60,18 @@ pub struct Sink {
     pub logs: Arc<FunctionLogs>,
     pub tenant: TenantId,
     pub context: LogContext,
+    /// Bytes of the lines queued for export as the invocation's (its usage, `sfaas.log_bytes`):
+    /// shared with the sinks of the instances serving it, not with those between invocations.
+    pub exported: Arc<AtomicU64>,
 }
 
 impl crate::function::output::LogSink for Sink {
     fn line(&self, stream: &'static str, line: &str, cut: bool) -> bool {
-        self.logs.line(&self.tenant, &self.context, stream, line, cut)
+        let queued = self.logs.line(&self.tenant, &self.context, stream, line, cut);
+        if queued {
+            self.exported.fetch_add(line.len() as u64, Ordering::Relaxed);
+        }
+        queued
     }
 
     fn of_instance(&self, instance: &str) -> Arc<dyn crate::function::output::LogSink> {
@@ -75,7 +82,7 @@ impl crate::function::output::LogSink for Sink {
     fn between_invocations(&self) -> Arc<dyn crate::function::output::LogSink> {
         let context =
             LogContext { invocation_id: None, call_id: None, trace_id: None, span_id: None, ..self.context.clone() };
-        Arc::new(Sink { context, ..self.clone() })
+        Arc::new(Sink { context, exported: Arc::default(), ..self.clone() })
     }
 }
 

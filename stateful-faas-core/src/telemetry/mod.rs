@@ -313,6 +313,8 @@ pub struct Invoked<'a> {
     pub wall: Duration,
     pub bytes_in: usize,
     pub bytes_out: usize,
+    /// Bytes of the log lines exported for it (`sfaas.log_bytes`, billed as `log_bytes`).
+    pub log_bytes: u64,
     pub status: u16,
 }
 
@@ -367,6 +369,7 @@ impl InvocationSpan {
             memory_peak_bytes: invoked.usage.peak_memory_bytes,
             bytes_in: invoked.bytes_in as u64,
             bytes_out: invoked.bytes_out as u64,
+            log_bytes: invoked.log_bytes,
             status: invoked.status,
         };
         self.queue.push_invocation(&ended, &texts);
@@ -416,6 +419,7 @@ pub fn sdk_invocation_span(tracer: &SdkTracer, parent: &Context, invoked: &Invok
         KeyValue::new(semconv::SFAAS_MEMORY_PEAK_BYTES, i.usage.peak_memory_bytes as i64),
         KeyValue::new(semconv::SFAAS_BYTES_IN, i.bytes_in as i64),
         KeyValue::new(semconv::SFAAS_BYTES_OUT, i.bytes_out as i64),
+        KeyValue::new(semconv::SFAAS_LOG_BYTES, i.log_bytes as i64),
         KeyValue::new(semconv::HTTP_RESPONSE_STATUS_CODE, i64::from(i.status)),
         KeyValue::new(semconv::SFAAS_BILLABLE, true),
     ]);

@@ -124,6 +124,7 @@ pub fn spool_throughput(
             memory_peak_bytes: 1 << 20,
             bytes_in: 100,
             bytes_out: 200,
+            log_bytes: 0,
             status: 200,
         };
         batch.invocations.push((ended, lengths));

@@ -158,6 +158,7 @@ pub(super) struct EndedInvocation {
     pub memory_peak_bytes: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    pub log_bytes: u64,
     pub status: u16,
 }
 

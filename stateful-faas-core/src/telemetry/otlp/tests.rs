@@ -200,6 +200,7 @@ fn an_invocation_span_written_directly_equals_the_sdks() {
             wall: Duration::from_micros(300),
             bytes_in: 0,
             bytes_out: 4,
+            log_bytes: 0,
             status: 200,
         },
         Invoked {
@@ -213,6 +214,7 @@ fn an_invocation_span_written_directly_equals_the_sdks() {
             wall: Duration::from_millis(1500),
             bytes_in: 1 << 20,
             bytes_out: 17,
+            log_bytes: 4096,
             status: 503,
         },
     ];
@@ -286,6 +288,7 @@ fn invocation_spans_join_the_platforms_scope_and_their_size_is_bounded() {
                 wall: Duration::MAX,
                 bytes_in: usize::MAX,
                 bytes_out: i,
+                log_bytes: u64::MAX,
                 status: 599,
             });
         }

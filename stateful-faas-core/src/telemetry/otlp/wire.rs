@@ -227,6 +227,7 @@ fn encode_invocation(buf: &mut Vec<u8>, i: &EndedInvocation, lengths: &TextLengt
     int(buf, c::SFAAS_MEMORY_PEAK_BYTES, i.memory_peak_bytes);
     int(buf, c::SFAAS_BYTES_IN, i.bytes_in);
     int(buf, c::SFAAS_BYTES_OUT, i.bytes_out);
+    int(buf, c::SFAAS_LOG_BYTES, i.log_bytes);
     int(buf, c::HTTP_RESPONSE_STATUS_CODE, u64::from(i.status));
     flag(buf, c::SFAAS_BILLABLE, true);
     message(buf, 15, |buf| {
