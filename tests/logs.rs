@@ -2,6 +2,7 @@
 //! stderr reaches the collector as a log record of its tenant (exported by the gateway with
 //! the meter token), tied to the invocation, and is read back by `sfaas logs` (plain, by
 //! invocation, and followed) and OpenFaaS's `GET /system/logs`; another tenant reads none.
+//! Grafana's Loki API reads them and the tenant's own SDK logs; the bill counts their bytes.
 
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
@@ -258,6 +259,188 @@ async fn an_exec_functions_stderr_lines_are_its_tenants_logs() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    up.kill().unwrap();
+    up.wait().unwrap();
+}
+
+/// Percent-encodes a query parameter.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Grafana's Loki datasource reads a tenant's function lines and what its own OpenTelemetry
+/// SDK (Python's, over OTLP/HTTP) sent, by the same LogQL; the invocation's bill counts the
+/// bytes of its lines (`log_bytes`) where the plan prices them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loki_reads_function_and_sdk_logs_and_the_bill_counts_log_bytes() {
+    if testkit::require_program("python3").is_none() {
+        return;
+    }
+    let import = "import opentelemetry.exporter.otlp.proto.http._log_exporter, opentelemetry.sdk._logs";
+    let packages =
+        ["opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http", "opentelemetry-exporter-otlp-proto-grpc"];
+    let Some(python) = testkit::python_venv("otlp-python", import, &packages) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = &dir.path().join("data");
+    let functions = dir.path().join("functions");
+    std::fs::create_dir_all(&functions).unwrap();
+    let (mut up, addresses) = common::up(&[], data);
+    let gateway = format!("http://{}", addresses["gateway"].as_str().unwrap());
+    let ui = format!("http://{}", addresses["ui"].as_str().unwrap());
+    let card = dir.path().join("plans.yml");
+    std::fs::write(
+        &card,
+        "default_plan: chatty\nplans:\n  chatty:\n    currency: EUR\n    prices:\n      \
+         invocations: {unit_price: \"0\"}\n      log_bytes: {unit: GB, unit_price: \"500\"}\n",
+    )
+    .unwrap();
+    ok(data, &["plan", "apply", "-f", card.to_str().unwrap()], "");
+    let acme: Value = serde_json::from_str(&ok(data, &["tenant", "create", "acme"], "")).unwrap();
+    let globex: Value = serde_json::from_str(&ok(data, &["tenant", "create", "globex"], "")).unwrap();
+    let (acme_ingest, acme_read) = (acme["ingest_token"].as_str().unwrap(), acme["read_token"].as_str().unwrap());
+    let globex_read = globex["read_token"].as_str().unwrap();
+    std::fs::write(functions.join("talker.py"), TALKER).unwrap();
+    let stack = dir.path().join("stack.yml");
+    let yaml = format!(
+        "functions:\n  talker:\n    kind: exec\n    fprocess: python3 talker.py\n    workdir: {}\n",
+        functions.display()
+    );
+    std::fs::write(&stack, yaml).unwrap();
+    ok(data, &["deploy", "-f", stack.to_str().unwrap(), "--token", acme_ingest], "");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let response = http
+        .post(format!("{gateway}/function/talker"))
+        .bearer_auth(acme_ingest)
+        .header("X-Call-Id", "call-loki")
+        .body("world")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // The tenant's own SDK logs, sent to the collector with its ingest token.
+    let endpoint = format!("http://{}/v1/logs", addresses["otlp_http"].as_str().unwrap());
+    let output = tokio::task::block_in_place(|| {
+        std::process::Command::new(&python)
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/otlp_logs.py"))
+            .args([endpoint.as_str(), acme_ingest, "acme"])
+            .output()
+            .unwrap()
+    });
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let sdk_trace = String::from_utf8(output.stdout).unwrap().trim().to_string();
+
+    // Loki's API as Grafana calls it (categorized labels), until the lines are there.
+    let loki = |query: &str, token: &str| {
+        let url = format!("{ui}/loki/api/v1/query_range?query={}&limit=100&direction=forward&since=1h", encode(query));
+        let request = http.get(url).bearer_auth(token).header("X-Loki-Response-Encoding-Flags", "categorize-labels");
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let answer: Value = response.json().await.unwrap();
+            let mut entries = Vec::new();
+            for stream in answer["data"]["result"].as_array().unwrap() {
+                for value in stream["values"].as_array().unwrap() {
+                    let ts: i64 = value[0].as_str().unwrap().parse().unwrap();
+                    entries.push((
+                        ts,
+                        stream["stream"].clone(),
+                        value[1].as_str().unwrap().to_string(),
+                        value[2].clone(),
+                    ));
+                }
+            }
+            // Streams come by their labels; their lines in time order across them.
+            entries.sort_by_key(|entry| entry.0);
+            entries.into_iter().map(|(_, stream, line, metadata)| (stream, line, metadata)).collect::<Vec<_>>()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (function_lines, sdk_lines) = loop {
+        let function_lines = loki(r#"{function="talker"}"#, acme_read).await;
+        let sdk_lines = loki(r#"{source="otlp", service_name="py-shop"}"#, acme_read).await;
+        if (function_lines.len() >= 3 && sdk_lines.len() >= 2) || Instant::now() > deadline {
+            break (function_lines, sdk_lines);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(function_lines.len(), 3, "{function_lines:#?}");
+    let (stream, line, metadata) = &function_lines[0];
+    assert_eq!(
+        (stream["function"].as_str(), stream["stream"].as_str(), stream["level"].as_str()),
+        (Some("talker"), Some("stderr"), Some("warn"))
+    );
+    assert_eq!(line, "first line for world");
+    assert_eq!(metadata["structuredMetadata"]["call_id"], "call-loki");
+    let invocation_id = metadata["structuredMetadata"]["invocation_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        metadata["structuredMetadata"]["trace_id"].as_str().map(str::len),
+        Some(32),
+        "for the link to the trace"
+    );
+    assert_eq!(function_lines[1].0["level"], "error");
+    // The SDK's records: their service, level, attributes and trace id.
+    assert_eq!(sdk_lines.len(), 2, "{sdk_lines:#?}");
+    assert_eq!((sdk_lines[0].1.as_str(), sdk_lines[0].0["level"].as_str()), ("order placed", Some("info")));
+    assert_eq!(sdk_lines[0].2["structuredMetadata"]["order_id"], "o-1");
+    assert_eq!((sdk_lines[1].1.as_str(), sdk_lines[1].0["level"].as_str()), ("payment failed for o-1", Some("error")));
+    assert_eq!(sdk_lines[1].2["structuredMetadata"]["trace_id"], sdk_trace.as_str());
+    // The same queries' filters and metrics over both sources.
+    assert_eq!(loki(r#"{level="error"} |= "o-1""#, acme_read).await.len(), 1);
+    assert_eq!(loki(r#"{source=~"function|otlp"} | order_id="o-1""#, acme_read).await.len(), 1);
+    let metric =
+        format!("{ui}/loki/api/v1/query?query={}", encode(r#"sum by (source) (count_over_time({source=~".+"}[1h]))"#));
+    let answer: Value = http.get(&metric).bearer_auth(acme_read).send().await.unwrap().json().await.unwrap();
+    let counts: Vec<(String, String)> = answer["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["metric"]["source"].as_str().unwrap().to_string(), s["value"][1].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(counts, [("function".to_string(), "3".to_string()), ("otlp".to_string(), "2".to_string())]);
+    // Another tenant reads none of them.
+    assert!(loki(r#"{source=~".+"}"#, globex_read).await.is_empty());
+    let answer: Value = http.get(&metric).bearer_auth(globex_read).send().await.unwrap().json().await.unwrap();
+    assert_eq!(answer["data"]["result"], serde_json::json!([]));
+
+    // The bill: the invocation's usage record carries the bytes of its three lines (the third
+    // cut at 4 096 bytes), and the invoice prices them.
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let record = loop {
+        ok(data, &["bill", "run"], "");
+        let usage: Value = http
+            .get(format!("{ui}/billing/usage/acme?by=invocation"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let records = usage["records"].as_array().cloned().unwrap_or_default();
+        if let Some(record) = records.into_iter().find(|r| r["usage_id"] == invocation_id.as_str()) {
+            break record;
+        }
+        assert!(Instant::now() < deadline, "the invocation was never billed: {usage}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(record["log_bytes"], 20 + 28 + 4096, "{record}");
+    assert_eq!(record["cost"], "0.002072", "4 144 bytes at 500 EUR a GB: {record}");
+    let invoice: Value = serde_json::from_str(&ok(data, &["bill", "show", "--tenant", "acme"], "")).unwrap();
+    let line = invoice["lines"].as_array().unwrap().iter().find(|l| l["metric"] == "log_bytes").cloned();
+    let line = line.unwrap_or_else(|| panic!("no log_bytes line: {invoice}"));
+    assert_eq!((line["quantity"].as_str(), line["unit"].as_str()), (Some("0.000004144"), Some("GB")), "{invoice}");
+    assert_eq!(line["amount_exact"], "0.002072", "{invoice}");
 
     up.kill().unwrap();
     up.wait().unwrap();

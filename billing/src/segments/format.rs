@@ -285,7 +285,8 @@ pub fn each<'a>(data: &'a [u8], mut f: impl FnMut(Stored<'a>) -> Result<()>) -> 
         let (trace_id, span_id) = (r.str()?, r.str()?);
         start = start.wrapping_add(r.int()?);
         let end_ns = start.wrapping_add(r.int()?);
-        let [cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out] = [r.int()?, r.int()?, r.int()?, r.int()?, r.int()?];
+        let [cpu_ms, wall_ms, memory_peak_bytes, bytes_in, bytes_out] =
+            [r.int()?, r.int()?, r.int()?, r.int()?, r.int()?];
         let log_bytes = if v1 { 0 } else { r.int()? };
         let status_code = r.int()?;
         let state = r.str()?;

@@ -318,7 +318,8 @@ pub async fn load(
             let lo = min_e.saturating_sub(reaches);
             out.push(stored_series(state, tenant.is_none(), &tenants, selector, lo, max_e, &mut budget).await?);
         }
-        let reads_usage = usage::METRICS.iter().filter(|(n, _)| *n != usage::COST).any(|(n, _)| selector.may_select_name(n));
+        let reads_usage =
+            usage::METRICS.iter().filter(|(n, _)| *n != usage::COST).any(|(n, _)| selector.may_select_name(n));
         let reads_cost = selector.may_select_name(usage::COST);
         if reads_usage || reads_cost {
             wanted.usage |= reads_usage;
