@@ -5,6 +5,11 @@
 //! store holds every line is taken, with the CPU the `sfaas` process used (the gateway reading,
 //! exporting; the collector receiving, storing; not the functions'). Beside it, the store's own
 //! floor: the same records written straight into a fresh SQLite store, 1 024 a write.
+//!
+//! Then LogQL: `--query-lines` lines (10 M by default) of one tenant over a day, 8 functions,
+//! JSON and logfmt bodies, are written into a fresh SQLite store, and the dashboard's Loki API
+//! answers a few queries Grafana sends (each timed end to end over HTTP, best of three); beside
+//! them, the floor of reading those rows at all: SQLite counting them by level.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -25,6 +30,9 @@ pub struct Options {
     /// Bytes a line.
     #[arg(long, default_value_t = 100)]
     pub bytes: usize,
+    /// Lines stored for the LogQL queries (0: no queries).
+    #[arg(long, default_value_t = 10_000_000)]
+    pub query_lines: usize,
 }
 
 const WRITER: &str = "import sys\nn, size = int(sys.argv[1]), int(sys.argv[2])\nline = 'x' * size + '\\n'\n\
@@ -150,6 +158,171 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
         "| the same records written straight into SQLite (1 024 a write) | {total} | {:.2} | {:.0} | | |",
         floor_elapsed.as_secs_f64(),
         total as f64 / floor_elapsed.as_secs_f64()
+    )?;
+    if options.query_lines > 0 {
+        out.push('\n');
+        out.push_str(&logql(options.query_lines).await?);
+    }
+    Ok(out)
+}
+
+const FUNCTIONS: usize = 8;
+const DAY_NS: i64 = 86_400_000_000_000;
+
+/// Line `i` of the LogQL data: (function, severity, body). `f3` writes JSON, the others
+/// logfmt; one line in ten is an error, one in a hundred mentions a timeout.
+fn query_line(i: usize) -> (String, (i64, &'static str), String) {
+    let function = format!("f{}", i % FUNCTIONS);
+    let severity = match i % 10 {
+        0 => (17, "ERROR"),
+        1 | 2 => (13, "WARN"),
+        _ => (9, "INFO"),
+    };
+    let status = if i % 10 == 0 { 503 } else { 200 };
+    let body = if i % FUNCTIONS == 3 {
+        format!(r#"{{"status":{status},"path":"/api/items/{}","ms":{}}}"#, i % 977, i % 1000)
+    } else if i % 100 == 7 {
+        format!("level=error msg=\"timeout talking to the store\" attempt={} ms={}", i % 5, i % 1000)
+    } else {
+        format!("level=info msg=\"request done\" status={status} path=/api/items/{} ms={}", i % 977, i % 1000)
+    };
+    (function, severity, body)
+}
+
+struct AdminOnly;
+
+impl billing::api::ViewerResolver for AdminOnly {
+    fn resolve(&self, token: &str) -> Option<contract::Viewer> {
+        (token == "bench").then_some(contract::Viewer::Admin)
+    }
+}
+
+async fn logql(lines: usize) -> anyhow::Result<String> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("logs.db").display());
+    let store = collector::store::TelemetryStore::open(&url).await?;
+    let end_ns = 1_791_676_800_000_000_000; // 2026-10-11T00:00:00Z
+    let start_ns = end_ns - DAY_NS;
+    let started = Instant::now();
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..lines {
+        let (function, (severity_number, severity_text), body) = query_line(i);
+        batch.push(collector::model::LogRow {
+            tenant: "acme".into(),
+            record_hash: format!("{i:016x}"),
+            ts_ns: start_ns + (DAY_NS as i128 * i as i128 / lines as i128) as i64,
+            severity_number,
+            severity_text: severity_text.into(),
+            body,
+            attributes: json!({
+                "faas.name": function, "faas.instance": "exec", "log.iostream": "stderr",
+                "faas.invocation_id": format!("0190b4e2-7c3a-7d2e-9f00-{:012x}", i / 3),
+            })
+            .to_string(),
+            resource: r#"{"service.name":"sfaas-core"}"#.into(),
+            trace_id: Some(format!("{:032x}", i / 3)),
+            span_id: Some(format!("{:016x}", i)),
+            metered: true,
+        });
+        if batch.len() == batch.capacity() || i + 1 == lines {
+            store.write(&collector::model::Batch { logs: std::mem::take(&mut batch), ..Default::default() }).await?;
+            batch.reserve(10_000);
+            if (i + 1) % 1_000_000 == 0 {
+                eprintln!("logs: {} of {lines} lines stored ({:.0} s)", i + 1, started.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let seeded = started.elapsed();
+    let billing = std::sync::Arc::new(billing::Billing::open(&store).await?);
+    let running = dashboard::start(
+        dashboard::DashboardConfig {
+            addr: "127.0.0.1:0".parse()?,
+            billing_every: None,
+            collector_metrics_url: None,
+            settle: None,
+        },
+        store.clone(),
+        billing,
+        std::sync::Arc::new(AdminOnly),
+    )
+    .await?;
+    let base = format!("http://{}", running.addr);
+    let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(600)).build()?;
+    let (start, end) = (start_ns.to_string(), end_ns.to_string());
+    let range = |query: Option<&str>, more: &[(&'static str, &'static str)]| {
+        let mut params = vec![("start", start.clone()), ("end", end.clone())];
+        params.extend(query.map(|q| ("query", q.to_string())));
+        params.extend(more.iter().map(|(k, v)| (*k, v.to_string())));
+        params
+    };
+    let queries = [
+        (
+            "Explore: `{function=\"f3\"} |= \"503\"`, newest 1 000 lines of the day",
+            "query_range",
+            range(Some(r#"{function="f3"} |= "503""#), &[("limit", "1000")]),
+        ),
+        (
+            "Explore: `{source=\"function\"} | logfmt | ms > 990`, newest 1 000",
+            "query_range",
+            range(Some(r#"{source="function"} | logfmt | ms > 990"#), &[("limit", "1000")]),
+        ),
+        (
+            "logs volume: `sum by (level) (count_over_time({source=\"function\"} | drop __error__ [5m]))`, the day at 5 m",
+            "query_range",
+            range(Some(r#"sum by (level) (count_over_time({source="function"} | drop __error__ [5m]))"#), &[("step", "300")]),
+        ),
+        (
+            "`sum by (function) (rate({source=\"function\"} |= \"timeout\" [1h]))`, the day at 1 h",
+            "query_range",
+            range(Some(r#"sum by (function) (rate({source="function"} |= "timeout" [1h]))"#), &[("step", "3600")]),
+        ),
+        (
+            "`sum(count_over_time({function=\"f3\"} | json | status >= 500 [1h]))`, the day at 1 h",
+            "query_range",
+            range(Some(r#"sum(count_over_time({function="f3"} | json | status >= 500 [1h]))"#), &[("step", "3600")]),
+        ),
+        ("label values of `function` over the day", "label/function/values", range(None, &[])),
+    ];
+    let mut out = String::new();
+    writeln!(
+        out,
+        "LogQL: {lines} lines of one tenant over a day ({FUNCTIONS} functions), SQLite; stored in {:.0} s \
+         ({:.0} lines/s, not timed below); the dashboard's Loki API over HTTP, best of 3",
+        seeded.as_secs_f64(),
+        lines as f64 / seeded.as_secs_f64()
+    )?;
+    writeln!(out, "\n| query | seconds | lines read | answer bytes |\n|---|---:|---:|---:|")?;
+    for (name, api, params) in queries {
+        let url = reqwest::Url::parse_with_params(&format!("{base}/loki/api/v1/{api}"), &params)?;
+        let mut best = f64::INFINITY;
+        let (mut read, mut size) = (String::new(), 0);
+        for _ in 0..3 {
+            let began = Instant::now();
+            let response = http.get(url.clone()).bearer_auth("bench").header("X-Scope-OrgID", "acme").send().await?;
+            let status = response.status();
+            let body = response.text().await?;
+            anyhow::ensure!(status.is_success(), "{name}: {status}: {body}");
+            best = best.min(began.elapsed().as_secs_f64());
+            size = body.len();
+            let answer: serde_json::Value = serde_json::from_str(&body)?;
+            read = answer["data"]["stats"]["summary"]["totalLinesProcessed"].as_u64().map_or(String::new(), |n| n.to_string());
+        }
+        writeln!(out, "| {name} | {best:.2} | {read} | {size} |")?;
+    }
+    running.shutdown().await;
+    // The floor: SQLite reading the same rows at all (counting them by level).
+    let pool = sqlx::SqlitePool::connect(&url).await?;
+    let began = Instant::now();
+    let _: Vec<(String, i64)> =
+        sqlx::query_as("SELECT severity_text, COUNT(*) FROM logs WHERE tenant = 'acme' AND ts_ns >= ? AND ts_ns < ? GROUP BY 1")
+            .bind(start_ns)
+            .bind(end_ns + 1)
+            .fetch_all(&pool)
+            .await?;
+    writeln!(
+        out,
+        "| floor: `SELECT severity_text, COUNT(*) … GROUP BY 1` over the day's rows in SQLite | {:.2} | {lines} | |",
+        began.elapsed().as_secs_f64()
     )?;
     Ok(out)
 }

@@ -163,11 +163,19 @@ pub struct LogRecord {
 impl TelemetryStore {
     /// One batch of [`LogScan`] (at most [`MAX_LOG_READ`] records), in the scan's order.
     pub async fn scan_logs(&self, scan: &LogScan) -> Result<Vec<LogRecord>, StoreError> {
+        // After a cursor, the range starts (or ends) at its time, so that each batch is a range
+        // of the time index rather than a walk from the range's start.
+        let (mut start_ns, mut end_ns) = (scan.start_ns, scan.end_ns);
+        match &scan.after {
+            Some((ts_ns, _)) if scan.backward => end_ns = end_ns.min(ts_ns.saturating_add(1)),
+            Some((ts_ns, _)) => start_ns = start_ns.max(*ts_ns),
+            None => {}
+        }
         let mut text = String::from(
             "SELECT ts_ns, severity_number, severity_text, body, attributes, resource, trace_id, span_id, metered, \
              record_hash FROM logs WHERE tenant = ? AND ts_ns >= ? AND ts_ns < ?",
         );
-        let mut binds = vec![Bind::Str(&scan.tenant), Bind::Int(scan.start_ns), Bind::Int(scan.end_ns)];
+        let mut binds = vec![Bind::Str(&scan.tenant), Bind::Int(start_ns), Bind::Int(end_ns)];
         if let Some(metered) = scan.metered {
             text.push_str(if metered { " AND metered = 1" } else { " AND metered = 0" });
         }
@@ -186,16 +194,52 @@ impl TelemetryStore {
             binds.push(Bind::Str(contains));
         }
         let (past, order) = if scan.backward {
-            (" AND (ts_ns < ? OR (ts_ns = ? AND record_hash < ?))", " ORDER BY ts_ns DESC, record_hash DESC LIMIT ?")
+            (" AND (ts_ns <> ? OR record_hash < ?)", " ORDER BY ts_ns DESC, record_hash DESC LIMIT ?")
         } else {
-            (" AND (ts_ns > ? OR (ts_ns = ? AND record_hash > ?))", " ORDER BY ts_ns, record_hash LIMIT ?")
+            (" AND (ts_ns <> ? OR record_hash > ?)", " ORDER BY ts_ns, record_hash LIMIT ?")
         };
         if let Some((ts_ns, hash)) = &scan.after {
             text.push_str(past);
-            binds.extend([Bind::Int(*ts_ns), Bind::Int(*ts_ns), Bind::Str(hash)]);
+            binds.extend([Bind::Int(*ts_ns), Bind::Str(hash)]);
         }
         text.push_str(order);
         binds.push(Bind::Int(i64::try_from(scan.limit.min(MAX_LOG_READ)).unwrap_or(0)));
+        if let Pool::Sqlite(pool) = &self.pool {
+            // SQLite's C API: sqlx hands rows over from its worker thread one at a time, which
+            // costs more than SQLite's reading them (a query over millions of lines).
+            let mut connection = pool.acquire().await?;
+            let read = |db: &crate::sqlite::Connection<'_>| {
+                let mut statement = db.prepare(&text)?;
+                for (i, bind) in binds.iter().enumerate() {
+                    let value = match bind {
+                        Bind::Str(s) => crate::sqlite::Value::Text(s),
+                        Bind::Int(n) => crate::sqlite::Value::Int(*n),
+                    };
+                    statement.bind(i as i32 + 1, value)?;
+                }
+                let text = |statement: &crate::sqlite::Statement<'_>, column| {
+                    statement.text(column).map(|t| String::from_utf8_lossy(t).into_owned())
+                };
+                let mut out = Vec::new();
+                while statement.step()? {
+                    let text = |column| text(&statement, column);
+                    out.push(LogRecord {
+                        ts_ns: statement.int(0),
+                        severity_number: statement.int(1),
+                        severity_text: text(2).unwrap_or_default(),
+                        body: text(3).unwrap_or_default(),
+                        attributes: text(4).unwrap_or_default(),
+                        resource: text(5).unwrap_or_default(),
+                        trace_id: text(6),
+                        span_id: text(7),
+                        metered: statement.int(8) != 0,
+                        record_hash: text(9).unwrap_or_default(),
+                    });
+                }
+                Ok(out)
+            };
+            return crate::sqlite::run(&mut connection, read).await.map_err(StoreError::Sqlite);
+        }
         Ok(rows!(&self.pool, &text, &binds, |row| LogRecord {
             ts_ns: row.try_get(0)?,
             severity_number: row.try_get(1)?,

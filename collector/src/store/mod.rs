@@ -243,6 +243,7 @@ impl TelemetryStore {
                 include_str!("../../../migrations/sqlite/collector_0003_span_blocks.sql"),
                 include_str!("../../../migrations/sqlite/collector_0004_span_block_merges.sql"),
                 include_str!("../../../migrations/sqlite/collector_0005_published_tokens.sql"),
+                include_str!("../../../migrations/sqlite/collector_0006_logs_by_function.sql"),
             ])
             .run(&pool)
             .await?;
@@ -254,6 +255,7 @@ impl TelemetryStore {
                 include_str!("../../../migrations/postgres/collector_0002_span_blocks.sql"),
                 include_str!("../../../migrations/postgres/collector_0003_span_block_merges.sql"),
                 include_str!("../../../migrations/postgres/collector_0004_published_tokens.sql"),
+                include_str!("../../../migrations/postgres/collector_0005_logs_by_function.sql"),
             ])
             .run(&pool)
             .await?;
