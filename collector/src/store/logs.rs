@@ -218,7 +218,10 @@ impl TelemetryStore {
                     statement.bind(i as i32 + 1, value)?;
                 }
                 let text = |statement: &crate::sqlite::Statement<'_>, column| {
-                    statement.text(column).map(|t| String::from_utf8_lossy(t).into_owned())
+                    statement.text(column).map(|t| match std::str::from_utf8(t) {
+                        Ok(text) => text.to_owned(),
+                        Err(_) => String::from_utf8_lossy(t).into_owned(),
+                    })
                 };
                 let mut out = Vec::new();
                 while statement.step()? {

@@ -191,10 +191,22 @@ fn accumulate(acc: &mut Accumulator, entry: Entry) -> Result<bool, EvalError> {
     if first > last {
         return Ok(true);
     }
-    let mut key = label_pairs(&entry.labels);
-    for grouping in &acc.groupings {
-        key = group(&key, grouping);
-    }
+    // The series' labels: grouped by the first `sum` straight from the line's labels.
+    let key = match acc.groupings.split_first() {
+        Some((first, rest)) => {
+            let mut key: SeriesLabels = entry
+                .labels
+                .iter()
+                .filter(|(name, _)| first.labels.iter().any(|l| l == name.as_ref()) != first.without)
+                .map(|(name, (value, _))| (name.to_string(), value.clone()))
+                .collect();
+            for grouping in rest {
+                key = group(&key, grouping);
+            }
+            key
+        }
+        None => label_pairs(&entry.labels),
+    };
     if !acc.series.contains_key(&key) && acc.series.len() >= MAX_SERIES {
         return Err(EvalError::Bad(format!(
             "maximum number of series ({MAX_SERIES}) reached for a single query; consider reducing query \
@@ -215,7 +227,7 @@ fn accumulate(acc: &mut Accumulator, entry: Entry) -> Result<bool, EvalError> {
 }
 
 fn label_pairs(labels: &Labels) -> Vec<(String, String)> {
-    labels.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect()
+    labels.iter().map(|(k, (v, _))| (k.to_string(), v.clone())).collect()
 }
 
 fn show(labels: &[(String, String)]) -> String {

@@ -398,7 +398,7 @@ fn labels_object(labels: &Labels, kind: Option<Kind>) -> Map<String, Value> {
     labels
         .iter()
         .filter(|(_, (_, k))| kind.is_none_or(|kind| *k == kind))
-        .map(|(name, (value, _))| (name.clone(), Value::String(value.clone())))
+        .map(|(name, (value, _))| (name.to_string(), Value::String(value.clone())))
         .collect()
 }
 
@@ -525,15 +525,15 @@ fn selector_of(text: Option<&str>) -> Result<Option<LogExpr>, LokiError> {
 
 fn selects(expr: &Option<LogExpr>, labels: &Labels) -> bool {
     expr.as_ref()
-        .is_none_or(|expr| expr.selector.iter().all(|m| m.matches(labels.get(&m.name).map_or("", |(v, _)| v.as_str()))))
+        .is_none_or(|expr| expr.selector.iter().all(|m| m.matches(labels.get(m.name.as_str()).map_or("", |(v, _)| v.as_str()))))
 }
 
 async fn labels(State(api): State<Api>, headers: HeaderMap, uri: Uri, body: Bytes) -> LokiResult {
     let params = Params::new(&headers, &uri, &body);
     let selector = selector_of(params.get("query"))?;
     let streams = streams_of(&api, &headers, &params).await?;
-    let names: std::collections::BTreeSet<&String> =
-        streams.iter().filter(|(labels, _)| selects(&selector, labels)).flat_map(|(labels, _)| labels.keys()).collect();
+    let names: std::collections::BTreeSet<&str> =
+        streams.iter().filter(|(labels, _)| selects(&selector, labels)).flat_map(|(labels, _)| labels.keys()).map(|k| k.as_ref()).collect();
     Ok(json_response(&Success { status: "success", data: names }))
 }
 
@@ -550,7 +550,7 @@ async fn label_values(
     let values: std::collections::BTreeSet<&String> = streams
         .iter()
         .filter(|(labels, _)| selects(&selector, labels))
-        .filter_map(|(labels, _)| labels.get(&name).map(|(v, _)| v))
+        .filter_map(|(labels, _)| labels.get(name.as_str()).map(|(v, _)| v))
         .collect();
     Ok(json_response(&Success { status: "success", data: values }))
 }
@@ -565,14 +565,14 @@ async fn series(State(api): State<Api>, headers: HeaderMap, uri: Uri, body: Byte
         selectors.push(None);
     }
     let streams = streams_of(&api, &headers, &params).await?;
-    let sets: std::collections::BTreeSet<Vec<(&String, &String)>> = streams
+    let sets: std::collections::BTreeSet<Vec<(&str, &String)>> = streams
         .iter()
         .filter(|(labels, _)| selectors.iter().any(|s| selects(s, labels)))
-        .map(|(labels, _)| labels.iter().map(|(k, (v, _))| (k, v)).collect())
+        .map(|(labels, _)| labels.iter().map(|(k, (v, _))| (k.as_ref(), v)).collect())
         .collect();
     let data: Vec<Map<String, Value>> = sets
         .into_iter()
-        .map(|set| set.into_iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())
+        .map(|set| set.into_iter().map(|(k, v)| (k.to_string(), Value::String(v.clone()))).collect())
         .collect();
     Ok(json_response(&Success { status: "success", data }))
 }

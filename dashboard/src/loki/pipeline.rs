@@ -1,6 +1,7 @@
 //! A log record as LogQL sees it (its line, and its labels: the stream's, structured metadata,
 //! and what parsers extract), and the pipeline's stages run over it.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use collector::store::{LogRecord, LogStream};
@@ -24,7 +25,8 @@ pub enum Kind {
     Parsed,
 }
 
-pub type Labels = BTreeMap<String, (String, Kind)>;
+/// Labels by name (the platform's names are static, what parsers extract is owned).
+pub type Labels = BTreeMap<Cow<'static, str>, (String, Kind)>;
 
 /// A line and its labels, as they go through a pipeline.
 #[derive(Debug, Clone)]
@@ -39,21 +41,21 @@ impl Entry {
         self.labels.get(name).map_or("", |(v, _)| v.as_str())
     }
 
-    fn set(&mut self, name: String, value: String, kind: Kind) {
-        self.labels.insert(name, (value, kind));
+    fn set(&mut self, name: impl Into<Cow<'static, str>>, value: String, kind: Kind) {
+        self.labels.insert(name.into(), (value, kind));
     }
 
     fn set_error(&mut self, error: &str, details: String) {
         if !self.labels.contains_key(ERROR) {
-            self.set(ERROR.into(), error.into(), Kind::Parsed);
-            self.set(ERROR_DETAILS.into(), details, Kind::Parsed);
+            self.set(ERROR, error.into(), Kind::Parsed);
+            self.set(ERROR_DETAILS, details, Kind::Parsed);
         }
     }
 
     /// Sets what a parser extracted: a name that is the stream's or metadata's already gets
     /// `_extracted` appended (Loki's rule).
     fn set_parsed(&mut self, name: String, value: String) {
-        let name = match self.labels.get(&name) {
+        let name = match self.labels.get(name.as_str()) {
             Some((_, Kind::Stream | Kind::Metadata)) => format!("{name}_extracted"),
             _ => name,
         };
@@ -70,25 +72,26 @@ impl Entry {
 ///   `deployment_environment` when its resource has them, `level`; metadata `trace_id`,
 ///   `span_id` and the record's attributes.
 pub fn entry_of(record: LogRecord) -> Entry {
-    let attributes: BTreeMap<String, Value> = serde_json::from_str(&record.attributes).unwrap_or_default();
-    let text = |key: &str| attributes.get(key).map(value_text);
+    let level = level(record.severity_number, &record.severity_text);
     let mut labels = if record.metered {
+        let attributes: FunctionAttributes = serde_json::from_str(&record.attributes).unwrap_or_default();
         let mut labels = function_labels(
-            text(semconv::FAAS_NAME),
-            text(semconv::FAAS_INSTANCE),
-            text(semconv::LOG_IOSTREAM),
-            level(record.severity_number, &record.severity_text),
+            attributes.function.map(Cow::into_owned),
+            attributes.instance.map(Cow::into_owned),
+            attributes.iostream.map(Cow::into_owned),
+            level,
         );
-        for (name, key) in [("invocation_id", semconv::FAAS_INVOCATION_ID), ("call_id", semconv::SFAAS_CALL_ID)] {
-            if let Some(value) = text(key).filter(|v| !v.is_empty()) {
-                labels.insert(name.into(), (value, Kind::Metadata));
+        for (name, value) in [("invocation_id", attributes.invocation_id), ("call_id", attributes.call_id)] {
+            if let Some(value) = value.filter(|v| !v.is_empty()) {
+                labels.insert(name.into(), (value.into_owned(), Kind::Metadata));
             }
         }
         labels
     } else {
-        let mut labels = sdk_labels(&record.resource, level(record.severity_number, &record.severity_text));
+        let attributes: BTreeMap<String, Value> = serde_json::from_str(&record.attributes).unwrap_or_default();
+        let mut labels = sdk_labels(&record.resource, level);
         for (key, value) in &attributes {
-            labels.entry(sanitize(key)).or_insert_with(|| (value_text(value), Kind::Metadata));
+            labels.entry(sanitize(key).into()).or_insert_with(|| (value_text(value), Kind::Metadata));
         }
         labels
     };
@@ -98,6 +101,21 @@ pub fn entry_of(record: LogRecord) -> Entry {
         }
     }
     Entry { ts_ns: record.ts_ns, line: record.body, labels }
+}
+
+/// What a function line's attributes say (the gateway writes them; others are skipped).
+#[derive(Default, serde::Deserialize)]
+struct FunctionAttributes<'a> {
+    #[serde(rename = "faas.name", borrow)]
+    function: Option<Cow<'a, str>>,
+    #[serde(rename = "faas.instance", borrow)]
+    instance: Option<Cow<'a, str>>,
+    #[serde(rename = "log.iostream", borrow)]
+    iostream: Option<Cow<'a, str>>,
+    #[serde(rename = "faas.invocation_id", borrow)]
+    invocation_id: Option<Cow<'a, str>>,
+    #[serde(rename = "sfaas.call_id", borrow)]
+    call_id: Option<Cow<'a, str>>,
 }
 
 /// A stream's labels (see [`entry_of`]).
@@ -126,7 +144,7 @@ fn function_labels(
         ("level", level.to_string()),
     ]
     .into_iter()
-    .map(|(name, value)| (name.to_string(), (value, Kind::Stream)))
+    .map(|(name, value)| (name.into(), (value, Kind::Stream)))
     .collect()
 }
 
@@ -135,11 +153,11 @@ fn sdk_labels(resource: &str, level: &str) -> Labels {
     let mut labels = Labels::new();
     let service = resource.get(semconv::ATTR_SERVICE_NAME).map_or_else(|| "unknown_service".into(), value_text);
     for (name, value) in [("source", "otlp".to_string()), ("service_name", service), ("level", level.to_string())] {
-        labels.insert(name.to_string(), (value, Kind::Stream));
+        labels.insert(name.into(), (value, Kind::Stream));
     }
-    for key in [semconv::ATTR_SERVICE_NAMESPACE, "deployment.environment"] {
+    for (key, name) in [(semconv::ATTR_SERVICE_NAMESPACE, "service_namespace"), ("deployment.environment", "deployment_environment")] {
         if let Some(value) = resource.get(key) {
-            labels.insert(sanitize(key), (value_text(value), Kind::Stream));
+            labels.insert(name.into(), (value_text(value), Kind::Stream));
         }
     }
     labels
@@ -209,7 +227,7 @@ impl<'a> Pipeline<'a> {
         }
         let mut entry = entry_of(record);
         for matcher in &self.expr.selector {
-            let value = match entry.labels.get(&matcher.name) {
+            let value = match entry.labels.get(matcher.name.as_str()) {
                 Some((value, Kind::Stream)) => value.as_str(),
                 _ => "",
             };
@@ -270,7 +288,7 @@ fn label_filter(filter: &LabelFilter, entry: &mut Entry) -> bool {
             if entry.labels.contains_key(ERROR) {
                 return true;
             }
-            let Some((text, _)) = entry.labels.get(name) else { return false };
+            let Some((text, _)) = entry.labels.get(name.as_str()) else { return false };
             match value_as(text, *unit) {
                 Some(number) => op.holds(number, *value),
                 None => {
