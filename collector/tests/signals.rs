@@ -168,7 +168,7 @@ use sqlx::Connection;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_each_tenant_for_its_own_period() {
-    use collector::model::{Batch, SampleRow, SpanRow};
+    use collector::model::{Batch, LogRow, SampleRow, SpanRow};
     const HOUR: i64 = 3600 * 1_000_000_000;
     let now = 1_800_000_000_000_000_000i64; // 2027-01-15T08:00:00Z
     for backend in backends() {
@@ -209,6 +209,19 @@ async fn retention_keeps_each_tenant_for_its_own_period() {
             histogram: None,
             metered: false,
         };
+        let log = |tenant: &str, id: u8, ts_ns: i64| LogRow {
+            tenant: tenant.into(),
+            record_hash: format!("{id:064x}"),
+            ts_ns,
+            severity_number: 13,
+            severity_text: "WARN".into(),
+            body: "a line".into(),
+            attributes: r#"{"faas.name":"f"}"#.into(),
+            resource: "{}".into(),
+            trace_id: None,
+            span_id: None,
+            metered: true,
+        };
         let store = &running.collector.store;
         // Dated in the far future, arrived two hours before `now`: one sealed into a block,
         // one in the head. By date they would be kept for ever; by arrival acme's hour is over.
@@ -222,14 +235,14 @@ async fn retention_keeps_each_tenant_for_its_own_period() {
         let batch = Batch {
             spans: ages.iter().map(|&(tenant, id, age)| span(tenant, id, now - age * HOUR)).collect(),
             samples: ages.iter().map(|&(tenant, _, age)| sample(tenant, now - age * HOUR)).collect(),
-            ..Default::default()
+            logs: ages.iter().map(|&(tenant, id, age)| log(tenant, id, now - age * HOUR)).collect(),
         };
         store.write(&batch).await.unwrap();
-        // acme: spans 2, 5, 6 and two samples; globex: span 4 and one sample.
-        assert_eq!(collector::retention_pass(&running.collector, now).await.unwrap(), 7, "{}", backend.name());
+        // acme: spans 2, 5, 6, two samples and a log line; globex: span 4, a sample and a line.
+        assert_eq!(collector::retention_pass(&running.collector, now).await.unwrap(), 9, "{}", backend.name());
         let (acme, globex) = (store.counts("acme").await.unwrap(), store.counts("globex").await.unwrap());
-        assert_eq!((acme.spans, acme.samples), (1, 1), "acme keeps 1 hour, {}", backend.name());
-        assert_eq!((globex.spans, globex.samples), (1, 1), "globex keeps 10 hours, {}", backend.name());
+        assert_eq!((acme.spans, acme.samples, acme.logs), (1, 1, 1), "acme keeps 1 hour, {}", backend.name());
+        assert_eq!((globex.spans, globex.samples, globex.logs), (1, 1, 1), "globex keeps 10 hours, {}", backend.name());
         running.shutdown().await;
     }
 }

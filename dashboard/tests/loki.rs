@@ -197,6 +197,7 @@ fn rows() -> Vec<LogRow> {
 struct Server {
     base: String,
     client: reqwest::Client,
+    store: TelemetryStore,
 }
 
 async fn start(backend: &testkit::Backend) -> Server {
@@ -220,12 +221,12 @@ async fn start(backend: &testkit::Backend) -> Server {
         .collect();
     store.write(&Batch { logs: flood, ..Batch::default() }).await.unwrap();
     let billing = Arc::new(Billing::open(&store).await.unwrap());
-    let state = DashboardState { store, billing, resolver: Arc::new(Tokens), settle: None };
+    let state = DashboardState { store: store.clone(), billing, resolver: Arc::new(Tokens), settle: None };
     let app = dashboard::loki::router(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server { base: format!("http://{addr}"), client: reqwest::Client::new() }
+    Server { base: format!("http://{addr}"), client: reqwest::Client::new(), store }
 }
 
 fn encode(text: &str) -> String {
@@ -723,4 +724,74 @@ async fn grafana_requests_get_what_grafana_decodes() {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live tail (Grafana Explore's *Live*: a WebSocket)
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl Server {
+    async fn tail(&self, query: &str, token: &str) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!(
+            "{}/loki/api/v1/tail?query={}&start={}",
+            self.base.replace("http://", "ws://"),
+            encode(query),
+            at("12:00:00")
+        );
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        tokio_tungstenite::connect_async(request).await.map(|(socket, _)| socket)
+    }
+}
+
+/// The lines of the next frame of a tail (within 10 s).
+async fn frame(socket: &mut Socket) -> Vec<String> {
+    use futures_util::StreamExt;
+    let message = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+        .await
+        .expect("a frame within 10 s")
+        .unwrap()
+        .unwrap();
+    let frame: Value = serde_json::from_str(message.to_text().unwrap()).unwrap();
+    assert!(frame["dropped_entries"].is_array(), "{frame}");
+    let mut lines: Vec<(String, String)> = Vec::new();
+    for stream in frame["streams"].as_array().unwrap() {
+        for value in stream["values"].as_array().unwrap() {
+            lines.push((value[0].as_str().unwrap().to_string(), value[1].as_str().unwrap().to_string()));
+        }
+    }
+    lines.sort();
+    lines.into_iter().map(|(_, line)| line).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_tail_sends_the_lines_then_each_new_one_of_its_tenant() {
+    let backend = testkit::Backend::Sqlite(tempfile::tempdir().unwrap());
+    let server = start(&backend).await;
+    let mut acme = server.tail(r#"{function="resize"}"#, ACME).await.unwrap();
+    assert_eq!(frame(&mut acme).await, lines(&[1, 2, 3, 4, 5]), "the lines so far, oldest first");
+    let mut globex = server.tail(r#"{function="resize"}"#, GLOBEX).await.unwrap();
+    assert_eq!(frame(&mut globex).await, ["globex secret"], "another tenant's tail: its own lines");
+    // A new line (stored late: dated before the newest one sent) comes in the next frame, once.
+    let mut row = rows().remove(0);
+    row.record_hash = "late".into();
+    row.ts_ns = at("12:01:59");
+    row.body = "a new line".into();
+    server.store.write(&Batch { logs: vec![row], ..Batch::default() }).await.unwrap();
+    assert_eq!(frame(&mut acme).await, ["a new line"]);
+    // At most 4 tails a tenant.
+    let _more = [
+        server.tail(r#"{function="thumb"}"#, ACME).await.unwrap(),
+        server.tail(r#"{function="thumb"}"#, ACME).await.unwrap(),
+        server.tail(r#"{function="thumb"}"#, ACME).await.unwrap(),
+    ];
+    match server.tail(r#"{function="thumb"}"#, ACME).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 429),
+        other => panic!("a fifth tail: {:?}", other.map(|_| ())),
+    }
+    // A metric query or no token: refused before the upgrade.
+    assert!(server.tail(r#"count_over_time({function="resize"}[1m])"#, ACME).await.is_err());
+    assert!(server.tail(r#"{function="resize"}"#, "nobody").await.is_err());
 }

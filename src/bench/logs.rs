@@ -170,15 +170,17 @@ const FUNCTIONS: usize = 8;
 const DAY_NS: i64 = 86_400_000_000_000;
 
 /// Line `i` of the LogQL data: (function, severity, body). `f3` writes JSON, the others
-/// logfmt; one line in ten is an error, one in a hundred mentions a timeout.
+/// logfmt; one line in ten of each function's is an error (status 503), one in a hundred
+/// mentions a timeout.
 fn query_line(i: usize) -> (String, (i64, &'static str), String) {
     let function = format!("f{}", i % FUNCTIONS);
-    let severity = match i % 10 {
+    let k = i / FUNCTIONS;
+    let severity = match k % 10 {
         0 => (17, "ERROR"),
         1 | 2 => (13, "WARN"),
         _ => (9, "INFO"),
     };
-    let status = if i % 10 == 0 { 503 } else { 200 };
+    let status = if k % 10 == 0 { 503 } else { 200 };
     let body = if i % FUNCTIONS == 3 {
         format!(r#"{{"status":{status},"path":"/api/items/{}","ms":{}}}"#, i % 977, i % 1000)
     } else if i % 100 == 7 {
@@ -269,7 +271,10 @@ async fn logql(lines: usize) -> anyhow::Result<String> {
         (
             "logs volume: `sum by (level) (count_over_time({source=\"function\"} | drop __error__ [5m]))`, the day at 5 m",
             "query_range",
-            range(Some(r#"sum by (level) (count_over_time({source="function"} | drop __error__ [5m]))"#), &[("step", "300")]),
+            range(
+                Some(r#"sum by (level) (count_over_time({source="function"} | drop __error__ [5m]))"#),
+                &[("step", "300")],
+            ),
         ),
         (
             "`sum by (function) (rate({source=\"function\"} |= \"timeout\" [1h]))`, the day at 1 h",
@@ -305,7 +310,9 @@ async fn logql(lines: usize) -> anyhow::Result<String> {
             best = best.min(began.elapsed().as_secs_f64());
             size = body.len();
             let answer: serde_json::Value = serde_json::from_str(&body)?;
-            read = answer["data"]["stats"]["summary"]["totalLinesProcessed"].as_u64().map_or(String::new(), |n| n.to_string());
+            read = answer["data"]["stats"]["summary"]["totalLinesProcessed"]
+                .as_u64()
+                .map_or(String::new(), |n| n.to_string());
         }
         writeln!(out, "| {name} | {best:.2} | {read} | {size} |")?;
     }
@@ -313,12 +320,13 @@ async fn logql(lines: usize) -> anyhow::Result<String> {
     // The floor: SQLite reading the same rows at all (counting them by level).
     let pool = sqlx::SqlitePool::connect(&url).await?;
     let began = Instant::now();
-    let _: Vec<(String, i64)> =
-        sqlx::query_as("SELECT severity_text, COUNT(*) FROM logs WHERE tenant = 'acme' AND ts_ns >= ? AND ts_ns < ? GROUP BY 1")
-            .bind(start_ns)
-            .bind(end_ns + 1)
-            .fetch_all(&pool)
-            .await?;
+    let _: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT severity_text, COUNT(*) FROM logs WHERE tenant = 'acme' AND ts_ns >= ? AND ts_ns < ? GROUP BY 1",
+    )
+    .bind(start_ns)
+    .bind(end_ns + 1)
+    .fetch_all(&pool)
+    .await?;
     writeln!(
         out,
         "| floor: `SELECT severity_text, COUNT(*) … GROUP BY 1` over the day's rows in SQLite | {:.2} | {lines} | |",

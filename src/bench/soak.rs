@@ -7,13 +7,17 @@
 //!   machine), in requests of 512;
 //! - calls at `--call-rate`, and a tenth as many 200 ms naps (more than its builtin threads);
 //! - PromQL at `--query-rate`: hour-long range queries at one-second steps, and a query over
-//!   every series.
+//!   every series;
+//! - a flood of log lines: `--flood-rate` calls a second of an exec function that writes
+//!   100 000 lines of 200 bytes to stderr; the calm tenant's own exec function writes one line
+//!   a call, every tenth of its ticks.
 //!
 //! Then a recovery spell. Reported: the calm tenant's p50/p99 per spell, the storm's answers
 //! by status, the process's resident memory, and whether each holds: the storm is refused
 //! (429/503), memory stays under `--max-rss-mib`, the calm p99 during the storm is within 2×
-//! of its quiet figure, and after the storm the calm figures come back and the storm tenant
-//! is served again.
+//! of its quiet figure, after the storm the calm figures come back and the storm tenant is
+//! served again, the storm's stored lines stay within its line rate (2 000 a second, a burst of
+//! ten seconds') and bytes a day, and every line of the calm tenant's is stored.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -50,6 +54,9 @@ pub struct Options {
     /// PromQL queries a second the storm offers (half of them hour-long ranges at 1 s steps).
     #[arg(long, default_value_t = 20)]
     pub query_rate: u64,
+    /// Calls a second of the storm's function that writes 100 000 log lines.
+    #[arg(long, default_value_t = 2.0)]
+    pub flood_rate: f64,
     /// Resident memory the sfaas process must stay under, MiB.
     #[arg(long, default_value_t = 2048)]
     pub max_rss_mib: u64,
@@ -65,7 +72,14 @@ struct Calm {
     calls: [Vec<Duration>; 3],
     queries: [Vec<Duration>; 3],
     failed: [u64; 3],
+    /// Calls of its exec function that answered (each wrote one log line).
+    lines: u64,
 }
+
+/// The storm's function: 100 000 lines of 200 bytes to stderr. The calm tenant's: one line.
+const FLOOD: &str =
+    "import sys\nw = sys.stderr.write\nline = 'x' * 199 + '\\n'\nfor i in range(100000):\n    w(line)\n";
+const TALK: &str = "import sys\nsys.stderr.write('calm line %s\\n' % sys.stdin.read())\n";
 
 /// The storm's answers: (what, status) → count.
 type Answers = Mutex<BTreeMap<(&'static str, u16), u64>>;
@@ -142,17 +156,28 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
     let admin = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_string();
     let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build()?;
 
+    let functions = dir.path().join("functions");
+    std::fs::create_dir_all(&functions)?;
+    std::fs::write(functions.join("flood.py"), FLOOD)?;
+    std::fs::write(functions.join("talk.py"), TALK)?;
     let mut tokens = BTreeMap::new();
     for tenant in ["calm", "storm"] {
         let (ingest, read) = super::create_tenant(&http, &gateway, &admin, tenant).await?;
-        for (service, builtin) in [("echo", "echo"), ("nap", "sleep")] {
+        let writer = if tenant == "calm" { ("talk", "talk.py") } else { ("flood", "flood.py") };
+        let specs = [
+            json!({"service": "echo", "builtin": "echo"}),
+            json!({"service": "nap", "builtin": "sleep"}),
+            json!({"service": writer.0, "kind": "exec", "workdir": functions.display().to_string(),
+                   "envProcess": format!("python3 {}", writer.1)}),
+        ];
+        for spec in specs {
             http.post(format!("{gateway}/system/functions"))
                 .bearer_auth(&ingest)
-                .json(&json!({"service": service, "builtin": builtin}))
+                .json(&spec)
                 .send()
                 .await?
                 .error_for_status()
-                .with_context(|| format!("deploying {service} for {tenant}"))?;
+                .with_context(|| format!("deploying {} for {tenant}", spec["service"]))?;
         }
         tokens.insert(tenant, (ingest, read));
     }
@@ -196,6 +221,18 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
                     tick.tick().await;
                     n += 1;
                     let query = n.is_multiple_of(5);
+                    if n % 10 == 3 {
+                        // A line of the calm tenant's logs (not timed: a process starts).
+                        let request =
+                            http.post(format!("{gateway}/function/talk")).bearer_auth(&calm_ingest).body(n.to_string());
+                        let calm = calm.clone();
+                        tokio::spawn(async move {
+                            if request.send().await.is_ok_and(|r| r.status().is_success()) {
+                                calm.lock().unwrap().lines += 1;
+                            }
+                        });
+                        continue;
+                    }
                     let request = if query {
                         let promql = "sum by (function_name) (rate(gateway_function_invocation_total[1m]))";
                         http.get(url(&ui, "query", &[("query", promql)])).bearer_auth(&calm_read)
@@ -293,6 +330,12 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
             h.get(url(&u, "query_range", &params)).bearer_auth(&t)
         }),
     )));
+    let (h, g, t) = (http.clone(), gateway.clone(), storm_ingest.clone());
+    storm.push(storm_runtime.spawn(drive(
+        "flood",
+        options.flood_rate,
+        Box::new(move |_| h.post(format!("{g}/function/flood")).bearer_auth(&t)),
+    )));
     let started = Instant::now();
     while started.elapsed() < storm_for {
         tokio::time::sleep(Duration::from_secs(30).min(storm_for.saturating_sub(started.elapsed()))).await;
@@ -333,6 +376,21 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     tasks.abort_all();
     let _ = calm_thread.join();
+    // Log lines as stored, once the last export is in (a few seconds at most).
+    let store =
+        collector::store::TelemetryStore::open(&format!("sqlite://{}", dir.path().join("telemetry.db").display()))
+            .await
+            .context("opening the telemetry store")?;
+    let calm_lines_sent = calm.lock().unwrap().lines;
+    let waited = Instant::now();
+    let (mut calm_lines, mut storm_lines) = (0, 0);
+    while waited.elapsed() < Duration::from_secs(15) {
+        (calm_lines, storm_lines) = (store.counts("calm").await?.logs, store.counts("storm").await?.logs);
+        if calm_lines >= calm_lines_sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     drop(up);
 
     // The report.
@@ -384,6 +442,11 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
         let _ = writeln!(out, "| {what} | {status} | {n} | {:.0} |", *n as f64 / storm_secs);
     }
     let refused: u64 = answers.iter().filter(|((_, s), _)| matches!(s, 429 | 503)).map(|(_, n)| n).sum();
+    // The storm's lines: its line rate over the storm and after (its last calls end in the
+    // recovery), and a burst of ten seconds' worth.
+    let rate = stateful_faas_core::function::output::EXPORTED_LINES_PER_SECOND;
+    let allowed = (rate * (storm_secs + options.quiet_secs as f64 + 10.0)) as u64;
+    let flood_calls: u64 = answers.iter().filter(|((what, s), _)| *what == "flood" && *s == 200).map(|(_, n)| n).sum();
     let peak = rss.iter().cloned().fold(0.0, f64::max);
     let p99 = |spell: u8| ms(percentile(&calm.calls[spell as usize], 0.99));
     let q99 = |spell: u8| ms(percentile(&calm.queries[spell as usize], 0.99));
@@ -408,6 +471,17 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
         (
             format!("no calm request failed ({} failed)", calm.failed.iter().sum::<u64>()),
             calm.failed.iter().all(|&n| n == 0),
+        ),
+        (
+            format!(
+                "the storm's log lines held to its rate: {storm_lines} stored of {} written (at most {allowed})",
+                flood_calls * 100_000
+            ),
+            storm_lines <= allowed,
+        ),
+        (
+            format!("every calm log line was stored ({calm_lines} of {calm_lines_sent})"),
+            calm_lines >= calm_lines_sent && calm_lines_sent > 0,
         ),
         (
             format!("the storm tenant is served after it (call {storm_call}, ingest {storm_ingest_again})"),

@@ -260,6 +260,9 @@ impl TelemetryStore {
 
 /// The most distinct streams [`TelemetryStore::log_streams`] returns.
 pub const MAX_LOG_STREAMS: usize = 10_000;
+/// The most lines [`TelemetryStore::log_streams`] reads (the newest of its range): what a
+/// label query costs is bounded, whatever the range.
+pub const MAX_STREAM_LINES: i64 = 1_000_000;
 
 /// What tells a tenant's log records apart as LogQL's streams, with how many lines and bytes
 /// each has in a time range.
@@ -280,7 +283,7 @@ pub struct LogStream {
 
 impl TelemetryStore {
     /// A tenant's log records in `[start_ns, end_ns)`, grouped as streams (at most
-    /// [`MAX_LOG_STREAMS`]).
+    /// [`MAX_LOG_STREAMS`]), from the newest [`MAX_STREAM_LINES`] of them.
     pub async fn log_streams(&self, tenant: &str, start_ns: i64, end_ns: i64) -> Result<Vec<LogStream>, StoreError> {
         let attribute = |key: &str| match &self.pool {
             Pool::Sqlite(_) => format!("json_extract(attributes, '$.\"{key}\"')"),
@@ -297,7 +300,8 @@ impl TelemetryStore {
                SELECT metered, CASE WHEN metered = 1 THEN {function} END AS f, \
                  CASE WHEN metered = 1 THEN {instance} END AS i, CASE WHEN metered = 1 THEN {iostream} END AS s, \
                  severity_number, severity_text, CASE WHEN metered = 1 THEN '{{}}' ELSE resource END AS r, \
-                 {length} AS n FROM logs WHERE tenant = ? AND ts_ns >= ? AND ts_ns < ?) AS streams \
+                 {length} AS n FROM logs WHERE tenant = ? AND ts_ns >= ? AND ts_ns < ? \
+                 ORDER BY ts_ns DESC LIMIT {MAX_STREAM_LINES}) AS streams \
              GROUP BY metered, f, i, s, severity_number, severity_text, r LIMIT {MAX_LOG_STREAMS}"
         );
         Ok(rows!(&self.pool, &text, &[Bind::Str(tenant), Bind::Int(start_ns), Bind::Int(end_ns)], |row| LogStream {

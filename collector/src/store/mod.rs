@@ -30,7 +30,9 @@ mod tokens;
 pub use tokens::PublishedToken;
 
 pub use blocks::MAX_TRACE_SPANS;
-pub use logs::{FunctionLog, LogCursor, LogQuery, LogRecord, LogScan, LogStream, MAX_LOG_READ, MAX_LOG_STREAMS};
+pub use logs::{
+    FunctionLog, LogCursor, LogQuery, LogRecord, LogScan, LogStream, MAX_LOG_READ, MAX_LOG_STREAMS, MAX_STREAM_LINES,
+};
 pub use samples::SeriesRows;
 pub use spans::{MeteredSpan, TraceSearch};
 

@@ -11,7 +11,7 @@
 //! |---|---|
 //! | `query_range` (`query`, `start`, `end`, `since`, `limit`, `direction`, `step`) | log query: `streams`; metric query: `matrix` (at most 11 000 steps) |
 //! | `query` (`query`, `time`, `limit`, `direction`) | log query: `streams` (the `limit` lines before `time`); metric query: `vector` |
-//! | `labels`, `label` (`start`, `end`, `since`) | stream label names |
+//! | `labels`, `label` (`start`, `end`, `since`) | stream label names (of the range's newest 1 000 000 lines, as the three below) |
 //! | `label/{name}/values` (same, `query`) | a stream label's values |
 //! | `series` (`match[]`…, `start`, `end`) | stream label sets |
 //! | `index/stats` (`query`, `start`, `end`) | `{streams, chunks, bytes, entries}` of the selector's streams |
@@ -71,6 +71,7 @@
 mod eval;
 mod logql;
 mod pipeline;
+mod tail;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -105,6 +106,8 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(120);
 struct Api {
     state: DashboardState,
     places: Arc<Places>,
+    /// Live tails open per tenant.
+    tails: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 pub fn router(state: DashboardState) -> Router {
@@ -118,8 +121,9 @@ pub fn router(state: DashboardState) -> Router {
         .route("/loki/api/v1/series", get(series).post(series))
         .route("/loki/api/v1/index/stats", get(index_stats).post(index_stats))
         .route("/loki/api/v1/status/buildinfo", get(buildinfo))
+        .route("/loki/api/v1/tail", get(tail::tail))
         .route("/loki/api/v1/{*rest}", any(not_found))
-        .with_state(Api { state, places });
+        .with_state(Api { state, places, tails: Arc::default() });
     // A datasource URL of `http://DASHBOARD/loki` has Grafana ask for `/loki/loki/api/v1/...`.
     Router::new().nest("/loki", routes.clone()).merge(routes)
 }
@@ -462,7 +466,12 @@ fn query_response(result_type: &'static str, categorized: bool, result: Vec<Valu
 /// a third element with its structured metadata and parsed labels (`{}` when it has none).
 fn streams_response(entries: Vec<pipeline::Entry>, categorized: bool, stats: Stats, started: Instant) -> Response {
     let returned = entries.len();
-    let result: Vec<Value> = eval::streams(entries, categorized)
+    query_response("streams", categorized, streams_json(entries, categorized), stats_json(stats, started, returned))
+}
+
+/// Entries as Loki's streams (see [`streams_response`]).
+fn streams_json(entries: Vec<pipeline::Entry>, categorized: bool) -> Vec<Value> {
+    eval::streams(entries, categorized)
         .into_iter()
         .map(|(labels, entries)| {
             let values: Vec<Value> = entries
@@ -484,8 +493,7 @@ fn streams_response(entries: Vec<pipeline::Entry>, categorized: bool, stats: Sta
                 .collect();
             json!({"stream": labels_object(&labels, None), "values": values})
         })
-        .collect();
-    query_response("streams", categorized, result, stats_json(stats, started, returned))
+        .collect()
 }
 
 fn matrix_response(matrix: &Matrix, stats: Stats, started: Instant) -> Response {
@@ -504,11 +512,14 @@ fn matrix_response(matrix: &Matrix, stats: Stats, started: Instant) -> Response 
 // Labels, series and stats
 
 /// The tenant's streams in the request's range (by default the last 6 hours, as Loki's), with
-/// their lines and bytes.
+/// their lines and bytes, as the newest million lines of the range show them.
 async fn streams_of(api: &Api, headers: &HeaderMap, params: &Params) -> Result<Vec<(Labels, LogStream)>, LokiError> {
     let tenant = tenant(&api.state, headers)?;
     let range = range(params, now_ns(&api.state), 6 * 3_600_000_000_000)?;
-    let rows = api.state.store.log_streams(&tenant, range.start_ns, range.end_ns.saturating_add(1)).await?;
+    // A label query waits for a place as queries do: it reads up to a million lines.
+    let read =
+        async { Ok(api.state.store.log_streams(&tenant, range.start_ns, range.end_ns.saturating_add(1)).await?) };
+    let rows = api.placed(&tenant, read, Instant::now() + QUERY_TIMEOUT).await?;
     Ok(rows.into_iter().map(|row| (stream_labels(&row), row)).collect())
 }
 
@@ -524,16 +535,21 @@ fn selector_of(text: Option<&str>) -> Result<Option<LogExpr>, LokiError> {
 }
 
 fn selects(expr: &Option<LogExpr>, labels: &Labels) -> bool {
-    expr.as_ref()
-        .is_none_or(|expr| expr.selector.iter().all(|m| m.matches(labels.get(m.name.as_str()).map_or("", |(v, _)| v.as_str()))))
+    expr.as_ref().is_none_or(|expr| {
+        expr.selector.iter().all(|m| m.matches(labels.get(m.name.as_str()).map_or("", |(v, _)| v.as_str())))
+    })
 }
 
 async fn labels(State(api): State<Api>, headers: HeaderMap, uri: Uri, body: Bytes) -> LokiResult {
     let params = Params::new(&headers, &uri, &body);
     let selector = selector_of(params.get("query"))?;
     let streams = streams_of(&api, &headers, &params).await?;
-    let names: std::collections::BTreeSet<&str> =
-        streams.iter().filter(|(labels, _)| selects(&selector, labels)).flat_map(|(labels, _)| labels.keys()).map(|k| k.as_ref()).collect();
+    let names: std::collections::BTreeSet<&str> = streams
+        .iter()
+        .filter(|(labels, _)| selects(&selector, labels))
+        .flat_map(|(labels, _)| labels.keys())
+        .map(|k| k.as_ref())
+        .collect();
     Ok(json_response(&Success { status: "success", data: names }))
 }
 

@@ -34,6 +34,8 @@ pub struct Entry {
     pub ts_ns: i64,
     pub line: String,
     pub labels: Labels,
+    /// The stored record's hash (what tells two equal lines apart).
+    pub hash: String,
 }
 
 impl Entry {
@@ -100,7 +102,7 @@ pub fn entry_of(record: LogRecord) -> Entry {
             labels.insert(name.into(), (id, Kind::Metadata));
         }
     }
-    Entry { ts_ns: record.ts_ns, line: record.body, labels }
+    Entry { ts_ns: record.ts_ns, line: record.body, labels, hash: record.record_hash }
 }
 
 /// What a function line's attributes say (the gateway writes them; others are skipped).
@@ -155,7 +157,9 @@ fn sdk_labels(resource: &str, level: &str) -> Labels {
     for (name, value) in [("source", "otlp".to_string()), ("service_name", service), ("level", level.to_string())] {
         labels.insert(name.into(), (value, Kind::Stream));
     }
-    for (key, name) in [(semconv::ATTR_SERVICE_NAMESPACE, "service_namespace"), ("deployment.environment", "deployment_environment")] {
+    for (key, name) in
+        [(semconv::ATTR_SERVICE_NAMESPACE, "service_namespace"), ("deployment.environment", "deployment_environment")]
+    {
         if let Some(value) = resource.get(key) {
             labels.insert(name.into(), (value_text(value), Kind::Stream));
         }
