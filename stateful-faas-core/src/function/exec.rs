@@ -261,12 +261,17 @@ impl StderrLines {
                 }
             }
         });
-        let mut chunk = vec![0u8; 16 << 10];
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut pace = crate::function::output::Pace::default();
         while let Ok(n) = stderr.read(&mut chunk).await {
             if n == 0 {
                 break;
             }
-            lines.feed(&chunk[..n], std::time::Instant::now());
+            let now = std::time::Instant::now();
+            lines.feed(&chunk[..n], now);
+            if let Some(pause) = pace.after_read(now) {
+                tokio::time::sleep(pause).await;
+            }
         }
         lines.finish(std::time::Instant::now());
     }

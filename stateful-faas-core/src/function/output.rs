@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Longest line logged; the rest of a longer one is dropped (and the line marked).
 pub const MAX_LINE: usize = 4096;
@@ -115,16 +115,56 @@ pub fn forward(
         });
         let mut file = std::fs::File::from(fd);
         let mut buffer = vec![0u8; 64 << 10];
+        let mut pace = Pace::default();
         while let Ok(n) = file.read(&mut buffer) {
             if n == 0 {
                 break;
             }
-            lines.feed(&buffer[..n], Instant::now());
+            let now = Instant::now();
+            lines.feed(&buffer[..n], now);
+            if let Some(pause) = pace.after_read(now) {
+                std::thread::sleep(pause);
+            }
         }
         lines.finish(Instant::now());
     });
     if let Err(error) = spawned {
         tracing::warn!(%error, "a managed server's output cannot be read: it is discarded");
+    }
+}
+
+/// Reads past this many in a second make a stream busy.
+const BUSY_READS: u32 = 100;
+/// The pause after each read of a busy stream.
+const BUSY_PAUSE: Duration = Duration::from_millis(5);
+
+/// The pace of a process's output reads: past [`BUSY_READS`] reads in a second, each read is
+/// followed by [`BUSY_PAUSE`], so that a process writing a line a write (Python's stderr does,
+/// to a pipe) is read a pipe's worth at a time rather than with a wakeup a line (a flood of
+/// 200 000 lines a second took a core of the gateway). A busy writer then writes at most a
+/// pipe (64 KiB) a pause, 13 MB a second, far above what its tenant may export; past that its
+/// writes wait, and it runs on.
+#[derive(Debug)]
+pub(crate) struct Pace {
+    window: Option<Instant>,
+    reads: u32,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self { window: None, reads: 0 }
+    }
+}
+
+impl Pace {
+    /// After a read at `now`: how long to wait before the next.
+    pub(crate) fn after_read(&mut self, now: Instant) -> Option<Duration> {
+        if self.window.is_none_or(|window| now.saturating_duration_since(window) >= Duration::from_secs(1)) {
+            self.window = Some(now);
+            self.reads = 0;
+        }
+        self.reads += 1;
+        (self.reads > BUSY_READS).then_some(BUSY_PAUSE)
     }
 }
 
@@ -181,6 +221,18 @@ impl<F: FnMut(&str, bool, u64)> Lines<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_stream_is_read_at_a_pace() {
+        let mut pace = Pace::default();
+        let start = Instant::now();
+        for _ in 0..BUSY_READS {
+            assert_eq!(pace.after_read(start), None);
+        }
+        assert_eq!(pace.after_read(start), Some(BUSY_PAUSE));
+        // A new second: the count starts again.
+        assert_eq!(pace.after_read(start + Duration::from_secs(1)), None);
+    }
 
     #[test]
     fn lines_are_cut_split_across_reads_and_held_to_their_rate() {
