@@ -180,7 +180,7 @@ fn query_line(i: usize) -> (String, (i64, &'static str), String) {
         1 | 2 => (13, "WARN"),
         _ => (9, "INFO"),
     };
-    let status = if k % 10 == 0 { 503 } else { 200 };
+    let status = if k.is_multiple_of(10) { 503 } else { 200 };
     let body = if i % FUNCTIONS == 3 {
         format!(r#"{{"status":{status},"path":"/api/items/{}","ms":{}}}"#, i % 977, i % 1000)
     } else if i % 100 == 7 {

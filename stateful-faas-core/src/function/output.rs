@@ -144,16 +144,10 @@ const BUSY_PAUSE: Duration = Duration::from_millis(5);
 /// 200 000 lines a second took a core of the gateway). A busy writer then writes at most a
 /// pipe (64 KiB) a pause, 13 MB a second, far above what its tenant may export; past that its
 /// writes wait, and it runs on.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Pace {
     window: Option<Instant>,
     reads: u32,
-}
-
-impl Default for Pace {
-    fn default() -> Self {
-        Self { window: None, reads: 0 }
-    }
 }
 
 impl Pace {
