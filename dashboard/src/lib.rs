@@ -66,6 +66,13 @@ impl DashboardState {
     }
 }
 
+/// The tenant a request names in `X-Scope-OrgID`, if it names one (the admin's way of reading
+/// one tenant through a datasource).
+pub(crate) fn scope_org_id(headers: &axum::http::HeaderMap) -> Option<String> {
+    let org = headers.get(contract::semconv::HEADER_SCOPE_ORG_ID).and_then(|v| v.to_str().ok()).map(str::trim);
+    org.filter(|org| !org.is_empty()).map(str::to_string)
+}
+
 /// Every route of the dashboard address.
 pub fn app(state: DashboardState, ui: ui::UiConfig) -> Router {
     Router::new()

@@ -23,7 +23,7 @@ use testkit::{Backend, backends};
 // Harness
 
 /// Fixed tokens: `admin`, and the read tokens of acme and globex.
-struct Tokens;
+pub(crate) struct Tokens;
 
 impl ViewerResolver for Tokens {
     fn resolve(&self, token: &str) -> Option<Viewer> {

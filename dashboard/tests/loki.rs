@@ -10,26 +10,14 @@
 use std::sync::Arc;
 
 use billing::Billing;
-use billing::api::ViewerResolver;
 use collector::model::{Batch, LogRow};
 use collector::store::TelemetryStore;
-use contract::Viewer;
 use dashboard::DashboardState;
 use serde_json::Value;
 use testkit::backends;
 
-struct Tokens;
-
-impl ViewerResolver for Tokens {
-    fn resolve(&self, token: &str) -> Option<Viewer> {
-        match token {
-            "admin" => Some(Viewer::Admin),
-            "acme-read" => Some(Viewer::Tenant("acme".into())),
-            "globex-read" => Some(Viewer::Tenant("globex".into())),
-            _ => None,
-        }
-    }
-}
+use crate::jaeger::Tokens;
+use crate::prometheus::encode;
 
 const ACME: &str = "acme-read";
 const GLOBEX: &str = "globex-read";
@@ -227,18 +215,6 @@ async fn start(backend: &testkit::Backend) -> Server {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server { base: format!("http://{addr}"), client: reqwest::Client::new(), store }
-}
-
-fn encode(text: &str) -> String {
-    let mut out = String::new();
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 impl Server {

@@ -182,13 +182,10 @@ async fn scope(state: &DashboardState, headers: &HeaderMap) -> Result<Vec<String
     let viewer = state.viewer(headers).map_err(|error| JaegerError(error.0, error.1))?;
     match viewer {
         Viewer::Tenant(tenant) => Ok(vec![tenant]),
-        Viewer::Admin => {
-            let org = headers.get(contract::semconv::HEADER_SCOPE_ORG_ID).and_then(|v| v.to_str().ok()).map(str::trim);
-            match org.filter(|org| !org.is_empty()) {
-                Some(org) => Ok(vec![org.to_string()]),
-                None => Ok(state.store.span_tenants().await?),
-            }
-        }
+        Viewer::Admin => match crate::scope_org_id(headers) {
+            Some(org) => Ok(vec![org]),
+            None => Ok(state.store.span_tenants().await?),
+        },
     }
 }
 

@@ -189,12 +189,7 @@ fn tenant(state: &DashboardState, headers: &HeaderMap) -> Result<String, LokiErr
     let viewer = state.viewer(headers).map_err(|error| LokiError(error.0, error.1))?;
     match viewer {
         Viewer::Tenant(tenant) => Ok(tenant),
-        Viewer::Admin => headers
-            .get(contract::semconv::HEADER_SCOPE_ORG_ID)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_string)
+        Viewer::Admin => crate::scope_org_id(headers)
             .ok_or_else(|| LokiError::bad("the admin token reads one tenant's logs: name it in X-Scope-OrgID")),
     }
 }

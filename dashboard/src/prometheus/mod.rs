@@ -337,12 +337,7 @@ pub fn router_with(state: DashboardState, options: Options) -> Router {
 fn scope(state: &DashboardState, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match state.viewer(headers) {
         Ok(Viewer::Tenant(tenant)) => Ok(Some(tenant)),
-        Ok(Viewer::Admin) => Ok(headers
-            .get(contract::semconv::HEADER_SCOPE_ORG_ID)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_string)),
+        Ok(Viewer::Admin) => Ok(crate::scope_org_id(headers)),
         Err(error) => Err(ApiError {
             status: error.0,
             kind: if error.0 == StatusCode::FORBIDDEN { "forbidden" } else { "unauthorized" },
