@@ -989,6 +989,10 @@ mod tests {
         }
         let deep = format!("{}rate({{a=\"b\"}}[1m]){}", "sum(".repeat(300), ")".repeat(300));
         assert!(parse(&deep).unwrap_err().contains("too complex"));
+        let long = format!("{{a=\"{}\"}}", "x".repeat(MAX_QUERY_BYTES));
+        assert!(parse(&long).unwrap_err().starts_with("query too long"));
+        let filters = format!("{{a=\"b\"}}{}", " |= \"x\"".repeat(300));
+        assert!(parse(&filters).unwrap_err().contains("too complex"));
     }
 
     #[test]
