@@ -470,6 +470,24 @@ async fn limits_and_errors_are_loki_s() {
             assert_eq!(got, status, "{name}: {query} {extra}: {body}");
             assert!(body.contains(want), "{name}: {query} {extra}: {body}");
         }
+        // Times at i64's ends: their distance does not fit an i64, and is refused, not wrapped.
+        let path = format!(
+            "/loki/api/v1/query_range?query={}&start={}&end={}",
+            encode(r#"sum(rate({function="resize"}[1m]))"#),
+            i64::MIN + 1,
+            i64::MAX
+        );
+        let (status, body) = server.error(&format!("{path}&step=1"), Some(ACME), &[]).await;
+        assert!(status == 400 && body.contains("exceeded maximum resolution"), "{name}: {body}");
+        let (status, body) = server.get(&path, Some(ACME), &[]).await;
+        assert!(status == 200 && body.contains(r#""resultType":"matrix""#), "{name}: the default step: {body}");
+        let huge = format!(
+            "/loki/api/v1/query?query={}&time={}",
+            encode(r#"sum(count_over_time({function="resize"}[15000w]))"#),
+            i64::MAX
+        );
+        let (status, body) = server.get(&huge, Some(ACME), &[]).await;
+        assert!(status == 200 && body.contains(r#""5""#), "{name}: a range of 288 years: {body}");
         // 501 series before the outer sum: refused; summed as the lines come in: answered.
         let flood = Some("admin");
         let scope = [("X-Scope-OrgID", "flood")];

@@ -142,7 +142,8 @@ pub struct Steps {
 
 impl Steps {
     pub fn time(&self, k: usize) -> i64 {
-        self.start_ns + self.step_ns * k as i64
+        let t = i128::from(self.start_ns) + i128::from(self.step_ns) * k as i128;
+        t.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
     }
 }
 
@@ -185,9 +186,11 @@ fn accumulate(acc: &mut Accumulator, entry: Entry) -> Result<bool, EvalError> {
     let steps = acc.steps;
     // Steps k whose windows (t_k - range, t_k] hold the line.
     let step = steps.step_ns.max(1);
-    let first = ((entry.ts_ns - steps.start_ns).max(0) + step - 1) / step;
-    let last = (entry.ts_ns + acc.range_ns - 1 - steps.start_ns).div_euclid(step);
-    let last = last.min(steps.count as i64 - 1);
+    // In i128: a line's time, the range and the first step are any of i64's.
+    let (ts, start, step, range) =
+        (i128::from(entry.ts_ns), i128::from(steps.start_ns), i128::from(step), i128::from(acc.range_ns));
+    let first = ((ts - start).max(0) + step - 1) / step;
+    let last = (ts + range - 1 - start).div_euclid(step).min(steps.count as i128 - 1);
     if first > last {
         return Ok(true);
     }

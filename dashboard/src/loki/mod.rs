@@ -230,6 +230,13 @@ struct Range {
     end_ns: i64,
 }
 
+impl Range {
+    /// `end - start`, which an i64 may not hold.
+    fn length(&self) -> i128 {
+        i128::from(self.end_ns) - i128::from(self.start_ns)
+    }
+}
+
 fn range(params: &Params, now_ns: i64, default_length_ns: i64) -> Result<Range, LokiError> {
     let time = |name: &str| {
         params
@@ -333,15 +340,16 @@ async fn query_range(State(api): State<Api>, headers: HeaderMap, uri: Uri, body:
         Query::Metric(expr) => {
             let step_ns = match params.get("step").filter(|v| !v.is_empty()) {
                 Some(step) => parse_duration(step).map_err(|e| LokiError::bad(format!("invalid step: {e}")))?,
-                None => ((range.end_ns - range.start_ns) / 250 / 1_000_000_000).max(1) * 1_000_000_000,
+                None => (range.length() / 250 / 1_000_000_000).clamp(1, 1 << 32) as i64 * 1_000_000_000,
             };
             if step_ns <= 0 {
                 return Err(LokiError::bad(
                     "zero or negative query resolution step widths are not accepted. Try a positive integer",
                 ));
             }
-            let count = (range.end_ns - range.start_ns) / step_ns + 1;
-            if count > MAX_POINTS {
+            // In i128: the times are any two of i64's, and their distance may not fit one.
+            let count = range.length() / i128::from(step_ns) + 1;
+            if count > i128::from(MAX_POINTS) {
                 return Err(LokiError::bad(format!(
                     "exceeded maximum resolution of {MAX_POINTS} points per timeseries. Try decreasing the query \
                      resolution (?step=XX)"
