@@ -69,6 +69,8 @@
 //! its steps; a log query at most its `limit` lines.
 
 mod eval;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 mod logql;
 mod pipeline;
 mod tail;
