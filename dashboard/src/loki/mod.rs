@@ -16,6 +16,7 @@
 //! | `series` (`match[]`…, `start`, `end`) | stream label sets |
 //! | `index/stats` (`query`, `start`, `end`) | `{streams, chunks, bytes, entries}` of the selector's streams |
 //! | `status/buildinfo` | the Loki API level implemented |
+//! | `tail` (`query`, `start`, `limit`) | a WebSocket: the newest lines, then each new one (`tail.rs`) |
 //!
 //! Times are Loki's: nanoseconds (an integer of more than 10 digits), seconds (an integer of
 //! at most 10 digits, or a decimal), or RFC 3339; `end` defaults to now and `start` to an hour
