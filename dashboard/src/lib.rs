@@ -75,6 +75,9 @@ pub(crate) fn scope_org_id(headers: &axum::http::HeaderMap) -> Option<String> {
 
 /// Every route of the dashboard address.
 pub fn app(state: DashboardState, ui: ui::UiConfig) -> Router {
+    // PromQL and LogQL queries wait for the same places: a tenant's queries of both kinds
+    // together hold at most half of them.
+    let places = prometheus::places::Places::per_core();
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(billing::api::router(ApiState {
@@ -83,8 +86,8 @@ pub fn app(state: DashboardState, ui: ui::UiConfig) -> Router {
             settle: state.settle.clone(),
         }))
         .merge(jaeger::router(state.clone()))
-        .merge(prometheus::router(state.clone()))
-        .merge(loki::router(state.clone()))
+        .merge(prometheus::routes(state.clone(), prometheus::Options::default(), places.clone()))
+        .merge(loki::routes(state.clone(), places))
         .merge(ui::router(state, ui))
         .layer(axum::middleware::from_fn(collector::catch_panic))
 }

@@ -64,7 +64,7 @@
 //!
 //! A query reads its records 10 000 at a time, in time order, running the pipeline over each
 //! batch on a blocking thread (literal line filters before any `line_format`, `source` and
-//! `function` matchers are decided in SQL); it waits for one of the places LogQL queries have
+//! `function` matchers are decided in SQL); it waits for one of the places the dashboard's queries share with PromQL
 //! (one per core, half of them at most a tenant's) and stops at 2 minutes. A metric query
 //! holds at most 500 series before its outer `sum` (Loki's default), each as two arrays over
 //! its steps; a log query at most its `limit` lines.
@@ -114,7 +114,11 @@ struct Api {
 }
 
 pub fn router(state: DashboardState) -> Router {
-    let places = Arc::new(Places::new(std::thread::available_parallelism().map_or(2, usize::from)));
+    routes(state, Places::per_core())
+}
+
+/// The routes, their queries in `places` (the dashboard's, shared with PromQL's).
+pub(crate) fn routes(state: DashboardState, places: Arc<Places>) -> Router {
     let routes = Router::new()
         .route("/loki/api/v1/query_range", get(query_range).post(query_range))
         .route("/loki/api/v1/query", get(query).post(query))

@@ -300,11 +300,15 @@ pub fn router(state: DashboardState) -> Router {
 }
 
 pub fn router_with(state: DashboardState, options: Options) -> Router {
+    routes(state, options, Places::per_core())
+}
+
+/// The routes, their queries in `places` (the dashboard's, shared with LogQL's).
+pub(crate) fn routes(state: DashboardState, options: Options, places: std::sync::Arc<Places>) -> Router {
     let api = Api {
         state,
         usage: std::sync::Arc::new(usage::Cache::new(options.cache_max_records, options.cache_wait)),
-        // One per core.
-        places: std::sync::Arc::new(Places::new(std::thread::available_parallelism().map_or(2, usize::from))),
+        places,
         query_timeout: options.query_timeout,
         max_samples: options.max_samples,
     };

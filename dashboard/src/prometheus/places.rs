@@ -41,6 +41,11 @@ pub(crate) struct Place {
 }
 
 impl Places {
+    /// One place per core: what a dashboard's query APIs share.
+    pub(crate) fn per_core() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self::new(std::thread::available_parallelism().map_or(2, usize::from)))
+    }
+
     /// `all` places (at least two).
     pub(crate) fn new(all: usize) -> Self {
         let all = all.max(2);
