@@ -433,41 +433,54 @@ async fn function_logs_are_read_by_tenant_function_invocation_text_and_arrival()
         let mut forged = function_log("acme", 9, "talker", "inv-a", "WARN", "forged");
         forged.metered = false;
         logs.push(forged);
-        store.write(&Batch { logs, ..Batch::default() }).await.unwrap();
-        let name = backend.name();
-        let read = |query: LogQuery| {
-            let store = store.clone();
-            async move { store.function_logs(&query).await.unwrap().into_iter().map(|l| l.body).collect::<Vec<_>>() }
-        };
-        let acme = |function: Option<&str>| LogQuery {
-            tenant: "acme".into(),
-            function: function.map(str::to_string),
-            limit: 100,
-            ..LogQuery::default()
-        };
-        let talker: Vec<String> = (0..4).map(|n| format!("line {n} of 100%_")).collect();
-        assert_eq!(read(acme(Some("talker"))).await, talker, "{name}");
-        assert_eq!(read(acme(None)).await.len(), 6, "{name}");
-        assert_eq!(read(LogQuery { limit: 2, ..acme(Some("talker")) }).await, talker[2..], "{name}: the newest 2");
-        let by_invocation = LogQuery { invocation: Some("call-inv-b".into()), ..acme(None) };
-        assert_eq!(read(by_invocation).await, vec!["line 4 of 100%_", "line 5 of 100%_"], "{name}: by call id");
-        let by_severity = LogQuery { severity: Some("ERROR".into()), ..acme(None) };
-        assert_eq!(read(by_severity).await, vec!["line 1 of 100%_"], "{name}");
-        // Text is matched as it is: `%` and `_` are not patterns.
-        let by_text = LogQuery { contains: Some("3 of 100%_".into()), ..acme(None) };
-        assert_eq!(read(by_text).await, vec!["line 3 of 100%_"], "{name}");
-        let no_text = LogQuery { contains: Some("2 of 10_%".into()), ..acme(None) };
-        assert!(read(no_text).await.is_empty(), "{name}");
-        let by_trace = LogQuery { trace_id: Some(format!("{TRACE:.30}05")), ..acme(None) };
-        assert_eq!(read(by_trace).await, vec!["line 5 of 100%_"], "{name}");
-        let since = LogQuery { since_ns: T0 + 3 * MS, ..acme(Some("talker")) };
-        assert_eq!(read(since).await, talker[3..], "{name}");
-        // After a cursor: what arrived later (all arrived in one write: by record id).
-        let all = store.function_logs(&acme(None)).await.unwrap();
-        let after = LogQuery { after: Some(all[2].cursor.clone()), ..acme(None) };
-        assert_eq!(read(after).await.len(), 3, "{name}");
-        // Another tenant's read returns only its own.
-        let globex = read(LogQuery { tenant: "globex".into(), ..acme(Some("talker")) }).await;
-        assert!(globex.len() == 4 && globex.iter().all(|b| b.starts_with("globex")), "{name}: {globex:?}");
+        store.write(&Batch { logs: logs.clone(), ..Batch::default() }).await.unwrap();
+        // The same reads from the table, from blocks, and from both with records delivered
+        // again after they were sealed (a retry): each record once.
+        for phase in ["in the table", "in blocks", "in blocks and delivered again"] {
+            match phase {
+                "in blocks" => assert_eq!(store.seal_logs(true).await.unwrap(), 13),
+                "in blocks and delivered again" => {
+                    store.write(&Batch { logs: logs[..5].to_vec(), ..Batch::default() }).await.unwrap();
+                }
+                _ => {}
+            }
+            let name = format!("{}, {phase}", backend.name());
+            let read = |query: LogQuery| {
+                let store = store.clone();
+                async move { store.function_logs(&query).await.unwrap().into_iter().map(|l| l.body).collect::<Vec<_>>() }
+            };
+            let acme = |function: Option<&str>| LogQuery {
+                tenant: "acme".into(),
+                function: function.map(str::to_string),
+                limit: 100,
+                ..LogQuery::default()
+            };
+            let talker: Vec<String> = (0..4).map(|n| format!("line {n} of 100%_")).collect();
+            assert_eq!(read(acme(Some("talker"))).await, talker, "{name}");
+            assert_eq!(read(acme(None)).await.len(), 6, "{name}");
+            assert_eq!(read(LogQuery { limit: 2, ..acme(Some("talker")) }).await, talker[2..], "{name}: the newest 2");
+            let by_invocation = LogQuery { invocation: Some("call-inv-b".into()), ..acme(None) };
+            assert_eq!(read(by_invocation).await, vec!["line 4 of 100%_", "line 5 of 100%_"], "{name}: by call id");
+            let by_severity = LogQuery { severity: Some("ERROR".into()), ..acme(None) };
+            assert_eq!(read(by_severity).await, vec!["line 1 of 100%_"], "{name}");
+            // Text is matched as it is: `%` and `_` are not patterns.
+            let by_text = LogQuery { contains: Some("3 of 100%_".into()), ..acme(None) };
+            assert_eq!(read(by_text).await, vec!["line 3 of 100%_"], "{name}");
+            let no_text = LogQuery { contains: Some("2 of 10_%".into()), ..acme(None) };
+            assert!(read(no_text).await.is_empty(), "{name}");
+            let by_trace = LogQuery { trace_id: Some(format!("{TRACE:.30}05")), ..acme(None) };
+            assert_eq!(read(by_trace).await, vec!["line 5 of 100%_"], "{name}");
+            let since = LogQuery { since_ns: T0 + 3 * MS, ..acme(Some("talker")) };
+            assert_eq!(read(since).await, talker[3..], "{name}");
+            if phase != "in blocks and delivered again" {
+                // After a cursor: what arrived later (all arrived in one write: by record id).
+                let all = store.function_logs(&acme(None)).await.unwrap();
+                let after = LogQuery { after: Some(all[2].cursor.clone()), ..acme(None) };
+                assert_eq!(read(after).await.len(), 3, "{name}");
+            }
+            // Another tenant's read returns only its own.
+            let globex = read(LogQuery { tenant: "globex".into(), ..acme(Some("talker")) }).await;
+            assert!(globex.len() == 4 && globex.iter().all(|b| b.starts_with("globex")), "{name}: {globex:?}");
+        }
     }
 }

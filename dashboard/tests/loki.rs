@@ -304,145 +304,150 @@ fn lines(numbers: &[usize]) -> Vec<String> {
 async fn logql_table_over_known_lines() {
     for backend in backends() {
         let server = start(&backend).await;
-        let name = backend.name();
-        // Log queries: (query, extra parameters, the lines by number, newest first unless forward).
-        let table: &[(&str, &str, &[usize])] = &[
-            (r#"{function="resize"}"#, "", &[5, 4, 3, 2, 1]),
-            (r#"{function="resize"}"#, "&limit=2", &[5, 4]),
-            (r#"{function="thumb"}"#, "&direction=forward", &[6, 7]),
-            (r#"{function=~"resize|thumb", stream="stdout"}"#, "", &[7, 6, 2]),
-            (r#"{source="function", function!="resize"}"#, "", &[7, 6]),
-            (r#"{function="resize"} |= "timeout""#, "", &[3]),
-            (r#"{function="resize"} != "level""#, "", &[5, 3]),
-            (r#"{function="resize"} |~ "(?i)API/(resize|thumb)""#, "", &[4, 1]),
-            (r#"{function="resize"} !~ "^[{]""#, "", &[5, 3, 2]),
-            (r#"{function="resize"} |= "timeout" or "html""#, "", &[5, 3]),
-            (r#"{function="resize"} | json | __error__="" | status >= 500"#, "", &[1]),
-            (r#"{function="resize"} | json | __error__="" | latency > 100ms"#, "", &[1]),
-            (r#"{function="resize"} | json | __error__="" | level_extracted="warn" or status == 503"#, "", &[4, 1]),
-            // After a parser's error only text filters decide (Loki's rule).
-            (r#"{function="resize"} | json | status == 503"#, "", &[5, 3, 2, 1]),
-            (r#"{source="function"} | logfmt | level_extracted="error""#, "", &[7]),
-            (r#"{function="thumb"} | logfmt | bytes > 5"#, "", &[6]),
-            (r#"{function="resize"} | logfmt | dur >= 1s and msg=~"resized.*""#, "", &[2]),
-            (r#"{level="error"}"#, "", &[9, 3]),
-            (r#"{service_name="shop"}"#, "", &[9, 10, 8]),
-            (r#"{source="otlp"} | order_id="o-2""#, "", &[9]),
-            (r#"{function="resize"} | invocation_id="inv-3""#, "", &[3]),
-            (r#"{source="function"} | trace_id="00000000000000000000000000000006""#, "", &[6]),
-        ];
-        for (query, extra, want) in table {
-            assert_eq!(server.lines(query, extra).await, lines(want), "{name}: {query} {extra}");
-        }
-        // The forged record is the tenant's own, not a function's line.
-        assert!(!server.lines(r#"{function="resize"} |= "forged""#, "").await.contains(&line(10)));
-        // line_format, drop and keep.
-        assert_eq!(
-            server
-                .lines(r#"{function="resize"} | json | __error__="" | line_format "{{.status}} {{ .path }}""#, "")
-                .await,
-            ["200 /api/thumb", "503 /api/resize"],
-            "{name}"
-        );
-        assert_eq!(
-            server.lines(r#"{function="thumb"} | logfmt | line_format "{{.msg}}: {{__line__}}" |= "hit""#, "").await,
-            [format!("cache hit: {}", line(6))],
-            "{name}: line filters after line_format see the new line"
-        );
-        let kept = server
-            .json(
-                &format!(
-                    "/loki/api/v1/query_range?query={}&start={}&end={}",
-                    encode(r#"{function="thumb"} | logfmt | keep function, msg"#),
-                    at("12:00:00"),
-                    at("13:00:00")
-                ),
-                ACME,
-            )
-            .await;
-        let streams: Vec<&Value> = kept["data"]["result"].as_array().unwrap().iter().map(|s| &s["stream"]).collect();
-        assert_eq!(
-            streams,
-            [
-                &serde_json::json!({"function": "thumb", "msg": "cache hit"}),
-                &serde_json::json!({"function": "thumb", "msg": "cache miss"})
-            ],
-            "{name}"
-        );
-
-        // Metric queries, instant: windows (t - range, t].
-        let table: &[(&str, &str, Samples)] = &[
-            (r#"sum(count_over_time({function="resize"}[1m]))"#, "12:01:00", &[("", 3.0)]),
-            (r#"sum(count_over_time({function="resize"}[1m]))"#, "12:01:30", &[("", 2.0)]),
-            (r#"sum(rate({function="resize"}[1m]))"#, "12:01:00", &[("", 0.05)]),
-            (
-                r#"sum by (level) (count_over_time({source="function"}[1h]))"#,
-                "13:00:00",
-                &[("level=error", 1.0), ("level=info", 3.0), ("level=warn", 3.0)],
-            ),
-            (
-                r#"count by (function) (count_over_time({source="function"}[1h]))"#,
-                "13:00:00",
-                &[("function=resize", 5.0), ("function=thumb", 2.0)],
-            ),
-            (r#"max(sum by (function) (count_over_time({source="function"}[1h])))"#, "13:00:00", &[("", 5.0)]),
-            (
-                r#"sum(count_over_time({function="resize"} | json | drop __error__, __error_details__ [1h]))"#,
-                "13:00:00",
-                &[("", 5.0)],
-            ),
-            (
-                r#"sum by (level_extracted) (count_over_time({function="resize"} | json | __error__="" [1h]))"#,
-                "13:00:00",
-                &[("level_extracted=error", 1.0), ("level_extracted=warn", 1.0)],
-            ),
-            (r#"sum(count_over_time({function="resize"}[1h])) * 2 + 1"#, "13:00:00", &[("", 11.0)]),
-            ("vector(1)+vector(1)", "13:00:00", &[("", 2.0)]),
-        ];
-        for (query, time, want) in table {
-            let want: Vec<(String, f64)> = want.iter().map(|(l, v)| (l.to_string(), *v)).collect();
-            assert_eq!(server.instant(query, time, ACME).await, want, "{name}: {query} at {time}");
-        }
-        let bytes = |numbers: &[usize]| numbers.iter().map(|n| line(*n).len() as f64).sum::<f64>();
-        assert_eq!(
-            server.instant(r#"sum by (function) (bytes_over_time({source="function"}[1h]))"#, "13:00:00", ACME).await,
-            [("function=resize".to_string(), bytes(&[1, 2, 3, 4, 5])), ("function=thumb".to_string(), bytes(&[6, 7]))],
-            "{name}"
-        );
-        assert_eq!(
-            server.instant(r#"sum(bytes_rate({function="thumb"}[1h]))"#, "13:00:00", ACME).await,
-            [(String::new(), bytes(&[6, 7]) / 3600.0)],
-            "{name}"
-        );
-
-        // A range query: steps at 12:00 … 12:03; steps with no lines have no point.
-        let path = format!(
-            "/loki/api/v1/query_range?query={}&start={}&end={}&step=60",
-            encode(r#"sum(count_over_time({function="resize"}[1m]))"#),
-            at("12:00:00"),
-            at("12:03:00")
-        );
-        let answer = server.json(&path, ACME).await;
-        assert_eq!(answer["data"]["resultType"], "matrix");
-        let values = &answer["data"]["result"][0]["values"];
-        let t = |clock: &str| serde_json::json!(at(clock) / 1_000_000_000);
-        assert_eq!(values, &serde_json::json!([[t("12:01:00"), "3"], [t("12:02:00"), "2"]]), "{name}");
-
-        // A metric query over lines that a parser could not read fails, as Loki's.
-        let (status, body) = server
-            .error(
-                &format!(
-                    "/loki/api/v1/query?query={}&time={}",
-                    encode(r#"sum(count_over_time({function="resize"} | json [1h]))"#),
-                    at("13:00:00")
-                ),
-                Some(ACME),
-                &[],
-            )
-            .await;
-        assert_eq!(status, 400, "{name}");
-        assert!(body.contains("pipeline error: 'JSONParserErr'"), "{name}: {body}");
+        // The same answers from the table the lines are written to, and from the blocks they
+        // are sealed into.
+        logql_table(&server, &format!("{}, in the table", backend.name())).await;
+        assert!(server.store.seal_logs(true).await.unwrap() > 0);
+        logql_table(&server, &format!("{}, in blocks", backend.name())).await;
     }
+}
+
+async fn logql_table(server: &Server, name: &str) {
+    // Log queries: (query, extra parameters, the lines by number, newest first unless forward).
+    let table: &[(&str, &str, &[usize])] = &[
+        (r#"{function="resize"}"#, "", &[5, 4, 3, 2, 1]),
+        (r#"{function="resize"}"#, "&limit=2", &[5, 4]),
+        (r#"{function="thumb"}"#, "&direction=forward", &[6, 7]),
+        (r#"{function=~"resize|thumb", stream="stdout"}"#, "", &[7, 6, 2]),
+        (r#"{source="function", function!="resize"}"#, "", &[7, 6]),
+        (r#"{function="resize"} |= "timeout""#, "", &[3]),
+        (r#"{function="resize"} != "level""#, "", &[5, 3]),
+        (r#"{function="resize"} |~ "(?i)API/(resize|thumb)""#, "", &[4, 1]),
+        (r#"{function="resize"} !~ "^[{]""#, "", &[5, 3, 2]),
+        (r#"{function="resize"} |= "timeout" or "html""#, "", &[5, 3]),
+        (r#"{function="resize"} | json | __error__="" | status >= 500"#, "", &[1]),
+        (r#"{function="resize"} | json | __error__="" | latency > 100ms"#, "", &[1]),
+        (r#"{function="resize"} | json | __error__="" | level_extracted="warn" or status == 503"#, "", &[4, 1]),
+        // After a parser's error only text filters decide (Loki's rule).
+        (r#"{function="resize"} | json | status == 503"#, "", &[5, 3, 2, 1]),
+        (r#"{source="function"} | logfmt | level_extracted="error""#, "", &[7]),
+        (r#"{function="thumb"} | logfmt | bytes > 5"#, "", &[6]),
+        (r#"{function="resize"} | logfmt | dur >= 1s and msg=~"resized.*""#, "", &[2]),
+        (r#"{level="error"}"#, "", &[9, 3]),
+        (r#"{service_name="shop"}"#, "", &[9, 10, 8]),
+        (r#"{source="otlp"} | order_id="o-2""#, "", &[9]),
+        (r#"{function="resize"} | invocation_id="inv-3""#, "", &[3]),
+        (r#"{source="function"} | trace_id="00000000000000000000000000000006""#, "", &[6]),
+    ];
+    for (query, extra, want) in table {
+        assert_eq!(server.lines(query, extra).await, lines(want), "{name}: {query} {extra}");
+    }
+    // The forged record is the tenant's own, not a function's line.
+    assert!(!server.lines(r#"{function="resize"} |= "forged""#, "").await.contains(&line(10)));
+    // line_format, drop and keep.
+    assert_eq!(
+        server.lines(r#"{function="resize"} | json | __error__="" | line_format "{{.status}} {{ .path }}""#, "").await,
+        ["200 /api/thumb", "503 /api/resize"],
+        "{name}"
+    );
+    assert_eq!(
+        server.lines(r#"{function="thumb"} | logfmt | line_format "{{.msg}}: {{__line__}}" |= "hit""#, "").await,
+        [format!("cache hit: {}", line(6))],
+        "{name}: line filters after line_format see the new line"
+    );
+    let kept = server
+        .json(
+            &format!(
+                "/loki/api/v1/query_range?query={}&start={}&end={}",
+                encode(r#"{function="thumb"} | logfmt | keep function, msg"#),
+                at("12:00:00"),
+                at("13:00:00")
+            ),
+            ACME,
+        )
+        .await;
+    let streams: Vec<&Value> = kept["data"]["result"].as_array().unwrap().iter().map(|s| &s["stream"]).collect();
+    assert_eq!(
+        streams,
+        [
+            &serde_json::json!({"function": "thumb", "msg": "cache hit"}),
+            &serde_json::json!({"function": "thumb", "msg": "cache miss"})
+        ],
+        "{name}"
+    );
+
+    // Metric queries, instant: windows (t - range, t].
+    let table: &[(&str, &str, Samples)] = &[
+        (r#"sum(count_over_time({function="resize"}[1m]))"#, "12:01:00", &[("", 3.0)]),
+        (r#"sum(count_over_time({function="resize"}[1m]))"#, "12:01:30", &[("", 2.0)]),
+        (r#"sum(rate({function="resize"}[1m]))"#, "12:01:00", &[("", 0.05)]),
+        (
+            r#"sum by (level) (count_over_time({source="function"}[1h]))"#,
+            "13:00:00",
+            &[("level=error", 1.0), ("level=info", 3.0), ("level=warn", 3.0)],
+        ),
+        (
+            r#"count by (function) (count_over_time({source="function"}[1h]))"#,
+            "13:00:00",
+            &[("function=resize", 5.0), ("function=thumb", 2.0)],
+        ),
+        (r#"max(sum by (function) (count_over_time({source="function"}[1h])))"#, "13:00:00", &[("", 5.0)]),
+        (
+            r#"sum(count_over_time({function="resize"} | json | drop __error__, __error_details__ [1h]))"#,
+            "13:00:00",
+            &[("", 5.0)],
+        ),
+        (
+            r#"sum by (level_extracted) (count_over_time({function="resize"} | json | __error__="" [1h]))"#,
+            "13:00:00",
+            &[("level_extracted=error", 1.0), ("level_extracted=warn", 1.0)],
+        ),
+        (r#"sum(count_over_time({function="resize"}[1h])) * 2 + 1"#, "13:00:00", &[("", 11.0)]),
+        ("vector(1)+vector(1)", "13:00:00", &[("", 2.0)]),
+    ];
+    for (query, time, want) in table {
+        let want: Vec<(String, f64)> = want.iter().map(|(l, v)| (l.to_string(), *v)).collect();
+        assert_eq!(server.instant(query, time, ACME).await, want, "{name}: {query} at {time}");
+    }
+    let bytes = |numbers: &[usize]| numbers.iter().map(|n| line(*n).len() as f64).sum::<f64>();
+    assert_eq!(
+        server.instant(r#"sum by (function) (bytes_over_time({source="function"}[1h]))"#, "13:00:00", ACME).await,
+        [("function=resize".to_string(), bytes(&[1, 2, 3, 4, 5])), ("function=thumb".to_string(), bytes(&[6, 7]))],
+        "{name}"
+    );
+    assert_eq!(
+        server.instant(r#"sum(bytes_rate({function="thumb"}[1h]))"#, "13:00:00", ACME).await,
+        [(String::new(), bytes(&[6, 7]) / 3600.0)],
+        "{name}"
+    );
+
+    // A range query: steps at 12:00 … 12:03; steps with no lines have no point.
+    let path = format!(
+        "/loki/api/v1/query_range?query={}&start={}&end={}&step=60",
+        encode(r#"sum(count_over_time({function="resize"}[1m]))"#),
+        at("12:00:00"),
+        at("12:03:00")
+    );
+    let answer = server.json(&path, ACME).await;
+    assert_eq!(answer["data"]["resultType"], "matrix");
+    let values = &answer["data"]["result"][0]["values"];
+    let t = |clock: &str| serde_json::json!(at(clock) / 1_000_000_000);
+    assert_eq!(values, &serde_json::json!([[t("12:01:00"), "3"], [t("12:02:00"), "2"]]), "{name}");
+
+    // A metric query over lines that a parser could not read fails, as Loki's.
+    let (status, body) = server
+        .error(
+            &format!(
+                "/loki/api/v1/query?query={}&time={}",
+                encode(r#"sum(count_over_time({function="resize"} | json [1h]))"#),
+                at("13:00:00")
+            ),
+            Some(ACME),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 400, "{name}");
+    assert!(body.contains("pipeline error: 'JSONParserErr'"), "{name}: {body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -507,47 +512,51 @@ async fn limits_and_errors_are_loki_s() {
 async fn a_tenant_reads_its_own_logs_only() {
     for backend in backends() {
         let server = start(&backend).await;
-        let name = backend.name();
-        let range = format!("start={}&end={}", at("12:00:00"), at("13:00:00"));
-        let query = format!("/loki/api/v1/query_range?query={}&{range}", encode(r#"{function="resize"}"#));
-        let globex = server.json(&query, GLOBEX).await;
-        let text = globex.to_string();
-        assert!(text.contains("globex secret") && !text.contains("timeout"), "{name}: {text}");
-        let acme = server.json(&query, ACME).await.to_string();
-        assert!(!acme.contains("globex secret"), "{name}");
-        // Every endpoint: globex's answers name nothing of acme's.
-        for path in [
-            format!("/loki/api/v1/labels?{range}"),
-            format!("/loki/api/v1/label/service_name/values?{range}"),
-            format!("/loki/api/v1/series?match[]={}&{range}", encode(r#"{source=~".+"}"#)),
-            format!("/loki/api/v1/index/stats?query={}&{range}", encode(r#"{source=~".+"}"#)),
-            format!(
-                "/loki/api/v1/query?query={}&time={}",
-                encode(r#"sum by (function) (count_over_time({source=~".+"}[1h]))"#),
-                at("13:00:00")
-            ),
-        ] {
-            let text = server.json(&path, GLOBEX).await.to_string();
-            for acme_only in ["thumb", "shop", "order"] {
-                assert!(!text.contains(acme_only), "{name}: {path}: {text}");
-            }
-        }
-        let stats = server
-            .json(&format!("/loki/api/v1/index/stats?query={}&{range}", encode(r#"{source=~".+"}"#)), GLOBEX)
-            .await;
-        assert_eq!(stats["entries"], 1, "{name}: {stats}");
-        let values = server.json(&format!("/loki/api/v1/label/service_name/values?{range}"), ACME).await;
-        assert_eq!(values["data"], serde_json::json!(["resize", "shop", "thumb"]), "{name}");
-        // Another tenant's name in X-Scope-OrgID: refused; no token: refused; the admin names one.
-        let (status, _) = server.error(&query, Some(ACME), &[("X-Scope-OrgID", "globex")]).await;
-        assert_eq!(status, 403, "{name}");
-        let (status, _) = server.error(&query, None, &[]).await;
-        assert_eq!(status, 401, "{name}");
-        let (status, body) = server.error(&query, Some("admin"), &[]).await;
-        assert_eq!((status, body.contains("X-Scope-OrgID")), (400, true), "{name}: {body}");
-        let (status, body) = server.get(&query, Some("admin"), &[("X-Scope-OrgID", "globex")]).await;
-        assert!(status == 200 && body.contains("globex secret") && !body.contains("timeout"), "{name}: {body}");
+        own_logs_only(&server, &format!("{}, in the table", backend.name())).await;
+        assert!(server.store.seal_logs(true).await.unwrap() > 0);
+        own_logs_only(&server, &format!("{}, in blocks", backend.name())).await;
     }
+}
+
+async fn own_logs_only(server: &Server, name: &str) {
+    let range = format!("start={}&end={}", at("12:00:00"), at("13:00:00"));
+    let query = format!("/loki/api/v1/query_range?query={}&{range}", encode(r#"{function="resize"}"#));
+    let globex = server.json(&query, GLOBEX).await;
+    let text = globex.to_string();
+    assert!(text.contains("globex secret") && !text.contains("timeout"), "{name}: {text}");
+    let acme = server.json(&query, ACME).await.to_string();
+    assert!(!acme.contains("globex secret"), "{name}");
+    // Every endpoint: globex's answers name nothing of acme's.
+    for path in [
+        format!("/loki/api/v1/labels?{range}"),
+        format!("/loki/api/v1/label/service_name/values?{range}"),
+        format!("/loki/api/v1/series?match[]={}&{range}", encode(r#"{source=~".+"}"#)),
+        format!("/loki/api/v1/index/stats?query={}&{range}", encode(r#"{source=~".+"}"#)),
+        format!(
+            "/loki/api/v1/query?query={}&time={}",
+            encode(r#"sum by (function) (count_over_time({source=~".+"}[1h]))"#),
+            at("13:00:00")
+        ),
+    ] {
+        let text = server.json(&path, GLOBEX).await.to_string();
+        for acme_only in ["thumb", "shop", "order"] {
+            assert!(!text.contains(acme_only), "{name}: {path}: {text}");
+        }
+    }
+    let stats =
+        server.json(&format!("/loki/api/v1/index/stats?query={}&{range}", encode(r#"{source=~".+"}"#)), GLOBEX).await;
+    assert_eq!(stats["entries"], 1, "{name}: {stats}");
+    let values = server.json(&format!("/loki/api/v1/label/service_name/values?{range}"), ACME).await;
+    assert_eq!(values["data"], serde_json::json!(["resize", "shop", "thumb"]), "{name}");
+    // Another tenant's name in X-Scope-OrgID: refused; no token: refused; the admin names one.
+    let (status, _) = server.error(&query, Some(ACME), &[("X-Scope-OrgID", "globex")]).await;
+    assert_eq!(status, 403, "{name}");
+    let (status, _) = server.error(&query, None, &[]).await;
+    assert_eq!(status, 401, "{name}");
+    let (status, body) = server.error(&query, Some("admin"), &[]).await;
+    assert_eq!((status, body.contains("X-Scope-OrgID")), (400, true), "{name}: {body}");
+    let (status, body) = server.get(&query, Some("admin"), &[("X-Scope-OrgID", "globex")]).await;
+    assert!(status == 200 && body.contains("globex secret") && !body.contains("timeout"), "{name}: {body}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 //! (metered records, attributed by the gateway), newest or after a cursor, for the gateway's
 //! `/system/logs` and `sfaas logs`.
 
+use super::blocks::log_format::{LogFilter, StoredLog, StreamKey};
+use super::blocks::{LOG_COLUMNS, read_rows};
 use super::{Bind, Pool, StoreError, TelemetryStore, rows};
+use crate::model::LogRow;
 use contract::semconv;
 
 /// Most records one read returns.
@@ -51,6 +54,18 @@ pub struct FunctionLog {
     pub cursor: LogCursor,
 }
 
+fn function_log((row, received_ms): (LogRow, i64)) -> FunctionLog {
+    FunctionLog {
+        ts_ns: row.ts_ns,
+        severity_text: row.severity_text,
+        body: row.body,
+        attributes: row.attributes,
+        trace_id: row.trace_id,
+        span_id: row.span_id,
+        cursor: LogCursor { received_ms, record_hash: row.record_hash },
+    }
+}
+
 impl TelemetryStore {
     /// A tenant's function log records as `query` asks (at most [`MAX_LOG_READ`]).
     pub async fn function_logs(&self, query: &LogQuery) -> Result<Vec<FunctionLog>, StoreError> {
@@ -58,10 +73,7 @@ impl TelemetryStore {
             Pool::Sqlite(_) => format!("json_extract(attributes, '$.\"{key}\"')"),
             Pool::Postgres(_) => format!("(attributes::jsonb ->> '{key}')"),
         };
-        let mut text = String::from(
-            "SELECT ts_ns, severity_text, body, attributes, trace_id, span_id, received_ms, record_hash FROM logs \
-             WHERE tenant = ? AND metered = 1 AND ts_ns >= ?",
-        );
+        let mut text = format!("SELECT {LOG_COLUMNS} FROM logs WHERE tenant = ? AND metered = 1 AND ts_ns >= ?");
         let mut binds = vec![Bind::Str(&query.tenant), Bind::Int(query.since_ns)];
         if let Some(function) = &query.function {
             text.push_str(&format!(" AND {} = ?", attribute(semconv::FAAS_NAME)));
@@ -106,15 +118,58 @@ impl TelemetryStore {
                 binds.push(Bind::Int(limit));
             }
         }
-        let mut logs = rows!(&self.pool, &text, &binds, |row| FunctionLog {
-            ts_ns: row.try_get(0)?,
-            severity_text: row.try_get(1)?,
-            body: row.try_get(2)?,
-            attributes: row.try_get(3)?,
-            trace_id: row.try_get(4)?,
-            span_id: row.try_get(5)?,
-            cursor: LogCursor { received_ms: row.try_get(6)?, record_hash: row.try_get(7)? },
-        });
+        let mut logs: Vec<FunctionLog> =
+            read_rows(&self.pool, &text, &binds).await?.into_iter().map(function_log).collect();
+        // Then the blocks (after the table: a seal between the two makes a record come twice,
+        // never not at all).
+        let limit = limit as usize;
+        let contains: Vec<String> = query.contains.iter().filter(|c| !c.is_empty()).cloned().collect();
+        let filter = LogFilter {
+            ts_ns: (query.since_ns, i64::MAX),
+            metered: Some(true),
+            function: query.function.as_deref(),
+            contains: &contains,
+            received_from_ms: query.after.as_ref().map(|after| after.received_ms),
+        };
+        let invocation = |attributes: &str| {
+            #[derive(serde::Deserialize)]
+            struct Ids {
+                #[serde(rename = "faas.invocation_id")]
+                own: Option<String>,
+                #[serde(rename = "sfaas.call_id")]
+                call: Option<String>,
+            }
+            serde_json::from_str::<Ids>(attributes).map(|ids| (ids.own, ids.call)).unwrap_or_default()
+        };
+        let keeps = |s: &StoredLog| {
+            query.trace_id.as_ref().is_none_or(|t| s.row.trace_id.as_ref() == Some(t))
+                && query.severity.as_ref().is_none_or(|v| &s.row.severity_text == v)
+                && query.after.as_ref().is_none_or(|after| {
+                    (s.received_ms, s.row.record_hash.as_str()) > (after.received_ms, after.record_hash.as_str())
+                })
+                && query.invocation.as_ref().is_none_or(|id| {
+                    let (own, call) = invocation(&s.row.attributes);
+                    own.as_ref() == Some(id) || call.as_ref() == Some(id)
+                })
+        };
+        let newest_first = |a: &FunctionLog, b: &FunctionLog| (b.ts_ns, &b.cursor).cmp(&(a.ts_ns, &a.cursor));
+        if query.after.is_none() {
+            logs.sort_by(newest_first);
+        }
+        for group in self.spans.log_groups(&query.tenant, &filter, true).await? {
+            if query.after.is_none() && logs.len() >= limit && group.group.max_ts_ns < logs[limit - 1].ts_ns {
+                break; // every later group is older than the newest `limit` found
+            }
+            let found = group.read(&filter)?;
+            logs.extend(found.into_iter().filter(|s| keeps(s)).map(|s| function_log((s.row, s.received_ms))));
+            match query.after {
+                Some(_) => logs.sort_by(|a, b| a.cursor.cmp(&b.cursor)),
+                None => logs.sort_by(newest_first),
+            }
+            let mut seen = std::collections::HashSet::new();
+            logs.retain(|log| seen.insert(log.cursor.record_hash.clone()));
+            logs.truncate(limit);
+        }
         logs.sort_by(|a, b| (a.ts_ns, &a.cursor).cmp(&(b.ts_ns, &b.cursor)));
         Ok(logs)
     }
@@ -171,10 +226,7 @@ impl TelemetryStore {
             Some((ts_ns, _)) => start_ns = start_ns.max(*ts_ns),
             None => {}
         }
-        let mut text = String::from(
-            "SELECT ts_ns, severity_number, severity_text, body, attributes, resource, trace_id, span_id, metered, \
-             record_hash FROM logs WHERE tenant = ? AND ts_ns >= ? AND ts_ns < ?",
-        );
+        let mut text = format!("SELECT {LOG_COLUMNS} FROM logs WHERE tenant = ? AND ts_ns >= ? AND ts_ns < ?");
         let mut binds = vec![Bind::Str(&scan.tenant), Bind::Int(start_ns), Bind::Int(end_ns)];
         if let Some(metered) = scan.metered {
             text.push_str(if metered { " AND metered = 1" } else { " AND metered = 0" });
@@ -203,58 +255,63 @@ impl TelemetryStore {
             binds.extend([Bind::Int(*ts_ns), Bind::Str(hash)]);
         }
         text.push_str(order);
-        binds.push(Bind::Int(i64::try_from(scan.limit.min(MAX_LOG_READ)).unwrap_or(0)));
-        if let Pool::Sqlite(pool) = &self.pool {
-            // SQLite's C API: sqlx hands rows over from its worker thread one at a time, which
-            // costs more than SQLite's reading them (a query over millions of lines).
-            let mut connection = pool.acquire().await?;
-            let read = |db: &crate::sqlite::Connection<'_>| {
-                let mut statement = db.prepare(&text)?;
-                for (i, bind) in binds.iter().enumerate() {
-                    let value = match bind {
-                        Bind::Str(s) => crate::sqlite::Value::Text(s),
-                        Bind::Int(n) => crate::sqlite::Value::Int(*n),
-                    };
-                    statement.bind(i as i32 + 1, value)?;
-                }
-                let text = |statement: &crate::sqlite::Statement<'_>, column| {
-                    statement.text(column).map(|t| match std::str::from_utf8(t) {
-                        Ok(text) => text.to_owned(),
-                        Err(_) => String::from_utf8_lossy(t).into_owned(),
-                    })
+        let limit = scan.limit.min(MAX_LOG_READ);
+        binds.push(Bind::Int(i64::try_from(limit).unwrap_or(0)));
+        let mut out: Vec<LogRow> =
+            read_rows(&self.pool, &text, &binds).await?.into_iter().map(|(row, _)| row).collect();
+        // Then the blocks' row groups, in the scan's order, until the next one can only hold
+        // records past the batch's last.
+        let contains: Vec<String> = scan.contains.iter().filter(|c| !c.is_empty()).cloned().collect();
+        let filter = LogFilter {
+            ts_ns: (start_ns, end_ns),
+            metered: scan.metered,
+            function: scan.function.as_deref(),
+            contains: &contains,
+            received_from_ms: None,
+        };
+        let order = |a: &LogRow, b: &LogRow| {
+            let order = (a.ts_ns, &a.record_hash).cmp(&(b.ts_ns, &b.record_hash));
+            if scan.backward { order.reverse() } else { order }
+        };
+        let past = |r: &LogRow| match &scan.after {
+            Some((ts_ns, hash)) if scan.backward => (r.ts_ns, &r.record_hash) < (*ts_ns, hash),
+            Some((ts_ns, hash)) => (r.ts_ns, &r.record_hash) > (*ts_ns, hash),
+            None => true,
+        };
+        for group in self.spans.log_groups(&scan.tenant, &filter, scan.backward).await? {
+            if let Some(last) = out.get(limit.wrapping_sub(1)) {
+                let beyond = match scan.backward {
+                    true => group.group.max_ts_ns < last.ts_ns,
+                    false => group.group.min_ts_ns > last.ts_ns,
                 };
-                let mut out = Vec::new();
-                while statement.step()? {
-                    let text = |column| text(&statement, column);
-                    out.push(LogRecord {
-                        ts_ns: statement.int(0),
-                        severity_number: statement.int(1),
-                        severity_text: text(2).unwrap_or_default(),
-                        body: text(3).unwrap_or_default(),
-                        attributes: text(4).unwrap_or_default(),
-                        resource: text(5).unwrap_or_default(),
-                        trace_id: text(6),
-                        span_id: text(7),
-                        metered: statement.int(8) != 0,
-                        record_hash: text(9).unwrap_or_default(),
-                    });
+                if beyond {
+                    break;
                 }
-                Ok(out)
-            };
-            return crate::sqlite::run(&mut connection, read).await.map_err(StoreError::Sqlite);
+            }
+            let mut found: Vec<LogRow> = group.read(&filter)?.into_iter().map(|s| s.row).filter(past).collect();
+            if scan.backward {
+                found.reverse(); // blocks are in time order: a run the sort merges
+            }
+            out.extend(found);
+            out.sort_by(order);
+            out.dedup_by(|a, b| a.ts_ns == b.ts_ns && a.record_hash == b.record_hash);
+            out.truncate(limit);
         }
-        Ok(rows!(&self.pool, &text, &binds, |row| LogRecord {
-            ts_ns: row.try_get(0)?,
-            severity_number: row.try_get(1)?,
-            severity_text: row.try_get(2)?,
-            body: row.try_get(3)?,
-            attributes: row.try_get(4)?,
-            resource: row.try_get(5)?,
-            trace_id: row.try_get(6)?,
-            span_id: row.try_get(7)?,
-            metered: row.try_get::<i64, _>(8)? != 0,
-            record_hash: row.try_get(9)?,
-        }))
+        Ok(out
+            .into_iter()
+            .map(|row| LogRecord {
+                ts_ns: row.ts_ns,
+                severity_number: row.severity_number,
+                severity_text: row.severity_text,
+                body: row.body,
+                attributes: row.attributes,
+                resource: row.resource,
+                trace_id: row.trace_id,
+                span_id: row.span_id,
+                metered: row.metered,
+                record_hash: row.record_hash,
+            })
+            .collect())
     }
 }
 
@@ -304,7 +361,8 @@ impl TelemetryStore {
                  ORDER BY ts_ns DESC LIMIT {MAX_STREAM_LINES}) AS streams \
              GROUP BY metered, f, i, s, severity_number, severity_text, r LIMIT {MAX_LOG_STREAMS}"
         );
-        Ok(rows!(&self.pool, &text, &[Bind::Str(tenant), Bind::Int(start_ns), Bind::Int(end_ns)], |row| LogStream {
+        let binds = [Bind::Str(tenant), Bind::Int(start_ns), Bind::Int(end_ns)];
+        let table = rows!(&self.pool, &text, &binds, |row| LogStream {
             metered: row.try_get::<i64, _>(0)? != 0,
             function: row.try_get(1)?,
             instance: row.try_get(2)?,
@@ -314,6 +372,59 @@ impl TelemetryStore {
             resource: row.try_get(6)?,
             lines: row.try_get(7)?,
             bytes: row.try_get::<Option<i64>, _>(8)?.unwrap_or(0),
-        }))
+        });
+        // Then the blocks' newest row groups, while the lines read stay under the bound.
+        let mut streams: std::collections::HashMap<StreamKey, (i64, i64)> = std::collections::HashMap::new();
+        let mut read: i64 = 0;
+        for stream in table {
+            read += stream.lines;
+            let key = (
+                stream.metered,
+                stream.function,
+                stream.instance,
+                stream.iostream,
+                stream.severity_number,
+                stream.severity_text,
+                stream.resource,
+            );
+            let counts = streams.entry(key).or_default();
+            counts.0 += stream.lines;
+            counts.1 += stream.bytes;
+        }
+        let filter = LogFilter { ts_ns: (start_ns, end_ns), ..LogFilter::default() };
+        for group in self.spans.log_groups(tenant, &filter, true).await? {
+            if read >= MAX_STREAM_LINES || streams.len() >= MAX_LOG_STREAMS {
+                break;
+            }
+            let rows = super::blocks::blocking(|| group.block.group_streams(group.group.index, filter.ts_ns))?;
+            for (key, bytes) in rows {
+                read += 1;
+                let counts = streams.entry(key).or_default();
+                counts.0 += 1;
+                counts.1 += bytes;
+            }
+        }
+        Ok(streams
+            .into_iter()
+            .take(MAX_LOG_STREAMS)
+            .map(
+                |(
+                    (metered, function, instance, iostream, severity_number, severity_text, resource),
+                    (lines, bytes),
+                )| {
+                    LogStream {
+                        metered,
+                        function,
+                        instance,
+                        iostream,
+                        severity_number,
+                        severity_text,
+                        resource,
+                        lines,
+                        bytes,
+                    }
+                },
+            )
+            .collect())
     }
 }

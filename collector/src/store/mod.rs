@@ -246,6 +246,7 @@ impl TelemetryStore {
                 include_str!("../../../migrations/sqlite/collector_0004_span_block_merges.sql"),
                 include_str!("../../../migrations/sqlite/collector_0005_published_tokens.sql"),
                 include_str!("../../../migrations/sqlite/collector_0006_logs_by_function.sql"),
+                include_str!("../../../migrations/sqlite/collector_0007_log_blocks.sql"),
             ])
             .run(&pool)
             .await?;
@@ -258,6 +259,7 @@ impl TelemetryStore {
                 include_str!("../../../migrations/postgres/collector_0003_span_block_merges.sql"),
                 include_str!("../../../migrations/postgres/collector_0004_published_tokens.sql"),
                 include_str!("../../../migrations/postgres/collector_0005_logs_by_function.sql"),
+                include_str!("../../../migrations/postgres/collector_0006_log_blocks.sql"),
             ])
             .run(&pool)
             .await?;
@@ -331,6 +333,13 @@ impl TelemetryStore {
         self.spans.seal().await
     }
 
+    /// Seals tenants' log records from the table into blocks: those due (by count or age; this
+    /// is also done in the background every few seconds), or every record when `all`;
+    /// returns how many records were sealed.
+    pub async fn seal_logs(&self, all: bool) -> Result<usize, StoreError> {
+        self.spans.seal_logs(all).await
+    }
+
     /// Merges small span blocks until none is due (this is also done in the background after
     /// seals); returns how many blocks were merged.
     pub async fn merge_span_blocks(&self) -> Result<usize, StoreError> {
@@ -386,6 +395,7 @@ impl TelemetryStore {
     /// alone, a tenant's telemetry dated in the far future would be kept for ever.)
     pub async fn delete_before(&self, tenant: &str, before_ns: i64) -> Result<u64, StoreError> {
         let mut deleted = self.spans.delete_before(tenant, before_ns).await?;
+        deleted += self.spans.delete_logs_before(tenant, before_ns).await?;
         let before_ms = before_ns.div_euclid(1_000_000);
         for table in ["metric_samples", "logs"] {
             let (tenant_is, ts_before, arrived_before) = (self.param(1), self.param(2), self.param(3));
@@ -408,21 +418,23 @@ impl TelemetryStore {
 
     /// Tenants that have telemetry.
     pub async fn tenants(&self) -> Result<Vec<String>, StoreError> {
-        let sql = "SELECT DISTINCT tenant FROM metric_samples UNION SELECT DISTINCT tenant FROM logs";
+        let sql = "SELECT DISTINCT tenant FROM metric_samples UNION SELECT DISTINCT tenant FROM logs \
+                   UNION SELECT DISTINCT tenant FROM log_blocks";
         let mut tenants: std::collections::BTreeSet<String> =
             rows!(&self.pool, sql, &[], |row| row.try_get::<String, _>(0)?).into_iter().collect();
         tenants.extend(self.spans.span_tenants().await?);
         Ok(tenants.into_iter().collect())
     }
 
-    /// Counts a tenant's stored spans, samples and logs.
+    /// Counts a tenant's stored spans, samples and logs (in the table and in blocks: a
+    /// record delivered again after its first delivery was sealed counts twice).
     pub async fn counts(&self, tenant: &str) -> Result<Written, StoreError> {
-        let mut counts = [0u64; 2];
-        for (count, table) in counts.iter_mut().zip(["metric_samples", "logs"]) {
-            let sql = format!("SELECT COUNT(*) FROM {table} WHERE tenant = ?");
-            *count = rows!(&self.pool, &sql, &[Bind::Str(tenant)], |row| row.try_get::<i64, _>(0)?)[0] as u64;
-        }
-        Ok(Written { spans: self.spans.count(tenant).await?, samples: counts[0], logs: counts[1] })
+        let samples = "SELECT COUNT(*) FROM metric_samples WHERE tenant = ?";
+        let samples = rows!(&self.pool, samples, &[Bind::Str(tenant)], |row| row.try_get::<i64, _>(0)?)[0];
+        let logs = "SELECT CAST((SELECT COUNT(*) FROM logs WHERE tenant = ?) \
+                    + (SELECT COALESCE(SUM(rows), 0) FROM log_blocks WHERE tenant = ?) AS BIGINT)";
+        let logs = rows!(&self.pool, logs, &[Bind::Str(tenant), Bind::Str(tenant)], |row| row.try_get::<i64, _>(0)?)[0];
+        Ok(Written { spans: self.spans.count(tenant).await?, samples: samples as u64, logs: logs as u64 })
     }
 
     fn param(&self, n: usize) -> String {

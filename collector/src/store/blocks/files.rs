@@ -1,9 +1,11 @@
-//! The block files under `<dir>/spans/`: opened once and kept open, uploaded to the object store
+//! The block files under `<dir>/spans/` and `<dir>/logs/`: opened once and kept open, uploaded to the object store
 //! and kept in this host's cache of it when blocks go to one, and removed.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use super::format::{Block, BlockError};
+use super::log_format::LogBlock;
 use super::{SpanBlocks, StoreError, blocking, io};
 
 /// Most blocks kept open at once.
@@ -52,15 +54,41 @@ impl SpanBlocks {
     /// The block at `location`, opened once (and downloaded first from the object store, when
     /// blocks go to one and this host's cache does not hold it).
     pub(super) async fn block(&self, location: &str) -> Result<Arc<Block>, BlockError> {
-        if let Some(block) = self.opened.lock().unwrap_or_else(|e| e.into_inner()).get(location) {
+        self.open_block(location, Block::open, &self.opened).await
+    }
+
+    /// A log block the catalog listed, open (as [`Self::listed_block`]).
+    pub(super) async fn listed_log_block(&self, location: &str) -> Result<Option<Arc<LogBlock>>, StoreError> {
+        match self.open_block(location, LogBlock::open, &self.opened_logs).await {
+            Ok(block) => Ok(Some(block)),
+            Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(StoreError::Blocks(error)),
+        }
+    }
+
+    async fn open_block<B>(
+        &self,
+        location: &str,
+        open: fn(&std::path::Path) -> Result<B, BlockError>,
+        opened: &Mutex<HashMap<String, Arc<B>>>,
+    ) -> Result<Arc<B>, BlockError> {
+        if let Some(block) = opened.lock().unwrap_or_else(|e| e.into_inner()).get(location) {
             if let Some(remote) = &self.remote {
                 remote.cache().touch(location);
             }
             return Ok(block.clone());
         }
         let path = self.dir.join(location);
+        let keep_open = |block: Arc<B>| {
+            let mut opened = opened.lock().unwrap_or_else(|e| e.into_inner());
+            if opened.len() >= OPEN_BLOCKS {
+                opened.clear();
+            }
+            opened.insert(location.to_string(), block.clone());
+            block
+        };
         let Some(remote) = &self.remote else {
-            return Ok(self.keep_open(location, Arc::new(blocking(|| Block::open(&path))?)));
+            return Ok(keep_open(Arc::new(blocking(|| open(&path))?)));
         };
         // Twice at most: another reader's trim may remove the file between download and open.
         let mut attempts = 0;
@@ -68,7 +96,7 @@ impl SpanBlocks {
             if !path.exists() {
                 remote.download(location, &path).await?;
             }
-            match blocking(|| Block::open(&path)) {
+            match blocking(|| open(&path)) {
                 Err(BlockError::Io(error)) if error.kind() == std::io::ErrorKind::NotFound && attempts == 0 => {
                     attempts += 1
                 }
@@ -76,16 +104,7 @@ impl SpanBlocks {
             }
         };
         self.cached(location)?;
-        Ok(self.keep_open(location, block))
-    }
-
-    fn keep_open(&self, location: &str, block: Arc<Block>) -> Arc<Block> {
-        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
-        if opened.len() >= OPEN_BLOCKS {
-            opened.clear();
-        }
-        opened.insert(location.to_string(), block.clone());
-        block
+        Ok(keep_open(block))
     }
 
     /// Records that the cached block at `location` was used (read or written here), and trims
@@ -107,5 +126,6 @@ impl SpanBlocks {
     /// Forgets an opened block (retired).
     fn close(&self, location: &str) {
         self.opened.lock().unwrap_or_else(|e| e.into_inner()).remove(location);
+        self.opened_logs.lock().unwrap_or_else(|e| e.into_inner()).remove(location);
     }
 }

@@ -113,7 +113,7 @@ fn id_bytes<const N: usize>(hex_id: &str) -> FixedLenByteArray {
 }
 
 /// Values as byte arrays that share one buffer (one allocation per column chunk, not per value).
-fn shared<'a>(values: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<ByteArray> {
+pub(super) fn shared<'a>(values: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<ByteArray> {
     let mut buffer = bytes::BytesMut::with_capacity(values.clone().map(<[u8]>::len).sum());
     let mut ends = Vec::new();
     for value in values {
@@ -294,9 +294,17 @@ impl<'a> Filter<'a> {
 /// and reads a clone of it, and clones share one offset: two threads reading one open block at
 /// once (a merge and a query, two queries) moved each other's offset and read the wrong bytes
 /// ("Data corruption detected", missing Thrift fields).
-struct BlockFile {
+pub(super) struct BlockFile {
     file: std::sync::Arc<File>,
     len: u64,
+}
+
+impl BlockFile {
+    pub(super) fn open(path: &std::path::Path) -> Result<Self, BlockError> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Self { file: std::sync::Arc::new(file), len })
+    }
 }
 
 /// A read from an offset of a block's file onwards, its position its own.
@@ -341,12 +349,12 @@ pub struct Block {
     blooms: Vec<Option<parquet::bloom_filter::Sbbf>>,
 }
 
-fn corrupt(path: &str, what: impl std::fmt::Display) -> BlockError {
+pub(super) fn corrupt(path: &str, what: impl std::fmt::Display) -> BlockError {
     BlockError::Corrupt(path.to_string(), what.to_string())
 }
 
 /// The values of one column of a row group.
-fn column<T: parquet::data_type::DataType>(
+pub(super) fn column<T: parquet::data_type::DataType>(
     group: &dyn RowGroupReader,
     index: usize,
     rows: usize,
@@ -360,16 +368,14 @@ where
     Ok((values, levels))
 }
 
-fn utf8(value: &ByteArray) -> String {
+pub(super) fn utf8(value: &ByteArray) -> String {
     String::from_utf8_lossy(value.data()).into_owned()
 }
 
 impl Block {
     pub fn open(path: &std::path::Path) -> Result<Self, BlockError> {
-        let file = File::open(path)?;
-        let len = file.metadata()?.len();
-        let file = BlockFile { file: std::sync::Arc::new(file), len };
-        let reader = SerializedFileReader::new(BlockFile { file: file.file.clone(), len })?;
+        let file = BlockFile::open(path)?;
+        let reader = SerializedFileReader::new(BlockFile { file: file.file.clone(), len: file.len })?;
         if reader.metadata().file_metadata().schema_descr().num_columns() != col::COUNT {
             return Err(corrupt(&path.display().to_string(), "not a span block (its columns differ)"));
         }

@@ -24,6 +24,8 @@
 mod catalog;
 mod files;
 pub mod format;
+pub mod log_format;
+mod logs;
 mod merge;
 mod queries;
 pub mod remote;
@@ -31,6 +33,8 @@ mod seal;
 mod unsealed;
 pub mod wal;
 
+pub use logs::{LOG_BLOCK_ROWS, LOG_SEAL_AGE, LOG_SEAL_ROWS, LogGroupOf};
+pub(crate) use logs::{LOG_COLUMNS, read_rows};
 pub use queries::{MAX_DEPENDENCY_SPANS, MAX_TRACE_SPANS};
 
 use std::collections::{HashMap, HashSet};
@@ -69,6 +73,10 @@ pub struct SpanBlocks {
     seal_lock: tokio::sync::Mutex<()>,
     /// Blocks opened (their footers and bloom filters read), by location.
     opened: Mutex<HashMap<String, Arc<Block>>>,
+    /// Log blocks opened, by location.
+    opened_logs: Mutex<HashMap<String, Arc<log_format::LogBlock>>>,
+    /// One log seal at a time.
+    log_seal_lock: tokio::sync::Mutex<()>,
     /// The other writers' log segments, as far as they were read.
     followed: Mutex<HashMap<PathBuf, Followed>>,
     /// Itself, for the seals it starts.
@@ -84,6 +92,9 @@ impl std::fmt::Debug for SpanBlocks {
         f.debug_struct("SpanBlocks").field("dir", &self.dir).field("writer", &self.collector).finish()
     }
 }
+
+/// Seconds between looks at which tenants' log records are due to be sealed.
+const LOG_SEAL_EVERY: u64 = 10;
 
 /// …or when its first span is this old (then readers on other hosts see it: they read blocks).
 pub const SEAL_AGE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -160,6 +171,7 @@ impl SpanBlocks {
         let collector = collector.as_str();
         let wal_dir = dir.join("wal").join(collector);
         std::fs::create_dir_all(dir.join("spans")).map_err(io)?;
+        std::fs::create_dir_all(dir.join("logs")).map_err(io)?;
         let sealed_through = sealed_through(&pool, collector).await?;
         let mut head = Head::default();
         let mut last = sealed_through;
@@ -188,8 +200,8 @@ impl SpanBlocks {
             }
         }
         if let Some(remote) = &remote {
-            remote.cache().scan(&dir.join("spans")).map_err(io)?;
-            for location in remote.list(&prefix).await? {
+            remote.cache().scan(dir, "spans").map_err(io)?;
+            for location in remote.list("spans", &prefix).await? {
                 if !listed.contains(&location) {
                     tracing::warn!(block = %location, "removing an uploaded span block that was never listed (a crash while sealing)");
                     remote.delete(&location).await?;
@@ -207,17 +219,20 @@ impl SpanBlocks {
             sealing: Mutex::new(None),
             seal_lock: tokio::sync::Mutex::new(()),
             opened: Mutex::new(HashMap::new()),
+            opened_logs: Mutex::new(HashMap::new()),
+            log_seal_lock: tokio::sync::Mutex::new(()),
             followed: Mutex::new(HashMap::new()),
             me: me.clone(),
             sealing_soon: std::sync::atomic::AtomicBool::new(false),
             seals: std::sync::atomic::AtomicU64::new(0),
         });
+        blocks.remove_unlisted_log_blocks().await?;
         // Seals by age and merges, while these blocks are open, their database is, and a runtime runs.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let me = Arc::downgrade(&blocks);
             runtime.spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-                let mut merged_after = 0;
+                let (mut merged_after, mut ticks) = (0, 0u64);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
@@ -229,6 +244,12 @@ impl SpanBlocks {
                         && let Err(error) = blocks.seal().await
                     {
                         tracing::error!(%error, "sealing spans into blocks failed; they stay in the log and are tried again");
+                    }
+                    ticks += 1;
+                    if ticks % LOG_SEAL_EVERY == 0
+                        && let Err(error) = blocks.seal_logs(false).await
+                    {
+                        tracing::error!(%error, "sealing log records into blocks failed; they stay in the table and are tried again");
                     }
                     // Merges after seals only: an idle store does no work.
                     let seals = blocks.seals.load(std::sync::atomic::Ordering::Acquire);
@@ -431,6 +452,82 @@ mod tests {
             "the sealed segments are forgotten"
         );
         assert!(all(&dashboard, "globex").await.is_empty());
+    }
+
+    fn log(tenant: &str, i: i64) -> crate::model::LogRow {
+        crate::model::LogRow {
+            tenant: tenant.into(),
+            record_hash: format!("{tenant}-{i:04}"),
+            ts_ns: 1_000 + i,
+            severity_number: 9,
+            severity_text: "INFO".into(),
+            body: format!("line {i}"),
+            attributes: "{}".into(),
+            resource: "{}".into(),
+            trace_id: None,
+            span_id: None,
+            metered: false,
+        }
+    }
+
+    async fn log_files(root: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(root.join("logs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn log_records_move_into_blocks_once_whoever_seals_and_whatever_crashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TelemetryStore::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        let root = dir.path().join("blocks");
+        let one = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
+        let two = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
+        let mut logs: Vec<_> = (0..100).map(|i| log("acme", i)).collect();
+        logs.extend((0..10).map(|i| log("globex", i)));
+        store.write(&crate::model::Batch { logs, ..Default::default() }).await.unwrap();
+        let count = |sql: &'static str| {
+            let pool = store.pool.clone();
+            async move { Ok::<_, StoreError>(rows!(&pool, sql, &[], |row| row.try_get::<i64, _>(0)?)[0]) }
+        };
+
+        // Not due yet (few, and new): nothing moves.
+        assert_eq!(one.seal_logs(false).await.unwrap(), 0);
+        // Both writers seal at once: each record goes into one block, listed once; the loser's
+        // file is removed.
+        let (a, b) = tokio::join!(one.seal_logs(true), two.seal_logs(true));
+        assert_eq!(a.unwrap() + b.unwrap(), 110);
+        assert_eq!(count("SELECT COUNT(*) FROM logs").await.unwrap(), 0);
+        assert_eq!(count("SELECT COUNT(*) FROM log_blocks").await.unwrap(), 2, "a block per tenant");
+        assert_eq!(count("SELECT SUM(rows) FROM log_blocks").await.unwrap(), 110);
+        assert_eq!(log_files(&root).await.len(), 2);
+        let filter = log_format::LogFilter { ts_ns: (i64::MIN, i64::MAX), ..Default::default() };
+        let mut read = Vec::new();
+        for group in one.log_groups("acme", &filter, false).await.unwrap() {
+            read.extend(group.read(&filter).unwrap().into_iter().map(|s| s.row));
+        }
+        assert_eq!(read, (0..100).map(|i| log("acme", i)).collect::<Vec<_>>(), "as written, in time order");
+
+        // A crash after a block was written, before it was listed: the file goes at open, not
+        // another writer's.
+        let id = one.id().to_string();
+        std::fs::write(root.join(format!("logs/{id}-orphan.parquet")), b"half a block").unwrap();
+        std::fs::write(root.join(format!("logs/{}-in-the-making.parquet", two.id())), b"not ours").unwrap();
+        crash(one).await;
+        let one = SpanBlocks::open(&root, store.pool.clone(), None).await.unwrap();
+        assert_eq!(one.id(), id);
+        assert!(!root.join(format!("logs/{id}-orphan.parquet")).exists());
+        assert!(root.join(format!("logs/{}-in-the-making.parquet", two.id())).exists());
+        std::fs::remove_file(root.join(format!("logs/{}-in-the-making.parquet", two.id()))).unwrap();
+
+        // Retention goes by whole blocks, a tenant's only.
+        assert_eq!(one.delete_logs_before("acme", 1_050).await.unwrap(), 0, "half of the block is newer");
+        assert_eq!(one.delete_logs_before("acme", 1_100).await.unwrap(), 100);
+        assert_eq!(count("SELECT SUM(rows) FROM log_blocks").await.unwrap(), 10);
+        assert_eq!(log_files(&root).await.len(), 1, "globex's");
     }
 
     async fn listed(blocks: &SpanBlocks, retired: bool) -> Vec<String> {

@@ -46,10 +46,10 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Counts the block files already in `folder` (oldest first, by modification time).
-    pub fn scan(&mut self, folder: &std::path::Path) -> std::io::Result<()> {
+    /// Counts the block files already in `<dir>/<folder>` (oldest first, by modification time).
+    pub fn scan(&mut self, dir: &std::path::Path, folder: &str) -> std::io::Result<()> {
         let mut found = Vec::new();
-        for entry in std::fs::read_dir(folder)? {
+        for entry in std::fs::read_dir(dir.join(folder))? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.ends_with(".parquet") {
@@ -59,7 +59,7 @@ impl Cache {
         }
         found.sort();
         for (_, name, bytes) in found {
-            self.used(&format!("spans/{name}"), bytes);
+            self.used(&format!("{folder}/{name}"), bytes);
         }
         Ok(())
     }
@@ -185,15 +185,15 @@ impl Remote {
         }
     }
 
-    /// The locations of the blocks under `spans/` whose names start with `name_prefix`.
-    pub async fn list(&self, name_prefix: &str) -> Result<Vec<String>, BlockError> {
-        let spans = self.key("spans");
-        let objects: Vec<_> = self.store.list(Some(&spans)).try_collect().await.map_err(|e| error(&self.url, e))?;
+    /// The locations of the blocks under `<folder>/` whose names start with `name_prefix`.
+    pub async fn list(&self, folder: &str, name_prefix: &str) -> Result<Vec<String>, BlockError> {
+        let under = self.key(folder);
+        let objects: Vec<_> = self.store.list(Some(&under)).try_collect().await.map_err(|e| error(&self.url, e))?;
         Ok(objects
             .into_iter()
             .filter_map(|o| o.location.filename().map(str::to_string))
             .filter(|name| name.starts_with(name_prefix))
-            .map(|name| format!("spans/{name}"))
+            .map(|name| format!("{folder}/{name}"))
             .collect())
     }
 }

@@ -1,0 +1,312 @@
+//! Log blocks: a tenant's log records move from the SQL table `logs`, where writes land and
+//! the newest lines are read (a live tail, `sfaas logs --follow`), into Parquet blocks
+//! ([`log_format`]) under `<dir>/logs/`, listed in `log_blocks`.
+//!
+//! A tenant's records are sealed when it has [`LOG_SEAL_ROWS`] of them in the table, or its
+//! oldest arrived [`LOG_SEAL_AGE`] ago: the oldest arrivals first, at most
+//! [`LOG_BLOCK_ROWS`] a block. The block file is written and made durable, then one
+//! transaction lists it and deletes exactly the rows it holds (by arrival, up to its last
+//! row); if the delete does not remove exactly those rows (another writer sealed them first,
+//! retention deleted some, a slow write committed among them), the transaction is undone and
+//! the file removed: a record is in the table or in one listed block, never lost, and a block
+//! is never listed beside the rows it holds. Files no catalog row lists (a crash between
+//! writing and listing) are removed when their writer's folder is opened again.
+//!
+//! Readers read the table first, then the catalog: a seal between the two makes a record come
+//! twice (readers keep one per record hash), never not at all.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use sqlx::AssertSqlSafe;
+
+use super::catalog::now_ms;
+use super::log_format::{self, LogBlock, LogFilter, LogGroup, StoredLog};
+use super::{Bind, Pool, SpanBlocks, StoreError, blocking, io, rows};
+use crate::model::LogRow;
+
+/// A tenant's records are sealed once the table holds this many of them…
+pub const LOG_SEAL_ROWS: i64 = 65_536;
+/// …or its oldest arrived this long ago.
+pub const LOG_SEAL_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most records in one block.
+pub const LOG_BLOCK_ROWS: i64 = 262_144;
+/// Records that arrived this recently are not sealed: a write stamped before a seal read the
+/// table may commit after it.
+const LOG_SEAL_MARGIN_MS: i64 = 5_000;
+
+/// The columns of a record in `logs`, as [`read_rows`] decodes them.
+pub(crate) const LOG_COLUMNS: &str = "tenant, record_hash, ts_ns, severity_number, severity_text, body, attributes, \
+                                      resource, trace_id, span_id, metered, received_ms";
+
+/// Runs a `SELECT` of [`LOG_COLUMNS`] (then nothing else) on the pool: the records and when
+/// each arrived. SQLite's through its C API: sqlx hands rows over from its worker thread one
+/// at a time, which costs more than SQLite's reading them (a query over millions of lines).
+pub(crate) async fn read_rows(pool: &Pool, text: &str, binds: &[Bind<'_>]) -> Result<Vec<(LogRow, i64)>, StoreError> {
+    if let Pool::Sqlite(pool) = pool {
+        let mut connection = pool.acquire().await?;
+        let read = |db: &crate::sqlite::Connection<'_>| {
+            let mut statement = db.prepare(text)?;
+            for (i, bind) in binds.iter().enumerate() {
+                let value = match bind {
+                    Bind::Str(s) => crate::sqlite::Value::Text(s),
+                    Bind::Int(n) => crate::sqlite::Value::Int(*n),
+                };
+                statement.bind(i as i32 + 1, value)?;
+            }
+            let text = |statement: &crate::sqlite::Statement<'_>, column| {
+                statement.text(column).map(|t| match std::str::from_utf8(t) {
+                    Ok(text) => text.to_owned(),
+                    Err(_) => String::from_utf8_lossy(t).into_owned(),
+                })
+            };
+            let mut out = Vec::new();
+            while statement.step()? {
+                let text = |column| text(&statement, column);
+                let row = LogRow {
+                    tenant: text(0).unwrap_or_default(),
+                    record_hash: text(1).unwrap_or_default(),
+                    ts_ns: statement.int(2),
+                    severity_number: statement.int(3),
+                    severity_text: text(4).unwrap_or_default(),
+                    body: text(5).unwrap_or_default(),
+                    attributes: text(6).unwrap_or_default(),
+                    resource: text(7).unwrap_or_default(),
+                    trace_id: text(8),
+                    span_id: text(9),
+                    metered: statement.int(10) != 0,
+                };
+                out.push((row, statement.int(11)));
+            }
+            Ok(out)
+        };
+        return crate::sqlite::run(&mut connection, read).await.map_err(StoreError::Sqlite);
+    }
+    Ok(rows!(pool, text, binds, |row| (
+        LogRow {
+            tenant: row.try_get(0)?,
+            record_hash: row.try_get(1)?,
+            ts_ns: row.try_get(2)?,
+            severity_number: row.try_get(3)?,
+            severity_text: row.try_get(4)?,
+            body: row.try_get(5)?,
+            attributes: row.try_get(6)?,
+            resource: row.try_get(7)?,
+            trace_id: row.try_get(8)?,
+            span_id: row.try_get(9)?,
+            metered: row.try_get::<i64, _>(10)? != 0,
+        },
+        row.try_get::<i64, _>(11)?
+    )))
+}
+
+/// A row group of a listed log block.
+#[derive(Clone)]
+pub struct LogGroupOf {
+    pub block: Arc<LogBlock>,
+    pub group: LogGroup,
+}
+
+impl LogGroupOf {
+    /// Its rows that pass `filter` (blocking file work).
+    pub fn read(&self, filter: &LogFilter<'_>) -> Result<Vec<StoredLog>, StoreError> {
+        blocking(|| self.block.read_group(self.group.index, filter)).map_err(StoreError::Blocks)
+    }
+}
+
+impl SpanBlocks {
+    /// Seals every tenant's log records that are due (see the module's text); returns how
+    /// many records went into blocks.
+    pub async fn seal_logs(&self, force: bool) -> Result<usize, StoreError> {
+        let _one = self.log_seal_lock.lock().await;
+        let now = now_ms();
+        let text = "SELECT tenant, COUNT(*), MIN(received_ms) FROM logs GROUP BY tenant";
+        let tenants = rows!(&self.pool, text, &[], |row| (
+            row.try_get::<String, _>(0)?,
+            row.try_get::<i64, _>(1)?,
+            row.try_get::<i64, _>(2)?
+        ));
+        let mut sealed = 0;
+        for (tenant, count, oldest_ms) in tenants {
+            let due = count >= LOG_SEAL_ROWS || oldest_ms <= now - LOG_SEAL_AGE.as_millis() as i64;
+            if !(due || force) {
+                continue;
+            }
+            let upto_ms = if force { i64::MAX } else { now - LOG_SEAL_MARGIN_MS };
+            loop {
+                let n = self.seal_tenant_logs(&tenant, upto_ms).await?;
+                sealed += n;
+                if (n as i64) < LOG_BLOCK_ROWS {
+                    break;
+                }
+            }
+        }
+        Ok(sealed)
+    }
+
+    /// Seals a block of `tenant`'s oldest arrivals up to `upto_ms`; returns how many records.
+    async fn seal_tenant_logs(&self, tenant: &str, upto_ms: i64) -> Result<usize, StoreError> {
+        let text = format!(
+            "SELECT {LOG_COLUMNS} FROM logs WHERE tenant = ? AND received_ms <= ? \
+             ORDER BY received_ms, record_hash LIMIT {LOG_BLOCK_ROWS}"
+        );
+        let found = read_rows(&self.pool, &text, &[Bind::Str(tenant), Bind::Int(upto_ms)]).await?;
+        let Some((last, last_ms)) = found.last().map(|(row, ms)| (row.record_hash.clone(), *ms)) else {
+            return Ok(0);
+        };
+        let count = found.len();
+        let mut logs: Vec<StoredLog> = found.into_iter().map(|(row, ms)| StoredLog::new(row, ms)).collect();
+        let (dir, collector) = (self.dir.clone(), self.collector.clone());
+        let block = tokio::task::spawn_blocking(move || {
+            log_format::sort(&mut logs);
+            let name = format!("{collector}-{}.parquet", uuid::Uuid::now_v7());
+            let folder = dir.join("logs");
+            let temporary = folder.join(format!("{name}.tmp"));
+            let bytes = log_format::write(std::fs::File::create(&temporary)?, &logs)?;
+            std::fs::rename(&temporary, folder.join(&name))?;
+            std::fs::File::open(&folder)?.sync_all()?;
+            let min = |f: fn(&StoredLog) -> i64| logs.iter().map(f).min().unwrap_or(0);
+            let max = |f: fn(&StoredLog) -> i64| logs.iter().map(f).max().unwrap_or(0);
+            Ok::<_, super::BlockError>((
+                name.trim_end_matches(".parquet").to_string(),
+                format!("logs/{name}"),
+                [min(|s| s.row.ts_ns), max(|s| s.row.ts_ns), min(|s| s.received_ms), max(|s| s.received_ms)],
+                bytes as i64,
+            ))
+        })
+        .await
+        .map_err(|error| io(std::io::Error::other(format!("sealing log blocks failed: {error}"))))?
+        .map_err(StoreError::Blocks)?;
+        let (id, location, [min_ts, max_ts, min_received, max_received], bytes) = block;
+        self.upload(&location).await?;
+        let insert = self.pool.sql(
+            "INSERT INTO log_blocks (id, tenant, location, min_ts_ns, max_ts_ns, min_received_ms, max_received_ms, \
+             rows, bytes, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        );
+        let delete = self
+            .pool
+            .sql("DELETE FROM logs WHERE tenant = ? AND (received_ms < ? OR (received_ms = ? AND record_hash <= ?))");
+        macro_rules! run {
+            ($p:expr) => {{
+                let mut tx = $p.begin().await?;
+                sqlx::query(AssertSqlSafe(insert.0.clone()))
+                    .bind(&id)
+                    .bind(tenant)
+                    .bind(&location)
+                    .bind(min_ts)
+                    .bind(max_ts)
+                    .bind(min_received)
+                    .bind(max_received)
+                    .bind(count as i64)
+                    .bind(bytes)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+                let query =
+                    sqlx::query(AssertSqlSafe(delete.0.clone())).bind(tenant).bind(last_ms).bind(last_ms).bind(&last);
+                if query.execute(&mut *tx).await?.rows_affected() == count as u64 {
+                    tx.commit().await?;
+                    true
+                } else {
+                    tx.rollback().await?;
+                    false
+                }
+            }};
+        }
+        let listed = match &self.pool {
+            Pool::Sqlite(p) => run!(p),
+            Pool::Postgres(p) => run!(p),
+        };
+        if !listed {
+            tracing::debug!(%tenant, "the log records of a block changed while it was sealed; it is dropped, and they are sealed again");
+            self.remove(&location).await?;
+            return Ok(0);
+        }
+        Ok(count)
+    }
+
+    /// The row groups of `tenant`'s log blocks that may hold records of `filter` (by time,
+    /// and arrival), in time order: by their first record, or by their last and the newest
+    /// first when `backward`.
+    pub async fn log_groups(
+        &self,
+        tenant: &str,
+        filter: &LogFilter<'_>,
+        backward: bool,
+    ) -> Result<Vec<LogGroupOf>, StoreError> {
+        let text = "SELECT location FROM log_blocks WHERE tenant = ? AND max_ts_ns >= ? AND min_ts_ns < ? \
+                    AND max_received_ms >= ?";
+        let binds = [
+            Bind::Str(tenant),
+            Bind::Int(filter.ts_ns.0),
+            Bind::Int(filter.ts_ns.1),
+            Bind::Int(filter.received_from_ms.unwrap_or(i64::MIN)),
+        ];
+        let locations = rows!(&self.pool, text, &binds, |row| row.try_get::<String, _>(0)?);
+        let mut groups = Vec::new();
+        for location in locations {
+            let Some(block) = self.listed_log_block(&location).await? else { continue };
+            for group in block.groups() {
+                if group.max_ts_ns >= filter.ts_ns.0 && group.min_ts_ns < filter.ts_ns.1 {
+                    groups.push(LogGroupOf { block: block.clone(), group });
+                }
+            }
+        }
+        match backward {
+            true => groups.sort_by_key(|g| std::cmp::Reverse(g.group.max_ts_ns)),
+            false => groups.sort_by_key(|g| g.group.min_ts_ns),
+        }
+        Ok(groups)
+    }
+
+    /// Deletes `tenant`'s log blocks whose records all are dated before `before_ns` or all
+    /// arrived before it; returns the records deleted.
+    pub async fn delete_logs_before(&self, tenant: &str, before_ns: i64) -> Result<u64, StoreError> {
+        let before_ms = before_ns.div_euclid(1_000_000);
+        let text = "SELECT location, rows FROM log_blocks WHERE tenant = ? AND (max_ts_ns < ? OR max_received_ms < ?)";
+        let binds = [Bind::Str(tenant), Bind::Int(before_ns), Bind::Int(before_ms)];
+        let old = rows!(&self.pool, text, &binds, |row| (row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?));
+        let unlist = self.pool.sql("DELETE FROM log_blocks WHERE location = ?").0;
+        let mut deleted = 0;
+        for (location, rows) in old {
+            match &self.pool {
+                Pool::Sqlite(p) => {
+                    sqlx::query(AssertSqlSafe(unlist.clone())).bind(&location).execute(p).await.map(drop)?
+                }
+                Pool::Postgres(p) => {
+                    sqlx::query(AssertSqlSafe(unlist.clone())).bind(&location).execute(p).await.map(drop)?
+                }
+            }
+            // Unlisted first: a reader never opens a listed block that is gone.
+            self.remove(&location).await?;
+            deleted += rows as u64;
+        }
+        Ok(deleted)
+    }
+
+    /// Removes this writer's log block files that no catalog row lists (a crash while sealing).
+    pub(super) async fn remove_unlisted_log_blocks(&self) -> Result<(), StoreError> {
+        let listed: HashSet<String> = rows!(&self.pool, "SELECT location FROM log_blocks", &[], |row| row
+            .try_get::<String, _>(0)?)
+        .into_iter()
+        .collect();
+        let prefix = format!("{}-", self.collector);
+        for entry in std::fs::read_dir(self.dir.join("logs")).map_err(io)? {
+            let name = entry.map_err(io)?.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && !listed.contains(&format!("logs/{name}")) {
+                tracing::warn!(block = %name, "removing a log block that was never listed (a crash while sealing)");
+                std::fs::remove_file(self.dir.join("logs").join(&name)).map_err(io)?;
+            }
+        }
+        if let Some(remote) = &self.remote {
+            remote.cache().scan(&self.dir, "logs").map_err(io)?;
+            for location in remote.list("logs", &prefix).await? {
+                if !listed.contains(&location) {
+                    tracing::warn!(block = %location, "removing an uploaded log block that was never listed (a crash while sealing)");
+                    remote.delete(&location).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+-- Log blocks: Parquet files of one tenant's log records (collector/src/store/blocks/logs.rs).
+-- Records are written to `logs` and moved into a block by one transaction that lists the block
+-- here and deletes them from `logs`.
+CREATE TABLE log_blocks (
+    id               TEXT PRIMARY KEY,
+    tenant           TEXT NOT NULL,
+    location         TEXT NOT NULL,       -- path under the blocks folder
+    min_ts_ns        BIGINT NOT NULL,
+    max_ts_ns        BIGINT NOT NULL,
+    min_received_ms  BIGINT NOT NULL,
+    max_received_ms  BIGINT NOT NULL,
+    rows             BIGINT NOT NULL,
+    bytes            BIGINT NOT NULL,
+    created_ms       BIGINT NOT NULL
+);
+CREATE INDEX log_blocks_by_tenant ON log_blocks (tenant, max_ts_ns);
+-- A tenant's records by arrival: sealing takes the oldest, a follower reads past its cursor.
+CREATE INDEX IF NOT EXISTS logs_by_arrival ON logs (tenant, received_ms, record_hash);
