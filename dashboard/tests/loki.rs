@@ -409,6 +409,24 @@ async fn logql_table(server: &Server, name: &str) {
         let want: Vec<(String, f64)> = want.iter().map(|(l, v)| (l.to_string(), *v)).collect();
         assert_eq!(server.instant(query, time, ACME).await, want, "{name}: {query} at {time}");
     }
+    // Counted by stream (a `sum` by stream labels over lines no parser touched: no record is
+    // built) and counted line by line (a filter that keeps every line, which only the latter
+    // runs): the same answers.
+    for query in [
+        r#"sum by (level) (count_over_time({source="function"}[1h]))"#,
+        r#"sum by (service_name, level) (count_over_time({source=~".+"} |= "e" [1h]))"#,
+        r#"sum by (level) (count_over_time({source="function"} | drop __error__ [1h]))"#,
+        r#"sum by (function, stream) (bytes_over_time({source="function"} |= "a" [1h]))"#,
+        r#"sum(count_over_time({level="error"}[1h]))"#,
+        r#"sum by (service_namespace) (rate({source="otlp"}[1h]))"#,
+        r#"sum by (function) (count_over_time({source=~".+"}[1h]))"#,
+        r#"sum by (source) (sum by (source, level) (count_over_time({service_name=~"s.*|r.*"}[1h])))"#,
+    ] {
+        let by_streams = server.instant(query, "13:00:00", ACME).await;
+        assert!(!by_streams.is_empty(), "{name}: {query}");
+        let line_by_line = query.replacen('}', r#"} != "in no line""#, 1);
+        assert_eq!(server.instant(&line_by_line, "13:00:00", ACME).await, by_streams, "{name}: {query}");
+    }
     let bytes = |numbers: &[usize]| numbers.iter().map(|n| line(*n).len() as f64).sum::<f64>();
     assert_eq!(
         server.instant(r#"sum by (function) (bytes_over_time({source="function"}[1h]))"#, "13:00:00", ACME).await,

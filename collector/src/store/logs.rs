@@ -2,9 +2,10 @@
 //! (metered records, attributed by the gateway), newest or after a cursor, for the gateway's
 //! `/system/logs` and `sfaas logs`.
 
-use super::blocks::log_format::{LogFilter, StoredLog, StreamKey};
+use super::blocks::blocking;
+use super::blocks::log_format::{LogFilter, StoredLog, StreamKey, StreamLines};
 use super::blocks::{LOG_COLUMNS, read_rows};
-use super::{Bind, Pool, StoreError, TelemetryStore, rows};
+use super::{Bind, Pool, StoreError, TelemetryStore};
 use crate::model::LogRow;
 use contract::semconv;
 
@@ -218,52 +219,13 @@ pub struct LogRecord {
 impl TelemetryStore {
     /// One batch of [`LogScan`] (at most [`MAX_LOG_READ`] records), in the scan's order.
     pub async fn scan_logs(&self, scan: &LogScan) -> Result<Vec<LogRecord>, StoreError> {
-        // After a cursor, the range starts (or ends) at its time, so that each batch is a range
-        // of the time index rather than a walk from the range's start.
-        let (mut start_ns, mut end_ns) = (scan.start_ns, scan.end_ns);
-        match &scan.after {
-            Some((ts_ns, _)) if scan.backward => end_ns = end_ns.min(ts_ns.saturating_add(1)),
-            Some((ts_ns, _)) => start_ns = start_ns.max(*ts_ns),
-            None => {}
-        }
-        let mut text = format!("SELECT {LOG_COLUMNS} FROM logs WHERE tenant = ? AND ts_ns >= ? AND ts_ns < ?");
-        let mut binds = vec![Bind::Str(&scan.tenant), Bind::Int(start_ns), Bind::Int(end_ns)];
-        if let Some(metered) = scan.metered {
-            text.push_str(if metered { " AND metered = 1" } else { " AND metered = 0" });
-        }
-        if let Some(function) = &scan.function {
-            text.push_str(match &self.pool {
-                Pool::Sqlite(_) => " AND json_extract(attributes, '$.\"faas.name\"') = ?",
-                Pool::Postgres(_) => " AND (attributes::jsonb ->> 'faas.name') = ?",
-            });
-            binds.push(Bind::Str(function));
-        }
-        for contains in scan.contains.iter().filter(|c| !c.is_empty()) {
-            text.push_str(match &self.pool {
-                Pool::Sqlite(_) => " AND instr(body, ?) > 0",
-                Pool::Postgres(_) => " AND strpos(body, ?) > 0",
-            });
-            binds.push(Bind::Str(contains));
-        }
-        let (past, order) = if scan.backward {
-            (" AND (ts_ns <> ? OR record_hash < ?)", " ORDER BY ts_ns DESC, record_hash DESC LIMIT ?")
-        } else {
-            (" AND (ts_ns <> ? OR record_hash > ?)", " ORDER BY ts_ns, record_hash LIMIT ?")
-        };
-        if let Some((ts_ns, hash)) = &scan.after {
-            text.push_str(past);
-            binds.extend([Bind::Int(*ts_ns), Bind::Str(hash)]);
-        }
-        text.push_str(order);
         let limit = scan.limit.min(MAX_LOG_READ);
-        binds.push(Bind::Int(i64::try_from(limit).unwrap_or(0)));
-        let mut out: Vec<LogRow> =
-            read_rows(&self.pool, &text, &binds).await?.into_iter().map(|(row, _)| row).collect();
+        let mut out = self.table_batch(scan).await?;
         // Then the blocks' row groups, in the scan's order, until the next one can only hold
         // records past the batch's last.
         let contains: Vec<String> = scan.contains.iter().filter(|c| !c.is_empty()).cloned().collect();
         let filter = LogFilter {
-            ts_ns: (start_ns, end_ns),
+            ts_ns: scan.cursor_range(),
             metered: scan.metered,
             function: scan.function.as_deref(),
             contains: &contains,
@@ -313,6 +275,54 @@ impl TelemetryStore {
             })
             .collect())
     }
+
+    /// One batch of [`LogScan`] from the table alone.
+    async fn table_batch(&self, scan: &LogScan) -> Result<Vec<LogRow>, StoreError> {
+        let (start_ns, end_ns) = scan.cursor_range();
+        let mut text = format!("SELECT {LOG_COLUMNS} FROM logs WHERE tenant = ? AND ts_ns >= ? AND ts_ns < ?");
+        let mut binds = vec![Bind::Str(&scan.tenant), Bind::Int(start_ns), Bind::Int(end_ns)];
+        if let Some(metered) = scan.metered {
+            text.push_str(if metered { " AND metered = 1" } else { " AND metered = 0" });
+        }
+        if let Some(function) = &scan.function {
+            text.push_str(match &self.pool {
+                Pool::Sqlite(_) => " AND json_extract(attributes, '$.\"faas.name\"') = ?",
+                Pool::Postgres(_) => " AND (attributes::jsonb ->> 'faas.name') = ?",
+            });
+            binds.push(Bind::Str(function));
+        }
+        for contains in scan.contains.iter().filter(|c| !c.is_empty()) {
+            text.push_str(match &self.pool {
+                Pool::Sqlite(_) => " AND instr(body, ?) > 0",
+                Pool::Postgres(_) => " AND strpos(body, ?) > 0",
+            });
+            binds.push(Bind::Str(contains));
+        }
+        let (past, order) = if scan.backward {
+            (" AND (ts_ns <> ? OR record_hash < ?)", " ORDER BY ts_ns DESC, record_hash DESC LIMIT ?")
+        } else {
+            (" AND (ts_ns <> ? OR record_hash > ?)", " ORDER BY ts_ns, record_hash LIMIT ?")
+        };
+        if let Some((ts_ns, hash)) = &scan.after {
+            text.push_str(past);
+            binds.extend([Bind::Int(*ts_ns), Bind::Str(hash)]);
+        }
+        text.push_str(order);
+        binds.push(Bind::Int(i64::try_from(scan.limit.min(MAX_LOG_READ)).unwrap_or(0)));
+        Ok(read_rows(&self.pool, &text, &binds).await?.into_iter().map(|(row, _)| row).collect())
+    }
+}
+
+impl LogScan {
+    /// The scan's range, after its cursor: the range starts (or ends) at the cursor's time, so
+    /// that each batch is a range of the time index rather than a walk from the range's start.
+    fn cursor_range(&self) -> (i64, i64) {
+        match &self.after {
+            Some((ts_ns, _)) if self.backward => (self.start_ns, self.end_ns.min(ts_ns.saturating_add(1))),
+            Some((ts_ns, _)) => (self.start_ns.max(*ts_ns), self.end_ns),
+            None => (self.start_ns, self.end_ns),
+        }
+    }
 }
 
 /// The most distinct streams [`TelemetryStore::log_streams`] returns.
@@ -321,110 +331,93 @@ pub const MAX_LOG_STREAMS: usize = 10_000;
 /// label query costs is bounded, whatever the range.
 pub const MAX_STREAM_LINES: i64 = 1_000_000;
 
-/// What tells a tenant's log records apart as LogQL's streams, with how many lines and bytes
-/// each has in a time range.
+/// A tenant's stream, with how many lines and bytes it has in a time range.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogStream {
-    pub metered: bool,
-    /// A function record's `faas.name`, `faas.instance` and `log.iostream`.
-    pub function: Option<String>,
-    pub instance: Option<String>,
-    pub iostream: Option<String>,
-    pub severity_number: i64,
-    pub severity_text: String,
-    /// The tenant's own records' resource (JSON object); `{}` for function records.
-    pub resource: String,
+    pub stream: StreamKey,
     pub lines: i64,
     pub bytes: i64,
 }
 
 impl TelemetryStore {
     /// A tenant's log records in `[start_ns, end_ns)`, grouped as streams (at most
-    /// [`MAX_LOG_STREAMS`]), from the newest [`MAX_STREAM_LINES`] of them.
+    /// [`MAX_LOG_STREAMS`]), from about the newest [`MAX_STREAM_LINES`] of them.
     pub async fn log_streams(&self, tenant: &str, start_ns: i64, end_ns: i64) -> Result<Vec<LogStream>, StoreError> {
-        let attribute = |key: &str| match &self.pool {
-            Pool::Sqlite(_) => format!("json_extract(attributes, '$.\"{key}\"')"),
-            Pool::Postgres(_) => format!("(attributes::jsonb ->> '{key}')"),
-        };
-        let (function, instance, iostream) =
-            (attribute(semconv::FAAS_NAME), attribute(semconv::FAAS_INSTANCE), attribute(semconv::LOG_IOSTREAM));
-        let length = match &self.pool {
-            Pool::Sqlite(_) => "length(CAST(body AS BLOB))",
-            Pool::Postgres(_) => "octet_length(body)",
-        };
-        let text = format!(
-            "SELECT metered, f, i, s, severity_number, severity_text, r, COUNT(*), SUM(n) FROM (\
-               SELECT metered, CASE WHEN metered = 1 THEN {function} END AS f, \
-                 CASE WHEN metered = 1 THEN {instance} END AS i, CASE WHEN metered = 1 THEN {iostream} END AS s, \
-                 severity_number, severity_text, CASE WHEN metered = 1 THEN '{{}}' ELSE resource END AS r, \
-                 {length} AS n FROM logs WHERE tenant = ? AND ts_ns >= ? AND ts_ns < ? \
-                 ORDER BY ts_ns DESC LIMIT {MAX_STREAM_LINES}) AS streams \
-             GROUP BY metered, f, i, s, severity_number, severity_text, r LIMIT {MAX_LOG_STREAMS}"
-        );
-        let binds = [Bind::Str(tenant), Bind::Int(start_ns), Bind::Int(end_ns)];
-        let table = rows!(&self.pool, &text, &binds, |row| LogStream {
-            metered: row.try_get::<i64, _>(0)? != 0,
-            function: row.try_get(1)?,
-            instance: row.try_get(2)?,
-            iostream: row.try_get(3)?,
-            severity_number: row.try_get(4)?,
-            severity_text: row.try_get(5)?,
-            resource: row.try_get(6)?,
-            lines: row.try_get(7)?,
-            bytes: row.try_get::<Option<i64>, _>(8)?.unwrap_or(0),
-        });
-        // Then the blocks' newest row groups, while the lines read stay under the bound.
+        let scan = LogScan { tenant: tenant.to_string(), start_ns, end_ns, backward: true, ..LogScan::default() };
         let mut streams: std::collections::HashMap<StreamKey, (i64, i64)> = std::collections::HashMap::new();
         let mut read: i64 = 0;
-        for stream in table {
-            read += stream.lines;
-            let key = (
-                stream.metered,
-                stream.function,
-                stream.instance,
-                stream.iostream,
-                stream.severity_number,
-                stream.severity_text,
-                stream.resource,
-            );
-            let counts = streams.entry(key).or_default();
-            counts.0 += stream.lines;
-            counts.1 += stream.bytes;
-        }
-        let filter = LogFilter { ts_ns: (start_ns, end_ns), ..LogFilter::default() };
-        for group in self.spans.log_groups(tenant, &filter, true).await? {
-            if read >= MAX_STREAM_LINES || streams.len() >= MAX_LOG_STREAMS {
-                break;
+        self.scan_log_lines(&scan, &mut |batch| {
+            let mut counts = vec![(0, 0); batch.streams.len()];
+            for (_, stream, bytes) in &batch.lines {
+                counts[*stream as usize].0 += 1;
+                counts[*stream as usize].1 += i64::from(*bytes);
             }
-            let rows = super::blocks::blocking(|| group.block.group_streams(group.group.index, filter.ts_ns))?;
-            for (key, bytes) in rows {
-                read += 1;
-                let counts = streams.entry(key).or_default();
-                counts.0 += 1;
-                counts.1 += bytes;
+            read += batch.lines.len() as i64;
+            for (key, (lines, bytes)) in batch.streams.into_iter().zip(counts) {
+                let counted = streams.entry(key).or_default();
+                counted.0 += lines;
+                counted.1 += bytes;
             }
-        }
+            read < MAX_STREAM_LINES && streams.len() < MAX_LOG_STREAMS
+        })
+        .await?;
         Ok(streams
             .into_iter()
             .take(MAX_LOG_STREAMS)
-            .map(
-                |(
-                    (metered, function, instance, iostream, severity_number, severity_text, resource),
-                    (lines, bytes),
-                )| {
-                    LogStream {
-                        metered,
-                        function,
-                        instance,
-                        iostream,
-                        severity_number,
-                        severity_text,
-                        resource,
-                        lines,
-                        bytes,
-                    }
-                },
-            )
+            .map(|(stream, (lines, bytes))| LogStream { stream, lines, bytes })
             .collect())
+    }
+
+    /// Every record of `scan` (its `after` and `limit` aside) as its time, stream and body
+    /// bytes, a batch at a time, until `each` returns `false`: the table's first, then the
+    /// blocks' row groups (newest first when `backward`), each record once. What a label query
+    /// and a metric query that needs nothing else read, without building records.
+    pub async fn scan_log_lines(
+        &self,
+        scan: &LogScan,
+        each: &mut (dyn FnMut(StreamLines) -> bool + Send),
+    ) -> Result<(), StoreError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut table = LogScan { after: None, limit: MAX_LOG_READ, ..scan.clone() };
+        loop {
+            let rows = self.table_batch(&table).await?;
+            let Some(last) = rows.last() else { break };
+            table.after = Some((last.ts_ns, last.record_hash.clone()));
+            let full = rows.len() >= MAX_LOG_READ;
+            let mut batch = StreamLines::default();
+            let mut index = std::collections::HashMap::new();
+            for row in rows {
+                let bytes = row.body.len() as u32;
+                let key = (row.ts_ns, row.record_hash.clone());
+                let stored = StoredLog::new(row, 0);
+                let stream = *index.entry(StreamKey::of(&stored)).or_insert_with_key(|key| {
+                    batch.streams.push(key.clone());
+                    batch.streams.len() as u32 - 1
+                });
+                batch.lines.push((key.0, stream, bytes));
+                seen.insert(key);
+            }
+            if !each(batch) {
+                return Ok(());
+            }
+            if !full {
+                break;
+            }
+        }
+        let contains: Vec<String> = scan.contains.iter().filter(|c| !c.is_empty()).cloned().collect();
+        let filter = LogFilter {
+            ts_ns: (scan.start_ns, scan.end_ns),
+            metered: scan.metered,
+            function: scan.function.as_deref(),
+            contains: &contains,
+            received_from_ms: None,
+        };
+        for group in self.spans.log_groups(&scan.tenant, &filter, scan.backward).await? {
+            // The caller's work on the batch too, off the runtime's queue.
+            if !blocking(|| group.block.group_lines(group.group.index, &filter, &seen).map(&mut *each))? {
+                break;
+            }
+        }
+        Ok(())
     }
 }

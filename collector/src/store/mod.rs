@@ -30,6 +30,7 @@ mod tokens;
 pub use tokens::PublishedToken;
 
 pub use blocks::MAX_TRACE_SPANS;
+pub use blocks::log_format::{StreamKey, StreamLines};
 pub use logs::{
     FunctionLog, LogCursor, LogQuery, LogRecord, LogScan, LogStream, MAX_LOG_READ, MAX_LOG_STREAMS, MAX_STREAM_LINES,
 };

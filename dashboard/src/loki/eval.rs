@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use collector::store::{LogScan, MAX_LOG_READ, TelemetryStore};
+use collector::store::{LogScan, MAX_LOG_READ, StreamKey, StreamLines, TelemetryStore};
 
-use super::logql::{AggOp, BinOp, Grouping, LogExpr, MatchOp, MetricExpr, RangeFunc, Stage};
-use super::pipeline::{ERROR, Entry, Kind, Labels, Pipeline};
+use super::logql::{AggOp, BinOp, Grouping, LinePattern, LogExpr, MatchOp, MetricExpr, RangeFunc, Stage};
+use super::pipeline::{ERROR, Entry, Kind, Labels, Pipeline, stream_labels};
 
 /// Most series a metric query may hold (before its outer `sum`, if it has one): Loki's
 /// default `max_query_series`.
@@ -145,6 +145,16 @@ impl Steps {
         let t = i128::from(self.start_ns) + i128::from(self.step_ns) * k as i128;
         t.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
     }
+
+    /// The steps `first..=last` whose windows `(t_k - range, t_k]` hold a line at `ts_ns`.
+    fn holding(&self, ts_ns: i64, range_ns: i64) -> Option<(usize, usize)> {
+        // In i128: a line's time, the range and the first step are any of i64's.
+        let (ts, start, step, range) =
+            (i128::from(ts_ns), i128::from(self.start_ns), i128::from(self.step_ns.max(1)), i128::from(range_ns));
+        let first = ((ts - start).max(0) + step - 1) / step;
+        let last = (ts + range - 1 - start).div_euclid(step).min(self.count as i128 - 1);
+        (first <= last).then_some((first as usize, last as usize))
+    }
 }
 
 /// A metric query's result: series (labels, and `(time ns, value)` points at the steps where
@@ -184,16 +194,7 @@ fn accumulate(acc: &mut Accumulator, entry: Entry) -> Result<bool, EvalError> {
         )));
     }
     let steps = acc.steps;
-    // Steps k whose windows (t_k - range, t_k] hold the line.
-    let step = steps.step_ns.max(1);
-    // In i128: a line's time, the range and the first step are any of i64's.
-    let (ts, start, step, range) =
-        (i128::from(entry.ts_ns), i128::from(steps.start_ns), i128::from(step), i128::from(acc.range_ns));
-    let first = ((ts - start).max(0) + step - 1) / step;
-    let last = (ts + range - 1 - start).div_euclid(step).min(steps.count as i128 - 1);
-    if first > last {
-        return Ok(true);
-    }
+    let Some((first, last)) = steps.holding(entry.ts_ns, acc.range_ns) else { return Ok(true) };
     // The series' labels: grouped by the first `sum` straight from the line's labels.
     let key = match acc.groupings.split_first() {
         Some((first, rest)) => {
@@ -211,22 +212,32 @@ fn accumulate(acc: &mut Accumulator, entry: Entry) -> Result<bool, EvalError> {
         None => label_pairs(&entry.labels),
     };
     if !acc.series.contains_key(&key) && acc.series.len() >= MAX_SERIES {
-        return Err(EvalError::Bad(format!(
-            "maximum number of series ({MAX_SERIES}) reached for a single query; consider reducing query \
-             cardinality by adding more filters or aggregating with sum by"
-        )));
+        return Err(too_many_series());
     }
-    let window = acc
-        .series
-        .entry(key)
-        .or_insert_with(|| Window { count: vec![0.0; steps.count + 1], sum: vec![0.0; steps.count + 1] });
-    let value = if acc.bytes { entry.line.len() as f64 } else { 1.0 };
-    let (first, last) = (first as usize, last as usize);
-    window.count[first] += 1.0;
-    window.count[last + 1] -= 1.0;
-    window.sum[first] += value;
-    window.sum[last + 1] -= value;
+    let window = acc.series.entry(key).or_insert_with(|| Window::new(steps));
+    window.add(first, last, if acc.bytes { entry.line.len() as f64 } else { 1.0 });
     Ok(true)
+}
+
+fn too_many_series() -> EvalError {
+    EvalError::Bad(format!(
+        "maximum number of series ({MAX_SERIES}) reached for a single query; consider reducing query \
+         cardinality by adding more filters or aggregating with sum by"
+    ))
+}
+
+impl Window {
+    fn new(steps: Steps) -> Self {
+        Self { count: vec![0.0; steps.count + 1], sum: vec![0.0; steps.count + 1] }
+    }
+
+    /// A line of `value` in the windows of steps `first..=last`.
+    fn add(&mut self, first: usize, last: usize, value: f64) {
+        self.count[first] += 1.0;
+        self.count[last + 1] -= 1.0;
+        self.sum[first] += value;
+        self.sum[last + 1] -= value;
+    }
 }
 
 fn label_pairs(labels: &Labels) -> Vec<(String, String)> {
@@ -372,7 +383,10 @@ async fn range_function(
     let scan = scan_of(tenant, log, steps.start_ns.saturating_sub(range_ns) + 1, last.saturating_add(1), false);
     let bytes = matches!(func, RangeFunc::BytesOverTime | RangeFunc::BytesRate);
     let acc = Accumulator { steps, range_ns, bytes, groupings, series: HashMap::new() };
-    let (acc, stats) = read(store, scan, log, deadline, acc, accumulate).await?;
+    let (acc, stats) = match by_streams(log, &scan, &acc.groupings) {
+        true => read_streams(store, scan, log, deadline, acc).await?,
+        false => read(store, scan, log, deadline, acc, accumulate).await?,
+    };
     let per_second = matches!(func, RangeFunc::Rate | RangeFunc::BytesRate);
     let matrix = acc
         .series
@@ -391,6 +405,111 @@ async fn range_function(
         })
         .collect();
     Ok((matrix, stats))
+}
+
+/// Labels that are a stream's for every record (see `pipeline::entry_of`); then those that are
+/// a function's record's stream labels, and those that are an SDK record's (in a record of the
+/// other source, a label of that name is metadata, from its attributes).
+const STREAM_LABELS: [&str; 3] = ["source", "service_name", "level"];
+const FUNCTION_STREAM_LABELS: [&str; 3] = ["function", "instance", "stream"];
+const SDK_STREAM_LABELS: [&str; 2] = ["service_namespace", "deployment_environment"];
+
+/// Whether a range function's lines can be counted from their streams alone: its first `sum`
+/// keeps stream labels only, and its stages are line filters the scan decides and `drop`s of
+/// labels that `sum` does not keep (no parser: no `__error__`).
+fn by_streams(log: &LogExpr, scan: &LogScan, groupings: &[Grouping]) -> bool {
+    let Some(first) = groupings.first() else { return false };
+    let stream_label = |name: &str| {
+        STREAM_LABELS.contains(&name)
+            || (scan.metered == Some(true) && FUNCTION_STREAM_LABELS.contains(&name))
+            || (scan.metered == Some(false) && SDK_STREAM_LABELS.contains(&name))
+    };
+    if first.without || !first.labels.iter().all(|l| stream_label(l)) {
+        return false;
+    }
+    let mut filters = 0;
+    for stage in &log.stages {
+        match stage {
+            Stage::Line(filter)
+                if !filter.negate && matches!(filter.patterns.as_slice(), [LinePattern::Contains(_)]) =>
+            {
+                filters += 1
+            }
+            Stage::Drop(labels) if labels.iter().all(|(name, _)| !first.labels.contains(name)) => {}
+            _ => return false,
+        }
+    }
+    filters == scan.contains.len()
+}
+
+/// A range function's lines counted by stream (see [`by_streams`]): each stream's series
+/// found once, each line added to it, no record built.
+async fn read_streams(
+    store: &TelemetryStore,
+    scan: LogScan,
+    log: &LogExpr,
+    deadline: Instant,
+    mut acc: Accumulator,
+) -> Result<(Accumulator, Stats), EvalError> {
+    let pipeline = Pipeline::new(log);
+    let mut stats = Stats::default();
+    let mut series_of: HashMap<StreamKey, Option<usize>> = HashMap::new();
+    let mut series: Vec<(SeriesLabels, Window)> = Vec::new();
+    let mut index: HashMap<SeriesLabels, usize> = HashMap::new();
+    let mut failed = None;
+    store
+        .scan_log_lines(&scan, &mut |batch: StreamLines| {
+            if Instant::now() > deadline {
+                failed = Some(EvalError::Timeout);
+                return false;
+            }
+            let mut streams = Vec::with_capacity(batch.streams.len());
+            for stream in batch.streams {
+                if let Some(found) = series_of.get(&stream) {
+                    streams.push(*found);
+                    continue;
+                }
+                let labels = stream_labels(&stream);
+                let found = match pipeline.selects(&labels) {
+                    false => None,
+                    true => {
+                        let mut key = label_pairs(&labels);
+                        for grouping in &acc.groupings {
+                            key = group(&key, grouping);
+                        }
+                        match index.get(&key) {
+                            Some(at) => Some(*at),
+                            None if series.len() >= MAX_SERIES => {
+                                failed = Some(too_many_series());
+                                return false;
+                            }
+                            None => {
+                                index.insert(key.clone(), series.len());
+                                series.push((key, Window::new(acc.steps)));
+                                Some(series.len() - 1)
+                            }
+                        }
+                    }
+                };
+                series_of.insert(stream, found);
+                streams.push(found);
+            }
+            stats.lines += batch.lines.len() as u64;
+            for (ts_ns, stream, bytes) in batch.lines {
+                stats.bytes += u64::from(bytes);
+                let Some(at) = streams[stream as usize] else { continue };
+                if let Some((first, last)) = acc.steps.holding(ts_ns, acc.range_ns) {
+                    series[at].1.add(first, last, if acc.bytes { f64::from(bytes) } else { 1.0 });
+                }
+            }
+            true
+        })
+        .await?;
+    if let Some(error) = failed {
+        return Err(error);
+    }
+    acc.series = series.into_iter().collect();
+    Ok((acc, stats))
 }
 
 /// `op by/without (...)` over a matrix, step by step.

@@ -530,7 +530,7 @@ async fn streams_of(api: &Api, headers: &HeaderMap, params: &Params) -> Result<V
     let read =
         async { Ok(api.state.store.log_streams(&tenant, range.start_ns, range.end_ns.saturating_add(1)).await?) };
     let rows = api.placed(&tenant, read, Instant::now() + QUERY_TIMEOUT).await?;
-    Ok(rows.into_iter().map(|row| (stream_labels(&row), row)).collect())
+    Ok(rows.into_iter().map(|row| (stream_labels(&row.stream), row)).collect())
 }
 
 /// The selector of a `query` or `match[]` parameter (`None`: every stream).

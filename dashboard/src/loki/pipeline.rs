@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use collector::store::{LogRecord, LogStream};
+use collector::store::{LogRecord, StreamKey};
 use contract::semconv;
 use serde_json::Value;
 
@@ -121,7 +121,7 @@ struct FunctionAttributes<'a> {
 }
 
 /// A stream's labels (see [`entry_of`]).
-pub fn stream_labels(stream: &LogStream) -> Labels {
+pub fn stream_labels(stream: &StreamKey) -> Labels {
     let level = level(stream.severity_number, &stream.severity_text);
     if stream.metered {
         function_labels(stream.function.clone(), stream.instance.clone(), stream.iostream.clone(), level)
@@ -220,6 +220,17 @@ impl<'a> Pipeline<'a> {
         Self { expr, early }
     }
 
+    /// Whether the selector selects a line of these labels (by its stream's labels).
+    pub fn selects(&self, labels: &Labels) -> bool {
+        self.expr.selector.iter().all(|matcher| {
+            let value = match labels.get(matcher.name.as_str()) {
+                Some((value, Kind::Stream)) => value.as_str(),
+                _ => "",
+            };
+            matcher.matches(value)
+        })
+    }
+
     /// The record's entry if the query keeps it.
     pub fn run(&self, record: LogRecord) -> Option<Entry> {
         for stage in &self.expr.stages[..self.early] {
@@ -230,14 +241,8 @@ impl<'a> Pipeline<'a> {
             }
         }
         let mut entry = entry_of(record);
-        for matcher in &self.expr.selector {
-            let value = match entry.labels.get(matcher.name.as_str()) {
-                Some((value, Kind::Stream)) => value.as_str(),
-                _ => "",
-            };
-            if !matcher.matches(value) {
-                return None;
-            }
+        if !self.selects(&entry.labels) {
+            return None;
         }
         for (i, stage) in self.expr.stages.iter().enumerate() {
             match stage {

@@ -205,10 +205,6 @@ pub struct LogGroup {
     pub max_ts_ns: i64,
 }
 
-/// One stream column of a row: (metered, function, instance, iostream, severity number,
-/// severity text, resource, body bytes).
-pub type StreamKey = (bool, Option<String>, Option<String>, Option<String>, i64, String, String);
-
 impl LogBlock {
     pub fn open(path: &std::path::Path) -> Result<Self, BlockError> {
         let file = BlockFile::open(path)?;
@@ -320,9 +316,15 @@ impl LogBlock {
             .collect())
     }
 
-    /// The streams of the rows of row group `g` dated in `[ts_ns.0, ts_ns.1)`, with their
-    /// body bytes: the columns a label query groups by, and no others.
-    pub fn group_streams(&self, g: usize, ts_ns: (i64, i64)) -> Result<Vec<(StreamKey, i64)>, BlockError> {
+    /// The rows of row group `g` that pass `filter` (and are not in `skip`, by time and
+    /// hash) as their time, stream and body bytes: the columns a label query or a metric query
+    /// that needs nothing else reads, and no others.
+    pub fn group_lines(
+        &self,
+        g: usize,
+        filter: &LogFilter<'_>,
+        skip: &std::collections::HashSet<(i64, String)>,
+    ) -> Result<StreamLines, BlockError> {
         let group = self.reader.get_row_group(g)?;
         let rows = group.metadata().num_rows() as usize;
         let (ts, _) = column::<Int64Type>(&*group, col::TS, rows)?;
@@ -334,28 +336,104 @@ impl LogBlock {
         let (severity_texts, _) = column::<ByteArrayType>(&*group, col::SEVERITY_TEXT, rows)?;
         let (resources, _) = column::<ByteArrayType>(&*group, col::RESOURCE, rows)?;
         let (bodies, _) = column::<ByteArrayType>(&*group, col::BODY, rows)?;
+        let hashes = match skip.is_empty() {
+            true => Vec::new(),
+            false => column::<ByteArrayType>(&*group, col::HASH, rows)?.0,
+        };
         let lengths = [ts.len(), metered.len(), severity_numbers.len(), severity_texts.len(), resources.len()];
-        if lengths.iter().chain([&bodies.len()]).any(|n| *n != rows) {
+        if lengths.iter().chain([&bodies.len()]).any(|n| *n != rows) || (!skip.is_empty() && hashes.len() != rows) {
             return Err(corrupt(&self.path, "a column is shorter than its row group"));
         }
-        let text = |v: Option<&ByteArray>| v.map(utf8);
-        Ok((0..rows)
-            .filter(|&i| ts[i] >= ts_ns.0 && ts[i] < ts_ns.1)
-            .map(|i| {
-                let resource = if metered[i] { "{}".to_string() } else { utf8(&resources[i]) };
-                let key = (
-                    metered[i],
-                    text(function.get(i)),
-                    text(instance.get(i)),
-                    text(iostream.get(i)),
-                    severity_numbers[i],
-                    utf8(&severity_texts[i]),
-                    resource,
-                );
-                (key, bodies[i].len() as i64)
-            })
-            .collect())
+        let finders: Vec<memchr::memmem::Finder<'_>> =
+            filter.contains.iter().map(|c| memchr::memmem::Finder::new(c.as_bytes())).collect();
+        type Key<'k> = (bool, Option<&'k [u8]>, Option<&'k [u8]>, Option<&'k [u8]>, i64, &'k [u8], &'k [u8]);
+        let mut index: std::collections::HashMap<Key<'_>, u32> = std::collections::HashMap::new();
+        let mut out = StreamLines::default();
+        let text = |v: Option<&[u8]>| v.map(|v| String::from_utf8_lossy(v).into_owned());
+        for i in 0..rows {
+            if ts[i] < filter.ts_ns.0
+                || ts[i] >= filter.ts_ns.1
+                || filter.metered.is_some_and(|m| metered[i] != m)
+                || filter.function.is_some_and(|f| function.get(i).is_none_or(|v| v.data() != f.as_bytes()))
+                || !finders.iter().all(|f| f.find(bodies[i].data()).is_some())
+                || (!skip.is_empty() && skip.contains(&(ts[i], utf8(&hashes[i]))))
+            {
+                continue;
+            }
+            let resource: &[u8] = if metered[i] { b"{}" } else { resources[i].data() };
+            let key = (
+                metered[i],
+                function.get(i).map(ByteArray::data),
+                instance.get(i).map(ByteArray::data),
+                iostream.get(i).map(ByteArray::data),
+                severity_numbers[i],
+                severity_texts[i].data(),
+                resource,
+            );
+            let stream = *index.entry(key).or_insert_with(|| {
+                out.streams.push(StreamKey {
+                    metered: key.0,
+                    function: text(key.1),
+                    instance: text(key.2),
+                    iostream: text(key.3),
+                    severity_number: key.4,
+                    severity_text: String::from_utf8_lossy(key.5).into_owned(),
+                    resource: String::from_utf8_lossy(key.6).into_owned(),
+                });
+                out.streams.len() as u32 - 1
+            });
+            out.lines.push((ts[i], stream, bodies[i].len() as u32));
+        }
+        Ok(out)
     }
+
+    /// The (time, hash) of each row of row group `g` dated in `[ts_ns.0, ts_ns.1)`.
+    pub fn group_keys(&self, g: usize, ts_ns: (i64, i64)) -> Result<Vec<(i64, String)>, BlockError> {
+        let group = self.reader.get_row_group(g)?;
+        let rows = group.metadata().num_rows() as usize;
+        let (ts, _) = column::<Int64Type>(&*group, col::TS, rows)?;
+        let (hashes, _) = column::<ByteArrayType>(&*group, col::HASH, rows)?;
+        if ts.len() != rows || hashes.len() != rows {
+            return Err(corrupt(&self.path, "a column is shorter than its row group"));
+        }
+        Ok((0..rows).filter(|&i| ts[i] >= ts_ns.0 && ts[i] < ts_ns.1).map(|i| (ts[i], utf8(&hashes[i]))).collect())
+    }
+}
+
+/// What tells streams apart: a record's source, its function's name, instance and output
+/// stream (a function's record), its severity, and its resource (a tenant's own record).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamKey {
+    pub metered: bool,
+    pub function: Option<String>,
+    pub instance: Option<String>,
+    pub iostream: Option<String>,
+    pub severity_number: i64,
+    pub severity_text: String,
+    /// `{}` for a function's record.
+    pub resource: String,
+}
+
+impl StreamKey {
+    /// A stored record's stream.
+    pub fn of(log: &StoredLog) -> Self {
+        Self {
+            metered: log.row.metered,
+            function: log.function.clone(),
+            instance: log.instance.clone(),
+            iostream: log.iostream.clone(),
+            severity_number: log.row.severity_number,
+            severity_text: log.row.severity_text.clone(),
+            resource: if log.row.metered { "{}".into() } else { log.row.resource.clone() },
+        }
+    }
+}
+
+/// Records as their streams and, per record, (time, its stream's index, body bytes).
+#[derive(Debug, Default, Clone)]
+pub struct StreamLines {
+    pub streams: Vec<StreamKey>,
+    pub lines: Vec<(i64, u32, u32)>,
 }
 
 /// An optional column's values by row.

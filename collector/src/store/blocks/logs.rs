@@ -100,6 +100,15 @@ pub(crate) async fn read_rows(pool: &Pool, text: &str, binds: &[Bind<'_>]) -> Re
     )))
 }
 
+/// A log block's catalog row: its times (min and max record time, min and max arrival).
+struct LogBlockRow {
+    id: String,
+    location: String,
+    times: [i64; 4],
+    rows: usize,
+    bytes: i64,
+}
+
 /// A row group of a listed log block.
 #[derive(Clone)]
 pub struct LogGroupOf {
@@ -156,9 +165,17 @@ impl SpanBlocks {
         };
         let count = found.len();
         let mut logs: Vec<StoredLog> = found.into_iter().map(|(row, ms)| StoredLog::new(row, ms)).collect();
-        let (dir, collector) = (self.dir.clone(), self.collector.clone());
+        log_format::sort(&mut logs);
+        let logs = self.not_in_blocks(tenant, logs).await?;
+        if logs.is_empty() {
+            // Each was delivered again after it was sealed: only the rows go.
+            return match self.list_log_block(tenant, None, count, (last_ms, &last)).await? {
+                true => Ok(count),
+                false => Ok(0),
+            };
+        }
+        let (dir, collector, rows) = (self.dir.clone(), self.collector.clone(), logs.len());
         let block = tokio::task::spawn_blocking(move || {
-            log_format::sort(&mut logs);
             let name = format!("{collector}-{}.parquet", uuid::Uuid::now_v7());
             let folder = dir.join("logs");
             let temporary = folder.join(format!("{name}.tmp"));
@@ -177,8 +194,49 @@ impl SpanBlocks {
         .await
         .map_err(|error| io(std::io::Error::other(format!("sealing log blocks failed: {error}"))))?
         .map_err(StoreError::Blocks)?;
-        let (id, location, [min_ts, max_ts, min_received, max_received], bytes) = block;
+        let (id, location, times, bytes) = block;
         self.upload(&location).await?;
+        let listed = LogBlockRow { id, location, times, rows, bytes };
+        if !self.list_log_block(tenant, Some(&listed), count, (last_ms, &last)).await? {
+            tracing::debug!(%tenant, "the log records of a block changed while it was sealed; it is dropped, and they are sealed again");
+            self.remove(&listed.location).await?;
+            return Ok(0);
+        }
+        Ok(count)
+    }
+
+    /// `logs` (in block order) but those a block of `tenant` holds already (delivered again
+    /// after they were sealed): blocks hold each record once.
+    async fn not_in_blocks(&self, tenant: &str, logs: Vec<StoredLog>) -> Result<Vec<StoredLog>, StoreError> {
+        let (Some(first), Some(last)) = (logs.first(), logs.last()) else { return Ok(logs) };
+        let filter = LogFilter { ts_ns: (first.row.ts_ns, last.row.ts_ns.saturating_add(1)), ..LogFilter::default() };
+        let mut held = HashSet::new();
+        for group in self.log_groups(tenant, &filter, false).await? {
+            // Only the row groups whose time range holds one of the records' times.
+            let from = logs.partition_point(|l| l.row.ts_ns < group.group.min_ts_ns);
+            if logs.get(from).is_none_or(|l| l.row.ts_ns > group.group.max_ts_ns) {
+                continue;
+            }
+            let keys =
+                blocking(|| group.block.group_keys(group.group.index, filter.ts_ns)).map_err(StoreError::Blocks)?;
+            held.extend(keys);
+        }
+        if held.is_empty() {
+            return Ok(logs);
+        }
+        Ok(logs.into_iter().filter(|l| !held.contains(&(l.row.ts_ns, l.row.record_hash.clone()))).collect())
+    }
+
+    /// Lists `block` (if any) and deletes the `count` oldest arrivals of `tenant` from the
+    /// table, through `last` (arrival ms, hash), in one transaction; `false` (and nothing
+    /// done) when those are not exactly the rows there.
+    async fn list_log_block(
+        &self,
+        tenant: &str,
+        block: Option<&LogBlockRow>,
+        count: usize,
+        (last_ms, last): (i64, &str),
+    ) -> Result<bool, StoreError> {
         let insert = self.pool.sql(
             "INSERT INTO log_blocks (id, tenant, location, min_ts_ns, max_ts_ns, min_received_ms, max_received_ms, \
              rows, bytes, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -189,21 +247,24 @@ impl SpanBlocks {
         macro_rules! run {
             ($p:expr) => {{
                 let mut tx = $p.begin().await?;
-                sqlx::query(AssertSqlSafe(insert.0.clone()))
-                    .bind(&id)
-                    .bind(tenant)
-                    .bind(&location)
-                    .bind(min_ts)
-                    .bind(max_ts)
-                    .bind(min_received)
-                    .bind(max_received)
-                    .bind(count as i64)
-                    .bind(bytes)
-                    .bind(now_ms())
-                    .execute(&mut *tx)
-                    .await?;
+                if let Some(b) = block {
+                    let [min_ts, max_ts, min_received, max_received] = b.times;
+                    sqlx::query(AssertSqlSafe(insert.0.clone()))
+                        .bind(&b.id)
+                        .bind(tenant)
+                        .bind(&b.location)
+                        .bind(min_ts)
+                        .bind(max_ts)
+                        .bind(min_received)
+                        .bind(max_received)
+                        .bind(b.rows as i64)
+                        .bind(b.bytes)
+                        .bind(now_ms())
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 let query =
-                    sqlx::query(AssertSqlSafe(delete.0.clone())).bind(tenant).bind(last_ms).bind(last_ms).bind(&last);
+                    sqlx::query(AssertSqlSafe(delete.0.clone())).bind(tenant).bind(last_ms).bind(last_ms).bind(last);
                 if query.execute(&mut *tx).await?.rows_affected() == count as u64 {
                     tx.commit().await?;
                     true
@@ -213,16 +274,10 @@ impl SpanBlocks {
                 }
             }};
         }
-        let listed = match &self.pool {
+        Ok(match &self.pool {
             Pool::Sqlite(p) => run!(p),
             Pool::Postgres(p) => run!(p),
-        };
-        if !listed {
-            tracing::debug!(%tenant, "the log records of a block changed while it was sealed; it is dropped, and they are sealed again");
-            self.remove(&location).await?;
-            return Ok(0);
-        }
-        Ok(count)
+        })
     }
 
     /// The row groups of `tenant`'s log blocks that may hold records of `filter` (by time,

@@ -511,6 +511,20 @@ mod tests {
         }
         assert_eq!(read, (0..100).map(|i| log("acme", i)).collect::<Vec<_>>(), "as written, in time order");
 
+        // Delivered again after they were sealed (a retry), with a new one: sealed again, the
+        // block holds the new one only.
+        let mut again: Vec<_> = (0..10).map(|i| log("acme", i)).collect();
+        again.push(log("acme", 100));
+        store.write(&crate::model::Batch { logs: again, ..Default::default() }).await.unwrap();
+        assert_eq!(one.seal_logs(true).await.unwrap(), 11);
+        assert_eq!(count("SELECT COUNT(*) FROM logs").await.unwrap(), 0);
+        assert_eq!(count("SELECT SUM(rows) FROM log_blocks").await.unwrap(), 111);
+        // Only duplicates: the rows go, no block is made.
+        store.write(&crate::model::Batch { logs: vec![log("acme", 5)], ..Default::default() }).await.unwrap();
+        assert_eq!(one.seal_logs(true).await.unwrap(), 1);
+        assert_eq!(count("SELECT COUNT(*) FROM log_blocks").await.unwrap(), 3);
+        assert_eq!(count("SELECT COUNT(*) FROM logs").await.unwrap(), 0);
+
         // A crash after a block was written, before it was listed: the file goes at open, not
         // another writer's.
         let id = one.id().to_string();
@@ -525,7 +539,7 @@ mod tests {
 
         // Retention goes by whole blocks, a tenant's only.
         assert_eq!(one.delete_logs_before("acme", 1_050).await.unwrap(), 0, "half of the block is newer");
-        assert_eq!(one.delete_logs_before("acme", 1_100).await.unwrap(), 100);
+        assert_eq!(one.delete_logs_before("acme", 1_101).await.unwrap(), 101);
         assert_eq!(count("SELECT SUM(rows) FROM log_blocks").await.unwrap(), 10);
         assert_eq!(log_files(&root).await.len(), 1, "globex's");
     }
