@@ -64,7 +64,8 @@ fn scan_of(tenant: &str, expr: &LogExpr, start_ns: i64, end_ns: i64, backward: b
     scan
 }
 
-/// Reads `scan` batch by batch, running `each` over every batch's entries (on a blocking
+/// Reads `scan` batch by batch (the first of `scan.limit` records, each next one twice as
+/// large, up to [`MAX_LOG_READ`]), running `each` over every batch's entries (on a blocking
 /// thread, with `state`) until it returns `false` or the records end.
 async fn read<S: Send + 'static>(
     store: &TelemetryStore,
@@ -81,6 +82,7 @@ async fn read<S: Send + 'static>(
         }
         let batch = store.scan_logs(&scan).await?;
         let full = batch.len() >= scan.limit;
+        scan.limit = (scan.limit * 2).min(MAX_LOG_READ);
         if let Some(last) = batch.last() {
             scan.after = Some((last.ts_ns, last.record_hash.clone()));
         }
@@ -120,7 +122,9 @@ pub async fn log_query(
     backward: bool,
     deadline: Instant,
 ) -> Result<(Vec<Entry>, Stats), EvalError> {
-    let scan = scan_of(tenant, expr, start_ns, end_ns, backward);
+    // The first batch as large as the answer (a query whose filters the scan decides needs no
+    // more), each next one twice the last.
+    let scan = LogScan { limit: limit.clamp(100, MAX_LOG_READ), ..scan_of(tenant, expr, start_ns, end_ns, backward) };
     let state = (Vec::with_capacity(limit.min(MAX_LOG_READ)), limit);
     let ((entries, _), stats) = read(store, scan, expr, deadline, state, |(entries, limit), entry| {
         if entries.len() < *limit {
