@@ -409,6 +409,7 @@ impl stateful_faas_core::gateway::logs::LogReader for StoredLogs {
                 contains: None,
                 severity: None,
                 since_ns: query.since_ns,
+                until_ns: None,
                 after: query.after.map(|(received_ms, record_hash)| LogCursor { received_ms, record_hash }),
                 limit: query.limit,
             };

@@ -1,15 +1,15 @@
 //! Span blocks on an S3 object store (s3rver) with PostgreSQL as the catalog: two hosts (two
 //! data folders, nothing shared on disk) serve one store. What one host seals, the other reads,
 //! merges and removes; no tenant reads another's spans on either; a crash between an upload and
-//! its listing leaves nothing behind.
+//! its listing leaves nothing behind. Log blocks go the same way.
 
 use crate::common;
 
 use std::time::{Duration, Instant};
 
-use collector::model::{Batch, SpanRow};
+use collector::model::{Batch, LogRow, SpanRow};
 use collector::store::blocks::remote::Remote;
-use collector::store::{TelemetryStore, TraceSearch};
+use collector::store::{LogScan, TelemetryStore, TraceSearch};
 use common::PgServer;
 use testkit::required;
 
@@ -175,4 +175,36 @@ async fn two_hosts_share_blocks_on_s3_through_a_postgres_catalog() {
     let b = TelemetryStore::open_with_remote_blocks(&postgres.url(), &host("b"), Some(remote())).await.unwrap();
     assert_eq!(objects(&s3_dir).len(), 1, "the unlisted upload is gone");
     assert_eq!(spans_of(&b, "acme", 0..40).await.len(), 120);
+
+    // Log records: sealed on host a into a block uploaded to the store, read on host b (which
+    // downloads it); another tenant's read finds nothing; retention removes the object.
+    let line = |tenant: &str, i: i64| LogRow {
+        tenant: tenant.into(),
+        record_hash: format!("{tenant}-{i}"),
+        ts_ns: T0 + i,
+        severity_number: 9,
+        severity_text: "INFO".into(),
+        body: format!("{tenant} line {i}"),
+        attributes: "{}".into(),
+        resource: "{}".into(),
+        trace_id: None,
+        span_id: None,
+        metered: false,
+    };
+    a.write(&Batch { logs: (0..5).map(|i| line("acme", i)).collect(), ..Batch::default() }).await.unwrap();
+    assert_eq!(a.seal_logs(true).await.unwrap(), 5);
+    assert_eq!(objects(&s3_dir).len(), 2, "the log block, uploaded");
+    let scan = |tenant: &str| LogScan {
+        tenant: tenant.into(),
+        start_ns: T0,
+        end_ns: T0 + 100,
+        limit: 100,
+        ..LogScan::default()
+    };
+    let bodies: Vec<String> = b.scan_logs(&scan("acme")).await.unwrap().into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies, (0..5).map(|i| format!("acme line {i}")).collect::<Vec<_>>());
+    assert!(b.scan_logs(&scan("globex")).await.unwrap().is_empty());
+    assert_eq!(b.delete_before("acme", T0 + 100).await.unwrap(), 5);
+    assert_eq!(objects(&s3_dir).len(), 1);
+    assert!(b.scan_logs(&scan("acme")).await.unwrap().is_empty());
 }

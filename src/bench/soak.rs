@@ -1,5 +1,5 @@
 //! `sfaas bench soak`: one tenant attacks, another works, and the platform holds. A `sfaas up`
-//! process runs with its defaults (quotas included; `--sandbox off`, as only builtins run).
+//! process runs with its defaults (quotas included; `--sandbox off` unless `--sandbox on`).
 //! Tenant `calm` calls a function 16 times a second and asks a PromQL query 4 times a second,
 //! from start to end. After a quiet spell, tenant `storm`, for the soak's length, offers
 //! open-loop (at a fixed rate, whatever the answers):
@@ -64,6 +64,10 @@ pub struct Options {
     /// On a machine that also runs the platform, they stand for clients on other machines.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub storm_nice: i32,
+    /// Run the tenants' exec functions in sandboxes (`on` needs root), where the flood
+    /// function's `limits.cpu` (a quarter of a CPU) holds; `off` leaves it unconfined.
+    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+    pub sandbox: String,
 }
 
 /// Latencies of the calm tenant's requests, per spell.
@@ -149,7 +153,7 @@ fn ms(d: Duration) -> f64 {
 
 pub async fn run(options: Options) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
-    let (up, addresses) = start_up(dir.path(), &["--sandbox", "off"])?;
+    let (up, addresses) = start_up(dir.path(), &["--sandbox", &options.sandbox])?;
     let pid = up.0.id();
     let address = |name: &str| addresses[name].as_str().map(|a| format!("http://{a}")).context("no address");
     let (gateway, otlp, ui) = (address("gateway")?, address("otlp_http")?, address("ui")?);
@@ -168,7 +172,7 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
             json!({"service": "echo", "builtin": "echo"}),
             json!({"service": "nap", "builtin": "sleep"}),
             json!({"service": writer.0, "kind": "exec", "workdir": functions.display().to_string(),
-                   "envProcess": format!("python3 {}", writer.1)}),
+                   "envProcess": format!("python3 {}", writer.1), "limits": {"cpu": "250m"}}),
         ];
         for spec in specs {
             http.post(format!("{gateway}/system/functions"))
@@ -401,14 +405,17 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
     let _ = writeln!(
         out,
         "sfaas bench soak: {:.1} min of storm between {} s quiet spells; offered {} spans/s, {} calls/s, \
-         {} naps/s, {} PromQL queries/s; the storm's client at nice {}",
+         {} naps/s, {} PromQL queries/s; the storm's client at nice {}; --sandbox {} (exec functions \
+         limited to a quarter of a CPU{})",
         options.minutes,
         options.quiet_secs,
         options.ingest_rate,
         options.call_rate,
         options.call_rate / 10,
         options.query_rate,
-        options.storm_nice
+        options.storm_nice,
+        options.sandbox,
+        if options.sandbox == "off" { ", not enforced" } else { "" }
     );
     let _ = writeln!(
         out,

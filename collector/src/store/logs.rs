@@ -29,6 +29,8 @@ pub struct LogQuery {
     pub severity: Option<String>,
     /// Records at or after this time (ns).
     pub since_ns: i64,
+    /// Records before this time (ns), if given.
+    pub until_ns: Option<i64>,
     /// Records that arrived after this cursor (a previous read's last), oldest first; without
     /// it the newest `limit`, in time order.
     pub after: Option<LogCursor>,
@@ -75,7 +77,12 @@ impl TelemetryStore {
             Pool::Postgres(_) => format!("(attributes::jsonb ->> '{key}')"),
         };
         let mut text = format!("SELECT {LOG_COLUMNS} FROM logs WHERE tenant = ? AND metered = 1 AND ts_ns >= ?");
+        let until_ns = query.until_ns.unwrap_or(i64::MAX);
         let mut binds = vec![Bind::Str(&query.tenant), Bind::Int(query.since_ns)];
+        if until_ns < i64::MAX {
+            text.push_str(" AND ts_ns < ?");
+            binds.push(Bind::Int(until_ns));
+        }
         if let Some(function) = &query.function {
             text.push_str(&format!(" AND {} = ?", attribute(semconv::FAAS_NAME)));
             binds.push(Bind::Str(function));
@@ -126,11 +133,12 @@ impl TelemetryStore {
         let limit = limit as usize;
         let contains: Vec<String> = query.contains.iter().filter(|c| !c.is_empty()).cloned().collect();
         let filter = LogFilter {
-            ts_ns: (query.since_ns, i64::MAX),
+            ts_ns: (query.since_ns, until_ns),
             metered: Some(true),
             function: query.function.as_deref(),
             contains: &contains,
             received_from_ms: query.after.as_ref().map(|after| after.received_ms),
+            trace_id: query.trace_id.as_deref(),
         };
         let invocation = |attributes: &str| {
             #[derive(serde::Deserialize)]
@@ -143,8 +151,7 @@ impl TelemetryStore {
             serde_json::from_str::<Ids>(attributes).map(|ids| (ids.own, ids.call)).unwrap_or_default()
         };
         let keeps = |s: &StoredLog| {
-            query.trace_id.as_ref().is_none_or(|t| s.row.trace_id.as_ref() == Some(t))
-                && query.severity.as_ref().is_none_or(|v| &s.row.severity_text == v)
+            query.severity.as_ref().is_none_or(|v| &s.row.severity_text == v)
                 && query.after.as_ref().is_none_or(|after| {
                     (s.received_ms, s.row.record_hash.as_str()) > (after.received_ms, after.record_hash.as_str())
                 })
@@ -229,7 +236,7 @@ impl TelemetryStore {
             metered: scan.metered,
             function: scan.function.as_deref(),
             contains: &contains,
-            received_from_ms: None,
+            ..LogFilter::default()
         };
         let order = |a: &LogRow, b: &LogRow| {
             let order = (a.ts_ns, &a.record_hash).cmp(&(b.ts_ns, &b.record_hash));
@@ -410,11 +417,12 @@ impl TelemetryStore {
             metered: scan.metered,
             function: scan.function.as_deref(),
             contains: &contains,
-            received_from_ms: None,
+            ..LogFilter::default()
         };
         for group in self.spans.log_groups(&scan.tenant, &filter, scan.backward).await? {
+            let lines = group.lines(&filter, &seen)?;
             // The caller's work on the batch too, off the runtime's queue.
-            if !blocking(|| group.block.group_lines(group.group.index, &filter, &seen).map(&mut *each))? {
+            if !blocking(|| each(lines)) {
                 break;
             }
         }

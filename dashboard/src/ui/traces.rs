@@ -235,11 +235,14 @@ pub(super) async fn trace_logs(
     trace_id: &str,
     spans: &[SpanRow],
 ) -> Markup {
+    // The trace's lines are dated within its spans' times (a minute either side: clocks).
     let since_ns = spans.iter().map(|s| s.start_ns).min().unwrap_or(0).saturating_sub(60_000_000_000);
+    let until_ns = spans.iter().map(|s| s.end_ns).max().unwrap_or(i64::MAX).saturating_add(60_000_000_000);
     let query = collector::store::LogQuery {
         tenant: tenant.to_string(),
         trace_id: Some(trace_id.to_string()),
         since_ns,
+        until_ns: Some(until_ns),
         limit: TRACE_LOG_LINES,
         ..Default::default()
     };

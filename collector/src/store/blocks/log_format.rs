@@ -189,6 +189,8 @@ pub struct LogFilter<'a> {
     pub contains: &'a [String],
     /// Only records that arrived at or after this time (ms).
     pub received_from_ms: Option<i64>,
+    /// Only records of this trace.
+    pub trace_id: Option<&'a str>,
 }
 
 /// An open log block.
@@ -233,19 +235,23 @@ impl LogBlock {
 
     /// The rows of row group `g` that pass `filter`, in block order; the columns filters look
     /// at first, the others only when a row passes.
-    pub fn read_group(&self, g: usize, filter: &LogFilter<'_>) -> Result<Vec<StoredLog>, BlockError> {
+    /// The catalog says whose a block is; the rows say it again: those of another `tenant`
+    /// are skipped.
+    pub fn read_group(&self, g: usize, tenant: &str, filter: &LogFilter<'_>) -> Result<Vec<StoredLog>, BlockError> {
         let group = self.reader.get_row_group(g)?;
         let rows = group.metadata().num_rows() as usize;
         let short = || corrupt(&self.path, "a column is shorter than its row group");
+        let (tenants, _) = column::<ByteArrayType>(&*group, col::TENANT, rows)?;
         let (ts, _) = column::<Int64Type>(&*group, col::TS, rows)?;
         let (metered, _) = column::<BoolType>(&*group, col::METERED, rows)?;
         let (received, _) = column::<Int64Type>(&*group, col::RECEIVED, rows)?;
-        if ts.len() != rows || metered.len() != rows || received.len() != rows {
+        if tenants.len() != rows || ts.len() != rows || metered.len() != rows || received.len() != rows {
             return Err(short());
         }
         let mut keep: Vec<usize> = (0..rows)
             .filter(|&i| {
-                ts[i] >= filter.ts_ns.0
+                tenants[i].data() == tenant.as_bytes()
+                    && ts[i] >= filter.ts_ns.0
                     && ts[i] < filter.ts_ns.1
                     && filter.metered.is_none_or(|m| metered[i] == m)
                     && filter.received_from_ms.is_none_or(|from| received[i] >= from)
@@ -257,6 +263,10 @@ impl LogBlock {
         let function = optional(&*group, col::FUNCTION, rows, &self.path)?;
         if let Some(wanted) = filter.function {
             keep.retain(|&i| function.get(i).is_some_and(|f| f.data() == wanted.as_bytes()));
+        }
+        let traces = optional(&*group, col::TRACE, rows, &self.path)?;
+        if let Some(wanted) = filter.trace_id {
+            keep.retain(|&i| traces.get(i).is_some_and(|t| t.data() == wanted.as_bytes()));
         }
         let (bodies, _) = column::<ByteArrayType>(&*group, col::BODY, rows)?;
         if bodies.len() != rows {
@@ -270,7 +280,6 @@ impl LogBlock {
         if keep.is_empty() {
             return Ok(Vec::new());
         }
-        let (tenants, _) = column::<ByteArrayType>(&*group, col::TENANT, rows)?;
         let (hashes, _) = column::<ByteArrayType>(&*group, col::HASH, rows)?;
         let instance = optional(&*group, col::INSTANCE, rows, &self.path)?;
         let iostream = optional(&*group, col::IOSTREAM, rows, &self.path)?;
@@ -278,16 +287,8 @@ impl LogBlock {
         let (severity_texts, _) = column::<ByteArrayType>(&*group, col::SEVERITY_TEXT, rows)?;
         let (attributes, _) = column::<ByteArrayType>(&*group, col::ATTRIBUTES, rows)?;
         let (resources, _) = column::<ByteArrayType>(&*group, col::RESOURCE, rows)?;
-        let traces = optional(&*group, col::TRACE, rows, &self.path)?;
         let spans = optional(&*group, col::SPAN, rows, &self.path)?;
-        let full = [
-            tenants.len(),
-            hashes.len(),
-            severity_numbers.len(),
-            severity_texts.len(),
-            attributes.len(),
-            resources.len(),
-        ];
+        let full = [hashes.len(), severity_numbers.len(), severity_texts.len(), attributes.len(), resources.len()];
         if full.iter().any(|n| *n != rows) {
             return Err(short());
         }
@@ -316,17 +317,19 @@ impl LogBlock {
             .collect())
     }
 
-    /// The rows of row group `g` that pass `filter` (and are not in `skip`, by time and
-    /// hash) as their time, stream and body bytes: the columns a label query or a metric query
+    /// The rows of row group `g` of `tenant` that pass `filter` (and are not in `skip`, by
+    /// time and hash) as their time, stream and body bytes: the columns a label query or a metric query
     /// that needs nothing else reads, and no others.
     pub fn group_lines(
         &self,
         g: usize,
+        tenant: &str,
         filter: &LogFilter<'_>,
         skip: &std::collections::HashSet<(i64, String)>,
     ) -> Result<StreamLines, BlockError> {
         let group = self.reader.get_row_group(g)?;
         let rows = group.metadata().num_rows() as usize;
+        let (tenants, _) = column::<ByteArrayType>(&*group, col::TENANT, rows)?;
         let (ts, _) = column::<Int64Type>(&*group, col::TS, rows)?;
         let (metered, _) = column::<BoolType>(&*group, col::METERED, rows)?;
         let function = optional(&*group, col::FUNCTION, rows, &self.path)?;
@@ -340,7 +343,8 @@ impl LogBlock {
             true => Vec::new(),
             false => column::<ByteArrayType>(&*group, col::HASH, rows)?.0,
         };
-        let lengths = [ts.len(), metered.len(), severity_numbers.len(), severity_texts.len(), resources.len()];
+        let lengths =
+            [tenants.len(), ts.len(), metered.len(), severity_numbers.len(), severity_texts.len(), resources.len()];
         if lengths.iter().chain([&bodies.len()]).any(|n| *n != rows) || (!skip.is_empty() && hashes.len() != rows) {
             return Err(corrupt(&self.path, "a column is shorter than its row group"));
         }
@@ -351,7 +355,8 @@ impl LogBlock {
         let mut out = StreamLines::default();
         let text = |v: Option<&[u8]>| v.map(|v| String::from_utf8_lossy(v).into_owned());
         for i in 0..rows {
-            if ts[i] < filter.ts_ns.0
+            if tenants[i].data() != tenant.as_bytes()
+                || ts[i] < filter.ts_ns.0
                 || ts[i] >= filter.ts_ns.1
                 || filter.metered.is_some_and(|m| metered[i] != m)
                 || filter.function.is_some_and(|f| function.get(i).is_none_or(|v| v.data() != f.as_bytes()))

@@ -4,7 +4,7 @@
 //!
 //! A tenant's records are sealed when it has [`LOG_SEAL_ROWS`] of them in the table, or its
 //! oldest arrived [`LOG_SEAL_AGE`] ago: the oldest arrivals first, at most
-//! [`LOG_BLOCK_ROWS`] a block. The block file is written and made durable, then one
+//! [`LOG_BLOCK_ROWS`] records and about [`LOG_BLOCK_BYTES`] a block. The block file is written and made durable, then one
 //! transaction lists it and deletes exactly the rows it holds (by arrival, up to its last
 //! row); if the delete does not remove exactly those rows (another writer sealed them first,
 //! retention deleted some, a slow write committed among them), the transaction is undone and
@@ -27,10 +27,12 @@ use crate::model::LogRow;
 
 /// A tenant's records are sealed once the table holds this many of them…
 pub const LOG_SEAL_ROWS: i64 = 65_536;
-/// …or its oldest arrived this long ago.
-pub const LOG_SEAL_AGE: std::time::Duration = std::time::Duration::from_secs(60);
-/// Most records in one block.
-pub const LOG_BLOCK_ROWS: i64 = 262_144;
+/// …or its oldest arrived this long ago (a quiet tenant's blocks are not many small files).
+pub const LOG_SEAL_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+/// Most records in one block (its rows' deletion holds the table's writers for a moment)…
+pub const LOG_BLOCK_ROWS: usize = 131_072;
+/// …and about most bytes (as [`LogRow::bytes`] counts them): what a seal holds in memory.
+pub const LOG_BLOCK_BYTES: u64 = 64 << 20;
 /// Records that arrived this recently are not sealed: a write stamped before a seal read the
 /// table may commit after it.
 const LOG_SEAL_MARGIN_MS: i64 = 5_000;
@@ -114,12 +116,24 @@ struct LogBlockRow {
 pub struct LogGroupOf {
     pub block: Arc<LogBlock>,
     pub group: LogGroup,
+    /// Whose the catalog says the block is.
+    pub tenant: Arc<str>,
 }
 
 impl LogGroupOf {
     /// Its rows that pass `filter` (blocking file work).
     pub fn read(&self, filter: &LogFilter<'_>) -> Result<Vec<StoredLog>, StoreError> {
-        blocking(|| self.block.read_group(self.group.index, filter)).map_err(StoreError::Blocks)
+        blocking(|| self.block.read_group(self.group.index, &self.tenant, filter)).map_err(StoreError::Blocks)
+    }
+
+    /// Its rows that pass `filter` and are not in `skip`, as time, stream and bytes (blocking
+    /// file work).
+    pub fn lines(
+        &self,
+        filter: &LogFilter<'_>,
+        skip: &HashSet<(i64, String)>,
+    ) -> Result<log_format::StreamLines, StoreError> {
+        blocking(|| self.block.group_lines(self.group.index, &self.tenant, filter, skip)).map_err(StoreError::Blocks)
     }
 }
 
@@ -143,9 +157,9 @@ impl SpanBlocks {
             }
             let upto_ms = if force { i64::MAX } else { now - LOG_SEAL_MARGIN_MS };
             loop {
-                let n = self.seal_tenant_logs(&tenant, upto_ms).await?;
+                let (n, more) = self.seal_tenant_logs(&tenant, upto_ms).await?;
                 sealed += n;
-                if (n as i64) < LOG_BLOCK_ROWS {
+                if !more {
                     break;
                 }
             }
@@ -154,14 +168,38 @@ impl SpanBlocks {
     }
 
     /// Seals a block of `tenant`'s oldest arrivals up to `upto_ms`; returns how many records.
-    async fn seal_tenant_logs(&self, tenant: &str, upto_ms: i64) -> Result<usize, StoreError> {
-        let text = format!(
-            "SELECT {LOG_COLUMNS} FROM logs WHERE tenant = ? AND received_ms <= ? \
-             ORDER BY received_ms, record_hash LIMIT {LOG_BLOCK_ROWS}"
-        );
-        let found = read_rows(&self.pool, &text, &[Bind::Str(tenant), Bind::Int(upto_ms)]).await?;
+    /// Seals a block of `tenant`'s oldest arrivals up to `upto_ms` (at most [`LOG_BLOCK_ROWS`]
+    /// records and about [`LOG_BLOCK_BYTES`]); returns how many records, and whether there may
+    /// be more (the block is full).
+    async fn seal_tenant_logs(&self, tenant: &str, upto_ms: i64) -> Result<(usize, bool), StoreError> {
+        const CHUNK: usize = 16_384;
+        let mut found: Vec<(LogRow, i64)> = Vec::new();
+        let (mut bytes, mut full) = (0u64, false);
+        loop {
+            let mut text = format!("SELECT {LOG_COLUMNS} FROM logs WHERE tenant = ? AND received_ms <= ?");
+            let last = found.last().map(|(row, ms)| (*ms, row.record_hash.clone()));
+            let mut binds = vec![Bind::Str(tenant), Bind::Int(upto_ms)];
+            if let Some((ms, hash)) = &last {
+                text.push_str(" AND (received_ms > ? OR (received_ms = ? AND record_hash > ?))");
+                binds.extend([Bind::Int(*ms), Bind::Int(*ms), Bind::Str(hash)]);
+            }
+            text.push_str(&format!(" ORDER BY received_ms, record_hash LIMIT {CHUNK}"));
+            let chunk = read_rows(&self.pool, &text, &binds).await?;
+            let more = chunk.len() == CHUNK;
+            for (row, ms) in chunk {
+                bytes += row.bytes();
+                found.push((row, ms));
+                if found.len() >= LOG_BLOCK_ROWS || bytes >= LOG_BLOCK_BYTES {
+                    full = true;
+                    break;
+                }
+            }
+            if full || !more {
+                break;
+            }
+        }
         let Some((last, last_ms)) = found.last().map(|(row, ms)| (row.record_hash.clone(), *ms)) else {
-            return Ok(0);
+            return Ok((0, false));
         };
         let count = found.len();
         let mut logs: Vec<StoredLog> = found.into_iter().map(|(row, ms)| StoredLog::new(row, ms)).collect();
@@ -170,8 +208,8 @@ impl SpanBlocks {
         if logs.is_empty() {
             // Each was delivered again after it was sealed: only the rows go.
             return match self.list_log_block(tenant, None, count, (last_ms, &last)).await? {
-                true => Ok(count),
-                false => Ok(0),
+                true => Ok((count, full)),
+                false => Ok((0, false)),
             };
         }
         let (dir, collector, rows) = (self.dir.clone(), self.collector.clone(), logs.len());
@@ -200,9 +238,9 @@ impl SpanBlocks {
         if !self.list_log_block(tenant, Some(&listed), count, (last_ms, &last)).await? {
             tracing::debug!(%tenant, "the log records of a block changed while it was sealed; it is dropped, and they are sealed again");
             self.remove(&listed.location).await?;
-            return Ok(0);
+            return Ok((0, false));
         }
-        Ok(count)
+        Ok((count, full))
     }
 
     /// `logs` (in block order) but those a block of `tenant` holds already (delivered again
@@ -298,12 +336,13 @@ impl SpanBlocks {
             Bind::Int(filter.received_from_ms.unwrap_or(i64::MIN)),
         ];
         let locations = rows!(&self.pool, text, &binds, |row| row.try_get::<String, _>(0)?);
+        let tenant: Arc<str> = tenant.into();
         let mut groups = Vec::new();
         for location in locations {
             let Some(block) = self.listed_log_block(&location).await? else { continue };
             for group in block.groups() {
                 if group.max_ts_ns >= filter.ts_ns.0 && group.min_ts_ns < filter.ts_ns.1 {
-                    groups.push(LogGroupOf { block: block.clone(), group });
+                    groups.push(LogGroupOf { block: block.clone(), group, tenant: tenant.clone() });
                 }
             }
         }

@@ -33,7 +33,7 @@ mod seal;
 mod unsealed;
 pub mod wal;
 
-pub use logs::{LOG_BLOCK_ROWS, LOG_SEAL_AGE, LOG_SEAL_ROWS, LogGroupOf};
+pub use logs::{LOG_BLOCK_BYTES, LOG_BLOCK_ROWS, LOG_SEAL_AGE, LOG_SEAL_ROWS, LogGroupOf};
 pub(crate) use logs::{LOG_COLUMNS, read_rows};
 pub use queries::{MAX_DEPENDENCY_SPANS, MAX_TRACE_SPANS};
 
