@@ -160,8 +160,11 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
     let admin = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_string();
     let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build()?;
 
-    let functions = dir.path().join("functions");
-    std::fs::create_dir_all(&functions)?;
+    // Outside the data directory: a sandbox refuses a workdir inside it.
+    let functions_dir = tempfile::tempdir()?;
+    let functions = functions_dir.path();
+    // The system's Python where there is one: a sandbox sees the host's system folders only.
+    let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
     std::fs::write(functions.join("flood.py"), FLOOD)?;
     std::fs::write(functions.join("talk.py"), TALK)?;
     let mut tokens = BTreeMap::new();
@@ -172,7 +175,7 @@ pub async fn run(options: Options) -> anyhow::Result<String> {
             json!({"service": "echo", "builtin": "echo"}),
             json!({"service": "nap", "builtin": "sleep"}),
             json!({"service": writer.0, "kind": "exec", "workdir": functions.display().to_string(),
-                   "envProcess": format!("python3 {}", writer.1), "limits": {"cpu": "250m"}}),
+                   "envProcess": format!("{python} {}", writer.1), "limits": {"cpu": "250m"}}),
         ];
         for spec in specs {
             http.post(format!("{gateway}/system/functions"))
