@@ -230,6 +230,11 @@ async fn retention_keeps_each_tenant_for_its_own_period() {
         store.seal_spans().await.unwrap();
         let far = Batch { spans: vec![span("acme", 6, future)], samples: vec![sample("acme", future)], logs: vec![] };
         store.write(&far).await.unwrap();
+        // Log lines sealed into blocks (a block a tenant): acme's 3 hours old, globex's 12.
+        let sealed =
+            vec![log("acme", 7, now - 3 * HOUR), log("acme", 8, now - 3 * HOUR), log("globex", 9, now - 12 * HOUR)];
+        store.write(&Batch { logs: sealed, ..Default::default() }).await.unwrap();
+        assert_eq!(store.seal_logs(true).await.unwrap(), 3);
         running.collector.store.clock().set(now);
         let ages = [("acme", 1, 0), ("acme", 2, 2), ("globex", 3, 2), ("globex", 4, 11)];
         let batch = Batch {
@@ -238,8 +243,9 @@ async fn retention_keeps_each_tenant_for_its_own_period() {
             logs: ages.iter().map(|&(tenant, id, age)| log(tenant, id, now - age * HOUR)).collect(),
         };
         store.write(&batch).await.unwrap();
-        // acme: spans 2, 5, 6, two samples and a log line; globex: span 4, a sample and a line.
-        assert_eq!(collector::retention_pass(&running.collector, now).await.unwrap(), 9, "{}", backend.name());
+        // acme: spans 2, 5, 6, two samples, a log line and its block's two; globex: span 4, a
+        // sample, a line and its block's one.
+        assert_eq!(collector::retention_pass(&running.collector, now).await.unwrap(), 12, "{}", backend.name());
         let (acme, globex) = (store.counts("acme").await.unwrap(), store.counts("globex").await.unwrap());
         assert_eq!((acme.spans, acme.samples, acme.logs), (1, 1, 1), "acme keeps 1 hour, {}", backend.name());
         assert_eq!((globex.spans, globex.samples, globex.logs), (1, 1, 1), "globex keeps 10 hours, {}", backend.name());

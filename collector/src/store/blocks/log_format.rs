@@ -343,9 +343,20 @@ impl LogBlock {
             true => Vec::new(),
             false => column::<ByteArrayType>(&*group, col::HASH, rows)?.0,
         };
+        let received = match filter.received_from_ms {
+            Some(_) => column::<Int64Type>(&*group, col::RECEIVED, rows)?.0,
+            None => Vec::new(),
+        };
+        let traces = match filter.trace_id {
+            Some(_) => Some(optional(&*group, col::TRACE, rows, &self.path)?),
+            None => None,
+        };
         let lengths =
             [tenants.len(), ts.len(), metered.len(), severity_numbers.len(), severity_texts.len(), resources.len()];
-        if lengths.iter().chain([&bodies.len()]).any(|n| *n != rows) || (!skip.is_empty() && hashes.len() != rows) {
+        if lengths.iter().chain([&bodies.len()]).any(|n| *n != rows)
+            || (!skip.is_empty() && hashes.len() != rows)
+            || (filter.received_from_ms.is_some() && received.len() != rows)
+        {
             return Err(corrupt(&self.path, "a column is shorter than its row group"));
         }
         let finders: Vec<memchr::memmem::Finder<'_>> =
@@ -360,6 +371,10 @@ impl LogBlock {
                 || ts[i] >= filter.ts_ns.1
                 || filter.metered.is_some_and(|m| metered[i] != m)
                 || filter.function.is_some_and(|f| function.get(i).is_none_or(|v| v.data() != f.as_bytes()))
+                || filter.received_from_ms.is_some_and(|from| received[i] < from)
+                || filter.trace_id.is_some_and(|t| {
+                    traces.as_ref().and_then(|traces| traces.get(i)).is_none_or(|v| v.data() != t.as_bytes())
+                })
                 || !finders.iter().all(|f| f.find(bodies[i].data()).is_some())
                 || (!skip.is_empty() && skip.contains(&(ts[i], utf8(&hashes[i]))))
             {

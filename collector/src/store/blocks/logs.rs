@@ -149,7 +149,7 @@ impl SpanBlocks {
             row.try_get::<i64, _>(1)?,
             row.try_get::<i64, _>(2)?
         ));
-        let mut sealed = 0;
+        let (mut sealed, mut failed) = (0, None);
         for (tenant, count, oldest_ms) in tenants {
             let due = count >= LOG_SEAL_ROWS || oldest_ms <= now - LOG_SEAL_AGE.as_millis() as i64;
             if !(due || force) {
@@ -157,17 +157,27 @@ impl SpanBlocks {
             }
             let upto_ms = if force { i64::MAX } else { now - LOG_SEAL_MARGIN_MS };
             loop {
-                let (n, more) = self.seal_tenant_logs(&tenant, upto_ms).await?;
-                sealed += n;
-                if !more {
-                    break;
+                match self.seal_tenant_logs(&tenant, upto_ms).await {
+                    Ok((n, more)) => {
+                        sealed += n;
+                        if !more {
+                            break;
+                        }
+                    }
+                    // The other tenants are sealed still; the first error is reported.
+                    Err(error) => {
+                        failed.get_or_insert(error);
+                        break;
+                    }
                 }
             }
         }
-        Ok(sealed)
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(sealed),
+        }
     }
 
-    /// Seals a block of `tenant`'s oldest arrivals up to `upto_ms`; returns how many records.
     /// Seals a block of `tenant`'s oldest arrivals up to `upto_ms` (at most [`LOG_BLOCK_ROWS`]
     /// records and about [`LOG_BLOCK_BYTES`]); returns how many records, and whether there may
     /// be more (the block is full).
