@@ -169,6 +169,22 @@ async fn an_exec_functions_stderr_lines_are_its_tenants_logs() {
         "{lines:#?}"
     );
 
+    // A chatty function (a write a line, read from a busy stream at a pace, on a thread of its
+    // own): every line within the tenant's burst arrives, in order, and its answer is whole.
+    let chatter = "import sys\nfor i in range(8000):\n    sys.stderr.write('line %d\\n' % i)\nprint('done')";
+    std::fs::write(functions.join("chatter.py"), chatter).unwrap();
+    let spec = serde_json::json!({"service": "chatter", "kind": "exec", "workdir": workdir.to_string(),
+                                  "envProcess": "python3 -u chatter.py"});
+    let deployed = http.post(format!("{gateway}/system/functions")).bearer_auth(acme_ingest).json(&spec).send();
+    deployed.await.unwrap().error_for_status().unwrap();
+    let response = http.post(format!("{gateway}/function/chatter")).bearer_auth(acme_ingest).send().await.unwrap();
+    assert_eq!((response.status().as_u16(), response.text().await.unwrap().trim()), (200, "done"));
+    let lines = logs_until(data, &["logs", "chatter", "--tail", "9000", "--token", acme_read], 8000);
+    assert_eq!(lines.len(), 8000);
+    for (i, line) in lines.iter().enumerate() {
+        assert!(line.ends_with(&format!("WARN: line {i}")), "line {i}: {line}");
+    }
+
     // Followed: lines of a new call arrive while the command runs.
     let mut follow = common::sfaas()
         .args(["logs", "talker", "--follow", "--since", "1h", "--token", acme_read, "--data-dir"])

@@ -244,14 +244,15 @@ struct StderrLines {
 }
 
 impl StderrLines {
-    async fn read(self, mut stderr: impl AsyncRead + Unpin) {
+    async fn read(self, mut stderr: pipe::Receiver) {
         let rate = if self.logs.is_some() { EXPORTED_LINES_PER_SECOND } else { LINES_PER_SECOND };
-        let (tenant, function) = (&self.tenant, &self.function);
-        let mut lines = Lines::new(budget_of(tenant.as_str(), rate), |text: &str, cut: bool, dropped: u64| {
+        let StderrLines { tenant, function, logs } = self;
+        let budget = budget_of(tenant.as_str(), rate);
+        let mut lines = Lines::new(budget, move |text: &str, cut: bool, dropped: u64| {
             if dropped > 0 {
                 tracing::debug!(%tenant, function, dropped, "function log lines were dropped (over the line rate)");
             }
-            match &self.logs {
+            match &logs {
                 Some(sink) => {
                     sink.line("stderr", text, cut);
                 }
@@ -270,7 +271,32 @@ impl StderrLines {
             let now = std::time::Instant::now();
             lines.feed(&chunk[..n], now);
             if let Some(pause) = pace.after_read(now) {
-                tokio::time::sleep(pause).await;
+                // A busy stream is read on a blocking thread from here on, a pipe's worth a
+                // pause: while it waits, the writer's lines wake nothing (registered with the
+                // runtime's reactor, each `write` of a line woke it).
+                let Ok(fd) = stderr.into_blocking_fd() else { return };
+                let reading = tokio::task::spawn_blocking(move || {
+                    use std::io::Read as _;
+                    let mut stderr = std::fs::File::from(fd);
+                    std::thread::sleep(pause);
+                    loop {
+                        match stderr.read(&mut chunk) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                let now = std::time::Instant::now();
+                                lines.feed(&chunk[..n], now);
+                                if let Some(pause) = pace.after_read(now) {
+                                    std::thread::sleep(pause);
+                                }
+                            }
+                            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(_) => break,
+                        }
+                    }
+                    lines.finish(std::time::Instant::now());
+                });
+                let _ = reading.await;
+                return;
             }
         }
         lines.finish(std::time::Instant::now());

@@ -179,7 +179,7 @@ impl<F: FnMut(&str, bool, u64)> Lines<F> {
 
     pub(crate) fn feed(&mut self, mut bytes: &[u8], now: Instant) {
         while !bytes.is_empty() {
-            let end = bytes.iter().position(|b| *b == b'\n');
+            let end = memchr::memchr(b'\n', bytes);
             let part = &bytes[..end.unwrap_or(bytes.len())];
             let room = MAX_LINE - self.line.len();
             self.line.extend_from_slice(&part[..part.len().min(room)]);
