@@ -370,22 +370,7 @@ impl SpanBlocks {
         let text = "SELECT location, rows FROM log_blocks WHERE tenant = ? AND (max_ts_ns < ? OR max_received_ms < ?)";
         let binds = [Bind::Str(tenant), Bind::Int(before_ns), Bind::Int(before_ms)];
         let old = rows!(&self.pool, text, &binds, |row| (row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?));
-        let unlist = self.pool.sql("DELETE FROM log_blocks WHERE location = ?").0;
-        let mut deleted = 0;
-        for (location, rows) in old {
-            match &self.pool {
-                Pool::Sqlite(p) => {
-                    sqlx::query(AssertSqlSafe(unlist.clone())).bind(&location).execute(p).await.map(drop)?
-                }
-                Pool::Postgres(p) => {
-                    sqlx::query(AssertSqlSafe(unlist.clone())).bind(&location).execute(p).await.map(drop)?
-                }
-            }
-            // Unlisted first: a reader never opens a listed block that is gone.
-            self.remove(&location).await?;
-            deleted += rows as u64;
-        }
-        Ok(deleted)
+        self.unlist("log_blocks", old).await
     }
 
     /// Removes this writer's log block files that no catalog row lists (a crash while sealing).

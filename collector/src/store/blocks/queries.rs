@@ -384,8 +384,14 @@ impl SpanBlocks {
                     AND (max_start_ns < ? OR max_received_ms < ?)";
         let binds = [Bind::Str(tenant), Bind::Int(before_ns), Bind::Int(before_ms)];
         let old = rows!(&self.pool, text, &binds, |row| (row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?));
+        Ok(self.unlist("span_blocks", old).await? + self.forget_head_before(tenant, before_ns))
+    }
+
+    /// Unlists the blocks at `old`'s locations from the catalog `table`, then removes them;
+    /// returns their rows (`old`'s counts) summed.
+    pub(super) async fn unlist(&self, table: &str, old: Vec<(String, i64)>) -> Result<u64, StoreError> {
+        let unlist = self.pool.sql(&format!("DELETE FROM {table} WHERE location = ?")).0;
         let mut deleted = 0;
-        let unlist = self.pool.sql("DELETE FROM span_blocks WHERE location = ?").0;
         for (location, rows) in old {
             match &self.pool {
                 Pool::Sqlite(p) => {
@@ -399,7 +405,6 @@ impl SpanBlocks {
             self.remove(&location).await?;
             deleted += rows as u64;
         }
-        deleted += self.forget_head_before(tenant, before_ns);
         Ok(deleted)
     }
 }
