@@ -85,11 +85,11 @@ pub struct Stored {
 /// is not also given as a `source`, which reports would print twice).
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("span block: {0}")]
+    #[error("block: {0}")]
     Parquet(parquet::errors::ParquetError),
-    #[error("span block: {0}")]
+    #[error("block: {0}")]
     Io(std::io::Error),
-    #[error("span block {0}: {1}")]
+    #[error("block {0}: {1}")]
     Corrupt(String, String),
 }
 

@@ -109,7 +109,7 @@ fn error(url: &str, error: object_store::Error) -> BlockError {
         object_store::Error::NotFound { .. } => {
             BlockError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{url}: {error}")))
         }
-        error => BlockError::Io(std::io::Error::other(format!("span blocks at {url}: {error}"))),
+        error => BlockError::Io(std::io::Error::other(format!("blocks at {url}: {error}"))),
     }
 }
 
