@@ -3,7 +3,7 @@
 //! `/system/logs` and `sfaas logs`.
 
 use super::blocks::blocking;
-use super::blocks::log_format::{LogFilter, StoredLog, StreamKey, StreamLines};
+use super::blocks::log_format::{FunctionAttributes, LogFilter, StoredLog, StreamKey, StreamLines};
 use super::blocks::{LOG_COLUMNS, read_rows};
 use super::{Bind, Pool, StoreError, TelemetryStore};
 use crate::model::LogRow;
@@ -140,24 +140,14 @@ impl TelemetryStore {
             received_from_ms: query.after.as_ref().map(|after| after.received_ms),
             trace_id: query.trace_id.as_deref(),
         };
-        let invocation = |attributes: &str| {
-            #[derive(serde::Deserialize)]
-            struct Ids {
-                #[serde(rename = "faas.invocation_id")]
-                own: Option<String>,
-                #[serde(rename = "sfaas.call_id")]
-                call: Option<String>,
-            }
-            serde_json::from_str::<Ids>(attributes).map(|ids| (ids.own, ids.call)).unwrap_or_default()
-        };
         let keeps = |s: &StoredLog| {
             query.severity.as_ref().is_none_or(|v| &s.row.severity_text == v)
                 && query.after.as_ref().is_none_or(|after| {
                     (s.received_ms, s.row.record_hash.as_str()) > (after.received_ms, after.record_hash.as_str())
                 })
                 && query.invocation.as_ref().is_none_or(|id| {
-                    let (own, call) = invocation(&s.row.attributes);
-                    own.as_ref() == Some(id) || call.as_ref() == Some(id)
+                    let ids = FunctionAttributes::of(&s.row.attributes);
+                    ids.invocation_id.as_ref() == Some(id) || ids.call_id.as_ref() == Some(id)
                 })
         };
         let newest_first = |a: &FunctionLog, b: &FunctionLog| (b.ts_ns, &b.cursor).cmp(&(a.ts_ns, &a.cursor));

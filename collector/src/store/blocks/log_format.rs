@@ -78,18 +78,31 @@ pub struct StoredLog {
 impl StoredLog {
     /// A row as stored, its function's fields read from its attributes (a metered record's).
     pub fn new(row: LogRow, received_ms: i64) -> Self {
-        #[derive(serde::Deserialize, Default)]
-        struct Function {
-            #[serde(rename = "faas.name")]
-            name: Option<String>,
-            #[serde(rename = "faas.instance")]
-            instance: Option<String>,
-            #[serde(rename = "log.iostream")]
-            iostream: Option<String>,
-        }
-        let function: Function =
-            if row.metered { serde_json::from_str(&row.attributes).unwrap_or_default() } else { Function::default() };
+        let function =
+            if row.metered { FunctionAttributes::of(&row.attributes) } else { FunctionAttributes::default() };
         Self { row, received_ms, function: function.name, instance: function.instance, iostream: function.iostream }
+    }
+}
+
+/// What the gateway writes in a function line's attributes (the others are skipped).
+#[derive(serde::Deserialize, Default)]
+pub(crate) struct FunctionAttributes {
+    #[serde(rename = "faas.name")]
+    pub name: Option<String>,
+    #[serde(rename = "faas.instance")]
+    pub instance: Option<String>,
+    #[serde(rename = "log.iostream")]
+    pub iostream: Option<String>,
+    #[serde(rename = "faas.invocation_id")]
+    pub invocation_id: Option<String>,
+    #[serde(rename = "sfaas.call_id")]
+    pub call_id: Option<String>,
+}
+
+impl FunctionAttributes {
+    /// A record's attributes (JSON text) as a function line's; none of them if not an object.
+    pub(crate) fn of(attributes: &str) -> Self {
+        serde_json::from_str(attributes).unwrap_or_default()
     }
 }
 
